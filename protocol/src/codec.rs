@@ -1,0 +1,224 @@
+//! The frame codec: a 4-byte big-endian length, then a MessagePack body.
+//!
+//! Wraps `LengthDelimitedCodec` with an explicit maximum frame length. A
+//! frame whose envelope decodes but whose body does not (an unknown request
+//! kind, a wrongly typed field) is handed up as [`Decoded::Malformed`] so the
+//! connection can answer it with an error; bytes that are not a frame at all
+//! are an `Err` and the connection closes.
+
+use bytes::{BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::frame::{Frame, FrameHeader};
+
+/// Default maximum frame length: 8 MiB.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+
+/// Errors of the codec; all of them close the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Reading or writing the socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The length prefix announces more than the maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// Announced or encoded length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The body is not a MessagePack frame at all.
+    #[error("garbage frame: {0}")]
+    Garbage(String),
+    /// Encoding a frame failed.
+    #[error("cannot encode frame: {0}")]
+    Encode(String),
+}
+
+/// A decoded frame.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A well-formed frame.
+    Frame(Frame),
+    /// The envelope was readable but the body was not.
+    Malformed {
+        /// True when the malformed frame was a request (it should be answered).
+        is_request: bool,
+        /// The frame's id.
+        id: u64,
+        /// What failed to decode.
+        error: String,
+    },
+}
+
+/// Length-prefixed MessagePack frames with a maximum length.
+#[derive(Debug)]
+pub struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max: usize,
+}
+
+impl FrameCodec {
+    /// A codec that refuses frames longer than `max_frame_len` bytes.
+    pub fn new(max_frame_len: usize) -> FrameCodec {
+        FrameCodec {
+            inner: LengthDelimitedCodec::builder()
+                .max_frame_length(max_frame_len)
+                .new_codec(),
+            max: max_frame_len,
+        }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+/// Decodes one frame body (without its length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Decoded, CodecError> {
+    match rmp_serde::from_slice::<Frame>(body) {
+        Ok(f) => Ok(Decoded::Frame(f)),
+        Err(e) => match rmp_serde::from_slice::<FrameHeader>(body) {
+            Ok(FrameHeader::Request(id, _)) => Ok(Decoded::Malformed {
+                is_request: true,
+                id,
+                error: e.to_string(),
+            }),
+            Ok(FrameHeader::Response(id, _)) => Ok(Decoded::Malformed {
+                is_request: false,
+                id,
+                error: e.to_string(),
+            }),
+            Err(_) => Err(CodecError::Garbage(e.to_string())),
+        },
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Decoded;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, CodecError> {
+        if src.len() >= 4 {
+            let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+            if len > self.max {
+                return Err(CodecError::FrameTooLarge { len, max: self.max });
+            }
+        }
+        match self.inner.decode(src)? {
+            None => Ok(None),
+            Some(body) => decode_body(&body).map(Some),
+        }
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        let mut w = dst.writer();
+        rmp_serde::encode::write(&mut w, frame).map_err(|e| CodecError::Encode(e.to_string()))?;
+        let dst = w.into_inner();
+        let len = dst.len() - start - 4;
+        if len > self.max {
+            dst.truncate(start);
+            return Err(CodecError::FrameTooLarge { len, max: self.max });
+        }
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode(&frame, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::request::{Ping, Request, SendRequest};
+
+    fn encode(frame: &Frame) -> BytesMut {
+        let mut buf = BytesMut::new();
+        FrameCodec::default().encode(frame, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_send_round_trips_and_its_body_travels_as_bytes() {
+        let msg = Message::new("orders", vec![7u8; 100]).with_key("k1").with_tag("t");
+        let frame = Frame::Request(
+            42,
+            Request::Send(SendRequest {
+                queue: 3,
+                messages: vec![msg],
+            }),
+        );
+        let mut buf = encode(&frame);
+        // A body sent as an array of integers would take about 2 bytes a byte.
+        assert!(buf.len() < 100 + 100, "frame is {} bytes", buf.len());
+        let got = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+        match got {
+            Decoded::Frame(f) => assert_eq!(f, frame),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_truncation_is_not_yet_a_frame() {
+        let full = encode(&Frame::Request(1, Request::Ping(Ping {})));
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert!(FrameCodec::default().decode(&mut part).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_an_error_before_buffering() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 2][..]);
+        let err = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
+        assert!(matches!(err, CodecError::FrameTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_body_is_an_error() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_slice(&[0xc1, 0xc1, 0xc1]);
+        assert!(FrameCodec::default().decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn unknown_request_kind_keeps_its_id() {
+        #[derive(serde::Serialize)]
+        enum Fake {
+            Request(u64, Other),
+        }
+        #[derive(serde::Serialize)]
+        enum Other {
+            Frobnicate(u32),
+        }
+        let body = rmp_serde::to_vec(&Fake::Request(9, Other::Frobnicate(1))).unwrap();
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(&body);
+        match FrameCodec::default().decode(&mut buf).unwrap().unwrap() {
+            Decoded::Malformed { is_request, id, .. } => {
+                assert!(is_request);
+                assert_eq!(id, 9);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! txmq-protocol: the single source of truth for txmq's wire format.
+//!
+//! A pure codec with no I/O. Start with [`frame`] (what travels on a
+//! connection), then [`request`] (every request kind and its response),
+//! [`message`] (the user's message) and [`error`] (numbered error codes).
+//!
+//! On the wire a frame is a 4-byte big-endian length followed by a
+//! MessagePack body ([`codec::FrameCodec`]).
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod request;
+
+pub use codec::{FrameCodec, DEFAULT_MAX_FRAME_LEN};
+pub use error::{ErrorCode, WireError};
+pub use frame::{Frame, Hello, HelloOk, Role, PROTOCOL_VERSION};
+pub use message::{tag_hash, Message, MsgId};
+pub use request::*;

@@ -1,0 +1,197 @@
+//! The user's message as it travels to and from the broker.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A message id: 16 bytes, assigned by the client before the first send
+/// attempt so that a retried send carries the same id.
+///
+/// Shown as 32 upper-case hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MsgId(pub [u8; 16]);
+
+impl MsgId {
+    /// A new id, unique with overwhelming probability across processes and
+    /// machines: an 8-byte per-process prefix (hashed from the process id,
+    /// the start time and a random hasher seed) and an 8-byte counter.
+    pub fn generate() -> MsgId {
+        static PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = PREFIX.get_or_init(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            h.write_u128(now.as_nanos());
+            h.finish().to_be_bytes()
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(prefix);
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        MsgId(id)
+    }
+
+    /// Parses the 32-hex-digit form.
+    pub fn parse(s: &str) -> Option<MsgId> {
+        if s.len() != 32 {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+        }
+        Some(MsgId(id))
+    }
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MsgId({self})")
+    }
+}
+
+impl Serialize for MsgId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MsgId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let b: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        let arr: [u8; 16] = b
+            .as_slice()
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(b.len(), &"16 bytes"))?;
+        Ok(MsgId(arr))
+    }
+}
+
+/// A message a producer sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Unique id, assigned by the client ([`MsgId::generate`]).
+    pub msg_id: MsgId,
+    /// The topic it is sent to.
+    pub topic: String,
+    /// An optional business key (order id, ...), also used for key hashing.
+    pub key: Option<String>,
+    /// An optional tag consumers can filter on.
+    pub tag: Option<String>,
+    /// Free-form properties.
+    pub properties: BTreeMap<String, String>,
+    /// The payload.
+    pub body: Bytes,
+    /// When the producer created it, in milliseconds since the Unix epoch (informational).
+    pub born_timestamp: u64,
+}
+
+impl Message {
+    /// A message for `topic` with `body` and a fresh id.
+    pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Message {
+        Message {
+            msg_id: MsgId::generate(),
+            topic: topic.into(),
+            key: None,
+            tag: None,
+            properties: BTreeMap::new(),
+            body: body.into(),
+            born_timestamp: now_millis(),
+        }
+    }
+
+    /// Sets the business key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the tag.
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Message {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Adds a property.
+    pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Message {
+        self.properties.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// A message as a consumer receives it: the sent message plus where it was stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message as sent.
+    pub message: Message,
+    /// The queue it was stored in.
+    pub queue: u32,
+    /// Its offset within that queue.
+    pub queue_offset: u64,
+    /// Its offset in the broker's commit log.
+    pub log_offset: u64,
+    /// When the broker stored it, milliseconds since the Unix epoch (the broker's clock).
+    pub store_timestamp: u64,
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The 64-bit hash of a tag stored in consume-queue entries (FNV-1a); `0` for no tag.
+pub fn tag_hash(tag: Option<&str>) -> u64 {
+    match tag {
+        None => 0,
+        Some(t) => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in t.bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            h.max(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_unique_and_parse_back() {
+        let a = MsgId::generate();
+        let b = MsgId::generate();
+        assert_ne!(a, b);
+        assert_eq!(MsgId::parse(&a.to_string()), Some(a));
+        assert_eq!(MsgId::parse("xyz"), None);
+    }
+
+    #[test]
+    fn tag_hash_is_stable_and_nonzero() {
+        assert_eq!(tag_hash(None), 0);
+        assert_eq!(tag_hash(Some("a")), tag_hash(Some("a")));
+        assert_ne!(tag_hash(Some("a")), tag_hash(Some("b")));
+        assert_ne!(tag_hash(Some("")), 0);
+    }
+}

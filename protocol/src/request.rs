@@ -1,0 +1,345 @@
+//! Every request kind, its arguments and its response, in one place.
+//!
+//! [`Request`] and [`Response`] are generated from one table so that a
+//! request and the type of its answer can never drift apart; [`Call`] ties
+//! each argument type to its reply type for typed clients.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Hello, HelloOk};
+use crate::message::{Message, MsgId, StoredMessage};
+
+/// A request argument type that knows its [`Request`] variant and reply type.
+pub trait Call: Sized {
+    /// What a successful answer carries.
+    type Reply;
+    /// Wraps the arguments in their [`Request`] variant.
+    fn into_request(self) -> Request;
+    /// Unwraps the matching [`Response`] variant; any other variant is handed back.
+    ///
+    /// # Errors
+    /// Returns the response unchanged when it is not this request's reply.
+    fn from_response(r: Response) -> Result<Self::Reply, Response>;
+}
+
+macro_rules! requests {
+    ($( $(#[$doc:meta])* $variant:ident($req:ty) -> $resp:ty; )*) => {
+        /// A request: what one peer asks of another.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub enum Request {
+            $( $(#[$doc])* $variant($req), )*
+        }
+
+        /// A successful answer; the variant matches the request's.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub enum Response {
+            $( #[allow(missing_docs)] $variant($resp), )*
+        }
+
+        impl Request {
+            /// The request kind's name, for logs and errors.
+            pub fn kind(&self) -> &'static str {
+                match self { $( Request::$variant(_) => stringify!($variant), )* }
+            }
+        }
+
+        $(
+        impl Call for $req {
+            type Reply = $resp;
+            fn into_request(self) -> Request { Request::$variant(self) }
+            fn from_response(r: Response) -> Result<$resp, Response> {
+                match r { Response::$variant(x) => Ok(x), other => Err(other) }
+            }
+        }
+        )*
+    };
+}
+
+requests! {
+    /// The first frame on every connection.
+    Hello(Hello) -> HelloOk;
+    /// Liveness probe.
+    Ping(Ping) -> Pong;
+    /// Broker -> nameserver: register or heartbeat, with the broker's topic table.
+    RegisterBroker(RegisterBroker) -> Done;
+    /// Broker -> nameserver: the broker is leaving (graceful shutdown).
+    UnregisterBroker(UnregisterBroker) -> Done;
+    /// Client -> nameserver: where a topic's queues are.
+    GetRoute(GetRoute) -> TopicRoute;
+    /// Client -> nameserver: the brokers it knows.
+    GetCluster(GetCluster) -> ClusterInfo;
+    /// Client -> nameserver or broker: every topic known.
+    ListTopics(ListTopics) -> TopicList;
+    /// Client -> broker: create (or update) a topic.
+    CreateTopic(CreateTopic) -> TopicConfig;
+    /// Client -> broker: append one message or a batch to one queue.
+    Send(SendRequest) -> SendResult;
+    /// Client -> broker: read a queue from an offset, waiting for data up to a deadline.
+    Pull(PullRequest) -> PullResult;
+    /// Client -> broker: store a consumer group's offset for a queue.
+    CommitOffset(CommitOffset) -> Done;
+    /// Client -> broker: a group's committed offset and the queue's bounds.
+    QueryOffset(QueryOffset) -> QueueOffsets;
+}
+
+/// A topic may be read (consumed).
+pub const PERM_READ: u8 = 4;
+/// A topic may be written (sent to).
+pub const PERM_WRITE: u8 = 2;
+/// Read and write.
+pub const PERM_READ_WRITE: u8 = PERM_READ | PERM_WRITE;
+
+/// Liveness probe.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ping {}
+
+/// Answer to [`Ping`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pong {}
+
+/// A plain "done" answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Done {}
+
+/// A topic's configuration on one broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Topic name.
+    pub name: String,
+    /// Number of queues.
+    pub queues: u32,
+    /// Permission bits ([`PERM_READ`], [`PERM_WRITE`]).
+    pub perm: u8,
+}
+
+/// Broker registration or heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterBroker {
+    /// Cluster the broker belongs to.
+    pub cluster: String,
+    /// The broker's unique name.
+    pub broker_name: String,
+    /// Address clients connect to.
+    pub addr: String,
+    /// Every (non-internal) topic the broker serves.
+    pub topics: Vec<TopicConfig>,
+}
+
+/// A broker's goodbye.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnregisterBroker {
+    /// The leaving broker's name.
+    pub broker_name: String,
+}
+
+/// Route query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetRoute {
+    /// Topic name.
+    pub topic: String,
+}
+
+/// Where a topic lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopicRoute {
+    /// Topic name.
+    pub topic: String,
+    /// One entry per broker serving the topic, sorted by broker name.
+    pub brokers: Vec<BrokerQueues>,
+}
+
+/// The queues of a topic on one broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerQueues {
+    /// Broker name.
+    pub broker_name: String,
+    /// Broker address.
+    pub addr: String,
+    /// Number of queues of the topic on this broker.
+    pub queues: u32,
+    /// Permission bits.
+    pub perm: u8,
+}
+
+/// Cluster listing query.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetCluster {}
+
+/// The brokers a nameserver knows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Sorted by cluster then broker name.
+    pub brokers: Vec<BrokerInfo>,
+}
+
+/// One broker as the nameserver sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    /// Cluster name.
+    pub cluster: String,
+    /// Broker name.
+    pub broker_name: String,
+    /// Broker address.
+    pub addr: String,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+    /// How many topics it serves.
+    pub topic_count: u32,
+}
+
+/// Topic listing query.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListTopics {}
+
+/// Known topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopicList {
+    /// One entry per (topic, broker), sorted.
+    pub topics: Vec<TopicOnBroker>,
+}
+
+/// A topic on a broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicOnBroker {
+    /// Broker name.
+    pub broker_name: String,
+    /// The topic there.
+    pub config: TopicConfig,
+}
+
+/// Create or update a topic on the broker that receives the request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateTopic {
+    /// Topic name: 1 to 127 characters of `A-Z a-z 0-9 - _ . %`.
+    pub topic: String,
+    /// Number of queues, 1 to 1024.
+    pub queues: u32,
+    /// Permission bits.
+    pub perm: u8,
+}
+
+/// Append messages to one queue. All messages must name the same topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// The queue id within the topic.
+    pub queue: u32,
+    /// One message or a batch; stored contiguously, in order.
+    pub messages: Vec<Message>,
+}
+
+/// How a send was acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendStatus {
+    /// Stored; under sync flush, also fsynced.
+    SendOk,
+    /// Stored in the page cache but the fsync did not finish in time (sync flush only).
+    FlushDiskTimeout,
+}
+
+impl SendStatus {
+    /// `SEND_OK`, `FLUSH_DISK_TIMEOUT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SendStatus::SendOk => "SEND_OK",
+            SendStatus::FlushDiskTimeout => "FLUSH_DISK_TIMEOUT",
+        }
+    }
+}
+
+/// The answer to a send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendResult {
+    /// Status of the whole request.
+    pub status: SendStatus,
+    /// The queue written.
+    pub queue: u32,
+    /// Queue offset of the first message; the batch's messages follow contiguously.
+    pub first_offset: u64,
+    /// The ids stored, in order.
+    pub msg_ids: Vec<MsgId>,
+}
+
+/// Read a queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// Topic name.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+    /// First queue offset wanted.
+    pub offset: u64,
+    /// At most this many messages.
+    pub max_messages: u32,
+    /// When nothing is there, wait up to this long for a message to arrive.
+    pub max_wait_ms: u64,
+}
+
+/// Messages read from a queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullResult {
+    /// Messages from the requested offset on (possibly none).
+    pub messages: Vec<StoredMessage>,
+    /// Where to pull next.
+    pub next_offset: u64,
+    /// Smallest offset still stored.
+    pub min_offset: u64,
+    /// One past the last offset stored.
+    pub max_offset: u64,
+}
+
+/// Store a group's offset: the next offset it will consume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitOffset {
+    /// Consumer group.
+    pub group: String,
+    /// Topic name.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+    /// The next offset the group will read.
+    pub offset: u64,
+}
+
+/// Ask for a group's offset and the queue's bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryOffset {
+    /// Consumer group.
+    pub group: String,
+    /// Topic name.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+}
+
+/// A group's position on a queue and the queue's bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueOffsets {
+    /// The group's committed offset, if it ever committed one.
+    pub committed: Option<u64>,
+    /// Smallest offset still stored.
+    pub min_offset: u64,
+    /// One past the last offset stored.
+    pub max_offset: u64,
+}
+
+/// Checks a topic name: 1 to 127 characters of `A-Z a-z 0-9 - _ . %`.
+///
+/// # Errors
+/// A message saying what is wrong with the name.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if name.len() > 127 {
+        return Err(format!("topic name is {} characters long; at most 127", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '%')))
+    {
+        return Err(format!(
+            "topic name {name:?} contains {c:?}; allowed are A-Z a-z 0-9 - _ . %"
+        ));
+    }
+    Ok(())
+}
