@@ -36,6 +36,10 @@ pub enum ErrorCode {
     Timeout = 13,
     /// The requested offset is outside the queue's range.
     OffsetOutOfRange = 14,
+    /// A frame (request or response) exceeds the maximum frame length.
+    FrameTooLarge = 15,
+    /// The request's body could not be decoded (unknown kind, wrong types).
+    MalformedRequest = 16,
     /// The transaction id is not known to this broker.
     UnknownTransaction = 20,
     /// Commit asked of a transaction that was rolled back.
@@ -67,6 +71,8 @@ impl ErrorCode {
             12 => NoRoute,
             13 => Timeout,
             14 => OffsetOutOfRange,
+            15 => FrameTooLarge,
+            16 => MalformedRequest,
             20 => UnknownTransaction,
             21 => TransactionRolledBack,
             22 => TransactionCommitted,
@@ -93,6 +99,8 @@ impl ErrorCode {
             NoRoute => "NO_ROUTE",
             Timeout => "TIMEOUT",
             OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
+            FrameTooLarge => "FRAME_TOO_LARGE",
+            MalformedRequest => "MALFORMED_REQUEST",
             UnknownTransaction => "UNKNOWN_TRANSACTION",
             TransactionRolledBack => "TRANSACTION_ROLLED_BACK",
             TransactionCommitted => "TRANSACTION_COMMITTED",

@@ -1,0 +1,524 @@
+//! One connection: a reader task, a writer task, and a handle to send requests.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use txmq_protocol::codec::Decoded;
+use txmq_protocol::{
+    Call, ErrorCode, Frame, FrameCodec, Hello, HelloOk, Request, Response, WireError,
+    DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+
+use crate::Error;
+
+/// A boxed, sendable future: what a [`Service`] returns for one request.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Answers the requests a peer sends on a connection.
+pub trait Service: Send + Sync + 'static {
+    /// Accepts or refuses the peer's hello (server side only). The version has
+    /// already been checked.
+    ///
+    /// # Errors
+    /// A refusal, sent to the peer before the connection closes.
+    fn hello(&self, conn: &Connection, hello: &Hello) -> Result<HelloOk, WireError> {
+        let _ = (conn, hello);
+        Ok(HelloOk {
+            version: PROTOCOL_VERSION,
+            server: String::new(),
+        })
+    }
+
+    /// Handles one request. Called on the connection's reader task, so it must
+    /// not block: do the work in the returned future, which is polled
+    /// concurrently with the connection's other requests.
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>>;
+
+    /// The connection closed (called once, on the reader task).
+    fn closed(&self, conn: &Connection) {
+        let _ = conn;
+    }
+}
+
+/// Settings of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Frames longer than this close the connection (default 8 MiB).
+    pub max_frame_len: usize,
+    /// How long [`Connection::call`] waits for an answer (default 10 s).
+    pub request_timeout: Duration,
+    /// Requests from the peer handled at once; more wait in the socket (default 4096).
+    pub max_inflight: usize,
+    /// How long a server waits for the hello (default 10 s).
+    pub hello_timeout: Duration,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            request_timeout: Duration::from_secs(10),
+            max_inflight: 4096,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+enum Outgoing {
+    Frame(Frame),
+    /// Write everything queued before this, then close.
+    Close,
+}
+
+type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
+
+struct Inner {
+    id: u64,
+    peer: String,
+    out: mpsc::Sender<Outgoing>,
+    pending: Mutex<Pending>,
+    next_request_id: AtomicU64,
+    closed: CancellationToken,
+    peer_hello: OnceLock<Hello>,
+    config: ConnectionConfig,
+}
+
+/// A handle to one connection. Cloning is cheap; the connection lives until
+/// either side closes it, whether or not handles remain.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.inner.id)
+            .field("peer", &self.inner.peer)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+}
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Connection {
+    /// Opens a connection to `addr`, says `hello` and waits for the answer.
+    /// `service`, if given, answers requests the server sends on this
+    /// connection; without one they are refused with `UNSUPPORTED_REQUEST`.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the TCP connection fails, [`Error::Remote`]
+    /// when the server refuses the hello, [`Error::Timeout`] when it does not answer.
+    pub async fn connect(
+        addr: &str,
+        hello: Hello,
+        service: Option<Arc<dyn Service>>,
+        config: ConnectionConfig,
+    ) -> Result<Connection, Error> {
+        let connect_err = |message: String| Error::Connect {
+            addr: addr.to_string(),
+            message,
+        };
+        let stream = tokio::time::timeout(config.request_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = Connection::start(stream, Side::Client, service, config, CancellationToken::new())
+            .map_err(|e| connect_err(e.to_string()))?;
+        match conn.call(hello).await {
+            Ok(ok) if ok.version == PROTOCOL_VERSION => Ok(conn),
+            Ok(ok) => {
+                conn.close();
+                Err(Error::Remote(WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!("server speaks protocol version {}, this client {PROTOCOL_VERSION}", ok.version),
+                )))
+            }
+            Err(e) => {
+                conn.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the reader and writer tasks for an open socket.
+    pub(crate) fn start(
+        stream: TcpStream,
+        side: Side,
+        service: Option<Arc<dyn Service>>,
+        config: ConnectionConfig,
+        closed: CancellationToken,
+    ) -> std::io::Result<Connection> {
+        stream.set_nodelay(true)?;
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let (read_half, write_half) = stream.into_split();
+        let (tx, rx) = mpsc::channel(4096);
+        let conn = Connection {
+            inner: Arc::new(Inner {
+                id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+                peer,
+                out: tx,
+                pending: Mutex::new(HashMap::new()),
+                next_request_id: AtomicU64::new(1),
+                closed,
+                peer_hello: OnceLock::new(),
+                config,
+            }),
+        };
+        tokio::spawn(write_loop(write_half, rx, conn.inner.clone()));
+        let reader = FramedRead::with_capacity(
+            read_half,
+            FrameCodec::new(conn.inner.config.max_frame_len),
+            64 * 1024,
+        );
+        tokio::spawn(read_loop(reader, side, service, conn.clone()));
+        Ok(conn)
+    }
+
+    /// Sends a typed request and waits for its typed answer, up to the
+    /// configured request timeout.
+    ///
+    /// # Errors
+    /// [`Error::Remote`] with the peer's error, [`Error::Timeout`],
+    /// [`Error::Closed`], or [`Error::UnexpectedResponse`].
+    pub async fn call<C: Call>(&self, request: C) -> Result<C::Reply, Error> {
+        self.call_with_timeout(request, self.inner.config.request_timeout)
+            .await
+    }
+
+    /// [`Connection::call`] with an explicit timeout (for long polls).
+    ///
+    /// # Errors
+    /// As [`Connection::call`].
+    pub async fn call_with_timeout<C: Call>(
+        &self,
+        request: C,
+        timeout: Duration,
+    ) -> Result<C::Reply, Error> {
+        let request = request.into_request();
+        let kind = request.kind();
+        let response = self.request(request, timeout).await?;
+        C::from_response(response).map_err(|_| Error::UnexpectedResponse { kind })
+    }
+
+    /// Sends a request and waits up to `timeout` for the answer.
+    ///
+    /// # Errors
+    /// As [`Connection::call`].
+    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Response, Error> {
+        let kind = request.kind();
+        let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        lock(&self.inner.pending).insert(id, tx);
+        if self
+            .inner
+            .out
+            .send(Outgoing::Frame(Frame::Request(id, request)))
+            .await
+            .is_err()
+        {
+            lock(&self.inner.pending).remove(&id);
+            return Err(self.closed_error());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(Error::Remote(e)),
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => {
+                lock(&self.inner.pending).remove(&id);
+                Err(Error::Timeout {
+                    kind,
+                    peer: self.inner.peer.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed {
+            peer: self.inner.peer.clone(),
+        }
+    }
+
+    /// True once the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Closes the connection at once; requests in flight fail with [`Error::Closed`].
+    pub fn close(&self) {
+        self.inner.closed.cancel();
+    }
+
+    /// Waits until the connection is closed.
+    pub async fn closed(&self) {
+        self.inner.closed.cancelled().await
+    }
+
+    /// The peer's hello (server side), once received.
+    pub fn peer_hello(&self) -> Option<&Hello> {
+        self.inner.peer_hello.get()
+    }
+
+    /// A process-unique id of this connection.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> &str {
+        &self.inner.peer
+    }
+
+    fn respond(&self, id: u64, result: Result<Response, WireError>) -> bool {
+        // try_send first: the common case needs no await.
+        self.inner
+            .out
+            .try_send(Outgoing::Frame(Frame::Response(id, result)))
+            .is_ok()
+    }
+}
+
+fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    // A panic while holding this lock cannot leave the map inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A handler's future tagged with its request id.
+struct Tagged {
+    id: u64,
+    fut: BoxFuture<Result<Response, WireError>>,
+}
+
+impl Future for Tagged {
+    type Output = (u64, Result<Response, WireError>);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let id = self.id;
+        self.fut.as_mut().poll(cx).map(|r| (id, r))
+    }
+}
+
+async fn read_loop(
+    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    side: Side,
+    service: Option<Arc<dyn Service>>,
+    conn: Connection,
+) {
+    let inner = conn.inner.clone();
+    let mut greeted = side == Side::Client;
+    if !greeted {
+        let first = tokio::select! {
+            f = reader.next() => f,
+            _ = tokio::time::sleep(inner.config.hello_timeout) => {
+                debug!(peer = %inner.peer, "no hello in time; closing");
+                None
+            }
+            _ = inner.closed.cancelled() => None,
+        };
+        greeted = match first {
+            Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(hello))))) => {
+                answer_hello(&conn, service.as_deref(), id, hello)
+            }
+            Some(Ok(Decoded::Frame(Frame::Request(id, other)))) => {
+                warn!(peer = %inner.peer, kind = other.kind(), "first request is not a hello; closing");
+                refuse_and_close(&conn, id, ErrorCode::HelloRequired, "the first request must be a hello".into()).await;
+                false
+            }
+            Some(Ok(Decoded::Malformed { is_request: true, id, error })) => {
+                warn!(peer = %inner.peer, %error, "malformed first request; closing");
+                refuse_and_close(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}")).await;
+                false
+            }
+            Some(Ok(_)) => {
+                warn!(peer = %inner.peer, "first frame is not a request; closing");
+                false
+            }
+            Some(Err(e)) => {
+                warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
+                false
+            }
+            None => false,
+        };
+    }
+
+    let mut inflight: FuturesUnordered<Tagged> = FuturesUnordered::new();
+    while greeted {
+        tokio::select! {
+            biased;
+            _ = inner.closed.cancelled() => break,
+            Some((id, result)) = inflight.next(), if !inflight.is_empty() => {
+                let frame = Outgoing::Frame(Frame::Response(id, result));
+                if inner.out.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            next = reader.next(), if inflight.len() < inner.config.max_inflight => match next {
+                None => break,
+                Some(Err(e)) => {
+                    warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
+                    break;
+                }
+                Some(Ok(Decoded::Frame(Frame::Response(id, result)))) => {
+                    if let Some(tx) = lock(&inner.pending).remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_))))) => {
+                    conn.respond(id, Err(WireError::new(ErrorCode::HelloRequired, "hello already received")));
+                }
+                Some(Ok(Decoded::Frame(Frame::Request(id, request)))) => match &service {
+                    Some(service) => inflight.push(Tagged { id, fut: service.call(&conn, request) }),
+                    None => {
+                        let e = WireError::new(
+                            ErrorCode::UnsupportedRequest,
+                            format!("{} requests are not served here", request.kind()),
+                        );
+                        if inner.out.send(Outgoing::Frame(Frame::Response(id, Err(e)))).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                Some(Ok(Decoded::Malformed { is_request, id, error })) => {
+                    warn!(peer = %inner.peer, %error, "malformed frame; closing connection");
+                    if is_request {
+                        refuse_and_close(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}")).await;
+                    } else if let Some(tx) = lock(&inner.pending).remove(&id) {
+                        let _ = tx.send(Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    if !greeted || !inner.closed.is_cancelled() {
+        // Let the writer flush what is queued (a refusal, say), then stop.
+        let _ = inner.out.try_send(Outgoing::Close);
+    }
+    // Give the writer a moment to flush a final error before cancelling.
+    tokio::select! {
+        _ = inner.closed.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_millis(200)) => inner.closed.cancel(),
+    }
+    lock(&inner.pending).clear();
+    if let Some(service) = &service {
+        service.closed(&conn);
+    }
+    debug!(peer = %inner.peer, "connection closed");
+}
+
+fn answer_hello(conn: &Connection, service: Option<&dyn Service>, id: u64, hello: Hello) -> bool {
+    if hello.version != PROTOCOL_VERSION {
+        warn!(peer = %conn.inner.peer, version = hello.version, "unsupported protocol version; closing");
+        conn.respond(
+            id,
+            Err(WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
+                    hello.version
+                ),
+            )),
+        );
+        return false;
+    }
+    let answer = match service {
+        Some(s) => s.hello(conn, &hello),
+        None => Ok(HelloOk {
+            version: PROTOCOL_VERSION,
+            server: String::new(),
+        }),
+    };
+    let ok = answer.is_ok();
+    if ok {
+        let _ = conn.inner.peer_hello.set(hello);
+    }
+    conn.respond(id, answer.map(Response::Hello));
+    ok
+}
+
+async fn refuse_and_close(conn: &Connection, id: u64, code: ErrorCode, message: String) {
+    let frame = Outgoing::Frame(Frame::Response(id, Err(WireError::new(code, message))));
+    let _ = conn.inner.out.send(frame).await;
+}
+
+async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
+    let mut codec = FrameCodec::new(inner.config.max_frame_len);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut closing = false;
+    while !closing {
+        let first = tokio::select! {
+            f = rx.recv() => f,
+            _ = inner.closed.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        closing = encode_into(&mut codec, first, &mut buf, &inner);
+        // Everything queued meanwhile goes out in the same write.
+        while !closing && buf.len() < 1024 * 1024 {
+            match rx.try_recv() {
+                Ok(next) => closing = encode_into(&mut codec, next, &mut buf, &inner),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = writer.write_all(&buf).await {
+            debug!(peer = %inner.peer, error = %e, "write failed; closing");
+            break;
+        }
+        if buf.capacity() > 4 * 1024 * 1024 {
+            buf = BytesMut::with_capacity(64 * 1024);
+        } else {
+            buf.clear();
+        }
+    }
+    let _ = writer.shutdown().await;
+    inner.closed.cancel();
+}
+
+/// Encodes one outgoing item; returns true when it asks to close.
+fn encode_into(codec: &mut FrameCodec, item: Outgoing, buf: &mut BytesMut, inner: &Inner) -> bool {
+    let frame = match item {
+        Outgoing::Close => return true,
+        Outgoing::Frame(f) => f,
+    };
+    if let Err(e) = codec.encode(&frame, buf) {
+        let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
+        match frame {
+            Frame::Request(id, _) => {
+                if let Some(tx) = lock(&inner.pending).remove(&id) {
+                    let _ = tx.send(Err(error));
+                }
+            }
+            Frame::Response(id, _) => {
+                warn!(peer = %inner.peer, %error, "response cannot be sent; answering with an error");
+                let _ = codec.encode(&Frame::Response(id, Err(error)), buf);
+            }
+        }
+    }
+    false
+}

@@ -1,0 +1,67 @@
+//! Errors of a connection.
+
+use std::time::Duration;
+
+use txmq_protocol::WireError;
+
+/// What can go wrong with a request on a connection.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The TCP connection could not be opened.
+    #[error("cannot connect to {addr}: {message}")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// The operating system's reason.
+        message: String,
+    },
+    /// The connection closed before the answer came.
+    #[error("connection to {peer} closed")]
+    Closed {
+        /// The peer's address.
+        peer: String,
+    },
+    /// No answer within the timeout.
+    #[error("{kind} request to {peer} timed out after {after:?}")]
+    Timeout {
+        /// The request kind.
+        kind: &'static str,
+        /// The peer's address.
+        peer: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The peer answered with an error.
+    #[error("{0}")]
+    Remote(#[from] WireError),
+    /// The peer answered with a response of the wrong kind.
+    #[error("unexpected response to a {kind} request")]
+    UnexpectedResponse {
+        /// The request kind.
+        kind: &'static str,
+    },
+}
+
+impl Error {
+    /// The wire error, when the peer answered with one.
+    pub fn remote(&self) -> Option<&WireError> {
+        match self {
+            Error::Remote(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// True when the request may have failed because of the connection or the
+    /// peer's availability, so that trying another broker makes sense.
+    pub fn is_retriable(&self) -> bool {
+        use txmq_protocol::ErrorCode;
+        match self {
+            Error::Connect { .. } | Error::Closed { .. } | Error::Timeout { .. } => true,
+            Error::Remote(e) => matches!(
+                e.code,
+                ErrorCode::StoreUnavailable | ErrorCode::NoPermission | ErrorCode::UnknownTopic
+            ),
+            Error::UnexpectedResponse { .. } => false,
+        }
+    }
+}

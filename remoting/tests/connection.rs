@@ -1,0 +1,174 @@
+//! A real server on 127.0.0.1:0 and real clients: pipelining, out-of-order
+//! answers, requests from server to client, and bad input on one connection
+//! leaving the others alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::*;
+use txmq_remoting::connection_types::BoxFuture;
+use txmq_remoting::{server, Connection, ConnectionConfig, Error, Service};
+
+/// Answers a ping after a delay given by the peer's client id length, and
+/// answers GetRoute with the topic echoed; pings the client back on GetCluster.
+struct Echo;
+
+impl Service for Echo {
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let conn = conn.clone();
+        Box::pin(async move {
+            match request {
+                Request::GetRoute(r) => {
+                    let delay: u64 = r.topic.trim_start_matches('t').parse().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    Ok(Response::GetRoute(TopicRoute {
+                        topic: r.topic,
+                        brokers: vec![],
+                    }))
+                }
+                Request::GetCluster(_) => {
+                    // Ask the client something over its own connection.
+                    conn.call(Ping {}).await.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+                    Ok(Response::GetCluster(ClusterInfo { brokers: vec![] }))
+                }
+                other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
+            }
+        })
+    }
+}
+
+struct PingAnswerer;
+impl Service for PingAnswerer {
+    fn call(&self, _: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        Box::pin(async move {
+            match request {
+                Request::Ping(_) => Ok(Response::Ping(Pong {})),
+                other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
+            }
+        })
+    }
+}
+
+fn hello(version: u32) -> Hello {
+    Hello {
+        version,
+        role: Role::Admin,
+        client_id: "test".into(),
+        group: None,
+    }
+}
+
+async fn start() -> (String, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let config = ConnectionConfig {
+        max_frame_len: 64 * 1024,
+        ..Default::default()
+    };
+    tokio::spawn(server::serve(listener, Arc::new(Echo), config, shutdown.clone()));
+    (addr, shutdown)
+}
+
+async fn client(addr: &str, service: Option<Arc<dyn Service>>) -> Connection {
+    Connection::connect(addr, hello(PROTOCOL_VERSION), service, ConnectionConfig::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_out_of_order() {
+    let (addr, _s) = start().await;
+    let conn = client(&addr, None).await;
+    let slow = conn.call(GetRoute { topic: "t300".into() });
+    let fast = async {
+        let r = conn.call(GetRoute { topic: "t0".into() }).await.unwrap();
+        (r, std::time::Instant::now())
+    };
+    let (slow, (fast, fast_at)) = tokio::join!(slow, fast);
+    assert_eq!(slow.unwrap().topic, "t300");
+    assert_eq!(fast.topic, "t0");
+    // The fast answer did not wait behind the slow one.
+    assert!(fast_at.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn server_can_call_the_client_back_on_its_connection() {
+    let (addr, _s) = start().await;
+    let conn = client(&addr, Some(Arc::new(PingAnswerer))).await;
+    conn.call(GetCluster {}).await.unwrap();
+    // Without a service the client refuses, and the server reports it.
+    let plain = client(&addr, None).await;
+    let err = plain.call(GetCluster {}).await.unwrap_err();
+    assert!(err.to_string().contains("Ping requests are not served here"), "{err}");
+}
+
+#[tokio::test]
+async fn wrong_version_gets_a_clear_error() {
+    let (addr, _s) = start().await;
+    let err = Connection::connect(&addr, hello(99), None, ConnectionConfig::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote().map(|e| e.code), Some(ErrorCode::UnsupportedVersion), "{err}");
+}
+
+#[tokio::test]
+async fn first_request_must_be_hello() {
+    let (addr, _s) = start().await;
+    let mut raw = TcpStream::connect(&addr).await.unwrap();
+    let body = rmp_serde_frame(&Frame::Request(5, Request::Ping(Ping {})));
+    raw.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("the first request must be a hello"), "{text}");
+}
+
+fn rmp_serde_frame(frame: &Frame) -> Vec<u8> {
+    use tokio_util::codec::Encoder;
+    let mut buf = bytes::BytesMut::new();
+    FrameCodec::default().encode(frame, &mut buf).unwrap();
+    buf.to_vec()
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection() {
+    let (addr, _s) = start().await;
+    let good = client(&addr, None).await;
+    let bad_inputs: Vec<Vec<u8>> = vec![
+        // oversized length prefix
+        vec![0x7f, 0xff, 0xff, 0xff, 0, 0],
+        // garbage body
+        vec![0, 0, 0, 4, 0xc1, 0xc1, 0xc1, 0xc1],
+    ];
+    for bad in bad_inputs {
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(&rmp_serde_frame(&Frame::Request(1, Request::Hello(hello(PROTOCOL_VERSION)))))
+            .await
+            .unwrap();
+        raw.write_all(&bad).await.unwrap();
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+        assert!(read.is_ok(), "server did not close the bad connection");
+    }
+    let r = good.call(GetRoute { topic: "t0".into() }).await.unwrap();
+    assert_eq!(r.topic, "t0");
+}
+
+#[tokio::test]
+async fn request_timeout_and_closed_connection_are_errors() {
+    let (addr, shutdown) = start().await;
+    let conn = client(&addr, None).await;
+    let err = conn
+        .call_with_timeout(GetRoute { topic: "t500".into() }, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    shutdown.cancel();
+    conn.closed().await;
+    let err = conn.call(GetRoute { topic: "t0".into() }).await.unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err}");
+}
