@@ -156,7 +156,9 @@ mod tests {
 
     #[test]
     fn a_send_round_trips_and_its_body_travels_as_bytes() {
-        let msg = Message::new("orders", vec![7u8; 100]).with_key("k1").with_tag("t");
+        let msg = Message::new("orders", vec![7u8; 100])
+            .with_key("k1")
+            .with_tag("t");
         let frame = Frame::Request(
             42,
             Request::Send(SendRequest {

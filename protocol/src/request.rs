@@ -331,7 +331,10 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         return Err("topic name is empty".into());
     }
     if name.len() > 127 {
-        return Err(format!("topic name is {} characters long; at most 127", name.len()));
+        return Err(format!(
+            "topic name is {} characters long; at most 127",
+            name.len()
+        ));
     }
     if let Some(c) = name
         .chars()

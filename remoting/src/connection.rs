@@ -143,15 +143,24 @@ impl Connection {
             .await
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
-        let conn = Connection::start(stream, Side::Client, service, config, CancellationToken::new())
-            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = Connection::start(
+            stream,
+            Side::Client,
+            service,
+            config,
+            CancellationToken::new(),
+        )
+        .map_err(|e| connect_err(e.to_string()))?;
         match conn.call(hello).await {
             Ok(ok) if ok.version == PROTOCOL_VERSION => Ok(conn),
             Ok(ok) => {
                 conn.close();
                 Err(Error::Remote(WireError::new(
                     ErrorCode::UnsupportedVersion,
-                    format!("server speaks protocol version {}, this client {PROTOCOL_VERSION}", ok.version),
+                    format!(
+                        "server speaks protocol version {}, this client {PROTOCOL_VERSION}",
+                        ok.version
+                    ),
                 )))
             }
             Err(e) => {
@@ -325,6 +334,8 @@ impl Future for Tagged {
     }
 }
 
+// `greeted` only gates entry to the serving loop, which ends by `break`.
+#[allow(clippy::while_immutable_condition)]
 async fn read_loop(
     mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
     side: Side,
@@ -348,12 +359,28 @@ async fn read_loop(
             }
             Some(Ok(Decoded::Frame(Frame::Request(id, other)))) => {
                 warn!(peer = %inner.peer, kind = other.kind(), "first request is not a hello; closing");
-                refuse_and_close(&conn, id, ErrorCode::HelloRequired, "the first request must be a hello".into()).await;
+                refuse_and_close(
+                    &conn,
+                    id,
+                    ErrorCode::HelloRequired,
+                    "the first request must be a hello".into(),
+                )
+                .await;
                 false
             }
-            Some(Ok(Decoded::Malformed { is_request: true, id, error })) => {
+            Some(Ok(Decoded::Malformed {
+                is_request: true,
+                id,
+                error,
+            })) => {
                 warn!(peer = %inner.peer, %error, "malformed first request; closing");
-                refuse_and_close(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}")).await;
+                refuse_and_close(
+                    &conn,
+                    id,
+                    ErrorCode::MalformedRequest,
+                    format!("malformed request: {error}"),
+                )
+                .await;
                 false
             }
             Some(Ok(_)) => {
@@ -468,7 +495,11 @@ async fn refuse_and_close(conn: &Connection, id: u64, code: ErrorCode, message: 
     let _ = conn.inner.out.send(frame).await;
 }
 
-async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outgoing>,
+    inner: Arc<Inner>,
+) {
     let mut codec = FrameCodec::new(inner.config.max_frame_len);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut closing = false;

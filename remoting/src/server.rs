@@ -18,7 +18,10 @@ pub async fn serve(
     config: ConnectionConfig,
     shutdown: CancellationToken,
 ) {
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -27,7 +30,13 @@ pub async fn serve(
         match accepted {
             Ok((stream, _)) => {
                 let token = shutdown.child_token();
-                if let Err(e) = Connection::start(stream, Side::Server, Some(service.clone()), config.clone(), token) {
+                if let Err(e) = Connection::start(
+                    stream,
+                    Side::Server,
+                    Some(service.clone()),
+                    config.clone(),
+                    token,
+                ) {
                     warn!(error = %e, "cannot set up accepted connection");
                 }
             }

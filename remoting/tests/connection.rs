@@ -31,7 +31,9 @@ impl Service for Echo {
                 }
                 Request::GetCluster(_) => {
                     // Ask the client something over its own connection.
-                    conn.call(Ping {}).await.map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+                    conn.call(Ping {})
+                        .await
+                        .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
                     Ok(Response::GetCluster(ClusterInfo { brokers: vec![] }))
                 }
                 other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
@@ -69,21 +71,33 @@ async fn start() -> (String, CancellationToken) {
         max_frame_len: 64 * 1024,
         ..Default::default()
     };
-    tokio::spawn(server::serve(listener, Arc::new(Echo), config, shutdown.clone()));
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(Echo),
+        config,
+        shutdown.clone(),
+    ));
     (addr, shutdown)
 }
 
 async fn client(addr: &str, service: Option<Arc<dyn Service>>) -> Connection {
-    Connection::connect(addr, hello(PROTOCOL_VERSION), service, ConnectionConfig::default())
-        .await
-        .unwrap()
+    Connection::connect(
+        addr,
+        hello(PROTOCOL_VERSION),
+        service,
+        ConnectionConfig::default(),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_out_of_order() {
     let (addr, _s) = start().await;
     let conn = client(&addr, None).await;
-    let slow = conn.call(GetRoute { topic: "t300".into() });
+    let slow = conn.call(GetRoute {
+        topic: "t300".into(),
+    });
     let fast = async {
         let r = conn.call(GetRoute { topic: "t0".into() }).await.unwrap();
         (r, std::time::Instant::now())
@@ -103,7 +117,11 @@ async fn server_can_call_the_client_back_on_its_connection() {
     // Without a service the client refuses, and the server reports it.
     let plain = client(&addr, None).await;
     let err = plain.call(GetCluster {}).await.unwrap_err();
-    assert!(err.to_string().contains("Ping requests are not served here"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Ping requests are not served here"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -112,7 +130,11 @@ async fn wrong_version_gets_a_clear_error() {
     let err = Connection::connect(&addr, hello(99), None, ConnectionConfig::default())
         .await
         .unwrap_err();
-    assert_eq!(err.remote().map(|e| e.code), Some(ErrorCode::UnsupportedVersion), "{err}");
+    assert_eq!(
+        err.remote().map(|e| e.code),
+        Some(ErrorCode::UnsupportedVersion),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -146,9 +168,12 @@ async fn bad_input_closes_only_that_connection() {
     ];
     for bad in bad_inputs {
         let mut raw = TcpStream::connect(&addr).await.unwrap();
-        raw.write_all(&rmp_serde_frame(&Frame::Request(1, Request::Hello(hello(PROTOCOL_VERSION)))))
-            .await
-            .unwrap();
+        raw.write_all(&rmp_serde_frame(&Frame::Request(
+            1,
+            Request::Hello(hello(PROTOCOL_VERSION)),
+        )))
+        .await
+        .unwrap();
         raw.write_all(&bad).await.unwrap();
         let mut sink = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
@@ -163,12 +188,20 @@ async fn request_timeout_and_closed_connection_are_errors() {
     let (addr, shutdown) = start().await;
     let conn = client(&addr, None).await;
     let err = conn
-        .call_with_timeout(GetRoute { topic: "t500".into() }, Duration::from_millis(50))
+        .call_with_timeout(
+            GetRoute {
+                topic: "t500".into(),
+            },
+            Duration::from_millis(50),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     shutdown.cancel();
     conn.closed().await;
-    let err = conn.call(GetRoute { topic: "t0".into() }).await.unwrap_err();
+    let err = conn
+        .call(GetRoute { topic: "t0".into() })
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Closed { .. }), "{err}");
 }

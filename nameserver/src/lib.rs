@@ -1,0 +1,112 @@
+//! txmq-nameserver: the name service of txmq. Brokers register here with
+//! their topic tables and keep registering as a heartbeat; clients ask here
+//! where a topic's queues are.
+//!
+//! A nameserver holds no durable state and talks to no other nameserver:
+//! running several gives availability without consensus, since every broker
+//! registers with each of them.
+//!
+//! Start reading at [`Nameserver`] (bind, then run until cancelled), then
+//! `service.rs` (the one `match` over request kinds) and `registry.rs` (the
+//! route table and broker liveness). `expiry.rs` is the scanner that drops
+//! silent brokers; [`NameserverConfig`] holds the settings.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), txmq_nameserver::Error> {
+//! use txmq_nameserver::{Nameserver, NameserverConfig};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = NameserverConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+//! let nameserver = Nameserver::bind(config).await?;
+//! println!("listening on {}", nameserver.local_addr());
+//! let shutdown = CancellationToken::new();
+//! nameserver.run(shutdown).await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod error;
+mod expiry;
+mod registry;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use txmq_remoting::ConnectionConfig;
+
+pub use config::{NameserverConfig, DEFAULT_BROKER_EXPIRY, DEFAULT_LISTEN};
+pub use error::Error;
+
+use registry::Registry;
+use service::NameService;
+
+/// A bound nameserver, ready to [`run`](Nameserver::run).
+#[derive(Debug)]
+pub struct Nameserver {
+    config: NameserverConfig,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Nameserver {
+    /// Checks `config` and binds the listener, so that port 0 works and
+    /// [`local_addr`](Nameserver::local_addr) is known before [`run`](Nameserver::run).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a zero broker expiry; [`Error::Bind`] when
+    /// the address cannot be listened on (in use, not local, malformed).
+    pub async fn bind(config: NameserverConfig) -> Result<Nameserver, Error> {
+        config.validate()?;
+        let bind_err = |source| Error::Bind {
+            addr: config.listen.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&config.listen).await.map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        Ok(Nameserver {
+            config,
+            listener,
+            local_addr,
+        })
+    }
+
+    /// The address the nameserver listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves brokers and clients until `shutdown` is cancelled; then stops
+    /// accepting, closes every connection and returns. The route table is
+    /// in memory only and is gone once this returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let registry = Arc::new(Registry::new(self.config.broker_expiry));
+        let service = Arc::new(NameService::new(registry.clone(), self.local_addr));
+        info!(
+            broker_expiry = ?self.config.broker_expiry,
+            "nameserver listening on {}",
+            self.local_addr
+        );
+        let scanner = tokio::spawn(expiry::scan(
+            registry,
+            self.config.scan_interval(),
+            shutdown.clone(),
+        ));
+        txmq_remoting::server::serve(
+            self.listener,
+            service,
+            ConnectionConfig::default(),
+            shutdown,
+        )
+        .await;
+        // The scanner watches the same token; it only fails to join if it panicked.
+        if let Err(e) = scanner.await {
+            tracing::error!(error = %e, "expiry scanner failed");
+        }
+        info!(addr = %self.local_addr, "nameserver stopped");
+    }
+}

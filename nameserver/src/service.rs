@@ -1,0 +1,85 @@
+//! The requests a nameserver answers, dispatched from one `match`.
+//!
+//! Every handler is a short synchronous update or read of the
+//! [`Registry`]; none awaits, so each answer is a ready future.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::debug;
+use txmq_protocol::{
+    Done, ErrorCode, Hello, HelloOk, Pong, Request, Response, WireError, PROTOCOL_VERSION,
+};
+use txmq_remoting::connection_types::BoxFuture;
+use txmq_remoting::{Connection, Service};
+
+use crate::registry::Registry;
+
+/// The nameserver's [`Service`]: answers brokers' registrations and clients' queries.
+pub(crate) struct NameService {
+    registry: Arc<Registry>,
+    /// `nameserver <addr>`, sent in every hello answer.
+    server_name: String,
+}
+
+impl NameService {
+    pub(crate) fn new(registry: Arc<Registry>, local_addr: std::net::SocketAddr) -> NameService {
+        NameService {
+            registry,
+            server_name: format!("nameserver {local_addr}"),
+        }
+    }
+
+    /// Answers one request on connection `conn_id`.
+    fn handle(&self, conn_id: u64, request: Request) -> Result<Response, WireError> {
+        let now = Instant::now();
+        match request {
+            Request::Ping(_) => Ok(Response::Ping(Pong {})),
+            Request::RegisterBroker(req) => {
+                self.registry.register(req, conn_id, now)?;
+                Ok(Response::RegisterBroker(Done {}))
+            }
+            Request::UnregisterBroker(req) => {
+                // Idempotent: a broker unknown (already expired, say) is already gone.
+                self.registry.unregister(&req.broker_name);
+                Ok(Response::UnregisterBroker(Done {}))
+            }
+            Request::GetRoute(req) => self.registry.route(&req.topic, now).map(Response::GetRoute),
+            Request::GetCluster(_) => Ok(Response::GetCluster(self.registry.cluster(now))),
+            Request::ListTopics(_) => Ok(Response::ListTopics(self.registry.topics(now))),
+            // Broker requests (and any kind added later) are not a nameserver's job.
+            other => Err(WireError::new(
+                ErrorCode::UnsupportedRequest,
+                format!(
+                    "{} requests are not served by a nameserver; send them to a broker",
+                    other.kind()
+                ),
+            )),
+        }
+    }
+}
+
+impl Service for NameService {
+    fn hello(&self, conn: &Connection, hello: &Hello) -> Result<HelloOk, WireError> {
+        debug!(
+            peer = %conn.peer_addr(),
+            conn = conn.id(),
+            role = ?hello.role,
+            client_id = %hello.client_id,
+            "hello"
+        );
+        Ok(HelloOk {
+            version: PROTOCOL_VERSION,
+            server: self.server_name.clone(),
+        })
+    }
+
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        Box::pin(std::future::ready(self.handle(conn.id(), request)))
+    }
+
+    fn closed(&self, conn: &Connection) {
+        // Drops (and logs) every broker whose latest registration came over it.
+        self.registry.connection_closed(conn.id());
+    }
+}

@@ -1,0 +1,598 @@
+//! The nameserver as brokers and clients see it: a real server on
+//! 127.0.0.1:0, driven over real connections.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::sync::CancellationToken;
+use txmq_nameserver::{Error, Nameserver, NameserverConfig};
+use txmq_protocol::codec::Decoded;
+use txmq_protocol::{
+    BrokerQueues, ErrorCode, Frame, FrameCodec, GetCluster, GetRoute, Hello, ListTopics, Message,
+    Ping, RegisterBroker, Request, Response, Role, SendRequest, TopicConfig, UnregisterBroker,
+    PERM_READ, PERM_READ_WRITE, PROTOCOL_VERSION,
+};
+use txmq_remoting::{Connection, ConnectionConfig};
+
+struct Running {
+    addr: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start(expiry: Duration) -> Running {
+    let ns = Nameserver::bind(NameserverConfig {
+        listen: "127.0.0.1:0".into(),
+        broker_expiry: expiry,
+    })
+    .await
+    .unwrap();
+    let addr = ns.local_addr().to_string();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(ns.run(shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+async fn connect(addr: &str, role: Role) -> Connection {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        client_id: format!("test-{role:?}"),
+        group: None,
+    };
+    Connection::connect(addr, hello, None, ConnectionConfig::default())
+        .await
+        .unwrap()
+}
+
+fn topic(name: &str, queues: u32) -> TopicConfig {
+    TopicConfig {
+        name: name.into(),
+        queues,
+        perm: PERM_READ_WRITE,
+    }
+}
+
+async fn register(conn: &Connection, cluster: &str, broker: &str, topics: Vec<TopicConfig>) {
+    conn.call(RegisterBroker {
+        cluster: cluster.into(),
+        broker_name: broker.into(),
+        addr: addr_of(broker),
+        topics,
+    })
+    .await
+    .unwrap();
+}
+
+fn addr_of(broker: &str) -> String {
+    format!("{broker}.example:10911")
+}
+
+/// The names of the brokers in `topic`'s route, or the error code.
+async fn route(admin: &Connection, topic: &str) -> Result<Vec<String>, ErrorCode> {
+    match admin
+        .call(GetRoute {
+            topic: topic.into(),
+        })
+        .await
+    {
+        Ok(r) => {
+            assert_eq!(r.topic, topic);
+            Ok(r.brokers.into_iter().map(|b| b.broker_name).collect())
+        }
+        Err(e) => Err(e.remote().map(|w| w.code).unwrap_or(ErrorCode::Unknown)),
+    }
+}
+
+/// Polls `check` every 20 ms until it is true; panics after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Re-registers `broker` every 100 ms until the returned token is cancelled.
+fn keep_heartbeating(
+    conn: Connection,
+    broker: &'static str,
+    topics: Vec<TopicConfig>,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            register(&conn, "c1", broker, topics.clone()).await;
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    stop
+}
+
+#[tokio::test]
+async fn a_registered_broker_is_in_the_route_with_its_address_and_queues() {
+    let ns = start(Duration::from_secs(30)).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(
+        &broker,
+        "c1",
+        "broker-a",
+        vec![
+            topic("orders", 8),
+            TopicConfig {
+                name: "audit".into(),
+                queues: 2,
+                perm: PERM_READ,
+            },
+        ],
+    )
+    .await;
+
+    let r = admin
+        .call(GetRoute {
+            topic: "orders".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.topic, "orders");
+    assert_eq!(
+        r.brokers,
+        vec![BrokerQueues {
+            broker_name: "broker-a".into(),
+            addr: addr_of("broker-a"),
+            queues: 8,
+            perm: PERM_READ_WRITE,
+        }]
+    );
+    let audit = admin
+        .call(GetRoute {
+            topic: "audit".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.brokers[0].queues, 2);
+    assert_eq!(audit.brokers[0].perm, PERM_READ);
+}
+
+#[tokio::test]
+async fn an_unknown_topic_has_no_route_and_the_message_names_it() {
+    let ns = start(Duration::from_secs(30)).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
+
+    let err = admin
+        .call(GetRoute {
+            topic: "missing".into(),
+        })
+        .await
+        .unwrap_err();
+    let wire = err
+        .remote()
+        .expect("a wire error, not a dropped connection");
+    assert_eq!(wire.code, ErrorCode::NoRoute);
+    assert!(wire.message.contains("'missing'"), "{}", wire.message);
+    assert!(wire.message.contains("no live broker"), "{}", wire.message);
+    // The connection stays usable after an error answer.
+    assert_eq!(
+        route(&admin, "orders").await,
+        Ok(vec!["broker-a".to_string()])
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_broker_alive_past_the_expiry() {
+    let expiry = Duration::from_millis(600);
+    let ns = start(expiry).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    let stop = keep_heartbeating(broker, "broker-a", vec![topic("orders", 4)]);
+    eventually(Duration::from_secs(2), "broker registered", || async {
+        route(&admin, "orders").await.is_ok()
+    })
+    .await;
+
+    // Three expiries long, the route must never lose the broker.
+    let until = Instant::now() + expiry * 3;
+    while Instant::now() < until {
+        assert_eq!(
+            route(&admin, "orders").await,
+            Ok(vec!["broker-a".to_string()])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_silent_broker_expires_from_routes_cluster_and_topics() {
+    let expiry = Duration::from_millis(300);
+    let ns = start(expiry).await;
+    // The connection stays open: only the missing heartbeat can drop it.
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    let registered_at = Instant::now();
+    register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
+    assert_eq!(
+        route(&admin, "orders").await,
+        Ok(vec!["broker-a".to_string()])
+    );
+
+    eventually(Duration::from_secs(3), "silent broker dropped", || async {
+        route(&admin, "orders").await == Err(ErrorCode::NoRoute)
+    })
+    .await;
+    assert!(
+        registered_at.elapsed() >= expiry,
+        "dropped after {:?}, before the expiry of {expiry:?}",
+        registered_at.elapsed()
+    );
+    assert!(admin.call(GetCluster {}).await.unwrap().brokers.is_empty());
+    assert!(admin.call(ListTopics {}).await.unwrap().topics.is_empty());
+    assert!(
+        !broker.is_closed(),
+        "expiry must not depend on the connection"
+    );
+
+    // A heartbeat after expiry registers it again.
+    register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
+    assert_eq!(
+        route(&admin, "orders").await,
+        Ok(vec!["broker-a".to_string()])
+    );
+}
+
+#[tokio::test]
+async fn closing_the_broker_connection_drops_it_at_once() {
+    // An expiry far longer than the test: only the close can drop the broker.
+    let ns = start(Duration::from_secs(60)).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
+    assert_eq!(
+        route(&admin, "orders").await,
+        Ok(vec!["broker-a".to_string()])
+    );
+
+    broker.close();
+    eventually(Duration::from_secs(2), "closed broker dropped", || async {
+        route(&admin, "orders").await == Err(ErrorCode::NoRoute)
+    })
+    .await;
+    assert!(admin.call(GetCluster {}).await.unwrap().brokers.is_empty());
+}
+
+#[tokio::test]
+async fn a_reconnected_broker_survives_the_close_of_its_old_connection() {
+    let ns = start(Duration::from_secs(60)).await;
+    let old = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(&old, "c1", "broker-a", vec![topic("orders", 4)]).await;
+    let new = connect(&ns.addr, Role::Broker).await;
+    register(&new, "c1", "broker-a", vec![topic("orders", 4)]).await;
+
+    old.close();
+    // Closing an admin connection must not drop anything either.
+    let other_admin = connect(&ns.addr, Role::Admin).await;
+    other_admin.close();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        route(&admin, "orders").await,
+        Ok(vec!["broker-a".to_string()])
+    );
+
+    new.close();
+    eventually(
+        Duration::from_secs(2),
+        "broker dropped with its new connection",
+        || async { route(&admin, "orders").await == Err(ErrorCode::NoRoute) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_brokers_serve_one_topic_until_one_expires() {
+    let ns = start(Duration::from_millis(400)).await;
+    let a = connect(&ns.addr, Role::Broker).await;
+    let b = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    // Registered in reverse order: the route is sorted by name regardless.
+    register(&b, "c1", "broker-b", vec![topic("orders", 2)]).await;
+    let stop = keep_heartbeating(a, "broker-a", vec![topic("orders", 4)]);
+    eventually(
+        Duration::from_secs(2),
+        "both brokers in the route",
+        || async {
+            route(&admin, "orders").await
+                == Ok(vec!["broker-a".to_string(), "broker-b".to_string()])
+        },
+    )
+    .await;
+    let r = admin
+        .call(GetRoute {
+            topic: "orders".into(),
+        })
+        .await
+        .unwrap();
+    let queues: Vec<(String, u32)> = r.brokers.into_iter().map(|q| (q.addr, q.queues)).collect();
+    assert_eq!(
+        queues,
+        vec![(addr_of("broker-a"), 4), (addr_of("broker-b"), 2)]
+    );
+
+    // broker-b falls silent; broker-a keeps heartbeating.
+    eventually(Duration::from_secs(3), "broker-b expired", || async {
+        route(&admin, "orders").await == Ok(vec!["broker-a".to_string()])
+    })
+    .await;
+    let cluster = admin.call(GetCluster {}).await.unwrap();
+    let names: Vec<&str> = cluster
+        .brokers
+        .iter()
+        .map(|b| b.broker_name.as_str())
+        .collect();
+    assert_eq!(names, vec!["broker-a"]);
+    assert!(!b.is_closed());
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn cluster_and_topic_listings_are_complete_and_sorted() {
+    let ns = start(Duration::from_secs(30)).await;
+    let b1 = connect(&ns.addr, Role::Broker).await;
+    let b2 = connect(&ns.addr, Role::Broker).await;
+    let b3 = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(
+        &b1,
+        "west",
+        "broker-a",
+        vec![topic("orders", 4), topic("audit", 1)],
+    )
+    .await;
+    register(&b2, "east", "broker-z", vec![topic("orders", 2)]).await;
+    register(&b3, "east", "broker-m", vec![]).await;
+
+    let cluster = admin.call(GetCluster {}).await.unwrap();
+    let got: Vec<(String, String, String, u32)> = cluster
+        .brokers
+        .iter()
+        .map(|b| {
+            (
+                b.cluster.clone(),
+                b.broker_name.clone(),
+                b.addr.clone(),
+                b.topic_count,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("east".into(), "broker-m".into(), addr_of("broker-m"), 0),
+            ("east".into(), "broker-z".into(), addr_of("broker-z"), 1),
+            ("west".into(), "broker-a".into(), addr_of("broker-a"), 2),
+        ]
+    );
+    for b in &cluster.brokers {
+        assert!(b.last_heartbeat_ms_ago < 5_000, "{b:?}");
+    }
+
+    let topics = admin.call(ListTopics {}).await.unwrap();
+    let got: Vec<(String, String, u32)> = topics
+        .topics
+        .into_iter()
+        .map(|t| (t.config.name, t.broker_name, t.config.queues))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("audit".into(), "broker-a".into(), 1),
+            ("orders".into(), "broker-a".into(), 4),
+            ("orders".into(), "broker-z".into(), 2),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn reregistration_replaces_the_topic_table() {
+    let ns = start(Duration::from_secs(30)).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(
+        &broker,
+        "c1",
+        "broker-a",
+        vec![topic("old", 4), topic("kept", 4)],
+    )
+    .await;
+    register(
+        &broker,
+        "c1",
+        "broker-a",
+        vec![topic("kept", 16), topic("new", 1)],
+    )
+    .await;
+
+    assert_eq!(route(&admin, "old").await, Err(ErrorCode::NoRoute));
+    assert_eq!(route(&admin, "new").await, Ok(vec!["broker-a".to_string()]));
+    let kept = admin
+        .call(GetRoute {
+            topic: "kept".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept.brokers[0].queues, 16);
+    assert_eq!(admin.call(GetCluster {}).await.unwrap().brokers.len(), 1);
+}
+
+#[tokio::test]
+async fn unregister_drops_the_broker() {
+    let ns = start(Duration::from_secs(30)).await;
+    let a = connect(&ns.addr, Role::Broker).await;
+    let b = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    register(&a, "c1", "broker-a", vec![topic("orders", 4)]).await;
+    register(&b, "c1", "broker-b", vec![topic("orders", 4)]).await;
+
+    a.call(UnregisterBroker {
+        broker_name: "broker-a".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        route(&admin, "orders").await,
+        Ok(vec!["broker-b".to_string()])
+    );
+    // Saying goodbye twice is not an error.
+    a.call(UnregisterBroker {
+        broker_name: "broker-a".into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_registration_without_a_name_is_refused() {
+    let ns = start(Duration::from_secs(30)).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let err = broker
+        .call(RegisterBroker {
+            cluster: "c1".into(),
+            broker_name: String::new(),
+            addr: "x:1".into(),
+            topics: vec![topic("orders", 4)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.remote().map(|w| w.code), Some(ErrorCode::BadArgument));
+    assert!(broker.call(GetCluster {}).await.unwrap().brokers.is_empty());
+}
+
+#[tokio::test]
+async fn ping_is_answered_and_broker_requests_are_unsupported() {
+    let ns = start(Duration::from_secs(30)).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    admin.call(Ping {}).await.unwrap();
+
+    let err = admin
+        .call(SendRequest {
+            queue: 0,
+            messages: vec![Message::new("orders", "hi")],
+        })
+        .await
+        .unwrap_err();
+    let wire = err.remote().expect("a wire error");
+    assert_eq!(wire.code, ErrorCode::UnsupportedRequest);
+    assert!(wire.message.contains("Send"), "{}", wire.message);
+    admin.call(Ping {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn hello_is_answered_with_the_nameserver_address() {
+    let ns = start(Duration::from_secs(30)).await;
+    let mut stream = tokio::net::TcpStream::connect(&ns.addr).await.unwrap();
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::new();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Admin,
+        client_id: "raw".into(),
+        group: None,
+    };
+    codec
+        .encode(&Frame::Request(7, Request::Hello(hello)), &mut buf)
+        .unwrap();
+    stream.write_all(&buf).await.unwrap();
+    buf.clear();
+    let frame = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(f) = codec.decode(&mut buf).unwrap() {
+                return f;
+            }
+            assert!(
+                stream.read_buf(&mut buf).await.unwrap() > 0,
+                "connection closed"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    match frame {
+        Decoded::Frame(Frame::Response(7, Ok(Response::Hello(ok)))) => {
+            assert_eq!(ok.version, PROTOCOL_VERSION);
+            assert_eq!(ok.server, format!("nameserver {}", ns.addr));
+        }
+        other => panic!("unexpected answer to hello: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_taken_port_is_a_clear_bind_error() {
+    let ns = start(Duration::from_secs(30)).await;
+    let err = Nameserver::bind(NameserverConfig {
+        listen: ns.addr.clone(),
+        ..NameserverConfig::default()
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Bind { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("cannot listen on {}: ", ns.addr)),
+        "{text}"
+    );
+    assert!(text.to_lowercase().contains("in use"), "{text}");
+}
+
+#[tokio::test]
+async fn shutdown_stops_serving_and_closes_connections() {
+    let mut ns = start(Duration::from_secs(30)).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    ns.shutdown.cancel();
+    let task = std::mem::replace(&mut ns.task, tokio::spawn(async {}));
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), admin.closed())
+        .await
+        .unwrap();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Admin,
+        client_id: "late".into(),
+        group: None,
+    };
+    let late = Connection::connect(&ns.addr, hello, None, ConnectionConfig::default()).await;
+    assert!(
+        late.is_err(),
+        "a stopped nameserver must not accept connections"
+    );
+}
