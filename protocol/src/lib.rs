@@ -16,5 +16,5 @@ pub mod request;
 pub use codec::{FrameCodec, DEFAULT_MAX_FRAME_LEN};
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, Hello, HelloOk, Role, PROTOCOL_VERSION};
-pub use message::{tag_hash, Message, MsgId};
+pub use message::{now_millis, tag_hash, Message, MsgId, StoredMessage};
 pub use request::*;

@@ -1,0 +1,233 @@
+//! The commit log: fixed-size segment files named by their start offset.
+//!
+//! Every record of every topic is appended here; it is the only source of
+//! truth. Segments are created at their full size (sparse) so that they can
+//! be memory-mapped once and read without system calls: a read hands out a
+//! `Bytes` slice of the mapping, and the mapping lives as long as any slice.
+//! Writes go through `pwrite` on the writer thread (see `writer.rs`), never
+//! through the mapping, so a full disk is an error and not a `SIGBUS`.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+/// One segment file and its read-only mapping.
+#[derive(Debug)]
+pub struct Segment {
+    /// Log offset of its first byte.
+    pub start: u64,
+    /// Its path.
+    pub path: PathBuf,
+    /// The file, opened for reading and writing.
+    pub file: Arc<File>,
+    /// The whole file, mapped read-only.
+    pub map: Bytes,
+}
+
+impl Segment {
+    /// Log offset one past its last byte.
+    pub fn end(&self) -> u64 {
+        self.start + self.map.len() as u64
+    }
+}
+
+/// The set of segments.
+#[derive(Debug)]
+pub struct CommitLog {
+    dir: PathBuf,
+    segment_size: u64,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    min_offset: AtomicU64,
+}
+
+fn segment_name(start: u64) -> String {
+    format!("{start:020}")
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> io::Result<Bytes> {
+    // SAFETY: txmq never truncates a segment file while it is mapped (recovery
+    // drops the mapping before cutting a torn tail), other processes must not
+    // write to the data dir, and bytes are only appended past the readable end
+    // by the writer thread, so no mapped byte a reader can see changes.
+    let map = unsafe { memmap2::Mmap::map(file)? };
+    Ok(Bytes::from_owner(map))
+}
+
+fn open_segment(path: &Path, start: u64, segment_size: u64) -> io::Result<Segment> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    if file.metadata()?.len() != segment_size {
+        // A segment shorter than the configured size was cut (or copied
+        // short); grow it with zeros, which read as "nothing written".
+        file.set_len(segment_size)?;
+    }
+    let map = map_file(&file)?;
+    Ok(Segment {
+        start,
+        path: path.to_path_buf(),
+        file: Arc::new(file),
+        map,
+    })
+}
+
+/// Fsyncs a directory so that a file created or renamed in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl CommitLog {
+    /// Opens the segments in `dir` (created if missing).
+    ///
+    /// # Errors
+    /// I/O errors, or a segment larger than `segment_size` (the size cannot
+    /// change once data is written).
+    pub fn open(dir: &Path, segment_size: u64) -> io::Result<CommitLog> {
+        std::fs::create_dir_all(dir)?;
+        let mut segments = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(start) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            let len = entry.metadata()?.len();
+            if len > segment_size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "segment {} is {len} bytes but the segment size is {segment_size}; start with the segment size the data was written with",
+                        entry.path().display()
+                    ),
+                ));
+            }
+            segments.insert(
+                start,
+                Arc::new(open_segment(&entry.path(), start, segment_size)?),
+            );
+        }
+        let min = segments.keys().next().copied().unwrap_or(0);
+        Ok(CommitLog {
+            dir: dir.to_path_buf(),
+            segment_size,
+            segments: RwLock::new(segments),
+            min_offset: AtomicU64::new(min),
+        })
+    }
+
+    /// The configured segment size.
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
+
+    /// The segments, in order.
+    pub fn segments(&self) -> Vec<Arc<Segment>> {
+        self.read_lock().values().cloned().collect()
+    }
+
+    /// The last segment, if any.
+    pub fn last_segment(&self) -> Option<Arc<Segment>> {
+        self.read_lock().values().next_back().cloned()
+    }
+
+    /// The segment holding `offset`.
+    pub fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
+        let segs = self.read_lock();
+        let (_, seg) = segs.range(..=offset).next_back()?;
+        (offset < seg.end()).then(|| seg.clone())
+    }
+
+    /// `size` bytes at log `offset`, without copying.
+    pub fn read(&self, offset: u64, size: usize) -> Option<Bytes> {
+        let seg = self.segment_for(offset)?;
+        let rel = (offset - seg.start) as usize;
+        let end = rel.checked_add(size)?;
+        (end <= seg.map.len()).then(|| seg.map.slice(rel..end))
+    }
+
+    /// Creates the segment starting at `start`, fsyncing it and the directory.
+    ///
+    /// # Errors
+    /// I/O errors (a full disk among them).
+    pub fn create_segment(&self, start: u64) -> io::Result<Arc<Segment>> {
+        let path = self.dir.join(segment_name(start));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        file.set_len(self.segment_size)?;
+        file.sync_all()?;
+        sync_dir(&self.dir)?;
+        drop(file);
+        let seg = Arc::new(open_segment(&path, start, self.segment_size)?);
+        self.write_lock().insert(start, seg.clone());
+        Ok(seg)
+    }
+
+    /// Cuts the log at `pos`: zeroes the rest of its segment and deletes every
+    /// later segment. Only for recovery, before any reader exists.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn cut(&self, pos: u64) -> io::Result<()> {
+        let mut segs = self.write_lock();
+        let later: Vec<u64> = segs.range(pos..).map(|(s, _)| *s).collect();
+        for start in later {
+            if let Some(seg) = segs.remove(&start) {
+                std::fs::remove_file(&seg.path)?;
+            }
+        }
+        if let Some((&start, _)) = segs.range(..pos).next_back() {
+            let seg = segs
+                .remove(&start)
+                .ok_or_else(|| io::Error::other("segment vanished"))?;
+            let path = seg.path.clone();
+            let file = seg.file.clone();
+            drop(seg); // drop the mapping before shrinking the file
+            file.set_len(pos - start)?;
+            file.set_len(self.segment_size)?;
+            file.sync_all()?;
+            drop(file);
+            segs.insert(
+                start,
+                Arc::new(open_segment(&path, start, self.segment_size)?),
+            );
+        }
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    /// Deletes the segment starting at `start` (retention). Readers holding
+    /// slices of it keep their bytes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn remove_segment(&self, start: u64) -> io::Result<()> {
+        let removed = self.write_lock().remove(&start);
+        if let Some(seg) = removed {
+            std::fs::remove_file(&seg.path)?;
+        }
+        let min = self.read_lock().keys().next().copied().unwrap_or(start);
+        self.min_offset.store(min, Ordering::Release);
+        Ok(())
+    }
+
+    /// The smallest log offset still stored.
+    pub fn min_offset(&self) -> u64 {
+        self.min_offset.load(Ordering::Acquire)
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Arc<Segment>>> {
+        self.segments.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,323 @@
+//! Consume queues: per (topic, queue), files of fixed-size entries that
+//! consumers read by queue offset.
+//!
+//! An entry is 20 bytes: commit-log offset (u64), record size (u32) and tag
+//! hash (u64), little-endian. Files hold `entries_per_file` entries and are
+//! named by the queue offset of their first entry. They are derived from the
+//! commit log and rebuilt from it after a crash (see `recovery.rs`).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Notify;
+
+/// Bytes per entry.
+pub const ENTRY_LEN: usize = 20;
+
+/// One consume-queue entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Where the record starts in the commit log.
+    pub log_offset: u64,
+    /// The record's length.
+    pub size: u32,
+    /// Hash of the message's tag (`txmq_protocol::tag_hash`).
+    pub tag_hash: u64,
+}
+
+impl Entry {
+    /// Writes the entry's 20 bytes into `out`.
+    pub fn encode(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.log_offset.to_le_bytes());
+        out[8..12].copy_from_slice(&self.size.to_le_bytes());
+        out[12..20].copy_from_slice(&self.tag_hash.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Entry {
+        let mut o = [0u8; 8];
+        o.copy_from_slice(&b[..8]);
+        let mut s = [0u8; 4];
+        s.copy_from_slice(&b[8..12]);
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&b[12..20]);
+        Entry {
+            log_offset: u64::from_le_bytes(o),
+            size: u32::from_le_bytes(s),
+            tag_hash: u64::from_le_bytes(t),
+        }
+    }
+}
+
+/// One queue of one topic.
+#[derive(Debug)]
+pub struct ConsumeQueue {
+    /// Topic name.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+    dir: PathBuf,
+    entries_per_file: u64,
+    files: RwLock<BTreeMap<u64, Arc<File>>>,
+    /// One past the last offset consumers may read (durable under sync flush).
+    visible: AtomicU64,
+    /// The smallest offset still readable.
+    min: AtomicU64,
+    /// One past the last entry written; only the writer thread advances it.
+    next: AtomicU64,
+    /// Written since the last checkpoint.
+    dirty: AtomicBool,
+    /// Woken whenever `visible` grows (long polls wait on it).
+    pub arrived: Notify,
+}
+
+impl ConsumeQueue {
+    /// Opens (or prepares) the queue's files under `dir`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open(
+        topic: &str,
+        queue: u32,
+        dir: PathBuf,
+        entries_per_file: u64,
+    ) -> io::Result<ConsumeQueue> {
+        let mut files = BTreeMap::new();
+        if dir.exists() {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if let Some(start) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(entry.path())?;
+                    files.insert(start, Arc::new(f));
+                }
+            }
+        }
+        let min = files.keys().next().copied().unwrap_or(0);
+        Ok(ConsumeQueue {
+            topic: topic.to_string(),
+            queue,
+            dir,
+            entries_per_file,
+            files: RwLock::new(files),
+            visible: AtomicU64::new(min),
+            min: AtomicU64::new(min),
+            next: AtomicU64::new(min),
+            dirty: AtomicBool::new(false),
+            arrived: Notify::new(),
+        })
+    }
+
+    /// One past the last offset consumers may read.
+    pub fn max_offset(&self) -> u64 {
+        self.visible.load(Ordering::Acquire)
+    }
+
+    /// The smallest offset still readable.
+    pub fn min_offset(&self) -> u64 {
+        self.min.load(Ordering::Acquire).min(self.max_offset())
+    }
+
+    /// The offset the next written entry gets (writer thread).
+    pub fn next_offset(&self) -> u64 {
+        self.next.load(Ordering::Acquire)
+    }
+
+    /// Makes offsets below `max` readable and wakes long polls.
+    pub fn publish(&self, max: u64) {
+        if self.visible.fetch_max(max, Ordering::AcqRel) < max {
+            self.arrived.notify_waiters();
+        }
+    }
+
+    /// Writes `entries` (encoded, `ENTRY_LEN` each) at `first_offset`, which
+    /// must be [`ConsumeQueue::next_offset`] (or an offset being rebuilt).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn write(&self, first_offset: u64, entries: &[u8]) -> io::Result<()> {
+        let mut offset = first_offset;
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let start = offset - offset % self.entries_per_file;
+            let room = (start + self.entries_per_file - offset) as usize * ENTRY_LEN;
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            let file = self.file_for(start)?;
+            file.write_all_at(now, (offset - start) * ENTRY_LEN as u64)?;
+            offset += (now.len() / ENTRY_LEN) as u64;
+            rest = later;
+        }
+        self.next.fetch_max(offset, Ordering::AcqRel);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn file_for(&self, start: u64) -> io::Result<Arc<File>> {
+        if let Some(f) = self
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&start)
+        {
+            return Ok(f.clone());
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(format!("{start:020}"));
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?,
+        );
+        super::commit_log::sync_dir(&self.dir)?;
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(start, f.clone());
+        Ok(f)
+    }
+
+    /// Reads up to `max` entries from `offset`, stopping at the readable end.
+    pub fn read(&self, offset: u64, max: usize) -> io::Result<Vec<Entry>> {
+        let end = self.max_offset().min(offset.saturating_add(max as u64));
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut buf = [0u8; ENTRY_LEN * 64];
+        let mut at = offset;
+        while at < end {
+            let start = at - at % self.entries_per_file;
+            let Some(file) = self
+                .files
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&start)
+                .cloned()
+            else {
+                break;
+            };
+            let n = ((end - at).min(start + self.entries_per_file - at) as usize).min(64);
+            let bytes = &mut buf[..n * ENTRY_LEN];
+            file.read_exact_at(bytes, (at - start) * ENTRY_LEN as u64)?;
+            out.extend(bytes.chunks_exact(ENTRY_LEN).map(Entry::decode));
+            at += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Fsyncs the files written since the last call.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn sync_if_dirty(&self) -> io::Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            let last = self
+                .files
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect::<Vec<_>>();
+            // Only the last two files can have been written since the last sync.
+            for f in last.iter().rev().take(2) {
+                f.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recovery: drops entries that point at or past `log_end` (their records
+    /// were cut) and sets the next, visible and minimum offsets.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn recover(&self, log_min: u64, log_end: u64) -> io::Result<()> {
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = None;
+        let starts: Vec<u64> = files.keys().rev().copied().collect();
+        for start in starts {
+            let Some(file) = files.get(&start).cloned() else {
+                continue;
+            };
+            let count = file.metadata()?.len() / ENTRY_LEN as u64;
+            let mut buf = [0u8; ENTRY_LEN];
+            let mut valid = 0;
+            for i in (0..count).rev() {
+                file.read_exact_at(&mut buf, i * ENTRY_LEN as u64)?;
+                let e = Entry::decode(&buf);
+                if e.size > 0 && e.log_offset + u64::from(e.size) <= log_end {
+                    valid = i + 1;
+                    break;
+                }
+            }
+            file.set_len(valid * ENTRY_LEN as u64)?;
+            if valid == 0 && files.len() > 1 {
+                files.remove(&start);
+                std::fs::remove_file(self.dir.join(format!("{start:020}")))?;
+                continue;
+            }
+            next = Some(start + valid);
+            break;
+        }
+        drop(files);
+        let next = next.unwrap_or_else(|| self.min.load(Ordering::Acquire));
+        self.next.store(next, Ordering::Release);
+        self.visible.store(next, Ordering::Release);
+        self.trim_below(log_min)?;
+        Ok(())
+    }
+
+    /// Retention: forgets entries whose records are below `log_min`, deleting
+    /// files that hold only such entries (never the last file).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn trim_below(&self, log_min: u64) -> io::Result<()> {
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let next = self.next.load(Ordering::Acquire);
+        let mut min = files.keys().next().copied().unwrap_or(next);
+        let starts: Vec<u64> = files.keys().copied().collect();
+        let mut buf = [0u8; ENTRY_LEN];
+        for (i, start) in starts.iter().enumerate() {
+            let is_last = i + 1 == starts.len();
+            let Some(file) = files.get(start).cloned() else {
+                continue;
+            };
+            let count = (next.saturating_sub(*start)).min(self.entries_per_file);
+            // Entries are in log order: find the first one at or above log_min.
+            let (mut lo, mut hi) = (0u64, count);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                file.read_exact_at(&mut buf, mid * ENTRY_LEN as u64)?;
+                if Entry::decode(&buf).log_offset < log_min {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            min = start + lo;
+            if lo < count || is_last {
+                break;
+            }
+            files.remove(start);
+            std::fs::remove_file(self.dir.join(format!("{start:020}")))?;
+        }
+        self.min.store(min, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// The directory of a queue's files.
+pub fn queue_dir(root: &Path, topic: &str, queue: u32) -> PathBuf {
+    root.join(topic).join(queue.to_string())
+}

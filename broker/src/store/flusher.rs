@@ -1,0 +1,172 @@
+//! The flusher thread: fdatasync for group commit and background flushing,
+//! and the periodic checkpoint.
+//!
+//! Under sync flush, every batch the writer finishes is announced here; one
+//! fdatasync then covers every record written up to that moment, however
+//! many batches that is, and only then are the batches' messages made
+//! visible and their senders answered. Under async flush the log is synced
+//! every `async_flush_interval`. An fsync failure poisons the store: no
+//! write is acknowledged after it (the page cache can no longer be trusted).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::checkpoint::{Checkpoint, OffsetTable};
+use super::consume_queue::ConsumeQueue;
+use super::{all_queues, FlushMode, StoreInner};
+
+pub(crate) enum FlushCmd {
+    /// The writer wrote up to this position; publish these queues once durable.
+    Written(u64, Vec<(Arc<ConsumeQueue>, u64)>),
+    /// Flush, checkpoint, then answer.
+    Shutdown(Sender<()>),
+}
+
+pub(crate) struct Flusher {
+    store: Arc<StoreInner>,
+    rx: Receiver<FlushCmd>,
+    flushed: u64,
+    pending: VecDeque<(u64, Vec<(Arc<ConsumeQueue>, u64)>)>,
+    last_flush: Instant,
+    last_checkpoint: Instant,
+    checkpoint_pos: Option<u64>,
+}
+
+impl Flusher {
+    pub(crate) fn new(store: Arc<StoreInner>, flushed: u64) -> (Flusher, Sender<FlushCmd>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = Flusher {
+            store,
+            rx,
+            flushed,
+            pending: VecDeque::new(),
+            last_flush: Instant::now(),
+            last_checkpoint: Instant::now(),
+            checkpoint_pos: None,
+        };
+        (f, tx)
+    }
+
+    pub(crate) fn run(mut self) {
+        let config = self.store.config.clone();
+        loop {
+            let mut due = self.last_checkpoint + config.checkpoint_interval;
+            if config.flush == FlushMode::Async {
+                due = due.min(self.last_flush + config.async_flush_interval);
+            }
+            let wait = due
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            match self.rx.recv_timeout(wait) {
+                Ok(FlushCmd::Written(end, publish)) => {
+                    self.pending.push_back((end, publish));
+                    // Everything announced meanwhile shares the next fdatasync.
+                    loop {
+                        match self.rx.try_recv() {
+                            Ok(FlushCmd::Written(end, publish)) => {
+                                self.pending.push_back((end, publish))
+                            }
+                            Ok(FlushCmd::Shutdown(done)) => return self.stop(done),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Ok(FlushCmd::Shutdown(done)) => return self.stop(done),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let (tx, _rx) = std::sync::mpsc::channel();
+                    return self.stop(tx);
+                }
+            }
+            let now = Instant::now();
+            if config.flush == FlushMode::Sync
+                || now >= self.last_flush + config.async_flush_interval
+            {
+                self.flush();
+            }
+            if now >= self.last_checkpoint + config.checkpoint_interval {
+                self.checkpoint();
+            }
+        }
+    }
+
+    fn stop(mut self, done: Sender<()>) {
+        self.flush();
+        self.checkpoint();
+        let _ = done.send(());
+    }
+
+    /// fdatasyncs the log up to what is written now, then publishes.
+    fn flush(&mut self) {
+        self.last_flush = Instant::now();
+        let target = self.store.written.load(Ordering::Acquire);
+        if target > self.flushed {
+            for seg in self.store.log.segments() {
+                if seg.end() <= self.flushed || seg.start >= target {
+                    continue;
+                }
+                if let Err(e) = seg.file.sync_data() {
+                    tracing::error!(segment = %seg.path.display(), error = %e, "fdatasync failed; the store refuses writes from now on");
+                    self.store.poisoned.store(true, Ordering::Release);
+                    self.store.flush_state.send_modify(|s| s.failed = true);
+                    self.pending.clear();
+                    return;
+                }
+            }
+            self.flushed = target;
+        }
+        // Visible before acknowledged: a consumer that hears of a send from
+        // its producer can read the message.
+        while self
+            .pending
+            .front()
+            .is_some_and(|(end, _)| *end <= self.flushed)
+        {
+            if let Some((_, publish)) = self.pending.pop_front() {
+                for (q, max) in publish {
+                    q.publish(max);
+                }
+            }
+        }
+        let flushed = self.flushed;
+        self.store.flush_state.send_if_modified(|s| {
+            let grew = s.flushed < flushed;
+            s.flushed = s.flushed.max(flushed);
+            grew
+        });
+    }
+
+    /// Writes a checkpoint at the current write position.
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        let position = self.store.written.load(Ordering::Acquire);
+        if self.checkpoint_pos == Some(position) {
+            return;
+        }
+        // Taken after reading the position, so it holds every commit below it.
+        let offsets: OffsetTable = self
+            .store
+            .offsets
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        self.flush();
+        if self.flushed < position {
+            return;
+        }
+        for cq in all_queues(&self.store) {
+            if let Err(e) = cq.sync_if_dirty() {
+                tracing::error!(topic = %cq.topic, queue = cq.queue, error = %e, "cannot sync consume queue; checkpoint skipped");
+                return;
+            }
+        }
+        let cp = Checkpoint { position, offsets };
+        match cp.store(&self.store.config.dir) {
+            Ok(()) => self.checkpoint_pos = Some(position),
+            Err(e) => tracing::error!(error = %e, "cannot write checkpoint"),
+        }
+    }
+}

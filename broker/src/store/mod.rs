@@ -1,0 +1,552 @@
+//! The broker's storage: one commit log, consume queues derived from it, a
+//! checkpoint, and recovery.
+//!
+//! Start with [`Store`]: [`Store::open`] recovers, then [`Store::append`]
+//! and [`Store::commit_offset`] write through the single writer thread
+//! (`writer.rs`) and [`Store::read`] serves consumers from the consume
+//! queues and the mapped log. Durability is explicit in [`FlushMode`].
+
+mod checkpoint;
+pub mod commit_log;
+pub mod consume_queue;
+mod flusher;
+pub mod record;
+mod recovery;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot, watch};
+use txmq_protocol::{Message, StoredMessage};
+
+use self::commit_log::CommitLog;
+use self::consume_queue::ConsumeQueue;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushMode {
+    /// Acknowledged once in the page cache; fsynced in the background.
+    Async,
+    /// Acknowledged only after an fdatasync that covers the record; one
+    /// fdatasync covers every record written meanwhile (group commit).
+    Sync,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Root of the data directory.
+    pub dir: PathBuf,
+    /// Acknowledgement policy.
+    pub flush: FlushMode,
+    /// Size of each commit-log segment file.
+    pub segment_size: u64,
+    /// Entries per consume-queue file.
+    pub cq_entries_per_file: u64,
+    /// Largest message (encoded record) accepted.
+    pub max_message_size: usize,
+    /// How long a sync-flush send waits for its fsync before answering FLUSH_DISK_TIMEOUT.
+    pub sync_flush_timeout: Duration,
+    /// Background fsync period under async flush.
+    pub async_flush_interval: Duration,
+    /// How often the checkpoint is written.
+    pub checkpoint_interval: Duration,
+    /// Segments older than this are deleted.
+    pub retention: Duration,
+}
+
+impl StoreConfig {
+    /// Defaults for a data directory: async flush, 1 GiB segments, 4 MiB messages, 72h retention.
+    pub fn new(dir: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            dir: dir.into(),
+            flush: FlushMode::Async,
+            segment_size: 1 << 30,
+            cq_entries_per_file: 300_000,
+            max_message_size: 4 << 20,
+            sync_flush_timeout: Duration::from_secs(5),
+            async_flush_interval: Duration::from_millis(500),
+            checkpoint_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(72 * 3600),
+        }
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{context}: {message}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The operating system's reason.
+        message: String,
+    },
+    /// An fsync failed earlier; the store refuses writes until restarted.
+    #[error("the store stopped accepting writes after an fsync failure; restart the broker")]
+    Poisoned,
+    /// The store is shutting down.
+    #[error("the store is shutting down")]
+    ShuttingDown,
+    /// A message or batch is larger than accepted.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A message field does not fit the record layout.
+    #[error("{0}")]
+    Invalid(String),
+    /// The topic or queue does not exist in the store.
+    #[error("queue {queue} of topic '{topic}' does not exist")]
+    NoQueue {
+        /// Topic.
+        topic: String,
+        /// Queue id.
+        queue: u32,
+    },
+}
+
+impl StoreError {
+    fn io(context: impl Into<String>, e: &std::io::Error) -> StoreError {
+        StoreError::Io {
+            context: context.into(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What an append returns once written (and, under sync flush, fsynced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Queue offset of the first message.
+    pub first_offset: u64,
+    /// Whether the write was durable in time (always true under async flush).
+    pub durable: bool,
+}
+
+/// A read from a queue.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// The messages, in queue order.
+    pub messages: Vec<StoredMessage>,
+    /// Where to read next.
+    pub next_offset: u64,
+    /// Smallest readable offset.
+    pub min_offset: u64,
+    /// One past the last readable offset.
+    pub max_offset: u64,
+}
+
+/// The writer's position, shared with the flusher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct FlushState {
+    /// Everything below this log position is fsynced.
+    pub flushed: u64,
+    /// An fsync failed.
+    pub failed: bool,
+}
+
+pub(crate) enum WriteCmd {
+    Messages {
+        queue: Arc<ConsumeQueue>,
+        messages: Vec<Message>,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    OffsetCommit {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+pub(crate) struct StoreInner {
+    config: StoreConfig,
+    log: CommitLog,
+    queues: RwLock<HashMap<String, Vec<Arc<ConsumeQueue>>>>,
+    offsets: DashMap<(String, String, u32), u64>,
+    /// One past the last byte written to the log.
+    written: AtomicU64,
+    flush_state: watch::Sender<FlushState>,
+    poisoned: AtomicBool,
+    writer: mpsc::Sender<WriteCmd>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// A handle to the store. Cloning is cheap.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.config.dir)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the store in `config.dir`, recovering from whatever state a
+    /// crash left: replays the log from the checkpoint, verifies checksums,
+    /// cuts a torn tail, rebuilds consume queues and consumer offsets. Then
+    /// starts the writer and flusher threads. `topics` lists (topic, queue
+    /// count) pairs whose queues must exist even when empty.
+    ///
+    /// # Errors
+    /// I/O errors opening or repairing files.
+    pub fn open(config: StoreConfig, topics: &[(String, u32)]) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| {
+            StoreError::io(
+                format!("cannot create data dir {}", config.dir.display()),
+                &e,
+            )
+        })?;
+        let recovered = recovery::recover(&config, topics)?;
+        let (tx, rx) = mpsc::channel(8192);
+        let (flush_tx, _) = watch::channel(FlushState {
+            flushed: recovered.end,
+            failed: false,
+        });
+        let offsets = DashMap::new();
+        for (k, v) in recovered.offsets {
+            offsets.insert(k, v);
+        }
+        let inner = Arc::new(StoreInner {
+            config,
+            log: recovered.log,
+            queues: RwLock::new(recovered.queues),
+            offsets,
+            written: AtomicU64::new(recovered.end),
+            flush_state: flush_tx,
+            poisoned: AtomicBool::new(false),
+            writer: tx,
+            threads: Mutex::new(Vec::new()),
+        });
+        let (flusher, flush_cmds) = flusher::Flusher::new(inner.clone(), recovered.end);
+        let writer = writer::Writer::new(inner.clone(), flush_cmds, recovered.end)?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| StoreError::io("cannot start store thread", &e))
+        };
+        let w = spawn("txmq-writer", Box::new(move || writer.run(rx)))?;
+        let f = spawn("txmq-flusher", Box::new(move || flusher.run()))?;
+        inner
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend([w, f]);
+        Ok(Store { inner })
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// Makes sure `topic` has at least `queues` queues.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn ensure_queues(&self, topic: &str, queues: u32) -> Result<(), StoreError> {
+        ensure_queues(
+            &self.inner.config,
+            &mut self.inner.queues.write().unwrap_or_else(|e| e.into_inner()),
+            topic,
+            queues,
+        )
+    }
+
+    /// The queue, if it exists.
+    pub fn queue(&self, topic: &str, queue: u32) -> Option<Arc<ConsumeQueue>> {
+        let queues = self.inner.queues.read().unwrap_or_else(|e| e.into_inner());
+        queues.get(topic)?.get(queue as usize).cloned()
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.inner.poisoned.load(Ordering::Acquire) || self.inner.flush_state.borrow().failed {
+            return Err(StoreError::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// Appends `messages` (one topic) to queue `queue`, contiguously. Returns
+    /// once written to the page cache under async flush, or once an fdatasync
+    /// covers them under sync flush (`durable` is false when that took longer
+    /// than the sync-flush timeout).
+    ///
+    /// # Errors
+    /// Too large or invalid messages, an unknown queue, I/O errors, or a
+    /// store that is poisoned or shutting down.
+    pub async fn append(
+        &self,
+        topic: &str,
+        queue: u32,
+        messages: Vec<Message>,
+    ) -> Result<Appended, StoreError> {
+        self.check_writable()?;
+        let cq = self
+            .queue(topic, queue)
+            .ok_or_else(|| StoreError::NoQueue {
+                topic: topic.to_string(),
+                queue,
+            })?;
+        let mut total = 0;
+        for m in &messages {
+            record::validate(m).map_err(StoreError::Invalid)?;
+            let len = record::message_len(m);
+            if len > self.inner.config.max_message_size {
+                return Err(StoreError::TooLarge(format!(
+                    "message of {len} bytes exceeds the maximum message size of {} bytes",
+                    self.inner.config.max_message_size
+                )));
+            }
+            total += len;
+        }
+        if total as u64 > self.inner.config.segment_size / 2 {
+            return Err(StoreError::TooLarge(format!(
+                "batch of {total} bytes is too large; split it"
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(
+            WriteCmd::Messages {
+                queue: cq,
+                messages,
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+
+    /// Durably records a consumer group's offset (as a small log record).
+    ///
+    /// # Errors
+    /// I/O errors, or a store that is poisoned or shutting down.
+    pub async fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = WriteCmd::OffsetCommit {
+            group: group.to_string(),
+            topic: topic.to_string(),
+            queue,
+            offset,
+            reply,
+        };
+        self.submit(cmd, rx).await.map(|_| ())
+    }
+
+    async fn submit(
+        &self,
+        cmd: WriteCmd,
+        rx: oneshot::Receiver<Result<(u64, u64), StoreError>>,
+    ) -> Result<Appended, StoreError> {
+        self.inner
+            .writer
+            .send(cmd)
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        let (first_offset, end) = rx.await.map_err(|_| StoreError::ShuttingDown)??;
+        if self.inner.config.flush == FlushMode::Async {
+            return Ok(Appended {
+                first_offset,
+                durable: true,
+            });
+        }
+        let mut watch = self.inner.flush_state.subscribe();
+        let waited = tokio::time::timeout(self.inner.config.sync_flush_timeout, async {
+            watch
+                .wait_for(|s| s.flushed >= end || s.failed)
+                .await
+                .map(|s| s.failed)
+        })
+        .await;
+        match waited {
+            Ok(Ok(false)) => Ok(Appended {
+                first_offset,
+                durable: true,
+            }),
+            Ok(_) => Err(StoreError::Poisoned),
+            Err(_) => Ok(Appended {
+                first_offset,
+                durable: false,
+            }),
+        }
+    }
+
+    /// A group's committed offset for a queue.
+    pub fn committed_offset(&self, group: &str, topic: &str, queue: u32) -> Option<u64> {
+        self.inner
+            .offsets
+            .get(&(group.to_string(), topic.to_string(), queue))
+            .map(|v| *v)
+    }
+
+    /// Reads up to `max_messages` (and about `max_bytes`) from a queue.
+    ///
+    /// # Errors
+    /// [`StoreError::NoQueue`], or an I/O error reading the consume queue.
+    pub fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<ReadResult, StoreError> {
+        let cq = self
+            .queue(topic, queue)
+            .ok_or_else(|| StoreError::NoQueue {
+                topic: topic.to_string(),
+                queue,
+            })?;
+        let (min, max) = (cq.min_offset(), cq.max_offset());
+        let mut result = ReadResult {
+            messages: Vec::new(),
+            next_offset: offset.clamp(min, max),
+            min_offset: min,
+            max_offset: max,
+        };
+        if offset < min || offset >= max {
+            return Ok(result);
+        }
+        let entries = cq.read(offset, max_messages).map_err(|e| {
+            StoreError::io(format!("cannot read consume queue {topic}/{queue}"), &e)
+        })?;
+        let mut bytes = 0;
+        let mut next = offset;
+        for e in entries {
+            if bytes > 0 && bytes + e.size as usize > max_bytes {
+                break;
+            }
+            next += 1;
+            // A record below the log's start was deleted by retention.
+            let Some(data) = self.inner.log.read(e.log_offset, e.size as usize) else {
+                continue;
+            };
+            let Some(rec) = record::decode(&data, false) else {
+                tracing::error!(
+                    topic,
+                    queue,
+                    offset = next - 1,
+                    log_offset = e.log_offset,
+                    "undecodable record; skipping"
+                );
+                continue;
+            };
+            bytes += e.size as usize;
+            result.messages.push(rec.into_stored(e.log_offset));
+        }
+        result.next_offset = next;
+        Ok(result)
+    }
+
+    /// Deletes commit-log segments older than the retention time (never the
+    /// active one) and the consume-queue entries that pointed into them.
+    /// Returns how many segments were deleted.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn enforce_retention(&self) -> Result<usize, StoreError> {
+        let segments = self.inner.log.segments();
+        let written = self.inner.written.load(Ordering::Acquire);
+        let mut deleted = 0;
+        for seg in segments.iter().take(segments.len().saturating_sub(1)) {
+            if seg.end() > written {
+                break;
+            }
+            let age = seg
+                .file
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age < self.inner.config.retention {
+                break;
+            }
+            self.inner.log.remove_segment(seg.start).map_err(|e| {
+                StoreError::io(format!("cannot delete segment {}", seg.path.display()), &e)
+            })?;
+            tracing::info!(segment = %seg.path.display(), ?age, "deleted segment past retention");
+            deleted += 1;
+        }
+        if deleted > 0 {
+            let min = self.inner.log.min_offset();
+            for cq in self.all_queues() {
+                cq.trim_below(min)
+                    .map_err(|e| StoreError::io("cannot trim consume queue", &e))?;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        all_queues(&self.inner)
+    }
+
+    /// The log position one past the last byte written.
+    pub fn log_end(&self) -> u64 {
+        self.inner.written.load(Ordering::Acquire)
+    }
+
+    /// Flushes everything, writes a final checkpoint and stops the store's
+    /// threads. Appends after this fail with [`StoreError::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.writer.send(WriteCmd::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let threads: Vec<_> =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+fn all_queues(inner: &StoreInner) -> Vec<Arc<ConsumeQueue>> {
+    inner
+        .queues
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .flat_map(|v| v.iter().cloned())
+        .collect()
+}
+
+fn ensure_queues(
+    config: &StoreConfig,
+    queues: &mut HashMap<String, Vec<Arc<ConsumeQueue>>>,
+    topic: &str,
+    count: u32,
+) -> Result<(), StoreError> {
+    let list = queues.entry(topic.to_string()).or_default();
+    while list.len() < count as usize {
+        let id = list.len() as u32;
+        let dir = consume_queue::queue_dir(&config.dir.join("consumequeue"), topic, id);
+        let cq = ConsumeQueue::open(topic, id, dir, config.cq_entries_per_file)
+            .map_err(|e| StoreError::io(format!("cannot open consume queue {topic}/{id}"), &e))?;
+        list.push(Arc::new(cq));
+    }
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! The commit-log record: an explicit little-endian layout with a length and
+//! a CRC32C, never a serde format.
+//!
+//! ```text
+//! 0   u32  total length of the record, this field included
+//! 4   u32  CRC32C of bytes 8..total
+//! 8   u8   format version (1)
+//! 9   u8   kind (see RecordKind)
+//! 10  u16  flags (reserved, 0)
+//! 12  u32  queue id
+//! 16  u64  queue offset (for an offset commit: the committed offset)
+//! 24  u64  store timestamp, ms since the Unix epoch, the broker's clock
+//! 32  u64  born timestamp, ms, the producer's clock
+//! 40  [16] message id
+//! 56  u64  aux (kind-specific, 0 when unused)
+//! 64  u16 topic length, topic bytes
+//!     u16 key length (0xffff: none), key bytes
+//!     u16 tag length (0xffff: none), tag bytes
+//!     u32 properties length, properties (u16 len, name, u16 len, value)*
+//!     u32 body length, body bytes
+//! ```
+//!
+//! A record carries its real topic and queue, so internal topics (half
+//! messages, offset commits, later transaction markers) share one log.
+
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use txmq_protocol::{Message, MsgId, StoredMessage};
+
+/// Bytes before the variable part.
+pub const HEADER_LEN: usize = 64;
+const VERSION: u8 = 1;
+const NONE_LEN: u16 = 0xffff;
+
+/// What a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// A message visible in its topic and queue.
+    Message = 1,
+    /// A consumer group's committed offset: key = group, topic/queue = the queue,
+    /// queue offset = the committed offset.
+    OffsetCommit = 2,
+}
+
+impl RecordKind {
+    fn from_u8(b: u8) -> Option<RecordKind> {
+        match b {
+            1 => Some(RecordKind::Message),
+            2 => Some(RecordKind::OffsetCommit),
+            _ => None,
+        }
+    }
+}
+
+/// Fixed fields of a record to be written.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordHead {
+    /// Kind.
+    pub kind: RecordKind,
+    /// Queue id.
+    pub queue: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+    /// Store timestamp (ms).
+    pub store_timestamp: u64,
+    /// Kind-specific extra value.
+    pub aux: u64,
+}
+
+/// The encoded length of a message record.
+pub fn encoded_len(
+    topic: &str,
+    key: Option<&str>,
+    tag: Option<&str>,
+    props: &BTreeMap<String, String>,
+    body: usize,
+) -> usize {
+    HEADER_LEN
+        + 2
+        + topic.len()
+        + 2
+        + key.map_or(0, str::len)
+        + 2
+        + tag.map_or(0, str::len)
+        + 4
+        + props
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum::<usize>()
+        + 4
+        + body
+}
+
+/// The encoded length of `msg` as a record.
+pub fn message_len(msg: &Message) -> usize {
+    encoded_len(
+        &msg.topic,
+        msg.key.as_deref(),
+        msg.tag.as_deref(),
+        &msg.properties,
+        msg.body.len(),
+    )
+}
+
+/// Appends one record for `msg` to `buf`. Field lengths must already have
+/// been validated (see [`validate`]).
+pub fn encode(buf: &mut BytesMut, head: RecordHead, msg: &Message) {
+    let start = buf.len();
+    let len = message_len(msg);
+    buf.reserve(len);
+    buf.put_u32_le(len as u32);
+    buf.put_u32_le(0); // CRC, patched below
+    buf.put_u8(VERSION);
+    buf.put_u8(head.kind as u8);
+    buf.put_u16_le(0);
+    buf.put_u32_le(head.queue);
+    buf.put_u64_le(head.queue_offset);
+    buf.put_u64_le(head.store_timestamp);
+    buf.put_u64_le(msg.born_timestamp);
+    buf.put_slice(&msg.msg_id.0);
+    buf.put_u64_le(head.aux);
+    put_str16(buf, Some(&msg.topic));
+    put_str16(buf, msg.key.as_deref());
+    put_str16(buf, msg.tag.as_deref());
+    let props_len: usize = msg
+        .properties
+        .iter()
+        .map(|(k, v)| 4 + k.len() + v.len())
+        .sum();
+    buf.put_u32_le(props_len as u32);
+    for (k, v) in &msg.properties {
+        put_str16(buf, Some(k));
+        put_str16(buf, Some(v));
+    }
+    buf.put_u32_le(msg.body.len() as u32);
+    buf.put_slice(&msg.body);
+    debug_assert_eq!(buf.len() - start, len);
+    let crc = crc32c::crc32c(&buf[start + 8..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_str16(buf: &mut BytesMut, s: Option<&str>) {
+    match s {
+        None => buf.put_u16_le(NONE_LEN),
+        Some(s) => {
+            buf.put_u16_le(s.len() as u16);
+            buf.put_slice(s.as_bytes());
+        }
+    }
+}
+
+/// Checks that a message's variable fields fit the record layout.
+///
+/// # Errors
+/// A message naming the field that is too long.
+pub fn validate(msg: &Message) -> Result<(), String> {
+    let too_long = |what: &str, len: usize| {
+        Err(format!(
+            "{what} is {len} bytes; at most {} allowed",
+            u16::MAX - 1
+        ))
+    };
+    if msg.topic.len() >= NONE_LEN as usize {
+        return too_long("topic", msg.topic.len());
+    }
+    if let Some(k) = &msg.key {
+        if k.len() >= NONE_LEN as usize {
+            return too_long("key", k.len());
+        }
+    }
+    if let Some(t) = &msg.tag {
+        if t.len() >= NONE_LEN as usize {
+            return too_long("tag", t.len());
+        }
+    }
+    for (k, v) in &msg.properties {
+        if k.len() >= NONE_LEN as usize || v.len() >= NONE_LEN as usize {
+            return too_long("a property", k.len().max(v.len()));
+        }
+    }
+    Ok(())
+}
+
+/// What [`check`] finds at a position of the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A whole record of this length with a good checksum.
+    Valid(usize),
+    /// Zero bytes where a length should be: nothing was written here.
+    End,
+    /// Not enough bytes for the announced record.
+    Truncated,
+    /// A length or checksum that cannot be right.
+    Corrupt,
+}
+
+/// Checks the record starting at `buf[0]`, verifying its CRC.
+pub fn check(buf: &[u8]) -> Check {
+    if buf.len() < 4 {
+        return if buf.iter().all(|b| *b == 0) {
+            Check::End
+        } else {
+            Check::Truncated
+        };
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len == 0 {
+        return Check::End;
+    }
+    if len < HEADER_LEN + 14 {
+        return Check::Corrupt;
+    }
+    if len > buf.len() {
+        return Check::Truncated;
+    }
+    let stored = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if crc32c::crc32c(&buf[8..len]) != stored
+        || buf[8] != VERSION
+        || RecordKind::from_u8(buf[9]).is_none()
+    {
+        return Check::Corrupt;
+    }
+    Check::Valid(len)
+}
+
+/// A decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Kind.
+    pub kind: RecordKind,
+    /// Queue id.
+    pub queue: u32,
+    /// Queue offset.
+    pub queue_offset: u64,
+    /// Store timestamp (ms).
+    pub store_timestamp: u64,
+    /// Kind-specific extra value.
+    pub aux: u64,
+    /// The message (topic, key, tag, properties, body, id, born time).
+    pub message: Message,
+}
+
+impl Record {
+    /// The stored message as a consumer sees it.
+    pub fn into_stored(self, log_offset: u64) -> StoredMessage {
+        StoredMessage {
+            message: self.message,
+            queue: self.queue,
+            queue_offset: self.queue_offset,
+            log_offset,
+            store_timestamp: self.store_timestamp,
+        }
+    }
+}
+
+/// Decodes a record from `buf` (which starts at the record). The body is a
+/// zero-copy slice of `buf`. Checks bounds but not the CRC (see [`check`]).
+/// With `header_only`, stops after the fixed header.
+pub fn decode(buf: &Bytes, header_only: bool) -> Option<Record> {
+    let mut r = Reader { buf, pos: 0 };
+    let len = r.u32()? as usize;
+    if len > buf.len() || len < HEADER_LEN {
+        return None;
+    }
+    let _crc = r.u32()?;
+    let _version = r.u8()?;
+    let kind = RecordKind::from_u8(r.u8()?)?;
+    let _flags = r.u16()?;
+    let queue = r.u32()?;
+    let queue_offset = r.u64()?;
+    let store_timestamp = r.u64()?;
+    let born_timestamp = r.u64()?;
+    let mut id = [0u8; 16];
+    id.copy_from_slice(r.take(16)?);
+    let aux = r.u64()?;
+    let mut message = Message {
+        msg_id: MsgId(id),
+        topic: String::new(),
+        key: None,
+        tag: None,
+        properties: BTreeMap::new(),
+        body: Bytes::new(),
+        born_timestamp,
+    };
+    if !header_only {
+        let r = &mut Reader {
+            buf: &buf.slice(..len),
+            pos: HEADER_LEN,
+        };
+        message.topic = r.str16()?.unwrap_or_default();
+        message.key = r.str16()?;
+        message.tag = r.str16()?;
+        let props_len = r.u32()? as usize;
+        let props_end = r.pos.checked_add(props_len)?;
+        while r.pos < props_end {
+            let k = r.str16()??;
+            let v = r.str16()??;
+            message.properties.insert(k, v);
+        }
+        if r.pos != props_end {
+            return None;
+        }
+        let body_len = r.u32()? as usize;
+        let start = r.pos;
+        r.take(body_len)?;
+        message.body = r.buf.slice(start..start + body_len);
+    }
+    Some(Record {
+        kind,
+        queue,
+        queue_offset,
+        store_timestamp,
+        aux,
+        message,
+    })
+}
+
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    /// `Some(None)` for an absent string, `None` for malformed input.
+    fn str16(&mut self) -> Option<Option<String>> {
+        let len = self.u16()?;
+        if len == NONE_LEN {
+            return Some(None);
+        }
+        let s = self.take(len as usize)?;
+        Some(Some(String::from_utf8_lossy(s).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        Message::new("orders", &b"hello world"[..])
+            .with_key("k1")
+            .with_tag("t1")
+            .with_property("a", "b")
+    }
+
+    fn head() -> RecordHead {
+        RecordHead {
+            kind: RecordKind::Message,
+            queue: 3,
+            queue_offset: 77,
+            store_timestamp: 123,
+            aux: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let msg = sample();
+        let mut buf = BytesMut::new();
+        encode(&mut buf, head(), &msg);
+        assert_eq!(buf.len(), message_len(&msg));
+        assert_eq!(check(&buf), Check::Valid(buf.len()));
+        let rec = decode(&buf.freeze(), false).unwrap();
+        assert_eq!(rec.message, msg);
+        assert_eq!(
+            (rec.queue, rec.queue_offset, rec.store_timestamp),
+            (3, 77, 123)
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_detected() {
+        let mut buf = BytesMut::new();
+        encode(&mut buf, head(), &sample());
+        for cut in 1..buf.len() {
+            let c = check(&buf[..cut]);
+            assert!(
+                matches!(c, Check::Truncated | Check::Corrupt),
+                "cut {cut}: {c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let mut buf = BytesMut::new();
+        encode(&mut buf, head(), &sample());
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            assert_ne!(check(&bad), Check::Valid(buf.len()), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn zeros_are_the_end_and_garbage_is_corrupt() {
+        assert_eq!(check(&[0u8; 100]), Check::End);
+        // 0xABABABAB announces a record longer than the 100 bytes there.
+        assert_eq!(check(&[0xAB; 100]), Check::Truncated);
+        let mut plausible = [0x5Au8; 100];
+        plausible[..4].copy_from_slice(&90u32.to_le_bytes());
+        assert_eq!(check(&plausible), Check::Corrupt);
+    }
+}

@@ -1,0 +1,337 @@
+//! The single writer: owns the active segment and appends in batches.
+//!
+//! It takes every command queued since its last write, encodes them into
+//! one buffer and writes that with one `pwrite`, then writes the consume
+//! queue entries and applies offset commits. Under async flush it makes the
+//! new messages visible at once; under sync flush it hands them to the
+//! flusher, which makes them visible after the fdatasync that covers them.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot};
+use txmq_protocol::{now_millis, tag_hash, Message, MsgId};
+
+use super::commit_log::Segment;
+use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
+use super::flusher::FlushCmd;
+use super::record::{self, RecordHead, RecordKind};
+use super::{FlushMode, StoreError, StoreInner, WriteCmd};
+
+type Reply = oneshot::Sender<Result<(u64, u64), StoreError>>;
+
+/// A command encoded into the buffer, waiting for the write.
+enum Encoded {
+    Messages {
+        queue: Arc<ConsumeQueue>,
+        first: u64,
+        count: u64,
+        cq: std::ops::Range<usize>,
+        reply: Reply,
+    },
+    Offset {
+        key: (String, String, u32),
+        offset: u64,
+        reply: Reply,
+    },
+}
+
+pub(crate) struct Writer {
+    store: Arc<StoreInner>,
+    flusher: std::sync::mpsc::Sender<FlushCmd>,
+    segment: Option<Arc<Segment>>,
+    /// Log position of the first byte in `buf`.
+    pos: u64,
+    buf: BytesMut,
+    cq_buf: Vec<u8>,
+    chunk: Vec<Encoded>,
+    /// Next queue offsets of queues touched by the current chunk.
+    next: Vec<(Arc<ConsumeQueue>, u64)>,
+    publish: Vec<(Arc<ConsumeQueue>, u64)>,
+}
+
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+impl Writer {
+    pub(crate) fn new(
+        store: Arc<StoreInner>,
+        flusher: std::sync::mpsc::Sender<FlushCmd>,
+        end: u64,
+    ) -> Result<Writer, StoreError> {
+        let segment = store.log.segment_for(end);
+        Ok(Writer {
+            store,
+            flusher,
+            segment,
+            pos: end,
+            buf: BytesMut::with_capacity(MAX_BATCH_BYTES + (1 << 20)),
+            cq_buf: Vec::with_capacity(64 * 1024),
+            chunk: Vec::with_capacity(1024),
+            next: Vec::new(),
+            publish: Vec::new(),
+        })
+    }
+
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<WriteCmd>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut cmd = Some(first);
+            // Take everything queued meanwhile: one write for all of it.
+            while let Some(c) = cmd.take() {
+                match c {
+                    WriteCmd::Shutdown(done) => {
+                        self.write_chunk();
+                        self.finish_batch();
+                        rx.close();
+                        // Anything still queued is refused.
+                        while let Ok(c) = rx.try_recv() {
+                            fail(c, StoreError::ShuttingDown);
+                        }
+                        let (tx, rx_done) = std::sync::mpsc::channel();
+                        if self.flusher.send(FlushCmd::Shutdown(tx)).is_ok() {
+                            let _ = rx_done.recv();
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                    other => self.encode(other),
+                }
+                if self.buf.len() < MAX_BATCH_BYTES {
+                    cmd = rx.try_recv().ok();
+                }
+            }
+            self.write_chunk();
+            self.finish_batch();
+        }
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let _ = self.flusher.send(FlushCmd::Shutdown(tx));
+    }
+
+    fn encode(&mut self, cmd: WriteCmd) {
+        if self.store.poisoned.load(Ordering::Acquire) {
+            return fail(cmd, StoreError::Poisoned);
+        }
+        let len = match &cmd {
+            WriteCmd::Messages { messages, .. } => messages.iter().map(record::message_len).sum(),
+            WriteCmd::OffsetCommit { group, topic, .. } => offset_record_len(group, topic),
+            WriteCmd::Shutdown(_) => 0,
+        };
+        if let Err(e) = self.make_room(len) {
+            return fail(cmd, e);
+        }
+        let now = now_millis();
+        match cmd {
+            WriteCmd::Messages {
+                queue,
+                messages,
+                reply,
+            } => {
+                let first = self.next_offset(&queue);
+                let cq_start = self.cq_buf.len();
+                for (i, msg) in messages.iter().enumerate() {
+                    let log_offset = self.pos + self.buf.len() as u64;
+                    let before = self.buf.len();
+                    let head = RecordHead {
+                        kind: RecordKind::Message,
+                        queue: queue.queue,
+                        queue_offset: first + i as u64,
+                        store_timestamp: now,
+                        aux: 0,
+                    };
+                    record::encode(&mut self.buf, head, msg);
+                    let entry = Entry {
+                        log_offset,
+                        size: (self.buf.len() - before) as u32,
+                        tag_hash: tag_hash(msg.tag.as_deref()),
+                    };
+                    let at = self.cq_buf.len();
+                    self.cq_buf.resize(at + ENTRY_LEN, 0);
+                    entry.encode(&mut self.cq_buf[at..]);
+                }
+                let count = messages.len() as u64;
+                self.set_next(&queue, first + count);
+                self.chunk.push(Encoded::Messages {
+                    queue,
+                    first,
+                    count,
+                    cq: cq_start..self.cq_buf.len(),
+                    reply,
+                });
+            }
+            WriteCmd::OffsetCommit {
+                group,
+                topic,
+                queue,
+                offset,
+                reply,
+            } => {
+                let msg = offset_message(&group, &topic);
+                let head = RecordHead {
+                    kind: RecordKind::OffsetCommit,
+                    queue,
+                    queue_offset: offset,
+                    store_timestamp: now,
+                    aux: 0,
+                };
+                record::encode(&mut self.buf, head, &msg);
+                self.chunk.push(Encoded::Offset {
+                    key: (group, topic, queue),
+                    offset,
+                    reply,
+                });
+            }
+            WriteCmd::Shutdown(_) => {}
+        }
+    }
+
+    fn next_offset(&self, queue: &Arc<ConsumeQueue>) -> u64 {
+        self.next
+            .iter()
+            .find(|(q, _)| Arc::ptr_eq(q, queue))
+            .map_or_else(|| queue.next_offset(), |(_, n)| *n)
+    }
+
+    fn set_next(&mut self, queue: &Arc<ConsumeQueue>, next: u64) {
+        match self.next.iter_mut().find(|(q, _)| Arc::ptr_eq(q, queue)) {
+            Some(slot) => slot.1 = next,
+            None => self.next.push((queue.clone(), next)),
+        }
+    }
+
+    /// Makes sure `len` more bytes fit in the active segment, writing the
+    /// current chunk and rolling to a new segment when they do not.
+    fn make_room(&mut self, len: usize) -> Result<(), StoreError> {
+        let end = self.pos + self.buf.len() as u64;
+        if let Some(seg) = &self.segment {
+            if end + len as u64 <= seg.end() {
+                return Ok(());
+            }
+        }
+        self.write_chunk();
+        let next_start = match &self.segment {
+            // The rest of a full segment stays zero: recovery reads that as its end.
+            Some(seg) => seg.end(),
+            None => self.pos,
+        };
+        let seg = self.store.log.create_segment(next_start).map_err(|e| {
+            StoreError::io(
+                format!("cannot create commit-log segment at {next_start}"),
+                &e,
+            )
+        })?;
+        tracing::debug!(start = next_start, "rolled to a new commit-log segment");
+        self.segment = Some(seg);
+        self.pos = next_start;
+        self.store.written.store(next_start, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes the buffer, then the consume-queue entries, then answers.
+    fn write_chunk(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let result = match &self.segment {
+            Some(seg) => seg
+                .file
+                .write_all_at(&self.buf, self.pos - seg.start)
+                .map_err(|e| StoreError::io("cannot write the commit log", &e)),
+            None => Err(StoreError::Io {
+                context: "cannot write the commit log".into(),
+                message: "no active segment".into(),
+            }),
+        };
+        let end = self.pos + self.buf.len() as u64;
+        let chunk = std::mem::take(&mut self.chunk);
+        let mut chunk_iter = chunk.into_iter();
+        match result {
+            Ok(()) => {
+                for enc in chunk_iter.by_ref() {
+                    match enc {
+                        Encoded::Messages {
+                            queue,
+                            first,
+                            count,
+                            cq,
+                            reply,
+                        } => {
+                            if let Err(e) = queue.write(first, &self.cq_buf[cq]) {
+                                // The log has the records; recovery rebuilds the queue.
+                                tracing::error!(topic = %queue.topic, queue = queue.queue, error = %e, "cannot write consume queue");
+                                self.store.poisoned.store(true, Ordering::Release);
+                                let _ = reply
+                                    .send(Err(StoreError::io("cannot write consume queue", &e)));
+                                continue;
+                            }
+                            self.publish.push((queue, first + count));
+                            let _ = reply.send(Ok((first, end)));
+                        }
+                        Encoded::Offset { key, offset, reply } => {
+                            self.store.offsets.insert(key, offset);
+                            let _ = reply.send(Ok((0, end)));
+                        }
+                    }
+                }
+                self.pos = end;
+                self.store.written.store(end, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit-log write failed; the batch is refused");
+                for enc in chunk_iter {
+                    let reply = match enc {
+                        Encoded::Messages { reply, .. } | Encoded::Offset { reply, .. } => reply,
+                    };
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        self.buf.clear();
+        self.cq_buf.clear();
+        self.next.clear();
+    }
+
+    /// Publishes the batch's messages (async flush) or hands them to the
+    /// flusher, which publishes them once fsynced (sync flush).
+    fn finish_batch(&mut self) {
+        match self.store.config.flush {
+            FlushMode::Async => {
+                for (q, max) in self.publish.drain(..) {
+                    q.publish(max);
+                }
+            }
+            FlushMode::Sync => {
+                let publish = std::mem::take(&mut self.publish);
+                let _ = self.flusher.send(FlushCmd::Written(self.pos, publish));
+            }
+        }
+    }
+}
+
+fn fail(cmd: WriteCmd, e: StoreError) {
+    match cmd {
+        WriteCmd::Messages { reply, .. } | WriteCmd::OffsetCommit { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        WriteCmd::Shutdown(done) => {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// An offset commit is recorded as a small message record: key = group.
+fn offset_message(group: &str, topic: &str) -> Message {
+    Message {
+        msg_id: MsgId::default(),
+        topic: topic.to_string(),
+        key: Some(group.to_string()),
+        tag: None,
+        properties: Default::default(),
+        body: bytes::Bytes::new(),
+        born_timestamp: 0,
+    }
+}
+
+fn offset_record_len(group: &str, topic: &str) -> usize {
+    record::encoded_len(topic, Some(group), None, &Default::default(), 0)
+}
