@@ -1,13 +1,14 @@
 //! The frame codec: a 4-byte big-endian length, then a MessagePack body.
 //!
-//! Wraps `LengthDelimitedCodec` with an explicit maximum frame length. A
+//! The same framing as `LengthDelimitedCodec` (4-byte big-endian length)
+//! with an explicit maximum frame length. A
 //! frame whose envelope decodes but whose body does not (an unknown request
 //! kind, a wrongly typed field) is handed up as [`Decoded::Malformed`] so the
 //! connection can answer it with an error; bytes that are not a frame at all
 //! are an `Err` and the connection closes.
 
-use bytes::{BufMut, BytesMut};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use bytes::{Buf, BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::frame::{Frame, FrameHeader};
 
@@ -55,19 +56,13 @@ pub enum Decoded {
 /// Length-prefixed MessagePack frames with a maximum length.
 #[derive(Debug)]
 pub struct FrameCodec {
-    inner: LengthDelimitedCodec,
     max: usize,
 }
 
 impl FrameCodec {
     /// A codec that refuses frames longer than `max_frame_len` bytes.
     pub fn new(max_frame_len: usize) -> FrameCodec {
-        FrameCodec {
-            inner: LengthDelimitedCodec::builder()
-                .max_frame_length(max_frame_len)
-                .new_codec(),
-            max: max_frame_len,
-        }
+        FrameCodec { max: max_frame_len }
     }
 }
 
@@ -102,16 +97,22 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, CodecError> {
-        if src.len() >= 4 {
-            let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-            if len > self.max {
-                return Err(CodecError::FrameTooLarge { len, max: self.max });
-            }
+        // Stateless: the length prefix stays in `src` until the whole frame
+        // is there, so an oversized prefix is refused before buffering it.
+        if src.len() < 4 {
+            return Ok(None);
         }
-        match self.inner.decode(src)? {
-            None => Ok(None),
-            Some(body) => decode_body(&body).map(Some),
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max {
+            return Err(CodecError::FrameTooLarge { len, max: self.max });
         }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let body = src.split_to(len);
+        decode_body(&body).map(Some)
     }
 }
 
@@ -175,6 +176,21 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_frame_arriving_in_pieces_decodes_once_whole() {
+        let full = encode(&Frame::Request(1, Request::Ping(Ping {})));
+        for split in 1..full.len() {
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::from(&full[..split]);
+            assert!(codec.decode(&mut buf).unwrap().is_none());
+            buf.extend_from_slice(&full[split..]);
+            assert!(
+                matches!(codec.decode(&mut buf).unwrap(), Some(Decoded::Frame(_))),
+                "split {split}"
+            );
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum Error {
         after: Duration,
     },
     /// The peer answered with an error.
-    #[error("{0}")]
+    #[error(transparent)]
     Remote(#[from] WireError),
     /// The peer answered with a response of the wrong kind.
     #[error("unexpected response to a {kind} request")]

@@ -18,9 +18,12 @@ use super::checkpoint::{Checkpoint, OffsetTable};
 use super::consume_queue::ConsumeQueue;
 use super::{all_queues, FlushMode, StoreInner};
 
+/// Queues to publish and the offset each becomes readable up to.
+pub(crate) type Publish = Vec<(Arc<ConsumeQueue>, u64)>;
+
 pub(crate) enum FlushCmd {
     /// The writer wrote up to this position; publish these queues once durable.
-    Written(u64, Vec<(Arc<ConsumeQueue>, u64)>),
+    Written(u64, Publish),
     /// Flush, checkpoint, then answer.
     Shutdown(Sender<()>),
 }
@@ -29,7 +32,7 @@ pub(crate) struct Flusher {
     store: Arc<StoreInner>,
     rx: Receiver<FlushCmd>,
     flushed: u64,
-    pending: VecDeque<(u64, Vec<(Arc<ConsumeQueue>, u64)>)>,
+    pending: VecDeque<(u64, Publish)>,
     last_flush: Instant,
     last_checkpoint: Instant,
     checkpoint_pos: Option<u64>,

@@ -269,6 +269,15 @@ impl Store {
         )
     }
 
+    /// Every topic with queues in the store, with its queue count.
+    pub fn topics(&self) -> Vec<(String, u32)> {
+        let queues = self.inner.queues.read().unwrap_or_else(|e| e.into_inner());
+        queues
+            .iter()
+            .map(|(t, q)| (t.clone(), q.len() as u32))
+            .collect()
+    }
+
     /// The queue, if it exists.
     pub fn queue(&self, topic: &str, queue: u32) -> Option<Arc<ConsumeQueue>> {
         let queues = self.inner.queues.read().unwrap_or_else(|e| e.into_inner());

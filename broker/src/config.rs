@@ -1,0 +1,404 @@
+//! Broker settings: command-line flags, `TXMQ_*` environment variables and
+//! a TOML file (`--config`), in that order of precedence, over defaults.
+//!
+//! TOML keys are the flag names with underscores, e.g.
+//! `data_dir = "/var/lib/txmq"`, `flush = "sync"`, `heartbeat_interval = "10s"`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::store::FlushMode;
+
+/// The broker's resolved settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Address clients connect to.
+    pub listen: String,
+    /// Nameservers to register with. Empty with `standalone`: the in-process one.
+    pub nameservers: Vec<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Unique broker name.
+    pub broker_name: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Acknowledgement policy.
+    pub flush: FlushMode,
+    /// How often to re-register with the nameservers.
+    pub heartbeat_interval: Duration,
+    /// Create unknown topics on first send.
+    pub auto_create_topics: bool,
+    /// Queues of an auto-created topic.
+    pub default_queues: u32,
+    /// Also run a nameserver in this process.
+    pub standalone: bool,
+    /// Where the in-process nameserver listens (standalone only).
+    pub nameserver_listen: String,
+    /// Broker expiry of the in-process nameserver (standalone only).
+    pub broker_expiry: Duration,
+    /// Commit-log segments older than this are deleted.
+    pub retention: Duration,
+    /// Commit-log segment size in bytes.
+    pub segment_size: u64,
+    /// Largest message accepted, in bytes.
+    pub max_message_size: usize,
+    /// Largest frame accepted on a connection, in bytes.
+    pub max_frame_size: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults, with the data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> BrokerConfig {
+        BrokerConfig {
+            listen: "127.0.0.1:10911".into(),
+            nameservers: vec!["127.0.0.1:9876".into()],
+            data_dir: data_dir.into(),
+            broker_name: "broker-a".into(),
+            cluster: "DefaultCluster".into(),
+            flush: FlushMode::Async,
+            heartbeat_interval: Duration::from_secs(10),
+            auto_create_topics: true,
+            default_queues: 4,
+            standalone: false,
+            nameserver_listen: "127.0.0.1:9876".into(),
+            broker_expiry: Duration::from_secs(30),
+            retention: Duration::from_secs(72 * 3600),
+            segment_size: 1 << 30,
+            max_message_size: 4 << 20,
+            max_frame_size: txmq_protocol::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+
+    /// Checks the settings for values that cannot work.
+    ///
+    /// # Errors
+    /// A message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.broker_name.is_empty() || self.cluster.is_empty() {
+            return Err("broker name and cluster must not be empty".into());
+        }
+        if self.segment_size < 1 << 20 {
+            return Err(format!(
+                "segment size {} is too small; at least 1 MiB",
+                self.segment_size
+            ));
+        }
+        if self.max_message_size as u64 > self.segment_size / 2 {
+            return Err("max message size must be at most half the segment size".into());
+        }
+        if self.max_message_size + 64 * 1024 > self.max_frame_size {
+            return Err("max frame size must exceed max message size by at least 64 KiB".into());
+        }
+        if self.default_queues == 0 || self.default_queues > 1024 {
+            return Err("default queues must be between 1 and 1024".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err("heartbeat interval must not be zero".into());
+        }
+        if !self.standalone && self.nameservers.is_empty() {
+            return Err("no nameserver given (use --nameserver or --standalone)".into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 6s, 2m)"))
+}
+
+/// A byte size: `1048576`, `64KiB`, `16MiB`, `1GiB` (also K/M/G, KB/MB/GB as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}; write e.g. 1048576, 64KiB, 1GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {s:?}; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn de_opt<'de, D, T>(d: D, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| parse(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_opt(d, parse_duration)
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        N(u64),
+        S(String),
+    }
+    match Option::<NumOrStr>::deserialize(d)? {
+        None => Ok(None),
+        Some(NumOrStr::N(n)) => Ok(Some(n)),
+        Some(NumOrStr::S(s)) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|v| match v {
+        OneOrMany::One(s) => split_list(&s),
+        OneOrMany::Many(v) => v,
+    }))
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split([',', ';'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Flush policy as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushArg {
+    /// Acknowledge once in the page cache.
+    Async,
+    /// Acknowledge after fdatasync (group commit).
+    Sync,
+}
+
+/// `txmq-broker`'s command line; every flag is also `TXMQ_<NAME>` in the
+/// environment and a key of the `--config` TOML file.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(
+    name = "txmq-broker",
+    version,
+    about = "The txmq broker: durable storage, transactions and consumption"
+)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerArgs {
+    /// TOML file with settings (flags and environment variables override it).
+    #[arg(long, env = "TXMQ_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:10911].
+    #[arg(long, env = "TXMQ_LISTEN")]
+    pub listen: Option<String>,
+    /// Nameserver address(es), comma-separated [default: 127.0.0.1:9876].
+    #[arg(long, env = "TXMQ_NAMESERVER", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "de_list")]
+    pub nameserver: Option<Vec<String>>,
+    /// Data directory [default: ./txmq-data].
+    #[arg(long, env = "TXMQ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Broker name, unique in the cluster [default: broker-a].
+    #[arg(long, env = "TXMQ_BROKER_NAME")]
+    pub broker_name: Option<String>,
+    /// Cluster name [default: DefaultCluster].
+    #[arg(long, env = "TXMQ_CLUSTER")]
+    pub cluster: Option<String>,
+    /// async: acknowledge once in the page cache; sync: after fdatasync (group commit) [default: async].
+    #[arg(long, env = "TXMQ_FLUSH", value_enum)]
+    pub flush: Option<FlushArg>,
+    /// How often to re-register with the nameservers [default: 10s].
+    #[arg(long, env = "TXMQ_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Create unknown topics on first send [default: true].
+    #[arg(long, env = "TXMQ_AUTO_CREATE_TOPICS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub auto_create_topics: Option<bool>,
+    /// Queues of an auto-created topic [default: 4].
+    #[arg(long, env = "TXMQ_DEFAULT_QUEUES")]
+    pub default_queues: Option<u32>,
+    /// Also run a nameserver in this process (on --nameserver-listen) [default: false].
+    #[arg(long, env = "TXMQ_STANDALONE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub standalone: Option<bool>,
+    /// Where the standalone nameserver listens [default: 127.0.0.1:9876].
+    #[arg(long, env = "TXMQ_NAMESERVER_LISTEN")]
+    pub nameserver_listen: Option<String>,
+    /// Broker expiry of the standalone nameserver [default: 30s].
+    #[arg(long, env = "TXMQ_BROKER_EXPIRY", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub broker_expiry: Option<Duration>,
+    /// Delete commit-log segments older than this [default: 72h].
+    #[arg(long, env = "TXMQ_RETENTION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub retention: Option<Duration>,
+    /// Commit-log segment size, e.g. 1GiB [default: 1GiB].
+    #[arg(long, env = "TXMQ_SEGMENT_SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub segment_size: Option<u64>,
+    /// Largest message accepted, e.g. 4MiB [default: 4MiB].
+    #[arg(long, env = "TXMQ_MAX_MESSAGE_SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_message_size: Option<u64>,
+    /// Largest frame accepted on a connection, e.g. 8MiB [default: 8MiB].
+    #[arg(long, env = "TXMQ_MAX_FRAME_SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_frame_size: Option<u64>,
+}
+
+impl BrokerArgs {
+    /// Reads the `--config` file, if any, and resolves every setting.
+    ///
+    /// # Errors
+    /// An unreadable or invalid config file, or invalid settings.
+    pub fn resolve(self) -> Result<BrokerConfig, String> {
+        let file = match &self.config {
+            None => BrokerArgs::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str::<BrokerArgs>(&text)
+                    .map_err(|e| format!("invalid config file {}: {e}", path.display()))?
+            }
+        };
+        let d = BrokerConfig::new("./txmq-data");
+        let standalone = self.standalone.or(file.standalone).unwrap_or(d.standalone);
+        let explicit_ns = self.nameserver.or(file.nameserver);
+        let to_usize =
+            |n: u64, what: &str| usize::try_from(n).map_err(|_| format!("{what} is too large"));
+        let config = BrokerConfig {
+            listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            // Standalone without an explicit list registers with its own nameserver only.
+            nameservers: match explicit_ns {
+                Some(list) => list,
+                None if standalone => Vec::new(),
+                None => d.nameservers,
+            },
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            broker_name: self
+                .broker_name
+                .or(file.broker_name)
+                .unwrap_or(d.broker_name),
+            cluster: self.cluster.or(file.cluster).unwrap_or(d.cluster),
+            flush: match self.flush.or(file.flush) {
+                Some(FlushArg::Sync) => FlushMode::Sync,
+                Some(FlushArg::Async) => FlushMode::Async,
+                None => d.flush,
+            },
+            heartbeat_interval: self
+                .heartbeat_interval
+                .or(file.heartbeat_interval)
+                .unwrap_or(d.heartbeat_interval),
+            auto_create_topics: self
+                .auto_create_topics
+                .or(file.auto_create_topics)
+                .unwrap_or(d.auto_create_topics),
+            default_queues: self
+                .default_queues
+                .or(file.default_queues)
+                .unwrap_or(d.default_queues),
+            standalone,
+            nameserver_listen: self
+                .nameserver_listen
+                .or(file.nameserver_listen)
+                .unwrap_or(d.nameserver_listen),
+            broker_expiry: self
+                .broker_expiry
+                .or(file.broker_expiry)
+                .unwrap_or(d.broker_expiry),
+            retention: self.retention.or(file.retention).unwrap_or(d.retention),
+            segment_size: self
+                .segment_size
+                .or(file.segment_size)
+                .unwrap_or(d.segment_size),
+            max_message_size: match self.max_message_size.or(file.max_message_size) {
+                Some(n) => to_usize(n, "max message size")?,
+                None => d.max_message_size,
+            },
+            max_frame_size: match self.max_frame_size.or(file.max_frame_size) {
+                Some(n) => to_usize(n, "max frame size")?,
+                None => d.max_frame_size,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "broker_name = \"from-file\"\ncluster = \"c1\"\nflush = \"sync\"\nheartbeat_interval = \"2s\"\nnameserver = \"a:1,b:2\"\nsegment_size = \"64MiB\"\n",
+        )
+        .unwrap();
+        let args = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--broker-name",
+            "from-flag",
+        ]);
+        let c = args.resolve().unwrap();
+        assert_eq!(c.broker_name, "from-flag");
+        assert_eq!(c.cluster, "c1");
+        assert_eq!(c.flush, FlushMode::Sync);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.nameservers, vec!["a:1", "b:2"]);
+        assert_eq!(c.segment_size, 64 << 20);
+        assert_eq!(c.listen, "127.0.0.1:10911");
+    }
+
+    #[test]
+    fn bad_files_and_values_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "flush = \"sometimes\"").unwrap();
+        let err = BrokerArgs::parse_from(["txmq-broker", "--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("invalid config file"), "{err}");
+        std::fs::write(&path, "no_such_key = 1").unwrap();
+        let err = BrokerArgs::parse_from(["txmq-broker", "--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("no_such_key"), "{err}");
+        assert!(
+            BrokerArgs::try_parse_from(["txmq-broker", "--heartbeat-interval", "soon"]).is_err()
+        );
+        assert!(BrokerArgs::try_parse_from(["txmq-broker", "--flush", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn standalone_and_bool_flags() {
+        let c = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--standalone",
+            "--auto-create-topics",
+            "false",
+        ])
+        .resolve()
+        .unwrap();
+        assert!(c.standalone && !c.auto_create_topics);
+        assert!(c.nameservers.is_empty());
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("12 parsecs").is_err());
+    }
+}

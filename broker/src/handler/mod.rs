@@ -1,0 +1,102 @@
+//! Requests the broker serves: one enum dispatches, one file per request
+//! holds its validation and handling.
+
+mod offset;
+mod pull;
+mod send;
+mod topic;
+
+use std::sync::Arc;
+
+use txmq_protocol::{
+    ErrorCode, Hello, HelloOk, Pong, Request, Response, TopicConfig, WireError, PROTOCOL_VERSION,
+};
+use txmq_remoting::connection_types::BoxFuture;
+use txmq_remoting::{Connection, Service};
+
+use crate::store::StoreError;
+use crate::BrokerInner;
+
+/// The broker's [`Service`].
+pub(crate) struct BrokerService {
+    pub(crate) broker: Arc<BrokerInner>,
+}
+
+impl Service for BrokerService {
+    fn hello(&self, _conn: &Connection, _hello: &Hello) -> Result<HelloOk, WireError> {
+        Ok(HelloOk {
+            version: PROTOCOL_VERSION,
+            server: self.broker.config.broker_name.clone(),
+        })
+    }
+
+    fn call(&self, _conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let b = self.broker.clone();
+        Box::pin(async move {
+            match request {
+                Request::Ping(_) => Ok(Response::Ping(Pong {})),
+                Request::Send(r) => send::handle(&b, r).await.map(Response::Send),
+                Request::Pull(r) => pull::handle(&b, r).await.map(Response::Pull),
+                Request::CommitOffset(r) => offset::commit(&b, r).await.map(Response::CommitOffset),
+                Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),
+                Request::CreateTopic(r) => topic::create(&b, r).await.map(Response::CreateTopic),
+                Request::ListTopics(_) => Ok(Response::ListTopics(topic::list(&b))),
+                other => Err(WireError::new(
+                    ErrorCode::UnsupportedRequest,
+                    format!("{} requests are not served by a broker", other.kind()),
+                )),
+            }
+        })
+    }
+}
+
+/// The store's errors as wire errors.
+pub(crate) fn store_error(e: StoreError) -> WireError {
+    let code = match &e {
+        StoreError::TooLarge(_) => ErrorCode::MessageTooLarge,
+        StoreError::Invalid(_) => ErrorCode::BadArgument,
+        StoreError::NoQueue { .. } => ErrorCode::UnknownQueue,
+        StoreError::Io { .. } | StoreError::Poisoned | StoreError::ShuttingDown => {
+            ErrorCode::StoreUnavailable
+        }
+    };
+    WireError::new(code, e.to_string())
+}
+
+/// The topic's configuration, or UNKNOWN_TOPIC; checks the queue id.
+pub(crate) fn existing_queue(
+    b: &BrokerInner,
+    topic: &str,
+    queue: u32,
+) -> Result<TopicConfig, WireError> {
+    let config = b.topics.get(topic).ok_or_else(|| unknown_topic(b, topic))?;
+    check_queue(&config, queue)?;
+    Ok(config)
+}
+
+pub(crate) fn unknown_topic(b: &BrokerInner, topic: &str) -> WireError {
+    WireError::new(
+        ErrorCode::UnknownTopic,
+        format!(
+            "topic '{topic}' does not exist on broker {}",
+            b.config.broker_name
+        ),
+    )
+}
+
+pub(crate) fn check_queue(config: &TopicConfig, queue: u32) -> Result<(), WireError> {
+    if queue >= config.queues {
+        return Err(WireError::new(
+            ErrorCode::UnknownQueue,
+            format!(
+                "topic '{}' has queues 0..{}; there is no queue {queue}",
+                config.name, config.queues
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn bad_argument(message: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::BadArgument, message)
+}

@@ -1,0 +1,79 @@
+//! Pull: read a queue from an offset, long-polling when nothing is there.
+//!
+//! An empty pull waits on the queue's notification (woken when messages
+//! become visible), not on a timer loop, up to the request's deadline.
+
+use std::time::Duration;
+
+use txmq_protocol::{ErrorCode, PullRequest, PullResult, WireError, PERM_READ};
+
+use super::{bad_argument, existing_queue, store_error};
+use crate::BrokerInner;
+
+/// At most this many messages per pull.
+const MAX_MESSAGES: u32 = 1024;
+/// About this many bytes per pull (at least one message is always returned).
+const MAX_BYTES: usize = 4 << 20;
+/// The longest a pull may wait.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResult, WireError> {
+    let config = existing_queue(b, &req.topic, req.queue)?;
+    if config.perm & PERM_READ == 0 {
+        return Err(WireError::new(
+            ErrorCode::NoPermission,
+            format!(
+                "topic '{}' is not readable on broker {}",
+                req.topic, b.config.broker_name
+            ),
+        ));
+    }
+    if req.max_messages == 0 || req.max_messages > MAX_MESSAGES {
+        return Err(bad_argument(format!(
+            "max messages must be between 1 and {MAX_MESSAGES}"
+        )));
+    }
+    let queue = b
+        .store
+        .queue(&req.topic, req.queue)
+        .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms).min(MAX_WAIT);
+    loop {
+        // Register interest before looking, so an arrival in between still wakes us.
+        let arrived = queue.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let r = b
+            .store
+            .read(
+                &req.topic,
+                req.queue,
+                req.offset,
+                req.max_messages as usize,
+                MAX_BYTES,
+            )
+            .map_err(store_error)?;
+        let waiting_for_more =
+            r.messages.is_empty() && req.offset >= r.max_offset && req.offset == r.next_offset;
+        if !waiting_for_more || tokio::time::Instant::now() >= deadline {
+            return Ok(PullResult {
+                messages: r.messages,
+                next_offset: r.next_offset,
+                min_offset: r.min_offset,
+                max_offset: r.max_offset,
+            });
+        }
+        tokio::select! {
+            _ = &mut arrived => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = b.shutdown.cancelled() => {}
+        }
+        if b.shutdown.is_cancelled() {
+            return Err(WireError::new(
+                ErrorCode::StoreUnavailable,
+                "the broker is shutting down",
+            ));
+        }
+    }
+}

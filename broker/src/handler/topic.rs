@@ -1,0 +1,83 @@
+//! Topics: create (or grow), list.
+
+use txmq_protocol::{
+    validate_topic_name, CreateTopic, TopicConfig, TopicList, TopicOnBroker, WireError,
+    PERM_READ_WRITE,
+};
+
+use super::{bad_argument, store_error};
+use crate::BrokerInner;
+
+pub(super) async fn create(b: &BrokerInner, req: CreateTopic) -> Result<TopicConfig, WireError> {
+    create_topic(b, &req.topic, req.queues, req.perm, true).await
+}
+
+/// Creates `name` with `queues` queues, or grows an existing topic to that
+/// many; `explicit` requests may also change the permission. Persists the
+/// table, creates the queues, and re-registers with the nameservers at once.
+pub(super) async fn create_topic(
+    b: &BrokerInner,
+    name: &str,
+    queues: u32,
+    perm: u8,
+    explicit: bool,
+) -> Result<TopicConfig, WireError> {
+    validate_topic_name(name).map_err(bad_argument)?;
+    if queues == 0 || queues > 1024 {
+        return Err(bad_argument(format!(
+            "queue count {queues} is out of range; use 1 to 1024"
+        )));
+    }
+    if perm & !PERM_READ_WRITE != 0 {
+        return Err(bad_argument(format!(
+            "permission {perm} is not a combination of read (4) and write (2)"
+        )));
+    }
+    let (config, changed) = b
+        .topics
+        .upsert(name, |existing| match existing {
+            None => Ok(TopicConfig {
+                name: name.to_string(),
+                queues,
+                perm,
+            }),
+            Some(old) if !explicit => Ok(old.clone()),
+            Some(old) if queues < old.queues => Err(format!(
+                "topic '{name}' has {} queues; the queue count cannot shrink",
+                old.queues
+            )),
+            Some(_) => Ok(TopicConfig {
+                name: name.to_string(),
+                queues,
+                perm,
+            }),
+        })
+        .map_err(bad_argument)?;
+    b.store
+        .ensure_queues(name, config.queues)
+        .map_err(store_error)?;
+    if changed {
+        tracing::info!(
+            topic = name,
+            queues = config.queues,
+            perm = config.perm,
+            "topic created or updated"
+        );
+        b.topics_changed.notify_one();
+    }
+    Ok(config)
+}
+
+pub(super) fn list(b: &BrokerInner) -> TopicList {
+    TopicList {
+        topics: b
+            .topics
+            .all()
+            .into_iter()
+            .map(|config| TopicOnBroker {
+                broker_name: b.config.broker_name.clone(),
+                config,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,249 @@
+//! txmq-broker: the broker. Stores every message in one durable commit log,
+//! serves consumers from consume queues derived from it, and registers its
+//! topics with the nameservers.
+//!
+//! Start reading at [`Broker::start`]; requests are dispatched in
+//! `handler/mod.rs` (one file per request), storage is [`store`] (start at
+//! [`store::Store`]), settings are [`config`].
+
+pub mod config;
+mod handler;
+mod registration;
+pub mod store;
+mod topics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use txmq_nameserver::{Nameserver, NameserverConfig};
+use txmq_remoting::ConnectionConfig;
+
+pub use config::{BrokerArgs, BrokerConfig};
+pub use store::FlushMode;
+
+use crate::store::{Store, StoreConfig};
+use crate::topics::TopicTable;
+
+/// Errors starting a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The settings cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The store could not be opened or recovered.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: String,
+        /// Why.
+        #[source]
+        source: store::StoreError,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The in-process nameserver could not start.
+    #[error("cannot start the standalone nameserver: {0}")]
+    Nameserver(#[from] txmq_nameserver::Error),
+}
+
+pub(crate) struct BrokerInner {
+    pub(crate) config: BrokerConfig,
+    pub(crate) advertised_addr: String,
+    pub(crate) store: Store,
+    pub(crate) topics: TopicTable,
+    pub(crate) topics_changed: Notify,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A running broker.
+pub struct Broker {
+    inner: Arc<BrokerInner>,
+    addr: SocketAddr,
+    nameserver_addr: Option<SocketAddr>,
+    nameserver_shutdown: CancellationToken,
+    nameserver_task: TaskTracker,
+    tasks: TaskTracker,
+}
+
+impl Broker {
+    /// Recovers the store, binds the listener, starts serving and registers
+    /// with the nameservers (with `standalone`, first starts a nameserver in
+    /// this process). Returns once clients can connect.
+    ///
+    /// # Errors
+    /// Invalid settings, an unrecoverable data directory, or an address in use.
+    pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        config.validate().map_err(BrokerError::Config)?;
+        let tasks = TaskTracker::new();
+        let nameserver_task = TaskTracker::new();
+        let nameserver_shutdown = CancellationToken::new();
+        let mut nameservers = config.nameservers.clone();
+        let mut nameserver_addr = None;
+        if config.standalone {
+            let ns = Nameserver::bind(NameserverConfig {
+                listen: config.nameserver_listen.clone(),
+                broker_expiry: config.broker_expiry,
+            })
+            .await?;
+            let addr = ns.local_addr();
+            nameserver_addr = Some(addr);
+            if !nameservers.iter().any(|n| n == &addr.to_string()) {
+                nameservers.push(addr.to_string());
+            }
+            nameserver_task.spawn(ns.run(nameserver_shutdown.clone()));
+        }
+
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+
+        let dir = config.data_dir.clone();
+        let store_err = |source| BrokerError::Store {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            store_err(store::StoreError::Io {
+                context: format!("cannot create data dir {}", dir.display()),
+                message: e.to_string(),
+            })
+        })?;
+        let topics = TopicTable::load(&dir).map_err(BrokerError::Config)?;
+        let topic_queues: Vec<(String, u32)> = topics
+            .all()
+            .into_iter()
+            .map(|t| (t.name, t.queues))
+            .collect();
+        let mut store_config = StoreConfig::new(dir.clone());
+        store_config.flush = config.flush;
+        store_config.segment_size = config.segment_size;
+        store_config.max_message_size = config.max_message_size;
+        store_config.retention = config.retention;
+        let store_dir = dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
+            .await
+            .map_err(|e| BrokerError::Config(format!("store recovery panicked: {e}")))?
+            .map_err(|source| BrokerError::Store {
+                dir: store_dir.display().to_string(),
+                source,
+            })?;
+        // Topics found in the log but missing from the table (a lost
+        // topics.json) are restored from what recovery rebuilt.
+        for (name, queues) in store.topics() {
+            if topics.get(&name).is_none() {
+                tracing::warn!(topic = %name, queues, "topic found in the store but not in topics.json; restoring it");
+                topics
+                    .upsert(&name, |_| {
+                        Ok(txmq_protocol::TopicConfig {
+                            name: name.clone(),
+                            queues,
+                            perm: txmq_protocol::PERM_READ_WRITE,
+                        })
+                    })
+                    .map_err(BrokerError::Config)?;
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let inner = Arc::new(BrokerInner {
+            advertised_addr: addr.to_string(),
+            config,
+            store,
+            topics,
+            topics_changed: Notify::new(),
+            shutdown: shutdown.clone(),
+        });
+
+        let conn_config = ConnectionConfig {
+            max_frame_len: inner.config.max_frame_size,
+            ..Default::default()
+        };
+        let service = Arc::new(handler::BrokerService {
+            broker: inner.clone(),
+        });
+        tasks.spawn(txmq_remoting::server::serve(
+            listener,
+            service,
+            conn_config,
+            shutdown.clone(),
+        ));
+        tasks.spawn(registration::run(inner.clone(), nameservers));
+        tasks.spawn(retention(inner.clone()));
+        tracing::info!(
+            broker = %inner.config.broker_name,
+            %addr,
+            data_dir = %inner.config.data_dir.display(),
+            flush = ?inner.config.flush,
+            "broker listening"
+        );
+        Ok(Broker {
+            inner,
+            addr,
+            nameserver_addr,
+            nameserver_shutdown,
+            nameserver_task,
+            tasks,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The in-process nameserver's address (standalone mode).
+    pub fn nameserver_addr(&self) -> Option<SocketAddr> {
+        self.nameserver_addr
+    }
+
+    /// Graceful shutdown: stop accepting and close connections, say goodbye
+    /// to the nameservers, flush the store, write the checkpoint, stop.
+    pub async fn shutdown(self) {
+        tracing::info!(broker = %self.inner.config.broker_name, "shutting down");
+        self.inner.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.inner.store.shutdown().await;
+        // The nameserver goes last so the broker's goodbye reaches it.
+        self.nameserver_shutdown.cancel();
+        self.nameserver_task.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.nameserver_task.wait()).await;
+        tracing::info!(broker = %self.inner.config.broker_name, "stopped");
+    }
+}
+
+/// Deletes expired segments every minute (or sooner for short retentions).
+async fn retention(b: Arc<BrokerInner>) {
+    let period = (b.config.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = b.shutdown.cancelled() => return,
+        }
+        let store = b.store.clone();
+        match tokio::task::spawn_blocking(move || store.enforce_retention()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+            Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The broker's topic table, persisted atomically in `topics.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use txmq_protocol::TopicConfig;
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    name: String,
+    queues: u32,
+    perm: u8,
+}
+
+/// Topic name -> configuration.
+#[derive(Debug)]
+pub struct TopicTable {
+    path: PathBuf,
+    topics: Mutex<BTreeMap<String, TopicConfig>>,
+}
+
+impl TopicTable {
+    /// Loads `topics.json` from `dir` (empty when missing).
+    ///
+    /// # Errors
+    /// An unreadable or damaged file.
+    pub fn load(dir: &Path) -> Result<TopicTable, String> {
+        let path = dir.join("topics.json");
+        let mut topics = BTreeMap::new();
+        match std::fs::read(&path) {
+            Ok(data) => {
+                let list: Vec<Persisted> = serde_json::from_slice(&data)
+                    .map_err(|e| format!("topic table {} is damaged: {e}", path.display()))?;
+                for t in list {
+                    topics.insert(
+                        t.name.clone(),
+                        TopicConfig {
+                            name: t.name,
+                            queues: t.queues,
+                            perm: t.perm,
+                        },
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+        Ok(TopicTable {
+            path,
+            topics: Mutex::new(topics),
+        })
+    }
+
+    /// A topic's configuration.
+    pub fn get(&self, name: &str) -> Option<TopicConfig> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Every topic.
+    pub fn all(&self) -> Vec<TopicConfig> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Inserts or replaces a topic and persists the table before returning.
+    /// Returns the stored configuration. `merge` decides, given the existing
+    /// configuration if any, what to store.
+    ///
+    /// # Errors
+    /// The error from `merge`, or an I/O error persisting the table.
+    pub fn upsert(
+        &self,
+        name: &str,
+        merge: impl FnOnce(Option<&TopicConfig>) -> Result<TopicConfig, String>,
+    ) -> Result<(TopicConfig, bool), String> {
+        let mut topics = self.lock();
+        let existing = topics.get(name);
+        let new = merge(existing)?;
+        if existing == Some(&new) {
+            return Ok((new, false));
+        }
+        let mut next = topics.clone();
+        next.insert(name.to_string(), new.clone());
+        self.persist(&next)?;
+        *topics = next;
+        Ok((new, true))
+    }
+
+    fn persist(&self, topics: &BTreeMap<String, TopicConfig>) -> Result<(), String> {
+        let list: Vec<Persisted> = topics
+            .values()
+            .map(|t| Persisted {
+                name: t.name.clone(),
+                queues: t.queues,
+                perm: t.perm,
+            })
+            .collect();
+        let data = serde_json::to_vec_pretty(&list).map_err(|e| e.to_string())?;
+        let tmp = self.path.with_extension("json.tmp");
+        let io = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&data).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            crate::store::commit_log::sync_dir(dir).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TopicConfig>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,118 @@
+//! `txmq`: the txmq command line. Parses the arguments and hands each
+//! subcommand to its module.
+
+mod args;
+mod cluster;
+mod consume;
+mod output;
+mod send;
+mod signal;
+mod topic;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::args::GlobalArgs;
+
+/// txmq command line: send, consume, inspect, administer.
+///
+/// Every flag can also be set with an environment variable: TXMQ_ and the
+/// flag's name in capitals (TXMQ_NAMESERVER, TXMQ_IDLE_TIMEOUT, ...).
+/// Durations are written like 500ms, 6s, 2m.
+#[derive(Debug, Parser)]
+#[command(name = "txmq", version)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list and inspect topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// List the brokers known to the nameservers.
+    Cluster,
+    /// Send messages to a topic.
+    Send(send::SendArgs),
+    /// Consume a topic as a member of a consumer group.
+    Consume(consume::ConsumeArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli.global.init_logging();
+    let result = match cli.command {
+        Command::Topic(cmd) => topic::run(&cli.global, cmd).await,
+        Command::Cluster => cluster::run(&cli.global).await,
+        Command::Send(args) => send::run(&cli.global, args).await,
+        Command::Consume(args) => consume::run(&cli.global, args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", output::error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_with_their_defaults() {
+        let cli = Cli::try_parse_from(["txmq", "send", "orders", "--body", "hi"]);
+        let Ok(cli) = cli else {
+            panic!("send with a body parses")
+        };
+        assert_eq!(cli.global.nameserver, "127.0.0.1:9876");
+        let Command::Send(args) = cli.command else {
+            panic!("a send command")
+        };
+        assert_eq!(args.count, 1);
+        assert_eq!(args.body.as_deref(), Some("hi"));
+
+        // --body and --stdin exclude each other; one is required.
+        assert!(Cli::try_parse_from(["txmq", "send", "t", "--body", "x", "--stdin"]).is_err());
+        assert!(Cli::try_parse_from(["txmq", "send", "t"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "txmq",
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--idle-timeout",
+            "500ms",
+            "--from",
+            "last",
+            "--output",
+            "json",
+        ]);
+        let Ok(Cli {
+            command: Command::Consume(c),
+            global,
+        }) = cli
+        else {
+            panic!("consume parses")
+        };
+        assert_eq!(c.idle_timeout, Some(std::time::Duration::from_millis(500)));
+        assert_eq!(global.output, output::OutputFormat::Json);
+        assert!(
+            Cli::try_parse_from(["txmq", "consume", "t"]).is_err(),
+            "--group is required"
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! How results are printed: readable text lines and tables, or one JSON
+//! object per line for scripts.
+//!
+//! Every line is flushed as soon as it is written, so a reader of the
+//! output (a script, a pipe) sees each acknowledgement or message the
+//! moment it happens.
+
+use std::io::Write;
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+use txmq::{Message, ReceivedMessage, SendReceipt, PERM_READ, PERM_WRITE};
+
+/// The `--output` format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Readable lines and aligned tables.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Writes lines to stdout, flushing each.
+pub struct Printer {
+    pub format: OutputFormat,
+    out: std::io::Stdout,
+}
+
+impl Printer {
+    /// A printer to stdout in `format`.
+    pub fn stdout(format: OutputFormat) -> Printer {
+        Printer {
+            format,
+            out: std::io::stdout(),
+        }
+    }
+
+    /// Writes one line and flushes it.
+    ///
+    /// # Errors
+    /// When stdout cannot be written (a closed pipe, say).
+    pub fn line(&self, line: &str) -> std::io::Result<()> {
+        let mut out = self.out.lock();
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        out.flush()
+    }
+
+    /// Writes one JSON object as a line.
+    ///
+    /// # Errors
+    /// As [`Printer::line`].
+    pub fn json(&self, value: &Value) -> std::io::Result<()> {
+        self.line(&value.to_string())
+    }
+
+    /// Writes rows as a table with a header, columns aligned (text), or
+    /// each object of `json` as a line (json).
+    ///
+    /// # Errors
+    /// As [`Printer::line`].
+    pub fn records(
+        &self,
+        header: &[&str],
+        rows: &[Vec<String>],
+        json: &[Value],
+    ) -> std::io::Result<()> {
+        match self.format {
+            OutputFormat::Text => table(header, rows).iter().try_for_each(|l| self.line(l)),
+            OutputFormat::Json => json.iter().try_for_each(|v| self.json(v)),
+        }
+    }
+}
+
+/// Lines of a table whose columns are padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let format_row = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut line = String::new();
+        for (i, cell) in cells.enumerate() {
+            let width = widths.get(i).copied().unwrap_or(0);
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(
+                ' ',
+                width.saturating_sub(cell.chars().count()),
+            ));
+        }
+        line.trim_end().to_string()
+    };
+    let mut lines = vec![format_row(&mut header.iter().copied())];
+    lines.extend(
+        rows.iter()
+            .map(|r| format_row(&mut r.iter().map(String::as_str))),
+    );
+    lines
+}
+
+/// An error with its causes, `outer: inner: innermost`, leaving out a
+/// cause whose text the previous one already shows (a wire error is both
+/// shown and kept as the source by the remoting layer).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || previous.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        previous = text;
+    }
+    out
+}
+
+/// Permission bits as `rw`, `r`, `w` or `-`.
+pub fn perm_name(perm: u8) -> &'static str {
+    match (perm & PERM_READ != 0, perm & PERM_WRITE != 0) {
+        (true, true) => "rw",
+        (true, false) => "r",
+        (false, true) => "w",
+        (false, false) => "-",
+    }
+}
+
+/// A body as JSON: `("body", text)` when it is UTF-8, else
+/// `("body_base64", standard base64)`.
+pub fn body_field(body: &[u8]) -> (&'static str, String) {
+    match std::str::from_utf8(body) {
+        Ok(text) => ("body", text.to_string()),
+        Err(_) => (
+            "body_base64",
+            base64::engine::general_purpose::STANDARD.encode(body),
+        ),
+    }
+}
+
+/// A body for a text line: UTF-8 with control characters escaped (so a
+/// message stays on one line), or `body_base64=...`.
+fn body_text(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(text) => {
+            let mut s = String::from("body=");
+            for c in text.chars() {
+                if c.is_control() {
+                    s.extend(c.escape_default());
+                } else {
+                    s.push(c);
+                }
+            }
+            s
+        }
+        Err(_) => {
+            let (name, value) = body_field(body);
+            format!("{name}={value}")
+        }
+    }
+}
+
+fn key_tag_text(message: &Message) -> String {
+    let mut s = String::new();
+    if let Some(key) = &message.key {
+        s.push_str(&format!(" key={key}"));
+    }
+    if let Some(tag) = &message.tag {
+        s.push_str(&format!(" tag={tag}"));
+    }
+    s
+}
+
+fn message_fields(message: &Message) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("msg_id".into(), json!(message.msg_id.to_string()));
+    m.insert("topic".into(), json!(message.topic));
+    m.insert("key".into(), json!(message.key));
+    m.insert("tag".into(), json!(message.tag));
+    let (name, body) = body_field(&message.body);
+    m.insert(name.into(), json!(body));
+    if !message.properties.is_empty() {
+        m.insert("properties".into(), json!(message.properties));
+    }
+    m
+}
+
+/// A sent message's acknowledgement as a JSON object.
+pub fn sent_json(receipt: &SendReceipt, message: &Message) -> Value {
+    let mut m = message_fields(message);
+    m.insert("msg_id".into(), json!(receipt.msg_id.to_string()));
+    m.insert("status".into(), json!(receipt.status.name()));
+    m.insert("broker".into(), json!(receipt.broker_name));
+    m.insert("queue".into(), json!(receipt.queue));
+    m.insert("queue_offset".into(), json!(receipt.queue_offset));
+    Value::Object(m)
+}
+
+/// A sent message's acknowledgement as a text line.
+pub fn sent_text(receipt: &SendReceipt, message: &Message) -> String {
+    format!(
+        "{} {} broker={} q={} offset={} msg_id={}{}",
+        receipt.status.name(),
+        receipt.topic,
+        receipt.broker_name,
+        receipt.queue,
+        receipt.queue_offset,
+        receipt.msg_id,
+        key_tag_text(message),
+    )
+}
+
+/// A received message as a JSON object.
+pub fn received_json(m: &ReceivedMessage) -> Value {
+    let mut o = message_fields(m.message());
+    o.insert("broker".into(), json!(m.broker_name));
+    o.insert("queue".into(), json!(m.queue()));
+    o.insert("queue_offset".into(), json!(m.queue_offset()));
+    o.insert("store_timestamp".into(), json!(m.store_timestamp()));
+    o.insert("born_timestamp".into(), json!(m.message().born_timestamp));
+    Value::Object(o)
+}
+
+/// A received message as a text line.
+pub fn received_text(m: &ReceivedMessage) -> String {
+    format!(
+        "{} broker={} q={} offset={} msg_id={}{} {}",
+        m.topic(),
+        m.broker_name,
+        m.queue(),
+        m.queue_offset(),
+        m.msg_id(),
+        key_tag_text(m.message()),
+        body_text(m.body()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use txmq::{SendStatus, StoredMessage};
+
+    fn received(body: &'static [u8]) -> ReceivedMessage {
+        ReceivedMessage {
+            broker_name: "broker-a".into(),
+            stored: StoredMessage {
+                message: Message::new("orders", body).with_key("k1").with_tag("t1"),
+                queue: 1,
+                queue_offset: 7,
+                log_offset: 100,
+                store_timestamp: 1_700_000_000_000,
+            },
+        }
+    }
+
+    #[test]
+    fn bodies_are_text_when_utf8_and_base64_otherwise() {
+        assert_eq!(body_field(b"hello"), ("body", "hello".to_string()));
+        assert_eq!(
+            body_field(&[0xff, 0x00, 0x80]),
+            ("body_base64", "/wCA".to_string())
+        );
+        assert_eq!(body_field(b""), ("body", String::new()));
+    }
+
+    #[test]
+    fn a_received_message_is_one_json_object_with_every_field() {
+        let m = received(b"hello");
+        let v = received_json(&m);
+        assert_eq!(v["msg_id"], json!(m.msg_id().to_string()));
+        assert_eq!(v["msg_id"].as_str().map(str::len), Some(32));
+        assert_eq!(v["topic"], "orders");
+        assert_eq!(v["broker"], "broker-a");
+        assert_eq!(v["queue"], 1);
+        assert_eq!(v["queue_offset"], 7);
+        assert_eq!(v["key"], "k1");
+        assert_eq!(v["tag"], "t1");
+        assert_eq!(v["body"], "hello");
+        assert_eq!(v["store_timestamp"], 1_700_000_000_000u64);
+        assert!(v.get("body_base64").is_none());
+        assert!(!v.to_string().contains('\n'));
+
+        let binary = received_json(&received(&[0xc3, 0x28]));
+        assert_eq!(binary["body_base64"], "wyg=");
+        assert!(binary.get("body").is_none());
+    }
+
+    #[test]
+    fn a_received_message_is_one_text_line() {
+        let m = received(b"two\nlines");
+        let line = received_text(&m);
+        assert_eq!(
+            line,
+            format!(
+                "orders broker=broker-a q=1 offset=7 msg_id={} key=k1 tag=t1 body=two\\nlines",
+                m.msg_id()
+            )
+        );
+        let plain = received(b"caf\xc3\xa9");
+        assert!(received_text(&plain).ends_with("body=café"));
+        assert!(received_text(&received(&[0xff])).ends_with("body_base64=/w=="));
+    }
+
+    #[test]
+    fn a_sent_message_shows_status_and_position() {
+        let message = Message::new("orders", "hi");
+        let receipt = SendReceipt {
+            msg_id: message.msg_id,
+            topic: "orders".into(),
+            broker_name: "broker-a".into(),
+            queue: 1,
+            queue_offset: 7,
+            status: SendStatus::FlushDiskTimeout,
+        };
+        let v = sent_json(&receipt, &message);
+        assert_eq!(v["status"], "FLUSH_DISK_TIMEOUT");
+        assert_eq!(v["queue_offset"], 7);
+        assert_eq!(v["body"], "hi");
+        assert_eq!(v["key"], Value::Null);
+        assert_eq!(
+            sent_text(&receipt, &message.clone().with_key("k")),
+            format!(
+                "FLUSH_DISK_TIMEOUT orders broker=broker-a q=1 offset=7 msg_id={} key=k",
+                message.msg_id
+            )
+        );
+    }
+
+    #[test]
+    fn error_causes_are_shown_once() {
+        let wire = txmq::WireError::new(txmq::ErrorCode::UnknownTopic, "topic 'x' does not exist");
+        let e = txmq::Error::Broker {
+            broker: "broker-a".into(),
+            addr: "h:1".into(),
+            source: txmq_remoting_error(wire),
+        };
+        let text = error_text(&anyhow::Error::from(e).context("sending"));
+        assert_eq!(
+            text,
+            "sending: broker broker-a (h:1): UNKNOWN_TOPIC (6): topic 'x' does not exist"
+        );
+    }
+
+    fn txmq_remoting_error(wire: txmq::WireError) -> txmq::RemotingError {
+        txmq::RemotingError::Remote(wire)
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![
+            vec![
+                "a".to_string(),
+                "127.0.0.1:10911".to_string(),
+                "4".to_string(),
+            ],
+            vec!["broker-b".to_string(), "h:1".to_string(), "16".to_string()],
+        ];
+        let lines = table(&["NAME", "ADDR", "QUEUES"], &rows);
+        assert_eq!(
+            lines,
+            [
+                "NAME      ADDR             QUEUES",
+                "a         127.0.0.1:10911  4",
+                "broker-b  h:1              16",
+            ]
+        );
+        assert_eq!(perm_name(6), "rw");
+        assert_eq!(perm_name(4), "r");
+        assert_eq!(perm_name(2), "w");
+        assert_eq!(perm_name(0), "-");
+    }
+}

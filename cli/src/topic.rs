@@ -1,0 +1,154 @@
+//! `txmq topic create|list|route`.
+
+use anyhow::Result;
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+use txmq::{Admin, PERM_READ, PERM_READ_WRITE, PERM_WRITE};
+
+use crate::args::GlobalArgs;
+use crate::output::{perm_name, Printer};
+
+/// `txmq topic ...`
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic (or update its queues and permission), on every broker
+    /// or on one.
+    Create {
+        /// The topic name: 1 to 127 characters of A-Z a-z 0-9 - _ . %
+        topic: String,
+        /// Number of queues on each broker.
+        #[arg(long, env = "TXMQ_QUEUES", default_value_t = 4)]
+        queues: u32,
+        /// Create it only on this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+        /// Permission: read and write, read only, or write only.
+        #[arg(long, env = "TXMQ_PERM", value_enum, default_value_t = Perm::Rw)]
+        perm: Perm,
+    },
+    /// List every topic on every broker.
+    List,
+    /// Show which brokers serve a topic, with their queues.
+    Route {
+        /// The topic name.
+        topic: String,
+    },
+}
+
+/// A topic's permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Perm {
+    /// Read and write.
+    Rw,
+    /// Read only.
+    R,
+    /// Write only.
+    W,
+}
+
+impl Perm {
+    fn bits(self) -> u8 {
+        match self {
+            Perm::Rw => PERM_READ_WRITE,
+            Perm::R => PERM_READ,
+            Perm::W => PERM_WRITE,
+        }
+    }
+}
+
+/// Runs a topic subcommand.
+///
+/// # Errors
+/// When no nameserver or broker answers, or one refuses.
+pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
+    let admin = Admin::with_config(global.client_config()).await?;
+    let printer = Printer::stdout(global.output);
+    match cmd {
+        TopicCommand::Create {
+            topic,
+            queues,
+            broker,
+            perm,
+        } => {
+            let created = admin
+                .create_topic(&topic, queues, perm.bits(), broker.as_deref())
+                .await?;
+            for c in &created {
+                match printer.format {
+                    crate::output::OutputFormat::Text => printer.line(&format!(
+                        "created topic {} on {} ({}): {} queues, perm {}",
+                        c.config.name,
+                        c.broker_name,
+                        c.addr,
+                        c.config.queues,
+                        perm_name(c.config.perm)
+                    ))?,
+                    crate::output::OutputFormat::Json => printer.json(&json!({
+                        "topic": c.config.name,
+                        "broker": c.broker_name,
+                        "addr": c.addr,
+                        "queues": c.config.queues,
+                        "perm": perm_name(c.config.perm),
+                    }))?,
+                }
+            }
+        }
+        TopicCommand::List => {
+            let topics = admin.list_topics().await?;
+            let rows: Vec<Vec<String>> = topics
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.config.name.clone(),
+                        t.broker_name.clone(),
+                        t.config.queues.to_string(),
+                        perm_name(t.config.perm).to_string(),
+                    ]
+                })
+                .collect();
+            let objects: Vec<_> = topics
+                .iter()
+                .map(|t| {
+                    json!({
+                        "topic": t.config.name,
+                        "broker": t.broker_name,
+                        "queues": t.config.queues,
+                        "perm": perm_name(t.config.perm),
+                    })
+                })
+                .collect();
+            printer.records(&["TOPIC", "BROKER", "QUEUES", "PERM"], &rows, &objects)?;
+        }
+        TopicCommand::Route { topic } => {
+            let route = admin.route(&topic).await?;
+            let rows: Vec<Vec<String>> = route
+                .brokers
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.broker_name.clone(),
+                        b.addr.clone(),
+                        b.queues.to_string(),
+                        perm_name(b.perm).to_string(),
+                    ]
+                })
+                .collect();
+            let objects: Vec<_> = route
+                .brokers
+                .iter()
+                .map(|b| {
+                    json!({
+                        "topic": route.topic,
+                        "broker": b.broker_name,
+                        "addr": b.addr,
+                        "queues": b.queues,
+                        "perm": perm_name(b.perm),
+                    })
+                })
+                .collect();
+            printer.records(&["BROKER", "ADDR", "QUEUES", "PERM"], &rows, &objects)?;
+        }
+    }
+    admin.close();
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Settings every client object shares: nameserver addresses, timeouts,
+//! retries, route refresh, and the client id sent in the hello.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use txmq_protocol::DEFAULT_MAX_FRAME_LEN;
+use txmq_remoting::ConnectionConfig;
+
+use crate::{Error, Result};
+
+/// Default wait for an answer to one request (3 s).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default number of extra attempts a failed send gets (2).
+pub const DEFAULT_SEND_RETRIES: u32 = 2;
+/// Default time a cached route is used before it is asked for again (30 s).
+pub const DEFAULT_ROUTE_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Settings shared by [`Producer`](crate::Producer),
+/// [`PullConsumer`](crate::PullConsumer) and [`Admin`](crate::Admin).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Nameserver addresses (`host:port`), asked in turn until one answers.
+    pub nameservers: Vec<String>,
+    /// How long to wait for the answer to one request; for a send, per attempt.
+    pub request_timeout: Duration,
+    /// How many more times a send is tried after a retriable failure.
+    pub send_retries: u32,
+    /// How long a cached topic route is used before it is fetched again.
+    pub route_refresh_interval: Duration,
+    /// The id this client gives in its hello (see [`new_client_id`]).
+    pub client_id: String,
+    /// Largest frame sent or accepted.
+    pub max_frame_len: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            nameservers: Vec::new(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            send_retries: DEFAULT_SEND_RETRIES,
+            route_refresh_interval: DEFAULT_ROUTE_REFRESH_INTERVAL,
+            client_id: new_client_id(),
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Defaults with the given nameservers; each item may itself be a
+    /// comma-separated list.
+    pub fn with_nameservers<I, S>(nameservers: I) -> ClientConfig
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut config = ClientConfig::default();
+        for list in nameservers {
+            config.add_nameservers(list.as_ref());
+        }
+        config
+    }
+
+    /// Adds one address or a comma-separated list of addresses; duplicates are skipped.
+    pub fn add_nameservers(&mut self, list: &str) {
+        for addr in parse_address_list(list) {
+            if !self.nameservers.contains(&addr) {
+                self.nameservers.push(addr);
+            }
+        }
+    }
+
+    /// Checks that the settings can work.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] when no nameserver is given or the request
+    /// timeout is zero.
+    pub fn validate(&self) -> Result<()> {
+        if self.nameservers.is_empty() {
+            return Err(Error::BadArgument("no nameserver address given".into()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::BadArgument(
+                "the request timeout must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn connection_config(&self) -> ConnectionConfig {
+        ConnectionConfig {
+            max_frame_len: self.max_frame_len,
+            request_timeout: self.request_timeout,
+            ..ConnectionConfig::default()
+        }
+    }
+}
+
+/// Splits `a:1, b:2,,c:3` into `["a:1", "b:2", "c:3"]`.
+pub fn parse_address_list(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A process-unique client id: `<hostname>@<pid>#<n>` (`client` when the
+/// host name cannot be read).
+pub fn new_client_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "client".to_string());
+    format!(
+        "{host}@{}#{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_lists_split_on_commas_and_skip_blanks_and_duplicates() {
+        assert_eq!(parse_address_list(" a:1, b:2,,c:3 "), ["a:1", "b:2", "c:3"]);
+        let mut c = ClientConfig::with_nameservers(["a:1,b:2", "b:2"]);
+        c.add_nameservers("c:3");
+        assert_eq!(c.nameservers, ["a:1", "b:2", "c:3"]);
+        assert!(c.validate().is_ok());
+        assert!(ClientConfig::default().validate().is_err());
+    }
+
+    #[test]
+    fn client_ids_are_unique_in_a_process() {
+        let a = new_client_id();
+        let b = new_client_id();
+        assert_ne!(a, b);
+        assert!(a.contains(&format!("@{}#", std::process::id())));
+    }
+}

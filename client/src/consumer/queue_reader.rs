@@ -1,0 +1,204 @@
+//! One background task per (broker, queue): long-polls the broker and hands
+//! each non-empty batch to the consumer's channel, in queue order.
+//!
+//! The channel is bounded, so a consumer that stops polling stops the
+//! pulling. A failed pull is retried after a back-off (200 ms doubling to
+//! 1 s), never in a tight loop; only the first failure in a row is logged
+//! as a warning.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use txmq_protocol::{ErrorCode, PullRequest, QueryOffset, StoredMessage};
+use txmq_remoting::Connection;
+
+use super::offsets::{start_offset, QueueKey};
+use super::{ConsumeFrom, Shared};
+use crate::{Error, Result};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Pause after an empty pull that came back well before its wait was over.
+const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A batch read from one queue.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) key: Arc<QueueKey>,
+    pub(crate) messages: Vec<StoredMessage>,
+    /// Where the next pull of this queue starts: the position after the batch.
+    pub(crate) next_offset: u64,
+}
+
+enum Pulled {
+    /// Messages came, or the pull waited as long as it was asked to.
+    Normal,
+    /// Nothing came and the broker answered early: pause a little.
+    EarlyEmpty,
+}
+
+/// Reads `key` until the consumer is shut down. `offset` is where to start;
+/// `None` asks the broker for the group's committed offset first.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    key: Arc<QueueKey>,
+    mut offset: Option<u64>,
+    from: ConsumeFrom,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut failing = false;
+    loop {
+        let step = tokio::select! {
+            r = pull_once(&shared, &key, &mut offset, from) => r,
+            _ = shared.cancel.cancelled() => return,
+        };
+        let pause = match step {
+            Ok(pulled) => {
+                if failing {
+                    tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, "pulling again");
+                    failing = false;
+                    backoff = MIN_BACKOFF;
+                }
+                match pulled {
+                    Pulled::Normal => None,
+                    Pulled::EarlyEmpty => Some(EARLY_EMPTY_PAUSE),
+                }
+            }
+            Err(e) => {
+                let cause = e.remoting().map(ToString::to_string).unwrap_or_default();
+                if failing {
+                    tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, error = %e, %cause, "pull failed again");
+                } else {
+                    tracing::warn!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, error = %e, %cause, "pull failed; retrying");
+                }
+                failing = true;
+                let pause = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                Some(pause)
+            }
+        };
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shared.cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn pull_once(
+    shared: &Shared,
+    key: &Arc<QueueKey>,
+    offset: &mut Option<u64>,
+    from: ConsumeFrom,
+) -> Result<Pulled> {
+    let (addr, conn) = connect(shared, key).await?;
+    let at_broker = |e| Error::at_broker(&key.broker_name, &addr, e);
+    let start = match *offset {
+        Some(o) => o,
+        None => {
+            let o = query_start(shared, &conn, key, from)
+                .await
+                .map_err(at_broker)?;
+            *offset = Some(o);
+            o
+        }
+    };
+    let request = PullRequest {
+        topic: shared.topic.clone(),
+        queue: key.queue,
+        offset: start,
+        max_messages: shared.settings.batch_size,
+        max_wait_ms: u64::try_from(shared.settings.max_wait.as_millis()).unwrap_or(u64::MAX),
+    };
+    let began = Instant::now();
+    let timeout = shared.settings.max_wait + shared.settings.request_timeout;
+    match conn.call_with_timeout(request, timeout).await {
+        Ok(result) => {
+            let next = result.next_offset;
+            let empty = result.messages.is_empty();
+            if !empty {
+                let batch = Fetched {
+                    key: key.clone(),
+                    messages: result.messages,
+                    next_offset: next,
+                };
+                // Waits while the consumer's buffer is full.
+                if shared.tx.send(batch).await.is_err() {
+                    // The consumer is gone; its cancellation stops this task.
+                    return Ok(Pulled::EarlyEmpty);
+                }
+            }
+            *offset = Some(next);
+            let early = empty && next == start && began.elapsed() < shared.settings.max_wait / 2;
+            Ok(if early {
+                Pulled::EarlyEmpty
+            } else {
+                Pulled::Normal
+            })
+        }
+        Err(e)
+            if e.remote()
+                .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
+        {
+            let bounds = conn.call(query(shared, key)).await.map_err(at_broker)?;
+            let fixed = start.min(bounds.max_offset).max(bounds.min_offset);
+            tracing::warn!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, from = start, to = fixed, "offset out of range; moved");
+            *offset = Some(fixed);
+            Ok(Pulled::Normal)
+        }
+        Err(e) => Err(at_broker(e)),
+    }
+}
+
+async fn connect(shared: &Shared, key: &QueueKey) -> Result<(String, Connection)> {
+    let addr = shared
+        .brokers
+        .get(&key.broker_name)
+        .map(|a| a.clone())
+        .ok_or_else(|| Error::UnknownBroker {
+            name: key.broker_name.clone(),
+        })?;
+    match shared.pool.get(&addr).await {
+        Ok(conn) => Ok((addr, conn)),
+        Err(e) => Err(Error::at_broker(&key.broker_name, &addr, e)),
+    }
+}
+
+fn query(shared: &Shared, key: &QueueKey) -> QueryOffset {
+    QueryOffset {
+        group: shared.group.clone(),
+        topic: shared.topic.clone(),
+        queue: key.queue,
+    }
+}
+
+/// Asks the broker where the group stands on `key` and records it.
+async fn query_start(
+    shared: &Shared,
+    conn: &Connection,
+    key: &QueueKey,
+    from: ConsumeFrom,
+) -> Result<u64, txmq_remoting::Error> {
+    let q = conn.call(query(shared, key)).await?;
+    let start = start_offset(q.committed, q.min_offset, q.max_offset, from);
+    shared.offsets().started(key, q.committed, start);
+    tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, committed = ?q.committed, start, "starting queue");
+    Ok(start)
+}
+
+/// The start offset of `key`, asked before the consumer's `build` returns
+/// so that [`ConsumeFrom::Last`] means "after what is stored now".
+///
+/// # Errors
+/// When the broker cannot be asked; the reader then asks again itself.
+pub(crate) async fn initial_offset(
+    shared: &Shared,
+    key: &QueueKey,
+    from: ConsumeFrom,
+) -> Result<u64> {
+    let (addr, conn) = connect(shared, key).await?;
+    query_start(shared, &conn, key, from)
+        .await
+        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
+}

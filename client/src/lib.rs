@@ -1,0 +1,62 @@
+//! txmq: the client library of the txmq message broker.
+//!
+//! Start with [`Producer`] to send messages, [`PullConsumer`] to read them as
+//! a consumer group, and [`Admin`] to create topics and inspect the cluster.
+//! All three are configured with builders that take the nameserver
+//! addresses ([`ClientConfig`] holds the settings they share) and are cheap to
+//! drive from tests: everything runs on the caller's tokio runtime.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), txmq::Error> {
+//! use std::time::Duration;
+//! use txmq::{ConsumeFrom, Message, Producer, PullConsumer};
+//!
+//! let producer = Producer::builder().nameserver("127.0.0.1:9876").build().await?;
+//! let receipt = producer.send(Message::new("orders", "hello")).await?;
+//! println!("stored at queue {} offset {}", receipt.queue, receipt.queue_offset);
+//!
+//! let mut consumer = PullConsumer::builder()
+//!     .nameserver("127.0.0.1:9876")
+//!     .group("billing")
+//!     .topic("orders")
+//!     .from(ConsumeFrom::First)
+//!     .build()
+//!     .await?;
+//! for m in consumer.poll(Duration::from_secs(1)).await? {
+//!     println!("{}: {:?}", m.msg_id(), m.body());
+//! }
+//! consumer.shutdown().await?; // commits what poll handed out
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Inside, [`route`] caches topic routes from the nameservers ([`nameserver`]
+//! tries them in turn), [`pool`] keeps one shared connection per broker, and
+//! every request goes over a pipelined [`txmq_remoting::Connection`], so many
+//! sends from one producer are in flight at once.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod nameserver;
+pub mod pool;
+pub mod producer;
+pub mod route;
+
+pub use admin::{Admin, CreatedTopic};
+pub use config::ClientConfig;
+pub use consumer::{ConsumeFrom, PullConsumer, PullConsumerBuilder, ReceivedMessage};
+pub use error::{Error, Result};
+pub use producer::{Producer, ProducerBuilder, SendReceipt};
+pub use route::MessageQueue;
+
+/// The connection-level error inside [`Error::Remoting`] and [`Error::Broker`].
+pub use txmq_remoting::Error as RemotingError;
+
+pub use txmq_protocol::{
+    BrokerInfo, BrokerQueues, ErrorCode, Message, MsgId, SendStatus, StoredMessage, TopicConfig,
+    TopicOnBroker, TopicRoute, WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
+};

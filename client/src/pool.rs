@@ -1,0 +1,160 @@
+//! One shared connection per peer address, opened on first use and opened
+//! again once it has closed.
+//!
+//! Every request of a client object to the same broker or nameserver is
+//! pipelined over that one [`Connection`]. Opening is single-flight: when
+//! many sends find no connection at once, one of them connects and the others
+//! wait for it (and share its failure, instead of each trying and timing out
+//! in turn).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use txmq_protocol::{Hello, Role, PROTOCOL_VERSION};
+use txmq_remoting::{Connection, ConnectionConfig, Service};
+
+use crate::ClientConfig;
+
+/// A set of connections that all introduce themselves with the same hello.
+/// Cloning is cheap; the connections close when the last clone is dropped
+/// or on [`ConnectionPool::close`].
+#[derive(Clone)]
+pub struct ConnectionPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    hello: Hello,
+    config: ConnectionConfig,
+    service: Option<Arc<dyn Service>>,
+    slots: DashMap<String, Arc<Slot>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    conn: Mutex<Option<Connection>>,
+    last_failure: Mutex<Option<(Instant, txmq_remoting::Error)>>,
+    /// Held while connecting, so that only one caller connects at a time.
+    /// An async mutex on purpose: the waiters must wait across the connect.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn current(&self) -> Option<Connection> {
+        lock(&self.conn)
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl std::fmt::Debug for ConnectionPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionPool")
+            .field("client_id", &self.inner.hello.client_id)
+            .field("peers", &self.inner.slots.len())
+            .finish()
+    }
+}
+
+impl ConnectionPool {
+    /// A pool whose connections say hello as `role` of `group`, with the
+    /// timeouts of `config`. `service`, if given, answers requests the peers
+    /// send back on these connections.
+    pub fn new(
+        config: &ClientConfig,
+        role: Role,
+        group: Option<String>,
+        service: Option<Arc<dyn Service>>,
+    ) -> ConnectionPool {
+        ConnectionPool {
+            inner: Arc::new(PoolInner {
+                hello: Hello {
+                    version: PROTOCOL_VERSION,
+                    role,
+                    client_id: config.client_id.clone(),
+                    group,
+                },
+                config: config.connection_config(),
+                service,
+                slots: DashMap::new(),
+            }),
+        }
+    }
+
+    /// The open connection to `addr`, connecting first if there is none or
+    /// it has closed.
+    ///
+    /// # Errors
+    /// The connect or hello failure ([`txmq_remoting::Error::Connect`], ...).
+    /// Callers that waited for a concurrent attempt get that attempt's error.
+    pub async fn get(&self, addr: &str) -> Result<Connection, txmq_remoting::Error> {
+        let slot = self.slot(addr);
+        if let Some(conn) = slot.current() {
+            return Ok(conn);
+        }
+        let waiting_since = Instant::now();
+        let _connecting = slot.connecting.lock().await;
+        if let Some(conn) = slot.current() {
+            return Ok(conn);
+        }
+        if let Some((at, e)) = lock(&slot.last_failure).as_ref() {
+            if *at >= waiting_since {
+                return Err(e.clone());
+            }
+        }
+        let hello = self.inner.hello.clone();
+        let service = self.inner.service.clone();
+        match Connection::connect(addr, hello, service, self.inner.config.clone()).await {
+            Ok(conn) => {
+                tracing::debug!(%addr, "connected");
+                *lock(&slot.conn) = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "connect failed");
+                *lock(&slot.last_failure) = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes every connection; later calls to [`ConnectionPool::get`] open new ones.
+    pub fn close(&self) {
+        self.inner.close_all();
+    }
+
+    fn slot(&self, addr: &str) -> Arc<Slot> {
+        if let Some(slot) = self.inner.slots.get(addr) {
+            return slot.clone();
+        }
+        self.inner
+            .slots
+            .entry(addr.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+impl PoolInner {
+    fn close_all(&self) {
+        for slot in self.slots.iter() {
+            if let Some(conn) = lock(&slot.conn).take() {
+                conn.close();
+            }
+        }
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // A connection outlives its handles; close ours with the last user.
+        self.close_all();
+    }
+}

@@ -1,0 +1,461 @@
+//! [`Producer`]: sends messages to a topic's queues, choosing the queue,
+//! retrying on another broker, and pipelining many sends over one
+//! connection per broker.
+
+mod queue_select;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use txmq_protocol::{
+    now_millis, validate_topic_name, Message, MsgId, Role, SendRequest, SendResult, SendStatus,
+};
+
+use crate::nameserver::NameserverClient;
+use crate::pool::ConnectionPool;
+use crate::route::{MessageQueue, RouteCache, RouteInfo};
+use crate::{ClientConfig, Error, Result};
+
+use queue_select::Target;
+pub use queue_select::{select_by_hash, select_round_robin, shard_hash};
+
+/// Pause before retrying on the broker that just failed (times the attempt
+/// number), so a restarting broker is not hammered.
+const SAME_BROKER_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Where one sent message was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// The message's id (assigned before the first attempt).
+    pub msg_id: MsgId,
+    /// The topic.
+    pub topic: String,
+    /// The broker that stored it.
+    pub broker_name: String,
+    /// The queue it was stored in.
+    pub queue: u32,
+    /// Its offset in that queue.
+    pub queue_offset: u64,
+    /// How the broker acknowledged it.
+    pub status: SendStatus,
+}
+
+/// Builds a [`Producer`].
+#[derive(Debug, Clone, Default)]
+pub struct ProducerBuilder {
+    config: ClientConfig,
+    group: Option<String>,
+}
+
+impl ProducerBuilder {
+    /// Adds a nameserver address, or a comma-separated list of them; may be
+    /// called repeatedly.
+    pub fn nameserver(mut self, addr: &str) -> Self {
+        self.config.add_nameservers(addr);
+        self
+    }
+
+    /// Replaces all settings (nameservers included) with `config`.
+    pub fn config(mut self, config: ClientConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The producer group, sent in the hello to brokers.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// How long one send attempt waits for the broker's answer (default 3 s).
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// How many more attempts a send gets after a retriable failure (default 2).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.config.send_retries = retries;
+        self
+    }
+
+    /// How long a topic's route is cached (default 30 s).
+    pub fn route_refresh_interval(mut self, interval: Duration) -> Self {
+        self.config.route_refresh_interval = interval;
+        self
+    }
+
+    /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
+    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
+        self.config.client_id = client_id.into();
+        self
+    }
+
+    /// Creates the producer. Nothing is connected yet: connections to the
+    /// nameservers and brokers open on the first send.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] when no nameserver is given or a setting is invalid.
+    pub async fn build(self) -> Result<Producer> {
+        self.config.validate()?;
+        let pool = ConnectionPool::new(&self.config, Role::Producer, self.group.clone(), None);
+        let nameservers = NameserverClient::new(self.config.nameservers.clone(), pool.clone());
+        let routes = RouteCache::new(nameservers, self.config.route_refresh_interval, true);
+        Ok(Producer {
+            inner: Arc::new(Inner {
+                config: self.config,
+                group: self.group,
+                pool,
+                routes,
+                turn: AtomicU64::new(random_start()),
+            }),
+        })
+    }
+}
+
+/// Sends messages. A cheap `Clone` handle; every method takes `&self`, and
+/// many sends may be in flight at once from one producer (they are pipelined
+/// over one connection per broker).
+///
+/// A send returns once the broker has stored the message: in the page cache
+/// under the broker's `async` flush mode, fsynced under `sync` (else the
+/// status is [`SendStatus::FlushDiskTimeout`]).
+///
+/// On a retriable failure (connection lost, timeout, broker unavailable,
+/// unknown topic or no permission on that broker) the producer marks the
+/// route stale, fetches it again and tries the next queue, preferring a
+/// broker other than the one that failed, up to
+/// [`ClientConfig::send_retries`] more times. Every attempt carries the same
+/// message id, so a message stored by an attempt whose answer was lost can be
+/// recognised as a duplicate.
+///
+/// A topic without a route is sent to the registered brokers, which create
+/// it on its first message unless their auto-creation is off.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    group: Option<String>,
+    pool: ConnectionPool,
+    routes: RouteCache,
+    turn: AtomicU64,
+}
+
+impl Producer {
+    /// A builder; give it at least one nameserver.
+    pub fn builder() -> ProducerBuilder {
+        ProducerBuilder::default()
+    }
+
+    /// The producer group, if one was given.
+    pub fn group(&self) -> Option<&str> {
+        self.inner.group.as_deref()
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Sends one message to the next writable queue in turn (round robin
+    /// over all queues of all brokers of the topic).
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] for an invalid topic name; [`Error::NoRoute`]
+    /// when no broker serves the topic or could create it; [`Error::Broker`]
+    /// with the broker's error (e.g. `UNKNOWN_TOPIC`, `MESSAGE_TOO_LARGE`) or
+    /// the connection failure of the last attempt.
+    pub async fn send(&self, message: Message) -> Result<SendReceipt> {
+        let mut receipts = self.send_to(vec![message], Target::RoundRobin).await?;
+        receipts
+            .pop()
+            .ok_or_else(|| Error::Protocol("empty send result".into()))
+    }
+
+    /// Sends a batch in one request to one queue; the messages are stored
+    /// contiguously and in order. All must have the same topic.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] for an empty batch or mixed topics; otherwise as
+    /// [`Producer::send`]. A batch is stored whole or not at all.
+    pub async fn send_batch(&self, messages: Vec<Message>) -> Result<Vec<SendReceipt>> {
+        self.send_to(messages, Target::RoundRobin).await
+    }
+
+    /// Sends a message to the queue chosen by a stable hash of `shard_key`
+    /// ([`shard_hash`]) over the topic's writable queues, so that messages
+    /// with the same key are stored in one queue, in send order (as long as
+    /// each is sent after the previous one was acknowledged, and the topic's
+    /// queues do not change). A retry goes to the queue the key maps to
+    /// again, never to another one.
+    ///
+    /// # Errors
+    /// As [`Producer::send`].
+    pub async fn send_ordered(&self, message: Message, shard_key: &str) -> Result<SendReceipt> {
+        let target = Target::Hash(shard_hash(shard_key));
+        let mut receipts = self.send_to(vec![message], target).await?;
+        receipts
+            .pop()
+            .ok_or_else(|| Error::Protocol("empty send result".into()))
+    }
+
+    /// Sends a message to queue `queue` of broker `broker_name`.
+    ///
+    /// # Errors
+    /// [`Error::NoQueue`] when the topic's route has no such writable queue;
+    /// otherwise as [`Producer::send`].
+    pub async fn send_to_queue(
+        &self,
+        message: Message,
+        broker_name: &str,
+        queue: u32,
+    ) -> Result<SendReceipt> {
+        let target = Target::Queue {
+            broker: broker_name,
+            queue,
+        };
+        let mut receipts = self.send_to(vec![message], target).await?;
+        receipts
+            .pop()
+            .ok_or_else(|| Error::Protocol("empty send result".into()))
+    }
+
+    /// The writable queues of `topic`, from the route cache.
+    ///
+    /// # Errors
+    /// As fetching a route: [`Error::NoRoute`] or [`Error::Remoting`].
+    pub async fn writable_queues(&self, topic: &str) -> Result<Vec<MessageQueue>> {
+        Ok(self.inner.routes.get(topic).await?.writable.clone())
+    }
+
+    /// Closes the producer's connections. Sends in flight fail; later sends
+    /// connect again.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+
+    async fn send_to(
+        &self,
+        mut messages: Vec<Message>,
+        target: Target<'_>,
+    ) -> Result<Vec<SendReceipt>> {
+        let topic = prepare(&mut messages)?;
+        let (mq, result) = self.send_with_retries(&topic, &messages, target).await?;
+        Ok(receipts(&topic, &mq, &result, &messages))
+    }
+
+    async fn send_with_retries(
+        &self,
+        topic: &str,
+        messages: &[Message],
+        target: Target<'_>,
+    ) -> Result<(MessageQueue, SendResult)> {
+        let attempts = self.inner.config.send_retries.saturating_add(1);
+        let timeout = self.inner.config.request_timeout;
+        let mut failed_broker: Option<String> = None;
+        let mut last_error = None;
+        for attempt in 0..attempts {
+            let last_attempt = attempt + 1 == attempts;
+            let route = match self.inner.routes.get(topic).await {
+                Ok(route) => route,
+                Err(e) if e.is_retriable() && !last_attempt => {
+                    tracing::debug!(%topic, error = %e, "route lookup failed; retrying");
+                    last_error = Some(e);
+                    tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * (attempt + 1)).await;
+                    continue;
+                }
+                // After a broker failed, its disappearance from the route
+                // (NoRoute, say) says less than the failure itself.
+                Err(e) => return Err(last_error.unwrap_or(e)),
+            };
+            let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+            let Some(mq) = target
+                .select(&route.writable, turn, failed_broker.as_deref())
+                .cloned()
+            else {
+                return Err(last_error.unwrap_or_else(|| no_queue(topic, target)));
+            };
+            if failed_broker.as_deref() == Some(mq.broker_name.as_str()) {
+                tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
+            }
+            let request = SendRequest {
+                queue: mq.queue,
+                messages: messages.to_vec(),
+            };
+            let result = match self.inner.pool.get(&mq.addr).await {
+                Ok(conn) => conn.call_with_timeout(request, timeout).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(result) => return Ok((mq, result)),
+                Err(e) => {
+                    let retriable = e.is_retriable();
+                    let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
+                    if !retriable {
+                        return Err(error);
+                    }
+                    self.note_failure(topic, &route, &mq, attempt, last_attempt, target, &error);
+                    failed_broker = Some(mq.broker_name);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::Protocol("no send attempt was made".into())))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn note_failure(
+        &self,
+        topic: &str,
+        route: &RouteInfo,
+        mq: &MessageQueue,
+        attempt: u32,
+        last_attempt: bool,
+        target: Target<'_>,
+        error: &Error,
+    ) {
+        self.inner.routes.invalidate(topic, route.generation);
+        let cause = error
+            .remoting()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if last_attempt {
+            tracing::debug!(%topic, broker = %mq.broker_name, queue = mq.queue, attempt, %cause, "send failed");
+        } else {
+            let next = if target.may_switch_broker() {
+                "retrying on the next queue"
+            } else {
+                "retrying"
+            };
+            // Info, not warn: a retry is routine, and the caller sees the
+            // error if the last attempt fails too.
+            tracing::info!(%topic, broker = %mq.broker_name, queue = mq.queue, attempt, %cause, "send failed; {next}");
+        }
+    }
+}
+
+/// A random start for the round robin, so that short-lived producers (one
+/// message per process, say) do not all send to the first queue.
+fn random_start() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() >> 1
+}
+
+/// Checks a batch and fills in missing ids and timestamps; returns the topic.
+fn prepare(messages: &mut [Message]) -> Result<String> {
+    let topic = match messages.first() {
+        Some(m) => m.topic.clone(),
+        None => {
+            return Err(Error::BadArgument(
+                "a batch needs at least one message".into(),
+            ))
+        }
+    };
+    validate_topic_name(&topic).map_err(Error::BadArgument)?;
+    if let Some(other) = messages.iter().find(|m| m.topic != topic) {
+        return Err(Error::BadArgument(format!(
+            "all messages of a batch must have the same topic; found {:?} and {:?}",
+            topic, other.topic
+        )));
+    }
+    for m in messages.iter_mut() {
+        if m.msg_id == MsgId::default() {
+            m.msg_id = MsgId::generate();
+        }
+        if m.born_timestamp == 0 {
+            m.born_timestamp = now_millis();
+        }
+    }
+    Ok(topic)
+}
+
+fn no_queue(topic: &str, target: Target<'_>) -> Error {
+    match target {
+        Target::Queue { broker, queue } => Error::BadArgument(format!(
+            "topic {topic:?} has no writable queue {queue} on broker {broker:?}"
+        )),
+        _ => Error::NoQueue {
+            topic: topic.to_string(),
+            what: "writable",
+        },
+    }
+}
+
+/// The i-th message got queue offset `first_offset + i`.
+fn receipts(
+    topic: &str,
+    mq: &MessageQueue,
+    result: &SendResult,
+    messages: &[Message],
+) -> Vec<SendReceipt> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| SendReceipt {
+            msg_id: result.msg_ids.get(i).copied().unwrap_or(m.msg_id),
+            topic: topic.to_string(),
+            broker_name: mq.broker_name.clone(),
+            queue: result.queue,
+            queue_offset: result.first_offset + i as u64,
+            status: result.status,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_checked_and_completed_before_sending() {
+        let mut empty: Vec<Message> = Vec::new();
+        assert!(matches!(prepare(&mut empty), Err(Error::BadArgument(_))));
+
+        let mut mixed = vec![Message::new("a", "1"), Message::new("b", "2")];
+        assert!(matches!(prepare(&mut mixed), Err(Error::BadArgument(_))));
+
+        let mut bad_name = vec![Message::new("no spaces", "1")];
+        assert!(matches!(prepare(&mut bad_name), Err(Error::BadArgument(_))));
+
+        let mut m = Message::new("t", "x");
+        m.msg_id = MsgId::default();
+        m.born_timestamp = 0;
+        let kept = Message::new("t", "y");
+        let mut batch = vec![m, kept.clone()];
+        assert_eq!(prepare(&mut batch).ok().as_deref(), Some("t"));
+        assert_ne!(batch[0].msg_id, MsgId::default());
+        assert_ne!(batch[0].born_timestamp, 0);
+        assert_eq!(batch[1].msg_id, kept.msg_id);
+    }
+
+    #[test]
+    fn receipts_number_a_batch_from_the_first_offset() {
+        let messages = vec![Message::new("t", "a"), Message::new("t", "b")];
+        let mq = MessageQueue {
+            broker_name: "b1".into(),
+            addr: "x:1".into(),
+            queue: 2,
+        };
+        let result = SendResult {
+            status: SendStatus::SendOk,
+            queue: 2,
+            first_offset: 7,
+            msg_ids: messages.iter().map(|m| m.msg_id).collect(),
+        };
+        let r = receipts("t", &mq, &result, &messages);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].queue, r[0].queue_offset, r[1].queue_offset),
+            (2, 7, 8)
+        );
+        assert_eq!(r[1].msg_id, messages[1].msg_id);
+        assert_eq!(r[0].broker_name, "b1");
+    }
+}

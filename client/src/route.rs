@@ -1,0 +1,333 @@
+//! Topic routes: which brokers serve a topic, at which address, with how
+//! many queues and which permissions.
+//!
+//! [`RouteCache`] asks the nameservers once per topic and keeps the answer
+//! for the refresh interval; a send error invalidates it so the retry sees
+//! brokers that left or joined. Fetches are single-flight per topic.
+//!
+//! A topic nobody has created yet has no route, but a broker auto-creates a
+//! topic on its first send (unless configured not to). A producer's cache
+//! therefore answers an unknown topic with a *provisional* route: queue 0
+//! (the one queue an auto-created topic surely has, whatever the broker's
+//! default queue count) of every registered broker, kept for a second only,
+//! until the brokers have registered the real route.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use txmq_protocol::{BrokerInfo, BrokerQueues, TopicRoute, PERM_READ, PERM_READ_WRITE, PERM_WRITE};
+
+use crate::nameserver::NameserverClient;
+use crate::{Error, Result};
+
+/// The queues per broker of a provisional route: only queue 0 surely
+/// exists in a topic a broker auto-creates.
+pub const PROVISIONAL_QUEUES: u32 = 1;
+
+/// How long a provisional route (see the module docs) is used.
+const PROVISIONAL_TTL: Duration = Duration::from_secs(1);
+
+/// How long a stale route is used again when the nameservers cannot be reached.
+const STALE_RETRY: Duration = Duration::from_secs(1);
+
+/// One queue of a topic on one broker.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageQueue {
+    /// The broker's name.
+    pub broker_name: String,
+    /// The broker's address.
+    pub addr: String,
+    /// The queue id on that broker.
+    pub queue: u32,
+}
+
+/// A topic's route with its queues listed, as the cache hands it out.
+#[derive(Debug)]
+pub struct RouteInfo {
+    /// The route as the nameserver answered (or the provisional one).
+    pub route: TopicRoute,
+    /// Queues that may be sent to, by broker name then queue id.
+    pub writable: Vec<MessageQueue>,
+    /// Queues that may be read, by broker name then queue id.
+    pub readable: Vec<MessageQueue>,
+    /// True for a provisional route built from the cluster list.
+    pub provisional: bool,
+    /// Changes with every fetch; see [`RouteCache::invalidate`].
+    pub generation: u64,
+}
+
+impl RouteInfo {
+    /// Lists the queues of `route`.
+    pub fn new(route: TopicRoute, provisional: bool, generation: u64) -> RouteInfo {
+        RouteInfo {
+            writable: queues_with(&route, PERM_WRITE),
+            readable: queues_with(&route, PERM_READ),
+            route,
+            provisional,
+            generation,
+        }
+    }
+}
+
+/// Every queue of `route` on brokers whose permission has all bits of
+/// `perm`, ordered by broker name then queue id.
+pub fn queues_with(route: &TopicRoute, perm: u8) -> Vec<MessageQueue> {
+    let mut brokers: Vec<&BrokerQueues> = route
+        .brokers
+        .iter()
+        .filter(|b| b.perm & perm == perm)
+        .collect();
+    brokers.sort_by(|a, b| a.broker_name.cmp(&b.broker_name));
+    brokers
+        .into_iter()
+        .flat_map(|b| {
+            (0..b.queues).map(move |queue| MessageQueue {
+                broker_name: b.broker_name.clone(),
+                addr: b.addr.clone(),
+                queue,
+            })
+        })
+        .collect()
+}
+
+/// The route a broker will create on the first send to an unknown topic:
+/// every broker of `brokers`, read-write, [`PROVISIONAL_QUEUES`] queue each.
+pub fn provisional_route(topic: &str, brokers: &[BrokerInfo]) -> TopicRoute {
+    let by_name: BTreeMap<&str, &str> = brokers
+        .iter()
+        .map(|b| (b.broker_name.as_str(), b.addr.as_str()))
+        .collect();
+    TopicRoute {
+        topic: topic.to_string(),
+        brokers: by_name
+            .into_iter()
+            .map(|(name, addr)| BrokerQueues {
+                broker_name: name.to_string(),
+                addr: addr.to_string(),
+                queues: PROVISIONAL_QUEUES,
+                perm: PERM_READ_WRITE,
+            })
+            .collect(),
+    }
+}
+
+/// A cache of topic routes. Cloning is cheap and shares the cache.
+#[derive(Debug, Clone)]
+pub struct RouteCache {
+    inner: Arc<CacheInner>,
+}
+
+#[derive(Debug)]
+struct CacheInner {
+    nameservers: NameserverClient,
+    refresh_interval: Duration,
+    provisional: bool,
+    entries: DashMap<String, Entry>,
+    gates: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    next_generation: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: Arc<RouteInfo>,
+    expires: Instant,
+}
+
+impl RouteCache {
+    /// A cache that keeps routes for `refresh_interval`. With
+    /// `provisional`, an unknown topic gets a provisional route (for sending).
+    pub fn new(
+        nameservers: NameserverClient,
+        refresh_interval: Duration,
+        provisional: bool,
+    ) -> RouteCache {
+        RouteCache {
+            inner: Arc::new(CacheInner {
+                nameservers,
+                refresh_interval,
+                provisional,
+                entries: DashMap::new(),
+                gates: DashMap::new(),
+                next_generation: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The nameservers asked.
+    pub fn nameservers(&self) -> &NameserverClient {
+        &self.inner.nameservers
+    }
+
+    /// The route of `topic`, from the cache while it is fresh.
+    ///
+    /// When the nameservers cannot be reached, an expired route is used for
+    /// another second rather than failing.
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`], or the failure to reach any nameserver when
+    /// nothing is cached.
+    pub async fn get(&self, topic: &str) -> Result<Arc<RouteInfo>> {
+        if let Some(info) = self.fresh(topic) {
+            return Ok(info);
+        }
+        let gate = self.gate(topic);
+        let _fetching = gate.lock().await;
+        if let Some(info) = self.fresh(topic) {
+            return Ok(info);
+        }
+        match self.fetch(topic).await {
+            Ok(info) => Ok(info),
+            Err(e @ Error::NoRoute { .. }) => Err(e),
+            Err(e) => match self.inner.entries.get_mut(topic) {
+                Some(mut stale) => {
+                    tracing::warn!(%topic, error = %e, "cannot refresh route; using the cached one");
+                    stale.expires = Instant::now() + STALE_RETRY;
+                    Ok(stale.info.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Fetches the route of `topic` now, whether or not one is cached.
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`], or the failure to reach any nameserver.
+    pub async fn refresh(&self, topic: &str) -> Result<Arc<RouteInfo>> {
+        let gate = self.gate(topic);
+        let _fetching = gate.lock().await;
+        self.fetch(topic).await
+    }
+
+    /// Marks the route of `topic` stale if it is still the one of
+    /// `generation`, so the next [`RouteCache::get`] fetches it again. Many
+    /// sends failing on one route cause one fetch, not one each.
+    pub fn invalidate(&self, topic: &str, generation: u64) {
+        if let Some(mut entry) = self.inner.entries.get_mut(topic) {
+            if entry.info.generation == generation {
+                entry.expires = Instant::now();
+            }
+        }
+    }
+
+    fn fresh(&self, topic: &str) -> Option<Arc<RouteInfo>> {
+        let entry = self.inner.entries.get(topic)?;
+        (entry.expires > Instant::now()).then(|| entry.info.clone())
+    }
+
+    fn gate(&self, topic: &str) -> Arc<tokio::sync::Mutex<()>> {
+        if let Some(gate) = self.inner.gates.get(topic) {
+            return gate.clone();
+        }
+        self.inner
+            .gates
+            .entry(topic.to_string())
+            .or_default()
+            .clone()
+    }
+
+    async fn fetch(&self, topic: &str) -> Result<Arc<RouteInfo>> {
+        let ns = &self.inner.nameservers;
+        let (route, provisional) = match ns.route(topic).await {
+            Ok(route) => (route, false),
+            Err(Error::NoRoute { .. }) if self.inner.provisional => {
+                let brokers = ns.cluster().await?;
+                if brokers.is_empty() {
+                    self.inner.entries.remove(topic);
+                    return Err(Error::NoRoute {
+                        topic: topic.to_string(),
+                    });
+                }
+                tracing::debug!(%topic, "no route yet; sending to any broker, which auto-creates the topic");
+                (provisional_route(topic, &brokers), true)
+            }
+            Err(e @ Error::NoRoute { .. }) => {
+                self.inner.entries.remove(topic);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(RouteInfo::new(route, provisional, generation));
+        let ttl = if provisional {
+            PROVISIONAL_TTL.min(self.inner.refresh_interval)
+        } else {
+            self.inner.refresh_interval
+        };
+        self.inner.entries.insert(
+            topic.to_string(),
+            Entry {
+                info: info.clone(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use txmq_protocol::PERM_READ;
+
+    fn bq(name: &str, queues: u32, perm: u8) -> BrokerQueues {
+        BrokerQueues {
+            broker_name: name.into(),
+            addr: format!("{name}:10911"),
+            queues,
+            perm,
+        }
+    }
+
+    #[test]
+    fn queues_are_listed_per_permission_in_broker_then_queue_order() {
+        let route = TopicRoute {
+            topic: "t".into(),
+            brokers: vec![
+                bq("b", 2, PERM_READ_WRITE),
+                bq("a", 1, PERM_READ_WRITE),
+                bq("c", 2, PERM_READ),
+            ],
+        };
+        let info = RouteInfo::new(route, false, 1);
+        let w: Vec<(&str, u32)> = info
+            .writable
+            .iter()
+            .map(|q| (q.broker_name.as_str(), q.queue))
+            .collect();
+        assert_eq!(w, [("a", 0), ("b", 0), ("b", 1)]);
+        let r: Vec<(&str, u32)> = info
+            .readable
+            .iter()
+            .map(|q| (q.broker_name.as_str(), q.queue))
+            .collect();
+        assert_eq!(r, [("a", 0), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]);
+        assert_eq!(info.writable[1].addr, "b:10911");
+    }
+
+    #[test]
+    fn provisional_route_covers_every_broker_once() {
+        let broker = |name: &str| BrokerInfo {
+            cluster: "c".into(),
+            broker_name: name.into(),
+            addr: format!("{name}:1"),
+            last_heartbeat_ms_ago: 0,
+            topic_count: 0,
+        };
+        let route = provisional_route("new", &[broker("y"), broker("x"), broker("y")]);
+        assert_eq!(route.topic, "new");
+        let names: Vec<&str> = route
+            .brokers
+            .iter()
+            .map(|b| b.broker_name.as_str())
+            .collect();
+        assert_eq!(names, ["x", "y"]);
+        assert!(route
+            .brokers
+            .iter()
+            .all(|b| b.queues == PROVISIONAL_QUEUES && b.perm == PERM_READ_WRITE));
+    }
+}
