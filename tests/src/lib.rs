@@ -1,1 +1,345 @@
-//! placeholder
+//! txmq-tests: the harness for end-to-end tests that start real nameserver
+//! and broker instances (in-process on port 0, or as real processes where a
+//! `kill -9` or `SIGSTOP` is needed) and drive them with the client crate or
+//! the `txmq` binary, as a user would.
+//!
+//! Start with [`Cluster`] (in-process) and [`BrokerProcess`] (a real
+//! `txmq-broker` process); [`txmq_cli`] runs the command-line tool.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use txmq_broker::{Broker, BrokerConfig, FlushMode};
+use txmq_nameserver::{Nameserver, NameserverConfig};
+
+/// Builds the workspace's binaries once per test process (a no-op when they
+/// are up to date) and returns the path of `name`.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--bins", "--manifest-path"])
+            .arg(&manifest)
+            .status()
+            .map_err(|e| format!("cannot run cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build --bins failed: {status}"));
+        }
+        // target/debug/deps/<test binary> -> target/debug
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or("cannot find the target directory")?;
+        Ok(dir.to_path_buf())
+    });
+    match dir {
+        Ok(d) => d.join(name),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Broker settings for tests: short heartbeats, small segments, in `dir`.
+pub fn test_broker_config(dir: &Path, nameserver: &str, name: &str) -> BrokerConfig {
+    let mut c = BrokerConfig::new(dir);
+    c.listen = "127.0.0.1:0".into();
+    c.nameservers = vec![nameserver.to_string()];
+    c.broker_name = name.into();
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.segment_size = 8 << 20;
+    c.max_message_size = 1 << 20;
+    c
+}
+
+/// An in-process nameserver and brokers on ephemeral ports.
+pub struct Cluster {
+    /// The nameserver's address.
+    pub nameserver: String,
+    ns_shutdown: CancellationToken,
+    /// The running brokers.
+    pub brokers: Vec<Broker>,
+    /// Data directories (removed on drop).
+    pub dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// A nameserver and one broker named `broker-a` with `flush`.
+    pub async fn start(flush: FlushMode) -> Cluster {
+        let mut c = Cluster::nameserver_only(Duration::from_secs(30)).await;
+        c.add_broker("broker-a", |cfg| cfg.flush = flush).await;
+        c
+    }
+
+    /// Just a nameserver with the given broker expiry.
+    pub async fn nameserver_only(expiry: Duration) -> Cluster {
+        let ns = Nameserver::bind(NameserverConfig {
+            listen: "127.0.0.1:0".into(),
+            broker_expiry: expiry,
+        })
+        .await
+        .expect("nameserver binds");
+        let nameserver = ns.local_addr().to_string();
+        let ns_shutdown = CancellationToken::new();
+        tokio::spawn(ns.run(ns_shutdown.clone()));
+        Cluster {
+            nameserver,
+            ns_shutdown,
+            brokers: Vec::new(),
+            dirs: Vec::new(),
+        }
+    }
+
+    /// Starts a broker named `name`, letting `tweak` adjust its settings, and
+    /// waits until the nameserver knows it.
+    pub async fn add_broker(&mut self, name: &str, tweak: impl FnOnce(&mut BrokerConfig)) -> SocketAddr {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = test_broker_config(dir.path(), &self.nameserver, name);
+        tweak(&mut cfg);
+        let broker = Broker::start(cfg).await.expect("broker starts");
+        let addr = broker.local_addr();
+        self.brokers.push(broker);
+        self.dirs.push(dir);
+        wait_for_broker(&self.nameserver, name).await;
+        addr
+    }
+
+    /// A producer connected to this cluster.
+    pub async fn producer(&self) -> txmq::Producer {
+        txmq::Producer::builder()
+            .nameserver(&self.nameserver)
+            .build()
+            .await
+            .expect("producer builds")
+    }
+
+    /// An admin client for this cluster.
+    pub async fn admin(&self) -> txmq::Admin {
+        txmq::Admin::connect([self.nameserver.clone()]).await.expect("admin connects")
+    }
+
+    /// Shuts every broker down gracefully, then the nameserver.
+    pub async fn shutdown(self) {
+        for b in self.brokers {
+            b.shutdown().await;
+        }
+        self.ns_shutdown.cancel();
+    }
+}
+
+/// Waits (up to 10 s) until the nameserver at `ns` lists broker `name`.
+pub async fn wait_for_broker(ns: &str, name: &str) {
+    let admin = txmq::Admin::connect([ns.to_string()]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(brokers) = admin.cluster().await {
+            if brokers.iter().any(|b| b.broker_name == name) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "broker {name} never registered with {ns}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real `txmq-broker` process; killed (SIGKILL) when dropped.
+pub struct BrokerProcess {
+    child: Option<Child>,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// The address it listens on.
+    pub addr: String,
+    /// The broker name.
+    pub name: String,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts `txmq-broker` with `data_dir`, registering with `nameserver`,
+    /// plus `extra` flags; waits until its port accepts connections.
+    pub fn start(data_dir: &Path, nameserver: &str, name: &str, extra: &[&str]) -> BrokerProcess {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            addr.clone(),
+            "--nameserver".into(),
+            nameserver.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--broker-name".into(),
+            name.into(),
+            "--heartbeat-interval".into(),
+            "200ms".into(),
+            "--segment-size".into(),
+            "8MiB".into(),
+            "--max-message-size".into(),
+            "1MiB".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = BrokerProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            addr,
+            name: name.into(),
+            args,
+            log: data_dir.with_extension("log"),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open broker log");
+        let child = Command::new(binary("txmq-broker"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start txmq-broker");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("txmq-broker exited with {status}; log:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "txmq-broker did not listen; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The broker's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends `signal` (e.g. "KILL", "STOP", "CONT", "TERM") to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        self.signal_pid(c.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal_pid(&self, pid: u32, signal: &str) {
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    }
+
+    /// Starts the process again with the same flags and data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A stopped process must be continued to die promptly.
+            self.signal_pid(c.id(), "CONT");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs the `txmq` binary with `args` against `nameserver`, with `stdin` as input.
+pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(binary("txmq"));
+    cmd.arg("--nameserver").arg(nameserver).args(args);
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start txmq");
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("txmq finishes")
+}
+
+/// The JSON objects a `--output json` command printed, one per line.
+pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// Consumes `topic` as `group` until `want` messages arrived or `idle` passed
+/// without one; returns them in arrival order. Commits before returning.
+pub async fn consume_all(
+    nameserver: &str,
+    group: &str,
+    topic: &str,
+    want: usize,
+    idle: Duration,
+) -> Vec<txmq::ReceivedMessage> {
+    let mut consumer = txmq::PullConsumer::builder()
+        .nameserver(nameserver)
+        .group(group)
+        .topic(topic)
+        .build()
+        .await
+        .expect("consumer builds");
+    let mut got = Vec::new();
+    let mut last = Instant::now();
+    while got.len() < want && last.elapsed() < idle {
+        let batch = consumer.poll(Duration::from_millis(200)).await.expect("poll");
+        if !batch.is_empty() {
+            last = Instant::now();
+            got.extend(batch);
+        }
+    }
+    consumer.shutdown().await.expect("consumer commits");
+    got
+}
