@@ -11,6 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::store::FlushMode;
+use crate::transaction::TxConfig;
 
 /// The broker's resolved settings.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct BrokerConfig {
     pub max_message_size: usize,
     /// Largest frame accepted on a connection, in bytes.
     pub max_frame_size: usize,
+    /// Transaction timeouts and check-back limits.
+    pub transactions: TxConfig,
 }
 
 impl BrokerConfig {
@@ -69,6 +72,13 @@ impl BrokerConfig {
             segment_size: 1 << 30,
             max_message_size: 4 << 20,
             max_frame_size: txmq_protocol::DEFAULT_MAX_FRAME_LEN,
+            transactions: TxConfig {
+                timeout: Duration::from_secs(6),
+                check_interval: Duration::from_secs(5),
+                check_max: 15,
+                check_rate: 1000,
+                check_timeout: Duration::from_secs(3),
+            },
         }
     }
 
@@ -97,6 +107,10 @@ impl BrokerConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return Err("heartbeat interval must not be zero".into());
+        }
+        let tx = &self.transactions;
+        if tx.check_interval.is_zero() || tx.check_rate == 0 || tx.check_max == 0 {
+            return Err("transaction check interval, rate and maximum must not be zero".into());
         }
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
@@ -255,6 +269,25 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_FRAME_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_frame_size: Option<u64>,
+    /// Age of a prepared transaction before its first check-back [default: 6s].
+    #[arg(long, env = "TXMQ_TRANSACTION_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub transaction_timeout: Option<Duration>,
+    /// How often the check-back scheduler looks for due transactions, and the
+    /// pause between two checks of one transaction [default: 5s].
+    #[arg(long, env = "TXMQ_TRANSACTION_CHECK_INTERVAL", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub transaction_check_interval: Option<Duration>,
+    /// Check-backs before a transaction is parked for an operator [default: 15].
+    #[arg(long, env = "TXMQ_TRANSACTION_CHECK_MAX")]
+    pub transaction_check_max: Option<u32>,
+    /// Check-backs per second per producer group [default: 1000].
+    #[arg(long, env = "TXMQ_TRANSACTION_CHECK_RATE")]
+    pub transaction_check_rate: Option<u32>,
+    /// How long a check-back waits for the producer's answer [default: 3s].
+    #[arg(long, env = "TXMQ_TRANSACTION_CHECK_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub transaction_check_timeout: Option<Duration>,
 }
 
 impl BrokerArgs {
@@ -329,6 +362,28 @@ impl BrokerArgs {
             max_frame_size: match self.max_frame_size.or(file.max_frame_size) {
                 Some(n) => to_usize(n, "max frame size")?,
                 None => d.max_frame_size,
+            },
+            transactions: TxConfig {
+                timeout: self
+                    .transaction_timeout
+                    .or(file.transaction_timeout)
+                    .unwrap_or(d.transactions.timeout),
+                check_interval: self
+                    .transaction_check_interval
+                    .or(file.transaction_check_interval)
+                    .unwrap_or(d.transactions.check_interval),
+                check_max: self
+                    .transaction_check_max
+                    .or(file.transaction_check_max)
+                    .unwrap_or(d.transactions.check_max),
+                check_rate: self
+                    .transaction_check_rate
+                    .or(file.transaction_check_rate)
+                    .unwrap_or(d.transactions.check_rate),
+                check_timeout: self
+                    .transaction_check_timeout
+                    .or(file.transaction_check_timeout)
+                    .unwrap_or(d.transactions.check_timeout),
             },
         };
         config.validate()?;

@@ -11,6 +11,7 @@ mod handler;
 mod registration;
 pub mod store;
 mod topics;
+mod transaction;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use txmq_remoting::ConnectionConfig;
 
 pub use config::{BrokerArgs, BrokerConfig};
 pub use store::FlushMode;
+pub use transaction::{TxConfig, PROP_USER_CHECK_DELAY};
 
 use crate::store::{Store, StoreConfig};
 use crate::topics::TopicTable;
@@ -64,6 +66,7 @@ pub(crate) struct BrokerInner {
     pub(crate) store: Store,
     pub(crate) topics: TopicTable,
     pub(crate) topics_changed: Notify,
+    pub(crate) transactions: Arc<transaction::Transactions>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -164,7 +167,15 @@ impl Broker {
             }
         }
         let shutdown = CancellationToken::new();
+        let recovered = store.take_recovered_transactions().unwrap_or_default();
+        let transactions = Arc::new(transaction::Transactions::new(
+            store.clone(),
+            config.transactions.clone(),
+            config.broker_name.clone(),
+            recovered,
+        ));
         let inner = Arc::new(BrokerInner {
+            transactions,
             advertised_addr: addr.to_string(),
             config,
             store,
@@ -188,6 +199,10 @@ impl Broker {
         ));
         tasks.spawn(registration::run(inner.clone(), nameservers));
         tasks.spawn(retention(inner.clone()));
+        tasks.spawn(transaction::run_check_back(
+            inner.transactions.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(
             broker = %inner.config.broker_name,
             %addr,

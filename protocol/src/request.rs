@@ -80,6 +80,14 @@ requests! {
     CommitOffset(CommitOffset) -> Done;
     /// Client -> broker: a group's committed offset and the queue's bounds.
     QueryOffset(QueryOffset) -> QueueOffsets;
+    /// Producer -> broker: store half messages, invisible until committed.
+    PrepareTransaction(PrepareTransaction) -> Prepared;
+    /// Producer or operator -> broker: commit or roll back a transaction.
+    EndTransaction(EndTransaction) -> Ended;
+    /// Broker -> producer (over the producer's own connection): what became of this transaction?
+    CheckTransaction(CheckTransaction) -> CheckAnswer;
+    /// Operator -> broker: pending and parked transactions, and counters.
+    ListTransactions(ListTransactions) -> TransactionList;
 }
 
 /// A topic may be read (consumed).
@@ -320,6 +328,199 @@ pub struct QueueOffsets {
     pub min_offset: u64,
     /// One past the last offset stored.
     pub max_offset: u64,
+}
+
+/// One half message of a transaction and the queue it is meant for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HalfMessage {
+    /// The real queue the message goes to when committed.
+    pub queue: u32,
+    /// The message, with its real topic.
+    pub message: Message,
+}
+
+/// Prepare a transaction: one or several half messages, any topics of this broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareTransaction {
+    /// The producer group whose live members answer check-backs.
+    pub producer_group: String,
+    /// The messages, stored invisibly and atomically.
+    pub messages: Vec<HalfMessage>,
+    /// Age before the first check-back, overriding the broker's transaction timeout.
+    pub first_check_delay_ms: Option<u64>,
+}
+
+/// A prepared transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prepared {
+    /// The transaction id, unique on this broker.
+    pub tx_id: u64,
+    /// Status of the prepare (durability as for a send).
+    pub status: SendStatus,
+}
+
+/// How a transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxAction {
+    /// Make the messages visible.
+    Commit,
+    /// Drop the messages.
+    Rollback,
+}
+
+/// Who ends a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxSource {
+    /// The producer, after its local transaction.
+    Producer,
+    /// An operator, by hand (may end parked transactions).
+    Operator,
+}
+
+/// End a transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndTransaction {
+    /// The transaction.
+    pub tx_id: u64,
+    /// Commit or roll back.
+    pub action: TxAction,
+    /// Producer or operator.
+    pub source: TxSource,
+}
+
+/// The state of an ended transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxState {
+    /// Waiting for commit or rollback.
+    Prepared,
+    /// Committed: its messages are visible.
+    Committed,
+    /// Rolled back: its messages were dropped.
+    RolledBack,
+    /// Checked the maximum number of times without an answer; waits for an operator.
+    Parked,
+}
+
+impl TxState {
+    /// `prepared`, `committed`, `rolled_back`, `parked`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TxState::Prepared => "prepared",
+            TxState::Committed => "committed",
+            TxState::RolledBack => "rolled_back",
+            TxState::Parked => "parked",
+        }
+    }
+}
+
+/// The answer to [`EndTransaction`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ended {
+    /// The transaction's state now.
+    pub state: TxState,
+    /// True when it had already ended this way (a repeated end; nothing was written).
+    pub already: bool,
+    /// Durability of the end, as for a send.
+    pub status: SendStatus,
+}
+
+/// A producer's answer to a check-back (and the result of a local transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxResolution {
+    /// Commit it.
+    Commit,
+    /// Roll it back.
+    Rollback,
+    /// Not known yet: ask again later.
+    Unknown,
+}
+
+impl TxResolution {
+    /// `commit`, `rollback`, `unknown`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TxResolution::Commit => "commit",
+            TxResolution::Rollback => "rollback",
+            TxResolution::Unknown => "unknown",
+        }
+    }
+}
+
+/// Broker -> producer: what became of this transaction?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckTransaction {
+    /// The transaction.
+    pub tx_id: u64,
+    /// The broker asking.
+    pub broker_name: String,
+    /// The producer group.
+    pub producer_group: String,
+    /// The transaction's messages.
+    pub messages: Vec<Message>,
+    /// Checks sent before this one.
+    pub checks: u32,
+}
+
+/// The producer's answer to a check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckAnswer {
+    /// Commit, roll back, or unknown.
+    pub resolution: TxResolution,
+}
+
+/// List pending and parked transactions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListTransactions {}
+
+/// A transaction not yet ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxInfo {
+    /// The transaction id.
+    pub tx_id: u64,
+    /// The messages' ids.
+    pub msg_ids: Vec<MsgId>,
+    /// The topics of its messages (deduplicated).
+    pub topics: Vec<String>,
+    /// The producer group.
+    pub producer_group: String,
+    /// Milliseconds since it was prepared (broker clock).
+    pub age_ms: u64,
+    /// Check-backs sent.
+    pub checks: u32,
+    /// The last check's answer, if any.
+    pub last_check: Option<TxResolution>,
+    /// Why the last check could not be made or failed, if it did.
+    pub last_error: Option<String>,
+    /// Prepared or parked.
+    pub state: TxState,
+}
+
+/// Transaction counters of a broker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TxCounters {
+    /// Transactions prepared since start.
+    pub prepared: u64,
+    /// Committed since start.
+    pub committed: u64,
+    /// Rolled back since start.
+    pub rolled_back: u64,
+    /// Check-backs sent since start.
+    pub checks_sent: u64,
+    /// Parked since start.
+    pub parked: u64,
+    /// Pending (prepared or parked) now.
+    pub pending: u64,
+}
+
+/// The answer to [`ListTransactions`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionList {
+    /// The broker's name.
+    pub broker_name: String,
+    /// Pending and parked transactions, oldest first.
+    pub transactions: Vec<TxInfo>,
+    /// Counters.
+    pub counters: TxCounters,
 }
 
 /// Checks a topic name: 1 to 127 characters of `A-Z a-z 0-9 - _ . %`.

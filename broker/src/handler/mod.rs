@@ -5,11 +5,13 @@ mod offset;
 mod pull;
 mod send;
 mod topic;
+mod transaction;
 
 use std::sync::Arc;
 
 use txmq_protocol::{
-    ErrorCode, Hello, HelloOk, Pong, Request, Response, TopicConfig, WireError, PROTOCOL_VERSION,
+    ErrorCode, Hello, HelloOk, Pong, Request, Response, Role, TopicConfig, WireError,
+    PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
@@ -23,11 +25,33 @@ pub(crate) struct BrokerService {
 }
 
 impl Service for BrokerService {
-    fn hello(&self, _conn: &Connection, _hello: &Hello) -> Result<HelloOk, WireError> {
+    fn hello(&self, conn: &Connection, hello: &Hello) -> Result<HelloOk, WireError> {
+        if hello.role == Role::TransactionProducer {
+            match hello.group.as_deref() {
+                Some(group) if !group.is_empty() => self
+                    .broker
+                    .transactions
+                    .producer_connected(group, conn.clone()),
+                _ => {
+                    return Err(WireError::new(
+                        ErrorCode::BadArgument,
+                        "a transactional producer must name its producer group",
+                    ))
+                }
+            }
+        }
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: self.broker.config.broker_name.clone(),
         })
+    }
+
+    fn closed(&self, conn: &Connection) {
+        if let Some(hello) = conn.peer_hello() {
+            if let (Role::TransactionProducer, Some(group)) = (hello.role, &hello.group) {
+                self.broker.transactions.producers.remove(group, conn.id());
+            }
+        }
     }
 
     fn call(&self, _conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
@@ -41,6 +65,15 @@ impl Service for BrokerService {
                 Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),
                 Request::CreateTopic(r) => topic::create(&b, r).await.map(Response::CreateTopic),
                 Request::ListTopics(_) => Ok(Response::ListTopics(topic::list(&b))),
+                Request::PrepareTransaction(r) => transaction::prepare(&b, r)
+                    .await
+                    .map(Response::PrepareTransaction),
+                Request::EndTransaction(r) => {
+                    transaction::end(&b, r).await.map(Response::EndTransaction)
+                }
+                Request::ListTransactions(r) => {
+                    Ok(Response::ListTransactions(transaction::list(&b, r)))
+                }
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,
                     format!("{} requests are not served by a broker", other.kind()),

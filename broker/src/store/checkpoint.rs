@@ -6,7 +6,8 @@
 //! old one, fsync the directory. Layout (little-endian):
 //!
 //! ```text
-//! u32 magic "TXCP", u32 version (1), u64 position, u32 offset count,
+//! u32 magic "TXCP", u32 version (1), u64 position, u64 oldest pending
+//! transaction (u64::MAX: none), u32 offset count,
 //! per offset: u16 len + group, u16 len + topic, u32 queue, u64 offset,
 //! u32 CRC32C of everything before it
 //! ```
@@ -29,6 +30,9 @@ pub type OffsetTable = BTreeMap<(String, String, u32), u64>;
 pub struct Checkpoint {
     /// Log position up to which everything is durable and dispatched.
     pub position: u64,
+    /// The oldest transaction still pending at `position` (its half messages
+    /// are where recovery must start looking for transaction records).
+    pub oldest_pending_tx: Option<u64>,
     /// Consumer offsets as of `position`.
     pub offsets: OffsetTable,
 }
@@ -39,6 +43,7 @@ impl Checkpoint {
         b.put_u32_le(MAGIC);
         b.put_u32_le(VERSION);
         b.put_u64_le(self.position);
+        b.put_u64_le(self.oldest_pending_tx.unwrap_or(u64::MAX));
         b.put_u32_le(self.offsets.len() as u32);
         for ((group, topic, queue), offset) in &self.offsets {
             b.put_u16_le(group.len() as u16);
@@ -59,10 +64,11 @@ impl Checkpoint {
             return None;
         }
         let mut b = body;
-        if b.remaining() < 20 || b.get_u32_le() != MAGIC || b.get_u32_le() != VERSION {
+        if b.remaining() < 28 || b.get_u32_le() != MAGIC || b.get_u32_le() != VERSION {
             return None;
         }
         let position = b.get_u64_le();
+        let oldest_pending_tx = Some(b.get_u64_le()).filter(|p| *p != u64::MAX);
         let n = b.get_u32_le();
         let mut offsets = BTreeMap::new();
         let string = |b: &mut &[u8]| -> Option<String> {
@@ -86,7 +92,11 @@ impl Checkpoint {
             let queue = b.get_u32_le();
             offsets.insert((group, topic, queue), b.get_u64_le());
         }
-        Some(Checkpoint { position, offsets })
+        Some(Checkpoint {
+            position,
+            oldest_pending_tx,
+            offsets,
+        })
     }
 
     /// Reads the checkpoint in `dir`. `Ok(None)` when there is none or it is
@@ -134,6 +144,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cp = Checkpoint {
             position: 4096,
+            oldest_pending_tx: Some(100),
             offsets: BTreeMap::new(),
         };
         cp.offsets.insert(("g1".into(), "orders".into(), 3), 500);

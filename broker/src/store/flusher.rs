@@ -156,6 +156,13 @@ impl Flusher {
             .iter()
             .map(|e| (e.key().clone(), *e.value()))
             .collect();
+        let oldest_pending_tx = self
+            .store
+            .tx_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .copied();
         self.flush();
         if self.flushed < position {
             return;
@@ -166,7 +173,11 @@ impl Flusher {
                 return;
             }
         }
-        let cp = Checkpoint { position, offsets };
+        let cp = Checkpoint {
+            position,
+            oldest_pending_tx,
+            offsets,
+        };
         match cp.store(&self.store.config.dir) {
             Ok(()) => self.checkpoint_pos = Some(position),
             Err(e) => tracing::error!(error = %e, "cannot write checkpoint"),

@@ -144,6 +144,32 @@ pub struct ReadResult {
     pub max_offset: u64,
 }
 
+/// A transaction recovery found not yet committed or rolled back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredTx {
+    /// Its id (the log position of its first half message).
+    pub tx_id: u64,
+    /// Log position and size of each half message.
+    pub halves: Vec<(u64, u32)>,
+    /// When it was prepared (broker clock, ms).
+    pub prepared_at: u64,
+    /// Check-backs sent.
+    pub checks: u32,
+    /// When the last check was sent (ms), 0 if never.
+    pub last_check_at: u64,
+    /// Parked after the maximum number of checks.
+    pub parked: bool,
+}
+
+/// Transactions as recovery rebuilt them from the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveredTransactions {
+    /// Pending (prepared or parked), by tx id.
+    pub pending: Vec<RecoveredTx>,
+    /// Ended since the oldest pending one: (tx id, committed?).
+    pub ended: Vec<(u64, bool)>,
+}
+
 /// The writer's position, shared with the flusher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct FlushState {
@@ -157,6 +183,23 @@ pub(crate) enum WriteCmd {
     Messages {
         queue: Arc<ConsumeQueue>,
         messages: Vec<Message>,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// Half messages of one transaction: (real queue, message).
+    Prepare {
+        messages: Vec<(u32, Message)>,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// The visible messages of a committed transaction, one atomic group.
+    Commit {
+        tx_id: u64,
+        messages: Vec<(Arc<ConsumeQueue>, Message)>,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// A rollback, check or park marker.
+    Marker {
+        kind: record::RecordKind,
+        tx_id: u64,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     OffsetCommit {
@@ -174,6 +217,11 @@ pub(crate) struct StoreInner {
     log: CommitLog,
     queues: RwLock<HashMap<String, Vec<Arc<ConsumeQueue>>>>,
     offsets: DashMap<(String, String, u32), u64>,
+    /// Transactions prepared and not yet committed or rolled back (their
+    /// half messages must outlive retention), by tx id = log position.
+    tx_pending: Mutex<std::collections::BTreeSet<u64>>,
+    /// What recovery found about transactions, until taken.
+    recovered_tx: Mutex<Option<RecoveredTransactions>>,
     /// One past the last byte written to the log.
     written: AtomicU64,
     flush_state: watch::Sender<FlushState>,
@@ -222,11 +270,19 @@ impl Store {
         for (k, v) in recovered.offsets {
             offsets.insert(k, v);
         }
+        let tx_pending = recovered
+            .transactions
+            .pending
+            .iter()
+            .map(|t| t.tx_id)
+            .collect();
         let inner = Arc::new(StoreInner {
             config,
             log: recovered.log,
             queues: RwLock::new(recovered.queues),
             offsets,
+            tx_pending: Mutex::new(tx_pending),
+            recovered_tx: Mutex::new(Some(recovered.transactions)),
             written: AtomicU64::new(recovered.end),
             flush_state: flush_tx,
             poisoned: AtomicBool::new(false),
@@ -312,23 +368,7 @@ impl Store {
                 topic: topic.to_string(),
                 queue,
             })?;
-        let mut total = 0;
-        for m in &messages {
-            record::validate(m).map_err(StoreError::Invalid)?;
-            let len = record::message_len(m);
-            if len > self.inner.config.max_message_size {
-                return Err(StoreError::TooLarge(format!(
-                    "message of {len} bytes exceeds the maximum message size of {} bytes",
-                    self.inner.config.max_message_size
-                )));
-            }
-            total += len;
-        }
-        if total as u64 > self.inner.config.segment_size / 2 {
-            return Err(StoreError::TooLarge(format!(
-                "batch of {total} bytes is too large; split it"
-            )));
-        }
+        self.check_sizes(messages.iter())?;
         let (reply, rx) = oneshot::channel();
         self.submit(
             WriteCmd::Messages {
@@ -400,6 +440,127 @@ impl Store {
                 durable: false,
             }),
         }
+    }
+
+    /// Stores the half messages of one transaction, (real queue, message)
+    /// each, as one atomic group; returns the transaction id and whether it
+    /// was durable in time. Durability as for [`Store::append`].
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub async fn prepare(&self, messages: Vec<(u32, Message)>) -> Result<(u64, bool), StoreError> {
+        self.check_writable()?;
+        self.check_sizes(messages.iter().map(|(_, m)| m))?;
+        let (reply, rx) = oneshot::channel();
+        let a = self
+            .submit(WriteCmd::Prepare { messages, reply }, rx)
+            .await?;
+        Ok((a.first_offset, a.durable))
+    }
+
+    /// Makes a transaction's messages visible in their queues, as one atomic
+    /// group that is also the transaction's commit marker.
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub async fn commit_transaction(
+        &self,
+        tx_id: u64,
+        messages: Vec<(u32, Message)>,
+    ) -> Result<bool, StoreError> {
+        self.check_writable()?;
+        self.check_sizes(messages.iter().map(|(_, m)| m))?;
+        let mut placed = Vec::with_capacity(messages.len());
+        for (queue, m) in messages {
+            let cq = match self.queue(&m.topic, queue) {
+                Some(q) => q,
+                None => {
+                    self.ensure_queues(&m.topic, queue + 1)?;
+                    self.queue(&m.topic, queue)
+                        .ok_or_else(|| StoreError::NoQueue {
+                            topic: m.topic.clone(),
+                            queue,
+                        })?
+                }
+            };
+            placed.push((cq, m));
+        }
+        let (reply, rx) = oneshot::channel();
+        let a = self
+            .submit(
+                WriteCmd::Commit {
+                    tx_id,
+                    messages: placed,
+                    reply,
+                },
+                rx,
+            )
+            .await?;
+        Ok(a.durable)
+    }
+
+    /// Appends a small transaction marker (rollback, check, park).
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub async fn transaction_marker(
+        &self,
+        kind: record::RecordKind,
+        tx_id: u64,
+    ) -> Result<bool, StoreError> {
+        self.check_writable()?;
+        let (reply, rx) = oneshot::channel();
+        let a = self
+            .submit(WriteCmd::Marker { kind, tx_id, reply }, rx)
+            .await?;
+        Ok(a.durable)
+    }
+
+    /// Reads and decodes the record at `pos` (e.g. a half message).
+    pub fn read_record(&self, pos: u64, size: u32) -> Option<record::Record> {
+        let data = self.inner.log.read(pos, size as usize)?;
+        record::decode(&data, false)
+    }
+
+    /// What recovery found about transactions; `None` after the first call.
+    pub fn take_recovered_transactions(&self) -> Option<RecoveredTransactions> {
+        self.inner
+            .recovered_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn check_sizes<'a>(
+        &self,
+        messages: impl Iterator<Item = &'a Message>,
+    ) -> Result<(), StoreError> {
+        let mut total = 0;
+        let mut count = 0;
+        for m in messages {
+            record::validate(m).map_err(StoreError::Invalid)?;
+            let len = record::message_len(m);
+            if len > self.inner.config.max_message_size {
+                return Err(StoreError::TooLarge(format!(
+                    "message of {len} bytes exceeds the maximum message size of {} bytes",
+                    self.inner.config.max_message_size
+                )));
+            }
+            total += len;
+            count += 1;
+        }
+        if total as u64 > self.inner.config.segment_size / 2 {
+            return Err(StoreError::TooLarge(format!(
+                "batch of {total} bytes is too large; split it"
+            )));
+        }
+        if count > u16::MAX as usize {
+            return Err(StoreError::TooLarge(format!(
+                "{count} messages in one request; at most {}",
+                u16::MAX
+            )));
+        }
+        Ok(())
     }
 
     /// A group's committed offset for a queue.
@@ -481,6 +642,18 @@ impl Store {
         let mut deleted = 0;
         for seg in segments.iter().take(segments.len().saturating_sub(1)) {
             if seg.end() > written {
+                break;
+            }
+            // Half messages of pending transactions are never copied
+            // elsewhere, so their segment stays until they end.
+            let oldest_pending = self
+                .inner
+                .tx_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first()
+                .copied();
+            if oldest_pending.is_some_and(|p| p < seg.end()) {
                 break;
             }
             let age = seg

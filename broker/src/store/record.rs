@@ -6,13 +6,14 @@
 //! 4   u32  CRC32C of bytes 8..total
 //! 8   u8   format version (1)
 //! 9   u8   kind (see RecordKind)
-//! 10  u16  flags (reserved, 0)
+//! 10  u16  flags: the record count of a transaction group (half messages,
+//!          or the messages of a commit), else 0
 //! 12  u32  queue id
 //! 16  u64  queue offset (for an offset commit: the committed offset)
 //! 24  u64  store timestamp, ms since the Unix epoch, the broker's clock
 //! 32  u64  born timestamp, ms, the producer's clock
 //! 40  [16] message id
-//! 56  u64  aux (kind-specific, 0 when unused)
+//! 56  u64  aux: the transaction id for transaction records, else 0
 //! 64  u16 topic length, topic bytes
 //!     u16 key length (0xffff: none), key bytes
 //!     u16 tag length (0xffff: none), tag bytes
@@ -42,6 +43,15 @@ pub enum RecordKind {
     /// A consumer group's committed offset: key = group, topic/queue = the queue,
     /// queue offset = the committed offset.
     OffsetCommit = 2,
+    /// A half message: invisible, keeps its real topic and queue; aux = tx id,
+    /// flags = number of half messages in the transaction.
+    Half = 3,
+    /// A transaction was rolled back; aux = tx id.
+    TxRollback = 4,
+    /// A check-back was sent; aux = tx id.
+    TxCheck = 5,
+    /// A transaction was parked after the maximum number of checks; aux = tx id.
+    TxPark = 6,
 }
 
 impl RecordKind {
@@ -49,6 +59,10 @@ impl RecordKind {
         match b {
             1 => Some(RecordKind::Message),
             2 => Some(RecordKind::OffsetCommit),
+            3 => Some(RecordKind::Half),
+            4 => Some(RecordKind::TxRollback),
+            5 => Some(RecordKind::TxCheck),
+            6 => Some(RecordKind::TxPark),
             _ => None,
         }
     }
@@ -65,8 +79,10 @@ pub struct RecordHead {
     pub queue_offset: u64,
     /// Store timestamp (ms).
     pub store_timestamp: u64,
-    /// Kind-specific extra value.
+    /// Kind-specific extra value (the transaction id).
     pub aux: u64,
+    /// The size of the record's transaction group, 0 when none.
+    pub flags: u16,
 }
 
 /// The encoded length of a message record.
@@ -114,7 +130,7 @@ pub fn encode(buf: &mut BytesMut, head: RecordHead, msg: &Message) {
     buf.put_u32_le(0); // CRC, patched below
     buf.put_u8(VERSION);
     buf.put_u8(head.kind as u8);
-    buf.put_u16_le(0);
+    buf.put_u16_le(head.flags);
     buf.put_u32_le(head.queue);
     buf.put_u64_le(head.queue_offset);
     buf.put_u64_le(head.store_timestamp);
@@ -236,8 +252,10 @@ pub struct Record {
     pub queue_offset: u64,
     /// Store timestamp (ms).
     pub store_timestamp: u64,
-    /// Kind-specific extra value.
+    /// Kind-specific extra value (the transaction id).
     pub aux: u64,
+    /// The size of the record's transaction group, 0 when none.
+    pub flags: u16,
     /// The message (topic, key, tag, properties, body, id, born time).
     pub message: Message,
 }
@@ -267,7 +285,7 @@ pub fn decode(buf: &Bytes, header_only: bool) -> Option<Record> {
     let _crc = r.u32()?;
     let _version = r.u8()?;
     let kind = RecordKind::from_u8(r.u8()?)?;
-    let _flags = r.u16()?;
+    let flags = r.u16()?;
     let queue = r.u32()?;
     let queue_offset = r.u64()?;
     let store_timestamp = r.u64()?;
@@ -313,6 +331,7 @@ pub fn decode(buf: &Bytes, header_only: bool) -> Option<Record> {
         queue_offset,
         store_timestamp,
         aux,
+        flags,
         message,
     })
 }
@@ -370,6 +389,7 @@ mod tests {
             queue_offset: 77,
             store_timestamp: 123,
             aux: 0,
+            flags: 0,
         }
     }
 

@@ -1,14 +1,22 @@
 //! Recovery: rebuild everything derived from the commit log.
 //!
-//! Replays the log from the checkpoint's position, verifying every record's
-//! checksum. The first record that is torn or corrupt ends the log: the
-//! rest of its segment is zeroed and later segments are deleted, so new
-//! appends continue right after the last intact record. Replayed records
-//! rewrite their consume-queue entries (idempotently: each record carries
-//! its queue offset) and consumer offsets; consume-queue entries that point
-//! past the recovered end are dropped.
+//! Replays the log from the start of the segment the checkpoint points into,
+//! verifying every record's checksum. The first record that is torn or
+//! corrupt ends the log: the rest of its segment is zeroed and later
+//! segments are deleted, so new appends continue right after the last intact
+//! record. Records of a transaction group (the half messages of a prepare,
+//! the visible messages of a commit) count only when the whole group is
+//! there: a group cut short by a crash is cut as a whole, so a commit is
+//! never half visible and never visible without being the transaction's end.
+//! Replayed records rewrite their consume-queue entries (idempotently: each
+//! record carries its queue offset) and consumer offsets; consume-queue
+//! entries that point past the recovered end are dropped.
+//!
+//! Transactions still pending at the checkpoint may have been prepared long
+//! before it, so the log is also scanned, headers only, from the oldest such
+//! transaction, for transaction records.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use txmq_protocol::tag_hash;
@@ -16,14 +24,153 @@ use txmq_protocol::tag_hash;
 use super::checkpoint::{Checkpoint, OffsetTable};
 use super::commit_log::CommitLog;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
-use super::record::{self, Check, RecordKind};
-use super::{ensure_queues, StoreConfig, StoreError};
+use super::record::{self, Check, Record, RecordKind};
+use super::{ensure_queues, RecoveredTransactions, RecoveredTx, StoreConfig, StoreError};
 
 pub(crate) struct Recovered {
     pub log: CommitLog,
     pub queues: HashMap<String, Vec<Arc<ConsumeQueue>>>,
     pub offsets: OffsetTable,
+    pub transactions: RecoveredTransactions,
     pub end: u64,
+}
+
+type Queues = HashMap<String, Vec<Arc<ConsumeQueue>>>;
+
+/// A transaction group being read: it counts once all its records are there.
+struct OpenGroup {
+    start: u64,
+    tx_id: u64,
+    kind: RecordKind,
+    expected: u16,
+    records: Vec<(u64, u32, Record)>,
+}
+
+struct Replayer<'a> {
+    config: &'a StoreConfig,
+    queues: &'a mut Queues,
+    offsets: &'a mut OffsetTable,
+    batcher: Batcher,
+    pending: BTreeMap<u64, RecoveredTx>,
+    ended: BTreeMap<u64, bool>,
+    group: Option<OpenGroup>,
+    /// Below this position only transaction state is rebuilt.
+    dispatch_from: u64,
+}
+
+impl Replayer<'_> {
+    /// Visits one intact record; returns where to cut the log when the
+    /// record shows that an earlier group was cut short.
+    fn visit(&mut self, rec: Record, pos: u64, size: u32) -> Result<Option<u64>, StoreError> {
+        // Half messages and a commit's messages carry their group's size in
+        // flags (tx ids start at 0, so aux alone cannot tell).
+        let grouped = matches!(rec.kind, RecordKind::Half | RecordKind::Message) && rec.flags > 0;
+        if let Some(open) = &self.group {
+            let same = grouped && open.tx_id == rec.aux && open.kind == rec.kind;
+            if !same {
+                // Groups are written contiguously: another record inside one
+                // means it was torn (only possible at the tail).
+                return Ok(Some(open.start));
+            }
+        }
+        if grouped {
+            let open = self.group.get_or_insert_with(|| OpenGroup {
+                start: pos,
+                tx_id: rec.aux,
+                kind: rec.kind,
+                expected: rec.flags.max(1),
+                records: Vec::new(),
+            });
+            open.records.push((pos, size, rec));
+            if open.records.len() >= open.expected as usize {
+                if let Some(done) = self.group.take() {
+                    self.complete(done)?;
+                }
+            }
+            return Ok(None);
+        }
+        match rec.kind {
+            RecordKind::Message => {
+                if pos >= self.dispatch_from {
+                    self.dispatch(&rec, pos, size)?;
+                }
+            }
+            RecordKind::OffsetCommit => {
+                if pos >= self.dispatch_from {
+                    let group = rec.message.key.unwrap_or_default();
+                    self.offsets
+                        .insert((group, rec.message.topic, rec.queue), rec.queue_offset);
+                }
+            }
+            RecordKind::TxRollback => {
+                self.pending.remove(&rec.aux);
+                self.ended.insert(rec.aux, false);
+            }
+            RecordKind::TxCheck => {
+                if let Some(t) = self.pending.get_mut(&rec.aux) {
+                    t.checks += 1;
+                    t.last_check_at = rec.store_timestamp;
+                }
+            }
+            RecordKind::TxPark => {
+                if let Some(t) = self.pending.get_mut(&rec.aux) {
+                    t.parked = true;
+                }
+            }
+            RecordKind::Half => {}
+        }
+        Ok(None)
+    }
+
+    fn complete(&mut self, group: OpenGroup) -> Result<(), StoreError> {
+        match group.kind {
+            RecordKind::Half => {
+                let prepared_at = group
+                    .records
+                    .first()
+                    .map_or(0, |(_, _, r)| r.store_timestamp);
+                self.pending.insert(
+                    group.tx_id,
+                    RecoveredTx {
+                        tx_id: group.tx_id,
+                        halves: group.records.iter().map(|(p, s, _)| (*p, *s)).collect(),
+                        prepared_at,
+                        checks: 0,
+                        last_check_at: 0,
+                        parked: false,
+                    },
+                );
+            }
+            _ => {
+                self.pending.remove(&group.tx_id);
+                self.ended.insert(group.tx_id, true);
+                for (pos, size, rec) in &group.records {
+                    if *pos >= self.dispatch_from {
+                        self.dispatch(rec, *pos, *size)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, rec: &Record, pos: u64, size: u32) -> Result<(), StoreError> {
+        let topic = &rec.message.topic;
+        if self
+            .queues
+            .get(topic)
+            .is_none_or(|q| q.len() <= rec.queue as usize)
+        {
+            ensure_queues(self.config, self.queues, topic, rec.queue + 1)?;
+        }
+        let cq = self.queues[topic][rec.queue as usize].clone();
+        let entry = Entry {
+            log_offset: pos,
+            size,
+            tag_hash: tag_hash(rec.message.tag.as_deref()),
+        };
+        self.batcher.add(&cq, rec.queue_offset, entry)
+    }
 }
 
 pub(crate) fn recover(
@@ -49,47 +196,43 @@ pub(crate) fn recover(
     let checkpoint =
         Checkpoint::load(&config.dir).map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
     let first = log.segments().first().map_or(0, |s| s.start);
-    let (mut offsets, checkpointed) = match checkpoint {
-        Some(cp) => (cp.offsets, cp.position.max(first)),
-        None => (OffsetTable::new(), first),
+    let (mut offsets, checkpointed, oldest_pending) = match checkpoint {
+        Some(cp) => (cp.offsets, cp.position.max(first), cp.oldest_pending_tx),
+        None => (OffsetTable::new(), first, None),
     };
     // Verify the whole segment the checkpoint points into, not just what
     // follows it: a tail damaged after the checkpoint was written (a torn
     // last record, a file cut short by hand) must be found and cut too.
-    let start = log
+    let verify_from = log
         .segment_for(checkpointed)
         .map_or(checkpointed, |s| s.start.min(checkpointed));
-    let mut batcher = Batcher::default();
-    let (end, cut) = replay(&log, start, |rec_bytes, log_offset| {
-        let Some(rec) = record::decode(rec_bytes, false) else {
-            return Ok(());
-        };
-        match rec.kind {
-            RecordKind::Message => {
-                let topic = rec.message.topic.clone();
-                if queues
-                    .get(&topic)
-                    .is_none_or(|q: &Vec<Arc<ConsumeQueue>>| q.len() <= rec.queue as usize)
-                {
-                    ensure_queues(config, &mut queues, &topic, rec.queue + 1)?;
-                }
-                let cq = queues[&topic][rec.queue as usize].clone();
-                let entry = Entry {
-                    log_offset,
-                    size: rec_bytes.len() as u32,
-                    tag_hash: tag_hash(rec.message.tag.as_deref()),
-                };
-                batcher.add(&cq, rec.queue_offset, entry)?;
-            }
-            RecordKind::OffsetCommit => {
-                let group = rec.message.key.unwrap_or_default();
-                offsets.insert((group, rec.message.topic, rec.queue), rec.queue_offset);
-            }
-        }
-        Ok(())
+    let scan_from = oldest_pending.map_or(verify_from, |p| p.max(first).min(verify_from));
+
+    let mut replayer = Replayer {
+        config,
+        queues: &mut queues,
+        offsets: &mut offsets,
+        batcher: Batcher::default(),
+        pending: BTreeMap::new(),
+        ended: BTreeMap::new(),
+        group: None,
+        dispatch_from: verify_from,
+    };
+    let (mut end, mut cut) = replay(&log, scan_from, verify_from, |rec, pos, size| {
+        replayer.visit(rec, pos, size)
     })?;
-    batcher.flush()?;
-    let replayed = end - start;
+    if let Some(open) = replayer.group.take() {
+        // The log ends inside a group: the write was torn; drop the whole group.
+        end = open.start;
+        cut = Some(open.start);
+    }
+    replayer.batcher.flush()?;
+    let transactions = RecoveredTransactions {
+        pending: std::mem::take(&mut replayer.pending)
+            .into_values()
+            .collect(),
+        ended: std::mem::take(&mut replayer.ended).into_iter().collect(),
+    };
     if let Some(pos) = cut {
         tracing::warn!(
             position = pos,
@@ -109,7 +252,8 @@ pub(crate) fn recover(
     }
     tracing::info!(
         end,
-        replayed_bytes = replayed,
+        verified_bytes = end.saturating_sub(verify_from),
+        pending_transactions = transactions.pending.len(),
         queues = queues.values().map(Vec::len).sum::<usize>(),
         elapsed = ?started.elapsed(),
         "store recovered"
@@ -118,36 +262,57 @@ pub(crate) fn recover(
         log,
         queues,
         offsets,
+        transactions,
         end,
     })
 }
 
-/// Calls `visit` for every intact record from `start`; returns the end of
-/// the intact log and, when a torn or corrupt record was found, where to cut.
+/// Calls `visit` for every intact record from `start`, verifying checksums
+/// from `verify_from` on (before it, records were verified by an earlier
+/// run). Returns the end of the intact log and, when a torn or corrupt
+/// record was found (or `visit` asked for it), where to cut.
 fn replay(
     log: &CommitLog,
     start: u64,
-    mut visit: impl FnMut(&bytes::Bytes, u64) -> Result<(), StoreError>,
+    verify_from: u64,
+    mut visit: impl FnMut(Record, u64, u32) -> Result<Option<u64>, StoreError>,
 ) -> Result<(u64, Option<u64>), StoreError> {
     let segments = log.segments();
     let mut pos = start;
     for seg in segments.iter().filter(|s| s.end() > start) {
         pos = pos.max(seg.start);
         let mut rel = (pos - seg.start) as usize;
-        loop {
-            if rel >= seg.map.len() {
+        while rel < seg.map.len() {
+            let at = seg.start + rel as u64;
+            let len = if at >= verify_from {
+                match record::check(&seg.map[rel..]) {
+                    Check::Valid(len) => len,
+                    Check::End => break,
+                    Check::Truncated | Check::Corrupt => return Ok((at, Some(at))),
+                }
+            } else {
+                match seg.map.get(rel..rel + 4) {
+                    Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                    None => break,
+                }
+            };
+            if len == 0 {
                 break;
             }
-            match record::check(&seg.map[rel..]) {
-                Check::Valid(len) => {
-                    visit(&seg.map.slice(rel..rel + len), seg.start + rel as u64)?;
-                    rel += len;
-                }
-                Check::End => break,
-                Check::Truncated | Check::Corrupt => {
-                    return Ok((seg.start + rel as u64, Some(seg.start + rel as u64)))
-                }
+            let Some(rec) = seg
+                .map
+                .get(rel..rel + len)
+                .map(|_| seg.map.slice(rel..rel + len))
+            else {
+                return Ok((at, Some(at)));
+            };
+            let Some(rec) = record::decode(&rec, false) else {
+                return Ok((at, Some(at)));
+            };
+            if let Some(cut) = visit(rec, at, len as u32)? {
+                return Ok((cut, Some(cut)));
             }
+            rel += len;
         }
         pos = seg.start + rel as u64;
     }

@@ -22,20 +22,24 @@ use super::{FlushMode, StoreError, StoreInner, WriteCmd};
 
 type Reply = oneshot::Sender<Result<(u64, u64), StoreError>>;
 
-/// A command encoded into the buffer, waiting for the write.
+/// What to do once the buffer holding a command's records is written, in order.
 enum Encoded {
-    Messages {
+    /// Write these consume-queue entries and publish the queue.
+    Queue {
         queue: Arc<ConsumeQueue>,
         first: u64,
         count: u64,
         cq: std::ops::Range<usize>,
-        reply: Reply,
     },
+    /// Apply an offset commit.
     Offset {
         key: (String, String, u32),
         offset: u64,
-        reply: Reply,
     },
+    /// A transaction became pending (true) or ended (false).
+    TxPending { tx_id: u64, pending: bool },
+    /// Answer the command with this value (a queue offset or tx id).
+    Reply { reply: Reply, value: u64 },
 }
 
 pub(crate) struct Writer {
@@ -108,19 +112,43 @@ impl Writer {
         let _ = self.flusher.send(FlushCmd::Shutdown(tx));
     }
 
+    fn at(&self) -> u64 {
+        self.pos + self.buf.len() as u64
+    }
+
     fn encode(&mut self, cmd: WriteCmd) {
         if self.store.poisoned.load(Ordering::Acquire) {
             return fail(cmd, StoreError::Poisoned);
         }
+        let empty = Default::default();
+        // A command's records are one group in one segment: they are written
+        // (and, after a crash, recovered or cut) together.
         let len = match &cmd {
             WriteCmd::Messages { messages, .. } => messages.iter().map(record::message_len).sum(),
-            WriteCmd::OffsetCommit { group, topic, .. } => offset_record_len(group, topic),
+            WriteCmd::Prepare { messages, .. } => {
+                messages.iter().map(|(_, m)| record::message_len(m)).sum()
+            }
+            WriteCmd::Commit { messages, .. } => {
+                messages.iter().map(|(_, m)| record::message_len(m)).sum()
+            }
+            WriteCmd::OffsetCommit { group, topic, .. } => {
+                record::encoded_len(topic, Some(group), None, &empty, 0)
+            }
+            WriteCmd::Marker { .. } => record::encoded_len("", None, None, &empty, 0),
             WriteCmd::Shutdown(_) => 0,
         };
         if let Err(e) = self.make_room(len) {
             return fail(cmd, e);
         }
         let now = now_millis();
+        let head = |kind, queue, queue_offset, aux, flags| RecordHead {
+            kind,
+            queue,
+            queue_offset,
+            store_timestamp: now,
+            aux,
+            flags,
+        };
         match cmd {
             WriteCmd::Messages {
                 queue,
@@ -128,35 +156,74 @@ impl Writer {
                 reply,
             } => {
                 let first = self.next_offset(&queue);
-                let cq_start = self.cq_buf.len();
-                for (i, msg) in messages.iter().enumerate() {
-                    let log_offset = self.pos + self.buf.len() as u64;
-                    let before = self.buf.len();
-                    let head = RecordHead {
-                        kind: RecordKind::Message,
-                        queue: queue.queue,
-                        queue_offset: first + i as u64,
-                        store_timestamp: now,
-                        aux: 0,
-                    };
-                    record::encode(&mut self.buf, head, msg);
-                    let entry = Entry {
-                        log_offset,
-                        size: (self.buf.len() - before) as u32,
-                        tag_hash: tag_hash(msg.tag.as_deref()),
-                    };
-                    let at = self.cq_buf.len();
-                    self.cq_buf.resize(at + ENTRY_LEN, 0);
-                    entry.encode(&mut self.cq_buf[at..]);
+                for msg in &messages {
+                    self.encode_visible(
+                        &queue,
+                        head(RecordKind::Message, queue.queue, 0, 0, 0),
+                        msg,
+                    );
                 }
-                let count = messages.len() as u64;
-                self.set_next(&queue, first + count);
-                self.chunk.push(Encoded::Messages {
-                    queue,
-                    first,
-                    count,
-                    cq: cq_start..self.cq_buf.len(),
+                self.chunk.push(Encoded::Reply {
                     reply,
+                    value: first,
+                });
+            }
+            WriteCmd::Commit {
+                tx_id,
+                messages,
+                reply,
+            } => {
+                let n = messages.len() as u16;
+                for (queue, msg) in &messages {
+                    self.encode_visible(
+                        queue,
+                        head(RecordKind::Message, queue.queue, 0, tx_id, n),
+                        msg,
+                    );
+                }
+                self.chunk.push(Encoded::TxPending {
+                    tx_id,
+                    pending: false,
+                });
+                self.chunk.push(Encoded::Reply {
+                    reply,
+                    value: tx_id,
+                });
+            }
+            WriteCmd::Prepare { messages, reply } => {
+                let tx_id = self.at();
+                let n = messages.len() as u16;
+                for (queue, msg) in &messages {
+                    record::encode(
+                        &mut self.buf,
+                        head(RecordKind::Half, *queue, 0, tx_id, n),
+                        msg,
+                    );
+                }
+                self.chunk.push(Encoded::TxPending {
+                    tx_id,
+                    pending: true,
+                });
+                self.chunk.push(Encoded::Reply {
+                    reply,
+                    value: tx_id,
+                });
+            }
+            WriteCmd::Marker { kind, tx_id, reply } => {
+                record::encode(
+                    &mut self.buf,
+                    head(kind, 0, 0, tx_id, 0),
+                    &empty_message("", None),
+                );
+                if kind == RecordKind::TxRollback {
+                    self.chunk.push(Encoded::TxPending {
+                        tx_id,
+                        pending: false,
+                    });
+                }
+                self.chunk.push(Encoded::Reply {
+                    reply,
+                    value: tx_id,
                 });
             }
             WriteCmd::OffsetCommit {
@@ -166,23 +233,58 @@ impl Writer {
                 offset,
                 reply,
             } => {
-                let msg = offset_message(&group, &topic);
-                let head = RecordHead {
-                    kind: RecordKind::OffsetCommit,
-                    queue,
-                    queue_offset: offset,
-                    store_timestamp: now,
-                    aux: 0,
-                };
-                record::encode(&mut self.buf, head, &msg);
+                let msg = empty_message(&topic, Some(&group));
+                record::encode(
+                    &mut self.buf,
+                    head(RecordKind::OffsetCommit, queue, offset, 0, 0),
+                    &msg,
+                );
                 self.chunk.push(Encoded::Offset {
                     key: (group, topic, queue),
                     offset,
-                    reply,
                 });
+                self.chunk.push(Encoded::Reply { reply, value: 0 });
             }
             WriteCmd::Shutdown(_) => {}
         }
+    }
+
+    /// Encodes a message that becomes visible in `queue` at the next offset.
+    fn encode_visible(&mut self, queue: &Arc<ConsumeQueue>, mut head: RecordHead, msg: &Message) {
+        let offset = self.next_offset(queue);
+        head.queue_offset = offset;
+        let log_offset = self.at();
+        let before = self.buf.len();
+        record::encode(&mut self.buf, head, msg);
+        let entry = Entry {
+            log_offset,
+            size: (self.buf.len() - before) as u32,
+            tag_hash: tag_hash(msg.tag.as_deref()),
+        };
+        let at = self.cq_buf.len();
+        self.cq_buf.resize(at + ENTRY_LEN, 0);
+        entry.encode(&mut self.cq_buf[at..]);
+        self.set_next(queue, offset + 1);
+        // Consecutive messages of one queue share one consume-queue write.
+        if let Some(Encoded::Queue {
+            queue: q,
+            count,
+            cq,
+            ..
+        }) = self.chunk.last_mut()
+        {
+            if Arc::ptr_eq(q, queue) && cq.end == at {
+                *count += 1;
+                cq.end = self.cq_buf.len();
+                return;
+            }
+        }
+        self.chunk.push(Encoded::Queue {
+            queue: queue.clone(),
+            first: offset,
+            count: 1,
+            cq: at..self.cq_buf.len(),
+        });
     }
 
     fn next_offset(&self, queue: &Arc<ConsumeQueue>) -> u64 {
@@ -202,7 +304,7 @@ impl Writer {
     /// Makes sure `len` more bytes fit in the active segment, writing the
     /// current chunk and rolling to a new segment when they do not.
     fn make_room(&mut self, len: usize) -> Result<(), StoreError> {
-        let end = self.pos + self.buf.len() as u64;
+        let end = self.at();
         if let Some(seg) = &self.segment {
             if end + len as u64 <= seg.end() {
                 return Ok(());
@@ -242,34 +344,48 @@ impl Writer {
                 message: "no active segment".into(),
             }),
         };
-        let end = self.pos + self.buf.len() as u64;
+        let end = self.at();
         let chunk = std::mem::take(&mut self.chunk);
-        let mut chunk_iter = chunk.into_iter();
         match result {
             Ok(()) => {
-                for enc in chunk_iter.by_ref() {
+                let mut cmd_error: Option<StoreError> = None;
+                for enc in chunk {
                     match enc {
-                        Encoded::Messages {
+                        Encoded::Queue {
                             queue,
                             first,
                             count,
                             cq,
-                            reply,
                         } => {
                             if let Err(e) = queue.write(first, &self.cq_buf[cq]) {
                                 // The log has the records; recovery rebuilds the queue.
                                 tracing::error!(topic = %queue.topic, queue = queue.queue, error = %e, "cannot write consume queue");
                                 self.store.poisoned.store(true, Ordering::Release);
-                                let _ = reply
-                                    .send(Err(StoreError::io("cannot write consume queue", &e)));
+                                cmd_error = Some(StoreError::io("cannot write consume queue", &e));
                                 continue;
                             }
                             self.publish.push((queue, first + count));
-                            let _ = reply.send(Ok((first, end)));
                         }
-                        Encoded::Offset { key, offset, reply } => {
+                        Encoded::Offset { key, offset } => {
                             self.store.offsets.insert(key, offset);
-                            let _ = reply.send(Ok((0, end)));
+                        }
+                        Encoded::TxPending { tx_id, pending } => {
+                            let mut set = self
+                                .store
+                                .tx_pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            if pending {
+                                set.insert(tx_id);
+                            } else {
+                                set.remove(&tx_id);
+                            }
+                        }
+                        Encoded::Reply { reply, value } => {
+                            let _ = reply.send(match cmd_error.take() {
+                                None => Ok((value, end)),
+                                Some(e) => Err(e),
+                            });
                         }
                     }
                 }
@@ -278,11 +394,10 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit-log write failed; the batch is refused");
-                for enc in chunk_iter {
-                    let reply = match enc {
-                        Encoded::Messages { reply, .. } | Encoded::Offset { reply, .. } => reply,
-                    };
-                    let _ = reply.send(Err(e.clone()));
+                for enc in chunk {
+                    if let Encoded::Reply { reply, .. } = enc {
+                        let _ = reply.send(Err(e.clone()));
+                    }
                 }
             }
         }
@@ -310,7 +425,11 @@ impl Writer {
 
 fn fail(cmd: WriteCmd, e: StoreError) {
     match cmd {
-        WriteCmd::Messages { reply, .. } | WriteCmd::OffsetCommit { reply, .. } => {
+        WriteCmd::Messages { reply, .. }
+        | WriteCmd::OffsetCommit { reply, .. }
+        | WriteCmd::Prepare { reply, .. }
+        | WriteCmd::Commit { reply, .. }
+        | WriteCmd::Marker { reply, .. } => {
             let _ = reply.send(Err(e));
         }
         WriteCmd::Shutdown(done) => {
@@ -319,19 +438,17 @@ fn fail(cmd: WriteCmd, e: StoreError) {
     }
 }
 
-/// An offset commit is recorded as a small message record: key = group.
-fn offset_message(group: &str, topic: &str) -> Message {
+/// An offset commit is a small record: key = group, topic and queue of the
+/// queue, queue offset = the committed offset. A transaction marker is an
+/// empty record with the tx id in aux.
+fn empty_message(topic: &str, key: Option<&str>) -> Message {
     Message {
         msg_id: MsgId::default(),
         topic: topic.to_string(),
-        key: Some(group.to_string()),
+        key: key.map(str::to_string),
         tag: None,
         properties: Default::default(),
         body: bytes::Bytes::new(),
         born_timestamp: 0,
     }
-}
-
-fn offset_record_len(group: &str, topic: &str) -> usize {
-    record::encoded_len(topic, Some(group), None, &Default::default(), 0)
 }

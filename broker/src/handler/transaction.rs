@@ -1,0 +1,66 @@
+//! Transactions: prepare, end (commit or roll back), list.
+
+use txmq_protocol::{
+    validate_topic_name, EndTransaction, Ended, ErrorCode, ListTransactions, PrepareTransaction,
+    Prepared, TransactionList, WireError, PERM_READ_WRITE, PERM_WRITE,
+};
+
+use super::{bad_argument, check_queue, topic};
+use crate::BrokerInner;
+
+/// At most this many messages in one transaction.
+const MAX_MESSAGES: usize = 1024;
+
+pub(super) async fn prepare(
+    b: &BrokerInner,
+    req: PrepareTransaction,
+) -> Result<Prepared, WireError> {
+    if req.producer_group.is_empty() || req.producer_group.len() > 255 {
+        return Err(bad_argument("producer group must be 1 to 255 bytes long"));
+    }
+    if req.messages.is_empty() || req.messages.len() > MAX_MESSAGES {
+        return Err(bad_argument(format!(
+            "a transaction holds 1 to {MAX_MESSAGES} messages"
+        )));
+    }
+    for half in &req.messages {
+        let name = &half.message.topic;
+        validate_topic_name(name).map_err(bad_argument)?;
+        let config = match b.topics.get(name) {
+            Some(c) => c,
+            None if b.config.auto_create_topics => {
+                topic::create_topic(b, name, b.config.default_queues, PERM_READ_WRITE, false)
+                    .await?
+            }
+            None => return Err(super::unknown_topic(b, name)),
+        };
+        if config.perm & PERM_WRITE == 0 {
+            return Err(WireError::new(
+                ErrorCode::NoPermission,
+                format!(
+                    "topic '{name}' is not writable on broker {}",
+                    b.config.broker_name
+                ),
+            ));
+        }
+        check_queue(&config, half.queue)?;
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|h| (h.queue, h.message))
+        .collect();
+    let (tx_id, status) = b
+        .transactions
+        .prepare(&req.producer_group, req.first_check_delay_ms, messages)
+        .await?;
+    Ok(Prepared { tx_id, status })
+}
+
+pub(super) async fn end(b: &BrokerInner, req: EndTransaction) -> Result<Ended, WireError> {
+    b.transactions.end(req.tx_id, req.action, req.source).await
+}
+
+pub(super) fn list(b: &BrokerInner, _req: ListTransactions) -> TransactionList {
+    b.transactions.list()
+}

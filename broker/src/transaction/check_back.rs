@@ -1,0 +1,140 @@
+//! The check-back scheduler.
+//!
+//! Every check interval (or at once when a producer group comes online) it
+//! takes the prepared transactions whose next check is due, by the broker's
+//! clock, and hands them to one worker per producer group. A worker sends at
+//! most `check_rate` checks per second and keeps at most 64 in flight, each
+//! over a live connection of the group, round robin, so thousands of
+//! pending transactions cause no storm. A check is counted, with a small
+//! durable marker record, only once it was sent; after `check_max` counted
+//! checks without an answer the transaction is parked for an operator.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::{now_millis, CheckTransaction, TxAction, TxResolution, TxSource};
+use txmq_remoting::Error as RemotingError;
+
+use super::Transactions;
+use crate::store::record::RecordKind;
+
+/// At most this many checks of one group in flight.
+const MAX_IN_FLIGHT: usize = 64;
+
+pub(crate) async fn run(tx: Arc<Transactions>, shutdown: CancellationToken) {
+    let mut workers: HashMap<Arc<str>, mpsc::UnboundedSender<u64>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tx.config.check_interval) => {}
+            _ = tx.wake.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let due = tx.take_due(now_millis());
+        if !due.is_empty() {
+            tracing::debug!(due = due.len(), "transactions due for a check");
+        }
+        for (tx_id, group) in due {
+            let sender = workers.entry(group.clone()).or_insert_with(|| {
+                let (s, r) = mpsc::unbounded_channel();
+                tokio::spawn(group_worker(tx.clone(), r, shutdown.clone()));
+                s
+            });
+            // A worker only stops at shutdown.
+            let _ = sender.send(tx_id);
+        }
+    }
+}
+
+async fn group_worker(
+    tx: Arc<Transactions>,
+    mut due: mpsc::UnboundedReceiver<u64>,
+    shutdown: CancellationToken,
+) {
+    let gap = Duration::from_secs(1) / tx.config.check_rate.max(1);
+    let mut next_slot = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            id = due.recv(), if inflight.len() < MAX_IN_FLIGHT => {
+                let Some(id) = id else { break };
+                tokio::time::sleep_until(next_slot).await;
+                next_slot = next_slot.max(Instant::now()) + gap;
+                inflight.push(check_one(tx.clone(), id));
+            }
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+}
+
+async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
+    let Some((group, checks, messages)) = tx.check_request(tx_id) else {
+        return;
+    };
+    if checks >= tx.config.check_max {
+        park(&tx, tx_id).await;
+        tx.check_done(tx_id, false, None, None);
+        return;
+    }
+    let Some(conn) = tx.producers.pick(&group) else {
+        let error = format!("no producer of group '{group}' is connected");
+        tx.check_done(tx_id, false, None, Some(error));
+        return;
+    };
+    let request = CheckTransaction {
+        tx_id,
+        broker_name: tx.broker_name.clone(),
+        producer_group: group.to_string(),
+        messages,
+        checks,
+    };
+    let (sent, answer, error) = match conn
+        .call_with_timeout(request, tx.config.check_timeout)
+        .await
+    {
+        Ok(a) => (true, Some(a.resolution), None),
+        Err(e @ RemotingError::Timeout { .. }) | Err(e @ RemotingError::Remote(_)) => {
+            (true, None, Some(e.to_string()))
+        }
+        Err(e) => (false, None, Some(format!("check not sent: {e}"))),
+    };
+    if sent {
+        tx.counters
+            .checks_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = tx
+            .store
+            .transaction_marker(RecordKind::TxCheck, tx_id)
+            .await
+        {
+            tracing::warn!(tx_id, error = %e, "cannot record a check");
+        }
+    }
+    let checks = tx.check_done(tx_id, sent, answer, error);
+    tracing::debug!(tx_id, %group, checks, ?answer, "checked back");
+    let action = match answer {
+        Some(TxResolution::Commit) => TxAction::Commit,
+        Some(TxResolution::Rollback) => TxAction::Rollback,
+        Some(TxResolution::Unknown) | None => {
+            if sent && checks >= tx.config.check_max {
+                park(&tx, tx_id).await;
+            }
+            return;
+        }
+    };
+    if let Err(e) = tx.end(tx_id, action, TxSource::Producer).await {
+        tracing::warn!(tx_id, ?action, error = %e, "cannot end a transaction after its check");
+    }
+}
+
+async fn park(tx: &Transactions, tx_id: u64) {
+    match tx.store.transaction_marker(RecordKind::TxPark, tx_id).await {
+        Ok(_) => tx.park(tx_id),
+        Err(e) => tracing::warn!(tx_id, error = %e, "cannot park a transaction"),
+    }
+}

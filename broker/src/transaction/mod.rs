@@ -1,0 +1,551 @@
+//! Transactions: the table of pending (prepared or parked) transactions,
+//! their state machine, and the check-back scheduler (`check_back.rs`).
+//!
+//! States: prepared -> committed | rolled back | parked; parked ->
+//! committed | rolled back by an operator. Every transition is first made
+//! durable in the commit log (the commit's visible messages are themselves
+//! the commit marker, written as one atomic group), then applied here; the
+//! table is rebuilt from the log after a restart.
+
+mod check_back;
+mod producers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use txmq_protocol::{
+    now_millis, Ended, ErrorCode, Message, SendStatus, TransactionList, TxAction, TxCounters,
+    TxInfo, TxResolution, TxSource, TxState, WireError,
+};
+
+pub(crate) use check_back::run as run_check_back;
+pub(crate) use producers::ProducerGroups;
+
+use crate::handler::store_error;
+use crate::store::record::RecordKind;
+use crate::store::{RecoveredTransactions, Store};
+
+/// Properties the broker keeps inside a half message; removed on commit.
+pub(crate) const PROP_PRODUCER_GROUP: &str = "__txmq.producer_group";
+pub(crate) const PROP_CHECK_DELAY: &str = "__txmq.check_delay_ms";
+/// A user property that sets a message's own first-check delay (e.g. `2s`, `500ms`).
+pub const PROP_USER_CHECK_DELAY: &str = "txmq.check-delay";
+
+/// How many ended transactions are remembered for idempotent ends.
+const ENDED_MEMORY: usize = 1_000_000;
+
+/// Transaction settings.
+#[derive(Debug, Clone)]
+pub struct TxConfig {
+    /// Age before the first check-back.
+    pub timeout: Duration,
+    /// How often the scheduler looks for due transactions (and the pause between checks of one).
+    pub check_interval: Duration,
+    /// Checks before a transaction is parked.
+    pub check_max: u32,
+    /// Checks per second per producer group.
+    pub check_rate: u32,
+    /// How long a check waits for the producer's answer.
+    pub check_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prepared,
+    Parked,
+    /// An end is being written; a second end of the same kind is answered OK.
+    Ending(TxAction, bool),
+}
+
+#[derive(Debug)]
+struct Pending {
+    group: Arc<str>,
+    halves: Vec<(u64, u32)>,
+    prepared_at: u64,
+    next_check_at: u64,
+    checks: u32,
+    last_check: Option<TxResolution>,
+    last_error: Option<String>,
+    phase: Phase,
+    checking: bool,
+}
+
+#[derive(Default)]
+struct Table {
+    pending: BTreeMap<u64, Pending>,
+    ended: HashMap<u64, bool>,
+    ended_order: std::collections::VecDeque<u64>,
+    groups: HashMap<String, Arc<str>>,
+}
+
+impl Table {
+    fn remember_end(&mut self, tx_id: u64, committed: bool) {
+        if self.ended.insert(tx_id, committed).is_none() {
+            self.ended_order.push_back(tx_id);
+            if self.ended_order.len() > ENDED_MEMORY {
+                if let Some(old) = self.ended_order.pop_front() {
+                    self.ended.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn group(&mut self, name: &str) -> Arc<str> {
+        self.groups
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::from(name))
+            .clone()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    prepared: AtomicU64,
+    committed: AtomicU64,
+    rolled_back: AtomicU64,
+    checks_sent: AtomicU64,
+    parked: AtomicU64,
+}
+
+/// The broker's transactions.
+pub(crate) struct Transactions {
+    store: Store,
+    config: TxConfig,
+    broker_name: String,
+    table: Mutex<Table>,
+    counters: Counters,
+    pub(crate) producers: ProducerGroups,
+    /// Wakes the scheduler early (a producer group came online).
+    pub(crate) wake: Notify,
+}
+
+fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse_delay(s: &str) -> Option<u64> {
+    s.parse::<u64>().ok().or_else(|| {
+        humantime::parse_duration(s)
+            .ok()
+            .map(|d| d.as_millis() as u64)
+    })
+}
+
+fn status(durable: bool) -> SendStatus {
+    if durable {
+        SendStatus::SendOk
+    } else {
+        SendStatus::FlushDiskTimeout
+    }
+}
+
+impl Transactions {
+    /// The table rebuilt from what recovery found.
+    pub(crate) fn new(
+        store: Store,
+        config: TxConfig,
+        broker_name: String,
+        recovered: RecoveredTransactions,
+    ) -> Transactions {
+        let mut table = Table::default();
+        for (tx_id, committed) in recovered.ended {
+            table.remember_end(tx_id, committed);
+        }
+        for t in recovered.pending {
+            let Some(&(pos, size)) = t.halves.first() else {
+                continue;
+            };
+            let Some(first) = store.read_record(pos, size) else {
+                tracing::error!(
+                    tx_id = t.tx_id,
+                    "half message of a pending transaction is unreadable; skipping it"
+                );
+                continue;
+            };
+            let props = &first.message.properties;
+            let group = table.group(props.get(PROP_PRODUCER_GROUP).map_or("", String::as_str));
+            let delay = props
+                .get(PROP_CHECK_DELAY)
+                .and_then(|d| d.parse::<u64>().ok())
+                .unwrap_or(config.timeout.as_millis() as u64);
+            let next_check_at = if t.checks == 0 {
+                t.prepared_at + delay
+            } else {
+                t.last_check_at + config.check_interval.as_millis() as u64
+            };
+            table.pending.insert(
+                t.tx_id,
+                Pending {
+                    group,
+                    halves: t.halves,
+                    prepared_at: t.prepared_at,
+                    next_check_at,
+                    checks: t.checks,
+                    last_check: None,
+                    last_error: None,
+                    phase: if t.parked {
+                        Phase::Parked
+                    } else {
+                        Phase::Prepared
+                    },
+                    checking: false,
+                },
+            );
+        }
+        if !table.pending.is_empty() {
+            tracing::info!(
+                pending = table.pending.len(),
+                "pending transactions rebuilt from the log"
+            );
+        }
+        Transactions {
+            store,
+            config,
+            broker_name,
+            table: Mutex::new(table),
+            counters: Counters::default(),
+            producers: ProducerGroups::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Stores the half messages (already validated) and registers the
+    /// transaction; returns its id.
+    pub(crate) async fn prepare(
+        &self,
+        group: &str,
+        first_check_delay_ms: Option<u64>,
+        mut messages: Vec<(u32, Message)>,
+    ) -> Result<(u64, SendStatus), WireError> {
+        let user_delay = messages.iter().find_map(|(_, m)| {
+            m.properties
+                .get(PROP_USER_CHECK_DELAY)
+                .and_then(|d| parse_delay(d))
+        });
+        let delay = first_check_delay_ms
+            .or(user_delay)
+            .unwrap_or(self.config.timeout.as_millis() as u64);
+        for (_, m) in &mut messages {
+            m.properties
+                .insert(PROP_PRODUCER_GROUP.into(), group.into());
+            m.properties
+                .insert(PROP_CHECK_DELAY.into(), delay.to_string());
+        }
+        let sizes: Vec<u32> = messages
+            .iter()
+            .map(|(_, m)| crate::store::record::message_len(m) as u32)
+            .collect();
+        let (tx_id, durable) = self.store.prepare(messages).await.map_err(store_error)?;
+        // Half messages are contiguous from the tx id on.
+        let mut pos = tx_id;
+        let halves = sizes
+            .into_iter()
+            .map(|s| {
+                let h = (pos, s);
+                pos += u64::from(s);
+                h
+            })
+            .collect();
+        let now = now_millis();
+        let mut table = lock(&self.table);
+        let group = table.group(group);
+        table.pending.insert(
+            tx_id,
+            Pending {
+                group,
+                halves,
+                prepared_at: now,
+                next_check_at: now + delay,
+                checks: 0,
+                last_check: None,
+                last_error: None,
+                phase: Phase::Prepared,
+                checking: false,
+            },
+        );
+        drop(table);
+        self.counters.prepared.fetch_add(1, Ordering::Relaxed);
+        Ok((tx_id, status(durable)))
+    }
+
+    /// Commits or rolls back a transaction. Idempotent: ending it the same
+    /// way again answers OK with `already`; the other way is an error.
+    pub(crate) async fn end(
+        &self,
+        tx_id: u64,
+        action: TxAction,
+        source: TxSource,
+    ) -> Result<Ended, WireError> {
+        let (halves, previous) = {
+            let mut table = lock(&self.table);
+            if let Some(&committed) = table.ended.get(&tx_id) {
+                return ended_again(tx_id, committed, action);
+            }
+            let Some(p) = table.pending.get_mut(&tx_id) else {
+                return Err(WireError::new(
+                    ErrorCode::UnknownTransaction,
+                    format!(
+                        "transaction {tx_id} is not known to broker {}",
+                        self.broker_name
+                    ),
+                ));
+            };
+            match p.phase {
+                Phase::Ending(a, _) if a == action => {
+                    return Ok(Ended {
+                        state: final_state(action),
+                        already: true,
+                        status: SendStatus::SendOk,
+                    });
+                }
+                Phase::Ending(a, _) => return ended_again(tx_id, a == TxAction::Commit, action),
+                Phase::Parked if source == TxSource::Producer => {
+                    return Err(WireError::new(
+                        ErrorCode::TransactionParked,
+                        format!(
+                            "transaction {tx_id} was parked after {} checks; only an operator can end it (txmq tx resolve)",
+                            p.checks
+                        ),
+                    ));
+                }
+                Phase::Parked | Phase::Prepared => {}
+            }
+            let previous = p.phase;
+            p.phase = Phase::Ending(action, previous == Phase::Parked);
+            (p.halves.clone(), previous)
+        };
+        let result = match action {
+            TxAction::Commit => match self.read_halves(&halves) {
+                Some(messages) => self
+                    .store
+                    .commit_transaction(tx_id, messages)
+                    .await
+                    .map_err(store_error),
+                None => Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("half messages of transaction {tx_id} are unreadable"),
+                )),
+            },
+            TxAction::Rollback => self
+                .store
+                .transaction_marker(RecordKind::TxRollback, tx_id)
+                .await
+                .map_err(store_error),
+        };
+        let mut table = lock(&self.table);
+        match result {
+            Ok(durable) => {
+                table.pending.remove(&tx_id);
+                table.remember_end(tx_id, action == TxAction::Commit);
+                drop(table);
+                match action {
+                    TxAction::Commit => self.counters.committed.fetch_add(1, Ordering::Relaxed),
+                    TxAction::Rollback => self.counters.rolled_back.fetch_add(1, Ordering::Relaxed),
+                };
+                tracing::debug!(tx_id, ?action, ?source, "transaction ended");
+                Ok(Ended {
+                    state: final_state(action),
+                    already: false,
+                    status: status(durable),
+                })
+            }
+            Err(e) => {
+                if let Some(p) = table.pending.get_mut(&tx_id) {
+                    p.phase = previous;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The half messages as they become visible: internal properties removed.
+    fn read_halves(&self, halves: &[(u64, u32)]) -> Option<Vec<(u32, Message)>> {
+        halves
+            .iter()
+            .map(|&(pos, size)| {
+                let rec = self.store.read_record(pos, size)?;
+                let mut m = rec.message;
+                m.properties.remove(PROP_PRODUCER_GROUP);
+                m.properties.remove(PROP_CHECK_DELAY);
+                Some((rec.queue, m))
+            })
+            .collect()
+    }
+
+    /// Pending and parked transactions, oldest first, and the counters.
+    pub(crate) fn list(&self) -> TransactionList {
+        let now = now_millis();
+        let table = lock(&self.table);
+        // Half messages are read after the lock is released.
+        let entries: Vec<(Vec<(u64, u32)>, TxInfo)> = table
+            .pending
+            .iter()
+            .map(|(&tx_id, p)| {
+                let info = TxInfo {
+                    tx_id,
+                    msg_ids: Vec::new(),
+                    topics: Vec::new(),
+                    producer_group: p.group.to_string(),
+                    age_ms: now.saturating_sub(p.prepared_at),
+                    checks: p.checks,
+                    last_check: p.last_check,
+                    last_error: p.last_error.clone(),
+                    state: if p.phase == Phase::Parked {
+                        TxState::Parked
+                    } else {
+                        TxState::Prepared
+                    },
+                };
+                (p.halves.clone(), info)
+            })
+            .collect();
+        drop(table);
+        let transactions = entries
+            .into_iter()
+            .map(|(halves, mut info)| {
+                for (_, m) in self.read_halves(&halves).unwrap_or_default() {
+                    info.msg_ids.push(m.msg_id);
+                    if !info.topics.contains(&m.topic) {
+                        info.topics.push(m.topic);
+                    }
+                }
+                info
+            })
+            .collect();
+        TransactionList {
+            broker_name: self.broker_name.clone(),
+            transactions,
+            counters: self.counters(),
+        }
+    }
+
+    /// The counters now.
+    pub(crate) fn counters(&self) -> TxCounters {
+        let pending = lock(&self.table).pending.len() as u64;
+        let c = &self.counters;
+        TxCounters {
+            prepared: c.prepared.load(Ordering::Relaxed),
+            committed: c.committed.load(Ordering::Relaxed),
+            rolled_back: c.rolled_back.load(Ordering::Relaxed),
+            checks_sent: c.checks_sent.load(Ordering::Relaxed),
+            parked: c.parked.load(Ordering::Relaxed),
+            pending,
+        }
+    }
+
+    /// A transactional producer of `group` connected: if it is the group's
+    /// first, its waiting transactions are checked right away.
+    pub(crate) fn producer_connected(&self, group: &str, conn: txmq_remoting::Connection) {
+        if self.producers.add(group, conn) {
+            let now = now_millis();
+            let mut table = lock(&self.table);
+            for p in table.pending.values_mut() {
+                if &*p.group == group && p.phase == Phase::Prepared && p.last_error.is_some() {
+                    p.next_check_at = p.next_check_at.min(now);
+                }
+            }
+            drop(table);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Ids of the prepared transactions due for a check, marked as being checked.
+    fn take_due(&self, now: u64) -> Vec<(u64, Arc<str>)> {
+        let mut table = lock(&self.table);
+        table
+            .pending
+            .iter_mut()
+            .filter(|(_, p)| p.phase == Phase::Prepared && !p.checking && p.next_check_at <= now)
+            .map(|(&tx_id, p)| {
+                p.checking = true;
+                (tx_id, p.group.clone())
+            })
+            .collect()
+    }
+}
+
+fn final_state(action: TxAction) -> TxState {
+    match action {
+        TxAction::Commit => TxState::Committed,
+        TxAction::Rollback => TxState::RolledBack,
+    }
+}
+
+fn ended_again(tx_id: u64, committed: bool, action: TxAction) -> Result<Ended, WireError> {
+    match (committed, action) {
+        (true, TxAction::Commit) => Ok(Ended {
+            state: TxState::Committed,
+            already: true,
+            status: SendStatus::SendOk,
+        }),
+        (false, TxAction::Rollback) => Ok(Ended {
+            state: TxState::RolledBack,
+            already: true,
+            status: SendStatus::SendOk,
+        }),
+        (false, TxAction::Commit) => Err(WireError::new(
+            ErrorCode::TransactionRolledBack,
+            format!("transaction {tx_id} was rolled back; it cannot be committed"),
+        )),
+        (true, TxAction::Rollback) => Err(WireError::new(
+            ErrorCode::TransactionCommitted,
+            format!("transaction {tx_id} was committed; it cannot be rolled back"),
+        )),
+    }
+}
+
+/// For the check-back module: read access to what it needs.
+impl Transactions {
+    fn check_request(&self, tx_id: u64) -> Option<(Arc<str>, u32, Vec<Message>)> {
+        let (group, checks, halves) = {
+            let table = lock(&self.table);
+            let p = table.pending.get(&tx_id)?;
+            (p.group.clone(), p.checks, p.halves.clone())
+        };
+        let messages = self
+            .read_halves(&halves)?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
+        Some((group, checks, messages))
+    }
+
+    /// Records a check's outcome; `sent` says whether it reached the producer.
+    fn check_done(
+        &self,
+        tx_id: u64,
+        sent: bool,
+        answer: Option<TxResolution>,
+        error: Option<String>,
+    ) -> u32 {
+        let now = now_millis();
+        let mut table = lock(&self.table);
+        let Some(p) = table.pending.get_mut(&tx_id) else {
+            return 0;
+        };
+        p.checking = false;
+        if sent {
+            p.checks += 1;
+        }
+        if answer.is_some() {
+            p.last_check = answer;
+        }
+        p.last_error = error;
+        p.next_check_at = now + self.config.check_interval.as_millis() as u64;
+        p.checks
+    }
+
+    fn park(&self, tx_id: u64) {
+        let mut table = lock(&self.table);
+        if let Some(p) = table.pending.get_mut(&tx_id) {
+            if p.phase == Phase::Prepared {
+                p.phase = Phase::Parked;
+                self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(tx_id, group = %p.group, checks = p.checks, "transaction parked after the maximum number of checks; resolve it with txmq tx resolve");
+            }
+        }
+    }
+}
