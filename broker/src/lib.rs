@@ -66,6 +66,10 @@ pub(crate) struct BrokerInner {
     pub(crate) store: Store,
     pub(crate) topics: TopicTable,
     pub(crate) topics_changed: Notify,
+    /// Topic-table versions: asked for (bumped on change) and registered
+    /// with the nameservers (a create waits for its version to be registered).
+    pub(crate) topics_version: std::sync::atomic::AtomicU64,
+    pub(crate) registered_version: tokio::sync::watch::Sender<u64>,
     pub(crate) transactions: Arc<transaction::Transactions>,
     pub(crate) shutdown: CancellationToken,
 }
@@ -181,6 +185,8 @@ impl Broker {
             store,
             topics,
             topics_changed: Notify::new(),
+            topics_version: std::sync::atomic::AtomicU64::new(0),
+            registered_version: tokio::sync::watch::channel(0).0,
             shutdown: shutdown.clone(),
         });
 

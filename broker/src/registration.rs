@@ -15,6 +15,7 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
     let mut conns: HashMap<String, Connection> = HashMap::new();
     let mut healthy: HashMap<String, bool> = HashMap::new();
     loop {
+        let version = b.topics_version.load(std::sync::atomic::Ordering::Acquire);
         let topics = b.topics.all();
         let req = RegisterBroker {
             cluster: b.config.cluster.clone(),
@@ -56,6 +57,13 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
                 }
             }
         }
+        // Creates waiting for this table version may answer now (whether or
+        // not every nameserver took it: an unreachable one is retried).
+        b.registered_version.send_if_modified(|v| {
+            let grew = *v < version;
+            *v = (*v).max(version);
+            grew
+        });
         // Retry a failed nameserver sooner than a full heartbeat interval.
         let wait = if healthy.values().all(|h| *h) {
             b.config.heartbeat_interval

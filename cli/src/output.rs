@@ -107,7 +107,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
 
 /// An error with its causes, `outer: inner: innermost`, leaving out a
 /// cause whose text the previous one already shows (a wire error is both
-/// shown and kept as the source by the remoting layer).
+/// shown and kept as the source by the remoting layer). A client-side
+/// error that stands for a wire code (no route, a bad argument) shows the
+/// code too, as a broker's refusal would.
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     let mut previous = String::new();
@@ -119,10 +121,22 @@ pub fn error_text(e: &anyhow::Error) -> String {
         if !out.is_empty() {
             out.push_str(": ");
         }
+        if let Some(code) = client_side_code(cause) {
+            out.push_str(&format!("{} ({}): ", code.name(), code as u16));
+        }
         out.push_str(&text);
         previous = text;
     }
     out
+}
+
+/// The code of a client error that carries no wire error showing it.
+fn client_side_code(cause: &(dyn std::error::Error + 'static)) -> Option<txmq::ErrorCode> {
+    let e = cause.downcast_ref::<txmq::Error>()?;
+    if e.wire_error().is_some() {
+        return None;
+    }
+    e.code()
 }
 
 /// Permission bits as `rw`, `r`, `w` or `-`.
@@ -347,6 +361,27 @@ mod tests {
         assert_eq!(
             text,
             "sending: broker broker-a (h:1): UNKNOWN_TOPIC (6): topic 'x' does not exist"
+        );
+    }
+
+    #[test]
+    fn client_side_errors_show_their_code() {
+        let e = txmq::Error::NoRoute {
+            topic: "ghost".into(),
+        };
+        assert_eq!(
+            error_text(&anyhow::Error::from(e)),
+            "NO_ROUTE (12): no route for topic \"ghost\": no broker serves it"
+        );
+        let e = txmq::Error::BadArgument("topic name is empty".into());
+        assert_eq!(
+            error_text(&anyhow::Error::from(e).context("sending")),
+            "sending: BAD_ARGUMENT (5): bad argument: topic name is empty"
+        );
+        let e = txmq::Error::NoBroker;
+        assert_eq!(
+            error_text(&anyhow::Error::from(e)),
+            "no broker is registered with the nameservers"
         );
     }
 

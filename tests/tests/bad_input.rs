@@ -1,0 +1,849 @@
+//! Bad input: every malformed frame closes only the connection it came on
+//! (answered with an error first when its request id was readable), while
+//! the broker keeps serving the clients connected before and after; bad
+//! arguments get an error response with a code and a message.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder};
+use txmq::{ErrorCode, Message, Producer, PullConsumer, PERM_READ_WRITE};
+use txmq_broker::FlushMode;
+use txmq_protocol::codec::Decoded;
+use txmq_protocol::{
+    Frame, FrameCodec, Hello, Ping, PullRequest, Request, Response, Role, SendRequest, WireError,
+    DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use txmq_remoting::{Connection, ConnectionConfig};
+use txmq_tests::{consume_all, wait_for_broker, BrokerProcess, Cluster};
+
+/// How long the broker may take to close a bad connection.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+fn hello(version: u32) -> Hello {
+    Hello {
+        version,
+        role: Role::Producer,
+        client_id: "bad-input-test".into(),
+        group: None,
+    }
+}
+
+/// A frame as the real codec puts it on the wire.
+fn encode(frame: &Frame) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    FrameCodec::default()
+        .encode(frame, &mut buf)
+        .expect("frame encodes");
+    buf.to_vec()
+}
+
+/// `body` behind a correct 4-byte big-endian length prefix.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut bytes = u32::try_from(body.len())
+        .expect("short body")
+        .to_be_bytes()
+        .to_vec();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A hand-made MessagePack frame body, in the layout rmp-serde gives the
+/// real types (enums as one-entry maps, tuple variants as arrays).
+fn msgpack(value: &serde_json::Value) -> Vec<u8> {
+    rmp_serde::to_vec(value).expect("msgpack encodes")
+}
+
+/// A raw TCP connection to a broker that speaks the framing by hand.
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the broker");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connected and greeted with a valid hello, whose answer is checked.
+    async fn greeted(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::connect(addr).await;
+        raw.write(&encode(&Frame::Request(
+            1,
+            Request::Hello(hello(PROTOCOL_VERSION)),
+        )))
+        .await;
+        match raw.next_frame().await {
+            Some(Frame::Response(1, Ok(Response::Hello(ok)))) => {
+                assert_eq!(ok.version, PROTOCOL_VERSION);
+                assert_eq!(ok.server, "broker-a");
+            }
+            other => panic!("expected the hello's answer, got {other:?}"),
+        }
+        raw
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.stream
+            .write_all(bytes)
+            .await
+            .expect("write to the broker");
+    }
+
+    /// The next frame the broker sends; `None` when it closes first.
+    async fn next_frame(&mut self) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + CLOSE_WITHIN;
+        loop {
+            if let Some(frame) = decode_one(&mut self.buf) {
+                return Some(frame);
+            }
+            let n = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+                .expect("the broker answers within 5 s");
+            match n {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Reads until the broker closes the connection (panicking when it is
+    /// still open after [`CLOSE_WITHIN`]); returns the frames it sent first.
+    async fn frames_until_closed(mut self) -> Vec<Frame> {
+        let deadline = tokio::time::Instant::now() + CLOSE_WITHIN;
+        loop {
+            let n = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the bad connection is still open after {CLOSE_WITHIN:?}")
+                });
+            match n {
+                Ok(0) => break,
+                Ok(_) => {}
+                // A close with unread input resets the connection: closed too.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+        let mut frames = Vec::new();
+        while let Some(frame) = decode_one(&mut self.buf) {
+            frames.push(frame);
+        }
+        assert!(
+            self.buf.is_empty(),
+            "the broker sent a partial frame: {:?}",
+            self.buf
+        );
+        frames
+    }
+}
+
+fn decode_one(buf: &mut BytesMut) -> Option<Frame> {
+    match FrameCodec::default()
+        .decode(buf)
+        .expect("the broker sends valid frames")
+    {
+        None => None,
+        Some(Decoded::Frame(frame)) => Some(frame),
+        Some(other) => panic!("the broker sent a malformed frame: {other:?}"),
+    }
+}
+
+/// The error answers among `frames`, as (request id, error).
+fn errors(frames: &[Frame]) -> Vec<(u64, WireError)> {
+    frames
+        .iter()
+        .map(|f| match f {
+            Frame::Response(id, Err(e)) => (*id, e.clone()),
+            other => panic!("expected only error answers, got {other:?}"),
+        })
+        .collect()
+}
+
+/// Asserts that the broker answered request `id` with exactly one error of
+/// `code` (with a message) before closing.
+fn assert_refused(frames: &[Frame], id: u64, code: ErrorCode) {
+    let errors = errors(frames);
+    assert_eq!(
+        errors.len(),
+        1,
+        "one error answer before the close: {frames:?}"
+    );
+    let (got_id, e) = &errors[0];
+    assert_eq!(*got_id, id, "the answer carries the request's id");
+    assert_eq!(e.code, code, "{e}");
+    assert!(!e.message.is_empty(), "the error says what went wrong");
+}
+
+fn bodies(messages: &[txmq::ReceivedMessage]) -> Vec<String> {
+    let mut b: Vec<String> = messages
+        .iter()
+        .map(|m| String::from_utf8(m.body().to_vec()).expect("text body"))
+        .collect();
+    b.sort();
+    b
+}
+
+/// Polls `consumer` until `n` messages came (10 s at most).
+async fn receive(consumer: &mut PullConsumer, n: usize) -> Vec<txmq::ReceivedMessage> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages arrived",
+            got.len()
+        );
+        got.extend(
+            consumer
+                .poll_at_most(n - got.len(), Duration::from_millis(200))
+                .await
+                .expect("poll"),
+        );
+    }
+    got
+}
+
+/// Waits until the nameserver has a route for `topic` (a create returns
+/// before the broker's re-registration reaches the nameserver).
+async fn wait_for_route(ns: &str, topic: &str) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin.route(topic).await.is_err() {
+        assert!(Instant::now() < deadline, "{topic} never got a route");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admin.close();
+}
+
+/// Starts a cluster whose clients are busy before `bad` runs against the
+/// broker's address, then checks that the clients connected before (a
+/// producer, a consumer with a long poll in flight, a plain connection) and
+/// a fresh producer and consumer still work.
+async fn broker_survives<F, Fut>(bad: F)
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let addr = cluster.brokers[0].local_addr();
+    let topic = "survivors";
+    cluster
+        .admin()
+        .await
+        .create_topic(topic, 2, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&cluster.nameserver, topic).await;
+    let producer = cluster.producer().await;
+    let mut consumer = PullConsumer::builder()
+        .nameserver(&cluster.nameserver)
+        .group("before")
+        .topic(topic)
+        .build()
+        .await
+        .unwrap();
+    producer.send(Message::new(topic, "before")).await.unwrap();
+    assert_eq!(bodies(&receive(&mut consumer, 1).await), ["before"]);
+    let bystander = Connection::connect(
+        &addr.to_string(),
+        hello(PROTOCOL_VERSION),
+        None,
+        ConnectionConfig::default(),
+    )
+    .await
+    .expect("a plain connection says hello");
+
+    bad(addr).await;
+
+    // The connection opened before is still the same, open connection.
+    assert!(!bystander.is_closed(), "an unrelated connection was closed");
+    bystander
+        .call(Ping {})
+        .await
+        .expect("the unrelated connection still answers");
+    // The producer and the consumer (whose long poll was waiting) go on.
+    producer.send(Message::new(topic, "after")).await.unwrap();
+    assert_eq!(bodies(&receive(&mut consumer, 1).await), ["after"]);
+    consumer.shutdown().await.unwrap();
+    // And new clients are served.
+    let fresh = cluster.producer().await;
+    fresh.send(Message::new(topic, "fresh")).await.unwrap();
+    let all = consume_all(
+        &cluster.nameserver,
+        "fresh",
+        topic,
+        3,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(bodies(&all), ["after", "before", "fresh"]);
+    bystander.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_length_prefix_closes_only_that_connection() {
+    broker_survives(|addr| async move {
+        let mut raw = Raw::greeted(addr).await;
+        // One byte over the 8 MiB maximum: refused from the prefix alone.
+        let len = u32::try_from(DEFAULT_MAX_FRAME_LEN + 1).unwrap();
+        raw.write(&len.to_be_bytes()).await;
+        let frames = raw.frames_until_closed().await;
+        assert!(frames.is_empty(), "no request id to answer: {frames:?}");
+
+        // The same before the hello, with the largest length there is.
+        let mut raw = Raw::connect(addr).await;
+        raw.write(&u32::MAX.to_be_bytes()).await;
+        assert!(raw.frames_until_closed().await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bytes_close_only_that_connection() {
+    broker_survives(|addr| async move {
+        // A well-framed body that is not MessagePack at all (0xc1 is never used).
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&framed(&[0xc1; 16])).await;
+        assert!(raw.frames_until_closed().await.is_empty());
+
+        // An empty body.
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&framed(&[])).await;
+        assert!(raw.frames_until_closed().await.is_empty());
+
+        // Valid MessagePack that is not a frame.
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&framed(&msgpack(&json!(["not", "a", "frame"]))))
+            .await;
+        assert!(raw.frames_until_closed().await.is_empty());
+
+        // Another protocol altogether: an HTTP request instead of a hello.
+        let mut raw = Raw::connect(addr).await;
+        raw.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await;
+        assert!(raw.frames_until_closed().await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_cut_off_by_the_peer_closing_closes_only_that_connection() {
+    broker_survives(|addr| async move {
+        let send = Frame::Request(
+            2,
+            Request::Send(SendRequest {
+                queue: 0,
+                messages: vec![Message::new("survivors", "never stored")],
+            }),
+        );
+        let whole = encode(&send);
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&whole[..whole.len() / 2]).await;
+        // The peer goes away mid-frame.
+        raw.stream.shutdown().await.expect("half-close");
+        assert!(raw.frames_until_closed().await.is_empty());
+
+        // Cut off inside the length prefix.
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&whole[..2]).await;
+        raw.stream.shutdown().await.expect("half-close");
+        assert!(raw.frames_until_closed().await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_messagepack_body_closes_only_that_connection() {
+    broker_survives(|addr| async move {
+        let send = Frame::Request(
+            2,
+            Request::Send(SendRequest {
+                queue: 0,
+                messages: vec![Message::new("survivors", "never stored")],
+            }),
+        );
+        let whole = encode(&send);
+        // The length prefix matches the bytes sent, but the MessagePack
+        // inside ends half way through the message.
+        let body = &whole[4..4 + (whole.len() - 4) / 2];
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&framed(body)).await;
+        let frames = raw.frames_until_closed().await;
+        // Whether or not the id was still readable, anything sent back is a
+        // refusal of request 2.
+        for (id, e) in errors(&frames) {
+            assert_eq!((id, e.code), (2, ErrorCode::MalformedRequest), "{e}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrongly_typed_request_is_refused_and_closes_only_that_connection() {
+    broker_survives(|addr| async move {
+        // A send whose queue is a string and whose messages are a number.
+        let mut raw = Raw::greeted(addr).await;
+        let body = msgpack(&json!({"Request": [7, {"Send": {"queue": "zero", "messages": 5}}]}));
+        raw.write(&framed(&body)).await;
+        assert_refused(
+            &raw.frames_until_closed().await,
+            7,
+            ErrorCode::MalformedRequest,
+        );
+
+        // A hello whose fields have the wrong types, as the first request.
+        let mut raw = Raw::connect(addr).await;
+        let body = msgpack(&json!({"Request": [3, {"Hello": {"version": "one", "role": 5}}]}));
+        raw.write(&framed(&body)).await;
+        assert_refused(
+            &raw.frames_until_closed().await,
+            3,
+            ErrorCode::MalformedRequest,
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_request_kind_is_refused_and_closes_only_that_connection() {
+    broker_survives(|addr| async move {
+        let mut raw = Raw::greeted(addr).await;
+        let body = msgpack(&json!({"Request": [9, {"Frobnicate": {"how": "hard"}}]}));
+        raw.write(&framed(&body)).await;
+        assert_refused(
+            &raw.frames_until_closed().await,
+            9,
+            ErrorCode::MalformedRequest,
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_that_is_not_a_hello_is_refused_and_closed() {
+    broker_survives(|addr| async move {
+        let mut raw = Raw::connect(addr).await;
+        raw.write(&encode(&Frame::Request(5, Request::Ping(Ping {}))))
+            .await;
+        assert_refused(
+            &raw.frames_until_closed().await,
+            5,
+            ErrorCode::HelloRequired,
+        );
+
+        // A send, too, is refused rather than stored.
+        let mut raw = Raw::connect(addr).await;
+        let send = Request::Send(SendRequest {
+            queue: 0,
+            messages: vec![Message::new("survivors", "sneaked in")],
+        });
+        raw.write(&encode(&Frame::Request(6, send))).await;
+        assert_refused(
+            &raw.frames_until_closed().await,
+            6,
+            ErrorCode::HelloRequired,
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_with_another_protocol_version_is_refused_with_unsupported_version() {
+    broker_survives(|addr| async move {
+        let mut raw = Raw::connect(addr).await;
+        let newer = hello(PROTOCOL_VERSION + 1);
+        raw.write(&encode(&Frame::Request(1, Request::Hello(newer))))
+            .await;
+        let frames = raw.frames_until_closed().await;
+        assert_refused(&frames, 1, ErrorCode::UnsupportedVersion);
+        let (_, e) = &errors(&frames)[0];
+        assert!(
+            e.message.contains(&(PROTOCOL_VERSION + 1).to_string()),
+            "the message names the version: {e}"
+        );
+
+        // The client library reports the same refusal.
+        let e = Connection::connect(
+            &addr.to_string(),
+            hello(0),
+            None,
+            ConnectionConfig::default(),
+        )
+        .await
+        .expect_err("version 0 is refused");
+        assert_eq!(
+            e.remote().map(|w| w.code),
+            Some(ErrorCode::UnsupportedVersion),
+            "{e}"
+        );
+    })
+    .await;
+}
+
+/// A request with a bad argument is answered with an error, and the
+/// connection it came on stays open and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    cluster
+        .admin()
+        .await
+        .create_topic("orders", 2, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let addr = cluster.brokers[0].local_addr().to_string();
+    let conn = Connection::connect(
+        &addr,
+        hello(PROTOCOL_VERSION),
+        None,
+        ConnectionConfig::default(),
+    )
+    .await
+    .unwrap();
+    let refusal = |r: Result<_, txmq_remoting::Error>| -> WireError {
+        match r {
+            Err(txmq_remoting::Error::Remote(e)) => e,
+            Err(other) => panic!("expected an error answer, got {other}"),
+            Ok(_) => panic!("expected an error answer, got success"),
+        }
+    };
+    let send = |topic: &str, queue: u32| SendRequest {
+        queue,
+        messages: vec![Message::new(topic, "x")],
+    };
+
+    // The broker checks names itself (the client library is bypassed here).
+    for topic in ["", "a/b", &"x".repeat(200)] {
+        let e = refusal(conn.call(send(topic, 0)).await.map(|_| ()));
+        assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
+        assert!(e.message.contains("topic name"), "{e}");
+    }
+    let e = refusal(
+        conn.call(SendRequest {
+            queue: 0,
+            messages: vec![],
+        })
+        .await
+        .map(|_| ()),
+    );
+    assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
+    let e = refusal(conn.call(send("orders", 99)).await.map(|_| ()));
+    assert_eq!(e.code, ErrorCode::UnknownQueue, "{e}");
+    assert!(e.message.contains("99"), "{e}");
+    let pull = |topic: &str, max_messages| PullRequest {
+        topic: topic.into(),
+        queue: 0,
+        offset: 0,
+        max_messages,
+        max_wait_ms: 0,
+    };
+    let e = refusal(conn.call(pull("orders", 0)).await.map(|_| ()));
+    assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
+    let e = refusal(conn.call(pull("nowhere", 1)).await.map(|_| ()));
+    assert_eq!(e.code, ErrorCode::UnknownTopic, "{e}");
+    assert!(e.message.contains("nowhere"), "{e}");
+
+    // Still the same connection, and it still works.
+    assert!(!conn.is_closed());
+    let stored = conn
+        .call(send("orders", 1))
+        .await
+        .expect("a good send after bad ones");
+    assert_eq!((stored.queue, stored.first_offset), (1, 0));
+    conn.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(
+        &dir.path().join("data"),
+        &cluster.nameserver,
+        "broker-p",
+        &[],
+    );
+    wait_for_broker(&cluster.nameserver, "broker-p").await;
+    let addr: SocketAddr = broker.addr.parse().unwrap();
+
+    let mut garbage = Raw::connect(addr).await;
+    garbage.write(&framed(&[0xc1; 8])).await;
+    assert!(garbage.frames_until_closed().await.is_empty());
+    let mut typed = Raw::connect(addr).await;
+    typed
+        .write(&framed(&msgpack(
+            &json!({"Request": [4, {"Send": {"queue": []}}]}),
+        )))
+        .await;
+    assert_refused(
+        &typed.frames_until_closed().await,
+        4,
+        ErrorCode::MalformedRequest,
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let warnings = loop {
+        let log = broker.log_text();
+        let warnings: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .map(String::from)
+            .collect();
+        let bad_frame = warnings
+            .iter()
+            .any(|l| l.contains("bad frame") || l.contains("garbage"));
+        let malformed = warnings.iter().any(|l| l.contains("malformed"));
+        if bad_frame && malformed {
+            break warnings;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warning for the bad connections in the log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        warnings.iter().any(|l| l.contains("peer=127.0.0.1:")),
+        "the warning names the peer: {warnings:?}"
+    );
+    assert!(
+        !broker.log_text().contains("panicked"),
+        "{}",
+        broker.log_text()
+    );
+
+    let producer = Producer::builder()
+        .nameserver(&cluster.nameserver)
+        .build()
+        .await
+        .unwrap();
+    let receipt = producer
+        .send(Message::new("after-garbage", "still here"))
+        .await
+        .unwrap();
+    assert_eq!(receipt.broker_name, "broker-p");
+    let got = consume_all(
+        &cluster.nameserver,
+        "g",
+        "after-garbage",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(bodies(&got), ["still here"]);
+    producer.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_to_a_missing_topic_without_auto_create_fails_with_its_code() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| c.auto_create_topics = false)
+        .await;
+    let producer = cluster.producer().await;
+    let e = producer
+        .send(Message::new("ghost", "nobody home"))
+        .await
+        .expect_err("no topic, no auto-creation");
+    let code = e.code();
+    assert!(
+        matches!(code, Some(ErrorCode::UnknownTopic | ErrorCode::NoRoute)),
+        "code {code:?}: {e}"
+    );
+    let text = error_chain(&e);
+    assert!(text.contains("ghost"), "the error names the topic: {text}");
+    // Nothing was created on the way.
+    let route = cluster.admin().await.route("ghost").await;
+    assert_eq!(route.err().and_then(|e| e.code()), Some(ErrorCode::NoRoute));
+    // Once the topic exists the same producer sends to it.
+    cluster
+        .admin()
+        .await
+        .create_topic("ghost", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("ghost", "now home"))
+        .await
+        .unwrap();
+    producer.close();
+    cluster.shutdown().await;
+}
+
+/// An error with all its causes, as a person would read it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_topic_names_are_bad_arguments() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let producer = cluster.producer().await;
+    let admin = cluster.admin().await;
+    let long = "t".repeat(200);
+    for name in ["", "a/b", "with space", long.as_str()] {
+        let e = producer
+            .send(Message::new(name, "x"))
+            .await
+            .expect_err("invalid name");
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::BadArgument),
+            "send to {name:?}: {e}"
+        );
+        // The broker refuses to create it too.
+        let e = admin
+            .create_topic(name, 1, PERM_READ_WRITE, None)
+            .await
+            .expect_err("invalid name");
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::BadArgument),
+            "create {name:?}: {}",
+            error_chain(&e)
+        );
+        let e = PullConsumer::builder()
+            .nameserver(&cluster.nameserver)
+            .group("g")
+            .topic(name)
+            .build()
+            .await
+            .expect_err("invalid name");
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::BadArgument),
+            "consume {name:?}: {e}"
+        );
+    }
+    // 127 characters is the longest name allowed.
+    let longest = "t".repeat(127);
+    producer
+        .send(Message::new(longest.as_str(), "x"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let topics = loop {
+        let topics = admin.list_topics().await.unwrap();
+        if topics.iter().any(|t| t.config.name == longest) {
+            break topics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the valid topic never showed up: {topics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        topics.iter().all(|t| t.config.name == longest),
+        "only the valid topic exists: {topics:?}"
+    );
+    producer.close();
+    admin.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_counts_out_of_range_are_bad_arguments() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let admin = cluster.admin().await;
+    for queues in [0, 1025, 5000] {
+        let e = admin
+            .create_topic("sized", queues, PERM_READ_WRITE, None)
+            .await
+            .expect_err("queue count out of range");
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::BadArgument),
+            "{queues} queues: {}",
+            error_chain(&e)
+        );
+        assert!(
+            error_chain(&e).contains(&queues.to_string()),
+            "{}",
+            error_chain(&e)
+        );
+    }
+    assert_eq!(
+        admin.route("sized").await.err().and_then(|e| e.code()),
+        Some(ErrorCode::NoRoute)
+    );
+    let created = admin
+        .create_topic("sized", 1024, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    assert_eq!(created[0].config.queues, 1024);
+    admin.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_max_message_size_is_message_too_large() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    cluster
+        .admin()
+        .await
+        .create_topic("big", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    // The harness's brokers accept messages up to 1 MiB.
+    let e = producer
+        .send(Message::new("big", vec![7u8; 2 << 20]))
+        .await
+        .expect_err("2 MiB is over the limit");
+    assert_eq!(
+        e.code(),
+        Some(ErrorCode::MessageTooLarge),
+        "{}",
+        error_chain(&e)
+    );
+    // Over the frame limit as well: refused before it is sent.
+    let e = producer
+        .send(Message::new("big", vec![7u8; 9 << 20]))
+        .await
+        .expect_err("9 MiB is over every limit");
+    assert!(
+        matches!(
+            e.code(),
+            Some(ErrorCode::MessageTooLarge | ErrorCode::FrameTooLarge)
+        ),
+        "{}",
+        error_chain(&e)
+    );
+    // Nothing was stored, and a message under the limit still goes through.
+    let ok = producer
+        .send(Message::new("big", vec![7u8; 512 << 10]))
+        .await
+        .unwrap();
+    assert_eq!(ok.queue_offset, 0, "the refused messages took no offset");
+    let got = consume_all(&cluster.nameserver, "g", "big", 2, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body().len(), 512 << 10);
+    producer.close();
+    cluster.shutdown().await;
+}

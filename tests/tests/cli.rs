@@ -1,0 +1,767 @@
+//! The `txmq` command line against an in-process nameserver and broker:
+//! the README flow, text and JSON output, sending from stdin or N times,
+//! consuming with a count, an idle timeout or from the end, the admin
+//! listings, and how errors are reported.
+
+use std::collections::{BTreeSet, HashSet};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use txmq::{Message, PERM_READ_WRITE};
+use txmq_broker::FlushMode;
+use txmq_tests::{consume_all, free_port, json_lines, txmq_cli, Cluster};
+
+/// Runs `txmq --nameserver NS ARGS` off the runtime's worker threads (the
+/// in-process cluster needs them meanwhile).
+async fn txmq(ns: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let ns = ns.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        txmq_cli(&ns, &args, stdin.as_deref())
+    })
+    .await
+    .expect("txmq runs")
+}
+
+/// Waits until the nameserver routes `topic` to exactly `brokers`. A
+/// `topic create` returns before the broker's re-registration reaches the
+/// nameserver (see `a_created_topic_is_routable_as_soon_as_create_returns`).
+async fn wait_for_route(ns: &str, topic: &str, brokers: &[&str]) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(route) = admin.route(topic).await {
+            let names: Vec<&str> = route
+                .brokers
+                .iter()
+                .map(|b| b.broker_name.as_str())
+                .collect();
+            if names == brokers {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never routed to {brokers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admin.close();
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a zero exit; returns stdout.
+#[track_caller]
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "txmq failed with {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Asserts a failure with a message on stderr and nothing on stdout; returns stderr.
+#[track_caller]
+fn failed(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "txmq should have failed\nstdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+    assert!(
+        stdout(o).trim().is_empty(),
+        "nothing on stdout: {}",
+        stdout(o)
+    );
+    let err = stderr(o);
+    assert!(err.contains("error"), "stderr says what went wrong: {err}");
+    err
+}
+
+fn text(v: &Value, field: &str) -> String {
+    v[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a string in {v}"))
+        .to_string()
+}
+
+fn number(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} is not a number in {v}"))
+}
+
+fn body_set(objects: &[Value]) -> BTreeSet<String> {
+    objects.iter().map(|o| text(o, "body")).collect()
+}
+
+fn msg_id_of_text_line(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("msg_id="))
+        .unwrap_or_else(|| panic!("no msg_id in {line:?}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_flow_in_text() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    let addr = cluster.brokers[0].local_addr().to_string();
+
+    let out = ok(&txmq(ns, &["topic", "create", "orders", "--queues", "4"], None).await);
+    assert_eq!(
+        out.trim(),
+        format!("created topic orders on broker-a ({addr}): 4 queues, perm rw")
+    );
+
+    let out = ok(&txmq(
+        ns,
+        &[
+            "send", "orders", "--body", "hello", "--key", "k1", "--tag", "t1",
+        ],
+        None,
+    )
+    .await);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "one acknowledgement: {out}");
+    assert!(
+        lines[0].starts_with("SEND_OK orders broker=broker-a q="),
+        "{out}"
+    );
+    assert!(lines[0].ends_with("key=k1 tag=t1"), "{out}");
+    let msg_id = msg_id_of_text_line(lines[0]);
+    assert_eq!(msg_id.len(), 32);
+
+    let started = Instant::now();
+    let out = ok(&txmq(
+        ns,
+        &["consume", "orders", "--group", "g1", "--count", "1"],
+        None,
+    )
+    .await);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "--count 1 exits once it has the message"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(lines[0].starts_with("orders broker=broker-a q="), "{out}");
+    assert_eq!(
+        msg_id_of_text_line(lines[0]),
+        msg_id,
+        "the message sent: {out}"
+    );
+    assert!(lines[0].ends_with("key=k1 tag=t1 body=hello"), "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_flow_in_json() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    let addr = cluster.brokers[0].local_addr().to_string();
+
+    let out = txmq(
+        ns,
+        &[
+            "--output", "json", "topic", "create", "orders", "--queues", "4",
+        ],
+        None,
+    )
+    .await;
+    let created = json_lines(ok(&out).as_bytes());
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(text(&created[0], "topic"), "orders");
+    assert_eq!(text(&created[0], "broker"), "broker-a");
+    assert_eq!(text(&created[0], "addr"), addr);
+    assert_eq!(number(&created[0], "queues"), 4);
+    assert_eq!(text(&created[0], "perm"), "rw");
+
+    let args = [
+        "send", "orders", "--body", "hello", "--key", "k1", "--tag", "t1", "--output", "json",
+    ];
+    let sent = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let s = &sent[0];
+    let msg_id = text(s, "msg_id");
+    assert_eq!(msg_id.len(), 32);
+    assert!(msg_id.chars().all(|c| c.is_ascii_hexdigit()), "{msg_id}");
+    assert_eq!(text(s, "topic"), "orders");
+    assert!(number(s, "queue") < 4, "{s}");
+    assert_eq!(
+        number(s, "queue_offset"),
+        0,
+        "the first message of its queue: {s}"
+    );
+    assert_eq!(text(s, "key"), "k1");
+    assert_eq!(text(s, "tag"), "t1");
+    assert_eq!(text(s, "body"), "hello");
+    assert_eq!(text(s, "status"), "SEND_OK");
+    assert!(s.get("body_base64").is_none(), "{s}");
+
+    let args = [
+        "consume", "orders", "--group", "g1", "--count", "1", "--output", "json",
+    ];
+    let got = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(text(r, "msg_id"), msg_id);
+    assert_eq!(text(r, "topic"), "orders");
+    assert_eq!(r["queue"], s["queue"]);
+    assert_eq!(r["queue_offset"], s["queue_offset"]);
+    assert_eq!(text(r, "key"), "k1");
+    assert_eq!(text(r, "tag"), "t1");
+    assert_eq!(text(r, "body"), "hello");
+    assert!(r.get("body_base64").is_none(), "{r}");
+
+    // Without a key or tag the fields are there, as null.
+    let args = ["send", "orders", "--body", "plain", "--output", "json"];
+    let sent = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert_eq!(
+        (&sent[0]["key"], &sent[0]["tag"]),
+        (&Value::Null, &Value::Null),
+        "{}",
+        sent[0]
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_utf8_is_printed_as_base64() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    cluster
+        .admin()
+        .await
+        .create_topic("bin", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    let binary = producer
+        .send(Message::new("bin", vec![0xffu8, 0x00, 0x80]).with_key("raw"))
+        .await
+        .unwrap();
+    let utf8 = producer.send(Message::new("bin", "café")).await.unwrap();
+    producer.close();
+
+    let args = [
+        "consume", "bin", "--group", "json", "--count", "2", "--output", "json",
+    ];
+    let got = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert_eq!(got.len(), 2, "{got:?}");
+    let b = got
+        .iter()
+        .find(|o| text(o, "msg_id") == binary.msg_id.to_string())
+        .expect("the binary message");
+    assert_eq!(
+        text(b, "body_base64"),
+        "/wCA",
+        "standard base64 of ff 00 80: {b}"
+    );
+    assert!(
+        b.get("body").is_none(),
+        "no text body for bytes that are not UTF-8: {b}"
+    );
+    assert_eq!(text(b, "key"), "raw");
+    let u = got
+        .iter()
+        .find(|o| text(o, "msg_id") == utf8.msg_id.to_string())
+        .expect("the UTF-8 message");
+    assert_eq!(text(u, "body"), "café");
+    assert!(u.get("body_base64").is_none(), "{u}");
+
+    // In text, too, the bytes come out as base64, on one line.
+    let args = ["consume", "bin", "--group", "text", "--count", "2"];
+    let out = ok(&txmq(ns, &args, None).await);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.lines().any(|l| l.ends_with("body_base64=/wCA")),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.ends_with("body=café")), "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_sends_one_message_per_line() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    // The last line has no line ending; a Windows line ending is stripped.
+    let input = "first line\nsecond line\r\nthird line";
+    let args = [
+        "send", "lines", "--stdin", "--key", "k", "--tag", "t", "--output", "json",
+    ];
+    let sent = json_lines(ok(&txmq(ns, &args, Some(input)).await).as_bytes());
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    let expected: BTreeSet<String> = ["first line", "second line", "third line"]
+        .map(String::from)
+        .into();
+    assert_eq!(body_set(&sent), expected);
+    for s in &sent {
+        assert_eq!(text(s, "status"), "SEND_OK");
+        assert_eq!((text(s, "key"), text(s, "tag")), ("k".into(), "t".into()));
+    }
+    let ids: HashSet<String> = sent.iter().map(|s| text(s, "msg_id")).collect();
+    assert_eq!(ids.len(), 3, "a message id each");
+
+    let got = consume_all(ns, "g", "lines", 3, Duration::from_secs(2)).await;
+    let got_bodies: BTreeSet<String> = got
+        .iter()
+        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
+        .collect();
+    assert_eq!(got_bodies, expected, "each line stored once, as it was");
+    assert_eq!(got.len(), 3);
+    let got_ids: HashSet<String> = got.iter().map(|m| m.msg_id().to_string()).collect();
+    assert_eq!(got_ids, ids, "the ids printed are the ids stored");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_sends_the_body_that_many_times() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    let args = [
+        "send", "ticks", "--body", "tick", "--count", "25", "--output", "json",
+    ];
+    let out = txmq(ns, &args, None).await;
+    let sent = json_lines(ok(&out).as_bytes());
+    assert_eq!(sent.len(), 25, "{sent:?}");
+    assert!(sent
+        .iter()
+        .all(|s| text(s, "body") == "tick" && text(s, "status") == "SEND_OK"));
+    let ids: HashSet<String> = sent.iter().map(|s| text(s, "msg_id")).collect();
+    assert_eq!(ids.len(), 25, "25 distinct messages");
+    let places: HashSet<(u64, u64)> = sent
+        .iter()
+        .map(|s| (number(s, "queue"), number(s, "queue_offset")))
+        .collect();
+    assert_eq!(places.len(), 25, "each stored in its own place");
+    assert!(
+        stderr(&out).contains("sent 25 messages"),
+        "{}",
+        stderr(&out)
+    );
+
+    let got = consume_all(ns, "g", "ticks", 26, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 25);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    ok(&txmq(ns, &["topic", "create", "quiet", "--queues", "2"], None).await);
+    wait_for_route(ns, "quiet", &["broker-a"]).await;
+
+    // Nothing there: exits 0 without printing.
+    let started = Instant::now();
+    let args = [
+        "consume",
+        "quiet",
+        "--group",
+        "g",
+        "--idle-timeout",
+        "500ms",
+        "--output",
+        "json",
+    ];
+    let out = ok(&txmq(ns, &args, None).await);
+    assert!(out.trim().is_empty(), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let producer = cluster.producer().await;
+    for i in 0..3 {
+        producer
+            .send(Message::new("quiet", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    producer.close();
+    let started = Instant::now();
+    let got = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(body_set(&got), ["m0", "m1", "m2"].map(String::from).into());
+    assert_eq!(got.len(), 3);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_from_last_skips_the_messages_already_there() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    ok(&txmq(ns, &["topic", "create", "news", "--queues", "2"], None).await);
+    wait_for_route(ns, "news", &["broker-a"]).await;
+    ok(&txmq(ns, &["send", "news", "--stdin"], Some("old1\nold2\n")).await);
+
+    let late = [
+        "consume",
+        "news",
+        "--group",
+        "late",
+        "--from",
+        "last",
+        "--idle-timeout",
+        "500ms",
+        "--output",
+        "json",
+    ];
+    let out = ok(&txmq(ns, &late, None).await);
+    assert!(
+        out.trim().is_empty(),
+        "a new group from last skips what is there: {out}"
+    );
+
+    ok(&txmq(ns, &["send", "news", "--body", "new"], None).await);
+    let got = json_lines(ok(&txmq(ns, &late, None).await).as_bytes());
+    assert_eq!(
+        body_set(&got),
+        ["new"].map(String::from).into(),
+        "only what came after it started"
+    );
+    assert_eq!(got.len(), 1);
+
+    // A group starting from first sees everything.
+    let args = [
+        "consume",
+        "news",
+        "--group",
+        "early",
+        "--idle-timeout",
+        "500ms",
+        "--output",
+        "json",
+    ];
+    let got = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert_eq!(
+        body_set(&got),
+        ["new", "old1", "old2"].map(String::from).into()
+    );
+    assert_eq!(got.len(), 3);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_consume_of_a_group_does_not_repeat_what_the_first_printed() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    ok(&txmq(ns, &["topic", "create", "jobs", "--queues", "4"], None).await);
+    wait_for_route(ns, "jobs", &["broker-a"]).await;
+    ok(&txmq(
+        ns,
+        &["send", "jobs", "--stdin"],
+        Some("j1\nj2\nj3\nj4\nj5\n"),
+    )
+    .await);
+
+    let first = [
+        "consume", "jobs", "--group", "workers", "--count", "3", "--output", "json",
+    ];
+    let first = json_lines(ok(&txmq(ns, &first, None).await).as_bytes());
+    assert_eq!(first.len(), 3, "{first:?}");
+    let rest = [
+        "consume",
+        "jobs",
+        "--group",
+        "workers",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let second = json_lines(ok(&txmq(ns, &rest, None).await).as_bytes());
+    assert_eq!(second.len(), 2, "the two not printed yet: {second:?}");
+    let (a, b) = (body_set(&first), body_set(&second));
+    assert!(a.is_disjoint(&b), "repeated: {a:?} and {b:?}");
+    let all: BTreeSet<String> = a.union(&b).cloned().collect();
+    assert_eq!(all, ["j1", "j2", "j3", "j4", "j5"].map(String::from).into());
+
+    let third = ok(&txmq(ns, &rest, None).await);
+    assert!(third.trim().is_empty(), "everything was committed: {third}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_list_topic_route_and_cluster_show_the_brokers() {
+    let mut cluster = Cluster::start(FlushMode::Async).await;
+    cluster.add_broker("broker-b", |_| {}).await;
+    let ns = cluster.nameserver.clone();
+    let ns = &ns;
+    let addr_a = cluster.brokers[0].local_addr().to_string();
+    let addr_b = cluster.brokers[1].local_addr().to_string();
+    ok(&txmq(ns, &["topic", "create", "inventory", "--queues", "3"], None).await);
+    let out = ok(&txmq(
+        ns,
+        &[
+            "topic", "create", "audit", "--queues", "2", "--broker", "broker-b",
+        ],
+        None,
+    )
+    .await);
+    assert!(out.contains("on broker-b"), "{out}");
+    assert!(!out.contains("broker-a"), "only on broker-b: {out}");
+    wait_for_route(ns, "inventory", &["broker-a", "broker-b"]).await;
+    wait_for_route(ns, "audit", &["broker-b"]).await;
+
+    // topic list
+    let listed =
+        json_lines(ok(&txmq(ns, &["topic", "list", "--output", "json"], None).await).as_bytes());
+    let mut rows: Vec<(String, String, u64, String)> = listed
+        .iter()
+        .map(|t| {
+            (
+                text(t, "topic"),
+                text(t, "broker"),
+                number(t, "queues"),
+                text(t, "perm"),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("audit".into(), "broker-b".into(), 2, "rw".into()),
+            ("inventory".into(), "broker-a".into(), 3, "rw".into()),
+            ("inventory".into(), "broker-b".into(), 3, "rw".into()),
+        ]
+    );
+    let out = ok(&txmq(ns, &["topic", "list"], None).await);
+    assert!(
+        out.lines().next().is_some_and(|h| h.contains("TOPIC")),
+        "a header: {out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["audit", "broker-b", "2", "rw"]),
+        "{out}"
+    );
+
+    // topic route
+    let route = json_lines(
+        ok(&txmq(
+            ns,
+            &["topic", "route", "inventory", "--output", "json"],
+            None,
+        )
+        .await)
+        .as_bytes(),
+    );
+    let mut brokers: Vec<(String, String, u64)> = route
+        .iter()
+        .map(|r| {
+            assert_eq!(text(r, "topic"), "inventory");
+            assert_eq!(text(r, "perm"), "rw");
+            (text(r, "broker"), text(r, "addr"), number(r, "queues"))
+        })
+        .collect();
+    brokers.sort();
+    assert_eq!(
+        brokers,
+        [
+            ("broker-a".into(), addr_a.clone(), 3),
+            ("broker-b".into(), addr_b.clone(), 3)
+        ]
+    );
+    let out = ok(&txmq(ns, &["topic", "route", "audit"], None).await);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("broker-b") && l.contains(&addr_b)),
+        "the broker's name and address: {out}"
+    );
+    assert!(!out.contains("broker-a"), "{out}");
+
+    // cluster
+    let listed = json_lines(ok(&txmq(ns, &["cluster", "--output", "json"], None).await).as_bytes());
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for (b, (name, addr, topics)) in listed
+        .iter()
+        .zip([("broker-a", &addr_a, 1), ("broker-b", &addr_b, 2)])
+    {
+        assert_eq!(text(b, "broker_name"), name);
+        assert_eq!(&text(b, "addr"), addr);
+        assert!(!text(b, "cluster").is_empty());
+        assert_eq!(number(b, "topic_count"), topics, "{b}");
+        // Heartbeats come every 200 ms.
+        assert!(number(b, "last_heartbeat_ms_ago") < 5_000, "{b}");
+    }
+    let out = ok(&txmq(ns, &["cluster"], None).await);
+    for (name, addr) in [("broker-a", &addr_a), ("broker-b", &addr_b)] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(name) && l.contains(addr.as_str()) && l.contains("s ago")),
+            "{name} with its address and heartbeat age: {out}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[test]
+fn usage_errors_exit_with_code_2_and_say_how_to_call() {
+    // No nameserver is needed: these fail before connecting.
+    let ns = "127.0.0.1:1";
+    for args in [
+        &["frobnicate"][..],
+        &["send", "t", "--body", "x", "--bogus"],
+        &["send", "t"],
+        &["consume", "t"],
+        &["topic", "create", "t", "--queues", "many"],
+    ] {
+        let o = txmq_cli(ns, args, None);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("Usage:") || err.contains("--help"),
+            "{args:?}: {err}"
+        );
+        assert!(err.starts_with("error:"), "{args:?}: {err}");
+        assert!(stdout(&o).is_empty(), "{args:?}");
+    }
+    let o = txmq_cli(ns, &["frobnicate"], None);
+    assert!(stderr(&o).contains("Usage: txmq"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("frobnicate"), "{}", stderr(&o));
+    let o = txmq_cli(ns, &["send", "t", "--body", "x", "--bogus"], None);
+    assert!(stderr(&o).contains("Usage: txmq send"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--bogus"), "{}", stderr(&o));
+
+    let o = txmq_cli(
+        ns,
+        &["consume", "t", "--group", "g", "--idle-timeout", "soon"],
+        None,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'soon'") && err.contains("--idle-timeout"),
+        "names the bad value and flag: {err}"
+    );
+    assert!(
+        err.contains("500ms"),
+        "shows how durations are written: {err}"
+    );
+    assert!(err.contains("--help"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_print_the_error_code_and_exit_non_zero() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| c.auto_create_topics = false)
+        .await;
+    let ns = &cluster.nameserver;
+
+    let err = failed(&txmq(ns, &["send", "ghost", "--body", "boo"], None).await);
+    assert!(
+        err.contains("UNKNOWN_TOPIC") || err.contains("NO_ROUTE"),
+        "{err}"
+    );
+    assert!(err.contains("ghost"), "{err}");
+    let err = failed(
+        &txmq(
+            ns,
+            &["--output", "json", "send", "ghost", "--body", "boo"],
+            None,
+        )
+        .await,
+    );
+    assert!(
+        err.contains("UNKNOWN_TOPIC") || err.contains("NO_ROUTE"),
+        "{err}"
+    );
+
+    let err = failed(&txmq(ns, &["topic", "route", "ghost"], None).await);
+    assert!(err.contains("NO_ROUTE") && err.contains("ghost"), "{err}");
+
+    let err = failed(&txmq(ns, &["topic", "create", "bad/name"], None).await);
+    assert!(
+        err.contains("BAD_ARGUMENT") && err.contains("bad/name"),
+        "{err}"
+    );
+    let err = failed(&txmq(ns, &["topic", "create", "wide", "--queues", "5000"], None).await);
+    assert!(
+        err.contains("BAD_ARGUMENT") && err.contains("5000"),
+        "{err}"
+    );
+    let err = failed(&txmq(ns, &["topic", "create", "narrow", "--queues", "0"], None).await);
+    assert!(err.contains("BAD_ARGUMENT"), "{err}");
+    let err = failed(&txmq(ns, &["send", "a/b", "--body", "x"], None).await);
+    assert!(err.contains("BAD_ARGUMENT") && err.contains("a/b"), "{err}");
+    let err = failed(&txmq(ns, &["topic", "create", "t", "--broker", "broker-z"], None).await);
+    assert!(err.contains("broker-z"), "{err}");
+
+    // None of it created anything.
+    let listed = ok(&txmq(ns, &["topic", "list", "--output", "json"], None).await);
+    assert!(listed.trim().is_empty(), "{listed}");
+    cluster.shutdown().await;
+}
+
+#[test]
+fn an_unreachable_nameserver_fails_quickly_with_a_clear_message() {
+    let ns = format!("127.0.0.1:{}", free_port());
+    for args in [
+        &["topic", "list"][..],
+        &["topic", "create", "t"],
+        &["topic", "route", "t"],
+        &["cluster"],
+        &["send", "t", "--body", "x"],
+        &["consume", "t", "--group", "g", "--count", "1"],
+    ] {
+        let started = Instant::now();
+        let o = txmq_cli(&ns, args, None);
+        let took = started.elapsed();
+        let err = failed(&o);
+        assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
+        assert!(
+            err.contains("cannot connect") && err.contains(&ns),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// `txmq topic create` (that is, `Admin::create_topic`) promises that the
+/// route is visible right after: the broker answers the create only once its
+/// re-registration with the nameservers is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_topic_is_routable_as_soon_as_create_returns() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let admin = cluster.admin().await;
+    let mut missing = Vec::new();
+    for i in 0..100 {
+        let topic = format!("fresh{i}");
+        admin
+            .create_topic(&topic, 1, PERM_READ_WRITE, None)
+            .await
+            .unwrap();
+        if admin.route(&topic).await.is_err() {
+            missing.push(topic);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "no route right after create for {missing:?}"
+    );
+    admin.close();
+    cluster.shutdown().await;
+}
