@@ -8,6 +8,7 @@ mod output;
 mod send;
 mod signal;
 mod topic;
+mod tx;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,9 @@ enum Command {
     Send(send::SendArgs),
     /// Consume a topic as a member of a consumer group.
     Consume(consume::ConsumeArgs),
+    /// Transactional messages: send, answer check-backs, list, resolve.
+    #[command(subcommand)]
+    Tx(tx::TxCommand),
 }
 
 #[tokio::main]
@@ -51,6 +55,7 @@ async fn main() -> ExitCode {
         Command::Cluster => cluster::run(&cli.global).await,
         Command::Send(args) => send::run(&cli.global, args).await,
         Command::Consume(args) => consume::run(&cli.global, args).await,
+        Command::Tx(cmd) => tx::run(&cli.global, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,11 @@
-//! [`Admin`]: create topics and look at what the nameservers know.
+//! [`Admin`]: create topics, look at what the nameservers know, and list
+//! and resolve transactions by hand.
 
-use txmq_protocol::{BrokerInfo, CreateTopic, Role, TopicConfig, TopicOnBroker, TopicRoute};
+use futures_util::future::join_all;
+use txmq_protocol::{
+    BrokerInfo, CreateTopic, EndTransaction, Ended, ErrorCode, ListTransactions, Role, TopicConfig,
+    TopicOnBroker, TopicRoute, TransactionList, TxAction, TxSource,
+};
 
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
@@ -82,31 +87,7 @@ impl Admin {
         perm: u8,
         broker: Option<&str>,
     ) -> Result<Vec<CreatedTopic>> {
-        let brokers = self.nameservers.cluster().await?;
-        let targets: Vec<(String, String)> = match broker {
-            Some(wanted) => {
-                let found = brokers
-                    .iter()
-                    .find(|b| b.broker_name == wanted)
-                    .or_else(|| brokers.iter().find(|b| b.addr == wanted))
-                    .ok_or_else(|| Error::UnknownBroker {
-                        name: wanted.to_string(),
-                    })?;
-                vec![(found.broker_name.clone(), found.addr.clone())]
-            }
-            None => {
-                let mut all: Vec<(String, String)> = brokers
-                    .iter()
-                    .map(|b| (b.broker_name.clone(), b.addr.clone()))
-                    .collect();
-                all.sort();
-                all.dedup_by(|a, b| a.0 == b.0);
-                all
-            }
-        };
-        if targets.is_empty() {
-            return Err(Error::NoBroker);
-        }
+        let targets = self.targets(broker).await?;
         let mut created = Vec::with_capacity(targets.len());
         for (broker_name, addr) in targets {
             let request = CreateTopic {
@@ -153,8 +134,222 @@ impl Admin {
         self.nameservers.cluster().await
     }
 
+    /// The pending and parked transactions of the broker named `broker` (a
+    /// broker address is accepted too), or of every broker the nameservers
+    /// know, with each broker's transaction counters; one list per broker,
+    /// by broker name.
+    ///
+    /// # Errors
+    /// [`Error::NoBroker`] when no broker is registered;
+    /// [`Error::UnknownBroker`] when `broker` names none of them;
+    /// [`Error::Broker`] when a broker cannot be asked (the first such one).
+    pub async fn list_transactions(&self, broker: Option<&str>) -> Result<Vec<TransactionList>> {
+        let targets = self.targets(broker).await?;
+        let answers = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, ListTransactions {})),
+        )
+        .await;
+        answers.into_iter().collect()
+    }
+
+    /// Ends transaction `tx_id` by hand, as an operator: commits or rolls it
+    /// back, parked or not. Returns the broker that holds it and its answer
+    /// (a repeated end answers with `already` set).
+    ///
+    /// Transaction ids are unique per broker only. Without `broker`, the
+    /// transaction is looked for on every broker: first among each broker's
+    /// pending and parked transactions (nothing is ended when more than one
+    /// lists it), then, when none lists it, by asking each broker to end it
+    /// (an already ended transaction is not changed by that; brokers that do
+    /// not know the id are skipped).
+    ///
+    /// # Errors
+    /// [`Error::UnknownBroker`] when `broker` names no registered broker;
+    /// [`Error::UnknownTransaction`] (code `UNKNOWN_TRANSACTION`) when no
+    /// broker knows the id; [`Error::AmbiguousTransaction`] when several do
+    /// (name the broker then); [`Error::Broker`] with the broker's refusal:
+    /// `UNKNOWN_TRANSACTION`, `TRANSACTION_ROLLED_BACK` (commit after a
+    /// rollback), `TRANSACTION_COMMITTED` (rollback after a commit), or a
+    /// connection failure (also when a broker that could hold the
+    /// transaction cannot be asked).
+    pub async fn resolve_transaction(
+        &self,
+        tx_id: u64,
+        action: TxAction,
+        broker: Option<&str>,
+    ) -> Result<(String, Ended)> {
+        let request = EndTransaction {
+            tx_id,
+            action,
+            source: TxSource::Operator,
+        };
+        if let Some(wanted) = broker {
+            let targets = self.targets(Some(wanted)).await?;
+            let (name, addr) = targets.into_iter().next().ok_or(Error::NoBroker)?;
+            let ended = self.ask(&name, &addr, request).await?;
+            return Ok((name, ended));
+        }
+        let targets = self.targets(None).await?;
+        let all: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
+
+        // First, without changing anything: who lists it as pending or parked?
+        let lists = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, ListTransactions {})),
+        )
+        .await;
+        let mut unreachable = None;
+        let mut pending_on = Vec::new();
+        for (target, list) in targets.iter().zip(lists) {
+            match list {
+                Ok(list) if list.transactions.iter().any(|t| t.tx_id == tx_id) => {
+                    pending_on.push(target.clone())
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(broker = %target.0, error = %crate::error::chain(&e), "cannot list the broker's transactions");
+                    unreachable.get_or_insert(e);
+                }
+            }
+        }
+        match pending_on.len() {
+            0 => {}
+            1 => {
+                let (name, addr) = pending_on.swap_remove(0);
+                let ended = self.ask(&name, &addr, request).await?;
+                return Ok((name, ended));
+            }
+            _ => {
+                return Err(Error::AmbiguousTransaction {
+                    tx_id,
+                    brokers: pending_on.into_iter().map(|t| t.0).collect(),
+                })
+            }
+        }
+
+        // Not pending anywhere: ending an ended transaction changes nothing,
+        // so every broker may be asked; each answers or does not know it.
+        let answers = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, request.clone())),
+        )
+        .await;
+        let mut known = Vec::new();
+        for (target, answer) in targets.into_iter().zip(answers) {
+            match answer {
+                Err(e) if e.code() == Some(ErrorCode::UnknownTransaction) => {}
+                Err(e) if e.wire_error().is_none() => {
+                    unreachable.get_or_insert(e);
+                }
+                answer => known.push((target.0, answer)),
+            }
+        }
+        match known.len() {
+            0 => Err(unreachable.unwrap_or(Error::UnknownTransaction {
+                tx_id,
+                brokers: all,
+            })),
+            1 => {
+                let (name, answer) = known.swap_remove(0);
+                answer.map(|ended| (name, ended))
+            }
+            _ => Err(Error::AmbiguousTransaction {
+                tx_id,
+                brokers: known.into_iter().map(|k| k.0).collect(),
+            }),
+        }
+    }
+
     /// Closes the connections.
     pub fn close(&self) {
         self.pool.close();
+    }
+
+    /// (name, address) of the broker named (or at) `broker`, or of every
+    /// registered broker, by name.
+    async fn targets(&self, broker: Option<&str>) -> Result<Vec<(String, String)>> {
+        let brokers = self.nameservers.cluster().await?;
+        let targets = select_brokers(&brokers, broker)?;
+        if targets.is_empty() {
+            return Err(Error::NoBroker);
+        }
+        Ok(targets)
+    }
+
+    async fn ask<C: txmq_protocol::Call>(
+        &self,
+        broker: &str,
+        addr: &str,
+        request: C,
+    ) -> Result<C::Reply> {
+        let answer = match self.pool.get(addr).await {
+            Ok(conn) => conn.call(request).await,
+            Err(e) => Err(e),
+        };
+        answer.map_err(|e| Error::at_broker(broker, addr, e))
+    }
+}
+
+/// The broker named `wanted` (or at that address), or every broker once,
+/// as (name, address) sorted by name.
+fn select_brokers(brokers: &[BrokerInfo], wanted: Option<&str>) -> Result<Vec<(String, String)>> {
+    match wanted {
+        Some(wanted) => {
+            let found = brokers
+                .iter()
+                .find(|b| b.broker_name == wanted)
+                .or_else(|| brokers.iter().find(|b| b.addr == wanted))
+                .ok_or_else(|| Error::UnknownBroker {
+                    name: wanted.to_string(),
+                })?;
+            Ok(vec![(found.broker_name.clone(), found.addr.clone())])
+        }
+        None => {
+            let mut all: Vec<(String, String)> = brokers
+                .iter()
+                .map(|b| (b.broker_name.clone(), b.addr.clone()))
+                .collect();
+            all.sort();
+            all.dedup_by(|a, b| a.0 == b.0);
+            Ok(all)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(name: &str, addr: &str) -> BrokerInfo {
+        BrokerInfo {
+            cluster: "c".into(),
+            broker_name: name.into(),
+            addr: addr.into(),
+            last_heartbeat_ms_ago: 0,
+            topic_count: 0,
+        }
+    }
+
+    #[test]
+    fn brokers_are_selected_by_name_or_address_or_all_once() {
+        let brokers = [broker("b", "h:2"), broker("a", "h:1"), broker("b", "h:2")];
+        let all = select_brokers(&brokers, None).ok();
+        assert_eq!(
+            all,
+            Some(vec![
+                ("a".to_string(), "h:1".to_string()),
+                ("b".to_string(), "h:2".to_string())
+            ])
+        );
+        let by_addr = select_brokers(&brokers, Some("h:2")).ok();
+        assert_eq!(by_addr, Some(vec![("b".to_string(), "h:2".to_string())]));
+        assert!(matches!(
+            select_brokers(&brokers, Some("zz")),
+            Err(Error::UnknownBroker { .. })
+        ));
     }
 }

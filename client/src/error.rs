@@ -4,7 +4,7 @@
 //! (`{:#}` with anyhow, or walk [`std::error::Error::source`]) to see the
 //! broker's code and message.
 
-use txmq_protocol::{ErrorCode, WireError};
+use txmq_protocol::{ErrorCode, TxAction, WireError};
 
 /// What can go wrong in a client call.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,72 @@ pub enum Error {
     /// A peer's answer does not fit the request (a bug on one side).
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// No broker has a writable queue of every topic of a transaction.
+    #[error("no broker serves all of the topics {topics:?} with a writable queue")]
+    NoCommonBroker {
+        /// The transaction's topics.
+        topics: Vec<String>,
+    },
+    /// A transaction was prepared and its local transaction ran, but ending
+    /// it as decided failed: the broker refused (e.g. `TRANSACTION_ROLLED_BACK`
+    /// when a check-back already rolled it back, `TRANSACTION_PARKED`), or
+    /// the request was lost, in which case the broker checks back later.
+    #[error("cannot {} transaction {tx_id} on broker {broker}", action_verb(.action))]
+    EndTransaction {
+        /// The transaction id.
+        tx_id: u64,
+        /// The broker holding it.
+        broker: String,
+        /// What the local transaction decided.
+        action: TxAction,
+        /// What went wrong.
+        #[source]
+        source: txmq_remoting::Error,
+    },
+    /// No broker knows the transaction id.
+    #[error("transaction {tx_id} is not known to any broker ({})", .brokers.join(", "))]
+    UnknownTransaction {
+        /// The transaction id.
+        tx_id: u64,
+        /// The brokers asked.
+        brokers: Vec<String>,
+    },
+    /// Several brokers know the transaction id (ids are unique per broker only).
+    #[error("transaction {tx_id} is known to several brokers ({}); name the broker (--broker)", .brokers.join(", "))]
+    AmbiguousTransaction {
+        /// The transaction id.
+        tx_id: u64,
+        /// The brokers that know it.
+        brokers: Vec<String>,
+    },
+    /// The client object was closed.
+    #[error("{0} is closed")]
+    Closed(&'static str),
+}
+
+fn action_verb(action: &TxAction) -> &'static str {
+    match action {
+        TxAction::Commit => "commit",
+        TxAction::Rollback => "roll back",
+    }
+}
+
+/// An error and its sources as one line, `outer: inner: innermost`, leaving
+/// out a source whose text the previous one already shows.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut previous = out.clone();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !previous.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        previous = text;
+        source = s.source();
+    }
+    out
 }
 
 /// `Result` with the client's [`Error`].
@@ -63,7 +129,9 @@ impl Error {
     /// The remoting error underneath, if any.
     pub fn remoting(&self) -> Option<&txmq_remoting::Error> {
         match self {
-            Error::Remoting(e) | Error::Broker { source: e, .. } => Some(e),
+            Error::Remoting(e)
+            | Error::Broker { source: e, .. }
+            | Error::EndTransaction { source: e, .. } => Some(e),
             _ => None,
         }
     }
@@ -73,20 +141,31 @@ impl Error {
         self.remoting().and_then(|e| e.remote())
     }
 
-    /// The wire error code: the peer's, or [`ErrorCode::NoRoute`] and
-    /// [`ErrorCode::BadArgument`] for the matching client-side errors.
+    /// The wire error code: the peer's, or the matching code of a
+    /// client-side error ([`ErrorCode::NoRoute`] for [`Error::NoRoute`] and
+    /// [`Error::NoCommonBroker`], [`ErrorCode::BadArgument`] for
+    /// [`Error::BadArgument`] and [`Error::AmbiguousTransaction`],
+    /// [`ErrorCode::UnknownTransaction`] for [`Error::UnknownTransaction`]).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Error::NoRoute { .. } => Some(ErrorCode::NoRoute),
-            Error::BadArgument(_) => Some(ErrorCode::BadArgument),
+            Error::NoRoute { .. } | Error::NoCommonBroker { .. } => Some(ErrorCode::NoRoute),
+            Error::BadArgument(_) | Error::AmbiguousTransaction { .. } => {
+                Some(ErrorCode::BadArgument)
+            }
+            Error::UnknownTransaction { .. } => Some(ErrorCode::UnknownTransaction),
             _ => self.wire_error().map(|e| e.code),
         }
     }
 
     /// True when trying again, possibly on another broker, may succeed
-    /// (see [`txmq_remoting::Error::is_retriable`]).
+    /// (see [`txmq_remoting::Error::is_retriable`]). Never for
+    /// [`Error::EndTransaction`]: sending the transaction again would run the
+    /// local transaction twice.
     pub fn is_retriable(&self) -> bool {
-        self.remoting().is_some_and(|e| e.is_retriable())
+        match self {
+            Error::EndTransaction { .. } => false,
+            _ => self.remoting().is_some_and(|e| e.is_retriable()),
+        }
     }
 
     pub(crate) fn at_broker(broker: &str, addr: &str, source: txmq_remoting::Error) -> Error {
@@ -128,5 +207,38 @@ mod tests {
             Error::NoRoute { topic: "t".into() }.code(),
             Some(ErrorCode::NoRoute)
         );
+    }
+
+    #[test]
+    fn transaction_errors_say_which_transaction_and_carry_the_code() {
+        let e = Error::EndTransaction {
+            tx_id: 42,
+            broker: "b1".into(),
+            action: TxAction::Commit,
+            source: txmq_remoting::Error::Remote(WireError::new(
+                ErrorCode::TransactionRolledBack,
+                "transaction 42 was rolled back",
+            )),
+        };
+        assert_eq!(e.code(), Some(ErrorCode::TransactionRolledBack));
+        assert!(!e.is_retriable());
+        assert_eq!(
+            chain(&e),
+            "cannot commit transaction 42 on broker b1: TRANSACTION_ROLLED_BACK (21): transaction 42 was rolled back"
+        );
+        let unknown = Error::UnknownTransaction {
+            tx_id: 7,
+            brokers: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(unknown.code(), Some(ErrorCode::UnknownTransaction));
+        assert_eq!(
+            unknown.to_string(),
+            "transaction 7 is not known to any broker (a, b)"
+        );
+        let ambiguous = Error::AmbiguousTransaction {
+            tx_id: 7,
+            brokers: vec!["a".into(), "b".into()],
+        };
+        assert!(ambiguous.to_string().contains("--broker"));
     }
 }

@@ -1,7 +1,10 @@
 //! txmq: the client library of the txmq message broker.
 //!
 //! Start with [`Producer`] to send messages, [`PullConsumer`] to read them as
-//! a consumer group, and [`Admin`] to create topics and inspect the cluster.
+//! a consumer group, [`TransactionProducer`] with a [`TransactionListener`]
+//! to send messages that become visible only when a local transaction
+//! commits (see [`transaction`]), and [`Admin`] to create topics, inspect
+//! the cluster and resolve transactions by hand.
 //! All three are configured with builders that take the nameserver
 //! addresses ([`ClientConfig`] holds the settings they share) and are cheap to
 //! drive from tests: everything runs on the caller's tokio runtime.
@@ -45,6 +48,7 @@ pub mod nameserver;
 pub mod pool;
 pub mod producer;
 pub mod route;
+pub mod transaction;
 
 pub use admin::{Admin, CreatedTopic};
 pub use config::ClientConfig;
@@ -52,11 +56,16 @@ pub use consumer::{ConsumeFrom, PullConsumer, PullConsumerBuilder, ReceivedMessa
 pub use error::{Error, Result};
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
 pub use route::MessageQueue;
+pub use transaction::{
+    BoxError, CheckRequest, TransactionListener, TransactionProducer, TransactionProducerBuilder,
+    TransactionState, TxContext, TxOutcome,
+};
 
 /// The connection-level error inside [`Error::Remoting`] and [`Error::Broker`].
 pub use txmq_remoting::Error as RemotingError;
 
 pub use txmq_protocol::{
-    BrokerInfo, BrokerQueues, ErrorCode, Message, MsgId, SendStatus, StoredMessage, TopicConfig,
-    TopicOnBroker, TopicRoute, WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
+    BrokerInfo, BrokerQueues, Ended, ErrorCode, Message, MsgId, SendStatus, StoredMessage,
+    TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState,
+    WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };

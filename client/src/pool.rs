@@ -125,6 +125,11 @@ impl ConnectionPool {
         }
     }
 
+    /// The open connection to `addr`, if there is one; never connects.
+    pub fn current(&self, addr: &str) -> Option<Connection> {
+        self.inner.slots.get(addr).and_then(|slot| slot.current())
+    }
+
     /// Closes every connection; later calls to [`ConnectionPool::get`] open new ones.
     pub fn close(&self) {
         self.inner.close_all();

@@ -1,0 +1,796 @@
+//! `txmq tx send|listen|list|resolve`: transactional messages from the
+//! command line.
+//!
+//! `send` prepares one message, takes `--local` as the local transaction's
+//! result, ends the transaction accordingly and then stays for `--linger`,
+//! answering check-backs with `--check` (or not at all without it, so the
+//! broker's checks time out). `listen` only answers check-backs, as a
+//! member of a producer group that sends nothing. `list` shows pending and
+//! parked transactions with each broker's counters; `resolve` commits or
+//! rolls one back by hand, as an operator.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Map, Value};
+use txmq::{
+    Admin, BoxError, CheckRequest, Ended, Message, TransactionList, TransactionListener,
+    TransactionProducer, TransactionState, TxAction, TxContext, TxOutcome,
+};
+
+use crate::args::{parse_duration, GlobalArgs};
+use crate::output::{OutputFormat, Printer};
+use crate::signal::interrupted;
+
+/// `txmq tx ...`
+#[derive(Debug, Subcommand)]
+pub enum TxCommand {
+    /// Send a message in a transaction: prepare it, take --local as the
+    /// local transaction's result, commit or roll back accordingly (nothing
+    /// for unknown), then answer check-backs with --check for --linger.
+    Send(TxSendArgs),
+    /// Answer check-backs as a member of a producer group, sending nothing.
+    Listen(TxListenArgs),
+    /// List pending and parked transactions, with each broker's counters.
+    List {
+        /// Only this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+    },
+    /// Commit or roll back a transaction by hand, as an operator (also a
+    /// parked one).
+    Resolve(TxResolveArgs),
+}
+
+/// A transaction's decision, as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Decision {
+    /// Commit: the message becomes visible.
+    Commit,
+    /// Roll back: the message is dropped.
+    Rollback,
+    /// Not decided: the broker checks back later.
+    Unknown,
+}
+
+impl Decision {
+    fn state(self) -> TransactionState {
+        match self {
+            Decision::Commit => TransactionState::Commit,
+            Decision::Rollback => TransactionState::Rollback,
+            Decision::Unknown => TransactionState::Unknown,
+        }
+    }
+}
+
+/// `txmq tx send TOPIC --group PG --body TEXT --local ...`
+#[derive(Debug, Args)]
+pub struct TxSendArgs {
+    /// The topic to send to.
+    pub topic: String,
+
+    /// The producer group; the brokers check back on its live members.
+    #[arg(long, env = "TXMQ_GROUP")]
+    pub group: String,
+
+    /// The message body.
+    #[arg(long, env = "TXMQ_BODY")]
+    pub body: String,
+
+    /// The message's key.
+    #[arg(long, env = "TXMQ_KEY")]
+    pub key: Option<String>,
+
+    /// The message's tag.
+    #[arg(long, env = "TXMQ_TAG")]
+    pub tag: Option<String>,
+
+    /// The local transaction's result: commit and rollback end the
+    /// transaction so, unknown leaves it to the broker's check-backs.
+    #[arg(long, env = "TXMQ_LOCAL", value_enum)]
+    pub local: Decision,
+
+    /// The answer to every check-back while lingering; without it
+    /// check-backs are never answered (the broker's checks time out).
+    #[arg(long, env = "TXMQ_CHECK", value_enum)]
+    pub check: Option<Decision>,
+
+    /// How long to stay connected after ending the transaction, answering
+    /// check-backs.
+    #[arg(long, env = "TXMQ_LINGER", value_parser = parse_duration, default_value = "0s", value_name = "DURATION")]
+    pub linger: Duration,
+
+    /// How old the transaction must be before the broker first checks back
+    /// (default: the broker's transaction timeout).
+    #[arg(long, env = "TXMQ_FIRST_CHECK_DELAY", value_parser = parse_duration, value_name = "DURATION")]
+    pub first_check_delay: Option<Duration>,
+
+    /// Extra attempts for a prepare that failed on a retriable error.
+    #[arg(long, env = "TXMQ_RETRIES", default_value_t = 2)]
+    pub retries: u32,
+}
+
+/// `txmq tx listen --group PG --check ...`
+#[derive(Debug, Args)]
+pub struct TxListenArgs {
+    /// The producer group to answer check-backs for.
+    #[arg(long, env = "TXMQ_GROUP")]
+    pub group: String,
+
+    /// The answer to every check-back.
+    #[arg(long, env = "TXMQ_CHECK", value_enum)]
+    pub check: Decision,
+
+    /// Stop after this long (default: run until Ctrl-C or SIGTERM).
+    #[arg(long, env = "TXMQ_DURATION", value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+}
+
+/// `txmq tx resolve TX_ID --commit|--rollback`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["commit", "rollback"])))]
+pub struct TxResolveArgs {
+    /// The transaction id.
+    pub tx_id: u64,
+
+    /// Commit it: its messages become visible.
+    #[arg(long, env = "TXMQ_COMMIT")]
+    pub commit: bool,
+
+    /// Roll it back: its messages are dropped.
+    #[arg(long, env = "TXMQ_ROLLBACK")]
+    pub rollback: bool,
+
+    /// The broker holding it (a name or address); needed when transaction
+    /// ids of several brokers collide.
+    #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+    pub broker: Option<String>,
+}
+
+/// Runs a `tx` subcommand.
+///
+/// # Errors
+/// When no nameserver or broker answers, a broker refuses (unknown
+/// transaction, commit after rollback, ...), or output cannot be written.
+pub async fn run(global: &GlobalArgs, cmd: TxCommand) -> Result<()> {
+    match cmd {
+        TxCommand::Send(args) => send(global, args).await,
+        TxCommand::Listen(args) => listen(global, args).await,
+        TxCommand::List { broker } => list(global, broker.as_deref()).await,
+        TxCommand::Resolve(args) => resolve(global, args).await,
+    }
+}
+
+/// The command line's listener: fixed answers, each check printed.
+struct CliListener {
+    local: TransactionState,
+    /// `None`: never answer.
+    check: Option<TransactionState>,
+    printer: Printer,
+}
+
+impl TransactionListener for CliListener {
+    async fn execute(
+        &self,
+        _msg: &Message,
+        _ctx: &TxContext,
+    ) -> Result<TransactionState, BoxError> {
+        Ok(self.local)
+    }
+
+    async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
+        let Some(answer) = self.check else {
+            tracing::info!(
+                tx_id = req.tx_id(),
+                broker = req.broker_name(),
+                "check-back left unanswered"
+            );
+            // Never answer: the broker's check times out (the producer has no
+            // check timeout), and the future ends when the process does.
+            return std::future::pending().await;
+        };
+        let printed = match self.printer.format {
+            OutputFormat::Text => self.printer.line(&check_text(req, answer)),
+            OutputFormat::Json => self.printer.json(&check_json(req, answer)),
+        };
+        if let Err(e) = printed {
+            tracing::warn!(error = %e, "cannot print a check-back");
+        }
+        Ok(answer)
+    }
+}
+
+async fn start_producer(
+    global: &GlobalArgs,
+    group: String,
+    listener: CliListener,
+    first_check_delay: Option<Duration>,
+    retries: u32,
+) -> Result<TransactionProducer<CliListener>> {
+    let producer = TransactionProducer::builder()
+        .config(global.client_config())
+        .retries(retries)
+        .group(group)
+        .listener(listener)
+        .first_check_delay(first_check_delay)
+        .check_timeout(None)
+        .start()
+        .await?;
+    Ok(producer)
+}
+
+async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
+    let listener = CliListener {
+        local: args.local.state(),
+        check: args.check.map(Decision::state),
+        printer: Printer::stdout(global.output),
+    };
+    let producer = start_producer(
+        global,
+        args.group.clone(),
+        listener,
+        args.first_check_delay,
+        args.retries,
+    )
+    .await?;
+    let mut message = Message::new(args.topic.clone(), args.body.clone());
+    message.key = args.key.clone();
+    message.tag = args.tag.clone();
+    let outcome = match producer.send_in_transaction(message).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            producer.close();
+            return Err(e.into());
+        }
+    };
+    let printer = Printer::stdout(global.output);
+    let printed = match printer.format {
+        OutputFormat::Text => printer.line(&outcome_text(&outcome, &args.topic)),
+        OutputFormat::Json => printer.json(&outcome_json(&outcome, &args.topic)),
+    };
+    if let Err(e) = printed {
+        producer.close();
+        return Err(anyhow::Error::from(e).context("writing to standard output"));
+    }
+    if !args.linger.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(args.linger) => {}
+            _ = interrupted() => {}
+        }
+    }
+    producer.close();
+    Ok(())
+}
+
+async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
+    let listener = CliListener {
+        local: TransactionState::Unknown,
+        check: Some(args.check.state()),
+        printer: Printer::stdout(global.output),
+    };
+    let producer = start_producer(global, args.group.clone(), listener, None, 0).await?;
+    let brokers = producer.connected_brokers();
+    eprintln!(
+        "answering check-backs of group {} with {} on {} broker{}{}",
+        args.group,
+        args.check.state().name(),
+        brokers.len(),
+        if brokers.len() == 1 { "" } else { "s" },
+        if brokers.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", brokers.join(", "))
+        }
+    );
+    match args.duration {
+        Some(duration) => tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = interrupted() => {}
+        },
+        None => interrupted().await,
+    }
+    producer.close();
+    Ok(())
+}
+
+async fn list(global: &GlobalArgs, broker: Option<&str>) -> Result<()> {
+    let admin = Admin::with_config(global.client_config()).await?;
+    let lists = admin.list_transactions(broker).await;
+    admin.close();
+    let lists = lists?;
+    let printer = Printer::stdout(global.output);
+    match printer.format {
+        OutputFormat::Text => {
+            printer.records(&LIST_HEADER, &list_rows(&lists), &[])?;
+            for l in &lists {
+                printer.line(&counters_text(l))?;
+            }
+        }
+        OutputFormat::Json => {
+            for v in list_json(&lists) {
+                printer.json(&v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
+    let action = if args.commit {
+        TxAction::Commit
+    } else {
+        TxAction::Rollback
+    };
+    let admin = Admin::with_config(global.client_config()).await?;
+    let resolved = admin
+        .resolve_transaction(args.tx_id, action, args.broker.as_deref())
+        .await;
+    admin.close();
+    let (broker, ended) = resolved?;
+    let printer = Printer::stdout(global.output);
+    match printer.format {
+        OutputFormat::Text => printer.line(&resolved_text(args.tx_id, &broker, &ended)),
+        OutputFormat::Json => printer.json(&resolved_json(args.tx_id, &broker, &ended)),
+    }
+    .context("writing to standard output")
+}
+
+/// A transactional send's result as JSON: `tx_id`, `msg_id`, `state` (the
+/// local result), `broker`, `topic`, and `ended` (the broker's state) with
+/// `already` when the transaction was ended.
+fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
+    let mut m = Map::new();
+    m.insert("tx_id".into(), json!(o.tx_id));
+    m.insert("msg_id".into(), json!(o.msg_id.to_string()));
+    m.insert("state".into(), json!(o.state.name()));
+    m.insert("broker".into(), json!(o.broker_name));
+    m.insert("topic".into(), json!(topic));
+    if let Some(ended) = &o.ended {
+        m.insert("ended".into(), json!(ended.state.name()));
+        m.insert("already".into(), json!(ended.already));
+    }
+    Value::Object(m)
+}
+
+/// A transactional send's result as a text line.
+fn outcome_text(o: &TxOutcome, topic: &str) -> String {
+    let end = match &o.ended {
+        Some(e) if e.already => format!("ended={} (already)", e.state.name()),
+        Some(e) => format!("ended={}", e.state.name()),
+        None => "not ended; the broker will check back".to_string(),
+    };
+    format!(
+        "tx={} broker={} topic={} msg_id={} local={} {}",
+        o.tx_id,
+        o.broker_name,
+        topic,
+        o.msg_id,
+        o.state.name(),
+        end
+    )
+}
+
+/// A check-back answered, as JSON.
+fn check_json(req: &CheckRequest, answer: TransactionState) -> Value {
+    json!({
+        "tx_id": req.tx_id(),
+        "msg_id": req.msg_id().to_string(),
+        "answer": answer.name(),
+        "checks": req.checks(),
+        "broker": req.broker_name(),
+        "topic": req.message().topic,
+    })
+}
+
+/// A check-back answered, as a text line.
+fn check_text(req: &CheckRequest, answer: TransactionState) -> String {
+    format!(
+        "check tx={} broker={} topic={} msg_id={} checks={} answer={}",
+        req.tx_id(),
+        req.broker_name(),
+        req.message().topic,
+        req.msg_id(),
+        req.checks(),
+        answer.name()
+    )
+}
+
+const LIST_HEADER: [&str; 10] = [
+    "TX ID",
+    "BROKER",
+    "MSG ID",
+    "TOPIC",
+    "GROUP",
+    "AGE",
+    "CHECKS",
+    "LAST CHECK",
+    "LAST ERROR",
+    "STATE",
+];
+
+/// One table row per transaction.
+fn list_rows(lists: &[TransactionList]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for l in lists {
+        for t in &l.transactions {
+            let msg_id = match t.msg_ids.as_slice() {
+                [] => "-".to_string(),
+                [one] => one.to_string(),
+                [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+            };
+            rows.push(vec![
+                t.tx_id.to_string(),
+                l.broker_name.clone(),
+                msg_id,
+                t.topics.join(","),
+                t.producer_group.clone(),
+                age(t.age_ms),
+                t.checks.to_string(),
+                t.last_check.map_or("-", |c| c.name()).to_string(),
+                t.last_error.as_deref().map_or("-".to_string(), one_line),
+                t.state.name().to_string(),
+            ]);
+        }
+    }
+    rows
+}
+
+/// One object per transaction, then one counters object per broker.
+fn list_json(lists: &[TransactionList]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for l in lists {
+        for t in &l.transactions {
+            let msg_ids: Vec<String> = t.msg_ids.iter().map(ToString::to_string).collect();
+            out.push(json!({
+                "tx_id": t.tx_id,
+                "broker": l.broker_name,
+                "msg_id": msg_ids.first(),
+                "msg_ids": msg_ids,
+                "topic": t.topics.first(),
+                "topics": t.topics,
+                "producer_group": t.producer_group,
+                "age_ms": t.age_ms,
+                "checks": t.checks,
+                "last_check": t.last_check.map(|c| c.name()),
+                "last_error": t.last_error,
+                "state": t.state.name(),
+            }));
+        }
+    }
+    for l in lists {
+        let c = &l.counters;
+        out.push(json!({
+            "broker": l.broker_name,
+            "counters": {
+                "prepared": c.prepared,
+                "committed": c.committed,
+                "rolled_back": c.rolled_back,
+                "checks_sent": c.checks_sent,
+                "parked": c.parked,
+                "pending": c.pending,
+            },
+        }));
+    }
+    out
+}
+
+/// `broker-a: prepared=3 committed=1 ...`
+fn counters_text(l: &TransactionList) -> String {
+    let c = &l.counters;
+    format!(
+        "{}: prepared={} committed={} rolled_back={} checks_sent={} parked={} pending={}",
+        l.broker_name, c.prepared, c.committed, c.rolled_back, c.checks_sent, c.parked, c.pending
+    )
+}
+
+fn resolved_json(tx_id: u64, broker: &str, ended: &Ended) -> Value {
+    json!({
+        "tx_id": tx_id,
+        "broker": broker,
+        "state": ended.state.name(),
+        "already": ended.already,
+    })
+}
+
+fn resolved_text(tx_id: u64, broker: &str, ended: &Ended) -> String {
+    format!(
+        "transaction {tx_id} on {broker}: {}{}",
+        ended.state.name(),
+        if ended.already { " (already)" } else { "" }
+    )
+}
+
+/// `0.4s`, `12.0s`.
+fn age(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// Keeps a table cell on one line.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cli, Command};
+    use clap::Parser;
+    use txmq::{MsgId, SendStatus, TxCounters, TxInfo, TxState};
+
+    fn parse(args: &[&str]) -> Option<TxCommand> {
+        match Cli::try_parse_from(args) {
+            Ok(Cli {
+                command: Command::Tx(cmd),
+                ..
+            }) => Some(cmd),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn tx_send_parses_with_its_defaults() {
+        let cmd = parse(&[
+            "txmq", "tx", "send", "orders", "--group", "pg", "--body", "hi", "--local", "unknown",
+        ]);
+        let Some(TxCommand::Send(a)) = cmd else {
+            panic!("tx send parses")
+        };
+        assert_eq!((a.topic.as_str(), a.group.as_str()), ("orders", "pg"));
+        assert_eq!(a.local, Decision::Unknown);
+        assert_eq!(a.check, None);
+        assert_eq!(a.linger, Duration::ZERO);
+        assert_eq!(a.first_check_delay, None);
+
+        let cmd = parse(&[
+            "txmq",
+            "tx",
+            "send",
+            "orders",
+            "--group",
+            "pg",
+            "--body",
+            "hi",
+            "--key",
+            "k",
+            "--tag",
+            "t",
+            "--local",
+            "commit",
+            "--check",
+            "rollback",
+            "--linger",
+            "2s",
+            "--first-check-delay",
+            "500ms",
+        ]);
+        let Some(TxCommand::Send(a)) = cmd else {
+            panic!("tx send with every flag parses")
+        };
+        assert_eq!(a.check, Some(Decision::Rollback));
+        assert_eq!(a.linger, Duration::from_secs(2));
+        assert_eq!(a.first_check_delay, Some(Duration::from_millis(500)));
+        assert_eq!((a.key.as_deref(), a.tag.as_deref()), (Some("k"), Some("t")));
+
+        // --local is required and takes only the three answers.
+        assert!(parse(&["txmq", "tx", "send", "t", "--group", "g", "--body", "x"]).is_none());
+        assert!(parse(&[
+            "txmq", "tx", "send", "t", "--group", "g", "--body", "x", "--local", "maybe"
+        ])
+        .is_none());
+    }
+
+    #[test]
+    fn tx_listen_list_and_resolve_parse() {
+        let Some(TxCommand::Listen(l)) = parse(&[
+            "txmq",
+            "tx",
+            "listen",
+            "--group",
+            "pg",
+            "--check",
+            "commit",
+            "--duration",
+            "1m",
+        ]) else {
+            panic!("tx listen parses")
+        };
+        assert_eq!(l.check, Decision::Commit);
+        assert_eq!(l.duration, Some(Duration::from_secs(60)));
+        assert!(
+            parse(&["txmq", "tx", "listen", "--group", "pg"]).is_none(),
+            "--check is required"
+        );
+
+        let Some(TxCommand::List { broker }) = parse(&["txmq", "tx", "list", "--broker", "b"])
+        else {
+            panic!("tx list parses")
+        };
+        assert_eq!(broker.as_deref(), Some("b"));
+
+        let Some(TxCommand::Resolve(r)) = parse(&["txmq", "tx", "resolve", "42", "--rollback"])
+        else {
+            panic!("tx resolve parses")
+        };
+        assert_eq!((r.tx_id, r.commit, r.rollback), (42, false, true));
+        assert!(parse(&["txmq", "tx", "resolve", "42"]).is_none());
+        assert!(parse(&["txmq", "tx", "resolve", "42", "--commit", "--rollback"]).is_none());
+        assert!(parse(&["txmq", "tx", "resolve", "x", "--commit"]).is_none());
+    }
+
+    fn outcome(ended: Option<Ended>, state: TransactionState) -> TxOutcome {
+        let id = MsgId([0xab; 16]);
+        TxOutcome {
+            tx_id: 17,
+            broker_name: "broker-a".into(),
+            msg_id: id,
+            msg_ids: vec![id],
+            state,
+            ended,
+        }
+    }
+
+    #[test]
+    fn a_send_outcome_names_the_local_result_and_the_brokers_state() {
+        let committed = outcome(
+            Some(Ended {
+                state: TxState::Committed,
+                already: false,
+                status: SendStatus::SendOk,
+            }),
+            TransactionState::Commit,
+        );
+        let v = outcome_json(&committed, "orders");
+        assert_eq!(v["tx_id"], 17);
+        assert_eq!(v["msg_id"], "AB".repeat(16));
+        assert_eq!(v["state"], "commit");
+        assert_eq!(v["ended"], "committed");
+        assert_eq!(v["already"], false);
+        assert_eq!(v["broker"], "broker-a");
+        assert_eq!(v["topic"], "orders");
+        assert_eq!(
+            outcome_text(&committed, "orders"),
+            format!(
+                "tx=17 broker=broker-a topic=orders msg_id={} local=commit ended=committed",
+                "AB".repeat(16)
+            )
+        );
+
+        let unknown = outcome(None, TransactionState::Unknown);
+        let v = outcome_json(&unknown, "orders");
+        assert_eq!(v["state"], "unknown");
+        assert!(v.get("ended").is_none());
+        assert!(outcome_text(&unknown, "orders")
+            .ends_with("local=unknown not ended; the broker will check back"));
+    }
+
+    #[test]
+    fn a_check_line_has_the_transaction_and_the_answer() {
+        let m = Message::new("orders", "x");
+        let Ok(req) = CheckRequest::new(5, "broker-b", "pg", vec![m.clone()], 2) else {
+            panic!("valid request")
+        };
+        let v = check_json(&req, TransactionState::Rollback);
+        assert_eq!(v["tx_id"], 5);
+        assert_eq!(v["msg_id"], m.msg_id.to_string());
+        assert_eq!(v["answer"], "rollback");
+        assert_eq!(v["checks"], 2);
+        assert_eq!(v["broker"], "broker-b");
+        assert_eq!(v["topic"], "orders");
+        assert_eq!(
+            check_text(&req, TransactionState::Commit),
+            format!(
+                "check tx=5 broker=broker-b topic=orders msg_id={} checks=2 answer=commit",
+                m.msg_id
+            )
+        );
+    }
+
+    fn lists() -> Vec<TransactionList> {
+        vec![TransactionList {
+            broker_name: "broker-a".into(),
+            transactions: vec![
+                TxInfo {
+                    tx_id: 3,
+                    msg_ids: vec![MsgId([1; 16]), MsgId([2; 16])],
+                    topics: vec!["orders".into(), "audit".into()],
+                    producer_group: "pg".into(),
+                    age_ms: 12_345,
+                    checks: 5,
+                    last_check: None,
+                    last_error: Some("check timed out\nafter 3s".into()),
+                    state: TxState::Parked,
+                },
+                TxInfo {
+                    tx_id: 4,
+                    msg_ids: vec![MsgId([3; 16])],
+                    topics: vec!["orders".into()],
+                    producer_group: "pg".into(),
+                    age_ms: 400,
+                    checks: 1,
+                    last_check: Some(TransactionState::Unknown),
+                    last_error: None,
+                    state: TxState::Prepared,
+                },
+            ],
+            counters: TxCounters {
+                prepared: 10,
+                committed: 6,
+                rolled_back: 2,
+                checks_sent: 7,
+                parked: 1,
+                pending: 2,
+            },
+        }]
+    }
+
+    #[test]
+    fn the_transaction_list_has_one_object_per_transaction_then_counters() {
+        let v = list_json(&lists());
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0]["tx_id"], 3);
+        assert_eq!(v[0]["broker"], "broker-a");
+        assert_eq!(v[0]["msg_id"], "01".repeat(16));
+        assert_eq!(v[0]["msg_ids"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v[0]["topic"], "orders");
+        assert_eq!(v[0]["producer_group"], "pg");
+        assert_eq!(v[0]["age_ms"], 12_345);
+        assert_eq!(v[0]["checks"], 5);
+        assert_eq!(v[0]["last_check"], Value::Null);
+        assert_eq!(v[0]["state"], "parked");
+        assert_eq!(v[1]["last_check"], "unknown");
+        assert_eq!(v[1]["last_error"], Value::Null);
+        assert_eq!(v[1]["state"], "prepared");
+        assert_eq!(v[2]["broker"], "broker-a");
+        assert_eq!(v[2]["counters"]["prepared"], 10);
+        assert_eq!(v[2]["counters"]["rolled_back"], 2);
+        assert_eq!(v[2]["counters"]["checks_sent"], 7);
+        assert_eq!(v[2]["counters"]["pending"], 2);
+    }
+
+    #[test]
+    fn the_transaction_table_is_readable() {
+        let rows = list_rows(&lists());
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0],
+            [
+                "3",
+                "broker-a",
+                &format!("{} (+1)", "01".repeat(16)),
+                "orders,audit",
+                "pg",
+                "12.3s",
+                "5",
+                "-",
+                "check timed out after 3s",
+                "parked"
+            ]
+        );
+        assert_eq!(rows[1][7], "unknown");
+        assert_eq!(rows[1][8], "-");
+        assert_eq!(
+            counters_text(&lists()[0]),
+            "broker-a: prepared=10 committed=6 rolled_back=2 checks_sent=7 parked=1 pending=2"
+        );
+    }
+
+    #[test]
+    fn a_resolution_prints_the_resulting_state() {
+        let ended = Ended {
+            state: TxState::RolledBack,
+            already: true,
+            status: SendStatus::SendOk,
+        };
+        assert_eq!(
+            resolved_text(9, "broker-a", &ended),
+            "transaction 9 on broker-a: rolled_back (already)"
+        );
+        let v = resolved_json(9, "broker-a", &ended);
+        assert_eq!(v["state"], "rolled_back");
+        assert_eq!(v["already"], true);
+        assert_eq!(v["tx_id"], 9);
+    }
+}

@@ -1,0 +1,229 @@
+//! Answering check-backs: the [`Service`] a transaction producer puts on
+//! each of its broker connections.
+//!
+//! Each check runs the listener's [`check`](TransactionListener::check) on
+//! a task of its own, so checks run concurrently, a slow one holds up
+//! nothing else on the connection, and a panicking listener costs one
+//! answer ([`TransactionState::Unknown`]) instead of the connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::{CheckAnswer, CheckTransaction, ErrorCode, Request, Response, WireError};
+use txmq_remoting::connection_types::BoxFuture;
+use txmq_remoting::{Connection, Service};
+
+use super::listener::{CheckRequest, TransactionListener, TransactionState};
+
+/// Answers `CheckTransaction` requests with a listener.
+pub(crate) struct CheckService<L> {
+    pub(crate) listener: Arc<L>,
+    pub(crate) group: String,
+    /// How long a check may take before it is answered `Unknown`; `None`: no limit.
+    pub(crate) timeout: Option<Duration>,
+    /// Cancelled when the producer closes: checks still running answer `Unknown`.
+    pub(crate) closed: CancellationToken,
+}
+
+impl<L: TransactionListener> Service for CheckService<L> {
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let check = match request {
+            Request::CheckTransaction(check) => check,
+            other => {
+                let e = WireError::new(
+                    ErrorCode::UnsupportedRequest,
+                    format!(
+                        "a transaction producer does not serve {} requests",
+                        other.kind()
+                    ),
+                );
+                return Box::pin(std::future::ready(Err(e)));
+            }
+        };
+        let listener = self.listener.clone();
+        let group = self.group.clone();
+        let timeout = self.timeout;
+        let closed = self.closed.clone();
+        let peer = conn.peer_addr().to_string();
+        Box::pin(async move {
+            let resolution = answer(listener, &group, check, timeout, closed, &peer).await?;
+            Ok(Response::CheckTransaction(CheckAnswer { resolution }))
+        })
+    }
+}
+
+/// Asks the listener about `check`. Everything but a `Commit` or `Rollback`
+/// it returns in time (an error, a panic, the timeout, the producer
+/// closing, a check for another group) is `Unknown`.
+///
+/// # Errors
+/// `BAD_ARGUMENT` for a check that names no message.
+pub(crate) async fn answer<L: TransactionListener>(
+    listener: Arc<L>,
+    group: &str,
+    check: CheckTransaction,
+    timeout: Option<Duration>,
+    closed: CancellationToken,
+    peer: &str,
+) -> Result<TransactionState, WireError> {
+    let tx_id = check.tx_id;
+    let broker = check.broker_name.clone();
+    if check.producer_group != group {
+        tracing::warn!(tx_id, %broker, %peer, asked = %check.producer_group, %group,
+            "check-back for another producer group; answering unknown");
+        return Ok(TransactionState::Unknown);
+    }
+    let req = CheckRequest::try_from(check)
+        .map_err(|e| WireError::new(ErrorCode::BadArgument, e.to_string()))?;
+    let mut task = tokio::spawn(async move { listener.check(&req).await });
+    let limit = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    // The JoinHandle is cancel safe: it is polled again or aborted below.
+    let joined = tokio::select! {
+        j = &mut task => Some(j),
+        _ = limit => None,
+        _ = closed.cancelled() => None,
+    };
+    let state = match joined {
+        Some(Ok(Ok(state))) => state,
+        Some(Ok(Err(e))) => {
+            tracing::info!(tx_id, %broker, error = %e, "check-back failed; answering unknown");
+            TransactionState::Unknown
+        }
+        Some(Err(e)) => {
+            tracing::warn!(tx_id, %broker, error = %e, "check-back panicked; answering unknown");
+            TransactionState::Unknown
+        }
+        None => {
+            task.abort();
+            if !closed.is_cancelled() {
+                tracing::warn!(tx_id, %broker, ?timeout, "check-back took too long; answering unknown");
+            }
+            TransactionState::Unknown
+        }
+    };
+    tracing::debug!(tx_id, %broker, answer = state.name(), "answered check-back");
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transaction::{BoxError, TxContext};
+    use txmq_protocol::Message;
+
+    /// Answers from the message body: "commit", "rollback", "fail", "panic", "hang".
+    struct ByBody;
+
+    impl TransactionListener for ByBody {
+        async fn execute(
+            &self,
+            _msg: &Message,
+            _ctx: &TxContext,
+        ) -> Result<TransactionState, BoxError> {
+            Ok(TransactionState::Unknown)
+        }
+
+        async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
+            match &req.message().body[..] {
+                b"commit" => Ok(TransactionState::Commit),
+                b"rollback" => Ok(TransactionState::Rollback),
+                b"panic" => panic!("listener bug"),
+                b"hang" => std::future::pending().await,
+                _ => Err("database unavailable".into()),
+            }
+        }
+    }
+
+    fn check(group: &str, body: &'static str) -> CheckTransaction {
+        CheckTransaction {
+            tx_id: 1,
+            broker_name: "broker-a".into(),
+            producer_group: group.into(),
+            messages: vec![Message::new("t", body)],
+            checks: 0,
+        }
+    }
+
+    async fn ask(body: &'static str, timeout: Option<Duration>) -> TransactionState {
+        let result = answer(
+            Arc::new(ByBody),
+            "pg",
+            check("pg", body),
+            timeout,
+            CancellationToken::new(),
+            "peer",
+        )
+        .await;
+        match result {
+            Ok(state) => state,
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_passed_on_and_failures_count_as_unknown() {
+        let t = Some(Duration::from_secs(5));
+        assert_eq!(ask("commit", t).await, TransactionState::Commit);
+        assert_eq!(ask("rollback", t).await, TransactionState::Rollback);
+        assert_eq!(ask("fail", t).await, TransactionState::Unknown);
+        assert_eq!(ask("panic", t).await, TransactionState::Unknown);
+    }
+
+    #[tokio::test]
+    async fn a_check_that_takes_too_long_is_unknown() {
+        assert_eq!(
+            ask("hang", Some(Duration::from_millis(50))).await,
+            TransactionState::Unknown
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_the_producer_ends_pending_checks() {
+        let closed = CancellationToken::new();
+        let pending = tokio::spawn(answer(
+            Arc::new(ByBody),
+            "pg",
+            check("pg", "hang"),
+            None,
+            closed.clone(),
+            "peer",
+        ));
+        closed.cancel();
+        let Ok(Ok(state)) = pending.await else {
+            panic!("the check ends with an answer")
+        };
+        assert_eq!(state, TransactionState::Unknown);
+    }
+
+    #[tokio::test]
+    async fn foreign_groups_and_empty_checks_are_not_asked() {
+        let other = answer(
+            Arc::new(ByBody),
+            "pg",
+            check("other", "commit"),
+            None,
+            CancellationToken::new(),
+            "peer",
+        )
+        .await;
+        assert_eq!(other.ok(), Some(TransactionState::Unknown));
+        let mut empty = check("pg", "commit");
+        empty.messages.clear();
+        let refused = answer(
+            Arc::new(ByBody),
+            "pg",
+            empty,
+            None,
+            CancellationToken::new(),
+            "peer",
+        )
+        .await;
+        assert_eq!(refused.err().map(|e| e.code), Some(ErrorCode::BadArgument));
+    }
+}

@@ -1,0 +1,705 @@
+//! [`TransactionProducer`]: prepares half messages, runs the local
+//! transaction, commits or rolls back, and answers the brokers' check-backs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::{
+    now_millis, validate_topic_name, EndTransaction, Ended, HalfMessage, Message, MsgId,
+    PrepareTransaction, Prepared, Role, TxAction, TxSource,
+};
+
+use super::broker_links::BrokerLinks;
+use super::check_service::CheckService;
+use super::listener::{state_of, TransactionListener, TransactionState, TxContext};
+use super::placement::{distinct, place, Placement};
+use crate::nameserver::NameserverClient;
+use crate::pool::ConnectionPool;
+use crate::producer::shard_hash;
+use crate::route::{RouteCache, RouteInfo};
+use crate::{ClientConfig, Error, Result};
+
+/// Default interval at which the producer looks for new brokers and
+/// reconnects to brokers it lost (1 s).
+pub const DEFAULT_BROKER_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Default time a check-back may take before it is answered
+/// [`TransactionState::Unknown`] (30 s).
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause before trying the same broker again (times the attempt number).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// What became of a transactional send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxOutcome {
+    /// The transaction id, unique on [`TxOutcome::broker_name`].
+    pub tx_id: u64,
+    /// The broker holding the transaction.
+    pub broker_name: String,
+    /// The id of the (first) message.
+    pub msg_id: MsgId,
+    /// The ids of all messages, in the order given.
+    pub msg_ids: Vec<MsgId>,
+    /// What the local transaction decided ([`TransactionListener::execute`];
+    /// an error there is [`TransactionState::Unknown`]).
+    pub state: TransactionState,
+    /// The broker's answer to the commit or rollback; `None` for
+    /// [`TransactionState::Unknown`], when nothing was sent and the broker
+    /// checks back later.
+    pub ended: Option<Ended>,
+}
+
+/// Builds a [`TransactionProducer`].
+pub struct TransactionProducerBuilder<L> {
+    config: ClientConfig,
+    group: Option<String>,
+    listener: Option<Arc<L>>,
+    first_check_delay: Option<Duration>,
+    check_timeout: Option<Duration>,
+    broker_refresh_interval: Duration,
+}
+
+impl<L> std::fmt::Debug for TransactionProducerBuilder<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionProducerBuilder")
+            .field("config", &self.config)
+            .field("group", &self.group)
+            .field("listener", &self.listener.is_some())
+            .field("first_check_delay", &self.first_check_delay)
+            .field("check_timeout", &self.check_timeout)
+            .field("broker_refresh_interval", &self.broker_refresh_interval)
+            .finish()
+    }
+}
+
+impl<L: TransactionListener> TransactionProducerBuilder<L> {
+    fn new() -> Self {
+        TransactionProducerBuilder {
+            config: ClientConfig::default(),
+            group: None,
+            listener: None,
+            first_check_delay: None,
+            check_timeout: Some(DEFAULT_CHECK_TIMEOUT),
+            broker_refresh_interval: DEFAULT_BROKER_REFRESH_INTERVAL,
+        }
+    }
+
+    /// Adds a nameserver address, or a comma-separated list of them; may be
+    /// called repeatedly.
+    pub fn nameserver(mut self, addr: &str) -> Self {
+        self.config.add_nameservers(addr);
+        self
+    }
+
+    /// Replaces all client settings (nameservers included) with `config`.
+    pub fn config(mut self, config: ClientConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The producer group (required). The brokers check back on any live
+    /// member of the group, so every process that may prepare transactions
+    /// of the group must be able to answer for all of them.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// The listener that runs local transactions and answers check-backs (required).
+    pub fn listener(mut self, listener: L) -> Self {
+        self.listener = Some(Arc::new(listener));
+        self
+    }
+
+    /// As [`TransactionProducerBuilder::listener`], for a listener the
+    /// application keeps a handle to.
+    pub fn listener_arc(mut self, listener: Arc<L>) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// How old a transaction must be before the broker first checks back;
+    /// `None` (the default) uses the broker's `--transaction-timeout`.
+    pub fn first_check_delay(mut self, delay: Option<Duration>) -> Self {
+        self.first_check_delay = delay;
+        self
+    }
+
+    /// How long [`TransactionListener::check`] may take before the producer
+    /// answers [`TransactionState::Unknown`] for it (default 30 s); `None`:
+    /// wait as long as it takes. An answer that comes after the broker gave
+    /// up waiting is dropped by the broker.
+    pub fn check_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.check_timeout = timeout;
+        self
+    }
+
+    /// How often the producer asks the nameservers for the cluster's brokers
+    /// and connects to those it has no connection to (default 1 s).
+    pub fn broker_refresh_interval(mut self, interval: Duration) -> Self {
+        self.broker_refresh_interval = interval;
+        self
+    }
+
+    /// How long one request (prepare, end) waits for the broker's answer (default 3 s).
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// How many more attempts a prepare or an end gets after a retriable failure (default 2).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.config.send_retries = retries;
+        self
+    }
+
+    /// How long a topic's route is cached (default 30 s).
+    pub fn route_refresh_interval(mut self, interval: Duration) -> Self {
+        self.config.route_refresh_interval = interval;
+        self
+    }
+
+    /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
+    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
+        self.config.client_id = client_id.into();
+        self
+    }
+
+    /// Starts the producer: connects to every broker the nameservers know,
+    /// saying hello as a transaction producer of the group, so each can
+    /// check back from now on; then keeps those connections open in the
+    /// background (see [`TransactionProducer`]). Brokers that cannot be
+    /// reached now are tried again every refresh interval.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] when no nameserver, group or listener is given
+    /// or a setting is invalid; [`Error::Remoting`] when no nameserver answers.
+    pub async fn start(self) -> Result<TransactionProducer<L>> {
+        self.config.validate()?;
+        let group = self
+            .group
+            .filter(|g| !g.is_empty())
+            .ok_or_else(|| Error::BadArgument("a transaction producer needs a group".into()))?;
+        let listener = self
+            .listener
+            .ok_or_else(|| Error::BadArgument("a transaction producer needs a listener".into()))?;
+        if self.broker_refresh_interval.is_zero() {
+            return Err(Error::BadArgument(
+                "the broker refresh interval must be above zero".into(),
+            ));
+        }
+        let first_check_delay_ms = self
+            .first_check_delay
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+
+        let stop = CancellationToken::new();
+        let service = Arc::new(CheckService {
+            listener: listener.clone(),
+            group: group.clone(),
+            timeout: self.check_timeout,
+            closed: stop.clone(),
+        });
+        let pool = ConnectionPool::new(
+            &self.config,
+            Role::TransactionProducer,
+            Some(group.clone()),
+            Some(service),
+        );
+        // Nameserver connections never carry check-backs.
+        let ns_pool = ConnectionPool::new(
+            &self.config,
+            Role::TransactionProducer,
+            Some(group.clone()),
+            None,
+        );
+        let nameservers = NameserverClient::new(self.config.nameservers.clone(), ns_pool.clone());
+        let routes = RouteCache::new(
+            nameservers.clone(),
+            self.config.route_refresh_interval,
+            true,
+        );
+        let links = BrokerLinks::new(pool.clone(), nameservers, stop.clone());
+        for (broker, e) in links.refresh().await? {
+            tracing::warn!(%broker, error = %crate::error::chain(&e), "cannot connect to broker for check-backs; will try again");
+        }
+        tokio::spawn(links.clone().keep(self.broker_refresh_interval));
+        Ok(TransactionProducer {
+            inner: Arc::new(Inner {
+                config: self.config,
+                group,
+                listener,
+                first_check_delay_ms,
+                pool,
+                ns_pool,
+                routes,
+                links,
+                turn: AtomicU64::new(random_start()),
+                stop,
+            }),
+        })
+    }
+}
+
+/// Sends messages in transactions: the messages are stored invisibly
+/// (prepared), the application's local transaction runs, and the messages
+/// become visible (commit) or are dropped (rollback) as it decides.
+///
+/// A cheap `Clone` handle; many transactions may run at once. From
+/// [`start`](TransactionProducerBuilder::start) until
+/// [`close`](TransactionProducer::close) (or the last handle is dropped) the
+/// producer keeps a connection to every broker of the cluster, looking for
+/// new brokers and reconnecting lost ones every refresh interval (1 s), and
+/// answers the brokers' check-backs for its group on those connections with
+/// [`TransactionListener::check`], concurrently. Sends reuse the same
+/// connections.
+///
+/// ```no_run
+/// # use txmq::{BoxError, CheckRequest, Message, TransactionListener, TransactionState, TxContext};
+/// # struct Orders;
+/// # impl TransactionListener for Orders {
+/// #     async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> { Ok(TransactionState::Commit) }
+/// #     async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> { Ok(TransactionState::Commit) }
+/// # }
+/// # async fn demo() -> Result<(), txmq::Error> {
+/// use txmq::TransactionProducer;
+///
+/// let producer = TransactionProducer::builder()
+///     .nameserver("127.0.0.1:9876")
+///     .group("order-producers")
+///     .listener(Orders)
+///     .start()
+///     .await?;
+/// let outcome = producer
+///     .send_in_transaction(Message::new("orders", "order 42").with_key("42"))
+///     .await?;
+/// println!("transaction {} on {}: {}", outcome.tx_id, outcome.broker_name, outcome.state.name());
+/// producer.close();
+/// # Ok(())
+/// # }
+/// ```
+pub struct TransactionProducer<L> {
+    inner: Arc<Inner<L>>,
+}
+
+impl<L> Clone for TransactionProducer<L> {
+    fn clone(&self) -> Self {
+        TransactionProducer {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<L> std::fmt::Debug for TransactionProducer<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionProducer")
+            .field("group", &self.inner.group)
+            .field("client_id", &self.inner.config.client_id)
+            .field("brokers", &self.inner.links.connected())
+            .finish()
+    }
+}
+
+struct Inner<L> {
+    config: ClientConfig,
+    group: String,
+    listener: Arc<L>,
+    first_check_delay_ms: Option<u64>,
+    /// Broker connections, with the check-back service.
+    pool: ConnectionPool,
+    ns_pool: ConnectionPool,
+    routes: RouteCache,
+    links: BrokerLinks,
+    turn: AtomicU64,
+    stop: CancellationToken,
+}
+
+impl<L> Inner<L> {
+    fn shut(&self) {
+        self.stop.cancel();
+        self.pool.close();
+        self.ns_pool.close();
+    }
+}
+
+impl<L> Drop for Inner<L> {
+    fn drop(&mut self) {
+        // The background task holds clones of the pool; stop it with the last handle.
+        self.shut();
+    }
+}
+
+impl<L: TransactionListener> TransactionProducer<L> {
+    /// A builder; give it a nameserver, a group and a listener.
+    pub fn builder() -> TransactionProducerBuilder<L> {
+        TransactionProducerBuilder::new()
+    }
+
+    /// The producer group.
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    /// The listener.
+    pub fn listener(&self) -> &L {
+        &self.inner.listener
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Names of the brokers this producer has an open connection to (and
+    /// so can be checked back on), sorted.
+    pub fn connected_brokers(&self) -> Vec<String> {
+        self.inner.links.connected()
+    }
+
+    /// Asks the nameservers for the cluster now and connects to every broker
+    /// not connected yet, instead of waiting for the next refresh; returns
+    /// [`TransactionProducer::connected_brokers`].
+    ///
+    /// # Errors
+    /// [`Error::Remoting`] when no nameserver answers; [`Error::Closed`]
+    /// after [`TransactionProducer::close`].
+    pub async fn refresh_brokers(&self) -> Result<Vec<String>> {
+        self.check_open()?;
+        for (broker, e) in self.inner.links.refresh().await? {
+            tracing::debug!(%broker, error = %crate::error::chain(&e), "cannot connect for check-backs");
+        }
+        Ok(self.connected_brokers())
+    }
+
+    /// Sends `message` in a transaction: prepares it on the next writable
+    /// queue in turn, runs [`TransactionListener::execute`], and commits or
+    /// rolls back as it decides (nothing for [`TransactionState::Unknown`]
+    /// or an error: the broker checks back later).
+    ///
+    /// The prepare is retried like [`Producer::send`](crate::Producer::send)
+    /// (another broker, the same message id); the local transaction runs
+    /// once, and the end is retried on the same broker after a lost
+    /// connection (ending is idempotent).
+    ///
+    /// # Errors
+    /// Before the local transaction ran: [`Error::BadArgument`],
+    /// [`Error::NoRoute`], [`Error::NoQueue`], or [`Error::Broker`] with the
+    /// prepare's failure. After it ran: [`Error::EndTransaction`] when the
+    /// broker refused the end (say `TRANSACTION_ROLLED_BACK` because a
+    /// check-back already rolled it back) or the end was lost (the broker
+    /// checks back then).
+    pub async fn send_in_transaction(&self, message: Message) -> Result<TxOutcome> {
+        self.transact(vec![message], Placement::RoundRobin).await
+    }
+
+    /// As [`TransactionProducer::send_in_transaction`], on the queue that
+    /// `shard_key` maps to (see [`Producer::send_ordered`](crate::Producer::send_ordered)),
+    /// so that committed messages with the same key keep their order.
+    ///
+    /// # Errors
+    /// As [`TransactionProducer::send_in_transaction`].
+    pub async fn send_in_transaction_ordered(
+        &self,
+        message: Message,
+        shard_key: &str,
+    ) -> Result<TxOutcome> {
+        self.transact(vec![message], Placement::Hash(shard_hash(shard_key)))
+            .await
+    }
+
+    /// Sends several messages, of one topic or several, in one transaction:
+    /// all are prepared on one broker that serves all their topics (each
+    /// message on a queue of its topic; messages of one topic share a
+    /// queue, in the order given) and all are committed or rolled back
+    /// together. [`TransactionListener::execute`] gets the first message;
+    /// [`TxContext::messages`] has all.
+    ///
+    /// # Errors
+    /// As [`TransactionProducer::send_in_transaction`], and
+    /// [`Error::NoCommonBroker`] when no broker serves all the topics.
+    pub async fn send_messages_in_transaction(&self, messages: Vec<Message>) -> Result<TxOutcome> {
+        self.transact(messages, Placement::RoundRobin).await
+    }
+
+    /// Stops answering check-backs and closes the connections. Check-backs
+    /// being answered get [`TransactionState::Unknown`]; later sends fail
+    /// with [`Error::Closed`].
+    pub fn close(&self) {
+        self.inner.shut();
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.stop.is_cancelled() {
+            return Err(Error::Closed("the transaction producer"));
+        }
+        Ok(())
+    }
+
+    async fn transact(
+        &self,
+        mut messages: Vec<Message>,
+        placement: Placement,
+    ) -> Result<TxOutcome> {
+        self.check_open()?;
+        complete(&mut messages)?;
+        let (broker, addr, prepared) = self.prepare(&messages, placement).await?;
+        let tx_id = prepared.tx_id;
+        let ctx = TxContext::new(tx_id, broker.clone(), self.inner.group.clone(), messages);
+        // `complete` refused an empty list, so there is a first message.
+        let first = &ctx.messages()[0];
+        let state = state_of(self.inner.listener.execute(first, &ctx).await);
+        let action = match state {
+            TransactionState::Commit => Some(TxAction::Commit),
+            TransactionState::Rollback => Some(TxAction::Rollback),
+            TransactionState::Unknown => None,
+        };
+        let ended = match action {
+            Some(action) => Some(self.end(&broker, &addr, tx_id, action).await?),
+            None => None,
+        };
+        let msg_ids: Vec<MsgId> = ctx.messages().iter().map(|m| m.msg_id).collect();
+        Ok(TxOutcome {
+            tx_id,
+            broker_name: broker,
+            msg_id: first.msg_id,
+            msg_ids,
+            state,
+            ended,
+        })
+    }
+
+    /// Prepares on one broker; returns its name, address and answer.
+    async fn prepare(
+        &self,
+        messages: &[Message],
+        placement: Placement,
+    ) -> Result<(String, String, Prepared)> {
+        let topics = distinct(messages.iter().map(|m| m.topic.as_str()));
+        let attempts = self.inner.config.send_retries.saturating_add(1);
+        let timeout = self.inner.config.request_timeout;
+        let mut failed_broker: Option<String> = None;
+        let mut last_error: Option<Error> = None;
+        for attempt in 0..attempts {
+            let last_attempt = attempt + 1 == attempts;
+            let routes = match self.routes(&topics).await {
+                Ok(routes) => routes,
+                Err(e) if e.is_retriable() && !last_attempt => {
+                    tracing::debug!(error = %e, "route lookup failed; retrying");
+                    last_error = Some(e);
+                    tokio::time::sleep(RETRY_PAUSE * (attempt + 1)).await;
+                    continue;
+                }
+                Err(e) => return Err(last_error.unwrap_or(e)),
+            };
+            let lists: Vec<(&str, &[crate::MessageQueue])> = topics
+                .iter()
+                .zip(&routes)
+                .map(|(t, r)| (*t, &r.writable[..]))
+                .collect();
+            let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+            let placed = place(&lists, placement, turn, failed_broker.as_deref());
+            let Some(placed) = placed.filter(|p| !p.is_empty()) else {
+                return Err(last_error.unwrap_or_else(|| no_queue(&topics)));
+            };
+            let broker = placed[0].broker_name.clone();
+            let addr = placed[0].addr.clone();
+            if failed_broker.as_deref() == Some(broker.as_str()) {
+                tokio::time::sleep(RETRY_PAUSE * attempt).await;
+            }
+            let halves = messages
+                .iter()
+                .map(|m| HalfMessage {
+                    queue: topics
+                        .iter()
+                        .position(|t| *t == m.topic)
+                        .and_then(|i| placed.get(i))
+                        .map_or(0, |q| q.queue),
+                    message: m.clone(),
+                })
+                .collect();
+            let request = PrepareTransaction {
+                producer_group: self.inner.group.clone(),
+                messages: halves,
+                first_check_delay_ms: self.inner.first_check_delay_ms,
+            };
+            let result = match self.inner.pool.get(&addr).await {
+                Ok(conn) => conn.call_with_timeout(request, timeout).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(prepared) => return Ok((broker, addr, prepared)),
+                Err(e) => {
+                    let retriable = e.is_retriable();
+                    let error = Error::at_broker(&broker, &addr, e);
+                    if !retriable {
+                        return Err(error);
+                    }
+                    for (topic, route) in topics.iter().zip(&routes) {
+                        self.inner.routes.invalidate(topic, route.generation);
+                    }
+                    let cause = crate::error::chain(&error);
+                    if last_attempt {
+                        tracing::debug!(%broker, attempt, %cause, "prepare failed");
+                    } else {
+                        tracing::info!(%broker, attempt, %cause, "prepare failed; retrying");
+                    }
+                    failed_broker = Some(broker);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::Protocol("no prepare attempt was made".into())))
+    }
+
+    async fn routes(&self, topics: &[&str]) -> Result<Vec<Arc<RouteInfo>>> {
+        let mut routes = Vec::with_capacity(topics.len());
+        for topic in topics {
+            routes.push(self.inner.routes.get(topic).await?);
+        }
+        Ok(routes)
+    }
+
+    /// Commits or rolls back as the producer, retrying a lost request.
+    async fn end(&self, broker: &str, addr: &str, tx_id: u64, action: TxAction) -> Result<Ended> {
+        let attempts = self.inner.config.send_retries.saturating_add(1);
+        let timeout = self.inner.config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let request = EndTransaction {
+                tx_id,
+                action,
+                source: TxSource::Producer,
+            };
+            let result = match self.inner.pool.get(addr).await {
+                Ok(conn) => conn.call_with_timeout(request, timeout).await,
+                Err(e) => Err(e),
+            };
+            attempt += 1;
+            match result {
+                Ok(ended) => return Ok(ended),
+                Err(e) if e.is_retriable() && attempt < attempts => {
+                    tracing::info!(tx_id, %broker, error = %e, "ending the transaction failed; retrying");
+                    tokio::time::sleep(RETRY_PAUSE * attempt).await;
+                }
+                Err(source) => {
+                    return Err(Error::EndTransaction {
+                        tx_id,
+                        broker: broker.to_string(),
+                        action,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Checks the messages and fills in missing ids and timestamps.
+fn complete(messages: &mut [Message]) -> Result<()> {
+    if messages.is_empty() {
+        return Err(Error::BadArgument(
+            "a transaction needs at least one message".into(),
+        ));
+    }
+    for m in messages.iter_mut() {
+        validate_topic_name(&m.topic).map_err(Error::BadArgument)?;
+        if m.msg_id == MsgId::default() {
+            m.msg_id = MsgId::generate();
+        }
+        if m.born_timestamp == 0 {
+            m.born_timestamp = now_millis();
+        }
+    }
+    Ok(())
+}
+
+fn no_queue(topics: &[&str]) -> Error {
+    match topics {
+        [topic] => Error::NoQueue {
+            topic: topic.to_string(),
+            what: "writable",
+        },
+        _ => Error::NoCommonBroker {
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        },
+    }
+}
+
+/// A random start for the round robin, so that short-lived producers do not
+/// all prepare on the first queue.
+fn random_start() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() >> 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_checked_and_completed_before_preparing() {
+        let mut none: Vec<Message> = Vec::new();
+        assert!(matches!(complete(&mut none), Err(Error::BadArgument(_))));
+        let mut bad = vec![Message::new("ok", "1"), Message::new("not ok", "2")];
+        assert!(matches!(complete(&mut bad), Err(Error::BadArgument(_))));
+        let mut m = Message::new("a", "1");
+        m.msg_id = MsgId::default();
+        m.born_timestamp = 0;
+        let kept = Message::new("b", "2");
+        let mut two = vec![m, kept.clone()];
+        assert!(complete(&mut two).is_ok());
+        assert_ne!(two[0].msg_id, MsgId::default());
+        assert_ne!(two[0].born_timestamp, 0);
+        assert_eq!(two[1].msg_id, kept.msg_id);
+    }
+
+    #[test]
+    fn no_queue_names_the_topic_or_all_of_them() {
+        assert!(matches!(no_queue(&["t"]), Error::NoQueue { .. }));
+        assert!(
+            matches!(no_queue(&["t", "u"]), Error::NoCommonBroker { topics } if topics == ["t", "u"])
+        );
+    }
+
+    #[tokio::test]
+    async fn start_needs_a_group_and_a_listener() {
+        struct Never;
+        impl TransactionListener for Never {
+            async fn execute(
+                &self,
+                _: &Message,
+                _: &TxContext,
+            ) -> std::result::Result<TransactionState, super::super::BoxError> {
+                Ok(TransactionState::Unknown)
+            }
+            async fn check(
+                &self,
+                _: &super::super::CheckRequest,
+            ) -> std::result::Result<TransactionState, super::super::BoxError> {
+                Ok(TransactionState::Unknown)
+            }
+        }
+        let no_group = TransactionProducer::builder()
+            .nameserver("127.0.0.1:1")
+            .listener(Never)
+            .start()
+            .await;
+        assert!(matches!(no_group, Err(Error::BadArgument(_))));
+        let no_listener = TransactionProducer::<Never>::builder()
+            .nameserver("127.0.0.1:1")
+            .group("pg")
+            .start()
+            .await;
+        assert!(matches!(no_listener, Err(Error::BadArgument(_))));
+        let no_nameserver = TransactionProducer::builder()
+            .group("pg")
+            .listener(Never)
+            .start()
+            .await;
+        assert!(matches!(no_nameserver, Err(Error::BadArgument(_))));
+    }
+}
