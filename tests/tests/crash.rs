@@ -1,0 +1,623 @@
+//! Crashes and damaged commit logs, with a real `txmq-broker` process: a
+//! `kill -9` under sync flush loses no acknowledged message, and recovery
+//! cuts a torn or garbage tail (or everything from a corrupt record on) and
+//! serves everything before it, for good.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use txmq::{Message, MsgId, Producer, SendStatus};
+use txmq_tests::{consume_all, wait_for_broker, BrokerProcess, Cluster};
+
+/// A message the broker acknowledged with `SEND_OK`.
+#[derive(Debug, Clone)]
+struct Acked {
+    body: String,
+    msg_id: MsgId,
+    queue: u32,
+    queue_offset: u64,
+}
+
+/// A pseudo-random duration in `[lo, hi)`, from the clock and the pid (the
+/// test does not need a random-number crate for one draw per kill).
+fn jitter(lo: Duration, hi: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // splitmix64: spreads the clock's low bits over the whole word.
+    let mut x = nanos ^ u64::from(std::process::id()).rotate_left(32);
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    let span = (hi - lo).as_millis().max(1) as u64;
+    lo + Duration::from_millis(x % span)
+}
+
+/// Waits (up to 10 s) until the nameserver's route of `topic` lists `broker`.
+async fn wait_for_route(ns: &str, topic: &str, broker: &str) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(route) = admin.route(topic).await {
+            if route.brokers.iter().any(|b| b.broker_name == broker) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{broker} never served {topic}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A producer that gives up quickly: one attempt per message (so that no
+/// retry can store a message twice) and a short timeout.
+async fn impatient_producer(ns: &str) -> Producer {
+    Producer::builder()
+        .nameserver(ns)
+        .send_timeout(Duration::from_secs(2))
+        .retries(0)
+        .build()
+        .await
+        .expect("producer builds")
+}
+
+/// Runs `senders` tasks that send unique bodies `<tag>-<sender>-<n>`
+/// (followed by `pad` dots) to `topic` until `stop`; returns the messages
+/// acknowledged with `SEND_OK` and the number of failed sends.
+async fn send_until_stopped(
+    producer: &Producer,
+    topic: &str,
+    tag: &str,
+    senders: usize,
+    pad: usize,
+    stop: Arc<AtomicBool>,
+) -> (Vec<Acked>, usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..senders {
+        let p = producer.clone();
+        let stop = stop.clone();
+        let topic = topic.to_string();
+        let prefix = format!("{tag}-{s}");
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!("{prefix}-{n}-{}", ".".repeat(pad));
+                n += 1;
+                match p.send(Message::new(topic.as_str(), body.clone())).await {
+                    Ok(r) if r.status == SendStatus::SendOk => acked.push(Acked {
+                        body,
+                        msg_id: r.msg_id,
+                        queue: r.queue,
+                        queue_offset: r.queue_offset,
+                    }),
+                    Ok(_) => failed += 1,
+                    Err(_) => {
+                        failed += 1;
+                        // The broker is gone; do not spin while it is.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (acked, failed)
+        });
+    }
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (a, f) = r.expect("sender task");
+        acked.extend(a);
+        failed += f;
+    }
+    (acked, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_flush_kill_9_loses_no_acknowledged_message() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = tokio::task::block_in_place(|| {
+        BrokerProcess::start(
+            &tmp.path().join("broker-a"),
+            &ns,
+            "broker-a",
+            &["--flush", "sync"],
+        )
+    });
+    wait_for_broker(&ns, "broker-a").await;
+    cluster
+        .admin()
+        .await
+        .create_topic("crash", 4, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, "crash", "broker-a").await;
+    let producer = impatient_producer(&ns).await;
+
+    let mut acked: Vec<Acked> = Vec::new();
+    // Small messages, then 16 KiB ones that fill 8 MiB segments before the
+    // kill, so that recovery also crosses segment boundaries.
+    for (round, pad) in [(0, 0), (1, 16 << 10)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sending = {
+            let (p, stop) = (producer.clone(), stop.clone());
+            let tag = format!("round{round}");
+            tokio::spawn(async move { send_until_stopped(&p, "crash", &tag, 4, pad, stop).await })
+        };
+        let delay = jitter(Duration::from_millis(300), Duration::from_millis(1500));
+        tokio::time::sleep(delay).await;
+        tokio::task::block_in_place(|| broker.kill9());
+        stop.store(true, Ordering::Relaxed);
+        let (round_acked, failed) = sending.await.unwrap();
+        eprintln!(
+            "round {round}: killed after {delay:?}; {} acknowledged, {failed} failed",
+            round_acked.len()
+        );
+        assert!(
+            !round_acked.is_empty(),
+            "round {round}: nothing was acknowledged before the kill"
+        );
+        acked.extend(round_acked);
+
+        tokio::task::block_in_place(|| broker.restart());
+        wait_for_route(&ns, "crash", "broker-a").await;
+    }
+
+    let got = consume_all(
+        &ns,
+        "after-crash",
+        "crash",
+        usize::MAX,
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut ids = HashSet::new();
+    let mut bodies = HashMap::new();
+    for m in &got {
+        let body = String::from_utf8(m.body().to_vec()).unwrap();
+        assert!(
+            ids.insert(m.msg_id()),
+            "message id {} consumed twice",
+            m.msg_id()
+        );
+        assert!(
+            bodies
+                .insert(body.clone(), (m.queue(), m.queue_offset(), m.msg_id()))
+                .is_none(),
+            "{body} consumed twice"
+        );
+    }
+    let lost: Vec<&Acked> = acked
+        .iter()
+        .filter(|a| !bodies.contains_key(&a.body))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost, e.g. {:?}; broker log:\n{}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)],
+        broker.log_text()
+    );
+    for a in &acked {
+        assert_eq!(
+            bodies[&a.body],
+            (a.queue, a.queue_offset, a.msg_id),
+            "{} is where it was acknowledged",
+            a.body
+        );
+    }
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+/// How the broker is brought down before its log is damaged.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// SIGTERM: flush, final checkpoint, exit.
+    Graceful,
+    /// `kill -9` once the checkpoint covers every record, so recovery starts
+    /// from a checkpoint that points past the damage.
+    Kill9AfterCheckpoint,
+}
+
+/// The newest segment file of the commit log in `data`.
+fn active_segment(data: &Path) -> PathBuf {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(data.join("commitlog"))
+        .expect("commitlog dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 20)
+        })
+        .collect();
+    segments.sort();
+    segments.pop().expect("a commit-log segment")
+}
+
+/// Where the last record of `segment` starts and ends.
+fn last_record(segment: &Path) -> (u64, u64) {
+    let starts = record_starts(segment);
+    assert!(starts.len() >= 2, "the segment holds a record");
+    (starts[starts.len() - 2], starts[starts.len() - 1])
+}
+
+/// Where each record of `segment` starts (walking the length prefixes from
+/// the segment's start up to a zero length), and where the last one ends.
+fn record_starts(segment: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(segment).expect("read segment");
+    let mut starts = vec![0u64];
+    let mut pos = 0usize;
+    while pos + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        assert!(
+            pos + len <= bytes.len(),
+            "record at {pos} runs past the segment"
+        );
+        pos += len;
+        starts.push(pos as u64);
+    }
+    starts
+}
+
+/// The log position the checkpoint file in `data` covers (bytes 8..16).
+fn checkpoint_position(data: &Path) -> Option<u64> {
+    let b = std::fs::read(data.join("checkpoint")).ok()?;
+    Some(u64::from_le_bytes(b.get(8..16)?.try_into().ok()?))
+}
+
+/// Starts a broker serving a one-queue topic holding `n` messages `m0..`,
+/// brings it down as `ending` says, and returns it (not running) with the
+/// data directory's newest segment and the end of its last record.
+async fn broker_with_messages(
+    cluster: &Cluster,
+    data: &Path,
+    topic: &str,
+    n: usize,
+    ending: Ending,
+) -> (BrokerProcess, PathBuf, u64, u64) {
+    let ns = cluster.nameserver.clone();
+    let mut broker =
+        tokio::task::block_in_place(|| BrokerProcess::start(data, &ns, "broker-a", &[]));
+    wait_for_broker(&ns, "broker-a").await;
+    cluster
+        .admin()
+        .await
+        .create_topic(topic, 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, topic, "broker-a").await;
+    let producer = cluster.producer().await;
+    for i in 0..n {
+        let r = producer
+            .send(Message::new(topic, format!("m{i}")))
+            .await
+            .unwrap();
+        assert_eq!((r.queue, r.queue_offset), (0, i as u64));
+    }
+    producer.close();
+    match ending {
+        Ending::Graceful => {
+            let code = tokio::task::block_in_place(|| broker.stop());
+            assert_eq!(code, Some(0), "graceful stop; log:\n{}", broker.log_text());
+        }
+        Ending::Kill9AfterCheckpoint => {
+            let (_, end) = last_record(&active_segment(data));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while checkpoint_position(data).is_none_or(|p| p < end) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the checkpoint never reached {end}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::task::block_in_place(|| broker.kill9());
+        }
+    }
+    let segment = active_segment(data);
+    let (last_start, end) = last_record(&segment);
+    (broker, segment, last_start, end)
+}
+
+/// Consumes `topic` with a fresh `group` and returns the bodies in order,
+/// waiting a moment after `want` for anything unexpected.
+async fn bodies(ns: &str, group: &str, topic: &str, want: usize) -> Vec<String> {
+    consume_all(ns, group, topic, want + 1, Duration::from_secs(1))
+        .await
+        .iter()
+        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
+        .collect()
+}
+
+fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_is_cut_and_the_broker_serves_what_came_before() {
+    const N: usize = 50;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    for ending in [Ending::Graceful, Ending::Kill9AfterCheckpoint] {
+        let data = tmp.path().join(format!("{ending:?}"));
+        let (mut broker, segment, last_start, end) =
+            broker_with_messages(&cluster, &data, "torn", N, ending).await;
+        // Tear the last record: its length prefix promises bytes that are gone.
+        let torn_at = end - 10;
+        assert!(torn_at > last_start + 4);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap()
+            .set_len(torn_at)
+            .unwrap();
+
+        tokio::task::block_in_place(|| broker.restart());
+        wait_for_route(&ns, "torn", "broker-a").await;
+        let got = bodies(&ns, &format!("{ending:?}-1"), "torn", N - 1).await;
+        assert_eq!(
+            got,
+            numbered("m", 0..N - 1),
+            "{ending:?}: all but the torn message, in order"
+        );
+
+        // New sends continue where the intact log ends.
+        let producer = cluster.producer().await;
+        for i in 0..5 {
+            let r = producer
+                .send(Message::new("torn", format!("new{i}")))
+                .await
+                .unwrap();
+            assert_eq!(
+                r.queue_offset,
+                (N - 1 + i) as u64,
+                "{ending:?}: new{i} follows the cut"
+            );
+        }
+        producer.close();
+        let got = bodies(&ns, &format!("{ending:?}-2"), "torn", N + 4).await;
+        let mut want = numbered("m", 0..N - 1);
+        want.extend(numbered("new", 0..5));
+        assert_eq!(
+            got, want,
+            "{ending:?}: the new messages come right after the old"
+        );
+        tokio::task::block_in_place(|| broker.stop());
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_the_tail_is_cut() {
+    const N: usize = 50;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    for ending in [Ending::Graceful, Ending::Kill9AfterCheckpoint] {
+        let data = tmp.path().join(format!("{ending:?}"));
+        let (mut broker, segment, _, end) =
+            broker_with_messages(&cluster, &data, "junk", N, ending).await;
+        // Non-zero bytes where the next record would start: not a record.
+        let garbage: Vec<u8> = (0..200u32).map(|i| (i * 37 + 11) as u8 | 1).collect();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&segment)
+                .unwrap();
+            f.write_all_at(&garbage, end).unwrap();
+            f.sync_all().unwrap();
+        }
+
+        tokio::task::block_in_place(|| broker.restart());
+        wait_for_route(&ns, "junk", "broker-a").await;
+        let got = bodies(&ns, &format!("{ending:?}-1"), "junk", N).await;
+        assert_eq!(
+            got,
+            numbered("m", 0..N),
+            "{ending:?}: every message, in order"
+        );
+
+        let producer = cluster.producer().await;
+        for i in 0..5 {
+            let r = producer
+                .send(Message::new("junk", format!("new{i}")))
+                .await
+                .unwrap();
+            assert_eq!(
+                r.queue_offset,
+                (N + i) as u64,
+                "{ending:?}: new{i} follows the last message"
+            );
+        }
+        producer.close();
+        let mut want = numbered("m", 0..N);
+        want.extend(numbered("new", 0..5));
+        let got = bodies(&ns, &format!("{ending:?}-2"), "junk", N + 5).await;
+        assert_eq!(
+            got, want,
+            "{ending:?}: the new messages come right after the old"
+        );
+
+        // A second restart finds an intact log: the garbage is gone for good.
+        let code = tokio::task::block_in_place(|| {
+            let code = broker.stop();
+            broker.restart();
+            code
+        });
+        assert_eq!(code, Some(0));
+        wait_for_route(&ns, "junk", "broker-a").await;
+        let got = bodies(&ns, &format!("{ending:?}-3"), "junk", N + 5).await;
+        assert_eq!(
+            got, want,
+            "{ending:?}: everything again after a second restart"
+        );
+        let producer = cluster.producer().await;
+        let r = producer.send(Message::new("junk", "last")).await.unwrap();
+        assert_eq!(r.queue_offset, (N + 5) as u64);
+        producer.close();
+        tokio::task::block_in_place(|| broker.stop());
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
+    // Nine records of about 1 MB: eight fill the first 8 MiB segment, the
+    // ninth opens the second one.
+    const N: usize = 9;
+    let big = |name: String| format!("{name}-{}", ".".repeat(1_000_000));
+    let short = |m: &txmq::ReceivedMessage| {
+        let body = String::from_utf8_lossy(m.body()).into_owned();
+        body.split('-').next().unwrap_or_default().to_string()
+    };
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("broker-a");
+    let mut broker =
+        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &[]));
+    wait_for_broker(&ns, "broker-a").await;
+    cluster
+        .admin()
+        .await
+        .create_topic("big", 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, "big", "broker-a").await;
+    let producer = cluster.producer().await;
+    for i in 0..N {
+        producer
+            .send(Message::new("big", big(format!("m{i}"))))
+            .await
+            .unwrap();
+    }
+    producer.close();
+    assert_eq!(tokio::task::block_in_place(|| broker.stop()), Some(0));
+    let segment = active_segment(&data);
+    assert_eq!(
+        record_starts(&segment).len(),
+        2,
+        "the last segment holds one record"
+    );
+    let (_, end) = last_record(&segment);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(end - 10)
+        .unwrap();
+
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_route(&ns, "big", "broker-a").await;
+    let got = consume_all(&ns, "g1", "big", N, Duration::from_secs(1)).await;
+    let got: Vec<String> = got.iter().map(short).collect();
+    assert_eq!(got, numbered("m", 0..N - 1), "all but the torn message");
+
+    // The next message opens the second segment again.
+    let producer = cluster.producer().await;
+    let r = producer
+        .send(Message::new("big", big("new".into())))
+        .await
+        .unwrap();
+    assert_eq!(r.queue_offset, (N - 1) as u64);
+    producer.close();
+    let code = tokio::task::block_in_place(|| {
+        let code = broker.stop();
+        broker.restart();
+        code
+    });
+    assert_eq!(code, Some(0));
+    wait_for_route(&ns, "big", "broker-a").await;
+    let got = consume_all(&ns, "g2", "big", N + 1, Duration::from_secs(1)).await;
+    let got: Vec<String> = got.iter().map(short).collect();
+    let mut want = numbered("m", 0..N - 1);
+    want.push("new".into());
+    assert_eq!(got, want, "after another restart too");
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_ends_the_log_for_good() {
+    const N: usize = 20;
+    const BAD: usize = 10;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("broker-a");
+    // Bodies of one length give records of one length, so that new records
+    // written after the cut line up exactly with the old ones beyond it.
+    let mut broker =
+        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &[]));
+    wait_for_broker(&ns, "broker-a").await;
+    cluster
+        .admin()
+        .await
+        .create_topic("flip", 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, "flip", "broker-a").await;
+    let producer = cluster.producer().await;
+    for i in 0..N {
+        producer
+            .send(Message::new("flip", format!("m{i:02}")))
+            .await
+            .unwrap();
+    }
+    producer.close();
+    assert_eq!(tokio::task::block_in_place(|| broker.stop()), Some(0));
+
+    // Flip the last body byte of record BAD: its checksum no longer matches,
+    // while every record after it is intact.
+    let segment = active_segment(&data);
+    let starts = record_starts(&segment);
+    assert_eq!(starts.len(), N + 1, "N records and their end");
+    let at = starts[BAD + 1] - 1;
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_route(&ns, "flip", "broker-a").await;
+    // Written where the corrupt record and the one after it were.
+    let producer = cluster.producer().await;
+    for i in BAD..BAD + 2 {
+        let r = producer
+            .send(Message::new("flip", format!("n{i:02}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.queue_offset, i as u64,
+            "n{i:02} follows the last intact record"
+        );
+    }
+    producer.close();
+    let code = tokio::task::block_in_place(|| {
+        let code = broker.stop();
+        broker.restart();
+        code
+    });
+    assert_eq!(code, Some(0));
+    wait_for_route(&ns, "flip", "broker-a").await;
+
+    let mut want: Vec<String> = (0..BAD).map(|i| format!("m{i:02}")).collect();
+    want.extend((BAD..BAD + 2).map(|i| format!("n{i:02}")));
+    let got = bodies(&ns, "g", "flip", want.len()).await;
+    assert_eq!(
+        got, want,
+        "the records after the corrupt one never come back"
+    );
+    drop(broker);
+    cluster.shutdown().await;
+}
