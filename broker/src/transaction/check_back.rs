@@ -28,11 +28,28 @@ const MAX_IN_FLIGHT: usize = 64;
 
 pub(crate) async fn run(tx: Arc<Transactions>, shutdown: CancellationToken) {
     let mut workers: HashMap<Arc<str>, mpsc::UnboundedSender<u64>> = HashMap::new();
+    let mut last_report = (Instant::now(), tx.counters());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(tx.config.check_interval) => {}
             _ = tx.wake.notified() => {}
             _ = shutdown.cancelled() => return,
+        }
+        // The counters go to the log once a minute when they changed.
+        if last_report.0.elapsed() >= Duration::from_secs(60) {
+            let now = tx.counters();
+            if now != last_report.1 {
+                tracing::info!(
+                    prepared = now.prepared,
+                    committed = now.committed,
+                    rolled_back = now.rolled_back,
+                    checks_sent = now.checks_sent,
+                    parked = now.parked,
+                    pending = now.pending,
+                    "transaction counters"
+                );
+            }
+            last_report = (Instant::now(), now);
         }
         let due = tx.take_due(now_millis());
         if !due.is_empty() {
