@@ -6,6 +6,8 @@
 //! `handler/mod.rs` (one file per request), storage is [`store`] (start at
 //! [`store::Store`]), settings are [`config`].
 
+#![warn(missing_docs)]
+
 pub mod config;
 mod handler;
 mod registration;

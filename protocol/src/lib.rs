@@ -7,6 +7,8 @@
 //! On the wire a frame is a 4-byte big-endian length followed by a
 //! MessagePack body ([`codec::FrameCodec`]).
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod error;
 pub mod frame;

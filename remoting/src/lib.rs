@@ -13,6 +13,8 @@
 //! a client calls [`Connection::connect`] (optionally with a [`Service`]
 //! that answers requests the server sends back, such as check-backs).
 
+#![warn(missing_docs)]
+
 mod connection;
 mod error;
 pub mod server;
