@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use txmq_protocol::{
-    now_millis, Ended, ErrorCode, Message, SendStatus, TransactionList, TxAction, TxCounters,
-    TxInfo, TxResolution, TxSource, TxState, WireError,
+    now_millis, Ended, ErrorCode, Message, MsgId, SendStatus, TransactionList, TxAction,
+    TxCounters, TxInfo, TxResolution, TxSource, TxState, WireError,
 };
 
 pub(crate) use check_back::run as run_check_back;
@@ -63,6 +63,7 @@ enum Phase {
 #[derive(Debug)]
 struct Pending {
     group: Arc<str>,
+    first_msg_id: MsgId,
     halves: Vec<(u64, u32)>,
     prepared_at: u64,
     next_check_at: u64,
@@ -76,6 +77,13 @@ struct Pending {
 #[derive(Default)]
 struct Table {
     pending: BTreeMap<u64, Pending>,
+    /// The first message id of each pending transaction -> its tx id: a
+    /// prepare retried after a lost reply finds its transaction here
+    /// instead of storing a second copy.
+    by_msg_id: HashMap<MsgId, u64>,
+    /// Prepares being written, by first message id; a retry arriving
+    /// meanwhile waits for the first attempt's tx id.
+    preparing: HashMap<MsgId, watch::Sender<Option<u64>>>,
     ended: HashMap<u64, bool>,
     ended_order: std::collections::VecDeque<u64>,
     groups: HashMap<String, Arc<str>>,
@@ -165,6 +173,7 @@ impl Transactions {
                 );
                 continue;
             };
+            table.by_msg_id.insert(first.message.msg_id, t.tx_id);
             let props = &first.message.properties;
             let group = table.group(props.get(PROP_PRODUCER_GROUP).map_or("", String::as_str));
             let delay = props
@@ -180,6 +189,7 @@ impl Transactions {
                 t.tx_id,
                 Pending {
                     group,
+                    first_msg_id: first.message.msg_id,
                     halves: t.halves,
                     prepared_at: t.prepared_at,
                     next_check_at,
@@ -238,7 +248,41 @@ impl Transactions {
             .iter()
             .map(|(_, m)| crate::store::record::message_len(m) as u32)
             .collect();
-        let (tx_id, durable) = self.store.prepare(messages).await.map_err(store_error)?;
+        let Some(key) = messages.first().map(|(_, m)| m.msg_id) else {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                "a transaction needs at least one message",
+            ));
+        };
+        let waiting = {
+            let mut table = lock(&self.table);
+            if let Some(&tx_id) = table.by_msg_id.get(&key) {
+                tracing::debug!(tx_id, msg_id = %key, "repeated prepare answered with its transaction");
+                return Ok((tx_id, SendStatus::SendOk));
+            }
+            match table.preparing.get(&key) {
+                Some(first) => Some(first.subscribe()),
+                None => {
+                    table.preparing.insert(key, watch::channel(None).0);
+                    None
+                }
+            }
+        };
+        if let Some(mut first) = waiting {
+            let tx_id = first.wait_for(Option::is_some).await.ok().and_then(|v| *v);
+            return tx_id.map(|t| (t, SendStatus::SendOk)).ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::StoreUnavailable,
+                    "an earlier attempt of this prepare failed; try again",
+                )
+            });
+        }
+        let stored = self.store.prepare(messages).await.map_err(store_error);
+        let attempt = lock(&self.table).preparing.remove(&key);
+        let (tx_id, durable) = stored?;
+        if let Some(attempt) = attempt {
+            attempt.send_replace(Some(tx_id));
+        }
         // Half messages are contiguous from the tx id on.
         let mut pos = tx_id;
         let halves = sizes
@@ -252,10 +296,12 @@ impl Transactions {
         let now = now_millis();
         let mut table = lock(&self.table);
         let group = table.group(group);
+        table.by_msg_id.insert(key, tx_id);
         table.pending.insert(
             tx_id,
             Pending {
                 group,
+                first_msg_id: key,
                 halves,
                 prepared_at: now,
                 next_check_at: now + delay,
@@ -338,7 +384,9 @@ impl Transactions {
         let mut table = lock(&self.table);
         match result {
             Ok(durable) => {
-                table.pending.remove(&tx_id);
+                if let Some(p) = table.pending.remove(&tx_id) {
+                    table.by_msg_id.remove(&p.first_msg_id);
+                }
                 table.remember_end(tx_id, action == TxAction::Commit);
                 drop(table);
                 match action {

@@ -1,0 +1,839 @@
+//! Half-message transactions across crashes, with a real `txmq-broker`
+//! process: a `kill -9` in the middle of commits never shows a message twice
+//! or a commit without its end; the pending table is rebuilt from the log
+//! (resolved transactions are never checked again, parked ones stay
+//! parked); check-backs are counted durably by small marker records; and a
+//! committed transaction is still answered "already committed" after a
+//! restart.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use txmq::{
+    Admin, BoxError, CheckRequest, ErrorCode, Message, TransactionListener, TransactionProducer,
+    TransactionState, TxAction, TxContext, TxInfo, TxState,
+};
+use txmq_tests::{consume_all, json_lines, txmq_cli, wait_for_broker, BrokerProcess, Cluster};
+
+/// A listener with fixed answers that records every check-back it gets as
+/// (transaction id, checks sent before this one).
+struct Recording {
+    local: TransactionState,
+    check: TransactionState,
+    checks: Mutex<Vec<(u64, u32)>>,
+}
+
+impl Recording {
+    fn new(local: TransactionState, check: TransactionState) -> Recording {
+        Recording {
+            local,
+            check,
+            checks: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn checks(&self) -> Vec<(u64, u32)> {
+        self.checks.lock().unwrap().clone()
+    }
+}
+
+impl TransactionListener for Recording {
+    async fn execute(
+        &self,
+        _msg: &Message,
+        _ctx: &TxContext,
+    ) -> Result<TransactionState, BoxError> {
+        Ok(self.local)
+    }
+
+    async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
+        self.checks
+            .lock()
+            .unwrap()
+            .push((req.tx_id(), req.checks()));
+        Ok(self.check)
+    }
+}
+
+/// A transaction producer of `group` that notices a restarted broker
+/// quickly (it looks for brokers every 100 ms).
+async fn tx_producer(ns: &str, group: &str, listener: Recording) -> TransactionProducer<Recording> {
+    let producer = TransactionProducer::builder()
+        .nameserver(ns)
+        .group(group)
+        .listener(listener)
+        .broker_refresh_interval(Duration::from_millis(100))
+        .send_timeout(Duration::from_secs(2))
+        .start()
+        .await
+        .expect("transaction producer starts");
+    // Check-backs can only reach a producer that is connected.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while producer.connected_brokers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "producer never connected to a broker"
+        );
+        let _ = producer.refresh_brokers().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    producer
+}
+
+/// Starts `txmq-broker` named `broker-a` in `dir` and waits until the
+/// nameserver knows it.
+async fn start_broker(dir: &Path, ns: &str, extra: &[&str]) -> BrokerProcess {
+    let broker = tokio::task::block_in_place(|| BrokerProcess::start(dir, ns, "broker-a", extra));
+    wait_for_broker(ns, "broker-a").await;
+    broker
+}
+
+/// `kill -9`, then the same broker again on the same data directory.
+async fn crash_and_restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
+    tokio::task::block_in_place(|| broker.kill9());
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_broker(ns, "broker-a").await;
+    wait_for_route(ns, topic, "broker-a").await;
+}
+
+/// Creates `topic` and waits until its route names `broker-a`.
+async fn create_topic(ns: &str, topic: &str, queues: u32) {
+    let admin = Admin::connect([ns]).await.expect("admin connects");
+    admin
+        .create_topic(topic, queues, txmq::PERM_READ_WRITE, None)
+        .await
+        .expect("topic created");
+    admin.close();
+    wait_for_route(ns, topic, "broker-a").await;
+}
+
+/// Waits (up to 10 s) until the nameserver's route of `topic` lists `broker`.
+async fn wait_for_route(ns: &str, topic: &str, broker: &str) {
+    let admin = Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(route) = admin.route(topic).await {
+            if route.brokers.iter().any(|b| b.broker_name == broker) {
+                admin.close();
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{broker} never served {topic}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pending and parked transactions of every broker.
+async fn pending(admin: &Admin) -> Vec<TxInfo> {
+    admin
+        .list_transactions(None)
+        .await
+        .expect("list transactions")
+        .into_iter()
+        .flat_map(|l| l.transactions)
+        .collect()
+}
+
+/// Polls the transaction list (every 20 ms, up to `limit`) until `done`
+/// holds for it; returns that list.
+async fn wait_for_list(
+    admin: &Admin,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&[TxInfo]) -> bool,
+) -> Vec<TxInfo> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let list = pending(admin).await;
+        if done(&list) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; transactions now: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `txmq --output json tx <args>`: the objects printed; panics when the
+/// command fails.
+fn cli_tx(ns: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["--output", "json", "tx"];
+    all.extend_from_slice(args);
+    let out = tokio::task::block_in_place(|| txmq_cli(ns, &all, None));
+    assert!(
+        out.status.success(),
+        "txmq tx {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_lines(&out.stdout)
+}
+
+/// The transactions `txmq tx list` prints (counter lines left out).
+fn cli_tx_list(ns: &str) -> Vec<serde_json::Value> {
+    cli_tx(ns, &["list"])
+        .into_iter()
+        .filter(|v| v.get("tx_id").is_some())
+        .collect()
+}
+
+/// Bytes of records in the commit log under `data`: for each segment, the
+/// length prefixes walked from its start up to the first zero length
+/// (segments are sparse files of a fixed size, so file sizes say nothing).
+fn log_data_len(data: &Path) -> u64 {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(data.join("commitlog"))
+        .expect("commitlog dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+        })
+        .collect();
+    segments.sort();
+    let mut total = 0u64;
+    for segment in segments {
+        let bytes = std::fs::read(&segment).expect("read segment");
+        let mut pos = 0usize;
+        while pos + 4 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            if len == 0 {
+                break;
+            }
+            pos = (pos + len).min(bytes.len());
+        }
+        total += pos as u64;
+    }
+    total
+}
+
+/// A pseudo-random duration in `[lo, hi)`, from the clock and the pid.
+fn jitter(lo: Duration, hi: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // splitmix64: spreads the clock's low bits over the whole word.
+    let mut x = nanos ^ u64::from(std::process::id()).rotate_left(32);
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    let span = (hi - lo).as_millis().max(1) as u64;
+    lo + Duration::from_millis(x % span)
+}
+
+fn body_of(m: &txmq::ReceivedMessage) -> String {
+    String::from_utf8(m.body().to_vec()).expect("UTF-8 body")
+}
+
+/// What the sending tasks of one round saw.
+#[derive(Default)]
+struct Sent {
+    /// Every body handed to `send_in_transaction`.
+    attempted: Vec<String>,
+    /// (body, tx id) of the transactions the broker answered committed.
+    committed: Vec<(String, u64)>,
+    /// Sends that failed or were not answered committed.
+    other: usize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_its_end() {
+    const TOPIC: &str = "tx-crash";
+    const GROUP: &str = "pg-crash";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(
+        &tmp.path().join("broker-a"),
+        &ns,
+        &[
+            "--flush",
+            "sync",
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    create_topic(&ns, TOPIC, 4).await;
+
+    let mut attempted: HashSet<String> = HashSet::new();
+    let mut committed: HashMap<String, u64> = HashMap::new();
+    let mut checked_after_restart: Vec<(u64, u32)> = Vec::new();
+    for round in 0..2 {
+        let producer = tx_producer(
+            &ns,
+            GROUP,
+            Recording::new(TransactionState::Commit, TransactionState::Commit),
+        )
+        .await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut senders = tokio::task::JoinSet::new();
+        for s in 0..4 {
+            let (p, stop) = (producer.clone(), stop.clone());
+            senders.spawn(async move {
+                let mut sent = Sent::default();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = format!("r{round}-s{s}-{n}");
+                    n += 1;
+                    sent.attempted.push(body.clone());
+                    match p
+                        .send_in_transaction(Message::new(TOPIC, body.clone()))
+                        .await
+                    {
+                        Ok(o) if o.ended.as_ref().map(|e| e.state) == Some(TxState::Committed) => {
+                            sent.committed.push((body, o.tx_id));
+                        }
+                        Ok(_) => sent.other += 1,
+                        Err(_) => {
+                            sent.other += 1;
+                            // The broker is gone; do not spin while it is.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+                sent
+            });
+        }
+        let delay = jitter(Duration::from_millis(300), Duration::from_millis(1500));
+        tokio::time::sleep(delay).await;
+        tokio::task::block_in_place(|| broker.kill9());
+        stop.store(true, Ordering::Relaxed);
+        let mut round_committed = 0;
+        let mut round_other = 0;
+        while let Some(sent) = senders.join_next().await {
+            let sent = sent.expect("sender task");
+            attempted.extend(sent.attempted);
+            round_committed += sent.committed.len();
+            round_other += sent.other;
+            for (body, tx_id) in sent.committed {
+                assert!(
+                    committed.insert(body.clone(), tx_id).is_none(),
+                    "{body} sent twice"
+                );
+            }
+        }
+        producer.close();
+        eprintln!(
+            "round {round}: killed after {delay:?}; {round_committed} committed, {round_other} not"
+        );
+        assert!(
+            round_committed > 0,
+            "round {round}: nothing was committed before the kill"
+        );
+
+        // The restarted broker must check back whatever was left prepared;
+        // this group's only live member now answers commit for everything.
+        tokio::task::block_in_place(|| broker.restart());
+        wait_for_broker(&ns, "broker-a").await;
+        wait_for_route(&ns, TOPIC, "broker-a").await;
+        let checker = tx_producer(
+            &ns,
+            GROUP,
+            Recording::new(TransactionState::Commit, TransactionState::Commit),
+        )
+        .await;
+        let admin = Admin::connect([ns.as_str()]).await.unwrap();
+        wait_for_list(
+            &admin,
+            Duration::from_secs(15),
+            "no pending transaction",
+            |l| l.is_empty(),
+        )
+        .await;
+        admin.close();
+        let checks = checker.listener().checks();
+        eprintln!(
+            "round {round}: {} check-backs after the restart",
+            checks.len()
+        );
+        checked_after_restart.extend(checks);
+        checker.close();
+    }
+
+    // A transaction the broker acknowledged as committed (fsynced) is
+    // resolved in the rebuilt table: it is never asked about again.
+    let committed_ids: HashSet<u64> = committed.values().copied().collect();
+    let rechecked: Vec<&(u64, u32)> = checked_after_restart
+        .iter()
+        .filter(|(id, _)| committed_ids.contains(id))
+        .collect();
+    assert!(
+        rechecked.is_empty(),
+        "committed transactions checked again after a restart: {rechecked:?}"
+    );
+
+    let got = consume_all(
+        &ns,
+        "cg-after-crash",
+        TOPIC,
+        usize::MAX,
+        Duration::from_millis(1500),
+    )
+    .await;
+    let mut consumed: HashSet<String> = HashSet::new();
+    for m in &got {
+        let body = body_of(m);
+        assert!(attempted.contains(&body), "{body} consumed but never sent");
+        assert!(
+            !m.message()
+                .properties
+                .keys()
+                .any(|k| k.starts_with("__txmq")),
+            "{body} carries the broker's internal properties: {:?}",
+            m.message().properties
+        );
+        assert!(
+            consumed.insert(body.clone()),
+            "{body} consumed twice; broker log:\n{}",
+            broker.log_text()
+        );
+    }
+    let lost: Vec<&String> = committed
+        .keys()
+        .filter(|b| !consumed.contains(*b))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} committed transactions lost, e.g. {:?}; broker log:\n{}",
+        lost.len(),
+        committed.len(),
+        &lost[..lost.len().min(5)],
+        broker.log_text()
+    );
+    eprintln!(
+        "{} sent, {} committed by the producer, {} consumed",
+        attempted.len(),
+        committed.len(),
+        consumed.len()
+    );
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones() {
+    const TOPIC: &str = "tx-restart";
+    const GROUP: &str = "pg-restart";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(
+        &tmp.path().join("broker-a"),
+        &ns,
+        &[
+            "--transaction-timeout",
+            "2s",
+            "--transaction-check-interval",
+            "100ms",
+            "--transaction-check-max",
+            "2",
+        ],
+    )
+    .await;
+    create_topic(&ns, TOPIC, 2).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+
+    let preparer = tx_producer(
+        &ns,
+        GROUP,
+        Recording::new(TransactionState::Unknown, TransactionState::Unknown),
+    )
+    .await;
+    // One transaction of its own gets checked at once (100 ms), is answered
+    // unknown twice and so is parked before the crash.
+    let parked = preparer
+        .send_in_transaction(
+            Message::new(TOPIC, "parked").with_property("txmq.check-delay", "100ms"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (parked.state, parked.ended.clone()),
+        (TransactionState::Unknown, None)
+    );
+    let mut tx_ids = Vec::new();
+    for i in 0..10 {
+        let o = preparer
+            .send_in_transaction(Message::new(TOPIC, format!("tx-{i}")))
+            .await
+            .unwrap();
+        assert_eq!((o.state, o.ended), (TransactionState::Unknown, None));
+        tx_ids.push(o.tx_id);
+    }
+    // By hand: commit three, roll back two.
+    for (i, &id) in tx_ids.iter().enumerate().take(5) {
+        let action = if i < 3 {
+            TxAction::Commit
+        } else {
+            TxAction::Rollback
+        };
+        let (name, ended) = admin
+            .resolve_transaction(id, action, Some("broker-a"))
+            .await
+            .unwrap();
+        assert_eq!(name, "broker-a");
+        let want = if i < 3 {
+            TxState::Committed
+        } else {
+            TxState::RolledBack
+        };
+        assert_eq!((ended.state, ended.already), (want, false));
+    }
+    let unresolved: HashSet<u64> = tx_ids[5..].iter().copied().collect();
+    wait_for_list(
+        &admin,
+        Duration::from_secs(10),
+        "the transaction to be parked",
+        |l| {
+            l.iter()
+                .any(|t| t.tx_id == parked.tx_id && t.state == TxState::Parked)
+        },
+    )
+    .await;
+    preparer.close();
+    admin.close();
+
+    crash_and_restart(&mut broker, &ns, TOPIC).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    // Rebuilt from the log, before any producer of the group is back: the
+    // five unresolved ones and the parked one, nothing ended.
+    let list = pending(&admin).await;
+    let listed: HashSet<u64> = list.iter().map(|t| t.tx_id).collect();
+    let mut want: HashSet<u64> = unresolved.clone();
+    want.insert(parked.tx_id);
+    assert_eq!(listed, want, "pending after the restart: {list:?}");
+    let p = list.iter().find(|t| t.tx_id == parked.tx_id).unwrap();
+    assert_eq!((p.state, p.checks), (TxState::Parked, 2), "{p:?}");
+
+    let checker = tx_producer(
+        &ns,
+        GROUP,
+        Recording::new(TransactionState::Commit, TransactionState::Commit),
+    )
+    .await;
+    wait_for_list(
+        &admin,
+        Duration::from_secs(15),
+        "the unresolved ones to be committed",
+        |l| l.len() == 1,
+    )
+    .await;
+    // A few more check intervals: nothing else may be asked about.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let checks = checker.listener().checks();
+    let checked: HashSet<u64> = checks.iter().map(|c| c.0).collect();
+    assert_eq!(
+        checked, unresolved,
+        "exactly the unresolved transactions are checked after the restart: {checks:?}"
+    );
+    assert_eq!(checks.len(), 5, "each is checked once: {checks:?}");
+    assert!(
+        checks.iter().all(|c| c.1 == 0),
+        "none was checked before: {checks:?}"
+    );
+
+    let got = consume_all(&ns, "cg-restart", TOPIC, 9, Duration::from_secs(1)).await;
+    let mut bodies: Vec<String> = got.iter().map(body_of).collect();
+    bodies.sort();
+    let mut expected: Vec<String> = [0, 1, 2, 5, 6, 7, 8, 9]
+        .iter()
+        .map(|i| format!("tx-{i}"))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        bodies, expected,
+        "3 committed by hand + 5 by check-back, each once"
+    );
+
+    // The parked one is still parked (and was never checked again) until an
+    // operator resolves it.
+    let listed = cli_tx_list(&ns);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["tx_id"], parked.tx_id);
+    assert_eq!(listed[0]["state"], "parked");
+    assert_eq!(listed[0]["checks"], 2);
+    let id = parked.tx_id.to_string();
+    let resolved = cli_tx(&ns, &["resolve", id.as_str(), "--commit"]);
+    assert_eq!(resolved.len(), 1, "{resolved:?}");
+    assert_eq!(resolved[0]["state"], "committed");
+    assert_eq!(resolved[0]["already"], false);
+    assert!(
+        cli_tx_list(&ns).is_empty(),
+        "nothing pending after the operator's commit"
+    );
+    let rest = consume_all(&ns, "cg-restart", TOPIC, 2, Duration::from_secs(1)).await;
+    let rest: Vec<String> = rest.iter().map(body_of).collect();
+    assert_eq!(rest, ["parked"]);
+    assert!(
+        !checker
+            .listener()
+            .checks()
+            .iter()
+            .any(|c| c.0 == parked.tx_id),
+        "the parked transaction was checked after the restart"
+    );
+
+    checker.close();
+    admin.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_are_counted_durably_across_restarts() {
+    const TOPIC: &str = "tx-checks";
+    const GROUP: &str = "pg-checks";
+    const BODY_LEN: usize = 10 << 10;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("broker-a");
+    // Checks at least 700 ms apart, so that the kill after the second one
+    // comes well before a third.
+    let mut broker = start_broker(
+        &data,
+        &ns,
+        &[
+            "--flush",
+            "sync",
+            "--transaction-timeout",
+            "500ms",
+            "--transaction-check-interval",
+            "700ms",
+            "--transaction-check-max",
+            "3",
+        ],
+    )
+    .await;
+    create_topic(&ns, TOPIC, 1).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+
+    let producer = tx_producer(
+        &ns,
+        GROUP,
+        Recording::new(TransactionState::Unknown, TransactionState::Unknown),
+    )
+    .await;
+    let body = "x".repeat(BODY_LEN);
+    let o = producer
+        .send_in_transaction(Message::new(TOPIC, body))
+        .await
+        .unwrap();
+    assert_eq!(
+        (o.state, o.ended.clone()),
+        (TransactionState::Unknown, None)
+    );
+    let after_prepare = log_data_len(&data);
+    assert!(
+        after_prepare >= BODY_LEN as u64,
+        "the half message is in the log ({after_prepare} bytes)"
+    );
+
+    wait_for_list(&admin, Duration::from_secs(10), "two checks", |l| {
+        l.iter().any(|t| t.tx_id == o.tx_id && t.checks >= 2)
+    })
+    .await;
+    tokio::task::block_in_place(|| broker.kill9());
+    producer.close();
+    admin.close();
+    let before: Vec<u32> = producer.listener().checks().iter().map(|c| c.1).collect();
+    assert_eq!(before, [0, 1], "two checks answered before the crash");
+
+    // With no producer of the group connected, nothing can be checked (or
+    // counted) until one is back.
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_broker(&ns, "broker-a").await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    wait_for_list(
+        &admin,
+        Duration::from_secs(10),
+        "a check attempt without a producer",
+        |l| l.iter().any(|t| t.last_error.is_some()),
+    )
+    .await;
+    let listed = cli_tx_list(&ns);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["tx_id"], o.tx_id);
+    assert_eq!(
+        listed[0]["checks"], 2,
+        "the checks survived the crash: {listed:?}"
+    );
+    assert_eq!(listed[0]["state"], "prepared");
+
+    let producer = tx_producer(
+        &ns,
+        GROUP,
+        Recording::new(TransactionState::Unknown, TransactionState::Unknown),
+    )
+    .await;
+    let list = wait_for_list(
+        &admin,
+        Duration::from_secs(10),
+        "the transaction to be parked",
+        |l| {
+            l.iter()
+                .any(|t| t.tx_id == o.tx_id && t.state == TxState::Parked)
+        },
+    )
+    .await;
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].checks, list[0].state), (3, TxState::Parked));
+    assert_eq!(
+        producer.listener().checks(),
+        [(o.tx_id, 2)],
+        "one more check after the restart, then parked"
+    );
+    let listed = cli_tx_list(&ns);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["checks"], 3, "{listed:?}");
+    assert_eq!(listed[0]["state"], "parked", "{listed:?}");
+
+    // Three checks and a park: small markers, never a copy of the message.
+    let after_park = log_data_len(&data);
+    let grown = after_park - after_prepare;
+    eprintln!("commit log: {after_prepare} bytes after the prepare, {after_park} after 3 checks and a park");
+    assert!(grown > 0, "the checks and the park were recorded");
+    assert!(
+        grown < 4 * 200,
+        "3 checks and a park added {grown} bytes: more than 200 each"
+    );
+    assert!(
+        after_park < 2 * BODY_LEN as u64,
+        "one copy of the 10 KiB body in {after_park} bytes"
+    );
+
+    producer.close();
+    admin.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transaction_is_answered_ok_again_after_a_restart() {
+    const TOPIC: &str = "tx-again";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&tmp.path().join("broker-a"), &ns, &["--flush", "sync"]).await;
+    create_topic(&ns, TOPIC, 2).await;
+    let producer = tx_producer(
+        &ns,
+        "pg-again",
+        Recording::new(TransactionState::Commit, TransactionState::Commit),
+    )
+    .await;
+    let o = producer
+        .send_in_transaction(Message::new(TOPIC, "paid"))
+        .await
+        .unwrap();
+    let ended = o.ended.clone().expect("the producer committed");
+    assert_eq!((ended.state, ended.already), (TxState::Committed, false));
+    producer.close();
+
+    crash_and_restart(&mut broker, &ns, TOPIC).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    let (name, ended) = admin
+        .resolve_transaction(o.tx_id, TxAction::Commit, None)
+        .await
+        .expect("a repeated commit after a restart is OK");
+    assert_eq!(name, "broker-a");
+    assert_eq!((ended.state, ended.already), (TxState::Committed, true));
+    let err = admin
+        .resolve_transaction(o.tx_id, TxAction::Rollback, Some("broker-a"))
+        .await
+        .expect_err("a committed transaction cannot be rolled back");
+    assert_eq!(err.code(), Some(ErrorCode::TransactionCommitted), "{err}");
+    assert!(pending(&admin).await.is_empty());
+
+    let got = consume_all(&ns, "cg-again", TOPIC, 2, Duration::from_secs(1)).await;
+    let bodies: Vec<String> = got.iter().map(body_of).collect();
+    assert_eq!(bodies, ["paid"], "the message is consumed exactly once");
+
+    admin.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+/// A prepare whose request reached the broker but whose answer did not
+/// (here the broker is paused past the client's timeout) is retried with
+/// the same message: the broker recognises the message id and answers with
+/// the transaction it already stored, so the message is consumed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_retried_after_a_lost_reply_is_consumed_once() {
+    const TOPIC: &str = "tx-retry";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = start_broker(
+        &tmp.path().join("broker-a"),
+        &ns,
+        &[
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    create_topic(&ns, TOPIC, 1).await;
+    let producer = TransactionProducer::builder()
+        .nameserver(&ns)
+        .group("pg-retry")
+        .listener(Recording::new(
+            TransactionState::Commit,
+            TransactionState::Commit,
+        ))
+        .broker_refresh_interval(Duration::from_millis(100))
+        .send_timeout(Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    // Route and connection in place, so that the next prepare is sent at once.
+    producer
+        .send_in_transaction(Message::new(TOPIC, "warm-up"))
+        .await
+        .unwrap();
+    // The first attempt times out at 500 ms, the retry goes out at about
+    // 600 ms; at 1 s the broker runs again and stores both.
+    tokio::task::block_in_place(|| broker.signal("STOP"));
+    let p = producer.clone();
+    let send =
+        tokio::spawn(async move { p.send_in_transaction(Message::new(TOPIC, "once")).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::task::block_in_place(|| broker.signal("CONT"));
+    let outcome = send.await.unwrap().expect("the retried prepare succeeds");
+    assert_eq!(
+        outcome.ended.map(|e| e.state),
+        Some(TxState::Committed),
+        "committed by the producer"
+    );
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    wait_for_list(&admin, Duration::from_secs(10), "nothing pending", |l| {
+        l.is_empty()
+    })
+    .await;
+    let got = consume_all(&ns, "cg-retry", TOPIC, 3, Duration::from_secs(1)).await;
+    let once: Vec<String> = got
+        .iter()
+        .filter(|m| m.msg_id() == outcome.msg_id)
+        .map(body_of)
+        .collect();
+    assert_eq!(
+        once,
+        ["once"],
+        "consumed exactly once; check-backs answered: {:?}",
+        producer.listener().checks()
+    );
+    producer.close();
+    admin.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
