@@ -63,12 +63,19 @@ pub(super) async fn create_topic(
             perm = config.perm,
             "topic created or updated"
         );
-        let version = b.topics_version.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        let version = b
+            .topics_version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
         b.topics_changed.notify_one();
         // Answer once the nameservers know the topic, so its route is there
         // right after the create returns.
         let mut registered = b.registered_version.subscribe();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), registered.wait_for(|v| *v >= version)).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            registered.wait_for(|v| *v >= version),
+        )
+        .await;
     }
     Ok(config)
 }

@@ -209,12 +209,21 @@ pub(crate) fn recover(
     // Transaction records are also read (headers first) from the oldest
     // transaction still pending, and from the segment before the verified
     // one, so that ends repeated after a restart are still recognised.
-    let previous_segment = log.segments().iter().rev().map(|s| s.start).find(|s| *s < verify_from);
-    let scan_from = [Some(verify_from), previous_segment, oldest_pending.map(|p| p.max(first))]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(verify_from);
+    let previous_segment = log
+        .segments()
+        .iter()
+        .rev()
+        .map(|s| s.start)
+        .find(|s| *s < verify_from);
+    let scan_from = [
+        Some(verify_from),
+        previous_segment,
+        oldest_pending.map(|p| p.max(first)),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(verify_from);
 
     let mut replayer = Replayer {
         config,

@@ -79,9 +79,18 @@ async fn group_worker(
         tokio::select! {
             id = due.recv(), if inflight.len() < MAX_IN_FLIGHT => {
                 let Some(id) = id else { break };
-                tokio::time::sleep_until(next_slot).await;
-                next_slot = next_slot.max(Instant::now()) + gap;
-                inflight.push(check_one(tx.clone(), id));
+                // Each check waits for its own slot inside `inflight`, so
+                // the checks already started keep being driven meanwhile
+                // (sleeping here would hold them all, and they would then
+                // go out in one burst), and the slots stay exactly `gap`
+                // apart while there is a backlog (no drift from timer lag).
+                let slot = next_slot.max(Instant::now());
+                next_slot = slot + gap;
+                let tx = tx.clone();
+                inflight.push(async move {
+                    tokio::time::sleep_until(slot).await;
+                    check_one(tx, id).await;
+                });
             }
             Some(()) = inflight.next(), if !inflight.is_empty() => {}
             _ = shutdown.cancelled() => break,
