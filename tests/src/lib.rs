@@ -103,7 +103,11 @@ impl Cluster {
 
     /// Starts a broker named `name`, letting `tweak` adjust its settings, and
     /// waits until the nameserver knows it.
-    pub async fn add_broker(&mut self, name: &str, tweak: impl FnOnce(&mut BrokerConfig)) -> SocketAddr {
+    pub async fn add_broker(
+        &mut self,
+        name: &str,
+        tweak: impl FnOnce(&mut BrokerConfig),
+    ) -> SocketAddr {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cfg = test_broker_config(dir.path(), &self.nameserver, name);
         tweak(&mut cfg);
@@ -126,7 +130,9 @@ impl Cluster {
 
     /// An admin client for this cluster.
     pub async fn admin(&self) -> txmq::Admin {
-        txmq::Admin::connect([self.nameserver.clone()]).await.expect("admin connects")
+        txmq::Admin::connect([self.nameserver.clone()])
+            .await
+            .expect("admin connects")
     }
 
     /// Shuts every broker down gracefully, then the nameserver.
@@ -140,7 +146,9 @@ impl Cluster {
 
 /// Waits (up to 10 s) until the nameserver at `ns` lists broker `name`.
 pub async fn wait_for_broker(ns: &str, name: &str) {
-    let admin = txmq::Admin::connect([ns.to_string()]).await.expect("admin connects");
+    let admin = txmq::Admin::connect([ns.to_string()])
+        .await
+        .expect("admin connects");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(brokers) = admin.cluster().await {
@@ -148,7 +156,10 @@ pub async fn wait_for_broker(ns: &str, name: &str) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "broker {name} never registered with {ns}");
+        assert!(
+            Instant::now() < deadline,
+            "broker {name} never registered with {ns}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -216,10 +227,21 @@ impl BrokerProcess {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&self.addr).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("txmq-broker exited with {status}; log:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "txmq-broker exited with {status}; log:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "txmq-broker did not listen; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "txmq-broker did not listen; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -271,7 +293,10 @@ impl BrokerProcess {
     }
 
     fn signal_pid(&self, pid: u32, signal: &str) {
-        let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status();
     }
 
     /// Starts the process again with the same flags and data directory.
@@ -297,7 +322,11 @@ pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output 
     use std::io::Write;
     let mut cmd = Command::new(binary("txmq"));
     cmd.arg("--nameserver").arg(nameserver).args(args);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start txmq");
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -334,7 +363,10 @@ pub async fn consume_all(
     let mut got = Vec::new();
     let mut last = Instant::now();
     while got.len() < want && last.elapsed() < idle {
-        let batch = consumer.poll(Duration::from_millis(200)).await.expect("poll");
+        let batch = consumer
+            .poll(Duration::from_millis(200))
+            .await
+            .expect("poll");
         if !batch.is_empty() {
             last = Instant::now();
             got.extend(batch);
