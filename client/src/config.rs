@@ -97,6 +97,69 @@ impl ClientConfig {
     }
 }
 
+/// Writes the setters of a client builder, a struct with the fields
+/// `config: ClientConfig` and `group: Option<String>`: `nameserver`,
+/// `config` and `client_id`, alike in every builder; `group`, with the doc
+/// comment written above `group;`; then one setter per
+/// `name(arg: Type) => field;` line that stores `arg` in `config.field`,
+/// with the doc comment written above that line (the same setting reads
+/// differently for a producer and a consumer).
+///
+/// A macro rather than a shared trait, so that the setters stay inherent
+/// methods that callers use without importing anything.
+macro_rules! client_setters {
+    (
+        $(#[$group_doc:meta])* group;
+        $($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident;)*
+    ) => {
+        /// Adds a nameserver address, or a comma-separated list of them; may be
+        /// called repeatedly.
+        pub fn nameserver(mut self, addr: &str) -> Self {
+            self.config.add_nameservers(addr);
+            self
+        }
+
+        /// Replaces all client settings (nameservers included) with `config`.
+        pub fn config(mut self, config: $crate::ClientConfig) -> Self {
+            self.config = config;
+            self
+        }
+
+        /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
+        pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
+            self.config.client_id = client_id.into();
+            self
+        }
+
+        $(#[$group_doc])*
+        pub fn group(mut self, group: impl Into<String>) -> Self {
+            self.group = Some(group.into());
+            self
+        }
+
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.config.$field = $arg;
+                self
+            }
+        )*
+    };
+}
+pub(crate) use client_setters;
+
+/// The group given to the builder of a `what` (a consumer, a transaction
+/// producer) that cannot work without one.
+///
+/// # Errors
+/// [`Error::BadArgument`] ("a `what` needs a group") when there is none or
+/// it is empty.
+pub(crate) fn required_group(group: Option<String>, what: &str) -> Result<String> {
+    group
+        .filter(|g| !g.is_empty())
+        .ok_or_else(|| Error::BadArgument(format!("a {what} needs a group")))
+}
+
 /// Splits `a:1, b:2,,c:3` into `["a:1", "b:2", "c:3"]`.
 pub fn parse_address_list(list: &str) -> Vec<String> {
     list.split(',')

@@ -93,6 +93,21 @@ pub fn queues_with(route: &TopicRoute, perm: u8) -> Vec<MessageQueue> {
         .collect()
 }
 
+/// Queues for unit tests: `n` queues on each `(broker, n)` of `spec`, in
+/// the order given; broker `b` is at `b:1`.
+#[cfg(test)]
+pub(crate) fn test_queues(spec: &[(&str, u32)]) -> Vec<MessageQueue> {
+    spec.iter()
+        .flat_map(|&(b, n)| {
+            (0..n).map(move |q| MessageQueue {
+                broker_name: b.to_string(),
+                addr: format!("{b}:1"),
+                queue: q,
+            })
+        })
+        .collect()
+}
+
 /// The route a broker will create on the first send to an unknown topic:
 /// every broker of `brokers`, read-write, [`PROVISIONAL_QUEUES`] queue each.
 pub fn provisional_route(topic: &str, brokers: &[BrokerInfo]) -> TopicRoute {

@@ -13,8 +13,8 @@ use txmq_nameserver::{Error, Nameserver, NameserverConfig};
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
     BrokerQueues, ErrorCode, Frame, FrameCodec, GetCluster, GetRoute, Hello, ListTopics, Message,
-    Ping, RegisterBroker, Request, Response, Role, SendRequest, TopicConfig, UnregisterBroker,
-    PERM_READ, PERM_READ_WRITE, PROTOCOL_VERSION,
+    Ping, RegisterBroker, Request, Response, Role, SendRequest, TopicConfig, TopicRoute,
+    UnregisterBroker, PERM_READ, PERM_READ_WRITE, PROTOCOL_VERSION,
 };
 use txmq_remoting::{Connection, ConnectionConfig};
 
@@ -47,13 +47,27 @@ async fn start(expiry: Duration) -> Running {
     }
 }
 
-async fn connect(addr: &str, role: Role) -> Connection {
-    let hello = Hello {
+/// A nameserver with `expiry`, a connection to it as a broker and one as an
+/// admin. Keep the [`Running`] bound (`_ns`, not `_`): dropping it stops the
+/// nameserver.
+async fn start_with_clients(expiry: Duration) -> (Running, Connection, Connection) {
+    let ns = start(expiry).await;
+    let broker = connect(&ns.addr, Role::Broker).await;
+    let admin = connect(&ns.addr, Role::Admin).await;
+    (ns, broker, admin)
+}
+
+fn hello(role: Role, client_id: &str) -> Hello {
+    Hello {
         version: PROTOCOL_VERSION,
         role,
-        client_id: format!("test-{role:?}"),
+        client_id: client_id.into(),
         group: None,
-    };
+    }
+}
+
+async fn connect(addr: &str, role: Role) -> Connection {
+    let hello = hello(role, &format!("test-{role:?}"));
     Connection::connect(addr, hello, None, ConnectionConfig::default())
         .await
         .unwrap()
@@ -80,6 +94,21 @@ async fn register(conn: &Connection, cluster: &str, broker: &str, topics: Vec<To
 
 fn addr_of(broker: &str) -> String {
     format!("{broker}.example:10911")
+}
+
+/// `topic`'s route, which must exist.
+async fn full_route(admin: &Connection, topic: &str) -> TopicRoute {
+    admin
+        .call(GetRoute {
+            topic: topic.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("route of {topic}: {e}"))
+}
+
+/// What [`route`] answers when exactly `brokers` serve the topic.
+fn served_by(brokers: &[&str]) -> Result<Vec<String>, ErrorCode> {
+    Ok(brokers.iter().map(|b| b.to_string()).collect())
 }
 
 /// The names of the brokers in `topic`'s route, or the error code.
@@ -136,9 +165,7 @@ fn keep_heartbeating(
 
 #[tokio::test]
 async fn a_registered_broker_is_in_the_route_with_its_address_and_queues() {
-    let ns = start(Duration::from_secs(30)).await;
-    let broker = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (_ns, broker, admin) = start_with_clients(Duration::from_secs(30)).await;
     register(
         &broker,
         "c1",
@@ -154,12 +181,7 @@ async fn a_registered_broker_is_in_the_route_with_its_address_and_queues() {
     )
     .await;
 
-    let r = admin
-        .call(GetRoute {
-            topic: "orders".into(),
-        })
-        .await
-        .unwrap();
+    let r = full_route(&admin, "orders").await;
     assert_eq!(r.topic, "orders");
     assert_eq!(
         r.brokers,
@@ -170,21 +192,14 @@ async fn a_registered_broker_is_in_the_route_with_its_address_and_queues() {
             perm: PERM_READ_WRITE,
         }]
     );
-    let audit = admin
-        .call(GetRoute {
-            topic: "audit".into(),
-        })
-        .await
-        .unwrap();
+    let audit = full_route(&admin, "audit").await;
     assert_eq!(audit.brokers[0].queues, 2);
     assert_eq!(audit.brokers[0].perm, PERM_READ);
 }
 
 #[tokio::test]
 async fn an_unknown_topic_has_no_route_and_the_message_names_it() {
-    let ns = start(Duration::from_secs(30)).await;
-    let broker = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (_ns, broker, admin) = start_with_clients(Duration::from_secs(30)).await;
     register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
 
     let err = admin
@@ -200,18 +215,13 @@ async fn an_unknown_topic_has_no_route_and_the_message_names_it() {
     assert!(wire.message.contains("'missing'"), "{}", wire.message);
     assert!(wire.message.contains("no live broker"), "{}", wire.message);
     // The connection stays usable after an error answer.
-    assert_eq!(
-        route(&admin, "orders").await,
-        Ok(vec!["broker-a".to_string()])
-    );
+    assert_eq!(route(&admin, "orders").await, served_by(&["broker-a"]));
 }
 
 #[tokio::test]
 async fn heartbeats_keep_a_broker_alive_past_the_expiry() {
     let expiry = Duration::from_millis(600);
-    let ns = start(expiry).await;
-    let broker = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (_ns, broker, admin) = start_with_clients(expiry).await;
     let stop = keep_heartbeating(broker, "broker-a", vec![topic("orders", 4)]);
     eventually(Duration::from_secs(2), "broker registered", || async {
         route(&admin, "orders").await.is_ok()
@@ -221,10 +231,7 @@ async fn heartbeats_keep_a_broker_alive_past_the_expiry() {
     // Three expiries long, the route must never lose the broker.
     let until = Instant::now() + expiry * 3;
     while Instant::now() < until {
-        assert_eq!(
-            route(&admin, "orders").await,
-            Ok(vec!["broker-a".to_string()])
-        );
+        assert_eq!(route(&admin, "orders").await, served_by(&["broker-a"]));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();
@@ -233,16 +240,11 @@ async fn heartbeats_keep_a_broker_alive_past_the_expiry() {
 #[tokio::test]
 async fn a_silent_broker_expires_from_routes_cluster_and_topics() {
     let expiry = Duration::from_millis(300);
-    let ns = start(expiry).await;
     // The connection stays open: only the missing heartbeat can drop it.
-    let broker = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (_ns, broker, admin) = start_with_clients(expiry).await;
     let registered_at = Instant::now();
     register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
-    assert_eq!(
-        route(&admin, "orders").await,
-        Ok(vec!["broker-a".to_string()])
-    );
+    assert_eq!(route(&admin, "orders").await, served_by(&["broker-a"]));
 
     eventually(Duration::from_secs(3), "silent broker dropped", || async {
         route(&admin, "orders").await == Err(ErrorCode::NoRoute)
@@ -262,23 +264,15 @@ async fn a_silent_broker_expires_from_routes_cluster_and_topics() {
 
     // A heartbeat after expiry registers it again.
     register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
-    assert_eq!(
-        route(&admin, "orders").await,
-        Ok(vec!["broker-a".to_string()])
-    );
+    assert_eq!(route(&admin, "orders").await, served_by(&["broker-a"]));
 }
 
 #[tokio::test]
 async fn closing_the_broker_connection_drops_it_at_once() {
     // An expiry far longer than the test: only the close can drop the broker.
-    let ns = start(Duration::from_secs(60)).await;
-    let broker = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (_ns, broker, admin) = start_with_clients(Duration::from_secs(60)).await;
     register(&broker, "c1", "broker-a", vec![topic("orders", 4)]).await;
-    assert_eq!(
-        route(&admin, "orders").await,
-        Ok(vec!["broker-a".to_string()])
-    );
+    assert_eq!(route(&admin, "orders").await, served_by(&["broker-a"]));
 
     broker.close();
     eventually(Duration::from_secs(2), "closed broker dropped", || async {
@@ -290,9 +284,7 @@ async fn closing_the_broker_connection_drops_it_at_once() {
 
 #[tokio::test]
 async fn a_reconnected_broker_survives_the_close_of_its_old_connection() {
-    let ns = start(Duration::from_secs(60)).await;
-    let old = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (ns, old, admin) = start_with_clients(Duration::from_secs(60)).await;
     register(&old, "c1", "broker-a", vec![topic("orders", 4)]).await;
     let new = connect(&ns.addr, Role::Broker).await;
     register(&new, "c1", "broker-a", vec![topic("orders", 4)]).await;
@@ -302,10 +294,7 @@ async fn a_reconnected_broker_survives_the_close_of_its_old_connection() {
     let other_admin = connect(&ns.addr, Role::Admin).await;
     other_admin.close();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        route(&admin, "orders").await,
-        Ok(vec!["broker-a".to_string()])
-    );
+    assert_eq!(route(&admin, "orders").await, served_by(&["broker-a"]));
 
     new.close();
     eventually(
@@ -328,18 +317,10 @@ async fn two_brokers_serve_one_topic_until_one_expires() {
     eventually(
         Duration::from_secs(2),
         "both brokers in the route",
-        || async {
-            route(&admin, "orders").await
-                == Ok(vec!["broker-a".to_string(), "broker-b".to_string()])
-        },
+        || async { route(&admin, "orders").await == served_by(&["broker-a", "broker-b"]) },
     )
     .await;
-    let r = admin
-        .call(GetRoute {
-            topic: "orders".into(),
-        })
-        .await
-        .unwrap();
+    let r = full_route(&admin, "orders").await;
     let queues: Vec<(String, u32)> = r.brokers.into_iter().map(|q| (q.addr, q.queues)).collect();
     assert_eq!(
         queues,
@@ -348,7 +329,7 @@ async fn two_brokers_serve_one_topic_until_one_expires() {
 
     // broker-b falls silent; broker-a keeps heartbeating.
     eventually(Duration::from_secs(3), "broker-b expired", || async {
-        route(&admin, "orders").await == Ok(vec!["broker-a".to_string()])
+        route(&admin, "orders").await == served_by(&["broker-a"])
     })
     .await;
     let cluster = admin.call(GetCluster {}).await.unwrap();
@@ -422,9 +403,7 @@ async fn cluster_and_topic_listings_are_complete_and_sorted() {
 
 #[tokio::test]
 async fn reregistration_replaces_the_topic_table() {
-    let ns = start(Duration::from_secs(30)).await;
-    let broker = connect(&ns.addr, Role::Broker).await;
-    let admin = connect(&ns.addr, Role::Admin).await;
+    let (_ns, broker, admin) = start_with_clients(Duration::from_secs(30)).await;
     register(
         &broker,
         "c1",
@@ -441,13 +420,8 @@ async fn reregistration_replaces_the_topic_table() {
     .await;
 
     assert_eq!(route(&admin, "old").await, Err(ErrorCode::NoRoute));
-    assert_eq!(route(&admin, "new").await, Ok(vec!["broker-a".to_string()]));
-    let kept = admin
-        .call(GetRoute {
-            topic: "kept".into(),
-        })
-        .await
-        .unwrap();
+    assert_eq!(route(&admin, "new").await, served_by(&["broker-a"]));
+    let kept = full_route(&admin, "kept").await;
     assert_eq!(kept.brokers[0].queues, 16);
     assert_eq!(admin.call(GetCluster {}).await.unwrap().brokers.len(), 1);
 }
@@ -466,10 +440,7 @@ async fn unregister_drops_the_broker() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        route(&admin, "orders").await,
-        Ok(vec!["broker-b".to_string()])
-    );
+    assert_eq!(route(&admin, "orders").await, served_by(&["broker-b"]));
     // Saying goodbye twice is not an error.
     a.call(UnregisterBroker {
         broker_name: "broker-a".into(),
@@ -520,12 +491,7 @@ async fn hello_is_answered_with_the_nameserver_address() {
     let mut stream = tokio::net::TcpStream::connect(&ns.addr).await.unwrap();
     let mut codec = FrameCodec::default();
     let mut buf = BytesMut::new();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Admin,
-        client_id: "raw".into(),
-        group: None,
-    };
+    let hello = hello(Role::Admin, "raw");
     codec
         .encode(&Frame::Request(7, Request::Hello(hello)), &mut buf)
         .unwrap();
@@ -584,13 +550,13 @@ async fn shutdown_stops_serving_and_closes_connections() {
     tokio::time::timeout(Duration::from_secs(5), admin.closed())
         .await
         .unwrap();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Admin,
-        client_id: "late".into(),
-        group: None,
-    };
-    let late = Connection::connect(&ns.addr, hello, None, ConnectionConfig::default()).await;
+    let late = Connection::connect(
+        &ns.addr,
+        hello(Role::Admin, "late"),
+        None,
+        ConnectionConfig::default(),
+    )
+    .await;
     assert!(
         late.is_err(),
         "a stopped nameserver must not accept connections"

@@ -18,5 +18,5 @@ pub mod request;
 pub use codec::{FrameCodec, DEFAULT_MAX_FRAME_LEN};
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, Hello, HelloOk, Role, PROTOCOL_VERSION};
-pub use message::{now_millis, tag_hash, Message, MsgId, StoredMessage};
+pub use message::{fnv1a, now_millis, tag_hash, Message, MsgId, StoredMessage};
 pub use request::*;

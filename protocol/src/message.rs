@@ -159,18 +159,24 @@ pub fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
-/// The 64-bit hash of a tag stored in consume-queue entries (FNV-1a); `0` for no tag.
+/// The 64-bit FNV-1a hash of `bytes`: the same value in every process, on
+/// every machine and in every release, so it may be stored or used to pick
+/// a queue.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The 64-bit hash of a tag stored in consume-queue entries ([`fnv1a`]);
+/// `0` for no tag.
 pub fn tag_hash(tag: Option<&str>) -> u64 {
     match tag {
         None => 0,
-        Some(t) => {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for b in t.bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-            h.max(1)
-        }
+        Some(t) => fnv1a(t.as_bytes()).max(1),
     }
 }
 
@@ -185,6 +191,12 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(MsgId::parse(&a.to_string()), Some(a));
         assert_eq!(MsgId::parse("xyz"), None);
+    }
+
+    #[test]
+    fn fnv1a_has_the_published_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

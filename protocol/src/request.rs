@@ -531,6 +531,9 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("topic name is empty".into());
     }
+    if name == "." || name == ".." {
+        return Err(format!("topic name {name:?} is reserved"));
+    }
     if name.len() > 127 {
         return Err(format!(
             "topic name is {} characters long; at most 127",

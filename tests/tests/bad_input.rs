@@ -3,6 +3,8 @@
 //! the broker keeps serving the clients connected before and after; bad
 //! arguments get an error response with a code and a message.
 
+mod common;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
-use txmq::{ErrorCode, Message, Producer, PullConsumer, PERM_READ_WRITE};
+use txmq::{ErrorCode, Message, PullConsumer, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
@@ -20,7 +22,7 @@ use txmq_protocol::{
     DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use txmq_remoting::{Connection, ConnectionConfig};
-use txmq_tests::{consume_all, wait_for_broker, BrokerProcess, Cluster};
+use txmq_tests::{consume_all, Cluster};
 
 /// How long the broker may take to close a bad connection.
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
@@ -34,6 +36,11 @@ fn hello(version: u32) -> Hello {
     }
 }
 
+/// A connection through the client library, greeted with `version`.
+async fn connect(addr: &str, version: u32) -> Result<Connection, txmq_remoting::Error> {
+    Connection::connect(addr, hello(version), None, ConnectionConfig::default()).await
+}
+
 /// A frame as the real codec puts it on the wire.
 fn encode(frame: &Frame) -> Vec<u8> {
     let mut buf = BytesMut::new();
@@ -41,6 +48,16 @@ fn encode(frame: &Frame) -> Vec<u8> {
         .encode(frame, &mut buf)
         .expect("frame encodes");
     buf.to_vec()
+}
+
+/// Request `id`: a send of one message with `body` to the `survivors`
+/// topic, encoded.
+fn encoded_send(id: u64, body: &str) -> Vec<u8> {
+    let send = SendRequest {
+        queue: 0,
+        messages: vec![Message::new("survivors", body.to_string())],
+    };
+    encode(&Frame::Request(id, Request::Send(send)))
 }
 
 /// `body` behind a correct 4-byte big-endian length prefix.
@@ -120,6 +137,12 @@ impl Raw {
         }
     }
 
+    /// Reads until the broker closes the connection and asserts that it
+    /// refused request `id` with `code` first (see [`assert_refused`]).
+    async fn refused(self, id: u64, code: ErrorCode) {
+        assert_refused(&self.frames_until_closed().await, id, code);
+    }
+
     /// Reads until the broker closes the connection (panicking when it is
     /// still open after [`CLOSE_WITHIN`]); returns the frames it sent first.
     async fn frames_until_closed(mut self) -> Vec<Frame> {
@@ -189,10 +212,7 @@ fn assert_refused(frames: &[Frame], id: u64, code: ErrorCode) {
 }
 
 fn bodies(messages: &[txmq::ReceivedMessage]) -> Vec<String> {
-    let mut b: Vec<String> = messages
-        .iter()
-        .map(|m| String::from_utf8(m.body().to_vec()).expect("text body"))
-        .collect();
+    let mut b: Vec<String> = messages.iter().map(common::body_text).collect();
     b.sort();
     b
 }
@@ -217,18 +237,6 @@ async fn receive(consumer: &mut PullConsumer, n: usize) -> Vec<txmq::ReceivedMes
     got
 }
 
-/// Waits until the nameserver has a route for `topic` (a create returns
-/// before the broker's re-registration reaches the nameserver).
-async fn wait_for_route(ns: &str, topic: &str) {
-    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while admin.route(topic).await.is_err() {
-        assert!(Instant::now() < deadline, "{topic} never got a route");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    admin.close();
-}
-
 /// Starts a cluster whose clients are busy before `bad` runs against the
 /// broker's address, then checks that the clients connected before (a
 /// producer, a consumer with a long poll in flight, a plain connection) and
@@ -241,13 +249,7 @@ where
     let cluster = Cluster::start(FlushMode::Async).await;
     let addr = cluster.brokers[0].local_addr();
     let topic = "survivors";
-    cluster
-        .admin()
-        .await
-        .create_topic(topic, 2, PERM_READ_WRITE, None)
-        .await
-        .unwrap();
-    wait_for_route(&cluster.nameserver, topic).await;
+    common::create_topic(&cluster.nameserver, topic, 2).await;
     let producer = cluster.producer().await;
     let mut consumer = PullConsumer::builder()
         .nameserver(&cluster.nameserver)
@@ -258,14 +260,9 @@ where
         .unwrap();
     producer.send(Message::new(topic, "before")).await.unwrap();
     assert_eq!(bodies(&receive(&mut consumer, 1).await), ["before"]);
-    let bystander = Connection::connect(
-        &addr.to_string(),
-        hello(PROTOCOL_VERSION),
-        None,
-        ConnectionConfig::default(),
-    )
-    .await
-    .expect("a plain connection says hello");
+    let bystander = connect(&addr.to_string(), PROTOCOL_VERSION)
+        .await
+        .expect("a plain connection says hello");
 
     bad(addr).await;
 
@@ -344,14 +341,7 @@ async fn garbage_bytes_close_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_cut_off_by_the_peer_closing_closes_only_that_connection() {
     broker_survives(|addr| async move {
-        let send = Frame::Request(
-            2,
-            Request::Send(SendRequest {
-                queue: 0,
-                messages: vec![Message::new("survivors", "never stored")],
-            }),
-        );
-        let whole = encode(&send);
+        let whole = encoded_send(2, "never stored");
         let mut raw = Raw::greeted(addr).await;
         raw.write(&whole[..whole.len() / 2]).await;
         // The peer goes away mid-frame.
@@ -370,14 +360,7 @@ async fn a_frame_cut_off_by_the_peer_closing_closes_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_messagepack_body_closes_only_that_connection() {
     broker_survives(|addr| async move {
-        let send = Frame::Request(
-            2,
-            Request::Send(SendRequest {
-                queue: 0,
-                messages: vec![Message::new("survivors", "never stored")],
-            }),
-        );
-        let whole = encode(&send);
+        let whole = encoded_send(2, "never stored");
         // The length prefix matches the bytes sent, but the MessagePack
         // inside ends half way through the message.
         let body = &whole[4..4 + (whole.len() - 4) / 2];
@@ -400,21 +383,13 @@ async fn a_wrongly_typed_request_is_refused_and_closes_only_that_connection() {
         let mut raw = Raw::greeted(addr).await;
         let body = msgpack(&json!({"Request": [7, {"Send": {"queue": "zero", "messages": 5}}]}));
         raw.write(&framed(&body)).await;
-        assert_refused(
-            &raw.frames_until_closed().await,
-            7,
-            ErrorCode::MalformedRequest,
-        );
+        raw.refused(7, ErrorCode::MalformedRequest).await;
 
         // A hello whose fields have the wrong types, as the first request.
         let mut raw = Raw::connect(addr).await;
         let body = msgpack(&json!({"Request": [3, {"Hello": {"version": "one", "role": 5}}]}));
         raw.write(&framed(&body)).await;
-        assert_refused(
-            &raw.frames_until_closed().await,
-            3,
-            ErrorCode::MalformedRequest,
-        );
+        raw.refused(3, ErrorCode::MalformedRequest).await;
     })
     .await;
 }
@@ -425,11 +400,7 @@ async fn an_unknown_request_kind_is_refused_and_closes_only_that_connection() {
         let mut raw = Raw::greeted(addr).await;
         let body = msgpack(&json!({"Request": [9, {"Frobnicate": {"how": "hard"}}]}));
         raw.write(&framed(&body)).await;
-        assert_refused(
-            &raw.frames_until_closed().await,
-            9,
-            ErrorCode::MalformedRequest,
-        );
+        raw.refused(9, ErrorCode::MalformedRequest).await;
     })
     .await;
 }
@@ -440,24 +411,12 @@ async fn a_first_request_that_is_not_a_hello_is_refused_and_closed() {
         let mut raw = Raw::connect(addr).await;
         raw.write(&encode(&Frame::Request(5, Request::Ping(Ping {}))))
             .await;
-        assert_refused(
-            &raw.frames_until_closed().await,
-            5,
-            ErrorCode::HelloRequired,
-        );
+        raw.refused(5, ErrorCode::HelloRequired).await;
 
         // A send, too, is refused rather than stored.
         let mut raw = Raw::connect(addr).await;
-        let send = Request::Send(SendRequest {
-            queue: 0,
-            messages: vec![Message::new("survivors", "sneaked in")],
-        });
-        raw.write(&encode(&Frame::Request(6, send))).await;
-        assert_refused(
-            &raw.frames_until_closed().await,
-            6,
-            ErrorCode::HelloRequired,
-        );
+        raw.write(&encoded_send(6, "sneaked in")).await;
+        raw.refused(6, ErrorCode::HelloRequired).await;
     })
     .await;
 }
@@ -478,14 +437,9 @@ async fn a_hello_with_another_protocol_version_is_refused_with_unsupported_versi
         );
 
         // The client library reports the same refusal.
-        let e = Connection::connect(
-            &addr.to_string(),
-            hello(0),
-            None,
-            ConnectionConfig::default(),
-        )
-        .await
-        .expect_err("version 0 is refused");
+        let e = connect(&addr.to_string(), 0)
+            .await
+            .expect_err("version 0 is refused");
         assert_eq!(
             e.remote().map(|w| w.code),
             Some(ErrorCode::UnsupportedVersion),
@@ -507,14 +461,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         .await
         .unwrap();
     let addr = cluster.brokers[0].local_addr().to_string();
-    let conn = Connection::connect(
-        &addr,
-        hello(PROTOCOL_VERSION),
-        None,
-        ConnectionConfig::default(),
-    )
-    .await
-    .unwrap();
+    let conn = connect(&addr, PROTOCOL_VERSION).await.unwrap();
     let refusal = |r: Result<_, txmq_remoting::Error>| -> WireError {
         match r {
             Err(txmq_remoting::Error::Remote(e)) => e,
@@ -573,13 +520,13 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
 async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start(
+    let broker = common::start_broker(
         &dir.path().join("data"),
         &cluster.nameserver,
         "broker-p",
         &[],
-    );
-    wait_for_broker(&cluster.nameserver, "broker-p").await;
+    )
+    .await;
     let addr: SocketAddr = broker.addr.parse().unwrap();
 
     let mut garbage = Raw::connect(addr).await;
@@ -591,11 +538,7 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
             &json!({"Request": [4, {"Send": {"queue": []}}]}),
         )))
         .await;
-    assert_refused(
-        &typed.frames_until_closed().await,
-        4,
-        ErrorCode::MalformedRequest,
-    );
+    typed.refused(4, ErrorCode::MalformedRequest).await;
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let warnings = loop {
@@ -628,11 +571,7 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
         broker.log_text()
     );
 
-    let producer = Producer::builder()
-        .nameserver(&cluster.nameserver)
-        .build()
-        .await
-        .unwrap();
+    let producer = cluster.producer().await;
     let receipt = producer
         .send(Message::new("after-garbage", "still here"))
         .await

@@ -3,54 +3,17 @@
 //! consuming with a count, an idle timeout or from the end, the admin
 //! listings, and how errors are reported.
 
+mod common;
+
 use std::collections::{BTreeSet, HashSet};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::{txmq, wait_for_route};
 use serde_json::Value;
 use txmq::{Message, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
 use txmq_tests::{consume_all, free_port, json_lines, txmq_cli, Cluster};
-
-/// Runs `txmq --nameserver NS ARGS` off the runtime's worker threads (the
-/// in-process cluster needs them meanwhile).
-async fn txmq(ns: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let ns = ns.to_string();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let stdin = stdin.map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        txmq_cli(&ns, &args, stdin.as_deref())
-    })
-    .await
-    .expect("txmq runs")
-}
-
-/// Waits until the nameserver routes `topic` to exactly `brokers`. A
-/// `topic create` returns before the broker's re-registration reaches the
-/// nameserver (see `a_created_topic_is_routable_as_soon_as_create_returns`).
-async fn wait_for_route(ns: &str, topic: &str, brokers: &[&str]) {
-    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(route) = admin.route(topic).await {
-            let names: Vec<&str> = route
-                .brokers
-                .iter()
-                .map(|b| b.broker_name.as_str())
-                .collect();
-            if names == brokers {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{topic} never routed to {brokers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    admin.close();
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -319,10 +282,7 @@ async fn stdin_sends_one_message_per_line() {
     assert_eq!(ids.len(), 3, "a message id each");
 
     let got = consume_all(ns, "g", "lines", 3, Duration::from_secs(2)).await;
-    let got_bodies: BTreeSet<String> = got
-        .iter()
-        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
-        .collect();
+    let got_bodies: BTreeSet<String> = got.iter().map(common::body_text).collect();
     assert_eq!(got_bodies, expected, "each line stored once, as it was");
     assert_eq!(got.len(), 3);
     let got_ids: HashSet<String> = got.iter().map(|m| m.msg_id().to_string()).collect();

@@ -3,14 +3,18 @@
 //! cuts a torn or garbage tail (or everything from a corrupt record on) and
 //! serves everything before it, for good.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::{body_text, create_topic, jitter, record_starts, start_broker, wait_for_route};
 use txmq::{Message, MsgId, Producer, SendStatus};
-use txmq_tests::{consume_all, wait_for_broker, BrokerProcess, Cluster};
+use txmq_tests::{consume_all, BrokerProcess, Cluster};
 
 /// A message the broker acknowledged with `SEND_OK`.
 #[derive(Debug, Clone)]
@@ -21,35 +25,18 @@ struct Acked {
     queue_offset: u64,
 }
 
-/// A pseudo-random duration in `[lo, hi)`, from the clock and the pid (the
-/// test does not need a random-number crate for one draw per kill).
-fn jitter(lo: Duration, hi: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    // splitmix64: spreads the clock's low bits over the whole word.
-    let mut x = nanos ^ u64::from(std::process::id()).rotate_left(32);
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    let span = (hi - lo).as_millis().max(1) as u64;
-    lo + Duration::from_millis(x % span)
+/// Starts `broker` again on its data directory and waits until the
+/// nameserver routes `topic` to it.
+async fn restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_route(ns, topic, &["broker-a"]).await;
 }
 
-/// Waits (up to 10 s) until the nameserver's route of `topic` lists `broker`.
-async fn wait_for_route(ns: &str, topic: &str, broker: &str) {
-    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(route) = admin.route(topic).await {
-            if route.brokers.iter().any(|b| b.broker_name == broker) {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{broker} never served {topic}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Stops `broker` gracefully (asserting a clean exit), then [`restart`]s it.
+async fn stop_and_restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
+    let code = tokio::task::block_in_place(|| broker.stop());
+    assert_eq!(code, Some(0), "graceful stop; log:\n{}", broker.log_text());
+    restart(broker, ns, topic).await;
 }
 
 /// A producer that gives up quickly: one attempt per message (so that no
@@ -121,22 +108,9 @@ async fn sync_flush_kill_9_loses_no_acknowledged_message() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let mut broker = tokio::task::block_in_place(|| {
-        BrokerProcess::start(
-            &tmp.path().join("broker-a"),
-            &ns,
-            "broker-a",
-            &["--flush", "sync"],
-        )
-    });
-    wait_for_broker(&ns, "broker-a").await;
-    cluster
-        .admin()
-        .await
-        .create_topic("crash", 4, txmq::PERM_READ_WRITE, None)
-        .await
-        .unwrap();
-    wait_for_route(&ns, "crash", "broker-a").await;
+    let data = tmp.path().join("broker-a");
+    let mut broker = start_broker(&data, &ns, "broker-a", &["--flush", "sync"]).await;
+    create_topic(&ns, "crash", 4).await;
     let producer = impatient_producer(&ns).await;
 
     let mut acked: Vec<Acked> = Vec::new();
@@ -163,9 +137,7 @@ async fn sync_flush_kill_9_loses_no_acknowledged_message() {
             "round {round}: nothing was acknowledged before the kill"
         );
         acked.extend(round_acked);
-
-        tokio::task::block_in_place(|| broker.restart());
-        wait_for_route(&ns, "crash", "broker-a").await;
+        restart(&mut broker, &ns, "crash").await;
     }
 
     let got = consume_all(
@@ -179,7 +151,7 @@ async fn sync_flush_kill_9_loses_no_acknowledged_message() {
     let mut ids = HashSet::new();
     let mut bodies = HashMap::new();
     for m in &got {
-        let body = String::from_utf8(m.body().to_vec()).unwrap();
+        let body = body_text(m);
         assert!(
             ids.insert(m.msg_id()),
             "message id {} consumed twice",
@@ -228,17 +200,7 @@ enum Ending {
 
 /// The newest segment file of the commit log in `data`.
 fn active_segment(data: &Path) -> PathBuf {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(data.join("commitlog"))
-        .expect("commitlog dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.len() == 20)
-        })
-        .collect();
-    segments.sort();
-    segments.pop().expect("a commit-log segment")
+    common::segments(data).pop().expect("a commit-log segment")
 }
 
 /// Where the last record of `segment` starts and ends.
@@ -246,27 +208,6 @@ fn last_record(segment: &Path) -> (u64, u64) {
     let starts = record_starts(segment);
     assert!(starts.len() >= 2, "the segment holds a record");
     (starts[starts.len() - 2], starts[starts.len() - 1])
-}
-
-/// Where each record of `segment` starts (walking the length prefixes from
-/// the segment's start up to a zero length), and where the last one ends.
-fn record_starts(segment: &Path) -> Vec<u64> {
-    let bytes = std::fs::read(segment).expect("read segment");
-    let mut starts = vec![0u64];
-    let mut pos = 0usize;
-    while pos + 4 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-        if len == 0 {
-            break;
-        }
-        assert!(
-            pos + len <= bytes.len(),
-            "record at {pos} runs past the segment"
-        );
-        pos += len;
-        starts.push(pos as u64);
-    }
-    starts
 }
 
 /// The log position the checkpoint file in `data` covers (bytes 8..16).
@@ -286,25 +227,9 @@ async fn broker_with_messages(
     ending: Ending,
 ) -> (BrokerProcess, PathBuf, u64, u64) {
     let ns = cluster.nameserver.clone();
-    let mut broker =
-        tokio::task::block_in_place(|| BrokerProcess::start(data, &ns, "broker-a", &[]));
-    wait_for_broker(&ns, "broker-a").await;
-    cluster
-        .admin()
-        .await
-        .create_topic(topic, 1, txmq::PERM_READ_WRITE, None)
-        .await
-        .unwrap();
-    wait_for_route(&ns, topic, "broker-a").await;
-    let producer = cluster.producer().await;
-    for i in 0..n {
-        let r = producer
-            .send(Message::new(topic, format!("m{i}")))
-            .await
-            .unwrap();
-        assert_eq!((r.queue, r.queue_offset), (0, i as u64));
-    }
-    producer.close();
+    let mut broker = start_broker(data, &ns, "broker-a", &[]).await;
+    create_topic(&ns, topic, 1).await;
+    assert_eq!(send_numbered(cluster, topic, "m", n).await, offsets(0..n));
     match ending {
         Ending::Graceful => {
             let code = tokio::task::block_in_place(|| broker.stop());
@@ -334,12 +259,30 @@ async fn bodies(ns: &str, group: &str, topic: &str, want: usize) -> Vec<String> 
     consume_all(ns, group, topic, want + 1, Duration::from_secs(1))
         .await
         .iter()
-        .map(|m| String::from_utf8(m.body().to_vec()).unwrap())
+        .map(body_text)
         .collect()
 }
 
-fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+fn numbered(prefix: &str, range: Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn offsets(range: Range<usize>) -> Vec<u64> {
+    range.map(|i| i as u64).collect()
+}
+
+/// Sends `{prefix}0` to `{prefix}{count - 1}` to the one-queue `topic`, one
+/// after the other; returns the queue offsets they were stored at.
+async fn send_numbered(cluster: &Cluster, topic: &str, prefix: &str, count: usize) -> Vec<u64> {
+    let producer = cluster.producer().await;
+    let mut offsets = Vec::with_capacity(count);
+    for body in numbered(prefix, 0..count) {
+        let r = producer.send(Message::new(topic, body)).await.unwrap();
+        assert_eq!(r.queue, 0, "{topic} has one queue");
+        offsets.push(r.queue_offset);
+    }
+    producer.close();
+    offsets
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,8 +305,7 @@ async fn torn_tail_is_cut_and_the_broker_serves_what_came_before() {
             .set_len(torn_at)
             .unwrap();
 
-        tokio::task::block_in_place(|| broker.restart());
-        wait_for_route(&ns, "torn", "broker-a").await;
+        restart(&mut broker, &ns, "torn").await;
         let got = bodies(&ns, &format!("{ending:?}-1"), "torn", N - 1).await;
         assert_eq!(
             got,
@@ -372,19 +314,11 @@ async fn torn_tail_is_cut_and_the_broker_serves_what_came_before() {
         );
 
         // New sends continue where the intact log ends.
-        let producer = cluster.producer().await;
-        for i in 0..5 {
-            let r = producer
-                .send(Message::new("torn", format!("new{i}")))
-                .await
-                .unwrap();
-            assert_eq!(
-                r.queue_offset,
-                (N - 1 + i) as u64,
-                "{ending:?}: new{i} follows the cut"
-            );
-        }
-        producer.close();
+        assert_eq!(
+            send_numbered(&cluster, "torn", "new", 5).await,
+            offsets(N - 1..N + 4),
+            "{ending:?}: the new messages follow the cut"
+        );
         let got = bodies(&ns, &format!("{ending:?}-2"), "torn", N + 4).await;
         let mut want = numbered("m", 0..N - 1);
         want.extend(numbered("new", 0..5));
@@ -419,8 +353,7 @@ async fn garbage_after_the_tail_is_cut() {
             f.sync_all().unwrap();
         }
 
-        tokio::task::block_in_place(|| broker.restart());
-        wait_for_route(&ns, "junk", "broker-a").await;
+        restart(&mut broker, &ns, "junk").await;
         let got = bodies(&ns, &format!("{ending:?}-1"), "junk", N).await;
         assert_eq!(
             got,
@@ -428,19 +361,11 @@ async fn garbage_after_the_tail_is_cut() {
             "{ending:?}: every message, in order"
         );
 
-        let producer = cluster.producer().await;
-        for i in 0..5 {
-            let r = producer
-                .send(Message::new("junk", format!("new{i}")))
-                .await
-                .unwrap();
-            assert_eq!(
-                r.queue_offset,
-                (N + i) as u64,
-                "{ending:?}: new{i} follows the last message"
-            );
-        }
-        producer.close();
+        assert_eq!(
+            send_numbered(&cluster, "junk", "new", 5).await,
+            offsets(N..N + 5),
+            "{ending:?}: the new messages follow the last one"
+        );
         let mut want = numbered("m", 0..N);
         want.extend(numbered("new", 0..5));
         let got = bodies(&ns, &format!("{ending:?}-2"), "junk", N + 5).await;
@@ -450,13 +375,7 @@ async fn garbage_after_the_tail_is_cut() {
         );
 
         // A second restart finds an intact log: the garbage is gone for good.
-        let code = tokio::task::block_in_place(|| {
-            let code = broker.stop();
-            broker.restart();
-            code
-        });
-        assert_eq!(code, Some(0));
-        wait_for_route(&ns, "junk", "broker-a").await;
+        stop_and_restart(&mut broker, &ns, "junk").await;
         let got = bodies(&ns, &format!("{ending:?}-3"), "junk", N + 5).await;
         assert_eq!(
             got, want,
@@ -485,16 +404,8 @@ async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("broker-a");
-    let mut broker =
-        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &[]));
-    wait_for_broker(&ns, "broker-a").await;
-    cluster
-        .admin()
-        .await
-        .create_topic("big", 1, txmq::PERM_READ_WRITE, None)
-        .await
-        .unwrap();
-    wait_for_route(&ns, "big", "broker-a").await;
+    let mut broker = start_broker(&data, &ns, "broker-a", &[]).await;
+    create_topic(&ns, "big", 1).await;
     let producer = cluster.producer().await;
     for i in 0..N {
         producer
@@ -518,8 +429,7 @@ async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
         .set_len(end - 10)
         .unwrap();
 
-    tokio::task::block_in_place(|| broker.restart());
-    wait_for_route(&ns, "big", "broker-a").await;
+    restart(&mut broker, &ns, "big").await;
     let got = consume_all(&ns, "g1", "big", N, Duration::from_secs(1)).await;
     let got: Vec<String> = got.iter().map(short).collect();
     assert_eq!(got, numbered("m", 0..N - 1), "all but the torn message");
@@ -532,13 +442,7 @@ async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
         .unwrap();
     assert_eq!(r.queue_offset, (N - 1) as u64);
     producer.close();
-    let code = tokio::task::block_in_place(|| {
-        let code = broker.stop();
-        broker.restart();
-        code
-    });
-    assert_eq!(code, Some(0));
-    wait_for_route(&ns, "big", "broker-a").await;
+    stop_and_restart(&mut broker, &ns, "big").await;
     let got = consume_all(&ns, "g2", "big", N + 1, Duration::from_secs(1)).await;
     let got: Vec<String> = got.iter().map(short).collect();
     let mut want = numbered("m", 0..N - 1);
@@ -558,16 +462,8 @@ async fn a_corrupt_record_ends_the_log_for_good() {
     let data = tmp.path().join("broker-a");
     // Bodies of one length give records of one length, so that new records
     // written after the cut line up exactly with the old ones beyond it.
-    let mut broker =
-        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &[]));
-    wait_for_broker(&ns, "broker-a").await;
-    cluster
-        .admin()
-        .await
-        .create_topic("flip", 1, txmq::PERM_READ_WRITE, None)
-        .await
-        .unwrap();
-    wait_for_route(&ns, "flip", "broker-a").await;
+    let mut broker = start_broker(&data, &ns, "broker-a", &[]).await;
+    create_topic(&ns, "flip", 1).await;
     let producer = cluster.producer().await;
     for i in 0..N {
         producer
@@ -588,8 +484,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
     bytes[at as usize] ^= 0x40;
     std::fs::write(&segment, &bytes).unwrap();
 
-    tokio::task::block_in_place(|| broker.restart());
-    wait_for_route(&ns, "flip", "broker-a").await;
+    restart(&mut broker, &ns, "flip").await;
     // Written where the corrupt record and the one after it were.
     let producer = cluster.producer().await;
     for i in BAD..BAD + 2 {
@@ -603,13 +498,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
         );
     }
     producer.close();
-    let code = tokio::task::block_in_place(|| {
-        let code = broker.stop();
-        broker.restart();
-        code
-    });
-    assert_eq!(code, Some(0));
-    wait_for_route(&ns, "flip", "broker-a").await;
+    stop_and_restart(&mut broker, &ns, "flip").await;
 
     let mut want: Vec<String> = (0..BAD).map(|i| format!("m{i:02}")).collect();
     want.extend((BAD..BAD + 2).map(|i| format!("n{i:02}")));

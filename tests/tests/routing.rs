@@ -3,10 +3,13 @@
 //! speaks again; a dead broker leaves at once and its traffic moves to the
 //! broker that is left.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{body_text, start_broker};
 use txmq::{Admin, Message, Producer, SendReceipt, SendStatus};
 use txmq_tests::{consume_all, wait_for_broker, BrokerProcess, Cluster};
 
@@ -57,10 +60,7 @@ async fn a_broker_that_stops_heartbeating_leaves_the_route_after_the_expiry() {
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
     // The harness starts brokers with `--heartbeat-interval 200ms`.
-    let broker = tokio::task::block_in_place(|| {
-        BrokerProcess::start(&tmp.path().join("broker-a"), &ns, "broker-a", &[])
-    });
-    wait_for_broker(&ns, "broker-a").await;
+    let broker = start_broker(&tmp.path().join("broker-a"), &ns, "broker-a", &[]).await;
     let admin = cluster.admin().await;
     admin
         .create_topic("beats", 2, txmq::PERM_READ_WRITE, None)
@@ -274,7 +274,7 @@ async fn with_two_brokers_sends_go_on_to_the_other_when_one_dies() {
     let got = consume_all(&ns, "check", "failover", usize::MAX, Duration::from_secs(1)).await;
     let mut seen: HashMap<String, (String, u32, u64)> = HashMap::new();
     for m in &got {
-        let body = String::from_utf8(m.body().to_vec()).unwrap();
+        let body = body_text(m);
         let at = (m.broker_name.clone(), m.queue(), m.queue_offset());
         assert!(
             seen.insert(body.clone(), at).is_none(),

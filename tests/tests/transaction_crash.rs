@@ -6,12 +6,17 @@
 //! committed transaction is still answered "already committed" after a
 //! restart.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::{
+    body_text, create_topic, jitter, record_starts, segments, start_broker, wait_for_route,
+};
 use txmq::{
     Admin, BoxError, CheckRequest, ErrorCode, Message, TransactionListener, TransactionProducer,
     TransactionState, TxAction, TxContext, TxInfo, TxState,
@@ -58,13 +63,18 @@ impl TransactionListener for Recording {
     }
 }
 
-/// A transaction producer of `group` that notices a restarted broker
-/// quickly (it looks for brokers every 100 ms).
-async fn tx_producer(ns: &str, group: &str, listener: Recording) -> TransactionProducer<Recording> {
+/// A transaction producer of `group` whose [`Recording`] listener answers
+/// `answer` for the local transaction and every check-back, and that
+/// notices a restarted broker quickly (it looks for brokers every 100 ms).
+async fn tx_producer(
+    ns: &str,
+    group: &str,
+    answer: TransactionState,
+) -> TransactionProducer<Recording> {
     let producer = TransactionProducer::builder()
         .nameserver(ns)
         .group(group)
-        .listener(listener)
+        .listener(Recording::new(answer, answer))
         .broker_refresh_interval(Duration::from_millis(100))
         .send_timeout(Duration::from_secs(2))
         .start()
@@ -83,47 +93,12 @@ async fn tx_producer(ns: &str, group: &str, listener: Recording) -> TransactionP
     producer
 }
 
-/// Starts `txmq-broker` named `broker-a` in `dir` and waits until the
-/// nameserver knows it.
-async fn start_broker(dir: &Path, ns: &str, extra: &[&str]) -> BrokerProcess {
-    let broker = tokio::task::block_in_place(|| BrokerProcess::start(dir, ns, "broker-a", extra));
-    wait_for_broker(ns, "broker-a").await;
-    broker
-}
-
 /// `kill -9`, then the same broker again on the same data directory.
 async fn crash_and_restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
     tokio::task::block_in_place(|| broker.kill9());
     tokio::task::block_in_place(|| broker.restart());
     wait_for_broker(ns, "broker-a").await;
-    wait_for_route(ns, topic, "broker-a").await;
-}
-
-/// Creates `topic` and waits until its route names `broker-a`.
-async fn create_topic(ns: &str, topic: &str, queues: u32) {
-    let admin = Admin::connect([ns]).await.expect("admin connects");
-    admin
-        .create_topic(topic, queues, txmq::PERM_READ_WRITE, None)
-        .await
-        .expect("topic created");
-    admin.close();
-    wait_for_route(ns, topic, "broker-a").await;
-}
-
-/// Waits (up to 10 s) until the nameserver's route of `topic` lists `broker`.
-async fn wait_for_route(ns: &str, topic: &str, broker: &str) {
-    let admin = Admin::connect([ns]).await.expect("admin connects");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(route) = admin.route(topic).await {
-            if route.brokers.iter().any(|b| b.broker_name == broker) {
-                admin.close();
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{broker} never served {topic}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_route(ns, topic, &["broker-a"]).await;
 }
 
 /// The pending and parked transactions of every broker.
@@ -185,49 +160,10 @@ fn cli_tx_list(ns: &str) -> Vec<serde_json::Value> {
 /// length prefixes walked from its start up to the first zero length
 /// (segments are sparse files of a fixed size, so file sizes say nothing).
 fn log_data_len(data: &Path) -> u64 {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(data.join("commitlog"))
-        .expect("commitlog dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.parse::<u64>().is_ok())
-        })
-        .collect();
-    segments.sort();
-    let mut total = 0u64;
-    for segment in segments {
-        let bytes = std::fs::read(&segment).expect("read segment");
-        let mut pos = 0usize;
-        while pos + 4 <= bytes.len() {
-            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
-            if len == 0 {
-                break;
-            }
-            pos = (pos + len).min(bytes.len());
-        }
-        total += pos as u64;
-    }
-    total
-}
-
-/// A pseudo-random duration in `[lo, hi)`, from the clock and the pid.
-fn jitter(lo: Duration, hi: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    // splitmix64: spreads the clock's low bits over the whole word.
-    let mut x = nanos ^ u64::from(std::process::id()).rotate_left(32);
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    let span = (hi - lo).as_millis().max(1) as u64;
-    lo + Duration::from_millis(x % span)
-}
-
-fn body_of(m: &txmq::ReceivedMessage) -> String {
-    String::from_utf8(m.body().to_vec()).expect("UTF-8 body")
+    segments(data)
+        .iter()
+        .filter_map(|segment| record_starts(segment).last().copied())
+        .sum()
 }
 
 /// What the sending tasks of one round saw.
@@ -251,6 +187,7 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
     let mut broker = start_broker(
         &tmp.path().join("broker-a"),
         &ns,
+        "broker-a",
         &[
             "--flush",
             "sync",
@@ -267,12 +204,7 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
     let mut committed: HashMap<String, u64> = HashMap::new();
     let mut checked_after_restart: Vec<(u64, u32)> = Vec::new();
     for round in 0..2 {
-        let producer = tx_producer(
-            &ns,
-            GROUP,
-            Recording::new(TransactionState::Commit, TransactionState::Commit),
-        )
-        .await;
+        let producer = tx_producer(&ns, GROUP, TransactionState::Commit).await;
         let stop = Arc::new(AtomicBool::new(false));
         let mut senders = tokio::task::JoinSet::new();
         for s in 0..4 {
@@ -333,13 +265,8 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
         // this group's only live member now answers commit for everything.
         tokio::task::block_in_place(|| broker.restart());
         wait_for_broker(&ns, "broker-a").await;
-        wait_for_route(&ns, TOPIC, "broker-a").await;
-        let checker = tx_producer(
-            &ns,
-            GROUP,
-            Recording::new(TransactionState::Commit, TransactionState::Commit),
-        )
-        .await;
+        wait_for_route(&ns, TOPIC, &["broker-a"]).await;
+        let checker = tx_producer(&ns, GROUP, TransactionState::Commit).await;
         let admin = Admin::connect([ns.as_str()]).await.unwrap();
         wait_for_list(
             &admin,
@@ -380,7 +307,7 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
     .await;
     let mut consumed: HashSet<String> = HashSet::new();
     for m in &got {
-        let body = body_of(m);
+        let body = body_text(m);
         assert!(attempted.contains(&body), "{body} consumed but never sent");
         assert!(
             !m.message()
@@ -428,6 +355,7 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
     let mut broker = start_broker(
         &tmp.path().join("broker-a"),
         &ns,
+        "broker-a",
         &[
             "--transaction-timeout",
             "2s",
@@ -441,12 +369,7 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
     create_topic(&ns, TOPIC, 2).await;
     let admin = Admin::connect([ns.as_str()]).await.unwrap();
 
-    let preparer = tx_producer(
-        &ns,
-        GROUP,
-        Recording::new(TransactionState::Unknown, TransactionState::Unknown),
-    )
-    .await;
+    let preparer = tx_producer(&ns, GROUP, TransactionState::Unknown).await;
     // One transaction of its own gets checked at once (100 ms), is answered
     // unknown twice and so is parked before the crash.
     let parked = preparer
@@ -513,12 +436,7 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
     let p = list.iter().find(|t| t.tx_id == parked.tx_id).unwrap();
     assert_eq!((p.state, p.checks), (TxState::Parked, 2), "{p:?}");
 
-    let checker = tx_producer(
-        &ns,
-        GROUP,
-        Recording::new(TransactionState::Commit, TransactionState::Commit),
-    )
-    .await;
+    let checker = tx_producer(&ns, GROUP, TransactionState::Commit).await;
     wait_for_list(
         &admin,
         Duration::from_secs(15),
@@ -541,7 +459,7 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
     );
 
     let got = consume_all(&ns, "cg-restart", TOPIC, 9, Duration::from_secs(1)).await;
-    let mut bodies: Vec<String> = got.iter().map(body_of).collect();
+    let mut bodies: Vec<String> = got.iter().map(body_text).collect();
     bodies.sort();
     let mut expected: Vec<String> = [0, 1, 2, 5, 6, 7, 8, 9]
         .iter()
@@ -570,7 +488,7 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
         "nothing pending after the operator's commit"
     );
     let rest = consume_all(&ns, "cg-restart", TOPIC, 2, Duration::from_secs(1)).await;
-    let rest: Vec<String> = rest.iter().map(body_of).collect();
+    let rest: Vec<String> = rest.iter().map(body_text).collect();
     assert_eq!(rest, ["parked"]);
     assert!(
         !checker
@@ -601,6 +519,7 @@ async fn checks_are_counted_durably_across_restarts() {
     let mut broker = start_broker(
         &data,
         &ns,
+        "broker-a",
         &[
             "--flush",
             "sync",
@@ -616,12 +535,7 @@ async fn checks_are_counted_durably_across_restarts() {
     create_topic(&ns, TOPIC, 1).await;
     let admin = Admin::connect([ns.as_str()]).await.unwrap();
 
-    let producer = tx_producer(
-        &ns,
-        GROUP,
-        Recording::new(TransactionState::Unknown, TransactionState::Unknown),
-    )
-    .await;
+    let producer = tx_producer(&ns, GROUP, TransactionState::Unknown).await;
     let body = "x".repeat(BODY_LEN);
     let o = producer
         .send_in_transaction(Message::new(TOPIC, body))
@@ -668,12 +582,7 @@ async fn checks_are_counted_durably_across_restarts() {
     );
     assert_eq!(listed[0]["state"], "prepared");
 
-    let producer = tx_producer(
-        &ns,
-        GROUP,
-        Recording::new(TransactionState::Unknown, TransactionState::Unknown),
-    )
-    .await;
+    let producer = tx_producer(&ns, GROUP, TransactionState::Unknown).await;
     let list = wait_for_list(
         &admin,
         Duration::from_secs(10),
@@ -722,14 +631,15 @@ async fn a_committed_transaction_is_answered_ok_again_after_a_restart() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let mut broker = start_broker(&tmp.path().join("broker-a"), &ns, &["--flush", "sync"]).await;
-    create_topic(&ns, TOPIC, 2).await;
-    let producer = tx_producer(
+    let mut broker = start_broker(
+        &tmp.path().join("broker-a"),
         &ns,
-        "pg-again",
-        Recording::new(TransactionState::Commit, TransactionState::Commit),
+        "broker-a",
+        &["--flush", "sync"],
     )
     .await;
+    create_topic(&ns, TOPIC, 2).await;
+    let producer = tx_producer(&ns, "pg-again", TransactionState::Commit).await;
     let o = producer
         .send_in_transaction(Message::new(TOPIC, "paid"))
         .await
@@ -754,7 +664,7 @@ async fn a_committed_transaction_is_answered_ok_again_after_a_restart() {
     assert!(pending(&admin).await.is_empty());
 
     let got = consume_all(&ns, "cg-again", TOPIC, 2, Duration::from_secs(1)).await;
-    let bodies: Vec<String> = got.iter().map(body_of).collect();
+    let bodies: Vec<String> = got.iter().map(body_text).collect();
     assert_eq!(bodies, ["paid"], "the message is consumed exactly once");
 
     admin.close();
@@ -775,6 +685,7 @@ async fn a_prepare_retried_after_a_lost_reply_is_consumed_once() {
     let broker = start_broker(
         &tmp.path().join("broker-a"),
         &ns,
+        "broker-a",
         &[
             "--transaction-timeout",
             "300ms",
@@ -824,7 +735,7 @@ async fn a_prepare_retried_after_a_lost_reply_is_consumed_once() {
     let once: Vec<String> = got
         .iter()
         .filter(|m| m.msg_id() == outcome.msg_id)
-        .map(body_of)
+        .map(body_text)
         .collect();
     assert_eq!(
         once,

@@ -14,12 +14,15 @@
 //! seals arrived, so anything committed before is seen and nothing that
 //! arrives later is mistaken for it.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::process::Output;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::txmq;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use txmq::{
@@ -30,7 +33,7 @@ use txmq::{
 use txmq_broker::{BrokerConfig, FlushMode, TxConfig, PROP_USER_CHECK_DELAY};
 use txmq_protocol::{EndTransaction, Hello, Role, TxSource, PROTOCOL_VERSION};
 use txmq_remoting::{Connection, ConnectionConfig};
-use txmq_tests::{json_lines, txmq_cli, Cluster};
+use txmq_tests::{json_lines, Cluster};
 
 const BROKER: &str = "broker-a";
 /// The prefix of the plain messages [`visible`] appends as seals.
@@ -348,19 +351,6 @@ async fn raw_end(c: &Cluster, tx_id: u64, action: TxAction) -> Result<Ended, txm
         .await;
     conn.close();
     answer
-}
-
-/// Runs `txmq --nameserver NS ARGS` off the runtime's worker threads (the
-/// in-process cluster needs them meanwhile).
-async fn txmq(ns: &str, args: &[&str]) -> Output {
-    let ns = ns.to_string();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        txmq_cli(&ns, &args, None)
-    })
-    .await
-    .expect("txmq runs")
 }
 
 /// Asserts a zero exit; returns the JSON lines printed.
@@ -993,7 +983,7 @@ async fn after_the_maximum_checks_a_transaction_is_parked_and_an_operator_commit
     })
     .await;
 
-    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"]).await);
+    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"], None).await);
     let txs = listed_txs(&listed);
     assert_eq!(txs.len(), 1, "{listed:?}");
     let t = txs[0];
@@ -1017,6 +1007,7 @@ async fn after_the_maximum_checks_a_transaction_is_parked_and_an_operator_commit
         &txmq(
             &ns,
             &["tx", "resolve", &tx_arg, "--commit", "--output", "json"],
+            None,
         )
         .await,
     );
@@ -1030,6 +1021,7 @@ async fn after_the_maximum_checks_a_transaction_is_parked_and_an_operator_commit
         &txmq(
             &ns,
             &["tx", "resolve", &tx_arg, "--commit", "--output", "json"],
+            None,
         )
         .await,
     );
@@ -1037,7 +1029,7 @@ async fn after_the_maximum_checks_a_transaction_is_parked_and_an_operator_commit
         (&again[0]["state"], &again[0]["already"]),
         (&Value::from("committed"), &Value::from(true))
     );
-    let refused = txmq(&ns, &["tx", "resolve", &tx_arg, "--rollback"]).await;
+    let refused = txmq(&ns, &["tx", "resolve", &tx_arg, "--rollback"], None).await;
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("TRANSACTION_COMMITTED"), "{err}");
@@ -1045,7 +1037,7 @@ async fn after_the_maximum_checks_a_transaction_is_parked_and_an_operator_commit
     assert_eq!(bodies(&seen), ["undecided"]);
     assert_eq!(seen[0].msg_id(), outcome.msg_id);
 
-    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"]).await);
+    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"], None).await);
     assert!(listed_txs(&listed).is_empty());
     let c = listed_counters(&listed);
     assert_eq!(
@@ -1091,7 +1083,7 @@ async fn with_no_producer_online_a_transaction_waits_and_is_checked_as_soon_as_o
     assert_eq!((info.state, info.checks), (TxState::Prepared, 0));
     // Well past check_max scheduler rounds: still waiting, nothing counted.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"]).await);
+    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"], None).await);
     let txs = listed_txs(&listed);
     assert_eq!(txs.len(), 1, "{listed:?}");
     assert_eq!(txs[0]["tx_id"], tx);
@@ -1400,7 +1392,7 @@ async fn rocketmq_transactional_msg_it_five_fates_of_120_sends() {
     )
     .await;
 
-    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"]).await);
+    let listed = ok_json(&txmq(&ns, &["tx", "list", "--output", "json"], None).await);
     let txs = listed_txs(&listed);
     assert_eq!(txs.len(), 24, "{listed:?}");
     let forever: BTreeSet<String> = (0..120)
@@ -1476,6 +1468,7 @@ async fn cli_tx_send_with_a_local_commit_prints_the_transaction_and_the_message_
                 "tx", "send", topic, "--group", "cli-pg", "--body", "hello tx", "--key", "k1",
                 "--tag", "t1", "--local", "commit", "--output", "json",
             ],
+            None,
         )
         .await,
     );
@@ -1504,6 +1497,7 @@ async fn cli_tx_send_with_a_local_commit_prints_the_transaction_and_the_message_
                 "--output",
                 "json",
             ],
+            None,
         )
         .await,
     );
@@ -1548,6 +1542,7 @@ async fn cli_tx_send_with_an_unknown_local_result_is_checked_back_and_committed_
                     "--output",
                     "json",
                 ],
+                None,
             )
             .await
         })
@@ -1622,6 +1617,7 @@ async fn cli_tx_listen_rolls_back_a_transaction_another_process_left_unknown() {
                 "--output",
                 "json",
             ],
+            None,
         )
         .await,
     );
@@ -1651,6 +1647,7 @@ async fn cli_tx_listen_rolls_back_a_transaction_another_process_left_unknown() {
                     "--output",
                     "json",
                 ],
+                None,
             )
             .await
         })

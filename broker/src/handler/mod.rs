@@ -65,11 +65,19 @@ impl Service for BrokerService {
                 Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),
                 Request::CreateTopic(r) => topic::create(&b, r).await.map(Response::CreateTopic),
                 Request::ListTopics(_) => Ok(Response::ListTopics(topic::list(&b))),
-                Request::PrepareTransaction(r) => transaction::prepare(&b, r)
-                    .await
-                    .map(Response::PrepareTransaction),
+                // A closed connection drops its in-flight handlers; these two
+                // change the transaction table around a store write, so they
+                // run to completion on their own task (one per transaction
+                // step, not per message).
+                Request::PrepareTransaction(r) => {
+                    detached(b, |b| async move { transaction::prepare(&b, r).await })
+                        .await
+                        .map(Response::PrepareTransaction)
+                }
                 Request::EndTransaction(r) => {
-                    transaction::end(&b, r).await.map(Response::EndTransaction)
+                    detached(b, |b| async move { transaction::end(&b, r).await })
+                        .await
+                        .map(Response::EndTransaction)
                 }
                 Request::ListTransactions(r) => {
                     Ok(Response::ListTransactions(transaction::list(&b, r)))
@@ -81,6 +89,21 @@ impl Service for BrokerService {
             }
         })
     }
+}
+
+/// Runs `f` on its own task so that it completes even if the caller is dropped.
+async fn detached<T, F, Fut>(b: Arc<BrokerInner>, f: F) -> Result<T, WireError>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<BrokerInner>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, WireError>> + Send + 'static,
+{
+    tokio::spawn(f(b)).await.unwrap_or_else(|e| {
+        Err(WireError::new(
+            ErrorCode::Internal,
+            format!("handler failed: {e}"),
+        ))
+    })
 }
 
 /// The store's errors as wire errors.

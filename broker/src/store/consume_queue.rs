@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Notify;
@@ -69,8 +69,8 @@ pub struct ConsumeQueue {
     min: AtomicU64,
     /// One past the last entry written; only the writer thread advances it.
     next: AtomicU64,
-    /// Written since the last checkpoint.
-    dirty: AtomicBool,
+    /// Starts of the files written since the last checkpoint.
+    dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// Woken whenever `visible` grows (long polls wait on it).
     pub arrived: Notify,
 }
@@ -113,7 +113,7 @@ impl ConsumeQueue {
             visible: AtomicU64::new(min),
             min: AtomicU64::new(min),
             next: AtomicU64::new(min),
-            dirty: AtomicBool::new(false),
+            dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             arrived: Notify::new(),
         })
     }
@@ -154,11 +154,14 @@ impl ConsumeQueue {
             let (now, later) = rest.split_at(room.min(rest.len()));
             let file = self.file_for(start)?;
             file.write_all_at(now, (offset - start) * ENTRY_LEN as u64)?;
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(start);
             offset += (now.len() / ENTRY_LEN) as u64;
             rest = later;
         }
         self.next.fetch_max(offset, Ordering::AcqRel);
-        self.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -208,7 +211,13 @@ impl ConsumeQueue {
             };
             let n = ((end - at).min(start + self.entries_per_file - at) as usize).min(64);
             let bytes = &mut buf[..n * ENTRY_LEN];
-            file.read_exact_at(bytes, (at - start) * ENTRY_LEN as u64)?;
+            match file.read_exact_at(bytes, (at - start) * ENTRY_LEN as u64) {
+                Ok(()) => {}
+                // A file cut short (a crash mid-rebuild): what is missing is
+                // not readable; the consumer waits as at the end.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
             out.extend(bytes.chunks_exact(ENTRY_LEN).map(Entry::decode));
             at += n as u64;
         }
@@ -220,17 +229,25 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn sync_if_dirty(&self) -> io::Result<()> {
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            let last = self
-                .files
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .cloned()
-                .collect::<Vec<_>>();
-            // Only the last two files can have been written since the last sync.
-            for f in last.iter().rev().take(2) {
-                f.sync_data()?;
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let files: Vec<(u64, Arc<File>)> = {
+            let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+            dirty
+                .iter()
+                .filter_map(|s| files.get(s).map(|f| (*s, f.clone())))
+                .collect()
+        };
+        for (start, f) in files {
+            if let Err(e) = f.sync_data() {
+                // Still dirty: the next checkpoint tries again.
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(start);
+                return Err(e);
             }
         }
         Ok(())
@@ -255,7 +272,11 @@ impl ConsumeQueue {
             for i in (0..count).rev() {
                 file.read_exact_at(&mut buf, i * ENTRY_LEN as u64)?;
                 let e = Entry::decode(&buf);
-                if e.size > 0 && e.log_offset + u64::from(e.size) <= log_end {
+                if e.size > 0
+                    && e.log_offset
+                        .checked_add(u64::from(e.size))
+                        .is_some_and(|x| x <= log_end)
+                {
                     valid = i + 1;
                     break;
                 }
@@ -298,8 +319,13 @@ impl ConsumeQueue {
             let (mut lo, mut hi) = (0u64, count);
             while lo < hi {
                 let mid = (lo + hi) / 2;
-                file.read_exact_at(&mut buf, mid * ENTRY_LEN as u64)?;
-                if Entry::decode(&buf).log_offset < log_min {
+                // An entry missing from a short file counts as below log_min.
+                let below = match file.read_exact_at(&mut buf, mid * ENTRY_LEN as u64) {
+                    Ok(()) => Entry::decode(&buf).log_offset < log_min,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
+                    Err(e) => return Err(e),
+                };
+                if below {
                     lo = mid + 1;
                 } else {
                     hi = mid;

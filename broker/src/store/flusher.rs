@@ -33,6 +33,8 @@ pub(crate) struct Flusher {
     rx: Receiver<FlushCmd>,
     flushed: u64,
     pending: VecDeque<(u64, Publish)>,
+    /// The largest end the writer announced: senders are woken up to it only.
+    announced: u64,
     last_flush: Instant,
     last_checkpoint: Instant,
     checkpoint_pos: Option<u64>,
@@ -46,6 +48,7 @@ impl Flusher {
             rx,
             flushed,
             pending: VecDeque::new(),
+            announced: flushed,
             last_flush: Instant::now(),
             last_checkpoint: Instant::now(),
             checkpoint_pos: None,
@@ -65,11 +68,13 @@ impl Flusher {
                 .max(Duration::from_millis(1));
             match self.rx.recv_timeout(wait) {
                 Ok(FlushCmd::Written(end, publish)) => {
+                    self.announced = self.announced.max(end);
                     self.pending.push_back((end, publish));
                     // Everything announced meanwhile shares the next fdatasync.
                     loop {
                         match self.rx.try_recv() {
                             Ok(FlushCmd::Written(end, publish)) => {
+                                self.announced = self.announced.max(end);
                                 self.pending.push_back((end, publish))
                             }
                             Ok(FlushCmd::Shutdown(done)) => return self.stop(done),
@@ -134,7 +139,12 @@ impl Flusher {
                 }
             }
         }
-        let flushed = self.flushed;
+        // A batch written but not yet announced is not published yet: its
+        // senders wait for the next round.
+        let flushed = match self.store.config.flush {
+            FlushMode::Sync => self.flushed.min(self.announced),
+            FlushMode::Async => self.flushed,
+        };
         self.store.flush_state.send_if_modified(|s| {
             let grew = s.flushed < flushed;
             s.flushed = s.flushed.max(flushed);
@@ -145,7 +155,19 @@ impl Flusher {
     /// Writes a checkpoint at the current write position.
     fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
-        let position = self.store.written.load(Ordering::Acquire);
+        // The writer moves the position and the pending set under the same
+        // lock, so these two agree.
+        let (position, oldest_pending_tx) = {
+            let set = self
+                .store
+                .tx_pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            (
+                self.store.written.load(Ordering::Acquire),
+                set.first().copied(),
+            )
+        };
         if self.checkpoint_pos == Some(position) {
             return;
         }
@@ -156,13 +178,6 @@ impl Flusher {
             .iter()
             .map(|e| (e.key().clone(), *e.value()))
             .collect();
-        let oldest_pending_tx = self
-            .store
-            .tx_pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .first()
-            .copied();
         self.flush();
         if self.flushed < position {
             return;

@@ -235,7 +235,19 @@ pub(crate) fn recover(
         group: None,
         dispatch_from: verify_from,
     };
-    let (mut end, mut cut) = replay(&log, scan_from, verify_from, |rec, pos, size| {
+    if scan_from < verify_from {
+        // Verified by an earlier run: read for transaction records only. A
+        // record that does not parse here ends this scan, never the log.
+        let (stopped, damaged) = replay(&log, scan_from, verify_from, false, |rec, pos, size| {
+            replayer.visit(rec, pos, size)
+        })?;
+        if damaged.is_some() {
+            tracing::warn!(position = stopped, "unreadable record before the checkpoint's segment; transaction records before it may be missed");
+        }
+        // Groups never span segments, and verify_from starts one.
+        replayer.group = None;
+    }
+    let (mut end, mut cut) = replay(&log, verify_from, u64::MAX, true, |rec, pos, size| {
         replayer.visit(rec, pos, size)
     })?;
     if let Some(open) = replayer.group.take() {
@@ -251,12 +263,41 @@ pub(crate) fn recover(
         ended: std::mem::take(&mut replayer.ended).into_iter().collect(),
     };
     if let Some(pos) = cut {
+        // Only a tail may be cut: a damaged record followed by segments that
+        // hold data is damage in the middle of acknowledged data.
+        if let Some(later) = log
+            .segments()
+            .into_iter()
+            .find(|s| s.start > pos && s.map.get(..4).is_some_and(|b| b != [0, 0, 0, 0]))
+        {
+            return Err(StoreError::Io {
+                context: format!("the commit log is damaged at position {pos}"),
+                message: format!(
+                    "a record there is corrupt but later segments hold data (from {}); refusing to cut acknowledged data. Restore the segment from a backup, or move it and the ones after it out of {} to discard them",
+                    later.path.display(),
+                    log_dir.display()
+                ),
+            });
+        }
         tracing::warn!(
             position = pos,
             "commit log has a torn or corrupt tail; cutting it"
         );
-        log.cut(pos)
-            .map_err(|e| StoreError::io("cannot cut the torn tail of the commit log", &e))?;
+    }
+    // Zero whatever lies past the end (a torn tail, or bytes a lost write
+    // left behind), so that nothing stale can ever read as a record.
+    if log.last_segment().is_some_and(|last| end < last.end()) {
+        log.cut(end)
+            .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
+    }
+    // What was replayed may have been in the page cache only (a kill -9):
+    // make it durable before anything is acknowledged or checkpointed on it.
+    for seg in log.segments() {
+        if seg.end() > verify_from && seg.start < end {
+            seg.file
+                .sync_data()
+                .map_err(|e| StoreError::io(format!("cannot sync {}", seg.path.display()), &e))?;
+        }
     }
     let log_min = log.min_offset();
     for cq in queues.values().flatten() {
@@ -284,24 +325,31 @@ pub(crate) fn recover(
     })
 }
 
-/// Calls `visit` for every intact record from `start`, verifying checksums
-/// from `verify_from` on (before it, records were verified by an earlier
-/// run). Returns the end of the intact log and, when a torn or corrupt
+/// Calls `visit` for every intact record from `start` up to `limit`,
+/// verifying checksums when `verify` (otherwise the records were verified
+/// by an earlier run). Returns the end of the intact log and, when a torn or corrupt
 /// record was found (or `visit` asked for it), where to cut.
 fn replay(
     log: &CommitLog,
     start: u64,
-    verify_from: u64,
+    limit: u64,
+    verify: bool,
     mut visit: impl FnMut(Record, u64, u32) -> Result<Option<u64>, StoreError>,
 ) -> Result<(u64, Option<u64>), StoreError> {
     let segments = log.segments();
     let mut pos = start;
-    for seg in segments.iter().filter(|s| s.end() > start) {
+    for seg in segments
+        .iter()
+        .filter(|s| s.end() > start && s.start < limit)
+    {
         pos = pos.max(seg.start);
         let mut rel = (pos - seg.start) as usize;
         while rel < seg.map.len() {
             let at = seg.start + rel as u64;
-            let len = if at >= verify_from {
+            if at >= limit {
+                return Ok((at, None));
+            }
+            let len = if verify {
                 match record::check(&seg.map[rel..]) {
                     Check::Valid(len) => len,
                     Check::End => break,

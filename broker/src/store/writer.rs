@@ -20,7 +20,8 @@ use super::flusher::FlushCmd;
 use super::record::{self, RecordHead, RecordKind};
 use super::{FlushMode, StoreError, StoreInner, WriteCmd};
 
-type Reply = oneshot::Sender<Result<(u64, u64), StoreError>>;
+type ReplyValue = Result<(u64, u64), StoreError>;
+type Reply = oneshot::Sender<ReplyValue>;
 
 /// What to do once the buffer holding a command's records is written, in order.
 enum Encoded {
@@ -54,6 +55,9 @@ pub(crate) struct Writer {
     /// Next queue offsets of queues touched by the current chunk.
     next: Vec<(Arc<ConsumeQueue>, u64)>,
     publish: Vec<(Arc<ConsumeQueue>, u64)>,
+    /// Reused per chunk: answers held until the chunk is visible.
+    replies: Vec<(Reply, ReplyValue)>,
+    tx_changes: Vec<(u64, bool)>,
 }
 
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -75,6 +79,8 @@ impl Writer {
             chunk: Vec::with_capacity(1024),
             next: Vec::new(),
             publish: Vec::new(),
+            replies: Vec::with_capacity(1024),
+            tx_changes: Vec::new(),
         })
     }
 
@@ -348,6 +354,8 @@ impl Writer {
         let chunk = std::mem::take(&mut self.chunk);
         match result {
             Ok(()) => {
+                let mut replies = std::mem::take(&mut self.replies);
+                let mut tx_changes = std::mem::take(&mut self.tx_changes);
                 let mut cmd_error: Option<StoreError> = None;
                 for enc in chunk {
                     match enc {
@@ -369,31 +377,62 @@ impl Writer {
                         Encoded::Offset { key, offset } => {
                             self.store.offsets.insert(key, offset);
                         }
-                        Encoded::TxPending { tx_id, pending } => {
-                            let mut set = self
-                                .store
-                                .tx_pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner());
-                            if pending {
-                                set.insert(tx_id);
-                            } else {
-                                set.remove(&tx_id);
-                            }
-                        }
+                        Encoded::TxPending { tx_id, pending } => tx_changes.push((tx_id, pending)),
                         Encoded::Reply { reply, value } => {
-                            let _ = reply.send(match cmd_error.take() {
+                            let result = match cmd_error.take() {
                                 None => Ok((value, end)),
                                 Some(e) => Err(e),
-                            });
+                            };
+                            replies.push((reply, result));
                         }
                     }
                 }
-                self.pos = end;
-                self.store.written.store(end, Ordering::Release);
+                {
+                    // The checkpoint reads the write position and the oldest
+                    // pending transaction under this lock: they must agree.
+                    let mut set = self
+                        .store
+                        .tx_pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    for (tx_id, pending) in tx_changes.drain(..) {
+                        if pending {
+                            set.insert(tx_id);
+                        } else {
+                            set.remove(&tx_id);
+                        }
+                    }
+                    self.pos = end;
+                    self.store.written.store(end, Ordering::Release);
+                }
+                // Visible before acknowledged (async flush; under sync flush
+                // the flusher publishes after the fdatasync).
+                if self.store.config.flush == FlushMode::Async {
+                    for (q, max) in self.publish.drain(..) {
+                        q.publish(max);
+                    }
+                }
+                for (reply, result) in replies.drain(..) {
+                    let _ = reply.send(result);
+                }
+                self.replies = replies;
+                self.tx_changes = tx_changes;
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit-log write failed; the batch is refused");
+                // A partial write must not stay behind the end: after a roll
+                // to a new segment, recovery would meet it as a corrupt
+                // record in the middle of the log. Zero it, or stop writing.
+                let zeroed = self.segment.as_ref().is_some_and(|seg| {
+                    let zeros = vec![0u8; self.buf.len()];
+                    seg.file.write_all_at(&zeros, self.pos - seg.start).is_ok()
+                });
+                if !zeroed {
+                    tracing::error!(
+                        "cannot clear the failed write; the store refuses writes from now on"
+                    );
+                    self.store.poisoned.store(true, Ordering::Release);
+                }
                 for enc in chunk {
                     if let Encoded::Reply { reply, .. } = enc {
                         let _ = reply.send(Err(e.clone()));
@@ -406,19 +445,12 @@ impl Writer {
         self.next.clear();
     }
 
-    /// Publishes the batch's messages (async flush) or hands them to the
-    /// flusher, which publishes them once fsynced (sync flush).
+    /// Under sync flush, hands the batch's messages to the flusher, which
+    /// publishes them once fsynced (async flush published them already).
     fn finish_batch(&mut self) {
-        match self.store.config.flush {
-            FlushMode::Async => {
-                for (q, max) in self.publish.drain(..) {
-                    q.publish(max);
-                }
-            }
-            FlushMode::Sync => {
-                let publish = std::mem::take(&mut self.publish);
-                let _ = self.flusher.send(FlushCmd::Written(self.pos, publish));
-            }
+        if self.store.config.flush == FlushMode::Sync {
+            let publish = std::mem::take(&mut self.publish);
+            let _ = self.flusher.send(FlushCmd::Written(self.pos, publish));
         }
     }
 }

@@ -100,6 +100,8 @@ async fn group_worker(
 
 async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
     let Some((group, checks, messages)) = tx.check_request(tx_id) else {
+        let error = "the transaction's half messages are unreadable".to_string();
+        tx.check_done(tx_id, false, None, Some(error));
         return;
     };
     if checks >= tx.config.check_max {

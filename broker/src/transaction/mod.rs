@@ -181,7 +181,7 @@ impl Transactions {
                 .and_then(|d| d.parse::<u64>().ok())
                 .unwrap_or(config.timeout.as_millis() as u64);
             let next_check_at = if t.checks == 0 {
-                t.prepared_at + delay
+                t.prepared_at.saturating_add(delay)
             } else {
                 t.last_check_at + config.check_interval.as_millis() as u64
             };
@@ -278,11 +278,14 @@ impl Transactions {
             });
         }
         let stored = self.store.prepare(messages).await.map_err(store_error);
-        let attempt = lock(&self.table).preparing.remove(&key);
-        let (tx_id, durable) = stored?;
-        if let Some(attempt) = attempt {
-            attempt.send_replace(Some(tx_id));
-        }
+        let (tx_id, durable) = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                // Waiting retries see the sender dropped and are told to try again.
+                lock(&self.table).preparing.remove(&key);
+                return Err(e);
+            }
+        };
         // Half messages are contiguous from the tx id on.
         let mut pos = tx_id;
         let halves = sizes
@@ -294,7 +297,12 @@ impl Transactions {
             })
             .collect();
         let now = now_millis();
+        // One critical section: a retry finds either the attempt or the
+        // transaction, never neither.
         let mut table = lock(&self.table);
+        if let Some(attempt) = table.preparing.remove(&key) {
+            attempt.send_replace(Some(tx_id));
+        }
         let group = table.group(group);
         table.by_msg_id.insert(key, tx_id);
         table.pending.insert(
@@ -304,7 +312,7 @@ impl Transactions {
                 first_msg_id: key,
                 halves,
                 prepared_at: now,
-                next_check_at: now + delay,
+                next_check_at: now.saturating_add(delay),
                 checks: 0,
                 last_check: None,
                 last_error: None,

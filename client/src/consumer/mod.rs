@@ -46,7 +46,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use txmq_protocol::{validate_topic_name, CommitOffset, Message, MsgId, Role, StoredMessage};
+use txmq_remoting::Connection;
 
+use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::{RouteCache, RouteInfo};
@@ -165,23 +167,14 @@ impl Default for PullConsumerBuilder {
 }
 
 impl PullConsumerBuilder {
-    /// Adds a nameserver address, or a comma-separated list of them; may be
-    /// called repeatedly.
-    pub fn nameserver(mut self, addr: &str) -> Self {
-        self.config.add_nameservers(addr);
-        self
-    }
-
-    /// Replaces all client settings (nameservers included) with `config`.
-    pub fn config(mut self, config: ClientConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// The consumer group (required). The group's offsets are stored on the brokers.
-    pub fn group(mut self, group: impl Into<String>) -> Self {
-        self.group = Some(group.into());
-        self
+    client_setters! {
+        /// The consumer group (required). The group's offsets are stored on the brokers.
+        group;
+        /// How long a request other than a pull waits for its answer (default 3 s);
+        /// a pull waits this much longer than its long-poll wait.
+        request_timeout(timeout: Duration) => request_timeout;
+        /// How often the topic's route is fetched to find new queues (default 30 s).
+        route_refresh_interval(interval: Duration) => route_refresh_interval;
     }
 
     /// The topic to read (required).
@@ -221,25 +214,6 @@ impl PullConsumerBuilder {
         self
     }
 
-    /// How long a request other than a pull waits for its answer (default 3 s);
-    /// a pull waits this much longer than its long-poll wait.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.config.request_timeout = timeout;
-        self
-    }
-
-    /// How often the topic's route is fetched to find new queues (default 30 s).
-    pub fn route_refresh_interval(mut self, interval: Duration) -> Self {
-        self.config.route_refresh_interval = interval;
-        self
-    }
-
-    /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
-    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
-        self.config.client_id = client_id.into();
-        self
-    }
-
     /// Starts the consumer: fetches the topic's route, asks each broker
     /// where the group stands on each queue, and starts reading every queue
     /// in the background. A topic with no route yet is not an error: the
@@ -250,10 +224,7 @@ impl PullConsumerBuilder {
     /// or a setting is zero; [`Error::Remoting`] when no nameserver answers.
     pub async fn build(self) -> Result<PullConsumer> {
         self.config.validate()?;
-        let group = self
-            .group
-            .filter(|g| !g.is_empty())
-            .ok_or_else(|| Error::BadArgument("a consumer needs a group".into()))?;
+        let group = required_group(self.group, "consumer")?;
         let topic = self
             .topic
             .ok_or_else(|| Error::BadArgument("a consumer needs a topic".into()))?;
@@ -359,6 +330,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn offsets(&self) -> MutexGuard<'_, OffsetTable> {
         lock(&self.offsets)
+    }
+
+    /// The address of `key`'s broker, from the latest route, and the pooled
+    /// connection to it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBroker`] when no route named the broker;
+    /// [`Error::Broker`] when it cannot be connected to.
+    pub(crate) async fn connect(&self, key: &QueueKey) -> Result<(String, Connection)> {
+        let addr = self
+            .brokers
+            .get(&key.broker_name)
+            .map(|a| a.clone())
+            .ok_or_else(|| Error::UnknownBroker {
+                name: key.broker_name.clone(),
+            })?;
+        match self.pool.get(&addr).await {
+            Ok(conn) => Ok((addr, conn)),
+            Err(e) => Err(Error::at_broker(&key.broker_name, &addr, e)),
+        }
     }
 
     /// Notes the brokers of `info` and starts a reader for each readable
@@ -587,24 +578,16 @@ fn take_messages(
 async fn commit(shared: &Shared) -> Result<()> {
     let todo = shared.offsets().to_commit();
     let results = join_all(todo.into_iter().map(|(key, offset)| async move {
-        let addr = shared
-            .brokers
-            .get(&key.broker_name)
-            .map(|a| a.clone())
-            .ok_or_else(|| Error::UnknownBroker {
-                name: key.broker_name.clone(),
-            })?;
+        let (addr, conn) = shared.connect(&key).await?;
         let request = CommitOffset {
             group: shared.group.clone(),
             topic: shared.topic.clone(),
             queue: key.queue,
             offset,
         };
-        let done = match shared.pool.get(&addr).await {
-            Ok(conn) => conn.call(request).await,
-            Err(e) => Err(e),
-        };
-        done.map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+        conn.call(request)
+            .await
+            .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
         shared.offsets().committed(&key, offset);
         tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, "committed");
         Ok(())

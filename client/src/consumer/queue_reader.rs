@@ -92,7 +92,7 @@ async fn pull_once(
     offset: &mut Option<u64>,
     from: ConsumeFrom,
 ) -> Result<Pulled> {
-    let (addr, conn) = connect(shared, key).await?;
+    let (addr, conn) = shared.connect(key).await?;
     let at_broker = |e| Error::at_broker(&key.broker_name, &addr, e);
     let start = match *offset {
         Some(o) => o,
@@ -151,20 +151,6 @@ async fn pull_once(
     }
 }
 
-async fn connect(shared: &Shared, key: &QueueKey) -> Result<(String, Connection)> {
-    let addr = shared
-        .brokers
-        .get(&key.broker_name)
-        .map(|a| a.clone())
-        .ok_or_else(|| Error::UnknownBroker {
-            name: key.broker_name.clone(),
-        })?;
-    match shared.pool.get(&addr).await {
-        Ok(conn) => Ok((addr, conn)),
-        Err(e) => Err(Error::at_broker(&key.broker_name, &addr, e)),
-    }
-}
-
 fn query(shared: &Shared, key: &QueueKey) -> QueryOffset {
     QueryOffset {
         group: shared.group.clone(),
@@ -197,7 +183,7 @@ pub(crate) async fn initial_offset(
     key: &QueueKey,
     from: ConsumeFrom,
 ) -> Result<u64> {
-    let (addr, conn) = connect(shared, key).await?;
+    let (addr, conn) = shared.connect(key).await?;
     query_start(shared, &conn, key, from)
         .await
         .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))

@@ -12,12 +12,14 @@ use txmq_protocol::{
     now_millis, validate_topic_name, Message, MsgId, Role, SendRequest, SendResult, SendStatus,
 };
 
+use crate::config::client_setters;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::{MessageQueue, RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Result};
 
 use queue_select::Target;
+pub(crate) use queue_select::{random_start, round_robin};
 pub use queue_select::{select_by_hash, select_round_robin, shard_hash};
 
 /// Pause before retrying on the broker that just failed (times the attempt
@@ -49,47 +51,15 @@ pub struct ProducerBuilder {
 }
 
 impl ProducerBuilder {
-    /// Adds a nameserver address, or a comma-separated list of them; may be
-    /// called repeatedly.
-    pub fn nameserver(mut self, addr: &str) -> Self {
-        self.config.add_nameservers(addr);
-        self
-    }
-
-    /// Replaces all settings (nameservers included) with `config`.
-    pub fn config(mut self, config: ClientConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// The producer group, sent in the hello to brokers.
-    pub fn group(mut self, group: impl Into<String>) -> Self {
-        self.group = Some(group.into());
-        self
-    }
-
-    /// How long one send attempt waits for the broker's answer (default 3 s).
-    pub fn send_timeout(mut self, timeout: Duration) -> Self {
-        self.config.request_timeout = timeout;
-        self
-    }
-
-    /// How many more attempts a send gets after a retriable failure (default 2).
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.config.send_retries = retries;
-        self
-    }
-
-    /// How long a topic's route is cached (default 30 s).
-    pub fn route_refresh_interval(mut self, interval: Duration) -> Self {
-        self.config.route_refresh_interval = interval;
-        self
-    }
-
-    /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
-    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
-        self.config.client_id = client_id.into();
-        self
+    client_setters! {
+        /// The producer group, sent in the hello to brokers.
+        group;
+        /// How long one send attempt waits for the broker's answer (default 3 s).
+        send_timeout(timeout: Duration) => request_timeout;
+        /// How many more attempts a send gets after a retriable failure (default 2).
+        retries(retries: u32) => send_retries;
+        /// How long a topic's route is cached (default 30 s).
+        route_refresh_interval(interval: Duration) => route_refresh_interval;
     }
 
     /// Creates the producer. Nothing is connected yet: connections to the
@@ -339,15 +309,6 @@ impl Producer {
     }
 }
 
-/// A random start for the round robin, so that short-lived producers (one
-/// message per process, say) do not all send to the first queue.
-fn random_start() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish() >> 1
-}
-
 /// Checks a batch and fills in missing ids and timestamps; returns the topic.
 fn prepare(messages: &mut [Message]) -> Result<String> {
     let topic = match messages.first() {
@@ -365,15 +326,19 @@ fn prepare(messages: &mut [Message]) -> Result<String> {
             topic, other.topic
         )));
     }
-    for m in messages.iter_mut() {
-        if m.msg_id == MsgId::default() {
-            m.msg_id = MsgId::generate();
-        }
-        if m.born_timestamp == 0 {
-            m.born_timestamp = now_millis();
-        }
-    }
+    messages.iter_mut().for_each(fill_in);
     Ok(topic)
+}
+
+/// Gives `m` an id and a birth time where it has none, before the first
+/// attempt, so that every retry carries the same id.
+pub(crate) fn fill_in(m: &mut Message) {
+    if m.msg_id == MsgId::default() {
+        m.msg_id = MsgId::generate();
+    }
+    if m.born_timestamp == 0 {
+        m.born_timestamp = now_millis();
+    }
 }
 
 fn no_queue(topic: &str, target: Target<'_>) -> Error {

@@ -2,6 +2,8 @@
 //! (skipping the broker that just failed), by a stable hash of a shard key,
 //! or one named queue. Pure functions, so they are tested here.
 
+use txmq_protocol::fnv1a;
+
 use crate::route::MessageQueue;
 
 /// Where a send goes.
@@ -39,6 +41,16 @@ impl Target<'_> {
     }
 }
 
+/// A random start for a producer's round robin, so that short-lived
+/// producers (one message per process, say) do not all send to the first
+/// queue.
+pub(crate) fn random_start() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() >> 1
+}
+
 /// The index of the queue for send number `turn`: queues in turn, but
 /// the first one after that position not on `avoid` when there is one.
 pub fn select_round_robin(
@@ -46,14 +58,22 @@ pub fn select_round_robin(
     turn: u64,
     avoid: Option<&str>,
 ) -> Option<usize> {
-    let n = queues.len() as u64;
+    round_robin(queues.len(), turn, |i| {
+        Some(queues[i].broker_name.as_str()) == avoid
+    })
+}
+
+/// The index of the item for turn `turn` among `n` items taken in turn,
+/// moved on to the next one for which `avoided` is false when there is one.
+pub(crate) fn round_robin(n: usize, turn: u64, avoided: impl Fn(usize) -> bool) -> Option<usize> {
+    let n = n as u64;
     if n == 0 {
         return None;
     }
     let first = turn % n;
     let preferred = (0..n)
         .map(|i| ((first + i) % n) as usize)
-        .find(|&i| Some(queues[i].broker_name.as_str()) != avoid);
+        .find(|&i| !avoided(i));
     Some(preferred.unwrap_or(first as usize))
 }
 
@@ -67,29 +87,13 @@ pub fn select_by_hash(queues: &[MessageQueue], hash: u64) -> Option<usize> {
 /// The stable 64-bit hash of a shard key (FNV-1a): the same key maps to the
 /// same value in every process, on every machine and in every release.
 pub fn shard_hash(key: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    fnv1a(key.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn queues(spec: &[(&str, u32)]) -> Vec<MessageQueue> {
-        spec.iter()
-            .flat_map(|&(b, n)| {
-                (0..n).map(move |q| MessageQueue {
-                    broker_name: b.to_string(),
-                    addr: format!("{b}:1"),
-                    queue: q,
-                })
-            })
-            .collect()
-    }
+    use crate::route::test_queues as queues;
 
     #[test]
     fn round_robin_visits_every_queue_of_every_broker_evenly() {

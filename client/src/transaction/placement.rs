@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::producer::{select_by_hash, select_round_robin};
+use crate::producer::{round_robin, select_by_hash, select_round_robin};
 use crate::route::MessageQueue;
 
 /// How the queue of a one-topic transaction is chosen.
@@ -39,16 +39,9 @@ pub(crate) fn place(
         }
         _ => {
             let brokers = common_brokers(topics);
-            let n = brokers.len() as u64;
-            if n == 0 {
-                return None;
-            }
-            let first = turn % n;
-            let pick = (0..n)
-                .map(|i| ((first + i) % n) as usize)
-                .find(|&i| Some(brokers[i]) != avoid)
-                .unwrap_or(first as usize);
+            let pick = round_robin(brokers.len(), turn, |i| Some(brokers[i]) == avoid)?;
             let broker = brokers[pick];
+            let n = brokers.len() as u64;
             topics
                 .iter()
                 .map(|(_, queues)| {
@@ -89,18 +82,7 @@ pub(crate) fn distinct<'a>(topics_in_order: impl Iterator<Item = &'a str>) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn queues(spec: &[(&str, u32)]) -> Vec<MessageQueue> {
-        spec.iter()
-            .flat_map(|&(b, n)| {
-                (0..n).map(move |q| MessageQueue {
-                    broker_name: b.to_string(),
-                    addr: format!("{b}:1"),
-                    queue: q,
-                })
-            })
-            .collect()
-    }
+    use crate::route::test_queues as queues;
 
     fn names(placed: &Option<Vec<MessageQueue>>) -> Vec<(String, u32)> {
         placed

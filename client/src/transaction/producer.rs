@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
-    now_millis, validate_topic_name, EndTransaction, Ended, HalfMessage, Message, MsgId,
-    PrepareTransaction, Prepared, Role, TxAction, TxSource,
+    validate_topic_name, EndTransaction, Ended, HalfMessage, Message, MsgId, PrepareTransaction,
+    Prepared, Role, TxAction, TxSource,
 };
 
 use super::broker_links::BrokerLinks;
 use super::check_service::CheckService;
 use super::listener::{state_of, TransactionListener, TransactionState, TxContext};
 use super::placement::{distinct, place, Placement};
+use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
-use crate::producer::shard_hash;
+use crate::producer::{fill_in, random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Result};
 
@@ -87,25 +88,17 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
         }
     }
 
-    /// Adds a nameserver address, or a comma-separated list of them; may be
-    /// called repeatedly.
-    pub fn nameserver(mut self, addr: &str) -> Self {
-        self.config.add_nameservers(addr);
-        self
-    }
-
-    /// Replaces all client settings (nameservers included) with `config`.
-    pub fn config(mut self, config: ClientConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// The producer group (required). The brokers check back on any live
-    /// member of the group, so every process that may prepare transactions
-    /// of the group must be able to answer for all of them.
-    pub fn group(mut self, group: impl Into<String>) -> Self {
-        self.group = Some(group.into());
-        self
+    client_setters! {
+        /// The producer group (required). The brokers check back on any live
+        /// member of the group, so every process that may prepare transactions
+        /// of the group must be able to answer for all of them.
+        group;
+        /// How long one request (prepare, end) waits for the broker's answer (default 3 s).
+        send_timeout(timeout: Duration) => request_timeout;
+        /// How many more attempts a prepare or an end gets after a retriable failure (default 2).
+        retries(retries: u32) => send_retries;
+        /// How long a topic's route is cached (default 30 s).
+        route_refresh_interval(interval: Duration) => route_refresh_interval;
     }
 
     /// The listener that runs local transactions and answers check-backs (required).
@@ -144,30 +137,6 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
         self
     }
 
-    /// How long one request (prepare, end) waits for the broker's answer (default 3 s).
-    pub fn send_timeout(mut self, timeout: Duration) -> Self {
-        self.config.request_timeout = timeout;
-        self
-    }
-
-    /// How many more attempts a prepare or an end gets after a retriable failure (default 2).
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.config.send_retries = retries;
-        self
-    }
-
-    /// How long a topic's route is cached (default 30 s).
-    pub fn route_refresh_interval(mut self, interval: Duration) -> Self {
-        self.config.route_refresh_interval = interval;
-        self
-    }
-
-    /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
-    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
-        self.config.client_id = client_id.into();
-        self
-    }
-
     /// Starts the producer: connects to every broker the nameservers know,
     /// saying hello as a transaction producer of the group, so each can
     /// check back from now on; then keeps those connections open in the
@@ -179,10 +148,7 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
     /// or a setting is invalid; [`Error::Remoting`] when no nameserver answers.
     pub async fn start(self) -> Result<TransactionProducer<L>> {
         self.config.validate()?;
-        let group = self
-            .group
-            .filter(|g| !g.is_empty())
-            .ok_or_else(|| Error::BadArgument("a transaction producer needs a group".into()))?;
+        let group = required_group(self.group, "transaction producer")?;
         let listener = self
             .listener
             .ok_or_else(|| Error::BadArgument("a transaction producer needs a listener".into()))?;
@@ -605,12 +571,7 @@ fn complete(messages: &mut [Message]) -> Result<()> {
     }
     for m in messages.iter_mut() {
         validate_topic_name(&m.topic).map_err(Error::BadArgument)?;
-        if m.msg_id == MsgId::default() {
-            m.msg_id = MsgId::generate();
-        }
-        if m.born_timestamp == 0 {
-            m.born_timestamp = now_millis();
-        }
+        fill_in(m);
     }
     Ok(())
 }
@@ -625,15 +586,6 @@ fn no_queue(topics: &[&str]) -> Error {
             topics: topics.iter().map(|t| t.to_string()).collect(),
         },
     }
-}
-
-/// A random start for the round robin, so that short-lived producers do not
-/// all prepare on the first queue.
-fn random_start() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish() >> 1
 }
 
 #[cfg(test)]

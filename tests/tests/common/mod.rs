@@ -1,0 +1,134 @@
+//! Helpers shared by the integration test files (each includes this module
+//! with `mod common;`): starting a broker process and waiting for what the
+//! nameserver then says, running the `txmq` CLI, a random pause for kills,
+//! and reading a broker's commit log from outside.
+
+// Each test file is its own crate and uses only some of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use txmq_tests::{txmq_cli, wait_for_broker, BrokerProcess};
+
+/// Starts a `txmq-broker` process named `name` on `data` and waits until
+/// the nameserver knows it.
+pub async fn start_broker(data: &Path, ns: &str, name: &str, extra: &[&str]) -> BrokerProcess {
+    let broker = tokio::task::block_in_place(|| BrokerProcess::start(data, ns, name, extra));
+    wait_for_broker(ns, name).await;
+    broker
+}
+
+/// Creates `topic` with `queues` queues on the cluster's one broker,
+/// `broker-a`, and waits until the nameserver routes it there.
+pub async fn create_topic(ns: &str, topic: &str, queues: u32) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    admin
+        .create_topic(topic, queues, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap_or_else(|e| panic!("create {topic}: {e}"));
+    admin.close();
+    wait_for_route(ns, topic, &["broker-a"]).await;
+}
+
+/// Waits (up to 10 s) until the nameserver routes `topic` to exactly
+/// `brokers`. Creating a topic returns before the broker's re-registration
+/// reaches the nameserver (see `cli.rs`,
+/// `a_created_topic_is_routable_as_soon_as_create_returns`), and a restarted
+/// broker registers again.
+pub async fn wait_for_route(ns: &str, topic: &str, brokers: &[&str]) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(route) = admin.route(topic).await {
+            let names: Vec<&str> = route
+                .brokers
+                .iter()
+                .map(|b| b.broker_name.as_str())
+                .collect();
+            if names == brokers {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never routed to {brokers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admin.close();
+}
+
+/// Runs `txmq --nameserver NS ARGS` off the runtime's worker threads (the
+/// in-process cluster needs them meanwhile).
+pub async fn txmq(ns: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let ns = ns.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        txmq_cli(&ns, &args, stdin.as_deref())
+    })
+    .await
+    .expect("txmq runs")
+}
+
+/// A message's body as text.
+pub fn body_text(m: &txmq::ReceivedMessage) -> String {
+    String::from_utf8(m.body().to_vec()).expect("UTF-8 body")
+}
+
+/// A pseudo-random duration in `[lo, hi)`, from the clock and the pid (the
+/// tests do not need a random-number crate for one draw per kill).
+pub fn jitter(lo: Duration, hi: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // splitmix64: spreads the clock's low bits over the whole word.
+    let mut x = nanos ^ u64::from(std::process::id()).rotate_left(32);
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    let span = (hi - lo).as_millis().max(1) as u64;
+    lo + Duration::from_millis(x % span)
+}
+
+/// The segment files of the commit log in `data`, oldest first (their
+/// names are their 20-digit start positions).
+pub fn segments(data: &Path) -> Vec<PathBuf> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(data.join("commitlog"))
+        .expect("commitlog dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 20 && n.parse::<u64>().is_ok())
+        })
+        .collect();
+    segments.sort();
+    segments
+}
+
+/// Where each record of `segment` starts (walking the length prefixes from
+/// the segment's start up to a zero length), and where the last one ends.
+/// Segments are sparse files of a fixed size, so the file size says nothing.
+pub fn record_starts(segment: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(segment).expect("read segment");
+    let mut starts = vec![0u64];
+    let mut pos = 0usize;
+    while pos + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        assert!(
+            pos + len <= bytes.len(),
+            "record at {pos} runs past the segment"
+        );
+        pos += len;
+        starts.push(pos as u64);
+    }
+    starts
+}
