@@ -315,6 +315,15 @@ impl Connection {
     }
 }
 
+/// Queues a frame for the writer, giving up when the connection closes
+/// meanwhile; false when it is closed.
+async fn queue_or_closed(inner: &Inner, item: Outgoing) -> bool {
+    tokio::select! {
+        r = inner.out.send(item) => r.is_ok(),
+        _ = inner.closed.cancelled() => false,
+    }
+}
+
 fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
     // A panic while holding this lock cannot leave the map inconsistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -402,7 +411,7 @@ async fn read_loop(
             _ = inner.closed.cancelled() => break,
             Some((id, result)) = inflight.next(), if !inflight.is_empty() => {
                 let frame = Outgoing::Frame(Frame::Response(id, result));
-                if inner.out.send(frame).await.is_err() {
+                if !queue_or_closed(&inner, frame).await {
                     break;
                 }
             }
@@ -427,7 +436,7 @@ async fn read_loop(
                             ErrorCode::UnsupportedRequest,
                             format!("{} requests are not served here", request.kind()),
                         );
-                        if inner.out.send(Outgoing::Frame(Frame::Response(id, Err(e)))).await.is_err() {
+                        if !queue_or_closed(&inner, Outgoing::Frame(Frame::Response(id, Err(e)))).await {
                             break;
                         }
                     }
@@ -517,7 +526,13 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = writer.write_all(&buf).await {
+        // A peer that stops reading must not pin the connection: closing
+        // (by either side, or a timeout upstream) ends the write.
+        let written = tokio::select! {
+            r = writer.write_all(&buf) => r,
+            _ = inner.closed.cancelled() => break,
+        };
+        if let Err(e) = written {
             debug!(peer = %inner.peer, error = %e, "write failed; closing");
             break;
         }
