@@ -2,6 +2,7 @@
 //! subcommand to its module.
 
 mod args;
+mod bench;
 mod cluster;
 mod consume;
 mod output;
@@ -44,6 +45,9 @@ enum Command {
     /// Transactional messages: send, answer check-backs, list, resolve.
     #[command(subcommand)]
     Tx(tx::TxCommand),
+    /// Benchmarks against a running cluster: produce, consume, e2e, tx.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[tokio::main]
@@ -56,6 +60,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => send::run(&cli.global, args).await,
         Command::Consume(args) => consume::run(&cli.global, args).await,
         Command::Tx(cmd) => tx::run(&cli.global, cmd).await,
+        Command::Bench(cmd) => bench::run(&cli.global, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,237 @@
+//! Criterion micro-benchmarks of the broker's store, on a real temporary
+//! directory: appends under async flush (one message, batches, many
+//! appenders at once), group commit under sync flush with N concurrent
+//! appenders, reads of 32 messages, and recovery of a 64 MiB log.
+//!
+//! Run with `cargo bench -p txmq-broker --bench store` (`-- --quick` for a
+//! short run, or a filter such as `-- group_commit`). Results depend on the
+//! disk (fdatasync latency dominates the sync-flush figures) and on the page
+//! cache (recovery here reads a log that is still cached); they are for
+//! comparing changes on one machine, never for CI to pass or fail on.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tempfile::TempDir;
+use tokio::runtime::Runtime;
+use txmq_broker::store::{Store, StoreConfig};
+use txmq_broker::FlushMode;
+use txmq_protocol::Message;
+
+const TOPIC: &str = "bench";
+const QUEUES: u32 = 4;
+const BODY_LEN: usize = 1024;
+
+fn runtime() -> Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("cannot start a tokio runtime: {e}"),
+    }
+}
+
+fn config(dir: &Path, flush: FlushMode) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.flush = flush;
+    c.segment_size = 64 << 20;
+    c
+}
+
+fn open(dir: &Path, flush: FlushMode) -> Store {
+    match Store::open(config(dir, flush), &[(TOPIC.to_string(), QUEUES)]) {
+        Ok(store) => store,
+        Err(e) => panic!("cannot open the store in {}: {e}", dir.display()),
+    }
+}
+
+fn tempdir() -> TempDir {
+    match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("cannot create a temporary directory: {e}"),
+    }
+}
+
+fn messages(n: usize) -> Vec<Message> {
+    let body = Bytes::from(vec![0x5a; BODY_LEN]);
+    (0..n)
+        .map(|i| Message::new(TOPIC, body.clone()).with_key(format!("k{i}")))
+        .collect()
+}
+
+async fn append(store: &Store, queue: u32, batch: Vec<Message>) {
+    if let Err(e) = store.append(TOPIC, queue, batch).await {
+        panic!("append failed: {e}");
+    }
+}
+
+/// `iters` single-message appends spread over `appenders` tasks, all in
+/// flight at once; returns the wall time of the whole.
+fn concurrent_appends(rt: &Runtime, store: &Store, appenders: u64, iters: u64) -> Duration {
+    let template = Arc::new(messages(1));
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for a in 0..appenders {
+            // Spread the remainder so exactly `iters` appends are made.
+            let n = iters / appenders + u64::from(a < iters % appenders);
+            let store = store.clone();
+            let template = template.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..n {
+                    append(&store, (a % u64::from(QUEUES)) as u32, template.to_vec()).await;
+                }
+            }));
+        }
+        for t in tasks {
+            if let Err(e) = t.await {
+                panic!("an appender failed: {e}");
+            }
+        }
+    });
+    started.elapsed()
+}
+
+/// Async flush: acknowledged once in the page cache.
+fn append_async(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempdir();
+    let store = open(dir.path(), FlushMode::Async);
+    let mut group = c.benchmark_group("append_async_1KiB");
+    group
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    for batch in [1usize, 16, 64] {
+        let template = messages(batch);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("batch", batch), |b| {
+            b.iter(|| rt.block_on(append(&store, 0, template.clone())));
+        });
+    }
+    group.throughput(Throughput::Elements(1));
+    for appenders in [16u64, 64] {
+        group.bench_function(BenchmarkId::new("concurrent_appenders", appenders), |b| {
+            b.iter_custom(|iters| concurrent_appends(&rt, &store, appenders, iters));
+        });
+    }
+    group.finish();
+    rt.block_on(store.shutdown());
+}
+
+/// Sync flush: each append waits for an fdatasync covering it; concurrent
+/// appenders share fdatasyncs (group commit), so appends/s grows with N.
+fn group_commit(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempdir();
+    let store = open(dir.path(), FlushMode::Sync);
+    let mut group = c.benchmark_group("group_commit_sync_1KiB");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(1));
+    for appenders in [1u64, 16, 64] {
+        group.bench_function(BenchmarkId::new("appenders", appenders), |b| {
+            b.iter_custom(|iters| concurrent_appends(&rt, &store, appenders, iters));
+        });
+    }
+    group.finish();
+    rt.block_on(store.shutdown());
+}
+
+/// Reads of 32 messages from a queue of 10,000, round the queue.
+fn read(c: &mut Criterion) {
+    const STORED: u64 = 10_000;
+    const PER_READ: usize = 32;
+    let rt = runtime();
+    let dir = tempdir();
+    let store = open(dir.path(), FlushMode::Async);
+    rt.block_on(async {
+        for _ in 0..STORED / 100 {
+            append(&store, 0, messages(100)).await;
+        }
+    });
+    let mut group = c.benchmark_group("read_1KiB");
+    group
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(PER_READ as u64));
+    let mut offset = 0u64;
+    group.bench_function(BenchmarkId::new("messages", PER_READ), |b| {
+        b.iter(|| {
+            let r = match store.read(TOPIC, 0, offset, PER_READ, 1 << 20) {
+                Ok(r) => r,
+                Err(e) => panic!("read failed: {e}"),
+            };
+            offset = if r.next_offset + PER_READ as u64 > STORED {
+                0
+            } else {
+                r.next_offset
+            };
+            black_box(r.messages.len())
+        });
+    });
+    group.finish();
+    rt.block_on(store.shutdown());
+}
+
+/// Opening a store with 64 MiB of log: after a clean shutdown (the
+/// checkpoint covers everything; only its segment is re-verified), and with
+/// the checkpoint removed (every record replayed and every queue rebuilt).
+fn recovery(c: &mut Criterion) {
+    const LOG_BYTES: usize = 64 << 20;
+    let rt = runtime();
+    let dir = tempdir();
+    let mut config = config(dir.path(), FlushMode::Async);
+    // Several segments, as a real log has.
+    config.segment_size = 16 << 20;
+    let topics = [(TOPIC.to_string(), QUEUES)];
+    let open = || match Store::open(config.clone(), &topics) {
+        Ok(store) => store,
+        Err(e) => panic!("cannot open the store: {e}"),
+    };
+    let store = open();
+    rt.block_on(async {
+        let batches = LOG_BYTES / (BODY_LEN + 100) / 64;
+        for i in 0..batches {
+            append(&store, (i % QUEUES as usize) as u32, messages(64)).await;
+        }
+    });
+    let log_bytes = store.log_end();
+    rt.block_on(store.shutdown());
+
+    let mut group = c.benchmark_group("recovery_64MiB");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Bytes(log_bytes));
+    for (name, replay_all) in [("checkpointed", false), ("full_replay", true)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    if replay_all {
+                        let _ = std::fs::remove_file(dir.path().join("checkpoint"));
+                    }
+                    let started = Instant::now();
+                    let store = open();
+                    total += started.elapsed();
+                    black_box(store.log_end());
+                    rt.block_on(store.shutdown());
+                }
+                total
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append_async, group_commit, read, recovery);
+criterion_main!(benches);

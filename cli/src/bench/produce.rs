@@ -1,0 +1,359 @@
+//! `txmq bench produce TOPIC`: publishes from `--producers` clients with
+//! `--in-flight` requests each, closed loop or open loop at `--rate`, one
+//! message or a `--batch` per request, and reports the publish rate and
+//! the publish latency (from the intended send time under `--rate`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Args;
+use futures_util::future::try_join_all;
+use tokio::sync::watch;
+use txmq::{Message, Producer};
+
+use super::histogram::Latencies;
+use super::load::{drive, Op, Plan};
+use super::progress::{Counters, Progress};
+use super::report::Report;
+use super::{ensure_topic, secs_between, show_progress, stop_on_interrupt, LoadArgs, Timing};
+use crate::args::GlobalArgs;
+use crate::output::{error_text, Printer};
+
+/// `txmq bench produce TOPIC ...`
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// The topic to publish to.
+    pub topic: String,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
+
+    /// Messages per request (send_batch); rates and counts are in messages.
+    #[arg(long, env = "TXMQ_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub batch: u32,
+}
+
+/// What one producer task saw.
+#[derive(Debug, Clone, Default)]
+pub struct SendStats {
+    /// Send latency, from the intended send time.
+    pub latency: Latencies,
+    /// How late requests went out (open loop only): OMB's publish delay.
+    pub delay: Latencies,
+    /// Messages acknowledged in the measured period.
+    pub messages: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Messages whose send failed (warm-up included).
+    pub errors: u64,
+    /// The first failure.
+    pub first_error: Option<String>,
+    /// When the last measured request completed.
+    pub last_done: Option<Instant>,
+}
+
+impl SendStats {
+    /// Notes a request of `n` messages of `size` bytes, sent at `sent_at`
+    /// and done at `done_at`, that succeeded or failed with `error`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn complete(
+        &mut self,
+        counters: &Counters,
+        op: &Op,
+        open_loop: bool,
+        sent_at: Instant,
+        done_at: Instant,
+        n: u64,
+        size: usize,
+        error: Option<String>,
+    ) {
+        if let Some(e) = error {
+            self.errors += n;
+            counters.add_errors(n);
+            if self.first_error.is_none() {
+                tracing::warn!(error = %e, "send failed");
+                self.first_error = Some(e);
+            }
+            return;
+        }
+        counters.add_sent(n);
+        if !op.measured {
+            return;
+        }
+        self.messages += n;
+        self.bytes += n * size as u64;
+        self.latency
+            .record_n(done_at.saturating_duration_since(op.intended), n);
+        if open_loop {
+            self.delay
+                .record_n(sent_at.saturating_duration_since(op.intended), n);
+        }
+        self.last_done = Some(self.last_done.map_or(done_at, |t| t.max(done_at)));
+    }
+
+    /// Adds another task's figures.
+    pub fn merge(&mut self, other: &SendStats) {
+        self.latency.merge(&other.latency);
+        self.delay.merge(&other.delay);
+        self.messages += other.messages;
+        self.bytes += other.bytes;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&other.first_error);
+        }
+        self.last_done = match (self.last_done, other.last_done) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Seconds from the end of the warm-up to the last measured completion.
+    pub fn measured_secs(&self, timing: &Timing) -> f64 {
+        self.last_done
+            .map_or(0.0, |t| secs_between(timing.measure_from, t))
+    }
+
+    /// Adds the publish figures to `report`.
+    pub fn report(&self, report: &mut Report, timing: &Timing, open_loop: bool) {
+        let secs = self.measured_secs(timing);
+        report
+            .field("duration_s", super::report::round(secs, 3))
+            .field("messages", self.messages)
+            .field("bytes", self.bytes)
+            .rates("publish", self.messages, self.bytes, secs)
+            .field("errors", self.errors)
+            .field("first_error", self.first_error.clone())
+            .latency("latency_us", self.latency.summary());
+        if open_loop {
+            report.latency("publish_delay_us", self.delay.summary());
+        }
+    }
+}
+
+/// Builds `n` producers, each its own client, and opens their
+/// connections by fetching the route and sending `connect(i)` once each,
+/// so the measured requests do not pay for connecting.
+///
+/// # Errors
+/// When a producer cannot be built or its first send fails.
+pub async fn connect_producers(
+    global: &GlobalArgs,
+    topic: &str,
+    n: u32,
+    connect: impl Fn(u32) -> Message,
+) -> Result<Vec<Producer>> {
+    let mut producers = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        producers.push(
+            Producer::builder()
+                .config(global.client_config())
+                .build()
+                .await?,
+        );
+    }
+    try_join_all(producers.iter().enumerate().map(|(i, p)| {
+        let message = connect(i as u32);
+        async move {
+            p.writable_queues(topic).await?;
+            p.send(message).await
+        }
+    }))
+    .await
+    .with_context(|| format!("connecting {n} producer(s) to topic {topic}"))?;
+    Ok(producers)
+}
+
+/// Runs the produce benchmark and prints its report.
+///
+/// # Errors
+/// When the cluster cannot be reached, or no message could be sent.
+pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
+    args.load.validate()?;
+    ensure_topic(global, &args.topic, args.load.queues).await?;
+    let body = Bytes::from(vec![b'x'; args.load.size]);
+    let producers = connect_producers(global, &args.topic, args.load.producers, |_| {
+        Message::new(args.topic.clone(), body.clone())
+    })
+    .await?;
+
+    let counters = Arc::new(Counters::default());
+    let (_stop_tx, stop) = stop_on_interrupt();
+    let timing = args.load.timing(Instant::now() + Duration::from_millis(20));
+    let progress = Progress::start(
+        show_progress(global),
+        counters.clone(),
+        timing.extent(u64::from(args.batch)),
+        timing.warmup_until(),
+    );
+    let topic: Arc<str> = Arc::from(args.topic.as_str());
+    let tasks: Vec<_> = producers
+        .iter()
+        .enumerate()
+        .map(|(i, producer)| {
+            let plan = args.load.plan(&timing, i as u32, args.batch);
+            tokio::spawn(produce(
+                producer.clone(),
+                plan,
+                topic.clone(),
+                body.clone(),
+                args.batch as usize,
+                counters.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let mut stats = SendStats::default();
+    for t in tasks {
+        stats.merge(&t.await.context("a producer task failed")?);
+    }
+    progress.finish();
+    for p in &producers {
+        p.close();
+    }
+
+    let mut report = Report::new("produce");
+    report
+        .field("topic", args.topic.as_str())
+        .field("producers", args.load.producers)
+        .field("in_flight", args.load.in_flight)
+        .field("batch", args.batch)
+        .field("message_size", args.load.size as u64)
+        .field("target_rate", args.load.target_rate())
+        .field(
+            "warmup_s",
+            super::report::round(secs_between(timing.start, timing.measure_from), 3),
+        );
+    stats.report(&mut report, &timing, args.load.rate.is_some());
+    report.print(&Printer::stdout(global.output))?;
+    if stats.messages == 0 && stats.errors > 0 {
+        bail!(
+            "no message was sent: {}",
+            stats.first_error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// One producer's loop: `batch` messages per request with the shared body.
+async fn produce(
+    producer: Producer,
+    plan: Plan,
+    topic: Arc<str>,
+    body: Bytes,
+    batch: usize,
+    counters: Arc<Counters>,
+    stop: watch::Receiver<bool>,
+) -> SendStats {
+    let mut stats = SendStats::default();
+    let open_loop = plan.interval.is_some();
+    let size = body.len();
+    let p = &producer;
+    drive(
+        &plan,
+        stop,
+        |op| {
+            let mut messages: Vec<Message> = (0..batch)
+                .map(|_| Message::new(&*topic, body.clone()))
+                .collect();
+            async move {
+                let sent_at = Instant::now();
+                let result = if messages.len() == 1 {
+                    match messages.pop() {
+                        Some(m) => p.send(m).await.map(drop),
+                        None => Ok(()),
+                    }
+                } else {
+                    p.send_batch(messages).await.map(drop)
+                };
+                (op, sent_at, Instant::now(), result)
+            }
+        },
+        |(op, sent_at, done_at, result)| {
+            let error = result.err().map(|e| error_text(&anyhow::Error::from(e)));
+            stats.complete(
+                &counters,
+                &op,
+                open_loop,
+                sent_at,
+                done_at,
+                batch as u64,
+                size,
+                error,
+            );
+        },
+    )
+    .await;
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_stats_count_measured_messages_and_every_error() {
+        let counters = Counters::default();
+        let t0 = Instant::now();
+        let mut s = SendStats::default();
+        let warm = Op {
+            index: 0,
+            intended: t0,
+            measured: false,
+        };
+        let op = Op {
+            index: 1,
+            intended: t0 + Duration::from_millis(10),
+            measured: true,
+        };
+        s.complete(
+            &counters,
+            &warm,
+            true,
+            t0,
+            t0 + Duration::from_millis(1),
+            64,
+            100,
+            None,
+        );
+        s.complete(
+            &counters,
+            &op,
+            true,
+            op.intended + Duration::from_millis(2),
+            op.intended + Duration::from_millis(5),
+            64,
+            100,
+            None,
+        );
+        s.complete(&counters, &op, true, t0, t0, 1, 100, Some("boom".into()));
+        assert_eq!(s.messages, 64);
+        assert_eq!(s.bytes, 6400);
+        assert_eq!(s.errors, 1);
+        assert_eq!(s.first_error.as_deref(), Some("boom"));
+        assert_eq!(s.latency.count(), 64);
+        let lat = s.latency.summary();
+        assert!(
+            lat.p50.abs_diff(5_000) <= 5,
+            "from the intended time: {lat:?}"
+        );
+        assert!(s.delay.summary().p50.abs_diff(2_000) <= 2);
+        assert_eq!(
+            counters.sent.load(std::sync::atomic::Ordering::Relaxed),
+            128
+        );
+
+        let mut total = SendStats::default();
+        total.merge(&s);
+        total.merge(&s);
+        assert_eq!(total.messages, 128);
+        assert_eq!(total.latency.count(), 128);
+        assert_eq!(
+            total.last_done,
+            Some(op.intended + Duration::from_millis(5))
+        );
+    }
+}
