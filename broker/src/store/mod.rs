@@ -522,6 +522,14 @@ impl Store {
         record::decode(&data, false)
     }
 
+    /// Reads and decodes the record starting at `pos`, whatever its size;
+    /// returns it with its size.
+    pub fn read_record_at(&self, pos: u64) -> Option<(record::Record, u32)> {
+        let head = self.inner.log.read(pos, 4)?;
+        let size = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        Some((self.read_record(pos, size)?, size))
+    }
+
     /// What recovery found about transactions; `None` after the first call.
     pub fn take_recovered_transactions(&self) -> Option<RecoveredTransactions> {
         self.inner

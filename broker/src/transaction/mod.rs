@@ -34,6 +34,9 @@ pub(crate) const PROP_CHECK_DELAY: &str = "__txmq.check_delay_ms";
 /// A user property that sets a message's own first-check delay (e.g. `2s`, `500ms`).
 pub const PROP_USER_CHECK_DELAY: &str = "txmq.check-delay";
 
+/// At most this many transactions in one listing (oldest first).
+const LIST_LIMIT: usize = 1000;
+
 /// How many ended transactions are remembered for idempotent ends.
 const ENDED_MEMORY: usize = 1_000_000;
 
@@ -63,15 +66,25 @@ enum Phase {
 #[derive(Debug)]
 struct Pending {
     group: Arc<str>,
-    first_msg_id: MsgId,
-    halves: Vec<(u64, u32)>,
+    /// `msg_key` of its first message (the key of `Table::by_msg_id`).
+    first_msg_key: u64,
+    /// The half messages: `count` records contiguous from the tx id on (no
+    /// per-transaction allocation: a million pending stay small).
+    halves: Halves,
     prepared_at: u64,
     next_check_at: u64,
     checks: u32,
     last_check: Option<TxResolution>,
-    last_error: Option<String>,
+    last_error: Option<Box<str>>,
     phase: Phase,
     checking: bool,
+}
+
+/// Where a transaction's half messages are.
+#[derive(Debug, Clone, Copy)]
+struct Halves {
+    first: u64,
+    count: u16,
 }
 
 #[derive(Default)]
@@ -80,7 +93,9 @@ struct Table {
     /// The first message id of each pending transaction -> its tx id: a
     /// prepare retried after a lost reply finds its transaction here
     /// instead of storing a second copy.
-    by_msg_id: HashMap<MsgId, u64>,
+    /// Keyed by `msg_key` (8 bytes, not the 16-byte id: a million pending
+    /// stay small); a hit is confirmed against the stored half message.
+    by_msg_id: HashMap<u64, u64>,
     /// Prepares being written, by first message id; a retry arriving
     /// meanwhile waits for the first attempt's tx id.
     preparing: HashMap<MsgId, watch::Sender<Option<u64>>>,
@@ -166,6 +181,10 @@ impl Transactions {
             let Some(&(pos, size)) = t.halves.first() else {
                 continue;
             };
+            let halves = Halves {
+                first: pos,
+                count: t.halves.len() as u16,
+            };
             let Some(first) = store.read_record(pos, size) else {
                 tracing::error!(
                     tx_id = t.tx_id,
@@ -173,7 +192,10 @@ impl Transactions {
                 );
                 continue;
             };
-            table.by_msg_id.insert(first.message.msg_id, t.tx_id);
+            table
+                .by_msg_id
+                .entry(msg_key(&first.message.msg_id))
+                .or_insert(t.tx_id);
             let props = &first.message.properties;
             let group = table.group(props.get(PROP_PRODUCER_GROUP).map_or("", String::as_str));
             let delay = props
@@ -189,8 +211,8 @@ impl Transactions {
                 t.tx_id,
                 Pending {
                     group,
-                    first_msg_id: first.message.msg_id,
-                    halves: t.halves,
+                    first_msg_key: msg_key(&first.message.msg_id),
+                    halves,
                     prepared_at: t.prepared_at,
                     next_check_at,
                     checks: t.checks,
@@ -244,10 +266,7 @@ impl Transactions {
             m.properties
                 .insert(PROP_CHECK_DELAY.into(), delay.to_string());
         }
-        let sizes: Vec<u32> = messages
-            .iter()
-            .map(|(_, m)| crate::store::record::message_len(m) as u32)
-            .collect();
+        let count = messages.len();
         let Some(key) = messages.first().map(|(_, m)| m.msg_id) else {
             return Err(WireError::new(
                 ErrorCode::BadArgument,
@@ -256,9 +275,15 @@ impl Transactions {
         };
         let waiting = {
             let mut table = lock(&self.table);
-            if let Some(&tx_id) = table.by_msg_id.get(&key) {
-                tracing::debug!(tx_id, msg_id = %key, "repeated prepare answered with its transaction");
-                return Ok((tx_id, SendStatus::SendOk));
+            if let Some(&tx_id) = table.by_msg_id.get(&msg_key(&key)) {
+                let same = self
+                    .store
+                    .read_record_at(tx_id)
+                    .is_some_and(|(r, _)| r.message.msg_id == key);
+                if same {
+                    tracing::debug!(tx_id, msg_id = %key, "repeated prepare answered with its transaction");
+                    return Ok((tx_id, SendStatus::SendOk));
+                }
             }
             match table.preparing.get(&key) {
                 Some(first) => Some(first.subscribe()),
@@ -287,15 +312,10 @@ impl Transactions {
             }
         };
         // Half messages are contiguous from the tx id on.
-        let mut pos = tx_id;
-        let halves = sizes
-            .into_iter()
-            .map(|s| {
-                let h = (pos, s);
-                pos += u64::from(s);
-                h
-            })
-            .collect();
+        let halves = Halves {
+            first: tx_id,
+            count: count as u16,
+        };
         let now = now_millis();
         // One critical section: a retry finds either the attempt or the
         // transaction, never neither.
@@ -304,12 +324,12 @@ impl Transactions {
             attempt.send_replace(Some(tx_id));
         }
         let group = table.group(group);
-        table.by_msg_id.insert(key, tx_id);
+        table.by_msg_id.entry(msg_key(&key)).or_insert(tx_id);
         table.pending.insert(
             tx_id,
             Pending {
                 group,
-                first_msg_id: key,
+                first_msg_key: msg_key(&key),
                 halves,
                 prepared_at: now,
                 next_check_at: now.saturating_add(delay),
@@ -369,10 +389,10 @@ impl Transactions {
             }
             let previous = p.phase;
             p.phase = Phase::Ending(action, previous == Phase::Parked);
-            (p.halves.clone(), previous)
+            (p.halves, previous)
         };
         let result = match action {
-            TxAction::Commit => match self.read_halves(&halves) {
+            TxAction::Commit => match self.read_halves(halves) {
                 Some(messages) => self
                     .store
                     .commit_transaction(tx_id, messages)
@@ -393,7 +413,9 @@ impl Transactions {
         match result {
             Ok(durable) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
-                    table.by_msg_id.remove(&p.first_msg_id);
+                    if table.by_msg_id.get(&p.first_msg_key) == Some(&tx_id) {
+                        table.by_msg_id.remove(&p.first_msg_key);
+                    }
                 }
                 table.remember_end(tx_id, action == TxAction::Commit);
                 drop(table);
@@ -418,11 +440,12 @@ impl Transactions {
     }
 
     /// The half messages as they become visible: internal properties removed.
-    fn read_halves(&self, halves: &[(u64, u32)]) -> Option<Vec<(u32, Message)>> {
-        halves
-            .iter()
-            .map(|&(pos, size)| {
-                let rec = self.store.read_record(pos, size)?;
+    fn read_halves(&self, halves: Halves) -> Option<Vec<(u32, Message)>> {
+        let mut pos = halves.first;
+        (0..halves.count)
+            .map(|_| {
+                let (rec, size) = self.store.read_record_at(pos)?;
+                pos += u64::from(size);
                 let mut m = rec.message;
                 m.properties.remove(PROP_PRODUCER_GROUP);
                 m.properties.remove(PROP_CHECK_DELAY);
@@ -436,9 +459,12 @@ impl Transactions {
         let now = now_millis();
         let table = lock(&self.table);
         // Half messages are read after the lock is released.
-        let entries: Vec<(Vec<(u64, u32)>, TxInfo)> = table
+        // The oldest ones only: an answer must fit in a frame; the counters
+        // say how many are pending in all.
+        let entries: Vec<(Halves, TxInfo)> = table
             .pending
             .iter()
+            .take(LIST_LIMIT)
             .map(|(&tx_id, p)| {
                 let info = TxInfo {
                     tx_id,
@@ -448,21 +474,21 @@ impl Transactions {
                     age_ms: now.saturating_sub(p.prepared_at),
                     checks: p.checks,
                     last_check: p.last_check,
-                    last_error: p.last_error.clone(),
+                    last_error: p.last_error.as_deref().map(str::to_string),
                     state: if p.phase == Phase::Parked {
                         TxState::Parked
                     } else {
                         TxState::Prepared
                     },
                 };
-                (p.halves.clone(), info)
+                (p.halves, info)
             })
             .collect();
         drop(table);
         let transactions = entries
             .into_iter()
             .map(|(halves, mut info)| {
-                for (_, m) in self.read_halves(&halves).unwrap_or_default() {
+                for (_, m) in self.read_halves(halves).unwrap_or_default() {
                     info.msg_ids.push(m.msg_id);
                     if !info.topics.contains(&m.topic) {
                         info.topics.push(m.topic);
@@ -523,6 +549,11 @@ impl Transactions {
     }
 }
 
+/// The 8-byte key of a message id in `Table::by_msg_id`.
+fn msg_key(id: &MsgId) -> u64 {
+    txmq_protocol::fnv1a(&id.0)
+}
+
 fn final_state(action: TxAction) -> TxState {
     match action {
         TxAction::Commit => TxState::Committed,
@@ -559,10 +590,10 @@ impl Transactions {
         let (group, checks, halves) = {
             let table = lock(&self.table);
             let p = table.pending.get(&tx_id)?;
-            (p.group.clone(), p.checks, p.halves.clone())
+            (p.group.clone(), p.checks, p.halves)
         };
         let messages = self
-            .read_halves(&halves)?
+            .read_halves(halves)?
             .into_iter()
             .map(|(_, m)| m)
             .collect();
@@ -589,7 +620,7 @@ impl Transactions {
         if answer.is_some() {
             p.last_check = answer;
         }
-        p.last_error = error;
+        p.last_error = error.map(String::into_boxed_str);
         p.next_check_at = now + self.config.check_interval.as_millis() as u64;
         p.checks
     }
