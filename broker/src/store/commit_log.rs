@@ -4,7 +4,7 @@
 //! truth. Segments are created at their full size (sparse) so that they can
 //! be memory-mapped once and read without system calls: a read hands out a
 //! `Bytes` slice of the mapping, and the mapping lives as long as any slice.
-//! Writes go through `pwrite` on the writer thread (see `writer.rs`), never
+//! Writes go through `pwrite` by the single writer (see `writer.rs`), never
 //! through the mapping, so a full disk is an error and not a `SIGBUS`.
 
 use std::collections::BTreeMap;
@@ -54,7 +54,7 @@ fn map_file(file: &File) -> io::Result<Bytes> {
     // SAFETY: txmq never truncates a segment file while it is mapped (recovery
     // drops the mapping before cutting a torn tail), other processes must not
     // write to the data dir, and bytes are only appended past the readable end
-    // by the writer thread, so no mapped byte a reader can see changes.
+    // by the single writer, so no mapped byte a reader can see changes.
     let map = unsafe { memmap2::Mmap::map(file)? };
     Ok(Bytes::from_owner(map))
 }

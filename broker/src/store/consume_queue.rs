@@ -67,7 +67,7 @@ pub struct ConsumeQueue {
     visible: AtomicU64,
     /// The smallest offset still readable.
     min: AtomicU64,
-    /// One past the last entry written; only the writer thread advances it.
+    /// One past the last entry written; only the writer advances it.
     next: AtomicU64,
     /// Starts of the files written since the last checkpoint.
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
@@ -128,7 +128,7 @@ impl ConsumeQueue {
         self.min.load(Ordering::Acquire).min(self.max_offset())
     }
 
-    /// The offset the next written entry gets (writer thread).
+    /// The offset the next written entry gets (the writer).
     pub fn next_offset(&self) -> u64 {
         self.next.load(Ordering::Acquire)
     }

@@ -2,8 +2,8 @@
 //! checkpoint, and recovery.
 //!
 //! Start with [`Store`]: [`Store::open`] recovers, then [`Store::append`]
-//! and [`Store::commit_offset`] write through the single writer thread
-//! (`writer.rs`) and [`Store::read`] serves consumers from the consume
+//! and [`Store::commit_offset`] write through the single writer
+//! (`writer.rs`, run by whichever caller takes its lock) and [`Store::read`] serves consumers from the consume
 //! queues and the mapped log. Durability is explicit in [`FlushMode`].
 
 mod checkpoint;
@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use txmq_protocol::{Message, StoredMessage};
 
 use self::commit_log::CommitLog;
@@ -209,7 +209,6 @@ pub(crate) enum WriteCmd {
         offset: u64,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
-    Shutdown(oneshot::Sender<()>),
 }
 
 pub(crate) struct StoreInner {
@@ -226,7 +225,13 @@ pub(crate) struct StoreInner {
     written: AtomicU64,
     flush_state: watch::Sender<FlushState>,
     poisoned: AtomicBool,
-    writer: mpsc::Sender<WriteCmd>,
+    /// The writer; `None` once shut down. Taken with `try_lock` only, by
+    /// whoever queued a command (see `writer.rs`).
+    writer: Mutex<Option<writer::Writer>>,
+    /// Commands waiting for the writer.
+    queue: Mutex<Vec<WriteCmd>>,
+    /// Bounds the queue: a caller waits for a slot when the disk falls behind.
+    slots: tokio::sync::Semaphore,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -248,7 +253,7 @@ impl Store {
     /// Opens the store in `config.dir`, recovering from whatever state a
     /// crash left: replays the log from the checkpoint, verifies checksums,
     /// cuts a torn tail, rebuilds consume queues and consumer offsets. Then
-    /// starts the writer and flusher threads. `topics` lists (topic, queue
+    /// starts the flusher thread. `topics` lists (topic, queue
     /// count) pairs whose queues must exist even when empty.
     ///
     /// # Errors
@@ -261,7 +266,6 @@ impl Store {
             )
         })?;
         let recovered = recovery::recover(&config, topics)?;
-        let (tx, rx) = mpsc::channel(8192);
         let (flush_tx, _) = watch::channel(FlushState {
             flushed: recovered.end,
             failed: false,
@@ -286,7 +290,9 @@ impl Store {
             written: AtomicU64::new(recovered.end),
             flush_state: flush_tx,
             poisoned: AtomicBool::new(false),
-            writer: tx,
+            writer: Mutex::new(None),
+            queue: Mutex::new(Vec::with_capacity(1024)),
+            slots: tokio::sync::Semaphore::new(MAX_QUEUED),
             threads: Mutex::new(Vec::new()),
         });
         let (flusher, flush_cmds) = flusher::Flusher::new(inner.clone(), recovered.end);
@@ -297,13 +303,14 @@ impl Store {
                 .spawn(f)
                 .map_err(|e| StoreError::io("cannot start store thread", &e))
         };
-        let w = spawn("txmq-writer", Box::new(move || writer.run(rx)))?;
+        // The writer holds the store (a cycle broken by `shutdown`).
+        *inner.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
         let f = spawn("txmq-flusher", Box::new(move || flusher.run()))?;
         inner
             .threads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend([w, f]);
+            .push(f);
         Ok(Store { inner })
     }
 
@@ -409,11 +416,14 @@ impl Store {
         cmd: WriteCmd,
         rx: oneshot::Receiver<Result<(u64, u64), StoreError>>,
     ) -> Result<Appended, StoreError> {
-        self.inner
-            .writer
-            .send(cmd)
+        let _slot = self
+            .inner
+            .slots
+            .acquire()
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
+        lock(&self.inner.queue).push(cmd);
+        combine(&self.inner);
         let (first_offset, end) = rx.await.map_err(|_| StoreError::ShuttingDown)??;
         if self.inner.config.flush == FlushMode::Async {
             return Ok(Appended {
@@ -702,14 +712,65 @@ impl Store {
     /// Flushes everything, writes a final checkpoint and stops the store's
     /// threads. Appends after this fail with [`StoreError::ShuttingDown`].
     pub async fn shutdown(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.writer.send(WriteCmd::Shutdown(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let writer = lock(&inner.writer).take();
+            if let Some(mut writer) = writer {
+                let mut rest = std::mem::take(&mut *lock(&inner.queue));
+                writer.process(&mut rest);
+                writer.stop_flusher();
+            }
+            // Anything queued from now on is refused (see `combine`).
+            inner.slots.close();
+            combine(&inner);
+        })
+        .await;
         let threads: Vec<_> =
             std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// At most this many commands wait for the writer.
+const MAX_QUEUED: usize = 8192;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Flat combining: if the writer is free, take it and write everything
+/// queued, repeatedly, until the queue is empty when the writer is let go.
+/// A caller that finds the writer busy leaves its command to the holder,
+/// which checks the queue again after letting go, so none is stranded.
+fn combine(inner: &StoreInner) {
+    let mut batch = Vec::new();
+    loop {
+        {
+            let mut writer = match inner.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            match writer.as_mut() {
+                Some(w) => loop {
+                    std::mem::swap(&mut batch, &mut *lock(&inner.queue));
+                    if batch.is_empty() {
+                        break;
+                    }
+                    w.process(&mut batch);
+                },
+                None => {
+                    // Shut down: refuse what is queued.
+                    for cmd in std::mem::take(&mut *lock(&inner.queue)) {
+                        writer::fail(cmd, StoreError::ShuttingDown);
+                    }
+                }
+            }
+        }
+        if lock(&inner.queue).is_empty() {
+            return;
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The single writer: owns the active segment and appends in batches.
 //!
-//! It takes every command queued since its last write, encodes them into
-//! one buffer and writes that with one `pwrite`, then writes the consume
-//! queue entries and applies offset commits. Under async flush it makes the
+//! There is no writer thread to hand work to: a caller queues its command,
+//! and whoever holds the writer lock (usually the caller itself, on its own
+//! task) takes every command queued meanwhile, encodes them into one buffer
+//! and writes that with one `pwrite`, then writes the consume-queue entries
+//! and applies offset commits (flat combining: no wake-up of another thread
+//! on the way to the disk, and batching whenever callers meet). Under async flush it makes the
 //! new messages visible at once; under sync flush it hands them to the
 //! flusher, which makes them visible after the fdatasync that covers them.
 
@@ -11,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use txmq_protocol::{now_millis, tag_hash, Message, MsgId};
 
 use super::commit_log::Segment;
@@ -84,38 +87,26 @@ impl Writer {
         })
     }
 
-    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<WriteCmd>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut cmd = Some(first);
-            // Take everything queued meanwhile: one write for all of it.
-            while let Some(c) = cmd.take() {
-                match c {
-                    WriteCmd::Shutdown(done) => {
-                        self.write_chunk();
-                        self.finish_batch();
-                        rx.close();
-                        // Anything still queued is refused.
-                        while let Ok(c) = rx.try_recv() {
-                            fail(c, StoreError::ShuttingDown);
-                        }
-                        let (tx, rx_done) = std::sync::mpsc::channel();
-                        if self.flusher.send(FlushCmd::Shutdown(tx)).is_ok() {
-                            let _ = rx_done.recv();
-                        }
-                        let _ = done.send(());
-                        return;
-                    }
-                    other => self.encode(other),
-                }
-                if self.buf.len() < MAX_BATCH_BYTES {
-                    cmd = rx.try_recv().ok();
-                }
+    /// Writes a batch of commands: everything queued since the last write,
+    /// one `pwrite` for all of it (more when it exceeds the batch size or a
+    /// segment rolls).
+    pub(crate) fn process(&mut self, batch: &mut Vec<WriteCmd>) {
+        for cmd in batch.drain(..) {
+            self.encode(cmd);
+            if self.buf.len() >= MAX_BATCH_BYTES {
+                self.write_chunk();
             }
-            self.write_chunk();
-            self.finish_batch();
         }
-        let (tx, _rx) = std::sync::mpsc::channel();
-        let _ = self.flusher.send(FlushCmd::Shutdown(tx));
+        self.write_chunk();
+        self.finish_batch();
+    }
+
+    /// Stops the flusher after a final flush and checkpoint.
+    pub(crate) fn stop_flusher(&self) {
+        let (tx, done) = std::sync::mpsc::channel();
+        if self.flusher.send(FlushCmd::Shutdown(tx)).is_ok() {
+            let _ = done.recv();
+        }
     }
 
     fn at(&self) -> u64 {
@@ -141,7 +132,6 @@ impl Writer {
                 record::encoded_len(topic, Some(group), None, &empty, 0)
             }
             WriteCmd::Marker { .. } => record::encoded_len("", None, None, &empty, 0),
-            WriteCmd::Shutdown(_) => 0,
         };
         if let Err(e) = self.make_room(len) {
             return fail(cmd, e);
@@ -251,7 +241,6 @@ impl Writer {
                 });
                 self.chunk.push(Encoded::Reply { reply, value: 0 });
             }
-            WriteCmd::Shutdown(_) => {}
         }
     }
 
@@ -455,7 +444,7 @@ impl Writer {
     }
 }
 
-fn fail(cmd: WriteCmd, e: StoreError) {
+pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
     match cmd {
         WriteCmd::Messages { reply, .. }
         | WriteCmd::OffsetCommit { reply, .. }
@@ -463,9 +452,6 @@ fn fail(cmd: WriteCmd, e: StoreError) {
         | WriteCmd::Commit { reply, .. }
         | WriteCmd::Marker { reply, .. } => {
             let _ = reply.send(Err(e));
-        }
-        WriteCmd::Shutdown(done) => {
-            let _ = done.send(());
         }
     }
 }
