@@ -99,6 +99,9 @@ struct Table {
     /// Prepares being written, by first message id; a retry arriving
     /// meanwhile waits for the first attempt's tx id.
     preparing: HashMap<MsgId, watch::Sender<Option<u64>>>,
+    /// Ends being written, by tx id; a repeat of the same end waits for the
+    /// first one's outcome (true: written) instead of trusting it early.
+    ending: HashMap<u64, watch::Sender<Option<bool>>>,
     ended: HashMap<u64, bool>,
     ended_order: std::collections::VecDeque<u64>,
     groups: HashMap<String, Arc<str>>,
@@ -353,7 +356,7 @@ impl Transactions {
         action: TxAction,
         source: TxSource,
     ) -> Result<Ended, WireError> {
-        let (halves, previous) = {
+        let first_attempt = {
             let mut table = lock(&self.table);
             if let Some(&committed) = table.ended.get(&tx_id) {
                 return ended_again(tx_id, committed, action);
@@ -368,13 +371,7 @@ impl Transactions {
                 ));
             };
             match p.phase {
-                Phase::Ending(a, _) if a == action => {
-                    return Ok(Ended {
-                        state: final_state(action),
-                        already: true,
-                        status: SendStatus::SendOk,
-                    });
-                }
+                Phase::Ending(a, _) if a == action => None,
                 Phase::Ending(a, _) => return ended_again(tx_id, a == TxAction::Commit, action),
                 Phase::Parked if source == TxSource::Producer => {
                     return Err(WireError::new(
@@ -385,11 +382,36 @@ impl Transactions {
                         ),
                     ));
                 }
-                Phase::Parked | Phase::Prepared => {}
+                Phase::Parked | Phase::Prepared => {
+                    let previous = p.phase;
+                    p.phase = Phase::Ending(action, previous == Phase::Parked);
+                    let halves = p.halves;
+                    table.ending.insert(tx_id, watch::channel(None).0);
+                    Some((halves, previous))
+                }
             }
-            let previous = p.phase;
-            p.phase = Phase::Ending(action, previous == Phase::Parked);
-            (p.halves, previous)
+            .ok_or_else(|| table.ending.get(&tx_id).map(watch::Sender::subscribe))
+        };
+        let (halves, previous) = match first_attempt {
+            Ok(first) => first,
+            Err(waiting) => {
+                // The same end is being written: answer with its outcome.
+                let written = match waiting {
+                    Some(mut w) => w.wait_for(Option::is_some).await.ok().and_then(|v| *v),
+                    None => None,
+                };
+                return match written {
+                    Some(true) => Ok(Ended {
+                        state: final_state(action),
+                        already: true,
+                        status: SendStatus::SendOk,
+                    }),
+                    _ => Err(WireError::new(
+                        ErrorCode::StoreUnavailable,
+                        format!("ending transaction {tx_id} failed; try again"),
+                    )),
+                };
+            }
         };
         let result = match action {
             TxAction::Commit => match self.read_halves(halves) {
@@ -410,6 +432,9 @@ impl Transactions {
                 .map_err(store_error),
         };
         let mut table = lock(&self.table);
+        if let Some(first) = table.ending.remove(&tx_id) {
+            first.send_replace(Some(result.is_ok()));
+        }
         match result {
             Ok(durable) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
@@ -634,5 +659,69 @@ impl Transactions {
                 tracing::warn!(tx_id, group = %p.group, checks = p.checks, "transaction parked after the maximum number of checks; resolve it with txmq tx resolve");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn config() -> TxConfig {
+        TxConfig {
+            timeout: Duration::from_secs(60),
+            check_interval: Duration::from_secs(60),
+            check_max: 3,
+            check_rate: 100,
+            check_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_ends_racing_write_once_and_contradicting_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = StoreConfig::new(dir.path());
+        c.segment_size = 1 << 20;
+        c.max_message_size = 64 * 1024;
+        let store = Store::open(c, &[("t".to_string(), 1)]).unwrap();
+        let tx = Arc::new(Transactions::new(
+            store.clone(),
+            config(),
+            "b".into(),
+            Default::default(),
+        ));
+        for round in 0..20 {
+            let (id, _) = tx
+                .prepare(
+                    "pg",
+                    None,
+                    vec![(0, Message::new("t", format!("m{round}")))],
+                )
+                .await
+                .unwrap();
+            let ends: Vec<_> = (0..4)
+                .map(|_| {
+                    let tx = tx.clone();
+                    tokio::spawn(
+                        async move { tx.end(id, TxAction::Commit, TxSource::Producer).await },
+                    )
+                })
+                .collect();
+            let mut fresh = 0;
+            for e in ends {
+                let ended = e.await.unwrap().unwrap();
+                assert_eq!(ended.state, TxState::Committed);
+                fresh += usize::from(!ended.already);
+            }
+            assert_eq!(fresh, 1, "exactly one end wrote the commit");
+            let err = tx
+                .end(id, TxAction::Rollback, TxSource::Operator)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::TransactionCommitted);
+        }
+        let r = store.read("t", 0, 0, 100, 1 << 20).unwrap();
+        assert_eq!(r.messages.len(), 20, "each transaction visible once");
+        store.shutdown().await;
     }
 }
