@@ -154,6 +154,26 @@ impl Admin {
         answers.into_iter().collect()
     }
 
+    /// Every broker's store counters (or one broker's): records, bytes and
+    /// writes appended, and fdatasync rounds, since it started.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBroker`] when `broker` names no registered broker, or
+    /// a broker that cannot be asked.
+    pub async fn store_stats(
+        &self,
+        broker: Option<&str>,
+    ) -> Result<Vec<txmq_protocol::StoreStats>> {
+        let targets = self.targets(broker).await?;
+        let answers = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, txmq_protocol::GetStoreStats {})),
+        )
+        .await;
+        answers.into_iter().collect()
+    }
+
     /// Ends transaction `tx_id` by hand, as an operator: commits or rolls it
     /// back, parked or not. Returns the broker that holds it and its answer
     /// (a repeated end answers with `already` set).

@@ -88,6 +88,8 @@ requests! {
     CheckTransaction(CheckTransaction) -> CheckAnswer;
     /// Operator -> broker: pending and parked transactions, and counters.
     ListTransactions(ListTransactions) -> TransactionList;
+    /// Operator or bench -> broker: the store's write and fsync counters.
+    GetStoreStats(GetStoreStats) -> StoreStats;
 }
 
 /// A topic may be read (consumed).
@@ -521,6 +523,27 @@ pub struct TransactionList {
     pub transactions: Vec<TxInfo>,
     /// Counters.
     pub counters: TxCounters,
+}
+
+/// Ask a broker for its store counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetStoreStats {}
+
+/// A broker's store counters since it started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreStats {
+    /// The broker's name.
+    pub broker_name: String,
+    /// `async` or `sync`.
+    pub flush: String,
+    /// Records appended to the commit log (messages, half messages, markers, offsets).
+    pub records: u64,
+    /// Bytes appended to the commit log.
+    pub bytes: u64,
+    /// `pwrite` calls that appended them.
+    pub writes: u64,
+    /// fdatasync rounds of the commit log (group commits under sync flush).
+    pub fdatasyncs: u64,
 }
 
 /// Checks a topic name: 1 to 127 characters of `A-Z a-z 0-9 - _ . %`.

@@ -79,6 +79,20 @@ impl Service for BrokerService {
                         .await
                         .map(Response::EndTransaction)
                 }
+                Request::GetStoreStats(_) => {
+                    let (records, bytes, writes, fdatasyncs) = b.store.stats();
+                    Ok(Response::GetStoreStats(txmq_protocol::StoreStats {
+                        broker_name: b.config.broker_name.clone(),
+                        flush: match b.config.flush {
+                            crate::store::FlushMode::Async => "async".into(),
+                            crate::store::FlushMode::Sync => "sync".into(),
+                        },
+                        records,
+                        bytes,
+                        writes,
+                        fdatasyncs,
+                    }))
+                }
                 Request::ListTransactions(r) => {
                     Ok(Response::ListTransactions(transaction::list(&b, r)))
                 }

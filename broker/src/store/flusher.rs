@@ -125,6 +125,7 @@ impl Flusher {
                 }
             }
             self.flushed = target;
+            self.store.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         }
         // Visible before acknowledged: a consumer that hears of a send from
         // its producer can read the message.

@@ -221,6 +221,8 @@ pub(crate) struct StoreInner {
     tx_pending: Mutex<std::collections::BTreeSet<u64>>,
     /// What recovery found about transactions, until taken.
     recovered_tx: Mutex<Option<RecoveredTransactions>>,
+    /// Counters for `GetStoreStats`.
+    pub(crate) stats: StoreCounters,
     /// One past the last byte written to the log.
     written: AtomicU64,
     flush_state: watch::Sender<FlushState>,
@@ -287,6 +289,7 @@ impl Store {
             offsets,
             tx_pending: Mutex::new(tx_pending),
             recovered_tx: Mutex::new(Some(recovered.transactions)),
+            stats: StoreCounters::default(),
             written: AtomicU64::new(recovered.end),
             flush_state: flush_tx,
             poisoned: AtomicBool::new(false),
@@ -704,6 +707,17 @@ impl Store {
         all_queues(&self.inner)
     }
 
+    /// Records, bytes and `pwrite` calls appended, and fdatasync rounds, since open.
+    pub fn stats(&self) -> (u64, u64, u64, u64) {
+        let s = &self.inner.stats;
+        (
+            s.records.load(Ordering::Relaxed),
+            s.bytes.load(Ordering::Relaxed),
+            s.writes.load(Ordering::Relaxed),
+            s.fdatasyncs.load(Ordering::Relaxed),
+        )
+    }
+
     /// The log position one past the last byte written.
     pub fn log_end(&self) -> u64 {
         self.inner.written.load(Ordering::Acquire)
@@ -731,6 +745,15 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
+}
+
+/// Write and fsync counters since the store opened.
+#[derive(Debug, Default)]
+pub(crate) struct StoreCounters {
+    pub(crate) records: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) fdatasyncs: AtomicU64,
 }
 
 /// At most this many commands wait for the writer.

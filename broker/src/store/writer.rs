@@ -61,6 +61,8 @@ pub(crate) struct Writer {
     /// Reused per chunk: answers held until the chunk is visible.
     replies: Vec<(Reply, ReplyValue)>,
     tx_changes: Vec<(u64, bool)>,
+    /// Records encoded into `buf`.
+    chunk_records: u64,
 }
 
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -84,6 +86,7 @@ impl Writer {
             publish: Vec::new(),
             replies: Vec::with_capacity(1024),
             tx_changes: Vec::new(),
+            chunk_records: 0,
         })
     }
 
@@ -136,6 +139,12 @@ impl Writer {
         if let Err(e) = self.make_room(len) {
             return fail(cmd, e);
         }
+        self.chunk_records += match &cmd {
+            WriteCmd::Messages { messages, .. } => messages.len() as u64,
+            WriteCmd::Prepare { messages, .. } => messages.len() as u64,
+            WriteCmd::Commit { messages, .. } => messages.len() as u64,
+            WriteCmd::OffsetCommit { .. } | WriteCmd::Marker { .. } => 1,
+        };
         let now = now_millis();
         let head = |kind, queue, queue_offset, aux, flags| RecordHead {
             kind,
@@ -343,6 +352,14 @@ impl Writer {
         let chunk = std::mem::take(&mut self.chunk);
         match result {
             Ok(()) => {
+                let stats = &self.store.stats;
+                stats.writes.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .bytes
+                    .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+                stats
+                    .records
+                    .fetch_add(self.chunk_records, Ordering::Relaxed);
                 let mut replies = std::mem::take(&mut self.replies);
                 let mut tx_changes = std::mem::take(&mut self.tx_changes);
                 let mut cmd_error: Option<StoreError> = None;
@@ -432,6 +449,7 @@ impl Writer {
         self.buf.clear();
         self.cq_buf.clear();
         self.next.clear();
+        self.chunk_records = 0;
     }
 
     /// Under sync flush, hands the batch's messages to the flusher, which

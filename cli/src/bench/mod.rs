@@ -264,6 +264,59 @@ pub async fn ensure_topic(global: &GlobalArgs, topic: &str, queues: Option<u32>)
     result
 }
 
+/// The brokers' store counters summed: (records, writes, fdatasyncs), or
+/// `None` when a broker cannot be asked (the report then leaves them out).
+pub async fn store_counters(global: &GlobalArgs) -> Option<(u64, u64, u64)> {
+    let admin = Admin::with_config(global.client_config()).await.ok()?;
+    let stats = admin.store_stats(None).await.ok();
+    admin.close();
+    stats.map(|all| {
+        all.iter().fold((0, 0, 0), |(r, w, f), s| {
+            (r + s.records, w + s.writes, f + s.fdatasyncs)
+        })
+    })
+}
+
+/// Adds the broker-side write and fdatasync rates between two
+/// `store_counters` readings `secs` apart.
+pub fn report_store_counters(
+    report: &mut report::Report,
+    before: Option<(u64, u64, u64)>,
+    after: Option<(u64, u64, u64)>,
+    secs: f64,
+) {
+    let (Some(b), Some(a)) = (before, after) else {
+        return;
+    };
+    if secs <= 0.0 {
+        return;
+    }
+    let (records, writes, syncs) = (
+        a.0.saturating_sub(b.0),
+        a.1.saturating_sub(b.1),
+        a.2.saturating_sub(b.2),
+    );
+    report
+        .field("broker_records", records)
+        .field(
+            "broker_writes_per_s",
+            report::round(writes as f64 / secs, 1),
+        )
+        .field(
+            "broker_records_per_write",
+            report::round(records as f64 / writes.max(1) as f64, 2),
+        )
+        .field("fdatasync_per_s", report::round(syncs as f64 / secs, 1))
+        .field(
+            "messages_per_fdatasync",
+            if syncs == 0 {
+                0.0
+            } else {
+                report::round(records as f64 / syncs as f64, 2)
+            },
+        );
+}
+
 /// Seconds between two instants, 0 when `to` is not later.
 pub fn secs_between(from: Instant, to: Instant) -> f64 {
     to.checked_duration_since(from)

@@ -181,6 +181,8 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     .await?;
 
     let counters = Arc::new(Counters::default());
+    let store_before = super::store_counters(global).await;
+    let started = Instant::now();
     let (_stop_tx, stop) = stop_on_interrupt();
     let timing = args.load.timing(Instant::now() + Duration::from_millis(20));
     let progress = Progress::start(
@@ -211,6 +213,8 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         stats.merge(&t.await.context("a producer task failed")?);
     }
     progress.finish();
+    let run_secs = started.elapsed().as_secs_f64();
+    let store_after = super::store_counters(global).await;
     for p in &producers {
         p.close();
     }
@@ -228,6 +232,8 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
             super::report::round(secs_between(timing.start, timing.measure_from), 3),
         );
     stats.report(&mut report, &timing, args.load.rate.is_some());
+    // Whole run, warm-up included: the broker cannot tell them apart.
+    super::report_store_counters(&mut report, store_before, store_after, run_secs);
     report.print(&Printer::stdout(global.output))?;
     if stats.messages == 0 && stats.errors > 0 {
         bail!(
