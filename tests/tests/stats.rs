@@ -1,0 +1,43 @@
+//! Store counters as an operator or `txmq bench` reads them.
+
+use txmq::Message;
+use txmq_broker::FlushMode;
+use txmq_tests::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_stats_count_records_writes_and_group_commits() {
+    let cluster = Cluster::start(FlushMode::Sync).await;
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("s", 2, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let before = admin.store_stats(None).await.unwrap();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].flush, "sync");
+
+    let producer = cluster.producer().await;
+    let sends: Vec<_> = (0..200)
+        .map(|i| {
+            let p = producer.clone();
+            tokio::spawn(async move { p.send(Message::new("s", format!("{i}"))).await })
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+    let after = admin.store_stats(Some("broker-a")).await.unwrap();
+    let (b, a) = (&before[0], &after[0]);
+    assert_eq!(a.broker_name, "broker-a");
+    assert_eq!(a.records - b.records, 200, "one record per message");
+    assert!(a.bytes - b.bytes >= 200 * 64);
+    assert!(a.writes > b.writes && a.writes - b.writes <= 200);
+    // Every acknowledged message was covered by an fdatasync; concurrent
+    // sends share them (group commit), so there are no more than messages.
+    let syncs = a.fdatasyncs - b.fdatasyncs;
+    assert!(
+        (1..=200).contains(&syncs),
+        "{syncs} fdatasyncs for 200 messages"
+    );
+    cluster.shutdown().await;
+}
