@@ -99,6 +99,19 @@ async fn recovery_without_checkpoint_rebuilds_queues_and_offsets() {
     store.shutdown().await;
 }
 
+/// Drops the last `bytes` bytes before log position `end` from the last
+/// segment, as a write torn by a crash would.
+fn tear_tail(dir: &std::path::Path, end: u64, bytes: u64) {
+    let seg = last_segment(dir);
+    let start: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(end - start - bytes)
+        .unwrap();
+}
+
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir.join("commitlog"))
         .unwrap()
@@ -118,14 +131,7 @@ async fn torn_tail_is_cut_and_new_appends_follow() {
     let end = store.log_end();
     store.shutdown().await;
     // Tear the last record: drop its final 10 bytes.
-    let seg = last_segment(dir.path());
-    let start: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(end - start - 10)
-        .unwrap();
+    tear_tail(dir.path(), end, 10);
     // The checkpoint written at shutdown stays: recovery must still find the tear.
 
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
@@ -283,14 +289,7 @@ async fn a_commit_torn_by_a_crash_is_cut_whole_and_the_transaction_stays_pending
     let end = store.log_end();
     store.shutdown().await;
     // Tear the commit group: its last record loses its tail.
-    let seg = last_segment(dir.path());
-    let start: u64 = seg.file_name().unwrap().to_str().unwrap().parse().unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(end - start - 5)
-        .unwrap();
+    tear_tail(dir.path(), end, 5);
 
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
     let r = store.read("orders", 1, 0, 10, 1 << 20).unwrap();
