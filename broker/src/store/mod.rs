@@ -593,6 +593,7 @@ impl Store {
     }
 
     /// Reads up to `max_messages` (and about `max_bytes`) from a queue.
+    /// Each message carries the queue offset it was read at.
     ///
     /// # Errors
     /// [`StoreError::NoQueue`], or an I/O error reading the consume queue.
@@ -626,6 +627,7 @@ impl Store {
         let mut bytes = 0;
         let mut next = offset;
         for e in entries {
+            let at = next;
             if bytes > 0 && bytes + e.size as usize > max_bytes {
                 break;
             }
@@ -645,7 +647,9 @@ impl Store {
                 continue;
             };
             bytes += e.size as usize;
-            result.messages.push(rec.into_stored(e.log_offset));
+            // The offset read at, not the record's: a delivered delayed
+            // message's record holds its delay-level offset.
+            result.messages.push(rec.into_stored(e.log_offset, at));
         }
         result.next_offset = next;
         Ok(result)

@@ -261,12 +261,14 @@ pub struct Record {
 }
 
 impl Record {
-    /// The stored message as a consumer sees it.
-    pub fn into_stored(self, log_offset: u64) -> StoredMessage {
+    /// The stored message as a consumer sees it, read at `queue_offset` of
+    /// its queue (a delayed message's record holds its delay-level offset,
+    /// not the offset it was delivered at).
+    pub fn into_stored(self, log_offset: u64, queue_offset: u64) -> StoredMessage {
         StoredMessage {
             message: self.message,
             queue: self.queue,
-            queue_offset: self.queue_offset,
+            queue_offset,
             log_offset,
             store_timestamp: self.store_timestamp,
         }
