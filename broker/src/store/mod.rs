@@ -16,6 +16,8 @@ mod recovery;
 mod writer;
 
 #[cfg(test)]
+mod delay_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
