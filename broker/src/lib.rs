@@ -207,6 +207,7 @@ impl Broker {
         ));
         tasks.spawn(registration::run(inner.clone(), nameservers));
         tasks.spawn(retention(inner.clone()));
+        tasks.spawn(deliver_delayed(inner.clone()));
         tasks.spawn(transaction::run_check_back(
             inner.transactions.clone(),
             shutdown.clone(),
@@ -267,6 +268,42 @@ async fn retention(b: Arc<BrokerInner>) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
             Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        }
+    }
+}
+
+/// Delayed messages due per `deliver_due` call.
+const DELAY_BATCH: usize = 4096;
+
+/// Drives delayed messages: every 100 ms, moves the delay-level entries that
+/// are due (one task for all of them, no timer per message).
+async fn deliver_delayed(b: Arc<BrokerInner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = b.shutdown.cancelled() => return,
+        }
+        loop {
+            match b
+                .store
+                .deliver_due(txmq_protocol::now_millis(), DELAY_BATCH)
+                .await
+            {
+                // A full batch: more may be due at once.
+                Ok(n) if n == DELAY_BATCH && !b.shutdown.is_cancelled() => {}
+                Ok(_) => break,
+                Err(store::StoreError::ShuttingDown) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivering delayed messages failed; retrying in a second");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = b.shutdown.cancelled() => return,
+                    }
+                    break;
+                }
+            }
         }
     }
 }
