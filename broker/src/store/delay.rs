@@ -26,6 +26,23 @@
 //!
 //! Retention keeps every segment that holds a delayed record still pending
 //! in some level (see [`Store::oldest_pending_delayed`]).
+//!
+//! Known limits:
+//! - Delivery lags its time by up to the caller's period (100 ms in the
+//!   broker), plus up to `BASE_MS` when an entry of level 0 waits behind one
+//!   that wakes up later (level 0 is the one level not in wake-up order).
+//! - A process crash (`kill -9`) cannot deliver twice: the writer writes a
+//!   marker to the log before the entry it adds, and both reach the page
+//!   cache. An OS crash or power loss could keep a consume-queue page
+//!   written after a marker and lose the marker (the kernel writes pages
+//!   back in any order before the next fdatasync); the message would then
+//!   be delivered again. Recovery cannot tell such an entry from a good one:
+//!   it points at an intact record.
+//! - A delivered message's entry points back at its original record, so a
+//!   real queue's entries are not in log order any more. Retention of a
+//!   delivered message counts from when it was sent, and trimming a queue
+//!   after retention may hide a few older messages of that queue whose
+//!   segment is still there.
 
 use std::sync::Arc;
 
@@ -263,9 +280,10 @@ impl Store {
     /// Moves the delay-level entries due at `now_ms` (at most `max`): each
     /// message whose delivery time has come becomes readable in its real
     /// queue, the others go to a lower level. All moves of one call are one
-    /// write of small markers. Returns how many entries were moved (`max`
-    /// means more may be due: call again). Calls are serialised; the broker
-    /// runs one task that calls this every 100 ms.
+    /// write of small markers (at most 1 MiB of them). Returns how many
+    /// entries were moved; when that is not 0, more may be due: call again.
+    /// Calls are serialised; the broker runs one task that calls this every
+    /// 100 ms.
     ///
     /// A real queue missing at delivery (not possible while queues are never
     /// deleted) is created, as a commit does. A delayed record that cannot

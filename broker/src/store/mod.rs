@@ -5,6 +5,8 @@
 //! and [`Store::commit_offset`] write through the single writer
 //! (`writer.rs`, run by whichever caller takes its lock) and [`Store::read`] serves consumers from the consume
 //! queues and the mapped log. Durability is explicit in [`FlushMode`].
+//! Delayed messages ([`Store::append_delayed`], [`Store::deliver_due`]) are
+//! indexed in consume queues of an internal topic too (see `delay.rs`).
 
 mod checkpoint;
 pub mod commit_log;
