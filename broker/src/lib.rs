@@ -291,8 +291,9 @@ async fn deliver_delayed(b: Arc<BrokerInner>) {
                 .deliver_due(txmq_protocol::now_millis(), DELAY_BATCH)
                 .await
             {
-                // A full batch: more may be due at once.
-                Ok(n) if n == DELAY_BATCH && !b.shutdown.is_cancelled() => {}
+                // Something moved: more may be due at once (a call moves at
+                // most DELAY_BATCH entries, or one write's worth of markers).
+                Ok(n) if n > 0 && !b.shutdown.is_cancelled() => {}
                 Ok(_) => break,
                 Err(store::StoreError::ShuttingDown) => return,
                 Err(e) => {
@@ -305,5 +306,47 @@ async fn deliver_delayed(b: Arc<BrokerInner>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The broker's own task delivers a delayed message, without anyone
+    /// calling `deliver_due` by hand.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_broker_delivers_delayed_messages_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = BrokerConfig::new(dir.path());
+        config.listen = "127.0.0.1:0".into();
+        config.standalone = true;
+        config.nameserver_listen = "127.0.0.1:0".into();
+        config.nameservers = Vec::new();
+        config.segment_size = 8 << 20;
+        let broker = Broker::start(config).await.unwrap();
+        let store = broker.inner.store.clone();
+        store.ensure_queues("orders", 1).unwrap();
+        let deliver_at = txmq_protocol::now_millis() + 300;
+        let msg = txmq_protocol::Message::new("orders", &b"later"[..]);
+        store
+            .append_delayed("orders", 0, vec![msg], deliver_at)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        while got.is_empty() && started.elapsed() < Duration::from_secs(3) {
+            got = store.read("orders", 0, 0, 10, 1 << 20).unwrap().messages;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let at = txmq_protocol::now_millis();
+        assert_eq!(got.len(), 1, "delivered");
+        assert!(
+            at >= deliver_at && at < deliver_at + 1000,
+            "{}",
+            at as i64 - deliver_at as i64
+        );
+        assert_eq!(store.delay_stats().pending, 0);
+        broker.shutdown().await;
     }
 }
