@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod groups;
 mod handler;
 mod registration;
 pub mod store;
@@ -73,6 +74,7 @@ pub(crate) struct BrokerInner {
     pub(crate) topics_version: std::sync::atomic::AtomicU64,
     pub(crate) registered_version: tokio::sync::watch::Sender<u64>,
     pub(crate) transactions: Arc<transaction::Transactions>,
+    pub(crate) groups: Arc<groups::Groups>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -182,6 +184,7 @@ impl Broker {
         ));
         let inner = Arc::new(BrokerInner {
             transactions,
+            groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
             advertised_addr: addr.to_string(),
             config,
             store,
@@ -207,6 +210,7 @@ impl Broker {
         ));
         tasks.spawn(registration::run(inner.clone(), nameservers));
         tasks.spawn(retention(inner.clone()));
+        tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
         tasks.spawn(transaction::run_check_back(
             inner.transactions.clone(),
             shutdown.clone(),
