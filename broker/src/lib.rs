@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod groups;
 mod handler;
 mod registration;
 pub mod store;
@@ -73,6 +74,7 @@ pub(crate) struct BrokerInner {
     pub(crate) topics_version: std::sync::atomic::AtomicU64,
     pub(crate) registered_version: tokio::sync::watch::Sender<u64>,
     pub(crate) transactions: Arc<transaction::Transactions>,
+    pub(crate) groups: Arc<groups::Groups>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -148,6 +150,7 @@ impl Broker {
         store_config.segment_size = config.segment_size;
         store_config.max_message_size = config.max_message_size;
         store_config.retention = config.retention;
+        store_config.max_delay = config.max_delay;
         let store_dir = dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
             .await
@@ -182,6 +185,7 @@ impl Broker {
         ));
         let inner = Arc::new(BrokerInner {
             transactions,
+            groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
             advertised_addr: addr.to_string(),
             config,
             store,
@@ -208,6 +212,7 @@ impl Broker {
         tasks.spawn(registration::run(inner.clone(), nameservers));
         tasks.spawn(retention(inner.clone()));
         tasks.spawn(deliver_delayed(inner.clone()));
+        tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
         tasks.spawn(transaction::run_check_back(
             inner.transactions.clone(),
             shutdown.clone(),

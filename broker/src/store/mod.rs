@@ -631,6 +631,18 @@ impl Store {
         Ok(())
     }
 
+    /// (group, topic) of every committed offset, internal groups (`%...`) left out.
+    pub fn committed_groups(&self) -> Vec<(String, String)> {
+        let set: std::collections::BTreeSet<(String, String)> = self
+            .inner
+            .offsets
+            .iter()
+            .filter(|e| !e.key().0.starts_with('%'))
+            .map(|e| (e.key().0.clone(), e.key().1.clone()))
+            .collect();
+        set.into_iter().collect()
+    }
+
     /// A group's committed offset for a queue.
     pub fn committed_offset(&self, group: &str, topic: &str, queue: u32) -> Option<u64> {
         self.inner
@@ -654,6 +666,25 @@ impl Store {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<ReadResult, StoreError> {
+        self.read_filtered(topic, queue, offset, max_messages, max_bytes, &[])
+    }
+
+    /// As [`Store::read`], but only messages whose tag hash (kept in the
+    /// consume-queue entry, so others are not even read from the log) is in
+    /// `tags`; empty `tags`: every message. Entries skipped count against
+    /// `max_messages`, and `next_offset` moves past them.
+    ///
+    /// # Errors
+    /// As [`Store::read`].
+    pub fn read_filtered(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        max_messages: usize,
+        max_bytes: usize,
+        tags: &[u64],
+    ) -> Result<ReadResult, StoreError> {
         let cq = self.user_queue(topic, queue)?;
         let (min, max) = (cq.min_offset(), cq.max_offset());
         let mut result = ReadResult {
@@ -676,6 +707,9 @@ impl Store {
                 break;
             }
             next += 1;
+            if !tags.is_empty() && !tags.contains(&e.tag_hash) {
+                continue;
+            }
             // A record below the log's start was deleted by retention.
             let Some(data) = self.inner.log.read(e.log_offset, e.size as usize) else {
                 continue;
