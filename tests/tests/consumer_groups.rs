@@ -425,6 +425,7 @@ async fn delayed_messages_arrive_on_time_also_across_a_broker_restart() {
         .nameserver(&ns)
         .group("g")
         .subscribe("later", "*")
+        .commit_interval(Duration::from_millis(100))
         .rebalance_interval(Duration::from_millis(300))
         .max_wait(Duration::from_millis(500))
         .route_refresh_interval(Duration::from_millis(300))
@@ -515,7 +516,9 @@ async fn delayed_messages_arrive_on_time_also_across_a_broker_restart() {
         t - sent_at
     );
     let bodies: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
-    assert_eq!(bodies.len(), 5, "each once: {bodies:?}");
+    let admin = txmq::Admin::connect([ns.clone()]).await.unwrap();
+    let stored: Vec<(String, u32, u64)> = admin.browse("later", 100).await.unwrap().iter().map(|m| (body(m), m.queue(), m.queue_offset())).collect();
+    assert_eq!(bodies.len(), 5, "each once: {bodies:?}; stored {stored:?}");
     consumer.shutdown().await;
     producer.close();
     broker.stop();

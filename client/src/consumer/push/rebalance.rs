@@ -109,13 +109,10 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
     }
     let mut workers = lock(&shared.workers);
     for (q, w) in workers.iter() {
-        // Queues of a broker that answered and no longer assigns them, or
-        // of a broker no route names any more, are given up.
-        let dropped = if answered.contains(&q.broker_name) {
-            !wanted.contains(q)
-        } else {
-            !brokers.contains_key(&q.broker_name)
-        };
+        // Queues of a broker that answered and no longer assigns them are
+        // given up. A broker that does not answer (restarting, say) keeps
+        // its queues here: their readers retry and commit once it is back.
+        let dropped = answered.contains(&q.broker_name) && !wanted.contains(q);
         if dropped && !w.release.is_cancelled() {
             tracing::info!(group = %shared.group, broker = %q.broker_name, topic = %q.topic, queue = q.queue, "giving the queue up");
             w.release.cancel();
