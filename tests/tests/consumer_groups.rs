@@ -685,3 +685,203 @@ async fn a_tag_filter_delivers_only_matching_tags() {
     producer.close();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasting_members_each_get_everything() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "notices", 4).await;
+    let producer = cluster.producer().await;
+    for i in 0..40 {
+        producer
+            .send(Message::new("notices", format!("n{i}")))
+            .await
+            .unwrap();
+    }
+    let args = [
+        "consume",
+        "notices",
+        "--group",
+        "caches",
+        "--broadcast",
+        "--idle-timeout",
+        "1500ms",
+        "--output",
+        "json",
+    ];
+    let (a, b) = tokio::join!(txmq(&ns, &args, None), txmq(&ns, &args, None));
+    for out in [a, b] {
+        let bodies: BTreeSet<String> = json_lines(&out.stdout)
+            .iter()
+            .map(|l| l["body"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(bodies.len(), 40, "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "audit", 2).await;
+    let producer = cluster.producer().await;
+    for i in 0..10 {
+        producer
+            .send(Message::new("audit", format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let consume = [
+        "consume",
+        "audit",
+        "--group",
+        "auditors",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    assert_eq!(
+        json_lines(&txmq(&ns, &consume, None).await.stdout).len(),
+        10
+    );
+    assert!(json_lines(&txmq(&ns, &consume, None).await.stdout).is_empty());
+
+    // Listed with its lag, and reset to the start: everything again.
+    let out = txmq(&ns, &["group", "list", "--output", "json"], None).await;
+    let groups = json_lines(&out.stdout);
+    assert!(
+        groups.iter().any(|g| g["group"] == "auditors"),
+        "{groups:?}"
+    );
+    let reset = [
+        "group",
+        "reset-offset",
+        "auditors",
+        "--topic",
+        "audit",
+        "--to",
+        "first",
+    ];
+    let out = txmq(&ns, &reset, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json_lines(&txmq(&ns, &consume, None).await.stdout).len(),
+        10
+    );
+
+    // By time: only what was stored after the instant.
+    let middle = txmq::now_millis();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 10..13 {
+        producer
+            .send(Message::new("audit", format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let middle = middle.to_string();
+    let by_time = [
+        "group",
+        "reset-offset",
+        "auditors",
+        "--topic",
+        "audit",
+        "--to",
+        middle.as_str(),
+    ];
+    assert!(txmq(&ns, &by_time, None).await.status.success());
+    let again = json_lines(&txmq(&ns, &consume, None).await.stdout);
+    let bodies: BTreeSet<&str> = again.iter().map(|l| l["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["a10", "a11", "a12"].into());
+
+    // A running group is refused.
+    let seen: Seen = Arc::default();
+    let running = recorder(&ns, "auditors", "audit", "*", &seen, false).await;
+    let out = txmq(&ns, &reset, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("GROUP_ACTIVE") && err.contains("stop them"),
+        "{err}"
+    );
+    let show = txmq(&ns, &["group", "show", "auditors"], None).await;
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("1 member(s)") && text.contains(running.client_id()),
+        "{text}"
+    );
+    running.shutdown().await;
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_retries_and_at_most_once_does_not() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.retry_delays = vec![Duration::from_millis(200)]
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "jobs", 1).await;
+    // Panics on the first delivery, succeeds on the retry.
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let retrying = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("retrying")
+        .subscribe("jobs", "*")
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(300))
+        .route_refresh_interval(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            let attempt = m.reconsume_times();
+            s.lock()
+                .unwrap()
+                .push((body(m), attempt, Instant::now(), String::new()));
+            assert!(attempt > 0, "handler bug on the first attempt");
+            async { ConsumeResult::Success }
+        }))
+        .await
+        .unwrap();
+    let at_most_once: Seen = Arc::default();
+    let s = at_most_once.clone();
+    let dropping = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("dropping")
+        .subscribe("jobs", "*")
+        .delivery_mode(txmq::DeliveryMode::AtMostOnce)
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(300))
+        .route_refresh_interval(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            s.lock()
+                .unwrap()
+                .push((body(m), m.reconsume_times(), Instant::now(), String::new()));
+            async { ConsumeResult::retry_after(Duration::from_millis(100)) }
+        }))
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    producer.send(Message::new("jobs", "j")).await.unwrap();
+    // The retry of the panicked delivery comes after the broker's back-off.
+    wait_until("the retry", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 2
+    })
+    .await;
+    let s = seen.lock().unwrap().clone();
+    assert_eq!((s[0].1, s[1].1), (0, 1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(at_most_once.lock().unwrap().len(), 1, "at most once");
+    retrying.shutdown().await;
+    dropping.shutdown().await;
+    producer.close();
+    cluster.shutdown().await;
+}
