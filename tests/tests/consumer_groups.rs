@@ -517,7 +517,13 @@ async fn delayed_messages_arrive_on_time_also_across_a_broker_restart() {
     );
     let bodies: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
     let admin = txmq::Admin::connect([ns.clone()]).await.unwrap();
-    let stored: Vec<(String, u32, u64)> = admin.browse("later", 100).await.unwrap().iter().map(|m| (body(m), m.queue(), m.queue_offset())).collect();
+    let stored: Vec<(String, u32, u64)> = admin
+        .browse("later", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (body(m), m.queue(), m.queue_offset()))
+        .collect();
     assert_eq!(bodies.len(), 5, "each once: {bodies:?}; stored {stored:?}");
     consumer.shutdown().await;
     producer.close();

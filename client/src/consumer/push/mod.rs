@@ -528,6 +528,21 @@ impl PushConsumerBuilder {
             stop_rebalance: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        // As for the pull consumer: no nameserver answering is an error at
+        // start; a topic without a route yet is not (it is waited for).
+        let mut reached = None;
+        for sub in shared.subs.iter().filter(|s| !s.topic.starts_with('%')) {
+            match shared.routes.get(&sub.topic).await {
+                Ok(_) | Err(Error::NoRoute { .. }) => reached = Some(Ok(())),
+                Err(e) => {
+                    reached.get_or_insert(Err(e));
+                }
+            }
+        }
+        if let Some(Err(e)) = reached {
+            shared.pool.close();
+            return Err(e);
+        }
         // The first round runs before start returns, so a consumer that
         // started owns its queues (when the topics exist).
         rebalance::round(&shared).await;
