@@ -405,6 +405,20 @@ async fn a_failing_message_is_retried_with_growing_delays_then_dead_lettered() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["body"], "poison");
     assert_eq!(listed[0]["reconsume_times"], 4);
+    // And a dead-letter topic is consumed like any topic.
+    let args = [
+        "consume",
+        "%DLQ%billing",
+        "--group",
+        "inspect",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let consumed = json_lines(&txmq(&ns, &args, None).await.stdout);
+    assert_eq!(consumed.len(), 1);
+    assert_eq!(consumed[0]["body"], "poison");
     consumer.shutdown().await;
     admin.close();
     producer.close();
