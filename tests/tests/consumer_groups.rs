@@ -905,3 +905,95 @@ async fn a_panicking_handler_retries_and_at_most_once_does_not() {
     producer.close();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_heartbeats_expires_and_its_queues_move() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.consumer_expiry = Duration::from_millis(1500)
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "tasks", 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let consume = [
+        "consume",
+        "tasks",
+        "--group",
+        "g",
+        "--commit-interval",
+        "100ms",
+        "--rebalance-interval",
+        "300ms",
+    ];
+    let mut paused = ConsumeProcess::start(&ns, dir.path(), "paused", &consume);
+    let mut live = ConsumeProcess::start(&ns, dir.path(), "live", &consume);
+    wait_until_async(
+        "two members own two queues each",
+        Duration::from_secs(10),
+        || {
+            let ns = ns.clone();
+            async move {
+                let (members, queues) = owners(&ns, "g").await;
+                let owned = queues
+                    .iter()
+                    .filter(|(k, o)| k.1 == "tasks" && o.is_some())
+                    .count();
+                members.len() == 2 && owned == 4
+            }
+        },
+    )
+    .await;
+    let pid = paused.child.as_ref().unwrap().id().to_string();
+    let stop = |sig: &str| {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(&pid)
+            .status()
+            .unwrap()
+    };
+    stop("STOP");
+    let stopped_at = Instant::now();
+    // Its connection stays open: only the missing heartbeats tell.
+    wait_until_async("the paused member expires", Duration::from_secs(10), || {
+        let ns = ns.clone();
+        async move { owners(&ns, "g").await.0.len() == 1 }
+    })
+    .await;
+    assert!(
+        stopped_at.elapsed() >= Duration::from_millis(1200),
+        "expired after {:?}, before the expiry",
+        stopped_at.elapsed()
+    );
+    let producer = cluster.producer().await;
+    for i in 0..40 {
+        producer
+            .send(Message::new("tasks", format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "the live member consumes everything",
+        Duration::from_secs(10),
+        || live.lines().len() >= 40,
+    )
+    .await;
+    stop("CONT");
+    paused.terminate();
+    live.terminate();
+    producer.close();
+    cluster.shutdown().await;
+}
+
+async fn wait_until_async<F, Fut>(what: &str, limit: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
