@@ -18,6 +18,10 @@ use crate::transaction::TxConfig;
 pub struct BrokerConfig {
     /// Address clients connect to.
     pub listen: String,
+    /// Address registered with the nameservers, so the one clients are
+    /// routed to; `None`: the address bound for `listen`. For a broker behind
+    /// a proxy or a NAT.
+    pub advertise_addr: Option<String>,
     /// Nameservers to register with. Empty with `standalone`: the in-process one.
     pub nameservers: Vec<String>,
     /// Data directory.
@@ -67,6 +71,7 @@ impl BrokerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> BrokerConfig {
         BrokerConfig {
             listen: "127.0.0.1:10911".into(),
+            advertise_addr: None,
             nameservers: vec!["127.0.0.1:9876".into()],
             data_dir: data_dir.into(),
             broker_name: "broker-a".into(),
@@ -117,6 +122,16 @@ impl BrokerConfig {
         }
         if self.default_queues == 0 || self.default_queues > 1024 {
             return Err("default queues must be between 1 and 1024".into());
+        }
+        if self
+            .advertise_addr
+            .as_deref()
+            .is_some_and(|a| match a.rsplit_once(':') {
+                Some((host, port)) => host.is_empty() || port.parse::<u16>().is_err(),
+                None => true,
+            })
+        {
+            return Err("the advertised address must be host:port".into());
         }
         if self.heartbeat_interval.is_zero() {
             return Err("heartbeat interval must not be zero".into());
@@ -247,6 +262,10 @@ pub struct BrokerArgs {
     /// Address to listen on [default: 127.0.0.1:10911].
     #[arg(long, env = "TXMQ_LISTEN")]
     pub listen: Option<String>,
+    /// Address registered with the nameservers, where clients are routed
+    /// (for a broker behind a proxy or a NAT) [default: the bound listen address].
+    #[arg(long, env = "TXMQ_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
     /// Nameserver address(es), comma-separated [default: 127.0.0.1:9876].
     #[arg(long, env = "TXMQ_NAMESERVER", value_delimiter = ',')]
     #[serde(default, deserialize_with = "de_list")]
@@ -355,6 +374,7 @@ impl BrokerArgs {
             |n: u64, what: &str| usize::try_from(n).map_err(|_| format!("{what} is too large"));
         let config = BrokerConfig {
             listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            advertise_addr: self.advertise_addr.or(file.advertise_addr),
             // Standalone without an explicit list registers with its own nameserver only.
             nameservers: match explicit_ns {
                 Some(list) => list,
@@ -471,6 +491,19 @@ mod tests {
         assert_eq!(c.nameservers, vec!["a:1", "b:2"]);
         assert_eq!(c.segment_size, 64 << 20);
         assert_eq!(c.listen, "127.0.0.1:10911");
+        assert_eq!(c.advertise_addr, None);
+    }
+
+    #[test]
+    fn the_advertised_address_is_a_host_and_port() {
+        let c = BrokerArgs::parse_from(["txmq-broker", "--advertise-addr", "127.0.0.1:20911"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.advertise_addr.as_deref(), Some("127.0.0.1:20911"));
+        let err = BrokerArgs::parse_from(["txmq-broker", "--advertise-addr", "proxy"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("advertised address"), "{err}");
     }
 
     #[test]

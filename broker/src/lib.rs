@@ -186,7 +186,10 @@ impl Broker {
         let inner = Arc::new(BrokerInner {
             transactions,
             groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
-            advertised_addr: addr.to_string(),
+            advertised_addr: config
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| addr.to_string()),
             config,
             store,
             topics,
