@@ -5,6 +5,10 @@
 //!
 //! Start with [`Cluster`] (in-process) and [`BrokerProcess`] (a real
 //! `txmq-broker` process); [`txmq_cli`] runs the command-line tool.
+//! [`proxy`] is a TCP proxy that cuts, delays and drops traffic.
+
+pub mod proxy;
+pub mod rng;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

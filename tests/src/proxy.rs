@@ -1,0 +1,389 @@
+//! A TCP proxy that stands between clients and a broker and injects
+//! network faults on command: cut every connection, delay traffic by a
+//! mean plus or minus a jitter, and drop a reply after its request was
+//! delivered (forward the client's bytes, then discard the broker's next
+//! bytes on that connection and close it, as a network that fails at the
+//! worst moment does).
+//!
+//! The broker advertises the proxy's address (`txmq-broker
+//! --advertise-addr`), so every client reaches it only through the proxy.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::rng::Rng;
+
+/// Counters of what a [`Proxy`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Client connections accepted.
+    pub accepted: u64,
+    /// Connections closed by [`Proxy::cut`].
+    pub cut: u64,
+    /// Replies discarded by [`Proxy::drop_next_reply`].
+    pub replies_dropped: u64,
+}
+
+/// A running proxy; it stops (closing every connection) when dropped.
+pub struct Proxy {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+struct Inner {
+    target: Mutex<Option<String>>,
+    /// Cancelled by [`Proxy::cut`] and replaced with a fresh one; every
+    /// connection holds the token current when it was accepted.
+    cut: Mutex<CancellationToken>,
+    /// (mean, jitter) added to every chunk, both ways.
+    delay: Mutex<Option<(Duration, Duration)>>,
+    /// Armed by [`Proxy::drop_next_reply`] until a connection claims it.
+    drop_armed: AtomicBool,
+    rng: Mutex<Rng>,
+    accepted: AtomicU64,
+    cut_count: AtomicU64,
+    dropped: AtomicU64,
+    open: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Proxy {
+    /// Binds 127.0.0.1 on an ephemeral port and starts accepting. Until
+    /// [`Proxy::set_target`] is called, connections are closed at once.
+    ///
+    /// # Errors
+    /// The bind failure.
+    pub async fn bind() -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            target: Mutex::new(None),
+            cut: Mutex::new(CancellationToken::new()),
+            delay: Mutex::new(None),
+            drop_armed: AtomicBool::new(false),
+            rng: Mutex::new(Rng::new(u64::from(addr.port()))),
+            accepted: AtomicU64::new(0),
+            cut_count: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, inner.clone(), stop.clone()));
+        Ok(Proxy { inner, addr, stop })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where new connections are forwarded (`host:port`).
+    pub fn set_target(&self, target: &str) {
+        *lock(&self.inner.target) = Some(target.to_string());
+    }
+
+    /// Closes every open connection now (both sides); new ones are accepted
+    /// as before.
+    pub fn cut(&self) {
+        let old = std::mem::replace(&mut *lock(&self.inner.cut), CancellationToken::new());
+        self.inner
+            .cut_count
+            .fetch_add(self.inner.open.load(Ordering::Relaxed), Ordering::Relaxed);
+        old.cancel();
+    }
+
+    /// Delays every chunk, both ways, by `mean` plus or minus up to
+    /// `jitter` (keeping the byte order of each direction); `None` stops
+    /// delaying new chunks.
+    pub fn set_delay(&self, delay: Option<(Duration, Duration)>) {
+        *lock(&self.inner.delay) = delay;
+    }
+
+    /// The next connection that forwards a request to the broker has the
+    /// broker's next bytes (its reply) discarded and is then closed: the
+    /// request took effect, the client never hears so.
+    pub fn drop_next_reply(&self) {
+        self.inner.drop_armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a [`Proxy::drop_next_reply`] is still waiting for a victim.
+    pub fn drop_pending(&self) -> bool {
+        self.inner.drop_armed.load(Ordering::SeqCst)
+    }
+
+    /// Removes every fault: no delay, no armed drop.
+    pub fn heal(&self) {
+        self.set_delay(None);
+        self.inner.drop_armed.store(false, Ordering::SeqCst);
+    }
+
+    /// What the proxy did so far.
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats {
+            accepted: self.inner.accepted.load(Ordering::Relaxed),
+            cut: self.inner.cut_count.load(Ordering::Relaxed),
+            replies_dropped: self.inner.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        lock(&self.inner.cut).cancel();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((client, _)) = accepted else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        inner.accepted.fetch_add(1, Ordering::Relaxed);
+        let inner = inner.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let target = lock(&inner.target).clone();
+            let Some(target) = target else { return };
+            let Ok(server) = TcpStream::connect(&target).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let cut = lock(&inner.cut).child_token();
+            inner.open.fetch_add(1, Ordering::Relaxed);
+            let conn = Arc::new(Conn {
+                victim: AtomicBool::new(false),
+                close: cut,
+            });
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let up = pump(
+                client_read,
+                server_write,
+                inner.clone(),
+                conn.clone(),
+                Direction::Up,
+            );
+            let down = pump(
+                server_read,
+                client_write,
+                inner.clone(),
+                conn.clone(),
+                Direction::Down,
+            );
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = conn.close.cancelled() => {}
+                _ = async { tokio::join!(up, down) } => {}
+            }
+            inner.open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// One proxied connection's shared state.
+struct Conn {
+    /// This connection claimed the armed reply drop.
+    victim: AtomicBool,
+    /// Cancelled to close both sides.
+    close: CancellationToken,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to broker.
+    Up,
+    /// Broker to client.
+    Down,
+}
+
+/// Copies one direction: a reader task hands chunks with their delivery
+/// times to a writer that waits for each (delays keep the order: a chunk is
+/// never due before the one ahead of it).
+async fn pump(
+    mut from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    inner: Arc<Inner>,
+    conn: Arc<Conn>,
+    dir: Direction,
+) {
+    let (tx, rx) = mpsc::unbounded_channel::<(Instant, Bytes)>();
+    let writer = tokio::spawn(write_out(to, rx, conn.close.clone()));
+    let mut last_due = Instant::now();
+    loop {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let n = tokio::select! {
+            _ = conn.close.cancelled() => break,
+            n = from.read_buf(&mut buf) => n,
+        };
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        match dir {
+            Direction::Up => {
+                if inner
+                    .drop_armed
+                    .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    conn.victim.store(true, Ordering::SeqCst);
+                }
+            }
+            Direction::Down => {
+                if conn.victim.load(Ordering::SeqCst) {
+                    // The request went up; this is the broker's answer.
+                    inner.dropped.fetch_add(1, Ordering::Relaxed);
+                    conn.close.cancel();
+                    break;
+                }
+            }
+        }
+        let delay = *lock(&inner.delay);
+        let due = match delay {
+            None => Instant::now(),
+            Some((mean, jitter)) => {
+                let j = jitter.as_micros() as i64;
+                let offset = if j == 0 {
+                    0
+                } else {
+                    lock(&inner.rng).below(2 * j as u64 + 1) as i64 - j
+                };
+                let micros = (mean.as_micros() as i64 + offset).max(0) as u64;
+                Instant::now() + Duration::from_micros(micros)
+            }
+        };
+        last_due = last_due.max(due);
+        if tx.send((last_due, buf.freeze())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+    // Whichever side ends first ends the connection.
+    conn.close.cancel();
+}
+
+async fn write_out(
+    mut to: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<(Instant, Bytes)>,
+    close: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = close.cancelled() => return,
+            n = rx.recv() => n,
+        };
+        let Some((due, chunk)) = next else { break };
+        tokio::select! {
+            _ = close.cancelled() => return,
+            _ = tokio::time::sleep_until(due) => {}
+        }
+        if to.write_all(&chunk).await.is_err() {
+            close.cancel();
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        s.write_all(msg).await?;
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).await?;
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn forwards_cuts_delays_and_drops_a_reply() {
+        let echo = echo_server().await;
+        let proxy = Proxy::bind().await.unwrap();
+        proxy.set_target(&echo.to_string());
+
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"hello").await.unwrap(), b"hello");
+
+        // Cut: the open connection ends, a new one works.
+        proxy.cut();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("the cut connection ends")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"again").await.unwrap(), b"again");
+
+        // Delay: 100 ms each way, give or take 20.
+        proxy.set_delay(Some((
+            Duration::from_millis(100),
+            Duration::from_millis(20),
+        )));
+        let t = std::time::Instant::now();
+        assert_eq!(round_trip(&mut s, b"slow").await.unwrap(), b"slow");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(160) && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        proxy.heal();
+
+        // Drop a reply: the echo server got the bytes (it answered), the
+        // client gets nothing and the connection closes.
+        proxy.drop_next_reply();
+        s.write_all(b"lost").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("the victim connection ends")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(!proxy.drop_pending());
+        let stats = proxy.stats();
+        assert_eq!(stats.accepted, 2);
+        assert_eq!(stats.cut, 1);
+        assert_eq!(stats.replies_dropped, 1);
+    }
+}
