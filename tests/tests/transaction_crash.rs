@@ -748,3 +748,99 @@ async fn a_prepare_retried_after_a_lost_reply_is_consumed_once() {
     drop(broker);
     cluster.shutdown().await;
 }
+
+/// A prepare whose answer does not come in time may have been stored: its
+/// retry goes to the same broker (which recognises the message id), never
+/// to another one, where it would become a second transaction of the same
+/// message and be committed twice (found by the chaos test: a prepare to a
+/// paused broker, retried and committed on the other, was checked back and
+/// committed on the first once it ran again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_that_timed_out_is_never_retried_on_another_broker() {
+    const TOPIC: &str = "tx-pinned";
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    // broker-a is reached only through a proxy that delays every byte.
+    let proxy = txmq_tests::proxy::Proxy::bind().await.unwrap();
+    let proxy_addr = proxy.addr().to_string();
+    let tx_timing = |c: &mut txmq_broker::BrokerConfig| {
+        c.transactions.timeout = Duration::from_millis(500);
+        c.transactions.check_interval = Duration::from_millis(200);
+    };
+    let a = cluster
+        .add_broker("broker-a", |c| {
+            tx_timing(c);
+            c.advertise_addr = Some(proxy_addr.clone());
+        })
+        .await;
+    proxy.set_target(&a.to_string());
+    cluster.add_broker("broker-b", tx_timing).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    admin
+        .create_topic(TOPIC, 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, TOPIC, &["broker-a", "broker-b"]).await;
+    let producer = TransactionProducer::builder()
+        .nameserver(&ns)
+        .group("pg-pinned")
+        .listener(Recording::new(
+            TransactionState::Commit,
+            TransactionState::Commit,
+        ))
+        .broker_refresh_interval(Duration::from_millis(100))
+        .send_timeout(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    while producer.connected_brokers().len() < 2 {
+        let _ = producer.refresh_brokers().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every attempt on broker-a times out (a 1 s delay each way); round
+    // robin starts half of the sends there.
+    proxy.set_delay(Some((Duration::from_secs(1), Duration::ZERO)));
+    let mut on_b = 0;
+    let mut failed = 0;
+    for i in 0..6 {
+        match producer
+            .send_in_transaction(Message::new(TOPIC, format!("m{i}")))
+            .await
+        {
+            Ok(o) => {
+                assert_eq!(o.broker_name, "broker-b");
+                on_b += 1;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("broker-a"), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    // Once broker-a is reachable again, the prepares it did store are
+    // checked back and committed there, and only there.
+    proxy.heal();
+    wait_for_list(&admin, Duration::from_secs(15), "nothing pending", |l| {
+        l.is_empty()
+    })
+    .await;
+    let got = consume_all(&ns, "cg-pinned", TOPIC, usize::MAX, Duration::from_secs(1)).await;
+    let mut bodies: Vec<String> = got.iter().map(body_text).collect();
+    bodies.sort();
+    let mut once = bodies.clone();
+    once.dedup();
+    assert_eq!(bodies, once, "a message visible twice");
+    assert_eq!(
+        bodies.len(),
+        6,
+        "every prepare stored and committed: {bodies:?}"
+    );
+    assert!(
+        on_b > 0 && failed > 0,
+        "{on_b} committed on broker-b, {failed} failed on broker-a"
+    );
+    producer.close();
+    admin.close();
+    cluster.shutdown().await;
+}

@@ -345,9 +345,13 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// or an error: the broker checks back later).
     ///
     /// The prepare is retried like [`Producer::send`](crate::Producer::send)
-    /// (another broker, the same message id); the local transaction runs
-    /// once, and the end is retried on the same broker after a lost
-    /// connection (ending is idempotent).
+    /// (the same message id), on another broker only when the failed
+    /// attempt cannot have reached its broker (no connection) or was
+    /// refused: after a timeout or a connection lost while waiting it is
+    /// retried on the same broker, which answers a repeated prepare with the
+    /// transaction it already holds, so one message never becomes two
+    /// transactions. The local transaction runs once, and the end is retried
+    /// on the same broker after a lost connection (ending is idempotent).
     ///
     /// # Errors
     /// Before the local transaction ran: [`Error::BadArgument`],
@@ -437,6 +441,14 @@ impl<L: TransactionListener> TransactionProducer<L> {
     }
 
     /// Prepares on one broker; returns its name, address and answer.
+    ///
+    /// An attempt that failed before its request could reach the broker
+    /// (no connection) or that the broker refused is retried on another
+    /// broker. One that may have reached it (a timeout, a connection lost
+    /// while waiting) is retried on the same broker and queues only: that
+    /// broker answers a repeated prepare with the transaction it already
+    /// holds, where another broker would start a second transaction of the
+    /// same message, and both would be committed.
     async fn prepare(
         &self,
         messages: &[Message],
@@ -447,30 +459,40 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let timeout = self.inner.config.request_timeout;
         let mut failed_broker: Option<String> = None;
         let mut last_error: Option<Error> = None;
+        // Set once an attempt may have reached its broker.
+        let mut pinned: Option<(String, String, Vec<crate::MessageQueue>)> = None;
         for attempt in 0..attempts {
             let last_attempt = attempt + 1 == attempts;
-            let routes = match self.routes(&topics).await {
-                Ok(routes) => routes,
-                Err(e) if e.is_retriable() && !last_attempt => {
-                    tracing::debug!(error = %e, "route lookup failed; retrying");
-                    last_error = Some(e);
-                    tokio::time::sleep(RETRY_PAUSE * (attempt + 1)).await;
-                    continue;
+            let (broker, addr, placed, routes) = match &pinned {
+                Some((broker, addr, placed)) => {
+                    (broker.clone(), addr.clone(), placed.clone(), None)
                 }
-                Err(e) => return Err(last_error.unwrap_or(e)),
+                None => {
+                    let routes = match self.routes(&topics).await {
+                        Ok(routes) => routes,
+                        Err(e) if e.is_retriable() && !last_attempt => {
+                            tracing::debug!(error = %e, "route lookup failed; retrying");
+                            last_error = Some(e);
+                            tokio::time::sleep(RETRY_PAUSE * (attempt + 1)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(last_error.unwrap_or(e)),
+                    };
+                    let lists: Vec<(&str, &[crate::MessageQueue])> = topics
+                        .iter()
+                        .zip(&routes)
+                        .map(|(t, r)| (*t, &r.writable[..]))
+                        .collect();
+                    let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+                    let placed = place(&lists, placement, turn, failed_broker.as_deref());
+                    let Some(placed) = placed.filter(|p| !p.is_empty()) else {
+                        return Err(last_error.unwrap_or_else(|| no_queue(&topics)));
+                    };
+                    let broker = placed[0].broker_name.clone();
+                    let addr = placed[0].addr.clone();
+                    (broker, addr, placed, Some(routes))
+                }
             };
-            let lists: Vec<(&str, &[crate::MessageQueue])> = topics
-                .iter()
-                .zip(&routes)
-                .map(|(t, r)| (*t, &r.writable[..]))
-                .collect();
-            let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
-            let placed = place(&lists, placement, turn, failed_broker.as_deref());
-            let Some(placed) = placed.filter(|p| !p.is_empty()) else {
-                return Err(last_error.unwrap_or_else(|| no_queue(&topics)));
-            };
-            let broker = placed[0].broker_name.clone();
-            let addr = placed[0].addr.clone();
             if failed_broker.as_deref() == Some(broker.as_str()) {
                 tokio::time::sleep(RETRY_PAUSE * attempt).await;
             }
@@ -498,18 +520,27 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 Ok(prepared) => return Ok((broker, addr, prepared)),
                 Err(e) => {
                     let retriable = e.is_retriable();
+                    let maybe_delivered = matches!(
+                        e,
+                        txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
+                    );
                     let error = Error::at_broker(&broker, &addr, e);
                     if !retriable {
                         return Err(error);
                     }
-                    for (topic, route) in topics.iter().zip(&routes) {
+                    for (topic, route) in topics.iter().zip(routes.iter().flatten()) {
                         self.inner.routes.invalidate(topic, route.generation);
                     }
                     let cause = crate::error::chain(&error);
                     if last_attempt {
                         tracing::debug!(%broker, attempt, %cause, "prepare failed");
+                    } else if maybe_delivered || pinned.is_some() {
+                        tracing::info!(%broker, attempt, %cause, "prepare failed; retrying on the same broker, which may hold it already");
                     } else {
                         tracing::info!(%broker, attempt, %cause, "prepare failed; retrying");
+                    }
+                    if maybe_delivered && pinned.is_none() {
+                        pinned = Some((broker.clone(), addr.clone(), placed));
                     }
                     failed_broker = Some(broker);
                     last_error = Some(error);
