@@ -5,8 +5,11 @@
 //!
 //! Start with [`Cluster`] (in-process) and [`BrokerProcess`] (a real
 //! `txmq-broker` process); [`txmq_cli`] runs the command-line tool.
-//! [`proxy`] is a TCP proxy that cuts, delays and drops traffic.
+//! [`chaos`] is the chaos harness (a cluster of processes under a fault
+//! schedule, with checkers over the recorded history), [`proxy`] its TCP
+//! proxy that cuts, delays and drops traffic.
 
+pub mod chaos;
 pub mod proxy;
 pub mod rng;
 

@@ -1,0 +1,561 @@
+//! The checkers, run over a finished history, as OpenMessaging Chaos
+//! defines them (plus the transactional ones):
+//!
+//! - **lost**: a send acknowledged `SEND_OK` (the brokers flush
+//!   synchronously) that no consumer ever handled.
+//! - **duplicate**: a message handled without having been sent, or handled
+//!   again (the same stored copy or another one) outside the at-least-once
+//!   window: a repeat is allowed only when a fault's window (from its start
+//!   to its end plus a grace period) overlaps the time between the
+//!   message's first handling and the repeat, since at-least-once delivery
+//!   repeats only what a failure interrupted.
+//! - **order**: per sharding key, the acknowledged sends are first handled
+//!   in the order they were sent (sends of one key are sequential, each
+//!   after the previous one was answered). Repeats are the duplicate
+//!   checker's business; only first handlings count here.
+//! - **tx-committed-invisible**: a transaction that was committed (the
+//!   broker acknowledged the commit, or it was prepared for sure and its
+//!   truth, which every check-back answers, is commit) but never handled.
+//!   A transaction still parked at the end is not counted (an operator
+//!   would resolve it) but reported.
+//! - **tx-rolled-back-visible**: a transaction whose truth is rollback
+//!   (so its local transaction, its end and every check-back said so) that a
+//!   consumer handled.
+//! - **tx-visible-twice**: a transaction's message stored at two positions.
+//! - **tx-pending**: a transaction still prepared after the end of the run
+//!   plus the check timeout: it must be resolved or parked by then.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use super::history::{Event, Kind, Op};
+
+/// One checker's result.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// The checker.
+    pub name: &'static str,
+    /// Whether the history passed it.
+    pub ok: bool,
+    /// Violations found.
+    pub violations: usize,
+    /// What was checked, in a few words with the figures.
+    pub summary: String,
+    /// Up to five violating operations, for a first look.
+    pub examples: Vec<String>,
+}
+
+/// Counts of the history's operations.
+#[derive(Debug, Clone, Default)]
+pub struct OpCounts {
+    /// Plain sends: invoked, ok, fail, info.
+    pub sends: [usize; 4],
+    /// Transactional sends: invoked, ok, fail, info.
+    pub txs: [usize; 4],
+    /// Messages handled by consumers (repeats included).
+    pub consumed: usize,
+    /// Check-backs answered.
+    pub checks: usize,
+    /// Transactional producers killed between prepare and end.
+    pub holds: usize,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<String, usize>,
+}
+
+impl OpCounts {
+    /// Sends and transactions invoked.
+    pub fn ops(&self) -> usize {
+        self.sends[0] + self.txs[0]
+    }
+}
+
+/// Counts the operations of `events`.
+pub fn count(events: &[Event]) -> OpCounts {
+    let mut c = OpCounts::default();
+    let slot = |k: Kind| match k {
+        Kind::Invoke => 0,
+        Kind::Ok => 1,
+        Kind::Fail => 2,
+        Kind::Info => 3,
+    };
+    for e in events {
+        match e.f {
+            Op::Send => c.sends[slot(e.kind)] += 1,
+            Op::Tx => c.txs[slot(e.kind)] += 1,
+            Op::Consume => c.consumed += 1,
+            Op::Check => c.checks += 1,
+            Op::Hold => c.holds += 1,
+            Op::Fault if e.kind == Kind::Invoke => {
+                let kind = e.id.split('#').next().unwrap_or(&e.id).to_string();
+                *c.faults.entry(kind).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Runs every checker over `events` (sorted by time). `grace_us` extends
+/// each fault's window past its end.
+pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
+    let h = Indexed::new(events, grace_us);
+    vec![
+        h.lost(),
+        h.duplicate(),
+        h.order(),
+        h.tx_committed_invisible(),
+        h.tx_rolled_back_visible(),
+        h.tx_visible_twice(),
+        h.tx_pending(),
+    ]
+}
+
+/// A handling: when, and at which stored position.
+#[derive(Debug, Clone)]
+struct Handling {
+    time_us: u64,
+    position: (String, String, u32, u64),
+    process: String,
+}
+
+struct Indexed<'a> {
+    /// Invocations of sends and transactions, by id.
+    invoked: HashMap<&'a str, &'a Event>,
+    /// Completions (ok, fail, info) of sends and transactions, by id.
+    completed: HashMap<&'a str, &'a Event>,
+    /// Handlings per id, in time order.
+    handled: HashMap<&'a str, Vec<Handling>>,
+    /// Consume events in time order.
+    consumes: Vec<&'a Event>,
+    /// Transactions held (killed between prepare and end), by id.
+    held: HashMap<&'a str, &'a Event>,
+    /// The final pending list (msg id -> state).
+    pending: HashMap<&'a str, &'a str>,
+    /// Fault windows (start, end + grace), in microseconds.
+    windows: Vec<(u64, u64)>,
+}
+
+fn example(e: &Event) -> String {
+    serde_json::to_string(e).unwrap_or_else(|_| e.id.clone())
+}
+
+fn verdict(name: &'static str, violations: Vec<String>, summary: String) -> Verdict {
+    Verdict {
+        name,
+        ok: violations.is_empty(),
+        violations: violations.len(),
+        summary,
+        examples: violations.into_iter().take(5).collect(),
+    }
+}
+
+impl<'a> Indexed<'a> {
+    fn new(events: &'a [Event], grace_us: u64) -> Indexed<'a> {
+        let mut h = Indexed {
+            invoked: HashMap::new(),
+            completed: HashMap::new(),
+            handled: HashMap::new(),
+            consumes: Vec::new(),
+            held: HashMap::new(),
+            pending: HashMap::new(),
+            windows: Vec::new(),
+        };
+        let mut open_faults: HashMap<&str, u64> = HashMap::new();
+        let end_of_run = events.last().map_or(0, |e| e.time_us);
+        for e in events {
+            match (e.f, e.kind) {
+                (Op::Send | Op::Tx, Kind::Invoke) => {
+                    h.invoked.insert(&e.id, e);
+                }
+                (Op::Send | Op::Tx, _) => {
+                    h.completed.insert(&e.id, e);
+                }
+                (Op::Consume, _) => {
+                    h.consumes.push(e);
+                    h.handled.entry(&e.id).or_default().push(Handling {
+                        time_us: e.time_us,
+                        position: (
+                            e.broker.clone().unwrap_or_default(),
+                            e.topic.clone().unwrap_or_default(),
+                            e.queue.unwrap_or_default(),
+                            e.offset.unwrap_or_default(),
+                        ),
+                        process: e.process.clone(),
+                    });
+                }
+                (Op::Hold, _) => {
+                    h.held.insert(&e.id, e);
+                }
+                (Op::Pending, _) => {
+                    if let (Some(msg_id), Some(status)) = (&e.msg_id, &e.status) {
+                        h.pending.insert(msg_id, status);
+                    }
+                }
+                (Op::Fault, Kind::Invoke) => {
+                    open_faults.insert(&e.id, e.time_us);
+                }
+                (Op::Fault, _) => {
+                    if let Some(start) = open_faults.remove(e.id.as_str()) {
+                        h.windows.push((start, e.time_us + grace_us));
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A fault never healed lasts to the end.
+        h.windows.extend(
+            open_faults
+                .values()
+                .map(|&start| (start, end_of_run + grace_us)),
+        );
+        h
+    }
+
+    fn in_window(&self, from_us: u64, to_us: u64) -> bool {
+        self.windows
+            .iter()
+            .any(|&(start, end)| start <= to_us && end >= from_us)
+    }
+
+    fn is_tx(&self, id: &str) -> bool {
+        self.invoked.get(id).is_some_and(|e| e.f == Op::Tx)
+    }
+
+    fn lost(&self) -> Verdict {
+        let mut acked = 0;
+        let mut flush_timeouts = 0;
+        let mut lost = Vec::new();
+        for (id, e) in &self.completed {
+            if e.f != Op::Send || e.kind != Kind::Ok {
+                continue;
+            }
+            if e.status.as_deref() != Some("SEND_OK") {
+                flush_timeouts += 1;
+                continue;
+            }
+            acked += 1;
+            if !self.handled.contains_key(id) {
+                lost.push(example(e));
+            }
+        }
+        lost.sort();
+        let summary = format!(
+            "{} of {acked} sends acknowledged SEND_OK never consumed ({flush_timeouts} FLUSH_DISK_TIMEOUT not counted)",
+            lost.len()
+        );
+        verdict("lost", lost, summary)
+    }
+
+    fn duplicate(&self) -> Verdict {
+        let mut violations = Vec::new();
+        let mut unsent = 0;
+        let mut allowed = 0;
+        let mut repeated_ids = 0;
+        for e in &self.consumes {
+            if !self.invoked.contains_key(e.id.as_str()) {
+                unsent += 1;
+                violations.push(format!("consumed but never sent: {}", example(e)));
+            }
+        }
+        for (id, handlings) in &self.handled {
+            if handlings.len() < 2 {
+                continue;
+            }
+            repeated_ids += 1;
+            let first = handlings[0].time_us;
+            for h in &handlings[1..] {
+                if self.in_window(first, h.time_us) {
+                    allowed += 1;
+                } else {
+                    violations.push(format!(
+                        "{id} handled again at {} by {} ({:?}) with no fault since its first handling at {first}",
+                        h.time_us, h.process, h.position
+                    ));
+                }
+            }
+        }
+        let summary = format!(
+            "{unsent} consumed without being sent, {} repeats outside the at-least-once window; {allowed} repeats of {repeated_ids} messages within it",
+            violations.len() - unsent
+        );
+        verdict("duplicate", violations, summary)
+    }
+
+    fn order(&self) -> Verdict {
+        // Per key: acknowledged sends in send order.
+        let mut sends: HashMap<&str, Vec<&Event>> = HashMap::new();
+        for e in self.invoked.values() {
+            if e.f != Op::Send {
+                continue;
+            }
+            let acked = self
+                .completed
+                .get(e.id.as_str())
+                .is_some_and(|c| c.kind == Kind::Ok);
+            if let (true, Some(key)) = (acked, e.key.as_deref()) {
+                sends.entry(key).or_default().push(e);
+            }
+        }
+        let mut rank: HashMap<&str, (&str, usize)> = HashMap::new();
+        for (key, list) in sends.iter_mut() {
+            list.sort_by_key(|e| e.time_us);
+            for (i, e) in list.iter().enumerate() {
+                rank.insert(&e.id, (key, i));
+            }
+        }
+        let mut highest: HashMap<&str, (usize, &str)> = HashMap::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut violations = Vec::new();
+        let mut checked = 0;
+        for e in &self.consumes {
+            let Some(&(key, i)) = rank.get(e.id.as_str()) else {
+                continue;
+            };
+            if !seen.insert(&e.id) {
+                continue;
+            }
+            checked += 1;
+            match highest.get(key) {
+                Some(&(top, top_id)) if top > i => violations.push(format!(
+                    "key {key}: {} first consumed after {top_id}, which was sent later",
+                    e.id
+                )),
+                _ => {
+                    highest.insert(key, (i, &e.id));
+                }
+            }
+        }
+        let summary = format!(
+            "{} out-of-order first consumptions among {checked} acknowledged sends over {} keys",
+            violations.len(),
+            sends.len()
+        );
+        verdict("order", violations, summary)
+    }
+
+    /// Transactions that must be visible: the commit was acknowledged, or
+    /// the prepare certainly happened and the truth is commit, and the
+    /// transaction is not parked.
+    fn must_be_visible(&self) -> (Vec<&'a Event>, usize) {
+        let mut out = Vec::new();
+        let mut parked = 0;
+        for e in self.invoked.values() {
+            if e.f != Op::Tx {
+                continue;
+            }
+            let done = self.completed.get(e.id.as_str());
+            let committed_ack = done.is_some_and(|c| c.status.as_deref() == Some("committed"));
+            let prepared =
+                done.is_some_and(|c| c.tx_id.is_some()) || self.held.contains_key(e.id.as_str());
+            let truth_commit = e.truth.as_deref() == Some("commit");
+            if !(committed_ack || prepared && truth_commit) {
+                continue;
+            }
+            let is_parked = e
+                .msg_id
+                .as_deref()
+                .and_then(|m| self.pending.get(m))
+                .is_some_and(|s| *s == "parked");
+            if is_parked && !committed_ack {
+                parked += 1;
+                continue;
+            }
+            out.push(*e);
+        }
+        (out, parked)
+    }
+
+    fn tx_committed_invisible(&self) -> Verdict {
+        let (must, parked) = self.must_be_visible();
+        let mut lost: Vec<String> = must
+            .iter()
+            .filter(|e| !self.handled.contains_key(e.id.as_str()))
+            .map(|e| example(e))
+            .collect();
+        lost.sort();
+        let summary = format!(
+            "{} of {} committed transactions never consumed ({parked} parked, not counted)",
+            lost.len(),
+            must.len()
+        );
+        verdict("tx-committed-invisible", lost, summary)
+    }
+
+    fn tx_rolled_back_visible(&self) -> Verdict {
+        let mut rollbacks = 0;
+        let mut visible = Vec::new();
+        for e in self.invoked.values() {
+            if e.f != Op::Tx || e.truth.as_deref() != Some("rollback") {
+                continue;
+            }
+            rollbacks += 1;
+            if self.handled.contains_key(e.id.as_str()) {
+                visible.push(example(e));
+            }
+        }
+        let summary = format!(
+            "{} of {rollbacks} rolled-back transactions consumed",
+            visible.len()
+        );
+        verdict("tx-rolled-back-visible", visible, summary)
+    }
+
+    fn tx_visible_twice(&self) -> Verdict {
+        let mut twice = Vec::new();
+        let mut visible = 0;
+        for (id, handlings) in &self.handled {
+            if !self.is_tx(id) {
+                continue;
+            }
+            visible += 1;
+            let positions: HashSet<_> = handlings.iter().map(|h| &h.position).collect();
+            if positions.len() > 1 {
+                let mut p = String::new();
+                for pos in &positions {
+                    let _ = write!(p, " {pos:?}");
+                }
+                twice.push(format!("{id} stored at{p}"));
+            }
+        }
+        let summary = format!(
+            "{} of {visible} visible transactions stored more than once",
+            twice.len()
+        );
+        verdict("tx-visible-twice", twice, summary)
+    }
+
+    fn tx_pending(&self) -> Verdict {
+        let mut still = Vec::new();
+        let mut parked = 0;
+        for (msg_id, state) in &self.pending {
+            match *state {
+                "parked" => parked += 1,
+                other => still.push(format!("{msg_id} still {other}")),
+            }
+        }
+        still.sort();
+        let summary = format!(
+            "{} transactions still prepared after the run plus the check timeout; {parked} parked",
+            still.len()
+        );
+        verdict("tx-pending", still, summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(t: u64, kind: Kind, f: Op, id: &str) -> Event {
+        let mut e = Event::new("p", kind, f, id);
+        e.time_us = t;
+        e
+    }
+
+    fn send(out: &mut Vec<Event>, t: u64, id: &str, key: &str, kind: Kind) {
+        let mut i = ev(t, Kind::Invoke, Op::Send, id);
+        i.key = Some(key.into());
+        out.push(i);
+        let mut o = ev(t + 1, kind, Op::Send, id);
+        o.status = Some("SEND_OK".into());
+        out.push(o);
+    }
+
+    fn consume(out: &mut Vec<Event>, t: u64, id: &str, offset: u64) {
+        let mut c = ev(t, Kind::Ok, Op::Consume, id);
+        c.broker = Some("b".into());
+        c.topic = Some("t".into());
+        c.queue = Some(0);
+        c.offset = Some(offset);
+        out.push(c);
+    }
+
+    fn failed(v: &[Verdict]) -> Vec<(&'static str, usize)> {
+        v.iter()
+            .filter(|v| !v.ok)
+            .map(|v| (v.name, v.violations))
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_history_passes_and_each_violation_is_caught() {
+        let mut h = Vec::new();
+        send(&mut h, 10, "k:1", "k", Kind::Ok);
+        send(&mut h, 20, "k:2", "k", Kind::Ok);
+        send(&mut h, 30, "k:3", "k", Kind::Info);
+        consume(&mut h, 40, "k:1", 0);
+        consume(&mut h, 41, "k:2", 1);
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        // Lost, out of order, a repeat with no fault, and a stranger.
+        let mut bad = Vec::new();
+        send(&mut bad, 10, "k:1", "k", Kind::Ok);
+        send(&mut bad, 20, "k:2", "k", Kind::Ok);
+        send(&mut bad, 30, "k:3", "k", Kind::Ok);
+        consume(&mut bad, 40, "k:2", 1);
+        consume(&mut bad, 41, "k:1", 0);
+        consume(&mut bad, 42, "k:1", 0);
+        consume(&mut bad, 43, "x", 5);
+        assert_eq!(
+            failed(&check(&bad, 0)),
+            [("lost", 1), ("duplicate", 2), ("order", 1)]
+        );
+
+        // The same repeat inside a fault's window is allowed.
+        let mut f = ev(41, Kind::Invoke, Op::Fault, "kill-consumer#1");
+        bad.push(f.clone());
+        f.kind = Kind::Ok;
+        f.time_us = 41;
+        bad.push(f);
+        bad.sort_by_key(|e| e.time_us);
+        assert_eq!(
+            failed(&check(&bad, 0)),
+            [("lost", 1), ("duplicate", 1), ("order", 1)]
+        );
+    }
+
+    #[test]
+    fn transactions_are_checked_against_their_truth() {
+        let mut h = Vec::new();
+        let tx = |h: &mut Vec<Event>, t: u64, id: &str, truth: &str, status: &str| {
+            let mut i = ev(t, Kind::Invoke, Op::Tx, id);
+            i.truth = Some(truth.into());
+            i.msg_id = Some(format!("M{id}"));
+            h.push(i);
+            let mut o = ev(t + 1, Kind::Ok, Op::Tx, id);
+            o.tx_id = Some(t);
+            o.status = Some(status.into());
+            h.push(o);
+        };
+        tx(&mut h, 10, "c", "commit", "committed");
+        tx(&mut h, 20, "u", "commit", "prepared");
+        tx(&mut h, 30, "r", "rollback", "rolled_back");
+        tx(&mut h, 40, "p", "commit", "prepared");
+        consume(&mut h, 50, "c", 0);
+        consume(&mut h, 51, "u", 1);
+        let mut parked = ev(60, Kind::Info, Op::Pending, "p");
+        parked.msg_id = Some("Mp".into());
+        parked.status = Some("parked".into());
+        h.push(parked);
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        consume(&mut h, 52, "r", 2);
+        consume(&mut h, 53, "c", 7);
+        let mut pending = ev(61, Kind::Info, Op::Pending, "x");
+        pending.msg_id = Some("Mx".into());
+        pending.status = Some("prepared".into());
+        h.push(pending);
+        h.retain(|e| !(e.f == Op::Consume && e.id == "u"));
+        h.sort_by_key(|e| e.time_us);
+        assert_eq!(
+            failed(&check(&h, 0)),
+            [
+                ("duplicate", 1),
+                ("tx-committed-invisible", 1),
+                ("tx-rolled-back-visible", 1),
+                ("tx-visible-twice", 1),
+                ("tx-pending", 1)
+            ]
+        );
+    }
+}

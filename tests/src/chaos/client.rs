@@ -1,0 +1,366 @@
+//! The workload's clients, each run as its own `chaos-client` process so
+//! the harness can `kill -9` it: a producer of plain ordered sends, a
+//! transactional producer, and an orderly push consumer. Each records what
+//! it does into its own history file ([`Recorder`]).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use txmq::{
+    handler_fn, BoxError, CheckRequest, ConsumeResult, Message, MsgId, Producer, PushConsumer,
+    ReceivedMessage, TransactionListener, TransactionProducer, TransactionState, TxContext,
+};
+
+use super::history::{Kind, Op, Recorder};
+use crate::rng::Rng;
+
+/// The message property that carries a transaction's truth.
+pub const PROP_TRUTH: &str = "chaos.truth";
+/// The message property that carries what its local transaction answers.
+pub const PROP_LOCAL: &str = "chaos.local";
+
+/// What a client process is to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Plain sends with sharding keys.
+    Producer,
+    /// Transactional sends.
+    Tx,
+    /// An orderly push consumer.
+    Consumer,
+}
+
+/// A client process's settings (its command line).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "chaos-client", about = "a txmq chaos-test client")]
+pub struct ClientArgs {
+    /// What to run.
+    #[arg(long, value_enum)]
+    pub role: Role,
+    /// The process's name in the history; also the prefix of its keys and ids.
+    #[arg(long)]
+    pub name: String,
+    /// Nameserver addresses, comma-separated.
+    #[arg(long)]
+    pub nameserver: String,
+    /// The history file to append to.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Topics: a producer's keys are spread over them; a consumer subscribes to all.
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Vec<String>,
+    /// The producer or consumer group.
+    #[arg(long, default_value = "chaos")]
+    pub group: String,
+    /// Concurrent senders (one per sharding key for a producer).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Operations per second of the whole process.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// How long one request waits for an answer.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Seed of the workload mix.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Runs `args.role` until `stop` is cancelled; `hold` (transactional
+/// producers) makes the next local transaction stop for good, recorded as
+/// an [`Op::Hold`] event, so the harness can kill the process between
+/// prepare and end.
+///
+/// # Errors
+/// The client cannot start (no nameserver answers, ...).
+pub async fn run(
+    args: ClientArgs,
+    rec: Recorder,
+    stop: CancellationToken,
+    hold: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    match args.role {
+        Role::Producer => run_producer(args, rec, stop).await,
+        Role::Tx => run_tx_producer(args, rec, stop, hold).await,
+        Role::Consumer => run_consumer(args, rec, stop).await,
+    }
+}
+
+fn period(args: &ClientArgs) -> Duration {
+    Duration::from_secs_f64(args.concurrency.max(1) as f64 / args.rate.max(0.001))
+}
+
+async fn run_producer(
+    args: ClientArgs,
+    rec: Recorder,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.topics.is_empty(), "a producer needs --topics");
+    let producer = Producer::builder()
+        .nameserver(&args.nameserver)
+        .send_timeout(args.request_timeout)
+        .route_refresh_interval(Duration::from_millis(500))
+        .build()
+        .await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.concurrency {
+        let key = format!("{}-k{i}", args.name);
+        let topic = args.topics[i % args.topics.len()].clone();
+        let (producer, rec, stop) = (producer.clone(), rec.clone(), stop.clone());
+        let period = period(&args);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // One send at a time per key: each is sent after the previous
+            // one was answered, so acknowledged sends of a key are ordered.
+            for seq in 1u64.. {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let id = format!("{key}:{seq}");
+                let mut msg = Message::new(topic.as_str(), id.clone()).with_key(key.as_str());
+                msg.msg_id = MsgId::generate();
+                let mut ev = rec.event(Kind::Invoke, Op::Send, &id);
+                ev.key = Some(key.clone());
+                ev.msg_id = Some(msg.msg_id.to_string());
+                ev.topic = Some(topic.clone());
+                rec.record(&ev);
+                let result = producer.send_ordered(msg, &key).await;
+                match result {
+                    Ok(r) => {
+                        ev.kind = Kind::Ok;
+                        ev.broker = Some(r.broker_name);
+                        ev.queue = Some(r.queue);
+                        ev.offset = Some(r.queue_offset);
+                        ev.status = Some(r.status.name().to_string());
+                    }
+                    Err(e) => {
+                        ev.kind = outcome_of(&e);
+                        ev.detail = Some(txmq::error::chain(&e));
+                    }
+                }
+                ev.time_us = super::history::now_us();
+                rec.record(&ev);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    producer.close();
+    Ok(())
+}
+
+/// `fail` for an error that certainly stored nothing (the broker refused,
+/// or nothing was sent), `info` when the request may have taken effect.
+fn outcome_of(e: &txmq::Error) -> Kind {
+    match e {
+        txmq::Error::NoRoute { .. } | txmq::Error::NoQueue { .. } | txmq::Error::BadArgument(_) => {
+            Kind::Fail
+        }
+        _ if e.wire_error().is_some() => Kind::Fail,
+        _ => Kind::Info,
+    }
+}
+
+fn state_name(s: TransactionState) -> &'static str {
+    match s {
+        TransactionState::Commit => "commit",
+        TransactionState::Rollback => "rollback",
+        TransactionState::Unknown => "unknown",
+    }
+}
+
+fn state_of(name: Option<&String>) -> TransactionState {
+    match name.map(String::as_str) {
+        Some("commit") => TransactionState::Commit,
+        Some("rollback") => TransactionState::Rollback,
+        _ => TransactionState::Unknown,
+    }
+}
+
+/// Answers local transactions from the message's [`PROP_LOCAL`] and
+/// check-backs from its [`PROP_TRUTH`]: the truth a real service would find
+/// in its database, recorded in the history when the send was invoked.
+struct ChaosListener {
+    rec: Recorder,
+    hold: Arc<AtomicBool>,
+}
+
+impl TransactionListener for ChaosListener {
+    async fn execute(&self, msg: &Message, ctx: &TxContext) -> Result<TransactionState, BoxError> {
+        if self.hold.swap(false, Ordering::SeqCst) {
+            let mut ev = self.rec.event(Kind::Info, Op::Hold, body_of(msg));
+            ev.tx_id = Some(ctx.tx_id());
+            ev.broker = Some(ctx.broker_name().to_string());
+            ev.msg_id = Some(msg.msg_id.to_string());
+            ev.truth = msg.properties.get(PROP_TRUTH).cloned();
+            self.rec.record(&ev);
+            // Prepared, never ended: the harness kills the process now.
+            std::future::pending::<()>().await;
+        }
+        Ok(state_of(msg.properties.get(PROP_LOCAL)))
+    }
+
+    async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
+        let msg = req.message();
+        let answer = state_of(msg.properties.get(PROP_TRUTH));
+        let mut ev = self.rec.event(Kind::Ok, Op::Check, body_of(msg));
+        ev.tx_id = Some(req.tx_id());
+        ev.broker = Some(req.broker_name().to_string());
+        ev.msg_id = Some(msg.msg_id.to_string());
+        ev.answer = Some(state_name(answer).to_string());
+        ev.detail = Some(format!("checks before: {}", req.checks()));
+        self.rec.record(&ev);
+        Ok(answer)
+    }
+}
+
+fn body_of(msg: &Message) -> String {
+    String::from_utf8_lossy(&msg.body).into_owned()
+}
+
+async fn run_tx_producer(
+    args: ClientArgs,
+    rec: Recorder,
+    stop: CancellationToken,
+    hold: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let topic = args
+        .topics
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("a transactional producer needs --topics"))?;
+    let producer = TransactionProducer::builder()
+        .nameserver(&args.nameserver)
+        .group(args.group.as_str())
+        .listener(ChaosListener {
+            rec: rec.clone(),
+            hold,
+        })
+        .send_timeout(args.request_timeout)
+        .route_refresh_interval(Duration::from_millis(500))
+        .broker_refresh_interval(Duration::from_millis(200))
+        .check_timeout(Some(Duration::from_secs(1)))
+        .start()
+        .await?;
+    let rng = Arc::new(Mutex::new(Rng::new(args.seed)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..args.concurrency {
+        let (producer, rec, stop, rng) = (producer.clone(), rec.clone(), stop.clone(), rng.clone());
+        let (name, topic, period) = (args.name.clone(), topic.clone(), period(&args));
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for n in 1u64.. {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                // 60% commit, 40% roll back; the local transaction tells
+                // the truth 70% of the time and "unknown" otherwise, when
+                // only a check-back can end it.
+                let (truth, local) = {
+                    let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+                    let truth = if rng.chance(0.6) {
+                        "commit"
+                    } else {
+                        "rollback"
+                    };
+                    let local = if rng.chance(0.7) { truth } else { "unknown" };
+                    (truth, local)
+                };
+                let id = format!("{name}:tx{task}:{n}");
+                let mut msg = Message::new(topic.as_str(), id.clone())
+                    .with_key(id.as_str())
+                    .with_property(PROP_TRUTH, truth)
+                    .with_property(PROP_LOCAL, local);
+                msg.msg_id = MsgId::generate();
+                let mut ev = rec.event(Kind::Invoke, Op::Tx, &id);
+                ev.msg_id = Some(msg.msg_id.to_string());
+                ev.truth = Some(truth.to_string());
+                ev.answer = Some(local.to_string());
+                ev.topic = Some(topic.clone());
+                rec.record(&ev);
+                let result = producer.send_in_transaction(msg).await;
+                match result {
+                    Ok(o) => {
+                        ev.kind = Kind::Ok;
+                        ev.tx_id = Some(o.tx_id);
+                        ev.broker = Some(o.broker_name);
+                        ev.answer = Some(state_name(o.state).to_string());
+                        ev.status =
+                            Some(o.ended.map_or("prepared", |e| e.state.name()).to_string());
+                    }
+                    Err(e) => {
+                        if let txmq::Error::EndTransaction { tx_id, broker, .. } = &e {
+                            ev.tx_id = Some(*tx_id);
+                            ev.broker = Some(broker.clone());
+                        }
+                        ev.kind = match &e {
+                            // Prepared for sure; the end is what failed.
+                            txmq::Error::EndTransaction { .. } => Kind::Info,
+                            e => outcome_of(e),
+                        };
+                        ev.detail = Some(txmq::error::chain(&e));
+                    }
+                }
+                ev.time_us = super::history::now_us();
+                rec.record(&ev);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    // With no senders (--concurrency 0) this member only answers
+    // check-backs, until it is told to stop.
+    stop.cancelled().await;
+    producer.close();
+    Ok(())
+}
+
+async fn run_consumer(
+    args: ClientArgs,
+    rec: Recorder,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut builder = PushConsumer::builder()
+        .nameserver(&args.nameserver)
+        .group(args.group.as_str())
+        .orderly(true)
+        .rebalance_interval(Duration::from_millis(500))
+        .commit_interval(Duration::from_millis(200))
+        .max_wait(Duration::from_millis(500))
+        .route_refresh_interval(Duration::from_millis(500))
+        .request_timeout(args.request_timeout);
+    for t in &args.topics {
+        builder = builder.subscribe(t.as_str(), "*");
+    }
+    let handler_rec = rec.clone();
+    let consumer = builder
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            let mut ev = handler_rec.event(
+                Kind::Ok,
+                Op::Consume,
+                String::from_utf8_lossy(m.body()).into_owned(),
+            );
+            ev.key = m.key().map(str::to_string);
+            ev.msg_id = Some(m.msg_id().to_string());
+            ev.broker = Some(m.broker_name.clone());
+            ev.topic = Some(m.topic().to_string());
+            ev.queue = Some(m.queue());
+            ev.offset = Some(m.queue_offset());
+            if m.reconsume_times() > 0 {
+                ev.detail = Some(format!("reconsume {}", m.reconsume_times()));
+            }
+            // Recorded before the handler returns, so before the offset can
+            // be committed.
+            handler_rec.record(&ev);
+            async { ConsumeResult::Success }
+        }))
+        .await?;
+    stop.cancelled().await;
+    consumer.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,690 @@
+//! The chaos harness: a cluster of real processes (nameservers, two
+//! brokers with synchronous flush, producers, transactional producers and
+//! orderly push consumers, the clients as `chaos-client` processes) runs a
+//! recorded workload while a fault schedule kills, pauses and disturbs it;
+//! then everything is healed, drained and checked.
+//!
+//! Start at [`run`]. The faults ([`Fault`]): `kill -9` and restart a
+//! broker; SIGSTOP a broker past every timeout, then SIGCONT; kill a
+//! transactional producer inside its local transaction (between prepare
+//! and end); kill a consumer; and, through a [`Proxy`](crate::proxy::Proxy)
+//! in front of each broker (the address the broker advertises): cut every
+//! connection, delay traffic 100 ms ± 50 ms, drop a reply after its
+//! request was delivered. The checkers are in [`checker`]; the history
+//! format in [`history`].
+
+pub mod checker;
+pub mod client;
+pub mod history;
+pub mod process;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use txmq::{Admin, TxState, PERM_READ_WRITE};
+
+use self::checker::{OpCounts, Verdict};
+use self::history::{Kind, Op, Recorder};
+use self::process::Process;
+use crate::proxy::{Proxy, ProxyStats};
+use crate::rng::Rng;
+use crate::{binary, free_port, BrokerProcess};
+
+/// Topic of the sends of broker-a's sharding keys (it lives on broker-a
+/// only, so a key's queue never changes, and neither does its order).
+pub const TOPIC_A: &str = "chaos-a";
+/// Topic of the sends of broker-b's sharding keys.
+pub const TOPIC_B: &str = "chaos-b";
+/// Topic of the transactional sends, on both brokers.
+pub const TOPIC_TX: &str = "chaos-tx";
+const CONSUMER_GROUP: &str = "chaos-cg";
+const PRODUCER_GROUP: &str = "chaos-pg";
+const BROKERS: [&str; 2] = ["broker-a", "broker-b"];
+
+/// The settings of a run.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// How long the workload runs under faults.
+    pub duration: Duration,
+    /// Nameserver processes (1 or 2).
+    pub nameservers: usize,
+    /// Seed of the fault schedule and the workload mix.
+    pub seed: u64,
+    /// Sends plus transactions per second, over all producers.
+    pub rate: f64,
+    /// Quiet time between two faults.
+    pub quiet: Duration,
+    /// How long after a fault's end a repeat still counts as caused by it.
+    pub grace: Duration,
+    /// Where the history, the logs and the brokers' data go.
+    pub out_dir: PathBuf,
+}
+
+impl ChaosConfig {
+    /// A run of `duration` writing into `out_dir`: 2 nameservers, 200
+    /// operations per second, a fault every 5 s or so.
+    pub fn new(duration: Duration, out_dir: impl Into<PathBuf>) -> ChaosConfig {
+        ChaosConfig {
+            duration,
+            nameservers: 2,
+            seed: Rng::from_clock().next_u64() % 1_000_000,
+            rate: 200.0,
+            quiet: Duration::from_secs(4),
+            grace: Duration::from_secs(5),
+            out_dir: out_dir.into(),
+        }
+    }
+}
+
+/// A fault the schedule injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `kill -9` a broker, restart it 2 s later on the same data.
+    KillBroker,
+    /// SIGSTOP a broker for 4 s (past the request timeout of 1 s, the
+    /// nameservers' broker expiry and the consumer expiry of 3 s), then SIGCONT.
+    PauseBroker,
+    /// Close every connection through a broker's proxy.
+    CutConnections,
+    /// Delay a broker's traffic by 100 ms ± 50 ms each way for 4 s.
+    Delay,
+    /// Drop the reply to a request the broker got, and the connection.
+    DropReply,
+    /// Kill a transactional producer between prepare and end, restart it.
+    KillTxProducer,
+    /// `kill -9` a consumer, restart it 2 s later.
+    KillConsumer,
+}
+
+impl Fault {
+    /// Every fault, in schedule order.
+    pub const ALL: [Fault; 7] = [
+        Fault::KillBroker,
+        Fault::CutConnections,
+        Fault::KillTxProducer,
+        Fault::PauseBroker,
+        Fault::DropReply,
+        Fault::KillConsumer,
+        Fault::Delay,
+    ];
+
+    /// The fault's name in the history and the summary.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillBroker => "kill-broker",
+            Fault::PauseBroker => "pause-broker",
+            Fault::CutConnections => "cut-connections",
+            Fault::Delay => "delay",
+            Fault::DropReply => "drop-reply",
+            Fault::KillTxProducer => "kill-tx-producer",
+            Fault::KillConsumer => "kill-consumer",
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug)]
+pub struct ChaosReport {
+    /// The settings.
+    pub config: ChaosConfig,
+    /// Operations and faults.
+    pub counts: OpCounts,
+    /// One verdict per checker.
+    pub verdicts: Vec<Verdict>,
+    /// The merged history (JSON lines).
+    pub history: PathBuf,
+    /// What each broker's proxy did.
+    pub proxies: Vec<(String, ProxyStats)>,
+    /// How long the whole run took, set-up and checks included.
+    pub elapsed: Duration,
+}
+
+impl ChaosReport {
+    /// Whether every checker passed.
+    pub fn passed(&self) -> bool {
+        self.verdicts.iter().all(|v| v.ok)
+    }
+
+    /// The summary printed at the end of a run.
+    pub fn summary(&self) -> String {
+        let c = &self.counts;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "chaos run: {:?} of workload under faults, {} nameserver(s), 2 brokers (sync flush), seed {}, {:.0?} in all",
+            self.config.duration, self.config.nameservers, self.config.seed, self.elapsed
+        );
+        let _ = writeln!(
+            s,
+            "ops: {} ({:.0}/s): sends {} (ok {}, fail {}, info {}), transactions {} (ok {}, fail {}, info {}); {} consumed, {} check-backs answered",
+            c.ops(),
+            c.ops() as f64 / self.config.duration.as_secs_f64().max(1.0),
+            c.sends[0], c.sends[1], c.sends[2], c.sends[3],
+            c.txs[0], c.txs[1], c.txs[2], c.txs[3],
+            c.consumed, c.checks
+        );
+        let total: usize = c.faults.values().sum();
+        let kinds: Vec<String> = c.faults.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(s, "faults: {total} ({})", kinds.join(", "));
+        for (name, p) in &self.proxies {
+            let _ = writeln!(
+                s,
+                "proxy of {name}: {} connections, {} cut, {} replies dropped",
+                p.accepted, p.cut, p.replies_dropped
+            );
+        }
+        for v in &self.verdicts {
+            let _ = writeln!(
+                s,
+                "{:<24} {}  {}",
+                v.name,
+                if v.ok { "PASS" } else { "FAIL" },
+                v.summary
+            );
+            for e in &v.examples {
+                let _ = writeln!(s, "    e.g. {e}");
+            }
+        }
+        let _ = writeln!(s, "history: {}", self.history.display());
+        s
+    }
+}
+
+/// The cluster and the workload's processes.
+struct World {
+    config: ChaosConfig,
+    ns: String,
+    ns_addrs: Vec<String>,
+    _nameservers: Vec<Process>,
+    brokers: Vec<BrokerProcess>,
+    proxies: Vec<Proxy>,
+    producers: Vec<Process>,
+    txs: Vec<Process>,
+    consumers: Vec<Process>,
+    harness: Recorder,
+    rng: Rng,
+}
+
+/// Runs the workload under the fault schedule for `config.duration`, heals
+/// everything, waits for the check-backs and the consumers to finish, and
+/// checks the history.
+///
+/// # Panics
+/// When the cluster cannot be set up (a binary does not build or start).
+pub async fn run(config: ChaosConfig) -> ChaosReport {
+    let started = Instant::now();
+    std::fs::create_dir_all(&config.out_dir).expect("create the output directory");
+    let mut world = World::start(config.clone()).await;
+
+    let deadline = Instant::now() + config.duration;
+    let mut n = 0usize;
+    loop {
+        let quiet = world.rng.between(config.quiet / 2, config.quiet * 3 / 2);
+        if Instant::now() + quiet >= deadline {
+            break;
+        }
+        tokio::time::sleep(quiet).await;
+        let fault = Fault::ALL[n % Fault::ALL.len()];
+        n += 1;
+        world.inject(fault, n).await;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::sleep(left).await;
+
+    world.wind_down().await;
+    let history = config.out_dir.join("history.jsonl");
+    let events = history::read_dir_events(&config.out_dir, &history);
+    history::write_events(&history, &events).expect("write the history");
+    let counts = checker::count(&events);
+    let verdicts = checker::check(&events, config.grace.as_micros() as u64);
+    let proxies = BROKERS
+        .iter()
+        .zip(&world.proxies)
+        .map(|(b, p)| (b.to_string(), p.stats()))
+        .collect();
+    let report = ChaosReport {
+        config,
+        counts,
+        verdicts,
+        history,
+        proxies,
+        elapsed: started.elapsed(),
+    };
+    world.stop();
+    if report.passed() {
+        // Keep the history and the logs, not the data.
+        for b in BROKERS {
+            let _ = std::fs::remove_dir_all(report.config.out_dir.join(b));
+        }
+    }
+    report
+}
+
+fn wait_for_port(addr: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl World {
+    async fn start(config: ChaosConfig) -> World {
+        let out = config.out_dir.clone();
+        let harness = Recorder::open(&out.join("harness.jsonl"), "harness")
+            .expect("open the harness history");
+        let ns_addrs: Vec<String> = (0..config.nameservers.max(1))
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let nameservers: Vec<Process> = tokio::task::block_in_place(|| {
+            ns_addrs
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| {
+                    let a = addr.clone();
+                    let p = Process::start(
+                        &format!("nameserver-{i}"),
+                        binary("txmq-nameserver"),
+                        out.join(format!("nameserver-{i}.log")),
+                        move |_| {
+                            vec![
+                                "--listen".into(),
+                                a.clone(),
+                                "--broker-expiry".into(),
+                                "3s".into(),
+                            ]
+                        },
+                    );
+                    wait_for_port(addr, "txmq-nameserver");
+                    p
+                })
+                .collect()
+        });
+        let ns = ns_addrs.join(",");
+
+        let mut proxies = Vec::new();
+        let mut brokers = Vec::new();
+        for name in BROKERS {
+            let proxy = Proxy::bind().await.expect("proxy binds");
+            let advertise = proxy.addr().to_string();
+            let data = out.join(name);
+            let ns2 = ns.clone();
+            let broker = tokio::task::block_in_place(|| {
+                BrokerProcess::start(
+                    &data,
+                    &ns2,
+                    name,
+                    &[
+                        "--advertise-addr",
+                        &advertise,
+                        "--flush",
+                        "sync",
+                        "--transaction-timeout",
+                        "1s",
+                        "--transaction-check-interval",
+                        "500ms",
+                        "--transaction-check-timeout",
+                        "1s",
+                        "--consumer-expiry",
+                        "3s",
+                        // A send to broker-b's topic while broker-b is
+                        // away would otherwise create it on broker-a,
+                        // moving its keys to other queues.
+                        "--auto-create-topics",
+                        "false",
+                    ],
+                )
+            });
+            proxy.set_target(&broker.addr);
+            proxies.push(proxy);
+            brokers.push(broker);
+        }
+        for addr in &ns_addrs {
+            for name in BROKERS {
+                crate::wait_for_broker(addr, name).await;
+            }
+        }
+        let admin = Admin::connect(ns_addrs.iter().map(String::as_str))
+            .await
+            .expect("admin connects");
+        for (topic, broker) in [
+            (TOPIC_A, Some("broker-a")),
+            (TOPIC_B, Some("broker-b")),
+            (TOPIC_TX, None),
+        ] {
+            admin
+                .create_topic(topic, 4, PERM_READ_WRITE, broker)
+                .await
+                .unwrap_or_else(|e| panic!("create {topic}: {e}"));
+        }
+        wait_for_routes(&admin).await;
+        admin.close();
+
+        let mut world = World {
+            ns,
+            ns_addrs,
+            _nameservers: nameservers,
+            brokers,
+            proxies,
+            producers: Vec::new(),
+            txs: Vec::new(),
+            consumers: Vec::new(),
+            harness,
+            rng: Rng::new(config.seed),
+            config,
+        };
+        // Consumers first, so the group exists before the first message.
+        for i in 0..2 {
+            let p = world.client(
+                &format!("consumer-{i}"),
+                "consumer",
+                &[
+                    "--topics",
+                    &format!("{TOPIC_A},{TOPIC_B},{TOPIC_TX}"),
+                    "--group",
+                    CONSUMER_GROUP,
+                ],
+            );
+            world.consumers.push(p);
+        }
+        let quarter = format!("{}", world.config.rate / 4.0);
+        for i in 0..2 {
+            let p = world.client(
+                &format!("producer-{i}"),
+                "producer",
+                &[
+                    "--topics",
+                    &format!("{TOPIC_A},{TOPIC_B}"),
+                    "--concurrency",
+                    "8",
+                    "--rate",
+                    &quarter,
+                ],
+            );
+            world.producers.push(p);
+            let p = world.client(
+                &format!("tx-{i}"),
+                "tx",
+                &[
+                    "--topics",
+                    TOPIC_TX,
+                    "--group",
+                    PRODUCER_GROUP,
+                    "--concurrency",
+                    "4",
+                    "--rate",
+                    &quarter,
+                ],
+            );
+            world.txs.push(p);
+        }
+        world
+    }
+
+    /// A `chaos-client` process named `base.<incarnation>`, recording into
+    /// `base.<incarnation>.jsonl`.
+    fn client(&mut self, base: &str, role: &str, extra: &[&str]) -> Process {
+        let out = self.config.out_dir.clone();
+        let (base_s, role_s, ns) = (base.to_string(), role.to_string(), self.ns.clone());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let seed = self.rng.next_u64();
+        Process::start(
+            base,
+            binary("chaos-client"),
+            out.join(format!("{base}.log")),
+            move |inc| {
+                let name = format!("{base_s}.{inc}");
+                let mut args = vec![
+                    "--role".to_string(),
+                    role_s.clone(),
+                    "--name".into(),
+                    name.clone(),
+                    "--nameserver".into(),
+                    ns.clone(),
+                    "--out".into(),
+                    out.join(format!("{name}.jsonl")).display().to_string(),
+                    "--seed".into(),
+                    (seed + u64::from(inc)).to_string(),
+                ];
+                args.extend(extra.iter().cloned());
+                args
+            },
+        )
+    }
+
+    async fn inject(&mut self, fault: Fault, n: usize) {
+        let id = format!("{}#{n}", fault.name());
+        let b = self.rng.below(BROKERS.len() as u64) as usize;
+        let broker = BROKERS[b];
+        let mut ev = self.harness.event(Kind::Invoke, Op::Fault, &id);
+        ev.broker = Some(broker.to_string());
+        self.harness.record(&ev);
+        let detail = match fault {
+            Fault::KillBroker => {
+                let p = &mut self.brokers[b];
+                tokio::task::block_in_place(|| p.kill9());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::task::block_in_place(|| p.restart());
+                format!("{broker} killed, restarted after 2 s")
+            }
+            Fault::PauseBroker => {
+                let p = &self.brokers[b];
+                tokio::task::block_in_place(|| p.signal("STOP"));
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                tokio::task::block_in_place(|| p.signal("CONT"));
+                format!("{broker} stopped for 4 s")
+            }
+            Fault::CutConnections => {
+                self.proxies[b].cut();
+                format!("connections to {broker} cut")
+            }
+            Fault::Delay => {
+                let p = &self.proxies[b];
+                p.set_delay(Some((
+                    Duration::from_millis(100),
+                    Duration::from_millis(50),
+                )));
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                p.set_delay(None);
+                format!("traffic of {broker} delayed 100 ms ± 50 ms for 4 s")
+            }
+            Fault::DropReply => {
+                let p = &self.proxies[b];
+                p.drop_next_reply();
+                let t = Instant::now();
+                while p.drop_pending() && t.elapsed() < Duration::from_secs(3) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let fired = !p.drop_pending();
+                p.heal();
+                if fired {
+                    format!("a reply of {broker} dropped")
+                } else {
+                    format!("no request to {broker} within 3 s; nothing dropped")
+                }
+            }
+            Fault::KillTxProducer => {
+                let t = self.rng.below(self.txs.len() as u64) as usize;
+                let out = self.config.out_dir.clone();
+                let p = &mut self.txs[t];
+                let file = out.join(format!("{}.{}.jsonl", p.name, p.incarnation()));
+                p.signal("USR1");
+                let since = Instant::now();
+                let held = loop {
+                    let held = history::read_events(&file)
+                        .into_iter()
+                        .find(|e| e.f == Op::Hold);
+                    if held.is_some() || since.elapsed() > Duration::from_secs(3) {
+                        break held;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                };
+                tokio::task::block_in_place(|| p.kill9());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                p.spawn();
+                match held {
+                    Some(e) => format!(
+                        "{} killed between prepare and end of {} (tx {} on {})",
+                        p.name,
+                        e.id,
+                        e.tx_id.unwrap_or_default(),
+                        e.broker.unwrap_or_default()
+                    ),
+                    None => format!("{} killed (no transaction held within 3 s)", p.name),
+                }
+            }
+            Fault::KillConsumer => {
+                let c = self.rng.below(self.consumers.len() as u64) as usize;
+                let p = &mut self.consumers[c];
+                tokio::task::block_in_place(|| p.kill9());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                p.spawn();
+                format!("{} killed, restarted after 2 s", p.name)
+            }
+        };
+        let mut ev = self.harness.event(Kind::Ok, Op::Fault, &id);
+        ev.broker = Some(broker.to_string());
+        ev.detail = Some(detail);
+        self.harness.record(&ev);
+    }
+
+    /// Heals everything, stops the sends, waits until no transaction is
+    /// left prepared (a fresh member of the producer group answers the
+    /// check-backs) and the consumers have caught up, then stops them.
+    async fn wind_down(&mut self) {
+        for p in &self.proxies {
+            p.heal();
+        }
+        let checker = self.client(
+            "tx-checker",
+            "tx",
+            &[
+                "--topics",
+                TOPIC_TX,
+                "--group",
+                PRODUCER_GROUP,
+                "--concurrency",
+                "0",
+            ],
+        );
+        let mut stopping: Vec<Process> =
+            self.producers.drain(..).chain(self.txs.drain(..)).collect();
+        tokio::task::block_in_place(|| {
+            for p in &mut stopping {
+                p.terminate(Duration::from_secs(10));
+            }
+        });
+        for c in &mut self.consumers {
+            if !c.is_running() {
+                c.spawn();
+            }
+        }
+        let mut ev = self
+            .harness
+            .event(Kind::Info, Op::Fault, "workload-stopped");
+        ev.detail = Some("sends stopped, faults healed".into());
+        self.harness.record(&ev);
+
+        let admin = Admin::connect(self.ns_addrs.iter().map(String::as_str))
+            .await
+            .expect("admin connects");
+        // Transaction timeout (1 s) plus a few check intervals and check
+        // timeouts; generous for a loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let list = loop {
+            let list = admin.list_transactions(None).await;
+            let done = list.as_ref().is_ok_and(|l| {
+                l.len() == BROKERS.len()
+                    && l.iter()
+                        .flat_map(|b| &b.transactions)
+                        .all(|t| t.state != TxState::Prepared)
+            });
+            if done || Instant::now() > deadline {
+                break list;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        match list {
+            Ok(lists) => {
+                for l in lists {
+                    for t in l.transactions {
+                        let mut ev =
+                            self.harness
+                                .event(Kind::Info, Op::Pending, t.tx_id.to_string());
+                        ev.tx_id = Some(t.tx_id);
+                        ev.broker = Some(l.broker_name.clone());
+                        ev.msg_id = t.msg_ids.first().map(ToString::to_string);
+                        ev.status = Some(t.state.name().to_string());
+                        ev.detail = Some(format!(
+                            "checks {}, last error {:?}",
+                            t.checks, t.last_error
+                        ));
+                        self.harness.record(&ev);
+                    }
+                }
+            }
+            Err(e) => {
+                let mut ev = self
+                    .harness
+                    .event(Kind::Fail, Op::Pending, "list-transactions");
+                ev.status = Some("unknown".into());
+                ev.msg_id = Some("unknown".into());
+                ev.detail = Some(format!("cannot list transactions: {e}"));
+                self.harness.record(&ev);
+            }
+        }
+
+        // Drained: every queue of the group committed up to its end.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let states = admin.group_state(CONSUMER_GROUP, None).await;
+            let drained = states.as_ref().is_ok_and(|s| {
+                s.len() == BROKERS.len() && s.iter().flat_map(|g| &g.queues).all(|q| q.lag == 0)
+            });
+            if drained || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        admin.close();
+        let mut last: Vec<Process> = self.consumers.drain(..).collect();
+        last.push(checker);
+        tokio::task::block_in_place(|| {
+            for p in &mut last {
+                p.terminate(Duration::from_secs(15));
+            }
+        });
+    }
+
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+async fn wait_for_routes(admin: &Admin) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (topic, want) in [(TOPIC_A, 1), (TOPIC_B, 1), (TOPIC_TX, 2)] {
+        loop {
+            if admin
+                .route(topic)
+                .await
+                .is_ok_and(|r| r.brokers.len() == want)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{topic} never routed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `target/tmp/<name>-<seconds since the epoch>` next to the test binary's
+/// target directory, or the system's temporary directory.
+pub fn default_out_dir(target_tmp: Option<&Path>, name: &str) -> PathBuf {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let base = target_tmp.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    base.join(format!("{name}-{stamp}-{}", std::process::id()))
+}

@@ -1,0 +1,49 @@
+//! The chaos test: two brokers (sync flush) and two nameservers as real
+//! processes, producers, transactional producers and orderly push
+//! consumers as `chaos-client` processes, ~200 operations per second under
+//! a fault schedule (broker kill -9 and SIGSTOP, transactional producer
+//! killed between prepare and end, consumer killed, connections cut,
+//! delayed and replies dropped by a proxy); then every checker must pass.
+//! See `txmq_tests::chaos`.
+//!
+//! `cargo test -p txmq-tests --test chaos` runs 60 s of workload;
+//! `TXMQ_CHAOS_DURATION=10m cargo test -p txmq-tests --test chaos -- --ignored`
+//! runs longer (`TXMQ_CHAOS_SEED` repeats a fault schedule).
+
+use std::path::Path;
+use std::time::Duration;
+
+use txmq_tests::chaos::{default_out_dir, run, ChaosConfig};
+
+fn config(duration: Duration) -> ChaosConfig {
+    let out = default_out_dir(Some(Path::new(env!("CARGO_TARGET_TMPDIR"))), "chaos");
+    let mut config = ChaosConfig::new(duration, out);
+    if let Some(seed) = std::env::var("TXMQ_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        config.seed = seed;
+    }
+    config
+}
+
+async fn run_and_check(config: ChaosConfig) {
+    let report = run(config).await;
+    println!("{}", report.summary());
+    assert!(report.passed(), "a checker failed:\n{}", report.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_of_faults_loses_duplicates_and_reorders_nothing() {
+    run_and_check(config(Duration::from_secs(60))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: TXMQ_CHAOS_DURATION (default 10m)"]
+async fn a_long_run_under_faults() {
+    let duration = std::env::var("TXMQ_CHAOS_DURATION")
+        .ok()
+        .map(|d| humantime::parse_duration(&d).expect("TXMQ_CHAOS_DURATION like 10m"))
+        .unwrap_or(Duration::from_secs(600));
+    run_and_check(config(duration)).await;
+}
