@@ -71,7 +71,7 @@ impl ChaosConfig {
             seed: Rng::from_clock().next_u64() % 1_000_000,
             rate: 200.0,
             quiet: Duration::from_secs(4),
-            grace: Duration::from_secs(5),
+            grace: Duration::from_secs(8),
             out_dir: out_dir.into(),
         }
     }
@@ -251,7 +251,7 @@ pub async fn run(config: ChaosConfig) -> ChaosReport {
         proxies,
         elapsed: started.elapsed(),
     };
-    world.stop();
+    drop(world);
     if report.passed() {
         // Keep the history and the logs, not the data.
         for b in BROKERS {
@@ -655,10 +655,6 @@ impl World {
                 p.terminate(Duration::from_secs(15));
             }
         });
-    }
-
-    fn stop(self) {
-        drop(self);
     }
 }
 
