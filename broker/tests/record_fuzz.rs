@@ -1,7 +1,7 @@
 //! Fuzz-style property tests of the commit-log record codec
 //! (`store::record`): whatever bytes a segment holds, `check` and `decode`
 //! answer without panicking, encoded records come back as written, and
-//! damage is always caught by the checksum. Bounded case counts (512 by
+//! damage is always caught by the checksum (and so by `decode`). Bounded case counts (512 by
 //! default; `PROPTEST_CASES` raises them).
 
 use std::collections::BTreeMap;
@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use txmq_broker::store::record::{
-    check, decode, encode, message_len, Check, RecordHead, RecordKind, HEADER_LEN,
+    check, decode, decode_unverified, encode, message_len, Check, RecordHead, RecordKind,
+    HEADER_LEN,
 };
 use txmq_protocol::{Message, MsgId};
 
@@ -85,7 +86,13 @@ fn read_all_ways(bytes: &[u8]) {
     }
     let b = Bytes::copy_from_slice(bytes);
     for header_only in [false, true] {
-        if let Some(rec) = decode(&b, header_only) {
+        let verified = decode(&b, header_only);
+        assert_eq!(
+            verified.is_some(),
+            matches!(c, Check::Valid(_)) && decode_unverified(&b, header_only).is_some(),
+            "decode is check, then decode_unverified"
+        );
+        if let Some(rec) = decode_unverified(&b, header_only) {
             let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
             assert!(
                 rec.message.body.len() <= len,
@@ -170,6 +177,8 @@ proptest! {
         let c = check(&bad);
         prop_assert!(c != Check::Valid(good.len()), "damage at {} not caught: {:?}", at, c);
         read_all_ways(&bad);
+        let bad_bytes = Bytes::copy_from_slice(&bad);
+        prop_assert!(decode(&bad_bytes, false).is_none() || matches!(c, Check::Valid(_)));
 
         let cut = cut % good.len();
         let c = check(&good[..cut]);
@@ -205,6 +214,8 @@ fn invalid_utf8_in_a_record_reads_lossily() {
     let mut buf = encoded(head, &msg);
     // The topic's bytes follow its u16 length at HEADER_LEN.
     buf[HEADER_LEN + 2] = 0xff;
+    let crc = crc32c::crc32c(&buf[8..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
     let rec = decode(&buf.freeze(), false).expect("decodes");
     assert_eq!(rec.message.topic, "\u{fffd}rders");
 }
