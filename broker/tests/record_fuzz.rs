@@ -219,3 +219,61 @@ fn invalid_utf8_in_a_record_reads_lossily() {
     let rec = decode(&buf.freeze(), false).expect("decodes");
     assert_eq!(rec.message.topic, "\u{fffd}rders");
 }
+
+/// Writes the seed corpus of the libFuzzer targets `record_decode` (one
+/// record per file) and `recovery` (a segment's first bytes: messages, a
+/// transaction's half messages and its commit group, an offset commit).
+/// Run by hand after a change of the record layout:
+/// `cargo test -p txmq-broker --test record_fuzz -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore = "writes fuzz/corpus; run by hand"]
+fn write_fuzz_seeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let msg = |n: u8, topic: &str| Message {
+        msg_id: MsgId([n; 16]),
+        topic: topic.into(),
+        key: Some(format!("k{n}")),
+        tag: (n % 2 == 1).then(|| "t".to_string()),
+        properties: BTreeMap::from([("p".to_string(), n.to_string())]),
+        body: Bytes::from(vec![b'a' + n; usize::from(n) * 3]),
+        born_timestamp: u64::from(n),
+    };
+    let head = |kind, queue, queue_offset, aux, flags| RecordHead {
+        kind,
+        queue,
+        queue_offset,
+        store_timestamp: 1_700_000_000_000,
+        aux,
+        flags,
+    };
+    // A transaction's id is the position of its first half message: after
+    // the first two records (91 and 93 bytes).
+    const TX: u64 = 184;
+    let mut segment = BytesMut::new();
+    let records = [
+        (head(RecordKind::Message, 0, 0, 0, 0), msg(1, "t")),
+        (head(RecordKind::Message, 0, 1, 0, 0), msg(2, "t")),
+        (head(RecordKind::Half, 0, 0, TX, 2), msg(3, "t")),
+        (head(RecordKind::Half, 0, 0, TX, 2), msg(4, "t")),
+        (head(RecordKind::TxCheck, 0, 0, TX, 0), msg(5, "t")),
+        (head(RecordKind::Message, 0, 2, TX, 2), msg(3, "t")),
+        (head(RecordKind::Message, 0, 3, TX, 2), msg(4, "t")),
+        (head(RecordKind::OffsetCommit, 0, 2, 0, 0), msg(6, "t")),
+    ];
+    std::fs::create_dir_all(root.join("record_decode")).unwrap();
+    std::fs::create_dir_all(root.join("recovery")).unwrap();
+    for (i, (h, m)) in records.iter().enumerate() {
+        let one = encoded(*h, m);
+        if i == 2 {
+            assert_eq!(segment.len() as u64, TX, "the first half message is at TX");
+        }
+        std::fs::write(root.join(format!("record_decode/record-{i}.bin")), &one).unwrap();
+        segment.extend_from_slice(&one);
+    }
+    std::fs::write(root.join("recovery/segment-all.bin"), &segment).unwrap();
+    std::fs::write(
+        root.join("recovery/segment-torn.bin"),
+        &segment[..segment.len() - 7],
+    )
+    .unwrap();
+}
