@@ -997,3 +997,39 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_consume_members_share_the_backlog() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "backlog", 4).await;
+    let out = txmq(
+        &ns,
+        &["send", "backlog", "--body", "x", "--count", "2000"],
+        None,
+    )
+    .await;
+    assert!(out.status.success());
+    let args = [
+        "bench",
+        "consume",
+        "backlog",
+        "--group",
+        "b",
+        "--consumers",
+        "2",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let out = txmq(&ns, &args, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_lines(&out.stdout);
+    assert_eq!(report[0]["messages"], 2000, "{report:?}");
+    cluster.shutdown().await;
+}
