@@ -50,7 +50,17 @@ pub struct BrokerConfig {
     pub max_frame_size: usize,
     /// Transaction timeouts and check-back limits.
     pub transactions: TxConfig,
+    /// A consumer without a heartbeat for this long has left its group.
+    pub consumer_expiry: Duration,
+    /// Back-off before each redelivery of a message handed back for retry
+    /// (the last one repeats).
+    pub retry_delays: Vec<Duration>,
+    /// The furthest ahead a delayed message may be delivered.
+    pub max_delay: Duration,
 }
+
+/// RocketMQ's retry back-off: levels 3 to 18 of its delay levels.
+pub const DEFAULT_RETRY_DELAYS: &str = "10s,30s,1m,2m,3m,4m,5m,6m,7m,8m,9m,10m,20m,30m,1h,2h";
 
 impl BrokerConfig {
     /// Defaults, with the data in `data_dir`.
@@ -79,6 +89,9 @@ impl BrokerConfig {
                 check_rate: 1000,
                 check_timeout: Duration::from_secs(3),
             },
+            consumer_expiry: Duration::from_secs(30),
+            retry_delays: parse_durations(DEFAULT_RETRY_DELAYS).unwrap_or_default(),
+            max_delay: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -112,6 +125,12 @@ impl BrokerConfig {
         if tx.check_interval.is_zero() || tx.check_rate == 0 || tx.check_max == 0 {
             return Err("transaction check interval, rate and maximum must not be zero".into());
         }
+        if self.consumer_expiry.is_zero() {
+            return Err("consumer expiry must not be zero".into());
+        }
+        if self.retry_delays.is_empty() || self.retry_delays.iter().any(|d| *d > self.max_delay) {
+            return Err("retry delays must be a non-empty list, each at most the max delay".into());
+        }
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
         }
@@ -121,6 +140,17 @@ impl BrokerConfig {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 6s, 2m)"))
+}
+
+/// A comma-separated list of durations, e.g. `10s,30s,1m`.
+fn parse_durations(s: &str) -> Result<Vec<Duration>, String> {
+    split_list(s).iter().map(|d| parse_duration(d)).collect()
+}
+
+fn de_durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Duration>>, D::Error> {
+    de_list(d)?
+        .map(|v| parse_durations(&v.join(",")).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// A byte size: `1048576`, `64KiB`, `16MiB`, `1GiB` (also K/M/G, KB/MB/GB as powers of 1024).
@@ -288,6 +318,19 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_TRANSACTION_CHECK_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub transaction_check_timeout: Option<Duration>,
+    /// A consumer without a heartbeat for this long has left its group [default: 30s].
+    #[arg(long, env = "TXMQ_CONSUMER_EXPIRY", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub consumer_expiry: Option<Duration>,
+    /// Back-off before each redelivery of a message handed back for retry,
+    /// comma-separated; the last repeats [default: 10s,30s,1m,2m,...,30m,1h,2h].
+    #[arg(long, env = "TXMQ_RETRY_DELAYS", value_parser = parse_durations)]
+    #[serde(default, deserialize_with = "de_durations")]
+    pub retry_delays: Option<Vec<Duration>>,
+    /// The furthest ahead a delayed message may be delivered [default: 7d].
+    #[arg(long, env = "TXMQ_MAX_DELAY", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub max_delay: Option<Duration>,
 }
 
 impl BrokerArgs {
@@ -385,6 +428,15 @@ impl BrokerArgs {
                     .or(file.transaction_check_timeout)
                     .unwrap_or(d.transactions.check_timeout),
             },
+            consumer_expiry: self
+                .consumer_expiry
+                .or(file.consumer_expiry)
+                .unwrap_or(d.consumer_expiry),
+            retry_delays: self
+                .retry_delays
+                .or(file.retry_delays)
+                .unwrap_or(d.retry_delays),
+            max_delay: self.max_delay.or(file.max_delay).unwrap_or(d.max_delay),
         };
         config.validate()?;
         Ok(config)

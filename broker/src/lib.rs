@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod groups;
 mod handler;
 mod registration;
 pub mod store;
@@ -73,6 +74,7 @@ pub(crate) struct BrokerInner {
     pub(crate) topics_version: std::sync::atomic::AtomicU64,
     pub(crate) registered_version: tokio::sync::watch::Sender<u64>,
     pub(crate) transactions: Arc<transaction::Transactions>,
+    pub(crate) groups: Arc<groups::Groups>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -148,6 +150,7 @@ impl Broker {
         store_config.segment_size = config.segment_size;
         store_config.max_message_size = config.max_message_size;
         store_config.retention = config.retention;
+        store_config.max_delay = config.max_delay;
         let store_dir = dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
             .await
@@ -182,6 +185,7 @@ impl Broker {
         ));
         let inner = Arc::new(BrokerInner {
             transactions,
+            groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
             advertised_addr: addr.to_string(),
             config,
             store,
@@ -207,6 +211,8 @@ impl Broker {
         ));
         tasks.spawn(registration::run(inner.clone(), nameservers));
         tasks.spawn(retention(inner.clone()));
+        tasks.spawn(deliver_delayed(inner.clone()));
+        tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
         tasks.spawn(transaction::run_check_back(
             inner.transactions.clone(),
             shutdown.clone(),
@@ -268,5 +274,84 @@ async fn retention(b: Arc<BrokerInner>) {
             Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
             Err(e) => tracing::warn!(error = %e, "retention task failed"),
         }
+    }
+}
+
+/// Delayed messages due per `deliver_due` call.
+const DELAY_BATCH: usize = 4096;
+
+/// Drives delayed messages: every 100 ms, moves the delay-level entries that
+/// are due (one task for all of them, no timer per message).
+async fn deliver_delayed(b: Arc<BrokerInner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = b.shutdown.cancelled() => return,
+        }
+        loop {
+            match b
+                .store
+                .deliver_due(txmq_protocol::now_millis(), DELAY_BATCH)
+                .await
+            {
+                // Something moved: more may be due at once (a call moves at
+                // most DELAY_BATCH entries, or one write's worth of markers).
+                Ok(n) if n > 0 && !b.shutdown.is_cancelled() => {}
+                Ok(_) => break,
+                Err(store::StoreError::ShuttingDown) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "delivering delayed messages failed; retrying in a second");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = b.shutdown.cancelled() => return,
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The broker's own task delivers a delayed message, without anyone
+    /// calling `deliver_due` by hand.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_broker_delivers_delayed_messages_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = BrokerConfig::new(dir.path());
+        config.listen = "127.0.0.1:0".into();
+        config.standalone = true;
+        config.nameserver_listen = "127.0.0.1:0".into();
+        config.nameservers = Vec::new();
+        config.segment_size = 8 << 20;
+        let broker = Broker::start(config).await.unwrap();
+        let store = broker.inner.store.clone();
+        store.ensure_queues("orders", 1).unwrap();
+        let deliver_at = txmq_protocol::now_millis() + 300;
+        let msg = txmq_protocol::Message::new("orders", &b"later"[..]);
+        store
+            .append_delayed("orders", 0, vec![msg], deliver_at)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        while got.is_empty() && started.elapsed() < Duration::from_secs(3) {
+            got = store.read("orders", 0, 0, 10, 1 << 20).unwrap().messages;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let at = txmq_protocol::now_millis();
+        assert_eq!(got.len(), 1, "delivered");
+        assert!(
+            at >= deliver_at && at < deliver_at + 1000,
+            "{}",
+            at as i64 - deliver_at as i64
+        );
+        assert_eq!(store.delay_stats().pending, 0);
+        broker.shutdown().await;
     }
 }

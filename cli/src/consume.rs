@@ -1,23 +1,25 @@
 //! `txmq consume`: prints a topic's messages as a member of a consumer
 //! group, committing the group's offsets for what it printed.
 //!
-//! Offsets are committed periodically and before exiting, and cover exactly
-//! the messages printed: `--count` asks the consumer for no more than it
-//! still needs. A message printed but not yet committed when the process is
-//! killed is printed again by the group's next consumer (at least once).
+//! It is a [`PushConsumer`] in the group: several `txmq consume` of one
+//! group share the topic's queues (or, with `--broadcast`, each gets
+//! everything). Each queue is handled in order, one message at a time: a
+//! message counts as consumed once printed, and the offsets committed
+//! (periodically and before exiting) cover exactly the printed messages,
+//! so `--count` leaves the rest to the group's next consumer. A message
+//! printed but not yet committed when the process is killed is printed
+//! again by the group's next consumer (at least once).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use txmq::{ConsumeFrom, PullConsumer, ReceivedMessage};
+use tokio::sync::{mpsc, oneshot};
+use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
 
 use crate::args::{parse_duration, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
-
-/// The longest single wait for messages, so deadlines are checked often.
-const POLL_SLICE: Duration = Duration::from_millis(500);
 
 /// `txmq consume TOPIC --group G ...`
 #[derive(Debug, Args)]
@@ -49,6 +51,19 @@ pub struct ConsumeArgs {
     /// How often the topic's route is fetched to find new queues.
     #[arg(long, env = "TXMQ_ROUTE_REFRESH", value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     pub route_refresh: Duration,
+
+    /// Only messages with these tags: `*` (every message) or `a || b`.
+    #[arg(long, env = "TXMQ_TAG", default_value = "*", value_name = "EXPR")]
+    pub tag: String,
+
+    /// Receive every message of the topic, whatever the other members of
+    /// the group receive (positions are not stored on the brokers).
+    #[arg(long, env = "TXMQ_BROADCAST")]
+    pub broadcast: bool,
+
+    /// How often the consumer heartbeats and rebalances the group's queues.
+    #[arg(long, env = "TXMQ_REBALANCE_INTERVAL", value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub rebalance_interval: Duration,
 }
 
 /// `--from`.
@@ -70,13 +85,36 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,
     };
-    let mut consumer = PullConsumer::builder()
+    // The handler passes each message here and waits until it is printed;
+    // one not printed (after --count, or on exit) is never finished, so
+    // its offset is not committed.
+    let (tx, mut rx) = mpsc::channel::<(ReceivedMessage, oneshot::Sender<()>)>(64);
+    let handler = handler_fn(move |m: &ReceivedMessage| {
+        let tx = tx.clone();
+        let m = m.clone();
+        async move {
+            let (done, printed) = oneshot::channel();
+            if tx.send((m, done)).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            match printed.await {
+                Ok(()) => ConsumeResult::Success,
+                Err(_) => std::future::pending().await,
+            }
+        }
+    });
+    let consumer = PushConsumer::builder()
         .config(global.client_config())
         .route_refresh_interval(args.route_refresh)
         .group(args.group.clone())
-        .topic(args.topic.clone())
+        .subscribe(args.topic.clone(), args.tag.clone())
+        .broadcast(args.broadcast)
+        .orderly(true)
         .from(from)
-        .build()
+        .commit_interval(args.commit_interval)
+        .rebalance_interval(args.rebalance_interval)
+        .drain_timeout(Duration::from_millis(200))
+        .start(handler)
         .await?;
     let printer = Printer::stdout(global.output);
     let interrupted = interrupted();
@@ -84,47 +122,43 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
 
     let mut printed: u64 = 0;
     let mut last_message = Instant::now();
-    let mut last_commit = Instant::now();
+    // Acknowledgements held back until the end (a message beyond --count).
+    let mut unprinted = Vec::new();
     loop {
-        let mut max = 256usize;
-        if let Some(count) = args.count {
-            if printed >= count {
-                break;
-            }
-            max = max.min(usize::try_from(count - printed).unwrap_or(usize::MAX));
+        if args.count.is_some_and(|c| printed >= c) {
+            break;
         }
-        let mut wait = POLL_SLICE;
-        if let Some(idle) = args.idle_timeout {
-            let left = idle.saturating_sub(last_message.elapsed());
-            if left.is_zero() {
-                break;
+        let idle = match args.idle_timeout {
+            Some(idle) => {
+                let left = idle.saturating_sub(last_message.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                left
             }
-            wait = wait.min(left);
-        }
-        let messages = tokio::select! {
-            r = consumer.poll_at_most(max, wait) => r?,
+            None => Duration::from_secs(3600),
+        };
+        let (m, done) = tokio::select! {
+            next = rx.recv() => match next {
+                Some(x) => x,
+                None => break,
+            },
+            _ = tokio::time::sleep(idle) => continue,
             _ = &mut interrupted => break,
         };
-        if !messages.is_empty() {
-            last_message = Instant::now();
-        }
-        for m in &messages {
-            // On failure, return without committing: what was handed out but
-            // not printed must come again. Dropping the consumer stops it.
-            print_message(&printer, m)?;
-            printed += 1;
-        }
-        if last_commit.elapsed() >= args.commit_interval {
-            if let Err(e) = consumer.commit().await {
-                tracing::warn!(error = %e, "cannot commit offsets; will try again");
-            }
-            last_commit = Instant::now();
-        }
+        last_message = Instant::now();
+        // On failure, return without committing: dropping the consumer
+        // stops it, and what was not committed comes again.
+        print_message(&printer, &m)?;
+        printed += 1;
+        let _ = done.send(());
     }
-    consumer
-        .shutdown()
-        .await
-        .context("committing the consumed offsets")?;
+    // Messages handed over but not printed stay unfinished.
+    while let Ok(x) = rx.try_recv() {
+        unprinted.push(x);
+    }
+    consumer.shutdown().await;
+    drop(unprinted);
     Ok(())
 }
 

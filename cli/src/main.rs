@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod cluster;
 mod consume;
+mod group;
 mod output;
 mod send;
 mod signal;
@@ -42,6 +43,12 @@ enum Command {
     Send(send::SendArgs),
     /// Consume a topic as a member of a consumer group.
     Consume(consume::ConsumeArgs),
+    /// Consumer groups: list, show members, assignment and lag, reset offsets.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    /// Dead letters: messages a group failed too often.
+    #[command(subcommand)]
+    Dlq(group::DlqCommand),
     /// Transactional messages: send, answer check-backs, list, resolve.
     #[command(subcommand)]
     Tx(tx::TxCommand),
@@ -59,6 +66,8 @@ async fn main() -> ExitCode {
         Command::Cluster => cluster::run(&cli.global).await,
         Command::Send(args) => send::run(&cli.global, args).await,
         Command::Consume(args) => consume::run(&cli.global, args).await,
+        Command::Group(cmd) => group::run(&cli.global, cmd).await,
+        Command::Dlq(cmd) => group::run_dlq(&cli.global, cmd).await,
         Command::Tx(cmd) => tx::run(&cli.global, cmd).await,
         Command::Bench(cmd) => bench::run(&cli.global, cmd).await,
     };

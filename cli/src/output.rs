@@ -241,6 +241,7 @@ pub fn received_json(m: &ReceivedMessage) -> Value {
     o.insert("queue_offset".into(), json!(m.queue_offset()));
     o.insert("store_timestamp".into(), json!(m.store_timestamp()));
     o.insert("born_timestamp".into(), json!(m.message().born_timestamp));
+    o.insert("reconsume_times".into(), json!(m.reconsume_times()));
     Value::Object(o)
 }
 

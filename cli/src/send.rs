@@ -61,6 +61,20 @@ pub struct SendArgs {
     /// Producer group, sent to the brokers.
     #[arg(long, env = "TXMQ_PRODUCER_GROUP")]
     pub producer_group: Option<String>,
+
+    /// Deliver the messages this long after sending (e.g. 30s, 10m; at most
+    /// the broker's --max-delay, 7 days by default).
+    #[arg(long, env = "TXMQ_DELAY", value_parser = crate::args::parse_duration, value_name = "DURATION", conflicts_with = "deliver_at")]
+    pub delay: Option<std::time::Duration>,
+
+    /// Deliver the messages at this time, in milliseconds since the Unix epoch.
+    #[arg(long, env = "TXMQ_DELIVER_AT", value_name = "MILLIS")]
+    pub deliver_at: Option<u64>,
+
+    /// Send to the queue chosen by this key's hash, so that messages with
+    /// one key keep their order (sends one at a time).
+    #[arg(long, env = "TXMQ_SHARD_KEY", value_name = "KEY")]
+    pub shard_key: Option<String>,
 }
 
 /// Where the bodies come from.
@@ -143,7 +157,12 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
         _ => Bodies::Lines(read_lines()),
     };
     let printer = Printer::stdout(global.output);
-    let window = args.window as usize;
+    // In-order delivery per key needs one send at a time.
+    let window = if args.shard_key.is_some() {
+        1
+    } else {
+        args.window as usize
+    };
     let started = Instant::now();
     let mut inflight = FuturesUnordered::new();
     let (mut sent, mut failed) = (0u64, 0u64);
@@ -163,7 +182,7 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
                 }
                 body = bodies.next() => {
                     match body {
-                        Some(Ok(body)) => inflight.push(send_one(&producer, message(&args, body))),
+                        Some(Ok(body)) => inflight.push(send_one(&producer, message(&args, body), args.shard_key.as_deref())),
                         Some(Err(e)) => fatal = Some(anyhow!(e).context("reading standard input")),
                         None => input_done = true,
                     }
@@ -224,11 +243,24 @@ fn message(args: &SendArgs, body: Bytes) -> Message {
     let mut m = Message::new(args.topic.clone(), body);
     m.key = args.key.clone();
     m.tag = args.tag.clone();
+    if let Some(delay) = args.delay {
+        m = m.with_delay(delay);
+    }
+    if let Some(at) = args.deliver_at {
+        m = m.with_deliver_at(at);
+    }
     m
 }
 
-async fn send_one(producer: &Producer, message: Message) -> (Message, txmq::Result<SendReceipt>) {
-    let result = producer.send(message.clone()).await;
+async fn send_one(
+    producer: &Producer,
+    message: Message,
+    shard_key: Option<&str>,
+) -> (Message, txmq::Result<SendReceipt>) {
+    let result = match shard_key {
+        Some(key) => producer.send_ordered(message.clone(), key).await,
+        None => producer.send(message.clone()).await,
+    };
     (message, result)
 }
 

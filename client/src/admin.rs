@@ -174,6 +174,116 @@ impl Admin {
         answers.into_iter().collect()
     }
 
+    /// The consumer groups each broker knows (with live members or committed offsets).
+    ///
+    /// # Errors
+    /// As [`Admin::store_stats`].
+    pub async fn list_groups(&self, broker: Option<&str>) -> Result<Vec<txmq_protocol::GroupList>> {
+        self.each_broker(broker, txmq_protocol::ListGroups {}).await
+    }
+
+    /// A group's members, queue owners, committed offsets and lag, per broker.
+    ///
+    /// # Errors
+    /// As [`Admin::store_stats`].
+    pub async fn group_state(
+        &self,
+        group: &str,
+        broker: Option<&str>,
+    ) -> Result<Vec<txmq_protocol::GroupState>> {
+        let request = txmq_protocol::GetGroupState {
+            group: group.to_string(),
+        };
+        self.each_broker(broker, request).await
+    }
+
+    /// Moves a stopped group's committed offsets of `topic` on every broker
+    /// serving it (or on `broker`).
+    ///
+    /// # Errors
+    /// [`Error::Broker`] with code `GROUP_ACTIVE` while the group has live
+    /// consumers of the topic; `UNKNOWN_TOPIC`; as [`Admin::store_stats`].
+    pub async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: txmq_protocol::OffsetTarget,
+        broker: Option<&str>,
+    ) -> Result<Vec<txmq_protocol::OffsetsReset>> {
+        let route = self.route(topic).await?;
+        let targets: Vec<(String, String)> = self
+            .targets(broker)
+            .await?
+            .into_iter()
+            .filter(|(name, _)| route.brokers.iter().any(|b| b.broker_name == *name))
+            .collect();
+        let request = txmq_protocol::ResetOffset {
+            group: group.to_string(),
+            topic: topic.to_string(),
+            to,
+        };
+        let answers = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, request.clone())),
+        )
+        .await;
+        answers.into_iter().collect()
+    }
+
+    /// Reads up to `limit` messages of `topic` from the first stored one on,
+    /// queue by queue, without a consumer group (nothing is committed):
+    /// for inspecting a dead-letter topic, say.
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] for an unknown topic; a broker that cannot be asked.
+    pub async fn browse(&self, topic: &str, limit: usize) -> Result<Vec<crate::ReceivedMessage>> {
+        let route = self.route(topic).await?;
+        let mut out = Vec::new();
+        for b in &route.brokers {
+            for queue in 0..b.queues {
+                let mut offset = 0;
+                while out.len() < limit {
+                    let request = txmq_protocol::PullRequest {
+                        topic: topic.to_string(),
+                        queue,
+                        offset,
+                        max_messages: u32::try_from(limit - out.len()).unwrap_or(1024).min(1024),
+                        max_wait_ms: 0,
+                        tag_filter: Vec::new(),
+                    };
+                    let r = self.ask(&b.broker_name, &b.addr, request).await?;
+                    if r.messages.is_empty() && r.next_offset <= offset {
+                        break;
+                    }
+                    offset = r.next_offset;
+                    out.extend(r.messages.into_iter().map(|stored| crate::ReceivedMessage {
+                        broker_name: b.broker_name.clone(),
+                        stored,
+                    }));
+                    if offset >= r.max_offset {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn each_broker<C>(&self, broker: Option<&str>, request: C) -> Result<Vec<C::Reply>>
+    where
+        C: txmq_protocol::Call + Clone,
+    {
+        let targets = self.targets(broker).await?;
+        let answers = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, request.clone())),
+        )
+        .await;
+        answers.into_iter().collect()
+    }
+
     /// Ends transaction `tx_id` by hand, as an operator: commits or rolls it
     /// back, parked or not. Returns the broker that holds it and its answer
     /// (a repeated end answers with `already` set).

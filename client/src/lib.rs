@@ -52,6 +52,10 @@ pub mod transaction;
 
 pub use admin::{Admin, CreatedTopic};
 pub use config::ClientConfig;
+pub use consumer::push::{
+    handler_fn, ConsumeResult, DeliveryMode, MessageHandler, PushConsumer, PushConsumerBuilder,
+    QueueId,
+};
 pub use consumer::{ConsumeFrom, PullConsumer, PullConsumerBuilder, ReceivedMessage};
 pub use error::{Error, Result};
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
@@ -59,6 +63,10 @@ pub use route::MessageQueue;
 pub use transaction::{
     BoxError, CheckRequest, TransactionListener, TransactionProducer, TransactionProducerBuilder,
     TransactionState, TxContext, TxOutcome,
+};
+pub use txmq_protocol::{
+    dlq_topic, now_millis, retry_topic, OffsetTarget, PROPERTY_DELIVER_AT, PROPERTY_REAL_TOPIC,
+    PROPERTY_RECONSUME_TIMES,
 };
 
 /// The connection-level error inside [`Error::Remoting`] and [`Error::Broker`].

@@ -48,6 +48,8 @@ pub enum ErrorCode {
     TransactionCommitted = 22,
     /// The transaction was parked after too many checks; only an operator may end it.
     TransactionParked = 23,
+    /// The consumer group has live members where the request needs none (e.g. an offset reset).
+    GroupActive = 30,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -77,6 +79,7 @@ impl ErrorCode {
             21 => TransactionRolledBack,
             22 => TransactionCommitted,
             23 => TransactionParked,
+            30 => GroupActive,
             _ => Unknown,
         }
     }
@@ -105,6 +108,7 @@ impl ErrorCode {
             TransactionRolledBack => "TRANSACTION_ROLLED_BACK",
             TransactionCommitted => "TRANSACTION_COMMITTED",
             TransactionParked => "TRANSACTION_PARKED",
+            GroupActive => "GROUP_ACTIVE",
             Unknown => "UNKNOWN",
         }
     }

@@ -129,6 +129,21 @@ impl Message {
         self
     }
 
+    /// Makes the message visible only `delay` after it is stored (see
+    /// [`Message::with_deliver_at`]).
+    pub fn with_delay(self, delay: std::time::Duration) -> Message {
+        let at = now_millis().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self.with_deliver_at(at)
+    }
+
+    /// Makes the message visible at `at_ms` (milliseconds since the Unix
+    /// epoch, the broker's clock decides). A time already passed means now;
+    /// brokers refuse times further ahead than their maximum delay (7 days
+    /// by default).
+    pub fn with_deliver_at(self, at_ms: u64) -> Message {
+        self.with_property(crate::PROPERTY_DELIVER_AT, at_ms.to_string())
+    }
+
     /// Adds a property.
     pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Message {
         self.properties.insert(name.into(), value.into());

@@ -90,6 +90,43 @@ requests! {
     ListTransactions(ListTransactions) -> TransactionList;
     /// Operator or bench -> broker: the store's write and fsync counters.
     GetStoreStats(GetStoreStats) -> StoreStats;
+    /// Consumer -> broker: I am alive in this group, subscribed to these
+    /// topics, holding these queues; which of your queues are mine?
+    Heartbeat(Heartbeat) -> HeartbeatOk;
+    /// Consumer -> broker: leaving the group (clean shutdown).
+    LeaveGroup(LeaveGroup) -> Done;
+    /// Broker -> consumer (over the consumer's own connection): the group
+    /// changed; heartbeat now to learn the new assignment.
+    NotifyRebalance(NotifyRebalance) -> Done;
+    /// Consumer -> broker: hand a message back for redelivery to the group
+    /// after a back-off, or to the group's dead-letter topic.
+    SendBack(SendBack) -> SentBack;
+    /// Operator -> broker: the consumer groups it knows.
+    ListGroups(ListGroups) -> GroupList;
+    /// Operator -> broker: a group's members, assignment, offsets and lag.
+    GetGroupState(GetGroupState) -> GroupState;
+    /// Operator -> broker: move a group's offsets of a topic (the group must be stopped).
+    ResetOffset(ResetOffset) -> OffsetsReset;
+}
+
+/// Message property: when the message becomes visible, ms since the Unix
+/// epoch (set by the producer for a delayed message).
+pub const PROPERTY_DELIVER_AT: &str = "TXMQ_DELIVER_AT";
+/// Message property: how many times the message was handed back for retry.
+pub const PROPERTY_RECONSUME_TIMES: &str = "TXMQ_RECONSUME_TIMES";
+/// Message property: the topic a retried or dead-lettered message was first sent to.
+pub const PROPERTY_REAL_TOPIC: &str = "TXMQ_REAL_TOPIC";
+/// Message property: the queue id it was first stored in.
+pub const PROPERTY_REAL_QUEUE: &str = "TXMQ_REAL_QUEUE";
+
+/// The retry topic of a consumer group: messages handed back wait here.
+pub fn retry_topic(group: &str) -> String {
+    format!("%RETRY%{group}")
+}
+
+/// The dead-letter topic of a consumer group.
+pub fn dlq_topic(group: &str) -> String {
+    format!("%DLQ%{group}")
 }
 
 /// A topic may be read (consumed).
@@ -263,7 +300,9 @@ pub struct SendResult {
     pub status: SendStatus,
     /// The queue written.
     pub queue: u32,
-    /// Queue offset of the first message; the batch's messages follow contiguously.
+    /// Queue offset of the first message; the batch's messages follow
+    /// contiguously. For a delayed message, its place in the broker's delay
+    /// index instead: its queue offset is known only once it is delivered.
     pub first_offset: u64,
     /// The ids stored, in order.
     pub msg_ids: Vec<MsgId>,
@@ -282,6 +321,9 @@ pub struct PullRequest {
     pub max_messages: u32,
     /// When nothing is there, wait up to this long for a message to arrive.
     pub max_wait_ms: u64,
+    /// Only messages whose tag hash ([`crate::tag_hash`]) is one of these;
+    /// empty: every message.
+    pub tag_filter: Vec<u64>,
 }
 
 /// Messages read from a queue.
@@ -572,4 +614,239 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A topic a consumer subscribes to, with its tag expression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Topic name.
+    pub topic: String,
+    /// `*` or `a || b || ...`.
+    pub expression: String,
+}
+
+/// A queue of a topic on the broker addressed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QueueRef {
+    /// Topic name.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+}
+
+/// A consumer's heartbeat to one broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Consumer group.
+    pub group: String,
+    /// The consumer's id, unique within the group.
+    pub client_id: String,
+    /// Its subscriptions.
+    pub subscriptions: Vec<Subscription>,
+    /// Broadcasting: every member reads every queue (no assignment).
+    pub broadcast: bool,
+    /// Queues of this broker the consumer still reads or has messages in
+    /// flight for. A queue moves to another member only once its holder
+    /// stops listing it (or dies).
+    pub held: Vec<QueueRef>,
+}
+
+/// The answer to a [`Heartbeat`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatOk {
+    /// The queues of this broker the consumer owns now.
+    pub assigned: Vec<QueueRef>,
+}
+
+/// A consumer leaves its group on one broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaveGroup {
+    /// Consumer group.
+    pub group: String,
+    /// The consumer's id.
+    pub client_id: String,
+}
+
+/// The group changed: heartbeat to get the new assignment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifyRebalance {
+    /// Consumer group.
+    pub group: String,
+}
+
+/// Hand a consumed message back for redelivery to the group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendBack {
+    /// Consumer group.
+    pub group: String,
+    /// Where the message is stored in this broker's commit log.
+    pub log_offset: u64,
+    /// Wait this long before redelivering; `None`: the broker's back-off for
+    /// the attempt.
+    pub delay_ms: Option<u64>,
+    /// After this many redeliveries the message goes to the dead-letter topic.
+    pub max_reconsume_times: u32,
+    /// Straight to the dead-letter topic.
+    pub dead_letter: bool,
+}
+
+/// Where a handed-back message went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentBack {
+    /// The topic it was written to (the group's retry or dead-letter topic).
+    pub topic: String,
+    /// Its reconsume count from now on.
+    pub reconsume_times: u32,
+    /// When it is delivered again, ms since the epoch (0 for the dead-letter topic).
+    pub deliver_at: u64,
+}
+
+/// List consumer groups.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListGroups {}
+
+/// Groups a broker knows (with live members or committed offsets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupList {
+    /// The broker's name.
+    pub broker_name: String,
+    /// Sorted by name.
+    pub groups: Vec<GroupSummary>,
+}
+
+/// One group on one broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    /// Group name.
+    pub group: String,
+    /// Live members.
+    pub members: u32,
+    /// Topics it has offsets for or subscribes to.
+    pub topics: Vec<String>,
+}
+
+/// Ask for a group's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetGroupState {
+    /// Group name.
+    pub group: String,
+}
+
+/// A group on one broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// The broker's name.
+    pub broker_name: String,
+    /// Group name.
+    pub group: String,
+    /// Live members, sorted by id.
+    pub members: Vec<MemberInfo>,
+    /// One entry per queue the group subscribes to or has an offset for.
+    pub queues: Vec<GroupQueue>,
+}
+
+/// A live member of a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The consumer's id.
+    pub client_id: String,
+    /// Its address as the broker sees it.
+    pub addr: String,
+    /// Broadcasting member.
+    pub broadcast: bool,
+    /// Its subscriptions.
+    pub subscriptions: Vec<Subscription>,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// A group's position on one queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupQueue {
+    /// Topic name.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+    /// The member that owns it (clustering), if any.
+    pub owner: Option<String>,
+    /// The committed offset, if any.
+    pub committed: Option<u64>,
+    /// One past the last offset stored.
+    pub max_offset: u64,
+    /// Messages not yet consumed: max offset minus committed (or minus the
+    /// first stored offset without a commit).
+    pub lag: u64,
+}
+
+/// Where [`ResetOffset`] moves the offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OffsetTarget {
+    /// The first message still stored.
+    First,
+    /// After the last message stored.
+    Last,
+    /// The first message stored at or after this time (ms since the epoch).
+    Timestamp(u64),
+}
+
+/// Move a group's committed offsets of every queue of a topic on this broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResetOffset {
+    /// Group name.
+    pub group: String,
+    /// Topic name.
+    pub topic: String,
+    /// Where to.
+    pub to: OffsetTarget,
+}
+
+/// The offsets after a reset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffsetsReset {
+    /// The broker's name.
+    pub broker_name: String,
+    /// (queue id, new committed offset), by queue.
+    pub queues: Vec<(u32, u64)>,
+}
+
+/// Parses a tag expression: `*` (or empty) means every tag, else tags
+/// separated by `||`. Returns the tags, or `None` for every tag.
+///
+/// # Errors
+/// An empty tag between separators.
+pub fn parse_tag_expression(expr: &str) -> Result<Option<Vec<String>>, String> {
+    let expr = expr.trim();
+    if expr.is_empty() || expr == "*" {
+        return Ok(None);
+    }
+    let mut tags = Vec::new();
+    for t in expr.split("||") {
+        let t = t.trim();
+        if t.is_empty() || t == "*" {
+            return Err(format!(
+                "tag expression {expr:?} is not `*` or `tag || tag ...`"
+            ));
+        }
+        tags.push(t.to_string());
+    }
+    tags.sort();
+    tags.dedup();
+    Ok(Some(tags))
+}
+
+#[cfg(test)]
+mod tag_expression_tests {
+    use super::parse_tag_expression;
+
+    #[test]
+    fn star_and_lists() {
+        assert_eq!(parse_tag_expression("*").unwrap(), None);
+        assert_eq!(parse_tag_expression(" ").unwrap(), None);
+        assert_eq!(
+            parse_tag_expression("b || a||b").unwrap(),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert!(parse_tag_expression("a || ").is_err());
+        assert!(parse_tag_expression("a || *").is_err());
+    }
 }

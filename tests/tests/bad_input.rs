@@ -503,6 +503,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         offset: 0,
         max_messages,
         max_wait_ms: 0,
+        tag_filter: Vec::new(),
     };
     let e = refusal(conn.call(pull("orders", 0)).await.map(|_| ()));
     assert_eq!(e.code, ErrorCode::BadArgument, "{e}");

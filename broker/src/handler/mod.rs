@@ -1,6 +1,7 @@
 //! Requests the broker serves: one enum dispatches, one file per request
 //! holds its validation and handling.
 
+mod group;
 mod offset;
 mod pull;
 mod send;
@@ -47,6 +48,7 @@ impl Service for BrokerService {
     }
 
     fn closed(&self, conn: &Connection) {
+        crate::groups::notify(self.broker.groups.connection_closed(conn.id()));
         if let Some(hello) = conn.peer_hello() {
             if let (Role::TransactionProducer, Some(group)) = (hello.role, &hello.group) {
                 self.broker.transactions.producers.remove(group, conn.id());
@@ -54,8 +56,9 @@ impl Service for BrokerService {
         }
     }
 
-    fn call(&self, _conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
         let b = self.broker.clone();
+        let conn = conn.clone();
         Box::pin(async move {
             match request {
                 Request::Ping(_) => Ok(Response::Ping(Pong {})),
@@ -93,6 +96,14 @@ impl Service for BrokerService {
                         fdatasyncs,
                     }))
                 }
+                Request::Heartbeat(r) => group::heartbeat(&b, &conn, r)
+                    .await
+                    .map(Response::Heartbeat),
+                Request::LeaveGroup(r) => group::leave(&b, r).map(Response::LeaveGroup),
+                Request::SendBack(r) => group::send_back(&b, r).await.map(Response::SendBack),
+                Request::ListGroups(_) => Ok(Response::ListGroups(group::list(&b))),
+                Request::GetGroupState(r) => group::state(&b, r).map(Response::GetGroupState),
+                Request::ResetOffset(r) => group::reset(&b, r).await.map(Response::ResetOffset),
                 Request::ListTransactions(r) => {
                     Ok(Response::ListTransactions(transaction::list(&b, r)))
                 }

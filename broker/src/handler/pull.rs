@@ -14,6 +14,8 @@ use crate::BrokerInner;
 const MAX_MESSAGES: u32 = 1024;
 /// About this many bytes per pull (at least one message is always returned).
 const MAX_BYTES: usize = 4 << 20;
+/// Rounds of filtered-out reads one pull makes before answering with none.
+const MAX_SKIP_ROUNDS: u32 = 64;
 /// The longest a pull may wait.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
@@ -39,6 +41,8 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms).min(MAX_WAIT);
+    let mut offset = req.offset;
+    let mut skipped = 0;
     loop {
         // Register interest before looking, so an arrival in between still wakes us.
         let arrived = queue.arrived.notified();
@@ -46,16 +50,27 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
         arrived.as_mut().enable();
         let r = b
             .store
-            .read(
+            .read_filtered(
                 &req.topic,
                 req.queue,
-                req.offset,
+                offset,
                 req.max_messages as usize,
                 MAX_BYTES,
+                &req.tag_filter,
             )
             .map_err(store_error)?;
+        // Everything read was filtered out (or below the first offset): go
+        // on from there, a bounded number of rounds per request, and wait
+        // at the end as for an empty queue.
+        if r.messages.is_empty() && r.next_offset > offset {
+            offset = r.next_offset;
+            skipped += 1;
+            if skipped < MAX_SKIP_ROUNDS && offset < r.max_offset {
+                continue;
+            }
+        }
         let waiting_for_more =
-            r.messages.is_empty() && req.offset >= r.max_offset && req.offset == r.next_offset;
+            r.messages.is_empty() && offset >= r.max_offset && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
             return Ok(PullResult {
                 messages: r.messages,

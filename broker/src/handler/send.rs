@@ -1,8 +1,8 @@
 //! Send: append one message or a batch to one queue.
 
 use txmq_protocol::{
-    validate_topic_name, ErrorCode, SendRequest, SendResult, SendStatus, WireError,
-    PERM_READ_WRITE, PERM_WRITE,
+    now_millis, validate_topic_name, ErrorCode, Message, SendRequest, SendResult, SendStatus,
+    WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
 };
 
 use super::{bad_argument, check_queue, store_error, topic};
@@ -44,12 +44,17 @@ pub(super) async fn handle(b: &BrokerInner, req: SendRequest) -> Result<SendResu
         ));
     }
     check_queue(&config, req.queue)?;
+    let deliver_at = delivery_time(b, &req.messages)?;
     let msg_ids = req.messages.iter().map(|m| m.msg_id).collect();
-    let appended = b
-        .store
-        .append(&topic_name, req.queue, req.messages)
-        .await
-        .map_err(store_error)?;
+    let appended = match deliver_at {
+        Some(at) => {
+            b.store
+                .append_delayed(&topic_name, req.queue, req.messages, at)
+                .await
+        }
+        None => b.store.append(&topic_name, req.queue, req.messages).await,
+    }
+    .map_err(store_error)?;
     Ok(SendResult {
         status: if appended.durable {
             SendStatus::SendOk
@@ -60,4 +65,44 @@ pub(super) async fn handle(b: &BrokerInner, req: SendRequest) -> Result<SendResu
         first_offset: appended.first_offset,
         msg_ids,
     })
+}
+
+/// The delivery time of a delayed send ([`PROPERTY_DELIVER_AT`]), `None`
+/// when the messages are to be visible now (no time, or a time passed).
+/// Every message of a batch must carry the same time.
+fn delivery_time(b: &BrokerInner, messages: &[Message]) -> Result<Option<u64>, WireError> {
+    let parse = |m: &Message| -> Result<Option<u64>, WireError> {
+        m.properties
+            .get(PROPERTY_DELIVER_AT)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    bad_argument(format!(
+                        "{PROPERTY_DELIVER_AT} must be milliseconds since the Unix epoch; got {v:?}"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let at = parse(&messages[0])?;
+    for m in &messages[1..] {
+        if parse(m)? != at {
+            return Err(bad_argument(
+                "all messages of one send must have the same delivery time",
+            ));
+        }
+    }
+    let Some(at) = at else { return Ok(None) };
+    let now = now_millis();
+    if at <= now {
+        return Ok(None);
+    }
+    let max = b.config.max_delay.as_millis() as u64;
+    if at - now > max {
+        return Err(bad_argument(format!(
+            "delivery time is {} ahead; at most {} allowed",
+            humantime::format_duration(std::time::Duration::from_secs((at - now) / 1000)),
+            humantime::format_duration(b.config.max_delay)
+        )));
+    }
+    Ok(Some(at))
 }

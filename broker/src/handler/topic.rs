@@ -23,6 +23,11 @@ pub(super) async fn create_topic(
     explicit: bool,
 ) -> Result<TopicConfig, WireError> {
     validate_topic_name(name).map_err(bad_argument)?;
+    if name == crate::store::DELAY_TOPIC {
+        return Err(bad_argument(format!(
+            "topic name {name:?} is reserved for the broker's delay index"
+        )));
+    }
     if queues == 0 || queues > 1024 {
         return Err(bad_argument(format!(
             "queue count {queues} is out of range; use 1 to 1024"

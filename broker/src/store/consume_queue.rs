@@ -193,8 +193,25 @@ impl ConsumeQueue {
     }
 
     /// Reads up to `max` entries from `offset`, stopping at the readable end.
+    ///
+    /// # Errors
+    /// I/O errors.
     pub fn read(&self, offset: u64, max: usize) -> io::Result<Vec<Entry>> {
-        let end = self.max_offset().min(offset.saturating_add(max as u64));
+        self.read_until(offset, max, self.max_offset())
+    }
+
+    /// Reads up to `max` entries from `offset`, stopping at the written end,
+    /// which under sync flush may be past the readable end (entries whose
+    /// records await their fdatasync).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn read_written(&self, offset: u64, max: usize) -> io::Result<Vec<Entry>> {
+        self.read_until(offset, max, self.next_offset())
+    }
+
+    fn read_until(&self, offset: u64, max: usize, limit: u64) -> io::Result<Vec<Entry>> {
+        let end = limit.min(offset.saturating_add(max as u64));
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         let mut buf = [0u8; ENTRY_LEN * 64];
         let mut at = offset;

@@ -5,15 +5,20 @@
 //! and [`Store::commit_offset`] write through the single writer
 //! (`writer.rs`, run by whichever caller takes its lock) and [`Store::read`] serves consumers from the consume
 //! queues and the mapped log. Durability is explicit in [`FlushMode`].
+//! Delayed messages ([`Store::append_delayed`], [`Store::deliver_due`]) are
+//! indexed in consume queues of an internal topic too (see `delay.rs`).
 
 mod checkpoint;
 pub mod commit_log;
 pub mod consume_queue;
+pub mod delay;
 mod flusher;
 pub mod record;
 mod recovery;
 mod writer;
 
+#[cfg(test)]
+mod delay_tests;
 #[cfg(test)]
 mod tests;
 
@@ -29,6 +34,7 @@ use txmq_protocol::{Message, StoredMessage};
 
 use self::commit_log::CommitLog;
 use self::consume_queue::ConsumeQueue;
+pub use self::delay::{DelayStats, DELAY_TOPIC};
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,10 +67,13 @@ pub struct StoreConfig {
     pub checkpoint_interval: Duration,
     /// Segments older than this are deleted.
     pub retention: Duration,
+    /// The furthest delivery time a delayed message may have.
+    pub max_delay: Duration,
 }
 
 impl StoreConfig {
-    /// Defaults for a data directory: async flush, 1 GiB segments, 4 MiB messages, 72h retention.
+    /// Defaults for a data directory: async flush, 1 GiB segments, 4 MiB
+    /// messages, 72h retention, delays up to 7 days.
     pub fn new(dir: impl Into<PathBuf>) -> StoreConfig {
         StoreConfig {
             dir: dir.into(),
@@ -76,6 +85,7 @@ impl StoreConfig {
             async_flush_interval: Duration::from_millis(500),
             checkpoint_interval: Duration::from_secs(1),
             retention: Duration::from_secs(72 * 3600),
+            max_delay: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -209,6 +219,18 @@ pub(crate) enum WriteCmd {
         offset: u64,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
+    /// Delayed messages for a real queue, indexed into a delay level.
+    Delayed {
+        queue: u32,
+        messages: Vec<Message>,
+        deliver_at: u64,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// Delay-level entries that woke up: one marker each.
+    DelayMoves {
+        moves: Vec<delay::DelayMove>,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
 }
 
 pub(crate) struct StoreInner {
@@ -221,6 +243,10 @@ pub(crate) struct StoreInner {
     tx_pending: Mutex<std::collections::BTreeSet<u64>>,
     /// What recovery found about transactions, until taken.
     recovered_tx: Mutex<Option<RecoveredTransactions>>,
+    /// The queues of `%DELAY%`, index = level.
+    delay_levels: Vec<Arc<ConsumeQueue>>,
+    /// Serialises `deliver_due` calls.
+    delay_lock: tokio::sync::Mutex<()>,
     /// Counters for `GetStoreStats`.
     pub(crate) stats: StoreCounters,
     /// One past the last byte written to the log.
@@ -282,6 +308,17 @@ impl Store {
             .iter()
             .map(|t| t.tx_id)
             .collect();
+        let delay_levels = recovered
+            .queues
+            .get(DELAY_TOPIC)
+            .map(|levels| levels[..delay::LEVELS as usize].to_vec())
+            .unwrap_or_default();
+        if delay_levels.len() != delay::LEVELS as usize {
+            return Err(StoreError::Io {
+                context: "cannot open the delay levels".into(),
+                message: format!("recovery made {} of them", delay_levels.len()),
+            });
+        }
         let inner = Arc::new(StoreInner {
             config,
             log: recovered.log,
@@ -289,6 +326,8 @@ impl Store {
             offsets,
             tx_pending: Mutex::new(tx_pending),
             recovered_tx: Mutex::new(Some(recovered.transactions)),
+            delay_levels,
+            delay_lock: tokio::sync::Mutex::new(()),
             stats: StoreCounters::default(),
             written: AtomicU64::new(recovered.end),
             flush_state: flush_tx,
@@ -325,8 +364,9 @@ impl Store {
     /// Makes sure `topic` has at least `queues` queues.
     ///
     /// # Errors
-    /// I/O errors.
+    /// I/O errors, or [`StoreError::Invalid`] for an internal topic.
     pub fn ensure_queues(&self, topic: &str, queues: u32) -> Result<(), StoreError> {
+        check_not_internal(topic)?;
         ensure_queues(
             &self.inner.config,
             &mut self.inner.queues.write().unwrap_or_else(|e| e.into_inner()),
@@ -335,13 +375,24 @@ impl Store {
         )
     }
 
-    /// Every topic with queues in the store, with its queue count.
+    /// Every topic with queues in the store, with its queue count; internal
+    /// topics (the delay levels) are left out.
     pub fn topics(&self) -> Vec<(String, u32)> {
         let queues = self.inner.queues.read().unwrap_or_else(|e| e.into_inner());
         queues
             .iter()
+            .filter(|(t, _)| t.as_str() != DELAY_TOPIC)
             .map(|(t, q)| (t.clone(), q.len() as u32))
             .collect()
+    }
+
+    /// A queue of a user topic (not internal) that exists.
+    fn user_queue(&self, topic: &str, queue: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        check_not_internal(topic)?;
+        self.queue(topic, queue).ok_or_else(|| StoreError::NoQueue {
+            topic: topic.to_string(),
+            queue,
+        })
     }
 
     /// The queue, if it exists.
@@ -372,12 +423,7 @@ impl Store {
         messages: Vec<Message>,
     ) -> Result<Appended, StoreError> {
         self.check_writable()?;
-        let cq = self
-            .queue(topic, queue)
-            .ok_or_else(|| StoreError::NoQueue {
-                topic: topic.to_string(),
-                queue,
-            })?;
+        let cq = self.user_queue(topic, queue)?;
         self.check_sizes(messages.iter())?;
         let (reply, rx) = oneshot::channel();
         self.submit(
@@ -559,6 +605,7 @@ impl Store {
         let mut total = 0;
         let mut count = 0;
         for m in messages {
+            check_not_internal(&m.topic)?;
             record::validate(m).map_err(StoreError::Invalid)?;
             let len = record::message_len(m);
             if len > self.inner.config.max_message_size {
@@ -584,6 +631,18 @@ impl Store {
         Ok(())
     }
 
+    /// (group, topic) of every committed offset, internal groups (`%...`) left out.
+    pub fn committed_groups(&self) -> Vec<(String, String)> {
+        let set: std::collections::BTreeSet<(String, String)> = self
+            .inner
+            .offsets
+            .iter()
+            .filter(|e| !e.key().0.starts_with('%'))
+            .map(|e| (e.key().0.clone(), e.key().1.clone()))
+            .collect();
+        set.into_iter().collect()
+    }
+
     /// A group's committed offset for a queue.
     pub fn committed_offset(&self, group: &str, topic: &str, queue: u32) -> Option<u64> {
         self.inner
@@ -593,9 +652,12 @@ impl Store {
     }
 
     /// Reads up to `max_messages` (and about `max_bytes`) from a queue.
+    /// Each message carries the queue offset it was read at.
     ///
     /// # Errors
-    /// [`StoreError::NoQueue`], or an I/O error reading the consume queue.
+    /// [`StoreError::NoQueue`], [`StoreError::Invalid`] for an internal
+    /// topic (the delay levels hold messages not due yet), or an I/O error
+    /// reading the consume queue.
     pub fn read(
         &self,
         topic: &str,
@@ -604,12 +666,26 @@ impl Store {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<ReadResult, StoreError> {
-        let cq = self
-            .queue(topic, queue)
-            .ok_or_else(|| StoreError::NoQueue {
-                topic: topic.to_string(),
-                queue,
-            })?;
+        self.read_filtered(topic, queue, offset, max_messages, max_bytes, &[])
+    }
+
+    /// As [`Store::read`], but only messages whose tag hash (kept in the
+    /// consume-queue entry, so others are not even read from the log) is in
+    /// `tags`; empty `tags`: every message. Entries skipped count against
+    /// `max_messages`, and `next_offset` moves past them.
+    ///
+    /// # Errors
+    /// As [`Store::read`].
+    pub fn read_filtered(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        max_messages: usize,
+        max_bytes: usize,
+        tags: &[u64],
+    ) -> Result<ReadResult, StoreError> {
+        let cq = self.user_queue(topic, queue)?;
         let (min, max) = (cq.min_offset(), cq.max_offset());
         let mut result = ReadResult {
             messages: Vec::new(),
@@ -626,10 +702,14 @@ impl Store {
         let mut bytes = 0;
         let mut next = offset;
         for e in entries {
+            let at = next;
             if bytes > 0 && bytes + e.size as usize > max_bytes {
                 break;
             }
             next += 1;
+            if !tags.is_empty() && !tags.contains(&e.tag_hash) {
+                continue;
+            }
             // A record below the log's start was deleted by retention.
             let Some(data) = self.inner.log.read(e.log_offset, e.size as usize) else {
                 continue;
@@ -645,14 +725,18 @@ impl Store {
                 continue;
             };
             bytes += e.size as usize;
-            result.messages.push(rec.into_stored(e.log_offset));
+            // The offset read at, not the record's: a delivered delayed
+            // message's record holds its delay-level offset.
+            result.messages.push(rec.into_stored(e.log_offset, at));
         }
         result.next_offset = next;
         Ok(result)
     }
 
     /// Deletes commit-log segments older than the retention time (never the
-    /// active one) and the consume-queue entries that pointed into them.
+    /// active one, nor one holding a pending transaction's half message or
+    /// an undelivered delayed message) and the consume-queue entries that
+    /// pointed into them.
     /// Returns how many segments were deleted.
     ///
     /// # Errors
@@ -661,6 +745,7 @@ impl Store {
         let segments = self.inner.log.segments();
         let written = self.inner.written.load(Ordering::Acquire);
         let mut deleted = 0;
+        let mut oldest_delayed: Option<Option<u64>> = None;
         for seg in segments.iter().take(segments.len().saturating_sub(1)) {
             if seg.end() > written {
                 break;
@@ -685,6 +770,15 @@ impl Store {
                 .and_then(|t| t.elapsed().ok())
                 .unwrap_or_default();
             if age < self.inner.config.retention {
+                break;
+            }
+            // Nor are delayed messages: a level entry points at the record
+            // until it is delivered. Looked up once, and only when a segment
+            // is old enough to go (it reads every pending level entry).
+            if oldest_delayed.is_none() {
+                oldest_delayed = Some(self.oldest_pending_delayed()?);
+            }
+            if oldest_delayed.flatten().is_some_and(|p| p < seg.end()) {
                 break;
             }
             self.inner.log.remove_segment(seg.start).map_err(|e| {
@@ -796,6 +890,16 @@ fn combine(inner: &StoreInner) {
             return;
         }
     }
+}
+
+/// Internal topics are written by the store only.
+fn check_not_internal(topic: &str) -> Result<(), StoreError> {
+    if topic == DELAY_TOPIC {
+        return Err(StoreError::Invalid(format!(
+            "topic '{topic}' is internal to the broker"
+        )));
+    }
+    Ok(())
 }
 
 fn all_queues(inner: &StoreInner) -> Vec<Arc<ConsumeQueue>> {

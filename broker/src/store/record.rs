@@ -13,7 +13,9 @@
 //! 24  u64  store timestamp, ms since the Unix epoch, the broker's clock
 //! 32  u64  born timestamp, ms, the producer's clock
 //! 40  [16] message id
-//! 56  u64  aux: the transaction id for transaction records, else 0
+//! 56  u64  aux: the transaction id for transaction records, the delivery
+//!          time for a delayed message, the delayed record's log position
+//!          for a delay move, else 0
 //! 64  u16 topic length, topic bytes
 //!     u16 key length (0xffff: none), key bytes
 //!     u16 tag length (0xffff: none), tag bytes
@@ -22,7 +24,35 @@
 //! ```
 //!
 //! A record carries its real topic and queue, so internal topics (half
-//! messages, offset commits, later transaction markers) share one log.
+//! messages, offset commits, transaction markers, delayed messages) share
+//! one log.
+//!
+//! A delayed message (`Delayed`) is a whole message record whose topic and
+//! queue are its real destination; queue offset = its offset in the delay
+//! level it was indexed into, aux = the delivery time (ms, broker clock).
+//! The level and the level entry's wake-up time are a pure function of
+//! (store timestamp, delivery time), see `delay.rs`, so recovery indexes it
+//! exactly as the writer did. The record is never copied: a delivery only
+//! adds a consume-queue entry pointing at it.
+//!
+//! A delay move (`DelayMove`) is a small marker written when a delay level
+//! entry wakes up: queue = the source level, queue offset = the entry's
+//! offset in that level, aux = the delayed record's log position, topic =
+//! the target topic (`%DELAY%` for a lower level, empty when dropped), no
+//! key, tag or properties, and a 25-byte body:
+//!
+//! ```text
+//! 0   u8   target: 0 = the real queue (delivered), 1 = a lower delay
+//!          level, 2 = none (dropped: the delayed record is unreadable)
+//! 1   u32  target queue id (the real queue, or the level)
+//! 5   u64  offset of the new entry in the target queue
+//! 13  u32  size of the delayed record
+//! 17  u64  the new entry's third field: the tag hash (real queue) or the
+//!          wake-up time in ms (level)
+//! ```
+//!
+//! Applying it (by the writer, and again by recovery) writes that entry and
+//! moves the source level's progress to queue offset + 1.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +82,13 @@ pub enum RecordKind {
     TxCheck = 5,
     /// A transaction was parked after the maximum number of checks; aux = tx id.
     TxPark = 6,
+    /// A delayed message: topic/queue = its real destination, queue offset =
+    /// its offset in its delay level, aux = the delivery time (ms).
+    Delayed = 7,
+    /// A delay-level entry moved to its real queue or a lower level: queue =
+    /// source level, queue offset = source offset, aux = the delayed record's
+    /// position, topic and body = the target (see the module docs).
+    DelayMove = 8,
 }
 
 impl RecordKind {
@@ -63,6 +100,8 @@ impl RecordKind {
             4 => Some(RecordKind::TxRollback),
             5 => Some(RecordKind::TxCheck),
             6 => Some(RecordKind::TxPark),
+            7 => Some(RecordKind::Delayed),
+            8 => Some(RecordKind::DelayMove),
             _ => None,
         }
     }
@@ -261,12 +300,14 @@ pub struct Record {
 }
 
 impl Record {
-    /// The stored message as a consumer sees it.
-    pub fn into_stored(self, log_offset: u64) -> StoredMessage {
+    /// The stored message as a consumer sees it, read at `queue_offset` of
+    /// its queue (a delayed message's record holds its delay-level offset,
+    /// not the offset it was delivered at).
+    pub fn into_stored(self, log_offset: u64, queue_offset: u64) -> StoredMessage {
         StoredMessage {
             message: self.message,
             queue: self.queue,
-            queue_offset: self.queue_offset,
+            queue_offset,
             log_offset,
             store_timestamp: self.store_timestamp,
         }

@@ -15,6 +15,13 @@
 //! Transactions still pending at the checkpoint may have been prepared long
 //! before it, so the log is also scanned, headers only, from the oldest such
 //! transaction, for transaction records.
+//!
+//! Delayed messages (see `delay.rs`) need nothing before the checkpoint: the
+//! delay levels are consume queues, durable up to it, and their progress is
+//! in the checkpoint's offsets. After it, a `Delayed` record is indexed into
+//! its level as the writer did, and a `DelayMove` marker writes its target
+//! entry and moves its level's progress, so a delivery made before a crash
+//! is made once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,6 +31,7 @@ use txmq_protocol::{tag_hash, validate_topic_name};
 use super::checkpoint::{Checkpoint, OffsetTable};
 use super::commit_log::CommitLog;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
+use super::delay::{self, MoveBody, MoveKind, DELAY_TOPIC};
 use super::record::{self, Check, Record, RecordKind};
 use super::{ensure_queues, RecoveredTransactions, RecoveredTx, StoreConfig, StoreError};
 
@@ -130,9 +138,77 @@ impl Replayer<'_> {
                     t.parked = true;
                 }
             }
+            RecordKind::Delayed => {
+                if pos >= self.dispatch_from {
+                    let (level, wake) = delay::place(rec.store_timestamp, rec.aux);
+                    let entry = Entry {
+                        log_offset: pos,
+                        size,
+                        tag_hash: wake,
+                    };
+                    let cq = self.level(level)?;
+                    self.batcher.add(&cq, rec.queue_offset, entry)?;
+                }
+            }
+            RecordKind::DelayMove => {
+                if pos >= self.dispatch_from {
+                    self.apply_move(&rec, pos)?;
+                }
+            }
             RecordKind::Half => {}
         }
         Ok(None)
+    }
+
+    fn level(&self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        self.queues
+            .get(DELAY_TOPIC)
+            .and_then(|levels| levels.get(level as usize))
+            .cloned()
+            .ok_or_else(|| StoreError::NoQueue {
+                topic: DELAY_TOPIC.to_string(),
+                queue: level,
+            })
+    }
+
+    /// Applies a delay move as the writer did: the target entry, then the
+    /// source level's progress.
+    fn apply_move(&mut self, rec: &Record, pos: u64) -> Result<(), StoreError> {
+        let Some(body) = MoveBody::decode(&rec.message.body) else {
+            // The checksum was good, so this is a bug, not damage; the
+            // level's progress still moves, as it did when it was written.
+            tracing::error!(position = pos, "delay move marker with a malformed body");
+            self.offsets
+                .insert(delay::progress_key(rec.queue), rec.queue_offset + 1);
+            return Ok(());
+        };
+        let entry = Entry {
+            log_offset: rec.aux,
+            size: body.size,
+            tag_hash: body.third,
+        };
+        match body.kind {
+            MoveKind::Queue => {
+                let topic = &rec.message.topic;
+                if self
+                    .queues
+                    .get(topic)
+                    .is_none_or(|q| q.len() <= body.queue as usize)
+                {
+                    ensure_queues(self.config, self.queues, topic, body.queue + 1)?;
+                }
+                let cq = self.queues[topic][body.queue as usize].clone();
+                self.batcher.add(&cq, body.offset, entry)?;
+            }
+            MoveKind::Level => {
+                let cq = self.level(body.queue)?;
+                self.batcher.add(&cq, body.offset, entry)?;
+            }
+            MoveKind::Dropped => {}
+        }
+        self.offsets
+            .insert(delay::progress_key(rec.queue), rec.queue_offset + 1);
+        Ok(())
     }
 
     fn complete(&mut self, group: OpenGroup) -> Result<(), StoreError> {
@@ -212,12 +288,18 @@ pub(crate) fn recover(
         )
     })?;
     let mut queues = HashMap::new();
+    // The delay levels, and no other queue of their topic.
+    ensure_queues(config, &mut queues, DELAY_TOPIC, delay::LEVELS)?;
     for (topic, count) in topics {
-        ensure_queues(config, &mut queues, topic, *count)?;
+        if topic != DELAY_TOPIC {
+            ensure_queues(config, &mut queues, topic, *count)?;
+        }
     }
     let cq_root = config.dir.join("consumequeue");
     for (topic, count) in existing_queues(&cq_root) {
-        ensure_queues(config, &mut queues, &topic, count)?;
+        if topic != DELAY_TOPIC {
+            ensure_queues(config, &mut queues, &topic, count)?;
+        }
     }
     let checkpoint =
         Checkpoint::load(&config.dir).map_err(|e| StoreError::io("cannot read checkpoint", &e))?;

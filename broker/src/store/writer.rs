@@ -19,6 +19,7 @@ use txmq_protocol::{now_millis, tag_hash, Message, MsgId};
 
 use super::commit_log::Segment;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
+use super::delay::{self, MoveBody, MoveKind, MoveTarget};
 use super::flusher::FlushCmd;
 use super::record::{self, RecordHead, RecordKind};
 use super::{FlushMode, StoreError, StoreInner, WriteCmd};
@@ -135,6 +136,11 @@ impl Writer {
                 record::encoded_len(topic, Some(group), None, &empty, 0)
             }
             WriteCmd::Marker { .. } => record::encoded_len("", None, None, &empty, 0),
+            WriteCmd::Delayed { messages, .. } => messages.iter().map(record::message_len).sum(),
+            WriteCmd::DelayMoves { moves, .. } => moves
+                .iter()
+                .map(|m| delay::marker_len(m.target.topic()))
+                .sum(),
         };
         if let Err(e) = self.make_room(len) {
             return fail(cmd, e);
@@ -143,6 +149,8 @@ impl Writer {
             WriteCmd::Messages { messages, .. } => messages.len() as u64,
             WriteCmd::Prepare { messages, .. } => messages.len() as u64,
             WriteCmd::Commit { messages, .. } => messages.len() as u64,
+            WriteCmd::Delayed { messages, .. } => messages.len() as u64,
+            WriteCmd::DelayMoves { moves, .. } => moves.len() as u64,
             WriteCmd::OffsetCommit { .. } | WriteCmd::Marker { .. } => 1,
         };
         let now = now_millis();
@@ -250,11 +258,100 @@ impl Writer {
                 });
                 self.chunk.push(Encoded::Reply { reply, value: 0 });
             }
+            WriteCmd::Delayed {
+                queue,
+                messages,
+                deliver_at,
+                reply,
+            } => {
+                // The same pure function recovery applies to the record's
+                // store timestamp (`now`) and delivery time (aux).
+                let (level, wake) = delay::place(now, deliver_at);
+                let cq = self.store.delay_levels[level as usize].clone();
+                let first = self.next_offset(&cq);
+                for msg in &messages {
+                    self.encode_indexed(
+                        &cq,
+                        head(RecordKind::Delayed, queue, 0, deliver_at, 0),
+                        msg,
+                        wake,
+                    );
+                }
+                self.chunk.push(Encoded::Reply {
+                    reply,
+                    value: first,
+                });
+            }
+            WriteCmd::DelayMoves { moves, reply } => {
+                let count = moves.len() as u64;
+                for mv in moves {
+                    let (kind, target, queue, third) = match &mv.target {
+                        MoveTarget::Queue { queue, tag_hash } => {
+                            (MoveKind::Queue, Some(queue.clone()), queue.queue, *tag_hash)
+                        }
+                        MoveTarget::Level { level, wake } => (
+                            MoveKind::Level,
+                            Some(self.store.delay_levels[*level as usize].clone()),
+                            *level,
+                            *wake,
+                        ),
+                        MoveTarget::Dropped => (MoveKind::Dropped, None, 0, 0),
+                    };
+                    let offset = target.as_ref().map_or(0, |q| self.next_offset(q));
+                    let body = MoveBody {
+                        kind,
+                        queue,
+                        offset,
+                        size: mv.size,
+                        third,
+                    };
+                    let msg = delay::marker_message(mv.target.topic(), body.encode());
+                    record::encode(
+                        &mut self.buf,
+                        head(RecordKind::DelayMove, mv.level, mv.offset, mv.pos, 0),
+                        &msg,
+                    );
+                    // The entry first, then the progress: whoever sees the
+                    // progress past the entry finds it at its target.
+                    if let Some(target) = &target {
+                        self.push_entry(
+                            target,
+                            offset,
+                            Entry {
+                                log_offset: mv.pos,
+                                size: mv.size,
+                                tag_hash: third,
+                            },
+                        );
+                    }
+                    self.chunk.push(Encoded::Offset {
+                        key: delay::progress_key(mv.level),
+                        offset: mv.offset + 1,
+                    });
+                }
+                self.chunk.push(Encoded::Reply {
+                    reply,
+                    value: count,
+                });
+            }
         }
     }
 
     /// Encodes a message that becomes visible in `queue` at the next offset.
-    fn encode_visible(&mut self, queue: &Arc<ConsumeQueue>, mut head: RecordHead, msg: &Message) {
+    fn encode_visible(&mut self, queue: &Arc<ConsumeQueue>, head: RecordHead, msg: &Message) {
+        self.encode_indexed(queue, head, msg, tag_hash(msg.tag.as_deref()));
+    }
+
+    /// Encodes a message indexed in `queue` at the next offset (its queue
+    /// offset in the record), with `third` as the entry's third field (the
+    /// tag hash, or a delay level's wake-up time).
+    fn encode_indexed(
+        &mut self,
+        queue: &Arc<ConsumeQueue>,
+        mut head: RecordHead,
+        msg: &Message,
+        third: u64,
+    ) {
         let offset = self.next_offset(queue);
         head.queue_offset = offset;
         let log_offset = self.at();
@@ -263,8 +360,13 @@ impl Writer {
         let entry = Entry {
             log_offset,
             size: (self.buf.len() - before) as u32,
-            tag_hash: tag_hash(msg.tag.as_deref()),
+            tag_hash: third,
         };
+        self.push_entry(queue, offset, entry);
+    }
+
+    /// Queues `entry` for `queue` at `offset`, which must be its next offset.
+    fn push_entry(&mut self, queue: &Arc<ConsumeQueue>, offset: u64, entry: Entry) {
         let at = self.cq_buf.len();
         self.cq_buf.resize(at + ENTRY_LEN, 0);
         entry.encode(&mut self.cq_buf[at..]);
@@ -468,7 +570,9 @@ pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
         | WriteCmd::OffsetCommit { reply, .. }
         | WriteCmd::Prepare { reply, .. }
         | WriteCmd::Commit { reply, .. }
-        | WriteCmd::Marker { reply, .. } => {
+        | WriteCmd::Marker { reply, .. }
+        | WriteCmd::Delayed { reply, .. }
+        | WriteCmd::DelayMoves { reply, .. } => {
             let _ = reply.send(Err(e));
         }
     }

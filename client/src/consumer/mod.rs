@@ -33,6 +33,7 @@
 //! the group has no offset there.
 
 mod offsets;
+pub mod push;
 mod queue_reader;
 
 use std::collections::{HashSet, VecDeque};
@@ -126,6 +127,16 @@ impl ReceivedMessage {
     /// When the broker stored it, in milliseconds since the Unix epoch.
     pub fn store_timestamp(&self) -> u64 {
         self.stored.store_timestamp
+    }
+    /// How many times it was handed back for retry before this delivery
+    /// (0 on the first delivery).
+    pub fn reconsume_times(&self) -> u32 {
+        self.stored
+            .message
+            .properties
+            .get(txmq_protocol::PROPERTY_RECONSUME_TIMES)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 }
 

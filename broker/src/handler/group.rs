@@ -1,0 +1,268 @@
+//! Consumer groups: heartbeats and assignment, leaving, handing messages
+//! back for retry (or to the dead-letter topic), and the operator's view.
+
+use std::collections::BTreeSet;
+
+use txmq_protocol::{
+    dlq_topic, now_millis, retry_topic, validate_topic_name, Done, ErrorCode, GetGroupState,
+    GroupList, GroupQueue, GroupState, GroupSummary, Heartbeat, HeartbeatOk, LeaveGroup,
+    OffsetTarget, OffsetsReset, ResetOffset, SendBack, SentBack, WireError, PERM_READ_WRITE,
+    PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+};
+use txmq_remoting::Connection;
+
+use super::{bad_argument, offset::validate_group, store_error, topic};
+use crate::groups::{self, Beat};
+use crate::store::record::RecordKind;
+use crate::BrokerInner;
+
+pub(super) async fn heartbeat(
+    b: &BrokerInner,
+    conn: &Connection,
+    req: Heartbeat,
+) -> Result<HeartbeatOk, WireError> {
+    validate_group(&req.group)?;
+    if req.client_id.is_empty() || req.client_id.len() > 255 {
+        return Err(bad_argument("client id must be 1 to 255 bytes long"));
+    }
+    for s in &req.subscriptions {
+        validate_topic_name(&s.topic).map_err(bad_argument)?;
+        txmq_protocol::parse_tag_expression(&s.expression).map_err(bad_argument)?;
+    }
+    // The group's retry topic exists wherever its members consume, so
+    // handed-back messages have somewhere to wait.
+    let retry = retry_topic(&req.group);
+    if !req.broadcast
+        && req.subscriptions.iter().any(|s| s.topic == retry)
+        && b.topics.get(&retry).is_none()
+    {
+        topic::create_topic(b, &retry, 1, PERM_READ_WRITE, false).await?;
+    }
+    let group = req.group.clone();
+    let beat = Beat {
+        group: req.group,
+        client_id: req.client_id,
+        subscriptions: req.subscriptions,
+        broadcast: req.broadcast,
+        held: req.held,
+    };
+    let (assigned, notices) = b
+        .groups
+        .heartbeat(conn, beat, |t| b.topics.get(t).map(|c| c.queues));
+    if !notices.is_empty() {
+        tracing::debug!(%group, notified = notices.len(), "consumer group changed");
+    }
+    groups::notify(notices);
+    Ok(HeartbeatOk { assigned })
+}
+
+pub(super) fn leave(b: &BrokerInner, req: LeaveGroup) -> Result<Done, WireError> {
+    validate_group(&req.group)?;
+    groups::notify(b.groups.leave(&req.group, &req.client_id));
+    Ok(Done {})
+}
+
+/// The back-off before redelivery number `attempt` (1-based).
+fn backoff_ms(b: &BrokerInner, attempt: u32) -> u64 {
+    let delays = &b.config.retry_delays;
+    let i = (attempt.max(1) as usize - 1).min(delays.len().saturating_sub(1));
+    delays.get(i).map_or(1000, |d| d.as_millis() as u64)
+}
+
+pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack, WireError> {
+    validate_group(&req.group)?;
+    let Some((record, _)) = b.store.read_record_at(req.log_offset) else {
+        return Err(WireError::new(
+            ErrorCode::OffsetOutOfRange,
+            format!(
+                "no message at log offset {} on broker {}",
+                req.log_offset, b.config.broker_name
+            ),
+        ));
+    };
+    if !matches!(record.kind, RecordKind::Message | RecordKind::Delayed) {
+        return Err(bad_argument(format!(
+            "the record at log offset {} is not a message",
+            req.log_offset
+        )));
+    }
+    let mut message = record.message;
+    let props = &mut message.properties;
+    let reconsumed: u32 = props
+        .get(PROPERTY_RECONSUME_TIMES)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let attempt = reconsumed.saturating_add(1);
+    if !props.contains_key(PROPERTY_REAL_TOPIC) {
+        props.insert(PROPERTY_REAL_TOPIC.into(), message.topic.clone());
+        props.insert(PROPERTY_REAL_QUEUE.into(), record.queue.to_string());
+    }
+    props.remove(PROPERTY_DELIVER_AT);
+    props.insert(PROPERTY_RECONSUME_TIMES.into(), attempt.to_string());
+    let dead = req.dead_letter || attempt > req.max_reconsume_times;
+    let target = if dead {
+        dlq_topic(&req.group)
+    } else {
+        retry_topic(&req.group)
+    };
+    if b.topics.get(&target).is_none() {
+        topic::create_topic(b, &target, 1, PERM_READ_WRITE, false).await?;
+    }
+    message.topic = target.clone();
+    let deliver_at = if dead {
+        b.store
+            .append(&target, 0, vec![message])
+            .await
+            .map_err(store_error)?;
+        tracing::info!(group = %req.group, log_offset = req.log_offset, attempt, "message moved to the dead-letter topic");
+        0
+    } else {
+        let delay = req.delay_ms.unwrap_or_else(|| backoff_ms(b, attempt));
+        let at = now_millis() + delay;
+        b.store
+            .append_delayed(&target, 0, vec![message], at)
+            .await
+            .map_err(store_error)?;
+        at
+    };
+    Ok(SentBack {
+        topic: target,
+        reconsume_times: attempt,
+        deliver_at,
+    })
+}
+
+pub(super) fn list(b: &BrokerInner) -> GroupList {
+    let mut all: std::collections::BTreeMap<String, (u32, BTreeSet<String>)> = Default::default();
+    for (group, topic) in b.store.committed_groups() {
+        all.entry(group).or_default().1.insert(topic);
+    }
+    for (group, members, topics) in b.groups.list() {
+        let e = all.entry(group).or_default();
+        e.0 = members;
+        e.1.extend(topics);
+    }
+    GroupList {
+        broker_name: b.config.broker_name.clone(),
+        groups: all
+            .into_iter()
+            .map(|(group, (members, topics))| GroupSummary {
+                group,
+                members,
+                topics: topics.into_iter().collect(),
+            })
+            .collect(),
+    }
+}
+
+pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, WireError> {
+    validate_group(&req.group)?;
+    let (members, owned) = b.groups.state(&req.group);
+    let mut topics: BTreeSet<String> = members
+        .iter()
+        .flat_map(|m| m.subscriptions.iter().map(|s| s.topic.clone()))
+        .collect();
+    topics.extend(
+        b.store
+            .committed_groups()
+            .into_iter()
+            .filter(|(g, _)| *g == req.group)
+            .map(|(_, t)| t),
+    );
+    let mut queues = Vec::new();
+    for topic in topics {
+        let Some(config) = b.topics.get(&topic) else {
+            continue;
+        };
+        for queue in 0..config.queues {
+            let Some(q) = b.store.queue(&topic, queue) else {
+                continue;
+            };
+            let committed = b.store.committed_offset(&req.group, &topic, queue);
+            let max = q.max_offset();
+            let owner = owned
+                .iter()
+                .find(|o| o.topic == topic && o.queue == queue)
+                .and_then(|o| o.owner.clone());
+            queues.push(GroupQueue {
+                topic: topic.clone(),
+                queue,
+                owner,
+                committed,
+                max_offset: max,
+                lag: max.saturating_sub(committed.unwrap_or(q.min_offset())),
+            });
+        }
+    }
+    Ok(GroupState {
+        broker_name: b.config.broker_name.clone(),
+        group: req.group,
+        members,
+        queues,
+    })
+}
+
+pub(super) async fn reset(b: &BrokerInner, req: ResetOffset) -> Result<OffsetsReset, WireError> {
+    validate_group(&req.group)?;
+    let config = b
+        .topics
+        .get(&req.topic)
+        .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    if b.groups.has_live_members(&req.group, &req.topic) {
+        return Err(WireError::new(
+            ErrorCode::GroupActive,
+            format!(
+                "group '{}' has live consumers of '{}' on broker {}; stop them before resetting its offsets",
+                req.group, req.topic, b.config.broker_name
+            ),
+        ));
+    }
+    let mut queues = Vec::new();
+    for queue in 0..config.queues {
+        let Some(q) = b.store.queue(&req.topic, queue) else {
+            continue;
+        };
+        let (min, max) = (q.min_offset(), q.max_offset());
+        let offset = match req.to {
+            OffsetTarget::First => min,
+            OffsetTarget::Last => max,
+            OffsetTarget::Timestamp(ts) => first_at_or_after(b, &req.topic, queue, min, max, ts)?,
+        };
+        b.store
+            .commit_offset(&req.group, &req.topic, queue, offset)
+            .await
+            .map_err(store_error)?;
+        queues.push((queue, offset));
+    }
+    tracing::info!(group = %req.group, topic = %req.topic, to = ?req.to, "offsets reset");
+    Ok(OffsetsReset {
+        broker_name: b.config.broker_name.clone(),
+        queues,
+    })
+}
+
+/// The first offset in `min..max` whose message was stored at or after
+/// `ts` (`max` when none): a binary search over store timestamps, which
+/// grow along a queue.
+fn first_at_or_after(
+    b: &BrokerInner,
+    topic: &str,
+    queue: u32,
+    min: u64,
+    max: u64,
+    ts: u64,
+) -> Result<u64, WireError> {
+    let (mut lo, mut hi) = (min, max);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let r = b
+            .store
+            .read(topic, queue, mid, 1, usize::MAX)
+            .map_err(store_error)?;
+        match r.messages.first() {
+            Some(m) if m.store_timestamp >= ts => hi = mid,
+            _ => lo = mid + 1,
+        }
+    }
+    Ok(lo)
+}

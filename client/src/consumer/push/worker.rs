@@ -1,0 +1,397 @@
+//! One task per owned queue: pulls, runs the handler on each message (up
+//! to the consumer's concurrency, or one at a time in order), hands
+//! retried messages back, and commits the position of the first
+//! unfinished message.
+//!
+//! Handlers run as futures polled by this task (a `FuturesUnordered`),
+//! not as tasks of their own.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use txmq_protocol::{
+    CommitOffset, ErrorCode, PullRequest, PullResult, QueryOffset, SendBack, StoredMessage,
+    PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+};
+
+use super::{lock, ConsumeResult, DeliveryMode, MessageHandler, QueueId, Shared};
+use crate::consumer::offsets::start_offset;
+use crate::consumer::ReceivedMessage;
+use crate::{Error, Result};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The queue's positions.
+struct Progress {
+    /// Offsets pulled and not finished (handed to a handler or waiting for one).
+    unfinished: BTreeSet<u64>,
+    /// Bytes of their bodies.
+    bytes: usize,
+    /// The offset after the last one pulled.
+    next: u64,
+    /// The offset last committed (or known committed).
+    committed: Option<u64>,
+}
+
+impl Progress {
+    /// Where the group may safely stand: the first unfinished message, or
+    /// past everything pulled.
+    fn committable(&self) -> u64 {
+        self.unfinished.first().copied().unwrap_or(self.next)
+    }
+}
+
+pub(crate) async fn run<H: MessageHandler>(
+    shared: Arc<Shared<H>>,
+    key: Arc<QueueId>,
+    release: CancellationToken,
+) {
+    let outcome = tokio::select! {
+        r = consume(&shared, &key, &release) => r,
+        _ = shared.cancel.cancelled() => Ok(()),
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "queue worker stopped");
+    }
+    {
+        let mut workers = lock(&shared.workers);
+        workers.remove(&key);
+        shared
+            .released
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+    // Tell the brokers at once that the queue is free.
+    shared.rebalance.notify_one();
+}
+
+async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>)> {
+    if shared.settings.broadcast {
+        if let Some(o) = lock(&shared.local_offsets).get(key) {
+            return Ok((*o, Some(*o)));
+        }
+    }
+    let (addr, conn) = shared.connect(&key.broker_name).await?;
+    let q = conn
+        .call(QueryOffset {
+            group: shared.group.clone(),
+            topic: key.topic.clone(),
+            queue: key.queue,
+        })
+        .await
+        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+    let committed = if shared.settings.broadcast {
+        None
+    } else {
+        q.committed
+    };
+    let from = start_offset(committed, q.min_offset, q.max_offset, shared.settings.from);
+    Ok((from, committed))
+}
+
+async fn consume<H: MessageHandler>(
+    shared: &Arc<Shared<H>>,
+    key: &Arc<QueueId>,
+    release: &CancellationToken,
+) -> Result<()> {
+    let settings = &shared.settings;
+    let mut backoff = MIN_BACKOFF;
+    let (first, committed) = loop {
+        match start(shared, key).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "cannot ask where the group stands; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = release.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    let mut progress = Progress {
+        unfinished: BTreeSet::new(),
+        bytes: 0,
+        next: first,
+        committed,
+    };
+    // A group without an offset here fixes where it starts.
+    if committed.is_none() {
+        commit(shared, key, &mut progress).await;
+    }
+    let sub = shared.sub(&key.topic).cloned();
+    let filter = sub.as_ref().map(|s| s.hashes.clone()).unwrap_or_default();
+    let mut handling = FuturesUnordered::new();
+    // Orderly: pulled messages waiting for their turn.
+    let mut waiting: VecDeque<StoredMessage> = VecDeque::new();
+    let mut pulling = None;
+    let mut pull_delay = Duration::ZERO;
+    let mut released = false;
+    let mut drain_deadline = None;
+    let mut tick = tokio::time::interval(settings.commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let room = progress.unfinished.len() < settings.max_queued_messages
+            && progress.bytes < settings.max_queued_bytes;
+        if pulling.is_none() && !released && room {
+            pulling = Some(Box::pin(pull(
+                shared,
+                key,
+                progress.next,
+                filter.clone(),
+                pull_delay,
+            )));
+        }
+        if settings.orderly && handling.is_empty() {
+            if let Some(m) = waiting.pop_front() {
+                handling.push(handle(shared, key, m));
+            }
+        }
+        if released && handling.is_empty() {
+            break;
+        }
+        tokio::select! {
+            pulled = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
+                pulling = None;
+                match pulled {
+                    Ok(r) => {
+                        pull_delay = Duration::ZERO;
+                        backoff = MIN_BACKOFF;
+                        if settings.mode == DeliveryMode::AtMostOnce && !r.messages.is_empty() {
+                            // Commit first: whatever happens next, none of these comes again.
+                            let mut ahead = Progress { unfinished: BTreeSet::new(), bytes: 0, next: r.next_offset, committed: progress.committed };
+                            commit(shared, key, &mut ahead).await;
+                            progress.committed = ahead.committed;
+                        }
+                        for m in r.messages {
+                            if !sub.as_ref().is_none_or(|s| s.matches(m.message.tag.as_deref())) {
+                                continue;
+                            }
+                            progress.unfinished.insert(m.queue_offset);
+                            progress.bytes += m.message.body.len();
+                            if settings.orderly {
+                                waiting.push_back(m);
+                            } else {
+                                handling.push(handle(shared, key, m));
+                            }
+                        }
+                        progress.next = progress.next.max(r.next_offset);
+                    }
+                    Err(e) => {
+                        tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "pull failed; retrying");
+                        pull_delay = backoff;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            Some((offset, bytes)) = handling.next(), if !handling.is_empty() => {
+                progress.unfinished.remove(&offset);
+                progress.bytes -= bytes;
+            }
+            _ = tick.tick() => {
+                commit(shared, key, &mut progress).await;
+            }
+            _ = release.cancelled(), if !released => {
+                released = true;
+                pulling = None;
+                waiting.clear();
+                drain_deadline = Some(tokio::time::Instant::now() + settings.drain_timeout);
+            }
+            _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
+                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, unfinished = progress.unfinished.len(), "handlers did not finish within the drain timeout; giving the queue up without them");
+                break;
+            }
+        }
+    }
+    commit(shared, key, &mut progress).await;
+    Ok(())
+}
+
+/// Stores the queue's safe position if it moved. Failures are logged; the
+/// next commit tries again.
+async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) {
+    let offset = progress.committable();
+    if progress.committed.is_some_and(|c| c >= offset) {
+        return;
+    }
+    if shared.settings.broadcast {
+        lock(&shared.local_offsets).insert(key.clone(), offset);
+        progress.committed = Some(offset);
+        return;
+    }
+    let result = async {
+        let (addr, conn) = shared.connect(&key.broker_name).await?;
+        conn.call(CommitOffset {
+            group: shared.group.clone(),
+            topic: key.topic.clone(),
+            queue: key.queue,
+            offset,
+        })
+        .await
+        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
+    }
+    .await;
+    match result {
+        Ok(_) => progress.committed = Some(offset),
+        Err(e) => {
+            tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit failed; will retry")
+        }
+    }
+}
+
+async fn pull<H>(
+    shared: &Shared<H>,
+    key: &QueueId,
+    offset: u64,
+    tag_filter: Vec<u64>,
+    delay: Duration,
+) -> Result<PullResult> {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let settings = &shared.settings;
+    let (addr, conn) = shared.connect(&key.broker_name).await?;
+    let at_broker = |e| Error::at_broker(&key.broker_name, &addr, e);
+    let request = PullRequest {
+        topic: key.topic.clone(),
+        queue: key.queue,
+        offset,
+        max_messages: settings.batch_size,
+        max_wait_ms: u64::try_from(settings.max_wait.as_millis()).unwrap_or(u64::MAX),
+        tag_filter,
+    };
+    match conn
+        .call_with_timeout(request, settings.max_wait + settings.request_timeout)
+        .await
+    {
+        Ok(r) => Ok(r),
+        Err(e)
+            if e.remote()
+                .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
+        {
+            let q = conn
+                .call(QueryOffset {
+                    group: shared.group.clone(),
+                    topic: key.topic.clone(),
+                    queue: key.queue,
+                })
+                .await
+                .map_err(at_broker)?;
+            let fixed = offset.clamp(q.min_offset, q.max_offset);
+            tracing::warn!(topic = %key.topic, queue = key.queue, from = offset, to = fixed, "offset out of range; moved");
+            Ok(PullResult {
+                messages: Vec::new(),
+                next_offset: fixed,
+                min_offset: q.min_offset,
+                max_offset: q.max_offset,
+            })
+        }
+        Err(e) => Err(at_broker(e)),
+    }
+}
+
+/// Runs the handler on one message until it is done with: succeeded,
+/// handed back for retry (or dead-lettered), or retried in place.
+/// Returns its offset and body size.
+async fn handle<H: MessageHandler>(
+    shared: &Shared<H>,
+    key: &QueueId,
+    stored: StoredMessage,
+) -> (u64, usize) {
+    let offset = stored.queue_offset;
+    let bytes = stored.message.body.len();
+    let mut message = ReceivedMessage {
+        broker_name: key.broker_name.clone(),
+        stored,
+    };
+    // A retried message shows the topic it was sent to.
+    if let Some(real) = message.stored.message.properties.get(PROPERTY_REAL_TOPIC) {
+        message.stored.message.topic = real.clone();
+    }
+    let settings = &shared.settings;
+    loop {
+        let result = {
+            let _permit = shared.permits.acquire().await;
+            match AssertUnwindSafe(shared.handler.handle(&message))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::info!(msg_id = %message.msg_id(), error = %e, "handler failed; retrying the message");
+                    ConsumeResult::retry()
+                }
+                Err(_) => {
+                    tracing::warn!(msg_id = %message.msg_id(), "handler panicked; retrying the message");
+                    ConsumeResult::retry()
+                }
+            }
+        };
+        let delay = match result {
+            ConsumeResult::Success => return (offset, bytes),
+            ConsumeResult::Retry { .. } if settings.mode == DeliveryMode::AtMostOnce => {
+                tracing::info!(msg_id = %message.msg_id(), "at most once: a message asked to be retried is dropped");
+                return (offset, bytes);
+            }
+            ConsumeResult::Retry { delay } => delay,
+        };
+        let attempts = message.reconsume_times();
+        let local = settings.orderly || settings.broadcast;
+        if !local {
+            match send_back(shared, key, &message, delay, false).await {
+                Ok(()) => return (offset, bytes),
+                Err(e) => {
+                    tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot hand the message back; retrying it here");
+                }
+            }
+        } else if attempts >= settings.max_reconsume_times {
+            if settings.broadcast {
+                tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
+                return (offset, bytes);
+            }
+            // Orderly: dead-letter it and let the queue move on.
+            loop {
+                match send_back(shared, key, &message, None, true).await {
+                    Ok(()) => return (offset, bytes),
+                    Err(e) => {
+                        tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot dead-letter the message; trying again");
+                        tokio::time::sleep(settings.local_retry_delay).await;
+                    }
+                }
+            }
+        }
+        message
+            .stored
+            .message
+            .properties
+            .insert(PROPERTY_RECONSUME_TIMES.into(), (attempts + 1).to_string());
+        tokio::time::sleep(delay.unwrap_or(settings.local_retry_delay)).await;
+    }
+}
+
+async fn send_back<H>(
+    shared: &Shared<H>,
+    key: &QueueId,
+    message: &ReceivedMessage,
+    delay: Option<Duration>,
+    dead_letter: bool,
+) -> Result<()> {
+    let (addr, conn) = shared.connect(&key.broker_name).await?;
+    let sent = conn
+        .call(SendBack {
+            group: shared.group.clone(),
+            log_offset: message.stored.log_offset,
+            delay_ms: delay.map(|d| d.as_millis() as u64),
+            max_reconsume_times: shared.settings.max_reconsume_times,
+            dead_letter,
+        })
+        .await
+        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+    tracing::debug!(msg_id = %message.msg_id(), topic = %sent.topic, attempt = sent.reconsume_times, "handed back");
+    Ok(())
+}

@@ -1,0 +1,1035 @@
+//! Consumer groups against real brokers: push consumers sharing queues
+//! and rebalancing when members join or die (kill -9 of a `txmq consume`
+//! process), retries with growing back-off and dead letters, delayed
+//! messages (also across a broker restart), ordered consumption per
+//! sharding key, and tag filters.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{create_topic, start_broker, txmq};
+use txmq::{handler_fn, ConsumeResult, Message, PushConsumer, ReceivedMessage};
+use txmq_broker::FlushMode;
+use txmq_tests::{binary, json_lines, Cluster};
+
+/// What a test's handlers saw, in arrival order: (body, reconsume times,
+/// when handled, the member's id).
+type Seen = Arc<Mutex<Vec<(String, u32, Instant, String)>>>;
+
+fn body(m: &ReceivedMessage) -> String {
+    String::from_utf8_lossy(m.body()).into_owned()
+}
+
+/// A push consumer in `group` on `topic` with test timings, recording
+/// every message it handles successfully into `seen`.
+async fn recorder(
+    ns: &str,
+    group: &str,
+    topic: &str,
+    tags: &str,
+    seen: &Seen,
+    orderly: bool,
+) -> PushConsumer {
+    let seen = seen.clone();
+    let id = Arc::new(Mutex::new(String::new()));
+    let id2 = id.clone();
+    let consumer = PushConsumer::builder()
+        .nameserver(ns)
+        .group(group)
+        .subscribe(topic, tags)
+        .orderly(orderly)
+        .rebalance_interval(Duration::from_millis(300))
+        .commit_interval(Duration::from_millis(100))
+        .max_wait(Duration::from_millis(500))
+        .route_refresh_interval(Duration::from_millis(500))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            let entry = (
+                body(m),
+                m.reconsume_times(),
+                Instant::now(),
+                id2.lock().unwrap().clone(),
+            );
+            seen.lock().unwrap().push(entry);
+            async { ConsumeResult::Success }
+        }))
+        .await
+        .expect("consumer starts");
+    *id.lock().unwrap() = consumer.client_id().to_string();
+    consumer
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `txmq consume --output json` process whose stdout goes to a file.
+struct ConsumeProcess {
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl ConsumeProcess {
+    fn start(ns: &str, dir: &Path, name: &str, args: &[&str]) -> ConsumeProcess {
+        let out = dir.join(format!("{name}.jsonl"));
+        let file = std::fs::File::create(&out).expect("create output file");
+        let child = Command::new(binary("txmq"))
+            .arg("--nameserver")
+            .arg(ns)
+            .args(args)
+            .args(["--output", "json"])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start txmq consume");
+        ConsumeProcess {
+            child: Some(child),
+            out,
+        }
+    }
+
+    fn lines(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read(&self.out).unwrap_or_default();
+        // A killed process may leave half a line.
+        let complete = match text.iter().rposition(|&b| b == b'\n') {
+            Some(i) => &text[..=i],
+            None => &[][..],
+        };
+        json_lines(complete)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ConsumeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The owners of each queue as the brokers see them.
+async fn owners(
+    ns: &str,
+    group: &str,
+) -> (
+    BTreeSet<String>,
+    BTreeMap<(String, String, u32), Option<String>>,
+) {
+    let out = txmq(ns, &["group", "show", group, "--output", "json"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut members = BTreeSet::new();
+    let mut queues = BTreeMap::new();
+    for s in json_lines(&out.stdout) {
+        for m in s["members"].as_array().unwrap() {
+            members.insert(m["client_id"].as_str().unwrap().to_string());
+        }
+        for q in s["queues"].as_array().unwrap() {
+            queues.insert(
+                (
+                    s["broker"].as_str().unwrap().to_string(),
+                    q["topic"].as_str().unwrap().to_string(),
+                    q["queue"].as_u64().unwrap() as u32,
+                ),
+                q["owner"].as_str().map(str::to_string),
+            );
+        }
+    }
+    (members, queues)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_queues_rebalance_on_join_and_kill_and_lose_nothing() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| c.consumer_expiry = Duration::from_secs(2))
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "work", 8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let consume = [
+        "consume",
+        "work",
+        "--group",
+        "workers",
+        "--commit-interval",
+        "100ms",
+        "--rebalance-interval",
+        "300ms",
+        "--route-refresh",
+        "500ms",
+    ];
+    let mut members: Vec<ConsumeProcess> = (0..3)
+        .map(|i| ConsumeProcess::start(&ns, dir.path(), &format!("c{i}"), &consume))
+        .collect();
+
+    // 10,000 messages, sent in two halves around the join and the kill.
+    let producer = cluster.producer().await;
+    let send = |range: std::ops::Range<u32>| {
+        let producer = producer.clone();
+        async move {
+            let batch: Vec<_> = range
+                .map(|i| producer.send(Message::new("work", format!("m{i}"))))
+                .collect();
+            for r in futures_util::future::join_all(batch).await {
+                r.expect("sent");
+            }
+        }
+    };
+    send(0..5000).await;
+    // Every member gets a share.
+    wait_until("every member consumed", Duration::from_secs(20), || {
+        members.iter().all(|m| !m.lines().is_empty())
+    })
+    .await;
+    members.push(ConsumeProcess::start(&ns, dir.path(), "c3", &consume));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    members[0].kill9();
+    send(5000..10000).await;
+
+    let live = |members: &[ConsumeProcess]| -> Vec<serde_json::Value> {
+        members.iter().flat_map(ConsumeProcess::lines).collect()
+    };
+    wait_until("every message consumed", Duration::from_secs(30), || {
+        let bodies: BTreeSet<String> = live(&members)
+            .iter()
+            .map(|l| l["body"].as_str().unwrap().to_string())
+            .collect();
+        bodies.len() == 10_000
+    })
+    .await;
+
+    // Duplicates only of what the killed member printed (and had not committed).
+    let killed: BTreeSet<String> = members[0]
+        .lines()
+        .iter()
+        .map(|l| l["body"].as_str().unwrap().to_string())
+        .collect();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for l in live(&members) {
+        *count
+            .entry(l["body"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for (body, n) in &count {
+        assert!(*n <= 2, "{body} consumed {n} times");
+        if *n == 2 {
+            assert!(
+                killed.contains(body),
+                "{body} repeated but the killed member never had it"
+            );
+        }
+    }
+    let repeated = count.values().filter(|n| **n == 2).count();
+    assert!(repeated <= killed.len());
+
+    // The fourth member got queues, and after the rebalance every queue
+    // of the topic has exactly one owner, a live member.
+    assert!(
+        !members[3].lines().is_empty(),
+        "the member that joined consumed"
+    );
+    let (group_members, queues) = owners(&ns, "workers").await;
+    assert_eq!(
+        group_members.len(),
+        3,
+        "the killed member left: {group_members:?}"
+    );
+    let work: Vec<_> = queues.iter().filter(|(k, _)| k.1 == "work").collect();
+    assert_eq!(work.len(), 8);
+    for (q, owner) in work {
+        let owner = owner
+            .as_ref()
+            .unwrap_or_else(|| panic!("{q:?} has no owner"));
+        assert!(
+            group_members.contains(owner),
+            "{q:?} owned by {owner}, not a member"
+        );
+    }
+    let per_member: BTreeMap<&String, usize> = queues
+        .iter()
+        .filter(|(k, _)| k.1 == "work")
+        .filter_map(|(_, o)| o.as_ref())
+        .fold(BTreeMap::new(), |mut m, o| {
+            *m.entry(o).or_default() += 1;
+            m
+        });
+    assert!(
+        per_member.values().all(|n| (2..=3).contains(n)),
+        "{per_member:?}"
+    );
+
+    for m in &mut members {
+        m.terminate();
+    }
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_message_is_retried_with_growing_delays_then_dead_lettered() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.retry_delays = vec![
+                Duration::from_millis(300),
+                Duration::from_millis(600),
+                Duration::from_millis(1200),
+            ]
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "bills", 2).await;
+    let attempts: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let ok: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let (a, o) = (attempts.clone(), ok.clone());
+    let consumer = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("billing")
+        .subscribe("bills", "*")
+        .max_reconsume_times(3)
+        .rebalance_interval(Duration::from_millis(300))
+        .commit_interval(Duration::from_millis(100))
+        .max_wait(Duration::from_millis(500))
+        .route_refresh_interval(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            let b = body(m);
+            let result = if b == "poison" {
+                a.lock()
+                    .unwrap()
+                    .push((m.reconsume_times(), Instant::now()));
+                ConsumeResult::retry()
+            } else {
+                o.lock().unwrap().push((b, Instant::now()));
+                ConsumeResult::Success
+            };
+            async move { result }
+        }))
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    producer
+        .send(Message::new("bills", "poison"))
+        .await
+        .unwrap();
+    for i in 0..50 {
+        producer
+            .send(Message::new("bills", format!("ok{i}")))
+            .await
+            .unwrap();
+    }
+    // Attempt 0, then 3 redeliveries, then the dead-letter topic.
+    let admin = cluster.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let dead = admin
+            .browse(&txmq::dlq_topic("billing"), 10)
+            .await
+            .unwrap_or_default();
+        if !dead.is_empty() {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never dead-lettered: {:?}",
+            attempts.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(body(&dead[0]), "poison");
+    assert_eq!(
+        dead[0].reconsume_times(),
+        4,
+        "{:?}",
+        dead[0].message().properties
+    );
+    assert_eq!(
+        dead[0]
+            .message()
+            .properties
+            .get(txmq::PROPERTY_REAL_TOPIC)
+            .map(String::as_str),
+        Some("bills")
+    );
+    let attempts = attempts.lock().unwrap().clone();
+    let counts: Vec<u32> = attempts.iter().map(|a| a.0).collect();
+    assert_eq!(counts, [0, 1, 2, 3], "reconsume counts seen by the handler");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    for (gap, want) in gaps.iter().zip([300u64, 600, 1200]) {
+        assert!(
+            *gap >= Duration::from_millis(want - 50),
+            "gap {gap:?} shorter than {want} ms: {gaps:?}"
+        );
+        assert!(
+            *gap <= Duration::from_millis(want + 1500),
+            "gap {gap:?} much longer than {want} ms: {gaps:?}"
+        );
+    }
+    // The other messages flowed meanwhile: all handled before the first retry.
+    let ok = ok.lock().unwrap().clone();
+    assert_eq!(ok.len(), 50);
+    assert!(
+        ok.iter().all(|(_, t)| *t < attempts[1].1),
+        "the other messages waited for the poison one"
+    );
+    // The dead letter is listed by the CLI.
+    let out = txmq(&ns, &["dlq", "list", "billing", "--output", "json"], None).await;
+    let listed = json_lines(&out.stdout);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["body"], "poison");
+    assert_eq!(listed[0]["reconsume_times"], 4);
+    // And a dead-letter topic is consumed like any topic.
+    let args = [
+        "consume",
+        "%DLQ%billing",
+        "--group",
+        "inspect",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let consumed = json_lines(&txmq(&ns, &args, None).await.stdout);
+    assert_eq!(consumed.len(), 1);
+    assert_eq!(consumed[0]["body"], "poison");
+    consumer.shutdown().await;
+    admin.close();
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_arrive_on_time_also_across_a_broker_restart() {
+    let ns_cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = ns_cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(data.path(), &ns, "broker-a", &[]).await;
+    create_topic(&ns, "later", 2).await;
+    // (body, wall-clock ms when handled)
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let s = seen.clone();
+    let consumer = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("g")
+        .subscribe("later", "*")
+        .commit_interval(Duration::from_millis(100))
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(500))
+        .route_refresh_interval(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            s.lock().unwrap().push((body(m), txmq::now_millis()));
+            async { ConsumeResult::Success }
+        }))
+        .await
+        .unwrap();
+    let producer = txmq::Producer::builder()
+        .nameserver(&ns)
+        .build()
+        .await
+        .unwrap();
+    let sent_at = txmq::now_millis();
+    producer
+        .send(Message::new("later", "at").with_deliver_at(sent_at + 1500))
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("later", "in").with_delay(Duration::from_millis(2500)))
+        .await
+        .unwrap();
+    producer.send(Message::new("later", "now")).await.unwrap();
+    let handled = |b: &str| seen.lock().unwrap().iter().find(|s| s.0 == b).map(|s| s.1);
+    wait_until("the undelayed message", Duration::from_secs(5), || {
+        handled("now").is_some()
+    })
+    .await;
+    assert!(
+        handled("at").is_none() && handled("in").is_none(),
+        "a delayed message came early"
+    );
+    wait_until("both delayed messages", Duration::from_secs(10), || {
+        handled("in").is_some()
+    })
+    .await;
+    let at = handled("at").unwrap();
+    assert!(
+        (sent_at + 1500..=sent_at + 2500).contains(&at),
+        "'at' handled {} ms after sending",
+        at - sent_at
+    );
+    let inn = handled("in").unwrap();
+    assert!(
+        (sent_at + 2500..=sent_at + 3500).contains(&inn),
+        "'in' handled {} ms after sending",
+        inn - sent_at
+    );
+
+    // One whose time passes while the broker is down comes right after the
+    // restart; one due after the restart comes on time.
+    let sent_at = txmq::now_millis();
+    producer
+        .send(Message::new("later", "while-down").with_delay(Duration::from_millis(800)))
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("later", "after-restart").with_delay(Duration::from_millis(4000)))
+        .await
+        .unwrap();
+    assert_eq!(broker.stop(), Some(0));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarted_at = txmq::now_millis();
+    tokio::task::block_in_place(|| broker.restart());
+    wait_until(
+        "the message due while the broker was down",
+        Duration::from_secs(10),
+        || handled("while-down").is_some(),
+    )
+    .await;
+    let t = handled("while-down").unwrap();
+    assert!(
+        t <= restarted_at + 2500,
+        "handled {} ms after the restart",
+        t - restarted_at
+    );
+    wait_until(
+        "the message due after the restart",
+        Duration::from_secs(10),
+        || handled("after-restart").is_some(),
+    )
+    .await;
+    let t = handled("after-restart").unwrap();
+    assert!(
+        (sent_at + 4000..=sent_at + 5000).contains(&t),
+        "handled {} ms after sending",
+        t - sent_at
+    );
+    let bodies: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+    let admin = txmq::Admin::connect([ns.clone()]).await.unwrap();
+    let stored: Vec<(String, u32, u64)> = admin
+        .browse("later", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (body(m), m.queue(), m.queue_offset()))
+        .collect();
+    assert_eq!(bodies.len(), 5, "each once: {bodies:?}; stored {stored:?}");
+    consumer.shutdown().await;
+    producer.close();
+    broker.stop();
+    ns_cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orderly_consumers_see_each_keys_messages_in_send_order_across_a_restart() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "orders", 8).await;
+    let seen: Seen = Arc::default();
+    let first = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
+    let second = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
+
+    // 4 producers, 5,000 messages over 50 keys; a key belongs to one
+    // producer, which sends its messages one after the other.
+    let mut sends = Vec::new();
+    for p in 0..4u32 {
+        let producer = cluster.producer().await;
+        sends.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let keys: Vec<String> = (0..50u32)
+                .filter(|k| k % 4 == p)
+                .map(|k| format!("k{k}"))
+                .collect();
+            for i in 0..1250usize {
+                let key = &keys[i % keys.len()];
+                let body = format!("{key}:{p}:{i}");
+                if producer
+                    .send_ordered(Message::new("orders", body.clone()), key)
+                    .await
+                    .is_ok()
+                {
+                    acked.push((key.clone(), body));
+                }
+            }
+            producer.close();
+            acked
+        }));
+    }
+    // Restart one consumer midway.
+    wait_until("some messages consumed", Duration::from_secs(20), || {
+        seen.lock().unwrap().len() > 1000
+    })
+    .await;
+    let old_first = first.client_id().to_string();
+    first.shutdown().await;
+    let first = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
+    eprintln!(
+        "old first {old_first}, second {}, new first {}",
+        second.client_id(),
+        first.client_id()
+    );
+    let mut acked = Vec::new();
+    for s in sends {
+        acked.extend(s.await.unwrap());
+    }
+    let keys: BTreeSet<&String> = acked.iter().map(|a| &a.0).collect();
+    assert_eq!(keys.len(), 50);
+    let total = acked.len();
+    wait_until(
+        "every acknowledged message consumed",
+        Duration::from_secs(30),
+        || {
+            let s = seen.lock().unwrap();
+            s.iter().map(|x| &x.0).collect::<BTreeSet<_>>().len() >= total
+        },
+    )
+    .await;
+    // Per key, the acknowledged sends appear in the consumed sequence in
+    // send order (first occurrences; a clean restart repeats nothing).
+    let consumed: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+    let unique: BTreeSet<&String> = consumed.iter().collect();
+    if unique.len() != consumed.len() {
+        let all = seen.lock().unwrap().clone();
+        let mut n: HashMap<&str, Vec<(usize, &str)>> = HashMap::new();
+        for (i, x) in all.iter().enumerate() {
+            n.entry(x.0.as_str()).or_default().push((i, x.3.as_str()));
+        }
+        let dups: Vec<_> = n.iter().filter(|(_, v)| v.len() > 1).take(10).collect();
+        panic!("repeated: {dups:?}");
+    }
+    let mut position: HashMap<&str, usize> = HashMap::new();
+    for (i, b) in consumed.iter().enumerate() {
+        position.entry(b.as_str()).or_insert(i);
+    }
+    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (key, body) in &acked {
+        by_key.entry(key).or_default().push(body);
+    }
+    for (key, bodies) in by_key {
+        let positions: Vec<usize> = bodies.iter().map(|b| position[b]).collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order"
+        );
+    }
+    first.shutdown().await;
+    second.shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_filter_delivers_only_matching_tags() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "events", 2).await;
+    let only_a: Seen = Arc::default();
+    let a_or_c: Seen = Arc::default();
+    let ca = recorder(&ns, "ga", "events", "a", &only_a, false).await;
+    let cac = recorder(&ns, "gac", "events", "a || c", &a_or_c, false).await;
+    let producer = cluster.producer().await;
+    for i in 0..300 {
+        let tag = ["a", "b", "c"][i % 3];
+        producer
+            .send(Message::new("events", format!("{tag}{i}")).with_tag(tag))
+            .await
+            .unwrap();
+    }
+    producer
+        .send(Message::new("events", "untagged"))
+        .await
+        .unwrap();
+    wait_until("100 a and 200 a||c", Duration::from_secs(10), || {
+        only_a.lock().unwrap().len() >= 100 && a_or_c.lock().unwrap().len() >= 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = only_a.lock().unwrap().clone();
+    assert_eq!(a.len(), 100);
+    assert!(
+        a.iter().all(|s| s.0.starts_with('a')),
+        "tag a consumer saw another tag"
+    );
+    let ac = a_or_c.lock().unwrap().clone();
+    assert_eq!(ac.len(), 200);
+    assert!(ac
+        .iter()
+        .all(|s| s.0.starts_with('a') || s.0.starts_with('c')));
+    // The CLI filters too.
+    let out = txmq(
+        &ns,
+        &[
+            "consume",
+            "events",
+            "--group",
+            "cli-b",
+            "--tag",
+            "b",
+            "--idle-timeout",
+            "1s",
+            "--output",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 100);
+    assert!(lines.iter().all(|l| l["tag"] == "b"));
+    ca.shutdown().await;
+    cac.shutdown().await;
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasting_members_each_get_everything() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "notices", 4).await;
+    let producer = cluster.producer().await;
+    for i in 0..40 {
+        producer
+            .send(Message::new("notices", format!("n{i}")))
+            .await
+            .unwrap();
+    }
+    let args = [
+        "consume",
+        "notices",
+        "--group",
+        "caches",
+        "--broadcast",
+        "--idle-timeout",
+        "1500ms",
+        "--output",
+        "json",
+    ];
+    let (a, b) = tokio::join!(txmq(&ns, &args, None), txmq(&ns, &args, None));
+    for out in [a, b] {
+        let bodies: BTreeSet<String> = json_lines(&out.stdout)
+            .iter()
+            .map(|l| l["body"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(bodies.len(), 40, "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "audit", 2).await;
+    let producer = cluster.producer().await;
+    for i in 0..10 {
+        producer
+            .send(Message::new("audit", format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let consume = [
+        "consume",
+        "audit",
+        "--group",
+        "auditors",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    assert_eq!(
+        json_lines(&txmq(&ns, &consume, None).await.stdout).len(),
+        10
+    );
+    assert!(json_lines(&txmq(&ns, &consume, None).await.stdout).is_empty());
+
+    // Listed with its lag, and reset to the start: everything again.
+    let out = txmq(&ns, &["group", "list", "--output", "json"], None).await;
+    let groups = json_lines(&out.stdout);
+    assert!(
+        groups.iter().any(|g| g["group"] == "auditors"),
+        "{groups:?}"
+    );
+    let reset = [
+        "group",
+        "reset-offset",
+        "auditors",
+        "--topic",
+        "audit",
+        "--to",
+        "first",
+    ];
+    let out = txmq(&ns, &reset, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json_lines(&txmq(&ns, &consume, None).await.stdout).len(),
+        10
+    );
+
+    // By time: only what was stored after the instant.
+    let middle = txmq::now_millis();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 10..13 {
+        producer
+            .send(Message::new("audit", format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let middle = middle.to_string();
+    let by_time = [
+        "group",
+        "reset-offset",
+        "auditors",
+        "--topic",
+        "audit",
+        "--to",
+        middle.as_str(),
+    ];
+    assert!(txmq(&ns, &by_time, None).await.status.success());
+    let again = json_lines(&txmq(&ns, &consume, None).await.stdout);
+    let bodies: BTreeSet<&str> = again.iter().map(|l| l["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["a10", "a11", "a12"].into());
+
+    // A running group is refused.
+    let seen: Seen = Arc::default();
+    let running = recorder(&ns, "auditors", "audit", "*", &seen, false).await;
+    let out = txmq(&ns, &reset, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("GROUP_ACTIVE") && err.contains("stop them"),
+        "{err}"
+    );
+    let show = txmq(&ns, &["group", "show", "auditors"], None).await;
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("1 member(s)") && text.contains(running.client_id()),
+        "{text}"
+    );
+    running.shutdown().await;
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_retries_and_at_most_once_does_not() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.retry_delays = vec![Duration::from_millis(200)]
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "jobs", 1).await;
+    // Panics on the first delivery, succeeds on the retry.
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let retrying = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("retrying")
+        .subscribe("jobs", "*")
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(300))
+        .route_refresh_interval(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            let attempt = m.reconsume_times();
+            s.lock()
+                .unwrap()
+                .push((body(m), attempt, Instant::now(), String::new()));
+            assert!(attempt > 0, "handler bug on the first attempt");
+            async { ConsumeResult::Success }
+        }))
+        .await
+        .unwrap();
+    let at_most_once: Seen = Arc::default();
+    let s = at_most_once.clone();
+    let dropping = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("dropping")
+        .subscribe("jobs", "*")
+        .delivery_mode(txmq::DeliveryMode::AtMostOnce)
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(300))
+        .route_refresh_interval(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            s.lock()
+                .unwrap()
+                .push((body(m), m.reconsume_times(), Instant::now(), String::new()));
+            async { ConsumeResult::retry_after(Duration::from_millis(100)) }
+        }))
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    producer.send(Message::new("jobs", "j")).await.unwrap();
+    // The retry of the panicked delivery comes after the broker's back-off.
+    wait_until("the retry", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 2
+    })
+    .await;
+    let s = seen.lock().unwrap().clone();
+    assert_eq!((s[0].1, s[1].1), (0, 1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(at_most_once.lock().unwrap().len(), 1, "at most once");
+    retrying.shutdown().await;
+    dropping.shutdown().await;
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_heartbeats_expires_and_its_queues_move() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.consumer_expiry = Duration::from_millis(1500)
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "tasks", 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let consume = [
+        "consume",
+        "tasks",
+        "--group",
+        "g",
+        "--commit-interval",
+        "100ms",
+        "--rebalance-interval",
+        "300ms",
+    ];
+    let mut paused = ConsumeProcess::start(&ns, dir.path(), "paused", &consume);
+    let mut live = ConsumeProcess::start(&ns, dir.path(), "live", &consume);
+    wait_until_async(
+        "two members own two queues each",
+        Duration::from_secs(10),
+        || {
+            let ns = ns.clone();
+            async move {
+                let (members, queues) = owners(&ns, "g").await;
+                let owned = queues
+                    .iter()
+                    .filter(|(k, o)| k.1 == "tasks" && o.is_some())
+                    .count();
+                members.len() == 2 && owned == 4
+            }
+        },
+    )
+    .await;
+    let pid = paused.child.as_ref().unwrap().id().to_string();
+    let stop = |sig: &str| {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(&pid)
+            .status()
+            .unwrap()
+    };
+    stop("STOP");
+    let stopped_at = Instant::now();
+    // Its connection stays open: only the missing heartbeats tell.
+    wait_until_async("the paused member expires", Duration::from_secs(10), || {
+        let ns = ns.clone();
+        async move { owners(&ns, "g").await.0.len() == 1 }
+    })
+    .await;
+    assert!(
+        stopped_at.elapsed() >= Duration::from_millis(1200),
+        "expired after {:?}, before the expiry",
+        stopped_at.elapsed()
+    );
+    let producer = cluster.producer().await;
+    for i in 0..40 {
+        producer
+            .send(Message::new("tasks", format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "the live member consumes everything",
+        Duration::from_secs(10),
+        || live.lines().len() >= 40,
+    )
+    .await;
+    stop("CONT");
+    paused.terminate();
+    live.terminate();
+    producer.close();
+    cluster.shutdown().await;
+}
+
+async fn wait_until_async<F, Fut>(what: &str, limit: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_consume_members_share_the_backlog() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "backlog", 4).await;
+    let out = txmq(
+        &ns,
+        &["send", "backlog", "--body", "x", "--count", "2000"],
+        None,
+    )
+    .await;
+    assert!(out.status.success());
+    let args = [
+        "bench",
+        "consume",
+        "backlog",
+        "--group",
+        "b",
+        "--consumers",
+        "2",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let out = txmq(&ns, &args, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_lines(&out.stdout);
+    assert_eq!(report[0]["messages"], 2000, "{report:?}");
+    cluster.shutdown().await;
+}
