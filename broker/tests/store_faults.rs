@@ -558,12 +558,9 @@ fn crashes_keep_acknowledged(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // Lose the unflushed tail from `cut` on...
                 let cut = fraction(durable_end, end, from);
                 // Out-of-order persistence stays within the segment of the
-                // cut. Across a segment roll (the old segment's unflushed
-                // tail lost, the new one's first write kept) recovery sees
-                // a corrupt record followed by a segment with data and
-                // refuses to start: no acknowledged record is lost, but an
-                // operator must move the later segment away. The writer
-                // could rule this out by fsyncing a segment before rolling.
+                // cut: the writer fdatasyncs a full segment before its
+                // first write to the next one, so a crash cannot keep the
+                // new segment's data while losing the old one's tail.
                 let seg_end = (cut - cut % SEGMENT + SEGMENT).min(end);
                 let kept_bytes = kept.map(|(a, b)| {
                     let (a, b) = (

@@ -190,17 +190,68 @@ fn request() -> impl Strategy<Value = Request> {
             any::<u32>(),
             any::<u64>(),
             any::<u32>(),
-            any::<u64>()
+            any::<u64>(),
+            proptest::collection::vec(any::<u64>(), 0..3)
         )
             .prop_map(
-                |(topic, queue, offset, max_messages, max_wait_ms)| Request::Pull(PullRequest {
-                    topic,
-                    queue,
-                    offset,
-                    max_messages,
-                    max_wait_ms
-                })
+                |(topic, queue, offset, max_messages, max_wait_ms, tag_filter)| Request::Pull(
+                    PullRequest {
+                        topic,
+                        queue,
+                        offset,
+                        max_messages,
+                        max_wait_ms,
+                        tag_filter
+                    }
+                )
             ),
+        (
+            text(),
+            text(),
+            proptest::collection::vec((text(), text()), 0..3),
+            any::<bool>(),
+            proptest::collection::vec((text(), any::<u32>()), 0..3)
+        )
+            .prop_map(|(group, client_id, subs, broadcast, held)| {
+                Request::Heartbeat(Heartbeat {
+                    group,
+                    client_id,
+                    subscriptions: subs
+                        .into_iter()
+                        .map(|(topic, expression)| Subscription { topic, expression })
+                        .collect(),
+                    broadcast,
+                    held: held
+                        .into_iter()
+                        .map(|(topic, queue)| QueueRef { topic, queue })
+                        .collect(),
+                })
+            }),
+        (
+            text(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u32>(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(group, log_offset, delay_ms, max_reconsume_times, dead_letter)| {
+                    Request::SendBack(SendBack {
+                        group,
+                        log_offset,
+                        delay_ms,
+                        max_reconsume_times,
+                        dead_letter,
+                    })
+                }
+            ),
+        (text(), text(), any::<u64>()).prop_map(|(group, topic, ts)| {
+            Request::ResetOffset(ResetOffset {
+                group,
+                topic,
+                to: OffsetTarget::Timestamp(ts),
+            })
+        }),
         (text(), text(), any::<u32>(), any::<u64>()).prop_map(|(group, topic, queue, offset)| {
             Request::CommitOffset(CommitOffset {
                 group,

@@ -858,6 +858,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         offset,
         max_messages,
         max_wait_ms: u64::MAX,
+        tag_filter: Vec::new(),
     };
     refused(
         conn.call(pull(max_queue, 0, 1)).await.map(drop),

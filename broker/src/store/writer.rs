@@ -417,6 +417,15 @@ impl Writer {
             }
         }
         self.write_chunk();
+        if let Some(seg) = &self.segment {
+            // The full segment's tail reaches the disk before anything of
+            // the next one: a crash then never leaves data after a torn
+            // record, which recovery would refuse to cut.
+            seg.file.sync_data().map_err(|e| {
+                self.store.poisoned.store(true, Ordering::Release);
+                StoreError::io("cannot fdatasync the full commit-log segment", &e)
+            })?;
+        }
         let next_start = match &self.segment {
             // The rest of a full segment stays zero: recovery reads that as its end.
             Some(seg) => seg.end(),
