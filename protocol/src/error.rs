@@ -40,6 +40,8 @@ pub enum ErrorCode {
     FrameTooLarge = 15,
     /// The request's body could not be decoded (unknown kind, wrong types).
     MalformedRequest = 16,
+    /// The broker's store reached its size limit (`--max-store-size`); nothing was written.
+    StoreFull = 17,
     /// The transaction id is not known to this broker.
     UnknownTransaction = 20,
     /// Commit asked of a transaction that was rolled back.
@@ -75,6 +77,7 @@ impl ErrorCode {
             14 => OffsetOutOfRange,
             15 => FrameTooLarge,
             16 => MalformedRequest,
+            17 => StoreFull,
             20 => UnknownTransaction,
             21 => TransactionRolledBack,
             22 => TransactionCommitted,
@@ -104,6 +107,7 @@ impl ErrorCode {
             OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
             FrameTooLarge => "FRAME_TOO_LARGE",
             MalformedRequest => "MALFORMED_REQUEST",
+            StoreFull => "STORE_FULL",
             UnknownTransaction => "UNKNOWN_TRANSACTION",
             TransactionRolledBack => "TRANSACTION_ROLLED_BACK",
             TransactionCommitted => "TRANSACTION_COMMITTED",

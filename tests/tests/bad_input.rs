@@ -1244,3 +1244,60 @@ async fn a_broker_whose_nameserver_is_unreachable_keeps_trying_and_registers_lat
     drop(broker);
     stop.cancel();
 }
+
+/// Disk full, simulated with `--max-store-size`: a send that needs a new
+/// segment beyond the limit is refused with STORE_FULL and a message naming
+/// the limit (smaller ones still fill the last segment); nothing
+/// acknowledged is lost, consumers keep reading and committing, and the CLI
+/// exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_sends_clearly_and_keeps_serving_reads() {
+    let mut cluster = txmq_tests::Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.segment_size = 1 << 20;
+            c.max_message_size = 128 << 10;
+            c.max_store_size = Some(3 << 20);
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    let producer = cluster.producer().await;
+    let body = vec![b'x'; 100 << 10];
+    let mut acked = 0;
+    let refusal = loop {
+        match producer
+            .send(txmq::Message::new("full", body.clone()))
+            .await
+        {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 100, "never refused");
+    };
+    assert_eq!(refusal.code(), Some(ErrorCode::StoreFull), "{refusal:?}");
+    let text = txmq::error::chain(&refusal);
+    assert!(
+        text.contains("store is full") && text.contains("--max-store-size"),
+        "{text}"
+    );
+    assert!(acked >= 20, "only {acked} fit in 3 MiB");
+    // Everything acknowledged is there, and offsets still commit.
+    let got = txmq_tests::consume_all(&ns, "g", "full", acked, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), acked);
+    // The CLI says so and exits 1.
+    let out = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        let big = "y".repeat(100 << 10);
+        move || txmq_tests::txmq_cli(&ns, &["send", "full", "--body", &big], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("STORE_FULL") && err.contains("store is full"),
+        "{err}"
+    );
+    producer.close();
+    cluster.shutdown().await;
+}
