@@ -52,6 +52,8 @@ pub enum ErrorCode {
     TransactionParked = 23,
     /// The consumer group has live members where the request needs none (e.g. an offset reset).
     GroupActive = 30,
+    /// The queue is assigned to another member of the group (a rebalance moved it).
+    QueueNotOwned = 31,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -83,6 +85,7 @@ impl ErrorCode {
             22 => TransactionCommitted,
             23 => TransactionParked,
             30 => GroupActive,
+            31 => QueueNotOwned,
             _ => Unknown,
         }
     }
@@ -113,6 +116,7 @@ impl ErrorCode {
             TransactionCommitted => "TRANSACTION_COMMITTED",
             TransactionParked => "TRANSACTION_PARKED",
             GroupActive => "GROUP_ACTIVE",
+            QueueNotOwned => "QUEUE_NOT_OWNED",
             Unknown => "UNKNOWN",
         }
     }

@@ -201,7 +201,8 @@ fn request() -> impl Strategy<Value = Request> {
                         offset,
                         max_messages,
                         max_wait_ms,
-                        tag_filter
+                        tag_filter,
+                        owner: None,
                     }
                 )
             ),
@@ -254,6 +255,10 @@ fn request() -> impl Strategy<Value = Request> {
         }),
         (text(), text(), any::<u32>(), any::<u64>()).prop_map(|(group, topic, queue, offset)| {
             Request::CommitOffset(CommitOffset {
+                owner: Some(QueueOwner {
+                    group: group.clone(),
+                    client_id: topic.clone(),
+                }),
                 group,
                 topic,
                 queue,

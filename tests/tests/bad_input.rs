@@ -504,6 +504,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         max_messages,
         max_wait_ms: 0,
         tag_filter: Vec::new(),
+        owner: None,
     };
     let e = refusal(conn.call(pull("orders", 0)).await.map(|_| ()));
     assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
@@ -859,6 +860,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         max_messages,
         max_wait_ms: u64::MAX,
         tag_filter: Vec::new(),
+        owner: None,
     };
     refused(
         conn.call(pull(max_queue, 0, 1)).await.map(drop),
@@ -882,6 +884,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         topic: "orders".into(),
         queue,
         offset,
+        owner: None,
     };
     refused(
         conn.call(commit(0, u64::MAX)).await.map(drop),
