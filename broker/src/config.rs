@@ -61,6 +61,8 @@ pub struct BrokerConfig {
     pub retry_delays: Vec<Duration>,
     /// The furthest ahead a delayed message may be delivered.
     pub max_delay: Duration,
+    /// The most disk the commit log may take; sends are refused beyond it.
+    pub max_store_size: Option<u64>,
 }
 
 /// RocketMQ's retry back-off: levels 3 to 18 of its delay levels.
@@ -97,6 +99,7 @@ impl BrokerConfig {
             consumer_expiry: Duration::from_secs(30),
             retry_delays: parse_durations(DEFAULT_RETRY_DELAYS).unwrap_or_default(),
             max_delay: Duration::from_secs(7 * 24 * 3600),
+            max_store_size: None,
         }
     }
 
@@ -139,6 +142,15 @@ impl BrokerConfig {
         let tx = &self.transactions;
         if tx.check_interval.is_zero() || tx.check_rate == 0 || tx.check_max == 0 {
             return Err("transaction check interval, rate and maximum must not be zero".into());
+        }
+        if self
+            .max_store_size
+            .is_some_and(|m| m < 2 * self.segment_size)
+        {
+            return Err(format!(
+                "max store size must be at least two segments ({} bytes)",
+                2 * self.segment_size
+            ));
         }
         if self.consumer_expiry.is_zero() {
             return Err("consumer expiry must not be zero".into());
@@ -350,6 +362,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_DELAY", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub max_delay: Option<Duration>,
+    /// The most disk the commit log may take, e.g. 50GiB; sends are refused
+    /// with STORE_FULL beyond it (ends of transactions and offset commits
+    /// still go through) [default: no limit].
+    #[arg(long, env = "TXMQ_MAX_STORE_SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_store_size: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -457,6 +475,7 @@ impl BrokerArgs {
                 .or(file.retry_delays)
                 .unwrap_or(d.retry_delays),
             max_delay: self.max_delay.or(file.max_delay).unwrap_or(d.max_delay),
+            max_store_size: self.max_store_size.or(file.max_store_size),
         };
         config.validate()?;
         Ok(config)

@@ -66,6 +66,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The member index `queue` is allocated to among `members` (the inverse
+/// of [`allocate`]).
+pub(crate) fn allocated_to(queues: u32, members: usize, queue: u32) -> Option<usize> {
+    if members == 0 || queue >= queues {
+        return None;
+    }
+    let (q, m) = (queue as usize, members);
+    let base = queues as usize / m;
+    let extra = queues as usize % m;
+    // The first `extra` members get base + 1 queues each.
+    let big = extra * (base + 1);
+    Some(if q < big {
+        q / (base + 1)
+    } else {
+        extra + (q - big) / base
+    })
+}
+
 /// The queues `index` of `members` members gets out of `queues`: a
 /// contiguous range, sizes differing by at most one.
 pub(crate) fn allocate(queues: u32, members: usize, index: usize) -> std::ops::Range<u32> {
@@ -158,9 +176,15 @@ impl Groups {
                     topic: topic.clone(),
                     queue,
                 };
-                let desired_index = (0..count).find(|&i| allocate(n, count, i).contains(&queue));
-                let desired = desired_index.map(|i| members[i].clone());
-                let current = group.owners.get(&q).cloned();
+                let desired = allocated_to(n, count, queue).map(|i| members[i].clone());
+                let mut current = group.owners.get(&q).cloned();
+                // A queue nobody owns that this member still reads (the
+                // broker restarted, or forgot the member for a moment) stays
+                // with it until it lets go, as for any other owner.
+                if current.is_none() && group.members[&beat.client_id].held.contains(&q) {
+                    group.owners.insert(q.clone(), beat.client_id.clone());
+                    current = Some(beat.client_id.clone());
+                }
                 let keep = current.as_ref().is_some_and(|c| {
                     Some(c) == desired.as_ref()
                         || group.members.get(c).is_some_and(|m| m.held.contains(&q))
@@ -258,6 +282,20 @@ impl Groups {
         }
         groups.retain(|_, g| !g.members.is_empty() || !g.owners.is_empty());
         notify
+    }
+
+    /// Whether `client_id` may read or commit a queue of `group`: yes unless
+    /// the queue is owned by another member.
+    pub(crate) fn may_use(&self, group: &str, client_id: &str, topic: &str, queue: u32) -> bool {
+        let groups = lock(&self.groups);
+        let Some(g) = groups.get(group) else {
+            return true;
+        };
+        let q = QueueRef {
+            topic: topic.to_string(),
+            queue,
+        };
+        g.owners.get(&q).is_none_or(|o| o == client_id)
     }
 
     /// Whether the group has a live member subscribed to `topic`.
@@ -370,6 +408,23 @@ pub(crate) async fn run_expiry(groups: Arc<Groups>, shutdown: tokio_util::sync::
 #[cfg(test)]
 mod tests {
     use super::allocate;
+
+    #[test]
+    fn allocated_to_inverts_allocate() {
+        for queues in 0..40u32 {
+            for members in 1..9usize {
+                for i in 0..members {
+                    for q in allocate(queues, members, i) {
+                        assert_eq!(
+                            super::allocated_to(queues, members, q),
+                            Some(i),
+                            "{queues} {members} {q}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn allocation_covers_every_queue_once() {

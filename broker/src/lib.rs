@@ -151,6 +151,7 @@ impl Broker {
         store_config.max_message_size = config.max_message_size;
         store_config.retention = config.retention;
         store_config.max_delay = config.max_delay;
+        store_config.max_log_bytes = config.max_store_size;
         let store_dir = dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
             .await

@@ -157,9 +157,9 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     while let Ok(x) = rx.try_recv() {
         unprinted.push(x);
     }
-    consumer.shutdown().await;
+    let committed = consumer.shutdown().await;
     drop(unprinted);
-    Ok(())
+    committed.context("committing the consumed offsets")
 }
 
 fn print_message(printer: &Printer, m: &ReceivedMessage) -> Result<()> {

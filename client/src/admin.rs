@@ -251,6 +251,7 @@ impl Admin {
                         max_messages: u32::try_from(limit - out.len()).unwrap_or(1024).min(1024),
                         max_wait_ms: 0,
                         tag_filter: Vec::new(),
+                        owner: None,
                     };
                     let r = self.ask(&b.broker_name, &b.addr, request).await?;
                     if r.messages.is_empty() && r.next_offset <= offset {

@@ -95,6 +95,13 @@ pub enum Error {
     /// The client object was closed.
     #[error("{0} is closed")]
     Closed(&'static str),
+    /// A consumer gave queues up without storing its final position there
+    /// (the brokers could not be reached): their last messages come again.
+    #[error("the final offsets of {queues} queue(s) could not be committed; their last messages will be delivered again")]
+    CommitFailed {
+        /// How many queues.
+        queues: u64,
+    },
 }
 
 fn action_verb(action: &TxAction) -> &'static str {

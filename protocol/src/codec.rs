@@ -72,11 +72,30 @@ impl Default for FrameCodec {
     }
 }
 
+/// The deepest nesting of MessagePack arrays and maps a frame body may have.
+///
+/// The deepest real frame (a transaction list: frame, result, response,
+/// list, transaction, message ids) nests about ten levels. Decoding recurses
+/// once per level, and rmp-serde's own limit (1024) is deeper than a 2 MiB
+/// thread stack lasts in a debug build: a peer could crash the process with
+/// a few kilobytes of `[[[[...]]]]`.
+pub const MAX_DEPTH: usize = 32;
+
+fn from_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
+}
+
 /// Decodes one frame body (without its length prefix).
+///
+/// # Errors
+/// [`CodecError::Garbage`] when not even the envelope (request or response,
+/// and its id) can be read, or the body nests deeper than [`MAX_DEPTH`].
 pub fn decode_body(body: &[u8]) -> Result<Decoded, CodecError> {
-    match rmp_serde::from_slice::<Frame>(body) {
+    match from_body::<Frame>(body) {
         Ok(f) => Ok(Decoded::Frame(f)),
-        Err(e) => match rmp_serde::from_slice::<FrameHeader>(body) {
+        Err(e) => match from_body::<FrameHeader>(body) {
             Ok(FrameHeader::Request(id, _)) => Ok(Decoded::Malformed {
                 is_request: true,
                 id,
@@ -87,6 +106,9 @@ pub fn decode_body(body: &[u8]) -> Result<Decoded, CodecError> {
                 id,
                 error: e.to_string(),
             }),
+            Err(rmp_serde::decode::Error::DepthLimitExceeded) => Err(CodecError::Garbage(format!(
+                "MessagePack nested deeper than {MAX_DEPTH} levels"
+            ))),
             Err(_) => Err(CodecError::Garbage(e.to_string())),
         },
     }
@@ -215,6 +237,31 @@ mod tests {
         buf.put_u32(3);
         buf.put_slice(&[0xc1, 0xc1, 0xc1]);
         assert!(FrameCodec::default().decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn deeply_nested_messagepack_is_refused_without_overflowing_the_stack() {
+        // {"Request": [1, [[[[ ... ]]]]]}: a valid envelope around 100,000
+        // nested one-element arrays. Decoded on a thread with a small
+        // stack, so that recursion per level would overflow it at once.
+        let mut body = vec![0x81, 0xa7]; // a map of one entry, a string of 7
+        body.extend_from_slice(b"Request");
+        body.extend_from_slice(&[0x92, 0x01]); // [1, ...
+        body.extend(std::iter::repeat_n(0x91, 100_000));
+        body.push(0xc0);
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(&body);
+        let got = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || match FrameCodec::default().decode(&mut buf) {
+                Err(CodecError::Garbage(error)) => error,
+                other => panic!("unexpected {other:?}"),
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(got.contains("nested deeper than 32 levels"), "{got}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     FrameTooLarge = 15,
     /// The request's body could not be decoded (unknown kind, wrong types).
     MalformedRequest = 16,
+    /// The broker's store reached its size limit (`--max-store-size`); nothing was written.
+    StoreFull = 17,
     /// The transaction id is not known to this broker.
     UnknownTransaction = 20,
     /// Commit asked of a transaction that was rolled back.
@@ -50,6 +52,8 @@ pub enum ErrorCode {
     TransactionParked = 23,
     /// The consumer group has live members where the request needs none (e.g. an offset reset).
     GroupActive = 30,
+    /// The queue is assigned to another member of the group (a rebalance moved it).
+    QueueNotOwned = 31,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -75,11 +79,13 @@ impl ErrorCode {
             14 => OffsetOutOfRange,
             15 => FrameTooLarge,
             16 => MalformedRequest,
+            17 => StoreFull,
             20 => UnknownTransaction,
             21 => TransactionRolledBack,
             22 => TransactionCommitted,
             23 => TransactionParked,
             30 => GroupActive,
+            31 => QueueNotOwned,
             _ => Unknown,
         }
     }
@@ -104,11 +110,13 @@ impl ErrorCode {
             OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
             FrameTooLarge => "FRAME_TOO_LARGE",
             MalformedRequest => "MALFORMED_REQUEST",
+            StoreFull => "STORE_FULL",
             UnknownTransaction => "UNKNOWN_TRANSACTION",
             TransactionRolledBack => "TRANSACTION_ROLLED_BACK",
             TransactionCommitted => "TRANSACTION_COMMITTED",
             TransactionParked => "TRANSACTION_PARKED",
             GroupActive => "GROUP_ACTIVE",
+            QueueNotOwned => "QUEUE_NOT_OWNED",
             Unknown => "UNKNOWN",
         }
     }

@@ -321,9 +321,14 @@ pub struct PullRequest {
     pub max_messages: u32,
     /// When nothing is there, wait up to this long for a message to arrive.
     pub max_wait_ms: u64,
-    /// Only messages whose tag hash ([`crate::tag_hash`]) is one of these;
-    /// empty: every message.
+    /// Only messages whose tag hash ([`crate::tag_hash`]) is one of these
+    /// (at most 64); empty: every message.
+    #[serde(default)]
     pub tag_filter: Vec<u64>,
+    /// A group member reading a queue assigned to it: refused with
+    /// `QUEUE_NOT_OWNED` once the queue belongs to another member.
+    #[serde(default)]
+    pub owner: Option<QueueOwner>,
 }
 
 /// Messages read from a queue.
@@ -350,6 +355,19 @@ pub struct CommitOffset {
     pub queue: u32,
     /// The next offset the group will read.
     pub offset: u64,
+    /// A group member committing a queue assigned to it: refused with
+    /// `QUEUE_NOT_OWNED` once the queue belongs to another member.
+    #[serde(default)]
+    pub owner: Option<QueueOwner>,
+}
+
+/// Who reads a queue: a member of a clustering consumer group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueOwner {
+    /// Consumer group.
+    pub group: String,
+    /// The member's client id.
+    pub client_id: String,
 }
 
 /// Ask for a group's offset and the queue's bounds.
@@ -656,6 +674,10 @@ pub struct Heartbeat {
 pub struct HeartbeatOk {
     /// The queues of this broker the consumer owns now.
     pub assigned: Vec<QueueRef>,
+    /// The broker forgets a member after this long without a heartbeat;
+    /// heartbeat well within it.
+    #[serde(default)]
+    pub expiry_ms: u64,
 }
 
 /// A consumer leaves its group on one broker.

@@ -82,14 +82,35 @@ enum Outgoing {
     Frame(Frame),
     /// Write everything queued before this, then close.
     Close,
+    /// Write the leftover of a direct write.
+    Flush,
 }
 
 type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
+
+/// The socket's write half, shared between the writer task and senders.
+///
+/// While the writer task is idle (nothing queued), `half` is here and a
+/// sender writes its frame itself with a non-blocking `try_write`, saving a
+/// wake-up of the writer task per frame. The writer task takes `half` while
+/// it writes and gives it back only when the queue is empty, checked under
+/// this lock; senders queue under the same lock, so a frame written
+/// directly never overtakes a queued one.
+struct WriteSide {
+    half: Option<OwnedWriteHalf>,
+    /// What a direct write could not finish; the writer task writes it
+    /// first, and no direct write happens while it is not empty.
+    leftover: BytesMut,
+    /// Reused encoding buffer of direct writes.
+    buf: BytesMut,
+    codec: FrameCodec,
+}
 
 struct Inner {
     id: u64,
     peer: String,
     out: mpsc::Sender<Outgoing>,
+    write: Mutex<WriteSide>,
     pending: Mutex<Pending>,
     next_request_id: AtomicU64,
     closed: CancellationToken,
@@ -190,6 +211,12 @@ impl Connection {
                 id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
                 peer,
                 out: tx,
+                write: Mutex::new(WriteSide {
+                    half: Some(write_half),
+                    leftover: BytesMut::new(),
+                    buf: BytesMut::with_capacity(16 * 1024),
+                    codec: FrameCodec::new(config.max_frame_len),
+                }),
                 pending: Mutex::new(HashMap::new()),
                 next_request_id: AtomicU64::new(1),
                 closed,
@@ -197,7 +224,7 @@ impl Connection {
                 config,
             }),
         };
-        tokio::spawn(write_loop(write_half, rx, conn.inner.clone()));
+        tokio::spawn(write_loop(rx, conn.inner.clone()));
         let reader = FramedRead::with_capacity(
             read_half,
             FrameCodec::new(conn.inner.config.max_frame_len),
@@ -245,13 +272,7 @@ impl Connection {
             return Err(self.closed_error());
         }
         lock(&self.inner.pending).insert(id, tx);
-        if self
-            .inner
-            .out
-            .send(Outgoing::Frame(Frame::Request(id, request)))
-            .await
-            .is_err()
-        {
+        if !queue_or_closed(&self.inner, Outgoing::Frame(Frame::Request(id, request))).await {
             lock(&self.inner.pending).remove(&id);
             return Err(self.closed_error());
         }
@@ -307,17 +328,51 @@ impl Connection {
     }
 
     fn respond(&self, id: u64, result: Result<Response, WireError>) -> bool {
-        // try_send first: the common case needs no await.
-        self.inner
-            .out
-            .try_send(Outgoing::Frame(Frame::Response(id, result)))
-            .is_ok()
+        send_now(&self.inner, Outgoing::Frame(Frame::Response(id, result))).is_ok()
     }
 }
 
-/// Queues a frame for the writer, giving up when the connection closes
-/// meanwhile; false when it is closed.
+/// Writes `item` at once when the writer task is idle and the socket takes
+/// it without waiting, else queues it for the writer task. Hands the item
+/// back when the queue is full.
+fn send_now(inner: &Inner, item: Outgoing) -> Result<(), Outgoing> {
+    let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+    let w = &mut *w;
+    if let (Outgoing::Frame(frame), Some(half)) = (&item, w.half.as_ref()) {
+        if w.leftover.is_empty() && !inner.closed.is_cancelled() {
+            w.buf.clear();
+            encode_frame(&mut w.codec, frame, &mut w.buf, inner);
+            let written = match half.try_write(&w.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    debug!(peer = %inner.peer, error = %e, "write failed; closing");
+                    inner.closed.cancel();
+                    return Ok(());
+                }
+            };
+            if written == w.buf.len() {
+                return Ok(());
+            }
+            // The socket is full: the writer task finishes it (the queue
+            // is empty while the half is here, so the wake-up fits).
+            w.leftover.extend_from_slice(&w.buf[written..]);
+            let _ = inner.out.try_send(Outgoing::Flush);
+            return Ok(());
+        }
+    }
+    inner.out.try_send(item).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => item,
+    })
+}
+
+/// Sends or queues a frame ([`send_now`]), waiting for room in the queue,
+/// giving up when the connection closes meanwhile; false when it is closed.
 async fn queue_or_closed(inner: &Inner, item: Outgoing) -> bool {
+    let item = match send_now(inner, item) {
+        Ok(()) => return !inner.closed.is_cancelled(),
+        Err(item) => item,
+    };
     tokio::select! {
         r = inner.out.send(item) => r.is_ok(),
         _ = inner.closed.cancelled() => false,
@@ -455,7 +510,7 @@ async fn read_loop(
     }
     if !greeted || !inner.closed.is_cancelled() {
         // Let the writer flush what is queued (a refusal, say), then stop.
-        let _ = inner.out.try_send(Outgoing::Close);
+        let _ = send_now(&inner, Outgoing::Close);
     }
     // Give the writer a moment to flush a final error before cancelling.
     tokio::select! {
@@ -501,70 +556,106 @@ fn answer_hello(conn: &Connection, service: Option<&dyn Service>, id: u64, hello
 
 async fn refuse_and_close(conn: &Connection, id: u64, code: ErrorCode, message: String) {
     let frame = Outgoing::Frame(Frame::Response(id, Err(WireError::new(code, message))));
-    let _ = conn.inner.out.send(frame).await;
+    let _ = queue_or_closed(&conn.inner, frame).await;
 }
 
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Outgoing>,
-    inner: Arc<Inner>,
-) {
+async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
     let mut codec = FrameCodec::new(inner.config.max_frame_len);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut closing = false;
-    while !closing {
+    let mut half: Option<OwnedWriteHalf> = None;
+    'outer: while !closing {
         let first = tokio::select! {
             f = rx.recv() => f,
             _ = inner.closed.cancelled() => None,
         };
         let Some(first) = first else { break };
+        {
+            let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+            if half.is_none() {
+                half = w.half.take();
+            }
+            buf.extend_from_slice(&w.leftover);
+            w.leftover.clear();
+        }
+        let Some(writer) = half.as_mut() else { break };
         closing = encode_into(&mut codec, first, &mut buf, &inner);
-        // Everything queued meanwhile goes out in the same write.
-        while !closing && buf.len() < 1024 * 1024 {
-            match rx.try_recv() {
-                Ok(next) => closing = encode_into(&mut codec, next, &mut buf, &inner),
-                Err(_) => break,
+        loop {
+            // Everything queued meanwhile goes out in the same write.
+            while !closing && buf.len() < 1024 * 1024 {
+                match rx.try_recv() {
+                    Ok(next) => closing = encode_into(&mut codec, next, &mut buf, &inner),
+                    Err(_) => break,
+                }
+            }
+            // A peer that stops reading must not pin the connection: closing
+            // (by either side, or a timeout upstream) ends the write.
+            let written = tokio::select! {
+                r = writer.write_all(&buf) => r,
+                _ = inner.closed.cancelled() => break 'outer,
+            };
+            if let Err(e) = written {
+                debug!(peer = %inner.peer, error = %e, "write failed; closing");
+                break 'outer;
+            }
+            if buf.capacity() > 4 * 1024 * 1024 {
+                buf = BytesMut::with_capacity(64 * 1024);
+            } else {
+                buf.clear();
+            }
+            if closing {
+                break 'outer;
+            }
+            // Idle: give the half back for direct writes, unless something
+            // was queued meanwhile (checked under the senders' lock).
+            let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+            if rx.is_empty() {
+                w.half = half.take();
+                break;
             }
         }
-        // A peer that stops reading must not pin the connection: closing
-        // (by either side, or a timeout upstream) ends the write.
-        let written = tokio::select! {
-            r = writer.write_all(&buf) => r,
-            _ = inner.closed.cancelled() => break,
-        };
-        if let Err(e) = written {
-            debug!(peer = %inner.peer, error = %e, "write failed; closing");
-            break;
-        }
-        if buf.capacity() > 4 * 1024 * 1024 {
-            buf = BytesMut::with_capacity(64 * 1024);
-        } else {
-            buf.clear();
-        }
     }
-    let _ = writer.shutdown().await;
+    let mut half = half.or_else(|| {
+        inner
+            .write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .half
+            .take()
+    });
+    if let Some(h) = half.as_mut() {
+        let _ = h.shutdown().await;
+    }
     inner.closed.cancel();
 }
 
 /// Encodes one outgoing item; returns true when it asks to close.
 fn encode_into(codec: &mut FrameCodec, item: Outgoing, buf: &mut BytesMut, inner: &Inner) -> bool {
-    let frame = match item {
-        Outgoing::Close => return true,
-        Outgoing::Frame(f) => f,
-    };
-    if let Err(e) = codec.encode(&frame, buf) {
+    match item {
+        Outgoing::Close => true,
+        Outgoing::Flush => false,
+        Outgoing::Frame(frame) => {
+            encode_frame(codec, &frame, buf, inner);
+            false
+        }
+    }
+}
+
+/// Encodes one frame; one too large fails its request or is answered with
+/// an error instead.
+fn encode_frame(codec: &mut FrameCodec, frame: &Frame, buf: &mut BytesMut, inner: &Inner) {
+    if let Err(e) = codec.encode(frame, buf) {
         let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
         match frame {
             Frame::Request(id, _) => {
-                if let Some(tx) = lock(&inner.pending).remove(&id) {
+                if let Some(tx) = lock(&inner.pending).remove(id) {
                     let _ = tx.send(Err(error));
                 }
             }
             Frame::Response(id, _) => {
                 warn!(peer = %inner.peer, %error, "response cannot be sent; answering with an error");
-                let _ = codec.encode(&Frame::Response(id, Err(error)), buf);
+                let _ = codec.encode(&Frame::Response(*id, Err(error)), buf);
             }
         }
     }
-    false
 }

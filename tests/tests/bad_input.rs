@@ -1,7 +1,11 @@
 //! Bad input: every malformed frame closes only the connection it came on
 //! (answered with an error first when its request id was readable), while
 //! the broker keeps serving the clients connected before and after; bad
-//! arguments get an error response with a code and a message.
+//! arguments get an error response with a code and a message; bad settings
+//! and environments (a corrupt config file, an unusable data dir, a taken
+//! port, a missing nameserver) are a clear message and a non-zero exit, or
+//! a warning while the broker keeps going. The README's "Bad input and what
+//! you see" lists every case with the test that tries it.
 
 mod common;
 
@@ -18,8 +22,9 @@ use txmq::{ErrorCode, Message, PullConsumer, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
-    Frame, FrameCodec, Hello, Ping, PullRequest, Request, Response, Role, SendRequest, WireError,
-    DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+    CommitOffset, CreateTopic, EndTransaction, Frame, FrameCodec, HalfMessage, Hello, Ping,
+    PrepareTransaction, PullRequest, QueryOffset, Request, Response, Role, SendRequest, TxAction,
+    TxSource, WireError, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use txmq_remoting::{Connection, ConnectionConfig};
 use txmq_tests::{consume_all, Cluster};
@@ -499,6 +504,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         max_messages,
         max_wait_ms: 0,
         tag_filter: Vec::new(),
+        owner: None,
     };
     let e = refusal(conn.call(pull("orders", 0)).await.map(|_| ()));
     assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
@@ -784,6 +790,517 @@ async fn a_body_over_the_max_message_size_is_message_too_large() {
     let got = consume_all(&cluster.nameserver, "g", "big", 2, Duration::from_secs(1)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body().len(), 512 << 10);
+    producer.close();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_messagepack_closes_only_that_connection() {
+    broker_survives(|addr| async move {
+        // {"Request": [7, [[[[ ... 100,000 levels ... ]]]]]}: a few hundred
+        // kilobytes that once overflowed the decoding thread's stack.
+        let mut body = vec![0x81, 0xa7];
+        body.extend_from_slice(b"Request");
+        body.extend_from_slice(&[0x92, 0x07]);
+        body.extend(std::iter::repeat_n(0x91, 100_000));
+        body.push(0xc0);
+        let mut raw = Raw::greeted(addr).await;
+        raw.write(&framed(&body)).await;
+        assert!(raw.frames_until_closed().await.is_empty());
+    })
+    .await;
+}
+
+/// Queue ids and offsets at the ends of their types: each request gets an
+/// answer that says what is wrong (or, for a pull past the end, where to
+/// read instead), and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_queue_ids_and_offsets_get_clear_answers() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    cluster
+        .admin()
+        .await
+        .create_topic("orders", 2, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let addr = cluster.brokers[0].local_addr().to_string();
+    let conn = connect(&addr, PROTOCOL_VERSION).await.unwrap();
+    let refused = |r: Result<(), txmq_remoting::Error>, code: ErrorCode, text: &str| match r {
+        Err(txmq_remoting::Error::Remote(e)) => {
+            assert_eq!(e.code, code, "{e}");
+            assert!(e.message.contains(text), "names {text}: {e}");
+        }
+        Err(other) => panic!("expected an error answer, got {other}"),
+        Ok(()) => panic!("expected {code:?}, got success"),
+    };
+    let stored = conn
+        .call(SendRequest {
+            queue: 0,
+            messages: vec![Message::new("orders", "first")],
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.first_offset, 0);
+
+    let max_queue = u32::MAX;
+    refused(
+        conn.call(SendRequest {
+            queue: max_queue,
+            messages: vec![Message::new("orders", "x")],
+        })
+        .await
+        .map(drop),
+        ErrorCode::UnknownQueue,
+        "4294967295",
+    );
+    let pull = |queue, offset, max_messages| PullRequest {
+        topic: "orders".into(),
+        queue,
+        offset,
+        max_messages,
+        max_wait_ms: u64::MAX,
+        tag_filter: Vec::new(),
+        owner: None,
+    };
+    refused(
+        conn.call(pull(max_queue, 0, 1)).await.map(drop),
+        ErrorCode::UnknownQueue,
+        "4294967295",
+    );
+    refused(
+        conn.call(pull(0, 0, u32::MAX)).await.map(drop),
+        ErrorCode::BadArgument,
+        "max messages",
+    );
+    // Past the end, with the longest wait there is: an empty answer at
+    // once that points back at the end of the queue.
+    let started = Instant::now();
+    let past = conn.call(pull(0, u64::MAX, 1)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(past.messages.is_empty());
+    assert_eq!((past.next_offset, past.max_offset), (1, 1), "{past:?}");
+    let commit = |queue, offset| CommitOffset {
+        group: "g".into(),
+        topic: "orders".into(),
+        queue,
+        offset,
+        owner: None,
+    };
+    refused(
+        conn.call(commit(0, u64::MAX)).await.map(drop),
+        ErrorCode::OffsetOutOfRange,
+        "18446744073709551615",
+    );
+    refused(
+        conn.call(commit(max_queue, 0)).await.map(drop),
+        ErrorCode::UnknownQueue,
+        "4294967295",
+    );
+    refused(
+        conn.call(QueryOffset {
+            group: "g".into(),
+            topic: "orders".into(),
+            queue: max_queue,
+        })
+        .await
+        .map(drop),
+        ErrorCode::UnknownQueue,
+        "4294967295",
+    );
+    refused(
+        conn.call(PrepareTransaction {
+            producer_group: "pg".into(),
+            messages: vec![HalfMessage {
+                queue: max_queue,
+                message: Message::new("orders", "half"),
+            }],
+            first_check_delay_ms: Some(u64::MAX),
+        })
+        .await
+        .map(drop),
+        ErrorCode::UnknownQueue,
+        "4294967295",
+    );
+    refused(
+        conn.call(CreateTopic {
+            topic: "huge".into(),
+            queues: u32::MAX,
+            perm: PERM_READ_WRITE,
+        })
+        .await
+        .map(drop),
+        ErrorCode::BadArgument,
+        "4294967295",
+    );
+
+    // The same connection still works, and nothing was stored or committed.
+    assert!(!conn.is_closed());
+    let got = conn.call(pull(0, 0, 10)).await.unwrap();
+    assert_eq!(got.messages.len(), 1);
+    assert_eq!(&got.messages[0].message.body[..], b"first");
+    let offsets = conn
+        .call(QueryOffset {
+            group: "g".into(),
+            topic: "orders".into(),
+            queue: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!((offsets.committed, offsets.max_offset), (None, 1));
+    conn.close();
+    cluster.shutdown().await;
+}
+
+/// Ending a transaction the broker never prepared: UNKNOWN_TRANSACTION to a
+/// client, whatever the action and source, and a non-zero exit from the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_an_unknown_transaction_is_unknown_transaction() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let addr = cluster.brokers[0].local_addr().to_string();
+    let conn = connect(&addr, PROTOCOL_VERSION).await.unwrap();
+    // Not a position any transaction of this empty broker can have.
+    let random = u64::from(std::process::id()) << 20 | 0x5eed;
+    for tx_id in [random, u64::MAX, 0] {
+        for action in [TxAction::Commit, TxAction::Rollback] {
+            for source in [TxSource::Producer, TxSource::Operator] {
+                let e = conn
+                    .call(EndTransaction {
+                        tx_id,
+                        action,
+                        source,
+                    })
+                    .await
+                    .expect_err("nothing to end");
+                let e = e.remote().expect("an error answer").clone();
+                assert_eq!(e.code, ErrorCode::UnknownTransaction, "{e}");
+                assert!(e.message.contains(&tx_id.to_string()), "{e}");
+            }
+        }
+    }
+    assert!(!conn.is_closed());
+    conn.call(Ping {}).await.expect("the connection goes on");
+
+    let out = common::txmq(
+        &cluster.nameserver,
+        &["tx", "resolve", &u64::MAX.to_string(), "--commit"],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("UNKNOWN_TRANSACTION") || err.contains("unknown transaction"),
+        "{err}"
+    );
+    assert!(err.contains(&u64::MAX.to_string()), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    conn.close();
+    cluster.shutdown().await;
+}
+
+// ---- bad settings and environments of the real binaries ----
+
+/// Runs `binary` with `args`; it must exit on its own within 20 s.
+fn run_to_exit(binary: &str, args: &[&str]) -> std::process::Output {
+    let child = std::process::Command::new(txmq_tests::binary(binary))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the binary");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out.expect("wait for the binary"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{binary} {args:?} is still running after 20 s instead of failing");
+        }
+    }
+}
+
+/// A broker's flags for a one-shot run that should fail: its own free port,
+/// a nameserver nobody listens on, and `extra`.
+fn broker_args<'a>(listen: &'a str, data: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--listen",
+        listen,
+        "--nameserver",
+        "127.0.0.1:1",
+        "--data-dir",
+        data,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+    let cases: &[(&str, &[u8], &[&str])] = &[
+        // (file name, contents, what stderr must say besides the path)
+        (
+            "binary.toml",
+            b"\x00\xff\xfe binary",
+            &["cannot read config file", "valid UTF-8"],
+        ),
+        (
+            "garbage.toml",
+            b"this is { not TOML",
+            &["invalid config file"],
+        ),
+        (
+            "type.toml",
+            b"flush = 5\n",
+            &["invalid config file", "flush"],
+        ),
+        (
+            "value.toml",
+            b"flush = \"sometimes\"\n",
+            &["invalid config file", "sometimes"],
+        ),
+        (
+            "duration.toml",
+            b"heartbeat_interval = \"soon\"\n",
+            &["invalid config file", "500ms"],
+        ),
+        (
+            "size.toml",
+            b"segment_size = \"12 parsecs\"\n",
+            &["invalid config file", "12 parsecs"],
+        ),
+        (
+            "unknown-key.toml",
+            b"listen = \"127.0.0.1:1\"\nno_such_key = 1\n",
+            &["invalid config file", "no_such_key"],
+        ),
+        (
+            "impossible.toml",
+            b"segment_size = \"1KiB\"\n",
+            &["segment size", "too small"],
+        ),
+    ];
+    for (name, contents, says) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        let out = run_to_exit(
+            "txmq-broker",
+            &broker_args(&listen, data, &["--config", path.to_str().unwrap()]),
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.starts_with("txmq-broker: error:"), "{name}: {err}");
+        for s in *says {
+            assert!(err.contains(s), "{name} says {s:?}: {err}");
+        }
+        if *name != "impossible.toml" {
+            assert!(err.contains(path.to_str().unwrap()), "{name}: {err}");
+        }
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+    let missing = dir.path().join("missing.toml");
+    let out = run_to_exit(
+        "txmq-broker",
+        &broker_args(&listen, data, &["--config", missing.to_str().unwrap()]),
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read config file") && err.contains("missing.toml"),
+        "{err}"
+    );
+    // None of it got as far as the data directory.
+    assert!(!dir.path().join("data").exists());
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_created_is_a_clear_error_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+    for data in [file.join("data"), file.clone()] {
+        let out = run_to_exit(
+            "txmq-broker",
+            &broker_args(&listen, data.to_str().unwrap(), &[]),
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("txmq-broker: error:"), "{err}");
+        assert!(
+            err.contains("data dir") || err.contains("cannot open the store"),
+            "{err}"
+        );
+        assert!(err.contains(data.to_str().unwrap()), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn a_data_dir_without_write_permission_is_a_clear_error_and_exit_1() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o500)).unwrap();
+    if std::fs::write(data.join("probe"), "x").is_ok() {
+        // Root (or a capability) ignores permissions; nothing to test here.
+        eprintln!("skipped: this user can write to a mode 0500 directory");
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+    let out = run_to_exit(
+        "txmq-broker",
+        &broker_args(&listen, data.to_str().unwrap(), &[]),
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("txmq-broker: error:"), "{err}");
+    assert!(err.contains("ermission denied"), "{err}");
+    assert!(err.contains(data.to_str().unwrap()), "{err}");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
+#[test]
+fn a_port_already_in_use_is_a_clear_error_and_exit_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = run_to_exit(
+        "txmq-broker",
+        &broker_args(&addr, data.to_str().unwrap(), &[]),
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+
+    let out = run_to_exit("txmq-nameserver", &["--listen", &addr]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("txmq-nameserver: error:"), "{err}");
+    assert!(err.contains(&addr) && err.contains("in use"), "{err}");
+    drop(taken);
+}
+
+/// A broker whose nameserver is not there yet starts anyway, serves
+/// clients that connect to it directly, logs that it keeps trying, and
+/// registers as soon as the nameserver comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_nameserver_is_unreachable_keeps_trying_and_registers_later() {
+    let ns_addr = format!("127.0.0.1:{}", txmq_tests::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = tokio::task::block_in_place(|| {
+        txmq_tests::BrokerProcess::start(&data, &ns_addr, "broker-u", &[])
+    });
+    let conn = connect(&broker.addr, PROTOCOL_VERSION)
+        .await
+        .expect("the broker serves without a nameserver");
+    conn.call(Ping {}).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker
+        .log_text()
+        .contains("cannot register with nameserver")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no warning about the nameserver:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        broker.log_text().contains(&ns_addr),
+        "{}",
+        broker.log_text()
+    );
+
+    // The nameserver comes up on that address: the broker registers.
+    let ns = txmq_nameserver::Nameserver::bind(txmq_nameserver::NameserverConfig {
+        listen: ns_addr.clone(),
+        broker_expiry: Duration::from_secs(30),
+    })
+    .await
+    .expect("the nameserver binds the address the broker was given");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ns.run(stop.clone()));
+    txmq_tests::wait_for_broker(&ns_addr, "broker-u").await;
+    assert!(!conn.is_closed(), "the direct client was not disturbed");
+    conn.call(Ping {}).await.unwrap();
+    assert!(!broker.log_text().contains("panicked"));
+    conn.close();
+    drop(broker);
+    stop.cancel();
+}
+
+/// Disk full, simulated with `--max-store-size`: a send that needs a new
+/// segment beyond the limit is refused with STORE_FULL and a message naming
+/// the limit (smaller ones still fill the last segment); nothing
+/// acknowledged is lost, consumers keep reading and committing, and the CLI
+/// exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_sends_clearly_and_keeps_serving_reads() {
+    let mut cluster = txmq_tests::Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.segment_size = 1 << 20;
+            c.max_message_size = 128 << 10;
+            c.max_store_size = Some(3 << 20);
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    let producer = cluster.producer().await;
+    let body = vec![b'x'; 100 << 10];
+    let mut acked = 0;
+    let refusal = loop {
+        match producer
+            .send(txmq::Message::new("full", body.clone()))
+            .await
+        {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 100, "never refused");
+    };
+    assert_eq!(refusal.code(), Some(ErrorCode::StoreFull), "{refusal:?}");
+    let text = txmq::error::chain(&refusal);
+    assert!(
+        text.contains("store is full") && text.contains("--max-store-size"),
+        "{text}"
+    );
+    assert!(acked >= 20, "only {acked} fit in 3 MiB");
+    // Everything acknowledged is there, and offsets still commit.
+    let got = txmq_tests::consume_all(&ns, "g", "full", acked, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), acked);
+    // The CLI says so and exits 1.
+    let out = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        let big = "y".repeat(100 << 10);
+        move || txmq_tests::txmq_cli(&ns, &["send", "full", "--body", &big], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("STORE_FULL") && err.contains("store is full"),
+        "{err}"
+    );
     producer.close();
     cluster.shutdown().await;
 }

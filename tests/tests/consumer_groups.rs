@@ -419,7 +419,7 @@ async fn a_failing_message_is_retried_with_growing_delays_then_dead_lettered() {
     let consumed = json_lines(&txmq(&ns, &args, None).await.stdout);
     assert_eq!(consumed.len(), 1);
     assert_eq!(consumed[0]["body"], "poison");
-    consumer.shutdown().await;
+    consumer.shutdown().await.expect("final commits");
     admin.close();
     producer.close();
     cluster.shutdown().await;
@@ -539,7 +539,7 @@ async fn delayed_messages_arrive_on_time_also_across_a_broker_restart() {
         .map(|m| (body(m), m.queue(), m.queue_offset()))
         .collect();
     assert_eq!(bodies.len(), 5, "each once: {bodies:?}; stored {stored:?}");
-    consumer.shutdown().await;
+    consumer.shutdown().await.expect("final commits");
     producer.close();
     broker.stop();
     ns_cluster.shutdown().await;
@@ -586,7 +586,7 @@ async fn orderly_consumers_see_each_keys_messages_in_send_order_across_a_restart
     })
     .await;
     let old_first = first.client_id().to_string();
-    first.shutdown().await;
+    first.shutdown().await.expect("final commits");
     let first = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
     eprintln!(
         "old first {old_first}, second {}, new first {}",
@@ -637,8 +637,8 @@ async fn orderly_consumers_see_each_keys_messages_in_send_order_across_a_restart
             "key {key} out of order"
         );
     }
-    first.shutdown().await;
-    second.shutdown().await;
+    first.shutdown().await.expect("final commits");
+    second.shutdown().await.expect("final commits");
     cluster.shutdown().await;
 }
 
@@ -700,8 +700,8 @@ async fn a_tag_filter_delivers_only_matching_tags() {
     let lines = json_lines(&out.stdout);
     assert_eq!(lines.len(), 100);
     assert!(lines.iter().all(|l| l["tag"] == "b"));
-    ca.shutdown().await;
-    cac.shutdown().await;
+    ca.shutdown().await.expect("final commits");
+    cac.shutdown().await.expect("final commits");
     producer.close();
     cluster.shutdown().await;
 }
@@ -836,7 +836,7 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
         text.contains("1 member(s)") && text.contains(running.client_id()),
         "{text}"
     );
-    running.shutdown().await;
+    running.shutdown().await.expect("final commits");
     producer.close();
     cluster.shutdown().await;
 }
@@ -900,8 +900,8 @@ async fn a_panicking_handler_retries_and_at_most_once_does_not() {
     assert_eq!((s[0].1, s[1].1), (0, 1));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(at_most_once.lock().unwrap().len(), 1, "at most once");
-    retrying.shutdown().await;
-    dropping.shutdown().await;
+    retrying.shutdown().await.expect("final commits");
+    dropping.shutdown().await.expect("final commits");
     producer.close();
     cluster.shutdown().await;
 }
@@ -996,4 +996,118 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_consume_members_share_the_backlog() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "backlog", 4).await;
+    let out = txmq(
+        &ns,
+        &["send", "backlog", "--body", "x", "--count", "2000"],
+        None,
+    )
+    .await;
+    assert!(out.status.success());
+    let args = [
+        "bench",
+        "consume",
+        "backlog",
+        "--group",
+        "b",
+        "--consumers",
+        "2",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let out = txmq(&ns, &args, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json_lines(&out.stdout);
+    assert_eq!(report[0]["messages"], 2000, "{report:?}");
+    cluster.shutdown().await;
+}
+
+/// Fencing: once a queue belongs to a member, another member's pulls and
+/// commits of it are refused with QUEUE_NOT_OWNED, so a reader that missed
+/// a rebalance stops instead of reading along or moving the offset back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_and_commits_of_a_queue_owned_by_another_member_are_refused() {
+    use txmq_protocol::{
+        CommitOffset, Heartbeat, Hello, PullRequest, QueueOwner, Role, Subscription,
+        PROTOCOL_VERSION,
+    };
+    use txmq_remoting::{Connection, ConnectionConfig};
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "fenced", 2).await;
+    let addr = cluster.brokers[0].local_addr().to_string();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Consumer,
+        client_id: "a".into(),
+        group: Some("g".into()),
+    };
+    let conn = Connection::connect(&addr, hello, None, ConnectionConfig::default())
+        .await
+        .unwrap();
+    let ok = conn
+        .call(Heartbeat {
+            group: "g".into(),
+            client_id: "a".into(),
+            subscriptions: vec![Subscription {
+                topic: "fenced".into(),
+                expression: "*".into(),
+            }],
+            broadcast: false,
+            held: Vec::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.assigned.len(), 2, "the only member owns both queues");
+    assert!(ok.expiry_ms > 0);
+    let as_member = |id: &str| {
+        Some(QueueOwner {
+            group: "g".into(),
+            client_id: id.into(),
+        })
+    };
+    let pull = |id: &str| PullRequest {
+        topic: "fenced".into(),
+        queue: 0,
+        offset: 0,
+        max_messages: 1,
+        max_wait_ms: 0,
+        tag_filter: Vec::new(),
+        owner: as_member(id),
+    };
+    conn.call(pull("a")).await.expect("the owner pulls");
+    let e = conn.call(pull("b")).await.unwrap_err();
+    let code = e.remote().map(|w| w.code);
+    assert_eq!(code, Some(txmq::ErrorCode::QueueNotOwned), "{e}");
+    let commit = |id: &str| CommitOffset {
+        group: "g".into(),
+        topic: "fenced".into(),
+        queue: 1,
+        offset: 0,
+        owner: as_member(id),
+    };
+    conn.call(commit("a")).await.expect("the owner commits");
+    let e = conn.call(commit("b")).await.unwrap_err();
+    assert_eq!(
+        e.remote().map(|w| w.code),
+        Some(txmq::ErrorCode::QueueNotOwned)
+    );
+    // Without an owner (a pull consumer, an operator) nothing is fenced.
+    let mut anonymous = pull("b");
+    anonymous.owner = None;
+    conn.call(anonymous).await.expect("unfenced pull");
+    conn.close();
+    cluster.shutdown().await;
 }

@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, validate_topic_name, Done, ErrorCode, GetGroupState,
     GroupList, GroupQueue, GroupState, GroupSummary, Heartbeat, HeartbeatOk, LeaveGroup,
-    OffsetTarget, OffsetsReset, ResetOffset, SendBack, SentBack, WireError, PERM_READ_WRITE,
-    PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+    OffsetTarget, OffsetsReset, QueueOwner, ResetOffset, SendBack, SentBack, WireError,
+    PERM_READ_WRITE, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC,
+    PROPERTY_RECONSUME_TIMES,
 };
 use txmq_remoting::Connection;
 
@@ -15,6 +16,11 @@ use super::{bad_argument, offset::validate_group, store_error, topic};
 use crate::groups::{self, Beat};
 use crate::store::record::RecordKind;
 use crate::BrokerInner;
+
+/// Most subscriptions one member may have.
+const MAX_SUBSCRIPTIONS: usize = 256;
+/// Most queues one heartbeat may say it holds.
+const MAX_HELD: usize = 65_536;
 
 pub(super) async fn heartbeat(
     b: &BrokerInner,
@@ -25,9 +31,21 @@ pub(super) async fn heartbeat(
     if req.client_id.is_empty() || req.client_id.len() > 255 {
         return Err(bad_argument("client id must be 1 to 255 bytes long"));
     }
+    if req.subscriptions.len() > MAX_SUBSCRIPTIONS || req.held.len() > MAX_HELD {
+        return Err(bad_argument(format!(
+            "at most {MAX_SUBSCRIPTIONS} subscriptions and {MAX_HELD} held queues per heartbeat"
+        )));
+    }
+    let mut topics = BTreeSet::new();
     for s in &req.subscriptions {
         validate_topic_name(&s.topic).map_err(bad_argument)?;
         txmq_protocol::parse_tag_expression(&s.expression).map_err(bad_argument)?;
+        if !topics.insert(s.topic.as_str()) {
+            return Err(bad_argument(format!(
+                "topic '{}' is subscribed twice",
+                s.topic
+            )));
+        }
     }
     // The group's retry topic exists wherever its members consume, so
     // handed-back messages have somewhere to wait.
@@ -53,7 +71,10 @@ pub(super) async fn heartbeat(
         tracing::debug!(%group, notified = notices.len(), "consumer group changed");
     }
     groups::notify(notices);
-    Ok(HeartbeatOk { assigned })
+    Ok(HeartbeatOk {
+        assigned,
+        expiry_ms: b.config.consumer_expiry.as_millis() as u64,
+    })
 }
 
 pub(super) fn leave(b: &BrokerInner, req: LeaveGroup) -> Result<Done, WireError> {
@@ -117,8 +138,12 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
         tracing::info!(group = %req.group, log_offset = req.log_offset, attempt, "message moved to the dead-letter topic");
         0
     } else {
-        let delay = req.delay_ms.unwrap_or_else(|| backoff_ms(b, attempt));
-        let at = now_millis() + delay;
+        let max = b.config.max_delay.as_millis() as u64;
+        let delay = req
+            .delay_ms
+            .unwrap_or_else(|| backoff_ms(b, attempt))
+            .min(max);
+        let at = now_millis().saturating_add(delay);
         b.store
             .append_delayed(&target, 0, vec![message], at)
             .await
@@ -158,6 +183,10 @@ pub(super) fn list(b: &BrokerInner) -> GroupList {
 pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, WireError> {
     validate_group(&req.group)?;
     let (members, owned) = b.groups.state(&req.group);
+    let owned: std::collections::HashMap<(String, u32), Option<String>> = owned
+        .into_iter()
+        .map(|o| ((o.topic, o.queue), o.owner))
+        .collect();
     let mut topics: BTreeSet<String> = members
         .iter()
         .flat_map(|m| m.subscriptions.iter().map(|s| s.topic.clone()))
@@ -180,10 +209,7 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
             };
             let committed = b.store.committed_offset(&req.group, &topic, queue);
             let max = q.max_offset();
-            let owner = owned
-                .iter()
-                .find(|o| o.topic == topic && o.queue == queue)
-                .and_then(|o| o.owner.clone());
+            let owner = owned.get(&(topic.clone(), queue)).cloned().flatten();
             queues.push(GroupQueue {
                 topic: topic.clone(),
                 queue,
@@ -265,4 +291,25 @@ fn first_at_or_after(
         }
     }
     Ok(lo)
+}
+
+/// Refuses a member's pull or commit of a queue another member owns (a
+/// rebalance moved it): the old reader stops, and cannot move the new
+/// owner's position back.
+pub(super) fn check_owner(
+    b: &BrokerInner,
+    owner: Option<&QueueOwner>,
+    topic: &str,
+    queue: u32,
+) -> Result<(), WireError> {
+    match owner {
+        Some(o) if !b.groups.may_use(&o.group, &o.client_id, topic, queue) => Err(WireError::new(
+            ErrorCode::QueueNotOwned,
+            format!(
+                "queue {queue} of '{topic}' on broker {} is assigned to another member of group '{}'",
+                b.config.broker_name, o.group
+            ),
+        )),
+        _ => Ok(()),
+    }
 }

@@ -135,6 +135,7 @@ where
 pub(crate) fn store_error(e: StoreError) -> WireError {
     let code = match &e {
         StoreError::TooLarge(_) => ErrorCode::MessageTooLarge,
+        StoreError::Full(_) => ErrorCode::StoreFull,
         StoreError::Invalid(_) => ErrorCode::BadArgument,
         StoreError::NoQueue { .. } => ErrorCode::UnknownQueue,
         StoreError::Io { .. } | StoreError::Poisoned | StoreError::ShuttingDown => {

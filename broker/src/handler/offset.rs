@@ -15,6 +15,7 @@ pub(super) fn validate_group(group: &str) -> Result<(), WireError> {
 pub(super) async fn commit(b: &BrokerInner, req: CommitOffset) -> Result<Done, WireError> {
     validate_group(&req.group)?;
     existing_queue(b, &req.topic, req.queue)?;
+    super::group::check_owner(b, req.owner.as_ref(), &req.topic, req.queue)?;
     let q = b
         .store
         .queue(&req.topic, req.queue)

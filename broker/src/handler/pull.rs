@@ -14,6 +14,8 @@ use crate::BrokerInner;
 const MAX_MESSAGES: u32 = 1024;
 /// About this many bytes per pull (at least one message is always returned).
 const MAX_BYTES: usize = 4 << 20;
+/// Most tags in one pull's filter.
+const MAX_TAGS: usize = 64;
 /// Rounds of filtered-out reads one pull makes before answering with none.
 const MAX_SKIP_ROUNDS: u32 = 64;
 /// The longest a pull may wait.
@@ -30,6 +32,10 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
             ),
         ));
     }
+    if req.tag_filter.len() > MAX_TAGS {
+        return Err(bad_argument(format!("at most {MAX_TAGS} tags in a filter")));
+    }
+    super::group::check_owner(b, req.owner.as_ref(), &req.topic, req.queue)?;
     if req.max_messages == 0 || req.max_messages > MAX_MESSAGES {
         return Err(bad_argument(format!(
             "max messages must be between 1 and {MAX_MESSAGES}"

@@ -55,6 +55,8 @@ pub struct StoreConfig {
     pub flush: FlushMode,
     /// Size of each commit-log segment file.
     pub segment_size: u64,
+    /// The most bytes the commit log may take (whole segments); `None`: no limit.
+    pub max_log_bytes: Option<u64>,
     /// Entries per consume-queue file.
     pub cq_entries_per_file: u64,
     /// Largest message (encoded record) accepted.
@@ -79,6 +81,7 @@ impl StoreConfig {
             dir: dir.into(),
             flush: FlushMode::Async,
             segment_size: 1 << 30,
+            max_log_bytes: None,
             cq_entries_per_file: 300_000,
             max_message_size: 4 << 20,
             sync_flush_timeout: Duration::from_secs(5),
@@ -110,6 +113,9 @@ pub enum StoreError {
     /// A message or batch is larger than accepted.
     #[error("{0}")]
     TooLarge(String),
+    /// The commit log reached its size limit; nothing was written.
+    #[error("{0}")]
+    Full(String),
     /// A message field does not fit the record layout.
     #[error("{0}")]
     Invalid(String),

@@ -314,17 +314,34 @@ impl Record {
     }
 }
 
-/// Decodes a record from `buf` (which starts at the record). The body is a
-/// zero-copy slice of `buf`. Checks bounds but not the CRC (see [`check`]).
-/// With `header_only`, stops after the fixed header.
+/// Decodes a record from `buf` (which starts at the record), verifying its
+/// CRC: a damaged record reads as `None`, never as a message with damaged
+/// fields. The body is a zero-copy slice of `buf`. With `header_only`,
+/// stops after the fixed header (the CRC still covers the whole record).
+///
+/// Recovery re-verifies only the segment its checkpoint points into, so the
+/// read path cannot trust older segments to be as they were written.
 pub fn decode(buf: &Bytes, header_only: bool) -> Option<Record> {
+    match check(buf) {
+        Check::Valid(_) => decode_unverified(buf, header_only),
+        Check::End | Check::Truncated | Check::Corrupt => None,
+    }
+}
+
+/// [`decode`] without the CRC, for a caller that has just run [`check`]
+/// on the same bytes. Checks bounds, the version, and that the fields fill
+/// the record exactly: a record whose tail was zeroed or cut reads as
+/// `None`, not as a message.
+pub fn decode_unverified(buf: &Bytes, header_only: bool) -> Option<Record> {
     let mut r = Reader { buf, pos: 0 };
     let len = r.u32()? as usize;
     if len > buf.len() || len < HEADER_LEN {
         return None;
     }
     let _crc = r.u32()?;
-    let _version = r.u8()?;
+    if r.u8()? != VERSION {
+        return None;
+    }
     let kind = RecordKind::from_u8(r.u8()?)?;
     let flags = r.u16()?;
     let queue = r.u32()?;
@@ -364,6 +381,10 @@ pub fn decode(buf: &Bytes, header_only: bool) -> Option<Record> {
         let body_len = r.u32()? as usize;
         let start = r.pos;
         r.take(body_len)?;
+        if r.pos != len {
+            // The length says more than the fields hold: not a record we wrote.
+            return None;
+        }
         message.body = r.buf.slice(start..start + body_len);
     }
     Some(Record {
@@ -470,6 +491,39 @@ mod tests {
             let mut bad = buf.clone();
             bad[i] ^= 0x40;
             assert_ne!(check(&bad), Check::Valid(buf.len()), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn a_record_with_a_zeroed_tail_does_not_decode() {
+        let mut buf = BytesMut::new();
+        encode(&mut buf, head(), &sample());
+        // Zeros from inside the variable part's lengths on (zeros inside the
+        // body itself only the CRC can tell).
+        for from in [16, HEADER_LEN, HEADER_LEN + 3] {
+            let mut bad = buf.clone();
+            bad[from..].fill(0);
+            assert!(
+                decode_unverified(&bad.freeze(), false).is_none(),
+                "zeroed from {from}"
+            );
+        }
+        let mut old = buf.clone();
+        old[8] = 0;
+        assert!(
+            decode_unverified(&old.freeze(), true).is_none(),
+            "unknown version"
+        );
+    }
+
+    #[test]
+    fn decode_refuses_a_flipped_byte_anywhere() {
+        let mut buf = BytesMut::new();
+        encode(&mut buf, head(), &sample());
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x01;
+            assert!(decode(&bad.freeze(), false).is_none(), "byte {i}");
         }
     }
 

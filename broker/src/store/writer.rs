@@ -142,7 +142,11 @@ impl Writer {
                 .map(|m| delay::marker_len(m.target.topic()))
                 .sum(),
         };
-        if let Err(e) = self.make_room(len) {
+        let new_data = matches!(
+            cmd,
+            WriteCmd::Messages { .. } | WriteCmd::Prepare { .. } | WriteCmd::Delayed { .. }
+        );
+        if let Err(e) = self.make_room(len, new_data) {
             return fail(cmd, e);
         }
         self.chunk_records += match &cmd {
@@ -408,15 +412,43 @@ impl Writer {
     }
 
     /// Makes sure `len` more bytes fit in the active segment, writing the
-    /// current chunk and rolling to a new segment when they do not.
-    fn make_room(&mut self, len: usize) -> Result<(), StoreError> {
+    /// current chunk and rolling to a new segment when they do not. Only
+    /// `new_data` (messages, half messages, delayed messages) is refused
+    /// when the log reached its size limit: ends of transactions, offset
+    /// commits and delay moves always get written.
+    fn make_room(&mut self, len: usize, new_data: bool) -> Result<(), StoreError> {
         let end = self.at();
-        if let Some(seg) = &self.segment {
-            if end + len as u64 <= seg.end() {
-                return Ok(());
+        let fits = self
+            .segment
+            .as_ref()
+            .is_some_and(|seg| end + len as u64 <= seg.end());
+        if let Some(max) = self.store.config.max_log_bytes.filter(|_| new_data) {
+            let size = self.store.config.segment_size;
+            let used = self.store.log.segments().len() as u64 * size;
+            // Past the limit (rolled by what is always written) or about to be.
+            if used > max || (!fits && used + size > max) {
+                return Err(StoreError::Full(format!(
+                    "the store is full: {} commit-log segments of {} MiB reach the limit of {} MiB (--max-store-size); \
+                     nothing was written. Segments older than --retention are deleted, or raise the limit",
+                    used / size,
+                    size >> 20,
+                    max >> 20
+                )));
             }
         }
+        if fits {
+            return Ok(());
+        }
         self.write_chunk();
+        if let Some(seg) = &self.segment {
+            // The full segment's tail reaches the disk before anything of
+            // the next one: a crash then never leaves data after a torn
+            // record, which recovery would refuse to cut.
+            seg.file.sync_data().map_err(|e| {
+                self.store.poisoned.store(true, Ordering::Release);
+                StoreError::io("cannot fdatasync the full commit-log segment", &e)
+            })?;
+        }
         let next_start = match &self.segment {
             // The rest of a full segment stays zero: recovery reads that as its end.
             Some(seg) => seg.end(),

@@ -1,11 +1,8 @@
-//! `txmq bench consume TOPIC --group G`: `--consumers` pull consumers of
-//! one group read the topic. Without `--duration` they drain the backlog:
-//! the run ends once nothing arrived for `--idle-timeout`. With it they
-//! follow the topic for that long. Reports the consume rate.
-//!
-//! Until the client rebalances queues among a group's members, each
-//! consumer reads every queue: N consumers read the topic N times, and
-//! `messages` counts every copy.
+//! `txmq bench consume TOPIC --group G`: `--consumers` push consumers of
+//! one group share the topic's queues (each queue read by one of them).
+//! Without `--duration` they drain the backlog: the run ends once nothing
+//! arrived for `--idle-timeout`. With it they follow the topic for that
+//! long. Reports the consume rate.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,10 +10,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use tokio::sync::watch;
-use txmq::{ConsumeFrom, PullConsumer};
+use std::sync::atomic::AtomicU64;
+
+use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
 
 use super::progress::{Counters, Extent, Progress};
 use super::report::{round, Report};
@@ -25,10 +23,8 @@ use crate::args::{parse_duration, GlobalArgs};
 use crate::consume::StartFrom;
 use crate::output::Printer;
 
-/// The longest single wait for messages, so stop conditions are seen soon.
-const POLL_SLICE: Duration = Duration::from_millis(100);
-/// Most messages one poll hands out.
-const POLL_MAX: usize = 1024;
+/// Messages one pull asks for.
+const BATCH: u32 = 256;
 /// How often consumed offsets are committed while running.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -80,18 +76,6 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,
     };
-    let mut consumers = Vec::with_capacity(args.consumers as usize);
-    for _ in 0..args.consumers {
-        consumers.push(
-            PullConsumer::builder()
-                .config(global.client_config())
-                .group(args.group.clone())
-                .topic(args.topic.clone())
-                .from(from)
-                .build()
-                .await?,
-        );
-    }
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop) = stop_on_interrupt();
     let start = Instant::now();
@@ -99,11 +83,29 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         (Some(d), _) => Extent::Time(d),
         _ => Extent::Open,
     };
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::with_capacity(args.consumers as usize);
+    for _ in 0..args.consumers {
+        let (counters, bytes) = (counters.clone(), bytes.clone());
+        let handler = handler_fn(move |m: &ReceivedMessage| {
+            counters.add_received(1);
+            bytes.fetch_add(m.body().len() as u64, Ordering::Relaxed);
+            std::future::ready(ConsumeResult::Success)
+        });
+        consumers.push(
+            PushConsumer::builder()
+                .config(global.client_config())
+                .group(args.group.clone())
+                .subscribe(args.topic.clone(), "*")
+                .from(from)
+                .batch_size(BATCH)
+                .concurrency(64)
+                .commit_interval(COMMIT_INTERVAL)
+                .start(handler)
+                .await?,
+        );
+    }
     let progress = Progress::start(show_progress(global), counters.clone(), extent, None);
-    let tasks: Vec<_> = consumers
-        .into_iter()
-        .map(|c| tokio::spawn(consume(c, counters.clone(), stop.clone())))
-        .collect();
 
     // Decide when to stop: deadline, count, idleness or Ctrl-C. The
     // counter is looked at often enough (20 ms) to date the last message.
@@ -128,16 +130,11 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    let mut total = Consumed::default();
-    let mut commit_error = None;
-    for t in tasks {
-        let (c, result) = t.await.context("a consumer task failed")?;
-        total.messages += c.messages;
-        total.bytes += c.bytes;
-        if let Err(e) = result {
-            commit_error.get_or_insert(e);
-        }
-    }
+    futures_util::future::join_all(consumers.into_iter().map(PushConsumer::shutdown)).await;
+    let total = Consumed {
+        messages: counters.received.load(Ordering::Relaxed),
+        bytes: bytes.load(Ordering::Relaxed),
+    };
     progress.finish();
 
     // Draining: the time to the last message; following: the whole period.
@@ -156,41 +153,5 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         .field("bytes", total.bytes)
         .rates("consume", total.messages, total.bytes, secs);
     report.print(&Printer::stdout(global.output))?;
-    if let Some(e) = commit_error {
-        return Err(anyhow::Error::from(e).context("committing the consumed offsets"));
-    }
     Ok(())
-}
-
-/// One consumer's loop, until `stop`; commits as it goes and at the end.
-async fn consume(
-    mut consumer: PullConsumer,
-    counters: Arc<Counters>,
-    mut stop: watch::Receiver<bool>,
-) -> (Consumed, txmq::Result<()>) {
-    let mut seen = Consumed::default();
-    let mut last_commit = Instant::now();
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let messages = tokio::select! {
-            r = consumer.poll_at_most(POLL_MAX, POLL_SLICE) => r.unwrap_or_default(),
-            Ok(()) = stop.changed() => break,
-        };
-        if !messages.is_empty() {
-            let n = messages.len() as u64;
-            seen.messages += n;
-            seen.bytes += messages.iter().map(|m| m.body().len() as u64).sum::<u64>();
-            counters.add_received(n);
-        }
-        if last_commit.elapsed() >= COMMIT_INTERVAL {
-            if let Err(e) = consumer.commit().await {
-                tracing::warn!(error = %e, "cannot commit offsets; will try again");
-            }
-            last_commit = Instant::now();
-        }
-    }
-    let result = consumer.shutdown().await;
-    (seen, result)
 }

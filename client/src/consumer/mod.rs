@@ -595,6 +595,7 @@ async fn commit(shared: &Shared) -> Result<()> {
             topic: shared.topic.clone(),
             queue: key.queue,
             offset,
+            owner: None,
         };
         conn.call(request)
             .await

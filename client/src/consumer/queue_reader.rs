@@ -111,6 +111,7 @@ async fn pull_once(
         max_messages: shared.settings.batch_size,
         max_wait_ms: u64::try_from(shared.settings.max_wait.as_millis()).unwrap_or(u64::MAX),
         tag_filter: Vec::new(),
+        owner: None,
     };
     let began = Instant::now();
     let timeout = shared.settings.max_wait + shared.settings.request_timeout;

@@ -262,6 +262,10 @@ pub(crate) struct Shared<H> {
     /// Counts queues given up; an assignment asked for before the last one
     /// was given up may be stale.
     pub(crate) released: std::sync::atomic::AtomicU64,
+    /// The shortest member expiry the brokers announced, in ms (0: none yet).
+    pub(crate) broker_expiry_ms: std::sync::atomic::AtomicU64,
+    /// Queues given up without their final commit stored.
+    pub(crate) commit_failures: std::sync::atomic::AtomicU64,
     /// Broadcasting: each queue's position, kept here only.
     pub(crate) local_offsets: Mutex<HashMap<QueueId, u64>>,
     /// Wakes the rebalance loop (a broker's notice, a queue given up).
@@ -271,6 +275,9 @@ pub(crate) struct Shared<H> {
     pub(crate) cancel: CancellationToken,
     /// Stops the rebalance loop (shutdown).
     pub(crate) stop_rebalance: CancellationToken,
+    /// Shutting down: rounds still heartbeat (holding the queues being
+    /// drained) but take no new queue.
+    pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     pub(crate) tracker: TaskTracker,
 }
 
@@ -491,8 +498,23 @@ impl PushConsumerBuilder {
             ));
         }
         settings.request_timeout = self.config.request_timeout;
-        let mut subs = Vec::new();
+        if self.config.client_id.is_empty() || self.config.client_id.len() > 255 {
+            return Err(Error::BadArgument(
+                "a consumer's client id must be 1 to 255 bytes long".into(),
+            ));
+        }
+        if group.len() > 255 {
+            return Err(Error::BadArgument(
+                "a group name must be at most 255 bytes long".into(),
+            ));
+        }
+        let mut subs: Vec<Sub> = Vec::new();
         for (topic, expr) in self.subscriptions {
+            if subs.iter().any(|s| s.topic == topic) {
+                return Err(Error::BadArgument(format!(
+                    "topic '{topic}' is subscribed twice"
+                )));
+            }
             subs.push(Sub::new(topic, &expr)?);
         }
         if !settings.broadcast && settings.mode == DeliveryMode::AtLeastOnce {
@@ -522,10 +544,13 @@ impl PushConsumerBuilder {
             brokers: DashMap::new(),
             workers: Mutex::new(HashMap::new()),
             released: std::sync::atomic::AtomicU64::new(0),
+            commit_failures: std::sync::atomic::AtomicU64::new(0),
+            broker_expiry_ms: std::sync::atomic::AtomicU64::new(0),
             local_offsets: Mutex::new(HashMap::new()),
             rebalance,
             cancel: CancellationToken::new(),
             stop_rebalance: CancellationToken::new(),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             tracker: TaskTracker::new(),
         });
         // As for the pull consumer: no nameserver answering is an error at
@@ -560,7 +585,7 @@ trait Stop: Send + Sync {
     fn queues(&self) -> Vec<QueueId>;
     fn client_id(&self) -> &str;
     fn group(&self) -> &str;
-    fn shutdown(&self) -> futures_util::future::BoxFuture<'_, ()>;
+    fn shutdown(&self) -> futures_util::future::BoxFuture<'_, Result<()>>;
 }
 
 impl<H: MessageHandler> Stop for Shared<H> {
@@ -578,7 +603,7 @@ impl<H: MessageHandler> Stop for Shared<H> {
         &self.group
     }
 
-    fn shutdown(&self) -> futures_util::future::BoxFuture<'_, ()> {
+    fn shutdown(&self) -> futures_util::future::BoxFuture<'_, Result<()>> {
         Box::pin(rebalance::shutdown(self))
     }
 }
@@ -628,7 +653,11 @@ impl PushConsumer {
     /// Stops pulling, waits for the handlers in flight (up to the drain
     /// timeout), commits, and leaves the group so that the other members
     /// take its queues over at once.
-    pub async fn shutdown(self) {
-        self.stop.shutdown().await;
+    ///
+    /// # Errors
+    /// [`Error::CommitFailed`] when some final commits could not be stored
+    /// (everything is stopped all the same).
+    pub async fn shutdown(self) -> Result<()> {
+        self.stop.shutdown().await
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +17,14 @@ use crate::Error;
 /// Rebalances every interval, or at once when woken.
 pub(crate) async fn run<H: MessageHandler>(shared: Arc<Shared<H>>) {
     loop {
+        // Well within the brokers' member expiry, whatever the interval says.
+        let expiry = shared.broker_expiry_ms.load(Ordering::Relaxed);
+        let mut every = shared.settings.rebalance_interval;
+        if expiry > 0 {
+            every = every.min(Duration::from_millis(expiry / 3));
+        }
         tokio::select! {
-            _ = tokio::time::sleep(shared.settings.rebalance_interval) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = shared.rebalance.notified() => {}
             _ = shared.stop_rebalance.cancelled() => return,
             _ = shared.cancel.cancelled() => return,
@@ -88,6 +95,18 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                 .call(request)
                 .await
                 .map_err(|e| Error::at_broker(name, &addr, e))?;
+            if ok.expiry_ms > 0 {
+                shared
+                    .broker_expiry_ms
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                        Some(if e == 0 {
+                            ok.expiry_ms
+                        } else {
+                            e.min(ok.expiry_ms)
+                        })
+                    })
+                    .ok();
+            }
             Ok::<_, Error>((name.clone(), ok.assigned))
         }
     });
@@ -124,7 +143,7 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
         shared.rebalance.notify_one();
         return;
     }
-    if shared.stop_rebalance.is_cancelled() {
+    if shared.shutting_down.load(Ordering::Acquire) {
         return;
     }
     for q in wanted {
@@ -146,15 +165,21 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
 }
 
 /// Gives every queue up cleanly, then leaves the group on every broker.
-pub(crate) async fn shutdown<H: MessageHandler>(shared: &Shared<H>) {
+/// Heartbeats go on while the queues drain, so the brokers keep them with
+/// this member until they are committed.
+pub(crate) async fn shutdown<H: MessageHandler>(shared: &Shared<H>) -> crate::Result<()> {
     {
         // Under the lock a round checks for shutdown before starting workers.
         let workers = lock(&shared.workers);
-        shared.stop_rebalance.cancel();
+        shared.shutting_down.store(true, Ordering::Release);
         for w in workers.values() {
             w.release.cancel();
         }
     }
+    while !lock(&shared.workers).is_empty() && !shared.cancel.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shared.stop_rebalance.cancel();
     shared.tracker.close();
     shared.tracker.wait().await;
     let brokers: Vec<String> = shared.brokers.iter().map(|e| e.key().clone()).collect();
@@ -171,4 +196,8 @@ pub(crate) async fn shutdown<H: MessageHandler>(shared: &Shared<H>) {
     .await;
     shared.cancel.cancel();
     shared.pool.close();
+    match shared.commit_failures.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        queues => Err(Error::CommitFailed { queues }),
+    }
 }

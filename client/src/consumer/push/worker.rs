@@ -15,13 +15,13 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
-    CommitOffset, ErrorCode, PullRequest, PullResult, QueryOffset, SendBack, StoredMessage,
-    PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+    CommitOffset, ErrorCode, PullRequest, PullResult, QueryOffset, QueueOwner, SendBack,
+    StoredMessage, PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
 };
 
 use super::{lock, ConsumeResult, DeliveryMode, MessageHandler, QueueId, Shared};
 use crate::consumer::offsets::start_offset;
-use crate::consumer::ReceivedMessage;
+use crate::consumer::{ConsumeFrom, ReceivedMessage};
 use crate::{Error, Result};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -90,7 +90,14 @@ async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>
     } else {
         q.committed
     };
-    let from = start_offset(committed, q.min_offset, q.max_offset, shared.settings.from);
+    // A retry topic is always read from its start: a message handed back
+    // before this member first looked must not be skipped.
+    let from = if key.topic.starts_with("%RETRY%") {
+        ConsumeFrom::First
+    } else {
+        shared.settings.from
+    };
+    let from = start_offset(committed, q.min_offset, q.max_offset, from);
     Ok((from, committed))
 }
 
@@ -121,8 +128,8 @@ async fn consume<H: MessageHandler>(
         committed,
     };
     // A group without an offset here fixes where it starts.
-    if committed.is_none() {
-        commit(shared, key, &mut progress).await;
+    if committed.is_none() && commit(shared, key, &mut progress).await == Committed::NotOwner {
+        return Ok(());
     }
     let sub = shared.sub(&key.topic).cloned();
     let filter = sub.as_ref().map(|s| s.hashes.clone()).unwrap_or_default();
@@ -132,6 +139,7 @@ async fn consume<H: MessageHandler>(
     let mut pulling = None;
     let mut pull_delay = Duration::ZERO;
     let mut released = false;
+    let mut lost = false;
     let mut drain_deadline = None;
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -163,10 +171,19 @@ async fn consume<H: MessageHandler>(
                         pull_delay = Duration::ZERO;
                         backoff = MIN_BACKOFF;
                         if settings.mode == DeliveryMode::AtMostOnce && !r.messages.is_empty() {
-                            // Commit first: whatever happens next, none of these comes again.
+                            // Commit first: whatever happens next, none of
+                            // these comes again. Not committed: not handled
+                            // (pulled again after a pause).
                             let mut ahead = Progress { unfinished: BTreeSet::new(), bytes: 0, next: r.next_offset, committed: progress.committed };
-                            commit(shared, key, &mut ahead).await;
-                            progress.committed = ahead.committed;
+                            match commit(shared, key, &mut ahead).await {
+                                Committed::Yes => progress.committed = ahead.committed,
+                                Committed::NotOwner => break,
+                                Committed::Failed => {
+                                    pull_delay = backoff;
+                                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                                    continue;
+                                }
+                            }
                         }
                         for m in r.messages {
                             if !sub.as_ref().is_none_or(|s| s.matches(m.message.tag.as_deref())) {
@@ -182,6 +199,11 @@ async fn consume<H: MessageHandler>(
                         }
                         progress.next = progress.next.max(r.next_offset);
                     }
+                    Err(e) if not_owner(&e) => {
+                        tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the queue moved to another member; giving it up");
+                        lost = true;
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "pull failed; retrying");
                         pull_delay = backoff;
@@ -194,7 +216,10 @@ async fn consume<H: MessageHandler>(
                 progress.bytes -= bytes;
             }
             _ = tick.tick() => {
-                commit(shared, key, &mut progress).await;
+                if commit(shared, key, &mut progress).await == Committed::NotOwner {
+                    lost = true;
+                    break;
+                }
             }
             _ = release.cancelled(), if !released => {
                 released = true;
@@ -208,21 +233,64 @@ async fn consume<H: MessageHandler>(
             }
         }
     }
-    commit(shared, key, &mut progress).await;
-    Ok(())
+    if lost {
+        // Another member reads it now: committing would only move its
+        // position back.
+        return Ok(());
+    }
+    // The final commit is what lets the next owner start where this one
+    // stopped: retry it for a while before giving up.
+    let deadline = tokio::time::Instant::now() + settings.drain_timeout.max(Duration::from_secs(1));
+    loop {
+        match commit(shared, key, &mut progress).await {
+            Committed::Yes | Committed::NotOwner => return Ok(()),
+            Committed::Failed if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(MIN_BACKOFF).await;
+            }
+            Committed::Failed => {
+                shared
+                    .commit_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Committed {
+    /// Stored (or nothing to store).
+    Yes,
+    /// Not stored; try again later.
+    Failed,
+    /// Refused: the queue belongs to another member now.
+    NotOwner,
+}
+
+fn not_owner(e: &Error) -> bool {
+    e.code() == Some(ErrorCode::QueueNotOwned)
+}
+
+/// Who this member is when it reads a queue assigned to it (none when broadcasting).
+fn owner<H>(shared: &Shared<H>) -> Option<QueueOwner> {
+    (!shared.settings.broadcast).then(|| QueueOwner {
+        group: shared.group.clone(),
+        client_id: shared.client_id.clone(),
+    })
 }
 
 /// Stores the queue's safe position if it moved. Failures are logged; the
 /// next commit tries again.
-async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) {
+async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -> Committed {
     let offset = progress.committable();
     if progress.committed.is_some_and(|c| c >= offset) {
-        return;
+        return Committed::Yes;
     }
     if shared.settings.broadcast {
         lock(&shared.local_offsets).insert(key.clone(), offset);
         progress.committed = Some(offset);
-        return;
+        return Committed::Yes;
     }
     let result = async {
         let (addr, conn) = shared.connect(&key.broker_name).await?;
@@ -231,15 +299,21 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) {
             topic: key.topic.clone(),
             queue: key.queue,
             offset,
+            owner: owner(shared),
         })
         .await
         .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
     }
     .await;
     match result {
-        Ok(_) => progress.committed = Some(offset),
+        Ok(_) => {
+            progress.committed = Some(offset);
+            Committed::Yes
+        }
+        Err(e) if not_owner(&e) => Committed::NotOwner,
         Err(e) => {
-            tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit failed; will retry")
+            tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit failed; will retry");
+            Committed::Failed
         }
     }
 }
@@ -264,6 +338,7 @@ async fn pull<H>(
         max_messages: settings.batch_size,
         max_wait_ms: u64::try_from(settings.max_wait.as_millis()).unwrap_or(u64::MAX),
         tag_filter,
+        owner: owner(shared),
     };
     match conn
         .call_with_timeout(request, settings.max_wait + settings.request_timeout)
@@ -342,6 +417,7 @@ async fn handle<H: MessageHandler>(
         };
         let attempts = message.reconsume_times();
         let local = settings.orderly || settings.broadcast;
+        let mut pause = delay.unwrap_or(settings.local_retry_delay);
         if !local {
             match send_back(shared, key, &message, delay, false).await {
                 Ok(()) => return (offset, bytes),
@@ -349,6 +425,11 @@ async fn handle<H: MessageHandler>(
                     tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot hand the message back; retrying it here");
                 }
             }
+            if attempts >= settings.max_reconsume_times {
+                tracing::error!(msg_id = %message.msg_id(), attempts, "the message failed every attempt and cannot be handed back; dropped");
+                return (offset, bytes);
+            }
+            pause = settings.local_retry_delay;
         } else if attempts >= settings.max_reconsume_times {
             if settings.broadcast {
                 tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
@@ -370,7 +451,7 @@ async fn handle<H: MessageHandler>(
             .message
             .properties
             .insert(PROPERTY_RECONSUME_TIMES.into(), (attempts + 1).to_string());
-        tokio::time::sleep(delay.unwrap_or(settings.local_retry_delay)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
