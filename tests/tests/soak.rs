@@ -189,7 +189,7 @@ async fn soak(duration: Duration, warm_up: Duration) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for c in consumers {
-        c.shutdown().await;
+        c.shutdown().await.expect("the consumers' final commits");
     }
     let lost: Vec<u64> = {
         let consumed = consumed.lock().unwrap();

@@ -361,6 +361,6 @@ async fn run_consumer(
         }))
         .await?;
     stop.cancelled().await;
-    consumer.shutdown().await;
+    consumer.shutdown().await?;
     Ok(())
 }
