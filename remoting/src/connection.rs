@@ -335,6 +335,8 @@ impl Connection {
 /// Writes `item` at once when the writer task is idle and the socket takes
 /// it without waiting, else queues it for the writer task. Hands the item
 /// back when the queue is full.
+// The item comes back by value so that a full queue costs no allocation.
+#[allow(clippy::result_large_err)]
 fn send_now(inner: &Inner, item: Outgoing) -> Result<(), Outgoing> {
     let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
     let w = &mut *w;
