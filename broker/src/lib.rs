@@ -264,7 +264,8 @@ impl Broker {
     }
 }
 
-/// Deletes expired segments every minute (or sooner for short retentions).
+/// Deletes expired segments every minute (or sooner for short retentions),
+/// and lets go of the log pages readers mapped meanwhile.
 async fn retention(b: Arc<BrokerInner>) {
     let period = (b.config.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
@@ -273,7 +274,12 @@ async fn retention(b: Arc<BrokerInner>) {
             _ = b.shutdown.cancelled() => return,
         }
         let store = b.store.clone();
-        match tokio::task::spawn_blocking(move || store.enforce_retention()).await {
+        let result = tokio::task::spawn_blocking(move || {
+            store.release_mapped_pages();
+            store.enforce_retention()
+        })
+        .await;
+        match result {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
             Err(e) => tracing::warn!(error = %e, "retention task failed"),

@@ -27,12 +27,41 @@ pub struct Segment {
     pub file: Arc<File>,
     /// The whole file, mapped read-only.
     pub map: Bytes,
+    /// The same mapping, for telling the kernel which pages are not needed.
+    mapping: Arc<memmap2::Mmap>,
 }
 
 impl Segment {
     /// Log offset one past its last byte.
     pub fn end(&self) -> u64 {
         self.start + self.map.len() as u64
+    }
+
+    /// Unmaps the pages readers touched from this process (they stay in the
+    /// page cache), so that the broker's resident memory does not grow with
+    /// the log; the next read of a page maps it again (a minor fault).
+    ///
+    /// # Errors
+    /// The `madvise` error.
+    #[allow(unsafe_code)]
+    pub fn release_pages(&self) -> io::Result<()> {
+        // SAFETY: a read-only shared file mapping: MADV_DONTNEED only drops
+        // this process's page-table entries, and later accesses read the
+        // same bytes from the file (mapped bytes never change, see
+        // `map_file`), so every slice handed out stays valid and unchanged.
+        unsafe {
+            self.mapping
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        }
+    }
+}
+
+/// Lends the mapping to `Bytes` while the segment keeps a handle too.
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -50,13 +79,13 @@ fn segment_name(start: u64) -> String {
 }
 
 #[allow(unsafe_code)]
-fn map_file(file: &File) -> io::Result<Bytes> {
+fn map_file(file: &File) -> io::Result<(Bytes, Arc<memmap2::Mmap>)> {
     // SAFETY: txmq never truncates a segment file while it is mapped (recovery
     // drops the mapping before cutting a torn tail), other processes must not
     // write to the data dir, and bytes are only appended past the readable end
     // by the single writer, so no mapped byte a reader can see changes.
-    let map = unsafe { memmap2::Mmap::map(file)? };
-    Ok(Bytes::from_owner(map))
+    let map = Arc::new(unsafe { memmap2::Mmap::map(file)? });
+    Ok((Bytes::from_owner(SharedMap(map.clone())), map))
 }
 
 fn open_segment(path: &Path, start: u64, segment_size: u64) -> io::Result<Segment> {
@@ -66,12 +95,13 @@ fn open_segment(path: &Path, start: u64, segment_size: u64) -> io::Result<Segmen
         // short); grow it with zeros, which read as "nothing written".
         file.set_len(segment_size)?;
     }
-    let map = map_file(&file)?;
+    let (map, mapping) = map_file(&file)?;
     Ok(Segment {
         start,
         path: path.to_path_buf(),
         file: Arc::new(file),
         map,
+        mapping,
     })
 }
 

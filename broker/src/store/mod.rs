@@ -807,6 +807,17 @@ impl Store {
         all_queues(&self.inner)
     }
 
+    /// Drops the commit-log pages readers mapped from the broker's resident
+    /// memory (they stay in the page cache); called periodically so that the
+    /// resident size does not grow with the log.
+    pub fn release_mapped_pages(&self) {
+        for seg in self.inner.log.segments() {
+            if let Err(e) = seg.release_pages() {
+                tracing::debug!(segment = %seg.path.display(), error = %e, "madvise failed");
+            }
+        }
+    }
+
     /// Records, bytes and `pwrite` calls appended, and fdatasync rounds, since open.
     pub fn stats(&self) -> (u64, u64, u64, u64) {
         let s = &self.inner.stats;
