@@ -474,6 +474,11 @@ async fn read_loop(
             }
             next = reader.next(), if inflight.len() < inner.config.max_inflight => match next {
                 None => break,
+                Some(Err(txmq_protocol::codec::CodecError::Io(e))) => {
+                    // A reset or a peer gone mid-frame: not the peer's bad input.
+                    debug!(peer = %inner.peer, error = %e, "connection lost");
+                    break;
+                }
                 Some(Err(e)) => {
                     warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
                     break;
