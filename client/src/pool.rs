@@ -99,30 +99,43 @@ impl ConnectionPool {
         if let Some(conn) = slot.current() {
             return Ok(conn);
         }
+        // The attempt runs on a task of its own: a caller suspended in a
+        // select! (or dropped) must never sit on the single-flight lock,
+        // or every other caller for this peer would wait on it forever.
         let waiting_since = Instant::now();
-        let _connecting = slot.connecting.lock().await;
-        if let Some(conn) = slot.current() {
-            return Ok(conn);
-        }
-        if let Some((at, e)) = lock(&slot.last_failure).as_ref() {
-            if *at >= waiting_since {
-                return Err(e.clone());
+        let target = addr.to_string();
+        let (slot, addr, inner) = (slot.clone(), addr.to_string(), self.inner.clone());
+        let attempt = tokio::spawn(async move {
+            let _connecting = slot.connecting.lock().await;
+            if let Some(conn) = slot.current() {
+                return Ok(conn);
             }
-        }
-        let hello = self.inner.hello.clone();
-        let service = self.inner.service.clone();
-        match Connection::connect(addr, hello, service, self.inner.config.clone()).await {
-            Ok(conn) => {
-                tracing::debug!(%addr, "connected");
-                *lock(&slot.conn) = Some(conn.clone());
-                Ok(conn)
+            if let Some((at, e)) = lock(&slot.last_failure).as_ref() {
+                if *at >= waiting_since {
+                    return Err(e.clone());
+                }
             }
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "connect failed");
-                *lock(&slot.last_failure) = Some((Instant::now(), e.clone()));
-                Err(e)
+            let hello = inner.hello.clone();
+            let service = inner.service.clone();
+            match Connection::connect(&addr, hello, service, inner.config.clone()).await {
+                Ok(conn) => {
+                    tracing::debug!(%addr, "connected");
+                    *lock(&slot.conn) = Some(conn.clone());
+                    Ok(conn)
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "connect failed");
+                    *lock(&slot.last_failure) = Some((Instant::now(), e.clone()));
+                    Err(e)
+                }
             }
-        }
+        });
+        attempt.await.unwrap_or_else(|e| {
+            Err(txmq_remoting::Error::Connect {
+                addr: target,
+                message: format!("the connect task failed: {e}"),
+            })
+        })
     }
 
     /// The open connection to `addr`, if there is one; never connects.
@@ -161,5 +174,47 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         // A connection outlives its handles; close ours with the last user.
         self.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A caller left suspended in the middle of connecting (a future in a
+    /// `select!` whose task awaits something else) must not hold up the
+    /// other callers for the same peer: the attempt runs on its own task.
+    #[tokio::test]
+    async fn a_caller_suspended_mid_connect_does_not_block_the_others() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // Accepts and never answers the hello.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let config = ClientConfig {
+            request_timeout: Duration::from_millis(200),
+            ..ClientConfig::default()
+        };
+        let pool = ConnectionPool::new(&config, Role::Admin, None, None);
+        let mut first = Box::pin(pool.get(&addr));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut first)
+                .await
+                .is_err(),
+            "the first attempt is under way"
+        );
+        // `first` is never polled again; the second caller still gets its
+        // answer (the hello timed out) in bounded time.
+        let second = tokio::time::timeout(Duration::from_secs(3), pool.get(&addr)).await;
+        assert!(matches!(second, Ok(Err(_))), "{second:?}");
+        drop(first);
     }
 }
