@@ -11,19 +11,7 @@ use txmq_protocol::{now_millis, Message, StoredMessage};
 use super::delay::{self, DELAY_TOPIC, LEVELS};
 use super::*;
 
-fn config(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
-    let mut c = StoreConfig::new(dir);
-    c.flush = flush;
-    c.segment_size = 64 * 1024;
-    c.cq_entries_per_file = 100;
-    c.max_message_size = 16 * 1024;
-    c.checkpoint_interval = Duration::from_millis(50);
-    c
-}
-
-fn topics() -> Vec<(String, u32)> {
-    vec![("orders".to_string(), 2)]
-}
+use super::tests::{config, topics};
 
 fn msg(body: impl Into<String>) -> Message {
     Message::new("orders", body.into().into_bytes())

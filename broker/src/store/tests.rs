@@ -8,7 +8,8 @@ use txmq_protocol::Message;
 
 use super::*;
 
-fn config(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
+/// Small segments and queue files, a fast checkpoint (shared with `delay_tests.rs`).
+pub(super) fn config(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.flush = flush;
     c.segment_size = 64 * 1024;
@@ -18,7 +19,8 @@ fn config(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
     c
 }
 
-fn topics() -> Vec<(String, u32)> {
+/// The test topic: `orders` with 2 queues.
+pub(super) fn topics() -> Vec<(String, u32)> {
     vec![("orders".to_string(), 2)]
 }
 
