@@ -63,6 +63,21 @@ async fn recorder(
     consumer
 }
 
+/// Sends `{prefix}{i}` to `topic` for each `i` of `range`, one after the other.
+async fn send_numbered(
+    producer: &txmq::Producer,
+    topic: &str,
+    prefix: &str,
+    range: std::ops::Range<u32>,
+) {
+    for i in range {
+        producer
+            .send(Message::new(topic, format!("{prefix}{i}")))
+            .await
+            .unwrap();
+    }
+}
+
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
@@ -338,12 +353,7 @@ async fn a_failing_message_is_retried_with_growing_delays_then_dead_lettered() {
         .send(Message::new("bills", "poison"))
         .await
         .unwrap();
-    for i in 0..50 {
-        producer
-            .send(Message::new("bills", format!("ok{i}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, "bills", "ok", 0..50).await;
     // Attempt 0, then 3 redeliveries, then the dead-letter topic.
     let admin = cluster.admin().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -712,12 +722,7 @@ async fn broadcasting_members_each_get_everything() {
     let ns = cluster.nameserver.clone();
     create_topic(&ns, "notices", 4).await;
     let producer = cluster.producer().await;
-    for i in 0..40 {
-        producer
-            .send(Message::new("notices", format!("n{i}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, "notices", "n", 0..40).await;
     let args = [
         "consume",
         "notices",
@@ -747,12 +752,7 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
     let ns = cluster.nameserver.clone();
     create_topic(&ns, "audit", 2).await;
     let producer = cluster.producer().await;
-    for i in 0..10 {
-        producer
-            .send(Message::new("audit", format!("a{i}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, "audit", "a", 0..10).await;
     let consume = [
         "consume",
         "audit",
@@ -799,12 +799,7 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
     // By time: only what was stored after the instant.
     let middle = txmq::now_millis();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    for i in 10..13 {
-        producer
-            .send(Message::new("audit", format!("a{i}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, "audit", "a", 10..13).await;
     let middle = middle.to_string();
     let by_time = [
         "group",
@@ -967,12 +962,7 @@ async fn a_member_without_heartbeats_expires_and_its_queues_move() {
         stopped_at.elapsed()
     );
     let producer = cluster.producer().await;
-    for i in 0..40 {
-        producer
-            .send(Message::new("tasks", format!("t{i}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&producer, "tasks", "t", 0..40).await;
     wait_until(
         "the live member consumes everything",
         Duration::from_secs(10),
