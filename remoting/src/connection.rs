@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -84,7 +84,12 @@ enum Outgoing {
     Close,
     /// Write the leftover of a direct write.
     Flush,
+    /// Frames already encoded (a batch of responses).
+    Encoded(bytes::Bytes),
 }
+
+/// Gathered responses are written once they reach this many bytes.
+const MAX_BATCH: usize = 256 * 1024;
 
 type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
 
@@ -116,6 +121,9 @@ struct Inner {
     closed: CancellationToken,
     peer_hello: OnceLock<Hello>,
     config: ConnectionConfig,
+    /// Set by the reader before each request it hands to the service: more
+    /// bytes (usually more requests) were read with it.
+    more_read: AtomicBool,
 }
 
 /// A handle to one connection. Cloning is cheap; the connection lives until
@@ -222,6 +230,7 @@ impl Connection {
                 closed,
                 peer_hello: OnceLock::new(),
                 config,
+                more_read: AtomicBool::new(false),
             }),
         };
         tokio::spawn(write_loop(rx, conn.inner.clone()));
@@ -271,8 +280,21 @@ impl Connection {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        lock(&self.inner.pending).insert(id, tx);
-        if !queue_or_closed(&self.inner, Outgoing::Frame(Frame::Request(id, request))).await {
+        let alone = {
+            let mut pending = lock(&self.inner.pending);
+            pending.insert(id, tx);
+            pending.len() == 1
+        };
+        // The only request in flight goes out at once; with others in
+        // flight, the writer task gathers this one with the requests other
+        // tasks send meanwhile into one write.
+        let frame = Outgoing::Frame(Frame::Request(id, request));
+        let queued = if alone {
+            queue_or_closed(&self.inner, frame).await
+        } else {
+            queue_only(&self.inner, frame).await
+        };
+        if !queued {
             lock(&self.inner.pending).remove(&id);
             return Err(self.closed_error());
         }
@@ -315,6 +337,13 @@ impl Connection {
     /// The peer's hello (server side), once received.
     pub fn peer_hello(&self) -> Option<&Hello> {
         self.inner.peer_hello.get()
+    }
+
+    /// Whether more bytes (usually more requests) arrived in the same read
+    /// as the request being handed to [`Service::call`]: a service may then
+    /// wait for those to batch their work. Meaningful inside `call` only.
+    pub fn more_requests_read(&self) -> bool {
+        self.inner.more_read.load(Ordering::Relaxed)
     }
 
     /// A process-unique id of this connection.
@@ -375,10 +404,52 @@ async fn queue_or_closed(inner: &Inner, item: Outgoing) -> bool {
         Ok(()) => return !inner.closed.is_cancelled(),
         Err(item) => item,
     };
+    queue_only(inner, item).await
+}
+
+/// Queues `item` for the writer task, waiting for room in the queue,
+/// giving up when the connection closes meanwhile; false when it is closed.
+async fn queue_only(inner: &Inner, item: Outgoing) -> bool {
     tokio::select! {
         r = inner.out.send(item) => r.is_ok(),
         _ = inner.closed.cancelled() => false,
     }
+}
+
+/// Writes the responses gathered in `batch` at once when the writer task is
+/// idle and the socket takes them, else hands them to the writer task;
+/// false when the connection is closed.
+async fn flush_batch(inner: &Inner, batch: &mut BytesMut) -> bool {
+    if batch.is_empty() {
+        return !inner.closed.is_cancelled();
+    }
+    {
+        let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+        let w = &mut *w;
+        if let Some(half) = w.half.as_ref() {
+            if w.leftover.is_empty() && !inner.closed.is_cancelled() {
+                let written = match half.try_write(batch) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                    Err(e) => {
+                        debug!(peer = %inner.peer, error = %e, "write failed; closing");
+                        inner.closed.cancel();
+                        return false;
+                    }
+                };
+                if written == batch.len() {
+                    batch.clear();
+                    return true;
+                }
+                w.leftover.extend_from_slice(&batch[written..]);
+                batch.clear();
+                let _ = inner.out.try_send(Outgoing::Flush);
+                return true;
+            }
+        }
+    }
+    let encoded = batch.split().freeze();
+    queue_only(inner, Outgoing::Encoded(encoded)).await
 }
 
 fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
@@ -462,13 +533,17 @@ async fn read_loop(
     }
 
     let mut inflight: FuturesUnordered<Tagged> = FuturesUnordered::new();
+    // Responses ready at once go out in one write: gathered here while
+    // requests or answers are ready, written when the loop would wait.
+    let mut batch = BytesMut::new();
+    let mut codec = FrameCodec::new(inner.config.max_frame_len);
     while greeted {
         tokio::select! {
             biased;
             _ = inner.closed.cancelled() => break,
             Some((id, result)) = inflight.next(), if !inflight.is_empty() => {
-                let frame = Outgoing::Frame(Frame::Response(id, result));
-                if !queue_or_closed(&inner, frame).await {
+                encode_frame(&mut codec, &Frame::Response(id, result), &mut batch, &inner);
+                if batch.len() >= MAX_BATCH && !flush_batch(&inner, &mut batch).await {
                     break;
                 }
             }
@@ -492,29 +567,38 @@ async fn read_loop(
                     conn.respond(id, Err(WireError::new(ErrorCode::HelloRequired, "hello already received")));
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, request)))) => match &service {
-                    Some(service) => inflight.push(Tagged { id, fut: service.call(&conn, request) }),
+                    Some(service) => {
+                        inner.more_read.store(!reader.read_buffer().is_empty(), Ordering::Relaxed);
+                        inflight.push(Tagged { id, fut: service.call(&conn, request) });
+                    }
                     None => {
                         let e = WireError::new(
                             ErrorCode::UnsupportedRequest,
                             format!("{} requests are not served here", request.kind()),
                         );
-                        if !queue_or_closed(&inner, Outgoing::Frame(Frame::Response(id, Err(e)))).await {
-                            break;
-                        }
+                        encode_frame(&mut codec, &Frame::Response(id, Err(e)), &mut batch, &inner);
                     }
                 },
                 Some(Ok(Decoded::Malformed { is_request, id, error })) => {
                     warn!(peer = %inner.peer, %error, "malformed frame; closing connection");
                     if is_request {
+                        let _ = flush_batch(&inner, &mut batch).await;
                         refuse_and_close(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}")).await;
                     } else if let Some(tx) = lock(&inner.pending).remove(&id) {
                         let _ = tx.send(Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
                     }
                     break;
                 }
+            },
+            // Nothing else is ready: write what was gathered.
+            () = std::future::ready(()), if !batch.is_empty() => {
+                if !flush_batch(&inner, &mut batch).await {
+                    break;
+                }
             }
         }
     }
+    let _ = flush_batch(&inner, &mut batch).await;
     if !greeted || !inner.closed.is_cancelled() {
         // Let the writer flush what is queued (a refusal, say), then stop.
         let _ = send_now(&inner, Outgoing::Close);
@@ -577,6 +661,9 @@ async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
             _ = inner.closed.cancelled() => None,
         };
         let Some(first) = first else { break };
+        // Let the tasks woken together with this one (by one read of many
+        // answers, say) queue their frames too, so that one write takes all.
+        tokio::task::yield_now().await;
         {
             let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
             if half.is_none() {
@@ -641,6 +728,10 @@ fn encode_into(codec: &mut FrameCodec, item: Outgoing, buf: &mut BytesMut, inner
     match item {
         Outgoing::Close => true,
         Outgoing::Flush => false,
+        Outgoing::Encoded(bytes) => {
+            buf.extend_from_slice(&bytes);
+            false
+        }
         Outgoing::Frame(frame) => {
             encode_frame(codec, &frame, buf, inner);
             false
