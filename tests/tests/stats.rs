@@ -41,3 +41,46 @@ async fn store_stats_count_records_writes_and_group_commits() {
     );
     cluster.shutdown().await;
 }
+
+/// Sends in flight together on one connection go out in one write, are
+/// read by the broker together and appended with one commit-log write
+/// (not one each), and every one is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_in_flight_together_share_commit_log_writes() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("g", 4, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    // Connected, so that the measured sends are not held up by connecting.
+    producer.send(Message::new("g", "first")).await.unwrap();
+    let before = admin.store_stats(None).await.unwrap();
+
+    // Polled by one task: all 64 requests are queued before any answer.
+    let receipts = futures_util::future::join_all(
+        (0..64).map(|i| producer.send(Message::new("g", format!("m{i}")))),
+    )
+    .await;
+    let mut placed: Vec<(u32, u64)> = receipts
+        .into_iter()
+        .map(|r| {
+            let r = r.expect("every send is answered");
+            (r.queue, r.queue_offset)
+        })
+        .collect();
+    placed.sort_unstable();
+    placed.dedup();
+    assert_eq!(placed.len(), 64, "each send has its own place");
+
+    let after = admin.store_stats(None).await.unwrap();
+    let (b, a) = (&before[0], &after[0]);
+    assert_eq!(a.records - b.records, 64);
+    let writes = a.writes - b.writes;
+    assert!(
+        writes <= 8,
+        "64 sends in flight together took {writes} commit-log writes"
+    );
+    cluster.shutdown().await;
+}

@@ -58,11 +58,12 @@ impl Service for BrokerService {
 
     fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
         let b = self.broker.clone();
+        let more_coming = conn.more_requests_read();
         let conn = conn.clone();
         Box::pin(async move {
             match request {
                 Request::Ping(_) => Ok(Response::Ping(Pong {})),
-                Request::Send(r) => send::handle(&b, r).await.map(Response::Send),
+                Request::Send(r) => send::handle(&b, r, more_coming).await.map(Response::Send),
                 Request::Pull(r) => pull::handle(&b, r).await.map(Response::Pull),
                 Request::CommitOffset(r) => offset::commit(&b, r).await.map(Response::CommitOffset),
                 Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),

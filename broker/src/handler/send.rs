@@ -8,7 +8,13 @@ use txmq_protocol::{
 use super::{bad_argument, check_queue, store_error, topic};
 use crate::BrokerInner;
 
-pub(super) async fn handle(b: &BrokerInner, req: SendRequest) -> Result<SendResult, WireError> {
+/// `more_coming`: more requests were read with this one, so its write may
+/// wait for theirs (see [`crate::store::Store::append_gathering`]).
+pub(super) async fn handle(
+    b: &BrokerInner,
+    req: SendRequest,
+    more_coming: bool,
+) -> Result<SendResult, WireError> {
     let Some(first) = req.messages.first() else {
         return Err(bad_argument("a send needs at least one message"));
     };
@@ -52,7 +58,11 @@ pub(super) async fn handle(b: &BrokerInner, req: SendRequest) -> Result<SendResu
                 .append_delayed(&topic_name, req.queue, req.messages, at)
                 .await
         }
-        None => b.store.append(&topic_name, req.queue, req.messages).await,
+        None => {
+            b.store
+                .append_gathering(&topic_name, req.queue, req.messages, more_coming)
+                .await
+        }
     }
     .map_err(store_error)?;
     Ok(SendResult {

@@ -428,17 +428,35 @@ impl Store {
         queue: u32,
         messages: Vec<Message>,
     ) -> Result<Appended, StoreError> {
+        self.append_gathering(topic, queue, messages, false).await
+    }
+
+    /// [`Store::append`]; with `more_coming` (the caller knows of other
+    /// appends about to be made, such as the rest of the requests read from
+    /// one socket) the write waits until the tasks ready to run have queued
+    /// theirs, so that one write takes them all.
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub async fn append_gathering(
+        &self,
+        topic: &str,
+        queue: u32,
+        messages: Vec<Message>,
+        more_coming: bool,
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         let cq = self.user_queue(topic, queue)?;
         self.check_sizes(messages.iter())?;
         let (reply, rx) = oneshot::channel();
-        self.submit(
+        self.submit_gathering(
             WriteCmd::Messages {
                 queue: cq,
                 messages,
                 reply,
             },
             rx,
+            more_coming,
         )
         .await
     }
@@ -471,6 +489,15 @@ impl Store {
         cmd: WriteCmd,
         rx: oneshot::Receiver<Result<(u64, u64), StoreError>>,
     ) -> Result<Appended, StoreError> {
+        self.submit_gathering(cmd, rx, false).await
+    }
+
+    async fn submit_gathering(
+        &self,
+        cmd: WriteCmd,
+        rx: oneshot::Receiver<Result<(u64, u64), StoreError>>,
+        more_coming: bool,
+    ) -> Result<Appended, StoreError> {
         let _slot = self
             .inner
             .slots
@@ -478,7 +505,17 @@ impl Store {
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         lock(&self.inner.queue).push(cmd);
-        combine(&self.inner);
+        if more_coming {
+            // Let the tasks ready to run (the rest of a read of many
+            // requests, other connections' requests) queue theirs first, so
+            // that one write takes them all. Dropped in the yield, this
+            // still writes what is queued: nothing is left behind.
+            let combine_anyway = CombineOnDrop(&self.inner);
+            tokio::task::yield_now().await;
+            drop(combine_anyway);
+        } else {
+            combine(&self.inner);
+        }
         let (first_offset, end) = rx.await.map_err(|_| StoreError::ShuttingDown)??;
         if self.inner.config.flush == FlushMode::Async {
             return Ok(Appended {
@@ -878,6 +915,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// queued, repeatedly, until the queue is empty when the writer is let go.
 /// A caller that finds the writer busy leaves its command to the holder,
 /// which checks the queue again after letting go, so none is stranded.
+/// Runs [`combine`] when dropped: after a yield, or when the future
+/// waiting in that yield is dropped.
+struct CombineOnDrop<'a>(&'a StoreInner);
+
+impl Drop for CombineOnDrop<'_> {
+    fn drop(&mut self) {
+        combine(self.0);
+    }
+}
+
 fn combine(inner: &StoreInner) {
     let mut batch = Vec::new();
     loop {

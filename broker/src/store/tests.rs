@@ -219,6 +219,41 @@ async fn sync_flush_group_commit_acknowledges_concurrent_sends() {
 }
 
 #[tokio::test]
+async fn gathered_appends_share_one_write_and_a_dropped_one_is_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Async), &topics()).unwrap();
+    let (_, _, writes_before, _) = store.stats();
+    // Ten appends that know more are coming, polled together: one write.
+    let appends = (0..10).map(|i| store.append_gathering("orders", 0, vec![msg(i)], i < 9));
+    let offsets: Vec<u64> = futures_util::future::join_all(appends)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().first_offset)
+        .collect();
+    assert_eq!(offsets, (0..10).collect::<Vec<u64>>());
+    let (_, _, writes, _) = store.stats();
+    assert_eq!(writes - writes_before, 1, "ten gathered appends, one write");
+
+    // An append dropped while it waits for the others is written anyway,
+    // and nothing waits behind it.
+    {
+        let mut dropped = Box::pin(store.append_gathering("orders", 1, vec![msg(100)], true));
+        let polled = futures_util::poll!(dropped.as_mut());
+        assert!(polled.is_pending(), "it waits for the others first");
+    }
+    let next = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.append("orders", 1, vec![msg(101)]),
+    )
+    .await
+    .expect("an append after a dropped one completes")
+    .unwrap();
+    assert_eq!(next.first_offset, 1, "the dropped append took offset 0");
+    assert_eq!(bodies(&store, 1), ["body-100", "body-101"]);
+    store.shutdown().await;
+}
+
+#[tokio::test]
 async fn retention_deletes_old_segments_and_moves_queue_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), FlushMode::Async);
