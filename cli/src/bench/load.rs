@@ -18,6 +18,8 @@ use tokio::time::Instant;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
+use super::pacer::Pacer;
+
 /// When a producer stops issuing requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -77,6 +79,7 @@ pub async fn drive<F, Fut, D>(
 {
     let in_flight = plan.in_flight.max(1);
     let mut inflight = FuturesUnordered::new();
+    let mut pacer = Pacer::new();
     let mut next: u64 = 0;
     let mut measured_issued: u64 = 0;
     if plan.interval.is_none() {
@@ -96,7 +99,7 @@ pub async fn drive<F, Fut, D>(
                 if due > Instant::now() {
                     // Not due yet: take completions meanwhile.
                     tokio::select! {
-                        _ = tokio::time::sleep_until(due) => {}
+                        () = pacer.sleep_until(due) => {}
                         Some(out) = inflight.next(), if !inflight.is_empty() => done(out),
                         Ok(()) = stop.changed() => {}
                     }

@@ -21,6 +21,7 @@ mod consume;
 mod e2e;
 mod histogram;
 mod load;
+mod pacer;
 mod produce;
 mod progress;
 mod report;
@@ -82,9 +83,14 @@ pub async fn run(global: &GlobalArgs, cmd: BenchCommand) -> Result<()> {
 /// The load flags of every sending scenario.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Producers, each its own client with its own connections.
+    /// Producers: load loops, each with --in-flight requests of its own.
     #[arg(long, env = "TXMQ_PRODUCERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(body::MAX_PRODUCERS)))]
     pub producers: u32,
+
+    /// Client objects the producers share, each with one connection per
+    /// broker (producer i uses client i mod N). Default: one per producer.
+    #[arg(long, env = "TXMQ_CLIENTS", value_parser = clap::value_parser!(u32).range(1..=i64::from(body::MAX_PRODUCERS)))]
+    pub clients: Option<u32>,
 
     /// Requests in flight at once per producer.
     #[arg(long, env = "TXMQ_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65536))]

@@ -134,26 +134,32 @@ impl SendStats {
     }
 }
 
-/// Builds `n` producers, each its own client, and opens their
-/// connections by fetching the route and sending `connect(i)` once each,
-/// so the measured requests do not pay for connecting.
+/// Builds `load.producers` producer handles over `load.clients` clients
+/// (handle i is a clone of client i mod N, sharing its connections), and
+/// opens their connections by fetching the route and sending `connect(i)`
+/// once per handle, so the measured requests do not pay for connecting.
 ///
 /// # Errors
 /// When a producer cannot be built or its first send fails.
 pub async fn connect_producers(
     global: &GlobalArgs,
     topic: &str,
-    n: u32,
+    load: &LoadArgs,
     connect: impl Fn(u32) -> Message,
 ) -> Result<Vec<Producer>> {
-    let mut producers = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        producers.push(
+    let n = load.producers;
+    let clients = load.clients.unwrap_or(n).min(n);
+    let mut producers: Vec<Producer> = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let producer = if i < clients {
             Producer::builder()
                 .config(global.client_config())
                 .build()
-                .await?,
-        );
+                .await?
+        } else {
+            producers[(i % clients) as usize].clone()
+        };
+        producers.push(producer);
     }
     try_join_all(producers.iter().enumerate().map(|(i, p)| {
         let message = connect(i as u32);
@@ -175,7 +181,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     args.load.validate()?;
     ensure_topic(global, &args.topic, args.load.queues).await?;
     let body = Bytes::from(vec![b'x'; args.load.size]);
-    let producers = connect_producers(global, &args.topic, args.load.producers, |_| {
+    let producers = connect_producers(global, &args.topic, &args.load, |_| {
         Message::new(args.topic.clone(), body.clone())
     })
     .await?;
