@@ -127,6 +127,31 @@ pub struct LoadArgs {
     pub queues: Option<u32>,
 }
 
+/// `load.producers` handles over `load.clients` clients made by `build`:
+/// handle i is client i mod N (a clone shares its connections).
+///
+/// # Errors
+/// The first client that cannot be built.
+pub async fn shared_clients<T, F, Fut>(load: &LoadArgs, mut build: F) -> Result<Vec<T>>
+where
+    T: Clone,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let n = load.producers as usize;
+    let clients = (load.clients.unwrap_or(load.producers) as usize).min(n);
+    let mut handles: Vec<T> = Vec::with_capacity(n);
+    for i in 0..n {
+        let handle = if i < clients {
+            build().await?
+        } else {
+            handles[i % clients].clone()
+        };
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
 /// When a run starts, measures and stops, over all producers.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {

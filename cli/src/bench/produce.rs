@@ -147,20 +147,13 @@ pub async fn connect_producers(
     load: &LoadArgs,
     connect: impl Fn(u32) -> Message,
 ) -> Result<Vec<Producer>> {
-    let n = load.producers;
-    let clients = load.clients.unwrap_or(n).min(n);
-    let mut producers: Vec<Producer> = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let producer = if i < clients {
-            Producer::builder()
-                .config(global.client_config())
-                .build()
-                .await?
-        } else {
-            producers[(i % clients) as usize].clone()
-        };
-        producers.push(producer);
-    }
+    let producers = super::shared_clients(load, || async {
+        Ok(Producer::builder()
+            .config(global.client_config())
+            .build()
+            .await?)
+    })
+    .await?;
     try_join_all(producers.iter().enumerate().map(|(i, p)| {
         let message = connect(i as u32);
         async move {
@@ -169,7 +162,7 @@ pub async fn connect_producers(
         }
     }))
     .await
-    .with_context(|| format!("connecting {n} producer(s) to topic {topic}"))?;
+    .with_context(|| format!("connecting {} producer(s) to topic {topic}", load.producers))?;
     Ok(producers)
 }
 

@@ -547,19 +547,17 @@ pub async fn run(global: &GlobalArgs, args: TxArgs) -> Result<()> {
         .from(ConsumeFrom::Last)
         .build()
         .await?;
-    let mut producers = Vec::with_capacity(args.load.producers as usize);
-    for _ in 0..args.load.producers {
-        producers.push(
-            TransactionProducer::builder()
-                .config(global.client_config())
-                .group(group.clone())
-                .listener_arc(listener.clone())
-                .first_check_delay(args.first_check_delay)
-                .start()
-                .await
-                .context("starting a transaction producer")?,
-        );
-    }
+    let producers = super::shared_clients(&args.load, || async {
+        TransactionProducer::builder()
+            .config(global.client_config())
+            .group(group.clone())
+            .listener_arc(listener.clone())
+            .first_check_delay(args.first_check_delay)
+            .start()
+            .await
+            .context("starting a transaction producer")
+    })
+    .await?;
 
     let counters = Arc::new(Counters::default());
     let (_interrupt_tx, interrupt) = stop_on_interrupt();
