@@ -121,8 +121,8 @@ struct Inner {
     closed: CancellationToken,
     peer_hello: OnceLock<Hello>,
     config: ConnectionConfig,
-    /// Set by the reader before each request it hands to the service: more
-    /// bytes (usually more requests) were read with it.
+    /// Set by the reader before each request it hands to the service:
+    /// another whole frame was read with it.
     more_read: AtomicBool,
 }
 
@@ -339,9 +339,9 @@ impl Connection {
         self.inner.peer_hello.get()
     }
 
-    /// Whether more bytes (usually more requests) arrived in the same read
-    /// as the request being handed to [`Service::call`]: a service may then
-    /// wait for those to batch their work. Meaningful inside `call` only.
+    /// Whether another whole request arrived in the same read as the one
+    /// being handed to [`Service::call`]: a service may then wait for it to
+    /// batch their work. Meaningful inside `call` only.
     pub fn more_requests_read(&self) -> bool {
         self.inner.more_read.load(Ordering::Relaxed)
     }
@@ -457,6 +457,17 @@ fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether `buf` starts with a whole frame (its length prefix and body).
+fn holds_a_frame(buf: &[u8]) -> bool {
+    match buf.get(..4) {
+        Some(prefix) => {
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            buf.len() - 4 >= len
+        }
+        None => false,
+    }
+}
+
 /// A handler's future tagged with its request id.
 struct Tagged {
     id: u64,
@@ -568,7 +579,7 @@ async fn read_loop(
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, request)))) => match &service {
                     Some(service) => {
-                        inner.more_read.store(!reader.read_buffer().is_empty(), Ordering::Relaxed);
+                        inner.more_read.store(holds_a_frame(reader.read_buffer()), Ordering::Relaxed);
                         inflight.push(Tagged { id, fut: service.call(&conn, request) });
                     }
                     None => {
