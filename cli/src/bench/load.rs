@@ -43,6 +43,9 @@ pub struct Plan {
     pub interval: Option<f64>,
     /// Requests in flight at most.
     pub in_flight: usize,
+    /// Wait for send times with a [`Pacer`] (to the microsecond) rather
+    /// than tokio's millisecond timer.
+    pub precise: bool,
 }
 
 impl Plan {
@@ -79,7 +82,7 @@ pub async fn drive<F, Fut, D>(
 {
     let in_flight = plan.in_flight.max(1);
     let mut inflight = FuturesUnordered::new();
-    let mut pacer = Pacer::new();
+    let mut pacer = Pacer::new(plan.precise);
     let mut next: u64 = 0;
     let mut measured_issued: u64 = 0;
     if plan.interval.is_none() {
@@ -170,6 +173,7 @@ mod tests {
             stop: Stop::Count(20),
             interval: None,
             in_flight: 4,
+            precise: false,
         };
         let current = RefCell::new(0usize);
         let peak = RefCell::new(0usize);
@@ -209,6 +213,7 @@ mod tests {
             stop: Stop::Deadline(start + Duration::from_millis(100)),
             interval: Some(0.001),
             in_flight: 1,
+            precise: false,
         };
         let mut done_ops = Vec::new();
         drive(
@@ -243,6 +248,7 @@ mod tests {
             stop: Stop::Count(10),
             interval: Some(0.01),
             in_flight: 8,
+            precise: false,
         };
         let mut sent_at = Vec::new();
         drive(
@@ -266,6 +272,7 @@ mod tests {
             stop: Stop::Deadline(start + Duration::from_secs(3600)),
             interval: Some(0.001),
             in_flight: 64,
+            precise: false,
         };
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {

@@ -3,8 +3,10 @@
 //! Tokio's timer counts in whole milliseconds: a request due in 200 µs
 //! would go out up to a millisecond late, and under open loop that lateness
 //! is counted in its latency (coordinated-omission correction). On Linux a
-//! [`Pacer`] waits on a timerfd registered with the runtime's reactor, so
-//! the wake-up comes when the kernel timer fires, not at the next tick.
+//! precise [`Pacer`] (`--precise-pacing`) waits on a timerfd registered
+//! with the runtime's reactor, so the wake-up comes when the kernel timer
+//! fires, not at the next tick; that is a wake-up per request, which on a
+//! small machine takes CPU from the broker, hence not the default.
 //! Elsewhere, or when no timerfd can be made, it falls back to tokio's timer
 //! (as do unit tests, which run on tokio's paused clock).
 
@@ -17,14 +19,21 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// A pacer; must be created inside the tokio runtime.
-    pub fn new() -> Pacer {
+    /// A pacer, precise or on tokio's timer; must be created inside the
+    /// tokio runtime.
+    pub fn new(precise: bool) -> Pacer {
+        #[cfg(not(all(target_os = "linux", not(test))))]
+        let _ = precise;
         Pacer {
             #[cfg(all(target_os = "linux", not(test)))]
-            timer: linux::Timer::new().and_then(linux::register).or_else(|| {
-                tracing::debug!("no timerfd; pacing with tokio's millisecond timer");
-                None
-            }),
+            timer: precise
+                .then(linux::Timer::new)
+                .flatten()
+                .and_then(linux::register)
+                .or_else(|| {
+                    tracing::debug!("no timerfd; pacing with tokio's millisecond timer");
+                    None
+                }),
         }
     }
 

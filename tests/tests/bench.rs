@@ -1,0 +1,196 @@
+//! `txmq bench`: each scenario run as a user would (the real binary, a
+//! real cluster, `--output json`), checking what its report says and what
+//! the broker holds afterwards. Speed is never asserted here; only counts,
+//! the report's fields, and that nothing was lost or duplicated.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use txmq_broker::FlushMode;
+use txmq_tests::{json_lines, Cluster};
+
+use common::{create_topic, txmq};
+
+/// Runs `txmq bench ARGS --output json` and returns its one report.
+async fn bench(ns: &str, args: &[&str]) -> Value {
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--output", "json"]);
+    let out = txmq(ns, &all, None).await;
+    assert!(
+        out.status.success(),
+        "txmq {all:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 1, "one summary object: {lines:?}");
+    lines.remove(0)
+}
+
+/// The latency summary `field` holds every figure OpenMessaging Benchmark
+/// reports, in order, for `count` samples.
+fn assert_latency(report: &Value, field: &str, count: u64) {
+    let l = &report[field];
+    assert_eq!(l["count"], count, "{field}: {l}");
+    let order = ["p50", "p75", "p95", "p99", "p99_9", "p99_99", "max"];
+    let values: Vec<u64> = order
+        .iter()
+        .map(|k| {
+            l[k].as_u64()
+                .unwrap_or_else(|| panic!("{field}.{k} in {l}"))
+        })
+        .collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{field}: {l}");
+    assert!(l["avg"].as_f64().is_some_and(|a| a > 0.0), "{field}: {l}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_reports_what_the_broker_stored_also_over_shared_clients() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "p", 4).await;
+
+    // 8 producers over 2 clients (connections), one request in flight each.
+    let r = bench(
+        &ns,
+        &[
+            "produce",
+            "p",
+            "--producers",
+            "8",
+            "--clients",
+            "2",
+            "--in-flight",
+            "1",
+            "--size",
+            "256",
+            "--count",
+            "800",
+        ],
+    )
+    .await;
+    assert_eq!(r["scenario"], "produce");
+    assert_eq!(r["messages"], 800, "{r}");
+    assert_eq!(r["bytes"], 800 * 256);
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["broker_records"], 800, "the broker stored each once: {r}");
+    assert!(r["publish_rate_msg_s"].as_f64().is_some_and(|x| x > 0.0));
+    assert_latency(&r, "latency_us", 800);
+
+    // Batches: rates and counts are in messages.
+    let r = bench(
+        &ns,
+        &[
+            "produce",
+            "p",
+            "--producers",
+            "2",
+            "--batch",
+            "16",
+            "--count",
+            "320",
+        ],
+    )
+    .await;
+    assert_eq!(r["messages"], 320, "{r}");
+    assert_eq!(r["broker_records"], 320);
+
+    // Everything sent (the 8 connecting sends, one per producer handle,
+    // and the 2 of the batch run come on top) is in the topic.
+    let admin = cluster.admin().await;
+    let stored = admin.browse("p", 10_000).await.unwrap();
+    assert_eq!(stored.len(), 800 + 320 + 8 + 2);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_at_a_rate_loses_and_repeats_nothing_with_either_pacing() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "e", 4).await;
+    for pacing in [None, Some("--precise-pacing")] {
+        let mut args = vec![
+            "e2e",
+            "e",
+            "--producers",
+            "2",
+            "--rate",
+            "1000",
+            "--count",
+            "500",
+            "--size",
+            "128",
+        ];
+        args.extend(pacing);
+        let r = bench(&ns, &args).await;
+        assert_eq!(r["scenario"], "e2e");
+        assert_eq!(r["sent"], 500, "{pacing:?}: {r}");
+        assert_eq!(r["received"], 500, "{pacing:?}: {r}");
+        assert_eq!(r["lost"], 0);
+        assert_eq!(r["duplicated"], 0);
+        assert_eq!(r["target_rate"], 1000.0);
+        assert_latency(&r, "e2e_latency_us", 500);
+        assert_latency(&r, "latency_us", 500);
+        // Open loop: how late sends went out is reported (OMB's publish delay).
+        assert_latency(&r, "publish_delay_us", 500);
+        // 500 messages at 1,000/s take about half a second, not less.
+        let secs = r["duration_s"].as_f64().unwrap_or_default();
+        assert!(secs >= 0.45, "{pacing:?}: {secs} s for 500 at 1000/s");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_with_unknown_local_results_settles_every_transaction_by_check_back() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.transactions.timeout = Duration::from_millis(300);
+            c.transactions.check_interval = Duration::from_millis(200);
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "x", 4).await;
+    let r = bench(
+        &ns,
+        &[
+            "tx",
+            "x",
+            "--producers",
+            "4",
+            "--clients",
+            "2",
+            "--count",
+            "200",
+            "--rollback-ratio",
+            "0.25",
+            "--unknown-ratio",
+            "0.25",
+            "--first-check-delay",
+            "300ms",
+        ],
+    )
+    .await;
+    assert_eq!(r["scenario"], "tx");
+    assert_eq!(r["transactions"], 200, "{r}");
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(
+        n("local_commit") + n("local_rollback") + n("local_unknown"),
+        200
+    );
+    assert!(n("local_unknown") > 0, "the mix asked for unknowns: {r}");
+    // Every unknown was settled by a check-back, each committed one is
+    // visible once and no rolled-back one is.
+    assert_eq!(n("checked_transactions"), n("local_unknown"), "{r}");
+    assert_eq!(n("committed"), n("visible"), "{r}");
+    assert_eq!(n("rolled_back"), n("local_rollback"));
+    assert_eq!(n("unresolved"), 0);
+    assert_eq!(n("lost"), 0);
+    assert_eq!(n("duplicated"), 0);
+    assert_eq!(n("visible_not_committed"), 0);
+    assert_eq!(n("unexpected_checks"), 0);
+    assert_latency(&r, "prepare_latency_us", 200);
+    cluster.shutdown().await;
+}
