@@ -554,7 +554,10 @@ async fn read_loop(
             _ = inner.closed.cancelled() => break,
             Some((id, result)) = inflight.next(), if !inflight.is_empty() => {
                 encode_frame(&mut codec, &Frame::Response(id, result), &mut batch, &inner);
-                if batch.len() >= MAX_BATCH && !flush_batch(&inner, &mut batch).await {
+                // Nothing else to answer soon (no request pending, none read):
+                // write now rather than after another read attempt.
+                let last = inflight.is_empty() && !holds_a_frame(reader.read_buffer());
+                if (last || batch.len() >= MAX_BATCH) && !flush_batch(&inner, &mut batch).await {
                     break;
                 }
             }
