@@ -99,8 +99,12 @@ type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
 /// sender writes its frame itself with a non-blocking `try_write`, saving a
 /// wake-up of the writer task per frame. The writer task takes `half` while
 /// it writes and gives it back only when the queue is empty, checked under
-/// this lock; senders queue under the same lock, so a frame written
-/// directly never overtakes a queued one.
+/// this lock; a sender writes directly only when the queue is empty too
+/// (also checked under this lock), so a frame written directly does not
+/// overtake a queued one. (The one exception is the instant between the
+/// writer task taking a frame off the queue and taking `half`: only an
+/// answer can be written directly then, since a request goes direct only
+/// when no other is pending, and answers are matched by id.)
 struct WriteSide {
     half: Option<OwnedWriteHalf>,
     /// What a direct write could not finish; the writer task writes it
@@ -370,7 +374,7 @@ fn send_now(inner: &Inner, item: Outgoing) -> Result<(), Outgoing> {
     let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
     let w = &mut *w;
     if let (Outgoing::Frame(frame), Some(half)) = (&item, w.half.as_ref()) {
-        if w.leftover.is_empty() && !inner.closed.is_cancelled() {
+        if w.leftover.is_empty() && queue_empty(inner) && !inner.closed.is_cancelled() {
             w.buf.clear();
             encode_frame(&mut w.codec, frame, &mut w.buf, inner);
             let written = match half.try_write(&w.buf) {
@@ -395,6 +399,12 @@ fn send_now(inner: &Inner, item: Outgoing) -> Result<(), Outgoing> {
     inner.out.try_send(item).map_err(|e| match e {
         mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => item,
     })
+}
+
+/// Nothing waits in the writer task's queue: a direct write would not
+/// overtake anything.
+fn queue_empty(inner: &Inner) -> bool {
+    inner.out.capacity() == inner.out.max_capacity()
 }
 
 /// Sends or queues a frame ([`send_now`]), waiting for room in the queue,
@@ -427,7 +437,7 @@ async fn flush_batch(inner: &Inner, batch: &mut BytesMut) -> bool {
         let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
         let w = &mut *w;
         if let Some(half) = w.half.as_ref() {
-            if w.leftover.is_empty() && !inner.closed.is_cancelled() {
+            if w.leftover.is_empty() && queue_empty(inner) && !inner.closed.is_cancelled() {
                 let written = match half.try_write(batch) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
@@ -675,10 +685,9 @@ async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
             _ = inner.closed.cancelled() => None,
         };
         let Some(first) = first else { break };
-        // Let the tasks woken together with this one (by one read of many
-        // answers, say) queue their frames too, so that one write takes all.
-        tokio::task::yield_now().await;
         {
+            // Taken at once: while the writer task holds the half, senders
+            // queue behind `first` instead of writing before it.
             let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
             if half.is_none() {
                 half = w.half.take();
@@ -686,6 +695,9 @@ async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
             buf.extend_from_slice(&w.leftover);
             w.leftover.clear();
         }
+        // Let the tasks woken together with this one (by one read of many
+        // answers, say) queue their frames too, so that one write takes all.
+        tokio::task::yield_now().await;
         let Some(writer) = half.as_mut() else { break };
         closing = encode_into(&mut codec, first, &mut buf, &inner);
         loop {

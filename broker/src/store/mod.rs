@@ -911,10 +911,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Flat combining: if the writer is free, take it and write everything
-/// queued, repeatedly, until the queue is empty when the writer is let go.
-/// A caller that finds the writer busy leaves its command to the holder,
-/// which checks the queue again after letting go, so none is stranded.
 /// Runs [`combine`] when dropped: after a yield, or when the future
 /// waiting in that yield is dropped.
 struct CombineOnDrop<'a>(&'a StoreInner);
@@ -925,6 +921,10 @@ impl Drop for CombineOnDrop<'_> {
     }
 }
 
+/// Flat combining: if the writer is free, take it and write everything
+/// queued, repeatedly, until the queue is empty when the writer is let go.
+/// A caller that finds the writer busy leaves its command to the holder,
+/// which checks the queue again after letting go, so none is stranded.
 fn combine(inner: &StoreInner) {
     let mut batch = Vec::new();
     loop {
