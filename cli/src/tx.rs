@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
 use txmq::{
-    Admin, BoxError, CheckRequest, Ended, Message, TransactionList, TransactionListener,
-    TransactionProducer, TransactionState, TxAction, TxContext, TxOutcome,
+    Admin, BoxError, CheckRequest, Ended, Message, SendStatus, TransactionList,
+    TransactionListener, TransactionProducer, TransactionState, TxAction, TxContext, TxOutcome,
 };
 
 use crate::args::{parse_duration, GlobalArgs};
@@ -337,7 +337,9 @@ async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
 }
 
 /// A transactional send's result as JSON: `tx_id`, `msg_id`, `state` (the
-/// local result), `broker`, `topic`, and `ended` (the broker's state) with
+/// local result), `broker`, `topic`, `prepare_status` (how the half message
+/// was stored; not `SEND_OK`: the local transaction did not run and the
+/// transaction was rolled back), and `ended` (the broker's state) with
 /// `already` when the transaction was ended.
 fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
     let mut m = Map::new();
@@ -346,6 +348,7 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
     m.insert("state".into(), json!(o.state.name()));
     m.insert("broker".into(), json!(o.broker_name));
     m.insert("topic".into(), json!(topic));
+    m.insert("prepare_status".into(), json!(o.prepare_status.name()));
     if let Some(ended) = &o.ended {
         m.insert("ended".into(), json!(ended.state.name()));
         m.insert("already".into(), json!(ended.already));
@@ -360,12 +363,21 @@ fn outcome_text(o: &TxOutcome, topic: &str) -> String {
         Some(e) => format!("ended={}", e.state.name()),
         None => "not ended; the broker will check back".to_string(),
     };
+    let prepared = if o.prepare_status == SendStatus::SendOk {
+        String::new()
+    } else {
+        format!(
+            "prepare={} (local transaction not run) ",
+            o.prepare_status.name()
+        )
+    };
     format!(
-        "tx={} broker={} topic={} msg_id={} local={} {}",
+        "tx={} broker={} topic={} msg_id={} {}local={} {}",
         o.tx_id,
         o.broker_name,
         topic,
         o.msg_id,
+        prepared,
         o.state.name(),
         end
     )
@@ -628,6 +640,7 @@ mod tests {
             msg_id: id,
             msg_ids: vec![id],
             state,
+            prepare_status: SendStatus::SendOk,
             ended,
         }
     }

@@ -315,6 +315,7 @@ impl Admin {
             tx_id,
             action,
             source: TxSource::Operator,
+            msg_id: None,
         };
         if let Some(wanted) = broker {
             let targets = self.targets(Some(wanted)).await?;

@@ -107,6 +107,7 @@ impl FakeBroker {
                 producer_group: group,
                 messages,
                 checks: 0,
+                timeout_ms: 0,
             })
             .await?;
         Ok(answer.resolution)

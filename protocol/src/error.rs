@@ -50,6 +50,9 @@ pub enum ErrorCode {
     TransactionCommitted = 22,
     /// The transaction was parked after too many checks; only an operator may end it.
     TransactionParked = 23,
+    /// The message id is already used by another transaction (a message
+    /// reused for a second send without a new id).
+    DuplicateMsgId = 24,
     /// The consumer group has live members where the request needs none (e.g. an offset reset).
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
@@ -84,6 +87,7 @@ impl ErrorCode {
             21 => TransactionRolledBack,
             22 => TransactionCommitted,
             23 => TransactionParked,
+            24 => DuplicateMsgId,
             30 => GroupActive,
             31 => QueueNotOwned,
             _ => Unknown,
@@ -115,6 +119,7 @@ impl ErrorCode {
             TransactionRolledBack => "TRANSACTION_ROLLED_BACK",
             TransactionCommitted => "TRANSACTION_COMMITTED",
             TransactionParked => "TRANSACTION_PARKED",
+            DuplicateMsgId => "DUPLICATE_MSG_ID",
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
             Unknown => "UNKNOWN",
@@ -164,6 +169,7 @@ mod tests {
             ErrorCode::Internal,
             ErrorCode::UnknownTopic,
             ErrorCode::TransactionParked,
+            ErrorCode::DuplicateMsgId,
             ErrorCode::OffsetOutOfRange,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);

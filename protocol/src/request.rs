@@ -410,6 +410,13 @@ pub struct PrepareTransaction {
     pub messages: Vec<HalfMessage>,
     /// Age before the first check-back, overriding the broker's transaction timeout.
     pub first_check_delay_ms: Option<u64>,
+    /// A token the client draws once per transaction and keeps across its
+    /// own retries of this prepare: a repeated prepare with the same first
+    /// msg id and token is answered with the transaction it made; the same
+    /// msg id with another token is refused (`DUPLICATE_MSG_ID`), never
+    /// merged. `None` (older clients): the stored content decides.
+    #[serde(default)]
+    pub attempt: Option<u64>,
 }
 
 /// A prepared transaction.
@@ -448,6 +455,11 @@ pub struct EndTransaction {
     pub action: TxAction,
     /// Producer or operator.
     pub source: TxSource,
+    /// The transaction's first msg id, when the caller knows it: a
+    /// transaction id that names a transaction with another first message
+    /// is answered `UNKNOWN_TRANSACTION` instead of ending it.
+    #[serde(default)]
+    pub msg_id: Option<MsgId>,
 }
 
 /// The state of an ended transaction.
@@ -521,6 +533,11 @@ pub struct CheckTransaction {
     pub messages: Vec<Message>,
     /// Checks sent before this one.
     pub checks: u32,
+    /// How long the broker waits for the answer (ms); an answer later than
+    /// that is thrown away, so the producer answers within it or not at
+    /// all. 0: not said (an older broker).
+    #[serde(default)]
+    pub timeout_ms: u64,
 }
 
 /// The producer's answer to a check.

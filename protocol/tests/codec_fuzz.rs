@@ -275,9 +275,10 @@ fn request() -> impl Strategy<Value = Request> {
         (
             text(),
             proptest::collection::vec((any::<u32>(), message()), 0..3),
+            proptest::option::of(any::<u64>()),
             proptest::option::of(any::<u64>())
         )
-            .prop_map(|(producer_group, halves, first_check_delay_ms)| {
+            .prop_map(|(producer_group, halves, first_check_delay_ms, attempt)| {
                 Request::PrepareTransaction(PrepareTransaction {
                     producer_group,
                     messages: halves
@@ -285,34 +286,51 @@ fn request() -> impl Strategy<Value = Request> {
                         .map(|(queue, message)| HalfMessage { queue, message })
                         .collect(),
                     first_check_delay_ms,
+                    attempt,
                 })
             }),
-        (any::<u64>(), any::<bool>(), any::<bool>()).prop_map(|(tx_id, commit, operator)| {
-            Request::EndTransaction(EndTransaction {
-                tx_id,
-                action: if commit {
-                    TxAction::Commit
-                } else {
-                    TxAction::Rollback
-                },
-                source: if operator {
-                    TxSource::Operator
-                } else {
-                    TxSource::Producer
-                },
-            })
-        }),
-        (any::<u64>(), text(), text(), messages(), any::<u32>()).prop_map(
-            |(tx_id, broker_name, producer_group, messages, checks)| {
-                Request::CheckTransaction(CheckTransaction {
+        (
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(any::<[u8; 16]>())
+        )
+            .prop_map(|(tx_id, commit, operator, msg_id)| {
+                Request::EndTransaction(EndTransaction {
                     tx_id,
-                    broker_name,
-                    producer_group,
-                    messages,
-                    checks,
+                    action: if commit {
+                        TxAction::Commit
+                    } else {
+                        TxAction::Rollback
+                    },
+                    source: if operator {
+                        TxSource::Operator
+                    } else {
+                        TxSource::Producer
+                    },
+                    msg_id: msg_id.map(MsgId),
                 })
-            }
-        ),
+            }),
+        (
+            any::<u64>(),
+            text(),
+            text(),
+            messages(),
+            any::<u32>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(tx_id, broker_name, producer_group, messages, checks, timeout_ms)| {
+                    Request::CheckTransaction(CheckTransaction {
+                        tx_id,
+                        broker_name,
+                        producer_group,
+                        messages,
+                        checks,
+                        timeout_ms,
+                    })
+                }
+            ),
         Just(Request::ListTransactions(ListTransactions {})),
         Just(Request::GetStoreStats(GetStoreStats {})),
     ]

@@ -915,6 +915,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
                 message: Message::new("orders", "half"),
             }],
             first_check_delay_ms: Some(u64::MAX),
+            attempt: None,
         })
         .await
         .map(drop),
@@ -968,6 +969,7 @@ async fn ending_an_unknown_transaction_is_unknown_transaction() {
                         tx_id,
                         action,
                         source,
+                        msg_id: None,
                     })
                     .await
                     .expect_err("nothing to end");

@@ -347,6 +347,7 @@ async fn raw_end(c: &Cluster, tx_id: u64, action: TxAction) -> Result<Ended, txm
             tx_id,
             action,
             source: TxSource::Producer,
+            msg_id: None,
         })
         .await;
     conn.close();

@@ -2,7 +2,7 @@
 
 use txmq_protocol::{
     validate_topic_name, EndTransaction, Ended, ErrorCode, ListTransactions, PrepareTransaction,
-    Prepared, TransactionList, WireError, PERM_READ_WRITE, PERM_WRITE,
+    Prepared, TransactionList, WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
 };
 
 use super::{bad_argument, check_queue, topic};
@@ -44,6 +44,15 @@ pub(super) async fn prepare(
             ));
         }
         check_queue(&config, half.queue)?;
+        // Refused rather than dropped: a transactional message becomes
+        // visible when it is committed (as in RocketMQ).
+        if half.message.properties.contains_key(PROPERTY_DELIVER_AT) {
+            return Err(bad_argument(format!(
+                "message {} has a delivery time: transactional messages cannot be delayed; \
+                 they become visible when committed",
+                half.message.msg_id
+            )));
+        }
     }
     let messages = req
         .messages
@@ -52,13 +61,20 @@ pub(super) async fn prepare(
         .collect();
     let (tx_id, status) = b
         .transactions
-        .prepare(&req.producer_group, req.first_check_delay_ms, messages)
+        .prepare(
+            &req.producer_group,
+            req.first_check_delay_ms,
+            req.attempt,
+            messages,
+        )
         .await?;
     Ok(Prepared { tx_id, status })
 }
 
 pub(super) async fn end(b: &BrokerInner, req: EndTransaction) -> Result<Ended, WireError> {
-    b.transactions.end(req.tx_id, req.action, req.source).await
+    b.transactions
+        .end(req.tx_id, req.action, req.source, req.msg_id)
+        .await
 }
 
 pub(super) fn list(b: &BrokerInner, _req: ListTransactions) -> TransactionList {

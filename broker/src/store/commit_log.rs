@@ -201,13 +201,15 @@ impl CommitLog {
     }
 
     /// Cuts the log at `pos`: zeroes the rest of its segment and deletes every
-    /// later segment. Only for recovery, before any reader exists.
+    /// later segment that starts before `until` (the segment recovery opened
+    /// for new writes starts there and stays). Only for recovery, before any
+    /// reader exists.
     ///
     /// # Errors
     /// I/O errors.
-    pub fn cut(&self, pos: u64) -> io::Result<()> {
+    pub fn cut(&self, pos: u64, until: u64) -> io::Result<()> {
         let mut segs = self.write_lock();
-        let later: Vec<u64> = segs.range(pos..).map(|(s, _)| *s).collect();
+        let later: Vec<u64> = segs.range(pos..until).map(|(s, _)| *s).collect();
         for start in later {
             if let Some(seg) = segs.remove(&start) {
                 std::fs::remove_file(&seg.path)?;

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{oneshot, watch};
-use txmq_protocol::{Message, StoredMessage};
+use txmq_protocol::{Message, MsgId, StoredMessage};
 
 use self::commit_log::CommitLog;
 use self::consume_queue::ConsumeQueue;
@@ -182,8 +182,9 @@ pub struct RecoveredTx {
 pub struct RecoveredTransactions {
     /// Pending (prepared or parked), by tx id.
     pub pending: Vec<RecoveredTx>,
-    /// Ended since the oldest pending one: (tx id, committed?).
-    pub ended: Vec<(u64, bool)>,
+    /// Ended since the oldest pending one: (tx id, committed?, first msg
+    /// id, the default id when the marker did not carry it).
+    pub ended: Vec<(u64, bool, MsgId)>,
 }
 
 /// The writer's position, shared with the flusher.
@@ -216,6 +217,7 @@ pub(crate) enum WriteCmd {
     Marker {
         kind: record::RecordKind,
         tx_id: u64,
+        first_msg_id: MsgId,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     OffsetCommit {
@@ -601,7 +603,8 @@ impl Store {
         Ok(a.durable)
     }
 
-    /// Appends a small transaction marker (rollback, check, park).
+    /// Appends a small transaction marker (rollback, check, park) that
+    /// names the transaction by its id and its first message id.
     ///
     /// # Errors
     /// As [`Store::append`].
@@ -609,11 +612,20 @@ impl Store {
         &self,
         kind: record::RecordKind,
         tx_id: u64,
+        first_msg_id: MsgId,
     ) -> Result<bool, StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
         let a = self
-            .submit(WriteCmd::Marker { kind, tx_id, reply }, rx)
+            .submit(
+                WriteCmd::Marker {
+                    kind,
+                    tx_id,
+                    first_msg_id,
+                    reply,
+                },
+                rx,
+            )
             .await?;
         Ok(a.durable)
     }

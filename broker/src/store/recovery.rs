@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use txmq_protocol::{tag_hash, validate_topic_name};
+use txmq_protocol::{tag_hash, validate_topic_name, MsgId};
 
 use super::checkpoint::{Checkpoint, OffsetTable};
 use super::commit_log::CommitLog;
@@ -40,6 +40,7 @@ pub(crate) struct Recovered {
     pub queues: HashMap<String, Vec<Arc<ConsumeQueue>>>,
     pub offsets: OffsetTable,
     pub transactions: RecoveredTransactions,
+    /// Where new writes start: a fresh segment past every position used before.
     pub end: u64,
 }
 
@@ -73,7 +74,7 @@ struct Replayer<'a> {
     offsets: &'a mut OffsetTable,
     batcher: Batcher,
     pending: BTreeMap<u64, RecoveredTx>,
-    ended: BTreeMap<u64, bool>,
+    ended: BTreeMap<u64, (bool, MsgId)>,
     group: Option<OpenGroup>,
     /// Below this position only transaction state is rebuilt.
     dispatch_from: u64,
@@ -125,7 +126,7 @@ impl Replayer<'_> {
             }
             RecordKind::TxRollback => {
                 self.pending.remove(&rec.aux);
-                self.ended.insert(rec.aux, false);
+                self.ended.insert(rec.aux, (false, rec.message.msg_id));
             }
             RecordKind::TxCheck => {
                 if let Some(t) = self.pending.get_mut(&rec.aux) {
@@ -232,7 +233,12 @@ impl Replayer<'_> {
             }
             _ => {
                 self.pending.remove(&group.tx_id);
-                self.ended.insert(group.tx_id, true);
+                let first_msg_id = group
+                    .records
+                    .first()
+                    .map(|(_, _, r)| r.message.msg_id)
+                    .unwrap_or_default();
+                self.ended.insert(group.tx_id, (true, first_msg_id));
                 for (pos, size, rec) in &group.records {
                     if *pos >= self.dispatch_from {
                         self.dispatch(rec, *pos, *size)?;
@@ -287,6 +293,14 @@ pub(crate) fn recover(
             &e,
         )
     })?;
+    // New writes start in a fresh segment past every segment on disk, taken
+    // before a torn tail is cut: a position handed out before a crash (a
+    // transaction id is the position of its first half message, answered
+    // under async flush before it is durable) may have been lost with the
+    // tail, and must never name another record. Segment creation is
+    // durable (file and directory fsync) before any of its positions is
+    // handed out, so every such position lies below this one.
+    let next_start = log.last_segment().map_or(0, |s| s.end());
     let mut queues = HashMap::new();
     // The delay levels, and no other queue of their topic.
     ensure_queues(config, &mut queues, DELAY_TOPIC, delay::LEVELS)?;
@@ -368,7 +382,10 @@ pub(crate) fn recover(
         pending: std::mem::take(&mut replayer.pending)
             .into_values()
             .collect(),
-        ended: std::mem::take(&mut replayer.ended).into_iter().collect(),
+        ended: std::mem::take(&mut replayer.ended)
+            .into_iter()
+            .map(|(tx_id, (committed, first))| (tx_id, committed, first))
+            .collect(),
     };
     if let Some(pos) = cut {
         // Only a tail may be cut: a damaged record followed by segments that
@@ -392,20 +409,31 @@ pub(crate) fn recover(
             "commit log has a torn or corrupt tail; cutting it"
         );
     }
-    // Zero whatever lies past the end (a torn tail, or bytes a lost write
-    // left behind), so that nothing stale can ever read as a record.
-    if log.last_segment().is_some_and(|last| end < last.end()) {
-        log.cut(end)
-            .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
-    }
     // What was replayed may have been in the page cache only (a kill -9):
-    // make it durable before anything is acknowledged or checkpointed on it.
+    // make it durable before anything is acknowledged or checkpointed on it,
+    // and before the new segment can hold data (a power cut must never
+    // leave data after a torn record).
     for seg in log.segments() {
         if seg.end() > verify_from && seg.start < end {
             seg.file
                 .sync_data()
                 .map_err(|e| StoreError::io(format!("cannot sync {}", seg.path.display()), &e))?;
         }
+    }
+    // Created before the cut deletes anything: a crash in between leaves it
+    // on disk, so the next start begins past it too.
+    log.create_segment(next_start).map_err(|e| {
+        StoreError::io(
+            format!("cannot create commit-log segment at {next_start}"),
+            &e,
+        )
+    })?;
+    // Zero whatever lies past the end (a torn tail, or bytes a lost write
+    // left behind), so that nothing stale can ever read as a record; empty
+    // segments between the end and the new one go.
+    if end < next_start {
+        log.cut(end, next_start)
+            .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
     }
     let log_min = log.min_offset();
     for cq in queues.values().flatten() {
@@ -418,6 +446,7 @@ pub(crate) fn recover(
     }
     tracing::info!(
         end,
+        next_start,
         verified_bytes = end.saturating_sub(verify_from),
         pending_transactions = transactions.pending.len(),
         queues = queues.values().map(Vec::len).sum::<usize>(),
@@ -429,7 +458,7 @@ pub(crate) fn recover(
         queues,
         offsets,
         transactions,
-        end,
+        end: next_start,
     })
 }
 

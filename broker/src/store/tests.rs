@@ -287,12 +287,12 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
         .await
         .unwrap();
     store
-        .transaction_marker(record::RecordKind::TxRollback, tx_b)
+        .transaction_marker(record::RecordKind::TxRollback, tx_b, MsgId::default())
         .await
         .unwrap();
     let (tx_c, _) = store.prepare(vec![half(4)]).await.unwrap();
     store
-        .transaction_marker(record::RecordKind::TxCheck, tx_c)
+        .transaction_marker(record::RecordKind::TxCheck, tx_c, MsgId::default())
         .await
         .unwrap();
     assert_eq!(bodies(&store, 1), vec!["body-1", "body-2"]);

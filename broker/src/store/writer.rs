@@ -226,12 +226,15 @@ impl Writer {
                     value: tx_id,
                 });
             }
-            WriteCmd::Marker { kind, tx_id, reply } => {
-                record::encode(
-                    &mut self.buf,
-                    head(kind, 0, 0, tx_id, 0),
-                    &empty_message("", None),
-                );
+            WriteCmd::Marker {
+                kind,
+                tx_id,
+                first_msg_id,
+                reply,
+            } => {
+                let mut marker = empty_message("", None);
+                marker.msg_id = first_msg_id;
+                record::encode(&mut self.buf, head(kind, 0, 0, tx_id, 0), &marker);
                 if kind == RecordKind::TxRollback {
                     self.chunk.push(Encoded::TxPending {
                         tx_id,

@@ -114,13 +114,19 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         tx.check_done(tx_id, false, None, Some(error));
         return;
     };
+    let first_msg_id = messages.first().map(|m| m.msg_id).unwrap_or_default();
     let request = CheckTransaction {
         tx_id,
         broker_name: tx.broker_name.clone(),
         producer_group: group.to_string(),
         messages,
         checks,
+        timeout_ms: tx.config.check_timeout.as_millis() as u64,
     };
+    // A connection that closes after the check went out (the producer
+    // crashed on it, say) still counts the check: otherwise a check that
+    // kills its producer is sent forever and never parks.
+    let closed_before = conn.is_closed();
     let (sent, answer, error) = match conn
         .call_with_timeout(request, tx.config.check_timeout)
         .await
@@ -129,6 +135,11 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         Err(e @ RemotingError::Timeout { .. }) | Err(e @ RemotingError::Remote(_)) => {
             (true, None, Some(e.to_string()))
         }
+        Err(e @ RemotingError::Closed { .. }) if !closed_before => (
+            true,
+            None,
+            Some(format!("connection closed after the check was sent: {e}")),
+        ),
         Err(e) => (false, None, Some(format!("check not sent: {e}"))),
     };
     if sent {
@@ -137,7 +148,7 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = tx
             .store
-            .transaction_marker(RecordKind::TxCheck, tx_id)
+            .transaction_marker(RecordKind::TxCheck, tx_id, first_msg_id)
             .await
         {
             tracing::warn!(tx_id, error = %e, "cannot record a check");
@@ -155,13 +166,18 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
             return;
         }
     };
-    if let Err(e) = tx.end(tx_id, action, TxSource::Producer).await {
+    if let Err(e) = tx.end(tx_id, action, TxSource::Producer, None).await {
         tracing::warn!(tx_id, ?action, error = %e, "cannot end a transaction after its check");
     }
 }
 
 async fn park(tx: &Transactions, tx_id: u64) {
-    match tx.store.transaction_marker(RecordKind::TxPark, tx_id).await {
+    let first_msg_id = tx.first_msg_id(tx_id).unwrap_or_default();
+    match tx
+        .store
+        .transaction_marker(RecordKind::TxPark, tx_id, first_msg_id)
+        .await
+    {
         Ok(_) => tx.park(tx_id),
         Err(e) => tracing::warn!(tx_id, error = %e, "cannot park a transaction"),
     }

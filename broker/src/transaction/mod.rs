@@ -31,6 +31,9 @@ use crate::store::{RecoveredTransactions, Store};
 /// Properties the broker keeps inside a half message; removed on commit.
 pub(crate) const PROP_PRODUCER_GROUP: &str = "__txmq.producer_group";
 pub(crate) const PROP_CHECK_DELAY: &str = "__txmq.check_delay_ms";
+/// The prepare's attempt token (on the first half message): a retry of the
+/// same prepare carries the same token.
+pub(crate) const PROP_ATTEMPT: &str = "__txmq.attempt";
 /// A user property that sets a message's own first-check delay (e.g. `2s`, `500ms`).
 pub const PROP_USER_CHECK_DELAY: &str = "txmq.check-delay";
 
@@ -66,8 +69,8 @@ enum Phase {
 #[derive(Debug)]
 struct Pending {
     group: Arc<str>,
-    /// `msg_key` of its first message (the key of `Table::by_msg_id`).
-    first_msg_key: u64,
+    /// Its first message's id (`msg_key` of it is the key of `Table::by_msg_id`).
+    first_msg_id: MsgId,
     /// The half messages: `count` records contiguous from the tx id on (no
     /// per-transaction allocation: a million pending stay small).
     halves: Halves,
@@ -96,24 +99,53 @@ struct Table {
     /// Keyed by `msg_key` (8 bytes, not the 16-byte id: a million pending
     /// stay small); a hit is confirmed against the stored half message.
     by_msg_id: HashMap<u64, u64>,
-    /// Prepares being written, by first message id; a retry arriving
-    /// meanwhile waits for the first attempt's tx id.
-    preparing: HashMap<MsgId, watch::Sender<Option<u64>>>,
+    /// Prepares being written, by first message id, with their attempt
+    /// token; a retry arriving meanwhile waits for the first attempt's tx id.
+    preparing: HashMap<MsgId, (Option<u64>, watch::Sender<Option<u64>>)>,
     /// Ends being written, by tx id; a repeat of the same end waits for the
     /// first one's outcome (true: written) instead of trusting it early.
     ending: HashMap<u64, watch::Sender<Option<bool>>>,
-    ended: HashMap<u64, bool>,
+    ended: HashMap<u64, EndedTx>,
+    /// The first message id (as `msg_key`) of each remembered ended
+    /// transaction -> its tx id: a prepare retried after its transaction
+    /// ended is refused instead of starting a second one.
+    ended_by_msg: HashMap<u64, u64>,
     ended_order: std::collections::VecDeque<u64>,
     groups: HashMap<String, Arc<str>>,
 }
 
+/// What is remembered of an ended transaction.
+#[derive(Debug, Clone, Copy)]
+struct EndedTx {
+    committed: bool,
+    /// `msg_key` of its first message id; 0 when not known (a rollback
+    /// marker written before markers carried the id).
+    msg_key: u64,
+}
+
 impl Table {
-    fn remember_end(&mut self, tx_id: u64, committed: bool) {
-        if self.ended.insert(tx_id, committed).is_none() {
+    fn remember_end(&mut self, tx_id: u64, committed: bool, first_msg_id: MsgId) {
+        let msg_key = if first_msg_id == MsgId::default() {
+            0
+        } else {
+            msg_key(&first_msg_id)
+        };
+        if self
+            .ended
+            .insert(tx_id, EndedTx { committed, msg_key })
+            .is_none()
+        {
+            if msg_key != 0 {
+                self.ended_by_msg.insert(msg_key, tx_id);
+            }
             self.ended_order.push_back(tx_id);
             if self.ended_order.len() > ENDED_MEMORY {
                 if let Some(old) = self.ended_order.pop_front() {
-                    self.ended.remove(&old);
+                    if let Some(e) = self.ended.remove(&old) {
+                        if self.ended_by_msg.get(&e.msg_key) == Some(&old) {
+                            self.ended_by_msg.remove(&e.msg_key);
+                        }
+                    }
                 }
             }
         }
@@ -177,8 +209,8 @@ impl Transactions {
         recovered: RecoveredTransactions,
     ) -> Transactions {
         let mut table = Table::default();
-        for (tx_id, committed) in recovered.ended {
-            table.remember_end(tx_id, committed);
+        for (tx_id, committed, first_msg_id) in recovered.ended {
+            table.remember_end(tx_id, committed, first_msg_id);
         }
         for t in recovered.pending {
             let Some(&(pos, size)) = t.halves.first() else {
@@ -214,7 +246,7 @@ impl Transactions {
                 t.tx_id,
                 Pending {
                     group,
-                    first_msg_key: msg_key(&first.message.msg_id),
+                    first_msg_id: first.message.msg_id,
                     halves,
                     prepared_at: t.prepared_at,
                     next_check_at,
@@ -253,6 +285,7 @@ impl Transactions {
         &self,
         group: &str,
         first_check_delay_ms: Option<u64>,
+        attempt: Option<u64>,
         mut messages: Vec<(u32, Message)>,
     ) -> Result<(u64, SendStatus), WireError> {
         let user_delay = messages.iter().find_map(|(_, m)| {
@@ -270,28 +303,71 @@ impl Transactions {
                 .insert(PROP_CHECK_DELAY.into(), delay.to_string());
         }
         let count = messages.len();
-        let Some(key) = messages.first().map(|(_, m)| m.msg_id) else {
+        let Some((_, first_message)) = messages.first_mut() else {
             return Err(WireError::new(
                 ErrorCode::BadArgument,
                 "a transaction needs at least one message",
             ));
         };
+        if let Some(a) = attempt {
+            first_message
+                .properties
+                .insert(PROP_ATTEMPT.into(), a.to_string());
+        }
+        let key = first_message.msg_id;
         let waiting = {
             let mut table = lock(&self.table);
             if let Some(&tx_id) = table.by_msg_id.get(&msg_key(&key)) {
-                let same = self
+                let stored = self
                     .store
                     .read_record_at(tx_id)
-                    .is_some_and(|(r, _)| r.message.msg_id == key);
-                if same {
+                    .map(|(r, _)| r.message)
+                    .filter(|m| m.msg_id == key);
+                if let Some(stored) = stored {
+                    if !same_attempt(&stored, attempt, &messages[0].1) {
+                        return Err(WireError::new(
+                            ErrorCode::DuplicateMsgId,
+                            format!(
+                                "message id {key} is already used by pending transaction {tx_id}; \
+                                 every transaction needs messages with their own ids (Message::new draws one)"
+                            ),
+                        ));
+                    }
                     tracing::debug!(tx_id, msg_id = %key, "repeated prepare answered with its transaction");
                     return Ok((tx_id, SendStatus::SendOk));
                 }
             }
+            if let Some(&tx_id) = table.ended_by_msg.get(&msg_key(&key)) {
+                let committed = table.ended.get(&tx_id).is_some_and(|e| e.committed);
+                let (code, state) = if committed {
+                    (ErrorCode::TransactionCommitted, "committed")
+                } else {
+                    (ErrorCode::TransactionRolledBack, "rolled back")
+                };
+                return Err(WireError::new(
+                    code,
+                    format!(
+                        "message id {key} belongs to transaction {tx_id}, already {state}: \
+                         a retried prepare must not run its local transaction again, and a new \
+                         transaction needs messages with their own ids"
+                    ),
+                ));
+            }
             match table.preparing.get(&key) {
-                Some(first) => Some(first.subscribe()),
+                Some((token, _)) if *token != attempt || attempt.is_none() => {
+                    return Err(WireError::new(
+                        ErrorCode::DuplicateMsgId,
+                        format!(
+                            "message id {key} is being prepared by another transaction; \
+                             every transaction needs messages with their own ids"
+                        ),
+                    ));
+                }
+                Some((_, first)) => Some(first.subscribe()),
                 None => {
-                    table.preparing.insert(key, watch::channel(None).0);
+                    table
+                        .preparing
+                        .insert(key, (attempt, watch::channel(None).0));
                     None
                 }
             }
@@ -323,8 +399,8 @@ impl Transactions {
         // One critical section: a retry finds either the attempt or the
         // transaction, never neither.
         let mut table = lock(&self.table);
-        if let Some(attempt) = table.preparing.remove(&key) {
-            attempt.send_replace(Some(tx_id));
+        if let Some((_, first)) = table.preparing.remove(&key) {
+            first.send_replace(Some(tx_id));
         }
         let group = table.group(group);
         table.by_msg_id.entry(msg_key(&key)).or_insert(tx_id);
@@ -332,7 +408,7 @@ impl Transactions {
             tx_id,
             Pending {
                 group,
-                first_msg_key: msg_key(&key),
+                first_msg_id: key,
                 halves,
                 prepared_at: now,
                 next_check_at: now.saturating_add(delay),
@@ -355,24 +431,51 @@ impl Transactions {
         tx_id: u64,
         action: TxAction,
         source: TxSource,
+        msg_id: Option<MsgId>,
     ) -> Result<Ended, WireError> {
-        let first_attempt = {
-            let mut table = lock(&self.table);
-            if let Some(&committed) = table.ended.get(&tx_id) {
-                return ended_again(tx_id, committed, action);
-            }
-            let Some(p) = table.pending.get_mut(&tx_id) else {
-                return Err(WireError::new(
-                    ErrorCode::UnknownTransaction,
-                    format!(
-                        "transaction {tx_id} is not known to broker {}",
+        let unknown = || {
+            WireError::new(
+                ErrorCode::UnknownTransaction,
+                format!(
+                    "transaction {tx_id} is not known to broker {}",
+                    self.broker_name
+                ),
+            )
+        };
+        // The caller's first msg id must be this transaction's: an id the
+        // caller kept across a power cut must not end another transaction.
+        let other = |key: u64| {
+            msg_id
+                .filter(|id| key != 0 && msg_key(id) != key)
+                .map(|id| {
+                    WireError::new(
+                        ErrorCode::UnknownTransaction,
+                        format!(
+                        "transaction {tx_id} on broker {} is not the one with first message {id}",
                         self.broker_name
                     ),
-                ));
+                    )
+                })
+        };
+        let first_attempt = {
+            let mut table = lock(&self.table);
+            if let Some(&ended) = table.ended.get(&tx_id) {
+                if let Some(e) = other(ended.msg_key) {
+                    return Err(e);
+                }
+                return ended_again(tx_id, ended.committed, action);
+            }
+            let Some(p) = table.pending.get_mut(&tx_id) else {
+                return Err(unknown());
             };
+            if let Some(e) = other(msg_key(&p.first_msg_id)) {
+                return Err(e);
+            }
             match p.phase {
-                Phase::Ending(a, _) if a == action => None,
-                Phase::Ending(a, _) => return ended_again(tx_id, a == TxAction::Commit, action),
+                // The same end, or a contradicting one, while an end is
+                // being written: both wait for its outcome, so no answer
+                // is given before the first end is durable.
+                Phase::Ending(..) => None,
                 Phase::Parked if source == TxSource::Producer => {
                     return Err(WireError::new(
                         ErrorCode::TransactionParked,
@@ -386,26 +489,24 @@ impl Transactions {
                     let previous = p.phase;
                     p.phase = Phase::Ending(action, previous == Phase::Parked);
                     let halves = p.halves;
+                    let first_msg_id = p.first_msg_id;
                     table.ending.insert(tx_id, watch::channel(None).0);
-                    Some((halves, previous))
+                    Some((halves, previous, first_msg_id))
                 }
             }
             .ok_or_else(|| table.ending.get(&tx_id).map(watch::Sender::subscribe))
         };
-        let (halves, previous) = match first_attempt {
+        let (halves, previous, first_msg_id) = match first_attempt {
             Ok(first) => first,
             Err(waiting) => {
-                // The same end is being written: answer with its outcome.
+                // An end is being written: answer with its outcome.
                 let written = match waiting {
                     Some(mut w) => w.wait_for(Option::is_some).await.ok().and_then(|v| *v),
                     None => None,
                 };
-                return match written {
-                    Some(true) => Ok(Ended {
-                        state: final_state(action),
-                        already: true,
-                        status: SendStatus::SendOk,
-                    }),
+                let ended = lock(&self.table).ended.get(&tx_id).copied();
+                return match (written, ended) {
+                    (Some(true), Some(ended)) => ended_again(tx_id, ended.committed, action),
                     _ => Err(WireError::new(
                         ErrorCode::StoreUnavailable,
                         format!("ending transaction {tx_id} failed; try again"),
@@ -427,7 +528,7 @@ impl Transactions {
             },
             TxAction::Rollback => self
                 .store
-                .transaction_marker(RecordKind::TxRollback, tx_id)
+                .transaction_marker(RecordKind::TxRollback, tx_id, first_msg_id)
                 .await
                 .map_err(store_error),
         };
@@ -438,11 +539,12 @@ impl Transactions {
         match result {
             Ok(durable) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
-                    if table.by_msg_id.get(&p.first_msg_key) == Some(&tx_id) {
-                        table.by_msg_id.remove(&p.first_msg_key);
+                    let key = msg_key(&p.first_msg_id);
+                    if table.by_msg_id.get(&key) == Some(&tx_id) {
+                        table.by_msg_id.remove(&key);
                     }
                 }
-                table.remember_end(tx_id, action == TxAction::Commit);
+                table.remember_end(tx_id, action == TxAction::Commit, first_msg_id);
                 drop(table);
                 match action {
                     TxAction::Commit => self.counters.committed.fetch_add(1, Ordering::Relaxed),
@@ -474,6 +576,7 @@ impl Transactions {
                 let mut m = rec.message;
                 m.properties.remove(PROP_PRODUCER_GROUP);
                 m.properties.remove(PROP_CHECK_DELAY);
+                m.properties.remove(PROP_ATTEMPT);
                 Some((rec.queue, m))
             })
             .collect()
@@ -574,6 +677,26 @@ impl Transactions {
     }
 }
 
+/// Whether `stored`, the first half message of a pending transaction with
+/// the same msg id, was stored by this same prepare (a retry). With a token
+/// the token decides; without one (an older client) the content does.
+fn same_attempt(stored: &Message, attempt: Option<u64>, first: &Message) -> bool {
+    let stored_attempt = stored
+        .properties
+        .get(PROP_ATTEMPT)
+        .and_then(|a| a.parse::<u64>().ok());
+    match attempt {
+        Some(a) => stored_attempt == Some(a),
+        None => {
+            stored_attempt.is_none()
+                && stored.topic == first.topic
+                && stored.key == first.key
+                && stored.tag == first.tag
+                && stored.body == first.body
+        }
+    }
+}
+
 /// The 8-byte key of a message id in `Table::by_msg_id`.
 fn msg_key(id: &MsgId) -> u64 {
     txmq_protocol::fnv1a(&id.0)
@@ -617,6 +740,7 @@ impl Transactions {
             let p = table.pending.get(&tx_id)?;
             (p.group.clone(), p.checks, p.halves)
         };
+        // Read after the lock is released.
         let messages = self
             .read_halves(halves)?
             .into_iter()
@@ -648,6 +772,14 @@ impl Transactions {
         p.last_error = error.map(String::into_boxed_str);
         p.next_check_at = now + self.config.check_interval.as_millis() as u64;
         p.checks
+    }
+
+    /// The first msg id of a pending transaction (for its markers).
+    fn first_msg_id(&self, tx_id: u64) -> Option<MsgId> {
+        lock(&self.table)
+            .pending
+            .get(&tx_id)
+            .map(|p| p.first_msg_id)
     }
 
     fn park(&self, tx_id: u64) {
@@ -695,6 +827,7 @@ mod tests {
                 .prepare(
                     "pg",
                     None,
+                    None,
                     vec![(0, Message::new("t", format!("m{round}")))],
                 )
                 .await
@@ -702,9 +835,9 @@ mod tests {
             let ends: Vec<_> = (0..4)
                 .map(|_| {
                     let tx = tx.clone();
-                    tokio::spawn(
-                        async move { tx.end(id, TxAction::Commit, TxSource::Producer).await },
-                    )
+                    tokio::spawn(async move {
+                        tx.end(id, TxAction::Commit, TxSource::Producer, None).await
+                    })
                 })
                 .collect();
             let mut fresh = 0;
@@ -715,7 +848,7 @@ mod tests {
             }
             assert_eq!(fresh, 1, "exactly one end wrote the commit");
             let err = tx
-                .end(id, TxAction::Rollback, TxSource::Operator)
+                .end(id, TxAction::Rollback, TxSource::Operator, None)
                 .await
                 .unwrap_err();
             assert_eq!(err.code, ErrorCode::TransactionCommitted);

@@ -5,12 +5,22 @@
 //! a task of its own, so checks run concurrently, a slow one holds up
 //! nothing else on the connection, and a panicking listener costs one
 //! answer ([`TransactionState::Unknown`]) instead of the connection.
+//!
+//! The broker says how long it waits for an answer (`timeout_ms`); an
+//! answer after that is thrown away. So a check is answered within the
+//! broker's time (`Unknown` when the listener is not done by then), and a
+//! listener that decides later still counts: its commit or rollback is sent
+//! as an end of the transaction over the same connection, as RocketMQ's
+//! producers answer checks.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use txmq_protocol::{CheckAnswer, CheckTransaction, ErrorCode, Request, Response, WireError};
+use txmq_protocol::{
+    CheckAnswer, CheckTransaction, EndTransaction, ErrorCode, Request, Response, TxAction,
+    TxSource, WireError,
+};
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
 
@@ -46,16 +56,27 @@ impl<L: TransactionListener> Service for CheckService<L> {
         let timeout = self.timeout;
         let closed = self.closed.clone();
         let peer = conn.peer_addr().to_string();
+        let late = conn.clone();
         Box::pin(async move {
-            let resolution = answer(listener, &group, check, timeout, closed, &peer).await?;
+            let resolution =
+                answer(listener, &group, check, timeout, closed, &peer, Some(late)).await?;
             Ok(Response::CheckTransaction(CheckAnswer { resolution }))
         })
     }
 }
 
+/// How long after a check arrives it is answered at the latest, when the
+/// broker waits `broker_ms`: a margin for the way back.
+fn answer_within(broker_ms: u64) -> Duration {
+    Duration::from_millis(broker_ms.saturating_sub((broker_ms / 10).max(20)).max(1))
+}
+
 /// Asks the listener about `check`. Everything but a `Commit` or `Rollback`
 /// it returns in time (an error, a panic, the timeout, the producer
-/// closing, a check for another group) is `Unknown`.
+/// closing, a check for another group) is `Unknown`. When the broker's
+/// time runs out first and `late` is given, the listener goes on (up to
+/// `timeout` in all) and a commit or rollback it then returns is sent over
+/// `late` as an end of the transaction.
 ///
 /// # Errors
 /// `BAD_ARGUMENT` for a check that names no message.
@@ -66,9 +87,13 @@ pub(crate) async fn answer<L: TransactionListener>(
     timeout: Option<Duration>,
     closed: CancellationToken,
     peer: &str,
+    late: Option<Connection>,
 ) -> Result<TransactionState, WireError> {
     let tx_id = check.tx_id;
     let broker = check.broker_name.clone();
+    let first_msg_id = check.messages.first().map(|m| m.msg_id);
+    let started = tokio::time::Instant::now();
+    let broker_limit = (check.timeout_ms > 0).then(|| answer_within(check.timeout_ms));
     if check.producer_group != group {
         tracing::warn!(tx_id, %broker, %peer, asked = %check.producer_group, %group,
             "check-back for another producer group; answering unknown");
@@ -83,11 +108,28 @@ pub(crate) async fn answer<L: TransactionListener>(
             None => std::future::pending().await,
         }
     };
+    let broker_gone = async {
+        match broker_limit {
+            Some(t) if timeout.is_none_or(|own| t < own) => tokio::time::sleep(t).await,
+            _ => std::future::pending().await,
+        }
+    };
     // The JoinHandle is cancel safe: it is polled again or aborted below.
     let joined = tokio::select! {
         j = &mut task => Some(j),
         _ = limit => None,
         _ = closed.cancelled() => None,
+        _ = broker_gone => {
+            let rest = timeout.map(|t| t.saturating_sub(started.elapsed()));
+            match (late, first_msg_id) {
+                (Some(conn), Some(msg_id)) => {
+                    tracing::info!(tx_id, %broker, "check-back not decided within the broker's time; answering unknown, a later decision ends the transaction");
+                    tokio::spawn(end_late(task, rest, closed, conn, tx_id, msg_id));
+                }
+                _ => task.abort(),
+            }
+            return Ok(TransactionState::Unknown);
+        }
     };
     let state = match joined {
         Some(Ok(Ok(state))) => state,
@@ -109,6 +151,50 @@ pub(crate) async fn answer<L: TransactionListener>(
     };
     tracing::debug!(tx_id, %broker, answer = state.name(), "answered check-back");
     Ok(state)
+}
+
+/// Waits up to `rest` for a check the broker stopped waiting for, and ends
+/// the transaction as it decides (nothing for `Unknown`, an error or a
+/// panic: the broker checks again).
+async fn end_late(
+    mut task: tokio::task::JoinHandle<Result<TransactionState, super::BoxError>>,
+    rest: Option<Duration>,
+    closed: CancellationToken,
+    conn: Connection,
+    tx_id: u64,
+    msg_id: txmq_protocol::MsgId,
+) {
+    let limit = async {
+        match rest {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let action = tokio::select! {
+        j = &mut task => match j {
+            Ok(Ok(TransactionState::Commit)) => TxAction::Commit,
+            Ok(Ok(TransactionState::Rollback)) => TxAction::Rollback,
+            _ => return,
+        },
+        _ = limit => { task.abort(); return }
+        _ = closed.cancelled() => { task.abort(); return }
+    };
+    let request = EndTransaction {
+        tx_id,
+        action,
+        source: TxSource::Producer,
+        msg_id: Some(msg_id),
+    };
+    match conn.call(request).await {
+        Ok(_) => tracing::info!(
+            tx_id,
+            ?action,
+            "ended the transaction with a check-back's late answer"
+        ),
+        Err(e) => {
+            tracing::info!(tx_id, ?action, error = %e, "cannot end the transaction with a check-back's late answer; the broker checks again")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +233,7 @@ mod tests {
             producer_group: group.into(),
             messages: vec![Message::new("t", body)],
             checks: 0,
+            timeout_ms: 0,
         }
     }
 
@@ -158,6 +245,7 @@ mod tests {
             timeout,
             CancellationToken::new(),
             "peer",
+            None,
         )
         .await;
         match result {
@@ -193,6 +281,7 @@ mod tests {
             None,
             closed.clone(),
             "peer",
+            None,
         ));
         closed.cancel();
         let Ok(Ok(state)) = pending.await else {
@@ -210,6 +299,7 @@ mod tests {
             None,
             CancellationToken::new(),
             "peer",
+            None,
         )
         .await;
         assert_eq!(other.ok(), Some(TransactionState::Unknown));
@@ -222,6 +312,7 @@ mod tests {
             None,
             CancellationToken::new(),
             "peer",
+            None,
         )
         .await;
         assert_eq!(refused.err().map(|e| e.code), Some(ErrorCode::BadArgument));

@@ -288,6 +288,7 @@ mod tests {
             producer_group: "g".into(),
             messages: vec![Message::new("t", "1"), Message::new("u", "2")],
             checks: 0,
+            timeout_ms: 0,
         };
         let Ok(req) = CheckRequest::try_from(wire) else {
             panic!("converts")

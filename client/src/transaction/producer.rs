@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
     validate_topic_name, EndTransaction, Ended, HalfMessage, Message, MsgId, PrepareTransaction,
-    Prepared, Role, TxAction, TxSource,
+    Prepared, Role, SendStatus, TxAction, TxSource,
 };
 
 use super::broker_links::BrokerLinks;
@@ -45,8 +45,14 @@ pub struct TxOutcome {
     /// The ids of all messages, in the order given.
     pub msg_ids: Vec<MsgId>,
     /// What the local transaction decided ([`TransactionListener::execute`];
-    /// an error there is [`TransactionState::Unknown`]).
+    /// an error there is [`TransactionState::Unknown`]); `Rollback` without
+    /// running it when the prepare was not [`SendStatus::SendOk`].
     pub state: TransactionState,
+    /// How the prepare was stored. Anything but [`SendStatus::SendOk`]
+    /// (say `FlushDiskTimeout`: the half message may not survive a power
+    /// cut) means the local transaction did not run and the transaction
+    /// was rolled back, as RocketMQ does.
+    pub prepare_status: SendStatus,
     /// The broker's answer to the commit or rollback; `None` for
     /// [`TransactionState::Unknown`], when nothing was sent and the broker
     /// checks back later.
@@ -352,6 +358,14 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// transaction it already holds, so one message never becomes two
     /// transactions. The local transaction runs once, and the end is retried
     /// on the same broker after a lost connection (ending is idempotent).
+    /// A prepare stored with any status but [`SendStatus::SendOk`] is rolled
+    /// back without running the local transaction (see
+    /// [`TxOutcome::prepare_status`]).
+    ///
+    /// A message's id names it in one transaction only: send a copy of a
+    /// message in a second transaction and the broker refuses it with
+    /// `DUPLICATE_MSG_ID` while it remembers the first (give the copy a new
+    /// id, `msg_id = MsgId::generate()`).
     ///
     /// # Errors
     /// Before the local transaction ran: [`Error::BadArgument`],
@@ -419,14 +433,24 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let ctx = TxContext::new(tx_id, broker.clone(), self.inner.group.clone(), messages);
         // `complete` refused an empty list, so there is a first message.
         let first = &ctx.messages()[0];
-        let state = state_of(self.inner.listener.execute(first, &ctx).await);
+        let state = if prepared.status == SendStatus::SendOk {
+            state_of(self.inner.listener.execute(first, &ctx).await)
+        } else {
+            // The half message may not outlive a crash: a local transaction
+            // committed on it could be left without its message.
+            tracing::warn!(tx_id, %broker, status = ?prepared.status, "prepare not stored with SEND_OK; rolling back without running the local transaction");
+            TransactionState::Rollback
+        };
         let action = match state {
             TransactionState::Commit => Some(TxAction::Commit),
             TransactionState::Rollback => Some(TxAction::Rollback),
             TransactionState::Unknown => None,
         };
         let ended = match action {
-            Some(action) => Some(self.end(&broker, &addr, tx_id, action).await?),
+            Some(action) => Some(
+                self.end(&broker, &addr, tx_id, first.msg_id, action)
+                    .await?,
+            ),
             None => None,
         };
         let msg_ids: Vec<MsgId> = ctx.messages().iter().map(|m| m.msg_id).collect();
@@ -436,6 +460,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
             msg_id: first.msg_id,
             msg_ids,
             state,
+            prepare_status: prepared.status,
             ended,
         })
     }
@@ -461,6 +486,9 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let mut last_error: Option<Error> = None;
         // Set once an attempt may have reached its broker.
         let mut pinned: Option<(String, String, Vec<crate::MessageQueue>)> = None;
+        // Drawn once and kept across the retries: the broker tells a retry
+        // of this prepare from another transaction reusing a message id.
+        let token = txmq_protocol::fnv1a(&MsgId::generate().0);
         for attempt in 0..attempts {
             let last_attempt = attempt + 1 == attempts;
             let (broker, addr, placed, routes) = match &pinned {
@@ -511,6 +539,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 producer_group: self.inner.group.clone(),
                 messages: halves,
                 first_check_delay_ms: self.inner.first_check_delay_ms,
+                attempt: Some(token),
             };
             let result = match self.inner.pool.get(&addr).await {
                 Ok(conn) => conn.call_with_timeout(request, timeout).await,
@@ -559,7 +588,14 @@ impl<L: TransactionListener> TransactionProducer<L> {
     }
 
     /// Commits or rolls back as the producer, retrying a lost request.
-    async fn end(&self, broker: &str, addr: &str, tx_id: u64, action: TxAction) -> Result<Ended> {
+    async fn end(
+        &self,
+        broker: &str,
+        addr: &str,
+        tx_id: u64,
+        msg_id: MsgId,
+        action: TxAction,
+    ) -> Result<Ended> {
         let attempts = self.inner.config.send_retries.saturating_add(1);
         let timeout = self.inner.config.request_timeout;
         let mut attempt = 0;
@@ -568,6 +604,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 tx_id,
                 action,
                 source: TxSource::Producer,
+                msg_id: Some(msg_id),
             };
             let result = match self.inner.pool.get(addr).await {
                 Ok(conn) => conn.call_with_timeout(request, timeout).await,
