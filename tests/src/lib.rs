@@ -7,9 +7,11 @@
 //! `txmq-broker` process); [`txmq_cli`] runs the command-line tool.
 //! [`chaos`] is the chaos harness (a cluster of processes under a fault
 //! schedule, with checkers over the recorded history), [`proxy`] its TCP
-//! proxy that cuts, delays and drops traffic.
+//! proxy that cuts, delays and drops traffic. [`lazyfs`] is a FUSE
+//! filesystem with a volatile write cache, to cut the power under a broker.
 
 pub mod chaos;
+pub mod lazyfs;
 pub mod proxy;
 pub mod rng;
 
