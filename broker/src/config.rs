@@ -32,6 +32,9 @@ pub struct BrokerConfig {
     pub cluster: String,
     /// Acknowledgement policy.
     pub flush: FlushMode,
+    /// Under sync flush, how long an answer waits for its fdatasync before
+    /// it is sent with status `FLUSH_DISK_TIMEOUT`.
+    pub sync_flush_timeout: Duration,
     /// How often to re-register with the nameservers.
     pub heartbeat_interval: Duration,
     /// Create unknown topics on first send.
@@ -79,6 +82,7 @@ impl BrokerConfig {
             broker_name: "broker-a".into(),
             cluster: "DefaultCluster".into(),
             flush: FlushMode::Async,
+            sync_flush_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(10),
             auto_create_topics: true,
             default_queues: 4,
@@ -294,6 +298,11 @@ pub struct BrokerArgs {
     /// async: acknowledge once in the page cache; sync: after fdatasync (group commit) [default: async].
     #[arg(long, env = "TXMQ_FLUSH", value_enum)]
     pub flush: Option<FlushArg>,
+    /// Under sync flush, how long an answer waits for its fdatasync before
+    /// it goes out with status FLUSH_DISK_TIMEOUT; 0s: no wait [default: 5s].
+    #[arg(long, env = "TXMQ_SYNC_FLUSH_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub sync_flush_timeout: Option<Duration>,
     /// How often to re-register with the nameservers [default: 10s].
     #[arg(long, env = "TXMQ_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
@@ -410,6 +419,10 @@ impl BrokerArgs {
                 Some(FlushArg::Async) => FlushMode::Async,
                 None => d.flush,
             },
+            sync_flush_timeout: self
+                .sync_flush_timeout
+                .or(file.sync_flush_timeout)
+                .unwrap_or(d.sync_flush_timeout),
             heartbeat_interval: self
                 .heartbeat_interval
                 .or(file.heartbeat_interval)

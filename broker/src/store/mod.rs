@@ -61,7 +61,8 @@ pub struct StoreConfig {
     pub cq_entries_per_file: u64,
     /// Largest message (encoded record) accepted.
     pub max_message_size: usize,
-    /// How long a sync-flush send waits for its fsync before answering FLUSH_DISK_TIMEOUT.
+    /// How long a sync-flush send waits for its fsync before answering
+    /// FLUSH_DISK_TIMEOUT; zero: not at all (durable only if already fsynced).
     pub sync_flush_timeout: Duration,
     /// Background fsync period under async flush.
     pub async_flush_interval: Duration,
@@ -526,6 +527,14 @@ impl Store {
             });
         }
         let mut watch = self.inner.flush_state.subscribe();
+        if self.inner.config.sync_flush_timeout.is_zero() {
+            // Zero: answer at once, durable only if an fdatasync already covers it.
+            let s = *watch.borrow();
+            return Ok(Appended {
+                first_offset,
+                durable: s.flushed >= end && !s.failed,
+            });
+        }
         let waited = tokio::time::timeout(self.inner.config.sync_flush_timeout, async {
             watch
                 .wait_for(|s| s.flushed >= end || s.failed)
