@@ -3,6 +3,10 @@
 //! `txmq-broker` with `--flush sync` that loses no acknowledged message when
 //! the power goes.
 //!
+//! The two broker tests are ignored while the broker loses acknowledged
+//! messages in a power cut (see their `ignore` reason); run them with
+//! `cargo test -p txmq-tests --test lazyfs -- --ignored`.
+//!
 //! These tests need `/dev/fuse` and the right to mount (root, or
 //! `fusermount3` from Debian's `fuse3`); without them they fail saying so.
 
@@ -96,6 +100,11 @@ fn only_what_was_fsynced_survives_a_power_cut() {
     assert_eq!(names, ["data-not-synced", "synced"]);
     assert_eq!(report.unsynced_bytes_lost, 18 + 7 + 16);
     assert_eq!(report.inodes_lost, 2);
+    let lost = [
+        PathBuf::from("d/name-not-synced"),
+        "d/nothing-synced".into(),
+    ];
+    assert_eq!(report.lost_paths, lost);
     assert_eq!(m.fs.unsynced_bytes(), 0);
     assert_eq!(m.fs.stats().last_cut, Some(report));
 
@@ -284,11 +293,14 @@ fn shell_tools_work_on_it() {
 }
 
 /// Sends `n` messages to `topic`, one at a time, and returns the bodies the
-/// broker acknowledged with `SEND_OK` (with `--flush sync`: once fsynced).
+/// broker acknowledged with `SEND_OK` (with `--flush sync`: once fsynced;
+/// with `async`: once written).
 async fn send_acked(ns: &str, topic: &str, tag: &str, n: usize) -> Vec<String> {
     let producer = txmq::Producer::builder()
         .nameserver(ns)
         .send_timeout(Duration::from_secs(5))
+        // One attempt per message, so that none is stored twice.
+        .retries(0)
         .build()
         .await
         .expect("producer builds");
@@ -307,6 +319,9 @@ async fn send_acked(ns: &str, topic: &str, tag: &str, n: usize) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "broker bug found by lazyfs: new consume-queue directories are not fsynced into \
+            their parents, so after a power cut the checkpoint covers queue files that are gone \
+            and acknowledged messages are unreachable; un-ignore once fixed"]
 async fn a_sync_flush_broker_loses_no_acknowledged_message_in_a_power_cut() {
     let m = mount();
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
@@ -319,6 +334,9 @@ async fn a_sync_flush_broker_loses_no_acknowledged_message_in_a_power_cut() {
     let mut acked = Vec::new();
     for (round, tear) in [(0, None), (1, Some(42)), (2, Some(7))] {
         acked.extend(send_acked(&ns, "power", &format!("round{round}"), 200).await);
+        // Let a checkpoint (every second) cover them: recovery then trusts
+        // the consume queues up to it.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let stats = m.fs.stats();
         assert!(
             stats.fsyncs > 0,
@@ -349,6 +367,61 @@ async fn a_sync_flush_broker_loses_no_acknowledged_message_in_a_power_cut() {
         acked.len(),
         &lost[..lost.len().min(5)],
         broker.log_text()
+    );
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "broker bug found by lazyfs: new consume-queue directories are not fsynced into \
+            their parents, so after a power cut the checkpoint covers queue files that are gone \
+            and acknowledged messages are unreachable; un-ignore once fixed"]
+async fn an_async_flush_broker_recovers_from_torn_writes_and_keeps_what_was_flushed() {
+    let m = mount();
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let mut broker = start_broker(&m.mnt, &ns, "broker-a", &["--flush", "async"]).await;
+    create_topic(&ns, "torn", 2).await;
+    wait_for_route(&ns, "torn", &["broker-a"]).await;
+
+    let (mut early, mut late) = (Vec::new(), Vec::new());
+    for seed in 0..3 {
+        // Flushed: the broker fsyncs every 500 ms.
+        early.extend(send_acked(&ns, "torn", &format!("early{seed}"), 100).await);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Acknowledged from the page cache, then the power goes.
+        late.extend(send_acked(&ns, "torn", &format!("late{seed}"), 100).await);
+        tokio::task::block_in_place(|| broker.kill9());
+        let report = tokio::task::block_in_place(|| m.fs.power_cut(Some(seed)))
+            .unwrap_or_else(|e| panic!("power cut: {e}"));
+        eprintln!("round {seed}: torn cut: {report:?}");
+        tokio::task::block_in_place(|| broker.restart());
+        wait_for_route(&ns, "torn", &["broker-a"]).await;
+    }
+
+    let got = consume_all(&ns, "after-cut", "torn", usize::MAX, Duration::from_secs(3)).await;
+    let mut bodies = HashSet::new();
+    for msg in &got {
+        let body = body_text(msg);
+        assert!(
+            early.contains(&body) || late.contains(&body),
+            "consumed {body:?}, which was never sent"
+        );
+        assert!(bodies.insert(body.clone()), "{body} consumed twice");
+    }
+    let lost_early: Vec<&String> = early.iter().filter(|b| !bodies.contains(*b)).collect();
+    assert!(
+        lost_early.is_empty(),
+        "{} flushed messages lost, e.g. {:?}; broker log:\n{}",
+        lost_early.len(),
+        &lost_early[..lost_early.len().min(5)],
+        broker.log_text()
+    );
+    let late_kept = late.iter().filter(|b| bodies.contains(*b)).count();
+    eprintln!("{late_kept} of {} unflushed messages survived", late.len());
+    assert!(
+        late_kept < late.len(),
+        "every unflushed message survived three power cuts: the cut dropped nothing"
     );
     drop(broker);
     cluster.shutdown().await;

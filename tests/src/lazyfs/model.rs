@@ -74,6 +74,10 @@ pub struct CutReport {
     pub inodes_lost: usize,
     /// Directories whose current entries differed from the durable ones.
     pub dirs_reverted: usize,
+    /// The paths (relative to the mount point) that were visible before the
+    /// cut and are gone after it, sorted: what was created, or moved there,
+    /// without an fsync of the directory.
+    pub lost_paths: Vec<PathBuf>,
     /// The writes that were torn (only with a tear seed).
     pub torn: Vec<TornWrite>,
 }
@@ -742,6 +746,7 @@ impl Model {
     /// directory reached twice so keeps only the first name found.
     pub fn power_cut(&mut self, tear: Option<u64>) -> CutReport {
         let mut report = CutReport::default();
+        let before = self.current_paths();
         let mut rng = tear.map(Rng::new);
         let mut inos: Vec<u64> = self.inodes.keys().copied().collect();
         inos.sort_unstable();
@@ -836,9 +841,11 @@ impl Model {
                 }
             }
         }
-        let before = self.inodes.len();
+        let count = self.inodes.len();
         self.inodes.retain(|ino, _| paths.contains_key(ino));
-        report.inodes_lost = before - self.inodes.len();
+        report.inodes_lost = count - self.inodes.len();
+        let after = self.current_paths();
+        report.lost_paths = before.difference(&after).cloned().collect();
         report.torn = torn
             .into_iter()
             .filter_map(|(ino, offset, len, kept)| {
@@ -854,6 +861,27 @@ impl Model {
         self.stats.cuts += 1;
         self.stats.last_cut = Some(report.clone());
         report
+    }
+
+    /// Every path the current entries reach from the root (each name of a
+    /// file with several).
+    fn current_paths(&self) -> std::collections::BTreeSet<PathBuf> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut todo = vec![(ROOT, PathBuf::new())];
+        while let Some((ino, path)) = todo.pop() {
+            if let Some(Inode {
+                body: Body::Dir(d), ..
+            }) = self.inodes.get(&ino)
+            {
+                for (name, &child) in &d.current {
+                    let child_path = path.join(name);
+                    if out.insert(child_path.clone()) {
+                        todo.push((child, child_path));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The inode at `path` (relative to the root, `/`-separated), following

@@ -161,6 +161,8 @@ fn a_new_directory_needs_its_parent_fsynced_too() {
         } else {
             assert_eq!(m.resolve("d"), None);
             assert_eq!(report.inodes_lost, 2);
+            let lost = vec![PathBuf::from("d"), PathBuf::from("d/f")];
+            assert_eq!(report.lost_paths, lost);
         }
     }
 }
