@@ -133,7 +133,7 @@ impl Broker {
             dir: dir.display().to_string(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| {
+        store::commit_log::create_dir_durable(&dir).map_err(|e| {
             store_err(store::StoreError::Io {
                 context: format!("cannot create data dir {}", dir.display()),
                 message: e.to_string(),

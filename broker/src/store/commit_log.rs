@@ -110,6 +110,31 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and any missing parents, fsyncing the parent of each
+/// directory it creates: a directory entry is durable only once its parent
+/// is fsynced, and without it a power cut can take a whole queue's files.
+///
+/// # Errors
+/// I/O errors.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durable(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        // Made meanwhile by another thread: it fsyncs the parent itself.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 impl CommitLog {
     /// Opens the segments in `dir` (created if missing).
     ///
@@ -117,7 +142,7 @@ impl CommitLog {
     /// I/O errors, or a segment larger than `segment_size` (the size cannot
     /// change once data is written).
     pub fn open(dir: &Path, segment_size: u64) -> io::Result<CommitLog> {
-        std::fs::create_dir_all(dir)?;
+        create_dir_durable(dir)?;
         let mut segments = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;

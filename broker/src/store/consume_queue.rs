@@ -174,7 +174,7 @@ impl ConsumeQueue {
         {
             return Ok(f.clone());
         }
-        std::fs::create_dir_all(&self.dir)?;
+        super::commit_log::create_dir_durable(&self.dir)?;
         let path = self.dir.join(format!("{start:020}"));
         let f = Arc::new(
             OpenOptions::new()

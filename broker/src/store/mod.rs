@@ -296,7 +296,7 @@ impl Store {
     /// # Errors
     /// I/O errors opening or repairing files.
     pub fn open(config: StoreConfig, topics: &[(String, u32)]) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| {
+        commit_log::create_dir_durable(&config.dir).map_err(|e| {
             StoreError::io(
                 format!("cannot create data dir {}", config.dir.display()),
                 &e,
