@@ -319,9 +319,6 @@ async fn send_acked(ns: &str, topic: &str, tag: &str, n: usize) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug found by lazyfs: new consume-queue directories are not fsynced into \
-            their parents, so after a power cut the checkpoint covers queue files that are gone \
-            and acknowledged messages are unreachable; un-ignore once fixed"]
 async fn a_sync_flush_broker_loses_no_acknowledged_message_in_a_power_cut() {
     let m = mount();
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
@@ -373,9 +370,6 @@ async fn a_sync_flush_broker_loses_no_acknowledged_message_in_a_power_cut() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug found by lazyfs: new consume-queue directories are not fsynced into \
-            their parents, so after a power cut the checkpoint covers queue files that are gone \
-            and acknowledged messages are unreachable; un-ignore once fixed"]
 async fn an_async_flush_broker_recovers_from_torn_writes_and_keeps_what_was_flushed() {
     let m = mount();
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
