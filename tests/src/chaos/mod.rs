@@ -10,7 +10,10 @@
 //! and end); kill a consumer; and, through a [`Proxy`](crate::proxy::Proxy)
 //! in front of each broker (the address the broker advertises): cut every
 //! connection, delay traffic 100 ms ± 50 ms, drop a reply after its
-//! request was delivered. The checkers are in [`checker`]; the history
+//! request was delivered; and cut a broker's power: its data directory is
+//! on a [`LazyFs`] mount (when the schedule has [`Fault::PowerCut`]), so
+//! `kill -9` is followed by the loss of everything not fsynced, the last
+//! unsynced write torn. The checkers are in [`checker`]; the history
 //! format in [`history`].
 
 pub mod checker;
@@ -27,6 +30,7 @@ use txmq::{Admin, TxState, PERM_READ_WRITE};
 use self::checker::{OpCounts, Verdict};
 use self::history::{Kind, Op, Recorder};
 use self::process::Process;
+use crate::lazyfs::LazyFs;
 use crate::proxy::{Proxy, ProxyStats};
 use crate::rng::Rng;
 use crate::{binary, free_port, BrokerProcess};
@@ -59,6 +63,8 @@ pub struct ChaosConfig {
     pub grace: Duration,
     /// Where the history, the logs and the brokers' data go.
     pub out_dir: PathBuf,
+    /// The fault schedule, repeated in this order ([`Fault::ALL`] by default).
+    pub faults: Vec<Fault>,
 }
 
 impl ChaosConfig {
@@ -73,6 +79,7 @@ impl ChaosConfig {
             quiet: Duration::from_secs(4),
             grace: Duration::from_secs(8),
             out_dir: out_dir.into(),
+            faults: Fault::ALL.to_vec(),
         }
     }
 }
@@ -95,14 +102,18 @@ pub enum Fault {
     KillTxProducer,
     /// `kill -9` a consumer, restart it 2 s later.
     KillConsumer,
+    /// `kill -9` a broker, drop everything its data directory did not
+    /// fsync (tearing the last unsynced write of each file), restart it.
+    PowerCut,
 }
 
 impl Fault {
     /// Every fault, in schedule order.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::KillBroker,
         Fault::CutConnections,
         Fault::KillTxProducer,
+        Fault::PowerCut,
         Fault::PauseBroker,
         Fault::DropReply,
         Fault::KillConsumer,
@@ -119,6 +130,7 @@ impl Fault {
             Fault::DropReply => "drop-reply",
             Fault::KillTxProducer => "kill-tx-producer",
             Fault::KillConsumer => "kill-consumer",
+            Fault::PowerCut => "power-cut",
         }
     }
 }
@@ -198,6 +210,9 @@ struct World {
     ns_addrs: Vec<String>,
     _nameservers: Vec<Process>,
     brokers: Vec<BrokerProcess>,
+    /// The brokers' lazy filesystems (with [`Fault::PowerCut`]); fields
+    /// drop in order, so the brokers are gone before these unmount.
+    filesystems: Vec<LazyFs>,
     proxies: Vec<Proxy>,
     producers: Vec<Process>,
     txs: Vec<Process>,
@@ -225,7 +240,9 @@ pub async fn run(config: ChaosConfig) -> ChaosReport {
             break;
         }
         tokio::time::sleep(quiet).await;
-        let fault = Fault::ALL[n % Fault::ALL.len()];
+        let Some(&fault) = config.faults.get(n % config.faults.len().max(1)) else {
+            continue;
+        };
         n += 1;
         world.inject(fault, n).await;
     }
@@ -256,6 +273,7 @@ pub async fn run(config: ChaosConfig) -> ChaosReport {
         // Keep the history and the logs, not the data.
         for b in BROKERS {
             let _ = std::fs::remove_dir_all(report.config.out_dir.join(b));
+            let _ = std::fs::remove_dir(report.config.out_dir.join(format!("{b}.fs")));
         }
     }
     report
@@ -305,10 +323,22 @@ impl World {
 
         let mut proxies = Vec::new();
         let mut brokers = Vec::new();
+        let mut filesystems = Vec::new();
         for name in BROKERS {
             let proxy = Proxy::bind().await.expect("proxy binds");
             let advertise = proxy.addr().to_string();
-            let data = out.join(name);
+            let data = if config.faults.contains(&Fault::PowerCut) {
+                // The mount point is the data directory; the broker's log
+                // (`<name>.log` beside it) stays off the mount.
+                let mnt = out.join(format!("{name}.fs"));
+                std::fs::create_dir_all(&mnt).expect("create the mount point");
+                filesystems.push(LazyFs::mount(&mnt).unwrap_or_else(|e| {
+                    panic!("cannot mount the lazy filesystem for power cuts: {e}")
+                }));
+                mnt
+            } else {
+                out.join(name)
+            };
             let ns2 = ns.clone();
             let broker = tokio::task::block_in_place(|| {
                 BrokerProcess::start(
@@ -366,6 +396,7 @@ impl World {
             ns_addrs,
             _nameservers: nameservers,
             brokers,
+            filesystems,
             proxies,
             producers: Vec::new(),
             txs: Vec::new(),
@@ -541,6 +572,24 @@ impl World {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 p.spawn();
                 format!("{} killed, restarted after 2 s", p.name)
+            }
+            Fault::PowerCut => {
+                let seed = self.rng.next_u64();
+                let p = &mut self.brokers[b];
+                let fs = &self.filesystems[b];
+                let report = tokio::task::block_in_place(|| {
+                    p.kill9();
+                    fs.power_cut(Some(seed))
+                });
+                let report = report.unwrap_or_else(|e| panic!("power cut of {broker}: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::task::block_in_place(|| p.restart());
+                format!(
+                    "{broker} lost its power: {} unsynced bytes dropped, {} writes torn, {} paths lost; restarted after 1 s",
+                    report.unsynced_bytes_lost,
+                    report.torn.len(),
+                    report.lost_paths.len()
+                )
             }
         };
         let mut ev = self.harness.event(Kind::Ok, Op::Fault, &id);
