@@ -6,11 +6,15 @@
 //! old one, fsync the directory. Layout (little-endian):
 //!
 //! ```text
-//! u32 magic "TXCP", u32 version (1), u64 position, u64 oldest pending
+//! u32 magic "TXCP", u32 version (2), u64 position, u64 oldest pending
 //! transaction (u64::MAX: none), u32 offset count,
 //! per offset: u16 len + group, u16 len + topic, u32 queue, u64 offset,
+//! (version 2) u32 queue count,
+//! per queue: u16 len + topic, u32 queue, u64 entries justified at position,
 //! u32 CRC32C of everything before it
 //! ```
+//!
+//! Version 1 (without the queue counts) is still read.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,10 +24,13 @@ use std::path::Path;
 use bytes::{Buf, BufMut, BytesMut};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"TXCP");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// (group, topic, queue) -> next offset to consume.
 pub type OffsetTable = BTreeMap<(String, String, u32), u64>;
+
+/// (topic, queue) -> entries justified by records below the position.
+pub type QueueTable = BTreeMap<(String, u32), u64>;
 
 /// A checkpoint's content.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,6 +42,11 @@ pub struct Checkpoint {
     pub oldest_pending_tx: Option<u64>,
     /// Consumer offsets as of `position`.
     pub offsets: OffsetTable,
+    /// Every consume queue's count of entries whose records lie below
+    /// `position` (durable with it); `None` from a version 1 checkpoint.
+    /// Entries past it may have lost their record in a crash and are
+    /// rebuilt by the replay.
+    pub queues: Option<QueueTable>,
 }
 
 impl Checkpoint {
@@ -53,6 +65,14 @@ impl Checkpoint {
             b.put_u32_le(*queue);
             b.put_u64_le(*offset);
         }
+        let queues = self.queues.as_ref();
+        b.put_u32_le(queues.map_or(0, BTreeMap::len) as u32);
+        for ((topic, queue), next) in queues.into_iter().flatten() {
+            b.put_u16_le(topic.len() as u16);
+            b.put_slice(topic.as_bytes());
+            b.put_u32_le(*queue);
+            b.put_u64_le(*next);
+        }
         let crc = crc32c::crc32c(&b);
         b.put_u32_le(crc);
         b
@@ -64,7 +84,11 @@ impl Checkpoint {
             return None;
         }
         let mut b = body;
-        if b.remaining() < 28 || b.get_u32_le() != MAGIC || b.get_u32_le() != VERSION {
+        if b.remaining() < 28 || b.get_u32_le() != MAGIC {
+            return None;
+        }
+        let version = b.get_u32_le();
+        if version != 1 && version != VERSION {
             return None;
         }
         let position = b.get_u64_le();
@@ -92,10 +116,29 @@ impl Checkpoint {
             let queue = b.get_u32_le();
             offsets.insert((group, topic, queue), b.get_u64_le());
         }
+        let queues = if version >= 2 {
+            if b.remaining() < 4 {
+                return None;
+            }
+            let n = b.get_u32_le();
+            let mut queues = BTreeMap::new();
+            for _ in 0..n {
+                let topic = string(&mut b)?;
+                if b.remaining() < 12 {
+                    return None;
+                }
+                let queue = b.get_u32_le();
+                queues.insert((topic, queue), b.get_u64_le());
+            }
+            Some(queues)
+        } else {
+            None
+        };
         Some(Checkpoint {
             position,
             oldest_pending_tx,
             offsets,
+            queues,
         })
     }
 
@@ -146,6 +189,7 @@ mod tests {
             position: 4096,
             oldest_pending_tx: Some(100),
             offsets: BTreeMap::new(),
+            queues: Some(BTreeMap::from([(("orders".into(), 3), 700)])),
         };
         cp.offsets.insert(("g1".into(), "orders".into(), 3), 500);
         cp.store(dir.path()).unwrap();
@@ -159,5 +203,22 @@ mod tests {
         for cut in 0..data.len() {
             assert_eq!(Checkpoint::decode(&data[..cut]), None);
         }
+    }
+
+    #[test]
+    fn a_version_1_checkpoint_is_read_without_queue_counts() {
+        let mut b = BytesMut::new();
+        b.put_u32_le(MAGIC);
+        b.put_u32_le(1);
+        b.put_u64_le(4096);
+        b.put_u64_le(u64::MAX);
+        b.put_u32_le(0);
+        let crc = crc32c::crc32c(&b);
+        b.put_u32_le(crc);
+        let cp = Checkpoint::decode(&b).expect("a version 1 checkpoint");
+        assert_eq!(
+            (cp.position, cp.oldest_pending_tx, cp.queues),
+            (4096, None, None)
+        );
     }
 }

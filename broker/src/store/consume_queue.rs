@@ -69,6 +69,10 @@ pub struct ConsumeQueue {
     min: AtomicU64,
     /// One past the last entry written; only the writer advances it.
     next: AtomicU64,
+    /// One past the last entry whose record lies below the writer's
+    /// position: set with the position, under the same lock, so that a
+    /// checkpoint takes both together (see `Checkpoint::queues`).
+    logged: AtomicU64,
     /// Starts of the files written since the last checkpoint.
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// Woken whenever `visible` grows (long polls wait on it).
@@ -113,6 +117,7 @@ impl ConsumeQueue {
             visible: AtomicU64::new(min),
             min: AtomicU64::new(min),
             next: AtomicU64::new(min),
+            logged: AtomicU64::new(min),
             dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             arrived: Notify::new(),
         })
@@ -131,6 +136,52 @@ impl ConsumeQueue {
     /// The offset the next written entry gets (the writer).
     pub fn next_offset(&self) -> u64 {
         self.next.load(Ordering::Acquire)
+    }
+
+    /// One past the last entry justified by a record below the writer's
+    /// position (read with that position, under the writer's lock).
+    pub fn logged(&self) -> u64 {
+        self.logged.load(Ordering::Acquire)
+    }
+
+    /// The writer: entries below `next` are justified by written records.
+    pub(crate) fn set_logged(&self, next: u64) {
+        self.logged.fetch_max(next, Ordering::AcqRel);
+    }
+
+    /// Recovery, before the replay: drops every entry from `next` on. A
+    /// checkpoint's count of justified entries cuts entries a crash left
+    /// without their record (a delivered delayed message whose move marker
+    /// was lost would otherwise be delivered again); the replay writes the
+    /// justified ones back.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn truncate(&self, next: u64) -> io::Result<()> {
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        let starts: Vec<u64> = files.keys().rev().copied().collect();
+        for start in starts {
+            let Some(file) = files.get(&start).cloned() else {
+                continue;
+            };
+            if start >= next && start > 0 && files.len() > 1 {
+                files.remove(&start);
+                std::fs::remove_file(self.dir.join(format!("{start:020}")))?;
+                continue;
+            }
+            let keep = next.saturating_sub(start).min(self.entries_per_file) * ENTRY_LEN as u64;
+            if file.metadata()?.len() > keep {
+                file.set_len(keep)?;
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(start);
+            }
+            break;
+        }
+        drop(files);
+        self.next.fetch_min(next, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Makes offsets below `max` readable and wakes long polls.
@@ -310,6 +361,7 @@ impl ConsumeQueue {
         drop(files);
         let next = next.unwrap_or_else(|| self.min.load(Ordering::Acquire));
         self.next.store(next, Ordering::Release);
+        self.logged.store(next, Ordering::Release);
         self.visible.store(next, Ordering::Release);
         self.trim_below(log_min)?;
         Ok(())

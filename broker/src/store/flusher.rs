@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::checkpoint::{Checkpoint, OffsetTable};
+use super::checkpoint::{Checkpoint, OffsetTable, QueueTable};
 use super::consume_queue::ConsumeQueue;
 use super::{all_queues, FlushMode, StoreInner};
 
@@ -158,15 +158,24 @@ impl Flusher {
         self.last_checkpoint = Instant::now();
         // The writer moves the position and the pending set under the same
         // lock, so these two agree.
-        let (position, oldest_pending_tx) = {
+        let (position, oldest_pending_tx, queues, justified) = {
             let set = self
                 .store
                 .tx_pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            // Listed under the lock too: a queue made later has no entry
+            // from a record below the position.
+            let queues = all_queues(&self.store);
+            let justified: QueueTable = queues
+                .iter()
+                .map(|q| ((q.topic.clone(), q.queue), q.logged()))
+                .collect();
             (
                 self.store.written.load(Ordering::Acquire),
                 set.first().copied(),
+                queues,
+                justified,
             )
         };
         if self.checkpoint_pos == Some(position) {
@@ -183,7 +192,7 @@ impl Flusher {
         if self.flushed < position {
             return;
         }
-        for cq in all_queues(&self.store) {
+        for cq in &queues {
             if let Err(e) = cq.sync_if_dirty() {
                 tracing::error!(topic = %cq.topic, queue = cq.queue, error = %e, "cannot sync consume queue; checkpoint skipped");
                 return;
@@ -193,6 +202,7 @@ impl Flusher {
             position,
             oldest_pending_tx,
             offsets,
+            queues: Some(justified),
         };
         match cp.store(&self.store.config.dir) {
             Ok(()) => self.checkpoint_pos = Some(position),

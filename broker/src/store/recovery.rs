@@ -318,10 +318,34 @@ pub(crate) fn recover(
     let checkpoint =
         Checkpoint::load(&config.dir).map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
     let first = log.segments().first().map_or(0, |s| s.start);
-    let (mut offsets, checkpointed, oldest_pending) = match checkpoint {
-        Some(cp) => (cp.offsets, cp.position.max(first), cp.oldest_pending_tx),
-        None => (OffsetTable::new(), first, None),
+    let (mut offsets, checkpointed, oldest_pending, justified) = match checkpoint {
+        Some(cp) => (
+            cp.offsets,
+            cp.position.max(first),
+            cp.oldest_pending_tx,
+            cp.queues,
+        ),
+        None => (OffsetTable::new(), first, None, None),
     };
+    // Entries past what the checkpoint's records justify may have lost
+    // their record or move marker in a crash (consume queues are fsynced
+    // after the log, while the writer goes on): cut them; the replay from
+    // the checkpoint writes back every justified one. A queue the
+    // checkpoint does not list was made after it.
+    if let Some(justified) = &justified {
+        for cq in queues.values().flatten() {
+            let next = justified
+                .get(&(cq.topic.clone(), cq.queue))
+                .copied()
+                .unwrap_or(0);
+            cq.truncate(next).map_err(|e| {
+                StoreError::io(
+                    format!("cannot cut consume queue {}/{}", cq.topic, cq.queue),
+                    &e,
+                )
+            })?;
+        }
+    }
     // Verify the whole segment the checkpoint points into, not just what
     // follows it: a tail damaged after the checkpoint was written (a torn
     // last record, a file cut short by hand) must be found and cut too.

@@ -499,6 +499,7 @@ impl Writer {
                     .fetch_add(self.chunk_records, Ordering::Relaxed);
                 let mut replies = std::mem::take(&mut self.replies);
                 let mut tx_changes = std::mem::take(&mut self.tx_changes);
+                let published_from = self.publish.len();
                 let mut cmd_error: Option<StoreError> = None;
                 for enc in chunk {
                     match enc {
@@ -544,6 +545,11 @@ impl Writer {
                         } else {
                             set.remove(&tx_id);
                         }
+                    }
+                    // The queues' justified entries move with the position,
+                    // so that a checkpoint reads both together.
+                    for (q, next) in &self.publish[published_from..] {
+                        q.set_logged(*next);
                     }
                     self.pos = end;
                     self.store.written.store(end, Ordering::Release);
