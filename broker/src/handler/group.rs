@@ -101,7 +101,10 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
             ),
         ));
     };
-    if !matches!(record.kind, RecordKind::Message | RecordKind::Delayed) {
+    if !matches!(
+        record.kind,
+        RecordKind::Message | RecordKind::Delayed | RecordKind::DelayedCopy
+    ) {
         return Err(bad_argument(format!(
             "the record at log offset {} is not a message",
             req.log_offset

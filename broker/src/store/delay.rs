@@ -316,8 +316,12 @@ impl Store {
                         continue 'levels;
                     }
                     let target = self.move_target(level, at, &e, now_ms)?;
-                    bytes += marker_len(target.topic());
-                    if bytes > budget {
+                    // A delivery may be written as a copy of the message.
+                    bytes += match target {
+                        MoveTarget::Queue { .. } => marker_len(target.topic()).max(e.size as usize),
+                        _ => marker_len(target.topic()),
+                    };
+                    if bytes > budget && !moves.is_empty() {
                         break 'levels;
                     }
                     moves.push(DelayMove {

@@ -393,8 +393,28 @@ async fn retention_keeps_the_segment_of_an_undelivered_delayed_message() {
     assert_eq!(store.deliver_due(deliver_at, 100).await.unwrap(), 1);
     let r = store.read("orders", 1, 0, 10, 1 << 20).unwrap();
     assert_eq!(body(&r.messages[0]), "kept");
-    // Delivered: its segment may go now.
+    // Delivered: its old segment may go now, and the delivered message
+    // stays readable (it was delivered as a copy in the active segment).
     assert!(store.enforce_retention().unwrap() >= 1);
+    let r = store.read("orders", 1, 0, 10, 1 << 20).unwrap();
+    let bodies: Vec<String> = r.messages.iter().map(body).collect();
+    assert_eq!(
+        bodies,
+        vec!["kept"],
+        "readable after its old segment expired"
+    );
+    // And across a restart (recovery replays the copy and the level move).
+    store.shutdown().await;
+    let mut c = config(dir.path(), FlushMode::Async);
+    c.retention = Duration::ZERO;
+    let store = Store::open(c, &topics()).unwrap();
+    let r = store.read("orders", 1, 0, 10, 1 << 20).unwrap();
+    assert_eq!(
+        r.messages.iter().map(body).collect::<Vec<_>>(),
+        vec!["kept"]
+    );
+    assert_eq!(store.delay_stats().pending, 0);
+    assert_eq!(store.deliver_due(deliver_at + 1000, 100).await.unwrap(), 0);
     store.shutdown().await;
 }
 

@@ -53,6 +53,15 @@
 //!
 //! Applying it (by the writer, and again by recovery) writes that entry and
 //! moves the source level's progress to queue offset + 1.
+//!
+//! A delayed copy (`DelayedCopy`) is a delivery that copies the message
+//! instead: written when the delayed record is no longer in the active
+//! segment, so that the delivered message stays readable for the whole
+//! retention after its delivery (the old segment may expire sooner) and a
+//! queue's entries stay in segment order. It is a whole message record,
+//! visible in its real queue like `Message` (queue offset = its place
+//! there); aux = the delay-level entry it moves: level << 56 | offset in
+//! the level. One record, so the copy and the move are atomic.
 
 use std::collections::BTreeMap;
 
@@ -89,6 +98,9 @@ pub enum RecordKind {
     /// source level, queue offset = source offset, aux = the delayed record's
     /// position, topic and body = the target (see the module docs).
     DelayMove = 8,
+    /// A delivered delayed message, copied into its real queue: visible as
+    /// a `Message`; aux = level << 56 | the level entry's offset.
+    DelayedCopy = 9,
 }
 
 impl RecordKind {
@@ -102,6 +114,7 @@ impl RecordKind {
             6 => Some(RecordKind::TxPark),
             7 => Some(RecordKind::Delayed),
             8 => Some(RecordKind::DelayMove),
+            9 => Some(RecordKind::DelayedCopy),
             _ => None,
         }
     }

@@ -156,6 +156,15 @@ impl Replayer<'_> {
                     self.apply_move(&rec, pos)?;
                 }
             }
+            RecordKind::DelayedCopy => {
+                if pos >= self.dispatch_from {
+                    // Visible as a message, and the level entry it moved.
+                    self.dispatch(&rec, pos, size)?;
+                    let level = (rec.aux >> 56) as u32;
+                    let offset = rec.aux & ((1 << 56) - 1);
+                    self.offsets.insert(delay::progress_key(level), offset + 1);
+                }
+            }
             RecordKind::Half => {}
         }
         Ok(None)

@@ -137,9 +137,15 @@ impl Writer {
             }
             WriteCmd::Marker { .. } => record::encoded_len("", None, None, &empty, 0),
             WriteCmd::Delayed { messages, .. } => messages.iter().map(record::message_len).sum(),
+            // A delivery may be written as a copy: room for the larger.
             WriteCmd::DelayMoves { moves, .. } => moves
                 .iter()
-                .map(|m| delay::marker_len(m.target.topic()))
+                .map(|m| match m.target {
+                    MoveTarget::Queue { .. } => {
+                        delay::marker_len(m.target.topic()).max(m.size as usize)
+                    }
+                    _ => delay::marker_len(m.target.topic()),
+                })
                 .sum(),
         };
         let new_data = matches!(
@@ -291,7 +297,28 @@ impl Writer {
             }
             WriteCmd::DelayMoves { moves, reply } => {
                 let count = moves.len() as u64;
+                let active_start = self.segment.as_ref().map_or(0, |s| s.start);
                 for mv in moves {
+                    // A delayed record outside the active segment may expire
+                    // before the delivered message has had its retention,
+                    // and pointing back at it would put the queue's entries
+                    // out of segment order: deliver a copy instead.
+                    if let MoveTarget::Queue { queue, tag_hash } = &mv.target {
+                        let copy = (mv.pos < active_start)
+                            .then(|| self.store.log.read(mv.pos, mv.size as usize))
+                            .flatten()
+                            .and_then(|data| record::decode(&data, false));
+                        if let Some(rec) = copy {
+                            let aux = u64::from(mv.level) << 56 | mv.offset;
+                            let head = head(RecordKind::DelayedCopy, queue.queue, 0, aux, 0);
+                            self.encode_indexed(queue, head, &rec.message, *tag_hash);
+                            self.chunk.push(Encoded::Offset {
+                                key: delay::progress_key(mv.level),
+                                offset: mv.offset + 1,
+                            });
+                            continue;
+                        }
+                    }
                     let (kind, target, queue, third) = match &mv.target {
                         MoveTarget::Queue { queue, tag_hash } => {
                             (MoveKind::Queue, Some(queue.clone()), queue.queue, *tag_hash)
