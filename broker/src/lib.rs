@@ -274,6 +274,15 @@ async fn retention(b: Arc<BrokerInner>) {
             _ = tokio::time::sleep(period) => {}
             _ = b.shutdown.cancelled() => return,
         }
+        // Pending transactions in segments about to expire move forward
+        // first, so that one stuck transaction never pins the whole log.
+        let store = b.store.clone();
+        let expiring = tokio::task::spawn_blocking(move || store.expiring_halves())
+            .await
+            .unwrap_or_default();
+        if !expiring.is_empty() {
+            b.transactions.carry_forward(&expiring).await;
+        }
         let store = b.store.clone();
         let result = tokio::task::spawn_blocking(move || {
             store.release_mapped_pages();

@@ -549,3 +549,68 @@ async fn a_check_whose_connection_closes_after_it_was_sent_counts() {
     admin.close();
     c.shutdown().await;
 }
+
+/// A transaction nobody ends no longer pins the log: with a 2 s retention
+/// its segment's neighbours expire, it is carried forward (same id), the
+/// old segments are deleted, and after a restart it is still listed and
+/// can be committed by an operator, visible once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_transaction_does_not_pin_retention_and_is_not_forgotten() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("broker-a");
+    // Segments are 8 MiB (the harness's size): 10 MB of traffic rolls one.
+    let args = ["--transaction-timeout", "1h", "--retention", "2s"];
+    let mut broker = start_broker(&data, &ns, "broker-a", &args).await;
+    create_topic(&ns, "stuck", 1).await;
+    create_topic(&ns, "filler", 1).await;
+    let (stuck, _) = cli_send_unknown(&ns, "stuck", "pg-stuck", "stuck");
+    let producer = txmq::Producer::builder()
+        .nameserver(&ns)
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        producer
+            .send(Message::new("filler", vec![b'x'; 100_000]))
+            .await
+            .unwrap();
+    }
+    producer.close();
+    let first_segment = data.join("commitlog").join(format!("{:020}", 0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first_segment.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck transaction's segment was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::task::block_in_place(|| broker.restart());
+    txmq_tests::wait_for_broker(&ns, "broker-a").await;
+    wait_for_route(&ns, "stuck", &["broker-a"]).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    let listed: Vec<u64> = pending(&admin).await.iter().map(|t| t.tx_id).collect();
+    assert_eq!(
+        listed,
+        vec![stuck],
+        "still pending under its id after the restart"
+    );
+    let out = tokio::task::block_in_place(|| {
+        txmq_cli(
+            &ns,
+            &["tx", "resolve", &stuck.to_string(), "--commit"],
+            None,
+        )
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = consume_all(&ns, "reader", "stuck", 2, Duration::from_secs(2)).await;
+    assert_eq!(bodies(&got), vec!["stuck"]);
+    assert!(broker.log_text().contains("carried forward past retention"));
+    admin.close();
+}

@@ -161,6 +161,27 @@ pub struct ReadResult {
     pub max_offset: u64,
 }
 
+/// Properties on the first half message of a transaction carried forward
+/// (its half messages re-written past retention): when it was prepared, how
+/// many checks were sent, whether it was parked.
+pub(crate) const PROP_CARRIED_PREPARED_AT: &str = "__txmq.prepared_at";
+/// See [`PROP_CARRIED_PREPARED_AT`].
+pub(crate) const PROP_CARRIED_CHECKS: &str = "__txmq.checks";
+/// See [`PROP_CARRIED_PREPARED_AT`].
+pub(crate) const PROP_CARRIED_PARKED: &str = "__txmq.parked";
+
+/// A transaction as its records name it: its id, its first message id, and
+/// where its half messages are now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxRef {
+    /// The transaction id.
+    pub id: u64,
+    /// Its first message's id (carried by its markers).
+    pub first_msg_id: MsgId,
+    /// Log position of its first half message.
+    pub halves_at: u64,
+}
+
 /// A transaction recovery found not yet committed or rolled back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredTx {
@@ -210,15 +231,20 @@ pub(crate) enum WriteCmd {
     },
     /// The visible messages of a committed transaction, one atomic group.
     Commit {
-        tx_id: u64,
+        tx: TxRef,
         messages: Vec<(Arc<ConsumeQueue>, Message)>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// A rollback, check or park marker.
     Marker {
         kind: record::RecordKind,
-        tx_id: u64,
-        first_msg_id: MsgId,
+        tx: TxRef,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// The half messages of a pending transaction, re-written (retention).
+    Carry {
+        tx: TxRef,
+        messages: Vec<(u32, Message)>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     OffsetCommit {
@@ -247,8 +273,9 @@ pub(crate) struct StoreInner {
     log: CommitLog,
     queues: RwLock<HashMap<String, Vec<Arc<ConsumeQueue>>>>,
     offsets: DashMap<(String, String, u32), u64>,
-    /// Transactions prepared and not yet committed or rolled back (their
-    /// half messages must outlive retention), by tx id = log position.
+    /// Where the half messages of every transaction prepared and not yet
+    /// committed or rolled back start (the tx id, unless carried forward):
+    /// retention keeps them, recovery scans from the oldest.
     tx_pending: Mutex<std::collections::BTreeSet<u64>>,
     /// What recovery found about transactions, until taken.
     recovered_tx: Mutex<Option<RecoveredTransactions>>,
@@ -315,7 +342,7 @@ impl Store {
             .transactions
             .pending
             .iter()
-            .map(|t| t.tx_id)
+            .filter_map(|t| t.halves.first().map(|h| h.0))
             .collect();
         let delay_levels = recovered
             .queues
@@ -578,7 +605,7 @@ impl Store {
     /// As [`Store::append`].
     pub async fn commit_transaction(
         &self,
-        tx_id: u64,
+        tx: TxRef,
         messages: Vec<(u32, Message)>,
     ) -> Result<bool, StoreError> {
         self.check_writable()?;
@@ -602,7 +629,7 @@ impl Store {
         let a = self
             .submit(
                 WriteCmd::Commit {
-                    tx_id,
+                    tx,
                     messages: placed,
                     reply,
                 },
@@ -620,23 +647,105 @@ impl Store {
     pub async fn transaction_marker(
         &self,
         kind: record::RecordKind,
-        tx_id: u64,
-        first_msg_id: MsgId,
+        tx: TxRef,
     ) -> Result<bool, StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
         let a = self
+            .submit(WriteCmd::Marker { kind, tx, reply }, rx)
+            .await?;
+        Ok(a.durable)
+    }
+
+    /// Re-writes the half messages of pending transaction `tx` (from
+    /// `tx.halves_at`) at the end of the log, as one group under the same
+    /// tx id, so that retention can delete their old segment; returns where
+    /// they are now, once fdatasynced (also under async flush: the old copy
+    /// goes next). The first message should carry the transaction's state
+    /// (`PROP_CARRIED_*`).
+    ///
+    /// # Errors
+    /// As [`Store::append`]. Never refused for a full store: it frees space.
+    pub async fn carry_transaction(
+        &self,
+        tx: TxRef,
+        messages: Vec<(u32, Message)>,
+    ) -> Result<u64, StoreError> {
+        self.check_writable()?;
+        self.check_sizes(messages.iter().map(|(_, m)| m))?;
+        let (reply, rx) = oneshot::channel();
+        let a = self
             .submit(
-                WriteCmd::Marker {
-                    kind,
-                    tx_id,
-                    first_msg_id,
+                WriteCmd::Carry {
+                    tx,
+                    messages,
                     reply,
                 },
                 rx,
             )
             .await?;
-        Ok(a.durable)
+        if self.inner.config.flush == FlushMode::Async || !a.durable {
+            // Retention deletes the old copy right after: this one must be
+            // on disk first, whatever the flush mode.
+            if let Some(seg) = self.inner.log.segment_for(a.first_offset) {
+                let synced = tokio::task::spawn_blocking(move || seg.file.sync_data()).await;
+                let failed = match synced {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(message) = failed {
+                    return Err(StoreError::Io {
+                        context: "cannot sync carried half messages".into(),
+                        message,
+                    });
+                }
+            }
+        }
+        Ok(a.first_offset)
+    }
+
+    /// Positions of pending transactions' half messages in the segments
+    /// retention would delete now (oldest first, never the active one): the
+    /// ones to carry forward before those segments can go.
+    pub fn expiring_halves(&self) -> Vec<u64> {
+        let segments = self.inner.log.segments();
+        let written = self.inner.written.load(Ordering::Acquire);
+        let mut boundary = None;
+        for seg in segments.iter().take(segments.len().saturating_sub(1)) {
+            if seg.end() > written || self.segment_age(seg) < self.inner.config.retention {
+                break;
+            }
+            boundary = Some(seg.end());
+        }
+        let Some(boundary) = boundary else {
+            return Vec::new();
+        };
+        self.inner
+            .tx_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(..boundary)
+            .copied()
+            .collect()
+    }
+
+    /// How many pending transactions' half messages the store keeps.
+    pub fn pending_halves(&self) -> usize {
+        self.inner
+            .tx_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    fn segment_age(&self, seg: &commit_log::Segment) -> Duration {
+        seg.file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default()
     }
 
     /// Reads and decodes the record at `pos` (e.g. a half message).
@@ -826,13 +935,7 @@ impl Store {
             if oldest_pending.is_some_and(|p| p < seg.end()) {
                 break;
             }
-            let age = seg
-                .file
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
+            let age = self.segment_age(seg);
             if age < self.inner.config.retention {
                 break;
             }

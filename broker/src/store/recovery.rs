@@ -224,21 +224,38 @@ impl Replayer<'_> {
     fn complete(&mut self, group: OpenGroup) -> Result<(), StoreError> {
         match group.kind {
             RecordKind::Half => {
-                let prepared_at = group
-                    .records
-                    .first()
-                    .map_or(0, |(_, _, r)| r.store_timestamp);
-                self.pending.insert(
-                    group.tx_id,
-                    RecoveredTx {
-                        tx_id: group.tx_id,
-                        halves: group.records.iter().map(|(p, s, _)| (*p, *s)).collect(),
-                        prepared_at,
-                        checks: 0,
-                        last_check_at: 0,
-                        parked: false,
-                    },
-                );
+                let Some((_, _, first)) = group.records.first() else {
+                    return Ok(());
+                };
+                let halves = group.records.iter().map(|(p, s, _)| (*p, *s)).collect();
+                // Half messages carried forward past retention (written at
+                // another position than their tx id) carry the state the
+                // transaction had; they replace the old ones.
+                let carried = group.tx_id != group.start;
+                if carried && self.ended.contains_key(&group.tx_id) {
+                    return Ok(());
+                }
+                let props = &first.message.properties;
+                let number = |name: &str| props.get(name).and_then(|v| v.parse::<u64>().ok());
+                let prepared_at = number(super::PROP_CARRIED_PREPARED_AT)
+                    .filter(|_| carried)
+                    .unwrap_or(first.store_timestamp);
+                let checks = number(super::PROP_CARRIED_CHECKS)
+                    .filter(|_| carried)
+                    .unwrap_or(0) as u32;
+                let parked = carried && props.contains_key(super::PROP_CARRIED_PARKED);
+                let t = self.pending.entry(group.tx_id).or_insert(RecoveredTx {
+                    tx_id: group.tx_id,
+                    halves: Vec::new(),
+                    prepared_at,
+                    checks: 0,
+                    last_check_at: 0,
+                    parked: false,
+                });
+                t.halves = halves;
+                t.prepared_at = t.prepared_at.min(prepared_at);
+                t.checks = t.checks.max(checks);
+                t.parked |= parked;
             }
             _ => {
                 self.pending.remove(&group.tx_id);

@@ -19,6 +19,15 @@ pub(super) fn config(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
     c
 }
 
+/// A transaction whose half messages were never carried forward.
+fn tx_ref(id: u64) -> TxRef {
+    TxRef {
+        id,
+        first_msg_id: MsgId::default(),
+        halves_at: id,
+    }
+}
+
 /// The test topic: `orders` with 2 queues.
 pub(super) fn topics() -> Vec<(String, u32)> {
     vec![("orders".to_string(), 2)]
@@ -283,16 +292,16 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
     let (tx_b, _) = store.prepare(vec![half(3)]).await.unwrap();
     assert!(bodies(&store, 1).is_empty(), "half messages are invisible");
     store
-        .commit_transaction(tx_a, vec![half(1), half(2)])
+        .commit_transaction(tx_ref(tx_a), vec![half(1), half(2)])
         .await
         .unwrap();
     store
-        .transaction_marker(record::RecordKind::TxRollback, tx_b, MsgId::default())
+        .transaction_marker(record::RecordKind::TxRollback, tx_ref(tx_b))
         .await
         .unwrap();
     let (tx_c, _) = store.prepare(vec![half(4)]).await.unwrap();
     store
-        .transaction_marker(record::RecordKind::TxCheck, tx_c, MsgId::default())
+        .transaction_marker(record::RecordKind::TxCheck, tx_ref(tx_c))
         .await
         .unwrap();
     assert_eq!(bodies(&store, 1), vec!["body-1", "body-2"]);
@@ -320,7 +329,7 @@ async fn a_commit_torn_by_a_crash_is_cut_whole_and_the_transaction_stays_pending
         .await
         .unwrap();
     store
-        .commit_transaction(tx, vec![half(1), half(2), half(3)])
+        .commit_transaction(tx_ref(tx), vec![half(1), half(2), half(3)])
         .await
         .unwrap();
     let end = store.log_end();
@@ -345,7 +354,7 @@ async fn a_commit_torn_by_a_crash_is_cut_whole_and_the_transaction_stays_pending
     assert_eq!(rec.pending[0].halves.len(), 3);
     // Committing again works and shows each message once.
     store
-        .commit_transaction(tx, vec![half(1), half(2), half(3)])
+        .commit_transaction(tx_ref(tx), vec![half(1), half(2), half(3)])
         .await
         .unwrap();
     assert_eq!(bodies(&store, 1), vec!["body-1", "body-2", "body-3"]);

@@ -41,8 +41,9 @@ enum Encoded {
         key: (String, String, u32),
         offset: u64,
     },
-    /// A transaction became pending (true) or ended (false).
-    TxPending { tx_id: u64, pending: bool },
+    /// Half messages at this position became pending (true) or ended or
+    /// moved (false).
+    TxPending { at: u64, pending: bool },
     /// Answer the command with this value (a queue offset or tx id).
     Reply { reply: Reply, value: u64 },
 }
@@ -126,7 +127,7 @@ impl Writer {
         // (and, after a crash, recovered or cut) together.
         let len = match &cmd {
             WriteCmd::Messages { messages, .. } => messages.iter().map(record::message_len).sum(),
-            WriteCmd::Prepare { messages, .. } => {
+            WriteCmd::Prepare { messages, .. } | WriteCmd::Carry { messages, .. } => {
                 messages.iter().map(|(_, m)| record::message_len(m)).sum()
             }
             WriteCmd::Commit { messages, .. } => {
@@ -157,7 +158,9 @@ impl Writer {
         }
         self.chunk_records += match &cmd {
             WriteCmd::Messages { messages, .. } => messages.len() as u64,
-            WriteCmd::Prepare { messages, .. } => messages.len() as u64,
+            WriteCmd::Prepare { messages, .. } | WriteCmd::Carry { messages, .. } => {
+                messages.len() as u64
+            }
             WriteCmd::Commit { messages, .. } => messages.len() as u64,
             WriteCmd::Delayed { messages, .. } => messages.len() as u64,
             WriteCmd::DelayMoves { moves, .. } => moves.len() as u64,
@@ -192,7 +195,7 @@ impl Writer {
                 });
             }
             WriteCmd::Commit {
-                tx_id,
+                tx,
                 messages,
                 reply,
             } => {
@@ -200,18 +203,39 @@ impl Writer {
                 for (queue, msg) in &messages {
                     self.encode_visible(
                         queue,
-                        head(RecordKind::Message, queue.queue, 0, tx_id, n),
+                        head(RecordKind::Message, queue.queue, 0, tx.id, n),
                         msg,
                     );
                 }
                 self.chunk.push(Encoded::TxPending {
-                    tx_id,
+                    at: tx.halves_at,
                     pending: false,
                 });
                 self.chunk.push(Encoded::Reply {
                     reply,
-                    value: tx_id,
+                    value: tx.id,
                 });
+            }
+            WriteCmd::Carry {
+                tx,
+                messages,
+                reply,
+            } => {
+                let at = self.at();
+                let n = messages.len() as u16;
+                for (queue, msg) in &messages {
+                    record::encode(
+                        &mut self.buf,
+                        head(RecordKind::Half, *queue, 0, tx.id, n),
+                        msg,
+                    );
+                }
+                self.chunk.push(Encoded::TxPending {
+                    at: tx.halves_at,
+                    pending: false,
+                });
+                self.chunk.push(Encoded::TxPending { at, pending: true });
+                self.chunk.push(Encoded::Reply { reply, value: at });
             }
             WriteCmd::Prepare { messages, reply } => {
                 let tx_id = self.at();
@@ -224,7 +248,7 @@ impl Writer {
                     );
                 }
                 self.chunk.push(Encoded::TxPending {
-                    tx_id,
+                    at: tx_id,
                     pending: true,
                 });
                 self.chunk.push(Encoded::Reply {
@@ -232,24 +256,19 @@ impl Writer {
                     value: tx_id,
                 });
             }
-            WriteCmd::Marker {
-                kind,
-                tx_id,
-                first_msg_id,
-                reply,
-            } => {
+            WriteCmd::Marker { kind, tx, reply } => {
                 let mut marker = empty_message("", None);
-                marker.msg_id = first_msg_id;
-                record::encode(&mut self.buf, head(kind, 0, 0, tx_id, 0), &marker);
+                marker.msg_id = tx.first_msg_id;
+                record::encode(&mut self.buf, head(kind, 0, 0, tx.id, 0), &marker);
                 if kind == RecordKind::TxRollback {
                     self.chunk.push(Encoded::TxPending {
-                        tx_id,
+                        at: tx.halves_at,
                         pending: false,
                     });
                 }
                 self.chunk.push(Encoded::Reply {
                     reply,
-                    value: tx_id,
+                    value: tx.id,
                 });
             }
             WriteCmd::OffsetCommit {
@@ -548,7 +567,7 @@ impl Writer {
                         Encoded::Offset { key, offset } => {
                             self.store.offsets.insert(key, offset);
                         }
-                        Encoded::TxPending { tx_id, pending } => tx_changes.push((tx_id, pending)),
+                        Encoded::TxPending { at, pending } => tx_changes.push((at, pending)),
                         Encoded::Reply { reply, value } => {
                             let result = match cmd_error.take() {
                                 None => Ok((value, end)),
@@ -566,11 +585,11 @@ impl Writer {
                         .tx_pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    for (tx_id, pending) in tx_changes.drain(..) {
+                    for (at, pending) in tx_changes.drain(..) {
                         if pending {
-                            set.insert(tx_id);
+                            set.insert(at);
                         } else {
-                            set.remove(&tx_id);
+                            set.remove(&at);
                         }
                     }
                     // The queues' justified entries move with the position,
@@ -638,6 +657,7 @@ pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
         | WriteCmd::OffsetCommit { reply, .. }
         | WriteCmd::Prepare { reply, .. }
         | WriteCmd::Commit { reply, .. }
+        | WriteCmd::Carry { reply, .. }
         | WriteCmd::Marker { reply, .. }
         | WriteCmd::Delayed { reply, .. }
         | WriteCmd::DelayMoves { reply, .. } => {

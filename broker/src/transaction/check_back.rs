@@ -114,7 +114,6 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         tx.check_done(tx_id, false, None, Some(error));
         return;
     };
-    let first_msg_id = messages.first().map(|m| m.msg_id).unwrap_or_default();
     let request = CheckTransaction {
         tx_id,
         broker_name: tx.broker_name.clone(),
@@ -146,11 +145,11 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         tx.counters
             .checks_sent
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = tx
-            .store
-            .transaction_marker(RecordKind::TxCheck, tx_id, first_msg_id)
-            .await
-        {
+        let marker = match tx.tx_ref(tx_id) {
+            Some(r) => tx.store.transaction_marker(RecordKind::TxCheck, r).await,
+            None => Ok(true), // ended meanwhile: nothing to count
+        };
+        if let Err(e) = marker {
             tracing::warn!(tx_id, error = %e, "cannot record a check");
         }
     }
@@ -172,12 +171,10 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
 }
 
 async fn park(tx: &Transactions, tx_id: u64) {
-    let first_msg_id = tx.first_msg_id(tx_id).unwrap_or_default();
-    match tx
-        .store
-        .transaction_marker(RecordKind::TxPark, tx_id, first_msg_id)
-        .await
-    {
+    let Some(r) = tx.tx_ref(tx_id) else {
+        return;
+    };
+    match tx.store.transaction_marker(RecordKind::TxPark, r).await {
         Ok(_) => tx.park(tx_id),
         Err(e) => tracing::warn!(tx_id, error = %e, "cannot park a transaction"),
     }

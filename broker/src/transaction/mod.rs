@@ -26,7 +26,10 @@ pub(crate) use producers::ProducerGroups;
 
 use crate::handler::store_error;
 use crate::store::record::RecordKind;
-use crate::store::{RecoveredTransactions, Store};
+use crate::store::{
+    RecoveredTransactions, Store, TxRef, PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED,
+    PROP_CARRIED_PREPARED_AT,
+};
 
 /// Properties the broker keeps inside a half message; removed on commit.
 pub(crate) const PROP_PRODUCER_GROUP: &str = "__txmq.producer_group";
@@ -64,6 +67,8 @@ enum Phase {
     Parked,
     /// An end is being written; a second end of the same kind is answered OK.
     Ending(TxAction, bool),
+    /// Its half messages are being re-written past retention; was parked?
+    Carrying(bool),
 }
 
 #[derive(Debug)]
@@ -71,7 +76,8 @@ struct Pending {
     group: Arc<str>,
     /// Its first message's id (`msg_key` of it is the key of `Table::by_msg_id`).
     first_msg_id: MsgId,
-    /// The half messages: `count` records contiguous from the tx id on (no
+    /// The half messages: `count` records contiguous from `halves.first`
+    /// (the tx id, unless carried forward past retention; no
     /// per-transaction allocation: a million pending stay small).
     halves: Halves,
     prepared_at: u64,
@@ -221,9 +227,29 @@ impl Transactions {
                 count: t.halves.len() as u16,
             };
             let Some(first) = store.read_record(pos, size) else {
+                // Kept, parked and listed, so that the store's pending set
+                // and this table agree: an operator can roll it back, and
+                // retention rolls it back when its segment expires (it can
+                // never be committed).
                 tracing::error!(
                     tx_id = t.tx_id,
-                    "half message of a pending transaction is unreadable; skipping it"
+                    "half message of a pending transaction is unreadable; parked for an operator"
+                );
+                let group = table.group("");
+                table.pending.insert(
+                    t.tx_id,
+                    Pending {
+                        group,
+                        first_msg_id: MsgId::default(),
+                        halves,
+                        prepared_at: t.prepared_at,
+                        next_check_at: u64::MAX,
+                        checks: t.checks,
+                        last_check: None,
+                        last_error: Some("its half message is unreadable (damaged log)".into()),
+                        phase: Phase::Parked,
+                        checking: false,
+                    },
                 );
                 continue;
             };
@@ -318,9 +344,10 @@ impl Transactions {
         let waiting = {
             let mut table = lock(&self.table);
             if let Some(&tx_id) = table.by_msg_id.get(&msg_key(&key)) {
-                let stored = self
-                    .store
-                    .read_record_at(tx_id)
+                let stored = table
+                    .pending
+                    .get(&tx_id)
+                    .and_then(|p| self.store.read_record_at(p.halves.first))
                     .map(|(r, _)| r.message)
                     .filter(|m| m.msg_id == key);
                 if let Some(stored) = stored {
@@ -476,6 +503,12 @@ impl Transactions {
                 // being written: both wait for its outcome, so no answer
                 // is given before the first end is durable.
                 Phase::Ending(..) => None,
+                Phase::Carrying(_) => {
+                    return Err(WireError::new(
+                        ErrorCode::StoreUnavailable,
+                        format!("transaction {tx_id} is being moved past retention; try again"),
+                    ));
+                }
                 Phase::Parked if source == TxSource::Producer => {
                     return Err(WireError::new(
                         ErrorCode::TransactionParked,
@@ -518,7 +551,14 @@ impl Transactions {
             TxAction::Commit => match self.read_halves(halves) {
                 Some(messages) => self
                     .store
-                    .commit_transaction(tx_id, messages)
+                    .commit_transaction(
+                        TxRef {
+                            id: tx_id,
+                            first_msg_id,
+                            halves_at: halves.first,
+                        },
+                        messages,
+                    )
                     .await
                     .map_err(store_error),
                 None => Err(WireError::new(
@@ -528,7 +568,14 @@ impl Transactions {
             },
             TxAction::Rollback => self
                 .store
-                .transaction_marker(RecordKind::TxRollback, tx_id, first_msg_id)
+                .transaction_marker(
+                    RecordKind::TxRollback,
+                    TxRef {
+                        id: tx_id,
+                        first_msg_id,
+                        halves_at: halves.first,
+                    },
+                )
                 .await
                 .map_err(store_error),
         };
@@ -566,6 +613,109 @@ impl Transactions {
         }
     }
 
+    /// The half messages as stored, internal properties included.
+    fn read_halves_raw(&self, halves: Halves) -> Option<Vec<(u32, Message)>> {
+        let mut pos = halves.first;
+        (0..halves.count)
+            .map(|_| {
+                let (rec, size) = self.store.read_record_at(pos)?;
+                pos += u64::from(size);
+                Some((rec.queue, rec.message))
+            })
+            .collect()
+    }
+
+    /// Carries forward the pending transactions whose half messages start
+    /// at one of `positions` (segments about to expire): their halves are
+    /// re-written at the end of the log, under the same id, with the
+    /// transaction's prepare time, check count and parked state, so that
+    /// retention proceeds and no transaction is forgotten. One whose halves
+    /// are unreadable is rolled back (it can never be committed). A
+    /// transaction being checked or ended waits for the next round.
+    /// Returns how many were carried.
+    pub(crate) async fn carry_forward(&self, positions: &[u64]) -> usize {
+        let wanted: std::collections::HashSet<u64> = positions.iter().copied().collect();
+        let chosen: Vec<(TxRef, Halves, bool, u64, u32)> = {
+            let mut table = lock(&self.table);
+            table
+                .pending
+                .iter_mut()
+                .filter(|(_, p)| {
+                    wanted.contains(&p.halves.first)
+                        && matches!(p.phase, Phase::Prepared | Phase::Parked)
+                        && !p.checking
+                })
+                .map(|(&id, p)| {
+                    let parked = p.phase == Phase::Parked;
+                    p.phase = Phase::Carrying(parked);
+                    let tx = TxRef {
+                        id,
+                        first_msg_id: p.first_msg_id,
+                        halves_at: p.halves.first,
+                    };
+                    (tx, p.halves, parked, p.prepared_at, p.checks)
+                })
+                .collect()
+        };
+        let mut carried = 0;
+        for (tx, halves, parked, prepared_at, checks) in chosen {
+            let restore = |at: Option<u64>| {
+                let mut table = lock(&self.table);
+                if let Some(p) = table.pending.get_mut(&tx.id) {
+                    p.phase = if parked {
+                        Phase::Parked
+                    } else {
+                        Phase::Prepared
+                    };
+                    if let Some(at) = at {
+                        p.halves.first = at;
+                    }
+                }
+            };
+            let Some(mut messages) = self.read_halves_raw(halves) else {
+                restore(None);
+                tracing::error!(
+                    tx_id = tx.id,
+                    "half messages of a pending transaction expire unreadable; rolling it back"
+                );
+                if let Err(e) = self
+                    .end(tx.id, TxAction::Rollback, TxSource::Operator, None)
+                    .await
+                {
+                    tracing::warn!(tx_id = tx.id, error = %e, "cannot roll back an unreadable transaction");
+                }
+                continue;
+            };
+            if let Some((_, first)) = messages.first_mut() {
+                let props = &mut first.properties;
+                props.insert(PROP_CARRIED_PREPARED_AT.into(), prepared_at.to_string());
+                props.insert(PROP_CARRIED_CHECKS.into(), checks.to_string());
+                if parked {
+                    props.insert(PROP_CARRIED_PARKED.into(), "1".into());
+                } else {
+                    props.remove(PROP_CARRIED_PARKED);
+                }
+            }
+            match self.store.carry_transaction(tx, messages).await {
+                Ok(at) => {
+                    restore(Some(at));
+                    carried += 1;
+                    tracing::info!(
+                        tx_id = tx.id,
+                        from = tx.halves_at,
+                        to = at,
+                        "pending transaction carried forward past retention"
+                    );
+                }
+                Err(e) => {
+                    restore(None);
+                    tracing::warn!(tx_id = tx.id, error = %e, "cannot carry a pending transaction forward; its segment stays");
+                }
+            }
+        }
+        carried
+    }
+
     /// The half messages as they become visible: internal properties removed.
     fn read_halves(&self, halves: Halves) -> Option<Vec<(u32, Message)>> {
         let mut pos = halves.first;
@@ -577,6 +727,9 @@ impl Transactions {
                 m.properties.remove(PROP_PRODUCER_GROUP);
                 m.properties.remove(PROP_CHECK_DELAY);
                 m.properties.remove(PROP_ATTEMPT);
+                m.properties.remove(PROP_CARRIED_PREPARED_AT);
+                m.properties.remove(PROP_CARRIED_CHECKS);
+                m.properties.remove(PROP_CARRIED_PARKED);
                 Some((rec.queue, m))
             })
             .collect()
@@ -603,7 +756,7 @@ impl Transactions {
                     checks: p.checks,
                     last_check: p.last_check,
                     last_error: p.last_error.as_deref().map(str::to_string),
-                    state: if p.phase == Phase::Parked {
+                    state: if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
                         TxState::Parked
                     } else {
                         TxState::Prepared
@@ -774,12 +927,13 @@ impl Transactions {
         p.checks
     }
 
-    /// The first msg id of a pending transaction (for its markers).
-    fn first_msg_id(&self, tx_id: u64) -> Option<MsgId> {
-        lock(&self.table)
-            .pending
-            .get(&tx_id)
-            .map(|p| p.first_msg_id)
+    /// A pending transaction as its markers name it.
+    fn tx_ref(&self, tx_id: u64) -> Option<TxRef> {
+        lock(&self.table).pending.get(&tx_id).map(|p| TxRef {
+            id: tx_id,
+            first_msg_id: p.first_msg_id,
+            halves_at: p.halves.first,
+        })
     }
 
     fn park(&self, tx_id: u64) {
@@ -855,6 +1009,174 @@ mod tests {
         }
         let r = store.read("t", 0, 0, 100, 1 << 20).unwrap();
         assert_eq!(r.messages.len(), 20, "each transaction visible once");
+        store.shutdown().await;
+    }
+
+    /// One stuck transaction no longer pins the log: when its segment
+    /// expires it is carried forward (same id, its checks and parked state),
+    /// retention deletes the old segments, and the transaction survives a
+    /// restart and can still be committed, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_transaction_is_carried_forward_and_retention_proceeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let mut c = StoreConfig::new(dir.path());
+            c.segment_size = 1 << 20;
+            c.max_message_size = 64 * 1024;
+            c.retention = Duration::ZERO;
+            Store::open(c, &[("t".to_string(), 1)]).unwrap()
+        };
+        let store = open();
+        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
+        let (stuck, _) = tx
+            .prepare("pg", None, Some(1), vec![(0, Message::new("t", "stuck"))])
+            .await
+            .unwrap();
+        {
+            // Two checks counted, then parked.
+            let mut table = lock(&tx.table);
+            let p = table.pending.get_mut(&stuck).unwrap();
+            p.checks = 2;
+            p.phase = Phase::Parked;
+        }
+        for i in 0..60 {
+            store
+                .append(
+                    "t",
+                    0,
+                    vec![Message::new("t", vec![b'x'; 60_000]).with_key(format!("{i}"))],
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.enforce_retention().unwrap(),
+            0,
+            "pinned by the stuck transaction"
+        );
+        let expiring = store.expiring_halves();
+        assert_eq!(expiring, vec![stuck]);
+        assert_eq!(tx.carry_forward(&expiring).await, 1);
+        assert!(
+            store.enforce_retention().unwrap() >= 3,
+            "retention proceeds"
+        );
+        assert!(store.expiring_halves().is_empty());
+        let listed = tx.list().transactions;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].tx_id, listed[0].checks, listed[0].state),
+            (stuck, 2, TxState::Parked)
+        );
+        assert_eq!(listed[0].topics, vec!["t".to_string()]);
+        store.shutdown().await;
+
+        // After a restart: the same transaction, nothing else, and the
+        // store's pending set agrees with the table.
+        let store = open();
+        let recovered = store.take_recovered_transactions().unwrap_or_default();
+        let tx = Transactions::new(store.clone(), config(), "b".into(), recovered);
+        let listed = tx.list().transactions;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].tx_id, listed[0].checks, listed[0].state),
+            (stuck, 2, TxState::Parked)
+        );
+        assert_eq!(store.pending_halves(), 1);
+        let ended = tx
+            .end(stuck, TxAction::Commit, TxSource::Operator, None)
+            .await
+            .unwrap();
+        assert_eq!(ended.state, TxState::Committed);
+        assert_eq!(store.pending_halves(), 0);
+        // After the 60 fillers (whose segments have expired).
+        let r = store.read("t", 0, 60, 1000, 64 << 20).unwrap();
+        let stuck_bodies = r
+            .messages
+            .iter()
+            .filter(|m| &m.message.body[..] == b"stuck")
+            .count();
+        assert_eq!(stuck_bodies, 1, "committed once");
+        let visible = r
+            .messages
+            .iter()
+            .find(|m| &m.message.body[..] == b"stuck")
+            .unwrap();
+        assert!(
+            !visible
+                .message
+                .properties
+                .keys()
+                .any(|k| k.starts_with("__txmq")),
+            "no internal property leaks: {:?}",
+            visible.message.properties
+        );
+        store.shutdown().await;
+    }
+
+    /// A pending transaction whose half message is damaged is listed
+    /// (parked, with the reason), the store's pending set agrees, and when
+    /// its segment expires it is rolled back, so retention proceeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_pending_transaction_is_listed_and_rolled_back_at_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let mut c = StoreConfig::new(dir.path());
+            c.segment_size = 1 << 20;
+            c.max_message_size = 64 * 1024;
+            c.retention = Duration::ZERO;
+            Store::open(c, &[("t".to_string(), 1)]).unwrap()
+        };
+        let store = open();
+        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
+        let (stuck, _) = tx
+            .prepare("pg", None, Some(1), vec![(0, Message::new("t", "stuck"))])
+            .await
+            .unwrap();
+        let (_, size) = store.read_record_at(stuck).unwrap();
+        store.shutdown().await;
+        // A clean restart: the checkpoint moves to the next segment.
+        open().shutdown().await;
+        // Damage the half message's last byte (its body), in a segment an
+        // earlier run verified.
+        let segment = dir.path().join("commitlog").join(format!("{:020}", 0));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"?", stuck + u64::from(size) - 1).unwrap();
+        drop(f);
+
+        let store = open();
+        let recovered = store.take_recovered_transactions().unwrap_or_default();
+        let tx = Transactions::new(store.clone(), config(), "b".into(), recovered);
+        let listed = tx.list().transactions;
+        assert_eq!(listed.len(), 1, "listed, not forgotten");
+        assert_eq!((listed[0].tx_id, listed[0].state), (stuck, TxState::Parked));
+        assert!(listed[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("unreadable"));
+        assert_eq!(store.pending_halves(), 1, "the store agrees");
+        let err = tx
+            .end(stuck, TxAction::Commit, TxSource::Operator, None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal, "{err}");
+        store
+            .append("t", 0, vec![Message::new("t", vec![b'x'; 60_000])])
+            .await
+            .unwrap();
+        let expiring = store.expiring_halves();
+        assert_eq!(expiring, vec![stuck]);
+        assert_eq!(tx.carry_forward(&expiring).await, 0);
+        assert!(tx.list().transactions.is_empty(), "rolled back");
+        assert_eq!(store.pending_halves(), 0);
+        assert!(
+            store.enforce_retention().unwrap() >= 1,
+            "retention proceeds"
+        );
         store.shutdown().await;
     }
 }
