@@ -66,6 +66,12 @@ pub struct BrokerConfig {
     pub max_delay: Duration,
     /// The most disk the commit log may take; sends are refused beyond it.
     pub max_store_size: Option<u64>,
+    /// Connections served at once (greeted ones); more are refused.
+    pub max_connections: usize,
+    /// Topics this broker holds, internal ones (`%...`) not counted.
+    pub max_topics: usize,
+    /// Bytes of requests one connection may have in flight.
+    pub max_inflight_bytes: usize,
 }
 
 /// RocketMQ's retry back-off: levels 3 to 18 of its delay levels.
@@ -104,6 +110,9 @@ impl BrokerConfig {
             retry_delays: parse_durations(DEFAULT_RETRY_DELAYS).unwrap_or_default(),
             max_delay: Duration::from_secs(7 * 24 * 3600),
             max_store_size: None,
+            max_connections: 10_000,
+            max_topics: 10_000,
+            max_inflight_bytes: 64 << 20,
         }
     }
 
@@ -377,6 +386,20 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_STORE_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_store_size: Option<u64>,
+    /// Connections served at once; a hello past it is refused with
+    /// TOO_MANY_CONNECTIONS [default: 10000].
+    #[arg(long, env = "TXMQ_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Topics the broker holds (internal %RETRY%/%DLQ% topics not counted);
+    /// creating or auto-creating one more is refused with TOO_MANY_TOPICS
+    /// [default: 10000].
+    #[arg(long, env = "TXMQ_MAX_TOPICS")]
+    pub max_topics: Option<usize>,
+    /// Bytes of requests one connection may have in flight; past it the
+    /// broker reads no more from it until answers go out [default: 64MiB].
+    #[arg(long, env = "TXMQ_MAX_INFLIGHT_BYTES", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub max_inflight_bytes: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -489,6 +512,15 @@ impl BrokerArgs {
                 .unwrap_or(d.retry_delays),
             max_delay: self.max_delay.or(file.max_delay).unwrap_or(d.max_delay),
             max_store_size: self.max_store_size.or(file.max_store_size),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_topics: self.max_topics.or(file.max_topics).unwrap_or(d.max_topics),
+            max_inflight_bytes: self
+                .max_inflight_bytes
+                .or(file.max_inflight_bytes)
+                .map_or(d.max_inflight_bytes, |b| b as usize),
         };
         config.validate()?;
         Ok(config)

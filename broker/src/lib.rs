@@ -76,6 +76,8 @@ pub(crate) struct BrokerInner {
     pub(crate) transactions: Arc<transaction::Transactions>,
     pub(crate) groups: Arc<groups::Groups>,
     pub(crate) shutdown: CancellationToken,
+    /// Connections greeted and not yet closed (`--max-connections`).
+    pub(crate) connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A running broker.
@@ -167,14 +169,14 @@ impl Broker {
             if topics.get(&name).is_none() {
                 tracing::warn!(topic = %name, queues, "topic found in the store but not in topics.json; restoring it");
                 topics
-                    .upsert(&name, |_| {
+                    .upsert(&name, |_, _| {
                         Ok(txmq_protocol::TopicConfig {
                             name: name.clone(),
                             queues,
                             perm: txmq_protocol::PERM_READ_WRITE,
                         })
                     })
-                    .map_err(BrokerError::Config)?;
+                    .map_err(|e| BrokerError::Config(e.message))?;
             }
         }
         let shutdown = CancellationToken::new();
@@ -199,10 +201,12 @@ impl Broker {
             topics_version: std::sync::atomic::AtomicU64::new(0),
             registered_version: tokio::sync::watch::channel(0).0,
             shutdown: shutdown.clone(),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
 
         let conn_config = ConnectionConfig {
             max_frame_len: inner.config.max_frame_size,
+            max_inflight_bytes: inner.config.max_inflight_bytes,
             ..Default::default()
         };
         let service = Arc::new(handler::BrokerService {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use txmq_protocol::TopicConfig;
+use txmq_protocol::{ErrorCode, TopicConfig, WireError};
 
 #[derive(Serialize, Deserialize)]
 struct Persisted {
@@ -65,24 +65,29 @@ impl TopicTable {
 
     /// Inserts or replaces a topic and persists the table before returning.
     /// Returns the stored configuration. `merge` decides, given the existing
-    /// configuration if any, what to store.
+    /// configuration if any and the number of topics (internal ones not
+    /// counted), what to store.
     ///
     /// # Errors
-    /// The error from `merge`, or an I/O error persisting the table.
+    /// The error from `merge`, or an I/O error persisting the table
+    /// (`STORE_UNAVAILABLE`).
     pub fn upsert(
         &self,
         name: &str,
-        merge: impl FnOnce(Option<&TopicConfig>) -> Result<TopicConfig, String>,
-    ) -> Result<(TopicConfig, bool), String> {
+        merge: impl FnOnce(Option<&TopicConfig>, usize) -> Result<TopicConfig, WireError>,
+    ) -> Result<(TopicConfig, bool), WireError> {
         let mut topics = self.lock();
         let existing = topics.get(name);
-        let new = merge(existing)?;
+        // Internal topics (`%RETRY%...`, `%DLQ%...`) are not counted.
+        let user_topics = topics.keys().filter(|t| !t.starts_with('%')).count();
+        let new = merge(existing, user_topics)?;
         if existing == Some(&new) {
             return Ok((new, false));
         }
         let mut next = topics.clone();
         next.insert(name.to_string(), new.clone());
-        self.persist(&next)?;
+        self.persist(&next)
+            .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e))?;
         *topics = next;
         Ok((new, true))
     }

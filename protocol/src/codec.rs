@@ -57,12 +57,23 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct FrameCodec {
     max: usize,
+    /// Length of the last frame decoded (its body).
+    last_len: usize,
 }
 
 impl FrameCodec {
     /// A codec that refuses frames longer than `max_frame_len` bytes.
     pub fn new(max_frame_len: usize) -> FrameCodec {
-        FrameCodec { max: max_frame_len }
+        FrameCodec {
+            max: max_frame_len,
+            last_len: 0,
+        }
+    }
+
+    /// The body length of the frame decoded last (what a request holds in
+    /// memory while it is served).
+    pub fn last_frame_len(&self) -> usize {
+        self.last_len
     }
 }
 
@@ -134,6 +145,7 @@ impl Decoder for FrameCodec {
         }
         src.advance(4);
         let body = src.split_to(len);
+        self.last_len = len;
         decode_body(&body).map(Some)
     }
 }

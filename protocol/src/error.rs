@@ -53,6 +53,10 @@ pub enum ErrorCode {
     /// The message id is already used by another transaction (a message
     /// reused for a second send without a new id).
     DuplicateMsgId = 24,
+    /// The broker serves as many connections as it may (`--max-connections`).
+    TooManyConnections = 25,
+    /// The broker holds as many topics as it may (`--max-topics`).
+    TooManyTopics = 26,
     /// The consumer group has live members where the request needs none (e.g. an offset reset).
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
@@ -88,6 +92,8 @@ impl ErrorCode {
             22 => TransactionCommitted,
             23 => TransactionParked,
             24 => DuplicateMsgId,
+            25 => TooManyConnections,
+            26 => TooManyTopics,
             30 => GroupActive,
             31 => QueueNotOwned,
             _ => Unknown,
@@ -120,6 +126,8 @@ impl ErrorCode {
             TransactionCommitted => "TRANSACTION_COMMITTED",
             TransactionParked => "TRANSACTION_PARKED",
             DuplicateMsgId => "DUPLICATE_MSG_ID",
+            TooManyConnections => "TOO_MANY_CONNECTIONS",
+            TooManyTopics => "TOO_MANY_TOPICS",
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
             Unknown => "UNKNOWN",
@@ -170,6 +178,8 @@ mod tests {
             ErrorCode::UnknownTopic,
             ErrorCode::TransactionParked,
             ErrorCode::DuplicateMsgId,
+            ErrorCode::TooManyConnections,
+            ErrorCode::TooManyTopics,
             ErrorCode::OffsetOutOfRange,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
     Call, ErrorCode, Frame, FrameCodec, Hello, HelloOk, Request, Response, WireError,
@@ -63,6 +63,11 @@ pub struct ConnectionConfig {
     pub request_timeout: Duration,
     /// Requests from the peer handled at once; more wait in the socket (default 4096).
     pub max_inflight: usize,
+    /// Bytes of requests from the peer handled at once (their frames);
+    /// past it the connection reads nothing more until answers go out, so
+    /// one connection cannot hold 4096 x 8 MiB (default 64 MiB). A single
+    /// request larger than this is still served, alone.
+    pub max_inflight_bytes: usize,
     /// How long a server waits for the hello (default 10 s).
     pub hello_timeout: Duration,
 }
@@ -73,6 +78,7 @@ impl Default for ConnectionConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             request_timeout: Duration::from_secs(10),
             max_inflight: 4096,
+            max_inflight_bytes: 64 << 20,
             hello_timeout: Duration::from_secs(10),
         }
     }
@@ -481,14 +487,16 @@ fn holds_a_frame(buf: &[u8]) -> bool {
 /// A handler's future tagged with its request id.
 struct Tagged {
     id: u64,
+    /// The request frame's length, held until it is answered.
+    bytes: usize,
     fut: BoxFuture<Result<Response, WireError>>,
 }
 
 impl Future for Tagged {
-    type Output = (u64, Result<Response, WireError>);
+    type Output = (u64, usize, Result<Response, WireError>);
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let id = self.id;
-        self.fut.as_mut().poll(cx).map(|r| (id, r))
+        let (id, bytes) = (self.id, self.bytes);
+        self.fut.as_mut().poll(cx).map(|r| (id, bytes, r))
     }
 }
 
@@ -554,6 +562,8 @@ async fn read_loop(
     }
 
     let mut inflight: FuturesUnordered<Tagged> = FuturesUnordered::new();
+    let mut inflight_bytes = 0usize;
+    let mut bytes_limit_logged = false;
     // Responses ready at once go out in one write: gathered here while
     // requests or answers are ready, written when the loop would wait.
     let mut batch = BytesMut::new();
@@ -562,7 +572,8 @@ async fn read_loop(
         tokio::select! {
             biased;
             _ = inner.closed.cancelled() => break,
-            Some((id, result)) = inflight.next(), if !inflight.is_empty() => {
+            Some((id, bytes, result)) = inflight.next(), if !inflight.is_empty() => {
+                inflight_bytes -= bytes;
                 encode_frame(&mut codec, &Frame::Response(id, result), &mut batch, &inner);
                 // Nothing else to answer soon (no request pending, none read):
                 // write now rather than after another read attempt.
@@ -571,7 +582,8 @@ async fn read_loop(
                     break;
                 }
             }
-            next = reader.next(), if inflight.len() < inner.config.max_inflight => match next {
+            next = reader.next(), if inflight.len() < inner.config.max_inflight
+                && (inflight_bytes < inner.config.max_inflight_bytes || inflight.is_empty()) => match next {
                 None => break,
                 Some(Err(txmq_protocol::codec::CodecError::Io(e))) => {
                     // A reset or a peer gone mid-frame: not the peer's bad input.
@@ -593,7 +605,14 @@ async fn read_loop(
                 Some(Ok(Decoded::Frame(Frame::Request(id, request)))) => match &service {
                     Some(service) => {
                         inner.more_read.store(holds_a_frame(reader.read_buffer()), Ordering::Relaxed);
-                        inflight.push(Tagged { id, fut: service.call(&conn, request) });
+                        let bytes = reader.decoder().last_frame_len();
+                        inflight_bytes += bytes;
+                        if inflight_bytes >= inner.config.max_inflight_bytes && !bytes_limit_logged {
+                            bytes_limit_logged = true;
+                            info!(peer = %inner.peer, inflight_bytes, limit = inner.config.max_inflight_bytes,
+                                "requests in flight reach the connection's byte limit; reading pauses until answers go out");
+                        }
+                        inflight.push(Tagged { id, bytes, fut: service.call(&conn, request) });
                     }
                     None => {
                         let e = WireError::new(

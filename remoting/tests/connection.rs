@@ -205,3 +205,70 @@ async fn request_timeout_and_closed_connection_are_errors() {
         .unwrap_err();
     assert!(matches!(err, Error::Closed { .. }), "{err}");
 }
+
+/// Counts the requests it serves at once (the most seen); each takes 50 ms.
+#[derive(Default)]
+struct Gauge {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+struct Gauged(Arc<Gauge>);
+
+impl Service for Gauged {
+    fn call(&self, _: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let gauge = self.0.clone();
+        let now = gauge.now.fetch_add(1, SeqCst) + 1;
+        gauge.most.fetch_max(now, SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gauge.now.fetch_sub(1, SeqCst);
+            match request {
+                Request::GetRoute(r) => Ok(Response::GetRoute(TopicRoute {
+                    topic: r.topic,
+                    brokers: vec![],
+                })),
+                other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
+            }
+        })
+    }
+}
+
+/// A connection's requests in flight are bounded in bytes: with a 10 KiB
+/// limit, 20 pipelined requests of 4 KiB are served at most 3 at a time,
+/// and every one is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded_in_bytes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let gauge = Arc::new(Gauge::default());
+    let config = ConnectionConfig {
+        max_inflight_bytes: 10 << 10,
+        ..Default::default()
+    };
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(Gauged(gauge.clone())),
+        config,
+        shutdown.clone(),
+    ));
+    let conn = client(&addr, None).await;
+    let calls = (0..20).map(|i| {
+        let conn = conn.clone();
+        async move {
+            let topic = format!("{i}-{}", "x".repeat(4 << 10));
+            conn.call(GetRoute {
+                topic: topic.clone(),
+            })
+            .await
+            .map(|route| route.topic == topic)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(true))), "{answers:?}");
+    let most = gauge.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=3).contains(&most), "served {most} at once");
+    shutdown.cancel();
+}

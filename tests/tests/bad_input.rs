@@ -1306,3 +1306,101 @@ async fn a_full_store_refuses_sends_clearly_and_keeps_serving_reads() {
     producer.close();
     cluster.shutdown().await;
 }
+
+/// `--max-connections`: a hello past the limit is refused with
+/// TOO_MANY_CONNECTIONS and the connection closes; the connections already
+/// there keep being served, and a slot freed by a close is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_refused_clearly_and_the_others_served() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let addr = cluster
+        .add_broker("broker-a", |c| c.max_connections = 3)
+        .await
+        .to_string();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            connect(&addr, PROTOCOL_VERSION)
+                .await
+                .expect("within the limit"),
+        );
+    }
+    let refused = connect(&addr, PROTOCOL_VERSION)
+        .await
+        .expect_err("past the limit");
+    let e = refused.remote().expect("an error answer").clone();
+    assert_eq!(e.code, ErrorCode::TooManyConnections, "{e}");
+    assert!(e.message.contains("--max-connections"), "{e}");
+    // The others are still served.
+    for conn in &open {
+        let route = conn.call(txmq_protocol::GetStoreStats {}).await;
+        assert!(route.is_ok(), "{route:?}");
+    }
+    let gone = open.pop().unwrap();
+    gone.close();
+    gone.closed().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let again = loop {
+        match connect(&addr, PROTOCOL_VERSION).await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the freed slot was not given back: {e}"),
+        }
+    };
+    again.close();
+    for conn in open {
+        conn.close();
+    }
+    cluster.shutdown().await;
+}
+
+/// `--max-topics`: creating or auto-creating a topic past the limit is
+/// refused with TOO_MANY_TOPICS (the CLI exits 1 saying so); existing
+/// topics keep working, and the internal retry topics of consumer groups
+/// are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_past_the_limit_are_refused_clearly() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster.add_broker("broker-a", |c| c.max_topics = 2).await;
+    let ns = cluster.nameserver.clone();
+    let producer = cluster.producer().await;
+    producer
+        .send(Message::new("first", "1"))
+        .await
+        .expect("auto-created");
+    producer
+        .send(Message::new("second", "2"))
+        .await
+        .expect("auto-created");
+    let refused = producer
+        .send(Message::new("third", "3"))
+        .await
+        .expect_err("past the limit");
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::TooManyTopics),
+        "{refused:?}"
+    );
+    let text = txmq::error::chain(&refused);
+    assert!(text.contains("--max-topics"), "{text}");
+    let out = tokio::task::spawn_blocking({
+        let ns = ns.clone();
+        move || txmq_tests::txmq_cli(&ns, &["topic", "create", "fourth", "--queues", "1"], None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TOO_MANY_TOPICS"), "{err}");
+    // Existing topics still work, and a consumer group's retry topic is made.
+    producer
+        .send(Message::new("first", "again"))
+        .await
+        .expect("an existing topic");
+    let got = consume_all(&ns, "g", "first", 2, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 2);
+    producer.close();
+    cluster.shutdown().await;
+}

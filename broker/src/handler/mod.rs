@@ -8,6 +8,7 @@ mod send;
 mod topic;
 mod transaction;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use txmq_protocol::{
@@ -27,19 +28,37 @@ pub(crate) struct BrokerService {
 
 impl Service for BrokerService {
     fn hello(&self, conn: &Connection, hello: &Hello) -> Result<HelloOk, WireError> {
-        if hello.role == Role::TransactionProducer {
-            match hello.group.as_deref() {
-                Some(group) if !group.is_empty() => self
-                    .broker
-                    .transactions
-                    .producer_connected(group, conn.clone()),
-                _ => {
-                    return Err(WireError::new(
-                        ErrorCode::BadArgument,
-                        "a transactional producer must name its producer group",
-                    ))
-                }
-            }
+        if hello.role == Role::TransactionProducer
+            && hello.group.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                "a transactional producer must name its producer group",
+            ));
+        }
+        // Counted once nothing else can refuse the hello: `closed` gives the
+        // slot back for every greeted connection.
+        let max = self.broker.config.max_connections;
+        let counted =
+            self.broker
+                .connections
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                });
+        if counted.is_err() {
+            tracing::warn!(peer = %conn.peer_addr(), max, "connection refused: --max-connections reached");
+            return Err(WireError::new(
+                ErrorCode::TooManyConnections,
+                format!(
+                    "broker {} serves its maximum of {max} connections (--max-connections); try later or another broker",
+                    self.broker.config.broker_name
+                ),
+            ));
+        }
+        if let (Role::TransactionProducer, Some(group)) = (hello.role, hello.group.as_deref()) {
+            self.broker
+                .transactions
+                .producer_connected(group, conn.clone());
         }
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
@@ -48,6 +67,9 @@ impl Service for BrokerService {
     }
 
     fn closed(&self, conn: &Connection) {
+        if conn.peer_hello().is_some() {
+            self.broker.connections.fetch_sub(1, Ordering::AcqRel);
+        }
         crate::groups::notify(self.broker.groups.connection_closed(conn.id()));
         if let Some(hello) = conn.peer_hello() {
             if let (Role::TransactionProducer, Some(group)) = (hello.role, &hello.group) {

@@ -1,7 +1,7 @@
 //! Topics: create (or grow), list.
 
 use txmq_protocol::{
-    validate_topic_name, CreateTopic, TopicConfig, TopicList, TopicOnBroker, WireError,
+    validate_topic_name, CreateTopic, ErrorCode, TopicConfig, TopicList, TopicOnBroker, WireError,
     PERM_READ_WRITE,
 };
 
@@ -40,24 +40,33 @@ pub(super) async fn create_topic(
     }
     let (config, changed) = b
         .topics
-        .upsert(name, |existing| match existing {
+        .upsert(name, |existing, count| match existing {
+            None if count >= b.config.max_topics && !name.starts_with('%') => {
+                tracing::warn!(topic = name, max = b.config.max_topics, "topic refused: --max-topics reached");
+                Err(WireError::new(
+                    ErrorCode::TooManyTopics,
+                    format!(
+                        "broker {} holds its maximum of {} topics (--max-topics); topic '{name}' was not created",
+                        b.config.broker_name, b.config.max_topics
+                    ),
+                ))
+            }
             None => Ok(TopicConfig {
                 name: name.to_string(),
                 queues,
                 perm,
             }),
             Some(old) if !explicit => Ok(old.clone()),
-            Some(old) if queues < old.queues => Err(format!(
+            Some(old) if queues < old.queues => Err(bad_argument(format!(
                 "topic '{name}' has {} queues; the queue count cannot shrink",
                 old.queues
-            )),
+            ))),
             Some(_) => Ok(TopicConfig {
                 name: name.to_string(),
                 queues,
                 perm,
             }),
-        })
-        .map_err(bad_argument)?;
+        })?;
     b.store
         .ensure_queues(name, config.queues)
         .map_err(store_error)?;

@@ -493,7 +493,7 @@ impl Writer {
             // The full segment's tail reaches the disk before anything of
             // the next one: a crash then never leaves data after a torn
             // record, which recovery would refuse to cut.
-            seg.file.sync_data().map_err(|e| {
+            blocking(|| seg.file.sync_data()).map_err(|e| {
                 self.store.poisoned.store(true, Ordering::Release);
                 StoreError::io("cannot fdatasync the full commit-log segment", &e)
             })?;
@@ -503,7 +503,7 @@ impl Writer {
             Some(seg) => seg.end(),
             None => self.pos,
         };
-        let seg = self.store.log.create_segment(next_start).map_err(|e| {
+        let seg = blocking(|| self.store.log.create_segment(next_start)).map_err(|e| {
             StoreError::io(
                 format!("cannot create commit-log segment at {next_start}"),
                 &e,
@@ -648,6 +648,20 @@ impl Writer {
             let publish = std::mem::take(&mut self.publish);
             let _ = self.flusher.send(FlushCmd::Written(self.pos, publish));
         }
+    }
+}
+
+/// Runs blocking file work (the fdatasync and the file creation of a
+/// segment roll) without stalling the other tasks of a tokio worker: the
+/// writer runs on whichever task holds it. `block_in_place` on a
+/// multi-thread runtime (the worker's other tasks move to another thread),
+/// directly elsewhere (a current-thread runtime, a plain thread).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

@@ -8,6 +8,7 @@
 //! table is rebuilt from the log after a restart.
 
 mod check_back;
+mod due;
 mod producers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -118,6 +119,8 @@ struct Table {
     ended_by_msg: HashMap<u64, u64>,
     ended_order: std::collections::VecDeque<u64>,
     groups: HashMap<String, Arc<str>>,
+    /// When prepared transactions are next due for a check.
+    due: due::DueIndex,
 }
 
 /// What is remembered of an ended transaction.
@@ -287,6 +290,9 @@ impl Transactions {
                     checking: false,
                 },
             );
+            if !t.parked {
+                table.due.insert(t.tx_id, next_check_at);
+            }
         }
         if !table.pending.is_empty() {
             tracing::info!(
@@ -446,6 +452,7 @@ impl Transactions {
                 checking: false,
             },
         );
+        table.due.insert(tx_id, now.saturating_add(delay));
         drop(table);
         self.counters.prepared.fetch_add(1, Ordering::Relaxed);
         Ok((tx_id, status(durable)))
@@ -607,6 +614,10 @@ impl Transactions {
             Err(e) => {
                 if let Some(p) = table.pending.get_mut(&tx_id) {
                     p.phase = previous;
+                    let due = p.next_check_at;
+                    if previous == Phase::Prepared {
+                        table.due.insert(tx_id, due);
+                    }
                 }
                 Err(e)
             }
@@ -669,6 +680,10 @@ impl Transactions {
                     };
                     if let Some(at) = at {
                         p.halves.first = at;
+                    }
+                    let due = p.next_check_at;
+                    if !parked {
+                        table.due.insert(tx.id, due);
                     }
                 }
             };
@@ -805,9 +820,11 @@ impl Transactions {
         if self.producers.add(group, conn) {
             let now = now_millis();
             let mut table = lock(&self.table);
-            for p in table.pending.values_mut() {
+            let Table { pending, due, .. } = &mut *table;
+            for (&tx_id, p) in pending.iter_mut() {
                 if &*p.group == group && p.phase == Phase::Prepared && p.last_error.is_some() {
                     p.next_check_at = p.next_check_at.min(now);
+                    due.insert(tx_id, p.next_check_at);
                 }
             }
             drop(table);
@@ -818,13 +835,18 @@ impl Transactions {
     /// Ids of the prepared transactions due for a check, marked as being checked.
     fn take_due(&self, now: u64) -> Vec<(u64, Arc<str>)> {
         let mut table = lock(&self.table);
-        table
-            .pending
-            .iter_mut()
-            .filter(|(_, p)| p.phase == Phase::Prepared && !p.checking && p.next_check_at <= now)
-            .map(|(&tx_id, p)| {
+        let Table { pending, due, .. } = &mut *table;
+        // Entries of ended, rescheduled or busy transactions are dropped
+        // here (see `due.rs`).
+        due.take_due(now)
+            .into_iter()
+            .filter_map(|tx_id| {
+                let p = pending.get_mut(&tx_id)?;
+                if p.phase != Phase::Prepared || p.checking || p.next_check_at > now {
+                    return None;
+                }
                 p.checking = true;
-                (tx_id, p.group.clone())
+                Some((tx_id, p.group.clone()))
             })
             .collect()
     }
@@ -924,7 +946,11 @@ impl Transactions {
         }
         p.last_error = error.map(String::into_boxed_str);
         p.next_check_at = now + self.config.check_interval.as_millis() as u64;
-        p.checks
+        let (checks, due, prepared) = (p.checks, p.next_check_at, p.phase == Phase::Prepared);
+        if prepared {
+            table.due.insert(tx_id, due);
+        }
+        checks
     }
 
     /// A pending transaction as its markers name it.
