@@ -1205,4 +1205,61 @@ mod tests {
         );
         store.shutdown().await;
     }
+
+    /// A rollback that meets a commit being written is answered only once
+    /// the commit is durable: under sync flush, the committed message is
+    /// readable when the refusal comes (it was answered at once before,
+    /// and would have been false had the commit's write failed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_contradicting_end_is_answered_only_once_the_first_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = StoreConfig::new(dir.path());
+        c.segment_size = 1 << 20;
+        c.max_message_size = 64 * 1024;
+        c.flush = crate::FlushMode::Sync;
+        let store = Store::open(c, &[("t".to_string(), 1)]).unwrap();
+        let tx = Arc::new(Transactions::new(
+            store.clone(),
+            config(),
+            "b".into(),
+            Default::default(),
+        ));
+        let mut refused = 0;
+        for round in 0..20u64 {
+            let (id, _) = tx
+                .prepare(
+                    "pg",
+                    None,
+                    Some(round),
+                    vec![(0, Message::new("t", format!("m{round}")))],
+                )
+                .await
+                .unwrap();
+            let commit = {
+                let tx = tx.clone();
+                tokio::spawn(
+                    async move { tx.end(id, TxAction::Commit, TxSource::Producer, None).await },
+                )
+            };
+            // Wait until the commit is being written.
+            while !matches!(
+                lock(&tx.table).pending.get(&id).map(|p| p.phase),
+                Some(Phase::Ending(..)) | None
+            ) {
+                tokio::task::yield_now().await;
+            }
+            let answer = tx
+                .end(id, TxAction::Rollback, TxSource::Operator, None)
+                .await;
+            if let Err(e) = &answer {
+                assert_eq!(e.code, ErrorCode::TransactionCommitted, "{e}");
+                let r = store.read("t", 0, round, 1, 1 << 20).unwrap();
+                assert_eq!(r.messages.len(), 1, "refused before the commit was durable");
+                refused += 1;
+            }
+            assert_eq!(commit.await.unwrap().unwrap().state, TxState::Committed);
+        }
+        assert!(refused > 0, "no rollback met a commit being written");
+        store.shutdown().await;
+    }
 }
