@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    body_text, create_topic, jitter, record_starts, segments, start_broker, wait_for_route,
+    body_text, create_topic, jitter, pending, record_starts, segments, start_broker, wait_for_list,
+    wait_for_route,
 };
 use txmq::{
     Admin, BoxError, CheckRequest, ErrorCode, Message, TransactionListener, TransactionProducer,
@@ -99,39 +100,6 @@ async fn crash_and_restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
     tokio::task::block_in_place(|| broker.restart());
     wait_for_broker(ns, "broker-a").await;
     wait_for_route(ns, topic, &["broker-a"]).await;
-}
-
-/// The pending and parked transactions of every broker.
-async fn pending(admin: &Admin) -> Vec<TxInfo> {
-    admin
-        .list_transactions(None)
-        .await
-        .expect("list transactions")
-        .into_iter()
-        .flat_map(|l| l.transactions)
-        .collect()
-}
-
-/// Polls the transaction list (every 20 ms, up to `limit`) until `done`
-/// holds for it; returns that list.
-async fn wait_for_list(
-    admin: &Admin,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&[TxInfo]) -> bool,
-) -> Vec<TxInfo> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let list = pending(admin).await;
-        if done(&list) {
-            return list;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; transactions now: {list:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `txmq --output json tx <args>`: the objects printed; panics when the

@@ -19,10 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{create_topic, record_starts, segments, start_broker, wait_for_route};
+use common::{
+    create_topic, pending, record_starts, segments, start_broker, wait_for_list, wait_for_route,
+};
 use txmq::{
     Admin, BoxError, CheckRequest, ErrorCode, Message, MsgId, SendStatus, TransactionListener,
-    TransactionProducer, TransactionState, TxAction, TxContext, TxInfo, TxState,
+    TransactionProducer, TransactionState, TxAction, TxContext, TxState,
 };
 use txmq_broker::{FlushMode, TxConfig};
 use txmq_protocol::{
@@ -138,37 +140,6 @@ fn end_request(tx_id: u64, action: TxAction, msg_id: Option<MsgId>) -> EndTransa
 
 fn code(e: &txmq::RemotingError) -> Option<ErrorCode> {
     e.remote().map(|w| w.code)
-}
-
-async fn pending(admin: &Admin) -> Vec<TxInfo> {
-    admin
-        .list_transactions(None)
-        .await
-        .expect("list transactions")
-        .into_iter()
-        .flat_map(|l| l.transactions)
-        .collect()
-}
-
-/// Polls the transaction list until `done` holds for it (up to `limit`).
-async fn wait_for_list(
-    admin: &Admin,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&[TxInfo]) -> bool,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let list = pending(admin).await;
-        if done(&list) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; transactions: {list:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn bodies(messages: &[txmq::ReceivedMessage]) -> Vec<String> {

@@ -1038,6 +1038,15 @@ mod tests {
         store.shutdown().await;
     }
 
+    /// A store of topic `t` whose segments expire at once (retention zero).
+    fn expiring_store(dir: &std::path::Path) -> Store {
+        let mut c = StoreConfig::new(dir);
+        c.segment_size = 1 << 20;
+        c.max_message_size = 64 * 1024;
+        c.retention = Duration::ZERO;
+        Store::open(c, &[("t".to_string(), 1)]).unwrap()
+    }
+
     /// One stuck transaction no longer pins the log: when its segment
     /// expires it is carried forward (same id, its checks and parked state),
     /// retention deletes the old segments, and the transaction survives a
@@ -1045,13 +1054,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stuck_transaction_is_carried_forward_and_retention_proceeds() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let mut c = StoreConfig::new(dir.path());
-            c.segment_size = 1 << 20;
-            c.max_message_size = 64 * 1024;
-            c.retention = Duration::ZERO;
-            Store::open(c, &[("t".to_string(), 1)]).unwrap()
-        };
+        let open = || expiring_store(dir.path());
         let store = open();
         let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
         let (stuck, _) = tx
@@ -1146,13 +1149,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreadable_pending_transaction_is_listed_and_rolled_back_at_expiry() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let mut c = StoreConfig::new(dir.path());
-            c.segment_size = 1 << 20;
-            c.max_message_size = 64 * 1024;
-            c.retention = Duration::ZERO;
-            Store::open(c, &[("t".to_string(), 1)]).unwrap()
-        };
+        let open = || expiring_store(dir.path());
         let store = open();
         let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
         let (stuck, _) = tx

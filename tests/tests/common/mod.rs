@@ -132,3 +132,36 @@ pub fn record_starts(segment: &Path) -> Vec<u64> {
     }
     starts
 }
+
+/// The pending and parked transactions of every broker.
+pub async fn pending(admin: &txmq::Admin) -> Vec<txmq::TxInfo> {
+    admin
+        .list_transactions(None)
+        .await
+        .expect("list transactions")
+        .into_iter()
+        .flat_map(|l| l.transactions)
+        .collect()
+}
+
+/// Polls the transaction list (every 20 ms, up to `limit`) until `done`
+/// holds for it; returns that list.
+pub async fn wait_for_list(
+    admin: &txmq::Admin,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&[txmq::TxInfo]) -> bool,
+) -> Vec<txmq::TxInfo> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let list = pending(admin).await;
+        if done(&list) {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; transactions now: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
