@@ -20,7 +20,7 @@ use common::{
 };
 use txmq::{
     Admin, BoxError, CheckRequest, ErrorCode, Message, TransactionListener, TransactionProducer,
-    TransactionState, TxAction, TxContext, TxInfo, TxState,
+    TransactionState, TxAction, TxContext, TxState,
 };
 use txmq_tests::{consume_all, json_lines, txmq_cli, wait_for_broker, BrokerProcess, Cluster};
 
