@@ -59,7 +59,10 @@ impl Error {
             Error::Connect { .. } | Error::Closed { .. } | Error::Timeout { .. } => true,
             Error::Remote(e) => matches!(
                 e.code,
-                ErrorCode::StoreUnavailable | ErrorCode::NoPermission | ErrorCode::UnknownTopic
+                ErrorCode::StoreUnavailable
+                    | ErrorCode::NoPermission
+                    | ErrorCode::UnknownTopic
+                    | ErrorCode::TooManyConnections
             ),
             Error::UnexpectedResponse { .. } => false,
         }
