@@ -12,7 +12,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{create_topic, jitter, start_broker, wait_for_route};
 use txmq::{Message, Producer, SendStatus};
@@ -287,8 +287,19 @@ async fn a_group_never_resumes_before_an_acknowledged_commit_after_a_power_cut()
         let mut first: HashMap<u32, u64> = HashMap::new();
         let mut committed: HashMap<u32, u64> = HashMap::new();
         let mut handled = 0;
+        // At most 80 a round (60 committed, up to 20 more handed out), so
+        // each of the 3 rounds finds its 60 among the 300.
+        let deadline = Instant::now() + Duration::from_secs(20);
         while handled < 60 {
-            for m in consumer.poll(Duration::from_millis(500)).await.unwrap() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: only {handled} messages came"
+            );
+            let batch = consumer
+                .poll_at_most(60 - handled, Duration::from_millis(500))
+                .await
+                .unwrap();
+            for m in batch {
                 first.entry(m.queue()).or_insert(m.queue_offset());
                 committed.insert(m.queue(), m.queue_offset() + 1);
                 seen.insert(String::from_utf8_lossy(m.body()).into_owned());
@@ -304,7 +315,10 @@ async fn a_group_never_resumes_before_an_acknowledged_commit_after_a_power_cut()
         consumer.commit().await.expect("commit acknowledged");
         previous = Some(committed);
         // Read on past the commit; these are handed out again after the cut.
-        let _ = consumer.poll(Duration::from_millis(300)).await.unwrap();
+        let _ = consumer
+            .poll_at_most(20, Duration::from_millis(300))
+            .await
+            .unwrap();
         drop(consumer);
         power_cut(&mut broker, &fs, round, &ns, TOPIC).await;
     }
