@@ -22,6 +22,18 @@ use txmq_tests::{consume_all, json_lines, txmq_cli, wait_for_broker, BrokerProce
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Mounts the lazy filesystem at `tmp/broker-a`, the broker's data
+/// directory, so that its log (`tmp/broker-a.log`) stays off the mount and
+/// tells what happened after a cut.
+fn mount_data_dir(tmp: &std::path::Path) -> (LazyFs, std::path::PathBuf) {
+    let data = tmp.join("broker-a");
+    std::fs::create_dir_all(&data).expect("create the mount point");
+    (
+        LazyFs::mount(&data).expect("mount the lazy filesystem"),
+        data,
+    )
+}
+
 /// `kill -9`, drop what was never fsynced (tearing the last unsynced write
 /// with `seed`), restart, and wait until the broker routes `topic` again.
 async fn power_cut(broker: &mut BrokerProcess, fs: &LazyFs, seed: u64, ns: &str, topic: &str) {
@@ -43,8 +55,7 @@ async fn transaction_ids_are_never_handed_out_twice_across_power_cuts() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let fs = LazyFs::mount(tmp.path()).expect("mount the lazy filesystem");
-    let data = tmp.path().join("broker-a");
+    let (fs, data) = mount_data_dir(tmp.path());
     let mut broker = start_broker(&data, &ns, "broker-a", &["--transaction-timeout", "60s"]).await;
     create_topic(&ns, "tt", 1).await;
 
@@ -107,8 +118,7 @@ async fn every_send_ok_message_survives_twenty_power_cuts_exactly_once() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let fs = LazyFs::mount(tmp.path()).expect("mount the lazy filesystem");
-    let data = tmp.path().join("broker-a");
+    let (fs, data) = mount_data_dir(tmp.path());
     let mut broker = start_broker(&data, &ns, "broker-a", &["--flush", "sync"]).await;
     create_topic(&ns, TOPIC, 2).await;
 
@@ -234,16 +244,10 @@ async fn broker_on_lazyfs(
     queues: u32,
 ) -> (Cluster, LazyFs, BrokerProcess) {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let fs = LazyFs::mount(tmp).expect("mount the lazy filesystem");
+    let (fs, data) = mount_data_dir(tmp);
     let mut args = vec!["--flush", "sync"];
     args.extend_from_slice(extra);
-    let broker = start_broker(
-        &tmp.join("broker-a"),
-        &cluster.nameserver,
-        "broker-a",
-        &args,
-    )
-    .await;
+    let broker = start_broker(&data, &cluster.nameserver, "broker-a", &args).await;
     create_topic(&cluster.nameserver, topic, queues).await;
     (cluster, fs, broker)
 }
