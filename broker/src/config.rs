@@ -68,7 +68,8 @@ pub struct BrokerConfig {
     pub max_store_size: Option<u64>,
     /// Connections served at once (greeted ones); more are refused.
     pub max_connections: usize,
-    /// Topics this broker holds, internal ones (`%...`) not counted.
+    /// Topics this broker holds; consumer groups' `%RETRY%`/`%DLQ%`
+    /// topics are bounded apart, by the same number.
     pub max_topics: usize,
     /// Bytes of requests one connection may have in flight.
     pub max_inflight_bytes: usize,
@@ -390,9 +391,9 @@ pub struct BrokerArgs {
     /// TOO_MANY_CONNECTIONS [default: 10000].
     #[arg(long, env = "TXMQ_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Topics the broker holds (internal %RETRY%/%DLQ% topics not counted);
-    /// creating or auto-creating one more is refused with TOO_MANY_TOPICS
-    /// [default: 10000].
+    /// Topics the broker holds; creating or auto-creating one more is
+    /// refused with TOO_MANY_TOPICS. Consumer groups' %RETRY%/%DLQ% topics
+    /// are bounded apart, by the same number [default: 10000].
     #[arg(long, env = "TXMQ_MAX_TOPICS")]
     pub max_topics: Option<usize>,
     /// Bytes of requests one connection may have in flight; past it the

@@ -65,8 +65,9 @@ impl TopicTable {
 
     /// Inserts or replaces a topic and persists the table before returning.
     /// Returns the stored configuration. `merge` decides, given the existing
-    /// configuration if any and the number of topics (internal ones not
-    /// counted), what to store.
+    /// configuration if any and the number of topics of the same kind (a
+    /// consumer group's `%RETRY%`/`%DLQ%` topics, or the others), what to
+    /// store.
     ///
     /// # Errors
     /// The error from `merge`, or an I/O error persisting the table
@@ -78,9 +79,11 @@ impl TopicTable {
     ) -> Result<(TopicConfig, bool), WireError> {
         let mut topics = self.lock();
         let existing = topics.get(name);
-        // Internal topics (`%RETRY%...`, `%DLQ%...`) are not counted.
-        let user_topics = topics.keys().filter(|t| !t.starts_with('%')).count();
-        let new = merge(existing, user_topics)?;
+        // Consumer groups' retry and dead-letter topics are counted apart
+        // from the others (each kind has its own bound).
+        let kind = is_group_topic(name);
+        let same_kind = topics.keys().filter(|t| is_group_topic(t) == kind).count();
+        let new = merge(existing, same_kind)?;
         if existing == Some(&new) {
             return Ok((new, false));
         }
@@ -120,4 +123,9 @@ impl TopicTable {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TopicConfig>> {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A consumer group's retry or dead-letter topic (made by the broker).
+pub(crate) fn is_group_topic(name: &str) -> bool {
+    name.starts_with("%RETRY%") || name.starts_with("%DLQ%")
 }

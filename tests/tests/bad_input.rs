@@ -1385,6 +1385,12 @@ async fn topics_past_the_limit_are_refused_clearly() {
     );
     let text = txmq::error::chain(&refused);
     assert!(text.contains("--max-topics"), "{text}");
+    // A name that looks internal is counted like any other.
+    let sneaky = producer
+        .send(Message::new("%sneaky", "4"))
+        .await
+        .expect_err("counted too");
+    assert_eq!(sneaky.code(), Some(ErrorCode::TooManyTopics), "{sneaky:?}");
     let out = tokio::task::spawn_blocking({
         let ns = ns.clone();
         move || txmq_tests::txmq_cli(&ns, &["topic", "create", "fourth", "--queues", "1"], None)

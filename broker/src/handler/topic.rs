@@ -41,7 +41,10 @@ pub(super) async fn create_topic(
     let (config, changed) = b
         .topics
         .upsert(name, |existing, count| match existing {
-            None if count >= b.config.max_topics && !name.starts_with('%') => {
+            // Retry and dead-letter topics have a bound of their own, of
+            // the same size: groups cannot crowd out topics, nor the
+            // reverse.
+            None if count >= b.config.max_topics => {
                 tracing::warn!(topic = name, max = b.config.max_topics, "topic refused: --max-topics reached");
                 Err(WireError::new(
                     ErrorCode::TooManyTopics,

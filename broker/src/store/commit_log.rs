@@ -29,9 +29,25 @@ pub struct Segment {
     pub map: Bytes,
     /// The same mapping, for telling the kernel which pages are not needed.
     mapping: Arc<memmap2::Mmap>,
+    /// Bytes of records it holds: exact once the writer has closed it,
+    /// estimated from the file's allocated blocks (segments are sparse) for
+    /// a segment found on disk, 0 for a new one. For the size limit and
+    /// recovery's look back, not for reading.
+    used: AtomicU64,
 }
 
 impl Segment {
+    /// Bytes of records it holds (see the field).
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The writer closed it with records up to log position `end`.
+    pub fn set_used_until(&self, end: u64) {
+        self.used
+            .store(end.saturating_sub(self.start), Ordering::Release);
+    }
+
     /// Log offset one past its last byte.
     pub fn end(&self) -> u64 {
         self.start + self.map.len() as u64
@@ -96,12 +112,17 @@ fn open_segment(path: &Path, start: u64, segment_size: u64) -> io::Result<Segmen
         file.set_len(segment_size)?;
     }
     let (map, mapping) = map_file(&file)?;
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata()?.blocks().saturating_mul(512)
+    };
     Ok(Segment {
         start,
         path: path.to_path_buf(),
         file: Arc::new(file),
         map,
         mapping,
+        used: AtomicU64::new(allocated.min(segment_size)),
     })
 }
 
@@ -125,8 +146,9 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     }
     match std::fs::create_dir(dir) {
         Ok(()) => {}
-        // Made meanwhile by another thread: it fsyncs the parent itself.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        // Made meanwhile by another thread, which may not have fsynced the
+        // parent yet: do it here too, before anything is made inside.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(e) => return Err(e),
     }
     match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -187,6 +209,21 @@ impl CommitLog {
     /// The last segment, if any.
     pub fn last_segment(&self) -> Option<Arc<Segment>> {
         self.read_lock().values().next_back().cloned()
+    }
+
+    /// Bytes of records in the log: every segment's (see [`Segment::used`]),
+    /// the one holding `end`, the write position, counted up to it.
+    pub fn used_bytes(&self, end: u64) -> u64 {
+        self.read_lock()
+            .values()
+            .map(|s| {
+                if (s.start..s.end()).contains(&end) {
+                    end - s.start
+                } else {
+                    s.used()
+                }
+            })
+            .sum()
     }
 
     /// The segment holding `offset`.

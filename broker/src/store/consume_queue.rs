@@ -158,6 +158,9 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn truncate(&self, next: u64) -> io::Result<()> {
+        // A checkpoint older than retention's trimming: nothing below the
+        // queue's minimum is kept anyway.
+        let next = next.max(self.min.load(Ordering::Acquire));
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let starts: Vec<u64> = files.keys().rev().copied().collect();
         for start in starts {

@@ -671,8 +671,10 @@ impl Store {
         tx: TxRef,
         messages: Vec<(u32, Message)>,
     ) -> Result<u64, StoreError> {
+        // No size check: the copy carries a few more properties than the
+        // half messages had, and must never be refused for it (it always
+        // fits a segment: messages are at most half of one).
         self.check_writable()?;
-        self.check_sizes(messages.iter().map(|(_, m)| m))?;
         let (reply, rx) = oneshot::channel();
         let a = self
             .submit(
@@ -695,10 +697,12 @@ impl Store {
                     Err(e) => Some(e.to_string()),
                 };
                 if let Some(message) = failed {
-                    return Err(StoreError::Io {
-                        context: "cannot sync carried half messages".into(),
-                        message,
-                    });
+                    // The copy is written and the pending set already names
+                    // it, but it may not be on disk: acknowledge nothing
+                    // more and delete nothing (as after any failed fsync).
+                    tracing::error!(%message, "fdatasync of carried half messages failed; the store refuses writes from now on");
+                    self.inner.poisoned.store(true, Ordering::Release);
+                    self.inner.flush_state.send_modify(|s| s.failed = true);
                 }
             }
         }
@@ -915,6 +919,10 @@ impl Store {
     /// # Errors
     /// I/O errors.
     pub fn enforce_retention(&self) -> Result<usize, StoreError> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            // After a failed fsync, nothing is known durable: keep it all.
+            return Ok(0);
+        }
         let segments = self.inner.log.segments();
         let written = self.inner.written.load(Ordering::Acquire);
         let mut deleted = 0;

@@ -379,14 +379,27 @@ pub(crate) fn recover(
         .segment_for(checkpointed)
         .map_or(checkpointed, |s| s.start.min(checkpointed));
     // Transaction records are also read (headers first) from the oldest
-    // transaction still pending, and from the segment before the verified
-    // one, so that ends repeated after a restart are still recognised.
-    let previous_segment = log
-        .segments()
-        .iter()
-        .rev()
-        .map(|s| s.start)
-        .find(|s| *s < verify_from);
+    // transaction still pending, and back over the segments before the
+    // verified one until they hold a whole segment's worth of records (each
+    // start of the broker begins a segment, so the one before may hold
+    // little), so that ends repeated after a restart are still recognised.
+    let previous_segment = {
+        let mut back = None;
+        let mut bytes = 0u64;
+        for s in log
+            .segments()
+            .iter()
+            .rev()
+            .filter(|s| s.start < verify_from)
+        {
+            back = Some(s.start);
+            bytes += s.used();
+            if bytes >= config.segment_size {
+                break;
+            }
+        }
+        back
+    };
     let scan_from = [
         Some(verify_from),
         previous_segment,
@@ -469,6 +482,9 @@ pub(crate) fn recover(
                 .sync_data()
                 .map_err(|e| StoreError::io(format!("cannot sync {}", seg.path.display()), &e))?;
         }
+    }
+    if let Some(seg) = log.segment_for(end.saturating_sub(1)).filter(|_| end > 0) {
+        seg.set_used_until(end);
     }
     // Created before the cut deletes anything: a crash in between leaves it
     // on disk, so the next start begins past it too.

@@ -376,3 +376,93 @@ async fn released_pages_read_back_the_same() {
     assert_eq!(slice.messages[0].message.body, &b"body-2999"[..]);
     store.shutdown().await;
 }
+
+/// Every start begins a fresh segment, yet a few restarts that each write
+/// a little never make the store "full": the size limit counts bytes of
+/// records, not segments.
+#[tokio::test]
+async fn restarts_do_not_use_up_the_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), FlushMode::Async);
+    c.max_log_bytes = Some(4 * 64 * 1024);
+    for round in 0..8 {
+        let store = Store::open(c.clone(), &topics()).unwrap();
+        let sent = store.append("orders", 0, vec![msg(round)]).await;
+        assert!(sent.is_ok(), "round {round}: {sent:?}");
+        store.shutdown().await;
+    }
+    // The limit still holds for what is really written.
+    let store = Store::open(c, &topics()).unwrap();
+    let big = Message::new("orders", vec![b'x'; 8 * 1024]);
+    let mut refused = None;
+    for _ in 0..64 {
+        if let Err(e) = store.append("orders", 1, vec![big.clone()]).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(refused, Some(StoreError::Full(_))), "{refused:?}");
+    store.shutdown().await;
+}
+
+/// Ended transactions are remembered across several short runs (each start
+/// begins a segment that may hold a record or two): the look back covers a
+/// segment's worth of records, not just the previous run's segment.
+#[tokio::test]
+async fn ended_transactions_are_remembered_across_short_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), FlushMode::Async);
+    let store = Store::open(c.clone(), &topics()).unwrap();
+    let (tx, _) = store.prepare(vec![(0, msg(0))]).await.unwrap();
+    store
+        .transaction_marker(record::RecordKind::TxRollback, tx_ref(tx))
+        .await
+        .unwrap();
+    store.shutdown().await;
+    for round in 1..5 {
+        let store = Store::open(c.clone(), &topics()).unwrap();
+        let recovered = store.take_recovered_transactions().unwrap_or_default();
+        let ended: Vec<u64> = recovered.ended.iter().map(|e| e.0).collect();
+        assert_eq!(ended, vec![tx], "start {round}");
+        store.append("orders", 0, vec![msg(round)]).await.unwrap();
+        store.shutdown().await;
+    }
+}
+
+/// A half message at the size limit can still be carried forward with the
+/// state properties added (a carry is never refused for its size).
+#[tokio::test]
+async fn a_half_message_at_the_size_limit_is_carried_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), FlushMode::Sync);
+    let max = c.max_message_size;
+    let store = Store::open(c, &topics()).unwrap();
+    // The largest half message the store takes.
+    let mut body = max - record::HEADER_LEN - 64;
+    let at = loop {
+        let m = Message::new("orders", vec![b'h'; body + 1]);
+        if store.prepare(vec![(0, m)]).await.is_err() {
+            break store
+                .prepare(vec![(0, Message::new("orders", vec![b'h'; body]))])
+                .await
+                .unwrap()
+                .0;
+        }
+        body += 1;
+    };
+    let (rec, size) = store.read_record_at(at).unwrap();
+    assert!(size as usize > max - 16, "{size} of {max}");
+    let mut m = rec.message;
+    m.properties
+        .insert(PROP_CARRIED_PREPARED_AT.into(), "1764633600000".into());
+    m.properties.insert(PROP_CARRIED_CHECKS.into(), "15".into());
+    m.properties.insert(PROP_CARRIED_PARKED.into(), "1".into());
+    let pending = store.pending_halves();
+    let carried = store
+        .carry_transaction(tx_ref(at), vec![(0, m)])
+        .await
+        .expect("a carry is never refused for its size");
+    assert!(carried > at);
+    assert_eq!(store.pending_halves(), pending, "moved, not added");
+    store.shutdown().await;
+}

@@ -63,6 +63,9 @@ pub(crate) struct Writer {
     /// Reused per chunk: answers held until the chunk is visible.
     replies: Vec<(Reply, ReplyValue)>,
     tx_changes: Vec<(u64, bool)>,
+    /// Reused per chunk: offsets (consumer commits, delay-level progress)
+    /// applied with the position.
+    offset_changes: Vec<((String, String, u32), u64)>,
     /// Records encoded into `buf`.
     chunk_records: u64,
 }
@@ -88,6 +91,7 @@ impl Writer {
             publish: Vec::new(),
             replies: Vec::with_capacity(1024),
             tx_changes: Vec::new(),
+            offset_changes: Vec::new(),
             chunk_records: 0,
         })
     }
@@ -472,15 +476,14 @@ impl Writer {
             .as_ref()
             .is_some_and(|seg| end + len as u64 <= seg.end());
         if let Some(max) = self.store.config.max_log_bytes.filter(|_| new_data) {
-            let size = self.store.config.segment_size;
-            let used = self.store.log.segments().len() as u64 * size;
-            // Past the limit (rolled by what is always written) or about to be.
-            if used > max || (!fits && used + size > max) {
+            // Bytes of records, not whole segments: segments are sparse, and
+            // every start of the broker begins a fresh one.
+            let used = self.store.log.used_bytes(end);
+            if used + len as u64 > max {
                 return Err(StoreError::Full(format!(
-                    "the store is full: {} commit-log segments of {} MiB reach the limit of {} MiB (--max-store-size); \
+                    "the store is full: the commit log holds {} MiB and the limit is {} MiB (--max-store-size); \
                      nothing was written. Segments older than --retention are deleted, or raise the limit",
-                    used / size,
-                    size >> 20,
+                    used >> 20,
                     max >> 20
                 )));
             }
@@ -497,6 +500,7 @@ impl Writer {
                 self.store.poisoned.store(true, Ordering::Release);
                 StoreError::io("cannot fdatasync the full commit-log segment", &e)
             })?;
+            seg.set_used_until(self.pos);
         }
         let next_start = match &self.segment {
             // The rest of a full segment stays zero: recovery reads that as its end.
@@ -545,6 +549,7 @@ impl Writer {
                     .fetch_add(self.chunk_records, Ordering::Relaxed);
                 let mut replies = std::mem::take(&mut self.replies);
                 let mut tx_changes = std::mem::take(&mut self.tx_changes);
+                let mut offset_changes = std::mem::take(&mut self.offset_changes);
                 let published_from = self.publish.len();
                 let mut cmd_error: Option<StoreError> = None;
                 for enc in chunk {
@@ -565,7 +570,7 @@ impl Writer {
                             self.publish.push((queue, first + count));
                         }
                         Encoded::Offset { key, offset } => {
-                            self.store.offsets.insert(key, offset);
+                            offset_changes.push((key, offset));
                         }
                         Encoded::TxPending { at, pending } => tx_changes.push((at, pending)),
                         Encoded::Reply { reply, value } => {
@@ -592,8 +597,13 @@ impl Writer {
                             set.remove(&at);
                         }
                     }
-                    // The queues' justified entries move with the position,
-                    // so that a checkpoint reads both together.
+                    // Offsets and the queues' justified entries move with the
+                    // position: a checkpoint that sees an offset (a delay
+                    // level's progress, a consumer's commit) also flushes
+                    // the record that wrote it.
+                    for (key, offset) in offset_changes.drain(..) {
+                        self.store.offsets.insert(key, offset);
+                    }
                     for (q, next) in &self.publish[published_from..] {
                         q.set_logged(*next);
                     }
@@ -612,6 +622,7 @@ impl Writer {
                 }
                 self.replies = replies;
                 self.tx_changes = tx_changes;
+                self.offset_changes = offset_changes;
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit-log write failed; the batch is refused");
