@@ -20,6 +20,27 @@ use txmq_tests::chaos::{default_out_dir, ChaosConfig, Fault};
 use txmq_tests::lazyfs::LazyFs;
 use txmq_tests::{consume_all, json_lines, txmq_cli, wait_for_broker, BrokerProcess, Cluster};
 
+/// Asserts that every body of `wanted` was consumed (in `got`) and that
+/// nothing was consumed twice; returns how often each body was consumed.
+fn assert_each_once(got: &[txmq::ReceivedMessage], wanted: &[String]) -> HashMap<String, usize> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for m in got {
+        *counts
+            .entry(String::from_utf8_lossy(m.body()).into_owned())
+            .or_default() += 1;
+    }
+    let lost: Vec<&String> = wanted.iter().filter(|b| !counts.contains_key(*b)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "consumed more than once: {twice:?}");
+    counts
+}
+
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Mounts the lazy filesystem at `tmp/broker-a`, the broker's data
@@ -184,21 +205,7 @@ async fn every_send_ok_message_survives_twenty_power_cuts_exactly_once() {
         Duration::from_secs(3),
     )
     .await;
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for m in &got {
-        *counts
-            .entry(String::from_utf8_lossy(m.body()).into_owned())
-            .or_default() += 1;
-    }
-    let lost: Vec<&String> = acked.iter().filter(|b| !counts.contains_key(*b)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged messages lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "consumed more than once: {twice:?}");
+    let counts = assert_each_once(&got, &acked);
     let foreign: Vec<&String> = counts.keys().filter(|b| !attempted.contains(*b)).collect();
     assert!(foreign.is_empty(), "never sent, yet consumed: {foreign:?}");
     drop(broker);
@@ -368,20 +375,6 @@ async fn delayed_messages_crossing_power_cuts_are_delivered_once() {
     }
     producer.close();
     let got = consume_all(&ns, "reader", TOPIC, sent.len() + 1, Duration::from_secs(5)).await;
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for m in &got {
-        *counts
-            .entry(String::from_utf8_lossy(m.body()).into_owned())
-            .or_default() += 1;
-    }
-    let lost: Vec<&String> = sent.iter().filter(|b| !counts.contains_key(*b)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} delayed messages lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_each_once(&got, &sent);
     drop(broker);
 }
