@@ -166,6 +166,16 @@ pub(crate) fn marker_message(topic: &str, body: Bytes) -> Message {
     }
 }
 
+/// The aux field of a `DelayedCopy` record: the level entry it moves.
+pub(crate) fn copy_aux(level: u32, offset: u64) -> u64 {
+    u64::from(level) << 56 | offset
+}
+
+/// The level and offset in a `DelayedCopy` record's aux field.
+pub(crate) fn parse_copy_aux(aux: u64) -> (u32, u64) {
+    ((aux >> 56) as u32, aux & ((1 << 56) - 1))
+}
+
 /// The encoded length of a marker whose target topic is `topic`.
 pub(crate) fn marker_len(topic: &str) -> usize {
     record::encoded_len(topic, None, None, &Default::default(), MOVE_BODY_LEN)
@@ -474,6 +484,13 @@ mod tests {
                 assert!(left < BASE_MS);
                 assert_eq!(place(wake, 1_000 + remaining).1, 1_000 + remaining);
             }
+        }
+    }
+
+    #[test]
+    fn copy_aux_round_trip() {
+        for (level, offset) in [(0, 0), (23, 1 << 40), (LEVELS - 1, (1 << 56) - 1)] {
+            assert_eq!(parse_copy_aux(copy_aux(level, offset)), (level, offset));
         }
     }
 

@@ -160,8 +160,7 @@ impl Replayer<'_> {
                 if pos >= self.dispatch_from {
                     // Visible as a message, and the level entry it moved.
                     self.dispatch(&rec, pos, size)?;
-                    let level = (rec.aux >> 56) as u32;
-                    let offset = rec.aux & ((1 << 56) - 1);
+                    let (level, offset) = delay::parse_copy_aux(rec.aux);
                     self.offsets.insert(delay::progress_key(level), offset + 1);
                 }
             }

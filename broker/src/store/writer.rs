@@ -332,7 +332,7 @@ impl Writer {
                             .flatten()
                             .and_then(|data| record::decode(&data, false));
                         if let Some(rec) = copy {
-                            let aux = u64::from(mv.level) << 56 | mv.offset;
+                            let aux = delay::copy_aux(mv.level, mv.offset);
                             let head = head(RecordKind::DelayedCopy, queue.queue, 0, aux, 0);
                             self.encode_indexed(queue, head, &rec.message, *tag_hash);
                             self.chunk.push(Encoded::Offset {
