@@ -758,6 +758,14 @@ impl Store {
         record::decode(&data, false)
     }
 
+    /// The message id in the header of the record at `pos`, without
+    /// decoding the record (not checksummed: for naming a transaction in
+    /// its markers, which recovery reads as a hint).
+    pub fn read_msg_id(&self, pos: u64) -> Option<MsgId> {
+        let bytes = self.inner.log.read(pos + record::MSG_ID_AT, 16)?;
+        Some(MsgId(bytes[..].try_into().ok()?))
+    }
+
     /// Reads and decodes the record starting at `pos`, whatever its size;
     /// returns it with its size.
     pub fn read_record_at(&self, pos: u64) -> Option<(record::Record, u32)> {

@@ -70,6 +70,8 @@ use txmq_protocol::{Message, MsgId, StoredMessage};
 
 /// Bytes before the variable part.
 pub const HEADER_LEN: usize = 64;
+/// Where the message id is in a record (see the layout above).
+pub const MSG_ID_AT: u64 = 40;
 const VERSION: u8 = 1;
 const NONE_LEN: u16 = 0xffff;
 

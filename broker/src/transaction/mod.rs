@@ -75,8 +75,10 @@ enum Phase {
 #[derive(Debug)]
 struct Pending {
     group: Arc<str>,
-    /// Its first message's id (`msg_key` of it is the key of `Table::by_msg_id`).
-    first_msg_id: MsgId,
+    /// `msg_key` of its first message's id (the key of `Table::by_msg_id`),
+    /// 0 when unknown; the id itself is read from the log when a marker
+    /// needs it (8 bytes here instead of 16: a million pending stay small).
+    first_msg_key: u64,
     /// The half messages: `count` records contiguous from `halves.first`
     /// (the tx id, unless carried forward past retention; no
     /// per-transaction allocation: a million pending stay small).
@@ -133,12 +135,7 @@ struct EndedTx {
 }
 
 impl Table {
-    fn remember_end(&mut self, tx_id: u64, committed: bool, first_msg_id: MsgId) {
-        let msg_key = if first_msg_id == MsgId::default() {
-            0
-        } else {
-            msg_key(&first_msg_id)
-        };
+    fn remember_end(&mut self, tx_id: u64, committed: bool, msg_key: u64) {
         if self
             .ended
             .insert(tx_id, EndedTx { committed, msg_key })
@@ -219,7 +216,7 @@ impl Transactions {
     ) -> Transactions {
         let mut table = Table::default();
         for (tx_id, committed, first_msg_id) in recovered.ended {
-            table.remember_end(tx_id, committed, first_msg_id);
+            table.remember_end(tx_id, committed, known_key(&first_msg_id));
         }
         for t in recovered.pending {
             let Some(&(pos, size)) = t.halves.first() else {
@@ -243,7 +240,7 @@ impl Transactions {
                     t.tx_id,
                     Pending {
                         group,
-                        first_msg_id: MsgId::default(),
+                        first_msg_key: 0,
                         halves,
                         prepared_at: t.prepared_at,
                         next_check_at: u64::MAX,
@@ -275,7 +272,7 @@ impl Transactions {
                 t.tx_id,
                 Pending {
                     group,
-                    first_msg_id: first.message.msg_id,
+                    first_msg_key: known_key(&first.message.msg_id),
                     halves,
                     prepared_at: t.prepared_at,
                     next_check_at,
@@ -441,7 +438,7 @@ impl Transactions {
             tx_id,
             Pending {
                 group,
-                first_msg_id: key,
+                first_msg_key: known_key(&key),
                 halves,
                 prepared_at: now,
                 next_check_at: now.saturating_add(delay),
@@ -502,7 +499,7 @@ impl Transactions {
             let Some(p) = table.pending.get_mut(&tx_id) else {
                 return Err(unknown());
             };
-            if let Some(e) = other(msg_key(&p.first_msg_id)) {
+            if let Some(e) = other(p.first_msg_key) {
                 return Err(e);
             }
             match p.phase {
@@ -529,14 +526,14 @@ impl Transactions {
                     let previous = p.phase;
                     p.phase = Phase::Ending(action, previous == Phase::Parked);
                     let halves = p.halves;
-                    let first_msg_id = p.first_msg_id;
+                    let first_msg_key = p.first_msg_key;
                     table.ending.insert(tx_id, watch::channel(None).0);
-                    Some((halves, previous, first_msg_id))
+                    Some((halves, previous, first_msg_key))
                 }
             }
             .ok_or_else(|| table.ending.get(&tx_id).map(watch::Sender::subscribe))
         };
-        let (halves, previous, first_msg_id) = match first_attempt {
+        let (halves, previous, first_msg_key) = match first_attempt {
             Ok(first) => first,
             Err(waiting) => {
                 // An end is being written: answer with its outcome.
@@ -554,6 +551,8 @@ impl Transactions {
                 };
             }
         };
+        // Read from the log (the half message's header), not kept in memory.
+        let first_msg_id = self.store.read_msg_id(halves.first).unwrap_or_default();
         let result = match action {
             TxAction::Commit => match self.read_halves(halves) {
                 Some(messages) => self
@@ -593,12 +592,12 @@ impl Transactions {
         match result {
             Ok(durable) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
-                    let key = msg_key(&p.first_msg_id);
+                    let key = p.first_msg_key;
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
                     }
                 }
-                table.remember_end(tx_id, action == TxAction::Commit, first_msg_id);
+                table.remember_end(tx_id, action == TxAction::Commit, first_msg_key);
                 drop(table);
                 match action {
                     TxAction::Commit => self.counters.committed.fetch_add(1, Ordering::Relaxed),
@@ -661,7 +660,7 @@ impl Transactions {
                     p.phase = Phase::Carrying(parked);
                     let tx = TxRef {
                         id,
-                        first_msg_id: p.first_msg_id,
+                        first_msg_id: self.store.read_msg_id(p.halves.first).unwrap_or_default(),
                         halves_at: p.halves.first,
                     };
                     (tx, p.halves, parked, p.prepared_at, p.checks)
@@ -852,6 +851,16 @@ impl Transactions {
     }
 }
 
+/// `msg_key` of a known message id; 0 for the default id (not known: a
+/// rollback marker written before markers carried the id).
+fn known_key(id: &MsgId) -> u64 {
+    if *id == MsgId::default() {
+        0
+    } else {
+        msg_key(id)
+    }
+}
+
 /// Whether `stored`, the first half message of a pending transaction with
 /// the same msg id, was stored by this same prepare (a retry). With a token
 /// the token decides; without one (an older client) the content does.
@@ -957,7 +966,7 @@ impl Transactions {
     fn tx_ref(&self, tx_id: u64) -> Option<TxRef> {
         lock(&self.table).pending.get(&tx_id).map(|p| TxRef {
             id: tx_id,
-            first_msg_id: p.first_msg_id,
+            first_msg_id: self.store.read_msg_id(p.halves.first).unwrap_or_default(),
             halves_at: p.halves.first,
         })
     }
