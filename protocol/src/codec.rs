@@ -157,8 +157,13 @@ impl Encoder<&Frame> for FrameCodec {
         let start = dst.len();
         dst.put_u32(0);
         let mut w = dst.writer();
-        rmp_serde::encode::write(&mut w, frame).map_err(|e| CodecError::Encode(e.to_string()))?;
+        let written = rmp_serde::encode::write(&mut w, frame);
         let dst = w.into_inner();
+        if let Err(e) = written {
+            // Nothing of a frame that failed half way stays in the buffer.
+            dst.truncate(start);
+            return Err(CodecError::Encode(e.to_string()));
+        }
         let len = dst.len() - start - 4;
         if len > self.max {
             dst.truncate(start);

@@ -57,6 +57,9 @@ pub enum ErrorCode {
     TooManyConnections = 25,
     /// The broker holds as many topics as it may (`--max-topics`).
     TooManyTopics = 26,
+    /// The peer is too busy to take more requests on this connection now
+    /// (its answers cannot go out as fast as requests come); retry later.
+    Busy = 28,
     /// The consumer group has live members where the request needs none (e.g. an offset reset).
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
@@ -94,6 +97,7 @@ impl ErrorCode {
             24 => DuplicateMsgId,
             25 => TooManyConnections,
             26 => TooManyTopics,
+            28 => Busy,
             30 => GroupActive,
             31 => QueueNotOwned,
             _ => Unknown,
@@ -128,6 +132,7 @@ impl ErrorCode {
             DuplicateMsgId => "DUPLICATE_MSG_ID",
             TooManyConnections => "TOO_MANY_CONNECTIONS",
             TooManyTopics => "TOO_MANY_TOPICS",
+            Busy => "BUSY",
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
             Unknown => "UNKNOWN",
@@ -180,6 +185,7 @@ mod tests {
             ErrorCode::DuplicateMsgId,
             ErrorCode::TooManyConnections,
             ErrorCode::TooManyTopics,
+            ErrorCode::Busy,
             ErrorCode::OffsetOutOfRange,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);

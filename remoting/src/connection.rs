@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +13,8 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -59,7 +60,8 @@ pub trait Service: Send + Sync + 'static {
 pub struct ConnectionConfig {
     /// Frames longer than this close the connection (default 8 MiB).
     pub max_frame_len: usize,
-    /// How long [`Connection::call`] waits for an answer (default 10 s).
+    /// How long [`Connection::call`] waits for an answer (default 10 s),
+    /// counting the wait for room to send it.
     pub request_timeout: Duration,
     /// Requests from the peer handled at once; more wait in the socket (default 4096).
     pub max_inflight: usize,
@@ -68,8 +70,20 @@ pub struct ConnectionConfig {
     /// one connection cannot hold 4096 x 8 MiB (default 64 MiB). A single
     /// request larger than this is still served, alone.
     pub max_inflight_bytes: usize,
+    /// Bytes of encoded frames waiting for the socket (default 8 MiB). Past
+    /// it, senders wait (within their timeout) and answers to the peer wait
+    /// unencoded in their handlers, so a peer that reads slowly costs this
+    /// much, not an answer per request it sent. A frame is admitted while
+    /// less than this is queued, so one larger frame still goes out.
+    pub max_queued_bytes: usize,
     /// How long a server waits for the hello (default 10 s).
     pub hello_timeout: Duration,
+    /// Idle time before TCP keepalive probes start (default 15 s; zero turns
+    /// keepalive off); data may stay unacknowledged, or the peer's receive
+    /// window shut, for twice this before the kernel drops the connection.
+    /// A peer whose machine vanished, or that stopped reading, is then
+    /// noticed in seconds instead of the kernel's 15 minutes.
+    pub keepalive: Duration,
 }
 
 impl Default for ConnectionConfig {
@@ -79,53 +93,63 @@ impl Default for ConnectionConfig {
             request_timeout: Duration::from_secs(10),
             max_inflight: 4096,
             max_inflight_bytes: 64 << 20,
+            max_queued_bytes: 8 << 20,
             hello_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(15),
         }
     }
 }
 
-enum Outgoing {
-    Frame(Frame),
-    /// Write everything queued before this, then close.
-    Close,
-    /// Write the leftover of a direct write.
-    Flush,
-    /// Frames already encoded (a batch of responses).
-    Encoded(bytes::Bytes),
-}
-
-/// Gathered responses are written once they reach this many bytes.
+/// Gathered responses are handed to the writer once they reach this many bytes.
 const MAX_BATCH: usize = 256 * 1024;
+
+/// Requests in a row that time out with nothing at all heard from the peer
+/// meanwhile: the peer is taken for gone and the connection closed, so that
+/// a pool opens a new one rather than waiting on a dead socket.
+const SILENT_TIMEOUTS_TO_CLOSE: u32 = 2;
 
 type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
 
-/// The socket's write half, shared between the writer task and senders.
+/// The socket's write half and the bytes waiting for it, shared between the
+/// writer task and senders.
 ///
-/// While the writer task is idle (nothing queued), `half` is here and a
-/// sender writes its frame itself with a non-blocking `try_write`, saving a
-/// wake-up of the writer task per frame. The writer task takes `half` while
-/// it writes and gives it back only when the queue is empty, checked under
-/// this lock; a sender writes directly only when the queue is empty too
-/// (also checked under this lock), so a frame written directly does not
-/// overtake a queued one. (The one exception is the instant between the
-/// writer task taking a frame off the queue and taking `half`: only an
-/// answer can be written directly then, since a request goes direct only
-/// when no other is pending, and answers are matched by id.)
+/// Senders encode their frames straight into `queued`, under this lock, and
+/// wake the writer task, which swaps `queued` for its own (empty) buffer and
+/// writes it: every frame queued since its last write goes out in one write,
+/// and no frame is allocated on its own. While the writer task is idle
+/// (nothing queued), `half` is here and a sender writes its frame itself
+/// with a non-blocking `try_write`, saving a wake-up of the writer task; a
+/// frame is written directly only when nothing is queued, so it never
+/// overtakes a queued one. The writer task takes `half` with the bytes it
+/// writes and gives it back only once `queued` is empty, both under this lock.
 struct WriteSide {
     half: Option<OwnedWriteHalf>,
-    /// What a direct write could not finish; the writer task writes it
-    /// first, and no direct write happens while it is not empty.
-    leftover: BytesMut,
+    /// Encoded frames waiting for the writer task (the rest of a direct
+    /// write that the socket did not take goes here too).
+    queued: BytesMut,
     /// Reused encoding buffer of direct writes.
     buf: BytesMut,
     codec: FrameCodec,
+    /// Close once `queued` is written; nothing more is queued after it.
+    close: bool,
+}
+
+/// How an attempt to queue a frame went.
+enum Queue {
+    Done,
+    /// `max_queued_bytes` are waiting already; nothing was queued.
+    Full,
+    Closed,
 }
 
 struct Inner {
     id: u64,
     peer: String,
-    out: mpsc::Sender<Outgoing>,
     write: Mutex<WriteSide>,
+    /// Wakes the writer task: something was queued.
+    wake_writer: Notify,
+    /// Wakes senders waiting for room: the writer task took the queue.
+    room: Notify,
     pending: Mutex<Pending>,
     next_request_id: AtomicU64,
     closed: CancellationToken,
@@ -134,6 +158,8 @@ struct Inner {
     /// Set by the reader before each request it hands to the service:
     /// another whole frame was read with it.
     more_read: AtomicBool,
+    /// Requests timed out in a row with no frame read meanwhile.
+    silent_timeouts: AtomicU32,
 }
 
 /// A handle to one connection. Cloning is cheap; the connection lives until
@@ -156,6 +182,23 @@ impl std::fmt::Debug for Connection {
 pub(crate) enum Side {
     Client,
     Server,
+}
+
+/// Removes a request's pending entry unless its answer arrived: a request
+/// future dropped at any await (its caller gave up in a `select!`) leaves
+/// nothing behind.
+struct PendingEntry<'a> {
+    inner: &'a Inner,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.inner.pending).remove(&self.id);
+        }
+    }
 }
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
@@ -218,32 +261,37 @@ impl Connection {
         closed: CancellationToken,
     ) -> std::io::Result<Connection> {
         stream.set_nodelay(true)?;
+        if !config.keepalive.is_zero() {
+            set_keepalive(&stream, config.keepalive)?;
+        }
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
         let (read_half, write_half) = stream.into_split();
-        let (tx, rx) = mpsc::channel(4096);
         let conn = Connection {
             inner: Arc::new(Inner {
                 id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
                 peer,
-                out: tx,
                 write: Mutex::new(WriteSide {
                     half: Some(write_half),
-                    leftover: BytesMut::new(),
+                    queued: BytesMut::new(),
                     buf: BytesMut::with_capacity(16 * 1024),
                     codec: FrameCodec::new(config.max_frame_len),
+                    close: false,
                 }),
+                wake_writer: Notify::new(),
+                room: Notify::new(),
                 pending: Mutex::new(HashMap::new()),
                 next_request_id: AtomicU64::new(1),
                 closed,
                 peer_hello: OnceLock::new(),
                 config,
                 more_read: AtomicBool::new(false),
+                silent_timeouts: AtomicU32::new(0),
             }),
         };
-        tokio::spawn(write_loop(rx, conn.inner.clone()));
+        tokio::spawn(write_loop(conn.inner.clone()));
         let reader = FramedRead::with_capacity(
             read_half,
             FrameCodec::new(conn.inner.config.max_frame_len),
@@ -279,47 +327,64 @@ impl Connection {
         C::from_response(response).map_err(|_| Error::UnexpectedResponse { kind })
     }
 
-    /// Sends a request and waits up to `timeout` for the answer.
+    /// Sends a request and waits up to `timeout` for the answer; the
+    /// timeout counts the wait for room to send it too.
     ///
     /// # Errors
     /// As [`Connection::call`].
     pub async fn request(&self, request: Request, timeout: Duration) -> Result<Response, Error> {
         let kind = request.kind();
-        let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + timeout;
         if self.is_closed() {
             return Err(self.closed_error());
         }
+        let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
         let alone = {
             let mut pending = lock(&self.inner.pending);
             pending.insert(id, tx);
             pending.len() == 1
         };
+        let mut entry = PendingEntry {
+            inner: &self.inner,
+            id,
+            armed: true,
+        };
         // The only request in flight goes out at once; with others in
         // flight, the writer task gathers this one with the requests other
         // tasks send meanwhile into one write.
-        let frame = Outgoing::Frame(Frame::Request(id, request));
-        let queued = if alone {
-            queue_or_closed(&self.inner, frame).await
-        } else {
-            queue_only(&self.inner, frame).await
+        let frame = Frame::Request(id, request);
+        let sent = tokio::select! {
+            sent = send_frame(&self.inner, &frame, alone) => sent,
+            () = tokio::time::sleep_until(deadline) => return Err(self.timed_out(kind, timeout)),
         };
-        if !queued {
-            lock(&self.inner.pending).remove(&id);
+        drop(frame);
+        if !sent {
             return Err(self.closed_error());
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(e))) => Err(Error::Remote(e)),
-            Ok(Err(_)) => Err(self.closed_error()),
-            Err(_) => {
-                lock(&self.inner.pending).remove(&id);
-                Err(Error::Timeout {
-                    kind,
-                    peer: self.inner.peer.clone(),
-                    after: timeout,
-                })
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => {
+                // The reader removed the entry when it took the answer.
+                entry.armed = false;
+                answer.map_err(Error::Remote)
             }
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => Err(self.timed_out(kind, timeout)),
+        }
+    }
+
+    /// The error of a request that timed out. Timeouts in a row with
+    /// nothing heard from the peer meanwhile close the connection.
+    fn timed_out(&self, kind: &'static str, after: Duration) -> Error {
+        let silent = self.inner.silent_timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if silent == SILENT_TIMEOUTS_TO_CLOSE {
+            warn!(peer = %self.inner.peer, kind, ?after, "{silent} requests in a row timed out and the peer sent nothing meanwhile; closing the connection");
+            self.close();
+        }
+        Error::Timeout {
+            kind,
+            peer: self.inner.peer.clone(),
+            after,
         }
     }
 
@@ -356,6 +421,11 @@ impl Connection {
         self.inner.more_read.load(Ordering::Relaxed)
     }
 
+    /// Requests sent on this connection and not answered yet.
+    pub fn pending_requests(&self) -> usize {
+        lock(&self.inner.pending).len()
+    }
+
     /// A process-unique id of this connection.
     pub fn id(&self) -> u64 {
         self.inner.id
@@ -366,106 +436,150 @@ impl Connection {
         &self.inner.peer
     }
 
+    /// Sends an answer without waiting for room; false when it was not sent.
     fn respond(&self, id: u64, result: Result<Response, WireError>) -> bool {
-        send_now(&self.inner, Outgoing::Frame(Frame::Response(id, result))).is_ok()
+        matches!(
+            try_queue(&self.inner, &Frame::Response(id, result), true),
+            Queue::Done
+        )
     }
 }
 
-/// Writes `item` at once when the writer task is idle and the socket takes
-/// it without waiting, else queues it for the writer task. Hands the item
-/// back when the queue is full.
-// The item comes back by value so that a full queue costs no allocation.
-#[allow(clippy::result_large_err)]
-fn send_now(inner: &Inner, item: Outgoing) -> Result<(), Outgoing> {
+/// Turns on TCP keepalive (probes after `idle`, then every `idle / 3`, three
+/// of them) and, where the system has it, a user timeout of twice `idle`:
+/// data the peer does not acknowledge (or a receive window it keeps shut)
+/// for that long drops the connection.
+fn set_keepalive(stream: &TcpStream, idle: Duration) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval((idle / 3).max(Duration::from_secs(1)));
+    #[cfg(any(target_os = "linux", target_os = "android", target_vendor = "apple"))]
+    let probes = probes.with_retries(3);
+    sock.set_tcp_keepalive(&probes)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(idle * 2))?;
+    Ok(())
+}
+
+/// Queues `frame` for the writer task, or, with `direct`, writes it at
+/// once when the writer task is idle and nothing is queued.
+fn try_queue(inner: &Inner, frame: &Frame, direct: bool) -> Queue {
     let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
     let w = &mut *w;
-    if let (Outgoing::Frame(frame), Some(half)) = (&item, w.half.as_ref()) {
-        if w.leftover.is_empty() && queue_empty(inner) && !inner.closed.is_cancelled() {
+    if w.close || inner.closed.is_cancelled() {
+        return Queue::Closed;
+    }
+    if direct && w.queued.is_empty() {
+        if let Some(half) = w.half.as_ref() {
             w.buf.clear();
             encode_frame(&mut w.codec, frame, &mut w.buf, inner);
-            let written = match half.try_write(&w.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    debug!(peer = %inner.peer, error = %e, "write failed; closing");
-                    inner.closed.cancel();
-                    return Ok(());
-                }
+            return match write_direct(inner, half, &w.buf, &mut w.queued) {
+                true => Queue::Done,
+                false => Queue::Closed,
             };
-            if written == w.buf.len() {
-                return Ok(());
-            }
-            // The socket is full: the writer task finishes it (the queue
-            // is empty while the half is here, so the wake-up fits).
-            w.leftover.extend_from_slice(&w.buf[written..]);
-            let _ = inner.out.try_send(Outgoing::Flush);
-            return Ok(());
         }
     }
-    inner.out.try_send(item).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => item,
-    })
+    if w.queued.len() >= inner.config.max_queued_bytes {
+        return Queue::Full;
+    }
+    encode_frame(&mut w.codec, frame, &mut w.queued, inner);
+    inner.wake_writer.notify_one();
+    Queue::Done
 }
 
-/// Nothing waits in the writer task's queue: a direct write would not
-/// overtake anything.
-fn queue_empty(inner: &Inner) -> bool {
-    inner.out.capacity() == inner.out.max_capacity()
-}
-
-/// Sends or queues a frame ([`send_now`]), waiting for room in the queue,
-/// giving up when the connection closes meanwhile; false when it is closed.
-async fn queue_or_closed(inner: &Inner, item: Outgoing) -> bool {
-    let item = match send_now(inner, item) {
-        Ok(()) => return !inner.closed.is_cancelled(),
-        Err(item) => item,
+/// Writes `bytes` with the idle writer task's socket half, without waiting;
+/// what the socket does not take goes to the (empty) queue for the writer
+/// task. False when the write failed, which closes the connection.
+fn write_direct(inner: &Inner, half: &OwnedWriteHalf, bytes: &[u8], queued: &mut BytesMut) -> bool {
+    let written = match half.try_write(bytes) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => {
+            debug!(peer = %inner.peer, error = %e, "write failed; closing");
+            inner.closed.cancel();
+            return false;
+        }
     };
-    queue_only(inner, item).await
+    if written < bytes.len() {
+        queued.extend_from_slice(&bytes[written..]);
+        inner.wake_writer.notify_one();
+    }
+    true
 }
 
-/// Queues `item` for the writer task, waiting for room in the queue,
-/// giving up when the connection closes meanwhile; false when it is closed.
-async fn queue_only(inner: &Inner, item: Outgoing) -> bool {
-    tokio::select! {
-        r = inner.out.send(item) => r.is_ok(),
-        _ = inner.closed.cancelled() => false,
-    }
-}
-
-/// Writes the responses gathered in `batch` at once when the writer task is
-/// idle and the socket takes them, else hands them to the writer task;
-/// false when the connection is closed.
-async fn flush_batch(inner: &Inner, batch: &mut BytesMut) -> bool {
-    if batch.is_empty() {
-        return !inner.closed.is_cancelled();
-    }
-    {
-        let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
-        let w = &mut *w;
-        if let Some(half) = w.half.as_ref() {
-            if w.leftover.is_empty() && queue_empty(inner) && !inner.closed.is_cancelled() {
-                let written = match half.try_write(batch) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-                    Err(e) => {
-                        debug!(peer = %inner.peer, error = %e, "write failed; closing");
-                        inner.closed.cancel();
-                        return false;
-                    }
-                };
-                if written == batch.len() {
-                    batch.clear();
-                    return true;
-                }
-                w.leftover.extend_from_slice(&batch[written..]);
-                batch.clear();
-                let _ = inner.out.try_send(Outgoing::Flush);
-                return true;
-            }
+/// Sends `frame` ([`try_queue`]), waiting for room in the queue; false when
+/// the connection is closed.
+async fn send_frame(inner: &Inner, frame: &Frame, direct: bool) -> bool {
+    loop {
+        let room = inner.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        match try_queue(inner, frame, direct) {
+            Queue::Done => return true,
+            Queue::Closed => return false,
+            Queue::Full => {}
+        }
+        tokio::select! {
+            () = room => {}
+            () = inner.closed.cancelled() => return false,
         }
     }
-    let encoded = batch.split().freeze();
-    queue_only(inner, Outgoing::Encoded(encoded)).await
+}
+
+/// Waits until the writer's queue has room (or the connection closed).
+async fn room(inner: &Inner) {
+    let room = inner.room.notified();
+    tokio::pin!(room);
+    room.as_mut().enable();
+    if has_room(inner) {
+        return;
+    }
+    tokio::select! {
+        () = room => {}
+        () = inner.closed.cancelled() => {}
+    }
+}
+
+fn has_room(inner: &Inner) -> bool {
+    let w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+    w.queued.len() < inner.config.max_queued_bytes || w.close || inner.closed.is_cancelled()
+}
+
+/// Hands the responses gathered in `batch` on: written at once when the
+/// writer task is idle and the socket takes them, else queued for the
+/// writer task. Leaves `batch` as it is when the queue is full.
+fn flush_batch(inner: &Inner, batch: &mut BytesMut) -> Queue {
+    if batch.is_empty() {
+        return Queue::Done;
+    }
+    let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+    let w = &mut *w;
+    if w.close || inner.closed.is_cancelled() {
+        return Queue::Closed;
+    }
+    if w.queued.is_empty() {
+        if let Some(half) = w.half.as_ref() {
+            let ok = write_direct(inner, half, batch, &mut w.queued);
+            batch.clear();
+            return if ok { Queue::Done } else { Queue::Closed };
+        }
+        // Nothing queued: the batch becomes the queue without a copy.
+        std::mem::swap(&mut w.queued, batch);
+    } else if w.queued.len() >= inner.config.max_queued_bytes {
+        return Queue::Full;
+    } else {
+        w.queued.extend_from_slice(batch);
+        batch.clear();
+    }
+    inner.wake_writer.notify_one();
+    Queue::Done
+}
+
+/// Asks the writer task to write what is queued and then close.
+fn close_after_writes(inner: &Inner) {
+    inner.write.lock().unwrap_or_else(|e| e.into_inner()).close = true;
+    inner.wake_writer.notify_one();
 }
 
 fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
@@ -525,13 +639,12 @@ async fn read_loop(
             }
             Some(Ok(Decoded::Frame(Frame::Request(id, other)))) => {
                 warn!(peer = %inner.peer, kind = other.kind(), "first request is not a hello; closing");
-                refuse_and_close(
+                refuse(
                     &conn,
                     id,
                     ErrorCode::HelloRequired,
                     "the first request must be a hello".into(),
-                )
-                .await;
+                );
                 false
             }
             Some(Ok(Decoded::Malformed {
@@ -540,13 +653,12 @@ async fn read_loop(
                 error,
             })) => {
                 warn!(peer = %inner.peer, %error, "malformed first request; closing");
-                refuse_and_close(
+                refuse(
                     &conn,
                     id,
                     ErrorCode::MalformedRequest,
                     format!("malformed request: {error}"),
-                )
-                .await;
+                );
                 false
             }
             Some(Ok(_)) => {
@@ -563,27 +675,61 @@ async fn read_loop(
 
     let mut inflight: FuturesUnordered<Tagged> = FuturesUnordered::new();
     let mut inflight_bytes = 0usize;
+    // No more requests are taken past these. The peer's requests then wait
+    // in the socket, unless this side waits for answers from the peer: its
+    // reader must reach them (the peer's handlers may be waiting on this
+    // side's answers in turn), so requests past the limits are refused with
+    // BUSY instead.
+    let full = |inflight: &FuturesUnordered<Tagged>, bytes: usize| {
+        inflight.len() >= inner.config.max_inflight
+            || (bytes >= inner.config.max_inflight_bytes && !inflight.is_empty())
+    };
     let mut bytes_limit_logged = false;
     // Responses ready at once go out in one write: gathered here while
     // requests or answers are ready, written when the loop would wait.
     let mut batch = BytesMut::new();
+    // The writer's queue was full when the batch was to go: the loop waits
+    // for room, still reading the peer's frames (answers to this side's
+    // requests above all: with both sides serving, a reader that stopped
+    // reading until its writer had room could wait for a peer waiting on it
+    // the same way: requests past the in-flight limits are then refused with
+    // BUSY rather than left in the socket), but finishes no more handlers,
+    // so that their answers wait unencoded. `blocked_at` is the batch's
+    // length then: the answers the loop makes itself (refusals) may add a
+    // queue's worth before reading pauses too.
+    let mut blocked = false;
+    let mut blocked_at = 0;
     let mut codec = FrameCodec::new(inner.config.max_frame_len);
     while greeted {
         tokio::select! {
             biased;
             _ = inner.closed.cancelled() => break,
-            Some((id, bytes, result)) = inflight.next(), if !inflight.is_empty() => {
+            () = room(&inner), if blocked => match flush_batch(&inner, &mut batch) {
+                Queue::Done => blocked = false,
+                Queue::Full => {}
+                Queue::Closed => break,
+            },
+            Some((id, bytes, result)) = inflight.next(), if !inflight.is_empty() && !blocked => {
                 inflight_bytes -= bytes;
                 encode_frame(&mut codec, &Frame::Response(id, result), &mut batch, &inner);
                 // Nothing else to answer soon (no request pending, none read):
                 // write now rather than after another read attempt.
                 let last = inflight.is_empty() && !holds_a_frame(reader.read_buffer());
-                if (last || batch.len() >= MAX_BATCH) && !flush_batch(&inner, &mut batch).await {
-                    break;
+                if last || batch.len() >= MAX_BATCH {
+                    match flush_batch(&inner, &mut batch) {
+                        Queue::Done => {}
+                        Queue::Full => (blocked, blocked_at) = (true, batch.len()),
+                        Queue::Closed => break,
+                    }
                 }
             }
-            next = reader.next(), if inflight.len() < inner.config.max_inflight
-                && (inflight_bytes < inner.config.max_inflight_bytes || inflight.is_empty()) => match next {
+            next = reader.next(), if !full(&inflight, inflight_bytes)
+                || (blocked && batch.len() < blocked_at + inner.config.max_queued_bytes)
+                || (!blocked && !lock(&inner.pending).is_empty()) => {
+                if inner.silent_timeouts.load(Ordering::Relaxed) != 0 {
+                    inner.silent_timeouts.store(0, Ordering::Relaxed);
+                }
+                match next {
                 None => break,
                 Some(Err(txmq_protocol::codec::CodecError::Io(e))) => {
                     // A reset or a peer gone mid-frame: not the peer's bad input.
@@ -600,9 +746,18 @@ async fn read_loop(
                     }
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_))))) => {
-                    conn.respond(id, Err(WireError::new(ErrorCode::HelloRequired, "hello already received")));
+                    let e = WireError::new(ErrorCode::HelloRequired, "hello already received");
+                    encode_frame(&mut codec, &Frame::Response(id, Err(e)), &mut batch, &inner);
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, request)))) => match &service {
+                    // Read only to reach the peer's answers behind it.
+                    Some(_) if full(&inflight, inflight_bytes) => {
+                        let e = WireError::new(
+                            ErrorCode::Busy,
+                            format!("too many {} requests in flight on this connection; retry later", request.kind()),
+                        );
+                        encode_frame(&mut codec, &Frame::Response(id, Err(e)), &mut batch, &inner);
+                    }
                     Some(service) => {
                         inner.more_read.store(holds_a_frame(reader.read_buffer()), Ordering::Relaxed);
                         let bytes = reader.decoder().last_frame_len();
@@ -625,27 +780,26 @@ async fn read_loop(
                 Some(Ok(Decoded::Malformed { is_request, id, error })) => {
                     warn!(peer = %inner.peer, %error, "malformed frame; closing connection");
                     if is_request {
-                        let _ = flush_batch(&inner, &mut batch).await;
-                        refuse_and_close(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}")).await;
+                        let _ = flush_batch(&inner, &mut batch);
+                        refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
                     } else if let Some(tx) = lock(&inner.pending).remove(&id) {
                         let _ = tx.send(Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
                     }
                     break;
                 }
-            },
+            }},
             // Nothing else is ready: write what was gathered.
-            () = std::future::ready(()), if !batch.is_empty() => {
-                if !flush_batch(&inner, &mut batch).await {
-                    break;
-                }
-            }
+            () = std::future::ready(()), if !batch.is_empty() && !blocked => match flush_batch(&inner, &mut batch) {
+                Queue::Done => {}
+                Queue::Full => (blocked, blocked_at) = (true, batch.len()),
+                Queue::Closed => break,
+            },
         }
     }
-    let _ = flush_batch(&inner, &mut batch).await;
-    if !greeted || !inner.closed.is_cancelled() {
-        // Let the writer flush what is queued (a refusal, say), then stop.
-        let _ = send_now(&inner, Outgoing::Close);
-    }
+    // Whatever fits goes out before the close; a peer that reads nothing
+    // gets nothing more.
+    let _ = flush_batch(&inner, &mut batch);
+    close_after_writes(&inner);
     // Give the writer a moment to flush a final error before cancelling.
     tokio::select! {
         _ = inner.closed.cancelled() => {}
@@ -688,50 +842,52 @@ fn answer_hello(conn: &Connection, service: Option<&dyn Service>, id: u64, hello
     ok
 }
 
-async fn refuse_and_close(conn: &Connection, id: u64, code: ErrorCode, message: String) {
-    let frame = Outgoing::Frame(Frame::Response(id, Err(WireError::new(code, message))));
-    let _ = queue_or_closed(&conn.inner, frame).await;
+/// Answers `id` with an error; the caller closes the connection next. A
+/// peer that leaves no room in the queue does not get it.
+fn refuse(conn: &Connection, id: u64, code: ErrorCode, message: String) {
+    let frame = Frame::Response(id, Err(WireError::new(code, message)));
+    let _ = try_queue(&conn.inner, &frame, true);
 }
 
-async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
-    let mut codec = FrameCodec::new(inner.config.max_frame_len);
+async fn write_loop(inner: Arc<Inner>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut closing = false;
     let mut half: Option<OwnedWriteHalf> = None;
-    'outer: while !closing {
-        let first = tokio::select! {
-            f = rx.recv() => f,
-            _ = inner.closed.cancelled() => None,
-        };
-        let Some(first) = first else { break };
-        {
-            // Taken at once: while the writer task holds the half, senders
-            // queue behind `first` instead of writing before it.
-            let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
-            if half.is_none() {
-                half = w.half.take();
-            }
-            buf.extend_from_slice(&w.leftover);
-            w.leftover.clear();
+    'outer: loop {
+        tokio::select! {
+            () = inner.wake_writer.notified() => {}
+            () = inner.closed.cancelled() => break,
         }
         // Let the tasks woken together with this one (by one read of many
         // answers, say) queue their frames too, so that one write takes all.
         tokio::task::yield_now().await;
-        let Some(writer) = half.as_mut() else { break };
-        closing = encode_into(&mut codec, first, &mut buf, &inner);
         loop {
-            // Everything queued meanwhile goes out in the same write.
-            while !closing && buf.len() < 1024 * 1024 {
-                match rx.try_recv() {
-                    Ok(next) => closing = encode_into(&mut codec, next, &mut buf, &inner),
-                    Err(_) => break,
+            {
+                let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+                let w = &mut *w;
+                if w.queued.is_empty() {
+                    if w.close {
+                        break 'outer;
+                    }
+                    // Idle: give the half back for direct writes.
+                    if half.is_some() {
+                        w.half = half.take();
+                    }
+                    break;
                 }
+                if half.is_none() {
+                    half = w.half.take();
+                }
+                std::mem::swap(&mut buf, &mut w.queued);
             }
+            inner.room.notify_waiters();
+            let Some(writer) = half.as_mut() else {
+                break 'outer;
+            };
             // A peer that stops reading must not pin the connection: closing
-            // (by either side, or a timeout upstream) ends the write.
+            // (by either side, or after timeouts upstream) ends the write.
             let written = tokio::select! {
                 r = writer.write_all(&buf) => r,
-                _ = inner.closed.cancelled() => break 'outer,
+                () = inner.closed.cancelled() => break 'outer,
             };
             if let Err(e) = written {
                 debug!(peer = %inner.peer, error = %e, "write failed; closing");
@@ -741,16 +897,6 @@ async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
                 buf = BytesMut::with_capacity(64 * 1024);
             } else {
                 buf.clear();
-            }
-            if closing {
-                break 'outer;
-            }
-            // Idle: give the half back for direct writes, unless something
-            // was queued meanwhile (checked under the senders' lock).
-            let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
-            if rx.is_empty() {
-                w.half = half.take();
-                break;
             }
         }
     }
@@ -766,22 +912,7 @@ async fn write_loop(mut rx: mpsc::Receiver<Outgoing>, inner: Arc<Inner>) {
         let _ = h.shutdown().await;
     }
     inner.closed.cancel();
-}
-
-/// Encodes one outgoing item; returns true when it asks to close.
-fn encode_into(codec: &mut FrameCodec, item: Outgoing, buf: &mut BytesMut, inner: &Inner) -> bool {
-    match item {
-        Outgoing::Close => true,
-        Outgoing::Flush => false,
-        Outgoing::Encoded(bytes) => {
-            buf.extend_from_slice(&bytes);
-            false
-        }
-        Outgoing::Frame(frame) => {
-            encode_frame(codec, &frame, buf, inner);
-            false
-        }
-    }
+    inner.room.notify_waiters();
 }
 
 /// Encodes one frame; one too large fails its request or is answered with

@@ -63,6 +63,7 @@ impl Error {
                     | ErrorCode::NoPermission
                     | ErrorCode::UnknownTopic
                     | ErrorCode::TooManyConnections
+                    | ErrorCode::Busy
             ),
             Error::UnexpectedResponse { .. } => false,
         }

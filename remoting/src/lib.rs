@@ -6,8 +6,11 @@
 //! pipelined and multiplexed by id; responses may come back in any order.
 //! Each connection runs exactly two tasks: a reader, which also drives the
 //! in-flight handlers of requests received from the peer, and a writer,
-//! which encodes every frame queued since its last write into one buffer
-//! and writes it with one system call.
+//! which writes every frame queued since its last write with one system
+//! call. Senders encode their frames straight into that queue, which is
+//! bounded in bytes; a request's timeout counts its wait for room there,
+//! and requests that time out in a row with the peer silent close the
+//! connection. TCP keepalive is on.
 //!
 //! A server hands accepted sockets to [`server::serve`] with a [`Service`];
 //! a client calls [`Connection::connect`] (optionally with a [`Service`]
