@@ -14,15 +14,21 @@ use txmq_protocol::{Heartbeat, LeaveGroup, QueueRef, Subscription};
 use super::{lock, worker, MessageHandler, QueueId, Shared, WorkerHandle};
 use crate::Error;
 
+/// How often to heartbeat: well within the brokers' member expiry,
+/// whatever the interval says.
+fn period<H>(shared: &Shared<H>) -> Duration {
+    let expiry = shared.broker_expiry_ms.load(Ordering::Relaxed);
+    let every = shared.settings.rebalance_interval;
+    match expiry {
+        0 => every,
+        ms => every.min(Duration::from_millis(ms / 3)),
+    }
+}
+
 /// Rebalances every interval, or at once when woken.
 pub(crate) async fn run<H: MessageHandler>(shared: Arc<Shared<H>>) {
     loop {
-        // Well within the brokers' member expiry, whatever the interval says.
-        let expiry = shared.broker_expiry_ms.load(Ordering::Relaxed);
-        let mut every = shared.settings.rebalance_interval;
-        if expiry > 0 {
-            every = every.min(Duration::from_millis(expiry / 3));
-        }
+        let every = period(&shared);
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shared.rebalance.notified() => {}
@@ -74,6 +80,10 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
             shared.released.load(Ordering::Acquire),
         )
     };
+    // A broker that does not answer (paused, or cut off) must not hold up
+    // the heartbeats of the next round to the others past their expiry: each
+    // heartbeat, connecting included, gets one period.
+    let patience = period(shared);
     let beats = brokers.keys().map(|name| {
         let request = Heartbeat {
             group: shared.group.clone(),
@@ -89,10 +99,10 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                 })
                 .collect(),
         };
-        async move {
+        let beat = async move {
             let (addr, conn) = shared.connect(name).await?;
             let ok = conn
-                .call(request)
+                .call_with_timeout(request, patience)
                 .await
                 .map_err(|e| Error::at_broker(name, &addr, e))?;
             if ok.expiry_ms > 0 {
@@ -108,6 +118,17 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                     .ok();
             }
             Ok::<_, Error>((name.clone(), ok.assigned))
+        };
+        async move {
+            tokio::time::timeout(patience, beat)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Remoting(txmq_remoting::Error::Timeout {
+                        kind: "Heartbeat",
+                        peer: format!("broker {name}"),
+                        after: patience,
+                    }))
+                })
         }
     });
     let answers = join_all(beats).await;

@@ -1,0 +1,162 @@
+//! Clients against a broker process that is paused (SIGSTOP): its peers'
+//! calls end at their timeouts, the dead connection is closed and opened
+//! again once the broker is back, and a consumer's heartbeats to the
+//! healthy brokers go on, so it keeps its queues there.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{start_broker, wait_for_route};
+use futures_util::future::join_all;
+use txmq::{handler_fn, ConsumeResult, Message, Producer, PushConsumer, ReceivedMessage};
+use txmq_tests::Cluster;
+
+/// 6000 sends of 16 KiB in flight to a paused broker fill the socket and
+/// the client's queue: every one still ends near its timeout (before, the
+/// ones waiting for room in the queue waited until the broker came back),
+/// and once the broker is back a new send succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_a_paused_broker_end_at_their_timeout_and_recover() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = start_broker(&tmp.path().join("a"), &ns, "broker-a", &[]).await;
+    common::create_topic(&ns, "paused", 4).await;
+    let timeout = Duration::from_millis(800);
+    let producer = Producer::builder()
+        .nameserver(&ns)
+        .send_timeout(timeout)
+        .retries(0)
+        .build()
+        .await
+        .unwrap();
+    producer
+        .send(Message::new("paused", "before"))
+        .await
+        .unwrap();
+
+    tokio::task::block_in_place(|| broker.signal("STOP"));
+    let started = Instant::now();
+    let body = vec![b'x'; 16 << 10];
+    let sends = (0..6000).map(|_| producer.send(Message::new("paused", body.clone())));
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), join_all(sends)).await;
+    let took = started.elapsed();
+    tokio::task::block_in_place(|| broker.signal("CONT"));
+    let outcomes = outcomes.expect("sends to a paused broker hung past their timeout");
+    assert!(
+        outcomes.iter().all(|o| o.is_err()),
+        "a paused broker answered"
+    );
+    eprintln!("6000 sends to a paused broker all failed within {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // Back: sends succeed again (over a new connection: the silent one was
+    // closed after its timeouts).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match producer.send(Message::new("paused", "after")).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "no send after SIGCONT: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    producer.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+/// A consumer of a topic on two brokers, with the default 10 s request
+/// timeout, while broker-b is paused for three of broker-a's consumer
+/// expiries: broker-a keeps hearing from it, so it never expires there
+/// and messages sent to broker-a meanwhile are handled at once. Before,
+/// each heartbeat round waited the whole request timeout for broker-b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_broker_does_not_expire_the_consumer_on_the_others() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(60)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let expiry = ["--consumer-expiry", "2s"];
+    let a = start_broker(&tmp.path().join("a"), &ns, "broker-a", &expiry).await;
+    let b = start_broker(&tmp.path().join("b"), &ns, "broker-b", &expiry).await;
+    let admin = txmq::Admin::connect([ns.as_str()]).await.unwrap();
+    admin
+        .create_topic("both", 2, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, "both", &["broker-a", "broker-b"]).await;
+
+    let seen: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let seen2 = seen.clone();
+    let consumer = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("paused-peer")
+        .subscribe("both", "*")
+        .rebalance_interval(Duration::from_millis(300))
+        .commit_interval(Duration::from_millis(100))
+        .max_wait(Duration::from_millis(300))
+        .start(handler_fn(move |m: &ReceivedMessage| {
+            let body = String::from_utf8_lossy(m.body()).into_owned();
+            seen2.lock().unwrap().push((body, Instant::now()));
+            async { ConsumeResult::Success }
+        }))
+        .await
+        .unwrap();
+    let producer = Producer::builder().nameserver(&ns).build().await.unwrap();
+    // Only broker-a takes these: the producer is told where to send.
+    let to_a = |body: String| async {
+        producer
+            .send_to_queue(Message::new("both", body), "broker-a", 0)
+            .await
+            .unwrap()
+    };
+    to_a("warm".into()).await;
+    wait_seen(&seen, "warm", Duration::from_secs(10)).await;
+
+    tokio::task::block_in_place(|| b.signal("STOP"));
+    let paused = Instant::now();
+    let mut sent = Vec::new();
+    let mut i = 0;
+    while paused.elapsed() < Duration::from_secs(6) {
+        let body = format!("m{i}");
+        to_a(body.clone()).await;
+        sent.push((body, Instant::now()));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (body, _) in &sent {
+        wait_seen(&seen, body, Duration::from_secs(15)).await;
+    }
+    tokio::task::block_in_place(|| b.signal("CONT"));
+    let seen = seen.lock().unwrap().clone();
+    let worst = sent
+        .iter()
+        .map(|(body, at)| {
+            let got = seen.iter().find(|(b, _)| b == body).unwrap().1;
+            got.saturating_duration_since(*at)
+        })
+        .max()
+        .unwrap();
+    eprintln!("worst delay on broker-a while broker-b was paused: {worst:?}");
+    let log = a.log_text();
+    assert!(
+        !log.contains("consumer expired"),
+        "broker-a expired the consumer while broker-b was paused:\n{log}"
+    );
+    consumer.shutdown().await.unwrap();
+    producer.close();
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
+async fn wait_seen(seen: &Arc<Mutex<Vec<(String, Instant)>>>, body: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !seen.lock().unwrap().iter().any(|(b, _)| b == body) {
+        assert!(
+            Instant::now() < deadline,
+            "{body} not handled within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
