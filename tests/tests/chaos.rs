@@ -8,12 +8,13 @@
 //!
 //! `cargo test -p txmq-tests --test chaos` runs 60 s of workload;
 //! `TXMQ_CHAOS_DURATION=10m cargo test -p txmq-tests --test chaos -- --ignored`
-//! runs longer (`TXMQ_CHAOS_SEED` repeats a fault schedule).
+//! runs longer (`TXMQ_CHAOS_SEED` repeats a fault schedule). A second,
+//! 30 s run pauses brokers while a consumer hands messages back to them.
 
 use std::path::Path;
 use std::time::Duration;
 
-use txmq_tests::chaos::{default_out_dir, run, ChaosConfig};
+use txmq_tests::chaos::{default_out_dir, run, ChaosConfig, Fault};
 
 fn config(duration: Duration) -> ChaosConfig {
     let out = default_out_dir(Some(Path::new(env!("CARGO_TARGET_TMPDIR"))), "chaos");
@@ -46,4 +47,20 @@ async fn a_long_run_under_faults() {
         .map(|d| humantime::parse_duration(&d).expect("TXMQ_CHAOS_DURATION like 10m"))
         .unwrap_or(Duration::from_secs(600));
     run_and_check(config(duration)).await;
+}
+
+/// The retrying consumer hands messages back to a broker that is paused
+/// for longer than its hand-back attempts last (and consumers die): its
+/// group must never commit past a message it neither handled nor
+/// dead-lettered (the `unhandled` checker), and every other checker holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_broker_while_messages_are_handed_back_skips_nothing() {
+    let mut config = config(Duration::from_secs(30));
+    config.faults = vec![
+        Fault::PauseWhileRetrying,
+        Fault::KillConsumer,
+        Fault::PauseWhileRetrying,
+        Fault::CutConnections,
+    ];
+    run_and_check(config).await;
 }

@@ -24,11 +24,17 @@
 //! - **tx-visible-twice**: a transaction's message stored at two positions.
 //! - **tx-pending**: a transaction still prepared after the end of the run
 //!   plus the check timeout: it must be resolved or parked by then.
+//! - **unhandled**: a message stored below a group's final committed offset
+//!   (in a subscribed topic or the group's retry topic) that the group
+//!   neither handled nor dead-lettered: the group stands past a message it
+//!   skipped. Checked for every group, the retrying one's too (the checkers
+//!   above look at the orderly group only).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use super::history::{Event, Kind, Op};
+use super::RETRY_GROUP;
 
 /// One checker's result.
 #[derive(Debug, Clone)]
@@ -107,6 +113,7 @@ pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
         h.tx_rolled_back_visible(),
         h.tx_visible_twice(),
         h.tx_pending(),
+        h.unhandled(),
     ]
 }
 
@@ -133,6 +140,13 @@ struct Indexed<'a> {
     pending: HashMap<&'a str, &'a str>,
     /// Fault windows (start, end + grace), in microseconds.
     windows: Vec<(u64, u64)>,
+    /// (group, id) of every message a group handled (a retry asked is
+    /// not a handling), every group's.
+    handled_by: HashSet<(&'a str, &'a str)>,
+    /// (group, id) of every message in a group's dead-letter topic.
+    dead: HashSet<(&'a str, &'a str)>,
+    /// The final look at the groups: messages below their committed offsets.
+    below: Vec<&'a Event>,
 }
 
 fn example(e: &Event) -> String {
@@ -159,6 +173,9 @@ impl<'a> Indexed<'a> {
             held: HashMap::new(),
             pending: HashMap::new(),
             windows: Vec::new(),
+            handled_by: HashSet::new(),
+            dead: HashSet::new(),
+            below: Vec::new(),
         };
         let mut open_faults: HashMap<&str, u64> = HashMap::new();
         let end_of_run = events.last().map_or(0, |e| e.time_us);
@@ -170,7 +187,14 @@ impl<'a> Indexed<'a> {
                 (Op::Send | Op::Tx, _) => {
                     h.completed.insert(&e.id, e);
                 }
-                (Op::Consume, _) => {
+                (Op::Consume, kind) => {
+                    let group = e.group.as_deref().unwrap_or_default();
+                    if kind == Kind::Ok {
+                        h.handled_by.insert((group, &e.id));
+                    }
+                    if group == RETRY_GROUP {
+                        continue;
+                    }
                     h.consumes.push(e);
                     h.handled.entry(&e.id).or_default().push(Handling {
                         time_us: e.time_us,
@@ -185,6 +209,11 @@ impl<'a> Indexed<'a> {
                 }
                 (Op::Hold, _) => {
                     h.held.insert(&e.id, e);
+                }
+                (Op::Below, _) => h.below.push(e),
+                (Op::DeadLetter, _) => {
+                    h.dead
+                        .insert((e.group.as_deref().unwrap_or_default(), &e.id));
                 }
                 (Op::Pending, _) => {
                     if let (Some(msg_id), Some(status)) = (&e.msg_id, &e.status) {
@@ -219,6 +248,41 @@ impl<'a> Indexed<'a> {
 
     fn is_tx(&self, id: &str) -> bool {
         self.invoked.get(id).is_some_and(|e| e.f == Op::Tx)
+    }
+
+    fn unhandled(&self) -> Verdict {
+        let mut violations = Vec::new();
+        let mut checked = 0;
+        let mut dead = 0;
+        let mut groups = BTreeMap::new();
+        for e in &self.below {
+            let group = e.group.as_deref().unwrap_or_default();
+            if e.kind != Kind::Ok {
+                // The harness could not look: nothing is known.
+                violations.push(format!("not checked: {}", example(e)));
+                continue;
+            }
+            checked += 1;
+            *groups.entry(group).or_insert(0) += 1;
+            if self.handled_by.contains(&(group, e.id.as_str())) {
+                continue;
+            }
+            if self.dead.contains(&(group, e.id.as_str())) {
+                dead += 1;
+                continue;
+            }
+            violations.push(format!(
+                "{group} committed past {} at {:?}/{:?}/{:?}@{:?} without handling or dead-lettering it",
+                e.id, e.broker, e.topic, e.queue, e.offset
+            ));
+        }
+        let per_group: Vec<String> = groups.iter().map(|(g, n)| format!("{g} {n}")).collect();
+        let summary = format!(
+            "{} of {checked} messages below the groups' committed offsets ({}) neither handled nor dead-lettered; {dead} dead-lettered",
+            violations.len(),
+            per_group.join(", ")
+        );
+        verdict("unhandled", violations, summary)
     }
 
     fn lost(&self) -> Verdict {
@@ -512,6 +576,48 @@ mod tests {
             failed(&check(&bad, 0)),
             [("lost", 1), ("duplicate", 1), ("order", 1)]
         );
+    }
+
+    /// The retrying group's handlings are not held to the order and
+    /// duplicate checkers; a message below a group's committed offset must
+    /// have been handled (a retry asked does not count) or dead-lettered.
+    #[test]
+    fn messages_below_committed_offsets_must_be_handled_or_dead_lettered() {
+        let below = |h: &mut Vec<Event>, t: u64, group: &str, id: &str| {
+            let mut b = ev(t, Kind::Ok, Op::Below, id);
+            b.group = Some(group.into());
+            h.push(b);
+        };
+        let handle = |h: &mut Vec<Event>, t: u64, group: &str, id: &str, kind: Kind| {
+            let mut c = ev(t, kind, Op::Consume, id);
+            c.group = Some(group.into());
+            h.push(c);
+        };
+        let mut h = Vec::new();
+        send(&mut h, 10, "k:1", "k", Kind::Ok);
+        send(&mut h, 20, "k:2", "k", Kind::Ok);
+        handle(&mut h, 30, "cg", "k:1", Kind::Ok);
+        handle(&mut h, 31, "cg", "k:2", Kind::Ok);
+        // The retrier: k:2 twice, and in the other order, is fine there.
+        handle(&mut h, 32, RETRY_GROUP, "k:2", Kind::Ok);
+        handle(&mut h, 33, RETRY_GROUP, "k:2", Kind::Ok);
+        handle(&mut h, 34, RETRY_GROUP, "k:1", Kind::Info);
+        let mut dead = ev(40, Kind::Ok, Op::DeadLetter, "k:1");
+        dead.group = Some(RETRY_GROUP.into());
+        h.push(dead);
+        below(&mut h, 41, "cg", "k:1");
+        below(&mut h, 42, "cg", "k:2");
+        below(&mut h, 43, RETRY_GROUP, "k:1");
+        below(&mut h, 44, RETRY_GROUP, "k:2");
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        // Only asked to retry, not dead-lettered: skipped.
+        h.retain(|e| e.f != Op::DeadLetter);
+        // And a look that failed.
+        let mut blind = ev(45, Kind::Fail, Op::Below, "chaos-a");
+        blind.group = Some("cg".into());
+        h.push(blind);
+        assert_eq!(failed(&check(&h, 0)), [("unhandled", 2)]);
     }
 
     #[test]

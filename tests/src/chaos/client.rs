@@ -31,6 +31,11 @@ pub enum Role {
     Tx,
     /// An orderly push consumer.
     Consumer,
+    /// A concurrent push consumer that asks for one message in 25 to be
+    /// retried at every delivery, until the broker dead-letters it; slowly
+    /// the first time (a second, so that a fault lands while it hands them
+    /// back).
+    Retrier,
 }
 
 /// A client process's settings (its command line).
@@ -85,7 +90,8 @@ pub async fn run(
     match args.role {
         Role::Producer => run_producer(args, rec, stop).await,
         Role::Tx => run_tx_producer(args, rec, stop, hold).await,
-        Role::Consumer => run_consumer(args, rec, stop).await,
+        Role::Consumer => run_consumer(args, rec, stop, false).await,
+        Role::Retrier => run_consumer(args, rec, stop, true).await,
     }
 }
 
@@ -320,15 +326,28 @@ async fn run_tx_producer(
     Ok(())
 }
 
+/// Whether a retrier asks for `body` to be retried (at every delivery).
+fn asks_retry(body: &str) -> bool {
+    // FNV-1a: stable across processes and runs.
+    let hash = body.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    hash % 25 == 0
+}
+
 async fn run_consumer(
     args: ClientArgs,
     rec: Recorder,
     stop: CancellationToken,
+    retrier: bool,
 ) -> anyhow::Result<()> {
     let mut builder = PushConsumer::builder()
         .nameserver(&args.nameserver)
         .group(args.group.as_str())
-        .orderly(true)
+        .orderly(!retrier)
+        // Few attempts, so a paused broker outlasts a retrier's attempts to
+        // hand a message back.
+        .max_reconsume_times(if retrier { 3 } else { 16 })
         .rebalance_interval(Duration::from_millis(500))
         .commit_interval(Duration::from_millis(200))
         .max_wait(Duration::from_millis(500))
@@ -338,13 +357,15 @@ async fn run_consumer(
         builder = builder.subscribe(t.as_str(), "*");
     }
     let handler_rec = rec.clone();
+    let group = args.group.clone();
     let consumer = builder
         .start(handler_fn(move |m: &ReceivedMessage| {
-            let mut ev = handler_rec.event(
-                Kind::Ok,
-                Op::Consume,
-                String::from_utf8_lossy(m.body()).into_owned(),
-            );
+            let body = String::from_utf8_lossy(m.body()).into_owned();
+            let retry = retrier && asks_retry(&body);
+            // A retry asked is not a handling: recorded as `info`.
+            let kind = if retry { Kind::Info } else { Kind::Ok };
+            let mut ev = handler_rec.event(kind, Op::Consume, body);
+            ev.group = Some(group.clone());
             ev.key = m.key().map(str::to_string);
             ev.msg_id = Some(m.msg_id().to_string());
             ev.broker = Some(m.broker_name.clone());
@@ -357,7 +378,18 @@ async fn run_consumer(
             // Recorded before the handler returns, so before the offset can
             // be committed.
             handler_rec.record(&ev);
-            async { ConsumeResult::Success }
+            let first = m.reconsume_times() == 0;
+            async move {
+                if retry {
+                    let slow = if first { 1000 } else { 100 };
+                    tokio::time::sleep(Duration::from_millis(slow)).await;
+                    ConsumeResult::Retry {
+                        delay: Some(Duration::from_millis(500)),
+                    }
+                } else {
+                    ConsumeResult::Success
+                }
+            }
         }))
         .await?;
     stop.cancelled().await;

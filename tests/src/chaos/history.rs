@@ -48,6 +48,12 @@ pub enum Op {
     Fault,
     /// The harness's final look at the brokers' pending transactions.
     Pending,
+    /// The harness's final look at a group: a message stored below the
+    /// group's committed offset (so the group must have handled it, or
+    /// dead-lettered it).
+    Below,
+    /// The harness's final look at a group: a message in its dead-letter topic.
+    DeadLetter,
 }
 
 /// One line of the history.
@@ -101,6 +107,9 @@ pub struct Event {
     /// What went wrong, or what a fault did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The consumer group (consumptions and the final look at groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Event {
@@ -123,6 +132,7 @@ impl Event {
             offset: None,
             status: None,
             detail: None,
+            group: None,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod client;
 pub mod history;
 pub mod process;
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -43,6 +44,9 @@ pub const TOPIC_B: &str = "chaos-b";
 /// Topic of the transactional sends, on both brokers.
 pub const TOPIC_TX: &str = "chaos-tx";
 const CONSUMER_GROUP: &str = "chaos-cg";
+/// The group of the consumer that asks for retries (concurrent, so its
+/// handlings are not held to the order and duplicate checkers).
+pub const RETRY_GROUP: &str = "chaos-retry";
 const PRODUCER_GROUP: &str = "chaos-pg";
 const BROKERS: [&str; 2] = ["broker-a", "broker-b"];
 
@@ -105,11 +109,16 @@ pub enum Fault {
     /// `kill -9` a broker, drop everything its data directory did not
     /// fsync (tearing the last unsynced write of each file), restart it.
     PowerCut,
+    /// SIGSTOP a broker for 10 s while the retrying consumer hands messages
+    /// back to it (its handler takes a second over a first retry, so some are
+    /// handed back during the pause, and fail for longer than a consumer's
+    /// local retries last), then SIGCONT.
+    PauseWhileRetrying,
 }
 
 impl Fault {
     /// Every fault, in schedule order.
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillBroker,
         Fault::CutConnections,
         Fault::KillTxProducer,
@@ -118,6 +127,7 @@ impl Fault {
         Fault::DropReply,
         Fault::KillConsumer,
         Fault::Delay,
+        Fault::PauseWhileRetrying,
     ];
 
     /// The fault's name in the history and the summary.
@@ -131,6 +141,7 @@ impl Fault {
             Fault::KillTxProducer => "kill-tx-producer",
             Fault::KillConsumer => "kill-consumer",
             Fault::PowerCut => "power-cut",
+            Fault::PauseWhileRetrying => "pause-while-retrying",
         }
     }
 }
@@ -419,6 +430,17 @@ impl World {
             );
             world.consumers.push(p);
         }
+        let p = world.client(
+            "retrier",
+            "retrier",
+            &[
+                "--topics",
+                &format!("{TOPIC_A},{TOPIC_B},{TOPIC_TX}"),
+                "--group",
+                RETRY_GROUP,
+            ],
+        );
+        world.consumers.push(p);
         let quarter = format!("{}", world.config.rate / 4.0);
         for i in 0..2 {
             let p = world.client(
@@ -505,6 +527,13 @@ impl World {
                 tokio::time::sleep(Duration::from_secs(4)).await;
                 tokio::task::block_in_place(|| p.signal("CONT"));
                 format!("{broker} stopped for 4 s")
+            }
+            Fault::PauseWhileRetrying => {
+                let p = &self.brokers[b];
+                tokio::task::block_in_place(|| p.signal("STOP"));
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::task::block_in_place(|| p.signal("CONT"));
+                format!("{broker} stopped for 10 s while the retrier hands messages back")
             }
             Fault::CutConnections => {
                 self.proxies[b].cut();
@@ -684,19 +713,40 @@ impl World {
             }
         }
 
-        // Drained: every queue of the group committed up to its end.
+        // Drained: every queue of each group (its retry topic's too)
+        // committed up to its end, and still so 2 s later with nothing
+        // stored meanwhile: a message handed back for a retry waits out its
+        // delay (500 ms) before it shows in the retry topic.
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut drained_at: Option<(Instant, u64)> = None;
         loop {
-            let states = admin.group_state(CONSUMER_GROUP, None).await;
-            let drained = states.as_ref().is_ok_and(|s| {
-                s.len() == BROKERS.len() && s.iter().flat_map(|g| &g.queues).all(|q| q.lag == 0)
-            });
-            if drained || Instant::now() > deadline {
+            let mut stored = 0;
+            let mut drained = true;
+            for group in [CONSUMER_GROUP, RETRY_GROUP] {
+                match admin.group_state(group, None).await {
+                    Ok(s) if s.len() == BROKERS.len() => {
+                        for q in s.iter().flat_map(|g| &g.queues) {
+                            drained &= q.lag == 0;
+                            stored += q.max_offset;
+                        }
+                    }
+                    _ => drained = false,
+                }
+            }
+            match drained_at {
+                _ if !drained => drained_at = None,
+                Some((at, before)) if before == stored => {
+                    if at.elapsed() >= Duration::from_secs(2) {
+                        break;
+                    }
+                }
+                _ => drained_at = Some((Instant::now(), stored)),
+            }
+            if Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        admin.close();
         let mut last: Vec<Process> = self.consumers.drain(..).collect();
         last.push(checker);
         tokio::task::block_in_place(|| {
@@ -704,6 +754,74 @@ impl World {
                 p.terminate(Duration::from_secs(15));
             }
         });
+        for group in [CONSUMER_GROUP, RETRY_GROUP] {
+            self.record_group(&admin, group).await;
+        }
+        admin.close();
+    }
+
+    /// Records, for the `unhandled` checker, every message stored below
+    /// `group`'s committed offsets (its retry topic included) and every
+    /// message in its dead-letter topic. Run once the consumers are gone,
+    /// so the offsets are final.
+    async fn record_group(&mut self, admin: &Admin, group: &str) {
+        let states = match admin.group_state(group, None).await {
+            Ok(states) => states,
+            Err(e) => {
+                let mut ev = self.harness.event(Kind::Fail, Op::Below, group);
+                ev.group = Some(group.to_string());
+                ev.detail = Some(format!("cannot read the group's offsets: {e}"));
+                self.harness.record(&ev);
+                return;
+            }
+        };
+        let mut committed: HashMap<(String, String, u32), u64> = HashMap::new();
+        for s in &states {
+            for q in &s.queues {
+                if let Some(c) = q.committed {
+                    committed.insert((s.broker_name.clone(), q.topic.clone(), q.queue), c);
+                }
+            }
+        }
+        let topics: BTreeSet<&str> = committed.keys().map(|(_, t, _)| t.as_str()).collect();
+        for topic in topics {
+            let stored = match admin.browse(topic, usize::MAX).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    let mut ev = self.harness.event(Kind::Fail, Op::Below, topic);
+                    ev.group = Some(group.to_string());
+                    ev.detail = Some(format!("cannot read {topic}: {e}"));
+                    self.harness.record(&ev);
+                    continue;
+                }
+            };
+            for m in stored {
+                let at = (m.broker_name.clone(), topic.to_string(), m.queue());
+                if committed.get(&at).is_some_and(|c| m.queue_offset() < *c) {
+                    let mut ev = self.harness.event(
+                        Kind::Ok,
+                        Op::Below,
+                        String::from_utf8_lossy(m.body()).into_owned(),
+                    );
+                    ev.group = Some(group.to_string());
+                    ev.broker = Some(at.0);
+                    ev.topic = Some(at.1);
+                    ev.queue = Some(at.2);
+                    ev.offset = Some(m.queue_offset());
+                    ev.msg_id = Some(m.msg_id().to_string());
+                    self.harness.record(&ev);
+                }
+            }
+        }
+        // No dead letter yet: no such topic.
+        let dlq = format!("%DLQ%{group}");
+        for m in admin.browse(&dlq, usize::MAX).await.unwrap_or_default() {
+            let body = String::from_utf8_lossy(m.body()).into_owned();
+            let mut ev = self.harness.event(Kind::Ok, Op::DeadLetter, body);
+            ev.group = Some(group.to_string());
+            ev.msg_id = Some(m.msg_id().to_string());
+            self.harness.record(&ev);
+        }
     }
 }
 
