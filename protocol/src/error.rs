@@ -61,6 +61,9 @@ pub enum ErrorCode {
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
     QueueNotOwned = 31,
+    /// The broker name is held by another live broker (another address):
+    /// the registration, or an unregister from elsewhere, was refused.
+    BrokerNameTaken = 40,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -96,6 +99,7 @@ impl ErrorCode {
             26 => TooManyTopics,
             30 => GroupActive,
             31 => QueueNotOwned,
+            40 => BrokerNameTaken,
             _ => Unknown,
         }
     }
@@ -130,6 +134,7 @@ impl ErrorCode {
             TooManyTopics => "TOO_MANY_TOPICS",
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
+            BrokerNameTaken => "BROKER_NAME_TAKEN",
             Unknown => "UNKNOWN",
         }
     }
@@ -181,6 +186,7 @@ mod tests {
             ErrorCode::TooManyConnections,
             ErrorCode::TooManyTopics,
             ErrorCode::OffsetOutOfRange,
+            ErrorCode::BrokerNameTaken,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);
         }
