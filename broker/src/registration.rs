@@ -117,9 +117,12 @@ impl Verdict {
 /// the first round's verdict.
 pub(crate) async fn run(
     b: Arc<BrokerInner>,
-    nameservers: Vec<String>,
+    mut nameservers: Vec<String>,
     startup: oneshot::Sender<Startup>,
 ) {
+    // One link per nameserver, even if it was given twice.
+    let mut seen = std::collections::HashSet::new();
+    nameservers.retain(|ns| seen.insert(ns.clone()));
     let mut links: HashMap<String, Link> = nameservers
         .iter()
         .map(|ns| (ns.clone(), Link::default()))
@@ -151,9 +154,11 @@ pub(crate) async fn run(
             })
             .collect();
         while let Some((ns, conn, outcome)) = round.next().await {
-            verdict.observe(&ns, &outcome);
+            // Logged before the verdict goes out, so the refusal is in the
+            // log before a broker that may not start says it is stopping.
             let link = links.entry(ns.clone()).or_default();
-            record(&b, &ns, link, conn, outcome);
+            record(&b, &ns, link, conn, &outcome);
+            verdict.observe(&ns, &outcome);
         }
         drop(round);
         // Nothing to hear from (no nameserver at all): start anyway.
@@ -272,7 +277,7 @@ async fn register(
 }
 
 /// Records `ns`'s answer in its link and logs a change of standing.
-fn record(b: &BrokerInner, ns: &str, link: &mut Link, conn: Option<Connection>, outcome: Outcome) {
+fn record(b: &BrokerInner, ns: &str, link: &mut Link, conn: Option<Connection>, outcome: &Outcome) {
     let was = link.standing;
     link.conn = conn;
     let name = &b.config.broker_name;
@@ -303,9 +308,9 @@ fn record(b: &BrokerInner, ns: &str, link: &mut Link, conn: Option<Connection>, 
                     nameserver = %ns,
                     broker = %name,
                     addr = %b.advertised_addr,
-                    "nameserver refused this broker's registration, so its clients cannot reach \
-                     this broker: {message}. Give this broker a distinct --broker-name; \
-                     until then it keeps trying, in case the other broker goes away"
+                    "nameserver refused this broker's registration, so its clients cannot \
+                     reach this broker (retried about every second while the broker runs): \
+                     {message}"
                 );
             }
         }
