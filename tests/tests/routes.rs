@@ -282,9 +282,10 @@ async fn a_second_broker_under_a_live_name_does_not_start_and_routes_keep_the_fi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expires() {
     let tmp = tempfile::tempdir().unwrap();
-    let expiry = Duration::from_secs(1);
-    let shared = Process::nameserver(tmp.path(), "shared", "1s");
-    let own = Process::nameserver(tmp.path(), "own", "1s");
+    // Short enough to wait for, long enough for a busy machine's heartbeats.
+    let expiry = Duration::from_secs(2);
+    let shared = Process::nameserver(tmp.path(), "shared", "2s");
+    let own = Process::nameserver(tmp.path(), "own", "2s");
     let first = Process::broker(tmp.path(), "first", &shared.addr, "broker-a", "200ms");
     first.wait_listening();
     wait_listed(
@@ -341,11 +342,36 @@ async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expir
     .await;
     eprintln!("the second broker took the name {took:?} after the first stopped");
     assert!(
+        took >= expiry / 2,
+        "taken {took:?} after the stop, long before the {expiry:?} expiry"
+    );
+    assert!(
         !second
-            .log_lines_with(&["registered with nameserver", &shared.addr])
+            .log_lines_with(&[
+                "registered with nameserver: the broker that held the name is gone",
+                &shared.addr
+            ])
             .is_empty(),
         "{}",
         second.log_text()
+    );
+
+    // The first one wakes up: now it is the one refused, and the name stays
+    // with the second.
+    first.signal("CONT");
+    let refused = format!("another broker at {} already registered", second.addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while first.log_lines_with(&["ERROR", &refused]).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal in the first broker's log:\n{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        listed(&shared.addr).await,
+        vec![("broker-a".to_string(), second.addr.clone())]
     );
 }
 
