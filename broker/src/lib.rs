@@ -61,6 +61,15 @@ pub enum BrokerError {
     /// The in-process nameserver could not start.
     #[error("cannot start the standalone nameserver: {0}")]
     Nameserver(#[from] txmq_nameserver::Error),
+    /// Every nameserver refused the broker: another live broker, at another
+    /// address, holds its name.
+    #[error("broker name '{name}' is taken: {detail}")]
+    NameTaken {
+        /// The broker name.
+        name: String,
+        /// Each nameserver's answer (naming the broker that holds the name).
+        detail: String,
+    },
 }
 
 pub(crate) struct BrokerInner {
@@ -93,10 +102,14 @@ pub struct Broker {
 impl Broker {
     /// Recovers the store, binds the listener, starts serving and registers
     /// with the nameservers (with `standalone`, first starts a nameserver in
-    /// this process). Returns once clients can connect.
+    /// this process). Returns once clients can connect and every nameserver
+    /// answered the first registration (or one took it, or one could not be
+    /// reached).
     ///
     /// # Errors
-    /// Invalid settings, an unrecoverable data directory, or an address in use.
+    /// Invalid settings, an unrecoverable data directory, an address in use,
+    /// or [`BrokerError::NameTaken`] when every nameserver refused the broker
+    /// name because another live broker holds it.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
         let tasks = TaskTracker::new();
@@ -218,7 +231,8 @@ impl Broker {
             conn_config,
             shutdown.clone(),
         ));
-        tasks.spawn(registration::run(inner.clone(), nameservers));
+        let (startup_tx, startup) = tokio::sync::oneshot::channel();
+        tasks.spawn(registration::run(inner.clone(), nameservers, startup_tx));
         tasks.spawn(retention(inner.clone()));
         tasks.spawn(deliver_delayed(inner.clone()));
         tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
@@ -233,14 +247,24 @@ impl Broker {
             flush = ?inner.config.flush,
             "broker listening"
         );
-        Ok(Broker {
+        let broker = Broker {
             inner,
             addr,
             nameserver_addr,
             nameserver_shutdown,
             nameserver_task,
             tasks,
-        })
+        };
+        // Two brokers started under one name (the default one, say) must not
+        // both run: when every nameserver refuses this one, it does not start.
+        // A nameserver that cannot be asked leaves the question open, and the
+        // broker starts and keeps trying.
+        if let Ok(registration::Startup::NameTaken(detail)) = startup.await {
+            let name = broker.inner.config.broker_name.clone();
+            broker.shutdown().await;
+            return Err(BrokerError::NameTaken { name, detail });
+        }
+        Ok(broker)
     }
 
     /// The address clients connect to.

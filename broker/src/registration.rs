@@ -1,62 +1,168 @@
-//! Registration with the nameservers: at start, every heartbeat interval,
-//! and at once when the topic table changes; a goodbye at shutdown.
+//! Registration with the nameservers: at start, every heartbeat interval, at
+//! once when the topic table changes, and at once when a nameserver
+//! connection closes (the nameserver dropped this broker from its routes
+//! when it saw the close, so waiting for the next heartbeat would leave
+//! clients with `NO_ROUTE` for up to a whole interval); a goodbye at shutdown.
+//!
+//! A nameserver refuses the registration (`BROKER_NAME_TAKEN`) while another
+//! live broker, at another address, holds this broker's name. When every
+//! nameserver refuses the very first registration, the broker does not
+//! start: [`Startup::NameTaken`] makes [`Broker::start`](crate::Broker::start)
+//! fail, so two brokers started with the same (default) name fail loudly
+//! instead of one silently serving nobody. A refusal after that (some
+//! nameserver took the broker at start, or the conflict began later) is
+//! logged as an error and retried, since the other broker may die and its
+//! registration expire.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
-use txmq_protocol::{Hello, RegisterBroker, Role, UnregisterBroker, PROTOCOL_VERSION};
+use futures_util::future::{join_all, select_all};
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use txmq_protocol::{ErrorCode, Hello, RegisterBroker, Role, UnregisterBroker, PROTOCOL_VERSION};
 use txmq_remoting::{Connection, ConnectionConfig};
 
 use crate::BrokerInner;
 
-pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
-    let mut conns: HashMap<String, Connection> = HashMap::new();
-    let mut healthy: HashMap<String, bool> = HashMap::new();
+/// How long a nameserver has to answer a connect or a registration.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The first retry after a failed round; it doubles up to [`RETRY_MAX`]
+/// (or the heartbeat interval, if shorter).
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// A closed connection starts a round at once, but never sooner than this
+/// after the previous round started: a nameserver that accepts and then
+/// closes every connection must not spin the broker.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(100);
+
+/// A refusal that goes on is logged as an error again this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What the first registration round decided about starting.
+#[derive(Debug)]
+pub(crate) enum Startup {
+    /// At least one nameserver took the broker, or one could not be asked
+    /// (unreachable: it may take the broker later).
+    Go,
+    /// Every nameserver refused the broker's name; the detail has their answers.
+    NameTaken(String),
+}
+
+/// Where this broker stands with one nameserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Registered,
+    /// Another broker holds the name there.
+    Refused,
+    /// Not reachable, or it failed the registration for another reason.
+    Failing,
+}
+
+/// One nameserver as the registration loop sees it.
+#[derive(Default)]
+struct Link {
+    /// Kept while the nameserver answers (an accepted or a refused
+    /// registration alike), so its close is noticed.
+    conn: Option<Connection>,
+    standing: Option<Standing>,
+    refusal_logged: Option<Instant>,
+}
+
+/// The answer of one nameserver to one registration.
+enum Outcome {
+    Registered,
+    Refused(String),
+    Failed(String),
+}
+
+/// Collects the first round's outcomes into a [`Startup`] verdict, sent as
+/// soon as it is known.
+struct Verdict {
+    tx: Option<oneshot::Sender<Startup>>,
+    expected: usize,
+    refusals: Vec<String>,
+}
+
+impl Verdict {
+    fn observe(&mut self, ns: &str, outcome: &Outcome) {
+        if self.tx.is_none() {
+            return;
+        }
+        match outcome {
+            Outcome::Refused(message) => {
+                self.refusals.push(format!("nameserver {ns}: {message}"));
+                if self.refusals.len() == self.expected {
+                    let detail = self.refusals.join("; ");
+                    self.send(Startup::NameTaken(detail));
+                }
+            }
+            Outcome::Registered | Outcome::Failed(_) => self.send(Startup::Go),
+        }
+    }
+
+    fn send(&mut self, startup: Startup) {
+        if let Some(tx) = self.tx.take() {
+            // Nobody waiting (the broker is going away) is fine.
+            let _ = tx.send(startup);
+        }
+    }
+}
+
+/// Registers with `nameservers` until the broker shuts down; `startup` gets
+/// the first round's verdict.
+pub(crate) async fn run(
+    b: Arc<BrokerInner>,
+    mut nameservers: Vec<String>,
+    startup: oneshot::Sender<Startup>,
+) {
+    // One link per nameserver, even if it was given twice.
+    let mut seen = std::collections::HashSet::new();
+    nameservers.retain(|ns| seen.insert(ns.clone()));
+    let mut links: HashMap<String, Link> = nameservers
+        .iter()
+        .map(|ns| (ns.clone(), Link::default()))
+        .collect();
+    let mut verdict = Verdict {
+        tx: Some(startup),
+        expected: nameservers.len(),
+        refusals: Vec::new(),
+    };
+    let retry_max = b.config.heartbeat_interval.min(RETRY_MAX);
+    let mut retry = RETRY_FIRST.min(retry_max);
     loop {
+        let round_started = Instant::now();
         let version = b.topics_version.load(std::sync::atomic::Ordering::Acquire);
-        let topics = b.topics.all();
         let req = RegisterBroker {
             cluster: b.config.cluster.clone(),
             broker_name: b.config.broker_name.clone(),
             addr: b.advertised_addr.clone(),
-            topics,
+            topics: b.topics.all(),
         };
-        let results = join_all(nameservers.iter().map(|ns| {
-            let conn = conns.get(ns).filter(|c| !c.is_closed()).cloned();
-            let req = req.clone();
-            let b = b.clone();
-            let ns = ns.clone();
-            async move {
-                let conn = match conn {
-                    Some(c) => c,
-                    None => connect(&b, &ns).await?,
-                };
-                conn.call_with_timeout(req, Duration::from_secs(3))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>((ns, conn))
-            }
-        }))
-        .await;
-        for (ns, result) in nameservers.iter().zip(results) {
-            let was = healthy.insert(ns.clone(), result.is_ok());
-            match result {
-                Ok((_, conn)) => {
-                    if was != Some(true) {
-                        tracing::info!(nameserver = %ns, "registered with nameserver");
-                    }
-                    conns.insert(ns.clone(), conn);
-                }
-                Err(e) => {
-                    if was != Some(false) {
-                        tracing::warn!(nameserver = %ns, error = %e, "cannot register with nameserver; will keep trying");
-                    }
-                    conns.remove(ns);
-                }
-            }
+        let mut round: FuturesUnordered<_> = nameservers
+            .iter()
+            .map(|ns| {
+                let conn = links
+                    .get(ns)
+                    .and_then(|l| l.conn.clone())
+                    .filter(|c| !c.is_closed());
+                register(b.clone(), ns.clone(), conn, req.clone())
+            })
+            .collect();
+        while let Some((ns, conn, outcome)) = round.next().await {
+            // Logged before the verdict goes out, so the refusal is in the
+            // log before a broker that may not start says it is stopping.
+            let link = links.entry(ns.clone()).or_default();
+            record(&b, &ns, link, conn, &outcome);
+            verdict.observe(&ns, &outcome);
         }
+        drop(round);
+        // Nothing to hear from (no nameserver at all): start anyway.
+        verdict.send(Startup::Go);
         // Creates waiting for this table version may answer now (whether or
         // not every nameserver took it: an unreachable one is retried).
         b.registered_version.send_if_modified(|v| {
@@ -64,29 +170,157 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
             *v = (*v).max(version);
             grew
         });
-        // Retry a failed nameserver sooner than a full heartbeat interval.
-        let wait = if healthy.values().all(|h| *h) {
+        // Retry a failing or refusing nameserver sooner than a heartbeat,
+        // backing off while it stays so.
+        let wait = if links
+            .values()
+            .all(|l| l.standing == Some(Standing::Registered))
+        {
+            retry = RETRY_FIRST.min(retry_max);
             b.config.heartbeat_interval
         } else {
-            b.config.heartbeat_interval.min(Duration::from_secs(1))
+            let wait = retry;
+            retry = (retry * 2).min(retry_max);
+            wait
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = b.topics_changed.notified() => {}
-            _ = b.shutdown.cancelled() => break,
+        let closed = {
+            // Only nameservers that answered have a connection to watch; a
+            // failing one is retried by the timer, never in a busy loop.
+            let watched: Vec<_> = links
+                .iter()
+                .filter_map(|(ns, l)| {
+                    l.conn.as_ref().map(|c| {
+                        Box::pin(async move {
+                            c.closed().await;
+                            ns.clone()
+                        })
+                    })
+                })
+                .collect();
+            let any_closed = async move {
+                if watched.is_empty() {
+                    std::future::pending().await
+                } else {
+                    select_all(watched).await.0
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => None,
+                _ = b.topics_changed.notified() => None,
+                ns = any_closed => Some(ns),
+                _ = b.shutdown.cancelled() => break,
+            }
+        };
+        if let Some(ns) = closed {
+            tracing::info!(nameserver = %ns, "connection to nameserver closed; registering again now");
+            if let Some(link) = links.get_mut(&ns) {
+                link.conn = None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(round_started + MIN_ROUND_GAP) => {}
+                _ = b.shutdown.cancelled() => break,
+            }
         }
     }
     let bye = UnregisterBroker {
         broker_name: b.config.broker_name.clone(),
+        addr: b.advertised_addr.clone(),
     };
-    join_all(conns.values().map(|c| {
+    // A goodbye only where the broker holds its name: elsewhere it is not
+    // registered (a refused nameserver would refuse the goodbye too).
+    join_all(links.into_values().filter_map(|l| {
+        let conn = l.conn?;
+        let registered = l.standing == Some(Standing::Registered);
         let bye = bye.clone();
-        async move {
-            let _ = c.call_with_timeout(bye, Duration::from_millis(500)).await;
-            c.close();
-        }
+        Some(async move {
+            if registered {
+                let _ = conn
+                    .call_with_timeout(bye, Duration::from_millis(500))
+                    .await;
+            }
+            conn.close();
+        })
     }))
     .await;
+}
+
+/// Registers over `conn` (or a new connection) with `ns`; the connection
+/// to keep, if the nameserver answered.
+async fn register(
+    b: Arc<BrokerInner>,
+    ns: String,
+    conn: Option<Connection>,
+    req: RegisterBroker,
+) -> (String, Option<Connection>, Outcome) {
+    let conn = match conn {
+        Some(c) => c,
+        None => match connect(&b, &ns).await {
+            Ok(c) => c,
+            Err(e) => return (ns, None, Outcome::Failed(e)),
+        },
+    };
+    match conn.call_with_timeout(req, REQUEST_TIMEOUT).await {
+        Ok(_) => (ns, Some(conn), Outcome::Registered),
+        Err(e) => match e.remote() {
+            Some(w) if w.code == ErrorCode::BrokerNameTaken => {
+                let message = w.message.clone();
+                (ns, Some(conn), Outcome::Refused(message))
+            }
+            _ => {
+                // A fresh connection next time (this one timed out, closed
+                // or answered nonsense).
+                conn.close();
+                (ns, None, Outcome::Failed(e.to_string()))
+            }
+        },
+    }
+}
+
+/// Records `ns`'s answer in its link and logs a change of standing.
+fn record(b: &BrokerInner, ns: &str, link: &mut Link, conn: Option<Connection>, outcome: &Outcome) {
+    let was = link.standing;
+    link.conn = conn;
+    let name = &b.config.broker_name;
+    match outcome {
+        Outcome::Registered => {
+            link.standing = Some(Standing::Registered);
+            link.refusal_logged = None;
+            match was {
+                Some(Standing::Registered) => {}
+                Some(Standing::Refused) => tracing::info!(
+                    nameserver = %ns,
+                    broker = %name,
+                    "registered with nameserver: the broker that held the name is gone"
+                ),
+                _ => tracing::info!(nameserver = %ns, broker = %name, "registered with nameserver"),
+            }
+        }
+        Outcome::Refused(message) => {
+            link.standing = Some(Standing::Refused);
+            let now = Instant::now();
+            let log = was != Some(Standing::Refused)
+                || link
+                    .refusal_logged
+                    .is_none_or(|at| now.saturating_duration_since(at) >= REFUSAL_LOG_EVERY);
+            if log {
+                link.refusal_logged = Some(now);
+                tracing::error!(
+                    nameserver = %ns,
+                    broker = %name,
+                    addr = %b.advertised_addr,
+                    "nameserver refused this broker's registration, so its clients cannot \
+                     reach this broker (retried about every second while the broker runs): \
+                     {message}"
+                );
+            }
+        }
+        Outcome::Failed(e) => {
+            link.standing = Some(Standing::Failing);
+            if was != Some(Standing::Failing) {
+                tracing::warn!(nameserver = %ns, error = %e, "cannot register with nameserver; will keep trying");
+            }
+        }
+    }
 }
 
 async fn connect(b: &BrokerInner, ns: &str) -> Result<Connection, String> {
@@ -97,7 +331,7 @@ async fn connect(b: &BrokerInner, ns: &str) -> Result<Connection, String> {
         group: None,
     };
     let config = ConnectionConfig {
-        request_timeout: Duration::from_secs(3),
+        request_timeout: REQUEST_TIMEOUT,
         ..Default::default()
     };
     Connection::connect(ns, hello, None, config)

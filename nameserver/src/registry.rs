@@ -1,11 +1,17 @@
 //! The route table: which brokers are alive and which topics each serves.
 //!
-//! One entry per broker name, replaced wholesale by every registration (so a
-//! heartbeat also carries the broker's current topic table). A broker leaves
-//! the table when it unregisters, when the connection it registered over
-//! closes, or when it has been silent for longer than the expiry. Queries
-//! also skip brokers past their expiry, so an answer never names a broker
-//! the scanner simply has not reached yet.
+//! One entry per broker name, whose topic table every registration replaces
+//! (so a heartbeat also carries the broker's current topic table). A name
+//! belongs to one live broker at a time: a registration under a name a live
+//! broker at another address holds is refused ([`Registry::register`],
+//! the rule in [`may_take`]), because clients key queues, offsets and queue
+//! ownership by broker name and two brokers taking turns under one name
+//! would send them to either at random. A broker leaves the table when it
+//! unregisters (from the connection or the address that registered it),
+//! when the connection it registered over closes, or when it has been
+//! silent for longer than the expiry. Queries also skip brokers past their
+//! expiry, so an answer never names a broker the scanner simply has not
+//! reached yet.
 //!
 //! Time is passed in (`now`) rather than read inside, which keeps every
 //! method a pure function of its inputs and easy to test.
@@ -16,11 +22,19 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use txmq_protocol::{
     BrokerInfo, BrokerQueues, ClusterInfo, ErrorCode, RegisterBroker, TopicConfig, TopicList,
-    TopicOnBroker, TopicRoute, WireError,
+    TopicOnBroker, TopicRoute, UnregisterBroker, WireError,
 };
+
+/// A refused contender for a name is logged as a warning at most this often
+/// (it retries about every second); in between, at debug level.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// At most this many refused addresses are remembered per name (for the
+/// warning's rate limit); past that, the memory starts over.
+const MAX_CONTENDERS: usize = 64;
 
 /// One registered broker.
 #[derive(Debug)]
@@ -31,6 +45,19 @@ struct BrokerEntry {
     last_heartbeat: Instant,
     /// The connection the latest registration came over.
     conn_id: u64,
+    /// Addresses refused this name, with when that was last logged as a warning.
+    contenders: BTreeMap<String, Instant>,
+}
+
+/// Whether a registration `req` may take a name that the live broker `held`
+/// holds: the one place that decides who may share a broker name.
+///
+/// Today a name is one broker, known by its address: the same address
+/// (a heartbeat, a reconnect, a restart at the same address) may, any other
+/// may not. Master and slave roles under one name (replication) are to be
+/// admitted here, by role, and nowhere else.
+fn may_take(held: &BrokerEntry, req: &RegisterBroker) -> bool {
+    held.addr == req.addr
 }
 
 /// Why a broker left the table (for the log).
@@ -88,7 +115,10 @@ impl Registry {
     /// Registers a broker or records its heartbeat, replacing its topic table.
     ///
     /// # Errors
-    /// `BAD_ARGUMENT` when the broker name or address is empty.
+    /// `BAD_ARGUMENT` when the broker name or address is empty;
+    /// `BROKER_NAME_TAKEN` when a live broker at another address holds the
+    /// name (see [`may_take`]): the holder stays, untouched, and the refusal
+    /// is logged as a warning naming both addresses.
     pub(crate) fn register(
         &self,
         req: RegisterBroker,
@@ -110,66 +140,135 @@ impl Registry {
                 ),
             ));
         }
-        let topics: BTreeMap<String, TopicConfig> = req
-            .topics
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
-            .collect();
-        let entry = BrokerEntry {
-            cluster: req.cluster,
-            addr: req.addr,
-            topics,
-            last_heartbeat: now,
-            conn_id,
-        };
         let mut brokers = self.lock();
         // A broker past its expiry that the scanner has not removed yet
-        // counts as new: it was already gone from every answer.
-        let previous = brokers
-            .get(&req.broker_name)
-            .filter(|old| self.is_live(old, now))
-            .map(|old| (old.addr.clone(), old.cluster.clone(), old.topics.len()));
-        match previous {
-            None => info!(
-                cluster = %entry.cluster,
+        // counts as gone: it was already missing from every answer.
+        let held = brokers
+            .get_mut(&req.broker_name)
+            .filter(|old| now.saturating_duration_since(old.last_heartbeat) <= self.expiry);
+        let Some(held) = held else {
+            info!(
+                cluster = %req.cluster,
                 broker = %req.broker_name,
-                addr = %entry.addr,
-                topics = entry.topics.len(),
+                addr = %req.addr,
+                topics = req.topics.len(),
                 "broker registered"
-            ),
-            Some((old_addr, old_cluster, _))
-                if old_addr != entry.addr || old_cluster != entry.cluster =>
-            {
-                info!(
-                    broker = %req.broker_name,
-                    cluster = %entry.cluster,
-                    addr = %entry.addr,
-                    %old_cluster,
-                    %old_addr,
-                    "broker registered again with a new address or cluster"
-                )
+            );
+            let entry = BrokerEntry {
+                cluster: req.cluster,
+                addr: req.addr,
+                topics: topic_table(req.topics),
+                last_heartbeat: now,
+                conn_id,
+                contenders: BTreeMap::new(),
+            };
+            brokers.insert(req.broker_name, entry);
+            return Ok(());
+        };
+        if !may_take(held, &req) {
+            let refusal = name_taken(&req.broker_name, &held.addr, &req.addr);
+            let warn_now = held
+                .contenders
+                .get(&req.addr)
+                .is_none_or(|last| now.saturating_duration_since(*last) >= REFUSAL_WARN_EVERY);
+            if warn_now {
+                if held.contenders.len() >= MAX_CONTENDERS {
+                    held.contenders.clear();
+                }
+                held.contenders.insert(req.addr.clone(), now);
             }
-            Some((_, _, old_topics)) => debug!(
-                broker = %req.broker_name,
-                topics = entry.topics.len(),
-                old_topics,
-                "broker heartbeat"
-            ),
+            let (holder_addr, holder_cluster) = (held.addr.clone(), held.cluster.clone());
+            drop(brokers);
+            if warn_now {
+                warn!(
+                    broker = %req.broker_name,
+                    holder_addr = %holder_addr,
+                    %holder_cluster,
+                    refused_addr = %req.addr,
+                    refused_cluster = %req.cluster,
+                    "refused a registration of broker '{}' from {}: the live broker at {} holds that name; \
+                     the refused broker needs a distinct --broker-name",
+                    req.broker_name,
+                    req.addr,
+                    holder_addr,
+                );
+            } else {
+                debug!(broker = %req.broker_name, holder_addr = %holder_addr, refused_addr = %req.addr, "registration refused again");
+            }
+            return Err(refusal);
         }
-        brokers.insert(req.broker_name, entry);
+        if held.cluster != req.cluster {
+            info!(
+                broker = %req.broker_name,
+                cluster = %req.cluster,
+                addr = %req.addr,
+                old_cluster = %held.cluster,
+                "broker registered again with a new cluster"
+            );
+        } else {
+            debug!(
+                broker = %req.broker_name,
+                topics = req.topics.len(),
+                old_topics = held.topics.len(),
+                "broker heartbeat"
+            );
+        }
+        held.cluster = req.cluster;
+        held.topics = topic_table(req.topics);
+        held.last_heartbeat = now;
+        held.conn_id = conn_id;
         Ok(())
     }
 
-    /// Removes a broker that said goodbye; true if it was registered.
-    pub(crate) fn unregister(&self, broker_name: &str) -> bool {
-        let removed = self.lock().remove(broker_name);
-        match removed {
-            Some(entry) => {
-                log_drop(broker_name, &entry, DropReason::Unregistered);
-                true
-            }
-            None => false,
+    /// Removes a broker that said goodbye over connection `conn_id`; true if
+    /// it was registered. Only the broker that holds the name may remove it:
+    /// the goodbye must come over the connection of its latest registration,
+    /// or name its address.
+    ///
+    /// # Errors
+    /// `BROKER_NAME_TAKEN` when the name is held by another broker (a
+    /// goodbye from a broker that was refused the name, say); the holder stays.
+    pub(crate) fn unregister(
+        &self,
+        req: &UnregisterBroker,
+        conn_id: u64,
+        peer: &str,
+    ) -> Result<bool, WireError> {
+        let mut brokers = self.lock();
+        let Some(held) = brokers.get(&req.broker_name) else {
+            return Ok(false);
+        };
+        if held.conn_id != conn_id && (req.addr.is_empty() || req.addr != held.addr) {
+            let holder_addr = held.addr.clone();
+            drop(brokers);
+            let from = if req.addr.is_empty() {
+                format!("a connection from {peer}")
+            } else {
+                req.addr.clone()
+            };
+            warn!(
+                broker = %req.broker_name,
+                holder_addr = %holder_addr,
+                from = %from,
+                "ignored an unregister of broker '{}' from {}: the broker at {} holds that name",
+                req.broker_name,
+                from,
+                holder_addr,
+            );
+            return Err(WireError::new(
+                ErrorCode::BrokerNameTaken,
+                format!(
+                    "broker '{}' is registered by the broker at {holder_addr}; an unregister from {from} does not remove it",
+                    req.broker_name
+                ),
+            ));
         }
+        let removed = brokers.remove(&req.broker_name);
+        drop(brokers);
+        if let Some(entry) = &removed {
+            log_drop(&req.broker_name, entry, DropReason::Unregistered);
+        }
+        Ok(removed.is_some())
     }
 
     /// Removes every broker whose latest registration came over connection
@@ -288,6 +387,23 @@ impl Registry {
         });
         TopicList { topics }
     }
+}
+
+fn topic_table(topics: Vec<TopicConfig>) -> BTreeMap<String, TopicConfig> {
+    topics.into_iter().map(|t| (t.name.clone(), t)).collect()
+}
+
+/// The refusal a broker at `refused` gets for `name`, held by the broker at `holder`.
+fn name_taken(name: &str, holder: &str, refused: &str) -> WireError {
+    WireError::new(
+        ErrorCode::BrokerNameTaken,
+        format!(
+            "another broker at {holder} already registered under the name '{name}'; \
+             the broker at {refused} was refused: start it with a distinct --broker-name \
+             (or stop the broker at {holder}: its registration ends when its connection \
+             closes or it misses heartbeats for the broker expiry)"
+        ),
+    )
 }
 
 fn log_drop(name: &str, entry: &BrokerEntry, reason: DropReason) {
@@ -409,15 +525,102 @@ mod tests {
         assert_eq!(route_names(&r, "t", t0), vec!["b2"]);
     }
 
+    fn bye(name: &str, addr: &str) -> UnregisterBroker {
+        UnregisterBroker {
+            broker_name: name.into(),
+            addr: addr.into(),
+        }
+    }
+
     #[test]
     fn unregister_drops_the_broker_and_is_idempotent() {
         let r = Registry::new(EXPIRY);
         let t0 = Instant::now();
         r.register(reg("c", "b1", vec![topic("t", 1)]), 1, t0)
             .unwrap();
-        assert!(r.unregister("b1"));
-        assert!(!r.unregister("b1"));
+        assert_eq!(r.unregister(&bye("b1", ""), 1, "peer"), Ok(true));
+        assert_eq!(r.unregister(&bye("b1", ""), 1, "peer"), Ok(false));
         assert!(r.route("t", t0).is_err());
+        // By address, over another connection (a broker that reconnected).
+        r.register(reg("c", "b1", vec![topic("t", 1)]), 1, t0)
+            .unwrap();
+        assert_eq!(
+            r.unregister(&bye("b1", "b1.local:10911"), 7, "peer"),
+            Ok(true)
+        );
+        assert!(r.route("t", t0).is_err());
+    }
+
+    #[test]
+    fn a_live_name_is_refused_to_another_address_and_the_holder_stays() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(reg("c", "b1", vec![topic("t", 4)]), 1, t0)
+            .unwrap();
+        let mut other = reg("c", "b1", vec![topic("u", 1)]);
+        other.addr = "elsewhere:10911".into();
+        let e = r.register(other, 2, t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(e.message.contains("b1.local:10911"), "{}", e.message);
+        assert!(e.message.contains("elsewhere:10911"), "{}", e.message);
+        assert!(e.message.contains("--broker-name"), "{}", e.message);
+        // The holder is untouched: its address, topics and connection.
+        let route = r.route("t", t0).unwrap();
+        assert_eq!(route.brokers[0].addr, "b1.local:10911");
+        assert!(r.route("u", t0).is_err());
+        assert_eq!(r.connection_closed(2), Vec::<String>::new());
+        assert_eq!(route_names(&r, "t", t0), vec!["b1"]);
+        // The holder's own heartbeats, even over a new connection, go on.
+        r.register(reg("c", "b1", vec![topic("t", 4)]), 3, t0)
+            .unwrap();
+        assert_eq!(r.connection_closed(1), Vec::<String>::new());
+        assert_eq!(route_names(&r, "t", t0), vec!["b1"]);
+    }
+
+    #[test]
+    fn a_name_is_free_again_once_its_holder_expired_or_left() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(reg("c", "b1", vec![topic("t", 4)]), 1, t0)
+            .unwrap();
+        let mut other = reg("c", "b1", vec![topic("t", 2)]);
+        other.addr = "elsewhere:10911".into();
+        assert!(r.register(other.clone(), 2, t0 + EXPIRY).is_err());
+        // Past the expiry (scanned or not), the contender takes the name.
+        let late = t0 + EXPIRY + Duration::from_millis(1);
+        r.register(other.clone(), 2, late).unwrap();
+        assert_eq!(
+            r.route("t", late).unwrap().brokers[0].addr,
+            "elsewhere:10911"
+        );
+        // After a goodbye or a closed connection, too.
+        assert_eq!(r.connection_closed(2), vec!["b1"]);
+        r.register(reg("c", "b1", vec![topic("t", 4)]), 3, late)
+            .unwrap();
+        assert!(r.register(other.clone(), 2, late).is_err());
+        assert_eq!(r.unregister(&bye("b1", ""), 3, "peer"), Ok(true));
+        r.register(other, 2, late).unwrap();
+    }
+
+    #[test]
+    fn an_unregister_from_another_broker_is_refused_and_the_holder_stays() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(reg("c", "b1", vec![topic("t", 1)]), 1, t0)
+            .unwrap();
+        let e = r
+            .unregister(&bye("b1", "elsewhere:10911"), 2, "10.0.0.2:5555")
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(e.message.contains("b1.local:10911"), "{}", e.message);
+        assert!(e.message.contains("elsewhere:10911"), "{}", e.message);
+        // Without an address (an older broker), over a connection that did
+        // not register it.
+        let e = r
+            .unregister(&bye("b1", ""), 2, "10.0.0.2:5555")
+            .unwrap_err();
+        assert!(e.message.contains("10.0.0.2:5555"), "{}", e.message);
+        assert_eq!(route_names(&r, "t", t0), vec!["b1"]);
     }
 
     #[test]

@@ -30,18 +30,19 @@ impl NameService {
         }
     }
 
-    /// Answers one request on connection `conn_id`.
-    fn handle(&self, conn_id: u64, request: Request) -> Result<Response, WireError> {
+    /// Answers one request that came over `conn`.
+    fn handle(&self, conn: &Connection, request: Request) -> Result<Response, WireError> {
         let now = Instant::now();
         match request {
             Request::Ping(_) => Ok(Response::Ping(Pong {})),
             Request::RegisterBroker(req) => {
-                self.registry.register(req, conn_id, now)?;
+                self.registry.register(req, conn.id(), now)?;
                 Ok(Response::RegisterBroker(Done {}))
             }
             Request::UnregisterBroker(req) => {
                 // Idempotent: a broker unknown (already expired, say) is already gone.
-                self.registry.unregister(&req.broker_name);
+                self.registry
+                    .unregister(&req, conn.id(), conn.peer_addr())?;
                 Ok(Response::UnregisterBroker(Done {}))
             }
             Request::GetRoute(req) => self.registry.route(&req.topic, now).map(Response::GetRoute),
@@ -75,7 +76,7 @@ impl Service for NameService {
     }
 
     fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
-        Box::pin(std::future::ready(self.handle(conn.id(), request)))
+        Box::pin(std::future::ready(self.handle(conn, request)))
     }
 
     fn closed(&self, conn: &Connection) {

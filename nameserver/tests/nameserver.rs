@@ -437,6 +437,7 @@ async fn unregister_drops_the_broker() {
 
     a.call(UnregisterBroker {
         broker_name: "broker-a".into(),
+        addr: String::new(),
     })
     .await
     .unwrap();
@@ -444,9 +445,157 @@ async fn unregister_drops_the_broker() {
     // Saying goodbye twice is not an error.
     a.call(UnregisterBroker {
         broker_name: "broker-a".into(),
+        addr: String::new(),
     })
     .await
     .unwrap();
+}
+
+/// Registers `broker` at `addr` over `conn`; the nameserver's answer.
+async fn register_at(
+    conn: &Connection,
+    broker: &str,
+    addr: &str,
+) -> Result<(), txmq_remoting::Error> {
+    conn.call(RegisterBroker {
+        cluster: "c1".into(),
+        broker_name: broker.into(),
+        addr: addr.into(),
+        topics: vec![topic("orders", 4)],
+    })
+    .await
+    .map(|_| ())
+}
+
+/// The address `topic`'s route names for its only broker.
+async fn route_addr(admin: &Connection, topic: &str) -> String {
+    let r = full_route(admin, topic).await;
+    assert_eq!(r.brokers.len(), 1, "{r:?}");
+    r.brokers[0].addr.clone()
+}
+
+#[tokio::test]
+async fn a_second_broker_under_a_live_name_is_refused_and_routes_keep_the_first() {
+    let (ns, first, admin) = start_with_clients(Duration::from_secs(60)).await;
+    register_at(&first, "broker-a", "10.0.0.1:10911")
+        .await
+        .unwrap();
+
+    // Two brokers started without --broker-name: the second one is refused,
+    // every time it tries, and names both addresses and the way out.
+    let second = connect(&ns.addr, Role::Broker).await;
+    for _ in 0..3 {
+        let err = register_at(&second, "broker-a", "10.0.0.2:10911")
+            .await
+            .unwrap_err();
+        let wire = err
+            .remote()
+            .expect("a wire error, not a dropped connection");
+        assert_eq!(wire.code, ErrorCode::BrokerNameTaken);
+        for part in [
+            "10.0.0.1:10911",
+            "10.0.0.2:10911",
+            "'broker-a'",
+            "--broker-name",
+        ] {
+            assert!(wire.message.contains(part), "{part} in {}", wire.message);
+        }
+        // The first broker's heartbeats go on being accepted meanwhile.
+        register_at(&first, "broker-a", "10.0.0.1:10911")
+            .await
+            .unwrap();
+        assert_eq!(route_addr(&admin, "orders").await, "10.0.0.1:10911");
+    }
+    let cluster = admin.call(GetCluster {}).await.unwrap();
+    assert_eq!(cluster.brokers.len(), 1);
+    assert_eq!(cluster.brokers[0].addr, "10.0.0.1:10911");
+
+    // Once the first one is gone, the name is free for the second.
+    first.close();
+    eventually(Duration::from_secs(2), "first broker dropped", || async {
+        route(&admin, "orders").await == Err(ErrorCode::NoRoute)
+    })
+    .await;
+    register_at(&second, "broker-a", "10.0.0.2:10911")
+        .await
+        .unwrap();
+    assert_eq!(route_addr(&admin, "orders").await, "10.0.0.2:10911");
+}
+
+#[tokio::test]
+async fn a_refused_broker_takes_the_name_once_the_holder_expires() {
+    let expiry = Duration::from_millis(400);
+    let (ns, first, admin) = start_with_clients(expiry).await;
+    register_at(&first, "broker-a", "10.0.0.1:10911")
+        .await
+        .unwrap();
+    let second = connect(&ns.addr, Role::Broker).await;
+    assert!(register_at(&second, "broker-a", "10.0.0.2:10911")
+        .await
+        .is_err());
+    // The first one falls silent with its connection open; the second keeps trying.
+    eventually(
+        Duration::from_secs(3),
+        "second broker registered",
+        || async {
+            register_at(&second, "broker-a", "10.0.0.2:10911")
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    assert_eq!(route_addr(&admin, "orders").await, "10.0.0.2:10911");
+    // Now the first one is the contender.
+    assert!(register_at(&first, "broker-a", "10.0.0.1:10911")
+        .await
+        .is_err());
+    assert_eq!(route_addr(&admin, "orders").await, "10.0.0.2:10911");
+}
+
+#[tokio::test]
+async fn an_unregister_or_close_from_another_broker_leaves_the_holder() {
+    let (ns, first, admin) = start_with_clients(Duration::from_secs(60)).await;
+    register_at(&first, "broker-a", "10.0.0.1:10911")
+        .await
+        .unwrap();
+    let second = connect(&ns.addr, Role::Broker).await;
+    assert!(register_at(&second, "broker-a", "10.0.0.2:10911")
+        .await
+        .is_err());
+
+    // The refused broker's goodbye, by its own address or none, removes nothing.
+    for addr in ["10.0.0.2:10911", ""] {
+        let err = second
+            .call(UnregisterBroker {
+                broker_name: "broker-a".into(),
+                addr: addr.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.remote().map(|w| w.code),
+            Some(ErrorCode::BrokerNameTaken),
+            "{err}"
+        );
+        assert!(err.to_string().contains("10.0.0.1:10911"), "{err}");
+        assert_eq!(route_addr(&admin, "orders").await, "10.0.0.1:10911");
+    }
+    // Nor does its connection closing.
+    second.close();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(route_addr(&admin, "orders").await, "10.0.0.1:10911");
+
+    // The holder's goodbye by address works from any connection (it reconnected, say).
+    let other = connect(&ns.addr, Role::Broker).await;
+    other
+        .call(UnregisterBroker {
+            broker_name: "broker-a".into(),
+            addr: "10.0.0.1:10911".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(route(&admin, "orders").await, Err(ErrorCode::NoRoute));
+    assert!(!first.is_closed());
 }
 
 #[tokio::test]

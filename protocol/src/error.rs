@@ -64,6 +64,9 @@ pub enum ErrorCode {
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
     QueueNotOwned = 31,
+    /// The broker name is held by another live broker (another address):
+    /// the registration, or an unregister from elsewhere, was refused.
+    BrokerNameTaken = 40,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -100,6 +103,7 @@ impl ErrorCode {
             28 => Busy,
             30 => GroupActive,
             31 => QueueNotOwned,
+            40 => BrokerNameTaken,
             _ => Unknown,
         }
     }
@@ -135,6 +139,7 @@ impl ErrorCode {
             Busy => "BUSY",
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
+            BrokerNameTaken => "BROKER_NAME_TAKEN",
             Unknown => "UNKNOWN",
         }
     }
@@ -187,6 +192,7 @@ mod tests {
             ErrorCode::TooManyTopics,
             ErrorCode::Busy,
             ErrorCode::OffsetOutOfRange,
+            ErrorCode::BrokerNameTaken,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);
         }

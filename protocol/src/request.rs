@@ -177,6 +177,11 @@ pub struct RegisterBroker {
 pub struct UnregisterBroker {
     /// The leaving broker's name.
     pub broker_name: String,
+    /// The leaving broker's address, as it registered it: a nameserver
+    /// removes the name only for the broker that holds it (this address, or
+    /// the connection it registered over). Empty from older brokers.
+    #[serde(default)]
+    pub addr: String,
 }
 
 /// Route query.

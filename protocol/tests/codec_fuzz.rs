@@ -174,7 +174,9 @@ fn request() -> impl Strategy<Value = Request> {
                     topics,
                 })
             }),
-        text().prop_map(|broker_name| Request::UnregisterBroker(UnregisterBroker { broker_name })),
+        (text(), text()).prop_map(|(broker_name, addr)| Request::UnregisterBroker(
+            UnregisterBroker { broker_name, addr }
+        )),
         text().prop_map(|topic| Request::GetRoute(GetRoute { topic })),
         Just(Request::GetCluster(GetCluster {})),
         Just(Request::ListTopics(ListTopics {})),
