@@ -29,7 +29,7 @@
 //! and while no broker is reachable, for up to `--wait-for-broker`), so
 //! that it knows whether any attempt may have stored the message.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -162,12 +162,17 @@ impl Bodies {
         }
     }
 
-    /// Stops reading: the bodies already read, without waiting for more.
-    /// A line the reader holds but has not handed over yet is not among
-    /// them (the caller says up to which line the input was read).
-    fn stop(&mut self) -> Vec<Input> {
+    /// Stops reading: the lines already read (without waiting for more),
+    /// and with `--body` how many messages were still due. A line the
+    /// reader holds but has not handed over yet is not among them (the
+    /// caller says up to which line the input was read).
+    fn stop(&mut self) -> (Vec<Input>, u64) {
         match self {
-            Bodies::Repeat { .. } => self.rest_of_repeat(),
+            Bodies::Repeat { next, count, .. } => {
+                let due = (*count + 1).saturating_sub(*next);
+                *next = *count + 1;
+                (Vec::new(), due)
+            }
             Bodies::Lines(rx) => {
                 rx.close();
                 let mut read = Vec::new();
@@ -176,23 +181,9 @@ impl Bodies {
                         read.push(input);
                     }
                 }
-                read
+                (read, 0)
             }
         }
-    }
-
-    fn rest_of_repeat(&mut self) -> Vec<Input> {
-        let mut rest = Vec::new();
-        if let Bodies::Repeat { body, next, count } = self {
-            while *next <= *count {
-                rest.push(Input {
-                    line: *next,
-                    body: body.clone(),
-                });
-                *next += 1;
-            }
-        }
-        rest
     }
 }
 
@@ -555,45 +546,43 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
     // Report what was not surely sent, in input order: the failed messages
     // first (all read before anything still unread), then the rest.
     failed.sort_by_key(|i| i.line);
-    for input in &failed {
-        unsent.write(input)?;
-    }
-    let mut fatal = None;
-    match stop {
-        None => {}
-        Some(Stop::Signal) => {
-            for input in bodies.stop() {
-                tally.not_tried += 1;
-                tally.last_read = tally.last_read.max(input.line);
-                unsent.write(&input)?;
-            }
+    if from_stdin {
+        for input in &failed {
+            unsent.write(input)?;
         }
-        Some(Stop::Failed) | Some(Stop::Fatal(_)) => {
-            if let Some(Stop::Fatal(e)) = stop {
-                fatal = Some(e);
-            }
-            // The rest of the input is reported too, so that the report
-            // alone resumes the run; a signal stops that as well.
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    s = &mut signalled, if signal.is_none() => {
-                        signal = Some(s);
-                        for input in bodies.stop() {
-                            tally.not_tried += 1;
-                            tally.last_read = tally.last_read.max(input.line);
-                            unsent.write(&input)?;
-                        }
-                        break;
+    }
+    let stopped_early = stop.is_some();
+    let mut fatal = match stop {
+        Some(Stop::Fatal(e)) => Some(e),
+        _ => None,
+    };
+    // After a failure the rest of the input is reported too, so that the
+    // report alone resumes the run; not after a signal, nor from a
+    // terminal (there is no end to wait for), and a signal stops it.
+    let read_rest = stopped_early
+        && signal.is_none()
+        && matches!(bodies, Bodies::Lines(_))
+        && !std::io::stdin().is_terminal();
+    if stopped_early && !read_rest {
+        let (read, due) = bodies.stop();
+        tally.not_tried += due;
+        for input in read {
+            not_tried(&mut tally, &mut unsent, &input)?;
+        }
+    }
+    if read_rest {
+        loop {
+            tokio::select! {
+                biased;
+                s = &mut signalled, if signal.is_none() => {
+                    signal = Some(s);
+                    for input in bodies.stop().0 {
+                        not_tried(&mut tally, &mut unsent, &input)?;
                     }
-                    next = bodies.next() => next,
-                };
-                match next {
-                    Some(Ok(input)) => {
-                        tally.not_tried += 1;
-                        tally.last_read = tally.last_read.max(input.line);
-                        unsent.write(&input)?;
-                    }
+                    break;
+                }
+                next = bodies.next() => match next {
+                    Some(Ok(input)) => not_tried(&mut tally, &mut unsent, &input)?,
                     Some(Err(e)) => {
                         fatal.get_or_insert(anyhow!(e).context("reading standard input"));
                         break;
@@ -602,13 +591,21 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
                         input_done = true;
                         break;
                     }
-                }
+                },
             }
         }
     }
     unsent.finish()?;
     summarize(&tally, started.elapsed());
     finish(&tally, from_stdin, input_done, signal, fatal, &unsent)
+}
+
+/// Counts and reports a body read (or due) but never sent.
+/// Only lines read from stdin come here.
+fn not_tried(tally: &mut Tally, unsent: &mut UnsentSink, input: &Input) -> Result<()> {
+    tally.not_tried += 1;
+    tally.last_read = tally.last_read.max(input.line);
+    unsent.write(input)
 }
 
 /// Prints the outcome of one message. Returns its input when it was not
@@ -821,9 +818,9 @@ mod tests {
             count: 4,
         };
         assert!(bodies.next().await.is_some());
-        let rest: Vec<u64> = bodies.stop().iter().map(|i| i.line).collect();
-        assert_eq!(rest, [2, 3, 4]);
+        assert_eq!(bodies.stop(), (Vec::new(), 3));
         assert!(bodies.next().await.is_none());
+        assert_eq!(bodies.stop(), (Vec::new(), 0));
 
         let (tx, rx) = mpsc::channel(8);
         for line in [3, 5] {
@@ -831,7 +828,7 @@ mod tests {
             tx.send(Ok(Input { line, body })).await.ok();
         }
         let mut bodies = Bodies::Lines(rx);
-        let read: Vec<u64> = bodies.stop().iter().map(|i| i.line).collect();
+        let read: Vec<u64> = bodies.stop().0.iter().map(|i| i.line).collect();
         assert_eq!(read, [3, 5]);
         assert!(tx
             .send(Ok(Input {
