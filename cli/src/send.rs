@@ -340,11 +340,30 @@ async fn send_one(
     let mut attempt = 0u32;
     let mut waiting_since = None;
     let mut pause = FIRST_WAIT_PAUSE;
+    // The broker of the last failed attempt: a retry prefers another one.
+    let mut failed_broker: Option<String> = None;
     let error = loop {
         // Each attempt carries the same message id.
-        let result = match shard_key {
-            Some(key) => producer.send_ordered(message.clone(), key).await,
-            None => producer.send(message.clone()).await,
+        let result = match (shard_key, failed_broker.as_deref()) {
+            (Some(key), _) => producer.send_ordered(message.clone(), key).await,
+            (None, Some(failed)) => {
+                match other_queue(
+                    producer,
+                    &message.topic,
+                    failed,
+                    input.line + u64::from(attempt),
+                )
+                .await
+                {
+                    Some(q) => {
+                        producer
+                            .send_to_queue(message.clone(), &q.broker_name, q.queue)
+                            .await
+                    }
+                    None => producer.send(message.clone()).await,
+                }
+            }
+            (None, None) => producer.send(message.clone()).await,
         };
         let e = match result {
             Ok(receipt) => {
@@ -357,6 +376,7 @@ async fn send_one(
             Err(e) => e,
         };
         may_be_stored |= maybe_stored(&e);
+        failed_broker = broker_of(&e).map(str::to_string);
         attempt += 1;
         let Some(wait) = next_pause(&e, attempt, retry, &mut waiting_since, &mut pause) else {
             break e;
@@ -380,6 +400,22 @@ async fn send_one(
         message,
         outcome,
     }
+}
+
+/// A writable queue of `topic` on a broker other than `failed`, picked
+/// by `turn`; `None` when there is no other broker (or no route).
+async fn other_queue(
+    producer: &Producer,
+    topic: &str,
+    failed: &str,
+    turn: u64,
+) -> Option<txmq::MessageQueue> {
+    let queues = producer.writable_queues(topic).await.ok()?;
+    let others: Vec<&txmq::MessageQueue> =
+        queues.iter().filter(|q| q.broker_name != failed).collect();
+    let n = u64::try_from(others.len()).ok().filter(|&n| n > 0)?;
+    let pick = usize::try_from(turn % n).ok()?;
+    others.get(pick).map(|q| (*q).clone())
 }
 
 /// Where the lines not surely sent go.

@@ -705,3 +705,40 @@ async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
     drop((a, b));
     cluster.shutdown().await;
 }
+
+/// The CLI retries sends itself (to know whether an attempt may have
+/// stored the message); a retry after a broker failed goes to another
+/// broker, as the producer's own retries do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_of_two_brokers_paused_sends_are_retried_on_the_other() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    b.signal("STOP");
+    let args = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "send",
+        "shared",
+        "--body",
+        "x",
+        "--count",
+        "20",
+    ];
+    let out = txmq(&ns, &args, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    b.signal("CONT");
+    assert!(out.status.success(), "{err}");
+    let printed = json_lines(&out.stdout);
+    assert_eq!(printed.len(), 20);
+    assert!(
+        printed
+            .iter()
+            .all(|r| text(r, "status") == "SEND_OK" && text(r, "broker") == "broker-a"),
+        "{printed:?}"
+    );
+    drop((a, b));
+    cluster.shutdown().await;
+}
