@@ -260,14 +260,15 @@ struct Retry {
 
 /// True when a failed attempt may have stored the message: the request
 /// went to a broker (or was about to) and no answer came. A broker's
-/// refusal, a connection that could not be opened, and a failure to find
-/// a route store nothing.
+/// refusal, a connection that could not be opened or whose hello timed
+/// out (the send was never written), and a failure to find a route store
+/// nothing. A connection closed during its hello cannot be told apart from
+/// one closed under the send, so it counts as unknown.
 fn maybe_stored(e: &txmq::Error) -> bool {
     match e {
         txmq::Error::Broker { source, .. } => match source {
-            RemotingError::Timeout { .. }
-            | RemotingError::Closed { .. }
-            | RemotingError::UnexpectedResponse { .. } => true,
+            RemotingError::Timeout { kind, .. } => *kind != "Hello",
+            RemotingError::Closed { .. } | RemotingError::UnexpectedResponse { .. } => true,
             RemotingError::Connect { .. } | RemotingError::Remote(_) => false,
         },
         _ => false,
@@ -885,8 +886,14 @@ mod tests {
 
     #[test]
     fn only_an_unanswered_request_may_have_stored_the_message() {
+        let hello_timeout = at_broker(RemotingError::Timeout {
+            kind: "Hello",
+            peer: "p".into(),
+            after: Duration::from_secs(1),
+        });
+        assert!(!maybe_stored(&hello_timeout), "the send was never written");
         let timeout = at_broker(RemotingError::Timeout {
-            kind: "send",
+            kind: "Send",
             peer: "p".into(),
             after: Duration::from_secs(1),
         });
