@@ -162,6 +162,34 @@ impl Drop for RunningCli {
     }
 }
 
+/// SIGSTOPs `broker` and waits until every thread of it has stopped
+/// (`kill` returns before the signal has taken effect).
+fn pause(broker: &txmq_tests::BrokerProcess) {
+    broker.signal("STOP");
+    let tasks = format!("/proc/{}/task", broker.pid());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all_stopped = std::fs::read_dir(&tasks)
+            .expect("read the broker's threads")
+            .filter_map(Result::ok)
+            .all(|t| {
+                // "pid (name) STATE ...": the state follows the last ')'.
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|st| {
+                        st.rsplit_once(')')
+                            .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                    })
+                    .unwrap_or(true)
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the broker did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -423,7 +451,7 @@ async fn ctrl_c_mid_send_exits_130_and_reports_the_lines_read_but_not_sent() {
     assert!(cli.write(&first));
     blocking(|| cli.wait_for_lines(10, Duration::from_secs(20)));
     // The broker pauses: four sends hang in flight, the rest wait to be sent.
-    broker.signal("STOP");
+    pause(&broker);
     let second: String = (11..=20).map(|i| format!("m{i}\n")).collect();
     assert!(cli.write(&second));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -535,7 +563,7 @@ async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_pa
     let dir = tempfile::tempdir().expect("temp dir");
     let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
     let ns = cluster.nameserver.clone();
-    b.signal("STOP");
+    pause(&b);
 
     let out = txmq(
         &ns,
@@ -631,7 +659,7 @@ async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
     let ns = cluster.nameserver.clone();
-    b.signal("STOP");
+    pause(&b);
 
     let reset = [
         "--timeout",
@@ -714,7 +742,7 @@ async fn with_one_of_two_brokers_paused_sends_are_retried_on_the_other() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
     let ns = cluster.nameserver.clone();
-    b.signal("STOP");
+    pause(&b);
     let args = [
         "--timeout",
         "1s",
