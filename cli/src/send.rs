@@ -31,6 +31,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -54,6 +55,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 const FIRST_WAIT_PAUSE: Duration = Duration::from_millis(100);
 /// The longest pause between attempts while waiting for a broker.
 const MAX_WAIT_PAUSE: Duration = Duration::from_secs(1);
+/// Whether the user was told that sends wait for a broker (once a run).
+static WAIT_ANNOUNCED: AtomicBool = AtomicBool::new(false);
 
 /// `txmq send TOPIC ...`
 #[derive(Debug, Args)]
@@ -379,9 +382,18 @@ async fn send_one(
         may_be_stored |= maybe_stored(&e);
         failed_broker = broker_of(&e).map(str::to_string);
         attempt += 1;
+        let was_waiting = waiting_since.is_some();
         let Some(wait) = next_pause(&e, attempt, retry, &mut waiting_since, &mut pause) else {
             break e;
         };
+        if !was_waiting && waiting_since.is_some() && !WAIT_ANNOUNCED.swap(true, Ordering::Relaxed)
+        {
+            eprintln!(
+                "waiting up to {} for a broker (--wait-for-broker): {}",
+                humantime::format_duration(retry.wait_for_broker.unwrap_or_default()),
+                txmq::error::chain(&e)
+            );
+        }
         if *stop.borrow() {
             break e;
         }

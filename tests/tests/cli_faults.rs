@@ -368,6 +368,10 @@ async fn wait_for_broker_sends_everything_once_a_broker_starts() {
         status.success(),
         "exit 0 once everything is sent: {status}\n{err}"
     );
+    assert!(
+        err.contains("waiting up to 10s for a broker"),
+        "says it waits: {err}"
+    );
     let printed = receipts(&out);
     let lines: BTreeSet<u64> = printed.iter().map(line_of).collect();
     assert_eq!(lines, (1..=5).collect());
