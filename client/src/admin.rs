@@ -289,25 +289,11 @@ impl Admin {
         to: txmq_protocol::OffsetTarget,
         broker: Option<&str>,
     ) -> Result<Vec<txmq_protocol::OffsetsReset>> {
-        let route = self.route(topic).await?;
-        let targets: Vec<(String, String)> = self
-            .targets(broker)
+        self.reset_offsets_by_broker(group, topic, to, broker)
             .await?
             .into_iter()
-            .filter(|(name, _)| route.brokers.iter().any(|b| b.broker_name == *name))
-            .collect();
-        let request = txmq_protocol::ResetOffset {
-            group: group.to_string(),
-            topic: topic.to_string(),
-            to,
-        };
-        let answers = join_all(
-            targets
-                .iter()
-                .map(|(name, addr)| self.ask(name, addr, request.clone())),
-        )
-        .await;
-        answers.into_iter().collect()
+            .map(|a| a.result)
+            .collect()
     }
 
     /// Reads up to `limit` messages of `topic` from the first stored one on,
