@@ -1,12 +1,21 @@
 //! `txmq group list|show|reset-offset` and `txmq dlq list`.
+//!
+//! The group commands ask every broker at once and answer with what the
+//! brokers that respond know: a broker that is down, paused or refusing
+//! is named (a warning on stderr; with `--output json`, a last line
+//! `{"unreachable": [names], "errors": {name: error}}` for list and show,
+//! an object with `error` per broker for reset-offset), and the command
+//! exits 3 when some brokers answered and 1 when none did.
 
 use anyhow::{anyhow, Result};
 use clap::Subcommand;
 use serde_json::json;
+use txmq::admin::BrokerAnswer;
 use txmq::{dlq_topic, Admin, OffsetTarget};
 
 use crate::args::GlobalArgs;
-use crate::output::{received_json, received_text, OutputFormat, Printer};
+use crate::exit;
+use crate::output::{error_text, received_json, received_text, OutputFormat, Printer};
 
 /// `txmq group ...`
 #[derive(Debug, Subcommand)]
@@ -81,7 +90,8 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
     let admin = Admin::with_config(global.client_config()).await?;
     match cmd {
         GroupCommand::List => {
-            let lists = admin.list_groups(None).await?;
+            let answers = admin.list_groups_by_broker(None).await?;
+            let (lists, missing) = split(answers);
             let mut rows = Vec::new();
             let mut objects = Vec::new();
             for list in &lists {
@@ -101,9 +111,11 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 }
             }
             printer.records(&["GROUP", "BROKER", "MEMBERS", "TOPICS"], &rows, &objects)?;
+            missing.finish(&printer, lists.len(), "list the groups of")
         }
         GroupCommand::Show { group } => {
-            let states = admin.group_state(&group, None).await?;
+            let answers = admin.group_state_by_broker(&group, None).await?;
+            let (states, missing) = split(answers);
             match printer.format {
                 OutputFormat::Json => {
                     for s in &states {
@@ -128,95 +140,201 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                         }))?;
                     }
                 }
-                OutputFormat::Text => {
-                    let mut members = std::collections::BTreeMap::new();
-                    for s in &states {
-                        for m in &s.members {
-                            let subs: Vec<String> = m
-                                .subscriptions
-                                .iter()
-                                .map(|s| format!("{} ({})", s.topic, s.expression))
-                                .collect();
-                            members.insert(
-                                m.client_id.clone(),
-                                vec![
-                                    m.client_id.clone(),
-                                    m.addr.clone(),
-                                    if m.broadcast {
-                                        "broadcast"
-                                    } else {
-                                        "clustering"
-                                    }
-                                    .into(),
-                                    subs.join(", "),
-                                ],
-                            );
-                        }
-                    }
-                    printer.line(&format!("group {group}: {} member(s)", members.len()))?;
-                    let rows: Vec<Vec<String>> = members.into_values().collect();
-                    for l in
-                        crate::output::table(&["MEMBER", "ADDR", "MODE", "SUBSCRIPTIONS"], &rows)
-                    {
-                        printer.line(&l)?;
-                    }
-                    printer.line("")?;
-                    let rows: Vec<Vec<String>> = states
-                        .iter()
-                        .flat_map(|s| {
-                            s.queues.iter().map(|q| {
-                                vec![
-                                    q.topic.clone(),
-                                    s.broker_name.clone(),
-                                    q.queue.to_string(),
-                                    q.owner.clone().unwrap_or_else(|| "-".into()),
-                                    q.committed.map_or_else(|| "-".into(), |c| c.to_string()),
-                                    q.max_offset.to_string(),
-                                    q.lag.to_string(),
-                                ]
-                            })
-                        })
-                        .collect();
-                    for l in crate::output::table(
-                        &[
-                            "TOPIC",
-                            "BROKER",
-                            "QUEUE",
-                            "OWNER",
-                            "COMMITTED",
-                            "MAX",
-                            "LAG",
-                        ],
-                        &rows,
-                    ) {
-                        printer.line(&l)?;
-                    }
-                }
+                OutputFormat::Text => show_text(&printer, &group, &states)?,
             }
+            missing.finish(&printer, states.len(), "show the group on")
         }
         GroupCommand::ResetOffset { group, topic, .. } => {
             let to = target.expect("parsed above");
-            let resets = admin.reset_offsets(&group, &topic, to, None).await?;
+            let answers = admin
+                .reset_offsets_by_broker(&group, &topic, to, None)
+                .await?;
             let mut rows = Vec::new();
             let mut objects = Vec::new();
-            for r in &resets {
-                for (queue, offset) in &r.queues {
-                    rows.push(vec![
-                        r.broker_name.clone(),
-                        queue.to_string(),
-                        offset.to_string(),
-                    ]);
-                    objects.push(json!({
-                        "group": group,
-                        "topic": topic,
-                        "broker": r.broker_name,
-                        "queue": queue,
-                        "offset": offset,
-                    }));
+            let (mut done, mut failed) = (Vec::new(), Vec::new());
+            for a in answers {
+                match a.result {
+                    Ok(r) => {
+                        done.push(a.broker_name);
+                        for (queue, offset) in &r.queues {
+                            rows.push(vec![
+                                r.broker_name.clone(),
+                                queue.to_string(),
+                                offset.to_string(),
+                            ]);
+                            objects.push(json!({
+                                "group": group,
+                                "topic": topic,
+                                "broker": r.broker_name,
+                                "queue": queue,
+                                "offset": offset,
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        let error = error_text(&e.into());
+                        objects.push(json!({
+                            "group": group,
+                            "topic": topic,
+                            "broker": a.broker_name,
+                            "addr": a.addr,
+                            "error": error,
+                        }));
+                        failed.push((a.broker_name, error));
+                    }
                 }
             }
             printer.records(&["BROKER", "QUEUE", "OFFSET"], &rows, &objects)?;
+            if !done.is_empty() && !failed.is_empty() {
+                for (broker, error) in &failed {
+                    eprintln!("error: offsets not reset on broker {broker}: {error}");
+                }
+                eprintln!("offsets reset on broker(s) {}", done.join(", "));
+            }
+            match (failed.len(), done.len()) {
+                (0, _) => Ok(()),
+                (_, 0) => Err(exit::with_code(
+                    exit::FAILURE,
+                    format!(
+                        "offsets not reset on any broker: {}",
+                        failed
+                            .iter()
+                            .map(|(b, e)| format!("{b}: {e}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                )),
+                (n, _) => Err(exit::with_code(
+                    exit::PARTIAL,
+                    format!(
+                        "offsets reset on {} broker(s) but not on {n}: {}",
+                        done.len(),
+                        failed
+                            .iter()
+                            .map(|(b, _)| b.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            }
         }
+    }
+}
+
+/// The brokers that did not answer, with why.
+struct Missing(Vec<(String, String, String)>);
+
+impl Missing {
+    /// Names the brokers that did not answer: a warning each on stderr
+    /// and, in JSON, one last line; then the command's result: an exit
+    /// code 3 when others answered (`answered`), 1 when none did.
+    fn finish(&self, printer: &Printer, answered: usize, what: &str) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        for (broker, addr, error) in &self.0 {
+            eprintln!("warning: cannot {what} broker {broker} ({addr}): {error}");
+        }
+        let names: Vec<&str> = self.0.iter().map(|m| m.0.as_str()).collect();
+        if printer.format == OutputFormat::Json {
+            let errors: serde_json::Map<String, serde_json::Value> = self
+                .0
+                .iter()
+                .map(|(b, _, e)| (b.clone(), json!(e)))
+                .collect();
+            printer.json(&json!({"unreachable": names, "errors": errors}))?;
+        }
+        let (code, shown) = if answered > 0 {
+            (exit::PARTIAL, "the answer above leaves them out")
+        } else {
+            (exit::FAILURE, "no broker answered")
+        };
+        Err(exit::with_code(
+            code,
+            format!(
+                "{} broker(s) did not answer: {} ({shown})",
+                names.len(),
+                names.join(", ")
+            ),
+        ))
+    }
+}
+
+/// The answers, and the brokers that did not give one.
+fn split<T>(answers: Vec<BrokerAnswer<T>>) -> (Vec<T>, Missing) {
+    let mut ok = Vec::new();
+    let mut missing = Vec::new();
+    for a in answers {
+        match a.result {
+            Ok(v) => ok.push(v),
+            Err(e) => missing.push((a.broker_name, a.addr, error_text(&e.into()))),
+        }
+    }
+    (ok, Missing(missing))
+}
+
+/// `group show` as text: the members, then each queue's owner, committed
+/// offset and lag.
+fn show_text(printer: &Printer, group: &str, states: &[txmq::admin::GroupState]) -> Result<()> {
+    let mut members = std::collections::BTreeMap::new();
+    for s in states {
+        for m in &s.members {
+            let subs: Vec<String> = m
+                .subscriptions
+                .iter()
+                .map(|s| format!("{} ({})", s.topic, s.expression))
+                .collect();
+            members.insert(
+                m.client_id.clone(),
+                vec![
+                    m.client_id.clone(),
+                    m.addr.clone(),
+                    if m.broadcast {
+                        "broadcast"
+                    } else {
+                        "clustering"
+                    }
+                    .into(),
+                    subs.join(", "),
+                ],
+            );
+        }
+    }
+    printer.line(&format!("group {group}: {} member(s)", members.len()))?;
+    let rows: Vec<Vec<String>> = members.into_values().collect();
+    for l in crate::output::table(&["MEMBER", "ADDR", "MODE", "SUBSCRIPTIONS"], &rows) {
+        printer.line(&l)?;
+    }
+    printer.line("")?;
+    let rows: Vec<Vec<String>> = states
+        .iter()
+        .flat_map(|s| {
+            s.queues.iter().map(|q| {
+                vec![
+                    q.topic.clone(),
+                    s.broker_name.clone(),
+                    q.queue.to_string(),
+                    q.owner.clone().unwrap_or_else(|| "-".into()),
+                    q.committed.map_or_else(|| "-".into(), |c| c.to_string()),
+                    q.max_offset.to_string(),
+                    q.lag.to_string(),
+                ]
+            })
+        })
+        .collect();
+    for l in crate::output::table(
+        &[
+            "TOPIC",
+            "BROKER",
+            "QUEUE",
+            "OWNER",
+            "COMMITTED",
+            "MAX",
+            "LAG",
+        ],
+        &rows,
+    ) {
+        printer.line(&l)?;
     }
     Ok(())
 }

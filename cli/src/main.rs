@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod cluster;
 mod consume;
+mod exit;
 mod group;
 mod output;
 mod send;
@@ -24,7 +25,13 @@ use crate::args::GlobalArgs;
 /// flag's name in capitals (TXMQ_NAMESERVER, TXMQ_IDLE_TIMEOUT, ...).
 /// Durations are written like 500ms, 6s, 2m.
 #[derive(Debug, Parser)]
-#[command(name = "txmq", version)]
+#[command(
+    name = "txmq",
+    version,
+    after_help = "Exit codes: 0 done; 1 error, or nothing could be done; 2 usage error; \
+3 partly done (some messages sent and some not, or some brokers did not answer); \
+130 stopped by Ctrl-C; 143 stopped by SIGTERM."
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -75,7 +82,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", output::error_text(&e));
-            ExitCode::FAILURE
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }

@@ -233,6 +233,31 @@ pub fn sent_text(receipt: &SendReceipt, message: &Message) -> String {
     )
 }
 
+/// A message whose send has an unknown outcome (the request was written
+/// but its answer never came: a timeout, a connection closed) as a JSON
+/// object: status `UNKNOWN`, the broker it went to, and the error.
+pub fn unknown_json(message: &Message, broker: Option<&str>, error: &str) -> Value {
+    let mut m = message_fields(message);
+    m.insert("status".into(), json!(UNKNOWN));
+    m.insert("broker".into(), json!(broker));
+    m.insert("error".into(), json!(error));
+    Value::Object(m)
+}
+
+/// A message whose send has an unknown outcome as a text line.
+pub fn unknown_text(message: &Message, broker: Option<&str>) -> String {
+    format!(
+        "{UNKNOWN} {} broker={} msg_id={}{} (outcome unknown: it may have been stored)",
+        message.topic,
+        broker.unwrap_or("?"),
+        message.msg_id,
+        key_tag_text(message),
+    )
+}
+
+/// The status of a send whose outcome is unknown.
+pub const UNKNOWN: &str = "UNKNOWN";
+
 /// A received message as a JSON object.
 pub fn received_json(m: &ReceivedMessage) -> Value {
     let mut o = message_fields(m.message());
@@ -345,6 +370,24 @@ mod tests {
             sent_text(&receipt, &message.clone().with_key("k")),
             format!(
                 "FLUSH_DISK_TIMEOUT orders broker=broker-a q=1 offset=7 msg_id={} key=k",
+                message.msg_id
+            )
+        );
+    }
+
+    #[test]
+    fn an_unknown_outcome_says_so_and_names_the_broker() {
+        let message = Message::new("orders", "hi").with_tag("t");
+        let v = unknown_json(&message, Some("broker-a"), "timed out");
+        assert_eq!(v["status"], "UNKNOWN");
+        assert_eq!(v["broker"], "broker-a");
+        assert_eq!(v["error"], "timed out");
+        assert_eq!(v["msg_id"], json!(message.msg_id.to_string()));
+        assert_eq!(v["body"], "hi");
+        assert_eq!(
+            unknown_text(&message, None),
+            format!(
+                "UNKNOWN orders broker=? msg_id={} tag=t (outcome unknown: it may have been stored)",
                 message.msg_id
             )
         );

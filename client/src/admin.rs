@@ -7,6 +7,8 @@ use txmq_protocol::{
     TopicOnBroker, TopicRoute, TransactionList, TxAction, TxSource,
 };
 
+pub use txmq_protocol::{GroupList, GroupState, OffsetsReset};
+
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::{ClientConfig, Error, Result};
@@ -20,6 +22,19 @@ pub struct CreatedTopic {
     pub addr: String,
     /// The topic's configuration there, as the broker answered.
     pub config: TopicConfig,
+}
+
+/// One broker's answer to a request sent to several brokers: the data of
+/// the brokers that answered stays usable when one did not.
+#[derive(Debug)]
+pub struct BrokerAnswer<T> {
+    /// The broker's name.
+    pub broker_name: String,
+    /// The broker's address.
+    pub addr: String,
+    /// Its answer, or why there is none ([`Error::Broker`]: a refusal, or a
+    /// connection that failed, closed or timed out).
+    pub result: Result<T>,
 }
 
 /// Administration: topics, routes and the cluster. A cheap `Clone` handle.
@@ -182,6 +197,70 @@ impl Admin {
         self.each_broker(broker, txmq_protocol::ListGroups {}).await
     }
 
+    /// As [`Admin::list_groups`], with each broker's answer or failure
+    /// apart, by broker name: one broker that is down or paused does not
+    /// hide what the others know. All brokers are asked at once, so a
+    /// silent one costs one request timeout.
+    ///
+    /// # Errors
+    /// [`Error::NoBroker`], [`Error::UnknownBroker`], or the nameservers'
+    /// failure; a broker's failure is in its [`BrokerAnswer`].
+    pub async fn list_groups_by_broker(
+        &self,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::GroupList>>> {
+        let targets = self.targets(broker).await?;
+        Ok(self.ask_each(targets, txmq_protocol::ListGroups {}).await)
+    }
+
+    /// As [`Admin::group_state`], with each broker's answer or failure
+    /// apart, by broker name (see [`Admin::list_groups_by_broker`]).
+    ///
+    /// # Errors
+    /// As [`Admin::list_groups_by_broker`].
+    pub async fn group_state_by_broker(
+        &self,
+        group: &str,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::GroupState>>> {
+        let targets = self.targets(broker).await?;
+        let request = txmq_protocol::GetGroupState {
+            group: group.to_string(),
+        };
+        Ok(self.ask_each(targets, request).await)
+    }
+
+    /// As [`Admin::reset_offsets`], with each broker's result apart, by
+    /// broker name: every broker serving the topic is asked, and one that
+    /// refuses or cannot be reached does not keep the others from moving
+    /// (nor hide that they did).
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] for an unknown topic; as
+    /// [`Admin::list_groups_by_broker`]. A broker's refusal (`GROUP_ACTIVE`,
+    /// ...) or failure is in its [`BrokerAnswer`].
+    pub async fn reset_offsets_by_broker(
+        &self,
+        group: &str,
+        topic: &str,
+        to: txmq_protocol::OffsetTarget,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::OffsetsReset>>> {
+        let route = self.route(topic).await?;
+        let targets: Vec<(String, String)> = self
+            .targets(broker)
+            .await?
+            .into_iter()
+            .filter(|(name, _)| route.brokers.iter().any(|b| b.broker_name == *name))
+            .collect();
+        let request = txmq_protocol::ResetOffset {
+            group: group.to_string(),
+            topic: topic.to_string(),
+            to,
+        };
+        Ok(self.ask_each(targets, request).await)
+    }
+
     /// A group's members, queue owners, committed offsets and lag, per broker.
     ///
     /// # Errors
@@ -210,25 +289,11 @@ impl Admin {
         to: txmq_protocol::OffsetTarget,
         broker: Option<&str>,
     ) -> Result<Vec<txmq_protocol::OffsetsReset>> {
-        let route = self.route(topic).await?;
-        let targets: Vec<(String, String)> = self
-            .targets(broker)
+        self.reset_offsets_by_broker(group, topic, to, broker)
             .await?
             .into_iter()
-            .filter(|(name, _)| route.brokers.iter().any(|b| b.broker_name == *name))
-            .collect();
-        let request = txmq_protocol::ResetOffset {
-            group: group.to_string(),
-            topic: topic.to_string(),
-            to,
-        };
-        let answers = join_all(
-            targets
-                .iter()
-                .map(|(name, addr)| self.ask(name, addr, request.clone())),
-        )
-        .await;
-        answers.into_iter().collect()
+            .map(|a| a.result)
+            .collect()
     }
 
     /// Reads up to `limit` messages of `topic` from the first stored one on,
@@ -269,6 +334,32 @@ impl Admin {
             }
         }
         Ok(out)
+    }
+
+    /// Sends `request` to every target at once; their answers, in order.
+    async fn ask_each<C>(
+        &self,
+        targets: Vec<(String, String)>,
+        request: C,
+    ) -> Vec<BrokerAnswer<C::Reply>>
+    where
+        C: txmq_protocol::Call + Clone,
+    {
+        let answers = join_all(
+            targets
+                .iter()
+                .map(|(name, addr)| self.ask(name, addr, request.clone())),
+        )
+        .await;
+        targets
+            .into_iter()
+            .zip(answers)
+            .map(|((broker_name, addr), result)| BrokerAnswer {
+                broker_name,
+                addr,
+                result,
+            })
+            .collect()
     }
 
     async fn each_broker<C>(&self, broker: Option<&str>, request: C) -> Result<Vec<C::Reply>>

@@ -1,0 +1,62 @@
+//! Exit codes, for scripts: 0 when everything was done, 1 when nothing
+//! could be done (or a plain error), 2 for usage errors (clap's), 3 when
+//! only part was done (some messages sent and some not, some brokers
+//! answered and some not), 130 after Ctrl-C and 143 after SIGTERM.
+
+use std::fmt;
+
+/// An error, or nothing could be done.
+pub const FAILURE: u8 = 1;
+/// Part was done: some messages sent and some not (or with an unknown
+/// outcome), or some brokers answered and others did not.
+pub const PARTIAL: u8 = 3;
+/// Stopped by Ctrl-C (128 + SIGINT).
+pub const INTERRUPTED: u8 = 130;
+/// Stopped by SIGTERM (128 + SIGTERM).
+pub const TERMINATED: u8 = 143;
+
+/// An error that ends the command with a given exit code; `main` prints
+/// it like any error and exits with `code`.
+#[derive(Debug)]
+pub struct Exit {
+    /// The exit code.
+    pub code: u8,
+    message: String,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// An error exiting with `code` and saying `message`.
+pub fn with_code(code: u8, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Exit {
+        code,
+        message: message.into(),
+    })
+}
+
+/// The exit code for `e`: its [`Exit`] code, else [`FAILURE`].
+pub fn code_of(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Exit>())
+        .map_or(FAILURE, |x| x.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_error_carries_its_code_through_context() {
+        let e = with_code(PARTIAL, "2 of 5 lines not sent");
+        assert_eq!(code_of(&e), PARTIAL);
+        assert_eq!(e.to_string(), "2 of 5 lines not sent");
+        assert_eq!(code_of(&e.context("sending")), PARTIAL);
+        assert_eq!(code_of(&anyhow::anyhow!("plain")), FAILURE);
+    }
+}

@@ -1,0 +1,776 @@
+//! The `txmq` command line when brokers die or pause under it (issue 12,
+//! item 9), with real broker processes: `send --stdin` when the only
+//! broker is killed mid-stream (exit 3, every line not surely sent
+//! reported, resending them delivers the rest), `--wait-for-broker`,
+//! Ctrl-C (exit 130 with the unsent lines reported), input line numbers
+//! in receipts, and the group commands answering for the brokers that
+//! respond while naming the paused one.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{create_topic, start_broker, txmq, wait_for_route};
+use serde_json::Value;
+use txmq::{Message, PERM_READ_WRITE};
+use txmq_broker::FlushMode;
+use txmq_tests::{binary, consume_all, json_lines, Cluster};
+
+/// A `txmq` process whose stdin the test writes and whose stdout it
+/// reads line by line while it runs.
+struct RunningCli {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl RunningCli {
+    fn start(ns: &str, args: &[&str]) -> RunningCli {
+        let mut child = Command::new(binary("txmq"))
+            .arg("--nameserver")
+            .arg(ns)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start txmq");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().expect("stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        RunningCli {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Writes to its stdin; false once it no longer reads.
+    fn write(&mut self, text: &str) -> bool {
+        match self.stdin.as_mut() {
+            Some(pipe) => pipe.write_all(text.as_bytes()).is_ok() && pipe.flush().is_ok(),
+            None => false,
+        }
+    }
+
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Writes `m1`..`mN` (one per line) on a thread, pausing every few
+    /// lines so the stream lasts a while, then closes stdin.
+    fn feed_slowly(&mut self, lines: std::ops::RangeInclusive<u64>) -> JoinHandle<()> {
+        let mut pipe = self.stdin.take().expect("stdin open");
+        std::thread::spawn(move || {
+            for i in lines {
+                if writeln!(pipe, "m{i}").is_err() {
+                    return;
+                }
+                if i % 10 == 0 {
+                    let _ = pipe.flush();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+    }
+
+    /// Waits until it printed `n` lines on stdout.
+    fn wait_for_lines(&mut self, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.seen.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
+                    panic!(
+                        "txmq printed {} of {n} lines; stdout: {:?}\nstderr: {}",
+                        self.seen.len(),
+                        self.seen,
+                        err.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits (up to `limit`) for it to exit; its status, stdout lines and stderr.
+    fn finish(mut self, limit: Duration) -> (ExitStatus, Vec<String>, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
+                panic!(
+                    "txmq did not exit within {limit:?}; stderr: {}",
+                    err.unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.seen.extend(self.lines.iter());
+        let err = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (status, std::mem::take(&mut self.seen), err)
+    }
+}
+
+impl Drop for RunningCli {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGSTOPs `broker` and waits until every thread of it has stopped
+/// (`kill` returns before the signal has taken effect).
+fn pause(broker: &txmq_tests::BrokerProcess) {
+    broker.signal("STOP");
+    let tasks = format!("/proc/{}/task", broker.pid());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all_stopped = std::fs::read_dir(&tasks)
+            .expect("read the broker's threads")
+            .filter_map(Result::ok)
+            .all(|t| {
+                // "pid (name) STATE ...": the state follows the last ')'.
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|st| {
+                        st.rsplit_once(')')
+                            .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                    })
+                    .unwrap_or(true)
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the broker did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+fn text(v: &Value, field: &str) -> String {
+    v[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a string in {v}"))
+        .to_string()
+}
+
+fn line_of(v: &Value) -> u64 {
+    v["line"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no input line number in {v}"))
+}
+
+/// `m17` -> 17.
+fn number_of(body: &str) -> u64 {
+    body.strip_prefix('m')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a numbered body: {body:?}"))
+}
+
+fn receipts(lines: &[String]) -> Vec<Value> {
+    json_lines(lines.join("\n").as_bytes())
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// How many times each body was consumed.
+fn counts(got: &[txmq::ReceivedMessage]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for m in got {
+        *counts.entry(common::body_text(m)).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_only_broker_mid_stream_reports_every_unsent_line_and_resending_them_delivers_the_rest(
+) {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut broker = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
+    create_topic(&ns, "stream", 4).await;
+    let unsent = dir.path().join("unsent.txt");
+    let unsent_arg = unsent.display().to_string();
+    const N: u64 = 3000;
+    let args = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "send",
+        "stream",
+        "--stdin",
+        "--window",
+        "8",
+        "--unsent",
+        unsent_arg.as_str(),
+    ];
+    let mut cli = RunningCli::start(&ns, &args);
+    let feeder = cli.feed_slowly(1..=N);
+    blocking(|| cli.wait_for_lines(100, Duration::from_secs(30)));
+    broker.kill9();
+    let (status, out, err) = blocking(|| cli.finish(Duration::from_secs(60)));
+    feeder.join().expect("feeder");
+
+    assert_eq!(status.code(), Some(3), "a partial send exits 3\n{err}");
+    let printed = receipts(&out);
+    let mut sent = BTreeSet::new();
+    let mut unknown = BTreeSet::new();
+    for r in &printed {
+        let line = line_of(r);
+        assert_eq!(
+            number_of(&text(r, "body")),
+            line,
+            "the receipt's line is its input line: {r}"
+        );
+        match text(r, "status").as_str() {
+            "SEND_OK" => assert!(sent.insert(line), "one receipt per line: {line}"),
+            "UNKNOWN" => assert!(unknown.insert(line), "one receipt per line: {line}"),
+            other => panic!("status {other} in {r}"),
+        }
+    }
+    assert!(sent.len() >= 100, "{} sent", sent.len());
+    let resend = read_lines(&unsent);
+    let unsent_lines: Vec<u64> = resend.iter().map(|l| number_of(l)).collect();
+    assert!(
+        unsent_lines.windows(2).all(|w| w[0] < w[1]),
+        "the unsent lines come in input order, once each"
+    );
+    let unsent_set: BTreeSet<u64> = unsent_lines.iter().copied().collect();
+    assert!(!unsent_set.is_empty(), "lines after the kill are unsent");
+    assert!(
+        sent.is_disjoint(&unsent_set),
+        "a line sent is not reported unsent"
+    );
+    assert!(
+        unknown.is_subset(&unsent_set),
+        "an unknown outcome is reported unsent"
+    );
+    let all: BTreeSet<u64> = (1..=N).collect();
+    let covered: BTreeSet<u64> = sent.union(&unsent_set).copied().collect();
+    assert_eq!(covered, all, "every input line is either sent or reported");
+    assert!(err.contains("not sent"), "{err}");
+    assert!(err.contains(&unsent_arg), "names the unsent file: {err}");
+
+    // Resuming from the report delivers the rest.
+    blocking(|| broker.restart());
+    wait_for_route(&ns, "stream", &["broker-a"]).await;
+    let input = resend.join("\n");
+    let out = txmq(
+        &ns,
+        &["--output", "json", "send", "stream", "--stdin"],
+        Some(&input),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_lines(&out.stdout).len(), resend.len());
+    let want = N as usize + unknown.len();
+    let got = consume_all(&ns, "check", "stream", want, Duration::from_secs(3)).await;
+    let counts = counts(&got);
+    let bodies: BTreeSet<u64> = counts.keys().map(|b| number_of(b)).collect();
+    assert_eq!(bodies, all, "every line delivered");
+    for (body, n) in &counts {
+        let line = number_of(body);
+        assert!(
+            *n == 1 || (*n == 2 && unknown.contains(&line)),
+            "line {line} stored {n} times (only an unknown outcome may repeat)"
+        );
+    }
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_broker_sends_everything_once_a_broker_starts() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let mut cli = RunningCli::start(
+        &ns,
+        &[
+            "--output",
+            "json",
+            "send",
+            "late",
+            "--stdin",
+            "--wait-for-broker",
+            "10s",
+        ],
+    );
+    assert!(cli.write("m1\nm2\nm3\nm4\nm5\n"));
+    cli.close_stdin();
+    // Longer than it takes to give up without waiting (about 0.3 s).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        cli.child.try_wait().expect("try_wait").is_none(),
+        "still waiting for a broker"
+    );
+    cluster.add_broker("broker-a", |_| {}).await;
+    let (status, out, err) = blocking(|| cli.finish(Duration::from_secs(20)));
+    assert!(
+        status.success(),
+        "exit 0 once everything is sent: {status}\n{err}"
+    );
+    assert!(
+        err.contains("waiting up to 10s for a broker"),
+        "says it waits: {err}"
+    );
+    let printed = receipts(&out);
+    let lines: BTreeSet<u64> = printed.iter().map(line_of).collect();
+    assert_eq!(lines, (1..=5).collect());
+    assert!(printed.iter().all(|r| text(r, "status") == "SEND_OK"));
+    let got = consume_all(&ns, "check", "late", 6, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 5);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_broker_rides_out_a_restart_of_the_only_broker() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut broker = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
+    create_topic(&ns, "steady", 4).await;
+    const N: u64 = 2000;
+    let args = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "send",
+        "steady",
+        "--stdin",
+        "--window",
+        "8",
+        "--wait-for-broker",
+        "20s",
+    ];
+    let mut cli = RunningCli::start(&ns, &args);
+    let feeder = cli.feed_slowly(1..=N);
+    blocking(|| cli.wait_for_lines(100, Duration::from_secs(30)));
+    broker.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    blocking(|| broker.restart());
+    let (status, out, err) = blocking(|| cli.finish(Duration::from_secs(60)));
+    feeder.join().expect("feeder");
+    assert!(status.success(), "{status}\n{err}");
+    let printed = receipts(&out);
+    let sent: BTreeSet<u64> = printed
+        .iter()
+        .filter(|r| text(r, "status") == "SEND_OK")
+        .map(line_of)
+        .collect();
+    assert_eq!(sent, (1..=N).collect(), "every line sent");
+    let got = consume_all(&ns, "check", "steady", N as usize, Duration::from_secs(3)).await;
+    let bodies: BTreeSet<u64> = got
+        .iter()
+        .map(|m| number_of(&common::body_text(m)))
+        .collect();
+    assert_eq!(bodies, (1..=N).collect(), "every line delivered");
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_mid_send_exits_130_and_reports_the_lines_read_but_not_sent() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
+    create_topic(&ns, "halt", 2).await;
+    let unsent = dir.path().join("unsent.txt");
+    let unsent_arg = unsent.display().to_string();
+    let args = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "send",
+        "halt",
+        "--stdin",
+        "--window",
+        "4",
+        "--unsent",
+        unsent_arg.as_str(),
+    ];
+    let mut cli = RunningCli::start(&ns, &args);
+    let first: String = (1..=10).map(|i| format!("m{i}\n")).collect();
+    assert!(cli.write(&first));
+    blocking(|| cli.wait_for_lines(10, Duration::from_secs(20)));
+    // The broker pauses: four sends hang in flight, the rest wait to be sent.
+    pause(&broker);
+    let second: String = (11..=20).map(|i| format!("m{i}\n")).collect();
+    assert!(cli.write(&second));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cli.signal("INT");
+    // Stdin stays open: Ctrl-C does not wait for the end of the input.
+    let (status, out, err) = blocking(|| cli.finish(Duration::from_secs(20)));
+    broker.signal("CONT");
+
+    assert_eq!(status.code(), Some(130), "{err}");
+    let printed = receipts(&out);
+    let sent: BTreeSet<u64> = printed
+        .iter()
+        .filter(|r| text(r, "status") == "SEND_OK")
+        .map(line_of)
+        .collect();
+    assert_eq!(sent, (1..=10).collect());
+    let unknown: BTreeSet<u64> = printed
+        .iter()
+        .filter(|r| text(r, "status") == "UNKNOWN")
+        .map(line_of)
+        .collect();
+    assert_eq!(
+        unknown,
+        (11..=14).collect(),
+        "the four in flight: {printed:?}"
+    );
+    let resend: Vec<u64> = read_lines(&unsent).iter().map(|l| number_of(l)).collect();
+    assert_eq!(resend, (11..=20).collect::<Vec<_>>(), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(err.contains("read up to line 20"), "{err}");
+    assert!(err.contains("outcome unknown"), "{err}");
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_carry_the_input_line_number() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    // Empty lines are skipped but counted.
+    let input = "a\n\nb\r\n\nc";
+    let out = txmq(
+        ns,
+        &["--output", "json", "send", "numbered", "--stdin"],
+        Some(input),
+    )
+    .await;
+    assert!(out.status.success());
+    let by_line: BTreeMap<u64, String> = json_lines(&out.stdout)
+        .iter()
+        .map(|r| (line_of(r), text(r, "body")))
+        .collect();
+    let want: BTreeMap<u64, String> = [(1, "a"), (3, "b"), (5, "c")]
+        .map(|(l, b)| (l, b.to_string()))
+        .into();
+    assert_eq!(by_line, want);
+
+    let out = txmq(ns, &["send", "numbered", "--stdin"], Some(input)).await;
+    assert!(out.status.success());
+    let text_out = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = text_out
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("line=")))
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["1", "3", "5"], "{text_out}");
+    assert!(text_out
+        .lines()
+        .all(|l| l.starts_with("SEND_OK numbered broker=")));
+    cluster.shutdown().await;
+}
+
+/// A nameserver, brokers `broker-a` and `broker-b` as processes, topic
+/// `shared` on both, and group `g` with offsets committed on both.
+async fn two_brokers_with_a_group(
+    dir: &Path,
+) -> (
+    Cluster,
+    txmq_tests::BrokerProcess,
+    txmq_tests::BrokerProcess,
+) {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let a = start_broker(&dir.join("a"), &ns, "broker-a", &[]).await;
+    let b = start_broker(&dir.join("b"), &ns, "broker-b", &[]).await;
+    let admin = txmq::Admin::connect([ns.as_str()]).await.expect("admin");
+    admin
+        .create_topic("shared", 2, PERM_READ_WRITE, None)
+        .await
+        .expect("create on both");
+    admin.close();
+    wait_for_route(&ns, "shared", &["broker-a", "broker-b"]).await;
+    let producer = cluster.producer().await;
+    for i in 0..8 {
+        let broker = if i % 2 == 0 { "broker-a" } else { "broker-b" };
+        producer
+            .send_to_queue(Message::new("shared", format!("s{i}")), broker, (i / 2) % 2)
+            .await
+            .expect("send");
+    }
+    producer.close();
+    let got = consume_all(&ns, "g", "shared", 8, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 8);
+    (cluster, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_paused_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    pause(&b);
+
+    let out = txmq(
+        &ns,
+        &["--timeout", "1s", "--output", "json", "group", "list"],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    let objects = json_lines(&out.stdout);
+    let (last, groups) = objects.split_last().expect("output");
+    assert_eq!(
+        last["unreachable"],
+        serde_json::json!(["broker-b"]),
+        "{objects:?}"
+    );
+    assert!(
+        groups
+            .iter()
+            .any(|g| g["group"] == "g" && g["broker"] == "broker-a"),
+        "{objects:?}"
+    );
+    assert!(
+        groups.iter().all(|g| g["broker"] == "broker-a"),
+        "{objects:?}"
+    );
+    assert!(err.contains("broker-b"), "names the silent broker: {err}");
+
+    let out = txmq(&ns, &["--timeout", "1s", "group", "list"], None).await;
+    assert_eq!(out.status.code(), Some(3));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("g ") && l.contains("broker-a")),
+        "{table}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broker-b"));
+
+    let out = txmq(
+        &ns,
+        &["--timeout", "1s", "--output", "json", "group", "show", "g"],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let objects = json_lines(&out.stdout);
+    let (last, states) = objects.split_last().expect("output");
+    assert_eq!(last["unreachable"], serde_json::json!(["broker-b"]));
+    assert_eq!(states.len(), 1, "{objects:?}");
+    assert_eq!(states[0]["broker"], "broker-a");
+    let queues = states[0]["queues"].as_array().expect("queues");
+    assert!(
+        queues
+            .iter()
+            .any(|q| q["topic"] == "shared" && q["committed"] == 2),
+        "{queues:?}"
+    );
+    assert!(err.contains("broker-b"), "{err}");
+
+    let out = txmq(&ns, &["--timeout", "1s", "group", "show", "g"], None).await;
+    assert_eq!(out.status.code(), Some(3));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("group g:") && shown.contains("broker-a"),
+        "{shown}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broker-b"));
+
+    // Back again: both answer, exit 0.
+    b.signal("CONT");
+    let out = txmq(&ns, &["--output", "json", "group", "show", "g"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let brokers: BTreeSet<String> = json_lines(&out.stdout)
+        .iter()
+        .map(|s| text(s, "broker"))
+        .collect();
+    assert_eq!(
+        brokers,
+        ["broker-a".to_string(), "broker-b".to_string()].into()
+    );
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    pause(&b);
+
+    let reset = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "group",
+        "reset-offset",
+        "g",
+        "--topic",
+        "shared",
+        "--to",
+        "first",
+    ];
+    let out = txmq(&ns, &reset, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    let objects = json_lines(&out.stdout);
+    let moved: BTreeSet<(String, u64, u64)> = objects
+        .iter()
+        .filter(|o| o.get("error").is_none())
+        .map(|o| {
+            (
+                text(o, "broker"),
+                o["queue"].as_u64().expect("queue"),
+                o["offset"].as_u64().expect("offset"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            ("broker-a".to_string(), 0, 0),
+            ("broker-a".to_string(), 1, 0)
+        ]
+        .into(),
+        "{objects:?}"
+    );
+    let failed: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o.get("error").is_some())
+        .collect();
+    assert_eq!(failed.len(), 1, "{objects:?}");
+    assert_eq!(failed[0]["broker"], "broker-b");
+    assert!(
+        err.contains("broker-b") && err.contains("broker-a"),
+        "{err}"
+    );
+
+    // broker-a's messages come again; broker-b's offsets did not move.
+    b.signal("CONT");
+    let got = consume_all(&ns, "g", "shared", 5, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(got.iter().all(|m| m.broker_name == "broker-a"));
+
+    // With both answering, every broker's result and exit 0.
+    let out = txmq(&ns, &reset, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let brokers: BTreeSet<String> = json_lines(&out.stdout)
+        .iter()
+        .map(|o| text(o, "broker"))
+        .collect();
+    assert_eq!(
+        brokers,
+        ["broker-a".to_string(), "broker-b".to_string()].into()
+    );
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
+/// The CLI retries sends itself (to know whether an attempt may have
+/// stored the message); a retry after a broker failed goes to another
+/// broker, as the producer's own retries do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_of_two_brokers_paused_sends_are_retried_on_the_other() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    pause(&b);
+    let args = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "send",
+        "shared",
+        "--body",
+        "x",
+        "--count",
+        "20",
+    ];
+    let out = txmq(&ns, &args, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    b.signal("CONT");
+    assert!(out.status.success(), "{err}");
+    let printed = json_lines(&out.stdout);
+    assert_eq!(printed.len(), 20);
+    assert!(
+        printed
+            .iter()
+            .all(|r| text(r, "status") == "SEND_OK" && text(r, "broker") == "broker-a"),
+        "{printed:?}"
+    );
+    drop((a, b));
+    cluster.shutdown().await;
+}
