@@ -33,6 +33,7 @@
 //! the group has no offset there.
 
 mod offsets;
+mod pull_step;
 pub mod push;
 mod queue_reader;
 

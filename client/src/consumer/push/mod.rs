@@ -28,6 +28,13 @@
 //! Nothing is lost: a message is only passed by the committed offset after
 //! its handler succeeded or it was stored again for retry.
 //!
+//! A broker that comes back with a queue shorter than the consumer had read
+//! (a power cut under async flush loses the unflushed tail) sends the
+//! consumer back to the group's committed offset there, with a warning
+//! giving both positions: messages written again below the old position are
+//! delivered, and those between the committed offset and the old position
+//! may be delivered again.
+//!
 //! **At most once** ([`DeliveryMode::AtMostOnce`]). Each pulled batch's
 //! offset is committed *before* its messages are handled. A message is
 //! never handled twice by the group, but one whose handler fails, or that
