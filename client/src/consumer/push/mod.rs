@@ -20,6 +20,14 @@
 //!   after [`PushConsumerBuilder::max_reconsume_times`] (default 16) it
 //!   goes to the group's dead-letter topic (`%DLQ%<group>`) and stays there
 //!   for inspection (`txmq dlq list`, `txmq consume %DLQ%<group>`);
+//! - when it cannot be handed back (the broker is restarting, unreachable
+//!   or paused, or no longer holds the record), it stays unfinished and is
+//!   handed to the handler again here after
+//!   [`PushConsumerBuilder::local_retry_delay`], as RocketMQ's push consumer
+//!   re-consumes locally when `sendMessageBack` fails; the next Retry tries
+//!   the hand-back again (to the dead-letter topic once the attempts, local
+//!   ones included, reach the maximum). It is never dropped, and the other
+//!   messages of its queue go on meanwhile;
 //! - when a queue moves to another member (rebalancing), its holder stops
 //!   pulling it, waits for its unfinished handlers (up to the drain
 //!   timeout), commits, and only then lets go: the new owner continues from
@@ -466,7 +474,8 @@ impl PushConsumerBuilder {
     }
 
     /// Pause before an orderly or broadcasting consumer retries a message
-    /// in place, when the handler gave no delay (default 1 s).
+    /// in place when the handler gave no delay, and before a message that
+    /// could not be handed back to the broker is handled again (default 1 s).
     pub fn local_retry_delay(mut self, delay: Duration) -> Self {
         self.settings.local_retry_delay = delay;
         self

@@ -6,6 +6,16 @@
 //! Handlers run as futures polled by this task (a `FuturesUnordered`),
 //! not as tasks of their own.
 //!
+//! A message is finished when its handler succeeded or it was stored again
+//! on the broker (handed back for retry, or dead-lettered). One whose hand
+//! back fails (the broker is restarting, unreachable, or lost the record)
+//! stays unfinished and is handled here again after a pause, as RocketMQ's
+//! push consumer re-consumes locally when `sendMessageBack` fails; it is
+//! never dropped, so the committed offset never passes it. The other
+//! messages of the queue go on meanwhile. (Orderly consumers hand nothing
+//! back but to the dead-letter topic: they retry in place, holding the
+//! queue.)
+//!
 //! The read position follows the broker's answer, backwards too (a queue
 //! cut short by a power cut; see `pull_step`).
 
@@ -405,6 +415,8 @@ async fn handle<H: MessageHandler>(
         message.stored.message.topic = real.clone();
     }
     let settings = &shared.settings;
+    // Only the first failed hand-back of the message is a warning.
+    let mut handed_back_failed = false;
     loop {
         let result = {
             let _permit = shared.permits.acquire().await;
@@ -432,36 +444,45 @@ async fn handle<H: MessageHandler>(
             ConsumeResult::Retry { delay } => delay,
         };
         let attempts = message.reconsume_times();
-        let local = settings.orderly || settings.broadcast;
-        let mut pause = delay.unwrap_or(settings.local_retry_delay);
-        if !local {
-            match send_back(shared, key, &message, delay, false).await {
-                Ok(()) => return (offset, bytes),
-                Err(e) => {
-                    tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot hand the message back; retrying it here");
-                }
-            }
+        let pause = if settings.orderly || settings.broadcast {
             if attempts >= settings.max_reconsume_times {
-                tracing::error!(msg_id = %message.msg_id(), attempts, "the message failed every attempt and cannot be handed back; dropped");
-                return (offset, bytes);
-            }
-            pause = settings.local_retry_delay;
-        } else if attempts >= settings.max_reconsume_times {
-            if settings.broadcast {
-                tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
-                return (offset, bytes);
-            }
-            // Orderly: dead-letter it and let the queue move on.
-            loop {
-                match send_back(shared, key, &message, None, true).await {
-                    Ok(()) => return (offset, bytes),
-                    Err(e) => {
-                        tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot dead-letter the message; trying again");
-                        tokio::time::sleep(settings.local_retry_delay).await;
+                if settings.broadcast {
+                    tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
+                    return (offset, bytes);
+                }
+                // Orderly: dead-letter it and let the queue move on.
+                loop {
+                    match send_back(shared, key, &message, None, true).await {
+                        Ok(()) => return (offset, bytes),
+                        Err(e) => {
+                            tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot dead-letter the message; trying again");
+                            tokio::time::sleep(settings.local_retry_delay).await;
+                        }
                     }
                 }
             }
-        }
+            delay.unwrap_or(settings.local_retry_delay)
+        } else {
+            // Past the maximum (local attempts count too), straight to the
+            // dead-letter topic; the broker applies the same limit to its
+            // own count.
+            let dead = attempts >= settings.max_reconsume_times;
+            match send_back(shared, key, &message, delay, dead).await {
+                Ok(()) => return (offset, bytes),
+                Err(e) => {
+                    // Not finished: it keeps the committed offset below it
+                    // until it is handled or stored again.
+                    let cause = e.remoting().map(ToString::to_string).unwrap_or_default();
+                    if handed_back_failed {
+                        tracing::debug!(msg_id = %message.msg_id(), attempts, dead_letter = dead, error = %e, %cause, "cannot hand the message back again; handling it here again after a pause");
+                    } else {
+                        tracing::warn!(msg_id = %message.msg_id(), attempts, dead_letter = dead, error = %e, %cause, "cannot hand the message back; handling it here again after a pause (it stays unfinished until handled or stored again)");
+                    }
+                    handed_back_failed = true;
+                }
+            }
+            settings.local_retry_delay
+        };
         message
             .stored
             .message
