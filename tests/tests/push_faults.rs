@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{create_topic, start_broker, wait_for_route};
-use txmq::{handler_fn, ConsumeResult, Message, Producer, PushConsumer, ReceivedMessage};
+use txmq::{
+    handler_fn, ConsumeResult, Message, Producer, PullConsumer, PushConsumer, ReceivedMessage,
+};
 use txmq_tests::{wait_for_broker, Cluster};
 
 /// What the client crate logged (every test of this file shares it; each
@@ -342,10 +344,13 @@ async fn a_queue_given_up_while_a_retry_cannot_be_handed_back_is_not_committed_p
 /// before the consumer pulls again): they are delivered (the consumer goes back to the
 /// group's committed offset, not to the queue's end), and the rewind is
 /// logged.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_cut_short_is_read_again_from_the_groups_committed_offset() {
+async fn queue_cut_short(pull: bool) {
     client_log();
-    let (topic, group) = ("rewind", "rewind-g");
+    let (topic, group) = if pull {
+        ("rewind-pull", "rewind-pull-g")
+    } else {
+        ("rewind-push", "rewind-push-g")
+    };
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -356,23 +361,7 @@ async fn a_queue_cut_short_is_read_again_from_the_groups_committed_offset() {
     let producer = Producer::builder().nameserver(&ns).build().await.unwrap();
 
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let s = seen.clone();
-    let consumer = PushConsumer::builder()
-        .nameserver(&ns)
-        .group(group)
-        .subscribe(topic, "*")
-        .commit_interval(Duration::from_millis(100))
-        // Heartbeats come before the reader's next pull once the broker is back.
-        .rebalance_interval(Duration::from_millis(100))
-        .max_wait(Duration::from_millis(500))
-        .request_timeout(Duration::from_millis(500))
-        .route_refresh_interval(Duration::from_millis(500))
-        .start(handler_fn(move |m: &ReceivedMessage| {
-            s.lock().unwrap().push(body(m));
-            async { ConsumeResult::Success }
-        }))
-        .await
-        .unwrap();
+    let consumer = Reader::start(pull, &ns, group, topic, &seen).await;
     let admin = txmq::Admin::connect([ns.as_str()]).await.unwrap();
     let has = |bodies: &[&str]| {
         let seen = seen.lock().unwrap();
@@ -443,7 +432,87 @@ async fn a_queue_cut_short_is_read_again_from_the_groups_committed_offset() {
     let all: Vec<String> = seen.lock().unwrap().clone();
     let distinct: BTreeSet<&String> = all.iter().collect();
     assert_eq!(distinct.len(), all.len(), "repeated: {all:?}");
-    consumer.shutdown().await.unwrap();
+    consumer.shutdown().await;
     admin.close();
     drop(broker);
+}
+
+/// A push consumer, or a pull consumer polled and committed by a task,
+/// recording the bodies it gets.
+enum Reader {
+    Push(PushConsumer),
+    Pull(Arc<AtomicBool>, tokio::task::JoinHandle<()>),
+}
+
+impl Reader {
+    async fn start(
+        pull: bool,
+        ns: &str,
+        group: &str,
+        topic: &str,
+        seen: &Arc<Mutex<Vec<String>>>,
+    ) -> Reader {
+        let seen = seen.clone();
+        if pull {
+            let mut consumer = PullConsumer::builder()
+                .nameserver(ns)
+                .group(group)
+                .topic(topic)
+                .max_wait(Duration::from_millis(500))
+                .request_timeout(Duration::from_millis(500))
+                .route_refresh_interval(Duration::from_millis(500))
+                .build()
+                .await
+                .unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let stopping = stop.clone();
+            let task = tokio::spawn(async move {
+                while !stopping.load(Ordering::SeqCst) {
+                    let batch = consumer.poll(Duration::from_millis(100)).await.unwrap();
+                    seen.lock().unwrap().extend(batch.iter().map(body));
+                    // Fails while the broker is away; the next round retries.
+                    let _ = consumer.commit().await;
+                }
+                consumer.shutdown().await.unwrap();
+            });
+            return Reader::Pull(stop, task);
+        }
+        let consumer = PushConsumer::builder()
+            .nameserver(ns)
+            .group(group)
+            .subscribe(topic, "*")
+            .commit_interval(Duration::from_millis(100))
+            // Heartbeats come before the reader's next pull once the broker is back.
+            .rebalance_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(500))
+            .request_timeout(Duration::from_millis(500))
+            .route_refresh_interval(Duration::from_millis(500))
+            .start(handler_fn(move |m: &ReceivedMessage| {
+                seen.lock().unwrap().push(body(m));
+                async { ConsumeResult::Success }
+            }))
+            .await
+            .unwrap();
+        Reader::Push(consumer)
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Reader::Push(c) => c.shutdown().await.unwrap(),
+            Reader::Pull(stop, task) => {
+                stop.store(true, Ordering::SeqCst);
+                task.await.unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_cut_short_is_read_again_from_the_groups_committed_offset() {
+    queue_cut_short(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_consumer_reads_a_queue_cut_short_again_from_the_groups_committed_offset() {
+    queue_cut_short(true).await;
 }
