@@ -61,62 +61,55 @@ pub(crate) async fn pull(
     let max_wait = Duration::from_millis(request.max_wait_ms);
     let (topic, queue) = (request.topic.clone(), request.queue);
     let began = Instant::now();
-    match conn.call_with_timeout(request, timeout).await {
-        Ok(r) if r.next_offset < start => {
-            // The queue ends below where this reader stands. Messages may
-            // already have been written again at the lost offsets, below the
-            // broker's end now: go back to the group's committed offset
-            // (everything below it was handled), or to the first message when
-            // the group has none there.
-            let q = conn
-                .call(QueryOffset {
-                    group: group.to_string(),
-                    topic: topic.clone(),
-                    queue,
-                })
-                .await?;
-            let to = q
-                .committed
-                .unwrap_or(q.min_offset)
-                .min(q.max_offset)
-                .max(q.min_offset);
-            tracing::warn!(%broker, %topic, queue, %group, from = start, to, end = r.next_offset, committed = ?q.committed, "the queue ends below this reader's position (the broker lost its tail); reading again from the group's committed offset");
-            Ok(Pulled {
-                messages: Vec::new(),
-                next_offset: to,
-                early_empty: false,
-            })
-        }
-        Ok(r) => {
+    // Whether the broker said the queue ends below `start`.
+    let below_end = match conn.call_with_timeout(request, timeout).await {
+        Ok(r) if r.next_offset >= start => {
             let early =
                 r.messages.is_empty() && r.next_offset == start && began.elapsed() < max_wait / 2;
-            Ok(Pulled {
+            return Ok(Pulled {
                 messages: r.messages,
                 next_offset: r.next_offset,
                 early_empty: early,
-            })
+            });
         }
+        Ok(_) => true,
         Err(e)
             if e.remote()
                 .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
         {
-            let q = conn
-                .call(QueryOffset {
-                    group: group.to_string(),
-                    topic: topic.clone(),
-                    queue,
-                })
-                .await?;
-            // Not `clamp`: it panics on bounds out of order, and these come
-            // off the wire.
-            let fixed = start.min(q.max_offset).max(q.min_offset);
-            tracing::warn!(%broker, %topic, queue, %group, from = start, to = fixed, "offset out of range; moved");
-            Ok(Pulled {
-                messages: Vec::new(),
-                next_offset: fixed,
-                early_empty: false,
-            })
+            false
         }
-        Err(e) => Err(e),
-    }
+        Err(e) => return Err(e),
+    };
+    let q = conn
+        .call(QueryOffset {
+            group: group.to_string(),
+            topic: topic.clone(),
+            queue,
+        })
+        .await?;
+    let to = if below_end || start > q.max_offset {
+        // The queue ends below where this reader stands. Messages may
+        // already have been written again at the lost offsets, below the
+        // broker's end now: go back to the group's committed offset
+        // (everything below it was handled), or to the first message when
+        // the group has none there. (Not `clamp`: it panics on bounds out of
+        // order, and these come off the wire.)
+        let to = q
+            .committed
+            .unwrap_or(q.min_offset)
+            .min(q.max_offset)
+            .max(q.min_offset);
+        tracing::warn!(%broker, %topic, queue, %group, from = start, to, end = q.max_offset, committed = ?q.committed, "the queue ends below this reader's position (the broker lost its tail); reading again from the group's committed offset");
+        to
+    } else {
+        let to = start.min(q.max_offset).max(q.min_offset);
+        tracing::warn!(%broker, %topic, queue, %group, from = start, to, "offset out of range; moved");
+        to
+    };
+    Ok(Pulled {
+        messages: Vec::new(),
+        next_offset: to,
+        early_empty: false,
+    })
 }
