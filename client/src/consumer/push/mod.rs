@@ -63,7 +63,8 @@
 //! message at a time, in queue order; a Retry retries the same message in
 //! place after a pause (blocking its queue) instead of handing it back;
 //! after the maximum reconsume count it goes to the dead-letter topic and
-//! the queue moves on. Send with a sharding key
+//! the queue moves on (while the dead-letter topic cannot be written, it is
+//! handled again in place, the queue waiting). Send with a sharding key
 //! ([`Producer::send_ordered`](crate::Producer::send_ordered)) so that
 //! one key's messages share a queue.
 

@@ -12,9 +12,9 @@
 //! stays unfinished and is handled here again after a pause, as RocketMQ's
 //! push consumer re-consumes locally when `sendMessageBack` fails; it is
 //! never dropped, so the committed offset never passes it. The other
-//! messages of the queue go on meanwhile. (Orderly consumers hand nothing
-//! back but to the dead-letter topic: they retry in place, holding the
-//! queue.)
+//! messages of the queue go on meanwhile. (Orderly consumers hand a message
+//! back only to the dead-letter topic, after the maximum; before that, and
+//! when that fails, they retry in place, holding the queue.)
 //!
 //! The read position follows the broker's answer, backwards too (a queue
 //! cut short by a power cut; see `pull_step`).
@@ -444,39 +444,34 @@ async fn handle<H: MessageHandler>(
             ConsumeResult::Retry { delay } => delay,
         };
         let attempts = message.reconsume_times();
-        let pause = if settings.orderly || settings.broadcast {
-            if attempts >= settings.max_reconsume_times {
-                if settings.broadcast {
-                    tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
-                    return (offset, bytes);
-                }
-                // Orderly: dead-letter it and let the queue move on.
-                loop {
-                    match send_back(shared, key, &message, None, true).await {
-                        Ok(()) => return (offset, bytes),
-                        Err(e) => {
-                            tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot dead-letter the message; trying again");
-                            tokio::time::sleep(settings.local_retry_delay).await;
-                        }
-                    }
-                }
+        let exhausted = attempts >= settings.max_reconsume_times;
+        let pause = if settings.broadcast {
+            if exhausted {
+                tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
+                return (offset, bytes);
             }
             delay.unwrap_or(settings.local_retry_delay)
+        } else if settings.orderly && !exhausted {
+            // Retried in place, holding the queue.
+            delay.unwrap_or(settings.local_retry_delay)
         } else {
-            // Past the maximum (local attempts count too), straight to the
-            // dead-letter topic; the broker applies the same limit to its
-            // own count.
-            let dead = attempts >= settings.max_reconsume_times;
-            match send_back(shared, key, &message, delay, dead).await {
+            // Handed back for a retry, or past the maximum (local attempts
+            // count too; the broker applies the same limit to its own count)
+            // dead-lettered, after which an orderly queue moves on.
+            let delay = if settings.orderly { None } else { delay };
+            match send_back(shared, key, &message, delay, exhausted).await {
                 Ok(()) => return (offset, bytes),
                 Err(e) => {
                     // Not finished: it keeps the committed offset below it
-                    // until it is handled or stored again.
+                    // until it is handled or stored again. Handled here
+                    // again, as RocketMQ's consumers do, rather than only
+                    // retrying the hand-back: a record the broker no longer
+                    // has can never be handed back.
                     let cause = e.remoting().map(ToString::to_string).unwrap_or_default();
                     if handed_back_failed {
-                        tracing::debug!(msg_id = %message.msg_id(), attempts, dead_letter = dead, error = %e, %cause, "cannot hand the message back again; handling it here again after a pause");
+                        tracing::debug!(msg_id = %message.msg_id(), attempts, dead_letter = exhausted, error = %e, %cause, "cannot hand the message back again; handling it here again after a pause");
                     } else {
-                        tracing::warn!(msg_id = %message.msg_id(), attempts, dead_letter = dead, error = %e, %cause, "cannot hand the message back; handling it here again after a pause (it stays unfinished until handled or stored again)");
+                        tracing::warn!(msg_id = %message.msg_id(), attempts, dead_letter = exhausted, error = %e, %cause, "cannot hand the message back; handling it here again after a pause (it stays unfinished until handled or stored again)");
                     }
                     handed_back_failed = true;
                 }
