@@ -45,11 +45,12 @@ impl Pulled {
     }
 }
 
-/// Pulls `request` from `conn` for `group` (whose offsets are asked for
-/// when the broker refuses the offset); `broker` names the broker in the log.
+/// Pulls `request` from `conn` for `group`, whose committed offset is asked
+/// for when the queue ends below the request's offset; `broker` names the
+/// broker in the log.
 ///
 /// # Errors
-/// When the pull, or the query after an out-of-range answer, fails.
+/// When the pull fails, or the query after a short or out-of-range answer.
 pub(crate) async fn pull(
     conn: &Connection,
     broker: &str,
