@@ -1,8 +1,10 @@
-//! The push consumer under broker faults, against real broker processes:
-//! a message whose hand-back fails while the broker is down or paused is
-//! handled again (never committed past), and a broker that comes back with
-//! a shorter queue sends the reader back to the group's committed offset
-//! there, so messages written again below its old position are delivered.
+//! Consumers under broker faults, against real broker processes: a push
+//! consumer's message whose hand-back fails while the broker is down or
+//! paused is handled again (never committed past, also when the queue is
+//! given up meanwhile), and a broker that comes back with a shorter queue
+//! sends a push or pull consumer back to the group's committed offset
+//! there, so messages written again below its old position are delivered
+//! once and the rewind is logged.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use common::{create_topic, start_broker, wait_for_route};
@@ -19,28 +21,30 @@ use txmq::{
 };
 use txmq_tests::{wait_for_broker, Cluster};
 
-/// What the client crate logged (every test of this file shares it; each
-/// test uses its own topic and group names).
+/// What the client's consumers logged (every test of this file shares it;
+/// each test uses its own topic and group names).
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Starts capturing the client's log into [`LOG`] (once per process).
 fn client_log() -> &'static Mutex<Vec<u8>> {
-    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("txmq::consumer=info"))
             .with_ansi(false)
-            .with_writer(move || LogWriter(log))
+            .with_writer(|| LogWriter)
             .try_init();
-        log
-    })
+    });
+    &LOG
 }
 
-struct LogWriter(&'static Mutex<Vec<u8>>);
+struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // Echoed, so that a failing test shows what the client did.
         eprint!("{}", String::from_utf8_lossy(buf));
-        self.0.lock().unwrap().extend_from_slice(buf);
+        LOG.lock().unwrap().extend_from_slice(buf);
         Ok(buf.len())
     }
 
