@@ -23,6 +23,13 @@
 //! cause redelivery, never loss. Duplicates are possible; use
 //! [`MsgId`] or the message key to detect them.
 //!
+//! A broker that comes back with a queue shorter than the consumer had read
+//! (a power cut under async flush loses the unflushed tail) sends the
+//! consumer back to the group's committed offset there, with a warning
+//! giving both positions: messages written again below the old position
+//! are delivered, and those between the committed offset and the old
+//! position may be delivered again.
+//!
 //! # Queues
 //!
 //! A consumer reads every readable queue of the topic on every broker (there
@@ -33,6 +40,7 @@
 //! the group has no offset there.
 
 mod offsets;
+mod pull_step;
 pub mod push;
 mod queue_reader;
 
@@ -567,6 +575,14 @@ fn take_messages(
         let Some(batch) = pending.front_mut() else {
             break;
         };
+        if batch.messages.front().is_some_and(|m| {
+            offsets
+                .handed_out_to(&batch.key)
+                .is_some_and(|h| m.queue_offset < h)
+        }) {
+            // The reader went back (see `pull_step`).
+            offsets.rewound(&batch.key);
+        }
         let take = (max - out.len()).min(batch.messages.len());
         let mut last = None;
         for stored in batch.messages.drain(..take) {
@@ -659,6 +675,25 @@ mod tests {
             queue: 1,
         };
         assert_eq!(table.to_commit(), vec![(key_a, 3), (key_b, 12)]);
+    }
+
+    #[test]
+    fn a_batch_below_what_was_handed_out_moves_the_commit_back() {
+        let key = QueueKey {
+            broker_name: "a".into(),
+            queue: 0,
+        };
+        let mut table = OffsetTable::default();
+        table.started(&key, Some(0), 0);
+        let mut pending = VecDeque::from([batch("a", 0, 0..8, 8)]);
+        take_messages(&mut pending, 8, &mut table);
+        table.committed(&key, 8);
+        assert!(table.to_commit().is_empty());
+        // The broker lost 3..8 and the reader went back to 3, where new
+        // messages were written.
+        let mut pending = VecDeque::from([batch("a", 0, 3..5, 5)]);
+        assert_eq!(take_messages(&mut pending, 8, &mut table).len(), 2);
+        assert_eq!(table.to_commit(), vec![(key, 5)]);
     }
 
     #[test]

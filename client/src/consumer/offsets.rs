@@ -44,6 +44,21 @@ impl OffsetTable {
         }
     }
 
+    /// Where `poll` stands on the queue: the position after the last
+    /// message it handed out.
+    pub(crate) fn handed_out_to(&self, key: &QueueKey) -> Option<u64> {
+        self.queues.get(key).and_then(|s| s.handed_out)
+    }
+
+    /// The queue's reader went back below what `poll` handed out (the
+    /// broker lost the queue's tail and the reader returned to the group's
+    /// committed offset): both positions start again from what comes next.
+    pub(crate) fn rewound(&mut self, key: &QueueKey) {
+        if let Some(state) = self.queues.get_mut(key) {
+            *state = QueueState::default();
+        }
+    }
+
     /// `poll` handed out every message of the queue before `next`.
     pub(crate) fn handed_out(&mut self, key: &QueueKey, next: u64) {
         let state = self.queues.entry(key.clone()).or_default();
@@ -116,6 +131,13 @@ mod tests {
         // The broker's value arriving late does not undo a local commit.
         t.started(&key("b", 0), Some(1), 1);
         assert!(t.to_commit().is_empty());
+
+        // The queue was cut short and read again from 3: what is handed
+        // out from there is committed, though below the old position.
+        t.rewound(&key("b", 0));
+        assert!(t.to_commit().is_empty());
+        t.handed_out(&key("b", 0), 4);
+        assert_eq!(t.to_commit(), vec![(key("b", 0), 4)]);
     }
 
     #[test]

@@ -7,19 +7,18 @@
 //! as a warning.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use txmq_protocol::{ErrorCode, PullRequest, QueryOffset, StoredMessage};
+use txmq_protocol::{PullRequest, QueryOffset, StoredMessage};
 use txmq_remoting::Connection;
 
 use super::offsets::{start_offset, QueueKey};
+use super::pull_step::{self, EARLY_EMPTY_PAUSE};
 use super::{ConsumeFrom, Shared};
 use crate::{Error, Result};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// Pause after an empty pull that came back well before its wait was over.
-const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
 
 /// A batch read from one queue.
 #[derive(Debug)]
@@ -28,13 +27,6 @@ pub(crate) struct Fetched {
     pub(crate) messages: Vec<StoredMessage>,
     /// Where the next pull of this queue starts: the position after the batch.
     pub(crate) next_offset: u64,
-}
-
-enum Pulled {
-    /// Messages came, or the pull waited as long as it was asked to.
-    Normal,
-    /// Nothing came and the broker answered early: pause a little.
-    EarlyEmpty,
 }
 
 /// Reads `key` until the consumer is shut down. `offset` is where to start;
@@ -53,16 +45,13 @@ pub(crate) async fn run(
             _ = shared.cancel.cancelled() => return,
         };
         let pause = match step {
-            Ok(pulled) => {
+            Ok(pause) => {
                 if failing {
                     tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, "pulling again");
                     failing = false;
                     backoff = MIN_BACKOFF;
                 }
-                match pulled {
-                    Pulled::Normal => None,
-                    Pulled::EarlyEmpty => Some(EARLY_EMPTY_PAUSE),
-                }
+                (!pause.is_zero()).then_some(pause)
             }
             Err(e) => {
                 let cause = e.remoting().map(ToString::to_string).unwrap_or_default();
@@ -91,7 +80,7 @@ async fn pull_once(
     key: &Arc<QueueKey>,
     offset: &mut Option<u64>,
     from: ConsumeFrom,
-) -> Result<Pulled> {
+) -> Result<Duration> {
     let (addr, conn) = shared.connect(key).await?;
     let at_broker = |e| Error::at_broker(&key.broker_name, &addr, e);
     let start = match *offset {
@@ -113,44 +102,26 @@ async fn pull_once(
         tag_filter: Vec::new(),
         owner: None,
     };
-    let began = Instant::now();
     let timeout = shared.settings.max_wait + shared.settings.request_timeout;
-    match conn.call_with_timeout(request, timeout).await {
-        Ok(result) => {
-            let next = result.next_offset;
-            let empty = result.messages.is_empty();
-            if !empty {
-                let batch = Fetched {
-                    key: key.clone(),
-                    messages: result.messages,
-                    next_offset: next,
-                };
-                // Waits while the consumer's buffer is full.
-                if shared.tx.send(batch).await.is_err() {
-                    // The consumer is gone; its cancellation stops this task.
-                    return Ok(Pulled::EarlyEmpty);
-                }
-            }
-            *offset = Some(next);
-            let early = empty && next == start && began.elapsed() < shared.settings.max_wait / 2;
-            Ok(if early {
-                Pulled::EarlyEmpty
-            } else {
-                Pulled::Normal
-            })
+    let pulled = pull_step::pull(&conn, &key.broker_name, &shared.group, request, timeout)
+        .await
+        .map_err(at_broker)?;
+    let pause = pulled.pause();
+    if !pulled.messages.is_empty() {
+        let batch = Fetched {
+            key: key.clone(),
+            messages: pulled.messages,
+            next_offset: pulled.next_offset,
+        };
+        // Waits while the consumer's buffer is full.
+        if shared.tx.send(batch).await.is_err() {
+            // The consumer is gone; its cancellation stops this task.
+            return Ok(EARLY_EMPTY_PAUSE);
         }
-        Err(e)
-            if e.remote()
-                .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
-        {
-            let bounds = conn.call(query(shared, key)).await.map_err(at_broker)?;
-            let fixed = start.min(bounds.max_offset).max(bounds.min_offset);
-            tracing::warn!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, from = start, to = fixed, "offset out of range; moved");
-            *offset = Some(fixed);
-            Ok(Pulled::Normal)
-        }
-        Err(e) => Err(at_broker(e)),
     }
+    // Backwards too: see `pull_step`.
+    *offset = Some(pulled.next_offset);
+    Ok(pause)
 }
 
 fn query(shared: &Shared, key: &QueueKey) -> QueryOffset {

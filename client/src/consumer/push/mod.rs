@@ -20,6 +20,14 @@
 //!   after [`PushConsumerBuilder::max_reconsume_times`] (default 16) it
 //!   goes to the group's dead-letter topic (`%DLQ%<group>`) and stays there
 //!   for inspection (`txmq dlq list`, `txmq consume %DLQ%<group>`);
+//! - when it cannot be handed back (the broker is restarting, unreachable
+//!   or paused, or no longer holds the record), it stays unfinished and is
+//!   handed to the handler again here after
+//!   [`PushConsumerBuilder::local_retry_delay`], as RocketMQ's push consumer
+//!   re-consumes locally when `sendMessageBack` fails; the next Retry tries
+//!   the hand-back again (to the dead-letter topic once the attempts, local
+//!   ones included, reach the maximum). It is never dropped, and the other
+//!   messages of its queue go on meanwhile;
 //! - when a queue moves to another member (rebalancing), its holder stops
 //!   pulling it, waits for its unfinished handlers (up to the drain
 //!   timeout), commits, and only then lets go: the new owner continues from
@@ -27,6 +35,13 @@
 //!
 //! Nothing is lost: a message is only passed by the committed offset after
 //! its handler succeeded or it was stored again for retry.
+//!
+//! A broker that comes back with a queue shorter than the consumer had read
+//! (a power cut under async flush loses the unflushed tail) sends the
+//! consumer back to the group's committed offset there, with a warning
+//! giving both positions: messages written again below the old position are
+//! delivered, and those between the committed offset and the old position
+//! may be delivered again.
 //!
 //! **At most once** ([`DeliveryMode::AtMostOnce`]). Each pulled batch's
 //! offset is committed *before* its messages are handled. A message is
@@ -48,7 +63,8 @@
 //! message at a time, in queue order; a Retry retries the same message in
 //! place after a pause (blocking its queue) instead of handing it back;
 //! after the maximum reconsume count it goes to the dead-letter topic and
-//! the queue moves on. Send with a sharding key
+//! the queue moves on (while the dead-letter topic cannot be written, it is
+//! handled again in place, the queue waiting). Send with a sharding key
 //! ([`Producer::send_ordered`](crate::Producer::send_ordered)) so that
 //! one key's messages share a queue.
 
@@ -459,7 +475,8 @@ impl PushConsumerBuilder {
     }
 
     /// Pause before an orderly or broadcasting consumer retries a message
-    /// in place, when the handler gave no delay (default 1 s).
+    /// in place when the handler gave no delay, and before a message that
+    /// could not be handed back to the broker is handled again (default 1 s).
     pub fn local_retry_delay(mut self, delay: Duration) -> Self {
         self.settings.local_retry_delay = delay;
         self

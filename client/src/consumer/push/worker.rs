@@ -5,8 +5,21 @@
 //!
 //! Handlers run as futures polled by this task (a `FuturesUnordered`),
 //! not as tasks of their own.
+//!
+//! A message is finished when its handler succeeded or it was stored again
+//! on the broker (handed back for retry, or dead-lettered). One whose hand
+//! back fails (the broker is restarting, unreachable, or lost the record)
+//! stays unfinished and is handled here again after a pause, as RocketMQ's
+//! push consumer re-consumes locally when `sendMessageBack` fails; it is
+//! never dropped, so the committed offset never passes it. The other
+//! messages of the queue go on meanwhile. (Orderly consumers hand a message
+//! back only to the dead-letter topic, after the maximum; before that, and
+//! when that fails, they retry in place, holding the queue.)
+//!
+//! The read position follows the broker's answer, backwards too (a queue
+//! cut short by a power cut; see `pull_step`).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +28,13 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
-    CommitOffset, ErrorCode, PullRequest, PullResult, QueryOffset, QueueOwner, SendBack,
-    StoredMessage, PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+    CommitOffset, ErrorCode, PullRequest, QueryOffset, QueueOwner, SendBack, StoredMessage,
+    PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
 };
 
 use super::{lock, ConsumeResult, DeliveryMode, MessageHandler, QueueId, Shared};
 use crate::consumer::offsets::start_offset;
+use crate::consumer::pull_step::{self, Pulled};
 use crate::consumer::{ConsumeFrom, ReceivedMessage};
 use crate::{Error, Result};
 
@@ -28,22 +42,66 @@ const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The queue's positions.
+#[derive(Debug, Default)]
 struct Progress {
-    /// Offsets pulled and not finished (handed to a handler or waiting for one).
-    unfinished: BTreeSet<u64>,
+    /// Offsets pulled and not finished (handed to a handler or waiting for
+    /// one), each with how many such messages it holds: after the queue was
+    /// cut short and written again, a new message may be pulled at the
+    /// offset of an old one still being handled.
+    unfinished: BTreeMap<u64, u32>,
+    /// How many messages `unfinished` counts.
+    count: usize,
     /// Bytes of their bodies.
     bytes: usize,
-    /// The offset after the last one pulled.
+    /// Where the next pull starts.
     next: u64,
     /// The offset last committed (or known committed).
     committed: Option<u64>,
 }
 
 impl Progress {
+    fn new(next: u64, committed: Option<u64>) -> Progress {
+        Progress {
+            next,
+            committed,
+            ..Progress::default()
+        }
+    }
+
     /// Where the group may safely stand: the first unfinished message, or
-    /// past everything pulled.
+    /// where the next pull starts when that is lower (everything pulled is
+    /// finished, or the queue was cut short below what is being handled).
     fn committable(&self) -> u64 {
-        self.unfinished.first().copied().unwrap_or(self.next)
+        self.unfinished
+            .first_key_value()
+            .map_or(self.next, |(o, _)| (*o).min(self.next))
+    }
+
+    fn started(&mut self, offset: u64, bytes: usize) {
+        *self.unfinished.entry(offset).or_default() += 1;
+        self.count += 1;
+        self.bytes += bytes;
+    }
+
+    fn finished(&mut self, offset: u64, bytes: usize) {
+        if let Some(n) = self.unfinished.get_mut(&offset) {
+            *n -= 1;
+            if *n == 0 {
+                self.unfinished.remove(&offset);
+            }
+            self.count -= 1;
+            self.bytes -= bytes;
+        }
+    }
+
+    /// The broker answered a pull at `self.next` with `next`.
+    fn pulled_to(&mut self, next: u64) {
+        if next < self.next && self.committed.is_some_and(|c| c > next) {
+            // The queue was cut short: what the broker holds now as the
+            // group's offset is not known, so the next commit stores ours.
+            self.committed = None;
+        }
+        self.next = next;
     }
 }
 
@@ -121,12 +179,7 @@ async fn consume<H: MessageHandler>(
             }
         }
     };
-    let mut progress = Progress {
-        unfinished: BTreeSet::new(),
-        bytes: 0,
-        next: first,
-        committed,
-    };
+    let mut progress = Progress::new(first, committed);
     // A group without an offset here fixes where it starts.
     if committed.is_none() && commit(shared, key, &mut progress).await == Committed::NotOwner {
         return Ok(());
@@ -144,7 +197,7 @@ async fn consume<H: MessageHandler>(
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let room = progress.unfinished.len() < settings.max_queued_messages
+        let room = progress.count < settings.max_queued_messages
             && progress.bytes < settings.max_queued_bytes;
         if pulling.is_none() && !released && room {
             pulling = Some(Box::pin(pull(
@@ -168,13 +221,13 @@ async fn consume<H: MessageHandler>(
                 pulling = None;
                 match pulled {
                     Ok(r) => {
-                        pull_delay = Duration::ZERO;
+                        pull_delay = r.pause();
                         backoff = MIN_BACKOFF;
                         if settings.mode == DeliveryMode::AtMostOnce && !r.messages.is_empty() {
                             // Commit first: whatever happens next, none of
                             // these comes again. Not committed: not handled
                             // (pulled again after a pause).
-                            let mut ahead = Progress { unfinished: BTreeSet::new(), bytes: 0, next: r.next_offset, committed: progress.committed };
+                            let mut ahead = Progress::new(r.next_offset, progress.committed);
                             match commit(shared, key, &mut ahead).await {
                                 Committed::Yes => progress.committed = ahead.committed,
                                 Committed::NotOwner => break,
@@ -189,15 +242,14 @@ async fn consume<H: MessageHandler>(
                             if !sub.as_ref().is_none_or(|s| s.matches(m.message.tag.as_deref())) {
                                 continue;
                             }
-                            progress.unfinished.insert(m.queue_offset);
-                            progress.bytes += m.message.body.len();
+                            progress.started(m.queue_offset, m.message.body.len());
                             if settings.orderly {
                                 waiting.push_back(m);
                             } else {
                                 handling.push(handle(shared, key, m));
                             }
                         }
-                        progress.next = progress.next.max(r.next_offset);
+                        progress.pulled_to(r.next_offset);
                     }
                     Err(e) if not_owner(&e) => {
                         tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the queue moved to another member; giving it up");
@@ -212,8 +264,7 @@ async fn consume<H: MessageHandler>(
                 }
             }
             Some((offset, bytes)) = handling.next(), if !handling.is_empty() => {
-                progress.unfinished.remove(&offset);
-                progress.bytes -= bytes;
+                progress.finished(offset, bytes);
             }
             _ = tick.tick() => {
                 if commit(shared, key, &mut progress).await == Committed::NotOwner {
@@ -228,7 +279,7 @@ async fn consume<H: MessageHandler>(
                 drain_deadline = Some(tokio::time::Instant::now() + settings.drain_timeout);
             }
             _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
-                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, unfinished = progress.unfinished.len(), "handlers did not finish within the drain timeout; giving the queue up without them");
+                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, unfinished = progress.count, "handlers did not finish within the drain timeout; giving the queue up without them");
                 break;
             }
         }
@@ -324,13 +375,12 @@ async fn pull<H>(
     offset: u64,
     tag_filter: Vec<u64>,
     delay: Duration,
-) -> Result<PullResult> {
+) -> Result<Pulled> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let settings = &shared.settings;
     let (addr, conn) = shared.connect(&key.broker_name).await?;
-    let at_broker = |e| Error::at_broker(&key.broker_name, &addr, e);
     let request = PullRequest {
         topic: key.topic.clone(),
         queue: key.queue,
@@ -340,34 +390,10 @@ async fn pull<H>(
         tag_filter,
         owner: owner(shared),
     };
-    match conn
-        .call_with_timeout(request, settings.max_wait + settings.request_timeout)
+    let timeout = settings.max_wait + settings.request_timeout;
+    pull_step::pull(&conn, &key.broker_name, &shared.group, request, timeout)
         .await
-    {
-        Ok(r) => Ok(r),
-        Err(e)
-            if e.remote()
-                .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
-        {
-            let q = conn
-                .call(QueryOffset {
-                    group: shared.group.clone(),
-                    topic: key.topic.clone(),
-                    queue: key.queue,
-                })
-                .await
-                .map_err(at_broker)?;
-            let fixed = offset.clamp(q.min_offset, q.max_offset);
-            tracing::warn!(topic = %key.topic, queue = key.queue, from = offset, to = fixed, "offset out of range; moved");
-            Ok(PullResult {
-                messages: Vec::new(),
-                next_offset: fixed,
-                min_offset: q.min_offset,
-                max_offset: q.max_offset,
-            })
-        }
-        Err(e) => Err(at_broker(e)),
-    }
+        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
 }
 
 /// Runs the handler on one message until it is done with: succeeded,
@@ -389,6 +415,8 @@ async fn handle<H: MessageHandler>(
         message.stored.message.topic = real.clone();
     }
     let settings = &shared.settings;
+    // Only the first failed hand-back of the message is a warning.
+    let mut handed_back_failed = false;
     loop {
         let result = {
             let _permit = shared.permits.acquire().await;
@@ -416,36 +444,40 @@ async fn handle<H: MessageHandler>(
             ConsumeResult::Retry { delay } => delay,
         };
         let attempts = message.reconsume_times();
-        let local = settings.orderly || settings.broadcast;
-        let mut pause = delay.unwrap_or(settings.local_retry_delay);
-        if !local {
-            match send_back(shared, key, &message, delay, false).await {
-                Ok(()) => return (offset, bytes),
-                Err(e) => {
-                    tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot hand the message back; retrying it here");
-                }
-            }
-            if attempts >= settings.max_reconsume_times {
-                tracing::error!(msg_id = %message.msg_id(), attempts, "the message failed every attempt and cannot be handed back; dropped");
-                return (offset, bytes);
-            }
-            pause = settings.local_retry_delay;
-        } else if attempts >= settings.max_reconsume_times {
-            if settings.broadcast {
+        let exhausted = attempts >= settings.max_reconsume_times;
+        let pause = if settings.broadcast {
+            if exhausted {
                 tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
                 return (offset, bytes);
             }
-            // Orderly: dead-letter it and let the queue move on.
-            loop {
-                match send_back(shared, key, &message, None, true).await {
-                    Ok(()) => return (offset, bytes),
-                    Err(e) => {
-                        tracing::warn!(msg_id = %message.msg_id(), error = %e, "cannot dead-letter the message; trying again");
-                        tokio::time::sleep(settings.local_retry_delay).await;
+            delay.unwrap_or(settings.local_retry_delay)
+        } else if settings.orderly && !exhausted {
+            // Retried in place, holding the queue.
+            delay.unwrap_or(settings.local_retry_delay)
+        } else {
+            // Handed back for a retry, or past the maximum (local attempts
+            // count too; the broker applies the same limit to its own count)
+            // dead-lettered, after which an orderly queue moves on.
+            let delay = if settings.orderly { None } else { delay };
+            match send_back(shared, key, &message, delay, exhausted).await {
+                Ok(()) => return (offset, bytes),
+                Err(e) => {
+                    // Not finished: it keeps the committed offset below it
+                    // until it is handled or stored again. Handled here
+                    // again, as RocketMQ's consumers do, rather than only
+                    // retrying the hand-back: a record the broker no longer
+                    // has can never be handed back.
+                    let cause = e.remoting().map(ToString::to_string).unwrap_or_default();
+                    if handed_back_failed {
+                        tracing::debug!(msg_id = %message.msg_id(), attempts, dead_letter = exhausted, error = %e, %cause, "cannot hand the message back again; handling it here again after a pause");
+                    } else {
+                        tracing::warn!(msg_id = %message.msg_id(), attempts, dead_letter = exhausted, error = %e, %cause, "cannot hand the message back; handling it here again after a pause (it stays unfinished until handled or stored again)");
                     }
+                    handed_back_failed = true;
                 }
             }
-        }
+            settings.local_retry_delay
+        };
         message
             .stored
             .message
@@ -475,4 +507,61 @@ async fn send_back<H>(
         .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
     tracing::debug!(msg_id = %message.msg_id(), topic = %sent.topic, attempt = sent.reconsume_times, "handed back");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_position_stops_at_the_first_unfinished_message() {
+        let mut p = Progress::new(0, Some(0));
+        for o in 0..3 {
+            p.started(o, 10);
+        }
+        p.pulled_to(3);
+        p.finished(1, 10);
+        p.finished(2, 10);
+        // 0 is still being handled (or retried here): the group stays at it.
+        assert_eq!(p.committable(), 0);
+        assert_eq!((p.count, p.bytes), (1, 10));
+        p.finished(0, 10);
+        assert_eq!(p.committable(), 3);
+        assert_eq!((p.count, p.bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_queue_cut_short_moves_the_positions_back() {
+        let mut p = Progress::new(0, Some(0));
+        for o in 0..8 {
+            p.started(o, 1);
+        }
+        p.pulled_to(8);
+        for o in 0..5 {
+            p.finished(o, 1);
+        }
+        p.committed = Some(5);
+        // The broker lost offsets 3.. and the group's offset is 3 there:
+        // the reader goes back to 3, and 5..8 of the lost history are still
+        // being handled.
+        p.pulled_to(3);
+        assert_eq!(p.next, 3);
+        assert_eq!(p.committable(), 3, "not past what the broker has");
+        assert_eq!(p.committed, None, "the broker's offset is not known now");
+        // A new message at offset 5 while the old one is still handled:
+        // both are counted, and the position waits for both.
+        p.started(3, 1);
+        p.started(4, 1);
+        p.started(5, 1);
+        p.pulled_to(6);
+        p.finished(3, 1);
+        p.finished(4, 1);
+        p.finished(5, 1);
+        assert_eq!(p.committable(), 5);
+        p.finished(5, 1);
+        assert_eq!(p.committable(), 6);
+        p.finished(6, 1);
+        p.finished(7, 1);
+        assert_eq!((p.count, p.bytes), (0, 0));
+    }
 }

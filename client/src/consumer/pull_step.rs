@@ -1,0 +1,116 @@
+//! One pull of one queue, shared by the pull consumer's readers and the
+//! push consumer's workers: it sends the pull, follows the broker's next
+//! position wherever it points (backwards too), recovers from an
+//! out-of-range offset, and says when the reader should pause.
+//!
+//! The position moves back when a broker comes back with a shorter queue
+//! than the reader had seen (a power cut under async flush loses the
+//! unflushed tail): the broker answers a pull past its end at once with its
+//! end. A reader that kept its old, higher position would pull in a busy
+//! loop and never see the messages written below it since. Nor is the
+//! broker's end the place to go back to: new messages may already fill the
+//! lost offsets by the time the reader asks. It goes back to the group's
+//! committed offset (everything below was handled; what lies between is
+//! delivered again, as at-least-once allows), and the rewind is logged as a
+//! warning with both positions.
+
+use std::time::{Duration, Instant};
+
+use txmq_protocol::{ErrorCode, PullRequest, QueryOffset, StoredMessage};
+use txmq_remoting::Connection;
+
+/// Pause after an empty pull that came back well before its wait was over.
+pub(crate) const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
+
+/// What a pull brought.
+#[derive(Debug)]
+pub(crate) struct Pulled {
+    pub(crate) messages: Vec<StoredMessage>,
+    /// Where the next pull starts: the broker's position after the batch,
+    /// lower than the pull's offset when the queue was cut short.
+    pub(crate) next_offset: u64,
+    /// Nothing came and the broker answered well before the wait was
+    /// over: pause ([`EARLY_EMPTY_PAUSE`]) before pulling again.
+    pub(crate) early_empty: bool,
+}
+
+impl Pulled {
+    /// How long to wait before the next pull.
+    pub(crate) fn pause(&self) -> Duration {
+        if self.early_empty {
+            EARLY_EMPTY_PAUSE
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Pulls `request` from `conn` for `group`, whose committed offset is asked
+/// for when the queue ends below the request's offset; `broker` names the
+/// broker in the log.
+///
+/// # Errors
+/// When the pull fails, or the query after a short or out-of-range answer.
+pub(crate) async fn pull(
+    conn: &Connection,
+    broker: &str,
+    group: &str,
+    request: PullRequest,
+    timeout: Duration,
+) -> Result<Pulled, txmq_remoting::Error> {
+    let start = request.offset;
+    let max_wait = Duration::from_millis(request.max_wait_ms);
+    let (topic, queue) = (request.topic.clone(), request.queue);
+    let began = Instant::now();
+    // Whether the broker said the queue ends below `start`.
+    let below_end = match conn.call_with_timeout(request, timeout).await {
+        Ok(r) if r.next_offset >= start => {
+            let early =
+                r.messages.is_empty() && r.next_offset == start && began.elapsed() < max_wait / 2;
+            return Ok(Pulled {
+                messages: r.messages,
+                next_offset: r.next_offset,
+                early_empty: early,
+            });
+        }
+        Ok(_) => true,
+        Err(e)
+            if e.remote()
+                .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
+        {
+            false
+        }
+        Err(e) => return Err(e),
+    };
+    let q = conn
+        .call(QueryOffset {
+            group: group.to_string(),
+            topic: topic.clone(),
+            queue,
+        })
+        .await?;
+    let to = if below_end || start > q.max_offset {
+        // The queue ends below where this reader stands. Messages may
+        // already have been written again at the lost offsets, below the
+        // broker's end now: go back to the group's committed offset
+        // (everything below it was handled), or to the first message when
+        // the group has none there. (Not `clamp`: it panics on bounds out of
+        // order, and these come off the wire.)
+        let to = q
+            .committed
+            .unwrap_or(q.min_offset)
+            .min(q.max_offset)
+            .max(q.min_offset);
+        tracing::warn!(%broker, %topic, queue, %group, from = start, to, end = q.max_offset, committed = ?q.committed, "the queue ends below this reader's position (the broker lost its tail); reading again from the group's committed offset");
+        to
+    } else {
+        let to = start.min(q.max_offset).max(q.min_offset);
+        tracing::warn!(%broker, %topic, queue, %group, from = start, to, "offset out of range; moved");
+        to
+    };
+    Ok(Pulled {
+        messages: Vec::new(),
+        next_offset: to,
+        early_empty: false,
+    })
+}
