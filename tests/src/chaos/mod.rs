@@ -842,12 +842,15 @@ async fn wait_for_routes(admin: &Admin) {
     }
 }
 
-/// `target/tmp/<name>-<seconds since the epoch>` next to the test binary's
-/// target directory, or the system's temporary directory.
+/// `target/tmp/<name>-<seconds since the epoch>-<pid>-<n>` next to the test
+/// binary's target directory, or the system's temporary directory; `n`
+/// tells apart the runs of one test process.
 pub fn default_out_dir(target_tmp: Option<&Path>, name: &str) -> PathBuf {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let base = target_tmp.map_or_else(std::env::temp_dir, Path::to_path_buf);
-    base.join(format!("{name}-{stamp}-{}", std::process::id()))
+    base.join(format!("{name}-{stamp}-{}-{n}", std::process::id()))
 }
