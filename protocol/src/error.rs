@@ -61,6 +61,11 @@ pub enum ErrorCode {
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
     QueueNotOwned = 31,
+    /// The request names a member of a consumer group that has not
+    /// heartbeated to this broker since the broker started or since the
+    /// member's connection closed: heartbeat, then try again. Unlike
+    /// [`ErrorCode::QueueNotOwned`] it does not mean the queue moved.
+    HeartbeatRequired = 32,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -96,6 +101,7 @@ impl ErrorCode {
             26 => TooManyTopics,
             30 => GroupActive,
             31 => QueueNotOwned,
+            32 => HeartbeatRequired,
             _ => Unknown,
         }
     }
@@ -130,6 +136,7 @@ impl ErrorCode {
             TooManyTopics => "TOO_MANY_TOPICS",
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
+            HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }
     }
@@ -181,6 +188,7 @@ mod tests {
             ErrorCode::TooManyConnections,
             ErrorCode::TooManyTopics,
             ErrorCode::OffsetOutOfRange,
+            ErrorCode::HeartbeatRequired,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);
         }
