@@ -175,9 +175,9 @@ impl Groups {
         let starting = now < self.start_grace;
         // A reservation ends with the expiry, or when its member comes back
         // without the queue (it let go of it).
-        group.reserved.retain(|q, (id, until)| {
-            *until > now && (*id != beat.client_id || held.contains(q))
-        });
+        group
+            .reserved
+            .retain(|q, (id, until)| *until > now && (*id != beat.client_id || held.contains(q)));
         let changed = match group.members.get_mut(&beat.client_id) {
             Some(m) => {
                 let changed = m.subscriptions != beat.subscriptions
@@ -343,9 +343,8 @@ impl Groups {
                 notify.extend(others(name, g, ""));
             }
         }
-        groups.retain(|_, g| {
-            !g.members.is_empty() || !g.owners.is_empty() || !g.reserved.is_empty()
-        });
+        groups
+            .retain(|_, g| !g.members.is_empty() || !g.owners.is_empty() || !g.reserved.is_empty());
         notify
     }
 
@@ -386,9 +385,8 @@ impl Groups {
                 notify.extend(others(name, g, ""));
             }
         }
-        groups.retain(|_, g| {
-            !g.members.is_empty() || !g.owners.is_empty() || !g.reserved.is_empty()
-        });
+        groups
+            .retain(|_, g| !g.members.is_empty() || !g.owners.is_empty() || !g.reserved.is_empty());
         notify
     }
 
