@@ -25,7 +25,9 @@
 //!
 //! - after the broker starts, a queue the group has read here (it has a
 //!   committed offset) and that nobody owns goes only to a member whose
-//!   heartbeat lists it as held;
+//!   heartbeat lists it as held, unless it had an owner since the start
+//!   (its reader is known then: a member that left or expired since frees
+//!   it as usual);
 //! - after a member's connection closes, the queues it owned or held are
 //!   reserved the same way: it keeps them if it heartbeats again (on a new
 //!   connection) listing them as held; a queue it no longer lists is free
@@ -41,7 +43,7 @@
 //! and a live member heartbeats several times within it. A member leaving
 //! cleanly, or expiring without heartbeats, frees its queues at once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -74,9 +76,22 @@ struct Group {
     /// Queues of members whose connection closed: the member, and until
     /// when nobody else may take the queue (only a member that holds it).
     reserved: HashMap<QueueRef, (String, Instant)>,
+    /// Queues that had an owner since the broker started: whoever read
+    /// them before is known (it claimed them, or let go and left), so the
+    /// start grace no longer applies to them.
+    known: HashSet<QueueRef>,
 }
 
 impl Group {
+    /// Whether the group holds anything worth keeping: members, owners,
+    /// reservations, or what the start grace needs to know.
+    fn in_use(&self) -> bool {
+        !self.members.is_empty()
+            || !self.owners.is_empty()
+            || !self.reserved.is_empty()
+            || !self.known.is_empty()
+    }
+
     /// Clustering members subscribed to `topic`, sorted by id.
     fn subscribed(&self, topic: &str) -> Vec<String> {
         self.members
@@ -243,6 +258,7 @@ impl Groups {
                 if current.is_none() && group.members[&beat.client_id].held.contains(&q) {
                     group.owners.insert(q.clone(), beat.client_id.clone());
                     group.reserved.remove(&q);
+                    group.known.insert(q.clone());
                     current = Some(beat.client_id.clone());
                 }
                 let keep = current.as_ref().is_some_and(|c| {
@@ -252,13 +268,15 @@ impl Groups {
                 // Nobody owns it, but a member the broker forgot may still
                 // read it: it waits for that member (see the module docs).
                 let waits = current.is_none()
-                    && (group.reserved.contains_key(&q) || (starting && read_here(&topic, queue)));
+                    && (group.reserved.contains_key(&q)
+                        || (starting && !group.known.contains(&q) && read_here(&topic, queue)));
                 if !keep && !waits {
                     match desired {
                         Some(d) => {
                             if d != beat.client_id {
                                 handed.insert(d.clone());
                             }
+                            group.known.insert(q.clone());
                             group.owners.insert(q.clone(), d)
                         }
                         None => group.owners.remove(&q),
@@ -339,12 +357,14 @@ impl Groups {
         for (name, g) in groups.iter_mut() {
             let before = g.reserved.len();
             g.reserved.retain(|_, (_, until)| *until > now);
+            if grace_over {
+                g.known = HashSet::new();
+            }
             if grace_over || g.reserved.len() != before {
                 notify.extend(others(name, g, ""));
             }
         }
-        groups
-            .retain(|_, g| !g.members.is_empty() || !g.owners.is_empty() || !g.reserved.is_empty());
+        groups.retain(|_, g| g.in_use());
         notify
     }
 
@@ -385,8 +405,7 @@ impl Groups {
                 notify.extend(others(name, g, ""));
             }
         }
-        groups
-            .retain(|_, g| !g.members.is_empty() || !g.owners.is_empty() || !g.reserved.is_empty());
+        groups.retain(|_, g| g.in_use());
         notify
     }
 
@@ -639,6 +658,16 @@ mod tests {
         // A queue the group never read here is assigned at once.
         let fresh = Groups::new(LONG);
         assert_eq!(beat(&fresh, &c[1], "b", &[], false), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn after_a_start_a_queue_whose_reader_left_since_is_assigned_at_once() {
+        let c = connections(2).await;
+        let groups = Groups::new(LONG);
+        assert_eq!(beat(&groups, &c[0], "a", &[0, 1], true), [0, 1]);
+        groups.leave("g", "a");
+        groups.expire();
+        assert_eq!(beat(&groups, &c[1], "b", &[], true), [0, 1]);
     }
 
     #[tokio::test]
