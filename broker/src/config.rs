@@ -58,6 +58,9 @@ pub struct BrokerConfig {
     /// Transaction timeouts and check-back limits.
     pub transactions: TxConfig,
     /// A consumer without a heartbeat for this long has left its group.
+    /// Also how long, after the broker starts or a consumer's connection
+    /// closes, a queue someone may still read waits for a member that
+    /// holds it (see `groups.rs`).
     pub consumer_expiry: Duration,
     /// Back-off before each redelivery of a message handed back for retry
     /// (the last one repeats).
@@ -368,7 +371,8 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_TRANSACTION_CHECK_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub transaction_check_timeout: Option<Duration>,
-    /// A consumer without a heartbeat for this long has left its group [default: 30s].
+    /// A consumer without a heartbeat for this long has left its group; also how long, after
+    /// the broker starts or a consumer's connection closes, its queues wait for it [default: 30s].
     #[arg(long, env = "TXMQ_CONSUMER_EXPIRY", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub consumer_expiry: Option<Duration>,

@@ -13,8 +13,38 @@
 //! heartbeat came within the expiry. Any change of membership or
 //! subscriptions notifies the other members over their connections, so
 //! they heartbeat at once instead of at their next interval.
+//!
+//! # Queues nobody owns that someone may still read
+//!
+//! The owner table lives in memory. Two faults make the broker forget a
+//! reader while the reader goes on handling what it pulled: the broker
+//! restarts (the table is empty), or a member's connection closes (a blip
+//! is indistinguishable from a crash). Handing such a queue to the first
+//! member that heartbeats would have two members handle it at once (an
+//! ordered queue in two places). So, for one consumer expiry:
+//!
+//! - after the broker starts, a queue the group has read here (it has a
+//!   committed offset) and that nobody owns goes only to a member whose
+//!   heartbeat lists it as held, unless it had an owner since the start
+//!   (its reader is known then: a member that left or expired since frees
+//!   it as usual);
+//! - after a member's connection closes, the queues it owned or held are
+//!   reserved the same way: it keeps them if it heartbeats again (on a new
+//!   connection) listing them as held; a queue it no longer lists is free
+//!   at once; if it does not come back, they are assigned as usual when
+//!   the expiry has passed (members are told then, so they heartbeat at
+//!   once).
+//!
+//! A member that has not heartbeated since the broker started or since its
+//! connection closed is not a member here: its owner-tagged pulls are
+//! refused with `HEARTBEAT_REQUIRED` (retriable; the queue did not move)
+//! until it heartbeats and so says what it holds. One expiry is what a
+//! member that is really gone would have had anyway before it expired,
+//! and a live member heartbeats several times within it. A member leaving
+//! cleanly, or expiring without heartbeats, frees its queues at once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,9 +73,25 @@ struct Group {
     members: BTreeMap<String, Member>,
     /// Current owner of each queue (clustering members only).
     owners: HashMap<QueueRef, String>,
+    /// Queues of members whose connection closed: the member, and until
+    /// when nobody else may take the queue (only a member that holds it).
+    reserved: HashMap<QueueRef, (String, Instant)>,
+    /// Queues that had an owner since the broker started: whoever read
+    /// them before is known (it claimed them, or let go and left), so the
+    /// start grace no longer applies to them.
+    known: HashSet<QueueRef>,
 }
 
 impl Group {
+    /// Whether the group holds anything worth keeping: members, owners,
+    /// reservations, or what the start grace needs to know.
+    fn in_use(&self) -> bool {
+        !self.members.is_empty()
+            || !self.owners.is_empty()
+            || !self.reserved.is_empty()
+            || !self.known.is_empty()
+    }
+
     /// Clustering members subscribed to `topic`, sorted by id.
     fn subscribed(&self, topic: &str) -> Vec<String> {
         self.members
@@ -60,6 +106,21 @@ impl Group {
 pub(crate) struct Groups {
     groups: Mutex<HashMap<String, Group>>,
     expiry: Duration,
+    /// One expiry after the broker started: until then a queue the group
+    /// read here and nobody owns goes only to a member that holds it.
+    start_grace: Instant,
+    /// Whether the members were told that the start grace is over.
+    start_grace_told: AtomicBool,
+}
+
+/// Why a member may not pull a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Another member owns the queue.
+    NotOwner,
+    /// The member has not heartbeated since the broker started or since
+    /// its connection closed.
+    NotMember,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,26 +160,39 @@ pub(crate) fn allocate(queues: u32, members: usize, index: usize) -> std::ops::R
 }
 
 impl Groups {
+    /// The groups of a broker starting now; `expiry` is the consumer
+    /// expiry (also the grace of the start and of a closed connection).
     pub(crate) fn new(expiry: Duration) -> Groups {
         Groups {
             groups: Mutex::new(HashMap::new()),
             expiry,
+            start_grace: Instant::now() + expiry,
+            start_grace_told: AtomicBool::new(false),
         }
     }
 
     /// Records a heartbeat and answers the member's queues on this broker.
-    /// `queues` gives a topic's queue count here (`None`: not served here).
+    /// `queues` gives a topic's queue count here (`None`: not served here);
+    /// `read_here` whether the group has a committed offset for a queue
+    /// here (so a member may still be reading it after a restart).
     /// Returns the assignment and the connections to notify of a change.
     pub(crate) fn heartbeat(
         &self,
         conn: &Connection,
         beat: Beat,
         queues: impl Fn(&str) -> Option<u32>,
+        read_here: impl Fn(&str, u32) -> bool,
     ) -> (Vec<QueueRef>, Notices) {
         let mut groups = lock(&self.groups);
         let group = groups.entry(beat.group.clone()).or_default();
         let now = Instant::now();
         let held: BTreeSet<QueueRef> = beat.held.into_iter().collect();
+        let starting = now < self.start_grace;
+        // A reservation ends with the expiry, or when its member comes back
+        // without the queue (it let go of it).
+        group
+            .reserved
+            .retain(|q, (id, until)| *until > now && (*id != beat.client_id || held.contains(q)));
         let changed = match group.members.get_mut(&beat.client_id) {
             Some(m) => {
                 let changed = m.subscriptions != beat.subscriptions
@@ -183,18 +257,26 @@ impl Groups {
                 // with it until it lets go, as for any other owner.
                 if current.is_none() && group.members[&beat.client_id].held.contains(&q) {
                     group.owners.insert(q.clone(), beat.client_id.clone());
+                    group.reserved.remove(&q);
+                    group.known.insert(q.clone());
                     current = Some(beat.client_id.clone());
                 }
                 let keep = current.as_ref().is_some_and(|c| {
                     Some(c) == desired.as_ref()
                         || group.members.get(c).is_some_and(|m| m.held.contains(&q))
                 });
-                if !keep {
+                // Nobody owns it, but a member the broker forgot may still
+                // read it: it waits for that member (see the module docs).
+                let waits = current.is_none()
+                    && (group.reserved.contains_key(&q)
+                        || (starting && !group.known.contains(&q) && read_here(&topic, queue)));
+                if !keep && !waits {
                     match desired {
                         Some(d) => {
                             if d != beat.client_id {
                                 handed.insert(d.clone());
                             }
+                            group.known.insert(q.clone());
                             group.owners.insert(q.clone(), d)
                         }
                         None => group.owners.remove(&q),
@@ -244,25 +326,55 @@ impl Groups {
         others(group, g, client_id)
     }
 
-    /// Removes every member on a closed connection; returns the groups'
-    /// connections to notify.
+    /// Removes every member on a closed connection, reserving its queues
+    /// for it for one expiry (it may still be handling them); returns the
+    /// groups' connections to notify.
     pub(crate) fn connection_closed(&self, conn_id: u64) -> Notices {
-        self.remove_where(|_, m| m.conn.id() == conn_id)
+        let until = Instant::now() + self.expiry;
+        self.remove_where(|_, m| m.conn.id() == conn_id, Some(until))
     }
 
-    /// Removes members without a heartbeat within the expiry.
+    /// Removes members without a heartbeat within the expiry, and ends
+    /// the reservations and the start grace whose time has passed; returns
+    /// the connections to notify (the members of groups where queues are
+    /// free now).
     pub(crate) fn expire(&self) -> Notices {
         let expiry = self.expiry;
-        self.remove_where(|id, m| {
-            let gone = m.last_seen.elapsed() > expiry;
-            if gone {
-                tracing::info!(client = %id, "consumer expired: no heartbeat within {expiry:?}");
+        let mut notify = self.remove_where(
+            |id, m| {
+                let gone = m.last_seen.elapsed() > expiry;
+                if gone {
+                    tracing::info!(client = %id, "consumer expired: no heartbeat within {expiry:?}");
+                }
+                gone
+            },
+            None,
+        );
+        let now = Instant::now();
+        let grace_over =
+            now >= self.start_grace && !self.start_grace_told.swap(true, Ordering::AcqRel);
+        let mut groups = lock(&self.groups);
+        for (name, g) in groups.iter_mut() {
+            let before = g.reserved.len();
+            g.reserved.retain(|_, (_, until)| *until > now);
+            if grace_over {
+                g.known = HashSet::new();
             }
-            gone
-        })
+            if grace_over || g.reserved.len() != before {
+                notify.extend(others(name, g, ""));
+            }
+        }
+        groups.retain(|_, g| g.in_use());
+        notify
     }
 
-    fn remove_where(&self, gone: impl Fn(&str, &Member) -> bool) -> Notices {
+    /// Removes the members `gone` picks; with `reserve_until`, what they
+    /// owned or held waits for them until then.
+    fn remove_where(
+        &self,
+        gone: impl Fn(&str, &Member) -> bool,
+        reserve_until: Option<Instant>,
+    ) -> Notices {
         let mut groups = lock(&self.groups);
         let mut notify = Vec::new();
         for (name, g) in groups.iter_mut() {
@@ -273,19 +385,60 @@ impl Groups {
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in &ids {
-                g.members.remove(id);
+                let Some(m) = g.members.remove(id) else {
+                    continue;
+                };
+                if let Some(until) = reserve_until {
+                    let owned: Vec<QueueRef> = g
+                        .owners
+                        .iter()
+                        .filter(|(_, o)| *o == id)
+                        .map(|(q, _)| q.clone())
+                        .collect();
+                    for q in owned.into_iter().chain(m.held) {
+                        g.reserved.insert(q, (id.clone(), until));
+                    }
+                }
                 release(g, id);
             }
             if !ids.is_empty() {
                 notify.extend(others(name, g, ""));
             }
         }
-        groups.retain(|_, g| !g.members.is_empty() || !g.owners.is_empty());
+        groups.retain(|_, g| g.in_use());
         notify
     }
 
-    /// Whether `client_id` may read or commit a queue of `group`: yes unless
-    /// the queue is owned by another member.
+    /// Whether `client_id` may pull a queue of `group` as its member: not
+    /// when another member owns it, nor before the member heartbeated
+    /// since the broker started or since its connection closed (it has not
+    /// said what it holds yet).
+    pub(crate) fn may_pull(
+        &self,
+        group: &str,
+        client_id: &str,
+        topic: &str,
+        queue: u32,
+    ) -> Result<(), Refusal> {
+        let groups = lock(&self.groups);
+        let Some(g) = groups.get(group) else {
+            return Err(Refusal::NotMember);
+        };
+        let q = QueueRef {
+            topic: topic.to_string(),
+            queue,
+        };
+        if g.owners.get(&q).is_some_and(|o| o != client_id) {
+            return Err(Refusal::NotOwner);
+        }
+        if !g.members.contains_key(client_id) {
+            return Err(Refusal::NotMember);
+        }
+        Ok(())
+    }
+
+    /// Whether `client_id` may commit a queue of `group`: yes unless the
+    /// queue is owned by another member.
     pub(crate) fn may_use(&self, group: &str, client_id: &str, topic: &str, queue: u32) -> bool {
         let groups = lock(&self.groups);
         let Some(g) = groups.get(group) else {
@@ -407,7 +560,176 @@ pub(crate) async fn run_expiry(groups: Arc<Groups>, shutdown: tokio_util::sync::
 
 #[cfg(test)]
 mod tests {
-    use super::allocate;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use txmq_protocol::{
+        ErrorCode, Hello, QueueRef, Request, Response, Role, Subscription, WireError,
+        PROTOCOL_VERSION,
+    };
+    use txmq_remoting::connection_types::BoxFuture;
+    use txmq_remoting::{Connection, ConnectionConfig, Service};
+
+    use super::{allocate, Beat, Groups, Refusal};
+
+    struct Nothing;
+
+    impl Service for Nothing {
+        fn call(&self, _: &Connection, _: Request) -> BoxFuture<Result<Response, WireError>> {
+            Box::pin(std::future::ready(Err(WireError::new(
+                ErrorCode::UnsupportedRequest,
+                "nothing served",
+            ))))
+        }
+    }
+
+    /// `n` loopback connections (the table only keeps them, for their ids
+    /// and for notices).
+    async fn connections(n: usize) -> Vec<Connection> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(txmq_remoting::server::serve(
+            listener,
+            Arc::new(Nothing),
+            ConnectionConfig::default(),
+            CancellationToken::new(),
+        ));
+        let mut conns = Vec::new();
+        for i in 0..n {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Consumer,
+                client_id: format!("c{i}"),
+                group: Some("g".into()),
+            };
+            conns.push(
+                Connection::connect(&addr, hello, None, ConnectionConfig::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+        conns
+    }
+
+    /// A heartbeat of `id` on `conn` for topic "t" (2 queues here), holding
+    /// `held`, with `read` saying whether the group read a queue here;
+    /// returns the queues assigned.
+    fn beat(groups: &Groups, conn: &Connection, id: &str, held: &[u32], read: bool) -> Vec<u32> {
+        let beat = Beat {
+            group: "g".into(),
+            client_id: id.into(),
+            subscriptions: vec![Subscription {
+                topic: "t".into(),
+                expression: "*".into(),
+            }],
+            broadcast: false,
+            held: held
+                .iter()
+                .map(|&queue| QueueRef {
+                    topic: "t".into(),
+                    queue,
+                })
+                .collect(),
+        };
+        let (assigned, _) = groups.heartbeat(conn, beat, |_| Some(2), |_, _| read);
+        assigned.into_iter().map(|q| q.queue).collect()
+    }
+
+    const LONG: Duration = Duration::from_secs(600);
+
+    #[tokio::test]
+    async fn after_a_start_a_queue_read_here_goes_only_to_its_holder() {
+        let c = connections(2).await;
+        let groups = Groups::new(LONG);
+        assert_eq!(beat(&groups, &c[1], "b", &[], true), Vec::<u32>::new());
+        assert_eq!(
+            groups.may_pull("g", "a", "t", 0),
+            Err(Refusal::NotMember),
+            "a has not heartbeated since the start"
+        );
+        assert_eq!(beat(&groups, &c[0], "a", &[0], true), [0]);
+        assert_eq!(groups.may_pull("g", "a", "t", 0), Ok(()));
+        assert_eq!(groups.may_pull("g", "b", "t", 0), Err(Refusal::NotOwner));
+        // Queue 1 is b's share, but a member the broker does not know yet
+        // may be reading it.
+        assert_eq!(beat(&groups, &c[1], "b", &[], true), Vec::<u32>::new());
+
+        // A queue the group never read here is assigned at once.
+        let fresh = Groups::new(LONG);
+        assert_eq!(beat(&fresh, &c[1], "b", &[], false), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn after_a_start_a_queue_whose_reader_left_since_is_assigned_at_once() {
+        let c = connections(2).await;
+        let groups = Groups::new(LONG);
+        assert_eq!(beat(&groups, &c[0], "a", &[0, 1], true), [0, 1]);
+        groups.leave("g", "a");
+        groups.expire();
+        assert_eq!(beat(&groups, &c[1], "b", &[], true), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn after_the_start_grace_queues_are_assigned_as_usual() {
+        let c = connections(2).await;
+        let groups = Groups::new(Duration::from_millis(30));
+        assert_eq!(beat(&groups, &c[0], "a", &[0], true), [0]);
+        assert_eq!(beat(&groups, &c[1], "b", &[], true), Vec::<u32>::new());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        groups.expire();
+        assert_eq!(beat(&groups, &c[1], "b", &[], true), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_members_queues_wait_for_it_and_it_keeps_what_it_holds() {
+        let c = connections(3).await;
+        let groups = Groups::new(LONG);
+        assert_eq!(beat(&groups, &c[0], "a", &[], false), [0, 1]);
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), Vec::<u32>::new());
+        groups.connection_closed(c[0].id());
+        assert_eq!(groups.may_pull("g", "a", "t", 0), Err(Refusal::NotMember));
+        assert_eq!(
+            beat(&groups, &c[1], "b", &[], false),
+            Vec::<u32>::new(),
+            "a may still handle both"
+        );
+        // a is back on a new connection, still reading queue 0 only: queue
+        // 1 is free at once.
+        assert_eq!(beat(&groups, &c[2], "a", &[0], false), [0]);
+        assert_eq!(groups.may_pull("g", "a", "t", 0), Ok(()));
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), [1]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_members_queues_move_when_the_expiry_has_passed() {
+        let c = connections(2).await;
+        let groups = Groups::new(Duration::from_millis(200));
+        assert_eq!(beat(&groups, &c[0], "a", &[], false), [0, 1]);
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), Vec::<u32>::new());
+        groups.connection_closed(c[0].id());
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), Vec::<u32>::new());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // b heartbeats within its expiry; the reservation runs out later.
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), Vec::<u32>::new());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let notices = groups.expire();
+        assert!(
+            notices.iter().any(|(_, conn)| conn.id() == c[1].id()),
+            "b is told that queues are free"
+        );
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_leaving_member_frees_its_queues_at_once() {
+        let c = connections(2).await;
+        let groups = Groups::new(LONG);
+        assert_eq!(beat(&groups, &c[0], "a", &[], false), [0, 1]);
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), Vec::<u32>::new());
+        groups.leave("g", "a");
+        assert_eq!(beat(&groups, &c[1], "b", &[], false), [0, 1]);
+    }
 
     #[test]
     fn allocated_to_inverts_allocate() {

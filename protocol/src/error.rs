@@ -64,6 +64,11 @@ pub enum ErrorCode {
     GroupActive = 30,
     /// The queue is assigned to another member of the group (a rebalance moved it).
     QueueNotOwned = 31,
+    /// The request names a member of a consumer group that has not
+    /// heartbeated to this broker since the broker started or since the
+    /// member's connection closed: heartbeat, then try again. Unlike
+    /// [`ErrorCode::QueueNotOwned`] it does not mean the queue moved.
+    HeartbeatRequired = 32,
     /// The broker name is held by another live broker (another address):
     /// the registration, or an unregister from elsewhere, was refused.
     BrokerNameTaken = 40,
@@ -103,6 +108,7 @@ impl ErrorCode {
             28 => Busy,
             30 => GroupActive,
             31 => QueueNotOwned,
+            32 => HeartbeatRequired,
             40 => BrokerNameTaken,
             _ => Unknown,
         }
@@ -140,6 +146,7 @@ impl ErrorCode {
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
             BrokerNameTaken => "BROKER_NAME_TAKEN",
+            HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }
     }
@@ -193,6 +200,7 @@ mod tests {
             ErrorCode::Busy,
             ErrorCode::OffsetOutOfRange,
             ErrorCode::BrokerNameTaken,
+            ErrorCode::HeartbeatRequired,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);
         }

@@ -64,9 +64,12 @@ pub(super) async fn heartbeat(
         broadcast: req.broadcast,
         held: req.held,
     };
-    let (assigned, notices) = b
-        .groups
-        .heartbeat(conn, beat, |t| b.topics.get(t).map(|c| c.queues));
+    let (assigned, notices) = b.groups.heartbeat(
+        conn,
+        beat,
+        |t| b.topics.get(t).map(|c| c.queues),
+        |t, q| b.store.committed_offset(&group, t, q).is_some(),
+    );
     if !notices.is_empty() {
         tracing::debug!(%group, notified = notices.len(), "consumer group changed");
     }
@@ -296,9 +299,47 @@ fn first_at_or_after(
     Ok(lo)
 }
 
-/// Refuses a member's pull or commit of a queue another member owns (a
-/// rebalance moved it): the old reader stops, and cannot move the new
-/// owner's position back.
+/// Refuses a member's pull of a queue another member owns (a rebalance
+/// moved it: QUEUE_NOT_OWNED, the reader stops), or of any queue before
+/// the member heartbeated since the broker started or since its
+/// connection closed (HEARTBEAT_REQUIRED: retriable; the member is asked
+/// over `conn` to heartbeat at once). See [`crate::groups`].
+pub(super) fn check_reader(
+    b: &BrokerInner,
+    conn: &Connection,
+    owner: Option<&QueueOwner>,
+    topic: &str,
+    queue: u32,
+) -> Result<(), WireError> {
+    let Some(o) = owner else { return Ok(()) };
+    match b.groups.may_pull(&o.group, &o.client_id, topic, queue) {
+        Ok(()) => Ok(()),
+        Err(groups::Refusal::NotOwner) => Err(not_owner(b, &o.group, topic, queue)),
+        Err(groups::Refusal::NotMember) => {
+            groups::notify(vec![(o.group.clone(), conn.clone())]);
+            Err(WireError::new(
+                ErrorCode::HeartbeatRequired,
+                format!(
+                    "consumer '{}' has not heartbeated to broker {} as a member of group '{}' since the broker started or since its connection closed; it may pull queue {queue} of '{topic}' once it has",
+                    o.client_id, b.config.broker_name, o.group
+                ),
+            ))
+        }
+    }
+}
+
+fn not_owner(b: &BrokerInner, group: &str, topic: &str, queue: u32) -> WireError {
+    WireError::new(
+        ErrorCode::QueueNotOwned,
+        format!(
+            "queue {queue} of '{topic}' on broker {} is assigned to another member of group '{group}'",
+            b.config.broker_name
+        ),
+    )
+}
+
+/// Refuses a member's commit of a queue another member owns (a rebalance
+/// moved it): the old reader cannot move the new owner's position back.
 pub(super) fn check_owner(
     b: &BrokerInner,
     owner: Option<&QueueOwner>,
@@ -306,13 +347,9 @@ pub(super) fn check_owner(
     queue: u32,
 ) -> Result<(), WireError> {
     match owner {
-        Some(o) if !b.groups.may_use(&o.group, &o.client_id, topic, queue) => Err(WireError::new(
-            ErrorCode::QueueNotOwned,
-            format!(
-                "queue {queue} of '{topic}' on broker {} is assigned to another member of group '{}'",
-                b.config.broker_name, o.group
-            ),
-        )),
+        Some(o) if !b.groups.may_use(&o.group, &o.client_id, topic, queue) => {
+            Err(not_owner(b, &o.group, topic, queue))
+        }
         _ => Ok(()),
     }
 }

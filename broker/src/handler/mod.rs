@@ -86,7 +86,7 @@ impl Service for BrokerService {
             match request {
                 Request::Ping(_) => Ok(Response::Ping(Pong {})),
                 Request::Send(r) => send::handle(&b, r, more_coming).await.map(Response::Send),
-                Request::Pull(r) => pull::handle(&b, r).await.map(Response::Pull),
+                Request::Pull(r) => pull::handle(&b, &conn, r).await.map(Response::Pull),
                 Request::CommitOffset(r) => offset::commit(&b, r).await.map(Response::CommitOffset),
                 Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),
                 Request::CreateTopic(r) => topic::create(&b, r).await.map(Response::CreateTopic),

@@ -2,10 +2,16 @@
 //!
 //! An empty pull waits on the queue's notification (woken when messages
 //! become visible), not on a timer loop, up to the request's deadline.
+//!
+//! A member's pull (one that names its group and client id) is checked
+//! against the group's owners when it starts and again before a pull that
+//! waited answers: a queue that moved to another member meanwhile is
+//! answered with QUEUE_NOT_OWNED, not with messages the new owner reads too.
 
 use std::time::Duration;
 
 use txmq_protocol::{ErrorCode, PullRequest, PullResult, WireError, PERM_READ};
+use txmq_remoting::Connection;
 
 use super::{bad_argument, existing_queue, store_error};
 use crate::BrokerInner;
@@ -21,7 +27,11 @@ const MAX_SKIP_ROUNDS: u32 = 64;
 /// The longest a pull may wait.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResult, WireError> {
+pub(super) async fn handle(
+    b: &BrokerInner,
+    conn: &Connection,
+    req: PullRequest,
+) -> Result<PullResult, WireError> {
     let config = existing_queue(b, &req.topic, req.queue)?;
     if config.perm & PERM_READ == 0 {
         return Err(WireError::new(
@@ -35,7 +45,7 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
     if req.tag_filter.len() > MAX_TAGS {
         return Err(bad_argument(format!("at most {MAX_TAGS} tags in a filter")));
     }
-    super::group::check_owner(b, req.owner.as_ref(), &req.topic, req.queue)?;
+    super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
     if req.max_messages == 0 || req.max_messages > MAX_MESSAGES {
         return Err(bad_argument(format!(
             "max messages must be between 1 and {MAX_MESSAGES}"
@@ -49,6 +59,7 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
         tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms).min(MAX_WAIT);
     let mut offset = req.offset;
     let mut skipped = 0;
+    let mut waited = false;
     loop {
         // Register interest before looking, so an arrival in between still wakes us.
         let arrived = queue.arrived.notified();
@@ -78,6 +89,9 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
         let waiting_for_more =
             r.messages.is_empty() && offset >= r.max_offset && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
+            if waited {
+                super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
+            }
             return Ok(PullResult {
                 messages: r.messages,
                 next_offset: r.next_offset,
@@ -90,6 +104,7 @@ pub(super) async fn handle(b: &BrokerInner, req: PullRequest) -> Result<PullResu
             _ = tokio::time::sleep_until(deadline) => {}
             _ = b.shutdown.cancelled() => {}
         }
+        waited = true;
         if b.shutdown.is_cancelled() {
             return Err(WireError::new(
                 ErrorCode::StoreUnavailable,
