@@ -256,6 +256,12 @@ async fn consume<H: MessageHandler>(
                         lost = true;
                         break;
                     }
+                    Err(e) if e.code() == Some(ErrorCode::HeartbeatRequired) => {
+                        // The broker restarted or the connection was new: it
+                        // asked this member to heartbeat, which is under way.
+                        tracing::debug!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the broker waits for a heartbeat; pulling again shortly");
+                        pull_delay = MIN_BACKOFF;
+                    }
                     Err(e) => {
                         tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "pull failed; retrying");
                         pull_delay = backoff;
