@@ -799,10 +799,12 @@ async fn a_prepare_that_timed_out_is_never_retried_on_another_broker() {
     let mut once = bodies.clone();
     once.dedup();
     assert_eq!(bodies, once, "a message visible twice");
-    assert_eq!(
-        bodies.len(),
-        6,
-        "every prepare stored and committed: {bodies:?}"
+    // A prepare that timed out on broker-a may or may not be stored there:
+    // after two silent timeouts in a row the client closes the connection,
+    // and the proxy drops what it still held back.
+    assert!(
+        bodies.len() >= on_b && bodies.len() <= 6,
+        "{on_b} prepares committed on broker-b, consumed {bodies:?}"
     );
     assert!(
         on_b > 0 && failed > 0,
