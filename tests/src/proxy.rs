@@ -7,6 +7,9 @@
 //!
 //! The broker advertises the proxy's address (`txmq-broker
 //! --advertise-addr`), so every client reaches it only through the proxy.
+//! [`Proxy::black_hole`] partitions one client from the broker: the proxy
+//! reads each connection's hello, and from then on drops every byte of the
+//! connections of matching client ids, both ways, keeping them open.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +53,8 @@ struct Inner {
     delay: Mutex<Option<(Duration, Duration)>>,
     /// Armed by [`Proxy::drop_next_reply`] until a connection claims it.
     drop_armed: AtomicBool,
+    /// Client id prefixes whose connections pass nothing ([`Proxy::black_hole`]).
+    black_holes: Mutex<Vec<String>>,
     rng: Mutex<Rng>,
     accepted: AtomicU64,
     cut_count: AtomicU64,
@@ -75,6 +80,7 @@ impl Proxy {
             cut: Mutex::new(CancellationToken::new()),
             delay: Mutex::new(None),
             drop_armed: AtomicBool::new(false),
+            black_holes: Mutex::new(Vec::new()),
             rng: Mutex::new(Rng::new(u64::from(addr.port()))),
             accepted: AtomicU64::new(0),
             cut_count: AtomicU64::new(0),
@@ -125,10 +131,19 @@ impl Proxy {
         self.inner.drop_armed.load(Ordering::SeqCst)
     }
 
-    /// Removes every fault: no delay, no armed drop.
+    /// Drops every byte, both ways, of the connections (open ones and new
+    /// ones) whose hello names a client id starting with `client_id`,
+    /// keeping them open: that client is cut off from the broker without
+    /// either side seeing a close, as behind a firewall that drops packets.
+    pub fn black_hole(&self, client_id: &str) {
+        lock(&self.inner.black_holes).push(client_id.to_string());
+    }
+
+    /// Removes every fault: no delay, no armed drop, no black hole.
     pub fn heal(&self) {
         self.set_delay(None);
         self.inner.drop_armed.store(false, Ordering::SeqCst);
+        lock(&self.inner.black_holes).clear();
     }
 
     /// What the proxy did so far.
@@ -175,6 +190,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: Cancellatio
             let conn = Arc::new(Conn {
                 victim: AtomicBool::new(false),
                 close: cut,
+                client_id: std::sync::OnceLock::new(),
             });
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
@@ -208,6 +224,37 @@ struct Conn {
     victim: AtomicBool,
     /// Cancelled to close both sides.
     close: CancellationToken,
+    /// The client id its hello named, once read.
+    client_id: std::sync::OnceLock<String>,
+}
+
+impl Conn {
+    fn black_holed(&self, inner: &Inner) -> bool {
+        self.client_id.get().is_some_and(|id| {
+            lock(&inner.black_holes)
+                .iter()
+                .any(|prefix| id.starts_with(prefix.as_str()))
+        })
+    }
+}
+
+/// Reads the client id from a connection's first bytes once they hold the
+/// whole hello frame.
+fn read_hello(conn: &Conn, first: &mut BytesMut, chunk: &[u8]) {
+    use tokio_util::codec::Decoder;
+    if conn.client_id.get().is_some() || first.len() > 64 * 1024 {
+        return;
+    }
+    first.extend_from_slice(chunk);
+    let mut codec = txmq_protocol::FrameCodec::new(txmq_protocol::DEFAULT_MAX_FRAME_LEN);
+    let mut probe = first.clone();
+    if let Ok(Some(txmq_protocol::codec::Decoded::Frame(txmq_protocol::Frame::Request(
+        _,
+        txmq_protocol::Request::Hello(hello),
+    )))) = codec.decode(&mut probe)
+    {
+        let _ = conn.client_id.set(hello.client_id);
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -231,6 +278,7 @@ async fn pump(
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, Bytes)>();
     let writer = tokio::spawn(write_out(to, rx, conn.close.clone()));
     let mut last_due = Instant::now();
+    let mut first = BytesMut::new();
     loop {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let n = tokio::select! {
@@ -240,6 +288,12 @@ async fn pump(
         match n {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
+        }
+        if dir == Direction::Up {
+            read_hello(&conn, &mut first, &buf);
+        }
+        if conn.black_holed(&inner) {
+            continue;
         }
         match dir {
             Direction::Up => {

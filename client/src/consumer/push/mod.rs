@@ -280,6 +280,8 @@ pub(crate) struct Shared<H> {
     pub(crate) released: std::sync::atomic::AtomicU64,
     /// The shortest member expiry the brokers announced, in ms (0: none yet).
     pub(crate) broker_expiry_ms: std::sync::atomic::AtomicU64,
+    /// When the last heartbeat each broker answered was sent, by broker name.
+    pub(crate) answered: dashmap::DashMap<String, std::time::Instant>,
     /// Queues given up without their final commit stored.
     pub(crate) commit_failures: std::sync::atomic::AtomicU64,
     /// Broadcasting: each queue's position, kept here only.
@@ -563,6 +565,7 @@ impl PushConsumerBuilder {
             released: std::sync::atomic::AtomicU64::new(0),
             commit_failures: std::sync::atomic::AtomicU64::new(0),
             broker_expiry_ms: std::sync::atomic::AtomicU64::new(0),
+            answered: dashmap::DashMap::new(),
             local_offsets: Mutex::new(HashMap::new()),
             rebalance,
             cancel: CancellationToken::new(),

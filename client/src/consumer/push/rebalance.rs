@@ -131,12 +131,15 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                 })
         }
     });
+    // The brokers' expiry clocks started no earlier than this.
+    let sent = std::time::Instant::now();
     let answers = join_all(beats).await;
     let mut answered = HashSet::new();
     let mut wanted = HashSet::new();
     for answer in answers {
         match answer {
             Ok((broker, assigned)) => {
+                shared.answered.insert(broker.clone(), sent);
                 answered.insert(broker.clone());
                 wanted.extend(assigned.into_iter().map(|q| QueueId {
                     broker_name: broker.clone(),

@@ -194,12 +194,23 @@ async fn consume<H: MessageHandler>(
     let mut released = false;
     let mut lost = false;
     let mut drain_deadline = None;
+    let mut fence_logged = false;
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let room = progress.count < settings.max_queued_messages
             && progress.bytes < settings.max_queued_bytes;
-        if pulling.is_none() && !released && room {
+        let cut_off = fenced(shared, &key.broker_name);
+        if cut_off != fence_logged {
+            fence_logged = cut_off;
+            if cut_off {
+                tracing::warn!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue,
+                    "no heartbeat answered by the broker for two thirds of its consumer expiry: pausing the queue, which another member may own soon");
+            } else {
+                tracing::info!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the broker answers heartbeats again: the queue goes on");
+            }
+        }
+        if pulling.is_none() && !released && room && !cut_off {
             pulling = Some(Box::pin(pull(
                 shared,
                 key,
@@ -208,7 +219,7 @@ async fn consume<H: MessageHandler>(
                 pull_delay,
             )));
         }
-        if settings.orderly && handling.is_empty() {
+        if settings.orderly && handling.is_empty() && !cut_off {
             if let Some(m) = waiting.pop_front() {
                 handling.push(handle(shared, key, m));
             }
@@ -323,6 +334,28 @@ enum Committed {
     Failed,
     /// Refused: the queue belongs to another member now.
     NotOwner,
+}
+
+/// Whether this member must stop taking new messages of a queue of
+/// `broker`: the broker has answered no heartbeat sent in the last two
+/// thirds of its consumer expiry, so it may expire this member and give the
+/// queue to another one any moment (a member cut off from its broker keeps
+/// running). Handlers already running finish. As RocketMQ's orderly
+/// consumer lets its queue lock lapse on the client before the broker's.
+fn fenced<H>(shared: &Shared<H>, broker: &str) -> bool {
+    if shared.settings.broadcast {
+        return false;
+    }
+    let expiry = shared
+        .broker_expiry_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if expiry == 0 {
+        return false;
+    }
+    shared
+        .answered
+        .get(broker)
+        .is_some_and(|at| at.elapsed() >= Duration::from_millis(expiry * 2 / 3))
 }
 
 fn not_owner(e: &Error) -> bool {
