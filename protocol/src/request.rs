@@ -732,6 +732,17 @@ pub struct SendBack {
     pub max_reconsume_times: u32,
     /// Straight to the dead-letter topic.
     pub dead_letter: bool,
+    /// The message's id: the broker refuses (`OFFSET_OUT_OF_RANGE`) when
+    /// the record at `log_offset` is another message (the log was cut short
+    /// and written again).
+    #[serde(default)]
+    pub msg_id: Option<MsgId>,
+    /// The message itself, as the consumer received it, for when its record
+    /// is gone (retention, or a log cut short): the broker hands this back
+    /// instead of reading `log_offset`. RocketMQ's consumer sends such a
+    /// message to the retry topic itself.
+    #[serde(default)]
+    pub message: Option<Box<StoredMessage>>,
 }
 
 /// Where a handed-back message went.

@@ -245,6 +245,8 @@ fn request() -> impl Strategy<Value = Request> {
                         delay_ms,
                         max_reconsume_times,
                         dead_letter,
+                        msg_id: None,
+                        message: None,
                     })
                 }
             ),

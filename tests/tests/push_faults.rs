@@ -524,3 +524,135 @@ async fn a_queue_cut_short_is_read_again_from_the_groups_committed_offset() {
 async fn a_pull_consumer_reads_a_queue_cut_short_again_from_the_groups_committed_offset() {
     queue_cut_short(true).await;
 }
+
+/// A message asked to be retried whose record is gone from the broker by
+/// then (the broker came back with its log cut short, as after a power cut
+/// under async flush, and another message now stands at its log offset):
+/// the consumer hands back its own copy, so the message itself reaches the
+/// retry topic and comes again; neither the message standing at its old
+/// offset is handed back instead, nor is the message only retried here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_record_is_gone_is_handed_back_from_the_consumers_copy() {
+    client_log();
+    let (topic, group) = ("gone", "gone-g");
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("b");
+    let copy = dir.path().join("copy");
+    let mut broker = start_broker(&data, &ns, "broker-a", &[]).await;
+    create_topic(&ns, topic, 1).await;
+    let producer = Producer::builder().nameserver(&ns).build().await.unwrap();
+    // The state the broker comes back to: the topic, nothing in it.
+    tokio::task::block_in_place(|| {
+        assert_eq!(broker.stop(), Some(0), "the broker stops cleanly");
+        copy_dir(&data, &copy);
+        broker.restart();
+    });
+    wait_for_broker(&ns, "broker-a").await;
+    wait_for_route(&ns, topic, &["broker-a"]).await;
+
+    // (body, reconsume times) of every handling; `x` waits in its first
+    // handling until `release`, then asks to be retried.
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let entered = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let consumer = {
+        let (seen, entered, release) = (seen.clone(), entered.clone(), release.clone());
+        PushConsumer::builder()
+            .nameserver(&ns)
+            .group(group)
+            .subscribe(topic, "*")
+            .commit_interval(Duration::from_millis(100))
+            .rebalance_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(300))
+            .request_timeout(Duration::from_millis(500))
+            .route_refresh_interval(Duration::from_millis(300))
+            .start(handler_fn(move |m: &ReceivedMessage| {
+                let (b, times) = (body(m), m.reconsume_times());
+                seen.lock().unwrap().push((b.clone(), times));
+                let wait = b == "x" && times == 0;
+                if wait {
+                    entered.store(true, Ordering::SeqCst);
+                }
+                let release = release.clone();
+                async move {
+                    if wait {
+                        release.notified().await;
+                        return ConsumeResult::Retry {
+                            delay: Some(Duration::from_millis(200)),
+                        };
+                    }
+                    ConsumeResult::Success
+                }
+            }))
+            .await
+            .unwrap()
+    };
+    send_all(&producer, topic, &["x"]).await;
+    wait_until("x handled", Duration::from_secs(10), || {
+        entered.load(Ordering::SeqCst)
+    })
+    .await;
+
+    // The broker loses x; y takes its place in the log.
+    tokio::task::block_in_place(|| {
+        assert_eq!(broker.stop(), Some(0), "the broker stops cleanly");
+        std::fs::remove_dir_all(&data).unwrap();
+        copy_dir(&copy, &data);
+        broker.restart();
+    });
+    wait_for_broker(&ns, "broker-a").await;
+    wait_for_route(&ns, topic, &["broker-a"]).await;
+    // Once the reader saw its queue cut short (a queue that grew back to
+    // its old length before the next pull cannot be told apart yet).
+    wait_until("the rewind", Duration::from_secs(10), || {
+        !log_lines_with(&["the queue ends below this reader's position", "topic=gone "]).is_empty()
+    })
+    .await;
+    send_all(&producer, topic, &["y"]).await;
+    wait_until("y handled", Duration::from_secs(15), || {
+        seen.lock().unwrap().iter().any(|(b, _)| b == "y")
+    })
+    .await;
+    release.notify_one();
+
+    // x comes back from the retry topic.
+    let admin = txmq::Admin::connect([ns.as_str()]).await.unwrap();
+    let retry_topic = format!("%RETRY%{group}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let handed_back = stored_bodies(&admin, &retry_topic).await;
+        let again = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(b, t)| b == "x" && *t == 1);
+        if handed_back.iter().any(|b| b == "x") && again {
+            assert!(
+                !handed_back.iter().any(|b| b == "y"),
+                "y was handed back in x's place: {handed_back:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "x never reached the retry topic (it holds {handed_back:?}); handled {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ys: Vec<u32> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(b, _)| b == "y")
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(ys, [0], "y is handled once, as itself");
+    consumer.shutdown().await.unwrap();
+    producer.close();
+    admin.close();
+    drop(broker);
+    cluster.shutdown().await;
+}

@@ -95,25 +95,40 @@ fn backoff_ms(b: &BrokerInner, attempt: u32) -> u64 {
 
 pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack, WireError> {
     validate_group(&req.group)?;
-    let Some((record, _)) = b.store.read_record_at(req.log_offset) else {
-        return Err(WireError::new(
-            ErrorCode::OffsetOutOfRange,
-            format!(
-                "no message at log offset {} on broker {}",
-                req.log_offset, b.config.broker_name
-            ),
-        ));
+    let (mut message, queue) = match req.message {
+        // The consumer's copy, for a record that is gone.
+        Some(stored) => (stored.message, stored.queue),
+        None => {
+            let Some((record, _)) = b.store.read_record_at(req.log_offset) else {
+                return Err(WireError::new(
+                    ErrorCode::OffsetOutOfRange,
+                    format!(
+                        "no message at log offset {} on broker {}",
+                        req.log_offset, b.config.broker_name
+                    ),
+                ));
+            };
+            if !matches!(
+                record.kind,
+                RecordKind::Message | RecordKind::Delayed | RecordKind::DelayedCopy
+            ) {
+                return Err(bad_argument(format!(
+                    "the record at log offset {} is not a message",
+                    req.log_offset
+                )));
+            }
+            if let Some(id) = req.msg_id.filter(|id| *id != record.message.msg_id) {
+                return Err(WireError::new(
+                    ErrorCode::OffsetOutOfRange,
+                    format!(
+                        "the message at log offset {} on broker {} is {}, not {id}: the log was cut short and written again",
+                        req.log_offset, b.config.broker_name, record.message.msg_id
+                    ),
+                ));
+            }
+            (record.message, record.queue)
+        }
     };
-    if !matches!(
-        record.kind,
-        RecordKind::Message | RecordKind::Delayed | RecordKind::DelayedCopy
-    ) {
-        return Err(bad_argument(format!(
-            "the record at log offset {} is not a message",
-            req.log_offset
-        )));
-    }
-    let mut message = record.message;
     let props = &mut message.properties;
     let reconsumed: u32 = props
         .get(PROPERTY_RECONSUME_TIMES)
@@ -122,7 +137,7 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
     let attempt = reconsumed.saturating_add(1);
     if !props.contains_key(PROPERTY_REAL_TOPIC) {
         props.insert(PROPERTY_REAL_TOPIC.into(), message.topic.clone());
-        props.insert(PROPERTY_REAL_QUEUE.into(), record.queue.to_string());
+        props.insert(PROPERTY_REAL_QUEUE.into(), queue.to_string());
     }
     props.remove(PROPERTY_DELIVER_AT);
     props.insert(PROPERTY_RECONSUME_TIMES.into(), attempt.to_string());

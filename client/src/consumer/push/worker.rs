@@ -534,16 +534,26 @@ async fn send_back<H>(
     dead_letter: bool,
 ) -> Result<()> {
     let (addr, conn) = shared.connect(&key.broker_name).await?;
-    let sent = conn
-        .call(SendBack {
-            group: shared.group.clone(),
-            log_offset: message.stored.log_offset,
-            delay_ms: delay.map(|d| d.as_millis() as u64),
-            max_reconsume_times: shared.settings.max_reconsume_times,
-            dead_letter,
-        })
-        .await
-        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+    let mut request = SendBack {
+        group: shared.group.clone(),
+        log_offset: message.stored.log_offset,
+        delay_ms: delay.map(|d| d.as_millis() as u64),
+        max_reconsume_times: shared.settings.max_reconsume_times,
+        dead_letter,
+        msg_id: Some(message.stored.message.msg_id),
+        message: None,
+    };
+    let sent = match conn.call(request.clone()).await {
+        Err(e) if e.remote().is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) => {
+            // Its record is gone, or the log was cut short and another
+            // message stands there now: hand back this copy instead.
+            tracing::info!(msg_id = %message.msg_id(), error = %e, "the message's record is gone from the broker; handing back the copy received");
+            request.message = Some(Box::new(message.stored.clone()));
+            conn.call(request).await
+        }
+        other => other,
+    }
+    .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
     tracing::debug!(msg_id = %message.msg_id(), topic = %sent.topic, attempt = sent.reconsume_times, "handed back");
     Ok(())
 }
