@@ -84,6 +84,9 @@ pub(crate) struct BrokerInner {
     pub(crate) registered_version: tokio::sync::watch::Sender<u64>,
     pub(crate) transactions: Arc<transaction::Transactions>,
     pub(crate) groups: Arc<groups::Groups>,
+    /// This run, for readers to tell it from earlier ones (its start time in
+    /// ms, later than any earlier run's).
+    pub(crate) epoch: u64,
     pub(crate) shutdown: CancellationToken,
     /// Connections greeted and not yet closed (`--max-connections`).
     pub(crate) connections: std::sync::atomic::AtomicUsize,
@@ -212,6 +215,7 @@ impl Broker {
             topics,
             topics_changed: Notify::new(),
             topics_version: std::sync::atomic::AtomicU64::new(0),
+            epoch: txmq_protocol::now_millis(),
             registered_version: tokio::sync::watch::channel(0).0,
             shutdown: shutdown.clone(),
             connections: std::sync::atomic::AtomicUsize::new(0),

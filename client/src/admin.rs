@@ -317,6 +317,8 @@ impl Admin {
                         max_wait_ms: 0,
                         tag_filter: Vec::new(),
                         owner: None,
+                        epoch: 0,
+                        after: None,
                     };
                     let r = self.ask(&b.broker_name, &b.addr, request).await?;
                     if r.messages.is_empty() && r.next_offset <= offset {

@@ -137,6 +137,7 @@ impl State {
             next_offset: end as u64,
             min_offset: 0,
             max_offset: q.len() as u64,
+            epoch: 1,
         }
     }
 

@@ -53,6 +53,7 @@ fn pull_frame(messages: usize) -> Frame {
             next_offset: 1000 + messages as u64,
             min_offset: 0,
             max_offset: 5000,
+            epoch: 0,
         })),
     )
 }

@@ -334,6 +334,17 @@ pub struct PullRequest {
     /// `QUEUE_NOT_OWNED` once the queue belongs to another member.
     #[serde(default)]
     pub owner: Option<QueueOwner>,
+    /// The broker run ([`PullResult::epoch`]) that answered the reader's
+    /// last pull of this queue; 0: none yet.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The queue offset and id of the last message the reader got from
+    /// this queue. When `epoch` is an earlier run, the broker checks that
+    /// this message still stands there; if not (it came back with its log
+    /// cut short and written again), it answers with `next_offset` at that
+    /// offset, below the pull's, so that the reader goes back.
+    #[serde(default)]
+    pub after: Option<(u64, MsgId)>,
 }
 
 /// Messages read from a queue.
@@ -347,6 +358,9 @@ pub struct PullResult {
     pub min_offset: u64,
     /// One past the last offset stored.
     pub max_offset: u64,
+    /// This broker run: changes at every start.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Store a group's offset: the next offset it will consume.

@@ -205,6 +205,8 @@ fn request() -> impl Strategy<Value = Request> {
                         max_wait_ms,
                         tag_filter,
                         owner: None,
+                        epoch: 0,
+                        after: None,
                     }
                 )
             ),
@@ -431,6 +433,7 @@ fn response() -> impl Strategy<Value = Result<Response, WireError>> {
                 next_offset,
                 min_offset: 0,
                 max_offset: next_offset,
+                epoch: next_offset,
             }))),
         (text(), proptest::collection::vec(tx_info(), 0..3)).prop_map(
             |(broker_name, transactions)| Ok(Response::ListTransactions(TransactionList {

@@ -505,6 +505,8 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         max_wait_ms: 0,
         tag_filter: Vec::new(),
         owner: None,
+        epoch: 0,
+        after: None,
     };
     let e = refusal(conn.call(pull("orders", 0)).await.map(|_| ()));
     assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
@@ -861,6 +863,8 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         max_wait_ms: u64::MAX,
         tag_filter: Vec::new(),
         owner: None,
+        epoch: 0,
+        after: None,
     };
     refused(
         conn.call(pull(max_queue, 0, 1)).await.map(drop),

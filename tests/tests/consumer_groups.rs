@@ -1076,6 +1076,8 @@ async fn pulls_and_commits_of_a_queue_owned_by_another_member_are_refused() {
         max_wait_ms: 0,
         tag_filter: Vec::new(),
         owner: as_member(id),
+        epoch: 0,
+        after: None,
     };
     conn.call(pull("a")).await.expect("the owner pulls");
     let e = conn.call(pull("b")).await.unwrap_err();

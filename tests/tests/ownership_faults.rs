@@ -412,6 +412,8 @@ fn pull(id: &str, topic: &str, queue: u32, offset: u64, wait: Duration) -> PullR
             group: GROUP.into(),
             client_id: id.into(),
         }),
+        epoch: 0,
+        after: None,
     }
 }
 

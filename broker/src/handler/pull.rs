@@ -55,6 +55,9 @@ pub(super) async fn handle(
         .store
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    if let Some(back) = rewritten(b, &req) {
+        return Ok(back);
+    }
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms).min(MAX_WAIT);
     let mut offset = req.offset;
@@ -97,6 +100,7 @@ pub(super) async fn handle(
                 next_offset: r.next_offset,
                 min_offset: r.min_offset,
                 max_offset: r.max_offset,
+                epoch: b.epoch,
             });
         }
         tokio::select! {
@@ -112,4 +116,29 @@ pub(super) async fn handle(
             ));
         }
     }
+}
+
+/// A reader last answered by an earlier run of this broker whose last
+/// message no longer stands where it read it: the log came back cut short
+/// (a power cut under async flush) and new messages took the lost offsets,
+/// so the queue may have grown back past the reader's position and a short
+/// queue would not show. The answer sends the reader below its position
+/// (to that offset), which makes it go back to the group's committed offset.
+fn rewritten(b: &BrokerInner, req: &PullRequest) -> Option<PullResult> {
+    let (at, id) = req.after?;
+    if req.epoch == 0 || req.epoch == b.epoch || at >= req.offset {
+        return None;
+    }
+    let (min, max) = b.store.queue_bounds(&req.topic, req.queue)?;
+    if at < min || b.store.msg_id_at(&req.topic, req.queue, at) == Some(id) {
+        return None;
+    }
+    tracing::info!(topic = %req.topic, queue = req.queue, offset = at, %id, "a reader's last message is no longer in the queue (the log came back cut short); sending it back");
+    Some(PullResult {
+        messages: Vec::new(),
+        next_offset: at,
+        min_offset: min,
+        max_offset: max,
+        epoch: b.epoch,
+    })
 }

@@ -766,6 +766,19 @@ impl Store {
         Some(MsgId(bytes[..].try_into().ok()?))
     }
 
+    /// The first and one-past-the-last offsets of a user queue.
+    pub fn queue_bounds(&self, topic: &str, queue: u32) -> Option<(u64, u64)> {
+        let cq = self.user_queue(topic, queue).ok()?;
+        Some((cq.min_offset(), cq.max_offset()))
+    }
+
+    /// The id of the message at `offset` of a user queue, if one is there.
+    pub fn msg_id_at(&self, topic: &str, queue: u32, offset: u64) -> Option<MsgId> {
+        let cq = self.user_queue(topic, queue).ok()?;
+        let entry = cq.read(offset, 1).ok()?.into_iter().next()?;
+        self.read_msg_id(entry.log_offset)
+    }
+
     /// Reads and decodes the record starting at `pos`, whatever its size;
     /// returns it with its size.
     pub fn read_record_at(&self, pos: u64) -> Option<(record::Record, u32)> {

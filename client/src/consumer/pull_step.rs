@@ -13,18 +13,35 @@
 //! committed offset (everything below was handled; what lies between is
 //! delivered again, as at-least-once allows), and the rewind is logged as a
 //! warning with both positions.
+//!
+//! New messages may even fill the queue back up to the reader's position
+//! before it pulls again, so that the queue does not look short. A reader
+//! therefore keeps a [`Trail`]: the broker run that last answered it and
+//! the last message it got. The first pull after the broker restarted names
+//! that message, and a broker that no longer has it there answers with a
+//! position below the pull's, which is the short-queue case again.
 
 use std::time::{Duration, Instant};
 
-use txmq_protocol::{ErrorCode, PullRequest, QueryOffset, StoredMessage};
+use txmq_protocol::{ErrorCode, MsgId, PullRequest, QueryOffset, StoredMessage};
 use txmq_remoting::Connection;
 
 /// Pause after an empty pull that came back well before its wait was over.
 pub(crate) const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
 
+/// What a reader of a queue last heard from its broker: which run of the
+/// broker answered, and the last message it got (offset and id).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Trail {
+    epoch: u64,
+    after: Option<(u64, MsgId)>,
+}
+
 /// What a pull brought.
 #[derive(Debug)]
 pub(crate) struct Pulled {
+    /// The reader's trail after this pull: keep it for the next one.
+    pub(crate) trail: Trail,
     pub(crate) messages: Vec<StoredMessage>,
     /// Where the next pull starts: the broker's position after the batch,
     /// lower than the pull's offset when the queue was cut short.
@@ -55,25 +72,44 @@ pub(crate) async fn pull(
     conn: &Connection,
     broker: &str,
     group: &str,
-    request: PullRequest,
+    mut request: PullRequest,
     timeout: Duration,
+    trail: Trail,
 ) -> Result<Pulled, txmq_remoting::Error> {
+    request.epoch = trail.epoch;
+    request.after = trail.after;
     let start = request.offset;
     let max_wait = Duration::from_millis(request.max_wait_ms);
     let (topic, queue) = (request.topic.clone(), request.queue);
     let began = Instant::now();
     // Whether the broker said the queue ends below `start`.
+    // A position moved back keeps no last message.
+    let mut moved = Trail {
+        epoch: trail.epoch,
+        after: None,
+    };
     let below_end = match conn.call_with_timeout(request, timeout).await {
         Ok(r) if r.next_offset >= start => {
             let early =
                 r.messages.is_empty() && r.next_offset == start && began.elapsed() < max_wait / 2;
+            let last = r
+                .messages
+                .last()
+                .map(|m| (m.queue_offset, m.message.msg_id));
             return Ok(Pulled {
+                trail: Trail {
+                    epoch: r.epoch,
+                    after: last.or(trail.after),
+                },
                 messages: r.messages,
                 next_offset: r.next_offset,
                 early_empty: early,
             });
         }
-        Ok(_) => true,
+        Ok(r) => {
+            moved.epoch = r.epoch;
+            true
+        }
         Err(e)
             if e.remote()
                 .is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) =>
@@ -109,6 +145,7 @@ pub(crate) async fn pull(
         to
     };
     Ok(Pulled {
+        trail: moved,
         messages: Vec::new(),
         next_offset: to,
         early_empty: false,

@@ -13,7 +13,7 @@ use txmq_protocol::{PullRequest, QueryOffset, StoredMessage};
 use txmq_remoting::Connection;
 
 use super::offsets::{start_offset, QueueKey};
-use super::pull_step::{self, EARLY_EMPTY_PAUSE};
+use super::pull_step::{self, Trail, EARLY_EMPTY_PAUSE};
 use super::{ConsumeFrom, Shared};
 use crate::{Error, Result};
 
@@ -39,9 +39,10 @@ pub(crate) async fn run(
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
+    let mut trail = Trail::default();
     loop {
         let step = tokio::select! {
-            r = pull_once(&shared, &key, &mut offset, from) => r,
+            r = pull_once(&shared, &key, &mut offset, &mut trail, from) => r,
             _ = shared.cancel.cancelled() => return,
         };
         let pause = match step {
@@ -79,6 +80,7 @@ async fn pull_once(
     shared: &Shared,
     key: &Arc<QueueKey>,
     offset: &mut Option<u64>,
+    trail: &mut Trail,
     from: ConsumeFrom,
 ) -> Result<Duration> {
     let (addr, conn) = shared.connect(key).await?;
@@ -86,6 +88,8 @@ async fn pull_once(
     let start = match *offset {
         Some(o) => o,
         None => {
+            // A position asked for afresh has no last message yet.
+            *trail = Trail::default();
             let o = query_start(shared, &conn, key, from)
                 .await
                 .map_err(at_broker)?;
@@ -101,11 +105,21 @@ async fn pull_once(
         max_wait_ms: u64::try_from(shared.settings.max_wait.as_millis()).unwrap_or(u64::MAX),
         tag_filter: Vec::new(),
         owner: None,
+        epoch: 0,
+        after: None,
     };
     let timeout = shared.settings.max_wait + shared.settings.request_timeout;
-    let pulled = pull_step::pull(&conn, &key.broker_name, &shared.group, request, timeout)
-        .await
-        .map_err(at_broker)?;
+    let pulled = pull_step::pull(
+        &conn,
+        &key.broker_name,
+        &shared.group,
+        request,
+        timeout,
+        *trail,
+    )
+    .await
+    .map_err(at_broker)?;
+    *trail = pulled.trail;
     let pause = pulled.pause();
     if !pulled.messages.is_empty() {
         let batch = Fetched {

@@ -34,7 +34,7 @@ use txmq_protocol::{
 
 use super::{lock, ConsumeResult, DeliveryMode, MessageHandler, QueueId, Shared};
 use crate::consumer::offsets::start_offset;
-use crate::consumer::pull_step::{self, Pulled};
+use crate::consumer::pull_step::{self, Pulled, Trail};
 use crate::consumer::{ConsumeFrom, ReceivedMessage};
 use crate::{Error, Result};
 
@@ -195,6 +195,7 @@ async fn consume<H: MessageHandler>(
     let mut lost = false;
     let mut drain_deadline = None;
     let mut fence_logged = false;
+    let mut trail = Trail::default();
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -217,6 +218,7 @@ async fn consume<H: MessageHandler>(
                 progress.next,
                 filter.clone(),
                 pull_delay,
+                trail,
             )));
         }
         if settings.orderly && handling.is_empty() && !cut_off {
@@ -232,6 +234,7 @@ async fn consume<H: MessageHandler>(
                 pulling = None;
                 match pulled {
                     Ok(r) => {
+                        trail = r.trail;
                         pull_delay = r.pause();
                         backoff = MIN_BACKOFF;
                         if settings.mode == DeliveryMode::AtMostOnce && !r.messages.is_empty() {
@@ -414,6 +417,7 @@ async fn pull<H>(
     offset: u64,
     tag_filter: Vec<u64>,
     delay: Duration,
+    trail: Trail,
 ) -> Result<Pulled> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -428,11 +432,20 @@ async fn pull<H>(
         max_wait_ms: u64::try_from(settings.max_wait.as_millis()).unwrap_or(u64::MAX),
         tag_filter,
         owner: owner(shared),
+        epoch: 0,
+        after: None,
     };
     let timeout = settings.max_wait + settings.request_timeout;
-    pull_step::pull(&conn, &key.broker_name, &shared.group, request, timeout)
-        .await
-        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
+    pull_step::pull(
+        &conn,
+        &key.broker_name,
+        &shared.group,
+        request,
+        timeout,
+        trail,
+    )
+    .await
+    .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
 }
 
 /// Runs the handler on one message until it is done with: succeeded,
