@@ -4,8 +4,13 @@ use txmq::Message;
 use txmq_broker::FlushMode;
 use txmq_tests::Cluster;
 
+/// One test at a time: how the sends of one are gathered into writes
+/// depends on the machine's cores being free, not busy with the other.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_stats_count_records_writes_and_group_commits() {
+    let _alone = ALONE.lock().await;
     let cluster = Cluster::start(FlushMode::Sync).await;
     let admin = cluster.admin().await;
     admin
@@ -47,6 +52,7 @@ async fn store_stats_count_records_writes_and_group_commits() {
 /// (not one each), and every one is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_in_flight_together_share_commit_log_writes() {
+    let _alone = ALONE.lock().await;
     let cluster = Cluster::start(FlushMode::Async).await;
     let admin = cluster.admin().await;
     admin
