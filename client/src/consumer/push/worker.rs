@@ -194,23 +194,14 @@ async fn consume<H: MessageHandler>(
     let mut released = false;
     let mut lost = false;
     let mut drain_deadline = None;
-    let mut fence_logged = false;
+    // Looked at before each pull and at each tick, not per message.
+    let mut cut_off = false;
     let mut trail = Trail::default();
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let room = progress.count < settings.max_queued_messages
             && progress.bytes < settings.max_queued_bytes;
-        let cut_off = fenced(shared, &key.broker_name);
-        if cut_off != fence_logged {
-            fence_logged = cut_off;
-            if cut_off {
-                tracing::warn!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue,
-                    "no heartbeat answered by the broker for two thirds of its consumer expiry: pausing the queue, which another member may own soon");
-            } else {
-                tracing::info!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the broker answers heartbeats again: the queue goes on");
-            }
-        }
         if pulling.is_none() && !released && room && !cut_off {
             pulling = Some(Box::pin(pull(
                 shared,
@@ -232,6 +223,7 @@ async fn consume<H: MessageHandler>(
         tokio::select! {
             pulled = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
                 pulling = None;
+                refresh_fence(shared, key, &mut cut_off);
                 match pulled {
                     Ok(r) => {
                         trail = r.trail;
@@ -287,6 +279,7 @@ async fn consume<H: MessageHandler>(
                 progress.finished(offset, bytes);
             }
             _ = tick.tick() => {
+                refresh_fence(shared, key, &mut cut_off);
                 if commit(shared, key, &mut progress).await == Committed::NotOwner {
                     lost = true;
                     break;
@@ -337,6 +330,21 @@ enum Committed {
     Failed,
     /// Refused: the queue belongs to another member now.
     NotOwner,
+}
+
+/// Sets `cut_off` to [`fenced`] for the queue's broker, logging a change.
+fn refresh_fence<H>(shared: &Shared<H>, key: &QueueId, cut_off: &mut bool) {
+    let now = fenced(shared, &key.broker_name);
+    if now == *cut_off {
+        return;
+    }
+    *cut_off = now;
+    if now {
+        tracing::warn!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue,
+            "no heartbeat answered by the broker for two thirds of its consumer expiry: pausing the queue, which another member may own soon");
+    } else {
+        tracing::info!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the broker answers heartbeats again: the queue goes on");
+    }
 }
 
 /// Whether this member must stop taking new messages of a queue of
