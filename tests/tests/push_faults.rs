@@ -4,7 +4,8 @@
 //! given up meanwhile), and a broker that comes back with a shorter queue
 //! sends a push or pull consumer back to the group's committed offset
 //! there, so messages written again below its old position are delivered
-//! once and the rewind is logged.
+//! once and the rewind is logged; a message whose record is gone by the
+//! time it is handed back is handed back from the consumer's copy.
 
 mod common;
 
