@@ -1103,3 +1103,74 @@ async fn pulls_and_commits_of_a_queue_owned_by_another_member_are_refused() {
     conn.close();
     cluster.shutdown().await;
 }
+
+/// One message stuck in its handler holds the queue's committed offset
+/// back: the consumer pulls no further than `max_span` offsets past it
+/// (RocketMQ's `consumeConcurrentlyMaxSpan`), so a restart would not
+/// deliver thousands again; once it finishes, everything is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_message_stops_the_pulls_past_the_span() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("span", 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    send_numbered(&producer, "span", "m", 0..400).await;
+
+    let handled = Arc::new(Mutex::new(BTreeSet::new()));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let consumer = {
+        let (handled, release) = (handled.clone(), release.clone());
+        PushConsumer::builder()
+            .nameserver(&cluster.nameserver)
+            .group("span-g")
+            .subscribe("span", "*")
+            .concurrency(64)
+            .max_span(50)
+            .rebalance_interval(Duration::from_millis(300))
+            .commit_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(300))
+            .from(txmq::ConsumeFrom::First)
+            .start(handler_fn(move |m: &ReceivedMessage| {
+                let (b, handled, release) = (body(m), handled.clone(), release.clone());
+                async move {
+                    if b == "m0" {
+                        release.notified().await;
+                    }
+                    handled.lock().unwrap().insert(b);
+                    ConsumeResult::Success
+                }
+            }))
+            .await
+            .unwrap()
+    };
+    // Let it pull all it will while m0 is stuck.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = handled.lock().unwrap().len();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last < 50 + 32,
+        "{last} messages handled past a stuck one with a span of 50"
+    );
+    release.notify_one();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while handled.lock().unwrap().len() < 400 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 400 handled after the stuck one finished",
+            handled.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.shutdown().await.unwrap();
+    producer.close();
+    cluster.shutdown().await;
+}

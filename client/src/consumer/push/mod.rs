@@ -201,6 +201,7 @@ pub(crate) struct Settings {
     pub(crate) max_wait: Duration,
     pub(crate) max_queued_messages: usize,
     pub(crate) max_queued_bytes: usize,
+    pub(crate) max_span: u64,
     pub(crate) max_reconsume_times: u32,
     pub(crate) rebalance_interval: Duration,
     pub(crate) commit_interval: Duration,
@@ -373,6 +374,7 @@ impl Default for PushConsumerBuilder {
                 batch_size: 32,
                 max_wait: Duration::from_secs(5),
                 max_queued_messages: 1000,
+                max_span: 2000,
                 max_queued_bytes: 64 << 20,
                 max_reconsume_times: DEFAULT_MAX_RECONSUME_TIMES,
                 rebalance_interval: DEFAULT_REBALANCE_INTERVAL,
@@ -445,6 +447,18 @@ impl PushConsumerBuilder {
         self
     }
 
+    /// Flow control: a queue stops being pulled while its first unfinished
+    /// message (where its committed offset stands) is this many offsets or
+    /// more behind what was pulled (default 2000, RocketMQ's
+    /// `consumeConcurrentlyMaxSpan`): one message stuck in a slow handler,
+    /// or retried here while it cannot be handed back, does not let the
+    /// consumer run far ahead of its committed offset, which a restart
+    /// would deliver again from.
+    pub fn max_span(mut self, span: u64) -> Self {
+        self.settings.max_span = span;
+        self
+    }
+
     /// Flow control: a queue stops being pulled while this many of its
     /// messages are pulled but unfinished (default 1000) ...
     pub fn max_queued_messages(mut self, n: usize) -> Self {
@@ -509,11 +523,13 @@ impl PushConsumerBuilder {
         if settings.concurrency == 0
             || settings.batch_size == 0
             || settings.max_queued_messages == 0
+            || settings.max_span == 0
             || settings.rebalance_interval.is_zero()
             || settings.commit_interval.is_zero()
         {
             return Err(Error::BadArgument(
-                "concurrency, batch size, queued messages and intervals must be above zero".into(),
+                "concurrency, batch size, queued messages, span and intervals must be above zero"
+                    .into(),
             ));
         }
         settings.request_timeout = self.config.request_timeout;

@@ -201,7 +201,8 @@ async fn consume<H: MessageHandler>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let room = progress.count < settings.max_queued_messages
-            && progress.bytes < settings.max_queued_bytes;
+            && progress.bytes < settings.max_queued_bytes
+            && progress.next.saturating_sub(progress.committable()) < settings.max_span;
         if pulling.is_none() && !released && room && !cut_off {
             pulling = Some(Box::pin(pull(
                 shared,
