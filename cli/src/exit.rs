@@ -7,6 +7,8 @@ use std::fmt;
 
 /// An error, or nothing could be done.
 pub const FAILURE: u8 = 1;
+/// A usage error found after parsing (clap's own exit with 2 too).
+pub const USAGE: u8 = 2;
 /// Part was done: some messages sent and some not (or with an unknown
 /// outcome), or some brokers answered and others did not.
 pub const PARTIAL: u8 = 3;

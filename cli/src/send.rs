@@ -514,6 +514,13 @@ enum Stop {
 /// cannot be written, or any message was not surely sent; the error's
 /// [`exit`] code tells which (see the module docs).
 pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
+    // Checked here: clap counts `--stdin`'s env default as present.
+    if args.unsent.is_some() && !args.stdin {
+        return Err(crate::exit::with_code(
+            crate::exit::USAGE,
+            "--unsent lists input lines not sent: it needs --stdin",
+        ));
+    }
     let mut unsent = UnsentSink::open(args.unsent.as_ref())?;
     // Retries happen here, where it is known whether an attempt may have
     // stored the message (the producer reports only the last attempt).

@@ -640,7 +640,15 @@ async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_pa
 
     // Back again: both answer, exit 0.
     b.signal("CONT");
-    let out = txmq(&ns, &["--output", "json", "group", "show", "g"], None).await;
+    answered_by_both(&ns, &["--output", "json", "group", "show", "g"]).await;
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
+/// Runs `txmq args` (with JSON output), which must succeed with a line
+/// from each of the two brokers.
+async fn answered_by_both(ns: &str, args: &[&str]) {
+    let out = txmq(ns, args, None).await;
     assert!(
         out.status.success(),
         "{}",
@@ -648,14 +656,12 @@ async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_pa
     );
     let brokers: BTreeSet<String> = json_lines(&out.stdout)
         .iter()
-        .map(|s| text(s, "broker"))
+        .map(|o| text(o, "broker"))
         .collect();
     assert_eq!(
         brokers,
         ["broker-a".to_string(), "broker-b".to_string()].into()
     );
-    drop((a, b));
-    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -720,20 +726,7 @@ async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
     assert!(got.iter().all(|m| m.broker_name == "broker-a"));
 
     // With both answering, every broker's result and exit 0.
-    let out = txmq(&ns, &reset, None).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let brokers: BTreeSet<String> = json_lines(&out.stdout)
-        .iter()
-        .map(|o| text(o, "broker"))
-        .collect();
-    assert_eq!(
-        brokers,
-        ["broker-a".to_string(), "broker-b".to_string()].into()
-    );
+    answered_by_both(&ns, &reset).await;
     drop((a, b));
     cluster.shutdown().await;
 }
@@ -773,4 +766,29 @@ async fn with_one_of_two_brokers_paused_sends_are_retried_on_the_other() {
     );
     drop((a, b));
     cluster.shutdown().await;
+}
+
+/// `--unsent` without `--stdin` is a usage error (exit 2), said before
+/// anything is sent or any file created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsent_without_stdin_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("rest.txt");
+    let out = txmq(
+        "127.0.0.1:1",
+        &[
+            "send",
+            "orders",
+            "--body",
+            "hi",
+            "--unsent",
+            file.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs --stdin"), "{err}");
+    assert!(!file.exists());
 }

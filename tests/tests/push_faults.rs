@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::{create_topic, start_broker, wait_for_route};
 use txmq::{
-    handler_fn, ConsumeResult, Message, Producer, PullConsumer, PushConsumer, ReceivedMessage,
+    handler_fn, ConsumeResult, Message, Producer, PullConsumer, PushConsumer, PushConsumerBuilder,
+    ReceivedMessage,
 };
 use txmq_tests::{wait_for_broker, Cluster};
 
@@ -102,6 +103,21 @@ async fn stored_bodies(admin: &txmq::Admin, topic: &str) -> Vec<String> {
         .await
         .map(|ms| ms.iter().map(body).collect())
         .unwrap_or_default()
+}
+
+/// A push consumer of `topic` in `group` with the short timings of these
+/// tests: heartbeats come before the reader's next pull once the broker is
+/// back, and a failed request is given up after 500 ms.
+fn quick_consumer(ns: &str, group: &str, topic: &str) -> PushConsumerBuilder {
+    PushConsumer::builder()
+        .nameserver(ns)
+        .group(group)
+        .subscribe(topic, "*")
+        .commit_interval(Duration::from_millis(100))
+        .rebalance_interval(Duration::from_millis(100))
+        .max_wait(Duration::from_millis(500))
+        .request_timeout(Duration::from_millis(500))
+        .route_refresh_interval(Duration::from_millis(500))
 }
 
 /// Copies the files of `from` into `to` (created), recursively.
@@ -486,16 +502,7 @@ impl Reader {
             });
             return Reader::Pull(stop, task);
         }
-        let consumer = PushConsumer::builder()
-            .nameserver(ns)
-            .group(group)
-            .subscribe(topic, "*")
-            .commit_interval(Duration::from_millis(100))
-            // Heartbeats come before the reader's next pull once the broker is back.
-            .rebalance_interval(Duration::from_millis(100))
-            .max_wait(Duration::from_millis(500))
-            .request_timeout(Duration::from_millis(500))
-            .route_refresh_interval(Duration::from_millis(500))
+        let consumer = quick_consumer(ns, group, topic)
             .start(handler_fn(move |m: &ReceivedMessage| {
                 seen.lock().unwrap().push(body(m));
                 async { ConsumeResult::Success }
@@ -563,15 +570,7 @@ async fn a_retry_whose_record_is_gone_is_handed_back_from_the_consumers_copy() {
     let release = Arc::new(tokio::sync::Notify::new());
     let consumer = {
         let (seen, entered, release) = (seen.clone(), entered.clone(), release.clone());
-        PushConsumer::builder()
-            .nameserver(&ns)
-            .group(group)
-            .subscribe(topic, "*")
-            .commit_interval(Duration::from_millis(100))
-            .rebalance_interval(Duration::from_millis(100))
-            .max_wait(Duration::from_millis(300))
-            .request_timeout(Duration::from_millis(500))
-            .route_refresh_interval(Duration::from_millis(300))
+        quick_consumer(&ns, group, topic)
             .start(handler_fn(move |m: &ReceivedMessage| {
                 let (b, times) = (body(m), m.reconsume_times());
                 seen.lock().unwrap().push((b.clone(), times));

@@ -4,84 +4,71 @@
 //! broker-nameserver connection does not hide the broker until its next
 //! heartbeat.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use txmq_protocol::{ErrorCode, Hello, Role, UnregisterBroker, PROTOCOL_VERSION};
 use txmq_remoting::{Connection, ConnectionConfig};
+use txmq_tests::chaos::process::Process;
 use txmq_tests::proxy::Proxy;
 use txmq_tests::{binary, free_port, Cluster};
 
-/// A real `txmq-nameserver` or `txmq-broker` with its log in a file;
-/// continued and killed when dropped.
-struct Process {
-    child: Option<Child>,
+/// A real `txmq-nameserver` or `txmq-broker` listening on `addr`, with its
+/// log in a file; continued and killed when dropped.
+struct Node {
+    process: Process,
     addr: String,
-    log: PathBuf,
 }
 
-impl Process {
-    /// Starts `bin` with `args` (which make it listen on `addr`), logging at
-    /// info level to `log`.
-    fn spawn(bin: &str, addr: &str, args: &[&str], log: PathBuf) -> Process {
-        let file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(binary(bin))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {bin}: {e}"));
-        Process {
-            child: Some(child),
-            addr: addr.to_string(),
-            log,
-        }
+impl Node {
+    /// Starts `bin` with `args` (which make it listen on `addr`), logging to
+    /// `dir/label.log`.
+    fn spawn(bin: &str, addr: String, args: Vec<String>, dir: &Path, label: &str) -> Node {
+        let process = Process::start(
+            label,
+            binary(bin),
+            dir.join(format!("{label}.log")),
+            move |_| args.clone(),
+        );
+        Node { process, addr }
     }
 
     /// A nameserver on a free port whose brokers expire after `expiry`.
-    fn nameserver(dir: &Path, label: &str, expiry: &str) -> Process {
+    fn nameserver(dir: &Path, label: &str, expiry: &str) -> Node {
         let addr = format!("127.0.0.1:{}", free_port());
-        let p = Process::spawn(
-            "txmq-nameserver",
-            &addr,
-            &["--listen", &addr, "--broker-expiry", expiry],
-            dir.join(format!("{label}.log")),
-        );
-        p.wait_listening();
-        p
+        let args = ["--listen", &addr, "--broker-expiry", expiry].map(String::from);
+        let node = Node::spawn("txmq-nameserver", addr.clone(), args.to_vec(), dir, label);
+        node.wait_listening();
+        node
     }
 
     /// A broker named `name` registering with `nameservers` (comma
     /// separated) every `heartbeat`; not waited for.
-    fn broker(dir: &Path, label: &str, nameservers: &str, name: &str, heartbeat: &str) -> Process {
+    fn broker(dir: &Path, label: &str, nameservers: &str, name: &str, heartbeat: &str) -> Node {
         let addr = format!("127.0.0.1:{}", free_port());
         let data = dir.join(label);
-        Process::spawn(
-            "txmq-broker",
+        let args = [
+            "--listen",
             &addr,
-            &[
-                "--listen",
-                &addr,
-                "--nameserver",
-                nameservers,
-                "--data-dir",
-                data.to_str().expect("utf-8 temp path"),
-                "--broker-name",
-                name,
-                "--heartbeat-interval",
-                heartbeat,
-                "--segment-size",
-                "8MiB",
-            ],
-            dir.join(format!("{label}.log")),
-        )
+            "--nameserver",
+            nameservers,
+            "--data-dir",
+            data.to_str().expect("utf-8 temp path"),
+            "--broker-name",
+            name,
+            "--heartbeat-interval",
+            heartbeat,
+            "--segment-size",
+            "8MiB",
+        ]
+        .map(String::from);
+        Node::spawn("txmq-broker", addr.clone(), args.to_vec(), dir, label)
     }
 
     /// Waits until the process accepts connections; panics with its log if
-    /// it exits first.
-    fn wait_listening(&self) -> &Process {
+    /// it does not.
+    fn wait_listening(&self) -> &Node {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&self.addr).is_err() {
             assert!(
@@ -95,57 +82,20 @@ impl Process {
         self
     }
 
-    /// Waits up to `within` for the process to exit.
     fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.wait_exit(within)
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().map(Child::id).expect("running");
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {pid}");
+        self.process.signal(signal);
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
-    /// The log lines that contain every one of `parts`.
     fn log_lines_with(&self, parts: &[&str]) -> Vec<String> {
-        self.log_text()
-            .lines()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // A stopped process must be continued to die promptly.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(c.id().to_string())
-                .stderr(Stdio::null())
-                .status();
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.log_lines_with(parts)
     }
 }
 
@@ -223,10 +173,10 @@ async fn create_topic(ns: &str, topic: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_broker_under_a_live_name_does_not_start_and_routes_keep_the_first() {
     let tmp = tempfile::tempdir().unwrap();
-    let ns = Process::nameserver(tmp.path(), "ns", "30s");
+    let ns = Node::nameserver(tmp.path(), "ns", "30s");
     // Both run under the default name, as two brokers started without
     // --broker-name would.
-    let first = Process::broker(tmp.path(), "first", &ns.addr, "broker-a", "200ms");
+    let first = Node::broker(tmp.path(), "first", &ns.addr, "broker-a", "200ms");
     first.wait_listening();
     wait_listed(
         &ns.addr,
@@ -236,7 +186,7 @@ async fn a_second_broker_under_a_live_name_does_not_start_and_routes_keep_the_fi
     .await;
     create_topic(&ns.addr, "orders").await;
 
-    let mut second = Process::broker(tmp.path(), "second", &ns.addr, "broker-a", "200ms");
+    let mut second = Node::broker(tmp.path(), "second", &ns.addr, "broker-a", "200ms");
     let status = second.wait_exit(Duration::from_secs(15));
     let second_log = second.log_text();
     assert!(
@@ -284,9 +234,9 @@ async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expir
     let tmp = tempfile::tempdir().unwrap();
     // Short enough to wait for, long enough for a busy machine's heartbeats.
     let expiry = Duration::from_secs(2);
-    let shared = Process::nameserver(tmp.path(), "shared", "2s");
-    let own = Process::nameserver(tmp.path(), "own", "2s");
-    let first = Process::broker(tmp.path(), "first", &shared.addr, "broker-a", "200ms");
+    let shared = Node::nameserver(tmp.path(), "shared", "2s");
+    let own = Node::nameserver(tmp.path(), "own", "2s");
+    let first = Node::broker(tmp.path(), "first", &shared.addr, "broker-a", "200ms");
     first.wait_listening();
     wait_listed(
         &shared.addr,
@@ -299,7 +249,7 @@ async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expir
     // The second one is taken by its own nameserver, so it starts, and is
     // refused by the shared one, which keeps routing to the first.
     let both = format!("{},{}", shared.addr, own.addr);
-    let second = Process::broker(tmp.path(), "second", &both, "broker-a", "200ms");
+    let second = Node::broker(tmp.path(), "second", &both, "broker-a", "200ms");
     second.wait_listening();
     wait_listed(
         &own.addr,
@@ -378,9 +328,9 @@ async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expir
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unregister_from_another_broker_does_not_drop_the_live_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let ns = Process::nameserver(tmp.path(), "ns", "30s");
-    let spare = Process::nameserver(tmp.path(), "spare", "30s");
-    let first = Process::broker(tmp.path(), "first", &ns.addr, "broker-a", "200ms");
+    let ns = Node::nameserver(tmp.path(), "ns", "30s");
+    let spare = Node::nameserver(tmp.path(), "spare", "30s");
+    let first = Node::broker(tmp.path(), "first", &ns.addr, "broker-a", "200ms");
     first.wait_listening();
     wait_listed(
         &ns.addr,
@@ -433,7 +383,7 @@ async fn an_unregister_from_another_broker_does_not_drop_the_live_one() {
     // A broker refused the name (and taken by another nameserver) shuts down
     // gracefully: its goodbye does not drop the first one either.
     let both = format!("{},{}", ns.addr, spare.addr);
-    let mut second = Process::broker(tmp.path(), "second", &both, "broker-a", "200ms");
+    let mut second = Node::broker(tmp.path(), "second", &both, "broker-a", "200ms");
     second.wait_listening();
     wait_listed(
         &spare.addr,
@@ -467,7 +417,7 @@ async fn a_cut_nameserver_connection_is_registered_again_at_once() {
     let proxy = Proxy::bind().await.unwrap();
     proxy.set_target(&ns);
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Process::broker(
+    let broker = Node::broker(
         tmp.path(),
         "broker",
         &proxy.addr().to_string(),

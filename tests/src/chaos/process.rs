@@ -1,9 +1,9 @@
 //! A child process of the chaos harness (a nameserver or a workload
-//! client) that can be signalled, killed and started again; killed when
-//! dropped.
+//! client), or of a test that starts the real binaries, that can be
+//! signalled, killed and started again; killed when dropped.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// A restartable child process. Each start is an *incarnation*; the
@@ -91,15 +91,24 @@ impl Process {
     /// returns the exit code if it exited by itself.
     pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
         self.signal("TERM");
-        let mut c = self.child.take()?;
-        let deadline = Instant::now() + limit;
+        let status = self.wait_exit(limit);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        status.and_then(|s| s.code())
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status,
+    /// or `None` when it is still running (or was never started).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
         loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status.code();
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
             if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -109,6 +118,15 @@ impl Process {
     /// The process's stderr so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The lines of its stderr that contain every one of `parts`.
+    pub fn log_lines_with(&self, parts: &[&str]) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_string)
+            .collect()
     }
 }
 
