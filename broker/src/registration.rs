@@ -142,6 +142,7 @@ pub(crate) async fn run(
             broker_name: b.config.broker_name.clone(),
             addr: b.advertised_addr.clone(),
             topics: b.topics.all(),
+            role: txmq_protocol::BrokerRole::Master,
         };
         let mut round: FuturesUnordered<_> = nameservers
             .iter()

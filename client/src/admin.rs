@@ -551,6 +551,7 @@ mod tests {
 
     fn broker(name: &str, addr: &str) -> BrokerInfo {
         BrokerInfo {
+            role: Default::default(),
             cluster: "c".into(),
             broker_name: name.into(),
             addr: addr.into(),

@@ -122,6 +122,7 @@ pub fn provisional_route(topic: &str, brokers: &[BrokerInfo]) -> TopicRoute {
             .map(|(name, addr)| BrokerQueues {
                 broker_name: name.to_string(),
                 addr: addr.to_string(),
+                slaves: Vec::new(),
                 queues: PROVISIONAL_QUEUES,
                 perm: PERM_READ_WRITE,
             })
@@ -290,6 +291,7 @@ mod tests {
 
     fn bq(name: &str, queues: u32, perm: u8) -> BrokerQueues {
         BrokerQueues {
+            slaves: Vec::new(),
             broker_name: name.into(),
             addr: format!("{name}:10911"),
             queues,
@@ -326,6 +328,7 @@ mod tests {
     #[test]
     fn provisional_route_covers_every_broker_once() {
         let broker = |name: &str| BrokerInfo {
+            role: Default::default(),
             cluster: "c".into(),
             broker_name: name.into(),
             addr: format!("{name}:1"),

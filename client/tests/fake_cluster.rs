@@ -13,9 +13,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use txmq::{Admin, ConsumeFrom, ErrorCode, Message, Producer, PullConsumer, PERM_READ_WRITE};
 use txmq_protocol::{
-    BrokerInfo, BrokerQueues, ClusterInfo, Done, PullResult, QueueOffsets, Request, Response,
-    SendResult, SendStatus, StoredMessage, TopicConfig, TopicList, TopicOnBroker, TopicRoute,
-    WireError,
+    BrokerInfo, BrokerQueues, BrokerRole, ClusterInfo, Done, PullResult, QueueOffsets, Request,
+    Response, SendResult, SendStatus, StoredMessage, TopicConfig, TopicList, TopicOnBroker,
+    TopicRoute, WireError,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, ConnectionConfig, Service};
@@ -54,6 +54,7 @@ impl State {
         let mut brokers = vec![BrokerQueues {
             broker_name: NAME.into(),
             addr: self.addr.clone(),
+            slaves: Vec::new(),
             queues,
             perm: PERM_READ_WRITE,
         }];
@@ -61,6 +62,7 @@ impl State {
             brokers.push(BrokerQueues {
                 broker_name: name.clone(),
                 addr: addr.clone(),
+                slaves: Vec::new(),
                 queues,
                 perm: PERM_READ_WRITE,
             });
@@ -167,6 +169,7 @@ impl State {
                     addr: self.addr.clone(),
                     last_heartbeat_ms_ago: 5,
                     topic_count: lock(&self.topics).len() as u32,
+                    role: BrokerRole::Master,
                 }],
             }),
             Request::ListTopics(_) => Response::ListTopics(TopicList {

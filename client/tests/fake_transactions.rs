@@ -257,6 +257,7 @@ impl Service for NsService {
                         addr: b.addr.clone(),
                         last_heartbeat_ms_ago: 1,
                         topic_count: b.topics.len() as u32,
+                        role: Default::default(),
                     })
                     .collect(),
             })),
@@ -268,6 +269,7 @@ impl Service for NsService {
                         b.topics.get(&r.topic).map(|&queues| BrokerQueues {
                             broker_name: b.name.clone(),
                             addr: b.addr.clone(),
+                            slaves: Vec::new(),
                             queues,
                             perm: PERM_READ_WRITE,
                         })

@@ -329,6 +329,7 @@ impl Registry {
                 entry.topics.get(topic).map(|t| BrokerQueues {
                     broker_name: name.clone(),
                     addr: entry.addr.clone(),
+                    slaves: Vec::new(),
                     queues: t.queues,
                     perm: t.perm,
                 })
@@ -363,6 +364,7 @@ impl Registry {
                 )
                 .unwrap_or(u64::MAX),
                 topic_count: u32::try_from(entry.topics.len()).unwrap_or(u32::MAX),
+                role: txmq_protocol::BrokerRole::Master,
             })
             .collect();
         brokers.sort_by(|a, b| (&a.cluster, &a.broker_name).cmp(&(&b.cluster, &b.broker_name)));
@@ -427,6 +429,7 @@ mod tests {
 
     fn reg(cluster: &str, name: &str, topics: Vec<TopicConfig>) -> RegisterBroker {
         RegisterBroker {
+            role: Default::default(),
             cluster: cluster.into(),
             broker_name: name.into(),
             addr: format!("{name}.local:10911"),
@@ -459,12 +462,14 @@ mod tests {
             route.brokers,
             vec![
                 BrokerQueues {
+                    slaves: Vec::new(),
                     broker_name: "b1".into(),
                     addr: "b1.local:10911".into(),
                     queues: 8,
                     perm: PERM_READ_WRITE
                 },
                 BrokerQueues {
+                    slaves: Vec::new(),
                     broker_name: "b2".into(),
                     addr: "b2.local:10911".into(),
                     queues: 4,

@@ -83,6 +83,7 @@ fn topic(name: &str, queues: u32) -> TopicConfig {
 
 async fn register(conn: &Connection, cluster: &str, broker: &str, topics: Vec<TopicConfig>) {
     conn.call(RegisterBroker {
+        role: Default::default(),
         cluster: cluster.into(),
         broker_name: broker.into(),
         addr: addr_of(broker),
@@ -186,6 +187,7 @@ async fn a_registered_broker_is_in_the_route_with_its_address_and_queues() {
     assert_eq!(
         r.brokers,
         vec![BrokerQueues {
+            slaves: Vec::new(),
             broker_name: "broker-a".into(),
             addr: addr_of("broker-a"),
             queues: 8,
@@ -458,6 +460,7 @@ async fn register_at(
     addr: &str,
 ) -> Result<(), txmq_remoting::Error> {
     conn.call(RegisterBroker {
+        role: Default::default(),
         cluster: "c1".into(),
         broker_name: broker.into(),
         addr: addr.into(),
@@ -604,6 +607,7 @@ async fn a_registration_without_a_name_is_refused() {
     let broker = connect(&ns.addr, Role::Broker).await;
     let err = broker
         .call(RegisterBroker {
+            role: Default::default(),
             cluster: "c1".into(),
             broker_name: String::new(),
             addr: "x:1".into(),

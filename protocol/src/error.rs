@@ -72,6 +72,23 @@ pub enum ErrorCode {
     /// The broker name is held by another live broker (another address):
     /// the registration, or an unregister from elsewhere, was refused.
     BrokerNameTaken = 40,
+    /// The broker is a slave of a replicated broker group and takes no
+    /// writes; the message names the master's address when it knows it.
+    NotMaster = 41,
+    /// Replication: the replica's log differs from the master's at the
+    /// replica's end (or runs past the master's end). The replica stops
+    /// replicating; it must not silently continue.
+    ReplicaDiverged = 42,
+    /// Replication: the position asked for is no longer in the master's log
+    /// (retention deleted it) or is not a position the master can serve.
+    ReplicaPositionUnavailable = 43,
+    /// Sync replication: the record is stored on the master but too few
+    /// in-sync replicas confirmed it within `--replication-timeout`
+    /// (for requests whose answer has no status field, e.g. an offset commit).
+    FlushSlaveTimeout = 44,
+    /// Sync replication: no replica was available to hold the record; it is
+    /// stored on the master only.
+    SlaveNotAvailable = 45,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -110,6 +127,11 @@ impl ErrorCode {
             31 => QueueNotOwned,
             32 => HeartbeatRequired,
             40 => BrokerNameTaken,
+            41 => NotMaster,
+            42 => ReplicaDiverged,
+            43 => ReplicaPositionUnavailable,
+            44 => FlushSlaveTimeout,
+            45 => SlaveNotAvailable,
             _ => Unknown,
         }
     }
@@ -146,6 +168,11 @@ impl ErrorCode {
             GroupActive => "GROUP_ACTIVE",
             QueueNotOwned => "QUEUE_NOT_OWNED",
             BrokerNameTaken => "BROKER_NAME_TAKEN",
+            NotMaster => "NOT_MASTER",
+            ReplicaDiverged => "REPLICA_DIVERGED",
+            ReplicaPositionUnavailable => "REPLICA_POSITION_UNAVAILABLE",
+            FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
+            SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
             HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }

@@ -38,6 +38,8 @@ pub enum Role {
     Consumer,
     /// An administrative tool.
     Admin,
+    /// A slave broker replicating its master's commit log.
+    Replica,
 }
 
 /// The first request on every connection.

@@ -107,6 +107,12 @@ requests! {
     GetGroupState(GetGroupState) -> GroupState;
     /// Operator -> broker: move a group's offsets of a topic (the group must be stopped).
     ResetOffset(ResetOffset) -> OffsetsReset;
+    /// Slave -> master: the commit log from a position (long poll).
+    ReplicaFetch(ReplicaFetch) -> ReplicaData;
+    /// Slave -> master: the slave holds the log up to a position (per its flush mode).
+    ReplicaAck(ReplicaAck) -> Done;
+    /// Anyone -> broker: its role, its master, and (on a master) its replicas' lag.
+    GetReplication(GetReplication) -> ReplicationInfo;
 }
 
 /// Message property: when the message becomes visible, ms since the Unix
@@ -164,12 +170,35 @@ pub struct TopicConfig {
 pub struct RegisterBroker {
     /// Cluster the broker belongs to.
     pub cluster: String,
-    /// The broker's unique name.
+    /// The broker group's name: one master and its slaves share it.
     pub broker_name: String,
     /// Address clients connect to.
     pub addr: String,
     /// Every (non-internal) topic the broker serves.
     pub topics: Vec<TopicConfig>,
+    /// Master or slave of its broker group (older brokers: master).
+    #[serde(default)]
+    pub role: BrokerRole,
+}
+
+/// A broker's role in its broker group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum BrokerRole {
+    /// Takes writes; its slaves copy its commit log.
+    #[default]
+    Master,
+    /// Copies the master's commit log; serves reads, refuses writes (`NOT_MASTER`).
+    Slave,
+}
+
+impl BrokerRole {
+    /// `master`, `slave`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerRole::Master => "master",
+            BrokerRole::Slave => "slave",
+        }
+    }
 }
 
 /// A broker's goodbye.
@@ -200,13 +229,18 @@ pub struct TopicRoute {
     pub brokers: Vec<BrokerQueues>,
 }
 
-/// The queues of a topic on one broker.
+/// The queues of a topic on one broker group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerQueues {
-    /// Broker name.
+    /// Broker (group) name.
     pub broker_name: String,
-    /// Broker address.
+    /// The master's address; empty when no master of the group is live
+    /// (then only its slaves serve reads).
     pub addr: String,
+    /// The addresses of the group's live slaves (readable when the master
+    /// is unreachable), sorted.
+    #[serde(default)]
+    pub slaves: Vec<String>,
     /// Number of queues of the topic on this broker.
     pub queues: u32,
     /// Permission bits.
@@ -237,6 +271,9 @@ pub struct BrokerInfo {
     pub last_heartbeat_ms_ago: u64,
     /// How many topics it serves.
     pub topic_count: u32,
+    /// Master or slave (older nameservers: master).
+    #[serde(default)]
+    pub role: BrokerRole,
 }
 
 /// Topic listing query.
@@ -286,14 +323,21 @@ pub enum SendStatus {
     SendOk,
     /// Stored in the page cache but the fsync did not finish in time (sync flush only).
     FlushDiskTimeout,
+    /// Stored on the master, but too few in-sync slaves confirmed it within
+    /// the replication timeout (sync replication only).
+    FlushSlaveTimeout,
+    /// Stored on the master only: no slave was available (sync replication only).
+    SlaveNotAvailable,
 }
 
 impl SendStatus {
-    /// `SEND_OK`, `FLUSH_DISK_TIMEOUT`.
+    /// `SEND_OK`, `FLUSH_DISK_TIMEOUT`, `FLUSH_SLAVE_TIMEOUT`, `SLAVE_NOT_AVAILABLE`.
     pub fn name(self) -> &'static str {
         match self {
             SendStatus::SendOk => "SEND_OK",
             SendStatus::FlushDiskTimeout => "FLUSH_DISK_TIMEOUT",
+            SendStatus::FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
+            SendStatus::SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
         }
     }
 }
@@ -378,6 +422,11 @@ pub struct CommitOffset {
     /// `QUEUE_NOT_OWNED` once the queue belongs to another member.
     #[serde(default)]
     pub owner: Option<QueueOwner>,
+    /// Only move the offset forward: an offset at or below the committed
+    /// one is answered OK and not written (a slave handing the master the
+    /// commits it kept while the master was away).
+    #[serde(default)]
+    pub forward_only: bool,
 }
 
 /// Who reads a queue: a member of a clustering consumer group.
@@ -918,4 +967,104 @@ mod tag_expression_tests {
         assert!(parse_tag_expression("a || ").is_err());
         assert!(parse_tag_expression("a || *").is_err());
     }
+}
+
+/// Slave -> master: the commit log from `from`, up to `max_bytes`, waiting
+/// up to `wait_ms` for data when there is none yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaFetch {
+    /// The broker group the slave belongs to (must be the master's).
+    pub broker_name: String,
+    /// The slave's own address (for `txmq cluster` and logs).
+    pub addr: String,
+    /// The slave's log end: where the data should start (the master may
+    /// answer from a later position: the start of its next segment).
+    pub from: u64,
+    /// The last record the slave holds below `from`, for the master to check
+    /// that both logs agree there; `None` when the slave's log is empty.
+    pub last_record: Option<RecordRef>,
+    /// At most this many bytes of data in the answer.
+    pub max_bytes: u32,
+    /// How long the master may hold the request when it has no data.
+    pub wait_ms: u32,
+    /// The slave's commit-log segment size (must equal the master's).
+    pub segment_size: u64,
+    /// The version of the master's topic table the slave holds (0: none).
+    pub topics_version: u64,
+}
+
+/// A record by its log position and checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordRef {
+    /// Log position of its first byte.
+    pub pos: u64,
+    /// Its stored CRC32C.
+    pub crc: u32,
+}
+
+/// Commit-log bytes, whole records, from `pos`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaData {
+    /// Log position of the first byte of `data` (the fetch's `from`, or the
+    /// start of a later segment when the log continues there).
+    pub pos: u64,
+    /// Whole records, exactly as in the master's log; empty after a wait
+    /// that found nothing new.
+    pub data: bytes::Bytes,
+    /// The master's log end when it answered.
+    pub master_end: u64,
+    /// The master's topic table, when its version differs from the fetch's.
+    pub topics: Option<(u64, Vec<TopicConfig>)>,
+}
+
+/// Slave -> master: the slave holds the log up to `acked` (written, or
+/// fsynced under `--flush sync`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaAck {
+    /// One past the last byte the slave holds.
+    pub acked: u64,
+}
+
+/// Ask a broker about its replication.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetReplication {}
+
+/// A broker's replication state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationInfo {
+    /// Broker (group) name.
+    pub broker_name: String,
+    /// Its role.
+    pub role: BrokerRole,
+    /// Its address.
+    pub addr: String,
+    /// Its commit-log end.
+    pub log_end: u64,
+    /// `sync` or `async` (a master's setting).
+    pub replication: String,
+    /// Replicas (the master counts) that must hold a record under sync replication.
+    pub min_insync_replicas: u32,
+    /// On a slave: the master it replicates from, when known.
+    pub master_addr: Option<String>,
+    /// On a slave: the master's log end as last heard.
+    pub master_end: Option<u64>,
+    /// On a slave: why it stopped replicating, when it did (a diverged log).
+    pub error: Option<String>,
+    /// On a master: its slaves.
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One slave as its master sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// The slave's address.
+    pub addr: String,
+    /// How far it holds the log.
+    pub acked: u64,
+    /// Bytes of the master's log it does not hold yet.
+    pub lag_bytes: u64,
+    /// Whether it counts toward `--min-insync-replicas`.
+    pub in_sync: bool,
+    /// Milliseconds since it was last heard from.
+    pub last_seen_ms_ago: u64,
 }

@@ -172,6 +172,7 @@ fn request() -> impl Strategy<Value = Request> {
                     broker_name,
                     addr,
                     topics,
+                    role: BrokerRole::Slave,
                 })
             }),
         (text(), text()).prop_map(|(broker_name, addr)| Request::UnregisterBroker(
@@ -269,6 +270,7 @@ fn request() -> impl Strategy<Value = Request> {
                 topic,
                 queue,
                 offset,
+                forward_only: queue % 2 == 0,
             })
         }),
         (text(), text(), any::<u32>()).prop_map(|(group, topic, queue)| {

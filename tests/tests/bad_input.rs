@@ -889,6 +889,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         queue,
         offset,
         owner: None,
+        forward_only: false,
     };
     refused(
         conn.call(commit(0, u64::MAX)).await.map(drop),

@@ -1089,6 +1089,7 @@ async fn pulls_and_commits_of_a_queue_owned_by_another_member_are_refused() {
         queue: 1,
         offset: 0,
         owner: as_member(id),
+        forward_only: false,
     };
     conn.call(commit("a")).await.expect("the owner commits");
     let e = conn.call(commit("b")).await.unwrap_err();

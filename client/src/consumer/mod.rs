@@ -612,6 +612,7 @@ async fn commit(shared: &Shared) -> Result<()> {
             queue: key.queue,
             offset,
             owner: None,
+            forward_only: false,
         };
         conn.call(request)
             .await

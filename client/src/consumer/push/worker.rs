@@ -402,6 +402,7 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
             queue: key.queue,
             offset,
             owner: owner(shared),
+            forward_only: false,
         })
         .await
         .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
