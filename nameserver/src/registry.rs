@@ -934,4 +934,380 @@ mod tests {
             ]
         );
     }
+
+    // Broker groups: one master and its slaves under one name.
+
+    fn member(
+        role: BrokerRole,
+        name: &str,
+        addr: &str,
+        topics: Vec<TopicConfig>,
+    ) -> RegisterBroker {
+        RegisterBroker {
+            role,
+            cluster: "c".into(),
+            broker_name: name.into(),
+            addr: addr.into(),
+            topics,
+        }
+    }
+
+    fn master(name: &str, addr: &str, topics: Vec<TopicConfig>) -> RegisterBroker {
+        member(BrokerRole::Master, name, addr, topics)
+    }
+
+    fn slave(name: &str, addr: &str, topics: Vec<TopicConfig>) -> RegisterBroker {
+        member(BrokerRole::Slave, name, addr, topics)
+    }
+
+    /// `topic`'s route as (name, master addr, slaves, queues), or nothing.
+    fn route(r: &Registry, topic: &str, now: Instant) -> Vec<(String, String, Vec<String>, u32)> {
+        match r.route(topic, now) {
+            Ok(route) => route
+                .brokers
+                .into_iter()
+                .map(|b| (b.broker_name, b.addr, b.slaves, b.queues))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn entry(
+        name: &str,
+        addr: &str,
+        slaves: &[&str],
+        queues: u32,
+    ) -> (String, String, Vec<String>, u32) {
+        (
+            name.into(),
+            addr.into(),
+            slaves.iter().map(|s| s.to_string()).collect(),
+            queues,
+        )
+    }
+
+    /// Every live broker as (cluster, name, role, addr).
+    fn cluster(r: &Registry, now: Instant) -> Vec<(String, String, BrokerRole, String)> {
+        r.cluster(now)
+            .brokers
+            .into_iter()
+            .map(|b| (b.cluster, b.broker_name, b.role, b.addr))
+            .collect()
+    }
+
+    #[test]
+    fn a_second_master_is_refused_while_slaves_at_other_addresses_are_admitted() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 4)]), 1, t0)
+            .unwrap();
+        let e = r
+            .register(master("g", "x:1", vec![topic("t", 2)]), 2, t0)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(e.message.contains("m:1"), "{}", e.message);
+        assert!(e.message.contains("x:1"), "{}", e.message);
+        // Registered in reverse address order: the route sorts them.
+        r.register(slave("g", "s2:1", vec![topic("t", 4)]), 3, t0)
+            .unwrap();
+        r.register(slave("g", "s1:1", vec![topic("t", 4)]), 2, t0)
+            .unwrap();
+        assert_eq!(
+            route(&r, "t", t0),
+            vec![entry("g", "m:1", &["s1:1", "s2:1"], 4)]
+        );
+        // A slave cannot make itself a second master while the master lives.
+        let e = r
+            .register(master("g", "s1:1", vec![topic("t", 4)]), 2, t0)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert_eq!(
+            route(&r, "t", t0),
+            vec![entry("g", "m:1", &["s1:1", "s2:1"], 4)]
+        );
+        // Heartbeats of all three go on, none disturbing another.
+        let t1 = t0 + EXPIRY;
+        r.register(master("g", "m:1", vec![topic("t", 4)]), 1, t1)
+            .unwrap();
+        r.register(slave("g", "s1:1", vec![topic("t", 4)]), 2, t1)
+            .unwrap();
+        r.register(slave("g", "s2:1", vec![topic("t", 4)]), 3, t1)
+            .unwrap();
+        assert_eq!(cluster(&r, t1).len(), 3);
+    }
+
+    #[test]
+    fn a_slave_in_another_cluster_is_admitted() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 4)]), 1, t0)
+            .unwrap();
+        let mut other = slave("g", "s:1", vec![topic("t", 4)]);
+        other.cluster = "elsewhere".into();
+        r.register(other, 2, t0).unwrap();
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "m:1", &["s:1"], 4)]);
+    }
+
+    #[test]
+    fn a_master_that_expires_leaves_its_slaves_in_the_route_without_an_address() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(slave("g", "s:1", vec![topic("t", 4)]), 2, t0)
+            .unwrap();
+        // The slave keeps heartbeating; the master falls silent.
+        r.register(slave("g", "s:1", vec![topic("t", 4)]), 2, t0 + EXPIRY)
+            .unwrap();
+        let late = t0 + EXPIRY + Duration::from_millis(1);
+        // Hidden before the scan, and removed by it, alone.
+        assert_eq!(route(&r, "t", late), vec![entry("g", "", &["s:1"], 4)]);
+        assert_eq!(r.expire(late), vec!["g"]);
+        assert_eq!(route(&r, "t", late), vec![entry("g", "", &["s:1"], 4)]);
+        assert_eq!(
+            cluster(&r, late),
+            vec![("c".into(), "g".into(), BrokerRole::Slave, "s:1".into())]
+        );
+        // The master comes back: the route has its address again.
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 3, late)
+            .unwrap();
+        assert_eq!(route(&r, "t", late), vec![entry("g", "m:1", &["s:1"], 8)]);
+    }
+
+    #[test]
+    fn a_new_master_replaces_an_expired_one_and_the_slaves_stay() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        let late = t0 + EXPIRY + Duration::from_millis(1);
+        r.register(slave("g", "s:1", vec![topic("t", 4)]), 2, late)
+            .unwrap();
+        // Not scanned yet: the expired master counts as gone.
+        r.register(master("g", "n:1", vec![topic("t", 8)]), 3, late)
+            .unwrap();
+        assert_eq!(route(&r, "t", late), vec![entry("g", "n:1", &["s:1"], 8)]);
+        assert_eq!(r.expire(late), Vec::<String>::new());
+        assert_eq!(r.connection_closed(1), Vec::<String>::new());
+        assert_eq!(cluster(&r, late).len(), 2);
+    }
+
+    #[test]
+    fn a_slave_that_expires_leaves_its_master_and_the_other_slaves() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(slave("g", "s1:1", vec![topic("t", 8)]), 2, t0)
+            .unwrap();
+        r.register(slave("g", "s2:1", vec![topic("t", 8)]), 3, t0)
+            .unwrap();
+        let t1 = t0 + EXPIRY;
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t1)
+            .unwrap();
+        r.register(slave("g", "s2:1", vec![topic("t", 8)]), 3, t1)
+            .unwrap();
+        let late = t1 + Duration::from_millis(1);
+        assert_eq!(r.expire(late), vec!["g"]);
+        assert_eq!(route(&r, "t", late), vec![entry("g", "m:1", &["s2:1"], 8)]);
+    }
+
+    #[test]
+    fn closing_a_connection_drops_only_the_broker_registered_over_it() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(slave("g", "s1:1", vec![topic("t", 8)]), 2, t0)
+            .unwrap();
+        r.register(slave("g", "s2:1", vec![topic("t", 8)]), 3, t0)
+            .unwrap();
+        assert_eq!(r.connection_closed(2), vec!["g"]);
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "m:1", &["s2:1"], 8)]);
+        assert_eq!(r.connection_closed(1), vec!["g"]);
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "", &["s2:1"], 8)]);
+        assert_eq!(r.connection_closed(3), vec!["g"]);
+        assert!(r.route("t", t0).is_err());
+        assert!(r.cluster(t0).brokers.is_empty());
+    }
+
+    #[test]
+    fn reregistering_at_the_same_address_with_a_new_role_replaces_the_entry() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "a:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(slave("g", "b:1", vec![topic("t", 8)]), 2, t0)
+            .unwrap();
+        // The master restarted as a slave before its old connection was
+        // seen to close: it is one broker, now a slave.
+        r.register(slave("g", "a:1", vec![topic("t", 8)]), 3, t0)
+            .unwrap();
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "", &["a:1", "b:1"], 8)]);
+        assert_eq!(
+            cluster(&r, t0),
+            vec![
+                ("c".into(), "g".into(), BrokerRole::Slave, "a:1".into()),
+                ("c".into(), "g".into(), BrokerRole::Slave, "b:1".into()),
+            ]
+        );
+        // Its old connection closing takes nothing with it.
+        assert_eq!(r.connection_closed(1), Vec::<String>::new());
+        // A slave becomes the master (no live master holds the name).
+        r.register(master("g", "b:1", vec![topic("t", 8)]), 2, t0)
+            .unwrap();
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "b:1", &["a:1"], 8)]);
+        assert_eq!(
+            cluster(&r, t0),
+            vec![
+                ("c".into(), "g".into(), BrokerRole::Master, "b:1".into()),
+                ("c".into(), "g".into(), BrokerRole::Slave, "a:1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn queues_come_from_the_master_else_the_first_slave_that_has_the_topic() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(
+            slave("g", "s2:1", vec![topic("t", 2), topic("new", 3)]),
+            3,
+            t0,
+        )
+        .unwrap();
+        r.register(slave("g", "s1:1", vec![topic("t", 4)]), 2, t0)
+            .unwrap();
+        assert_eq!(
+            route(&r, "t", t0),
+            vec![entry("g", "m:1", &["s1:1", "s2:1"], 8)]
+        );
+        // Only a slave serves it: the group is in the route all the same.
+        assert_eq!(
+            route(&r, "new", t0),
+            vec![entry("g", "m:1", &["s1:1", "s2:1"], 3)]
+        );
+        // Without a live master, the first slave by address decides.
+        r.register(slave("g", "s1:1", vec![topic("t", 4)]), 2, t0 + EXPIRY)
+            .unwrap();
+        r.register(
+            slave("g", "s2:1", vec![topic("t", 2), topic("new", 3)]),
+            3,
+            t0 + EXPIRY,
+        )
+        .unwrap();
+        let late = t0 + EXPIRY + Duration::from_millis(1);
+        assert_eq!(
+            route(&r, "t", late),
+            vec![entry("g", "", &["s1:1", "s2:1"], 4)]
+        );
+    }
+
+    #[test]
+    fn cluster_lists_every_broker_with_its_role_master_first() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(slave("b", "b-s:1", vec![]), 1, t0).unwrap();
+        r.register(slave("a", "a-s2:1", vec![]), 2, t0).unwrap();
+        r.register(master("a", "a-z:1", vec![]), 3, t0).unwrap();
+        r.register(slave("a", "a-s1:1", vec![]), 4, t0).unwrap();
+        let mut far = master("0", "f:1", vec![]);
+        far.cluster = "z".into();
+        r.register(far, 5, t0).unwrap();
+        let c = |name: &str, role, addr: &str| {
+            ("c".to_string(), name.to_string(), role, addr.to_string())
+        };
+        assert_eq!(
+            cluster(&r, t0),
+            vec![
+                c("a", BrokerRole::Master, "a-z:1"),
+                c("a", BrokerRole::Slave, "a-s1:1"),
+                c("a", BrokerRole::Slave, "a-s2:1"),
+                c("b", BrokerRole::Slave, "b-s:1"),
+                ("z".into(), "0".into(), BrokerRole::Master, "f:1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn topics_name_a_group_once() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(
+            slave("g", "s1:1", vec![topic("t", 4), topic("u", 1)]),
+            2,
+            t0,
+        )
+        .unwrap();
+        r.register(slave("g", "s2:1", vec![topic("t", 2)]), 3, t0)
+            .unwrap();
+        r.register(master("h", "h:1", vec![topic("t", 1)]), 4, t0)
+            .unwrap();
+        let topics = |now| -> Vec<(String, String, u32)> {
+            r.topics(now)
+                .topics
+                .into_iter()
+                .map(|t| (t.config.name, t.broker_name, t.config.queues))
+                .collect()
+        };
+        assert_eq!(
+            topics(t0),
+            vec![
+                ("t".into(), "g".into(), 8),
+                ("t".into(), "h".into(), 1),
+                ("u".into(), "g".into(), 1),
+            ]
+        );
+        // The master gone, the first slave's table speaks for the group.
+        assert_eq!(r.connection_closed(1), vec!["g"]);
+        assert_eq!(
+            topics(t0),
+            vec![
+                ("t".into(), "g".into(), 4),
+                ("t".into(), "h".into(), 1),
+                ("u".into(), "g".into(), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn unregister_removes_only_that_broker_and_strangers_are_refused() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(master("g", "m:1", vec![topic("t", 8)]), 1, t0)
+            .unwrap();
+        r.register(slave("g", "s1:1", vec![topic("t", 8)]), 2, t0)
+            .unwrap();
+        r.register(slave("g", "s2:1", vec![topic("t", 8)]), 3, t0)
+            .unwrap();
+        // A slave by its address, from another connection.
+        assert_eq!(r.unregister(&bye("g", "s1:1"), 9, "peer"), Ok(true));
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "m:1", &["s2:1"], 8)]);
+        // A slave by its connection (an older broker sends no address).
+        assert_eq!(r.unregister(&bye("g", ""), 3, "peer"), Ok(true));
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "m:1", &[], 8)]);
+        // A stranger, by address or connection, removes nothing.
+        r.register(slave("g", "s1:1", vec![topic("t", 8)]), 2, t0)
+            .unwrap();
+        let e = r
+            .unregister(&bye("g", "x:1"), 8, "10.0.0.8:5555")
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(e.message.contains("m:1"), "{}", e.message);
+        assert!(e.message.contains("s1:1"), "{}", e.message);
+        assert!(e.message.contains("x:1"), "{}", e.message);
+        let e = r.unregister(&bye("g", ""), 8, "10.0.0.8:5555").unwrap_err();
+        assert!(e.message.contains("10.0.0.8:5555"), "{}", e.message);
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "m:1", &["s1:1"], 8)]);
+        // The master's goodbye leaves its slave.
+        assert_eq!(r.unregister(&bye("g", "m:1"), 1, "peer"), Ok(true));
+        assert_eq!(route(&r, "t", t0), vec![entry("g", "", &["s1:1"], 8)]);
+        assert_eq!(r.unregister(&bye("g", "s1:1"), 2, "peer"), Ok(true));
+        assert_eq!(r.unregister(&bye("g", "s1:1"), 2, "peer"), Ok(false));
+        assert!(r.route("t", t0).is_err());
+    }
 }
