@@ -1,0 +1,924 @@
+//! Replicated broker groups end to end, with real `txmq-broker` processes: a
+//! master and its slaves under one `--broker-name`. What a user relies on:
+//! every write the master acknowledged under sync replication survives a
+//! `kill -9` of the master on each slave, exactly once, with the slaves'
+//! commit logs byte-identical to the master's; a restarted slave catches up;
+//! a stopped slave drops out of sync and the master stops saying SEND_OK
+//! once too few replicas remain; consumers carry on from a slave while the
+//! master is down and their offsets reach the master when it returns; and a
+//! slave whose log differs from its master's stops with an error instead of
+//! copying on top of it.
+//!
+//! Slaves are driven with raw requests at their own address (Pull,
+//! QueryOffset, CommitOffset, ListTransactions, GetReplication), as the
+//! client of this branch knows nothing of slaves; producers use the client
+//! against the master.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{jitter, segments, start_broker};
+use txmq::{
+    BoxError, CheckRequest, Message, Producer, SendStatus, TransactionListener,
+    TransactionProducer, TransactionState, TxContext, TxState,
+};
+use txmq_protocol::{
+    Call, CommitOffset, CreateTopic, GetReplication, Hello, ListTransactions, MsgId, PullRequest,
+    QueryOffset, ReplicationInfo, Role, StoredMessage, TransactionList, PERM_READ_WRITE,
+    PROTOCOL_VERSION,
+};
+use txmq_remoting::{Connection, ConnectionConfig};
+use txmq_tests::{BrokerProcess, Cluster};
+
+const GROUP_NAME: &str = "broker-a";
+
+/// Flags every master of these tests gets: sync replication needing one
+/// slave besides itself, short lag and timeout limits, and no check-backs
+/// while a test runs (a transaction left unknown stays pending).
+const MASTER: &[&str] = &[
+    "--replication",
+    "sync",
+    "--min-insync-replicas",
+    "2",
+    "--replication-timeout",
+    "1s",
+    "--replica-lag-max",
+    "500ms",
+    "--transaction-timeout",
+    "60s",
+];
+
+/// A master and its slaves on one in-process nameserver, each broker with
+/// its own data directory under one temp dir. Processes die on drop (a
+/// stopped one is continued first).
+struct Group {
+    ns: String,
+    _cluster: Cluster,
+    tmp: tempfile::TempDir,
+    master: BrokerProcess,
+    slaves: Vec<BrokerProcess>,
+}
+
+impl Group {
+    /// A master with `master_flags`, `topic` created on it with `queues`
+    /// queues, and `slaves` slaves that are in sync before this returns.
+    async fn start(master_flags: &[&str], slaves: usize, topic: &str, queues: u32) -> Group {
+        let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+        let ns = cluster.nameserver.clone();
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let master = start_broker(&tmp.path().join("master"), &ns, GROUP_NAME, master_flags).await;
+        create_topic(&master.addr, topic, queues).await;
+        let mut group = Group {
+            ns,
+            _cluster: cluster,
+            tmp,
+            master,
+            slaves: Vec::new(),
+        };
+        for i in 0..slaves {
+            group.add_slave(&format!("slave{i}")).await;
+        }
+        let want: Vec<String> = group.slaves.iter().map(|s| s.addr.clone()).collect();
+        wait_replication(
+            &group.master.addr,
+            Duration::from_secs(15),
+            "slaves in sync",
+            |r| {
+                want.iter()
+                    .all(|a| replica(r, a).is_some_and(|x| x.in_sync))
+            },
+        )
+        .await;
+        group
+    }
+
+    /// Starts a slave of the master on `tmp/label`.
+    async fn add_slave(&mut self, label: &str) {
+        let data = self.tmp.path().join(label);
+        let slave = start_broker(
+            &data,
+            &self.ns,
+            GROUP_NAME,
+            &["--role", "slave", "--master-addr", &self.master.addr],
+        )
+        .await;
+        self.slaves.push(slave);
+    }
+
+    async fn producer(&self) -> Producer {
+        Producer::builder()
+            .nameserver(&self.ns)
+            .send_timeout(Duration::from_secs(3))
+            .retries(1)
+            .build()
+            .await
+            .expect("producer builds")
+    }
+}
+
+/// A connection to the broker at `addr` as an administrative tool.
+async fn connect(addr: &str) -> Result<Connection, txmq_remoting::Error> {
+    Connection::connect(
+        addr,
+        Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Admin,
+            client_id: "replication-test".into(),
+            group: None,
+        },
+        None,
+        ConnectionConfig {
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// One request to the broker at `addr` over a connection of its own.
+async fn call<C: Call>(addr: &str, request: C) -> Result<C::Reply, txmq_remoting::Error> {
+    let conn = connect(addr).await?;
+    let reply = conn.call(request).await;
+    conn.close();
+    reply
+}
+
+async fn create_topic(addr: &str, topic: &str, queues: u32) {
+    call(
+        addr,
+        CreateTopic {
+            topic: topic.into(),
+            queues,
+            perm: PERM_READ_WRITE,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create {topic} at {addr}: {e}"));
+}
+
+async fn replication(addr: &str) -> Box<ReplicationInfo> {
+    call(addr, GetReplication {})
+        .await
+        .unwrap_or_else(|e| panic!("GetReplication at {addr}: {e}"))
+}
+
+fn replica<'a>(r: &'a ReplicationInfo, addr: &str) -> Option<&'a txmq_protocol::ReplicaInfo> {
+    r.replicas.iter().find(|x| x.addr == addr)
+}
+
+/// Polls `GetReplication` at `addr` (every 50 ms, up to `limit`) until
+/// `done` holds; returns that answer.
+async fn wait_replication(
+    addr: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&ReplicationInfo) -> bool,
+) -> Box<ReplicationInfo> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = replication(addr).await;
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} at {addr}; replication now: {r:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every message of `topic` stored at `addr`, queue by queue in offset
+/// order, read with plain pulls from offset 0 to the queue's end.
+async fn pull_all(addr: &str, topic: &str, queues: u32) -> Vec<StoredMessage> {
+    let conn = connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut all = Vec::new();
+    for queue in 0..queues {
+        all.extend(pull_range(&conn, topic, queue, 0, u64::MAX).await);
+    }
+    conn.close();
+    all
+}
+
+/// The messages of one queue from `from` up to `to` or the queue's end.
+async fn pull_range(
+    conn: &Connection,
+    topic: &str,
+    queue: u32,
+    from: u64,
+    to: u64,
+) -> Vec<StoredMessage> {
+    let mut got = Vec::new();
+    let mut offset = from;
+    while offset < to {
+        let r = conn
+            .call(PullRequest {
+                topic: topic.into(),
+                queue,
+                offset,
+                max_messages: 32,
+                max_wait_ms: 0,
+                tag_filter: Vec::new(),
+                owner: None,
+                epoch: 0,
+                after: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pull {topic}/{queue}@{offset}: {e}"));
+        for m in r.messages {
+            if m.queue_offset < to {
+                got.push(m);
+            }
+        }
+        if r.next_offset <= offset || r.next_offset >= r.max_offset {
+            break;
+        }
+        offset = r.next_offset;
+    }
+    got
+}
+
+async fn list_transactions(addr: &str) -> TransactionList {
+    call(addr, ListTransactions {})
+        .await
+        .unwrap_or_else(|e| panic!("ListTransactions at {addr}: {e}"))
+}
+
+async fn committed_offset(addr: &str, group: &str, topic: &str, queue: u32) -> Option<u64> {
+    call(
+        addr,
+        QueryOffset {
+            group: group.into(),
+            topic: topic.into(),
+            queue,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("QueryOffset at {addr}: {e}"))
+    .committed
+}
+
+async fn commit_offset(addr: &str, group: &str, topic: &str, queue: u32, offset: u64) {
+    call(
+        addr,
+        CommitOffset {
+            group: group.into(),
+            topic: topic.into(),
+            queue,
+            offset,
+            owner: None,
+            forward_only: false,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("CommitOffset {topic}/{queue}={offset} at {addr}: {e}"));
+}
+
+fn body(m: &StoredMessage) -> String {
+    String::from_utf8(m.message.body.to_vec()).expect("UTF-8 body")
+}
+
+/// The bytes of the commit log under `data` from position 0 up to `end`
+/// (segments are named by their start position and are files of a fixed
+/// size; the part of a segment past its last record is zeros).
+fn log_prefix(data: &Path, end: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for segment in segments(data) {
+        let start: u64 = segment
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .expect("segment named by its position");
+        if start >= end {
+            break;
+        }
+        assert_eq!(
+            start,
+            out.len() as u64,
+            "{}: segments do not follow each other",
+            data.display()
+        );
+        let bytes = std::fs::read(&segment).expect("read segment");
+        let take = ((end - start) as usize).min(bytes.len());
+        out.extend_from_slice(&bytes[..take]);
+    }
+    assert_eq!(
+        out.len() as u64,
+        end,
+        "{}: the log holds less than {end} bytes",
+        data.display()
+    );
+    out
+}
+
+/// Asserts that the logs under `a` and `b` hold the same bytes up to `end`.
+fn assert_same_log(a: &Path, b: &Path, end: u64) {
+    let (x, y) = (log_prefix(a, end), log_prefix(b, end));
+    if let Some(at) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "the logs of {} and {} differ at position {at} (compared up to {end})",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Commits the local transaction of bodies ending in an even number and
+/// leaves the others unknown (also when checked back): those stay pending.
+struct EvenCommits;
+
+fn decide(body: &[u8]) -> TransactionState {
+    let n: u64 = std::str::from_utf8(body)
+        .ok()
+        .and_then(|b| b.rsplit('-').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    if n.is_multiple_of(2) {
+        TransactionState::Commit
+    } else {
+        TransactionState::Unknown
+    }
+}
+
+impl TransactionListener for EvenCommits {
+    async fn execute(&self, msg: &Message, _ctx: &TxContext) -> Result<TransactionState, BoxError> {
+        Ok(decide(&msg.body))
+    }
+
+    async fn check(&self, _req: &CheckRequest) -> Result<TransactionState, BoxError> {
+        Ok(TransactionState::Unknown)
+    }
+}
+
+/// What the writers of `every_acknowledged_write_survives...` were told.
+#[derive(Default)]
+struct Acked {
+    /// Plain sends answered SEND_OK: body -> msg id.
+    sent: HashMap<String, MsgId>,
+    /// Transactions whose commit was answered SEND_OK: body -> tx id.
+    committed: HashMap<String, u64>,
+    /// Transactions prepared with SEND_OK and left unknown: body -> tx id.
+    pending: HashMap<String, u64>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_write_survives_a_master_kill_on_each_slave() {
+    const TOPIC: &str = "rep-kill";
+    const QUEUES: u32 = 4;
+    let mut group = Group::start(MASTER, 2, TOPIC, QUEUES).await;
+    let producer = group.producer().await;
+    let tx_producer = TransactionProducer::builder()
+        .nameserver(&group.ns)
+        .group("pg-rep")
+        .listener(EvenCommits)
+        .send_timeout(Duration::from_secs(3))
+        .start()
+        .await
+        .expect("transaction producer starts");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..3 {
+        let (p, stop) = (producer.clone(), stop.clone());
+        writers.spawn(async move {
+            let mut acked = Acked::default();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!("plain-w{w}-{n}");
+                n += 1;
+                match p.send(Message::new(TOPIC, body.clone())).await {
+                    Ok(r) if r.status == SendStatus::SendOk => {
+                        acked.sent.insert(body, r.msg_id);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            acked
+        });
+    }
+    for w in 0..2 {
+        let (p, stop) = (tx_producer.clone(), stop.clone());
+        writers.spawn(async move {
+            let mut acked = Acked::default();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!("tx-w{w}-{n}");
+                n += 1;
+                match p
+                    .send_in_transaction(Message::new(TOPIC, body.clone()))
+                    .await
+                {
+                    Ok(o) => match &o.ended {
+                        Some(e)
+                            if e.state == TxState::Committed && e.status == SendStatus::SendOk =>
+                        {
+                            acked.committed.insert(body, o.tx_id);
+                        }
+                        None if o.prepare_status == SendStatus::SendOk
+                            && o.state == TransactionState::Unknown =>
+                        {
+                            acked.pending.insert(body, o.tx_id);
+                        }
+                        _ => {}
+                    },
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            acked
+        });
+    }
+
+    tokio::time::sleep(jitter(
+        Duration::from_millis(500),
+        Duration::from_millis(2000),
+    ))
+    .await;
+    tokio::task::block_in_place(|| group.master.kill9());
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Acked::default();
+    let joined = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(a) = writers.join_next().await {
+            let a = a.expect("writer task");
+            acked.sent.extend(a.sent);
+            acked.committed.extend(a.committed);
+            acked.pending.extend(a.pending);
+        }
+    })
+    .await;
+    assert!(joined.is_ok(), "writers did not give up on the dead master");
+    producer.close();
+    tx_producer.close();
+    assert!(
+        !acked.sent.is_empty() && !acked.committed.is_empty() && !acked.pending.is_empty(),
+        "the master died before every kind of write was acknowledged: {} sent, {} committed, {} pending",
+        acked.sent.len(),
+        acked.committed.len(),
+        acked.pending.len()
+    );
+
+    let mut ends = Vec::new();
+    for slave in &group.slaves {
+        let info = replication(&slave.addr).await;
+        assert_eq!(info.error, None, "slave {} stopped replicating", slave.addr);
+        ends.push(info.log_end);
+        let stored = pull_all(&slave.addr, TOPIC, QUEUES).await;
+        let mut seen: HashMap<String, (usize, MsgId)> = HashMap::new();
+        for m in &stored {
+            let e = seen.entry(body(m)).or_insert((0, m.message.msg_id));
+            e.0 += 1;
+        }
+        for (b, id) in &acked.sent {
+            match seen.get(b) {
+                Some((1, got)) => assert_eq!(got, id, "slave {}: {b} has another id", slave.addr),
+                Some((n, _)) => panic!("slave {}: acknowledged {b} is there {n} times", slave.addr),
+                None => panic!("slave {}: acknowledged send {b} is missing", slave.addr),
+            }
+        }
+        for b in acked.committed.keys() {
+            match seen.get(b) {
+                Some((1, _)) => {}
+                Some((n, _)) => panic!("slave {}: committed {b} is there {n} times", slave.addr),
+                None => panic!("slave {}: committed transaction {b} is missing", slave.addr),
+            }
+        }
+        for b in acked.pending.keys() {
+            assert!(
+                !seen.contains_key(b),
+                "slave {}: unended transaction {b} is visible",
+                slave.addr
+            );
+        }
+        let dup = seen.iter().find(|(_, (n, _))| *n > 1);
+        assert!(
+            dup.is_none(),
+            "slave {}: a message twice: {dup:?}",
+            slave.addr
+        );
+
+        let list = list_transactions(&slave.addr).await;
+        let listed: HashMap<u64, TxState> = list
+            .transactions
+            .iter()
+            .map(|t| (t.tx_id, t.state))
+            .collect();
+        for (b, tx) in &acked.pending {
+            assert_eq!(
+                listed.get(tx),
+                Some(&TxState::Prepared),
+                "slave {}: prepared transaction {tx} ({b}) is not pending there",
+                slave.addr
+            );
+        }
+        for (b, tx) in &acked.committed {
+            assert!(
+                !listed.contains_key(tx),
+                "slave {}: committed transaction {tx} ({b}) is still listed",
+                slave.addr
+            );
+        }
+    }
+
+    // Byte for byte: each slave's log is the master's up to the slave's
+    // end (the master's pages outlive its process), so the slaves agree up
+    // to the shorter end.
+    for (slave, end) in group.slaves.iter().zip(&ends) {
+        assert!(*end > 0, "slave {} holds nothing", slave.addr);
+        assert_same_log(&group.master.data_dir, &slave.data_dir, *end);
+    }
+    let shorter = ends.iter().copied().min().unwrap_or(0);
+    assert_same_log(
+        &group.slaves[0].data_dir,
+        &group.slaves[1].data_dir,
+        shorter,
+    );
+}
+
+/// Sends to `topic` until `stop`, counting the statuses; returns the
+/// bodies answered SEND_OK.
+fn steady_load(
+    producer: Producer,
+    topic: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(HashSet<String>, usize)> {
+    tokio::spawn(async move {
+        let mut ok = HashSet::new();
+        let mut other = 0;
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let body = format!("load-{n}");
+            n += 1;
+            match producer.send(Message::new(topic, body.clone())).await {
+                Ok(r) if r.status == SendStatus::SendOk => {
+                    ok.insert(body);
+                }
+                _ => other += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (ok, other)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
+    const TOPIC: &str = "rep-restart";
+    const QUEUES: u32 = 2;
+    let mut group = Group::start(MASTER, 2, TOPIC, QUEUES).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(group.producer().await, TOPIC, stop.clone());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| group.slaves[0].kill9());
+    let before_kill = replication(&group.master.addr).await.log_end;
+    // The master keeps writing while the slave is away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replication(&group.master.addr).await.log_end < before_kill + 20_000 {
+        assert!(Instant::now() < deadline, "the master took no writes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let slave_addr = group.slaves[0].addr.clone();
+    tokio::task::block_in_place(|| group.slaves[0].restart());
+    wait_replication(
+        &group.master.addr,
+        Duration::from_secs(15),
+        "the restarted slave in sync under load",
+        |r| replica(r, &slave_addr).is_some_and(|x| x.in_sync),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, _) = load.await.expect("load task");
+    assert!(!ok.is_empty(), "no send was acknowledged");
+
+    let master = wait_replication(
+        &group.master.addr,
+        Duration::from_secs(10),
+        "every slave at lag 0",
+        |r| r.replicas.len() == 2 && r.replicas.iter().all(|x| x.in_sync && x.lag_bytes == 0),
+    )
+    .await;
+    let slave = &group.slaves[0];
+    let info = replication(&slave.addr).await;
+    assert_eq!(
+        info.log_end, master.log_end,
+        "the slave's log ends elsewhere"
+    );
+    assert_same_log(&group.master.data_dir, &slave.data_dir, master.log_end);
+
+    let on_master = pull_all(&group.master.addr, TOPIC, QUEUES).await;
+    let on_slave = pull_all(&slave.addr, TOPIC, QUEUES).await;
+    let ids = |v: &[StoredMessage]| -> Vec<(u32, u64, MsgId)> {
+        v.iter()
+            .map(|m| (m.queue, m.queue_offset, m.message.msg_id))
+            .collect()
+    };
+    assert_eq!(ids(&on_slave), ids(&on_master), "the slave's queues differ");
+    let bodies: HashSet<String> = on_slave.iter().map(body).collect();
+    let missing: Vec<&String> = ok.iter().filter(|b| !bodies.contains(*b)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged sends missing on the slave: {missing:?}"
+    );
+}
+
+/// Sends one message to `topic`; the status, or the error as text.
+async fn send_status(producer: &Producer, topic: &str, n: u64) -> Result<SendStatus, String> {
+    producer
+        .send(Message::new(topic, format!("m-{n}")))
+        .await
+        .map(|r| r.status)
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_slave_drops_out_of_sync_and_the_master_keeps_answering() {
+    const TOPIC: &str = "rep-stop";
+    let group = Group::start(MASTER, 2, TOPIC, 2).await;
+    let producer = group.producer().await;
+    let (s0, s1) = (&group.slaves[0], &group.slaves[1]);
+    let mut n = 0u64;
+
+    s0.signal("STOP");
+    // Sends go on with SEND_OK all along: the other slave makes two replicas.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = send_status(&producer, TOPIC, n).await;
+        n += 1;
+        assert_eq!(status, Ok(SendStatus::SendOk), "with one slave stopped");
+        let r = replication(&group.master.addr).await;
+        if replica(&r, &s0.addr).is_some_and(|x| !x.in_sync) {
+            assert!(
+                replica(&r, &s1.addr).is_some_and(|x| x.in_sync),
+                "the running slave is out of sync: {r:#?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped slave stays in sync: {r:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            send_status(&producer, TOPIC, n).await,
+            Ok(SendStatus::SendOk),
+            "with one slave out of sync"
+        );
+        n += 1;
+    }
+
+    s1.signal("STOP");
+    // Never SEND_OK now: first the wait for the second slave times out,
+    // then (past the lag limit) no slave is in sync at all.
+    let mut statuses = Vec::new();
+    while statuses.last() != Some(&Ok(SendStatus::SlaveNotAvailable)) {
+        let status = send_status(&producer, TOPIC, n).await;
+        n += 1;
+        assert!(
+            matches!(
+                status,
+                Ok(SendStatus::FlushSlaveTimeout | SendStatus::SlaveNotAvailable)
+            ),
+            "with both slaves stopped a send was answered {status:?} (so far {statuses:?})"
+        );
+        statuses.push(status);
+        assert!(
+            statuses.len() < 10,
+            "never SLAVE_NOT_AVAILABLE: {statuses:?}"
+        );
+    }
+    let r = replication(&group.master.addr).await;
+    assert!(r.replicas.iter().all(|x| !x.in_sync), "{r:#?}");
+
+    s0.signal("CONT");
+    s1.signal("CONT");
+    wait_replication(
+        &group.master.addr,
+        Duration::from_secs(10),
+        "both slaves back in sync",
+        |r| {
+            [&s0.addr, &s1.addr]
+                .iter()
+                .all(|a| replica(r, a).is_some_and(|x| x.in_sync))
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(
+            send_status(&producer, TOPIC, n).await,
+            Ok(SendStatus::SendOk),
+            "with both slaves back"
+        );
+        n += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never_moves_back() {
+    const TOPIC: &str = "rep-consume";
+    const QUEUES: u32 = 2;
+    const GROUP: &str = "cg-rep";
+    const PER_QUEUE: u64 = 20;
+    let mut group = Group::start(MASTER, 1, TOPIC, QUEUES).await;
+    let producer = group.producer().await;
+    for q in 0..QUEUES {
+        for i in 0..PER_QUEUE {
+            let r = producer
+                .send_to_queue(Message::new(TOPIC, format!("q{q}-{i}")), GROUP_NAME, q)
+                .await
+                .expect("send");
+            assert_eq!(r.status, SendStatus::SendOk);
+        }
+    }
+    producer.close();
+
+    // The group consumes part of each queue at the master and commits there.
+    let master = connect(&group.master.addr).await.expect("connect master");
+    let mut consumed: Vec<String> = Vec::new();
+    let first_part = [7u64, 12];
+    for q in 0..QUEUES {
+        let got = pull_range(&master, TOPIC, q, 0, first_part[q as usize]).await;
+        consumed.extend(got.iter().map(body));
+        commit_offset(&group.master.addr, GROUP, TOPIC, q, first_part[q as usize]).await;
+    }
+    master.close();
+    let slave_addr = group.slaves[0].addr.clone();
+    let master_end = replication(&group.master.addr).await.log_end;
+    wait_replication(
+        &slave_addr,
+        Duration::from_secs(10),
+        "the slave caught up",
+        |r| r.log_end == master_end,
+    )
+    .await;
+
+    tokio::task::block_in_place(|| group.master.kill9());
+
+    // The rest from the slave, from where the group left off, committing
+    // at the slave in two steps.
+    let slave = connect(&slave_addr).await.expect("connect slave");
+    let mut highest = first_part;
+    for q in 0..QUEUES {
+        let qi = q as usize;
+        let start = committed_offset(&slave_addr, GROUP, TOPIC, q).await;
+        assert_eq!(
+            start,
+            Some(first_part[qi]),
+            "queue {q}: the slave does not start where the group committed at the master"
+        );
+        let middle = (first_part[qi] + PER_QUEUE) / 2;
+        for to in [middle, PER_QUEUE] {
+            let from = highest[qi];
+            let got = pull_range(&slave, TOPIC, q, from, to).await;
+            assert_eq!(
+                got.len() as u64,
+                to - from,
+                "queue {q}: read {from}..{to} at the slave"
+            );
+            consumed.extend(got.iter().map(body));
+            commit_offset(&slave_addr, GROUP, TOPIC, q, to).await;
+            let now = committed_offset(&slave_addr, GROUP, TOPIC, q).await;
+            assert_eq!(now, Some(to), "queue {q}: the slave's committed offset");
+            highest[qi] = to;
+        }
+    }
+    slave.close();
+    let mut expected: Vec<String> = (0..QUEUES)
+        .flat_map(|q| (0..PER_QUEUE).map(move |i| format!("q{q}-{i}")))
+        .collect();
+    expected.sort();
+    let mut sorted = consumed.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected, "consumed with a gap or twice");
+
+    // The master comes back on its data: it never shows an offset below
+    // what it had, and takes what was committed at the slave.
+    tokio::task::block_in_place(|| group.master.restart());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for q in 0..QUEUES {
+        let qi = q as usize;
+        loop {
+            let at_master = committed_offset(&group.master.addr, GROUP, TOPIC, q).await;
+            assert!(
+                at_master.is_some_and(|o| o >= first_part[qi]),
+                "queue {q}: the master's offset went back to {at_master:?} (was {})",
+                first_part[qi]
+            );
+            if at_master == Some(highest[qi]) {
+                break;
+            }
+            assert!(
+                at_master.is_some_and(|o| o <= highest[qi]),
+                "queue {q}: the master's offset {at_master:?} is past what was committed"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "queue {q}: the master's offset stays at {at_master:?}, the slave's is {}",
+                highest[qi]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // And the slave never moved back either.
+    for q in 0..QUEUES {
+        assert_eq!(
+            committed_offset(&slave_addr, GROUP, TOPIC, q).await,
+            Some(highest[q as usize])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_whose_log_differs_stops_with_an_error() {
+    const TOPIC: &str = "rep-diverge";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let producer = || async {
+        Producer::builder()
+            .nameserver(&ns)
+            .build()
+            .await
+            .expect("producer builds")
+    };
+
+    // D: a master alone, with messages of its own.
+    let d_dir = tmp.path().join("d");
+    let mut d = start_broker(&d_dir, &ns, GROUP_NAME, &[]).await;
+    create_topic(&d.addr, TOPIC, 1).await;
+    let to_d = producer().await;
+    let mut own = Vec::new();
+    for i in 0..10 {
+        let body = format!("d-{i}");
+        let r = to_d
+            .send(Message::new(TOPIC, body.clone()))
+            .await
+            .expect("send to D");
+        assert_eq!(r.status, SendStatus::SendOk);
+        own.push(body);
+    }
+    to_d.close();
+    tokio::task::block_in_place(|| d.stop());
+
+    // M: another master of the same group, with other (longer) messages.
+    let m = start_broker(&tmp.path().join("m"), &ns, GROUP_NAME, &[]).await;
+    create_topic(&m.addr, TOPIC, 1).await;
+    common::wait_for_route(&ns, TOPIC, &[GROUP_NAME]).await;
+    let to_m = producer().await;
+    for i in 0..20 {
+        to_m.send(Message::new(TOPIC, format!("m-{i}-{}", "x".repeat(100))))
+            .await
+            .expect("send to M");
+    }
+
+    // D's data as a slave of M.
+    let d = start_broker(
+        &d_dir,
+        &ns,
+        GROUP_NAME,
+        &["--role", "slave", "--master-addr", &m.addr],
+    )
+    .await;
+    let info = wait_replication(&d.addr, Duration::from_secs(10), "the slave's error", |r| {
+        r.error.is_some()
+    })
+    .await;
+    let error = info.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("differs") || error.contains("diverged"),
+        "the error does not name the divergence: {error}"
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("replication stopped") && log.contains("differs"),
+        "the slave's log does not say it stopped on a divergence:\n{log}"
+    );
+    let end = info.log_end;
+
+    // M takes more writes; D copies none of them.
+    for i in 0..20 {
+        to_m.send(Message::new(TOPIC, format!("m2-{i}")))
+            .await
+            .expect("send to M");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = replication(&d.addr).await;
+    assert_eq!(later.log_end, end, "the diverged slave's log moved");
+    assert_eq!(later.error, info.error);
+
+    // It still serves its own data.
+    let stored: Vec<String> = pull_all(&d.addr, TOPIC, 1).await.iter().map(body).collect();
+    assert_eq!(
+        stored, own,
+        "the diverged slave does not serve its own messages"
+    );
+    to_m.close();
+}
