@@ -387,8 +387,8 @@ pub(crate) async fn fetch(
         .read_log(req.from, max_bytes, limit)
         .map_err(|e| read_error(b, &req, e))?;
     if read.is_none() {
-        // A slave at the end is caught up; then wait for more.
-        caught_up(rep, conn.id(), limit);
+        // Nothing past `from`: a slave that holds `from` holds everything.
+        caught_up(rep, conn.id(), req.from);
         if !wait.is_zero() {
             tokio::select! {
                 l = b.store.wait_shippable(limit, wait) => limit = l,
@@ -416,11 +416,11 @@ pub(crate) async fn fetch(
     })
 }
 
-/// A slave fetching at the master's end holds everything.
-fn caught_up(rep: &Replication, conn_id: u64, end: u64) {
+/// A slave fetching at the master's end holds everything once it holds `from`.
+fn caught_up(rep: &Replication, conn_id: u64, from: u64) {
     let mut replicas = rep.replicas();
     if let Some(r) = replicas.get_mut(&conn_id) {
-        if r.acked >= end {
+        if r.acked >= from {
             r.caught_up_at = Some(Instant::now());
             r.mark = None;
         }

@@ -172,6 +172,12 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
         c = Connection::connect(master, hello, None, config) => c.map_err(|e| classify(master, e))?,
         _ = b.shutdown.cancelled() => return Err(Stop::Shutdown),
     };
+    // The master counts the first fetch's position as held: make it so
+    // per this store's flush mode first.
+    while b.store.shippable_end() < tail.end && !b.shutdown.is_cancelled() {
+        let now = b.store.shippable_end();
+        b.store.wait_shippable(now, Duration::from_secs(1)).await;
+    }
     tracing::info!(%master, from = tail.end, "replicating from the master");
     let segment_size = b.store.config().segment_size;
     let mut asked = *tail;
