@@ -420,11 +420,7 @@ async fn poll_until(
 #[tokio::test]
 async fn a_slaves_not_master_is_followed_to_the_master_which_alone_stores() -> TestResult {
     let (master, slave) = group("broker-a").await?;
-    let ns = nameserver(
-        vec![route_of("broker-a", &master.addr, &[&slave.addr])],
-        2,
-    )
-    .await?;
+    let ns = nameserver(vec![route_of("broker-a", &master.addr, &[&slave.addr])], 2).await?;
     // The producer's first route is stale: it names the slave as the master.
     *lock(&ns.names.stale) = Some((1, slave.addr.clone()));
     let producer = Producer::builder()
@@ -439,7 +435,11 @@ async fn a_slaves_not_master_is_followed_to_the_master_which_alone_stores() -> T
     assert_eq!(receipt.broker_name, "broker-a");
     assert_eq!(slave.node.refused.load(Ordering::SeqCst), 1);
     assert_eq!(slave.node.stored.load(Ordering::SeqCst), 0);
-    assert_eq!(master.node.stored.load(Ordering::SeqCst), 1, "stored once, on the master");
+    assert_eq!(
+        master.node.stored.load(Ordering::SeqCst),
+        1,
+        "stored once, on the master"
+    );
 
     // A batch follows it too, stored whole on the master.
     *lock(&ns.names.stale) = Some((1, slave.addr.clone()));
@@ -450,7 +450,11 @@ async fn a_slaves_not_master_is_followed_to_the_master_which_alone_stores() -> T
         .build()
         .await?;
     let receipts = producer
-        .send_batch((0..3).map(|i| Message::new(TOPIC, format!("b{i}"))).collect())
+        .send_batch(
+            (0..3)
+                .map(|i| Message::new(TOPIC, format!("b{i}")))
+                .collect(),
+        )
         .await?;
     assert_eq!(receipts.len(), 3);
     assert_eq!(slave.node.refused.load(Ordering::SeqCst), 2);
@@ -521,11 +525,7 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
 ) -> TestResult {
     let (master, slave) = group("broker-a").await?;
     let master_port = master.addr.clone();
-    let ns = nameserver(
-        vec![route_of("broker-a", &master.addr, &[&slave.addr])],
-        1,
-    )
-    .await?;
+    let ns = nameserver(vec![route_of("broker-a", &master.addr, &[&slave.addr])], 1).await?;
     let producer = Producer::builder().nameserver(&ns.addr).build().await?;
     for i in 0..10 {
         producer.send(Message::new(TOPIC, format!("m{i}"))).await?;
@@ -582,11 +582,18 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
     // the master stored before it died, say).
     slave.node.store.replicate_from(&master.node.store, 0, 10);
     for i in 10..13 {
-        slave.node.store.push(0, Message::new(TOPIC, format!("m{i}")));
+        slave
+            .node
+            .store
+            .push(0, Message::new(TOPIC, format!("m{i}")));
     }
     let from_slave = poll_until(&mut consumer, 3, Duration::from_secs(5)).await?;
     let offsets: Vec<u64> = from_slave.iter().map(|m| m.queue_offset()).collect();
-    assert_eq!(offsets, [10, 11, 12], "continues at its position: no rewind, no skip");
+    assert_eq!(
+        offsets,
+        [10, 11, 12],
+        "continues at its position: no rewind, no skip"
+    );
     seen.extend(offsets);
     consumer.commit().await?;
     assert_eq!(
@@ -606,10 +613,15 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
     let from_master = poll_until(&mut consumer, 2, Duration::from_secs(5)).await?;
     let offsets: Vec<u64> = from_master.iter().map(|m| m.queue_offset()).collect();
     assert_eq!(offsets, [13, 14]);
-    assert!(master.node.pulls.load(Ordering::SeqCst) > 0, "read from the master again");
+    assert!(
+        master.node.pulls.load(Ordering::SeqCst) > 0,
+        "read from the master again"
+    );
     seen.extend(offsets);
     assert!(
-        poll_until(&mut consumer, 1, Duration::from_millis(300)).await?.is_empty(),
+        poll_until(&mut consumer, 1, Duration::from_millis(300))
+            .await?
+            .is_empty(),
         "nothing more"
     );
     consumer.shutdown().await?;
@@ -627,11 +639,7 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
 async fn a_consumer_whose_master_does_not_connect_uses_the_slave_though_the_route_names_it(
 ) -> TestResult {
     let (master, slave) = group("broker-a").await?;
-    let ns = nameserver(
-        vec![route_of("broker-a", &master.addr, &[&slave.addr])],
-        1,
-    )
-    .await?;
+    let ns = nameserver(vec![route_of("broker-a", &master.addr, &[&slave.addr])], 1).await?;
     let producer = Producer::builder().nameserver(&ns.addr).build().await?;
     for i in 0..4 {
         producer.send(Message::new(TOPIC, format!("m{i}"))).await?;
@@ -664,11 +672,7 @@ async fn a_consumer_whose_master_does_not_connect_uses_the_slave_though_the_rout
 #[tokio::test]
 async fn a_commit_stored_on_the_master_only_is_committed_again() -> TestResult {
     let (master, slave) = group("broker-a").await?;
-    let ns = nameserver(
-        vec![route_of("broker-a", &master.addr, &[&slave.addr])],
-        1,
-    )
-    .await?;
+    let ns = nameserver(vec![route_of("broker-a", &master.addr, &[&slave.addr])], 1).await?;
     let producer = Producer::builder().nameserver(&ns.addr).build().await?;
     for i in 0..3 {
         producer.send(Message::new(TOPIC, format!("m{i}"))).await?;
@@ -680,7 +684,12 @@ async fn a_commit_stored_on_the_master_only_is_committed_again() -> TestResult {
         .max_wait(Duration::from_millis(200))
         .build()
         .await?;
-    assert_eq!(poll_until(&mut consumer, 3, Duration::from_secs(5)).await?.len(), 3);
+    assert_eq!(
+        poll_until(&mut consumer, 3, Duration::from_secs(5))
+            .await?
+            .len(),
+        3
+    );
     let commits = master.node.commits.load(Ordering::SeqCst);
     for code in [ErrorCode::FlushSlaveTimeout, ErrorCode::SlaveNotAvailable] {
         *lock(&master.node.commit_error) = Some(code);
