@@ -17,10 +17,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use txmq::{ConsumeFrom, Message, Producer, PullConsumer, SendStatus, PERM_READ_WRITE};
+use txmq::{
+    BoxError, CheckRequest, ConsumeFrom, Message, Producer, PullConsumer, SendStatus,
+    TransactionListener, TransactionProducer, TransactionState, TxContext, PERM_READ_WRITE,
+};
 use txmq_protocol::{
-    BrokerInfo, BrokerQueues, BrokerRole, ClusterInfo, Done, ErrorCode, HeartbeatOk, PullResult,
-    QueueOffsets, QueueRef, Request, Response, SendResult, StoredMessage, TopicRoute, WireError,
+    BrokerInfo, BrokerQueues, BrokerRole, ClusterInfo, Done, Ended, ErrorCode, HeartbeatOk, Hello,
+    HelloOk, Prepared, PullResult, QueueOffsets, QueueRef, Request, Response, Role, SendResult,
+    StoredMessage, TopicRoute, TxAction, TxState, WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, ConnectionConfig, Service};
@@ -93,7 +97,12 @@ struct Node {
     refused: AtomicU32,
     pulls: AtomicU32,
     commits: AtomicU32,
-    /// Answer sends with this status.
+    /// Transactions prepared and ended here.
+    prepares: AtomicU32,
+    ends: AtomicU32,
+    /// Connections that said hello as a transaction producer (for check-backs).
+    tx_producers: AtomicU32,
+    /// Answer sends and prepares with this status.
     send_status: Mutex<SendStatus>,
     /// Store commits but answer with this error (sync replication short of slaves).
     commit_error: Mutex<Option<ErrorCode>>,
@@ -111,6 +120,9 @@ impl Node {
             refused: AtomicU32::new(0),
             pulls: AtomicU32::new(0),
             commits: AtomicU32::new(0),
+            prepares: AtomicU32::new(0),
+            ends: AtomicU32::new(0),
+            tx_producers: AtomicU32::new(0),
             send_status: Mutex::new(SendStatus::SendOk),
             commit_error: Mutex::new(None),
         }
@@ -130,7 +142,12 @@ impl Node {
 
     fn read(&self, req: &txmq_protocol::PullRequest) -> PullResult {
         let queues = lock(&self.store.queues);
-        let q = queues.get(&req.queue).map(Vec::as_slice).unwrap_or(&[]);
+        // Only TOPIC has messages (a push consumer's retry topic has none).
+        let q = queues
+            .get(&req.queue)
+            .filter(|_| req.topic == TOPIC)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let len = q.len() as u64;
         // As the real broker: a reader last answered by another run whose
         // last message is not where it read it is sent back to it.
@@ -179,10 +196,31 @@ impl Node {
     async fn handle(self: Arc<Self>, request: Request) -> Result<Response, WireError> {
         let slave = self.role == BrokerRole::Slave;
         Ok(match request {
-            Request::Send(_) | Request::CreateTopic(_) | Request::PrepareTransaction(_)
+            Request::Send(_)
+            | Request::CreateTopic(_)
+            | Request::PrepareTransaction(_)
+            | Request::EndTransaction(_)
                 if slave =>
             {
                 return Err(self.not_master());
+            }
+            Request::PrepareTransaction(_) => {
+                let tx_id = u64::from(self.prepares.fetch_add(1, Ordering::SeqCst)) + 1;
+                Response::PrepareTransaction(Prepared {
+                    tx_id,
+                    status: *lock(&self.send_status),
+                })
+            }
+            Request::EndTransaction(e) => {
+                self.ends.fetch_add(1, Ordering::SeqCst);
+                Response::EndTransaction(Ended {
+                    state: match e.action {
+                        TxAction::Commit => TxState::Committed,
+                        TxAction::Rollback => TxState::RolledBack,
+                    },
+                    already: false,
+                    status: SendStatus::SendOk,
+                })
             }
             Request::Send(s) => {
                 let first_offset = self.store.len(s.queue) as u64;
@@ -199,11 +237,17 @@ impl Node {
                 })
             }
             Request::Pull(p) => Response::Pull(self.clone().pull(p).await),
+            Request::QueryOffset(q) if q.topic != TOPIC => Response::QueryOffset(QueueOffsets {
+                committed: None,
+                min_offset: 0,
+                max_offset: 0,
+            }),
             Request::QueryOffset(q) => Response::QueryOffset(QueueOffsets {
                 committed: lock(&self.store.offsets).get(&(q.group, q.queue)).copied(),
                 min_offset: 0,
                 max_offset: self.store.len(q.queue) as u64,
             }),
+            Request::CommitOffset(c) if c.topic != TOPIC => Response::CommitOffset(Done {}),
             Request::CommitOffset(c) => {
                 self.commits.fetch_add(1, Ordering::SeqCst);
                 lock(&self.store.offsets).insert((c.group, c.queue), c.offset);
@@ -234,6 +278,16 @@ impl Node {
 struct NodeService(Arc<Node>);
 
 impl Service for NodeService {
+    fn hello(&self, _conn: &Connection, hello: &Hello) -> Result<HelloOk, WireError> {
+        if hello.role == Role::TransactionProducer {
+            self.0.tx_producers.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(HelloOk {
+            version: PROTOCOL_VERSION,
+            server: self.0.group.clone(),
+        })
+    }
+
     fn call(&self, _conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
         Box::pin(self.0.clone().handle(request))
     }
@@ -707,5 +761,128 @@ async fn a_commit_stored_on_the_master_only_is_committed_again() -> TestResult {
     // Confirmed now: nothing more to commit.
     consumer.commit().await?;
     assert_eq!(master.node.commits.load(Ordering::SeqCst), commits + 3);
+    Ok(())
+}
+
+/// Commits every local transaction, counting them.
+#[derive(Default)]
+struct Commits {
+    executed: AtomicU32,
+}
+
+impl TransactionListener for Commits {
+    async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+        self.executed.fetch_add(1, Ordering::SeqCst);
+        Ok(TransactionState::Commit)
+    }
+
+    async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+        Ok(TransactionState::Commit)
+    }
+}
+
+#[tokio::test]
+async fn a_transaction_goes_to_the_master_through_a_stale_route_and_checks_back_only_there(
+) -> TestResult {
+    let (master, slave) = group("broker-a").await?;
+    let ns = nameserver(vec![route_of("broker-a", &master.addr, &[&slave.addr])], 1).await?;
+    *lock(&ns.names.stale) = Some((1, slave.addr.clone()));
+    let producer = TransactionProducer::builder()
+        .nameserver(&ns.addr)
+        .group("pg")
+        .listener(Commits::default())
+        .retries(1)
+        .start()
+        .await?;
+    // Only the master checks back: only it is connected to for that.
+    assert_eq!(producer.connected_brokers(), ["broker-a"]);
+    assert_eq!(master.node.tx_producers.load(Ordering::SeqCst), 1);
+    assert_eq!(slave.node.tx_producers.load(Ordering::SeqCst), 0);
+
+    let outcome = producer
+        .send_in_transaction(Message::new(TOPIC, "order"))
+        .await?;
+    assert_eq!(outcome.state, TransactionState::Commit);
+    assert_eq!(outcome.prepare_status, SendStatus::SendOk);
+    assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(slave.node.refused.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        master.node.prepares.load(Ordering::SeqCst),
+        1,
+        "prepared once, on the master"
+    );
+    assert_eq!(master.node.ends.load(Ordering::SeqCst), 1);
+    assert_eq!(producer.listener().executed.load(Ordering::SeqCst), 1);
+
+    // A prepare stored on the master only (sync replication short of
+    // slaves) is rolled back without running the local transaction.
+    for status in [SendStatus::FlushSlaveTimeout, SendStatus::SlaveNotAvailable] {
+        *lock(&master.node.send_status) = status;
+        let outcome = producer
+            .send_in_transaction(Message::new(TOPIC, "order"))
+            .await?;
+        assert_eq!(outcome.prepare_status, status);
+        assert_eq!(outcome.state, TransactionState::Rollback);
+        assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::RolledBack));
+    }
+    assert_eq!(producer.listener().executed.load(Ordering::SeqCst), 1);
+    producer.close();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_push_consumer_reads_from_the_slave_while_the_master_is_gone() -> TestResult {
+    let (master, slave) = group("broker-a").await?;
+    let ns = nameserver(vec![route_of("broker-a", &master.addr, &[&slave.addr])], 1).await?;
+    let producer = Producer::builder().nameserver(&ns.addr).build().await?;
+    for i in 0..5 {
+        producer.send(Message::new(TOPIC, format!("m{i}"))).await?;
+    }
+    // The slave lags: 0..3 of 5.
+    slave.node.store.replicate_from(&master.node.store, 0, 3);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let handled = seen.clone();
+    let consumer = txmq::PushConsumer::builder()
+        .nameserver(&ns.addr)
+        .group("g")
+        .subscribe(TOPIC, "*")
+        .max_wait(Duration::from_millis(200))
+        .rebalance_interval(Duration::from_millis(100))
+        .route_refresh_interval(Duration::from_millis(100))
+        .commit_interval(Duration::from_millis(50))
+        .start(txmq::handler_fn(move |m: &txmq::ReceivedMessage| {
+            lock(&handled).push(m.queue_offset());
+            async { txmq::ConsumeResult::Success }
+        }))
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while lock(&seen).len() < 5 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*lock(&seen), [0, 1, 2, 3, 4]);
+
+    master.kill();
+    ns.names.set_master("broker-a", "");
+    // Behind the reader, the slave delivers nothing again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(lock(&seen).len(), 5, "no rewind: {:?}", lock(&seen));
+    assert!(slave.node.pulls.load(Ordering::SeqCst) > 0);
+    slave.node.store.replicate_from(&master.node.store, 0, 5);
+    slave.node.store.push(0, Message::new(TOPIC, "m5"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while lock(&seen).len() < 6 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        *lock(&seen),
+        [0, 1, 2, 3, 4, 5],
+        "continues at its position"
+    );
+    consumer.shutdown().await?;
+    assert_eq!(
+        lock(&slave.node.store.offsets).get(&("g".to_string(), 0)),
+        Some(&6),
+        "the final commit is kept by the slave"
+    );
     Ok(())
 }
