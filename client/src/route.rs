@@ -355,6 +355,26 @@ mod tests {
     }
 
     #[test]
+    fn a_group_without_a_live_master_is_readable_but_not_writable() {
+        let mut masterless = bq("a", 2, PERM_READ_WRITE);
+        masterless.addr = String::new();
+        masterless.slaves = vec!["a-slave:10921".into()];
+        let route = TopicRoute {
+            topic: "t".into(),
+            brokers: vec![masterless, bq("b", 1, PERM_READ_WRITE)],
+        };
+        let info = RouteInfo::new(route, false, 1);
+        let w: Vec<&str> = info
+            .writable
+            .iter()
+            .map(|q| q.broker_name.as_str())
+            .collect();
+        assert_eq!(w, ["b"]);
+        assert_eq!(info.readable.len(), 3);
+        assert_eq!(groups_without_master(&info.route), ["a"]);
+    }
+
+    #[test]
     fn provisional_route_covers_every_broker_once() {
         let broker = |name: &str| BrokerInfo {
             role: Default::default(),
@@ -364,7 +384,15 @@ mod tests {
             last_heartbeat_ms_ago: 0,
             topic_count: 0,
         };
-        let route = provisional_route("new", &[broker("y"), broker("x"), broker("y")]);
+        let mut slave = broker("x");
+        slave.addr = "x-slave:1".into();
+        slave.role = BrokerRole::Slave;
+        let route = provisional_route(
+            "new",
+            &[broker("y"), slave.clone(), broker("x"), broker("y"), slave],
+        );
+        // At the master: a slave creates nothing.
+        assert_eq!(route.brokers[0].addr, "x:1");
         assert_eq!(route.topic, "new");
         let names: Vec<&str> = route
             .brokers
