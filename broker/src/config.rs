@@ -76,6 +76,70 @@ pub struct BrokerConfig {
     pub max_topics: usize,
     /// Bytes of requests one connection may have in flight.
     pub max_inflight_bytes: usize,
+    /// Replication within the broker group (`--broker-name`).
+    pub replication: ReplicationConfig,
+}
+
+/// A broker's part in its broker group.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    /// Master (takes writes) or slave (copies the master's log).
+    pub role: txmq_protocol::BrokerRole,
+    /// A master: whether answers wait for replicas.
+    pub mode: ReplicationMode,
+    /// Under sync replication, how many replicas (the master counts) must
+    /// hold a record before it is answered.
+    pub min_insync_replicas: u32,
+    /// How long an answer waits for replicas before `FLUSH_SLAVE_TIMEOUT`.
+    pub timeout: Duration,
+    /// A slave is in sync while it has held everything the master wrote up
+    /// to this long ago.
+    pub lag_max: Duration,
+    /// A slave: the master's address; `None`: found through the nameservers.
+    pub master_addr: Option<String>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            role: txmq_protocol::BrokerRole::Master,
+            mode: ReplicationMode::Async,
+            min_insync_replicas: 2,
+            timeout: Duration::from_secs(3),
+            lag_max: Duration::from_secs(1),
+            master_addr: None,
+        }
+    }
+}
+
+/// When a master answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationMode {
+    /// Once stored on the master; slaves copy it afterwards.
+    Async,
+    /// Once `--min-insync-replicas` replicas hold it.
+    Sync,
+}
+
+impl ReplicationMode {
+    /// `async`, `sync`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicationMode::Async => "async",
+            ReplicationMode::Sync => "sync",
+        }
+    }
+}
+
+/// A broker's role as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleArg {
+    /// Takes writes; slaves copy its commit log.
+    Master,
+    /// Copies its master's commit log; serves reads.
+    Slave,
 }
 
 /// RocketMQ's retry back-off: levels 3 to 18 of its delay levels.
@@ -117,6 +181,7 @@ impl BrokerConfig {
             max_connections: 10_000,
             max_topics: 10_000,
             max_inflight_bytes: 64 << 20,
+            replication: ReplicationConfig::default(),
         }
     }
 
@@ -177,6 +242,21 @@ impl BrokerConfig {
         }
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
+        }
+        let r = &self.replication;
+        if r.min_insync_replicas == 0 {
+            return Err("--min-insync-replicas must be at least 1 (the master counts)".into());
+        }
+        if r.timeout.is_zero() || r.lag_max.is_zero() {
+            return Err("--replication-timeout and --replica-lag-max must not be zero".into());
+        }
+        if r.role == txmq_protocol::BrokerRole::Master && r.master_addr.is_some() {
+            return Err("--master-addr is for a slave (--role slave)".into());
+        }
+        if r.role == txmq_protocol::BrokerRole::Slave && r.mode == ReplicationMode::Sync {
+            return Err(
+                "--replication is a master's setting; a slave copies its master's log".into(),
+            );
         }
         Ok(())
     }
@@ -405,6 +485,32 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_INFLIGHT_BYTES", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_inflight_bytes: Option<u64>,
+    /// master: takes writes; slave: copies the master of its broker group
+    /// (same --broker-name) and serves reads [default: master].
+    #[arg(long, env = "TXMQ_ROLE", value_enum)]
+    pub role: Option<RoleArg>,
+    /// A master's replication: async answers once stored here; sync once
+    /// --min-insync-replicas replicas hold the record [default: async].
+    #[arg(long, env = "TXMQ_REPLICATION", value_enum)]
+    pub replication: Option<ReplicationMode>,
+    /// Under sync replication, replicas (the master counts) that must hold
+    /// a record before it is answered [default: 2].
+    #[arg(long, env = "TXMQ_MIN_INSYNC_REPLICAS")]
+    pub min_insync_replicas: Option<u32>,
+    /// Under sync replication, how long an answer waits for the replicas
+    /// before it goes out with FLUSH_SLAVE_TIMEOUT [default: 3s].
+    #[arg(long, env = "TXMQ_REPLICATION_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub replication_timeout: Option<Duration>,
+    /// A slave is in sync while it holds everything the master wrote up to
+    /// this long ago [default: 1s].
+    #[arg(long, env = "TXMQ_REPLICA_LAG_MAX", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub replica_lag_max: Option<Duration>,
+    /// A slave's master, host:port [default: found through the nameservers
+    /// by --broker-name].
+    #[arg(long, env = "TXMQ_MASTER_ADDR")]
+    pub master_addr: Option<String>,
 }
 
 impl BrokerArgs {
@@ -526,6 +632,29 @@ impl BrokerArgs {
                 .max_inflight_bytes
                 .or(file.max_inflight_bytes)
                 .map_or(d.max_inflight_bytes, |b| b as usize),
+            replication: ReplicationConfig {
+                role: match self.role.or(file.role) {
+                    Some(RoleArg::Slave) => txmq_protocol::BrokerRole::Slave,
+                    Some(RoleArg::Master) | None => txmq_protocol::BrokerRole::Master,
+                },
+                mode: self
+                    .replication
+                    .or(file.replication)
+                    .unwrap_or(d.replication.mode),
+                min_insync_replicas: self
+                    .min_insync_replicas
+                    .or(file.min_insync_replicas)
+                    .unwrap_or(d.replication.min_insync_replicas),
+                timeout: self
+                    .replication_timeout
+                    .or(file.replication_timeout)
+                    .unwrap_or(d.replication.timeout),
+                lag_max: self
+                    .replica_lag_max
+                    .or(file.replica_lag_max)
+                    .unwrap_or(d.replication.lag_max),
+                master_addr: self.master_addr.or(file.master_addr),
+            },
         };
         config.validate()?;
         Ok(config)

@@ -12,6 +12,7 @@ pub mod config;
 mod groups;
 mod handler;
 mod registration;
+mod replication;
 pub mod store;
 mod topics;
 mod transaction;
@@ -27,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use txmq_nameserver::{Nameserver, NameserverConfig};
 use txmq_remoting::ConnectionConfig;
 
-pub use config::{BrokerArgs, BrokerConfig};
+pub use config::{BrokerArgs, BrokerConfig, ReplicationConfig, ReplicationMode};
 pub use store::FlushMode;
 pub use transaction::{TxConfig, PROP_USER_CHECK_DELAY};
 
@@ -90,6 +91,8 @@ pub(crate) struct BrokerInner {
     pub(crate) shutdown: CancellationToken,
     /// Connections greeted and not yet closed (`--max-connections`).
     pub(crate) connections: std::sync::atomic::AtomicUsize,
+    /// Its part in its broker group (master or slave).
+    pub(crate) replication: replication::Replication,
 }
 
 /// A running broker.
@@ -171,6 +174,8 @@ impl Broker {
         store_config.retention = config.retention;
         store_config.max_delay = config.max_delay;
         store_config.max_log_bytes = config.max_store_size;
+        let is_slave = config.replication.role == txmq_protocol::BrokerRole::Slave;
+        store_config.replica = is_slave;
         let store_dir = dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
             .await
@@ -203,7 +208,14 @@ impl Broker {
             config.broker_name.clone(),
             recovered,
         ));
+        if is_slave {
+            // Replicated transaction records reach the slave's table as
+            // they are written, as recovery would have found them.
+            let table = transactions.clone();
+            store.set_tx_listener(Box::new(move |changes| table.apply_replicated(changes)));
+        }
         let inner = Arc::new(BrokerInner {
+            replication: replication::Replication::new(config.replication.clone()),
             transactions,
             groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
             advertised_addr: config
@@ -236,19 +248,31 @@ impl Broker {
             shutdown.clone(),
         ));
         let (startup_tx, startup) = tokio::sync::oneshot::channel();
-        tasks.spawn(registration::run(inner.clone(), nameservers, startup_tx));
-        tasks.spawn(retention(inner.clone()));
-        tasks.spawn(deliver_delayed(inner.clone()));
-        tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
-        tasks.spawn(transaction::run_check_back(
-            inner.transactions.clone(),
-            shutdown.clone(),
+        tasks.spawn(registration::run(
+            inner.clone(),
+            nameservers.clone(),
+            startup_tx,
         ));
+        tasks.spawn(retention(inner.clone()));
+        tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
+        if is_slave {
+            // Only the master writes: delay deliveries, check-backs and
+            // their markers reach a slave through its master's log.
+            tasks.spawn(replication::run_slave(inner.clone(), nameservers));
+        } else {
+            tasks.spawn(deliver_delayed(inner.clone()));
+            tasks.spawn(transaction::run_check_back(
+                inner.transactions.clone(),
+                shutdown.clone(),
+            ));
+        }
         tracing::info!(
             broker = %inner.config.broker_name,
             %addr,
             data_dir = %inner.config.data_dir.display(),
             flush = ?inner.config.flush,
+            role = inner.config.replication.role.name(),
+            replication = inner.config.replication.mode.name(),
             "broker listening"
         );
         let broker = Broker {
@@ -312,7 +336,8 @@ async fn retention(b: Arc<BrokerInner>) {
         let expiring = tokio::task::spawn_blocking(move || store.expiring_halves())
             .await
             .unwrap_or_default();
-        if !expiring.is_empty() {
+        // A slave never writes: the master carries its transactions forward.
+        if !expiring.is_empty() && !b.replication.is_slave() {
             b.transactions.carry_forward(&expiring).await;
         }
         let store = b.store.clone();

@@ -142,7 +142,7 @@ pub(crate) async fn run(
             broker_name: b.config.broker_name.clone(),
             addr: b.advertised_addr.clone(),
             topics: b.topics.all(),
-            role: txmq_protocol::BrokerRole::Master,
+            role: b.config.replication.role,
         };
         let mut round: FuturesUnordered<_> = nameservers
             .iter()

@@ -8,7 +8,8 @@
 //!
 //! Start reading at [`Nameserver`] (bind, then run until cancelled), then
 //! `service.rs` (the one `match` over request kinds) and `registry.rs` (the
-//! route table and broker liveness). `expiry.rs` is the scanner that drops
+//! route table: broker groups of one master and its slaves, and each
+//! broker's liveness). `expiry.rs` is the scanner that drops
 //! silent brokers; [`NameserverConfig`] holds the settings.
 //!
 //! ```no_run

@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use txmq_nameserver::{Error, Nameserver, NameserverConfig};
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
-    BrokerQueues, ErrorCode, Frame, FrameCodec, GetCluster, GetRoute, Hello, ListTopics, Message,
-    Ping, RegisterBroker, Request, Response, Role, SendRequest, TopicConfig, TopicRoute,
-    UnregisterBroker, PERM_READ, PERM_READ_WRITE, PROTOCOL_VERSION,
+    BrokerQueues, BrokerRole, ErrorCode, Frame, FrameCodec, GetCluster, GetRoute, Hello,
+    ListTopics, Message, Ping, RegisterBroker, Request, Response, Role, SendRequest, TopicConfig,
+    TopicRoute, UnregisterBroker, PERM_READ, PERM_READ_WRITE, PROTOCOL_VERSION,
 };
 use txmq_remoting::{Connection, ConnectionConfig};
 
@@ -599,6 +599,108 @@ async fn an_unregister_or_close_from_another_broker_leaves_the_holder() {
         .unwrap();
     assert_eq!(route(&admin, "orders").await, Err(ErrorCode::NoRoute));
     assert!(!first.is_closed());
+}
+
+/// Registers `broker` at `addr` as `role` over `conn`, serving "orders" with 4 queues.
+async fn register_as(
+    conn: &Connection,
+    role: BrokerRole,
+    broker: &str,
+    addr: &str,
+) -> Result<(), txmq_remoting::Error> {
+    conn.call(RegisterBroker {
+        role,
+        cluster: "c1".into(),
+        broker_name: broker.into(),
+        addr: addr.into(),
+        topics: vec![topic("orders", 4)],
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Every broker the nameserver lists, as (name, role, addr).
+async fn cluster_members(admin: &Connection) -> Vec<(String, BrokerRole, String)> {
+    admin
+        .call(GetCluster {})
+        .await
+        .unwrap()
+        .brokers
+        .into_iter()
+        .map(|b| (b.broker_name, b.role, b.addr))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_master_and_its_slaves_are_one_group_and_the_slaves_outlive_the_master() {
+    // An expiry far longer than the test: only the close can drop the master.
+    let (ns, master, admin) = start_with_clients(Duration::from_secs(60)).await;
+    let slave1 = connect(&ns.addr, Role::Broker).await;
+    let slave2 = connect(&ns.addr, Role::Broker).await;
+    let (m, s1, s2) = ("10.0.0.1:10911", "10.0.0.2:10911", "10.0.0.3:10911");
+    register_as(&master, BrokerRole::Master, "broker-a", m)
+        .await
+        .unwrap();
+    // Registered in reverse address order: answers sort them.
+    register_as(&slave2, BrokerRole::Slave, "broker-a", s2)
+        .await
+        .unwrap();
+    register_as(&slave1, BrokerRole::Slave, "broker-a", s1)
+        .await
+        .unwrap();
+    // A second master under the live master's name is still refused.
+    let intruder = connect(&ns.addr, Role::Broker).await;
+    let err = register_as(&intruder, BrokerRole::Master, "broker-a", "10.0.0.9:10911")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.remote().map(|w| w.code),
+        Some(ErrorCode::BrokerNameTaken),
+        "{err}"
+    );
+
+    let group = |addr: &str| BrokerQueues {
+        broker_name: "broker-a".into(),
+        addr: addr.into(),
+        slaves: vec![s1.into(), s2.into()],
+        queues: 4,
+        perm: PERM_READ_WRITE,
+    };
+    assert_eq!(full_route(&admin, "orders").await.brokers, vec![group(m)]);
+    let member = |role, addr: &str| ("broker-a".to_string(), role, addr.to_string());
+    assert_eq!(
+        cluster_members(&admin).await,
+        vec![
+            member(BrokerRole::Master, m),
+            member(BrokerRole::Slave, s1),
+            member(BrokerRole::Slave, s2),
+        ]
+    );
+    let topics = admin.call(ListTopics {}).await.unwrap().topics;
+    assert_eq!(topics.len(), 1, "{topics:?}");
+    assert_eq!(topics[0].broker_name, "broker-a");
+
+    // The master's connection closes: the group stays, readable from its
+    // slaves, with no master address.
+    master.close();
+    eventually(Duration::from_secs(2), "master dropped", || async {
+        full_route(&admin, "orders").await.brokers[0]
+            .addr
+            .is_empty()
+    })
+    .await;
+    assert_eq!(full_route(&admin, "orders").await.brokers, vec![group("")]);
+    assert_eq!(
+        cluster_members(&admin).await,
+        vec![member(BrokerRole::Slave, s1), member(BrokerRole::Slave, s2)]
+    );
+
+    // The master comes back: its address is in the route again.
+    let back = connect(&ns.addr, Role::Broker).await;
+    register_as(&back, BrokerRole::Master, "broker-a", m)
+        .await
+        .unwrap();
+    assert_eq!(full_route(&admin, "orders").await.brokers, vec![group(m)]);
 }
 
 #[tokio::test]

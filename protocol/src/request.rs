@@ -112,7 +112,7 @@ requests! {
     /// Slave -> master: the slave holds the log up to a position (per its flush mode).
     ReplicaAck(ReplicaAck) -> Done;
     /// Anyone -> broker: its role, its master, and (on a master) its replicas' lag.
-    GetReplication(GetReplication) -> ReplicationInfo;
+    GetReplication(GetReplication) -> Box<ReplicationInfo>;
 }
 
 /// Message property: when the message becomes visible, ms since the Unix

@@ -71,6 +71,9 @@ impl Service for BrokerService {
             self.broker.connections.fetch_sub(1, Ordering::AcqRel);
         }
         crate::groups::notify(self.broker.groups.connection_closed(conn.id()));
+        if conn.peer_hello().map(|h| h.role) == Some(Role::Replica) {
+            self.broker.replication.connection_closed(conn.id());
+        }
         if let Some(hello) = conn.peer_hello() {
             if let (Role::TransactionProducer, Some(group)) = (hello.role, &hello.group) {
                 self.broker.transactions.producers.remove(group, conn.id());
@@ -83,8 +86,33 @@ impl Service for BrokerService {
         let more_coming = conn.more_requests_read();
         let conn = conn.clone();
         Box::pin(async move {
+            // A slave takes no writes: its log is its master's.
+            if b.replication.is_slave()
+                && matches!(
+                    request,
+                    Request::Send(_)
+                        | Request::PrepareTransaction(_)
+                        | Request::EndTransaction(_)
+                        | Request::CreateTopic(_)
+                        | Request::SendBack(_)
+                        | Request::ResetOffset(_)
+                        | Request::ReplicaFetch(_)
+                )
+            {
+                return Err(b.replication.not_master(&b));
+            }
             match request {
                 Request::Ping(_) => Ok(Response::Ping(Pong {})),
+                Request::ReplicaFetch(r) => crate::replication::fetch(&b, &conn, r)
+                    .await
+                    .map(Response::ReplicaFetch),
+                Request::ReplicaAck(r) => b
+                    .replication
+                    .ack(&conn, r)
+                    .map(|()| Response::ReplicaAck(txmq_protocol::Done {})),
+                Request::GetReplication(_) => {
+                    Ok(Response::GetReplication(Box::new(b.replication.info(&b))))
+                }
                 Request::Send(r) => send::handle(&b, r, more_coming).await.map(Response::Send),
                 Request::Pull(r) => pull::handle(&b, &conn, r).await.map(Response::Pull),
                 Request::CommitOffset(r) => offset::commit(&b, r).await.map(Response::CommitOffset),

@@ -15,7 +15,9 @@ pub(super) fn validate_group(group: &str) -> Result<(), WireError> {
 pub(super) async fn commit(b: &BrokerInner, req: CommitOffset) -> Result<Done, WireError> {
     validate_group(&req.group)?;
     existing_queue(b, &req.topic, req.queue)?;
-    super::group::check_owner(b, req.owner.as_ref(), &req.topic, req.queue)?;
+    if !req.forward_only {
+        super::group::check_owner(b, req.owner.as_ref(), &req.topic, req.queue)?;
+    }
     let q = b
         .store
         .queue(&req.topic, req.queue)
@@ -32,11 +34,49 @@ pub(super) async fn commit(b: &BrokerInner, req: CommitOffset) -> Result<Done, W
             ),
         ));
     }
-    b.store
+    let key = (req.group.clone(), req.topic.clone(), req.queue);
+    if b.replication.is_slave() {
+        // Kept here (reads see it) and handed to the master when it is
+        // reachable; the master takes it only forward.
+        let committed = b.store.committed_offset(&req.group, &req.topic, req.queue);
+        if committed.is_none_or(|c| c < req.offset) {
+            b.replication
+                .kept_offsets
+                .entry(key)
+                .and_modify(|o| *o = (*o).max(req.offset))
+                .or_insert(req.offset);
+        }
+        return Ok(Done {});
+    }
+    if req.forward_only
+        && b.store
+            .committed_offset(&req.group, &req.topic, req.queue)
+            .is_some_and(|c| c >= req.offset)
+    {
+        return Ok(Done {});
+    }
+    let appended = b
+        .store
         .commit_offset(&req.group, &req.topic, req.queue, req.offset)
         .await
         .map_err(store_error)?;
+    b.replication
+        .confirm(appended.end)
+        .await
+        .into_result("the offset commit")?;
     Ok(Done {})
+}
+
+/// A group's committed offset here: on a slave, the larger of the
+/// replicated one and one committed to the slave meanwhile.
+pub(crate) fn committed(b: &BrokerInner, group: &str, topic: &str, queue: u32) -> Option<u64> {
+    let stored = b.store.committed_offset(group, topic, queue);
+    let kept = b
+        .replication
+        .kept_offsets
+        .get(&(group.to_string(), topic.to_string(), queue))
+        .map(|v| *v);
+    stored.max(kept)
 }
 
 pub(super) fn query(b: &BrokerInner, req: QueryOffset) -> Result<QueueOffsets, WireError> {
@@ -47,7 +87,7 @@ pub(super) fn query(b: &BrokerInner, req: QueryOffset) -> Result<QueueOffsets, W
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
     Ok(QueueOffsets {
-        committed: b.store.committed_offset(&req.group, &req.topic, req.queue),
+        committed: committed(b, &req.group, &req.topic, req.queue),
         min_offset: q.min_offset(),
         max_offset: q.max_offset(),
     })

@@ -1,8 +1,8 @@
 //! Send: append one message or a batch to one queue.
 
 use txmq_protocol::{
-    now_millis, validate_topic_name, ErrorCode, Message, SendRequest, SendResult, SendStatus,
-    WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
+    now_millis, validate_topic_name, ErrorCode, Message, SendRequest, SendResult, WireError,
+    PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
 };
 
 use super::{bad_argument, check_queue, store_error, topic};
@@ -65,12 +65,9 @@ pub(super) async fn handle(
         }
     }
     .map_err(store_error)?;
+    let confirmed = b.replication.confirm(appended.end).await;
     Ok(SendResult {
-        status: if appended.durable {
-            SendStatus::SendOk
-        } else {
-            SendStatus::FlushDiskTimeout
-        },
+        status: confirmed.status(appended.durable),
         queue: req.queue,
         first_offset: appended.first_offset,
         msg_ids,

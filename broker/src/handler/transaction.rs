@@ -2,7 +2,8 @@
 
 use txmq_protocol::{
     validate_topic_name, EndTransaction, Ended, ErrorCode, ListTransactions, PrepareTransaction,
-    Prepared, TransactionList, WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
+    Prepared, SendStatus, TransactionList, WireError, PERM_READ_WRITE, PERM_WRITE,
+    PROPERTY_DELIVER_AT,
 };
 
 use super::{bad_argument, check_queue, topic};
@@ -68,13 +69,30 @@ pub(super) async fn prepare(
             messages,
         )
         .await?;
-    Ok(Prepared { tx_id, status })
+    Ok(Prepared {
+        tx_id,
+        status: replicated(b, status).await,
+    })
 }
 
 pub(super) async fn end(b: &BrokerInner, req: EndTransaction) -> Result<Ended, WireError> {
-    b.transactions
+    let mut ended = b
+        .transactions
         .end(req.tx_id, req.action, req.source, req.msg_id)
-        .await
+        .await?;
+    ended.status = replicated(b, ended.status).await;
+    Ok(ended)
+}
+
+/// Under sync replication, the status once replicas hold what was written
+/// (up to the log's end now, which covers this request's records, and for
+/// a repeated request the first one's).
+async fn replicated(b: &BrokerInner, status: SendStatus) -> SendStatus {
+    let confirmed = b.replication.confirm(b.store.log_end()).await;
+    match status {
+        SendStatus::SendOk => confirmed.status(true),
+        other => other,
+    }
 }
 
 pub(super) fn list(b: &BrokerInner, _req: ListTransactions) -> TransactionList {

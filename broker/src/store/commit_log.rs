@@ -294,6 +294,8 @@ impl CommitLog {
             );
         }
         sync_dir(&self.dir)?;
+        let min = segs.keys().next().copied().unwrap_or(pos);
+        self.min_offset.store(min, Ordering::Release);
         Ok(())
     }
 

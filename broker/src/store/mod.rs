@@ -30,11 +30,12 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{oneshot, watch};
-use txmq_protocol::{Message, MsgId, StoredMessage};
+use txmq_protocol::{Message, MsgId, RecordRef, StoredMessage};
 
 use self::commit_log::CommitLog;
 use self::consume_queue::ConsumeQueue;
 pub use self::delay::{DelayStats, DELAY_TOPIC};
+pub use self::recovery::TxChange;
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,10 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// The furthest delivery time a delayed message may have.
     pub max_delay: Duration,
+    /// A slave's store: it takes the master's records at the master's
+    /// positions ([`Store::append_replicated`]) and, after a restart,
+    /// continues right after its last whole record.
+    pub replica: bool,
 }
 
 impl StoreConfig {
@@ -90,6 +95,7 @@ impl StoreConfig {
             checkpoint_interval: Duration::from_secs(1),
             retention: Duration::from_secs(72 * 3600),
             max_delay: Duration::from_secs(7 * 24 * 3600),
+            replica: false,
         }
     }
 }
@@ -142,10 +148,12 @@ impl StoreError {
 /// What an append returns once written (and, under sync flush, fsynced).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
-    /// Queue offset of the first message.
+    /// Queue offset of the first message (a prepare: the transaction id).
     pub first_offset: u64,
     /// Whether the write was durable in time (always true under async flush).
     pub durable: bool,
+    /// The log position past the write: replicas hold it once they hold this.
+    pub end: u64,
 }
 
 /// A read from a queue.
@@ -266,6 +274,12 @@ pub(crate) enum WriteCmd {
         moves: Vec<delay::DelayMove>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
+    /// A slave: whole records copied from the master, at its position.
+    Replicated {
+        pos: u64,
+        data: bytes::Bytes,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
 }
 
 pub(crate) struct StoreInner {
@@ -287,6 +301,12 @@ pub(crate) struct StoreInner {
     pub(crate) stats: StoreCounters,
     /// One past the last byte written to the log.
     written: AtomicU64,
+    /// The same, for waiting on (a master's replication).
+    written_tx: watch::Sender<u64>,
+    /// A slave: told of every transaction change replication brings.
+    tx_listener: std::sync::OnceLock<TxListener>,
+    /// A slave: its last whole record when the store opened.
+    opened_last_record: Option<RecordRef>,
     flush_state: watch::Sender<FlushState>,
     poisoned: AtomicBool,
     /// The writer; `None` once shut down. Taken with `try_lock` only, by
@@ -297,6 +317,35 @@ pub(crate) struct StoreInner {
     /// Bounds the queue: a caller waits for a slot when the disk falls behind.
     slots: tokio::sync::Semaphore,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// Told of transaction changes replicated records made (a slave's table).
+pub type TxListener = Box<dyn Fn(Vec<TxChange>) + Send + Sync>;
+
+/// Why the log cannot be served from a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogReadError {
+    /// Below the log's start (deleted by retention).
+    Gone {
+        /// Where the log starts now.
+        min: u64,
+    },
+    /// Past the log's end.
+    Ahead {
+        /// Where the log ends.
+        end: u64,
+    },
+}
+
+/// A replica's claim about its last record, checked against this log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordCheck {
+    /// The same record, ending exactly there.
+    Same,
+    /// This log has another record there, or none.
+    Differs,
+    /// That part of the log was deleted by retention.
+    Gone,
 }
 
 /// A handle to the store. Cloning is cheap.
@@ -344,6 +393,10 @@ impl Store {
             .iter()
             .filter_map(|t| t.halves.first().map(|h| h.0))
             .collect();
+        let replica = config.replica.then(|| writer::ReplicaWrite {
+            state: recovery::ReplayState::live(&recovered.transactions),
+            batcher: recovery::Batcher::live(),
+        });
         let delay_levels = recovered
             .queues
             .get(DELAY_TOPIC)
@@ -366,6 +419,9 @@ impl Store {
             delay_lock: tokio::sync::Mutex::new(()),
             stats: StoreCounters::default(),
             written: AtomicU64::new(recovered.end),
+            written_tx: watch::channel(recovered.end).0,
+            tx_listener: std::sync::OnceLock::new(),
+            opened_last_record: recovered.last_record,
             flush_state: flush_tx,
             poisoned: AtomicBool::new(false),
             writer: Mutex::new(None),
@@ -374,7 +430,7 @@ impl Store {
             threads: Mutex::new(Vec::new()),
         });
         let (flusher, flush_cmds) = flusher::Flusher::new(inner.clone(), recovered.end);
-        let writer = writer::Writer::new(inner.clone(), flush_cmds, recovered.end)?;
+        let writer = writer::Writer::new(inner.clone(), flush_cmds, recovered.end, replica)?;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -501,7 +557,7 @@ impl Store {
         topic: &str,
         queue: u32,
         offset: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
         let cmd = WriteCmd::OffsetCommit {
@@ -511,7 +567,7 @@ impl Store {
             offset,
             reply,
         };
-        self.submit(cmd, rx).await.map(|_| ())
+        self.submit(cmd, rx).await
     }
 
     async fn submit(
@@ -551,6 +607,7 @@ impl Store {
             return Ok(Appended {
                 first_offset,
                 durable: true,
+                end,
             });
         }
         let mut watch = self.inner.flush_state.subscribe();
@@ -560,6 +617,7 @@ impl Store {
             return Ok(Appended {
                 first_offset,
                 durable: s.flushed >= end && !s.failed,
+                end,
             });
         }
         let waited = tokio::time::timeout(self.inner.config.sync_flush_timeout, async {
@@ -573,29 +631,28 @@ impl Store {
             Ok(Ok(false)) => Ok(Appended {
                 first_offset,
                 durable: true,
+                end,
             }),
             Ok(_) => Err(StoreError::Poisoned),
             Err(_) => Ok(Appended {
                 first_offset,
                 durable: false,
+                end,
             }),
         }
     }
 
     /// Stores the half messages of one transaction, (real queue, message)
-    /// each, as one atomic group; returns the transaction id and whether it
-    /// was durable in time. Durability as for [`Store::append`].
+    /// each, as one atomic group; `first_offset` of the answer is the
+    /// transaction id. Durability as for [`Store::append`].
     ///
     /// # Errors
     /// As [`Store::append`].
-    pub async fn prepare(&self, messages: Vec<(u32, Message)>) -> Result<(u64, bool), StoreError> {
+    pub async fn prepare(&self, messages: Vec<(u32, Message)>) -> Result<Appended, StoreError> {
         self.check_writable()?;
         self.check_sizes(messages.iter().map(|(_, m)| m))?;
         let (reply, rx) = oneshot::channel();
-        let a = self
-            .submit(WriteCmd::Prepare { messages, reply }, rx)
-            .await?;
-        Ok((a.first_offset, a.durable))
+        self.submit(WriteCmd::Prepare { messages, reply }, rx).await
     }
 
     /// Makes a transaction's messages visible in their queues, as one atomic
@@ -607,7 +664,7 @@ impl Store {
         &self,
         tx: TxRef,
         messages: Vec<(u32, Message)>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         self.check_sizes(messages.iter().map(|(_, m)| m))?;
         let mut placed = Vec::with_capacity(messages.len());
@@ -626,17 +683,15 @@ impl Store {
             placed.push((cq, m));
         }
         let (reply, rx) = oneshot::channel();
-        let a = self
-            .submit(
-                WriteCmd::Commit {
-                    tx,
-                    messages: placed,
-                    reply,
-                },
-                rx,
-            )
-            .await?;
-        Ok(a.durable)
+        self.submit(
+            WriteCmd::Commit {
+                tx,
+                messages: placed,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     /// Appends a small transaction marker (rollback, check, park) that
@@ -648,13 +703,10 @@ impl Store {
         &self,
         kind: record::RecordKind,
         tx: TxRef,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
-        let a = self
-            .submit(WriteCmd::Marker { kind, tx, reply }, rx)
-            .await?;
-        Ok(a.durable)
+        self.submit(WriteCmd::Marker { kind, tx, reply }, rx).await
     }
 
     /// Re-writes the half messages of pending transaction `tx` (from
@@ -1022,6 +1074,145 @@ impl Store {
     /// The log position one past the last byte written.
     pub fn log_end(&self) -> u64 {
         self.inner.written.load(Ordering::Acquire)
+    }
+
+    /// The smallest log position still stored.
+    pub fn log_min(&self) -> u64 {
+        self.inner.log.min_offset()
+    }
+
+    /// How far the log may be copied to replicas: what is written, or under
+    /// sync flush what is fsynced (a replica must never hold what a power
+    /// cut can take from this log, or the two would differ after it).
+    pub fn shippable_end(&self) -> u64 {
+        match self.inner.config.flush {
+            FlushMode::Async => self.log_end(),
+            FlushMode::Sync => self.inner.flush_state.borrow().flushed,
+        }
+    }
+
+    /// Waits up to `timeout` for [`Store::shippable_end`] to pass `after`;
+    /// returns it.
+    pub async fn wait_shippable(&self, after: u64, timeout: Duration) -> u64 {
+        let _ = tokio::time::timeout(timeout, async {
+            match self.inner.config.flush {
+                FlushMode::Async => {
+                    let mut w = self.inner.written_tx.subscribe();
+                    let _ = w.wait_for(|end| *end > after).await;
+                }
+                FlushMode::Sync => {
+                    let mut w = self.inner.flush_state.subscribe();
+                    let _ = w.wait_for(|s| s.flushed > after || s.failed).await;
+                }
+            }
+        })
+        .await;
+        self.shippable_end()
+    }
+
+    /// Whole records from log position `from`, at most about `max_bytes`
+    /// (at least one record), none past `limit`, none across a segment end:
+    /// `(position, bytes)`. The position is `from`, or the start of the
+    /// next segment when the log's data in `from`'s segment ends there.
+    /// `None`: nothing past `from` yet.
+    ///
+    /// # Errors
+    /// [`LogReadError::Gone`] below the log's start, [`LogReadError::Ahead`]
+    /// past `limit`.
+    pub fn read_log(
+        &self,
+        from: u64,
+        max_bytes: usize,
+        limit: u64,
+    ) -> Result<Option<(u64, bytes::Bytes)>, LogReadError> {
+        let segments = self.inner.log.segments();
+        let min = segments.first().map_or(0, |s| s.start);
+        if from < min {
+            return Err(LogReadError::Gone { min });
+        }
+        if from > limit {
+            return Err(LogReadError::Ahead { end: limit });
+        }
+        let mut pos = from;
+        for seg in &segments {
+            if seg.end() <= pos {
+                continue;
+            }
+            pos = pos.max(seg.start);
+            if pos >= limit {
+                return Ok(None);
+            }
+            let rel = (pos - seg.start) as usize;
+            let end = (limit.min(seg.end()) - seg.start) as usize;
+            let mut at = rel;
+            while at + 4 <= end && at - rel < max_bytes.max(1) {
+                let b = &seg.map[at..at + 4];
+                let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                if len == 0 || at + len > end {
+                    break;
+                }
+                at += len;
+            }
+            if at > rel {
+                return Ok(Some((pos, seg.map.slice(rel..at))));
+            }
+            // No record at `pos`: this segment's data ended; the log goes
+            // on in the next segment (a roll, or a restart).
+            pos = seg.end();
+        }
+        Ok(None)
+    }
+
+    /// Whether this log holds `last` (the same checksum at the same
+    /// position) as its record ending exactly at `end`.
+    pub fn check_record(&self, last: RecordRef, end: u64) -> RecordCheck {
+        if last.pos < self.inner.log.min_offset() {
+            return RecordCheck::Gone;
+        }
+        if end > self.shippable_end() {
+            return RecordCheck::Differs;
+        }
+        match self.inner.log.read(last.pos, 8) {
+            Some(b) => {
+                let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let crc = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                if crc == last.crc && len != 0 && last.pos + u64::from(len) == end {
+                    RecordCheck::Same
+                } else {
+                    RecordCheck::Differs
+                }
+            }
+            None => RecordCheck::Differs,
+        }
+    }
+
+    /// A slave: appends whole records copied from the master (their
+    /// checksums verified by the caller) at the master's position `pos`,
+    /// and derives from them what recovery would: consume queues, offsets,
+    /// transactions, delay levels. Answered per the flush mode, as an append.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] when `pos` does not continue this log or the
+    /// store is not a slave's; I/O errors.
+    pub async fn append_replicated(
+        &self,
+        pos: u64,
+        data: bytes::Bytes,
+    ) -> Result<Appended, StoreError> {
+        self.check_writable()?;
+        let (reply, rx) = oneshot::channel();
+        self.submit(WriteCmd::Replicated { pos, data, reply }, rx)
+            .await
+    }
+
+    /// A slave: who to tell of transaction changes replication brings.
+    pub fn set_tx_listener(&self, listener: TxListener) {
+        let _ = self.inner.tx_listener.set(listener);
+    }
+
+    /// A slave: its last whole record when the store opened.
+    pub fn opened_last_record(&self) -> Option<RecordRef> {
+        self.inner.opened_last_record
     }
 
     /// Flushes everything, writes a final checkpoint and stops the store's

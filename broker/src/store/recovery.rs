@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use txmq_protocol::{tag_hash, validate_topic_name, MsgId};
+use txmq_protocol::{tag_hash, validate_topic_name, MsgId, RecordRef};
 
 use super::checkpoint::{Checkpoint, OffsetTable};
 use super::commit_log::CommitLog;
@@ -40,8 +40,11 @@ pub(crate) struct Recovered {
     pub queues: HashMap<String, Vec<Arc<ConsumeQueue>>>,
     pub offsets: OffsetTable,
     pub transactions: RecoveredTransactions,
-    /// Where new writes start: a fresh segment past every position used before.
+    /// Where new writes start: a fresh segment past every position used
+    /// before (a slave: right after its last whole record).
     pub end: u64,
+    /// A slave's last whole record.
+    pub last_record: Option<RecordRef>,
 }
 
 type Queues = HashMap<String, Vec<Arc<ConsumeQueue>>>;
@@ -68,26 +71,135 @@ struct OpenGroup {
     records: Vec<(u64, u32, Record)>,
 }
 
-struct Replayer<'a> {
+/// The queues a replayed record may name: found or made.
+pub(crate) trait QueueSet {
+    /// Queue `queue` of `topic`, made (with the ones below it) when missing.
+    ///
+    /// # Errors
+    /// I/O errors making it.
+    fn queue(&mut self, topic: &str, queue: u32) -> Result<Arc<ConsumeQueue>, StoreError>;
+    /// The queue of delay level `level`.
+    ///
+    /// # Errors
+    /// [`StoreError::NoQueue`] for a level that does not exist.
+    fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError>;
+}
+
+/// Recovery's queues: a map it owns until the store opens.
+struct MapQueues<'a> {
     config: &'a StoreConfig,
-    queues: &'a mut Queues,
-    offsets: &'a mut OffsetTable,
-    batcher: Batcher,
+    map: &'a mut Queues,
+}
+
+impl QueueSet for MapQueues<'_> {
+    fn queue(&mut self, topic: &str, queue: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        if self
+            .map
+            .get(topic)
+            .is_none_or(|q| q.len() <= queue as usize)
+        {
+            ensure_queues(self.config, self.map, topic, queue + 1)?;
+        }
+        Ok(self.map[topic][queue as usize].clone())
+    }
+
+    fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        self.map
+            .get(DELAY_TOPIC)
+            .and_then(|levels| levels.get(level as usize))
+            .cloned()
+            .ok_or_else(|| StoreError::NoQueue {
+                topic: DELAY_TOPIC.to_string(),
+                queue: level,
+            })
+    }
+}
+
+/// What a change to a transaction's state looks like to the broker's
+/// transaction table (a slave's, fed by replication).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxChange {
+    /// Prepared, or its state (checks, parked, where its halves are) changed.
+    Pending(RecoveredTx),
+    /// Committed (true) or rolled back, with its first message id.
+    Ended(u64, bool, MsgId),
+}
+
+/// What replay keeps between records: open transaction groups and the
+/// transactions' state. Recovery uses it once; a slave keeps one for its
+/// whole run and feeds it every record replication brings.
+#[derive(Default)]
+pub(crate) struct ReplayState {
     pending: BTreeMap<u64, RecoveredTx>,
     ended: BTreeMap<u64, (bool, MsgId)>,
     group: Option<OpenGroup>,
+    /// Live (a slave): record what changed, for the store and the broker.
+    live: bool,
+    /// Half-message positions that became pending (true) or not (false).
+    pub(crate) halves_changes: Vec<(u64, bool)>,
+    /// Transactions whose state changed.
+    pub(crate) tx_changes: Vec<TxChange>,
+}
+
+impl ReplayState {
+    /// A state for a slave's replication, starting from what recovery found.
+    pub(crate) fn live(recovered: &RecoveredTransactions) -> ReplayState {
+        ReplayState {
+            pending: recovered
+                .pending
+                .iter()
+                .map(|t| (t.tx_id, t.clone()))
+                .collect(),
+            live: true,
+            ..ReplayState::default()
+        }
+    }
+
+    fn changed(&mut self, tx_id: u64) {
+        if !self.live {
+            return;
+        }
+        let change = match self.pending.get(&tx_id) {
+            Some(t) => TxChange::Pending(t.clone()),
+            None => match self.ended.get(&tx_id) {
+                Some(&(committed, id)) => TxChange::Ended(tx_id, committed, id),
+                None => return,
+            },
+        };
+        self.tx_changes.push(change);
+    }
+
+    /// A slave forgets ended transactions once reported (recovery needs
+    /// them for carried groups; live, a carried group is always pending).
+    pub(crate) fn forget_ended(&mut self) {
+        if self.live {
+            self.ended.clear();
+        }
+    }
+}
+
+pub(crate) struct Replayer<'a> {
+    pub(crate) queues: &'a mut dyn QueueSet,
+    pub(crate) offsets: &'a mut OffsetTable,
+    pub(crate) batcher: &'a mut Batcher,
+    pub(crate) state: &'a mut ReplayState,
     /// Below this position only transaction state is rebuilt.
-    dispatch_from: u64,
+    pub(crate) dispatch_from: u64,
 }
 
 impl Replayer<'_> {
     /// Visits one intact record; returns where to cut the log when the
     /// record shows that an earlier group was cut short.
-    fn visit(&mut self, rec: Record, pos: u64, size: u32) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn visit(
+        &mut self,
+        rec: Record,
+        pos: u64,
+        size: u32,
+    ) -> Result<Option<u64>, StoreError> {
         // Half messages and a commit's messages carry their group's size in
         // flags (tx ids start at 0, so aux alone cannot tell).
         let grouped = matches!(rec.kind, RecordKind::Half | RecordKind::Message) && rec.flags > 0;
-        if let Some(open) = &self.group {
+        if let Some(open) = &self.state.group {
             let same = grouped && open.tx_id == rec.aux && open.kind == rec.kind;
             if !same {
                 // Groups are written contiguously: another record inside one
@@ -96,7 +208,7 @@ impl Replayer<'_> {
             }
         }
         if grouped {
-            let open = self.group.get_or_insert_with(|| OpenGroup {
+            let open = self.state.group.get_or_insert_with(|| OpenGroup {
                 start: pos,
                 tx_id: rec.aux,
                 kind: rec.kind,
@@ -105,7 +217,7 @@ impl Replayer<'_> {
             });
             open.records.push((pos, size, rec));
             if open.records.len() >= open.expected as usize {
-                if let Some(done) = self.group.take() {
+                if let Some(done) = self.state.group.take() {
                     self.complete(done)?;
                 }
             }
@@ -125,18 +237,19 @@ impl Replayer<'_> {
                 }
             }
             RecordKind::TxRollback => {
-                self.pending.remove(&rec.aux);
-                self.ended.insert(rec.aux, (false, rec.message.msg_id));
+                self.end_tx(rec.aux, false, rec.message.msg_id);
             }
             RecordKind::TxCheck => {
-                if let Some(t) = self.pending.get_mut(&rec.aux) {
+                if let Some(t) = self.state.pending.get_mut(&rec.aux) {
                     t.checks += 1;
                     t.last_check_at = rec.store_timestamp;
+                    self.state.changed(rec.aux);
                 }
             }
             RecordKind::TxPark => {
-                if let Some(t) = self.pending.get_mut(&rec.aux) {
+                if let Some(t) = self.state.pending.get_mut(&rec.aux) {
                     t.parked = true;
+                    self.state.changed(rec.aux);
                 }
             }
             RecordKind::Delayed => {
@@ -169,15 +282,21 @@ impl Replayer<'_> {
         Ok(None)
     }
 
-    fn level(&self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
-        self.queues
-            .get(DELAY_TOPIC)
-            .and_then(|levels| levels.get(level as usize))
-            .cloned()
-            .ok_or_else(|| StoreError::NoQueue {
-                topic: DELAY_TOPIC.to_string(),
-                queue: level,
-            })
+    fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        self.queues.level(level)
+    }
+
+    /// A transaction ended (committed when `committed`).
+    fn end_tx(&mut self, tx_id: u64, committed: bool, first_msg_id: MsgId) {
+        if let Some(t) = self.state.pending.remove(&tx_id) {
+            if self.state.live {
+                if let Some(&(at, _)) = t.halves.first() {
+                    self.state.halves_changes.push((at, false));
+                }
+            }
+        }
+        self.state.ended.insert(tx_id, (committed, first_msg_id));
+        self.state.changed(tx_id);
     }
 
     /// Applies a delay move as the writer did: the target entry, then the
@@ -198,15 +317,7 @@ impl Replayer<'_> {
         };
         match body.kind {
             MoveKind::Queue => {
-                let topic = &rec.message.topic;
-                if self
-                    .queues
-                    .get(topic)
-                    .is_none_or(|q| q.len() <= body.queue as usize)
-                {
-                    ensure_queues(self.config, self.queues, topic, body.queue + 1)?;
-                }
-                let cq = self.queues[topic][body.queue as usize].clone();
+                let cq = self.queues.queue(&rec.message.topic, body.queue)?;
                 self.batcher.add(&cq, body.offset, entry)?;
             }
             MoveKind::Level => {
@@ -231,7 +342,7 @@ impl Replayer<'_> {
                 // another position than their tx id) carry the state the
                 // transaction had; they replace the old ones.
                 let carried = group.tx_id != group.start;
-                if carried && self.ended.contains_key(&group.tx_id) {
+                if carried && self.state.ended.contains_key(&group.tx_id) {
                     return Ok(());
                 }
                 let props = &first.message.properties;
@@ -243,27 +354,39 @@ impl Replayer<'_> {
                     .filter(|_| carried)
                     .unwrap_or(0) as u32;
                 let parked = carried && props.contains_key(super::PROP_CARRIED_PARKED);
-                let t = self.pending.entry(group.tx_id).or_insert(RecoveredTx {
-                    tx_id: group.tx_id,
-                    halves: Vec::new(),
-                    prepared_at,
-                    checks: 0,
-                    last_check_at: 0,
-                    parked: false,
-                });
+                let live = self.state.live;
+                let t = self
+                    .state
+                    .pending
+                    .entry(group.tx_id)
+                    .or_insert(RecoveredTx {
+                        tx_id: group.tx_id,
+                        halves: Vec::new(),
+                        prepared_at,
+                        checks: 0,
+                        last_check_at: 0,
+                        parked: false,
+                    });
+                let old = t.halves.first().map(|h| h.0);
                 t.halves = halves;
                 t.prepared_at = t.prepared_at.min(prepared_at);
                 t.checks = t.checks.max(checks);
                 t.parked |= parked;
+                if live {
+                    if let Some(old) = old.filter(|o| *o != group.start) {
+                        self.state.halves_changes.push((old, false));
+                    }
+                    self.state.halves_changes.push((group.start, true));
+                }
+                self.state.changed(group.tx_id);
             }
             _ => {
-                self.pending.remove(&group.tx_id);
                 let first_msg_id = group
                     .records
                     .first()
                     .map(|(_, _, r)| r.message.msg_id)
                     .unwrap_or_default();
-                self.ended.insert(group.tx_id, (true, first_msg_id));
+                self.end_tx(group.tx_id, true, first_msg_id);
                 for (pos, size, rec) in &group.records {
                     if *pos >= self.dispatch_from {
                         self.dispatch(rec, *pos, *size)?;
@@ -289,14 +412,7 @@ impl Replayer<'_> {
             );
             return Ok(());
         }
-        if self
-            .queues
-            .get(topic)
-            .is_none_or(|q| q.len() <= rec.queue as usize)
-        {
-            ensure_queues(self.config, self.queues, topic, rec.queue + 1)?;
-        }
-        let cq = self.queues[topic][rec.queue as usize].clone();
+        let cq = self.queues.queue(topic, rec.queue)?;
         let entry = Entry {
             log_offset: pos,
             size,
@@ -409,14 +525,17 @@ pub(crate) fn recover(
     .min()
     .unwrap_or(verify_from);
 
-    let mut replayer = Replayer {
+    let mut map_queues = MapQueues {
         config,
-        queues: &mut queues,
+        map: &mut queues,
+    };
+    let mut batcher = Batcher::default();
+    let mut state = ReplayState::default();
+    let mut replayer = Replayer {
+        queues: &mut map_queues,
         offsets: &mut offsets,
-        batcher: Batcher::default(),
-        pending: BTreeMap::new(),
-        ended: BTreeMap::new(),
-        group: None,
+        batcher: &mut batcher,
+        state: &mut state,
         dispatch_from: verify_from,
     };
     if scan_from < verify_from {
@@ -429,22 +548,20 @@ pub(crate) fn recover(
             tracing::warn!(position = stopped, "unreadable record before the checkpoint's segment; transaction records before it may be missed");
         }
         // Groups never span segments, and verify_from starts one.
-        replayer.group = None;
+        replayer.state.group = None;
     }
     let (mut end, mut cut) = replay(&log, verify_from, u64::MAX, true, |rec, pos, size| {
         replayer.visit(rec, pos, size)
     })?;
-    if let Some(open) = replayer.group.take() {
+    if let Some(open) = replayer.state.group.take() {
         // The log ends inside a group: the write was torn; drop the whole group.
         end = open.start;
         cut = Some(open.start);
     }
     replayer.batcher.flush()?;
     let transactions = RecoveredTransactions {
-        pending: std::mem::take(&mut replayer.pending)
-            .into_values()
-            .collect(),
-        ended: std::mem::take(&mut replayer.ended)
+        pending: std::mem::take(&mut state.pending).into_values().collect(),
+        ended: std::mem::take(&mut state.ended)
             .into_iter()
             .map(|(tx_id, (committed, first))| (tx_id, committed, first))
             .collect(),
@@ -485,6 +602,41 @@ pub(crate) fn recover(
     if let Some(seg) = log.segment_for(end.saturating_sub(1)).filter(|_| end > 0) {
         seg.set_used_until(end);
     }
+    if config.replica {
+        // A slave continues right after its last whole record, at the
+        // master's positions: no fresh segment (positions are the
+        // master's to hand out), and nothing of its own past that record.
+        let last = last_record_before(&log, end);
+        let end = last.map_or(0, |r| r.pos + u64::from(r.len));
+        log.cut(end, u64::MAX)
+            .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
+        let log_min = log.min_offset();
+        for cq in queues.values().flatten() {
+            cq.recover(log_min, end).map_err(|e| {
+                StoreError::io(
+                    format!("cannot recover consume queue {}/{}", cq.topic, cq.queue),
+                    &e,
+                )
+            })?;
+        }
+        tracing::info!(
+            end,
+            pending_transactions = transactions.pending.len(),
+            elapsed = ?started.elapsed(),
+            "slave store recovered"
+        );
+        return Ok(Recovered {
+            log,
+            queues,
+            offsets,
+            transactions,
+            end,
+            last_record: last.map(|r| RecordRef {
+                pos: r.pos,
+                crc: r.crc,
+            }),
+        });
+    }
     // Created before the cut deletes anything: a crash in between leaves it
     // on disk, so the next start begins past it too.
     log.create_segment(next_start).map_err(|e| {
@@ -524,7 +676,45 @@ pub(crate) fn recover(
         offsets,
         transactions,
         end: next_start,
+        last_record: None,
     })
+}
+
+/// A record's place, length and stored checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordAt {
+    pub pos: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+/// The last record that ends at or before `end`: found by walking the
+/// length fields of the last segment below `end` that holds any (records
+/// there were verified by recovery or on arrival).
+pub(crate) fn last_record_before(log: &CommitLog, end: u64) -> Option<RecordAt> {
+    for seg in log.segments().iter().rev().filter(|s| s.start < end) {
+        let limit = (end.min(seg.end()) - seg.start) as usize;
+        let mut rel = 0usize;
+        let mut last = None;
+        while rel + record::HEADER_LEN <= limit {
+            let b = &seg.map[rel..rel + 8];
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let crc = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            if len == 0 || rel + len as usize > limit {
+                break;
+            }
+            last = Some(RecordAt {
+                pos: seg.start + rel as u64,
+                len,
+                crc,
+            });
+            rel += len as usize;
+        }
+        if last.is_some() {
+            return last;
+        }
+    }
+    None
 }
 
 /// Calls `visit` for every intact record from `start` up to `limit`,
@@ -617,11 +807,22 @@ fn existing_queues(root: &std::path::Path) -> Vec<(String, u32)> {
 /// Groups replayed entries per queue so that a long replay writes each
 /// queue's entries in large contiguous writes.
 #[derive(Default)]
-struct Batcher {
+pub(crate) struct Batcher {
     open: Vec<(Arc<ConsumeQueue>, u64, Vec<u8>)>,
+    /// Live (a slave): each queue written and one past its last entry, to publish.
+    pub(crate) live: bool,
+    pub(crate) written: Vec<(Arc<ConsumeQueue>, u64)>,
 }
 
 impl Batcher {
+    /// A slave's: it also notes what it wrote, to publish.
+    pub(crate) fn live() -> Batcher {
+        Batcher {
+            live: true,
+            ..Batcher::default()
+        }
+    }
+
     fn add(&mut self, cq: &Arc<ConsumeQueue>, offset: u64, entry: Entry) -> Result<(), StoreError> {
         let idx = match self.open.iter().position(|(q, _, _)| Arc::ptr_eq(q, cq)) {
             Some(i) => i,
@@ -635,6 +836,10 @@ impl Batcher {
         let expected = *first + (buf.len() / ENTRY_LEN) as u64;
         if offset != expected || buf.len() >= 64 * 1024 {
             write(q, *first, buf)?;
+            if self.live && !buf.is_empty() {
+                let next = *first + (buf.len() / ENTRY_LEN) as u64;
+                note_written(&mut self.written, q, next);
+            }
             buf.clear();
             *first = offset;
         }
@@ -644,11 +849,22 @@ impl Batcher {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn flush(&mut self) -> Result<(), StoreError> {
         for (q, first, buf) in self.open.drain(..) {
             write(&q, first, &buf)?;
+            if self.live && !buf.is_empty() {
+                let next = first + (buf.len() / ENTRY_LEN) as u64;
+                note_written(&mut self.written, &q, next);
+            }
         }
         Ok(())
+    }
+}
+
+fn note_written(written: &mut Vec<(Arc<ConsumeQueue>, u64)>, q: &Arc<ConsumeQueue>, next: u64) {
+    match written.iter_mut().find(|(w, _)| Arc::ptr_eq(w, q)) {
+        Some(slot) => slot.1 = slot.1.max(next),
+        None => written.push((q.clone(), next)),
     }
 }
 

@@ -288,8 +288,12 @@ fn half(i: usize) -> (u32, Message) {
 async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
-    let (tx_a, _) = store.prepare(vec![half(1), half(2)]).await.unwrap();
-    let (tx_b, _) = store.prepare(vec![half(3)]).await.unwrap();
+    let tx_a = store
+        .prepare(vec![half(1), half(2)])
+        .await
+        .unwrap()
+        .first_offset;
+    let tx_b = store.prepare(vec![half(3)]).await.unwrap().first_offset;
     assert!(bodies(&store, 1).is_empty(), "half messages are invisible");
     store
         .commit_transaction(tx_ref(tx_a), vec![half(1), half(2)])
@@ -299,7 +303,7 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
         .transaction_marker(record::RecordKind::TxRollback, tx_ref(tx_b))
         .await
         .unwrap();
-    let (tx_c, _) = store.prepare(vec![half(4)]).await.unwrap();
+    let tx_c = store.prepare(vec![half(4)]).await.unwrap().first_offset;
     store
         .transaction_marker(record::RecordKind::TxCheck, tx_ref(tx_c))
         .await
@@ -324,10 +328,11 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
 async fn a_commit_torn_by_a_crash_is_cut_whole_and_the_transaction_stays_pending() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
-    let (tx, _) = store
+    let tx = store
         .prepare(vec![half(1), half(2), half(3)])
         .await
-        .unwrap();
+        .unwrap()
+        .first_offset;
     store
         .commit_transaction(tx_ref(tx), vec![half(1), half(2), half(3)])
         .await
@@ -413,7 +418,7 @@ async fn ended_transactions_are_remembered_across_short_runs() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), FlushMode::Async);
     let store = Store::open(c.clone(), &topics()).unwrap();
-    let (tx, _) = store.prepare(vec![(0, msg(0))]).await.unwrap();
+    let tx = store.prepare(vec![(0, msg(0))]).await.unwrap().first_offset;
     store
         .transaction_marker(record::RecordKind::TxRollback, tx_ref(tx))
         .await
@@ -446,7 +451,7 @@ async fn a_half_message_at_the_size_limit_is_carried_forward() {
                 .prepare(vec![(0, Message::new("orders", vec![b'h'; body]))])
                 .await
                 .unwrap()
-                .0;
+                .first_offset;
         }
         body += 1;
     };

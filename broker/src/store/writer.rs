@@ -17,11 +17,13 @@ use bytes::BytesMut;
 use tokio::sync::oneshot;
 use txmq_protocol::{now_millis, tag_hash, Message, MsgId};
 
+use super::checkpoint::OffsetTable;
 use super::commit_log::Segment;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, MoveTarget};
 use super::flusher::FlushCmd;
 use super::record::{self, RecordHead, RecordKind};
+use super::recovery::{Batcher, QueueSet, ReplayState, Replayer, TxChange};
 use super::{FlushMode, StoreError, StoreInner, WriteCmd};
 
 type ReplyValue = Result<(u64, u64), StoreError>;
@@ -46,6 +48,46 @@ enum Encoded {
     TxPending { at: u64, pending: bool },
     /// Answer the command with this value (a queue offset or tx id).
     Reply { reply: Reply, value: u64 },
+    /// Records copied from the master at `pos`: derive what they change.
+    Replicated { pos: u64, data: bytes::Bytes },
+}
+
+/// A slave's writer: what replay keeps between replicated batches.
+pub(crate) struct ReplicaWrite {
+    pub(crate) state: ReplayState,
+    pub(crate) batcher: Batcher,
+}
+
+/// The live store's queues, for replaying replicated records.
+struct LiveQueues<'a>(&'a StoreInner);
+
+impl QueueSet for LiveQueues<'_> {
+    fn queue(&mut self, topic: &str, queue: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        if let Some(q) = self
+            .0
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .and_then(|qs| qs.get(queue as usize))
+        {
+            return Ok(q.clone());
+        }
+        let mut map = self.0.queues.write().unwrap_or_else(|e| e.into_inner());
+        super::ensure_queues(&self.0.config, &mut map, topic, queue + 1)?;
+        Ok(map[topic][queue as usize].clone())
+    }
+
+    fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        self.0
+            .delay_levels
+            .get(level as usize)
+            .cloned()
+            .ok_or_else(|| StoreError::NoQueue {
+                topic: super::DELAY_TOPIC.to_string(),
+                queue: level,
+            })
+    }
 }
 
 pub(crate) struct Writer {
@@ -68,6 +110,8 @@ pub(crate) struct Writer {
     offset_changes: Vec<((String, String, u32), u64)>,
     /// Records encoded into `buf`.
     chunk_records: u64,
+    /// On a slave: replay state for replicated records.
+    replica: Option<ReplicaWrite>,
 }
 
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -77,6 +121,7 @@ impl Writer {
         store: Arc<StoreInner>,
         flusher: std::sync::mpsc::Sender<FlushCmd>,
         end: u64,
+        replica: Option<ReplicaWrite>,
     ) -> Result<Writer, StoreError> {
         let segment = store.log.segment_for(end);
         Ok(Writer {
@@ -93,6 +138,7 @@ impl Writer {
             tx_changes: Vec::new(),
             offset_changes: Vec::new(),
             chunk_records: 0,
+            replica,
         })
     }
 
@@ -126,6 +172,12 @@ impl Writer {
         if self.store.poisoned.load(Ordering::Acquire) {
             return fail(cmd, StoreError::Poisoned);
         }
+        let cmd = match cmd {
+            WriteCmd::Replicated { pos, data, reply } => {
+                return self.encode_replicated(pos, data, reply);
+            }
+            other => other,
+        };
         let empty = Default::default();
         // A command's records are one group in one segment: they are written
         // (and, after a crash, recovered or cut) together.
@@ -152,6 +204,7 @@ impl Writer {
                     _ => delay::marker_len(m.target.topic()),
                 })
                 .sum(),
+            WriteCmd::Replicated { data, .. } => data.len(),
         };
         let new_data = matches!(
             cmd,
@@ -169,6 +222,7 @@ impl Writer {
             WriteCmd::Delayed { messages, .. } => messages.len() as u64,
             WriteCmd::DelayMoves { moves, .. } => moves.len() as u64,
             WriteCmd::OffsetCommit { .. } | WriteCmd::Marker { .. } => 1,
+            WriteCmd::Replicated { .. } => 0,
         };
         let now = now_millis();
         let head = |kind, queue, queue_offset, aux, flags| RecordHead {
@@ -391,7 +445,120 @@ impl Writer {
                     value: count,
                 });
             }
+            // Taken above; never here.
+            WriteCmd::Replicated { reply, .. } => {
+                let _ = reply.send(Err(StoreError::Invalid(
+                    "replicated data reached the wrong write path".into(),
+                )));
+            }
         }
+    }
+
+    /// A slave: appends records copied from the master at `pos`, the
+    /// master's position for them. `pos` is where this log ends, or the
+    /// start of a later segment (the master's log continues there: it
+    /// rolled, or restarted in a fresh segment).
+    fn encode_replicated(&mut self, pos: u64, data: bytes::Bytes, reply: Reply) {
+        if self.replica.is_none() {
+            return fail_reply(
+                reply,
+                StoreError::Invalid(
+                    "this store is not a slave's: it takes no replicated data".into(),
+                ),
+            );
+        }
+        let at = self.at();
+        let seg_size = self.store.log.segment_size();
+        if pos != at && (pos < at || !pos.is_multiple_of(seg_size)) {
+            return fail_reply(
+                reply,
+                StoreError::Invalid(format!(
+                    "replicated data at position {pos} does not continue this log, which ends at {at}"
+                )),
+            );
+        }
+        let fits = |w: &Writer| {
+            w.segment
+                .as_ref()
+                .is_some_and(|seg| pos >= seg.start && pos + data.len() as u64 <= seg.end())
+        };
+        if pos != at || !fits(self) {
+            if let Err(e) = self.roll_to(pos) {
+                return fail_reply(reply, e);
+            }
+            if !fits(self) {
+                return fail_reply(
+                    reply,
+                    StoreError::Invalid(format!(
+                        "replicated data at position {pos} ({} bytes) crosses a segment boundary",
+                        data.len()
+                    )),
+                );
+            }
+        }
+        self.buf.extend_from_slice(&data);
+        let mut rel = 0usize;
+        while let Some(b) = data.get(rel..rel + 4) {
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            if len == 0 {
+                break;
+            }
+            rel += len;
+            self.chunk_records += 1;
+        }
+        self.chunk.push(Encoded::Replicated { pos, data });
+        self.chunk.push(Encoded::Reply { reply, value: pos });
+    }
+
+    /// Derives what replicated records change (consume queues, offsets,
+    /// transactions, delay levels), as recovery does.
+    fn replay_replicated(
+        &mut self,
+        pos: u64,
+        data: &bytes::Bytes,
+        offsets: &mut Vec<((String, String, u32), u64)>,
+        halves: &mut Vec<(u64, bool)>,
+        changes: &mut Vec<TxChange>,
+    ) -> Result<(), StoreError> {
+        let Some(rw) = self.replica.as_mut() else {
+            return Ok(());
+        };
+        let mut queues = LiveQueues(&self.store);
+        let mut table = OffsetTable::new();
+        let mut replayer = Replayer {
+            queues: &mut queues,
+            offsets: &mut table,
+            batcher: &mut rw.batcher,
+            state: &mut rw.state,
+            dispatch_from: 0,
+        };
+        let mut rel = 0usize;
+        while let Some(b) = data.get(rel..rel + 4) {
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            if len == 0 {
+                break;
+            }
+            let at = pos + rel as u64;
+            let rec = data
+                .get(rel..rel + len)
+                .and_then(|_| record::decode_unverified(&data.slice(rel..rel + len), false))
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!("replicated record at {at} does not decode"))
+                })?;
+            if replayer.visit(rec, at, len as u32)?.is_some() {
+                return Err(StoreError::Invalid(format!(
+                    "replicated record at {at} interrupts a transaction group"
+                )));
+            }
+            rel += len;
+        }
+        replayer.batcher.flush()?;
+        self.publish.append(&mut rw.batcher.written);
+        offsets.extend(table);
+        halves.append(&mut rw.state.halves_changes);
+        changes.append(&mut rw.state.tx_changes);
+        rw.state.forget_ended();
+        Ok(())
     }
 
     /// Encodes a message that becomes visible in `queue` at the next offset.
@@ -491,6 +658,17 @@ impl Writer {
         if fits {
             return Ok(());
         }
+        let next_start = match &self.segment {
+            // The rest of a full segment stays zero: recovery reads that as its end.
+            Some(seg) => seg.end(),
+            None => self.pos,
+        };
+        self.roll_to(next_start)
+    }
+
+    /// Writes the current chunk, makes the active segment durable and
+    /// starts a new one at `next_start`.
+    fn roll_to(&mut self, next_start: u64) -> Result<(), StoreError> {
         self.write_chunk();
         if let Some(seg) = &self.segment {
             // The full segment's tail reaches the disk before anything of
@@ -502,11 +680,6 @@ impl Writer {
             })?;
             seg.set_used_until(self.pos);
         }
-        let next_start = match &self.segment {
-            // The rest of a full segment stays zero: recovery reads that as its end.
-            Some(seg) => seg.end(),
-            None => self.pos,
-        };
         let seg = blocking(|| self.store.log.create_segment(next_start)).map_err(|e| {
             StoreError::io(
                 format!("cannot create commit-log segment at {next_start}"),
@@ -517,6 +690,7 @@ impl Writer {
         self.segment = Some(seg);
         self.pos = next_start;
         self.store.written.store(next_start, Ordering::Release);
+        self.store.written_tx.send_replace(next_start);
         Ok(())
     }
 
@@ -552,8 +726,23 @@ impl Writer {
                 let mut offset_changes = std::mem::take(&mut self.offset_changes);
                 let published_from = self.publish.len();
                 let mut cmd_error: Option<StoreError> = None;
+                let mut replicated_tx = Vec::new();
                 for enc in chunk {
                     match enc {
+                        Encoded::Replicated { pos, data } => {
+                            if let Err(e) = self.replay_replicated(
+                                pos,
+                                &data,
+                                &mut offset_changes,
+                                &mut tx_changes,
+                                &mut replicated_tx,
+                            ) {
+                                // The log has the records; recovery derives them again.
+                                tracing::error!(position = pos, error = %e, "cannot apply replicated records");
+                                self.store.poisoned.store(true, Ordering::Release);
+                                cmd_error = Some(e);
+                            }
+                        }
                         Encoded::Queue {
                             queue,
                             first,
@@ -609,6 +798,12 @@ impl Writer {
                     }
                     self.pos = end;
                     self.store.written.store(end, Ordering::Release);
+                }
+                self.store.written_tx.send_replace(end);
+                if !replicated_tx.is_empty() {
+                    if let Some(listener) = self.store.tx_listener.get() {
+                        listener(replicated_tx);
+                    }
                 }
                 // Visible before acknowledged (async flush; under sync flush
                 // the flusher publishes after the fdatasync).
@@ -685,10 +880,13 @@ pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
         | WriteCmd::Carry { reply, .. }
         | WriteCmd::Marker { reply, .. }
         | WriteCmd::Delayed { reply, .. }
-        | WriteCmd::DelayMoves { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
+        | WriteCmd::DelayMoves { reply, .. }
+        | WriteCmd::Replicated { reply, .. } => fail_reply(reply, e),
     }
+}
+
+fn fail_reply(reply: Reply, e: StoreError) {
+    let _ = reply.send(Err(e));
 }
 
 /// An offset commit is a small record: key = group, topic and queue of the

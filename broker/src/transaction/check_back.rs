@@ -146,8 +146,12 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
             .checks_sent
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let marker = match tx.tx_ref(tx_id) {
-            Some(r) => tx.store.transaction_marker(RecordKind::TxCheck, r).await,
-            None => Ok(true), // ended meanwhile: nothing to count
+            Some(r) => tx
+                .store
+                .transaction_marker(RecordKind::TxCheck, r)
+                .await
+                .map(drop),
+            None => Ok(()), // ended meanwhile: nothing to count
         };
         if let Err(e) = marker {
             tracing::warn!(tx_id, error = %e, "cannot record a check");

@@ -28,8 +28,8 @@ pub(crate) use producers::ProducerGroups;
 use crate::handler::store_error;
 use crate::store::record::RecordKind;
 use crate::store::{
-    RecoveredTransactions, Store, TxRef, PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED,
-    PROP_CARRIED_PREPARED_AT,
+    RecoveredTransactions, RecoveredTx, Store, TxChange, TxRef, PROP_CARRIED_CHECKS,
+    PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT,
 };
 
 /// Properties the broker keeps inside a half message; removed on commit.
@@ -219,77 +219,7 @@ impl Transactions {
             table.remember_end(tx_id, committed, known_key(&first_msg_id));
         }
         for t in recovered.pending {
-            let Some(&(pos, size)) = t.halves.first() else {
-                continue;
-            };
-            let halves = Halves {
-                first: pos,
-                count: t.halves.len() as u16,
-            };
-            let Some(first) = store.read_record(pos, size) else {
-                // Kept, parked and listed, so that the store's pending set
-                // and this table agree: an operator can roll it back, and
-                // retention rolls it back when its segment expires (it can
-                // never be committed).
-                tracing::error!(
-                    tx_id = t.tx_id,
-                    "half message of a pending transaction is unreadable; parked for an operator"
-                );
-                let group = table.group("");
-                table.pending.insert(
-                    t.tx_id,
-                    Pending {
-                        group,
-                        first_msg_key: 0,
-                        halves,
-                        prepared_at: t.prepared_at,
-                        next_check_at: u64::MAX,
-                        checks: t.checks,
-                        last_check: None,
-                        last_error: Some("its half message is unreadable (damaged log)".into()),
-                        phase: Phase::Parked,
-                        checking: false,
-                    },
-                );
-                continue;
-            };
-            table
-                .by_msg_id
-                .entry(msg_key(&first.message.msg_id))
-                .or_insert(t.tx_id);
-            let props = &first.message.properties;
-            let group = table.group(props.get(PROP_PRODUCER_GROUP).map_or("", String::as_str));
-            let delay = props
-                .get(PROP_CHECK_DELAY)
-                .and_then(|d| d.parse::<u64>().ok())
-                .unwrap_or(config.timeout.as_millis() as u64);
-            let next_check_at = if t.checks == 0 {
-                t.prepared_at.saturating_add(delay)
-            } else {
-                t.last_check_at + config.check_interval.as_millis() as u64
-            };
-            table.pending.insert(
-                t.tx_id,
-                Pending {
-                    group,
-                    first_msg_key: known_key(&first.message.msg_id),
-                    halves,
-                    prepared_at: t.prepared_at,
-                    next_check_at,
-                    checks: t.checks,
-                    last_check: None,
-                    last_error: None,
-                    phase: if t.parked {
-                        Phase::Parked
-                    } else {
-                        Phase::Prepared
-                    },
-                    checking: false,
-                },
-            );
-            if !t.parked {
-                table.due.insert(t.tx_id, next_check_at);
-            }
+            insert_recovered(&mut table, &store, &config, t);
         }
         if !table.pending.is_empty() {
             tracing::info!(
@@ -305,6 +235,31 @@ impl Transactions {
             counters: Counters::default(),
             producers: ProducerGroups::default(),
             wake: Notify::new(),
+        }
+    }
+
+    /// A slave: applies the transaction changes its master's log brought
+    /// (prepared, checked, parked, carried, ended), as recovery would.
+    pub(crate) fn apply_replicated(&self, changes: Vec<TxChange>) {
+        let mut table = lock(&self.table);
+        for change in changes {
+            match change {
+                TxChange::Pending(t) => insert_recovered(&mut table, &self.store, &self.config, t),
+                TxChange::Ended(tx_id, committed, first_msg_id) => {
+                    if let Some(p) = table.pending.remove(&tx_id) {
+                        if table.by_msg_id.get(&p.first_msg_key) == Some(&tx_id) {
+                            table.by_msg_id.remove(&p.first_msg_key);
+                        }
+                    }
+                    table.remember_end(tx_id, committed, known_key(&first_msg_id));
+                    let counter = if committed {
+                        &self.counters.committed
+                    } else {
+                        &self.counters.rolled_back
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -411,7 +366,12 @@ impl Transactions {
                 )
             });
         }
-        let stored = self.store.prepare(messages).await.map_err(store_error);
+        let stored = self
+            .store
+            .prepare(messages)
+            .await
+            .map(|a| (a.first_offset, a.durable))
+            .map_err(store_error);
         let (tx_id, durable) = match stored {
             Ok(s) => s,
             Err(e) => {
@@ -566,6 +526,7 @@ impl Transactions {
                         messages,
                     )
                     .await
+                    .map(|a| a.durable)
                     .map_err(store_error),
                 None => Err(WireError::new(
                     ErrorCode::Internal,
@@ -583,6 +544,7 @@ impl Transactions {
                     },
                 )
                 .await
+                .map(|a| a.durable)
                 .map_err(store_error),
         };
         let mut table = lock(&self.table);
@@ -890,6 +852,81 @@ fn final_state(action: TxAction) -> TxState {
     match action {
         TxAction::Commit => TxState::Committed,
         TxAction::Rollback => TxState::RolledBack,
+    }
+}
+
+/// Puts a transaction as recovery (or replication) found it in the table.
+fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: RecoveredTx) {
+    let Some(&(pos, size)) = t.halves.first() else {
+        return;
+    };
+    let halves = Halves {
+        first: pos,
+        count: t.halves.len() as u16,
+    };
+    let Some(first) = store.read_record(pos, size) else {
+        // Kept, parked and listed, so that the store's pending set
+        // and this table agree: an operator can roll it back, and
+        // retention rolls it back when its segment expires (it can
+        // never be committed).
+        tracing::error!(
+            tx_id = t.tx_id,
+            "half message of a pending transaction is unreadable; parked for an operator"
+        );
+        let group = table.group("");
+        table.pending.insert(
+            t.tx_id,
+            Pending {
+                group,
+                first_msg_key: 0,
+                halves,
+                prepared_at: t.prepared_at,
+                next_check_at: u64::MAX,
+                checks: t.checks,
+                last_check: None,
+                last_error: Some("its half message is unreadable (damaged log)".into()),
+                phase: Phase::Parked,
+                checking: false,
+            },
+        );
+        return;
+    };
+    table
+        .by_msg_id
+        .entry(msg_key(&first.message.msg_id))
+        .or_insert(t.tx_id);
+    let props = &first.message.properties;
+    let group = table.group(props.get(PROP_PRODUCER_GROUP).map_or("", String::as_str));
+    let delay = props
+        .get(PROP_CHECK_DELAY)
+        .and_then(|d| d.parse::<u64>().ok())
+        .unwrap_or(config.timeout.as_millis() as u64);
+    let next_check_at = if t.checks == 0 {
+        t.prepared_at.saturating_add(delay)
+    } else {
+        t.last_check_at + config.check_interval.as_millis() as u64
+    };
+    table.pending.insert(
+        t.tx_id,
+        Pending {
+            group,
+            first_msg_key: known_key(&first.message.msg_id),
+            halves,
+            prepared_at: t.prepared_at,
+            next_check_at,
+            checks: t.checks,
+            last_check: None,
+            last_error: None,
+            phase: if t.parked {
+                Phase::Parked
+            } else {
+                Phase::Prepared
+            },
+            checking: false,
+        },
+    );
+    if !t.parked {
+        table.due.insert(t.tx_id, next_check_at);
     }
 }
 

@@ -1,0 +1,453 @@
+//! Replicated broker groups: a master and its slaves under one
+//! `--broker-name`, holding the same commit log, byte for byte, at the same
+//! positions.
+//!
+//! A slave (`slave.rs`) streams the master's log from its own end: it asks
+//! with [`ReplicaFetch`] (a long poll, with its last record's position and
+//! checksum, which the master checks against its own log), verifies every
+//! record's checksum on arrival, appends the bytes at the master's positions
+//! through the store's own writer, which derives consume queues, offsets,
+//! transactions and delay levels from them as recovery does, and
+//! acknowledges with [`ReplicaAck`] once they are stored per its flush mode.
+//! The next fetch goes out before the previous batch is written (two batches
+//! in flight).
+//!
+//! The master (this file) serves the fetches from the mapped log (never past
+//! what its own flush mode made durable, so that a power cut cannot leave a
+//! slave holding what the master lost), tracks each slave's acknowledged
+//! position and whether it is in sync, and, under sync replication, holds
+//! answers until `--min-insync-replicas` replicas (itself included) hold the
+//! record ([`Replication::confirm`]).
+
+mod slave;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+use txmq_protocol::{
+    BrokerRole, ErrorCode, ReplicaAck, ReplicaData, ReplicaFetch, ReplicaInfo, ReplicationInfo,
+    Role, SendStatus, WireError,
+};
+use txmq_remoting::Connection;
+
+pub(crate) use slave::run as run_slave;
+
+use crate::config::{ReplicationConfig, ReplicationMode};
+use crate::store::{LogReadError, RecordCheck};
+use crate::BrokerInner;
+
+/// The most a fetch may ask for at once (a frame must hold it).
+const MAX_FETCH_BYTES: u32 = 4 << 20;
+/// The longest a fetch may wait for data.
+const MAX_FETCH_WAIT: Duration = Duration::from_secs(5);
+
+/// What sync replication made of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Confirmed {
+    /// Enough replicas hold it (or nothing needs to wait).
+    Yes,
+    /// Too few replicas confirmed it in time.
+    Timeout,
+    /// Too few replicas are in sync to wait for.
+    NotAvailable,
+}
+
+impl Confirmed {
+    /// A status for an answer that carries one, given whether the write
+    /// was durable on the master.
+    pub(crate) fn status(self, durable: bool) -> SendStatus {
+        match (durable, self) {
+            (false, _) => SendStatus::FlushDiskTimeout,
+            (true, Confirmed::Yes) => SendStatus::SendOk,
+            (true, Confirmed::Timeout) => SendStatus::FlushSlaveTimeout,
+            (true, Confirmed::NotAvailable) => SendStatus::SlaveNotAvailable,
+        }
+    }
+
+    /// An error for an answer without a status (an offset commit).
+    pub(crate) fn into_result(self, what: &str) -> Result<(), WireError> {
+        match self {
+            Confirmed::Yes => Ok(()),
+            Confirmed::Timeout => Err(WireError::new(
+                ErrorCode::FlushSlaveTimeout,
+                format!("{what} is stored on the master, but too few slaves confirmed it in time"),
+            )),
+            Confirmed::NotAvailable => Err(WireError::new(
+                ErrorCode::SlaveNotAvailable,
+                format!("{what} is stored on the master only: too few slaves are in sync"),
+            )),
+        }
+    }
+}
+
+/// One slave as the master sees it (per connection).
+#[derive(Debug)]
+struct Replica {
+    addr: String,
+    acked: u64,
+    last_seen: Instant,
+    /// The last moment it held everything the master had written then.
+    caught_up_at: Option<Instant>,
+    /// (when, the master's end then): reached by an ack, it moves `caught_up_at`.
+    mark: Option<(Instant, u64)>,
+}
+
+/// What a slave knows of its replication (for `GetReplication`).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct SlaveStatus {
+    pub(crate) master_addr: Option<String>,
+    pub(crate) master_end: Option<u64>,
+    /// Why it stopped replicating.
+    pub(crate) error: Option<String>,
+}
+
+/// The broker's part in its group.
+pub(crate) struct Replication {
+    pub(crate) config: ReplicationConfig,
+    /// Master: its slaves, by connection id.
+    replicas: Mutex<HashMap<u64, Replica>>,
+    /// Master: the position held by enough slaves (never moves back).
+    confirmed: watch::Sender<u64>,
+    /// Slave: what it knows of its master.
+    pub(crate) slave: Mutex<SlaveStatus>,
+    /// Slave: offsets committed to it, kept until the master has them.
+    pub(crate) kept_offsets: DashMap<(String, String, u32), u64>,
+    /// Slave: the version of the master's topic table it holds.
+    pub(crate) master_topics_version: AtomicU64,
+}
+
+impl Replication {
+    pub(crate) fn new(config: ReplicationConfig) -> Replication {
+        Replication {
+            config,
+            replicas: Mutex::new(HashMap::new()),
+            confirmed: watch::channel(0).0,
+            slave: Mutex::new(SlaveStatus::default()),
+            kept_offsets: DashMap::new(),
+            master_topics_version: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn is_slave(&self) -> bool {
+        self.config.role == BrokerRole::Slave
+    }
+
+    fn replicas(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Replica>> {
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn slave_status(&self) -> std::sync::MutexGuard<'_, SlaveStatus> {
+        self.slave.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The refusal a slave gives a write.
+    pub(crate) fn not_master(&self, b: &BrokerInner) -> WireError {
+        let master = self.slave_status().master_addr.clone();
+        WireError::new(
+            ErrorCode::NotMaster,
+            match master {
+                Some(addr) => format!(
+                    "broker {} is a slave and takes no writes; the master of broker group '{}' is at {addr}",
+                    b.advertised_addr, b.config.broker_name
+                ),
+                None => format!(
+                    "broker {} is a slave and takes no writes; the master of broker group '{}' is not known to it now",
+                    b.advertised_addr, b.config.broker_name
+                ),
+            },
+        )
+    }
+
+    /// Refuses a write on a slave.
+    pub(crate) fn check_master(&self, b: &BrokerInner) -> Result<(), WireError> {
+        if self.is_slave() {
+            return Err(self.not_master(b));
+        }
+        Ok(())
+    }
+
+    /// Under sync replication, waits until enough replicas hold the log up
+    /// to `end`; at once otherwise.
+    pub(crate) async fn confirm(&self, end: u64) -> Confirmed {
+        let c = &self.config;
+        if self.is_slave() || c.mode == ReplicationMode::Async || c.min_insync_replicas <= 1 {
+            return Confirmed::Yes;
+        }
+        if *self.confirmed.borrow() >= end {
+            return Confirmed::Yes;
+        }
+        let needed = (c.min_insync_replicas - 1) as usize;
+        if self.in_sync_count(Instant::now()) < needed {
+            return Confirmed::NotAvailable;
+        }
+        let mut rx = self.confirmed.subscribe();
+        let held = {
+            let waited = tokio::time::timeout(c.timeout, rx.wait_for(|p| *p >= end)).await;
+            matches!(waited, Ok(Ok(_)))
+        };
+        if held {
+            Confirmed::Yes
+        } else {
+            Confirmed::Timeout
+        }
+    }
+
+    fn is_in_sync(&self, r: &Replica, now: Instant) -> bool {
+        r.caught_up_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.config.lag_max)
+    }
+
+    fn in_sync_count(&self, now: Instant) -> usize {
+        self.replicas()
+            .values()
+            .filter(|r| self.is_in_sync(r, now))
+            .count()
+    }
+
+    /// The position `min_insync_replicas - 1` slaves hold: the k-th largest ack.
+    fn recompute_confirmed(&self, replicas: &HashMap<u64, Replica>) {
+        let k = self.config.min_insync_replicas.saturating_sub(1) as usize;
+        if k == 0 {
+            return;
+        }
+        let mut acked: Vec<u64> = replicas.values().map(|r| r.acked).collect();
+        if acked.len() < k {
+            return;
+        }
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        let held = acked[k - 1];
+        self.confirmed.send_if_modified(|c| {
+            let moved = held > *c;
+            *c = (*c).max(held);
+            moved
+        });
+    }
+
+    /// A replica connection closed.
+    pub(crate) fn connection_closed(&self, conn_id: u64) {
+        if let Some(r) = self.replicas().remove(&conn_id) {
+            tracing::info!(slave = %r.addr, acked = r.acked, "slave disconnected");
+        }
+    }
+
+    /// Master: a slave holds the log up to `acked`.
+    pub(crate) fn ack(&self, conn: &Connection, req: ReplicaAck) -> Result<(), WireError> {
+        let mut replicas = self.replicas();
+        let Some(r) = replicas.get_mut(&conn.id()) else {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                "an acknowledgement before any fetch on this connection",
+            ));
+        };
+        let now = Instant::now();
+        r.last_seen = now;
+        r.acked = r.acked.max(req.acked);
+        if let Some((at, end)) = r.mark {
+            if r.acked >= end {
+                r.caught_up_at = Some(at);
+                r.mark = None;
+            }
+        }
+        self.recompute_confirmed(&replicas);
+        Ok(())
+    }
+
+    /// What `GetReplication` answers.
+    pub(crate) fn info(&self, b: &BrokerInner) -> ReplicationInfo {
+        let now = Instant::now();
+        let end = b.store.shippable_end();
+        let mut replicas: Vec<ReplicaInfo> = self
+            .replicas()
+            .values()
+            .map(|r| ReplicaInfo {
+                addr: r.addr.clone(),
+                acked: r.acked,
+                lag_bytes: end.saturating_sub(r.acked),
+                in_sync: self.is_in_sync(r, now),
+                last_seen_ms_ago: now.saturating_duration_since(r.last_seen).as_millis() as u64,
+            })
+            .collect();
+        replicas.sort_by(|a, b| a.addr.cmp(&b.addr));
+        let slave = self.slave_status().clone();
+        ReplicationInfo {
+            broker_name: b.config.broker_name.clone(),
+            role: self.config.role,
+            addr: b.advertised_addr.clone(),
+            log_end: b.store.log_end(),
+            replication: self.config.mode.name().into(),
+            min_insync_replicas: self.config.min_insync_replicas,
+            master_addr: slave.master_addr,
+            master_end: slave.master_end,
+            error: slave.error,
+            replicas,
+        }
+    }
+}
+
+/// The master's topic-table version as slaves see it: unique per run.
+pub(crate) fn topics_version(b: &BrokerInner) -> u64 {
+    b.epoch
+        .wrapping_mul(1_000_000)
+        .wrapping_add(b.topics_version.load(Ordering::Acquire))
+}
+
+/// Master: serves a slave's fetch.
+pub(crate) async fn fetch(
+    b: &BrokerInner,
+    conn: &Connection,
+    req: ReplicaFetch,
+) -> Result<ReplicaData, WireError> {
+    let rep = &b.replication;
+    rep.check_master(b)?;
+    if conn.peer_hello().map(|h| h.role) != Some(Role::Replica) {
+        return Err(WireError::new(
+            ErrorCode::BadArgument,
+            "replica fetches are served to connections that said hello as a replica",
+        ));
+    }
+    if req.broker_name != b.config.broker_name {
+        return Err(WireError::new(
+            ErrorCode::BadArgument,
+            format!(
+                "this master serves broker group '{}'; the slave at {} belongs to '{}'",
+                b.config.broker_name, req.addr, req.broker_name
+            ),
+        ));
+    }
+    let segment_size = b.store.config().segment_size;
+    if req.segment_size != segment_size {
+        return Err(WireError::new(
+            ErrorCode::BadArgument,
+            format!(
+                "the slave's segment size is {} bytes and the master's {segment_size}: start the slave with --segment-size {segment_size}",
+                req.segment_size
+            ),
+        ));
+    }
+    match req.last_record {
+        Some(last) => match b.store.check_record(last, req.from) {
+            RecordCheck::Same => {}
+            RecordCheck::Gone => return Err(gone(b, &req)),
+            RecordCheck::Differs => {
+                tracing::error!(
+                    slave = %req.addr,
+                    from = req.from,
+                    last_record = last.pos,
+                    master_end = b.store.log_end(),
+                    "a slave's log differs from this master's at its end"
+                );
+                return Err(WireError::new(
+                    ErrorCode::ReplicaDiverged,
+                    format!(
+                        "the slave's log differs from the master's at its end (its record at {} ending at {}; the master's log ends at {}): \
+                         it holds records the master does not (it was a master that wrote past what it replicated, or the master lost \
+                         them). The slave stops replicating; move its data directory away to copy the master's log afresh",
+                        last.pos,
+                        req.from,
+                        b.store.log_end()
+                    ),
+                ));
+            }
+        },
+        None if req.from != 0 => {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                format!(
+                    "a fetch from position {} must name the slave's last record there",
+                    req.from
+                ),
+            ));
+        }
+        None => {}
+    }
+    let max_bytes = req.max_bytes.clamp(1, MAX_FETCH_BYTES) as usize;
+    let wait = Duration::from_millis(u64::from(req.wait_ms)).min(MAX_FETCH_WAIT);
+    let now = Instant::now();
+    {
+        let mut replicas = rep.replicas();
+        let r = replicas.entry(conn.id()).or_insert_with(|| {
+            tracing::info!(slave = %req.addr, from = req.from, "slave connected");
+            Replica {
+                addr: req.addr.clone(),
+                acked: req.from,
+                last_seen: now,
+                caught_up_at: None,
+                mark: None,
+            }
+        });
+        r.last_seen = now;
+    }
+    let mut limit = b.store.shippable_end();
+    let mut read = b
+        .store
+        .read_log(req.from, max_bytes, limit)
+        .map_err(|e| read_error(b, &req, e))?;
+    if read.is_none() {
+        // A slave at the end is caught up; then wait for more.
+        caught_up(rep, conn.id(), limit);
+        if !wait.is_zero() {
+            tokio::select! {
+                l = b.store.wait_shippable(limit, wait) => limit = l,
+                _ = b.shutdown.cancelled() => {}
+            }
+            read = b
+                .store
+                .read_log(req.from, max_bytes, limit)
+                .map_err(|e| read_error(b, &req, e))?;
+        }
+    }
+    if read.is_some() {
+        // Reached by an ack, this mark says the slave held what the master had now.
+        if let Some(r) = rep.replicas().get_mut(&conn.id()) {
+            r.mark.get_or_insert((Instant::now(), limit));
+        }
+    }
+    let version = topics_version(b);
+    let (pos, data) = read.unwrap_or((req.from, bytes::Bytes::new()));
+    Ok(ReplicaData {
+        pos,
+        data,
+        master_end: limit,
+        topics: (req.topics_version != version).then(|| (version, b.topics.all())),
+    })
+}
+
+/// A slave fetching at the master's end holds everything.
+fn caught_up(rep: &Replication, conn_id: u64, end: u64) {
+    let mut replicas = rep.replicas();
+    if let Some(r) = replicas.get_mut(&conn_id) {
+        if r.acked >= end {
+            r.caught_up_at = Some(Instant::now());
+            r.mark = None;
+        }
+    }
+}
+
+fn gone(b: &BrokerInner, req: &ReplicaFetch) -> WireError {
+    WireError::new(
+        ErrorCode::ReplicaPositionUnavailable,
+        format!(
+            "the slave's log ends at {}, but the master's log now starts at {} (retention deleted the rest): \
+             move the slave's data directory away to copy the master's log from its start",
+            req.from,
+            b.store.log_min()
+        ),
+    )
+}
+
+fn read_error(b: &BrokerInner, req: &ReplicaFetch, e: LogReadError) -> WireError {
+    match e {
+        LogReadError::Gone { .. } => gone(b, req),
+        LogReadError::Ahead { end } => WireError::new(
+            ErrorCode::ReplicaDiverged,
+            format!(
+                "the slave asks for position {} but the master's log ends at {end}: the slave holds records the master does not",
+                req.from
+            ),
+        ),
+    }
+}

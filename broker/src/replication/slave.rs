@@ -1,0 +1,351 @@
+//! A slave's side of replication: find the master, stream its log from this
+//! log's end, verify, append, acknowledge; hand the master the offsets
+//! consumers committed here while it was away.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use txmq_protocol::{
+    BrokerRole, CommitOffset, ErrorCode, GetCluster, Hello, RecordRef, ReplicaAck, ReplicaData,
+    ReplicaFetch, Role, TopicConfig, PROTOCOL_VERSION,
+};
+use txmq_remoting::{Connection, ConnectionConfig, Error};
+
+use crate::store::record::{self, Check};
+use crate::BrokerInner;
+
+/// How much a fetch asks for.
+const FETCH_BYTES: u32 = 4 << 20;
+/// How long a fetch waits at the master's end (well under the lag limit,
+/// so that an idle slave stays in sync).
+const FETCH_WAIT_MS: u32 = 250;
+/// How often offsets kept here are handed to the master.
+const FORWARD_EVERY: Duration = Duration::from_secs(1);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Why a session with the master ended.
+enum Stop {
+    /// Shutting down.
+    Shutdown,
+    /// Try again (connection lost, a bad batch, the master moved).
+    Retry(String),
+    /// Replicating cannot go on without an operator (a diverged log, a
+    /// position the master no longer has, settings that do not match).
+    Fatal(String),
+}
+
+/// Where this log ends and its last whole record there: what the next
+/// fetch starts from, and what the master checks.
+#[derive(Clone, Copy)]
+struct Tail {
+    end: u64,
+    last: Option<RecordRef>,
+}
+
+/// Replicates from the master until shutdown or until replication cannot
+/// go on (then the slave keeps serving reads, and says why in
+/// `GetReplication` and its log).
+pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
+    let mut tail = Tail {
+        end: b.store.log_end(),
+        last: b.store.opened_last_record(),
+    };
+    let mut retry = RETRY_MIN;
+    let mut last_problem = String::new();
+    loop {
+        if b.shutdown.is_cancelled() {
+            return;
+        }
+        let master = match &b.replication.config.master_addr {
+            Some(addr) => Some(addr.clone()),
+            None => find_master(&b, &nameservers).await,
+        };
+        b.replication.slave_status().master_addr = master.clone();
+        let outcome = match master {
+            Some(master) => session(&b, &master, &mut tail).await,
+            None => Err(Stop::Retry(format!(
+                "no master of broker group '{}' is registered with the nameservers",
+                b.config.broker_name
+            ))),
+        };
+        match outcome {
+            Ok(()) | Err(Stop::Shutdown) => return,
+            Err(Stop::Fatal(why)) => {
+                tracing::error!(broker = %b.config.broker_name, error = %why, "replication stopped");
+                b.replication.slave_status().error = Some(why);
+                return;
+            }
+            Err(Stop::Retry(why)) => {
+                if why != last_problem {
+                    tracing::warn!(broker = %b.config.broker_name, error = %why, "replication interrupted; retrying");
+                    last_problem = why;
+                } else {
+                    tracing::debug!(error = %why, "replication interrupted again");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = b.shutdown.cancelled() => return,
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                // A session that got going starts the back-off over.
+                if tail.end != b.store.log_end() {
+                    retry = RETRY_MIN;
+                }
+            }
+        }
+    }
+}
+
+/// The group's master, as the nameservers know it.
+async fn find_master(b: &BrokerInner, nameservers: &[String]) -> Option<String> {
+    for ns in nameservers {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Broker,
+            client_id: format!("{}@{}", b.config.broker_name, b.advertised_addr),
+            group: None,
+        };
+        let config = ConnectionConfig {
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let Ok(conn) = Connection::connect(ns, hello, None, config).await else {
+            continue;
+        };
+        let cluster = conn.call(GetCluster {}).await;
+        conn.close();
+        if let Ok(cluster) = cluster {
+            if let Some(m) = cluster.brokers.into_iter().find(|i| {
+                i.broker_name == b.config.broker_name
+                    && i.role == BrokerRole::Master
+                    && i.addr != b.advertised_addr
+            }) {
+                return Some(m.addr);
+            }
+        }
+    }
+    None
+}
+
+fn fetch_request(b: &BrokerInner, tail: Tail) -> ReplicaFetch {
+    ReplicaFetch {
+        broker_name: b.config.broker_name.clone(),
+        addr: b.advertised_addr.clone(),
+        from: tail.end,
+        last_record: tail.last,
+        max_bytes: FETCH_BYTES,
+        wait_ms: FETCH_WAIT_MS,
+        segment_size: b.store.config().segment_size,
+        topics_version: b.replication.master_topics_version.load(Ordering::Acquire),
+    }
+}
+
+fn classify(master: &str, e: Error) -> Stop {
+    match e.remote().map(|w| w.code) {
+        Some(
+            ErrorCode::ReplicaDiverged
+            | ErrorCode::ReplicaPositionUnavailable
+            | ErrorCode::BadArgument,
+        ) => Stop::Fatal(format!("master {master} refused to replicate: {e}")),
+        _ => Stop::Retry(format!("master {master}: {e}")),
+    }
+}
+
+/// One connection to the master: fetch, verify, append, acknowledge, with
+/// the next fetch in flight while a batch is written.
+async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), Stop> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Replica,
+        client_id: format!("{}@{}", b.config.broker_name, b.advertised_addr),
+        group: None,
+    };
+    let config = ConnectionConfig {
+        max_frame_len: b.config.max_frame_size.max(FETCH_BYTES as usize * 2),
+        request_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let conn = tokio::select! {
+        c = Connection::connect(master, hello, None, config) => c.map_err(|e| classify(master, e))?,
+        _ = b.shutdown.cancelled() => return Err(Stop::Shutdown),
+    };
+    tracing::info!(%master, from = tail.end, "replicating from the master");
+    let segment_size = b.store.config().segment_size;
+    let mut asked = *tail;
+    let mut next = Box::pin(conn.call(fetch_request(b, asked)));
+    let mut acks = FuturesUnordered::new();
+    let mut forward = tokio::time::interval(FORWARD_EVERY);
+    let result = loop {
+        let data = tokio::select! {
+            r = &mut next => r,
+            Some(r) = acks.next() => {
+                let r: Result<_, Error> = r;
+                if let Err(e) = r {
+                    break Err(classify(master, e));
+                }
+                continue;
+            }
+            _ = forward.tick() => {
+                forward_offsets(b, &conn).await;
+                continue;
+            }
+            _ = b.shutdown.cancelled() => break Err(Stop::Shutdown),
+        };
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => break Err(classify(master, e)),
+        };
+        b.replication.slave_status().master_end = Some(data.master_end);
+        if let Some((version, topics)) = &data.topics {
+            adopt_topics(b, topics);
+            b.replication
+                .master_topics_version
+                .store(*version, Ordering::Release);
+        }
+        let batch = match verify(&data, asked.end, segment_size) {
+            Ok(batch) => batch,
+            Err(why) => {
+                tracing::error!(%master, position = data.pos, error = %why, "the master sent a bad batch; nothing of it was written");
+                break Err(Stop::Retry(format!(
+                    "bad batch from master {master}: {why}"
+                )));
+            }
+        };
+        let Some((last, len)) = batch else {
+            next = Box::pin(conn.call(fetch_request(b, asked)));
+            continue;
+        };
+        // Ask for the next batch before writing this one.
+        asked = Tail {
+            end: data.pos + len,
+            last: Some(last),
+        };
+        next = Box::pin(conn.call(fetch_request(b, asked)));
+        let appended = match b.store.append_replicated(data.pos, data.data).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(%master, position = data.pos, error = %e, "cannot store replicated records");
+                break Err(Stop::Retry(format!("cannot store replicated records: {e}")));
+            }
+        };
+        *tail = asked;
+        if appended.durable {
+            acks.push(conn.call(ReplicaAck {
+                acked: appended.end,
+            }));
+        }
+    };
+    drop(next);
+    drop(acks);
+    conn.close();
+    result
+}
+
+/// Checks a batch on arrival: it starts where asked (or at a later segment's
+/// start), stays in one segment, and is whole records with good checksums.
+/// Returns its last record and its length; `None` for an empty batch.
+fn verify(
+    data: &ReplicaData,
+    from: u64,
+    segment_size: u64,
+) -> Result<Option<(RecordRef, u64)>, String> {
+    if data.data.is_empty() {
+        return Ok(None);
+    }
+    if data.pos != from && (data.pos < from || !data.pos.is_multiple_of(segment_size)) {
+        return Err(format!(
+            "data at position {} does not continue this log at {from}",
+            data.pos
+        ));
+    }
+    let len = data.data.len() as u64;
+    if data.pos / segment_size != (data.pos + len - 1) / segment_size {
+        return Err(format!(
+            "{len} bytes at position {} cross a segment boundary",
+            data.pos
+        ));
+    }
+    let mut rel = 0usize;
+    let mut last = None;
+    while rel < data.data.len() {
+        let at = data.pos + rel as u64;
+        match record::check(&data.data[rel..]) {
+            Check::Valid(n) => {
+                let b = &data.data[rel + 4..rel + 8];
+                last = Some(RecordRef {
+                    pos: at,
+                    crc: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                });
+                rel += n;
+            }
+            Check::End => return Err(format!("zeros where a record should be, at {at}")),
+            Check::Truncated => return Err(format!("the record at {at} is cut short")),
+            Check::Corrupt => {
+                return Err(format!(
+                    "the record at {at} fails its checksum or has an impossible length"
+                ))
+            }
+        }
+    }
+    Ok(last.map(|l| (l, len)))
+}
+
+/// Takes the master's topic table (queue counts, permissions).
+fn adopt_topics(b: &BrokerInner, topics: &[TopicConfig]) {
+    let mut changed = false;
+    for t in topics {
+        if b.topics.get(&t.name).as_ref() == Some(t) {
+            continue;
+        }
+        let upserted = b.topics.upsert(&t.name, |_, _| Ok(t.clone()));
+        match upserted {
+            Ok((_, c)) => changed |= c,
+            Err(e) => {
+                tracing::warn!(topic = %t.name, error = %e.message, "cannot take the master's topic");
+                continue;
+            }
+        }
+        if let Err(e) = b.store.ensure_queues(&t.name, t.queues) {
+            tracing::warn!(topic = %t.name, error = %e, "cannot make the master's topic's queues");
+        }
+    }
+    if changed {
+        b.topics_version.fetch_add(1, Ordering::AcqRel);
+        b.topics_changed.notify_one();
+    }
+}
+
+/// Hands the master the offsets consumers committed here while it was
+/// away; the master takes them only forward.
+async fn forward_offsets(b: &BrokerInner, conn: &Connection) {
+    let kept: Vec<((String, String, u32), u64)> = b
+        .replication
+        .kept_offsets
+        .iter()
+        .map(|e| (e.key().clone(), *e.value()))
+        .collect();
+    for ((group, topic, queue), offset) in kept {
+        let req = CommitOffset {
+            group: group.clone(),
+            topic: topic.clone(),
+            queue,
+            offset,
+            owner: None,
+            forward_only: true,
+        };
+        match conn.call(req).await {
+            Ok(_) => {
+                tracing::debug!(%group, %topic, queue, offset, "handed a kept offset to the master");
+                b.replication
+                    .kept_offsets
+                    .remove_if(&(group, topic, queue), |_, v| *v == offset);
+            }
+            Err(e) => {
+                tracing::debug!(%group, %topic, queue, offset, error = %e, "cannot hand a kept offset to the master yet");
+            }
+        }
+    }
+}
