@@ -504,7 +504,7 @@ impl Admin {
     /// [`Error::Broker`] when the broker cannot be asked (or refuses, e.g.
     /// `UNSUPPORTED_REQUEST` from a broker older than replication).
     pub async fn replication(&self, broker: &str, addr: &str) -> Result<ReplicationInfo> {
-        self.ask(broker, addr, GetReplication {}).await
+        Ok(*self.ask(broker, addr, GetReplication {}).await?)
     }
 
     /// Closes the connections.
