@@ -30,6 +30,23 @@
 //! are delivered, and those between the committed offset and the old
 //! position may be delivered again.
 //!
+//! # Replicated broker groups
+//!
+//! A consumer reads a broker group at its master, and at one of its slaves
+//! while the master is unreachable (the route names no live master, or it
+//! does not connect), as RocketMQ's consumers do; it goes back to the
+//! master once the route names it again and it connects. A slave holds the
+//! same queues at the same offsets, so the consumer goes on from where it
+//! stands: never back, never skipping. A slave that has not caught up with
+//! that position yet is waited for. Commits made to a slave are kept there
+//! and reach the master when it is back (forward only).
+//!
+//! Under the master's sync replication, a commit may be answered
+//! `FLUSH_SLAVE_TIMEOUT` or `SLAVE_NOT_AVAILABLE`: the master stored the
+//! offset, but too few slaves hold it yet. [`PullConsumer::commit`] does
+//! not fail for that; the queue stays to be committed, and the next commit
+//! stores the offset again.
+//!
 //! # Queues
 //!
 //! A consumer reads every readable queue of the topic on every broker (there

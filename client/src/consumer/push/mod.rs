@@ -67,6 +67,16 @@
 //! handled again in place, the queue waiting). Send with a sharding key
 //! ([`Producer::send_ordered`](crate::Producer::send_ordered)) so that
 //! one key's messages share a queue.
+//!
+//! # Replicated broker groups
+//!
+//! Heartbeats, pulls, offset queries, commits and hand-backs go to a broker
+//! group's master, and to one of its slaves while the master is
+//! unreachable, keeping each queue's position (see the
+//! [pull consumer's docs](crate::consumer) for the details). A commit
+//! answered `FLUSH_SLAVE_TIMEOUT` or `SLAVE_NOT_AVAILABLE` is stored on the
+//! master but not confirmed by enough slaves: it is sent again at the next
+//! commit tick.
 
 mod rebalance;
 mod worker;
