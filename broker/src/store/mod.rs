@@ -20,6 +20,8 @@ mod writer;
 #[cfg(test)]
 mod delay_tests;
 #[cfg(test)]
+mod replica_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
