@@ -20,6 +20,8 @@ mod writer;
 #[cfg(test)]
 mod delay_tests;
 #[cfg(test)]
+mod replica_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
@@ -1112,7 +1114,7 @@ impl Store {
 
     /// Whole records from log position `from`, at most about `max_bytes`
     /// (at least one record), none past `limit`, none across a segment end:
-    /// `(position, bytes)`. The position is `from`, or the start of the
+    /// `(position, bytes, records)`. The position is `from`, or the start of the
     /// next segment when the log's data in `from`'s segment ends there.
     /// `None`: nothing past `from` yet.
     ///
@@ -1124,7 +1126,7 @@ impl Store {
         from: u64,
         max_bytes: usize,
         limit: u64,
-    ) -> Result<Option<(u64, bytes::Bytes)>, LogReadError> {
+    ) -> Result<Option<(u64, bytes::Bytes, u64)>, LogReadError> {
         let segments = self.inner.log.segments();
         let min = segments.first().map_or(0, |s| s.start);
         if from < min {
@@ -1145,6 +1147,7 @@ impl Store {
             let rel = (pos - seg.start) as usize;
             let end = (limit.min(seg.end()) - seg.start) as usize;
             let mut at = rel;
+            let mut records = 0;
             while at + 4 <= end && at - rel < max_bytes.max(1) {
                 let b = &seg.map[at..at + 4];
                 let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
@@ -1152,9 +1155,10 @@ impl Store {
                     break;
                 }
                 at += len;
+                records += 1;
             }
             if at > rel {
-                return Ok(Some((pos, seg.map.slice(rel..at))));
+                return Ok(Some((pos, seg.map.slice(rel..at), records)));
             }
             // No record at `pos`: this segment's data ended; the log goes
             // on in the next segment (a roll, or a restart).
