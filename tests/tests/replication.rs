@@ -1000,3 +1000,145 @@ async fn a_slave_whose_log_differs_stops_with_an_error() {
     );
     to_m.close();
 }
+
+/// Polls `consumer` until `want` messages arrived in all or `limit` passed.
+async fn poll_until(
+    consumer: &mut txmq::PullConsumer,
+    got: &mut Vec<txmq::ReceivedMessage>,
+    want: usize,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    while got.len() < want && Instant::now() < deadline {
+        let batch = consumer
+            .poll(Duration::from_millis(200))
+            .await
+            .expect("poll");
+        got.extend(batch);
+    }
+}
+
+/// The same as the raw version above, with the client's `PullConsumer`: it
+/// carries on from the slave when the master dies (its position kept, no
+/// message skipped or read twice), its commit goes to the slave, the master
+/// takes it when it returns, and the consumer then reads new messages from
+/// the master without going back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_consumer_carries_on_from_the_slave_and_its_commits_reach_the_returning_master() {
+    const TOPIC: &str = "rep-consumer";
+    const QUEUES: u32 = 2;
+    const GROUP: &str = "cg-client";
+    const FIRST: usize = 30;
+    const TOTAL: usize = 60;
+    let mut group = Group::start(MASTER, 1, TOPIC, QUEUES).await;
+    let producer = group.producer().await;
+    for i in 0..TOTAL {
+        let r = producer
+            .send(Message::new(TOPIC, format!("c-{i}")))
+            .await
+            .expect("send");
+        assert_eq!(r.status, SendStatus::SendOk);
+    }
+    let mut consumer = txmq::PullConsumer::builder()
+        .nameserver(&group.ns)
+        .group(GROUP)
+        .topic(TOPIC)
+        .batch_size(4)
+        .buffered_batches(1)
+        .max_poll_messages(4)
+        .max_wait(Duration::from_millis(200))
+        .route_refresh_interval(Duration::from_millis(200))
+        .request_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .expect("consumer builds");
+    let mut got = Vec::new();
+    poll_until(&mut consumer, &mut got, FIRST, Duration::from_secs(10)).await;
+    consumer.commit().await.expect("commit at the master");
+    let mut at_master = [0u64; QUEUES as usize];
+    for m in &got {
+        let q = m.queue() as usize;
+        at_master[q] = at_master[q].max(m.queue_offset() + 1);
+    }
+    let slave_addr = group.slaves[0].addr.clone();
+    let end = replication(&group.master.addr).await.log_end;
+    wait_replication(
+        &slave_addr,
+        Duration::from_secs(10),
+        "the slave caught up",
+        |r| r.log_end == end,
+    )
+    .await;
+
+    tokio::task::block_in_place(|| group.master.kill9());
+    poll_until(&mut consumer, &mut got, TOTAL, Duration::from_secs(20)).await;
+    consumer.commit().await.expect("commit at the slave");
+
+    let mut bodies: Vec<String> = got.iter().map(common::body_text).collect();
+    bodies.sort();
+    let mut expected: Vec<String> = (0..TOTAL).map(|i| format!("c-{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        bodies, expected,
+        "a message skipped or read twice across the switch"
+    );
+    // Per queue, offsets only go forward, one by one.
+    for q in 0..QUEUES {
+        let offsets: Vec<u64> = got
+            .iter()
+            .filter(|m| m.queue() == q)
+            .map(|m| m.queue_offset())
+            .collect();
+        let want: Vec<u64> = (0..offsets.len() as u64).collect();
+        assert_eq!(offsets, want, "queue {q} read out of order");
+    }
+    let per_queue: Vec<u64> = (0..QUEUES)
+        .map(|q| got.iter().filter(|m| m.queue() == q).count() as u64)
+        .collect();
+    for q in 0..QUEUES {
+        assert_eq!(
+            committed_offset(&slave_addr, GROUP, TOPIC, q).await,
+            Some(per_queue[q as usize]),
+            "queue {q}: the consumer's commit at the slave"
+        );
+    }
+
+    tokio::task::block_in_place(|| group.master.restart());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for q in 0..QUEUES {
+        let qi = q as usize;
+        loop {
+            let now = committed_offset(&group.master.addr, GROUP, TOPIC, q).await;
+            assert!(
+                now.is_some_and(|o| o >= at_master[qi]),
+                "queue {q}: the master's offset went back to {now:?} (was {})",
+                at_master[qi]
+            );
+            if now == Some(per_queue[qi]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {q}: the master's offset stays at {now:?}, the slave's is {}",
+                per_queue[qi]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // New messages reach the consumer from the master; nothing old again.
+    for i in 0..6 {
+        producer
+            .send(Message::new(TOPIC, format!("after-{i}")))
+            .await
+            .expect("send to the returned master");
+    }
+    let mut later = Vec::new();
+    poll_until(&mut consumer, &mut later, 6, Duration::from_secs(20)).await;
+    let mut later: Vec<String> = later.iter().map(common::body_text).collect();
+    later.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("after-{i}")).collect();
+    assert_eq!(later, want, "after the master returned");
+    consumer.shutdown().await.expect("consumer commits");
+    producer.close();
+}
