@@ -362,9 +362,18 @@ async fn forward_offsets(b: &BrokerInner, conn: &Connection) {
         match conn.call(req).await {
             Ok(_) => {
                 tracing::debug!(%group, %topic, queue, offset, "handed a kept offset to the master");
-                b.replication
-                    .kept_offsets
-                    .remove_if(&(group, topic, queue), |_, v| *v == offset);
+                // Kept until this log holds the master's record of it too:
+                // dropped before, the slave's committed offset would show
+                // the older replicated one until that record arrives.
+                let held = b
+                    .store
+                    .committed_offset(&group, &topic, queue)
+                    .is_some_and(|c| c >= offset);
+                if held {
+                    b.replication
+                        .kept_offsets
+                        .remove_if(&(group, topic, queue), |_, v| *v == offset);
+                }
             }
             Err(e) => {
                 tracing::debug!(%group, %topic, queue, offset, error = %e, "cannot hand a kept offset to the master yet");
