@@ -2,6 +2,8 @@
 //! log's end, verify, append, acknowledge; hand the master the offsets
 //! consumers committed here while it was away.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,6 +186,11 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
     let mut next = Box::pin(conn.call(fetch_request(b, asked)));
     let mut acks = FuturesUnordered::new();
     let mut forward = tokio::time::interval(FORWARD_EVERY);
+    forward.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Kept offsets go to the master alongside fetching, never instead of
+    // it: under sync replication the master answers a commit once a replica
+    // acknowledges its record, and this slave may be the one it waits for.
+    let mut forwarding: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
     let started = std::time::Instant::now();
     let mut copied = 0u64;
     let mut caught_up = false;
@@ -197,8 +204,16 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
                 }
                 continue;
             }
-            _ = forward.tick() => {
-                forward_offsets(b, &conn).await;
+            _ = forward.tick(), if forwarding.is_none() => {
+                forwarding = Some(Box::pin(forward_offsets(b, &conn)));
+                continue;
+            }
+            () = async {
+                if let Some(f) = forwarding.as_mut() {
+                    f.await;
+                }
+            }, if forwarding.is_some() => {
+                forwarding = None;
                 continue;
             }
             _ = b.shutdown.cancelled() => break Err(Stop::Shutdown),
@@ -263,6 +278,7 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
     };
     drop(next);
     drop(acks);
+    drop(forwarding);
     conn.close();
     result
 }
