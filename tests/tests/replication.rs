@@ -9,10 +9,10 @@
 //! slave whose log differs from its master's stops with an error instead of
 //! copying on top of it.
 //!
-//! Slaves are driven with raw requests at their own address (Pull,
-//! QueryOffset, CommitOffset, ListTransactions, GetReplication), as the
-//! client of this branch knows nothing of slaves; producers use the client
-//! against the master.
+//! Slaves are checked with raw requests at their own address (Pull,
+//! QueryOffset, CommitOffset, ListTransactions, GetReplication), so that
+//! what a slave holds is seen as it is; producers, and one consumer that
+//! carries on from a slave, use the client.
 
 mod common;
 
@@ -29,8 +29,8 @@ use txmq::{
 };
 use txmq_protocol::{
     Call, CommitOffset, CreateTopic, GetReplication, Hello, ListTransactions, MsgId, PullRequest,
-    QueryOffset, ReplicationInfo, Role, StoredMessage, TransactionList, PERM_READ_WRITE,
-    PROTOCOL_VERSION,
+    QueryOffset, ReplicationInfo, Role, SendRequest, StoredMessage, TransactionList,
+    PERM_READ_WRITE, PROTOCOL_VERSION,
 };
 use txmq_remoting::{Connection, ConnectionConfig};
 use txmq_tests::{BrokerProcess, Cluster};
@@ -119,6 +119,26 @@ impl Group {
             .await
             .expect("producer builds")
     }
+}
+
+/// Waits (up to 15 s) until the nameserver routes `topic` to the group's
+/// master at `addr` (a restarted master registers again).
+async fn wait_for_master(ns: &str, topic: &str, addr: &str) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(route) = admin.route(topic).await {
+            if route.brokers.iter().any(|b| b.addr == addr) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never routed to the master at {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin.close();
 }
 
 /// A connection to the broker at `addr` as an administrative tool.
@@ -243,6 +263,21 @@ async fn pull_range(
         offset = r.next_offset;
     }
     got
+}
+
+/// Sends `body` to queue `queue` of `topic` at the broker at `addr`; the
+/// status it answered.
+async fn send_raw(addr: &str, topic: &str, queue: u32, body: &str) -> SendStatus {
+    call(
+        addr,
+        SendRequest {
+            queue,
+            messages: vec![Message::new(topic, body.to_string())],
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("send to {addr}: {e}"))
+    .status
 }
 
 async fn list_transactions(addr: &str) -> TransactionList {
@@ -588,6 +623,37 @@ async fn kill_the_master_under_writes(min_insync: u32) {
         &group.slaves[1].data_dir,
         shorter,
     );
+
+    // The master comes back on its data; both slaves copy what they missed
+    // and it answers SEND_OK again.
+    tokio::task::block_in_place(|| group.master.restart());
+    // Until the slaves are back, a send is SLAVE_NOT_AVAILABLE.
+    wait_replication(
+        &group.master.addr,
+        Duration::from_secs(15),
+        "both slaves back with the restarted master",
+        |r| r.replicas.len() == 2 && r.replicas.iter().all(|x| x.in_sync),
+    )
+    .await;
+    wait_for_master(&group.ns, TOPIC, &group.master.addr).await;
+    let producer = group.producer().await;
+    let r = producer
+        .send(Message::new(TOPIC, "after the restart"))
+        .await
+        .expect("send to the restarted master");
+    assert_eq!(r.status, SendStatus::SendOk, "after the master's restart");
+    let master = wait_replication(
+        &group.master.addr,
+        Duration::from_secs(15),
+        "both slaves at the restarted master's end",
+        |r| r.replicas.len() == 2 && r.replicas.iter().all(|x| x.in_sync && x.lag_bytes == 0),
+    )
+    .await;
+    for slave in &group.slaves {
+        assert_eq!(replication(&slave.addr).await.log_end, master.log_end);
+        assert_same_log(&group.master.data_dir, &slave.data_dir, master.log_end);
+    }
+    producer.close();
 }
 
 /// Sends to `topic` until `stop`, counting the statuses; returns the
@@ -880,10 +946,17 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
     // The master comes back on its data: it never shows an offset below
     // what it had, and takes what was committed at the slave.
     tokio::task::block_in_place(|| group.master.restart());
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(15);
     for q in 0..QUEUES {
         let qi = q as usize;
         loop {
+            let at_slave = committed_offset(&slave_addr, GROUP, TOPIC, q).await;
+            assert_eq!(
+                at_slave,
+                Some(highest[qi]),
+                "queue {q}: the slave's committed offset moved back while the master took it"
+            );
             let at_master = committed_offset(&group.master.addr, GROUP, TOPIC, q).await;
             assert!(
                 at_master.is_some_and(|o| o >= first_part[qi]),
@@ -905,17 +978,50 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // And the slave never moved back either.
-    for q in 0..QUEUES {
+    // Handing the offsets over does not hold up replication: the master's
+    // writes are confirmed by the slave meanwhile.
+    for i in 0..3 {
+        let status = send_raw(&group.master.addr, TOPIC, 0, &format!("later-{i}")).await;
         assert_eq!(
-            committed_offset(&slave_addr, GROUP, TOPIC, q).await,
-            Some(highest[q as usize])
+            status,
+            SendStatus::SendOk,
+            "a send while the slave hands over its offsets ({:?} after the restart)",
+            restarted.elapsed()
         );
+    }
+    // And the slave never moved back either, while it copies the master's
+    // records of them.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        for q in 0..QUEUES {
+            assert_eq!(
+                committed_offset(&slave_addr, GROUP, TOPIC, q).await,
+                Some(highest[q as usize]),
+                "queue {q}: the slave's committed offset moved back after the master took it"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// The master's log differs at the slave's last record (the master wrote
+/// more, and other, records).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_whose_log_differs_stops_with_an_error() {
+    slave_of_another_history(10, 20).await;
+}
+
+/// The slave holds more than its master has written at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_holding_more_than_its_master_stops_with_an_error() {
+    slave_of_another_history(40, 2).await;
+}
+
+/// A broker's data written as a master alone (`own` messages), then started
+/// as the slave of another master of the group (`others` longer messages):
+/// it stops replicating with an error that names the divergence, copies
+/// nothing more, and still serves its own messages.
+async fn slave_of_another_history(own_messages: usize, others: usize) {
     const TOPIC: &str = "rep-diverge";
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
@@ -934,7 +1040,7 @@ async fn a_slave_whose_log_differs_stops_with_an_error() {
     create_topic(&d.addr, TOPIC, 1).await;
     let to_d = producer().await;
     let mut own = Vec::new();
-    for i in 0..10 {
+    for i in 0..own_messages {
         let body = format!("d-{i}");
         let r = to_d
             .send(Message::new(TOPIC, body.clone()))
@@ -951,7 +1057,7 @@ async fn a_slave_whose_log_differs_stops_with_an_error() {
     create_topic(&m.addr, TOPIC, 1).await;
     common::wait_for_route(&ns, TOPIC, &[GROUP_NAME]).await;
     let to_m = producer().await;
-    for i in 0..20 {
+    for i in 0..others {
         to_m.send(Message::new(TOPIC, format!("m-{i}-{}", "x".repeat(100))))
             .await
             .expect("send to M");
@@ -971,14 +1077,19 @@ async fn a_slave_whose_log_differs_stops_with_an_error() {
     .await;
     let error = info.error.clone().unwrap_or_default();
     assert!(
-        error.contains("differs") || error.contains("diverged"),
+        error.contains("REPLICA_DIVERGED"),
         "the error does not name the divergence: {error}"
     );
     let log = d.log_text();
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("replication stopped"))
+        .unwrap_or_else(|| panic!("the slave's log does not say it stopped:\n{log}"));
     assert!(
-        log.contains("replication stopped") && log.contains("differs"),
-        "the slave's log does not say it stopped on a divergence:\n{log}"
+        stopped.contains("REPLICA_DIVERGED"),
+        "the slave's log does not name the divergence: {stopped}"
     );
+    eprintln!("{stopped}");
     let end = info.log_end;
 
     // M takes more writes; D copies none of them.
