@@ -682,6 +682,9 @@ fn steady_load(
     })
 }
 
+/// A slave killed under steady load and started again copies what it
+/// missed, is in sync again while the load goes on, and then holds the
+/// master's log byte for byte and the same queues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
     const TOPIC: &str = "rep-restart";
@@ -779,6 +782,9 @@ async fn send_status(producer: &Producer, topic: &str, n: u64) -> Result<SendSta
         .map_err(|e| e.to_string())
 }
 
+/// One stopped slave drops out of sync and sends stay SEND_OK (the other
+/// slave makes two replicas); with both stopped no send is SEND_OK; once
+/// continued, both are back in sync and SEND_OK returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_slave_drops_out_of_sync_and_the_master_keeps_answering() {
     const TOPIC: &str = "rep-stop";
@@ -865,6 +871,10 @@ async fn a_stopped_slave_drops_out_of_sync_and_the_master_keeps_answering() {
     }
 }
 
+/// A group commits part of each queue at the master; the master dies; the
+/// rest is read and committed at the slave from where the group stood; the
+/// master comes back on its data and takes the slave's offsets, never
+/// showing one lower, while the slave never shows one lower either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never_moves_back() {
     const TOPIC: &str = "rep-consume";
