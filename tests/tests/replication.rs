@@ -689,9 +689,53 @@ fn steady_load(
 async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
     const TOPIC: &str = "rep-restart";
     const QUEUES: u32 = 2;
+    const GROUP: &str = "cg-restart";
     let mut group = Group::start(MASTER, 2, TOPIC, QUEUES).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(group.producer().await, TOPIC, stop.clone());
+    // Transactions (half of them left pending) and a group's offset
+    // commits go on too: the slave derives those from the log as well.
+    let tx_producer = TransactionProducer::builder()
+        .nameserver(&group.ns)
+        .group("pg-restart")
+        .listener(EvenCommits)
+        .start()
+        .await
+        .expect("transaction producer starts");
+    let side_load = {
+        let (p, stop, master) = (tx_producer.clone(), stop.clone(), group.master.addr.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = p
+                    .send_in_transaction(Message::new(TOPIC, format!("tx-{n}")))
+                    .await;
+                let q = (n % u64::from(QUEUES)) as u32;
+                let conn = connect(&master).await.expect("connect master");
+                let end = conn
+                    .call(QueryOffset {
+                        group: GROUP.into(),
+                        topic: TOPIC.into(),
+                        queue: q,
+                    })
+                    .await
+                    .map(|o| o.max_offset)
+                    .unwrap_or(0);
+                let _ = conn
+                    .call(CommitOffset {
+                        group: GROUP.into(),
+                        topic: TOPIC.into(),
+                        queue: q,
+                        offset: end / 2,
+                        owner: None,
+                        forward_only: false,
+                    })
+                    .await;
+                conn.close();
+                n += 1;
+            }
+        })
+    };
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     tokio::task::block_in_place(|| group.slaves[0].kill9());
@@ -713,6 +757,8 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
     .await;
     stop.store(true, Ordering::Relaxed);
     let (ok, _) = load.await.expect("load task");
+    side_load.await.expect("transaction and offset load");
+    tx_producer.close();
     assert!(!ok.is_empty(), "no send was acknowledged");
 
     let master = wait_replication(
@@ -744,6 +790,30 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
         missing.is_empty(),
         "acknowledged sends missing on the slave: {missing:?}"
     );
+
+    // The same pending transactions and the same group offsets.
+    let pending = |l: TransactionList| -> (Vec<(u64, TxState)>, u64) {
+        let mut v: Vec<(u64, TxState)> =
+            l.transactions.iter().map(|t| (t.tx_id, t.state)).collect();
+        v.sort_by_key(|(id, _)| *id);
+        (v, l.counters.pending)
+    };
+    let on_master = pending(list_transactions(&group.master.addr).await);
+    assert!(!on_master.0.is_empty(), "no transaction was left pending");
+    assert_eq!(
+        pending(list_transactions(&slave.addr).await),
+        on_master,
+        "the restarted slave's pending transactions"
+    );
+    for q in 0..QUEUES {
+        let at_master = committed_offset(&group.master.addr, GROUP, TOPIC, q).await;
+        assert!(at_master.is_some(), "queue {q}: no offset was committed");
+        assert_eq!(
+            committed_offset(&slave.addr, GROUP, TOPIC, q).await,
+            at_master,
+            "queue {q}: the restarted slave's committed offset"
+        );
+    }
 }
 
 /// SIGSTOP and wait until every thread of the process is stopped: the
