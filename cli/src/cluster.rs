@@ -352,6 +352,9 @@ mod tests {
 
     fn info(role: BrokerRole, addr: &str, replicas: Vec<ReplicaInfo>) -> ReplicationInfo {
         ReplicationInfo {
+            shipped_records: Default::default(),
+            shipped_frames: Default::default(),
+            shipped_bytes: Default::default(),
             broker_name: "broker-a".into(),
             role,
             addr: addr.into(),
