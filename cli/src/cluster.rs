@@ -36,6 +36,9 @@ struct Row {
     in_sync: bool,
     /// A master's `sync` / `async` replication, when it answered.
     replication: Option<String>,
+    /// A master's replication frames, records and bytes shipped since it
+    /// started, when it answered.
+    shipped: Option<(u64, u64, u64)>,
     /// A slave's master, as the slave names it (when asked).
     master_addr: Option<String>,
     /// Why the broker could not be asked, or the error a slave reports
@@ -184,6 +187,7 @@ fn rows(brokers: &[BrokerInfo], masters: &Answers, slaves: &Answers) -> Vec<Row>
                 lag: None,
                 in_sync: false,
                 replication: None,
+                shipped: None,
                 master_addr: None,
                 error: None,
                 unreachable: false,
@@ -194,6 +198,11 @@ fn rows(brokers: &[BrokerInfo], masters: &Answers, slaves: &Answers) -> Vec<Row>
                         row.lag = Some(0);
                         row.in_sync = true;
                         row.replication = Some(info.replication.clone());
+                        row.shipped = Some((
+                            info.shipped_frames,
+                            info.shipped_records,
+                            info.shipped_bytes,
+                        ));
                     }
                     Some(Err(e)) => {
                         row.error = Some(e.clone());
@@ -290,6 +299,11 @@ fn json_row(r: &Row) -> Value {
         if let Some(replication) = &r.replication {
             m.insert("replication".into(), json!(replication));
         }
+        if let Some((frames, records, bytes)) = r.shipped {
+            m.insert("replication_frames".into(), json!(frames));
+            m.insert("replication_records".into(), json!(records));
+            m.insert("replication_bytes".into(), json!(bytes));
+        }
         if let Some(master) = &r.master_addr {
             m.insert("master_addr".into(), json!(master));
         }
@@ -352,6 +366,9 @@ mod tests {
 
     fn info(role: BrokerRole, addr: &str, replicas: Vec<ReplicaInfo>) -> ReplicationInfo {
         ReplicationInfo {
+            shipped_records: Default::default(),
+            shipped_frames: Default::default(),
+            shipped_bytes: Default::default(),
             broker_name: "broker-a".into(),
             role,
             addr: addr.into(),

@@ -1112,8 +1112,8 @@ impl Store {
         self.shippable_end()
     }
 
-    /// Whole records from log position `from`, at most about `max_bytes`
-    /// (at least one record), none past `limit`, none across a segment end:
+    /// Whole records from log position `from`, at most `max_bytes` (but
+    /// at least one record), none past `limit`, none across a segment end:
     /// `(position, bytes, records)`. The position is `from`, or the start of the
     /// next segment when the log's data in `from`'s segment ends there.
     /// `None`: nothing past `from` yet.
@@ -1148,10 +1148,11 @@ impl Store {
             let end = (limit.min(seg.end()) - seg.start) as usize;
             let mut at = rel;
             let mut records = 0;
-            while at + 4 <= end && at - rel < max_bytes.max(1) {
+            while at + 4 <= end {
                 let b = &seg.map[at..at + 4];
                 let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                if len == 0 || at + len > end {
+                // At least one record, then none past `max_bytes`.
+                if len == 0 || at + len > end || (at > rel && at + len - rel > max_bytes) {
                     break;
                 }
                 at += len;
