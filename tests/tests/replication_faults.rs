@@ -784,6 +784,11 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
         good.data.to_vec(),
         "stored byte for byte"
     );
+    let segment = std::fs::read(&first).unwrap();
+    assert!(
+        segment[good_len as usize..].iter().all(|b| *b == 0),
+        "nothing but the good batch is in the segment"
+    );
     // It goes on from the good batch's end, naming its last record.
     wait_until(
         "the slave fetches past the good batch",
@@ -1023,7 +1028,12 @@ async fn a_power_cut_on_a_slave_keeps_what_it_acknowledged() {
     let mut acked_before = 0;
     let acked = under_load(&ns, "b", Duration::from_millis(1500), || {
         let info = tokio::runtime::Handle::current().block_on(replication(&master.addr));
-        acked_before = info.replicas[0].acked;
+        acked_before = info
+            .replicas
+            .iter()
+            .find(|r| r.addr == slave.addr)
+            .unwrap_or_else(|| panic!("the master lists its slave: {info:?}"))
+            .acked;
         slave.kill9();
         let report = fs.power_cut(Some(29)).expect("power cut");
         eprintln!("power cut: {report:?}");
@@ -1044,6 +1054,12 @@ async fn a_power_cut_on_a_slave_keeps_what_it_acknowledged() {
 
     let end = wait_caught_up(&master.addr, &slave.addr, Duration::from_secs(20)).await;
     assert!(end >= recovered);
+    // It resumed from its own end (not from the start).
+    let resumed = format!(
+        "replicating from the master master={} from={recovered}",
+        master.addr
+    );
+    assert!(slave.log_text().contains(&resumed), "{}", slave.log_text());
     let s = replication(&slave.addr).await;
     assert_eq!(s.error, None, "the slave did not diverge");
     let on_slave = body_set(&pull_all(&slave.addr, "pc").await);
