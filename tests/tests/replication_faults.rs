@@ -808,6 +808,111 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
     cluster.shutdown().await;
 }
 
+/// A master that answers the hello, then each fetch with bytes that are
+/// not a frame the slave can decode (connection `n` even: garbage in a
+/// well-framed body; odd: a frame with the fetch's id whose body is not the
+/// answer's type).
+async fn garbage_master(listener: TcpListener, connections: Arc<Mutex<usize>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let n = {
+            let mut c = connections.lock().unwrap();
+            *c += 1;
+            *c
+        };
+        tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let mut codec = FrameCodec::default();
+            loop {
+                let frame = loop {
+                    if let Ok(Some(Decoded::Frame(f))) = codec.decode(&mut buf) {
+                        break f;
+                    }
+                    match stream.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                };
+                let answer = match frame {
+                    Frame::Request(id, Request::Hello(_)) => encode(&Frame::Response(
+                        id,
+                        Ok(Response::Hello(txmq_protocol::HelloOk {
+                            version: PROTOCOL_VERSION,
+                            server: GROUP.into(),
+                        })),
+                    )),
+                    Frame::Request(_, Request::ReplicaFetch(_)) if n % 2 == 0 => {
+                        framed(b"\xc1\xc1\xc1 not a frame")
+                    }
+                    Frame::Request(id, Request::ReplicaFetch(_)) => {
+                        let body = rmp_serde::to_vec(
+                            &json!({"Response": [id, {"Ok": {"ReplicaFetch": {"pos": "zero"}}}]}),
+                        )
+                        .unwrap();
+                        framed(&body)
+                    }
+                    _ => continue,
+                };
+                if stream.write_all(&answer).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// A master that speaks garbage on the wire: the slave drops the
+/// connection, stores nothing, keeps serving, and tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_survives_a_master_that_sends_undecodable_frames() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_addr = listener.local_addr().unwrap().to_string();
+    let connections = Arc::new(Mutex::new(0));
+    let fake = tokio::spawn(garbage_master(listener, connections.clone()));
+    let slave = tokio::task::block_in_place(|| {
+        BrokerProcess::start(
+            &tmp.path().join("slave"),
+            &ns,
+            GROUP,
+            &["--role", "slave", "--master-addr", &fake_addr],
+        )
+    });
+    wait_until(
+        "the slave reconnected after both kinds of garbage",
+        Duration::from_secs(15),
+        || async { *connections.lock().unwrap() >= 3 },
+    )
+    .await;
+    let info = replication(&slave.addr).await;
+    assert_eq!(info.log_end, 0, "nothing stored");
+    assert_eq!(
+        info.error, None,
+        "garbage on the wire is retried, not fatal"
+    );
+    let conn = connect(&slave.addr, Role::Admin).await;
+    conn.call(Ping {}).await.expect("the slave answers a ping");
+    conn.close();
+    assert!(
+        slave
+            .log_text()
+            .contains("replication interrupted; retrying"),
+        "{}",
+        slave.log_text()
+    );
+    let log = slave.log_text();
+    assert!(log.contains("bad frame; closing connection"), "{log}");
+    assert!(log.contains("malformed response"), "{log}");
+    drop(slave);
+    fake.abort();
+    cluster.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // 3. Power cuts
 
