@@ -89,6 +89,9 @@ impl Confirmed {
 struct Replica {
     addr: String,
     acked: u64,
+    /// How far this connection was sent the log (or held it when it
+    /// connected): an acknowledgement past it is refused.
+    sent: u64,
     last_seen: Instant,
     /// The last moment it held everything the master had written then.
     caught_up_at: Option<Instant>,
@@ -243,6 +246,15 @@ impl Replication {
                 "an acknowledgement before any fetch on this connection",
             ));
         };
+        if req.acked > r.sent {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                format!(
+                    "an acknowledgement of position {} from the slave at {}, which was sent the log only up to {}",
+                    req.acked, r.addr, r.sent
+                ),
+            ));
+        }
         let now = Instant::now();
         r.last_seen = now;
         r.acked = r.acked.max(req.acked);
@@ -374,12 +386,15 @@ pub(crate) async fn fetch(
             Replica {
                 addr: req.addr.clone(),
                 acked: req.from,
+                sent: req.from,
                 last_seen: now,
                 caught_up_at: None,
                 mark: None,
             }
         });
         r.last_seen = now;
+        // Its log was checked to agree with this one up to `from`.
+        r.sent = r.sent.max(req.from);
     }
     let mut limit = b.store.shippable_end();
     let mut read = b
@@ -408,6 +423,11 @@ pub(crate) async fn fetch(
     }
     let version = topics_version(b);
     let (pos, data) = read.unwrap_or((req.from, bytes::Bytes::new()));
+    if !data.is_empty() {
+        if let Some(r) = rep.replicas().get_mut(&conn.id()) {
+            r.sent = r.sent.max(pos + data.len() as u64);
+        }
+    }
     Ok(ReplicaData {
         pos,
         data,
