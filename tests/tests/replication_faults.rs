@@ -567,6 +567,76 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     cluster.shutdown().await;
 }
 
+/// A replica that acknowledges more than it was sent is refused: otherwise
+/// one bogus acknowledgement would count as a copy of every later write,
+/// and sync replication would answer `SEND_OK` with no slave holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cannot_acknowledge_what_it_was_never_sent() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let master = tokio::task::block_in_place(|| {
+        BrokerProcess::start(
+            &tmp.path().join("master"),
+            &ns,
+            GROUP,
+            &[
+                "--replication",
+                "sync",
+                "--min-insync-replicas",
+                "2",
+                "--replication-timeout",
+                "1s",
+            ],
+        )
+    });
+    wait_for_broker(&ns, GROUP).await;
+    let slave = tokio::task::block_in_place(|| {
+        BrokerProcess::start(
+            &tmp.path().join("slave"),
+            &ns,
+            GROUP,
+            &["--role", "slave", "--master-addr", &master.addr],
+        )
+    });
+    create_topic(&ns, &master.addr, "rf").await;
+    wait_in_sync(&master.addr).await;
+    let p = producer(&ns).await;
+    send_ok(&p, "rf", "before", 5).await;
+
+    // A replica fetches the log from its start, then acknowledges far past
+    // anything it was sent (and past the master's end).
+    let conn = connect(&master.addr, Role::Replica).await;
+    let data = conn.call(fetch(0, None)).await.expect("served");
+    let bogus = data.master_end + (1 << 40);
+    let acked = conn.call(ReplicaAck { acked: bogus }).await;
+    conn.close();
+    let e = acked.expect_err("an acknowledgement past what was sent is refused");
+    assert_error(
+        e.remote().expect("an error answer"),
+        ErrorCode::BadArgument,
+        &[&bogus.to_string()],
+    );
+
+    // With the only real slave stopped, a send is not SEND_OK.
+    slave.signal("STOP");
+    let r = p
+        .send(Message::new("rf", "while the slave is stopped"))
+        .await
+        .expect("answered");
+    slave.signal("CONT");
+    assert_ne!(
+        r.status,
+        SendStatus::SendOk,
+        "no slave holds it, yet it was acknowledged as replicated"
+    );
+    p.close();
+    drop(slave);
+    drop(master);
+    cluster.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // 2. Bad input at a real slave, from a fake master
 
