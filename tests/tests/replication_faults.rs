@@ -48,6 +48,9 @@ use common::{record_starts, segments};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// What a slave logs for a bad batch from its master.
+const BAD_BATCH: &str = "the master sent a bad batch; nothing of it was written";
+
 /// The harness's segment size (`BrokerProcess::start` passes 8 MiB).
 const SEGMENT_SIZE: u64 = 8 << 20;
 const GROUP: &str = "broker-a";
@@ -787,7 +790,6 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
             "does not continue this log at 0",
         ),
     ];
-    const BAD_BATCH: &str = "the master sent a bad batch; nothing of it was written";
     for (i, (what, data, says)) in bad.into_iter().enumerate() {
         fake.script.lock().unwrap().push_back(data);
         wait_until(
@@ -873,6 +875,125 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
     )
     .await;
     assert_eq!(replication(&slave.addr).await.error, None);
+    drop(slave);
+    stop.cancel();
+    cluster.shutdown().await;
+}
+
+/// CRC32C (Castagnoli), bit by bit: enough for a test's few records.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A batch whose records carry good checksums but do not decode (a field
+/// length running past the record): the slave must not store it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_stores_nothing_of_a_batch_whose_records_do_not_decode() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut real = tokio::task::block_in_place(|| {
+        BrokerProcess::start(&tmp.path().join("real"), &ns, GROUP, &[])
+    });
+    wait_for_broker(&ns, GROUP).await;
+    create_topic(&ns, &real.addr, "rf").await;
+    let p = producer(&ns).await;
+    let sent = send_ok(&p, "rf", "good", 10).await;
+    p.close();
+    let conn = connect(&real.addr, Role::Replica).await;
+    let good = conn
+        .call(fetch(0, None))
+        .await
+        .expect("fetch from the real master");
+    conn.close();
+    tokio::task::block_in_place(|| real.stop());
+    let good_len = good.data.len() as u64;
+
+    let fake = Arc::new(FakeMaster::default());
+    *fake.topics.lock().unwrap() = good.topics.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    tokio::spawn(txmq_remoting::server::serve(
+        listener,
+        Arc::new(FakeService(fake.clone())),
+        ConnectionConfig::default(),
+        stop.clone(),
+    ));
+    let slave_dir = tmp.path().join("slave");
+    let slave = tokio::task::block_in_place(|| {
+        BrokerProcess::start(
+            &slave_dir,
+            &ns,
+            GROUP,
+            &["--role", "slave", "--master-addr", &fake_addr],
+        )
+    });
+
+    // The first record, its topic length (at byte 64) made to run past
+    // its end, and its checksum made right again.
+    let mut bad = good.data.to_vec();
+    let len = u32::from_le_bytes(bad[..4].try_into().unwrap()) as usize;
+    bad[64..66].copy_from_slice(&0x7fffu16.to_le_bytes());
+    let crc = crc32c(&bad[8..len]);
+    bad[4..8].copy_from_slice(&crc.to_le_bytes());
+    fake.script.lock().unwrap().push_back(ReplicaData {
+        pos: 0,
+        master_end: bad.len() as u64,
+        data: Bytes::from(bad),
+        topics: None,
+    });
+    // It says so: a bad batch, or (before the fix) records it could not apply.
+    wait_until(
+        "the slave says what it made of the batch",
+        Duration::from_secs(10),
+        || async {
+            let log = slave.log_text();
+            log.contains(BAD_BATCH) || log.contains("cannot store replicated records")
+        },
+    )
+    .await;
+    let info = replication(&slave.addr).await;
+    assert_eq!(
+        info.log_end,
+        0,
+        "nothing of the batch is stored: {}",
+        slave.log_text()
+    );
+    assert_eq!(info.error, None);
+    let line = slave
+        .log_text()
+        .lines()
+        .find(|l| l.contains(BAD_BATCH))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains("the record at 0 does not decode"), "{line}");
+    // The good batch is stored and served.
+    fake.script.lock().unwrap().push_back(good.clone());
+    wait_until(
+        "the slave stores the good batch",
+        Duration::from_secs(10),
+        || async { replication(&slave.addr).await.log_end == good_len },
+    )
+    .await;
+    let pulled = pull_all(&slave.addr, "rf").await;
+    let bodies: Vec<String> = pulled
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
+        .collect();
+    assert_eq!(bodies, sent, "the slave serves the good batch's messages");
     drop(slave);
     stop.cancel();
     cluster.shutdown().await;
