@@ -1,16 +1,18 @@
 //! The replication stream under bad input and power cuts.
 //!
 //! - A master given bad replica input (undecodable frames, a fetch cut off
-//!   mid-frame, fetches past its end, from below its log start, off a record
-//!   boundary, naming a record it does not have, with the wrong segment size
-//!   or broker group, without a replica hello, an acknowledgement before any
-//!   fetch) answers each with a clear error or closes that connection only,
-//!   while its real slave keeps replicating and producers keep getting
-//!   `SEND_OK`.
+//!   mid-frame, a malformed fetch, fetches past its end, from below its log
+//!   start, off a record boundary, naming a record it does not have, with
+//!   the wrong segment size or broker group, without a replica hello, an
+//!   acknowledgement before any fetch or past what it was sent) answers each
+//!   with a clear error or closes that connection only, while its real
+//!   slave keeps replicating and producers keep getting `SEND_OK`.
 //! - A slave given bad batches by a fake master (a flipped byte, a truncated
-//!   record, garbage, data that does not continue its log) stores nothing of
-//!   them, says so in its log, keeps serving, and stores the good batch that
-//!   follows.
+//!   record, garbage, data that does not continue its log, records with
+//!   good checksums that do not decode) stores nothing of them, says so in
+//!   its log, keeps serving, and stores the good batch (real records copied
+//!   from a real master) that follows; given undecodable frames, it
+//!   reconnects.
 //! - Power cuts ([`LazyFs`]) on a master under `--flush sync` and on a slave
 //!   under `--flush sync`: nothing acknowledged is lost, the slave goes on
 //!   replicating without diverging, and both logs end up byte-identical.
@@ -696,6 +698,144 @@ fn count(slave: &BrokerProcess, needle: &str) -> usize {
     slave.log_text().matches(needle).count()
 }
 
+/// A slave of a [`FakeMaster`], and real records for the fake to serve.
+struct FakeGroup {
+    /// The whole log of a real master that stored `sent` in topic `rf`,
+    /// as one batch from position 0.
+    good: ReplicaData,
+    sent: Vec<String>,
+    fake: Arc<FakeMaster>,
+    fake_addr: String,
+    stop: CancellationToken,
+    slave: BrokerProcess,
+    slave_dir: std::path::PathBuf,
+}
+
+impl Drop for FakeGroup {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl FakeGroup {
+    /// Runs a real master briefly to copy its records (fetched as a slave
+    /// would; they must equal its segment file's bytes), then starts the
+    /// fake master and a slave of it, in `dir`.
+    async fn start(ns: &str, dir: &Path) -> FakeGroup {
+        let real_dir = dir.join("real");
+        let mut real =
+            tokio::task::block_in_place(|| BrokerProcess::start(&real_dir, ns, GROUP, &[]));
+        wait_for_broker(ns, GROUP).await;
+        create_topic(ns, &real.addr, "rf").await;
+        let p = producer(ns).await;
+        let sent = send_ok(&p, "rf", "good", 10).await;
+        p.close();
+        let conn = connect(&real.addr, Role::Replica).await;
+        let good = conn
+            .call(fetch(0, None))
+            .await
+            .expect("fetch from the real master");
+        conn.close();
+        tokio::task::block_in_place(|| real.stop());
+        assert_eq!(good.pos, 0);
+        assert_eq!(
+            good.data.len() as u64,
+            good.master_end,
+            "one batch holds the whole log"
+        );
+        assert_eq!(
+            *record_starts(&segments(&real_dir)[0]).last().unwrap(),
+            good.master_end,
+            "the real master's log ends there"
+        );
+        assert!(
+            log_prefix(&real_dir, good.master_end) == good.data,
+            "the batch is the real master's log, byte for byte"
+        );
+        assert!(
+            good.topics.is_some(),
+            "the topic table comes with the first fetch"
+        );
+
+        let fake = Arc::new(FakeMaster::default());
+        *fake.topics.lock().unwrap() = good.topics.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake_addr = listener.local_addr().unwrap().to_string();
+        let stop = CancellationToken::new();
+        tokio::spawn(txmq_remoting::server::serve(
+            listener,
+            Arc::new(FakeService(fake.clone())),
+            ConnectionConfig::default(),
+            stop.clone(),
+        ));
+        let slave_dir = dir.join("slave");
+        let slave = tokio::task::block_in_place(|| {
+            BrokerProcess::start(
+                &slave_dir,
+                ns,
+                GROUP,
+                &["--role", "slave", "--master-addr", &fake_addr],
+            )
+        });
+        FakeGroup {
+            good,
+            sent,
+            fake,
+            fake_addr,
+            stop,
+            slave,
+            slave_dir,
+        }
+    }
+
+    /// Serves `data` at `pos` to the slave's next fetch.
+    fn serve(&self, pos: u64, data: Vec<u8>) {
+        self.fake.script.lock().unwrap().push_back(ReplicaData {
+            pos,
+            master_end: pos + data.len() as u64,
+            data: Bytes::from(data),
+            topics: None,
+        });
+    }
+
+    /// Serves the good batch and waits until the slave stores it and
+    /// serves its messages.
+    async fn store_good_batch(&self) {
+        self.serve(0, self.good.data.to_vec());
+        let good_len = self.good.data.len() as u64;
+        wait_until(
+            "the slave stores the good batch",
+            Duration::from_secs(10),
+            || async { replication(&self.slave.addr).await.log_end == good_len },
+        )
+        .await;
+        let pulled = pull_all(&self.slave.addr, "rf").await;
+        let bodies: Vec<String> = pulled
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
+            .collect();
+        assert_eq!(
+            bodies, self.sent,
+            "the slave serves the good batch's messages"
+        );
+        assert!(
+            log_prefix(&self.slave_dir, good_len) == self.good.data,
+            "stored byte for byte"
+        );
+    }
+}
+
+/// The first record of `data` with `change` applied and its checksum made
+/// right again.
+fn rewritten_first_record(data: &[u8], change: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+    let mut rec = data[..len].to_vec();
+    change(&mut rec);
+    let crc = crc32c(&rec[8..len]);
+    rec[4..8].copy_from_slice(&crc.to_le_bytes());
+    rec
+}
+
 /// A slave whose master sends bad batches writes nothing of them, says so,
 /// keeps serving, and stores the good batch that comes next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -704,72 +844,18 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
-
-    // Real records: a real master's log, fetched as a slave would.
-    let mut real = tokio::task::block_in_place(|| {
-        BrokerProcess::start(&tmp.path().join("real"), &ns, GROUP, &[])
-    });
-    wait_for_broker(&ns, GROUP).await;
-    create_topic(&ns, &real.addr, "rf").await;
-    let p = producer(&ns).await;
-    let sent = send_ok(&p, "rf", "good", 10).await;
-    p.close();
-    let conn = connect(&real.addr, Role::Replica).await;
-    let good = conn
-        .call(fetch(0, None))
-        .await
-        .expect("fetch from the real master");
-    conn.close();
-    tokio::task::block_in_place(|| real.stop());
-    assert_eq!(good.pos, 0);
-    assert_eq!(
-        good.data.len() as u64,
-        good.master_end,
-        "one batch holds the whole log"
-    );
-    let topics = good
-        .topics
-        .clone()
-        .expect("the topic table comes with the first fetch");
-    let good_len = good.data.len() as u64;
-
-    // The fake master, and a slave of it.
-    let fake = Arc::new(FakeMaster::default());
-    *fake.topics.lock().unwrap() = Some(topics);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fake_addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(txmq_remoting::server::serve(
-        listener,
-        Arc::new(FakeService(fake.clone())),
-        ConnectionConfig::default(),
-        stop.clone(),
-    ));
-    let slave_dir = tmp.path().join("slave");
-    let slave = tokio::task::block_in_place(|| {
-        BrokerProcess::start(
-            &slave_dir,
-            &ns,
-            GROUP,
-            &["--role", "slave", "--master-addr", &fake_addr],
-        )
-    });
+    let g = FakeGroup::start(&ns, tmp.path()).await;
+    let (good, slave) = (&g.good, &g.slave);
     wait_until("the slave fetches", Duration::from_secs(10), || async {
-        !fake.fetches.lock().unwrap().is_empty()
+        !g.fake.fetches.lock().unwrap().is_empty()
     })
     .await;
     assert_eq!(
-        fake.fetches.lock().unwrap()[0],
+        g.fake.fetches.lock().unwrap()[0],
         (0, None),
         "an empty slave fetches from 0"
     );
 
-    let batch = |pos: u64, data: Vec<u8>| ReplicaData {
-        pos,
-        master_end: pos + data.len() as u64,
-        data: Bytes::from(data),
-        topics: None,
-    };
     // The first record's body (past its length and CRC) with one byte flipped.
     let mut flipped = good.data.to_vec();
     flipped[20] ^= 0x40;
@@ -781,21 +867,22 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
         .collect();
     garbage[..4].copy_from_slice(&200u32.to_le_bytes());
     let bad = [
-        ("a flipped byte", batch(0, flipped), "fails its checksum"),
-        ("a truncated record", batch(0, truncated), "is cut short"),
-        ("garbage", batch(0, garbage), "fails its checksum"),
+        ("a flipped byte", 0, flipped, "fails its checksum"),
+        ("a truncated record", 0, truncated, "is cut short"),
+        ("garbage", 0, garbage, "fails its checksum"),
         (
             "data that does not continue the log",
-            batch(12_345, good.data.to_vec()),
+            12_345,
+            good.data.to_vec(),
             "does not continue this log at 0",
         ),
     ];
-    for (i, (what, data, says)) in bad.into_iter().enumerate() {
-        fake.script.lock().unwrap().push_back(data);
+    for (i, (what, pos, data, says)) in bad.into_iter().enumerate() {
+        g.serve(pos, data);
         wait_until(
             &format!("the slave logs {what}"),
             Duration::from_secs(10),
-            || async { count(&slave, BAD_BATCH) > i },
+            || async { count(slave, BAD_BATCH) > i },
         )
         .await;
         let line = slave
@@ -816,7 +903,7 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
             info.error, None,
             "{what}: a bad batch is retried, not fatal"
         );
-        assert_eq!(info.master_addr.as_deref(), Some(fake_addr.as_str()));
+        assert_eq!(info.master_addr.as_deref(), Some(g.fake_addr.as_str()));
         let conn = connect(&slave.addr, Role::Admin).await;
         conn.call(Ping {}).await.expect("the slave answers a ping");
         conn.close();
@@ -825,10 +912,16 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
             "{what}: nothing to pull"
         );
     }
-    assert_eq!(count(&slave, BAD_BATCH), 4, "one error line per bad batch");
+    assert_eq!(count(slave, BAD_BATCH), 4, "one error line per bad batch");
     // The slave asked again from 0 after each (it holds nothing).
-    assert!(fake.fetches.lock().unwrap().iter().all(|f| *f == (0, None)));
-    let first = slave_dir.join("commitlog").join(format!("{:020}", 0));
+    assert!(g
+        .fake
+        .fetches
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|f| *f == (0, None)));
+    let first = g.slave_dir.join("commitlog").join(format!("{:020}", 0));
     if first.exists() {
         let bytes = std::fs::read(&first).unwrap();
         assert!(
@@ -837,25 +930,9 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
         );
     }
 
-    // The good batch is stored and served.
-    fake.script.lock().unwrap().push_back(good.clone());
-    wait_until(
-        "the slave stores the good batch",
-        Duration::from_secs(10),
-        || async { replication(&slave.addr).await.log_end == good_len },
-    )
-    .await;
-    let pulled = pull_all(&slave.addr, "rf").await;
-    let bodies: Vec<String> = pulled
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
-        .collect();
-    assert_eq!(bodies, sent, "the slave serves the good batch's messages");
-    assert_eq!(
-        log_prefix(&slave_dir, good_len),
-        good.data.to_vec(),
-        "stored byte for byte"
-    );
+    // The good batch is stored and served, and nothing else.
+    g.store_good_batch().await;
+    let good_len = good.data.len() as u64;
     let segment = std::fs::read(&first).unwrap();
     assert!(
         segment[good_len as usize..].iter().all(|b| *b == 0),
@@ -866,7 +943,8 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
         "the slave fetches past the good batch",
         Duration::from_secs(10),
         || async {
-            fake.fetches
+            g.fake
+                .fetches
                 .lock()
                 .unwrap()
                 .last()
@@ -875,8 +953,7 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
     )
     .await;
     assert_eq!(replication(&slave.addr).await.error, None);
-    drop(slave);
-    stop.cancel();
+    drop(g);
     cluster.shutdown().await;
 }
 
@@ -896,6 +973,40 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
+/// Serves `bad`, a batch with good checksums that the slave must not store
+/// either; asserts that it says why (`says`) and stores nothing, then that
+/// the good batch is stored.
+async fn refuses_then_stores_the_good_batch(g: &FakeGroup, bad: Vec<u8>, says: &str) {
+    g.serve(0, bad);
+    // It says so: a bad batch, or records it could not apply.
+    wait_until(
+        "the slave says what it made of the batch",
+        Duration::from_secs(10),
+        || async {
+            let log = g.slave.log_text();
+            log.contains(BAD_BATCH) || log.contains("cannot store replicated records")
+        },
+    )
+    .await;
+    let info = replication(&g.slave.addr).await;
+    assert_eq!(
+        info.log_end,
+        0,
+        "nothing of the batch is stored: {}",
+        g.slave.log_text()
+    );
+    assert_eq!(info.error, None);
+    let line = g
+        .slave
+        .log_text()
+        .lines()
+        .find(|l| l.contains(BAD_BATCH))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains(says), "{line}");
+    g.store_good_batch().await;
+}
+
 /// A batch whose records carry good checksums but do not decode (a field
 /// length running past the record): the slave must not store it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -904,98 +1015,41 @@ async fn a_slave_stores_nothing_of_a_batch_whose_records_do_not_decode() {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let tmp = tempfile::tempdir().unwrap();
-    let mut real = tokio::task::block_in_place(|| {
-        BrokerProcess::start(&tmp.path().join("real"), &ns, GROUP, &[])
+    let g = FakeGroup::start(&ns, tmp.path()).await;
+    // The first record, its topic length (at byte 64) made to run past its end.
+    let bad = rewritten_first_record(&g.good.data, |rec| {
+        rec[64..66].copy_from_slice(&0x7fffu16.to_le_bytes());
     });
-    wait_for_broker(&ns, GROUP).await;
-    create_topic(&ns, &real.addr, "rf").await;
-    let p = producer(&ns).await;
-    let sent = send_ok(&p, "rf", "good", 10).await;
-    p.close();
-    let conn = connect(&real.addr, Role::Replica).await;
-    let good = conn
-        .call(fetch(0, None))
-        .await
-        .expect("fetch from the real master");
-    conn.close();
-    tokio::task::block_in_place(|| real.stop());
-    let good_len = good.data.len() as u64;
+    refuses_then_stores_the_good_batch(&g, bad, "the record at 0 does not decode").await;
+    drop(g);
+    cluster.shutdown().await;
+}
 
-    let fake = Arc::new(FakeMaster::default());
-    *fake.topics.lock().unwrap() = good.topics.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fake_addr = listener.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(txmq_remoting::server::serve(
-        listener,
-        Arc::new(FakeService(fake.clone())),
-        ConnectionConfig::default(),
-        stop.clone(),
-    ));
-    let slave_dir = tmp.path().join("slave");
-    let slave = tokio::task::block_in_place(|| {
-        BrokerProcess::start(
-            &slave_dir,
-            &ns,
-            GROUP,
-            &["--role", "slave", "--master-addr", &fake_addr],
-        )
+/// A batch whose first record opens a transaction group of two that the
+/// next record does not continue: the slave must not store it either.
+///
+/// Known bug, left for the store's owner: the slave's check on arrival
+/// passes it (good checksums, every record decodes), the writer stores it,
+/// its replay fails ("replicated record at 86 interrupts a transaction
+/// group"), and the store is poisoned: `log_end` 860, and the slave cannot
+/// replicate again until restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a batch that breaks a transaction group is stored and poisons the slave"]
+async fn a_slave_stores_nothing_of_a_batch_that_breaks_a_transaction_group() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let g = FakeGroup::start(&ns, tmp.path()).await;
+    // The first message (flags at byte 10) made the first of a group of
+    // two, then the other nine messages, which do not continue it.
+    let first_len = u32::from_le_bytes(g.good.data[..4].try_into().unwrap()) as usize;
+    let mut bad = rewritten_first_record(&g.good.data, |rec| {
+        rec[10..12].copy_from_slice(&2u16.to_le_bytes());
     });
-
-    // The first record, its topic length (at byte 64) made to run past
-    // its end, and its checksum made right again.
-    let mut bad = good.data.to_vec();
-    let len = u32::from_le_bytes(bad[..4].try_into().unwrap()) as usize;
-    bad[64..66].copy_from_slice(&0x7fffu16.to_le_bytes());
-    let crc = crc32c(&bad[8..len]);
-    bad[4..8].copy_from_slice(&crc.to_le_bytes());
-    fake.script.lock().unwrap().push_back(ReplicaData {
-        pos: 0,
-        master_end: bad.len() as u64,
-        data: Bytes::from(bad),
-        topics: None,
-    });
-    // It says so: a bad batch, or (before the fix) records it could not apply.
-    wait_until(
-        "the slave says what it made of the batch",
-        Duration::from_secs(10),
-        || async {
-            let log = slave.log_text();
-            log.contains(BAD_BATCH) || log.contains("cannot store replicated records")
-        },
-    )
-    .await;
-    let info = replication(&slave.addr).await;
-    assert_eq!(
-        info.log_end,
-        0,
-        "nothing of the batch is stored: {}",
-        slave.log_text()
-    );
-    assert_eq!(info.error, None);
-    let line = slave
-        .log_text()
-        .lines()
-        .find(|l| l.contains(BAD_BATCH))
-        .unwrap_or_default()
-        .to_string();
-    assert!(line.contains("the record at 0 does not decode"), "{line}");
-    // The good batch is stored and served.
-    fake.script.lock().unwrap().push_back(good.clone());
-    wait_until(
-        "the slave stores the good batch",
-        Duration::from_secs(10),
-        || async { replication(&slave.addr).await.log_end == good_len },
-    )
-    .await;
-    let pulled = pull_all(&slave.addr, "rf").await;
-    let bodies: Vec<String> = pulled
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
-        .collect();
-    assert_eq!(bodies, sent, "the slave serves the good batch's messages");
-    drop(slave);
-    stop.cancel();
+    bad.extend_from_slice(&g.good.data[first_len..]);
+    refuses_then_stores_the_good_batch(&g, bad, "group").await;
+    drop(g);
     cluster.shutdown().await;
 }
 
