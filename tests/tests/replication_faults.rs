@@ -12,7 +12,8 @@
 //!   good checksums that do not decode) stores nothing of them, says so in
 //!   its log, keeps serving, and stores the good batch (real records copied
 //!   from a real master) that follows; given undecodable frames, it
-//!   reconnects.
+//!   reconnects. A record for an impossible queue it keeps (as recovery
+//!   does: the logs stay the same) without serving it.
 //! - Power cuts ([`LazyFs`]) on a master under `--flush sync` and on a slave
 //!   under `--flush sync`: nothing acknowledged is lost, the slave goes on
 //!   replicating without diverging, and both logs end up byte-identical.
@@ -115,12 +116,13 @@ async fn create_topic(ns: &str, master: &str, topic: &str) {
 async fn pull_all(addr: &str, topic: &str) -> Vec<StoredMessage> {
     let conn = connect(addr, Role::Consumer).await;
     let mut got = Vec::new();
+    let mut offset = 0;
     loop {
         let r = conn
             .call(PullRequest {
                 topic: topic.into(),
                 queue: 0,
-                offset: got.len() as u64,
+                offset,
                 max_messages: 256,
                 max_wait_ms: 0,
                 tag_filter: Vec::new(),
@@ -130,9 +132,10 @@ async fn pull_all(addr: &str, topic: &str) -> Vec<StoredMessage> {
             })
             .await
             .unwrap_or_else(|e| panic!("pull {topic} at {addr}: {e}"));
-        if r.messages.is_empty() {
+        if r.messages.is_empty() && r.next_offset <= offset {
             break;
         }
+        offset = r.next_offset;
         got.extend(r.messages);
     }
     conn.close();
@@ -1049,6 +1052,61 @@ async fn a_slave_stores_nothing_of_a_batch_that_breaks_a_transaction_group() {
     });
     bad.extend_from_slice(&g.good.data[first_len..]);
     refuses_then_stores_the_good_batch(&g, bad, "group").await;
+    drop(g);
+    cluster.shutdown().await;
+}
+
+/// A record (good checksum) for queue 4294967295, as a master's log could
+/// hold it: the slave keeps it, as recovery does (the logs stay the same,
+/// byte for byte), serves nothing of it (no overflow, no four billion
+/// queues), and goes on replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_keeps_but_does_not_serve_a_record_for_an_impossible_queue() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let g = FakeGroup::start(&ns, tmp.path()).await;
+    // The queue id is at byte 12.
+    let bad = rewritten_first_record(&g.good.data, |rec| {
+        rec[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    });
+    let first_len = bad.len();
+    g.serve(0, bad.clone());
+    wait_until(
+        "the slave stores the record",
+        Duration::from_secs(10),
+        || async { replication(&g.slave.addr).await.log_end == first_len as u64 },
+    )
+    .await;
+    // The rest of the real log follows it.
+    g.serve(first_len as u64, g.good.data[first_len..].to_vec());
+    let good_len = g.good.data.len() as u64;
+    wait_until(
+        "the slave stores the rest",
+        Duration::from_secs(10),
+        || async { replication(&g.slave.addr).await.log_end == good_len },
+    )
+    .await;
+    let info = replication(&g.slave.addr).await;
+    assert_eq!(info.error, None);
+    let bodies: Vec<String> = pull_all(&g.slave.addr, "rf")
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
+        .collect();
+    assert_eq!(bodies, g.sent[1..], "every message but the impossible one");
+    let mut want = bad;
+    want.extend_from_slice(&g.good.data[first_len..]);
+    assert!(
+        log_prefix(&g.slave_dir, good_len) == want,
+        "the slave's log is the master's, byte for byte"
+    );
+    let log = g.slave.log_text();
+    assert!(log.contains("impossible queue"), "{log}");
+    let conn = connect(&g.slave.addr, Role::Admin).await;
+    conn.call(Ping {}).await.expect("the slave answers a ping");
+    conn.close();
     drop(g);
     cluster.shutdown().await;
 }
