@@ -376,6 +376,32 @@ mod tests {
     }
 
     #[test]
+    fn replication_statuses_are_shown_like_flush_disk_timeout() {
+        let message = Message::new("orders", "hi");
+        for (status, name) in [
+            (SendStatus::FlushSlaveTimeout, "FLUSH_SLAVE_TIMEOUT"),
+            (SendStatus::SlaveNotAvailable, "SLAVE_NOT_AVAILABLE"),
+        ] {
+            let receipt = SendReceipt {
+                msg_id: message.msg_id,
+                topic: "orders".into(),
+                broker_name: "broker-a".into(),
+                queue: 0,
+                queue_offset: 3,
+                status,
+            };
+            assert_eq!(sent_json(&receipt, &message)["status"], name);
+            assert_eq!(
+                sent_text(&receipt, &message),
+                format!(
+                    "{name} orders broker=broker-a q=0 offset=3 msg_id={}",
+                    message.msg_id
+                )
+            );
+        }
+    }
+
+    #[test]
     fn an_unknown_outcome_says_so_and_names_the_broker() {
         let message = Message::new("orders", "hi").with_tag("t");
         let v = unknown_json(&message, Some("broker-a"), "timed out");

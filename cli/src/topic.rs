@@ -121,34 +121,89 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
         }
         TopicCommand::Route { topic } => {
             let route = admin.route(&topic).await?;
-            let rows: Vec<Vec<String>> = route
-                .brokers
-                .iter()
-                .map(|b| {
-                    vec![
-                        b.broker_name.clone(),
-                        b.addr.clone(),
-                        b.queues.to_string(),
-                        perm_name(b.perm).to_string(),
-                    ]
-                })
-                .collect();
-            let objects: Vec<_> = route
-                .brokers
-                .iter()
-                .map(|b| {
-                    json!({
-                        "topic": route.topic,
-                        "broker": b.broker_name,
-                        "addr": b.addr,
-                        "queues": b.queues,
-                        "perm": perm_name(b.perm),
-                    })
-                })
-                .collect();
-            printer.records(&["BROKER", "ADDR", "QUEUES", "PERM"], &rows, &objects)?;
+            let (rows, objects) = route_records(&route);
+            printer.records(
+                &["BROKER", "ADDR", "SLAVES", "QUEUES", "PERM"],
+                &rows,
+                &objects,
+            )?;
         }
     }
     admin.close();
     Ok(())
+}
+
+/// A route's broker groups as table rows and JSON objects: the master's
+/// address (`-` in text, `""` in JSON, when no master of the group is
+/// live) and the live slaves.
+fn route_records(route: &txmq::TopicRoute) -> (Vec<Vec<String>>, Vec<serde_json::Value>) {
+    let rows = route
+        .brokers
+        .iter()
+        .map(|b| {
+            vec![
+                b.broker_name.clone(),
+                if b.addr.is_empty() {
+                    "-".to_string()
+                } else {
+                    b.addr.clone()
+                },
+                if b.slaves.is_empty() {
+                    "-".to_string()
+                } else {
+                    b.slaves.join(",")
+                },
+                b.queues.to_string(),
+                perm_name(b.perm).to_string(),
+            ]
+        })
+        .collect();
+    let objects = route
+        .brokers
+        .iter()
+        .map(|b| {
+            json!({
+                "topic": route.topic,
+                "broker": b.broker_name,
+                "addr": b.addr,
+                "slaves": b.slaves,
+                "queues": b.queues,
+                "perm": perm_name(b.perm),
+            })
+        })
+        .collect();
+    (rows, objects)
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn a_route_shows_each_groups_master_and_slaves() {
+        let route = txmq::TopicRoute {
+            topic: "orders".into(),
+            brokers: vec![
+                txmq::BrokerQueues {
+                    broker_name: "broker-a".into(),
+                    addr: "h:10911".into(),
+                    slaves: vec!["h:10921".into(), "h:10931".into()],
+                    queues: 4,
+                    perm: txmq::PERM_READ_WRITE,
+                },
+                txmq::BrokerQueues {
+                    broker_name: "broker-b".into(),
+                    addr: String::new(),
+                    slaves: vec!["h:20921".into()],
+                    queues: 4,
+                    perm: txmq::PERM_READ_WRITE,
+                },
+            ],
+        };
+        let (rows, objects) = route_records(&route);
+        assert_eq!(rows[0][1..3], ["h:10911", "h:10921,h:10931"]);
+        assert_eq!(rows[1][1..3], ["-", "h:20921"]);
+        assert_eq!(objects[1]["addr"], "");
+        assert_eq!(objects[1]["slaves"], json!(["h:20921"]));
+    }
 }

@@ -352,6 +352,8 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
     if let Some(ended) = &o.ended {
         m.insert("ended".into(), json!(ended.state.name()));
         m.insert("already".into(), json!(ended.already));
+        // How the end was stored: FLUSH_SLAVE_TIMEOUT, say, under sync replication.
+        m.insert("end_status".into(), json!(ended.status.name()));
     }
     Value::Object(m)
 }
@@ -360,6 +362,9 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
 fn outcome_text(o: &TxOutcome, topic: &str) -> String {
     let end = match &o.ended {
         Some(e) if e.already => format!("ended={} (already)", e.state.name()),
+        Some(e) if e.status != SendStatus::SendOk => {
+            format!("ended={} status={}", e.state.name(), e.status.name())
+        }
         Some(e) => format!("ended={}", e.state.name()),
         None => "not ended; the broker will check back".to_string(),
     };
@@ -670,6 +675,40 @@ mod tests {
                 "AB".repeat(16)
             )
         );
+
+        // Stored on the master only (sync replication short of slaves): said.
+        for status in [SendStatus::FlushSlaveTimeout, SendStatus::SlaveNotAvailable] {
+            let short = outcome(
+                Some(Ended {
+                    state: TxState::Committed,
+                    already: false,
+                    status,
+                }),
+                TransactionState::Commit,
+            );
+            assert_eq!(outcome_json(&short, "orders")["end_status"], status.name());
+            assert!(outcome_text(&short, "orders").ends_with(&format!(
+                "local=commit ended=committed status={}",
+                status.name()
+            )));
+            let mut prepared_short = outcome(
+                Some(Ended {
+                    state: TxState::RolledBack,
+                    already: false,
+                    status: SendStatus::SendOk,
+                }),
+                TransactionState::Rollback,
+            );
+            prepared_short.prepare_status = status;
+            assert_eq!(
+                outcome_json(&prepared_short, "orders")["prepare_status"],
+                status.name()
+            );
+            assert!(outcome_text(&prepared_short, "orders").contains(&format!(
+                "prepare={} (local transaction not run) local=rollback ended=rolled_back",
+                status.name()
+            )));
+        }
 
         let unknown = outcome(None, TransactionState::Unknown);
         let v = outcome_json(&unknown, "orders");

@@ -3,8 +3,9 @@
 
 use futures_util::future::join_all;
 use txmq_protocol::{
-    BrokerInfo, CreateTopic, EndTransaction, Ended, ErrorCode, ListTransactions, Role, TopicConfig,
-    TopicOnBroker, TopicRoute, TransactionList, TxAction, TxSource,
+    BrokerInfo, BrokerRole, CreateTopic, EndTransaction, Ended, ErrorCode, GetReplication,
+    ListTransactions, ReplicationInfo, Role, TopicConfig, TopicOnBroker, TopicRoute,
+    TransactionList, TxAction, TxSource,
 };
 
 pub use txmq_protocol::{GroupList, GroupState, OffsetsReset};
@@ -320,7 +321,12 @@ impl Admin {
                         epoch: 0,
                         after: None,
                     };
-                    let r = self.ask(&b.broker_name, &b.addr, request).await?;
+                    // No live master: a slave holds the same queues.
+                    let addr = match (b.addr.as_str(), b.slaves.first()) {
+                        ("", Some(slave)) => slave.as_str(),
+                        (addr, _) => addr,
+                    };
+                    let r = self.ask(&b.broker_name, addr, request).await?;
                     if r.messages.is_empty() && r.next_offset <= offset {
                         break;
                     }
@@ -489,6 +495,18 @@ impl Admin {
         }
     }
 
+    /// The replication state of the broker at `addr`: its role and log end;
+    /// on a master its slaves with their lag and in-sync flag, on a slave
+    /// its master, the master's log end as last heard, and why it stopped
+    /// replicating if it did.
+    ///
+    /// # Errors
+    /// [`Error::Broker`] when the broker cannot be asked (or refuses, e.g.
+    /// `UNSUPPORTED_REQUEST` from a broker older than replication).
+    pub async fn replication(&self, broker: &str, addr: &str) -> Result<ReplicationInfo> {
+        Ok(*self.ask(broker, addr, GetReplication {}).await?)
+    }
+
     /// Closes the connections.
     pub fn close(&self) {
         self.pool.close();
@@ -519,29 +537,45 @@ impl Admin {
     }
 }
 
-/// The broker named `wanted` (or at that address), or every broker once,
-/// as (name, address) sorted by name.
+/// The broker group named `wanted` (or the broker at that address), or
+/// every broker group once, as (name, address) sorted by name. A group is
+/// asked at its master; at a slave only while no master of it is live (a
+/// write there is refused with `NOT_MASTER`, reads are answered).
 fn select_brokers(brokers: &[BrokerInfo], wanted: Option<&str>) -> Result<Vec<(String, String)>> {
+    // Masters sort first within a group.
+    let mut all: Vec<(&str, bool, &str)> = brokers
+        .iter()
+        .map(|b| {
+            (
+                b.broker_name.as_str(),
+                b.role != BrokerRole::Master,
+                b.addr.as_str(),
+            )
+        })
+        .collect();
+    all.sort();
+    all.dedup_by(|a, b| a.0 == b.0);
     match wanted {
         Some(wanted) => {
-            let found = brokers
+            let found = all
                 .iter()
-                .find(|b| b.broker_name == wanted)
-                .or_else(|| brokers.iter().find(|b| b.addr == wanted))
+                .find(|b| b.0 == wanted)
+                .map(|b| (b.0, b.2))
+                .or_else(|| {
+                    brokers
+                        .iter()
+                        .find(|b| b.addr == wanted)
+                        .map(|b| (b.broker_name.as_str(), b.addr.as_str()))
+                })
                 .ok_or_else(|| Error::UnknownBroker {
                     name: wanted.to_string(),
                 })?;
-            Ok(vec![(found.broker_name.clone(), found.addr.clone())])
+            Ok(vec![(found.0.to_string(), found.1.to_string())])
         }
-        None => {
-            let mut all: Vec<(String, String)> = brokers
-                .iter()
-                .map(|b| (b.broker_name.clone(), b.addr.clone()))
-                .collect();
-            all.sort();
-            all.dedup_by(|a, b| a.0 == b.0);
-            Ok(all)
-        }
+        None => Ok(all
+            .into_iter()
+            .map(|(name, _, addr)| (name.to_string(), addr.to_string()))
+            .collect()),
     }
 }
 
@@ -570,6 +604,27 @@ mod tests {
                 ("a".to_string(), "h:1".to_string()),
                 ("b".to_string(), "h:2".to_string())
             ])
+        );
+        // A group is asked at its master, at a slave only when it has none.
+        let mut slave = broker("a", "h:0");
+        slave.role = BrokerRole::Slave;
+        let mut lone_slave = broker("c", "h:3");
+        lone_slave.role = BrokerRole::Slave;
+        let grouped = [slave.clone(), broker("a", "h:1"), lone_slave];
+        assert_eq!(
+            select_brokers(&grouped, None).ok(),
+            Some(vec![
+                ("a".to_string(), "h:1".to_string()),
+                ("c".to_string(), "h:3".to_string())
+            ])
+        );
+        assert_eq!(
+            select_brokers(&grouped, Some("a")).ok(),
+            Some(vec![("a".to_string(), "h:1".to_string())])
+        );
+        assert_eq!(
+            select_brokers(&grouped, Some("h:0")).ok(),
+            Some(vec![("a".to_string(), "h:0".to_string())])
         );
         let by_addr = select_brokers(&brokers, Some("h:2")).ok();
         assert_eq!(by_addr, Some(vec![("b".to_string(), "h:2".to_string())]));

@@ -31,6 +31,15 @@ pub enum Error {
         /// The topic.
         topic: String,
     },
+    /// The broker groups that would take a write have no live master now:
+    /// only their slaves are live, and slaves take no writes (reads go on).
+    #[error("topic {topic:?} cannot be written now: broker group(s) {} have no live master (only slaves are live, and slaves take no writes)", .brokers.join(", "))]
+    NoMaster {
+        /// The topic.
+        topic: String,
+        /// The broker groups without a master.
+        brokers: Vec<String>,
+    },
     /// The topic's route has no queue with the needed permission.
     #[error("topic {topic:?} has no {what} queue")]
     NoQueue {
@@ -129,6 +138,18 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// True when trying `e`'s request again, possibly elsewhere, may succeed:
+/// [`txmq_remoting::Error::is_retriable`], and `NOT_MASTER` (a slave
+/// refused a write; the master of its group takes it).
+pub(crate) fn retriable(e: &txmq_remoting::Error) -> bool {
+    e.is_retriable() || not_master(e)
+}
+
+/// True for a slave's `NOT_MASTER` refusal.
+pub(crate) fn not_master(e: &txmq_remoting::Error) -> bool {
+    e.remote().is_some_and(|w| w.code == ErrorCode::NotMaster)
+}
+
 /// `Result` with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -155,7 +176,9 @@ impl Error {
     /// [`ErrorCode::UnknownTransaction`] for [`Error::UnknownTransaction`]).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Error::NoRoute { .. } | Error::NoCommonBroker { .. } => Some(ErrorCode::NoRoute),
+            Error::NoRoute { .. } | Error::NoCommonBroker { .. } | Error::NoMaster { .. } => {
+                Some(ErrorCode::NoRoute)
+            }
             Error::BadArgument(_) | Error::AmbiguousTransaction { .. } => {
                 Some(ErrorCode::BadArgument)
             }
@@ -165,14 +188,20 @@ impl Error {
     }
 
     /// True when trying again, possibly on another broker, may succeed
-    /// (see [`txmq_remoting::Error::is_retriable`]). Never for
+    /// (see [`txmq_remoting::Error::is_retriable`]; also `NOT_MASTER`: a
+    /// slave refused a write, and its group's master takes it). Never for
     /// [`Error::EndTransaction`]: sending the transaction again would run the
     /// local transaction twice.
     pub fn is_retriable(&self) -> bool {
         match self {
             Error::EndTransaction { .. } => false,
-            _ => self.remoting().is_some_and(|e| e.is_retriable()),
+            _ => self.remoting().is_some_and(retriable),
         }
+    }
+
+    /// True when a slave refused a write (`NOT_MASTER`): the route is stale.
+    pub fn is_not_master(&self) -> bool {
+        self.code() == Some(ErrorCode::NotMaster)
     }
 
     pub(crate) fn at_broker(broker: &str, addr: &str, source: txmq_remoting::Error) -> Error {

@@ -77,3 +77,6 @@ pub use txmq_protocol::{
     TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState,
     WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };
+
+/// A broker's role and replication state ([`Admin::replication`]).
+pub use txmq_protocol::{BrokerRole, ReplicaInfo, ReplicationInfo};

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use txmq_protocol::{BrokerInfo, BrokerQueues, TopicRoute, PERM_READ, PERM_READ_WRITE, PERM_WRITE};
+use txmq_protocol::{
+    BrokerInfo, BrokerQueues, BrokerRole, TopicRoute, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
+};
 
 use crate::nameserver::NameserverClient;
 use crate::{Error, Result};
@@ -49,7 +51,8 @@ pub struct MessageQueue {
 pub struct RouteInfo {
     /// The route as the nameserver answered (or the provisional one).
     pub route: TopicRoute,
-    /// Queues that may be sent to, by broker name then queue id.
+    /// Queues that may be sent to, by broker name then queue id: those of
+    /// broker groups with a live master (a slave takes no writes).
     pub writable: Vec<MessageQueue>,
     /// Queues that may be read, by broker name then queue id.
     pub readable: Vec<MessageQueue>,
@@ -62,8 +65,10 @@ pub struct RouteInfo {
 impl RouteInfo {
     /// Lists the queues of `route`.
     pub fn new(route: TopicRoute, provisional: bool, generation: u64) -> RouteInfo {
+        let mut writable = queues_with(&route, PERM_WRITE);
+        writable.retain(|q| !q.addr.is_empty());
         RouteInfo {
-            writable: queues_with(&route, PERM_WRITE),
+            writable,
             readable: queues_with(&route, PERM_READ),
             route,
             provisional,
@@ -73,7 +78,8 @@ impl RouteInfo {
 }
 
 /// Every queue of `route` on brokers whose permission has all bits of
-/// `perm`, ordered by broker name then queue id.
+/// `perm`, ordered by broker name then queue id. A broker group with no
+/// live master is listed too, with an empty address.
 pub fn queues_with(route: &TopicRoute, perm: u8) -> Vec<MessageQueue> {
     let mut brokers: Vec<&BrokerQueues> = route
         .brokers
@@ -93,6 +99,17 @@ pub fn queues_with(route: &TopicRoute, perm: u8) -> Vec<MessageQueue> {
         .collect()
 }
 
+/// The names of the broker groups of `route` that would take writes
+/// (write permission) but have no live master now, only slaves.
+pub fn groups_without_master(route: &TopicRoute) -> Vec<String> {
+    route
+        .brokers
+        .iter()
+        .filter(|b| b.perm & PERM_WRITE == PERM_WRITE && b.addr.is_empty())
+        .map(|b| b.broker_name.clone())
+        .collect()
+}
+
 /// Queues for unit tests: `n` queues on each `(broker, n)` of `spec`, in
 /// the order given; broker `b` is at `b:1`.
 #[cfg(test)]
@@ -109,10 +126,12 @@ pub(crate) fn test_queues(spec: &[(&str, u32)]) -> Vec<MessageQueue> {
 }
 
 /// The route a broker will create on the first send to an unknown topic:
-/// every broker of `brokers`, read-write, [`PROVISIONAL_QUEUES`] queue each.
+/// every broker group of `brokers` with a live master, at the master,
+/// read-write, [`PROVISIONAL_QUEUES`] queue each (slaves create nothing).
 pub fn provisional_route(topic: &str, brokers: &[BrokerInfo]) -> TopicRoute {
     let by_name: BTreeMap<&str, &str> = brokers
         .iter()
+        .filter(|b| b.role == BrokerRole::Master)
         .map(|b| (b.broker_name.as_str(), b.addr.as_str()))
         .collect();
     TopicRoute {
@@ -196,7 +215,7 @@ impl RouteCache {
         }
         match self.fetch(topic).await {
             Ok(info) => Ok(info),
-            Err(e @ Error::NoRoute { .. }) => Err(e),
+            Err(e @ (Error::NoRoute { .. } | Error::NoMaster { .. })) => Err(e),
             Err(e) => match self.inner.entries.get_mut(topic) {
                 Some(mut stale) => {
                     tracing::warn!(%topic, error = %e, "cannot refresh route; using the cached one");
@@ -251,8 +270,18 @@ impl RouteCache {
             Ok(route) => (route, false),
             Err(Error::NoRoute { .. }) if self.inner.provisional => {
                 let brokers = ns.cluster().await?;
-                if brokers.is_empty() {
+                if !brokers.iter().any(|b| b.role == BrokerRole::Master) {
                     self.inner.entries.remove(topic);
+                    let mut slaves_only: Vec<String> =
+                        brokers.into_iter().map(|b| b.broker_name).collect();
+                    slaves_only.sort();
+                    slaves_only.dedup();
+                    if !slaves_only.is_empty() {
+                        return Err(Error::NoMaster {
+                            topic: topic.to_string(),
+                            brokers: slaves_only,
+                        });
+                    }
                     return Err(Error::NoRoute {
                         topic: topic.to_string(),
                     });
@@ -326,6 +355,26 @@ mod tests {
     }
 
     #[test]
+    fn a_group_without_a_live_master_is_readable_but_not_writable() {
+        let mut masterless = bq("a", 2, PERM_READ_WRITE);
+        masterless.addr = String::new();
+        masterless.slaves = vec!["a-slave:10921".into()];
+        let route = TopicRoute {
+            topic: "t".into(),
+            brokers: vec![masterless, bq("b", 1, PERM_READ_WRITE)],
+        };
+        let info = RouteInfo::new(route, false, 1);
+        let w: Vec<&str> = info
+            .writable
+            .iter()
+            .map(|q| q.broker_name.as_str())
+            .collect();
+        assert_eq!(w, ["b"]);
+        assert_eq!(info.readable.len(), 3);
+        assert_eq!(groups_without_master(&info.route), ["a"]);
+    }
+
+    #[test]
     fn provisional_route_covers_every_broker_once() {
         let broker = |name: &str| BrokerInfo {
             role: Default::default(),
@@ -335,7 +384,15 @@ mod tests {
             last_heartbeat_ms_ago: 0,
             topic_count: 0,
         };
-        let route = provisional_route("new", &[broker("y"), broker("x"), broker("y")]);
+        let mut slave = broker("x");
+        slave.addr = "x-slave:1".into();
+        slave.role = BrokerRole::Slave;
+        let route = provisional_route(
+            "new",
+            &[broker("y"), slave.clone(), broker("x"), broker("y"), slave],
+        );
+        // At the master: a slave creates nothing.
+        assert_eq!(route.brokers[0].addr, "x:1");
         assert_eq!(route.topic, "new");
         let names: Vec<&str> = route
             .brokers

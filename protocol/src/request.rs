@@ -1052,6 +1052,15 @@ pub struct ReplicationInfo {
     pub error: Option<String>,
     /// On a master: its slaves.
     pub replicas: Vec<ReplicaInfo>,
+    /// On a master: replication frames (answers with data) sent since it started.
+    #[serde(default)]
+    pub shipped_frames: u64,
+    /// On a master: records in them.
+    #[serde(default)]
+    pub shipped_records: u64,
+    /// On a master: bytes of log in them.
+    #[serde(default)]
+    pub shipped_bytes: u64,
 }
 
 /// One slave as its master sees it.

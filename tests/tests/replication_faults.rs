@@ -500,20 +500,27 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     let e = refused(&master.addr, fetch(pos + 3, Some(RecordRef { pos, crc }))).await;
     assert_error(&e, ErrorCode::ReplicaDiverged, &["differs"]);
 
-    // Below the master's log start (its first segment is gone).
+    // Below the master's log start (its first segment is gone): a slave
+    // whose log ends there is refused; an empty one copies from the start.
     let min = SEGMENT_SIZE;
-    let e = refused(&master.addr, fetch(0, None)).await;
-    assert_error(
-        &e,
-        ErrorCode::ReplicaPositionUnavailable,
-        &["starts at", &min.to_string()],
-    );
     let e = refused(
         &master.addr,
         fetch(200, Some(RecordRef { pos: 100, crc: 7 })),
     )
     .await;
-    assert_error(&e, ErrorCode::ReplicaPositionUnavailable, &["starts at"]);
+    assert_error(
+        &e,
+        ErrorCode::ReplicaPositionUnavailable,
+        &["starts at", &min.to_string()],
+    );
+    let conn = connect(&master.addr, Role::Replica).await;
+    let served = conn
+        .call(fetch(0, None))
+        .await
+        .expect("an empty slave is served");
+    conn.close();
+    assert_eq!(served.pos, min, "from the start of the master's log");
+    assert!(!served.data.is_empty());
 
     // Settings that do not match.
     let mut wrong = fetch(pos + len, Some(RecordRef { pos, crc }));

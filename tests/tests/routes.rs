@@ -195,7 +195,7 @@ async fn a_second_broker_under_a_live_name_does_not_start_and_routes_keep_the_fi
          got {status:?}; its log:\n{second_log}"
     );
     // Its log says who holds the name and what to do.
-    let holder = format!("another broker at {} already registered", first.addr);
+    let holder = format!("another master broker at {} already registered", first.addr);
     assert!(
         !second
             .log_lines_with(&[&holder, "'broker-a'", "--broker-name", "ERROR"])
@@ -265,7 +265,7 @@ async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expir
         Duration::from_secs(1),
     )
     .await;
-    let holder = format!("another broker at {} already registered", first.addr);
+    let holder = format!("another master broker at {} already registered", first.addr);
     assert!(
         !second
             .log_lines_with(&["ERROR", &shared.addr, &holder, "--broker-name"])
@@ -309,7 +309,10 @@ async fn a_refused_broker_keeps_trying_and_takes_the_name_after_the_holder_expir
     // The first one wakes up: now it is the one refused, and the name stays
     // with the second.
     first.signal("CONT");
-    let refused = format!("another broker at {} already registered", second.addr);
+    let refused = format!(
+        "another master broker at {} already registered",
+        second.addr
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while first.log_lines_with(&["ERROR", &refused]).is_empty() {
         assert!(

@@ -121,6 +121,16 @@ pub(crate) struct Replication {
     pub(crate) kept_offsets: DashMap<(String, String, u32), u64>,
     /// Slave: the version of the master's topic table it holds.
     pub(crate) master_topics_version: AtomicU64,
+    /// Master: what it shipped to its slaves.
+    shipped: Shipped,
+}
+
+/// Replication frames (non-empty fetch answers), records and bytes shipped.
+#[derive(Default)]
+struct Shipped {
+    frames: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Replication {
@@ -132,6 +142,7 @@ impl Replication {
             slave: Mutex::new(SlaveStatus::default()),
             kept_offsets: DashMap::new(),
             master_topics_version: AtomicU64::new(0),
+            shipped: Shipped::default(),
         }
     }
 
@@ -296,6 +307,9 @@ impl Replication {
             master_end: slave.master_end,
             error: slave.error,
             replicas,
+            shipped_frames: self.shipped.frames.load(Ordering::Relaxed),
+            shipped_records: self.shipped.records.load(Ordering::Relaxed),
+            shipped_bytes: self.shipped.bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -396,14 +410,20 @@ pub(crate) async fn fetch(
         // Its log was checked to agree with this one up to `from`.
         r.sent = r.sent.max(req.from);
     }
+    // A slave with an empty log copies from the start of retention.
+    let from = if req.last_record.is_none() {
+        req.from.max(b.store.log_min())
+    } else {
+        req.from
+    };
     let mut limit = b.store.shippable_end();
     let mut read = b
         .store
-        .read_log(req.from, max_bytes, limit)
+        .read_log(from, max_bytes, limit)
         .map_err(|e| read_error(b, &req, e))?;
     if read.is_none() {
-        // A slave at the end is caught up; then wait for more.
-        caught_up(rep, conn.id(), limit);
+        // Nothing past `from`: a slave that holds `from` holds everything.
+        caught_up(rep, conn.id(), req.from);
         if !wait.is_zero() {
             tokio::select! {
                 l = b.store.wait_shippable(limit, wait) => limit = l,
@@ -411,18 +431,23 @@ pub(crate) async fn fetch(
             }
             read = b
                 .store
-                .read_log(req.from, max_bytes, limit)
+                .read_log(from, max_bytes, limit)
                 .map_err(|e| read_error(b, &req, e))?;
         }
     }
-    if read.is_some() {
+    if let Some((_, data, records)) = &read {
         // Reached by an ack, this mark says the slave held what the master had now.
         if let Some(r) = rep.replicas().get_mut(&conn.id()) {
             r.mark.get_or_insert((Instant::now(), limit));
         }
+        rep.shipped.frames.fetch_add(1, Ordering::Relaxed);
+        rep.shipped.records.fetch_add(*records, Ordering::Relaxed);
+        rep.shipped
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
     }
     let version = topics_version(b);
-    let (pos, data) = read.unwrap_or((req.from, bytes::Bytes::new()));
+    let (pos, data) = read.map_or((from, bytes::Bytes::new()), |(p, d, _)| (p, d));
     if !data.is_empty() {
         if let Some(r) = rep.replicas().get_mut(&conn.id()) {
             r.sent = r.sent.max(pos + data.len() as u64);
@@ -436,11 +461,11 @@ pub(crate) async fn fetch(
     })
 }
 
-/// A slave fetching at the master's end holds everything.
-fn caught_up(rep: &Replication, conn_id: u64, end: u64) {
+/// A slave fetching at the master's end holds everything once it holds `from`.
+fn caught_up(rep: &Replication, conn_id: u64, from: u64) {
     let mut replicas = rep.replicas();
     if let Some(r) = replicas.get_mut(&conn_id) {
-        if r.acked >= end {
+        if r.acked >= from {
             r.caught_up_at = Some(Instant::now());
             r.mark = None;
         }

@@ -172,12 +172,21 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
         c = Connection::connect(master, hello, None, config) => c.map_err(|e| classify(master, e))?,
         _ = b.shutdown.cancelled() => return Err(Stop::Shutdown),
     };
+    // The master counts the first fetch's position as held: make it so
+    // per this store's flush mode first.
+    while b.store.shippable_end() < tail.end && !b.shutdown.is_cancelled() {
+        let now = b.store.shippable_end();
+        b.store.wait_shippable(now, Duration::from_secs(1)).await;
+    }
     tracing::info!(%master, from = tail.end, "replicating from the master");
     let segment_size = b.store.config().segment_size;
     let mut asked = *tail;
     let mut next = Box::pin(conn.call(fetch_request(b, asked)));
     let mut acks = FuturesUnordered::new();
     let mut forward = tokio::time::interval(FORWARD_EVERY);
+    let started = std::time::Instant::now();
+    let mut copied = 0u64;
+    let mut caught_up = false;
     let result = loop {
         let data = tokio::select! {
             r = &mut next => r,
@@ -199,6 +208,20 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
             Err(e) => break Err(classify(master, e)),
         };
         b.replication.slave_status().master_end = Some(data.master_end);
+        copied += data.data.len() as u64;
+        if !caught_up
+            && (data.data.is_empty() || data.pos + data.data.len() as u64 >= data.master_end)
+        {
+            caught_up = true;
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                %master,
+                copied_bytes = copied,
+                elapsed = ?started.elapsed(),
+                mb_per_s = format!("{:.0}", copied as f64 / 1e6 / secs.max(1e-9)),
+                "caught up with the master"
+            );
+        }
         if let Some((version, topics)) = &data.topics {
             adopt_topics(b, topics);
             b.replication

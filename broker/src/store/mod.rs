@@ -20,6 +20,8 @@ mod writer;
 #[cfg(test)]
 mod delay_tests;
 #[cfg(test)]
+mod replica_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
@@ -1110,9 +1112,9 @@ impl Store {
         self.shippable_end()
     }
 
-    /// Whole records from log position `from`, at most about `max_bytes`
-    /// (at least one record), none past `limit`, none across a segment end:
-    /// `(position, bytes)`. The position is `from`, or the start of the
+    /// Whole records from log position `from`, at most `max_bytes` (but
+    /// at least one record), none past `limit`, none across a segment end:
+    /// `(position, bytes, records)`. The position is `from`, or the start of the
     /// next segment when the log's data in `from`'s segment ends there.
     /// `None`: nothing past `from` yet.
     ///
@@ -1124,7 +1126,7 @@ impl Store {
         from: u64,
         max_bytes: usize,
         limit: u64,
-    ) -> Result<Option<(u64, bytes::Bytes)>, LogReadError> {
+    ) -> Result<Option<(u64, bytes::Bytes, u64)>, LogReadError> {
         let segments = self.inner.log.segments();
         let min = segments.first().map_or(0, |s| s.start);
         if from < min {
@@ -1145,16 +1147,19 @@ impl Store {
             let rel = (pos - seg.start) as usize;
             let end = (limit.min(seg.end()) - seg.start) as usize;
             let mut at = rel;
-            while at + 4 <= end && at - rel < max_bytes.max(1) {
+            let mut records = 0;
+            while at + 4 <= end {
                 let b = &seg.map[at..at + 4];
                 let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                if len == 0 || at + len > end {
+                // At least one record, then none past `max_bytes`.
+                if len == 0 || at + len > end || (at > rel && at + len - rel > max_bytes) {
                     break;
                 }
                 at += len;
+                records += 1;
             }
             if at > rel {
-                return Ok(Some((pos, seg.map.slice(rel..at))));
+                return Ok(Some((pos, seg.map.slice(rel..at), records)));
             }
             // No record at `pos`: this segment's data ended; the log goes
             // on in the next segment (a roll, or a restart).

@@ -30,6 +30,23 @@
 //! are delivered, and those between the committed offset and the old
 //! position may be delivered again.
 //!
+//! # Replicated broker groups
+//!
+//! A consumer reads a broker group at its master, and at one of its slaves
+//! while the master is unreachable (the route names no live master, or it
+//! does not connect), as RocketMQ's consumers do; it goes back to the
+//! master once the route names it again and it connects. A slave holds the
+//! same queues at the same offsets, so the consumer goes on from where it
+//! stands: never back, never skipping. A slave that has not caught up with
+//! that position yet is waited for. Commits made to a slave are kept there
+//! and reach the master when it is back (forward only).
+//!
+//! Under the master's sync replication, a commit may be answered
+//! `FLUSH_SLAVE_TIMEOUT` or `SLAVE_NOT_AVAILABLE`: the master stored the
+//! offset, but too few slaves hold it yet. [`PullConsumer::commit`] does
+//! not fail for that; the queue stays to be committed, and the next commit
+//! stores the offset again.
+//!
 //! # Queues
 //!
 //! A consumer reads every readable queue of the topic on every broker (there
@@ -43,19 +60,18 @@ mod offsets;
 mod pull_step;
 pub mod push;
 mod queue_reader;
+mod read_targets;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use txmq_protocol::{validate_topic_name, CommitOffset, Message, MsgId, Role, StoredMessage};
-use txmq_remoting::Connection;
 
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
@@ -66,6 +82,7 @@ use crate::{ClientConfig, Error, Result};
 use offsets::OffsetTable;
 pub use offsets::QueueKey;
 use queue_reader::Fetched;
+use read_targets::{ReadTargets, Target};
 
 /// Default long-poll wait of one pull (5 s).
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(5);
@@ -280,7 +297,7 @@ impl PullConsumerBuilder {
             refresh_interval: self.config.route_refresh_interval,
             pool,
             routes,
-            brokers: DashMap::new(),
+            brokers: ReadTargets::default(),
             offsets: Mutex::new(OffsetTable::default()),
             readers: Mutex::new(HashSet::new()),
             tx,
@@ -332,8 +349,8 @@ pub(crate) struct Shared {
     refresh_interval: Duration,
     pub(crate) pool: ConnectionPool,
     routes: RouteCache,
-    /// Broker name -> address, from the latest route.
-    pub(crate) brokers: DashMap<String, String>,
+    /// Where each broker group is read (master or slave), from the latest route.
+    pub(crate) brokers: ReadTargets,
     offsets: Mutex<OffsetTable>,
     readers: Mutex<HashSet<QueueKey>>,
     pub(crate) tx: mpsc::Sender<Fetched>,
@@ -351,24 +368,14 @@ impl Shared {
         lock(&self.offsets)
     }
 
-    /// The address of `key`'s broker, from the latest route, and the pooled
-    /// connection to it.
+    /// The pooled connection to `key`'s broker group: its master, or a
+    /// slave while the master is unreachable (see [`ReadTargets`]).
     ///
     /// # Errors
     /// [`Error::UnknownBroker`] when no route named the broker;
-    /// [`Error::Broker`] when it cannot be connected to.
-    pub(crate) async fn connect(&self, key: &QueueKey) -> Result<(String, Connection)> {
-        let addr = self
-            .brokers
-            .get(&key.broker_name)
-            .map(|a| a.clone())
-            .ok_or_else(|| Error::UnknownBroker {
-                name: key.broker_name.clone(),
-            })?;
-        match self.pool.get(&addr).await {
-            Ok(conn) => Ok((addr, conn)),
-            Err(e) => Err(Error::at_broker(&key.broker_name, &addr, e)),
-        }
+    /// [`Error::Broker`] when none of its brokers can be connected to.
+    pub(crate) async fn connect(&self, key: &QueueKey) -> Result<Target> {
+        self.brokers.connect(&self.pool, &key.broker_name).await
     }
 
     /// Notes the brokers of `info` and starts a reader for each readable
@@ -377,13 +384,7 @@ impl Shared {
     /// first message when the group has no offset.
     async fn adopt_route(self: &Arc<Self>, info: &RouteInfo, initial: Option<ConsumeFrom>) {
         for b in &info.route.brokers {
-            let known = self
-                .brokers
-                .get(&b.broker_name)
-                .is_some_and(|a| *a == b.addr);
-            if !known {
-                self.brokers.insert(b.broker_name.clone(), b.addr.clone());
-            }
+            self.brokers.update(b);
         }
         let new: Vec<QueueKey> = {
             let mut readers = lock(&self.readers);
@@ -605,7 +606,7 @@ fn take_messages(
 async fn commit(shared: &Shared) -> Result<()> {
     let todo = shared.offsets().to_commit();
     let results = join_all(todo.into_iter().map(|(key, offset)| async move {
-        let (addr, conn) = shared.connect(&key).await?;
+        let target = shared.connect(&key).await?;
         let request = CommitOffset {
             group: shared.group.clone(),
             topic: shared.topic.clone(),
@@ -614,15 +615,35 @@ async fn commit(shared: &Shared) -> Result<()> {
             owner: None,
             forward_only: false,
         };
-        conn.call(request)
-            .await
-            .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+        match target.conn.call(request).await {
+            Ok(_) => {}
+            Err(e) if unconfirmed_commit(&e) => {
+                // Stored on the master, not yet on enough of its slaves:
+                // not marked committed, so the next commit stores it again.
+                tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, error = %e, "commit stored on the master only; committing again next time");
+                return Ok(());
+            }
+            Err(e) => return Err(Error::at_broker(&key.broker_name, &target.addr, e)),
+        }
         shared.offsets().committed(&key, offset);
-        tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, "committed");
+        tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, slave = target.slave, "committed");
         Ok(())
     }))
     .await;
     results.into_iter().collect()
+}
+
+/// A commit answered `FLUSH_SLAVE_TIMEOUT` or `SLAVE_NOT_AVAILABLE`: the
+/// master stored the offset, but too few of its slaves confirmed it under
+/// sync replication. Not an error for the caller; committed again later.
+pub(crate) fn unconfirmed_commit(e: &txmq_remoting::Error) -> bool {
+    e.remote().is_some_and(|w| {
+        matches!(
+            w.code,
+            txmq_protocol::ErrorCode::FlushSlaveTimeout
+                | txmq_protocol::ErrorCode::SlaveNotAvailable
+        )
+    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,15 @@
 //! delivered again, as at-least-once allows), and the rewind is logged as a
 //! warning with both positions.
 //!
+//! A reader of a replicated broker group reads from a slave while the
+//! master is unreachable (see `read_targets`). The slave's queues are
+//! copies of the master's at the same offsets, but may lag them: one that
+//! ends below the reader's position has not caught up yet, so there the
+//! reader keeps its position and waits instead of going back. Its trail
+//! goes with it: the slave answers the first pull as another run, and
+//! finds the reader's last message where the master had it once it holds
+//! that far.
+//!
 //! New messages may even fill the queue back up to the reader's position
 //! before it pulls again, so that the queue does not look short. A reader
 //! therefore keeps a [`Trail`]: the broker run that last answered it and
@@ -64,12 +73,17 @@ impl Pulled {
 
 /// Pulls `request` from `conn` for `group`, whose committed offset is asked
 /// for when the queue ends below the request's offset; `broker` names the
-/// broker in the log.
+/// broker in the log. `slave`: `conn` is to a slave of the broker group
+/// (its master is unreachable), whose queues may lag the master's: a queue
+/// ending below the request's offset there means the slave has not caught
+/// up yet, not a lost tail, and the reader stays where it is (it never
+/// moves back for a slave; see the module docs).
 ///
 /// # Errors
 /// When the pull fails, or the query after a short or out-of-range answer.
 pub(crate) async fn pull(
     conn: &Connection,
+    slave: bool,
     broker: &str,
     group: &str,
     mut request: PullRequest,
@@ -106,6 +120,10 @@ pub(crate) async fn pull(
                 early_empty: early,
             });
         }
+        Ok(_) if slave => {
+            tracing::debug!(%broker, %topic, queue, from = start, "the slave has not caught up to this reader's position yet; waiting");
+            return Ok(behind_on_slave(trail, start));
+        }
         Ok(r) => {
             moved.epoch = r.epoch;
             true
@@ -125,6 +143,10 @@ pub(crate) async fn pull(
             queue,
         })
         .await?;
+    if slave && start > q.max_offset {
+        tracing::debug!(%broker, %topic, queue, from = start, end = q.max_offset, "the slave has not caught up to this reader's position yet; waiting");
+        return Ok(behind_on_slave(trail, start));
+    }
     let to = if below_end || start > q.max_offset {
         // The queue ends below where this reader stands. Messages may
         // already have been written again at the lost offsets, below the
@@ -150,4 +172,15 @@ pub(crate) async fn pull(
         next_offset: to,
         early_empty: false,
     })
+}
+
+/// A slave whose queue ends below the reader's position: stay there, keep
+/// the trail, and pull again after a pause.
+fn behind_on_slave(trail: Trail, start: u64) -> Pulled {
+    Pulled {
+        trail,
+        messages: Vec::new(),
+        next_offset: start,
+        early_empty: true,
+    }
 }

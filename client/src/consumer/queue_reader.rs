@@ -83,14 +83,15 @@ async fn pull_once(
     trail: &mut Trail,
     from: ConsumeFrom,
 ) -> Result<Duration> {
-    let (addr, conn) = shared.connect(key).await?;
-    let at_broker = |e| Error::at_broker(&key.broker_name, &addr, e);
+    let target = shared.connect(key).await?;
+    let conn = &target.conn;
+    let at_broker = |e| Error::at_broker(&key.broker_name, &target.addr, e);
     let start = match *offset {
         Some(o) => o,
         None => {
             // A position asked for afresh has no last message yet.
             *trail = Trail::default();
-            let o = query_start(shared, &conn, key, from)
+            let o = query_start(shared, conn, key, from)
                 .await
                 .map_err(at_broker)?;
             *offset = Some(o);
@@ -110,7 +111,8 @@ async fn pull_once(
     };
     let timeout = shared.settings.max_wait + shared.settings.request_timeout;
     let pulled = pull_step::pull(
-        &conn,
+        conn,
+        target.slave,
         &key.broker_name,
         &shared.group,
         request,
@@ -170,8 +172,8 @@ pub(crate) async fn initial_offset(
     key: &QueueKey,
     from: ConsumeFrom,
 ) -> Result<u64> {
-    let (addr, conn) = shared.connect(key).await?;
-    query_start(shared, &conn, key, from)
+    let target = shared.connect(key).await?;
+    query_start(shared, &target.conn, key, from)
         .await
-        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
+        .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))
 }

@@ -90,7 +90,15 @@ impl ProducerBuilder {
 ///
 /// A send returns once the broker has stored the message: in the page cache
 /// under the broker's `async` flush mode, fsynced under `sync` (else the
-/// status is [`SendStatus::FlushDiskTimeout`]).
+/// status is [`SendStatus::FlushDiskTimeout`]); under a master's sync
+/// replication, also held by enough slaves (else the status is
+/// [`SendStatus::FlushSlaveTimeout`] or [`SendStatus::SlaveNotAvailable`]:
+/// stored on the master, not yet on enough slaves).
+///
+/// Sends go to the master of each broker group; a group whose master is
+/// not live (only slaves) is skipped like an unavailable broker. A slave's
+/// `NOT_MASTER` refusal (a stale route) refreshes the route and the send is
+/// retried on the master, within the retry budget.
 ///
 /// On a retriable failure (connection lost, timeout, broker unavailable,
 /// unknown topic or no permission on that broker) the producer marks the
@@ -228,6 +236,8 @@ impl Producer {
         let attempts = self.inner.config.send_retries.saturating_add(1);
         let timeout = self.inner.config.request_timeout;
         let mut failed_broker: Option<String> = None;
+        // The address of the last failed attempt: a pause before the same one again.
+        let mut failed_addr: Option<String> = None;
         let mut last_error = None;
         for attempt in 0..attempts {
             let last_attempt = attempt + 1 == attempts;
@@ -248,9 +258,9 @@ impl Producer {
                 .select(&route.writable, turn, failed_broker.as_deref())
                 .cloned()
             else {
-                return Err(last_error.unwrap_or_else(|| no_queue(topic, target)));
+                return Err(last_error.unwrap_or_else(|| no_queue(topic, &route, target)));
             };
-            if failed_broker.as_deref() == Some(mq.broker_name.as_str()) {
+            if failed_addr.as_deref() == Some(mq.addr.as_str()) {
                 tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
             }
             let request = SendRequest {
@@ -264,13 +274,19 @@ impl Producer {
             match result {
                 Ok(result) => return Ok((mq, result)),
                 Err(e) => {
-                    let retriable = e.is_retriable();
+                    let retriable = crate::error::retriable(&e);
+                    // A slave refused: nothing was stored, and the group's
+                    // master (in the refreshed route) takes the retry.
+                    let not_master = crate::error::not_master(&e);
                     let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
                     if !retriable {
                         return Err(error);
                     }
                     self.note_failure(topic, &route, &mq, attempt, last_attempt, target, &error);
-                    failed_broker = Some(mq.broker_name);
+                    if !not_master {
+                        failed_broker = Some(mq.broker_name);
+                    }
+                    failed_addr = Some(mq.addr);
                     last_error = Some(error);
                 }
             }
@@ -341,8 +357,17 @@ pub(crate) fn fill_in(m: &mut Message) {
     }
 }
 
-fn no_queue(topic: &str, target: Target<'_>) -> Error {
+fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
+    let masterless = crate::route::groups_without_master(&route.route);
     match target {
+        Target::Queue { broker, .. } if masterless.iter().any(|b| b == broker) => Error::NoMaster {
+            topic: topic.to_string(),
+            brokers: vec![broker.to_string()],
+        },
+        _ if route.writable.is_empty() && !masterless.is_empty() => Error::NoMaster {
+            topic: topic.to_string(),
+            brokers: masterless,
+        },
         Target::Queue { broker, queue } => Error::BadArgument(format!(
             "topic {topic:?} has no writable queue {queue} on broker {broker:?}"
         )),

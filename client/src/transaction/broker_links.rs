@@ -1,5 +1,5 @@
-//! Keeping a connection open to every broker of the cluster, so that any
-//! broker can check back on this producer's group, even one this producer
+//! Keeping a connection open to every broker (the master of every broker
+//! group) of the cluster, so that any broker can check back on this producer's group, even one this producer
 //! never sent to, and even for a transaction another member prepared.
 //!
 //! A background task asks the nameservers for the cluster every refresh
@@ -66,8 +66,11 @@ impl BrokerLinks {
     /// When no nameserver answers.
     pub(crate) async fn refresh(&self) -> Result<Vec<(String, crate::Error)>> {
         let brokers = self.inner.nameservers.cluster().await?;
+        // Only a group's master checks back (and takes prepares and ends);
+        // its slaves are not connected to.
         let mut wanted: Vec<(String, String)> = brokers
             .into_iter()
+            .filter(|b| b.role == txmq_protocol::BrokerRole::Master)
             .map(|b| (b.broker_name, b.addr))
             .collect();
         wanted.sort();

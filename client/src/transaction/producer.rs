@@ -50,7 +50,8 @@ pub struct TxOutcome {
     pub state: TransactionState,
     /// How the prepare was stored. Anything but [`SendStatus::SendOk`]
     /// (say `FlushDiskTimeout`: the half message may not survive a power
-    /// cut) means the local transaction did not run and the transaction
+    /// cut; `FlushSlaveTimeout` or `SlaveNotAvailable`: it is on the master
+    /// only, not on enough slaves under sync replication) means the local transaction did not run and the transaction
     /// was rolled back, as RocketMQ does.
     pub prepare_status: SendStatus,
     /// The broker's answer to the commit or rollback; `None` for
@@ -448,7 +449,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         };
         let ended = match action {
             Some(action) => Some(
-                self.end(&broker, &addr, tx_id, first.msg_id, action)
+                self.end(&broker, &addr, &first.topic, tx_id, first.msg_id, action)
                     .await?,
             ),
             None => None,
@@ -483,6 +484,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let attempts = self.inner.config.send_retries.saturating_add(1);
         let timeout = self.inner.config.request_timeout;
         let mut failed_broker: Option<String> = None;
+        // The address of the previous attempt, if it failed: a pause before the same one again.
+        let mut failed_addr: Option<String> = None;
         let mut last_error: Option<Error> = None;
         // Set once an attempt may have reached its broker.
         let mut pinned: Option<(String, String, Vec<crate::MessageQueue>)> = None;
@@ -493,7 +496,13 @@ impl<L: TransactionListener> TransactionProducer<L> {
             let last_attempt = attempt + 1 == attempts;
             let (broker, addr, placed, routes) = match &pinned {
                 Some((broker, addr, placed)) => {
-                    (broker.clone(), addr.clone(), placed.clone(), None)
+                    // The same broker group, at its master as the route
+                    // names it now (it may have moved after a NOT_MASTER).
+                    let addr = self
+                        .master_of(topics[0], broker)
+                        .await
+                        .unwrap_or_else(|| addr.clone());
+                    (broker.clone(), addr, placed.clone(), None)
                 }
                 None => {
                     let routes = match self.routes(&topics).await {
@@ -514,16 +523,17 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
                     let placed = place(&lists, placement, turn, failed_broker.as_deref());
                     let Some(placed) = placed.filter(|p| !p.is_empty()) else {
-                        return Err(last_error.unwrap_or_else(|| no_queue(&topics)));
+                        return Err(last_error.unwrap_or_else(|| no_queue(&topics, &routes)));
                     };
                     let broker = placed[0].broker_name.clone();
                     let addr = placed[0].addr.clone();
                     (broker, addr, placed, Some(routes))
                 }
             };
-            if failed_broker.as_deref() == Some(broker.as_str()) {
+            if failed_addr.as_deref() == Some(addr.as_str()) {
                 tokio::time::sleep(RETRY_PAUSE * attempt).await;
             }
+            failed_addr = Some(addr.clone());
             let halves = messages
                 .iter()
                 .map(|m| HalfMessage {
@@ -548,7 +558,10 @@ impl<L: TransactionListener> TransactionProducer<L> {
             match result {
                 Ok(prepared) => return Ok((broker, addr, prepared)),
                 Err(e) => {
-                    let retriable = e.is_retriable();
+                    let retriable = crate::error::retriable(&e);
+                    // A slave refused it (a stale route): nothing was stored,
+                    // and the group's master takes the retry.
+                    let not_master = crate::error::not_master(&e);
                     let maybe_delivered = matches!(
                         e,
                         txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
@@ -559,6 +572,10 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     }
                     for (topic, route) in topics.iter().zip(routes.iter().flatten()) {
                         self.inner.routes.invalidate(topic, route.generation);
+                    }
+                    if not_master && pinned.is_some() {
+                        // Where the pinned group's master is now.
+                        let _ = self.inner.routes.refresh(topics[0]).await;
                     }
                     let cause = crate::error::chain(&error);
                     if last_attempt {
@@ -571,12 +588,26 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     if maybe_delivered && pinned.is_none() {
                         pinned = Some((broker.clone(), addr.clone(), placed));
                     }
-                    failed_broker = Some(broker);
+                    if !not_master {
+                        failed_broker = Some(broker);
+                    }
                     last_error = Some(error);
                 }
             }
         }
         Err(last_error.unwrap_or_else(|| Error::Protocol("no prepare attempt was made".into())))
+    }
+
+    /// The address of the master of broker group `broker` in the route of
+    /// `topic` (cached), if the route names one.
+    async fn master_of(&self, topic: &str, broker: &str) -> Option<String> {
+        let route = self.inner.routes.get(topic).await.ok()?;
+        route
+            .route
+            .brokers
+            .iter()
+            .find(|b| b.broker_name == broker && !b.addr.is_empty())
+            .map(|b| b.addr.clone())
     }
 
     async fn routes(&self, topics: &[&str]) -> Result<Vec<Arc<RouteInfo>>> {
@@ -587,17 +618,21 @@ impl<L: TransactionListener> TransactionProducer<L> {
         Ok(routes)
     }
 
-    /// Commits or rolls back as the producer, retrying a lost request.
+    /// Commits or rolls back as the producer, retrying a lost request. A
+    /// slave's `NOT_MASTER` (the group's master moved) sends the retry to
+    /// the master the refreshed route of `topic` names.
     async fn end(
         &self,
         broker: &str,
         addr: &str,
+        topic: &str,
         tx_id: u64,
         msg_id: MsgId,
         action: TxAction,
     ) -> Result<Ended> {
         let attempts = self.inner.config.send_retries.saturating_add(1);
         let timeout = self.inner.config.request_timeout;
+        let mut addr = addr.to_string();
         let mut attempt = 0;
         loop {
             let request = EndTransaction {
@@ -606,15 +641,21 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 source: TxSource::Producer,
                 msg_id: Some(msg_id),
             };
-            let result = match self.inner.pool.get(addr).await {
+            let result = match self.inner.pool.get(&addr).await {
                 Ok(conn) => conn.call_with_timeout(request, timeout).await,
                 Err(e) => Err(e),
             };
             attempt += 1;
             match result {
                 Ok(ended) => return Ok(ended),
-                Err(e) if e.is_retriable() && attempt < attempts => {
-                    tracing::info!(tx_id, %broker, error = %e, "ending the transaction failed; retrying");
+                Err(e) if crate::error::retriable(&e) && attempt < attempts => {
+                    tracing::info!(tx_id, %broker, %addr, error = %e, "ending the transaction failed; retrying");
+                    if crate::error::not_master(&e) {
+                        let _ = self.inner.routes.refresh(topic).await;
+                        if let Some(master) = self.master_of(topic, broker).await {
+                            addr = master;
+                        }
+                    }
                     tokio::time::sleep(RETRY_PAUSE * attempt).await;
                 }
                 Err(source) => {
@@ -644,7 +685,20 @@ fn complete(messages: &mut [Message]) -> Result<()> {
     Ok(())
 }
 
-fn no_queue(topics: &[&str]) -> Error {
+fn no_queue(topics: &[&str], routes: &[Arc<RouteInfo>]) -> Error {
+    // Only slaves are live where the queues are: say so.
+    let mut masterless: Vec<String> = routes
+        .iter()
+        .flat_map(|r| crate::route::groups_without_master(&r.route))
+        .collect();
+    masterless.sort();
+    masterless.dedup();
+    if !masterless.is_empty() && routes.iter().any(|r| r.writable.is_empty()) {
+        return Error::NoMaster {
+            topic: topics.join(","),
+            brokers: masterless,
+        };
+    }
     match topics {
         [topic] => Error::NoQueue {
             topic: topic.to_string(),
@@ -679,9 +733,9 @@ mod tests {
 
     #[test]
     fn no_queue_names_the_topic_or_all_of_them() {
-        assert!(matches!(no_queue(&["t"]), Error::NoQueue { .. }));
+        assert!(matches!(no_queue(&["t"], &[]), Error::NoQueue { .. }));
         assert!(
-            matches!(no_queue(&["t", "u"]), Error::NoCommonBroker { topics } if topics == ["t", "u"])
+            matches!(no_queue(&["t", "u"], &[]), Error::NoCommonBroker { topics } if topics == ["t", "u"])
         );
     }
 

@@ -67,6 +67,16 @@
 //! handled again in place, the queue waiting). Send with a sharding key
 //! ([`Producer::send_ordered`](crate::Producer::send_ordered)) so that
 //! one key's messages share a queue.
+//!
+//! # Replicated broker groups
+//!
+//! Heartbeats, pulls, offset queries, commits and hand-backs go to a broker
+//! group's master, and to one of its slaves while the master is
+//! unreachable, keeping each queue's position (see the
+//! [pull consumer's docs](crate::consumer) for the details). A commit
+//! answered `FLUSH_SLAVE_TIMEOUT` or `SLAVE_NOT_AVAILABLE` is stored on the
+//! master but not confirmed by enough slaves: it is sent again at the next
+//! commit tick.
 
 mod rebalance;
 mod worker;
@@ -76,7 +86,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -87,6 +96,7 @@ use txmq_protocol::{
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
 
+use super::read_targets::{ReadTargets, Target};
 use super::{ConsumeFrom, ReceivedMessage};
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
@@ -273,8 +283,9 @@ pub(crate) struct Shared<H> {
     pub(crate) handler: Arc<H>,
     pub(crate) pool: ConnectionPool,
     pub(crate) routes: RouteCache,
-    /// Broker name -> address.
-    pub(crate) brokers: DashMap<String, String>,
+    /// Where each broker group is asked (master, or a slave while the
+    /// master is unreachable), from the routes.
+    pub(crate) brokers: ReadTargets,
     pub(crate) workers: Mutex<HashMap<QueueId, WorkerHandle>>,
     /// Counts queues given up; an assignment asked for before the last one
     /// was given up may be stale.
@@ -309,19 +320,10 @@ impl<H> Shared<H> {
         self.subs.iter().find(|s| s.topic == topic)
     }
 
-    /// The connection to a broker named by a route.
-    pub(crate) async fn connect(&self, broker: &str) -> Result<(String, Connection)> {
-        let addr =
-            self.brokers
-                .get(broker)
-                .map(|a| a.clone())
-                .ok_or_else(|| Error::UnknownBroker {
-                    name: broker.to_string(),
-                })?;
-        match self.pool.get(&addr).await {
-            Ok(conn) => Ok((addr, conn)),
-            Err(e) => Err(Error::at_broker(broker, &addr, e)),
-        }
+    /// The connection to a broker group named by a route: its master, or
+    /// a slave while the master is unreachable.
+    pub(crate) async fn connect(&self, broker: &str) -> Result<Target> {
+        self.brokers.connect(&self.pool, broker).await
     }
 }
 
@@ -576,7 +578,7 @@ impl PushConsumerBuilder {
             handler: Arc::new(handler),
             pool,
             routes,
-            brokers: DashMap::new(),
+            brokers: ReadTargets::default(),
             workers: Mutex::new(HashMap::new()),
             released: std::sync::atomic::AtomicU64::new(0),
             commit_failures: std::sync::atomic::AtomicU64::new(0),

@@ -2,7 +2,7 @@
 //! subscribed topics, start a worker for each queue a broker assigns, and
 //! make workers give up queues it no longer assigns.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,14 +39,16 @@ pub(crate) async fn run<H: MessageHandler>(shared: Arc<Shared<H>>) {
     }
 }
 
-/// The brokers serving any subscribed topic, by name.
-async fn brokers<H>(shared: &Shared<H>) -> BTreeMap<String, String> {
-    let mut brokers = BTreeMap::new();
+/// The broker groups serving any subscribed topic, by name; their
+/// addresses go to `shared.brokers`.
+async fn brokers<H>(shared: &Shared<H>) -> BTreeSet<String> {
+    let mut brokers = BTreeSet::new();
     for sub in &shared.subs {
         match shared.routes.get(&sub.topic).await {
             Ok(info) => {
                 for b in &info.route.brokers {
-                    brokers.insert(b.broker_name.clone(), b.addr.clone());
+                    shared.brokers.update(b);
+                    brokers.insert(b.broker_name.clone());
                 }
             }
             Err(Error::NoRoute { .. }) => {
@@ -62,9 +64,6 @@ async fn brokers<H>(shared: &Shared<H>) -> BTreeMap<String, String> {
 /// stop workers to match.
 pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
     let brokers = brokers(shared).await;
-    for (name, addr) in &brokers {
-        shared.brokers.insert(name.clone(), addr.clone());
-    }
     let subscriptions: Vec<Subscription> = shared
         .subs
         .iter()
@@ -84,7 +83,7 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
     // the heartbeats of the next round to the others past their expiry: each
     // heartbeat, connecting included, gets one period.
     let patience = period(shared);
-    let beats = brokers.keys().map(|name| {
+    let beats = brokers.iter().map(|name| {
         let request = Heartbeat {
             group: shared.group.clone(),
             client_id: shared.client_id.clone(),
@@ -100,11 +99,12 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                 .collect(),
         };
         let beat = async move {
-            let (addr, conn) = shared.connect(name).await?;
-            let ok = conn
+            let target = shared.connect(name).await?;
+            let ok = target
+                .conn
                 .call_with_timeout(request, patience)
                 .await
-                .map_err(|e| Error::at_broker(name, &addr, e))?;
+                .map_err(|e| Error::at_broker(name, &target.addr, e))?;
             if ok.expiry_ms > 0 {
                 shared
                     .broker_expiry_ms
@@ -206,10 +206,11 @@ pub(crate) async fn shutdown<H: MessageHandler>(shared: &Shared<H>) -> crate::Re
     shared.stop_rebalance.cancel();
     shared.tracker.close();
     shared.tracker.wait().await;
-    let brokers: Vec<String> = shared.brokers.iter().map(|e| e.key().clone()).collect();
+    let brokers: Vec<String> = shared.brokers.names();
     join_all(brokers.iter().map(|name| async move {
-        if let Ok((_, conn)) = shared.connect(name).await {
-            let _ = conn
+        if let Ok(target) = shared.connect(name).await {
+            let _ = target
+                .conn
                 .call(LeaveGroup {
                     group: shared.group.clone(),
                     client_id: shared.client_id.clone(),

@@ -35,7 +35,7 @@ use txmq_protocol::{
 use super::{lock, ConsumeResult, DeliveryMode, MessageHandler, QueueId, Shared};
 use crate::consumer::offsets::start_offset;
 use crate::consumer::pull_step::{self, Pulled, Trail};
-use crate::consumer::{ConsumeFrom, ReceivedMessage};
+use crate::consumer::{unconfirmed_commit, ConsumeFrom, ReceivedMessage};
 use crate::{Error, Result};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -134,15 +134,16 @@ async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>
             return Ok((*o, Some(*o)));
         }
     }
-    let (addr, conn) = shared.connect(&key.broker_name).await?;
-    let q = conn
+    let target = shared.connect(&key.broker_name).await?;
+    let q = target
+        .conn
         .call(QueryOffset {
             group: shared.group.clone(),
             topic: key.topic.clone(),
             queue: key.queue,
         })
         .await
-        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+        .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))?;
     let committed = if shared.settings.broadcast {
         None
     } else {
@@ -237,6 +238,11 @@ async fn consume<H: MessageHandler>(
                             let mut ahead = Progress::new(r.next_offset, progress.committed);
                             match commit(shared, key, &mut ahead).await {
                                 Committed::Yes => progress.committed = ahead.committed,
+                                // On the master (not on enough slaves yet):
+                                // never commit a lower position after it.
+                                Committed::Unconfirmed => {
+                                    progress.committed = Some(ahead.committable())
+                                }
                                 Committed::NotOwner => break,
                                 Committed::Failed => {
                                     pull_delay = backoff;
@@ -308,7 +314,8 @@ async fn consume<H: MessageHandler>(
     let deadline = tokio::time::Instant::now() + settings.drain_timeout.max(Duration::from_secs(1));
     loop {
         match commit(shared, key, &mut progress).await {
-            Committed::Yes | Committed::NotOwner => return Ok(()),
+            // Unconfirmed: the master holds it; its slaves get it from the master.
+            Committed::Yes | Committed::NotOwner | Committed::Unconfirmed => return Ok(()),
             Committed::Failed if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(MIN_BACKOFF).await;
             }
@@ -331,6 +338,9 @@ enum Committed {
     Failed,
     /// Refused: the queue belongs to another member now.
     NotOwner,
+    /// Stored on the master, but too few of its slaves confirmed it (sync
+    /// replication): committed again at the next tick.
+    Unconfirmed,
 }
 
 /// Sets `cut_off` to [`fenced`] for the queue's broker, logging a change.
@@ -395,17 +405,19 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
         return Committed::Yes;
     }
     let result = async {
-        let (addr, conn) = shared.connect(&key.broker_name).await?;
-        conn.call(CommitOffset {
-            group: shared.group.clone(),
-            topic: key.topic.clone(),
-            queue: key.queue,
-            offset,
-            owner: owner(shared),
-            forward_only: false,
-        })
-        .await
-        .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
+        let target = shared.connect(&key.broker_name).await?;
+        target
+            .conn
+            .call(CommitOffset {
+                group: shared.group.clone(),
+                topic: key.topic.clone(),
+                queue: key.queue,
+                offset,
+                owner: owner(shared),
+                forward_only: false,
+            })
+            .await
+            .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))
     }
     .await;
     match result {
@@ -414,6 +426,12 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
             Committed::Yes
         }
         Err(e) if not_owner(&e) => Committed::NotOwner,
+        Err(e) if e.remoting().is_some_and(unconfirmed_commit) => {
+            // Stored on the master, not yet on enough of its slaves: not
+            // marked committed, so the next tick stores it again.
+            tracing::debug!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit stored on the master only; committing again next tick");
+            Committed::Unconfirmed
+        }
         Err(e) => {
             tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit failed; will retry");
             Committed::Failed
@@ -433,7 +451,7 @@ async fn pull<H>(
         tokio::time::sleep(delay).await;
     }
     let settings = &shared.settings;
-    let (addr, conn) = shared.connect(&key.broker_name).await?;
+    let target = shared.connect(&key.broker_name).await?;
     let request = PullRequest {
         topic: key.topic.clone(),
         queue: key.queue,
@@ -447,7 +465,8 @@ async fn pull<H>(
     };
     let timeout = settings.max_wait + settings.request_timeout;
     pull_step::pull(
-        &conn,
+        &target.conn,
+        target.slave,
         &key.broker_name,
         &shared.group,
         request,
@@ -455,7 +474,7 @@ async fn pull<H>(
         trail,
     )
     .await
-    .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))
+    .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))
 }
 
 /// Runs the handler on one message until it is done with: succeeded,
@@ -556,7 +575,8 @@ async fn send_back<H>(
     delay: Option<Duration>,
     dead_letter: bool,
 ) -> Result<()> {
-    let (addr, conn) = shared.connect(&key.broker_name).await?;
+    let target = shared.connect(&key.broker_name).await?;
+    let (addr, conn) = (&target.addr, &target.conn);
     let mut request = SendBack {
         group: shared.group.clone(),
         log_offset: message.stored.log_offset,
@@ -576,7 +596,7 @@ async fn send_back<H>(
         }
         other => other,
     }
-    .map_err(|e| Error::at_broker(&key.broker_name, &addr, e))?;
+    .map_err(|e| Error::at_broker(&key.broker_name, addr, e))?;
     tracing::debug!(msg_id = %message.msg_id(), topic = %sent.topic, attempt = sent.reconsume_times, "handed back");
     Ok(())
 }
