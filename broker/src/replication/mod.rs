@@ -89,6 +89,9 @@ impl Confirmed {
 struct Replica {
     addr: String,
     acked: u64,
+    /// How far this connection was sent the log (or held it when it
+    /// connected): an acknowledgement past it is refused.
+    sent: u64,
     last_seen: Instant,
     /// The last moment it held everything the master had written then.
     caught_up_at: Option<Instant>,
@@ -254,6 +257,15 @@ impl Replication {
                 "an acknowledgement before any fetch on this connection",
             ));
         };
+        if req.acked > r.sent {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                format!(
+                    "an acknowledgement of position {} from the slave at {}, which was sent the log only up to {}",
+                    req.acked, r.addr, r.sent
+                ),
+            ));
+        }
         let now = Instant::now();
         r.last_seen = now;
         r.acked = r.acked.max(req.acked);
@@ -388,12 +400,15 @@ pub(crate) async fn fetch(
             Replica {
                 addr: req.addr.clone(),
                 acked: req.from,
+                sent: req.from,
                 last_seen: now,
                 caught_up_at: None,
                 mark: None,
             }
         });
         r.last_seen = now;
+        // Its log was checked to agree with this one up to `from`.
+        r.sent = r.sent.max(req.from);
     }
     // A slave with an empty log copies from the start of retention.
     let from = if req.last_record.is_none() {
@@ -433,6 +448,11 @@ pub(crate) async fn fetch(
     }
     let version = topics_version(b);
     let (pos, data) = read.map_or((from, bytes::Bytes::new()), |(p, d, _)| (p, d));
+    if !data.is_empty() {
+        if let Some(r) = rep.replicas().get_mut(&conn.id()) {
+            r.sent = r.sent.max(pos + data.len() as u64);
+        }
+    }
     Ok(ReplicaData {
         pos,
         data,

@@ -312,6 +312,11 @@ fn verify(
     while rel < data.data.len() {
         let at = data.pos + rel as u64;
         match record::check(&data.data[rel..]) {
+            // A checksum over fields that do not fill the record (a master
+            // that wrote it wrong) would be stored, then fail to apply.
+            Check::Valid(n) if !record::well_formed(&data.data[rel..rel + n]) => {
+                return Err(format!("the record at {at} does not decode"));
+            }
             Check::Valid(n) => {
                 let b = &data.data[rel + 4..rel + 8];
                 last = Some(RecordRef {

@@ -413,6 +413,72 @@ pub fn decode_unverified(buf: &Bytes, header_only: bool) -> Option<Record> {
     })
 }
 
+/// Whether the record at `buf[0]` is one [`decode_unverified`] reads
+/// whole: its fields fill it exactly. Builds nothing (no allocation), for a
+/// caller that has run [`check`] and must not store what no reader could
+/// decode (a slave verifying a batch from its master).
+pub fn well_formed(buf: &[u8]) -> bool {
+    struct Cursor<'a> {
+        rec: &'a [u8],
+        pos: usize,
+    }
+    impl Cursor<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            let end = self.pos.checked_add(n)?;
+            let s = self.rec.get(self.pos..end)?;
+            self.pos = end;
+            Some(s)
+        }
+        fn u32(&mut self) -> Option<usize> {
+            let b = self.take(4)?;
+            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        }
+        /// `Some(false)` for an absent string.
+        fn str16(&mut self) -> Option<bool> {
+            let b = self.take(2)?;
+            let n = u16::from_le_bytes([b[0], b[1]]);
+            if n == NONE_LEN {
+                return Some(false);
+            }
+            self.take(n as usize).map(|_| true)
+        }
+    }
+    fn walk(buf: &[u8]) -> Option<()> {
+        let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
+        if len < HEADER_LEN {
+            return None;
+        }
+        let rec = buf.get(..len)?;
+        if rec[8] != VERSION {
+            return None;
+        }
+        RecordKind::from_u8(rec[9])?;
+        let mut c = Cursor {
+            rec,
+            pos: HEADER_LEN,
+        };
+        // Topic, key, tag.
+        for _ in 0..3 {
+            c.str16()?;
+        }
+        let props_len = c.u32()?;
+        let props_end = c.pos.checked_add(props_len)?;
+        while c.pos < props_end {
+            // A property is a present name and a present value.
+            if !c.str16()? || !c.str16()? {
+                return None;
+            }
+        }
+        if c.pos != props_end {
+            return None;
+        }
+        let body_len = c.u32()?;
+        c.take(body_len)?;
+        (c.pos == len).then_some(())
+    }
+    walk(buf).is_some()
+}
+
 struct Reader<'a> {
     buf: &'a Bytes,
     pos: usize,
@@ -539,6 +605,27 @@ mod tests {
             let mut bad = buf.clone();
             bad[i] ^= 0x01;
             assert!(decode(&bad.freeze(), false).is_none(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn well_formed_agrees_with_decode() {
+        let bare = Message::new("t", &b""[..]);
+        for msg in [sample(), bare] {
+            let mut buf = BytesMut::new();
+            encode(&mut buf, head(), &msg);
+            assert!(well_formed(&buf));
+            let decodes = |b: &[u8]| decode_unverified(&Bytes::copy_from_slice(b), false).is_some();
+            for i in 0..buf.len() {
+                for x in [0x01u8, 0x80, 0xff] {
+                    let mut bad = buf.clone();
+                    bad[i] ^= x;
+                    assert_eq!(well_formed(&bad), decodes(&bad), "byte {i} ^ {x:#x}");
+                }
+            }
+            for cut in 0..buf.len() {
+                assert_eq!(well_formed(&buf[..cut]), decodes(&buf[..cut]), "cut {cut}");
+            }
         }
     }
 
