@@ -105,6 +105,11 @@ pub enum RecordKind {
     DelayedCopy = 9,
 }
 
+/// The kind a record's kind byte names, if any.
+pub fn kind_of(b: u8) -> Option<RecordKind> {
+    RecordKind::from_u8(b)
+}
+
 impl RecordKind {
     fn from_u8(b: u8) -> Option<RecordKind> {
         match b {

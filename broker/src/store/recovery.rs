@@ -71,6 +71,20 @@ struct OpenGroup {
     records: Vec<(u64, u32, Record)>,
 }
 
+/// Whether a record belongs to a transaction group: half messages and a
+/// commit's messages carry their group's size in flags (tx ids start at 0,
+/// so aux alone cannot tell).
+fn is_grouped(kind: RecordKind, flags: u16) -> bool {
+    matches!(kind, RecordKind::Half | RecordKind::Message) && flags > 0
+}
+
+/// Whether a record continues the open group of transaction `tx_id` of
+/// kind `group_kind`: groups are written contiguously, so anything else
+/// inside one means it was torn.
+fn continues(tx_id: u64, group_kind: RecordKind, kind: RecordKind, flags: u16, aux: u64) -> bool {
+    is_grouped(kind, flags) && tx_id == aux && group_kind == kind
+}
+
 /// The queues a replayed record may name: found or made.
 pub(crate) trait QueueSet {
     /// Queue `queue` of `topic`, made (with the ones below it) when missing.
@@ -169,6 +183,49 @@ impl ReplayState {
         self.tx_changes.push(change);
     }
 
+    /// Checks that whole records `data` (checksums verified) keep the
+    /// transaction groups whole, from the group open now: a group another
+    /// record interrupts would be read as torn (recovery cuts it), so a
+    /// slave must not store it.
+    ///
+    /// # Errors
+    /// Where and how a group is broken.
+    pub(crate) fn check_groups(&self, pos: u64, data: &[u8]) -> Result<(), String> {
+        let mut open = self
+            .group
+            .as_ref()
+            .map(|g| (g.tx_id, g.kind, g.expected, g.records.len() as u16));
+        let mut rel = 0usize;
+        while let Some(h) = data.get(rel..rel + record::HEADER_LEN) {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let at = pos + rel as u64;
+            let (Some(kind), flags, aux) = (
+                record::kind_of(h[9]),
+                u16::from_le_bytes([h[10], h[11]]),
+                u64::from_le_bytes(h[56..64].try_into().unwrap_or_default()),
+            ) else {
+                return Err(format!("the record at {at} has an unknown kind"));
+            };
+            if let Some((tx_id, group_kind, _, _)) = open {
+                if !continues(tx_id, group_kind, kind, flags, aux) {
+                    return Err(format!(
+                        "the record at {at} interrupts the transaction group of transaction {tx_id}"
+                    ));
+                }
+            }
+            if is_grouped(kind, flags) {
+                let (tx_id, group_kind, expected, seen) =
+                    open.unwrap_or((aux, kind, flags.max(1), 0));
+                open = (seen + 1 < expected).then_some((tx_id, group_kind, expected, seen + 1));
+            }
+            if len == 0 {
+                break;
+            }
+            rel += len;
+        }
+        Ok(())
+    }
+
     /// A slave forgets ended transactions once reported (recovery needs
     /// them for carried groups; live, a carried group is always pending).
     pub(crate) fn forget_ended(&mut self) {
@@ -196,12 +253,9 @@ impl Replayer<'_> {
         pos: u64,
         size: u32,
     ) -> Result<Option<u64>, StoreError> {
-        // Half messages and a commit's messages carry their group's size in
-        // flags (tx ids start at 0, so aux alone cannot tell).
-        let grouped = matches!(rec.kind, RecordKind::Half | RecordKind::Message) && rec.flags > 0;
+        let grouped = is_grouped(rec.kind, rec.flags);
         if let Some(open) = &self.state.group {
-            let same = grouped && open.tx_id == rec.aux && open.kind == rec.kind;
-            if !same {
+            if !continues(open.tx_id, open.kind, rec.kind, rec.flags, rec.aux) {
                 // Groups are written contiguously: another record inside one
                 // means it was torn (only possible at the tail).
                 return Ok(Some(open.start));

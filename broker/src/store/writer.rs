@@ -467,6 +467,23 @@ impl Writer {
                 ),
             );
         }
+        // The group check below reads the replay state, which a replicated
+        // batch already in this chunk has not moved yet: write that first.
+        if self
+            .chunk
+            .iter()
+            .any(|e| matches!(e, Encoded::Replicated { .. }))
+        {
+            self.write_chunk();
+        }
+        if let Some(rw) = &self.replica {
+            if let Err(why) = rw.state.check_groups(pos, &data) {
+                return fail_reply(
+                    reply,
+                    StoreError::Invalid(format!("replicated data refused: {why}")),
+                );
+            }
+        }
         let at = self.at();
         let seg_size = self.store.log.segment_size();
         if pos != at && (pos < at || !pos.is_multiple_of(seg_size)) {
