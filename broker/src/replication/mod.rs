@@ -44,6 +44,12 @@ use crate::BrokerInner;
 const MAX_FETCH_BYTES: u32 = 4 << 20;
 /// The longest a fetch may wait for data.
 const MAX_FETCH_WAIT: Duration = Duration::from_secs(5);
+/// Under async replication, a fetch with less than this much data waits up
+/// to [`LINGER`] for more: fewer, larger frames cost the slaves (and the
+/// master) less per record, and nobody waits for them.
+const LINGER_BELOW: usize = 256 << 10;
+/// See [`LINGER_BELOW`].
+const LINGER: Duration = Duration::from_millis(5);
 
 /// What sync replication made of a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,6 +440,22 @@ pub(crate) async fn fetch(
                 .read_log(from, max_bytes, limit)
                 .map_err(|e| read_error(b, &req, e))?;
         }
+    }
+    let small = read
+        .as_ref()
+        .is_some_and(|(_, data, _)| data.len() < LINGER_BELOW.min(max_bytes));
+    if small && rep.config.mode == ReplicationMode::Async {
+        // A plain sleep: waiting on the log's end would wake this task at
+        // every write.
+        tokio::select! {
+            () = tokio::time::sleep(LINGER) => {}
+            _ = b.shutdown.cancelled() => {}
+        }
+        limit = b.store.shippable_end();
+        read = b
+            .store
+            .read_log(from, max_bytes, limit)
+            .map_err(|e| read_error(b, &req, e))?;
     }
     if let Some((_, data, records)) = &read {
         // Reached by an ack, this mark says the slave held what the master had now.
