@@ -321,6 +321,19 @@ pub(crate) struct StoreInner {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
+impl StoreInner {
+    /// Wakes whoever waits for the log to grow (a master's replica
+    /// fetches); nothing, not even a lock, when nobody does.
+    fn announce_written(&self, end: u64) {
+        // Pairs with the fence in `wait_shippable`: a waiter that
+        // subscribed after this reads the new end, or this sees it.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.written_tx.receiver_count() > 0 {
+            self.written_tx.send_replace(end);
+        }
+    }
+}
+
 /// Told of transaction changes replicated records made (a slave's table).
 pub type TxListener = Box<dyn Fn(Vec<TxChange>) + Send + Sync>;
 
@@ -1099,8 +1112,12 @@ impl Store {
         let _ = tokio::time::timeout(timeout, async {
             match self.inner.config.flush {
                 FlushMode::Async => {
+                    // The watch is only updated while someone listens, so
+                    // its value may be stale: the position is read from
+                    // the writer's own counter, after subscribing.
                     let mut w = self.inner.written_tx.subscribe();
-                    let _ = w.wait_for(|end| *end > after).await;
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    let _ = w.wait_for(|_| self.log_end() > after).await;
                 }
                 FlushMode::Sync => {
                     let mut w = self.inner.flush_state.subscribe();

@@ -707,7 +707,7 @@ impl Writer {
         self.segment = Some(seg);
         self.pos = next_start;
         self.store.written.store(next_start, Ordering::Release);
-        self.store.written_tx.send_replace(next_start);
+        self.store.announce_written(next_start);
         Ok(())
     }
 
@@ -816,7 +816,7 @@ impl Writer {
                     self.pos = end;
                     self.store.written.store(end, Ordering::Release);
                 }
-                self.store.written_tx.send_replace(end);
+                self.store.announce_written(end);
                 if !replicated_tx.is_empty() {
                     if let Some(listener) = self.store.tx_listener.get() {
                         listener(replicated_tx);
