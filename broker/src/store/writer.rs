@@ -110,6 +110,11 @@ pub(crate) struct Writer {
     offset_changes: Vec<((String, String, u32), u64)>,
     /// Records encoded into `buf`.
     chunk_records: u64,
+    /// A slave: replicated records of this chunk, written as they came
+    /// (never copied into `buf`, which is empty while these are not).
+    pieces: Vec<bytes::Bytes>,
+    /// Their bytes.
+    pieces_len: usize,
     /// On a slave: replay state for replicated records.
     replica: Option<ReplicaWrite>,
 }
@@ -138,6 +143,8 @@ impl Writer {
             tx_changes: Vec::new(),
             offset_changes: Vec::new(),
             chunk_records: 0,
+            pieces: Vec::new(),
+            pieces_len: 0,
             replica,
         })
     }
@@ -148,7 +155,7 @@ impl Writer {
     pub(crate) fn process(&mut self, batch: &mut Vec<WriteCmd>) {
         for cmd in batch.drain(..) {
             self.encode(cmd);
-            if self.buf.len() >= MAX_BATCH_BYTES {
+            if self.chunk_len() >= MAX_BATCH_BYTES {
                 self.write_chunk();
             }
         }
@@ -165,7 +172,12 @@ impl Writer {
     }
 
     fn at(&self) -> u64 {
-        self.pos + self.buf.len() as u64
+        self.pos + self.chunk_len() as u64
+    }
+
+    /// Bytes of the chunk being built: encoded records or replicated pieces.
+    fn chunk_len(&self) -> usize {
+        self.buf.len() + self.pieces_len
     }
 
     fn encode(&mut self, cmd: WriteCmd) {
@@ -178,6 +190,10 @@ impl Writer {
             }
             other => other,
         };
+        // Encoded records and replicated pieces never share a chunk.
+        if !self.pieces.is_empty() {
+            self.write_chunk();
+        }
         let empty = Default::default();
         // A command's records are one group in one segment: they are written
         // (and, after a crash, recovered or cut) together.
@@ -513,7 +529,11 @@ impl Writer {
                 );
             }
         }
-        self.buf.extend_from_slice(&data);
+        if !self.buf.is_empty() {
+            self.write_chunk();
+        }
+        self.pieces_len += data.len();
+        self.pieces.push(data.clone());
         let mut rel = 0usize;
         while let Some(b) = data.get(rel..rel + 4) {
             let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
@@ -717,6 +737,17 @@ impl Writer {
             return;
         }
         let result = match &self.segment {
+            Some(seg) if !self.pieces.is_empty() => {
+                let mut at = self.pos - seg.start;
+                self.pieces
+                    .iter()
+                    .try_for_each(|p| {
+                        let written = seg.file.write_all_at(p, at);
+                        at += p.len() as u64;
+                        written
+                    })
+                    .map_err(|e| StoreError::io("cannot write the commit log", &e))
+            }
             Some(seg) => seg
                 .file
                 .write_all_at(&self.buf, self.pos - seg.start)
@@ -734,7 +765,7 @@ impl Writer {
                 stats.writes.fetch_add(1, Ordering::Relaxed);
                 stats
                     .bytes
-                    .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+                    .fetch_add(self.chunk_len() as u64, Ordering::Relaxed);
                 stats
                     .records
                     .fetch_add(self.chunk_records, Ordering::Relaxed);
@@ -842,7 +873,7 @@ impl Writer {
                 // to a new segment, recovery would meet it as a corrupt
                 // record in the middle of the log. Zero it, or stop writing.
                 let zeroed = self.segment.as_ref().is_some_and(|seg| {
-                    let zeros = vec![0u8; self.buf.len()];
+                    let zeros = vec![0u8; self.chunk_len()];
                     seg.file.write_all_at(&zeros, self.pos - seg.start).is_ok()
                 });
                 if !zeroed {
@@ -859,6 +890,8 @@ impl Writer {
             }
         }
         self.buf.clear();
+        self.pieces.clear();
+        self.pieces_len = 0;
         self.cq_buf.clear();
         self.next.clear();
         self.chunk_records = 0;
