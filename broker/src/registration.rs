@@ -324,13 +324,20 @@ fn record(b: &BrokerInner, ns: &str, link: &mut Link, conn: Option<Connection>, 
     }
 }
 
-async fn connect(b: &BrokerInner, ns: &str) -> Result<Connection, String> {
-    let hello = Hello {
+/// The hello this broker says to a nameserver (`Role::Broker`) or to its
+/// master (`Role::Replica`).
+pub(crate) fn hello(b: &BrokerInner, role: Role) -> Hello {
+    Hello {
         version: PROTOCOL_VERSION,
-        role: Role::Broker,
+        role,
         client_id: format!("{}@{}", b.config.broker_name, b.advertised_addr),
         group: None,
-    };
+    }
+}
+
+/// A connection to nameserver `ns`.
+pub(crate) async fn connect(b: &BrokerInner, ns: &str) -> Result<Connection, String> {
+    let hello = hello(b, Role::Broker);
     let config = ConnectionConfig {
         request_timeout: REQUEST_TIMEOUT,
         ..Default::default()

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use txmq_protocol::{
-    BrokerRole, CommitOffset, ErrorCode, GetCluster, Hello, RecordRef, ReplicaAck, ReplicaData,
-    ReplicaFetch, Role, TopicConfig, PROTOCOL_VERSION,
+    BrokerRole, CommitOffset, ErrorCode, GetCluster, RecordRef, ReplicaAck, ReplicaData,
+    ReplicaFetch, Role, TopicConfig,
 };
 use txmq_remoting::{Connection, ConnectionConfig, Error};
 
@@ -104,17 +104,7 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
 /// The group's master, as the nameservers know it.
 async fn find_master(b: &BrokerInner, nameservers: &[String]) -> Option<String> {
     for ns in nameservers {
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            role: Role::Broker,
-            client_id: format!("{}@{}", b.config.broker_name, b.advertised_addr),
-            group: None,
-        };
-        let config = ConnectionConfig {
-            request_timeout: Duration::from_secs(3),
-            ..Default::default()
-        };
-        let Ok(conn) = Connection::connect(ns, hello, None, config).await else {
+        let Ok(conn) = crate::registration::connect(b, ns).await else {
             continue;
         };
         let cluster = conn.call(GetCluster {}).await;
@@ -159,12 +149,7 @@ fn classify(master: &str, e: Error) -> Stop {
 /// One connection to the master: fetch, verify, append, acknowledge, with
 /// the next fetch in flight while a batch is written.
 async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), Stop> {
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Replica,
-        client_id: format!("{}@{}", b.config.broker_name, b.advertised_addr),
-        group: None,
-    };
+    let hello = crate::registration::hello(b, Role::Replica);
     let config = ConnectionConfig {
         max_frame_len: b.config.max_frame_size.max(FETCH_BYTES as usize * 2),
         request_timeout: Duration::from_secs(10),

@@ -656,54 +656,37 @@ pub(crate) fn recover(
     if let Some(seg) = log.segment_for(end.saturating_sub(1)).filter(|_| end > 0) {
         seg.set_used_until(end);
     }
-    if config.replica {
-        // A slave continues right after its last whole record, at the
-        // master's positions: no fresh segment (positions are the
-        // master's to hand out), and nothing of its own past that record.
+    // A master starts a fresh segment past every position used before. A
+    // slave continues right after its last whole record, at the master's
+    // positions (they are the master's to hand out), with nothing of its
+    // own past that record.
+    let (end, last_record, fresh) = if config.replica {
         let last = last_record_before(&log, end);
-        let end = last.map_or(0, |r| r.pos + u64::from(r.len));
-        log.cut(end, u64::MAX)
-            .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
-        let log_min = log.min_offset();
-        for cq in queues.values().flatten() {
-            cq.recover(log_min, end).map_err(|e| {
-                StoreError::io(
-                    format!("cannot recover consume queue {}/{}", cq.topic, cq.queue),
-                    &e,
-                )
-            })?;
-        }
-        tracing::info!(
-            end,
-            pending_transactions = transactions.pending.len(),
-            elapsed = ?started.elapsed(),
-            "slave store recovered"
-        );
-        return Ok(Recovered {
-            log,
-            queues,
-            offsets,
-            transactions,
-            end,
-            last_record: last.map(|r| RecordRef {
-                pos: r.pos,
-                crc: r.crc,
-            }),
-        });
-    }
-    // Created before the cut deletes anything: a crash in between leaves it
-    // on disk, so the next start begins past it too.
-    log.create_segment(next_start).map_err(|e| {
-        StoreError::io(
-            format!("cannot create commit-log segment at {next_start}"),
-            &e,
+        let ref_of = |r: RecordAt| RecordRef {
+            pos: r.pos,
+            crc: r.crc,
+        };
+        (
+            last.map_or(0, |r| r.pos + u64::from(r.len)),
+            last.map(ref_of),
+            None,
         )
-    })?;
+    } else {
+        (end, None, Some(next_start))
+    };
+    if let Some(start) = fresh {
+        // Created before the cut deletes anything: a crash in between
+        // leaves it on disk, so the next start begins past it too.
+        log.create_segment(start).map_err(|e| {
+            StoreError::io(format!("cannot create commit-log segment at {start}"), &e)
+        })?;
+    }
     // Zero whatever lies past the end (a torn tail, or bytes a lost write
     // left behind), so that nothing stale can ever read as a record; empty
-    // segments between the end and the new one go.
-    if end < next_start {
-        log.cut(end, next_start)
+    // segments between the end and the new one (a slave: all later ones) go.
+    let until = fresh.unwrap_or(u64::MAX);
+    if end < until {
+        log.cut(end, until)
             .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
     }
     let log_min = log.min_offset();
@@ -717,7 +700,8 @@ pub(crate) fn recover(
     }
     tracing::info!(
         end,
-        next_start,
+        next_start = fresh,
+        slave = config.replica,
         verified_bytes = end.saturating_sub(verify_from),
         pending_transactions = transactions.pending.len(),
         queues = queues.values().map(Vec::len).sum::<usize>(),
@@ -729,8 +713,8 @@ pub(crate) fn recover(
         queues,
         offsets,
         transactions,
-        end: next_start,
-        last_record: None,
+        end: fresh.unwrap_or(end),
+        last_record,
     })
 }
 
