@@ -28,11 +28,9 @@ use txmq::{
     TransactionProducer, TransactionState, TxContext, TxState,
 };
 use txmq_protocol::{
-    Call, CommitOffset, CreateTopic, GetReplication, Hello, ListTransactions, MsgId, PullRequest,
-    QueryOffset, ReplicationInfo, Role, SendRequest, StoredMessage, TransactionList,
-    PERM_READ_WRITE, PROTOCOL_VERSION,
+    Call, CommitOffset, CreateTopic, ListTransactions, MsgId, QueryOffset, ReplicationInfo, Role,
+    SendRequest, StoredMessage, TransactionList, PERM_READ_WRITE,
 };
-use txmq_remoting::{Connection, ConnectionConfig};
 use txmq_tests::{BrokerProcess, Cluster};
 
 const GROUP_NAME: &str = "broker-a";
@@ -141,28 +139,9 @@ async fn wait_for_master(ns: &str, topic: &str, addr: &str) {
     admin.close();
 }
 
-/// A connection to the broker at `addr` as an administrative tool.
-async fn connect(addr: &str) -> Result<Connection, txmq_remoting::Error> {
-    Connection::connect(
-        addr,
-        Hello {
-            version: PROTOCOL_VERSION,
-            role: Role::Admin,
-            client_id: "replication-test".into(),
-            group: None,
-        },
-        None,
-        ConnectionConfig {
-            request_timeout: Duration::from_secs(5),
-            ..Default::default()
-        },
-    )
-    .await
-}
-
 /// One request to the broker at `addr` over a connection of its own.
 async fn call<C: Call>(addr: &str, request: C) -> Result<C::Reply, txmq_remoting::Error> {
-    let conn = connect(addr).await?;
+    let conn = common::try_connect_as(addr, Role::Admin).await?;
     let reply = conn.call(request).await;
     conn.close();
     reply
@@ -181,12 +160,6 @@ async fn create_topic(addr: &str, topic: &str, queues: u32) {
     .unwrap_or_else(|e| panic!("create {topic} at {addr}: {e}"));
 }
 
-async fn replication(addr: &str) -> Box<ReplicationInfo> {
-    call(addr, GetReplication {})
-        .await
-        .unwrap_or_else(|e| panic!("GetReplication at {addr}: {e}"))
-}
-
 fn replica<'a>(r: &'a ReplicationInfo, addr: &str) -> Option<&'a txmq_protocol::ReplicaInfo> {
     r.replicas.iter().find(|x| x.addr == addr)
 }
@@ -198,10 +171,10 @@ async fn wait_replication(
     limit: Duration,
     what: &str,
     done: impl Fn(&ReplicationInfo) -> bool,
-) -> Box<ReplicationInfo> {
+) -> ReplicationInfo {
     let deadline = Instant::now() + limit;
     loop {
-        let r = replication(addr).await;
+        let r = common::replication(addr).await;
         if done(&r) {
             return r;
         }
@@ -211,58 +184,6 @@ async fn wait_replication(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Every message of `topic` stored at `addr`, queue by queue in offset
-/// order, read with plain pulls from offset 0 to the queue's end.
-async fn pull_all(addr: &str, topic: &str, queues: u32) -> Vec<StoredMessage> {
-    let conn = connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    let mut all = Vec::new();
-    for queue in 0..queues {
-        all.extend(pull_range(&conn, topic, queue, 0, u64::MAX).await);
-    }
-    conn.close();
-    all
-}
-
-/// The messages of one queue from `from` up to `to` or the queue's end.
-async fn pull_range(
-    conn: &Connection,
-    topic: &str,
-    queue: u32,
-    from: u64,
-    to: u64,
-) -> Vec<StoredMessage> {
-    let mut got = Vec::new();
-    let mut offset = from;
-    while offset < to {
-        let r = conn
-            .call(PullRequest {
-                topic: topic.into(),
-                queue,
-                offset,
-                max_messages: 32,
-                max_wait_ms: 0,
-                tag_filter: Vec::new(),
-                owner: None,
-                epoch: 0,
-                after: None,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("pull {topic}/{queue}@{offset}: {e}"));
-        for m in r.messages {
-            if m.queue_offset < to {
-                got.push(m);
-            }
-        }
-        if r.next_offset <= offset || r.next_offset >= r.max_offset {
-            break;
-        }
-        offset = r.next_offset;
-    }
-    got
 }
 
 /// Sends `body` to queue `queue` of `topic` at the broker at `addr`; the
@@ -541,10 +462,10 @@ async fn kill_the_master_under_writes(min_insync: u32) {
     let mut pending_on: HashMap<u64, usize> = HashMap::new();
     let mut ends = Vec::new();
     for slave in &group.slaves {
-        let info = replication(&slave.addr).await;
+        let info = common::replication(&slave.addr).await;
         assert_eq!(info.error, None, "slave {} stopped replicating", slave.addr);
         ends.push(info.log_end);
-        let stored = pull_all(&slave.addr, TOPIC, QUEUES).await;
+        let stored = common::pull_all(&slave.addr, TOPIC, QUEUES).await;
         let mut seen: HashMap<String, (usize, MsgId)> = HashMap::new();
         for m in &stored {
             let e = seen.entry(body(m)).or_insert((0, m.message.msg_id));
@@ -650,7 +571,10 @@ async fn kill_the_master_under_writes(min_insync: u32) {
     )
     .await;
     for slave in &group.slaves {
-        assert_eq!(replication(&slave.addr).await.log_end, master.log_end);
+        assert_eq!(
+            common::replication(&slave.addr).await.log_end,
+            master.log_end
+        );
         assert_same_log(&group.master.data_dir, &slave.data_dir, master.log_end);
     }
     producer.close();
@@ -711,7 +635,9 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
                     .send_in_transaction(Message::new(TOPIC, format!("tx-{n}")))
                     .await;
                 let q = (n % u64::from(QUEUES)) as u32;
-                let conn = connect(&master).await.expect("connect master");
+                let conn = common::try_connect_as(&master, Role::Admin)
+                    .await
+                    .expect("connect master");
                 let end = conn
                     .call(QueryOffset {
                         group: GROUP.into(),
@@ -739,10 +665,10 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     tokio::task::block_in_place(|| group.slaves[0].kill9());
-    let before_kill = replication(&group.master.addr).await.log_end;
+    let before_kill = common::replication(&group.master.addr).await.log_end;
     // The master keeps writing while the slave is away.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while replication(&group.master.addr).await.log_end < before_kill + 20_000 {
+    while common::replication(&group.master.addr).await.log_end < before_kill + 20_000 {
         assert!(Instant::now() < deadline, "the master took no writes");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -769,15 +695,15 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
     )
     .await;
     let slave = &group.slaves[0];
-    let info = replication(&slave.addr).await;
+    let info = common::replication(&slave.addr).await;
     assert_eq!(
         info.log_end, master.log_end,
         "the slave's log ends elsewhere"
     );
     assert_same_log(&group.master.data_dir, &slave.data_dir, master.log_end);
 
-    let on_master = pull_all(&group.master.addr, TOPIC, QUEUES).await;
-    let on_slave = pull_all(&slave.addr, TOPIC, QUEUES).await;
+    let on_master = common::pull_all(&group.master.addr, TOPIC, QUEUES).await;
+    let on_slave = common::pull_all(&slave.addr, TOPIC, QUEUES).await;
     let ids = |v: &[StoredMessage]| -> Vec<(u32, u64, MsgId)> {
         v.iter()
             .map(|m| (m.queue, m.queue_offset, m.message.msg_id))
@@ -870,7 +796,7 @@ async fn a_stopped_slave_drops_out_of_sync_and_the_master_keeps_answering() {
         let status = send_status(&producer, TOPIC, n).await;
         n += 1;
         assert_eq!(status, Ok(SendStatus::SendOk), "with one slave stopped");
-        let r = replication(&group.master.addr).await;
+        let r = common::replication(&group.master.addr).await;
         if replica(&r, &s0.addr).is_some_and(|x| !x.in_sync) {
             assert!(
                 replica(&r, &s1.addr).is_some_and(|x| x.in_sync),
@@ -904,7 +830,7 @@ async fn a_stopped_slave_drops_out_of_sync_and_the_master_keeps_answering() {
             status,
             Ok(SendStatus::FlushSlaveTimeout | SendStatus::SlaveNotAvailable)
         ) {
-            let r = replication(&group.master.addr).await;
+            let r = common::replication(&group.master.addr).await;
             panic!(
                 "with both slaves stopped a send was answered {status:?} (so far {statuses:?}); the master says {r:#?}"
             );
@@ -915,7 +841,7 @@ async fn a_stopped_slave_drops_out_of_sync_and_the_master_keeps_answering() {
             "never SLAVE_NOT_AVAILABLE: {statuses:?}"
         );
     }
-    let r = replication(&group.master.addr).await;
+    let r = common::replication(&group.master.addr).await;
     assert!(r.replicas.iter().all(|x| !x.in_sync), "{r:#?}");
 
     s0.signal("CONT");
@@ -965,17 +891,19 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
     producer.close();
 
     // The group consumes part of each queue at the master and commits there.
-    let master = connect(&group.master.addr).await.expect("connect master");
+    let master = common::try_connect_as(&group.master.addr, Role::Admin)
+        .await
+        .expect("connect master");
     let mut consumed: Vec<String> = Vec::new();
     let first_part = [7u64, 12];
     for q in 0..QUEUES {
-        let got = pull_range(&master, TOPIC, q, 0, first_part[q as usize]).await;
+        let got = common::pull_range(&master, TOPIC, q, 0, first_part[q as usize]).await;
         consumed.extend(got.iter().map(body));
         commit_offset(&group.master.addr, GROUP, TOPIC, q, first_part[q as usize]).await;
     }
     master.close();
     let slave_addr = group.slaves[0].addr.clone();
-    let master_end = replication(&group.master.addr).await.log_end;
+    let master_end = common::replication(&group.master.addr).await.log_end;
     wait_replication(
         &slave_addr,
         Duration::from_secs(10),
@@ -988,7 +916,9 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
 
     // The rest from the slave, from where the group left off, committing
     // at the slave in two steps.
-    let slave = connect(&slave_addr).await.expect("connect slave");
+    let slave = common::try_connect_as(&slave_addr, Role::Admin)
+        .await
+        .expect("connect slave");
     let mut highest = first_part;
     for q in 0..QUEUES {
         let qi = q as usize;
@@ -1001,7 +931,7 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
         let middle = (first_part[qi] + PER_QUEUE) / 2;
         for to in [middle, PER_QUEUE] {
             let from = highest[qi];
-            let got = pull_range(&slave, TOPIC, q, from, to).await;
+            let got = common::pull_range(&slave, TOPIC, q, from, to).await;
             assert_eq!(
                 got.len() as u64,
                 to - from,
@@ -1179,12 +1109,16 @@ async fn slave_of_another_history(own_messages: usize, others: usize) {
             .expect("send to M");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let later = replication(&d.addr).await;
+    let later = common::replication(&d.addr).await;
     assert_eq!(later.log_end, end, "the diverged slave's log moved");
     assert_eq!(later.error, info.error);
 
     // It still serves its own data.
-    let stored: Vec<String> = pull_all(&d.addr, TOPIC, 1).await.iter().map(body).collect();
+    let stored: Vec<String> = common::pull_all(&d.addr, TOPIC, 1)
+        .await
+        .iter()
+        .map(body)
+        .collect();
     assert_eq!(
         stored, own,
         "the diverged slave does not serve its own messages"
@@ -1252,7 +1186,7 @@ async fn a_pull_consumer_carries_on_from_the_slave_and_its_commits_reach_the_ret
         at_master[q] = at_master[q].max(m.queue_offset() + 1);
     }
     let slave_addr = group.slaves[0].addr.clone();
-    let end = replication(&group.master.addr).await.log_end;
+    let end = common::replication(&group.master.addr).await.log_end;
     wait_replication(
         &slave_addr,
         Duration::from_secs(10),

@@ -38,9 +38,9 @@ use tokio_util::sync::CancellationToken;
 use txmq::{Message, SendStatus};
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
-    CreateTopic, Done, ErrorCode, Frame, FrameCodec, GetReplication, Hello, Ping, PullRequest,
-    RecordRef, ReplicaAck, ReplicaData, ReplicaFetch, ReplicationInfo, Request, Response, Role,
-    StoredMessage, TopicConfig, WireError, PERM_READ_WRITE, PROTOCOL_VERSION,
+    CreateTopic, Done, ErrorCode, Frame, FrameCodec, Ping, RecordRef, ReplicaAck, ReplicaData,
+    ReplicaFetch, Request, Response, Role, StoredMessage, TopicConfig, WireError, PERM_READ_WRITE,
+    PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, ConnectionConfig, Service};
@@ -58,48 +58,9 @@ const BAD_BATCH: &str = "the master sent a bad batch; nothing of it was written"
 const SEGMENT_SIZE: u64 = 8 << 20;
 const GROUP: &str = "broker-a";
 
-fn hello(role: Role) -> Hello {
-    Hello {
-        version: PROTOCOL_VERSION,
-        role,
-        client_id: "replication-faults-test".into(),
-        group: None,
-    }
-}
-
-async fn connect(addr: &str, role: Role) -> Connection {
-    Connection::connect(addr, hello(role), None, ConnectionConfig::default())
-        .await
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
-}
-
-/// A broker's replication state, asked over a fresh admin connection.
-async fn replication(addr: &str) -> ReplicationInfo {
-    let conn = connect(addr, Role::Admin).await;
-    let info = conn
-        .call(GetReplication {})
-        .await
-        .unwrap_or_else(|e| panic!("GetReplication at {addr}: {e}"));
-    conn.close();
-    *info
-}
-
-/// Polls `check` every 50 ms until it holds; panics with `what` after `limit`.
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Creates `topic` (one queue) on the master and waits until it is routed.
 async fn create_topic(ns: &str, master: &str, topic: &str) {
-    let conn = connect(master, Role::Admin).await;
+    let conn = common::connect_as(master, Role::Admin).await;
     conn.call(CreateTopic {
         topic: topic.into(),
         queues: 1,
@@ -109,37 +70,6 @@ async fn create_topic(ns: &str, master: &str, topic: &str) {
     .unwrap_or_else(|e| panic!("create {topic}: {e}"));
     conn.close();
     common::wait_for_route(ns, topic, &[GROUP]).await;
-}
-
-/// Every message of queue 0 of `topic` on the broker at `addr`, pulled
-/// directly (a slave serves pulls too).
-async fn pull_all(addr: &str, topic: &str) -> Vec<StoredMessage> {
-    let conn = connect(addr, Role::Consumer).await;
-    let mut got = Vec::new();
-    let mut offset = 0;
-    loop {
-        let r = conn
-            .call(PullRequest {
-                topic: topic.into(),
-                queue: 0,
-                offset,
-                max_messages: 256,
-                max_wait_ms: 0,
-                tag_filter: Vec::new(),
-                owner: None,
-                epoch: 0,
-                after: None,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("pull {topic} at {addr}: {e}"));
-        if r.messages.is_empty() && r.next_offset <= offset {
-            break;
-        }
-        offset = r.next_offset;
-        got.extend(r.messages);
-    }
-    conn.close();
-    got
 }
 
 fn body_set(messages: &[StoredMessage]) -> HashSet<String> {
@@ -212,9 +142,9 @@ fn assert_same_log(master: &Path, slave: &Path) {
 /// Waits until the slave holds the master's whole log, without an error.
 async fn wait_caught_up(master: &str, slave: &str, limit: Duration) -> u64 {
     let end = std::cell::Cell::new(0);
-    wait_until("the slave holds the master's log", limit, || async {
-        let m = replication(master).await;
-        let s = replication(slave).await;
+    common::wait_until("the slave holds the master's log", limit, || async {
+        let m = common::replication(master).await;
+        let s = common::replication(slave).await;
         assert_eq!(s.error, None, "the slave stopped replicating");
         end.set(m.log_end);
         s.log_end == m.log_end && m.log_end > 0
@@ -226,10 +156,16 @@ async fn wait_caught_up(master: &str, slave: &str, limit: Duration) -> u64 {
 /// Waits until the master counts its slave in sync (sends under sync
 /// replication then get `SEND_OK`).
 async fn wait_in_sync(master: &str) {
-    wait_until(
+    common::wait_until(
         "the master has a slave in sync",
         Duration::from_secs(20),
-        || async { replication(master).await.replicas.iter().any(|r| r.in_sync) },
+        || async {
+            common::replication(master)
+                .await
+                .replicas
+                .iter()
+                .any(|r| r.in_sync)
+        },
     )
     .await;
 }
@@ -268,7 +204,7 @@ impl Raw {
         };
         raw.write(&encode(&Frame::Request(
             1,
-            Request::Hello(hello(Role::Replica)),
+            Request::Hello(common::hello(Role::Replica)),
         )))
         .await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -336,7 +272,7 @@ fn fetch(from: u64, last_record: Option<RecordRef>) -> ReplicaFetch {
 
 /// Sends `req` on a fresh replica connection; returns the refusal.
 async fn refused(master: &str, req: ReplicaFetch) -> WireError {
-    let conn = connect(master, Role::Replica).await;
+    let conn = common::connect_as(master, Role::Replica).await;
     let r = conn.call(req.clone()).await;
     conn.close();
     match r {
@@ -423,18 +359,18 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     }
     let mut before = send_ok(&p, "rf", "before", 10).await;
     let first = master_dir.join("commitlog").join(format!("{:020}", 0));
-    wait_until(
+    common::wait_until(
         "retention deletes the first segment",
         Duration::from_secs(20),
         || async { !first.exists() },
     )
     .await;
-    let info = replication(&master.addr).await;
+    let info = common::replication(&master.addr).await;
     let end = info.log_end;
     let (pos, crc, len) = a_record_of(&master_dir);
 
     // Control: the right record, at its end, is served.
-    let conn = connect(&master.addr, Role::Replica).await;
+    let conn = common::connect_as(&master.addr, Role::Replica).await;
     let served = conn
         .call(fetch(pos + len, Some(RecordRef { pos, crc })))
         .await
@@ -513,7 +449,7 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
         ErrorCode::ReplicaPositionUnavailable,
         &["starts at", &min.to_string()],
     );
-    let conn = connect(&master.addr, Role::Replica).await;
+    let conn = common::connect_as(&master.addr, Role::Replica).await;
     let served = conn
         .call(fetch(0, None))
         .await
@@ -537,7 +473,7 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     assert_error(&e, ErrorCode::BadArgument, &["'broker-a'", "'broker-b'"]);
 
     // A fetch on a connection that did not say hello as a replica.
-    let conn = connect(&master.addr, Role::Admin).await;
+    let conn = common::connect_as(&master.addr, Role::Admin).await;
     let e = conn.call(fetch(0, None)).await.expect_err("refused");
     conn.close();
     assert_error(
@@ -547,7 +483,7 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     );
 
     // An acknowledgement before any fetch.
-    let conn = connect(&master.addr, Role::Replica).await;
+    let conn = common::connect_as(&master.addr, Role::Replica).await;
     let e = conn
         .call(ReplicaAck { acked: end })
         .await
@@ -562,11 +498,11 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     // Meanwhile the real slave replicates and sends are acknowledged by it.
     before.extend(send_ok(&p, "rf", "after", 10).await);
     let end = wait_caught_up(&master.addr, &slave.addr, Duration::from_secs(10)).await;
-    let on_slave = body_set(&pull_all(&slave.addr, "rf").await);
+    let on_slave = body_set(&common::pull_all(&slave.addr, "rf", 1).await);
     for b in &before {
         assert!(on_slave.contains(b), "{b} is on the slave");
     }
-    let m = replication(&master.addr).await;
+    let m = common::replication(&master.addr).await;
     assert!(m.log_end >= end);
     let addrs: Vec<&str> = m.replicas.iter().map(|r| r.addr.as_str()).collect();
     assert_eq!(
@@ -575,7 +511,7 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
         "only the real slave is a replica"
     );
     assert!(m.replicas[0].in_sync, "{m:?}");
-    assert!(replication(&slave.addr).await.error.is_none());
+    assert!(common::replication(&slave.addr).await.error.is_none());
     p.close();
     drop(slave);
     drop(master);
@@ -622,7 +558,7 @@ async fn a_replica_cannot_acknowledge_what_it_was_never_sent() {
 
     // A replica fetches the log from its start, then acknowledges far past
     // anything it was sent (and past the master's end).
-    let conn = connect(&master.addr, Role::Replica).await;
+    let conn = common::connect_as(&master.addr, Role::Replica).await;
     let data = conn.call(fetch(0, None)).await.expect("served");
     let bogus = data.master_end + (1 << 40);
     let acked = conn.call(ReplicaAck { acked: bogus }).await;
@@ -740,7 +676,7 @@ impl FakeGroup {
         let p = producer(ns).await;
         let sent = send_ok(&p, "rf", "good", 10).await;
         p.close();
-        let conn = connect(&real.addr, Role::Replica).await;
+        let conn = common::connect_as(&real.addr, Role::Replica).await;
         let good = conn
             .call(fetch(0, None))
             .await
@@ -813,13 +749,13 @@ impl FakeGroup {
     async fn store_good_batch(&self) {
         self.serve(0, self.good.data.to_vec());
         let good_len = self.good.data.len() as u64;
-        wait_until(
+        common::wait_until(
             "the slave stores the good batch",
             Duration::from_secs(10),
-            || async { replication(&self.slave.addr).await.log_end == good_len },
+            || async { common::replication(&self.slave.addr).await.log_end == good_len },
         )
         .await;
-        let pulled = pull_all(&self.slave.addr, "rf").await;
+        let pulled = common::pull_all(&self.slave.addr, "rf", 1).await;
         let bodies: Vec<String> = pulled
             .iter()
             .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
@@ -856,7 +792,7 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let g = FakeGroup::start(&ns, tmp.path()).await;
     let (good, slave) = (&g.good, &g.slave);
-    wait_until("the slave fetches", Duration::from_secs(10), || async {
+    common::wait_until("the slave fetches", Duration::from_secs(10), || async {
         !g.fake.fetches.lock().unwrap().is_empty()
     })
     .await;
@@ -889,7 +825,7 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
     ];
     for (i, (what, pos, data, says)) in bad.into_iter().enumerate() {
         g.serve(pos, data);
-        wait_until(
+        common::wait_until(
             &format!("the slave logs {what}"),
             Duration::from_secs(10),
             || async { count(slave, BAD_BATCH) > i },
@@ -907,18 +843,18 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
             "{what}: the log line says {says:?}: {line}"
         );
         // Nothing stored, nothing given up, still serving.
-        let info = replication(&slave.addr).await;
+        let info = common::replication(&slave.addr).await;
         assert_eq!(info.log_end, 0, "{what}: nothing of the batch is stored");
         assert_eq!(
             info.error, None,
             "{what}: a bad batch is retried, not fatal"
         );
         assert_eq!(info.master_addr.as_deref(), Some(g.fake_addr.as_str()));
-        let conn = connect(&slave.addr, Role::Admin).await;
+        let conn = common::connect_as(&slave.addr, Role::Admin).await;
         conn.call(Ping {}).await.expect("the slave answers a ping");
         conn.close();
         assert!(
-            pull_all(&slave.addr, "rf").await.is_empty(),
+            common::pull_all(&slave.addr, "rf", 1).await.is_empty(),
             "{what}: nothing to pull"
         );
     }
@@ -949,7 +885,7 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
         "nothing but the good batch is in the segment"
     );
     // It goes on from the good batch's end, naming its last record.
-    wait_until(
+    common::wait_until(
         "the slave fetches past the good batch",
         Duration::from_secs(10),
         || async {
@@ -962,7 +898,7 @@ async fn a_slave_stores_nothing_of_a_bad_batch_and_keeps_serving() {
         },
     )
     .await;
-    assert_eq!(replication(&slave.addr).await.error, None);
+    assert_eq!(common::replication(&slave.addr).await.error, None);
     drop(g);
     cluster.shutdown().await;
 }
@@ -989,7 +925,7 @@ fn crc32c(data: &[u8]) -> u32 {
 async fn refuses_then_stores_the_good_batch(g: &FakeGroup, bad: Vec<u8>, says: &str) {
     g.serve(0, bad);
     // It says so: a bad batch, or records it could not apply.
-    wait_until(
+    common::wait_until(
         "the slave says what it made of the batch",
         Duration::from_secs(10),
         || async {
@@ -998,7 +934,7 @@ async fn refuses_then_stores_the_good_batch(g: &FakeGroup, bad: Vec<u8>, says: &
         },
     )
     .await;
-    let info = replication(&g.slave.addr).await;
+    let info = common::replication(&g.slave.addr).await;
     assert_eq!(
         info.log_end,
         0,
@@ -1075,24 +1011,24 @@ async fn a_slave_keeps_but_does_not_serve_a_record_for_an_impossible_queue() {
     });
     let first_len = bad.len();
     g.serve(0, bad.clone());
-    wait_until(
+    common::wait_until(
         "the slave stores the record",
         Duration::from_secs(10),
-        || async { replication(&g.slave.addr).await.log_end == first_len as u64 },
+        || async { common::replication(&g.slave.addr).await.log_end == first_len as u64 },
     )
     .await;
     // The rest of the real log follows it.
     g.serve(first_len as u64, g.good.data[first_len..].to_vec());
     let good_len = g.good.data.len() as u64;
-    wait_until(
+    common::wait_until(
         "the slave stores the rest",
         Duration::from_secs(10),
-        || async { replication(&g.slave.addr).await.log_end == good_len },
+        || async { common::replication(&g.slave.addr).await.log_end == good_len },
     )
     .await;
-    let info = replication(&g.slave.addr).await;
+    let info = common::replication(&g.slave.addr).await;
     assert_eq!(info.error, None);
-    let bodies: Vec<String> = pull_all(&g.slave.addr, "rf")
+    let bodies: Vec<String> = common::pull_all(&g.slave.addr, "rf", 1)
         .await
         .iter()
         .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
@@ -1106,7 +1042,7 @@ async fn a_slave_keeps_but_does_not_serve_a_record_for_an_impossible_queue() {
     );
     let log = g.slave.log_text();
     assert!(log.contains("impossible queue"), "{log}");
-    let conn = connect(&g.slave.addr, Role::Admin).await;
+    let conn = common::connect_as(&g.slave.addr, Role::Admin).await;
     conn.call(Ping {}).await.expect("the slave answers a ping");
     conn.close();
     drop(g);
@@ -1188,19 +1124,19 @@ async fn a_slave_survives_a_master_that_sends_undecodable_frames() {
             &["--role", "slave", "--master-addr", &fake_addr],
         )
     });
-    wait_until(
+    common::wait_until(
         "the slave reconnected after both kinds of garbage",
         Duration::from_secs(15),
         || async { *connections.lock().unwrap() >= 3 },
     )
     .await;
-    let info = replication(&slave.addr).await;
+    let info = common::replication(&slave.addr).await;
     assert_eq!(info.log_end, 0, "nothing stored");
     assert_eq!(
         info.error, None,
         "garbage on the wire is retried, not fatal"
     );
-    let conn = connect(&slave.addr, Role::Admin).await;
+    let conn = common::connect_as(&slave.addr, Role::Admin).await;
     conn.call(Ping {}).await.expect("the slave answers a ping");
     conn.close();
     assert!(
@@ -1359,7 +1295,7 @@ async fn a_power_cut_on_the_master_loses_nothing_and_the_slave_goes_on() {
             .await,
         );
         tokio::task::block_in_place(|| master.restart());
-        let on_master = body_set(&pull_all(&master.addr, "pc").await);
+        let on_master = body_set(&common::pull_all(&master.addr, "pc", 1).await);
         assert_holds("the master after the power cut", &on_master, &acked);
 
         // New sends are SEND_OK: the slave is back in sync.
@@ -1370,14 +1306,14 @@ async fn a_power_cut_on_the_master_loses_nothing_and_the_slave_goes_on() {
         acked.extend(send_ok(&p, "pc", &format!("later-{round}"), 5).await);
         p.close();
         wait_caught_up(&master.addr, &slave.addr, Duration::from_secs(20)).await;
-        let s = replication(&slave.addr).await;
+        let s = common::replication(&slave.addr).await;
         assert_eq!(s.error, None, "the slave did not diverge");
         assert!(
             !slave.log_text().contains("replication stopped"),
             "{}",
             slave.log_text()
         );
-        let on_slave = body_set(&pull_all(&slave.addr, "pc").await);
+        let on_slave = body_set(&common::pull_all(&slave.addr, "pc", 1).await);
         assert_holds("the slave", &on_slave, &acked);
         assert_same_log(&master_dir, &slave_dir);
     }
@@ -1437,7 +1373,7 @@ async fn a_power_cut_on_a_slave_keeps_what_it_acknowledged() {
     // What the slave acknowledged (fsynced) just before the cut.
     let mut acked_before = 0;
     let acked = under_load(&ns, "b", Duration::from_millis(1500), || {
-        let info = tokio::runtime::Handle::current().block_on(replication(&master.addr));
+        let info = tokio::runtime::Handle::current().block_on(common::replication(&master.addr));
         acked_before = info
             .replicas
             .iter()
@@ -1455,7 +1391,7 @@ async fn a_power_cut_on_a_slave_keeps_what_it_acknowledged() {
     // at least what it had acknowledged.
     master.signal("STOP");
     tokio::task::block_in_place(|| slave.restart());
-    let recovered = replication(&slave.addr).await.log_end;
+    let recovered = common::replication(&slave.addr).await.log_end;
     master.signal("CONT");
     assert!(
         recovered >= acked_before,
@@ -1470,9 +1406,9 @@ async fn a_power_cut_on_a_slave_keeps_what_it_acknowledged() {
         master.addr
     );
     assert!(slave.log_text().contains(&resumed), "{}", slave.log_text());
-    let s = replication(&slave.addr).await;
+    let s = common::replication(&slave.addr).await;
     assert_eq!(s.error, None, "the slave did not diverge");
-    let on_slave = body_set(&pull_all(&slave.addr, "pc").await);
+    let on_slave = body_set(&common::pull_all(&slave.addr, "pc", 1).await);
     assert_holds("the slave after its power cut", &on_slave, &acked);
     assert_same_log(&master_dir, &slave_dir);
     // And it acknowledges new writes again.

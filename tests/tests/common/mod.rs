@@ -165,3 +165,106 @@ pub async fn wait_for_list(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A connection to the broker at `addr` that says hello as `role` (a
+/// test's raw requests: pulls from a slave, replication state, bad input).
+///
+/// # Errors
+/// The connection's.
+pub async fn try_connect_as(
+    addr: &str,
+    role: txmq_protocol::Role,
+) -> Result<txmq_remoting::Connection, txmq_remoting::Error> {
+    let config = txmq_remoting::ConnectionConfig {
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    txmq_remoting::Connection::connect(addr, hello(role), None, config).await
+}
+
+/// A test's hello as `role`.
+pub fn hello(role: txmq_protocol::Role) -> txmq_protocol::Hello {
+    txmq_protocol::Hello {
+        version: txmq_protocol::PROTOCOL_VERSION,
+        role,
+        client_id: "txmq-tests".into(),
+        group: None,
+    }
+}
+
+/// [`try_connect_as`], panicking when the broker cannot be reached.
+pub async fn connect_as(addr: &str, role: txmq_protocol::Role) -> txmq_remoting::Connection {
+    try_connect_as(addr, role)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// A broker's replication state (`GetReplication`), over a connection of its own.
+pub async fn replication(addr: &str) -> txmq_protocol::ReplicationInfo {
+    let conn = connect_as(addr, txmq_protocol::Role::Admin).await;
+    let info = conn
+        .call(txmq_protocol::GetReplication {})
+        .await
+        .unwrap_or_else(|e| panic!("GetReplication at {addr}: {e}"));
+    conn.close();
+    *info
+}
+
+/// Every message of queues `0..queues` of `topic` stored at `addr` (a
+/// master or a slave), queue by queue in offset order, with plain pulls.
+pub async fn pull_all(addr: &str, topic: &str, queues: u32) -> Vec<txmq_protocol::StoredMessage> {
+    let conn = connect_as(addr, txmq_protocol::Role::Consumer).await;
+    let mut all = Vec::new();
+    for queue in 0..queues {
+        all.extend(pull_range(&conn, topic, queue, 0, u64::MAX).await);
+    }
+    conn.close();
+    all
+}
+
+/// The messages of one queue from `from` up to `to` or the queue's end.
+pub async fn pull_range(
+    conn: &txmq_remoting::Connection,
+    topic: &str,
+    queue: u32,
+    from: u64,
+    to: u64,
+) -> Vec<txmq_protocol::StoredMessage> {
+    let mut got = Vec::new();
+    let mut offset = from;
+    while offset < to {
+        let r = conn
+            .call(txmq_protocol::PullRequest {
+                topic: topic.into(),
+                queue,
+                offset,
+                max_messages: 256,
+                max_wait_ms: 0,
+                tag_filter: Vec::new(),
+                owner: None,
+                epoch: 0,
+                after: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pull {topic}/{queue}@{offset}: {e}"));
+        got.extend(r.messages.into_iter().filter(|m| m.queue_offset < to));
+        if r.next_offset <= offset || r.next_offset >= r.max_offset {
+            break;
+        }
+        offset = r.next_offset;
+    }
+    got
+}
+
+/// Polls `check` every 50 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
