@@ -138,6 +138,7 @@ pub(crate) async fn run(
         let round_started = Instant::now();
         let version = b.topics_version.load(std::sync::atomic::Ordering::Acquire);
         let req = RegisterBroker {
+            epoch: Default::default(),
             cluster: b.config.cluster.clone(),
             broker_name: b.config.broker_name.clone(),
             addr: b.advertised_addr.clone(),

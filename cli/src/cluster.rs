@@ -355,6 +355,7 @@ mod tests {
 
     fn broker(name: &str, role: BrokerRole, addr: &str) -> BrokerInfo {
         BrokerInfo {
+            epoch: Default::default(),
             cluster: "c".into(),
             broker_name: name.into(),
             addr: addr.into(),
@@ -366,6 +367,7 @@ mod tests {
 
     fn info(role: BrokerRole, addr: &str, replicas: Vec<ReplicaInfo>) -> ReplicationInfo {
         ReplicationInfo {
+            epoch: Default::default(),
             shipped_records: Default::default(),
             shipped_frames: Default::default(),
             shipped_bytes: Default::default(),

@@ -185,6 +185,7 @@ mod route_tests {
             topic: "orders".into(),
             brokers: vec![
                 txmq::BrokerQueues {
+                    epoch: Default::default(),
                     broker_name: "broker-a".into(),
                     addr: "h:10911".into(),
                     slaves: vec!["h:10921".into(), "h:10931".into()],
@@ -192,6 +193,7 @@ mod route_tests {
                     perm: txmq::PERM_READ_WRITE,
                 },
                 txmq::BrokerQueues {
+                    epoch: Default::default(),
                     broker_name: "broker-b".into(),
                     addr: String::new(),
                     slaves: vec!["h:20921".into()],

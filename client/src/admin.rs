@@ -585,6 +585,7 @@ mod tests {
 
     fn broker(name: &str, addr: &str) -> BrokerInfo {
         BrokerInfo {
+            epoch: Default::default(),
             role: Default::default(),
             cluster: "c".into(),
             broker_name: name.into(),

@@ -139,6 +139,7 @@ pub fn provisional_route(topic: &str, brokers: &[BrokerInfo]) -> TopicRoute {
         brokers: by_name
             .into_iter()
             .map(|(name, addr)| BrokerQueues {
+                epoch: Default::default(),
                 broker_name: name.to_string(),
                 addr: addr.to_string(),
                 slaves: Vec::new(),
@@ -320,6 +321,7 @@ mod tests {
 
     fn bq(name: &str, queues: u32, perm: u8) -> BrokerQueues {
         BrokerQueues {
+            epoch: Default::default(),
             slaves: Vec::new(),
             broker_name: name.into(),
             addr: format!("{name}:10911"),
@@ -377,6 +379,7 @@ mod tests {
     #[test]
     fn provisional_route_covers_every_broker_once() {
         let broker = |name: &str| BrokerInfo {
+            epoch: Default::default(),
             role: Default::default(),
             cluster: "c".into(),
             broker_name: name.into(),

@@ -52,6 +52,7 @@ impl State {
             ));
         };
         let mut brokers = vec![BrokerQueues {
+            epoch: Default::default(),
             broker_name: NAME.into(),
             addr: self.addr.clone(),
             slaves: Vec::new(),
@@ -60,6 +61,7 @@ impl State {
         }];
         for (name, addr) in &self.extra_brokers {
             brokers.push(BrokerQueues {
+                epoch: Default::default(),
                 broker_name: name.clone(),
                 addr: addr.clone(),
                 slaves: Vec::new(),
@@ -164,6 +166,7 @@ impl State {
             Request::GetRoute(r) => Response::GetRoute(self.route(&r.topic)?),
             Request::GetCluster(_) => Response::GetCluster(ClusterInfo {
                 brokers: vec![BrokerInfo {
+                    epoch: Default::default(),
                     cluster: "c".into(),
                     broker_name: NAME.into(),
                     addr: self.addr.clone(),

@@ -369,6 +369,7 @@ impl Names {
             brokers: lock(&self.groups)
                 .iter()
                 .map(|g| BrokerQueues {
+                    epoch: Default::default(),
                     broker_name: g.name.clone(),
                     addr: stale_addr.clone().unwrap_or_else(|| g.master.clone()),
                     slaves: g.slaves.clone(),
@@ -383,6 +384,7 @@ impl Names {
         let mut brokers = Vec::new();
         for g in lock(&self.groups).iter() {
             let info = |addr: &str, role| BrokerInfo {
+                epoch: Default::default(),
                 cluster: "c".into(),
                 broker_name: g.name.clone(),
                 addr: addr.into(),

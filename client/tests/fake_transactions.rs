@@ -252,6 +252,7 @@ impl Service for NsService {
                     .0
                     .iter()
                     .map(|b| BrokerInfo {
+                        epoch: Default::default(),
                         cluster: "c".into(),
                         broker_name: b.name.clone(),
                         addr: b.addr.clone(),
@@ -267,6 +268,7 @@ impl Service for NsService {
                     .iter()
                     .filter_map(|b| {
                         b.topics.get(&r.topic).map(|&queues| BrokerQueues {
+                            epoch: Default::default(),
                             broker_name: b.name.clone(),
                             addr: b.addr.clone(),
                             slaves: Vec::new(),

@@ -533,6 +533,7 @@ impl Registry {
             .filter_map(|(name, group)| {
                 let config = self.serving(group, topic, now)?;
                 Some(BrokerQueues {
+                    epoch: Default::default(),
                     broker_name: name.clone(),
                     addr: self
                         .live_master(group, now)
@@ -572,6 +573,7 @@ impl Registry {
                     .members()
                     .filter(move |b| self.is_live(b, now))
                     .map(move |b| BrokerInfo {
+                        epoch: Default::default(),
                         cluster: b.cluster.clone(),
                         broker_name: name.clone(),
                         addr: b.addr.clone(),
@@ -672,6 +674,7 @@ mod tests {
 
     fn reg(cluster: &str, name: &str, topics: Vec<TopicConfig>) -> RegisterBroker {
         RegisterBroker {
+            epoch: Default::default(),
             role: Default::default(),
             cluster: cluster.into(),
             broker_name: name.into(),
@@ -705,6 +708,7 @@ mod tests {
             route.brokers,
             vec![
                 BrokerQueues {
+                    epoch: Default::default(),
                     slaves: Vec::new(),
                     broker_name: "b1".into(),
                     addr: "b1.local:10911".into(),
@@ -712,6 +716,7 @@ mod tests {
                     perm: PERM_READ_WRITE
                 },
                 BrokerQueues {
+                    epoch: Default::default(),
                     slaves: Vec::new(),
                     broker_name: "b2".into(),
                     addr: "b2.local:10911".into(),
@@ -944,6 +949,7 @@ mod tests {
         topics: Vec<TopicConfig>,
     ) -> RegisterBroker {
         RegisterBroker {
+            epoch: Default::default(),
             role,
             cluster: "c".into(),
             broker_name: name.into(),

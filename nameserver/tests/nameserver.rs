@@ -83,6 +83,7 @@ fn topic(name: &str, queues: u32) -> TopicConfig {
 
 async fn register(conn: &Connection, cluster: &str, broker: &str, topics: Vec<TopicConfig>) {
     conn.call(RegisterBroker {
+        epoch: Default::default(),
         role: Default::default(),
         cluster: cluster.into(),
         broker_name: broker.into(),
@@ -187,6 +188,7 @@ async fn a_registered_broker_is_in_the_route_with_its_address_and_queues() {
     assert_eq!(
         r.brokers,
         vec![BrokerQueues {
+            epoch: Default::default(),
             slaves: Vec::new(),
             broker_name: "broker-a".into(),
             addr: addr_of("broker-a"),
@@ -460,6 +462,7 @@ async fn register_at(
     addr: &str,
 ) -> Result<(), txmq_remoting::Error> {
     conn.call(RegisterBroker {
+        epoch: Default::default(),
         role: Default::default(),
         cluster: "c1".into(),
         broker_name: broker.into(),
@@ -609,6 +612,7 @@ async fn register_as(
     addr: &str,
 ) -> Result<(), txmq_remoting::Error> {
     conn.call(RegisterBroker {
+        epoch: Default::default(),
         role,
         cluster: "c1".into(),
         broker_name: broker.into(),
@@ -660,6 +664,7 @@ async fn a_master_and_its_slaves_are_one_group_and_the_slaves_outlive_the_master
     );
 
     let group = |addr: &str| BrokerQueues {
+        epoch: Default::default(),
         broker_name: "broker-a".into(),
         addr: addr.into(),
         slaves: vec![s1.into(), s2.into()],
@@ -709,6 +714,7 @@ async fn a_registration_without_a_name_is_refused() {
     let broker = connect(&ns.addr, Role::Broker).await;
     let err = broker
         .call(RegisterBroker {
+            epoch: Default::default(),
             role: Default::default(),
             cluster: "c1".into(),
             broker_name: String::new(),

@@ -89,6 +89,18 @@ pub enum ErrorCode {
     /// Sync replication: no replica was available to hold the record; it is
     /// stored on the master only.
     SlaveNotAvailable = 45,
+    /// Controller: this member is not the Raft leader; the message is the
+    /// leader's controller address, or empty when no leader is known.
+    NotControllerLeader = 46,
+    /// The request comes from (or names) a master whose epoch is not its
+    /// group's current one: it was fenced by a newer election. The message
+    /// names the current epoch and master when known.
+    StaleEpoch = 47,
+    /// Controller: the Raft group cannot decide now (no quorum, shutting down).
+    ControllerUnavailable = 48,
+    /// Controller: the replica asked to be elected is not in the in-sync
+    /// set, or not alive.
+    NotInSync = 49,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -132,6 +144,10 @@ impl ErrorCode {
             43 => ReplicaPositionUnavailable,
             44 => FlushSlaveTimeout,
             45 => SlaveNotAvailable,
+            46 => NotControllerLeader,
+            47 => StaleEpoch,
+            48 => ControllerUnavailable,
+            49 => NotInSync,
             _ => Unknown,
         }
     }
@@ -173,6 +189,10 @@ impl ErrorCode {
             ReplicaPositionUnavailable => "REPLICA_POSITION_UNAVAILABLE",
             FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
             SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
+            NotControllerLeader => "NOT_CONTROLLER_LEADER",
+            StaleEpoch => "STALE_EPOCH",
+            ControllerUnavailable => "CONTROLLER_UNAVAILABLE",
+            NotInSync => "NOT_IN_SYNC",
             HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }

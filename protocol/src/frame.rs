@@ -40,6 +40,8 @@ pub enum Role {
     Admin,
     /// A slave broker replicating its master's commit log.
     Replica,
+    /// A controller member (Raft traffic between controllers).
+    Controller,
 }
 
 /// The first request on every connection.

@@ -113,6 +113,25 @@ requests! {
     ReplicaAck(ReplicaAck) -> Done;
     /// Anyone -> broker: its role, its master, and (on a master) its replicas' lag.
     GetReplication(GetReplication) -> Box<ReplicationInfo>;
+    /// Slave -> master: where the master's history of an epoch ends, for
+    /// the slave to truncate its log to where both agree.
+    EpochEnd(EpochEndQuery) -> EpochEnd;
+    /// Broker -> controller: it is alive; the answer is its group's state
+    /// (held up to `wait_ms` until that state changes).
+    ControllerHeartbeat(ControllerHeartbeat) -> BrokerGroupState;
+    /// Master -> controller: change its group's in-sync set.
+    AlterInSync(AlterInSync) -> BrokerGroupState;
+    /// Admin -> nameserver or controller: a planned switch of a group's
+    /// master (drain, then elect).
+    ElectMaster(ElectMaster) -> BrokerGroupState;
+    /// Master -> controller: it drained for a planned switch; elect the target.
+    MasterDrained(MasterDrained) -> BrokerGroupState;
+    /// Anyone -> nameserver or controller: the controller's members, leader
+    /// and every broker group's state.
+    GetControllerInfo(GetControllerInfo) -> Box<ControllerInfo>;
+    /// Controller -> controller: one Raft message (openraft's request,
+    /// MessagePack-encoded).
+    Raft(RaftRpc) -> RaftReply;
 }
 
 /// Message property: when the message becomes visible, ms since the Unix
@@ -179,6 +198,11 @@ pub struct RegisterBroker {
     /// Master or slave of its broker group (older brokers: master).
     #[serde(default)]
     pub role: BrokerRole,
+    /// A master's epoch, as the controller elected it (0: a broker not run
+    /// by a controller). Of two masters of one group, the higher epoch is
+    /// the group's master.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// A broker's role in its broker group.
@@ -245,6 +269,9 @@ pub struct BrokerQueues {
     pub queues: u32,
     /// Permission bits.
     pub perm: u8,
+    /// The master's epoch (0: not run by a controller).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Cluster listing query.
@@ -274,6 +301,9 @@ pub struct BrokerInfo {
     /// Master or slave (older nameservers: master).
     #[serde(default)]
     pub role: BrokerRole,
+    /// A master's epoch (0: not run by a controller, or a slave).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Topic listing query.
@@ -991,6 +1021,44 @@ pub struct ReplicaFetch {
     pub segment_size: u64,
     /// The version of the master's topic table the slave holds (0: none).
     pub topics_version: u64,
+    /// The epoch of the master the slave follows, as the controller told it
+    /// (0: no controller). A master at another epoch refuses the fetch
+    /// with `STALE_EPOCH`.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The last epoch in the slave's epoch file: the answer carries the
+    /// master's epochs after it.
+    #[serde(default)]
+    pub last_epoch: u64,
+}
+
+/// Where an epoch's master began writing: its first log position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochStart {
+    /// The epoch.
+    pub epoch: u64,
+    /// The log position its master began writing at.
+    pub start: u64,
+}
+
+/// Slave -> master: where does your history of `epoch` end?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochEndQuery {
+    /// The broker group (must be the master's).
+    pub broker_name: String,
+    /// The slave's last epoch.
+    pub epoch: u64,
+}
+
+/// Answer to [`EpochEndQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochEnd {
+    /// The largest epoch of the master's history not above the one asked
+    /// about (0: none, the history before the first epoch).
+    pub epoch: u64,
+    /// Where that epoch ends in the master's log: the start of its next
+    /// epoch, or the master's log end.
+    pub end: u64,
 }
 
 /// A record by its log position and checksum.
@@ -1015,6 +1083,13 @@ pub struct ReplicaData {
     pub master_end: u64,
     /// The master's topic table, when its version differs from the fetch's.
     pub topics: Option<(u64, Vec<TopicConfig>)>,
+    /// How far every in-sync replica holds the log (never truncated by a
+    /// failover): the slave's checkpoint does not go past it.
+    #[serde(default)]
+    pub confirmed: u64,
+    /// The master's epochs after the fetch's `last_epoch`.
+    #[serde(default)]
+    pub epochs: Vec<EpochStart>,
 }
 
 /// Slave -> master: the slave holds the log up to `acked` (written, or
@@ -1040,6 +1115,10 @@ pub struct ReplicationInfo {
     pub addr: String,
     /// Its commit-log end.
     pub log_end: u64,
+    /// The epoch it is master of, or the epoch of the master it follows
+    /// (0: not run by a controller).
+    #[serde(default)]
+    pub epoch: u64,
     /// `sync` or `async` (a master's setting).
     pub replication: String,
     /// Replicas (the master counts) that must hold a record under sync replication.
@@ -1076,4 +1155,149 @@ pub struct ReplicaInfo {
     pub in_sync: bool,
     /// Milliseconds since it was last heard from.
     pub last_seen_ms_ago: u64,
+}
+
+/// Broker -> controller: alive, and asking for its group's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerHeartbeat {
+    /// Cluster name.
+    pub cluster: String,
+    /// The broker group.
+    pub broker_name: String,
+    /// The broker's address (its identity in the group).
+    pub addr: String,
+    /// The epoch it is master of now (0: it is not a master).
+    pub master_epoch: u64,
+    /// Its commit-log end (an election prefers the longest in-sync log).
+    pub log_end: u64,
+    /// The group state version it knows: the controller answers at once
+    /// when its own differs, or else after `wait_ms` or a change.
+    pub known_version: u64,
+    /// How long the controller may hold the answer.
+    pub wait_ms: u32,
+}
+
+/// A broker group as the controller decided it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BrokerGroupState {
+    /// The broker group.
+    pub broker_name: String,
+    /// The master's address (none before the first election, or while no
+    /// in-sync replica is alive to elect).
+    pub master: Option<String>,
+    /// The master's epoch: raised by every election.
+    pub epoch: u64,
+    /// The in-sync set (addresses, the master's included): only these may
+    /// be elected, and a sync write is acknowledged once all hold it.
+    pub in_sync: Vec<String>,
+    /// Every replica the controller has heard from, with its liveness (the
+    /// controller leader's view).
+    pub replicas: Vec<ControllerReplica>,
+    /// Raised on every change of the group's state.
+    pub version: u64,
+    /// A planned switch in progress: the replica to elect once the master
+    /// drained.
+    pub draining: Option<String>,
+    /// The controller's `--master-expiry` in ms: a master that has not
+    /// heard back from the controller for this long takes no writes.
+    pub master_expiry_ms: u64,
+}
+
+/// A replica as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControllerReplica {
+    /// Its address.
+    pub addr: String,
+    /// Heartbeating now.
+    pub alive: bool,
+    /// Milliseconds since its last heartbeat (`u64::MAX`: never, on this leader).
+    pub last_heartbeat_ms_ago: u64,
+    /// Its log end, as last reported.
+    pub log_end: u64,
+}
+
+/// Master -> controller: set the group's in-sync set. Refused with
+/// `STALE_EPOCH` unless `master` and `epoch` are the group's current ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlterInSync {
+    /// The broker group.
+    pub broker_name: String,
+    /// The master asking.
+    pub master: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The new in-sync set (contains the master).
+    pub in_sync: Vec<String>,
+}
+
+/// Admin -> controller: elect a new master of a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ElectMaster {
+    /// The broker group.
+    pub broker_name: String,
+    /// The replica to elect (it must be alive and in sync); `None`: any
+    /// live in-sync replica other than the master.
+    pub replica: Option<String>,
+}
+
+/// Master -> controller: drained for the planned switch at `epoch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasterDrained {
+    /// The broker group.
+    pub broker_name: String,
+    /// The master.
+    pub master: String,
+    /// Its epoch.
+    pub epoch: u64,
+}
+
+/// Ask for the controller's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GetControllerInfo {}
+
+/// The controller as one member sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    /// The answering member's id.
+    pub id: u64,
+    /// The current Raft leader's id, when known.
+    pub leader_id: Option<u64>,
+    /// The leader's controller address, when known.
+    pub leader_addr: Option<String>,
+    /// The current Raft term.
+    pub term: u64,
+    /// Every member: (id, controller address).
+    pub members: Vec<(u64, String)>,
+    /// Every broker group's state, sorted by name.
+    pub groups: Vec<BrokerGroupState>,
+}
+
+/// Which Raft message a [`RaftRpc`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftRpcKind {
+    /// openraft's `AppendEntriesRequest`.
+    AppendEntries,
+    /// openraft's `VoteRequest`.
+    Vote,
+    /// openraft's `InstallSnapshotRequest`.
+    InstallSnapshot,
+}
+
+/// Controller -> controller: one Raft message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RaftRpc {
+    /// The message kind.
+    pub kind: RaftRpcKind,
+    /// The sender's member id.
+    pub from: u64,
+    /// The message, MessagePack-encoded.
+    pub body: bytes::Bytes,
+}
+
+/// The answer to a [`RaftRpc`]: openraft's response (or its Raft error),
+/// MessagePack-encoded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RaftReply {
+    /// The encoded answer.
+    pub body: bytes::Bytes,
 }

@@ -168,6 +168,7 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(|(cluster, broker_name, addr, topics)| {
                 Request::RegisterBroker(RegisterBroker {
+                    epoch: Default::default(),
                     cluster,
                     broker_name,
                     addr,

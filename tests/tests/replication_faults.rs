@@ -259,6 +259,8 @@ impl Raw {
 /// A fetch as a slave of this group at position `from` would send it.
 fn fetch(from: u64, last_record: Option<RecordRef>) -> ReplicaFetch {
     ReplicaFetch {
+        last_epoch: Default::default(),
+        epoch: Default::default(),
         broker_name: GROUP.into(),
         addr: "127.0.0.1:1".into(),
         from,
@@ -618,6 +620,8 @@ impl Service for FakeService {
                         None => {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             ReplicaData {
+                                epochs: Default::default(),
+                                confirmed: Default::default(),
                                 pos: f.from,
                                 data: Bytes::new(),
                                 master_end: f.from,
@@ -737,6 +741,8 @@ impl FakeGroup {
     /// Serves `data` at `pos` to the slave's next fetch.
     fn serve(&self, pos: u64, data: Vec<u8>) {
         self.fake.script.lock().unwrap().push_back(ReplicaData {
+            epochs: Default::default(),
+            confirmed: Default::default(),
             pos,
             master_end: pos + data.len() as u64,
             data: Bytes::from(data),

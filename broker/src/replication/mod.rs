@@ -303,6 +303,7 @@ impl Replication {
         replicas.sort_by(|a, b| a.addr.cmp(&b.addr));
         let slave = self.slave_status().clone();
         ReplicationInfo {
+            epoch: Default::default(),
             broker_name: b.config.broker_name.clone(),
             role: self.config.role,
             addr: b.advertised_addr.clone(),
@@ -476,6 +477,8 @@ pub(crate) async fn fetch(
         }
     }
     Ok(ReplicaData {
+        epochs: Default::default(),
+        confirmed: Default::default(),
         pos,
         data,
         master_end: limit,

@@ -124,6 +124,8 @@ async fn find_master(b: &BrokerInner, nameservers: &[String]) -> Option<String> 
 
 fn fetch_request(b: &BrokerInner, tail: Tail) -> ReplicaFetch {
     ReplicaFetch {
+        last_epoch: Default::default(),
+        epoch: Default::default(),
         broker_name: b.config.broker_name.clone(),
         addr: b.advertised_addr.clone(),
         from: tail.end,

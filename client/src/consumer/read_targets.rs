@@ -197,6 +197,7 @@ mod tests {
 
     fn entry(master: &str, slaves: &[&str]) -> BrokerQueues {
         BrokerQueues {
+            epoch: Default::default(),
             broker_name: "g".into(),
             addr: master.into(),
             slaves: slaves.iter().map(|s| s.to_string()).collect(),
