@@ -97,6 +97,12 @@ pub struct ReplicationConfig {
     pub lag_max: Duration,
     /// A slave: the master's address; `None`: found through the nameservers.
     pub master_addr: Option<String>,
+    /// The controller's addresses (`--controller`): when given, the
+    /// controller elects the group's master and `role` is only where the
+    /// broker starts (a slave without a master, until it hears).
+    pub controllers: Vec<String>,
+    /// Under a controller: how long a heartbeat answer may be held.
+    pub controller_wait: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -108,7 +114,16 @@ impl Default for ReplicationConfig {
             timeout: Duration::from_secs(3),
             lag_max: Duration::from_secs(1),
             master_addr: None,
+            controllers: Vec::new(),
+            controller_wait: Duration::from_secs(1),
         }
+    }
+}
+
+impl ReplicationConfig {
+    /// Whether a controller decides this broker's role.
+    pub fn controlled(&self) -> bool {
+        !self.controllers.is_empty()
     }
 }
 
@@ -250,10 +265,17 @@ impl BrokerConfig {
         if r.timeout.is_zero() || r.lag_max.is_zero() {
             return Err("--replication-timeout and --replica-lag-max must not be zero".into());
         }
-        if r.role == txmq_protocol::BrokerRole::Master && r.master_addr.is_some() {
+        if r.controlled() && r.master_addr.is_some() {
+            return Err("--master-addr and --controller do not go together: the controller names the master".into());
+        }
+        if r.role == txmq_protocol::BrokerRole::Master && r.master_addr.is_some() && !r.controlled()
+        {
             return Err("--master-addr is for a slave (--role slave)".into());
         }
-        if r.role == txmq_protocol::BrokerRole::Slave && r.mode == ReplicationMode::Sync {
+        if r.role == txmq_protocol::BrokerRole::Slave
+            && r.mode == ReplicationMode::Sync
+            && !r.controlled()
+        {
             return Err(
                 "--replication is a master's setting; a slave copies its master's log".into(),
             );
@@ -511,6 +533,12 @@ pub struct BrokerArgs {
     /// by --broker-name].
     #[arg(long, env = "TXMQ_MASTER_ADDR")]
     pub master_addr: Option<String>,
+    /// The controller (its members' --controller-listen addresses,
+    /// comma-separated): it elects this broker group's master and fails
+    /// over automatically; replaces --role.
+    #[arg(long, env = "TXMQ_CONTROLLER", value_delimiter = ',', conflicts_with_all = ["role", "master_addr"])]
+    #[serde(default, deserialize_with = "de_list")]
+    pub controller: Option<Vec<String>>,
 }
 
 impl BrokerArgs {
@@ -654,6 +682,8 @@ impl BrokerArgs {
                     .or(file.replica_lag_max)
                     .unwrap_or(d.replication.lag_max),
                 master_addr: self.master_addr.or(file.master_addr),
+                controllers: self.controller.or(file.controller).unwrap_or_default(),
+                controller_wait: d.replication.controller_wait,
             },
         };
         config.validate()?;

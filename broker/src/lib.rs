@@ -97,12 +97,59 @@ pub(crate) struct BrokerInner {
 
 /// A running broker.
 pub struct Broker {
-    inner: Arc<BrokerInner>,
+    run: Run,
+    broker_name: String,
     addr: SocketAddr,
     nameserver_addr: Option<SocketAddr>,
     nameserver_shutdown: CancellationToken,
     nameserver_task: TaskTracker,
+}
+
+/// How the broker runs: one role for its life, or the roles a controller
+/// gives it, one incarnation after another.
+enum Run {
+    Single(Incarnation),
+    Controlled {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+/// The serving part of a broker in one role: store, tables, tasks.
+struct Incarnation {
+    inner: Arc<BrokerInner>,
     tasks: TaskTracker,
+}
+
+/// Where an incarnation stands in its group.
+struct Part {
+    role: txmq_protocol::BrokerRole,
+    /// Under a controller: the link, the epoch (a master's own, or the one
+    /// of the master a slave follows), the in-sync set of a master, and a
+    /// slave's master to follow.
+    control: Option<ControlledPart>,
+}
+
+/// A slave's master to follow, as the controller names it (address, epoch).
+type MasterWatch = tokio::sync::watch::Receiver<Option<(String, u64)>>;
+
+/// (the link, the epoch, a master's in-sync set, a slave's master).
+type ControlledPart = (
+    Arc<replication::controlled::Control>,
+    u64,
+    Vec<String>,
+    Option<MasterWatch>,
+);
+
+impl Incarnation {
+    /// Stops serving, says goodbye to the nameservers, flushes the store,
+    /// writes the checkpoint.
+    async fn stop(self) {
+        self.inner.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.inner.store.shutdown().await;
+    }
 }
 
 impl Broker {
@@ -116,9 +163,9 @@ impl Broker {
     /// Invalid settings, an unrecoverable data directory, an address in use,
     /// or [`BrokerError::NameTaken`] when every nameserver refused the broker
     /// name because another live broker holds it.
+    #[allow(clippy::needless_update)] // the standalone nameserver's settings may grow
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
-        let tasks = TaskTracker::new();
         let nameserver_task = TaskTracker::new();
         let nameserver_shutdown = CancellationToken::new();
         let mut nameservers = config.nameservers.clone();
@@ -127,6 +174,8 @@ impl Broker {
             let ns = Nameserver::bind(NameserverConfig {
                 listen: config.nameserver_listen.clone(),
                 broker_expiry: config.broker_expiry,
+                // Settings added later keep their defaults.
+                ..Default::default()
             })
             .await?;
             let addr = ns.local_addr();
@@ -137,162 +186,96 @@ impl Broker {
             nameserver_task.spawn(ns.run(nameserver_shutdown.clone()));
         }
 
-        let listener =
-            TcpListener::bind(&config.listen)
-                .await
-                .map_err(|source| BrokerError::Bind {
-                    addr: config.listen.clone(),
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+        let bind_err = |source| BrokerError::Bind {
             addr: config.listen.clone(),
             source,
-        })?;
-
-        let dir = config.data_dir.clone();
-        let store_err = |source| BrokerError::Store {
-            dir: dir.display().to_string(),
-            source,
         };
-        store::commit_log::create_dir_durable(&dir).map_err(|e| {
-            store_err(store::StoreError::Io {
-                context: format!("cannot create data dir {}", dir.display()),
-                message: e.to_string(),
-            })
-        })?;
-        let topics = TopicTable::load(&dir).map_err(BrokerError::Config)?;
-        let topic_queues: Vec<(String, u32)> = topics
-            .all()
-            .into_iter()
-            .map(|t| (t.name, t.queues))
-            .collect();
-        let mut store_config = StoreConfig::new(dir.clone());
-        store_config.flush = config.flush;
-        store_config.sync_flush_timeout = config.sync_flush_timeout;
-        store_config.segment_size = config.segment_size;
-        store_config.max_message_size = config.max_message_size;
-        store_config.retention = config.retention;
-        store_config.max_delay = config.max_delay;
-        store_config.max_log_bytes = config.max_store_size;
-        let is_slave = config.replication.role == txmq_protocol::BrokerRole::Slave;
-        store_config.replica = is_slave;
-        let store_dir = dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
+        // Bound once for the broker's life: incarnations serve clones.
+        let listener = TcpListener::bind(&config.listen)
             .await
-            .map_err(|e| BrokerError::Config(format!("store recovery panicked: {e}")))?
-            .map_err(|source| BrokerError::Store {
-                dir: store_dir.display().to_string(),
-                source,
+            .map_err(bind_err)?
+            .into_std()
+            .map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        let advertised = config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| addr.to_string());
+        let broker_name = config.broker_name.clone();
+        let run = if config.replication.controlled() {
+            let dir = config.data_dir.clone();
+            store::commit_log::create_dir_durable(&dir).map_err(|e| BrokerError::Store {
+                dir: dir.display().to_string(),
+                source: store::StoreError::Io {
+                    context: format!("cannot create data dir {}", dir.display()),
+                    message: e.to_string(),
+                },
             })?;
-        // Topics found in the log but missing from the table (a lost
-        // topics.json) are restored from what recovery rebuilt.
-        for (name, queues) in store.topics() {
-            if topics.get(&name).is_none() {
-                tracing::warn!(topic = %name, queues, "topic found in the store but not in topics.json; restoring it");
-                topics
-                    .upsert(&name, |_, _| {
-                        Ok(txmq_protocol::TopicConfig {
-                            name: name.clone(),
-                            queues,
-                            perm: txmq_protocol::PERM_READ_WRITE,
-                        })
-                    })
-                    .map_err(|e| BrokerError::Config(e.message))?;
-            }
-        }
-        let shutdown = CancellationToken::new();
-        let recovered = store.take_recovered_transactions().unwrap_or_default();
-        let transactions = Arc::new(transaction::Transactions::new(
-            store.clone(),
-            config.transactions.clone(),
-            config.broker_name.clone(),
-            recovered,
-        ));
-        if is_slave {
-            // Replicated transaction records reach the slave's table as
-            // they are written, as recovery would have found them.
-            let table = transactions.clone();
-            store.set_tx_listener(Box::new(move |changes| table.apply_replicated(changes)));
-        }
-        let inner = Arc::new(BrokerInner {
-            replication: replication::Replication::new(config.replication.clone()),
-            transactions,
-            groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
-            advertised_addr: config
-                .advertise_addr
-                .clone()
-                .unwrap_or_else(|| addr.to_string()),
-            config,
-            store,
-            topics,
-            topics_changed: Notify::new(),
-            topics_version: std::sync::atomic::AtomicU64::new(0),
-            epoch: txmq_protocol::now_millis(),
-            registered_version: tokio::sync::watch::channel(0).0,
-            shutdown: shutdown.clone(),
-            connections: std::sync::atomic::AtomicUsize::new(0),
-        });
-
-        let conn_config = ConnectionConfig {
-            max_frame_len: inner.config.max_frame_size,
-            max_inflight_bytes: inner.config.max_inflight_bytes,
-            ..Default::default()
-        };
-        let service = Arc::new(handler::BrokerService {
-            broker: inner.clone(),
-        });
-        tasks.spawn(txmq_remoting::server::serve(
-            listener,
-            service,
-            conn_config,
-            shutdown.clone(),
-        ));
-        let (startup_tx, startup) = tokio::sync::oneshot::channel();
-        tasks.spawn(registration::run(
-            inner.clone(),
-            nameservers.clone(),
-            startup_tx,
-        ));
-        tasks.spawn(retention(inner.clone()));
-        tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
-        if is_slave {
-            // Only the master writes: delay deliveries, check-backs and
-            // their markers reach a slave through its master's log.
-            tasks.spawn(replication::run_slave(inner.clone(), nameservers));
-        } else {
-            tasks.spawn(deliver_delayed(inner.clone()));
-            tasks.spawn(transaction::run_check_back(
-                inner.transactions.clone(),
-                shutdown.clone(),
+            let epochs = replication::epochs::Epochs::load(&dir).map_err(BrokerError::Config)?;
+            let (control, events) =
+                replication::controlled::Control::new(&config, advertised, epochs);
+            let stop = CancellationToken::new();
+            // The first incarnation (a slave without a master) starts here,
+            // so that a bad data directory fails the start.
+            let first = start_incarnation(
+                &config,
+                &listener,
+                &nameservers,
+                Part {
+                    role: txmq_protocol::BrokerRole::Slave,
+                    control: Some((
+                        control.clone(),
+                        0,
+                        Vec::new(),
+                        Some(tokio::sync::watch::channel(None).1),
+                    )),
+                },
+            )
+            .await?;
+            let task = tokio::spawn(run_controlled(
+                config.clone(),
+                listener,
+                nameservers,
+                control,
+                events,
+                first,
+                stop.clone(),
             ));
-        }
-        tracing::info!(
-            broker = %inner.config.broker_name,
-            %addr,
-            data_dir = %inner.config.data_dir.display(),
-            flush = ?inner.config.flush,
-            role = inner.config.replication.role.name(),
-            replication = inner.config.replication.mode.name(),
-            "broker listening"
-        );
-        let broker = Broker {
-            inner,
+            Run::Controlled { stop, task }
+        } else {
+            let role = config.replication.role;
+            let (inc, startup) = start_incarnation(
+                &config,
+                &listener,
+                &nameservers,
+                Part {
+                    role,
+                    control: None,
+                },
+            )
+            .await?;
+            // Two brokers started under one name (the default one, say) must
+            // not both run: when every nameserver refuses this one, it does
+            // not start. A nameserver that cannot be asked leaves the
+            // question open, and the broker starts and keeps trying.
+            if let Ok(registration::Startup::NameTaken(detail)) = startup.await {
+                inc.stop().await;
+                nameserver_shutdown.cancel();
+                return Err(BrokerError::NameTaken {
+                    name: broker_name,
+                    detail,
+                });
+            }
+            Run::Single(inc)
+        };
+        Ok(Broker {
+            run,
+            broker_name,
             addr,
             nameserver_addr,
             nameserver_shutdown,
             nameserver_task,
-            tasks,
-        };
-        // Two brokers started under one name (the default one, say) must not
-        // both run: when every nameserver refuses this one, it does not start.
-        // A nameserver that cannot be asked leaves the question open, and the
-        // broker starts and keeps trying.
-        if let Ok(registration::Startup::NameTaken(detail)) = startup.await {
-            let name = broker.inner.config.broker_name.clone();
-            broker.shutdown().await;
-            return Err(BrokerError::NameTaken { name, detail });
-        }
-        Ok(broker)
+        })
     }
 
     /// The address clients connect to.
@@ -308,17 +291,333 @@ impl Broker {
     /// Graceful shutdown: stop accepting and close connections, say goodbye
     /// to the nameservers, flush the store, write the checkpoint, stop.
     pub async fn shutdown(self) {
-        tracing::info!(broker = %self.inner.config.broker_name, "shutting down");
-        self.inner.shutdown.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
-        self.inner.store.shutdown().await;
+        tracing::info!(broker = %self.broker_name, "shutting down");
+        match self.run {
+            Run::Single(inc) => inc.stop().await,
+            Run::Controlled { stop, task } => {
+                stop.cancel();
+                let _ = task.await;
+            }
+        }
         // The nameserver goes last so the broker's goodbye reaches it.
         self.nameserver_shutdown.cancel();
         self.nameserver_task.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.nameserver_task.wait()).await;
-        tracing::info!(broker = %self.inner.config.broker_name, "stopped");
+        tracing::info!(broker = %self.broker_name, "stopped");
     }
+}
+
+async fn start_incarnation(
+    config: &BrokerConfig,
+    listener: &std::net::TcpListener,
+    nameservers: &[String],
+    part: Part,
+) -> Result<
+    (
+        Incarnation,
+        tokio::sync::oneshot::Receiver<registration::Startup>,
+    ),
+    BrokerError,
+> {
+    let mut config = config.clone();
+    config.replication.role = part.role;
+    let bind_err = |source| BrokerError::Bind {
+        addr: config.listen.clone(),
+        source,
+    };
+    let listener =
+        TcpListener::from_std(listener.try_clone().map_err(bind_err)?).map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let tasks = TaskTracker::new();
+
+    let dir = config.data_dir.clone();
+    let store_err = |source| BrokerError::Store {
+        dir: dir.display().to_string(),
+        source,
+    };
+    store::commit_log::create_dir_durable(&dir).map_err(|e| {
+        store_err(store::StoreError::Io {
+            context: format!("cannot create data dir {}", dir.display()),
+            message: e.to_string(),
+        })
+    })?;
+    let topics = TopicTable::load(&dir).map_err(BrokerError::Config)?;
+    let topic_queues: Vec<(String, u32)> = topics
+        .all()
+        .into_iter()
+        .map(|t| (t.name, t.queues))
+        .collect();
+    let mut store_config = StoreConfig::new(dir.clone());
+    store_config.flush = config.flush;
+    store_config.sync_flush_timeout = config.sync_flush_timeout;
+    store_config.segment_size = config.segment_size;
+    store_config.max_message_size = config.max_message_size;
+    store_config.retention = config.retention;
+    store_config.max_delay = config.max_delay;
+    store_config.max_log_bytes = config.max_store_size;
+    let is_slave = config.replication.role == txmq_protocol::BrokerRole::Slave;
+    // Under a controller every role continues its log where it ends
+    // (positions a master hands out are the group's, and a replica's
+    // epoch history must meet its log end).
+    store_config.replica = is_slave || part.control.is_some();
+    let store_dir = dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config, &topic_queues))
+        .await
+        .map_err(|e| BrokerError::Config(format!("store recovery panicked: {e}")))?
+        .map_err(|source| BrokerError::Store {
+            dir: store_dir.display().to_string(),
+            source,
+        })?;
+    // Topics found in the log but missing from the table (a lost
+    // topics.json) are restored from what recovery rebuilt.
+    for (name, queues) in store.topics() {
+        if topics.get(&name).is_none() {
+            tracing::warn!(topic = %name, queues, "topic found in the store but not in topics.json; restoring it");
+            topics
+                .upsert(&name, |_, _| {
+                    Ok(txmq_protocol::TopicConfig {
+                        name: name.clone(),
+                        queues,
+                        perm: txmq_protocol::PERM_READ_WRITE,
+                    })
+                })
+                .map_err(|e| BrokerError::Config(e.message))?;
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let recovered = store.take_recovered_transactions().unwrap_or_default();
+    let transactions = Arc::new(transaction::Transactions::new(
+        store.clone(),
+        config.transactions.clone(),
+        config.broker_name.clone(),
+        recovered,
+    ));
+    if is_slave {
+        // Replicated transaction records reach the slave's table as
+        // they are written, as recovery would have found them.
+        let table = transactions.clone();
+        store.set_tx_listener(Box::new(move |changes| table.apply_replicated(changes)));
+    }
+    let replication = match part.control {
+        Some((control, epoch, in_sync, master)) => {
+            if !is_slave {
+                // The epoch's first position, durable before any write.
+                control
+                    .epochs()
+                    .push(txmq_protocol::EpochStart {
+                        epoch,
+                        start: store.log_end(),
+                    })
+                    .map_err(BrokerError::Config)?;
+            }
+            replication::Replication::controlled(
+                config.replication.clone(),
+                control,
+                epoch,
+                in_sync,
+                master,
+            )
+        }
+        None => replication::Replication::new(config.replication.clone()),
+    };
+    let inner = Arc::new(BrokerInner {
+        replication,
+        transactions,
+        groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
+        advertised_addr: config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| addr.to_string()),
+        config,
+        store,
+        topics,
+        topics_changed: Notify::new(),
+        topics_version: std::sync::atomic::AtomicU64::new(0),
+        epoch: txmq_protocol::now_millis(),
+        registered_version: tokio::sync::watch::channel(0).0,
+        shutdown: shutdown.clone(),
+        connections: std::sync::atomic::AtomicUsize::new(0),
+    });
+
+    let conn_config = ConnectionConfig {
+        max_frame_len: inner.config.max_frame_size,
+        max_inflight_bytes: inner.config.max_inflight_bytes,
+        ..Default::default()
+    };
+    let service = Arc::new(handler::BrokerService {
+        broker: inner.clone(),
+    });
+    tasks.spawn(txmq_remoting::server::serve(
+        listener,
+        service,
+        conn_config,
+        shutdown.clone(),
+    ));
+    let (startup_tx, startup) = tokio::sync::oneshot::channel();
+    tasks.spawn(registration::run(
+        inner.clone(),
+        nameservers.to_vec(),
+        startup_tx,
+    ));
+    tasks.spawn(retention(inner.clone()));
+    tasks.spawn(groups::run_expiry(inner.groups.clone(), shutdown.clone()));
+    if is_slave {
+        // Only the master writes: delay deliveries, check-backs and
+        // their markers reach a slave through its master's log.
+        tasks.spawn(replication::run_slave(inner.clone(), nameservers.to_vec()));
+    } else {
+        tasks.spawn(replication::run_isr(inner.clone()));
+        tasks.spawn(deliver_delayed(inner.clone()));
+        tasks.spawn(transaction::run_check_back(
+            inner.transactions.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(
+        broker = %inner.config.broker_name,
+        %addr,
+        data_dir = %inner.config.data_dir.display(),
+        flush = ?inner.config.flush,
+        role = inner.config.replication.role.name(),
+        replication = inner.config.replication.mode.name(),
+        epoch = inner.replication.epoch(),
+        "broker listening"
+    );
+    Ok((Incarnation { inner, tasks }, startup))
+}
+
+/// Runs a broker under a controller: heartbeats, and one incarnation after
+/// another as the controller's decisions (or a needed cut of the log) ask.
+async fn run_controlled(
+    config: BrokerConfig,
+    listener: std::net::TcpListener,
+    nameservers: Vec<String>,
+    control: Arc<replication::controlled::Control>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<replication::controlled::Event>,
+    first: (
+        Incarnation,
+        tokio::sync::oneshot::Receiver<registration::Startup>,
+    ),
+    stop: CancellationToken,
+) {
+    use replication::controlled::{wanted, Event, Wanted};
+    use txmq_protocol::BrokerRole;
+    let heartbeats = tokio::spawn(control.clone().run(config.clone(), stop.clone()));
+    let (master_tx, _) = tokio::sync::watch::channel(None::<(String, u64)>);
+    let mut state = control.state.subscribe();
+    let mut current: Option<(Incarnation, Wanted)> = Some((first.0, Wanted::Slave(None)));
+    let mut cut: Option<(u64, u64)> = None;
+    let mut report = tokio::time::interval(Duration::from_millis(200));
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let want = match state.borrow_and_update().as_ref() {
+            Some(g) => wanted(
+                g,
+                &control.addr,
+                control.epochs().last_epoch(),
+                control
+                    .master_epoch
+                    .load(std::sync::atomic::Ordering::Acquire),
+            ),
+            None => Wanted::Slave(None),
+        };
+        if let Wanted::Slave(m) = &want {
+            master_tx.send_if_modified(|held| {
+                let changed = held != m;
+                held.clone_from(m);
+                changed
+            });
+        }
+        let restart = cut.is_some()
+            || match (&current, &want) {
+                (None, _) => true,
+                (Some((_, Wanted::Master(e))), Wanted::Master(w)) => e != w,
+                (Some((_, Wanted::Slave(_))), Wanted::Slave(_)) => false,
+                _ => true,
+            };
+        if restart {
+            if let Some((inc, was)) = current.take() {
+                tracing::info!(from = ?was, to = ?want, "changing role");
+                inc.stop().await;
+            }
+            control
+                .master_epoch
+                .store(0, std::sync::atomic::Ordering::Release);
+            if let Some((to, epoch)) = cut.take() {
+                let mut store_config = StoreConfig::new(config.data_dir.clone());
+                store_config.segment_size = config.segment_size;
+                let truncated =
+                    tokio::task::spawn_blocking(move || store::truncate_log(&store_config, to))
+                        .await;
+                match truncated {
+                    Ok(Ok(())) => {
+                        if let Err(e) = control.epochs().truncate(epoch, to) {
+                            tracing::error!(error = %e, "cannot cut the epoch file");
+                        }
+                        tracing::info!(
+                            to,
+                            epoch,
+                            "cut the log to where it agrees with the new master's"
+                        );
+                    }
+                    Ok(Err(e)) => tracing::error!(to, error = %e, "cannot cut the log"),
+                    Err(e) => tracing::error!(to, error = %e, "cutting the log failed"),
+                }
+            }
+            let (role, epoch, in_sync) = match (&want, state.borrow().as_ref()) {
+                (Wanted::Master(e), Some(g)) => (BrokerRole::Master, *e, g.in_sync.clone()),
+                (Wanted::Slave(Some((_, e))), _) => (BrokerRole::Slave, *e, Vec::new()),
+                _ => (BrokerRole::Slave, 0, Vec::new()),
+            };
+            let part = Part {
+                role,
+                control: Some((
+                    control.clone(),
+                    epoch,
+                    in_sync,
+                    (role == BrokerRole::Slave).then(|| master_tx.subscribe()),
+                )),
+            };
+            match start_incarnation(&config, &listener, &nameservers, part).await {
+                Ok((inc, _)) => {
+                    if role == BrokerRole::Master {
+                        control
+                            .master_epoch
+                            .store(epoch, std::sync::atomic::Ordering::Release);
+                        tracing::info!(epoch, "serving as the master of the broker group");
+                    }
+                    // Tell the controller at once (a new master's heartbeat
+                    // is what keeps it elected).
+                    control.fenced();
+                    current = Some((inc, want));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start in the role the controller gave; retrying in a second");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = state.changed() => {}
+            Some(event) = events.recv() => match event {
+                Event::Truncate { to, epoch } => cut = Some((to, epoch)),
+            },
+            _ = report.tick() => {
+                if let Some((inc, _)) = &current {
+                    control.log_end.store(inc.inner.store.log_end(), std::sync::atomic::Ordering::Release);
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    if let Some((inc, _)) = current.take() {
+        inc.stop().await;
+    }
+    let _ = heartbeats.await;
 }
 
 /// Deletes expired segments every minute (or sooner for short retentions),
@@ -407,7 +706,10 @@ mod tests {
         config.nameservers = Vec::new();
         config.segment_size = 8 << 20;
         let broker = Broker::start(config).await.unwrap();
-        let store = broker.inner.store.clone();
+        let Run::Single(inc) = &broker.run else {
+            panic!("a single broker")
+        };
+        let store = inc.inner.store.clone();
         store.ensure_queues("orders", 1).unwrap();
         let deliver_at = txmq_protocol::now_millis() + 300;
         let msg = txmq_protocol::Message::new("orders", &b"later"[..]);

@@ -138,7 +138,11 @@ pub(crate) async fn run(
         let round_started = Instant::now();
         let version = b.topics_version.load(std::sync::atomic::Ordering::Acquire);
         let req = RegisterBroker {
-            epoch: Default::default(),
+            epoch: if b.replication.is_slave() {
+                0
+            } else {
+                b.replication.epoch()
+            },
             cluster: b.config.cluster.clone(),
             broker_name: b.config.broker_name.clone(),
             addr: b.advertised_addr.clone(),
@@ -328,10 +332,15 @@ fn record(b: &BrokerInner, ns: &str, link: &mut Link, conn: Option<Connection>, 
 /// The hello this broker says to a nameserver (`Role::Broker`) or to its
 /// master (`Role::Replica`).
 pub(crate) fn hello(b: &BrokerInner, role: Role) -> Hello {
+    hello_from(&b.config, &b.advertised_addr, role)
+}
+
+/// The same, before the broker's tables exist.
+pub(crate) fn hello_from(config: &crate::BrokerConfig, addr: &str, role: Role) -> Hello {
     Hello {
         version: PROTOCOL_VERSION,
         role,
-        client_id: format!("{}@{}", b.config.broker_name, b.advertised_addr),
+        client_id: format!("{}@{addr}", config.broker_name),
         group: None,
     }
 }

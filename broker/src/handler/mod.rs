@@ -86,23 +86,32 @@ impl Service for BrokerService {
         let more_coming = conn.more_requests_read();
         let conn = conn.clone();
         Box::pin(async move {
-            // A slave takes no writes: its log is its master's.
+            // A slave takes no writes: its log is its master's. Under a
+            // controller, neither does a master draining for a planned
+            // switch or out of touch with the controller.
+            if matches!(
+                request,
+                Request::Send(_)
+                    | Request::PrepareTransaction(_)
+                    | Request::EndTransaction(_)
+                    | Request::CreateTopic(_)
+                    | Request::SendBack(_)
+                    | Request::ResetOffset(_)
+            ) {
+                if let Some(refusal) = b.replication.write_refusal(&b) {
+                    return Err(refusal);
+                }
+            }
             if b.replication.is_slave()
-                && matches!(
-                    request,
-                    Request::Send(_)
-                        | Request::PrepareTransaction(_)
-                        | Request::EndTransaction(_)
-                        | Request::CreateTopic(_)
-                        | Request::SendBack(_)
-                        | Request::ResetOffset(_)
-                        | Request::ReplicaFetch(_)
-                )
+                && matches!(request, Request::ReplicaFetch(_) | Request::EpochEnd(_))
             {
                 return Err(b.replication.not_master(&b));
             }
             match request {
                 Request::Ping(_) => Ok(Response::Ping(Pong {})),
+                Request::EpochEnd(r) => {
+                    crate::replication::epoch_end(&b, r).map(Response::EpochEnd)
+                }
                 Request::ReplicaFetch(r) => crate::replication::fetch(&b, &conn, r)
                     .await
                     .map(Response::ReplicaFetch),

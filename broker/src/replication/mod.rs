@@ -19,18 +19,20 @@
 //! answers until `--min-insync-replicas` replicas (itself included) hold the
 //! record ([`Replication::confirm`]).
 
+pub(crate) mod controlled;
+pub(crate) mod epochs;
 mod slave;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio::sync::watch;
 use txmq_protocol::{
-    BrokerRole, ErrorCode, ReplicaAck, ReplicaData, ReplicaFetch, ReplicaInfo, ReplicationInfo,
-    Role, SendStatus, WireError,
+    BrokerRole, EpochEnd, EpochEndQuery, ErrorCode, ReplicaAck, ReplicaData, ReplicaFetch,
+    ReplicaInfo, ReplicationInfo, Role, SendStatus, WireError,
 };
 use txmq_remoting::Connection;
 
@@ -129,6 +131,45 @@ pub(crate) struct Replication {
     pub(crate) master_topics_version: AtomicU64,
     /// Master: what it shipped to its slaves.
     shipped: Shipped,
+    /// Under a controller: this incarnation's part in it.
+    pub(crate) control: Option<Controlled>,
+}
+
+/// An incarnation's part under a controller.
+pub(crate) struct Controlled {
+    /// What lives across incarnations: heartbeats, the epoch file.
+    pub(crate) shared: Arc<controlled::Control>,
+    /// A master: its epoch. A slave: the epoch of the master it follows
+    /// (changes when the controller names another).
+    pub(crate) epoch: AtomicU64,
+    /// A slave: the master to follow and its epoch, as the controller says.
+    pub(crate) master: Option<watch::Receiver<Option<(String, u64)>>>,
+    /// A master: the in-sync set.
+    isr: Mutex<Isr>,
+    /// A master: refusing writes while it drains for a planned switch.
+    pub(crate) draining: AtomicBool,
+}
+
+/// A master's in-sync set: as the controller holds it, and a change asked
+/// for and not yet answered (both count while it is in flight).
+#[derive(Debug, Default)]
+struct Isr {
+    current: BTreeSet<String>,
+    proposed: Option<BTreeSet<String>>,
+    /// Per replica address: the last moment it held everything the master
+    /// had written then (kept across its reconnections).
+    caught_up: HashMap<String, Instant>,
+}
+
+impl Isr {
+    /// Who a write waits for: the current set and any proposed one.
+    fn effective(&self) -> BTreeSet<String> {
+        let mut all = self.current.clone();
+        if let Some(p) = &self.proposed {
+            all.extend(p.iter().cloned());
+        }
+        all
+    }
 }
 
 /// Replication frames (non-empty fetch answers), records and bytes shipped.
@@ -149,11 +190,83 @@ impl Replication {
             kept_offsets: DashMap::new(),
             master_topics_version: AtomicU64::new(0),
             shipped: Shipped::default(),
+            control: None,
+        }
+    }
+
+    /// An incarnation under a controller: a master at `epoch` with the
+    /// controller's in-sync set, or a slave following `master`.
+    pub(crate) fn controlled(
+        config: ReplicationConfig,
+        shared: Arc<controlled::Control>,
+        epoch: u64,
+        in_sync: Vec<String>,
+        master: Option<watch::Receiver<Option<(String, u64)>>>,
+    ) -> Replication {
+        let now = Instant::now();
+        let isr = Isr {
+            // Every member starts in sync: it was when the controller said so.
+            caught_up: in_sync.iter().map(|a| (a.clone(), now)).collect(),
+            current: in_sync.into_iter().collect(),
+            proposed: None,
+        };
+        Replication {
+            control: Some(Controlled {
+                shared,
+                epoch: AtomicU64::new(epoch),
+                master,
+                isr: Mutex::new(isr),
+                draining: AtomicBool::new(false),
+            }),
+            ..Replication::new(config)
         }
     }
 
     pub(crate) fn is_slave(&self) -> bool {
         self.config.role == BrokerRole::Slave
+    }
+
+    /// The epoch this incarnation is master of, or follows (0: no controller).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.control
+            .as_ref()
+            .map_or(0, |c| c.epoch.load(Ordering::Acquire))
+    }
+
+    fn isr(&self) -> Option<std::sync::MutexGuard<'_, Isr>> {
+        self.control
+            .as_ref()
+            .map(|c| c.isr.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Why this broker takes no writes now, if it does not: a slave; under
+    /// a controller also a master that drains for a planned switch or has
+    /// not heard back from the controller for a master expiry (it may have
+    /// been replaced).
+    pub(crate) fn write_refusal(&self, b: &BrokerInner) -> Option<WireError> {
+        if self.is_slave() {
+            return Some(self.not_master(b));
+        }
+        let c = self.control.as_ref()?;
+        if c.draining.load(Ordering::Acquire) {
+            return Some(WireError::new(
+                ErrorCode::NotMaster,
+                format!(
+                    "broker {} is handing broker group '{}' over to another master (a planned switch); retry in a moment",
+                    b.advertised_addr, b.config.broker_name
+                ),
+            ));
+        }
+        if !c.shared.lease_valid() {
+            return Some(WireError::new(
+                ErrorCode::NotMaster,
+                format!(
+                    "broker {} has not heard from the controller for a master expiry and takes no writes: another master of broker group '{}' may have been elected",
+                    b.advertised_addr, b.config.broker_name
+                ),
+            ));
+        }
+        None
     }
 
     fn replicas(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Replica>> {
@@ -194,15 +307,30 @@ impl Replication {
     /// to `end`; at once otherwise.
     pub(crate) async fn confirm(&self, end: u64) -> Confirmed {
         let c = &self.config;
-        if self.is_slave() || c.mode == ReplicationMode::Async || c.min_insync_replicas <= 1 {
+        if self.is_slave() || c.mode == ReplicationMode::Async {
             return Confirmed::Yes;
+        }
+        // Under a controller, every member of the in-sync set must hold
+        // the record (any of them may be elected next), and the set must
+        // have at least min-insync members.
+        if let Some(isr) = self.isr() {
+            if isr.current.len() < c.min_insync_replicas as usize {
+                return Confirmed::NotAvailable;
+            }
+            if isr.effective().len() <= 1 {
+                return Confirmed::Yes;
+            }
+        } else {
+            if c.min_insync_replicas <= 1 {
+                return Confirmed::Yes;
+            }
+            let needed = (c.min_insync_replicas - 1) as usize;
+            if *self.confirmed.borrow() < end && self.in_sync_count(Instant::now()) < needed {
+                return Confirmed::NotAvailable;
+            }
         }
         if *self.confirmed.borrow() >= end {
             return Confirmed::Yes;
-        }
-        let needed = (c.min_insync_replicas - 1) as usize;
-        if self.in_sync_count(Instant::now()) < needed {
-            return Confirmed::NotAvailable;
         }
         let mut rx = self.confirmed.subscribe();
         let held = {
@@ -228,8 +356,34 @@ impl Replication {
             .count()
     }
 
-    /// The position `min_insync_replicas - 1` slaves hold: the k-th largest ack.
+    /// The position `min_insync_replicas - 1` slaves hold: the k-th largest
+    /// ack; under a controller, the position every other member of the
+    /// in-sync set holds.
     fn recompute_confirmed(&self, replicas: &HashMap<u64, Replica>) {
+        if let Some(isr) = self.isr() {
+            let me = &self.control.as_ref().map(|c| c.shared.addr.clone());
+            let held = isr
+                .effective()
+                .iter()
+                .filter(|a| Some(*a) != me.as_ref())
+                .map(|a| {
+                    replicas
+                        .values()
+                        .filter(|r| &r.addr == a)
+                        .map(|r| r.acked)
+                        .max()
+                        .unwrap_or(0)
+                })
+                .min();
+            if let Some(held) = held {
+                self.confirmed.send_if_modified(|c| {
+                    let moved = held > *c;
+                    *c = (*c).max(held);
+                    moved
+                });
+            }
+            return;
+        }
         let k = self.config.min_insync_replicas.saturating_sub(1) as usize;
         if k == 0 {
             return;
@@ -279,6 +433,9 @@ impl Replication {
             if r.acked >= end {
                 r.caught_up_at = Some(at);
                 r.mark = None;
+                if let Some(mut isr) = self.isr() {
+                    isr.caught_up.insert(r.addr.clone(), at);
+                }
             }
         }
         self.recompute_confirmed(&replicas);
@@ -296,14 +453,17 @@ impl Replication {
                 addr: r.addr.clone(),
                 acked: r.acked,
                 lag_bytes: end.saturating_sub(r.acked),
-                in_sync: self.is_in_sync(r, now),
+                in_sync: match self.isr() {
+                    Some(isr) => isr.current.contains(&r.addr),
+                    None => self.is_in_sync(r, now),
+                },
                 last_seen_ms_ago: now.saturating_duration_since(r.last_seen).as_millis() as u64,
             })
             .collect();
         replicas.sort_by(|a, b| a.addr.cmp(&b.addr));
         let slave = self.slave_status().clone();
         ReplicationInfo {
-            epoch: Default::default(),
+            epoch: self.epoch(),
             broker_name: b.config.broker_name.clone(),
             role: self.config.role,
             addr: b.advertised_addr.clone(),
@@ -336,6 +496,22 @@ pub(crate) async fn fetch(
 ) -> Result<ReplicaData, WireError> {
     let rep = &b.replication;
     rep.check_master(b)?;
+    if let Some(c) = &rep.control {
+        let mine = c.epoch.load(Ordering::Acquire);
+        if req.epoch != mine {
+            if req.epoch > mine {
+                // A slave follows a newer master: this one was replaced.
+                c.shared.fenced();
+            }
+            return Err(WireError::new(
+                ErrorCode::StaleEpoch,
+                format!(
+                    "the slave at {} follows the master of epoch {} and this master's epoch is {mine}",
+                    req.addr, req.epoch
+                ),
+            ));
+        }
+    }
     if conn.peer_hello().map(|h| h.role) != Some(Role::Replica) {
         return Err(WireError::new(
             ErrorCode::BadArgument,
@@ -477,8 +653,12 @@ pub(crate) async fn fetch(
         }
     }
     Ok(ReplicaData {
-        epochs: Default::default(),
-        confirmed: Default::default(),
+        epochs: rep
+            .control
+            .as_ref()
+            .map(|c| c.shared.epochs().after(req.last_epoch))
+            .unwrap_or_default(),
+        confirmed: *rep.confirmed.borrow(),
         pos,
         data,
         master_end: limit,
@@ -491,8 +671,12 @@ fn caught_up(rep: &Replication, conn_id: u64, from: u64) {
     let mut replicas = rep.replicas();
     if let Some(r) = replicas.get_mut(&conn_id) {
         if r.acked >= from {
-            r.caught_up_at = Some(Instant::now());
+            let now = Instant::now();
+            r.caught_up_at = Some(now);
             r.mark = None;
+            if let Some(mut isr) = rep.isr() {
+                isr.caught_up.insert(r.addr.clone(), now);
+            }
         }
     }
 }
@@ -520,4 +704,159 @@ fn read_error(b: &BrokerInner, req: &ReplicaFetch, e: LogReadError) -> WireError
             ),
         ),
     }
+}
+
+/// Master: where its history of an epoch ends (see [`epochs::Epochs::end_of`]).
+pub(crate) fn epoch_end(b: &BrokerInner, req: EpochEndQuery) -> Result<EpochEnd, WireError> {
+    let rep = &b.replication;
+    rep.check_master(b)?;
+    let Some(c) = &rep.control else {
+        return Err(WireError::new(
+            ErrorCode::UnsupportedRequest,
+            "this broker is not run by a controller and keeps no epochs",
+        ));
+    };
+    if req.broker_name != b.config.broker_name {
+        return Err(WireError::new(
+            ErrorCode::BadArgument,
+            format!(
+                "this master serves broker group '{}', not '{}'",
+                b.config.broker_name, req.broker_name
+            ),
+        ));
+    }
+    let (epoch, end) = c.shared.epochs().end_of(req.epoch, b.store.log_end());
+    Ok(EpochEnd { epoch, end })
+}
+
+/// A controlled master's in-sync set upkeep: every 100 ms, drops members
+/// that fell behind for longer than `--replica-lag-max` and adds replicas
+/// that caught up, through the controller (the set changes only when it
+/// agrees); drains for a planned switch when the controller asks.
+pub(crate) async fn run_isr(b: Arc<BrokerInner>) {
+    let Some(c) = &b.replication.control else {
+        return;
+    };
+    let me = c.shared.addr.clone();
+    let mut state = c.shared.state.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.changed() => {}
+            _ = b.shutdown.cancelled() => return,
+        }
+        let epoch = c.epoch.load(Ordering::Acquire);
+        let group = state.borrow_and_update().clone();
+        if let Some(g) = group.filter(|g| g.epoch == epoch && g.master.as_deref() == Some(&me)) {
+            if let Some(target) = g.draining {
+                drain(&b, c, &target, epoch).await;
+                continue;
+            }
+        }
+        let proposal = {
+            let rep = &b.replication;
+            let now = Instant::now();
+            let confirmed = *rep.confirmed.borrow();
+            let acked: HashMap<String, u64> =
+                rep.replicas().values().fold(HashMap::new(), |mut m, r| {
+                    let e = m.entry(r.addr.clone()).or_insert(0);
+                    *e = (*e).max(r.acked);
+                    m
+                });
+            let mut isr = c.isr.lock().unwrap_or_else(|e| e.into_inner());
+            if isr.proposed.is_some() {
+                continue;
+            }
+            let lag_max = rep.config.lag_max;
+            let fresh = |a: &String| {
+                isr.caught_up
+                    .get(a)
+                    .is_some_and(|t| now.saturating_duration_since(*t) <= lag_max)
+            };
+            let mut desired: BTreeSet<String> = isr
+                .current
+                .iter()
+                .filter(|a| **a == me || fresh(a))
+                .cloned()
+                .collect();
+            desired.insert(me.clone());
+            for (addr, ack) in &acked {
+                if !desired.contains(addr) && fresh(addr) && *ack >= confirmed {
+                    desired.insert(addr.clone());
+                }
+            }
+            if desired == isr.current {
+                continue;
+            }
+            isr.proposed = Some(desired.clone());
+            desired
+        };
+        let answer = c
+            .shared
+            .alter_in_sync(epoch, proposal.iter().cloned().collect())
+            .await;
+        let mut isr = c.isr.lock().unwrap_or_else(|e| e.into_inner());
+        isr.proposed = None;
+        match answer {
+            Ok(g) if g.epoch == epoch => {
+                let added: Vec<_> = g
+                    .in_sync
+                    .iter()
+                    .filter(|a| !isr.current.contains(*a))
+                    .cloned()
+                    .collect();
+                let removed: Vec<_> = isr
+                    .current
+                    .iter()
+                    .filter(|a| !g.in_sync.contains(a))
+                    .cloned()
+                    .collect();
+                tracing::info!(epoch, in_sync = ?g.in_sync, ?added, ?removed, "in-sync set changed");
+                isr.current = g.in_sync.into_iter().collect();
+                drop(isr);
+                let replicas = b.replication.replicas();
+                b.replication.recompute_confirmed(&replicas);
+            }
+            Ok(_) => c.shared.fenced(),
+            Err(e) if e.code == ErrorCode::StaleEpoch => {
+                tracing::warn!(epoch, error = %e, "the controller refused this master's in-sync change: it was replaced");
+                c.shared.fenced();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot change the in-sync set now; retrying");
+            }
+        }
+    }
+}
+
+/// A planned switch: refuse writes, wait until the target holds the whole
+/// log (at most the replication timeout), tell the controller.
+async fn drain(b: &BrokerInner, c: &Controlled, target: &str, epoch: u64) {
+    if !c.draining.swap(true, Ordering::AcqRel) {
+        tracing::info!(%target, epoch, "draining for a planned switch");
+    }
+    let deadline = Instant::now() + b.replication.config.timeout;
+    loop {
+        let end = b.store.log_end();
+        let held = b
+            .replication
+            .replicas()
+            .values()
+            .filter(|r| r.addr == target)
+            .map(|r| r.acked)
+            .max()
+            .unwrap_or(0);
+        if held >= end || Instant::now() >= deadline || b.shutdown.is_cancelled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Err(e) = c.shared.drained(epoch).await {
+        tracing::warn!(error = %e, "cannot tell the controller the drain is done; it elects the target after its own wait");
+    }
+    // Stays draining: the controller's answer names the new master, and
+    // this incarnation ends.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }

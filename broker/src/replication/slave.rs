@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use txmq_protocol::{
-    BrokerRole, CommitOffset, ErrorCode, GetCluster, RecordRef, ReplicaAck, ReplicaData,
-    ReplicaFetch, Role, TopicConfig,
+    BrokerRole, CommitOffset, EpochEndQuery, EpochStart, ErrorCode, GetCluster, RecordRef,
+    ReplicaAck, ReplicaData, ReplicaFetch, Role, TopicConfig,
 };
 use txmq_remoting::{Connection, ConnectionConfig, Error};
 
@@ -37,6 +37,9 @@ enum Stop {
     /// Replicating cannot go on without an operator (a diverged log, a
     /// position the master no longer has, settings that do not match).
     Fatal(String),
+    /// Under a controller: this log holds what the new master's history
+    /// does not; it must be cut (by the next incarnation) first.
+    Truncate { to: u64, epoch: u64 },
 }
 
 /// Where this log ends and its last whole record there: what the next
@@ -61,9 +64,35 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
         if b.shutdown.is_cancelled() {
             return;
         }
-        let master = match &b.replication.config.master_addr {
-            Some(addr) => Some(addr.clone()),
-            None => find_master(&b, &nameservers).await,
+        let controlled = b
+            .replication
+            .control
+            .as_ref()
+            .and_then(|c| c.master.clone());
+        let master = match (&controlled, &b.replication.config.master_addr) {
+            (Some(rx), _) => {
+                let mut rx = rx.clone();
+                let target = rx.borrow_and_update().clone();
+                match target {
+                    Some((addr, epoch)) => {
+                        if let Some(c) = &b.replication.control {
+                            c.epoch.store(epoch, Ordering::Release);
+                        }
+                        Some(addr)
+                    }
+                    None => {
+                        b.replication.slave_status().master_addr = None;
+                        // No master now: wait until the controller names one.
+                        tokio::select! {
+                            changed = rx.changed() => if changed.is_err() { return },
+                            _ = b.shutdown.cancelled() => return,
+                        }
+                        continue;
+                    }
+                }
+            }
+            (None, Some(addr)) => Some(addr.clone()),
+            (None, None) => find_master(&b, &nameservers).await,
         };
         b.replication.slave_status().master_addr = master.clone();
         let outcome = match master {
@@ -75,6 +104,22 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
         };
         match outcome {
             Ok(()) | Err(Stop::Shutdown) => return,
+            Err(Stop::Truncate { to, epoch }) => {
+                if let Some(c) = &b.replication.control {
+                    tracing::warn!(
+                        broker = %b.config.broker_name,
+                        log_end = b.store.log_end(),
+                        cut_to = to,
+                        epoch,
+                        "this log holds records the new master's history does not; cutting it there"
+                    );
+                    let _ = c
+                        .shared
+                        .events
+                        .send(super::controlled::Event::Truncate { to, epoch });
+                }
+                return;
+            }
             Err(Stop::Fatal(why)) => {
                 tracing::error!(broker = %b.config.broker_name, error = %why, "replication stopped");
                 b.replication.slave_status().error = Some(why);
@@ -123,9 +168,14 @@ async fn find_master(b: &BrokerInner, nameservers: &[String]) -> Option<String> 
 }
 
 fn fetch_request(b: &BrokerInner, tail: Tail) -> ReplicaFetch {
+    let last_epoch = b
+        .replication
+        .control
+        .as_ref()
+        .map_or(0, |c| c.shared.epochs().last_epoch());
     ReplicaFetch {
-        last_epoch: Default::default(),
-        epoch: Default::default(),
+        last_epoch,
+        epoch: b.replication.epoch(),
         broker_name: b.config.broker_name.clone(),
         addr: b.advertised_addr.clone(),
         from: tail.end,
@@ -167,7 +217,37 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
         let now = b.store.shippable_end();
         b.store.wait_shippable(now, Duration::from_secs(1)).await;
     }
-    tracing::info!(%master, from = tail.end, "replicating from the master");
+    if let Some(c) = &b.replication.control {
+        // Where this history and the master's part: cut there first.
+        let last_epoch = c.shared.epochs().last_epoch();
+        let theirs = tokio::select! {
+            r = conn.call(EpochEndQuery {
+                broker_name: b.config.broker_name.clone(),
+                epoch: last_epoch,
+            }) => r.map_err(|e| classify(master, e))?,
+            _ = b.shutdown.cancelled() => return Err(Stop::Shutdown),
+        };
+        let (_, ours) = c.shared.epochs().end_of(theirs.epoch, tail.end);
+        let agreed = ours.min(theirs.end);
+        if agreed < tail.end {
+            conn.close();
+            return Err(Stop::Truncate {
+                to: agreed,
+                epoch: theirs.epoch,
+            });
+        }
+        // Epochs past the shared one hold nothing of this log.
+        if let Err(e) = c.shared.epochs().truncate(theirs.epoch, tail.end) {
+            return Err(Stop::Retry(e));
+        }
+    }
+    tracing::info!(%master, from = tail.end, epoch = b.replication.epoch(), "replicating from the master");
+    let mut master_changed = b
+        .replication
+        .control
+        .as_ref()
+        .and_then(|c| c.master.clone());
+    let mut pending_epochs: Vec<EpochStart> = Vec::new();
     let segment_size = b.store.config().segment_size;
     let mut asked = *tail;
     let mut next = Box::pin(conn.call(fetch_request(b, asked)));
@@ -204,12 +284,27 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
                 continue;
             }
             _ = b.shutdown.cancelled() => break Err(Stop::Shutdown),
+            Ok(()) = async {
+                match master_changed.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                break Err(Stop::Retry("the controller named another master".into()));
+            }
         };
         let data = match data {
             Ok(d) => d,
             Err(e) => break Err(classify(master, e)),
         };
         b.replication.slave_status().master_end = Some(data.master_end);
+        let newest = pending_epochs.last().map_or(0, |e| e.epoch).max(
+            b.replication
+                .control
+                .as_ref()
+                .map_or(0, |c| c.shared.epochs().last_epoch()),
+        );
+        pending_epochs.extend(data.epochs.iter().filter(|e| e.epoch > newest).copied());
         copied += data.data.len() as u64;
         if !caught_up
             && (data.data.is_empty() || data.pos + data.data.len() as u64 >= data.master_end)
@@ -257,6 +352,23 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
             }
         };
         *tail = asked;
+        if let Some(c) = &b.replication.control {
+            // The master's epochs this log now holds records of.
+            let held: Vec<EpochStart> = pending_epochs
+                .iter()
+                .filter(|e| e.start < appended.end)
+                .copied()
+                .collect();
+            if !held.is_empty() {
+                pending_epochs.retain(|e| e.start >= appended.end);
+                let mut epochs = c.shared.epochs();
+                for e in held {
+                    if let Err(why) = epochs.push(e) {
+                        tracing::error!(error = %why, "cannot record the master's epoch");
+                    }
+                }
+            }
+        }
         if appended.durable {
             acks.push(conn.call(ReplicaAck {
                 acked: appended.end,

@@ -377,6 +377,42 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Cuts the commit log of the closed store in `config.dir` at `to` (a
+/// record boundary): a replica dropping what a new master's history does
+/// not have. Derived state follows at the next [`Store::open`]: consume
+/// queue entries past the cut are dropped there, and a checkpoint past the
+/// cut is replaced by one that replays the whole log (its consumer offsets
+/// kept as a base, each capped at its queue's end).
+///
+/// # Errors
+/// I/O errors.
+pub fn truncate_log(config: &StoreConfig, to: u64) -> Result<(), StoreError> {
+    let log_dir = config.dir.join("commitlog");
+    let log = commit_log::CommitLog::open(&log_dir, config.segment_size).map_err(|e| {
+        StoreError::io(
+            format!("cannot open commit log in {}", log_dir.display()),
+            &e,
+        )
+    })?;
+    log.cut(to, u64::MAX)
+        .map_err(|e| StoreError::io(format!("cannot cut the commit log at {to}"), &e))?;
+    drop(log);
+    let cp = checkpoint::Checkpoint::load(&config.dir)
+        .map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
+    if let Some(cp) = cp.filter(|cp| cp.position > to) {
+        let replay_all = checkpoint::Checkpoint {
+            position: 0,
+            oldest_pending_tx: None,
+            offsets: cp.offsets,
+            queues: None,
+        };
+        replay_all
+            .store(&config.dir)
+            .map_err(|e| StoreError::io("cannot write checkpoint", &e))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens the store in `config.dir`, recovering from whatever state a
     /// crash left: replays the log from the checkpoint, verifies checksums,

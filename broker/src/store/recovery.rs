@@ -698,6 +698,19 @@ pub(crate) fn recover(
             )
         })?;
     }
+    // An offset past its queue's end names messages this log does not hold
+    // (a replica cut back to a new master's history, whose offsets came
+    // from the old checkpoint): the messages written there next are new to
+    // the group, so it resumes at the end instead.
+    for ((_, topic, queue), offset) in offsets.iter_mut() {
+        let end = queues
+            .get(topic)
+            .and_then(|q| q.get(*queue as usize))
+            .map(|cq| cq.next_offset());
+        if let Some(end) = end.filter(|e| *offset > *e) {
+            *offset = end;
+        }
+    }
     tracing::info!(
         end,
         next_start = fresh,

@@ -257,3 +257,61 @@ async fn replicated_data_that_does_not_continue_the_log_is_refused() {
     master.shutdown().await;
     slave.shutdown().await;
 }
+
+/// A replica cut back to a new master's history: the log ends at the cut,
+/// queues and consumer offsets hold nothing past it, and writing goes on
+/// right there (whether the checkpoint lay before the cut or past it).
+#[tokio::test]
+async fn a_log_cut_at_a_record_boundary_rebuilds_queues_and_offsets() {
+    for checkpoint_past_cut in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = slave_config(dir.path());
+        c.checkpoint_interval = Duration::from_secs(3600);
+        let store = Store::open(c.clone(), &topics()).unwrap();
+        for i in 0..5 {
+            store.append("orders", 0, vec![msg(i)]).await.unwrap();
+        }
+        store.commit_offset("g", "orders", 0, 3).await.unwrap();
+        let cut = store.log_end();
+        if !checkpoint_past_cut {
+            // A checkpoint at the cut, kept aside, as a replica's would be.
+            store.shutdown().await;
+            std::fs::copy(dir.path().join("checkpoint"), dir.path().join("cp.at-cut")).unwrap();
+        }
+        let store = if checkpoint_past_cut {
+            store
+        } else {
+            Store::open(c.clone(), &topics()).unwrap()
+        };
+        for i in 5..9 {
+            store.append("orders", 0, vec![msg(i)]).await.unwrap();
+        }
+        store.commit_offset("g", "orders", 0, 8).await.unwrap();
+        store.shutdown().await;
+        let cp = checkpoint::Checkpoint::load(dir.path()).unwrap().unwrap();
+        assert!(cp.position > cut, "the last checkpoint lies past the cut");
+        if !checkpoint_past_cut {
+            std::fs::rename(dir.path().join("cp.at-cut"), dir.path().join("checkpoint")).unwrap();
+        }
+
+        truncate_log(&c, cut).unwrap();
+        let store = Store::open(c.clone(), &topics()).unwrap();
+        assert_eq!(
+            store.log_end(),
+            cut,
+            "checkpoint past the cut: {checkpoint_past_cut}"
+        );
+        assert_eq!(store.queue_bounds("orders", 0), Some((0, 5)));
+        // The commit of 8 was cut; 3 stands (or, replayed from an old
+        // checkpoint's base, at most the queue's end).
+        let committed = store.committed_offset("g", "orders", 0).unwrap();
+        assert!(committed <= 5, "{committed}");
+        assert_eq!(committed, 3);
+        let next = store.append("orders", 0, vec![msg(100)]).await.unwrap();
+        assert!(next.end > cut);
+        let got = store.read("orders", 0, 5, 10, 1 << 20).unwrap().messages;
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].message.body[..], b"body-100");
+        store.shutdown().await;
+    }
+}
