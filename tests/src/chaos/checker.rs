@@ -2,7 +2,11 @@
 //! defines them (plus the transactional ones):
 //!
 //! - **lost**: a send acknowledged `SEND_OK` (the brokers flush
-//!   synchronously) that no consumer ever handled.
+//!   synchronously; a replicated group's master also waits for its in-sync
+//!   replicas) that no consumer ever handled. A send answered with another
+//!   status (`FLUSH_DISK_TIMEOUT`, `FLUSH_SLAVE_TIMEOUT`,
+//!   `SLAVE_NOT_AVAILABLE`: stored on the master only, which a failover may
+//!   cut) is not acknowledged.
 //! - **duplicate**: a message handled without having been sent, or handled
 //!   again (the same stored copy or another one) outside the at-least-once
 //!   window: a repeat is allowed only when a fault's window (from its start
@@ -17,13 +21,20 @@
 //!   broker acknowledged the commit, or it was prepared for sure and its
 //!   truth, which every check-back answers, is commit) but never handled.
 //!   A transaction still parked at the end is not counted (an operator
-//!   would resolve it) but reported.
+//!   would resolve it) but reported; nor is one whose prepare was answered
+//!   with a status other than `SEND_OK` (the producer then rolls back
+//!   without running its local transaction, while a check-back, should the
+//!   rollback be lost, answers the truth: either end is right).
 //! - **tx-rolled-back-visible**: a transaction whose truth is rollback
 //!   (so its local transaction, its end and every check-back said so) that a
 //!   consumer handled.
 //! - **tx-visible-twice**: a transaction's message stored at two positions.
 //! - **tx-pending**: a transaction still prepared after the end of the run
 //!   plus the check timeout: it must be resolved or parked by then.
+//! - **diverged**: two different messages handled at one stored position
+//!   (broker group, topic, queue, offset): a consumer was handed a record
+//!   that a failover later cut from the log (written by a master that was
+//!   then replaced, never acknowledged), and another record took its place.
 //! - **unhandled**: a message stored below a group's final committed offset
 //!   (in a subscribed topic or the group's retry topic) that the group
 //!   neither handled nor dead-lettered: the group stands past a message it
@@ -66,6 +77,8 @@ pub struct OpCounts {
     pub holds: usize,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, usize>,
+    /// Changes of a broker group's master the harness saw (failover mode).
+    pub failovers: usize,
 }
 
 impl OpCounts {
@@ -78,6 +91,7 @@ impl OpCounts {
 /// Counts the operations of `events`.
 pub fn count(events: &[Event]) -> OpCounts {
     let mut c = OpCounts::default();
+    let mut epochs: HashMap<String, u64> = HashMap::new();
     let slot = |k: Kind| match k {
         Kind::Invoke => 0,
         Kind::Ok => 1,
@@ -91,6 +105,15 @@ pub fn count(events: &[Event]) -> OpCounts {
             Op::Consume => c.consumed += 1,
             Op::Check => c.checks += 1,
             Op::Hold => c.holds += 1,
+            Op::Master => {
+                // Every election raises the epoch: count them all, even
+                // two between the harness's looks.
+                let group = e.broker.clone().unwrap_or_default();
+                let epoch = e.offset.unwrap_or_default();
+                if let Some(before) = epochs.insert(group, epoch) {
+                    c.failovers += epoch.saturating_sub(before) as usize;
+                }
+            }
             Op::Fault if e.kind == Kind::Invoke => {
                 let kind = e.id.split('#').next().unwrap_or(&e.id).to_string();
                 *c.faults.entry(kind).or_default() += 1;
@@ -114,6 +137,7 @@ pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
         h.tx_visible_twice(),
         h.tx_pending(),
         h.unhandled(),
+        h.diverged(),
     ]
 }
 
@@ -122,6 +146,8 @@ pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
 struct Handling {
     time_us: u64,
     position: (String, String, u32, u64),
+    /// The consumer recorded the position (broker and offset).
+    placed: bool,
     process: String,
 }
 
@@ -204,6 +230,7 @@ impl<'a> Indexed<'a> {
                             e.queue.unwrap_or_default(),
                             e.offset.unwrap_or_default(),
                         ),
+                        placed: e.broker.is_some() && e.offset.is_some(),
                         process: e.process.clone(),
                     });
                 }
@@ -287,14 +314,16 @@ impl<'a> Indexed<'a> {
 
     fn lost(&self) -> Verdict {
         let mut acked = 0;
-        let mut flush_timeouts = 0;
+        let mut not_acked: BTreeMap<&str, usize> = BTreeMap::new();
         let mut lost = Vec::new();
         for (id, e) in &self.completed {
             if e.f != Op::Send || e.kind != Kind::Ok {
                 continue;
             }
             if e.status.as_deref() != Some("SEND_OK") {
-                flush_timeouts += 1;
+                *not_acked
+                    .entry(e.status.as_deref().unwrap_or("no status"))
+                    .or_default() += 1;
                 continue;
             }
             acked += 1;
@@ -303,9 +332,15 @@ impl<'a> Indexed<'a> {
             }
         }
         lost.sort();
+        let not_acked: Vec<String> = not_acked.iter().map(|(s, n)| format!("{n} {s}")).collect();
         let summary = format!(
-            "{} of {acked} sends acknowledged SEND_OK never consumed ({flush_timeouts} FLUSH_DISK_TIMEOUT not counted)",
-            lost.len()
+            "{} of {acked} sends acknowledged SEND_OK never consumed (not counted: {})",
+            lost.len(),
+            if not_acked.is_empty() {
+                "none".to_string()
+            } else {
+                not_acked.join(", ")
+            }
         );
         verdict("lost", lost, summary)
     }
@@ -400,14 +435,21 @@ impl<'a> Indexed<'a> {
     /// Transactions that must be visible: the commit was acknowledged, or
     /// the prepare certainly happened and the truth is commit, and the
     /// transaction is not parked.
-    fn must_be_visible(&self) -> (Vec<&'a Event>, usize) {
+    fn must_be_visible(&self) -> (Vec<&'a Event>, usize, usize) {
         let mut out = Vec::new();
         let mut parked = 0;
+        let mut unsure = 0;
         for e in self.invoked.values() {
             if e.f != Op::Tx {
                 continue;
             }
             let done = self.completed.get(e.id.as_str());
+            if done.is_some_and(|c| c.prepare.is_some()) {
+                // Rolled back by the producer unrun; its check-backs say
+                // commit: either end is right.
+                unsure += 1;
+                continue;
+            }
             let committed_ack = done.is_some_and(|c| c.status.as_deref() == Some("committed"));
             let prepared =
                 done.is_some_and(|c| c.tx_id.is_some()) || self.held.contains_key(e.id.as_str());
@@ -426,11 +468,11 @@ impl<'a> Indexed<'a> {
             }
             out.push(*e);
         }
-        (out, parked)
+        (out, parked, unsure)
     }
 
     fn tx_committed_invisible(&self) -> Verdict {
-        let (must, parked) = self.must_be_visible();
+        let (must, parked, unsure) = self.must_be_visible();
         let mut lost: Vec<String> = must
             .iter()
             .filter(|e| !self.handled.contains_key(e.id.as_str()))
@@ -438,7 +480,7 @@ impl<'a> Indexed<'a> {
             .collect();
         lost.sort();
         let summary = format!(
-            "{} of {} committed transactions never consumed ({parked} parked, not counted)",
+            "{} of {} committed transactions never consumed ({parked} parked and {unsure} with a prepare not SEND_OK, not counted)",
             lost.len(),
             must.len()
         );
@@ -486,6 +528,32 @@ impl<'a> Indexed<'a> {
             twice.len()
         );
         verdict("tx-visible-twice", twice, summary)
+    }
+
+    fn diverged(&self) -> Verdict {
+        let mut at: HashMap<&(String, String, u32, u64), &str> = HashMap::new();
+        let mut violations = Vec::new();
+        for (id, handlings) in &self.handled {
+            for h in handlings.iter().filter(|h| h.placed) {
+                match at.get(&h.position) {
+                    Some(other) if *other != *id => violations.push(format!(
+                        "{:?} handed out as {other} and as {id} (at {} by {})",
+                        h.position, h.time_us, h.process
+                    )),
+                    Some(_) => {}
+                    None => {
+                        at.insert(&h.position, id);
+                    }
+                }
+            }
+        }
+        violations.sort();
+        let summary = format!(
+            "{} stored positions handed out with two different messages, among {} positions",
+            violations.len(),
+            at.len()
+        );
+        verdict("diverged", violations, summary)
     }
 
     fn tx_pending(&self) -> Verdict {
@@ -618,6 +686,48 @@ mod tests {
         blind.group = Some("cg".into());
         h.push(blind);
         assert_eq!(failed(&check(&h, 0)), [("unhandled", 2)]);
+    }
+
+    /// A failover may cut a record a consumer already had: another record
+    /// then takes its position, which the `diverged` checker catches. A
+    /// send answered other than `SEND_OK` is not acknowledged, and a
+    /// transaction whose prepare was not `SEND_OK` may end either way.
+    #[test]
+    fn failover_histories_are_judged_by_what_was_acknowledged() {
+        let mut h = Vec::new();
+        send(&mut h, 10, "k:1", "k", Kind::Ok);
+        let mut i = ev(20, Kind::Invoke, Op::Send, "k:2");
+        i.key = Some("k".into());
+        h.push(i);
+        let mut o = ev(21, Kind::Ok, Op::Send, "k:2");
+        o.status = Some("FLUSH_SLAVE_TIMEOUT".into());
+        h.push(o);
+        consume(&mut h, 30, "k:1", 0);
+        let mut t = ev(40, Kind::Invoke, Op::Tx, "t");
+        t.truth = Some("commit".into());
+        t.msg_id = Some("Mt".into());
+        h.push(t);
+        let mut t = ev(41, Kind::Ok, Op::Tx, "t");
+        t.tx_id = Some(7);
+        t.status = Some("rolled_back".into());
+        t.prepare = Some("FLUSH_SLAVE_TIMEOUT".into());
+        h.push(t);
+        for (at, epoch) in [(5, 1), (50, 2), (60, 4)] {
+            let mut m = ev(at, Kind::Info, Op::Master, "broker-a");
+            m.broker = Some("broker-a".into());
+            m.offset = Some(epoch);
+            h.push(m);
+        }
+        h.sort_by_key(|e| e.time_us);
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+        assert_eq!(count(&h).failovers, 3);
+
+        // k:2 was read at offset 1 before a failover cut it; k:3 took its place.
+        consume(&mut h, 31, "k:2", 1);
+        send(&mut h, 70, "k:3", "k", Kind::Ok);
+        consume(&mut h, 80, "k:3", 1);
+        h.sort_by_key(|e| e.time_us);
+        assert_eq!(failed(&check(&h, 0)), [("diverged", 1)]);
     }
 
     #[test]

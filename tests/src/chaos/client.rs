@@ -160,14 +160,22 @@ async fn run_producer(
 }
 
 /// `fail` for an error that certainly stored nothing (the broker refused,
-/// or nothing was sent), `info` when the request may have taken effect.
+/// or nothing was sent), `info` when the request may have taken effect: a
+/// lost answer, or a refusal that says the record is stored on the master
+/// but not on enough replicas (it may survive a failover or not).
 fn outcome_of(e: &txmq::Error) -> Kind {
+    use txmq::ErrorCode;
     match e {
         txmq::Error::NoRoute { .. } | txmq::Error::NoQueue { .. } | txmq::Error::BadArgument(_) => {
             Kind::Fail
         }
-        _ if e.wire_error().is_some() => Kind::Fail,
-        _ => Kind::Info,
+        _ => match e.wire_error().map(|w| w.code) {
+            Some(
+                ErrorCode::FlushSlaveTimeout | ErrorCode::SlaveNotAvailable | ErrorCode::Timeout,
+            ) => Kind::Info,
+            Some(_) => Kind::Fail,
+            None => Kind::Info,
+        },
     }
 }
 
@@ -299,6 +307,9 @@ async fn run_tx_producer(
                         ev.answer = Some(state_name(o.state).to_string());
                         ev.status =
                             Some(o.ended.map_or("prepared", |e| e.state.name()).to_string());
+                        if o.prepare_status != txmq::SendStatus::SendOk {
+                            ev.prepare = Some(o.prepare_status.name().to_string());
+                        }
                     }
                     Err(e) => {
                         if let txmq::Error::EndTransaction { tx_id, broker, .. } = &e {

@@ -54,6 +54,10 @@ pub enum Op {
     Below,
     /// The harness's final look at a group: a message in its dead-letter topic.
     DeadLetter,
+    /// The harness saw a broker group's master change (failover mode):
+    /// `broker` is the group, `detail` the new master's address, `offset`
+    /// its epoch.
+    Master,
 }
 
 /// One line of the history.
@@ -110,6 +114,11 @@ pub struct Event {
     /// The consumer group (consumptions and the final look at groups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A transaction's prepare status when it was not `SEND_OK` (say
+    /// `FLUSH_SLAVE_TIMEOUT`): the producer then rolled back without
+    /// running its local transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<String>,
 }
 
 impl Event {
@@ -133,6 +142,7 @@ impl Event {
             status: None,
             detail: None,
             group: None,
+            prepare: None,
         }
     }
 }
