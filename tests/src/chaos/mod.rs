@@ -15,9 +15,18 @@
 //! `kill -9` is followed by the loss of everything not fsynced, the last
 //! unsynced write torn. The checkers are in [`checker`]; the history
 //! format in [`history`].
+//!
+//! Failover mode ([`ChaosConfig::failover`], see [`failover`]): the
+//! nameservers (3) embed the controller, `broker-a` is a group of 3
+//! replicas under it (sync replication, min-insync 2; each replica behind
+//! its own proxy), `broker-b` stays a single broker. The schedule adds
+//! [`Fault::KillMaster`], [`Fault::PartitionMaster`] and
+//! [`Fault::KillControllerLeader`]; the other faults pick any of the four
+//! broker processes.
 
 pub mod checker;
 pub mod client;
+pub mod failover;
 pub mod history;
 pub mod process;
 
@@ -49,6 +58,10 @@ const CONSUMER_GROUP: &str = "chaos-cg";
 pub const RETRY_GROUP: &str = "chaos-retry";
 const PRODUCER_GROUP: &str = "chaos-pg";
 const BROKERS: [&str; 2] = ["broker-a", "broker-b"];
+/// The replicated group in failover mode.
+const GROUP: &str = "broker-a";
+/// Its replicas.
+const REPLICAS: usize = 3;
 
 /// The settings of a run.
 #[derive(Debug, Clone)]
@@ -69,6 +82,9 @@ pub struct ChaosConfig {
     pub out_dir: PathBuf,
     /// The fault schedule, repeated in this order ([`Fault::ALL`] by default).
     pub faults: Vec<Fault>,
+    /// Failover mode: the nameservers run the controller and `broker-a`
+    /// is a group of 3 replicas it elects the master of.
+    pub failover: bool,
 }
 
 impl ChaosConfig {
@@ -84,6 +100,20 @@ impl ChaosConfig {
             grace: Duration::from_secs(8),
             out_dir: out_dir.into(),
             faults: Fault::ALL.to_vec(),
+            failover: false,
+        }
+    }
+
+    /// A run in failover mode: 3 nameservers with the controller (master
+    /// expiry 2 s), `broker-a` a group of 3 replicas under it (sync
+    /// replication, min-insync 2), `broker-b` a single broker, and the
+    /// [`Fault::FAILOVER`] schedule.
+    pub fn failover(duration: Duration, out_dir: impl Into<PathBuf>) -> ChaosConfig {
+        ChaosConfig {
+            nameservers: 3,
+            faults: Fault::FAILOVER.to_vec(),
+            failover: true,
+            ..ChaosConfig::new(duration, out_dir)
         }
     }
 }
@@ -114,6 +144,16 @@ pub enum Fault {
     /// handed back during the pause, and fail for longer than a consumer's
     /// local retries last), then SIGCONT.
     PauseWhileRetrying,
+    /// Failover mode: `kill -9` the master of `broker-a` (as the controller
+    /// names it), restart it 2 s later on its data.
+    KillMaster,
+    /// Failover mode: cut the master of `broker-a` off the controller and
+    /// off its slaves (their fetches) for 6 s, while clients still reach
+    /// it; then heal.
+    PartitionMaster,
+    /// Failover mode: `kill -9` the nameserver whose controller member is
+    /// the Raft leader, restart it 2 s later on its data.
+    KillControllerLeader,
 }
 
 impl Fault {
@@ -130,6 +170,23 @@ impl Fault {
         Fault::PauseWhileRetrying,
     ];
 
+    /// The failover mode's schedule: the failover faults first (a short
+    /// run still gets each), then the others, against any replica.
+    pub const FAILOVER: [Fault; 12] = [
+        Fault::KillMaster,
+        Fault::CutConnections,
+        Fault::PartitionMaster,
+        Fault::KillControllerLeader,
+        Fault::KillTxProducer,
+        Fault::PauseBroker,
+        Fault::KillMaster,
+        Fault::PowerCut,
+        Fault::DropReply,
+        Fault::KillConsumer,
+        Fault::KillBroker,
+        Fault::Delay,
+    ];
+
     /// The fault's name in the history and the summary.
     pub fn name(self) -> &'static str {
         match self {
@@ -142,6 +199,9 @@ impl Fault {
             Fault::KillConsumer => "kill-consumer",
             Fault::PowerCut => "power-cut",
             Fault::PauseWhileRetrying => "pause-while-retrying",
+            Fault::KillMaster => "kill-master",
+            Fault::PartitionMaster => "partition-master",
+            Fault::KillControllerLeader => "kill-controller-leader",
         }
     }
 }
@@ -157,10 +217,30 @@ pub struct ChaosReport {
     pub verdicts: Vec<Verdict>,
     /// The merged history (JSON lines).
     pub history: PathBuf,
-    /// What each broker's proxy did.
+    /// What each broker's proxy did (and each controller member's, in
+    /// failover mode).
     pub proxies: Vec<(String, ProxyStats)>,
+    /// Failover mode's figures.
+    pub failover: FailoverFigures,
     /// How long the whole run took, set-up and checks included.
     pub elapsed: Duration,
+}
+
+/// How fast failovers went (failover mode), in milliseconds.
+#[derive(Debug, Clone, Default)]
+pub struct FailoverFigures {
+    /// Per [`Fault::KillMaster`]: from the kill to the first send to
+    /// `broker-a` answered `SEND_OK` (by the new master); `None` when none
+    /// came before the run's end.
+    pub kill_to_send_ok: Vec<Option<u64>>,
+    /// Per fault that replaced the master, as the harness saw it: the
+    /// fault, and from its start to the controller naming a new master.
+    pub elections: Vec<(String, u64)>,
+    /// Per [`Fault::KillControllerLeader`]: from the kill to another
+    /// member leading (a higher term).
+    pub controller_leader: Vec<u64>,
+    /// `broker-a`'s epoch at the end (1 before any failover).
+    pub final_epoch: u64,
 }
 
 impl ChaosReport {
@@ -173,10 +253,23 @@ impl ChaosReport {
     pub fn summary(&self) -> String {
         let c = &self.counts;
         let mut s = String::new();
+        let brokers = if self.config.failover {
+            "broker-a a group of 3 replicas under the controller (sync replication, min-insync 2), broker-b single, all sync flush"
+        } else {
+            "2 brokers (sync flush)"
+        };
         let _ = writeln!(
             s,
-            "chaos run: {:?} of workload under faults, {} nameserver(s), 2 brokers (sync flush), seed {}, {:.0?} in all",
-            self.config.duration, self.config.nameservers, self.config.seed, self.elapsed
+            "chaos run: {:?} of workload under faults, {} nameserver(s){}, {brokers}, seed {}, {:.0?} in all",
+            self.config.duration,
+            self.config.nameservers,
+            if self.config.failover {
+                " with the controller"
+            } else {
+                ""
+            },
+            self.config.seed,
+            self.elapsed
         );
         let _ = writeln!(
             s,
@@ -190,6 +283,40 @@ impl ChaosReport {
         let total: usize = c.faults.values().sum();
         let kinds: Vec<String> = c.faults.iter().map(|(k, n)| format!("{k} {n}")).collect();
         let _ = writeln!(s, "faults: {total} ({})", kinds.join(", "));
+        if self.config.failover {
+            let f = &self.failover;
+            let ms = |v: &[u64]| match failover::median_max(v) {
+                Some((median, max)) => format!("median {median} ms, max {max} ms"),
+                None => "none".into(),
+            };
+            let served: Vec<u64> = f.kill_to_send_ok.iter().flatten().copied().collect();
+            let elected: Vec<u64> = f.elections.iter().map(|e| e.1).collect();
+            let _ = writeln!(
+                s,
+                "failovers: {} (broker-a at epoch {} in the end); master kills {}: kill to first SEND_OK on the new master {}{}",
+                c.failovers,
+                f.final_epoch,
+                f.kill_to_send_ok.len(),
+                ms(&served),
+                match f.kill_to_send_ok.len() - served.len() {
+                    0 => String::new(),
+                    n => format!(" ({n} without a SEND_OK before the end)"),
+                }
+            );
+            let by_fault: Vec<String> = f
+                .elections
+                .iter()
+                .map(|(fault, ms)| format!("{fault} {ms} ms"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "elections seen by the harness: {} ({}); controller leader kills {}: new leader {}",
+                ms(&elected),
+                by_fault.join(", "),
+                f.controller_leader.len(),
+                ms(&f.controller_leader)
+            );
+        }
         for (name, p) in &self.proxies {
             let _ = writeln!(
                 s,
@@ -219,17 +346,32 @@ struct World {
     config: ChaosConfig,
     ns: String,
     ns_addrs: Vec<String>,
-    _nameservers: Vec<Process>,
+    nameservers: Vec<Process>,
+    /// Failover mode: the proxy in front of each controller member's
+    /// `--controller-listen` port; members and brokers know it by this.
+    controller_proxies: Vec<Proxy>,
+    /// Failover mode: each controller member's data directory.
+    controller_dirs: Vec<PathBuf>,
+    /// The broker processes: `broker-a` and `broker-b`, or, in failover
+    /// mode, `broker-a`'s 3 replicas and `broker-b`.
     brokers: Vec<BrokerProcess>,
+    /// Each broker process's name in the history and the summary.
+    labels: Vec<String>,
     /// The brokers' lazy filesystems (with [`Fault::PowerCut`]); fields
     /// drop in order, so the brokers are gone before these unmount.
     filesystems: Vec<LazyFs>,
+    /// The proxy in front of each broker process (the address it advertises).
     proxies: Vec<Proxy>,
     producers: Vec<Process>,
     txs: Vec<Process>,
     consumers: Vec<Process>,
     harness: Recorder,
     rng: Rng,
+    /// `broker-a`'s master as last seen (failover mode).
+    master: Option<(String, u64)>,
+    /// When each [`Fault::KillMaster`] killed the master (µs).
+    master_kills: Vec<u64>,
+    figures: FailoverFigures,
 }
 
 /// Runs the workload under the fault schedule for `config.duration`, heals
@@ -266,28 +408,59 @@ pub async fn run(config: ChaosConfig) -> ChaosReport {
     history::write_events(&history, &events).expect("write the history");
     let counts = checker::count(&events);
     let verdicts = checker::check(&events, config.grace.as_micros() as u64);
-    let proxies = BROKERS
+    let mut figures = world.figures.clone();
+    figures.kill_to_send_ok = world
+        .master_kills
+        .iter()
+        .map(|&at| first_send_ok(&events, GROUP, at).map(|t| (t - at) / 1000))
+        .collect();
+    let mut proxies: Vec<(String, ProxyStats)> = world
+        .labels
         .iter()
         .zip(&world.proxies)
-        .map(|(b, p)| (b.to_string(), p.stats()))
+        .map(|(b, p)| (b.clone(), p.stats()))
         .collect();
+    proxies.extend(
+        world
+            .controller_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("controller member {}", i + 1), p.stats())),
+    );
+    let mut dirs: Vec<PathBuf> = world.brokers.iter().map(|b| b.data_dir.clone()).collect();
+    dirs.extend(world.controller_dirs.iter().cloned());
     let report = ChaosReport {
         config,
         counts,
         verdicts,
         history,
         proxies,
+        failover: figures,
         elapsed: started.elapsed(),
     };
     drop(world);
     if report.passed() {
-        // Keep the history and the logs, not the data.
-        for b in BROKERS {
-            let _ = std::fs::remove_dir_all(report.config.out_dir.join(b));
-            let _ = std::fs::remove_dir(report.config.out_dir.join(format!("{b}.fs")));
+        // Keep the history and the logs, not the data (nor the emptied
+        // mount points of the lazy filesystems).
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(&d);
         }
     }
     report
+}
+
+/// When (µs) the first send to group `broker` answered `SEND_OK` after `at`.
+fn first_send_ok(events: &[history::Event], broker: &str, at: u64) -> Option<u64> {
+    events
+        .iter()
+        .find(|e| {
+            e.time_us > at
+                && e.f == Op::Send
+                && e.kind == Kind::Ok
+                && e.status.as_deref() == Some("SEND_OK")
+                && e.broker.as_deref() == Some(broker)
+        })
+        .map(|e| e.time_us)
 }
 
 fn wait_for_port(addr: &str, what: &str) {
@@ -303,27 +476,53 @@ impl World {
         let out = config.out_dir.clone();
         let harness = Recorder::open(&out.join("harness.jsonl"), "harness")
             .expect("open the harness history");
-        let ns_addrs: Vec<String> = (0..config.nameservers.max(1))
+        let members = config.nameservers.max(1);
+        let ns_addrs: Vec<String> = (0..members)
             .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        // Failover mode: each nameserver's controller member listens on a
+        // port of its own, behind a proxy whose address everyone uses.
+        let mut controller_proxies = Vec::new();
+        let mut controller_listen = Vec::new();
+        let mut controller_dirs = Vec::new();
+        if config.failover {
+            for i in 0..members {
+                let listen = format!("127.0.0.1:{}", free_port());
+                let proxy = Proxy::bind().await.expect("proxy binds");
+                proxy.set_target(&listen);
+                controller_proxies.push(proxy);
+                controller_listen.push(listen);
+                controller_dirs.push(out.join(format!("controller-{}", i + 1)));
+            }
+        }
+        let controller_addrs: Vec<String> = controller_proxies
+            .iter()
+            .map(|p| p.addr().to_string())
             .collect();
         let nameservers: Vec<Process> = tokio::task::block_in_place(|| {
             ns_addrs
                 .iter()
                 .enumerate()
                 .map(|(i, addr)| {
-                    let a = addr.clone();
+                    let mut args = vec![
+                        "--listen".to_string(),
+                        addr.clone(),
+                        "--broker-expiry".into(),
+                        "3s".into(),
+                    ];
+                    if config.failover {
+                        args.extend(failover::controller_args(
+                            i,
+                            &controller_listen[i],
+                            &controller_addrs,
+                            &controller_dirs[i],
+                        ));
+                    }
                     let p = Process::start(
                         &format!("nameserver-{i}"),
                         binary("txmq-nameserver"),
                         out.join(format!("nameserver-{i}.log")),
-                        move |_| {
-                            vec![
-                                "--listen".into(),
-                                a.clone(),
-                                "--broker-expiry".into(),
-                                "3s".into(),
-                            ]
-                        },
+                        move |_| args.clone(),
                     );
                     wait_for_port(addr, "txmq-nameserver");
                     p
@@ -332,58 +531,84 @@ impl World {
         });
         let ns = ns_addrs.join(",");
 
+        // (label, broker name, under the controller)
+        let slots: Vec<(String, &str, bool)> = if config.failover {
+            (0..REPLICAS)
+                .map(|i| (format!("{GROUP}-{i}"), GROUP, true))
+                .chain([("broker-b".to_string(), "broker-b", false)])
+                .collect()
+        } else {
+            BROKERS.iter().map(|b| (b.to_string(), *b, false)).collect()
+        };
         let mut proxies = Vec::new();
         let mut brokers = Vec::new();
         let mut filesystems = Vec::new();
-        for name in BROKERS {
+        let mut labels = Vec::new();
+        for (label, name, controlled) in slots {
             let proxy = Proxy::bind().await.expect("proxy binds");
             let advertise = proxy.addr().to_string();
             let data = if config.faults.contains(&Fault::PowerCut) {
                 // The mount point is the data directory; the broker's log
-                // (`<name>.log` beside it) stays off the mount.
-                let mnt = out.join(format!("{name}.fs"));
+                // (`<label>.log` beside it) stays off the mount.
+                let mnt = out.join(format!("{label}.fs"));
                 std::fs::create_dir_all(&mnt).expect("create the mount point");
                 filesystems.push(LazyFs::mount(&mnt).unwrap_or_else(|e| {
                     panic!("cannot mount the lazy filesystem for power cuts: {e}")
                 }));
                 mnt
             } else {
-                out.join(name)
+                out.join(&label)
             };
+            let mut args: Vec<String> = [
+                "--advertise-addr",
+                &advertise,
+                "--flush",
+                "sync",
+                "--transaction-timeout",
+                "1s",
+                "--transaction-check-interval",
+                "500ms",
+                "--transaction-check-timeout",
+                "1s",
+                "--consumer-expiry",
+                "3s",
+                // A send to broker-b's topic while broker-b is
+                // away would otherwise create it on broker-a,
+                // moving its keys to other queues.
+                "--auto-create-topics",
+                "false",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if controlled {
+                args.extend([
+                    "--controller".to_string(),
+                    controller_addrs.join(","),
+                    "--replication".into(),
+                    "sync".into(),
+                    "--min-insync-replicas".into(),
+                    "2".into(),
+                    // An answer waits less than a client's request (1 s):
+                    // a replica that does not confirm in time makes a
+                    // FLUSH_SLAVE_TIMEOUT the client sees.
+                    "--replication-timeout".into(),
+                    "800ms".into(),
+                ]);
+            }
             let ns2 = ns.clone();
             let broker = tokio::task::block_in_place(|| {
-                BrokerProcess::start(
-                    &data,
-                    &ns2,
-                    name,
-                    &[
-                        "--advertise-addr",
-                        &advertise,
-                        "--flush",
-                        "sync",
-                        "--transaction-timeout",
-                        "1s",
-                        "--transaction-check-interval",
-                        "500ms",
-                        "--transaction-check-timeout",
-                        "1s",
-                        "--consumer-expiry",
-                        "3s",
-                        // A send to broker-b's topic while broker-b is
-                        // away would otherwise create it on broker-a,
-                        // moving its keys to other queues.
-                        "--auto-create-topics",
-                        "false",
-                    ],
-                )
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                BrokerProcess::start(&data, &ns2, name, &args)
             });
             proxy.set_target(&broker.addr);
             proxies.push(proxy);
             brokers.push(broker);
+            labels.push(label);
         }
         for addr in &ns_addrs {
             for name in BROKERS {
-                crate::wait_for_broker(addr, name).await;
+                wait_for_master(addr, name).await;
             }
         }
         let admin = Admin::connect(ns_addrs.iter().map(String::as_str))
@@ -405,8 +630,11 @@ impl World {
         let mut world = World {
             ns,
             ns_addrs,
-            _nameservers: nameservers,
+            nameservers,
+            controller_proxies,
+            controller_dirs,
             brokers,
+            labels,
             filesystems,
             proxies,
             producers: Vec::new(),
@@ -414,8 +642,15 @@ impl World {
             consumers: Vec::new(),
             harness,
             rng: Rng::new(config.seed),
+            master: None,
+            master_kills: Vec::new(),
+            figures: FailoverFigures::default(),
             config,
         };
+        if world.config.failover {
+            let v = failover::view(&world.ns_addrs).await;
+            world.note_master(&v);
+        }
         // Consumers first, so the group exists before the first message.
         for i in 0..2 {
             let p = world.client(
@@ -508,12 +743,16 @@ impl World {
 
     async fn inject(&mut self, fault: Fault, n: usize) {
         let id = format!("{}#{n}", fault.name());
-        let b = self.rng.below(BROKERS.len() as u64) as usize;
-        let broker = BROKERS[b];
+        let b = self.rng.below(self.brokers.len() as u64) as usize;
+        let broker = self.labels[b].clone();
         let mut ev = self.harness.event(Kind::Invoke, Op::Fault, &id);
-        ev.broker = Some(broker.to_string());
+        ev.broker = Some(broker.clone());
+        let started = ev.time_us;
         self.harness.record(&ev);
         let detail = match fault {
+            Fault::KillMaster => self.kill_master(&id, started).await,
+            Fault::PartitionMaster => self.partition_master(&id, started).await,
+            Fault::KillControllerLeader => self.kill_controller_leader(started).await,
             Fault::KillBroker => {
                 let p = &mut self.brokers[b];
                 tokio::task::block_in_place(|| p.kill9());
@@ -622,16 +861,196 @@ impl World {
             }
         };
         let mut ev = self.harness.event(Kind::Ok, Op::Fault, &id);
-        ev.broker = Some(broker.to_string());
+        ev.broker = Some(broker);
         ev.detail = Some(detail);
         self.harness.record(&ev);
+        if self.config.failover {
+            // Any fault may have replaced the master (a paused or killed
+            // replica that was the master): note it.
+            let v = failover::view(&self.ns_addrs).await;
+            if let (Some((_, was)), Some((_, now))) = (&self.master, v.master(GROUP)) {
+                if now > *was && !matches!(fault, Fault::KillMaster | Fault::PartitionMaster) {
+                    let ms = (history::now_us().saturating_sub(started)) / 1000;
+                    self.figures.elections.push((id.clone(), ms));
+                }
+            }
+            self.note_master(&v);
+        }
+    }
+
+    /// Records `broker-a`'s master in the history when it changed since
+    /// last seen.
+    fn note_master(&mut self, v: &failover::ControllerView) {
+        let Some((addr, epoch)) = v.master(GROUP) else {
+            return;
+        };
+        if self.master.as_ref().is_some_and(|(_, e)| *e >= epoch) {
+            return;
+        }
+        let mut ev = self.harness.event(Kind::Info, Op::Master, GROUP);
+        ev.broker = Some(GROUP.to_string());
+        ev.detail = Some(addr.clone());
+        ev.offset = Some(epoch);
+        self.harness.record(&ev);
+        self.figures.final_epoch = epoch;
+        self.master = Some((addr, epoch));
+    }
+
+    /// The slot of `broker-a`'s master (by the address it advertises:
+    /// its proxy's), and its epoch, as the controller says now.
+    async fn find_master(&mut self) -> Option<(usize, String, u64)> {
+        let v = failover::view(&self.ns_addrs).await;
+        self.note_master(&v);
+        let (addr, epoch) = v.master(GROUP)?;
+        let slot = self
+            .proxies
+            .iter()
+            .position(|p| p.addr().to_string() == addr)?;
+        Some((slot, addr, epoch))
+    }
+
+    /// Waits up to `limit` for the controller to name a master of
+    /// `broker-a` newer than `epoch`; records it, and how long after
+    /// `started` (µs) it was seen, under fault `id`.
+    async fn wait_for_election(
+        &mut self,
+        id: &str,
+        epoch: u64,
+        started: u64,
+        limit: Duration,
+    ) -> Option<(String, u64, u64)> {
+        let (v, ok) = failover::wait_for(&self.ns_addrs, limit, |v| {
+            v.master(GROUP).is_some_and(|(_, e)| e > epoch)
+        })
+        .await;
+        if !ok {
+            return None;
+        }
+        let ms = history::now_us().saturating_sub(started) / 1000;
+        self.note_master(&v);
+        self.figures.elections.push((id.to_string(), ms));
+        v.master(GROUP).map(|(a, e)| (a, e, ms))
+    }
+
+    async fn kill_master(&mut self, id: &str, started: u64) -> String {
+        let Some((m, addr, epoch)) = self.find_master().await else {
+            return format!("no master of {GROUP} known; nothing killed");
+        };
+        let label = self.labels[m].clone();
+        let p = &mut self.brokers[m];
+        tokio::task::block_in_place(|| p.kill9());
+        let killed_at = history::now_us();
+        self.master_kills.push(killed_at);
+        let restart_at = Instant::now() + Duration::from_secs(2);
+        let elected = self
+            .wait_for_election(id, epoch, started, Duration::from_secs(2))
+            .await;
+        tokio::time::sleep_until(restart_at.into()).await;
+        let p = &mut self.brokers[m];
+        tokio::task::block_in_place(|| p.restart());
+        let elected = match elected {
+            Some(e) => Some(e),
+            None => {
+                self.wait_for_election(id, epoch, started, Duration::from_secs(10))
+                    .await
+            }
+        };
+        match elected {
+            Some((new, e, ms)) => format!(
+                "master {label} ({addr}, epoch {epoch}) killed; {new} master at epoch {e} after {ms} ms; restarted after 2 s"
+            ),
+            None => format!(
+                "master {label} ({addr}, epoch {epoch}) killed, restarted after 2 s; no new master within 12 s"
+            ),
+        }
+    }
+
+    async fn partition_master(&mut self, id: &str, started: u64) -> String {
+        let Some((m, addr, epoch)) = self.find_master().await else {
+            return format!("no master of {GROUP} known; nothing cut");
+        };
+        let label = self.labels[m].clone();
+        let heal_at = Instant::now() + Duration::from_secs(6);
+        failover::cut_from_controller(&self.controller_proxies, GROUP, &addr);
+        // Its slaves' fetches come through its proxy, as clients do: only
+        // theirs are swallowed.
+        for (s, proxy) in self.proxies.iter().enumerate() {
+            if s != m && self.brokers[s].name == GROUP {
+                self.proxies[m].black_hole(&format!("{GROUP}@{}", proxy.addr()));
+            }
+        }
+        let elected = self
+            .wait_for_election(id, epoch, started, Duration::from_secs(6))
+            .await;
+        tokio::time::sleep_until(heal_at.into()).await;
+        for p in &self.controller_proxies {
+            p.heal();
+        }
+        self.proxies[m].heal();
+        match elected {
+            Some((new, e, ms)) => format!(
+                "master {label} ({addr}, epoch {epoch}) cut from the controller and its slaves for 6 s, clients still reaching it; {new} master at epoch {e} after {ms} ms"
+            ),
+            None => format!(
+                "master {label} ({addr}, epoch {epoch}) cut from the controller and its slaves for 6 s; no new master meanwhile"
+            ),
+        }
+    }
+
+    async fn kill_controller_leader(&mut self, started: u64) -> String {
+        let v = failover::view(&self.ns_addrs).await;
+        let Some((leader, term)) = v.leader else {
+            return "no controller leader known; nothing killed".into();
+        };
+        let Some(i) = (leader as usize)
+            .checked_sub(1)
+            .filter(|i| *i < self.nameservers.len())
+        else {
+            return format!("controller leader {leader} is no member the harness started");
+        };
+        let addr = self.ns_addrs[i].clone();
+        let p = &mut self.nameservers[i];
+        tokio::task::block_in_place(|| p.kill9());
+        let restart_at = Instant::now() + Duration::from_secs(2);
+        let others: Vec<String> = self
+            .ns_addrs
+            .iter()
+            .filter(|a| **a != addr)
+            .cloned()
+            .collect();
+        let new_leader =
+            |v: &failover::ControllerView| v.leader.is_some_and(|(id, t)| id != leader && t > term);
+        let (mut v, mut ok) = failover::wait_for(&others, Duration::from_secs(2), new_leader).await;
+        let mut ms = history::now_us().saturating_sub(started) / 1000;
+        tokio::time::sleep_until(restart_at.into()).await;
+        let p = &mut self.nameservers[i];
+        p.spawn();
+        tokio::task::block_in_place(|| wait_for_port(&addr, "txmq-nameserver"));
+        if !ok {
+            (v, ok) = failover::wait_for(&self.ns_addrs, Duration::from_secs(10), new_leader).await;
+            ms = history::now_us().saturating_sub(started) / 1000;
+        }
+        if !ok {
+            return format!(
+                "controller leader {leader} (nameserver {addr}, term {term}) killed, restarted after 2 s; no new leader within 12 s"
+            );
+        }
+        self.figures.controller_leader.push(ms);
+        let (new, t) = v.leader.unwrap_or_default();
+        let master = match v.master(GROUP) {
+            Some((m, e)) => format!("{GROUP}'s master {m} at epoch {e}"),
+            None => format!("{GROUP} without a master"),
+        };
+        format!(
+            "controller leader {leader} (nameserver {addr}, term {term}) killed; member {new} leads at term {t} after {ms} ms ({master}); restarted after 2 s"
+        )
     }
 
     /// Heals everything, stops the sends, waits until no transaction is
     /// left prepared (a fresh member of the producer group answers the
     /// check-backs) and the consumers have caught up, then stops them.
     async fn wind_down(&mut self) {
-        for p in &self.proxies {
+        for p in self.proxies.iter().chain(&self.controller_proxies) {
             p.heal();
         }
         let checker = self.client(
@@ -758,6 +1177,10 @@ impl World {
             self.record_group(&admin, group).await;
         }
         admin.close();
+        if self.config.failover {
+            let v = failover::view(&self.ns_addrs).await;
+            self.note_master(&v);
+        }
     }
 
     /// Records, for the `unhandled` checker, every message stored below
@@ -825,15 +1248,38 @@ impl World {
     }
 }
 
+/// Waits (up to 20 s: a controller first elects its leader, then the
+/// group's master) until the nameserver at `ns` lists a master of `name`.
+async fn wait_for_master(ns: &str, name: &str) {
+    let admin = Admin::connect([ns.to_string()])
+        .await
+        .expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(brokers) = admin.cluster().await {
+            if brokers
+                .iter()
+                .any(|b| b.broker_name == name && b.role == txmq::BrokerRole::Master)
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no master of {name} registered with {ns}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin.close();
+}
+
 async fn wait_for_routes(admin: &Admin) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for (topic, want) in [(TOPIC_A, 1), (TOPIC_B, 1), (TOPIC_TX, 2)] {
         loop {
-            if admin
-                .route(topic)
-                .await
-                .is_ok_and(|r| r.brokers.len() == want)
-            {
+            if admin.route(topic).await.is_ok_and(|r| {
+                r.brokers.len() == want && r.brokers.iter().all(|b| !b.addr.is_empty())
+            }) {
                 break;
             }
             assert!(Instant::now() < deadline, "{topic} never routed");
