@@ -168,7 +168,7 @@ enum Registered {
         /// A live master at a lower epoch that this master replaced: it is
         /// out of the routes until it registers again (as a slave, once it
         /// learns it was fenced).
-        superseded: Option<BrokerEntry>,
+        superseded: Option<Box<BrokerEntry>>,
         /// Another live broker of the group in a different cluster (addr, role, cluster).
         other_cluster: Option<(String, BrokerRole, String)>,
     },
@@ -439,7 +439,7 @@ impl Registry {
         // the new master yet) until it registers again.
         let superseded = match (req.role, master) {
             (BrokerRole::Master, Some(m)) if m.addr != req.addr && req.epoch > m.epoch => {
-                group.master.take()
+                group.master.take().map(Box::new)
             }
             _ => None,
         };
