@@ -1,6 +1,8 @@
 //! [`Admin`]: create topics, look at what the nameservers know, and list
 //! and resolve transactions by hand.
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
 use txmq_protocol::{
     BrokerGroupState, BrokerInfo, BrokerRole, ControllerInfo, CreateTopic, ElectMaster,
@@ -44,7 +46,14 @@ pub struct BrokerAnswer<T> {
 pub struct Admin {
     pool: ConnectionPool,
     nameservers: NameserverClient,
+    request_timeout: Duration,
 }
+
+/// How long [`Admin::elect_master`] waits at least: a planned switch lets
+/// the master drain before the election is committed, which takes longer
+/// than an ordinary request (the controller waits up to 15 s for it, and
+/// 5 s more when it forwards the request to its leader).
+const ELECT_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl Admin {
     /// Connects to the first reachable nameserver of `nameservers` (each
@@ -73,7 +82,11 @@ impl Admin {
         for addr in nameservers.addrs() {
             match pool.get(addr).await {
                 Ok(_) => {
-                    return Ok(Admin { pool, nameservers });
+                    return Ok(Admin {
+                        pool,
+                        nameservers,
+                        request_timeout: config.request_timeout,
+                    });
                 }
                 Err(e) => last = Some(e),
             }
@@ -519,7 +532,9 @@ impl Admin {
     /// member cannot decide now (`NOT_CONTROLLER_LEADER`,
     /// `CONTROLLER_UNAVAILABLE`) is skipped. An answer that may have been
     /// acted on (a timeout, a closed connection) is not asked again
-    /// elsewhere, so one request elects at most once.
+    /// elsewhere, so one request elects at most once. It waits for the
+    /// answer at least 25 s (the master drains first), or the configured
+    /// request timeout when that is longer.
     ///
     /// # Errors
     /// [`Error::BadArgument`] for an empty group name; [`Error::NoController`]
@@ -538,7 +553,8 @@ impl Admin {
             broker_name: broker_name.to_string(),
             replica: replica.map(str::to_string),
         };
-        self.ask_controller(request, false).await
+        let timeout = self.request_timeout.max(ELECT_TIMEOUT);
+        self.ask_controller(request, timeout, false).await
     }
 
     /// The controller as one of its members sees it: its members, the
@@ -550,13 +566,20 @@ impl Admin {
     /// [`Error::NoController`] when no nameserver runs the controller;
     /// [`Error::Remoting`] with the last failure when none answered.
     pub async fn controller_info(&self) -> Result<ControllerInfo> {
-        Ok(*self.ask_controller(GetControllerInfo {}, true).await?)
+        Ok(*self
+            .ask_controller(GetControllerInfo {}, self.request_timeout, true)
+            .await?)
     }
 
     /// Sends `request` to the nameservers in turn until one's controller
-    /// answers (see [`Admin::elect_master`]). With `idempotent`, any
-    /// failure moves on to the next nameserver.
-    async fn ask_controller<C>(&self, request: C, idempotent: bool) -> Result<C::Reply>
+    /// answers (see [`Admin::elect_master`]), waiting up to `timeout` for
+    /// each. With `idempotent`, any failure moves on to the next nameserver.
+    async fn ask_controller<C>(
+        &self,
+        request: C,
+        timeout: Duration,
+        idempotent: bool,
+    ) -> Result<C::Reply>
     where
         C: txmq_protocol::Call + Clone,
     {
@@ -567,7 +590,7 @@ impl Admin {
         let mut unreachable = None;
         for addr in addrs {
             let answer = match self.pool.get(addr).await {
-                Ok(conn) => conn.call(request.clone()).await,
+                Ok(conn) => conn.call_with_timeout(request.clone(), timeout).await,
                 Err(e) => Err(e),
             };
             let e = match answer {
