@@ -194,3 +194,137 @@ pub(crate) fn decide(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::Seen;
+
+    fn config(unclean: bool) -> crate::ControllerConfig {
+        let mut c =
+            crate::ControllerConfig::new(1, "127.0.0.1:0", Default::default(), "/tmp/unused");
+        c.master_expiry = Duration::from_secs(5);
+        c.unclean_election = unclean;
+        c
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn hb(live: &mut Liveness, addr: &str, at: Instant, master_epoch: u64, log_end: u64) {
+        live.record(
+            "g",
+            addr,
+            Seen {
+                at,
+                master_epoch,
+                log_end,
+                known_version: 10,
+                conn: 1,
+                open: true,
+            },
+        );
+    }
+
+    fn group(master: &str, in_sync: &[&str], replicas: &[&str]) -> GroupRecord {
+        GroupRecord {
+            master: Some(master.into()),
+            epoch: 3,
+            in_sync: set(in_sync),
+            replicas: set(replicas),
+            version: 5,
+            elected_at: 5,
+            draining: None,
+        }
+    }
+
+    fn elected(d: Option<(Command, &'static str)>) -> Option<(String, BTreeSet<String>)> {
+        match d? {
+            (
+                Command::Elect {
+                    master,
+                    in_sync,
+                    expected_epoch,
+                    ..
+                },
+                _,
+            ) => {
+                assert_eq!(expected_epoch, 3);
+                Some((master, in_sync))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_longest_in_sync_log_wins_and_ties_go_to_the_smallest_address() {
+        let t0 = Instant::now();
+        // Past the new leader's grace: only heartbeats count.
+        let now = t0 + Duration::from_secs(10);
+        let mut live = Liveness::default();
+        live.ensure_term(1, t0);
+        let g = group("a", &["a", "b", "c"], &["a", "b", "c", "d"]);
+        hb(&mut live, "b", now, 0, 50);
+        hb(&mut live, "c", now, 0, 50);
+        hb(&mut live, "d", now, 0, 99); // not in sync: never chosen
+        let (m, s) = elected(decide(&mut live, &config(false), "g", &g, now)).unwrap();
+        assert_eq!(m, "b");
+        assert_eq!(s, set(&["b", "c"]));
+        hb(&mut live, "c", now, 0, 51);
+        assert_eq!(
+            elected(decide(&mut live, &config(false), "g", &g, now))
+                .unwrap()
+                .0,
+            "c"
+        );
+    }
+
+    #[test]
+    fn a_live_master_is_left_alone_and_a_restarted_one_is_reelected_keeping_the_set() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(10);
+        let mut live = Liveness::default();
+        live.ensure_term(1, t0);
+        let g = group("a", &["a", "b"], &["a", "b"]);
+        hb(&mut live, "a", now, 3, 100);
+        hb(&mut live, "b", now, 0, 90);
+        assert!(decide(&mut live, &config(false), "g", &g, now).is_none());
+        // a restarted: alive, no longer master of epoch 3, longest log.
+        hb(&mut live, "a", now, 0, 100);
+        let (m, s) = elected(decide(&mut live, &config(false), "g", &g, now)).unwrap();
+        assert_eq!((m.as_str(), s), ("a", set(&["a", "b"])));
+    }
+
+    #[test]
+    fn without_a_live_in_sync_replica_only_unclean_election_elects() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(10);
+        let mut live = Liveness::default();
+        live.ensure_term(1, t0);
+        let g = group("a", &["a", "b"], &["a", "b", "c"]);
+        hb(&mut live, "c", now, 0, 1);
+        assert!(decide(&mut live, &config(false), "g", &g, now).is_none());
+        let (m, s) = elected(decide(&mut live, &config(true), "g", &g, now)).unwrap();
+        assert_eq!((m.as_str(), s), ("c", set(&["c"])));
+    }
+
+    #[test]
+    fn a_new_leader_waits_one_expiry_before_taking_a_silent_master_for_dead() {
+        let t0 = Instant::now();
+        let mut live = Liveness::default();
+        live.ensure_term(7, t0);
+        let g = group("a", &["a", "b"], &["a", "b"]);
+        let soon = t0 + Duration::from_secs(1);
+        hb(&mut live, "b", soon, 0, 1);
+        assert!(decide(&mut live, &config(false), "g", &g, soon).is_none());
+        let later = t0 + Duration::from_secs(6);
+        hb(&mut live, "b", later, 0, 1);
+        assert_eq!(
+            elected(decide(&mut live, &config(false), "g", &g, later))
+                .unwrap()
+                .0,
+            "b"
+        );
+    }
+}

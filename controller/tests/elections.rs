@@ -368,3 +368,41 @@ async fn a_silent_master_is_replaced_after_the_expiry_and_learns_it_on_return() 
         m.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_changes_are_refused_as_unavailable() {
+    init_log();
+    let setup = Setup::new(3);
+    let mut members = setup.start_all().await;
+    let l = leader(&members).await;
+    let lead = members.remove(l);
+    for m in members {
+        m.stop().await;
+    }
+    // A new replica needs a Raft commit, which two stopped members of
+    // three make impossible: a bounded wait, then CONTROLLER_UNAVAILABLE
+    // (or NOT_CONTROLLER_LEADER, should the leader have stepped down).
+    let e = ask(
+        &lead.addr,
+        txmq_protocol::ControllerHeartbeat {
+            cluster: "c".into(),
+            broker_name: "g".into(),
+            addr: "a:1".into(),
+            master_epoch: 0,
+            log_end: 0,
+            known_version: 0,
+            wait_ms: 0,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e.code,
+            ErrorCode::ControllerUnavailable | ErrorCode::NotControllerLeader
+        ),
+        "{e}"
+    );
+    assert!(lead.handle.info().groups.is_empty());
+    lead.stop().await;
+}
