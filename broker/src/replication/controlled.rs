@@ -262,12 +262,25 @@ impl Control {
         shutdown: &CancellationToken,
     ) -> Result<(), HeartbeatEnd> {
         loop {
-            let known = self.state.borrow().as_ref().map_or(0, |g| g.version);
+            let (known, master_epoch) = {
+                let state = self.state.borrow();
+                let serving = self.master_epoch.load(Ordering::Acquire);
+                // A broker elected and still starting as master says so
+                // already: its silence about the epoch would read as a
+                // master that is gone.
+                let becoming = state.as_ref().map_or(serving, |g| {
+                    match wanted(g, &self.addr, self.epochs().last_epoch(), serving) {
+                        Wanted::Master(e) => e,
+                        Wanted::Slave(_) => serving,
+                    }
+                });
+                (state.as_ref().map_or(0, |g| g.version), becoming)
+            };
             let req = ControllerHeartbeat {
                 cluster: self.cluster.clone(),
                 broker_name: self.broker_name.clone(),
                 addr: self.addr.clone(),
-                master_epoch: self.master_epoch.load(Ordering::Acquire),
+                master_epoch,
                 log_end: self.log_end.load(Ordering::Acquire),
                 known_version: known,
                 wait_ms: self.wait.as_millis() as u32,

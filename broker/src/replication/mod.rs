@@ -793,10 +793,10 @@ pub(crate) async fn run_isr(b: Arc<BrokerInner>) {
             isr.proposed = Some(desired.clone());
             desired
         };
-        let answer = c
-            .shared
-            .alter_in_sync(epoch, proposal.iter().cloned().collect())
-            .await;
+        let answer = tokio::select! {
+            a = c.shared.alter_in_sync(epoch, proposal.iter().cloned().collect()) => a,
+            _ = b.shutdown.cancelled() => return,
+        };
         let mut isr = c.isr.lock().unwrap_or_else(|e| e.into_inner());
         isr.proposed = None;
         match answer {

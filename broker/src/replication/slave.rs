@@ -137,8 +137,10 @@ pub(crate) async fn run(b: Arc<BrokerInner>, nameservers: Vec<String>) {
                     _ = b.shutdown.cancelled() => return,
                 }
                 retry = (retry * 2).min(RETRY_MAX);
-                // A session that got going starts the back-off over.
-                if tail.end != b.store.log_end() {
+                // A session that got going starts the back-off over. Under
+                // a controller there is none: a master it names is about to
+                // serve, and the group's writes may wait for this slave.
+                if tail.end != b.store.log_end() || b.replication.control.is_some() {
                     retry = RETRY_MIN;
                 }
             }
