@@ -215,6 +215,9 @@ impl Broker {
             let (control, events) =
                 replication::controlled::Control::new(&config, advertised, epochs);
             let stop = CancellationToken::new();
+            // The master the controller names, for every slave incarnation
+            // (the first one included: it must hear of the first election).
+            let (master_tx, master_rx) = tokio::sync::watch::channel(None::<(String, u64)>);
             // The first incarnation (a slave without a master) starts here,
             // so that a bad data directory fails the start.
             let first = start_incarnation(
@@ -227,7 +230,7 @@ impl Broker {
                         control.clone(),
                         0,
                         Vec::new(),
-                        Some(tokio::sync::watch::channel(None).1),
+                        Some(master_rx),
                     )),
                 },
             )
@@ -239,6 +242,7 @@ impl Broker {
                 control,
                 events,
                 first,
+                master_tx,
                 stop.clone(),
             ));
             Run::Controlled { stop, task }
@@ -488,6 +492,9 @@ async fn start_incarnation(
 
 /// Runs a broker under a controller: heartbeats, and one incarnation after
 /// another as the controller's decisions (or a needed cut of the log) ask.
+// Each argument is one piece the start hands over; bundling them in a
+// struct used once would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn run_controlled(
     config: BrokerConfig,
     listener: std::net::TcpListener,
@@ -498,12 +505,12 @@ async fn run_controlled(
         Incarnation,
         tokio::sync::oneshot::Receiver<registration::Startup>,
     ),
+    master_tx: tokio::sync::watch::Sender<Option<(String, u64)>>,
     stop: CancellationToken,
 ) {
     use replication::controlled::{wanted, Event, Wanted};
     use txmq_protocol::BrokerRole;
     let heartbeats = tokio::spawn(control.clone().run(config.clone(), stop.clone()));
-    let (master_tx, _) = tokio::sync::watch::channel(None::<(String, u64)>);
     let mut state = control.state.subscribe();
     let mut current: Option<(Incarnation, Wanted)> = Some((first.0, Wanted::Slave(None)));
     let mut cut: Option<(u64, u64)> = None;
