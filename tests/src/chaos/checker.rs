@@ -31,10 +31,12 @@
 //! - **tx-visible-twice**: a transaction's message stored at two positions.
 //! - **tx-pending**: a transaction still prepared after the end of the run
 //!   plus the check timeout: it must be resolved or parked by then.
-//! - **diverged**: two different messages handled at one stored position
-//!   (broker group, topic, queue, offset): a consumer was handed a record
-//!   that a failover later cut from the log (written by a master that was
-//!   then replaced, never acknowledged), and another record took its place.
+//! - **diverged**: two different messages at one stored position (broker
+//!   group, topic, queue, offset), among those handed to consumers of any
+//!   group and those the final look found below the groups' offsets: a
+//!   consumer was handed a record that a failover later cut from the log
+//!   (written by a master that was then replaced, never acknowledged), and
+//!   another record took its place, which the consumer may then skip.
 //! - **unhandled**: a message stored below a group's final committed offset
 //!   (in a subscribed topic or the group's retry topic) that the group
 //!   neither handled nor dead-lettered: the group stands past a message it
@@ -146,8 +148,6 @@ pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
 struct Handling {
     time_us: u64,
     position: (String, String, u32, u64),
-    /// The consumer recorded the position (broker and offset).
-    placed: bool,
     process: String,
 }
 
@@ -173,6 +173,24 @@ struct Indexed<'a> {
     dead: HashSet<(&'a str, &'a str)>,
     /// The final look at the groups: messages below their committed offsets.
     below: Vec<&'a Event>,
+    /// Every message seen at a stored position (of a topic, not a retry
+    /// topic): handed to a consumer of any group (a retried one's first
+    /// delivery only: later ones come from the retry topic), or found
+    /// there by the final look; in time order.
+    placed: Vec<(Position, &'a str, String)>,
+}
+
+/// (broker group, topic, queue, offset).
+type Position = (String, String, u32, u64);
+
+/// Where `e` (a consumption or a final look) says its message is stored,
+/// when it says so and it is a topic's own position.
+fn position_of(e: &Event) -> Option<Position> {
+    let topic = e.topic.clone()?;
+    if topic.starts_with('%') {
+        return None;
+    }
+    Some((e.broker.clone()?, topic, e.queue?, e.offset?))
 }
 
 fn example(e: &Event) -> String {
@@ -202,6 +220,7 @@ impl<'a> Indexed<'a> {
             handled_by: HashSet::new(),
             dead: HashSet::new(),
             below: Vec::new(),
+            placed: Vec::new(),
         };
         let mut open_faults: HashMap<&str, u64> = HashMap::new();
         let end_of_run = events.last().map_or(0, |e| e.time_us);
@@ -215,6 +234,12 @@ impl<'a> Indexed<'a> {
                 }
                 (Op::Consume, kind) => {
                     let group = e.group.as_deref().unwrap_or_default();
+                    if group != RETRY_GROUP || e.detail.is_none() {
+                        if let Some(at) = position_of(e) {
+                            h.placed
+                                .push((at, &e.id, format!("handed to {}", e.process)));
+                        }
+                    }
                     if kind == Kind::Ok {
                         h.handled_by.insert((group, &e.id));
                     }
@@ -230,14 +255,20 @@ impl<'a> Indexed<'a> {
                             e.queue.unwrap_or_default(),
                             e.offset.unwrap_or_default(),
                         ),
-                        placed: e.broker.is_some() && e.offset.is_some(),
                         process: e.process.clone(),
                     });
                 }
                 (Op::Hold, _) => {
                     h.held.insert(&e.id, e);
                 }
-                (Op::Below, _) => h.below.push(e),
+                (Op::Below, _) => {
+                    if e.kind == Kind::Ok {
+                        if let Some(at) = position_of(e) {
+                            h.placed.push((at, &e.id, "stored there at the end".into()));
+                        }
+                    }
+                    h.below.push(e);
+                }
                 (Op::DeadLetter, _) => {
                     h.dead
                         .insert((e.group.as_deref().unwrap_or_default(), &e.id));
@@ -531,25 +562,21 @@ impl<'a> Indexed<'a> {
     }
 
     fn diverged(&self) -> Verdict {
-        let mut at: HashMap<&(String, String, u32, u64), &str> = HashMap::new();
+        let mut at: HashMap<&Position, (&str, &str)> = HashMap::new();
         let mut violations = Vec::new();
-        for (id, handlings) in &self.handled {
-            for h in handlings.iter().filter(|h| h.placed) {
-                match at.get(&h.position) {
-                    Some(other) if *other != *id => violations.push(format!(
-                        "{:?} handed out as {other} and as {id} (at {} by {})",
-                        h.position, h.time_us, h.process
-                    )),
-                    Some(_) => {}
-                    None => {
-                        at.insert(&h.position, id);
-                    }
+        for (position, id, what) in &self.placed {
+            match at.get(position) {
+                Some((other, first)) if *other != *id => {
+                    violations.push(format!("{position:?}: {other} {first}, then {id} {what}"))
+                }
+                Some(_) => {}
+                None => {
+                    at.insert(position, (id, what));
                 }
             }
         }
-        violations.sort();
         let summary = format!(
-            "{} stored positions handed out with two different messages, among {} positions",
+            "{} stored positions that held two different messages, among {} handed out or looked at",
             violations.len(),
             at.len()
         );
@@ -722,7 +749,23 @@ mod tests {
         assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
         assert_eq!(count(&h).failovers, 3);
 
-        // k:2 was read at offset 1 before a failover cut it; k:3 took its place.
+        // k:2 was read at offset 1 before a failover cut it; k:3 took its
+        // place, and the final look finds it there (the group went on past it).
+        let mut cut = h.clone();
+        consume(&mut cut, 31, "k:2", 1);
+        send(&mut cut, 70, "k:3", "k", Kind::Ok);
+        let mut below = ev(90, Kind::Ok, Op::Below, "k:3");
+        below.broker = Some("b".into());
+        below.topic = Some("t".into());
+        below.queue = Some(0);
+        below.offset = Some(1);
+        cut.push(below);
+        cut.sort_by_key(|e| e.time_us);
+        assert_eq!(
+            failed(&check(&cut, 0)),
+            [("lost", 1), ("unhandled", 1), ("diverged", 1)]
+        );
+        // Or a consumer is handed k:3 there too.
         consume(&mut h, 31, "k:2", 1);
         send(&mut h, 70, "k:3", "k", Kind::Ok);
         consume(&mut h, 80, "k:3", 1);
