@@ -303,6 +303,26 @@ impl Replication {
         Ok(())
     }
 
+    /// How far consumers may read the log now: under a controller with
+    /// sync replication, a master hands out only what every other member
+    /// of the in-sync set holds (the rest may be cut by a failover, and a
+    /// consumer that had it would then skip what takes its place); `None`
+    /// (all of it) otherwise, and while the master is its only member.
+    pub(crate) fn readable_end(&self) -> Option<u64> {
+        if self.is_slave() || self.config.mode == ReplicationMode::Async {
+            return None;
+        }
+        if self.isr()?.effective().len() <= 1 {
+            return None;
+        }
+        Some(*self.confirmed.borrow())
+    }
+
+    /// Changes of [`Replication::readable_end`]'s position.
+    pub(crate) fn confirmed_watch(&self) -> watch::Receiver<u64> {
+        self.confirmed.subscribe()
+    }
+
     /// Under sync replication, waits until enough replicas hold the log up
     /// to `end`; at once otherwise.
     pub(crate) async fn confirm(&self, end: u64) -> Confirmed {
