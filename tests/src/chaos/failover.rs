@@ -152,10 +152,23 @@ pub fn cut_from_controller(controller_proxies: &[Proxy], broker_name: &str, addr
     }
 }
 
-/// The median and the maximum of `values`.
+/// The median (of an even count, the mean of the middle two) and the
+/// maximum of `values`.
 pub fn median_max(values: &[u64]) -> Option<(u64, u64)> {
     let mut v = values.to_vec();
     v.sort_unstable();
     let max = *v.last()?;
-    Some((v[v.len() / 2], max))
+    let n = v.len();
+    Some(((v[(n - 1) / 2] + v[n / 2]) / 2, max))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_and_max() {
+        assert_eq!(super::median_max(&[]), None);
+        assert_eq!(super::median_max(&[5]), Some((5, 5)));
+        assert_eq!(super::median_max(&[900, 100]), Some((500, 900)));
+        assert_eq!(super::median_max(&[3, 1, 2]), Some((2, 3)));
+    }
 }

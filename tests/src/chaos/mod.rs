@@ -286,7 +286,10 @@ impl ChaosReport {
         if self.config.failover {
             let f = &self.failover;
             let ms = |v: &[u64]| match failover::median_max(v) {
-                Some((median, max)) => format!("median {median} ms, max {max} ms"),
+                Some((median, max)) => {
+                    let all: Vec<String> = v.iter().map(u64::to_string).collect();
+                    format!("{} ms: median {median} ms, max {max} ms", all.join(", "))
+                }
                 None => "none".into(),
             };
             let served: Vec<u64> = f.kill_to_send_ok.iter().flatten().copied().collect();
