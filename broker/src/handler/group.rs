@@ -151,13 +151,14 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
         topic::create_topic(b, &target, 1, PERM_READ_WRITE, false).await?;
     }
     message.topic = target.clone();
-    let deliver_at = if dead {
-        b.store
+    let (deliver_at, appended) = if dead {
+        let appended = b
+            .store
             .append(&target, 0, vec![message])
             .await
             .map_err(store_error)?;
         tracing::info!(group = %req.group, log_offset = req.log_offset, attempt, "message moved to the dead-letter topic");
-        0
+        (0, appended)
     } else {
         let max = b.config.max_delay.as_millis() as u64;
         let delay = req
@@ -165,12 +166,22 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
             .unwrap_or_else(|| backoff_ms(b, attempt))
             .min(max);
         let at = now_millis().saturating_add(delay);
-        b.store
+        let appended = b
+            .store
             .append_delayed(&target, 0, vec![message], at)
             .await
             .map_err(store_error)?;
-        at
+        (at, appended)
     };
+    // The consumer commits past the message once this is answered: under
+    // sync replication the copy must be on the in-sync replicas first (on
+    // the master only, a failover may cut it, and the message would be
+    // neither handled nor retried); refused otherwise, so the consumer
+    // handles it again.
+    b.replication
+        .confirm(appended.end)
+        .await
+        .into_result("the handed-back message")?;
     Ok(SentBack {
         topic: target,
         reconsume_times: attempt,
