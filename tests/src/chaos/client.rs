@@ -312,9 +312,21 @@ async fn run_tx_producer(
                         }
                     }
                     Err(e) => {
-                        if let txmq::Error::EndTransaction { tx_id, broker, .. } = &e {
+                        if let txmq::Error::EndTransaction {
+                            tx_id,
+                            broker,
+                            action,
+                            ..
+                        } = &e
+                        {
                             ev.tx_id = Some(*tx_id);
                             ev.broker = Some(broker.clone());
+                            // A rollback the local transaction did not
+                            // ask for: the prepare was not SEND_OK, and
+                            // the producer rolled back without running it.
+                            if *action == txmq::TxAction::Rollback && local != "rollback" {
+                                ev.prepare = Some("not SEND_OK".into());
+                            }
                         }
                         ev.kind = match &e {
                             // Prepared for sure; the end is what failed.
