@@ -174,14 +174,17 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
         (at, appended)
     };
     // The consumer commits past the message once this is answered: under
-    // sync replication the copy must be on the in-sync replicas first (on
-    // the master only, a failover may cut it, and the message would be
-    // neither handled nor retried); refused otherwise, so the consumer
-    // handles it again.
-    b.replication
-        .confirm(appended.end)
-        .await
-        .into_result("the handed-back message")?;
+    // a controller with sync replication the copy must be on the in-sync
+    // replicas first (on the master only, a failover may cut it, and the
+    // message would be neither handled nor retried); refused otherwise,
+    // so the consumer handles it again. Without a controller nothing cuts
+    // the master's log, and a refusal would only add copies.
+    if b.replication.control.is_some() {
+        b.replication
+            .confirm(appended.end)
+            .await
+            .into_result("the handed-back message")?;
+    }
     Ok(SentBack {
         topic: target,
         reconsume_times: attempt,
