@@ -1,14 +1,22 @@
-//! The failover commands of the `txmq` command line with real processes
-//! (issue 14): `txmq cluster` shows an epoch per replica, and `txmq broker
-//! elect` / `txmq controller` say clearly when no nameserver runs the
-//! controller. The same commands against fake controllers, with elections,
-//! are tested in `cli/tests/fake_controller.rs`.
+//! The failover commands of the `txmq` command line (issue 14): `txmq
+//! cluster` shows an epoch per replica and `txmq broker elect` / `txmq
+//! controller` say clearly when no nameserver runs the controller (real
+//! broker processes), and the same commands read a real controller (three
+//! in-process members, with the controller's own fake brokers heartbeating
+//! it) and switch a group's master through it.
 
 mod common;
+// The controller crate's test members and fake brokers, used as they are
+// (its fake broker's heartbeat loop takes eight arguments).
+#[allow(clippy::too_many_arguments)]
+#[path = "../../controller/tests/common/mod.rs"]
+mod ctl;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{start_broker, txmq};
+use txmq_protocol::AlterInSync;
 use txmq_tests::{json_lines, Cluster};
 
 fn stderr(o: &std::process::Output) -> String {
@@ -71,4 +79,148 @@ async fn without_a_controller_the_cluster_shows_epoch_0_and_elect_says_no_contro
         assert!(o.stdout.is_empty(), "{args:?}");
     }
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_a_real_controller_and_switches_a_master_through_it() {
+    let mut setup = ctl::Setup::new(3);
+    // Longer than the command waits: its answer proves the drain elected.
+    setup.drain_timeout = Duration::from_secs(60);
+    let members = setup.start_all().await;
+    let l = ctl::leader(&members).await;
+    let leader = members[l].addr.clone();
+    let follower = members
+        .iter()
+        .find(|m| m.id != members[l].id)
+        .map(|m| m.addr.clone())
+        .unwrap_or_default();
+    let addrs: Vec<String> = members.iter().map(|m| m.addr.clone()).collect();
+    let mut a = ctl::FakeBroker::start(addrs.clone(), "broker-a", "a:1", 10);
+    a.wait_state("a elected", |s| s.epoch == 1).await;
+    a.answers_drain.store(true, Ordering::Relaxed);
+    let mut b = ctl::FakeBroker::start(addrs.clone(), "broker-a", "b:1", 10);
+    b.wait_state("b known", |s| s.replicas.iter().any(|r| r.addr == "b:1"))
+        .await;
+    ctl::ask(
+        &leader,
+        AlterInSync {
+            broker_name: "broker-a".into(),
+            master: "a:1".into(),
+            epoch: 1,
+            in_sync: vec!["a:1".into(), "b:1".into()],
+        },
+    )
+    .await
+    .expect("b joins the in-sync set");
+
+    // The nameservers do not embed the controller yet: the commands are
+    // pointed at a controller member's address, which answers the same
+    // requests. A follower is asked first, as any nameserver may be.
+    let ns = format!("{follower},{leader}");
+    let o = txmq(&ns, &["controller", "--output", "json"], None).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json_lines(&o.stdout);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0]["leader_id"], members[l].id);
+    assert_eq!(v[0]["leader_addr"], leader.as_str());
+    assert!(v[0]["term"].as_u64().is_some_and(|t| t >= 1), "{v:?}");
+    assert_eq!(v[0]["members"].as_array().map(Vec::len), Some(3));
+    let g = &v[0]["groups"][0];
+    assert_eq!(
+        (g["broker_name"].as_str(), g["master"].as_str()),
+        (Some("broker-a"), Some("a:1"))
+    );
+    assert_eq!(g["epoch"], 1);
+    assert_eq!(g["in_sync"], serde_json::json!(["a:1", "b:1"]));
+    let o = txmq(&ns, &["controller"], None).await;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.starts_with(&format!(
+            "controller: leader {} ({leader}), term ",
+            members[l].id
+        )),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .starts_with(&["broker-a", "a:1", "1"])),
+        "{out}"
+    );
+
+    // Refusals, with the controller's code and exit 1.
+    for (args, code) in [
+        (
+            &["broker", "elect", "broker-a", "--replica", "c:1"][..],
+            "NOT_IN_SYNC",
+        ),
+        (
+            &["broker", "elect", "broker-a", "--replica", "a:1"],
+            "NOT_IN_SYNC",
+        ),
+        (&["broker", "elect", "no-such-group"], "BAD_ARGUMENT"),
+    ] {
+        let o = txmq(&ns, args, None).await;
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(code), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(a.current().epoch, 1, "a refused switch changes nothing");
+
+    // The planned switch: a drains, b is elected with epoch 2.
+    let o = txmq(
+        &ns,
+        &["broker", "elect", "broker-a", "--replica", "b:1"],
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "broker-a: master is now b:1 (epoch 2)\n"
+    );
+    let s = a.wait_state("a learns of b", |s| s.epoch == 2).await;
+    assert_eq!(s.master.as_deref(), Some("b:1"));
+
+    // And back, asked for JSON.
+    a.wait_state("a known alive", |s| {
+        s.replicas.iter().any(|r| r.addr == "a:1" && r.alive)
+    })
+    .await;
+    b.answers_drain.store(true, Ordering::Relaxed);
+    ctl::ask(
+        &leader,
+        AlterInSync {
+            broker_name: "broker-a".into(),
+            master: "b:1".into(),
+            epoch: 2,
+            in_sync: vec!["b:1".into(), "a:1".into()],
+        },
+    )
+    .await
+    .expect("a joins the in-sync set of b");
+    let o = txmq(
+        &ns,
+        &["broker", "elect", "broker-a", "--output", "json"],
+        None,
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json_lines(&o.stdout);
+    assert_eq!(
+        (
+            v[0]["broker_name"].as_str(),
+            v[0]["master"].as_str(),
+            v[0]["epoch"].as_u64()
+        ),
+        (Some("broker-a"), Some("a:1"), Some(3))
+    );
+    assert!(v[0]["in_sync"].as_array().is_some(), "{v:?}");
+
+    for x in [a, b] {
+        x.kill().await;
+    }
+    for m in members {
+        m.stop().await;
+    }
 }
