@@ -127,6 +127,7 @@ impl Broker {
             let ns = Nameserver::bind(NameserverConfig {
                 listen: config.nameserver_listen.clone(),
                 broker_expiry: config.broker_expiry,
+                controller: None,
             })
             .await?;
             let addr = ns.local_addr();

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use txmq_controller::ControllerConfig;
+
 use crate::Error;
 
 /// The default listen address.
@@ -19,6 +21,9 @@ pub struct NameserverConfig {
     /// A broker not heard from for this long is dropped from every route
     /// (default 30 s).
     pub broker_expiry: Duration,
+    /// The embedded controller member, if this nameserver runs one
+    /// (`--controller-id` and friends); `None`: a plain nameserver.
+    pub controller: Option<ControllerConfig>,
 }
 
 impl Default for NameserverConfig {
@@ -26,6 +31,7 @@ impl Default for NameserverConfig {
         NameserverConfig {
             listen: DEFAULT_LISTEN.to_string(),
             broker_expiry: DEFAULT_BROKER_EXPIRY,
+            controller: None,
         }
     }
 }
@@ -34,12 +40,16 @@ impl NameserverConfig {
     /// Checks the settings.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] when the broker expiry is zero.
+    /// [`Error::InvalidConfig`] when the broker expiry is zero;
+    /// [`Error::Controller`] when the controller's settings are invalid.
     pub fn validate(&self) -> Result<(), Error> {
         if self.broker_expiry.is_zero() {
             return Err(Error::InvalidConfig(
                 "broker expiry must be greater than zero".into(),
             ));
+        }
+        if let Some(c) = &self.controller {
+            c.validate()?;
         }
         Ok(())
     }
@@ -82,5 +92,21 @@ mod tests {
         };
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("broker expiry"), "{e}");
+    }
+
+    #[test]
+    fn an_embedded_controller_is_validated_too() {
+        let peers = txmq_controller::parse_peers("1=127.0.0.1:9878").unwrap();
+        let c = NameserverConfig {
+            controller: Some(ControllerConfig::new(
+                2,
+                "127.0.0.1:0",
+                peers,
+                "/tmp/unused",
+            )),
+            ..NameserverConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("--controller-id 2"), "{e}");
     }
 }

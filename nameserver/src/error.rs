@@ -16,4 +16,7 @@ pub enum Error {
     /// A setting is out of range; the message says which.
     #[error("invalid nameserver configuration: {0}")]
     InvalidConfig(String),
+    /// The embedded controller could not start.
+    #[error(transparent)]
+    Controller(#[from] txmq_controller::Error),
 }

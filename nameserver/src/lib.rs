@@ -4,7 +4,11 @@
 //!
 //! A nameserver holds no durable state and talks to no other nameserver:
 //! running several gives availability without consensus, since every broker
-//! registers with each of them.
+//! registers with each of them. The one exception is opt-in: with
+//! [`NameserverConfig::controller`] set, the nameserver also runs a member
+//! of the controller (crate `txmq-controller`), the Raft group that elects
+//! broker groups' masters, on its own listen address; the nameserver's own
+//! port then answers admins' `ElectMaster` and `GetControllerInfo` through it.
 //!
 //! Start reading at [`Nameserver`] (bind, then run until cancelled), then
 //! `service.rs` (the one `match` over request kinds) and `registry.rs` (the
@@ -40,10 +44,12 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use txmq_controller::Controller;
 use txmq_remoting::ConnectionConfig;
 
 pub use config::{NameserverConfig, DEFAULT_BROKER_EXPIRY, DEFAULT_LISTEN};
 pub use error::Error;
+pub use txmq_controller::{parse_peers, ControllerConfig, DEFAULT_MASTER_EXPIRY};
 
 use registry::Registry;
 use service::NameService;
@@ -54,6 +60,7 @@ pub struct Nameserver {
     config: NameserverConfig,
     listener: TcpListener,
     local_addr: SocketAddr,
+    controller: Option<Controller>,
 }
 
 impl Nameserver {
@@ -62,7 +69,9 @@ impl Nameserver {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a zero broker expiry; [`Error::Bind`] when
-    /// the address cannot be listened on (in use, not local, malformed).
+    /// the address cannot be listened on (in use, not local, malformed);
+    /// [`Error::Controller`] when the embedded controller cannot start
+    /// (its listener, its data directory, its settings).
     pub async fn bind(config: NameserverConfig) -> Result<Nameserver, Error> {
         config.validate()?;
         let bind_err = |source| Error::Bind {
@@ -71,11 +80,21 @@ impl Nameserver {
         };
         let listener = TcpListener::bind(&config.listen).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
+        let controller = match &config.controller {
+            Some(c) => Some(Controller::bind(c.clone()).await?),
+            None => None,
+        };
         Ok(Nameserver {
             config,
             listener,
             local_addr,
+            controller,
         })
+    }
+
+    /// The embedded controller's listen address, when it runs one.
+    pub fn controller_addr(&self) -> Option<SocketAddr> {
+        self.controller.as_ref().map(Controller::local_addr)
     }
 
     /// The address the nameserver listens on (with the real port when 0 was asked for).
@@ -88,7 +107,14 @@ impl Nameserver {
     /// in memory only and is gone once this returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let registry = Arc::new(Registry::new(self.config.broker_expiry));
-        let service = Arc::new(NameService::new(registry.clone(), self.local_addr));
+        let service = Arc::new(NameService::new(
+            registry.clone(),
+            self.local_addr,
+            self.controller.as_ref().map(Controller::handle),
+        ));
+        let controller = self
+            .controller
+            .map(|c| tokio::spawn(c.run(shutdown.clone())));
         info!(
             broker_expiry = ?self.config.broker_expiry,
             "nameserver listening on {}",
@@ -109,6 +135,12 @@ impl Nameserver {
         // The scanner watches the same token; it only fails to join if it panicked.
         if let Err(e) = scanner.await {
             tracing::error!(error = %e, "expiry scanner failed");
+        }
+        if let Some(Err(e)) = match controller {
+            Some(c) => Some(c.await),
+            None => None,
+        } {
+            tracing::error!(error = %e, "controller failed");
         }
         info!(addr = %self.local_addr, "nameserver stopped");
     }

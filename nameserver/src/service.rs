@@ -1,12 +1,15 @@
 //! The requests a nameserver answers, dispatched from one `match`.
 //!
 //! Every handler is a short synchronous update or read of the
-//! [`Registry`]; none awaits, so each answer is a ready future.
+//! [`Registry`]; none awaits, so each answer is a ready future. The
+//! exceptions are the controller's admin requests (`ElectMaster`,
+//! `GetControllerInfo`), handed to the embedded controller when there is one.
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 use tracing::debug;
+use txmq_controller::ControllerHandle;
 use txmq_protocol::{
     Done, ErrorCode, Hello, HelloOk, Pong, Request, Response, WireError, PROTOCOL_VERSION,
 };
@@ -20,14 +23,34 @@ pub(crate) struct NameService {
     registry: Arc<Registry>,
     /// `nameserver <addr>`, sent in every hello answer.
     server_name: String,
+    /// The embedded controller member, if any.
+    controller: Option<ControllerHandle>,
 }
 
 impl NameService {
-    pub(crate) fn new(registry: Arc<Registry>, local_addr: std::net::SocketAddr) -> NameService {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        local_addr: std::net::SocketAddr,
+        controller: Option<ControllerHandle>,
+    ) -> NameService {
         NameService {
             registry,
             server_name: format!("nameserver {local_addr}"),
+            controller,
         }
+    }
+
+    /// The embedded controller, or the error saying there is none.
+    fn controller(&self, kind: &str) -> Result<ControllerHandle, WireError> {
+        self.controller.clone().ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnsupportedRequest,
+                format!(
+                    "{kind}: this nameserver runs no controller (start it with --controller-id, \
+                     --controller-listen, --controller-peers and --controller-data-dir)"
+                ),
+            )
+        })
     }
 
     /// Answers one request that came over `conn`.
@@ -76,7 +99,19 @@ impl Service for NameService {
     }
 
     fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
-        Box::pin(std::future::ready(self.handle(conn, request)))
+        match request {
+            Request::ElectMaster(req) => match self.controller("ElectMaster") {
+                Ok(c) => {
+                    Box::pin(async move { c.elect_master(req).await.map(Response::ElectMaster) })
+                }
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            },
+            Request::GetControllerInfo(_) => Box::pin(std::future::ready(
+                self.controller("GetControllerInfo")
+                    .map(|c| Response::GetControllerInfo(Box::new(c.info()))),
+            )),
+            other => Box::pin(std::future::ready(self.handle(conn, other))),
+        }
     }
 
     fn closed(&self, conn: &Connection) {

@@ -34,6 +34,7 @@ async fn start(expiry: Duration) -> Running {
     let ns = Nameserver::bind(NameserverConfig {
         listen: "127.0.0.1:0".into(),
         broker_expiry: expiry,
+        controller: None,
     })
     .await
     .unwrap();

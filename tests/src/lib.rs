@@ -96,6 +96,7 @@ impl Cluster {
         let ns = Nameserver::bind(NameserverConfig {
             listen: "127.0.0.1:0".into(),
             broker_expiry: expiry,
+            controller: None,
         })
         .await
         .expect("nameserver binds");
@@ -323,6 +324,93 @@ impl Drop for BrokerProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A real `txmq-nameserver` process (e.g. with an embedded controller);
+/// killed (SIGKILL) when dropped.
+pub struct NameserverProcess {
+    child: Option<Child>,
+    /// The address it listens on.
+    pub addr: String,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl NameserverProcess {
+    /// Starts `txmq-nameserver` on `addr` with `extra` flags, logging to
+    /// `log`; waits until its port accepts connections.
+    pub fn start(addr: &str, extra: &[&str], log: &Path) -> NameserverProcess {
+        let mut args: Vec<String> = vec!["--listen".into(), addr.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = NameserverProcess {
+            child: None,
+            addr: addr.into(),
+            args,
+            log: log.to_path_buf(),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open nameserver log");
+        let child = Command::new(binary("txmq-nameserver"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start txmq-nameserver");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "txmq-nameserver exited with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "txmq-nameserver did not listen; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The nameserver's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again with the same flags.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for NameserverProcess {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }
 

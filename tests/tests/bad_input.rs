@@ -1241,6 +1241,7 @@ async fn a_broker_whose_nameserver_is_unreachable_keeps_trying_and_registers_lat
     let ns = txmq_nameserver::Nameserver::bind(txmq_nameserver::NameserverConfig {
         listen: ns_addr.clone(),
         broker_expiry: Duration::from_secs(30),
+        controller: None,
     })
     .await
     .expect("the nameserver binds the address the broker was given");

@@ -188,9 +188,11 @@ impl FakeBroker {
             controllers,
             group.to_string(),
             addr.to_string(),
-            log.clone(),
-            drain.clone(),
-            paused.clone(),
+            Knobs {
+                log_end: log.clone(),
+                answers_drain: drain.clone(),
+                paused: paused.clone(),
+            },
             tx,
             stop.clone(),
         ));
@@ -232,16 +234,26 @@ impl FakeBroker {
     }
 }
 
+/// The knobs a test turns on a running fake broker.
+struct Knobs {
+    log_end: Arc<AtomicU64>,
+    answers_drain: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+}
+
 async fn heartbeat_loop(
     controllers: Vec<String>,
     group: String,
     addr: String,
-    log_end: Arc<AtomicU64>,
-    answers_drain: Arc<AtomicBool>,
-    paused: Arc<AtomicBool>,
+    knobs: Knobs,
     tx: watch::Sender<BrokerGroupState>,
     stop: CancellationToken,
 ) {
+    let Knobs {
+        log_end,
+        answers_drain,
+        paused,
+    } = knobs;
     let mut target = controllers[0].clone();
     let mut next = 0;
     let mut conn: Option<Connection> = None;

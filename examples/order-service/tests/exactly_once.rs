@@ -44,6 +44,7 @@ impl Env {
         let ns = Nameserver::bind(NameserverConfig {
             listen: "127.0.0.1:0".into(),
             broker_expiry: Duration::from_secs(30),
+            controller: None,
         })
         .await?;
         let nameserver = ns.local_addr().to_string();
