@@ -9,6 +9,11 @@
 //! counted in sync (only the master decides that). A broker that cannot be
 //! asked is shown with its error, no lag and not in sync, and the command
 //! ends with exit code 3 (1 when no broker answered).
+//!
+//! Each row shows an epoch (masters elected by the controller have one; 0
+//! without a controller): a master's own, as the nameservers list it; a
+//! slave's is that of the master it follows (its group's master when that
+//! master lists it, else what the slave says, else 0).
 
 use std::collections::HashMap;
 
@@ -21,6 +26,20 @@ use crate::args::GlobalArgs;
 use crate::exit;
 use crate::output::Printer;
 
+/// The columns of `txmq cluster`'s text output.
+const HEADER: [&str; 10] = [
+    "CLUSTER",
+    "BROKER",
+    "ROLE",
+    "ADDR",
+    "EPOCH",
+    "LAG",
+    "IN SYNC",
+    "LAST HEARTBEAT",
+    "TOPICS",
+    "ERROR",
+];
+
 /// One broker as `txmq cluster` shows it.
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
@@ -28,6 +47,9 @@ struct Row {
     broker: String,
     role: BrokerRole,
     addr: String,
+    /// A master's epoch, or the epoch of the master a slave follows (0: not
+    /// known, or no controller).
+    epoch: u64,
     last_heartbeat_ms_ago: u64,
     topic_count: u32,
     /// Bytes of the master's log a slave does not hold (0 for a master);
@@ -78,21 +100,7 @@ pub async fn run(global: &GlobalArgs) -> Result<()> {
     let printer = Printer::stdout(global.output);
     let table: Vec<Vec<String>> = rows.iter().map(text_row).collect();
     let objects: Vec<Value> = rows.iter().map(json_row).collect();
-    printer.records(
-        &[
-            "CLUSTER",
-            "BROKER",
-            "ROLE",
-            "ADDR",
-            "LAG",
-            "IN SYNC",
-            "LAST HEARTBEAT",
-            "TOPICS",
-            "ERROR",
-        ],
-        &table,
-        &objects,
-    )?;
+    printer.records(&HEADER, &table, &objects)?;
     let unreachable: Vec<&Row> = rows.iter().filter(|r| r.unreachable).collect();
     if unreachable.is_empty() {
         return Ok(());
@@ -153,22 +161,31 @@ async fn ask(admin: &Admin, brokers: impl Iterator<Item = &BrokerInfo>) -> Answe
 }
 
 /// How the master of `slave`'s group sees it, when the master answered
-/// and lists it: (lag, in sync).
+/// and lists it: (lag, in sync, the master's epoch).
 fn master_view(
     brokers: &[BrokerInfo],
     masters: &Answers,
     slave: &BrokerInfo,
-) -> Option<(u64, bool)> {
+) -> Option<(u64, bool, u64)> {
     brokers
         .iter()
         .filter(|b| b.role == BrokerRole::Master && b.broker_name == slave.broker_name)
-        .filter_map(|m| masters.get(&m.addr)?.as_ref().ok())
-        .find_map(|info| {
+        .filter_map(|m| Some((m, masters.get(&m.addr)?.as_ref().ok()?)))
+        .find_map(|(m, info)| {
             info.replicas
                 .iter()
                 .find(|r| r.addr == slave.addr)
-                .map(|r| (r.lag_bytes, r.in_sync))
+                .map(|r| (r.lag_bytes, r.in_sync, master_epoch(m, Some(info))))
         })
+}
+
+/// A master's epoch: as the nameservers list it, else as it answered
+/// (a nameserver older than epochs lists 0).
+fn master_epoch(master: &BrokerInfo, info: Option<&ReplicationInfo>) -> u64 {
+    match (master.epoch, info) {
+        (0, Some(info)) => info.epoch,
+        (epoch, _) => epoch,
+    }
 }
 
 /// The rows of `brokers`: masters from their own answers, slaves from
@@ -182,6 +199,7 @@ fn rows(brokers: &[BrokerInfo], masters: &Answers, slaves: &Answers) -> Vec<Row>
                 broker: b.broker_name.clone(),
                 role: b.role,
                 addr: b.addr.clone(),
+                epoch: 0,
                 last_heartbeat_ms_ago: b.last_heartbeat_ms_ago,
                 topic_count: b.topic_count,
                 lag: None,
@@ -195,6 +213,7 @@ fn rows(brokers: &[BrokerInfo], masters: &Answers, slaves: &Answers) -> Vec<Row>
             match b.role {
                 BrokerRole::Master => match masters.get(&b.addr) {
                     Some(Ok(info)) => {
+                        row.epoch = master_epoch(b, Some(info));
                         row.lag = Some(0);
                         row.in_sync = true;
                         row.replication = Some(info.replication.clone());
@@ -205,18 +224,21 @@ fn rows(brokers: &[BrokerInfo], masters: &Answers, slaves: &Answers) -> Vec<Row>
                         ));
                     }
                     Some(Err(e)) => {
+                        row.epoch = b.epoch;
                         row.error = Some(e.clone());
                         row.unreachable = true;
                     }
-                    None => {}
+                    None => row.epoch = b.epoch,
                 },
                 BrokerRole::Slave => {
-                    if let Some((lag, in_sync)) = master_view(brokers, masters, b) {
+                    if let Some((lag, in_sync, epoch)) = master_view(brokers, masters, b) {
                         row.lag = Some(lag);
                         row.in_sync = in_sync;
+                        row.epoch = epoch;
                     } else {
                         match slaves.get(&b.addr) {
                             Some(Ok(info)) => {
+                                row.epoch = info.epoch;
                                 // Its master cannot tell: not counted in sync,
                                 // the lag as the slave last heard.
                                 let master_listed_none = masters_answered(brokers, masters, b);
@@ -274,6 +296,7 @@ fn text_row(r: &Row) -> Vec<String> {
         r.broker.clone(),
         r.role.name().to_string(),
         r.addr.clone(),
+        r.epoch.to_string(),
         lag,
         in_sync,
         heartbeat_age(r.last_heartbeat_ms_ago),
@@ -289,6 +312,7 @@ fn json_row(r: &Row) -> Value {
         "broker_name": r.broker,
         "role": r.role.name(),
         "addr": r.addr,
+        "epoch": r.epoch,
         "replication_lag_bytes": r.lag,
         "in_sync": r.in_sync,
         "last_heartbeat_ms_ago": r.last_heartbeat_ms_ago,
@@ -396,10 +420,12 @@ mod tests {
 
     #[test]
     fn slaves_show_the_lag_and_in_sync_flag_their_master_reports() {
+        let mut master = broker("broker-a", BrokerRole::Master, "h:10911");
+        master.epoch = 3;
         let brokers = [
             broker("broker-a", BrokerRole::Slave, "h:10931"),
             broker("broker-a", BrokerRole::Slave, "h:10921"),
-            broker("broker-a", BrokerRole::Master, "h:10911"),
+            master,
             broker("broker-a", BrokerRole::Slave, "h:10941"),
         ];
         let masters: Answers = [(
@@ -415,6 +441,7 @@ mod tests {
         let mut own = info(BrokerRole::Slave, "h:10941", Vec::new());
         own.master_end = Some(9000);
         own.error = Some("diverged at 4096".into());
+        own.epoch = 2;
         let slaves: Answers = [("h:10941".to_string(), Ok(own))].into();
         let rows = rows(&brokers, &masters, &slaves);
         let addrs: Vec<&str> = rows.iter().map(|r| r.addr.as_str()).collect();
@@ -426,28 +453,15 @@ mod tests {
         assert_eq!(rows[3].error.as_deref(), Some("diverged at 4096"));
         assert!(rows.iter().all(|r| !r.unreachable));
 
-        let text = table(
-            &[
-                "CLUSTER",
-                "BROKER",
-                "ROLE",
-                "ADDR",
-                "LAG",
-                "IN SYNC",
-                "LAST HEARTBEAT",
-                "TOPICS",
-                "ERROR",
-            ],
-            &rows.iter().map(text_row).collect::<Vec<_>>(),
-        );
+        let text = table(&HEADER, &rows.iter().map(text_row).collect::<Vec<_>>());
         assert_eq!(
             text,
             [
-                "CLUSTER  BROKER    ROLE    ADDR     LAG     IN SYNC  LAST HEARTBEAT  TOPICS  ERROR",
-                "c        broker-a  master  h:10911  -       -        0.4s ago        2",
-                "c        broker-a  slave   h:10921  0B      yes      0.4s ago        2",
-                "c        broker-a  slave   h:10931  2.0KiB  no       0.4s ago        2",
-                "c        broker-a  slave   h:10941  ?       no       0.4s ago        2       diverged at 4096",
+                "CLUSTER  BROKER    ROLE    ADDR     EPOCH  LAG     IN SYNC  LAST HEARTBEAT  TOPICS  ERROR",
+                "c        broker-a  master  h:10911  3      -       -        0.4s ago        2",
+                "c        broker-a  slave   h:10921  3      0B      yes      0.4s ago        2",
+                "c        broker-a  slave   h:10931  3      2.0KiB  no       0.4s ago        2",
+                "c        broker-a  slave   h:10941  2      ?       no       0.4s ago        2       diverged at 4096",
             ]
         );
 
@@ -455,6 +469,9 @@ mod tests {
         assert_eq!(json[0]["broker"], "broker-a");
         assert_eq!(json[0]["role"], "master");
         assert_eq!(json[0]["addr"], "h:10911");
+        assert_eq!(json[0]["epoch"], 3);
+        assert_eq!(json[1]["epoch"], 3);
+        assert_eq!(json[3]["epoch"], 2);
         assert_eq!(json[0]["replication_lag_bytes"], 0);
         assert_eq!(json[0]["in_sync"], true);
         assert_eq!(json[0]["replication"], "sync");
@@ -520,10 +537,12 @@ mod tests {
             (None, false, false)
         );
         let text: Vec<Vec<String>> = rows.iter().map(text_row).collect();
-        assert_eq!(text[0][4..6], ["?", "no"]);
-        assert_eq!(text[1][4..6], ["300B", "no"]);
-        assert_eq!(text[2][4..6], ["?", "no"]);
-        assert_eq!(text[2][8], "timed out");
+        assert_eq!(text[0][5..7], ["?", "no"]);
+        assert_eq!(text[1][5..7], ["300B", "no"]);
+        assert_eq!(text[2][5..7], ["?", "no"]);
+        assert_eq!(text[2][9], "timed out");
+        // No controller: every epoch is 0.
+        assert!(text.iter().all(|r| r[4] == "0"), "{text:?}");
         let json = json_row(&rows[1]);
         assert_eq!(json["replication_lag_bytes"], 300);
         assert_eq!(json["in_sync"], false);

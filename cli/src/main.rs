@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod cluster;
 mod consume;
+mod controller;
 mod exit;
 mod group;
 mod output;
@@ -44,8 +45,15 @@ enum Command {
     /// Create, list and inspect topics.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
-    /// List the brokers known to the nameservers.
+    /// List the brokers known to the nameservers, with each one's role,
+    /// epoch and replication lag.
     Cluster,
+    /// Broker groups: a planned switch of a group's master (elect).
+    #[command(subcommand)]
+    Broker(controller::BrokerCommand),
+    /// Show the controller: its members, Raft leader and term, and each
+    /// broker group's master, epoch and in-sync replicas.
+    Controller,
     /// Send messages to a topic.
     Send(send::SendArgs),
     /// Consume a topic as a member of a consumer group.
@@ -71,6 +79,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Topic(cmd) => topic::run(&cli.global, cmd).await,
         Command::Cluster => cluster::run(&cli.global).await,
+        Command::Broker(cmd) => controller::run_broker(&cli.global, cmd).await,
+        Command::Controller => controller::run_controller(&cli.global).await,
         Command::Send(args) => send::run(&cli.global, args).await,
         Command::Consume(args) => consume::run(&cli.global, args).await,
         Command::Group(cmd) => group::run(&cli.global, cmd).await,
@@ -140,5 +150,27 @@ mod tests {
             Cli::try_parse_from(["txmq", "consume", "t"]).is_err(),
             "--group is required"
         );
+
+        let cli = Cli::try_parse_from(["txmq", "broker", "elect", "broker-a", "--replica", "h:2"]);
+        let Ok(Cli {
+            command:
+                Command::Broker(controller::BrokerCommand::Elect {
+                    broker_name,
+                    replica,
+                }),
+            ..
+        }) = cli
+        else {
+            panic!("broker elect parses")
+        };
+        assert_eq!(
+            (broker_name.as_str(), replica.as_deref()),
+            ("broker-a", Some("h:2"))
+        );
+        assert!(Cli::try_parse_from(["txmq", "broker", "elect"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["txmq", "controller"]).map(|c| c.command),
+            Ok(Command::Controller)
+        ));
     }
 }

@@ -1,11 +1,14 @@
 //! [`Admin`]: create topics, look at what the nameservers know, and list
 //! and resolve transactions by hand.
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
 use txmq_protocol::{
-    BrokerInfo, BrokerRole, CreateTopic, EndTransaction, Ended, ErrorCode, GetReplication,
-    ListTransactions, ReplicationInfo, Role, TopicConfig, TopicOnBroker, TopicRoute,
-    TransactionList, TxAction, TxSource,
+    BrokerGroupState, BrokerInfo, BrokerRole, ControllerInfo, CreateTopic, ElectMaster,
+    EndTransaction, Ended, ErrorCode, GetControllerInfo, GetReplication, ListTransactions,
+    ReplicationInfo, Role, TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction,
+    TxSource,
 };
 
 pub use txmq_protocol::{GroupList, GroupState, OffsetsReset};
@@ -43,7 +46,14 @@ pub struct BrokerAnswer<T> {
 pub struct Admin {
     pool: ConnectionPool,
     nameservers: NameserverClient,
+    request_timeout: Duration,
 }
+
+/// How long [`Admin::elect_master`] waits at least: a planned switch lets
+/// the master drain before the election is committed, which takes longer
+/// than an ordinary request (the controller waits up to 15 s for it, and
+/// 5 s more when it forwards the request to its leader).
+const ELECT_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl Admin {
     /// Connects to the first reachable nameserver of `nameservers` (each
@@ -72,7 +82,11 @@ impl Admin {
         for addr in nameservers.addrs() {
             match pool.get(addr).await {
                 Ok(_) => {
-                    return Ok(Admin { pool, nameservers });
+                    return Ok(Admin {
+                        pool,
+                        nameservers,
+                        request_timeout: config.request_timeout,
+                    });
                 }
                 Err(e) => last = Some(e),
             }
@@ -505,6 +519,103 @@ impl Admin {
     /// `UNSUPPORTED_REQUEST` from a broker older than replication).
     pub async fn replication(&self, broker: &str, addr: &str) -> Result<ReplicationInfo> {
         Ok(*self.ask(broker, addr, GetReplication {}).await?)
+    }
+
+    /// Asks the controller (through the nameservers that embed it) for a
+    /// planned switch of broker group `broker_name`'s master: the master
+    /// drains, then `replica` (or, without it, another live in-sync
+    /// replica) is elected with a new epoch. Returns the group's state as
+    /// the controller answered it.
+    ///
+    /// The nameservers are asked in turn; one that runs no controller
+    /// (`UNSUPPORTED_REQUEST`), cannot be reached, or whose controller
+    /// member cannot decide now (`NOT_CONTROLLER_LEADER`,
+    /// `CONTROLLER_UNAVAILABLE`) is skipped. An answer that may have been
+    /// acted on (a timeout, a closed connection) is not asked again
+    /// elsewhere, so one request elects at most once. It waits for the
+    /// answer at least 25 s (the master drains first), or the configured
+    /// request timeout when that is longer.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] for an empty group name; [`Error::NoController`]
+    /// when no nameserver runs the controller; [`Error::Remoting`] with the
+    /// controller's refusal: `NOT_IN_SYNC` (the replica is not in sync or
+    /// not alive), `BAD_ARGUMENT` (no such group), ...
+    pub async fn elect_master(
+        &self,
+        broker_name: &str,
+        replica: Option<&str>,
+    ) -> Result<BrokerGroupState> {
+        if broker_name.trim().is_empty() {
+            return Err(Error::BadArgument("the broker group name is empty".into()));
+        }
+        let request = ElectMaster {
+            broker_name: broker_name.to_string(),
+            replica: replica.map(str::to_string),
+        };
+        let timeout = self.request_timeout.max(ELECT_TIMEOUT);
+        self.ask_controller(request, timeout, false).await
+    }
+
+    /// The controller as one of its members sees it: its members, the
+    /// Raft leader and term, and every broker group's master, epoch and
+    /// in-sync set. Asked of the nameservers in turn (see
+    /// [`Admin::elect_master`]); any failure moves on to the next.
+    ///
+    /// # Errors
+    /// [`Error::NoController`] when no nameserver runs the controller;
+    /// [`Error::Remoting`] with the last failure when none answered.
+    pub async fn controller_info(&self) -> Result<ControllerInfo> {
+        Ok(*self
+            .ask_controller(GetControllerInfo {}, self.request_timeout, true)
+            .await?)
+    }
+
+    /// Sends `request` to the nameservers in turn until one's controller
+    /// answers (see [`Admin::elect_master`]), waiting up to `timeout` for
+    /// each. With `idempotent`, any failure moves on to the next nameserver.
+    async fn ask_controller<C>(
+        &self,
+        request: C,
+        timeout: Duration,
+        idempotent: bool,
+    ) -> Result<C::Reply>
+    where
+        C: txmq_protocol::Call + Clone,
+    {
+        let addrs = self.nameservers.addrs();
+        // A controller's "not now" says more than a nameserver that cannot
+        // be reached, which says more than "no controller here".
+        let mut refusal = None;
+        let mut unreachable = None;
+        for addr in addrs {
+            let answer = match self.pool.get(addr).await {
+                Ok(conn) => conn.call_with_timeout(request.clone(), timeout).await,
+                Err(e) => Err(e),
+            };
+            let e = match answer {
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            tracing::debug!(nameserver = %addr, error = %e, "controller request failed");
+            match e.remote().map(|w| w.code) {
+                Some(ErrorCode::UnsupportedRequest) => {}
+                Some(ErrorCode::NotControllerLeader | ErrorCode::ControllerUnavailable) => {
+                    refusal.get_or_insert(e);
+                }
+                Some(_) => return Err(Error::Remoting(e)),
+                None if idempotent || matches!(e, txmq_remoting::Error::Connect { .. }) => {
+                    unreachable.get_or_insert(e);
+                }
+                None => return Err(Error::Remoting(e)),
+            }
+        }
+        match refusal.or(unreachable) {
+            Some(e) => Err(Error::Remoting(e)),
+            None => Err(Error::NoController {
+                nameservers: addrs.to_vec(),
+            }),
+        }
     }
 
     /// Closes the connections.

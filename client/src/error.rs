@@ -101,6 +101,13 @@ pub enum Error {
         /// The brokers that know it.
         brokers: Vec<String>,
     },
+    /// No nameserver runs the controller: every one answered
+    /// `UNSUPPORTED_REQUEST` (or could not be reached).
+    #[error("no nameserver runs the controller (asked {}); start the nameservers with --controller-id, --controller-listen and --controller-peers", .nameservers.join(", "))]
+    NoController {
+        /// The nameservers asked.
+        nameservers: Vec<String>,
+    },
     /// The client object was closed.
     #[error("{0} is closed")]
     Closed(&'static str),
@@ -139,15 +146,19 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// True when trying `e`'s request again, possibly elsewhere, may succeed:
-/// [`txmq_remoting::Error::is_retriable`], and `NOT_MASTER` (a slave
-/// refused a write; the master of its group takes it).
+/// [`txmq_remoting::Error::is_retriable`], and [`not_master`] (the broker
+/// is not its group's master; the master of its group takes it).
 pub(crate) fn retriable(e: &txmq_remoting::Error) -> bool {
     e.is_retriable() || not_master(e)
 }
 
-/// True for a slave's `NOT_MASTER` refusal.
+/// True when the broker refused because it is not its group's master: a
+/// slave's `NOT_MASTER`, or a fenced master's `STALE_EPOCH` (the controller
+/// elected another since). Nothing was stored; the group's master, as a
+/// refreshed route names it, takes the request.
 pub(crate) fn not_master(e: &txmq_remoting::Error) -> bool {
-    e.remote().is_some_and(|w| w.code == ErrorCode::NotMaster)
+    e.remote()
+        .is_some_and(|w| matches!(w.code, ErrorCode::NotMaster | ErrorCode::StaleEpoch))
 }
 
 /// `Result` with the client's [`Error`].
@@ -173,7 +184,8 @@ impl Error {
     /// client-side error ([`ErrorCode::NoRoute`] for [`Error::NoRoute`] and
     /// [`Error::NoCommonBroker`], [`ErrorCode::BadArgument`] for
     /// [`Error::BadArgument`] and [`Error::AmbiguousTransaction`],
-    /// [`ErrorCode::UnknownTransaction`] for [`Error::UnknownTransaction`]).
+    /// [`ErrorCode::UnknownTransaction`] for [`Error::UnknownTransaction`],
+    /// [`ErrorCode::UnsupportedRequest`] for [`Error::NoController`]).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::NoRoute { .. } | Error::NoCommonBroker { .. } | Error::NoMaster { .. } => {
@@ -183,13 +195,15 @@ impl Error {
                 Some(ErrorCode::BadArgument)
             }
             Error::UnknownTransaction { .. } => Some(ErrorCode::UnknownTransaction),
+            Error::NoController { .. } => Some(ErrorCode::UnsupportedRequest),
             _ => self.wire_error().map(|e| e.code),
         }
     }
 
     /// True when trying again, possibly on another broker, may succeed
-    /// (see [`txmq_remoting::Error::is_retriable`]; also `NOT_MASTER`: a
-    /// slave refused a write, and its group's master takes it). Never for
+    /// (see [`txmq_remoting::Error::is_retriable`]; also `NOT_MASTER` and
+    /// `STALE_EPOCH`: a slave or a fenced master refused a write, and its
+    /// group's master takes it). Never for
     /// [`Error::EndTransaction`]: sending the transaction again would run the
     /// local transaction twice.
     pub fn is_retriable(&self) -> bool {
@@ -199,9 +213,13 @@ impl Error {
         }
     }
 
-    /// True when a slave refused a write (`NOT_MASTER`): the route is stale.
+    /// True when a slave (`NOT_MASTER`) or a fenced master (`STALE_EPOCH`)
+    /// refused a write: the route is stale.
     pub fn is_not_master(&self) -> bool {
-        self.code() == Some(ErrorCode::NotMaster)
+        matches!(
+            self.code(),
+            Some(ErrorCode::NotMaster | ErrorCode::StaleEpoch)
+        )
     }
 
     pub(crate) fn at_broker(broker: &str, addr: &str, source: txmq_remoting::Error) -> Error {
@@ -243,6 +261,29 @@ mod tests {
             Error::NoRoute { topic: "t".into() }.code(),
             Some(ErrorCode::NoRoute)
         );
+    }
+
+    #[test]
+    fn a_slave_or_a_fenced_master_refusing_is_retried_at_the_new_master() {
+        for code in [ErrorCode::NotMaster, ErrorCode::StaleEpoch] {
+            let refusal = txmq_remoting::Error::Remote(WireError::new(code, "elsewhere"));
+            assert!(not_master(&refusal), "{code:?}");
+            assert!(retriable(&refusal), "{code:?}");
+            let e = Error::at_broker("b1", "127.0.0.1:1", refusal);
+            assert!(e.is_retriable() && e.is_not_master(), "{code:?}");
+        }
+        for code in [ErrorCode::NotInSync, ErrorCode::BrokerNameTaken] {
+            let other = txmq_remoting::Error::Remote(WireError::new(code, "no"));
+            assert!(!not_master(&other), "{code:?}");
+        }
+        // A prepared transaction is never ended again by a blind retry.
+        let end = Error::EndTransaction {
+            tx_id: 1,
+            broker: "b1".into(),
+            action: TxAction::Commit,
+            source: txmq_remoting::Error::Remote(WireError::new(ErrorCode::StaleEpoch, "")),
+        };
+        assert!(!end.is_retriable());
     }
 
     #[test]

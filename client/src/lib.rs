@@ -80,3 +80,7 @@ pub use txmq_protocol::{
 
 /// A broker's role and replication state ([`Admin::replication`]).
 pub use txmq_protocol::{BrokerRole, ReplicaInfo, ReplicationInfo};
+
+/// A broker group as the controller decided it, and the controller's own
+/// state ([`Admin::elect_master`], [`Admin::controller_info`]).
+pub use txmq_protocol::{BrokerGroupState, ControllerInfo, ControllerReplica};

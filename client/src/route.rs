@@ -11,6 +11,13 @@
 //! (the one queue an auto-created topic surely has, whatever the broker's
 //! default queue count) of every registered broker, kept for a second only,
 //! until the brokers have registered the real route.
+//!
+//! Masters elected by the controller carry an epoch, and a group's master
+//! never goes back to an older one: nameservers are independent, and one
+//! may not have heard of the latest election yet. The cache remembers the
+//! highest-epoch master it has seen of each broker group (across topics),
+//! and a route answer naming an older master of a group gets the newer one
+//! instead (see [`keep_newest_masters`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,17 +136,23 @@ pub(crate) fn test_queues(spec: &[(&str, u32)]) -> Vec<MessageQueue> {
 /// every broker group of `brokers` with a live master, at the master,
 /// read-write, [`PROVISIONAL_QUEUES`] queue each (slaves create nothing).
 pub fn provisional_route(topic: &str, brokers: &[BrokerInfo]) -> TopicRoute {
-    let by_name: BTreeMap<&str, &str> = brokers
-        .iter()
-        .filter(|b| b.role == BrokerRole::Master)
-        .map(|b| (b.broker_name.as_str(), b.addr.as_str()))
-        .collect();
+    // Of two masters of a group (a nameserver between two elections), the
+    // one with the higher epoch.
+    let mut by_name: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    for b in brokers.iter().filter(|b| b.role == BrokerRole::Master) {
+        let entry = by_name
+            .entry(b.broker_name.as_str())
+            .or_insert((b.addr.as_str(), b.epoch));
+        if b.epoch > entry.1 {
+            *entry = (b.addr.as_str(), b.epoch);
+        }
+    }
     TopicRoute {
         topic: topic.to_string(),
         brokers: by_name
             .into_iter()
-            .map(|(name, addr)| BrokerQueues {
-                epoch: Default::default(),
+            .map(|(name, (addr, epoch))| BrokerQueues {
+                epoch,
                 broker_name: name.to_string(),
                 addr: addr.to_string(),
                 slaves: Vec::new(),
@@ -162,8 +175,53 @@ struct CacheInner {
     refresh_interval: Duration,
     provisional: bool,
     entries: DashMap<String, Entry>,
+    /// The highest-epoch master seen of each broker group, by group name.
+    masters: DashMap<String, KnownMaster>,
     gates: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     next_generation: AtomicU64,
+}
+
+/// A broker group's master as the newest route answer named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownMaster {
+    /// Its controller epoch (0: not run by a controller).
+    pub epoch: u64,
+    /// Its address.
+    pub addr: String,
+}
+
+/// Makes `route` name no master older than one seen before: for each broker
+/// group whose entry names a master (a non-empty address), a master with a
+/// lower epoch than the one in `known` is replaced by the known one (and
+/// that address taken out of the slaves); a higher epoch is remembered. An
+/// entry with no master is left alone: a dead master is not put back.
+pub fn keep_newest_masters(route: &mut TopicRoute, known: &DashMap<String, KnownMaster>) {
+    for b in route.brokers.iter_mut().filter(|b| !b.addr.is_empty()) {
+        let mut seen = known
+            .entry(b.broker_name.clone())
+            .or_insert_with(|| KnownMaster {
+                epoch: b.epoch,
+                addr: b.addr.clone(),
+            });
+        if b.epoch > seen.epoch {
+            *seen = KnownMaster {
+                epoch: b.epoch,
+                addr: b.addr.clone(),
+            };
+        } else if b.epoch < seen.epoch {
+            tracing::debug!(
+                broker = %b.broker_name,
+                answered = %b.addr,
+                answered_epoch = b.epoch,
+                kept = %seen.addr,
+                kept_epoch = seen.epoch,
+                "a nameserver named an older master; keeping the newer one"
+            );
+            b.slaves.retain(|s| *s != seen.addr);
+            b.addr = seen.addr.clone();
+            b.epoch = seen.epoch;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -186,6 +244,7 @@ impl RouteCache {
                 refresh_interval,
                 provisional,
                 entries: DashMap::new(),
+                masters: DashMap::new(),
                 gates: DashMap::new(),
                 next_generation: AtomicU64::new(1),
             }),
@@ -267,7 +326,7 @@ impl RouteCache {
 
     async fn fetch(&self, topic: &str) -> Result<Arc<RouteInfo>> {
         let ns = &self.inner.nameservers;
-        let (route, provisional) = match ns.route(topic).await {
+        let (mut route, provisional) = match ns.route(topic).await {
             Ok(route) => (route, false),
             Err(Error::NoRoute { .. }) if self.inner.provisional => {
                 let brokers = ns.cluster().await?;
@@ -296,6 +355,7 @@ impl RouteCache {
             }
             Err(e) => return Err(e),
         };
+        keep_newest_masters(&mut route, &self.inner.masters);
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(RouteInfo::new(route, provisional, generation));
         let ttl = if provisional {
@@ -374,6 +434,72 @@ mod tests {
         assert_eq!(w, ["b"]);
         assert_eq!(info.readable.len(), 3);
         assert_eq!(groups_without_master(&info.route), ["a"]);
+    }
+
+    fn elected(name: &str, addr: &str, epoch: u64, slaves: &[&str]) -> BrokerQueues {
+        BrokerQueues {
+            epoch,
+            addr: addr.into(),
+            slaves: slaves.iter().map(|s| s.to_string()).collect(),
+            ..bq(name, 2, PERM_READ_WRITE)
+        }
+    }
+
+    fn masters_of(route: &TopicRoute) -> Vec<(&str, &str, u64, Vec<&str>)> {
+        route
+            .brokers
+            .iter()
+            .map(|b| {
+                (
+                    b.broker_name.as_str(),
+                    b.addr.as_str(),
+                    b.epoch,
+                    b.slaves.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_route_never_goes_back_to_an_older_master_of_a_group() {
+        let known = DashMap::new();
+        let answer = |brokers| TopicRoute {
+            topic: "t".into(),
+            brokers,
+        };
+        let mut first = answer(vec![elected("a", "a2:1", 2, &["a1:1"])]);
+        keep_newest_masters(&mut first, &known);
+        assert_eq!(masters_of(&first), [("a", "a2:1", 2, vec!["a1:1"])]);
+
+        // A nameserver that missed the election still names a1 (epoch 1),
+        // listing a2 as its slave: a2 stays the master, listed once.
+        let mut lagging = answer(vec![
+            elected("a", "a1:1", 1, &["a2:1", "a3:1"]),
+            elected("b", "b:1", 0, &[]),
+        ]);
+        keep_newest_masters(&mut lagging, &known);
+        assert_eq!(
+            masters_of(&lagging),
+            [("a", "a2:1", 2, vec!["a3:1"]), ("b", "b:1", 0, vec![])]
+        );
+
+        // A newer election is taken, and remembered for other topics too.
+        let mut newer = answer(vec![elected("a", "a3:1", 3, &["a2:1"])]);
+        keep_newest_masters(&mut newer, &known);
+        assert_eq!(masters_of(&newer), [("a", "a3:1", 3, vec!["a2:1"])]);
+        let mut other_topic = answer(vec![elected("a", "a2:1", 2, &[])]);
+        keep_newest_masters(&mut other_topic, &known);
+        assert_eq!(masters_of(&other_topic), [("a", "a3:1", 3, vec![])]);
+
+        // No master live: the group stays masterless (reads go to slaves).
+        let mut masterless = answer(vec![elected("a", "", 0, &["a2:1"])]);
+        keep_newest_masters(&mut masterless, &known);
+        assert_eq!(masters_of(&masterless), [("a", "", 0, vec!["a2:1"])]);
+
+        // Brokers not run by a controller (epoch 0 everywhere) move freely.
+        let mut plain = answer(vec![elected("b", "b2:1", 0, &[])]);
+        keep_newest_masters(&mut plain, &known);
+        assert_eq!(masters_of(&plain), [("b", "b2:1", 0, vec![])]);
     }
 
     #[test]

@@ -8,15 +8,19 @@
 //! name is decided in one place, [`may_take`]: a second master at another
 //! address is refused while the first is live, because clients send writes
 //! to a group's master and two masters taking turns would split the log;
-//! slaves are admitted. A broker leaves the table when it unregisters (from
+//! slaves are admitted. Masters elected by the controller carry an epoch:
+//! a master with a higher epoch than the live one takes its place at once
+//! (the old one was fenced and leaves the routes until it registers again,
+//! as a slave), and one with a lower epoch is refused. A broker leaves the table when it unregisters (from
 //! the connection or the address that registered it), when the connection
 //! it registered over closes, or when it has been silent for longer than
 //! the expiry; each of these removes that one broker, never its group.
 //! Queries also skip brokers past their expiry, so an answer never names a
 //! broker the scanner simply has not reached yet.
 //!
-//! A route names a group once: its live master's address (empty when the
-//! master is gone, so clients read from the slaves) and its live slaves.
+//! A route names a group once: its live master's address and epoch (empty
+//! and 0 when the master is gone, so clients read from the slaves) and its
+//! live slaves.
 //!
 //! Time is passed in (`now`) rather than read inside, which keeps every
 //! method a pure function of its inputs and easy to test.
@@ -47,6 +51,8 @@ struct BrokerEntry {
     cluster: String,
     addr: String,
     role: BrokerRole,
+    /// A master's controller epoch (0: not run by a controller).
+    epoch: u64,
     topics: BTreeMap<String, TopicConfig>,
     last_heartbeat: Instant,
     /// The connection the latest registration came over.
@@ -88,21 +94,35 @@ impl Group {
 /// Whether a registration `req` may join the group whose live master (if
 /// any) is `master`: the one place that decides who may share a broker name.
 ///
-/// A master may, unless a live master at another address holds the name
-/// (the same address is the same broker: a heartbeat, a reconnect, a
-/// restart). A slave may, at any address: at the master's own address it is
+/// A master may when no live master holds the name, or when it is that
+/// master (the same address is the same broker: a heartbeat, a reconnect,
+/// a restart) at an epoch not below the holder's, or when the controller
+/// elected it later than the holder (a higher epoch): the holder was fenced
+/// and is only slow to learn it. A master at a lower epoch than the holder
+/// is a fenced one and is refused, even at the holder's address (a stale
+/// heartbeat sent before it demoted); with equal epochs (0 for brokers not
+/// run by a controller) a second master at another address is refused. A
+/// slave may, at any address and epoch: at the master's own address it is
 /// that broker come back as a slave (two brokers cannot listen at one
 /// address), and it replaces the master's entry.
 fn may_take(master: Option<&BrokerEntry>, req: &RegisterBroker) -> bool {
     match req.role {
-        BrokerRole::Master => master.is_none_or(|m| m.addr == req.addr),
+        BrokerRole::Master => master
+            .is_none_or(|m| req.epoch > m.epoch || (req.epoch == m.epoch && m.addr == req.addr)),
         BrokerRole::Slave => true,
     }
 }
 
 /// Why a broker left the table (for the log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum DropReason {
+    /// A master elected later (a higher epoch) took its place.
+    Superseded {
+        /// The new master's address.
+        by: String,
+        /// The new master's epoch.
+        epoch: u64,
+    },
     /// No heartbeat for longer than the expiry.
     Expired {
         /// How long it had been silent.
@@ -121,6 +141,9 @@ impl fmt::Display for DropReason {
                 write!(f, "no heartbeat for {} ms", silent_for.as_millis())
             }
             DropReason::ConnectionClosed => f.write_str("its connection closed"),
+            DropReason::Superseded { by, epoch } => {
+                write!(f, "the master at {by} was elected after it (epoch {epoch})")
+            }
             DropReason::Unregistered => f.write_str("it unregistered"),
         }
     }
@@ -128,10 +151,11 @@ impl fmt::Display for DropReason {
 
 /// What a registration did, for the log written once the lock is released.
 enum Registered {
-    /// Refused: a live master at another address holds the name.
+    /// Refused: a live master at another address (or a higher epoch) holds the name.
     Refused {
         holder_addr: String,
         holder_cluster: String,
+        holder_epoch: u64,
         warn_now: bool,
     },
     /// Admitted.
@@ -141,6 +165,10 @@ enum Registered {
         old_topics: usize,
         /// A master past its expiry (not yet scanned) that this master replaced.
         replaced: Option<BrokerEntry>,
+        /// A live master at a lower epoch that this master replaced: it is
+        /// out of the routes until it registers again (as a slave, once it
+        /// learns it was fenced).
+        superseded: Option<Box<BrokerEntry>>,
         /// Another live broker of the group in a different cluster (addr, role, cluster).
         other_cluster: Option<(String, BrokerRole, String)>,
     },
@@ -203,8 +231,10 @@ impl Registry {
     /// # Errors
     /// `BAD_ARGUMENT` when the broker name or address is empty;
     /// `BROKER_NAME_TAKEN` when it registers as master and a live master at
-    /// another address holds the name (see [`may_take`]): the holder stays,
-    /// untouched, and the refusal is logged as a warning naming both addresses.
+    /// another address and the same epoch holds the name, or a live master
+    /// with a higher epoch does (see [`may_take`]): the holder stays,
+    /// untouched, and the refusal is logged naming both addresses (a
+    /// warning; for a fenced master's lower epoch, at info level).
     pub(crate) fn register(
         &self,
         req: RegisterBroker,
@@ -237,8 +267,35 @@ impl Registry {
             Registered::Refused {
                 holder_addr,
                 holder_cluster,
+                holder_epoch,
                 warn_now,
             } => {
+                if req.epoch < holder_epoch {
+                    // A fenced master, still heartbeating until it learns of
+                    // the newer election: routine during a failover.
+                    if warn_now {
+                        info!(
+                            broker = %name,
+                            holder_addr = %holder_addr,
+                            holder_epoch,
+                            refused_addr = %req.addr,
+                            refused_epoch = req.epoch,
+                            "refused a registration of broker '{}' as master from {} at epoch {}: the master at {} has epoch {}",
+                            name,
+                            req.addr,
+                            req.epoch,
+                            holder_addr,
+                            holder_epoch,
+                        );
+                    }
+                    return Err(stale_epoch(
+                        name,
+                        &holder_addr,
+                        holder_epoch,
+                        &req.addr,
+                        req.epoch,
+                    ));
+                }
                 if warn_now {
                     warn!(
                         broker = %name,
@@ -261,8 +318,19 @@ impl Registry {
                 before,
                 old_topics,
                 replaced,
+                superseded,
                 other_cluster,
             } => {
+                if let Some(old) = &superseded {
+                    log_drop(
+                        name,
+                        old,
+                        DropReason::Superseded {
+                            by: req.addr.clone(),
+                            epoch: req.epoch,
+                        },
+                    );
+                }
                 if let Some(stale) = &replaced {
                     log_drop(
                         name,
@@ -346,8 +414,8 @@ impl Registry {
         // counts as gone: it was already missing from every answer.
         let master = self.live_master(group, now);
         if !may_take(master, req) {
-            let (holder_addr, holder_cluster) = master
-                .map(|m| (m.addr.clone(), m.cluster.clone()))
+            let (holder_addr, holder_cluster, holder_epoch) = master
+                .map(|m| (m.addr.clone(), m.cluster.clone(), m.epoch))
                 .unwrap_or_default();
             let warn_now = group
                 .contenders
@@ -362,9 +430,19 @@ impl Registry {
             return Registered::Refused {
                 holder_addr,
                 holder_cluster,
+                holder_epoch,
                 warn_now,
             };
         }
+        // A master elected after the live one: the old one leaves the
+        // routes at once (not listed as a slave: it is not replicating from
+        // the new master yet) until it registers again.
+        let superseded = match (req.role, master) {
+            (BrokerRole::Master, Some(m)) if m.addr != req.addr && req.epoch > m.epoch => {
+                group.master.take().map(Box::new)
+            }
+            _ => None,
+        };
         let old = group.take(&req.addr);
         let changed = old
             .as_ref()
@@ -383,6 +461,7 @@ impl Registry {
             cluster: req.cluster.clone(),
             addr: req.addr.clone(),
             role: req.role,
+            epoch: req.epoch,
             topics,
             last_heartbeat: now,
             conn_id,
@@ -399,6 +478,7 @@ impl Registry {
             old_topics: old.as_ref().map_or(0, |o| o.topics.len()),
             before: old.map(|o| (o.role, o.cluster)),
             replaced,
+            superseded,
             other_cluster,
         }
     }
@@ -532,13 +612,11 @@ impl Registry {
             .iter()
             .filter_map(|(name, group)| {
                 let config = self.serving(group, topic, now)?;
+                let master = self.live_master(group, now);
                 Some(BrokerQueues {
-                    epoch: Default::default(),
+                    epoch: master.map_or(0, |m| m.epoch),
                     broker_name: name.clone(),
-                    addr: self
-                        .live_master(group, now)
-                        .map(|m| m.addr.clone())
-                        .unwrap_or_default(),
+                    addr: master.map(|m| m.addr.clone()).unwrap_or_default(),
                     // The map is keyed by address, so these come sorted.
                     slaves: self
                         .live_slaves(group, now)
@@ -573,7 +651,11 @@ impl Registry {
                     .members()
                     .filter(move |b| self.is_live(b, now))
                     .map(move |b| BrokerInfo {
-                        epoch: Default::default(),
+                        // A master's own; a slave's is not known here.
+                        epoch: match b.role {
+                            BrokerRole::Master => b.epoch,
+                            BrokerRole::Slave => 0,
+                        },
                         cluster: b.cluster.clone(),
                         broker_name: name.clone(),
                         addr: b.addr.clone(),
@@ -642,6 +724,25 @@ fn name_taken(name: &str, holder: &str, refused: &str) -> WireError {
              or with --role slave to join that group (or stop the broker at {holder}: its \
              registration ends when its connection closes or it misses heartbeats for the \
              broker expiry)"
+        ),
+    )
+}
+
+/// The refusal a master at `refused` with epoch `refused_epoch` gets for
+/// `name`, whose live master at `holder` has the higher epoch `holder_epoch`.
+fn stale_epoch(
+    name: &str,
+    holder: &str,
+    holder_epoch: u64,
+    refused: &str,
+    refused_epoch: u64,
+) -> WireError {
+    WireError::new(
+        ErrorCode::BrokerNameTaken,
+        format!(
+            "the group's master is at {holder} with epoch {holder_epoch}; the broker at {refused} \
+             was refused as master of '{name}' at epoch {refused_epoch}: a newer election fenced it, \
+             and it serves again once it registers as a slave"
         ),
     )
 }
@@ -1315,5 +1416,127 @@ mod tests {
         assert_eq!(r.unregister(&bye("g", "s1:1"), 2, "peer"), Ok(true));
         assert_eq!(r.unregister(&bye("g", "s1:1"), 2, "peer"), Ok(false));
         assert!(r.route("t", t0).is_err());
+    }
+
+    // Controller epochs: the group's master is the one elected last.
+
+    fn elected(name: &str, addr: &str, epoch: u64) -> RegisterBroker {
+        let mut r = master(name, addr, vec![topic("t", 4)]);
+        r.epoch = epoch;
+        r
+    }
+
+    /// `t`'s route entries as (master addr, epoch, slaves).
+    fn epochs(r: &Registry, now: Instant) -> Vec<(String, u64, Vec<String>)> {
+        r.route("t", now)
+            .map(|route| {
+                route
+                    .brokers
+                    .into_iter()
+                    .map(|b| (b.addr, b.epoch, b.slaves))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_master_with_a_higher_epoch_takes_the_group_and_the_old_one_leaves_the_routes() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(elected("g", "a:1", 1), 1, t0).unwrap();
+        r.register(slave("g", "b:1", vec![topic("t", 4)]), 2, t0)
+            .unwrap();
+        r.register(slave("g", "c:1", vec![topic("t", 4)]), 3, t0)
+            .unwrap();
+        assert_eq!(
+            epochs(&r, t0),
+            vec![("a:1".into(), 1, vec!["b:1".into(), "c:1".into()])]
+        );
+        // b was elected (epoch 2) while a still heartbeats as epoch 1.
+        r.register(elected("g", "b:1", 2), 2, t0).unwrap();
+        assert_eq!(epochs(&r, t0), vec![("b:1".into(), 2, vec!["c:1".into()])]);
+        let listed: Vec<(String, BrokerRole, u64)> = r
+            .cluster(t0)
+            .brokers
+            .into_iter()
+            .map(|b| (b.addr, b.role, b.epoch))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("b:1".into(), BrokerRole::Master, 2),
+                ("c:1".into(), BrokerRole::Slave, 0),
+            ]
+        );
+        // a's stale heartbeat is refused, naming the master and its epoch.
+        let e = r.register(elected("g", "a:1", 1), 1, t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(
+            e.message
+                .contains("the group's master is at b:1 with epoch 2"),
+            "{}",
+            e.message
+        );
+        assert_eq!(epochs(&r, t0), vec![("b:1".into(), 2, vec!["c:1".into()])]);
+        // Its old connection closing takes nothing with it.
+        assert_eq!(r.connection_closed(1), Vec::<String>::new());
+        // Demoted, it joins as a slave.
+        r.register(slave("g", "a:1", vec![topic("t", 4)]), 4, t0)
+            .unwrap();
+        assert_eq!(
+            epochs(&r, t0),
+            vec![("b:1".into(), 2, vec!["a:1".into(), "c:1".into()])]
+        );
+    }
+
+    #[test]
+    fn equal_epochs_keep_the_first_master_and_a_lower_epoch_is_refused() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(elected("g", "a:1", 3), 1, t0).unwrap();
+        let e = r.register(elected("g", "b:1", 3), 2, t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(
+            e.message.contains("another master broker at a:1"),
+            "{}",
+            e.message
+        );
+        let e = r.register(elected("g", "b:1", 2), 2, t0).unwrap_err();
+        assert!(
+            e.message
+                .contains("the group's master is at a:1 with epoch 3"),
+            "{}",
+            e.message
+        );
+        // A slave is admitted whatever its epoch.
+        let mut s = slave("g", "b:1", vec![topic("t", 4)]);
+        s.epoch = 1;
+        r.register(s, 2, t0).unwrap();
+        assert_eq!(epochs(&r, t0), vec![("a:1".into(), 3, vec!["b:1".into()])]);
+        // The master's own heartbeats go on.
+        r.register(elected("g", "a:1", 3), 1, t0 + EXPIRY).unwrap();
+        // Once the master is gone, a master at any epoch may register.
+        let late = t0 + EXPIRY * 2 + Duration::from_millis(1);
+        r.register(elected("g", "b:1", 1), 2, late).unwrap();
+        assert_eq!(epochs(&r, late), vec![("b:1".into(), 1, vec![])]);
+    }
+
+    #[test]
+    fn a_slave_elected_master_replaces_its_own_slave_entry() {
+        let r = Registry::new(EXPIRY);
+        let t0 = Instant::now();
+        r.register(elected("g", "a:1", 4), 1, t0).unwrap();
+        r.register(slave("g", "b:1", vec![topic("t", 4)]), 2, t0)
+            .unwrap();
+        r.register(elected("g", "b:1", 5), 2, t0).unwrap();
+        assert_eq!(epochs(&r, t0), vec![("b:1".into(), 5, vec![])]);
+        assert_eq!(r.cluster(t0).brokers.len(), 1);
+        // Brokers not run by a controller stay at epoch 0 in the answers.
+        r.register(master("h", "h:1", vec![topic("t", 1)]), 3, t0)
+            .unwrap();
+        assert_eq!(
+            epochs(&r, t0),
+            vec![("b:1".into(), 5, vec![]), ("h:1".into(), 0, vec![])]
+        );
     }
 }

@@ -824,3 +824,68 @@ async fn shutdown_stops_serving_and_closes_connections() {
         "a stopped nameserver must not accept connections"
     );
 }
+
+/// Registers `broker` at `addr` as the master of epoch `epoch` over `conn`.
+async fn register_elected(
+    conn: &Connection,
+    broker: &str,
+    addr: &str,
+    epoch: u64,
+) -> Result<(), txmq_remoting::Error> {
+    conn.call(RegisterBroker {
+        epoch,
+        role: BrokerRole::Master,
+        cluster: "c1".into(),
+        broker_name: broker.into(),
+        addr: addr.into(),
+        topics: vec![topic("orders", 4)],
+    })
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn the_master_elected_last_is_routed_to_and_a_fenced_one_is_refused_until_it_demotes() {
+    let (ns, old, admin) = start_with_clients(Duration::from_secs(60)).await;
+    let new = connect(&ns.addr, Role::Broker).await;
+    let (a, b) = ("10.0.0.1:10911", "10.0.0.2:10911");
+    register_elected(&old, "broker-a", a, 1).await.unwrap();
+    register_as(&new, BrokerRole::Slave, "broker-a", b)
+        .await
+        .unwrap();
+    let entry = full_route(&admin, "orders").await.brokers;
+    assert_eq!((entry[0].addr.as_str(), entry[0].epoch), (a, 1));
+    assert_eq!(entry[0].slaves, vec![b.to_string()]);
+
+    // The controller elected b (epoch 2); a has not learned it yet.
+    register_elected(&new, "broker-a", b, 2).await.unwrap();
+    let entry = full_route(&admin, "orders").await.brokers;
+    assert_eq!((entry[0].addr.as_str(), entry[0].epoch), (b, 2));
+    assert!(entry[0].slaves.is_empty(), "{entry:?}");
+    let err = register_elected(&old, "broker-a", a, 1).await.unwrap_err();
+    let wire = err.remote().cloned().unwrap();
+    assert_eq!(wire.code, ErrorCode::BrokerNameTaken);
+    assert!(
+        wire.message
+            .contains("the group's master is at 10.0.0.2:10911 with epoch 2"),
+        "{}",
+        wire.message
+    );
+    let listed: Vec<(BrokerRole, String, u64)> = admin
+        .call(GetCluster {})
+        .await
+        .unwrap()
+        .brokers
+        .into_iter()
+        .map(|b| (b.role, b.addr, b.epoch))
+        .collect();
+    assert_eq!(listed, vec![(BrokerRole::Master, b.to_string(), 2)]);
+
+    // Demoted, a follows b as a slave.
+    register_as(&old, BrokerRole::Slave, "broker-a", a)
+        .await
+        .unwrap();
+    let entry = full_route(&admin, "orders").await.brokers;
+    assert_eq!((entry[0].addr.as_str(), entry[0].epoch), (b, 2));
+    assert_eq!(entry[0].slaves, vec![a.to_string()]);
+}

@@ -606,7 +606,6 @@ fn take_messages(
 async fn commit(shared: &Shared) -> Result<()> {
     let todo = shared.offsets().to_commit();
     let results = join_all(todo.into_iter().map(|(key, offset)| async move {
-        let target = shared.connect(&key).await?;
         let request = CommitOffset {
             group: shared.group.clone(),
             topic: shared.topic.clone(),
@@ -615,7 +614,20 @@ async fn commit(shared: &Shared) -> Result<()> {
             owner: None,
             forward_only: false,
         };
-        match target.conn.call(request).await {
+        let mut target = shared.connect(&key).await?;
+        let mut answer = target.conn.call(request.clone()).await;
+        if answer.as_ref().is_err_and(crate::error::not_master) {
+            // A fenced master (the controller elected another): commit at
+            // the master a fresh route names, once.
+            if let Ok(info) = shared.routes.refresh(&shared.topic).await {
+                for b in &info.route.brokers {
+                    shared.brokers.update(b);
+                }
+            }
+            target = shared.connect(&key).await?;
+            answer = target.conn.call(request).await;
+        }
+        match answer {
             Ok(_) => {}
             Err(e) if unconfirmed_commit(&e) => {
                 // Stored on the master, not yet on enough of its slaves:

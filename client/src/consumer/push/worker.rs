@@ -432,6 +432,17 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
             tracing::debug!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit stored on the master only; committing again next tick");
             Committed::Unconfirmed
         }
+        Err(e) if e.is_not_master() => {
+            // A fenced master (the controller elected another): the next
+            // tick commits at the master a fresh route names.
+            tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit refused by a broker that is no longer master; refreshing the route");
+            if let Ok(info) = shared.routes.refresh(&key.topic).await {
+                for b in &info.route.brokers {
+                    shared.brokers.update(b);
+                }
+            }
+            Committed::Failed
+        }
         Err(e) => {
             tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit failed; will retry");
             Committed::Failed
