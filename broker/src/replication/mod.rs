@@ -306,16 +306,28 @@ impl Replication {
     /// How far consumers may read the log now: under a controller with
     /// sync replication, a master hands out only what every other member
     /// of the in-sync set holds (the rest may be cut by a failover, and a
-    /// consumer that had it would then skip what takes its place); `None`
-    /// (all of it) otherwise, and while the master is its only member.
+    /// consumer that had it would then skip what takes its place), and a
+    /// slave only what its master said was so; `None` (all of it)
+    /// otherwise, and while the master is the set's only member.
     pub(crate) fn readable_end(&self) -> Option<u64> {
-        if self.is_slave() || self.config.mode == ReplicationMode::Async {
-            return None;
+        self.control.as_ref()?;
+        if self.is_slave() {
+            return Some(*self.confirmed.borrow());
         }
-        if self.isr()?.effective().len() <= 1 {
+        if self.config.mode == ReplicationMode::Async || self.isr()?.effective().len() <= 1 {
             return None;
         }
         Some(*self.confirmed.borrow())
+    }
+
+    /// A slave: its master says consumers may read up to `to` (it never
+    /// moves back: what was confirmed survives every failover).
+    pub(crate) fn master_confirmed(&self, to: u64) {
+        self.confirmed.send_if_modified(|c| {
+            let moved = to > *c;
+            *c = (*c).max(to);
+            moved
+        });
     }
 
     /// Changes of [`Replication::readable_end`]'s position.
@@ -678,7 +690,8 @@ pub(crate) async fn fetch(
             .as_ref()
             .map(|c| c.shared.epochs().after(req.last_epoch))
             .unwrap_or_default(),
-        confirmed: *rep.confirmed.borrow(),
+        // Readable by consumers of the slave: what its master may hand out.
+        confirmed: rep.readable_end().unwrap_or(limit),
         pos,
         data,
         master_end: limit,
