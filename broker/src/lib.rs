@@ -213,6 +213,7 @@ impl Broker {
             let (control, events) =
                 replication::controlled::Control::new(&config, advertised, epochs);
             let stop = CancellationToken::new();
+            let (master_tx, master_rx) = tokio::sync::watch::channel(None::<(String, u64)>);
             // The first incarnation (a slave without a master) starts here,
             // so that a bad data directory fails the start.
             let first = start_incarnation(
@@ -221,12 +222,7 @@ impl Broker {
                 &nameservers,
                 Part {
                     role: txmq_protocol::BrokerRole::Slave,
-                    control: Some((
-                        control.clone(),
-                        0,
-                        Vec::new(),
-                        Some(tokio::sync::watch::channel(None).1),
-                    )),
+                    control: Some((control.clone(), 0, Vec::new(), Some(master_rx))),
                 },
             )
             .await?;
@@ -237,6 +233,7 @@ impl Broker {
                 control,
                 events,
                 first,
+                master_tx,
                 stop.clone(),
             ));
             Run::Controlled { stop, task }
@@ -496,12 +493,12 @@ async fn run_controlled(
         Incarnation,
         tokio::sync::oneshot::Receiver<registration::Startup>,
     ),
+    master_tx: tokio::sync::watch::Sender<Option<(String, u64)>>,
     stop: CancellationToken,
 ) {
     use replication::controlled::{wanted, Event, Wanted};
     use txmq_protocol::BrokerRole;
     let heartbeats = tokio::spawn(control.clone().run(config.clone(), stop.clone()));
-    let (master_tx, _) = tokio::sync::watch::channel(None::<(String, u64)>);
     let mut state = control.state.subscribe();
     let mut current: Option<(Incarnation, Wanted)> = Some((first.0, Wanted::Slave(None)));
     let mut cut: Option<(u64, u64)> = None;

@@ -249,6 +249,14 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
         .control
         .as_ref()
         .and_then(|c| c.master.clone());
+    if let Some(rx) = master_changed.as_mut() {
+        // Changes from here on end the session; one made already, too.
+        let still = rx.borrow_and_update().as_ref().map(|(a, _)| a.as_str()) == Some(master);
+        if !still {
+            conn.close();
+            return Err(Stop::Retry("the controller named another master".into()));
+        }
+    }
     let mut pending_epochs: Vec<EpochStart> = Vec::new();
     let segment_size = b.store.config().segment_size;
     let mut asked = *tail;
