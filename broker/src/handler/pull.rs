@@ -68,6 +68,10 @@ pub(super) async fn handle(
         let arrived = queue.arrived.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
+        // Under sync replication with a controller, readers see only what
+        // every in-sync replica holds: a record a failover may cut is
+        // never delivered.
+        let (limit, mut confirmed) = b.replication.read_limit();
         let r = b
             .store
             .read_filtered(
@@ -77,6 +81,7 @@ pub(super) async fn handle(
                 req.max_messages as usize,
                 MAX_BYTES,
                 &req.tag_filter,
+                limit,
             )
             .map_err(store_error)?;
         // Everything read was filtered out (or below the first offset): go
@@ -89,8 +94,9 @@ pub(super) async fn handle(
                 continue;
             }
         }
-        let waiting_for_more =
-            r.messages.is_empty() && offset >= r.max_offset && offset == r.next_offset;
+        let waiting_for_more = r.messages.is_empty()
+            && (offset >= r.max_offset || r.held_back)
+            && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
             if waited {
                 super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
@@ -105,6 +111,12 @@ pub(super) async fn handle(
         }
         tokio::select! {
             _ = &mut arrived => {}
+            _ = async {
+                match confirmed.as_mut() {
+                    Some(rx) => { let _ = rx.changed().await; }
+                    None => std::future::pending().await,
+                }
+            }, if r.held_back => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = b.shutdown.cancelled() => {}
         }

@@ -295,6 +295,30 @@ impl Replication {
         )
     }
 
+    /// How far readers may read the log, and a watch that moves it: under
+    /// sync replication with a controller, what every in-sync replica
+    /// holds (on a slave: as its master last said); elsewhere no limit.
+    pub(crate) fn read_limit(&self) -> (u64, Option<watch::Receiver<u64>>) {
+        if self.control.is_none() || self.config.mode != ReplicationMode::Sync {
+            return (u64::MAX, None);
+        }
+        if !self.is_slave() && self.isr().is_some_and(|i| i.effective().len() <= 1) {
+            return (u64::MAX, None);
+        }
+        let rx = self.confirmed.subscribe();
+        let limit = *rx.borrow();
+        (limit, Some(rx))
+    }
+
+    /// A slave: its master says every in-sync replica holds the log up to `pos`.
+    pub(crate) fn master_confirmed(&self, pos: u64) {
+        self.confirmed.send_if_modified(|c| {
+            let moved = pos > *c;
+            *c = (*c).max(pos);
+            moved
+        });
+    }
+
     /// Refuses a write on a slave.
     pub(crate) fn check_master(&self, b: &BrokerInner) -> Result<(), WireError> {
         if self.is_slave() {
@@ -592,6 +616,9 @@ pub(crate) async fn fetch(
         r.last_seen = now;
         // Its log was checked to agree with this one up to `from`.
         r.sent = r.sent.max(req.from);
+        if rep.control.is_some() {
+            rep.recompute_confirmed(&replicas);
+        }
     }
     // A slave with an empty log copies from the start of retention.
     let from = if req.last_record.is_none() {

@@ -308,6 +308,7 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
             Err(e) => break Err(classify(master, e)),
         };
         b.replication.slave_status().master_end = Some(data.master_end);
+        b.replication.master_confirmed(data.confirmed);
         let newest = pending_epochs.last().map_or(0, |e| e.epoch).max(
             b.replication
                 .control
