@@ -226,12 +226,7 @@ impl Broker {
                 &nameservers,
                 Part {
                     role: txmq_protocol::BrokerRole::Slave,
-                    control: Some((
-                        control.clone(),
-                        0,
-                        Vec::new(),
-                        Some(master_rx),
-                    )),
+                    control: Some((control.clone(), 0, Vec::new(), Some(master_rx))),
                 },
             )
             .await?;
