@@ -163,7 +163,6 @@ impl Broker {
     /// Invalid settings, an unrecoverable data directory, an address in use,
     /// or [`BrokerError::NameTaken`] when every nameserver refused the broker
     /// name because another live broker holds it.
-    #[allow(clippy::needless_update)] // the standalone nameserver's settings may grow
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
         let nameserver_task = TaskTracker::new();
@@ -174,8 +173,7 @@ impl Broker {
             let ns = Nameserver::bind(NameserverConfig {
                 listen: config.nameserver_listen.clone(),
                 broker_expiry: config.broker_expiry,
-                // Settings added later keep their defaults.
-                ..Default::default()
+                controller: None,
             })
             .await?;
             let addr = ns.local_addr();
