@@ -879,16 +879,10 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
     times
 }
 
-/// Three master kills under load (ten in the ignored variant below).
+/// Ten master kills under load (about half a minute: a kill closes the
+/// master's connection to the controller, which elects at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_kills_under_load_lose_nothing_acknowledged() {
-    kill_masters(3, true).await;
-}
-
-/// As [`master_kills_under_load_lose_nothing_acknowledged`], ten times.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "ten failovers take a few minutes"]
-async fn ten_master_kills_under_load_lose_nothing_acknowledged() {
     kill_masters(10, true).await;
 }
 
