@@ -1181,8 +1181,29 @@ async fn killing_the_controller_leader_keeps_the_master_and_its_sends() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let info = c.info().await.expect("the controller answers");
-    let leader = info.leader_id.expect("a leader");
+    // The leader every member names (right after the start, a member may
+    // not know it yet).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let mut seen = Vec::new();
+        for ns in c.ns_addrs() {
+            seen.push(
+                controller_info(std::slice::from_ref(&ns))
+                    .await
+                    .and_then(|i| i.leader_id),
+            );
+        }
+        if let Some(Some(l)) = seen.first() {
+            if seen.iter().all(|s| *s == Some(*l)) {
+                break *l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agreed controller leader: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let i = leader as usize - 1;
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| c.nss[i].kill9());
