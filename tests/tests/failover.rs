@@ -1094,7 +1094,7 @@ async fn a_partitioned_master_acknowledges_nothing_and_rejoins_as_a_slave_withou
     );
     let stored_alone: Vec<&String> = after
         .iter()
-        .filter(|a| matches!(a.1, Ok(_)))
+        .filter(|a| a.1.is_ok())
         .map(|a| &a.0)
         .collect();
     let mut statuses: HashMap<String, usize> = HashMap::new();
