@@ -9,7 +9,9 @@
 //! --advertise-addr`), so every client reaches it only through the proxy.
 //! [`Proxy::black_hole`] partitions one client from the broker: the proxy
 //! reads each connection's hello, and from then on drops every byte of the
-//! connections of matching client ids, both ways, keeping them open.
+//! connections of matching client ids, both ways, keeping them open; once
+//! healed, a connection that lost bytes is closed (what follows a gap is no
+//! longer a whole frame), and new ones pass.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,6 +193,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>, stop: Cancellatio
                 victim: AtomicBool::new(false),
                 close: cut,
                 client_id: std::sync::OnceLock::new(),
+                lost: AtomicBool::new(false),
             });
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
@@ -226,6 +229,8 @@ struct Conn {
     close: CancellationToken,
     /// The client id its hello named, once read.
     client_id: std::sync::OnceLock<String>,
+    /// A black hole dropped some of its bytes: it cannot carry on.
+    lost: AtomicBool,
 }
 
 impl Conn {
@@ -293,7 +298,14 @@ async fn pump(
             read_hello(&conn, &mut first, &buf);
         }
         if conn.black_holed(&inner) {
+            conn.lost.store(true, Ordering::SeqCst);
             continue;
+        }
+        if conn.lost.load(Ordering::SeqCst) {
+            // Healed, but bytes went missing both ways: the stream would
+            // resume in the middle of a frame. Closing it is what a peer
+            // sees after a long partition anyway.
+            break;
         }
         match dir {
             Direction::Up => {
@@ -439,5 +451,57 @@ mod tests {
         assert_eq!(stats.accepted, 2);
         assert_eq!(stats.cut, 1);
         assert_eq!(stats.replies_dropped, 1);
+    }
+
+    /// A hello frame naming `client_id`, as a client's first bytes.
+    fn hello_frame(client_id: &str) -> Vec<u8> {
+        use tokio_util::codec::Encoder;
+        let hello = txmq_protocol::Hello {
+            version: txmq_protocol::PROTOCOL_VERSION,
+            role: txmq_protocol::Role::Admin,
+            client_id: client_id.into(),
+            group: None,
+        };
+        let mut out = BytesMut::new();
+        txmq_protocol::FrameCodec::new(txmq_protocol::DEFAULT_MAX_FRAME_LEN)
+            .encode(
+                txmq_protocol::Frame::Request(1, txmq_protocol::Request::Hello(hello)),
+                &mut out,
+            )
+            .unwrap();
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_black_holed_connection_is_closed_once_healed_and_new_ones_pass() {
+        let echo = echo_server().await;
+        let proxy = Proxy::bind().await.unwrap();
+        proxy.set_target(&echo.to_string());
+        let hello = hello_frame("victim-1");
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut s, &hello).await.unwrap(), hello);
+
+        // Everyone (the empty prefix): bytes vanish, the connection stays.
+        proxy.black_hole("");
+        s.write_all(b"into the void").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf))
+                .await
+                .is_err(),
+            "nothing comes back through a black hole, and nothing closes"
+        );
+
+        // Healed: the connection that lost bytes ends at its next bytes
+        // instead of resuming mid-stream; a new one works.
+        proxy.heal();
+        let _ = s.write_all(b"after").await;
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("the damaged connection ends")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut s, &hello).await.unwrap(), hello);
     }
 }
