@@ -1035,9 +1035,8 @@ async fn a_partitioned_master_acknowledges_nothing_and_rejoins_as_a_slave_withou
     );
     // Past the old master's lease (2 s) for good measure, still cut off.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // What a consumer reading the cut-off master itself gets meanwhile:
-    // reported, not asserted (a master serves what it stored before its
-    // slaves confirm it).
+    // A consumer reading the cut-off master itself meanwhile gets nothing
+    // it holds alone: readers see only what every in-sync replica holds.
     let read_alone = stored_bodies(&real[m], TOPIC, QUEUES).await;
     let served_alone: Vec<&String> = read_alone
         .keys()
@@ -1047,6 +1046,10 @@ async fn a_partitioned_master_acknowledges_nothing_and_rejoins_as_a_slave_withou
         "during the partition the old master serves {} records it holds alone to a reader: {:?}",
         served_alone.len(),
         &served_alone[..served_alone.len().min(5)]
+    );
+    assert!(
+        served_alone.is_empty(),
+        "the cut-off master served records no slave holds: {served_alone:?}"
     );
 
     // Heal: the old master hears of the new epoch and follows.
