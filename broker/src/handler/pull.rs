@@ -80,8 +80,10 @@ pub(super) async fn handle(
                 offset,
                 req.max_messages as usize,
                 MAX_BYTES,
-                &req.tag_filter,
-                limit,
+                crate::store::ReadFilter {
+                    tags: &req.tag_filter,
+                    log_limit: limit,
+                },
             )
             .map_err(store_error)?;
         // Everything read was filtered out (or below the first offset): go

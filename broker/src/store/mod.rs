@@ -174,6 +174,15 @@ pub struct ReadResult {
     pub held_back: bool,
 }
 
+/// What a read skips or stops at.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadFilter<'a> {
+    /// Tag hashes to keep (empty: every message).
+    pub tags: &'a [u64],
+    /// Stop before a record that ends past this log position.
+    pub log_limit: u64,
+}
+
 /// Properties on the first half message of a transaction carried forward
 /// (its half messages re-written past retention): when it was prepared, how
 /// many checks were sent, whether it was parked.
@@ -970,7 +979,17 @@ impl Store {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<ReadResult, StoreError> {
-        self.read_filtered(topic, queue, offset, max_messages, max_bytes, &[], u64::MAX)
+        self.read_filtered(
+            topic,
+            queue,
+            offset,
+            max_messages,
+            max_bytes,
+            ReadFilter {
+                tags: &[],
+                log_limit: u64::MAX,
+            },
+        )
     }
 
     /// As [`Store::read`], but only messages whose tag hash (kept in the
@@ -987,9 +1006,9 @@ impl Store {
         offset: u64,
         max_messages: usize,
         max_bytes: usize,
-        tags: &[u64],
-        log_limit: u64,
+        filter: ReadFilter<'_>,
     ) -> Result<ReadResult, StoreError> {
+        let ReadFilter { tags, log_limit } = filter;
         let cq = self.user_queue(topic, queue)?;
         let (min, max) = (cq.min_offset(), cq.max_offset());
         let mut result = ReadResult {
