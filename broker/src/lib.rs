@@ -213,8 +213,6 @@ impl Broker {
             let (control, events) =
                 replication::controlled::Control::new(&config, advertised, epochs);
             let stop = CancellationToken::new();
-            // The master the controller names, for every slave incarnation
-            // (the first one included: it must hear of the first election).
             let (master_tx, master_rx) = tokio::sync::watch::channel(None::<(String, u64)>);
             // The first incarnation (a slave without a master) starts here,
             // so that a bad data directory fails the start.
@@ -224,12 +222,7 @@ impl Broker {
                 &nameservers,
                 Part {
                     role: txmq_protocol::BrokerRole::Slave,
-                    control: Some((
-                        control.clone(),
-                        0,
-                        Vec::new(),
-                        Some(master_rx),
-                    )),
+                    control: Some((control.clone(), 0, Vec::new(), Some(master_rx))),
                 },
             )
             .await?;

@@ -358,7 +358,12 @@ impl RouteCache {
         keep_newest_masters(&mut route, &self.inner.masters);
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(RouteInfo::new(route, provisional, generation));
-        let ttl = if provisional {
+        // A group without a live master is between two masters (a
+        // failover): its next master registers within moments, so such a
+        // route is asked for again soon rather than kept for the whole
+        // refresh interval (a send finds no queue there and fails at once,
+        // with no failure to invalidate the route).
+        let ttl = if provisional || !groups_without_master(&info.route).is_empty() {
             PROVISIONAL_TTL.min(self.inner.refresh_interval)
         } else {
             self.inner.refresh_interval

@@ -104,7 +104,8 @@ async fn main() -> ExitCode {
         // Colours only on a terminal, so logs captured to a file stay plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,openraft=error")),
         )
         .init();
     match run(args, controller).await {

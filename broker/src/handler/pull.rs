@@ -68,9 +68,11 @@ pub(super) async fn handle(
         let arrived = queue.arrived.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
-        let mut confirmed = b.replication.confirmed_watch();
-        confirmed.borrow_and_update();
-        let mut r = b
+        // Under sync replication with a controller, readers see only what
+        // every in-sync replica holds: a record a failover may cut is
+        // never delivered.
+        let (limit, mut confirmed) = b.replication.read_limit();
+        let r = b
             .store
             .read_filtered(
                 &req.topic,
@@ -78,18 +80,12 @@ pub(super) async fn handle(
                 offset,
                 req.max_messages as usize,
                 MAX_BYTES,
-                &req.tag_filter,
+                crate::store::ReadFilter {
+                    tags: &req.tag_filter,
+                    log_limit: limit,
+                },
             )
             .map_err(store_error)?;
-        // Not past what the in-sync replicas hold: a failover may cut it.
-        let mut unconfirmed = false;
-        if let Some(end) = b.replication.readable_end() {
-            if let Some(cut) = r.messages.iter().position(|m| m.log_offset >= end) {
-                r.next_offset = r.messages[cut].queue_offset;
-                r.messages.truncate(cut);
-                unconfirmed = r.messages.is_empty();
-            }
-        }
         // Everything read was filtered out (or below the first offset): go
         // on from there, a bounded number of rounds per request, and wait
         // at the end as for an empty queue.
@@ -100,8 +96,9 @@ pub(super) async fn handle(
                 continue;
             }
         }
-        let waiting_for_more = unconfirmed
-            || r.messages.is_empty() && offset >= r.max_offset && offset == r.next_offset;
+        let waiting_for_more = r.messages.is_empty()
+            && (offset >= r.max_offset || r.held_back)
+            && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
             if waited {
                 super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
@@ -116,7 +113,12 @@ pub(super) async fn handle(
         }
         tokio::select! {
             _ = &mut arrived => {}
-            _ = confirmed.changed(), if unconfirmed => {}
+            _ = async {
+                match confirmed.as_mut() {
+                    Some(rx) => { let _ = rx.changed().await; }
+                    None => std::future::pending().await,
+                }
+            }, if r.held_back => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = b.shutdown.cancelled() => {}
         }

@@ -179,6 +179,7 @@ impl Control {
                 .as_ref()
                 .is_none_or(|h| (g.epoch, g.version) >= (h.epoch, h.version) && *h != g);
             if newer {
+                tracing::debug!(master = ?g.master, epoch = g.epoch, version = g.version, in_sync = ?g.in_sync, draining = ?g.draining, "the controller's view of the group");
                 *held = Some(g);
             }
             newer

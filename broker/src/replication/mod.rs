@@ -295,44 +295,36 @@ impl Replication {
         )
     }
 
+    /// How far readers may read the log, and a watch that moves it: under
+    /// sync replication with a controller, what every in-sync replica
+    /// holds (on a slave: as its master last said); elsewhere no limit.
+    pub(crate) fn read_limit(&self) -> (u64, Option<watch::Receiver<u64>>) {
+        if self.control.is_none() || self.config.mode != ReplicationMode::Sync {
+            return (u64::MAX, None);
+        }
+        if !self.is_slave() && self.isr().is_some_and(|i| i.effective().len() <= 1) {
+            return (u64::MAX, None);
+        }
+        let rx = self.confirmed.subscribe();
+        let limit = *rx.borrow();
+        (limit, Some(rx))
+    }
+
+    /// A slave: its master says every in-sync replica holds the log up to `pos`.
+    pub(crate) fn master_confirmed(&self, pos: u64) {
+        self.confirmed.send_if_modified(|c| {
+            let moved = pos > *c;
+            *c = (*c).max(pos);
+            moved
+        });
+    }
+
     /// Refuses a write on a slave.
     pub(crate) fn check_master(&self, b: &BrokerInner) -> Result<(), WireError> {
         if self.is_slave() {
             return Err(self.not_master(b));
         }
         Ok(())
-    }
-
-    /// How far consumers may read the log now: under a controller with
-    /// sync replication, a master hands out only what every other member
-    /// of the in-sync set holds (the rest may be cut by a failover, and a
-    /// consumer that had it would then skip what takes its place), and a
-    /// slave only what its master said was so; `None` (all of it)
-    /// otherwise, and while the master is the set's only member.
-    pub(crate) fn readable_end(&self) -> Option<u64> {
-        self.control.as_ref()?;
-        if self.is_slave() {
-            return Some(*self.confirmed.borrow());
-        }
-        if self.config.mode == ReplicationMode::Async || self.isr()?.effective().len() <= 1 {
-            return None;
-        }
-        Some(*self.confirmed.borrow())
-    }
-
-    /// A slave: its master says consumers may read up to `to` (it never
-    /// moves back: what was confirmed survives every failover).
-    pub(crate) fn master_confirmed(&self, to: u64) {
-        self.confirmed.send_if_modified(|c| {
-            let moved = to > *c;
-            *c = (*c).max(to);
-            moved
-        });
-    }
-
-    /// Changes of [`Replication::readable_end`]'s position.
-    pub(crate) fn confirmed_watch(&self) -> watch::Receiver<u64> {
-        self.confirmed.subscribe()
     }
 
     /// Under sync replication, waits until enough replicas hold the log up
@@ -624,6 +616,9 @@ pub(crate) async fn fetch(
         r.last_seen = now;
         // Its log was checked to agree with this one up to `from`.
         r.sent = r.sent.max(req.from);
+        if rep.control.is_some() {
+            rep.recompute_confirmed(&replicas);
+        }
     }
     // A slave with an empty log copies from the start of retention.
     let from = if req.last_record.is_none() {
@@ -690,8 +685,7 @@ pub(crate) async fn fetch(
             .as_ref()
             .map(|c| c.shared.epochs().after(req.last_epoch))
             .unwrap_or_default(),
-        // Readable by consumers of the slave: what its master may hand out.
-        confirmed: rep.readable_end().unwrap_or(limit),
+        confirmed: *rep.confirmed.borrow(),
         pos,
         data,
         master_end: limit,

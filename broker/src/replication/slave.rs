@@ -203,22 +203,6 @@ fn classify(master: &str, e: Error) -> Stop {
 /// One connection to the master: fetch, verify, append, acknowledge, with
 /// the next fetch in flight while a batch is written.
 async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), Stop> {
-    // Under a controller: what it names now is what this session follows,
-    // and only a later change ends it. A clone of the incarnation's
-    // receiver has seen no more than the receiver itself, which nobody
-    // marks, so without this every session would end at once on a change
-    // made before it started.
-    let mut master_changed = b
-        .replication
-        .control
-        .as_ref()
-        .and_then(|c| c.master.clone());
-    if let Some(rx) = master_changed.as_mut() {
-        let named = rx.borrow_and_update().clone();
-        if named.as_ref().map(|(a, _)| a.as_str()) != Some(master) {
-            return Err(Stop::Retry("the controller named another master".into()));
-        }
-    }
     let hello = crate::registration::hello(b, Role::Replica);
     let config = ConnectionConfig {
         max_frame_len: b.config.max_frame_size.max(FETCH_BYTES as usize * 2),
@@ -260,6 +244,19 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
         }
     }
     tracing::info!(%master, from = tail.end, epoch = b.replication.epoch(), "replicating from the master");
+    let mut master_changed = b
+        .replication
+        .control
+        .as_ref()
+        .and_then(|c| c.master.clone());
+    if let Some(rx) = master_changed.as_mut() {
+        // Changes from here on end the session; one made already, too.
+        let still = rx.borrow_and_update().as_ref().map(|(a, _)| a.as_str()) == Some(master);
+        if !still {
+            conn.close();
+            return Err(Stop::Retry("the controller named another master".into()));
+        }
+    }
     let mut pending_epochs: Vec<EpochStart> = Vec::new();
     let segment_size = b.store.config().segment_size;
     let mut asked = *tail;

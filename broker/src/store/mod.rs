@@ -169,6 +169,18 @@ pub struct ReadResult {
     pub min_offset: u64,
     /// One past the last readable offset.
     pub max_offset: u64,
+    /// The read stopped at a record past the log limit asked for (under
+    /// sync replication: not yet held by every in-sync replica).
+    pub held_back: bool,
+}
+
+/// What a read skips or stops at.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadFilter<'a> {
+    /// Tag hashes to keep (empty: every message).
+    pub tags: &'a [u64],
+    /// Stop before a record that ends past this log position.
+    pub log_limit: u64,
 }
 
 /// Properties on the first half message of a transaction carried forward
@@ -967,7 +979,17 @@ impl Store {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<ReadResult, StoreError> {
-        self.read_filtered(topic, queue, offset, max_messages, max_bytes, &[])
+        self.read_filtered(
+            topic,
+            queue,
+            offset,
+            max_messages,
+            max_bytes,
+            ReadFilter {
+                tags: &[],
+                log_limit: u64::MAX,
+            },
+        )
     }
 
     /// As [`Store::read`], but only messages whose tag hash (kept in the
@@ -984,8 +1006,9 @@ impl Store {
         offset: u64,
         max_messages: usize,
         max_bytes: usize,
-        tags: &[u64],
+        filter: ReadFilter<'_>,
     ) -> Result<ReadResult, StoreError> {
+        let ReadFilter { tags, log_limit } = filter;
         let cq = self.user_queue(topic, queue)?;
         let (min, max) = (cq.min_offset(), cq.max_offset());
         let mut result = ReadResult {
@@ -993,6 +1016,7 @@ impl Store {
             next_offset: offset.clamp(min, max),
             min_offset: min,
             max_offset: max,
+            held_back: false,
         };
         if offset < min || offset >= max {
             return Ok(result);
@@ -1005,6 +1029,10 @@ impl Store {
         for e in entries {
             let at = next;
             if bytes > 0 && bytes + e.size as usize > max_bytes {
+                break;
+            }
+            if e.log_offset + u64::from(e.size) > log_limit {
+                result.held_back = true;
                 break;
             }
             next += 1;

@@ -258,7 +258,16 @@ impl Producer {
                 .select(&route.writable, turn, failed_broker.as_deref())
                 .cloned()
             else {
-                return Err(last_error.unwrap_or_else(|| no_queue(topic, &route, target)));
+                let error = no_queue(topic, &route, target);
+                if matches!(error, Error::NoMaster { .. }) && !last_attempt {
+                    // A failover in progress: the group's next master
+                    // registers within moments; ask for the route again.
+                    self.inner.routes.invalidate(topic, route.generation);
+                    last_error = Some(error);
+                    tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * (attempt + 1)).await;
+                    continue;
+                }
+                return Err(last_error.unwrap_or(error));
             };
             if failed_addr.as_deref() == Some(mq.addr.as_str()) {
                 tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;

@@ -523,7 +523,18 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
                     let placed = place(&lists, placement, turn, failed_broker.as_deref());
                     let Some(placed) = placed.filter(|p| !p.is_empty()) else {
-                        return Err(last_error.unwrap_or_else(|| no_queue(&topics, &routes)));
+                        let error = no_queue(&topics, &routes);
+                        if matches!(error, Error::NoMaster { .. }) && !last_attempt {
+                            // A failover in progress: the group's next
+                            // master registers within moments; ask again.
+                            for (topic, route) in topics.iter().zip(&routes) {
+                                self.inner.routes.invalidate(topic, route.generation);
+                            }
+                            last_error = Some(error);
+                            tokio::time::sleep(RETRY_PAUSE * (attempt + 1)).await;
+                            continue;
+                        }
+                        return Err(last_error.unwrap_or(error));
                     };
                     let broker = placed[0].broker_name.clone();
                     let addr = placed[0].addr.clone();
