@@ -20,7 +20,7 @@ use txmq_protocol::{
 };
 use txmq_remoting::{Connection, ConnectionConfig};
 
-pub const EXPIRY: Duration = Duration::from_millis(1000);
+pub const EXPIRY: Duration = Duration::from_millis(2000);
 
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
