@@ -265,6 +265,9 @@ impl BrokerConfig {
         if r.timeout.is_zero() || r.lag_max.is_zero() {
             return Err("--replication-timeout and --replica-lag-max must not be zero".into());
         }
+        if r.controllers.iter().any(|c| c.trim().is_empty()) {
+            return Err("--controller lists an empty address (give the controller members' --controller-listen addresses, comma-separated)".into());
+        }
         if r.controlled() && r.master_addr.is_some() {
             return Err("--master-addr and --controller do not go together: the controller names the master".into());
         }
@@ -752,6 +755,22 @@ mod tests {
             BrokerArgs::try_parse_from(["txmq-broker", "--heartbeat-interval", "soon"]).is_err()
         );
         assert!(BrokerArgs::try_parse_from(["txmq-broker", "--flush", "maybe"]).is_err());
+        let err = BrokerArgs::parse_from(["txmq-broker", "--controller", ""])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("--controller lists an empty address"), "{err}");
+        let err = BrokerArgs::parse_from(["txmq-broker", "--controller", "127.0.0.1:9878,"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("empty address"), "{err}");
+        assert!(BrokerArgs::try_parse_from([
+            "txmq-broker",
+            "--controller",
+            "127.0.0.1:9878",
+            "--role",
+            "slave"
+        ])
+        .is_err());
     }
 
     #[test]
