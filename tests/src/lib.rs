@@ -222,38 +222,12 @@ impl BrokerProcess {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open broker log");
-        let child = Command::new(binary("txmq-broker"))
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start txmq-broker");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.addr).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "txmq-broker exited with {status}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "txmq-broker did not listen; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = Some(spawn_listening(
+            "txmq-broker",
+            &self.args,
+            &self.log,
+            &self.addr,
+        ));
     }
 
     /// The broker's log so far.
@@ -354,38 +328,12 @@ impl NameserverProcess {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open nameserver log");
-        let child = Command::new(binary("txmq-nameserver"))
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start txmq-nameserver");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.addr).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "txmq-nameserver exited with {status}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "txmq-nameserver did not listen; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = Some(spawn_listening(
+            "txmq-nameserver",
+            &self.args,
+            &self.log,
+            &self.addr,
+        ));
     }
 
     /// The nameserver's log so far.
@@ -471,4 +419,36 @@ pub async fn consume_all(
     }
     consumer.shutdown().await.expect("consumer commits");
     got
+}
+
+/// Starts `bin` with `args`, its stderr appended to `log`, and waits until
+/// it listens on `addr` (panicking with its log if it exits or does not
+/// listen within 20 s).
+fn spawn_listening(bin: &str, args: &[String], log: &Path, addr: &str) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+    let mut child = Command::new(binary(bin))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e}"));
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            panic!("{bin} exited with {status}; log:\n{}", log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{bin} did not listen; log:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
