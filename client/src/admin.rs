@@ -425,6 +425,7 @@ impl Admin {
         broker: Option<&str>,
     ) -> Result<(String, Ended)> {
         let request = EndTransaction {
+            producer: None,
             tx_id,
             action,
             source: TxSource::Operator,

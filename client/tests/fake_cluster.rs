@@ -121,6 +121,7 @@ impl State {
         drop(queues);
         self.appended.notify_waiters();
         Ok(SendResult {
+            duplicate: false,
             status: SendStatus::SendOk,
             queue: req.queue,
             first_offset,

@@ -89,6 +89,7 @@ impl Broker {
             Request::Send(s) => {
                 self.sends.fetch_add(1, Ordering::SeqCst);
                 Response::Send(SendResult {
+                    duplicate: false,
                     status: SendStatus::SendOk,
                     queue: s.queue,
                     first_offset: 0,
@@ -98,6 +99,7 @@ impl Broker {
             Request::PrepareTransaction(_) => {
                 self.prepares.fetch_add(1, Ordering::SeqCst);
                 Response::PrepareTransaction(Prepared {
+                    duplicate: false,
                     tx_id: self.next_tx.fetch_add(1, Ordering::SeqCst),
                     status: SendStatus::SendOk,
                 })

@@ -207,6 +207,7 @@ impl Node {
             Request::PrepareTransaction(_) => {
                 let tx_id = u64::from(self.prepares.fetch_add(1, Ordering::SeqCst)) + 1;
                 Response::PrepareTransaction(Prepared {
+                    duplicate: false,
                     tx_id,
                     status: *lock(&self.send_status),
                 })
@@ -230,6 +231,7 @@ impl Node {
                     self.stored.fetch_add(1, Ordering::SeqCst);
                 }
                 Response::Send(SendResult {
+                    duplicate: false,
                     status: *lock(&self.send_status),
                     queue: s.queue,
                     first_offset,

@@ -142,6 +142,7 @@ impl FakeBroker {
             },
         );
         Ok(Prepared {
+            duplicate: false,
             tx_id,
             status: SendStatus::SendOk,
         })

@@ -736,6 +736,7 @@ async fn ping_is_answered_and_broker_requests_are_unsupported() {
 
     let err = admin
         .call(SendRequest {
+            producer: None,
             queue: 0,
             messages: vec![Message::new("orders", "hi")],
         })

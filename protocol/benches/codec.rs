@@ -29,6 +29,7 @@ fn send_frame(messages: usize) -> Frame {
     Frame::Request(
         42,
         Request::Send(SendRequest {
+            producer: None,
             queue: 3,
             messages: (0..messages).map(|i| message(&body, i)).collect(),
         }),

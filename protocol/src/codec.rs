@@ -202,6 +202,7 @@ mod tests {
         let frame = Frame::Request(
             42,
             Request::Send(SendRequest {
+                producer: None,
                 queue: 3,
                 messages: vec![msg],
             }),

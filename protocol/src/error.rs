@@ -101,6 +101,21 @@ pub enum ErrorCode {
     /// Controller: the replica asked to be elected is not in the in-sync
     /// set, or not alive.
     NotInSync = 49,
+    /// An idempotent send or prepare whose sequence is not the next one of
+    /// its producer id on that queue (a gap: an earlier send was lost), or
+    /// older than the batches the broker still remembers. Nothing was stored.
+    OutOfOrderSequence = 50,
+    /// A producer id this broker (group) never handed out, or forgot after
+    /// `--producer-id-expiry` of disuse: ask for a new one with `InitProducer`.
+    UnknownProducerId = 51,
+    /// A producer id used with the wrong token: it belongs to another
+    /// producer (a forged or stale id). Nothing was stored.
+    ProducerFenced = 52,
+    /// A transaction's consumer offsets could not be committed with it: the
+    /// group's committed offset is not the one the transaction expected
+    /// (another transaction or consumer moved it). The transaction was
+    /// rolled back.
+    OffsetConflict = 53,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -148,6 +163,10 @@ impl ErrorCode {
             47 => StaleEpoch,
             48 => ControllerUnavailable,
             49 => NotInSync,
+            50 => OutOfOrderSequence,
+            51 => UnknownProducerId,
+            52 => ProducerFenced,
+            53 => OffsetConflict,
             _ => Unknown,
         }
     }
@@ -193,6 +212,10 @@ impl ErrorCode {
             StaleEpoch => "STALE_EPOCH",
             ControllerUnavailable => "CONTROLLER_UNAVAILABLE",
             NotInSync => "NOT_IN_SYNC",
+            OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE",
+            UnknownProducerId => "UNKNOWN_PRODUCER_ID",
+            ProducerFenced => "PRODUCER_FENCED",
+            OffsetConflict => "OFFSET_CONFLICT",
             HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }

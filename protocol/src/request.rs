@@ -75,6 +75,9 @@ requests! {
     CreateTopic(CreateTopic) -> TopicConfig;
     /// Client -> broker: append one message or a batch to one queue.
     Send(SendRequest) -> SendResult;
+    /// Producer -> broker: a producer id (and its token) for idempotent
+    /// sends and prepares, never handed out twice by the broker group.
+    InitProducer(InitProducer) -> ProducerIdentity;
     /// Client -> broker: read a queue from an offset, waiting for data up to a deadline.
     Pull(PullRequest) -> PullResult;
     /// Client -> broker: store a consumer group's offset for a queue.
@@ -345,6 +348,45 @@ pub struct SendRequest {
     pub queue: u32,
     /// One message or a batch; stored contiguously, in order.
     pub messages: Vec<Message>,
+    /// Idempotence: the producer id, its token and the sequence number of
+    /// the first message (the batch's messages take the next ones). A
+    /// retried send with the same stamp is answered with the result the
+    /// first one got (`duplicate` set) and stored once; `None`: a plain send.
+    #[serde(default)]
+    pub producer: Option<ProducerStamp>,
+}
+
+/// Ask for a producer id (see [`ProducerStamp`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InitProducer {}
+
+/// A producer id handed out by a broker group, with the token that proves
+/// ownership of it (sent with every stamped request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerIdentity {
+    /// The id: never handed out twice by a data directory or a broker
+    /// group, also across power loss and failover.
+    pub producer_id: u64,
+    /// A random secret drawn with the id; a stamp with another token is
+    /// refused (`PRODUCER_FENCED`).
+    pub token: u64,
+    /// How long the broker remembers an id nobody uses (ms): a producer
+    /// idle longer gets `UNKNOWN_PRODUCER_ID` and asks for a new one.
+    pub expiry_ms: u64,
+}
+
+/// The idempotence stamp of a send or a prepare: which producer, and where
+/// in its sequence for that queue (prepares: one sequence per producer
+/// for all its prepares on the broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProducerStamp {
+    /// From [`ProducerIdentity::producer_id`].
+    pub producer_id: u64,
+    /// From [`ProducerIdentity::token`].
+    pub token: u64,
+    /// The sequence number of the first message: 0 for the producer's first
+    /// send to a queue, then one more per message.
+    pub sequence: u64,
 }
 
 /// How a send was acknowledged.
@@ -386,6 +428,10 @@ pub struct SendResult {
     pub first_offset: u64,
     /// The ids stored, in order.
     pub msg_ids: Vec<MsgId>,
+    /// An idempotent send seen before: nothing was stored now, and this is
+    /// the result the first one got.
+    #[serde(default)]
+    pub duplicate: bool,
 }
 
 /// Read a queue.
@@ -516,6 +562,36 @@ pub struct PrepareTransaction {
     /// merged. `None` (older clients): the stored content decides.
     #[serde(default)]
     pub attempt: Option<u64>,
+    /// Idempotence, as for a send: a retried prepare with the same stamp is
+    /// answered with the transaction it made; the stamp also names the
+    /// transaction in [`EndTransaction::producer`].
+    #[serde(default)]
+    pub producer: Option<ProducerStamp>,
+    /// Consumer offsets committed with the transaction (consume, transform,
+    /// produce): on commit, in the same atomic log append as the visible
+    /// messages; on rollback, not at all. Queues of this broker only.
+    #[serde(default)]
+    pub offsets: Vec<TxOffset>,
+}
+
+/// A consumer group's offset committed as part of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxOffset {
+    /// The consumer group.
+    pub group: String,
+    /// The consumed topic.
+    pub topic: String,
+    /// The consumed queue (of this broker).
+    pub queue: u32,
+    /// The next offset to consume, committed with the transaction.
+    pub offset: u64,
+    /// The group's committed offset the transaction read from: when set,
+    /// the commit applies only if the group's offset is still this one
+    /// (else the transaction is rolled back: `OFFSET_CONFLICT`), so two
+    /// transactions made from the same input never both commit. `None`:
+    /// committed unconditionally.
+    #[serde(default)]
+    pub expected: Option<u64>,
 }
 
 /// A prepared transaction.
@@ -525,6 +601,10 @@ pub struct Prepared {
     pub tx_id: u64,
     /// Status of the prepare (durability as for a send).
     pub status: SendStatus,
+    /// A retried idempotent prepare: nothing was stored now; this is the
+    /// transaction the first one made.
+    #[serde(default)]
+    pub duplicate: bool,
 }
 
 /// How a transaction ends.
@@ -559,6 +639,11 @@ pub struct EndTransaction {
     /// is answered `UNKNOWN_TRANSACTION` instead of ending it.
     #[serde(default)]
     pub msg_id: Option<MsgId>,
+    /// The stamp of the prepare that made the transaction, when it was
+    /// idempotent: a transaction id whose prepare had another stamp is
+    /// answered `UNKNOWN_TRANSACTION` (this replaces the msg id match).
+    #[serde(default)]
+    pub producer: Option<ProducerStamp>,
 }
 
 /// The state of an ended transaction.

@@ -187,8 +187,18 @@ fn request() -> impl Strategy<Value = Request> {
             queues: c.queues,
             perm: c.perm
         })),
-        (any::<u32>(), messages())
-            .prop_map(|(queue, messages)| Request::Send(SendRequest { queue, messages })),
+        (any::<u32>(), messages(), any::<Option<(u64, u64, u64)>>()).prop_map(
+            |(queue, messages, stamp)| Request::Send(SendRequest {
+                queue,
+                messages,
+                producer: stamp.map(|(producer_id, token, sequence)| ProducerStamp {
+                    producer_id,
+                    token,
+                    sequence,
+                }),
+            })
+        ),
+        Just(Request::InitProducer(InitProducer {})),
         (
             text(),
             any::<u32>(),
@@ -289,6 +299,8 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(|(producer_group, halves, first_check_delay_ms, attempt)| {
                 Request::PrepareTransaction(PrepareTransaction {
+                    producer: None,
+                    offsets: Vec::new(),
                     producer_group,
                     messages: halves
                         .into_iter()
@@ -306,6 +318,7 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(|(tx_id, commit, operator, msg_id)| {
                 Request::EndTransaction(EndTransaction {
+                    producer: None,
                     tx_id,
                     action: if commit {
                         TxAction::Commit
@@ -395,6 +408,7 @@ fn response() -> impl Strategy<Value = Result<Response, WireError>> {
         )
             .prop_map(|(ok, queue, first_offset, ids)| {
                 Ok(Response::Send(SendResult {
+                    duplicate: false,
                     status: if ok {
                         SendStatus::SendOk
                     } else {
@@ -685,6 +699,7 @@ fn write_seed_corpus() {
     let send = Frame::Request(
         2,
         Request::Send(SendRequest {
+            producer: None,
             queue: 0,
             messages: vec![Message {
                 msg_id: MsgId([7; 16]),

@@ -59,6 +59,7 @@ fn encode(frame: &Frame) -> Vec<u8> {
 /// topic, encoded.
 fn encoded_send(id: u64, body: &str) -> Vec<u8> {
     let send = SendRequest {
+        producer: None,
         queue: 0,
         messages: vec![Message::new("survivors", body.to_string())],
     };
@@ -475,6 +476,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         }
     };
     let send = |topic: &str, queue: u32| SendRequest {
+        producer: None,
         queue,
         messages: vec![Message::new(topic, "x")],
     };
@@ -487,6 +489,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
     }
     let e = refusal(
         conn.call(SendRequest {
+            producer: None,
             queue: 0,
             messages: vec![],
         })
@@ -837,6 +840,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
     };
     let stored = conn
         .call(SendRequest {
+            producer: None,
             queue: 0,
             messages: vec![Message::new("orders", "first")],
         })
@@ -847,6 +851,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
     let max_queue = u32::MAX;
     refused(
         conn.call(SendRequest {
+            producer: None,
             queue: max_queue,
             messages: vec![Message::new("orders", "x")],
         })
@@ -914,6 +919,8 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
     );
     refused(
         conn.call(PrepareTransaction {
+            producer: None,
+            offsets: Vec::new(),
             producer_group: "pg".into(),
             messages: vec![HalfMessage {
                 queue: max_queue,
@@ -971,6 +978,7 @@ async fn ending_an_unknown_transaction_is_unknown_transaction() {
             for source in [TxSource::Producer, TxSource::Operator] {
                 let e = conn
                     .call(EndTransaction {
+                        producer: None,
                         tx_id,
                         action,
                         source,

@@ -349,6 +349,7 @@ async fn send_raw(
     body: &str,
 ) -> Result<SendStatus, txmq_remoting::Error> {
     conn.call(SendRequest {
+        producer: None,
         queue,
         messages: vec![Message::new(topic, body.to_string())],
     })

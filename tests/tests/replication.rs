@@ -192,6 +192,7 @@ async fn send_raw(addr: &str, topic: &str, queue: u32, body: &str) -> SendStatus
     call(
         addr,
         SendRequest {
+            producer: None,
             queue,
             messages: vec![Message::new(topic, body.to_string())],
         },

@@ -122,6 +122,8 @@ async fn raw_conn(
 
 fn prepare_request(group: &str, message: Message, attempt: Option<u64>) -> PrepareTransaction {
     PrepareTransaction {
+        producer: None,
+        offsets: Vec::new(),
         producer_group: group.into(),
         messages: vec![HalfMessage { queue: 0, message }],
         first_check_delay_ms: None,
@@ -131,6 +133,7 @@ fn prepare_request(group: &str, message: Message, attempt: Option<u64>) -> Prepa
 
 fn end_request(tx_id: u64, action: TxAction, msg_id: Option<MsgId>) -> EndTransaction {
     EndTransaction {
+        producer: None,
         tx_id,
         action,
         source: TxSource::Producer,

@@ -344,6 +344,7 @@ async fn raw_end(c: &Cluster, tx_id: u64, action: TxAction) -> Result<Ended, txm
         .expect("connect to the broker");
     let answer = conn
         .call(EndTransaction {
+            producer: None,
             tx_id,
             action,
             source: TxSource::Producer,

@@ -67,6 +67,7 @@ pub(super) async fn handle(
     .map_err(store_error)?;
     let confirmed = b.replication.confirm(appended.end).await;
     Ok(SendResult {
+        duplicate: false,
         status: confirmed.status(appended.durable),
         queue: req.queue,
         first_offset: appended.first_offset,

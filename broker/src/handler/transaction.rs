@@ -70,6 +70,7 @@ pub(super) async fn prepare(
         )
         .await?;
     Ok(Prepared {
+        duplicate: false,
         tx_id,
         status: replicated(b, status).await,
     })

@@ -273,6 +273,7 @@ impl Producer {
                 tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
             }
             let request = SendRequest {
+                producer: None,
                 queue: mq.queue,
                 messages: messages.to_vec(),
             };
@@ -443,6 +444,7 @@ mod tests {
             queue: 2,
         };
         let result = SendResult {
+            duplicate: false,
             status: SendStatus::SendOk,
             queue: 2,
             first_offset: 7,

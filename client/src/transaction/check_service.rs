@@ -180,6 +180,7 @@ async fn end_late(
         _ = closed.cancelled() => { task.abort(); return }
     };
     let request = EndTransaction {
+        producer: None,
         tx_id,
         action,
         source: TxSource::Producer,

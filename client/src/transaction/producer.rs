@@ -557,6 +557,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 })
                 .collect();
             let request = PrepareTransaction {
+                producer: None,
+                offsets: Vec::new(),
                 producer_group: self.inner.group.clone(),
                 messages: halves,
                 first_check_delay_ms: self.inner.first_check_delay_ms,
@@ -647,6 +649,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let mut attempt = 0;
         loop {
             let request = EndTransaction {
+                producer: None,
                 tx_id,
                 action,
                 source: TxSource::Producer,
