@@ -4,7 +4,10 @@
 //! a consumer group, [`TransactionProducer`] with a [`TransactionListener`]
 //! to send messages that become visible only when a local transaction
 //! commits (see [`transaction`]), and [`Admin`] to create topics, inspect
-//! the cluster and resolve transactions by hand.
+//! the cluster and resolve transactions by hand. A handler that must apply
+//! each message's effect once, though txmq delivers at least once, records
+//! what it applied through [`dedup`] ([`MemoryDedup`], or `SqliteDedup`
+//! with the `sqlite` feature, inside the handler's own SQLite transaction).
 //! All three are configured with builders that take the nameserver
 //! addresses ([`ClientConfig`] holds the settings they share) and are cheap to
 //! drive from tests: everything runs on the caller's tokio runtime.
@@ -43,6 +46,7 @@
 pub mod admin;
 pub mod config;
 pub mod consumer;
+pub mod dedup;
 pub mod error;
 pub mod nameserver;
 pub mod pool;
@@ -57,6 +61,9 @@ pub use consumer::push::{
     QueueId,
 };
 pub use consumer::{ConsumeFrom, PullConsumer, PullConsumerBuilder, ReceivedMessage};
+#[cfg(feature = "sqlite")]
+pub use dedup::SqliteDedup;
+pub use dedup::{DedupKey, Deduped, MemoryDedup, Seen};
 pub use error::{Error, Result};
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
 pub use route::MessageQueue;

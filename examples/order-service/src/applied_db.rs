@@ -1,28 +1,35 @@
 //! The consumer's own database, a separate file from the order service's:
 //! the orders it applied (`applied_orders`), running totals per item
 //! (`item_totals`, the effect a duplicate would visibly double), and the
-//! ids of the messages it applied (`applied_messages`).
+//! ids of the messages it applied (`applied_message_ids`, kept by txmq's
+//! [`SqliteDedup`] for [`DEDUP_TTL`]).
 //!
 //! Applying a message writes all three in ONE SQLite transaction, and
-//! starts by inserting the message id: when the id is there already, the
-//! message was applied before and nothing else is written. So a message
-//! delivered twice (txmq delivers at least once) has its effect once.
+//! starts by recording the message id with [`SqliteDedup::check_and_record`]:
+//! when the id is there already, the message was applied before and
+//! nothing else is written. So a message delivered twice (txmq delivers at
+//! least once) has its effect once.
 
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, TransactionBehavior};
-use txmq::MsgId;
+use txmq::{MsgId, Seen, SqliteDedup};
 
 use crate::error::{now_millis, Result};
 use crate::order::Order;
 use crate::sqlite::SqliteFile;
 
+/// How long a message id is remembered: far longer than any redelivery
+/// of this example's consumer can come (retries, a restart, an operator's
+/// offset reset within the week). A replay from further back applies the
+/// orders again, except that `applied_orders` still refuses a known order id.
+pub const DEDUP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The table of [`SqliteDedup`]'s records.
+const DEDUP_TABLE: &str = "applied_message_ids";
+
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS applied_messages (
-    msg_id        TEXT PRIMARY KEY,
-    order_id      TEXT NOT NULL,
-    applied_at_ms INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS applied_orders (
     order_id      TEXT PRIMARY KEY,
     item          TEXT NOT NULL,
@@ -57,7 +64,7 @@ pub struct AppliedCounts {
     pub orders: u64,
     /// Their total amount, in cents.
     pub amount_cents: i64,
-    /// Rows of `applied_messages`.
+    /// Message ids remembered (rows of `applied_message_ids`).
     pub messages: u64,
     /// The sum of `item_totals.orders`: orders counted into the totals.
     pub totals_orders: u64,
@@ -69,17 +76,23 @@ pub struct AppliedCounts {
 #[derive(Debug, Clone)]
 pub struct AppliedDb {
     file: SqliteFile,
+    dedup: SqliteDedup,
 }
 
 impl AppliedDb {
     /// Opens (or creates) the database at `path`.
+    /// Message ids older than [`DEDUP_TTL`] are forgotten here.
     ///
     /// # Errors
     /// [`Error::CreateDir`](crate::Error::CreateDir) or [`Error::Sqlite`](crate::Error::Sqlite).
     pub fn open(path: impl AsRef<Path>) -> Result<AppliedDb> {
-        Ok(AppliedDb {
-            file: SqliteFile::open(path.as_ref(), SCHEMA)?,
-        })
+        let file = SqliteFile::open(path.as_ref(), SCHEMA)?;
+        let dedup = SqliteDedup::new(DEDUP_TABLE, DEDUP_TTL);
+        file.run_here("creating the dedup table", |conn| {
+            dedup.ensure_schema(conn)?;
+            dedup.purge_expired(conn, SystemTime::now())
+        })?;
+        Ok(AppliedDb { file, dedup })
     }
 
     /// The database file.
@@ -93,17 +106,13 @@ impl AppliedDb {
     /// # Errors
     /// [`Error::Sqlite`](crate::Error::Sqlite); nothing was written then.
     pub async fn apply(&self, msg_id: MsgId, order: Order) -> Result<Applied> {
+        let dedup = self.dedup.clone();
         self.file
             .run("applying an order", move |conn| {
                 let db = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = now_millis();
                 let msg = msg_id.to_string();
-                let new_message = db.execute(
-                    "INSERT INTO applied_messages (msg_id, order_id, applied_at_ms)
-                     VALUES (?1, ?2, ?3) ON CONFLICT (msg_id) DO NOTHING",
-                    params![msg, order.order_id, now],
-                )?;
-                if new_message == 0 {
+                if dedup.check_and_record(&db, msg_id, SystemTime::now())? == Seen::Duplicate {
                     // Dropping `db` rolls back (it wrote nothing anyway).
                     return Ok(Applied::Duplicate);
                 }
@@ -149,15 +158,15 @@ impl AppliedDb {
     /// # Errors
     /// [`Error::Sqlite`](crate::Error::Sqlite).
     pub async fn counts(&self) -> Result<AppliedCounts> {
+        let dedup = self.dedup.clone();
         self.file
-            .run("counting applied orders", |conn| {
+            .run("counting applied orders", move |conn| {
                 let (orders, amount_cents) = conn.query_row(
                     "SELECT COUNT(*), COALESCE(SUM(amount_cents), 0) FROM applied_orders",
                     [],
                     |r| Ok((r.get::<_, u64>(0)?, r.get(1)?)),
                 )?;
-                let messages =
-                    conn.query_row("SELECT COUNT(*) FROM applied_messages", [], |r| r.get(0))?;
+                let messages = dedup.len(conn)?;
                 let (totals_orders, totals_amount_cents) = conn.query_row(
                     "SELECT COALESCE(SUM(orders), 0), COALESCE(SUM(amount_cents), 0) FROM item_totals",
                     [],

@@ -12,7 +12,7 @@
 //!
 //! On the other side a consumer applies each order to its own database
 //! ([`AppliedDb`]), remembering the ids of the messages it applied in the
-//! same SQLite transaction, so a message delivered twice (txmq delivers at
+//! same SQLite transaction (with txmq's [`SqliteDedup`](txmq::SqliteDedup)), so a message delivered twice (txmq delivers at
 //! least once) is skipped: the effect is exactly once.
 //!
 //! Start reading at [`listener`] (the two methods that matter), then

@@ -66,7 +66,7 @@ struct OrderDbArg {
 /// The consumer's database.
 #[derive(Debug, Args)]
 struct ConsumerDbArg {
-    /// The consumer's SQLite database (applied_orders, applied_messages), a
+    /// The consumer's SQLite database (applied_orders, applied_message_ids), a
     /// separate file.
     #[arg(long, env = "ORDER_SERVICE_CONSUMER_DB", default_value = DEFAULT_CONSUMER_DB)]
     consumer_db: PathBuf,
