@@ -67,6 +67,8 @@ pub struct BrokerConfig {
     pub retry_delays: Vec<Duration>,
     /// The furthest ahead a delayed message may be delivered.
     pub max_delay: Duration,
+    /// An idempotent producer's id unused this long is forgotten.
+    pub producer_id_expiry: Duration,
     /// The most disk the commit log may take; sends are refused beyond it.
     pub max_store_size: Option<u64>,
     /// Connections served at once (greeted ones); more are refused.
@@ -192,6 +194,7 @@ impl BrokerConfig {
             consumer_expiry: Duration::from_secs(30),
             retry_delays: parse_durations(DEFAULT_RETRY_DELAYS).unwrap_or_default(),
             max_delay: Duration::from_secs(7 * 24 * 3600),
+            producer_id_expiry: Duration::from_secs(7 * 24 * 3600),
             max_store_size: None,
             max_connections: 10_000,
             max_topics: 10_000,
@@ -490,6 +493,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_DELAY", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub max_delay: Option<Duration>,
+    /// An idempotent producer's id unused this long is forgotten; its next
+    /// stamped send gets UNKNOWN_PRODUCER_ID and the producer asks for a
+    /// new one [default: 7d].
+    #[arg(long, env = "TXMQ_PRODUCER_ID_EXPIRY", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub producer_id_expiry: Option<Duration>,
     /// The most disk the commit log may take, e.g. 50GiB; sends are refused
     /// with STORE_FULL beyond it (ends of transactions and offset commits
     /// still go through) [default: no limit].
@@ -653,6 +662,10 @@ impl BrokerArgs {
                 .or(file.retry_delays)
                 .unwrap_or(d.retry_delays),
             max_delay: self.max_delay.or(file.max_delay).unwrap_or(d.max_delay),
+            producer_id_expiry: self
+                .producer_id_expiry
+                .or(file.producer_id_expiry)
+                .unwrap_or(d.producer_id_expiry),
             max_store_size: self.max_store_size.or(file.max_store_size),
             max_connections: self
                 .max_connections

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use txmq_broker::store::record::{
-    check, decode, decode_unverified, encode, message_len, Check, RecordHead, RecordKind,
+    check, decode, decode_unverified, encode, message_len, Check, RecordHead, RecordKind, Stamp,
     HEADER_LEN,
 };
 use txmq_protocol::{Message, MsgId};
@@ -58,15 +58,20 @@ fn head() -> impl Strategy<Value = RecordHead> {
         any::<u64>(),
         any::<u64>(),
         any::<u16>(),
+        any::<Option<(u64, u64)>>(),
     )
         .prop_map(
-            |(kind, queue, queue_offset, store_timestamp, aux, flags)| RecordHead {
+            |(kind, queue, queue_offset, store_timestamp, aux, flags, stamp)| RecordHead {
                 kind,
                 queue,
                 queue_offset,
                 store_timestamp,
                 aux,
                 flags,
+                stamp: stamp.map(|(producer_id, sequence)| Stamp {
+                    producer_id,
+                    sequence,
+                }),
             },
         )
 }
@@ -145,10 +150,12 @@ proptest! {
     #[test]
     fn records_round_trip(h in head(), msg in message()) {
         let buf = encoded(h, &msg);
-        prop_assert_eq!(buf.len(), message_len(&msg));
+        let stamp_len = if h.stamp.is_some() { 16 } else { 0 };
+        prop_assert_eq!(buf.len(), message_len(&msg) + stamp_len);
         prop_assert_eq!(check(&buf), Check::Valid(buf.len()));
         let rec = decode(&buf.clone().freeze(), false).expect("decodes");
         prop_assert_eq!(&rec.message, &msg);
+        prop_assert_eq!(rec.stamp, h.stamp);
         prop_assert_eq!(
             (rec.kind, rec.queue, rec.queue_offset, rec.store_timestamp, rec.aux, rec.flags),
             (h.kind, h.queue, h.queue_offset, h.store_timestamp, h.aux, h.flags)
@@ -204,6 +211,7 @@ fn invalid_utf8_in_a_record_reads_lossily() {
         born_timestamp: 0,
     };
     let head = RecordHead {
+        stamp: None,
         kind: RecordKind::Message,
         queue: 0,
         queue_offset: 0,
@@ -239,6 +247,7 @@ fn write_fuzz_seeds() {
         born_timestamp: u64::from(n),
     };
     let head = |kind, queue, queue_offset, aux, flags| RecordHead {
+        stamp: None,
         kind,
         queue,
         queue_offset,

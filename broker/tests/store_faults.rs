@@ -667,6 +667,7 @@ fn a_checksummed_record_with_an_impossible_queue_or_topic_is_skipped() {
         let end = store.log_end();
         runtime().block_on(store.shutdown());
         let head = RecordHead {
+            stamp: None,
             kind: RecordKind::Message,
             queue,
             queue_offset: 0,

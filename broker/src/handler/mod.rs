@@ -92,6 +92,7 @@ impl Service for BrokerService {
             if matches!(
                 request,
                 Request::Send(_)
+                    | Request::InitProducer(_)
                     | Request::PrepareTransaction(_)
                     | Request::EndTransaction(_)
                     | Request::CreateTopic(_)
@@ -123,6 +124,11 @@ impl Service for BrokerService {
                     Ok(Response::GetReplication(Box::new(b.replication.info(&b))))
                 }
                 Request::Send(r) => send::handle(&b, r, more_coming).await.map(Response::Send),
+                Request::InitProducer(_) => {
+                    detached(b, |b| async move { send::init_producer(&b).await })
+                        .await
+                        .map(Response::InitProducer)
+                }
                 Request::Pull(r) => pull::handle(&b, &conn, r).await.map(Response::Pull),
                 Request::CommitOffset(r) => offset::commit(&b, r).await.map(Response::CommitOffset),
                 Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),
@@ -201,6 +207,9 @@ pub(crate) fn store_error(e: StoreError) -> WireError {
         StoreError::Io { .. } | StoreError::Poisoned | StoreError::ShuttingDown => {
             ErrorCode::StoreUnavailable
         }
+        StoreError::Producer { code, .. } => *code,
+        // Answered as a success by the store; never reaches here.
+        StoreError::Duplicate { .. } => ErrorCode::Internal,
     };
     WireError::new(code, e.to_string())
 }

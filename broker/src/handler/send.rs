@@ -1,8 +1,8 @@
 //! Send: append one message or a batch to one queue.
 
 use txmq_protocol::{
-    now_millis, validate_topic_name, ErrorCode, Message, SendRequest, SendResult, WireError,
-    PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
+    now_millis, validate_topic_name, ErrorCode, Message, ProducerIdentity, SendRequest, SendResult,
+    WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
 };
 
 use super::{bad_argument, check_queue, store_error, topic};
@@ -53,6 +53,13 @@ pub(super) async fn handle(
     let deliver_at = delivery_time(b, &req.messages)?;
     let msg_ids = req.messages.iter().map(|m| m.msg_id).collect();
     let appended = match deliver_at {
+        Some(_) if req.producer.is_some() => {
+            // A delayed record is indexed into a delay level, not its queue:
+            // it has no place in a queue's sequence yet.
+            return Err(bad_argument(
+                "a delayed message cannot be sent idempotently; send it without a producer stamp",
+            ));
+        }
         Some(at) => {
             b.store
                 .append_delayed(&topic_name, req.queue, req.messages, at)
@@ -60,18 +67,39 @@ pub(super) async fn handle(
         }
         None => {
             b.store
-                .append_gathering(&topic_name, req.queue, req.messages, more_coming)
+                .append_stamped(
+                    &topic_name,
+                    req.queue,
+                    req.messages,
+                    req.producer,
+                    more_coming,
+                )
                 .await
         }
     }
     .map_err(store_error)?;
     let confirmed = b.replication.confirm(appended.end).await;
     Ok(SendResult {
-        duplicate: false,
         status: confirmed.status(appended.durable),
         queue: req.queue,
         first_offset: appended.first_offset,
         msg_ids,
+        duplicate: appended.duplicate,
+    })
+}
+
+/// InitProducer: a producer id and its token, known to the broker group
+/// once answered (fsynced, and under sync replication held by the in-sync
+/// replicas, so a new master knows it too).
+pub(super) async fn init_producer(b: &BrokerInner) -> Result<ProducerIdentity, WireError> {
+    let epoch = b.replication.epoch();
+    let (producer_id, token, appended) = b.store.init_producer(epoch).await.map_err(store_error)?;
+    let _ = b.replication.confirm(appended.end).await;
+    tracing::debug!(producer_id, "producer id handed out");
+    Ok(ProducerIdentity {
+        producer_id,
+        token,
+        expiry_ms: b.config.producer_id_expiry.as_millis() as u64,
     })
 }
 

@@ -60,23 +60,45 @@ pub(super) async fn prepare(
         .into_iter()
         .map(|h| (h.queue, h.message))
         .collect();
-    let (tx_id, status) = b
+    let (tx_id, status, duplicate) = b
         .transactions
         .prepare(
             &req.producer_group,
             req.first_check_delay_ms,
             req.attempt,
             messages,
+            req.producer,
         )
         .await?;
     Ok(Prepared {
-        duplicate: false,
+        duplicate,
         tx_id,
         status: replicated(b, status).await,
     })
 }
 
 pub(super) async fn end(b: &BrokerInner, req: EndTransaction) -> Result<Ended, WireError> {
+    if let Some(stamp) = &req.producer {
+        // The prepare's stamp names the transaction (a producer id is never
+        // handed out twice): a tx id whose halves another request wrote (a
+        // position reused after a power cut) is not this transaction.
+        // Unreadable (carried past retention): the msg id decides.
+        if let Some(stored) = b.store.stamp_at(req.tx_id) {
+            let same = stored.is_some_and(|s| {
+                s.producer_id == stamp.producer_id && s.sequence == stamp.sequence
+            });
+            if !same {
+                return Err(WireError::new(
+                    ErrorCode::UnknownTransaction,
+                    format!(
+                        "transaction {} on broker {} is not the one prepared by producer id {} \
+                         with sequence {}",
+                        req.tx_id, b.config.broker_name, stamp.producer_id, stamp.sequence
+                    ),
+                ));
+            }
+        }
+    }
     let mut ended = b
         .transactions
         .end(req.tx_id, req.action, req.source, req.msg_id)

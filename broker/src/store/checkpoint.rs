@@ -11,10 +11,14 @@
 //! per offset: u16 len + group, u16 len + topic, u32 queue, u64 offset,
 //! (version 2) u32 queue count,
 //! per queue: u16 len + topic, u32 queue, u64 entries justified at position,
+//! (version 3) the producer table (see `producers.rs`: the next producer
+//! id, then per id its token, last use and per queue its last batches
+//! ending at or below position),
 //! u32 CRC32C of everything before it
 //! ```
 //!
-//! Version 1 (without the queue counts) is still read.
+//! Versions 1 (without the queue counts) and 2 (without the producer
+//! table) are still read.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -23,8 +27,10 @@ use std::path::Path;
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use super::producers::ProducerTable;
+
 const MAGIC: u32 = u32::from_le_bytes(*b"TXCP");
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// (group, topic, queue) -> next offset to consume.
 pub type OffsetTable = BTreeMap<(String, String, u32), u64>;
@@ -47,6 +53,8 @@ pub struct Checkpoint {
     /// Entries past it may have lost their record in a crash and are
     /// rebuilt by the replay.
     pub queues: Option<QueueTable>,
+    /// Producer ids and their batches; written as of `position`.
+    pub producers: ProducerTable,
 }
 
 impl Checkpoint {
@@ -73,6 +81,7 @@ impl Checkpoint {
             b.put_u32_le(*queue);
             b.put_u64_le(*next);
         }
+        self.producers.encode_below(self.position, &mut b);
         let crc = crc32c::crc32c(&b);
         b.put_u32_le(crc);
         b
@@ -88,7 +97,7 @@ impl Checkpoint {
             return None;
         }
         let version = b.get_u32_le();
-        if version != 1 && version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return None;
         }
         let position = b.get_u64_le();
@@ -134,11 +143,20 @@ impl Checkpoint {
         } else {
             None
         };
+        let producers = if version >= 3 {
+            ProducerTable::decode(&mut b)?
+        } else {
+            ProducerTable::default()
+        };
+        if !b.is_empty() {
+            return None;
+        }
         Some(Checkpoint {
             position,
             oldest_pending_tx,
             offsets,
             queues,
+            producers,
         })
     }
 
@@ -190,7 +208,9 @@ mod tests {
             oldest_pending_tx: Some(100),
             offsets: BTreeMap::new(),
             queues: Some(BTreeMap::from([(("orders".into(), 3), 700)])),
+            producers: ProducerTable::default(),
         };
+        cp.producers.init(9, 77, 1);
         cp.offsets.insert(("g1".into(), "orders".into(), 3), 500);
         cp.store(dir.path()).unwrap();
         assert_eq!(Checkpoint::load(dir.path()).unwrap(), Some(cp.clone()));

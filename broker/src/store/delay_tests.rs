@@ -455,7 +455,7 @@ async fn bad_delayed_appends_are_refused() {
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
-        store.prepare(vec![(0, internal)]).await,
+        store.prepare(vec![(0, internal)], None).await,
         Err(StoreError::Invalid(_))
     ));
     // A time already passed is an ordinary append.

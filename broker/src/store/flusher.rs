@@ -22,7 +22,8 @@ use super::{all_queues, FlushMode, StoreInner};
 pub(crate) type Publish = Vec<(Arc<ConsumeQueue>, u64)>;
 
 pub(crate) enum FlushCmd {
-    /// The writer wrote up to this position; publish these queues once durable.
+    /// The writer wrote up to this position; publish these queues once
+    /// durable. Under async flush: fsync now (a producer id was handed out).
     Written(u64, Publish),
     /// Flush, checkpoint, then answer.
     Shutdown(Sender<()>),
@@ -66,8 +67,10 @@ impl Flusher {
             let wait = due
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
+            let mut forced = false;
             match self.rx.recv_timeout(wait) {
                 Ok(FlushCmd::Written(end, publish)) => {
+                    forced = true;
                     self.announced = self.announced.max(end);
                     self.pending.push_back((end, publish));
                     // Everything announced meanwhile shares the next fdatasync.
@@ -91,6 +94,7 @@ impl Flusher {
             }
             let now = Instant::now();
             if config.flush == FlushMode::Sync
+                || forced
                 || now >= self.last_flush + config.async_flush_interval
             {
                 self.flush();
@@ -198,11 +202,25 @@ impl Flusher {
                 return;
             }
         }
+        let producers = {
+            let mut table = self
+                .store
+                .producers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let expiry = self.store.config.producer_id_expiry.as_millis() as u64;
+            let expired = table.expire(txmq_protocol::now_millis(), expiry);
+            if expired > 0 {
+                tracing::info!(expired, "producer ids unused for the expiry forgotten");
+            }
+            table.clone()
+        };
         let cp = Checkpoint {
             position,
             oldest_pending_tx,
             offsets,
             queues: Some(justified),
+            producers,
         };
         match cp.store(&self.store.config.dir) {
             Ok(()) => self.checkpoint_pos = Some(position),

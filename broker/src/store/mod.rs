@@ -13,6 +13,7 @@ pub mod commit_log;
 pub mod consume_queue;
 pub mod delay;
 mod flusher;
+pub mod producers;
 pub mod record;
 mod recovery;
 mod writer;
@@ -32,7 +33,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{oneshot, watch};
-use txmq_protocol::{Message, MsgId, RecordRef, StoredMessage};
+use txmq_protocol::{Message, MsgId, ProducerStamp, RecordRef, StoredMessage};
 
 use self::commit_log::CommitLog;
 use self::consume_queue::ConsumeQueue;
@@ -79,6 +80,9 @@ pub struct StoreConfig {
     /// positions ([`Store::append_replicated`]) and, after a restart,
     /// continues right after its last whole record.
     pub replica: bool,
+    /// A producer id unused this long is forgotten (its stamped sends are
+    /// then refused `UNKNOWN_PRODUCER_ID`).
+    pub producer_id_expiry: Duration,
 }
 
 impl StoreConfig {
@@ -98,6 +102,7 @@ impl StoreConfig {
             retention: Duration::from_secs(72 * 3600),
             max_delay: Duration::from_secs(7 * 24 * 3600),
             replica: false,
+            producer_id_expiry: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -136,6 +141,24 @@ pub enum StoreError {
         /// Queue id.
         queue: u32,
     },
+    /// A stamped request the producer table refuses (a sequence gap, an
+    /// unknown or forged producer id); nothing was written.
+    #[error("{message}")]
+    Producer {
+        /// The wire code to answer.
+        code: txmq_protocol::ErrorCode,
+        /// Why.
+        message: String,
+    },
+    /// Internal: a stamped request seen before; the store answers it as
+    /// [`Appended::duplicate`], never as an error.
+    #[error("a retried request stored before")]
+    Duplicate {
+        /// Its first result.
+        first_offset: u64,
+        /// Where its records end.
+        end: u64,
+    },
 }
 
 impl StoreError {
@@ -156,6 +179,9 @@ pub struct Appended {
     pub durable: bool,
     /// The log position past the write: replicas hold it once they hold this.
     pub end: u64,
+    /// A stamped request stored before: nothing was written now, and this
+    /// is its first result (durability as of now).
+    pub duplicate: bool,
 }
 
 /// A read from a queue.
@@ -244,11 +270,19 @@ pub(crate) enum WriteCmd {
     Messages {
         queue: Arc<ConsumeQueue>,
         messages: Vec<Message>,
+        stamp: Option<ProducerStamp>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// Half messages of one transaction: (real queue, message).
     Prepare {
         messages: Vec<(u32, Message)>,
+        stamp: Option<ProducerStamp>,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// Hand out a producer id (the reply's value); fsynced whatever the
+    /// flush mode.
+    ProducerInit {
+        epoch: u64,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// The visible messages of a committed transaction, one atomic group.
@@ -301,6 +335,10 @@ pub(crate) struct StoreInner {
     log: CommitLog,
     queues: RwLock<HashMap<String, Vec<Arc<ConsumeQueue>>>>,
     offsets: DashMap<(String, String, u32), u64>,
+    /// Producer ids and their recent batches (see `producers.rs`); used by
+    /// the writer (and a slave's replay) and the checkpoint, never across
+    /// an await.
+    producers: Mutex<producers::ProducerTable>,
     /// Where the half messages of every transaction prepared and not yet
     /// committed or rolled back start (the tx id, unless carried forward):
     /// retention keeps them, recovery scans from the oldest.
@@ -411,12 +449,16 @@ pub fn truncate_log(config: &StoreConfig, to: u64) -> Result<(), StoreError> {
     drop(log);
     let cp = checkpoint::Checkpoint::load(&config.dir)
         .map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
-    if let Some(cp) = cp.filter(|cp| cp.position > to) {
+    if let Some(mut cp) = cp.filter(|cp| cp.position > to) {
+        // Producer ids stay known (never handed out again); their batches
+        // come back from the replay of what the cut left.
+        cp.producers.forget_batches();
         let replay_all = checkpoint::Checkpoint {
             position: 0,
             oldest_pending_tx: None,
             offsets: cp.offsets,
             queues: None,
+            producers: cp.producers,
         };
         replay_all
             .store(&config.dir)
@@ -476,6 +518,7 @@ impl Store {
             log: recovered.log,
             queues: RwLock::new(recovered.queues),
             offsets,
+            producers: Mutex::new(recovered.producers),
             tx_pending: Mutex::new(tx_pending),
             recovered_tx: Mutex::new(Some(recovered.transactions)),
             delay_levels,
@@ -594,14 +637,42 @@ impl Store {
         messages: Vec<Message>,
         more_coming: bool,
     ) -> Result<Appended, StoreError> {
+        self.append_stamped(topic, queue, messages, None, more_coming)
+            .await
+    }
+
+    /// [`Store::append_gathering`] for an idempotent producer: with a
+    /// stamp, the messages are written as one group and the producer table
+    /// decides first (see `producers.rs`): a retry of a remembered batch is
+    /// answered with its first result ([`Appended::duplicate`]) and writes
+    /// nothing.
+    ///
+    /// # Errors
+    /// As [`Store::append`], and [`StoreError::Producer`] for a refused stamp.
+    pub async fn append_stamped(
+        &self,
+        topic: &str,
+        queue: u32,
+        messages: Vec<Message>,
+        stamp: Option<ProducerStamp>,
+        more_coming: bool,
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         let cq = self.user_queue(topic, queue)?;
         self.check_sizes(messages.iter())?;
+        if stamp.is_some() && messages.len() > u16::MAX as usize {
+            return Err(StoreError::TooLarge(format!(
+                "an idempotent send holds at most {} messages; this one has {}",
+                u16::MAX,
+                messages.len()
+            )));
+        }
         let (reply, rx) = oneshot::channel();
         self.submit_gathering(
             WriteCmd::Messages {
                 queue: cq,
                 messages,
+                stamp,
                 reply,
             },
             rx,
@@ -665,12 +736,29 @@ impl Store {
         } else {
             combine(&self.inner);
         }
-        let (first_offset, end) = rx.await.map_err(|_| StoreError::ShuttingDown)??;
-        if self.inner.config.flush == FlushMode::Async {
+        let (first_offset, end, duplicate) = match rx.await.map_err(|_| StoreError::ShuttingDown)? {
+            Ok((first_offset, end)) => (first_offset, end, false),
+            Err(StoreError::Duplicate { first_offset, end }) => (first_offset, end, true),
+            Err(e) => return Err(e),
+        };
+        self.wait_durable(first_offset, end, duplicate, false).await
+    }
+
+    /// Waits as the flush mode says for the log to be durable up to `end`
+    /// (`always`: also under async flush).
+    async fn wait_durable(
+        &self,
+        first_offset: u64,
+        end: u64,
+        duplicate: bool,
+        always: bool,
+    ) -> Result<Appended, StoreError> {
+        if self.inner.config.flush == FlushMode::Async && !always {
             return Ok(Appended {
                 first_offset,
                 durable: true,
                 end,
+                duplicate,
             });
         }
         let mut watch = self.inner.flush_state.subscribe();
@@ -681,6 +769,7 @@ impl Store {
                 first_offset,
                 durable: s.flushed >= end && !s.failed,
                 end,
+                duplicate,
             });
         }
         let waited = tokio::time::timeout(self.inner.config.sync_flush_timeout, async {
@@ -695,12 +784,14 @@ impl Store {
                 first_offset,
                 durable: true,
                 end,
+                duplicate,
             }),
             Ok(_) => Err(StoreError::Poisoned),
             Err(_) => Ok(Appended {
                 first_offset,
                 durable: false,
                 end,
+                duplicate,
             }),
         }
     }
@@ -711,11 +802,96 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::append`].
-    pub async fn prepare(&self, messages: Vec<(u32, Message)>) -> Result<Appended, StoreError> {
+    pub async fn prepare(
+        &self,
+        messages: Vec<(u32, Message)>,
+        stamp: Option<ProducerStamp>,
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         self.check_sizes(messages.iter().map(|(_, m)| m))?;
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteCmd::Prepare { messages, reply }, rx).await
+        self.submit(
+            WriteCmd::Prepare {
+                messages,
+                stamp,
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+
+    /// Hands out a producer id with its token, for a master at `epoch`.
+    /// Returns once the record that makes it known is fsynced (whatever
+    /// the flush mode: an id is never handed out twice, also across power
+    /// loss) and the `Appended` of that record.
+    ///
+    /// # Errors
+    /// As [`Store::append`]; a sync that does not finish in the sync-flush
+    /// timeout (5 s when that is zero) is a [`StoreError::Io`].
+    pub async fn init_producer(&self, epoch: u64) -> Result<(u64, u64, Appended), StoreError> {
+        self.check_writable()?;
+        let (reply, rx) = oneshot::channel();
+        let _slot = self
+            .inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        lock(&self.inner.queue).push(WriteCmd::ProducerInit { epoch, reply });
+        combine(&self.inner);
+        let (pid, end) = rx.await.map_err(|_| StoreError::ShuttingDown)??;
+        let mut watch = self.inner.flush_state.subscribe();
+        let timeout = match self.inner.config.sync_flush_timeout {
+            t if t.is_zero() => Duration::from_secs(5),
+            t => t,
+        };
+        let synced = tokio::time::timeout(timeout, async {
+            watch
+                .wait_for(|s| s.flushed >= end || s.failed)
+                .await
+                .map(|s| !s.failed)
+        })
+        .await;
+        match synced {
+            Ok(Ok(true)) => {}
+            Ok(_) => return Err(StoreError::Poisoned),
+            Err(_) => {
+                return Err(StoreError::Io {
+                    context: "cannot hand out a producer id".into(),
+                    message: format!("its record was not fsynced within {timeout:?}"),
+                })
+            }
+        }
+        let token = lock(&self.inner.producers)
+            .token(pid)
+            .ok_or_else(|| StoreError::Io {
+                context: "cannot hand out a producer id".into(),
+                message: format!("producer id {pid} vanished (expired at once?)"),
+            })?;
+        Ok((
+            pid,
+            token,
+            Appended {
+                first_offset: pid,
+                durable: true,
+                end,
+                duplicate: false,
+            },
+        ))
+    }
+
+    /// The stamp of the record at `pos` (a transaction id: the first half
+    /// message of its prepare): `Some(None)` when it has none, `None` when
+    /// nothing is readable there (retention deleted it).
+    pub fn stamp_at(&self, pos: u64) -> Option<Option<record::Stamp>> {
+        let head = self.inner.log.read(pos, record::HEADER_LEN + 16)?;
+        Some(record::decode_stamp(&head))
+    }
+
+    /// Producer ids the store remembers.
+    pub fn producer_ids(&self) -> usize {
+        lock(&self.inner.producers).len()
     }
 
     /// Makes a transaction's messages visible in their queues, as one atomic

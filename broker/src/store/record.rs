@@ -4,7 +4,7 @@
 //! ```text
 //! 0   u32  total length of the record, this field included
 //! 4   u32  CRC32C of bytes 8..total
-//! 8   u8   format version (1)
+//! 8   u8   format version: 1, or 2 for a record with a producer stamp
 //! 9   u8   kind (see RecordKind)
 //! 10  u16  flags: the record count of a transaction group (half messages,
 //!          or the messages of a commit), else 0
@@ -16,12 +16,26 @@
 //! 56  u64  aux: the transaction id for transaction records, the delivery
 //!          time for a delayed message, the delayed record's log position
 //!          for a delay move, else 0
-//! 64  u16 topic length, topic bytes
+//! (version 2 only)
+//! 64  u64  producer id
+//! 72  u64  sequence: the stamp of the request that wrote the record (the
+//!          first message's sequence of an idempotent send, the sequence
+//!          of an idempotent prepare), the same in every record it wrote
+//! 64 (80 in version 2)
+//!     u16 topic length, topic bytes
 //!     u16 key length (0xffff: none), key bytes
 //!     u16 tag length (0xffff: none), tag bytes
 //!     u32 properties length, properties (u16 len, name, u16 len, value)*
 //!     u32 body length, body bytes
 //! ```
+//!
+//! An idempotent send's records are one group (flags = its message count,
+//! aux = the producer id), so a crash keeps all of them or none: the
+//! producer table rebuilt from them never remembers a batch that is half
+//! there.
+//!
+//! A producer id handed out (`ProducerInit`) is an empty record: aux = the
+//! id, queue offset = its token.
 //!
 //! A record carries its real topic and queue, so internal topics (half
 //! messages, offset commits, transaction markers, delayed messages) share
@@ -68,11 +82,35 @@ use std::collections::BTreeMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use txmq_protocol::{Message, MsgId, StoredMessage};
 
-/// Bytes before the variable part.
+/// Bytes before the variable part (version 1; see [`header_len`]).
 pub const HEADER_LEN: usize = 64;
 /// Where the message id is in a record (see the layout above).
 pub const MSG_ID_AT: u64 = 40;
 const VERSION: u8 = 1;
+/// The version of a record with a producer stamp.
+const VERSION_STAMPED: u8 = 2;
+/// The producer stamp's bytes in a version 2 header.
+const STAMP_LEN: usize = 16;
+
+/// The header length of a record of `version` (`None`: not a version
+/// this build writes).
+fn header_len(version: u8) -> Option<usize> {
+    match version {
+        VERSION => Some(HEADER_LEN),
+        VERSION_STAMPED => Some(HEADER_LEN + STAMP_LEN),
+        _ => None,
+    }
+}
+
+/// Who wrote a record, for idempotence: the producer id and the sequence
+/// of the request that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    /// The producer id.
+    pub producer_id: u64,
+    /// The request's sequence number.
+    pub sequence: u64,
+}
 const NONE_LEN: u16 = 0xffff;
 
 /// What a record is.
@@ -103,6 +141,8 @@ pub enum RecordKind {
     /// A delivered delayed message, copied into its real queue: visible as
     /// a `Message`; aux = level << 56 | the level entry's offset.
     DelayedCopy = 9,
+    /// A producer id was handed out: aux = the id, queue offset = its token.
+    ProducerInit = 10,
 }
 
 /// The kind a record's kind byte names, if any.
@@ -122,6 +162,7 @@ impl RecordKind {
             7 => Some(RecordKind::Delayed),
             8 => Some(RecordKind::DelayMove),
             9 => Some(RecordKind::DelayedCopy),
+            10 => Some(RecordKind::ProducerInit),
             _ => None,
         }
     }
@@ -142,6 +183,8 @@ pub struct RecordHead {
     pub aux: u64,
     /// The size of the record's transaction group, 0 when none.
     pub flags: u16,
+    /// The producer stamp (written as a version 2 record), if any.
+    pub stamp: Option<Stamp>,
 }
 
 /// The encoded length of a message record.
@@ -168,6 +211,11 @@ pub fn encoded_len(
         + body
 }
 
+/// The encoded length of `msg` as a record with a producer stamp.
+pub fn stamped_len(msg: &Message) -> usize {
+    message_len(msg) + STAMP_LEN
+}
+
 /// The encoded length of `msg` as a record.
 pub fn message_len(msg: &Message) -> usize {
     encoded_len(
@@ -183,11 +231,15 @@ pub fn message_len(msg: &Message) -> usize {
 /// been validated (see [`validate`]).
 pub fn encode(buf: &mut BytesMut, head: RecordHead, msg: &Message) {
     let start = buf.len();
-    let len = message_len(msg);
+    let len = message_len(msg) + head.stamp.map_or(0, |_| STAMP_LEN);
     buf.reserve(len);
     buf.put_u32_le(len as u32);
     buf.put_u32_le(0); // CRC, patched below
-    buf.put_u8(VERSION);
+    buf.put_u8(if head.stamp.is_some() {
+        VERSION_STAMPED
+    } else {
+        VERSION
+    });
     buf.put_u8(head.kind as u8);
     buf.put_u16_le(head.flags);
     buf.put_u32_le(head.queue);
@@ -196,6 +248,10 @@ pub fn encode(buf: &mut BytesMut, head: RecordHead, msg: &Message) {
     buf.put_u64_le(msg.born_timestamp);
     buf.put_slice(&msg.msg_id.0);
     buf.put_u64_le(head.aux);
+    if let Some(stamp) = head.stamp {
+        buf.put_u64_le(stamp.producer_id);
+        buf.put_u64_le(stamp.sequence);
+    }
     put_str16(buf, Some(&msg.topic));
     put_str16(buf, msg.key.as_deref());
     put_str16(buf, msg.tag.as_deref());
@@ -224,6 +280,22 @@ fn put_str16(buf: &mut BytesMut, s: Option<&str>) {
             buf.put_slice(s.as_bytes());
         }
     }
+}
+
+/// The producer stamp in the header of the record at `head[0]` (at
+/// least its first 80 bytes), if it is a version 2 record. Reads the
+/// header only, without the CRC: for a position known to hold a record.
+pub fn decode_stamp(head: &[u8]) -> Option<Stamp> {
+    if *head.get(8)? != VERSION_STAMPED {
+        return None;
+    }
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(head.get(at..at + 8)?.try_into().ok()?))
+    };
+    Some(Stamp {
+        producer_id: u64_at(HEADER_LEN)?,
+        sequence: u64_at(HEADER_LEN + 8)?,
+    })
 }
 
 /// Checks that a message's variable fields fit the record layout.
@@ -292,7 +364,7 @@ pub fn check(buf: &[u8]) -> Check {
     }
     let stored = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     if crc32c::crc32c(&buf[8..len]) != stored
-        || buf[8] != VERSION
+        || header_len(buf[8]).is_none_or(|h| len < h + 14)
         || RecordKind::from_u8(buf[9]).is_none()
     {
         return Check::Corrupt;
@@ -315,6 +387,8 @@ pub struct Record {
     pub aux: u64,
     /// The size of the record's transaction group, 0 when none.
     pub flags: u16,
+    /// The producer stamp of a version 2 record.
+    pub stamp: Option<Stamp>,
     /// The message (topic, key, tag, properties, body, id, born time).
     pub message: Message,
 }
@@ -359,7 +433,9 @@ pub fn decode_unverified(buf: &Bytes, header_only: bool) -> Option<Record> {
         return None;
     }
     let _crc = r.u32()?;
-    if r.u8()? != VERSION {
+    let version = r.u8()?;
+    let header = header_len(version)?;
+    if len < header {
         return None;
     }
     let kind = RecordKind::from_u8(r.u8()?)?;
@@ -371,6 +447,14 @@ pub fn decode_unverified(buf: &Bytes, header_only: bool) -> Option<Record> {
     let mut id = [0u8; 16];
     id.copy_from_slice(r.take(16)?);
     let aux = r.u64()?;
+    let stamp = if version == VERSION_STAMPED {
+        Some(Stamp {
+            producer_id: r.u64()?,
+            sequence: r.u64()?,
+        })
+    } else {
+        None
+    };
     let mut message = Message {
         msg_id: MsgId(id),
         topic: String::new(),
@@ -383,7 +467,7 @@ pub fn decode_unverified(buf: &Bytes, header_only: bool) -> Option<Record> {
     if !header_only {
         let r = &mut Reader {
             buf: &buf.slice(..len),
-            pos: HEADER_LEN,
+            pos: header,
         };
         message.topic = r.str16()?.unwrap_or_default();
         message.key = r.str16()?;
@@ -414,6 +498,7 @@ pub fn decode_unverified(buf: &Bytes, header_only: bool) -> Option<Record> {
         store_timestamp,
         aux,
         flags,
+        stamp,
         message,
     })
 }
@@ -454,14 +539,12 @@ pub fn well_formed(buf: &[u8]) -> bool {
             return None;
         }
         let rec = buf.get(..len)?;
-        if rec[8] != VERSION {
+        let header = header_len(rec[8])?;
+        if len < header {
             return None;
         }
         RecordKind::from_u8(rec[9])?;
-        let mut c = Cursor {
-            rec,
-            pos: HEADER_LEN,
-        };
+        let mut c = Cursor { rec, pos: header };
         // Topic, key, tag.
         for _ in 0..3 {
             c.str16()?;
@@ -538,6 +621,7 @@ mod tests {
             store_timestamp: 123,
             aux: 0,
             flags: 0,
+            stamp: None,
         }
     }
 

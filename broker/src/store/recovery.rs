@@ -32,6 +32,7 @@ use super::checkpoint::{Checkpoint, OffsetTable};
 use super::commit_log::CommitLog;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, DELAY_TOPIC};
+use super::producers::{Batch, ProducerTable, PREPARE_KEY};
 use super::record::{self, Check, Record, RecordKind};
 use super::{ensure_queues, RecoveredTransactions, RecoveredTx, StoreConfig, StoreError};
 
@@ -40,6 +41,7 @@ pub(crate) struct Recovered {
     pub queues: HashMap<String, Vec<Arc<ConsumeQueue>>>,
     pub offsets: OffsetTable,
     pub transactions: RecoveredTransactions,
+    pub producers: ProducerTable,
     /// Where new writes start: a fresh segment past every position used
     /// before (a slave: right after its last whole record).
     pub end: u64,
@@ -71,9 +73,9 @@ struct OpenGroup {
     records: Vec<(u64, u32, Record)>,
 }
 
-/// Whether a record belongs to a transaction group: half messages and a
-/// commit's messages carry their group's size in flags (tx ids start at 0,
-/// so aux alone cannot tell).
+/// Whether a record belongs to a group: half messages, a commit's messages
+/// and an idempotent send's messages carry their group's size in flags
+/// (tx ids start at 0, so aux alone cannot tell).
 fn is_grouped(kind: RecordKind, flags: u16) -> bool {
     matches!(kind, RecordKind::Half | RecordKind::Message) && flags > 0
 }
@@ -240,6 +242,8 @@ pub(crate) struct Replayer<'a> {
     pub(crate) offsets: &'a mut OffsetTable,
     pub(crate) batcher: &'a mut Batcher,
     pub(crate) state: &'a mut ReplayState,
+    /// Producer ids and their batches.
+    pub(crate) producers: &'a mut ProducerTable,
     /// Below this position only transaction state is rebuilt.
     pub(crate) dispatch_from: u64,
 }
@@ -331,6 +335,10 @@ impl Replayer<'_> {
                     self.offsets.insert(delay::progress_key(level), offset + 1);
                 }
             }
+            RecordKind::ProducerInit => {
+                self.producers
+                    .init(rec.aux, rec.queue_offset, rec.store_timestamp);
+            }
             RecordKind::Half => {}
         }
         Ok(None)
@@ -391,6 +399,25 @@ impl Replayer<'_> {
                 let Some((_, _, first)) = group.records.first() else {
                     return Ok(());
                 };
+                if let Some(stamp) = first.stamp.filter(|_| group.start >= self.dispatch_from) {
+                    let end = group
+                        .records
+                        .last()
+                        .map_or(group.start, |(p, s, _)| p + u64::from(*s));
+                    let batch = Batch {
+                        first_seq: stamp.sequence,
+                        count: 1,
+                        first_offset: group.tx_id,
+                        end,
+                    };
+                    self.producers.record(
+                        stamp.producer_id,
+                        PREPARE_KEY,
+                        0,
+                        batch,
+                        first.store_timestamp,
+                    );
+                }
                 let halves = group.records.iter().map(|(p, s, _)| (*p, *s)).collect();
                 // Half messages carried forward past retention (written at
                 // another position than their tx id) carry the state the
@@ -433,6 +460,38 @@ impl Replayer<'_> {
                     self.state.halves_changes.push((group.start, true));
                 }
                 self.state.changed(group.tx_id);
+            }
+            RecordKind::Message
+                if group
+                    .records
+                    .first()
+                    .is_some_and(|(_, _, r)| r.stamp.is_some()) =>
+            {
+                // An idempotent send: its messages, and the batch it was.
+                for (pos, size, rec) in &group.records {
+                    if *pos >= self.dispatch_from {
+                        self.dispatch(rec, *pos, *size)?;
+                    }
+                }
+                if let (Some((_, _, first)), Some((last_pos, last_size, _))) =
+                    (group.records.first(), group.records.last())
+                {
+                    if let Some(stamp) = first.stamp.filter(|_| group.start >= self.dispatch_from) {
+                        let batch = Batch {
+                            first_seq: stamp.sequence,
+                            count: group.records.len() as u32,
+                            first_offset: first.queue_offset,
+                            end: last_pos + u64::from(*last_size),
+                        };
+                        self.producers.record(
+                            stamp.producer_id,
+                            &first.message.topic,
+                            first.queue,
+                            batch,
+                            first.store_timestamp,
+                        );
+                    }
+                }
             }
             _ => {
                 let first_msg_id = group
@@ -513,14 +572,21 @@ pub(crate) fn recover(
     let checkpoint =
         Checkpoint::load(&config.dir).map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
     let first = log.segments().first().map_or(0, |s| s.start);
-    let (mut offsets, checkpointed, oldest_pending, justified) = match checkpoint {
+    let (mut offsets, checkpointed, oldest_pending, justified, mut producers) = match checkpoint {
         Some(cp) => (
             cp.offsets,
             cp.position.max(first),
             cp.oldest_pending_tx,
             cp.queues,
+            cp.producers,
         ),
-        None => (OffsetTable::new(), first, None, None),
+        None => (
+            OffsetTable::new(),
+            first,
+            None,
+            None,
+            ProducerTable::default(),
+        ),
     };
     // Entries past what the checkpoint's records justify may have lost
     // their record or move marker in a crash (consume queues are fsynced
@@ -590,6 +656,7 @@ pub(crate) fn recover(
         offsets: &mut offsets,
         batcher: &mut batcher,
         state: &mut state,
+        producers: &mut producers,
         dispatch_from: verify_from,
     };
     if scan_from < verify_from {
@@ -717,6 +784,7 @@ pub(crate) fn recover(
         slave = config.replica,
         verified_bytes = end.saturating_sub(verify_from),
         pending_transactions = transactions.pending.len(),
+        producer_ids = producers.len(),
         queues = queues.values().map(Vec::len).sum::<usize>(),
         elapsed = ?started.elapsed(),
         "store recovered"
@@ -726,6 +794,7 @@ pub(crate) fn recover(
         queues,
         offsets,
         transactions,
+        producers,
         end: fresh.unwrap_or(end),
         last_record,
     })

@@ -115,17 +115,17 @@ async fn a_slave_holds_the_masters_log_byte_for_byte_and_derives_the_same_state(
     }
     master.commit_offset("g", "orders", 0, 700).await.unwrap();
     let committed = master
-        .prepare(vec![(1, msg(9001)), (0, msg(9002))])
+        .prepare(vec![(1, msg(9001)), (0, msg(9002))], None)
         .await
         .unwrap()
         .first_offset;
     let rolled = master
-        .prepare(vec![(1, msg(9003))])
+        .prepare(vec![(1, msg(9003))], None)
         .await
         .unwrap()
         .first_offset;
     let pending = master
-        .prepare(vec![(0, msg(9004))])
+        .prepare(vec![(0, msg(9004))], None)
         .await
         .unwrap()
         .first_offset;

@@ -289,11 +289,15 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
     let tx_a = store
-        .prepare(vec![half(1), half(2)])
+        .prepare(vec![half(1), half(2)], None)
         .await
         .unwrap()
         .first_offset;
-    let tx_b = store.prepare(vec![half(3)]).await.unwrap().first_offset;
+    let tx_b = store
+        .prepare(vec![half(3)], None)
+        .await
+        .unwrap()
+        .first_offset;
     assert!(bodies(&store, 1).is_empty(), "half messages are invisible");
     store
         .commit_transaction(tx_ref(tx_a), vec![half(1), half(2)])
@@ -303,7 +307,11 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
         .transaction_marker(record::RecordKind::TxRollback, tx_ref(tx_b))
         .await
         .unwrap();
-    let tx_c = store.prepare(vec![half(4)]).await.unwrap().first_offset;
+    let tx_c = store
+        .prepare(vec![half(4)], None)
+        .await
+        .unwrap()
+        .first_offset;
     store
         .transaction_marker(record::RecordKind::TxCheck, tx_ref(tx_c))
         .await
@@ -329,7 +337,7 @@ async fn a_commit_torn_by_a_crash_is_cut_whole_and_the_transaction_stays_pending
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
     let tx = store
-        .prepare(vec![half(1), half(2), half(3)])
+        .prepare(vec![half(1), half(2), half(3)], None)
         .await
         .unwrap()
         .first_offset;
@@ -418,7 +426,11 @@ async fn ended_transactions_are_remembered_across_short_runs() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), FlushMode::Async);
     let store = Store::open(c.clone(), &topics()).unwrap();
-    let tx = store.prepare(vec![(0, msg(0))]).await.unwrap().first_offset;
+    let tx = store
+        .prepare(vec![(0, msg(0))], None)
+        .await
+        .unwrap()
+        .first_offset;
     store
         .transaction_marker(record::RecordKind::TxRollback, tx_ref(tx))
         .await
@@ -446,9 +458,9 @@ async fn a_half_message_at_the_size_limit_is_carried_forward() {
     let mut body = max - record::HEADER_LEN - 64;
     let at = loop {
         let m = Message::new("orders", vec![b'h'; body + 1]);
-        if store.prepare(vec![(0, m)]).await.is_err() {
+        if store.prepare(vec![(0, m)], None).await.is_err() {
             break store
-                .prepare(vec![(0, Message::new("orders", vec![b'h'; body]))])
+                .prepare(vec![(0, Message::new("orders", vec![b'h'; body]))], None)
                 .await
                 .unwrap()
                 .first_offset;

@@ -15,13 +15,14 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::sync::oneshot;
-use txmq_protocol::{now_millis, tag_hash, Message, MsgId};
+use txmq_protocol::{now_millis, tag_hash, Message, MsgId, ProducerStamp};
 
 use super::checkpoint::OffsetTable;
 use super::commit_log::Segment;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, MoveTarget};
 use super::flusher::FlushCmd;
+use super::producers::{Batch, Verdict};
 use super::record::{self, RecordHead, RecordKind};
 use super::recovery::{Batcher, QueueSet, ReplayState, Replayer, TxChange};
 use super::{FlushMode, StoreError, StoreInner, WriteCmd};
@@ -50,6 +51,25 @@ enum Encoded {
     Reply { reply: Reply, value: u64 },
     /// Records copied from the master at `pos`: derive what they change.
     Replicated { pos: u64, data: bytes::Bytes },
+    /// A stamped request stored before: answer with its first result once
+    /// this chunk is written (its original may be in it).
+    Duplicate {
+        reply: Reply,
+        first_offset: u64,
+        end: u64,
+    },
+}
+
+/// A change to the producer table made while encoding, undone when the
+/// chunk's write fails.
+enum ProducerUndo {
+    Batch {
+        producer_id: u64,
+        topic: String,
+        queue: u32,
+        first_seq: u64,
+    },
+    Init(u64),
 }
 
 /// A slave's writer: what replay keeps between replicated batches.
@@ -117,6 +137,11 @@ pub(crate) struct Writer {
     pieces_len: usize,
     /// On a slave: replay state for replicated records.
     replica: Option<ReplicaWrite>,
+    /// Producer-table changes of the current chunk.
+    producer_undo: Vec<ProducerUndo>,
+    /// A producer id was handed out in this batch: fsync it even under
+    /// async flush.
+    force_flush: bool,
 }
 
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -146,6 +171,8 @@ impl Writer {
             pieces: Vec::new(),
             pieces_len: 0,
             replica,
+            producer_undo: Vec::new(),
+            force_flush: false,
         })
     }
 
@@ -198,10 +225,21 @@ impl Writer {
         // A command's records are one group in one segment: they are written
         // (and, after a crash, recovered or cut) together.
         let len = match &cmd {
+            WriteCmd::Messages {
+                messages,
+                stamp: Some(_),
+                ..
+            } => messages.iter().map(record::stamped_len).sum(),
             WriteCmd::Messages { messages, .. } => messages.iter().map(record::message_len).sum(),
+            WriteCmd::Prepare {
+                messages,
+                stamp: Some(_),
+                ..
+            } => messages.iter().map(|(_, m)| record::stamped_len(m)).sum(),
             WriteCmd::Prepare { messages, .. } | WriteCmd::Carry { messages, .. } => {
                 messages.iter().map(|(_, m)| record::message_len(m)).sum()
             }
+            WriteCmd::ProducerInit { .. } => record::encoded_len("", None, None, &empty, 0),
             WriteCmd::Commit { messages, .. } => {
                 messages.iter().map(|(_, m)| record::message_len(m)).sum()
             }
@@ -237,7 +275,9 @@ impl Writer {
             WriteCmd::Commit { messages, .. } => messages.len() as u64,
             WriteCmd::Delayed { messages, .. } => messages.len() as u64,
             WriteCmd::DelayMoves { moves, .. } => moves.len() as u64,
-            WriteCmd::OffsetCommit { .. } | WriteCmd::Marker { .. } => 1,
+            WriteCmd::OffsetCommit { .. }
+            | WriteCmd::Marker { .. }
+            | WriteCmd::ProducerInit { .. } => 1,
             WriteCmd::Replicated { .. } => 0,
         };
         let now = now_millis();
@@ -248,11 +288,13 @@ impl Writer {
             store_timestamp: now,
             aux,
             flags,
+            stamp: None,
         };
         match cmd {
             WriteCmd::Messages {
                 queue,
                 messages,
+                stamp: None,
                 reply,
             } => {
                 let first = self.next_offset(&queue);
@@ -267,6 +309,60 @@ impl Writer {
                     reply,
                     value: first,
                 });
+            }
+            WriteCmd::Messages {
+                queue,
+                messages,
+                stamp: Some(stamp),
+                reply,
+            } => {
+                let count = messages.len() as u32;
+                let Some(reply) = self.admit(&stamp, &queue.topic, queue.queue, count, now, reply)
+                else {
+                    return;
+                };
+                let first = self.next_offset(&queue);
+                // One group (flags = count, aux = producer id): kept or cut whole.
+                let mut h = head(
+                    RecordKind::Message,
+                    queue.queue,
+                    0,
+                    stamp.producer_id,
+                    count as u16,
+                );
+                h.stamp = Some(record::Stamp {
+                    producer_id: stamp.producer_id,
+                    sequence: stamp.sequence,
+                });
+                for msg in &messages {
+                    self.encode_visible(&queue, h, msg);
+                }
+                self.remember(&stamp, &queue.topic, queue.queue, count, first, now);
+                self.chunk.push(Encoded::Reply {
+                    reply,
+                    value: first,
+                });
+            }
+            WriteCmd::ProducerInit { epoch, reply } => {
+                let (pid, token) = {
+                    let mut table = self
+                        .store
+                        .producers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let pid = table.next_id(epoch);
+                    let token = super::producers::new_token(pid);
+                    table.init(pid, token, now);
+                    (pid, token)
+                };
+                self.producer_undo.push(ProducerUndo::Init(pid));
+                self.force_flush = true;
+                record::encode(
+                    &mut self.buf,
+                    head(RecordKind::ProducerInit, 0, token, pid, 0),
+                    &empty_message("", None),
+                );
+                self.chunk.push(Encoded::Reply { reply, value: pid });
             }
             WriteCmd::Commit {
                 tx,
@@ -311,15 +407,34 @@ impl Writer {
                 self.chunk.push(Encoded::TxPending { at, pending: true });
                 self.chunk.push(Encoded::Reply { reply, value: at });
             }
-            WriteCmd::Prepare { messages, reply } => {
+            WriteCmd::Prepare {
+                messages,
+                stamp,
+                reply,
+            } => {
+                let reply = match &stamp {
+                    Some(stamp) => {
+                        let key = super::producers::PREPARE_KEY;
+                        match self.admit(stamp, key, 0, 1, now, reply) {
+                            Some(reply) => reply,
+                            None => return,
+                        }
+                    }
+                    None => reply,
+                };
                 let tx_id = self.at();
                 let n = messages.len() as u16;
+                let mut h = head(RecordKind::Half, 0, 0, tx_id, n);
+                h.stamp = stamp.map(|s| record::Stamp {
+                    producer_id: s.producer_id,
+                    sequence: s.sequence,
+                });
                 for (queue, msg) in &messages {
-                    record::encode(
-                        &mut self.buf,
-                        head(RecordKind::Half, *queue, 0, tx_id, n),
-                        msg,
-                    );
+                    record::encode(&mut self.buf, RecordHead { queue: *queue, ..h }, msg);
+                }
+                if let Some(stamp) = &stamp {
+                    let key = super::producers::PREPARE_KEY;
+                    self.remember(stamp, key, 0, 1, tx_id, now);
                 }
                 self.chunk.push(Encoded::TxPending {
                     at: tx_id,
@@ -470,6 +585,73 @@ impl Writer {
         }
     }
 
+    /// Asks the producer table about a stamped request of `count` messages
+    /// for `topic`/`queue`: the reply back when it is to be written, `None`
+    /// when it was answered (a duplicate: once this chunk is written; a
+    /// refusal: now).
+    fn admit(
+        &mut self,
+        stamp: &ProducerStamp,
+        topic: &str,
+        queue: u32,
+        count: u32,
+        now: u64,
+        reply: Reply,
+    ) -> Option<Reply> {
+        let expiry = self.store.config.producer_id_expiry.as_millis() as u64;
+        let verdict = self
+            .store
+            .producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(stamp, topic, queue, count, now, expiry);
+        match verdict {
+            Verdict::Fresh => Some(reply),
+            Verdict::Duplicate(b) => {
+                self.chunk.push(Encoded::Duplicate {
+                    reply,
+                    first_offset: b.first_offset,
+                    end: b.end,
+                });
+                None
+            }
+            Verdict::Refused(code, message) => {
+                fail_reply(reply, StoreError::Producer { code, message });
+                None
+            }
+        }
+    }
+
+    /// Records a stamped request just encoded (ending at the current
+    /// position) in the producer table.
+    fn remember(
+        &mut self,
+        stamp: &ProducerStamp,
+        topic: &str,
+        queue: u32,
+        count: u32,
+        first_offset: u64,
+        now: u64,
+    ) {
+        let batch = Batch {
+            first_seq: stamp.sequence,
+            count,
+            first_offset,
+            end: self.at(),
+        };
+        self.store
+            .producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(stamp.producer_id, topic, queue, batch, now);
+        self.producer_undo.push(ProducerUndo::Batch {
+            producer_id: stamp.producer_id,
+            topic: topic.to_string(),
+            queue,
+            first_seq: stamp.sequence,
+        });
+    }
+
     /// A slave: appends records copied from the master at `pos`, the
     /// master's position for them. `pos` is where this log ends, or the
     /// start of a later segment (the master's log continues there: it
@@ -562,11 +744,17 @@ impl Writer {
         };
         let mut queues = LiveQueues(&self.store);
         let mut table = OffsetTable::new();
+        let mut producers = self
+            .store
+            .producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut replayer = Replayer {
             queues: &mut queues,
             offsets: &mut table,
             batcher: &mut rw.batcher,
             state: &mut rw.state,
+            producers: &mut producers,
             dispatch_from: 0,
         };
         let mut rel = 0usize;
@@ -810,6 +998,17 @@ impl Writer {
                             offset_changes.push((key, offset));
                         }
                         Encoded::TxPending { at, pending } => tx_changes.push((at, pending)),
+                        Encoded::Duplicate {
+                            reply,
+                            first_offset,
+                            end,
+                        } => {
+                            let result = match cmd_error.take() {
+                                None => Err(StoreError::Duplicate { first_offset, end }),
+                                Some(e) => Err(e),
+                            };
+                            replies.push((reply, result));
+                        }
                         Encoded::Reply { reply, value } => {
                             let result = match cmd_error.take() {
                                 None => Ok((value, end)),
@@ -883,12 +1082,30 @@ impl Writer {
                     self.store.poisoned.store(true, Ordering::Release);
                 }
                 for enc in chunk {
-                    if let Encoded::Reply { reply, .. } = enc {
+                    if let Encoded::Reply { reply, .. } | Encoded::Duplicate { reply, .. } = enc {
                         let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                // What the table learnt from this chunk was not written.
+                let mut table = self
+                    .store
+                    .producers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for undo in self.producer_undo.drain(..).rev() {
+                    match undo {
+                        ProducerUndo::Batch {
+                            producer_id,
+                            topic,
+                            queue,
+                            first_seq,
+                        } => table.unrecord(producer_id, &topic, queue, first_seq),
+                        ProducerUndo::Init(pid) => table.uninit(pid),
                     }
                 }
             }
         }
+        self.producer_undo.clear();
         self.buf.clear();
         self.pieces.clear();
         self.pieces_len = 0;
@@ -903,6 +1120,8 @@ impl Writer {
         if self.store.config.flush == FlushMode::Sync {
             let publish = std::mem::take(&mut self.publish);
             let _ = self.flusher.send(FlushCmd::Written(self.pos, publish));
+        } else if std::mem::take(&mut self.force_flush) {
+            let _ = self.flusher.send(FlushCmd::Written(self.pos, Vec::new()));
         }
     }
 }
@@ -926,6 +1145,7 @@ pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
         WriteCmd::Messages { reply, .. }
         | WriteCmd::OffsetCommit { reply, .. }
         | WriteCmd::Prepare { reply, .. }
+        | WriteCmd::ProducerInit { reply, .. }
         | WriteCmd::Commit { reply, .. }
         | WriteCmd::Carry { reply, .. }
         | WriteCmd::Marker { reply, .. }

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use txmq_protocol::{
-    now_millis, Ended, ErrorCode, Message, MsgId, SendStatus, TransactionList, TxAction,
-    TxCounters, TxInfo, TxResolution, TxSource, TxState, WireError,
+    now_millis, Ended, ErrorCode, Message, MsgId, ProducerStamp, SendStatus, TransactionList,
+    TxAction, TxCounters, TxInfo, TxResolution, TxSource, TxState, WireError,
 };
 
 pub(crate) use check_back::run as run_check_back;
@@ -271,7 +271,8 @@ impl Transactions {
         first_check_delay_ms: Option<u64>,
         attempt: Option<u64>,
         mut messages: Vec<(u32, Message)>,
-    ) -> Result<(u64, SendStatus), WireError> {
+        stamp: Option<ProducerStamp>,
+    ) -> Result<(u64, SendStatus, bool), WireError> {
         let user_delay = messages.iter().find_map(|(_, m)| {
             m.properties
                 .get(PROP_USER_CHECK_DELAY)
@@ -299,7 +300,11 @@ impl Transactions {
                 .insert(PROP_ATTEMPT.into(), a.to_string());
         }
         let key = first_message.msg_id;
-        let waiting = {
+        // A stamped prepare is recognised by the producer table, in the
+        // store's writer; the msg id match is for unstamped ones.
+        let waiting = if stamp.is_some() {
+            None
+        } else {
             let mut table = lock(&self.table);
             if let Some(&tx_id) = table.by_msg_id.get(&msg_key(&key)) {
                 let stored = table
@@ -319,7 +324,7 @@ impl Transactions {
                         ));
                     }
                     tracing::debug!(tx_id, msg_id = %key, "repeated prepare answered with its transaction");
-                    return Ok((tx_id, SendStatus::SendOk));
+                    return Ok((tx_id, SendStatus::SendOk, true));
                 }
             }
             if let Some(&tx_id) = table.ended_by_msg.get(&msg_key(&key)) {
@@ -359,7 +364,7 @@ impl Transactions {
         };
         if let Some(mut first) = waiting {
             let tx_id = first.wait_for(Option::is_some).await.ok().and_then(|v| *v);
-            return tx_id.map(|t| (t, SendStatus::SendOk)).ok_or_else(|| {
+            return tx_id.map(|t| (t, SendStatus::SendOk, true)).ok_or_else(|| {
                 WireError::new(
                     ErrorCode::StoreUnavailable,
                     "an earlier attempt of this prepare failed; try again",
@@ -368,12 +373,12 @@ impl Transactions {
         }
         let stored = self
             .store
-            .prepare(messages)
+            .prepare(messages, stamp)
             .await
-            .map(|a| (a.first_offset, a.durable))
             .map_err(store_error);
         let (tx_id, durable) = match stored {
-            Ok(s) => s,
+            Ok(a) if a.duplicate => return self.prepared_again(a.first_offset, a.durable),
+            Ok(a) => (a.first_offset, a.durable),
             Err(e) => {
                 // Waiting retries see the sender dropped and are told to try again.
                 lock(&self.table).preparing.remove(&key);
@@ -412,7 +417,40 @@ impl Transactions {
         table.due.insert(tx_id, now.saturating_add(delay));
         drop(table);
         self.counters.prepared.fetch_add(1, Ordering::Relaxed);
-        Ok((tx_id, status(durable)))
+        Ok((tx_id, status(durable), false))
+    }
+
+    /// A stamped prepare stored before: its transaction, unless it ended
+    /// (then the retry must not run its local transaction again).
+    fn prepared_again(
+        &self,
+        tx_id: u64,
+        durable: bool,
+    ) -> Result<(u64, SendStatus, bool), WireError> {
+        let ended = lock(&self.table).ended.get(&tx_id).map(|e| e.committed);
+        match ended {
+            None => {
+                tracing::debug!(
+                    tx_id,
+                    "repeated stamped prepare answered with its transaction"
+                );
+                Ok((tx_id, status(durable), true))
+            }
+            Some(committed) => {
+                let (code, state) = if committed {
+                    (ErrorCode::TransactionCommitted, "committed")
+                } else {
+                    (ErrorCode::TransactionRolledBack, "rolled back")
+                };
+                Err(WireError::new(
+                    code,
+                    format!(
+                        "this prepare made transaction {tx_id}, already {state}: a retried \
+                         prepare must not run its local transaction again"
+                    ),
+                ))
+            }
+        }
     }
 
     /// Commits or rolls back a transaction. Idempotent: ending it the same
@@ -1049,12 +1087,13 @@ mod tests {
             Default::default(),
         ));
         for round in 0..20 {
-            let (id, _) = tx
+            let (id, _, _) = tx
                 .prepare(
                     "pg",
                     None,
                     None,
                     vec![(0, Message::new("t", format!("m{round}")))],
+                    None,
                 )
                 .await
                 .unwrap();
@@ -1103,8 +1142,14 @@ mod tests {
         let open = || expiring_store(dir.path());
         let store = open();
         let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
-        let (stuck, _) = tx
-            .prepare("pg", None, Some(1), vec![(0, Message::new("t", "stuck"))])
+        let (stuck, _, _) = tx
+            .prepare(
+                "pg",
+                None,
+                Some(1),
+                vec![(0, Message::new("t", "stuck"))],
+                None,
+            )
             .await
             .unwrap();
         {
@@ -1198,8 +1243,14 @@ mod tests {
         let open = || expiring_store(dir.path());
         let store = open();
         let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
-        let (stuck, _) = tx
-            .prepare("pg", None, Some(1), vec![(0, Message::new("t", "stuck"))])
+        let (stuck, _, _) = tx
+            .prepare(
+                "pg",
+                None,
+                Some(1),
+                vec![(0, Message::new("t", "stuck"))],
+                None,
+            )
             .await
             .unwrap();
         let (_, size) = store.read_record_at(stuck).unwrap();
@@ -1269,12 +1320,13 @@ mod tests {
         ));
         let mut refused = 0;
         for round in 0..20u64 {
-            let (id, _) = tx
+            let (id, _, _) = tx
                 .prepare(
                     "pg",
                     None,
                     Some(round),
                     vec![(0, Message::new("t", format!("m{round}")))],
+                    None,
                 )
                 .await
                 .unwrap();
