@@ -360,6 +360,7 @@ mod tests {
             queue: 1,
             queue_offset: 7,
             status: SendStatus::FlushDiskTimeout,
+            duplicate: false,
         };
         let v = sent_json(&receipt, &message);
         assert_eq!(v["status"], "FLUSH_DISK_TIMEOUT");
@@ -389,6 +390,7 @@ mod tests {
                 queue: 0,
                 queue_offset: 3,
                 status,
+                duplicate: false,
             };
             assert_eq!(sent_json(&receipt, &message)["status"], name);
             assert_eq!(

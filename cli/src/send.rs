@@ -27,7 +27,11 @@
 //!
 //! The producer's own retries are off: this module retries (`--retries`,
 //! and while no broker is reachable, for up to `--wait-for-broker`), so
-//! that it knows whether any attempt may have stored the message.
+//! that it knows whether any attempt may have stored the message. With
+//! idempotence (the default) each retry sends the same message (the same
+//! msg id), which the producer resends with its first stamp on its first
+//! queue, so a message whose answer was lost is stored once however many
+//! times it is retried; then a retry never moves to another broker.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -131,6 +135,13 @@ pub struct SendArgs {
     /// one key keep their order (sends one at a time).
     #[arg(long, env = "TXMQ_SHARD_KEY", value_name = "KEY")]
     pub shard_key: Option<String>,
+
+    /// Idempotent sends (true or false): a message whose answer was lost
+    /// (a timeout, a broker killed or failed over) is retried with the same
+    /// sequence number on the same queue, and the broker stores it once.
+    /// false: a retry may go to another queue, and may store it twice.
+    #[arg(long, env = "TXMQ_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub idempotence: bool,
 }
 
 /// One body to send: its input line number (with `--stdin`; the message's
@@ -340,6 +351,9 @@ async fn send_one(
     retry: Retry,
     mut stop: watch::Receiver<bool>,
 ) -> Done {
+    // An idempotent retry goes where the producer says (the first queue
+    // once the message may be stored); moving it would defeat that.
+    let move_on_failure = !producer.idempotent();
     let mut may_be_stored = false;
     let mut attempt = 0u32;
     let mut waiting_since = None;
@@ -380,7 +394,9 @@ async fn send_one(
             Err(e) => e,
         };
         may_be_stored |= maybe_stored(&e);
-        failed_broker = broker_of(&e).map(str::to_string);
+        failed_broker = broker_of(&e)
+            .filter(|_| move_on_failure)
+            .map(str::to_string);
         attempt += 1;
         let was_waiting = waiting_since.is_some();
         let Some(wait) = next_pause(&e, attempt, retry, &mut waiting_since, &mut pause) else {
@@ -526,6 +542,7 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
     // stored the message (the producer reports only the last attempt).
     let mut builder = Producer::builder()
         .config(global.client_config())
+        .idempotence(args.idempotence)
         .retries(0);
     if let Some(group) = &args.producer_group {
         builder = builder.group(group.clone());
@@ -840,7 +857,33 @@ fn message(args: &SendArgs, body: Bytes) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
     use txmq::{ErrorCode, WireError};
+
+    #[derive(Debug, Parser)]
+    struct SendOnly {
+        #[command(flatten)]
+        args: SendArgs,
+    }
+
+    #[test]
+    fn idempotence_is_on_unless_turned_off_and_takes_a_boolean() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["send", "t", "--body", "x"];
+            argv.extend_from_slice(extra);
+            SendOnly::try_parse_from(argv).map(|s| s.args.idempotence)
+        };
+        assert!(matches!(parse(&[]), Ok(true)));
+        assert!(matches!(parse(&["--idempotence", "false"]), Ok(false)));
+        assert!(matches!(parse(&["--idempotence=true"]), Ok(true)));
+        // A bad value is a usage error (exit 2); so is the flag without one.
+        for bad in [&["--idempotence", "maybe"][..], &["--idempotence"][..]] {
+            match parse(bad) {
+                Err(e) => assert_eq!(e.exit_code(), crate::exit::USAGE as i32, "{bad:?}"),
+                Ok(v) => panic!("{bad:?} parsed as {v}"),
+            }
+        }
+    }
 
     #[test]
     fn line_endings_are_stripped_but_other_bytes_kept() {

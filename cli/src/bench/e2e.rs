@@ -102,7 +102,7 @@ pub async fn run(global: &GlobalArgs, mut args: E2eArgs) -> Result<()> {
     }
     let size = args.load.size;
     let padding = Bytes::from(vec![b'x'; size]);
-    let producers = connect_producers(global, &args.topic, &args.load, |i| {
+    let producers = connect_producers(global, &args.topic, &args.load, true, |i| {
         let header = Header {
             producer: producer_id(run_id, i),
             seq: CONNECT_SEQ,

@@ -35,6 +35,11 @@ pub struct ProduceArgs {
     /// Messages per request (send_batch); rates and counts are in messages.
     #[arg(long, env = "TXMQ_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub batch: u32,
+
+    /// Idempotent sends (true or false), as `txmq send --idempotence`: run
+    /// once with each to measure what idempotence costs.
+    #[arg(long, env = "TXMQ_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub idempotence: bool,
 }
 
 /// What one producer task saw.
@@ -145,11 +150,13 @@ pub async fn connect_producers(
     global: &GlobalArgs,
     topic: &str,
     load: &LoadArgs,
+    idempotence: bool,
     connect: impl Fn(u32) -> Message,
 ) -> Result<Vec<Producer>> {
     let producers = super::shared_clients(load, || async {
         Ok(Producer::builder()
             .config(global.client_config())
+            .idempotence(idempotence)
             .build()
             .await?)
     })
@@ -174,7 +181,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     args.load.validate()?;
     ensure_topic(global, &args.topic, args.load.queues).await?;
     let body = Bytes::from(vec![b'x'; args.load.size]);
-    let producers = connect_producers(global, &args.topic, &args.load, |_| {
+    let producers = connect_producers(global, &args.topic, &args.load, args.idempotence, |_| {
         Message::new(args.topic.clone(), body.clone())
     })
     .await?;
@@ -224,6 +231,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         .field("producers", args.load.producers)
         .field("in_flight", args.load.in_flight)
         .field("batch", args.batch)
+        .field("idempotence", args.idempotence)
         .field("message_size", args.load.size as u64)
         .field("target_rate", args.load.target_rate())
         .field(
@@ -298,6 +306,23 @@ async fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct ProduceOnly {
+        #[command(flatten)]
+        args: ProduceArgs,
+    }
+
+    #[test]
+    fn idempotence_can_be_turned_off_to_measure_it() {
+        use clap::Parser;
+        let on = ProduceOnly::try_parse_from(["produce", "t"]).map(|p| p.args.idempotence);
+        assert!(matches!(on, Ok(true)));
+        let off = ProduceOnly::try_parse_from(["produce", "t", "--idempotence", "false"]);
+        assert!(matches!(off.map(|p| p.args.idempotence), Ok(false)));
+        let bad = ProduceOnly::try_parse_from(["produce", "t", "--idempotence", "no way"]);
+        assert!(matches!(bad, Err(e) if e.exit_code() == 2));
+    }
 
     #[test]
     fn send_stats_count_measured_messages_and_every_error() {

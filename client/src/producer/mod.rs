@@ -1,7 +1,9 @@
 //! [`Producer`]: sends messages to a topic's queues, choosing the queue,
 //! retrying on another broker, and pipelining many sends over one
-//! connection per broker.
+//! connection per broker. Idempotent by default: see [`idempotence`] for
+//! the bookkeeping and [`Producer`] for what it guarantees.
 
+pub(crate) mod idempotence;
 mod queue_select;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +20,7 @@ use crate::pool::ConnectionPool;
 use crate::route::{MessageQueue, RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Result};
 
+use idempotence::{id_refused, Ending, Grant, Idempotence, Pending};
 use queue_select::Target;
 pub(crate) use queue_select::{random_start, round_robin};
 pub use queue_select::{select_by_hash, select_round_robin, shard_hash};
@@ -25,6 +28,14 @@ pub use queue_select::{select_by_hash, select_round_robin, shard_hash};
 /// Pause before retrying on the broker that just failed (times the attempt
 /// number), so a restarting broker is not hammered.
 const SAME_BROKER_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Pause before sending again a stamped send the broker refused because an
+/// earlier send of its queue, still in flight, had not arrived yet.
+const REORDER_PAUSE: Duration = Duration::from_millis(10);
+
+/// How many times one send takes a new producer id (after its sequence or
+/// id was refused) before it fails.
+const MAX_RENEWALS: u32 = 3;
 
 /// Where one sent message was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,13 +52,28 @@ pub struct SendReceipt {
     pub queue_offset: u64,
     /// How the broker acknowledged it.
     pub status: SendStatus,
+    /// True when the broker had stored this send already (an idempotent
+    /// retry whose first attempt's answer was lost): nothing was stored
+    /// again, and the receipt is the first attempt's.
+    pub duplicate: bool,
 }
 
 /// Builds a [`Producer`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProducerBuilder {
     config: ClientConfig,
     group: Option<String>,
+    idempotence: bool,
+}
+
+impl Default for ProducerBuilder {
+    fn default() -> Self {
+        ProducerBuilder {
+            config: ClientConfig::default(),
+            group: None,
+            idempotence: true,
+        }
+    }
 }
 
 impl ProducerBuilder {
@@ -60,6 +86,21 @@ impl ProducerBuilder {
         retries(retries: u32) => send_retries;
         /// How long a topic's route is cached (default 30 s).
         route_refresh_interval(interval: Duration) => route_refresh_interval;
+    }
+
+    /// Idempotent sends (default: on): every send carries the producer's
+    /// id at that broker group and a sequence number per queue, so that a
+    /// send retried after its answer was lost (a timeout, a connection
+    /// lost, a failover) is stored once and answered with its first
+    /// result. Such a retry goes to the same queue of the same broker
+    /// group (its new master after a failover), never to another queue,
+    /// and at most 5 sends per queue are in flight at once. Off: a retry
+    /// may go to another queue, and a send whose answer was lost may be
+    /// stored twice. Brokers that do not support it get plain sends (a
+    /// warning is logged).
+    pub fn idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
+        self
     }
 
     /// Creates the producer. Nothing is connected yet: connections to the
@@ -79,6 +120,7 @@ impl ProducerBuilder {
                 pool,
                 routes,
                 turn: AtomicU64::new(random_start()),
+                idempotence: self.idempotence.then(Idempotence::default),
             }),
         })
     }
@@ -110,6 +152,23 @@ impl ProducerBuilder {
 ///
 /// A topic without a route is sent to the registered brokers, which create
 /// it on its first message unless their auto-creation is off.
+///
+/// # Idempotence (on by default)
+///
+/// The producer asks each broker group for a producer id on its first send
+/// there and numbers its sends per queue; the broker stores each numbered
+/// send once and answers a repeat with the first answer
+/// ([`SendReceipt::duplicate`]). So a send whose outcome is unknown (a
+/// timeout, a lost connection, a master that lost its role) is retried
+/// with the same number on the same queue of the same broker group (at its
+/// new master after a failover), never on another queue. When all retries
+/// fail with an unknown outcome, the send fails and the producer takes a
+/// new id for that group; sending the same message again (the same
+/// [`Message::msg_id`]) retries it with its first number, on its first
+/// queue, so a caller's own retry loop is safe too. A refused number (a
+/// gap after a send failed for good, an id the broker forgot) makes the
+/// producer take a new id and number the send again: nothing was stored.
+/// See [`ProducerBuilder::idempotence`] to turn it off.
 #[derive(Debug, Clone)]
 pub struct Producer {
     inner: Arc<Inner>,
@@ -122,6 +181,8 @@ struct Inner {
     pool: ConnectionPool,
     routes: RouteCache,
     turn: AtomicU64,
+    /// `None`: idempotence off.
+    idempotence: Option<Idempotence>,
 }
 
 impl Producer {
@@ -138,6 +199,11 @@ impl Producer {
     /// The settings in use.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// True when sends are idempotent ([`ProducerBuilder::idempotence`]).
+    pub fn idempotent(&self) -> bool {
+        self.inner.idempotence.is_some()
     }
 
     /// Sends one message to the next writable queue in turn (round robin
@@ -223,7 +289,13 @@ impl Producer {
         target: Target<'_>,
     ) -> Result<Vec<SendReceipt>> {
         let topic = prepare(&mut messages)?;
-        let (mq, result) = self.send_with_retries(&topic, &messages, target).await?;
+        let (mq, result) = match &self.inner.idempotence {
+            Some(idem) => {
+                self.send_idempotent(idem, &topic, &messages, target)
+                    .await?
+            }
+            None => self.send_with_retries(&topic, &messages, target).await?,
+        };
         Ok(receipts(&topic, &mq, &result, &messages))
     }
 
@@ -302,6 +374,262 @@ impl Producer {
             }
         }
         Err(last_error.unwrap_or_else(|| Error::Protocol("no send attempt was made".into())))
+    }
+
+    /// An idempotent send (see [`Producer`]): stamped, retried with the
+    /// same stamp on the same queue once an attempt may have stored it.
+    async fn send_idempotent(
+        &self,
+        idem: &Idempotence,
+        topic: &str,
+        messages: &[Message],
+        target: Target<'_>,
+    ) -> Result<(MessageQueue, SendResult)> {
+        let count = messages.len() as u64;
+        let first = messages.first().map(|m| m.msg_id).unwrap_or_default();
+        let attempts = self.inner.config.send_retries.saturating_add(1);
+        let timeout = self.inner.config.request_timeout;
+        // The stamp this send holds, and whether an attempt with it may have
+        // stored the send (then it keeps that stamp and queue to the end).
+        // A send resent after an unknown outcome starts with its old stamp.
+        let mut held: Option<Pending> = idem.recall(first, topic, count);
+        let mut maybe_stored = held.is_some();
+        let mut permit: Option<((String, u32), tokio::sync::OwnedSemaphorePermit)> = None;
+        let mut failed_broker: Option<String> = None;
+        let mut failed_addr: Option<String> = None;
+        let mut last_error: Option<Error> = None;
+        let mut attempt = 0u32;
+        let mut renewals = 0u32;
+        // Waiting for earlier sends of the queue that the broker has not
+        // seen yet ends after as long as their own attempts may take.
+        let reorder_deadline = std::time::Instant::now() + timeout * attempts.saturating_add(1);
+        loop {
+            let last_attempt = attempt + 1 >= attempts;
+            let route = match self.inner.routes.get(topic).await {
+                Ok(route) => route,
+                Err(e) if e.is_retriable() && !last_attempt => {
+                    tracing::debug!(%topic, error = %e, "route lookup failed; retrying");
+                    last_error = Some(e);
+                    attempt += 1;
+                    tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
+                    continue;
+                }
+                Err(e) => {
+                    let error = last_error.unwrap_or(e);
+                    return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+                }
+            };
+            let chosen = match &held {
+                Some(h) => route
+                    .writable
+                    .iter()
+                    .find(|q| q.broker_name == h.broker_name && q.queue == h.queue)
+                    .cloned(),
+                None => {
+                    let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+                    target
+                        .select(&route.writable, turn, failed_broker.as_deref())
+                        .cloned()
+                }
+            };
+            let Some(mq) = chosen else {
+                let error = match &held {
+                    // Its group has no master now (a failover), or the
+                    // queue is gone: only that queue can recognise it.
+                    Some(h) => no_queue(
+                        topic,
+                        &route,
+                        Target::Queue {
+                            broker: &h.broker_name,
+                            queue: h.queue,
+                        },
+                    ),
+                    None => no_queue(topic, &route, target),
+                };
+                let waits = held.is_some() || matches!(error, Error::NoMaster { .. });
+                if waits && !last_attempt {
+                    self.inner.routes.invalidate(topic, route.generation);
+                    last_error = Some(error);
+                    attempt += 1;
+                    tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
+                    continue;
+                }
+                let error = last_error.unwrap_or(error);
+                return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+            };
+            if failed_addr.as_deref() == Some(mq.addr.as_str()) {
+                tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
+            }
+            if held.is_none() {
+                match idem
+                    .grant(&mq.broker_name, &mq.addr, &self.inner.pool, timeout)
+                    .await
+                {
+                    Ok(Grant::Stamped(ids)) => {
+                        // At most a few stamped sends in flight per queue,
+                        // so that the broker remembers any of them.
+                        let key = (mq.broker_name.clone(), mq.queue);
+                        if permit.as_ref().map(|(k, _)| k) != Some(&key) {
+                            // Never wait for one queue while holding another's place.
+                            drop(permit.take());
+                            permit = idem
+                                .permit(&mq.broker_name, topic, mq.queue)
+                                .await
+                                .map(|p| (key, p));
+                        }
+                        held = Some(Pending {
+                            broker_name: mq.broker_name.clone(),
+                            topic: topic.to_string(),
+                            queue: mq.queue,
+                            count,
+                            stamp: ids.stamp_send(topic, mq.queue, count),
+                            ids,
+                        });
+                    }
+                    Ok(Grant::Plain) => {}
+                    Err(e) => {
+                        // Nothing was sent: like a connection that failed.
+                        let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
+                        if !error.is_retriable() || last_attempt {
+                            return Err(error);
+                        }
+                        self.note_failure(
+                            topic,
+                            &route,
+                            &mq,
+                            attempt,
+                            last_attempt,
+                            target,
+                            &error,
+                        );
+                        if !error.is_not_master() {
+                            failed_broker = Some(mq.broker_name.clone());
+                        }
+                        failed_addr = Some(mq.addr.clone());
+                        last_error = Some(error);
+                        attempt += 1;
+                        continue;
+                    }
+                }
+            }
+            if let Some(h) = held.as_ref().filter(|_| permit.is_none()) {
+                // A resend of a remembered send: it takes a place too.
+                permit = idem
+                    .permit(&h.broker_name, topic, h.queue)
+                    .await
+                    .map(|p| ((h.broker_name.clone(), h.queue), p));
+            }
+            let request = SendRequest {
+                producer: held.as_ref().map(|h| h.stamp),
+                queue: mq.queue,
+                messages: messages.to_vec(),
+            };
+            let (result, sent) = match self.inner.pool.get(&mq.addr).await {
+                Ok(conn) => (conn.call_with_timeout(request, timeout).await, true),
+                Err(e) => (Err(e), false),
+            };
+            let e = match result {
+                Ok(result) => {
+                    if let Some(h) = &held {
+                        h.ids
+                            .finish_send(topic, h.queue, h.stamp, count, Ending::Stored);
+                        idem.forget(first);
+                    }
+                    return Ok((mq, result));
+                }
+                Err(e) => e,
+            };
+            let code = e.remote().map(|w| w.code);
+            if let (Some(h), Some(code)) = (&held, code) {
+                if code == txmq_protocol::ErrorCode::OutOfOrderSequence
+                    && h.ids.earlier_in_flight(topic, h.queue, h.stamp.sequence)
+                    && std::time::Instant::now() < reorder_deadline
+                {
+                    // An earlier send of this queue has not reached the
+                    // broker yet (requests are handled concurrently):
+                    // this one is next once it has.
+                    tokio::time::sleep(REORDER_PAUSE).await;
+                    continue;
+                }
+                if code == txmq_protocol::ErrorCode::OutOfOrderSequence || id_refused(code) {
+                    // Nothing was stored: a new id, and this send stamped anew.
+                    let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
+                    renewals += 1;
+                    if renewals > MAX_RENEWALS {
+                        return Err(self.give_up(idem, first, held, false, count, error));
+                    }
+                    if idem.drop_ids(&h.broker_name, &h.ids) {
+                        tracing::warn!(%topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), sequence = h.stamp.sequence, cause = %crate::error::chain(&error), "the broker refused the producer's sequence; taking a new producer id (nothing was stored)");
+                    }
+                    h.ids
+                        .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
+                    idem.forget(first);
+                    held = None;
+                    maybe_stored = false;
+                    continue;
+                }
+            }
+            let retriable = crate::error::retriable(&e);
+            let not_master = crate::error::not_master(&e);
+            let reached = sent
+                && (not_master
+                    || matches!(
+                        e,
+                        txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
+                    ));
+            let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
+            if held.is_some() && reached {
+                maybe_stored = true;
+            }
+            if !retriable || last_attempt {
+                return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+            }
+            if !maybe_stored {
+                // Nothing stored: the next attempt may choose its queue again.
+                if let Some(h) = held.take() {
+                    h.ids
+                        .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
+                }
+            }
+            self.note_failure(topic, &route, &mq, attempt, last_attempt, target, &error);
+            if !not_master {
+                failed_broker = Some(mq.broker_name);
+            }
+            failed_addr = Some(mq.addr);
+            last_error = Some(error);
+            attempt += 1;
+        }
+    }
+
+    /// Ends a send that failed for good and returns its error. A send that
+    /// may have been stored keeps its sequence and is remembered for a
+    /// resend of the same message; its producer id is dropped so that the
+    /// later sends of the queue do not wait behind a gap.
+    fn give_up(
+        &self,
+        idem: &Idempotence,
+        first: MsgId,
+        held: Option<Pending>,
+        maybe_stored: bool,
+        count: u64,
+        error: Error,
+    ) -> Error {
+        let Some(h) = held else {
+            return error;
+        };
+        if maybe_stored {
+            h.ids
+                .finish_send(&h.topic, h.queue, h.stamp, count, Ending::Unknown);
+            if idem.drop_ids(&h.broker_name, &h.ids) {
+                tracing::info!(topic = %h.topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), "a send's outcome is unknown; later sends take a new producer id, and resending the same message retries it with its first sequence");
+            }
+            idem.remember(first, h);
+        } else {
+            h.ids
+                .finish_send(&h.topic, h.queue, h.stamp, count, Ending::NotStored);
+            idem.forget(first);
+        }
+        error
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -405,6 +733,7 @@ fn receipts(
             queue: result.queue,
             queue_offset: result.first_offset + i as u64,
             status: result.status,
+            duplicate: result.duplicate,
         })
         .collect()
 }

@@ -3,12 +3,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
-    validate_topic_name, EndTransaction, Ended, HalfMessage, Message, MsgId, PrepareTransaction,
-    Prepared, Role, SendStatus, TxAction, TxSource,
+    validate_topic_name, EndTransaction, Ended, ErrorCode, HalfMessage, Message, MsgId,
+    PrepareTransaction, Prepared, ProducerStamp, Role, SendStatus, TxAction, TxSource,
 };
 
 use super::broker_links::BrokerLinks;
@@ -18,6 +18,7 @@ use super::placement::{distinct, place, Placement};
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
+use crate::producer::idempotence::{id_refused, Ending, Grant, Idempotence, Ids, PREPARES};
 use crate::producer::{fill_in, random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Result};
@@ -32,6 +33,13 @@ pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause before trying the same broker again (times the attempt number).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Pause before sending again a prepare the broker refused because an
+/// earlier prepare of this producer, still in flight, had not arrived yet.
+const REORDER_PAUSE: Duration = Duration::from_millis(10);
+
+/// How many times one prepare takes a new producer id before it fails.
+const MAX_RENEWALS: u32 = 3;
 
 /// What became of a transactional send.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,6 +218,7 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
                 routes,
                 links,
                 turn: AtomicU64::new(random_start()),
+                idempotence: Idempotence::default(),
                 stop,
             }),
         })
@@ -286,6 +295,8 @@ struct Inner<L> {
     routes: RouteCache,
     links: BrokerLinks,
     turn: AtomicU64,
+    /// Producer ids and prepare sequences per broker group.
+    idempotence: Idempotence,
     stop: CancellationToken,
 }
 
@@ -429,7 +440,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
     ) -> Result<TxOutcome> {
         self.check_open()?;
         complete(&mut messages)?;
-        let (broker, addr, prepared) = self.prepare(&messages, placement).await?;
+        let (broker, addr, prepared, stamp) = self.prepare(&messages, placement).await?;
         let tx_id = prepared.tx_id;
         let ctx = TxContext::new(tx_id, broker.clone(), self.inner.group.clone(), messages);
         // `complete` refused an empty list, so there is a first message.
@@ -449,8 +460,15 @@ impl<L: TransactionListener> TransactionProducer<L> {
         };
         let ended = match action {
             Some(action) => Some(
-                self.end(&broker, &addr, &first.topic, tx_id, first.msg_id, action)
-                    .await?,
+                self.end(
+                    &broker,
+                    &addr,
+                    &first.topic,
+                    tx_id,
+                    (first.msg_id, stamp),
+                    action,
+                )
+                .await?,
             ),
             None => None,
         };
@@ -466,34 +484,55 @@ impl<L: TransactionListener> TransactionProducer<L> {
         })
     }
 
-    /// Prepares on one broker; returns its name, address and answer.
+    /// Prepares on one broker; returns its name, address, answer, and the
+    /// idempotence stamp it was prepared with (`None` on a broker that does
+    /// not support idempotence).
     ///
     /// An attempt that failed before its request could reach the broker
     /// (no connection) or that the broker refused is retried on another
     /// broker. One that may have reached it (a timeout, a connection lost
-    /// while waiting) is retried on the same broker and queues only: that
-    /// broker answers a repeated prepare with the transaction it already
-    /// holds, where another broker would start a second transaction of the
-    /// same message, and both would be committed.
+    /// while waiting, a master that lost its role) is retried on the same
+    /// broker group and queues only, with the same stamp: that group
+    /// answers a repeated prepare with the transaction it already holds,
+    /// where another broker would start a second transaction of the same
+    /// message, and both would be committed.
     async fn prepare(
         &self,
         messages: &[Message],
         placement: Placement,
-    ) -> Result<(String, String, Prepared)> {
+    ) -> Result<(String, String, Prepared, Option<ProducerStamp>)> {
         let topics = distinct(messages.iter().map(|m| m.topic.as_str()));
         let attempts = self.inner.config.send_retries.saturating_add(1);
         let timeout = self.inner.config.request_timeout;
+        let idem = &self.inner.idempotence;
         let mut failed_broker: Option<String> = None;
         // The address of the previous attempt, if it failed: a pause before the same one again.
         let mut failed_addr: Option<String> = None;
         let mut last_error: Option<Error> = None;
         // Set once an attempt may have reached its broker.
         let mut pinned: Option<(String, String, Vec<crate::MessageQueue>)> = None;
+        // The stamp drawn for the broker group `held.0`, kept across the
+        // retries there.
+        let mut held: Option<(String, Arc<Ids>, ProducerStamp)> = None;
+        let mut permit: Option<(String, tokio::sync::OwnedSemaphorePermit)> = None;
         // Drawn once and kept across the retries: the broker tells a retry
         // of this prepare from another transaction reusing a message id.
         let token = txmq_protocol::fnv1a(&MsgId::generate().0);
-        for attempt in 0..attempts {
-            let last_attempt = attempt + 1 == attempts;
+        let reorder_deadline = Instant::now() + timeout * attempts.saturating_add(1);
+        let mut attempt = 0u32;
+        let mut renewals = 0u32;
+        let give_up = |held: Option<(String, Arc<Ids>, ProducerStamp)>, maybe: bool| {
+            if let Some((broker, ids, stamp)) = held {
+                if maybe {
+                    ids.finish_prepare(stamp, Ending::Unknown);
+                    idem.drop_ids(&broker, &ids);
+                } else {
+                    ids.finish_prepare(stamp, Ending::NotStored);
+                }
+            }
+        };
+        loop {
+            let last_attempt = attempt + 1 >= attempts;
             let (broker, addr, placed, routes) = match &pinned {
                 Some((broker, addr, placed)) => {
                     // The same broker group, at its master as the route
@@ -510,10 +549,14 @@ impl<L: TransactionListener> TransactionProducer<L> {
                         Err(e) if e.is_retriable() && !last_attempt => {
                             tracing::debug!(error = %e, "route lookup failed; retrying");
                             last_error = Some(e);
-                            tokio::time::sleep(RETRY_PAUSE * (attempt + 1)).await;
+                            attempt += 1;
+                            tokio::time::sleep(RETRY_PAUSE * attempt).await;
                             continue;
                         }
-                        Err(e) => return Err(last_error.unwrap_or(e)),
+                        Err(e) => {
+                            give_up(held, false);
+                            return Err(last_error.unwrap_or(e));
+                        }
                     };
                     let lists: Vec<(&str, &[crate::MessageQueue])> = topics
                         .iter()
@@ -531,9 +574,11 @@ impl<L: TransactionListener> TransactionProducer<L> {
                                 self.inner.routes.invalidate(topic, route.generation);
                             }
                             last_error = Some(error);
-                            tokio::time::sleep(RETRY_PAUSE * (attempt + 1)).await;
+                            attempt += 1;
+                            tokio::time::sleep(RETRY_PAUSE * attempt).await;
                             continue;
                         }
+                        give_up(held, false);
                         return Err(last_error.unwrap_or(error));
                     };
                     let broker = placed[0].broker_name.clone();
@@ -545,6 +590,30 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 tokio::time::sleep(RETRY_PAUSE * attempt).await;
             }
             failed_addr = Some(addr.clone());
+            if held.as_ref().is_some_and(|(b, _, _)| *b != broker) {
+                // Never sent there, or surely not stored: give it back.
+                give_up(held.take(), false);
+            }
+            let granted = if held.is_some() {
+                Ok(())
+            } else {
+                match idem.grant(&broker, &addr, &self.inner.pool, timeout).await {
+                    Ok(Grant::Stamped(ids)) => {
+                        if permit.as_ref().map(|(b, _)| b) != Some(&broker) {
+                            drop(permit.take());
+                            permit = idem
+                                .permit(&broker, PREPARES.0, PREPARES.1)
+                                .await
+                                .map(|p| (broker.clone(), p));
+                        }
+                        let stamp = ids.stamp_prepare();
+                        held = Some((broker.clone(), ids, stamp));
+                        Ok(())
+                    }
+                    Ok(Grant::Plain) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
             let halves = messages
                 .iter()
                 .map(|m| HalfMessage {
@@ -556,59 +625,103 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     message: m.clone(),
                 })
                 .collect();
+            let stamp = held.as_ref().map(|(_, _, s)| *s);
             let request = PrepareTransaction {
-                producer: None,
+                producer: stamp,
                 offsets: Vec::new(),
                 producer_group: self.inner.group.clone(),
                 messages: halves,
                 first_check_delay_ms: self.inner.first_check_delay_ms,
                 attempt: Some(token),
             };
-            let result = match self.inner.pool.get(&addr).await {
-                Ok(conn) => conn.call_with_timeout(request, timeout).await,
-                Err(e) => Err(e),
+            let (result, sent) = match granted {
+                Err(e) => (Err(e), false),
+                Ok(()) => match self.inner.pool.get(&addr).await {
+                    Ok(conn) => (conn.call_with_timeout(request, timeout).await, true),
+                    Err(e) => (Err(e), false),
+                },
             };
-            match result {
-                Ok(prepared) => return Ok((broker, addr, prepared)),
-                Err(e) => {
-                    let retriable = crate::error::retriable(&e);
-                    // A slave refused it (a stale route): nothing was stored,
-                    // and the group's master takes the retry.
-                    let not_master = crate::error::not_master(&e);
-                    let maybe_delivered = matches!(
-                        e,
-                        txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
-                    );
+            let e = match result {
+                Ok(prepared) => {
+                    if let Some((_, ids, stamp)) = &held {
+                        ids.finish_prepare(*stamp, Ending::Stored);
+                    }
+                    return Ok((broker, addr, prepared, stamp));
+                }
+                Err(e) => e,
+            };
+            if let (Some((held_broker, ids, stamp)), Some(code)) =
+                (&held, e.remote().map(|w| w.code))
+            {
+                if code == ErrorCode::OutOfOrderSequence
+                    && ids.earlier_in_flight(PREPARES.0, PREPARES.1, stamp.sequence)
+                    && Instant::now() < reorder_deadline
+                {
+                    // An earlier prepare has not reached the broker yet.
+                    failed_addr = None;
+                    tokio::time::sleep(REORDER_PAUSE).await;
+                    continue;
+                }
+                if code == ErrorCode::OutOfOrderSequence || id_refused(code) {
+                    // Nothing was stored: a new id, and this prepare stamped anew.
                     let error = Error::at_broker(&broker, &addr, e);
-                    if !retriable {
+                    renewals += 1;
+                    if renewals > MAX_RENEWALS {
+                        give_up(held, false);
                         return Err(error);
                     }
-                    for (topic, route) in topics.iter().zip(routes.iter().flatten()) {
-                        self.inner.routes.invalidate(topic, route.generation);
+                    if idem.drop_ids(held_broker, ids) {
+                        tracing::warn!(broker = %held_broker, producer_id = ids.producer_id(), sequence = stamp.sequence, cause = %crate::error::chain(&error), "the broker refused the producer's sequence; taking a new producer id (nothing was stored)");
                     }
-                    if not_master && pinned.is_some() {
-                        // Where the pinned group's master is now.
-                        let _ = self.inner.routes.refresh(topics[0]).await;
-                    }
-                    let cause = crate::error::chain(&error);
-                    if last_attempt {
-                        tracing::debug!(%broker, attempt, %cause, "prepare failed");
-                    } else if maybe_delivered || pinned.is_some() {
-                        tracing::info!(%broker, attempt, %cause, "prepare failed; retrying on the same broker, which may hold it already");
-                    } else {
-                        tracing::info!(%broker, attempt, %cause, "prepare failed; retrying");
-                    }
-                    if maybe_delivered && pinned.is_none() {
-                        pinned = Some((broker.clone(), addr.clone(), placed));
-                    }
-                    if !not_master {
-                        failed_broker = Some(broker);
-                    }
-                    last_error = Some(error);
+                    ids.finish_prepare(*stamp, Ending::NotStored);
+                    held = None;
+                    failed_addr = None;
+                    continue;
                 }
             }
+            let retriable = crate::error::retriable(&e);
+            // A slave refused it (a stale route), or a master that lost
+            // its role, which may have stored it: the group's master
+            // takes the retry, with the same stamp.
+            let not_master = crate::error::not_master(&e);
+            let maybe_delivered = sent
+                && (not_master
+                    || matches!(
+                        e,
+                        txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
+                    ));
+            let error = Error::at_broker(&broker, &addr, e);
+            let pin = maybe_delivered || pinned.is_some();
+            if !retriable || last_attempt {
+                give_up(held, pin);
+                if last_attempt {
+                    tracing::debug!(%broker, attempt, cause = %crate::error::chain(&error), "prepare failed");
+                }
+                return Err(error);
+            }
+            for (topic, route) in topics.iter().zip(routes.iter().flatten()) {
+                self.inner.routes.invalidate(topic, route.generation);
+            }
+            if not_master {
+                // Where the group's master is now.
+                let _ = self.inner.routes.refresh(topics[0]).await;
+            }
+            let cause = crate::error::chain(&error);
+            if pin {
+                tracing::info!(%broker, attempt, %cause, "prepare failed; retrying on the same broker group, which may hold it already");
+            } else {
+                tracing::info!(%broker, attempt, %cause, "prepare failed; retrying");
+                give_up(held.take(), false);
+            }
+            if maybe_delivered && pinned.is_none() {
+                pinned = Some((broker.clone(), addr.clone(), placed));
+            }
+            if !not_master {
+                failed_broker = Some(broker);
+            }
+            last_error = Some(error);
+            attempt += 1;
         }
-        Err(last_error.unwrap_or_else(|| Error::Protocol("no prepare attempt was made".into())))
     }
 
     /// The address of the master of broker group `broker` in the route of
@@ -640,7 +753,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         addr: &str,
         topic: &str,
         tx_id: u64,
-        msg_id: MsgId,
+        (msg_id, stamp): (MsgId, Option<ProducerStamp>),
         action: TxAction,
     ) -> Result<Ended> {
         let attempts = self.inner.config.send_retries.saturating_add(1);
@@ -648,8 +761,10 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let mut addr = addr.to_string();
         let mut attempt = 0;
         loop {
+            // The prepare's stamp names the transaction; the msg id too,
+            // for brokers that match on it.
             let request = EndTransaction {
-                producer: None,
+                producer: stamp,
                 tx_id,
                 action,
                 source: TxSource::Producer,

@@ -1,0 +1,402 @@
+//! The idempotent producer's bookkeeping: a producer id per broker group
+//! (obtained with `InitProducer` on the first stamped request there), a
+//! sequence counter per (broker group, topic, queue) for sends and one per
+//! broker group for prepares, the sequences in flight, and the stamps of
+//! sends whose outcome stayed unknown (so that the caller resending the
+//! same message retries it with the same stamp, on the same queue).
+//!
+//! The broker answers a send whose stamp it has seen with the result it
+//! gave the first time, as long as that batch is among the last
+//! [`MAX_IN_FLIGHT_PER_QUEUE`] it stored for the (producer id, queue): so at
+//! most that many stamped sends are in flight per queue, and a retry is
+//! always recognised.
+//!
+//! All state sits behind std mutexes held for a few map operations, never
+//! across an `.await`. Opening a session is single-flight per broker group
+//! (an async gate, on purpose: the waiters must wait across the request).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp};
+
+use crate::pool::ConnectionPool;
+
+/// Stamped sends in flight per queue at most: the broker remembers the
+/// results of the last 5 batches of a (producer id, queue).
+pub const MAX_IN_FLIGHT_PER_QUEUE: usize = 5;
+
+/// How many sends with an unknown outcome are remembered for a resend.
+const REMEMBERED_UNKNOWN: usize = 4096;
+
+/// How long a broker group that does not know `InitProducer` (an older
+/// broker) gets plain sends before it is asked again.
+const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The producer-wide state; one per [`Producer`](crate::Producer) or
+/// [`TransactionProducer`](crate::TransactionProducer).
+#[derive(Debug, Default)]
+pub(crate) struct Idempotence {
+    brokers: Mutex<HashMap<String, BrokerState>>,
+    unknown: Mutex<VecDeque<(MsgId, Pending)>>,
+}
+
+#[derive(Debug, Default)]
+struct BrokerState {
+    session: Option<Session>,
+    /// Single-flight `InitProducer` for this group.
+    gate: Arc<tokio::sync::Mutex<()>>,
+    /// Stamped sends in flight, per (topic, queue).
+    limits: HashMap<(String, u32), Arc<Semaphore>>,
+}
+
+#[derive(Debug, Clone)]
+enum Session {
+    Stamped(Arc<Ids>),
+    /// The group does not know `InitProducer`: plain sends until then.
+    Unsupported(Instant),
+}
+
+/// What a stamped request needs from its broker group: an id (or not).
+#[derive(Debug, Clone)]
+pub(crate) enum Grant {
+    /// Stamp with these ids.
+    Stamped(Arc<Ids>),
+    /// The broker does not support idempotence: send unstamped.
+    Plain,
+}
+
+/// One producer id of one broker group and the sequences drawn under it.
+/// Replacing the id replaces this whole object, so that requests still in
+/// flight under the old id keep their own bookkeeping.
+#[derive(Debug)]
+pub(crate) struct Ids {
+    identity: ProducerIdentity,
+    /// By (topic, queue); prepares under [`PREPARES`].
+    queues: Mutex<HashMap<(String, u32), QueueSeq>>,
+}
+
+/// The key the prepares of a producer id are counted under, in place of a
+/// (topic, queue): one sequence for all of them. No topic has an empty name.
+pub(crate) const PREPARES: (&str, u32) = ("", 0);
+
+#[derive(Debug, Default)]
+struct QueueSeq {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
+
+/// A send whose outcome stayed unknown: where it went and with which stamp.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub broker_name: String,
+    pub topic: String,
+    pub queue: u32,
+    pub count: u64,
+    pub ids: Arc<Ids>,
+    pub stamp: ProducerStamp,
+}
+
+/// How a stamped request ended, for the sequence bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The broker stored it (or had stored it).
+    Stored,
+    /// Surely not stored: its sequence may be drawn again.
+    NotStored,
+    /// Maybe stored.
+    Unknown,
+}
+
+impl Ids {
+    fn new(identity: ProducerIdentity) -> Ids {
+        Ids {
+            identity,
+            queues: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The producer id.
+    pub(crate) fn producer_id(&self) -> u64 {
+        self.identity.producer_id
+    }
+
+    /// Draws the sequences of a send of `count` messages to `queue` of
+    /// `topic`, and marks it in flight.
+    pub(crate) fn stamp_send(&self, topic: &str, queue: u32, count: u64) -> ProducerStamp {
+        let mut queues = lock(&self.queues);
+        let seq = queues.entry((topic.to_string(), queue)).or_default();
+        let sequence = seq.next;
+        seq.next += count;
+        seq.in_flight.insert(sequence);
+        self.stamp(sequence)
+    }
+
+    /// Draws the sequence of a prepare (one per prepare, whatever its
+    /// size), and marks it in flight.
+    pub(crate) fn stamp_prepare(&self) -> ProducerStamp {
+        self.stamp_send(PREPARES.0, PREPARES.1, 1)
+    }
+
+    fn stamp(&self, sequence: u64) -> ProducerStamp {
+        ProducerStamp {
+            producer_id: self.identity.producer_id,
+            token: self.identity.token,
+            sequence,
+        }
+    }
+
+    /// True while a send of `topic`/`queue` with a lower sequence than
+    /// `sequence` is in flight under this id: an `OUT_OF_ORDER_SEQUENCE`
+    /// then only means that one has not arrived yet.
+    pub(crate) fn earlier_in_flight(&self, topic: &str, queue: u32, sequence: u64) -> bool {
+        lock(&self.queues)
+            .get(&(topic.to_string(), queue))
+            .and_then(|q| q.in_flight.first().copied())
+            .is_some_and(|first| first < sequence)
+    }
+
+    /// A send ended: it is no longer in flight; a send surely not stored
+    /// that was the last one drawn gives its sequences back.
+    pub(crate) fn finish_send(
+        &self,
+        topic: &str,
+        queue: u32,
+        stamp: ProducerStamp,
+        count: u64,
+        ending: Ending,
+    ) {
+        let mut queues = lock(&self.queues);
+        if let Some(seq) = queues.get_mut(&(topic.to_string(), queue)) {
+            seq.in_flight.remove(&stamp.sequence);
+            if ending == Ending::NotStored && seq.next == stamp.sequence + count {
+                seq.next = stamp.sequence;
+            }
+        }
+    }
+
+    /// A prepare ended (as [`Ids::finish_send`]).
+    pub(crate) fn finish_prepare(&self, stamp: ProducerStamp, ending: Ending) {
+        self.finish_send(PREPARES.0, PREPARES.1, stamp, 1, ending);
+    }
+}
+
+/// True for the refusals after which the stamp's producer id cannot be
+/// used any more (nothing was stored): ask for a new one and stamp again.
+pub(crate) fn id_refused(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::UnknownProducerId | ErrorCode::ProducerFenced
+    )
+}
+
+impl Idempotence {
+    /// The ids to stamp requests to broker group `broker_name` with,
+    /// asking its master at `addr` for a producer id if there is none.
+    ///
+    /// # Errors
+    /// The `InitProducer` request's failure (nothing was sent then).
+    pub(crate) async fn grant(
+        &self,
+        broker_name: &str,
+        addr: &str,
+        pool: &ConnectionPool,
+        timeout: Duration,
+    ) -> Result<Grant, txmq_remoting::Error> {
+        if let Some(grant) = self.current(broker_name) {
+            return Ok(grant);
+        }
+        let gate = lock(&self.brokers)
+            .entry(broker_name.to_string())
+            .or_default()
+            .gate
+            .clone();
+        let _initializing = gate.lock().await;
+        if let Some(grant) = self.current(broker_name) {
+            return Ok(grant);
+        }
+        let conn = pool.get(addr).await?;
+        let session = match conn.call_with_timeout(InitProducer {}, timeout).await {
+            Ok(identity) => {
+                tracing::debug!(broker = %broker_name, producer_id = identity.producer_id, "got a producer id");
+                Session::Stamped(Arc::new(Ids::new(identity)))
+            }
+            Err(e)
+                if e.remote()
+                    .is_some_and(|w| w.code == ErrorCode::UnsupportedRequest) =>
+            {
+                tracing::warn!(broker = %broker_name, "the broker does not support idempotent sends (an older version?); sending without sequence numbers, so a retried send may be stored twice");
+                Session::Unsupported(Instant::now())
+            }
+            Err(e) => return Err(e),
+        };
+        let grant = match &session {
+            Session::Stamped(ids) => Grant::Stamped(ids.clone()),
+            Session::Unsupported(_) => Grant::Plain,
+        };
+        lock(&self.brokers)
+            .entry(broker_name.to_string())
+            .or_default()
+            .session = Some(session);
+        Ok(grant)
+    }
+
+    fn current(&self, broker_name: &str) -> Option<Grant> {
+        let brokers = lock(&self.brokers);
+        match brokers.get(broker_name)?.session.as_ref()? {
+            Session::Stamped(ids) => Some(Grant::Stamped(ids.clone())),
+            Session::Unsupported(since) if since.elapsed() < UNSUPPORTED_RETRY => {
+                Some(Grant::Plain)
+            }
+            Session::Unsupported(_) => None,
+        }
+    }
+
+    /// Forgets the producer id `ids` of `broker_name` (if it is still the
+    /// current one): the next request there asks for a new one, with all
+    /// sequences from 0. Returns true when it was the current one.
+    pub(crate) fn drop_ids(&self, broker_name: &str, ids: &Arc<Ids>) -> bool {
+        let mut brokers = lock(&self.brokers);
+        let Some(state) = brokers.get_mut(broker_name) else {
+            return false;
+        };
+        match &state.session {
+            Some(Session::Stamped(current)) if Arc::ptr_eq(current, ids) => {
+                state.session = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits for a place among the [`MAX_IN_FLIGHT_PER_QUEUE`] stamped
+    /// sends in flight to `queue` of `topic` on `broker_name`.
+    pub(crate) async fn permit(
+        &self,
+        broker_name: &str,
+        topic: &str,
+        queue: u32,
+    ) -> Option<OwnedSemaphorePermit> {
+        let semaphore = lock(&self.brokers)
+            .entry(broker_name.to_string())
+            .or_default()
+            .limits
+            .entry((topic.to_string(), queue))
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)))
+            .clone();
+        // The semaphore is never closed.
+        semaphore.acquire_owned().await.ok()
+    }
+
+    /// Remembers a send with an unknown outcome under its first message id.
+    pub(crate) fn remember(&self, first: MsgId, pending: Pending) {
+        let mut unknown = lock(&self.unknown);
+        unknown.retain(|(id, _)| *id != first);
+        if unknown.len() >= REMEMBERED_UNKNOWN {
+            unknown.pop_front();
+        }
+        unknown.push_back((first, pending));
+    }
+
+    /// The send with an unknown outcome whose first message id is
+    /// `first`, of `count` messages of `topic`, if one is remembered.
+    pub(crate) fn recall(&self, first: MsgId, topic: &str, count: u64) -> Option<Pending> {
+        lock(&self.unknown)
+            .iter()
+            .find(|(id, p)| *id == first && p.topic == topic && p.count == count)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Forgets the remembered send of `first`.
+    pub(crate) fn forget(&self, first: MsgId) {
+        let mut unknown = lock(&self.unknown);
+        if !unknown.is_empty() {
+            unknown.retain(|(id, _)| *id != first);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> Ids {
+        Ids::new(ProducerIdentity {
+            producer_id: 7,
+            token: 9,
+            expiry_ms: 1000,
+        })
+    }
+
+    #[test]
+    fn sends_are_numbered_per_queue_by_message_count() {
+        let ids = ids();
+        let a = ids.stamp_send("t", 0, 3);
+        let b = ids.stamp_send("t", 0, 1);
+        let other = ids.stamp_send("t", 1, 2);
+        let other_topic = ids.stamp_send("u", 0, 1);
+        assert_eq!((a.sequence, b.sequence), (0, 3));
+        assert_eq!((other.sequence, other_topic.sequence), (0, 0));
+        assert_eq!((a.producer_id, a.token), (7, 9));
+        assert!(ids.earlier_in_flight("t", 0, 3));
+        assert!(!ids.earlier_in_flight("t", 0, 0));
+        ids.finish_send("t", 0, a, 3, Ending::Stored);
+        assert!(!ids.earlier_in_flight("t", 0, 3));
+    }
+
+    #[test]
+    fn a_send_surely_not_stored_gives_its_sequences_back_if_it_was_the_last() {
+        let ids = ids();
+        let a = ids.stamp_send("t", 0, 2);
+        ids.finish_send("t", 0, a, 2, Ending::NotStored);
+        assert_eq!(ids.stamp_send("t", 0, 1).sequence, 0);
+        // Not the last one drawn: the gap stays (the broker refuses the
+        // later one, and the producer takes a new id).
+        let b = ids.stamp_send("t", 0, 1);
+        let _c = ids.stamp_send("t", 0, 1);
+        ids.finish_send("t", 0, b, 1, Ending::NotStored);
+        assert_eq!(ids.stamp_send("t", 0, 1).sequence, 3);
+        // Unknown outcomes keep their sequences.
+        let d = ids.stamp_send("t", 0, 1);
+        ids.finish_send("t", 0, d, 1, Ending::Unknown);
+        assert_eq!(ids.stamp_send("t", 0, 1).sequence, 5);
+    }
+
+    #[test]
+    fn prepares_share_one_sequence() {
+        let ids = ids();
+        assert_eq!(ids.stamp_prepare().sequence, 0);
+        let b = ids.stamp_prepare();
+        assert_eq!(b.sequence, 1);
+        ids.finish_prepare(b, Ending::NotStored);
+        assert_eq!(ids.stamp_prepare().sequence, 1);
+    }
+
+    #[test]
+    fn unknown_sends_are_remembered_by_first_message_id() {
+        let idem = Idempotence::default();
+        let ids = Arc::new(ids());
+        let m = MsgId::generate();
+        let pending = Pending {
+            broker_name: "b".into(),
+            topic: "t".into(),
+            queue: 2,
+            count: 1,
+            stamp: ids.stamp_send("t", 2, 1),
+            ids,
+        };
+        idem.remember(m, pending);
+        assert!(idem.recall(m, "t", 1).is_some());
+        assert!(idem.recall(m, "t", 2).is_none());
+        assert!(idem.recall(MsgId::generate(), "t", 1).is_none());
+        idem.forget(m);
+        assert!(idem.recall(m, "t", 1).is_none());
+    }
+}
