@@ -23,9 +23,11 @@
 mod broker_links;
 mod check_service;
 pub mod listener;
+pub mod offsets;
 mod placement;
 pub mod producer;
 
+pub use offsets::ConsumedOffset;
 pub use listener::{
     state_of, BoxError, CheckRequest, TransactionListener, TransactionState, TxContext,
 };
