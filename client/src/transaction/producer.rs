@@ -751,10 +751,7 @@ fn offsets_broker(offsets: &[ConsumedOffset]) -> Result<Option<&str>> {
     let Some(first) = offsets.first() else {
         return Ok(None);
     };
-    if let Some(other) = offsets
-        .iter()
-        .find(|o| o.broker_name != first.broker_name)
-    {
+    if let Some(other) = offsets.iter().find(|o| o.broker_name != first.broker_name) {
         return Err(Error::BadArgument(format!(
             "transaction offsets name queues of brokers {} and {}: a transaction commits \
              offsets of its own broker only; use one transaction per broker",

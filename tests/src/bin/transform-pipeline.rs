@@ -123,7 +123,12 @@ async fn run(args: &Args, producer: &TransactionProducer<Pipeline>) -> Result<()
                 .await
             {
                 Ok(o) if o.prepare_status == SendStatus::SendOk => {}
-                Ok(o) => return Err(format!("prepare stored {:?}; rolled back", o.prepare_status)),
+                Ok(o) => {
+                    return Err(format!(
+                        "prepare stored {:?}; rolled back",
+                        o.prepare_status
+                    ))
+                }
                 Err(e) if e.code() == Some(ErrorCode::OffsetConflict) => {
                     return Err(format!("offset conflict: {e}"));
                 }
