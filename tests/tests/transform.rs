@@ -19,15 +19,16 @@ use txmq::{
 };
 use txmq_tests::{binary, consume_all, Cluster};
 
-/// Commits, except a message whose body is `rollback`.
+/// Commits, except a message whose body is `rollback` (rolled back) or
+/// `unknown` (left to an operator).
 struct ByBody;
 
 impl TransactionListener for ByBody {
     async fn execute(&self, m: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
-        Ok(if &m.body[..] == b"rollback" {
-            TransactionState::Rollback
-        } else {
-            TransactionState::Commit
+        Ok(match &m.body[..] {
+            b"rollback" => TransactionState::Rollback,
+            b"unknown" => TransactionState::Unknown,
+            _ => TransactionState::Commit,
         })
     }
 
@@ -159,6 +160,22 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
         .sum();
     assert_eq!(pending, 0, "the conflicting transaction was rolled back");
 
+    // (4) Left pending, then committed by an operator: the offset with it.
+    let outcome = producer
+        .send_in_transaction_with_offsets(
+            vec![Message::new("out", "unknown")],
+            vec![ConsumedOffset::after("transform", &inputs[1])],
+        )
+        .await
+        .expect("prepared");
+    assert_eq!(outcome.ended, None);
+    assert_eq!(committed(&ns, "transform", "in", 0).await, Some(1));
+    admin
+        .resolve_transaction(outcome.tx_id, txmq::TxAction::Commit, Some("broker-a"))
+        .await
+        .expect("resolved");
+    assert_eq!(committed(&ns, "transform", "in", 0).await, Some(2));
+
     let out = consume_all(&ns, "check", "out", 10, Duration::from_secs(1)).await;
     let bodies: Vec<String> = out
         .iter()
@@ -166,8 +183,8 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
         .collect();
     assert_eq!(
         bodies,
-        vec!["out-0"],
-        "only the committed output is visible"
+        vec!["out-0", "unknown"],
+        "only the committed outputs are visible"
     );
     producer.close();
     admin.close();

@@ -756,7 +756,7 @@ impl Transactions {
     /// What a commit appends: the half messages as they become visible,
     /// and the consumer offsets the prepare kept on the first one. `None`
     /// when a half message, or the offsets, cannot be read.
-    fn read_commit(&self, halves: Halves) -> Option<(Vec<(u32, Message)>, Vec<TxOffset>)> {
+    fn read_commit(&self, halves: Halves) -> Option<Commit> {
         let mut pos = halves.first;
         let mut found = Vec::new();
         let messages = (0..halves.count)
@@ -997,6 +997,10 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
         table.due.insert(t.tx_id, next_check_at);
     }
 }
+
+/// What a commit appends: the visible messages (real queue, message) and
+/// the consumer offsets committed with them.
+type Commit = (Vec<(u32, Message)>, Vec<TxOffset>);
 
 /// Why an end failed: the store refused it, or (a commit) its offsets
 /// conflicted and the transaction was rolled back instead.
