@@ -68,8 +68,8 @@ pub use error::{Error, Result};
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
 pub use route::MessageQueue;
 pub use transaction::{
-    BoxError, CheckRequest, TransactionListener, TransactionProducer, TransactionProducerBuilder,
-    TransactionState, TxContext, TxOutcome,
+    BoxError, CheckRequest, ConsumedOffset, TransactionListener, TransactionProducer,
+    TransactionProducerBuilder, TransactionState, TxContext, TxOutcome,
 };
 pub use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, OffsetTarget, PROPERTY_DELIVER_AT, PROPERTY_REAL_TOPIC,

@@ -204,6 +204,7 @@ pub(crate) fn store_error(e: StoreError) -> WireError {
         StoreError::Full(_) => ErrorCode::StoreFull,
         StoreError::Invalid(_) => ErrorCode::BadArgument,
         StoreError::NoQueue { .. } => ErrorCode::UnknownQueue,
+        StoreError::OffsetConflict(_) => ErrorCode::OffsetConflict,
         StoreError::Io { .. } | StoreError::Poisoned | StoreError::ShuttingDown => {
             ErrorCode::StoreUnavailable
         }

@@ -2,7 +2,7 @@
 
 use txmq_protocol::{
     validate_topic_name, EndTransaction, Ended, ErrorCode, ListTransactions, PrepareTransaction,
-    Prepared, SendStatus, TransactionList, WireError, PERM_READ_WRITE, PERM_WRITE,
+    Prepared, SendStatus, TransactionList, TxOffset, WireError, PERM_READ_WRITE, PERM_WRITE,
     PROPERTY_DELIVER_AT,
 };
 
@@ -11,6 +11,65 @@ use crate::BrokerInner;
 
 /// At most this many messages in one transaction.
 const MAX_MESSAGES: usize = 1024;
+/// At most this many consumer offsets in one transaction (they travel in
+/// one property of the first half message, at most 64 KiB).
+const MAX_OFFSETS: usize = 64;
+
+/// Checks a prepare's consumer offsets: queues of this broker (a
+/// transaction commits atomically on one broker only), offsets within
+/// their queue, an offset not behind the one it expects, each queue once.
+fn check_offsets(b: &BrokerInner, offsets: &[TxOffset]) -> Result<(), WireError> {
+    if offsets.len() > MAX_OFFSETS {
+        return Err(bad_argument(format!(
+            "a transaction commits at most {MAX_OFFSETS} consumer offsets, not {}",
+            offsets.len()
+        )));
+    }
+    let broker = &b.config.broker_name;
+    let mut seen = std::collections::HashSet::new();
+    for o in offsets {
+        super::offset::validate_group(&o.group)?;
+        let here = b.topics.get(&o.topic).is_some_and(|c| o.queue < c.queues);
+        let queue = b.store.queue(&o.topic, o.queue).filter(|_| here);
+        let Some(queue) = queue else {
+            return Err(bad_argument(format!(
+                "transaction offset of group '{}': queue {} of topic '{}' is not on broker {broker}; \
+                 a transaction commits offsets of its own broker's queues only",
+                o.group, o.queue, o.topic
+            )));
+        };
+        if o.offset > queue.max_offset() {
+            return Err(WireError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "transaction offset of group '{}': offset {} is past the end of queue {} of '{}' ({})",
+                    o.group,
+                    o.offset,
+                    o.queue,
+                    o.topic,
+                    queue.max_offset()
+                ),
+            ));
+        }
+        if o.expected.is_some_and(|e| o.offset < e) {
+            return Err(bad_argument(format!(
+                "transaction offset of group '{}' on queue {} of '{}': offset {} is behind the expected {}",
+                o.group,
+                o.queue,
+                o.topic,
+                o.offset,
+                o.expected.unwrap_or_default()
+            )));
+        }
+        if !seen.insert((&o.group, &o.topic, o.queue)) {
+            return Err(bad_argument(format!(
+                "transaction offsets name queue {} of '{}' twice for group '{}'",
+                o.queue, o.topic, o.group
+            )));
+        }
+    }
+    Ok(())
+}
 
 pub(super) async fn prepare(
     b: &BrokerInner,
@@ -55,6 +114,7 @@ pub(super) async fn prepare(
             )));
         }
     }
+    check_offsets(b, &req.offsets)?;
     let messages = req
         .messages
         .into_iter()
@@ -62,12 +122,13 @@ pub(super) async fn prepare(
         .collect();
     let (tx_id, status, duplicate) = b
         .transactions
-        .prepare(
+        .prepare_with_offsets(
             &req.producer_group,
             req.first_check_delay_ms,
             req.attempt,
             messages,
             req.producer,
+            &req.offsets,
         )
         .await?;
     Ok(Prepared {

@@ -24,6 +24,8 @@ mod delay_tests;
 mod replica_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tx_offset_tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,7 +35,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{oneshot, watch};
-use txmq_protocol::{Message, MsgId, ProducerStamp, RecordRef, StoredMessage};
+use txmq_protocol::{Message, MsgId, ProducerStamp, RecordRef, StoredMessage, TxOffset};
 
 use self::commit_log::CommitLog;
 use self::consume_queue::ConsumeQueue;
@@ -159,6 +161,11 @@ pub enum StoreError {
         /// Where its records end.
         end: u64,
     },
+    /// A transaction's commit found a consumer offset it was conditional
+    /// on moved ([`txmq_protocol::TxOffset::expected`]): the transaction
+    /// was rolled back instead (its rollback marker is written).
+    #[error("{0}")]
+    OffsetConflict(String),
 }
 
 impl StoreError {
@@ -285,10 +292,13 @@ pub(crate) enum WriteCmd {
         epoch: u64,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
-    /// The visible messages of a committed transaction, one atomic group.
+    /// The visible messages of a committed transaction and the consumer
+    /// offsets committed with it, one atomic group; rolled back instead
+    /// when an offset's `expected` does not match (see `writer.rs`).
     Commit {
         tx: TxRef,
         messages: Vec<(Arc<ConsumeQueue>, Message)>,
+        offsets: Vec<TxOffset>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// A rollback, check or park marker.
@@ -904,6 +914,33 @@ impl Store {
         tx: TxRef,
         messages: Vec<(u32, Message)>,
     ) -> Result<Appended, StoreError> {
+        self.commit_with_offsets(tx, messages, Vec::new()).await
+    }
+
+    /// Makes a transaction's messages visible in their queues and commits
+    /// the consumer `offsets` that go with it, as one atomic group that is
+    /// also the transaction's commit marker: after a crash, recovery (and a
+    /// slave's replay) applies all of it or none.
+    ///
+    /// An offset with `expected` commits only if the group's offset is that
+    /// one when the single writer appends the group (a group with no
+    /// offset on the queue matches any; an offset below the queue's first
+    /// stored message counts as that message's), so of two commits racing
+    /// for one queue at most one applies. Otherwise the transaction is
+    /// rolled back instead, in the same append (a rollback marker), and
+    /// the answer is [`StoreError::OffsetConflict`], given once the marker
+    /// is written (not waiting for its fdatasync: a rollback lost in a
+    /// crash leaves the transaction pending, and its commit conflicts
+    /// again).
+    ///
+    /// # Errors
+    /// As [`Store::append`], and [`StoreError::OffsetConflict`].
+    pub async fn commit_with_offsets(
+        &self,
+        tx: TxRef,
+        messages: Vec<(u32, Message)>,
+        offsets: Vec<TxOffset>,
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         self.check_sizes(messages.iter().map(|(_, m)| m))?;
         let mut placed = Vec::with_capacity(messages.len());
@@ -926,6 +963,7 @@ impl Store {
             WriteCmd::Commit {
                 tx,
                 messages: placed,
+                offsets,
                 reply,
             },
             rx,

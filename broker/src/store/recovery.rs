@@ -74,17 +74,30 @@ struct OpenGroup {
 }
 
 /// Whether a record belongs to a group: half messages, a commit's messages
-/// and an idempotent send's messages carry their group's size in flags
-/// (tx ids start at 0, so aux alone cannot tell).
+/// and the consumer offsets committed with them, and an idempotent send's
+/// messages carry their group's size in flags (tx ids start at 0, so aux
+/// alone cannot tell).
 fn is_grouped(kind: RecordKind, flags: u16) -> bool {
-    matches!(kind, RecordKind::Half | RecordKind::Message) && flags > 0
+    matches!(
+        kind,
+        RecordKind::Half | RecordKind::Message | RecordKind::OffsetCommit
+    ) && flags > 0
+}
+
+/// The kind of group a grouped record belongs to: `Half` for a prepare,
+/// `Message` for a commit (its offset records included).
+fn group_kind_of(kind: RecordKind) -> RecordKind {
+    match kind {
+        RecordKind::OffsetCommit => RecordKind::Message,
+        other => other,
+    }
 }
 
 /// Whether a record continues the open group of transaction `tx_id` of
 /// kind `group_kind`: groups are written contiguously, so anything else
 /// inside one means it was torn.
 fn continues(tx_id: u64, group_kind: RecordKind, kind: RecordKind, flags: u16, aux: u64) -> bool {
-    is_grouped(kind, flags) && tx_id == aux && group_kind == kind
+    is_grouped(kind, flags) && tx_id == aux && group_kind == group_kind_of(kind)
 }
 
 /// The queues a replayed record may name: found or made.
@@ -217,7 +230,7 @@ impl ReplayState {
             }
             if is_grouped(kind, flags) {
                 let (tx_id, group_kind, expected, seen) =
-                    open.unwrap_or((aux, kind, flags.max(1), 0));
+                    open.unwrap_or((aux, group_kind_of(kind), flags.max(1), 0));
                 open = (seen + 1 < expected).then_some((tx_id, group_kind, expected, seen + 1));
             }
             if len == 0 {
@@ -269,7 +282,7 @@ impl Replayer<'_> {
             let open = self.state.group.get_or_insert_with(|| OpenGroup {
                 start: pos,
                 tx_id: rec.aux,
-                kind: rec.kind,
+                kind: group_kind_of(rec.kind),
                 expected: rec.flags.max(1),
                 records: Vec::new(),
             });
@@ -494,15 +507,25 @@ impl Replayer<'_> {
                 }
             }
             _ => {
+                // The group is whole: its messages become visible and its
+                // consumer offsets apply, together (never one without the other).
                 let first_msg_id = group
                     .records
-                    .first()
+                    .iter()
+                    .find(|(_, _, r)| r.kind == RecordKind::Message)
                     .map(|(_, _, r)| r.message.msg_id)
                     .unwrap_or_default();
                 self.end_tx(group.tx_id, true, first_msg_id);
-                for (pos, size, rec) in &group.records {
-                    if *pos >= self.dispatch_from {
-                        self.dispatch(rec, *pos, *size)?;
+                for (pos, size, rec) in group.records {
+                    if pos < self.dispatch_from {
+                        continue;
+                    }
+                    if rec.kind == RecordKind::OffsetCommit {
+                        let group = rec.message.key.unwrap_or_default();
+                        self.offsets
+                            .insert((group, rec.message.topic, rec.queue), rec.queue_offset);
+                    } else {
+                        self.dispatch(&rec, pos, size)?;
                     }
                 }
             }

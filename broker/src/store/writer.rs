@@ -49,6 +49,9 @@ enum Encoded {
     TxPending { at: u64, pending: bool },
     /// Answer the command with this value (a queue offset or tx id).
     Reply { reply: Reply, value: u64 },
+    /// Answer the command with this error once the records before it are
+    /// written (a commit rolled back for an offset conflict).
+    Refuse { reply: Reply, error: StoreError },
     /// Records copied from the master at `pos`: derive what they change.
     Replicated { pos: u64, data: bytes::Bytes },
     /// A stamped request stored before: answer with its first result once
@@ -240,8 +243,17 @@ impl Writer {
                 messages.iter().map(|(_, m)| record::message_len(m)).sum()
             }
             WriteCmd::ProducerInit { .. } => record::encoded_len("", None, None, &empty, 0),
-            WriteCmd::Commit { messages, .. } => {
-                messages.iter().map(|(_, m)| record::message_len(m)).sum()
+            WriteCmd::Commit {
+                messages, offsets, ..
+            } => {
+                messages
+                    .iter()
+                    .map(|(_, m)| record::message_len(m))
+                    .sum::<usize>()
+                    + offsets
+                        .iter()
+                        .map(|o| record::encoded_len(&o.topic, Some(&o.group), None, &empty, 0))
+                        .sum::<usize>()
             }
             WriteCmd::OffsetCommit { group, topic, .. } => {
                 record::encoded_len(topic, Some(group), None, &empty, 0)
@@ -272,7 +284,9 @@ impl Writer {
             WriteCmd::Prepare { messages, .. } | WriteCmd::Carry { messages, .. } => {
                 messages.len() as u64
             }
-            WriteCmd::Commit { messages, .. } => messages.len() as u64,
+            WriteCmd::Commit {
+                messages, offsets, ..
+            } => (messages.len() + offsets.len()) as u64,
             WriteCmd::Delayed { messages, .. } => messages.len() as u64,
             WriteCmd::DelayMoves { moves, .. } => moves.len() as u64,
             WriteCmd::OffsetCommit { .. }
@@ -367,15 +381,50 @@ impl Writer {
             WriteCmd::Commit {
                 tx,
                 messages,
+                offsets,
                 reply,
             } => {
-                let n = messages.len() as u16;
+                // Compared here, in the single writer, against the offsets
+                // as every earlier command left them: atomic with the append.
+                if let Some(why) = self.offset_conflict(&offsets) {
+                    let mut marker = empty_message("", None);
+                    marker.msg_id = tx.first_msg_id;
+                    record::encode(
+                        &mut self.buf,
+                        head(RecordKind::TxRollback, 0, 0, tx.id, 0),
+                        &marker,
+                    );
+                    self.chunk.push(Encoded::TxPending {
+                        at: tx.halves_at,
+                        pending: false,
+                    });
+                    self.chunk.push(Encoded::Refuse {
+                        reply,
+                        error: StoreError::OffsetConflict(why),
+                    });
+                    return;
+                }
+                // One group: the visible messages, then the offsets, all
+                // with the group's size in flags and the tx id in aux.
+                let n = (messages.len() + offsets.len()) as u16;
                 for (queue, msg) in &messages {
                     self.encode_visible(
                         queue,
                         head(RecordKind::Message, queue.queue, 0, tx.id, n),
                         msg,
                     );
+                }
+                for o in offsets {
+                    let msg = empty_message(&o.topic, Some(&o.group));
+                    record::encode(
+                        &mut self.buf,
+                        head(RecordKind::OffsetCommit, o.queue, o.offset, tx.id, n),
+                        &msg,
+                    );
+                    self.chunk.push(Encoded::Offset {
+                        key: (o.group, o.topic, o.queue),
+                        offset: o.offset,
+                    });
                 }
                 self.chunk.push(Encoded::TxPending {
                     at: tx.halves_at,
@@ -786,6 +835,48 @@ impl Writer {
         Ok(())
     }
 
+    /// Why a transaction's offsets cannot be committed now, if one of them
+    /// expects another committed offset than the group has: the offsets as
+    /// the records before it leave them (this chunk's own commits
+    /// included). A group with no offset on the queue matches any
+    /// expectation (the first commit sets it); an offset below the queue's
+    /// first stored message counts as that message's (what lies between is
+    /// gone, so nothing can consume it twice).
+    fn offset_conflict(&self, offsets: &[txmq_protocol::TxOffset]) -> Option<String> {
+        for o in offsets {
+            let Some(expected) = o.expected else {
+                continue;
+            };
+            let key = (o.group.clone(), o.topic.clone(), o.queue);
+            let in_chunk = self.chunk.iter().rev().find_map(|e| match e {
+                Encoded::Offset { key: k, offset } if *k == key => Some(*offset),
+                _ => None,
+            });
+            let Some(committed) = in_chunk.or_else(|| self.store.offsets.get(&key).map(|v| *v))
+            else {
+                continue;
+            };
+            let first = self
+                .store
+                .queues
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&o.topic)
+                .and_then(|qs| qs.get(o.queue as usize))
+                .map_or(0, |q| q.min_offset());
+            let actual = committed.max(first);
+            if actual != expected {
+                return Some(format!(
+                    "consumer group '{}' has offset {actual} on queue {} of '{}', not the {expected} \
+                     the transaction expected (another transaction or consumer moved it); \
+                     the transaction was rolled back",
+                    o.group, o.queue, o.topic
+                ));
+            }
+        }
+        None
+    }
+
     /// Encodes a message that becomes visible in `queue` at the next offset.
     fn encode_visible(&mut self, queue: &Arc<ConsumeQueue>, head: RecordHead, msg: &Message) {
         self.encode_indexed(queue, head, msg, tag_hash(msg.tag.as_deref()));
@@ -1016,6 +1107,9 @@ impl Writer {
                             };
                             replies.push((reply, result));
                         }
+                        Encoded::Refuse { reply, error } => {
+                            replies.push((reply, Err(cmd_error.take().unwrap_or(error))));
+                        }
                     }
                 }
                 {
@@ -1082,7 +1176,10 @@ impl Writer {
                     self.store.poisoned.store(true, Ordering::Release);
                 }
                 for enc in chunk {
-                    if let Encoded::Reply { reply, .. } | Encoded::Duplicate { reply, .. } = enc {
+                    if let Encoded::Reply { reply, .. }
+                    | Encoded::Duplicate { reply, .. }
+                    | Encoded::Refuse { reply, .. } = enc
+                    {
                         let _ = reply.send(Err(e.clone()));
                     }
                 }

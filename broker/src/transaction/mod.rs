@@ -9,6 +9,7 @@
 
 mod check_back;
 mod due;
+mod offsets;
 mod producers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use txmq_protocol::{
     now_millis, Ended, ErrorCode, Message, MsgId, ProducerStamp, SendStatus, TransactionList,
-    TxAction, TxCounters, TxInfo, TxResolution, TxSource, TxState, WireError,
+    TxAction, TxCounters, TxInfo, TxOffset, TxResolution, TxSource, TxState, WireError,
 };
 
 pub(crate) use check_back::run as run_check_back;
@@ -28,7 +29,7 @@ pub(crate) use producers::ProducerGroups;
 use crate::handler::store_error;
 use crate::store::record::RecordKind;
 use crate::store::{
-    RecoveredTransactions, RecoveredTx, Store, TxChange, TxRef, PROP_CARRIED_CHECKS,
+    RecoveredTransactions, RecoveredTx, Store, StoreError, TxChange, TxRef, PROP_CARRIED_CHECKS,
     PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT,
 };
 
@@ -129,6 +130,9 @@ struct Table {
 #[derive(Debug, Clone, Copy)]
 struct EndedTx {
     committed: bool,
+    /// Rolled back because its commit's offsets conflicted (this run
+    /// only): a repeated commit is answered `OFFSET_CONFLICT` again.
+    offset_conflict: bool,
     /// `msg_key` of its first message id; 0 when not known (a rollback
     /// marker written before markers carried the id).
     msg_key: u64,
@@ -138,7 +142,14 @@ impl Table {
     fn remember_end(&mut self, tx_id: u64, committed: bool, msg_key: u64) {
         if self
             .ended
-            .insert(tx_id, EndedTx { committed, msg_key })
+            .insert(
+                tx_id,
+                EndedTx {
+                    committed,
+                    offset_conflict: false,
+                    msg_key,
+                },
+            )
             .is_none()
         {
             if msg_key != 0 {
@@ -265,13 +276,30 @@ impl Transactions {
 
     /// Stores the half messages (already validated) and registers the
     /// transaction; returns its id.
+    #[cfg(test)]
     pub(crate) async fn prepare(
+        &self,
+        group: &str,
+        first_check_delay_ms: Option<u64>,
+        attempt: Option<u64>,
+        messages: Vec<(u32, Message)>,
+        stamp: Option<ProducerStamp>,
+    ) -> Result<(u64, SendStatus, bool), WireError> {
+        self.prepare_with_offsets(group, first_check_delay_ms, attempt, messages, stamp, &[])
+            .await
+    }
+
+    /// As [`Transactions::prepare`], with consumer `offsets` (already
+    /// validated: queues of this broker) kept with the half messages and
+    /// committed with them, atomically (see `offsets.rs`).
+    pub(crate) async fn prepare_with_offsets(
         &self,
         group: &str,
         first_check_delay_ms: Option<u64>,
         attempt: Option<u64>,
         mut messages: Vec<(u32, Message)>,
         stamp: Option<ProducerStamp>,
+        offsets: &[TxOffset],
     ) -> Result<(u64, SendStatus, bool), WireError> {
         let user_delay = messages.iter().find_map(|(_, m)| {
             m.properties
@@ -298,6 +326,11 @@ impl Transactions {
             first_message
                 .properties
                 .insert(PROP_ATTEMPT.into(), a.to_string());
+        }
+        if !offsets.is_empty() {
+            first_message
+                .properties
+                .insert(offsets::PROP_OFFSETS.into(), offsets::encode(offsets));
         }
         let key = first_message.msg_id;
         // A stamped prepare is recognised by the producer table, in the
@@ -492,7 +525,7 @@ impl Transactions {
                 if let Some(e) = other(ended.msg_key) {
                     return Err(e);
                 }
-                return ended_again(tx_id, ended.committed, action);
+                return ended_again_tx(tx_id, ended, action);
             }
             let Some(p) = table.pending.get_mut(&tx_id) else {
                 return Err(unknown());
@@ -541,7 +574,7 @@ impl Transactions {
                 };
                 let ended = lock(&self.table).ended.get(&tx_id).copied();
                 return match (written, ended) {
-                    (Some(true), Some(ended)) => ended_again(tx_id, ended.committed, action),
+                    (Some(true), Some(ended)) => ended_again_tx(tx_id, ended, action),
                     _ => Err(WireError::new(
                         ErrorCode::StoreUnavailable,
                         format!("ending transaction {tx_id} failed; try again"),
@@ -552,24 +585,29 @@ impl Transactions {
         // Read from the log (the half message's header), not kept in memory.
         let first_msg_id = self.store.read_msg_id(halves.first).unwrap_or_default();
         let result = match action {
-            TxAction::Commit => match self.read_halves(halves) {
-                Some(messages) => self
+            TxAction::Commit => match self.read_commit(halves) {
+                Some((messages, offsets)) => self
                     .store
-                    .commit_transaction(
+                    .commit_with_offsets(
                         TxRef {
                             id: tx_id,
                             first_msg_id,
                             halves_at: halves.first,
                         },
                         messages,
+                        offsets,
                     )
                     .await
                     .map(|a| a.durable)
-                    .map_err(store_error),
-                None => Err(WireError::new(
+                    .map_err(|e| match e {
+                        // Rolled back instead: ended, not failed.
+                        StoreError::OffsetConflict(why) => Conflict(why),
+                        other => Failed(store_error(other)),
+                    }),
+                None => Err(Failed(WireError::new(
                     ErrorCode::Internal,
                     format!("half messages of transaction {tx_id} are unreadable"),
-                )),
+                ))),
             },
             TxAction::Rollback => self
                 .store
@@ -583,11 +621,11 @@ impl Transactions {
                 )
                 .await
                 .map(|a| a.durable)
-                .map_err(store_error),
+                .map_err(|e| Failed(store_error(e))),
         };
         let mut table = lock(&self.table);
         if let Some(first) = table.ending.remove(&tx_id) {
-            first.send_replace(Some(result.is_ok()));
+            first.send_replace(Some(!matches!(result, Err(Failed(_)))));
         }
         match result {
             Ok(durable) => {
@@ -610,7 +648,26 @@ impl Transactions {
                     status: status(durable),
                 })
             }
-            Err(e) => {
+            Err(Conflict(why)) => {
+                if let Some(p) = table.pending.remove(&tx_id) {
+                    let key = p.first_msg_key;
+                    if table.by_msg_id.get(&key) == Some(&tx_id) {
+                        table.by_msg_id.remove(&key);
+                    }
+                }
+                table.remember_end(tx_id, false, first_msg_key);
+                if let Some(e) = table.ended.get_mut(&tx_id) {
+                    e.offset_conflict = true;
+                }
+                drop(table);
+                self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(tx_id, ?source, reason = %why, "commit refused for an offset conflict; transaction rolled back");
+                Err(WireError::new(
+                    ErrorCode::OffsetConflict,
+                    format!("transaction {tx_id}: {why}"),
+                ))
+            }
+            Err(Failed(e)) => {
                 if let Some(p) = table.pending.get_mut(&tx_id) {
                     p.phase = previous;
                     let due = p.next_check_at;
@@ -732,12 +789,23 @@ impl Transactions {
 
     /// The half messages as they become visible: internal properties removed.
     fn read_halves(&self, halves: Halves) -> Option<Vec<(u32, Message)>> {
+        self.read_commit(halves).map(|(messages, _)| messages)
+    }
+
+    /// What a commit appends: the half messages as they become visible,
+    /// and the consumer offsets the prepare kept on the first one. `None`
+    /// when a half message, or the offsets, cannot be read.
+    fn read_commit(&self, halves: Halves) -> Option<Commit> {
         let mut pos = halves.first;
-        (0..halves.count)
+        let mut found = Vec::new();
+        let messages = (0..halves.count)
             .map(|_| {
                 let (rec, size) = self.store.read_record_at(pos)?;
                 pos += u64::from(size);
                 let mut m = rec.message;
+                if let Some(value) = m.properties.remove(offsets::PROP_OFFSETS) {
+                    found.extend(offsets::decode(&value)?);
+                }
                 m.properties.remove(PROP_PRODUCER_GROUP);
                 m.properties.remove(PROP_CHECK_DELAY);
                 m.properties.remove(PROP_ATTEMPT);
@@ -746,7 +814,8 @@ impl Transactions {
                 m.properties.remove(PROP_CARRIED_PARKED);
                 Some((rec.queue, m))
             })
-            .collect()
+            .collect::<Option<Vec<_>>>()?;
+        Some((messages, found))
     }
 
     /// Pending and parked transactions, oldest first, and the counters.
@@ -966,6 +1035,31 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
     if !t.parked {
         table.due.insert(t.tx_id, next_check_at);
     }
+}
+
+/// What a commit appends: the visible messages (real queue, message) and
+/// the consumer offsets committed with them.
+type Commit = (Vec<(u32, Message)>, Vec<TxOffset>);
+
+/// Why an end failed: the store refused it, or (a commit) its offsets
+/// conflicted and the transaction was rolled back instead.
+enum EndFailure {
+    Failed(WireError),
+    Conflict(String),
+}
+use EndFailure::{Conflict, Failed};
+
+/// The answer to an end of a transaction that already ended as `ended`.
+fn ended_again_tx(tx_id: u64, ended: EndedTx, action: TxAction) -> Result<Ended, WireError> {
+    if ended.offset_conflict && action == TxAction::Commit {
+        return Err(WireError::new(
+            ErrorCode::OffsetConflict,
+            format!(
+                "transaction {tx_id} was rolled back: its consumer offsets conflicted when it was committed"
+            ),
+        ));
+    }
+    ended_again(tx_id, ended.committed, action)
 }
 
 fn ended_again(tx_id: u64, committed: bool, action: TxAction) -> Result<Ended, WireError> {

@@ -23,12 +23,14 @@
 mod broker_links;
 mod check_service;
 pub mod listener;
+pub mod offsets;
 mod placement;
 pub mod producer;
 
 pub use listener::{
     state_of, BoxError, CheckRequest, TransactionListener, TransactionState, TxContext,
 };
+pub use offsets::ConsumedOffset;
 pub use producer::{
     TransactionProducer, TransactionProducerBuilder, TxOutcome, DEFAULT_BROKER_REFRESH_INTERVAL,
     DEFAULT_CHECK_TIMEOUT,

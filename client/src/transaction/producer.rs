@@ -14,6 +14,7 @@ use txmq_protocol::{
 use super::broker_links::BrokerLinks;
 use super::check_service::CheckService;
 use super::listener::{state_of, TransactionListener, TransactionState, TxContext};
+use super::offsets::ConsumedOffset;
 use super::placement::{distinct, place, Placement};
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
@@ -387,7 +388,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// check-back already rolled it back) or the end was lost (the broker
     /// checks back then).
     pub async fn send_in_transaction(&self, message: Message) -> Result<TxOutcome> {
-        self.transact(vec![message], Placement::RoundRobin).await
+        self.transact(vec![message], Placement::RoundRobin, &[])
+            .await
     }
 
     /// As [`TransactionProducer::send_in_transaction`], on the queue that
@@ -401,7 +403,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         message: Message,
         shard_key: &str,
     ) -> Result<TxOutcome> {
-        self.transact(vec![message], Placement::Hash(shard_hash(shard_key)))
+        self.transact(vec![message], Placement::Hash(shard_hash(shard_key)), &[])
             .await
     }
 
@@ -416,7 +418,35 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// As [`TransactionProducer::send_in_transaction`], and
     /// [`Error::NoCommonBroker`] when no broker serves all the topics.
     pub async fn send_messages_in_transaction(&self, messages: Vec<Message>) -> Result<TxOutcome> {
-        self.transact(messages, Placement::RoundRobin).await
+        self.transact(messages, Placement::RoundRobin, &[]).await
+    }
+
+    /// Sends `messages` in one transaction (as
+    /// [`TransactionProducer::send_messages_in_transaction`]) that also
+    /// commits consumer `offsets`: on commit the broker makes the messages
+    /// visible and stores the offsets in one atomic log append; on rollback
+    /// neither. With [`ConsumedOffset::after`] (an `expected` offset) this
+    /// is a consume-transform-produce step that happens exactly once (see
+    /// [`offsets`](super::offsets)).
+    ///
+    /// The offsets' queues must all be on one broker, and the transaction
+    /// is placed there: each message's topic needs a writable queue on it.
+    ///
+    /// # Errors
+    /// As [`TransactionProducer::send_in_transaction`]; before anything is
+    /// sent, [`Error::BadArgument`] for offsets of several brokers or a
+    /// topic with no writable queue on theirs. A commit whose offset moved
+    /// meanwhile is rolled back by the broker: [`Error::EndTransaction`]
+    /// with [`ErrorCode::OffsetConflict`](crate::ErrorCode::OffsetConflict)
+    /// (see [`Error::code`]), naming the group, queue, expected and actual
+    /// offsets; read the input again from the group's committed offset.
+    pub async fn send_in_transaction_with_offsets(
+        &self,
+        messages: Vec<Message>,
+        offsets: Vec<ConsumedOffset>,
+    ) -> Result<TxOutcome> {
+        self.transact(messages, Placement::RoundRobin, &offsets)
+            .await
     }
 
     /// Stops answering check-backs and closes the connections. Check-backs
@@ -437,10 +467,14 @@ impl<L: TransactionListener> TransactionProducer<L> {
         &self,
         mut messages: Vec<Message>,
         placement: Placement,
+        offsets: &[ConsumedOffset],
     ) -> Result<TxOutcome> {
         self.check_open()?;
         complete(&mut messages)?;
-        let (broker, addr, prepared, stamp) = self.prepare(&messages, placement).await?;
+        let only_broker = offsets_broker(offsets)?;
+        let (broker, addr, prepared, stamp) = self
+            .prepare(&messages, placement, only_broker, offsets)
+            .await?;
         let tx_id = prepared.tx_id;
         let ctx = TxContext::new(tx_id, broker.clone(), self.inner.group.clone(), messages);
         // `complete` refused an empty list, so there is a first message.
@@ -496,10 +530,15 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// answers a repeated prepare with the transaction it already holds,
     /// where another broker would start a second transaction of the same
     /// message, and both would be committed.
+    ///
+    /// With `only_broker` (the broker of the transaction's offsets), only
+    /// that broker's queues are candidates.
     async fn prepare(
         &self,
         messages: &[Message],
         placement: Placement,
+        only_broker: Option<&str>,
+        offsets: &[ConsumedOffset],
     ) -> Result<(String, String, Prepared, Option<ProducerStamp>)> {
         let topics = distinct(messages.iter().map(|m| m.topic.as_str()));
         let attempts = self.inner.config.send_retries.saturating_add(1);
@@ -558,10 +597,32 @@ impl<L: TransactionListener> TransactionProducer<L> {
                             return Err(last_error.unwrap_or(e));
                         }
                     };
+                    let on_broker: Vec<Vec<crate::MessageQueue>> = routes
+                        .iter()
+                        .map(|r| {
+                            r.writable
+                                .iter()
+                                .filter(|q| only_broker.is_none_or(|b| q.broker_name == b))
+                                .cloned()
+                                .collect()
+                        })
+                        .collect();
+                    if let Some(b) = only_broker {
+                        if let Some((topic, _)) =
+                            topics.iter().zip(&on_broker).find(|(_, q)| q.is_empty())
+                        {
+                            if last_attempt || routes.iter().all(|r| !r.writable.is_empty()) {
+                                return Err(Error::BadArgument(format!(
+                                    "topic '{topic}' has no writable queue on broker {b}, where the transaction's \
+                                     consumed queues are: a transaction commits offsets of its own broker only"
+                                )));
+                            }
+                        }
+                    }
                     let lists: Vec<(&str, &[crate::MessageQueue])> = topics
                         .iter()
-                        .zip(&routes)
-                        .map(|(t, r)| (*t, &r.writable[..]))
+                        .zip(&on_broker)
+                        .map(|(t, q)| (*t, &q[..]))
                         .collect();
                     let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
                     let placed = place(&lists, placement, turn, failed_broker.as_deref());
@@ -628,7 +689,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
             let stamp = held.as_ref().map(|(_, _, s)| *s);
             let request = PrepareTransaction {
                 producer: stamp,
-                offsets: Vec::new(),
+                offsets: offsets.iter().map(|o| o.offset.clone()).collect(),
                 producer_group: self.inner.group.clone(),
                 messages: halves,
                 first_check_delay_ms: self.inner.first_check_delay_ms,
@@ -798,6 +859,21 @@ impl<L: TransactionListener> TransactionProducer<L> {
             }
         }
     }
+}
+
+/// The one broker of a transaction's offsets, if it has any.
+fn offsets_broker(offsets: &[ConsumedOffset]) -> Result<Option<&str>> {
+    let Some(first) = offsets.first() else {
+        return Ok(None);
+    };
+    if let Some(other) = offsets.iter().find(|o| o.broker_name != first.broker_name) {
+        return Err(Error::BadArgument(format!(
+            "transaction offsets name queues of brokers {} and {}: a transaction commits \
+             offsets of its own broker only; use one transaction per broker",
+            first.broker_name, other.broker_name
+        )));
+    }
+    Ok(Some(first.broker_name.as_str()))
 }
 
 /// Checks the messages and fills in missing ids and timestamps.
