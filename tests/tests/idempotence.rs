@@ -27,8 +27,7 @@ use txmq::{
 };
 use txmq_broker::FlushMode;
 use txmq_protocol::{
-    InitProducer, Ping, ProducerIdentity, ProducerStamp, QueryOffset, Role, SendRequest,
-    SendResult,
+    InitProducer, Ping, ProducerIdentity, ProducerStamp, QueryOffset, Role, SendRequest, SendResult,
 };
 use txmq_remoting::Connection;
 use txmq_tests::lazyfs::LazyFs;
@@ -321,7 +320,11 @@ async fn a_producer_sending_through_ten_kill9s_stores_each_message_once() {
         }
     })
     .await;
-    assert!(acked.len() > 50, "the workload sent little: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "the workload sent little: {}",
+        acked.len()
+    );
     let got = consume_all(&ns, "cg", TOPIC, usize::MAX, Duration::from_secs(3)).await;
     assert_exactly(&got, &acked, &sent);
     eprintln!(
@@ -360,7 +363,11 @@ async fn a_producer_sending_through_power_cuts_stores_each_message_once() {
         }
     })
     .await;
-    assert!(acked.len() > 20, "the workload sent little: {}", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the workload sent little: {}",
+        acked.len()
+    );
     let got = consume_all(&ns, "cg", TOPIC, usize::MAX, Duration::from_secs(3)).await;
     assert_exactly(&got, &acked, &sent);
     drop(broker);
@@ -386,7 +393,10 @@ async fn init(conn: &Connection) -> ProducerIdentity {
 fn stamped(topic: &str, bodies: &[&str], stamp: ProducerStamp) -> SendRequest {
     SendRequest {
         queue: 0,
-        messages: bodies.iter().map(|b| Message::new(topic, b.to_string())).collect(),
+        messages: bodies
+            .iter()
+            .map(|b| Message::new(topic, b.to_string()))
+            .collect(),
         producer: Some(stamp),
     }
 }
@@ -412,7 +422,9 @@ async fn assert_refused(conn: &Connection, request: SendRequest, code: ErrorCode
     assert_eq!(wire.code, code, "{wire:?}");
     assert!(!wire.message.is_empty());
     assert_eq!(max_offset(conn, &topic, 0).await, before, "stored anyway");
-    conn.call(Ping {}).await.expect("the connection is still served");
+    conn.call(Ping {})
+        .await
+        .expect("the connection is still served");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +432,9 @@ async fn bad_stamps_are_refused_with_their_codes_and_store_nothing() {
     const TOPIC: &str = "stamps";
     let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let addr = cluster
-        .add_broker("broker-a", |c| c.producer_id_expiry = Duration::from_secs(1))
+        .add_broker("broker-a", |c| {
+            c.producer_id_expiry = Duration::from_secs(1)
+        })
         .await
         .to_string();
     create_topic(&cluster.nameserver, TOPIC, 1).await;
@@ -512,7 +526,10 @@ async fn txmq_send_takes_idempotence_false_and_refuses_a_bad_value() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got = consume_all(&ns, "cg", "plain", 1, Duration::from_secs(2)).await;
-    assert_eq!(got.iter().map(body_text).collect::<Vec<_>>(), ["not stamped"]);
+    assert_eq!(
+        got.iter().map(body_text).collect::<Vec<_>>(),
+        ["not stamped"]
+    );
 
     let out = txmq(
         &ns,
@@ -578,5 +595,86 @@ async fn the_producer_table_survives_a_clean_stop_and_a_kill9() {
     assert_eq!(next.first_offset, first.first_offset + 3);
     conn.close();
     drop(broker);
+    cluster.shutdown().await;
+}
+
+/// The table is carried by replication: a stamped batch acknowledged under
+/// sync replication, then the master gone and its slave's data directory
+/// started as the group's master (a manual switch; controller failover is
+/// tested elsewhere): the same stamp is recognised there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_holds_the_producer_table_and_recognises_a_retry_after_a_switch() {
+    const TOPIC: &str = "replicated";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let master_flags = [
+        "--flush",
+        "sync",
+        "--replication",
+        "sync",
+        "--min-insync-replicas",
+        "2",
+        "--replication-timeout",
+        "2s",
+    ];
+    let mut master = start_broker(&tmp.path().join("master"), &ns, "broker-a", &master_flags).await;
+    create_topic(&ns, TOPIC, 1).await;
+    let slave_data = tmp.path().join("slave");
+    let mut slave = start_broker(
+        &slave_data,
+        &ns,
+        "broker-a",
+        &[
+            "--flush",
+            "sync",
+            "--role",
+            "slave",
+            "--master-addr",
+            &master.addr,
+        ],
+    )
+    .await;
+    let slave_addr = slave.addr.clone();
+    common::wait_until("the slave is in sync", Duration::from_secs(15), || async {
+        common::replication(&master.addr)
+            .await
+            .replicas
+            .iter()
+            .any(|r| r.addr == slave_addr && r.in_sync)
+    })
+    .await;
+
+    let conn = connect_as(&master.addr, Role::Producer).await;
+    let id = init(&conn).await;
+    let request = stamped(TOPIC, &["r1", "r2"], stamp(&id, 0));
+    let first = conn.call(request.clone()).await.unwrap();
+    assert_eq!(first.status, SendStatus::SendOk, "the slave holds it");
+    conn.close();
+
+    tokio::task::block_in_place(|| {
+        master.kill9();
+        slave.kill9();
+    });
+    let promoted = start_broker(&slave_data, &ns, "broker-a", &["--flush", "sync"]).await;
+    let conn = connect_as(&promoted.addr, Role::Producer).await;
+    let before = max_offset(&conn, TOPIC, 0).await;
+    let again = conn
+        .call(request)
+        .await
+        .unwrap_or_else(|e| panic!("the retry at the former slave: {e}"));
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.first_offset, first.first_offset);
+    assert_eq!(again.msg_ids, first.msg_ids);
+    assert_eq!(max_offset(&conn, TOPIC, 0).await, before);
+    // The producer's next sequence follows on.
+    let next = conn
+        .call(stamped(TOPIC, &["r3"], stamp(&id, 2)))
+        .await
+        .unwrap();
+    assert!(!next.duplicate);
+    assert_eq!(next.first_offset, first.first_offset + 2);
+    conn.close();
+    drop((master, slave, promoted));
     cluster.shutdown().await;
 }
