@@ -138,6 +138,17 @@ impl Cluster {
             .expect("producer builds")
     }
 
+    /// A producer without idempotence: plain records only (no producer id
+    /// record, no stamps), for tests that count or line up records.
+    pub async fn plain_producer(&self) -> txmq::Producer {
+        txmq::Producer::builder()
+            .nameserver(&self.nameserver)
+            .idempotence(false)
+            .build()
+            .await
+            .expect("producer builds")
+    }
+
     /// An admin client for this cluster.
     pub async fn admin(&self) -> txmq::Admin {
         txmq::Admin::connect([self.nameserver.clone()])

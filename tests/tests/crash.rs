@@ -464,7 +464,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
     // written after the cut line up exactly with the old ones beyond it.
     let mut broker = start_broker(&data, &ns, "broker-a", &[]).await;
     create_topic(&ns, "flip", 1).await;
-    let producer = cluster.producer().await;
+    let producer = cluster.plain_producer().await;
     for i in 0..N {
         producer
             .send(Message::new("flip", format!("m{i:02}")))
@@ -486,7 +486,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
 
     restart(&mut broker, &ns, "flip").await;
     // Written where the corrupt record and the one after it were.
-    let producer = cluster.producer().await;
+    let producer = cluster.plain_producer().await;
     for i in BAD..BAD + 2 {
         let r = producer
             .send(Message::new("flip", format!("n{i:02}")))

@@ -21,7 +21,7 @@ async fn store_stats_count_records_writes_and_group_commits() {
     assert_eq!(before.len(), 1);
     assert_eq!(before[0].flush, "sync");
 
-    let producer = cluster.producer().await;
+    let producer = cluster.plain_producer().await;
     let sends: Vec<_> = (0..200)
         .map(|i| {
             let p = producer.clone();
@@ -59,7 +59,7 @@ async fn sends_in_flight_together_share_commit_log_writes() {
         .create_topic("g", 4, txmq::PERM_READ_WRITE, None)
         .await
         .unwrap();
-    let producer = cluster.producer().await;
+    let producer = cluster.plain_producer().await;
     // Connected, so that the measured sends are not held up by connecting.
     producer.send(Message::new("g", "first")).await.unwrap();
     let before = admin.store_stats(None).await.unwrap();

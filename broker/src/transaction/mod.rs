@@ -333,11 +333,11 @@ impl Transactions {
                 .insert(offsets::PROP_OFFSETS.into(), offsets::encode(offsets));
         }
         let key = first_message.msg_id;
-        // A stamped prepare is recognised by the producer table, in the
-        // store's writer; the msg id match is for unstamped ones.
-        let waiting = if stamp.is_some() {
-            None
-        } else {
+        // A retried stamped prepare is recognised by the producer table, in
+        // the store's writer. The msg id match stays in front of it: it
+        // refuses a second transaction that reuses a message id (another
+        // stamp), and answers unstamped retries.
+        let waiting = {
             let mut table = lock(&self.table);
             if let Some(&tx_id) = table.by_msg_id.get(&msg_key(&key)) {
                 let stored = table
@@ -410,7 +410,12 @@ impl Transactions {
             .await
             .map_err(store_error);
         let (tx_id, durable) = match stored {
-            Ok(a) if a.duplicate => return self.prepared_again(a.first_offset, a.durable),
+            Ok(a) if a.duplicate => {
+                if let Some((_, first)) = lock(&self.table).preparing.remove(&key) {
+                    first.send_replace(Some(a.first_offset));
+                }
+                return self.prepared_again(a.first_offset, a.durable);
+            }
             Ok(a) => (a.first_offset, a.durable),
             Err(e) => {
                 // Waiting retries see the sender dropped and are told to try again.

@@ -289,12 +289,18 @@ impl Producer {
         target: Target<'_>,
     ) -> Result<Vec<SendReceipt>> {
         let topic = prepare(&mut messages)?;
+        // A delayed message waits in the broker's delay index, outside any
+        // queue's sequence: it is sent plain (at least once).
+        let delayed = messages.iter().any(|m| {
+            m.properties
+                .contains_key(txmq_protocol::PROPERTY_DELIVER_AT)
+        });
         let (mq, result) = match &self.inner.idempotence {
-            Some(idem) => {
+            Some(idem) if !delayed => {
                 self.send_idempotent(idem, &topic, &messages, target)
                     .await?
             }
-            None => self.send_with_retries(&topic, &messages, target).await?,
+            _ => self.send_with_retries(&topic, &messages, target).await?,
         };
         Ok(receipts(&topic, &mq, &result, &messages))
     }
