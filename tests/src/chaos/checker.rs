@@ -7,12 +7,24 @@
 //!   status (`FLUSH_DISK_TIMEOUT`, `FLUSH_SLAVE_TIMEOUT`,
 //!   `SLAVE_NOT_AVAILABLE`: stored on the master only, which a failover may
 //!   cut) is not acknowledged.
+//! - **stored-twice**: exact, from the harness's final look at every queue
+//!   of the workload's topics from offset 0: a message (by msg id) stored
+//!   at more than one position. Producers are idempotent, so a retried
+//!   send or prepare is never stored again; a failed look is a violation.
 //! - **duplicate**: a message handled without having been sent, or handled
-//!   again (the same stored copy or another one) outside the at-least-once
-//!   window: a repeat is allowed only when a fault's window (from its start
-//!   to its end plus a grace period) overlaps the time between the
-//!   message's first handling and the repeat, since at-least-once delivery
-//!   repeats only what a failure interrupted.
+//!   again other than as consumer-side redelivery: a repeat is allowed only
+//!   from the same stored position and only when a fault's window (from
+//!   its start to its end plus a grace period) overlaps the time between
+//!   the message's first handling and the repeat, since at-least-once
+//!   delivery repeats only what a failure interrupted. A repeat from
+//!   another position is allowed only when the final look no longer finds
+//!   the message at the first one (a failover cut that copy; the retry
+//!   stored the only one left).
+//! - **applied-once** (dedup mode only): the consumers applied effects
+//!   through `SqliteDedup`; the effects table holds exactly one row per
+//!   acknowledged send and per committed transaction that must be
+//!   visible, never two rows for one msg id, and none for a message never
+//!   sent or rolled back.
 //! - **order**: per sharding key, the acknowledged sends are first handled
 //!   in the order they were sent (sends of one key are sequential, each
 //!   after the previous one was answered). Repeats are the duplicate
@@ -130,8 +142,9 @@ pub fn count(events: &[Event]) -> OpCounts {
 /// each fault's window past its end.
 pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
     let h = Indexed::new(events, grace_us);
-    vec![
+    let mut verdicts = vec![
         h.lost(),
+        h.stored_twice(),
         h.duplicate(),
         h.order(),
         h.tx_committed_invisible(),
@@ -140,7 +153,11 @@ pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
         h.tx_pending(),
         h.unhandled(),
         h.diverged(),
-    ]
+    ];
+    if h.effects_read.is_some() {
+        verdicts.push(h.applied_once());
+    }
+    verdicts
 }
 
 /// A handling: when, and at which stored position.
@@ -178,6 +195,16 @@ struct Indexed<'a> {
     /// delivery only: later ones come from the retry topic), or found
     /// there by the final look; in time order.
     placed: Vec<(Position, &'a str, String)>,
+    /// The final look at the topics: positions per msg id, with the body.
+    stored: HashMap<&'a str, Vec<(Position, &'a str)>>,
+    /// (position, body) of every message the final look found.
+    stored_at: HashSet<(Position, &'a str)>,
+    /// Topics the final look could not read.
+    stored_failed: Vec<&'a Event>,
+    /// Dedup mode: rows of the effects table per msg id.
+    effects: HashMap<&'a str, Vec<&'a Event>>,
+    /// Dedup mode: whether the effects table was read (`None`: not dedup mode).
+    effects_read: Option<bool>,
 }
 
 /// (broker group, topic, queue, offset).
@@ -221,6 +248,11 @@ impl<'a> Indexed<'a> {
             dead: HashSet::new(),
             below: Vec::new(),
             placed: Vec::new(),
+            stored: HashMap::new(),
+            stored_at: HashSet::new(),
+            stored_failed: Vec::new(),
+            effects: HashMap::new(),
+            effects_read: None,
         };
         let mut open_faults: HashMap<&str, u64> = HashMap::new();
         let end_of_run = events.last().map_or(0, |e| e.time_us);
@@ -268,6 +300,24 @@ impl<'a> Indexed<'a> {
                         }
                     }
                     h.below.push(e);
+                }
+                (Op::Stored, Kind::Ok) => {
+                    if let (Some(at), Some(msg_id)) = (position_of(e), e.msg_id.as_deref()) {
+                        h.stored_at.insert((at.clone(), &e.id));
+                        h.stored.entry(msg_id).or_default().push((at, &e.id));
+                    }
+                }
+                (Op::Stored, _) => h.stored_failed.push(e),
+                (Op::Effect, Kind::Ok) => {
+                    if let Some(msg_id) = e.msg_id.as_deref() {
+                        h.effects.entry(msg_id).or_default().push(e);
+                    }
+                }
+                (Op::Effect, Kind::Info) if e.id == "effects-read" => {
+                    h.effects_read = Some(true);
+                }
+                (Op::Effect, Kind::Fail) => {
+                    h.effects_read = Some(false);
                 }
                 (Op::DeadLetter, _) => {
                     h.dead
@@ -376,10 +426,39 @@ impl<'a> Indexed<'a> {
         verdict("lost", lost, summary)
     }
 
+    fn stored_twice(&self) -> Verdict {
+        let mut violations: Vec<String> = self
+            .stored_failed
+            .iter()
+            .map(|e| format!("not checked: {}", example(e)))
+            .collect();
+        for (msg_id, at) in &self.stored {
+            let positions: HashSet<&Position> = at.iter().map(|(p, _)| p).collect();
+            if positions.len() > 1 {
+                let mut list: Vec<String> = positions.iter().map(|p| format!("{p:?}")).collect();
+                list.sort();
+                violations.push(format!(
+                    "{msg_id} ({}) stored at {}",
+                    at[0].1,
+                    list.join(", ")
+                ));
+            }
+        }
+        violations.sort();
+        let summary = format!(
+            "{} of {} stored messages (by msg id, every queue from offset 0) stored more than once; {} topics not read",
+            violations.len() - self.stored_failed.len(),
+            self.stored.len(),
+            self.stored_failed.len()
+        );
+        verdict("stored-twice", violations, summary)
+    }
+
     fn duplicate(&self) -> Verdict {
         let mut violations = Vec::new();
         let mut unsent = 0;
         let mut allowed = 0;
+        let mut cut = 0;
         let mut repeated_ids = 0;
         for e in &self.consumes {
             if !self.invoked.contains_key(e.id.as_str()) {
@@ -392,23 +471,100 @@ impl<'a> Indexed<'a> {
                 continue;
             }
             repeated_ids += 1;
-            let first = handlings[0].time_us;
+            let first = &handlings[0];
             for h in &handlings[1..] {
-                if self.in_window(first, h.time_us) {
+                if h.position != first.position {
+                    // Another copy: only a copy a failover cut (the final
+                    // look finds nothing of it there) may precede the one
+                    // that is stored.
+                    let gone = !self.stored.is_empty()
+                        && !self.stored_at.contains(&(first.position.clone(), *id));
+                    if gone {
+                        cut += 1;
+                    } else {
+                        violations.push(format!(
+                            "{id} handled at {:?} by {}, then from another stored copy at {:?} by {}",
+                            first.position, first.process, h.position, h.process
+                        ));
+                    }
+                } else if self.in_window(first.time_us, h.time_us) {
                     allowed += 1;
                 } else {
                     violations.push(format!(
-                        "{id} handled again at {} by {} ({:?}) with no fault since its first handling at {first}",
-                        h.time_us, h.process, h.position
+                        "{id} handled again at {} by {} ({:?}) with no fault since its first handling at {}",
+                        h.time_us, h.process, h.position, first.time_us
                     ));
                 }
             }
         }
         let summary = format!(
-            "{unsent} consumed without being sent, {} repeats outside the at-least-once window; {allowed} repeats of {repeated_ids} messages within it",
+            "{unsent} consumed without being sent, {} repeats not from consumer-side redelivery; {allowed} redeliveries of {repeated_ids} messages within the at-least-once window, {cut} of a copy a failover cut",
             violations.len() - unsent
         );
         verdict("duplicate", violations, summary)
+    }
+
+    fn applied_once(&self) -> Verdict {
+        let mut violations = Vec::new();
+        if self.effects_read == Some(false) {
+            violations.push("the effects table could not be read".to_string());
+        }
+        let rows = |e: &Event| {
+            e.msg_id
+                .as_deref()
+                .and_then(|m| self.effects.get(m))
+                .map_or(0, Vec::len)
+        };
+        let mut must = 0;
+        for (id, done) in &self.completed {
+            let acked = done.f == Op::Send
+                && done.kind == Kind::Ok
+                && done.status.as_deref() == Some("SEND_OK");
+            if !acked {
+                continue;
+            }
+            must += 1;
+            if let Some(inv) = self.invoked.get(id) {
+                if rows(inv) == 0 {
+                    violations.push(format!("acknowledged but never applied: {}", example(inv)));
+                }
+            }
+        }
+        let (visible, _, _) = self.must_be_visible();
+        for e in &visible {
+            must += 1;
+            if rows(e) == 0 {
+                violations.push(format!("committed but never applied: {}", example(e)));
+            }
+        }
+        let mut total = 0;
+        for (msg_id, list) in &self.effects {
+            total += list.len();
+            if list.len() > 1 {
+                let by: Vec<&str> = list.iter().filter_map(|e| e.detail.as_deref()).collect();
+                violations.push(format!(
+                    "{msg_id} ({}) applied {} times ({})",
+                    list[0].id,
+                    list.len(),
+                    by.join(", ")
+                ));
+            }
+            let e = list[0];
+            match self.invoked.get(e.id.as_str()) {
+                None => violations.push(format!("applied but never sent: {}", example(e))),
+                Some(inv) if inv.truth.as_deref() == Some("rollback") => {
+                    violations.push(format!("applied but rolled back: {}", example(e)))
+                }
+                Some(_) => {}
+            }
+        }
+        violations.sort();
+        let summary = format!(
+            "{} violations: {total} effects for {} msg ids; {must} acknowledged sends and committed transactions each applied exactly once",
+            violations.len(),
+            self.effects.len()
+        );
+        verdict("applied-once", violations, summary)
     }
 
     fn order(&self) -> Verdict {
