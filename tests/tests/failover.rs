@@ -1510,7 +1510,11 @@ async fn idempotent_sends_across_master_kills_are_stored_exactly_once() {
         "{} sends acknowledged SEND_OK; other answers: {other:?}",
         acked.len()
     );
-    assert!(acked.len() > 100, "too few sends acknowledged: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "too few sends acknowledged: {}",
+        acked.len()
+    );
 
     // What the log holds, read from the master (its slaves hold the same).
     let master = healthy.master.clone().expect("a master");
@@ -1558,7 +1562,11 @@ async fn idempotent_sends_across_master_kills_are_stored_exactly_once() {
     let mut got: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < by_body.len() && Instant::now() < deadline {
-        for m in consumer.poll(Duration::from_millis(200)).await.unwrap_or_default() {
+        for m in consumer
+            .poll(Duration::from_millis(200))
+            .await
+            .unwrap_or_default()
+        {
             let body = String::from_utf8(m.body().to_vec()).expect("UTF-8 body");
             *got.entry(body).or_default() += 1;
         }

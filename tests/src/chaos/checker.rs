@@ -18,7 +18,7 @@
 //!   the message's first handling and the repeat, since at-least-once
 //!   delivery repeats only what a failure interrupted. A repeat from
 //!   another position is allowed only when the final look no longer finds
-//!   the message at the first one (a failover cut that copy; the retry
+//!   the message at one of the two (a failover cut that copy; the retry
 //!   stored the only one left).
 //! - **applied-once** (dedup mode only): the consumers applied effects
 //!   through `SqliteDedup`; the effects table holds exactly one row per
@@ -474,11 +474,12 @@ impl<'a> Indexed<'a> {
             let first = &handlings[0];
             for h in &handlings[1..] {
                 if h.position != first.position {
-                    // Another copy: only a copy a failover cut (the final
-                    // look finds nothing of it there) may precede the one
-                    // that is stored.
-                    let gone = !self.stored.is_empty()
-                        && !self.stored_at.contains(&(first.position.clone(), *id));
+                    // Another copy: allowed only when one of the two was
+                    // cut by a failover (the final look finds nothing of
+                    // it there), so one copy is stored.
+                    let gone = |p: &Position| !self.stored_at.contains(&(p.clone(), *id));
+                    let gone =
+                        !self.stored.is_empty() && (gone(&first.position) || gone(&h.position));
                     if gone {
                         cut += 1;
                     } else {
@@ -972,5 +973,95 @@ mod tests {
                 ("tx-pending", 1)
             ]
         );
+    }
+
+    fn stored(out: &mut Vec<Event>, t: u64, id: &str, offset: u64) {
+        let mut e = ev(t, Kind::Ok, Op::Stored, id);
+        e.broker = Some("b".into());
+        e.topic = Some("t".into());
+        e.queue = Some(0);
+        e.offset = Some(offset);
+        e.msg_id = Some(format!("M{id}"));
+        out.push(e);
+    }
+
+    /// The exact checkers: a message stored at two positions fails
+    /// `stored-twice`, and handling both copies fails `duplicate` even
+    /// inside a fault's window; a repeat of one stored copy within the
+    /// window is redelivery, and a copy a failover cut (the final look
+    /// no longer finds it there) may precede the stored one.
+    #[test]
+    fn a_message_stored_twice_is_caught_and_only_redelivery_repeats() {
+        let mut h = Vec::new();
+        send(&mut h, 10, "k:1", "k", Kind::Ok);
+        send(&mut h, 20, "k:2", "k", Kind::Ok);
+        let mut f = ev(25, Kind::Invoke, Op::Fault, "kill-consumer#1");
+        h.push(f.clone());
+        f.kind = Kind::Ok;
+        f.time_us = 60;
+        h.push(f);
+        consume(&mut h, 30, "k:1", 0);
+        consume(&mut h, 31, "k:2", 1);
+        // Redelivered after the kill: the same stored copy.
+        consume(&mut h, 40, "k:2", 1);
+        // k:1 was also handed out at 2 by a master a failover replaced,
+        // and cut: the final look finds it only at 0.
+        consume(&mut h, 41, "k:1", 2);
+        stored(&mut h, 90, "k:1", 0);
+        stored(&mut h, 91, "k:2", 1);
+        h.sort_by_key(|e| e.time_us);
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        // A retry stored k:2 again at 3, and a consumer handled that copy.
+        let mut twice = h.clone();
+        stored(&mut twice, 92, "k:2", 3);
+        consume(&mut twice, 50, "k:2", 3);
+        twice.sort_by_key(|e| e.time_us);
+        assert_eq!(
+            failed(&check(&twice, 0)),
+            [("stored-twice", 1), ("duplicate", 1)]
+        );
+
+        // A look that failed is no pass.
+        let mut blind = h.clone();
+        blind.push(ev(93, Kind::Fail, Op::Stored, "t"));
+        assert_eq!(failed(&check(&blind, 0)), [("stored-twice", 1)]);
+    }
+
+    /// Dedup mode: each acknowledged send and committed transaction has
+    /// exactly one row in the effects table.
+    #[test]
+    fn dedup_mode_holds_each_acknowledged_message_to_one_effect() {
+        let effect = |h: &mut Vec<Event>, t: u64, id: &str| {
+            let mut e = ev(t, Kind::Ok, Op::Effect, id);
+            e.msg_id = Some(format!("M{id}"));
+            h.push(e);
+        };
+        let mut h = Vec::new();
+        for (t, id) in [(10, "k:1"), (20, "k:2")] {
+            send(&mut h, t, id, "k", Kind::Ok);
+            let invoke = h.len() - 2;
+            h[invoke].msg_id = Some(format!("M{id}"));
+        }
+        consume(&mut h, 30, "k:1", 0);
+        consume(&mut h, 31, "k:2", 1);
+        // No effects read: not dedup mode, no verdict.
+        assert!(check(&h, 0).iter().all(|v| v.name != "applied-once"));
+        h.push(ev(90, Kind::Info, Op::Effect, "effects-read"));
+        effect(&mut h, 91, "k:1");
+        effect(&mut h, 92, "k:2");
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        // Applied twice, and one never applied.
+        let mut bad = h.clone();
+        bad.retain(|e| !(e.f == Op::Effect && e.id == "k:2"));
+        effect(&mut bad, 93, "k:1");
+        effect(&mut bad, 94, "x");
+        assert_eq!(failed(&check(&bad, 0)), [("applied-once", 3)]);
+
+        // The table could not be read.
+        let mut unread = h.clone();
+        unread.push(ev(95, Kind::Fail, Op::Effect, "effects-read"));
+        assert_eq!(failed(&check(&unread, 0)), [("applied-once", 1)]);
     }
 }
