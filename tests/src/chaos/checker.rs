@@ -205,6 +205,8 @@ struct Indexed<'a> {
     effects: HashMap<&'a str, Vec<&'a Event>>,
     /// Dedup mode: whether the effects table was read (`None`: not dedup mode).
     effects_read: Option<bool>,
+    /// Dedup mode: deliveries the dedup table found applied already.
+    absorbed: usize,
 }
 
 /// (broker group, topic, queue, offset).
@@ -253,6 +255,7 @@ impl<'a> Indexed<'a> {
             stored_failed: Vec::new(),
             effects: HashMap::new(),
             effects_read: None,
+            absorbed: 0,
         };
         let mut open_faults: HashMap<&str, u64> = HashMap::new();
         let end_of_run = events.last().map_or(0, |e| e.time_us);
@@ -316,6 +319,7 @@ impl<'a> Indexed<'a> {
                 (Op::Effect, Kind::Info) if e.id == "effects-read" => {
                     h.effects_read = Some(true);
                 }
+                (Op::Effect, Kind::Info) if e.id == "absorbed" => h.absorbed += 1,
                 (Op::Effect, Kind::Fail) => {
                     h.effects_read = Some(false);
                 }
@@ -561,9 +565,10 @@ impl<'a> Indexed<'a> {
         }
         violations.sort();
         let summary = format!(
-            "{} violations: {total} effects for {} msg ids; {must} acknowledged sends and committed transactions each applied exactly once",
+            "{} violations among {total} effects for {} msg ids and {must} acknowledged sends and committed transactions; {} redeliveries absorbed by the dedup table",
             violations.len(),
-            self.effects.len()
+            self.effects.len(),
+            self.absorbed
         );
         verdict("applied-once", violations, summary)
     }

@@ -469,7 +469,14 @@ async fn run_consumer(
                     })
                     .await;
                     return match done {
-                        Ok(Ok(Deduped::Applied(_) | Deduped::Duplicate)) => ConsumeResult::Success,
+                        Ok(Ok(Deduped::Applied(_))) => ConsumeResult::Success,
+                        Ok(Ok(Deduped::Duplicate)) => {
+                            let mut ev = rec.event(Kind::Info, Op::Effect, "absorbed");
+                            ev.msg_id = Some(msg_id.to_string());
+                            ev.detail = Some("a redelivery the dedup table absorbed".into());
+                            rec.record(&ev);
+                            ConsumeResult::Success
+                        }
                         Ok(Err(e)) => {
                             let mut ev = rec.event(Kind::Info, Op::Effect, "apply-failed");
                             ev.detail = Some(e.to_string());
