@@ -7,12 +7,24 @@
 //!   status (`FLUSH_DISK_TIMEOUT`, `FLUSH_SLAVE_TIMEOUT`,
 //!   `SLAVE_NOT_AVAILABLE`: stored on the master only, which a failover may
 //!   cut) is not acknowledged.
+//! - **stored-twice**: exact, from the harness's final look at every queue
+//!   of the workload's topics from offset 0: a message (by msg id) stored
+//!   at more than one position. Producers are idempotent, so a retried
+//!   send or prepare is never stored again; a failed look is a violation.
 //! - **duplicate**: a message handled without having been sent, or handled
-//!   again (the same stored copy or another one) outside the at-least-once
-//!   window: a repeat is allowed only when a fault's window (from its start
-//!   to its end plus a grace period) overlaps the time between the
-//!   message's first handling and the repeat, since at-least-once delivery
-//!   repeats only what a failure interrupted.
+//!   again other than as consumer-side redelivery: a repeat is allowed only
+//!   from the same stored position and only when a fault's window (from
+//!   its start to its end plus a grace period) overlaps the time between
+//!   the message's first handling and the repeat, since at-least-once
+//!   delivery repeats only what a failure interrupted. A repeat from
+//!   another position is allowed only when the final look no longer finds
+//!   the message at one of the two (a failover cut that copy; the retry
+//!   stored the only one left).
+//! - **applied-once** (dedup mode only): the consumers applied effects
+//!   through `SqliteDedup`; the effects table holds exactly one row per
+//!   acknowledged send and per committed transaction that must be
+//!   visible, never two rows for one msg id, and none for a message never
+//!   sent or rolled back.
 //! - **order**: per sharding key, the acknowledged sends are first handled
 //!   in the order they were sent (sends of one key are sequential, each
 //!   after the previous one was answered). Repeats are the duplicate
@@ -130,8 +142,9 @@ pub fn count(events: &[Event]) -> OpCounts {
 /// each fault's window past its end.
 pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
     let h = Indexed::new(events, grace_us);
-    vec![
+    let mut verdicts = vec![
         h.lost(),
+        h.stored_twice(),
         h.duplicate(),
         h.order(),
         h.tx_committed_invisible(),
@@ -140,7 +153,11 @@ pub fn check(events: &[Event], grace_us: u64) -> Vec<Verdict> {
         h.tx_pending(),
         h.unhandled(),
         h.diverged(),
-    ]
+    ];
+    if h.effects_read.is_some() {
+        verdicts.push(h.applied_once());
+    }
+    verdicts
 }
 
 /// A handling: when, and at which stored position.
@@ -178,6 +195,18 @@ struct Indexed<'a> {
     /// delivery only: later ones come from the retry topic), or found
     /// there by the final look; in time order.
     placed: Vec<(Position, &'a str, String)>,
+    /// The final look at the topics: positions per msg id, with the body.
+    stored: HashMap<&'a str, Vec<(Position, &'a str)>>,
+    /// (position, body) of every message the final look found.
+    stored_at: HashSet<(Position, &'a str)>,
+    /// Topics the final look could not read.
+    stored_failed: Vec<&'a Event>,
+    /// Dedup mode: rows of the effects table per msg id.
+    effects: HashMap<&'a str, Vec<&'a Event>>,
+    /// Dedup mode: whether the effects table was read (`None`: not dedup mode).
+    effects_read: Option<bool>,
+    /// Dedup mode: deliveries the dedup table found applied already.
+    absorbed: usize,
 }
 
 /// (broker group, topic, queue, offset).
@@ -221,6 +250,12 @@ impl<'a> Indexed<'a> {
             dead: HashSet::new(),
             below: Vec::new(),
             placed: Vec::new(),
+            stored: HashMap::new(),
+            stored_at: HashSet::new(),
+            stored_failed: Vec::new(),
+            effects: HashMap::new(),
+            effects_read: None,
+            absorbed: 0,
         };
         let mut open_faults: HashMap<&str, u64> = HashMap::new();
         let end_of_run = events.last().map_or(0, |e| e.time_us);
@@ -268,6 +303,25 @@ impl<'a> Indexed<'a> {
                         }
                     }
                     h.below.push(e);
+                }
+                (Op::Stored, Kind::Ok) => {
+                    if let (Some(at), Some(msg_id)) = (position_of(e), e.msg_id.as_deref()) {
+                        h.stored_at.insert((at.clone(), &e.id));
+                        h.stored.entry(msg_id).or_default().push((at, &e.id));
+                    }
+                }
+                (Op::Stored, _) => h.stored_failed.push(e),
+                (Op::Effect, Kind::Ok) => {
+                    if let Some(msg_id) = e.msg_id.as_deref() {
+                        h.effects.entry(msg_id).or_default().push(e);
+                    }
+                }
+                (Op::Effect, Kind::Info) if e.id == "effects-read" => {
+                    h.effects_read = Some(true);
+                }
+                (Op::Effect, Kind::Info) if e.id == "absorbed" => h.absorbed += 1,
+                (Op::Effect, Kind::Fail) => {
+                    h.effects_read = Some(false);
                 }
                 (Op::DeadLetter, _) => {
                     h.dead
@@ -376,10 +430,39 @@ impl<'a> Indexed<'a> {
         verdict("lost", lost, summary)
     }
 
+    fn stored_twice(&self) -> Verdict {
+        let mut violations: Vec<String> = self
+            .stored_failed
+            .iter()
+            .map(|e| format!("not checked: {}", example(e)))
+            .collect();
+        for (msg_id, at) in &self.stored {
+            let positions: HashSet<&Position> = at.iter().map(|(p, _)| p).collect();
+            if positions.len() > 1 {
+                let mut list: Vec<String> = positions.iter().map(|p| format!("{p:?}")).collect();
+                list.sort();
+                violations.push(format!(
+                    "{msg_id} ({}) stored at {}",
+                    at[0].1,
+                    list.join(", ")
+                ));
+            }
+        }
+        violations.sort();
+        let summary = format!(
+            "{} of {} stored messages (by msg id, every queue from offset 0) stored more than once; {} topics not read",
+            violations.len() - self.stored_failed.len(),
+            self.stored.len(),
+            self.stored_failed.len()
+        );
+        verdict("stored-twice", violations, summary)
+    }
+
     fn duplicate(&self) -> Verdict {
         let mut violations = Vec::new();
         let mut unsent = 0;
         let mut allowed = 0;
+        let mut cut = 0;
         let mut repeated_ids = 0;
         for e in &self.consumes {
             if !self.invoked.contains_key(e.id.as_str()) {
@@ -392,23 +475,102 @@ impl<'a> Indexed<'a> {
                 continue;
             }
             repeated_ids += 1;
-            let first = handlings[0].time_us;
+            let first = &handlings[0];
             for h in &handlings[1..] {
-                if self.in_window(first, h.time_us) {
+                if h.position != first.position {
+                    // Another copy: allowed only when one of the two was
+                    // cut by a failover (the final look finds nothing of
+                    // it there), so one copy is stored.
+                    let gone = |p: &Position| !self.stored_at.contains(&(p.clone(), *id));
+                    let gone =
+                        !self.stored.is_empty() && (gone(&first.position) || gone(&h.position));
+                    if gone {
+                        cut += 1;
+                    } else {
+                        violations.push(format!(
+                            "{id} handled at {:?} by {}, then from another stored copy at {:?} by {}",
+                            first.position, first.process, h.position, h.process
+                        ));
+                    }
+                } else if self.in_window(first.time_us, h.time_us) {
                     allowed += 1;
                 } else {
                     violations.push(format!(
-                        "{id} handled again at {} by {} ({:?}) with no fault since its first handling at {first}",
-                        h.time_us, h.process, h.position
+                        "{id} handled again at {} by {} ({:?}) with no fault since its first handling at {}",
+                        h.time_us, h.process, h.position, first.time_us
                     ));
                 }
             }
         }
         let summary = format!(
-            "{unsent} consumed without being sent, {} repeats outside the at-least-once window; {allowed} repeats of {repeated_ids} messages within it",
+            "{unsent} consumed without being sent, {} repeats not from consumer-side redelivery; {allowed} redeliveries of {repeated_ids} messages within the at-least-once window, {cut} of a copy a failover cut",
             violations.len() - unsent
         );
         verdict("duplicate", violations, summary)
+    }
+
+    fn applied_once(&self) -> Verdict {
+        let mut violations = Vec::new();
+        if self.effects_read == Some(false) {
+            violations.push("the effects table could not be read".to_string());
+        }
+        let rows = |e: &Event| {
+            e.msg_id
+                .as_deref()
+                .and_then(|m| self.effects.get(m))
+                .map_or(0, Vec::len)
+        };
+        let mut must = 0;
+        for (id, done) in &self.completed {
+            let acked = done.f == Op::Send
+                && done.kind == Kind::Ok
+                && done.status.as_deref() == Some("SEND_OK");
+            if !acked {
+                continue;
+            }
+            must += 1;
+            if let Some(inv) = self.invoked.get(id) {
+                if rows(inv) == 0 {
+                    violations.push(format!("acknowledged but never applied: {}", example(inv)));
+                }
+            }
+        }
+        let (visible, _, _) = self.must_be_visible();
+        for e in &visible {
+            must += 1;
+            if rows(e) == 0 {
+                violations.push(format!("committed but never applied: {}", example(e)));
+            }
+        }
+        let mut total = 0;
+        for (msg_id, list) in &self.effects {
+            total += list.len();
+            if list.len() > 1 {
+                let by: Vec<&str> = list.iter().filter_map(|e| e.detail.as_deref()).collect();
+                violations.push(format!(
+                    "{msg_id} ({}) applied {} times ({})",
+                    list[0].id,
+                    list.len(),
+                    by.join(", ")
+                ));
+            }
+            let e = list[0];
+            match self.invoked.get(e.id.as_str()) {
+                None => violations.push(format!("applied but never sent: {}", example(e))),
+                Some(inv) if inv.truth.as_deref() == Some("rollback") => {
+                    violations.push(format!("applied but rolled back: {}", example(e)))
+                }
+                Some(_) => {}
+            }
+        }
+        violations.sort();
+        let summary = format!(
+            "{} violations among {total} effects for {} msg ids and {must} acknowledged sends and committed transactions; {} redeliveries absorbed by the dedup table",
+            violations.len(),
+            self.effects.len(),
+            self.absorbed
+        );
+        verdict("applied-once", violations, summary)
     }
 
     fn order(&self) -> Verdict {
@@ -816,5 +978,95 @@ mod tests {
                 ("tx-pending", 1)
             ]
         );
+    }
+
+    fn stored(out: &mut Vec<Event>, t: u64, id: &str, offset: u64) {
+        let mut e = ev(t, Kind::Ok, Op::Stored, id);
+        e.broker = Some("b".into());
+        e.topic = Some("t".into());
+        e.queue = Some(0);
+        e.offset = Some(offset);
+        e.msg_id = Some(format!("M{id}"));
+        out.push(e);
+    }
+
+    /// The exact checkers: a message stored at two positions fails
+    /// `stored-twice`, and handling both copies fails `duplicate` even
+    /// inside a fault's window; a repeat of one stored copy within the
+    /// window is redelivery, and a copy a failover cut (the final look
+    /// no longer finds it there) may precede the stored one.
+    #[test]
+    fn a_message_stored_twice_is_caught_and_only_redelivery_repeats() {
+        let mut h = Vec::new();
+        send(&mut h, 10, "k:1", "k", Kind::Ok);
+        send(&mut h, 20, "k:2", "k", Kind::Ok);
+        let mut f = ev(25, Kind::Invoke, Op::Fault, "kill-consumer#1");
+        h.push(f.clone());
+        f.kind = Kind::Ok;
+        f.time_us = 60;
+        h.push(f);
+        consume(&mut h, 30, "k:1", 0);
+        consume(&mut h, 31, "k:2", 1);
+        // Redelivered after the kill: the same stored copy.
+        consume(&mut h, 40, "k:2", 1);
+        // k:1 was also handed out at 2 by a master a failover replaced,
+        // and cut: the final look finds it only at 0.
+        consume(&mut h, 41, "k:1", 2);
+        stored(&mut h, 90, "k:1", 0);
+        stored(&mut h, 91, "k:2", 1);
+        h.sort_by_key(|e| e.time_us);
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        // A retry stored k:2 again at 3, and a consumer handled that copy.
+        let mut twice = h.clone();
+        stored(&mut twice, 92, "k:2", 3);
+        consume(&mut twice, 50, "k:2", 3);
+        twice.sort_by_key(|e| e.time_us);
+        assert_eq!(
+            failed(&check(&twice, 0)),
+            [("stored-twice", 1), ("duplicate", 1)]
+        );
+
+        // A look that failed is no pass.
+        let mut blind = h.clone();
+        blind.push(ev(93, Kind::Fail, Op::Stored, "t"));
+        assert_eq!(failed(&check(&blind, 0)), [("stored-twice", 1)]);
+    }
+
+    /// Dedup mode: each acknowledged send and committed transaction has
+    /// exactly one row in the effects table.
+    #[test]
+    fn dedup_mode_holds_each_acknowledged_message_to_one_effect() {
+        let effect = |h: &mut Vec<Event>, t: u64, id: &str| {
+            let mut e = ev(t, Kind::Ok, Op::Effect, id);
+            e.msg_id = Some(format!("M{id}"));
+            h.push(e);
+        };
+        let mut h = Vec::new();
+        for (t, id) in [(10, "k:1"), (20, "k:2")] {
+            send(&mut h, t, id, "k", Kind::Ok);
+            let invoke = h.len() - 2;
+            h[invoke].msg_id = Some(format!("M{id}"));
+        }
+        consume(&mut h, 30, "k:1", 0);
+        consume(&mut h, 31, "k:2", 1);
+        // No effects read: not dedup mode, no verdict.
+        assert!(check(&h, 0).iter().all(|v| v.name != "applied-once"));
+        h.push(ev(90, Kind::Info, Op::Effect, "effects-read"));
+        effect(&mut h, 91, "k:1");
+        effect(&mut h, 92, "k:2");
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+
+        // Applied twice, and one never applied.
+        let mut bad = h.clone();
+        bad.retain(|e| !(e.f == Op::Effect && e.id == "k:2"));
+        effect(&mut bad, 93, "k:1");
+        effect(&mut bad, 94, "x");
+        assert_eq!(failed(&check(&bad, 0)), [("applied-once", 3)]);
+
+        // The table could not be read.
+        let mut unread = h.clone();
+        unread.push(ev(95, Kind::Fail, Op::Effect, "effects-read"));
+        assert_eq!(failed(&check(&unread, 0)), [("applied-once", 1)]);
     }
 }

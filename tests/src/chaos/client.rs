@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use txmq::{
-    handler_fn, BoxError, CheckRequest, ConsumeResult, Message, MsgId, Producer, PushConsumer,
-    ReceivedMessage, TransactionListener, TransactionProducer, TransactionState, TxContext,
+    handler_fn, BoxError, CheckRequest, ConsumeResult, Deduped, Message, MsgId, Producer,
+    PushConsumer, ReceivedMessage, SqliteDedup, TransactionListener, TransactionProducer,
+    TransactionState, TxContext,
 };
 
 use super::history::{Kind, Op, Recorder};
@@ -72,6 +73,45 @@ pub struct ClientArgs {
     /// Seed of the workload mix.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Dedup mode (an orderly consumer): apply each message's effect (a
+    /// row of table [`EFFECTS_TABLE`]) in this SQLite database through
+    /// [`SqliteDedup`] keyed by msg id, in one transaction with the
+    /// dedup record. The group's consumers share the file.
+    #[arg(long)]
+    pub dedup_db: Option<PathBuf>,
+}
+
+/// Dedup mode's effects table: one row per applied message.
+pub const EFFECTS_TABLE: &str = "effects";
+/// Dedup mode's dedup table.
+pub const DEDUP_TABLE: &str = "applied_messages";
+
+/// The dedup helper of dedup mode (a TTL far past any run).
+pub fn chaos_dedup() -> SqliteDedup {
+    SqliteDedup::new(DEDUP_TABLE, Duration::from_secs(7 * 24 * 3600))
+}
+
+/// Opens dedup mode's database (creating its tables), waiting up to 10 s
+/// for another process's write lock.
+///
+/// # Errors
+/// SQLite's.
+pub fn open_effects_db(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    // WAL: the consumers write while the other reads; each commit is
+    // durable (synchronous FULL), since a consumer is killed with -9.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    chaos_dedup().ensure_schema(&conn)?;
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {EFFECTS_TABLE} (
+             msg_id TEXT NOT NULL,
+             body   TEXT NOT NULL,
+             by     TEXT NOT NULL
+         )"
+    ))?;
+    Ok(conn)
 }
 
 /// Runs `args.role` until `stop` is cancelled; `hold` (transactional
@@ -381,6 +421,11 @@ async fn run_consumer(
     }
     let handler_rec = rec.clone();
     let group = args.group.clone();
+    let db = match (&args.dedup_db, retrier) {
+        (Some(path), false) => Some(Arc::new(Mutex::new(open_effects_db(path)?))),
+        _ => None,
+    };
+    let name = args.name.clone();
     let consumer = builder
         .start(handler_fn(move |m: &ReceivedMessage| {
             let body = String::from_utf8_lossy(m.body()).into_owned();
@@ -402,7 +447,49 @@ async fn run_consumer(
             // be committed.
             handler_rec.record(&ev);
             let first = m.reconsume_times() == 0;
+            let apply = db.clone().map(|db| {
+                let (msg_id, body, by) = (m.msg_id(), ev.id.clone(), name.clone());
+                (db, msg_id, body, by)
+            });
+            let rec = handler_rec.clone();
             async move {
+                if let Some((db, msg_id, body, by)) = apply {
+                    // The effect and its dedup record commit together; a
+                    // failure rolls both back and the message comes again.
+                    let done = tokio::task::spawn_blocking(move || {
+                        let mut conn = db.lock().unwrap_or_else(|e| e.into_inner());
+                        chaos_dedup().apply(&mut conn, msg_id, std::time::SystemTime::now(), |tx| {
+                            tx.execute(
+                                &format!(
+                                    "INSERT INTO {EFFECTS_TABLE} (msg_id, body, by) VALUES (?1, ?2, ?3)"
+                                ),
+                                [msg_id.to_string(), body, by],
+                            )
+                        })
+                    })
+                    .await;
+                    return match done {
+                        Ok(Ok(Deduped::Applied(_))) => ConsumeResult::Success,
+                        Ok(Ok(Deduped::Duplicate)) => {
+                            let mut ev = rec.event(Kind::Info, Op::Effect, "absorbed");
+                            ev.msg_id = Some(msg_id.to_string());
+                            ev.detail = Some("a redelivery the dedup table absorbed".into());
+                            rec.record(&ev);
+                            ConsumeResult::Success
+                        }
+                        Ok(Err(e)) => {
+                            let mut ev = rec.event(Kind::Info, Op::Effect, "apply-failed");
+                            ev.detail = Some(e.to_string());
+                            rec.record(&ev);
+                            ConsumeResult::Retry {
+                                delay: Some(Duration::from_millis(100)),
+                            }
+                        }
+                        Err(_) => ConsumeResult::Retry {
+                            delay: Some(Duration::from_millis(100)),
+                        },
+                    };
+                }
                 if retry {
                     let slow = if first { 1000 } else { 100 };
                     tokio::time::sleep(Duration::from_millis(slow)).await;

@@ -58,6 +58,15 @@ pub enum Op {
     /// `broker` is the group, `detail` the new master's address, `offset`
     /// its epoch.
     Master,
+    /// The harness's final look at the topics: a message stored at a
+    /// position (`broker`, `topic`, `queue`, `offset`), `id` its body;
+    /// `fail` when a topic could not be read.
+    Stored,
+    /// Dedup mode's final look at the consumers' database: one row of the
+    /// effects table (`id` the body, `msg_id` the key it was applied
+    /// under); an `info` event marks that the table was read at all, a
+    /// `fail` one that it could not be.
+    Effect,
 }
 
 /// One line of the history.

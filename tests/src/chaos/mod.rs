@@ -85,6 +85,11 @@ pub struct ChaosConfig {
     /// Failover mode: the nameservers run the controller and `broker-a`
     /// is a group of 3 replicas it elects the master of.
     pub failover: bool,
+    /// Dedup mode: the orderly consumers apply each message's effect
+    /// through [`txmq::SqliteDedup`] in one SQLite database
+    /// (`effects.sqlite` in `out_dir`), and the `applied-once` checker
+    /// holds every acknowledged message to exactly one effect.
+    pub dedup: bool,
 }
 
 impl ChaosConfig {
@@ -101,6 +106,7 @@ impl ChaosConfig {
             out_dir: out_dir.into(),
             faults: Fault::ALL.to_vec(),
             failover: false,
+            dedup: false,
         }
     }
 
@@ -655,17 +661,14 @@ impl World {
             world.note_master(&v);
         }
         // Consumers first, so the group exists before the first message.
+        let effects = world.effects_db().display().to_string();
         for i in 0..2 {
-            let p = world.client(
-                &format!("consumer-{i}"),
-                "consumer",
-                &[
-                    "--topics",
-                    &format!("{TOPIC_A},{TOPIC_B},{TOPIC_TX}"),
-                    "--group",
-                    CONSUMER_GROUP,
-                ],
-            );
+            let topics = format!("{TOPIC_A},{TOPIC_B},{TOPIC_TX}");
+            let mut args = vec!["--topics", &topics, "--group", CONSUMER_GROUP];
+            if world.config.dedup {
+                args.extend(["--dedup-db", &effects]);
+            }
+            let p = world.client(&format!("consumer-{i}"), "consumer", &args);
             world.consumers.push(p);
         }
         let p = world.client(
@@ -1179,10 +1182,82 @@ impl World {
         for group in [CONSUMER_GROUP, RETRY_GROUP] {
             self.record_group(&admin, group).await;
         }
+        self.record_stored(&admin).await;
         admin.close();
+        if self.config.dedup {
+            self.record_effects();
+        }
         if self.config.failover {
             let v = failover::view(&self.ns_addrs).await;
             self.note_master(&v);
+        }
+    }
+
+    /// Dedup mode's database.
+    fn effects_db(&self) -> PathBuf {
+        self.config.out_dir.join("effects.sqlite")
+    }
+
+    /// Records, for the `stored-twice` and `duplicate` checkers, every
+    /// message the workload's topics hold at the end, at its position.
+    async fn record_stored(&mut self, admin: &Admin) {
+        for topic in [TOPIC_A, TOPIC_B, TOPIC_TX] {
+            match admin.browse(topic, usize::MAX).await {
+                Ok(stored) => {
+                    for m in stored {
+                        let body = String::from_utf8_lossy(m.body()).into_owned();
+                        let mut ev = self.harness.event(Kind::Ok, Op::Stored, body);
+                        ev.broker = Some(m.broker_name.clone());
+                        ev.topic = Some(topic.to_string());
+                        ev.queue = Some(m.queue());
+                        ev.offset = Some(m.queue_offset());
+                        ev.msg_id = Some(m.msg_id().to_string());
+                        self.harness.record(&ev);
+                    }
+                }
+                Err(e) => {
+                    let mut ev = self.harness.event(Kind::Fail, Op::Stored, topic);
+                    ev.detail = Some(format!("cannot read {topic}: {e}"));
+                    self.harness.record(&ev);
+                }
+            }
+        }
+    }
+
+    /// Dedup mode: records every row of the consumers' effects table, for
+    /// the `applied-once` checker. Run once the consumers are gone.
+    fn record_effects(&mut self) {
+        let rows = client::open_effects_db(&self.effects_db()).and_then(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT msg_id, body, by FROM {}",
+                client::EFFECTS_TABLE
+            ))?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        });
+        match rows {
+            Ok(rows) => {
+                let mut ev = self.harness.event(Kind::Info, Op::Effect, "effects-read");
+                ev.detail = Some(format!("{} rows", rows.len()));
+                self.harness.record(&ev);
+                for (msg_id, body, by) in rows {
+                    let mut ev = self.harness.event(Kind::Ok, Op::Effect, body);
+                    ev.msg_id = Some(msg_id);
+                    ev.detail = Some(format!("applied by {by}"));
+                    self.harness.record(&ev);
+                }
+            }
+            Err(e) => {
+                let mut ev = self.harness.event(Kind::Fail, Op::Effect, "effects-read");
+                ev.detail = Some(format!("cannot read the effects table: {e}"));
+                self.harness.record(&ev);
+            }
         }
     }
 
