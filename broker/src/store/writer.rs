@@ -66,10 +66,10 @@ enum Encoded {
 /// A change to the producer table made while encoding, undone when the
 /// chunk's write fails.
 enum ProducerUndo {
+    /// A batch of a queue (`None`: a prepare).
     Batch {
         producer_id: u64,
-        topic: String,
-        queue: u32,
+        queue: Option<Arc<ConsumeQueue>>,
         first_seq: u64,
     },
     Init(u64),
@@ -351,7 +351,7 @@ impl Writer {
                 for msg in &messages {
                     self.encode_visible(&queue, h, msg);
                 }
-                self.remember(&stamp, &queue.topic, queue.queue, count, first, now);
+                self.remember(&stamp, Some(&queue), count, first, now);
                 self.chunk.push(Encoded::Reply {
                     reply,
                     value: first,
@@ -482,8 +482,7 @@ impl Writer {
                     record::encode(&mut self.buf, RecordHead { queue: *queue, ..h }, msg);
                 }
                 if let Some(stamp) = &stamp {
-                    let key = super::producers::PREPARE_KEY;
-                    self.remember(stamp, key, 0, 1, tx_id, now);
+                    self.remember(stamp, None, 1, tx_id, now);
                 }
                 self.chunk.push(Encoded::TxPending {
                     at: tx_id,
@@ -672,16 +671,16 @@ impl Writer {
     }
 
     /// Records a stamped request just encoded (ending at the current
-    /// position) in the producer table.
+    /// position) in the producer table: a batch of `queue`, or a prepare.
     fn remember(
         &mut self,
         stamp: &ProducerStamp,
-        topic: &str,
-        queue: u32,
+        queue: Option<&Arc<ConsumeQueue>>,
         count: u32,
         first_offset: u64,
         now: u64,
     ) {
+        let (topic, queue_id) = undo_key(queue);
         let batch = Batch {
             first_seq: stamp.sequence,
             count,
@@ -692,11 +691,10 @@ impl Writer {
             .producers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .record(stamp.producer_id, topic, queue, batch, now);
+            .record(stamp.producer_id, topic, queue_id, batch, now);
         self.producer_undo.push(ProducerUndo::Batch {
             producer_id: stamp.producer_id,
-            topic: topic.to_string(),
-            queue,
+            queue: queue.cloned(),
             first_seq: stamp.sequence,
         });
     }
@@ -1193,10 +1191,12 @@ impl Writer {
                     match undo {
                         ProducerUndo::Batch {
                             producer_id,
-                            topic,
                             queue,
                             first_seq,
-                        } => table.unrecord(producer_id, &topic, queue, first_seq),
+                        } => {
+                            let (topic, queue) = undo_key(queue.as_ref());
+                            table.unrecord(producer_id, topic, queue, first_seq);
+                        }
                         ProducerUndo::Init(pid) => table.uninit(pid),
                     }
                 }
@@ -1234,6 +1234,14 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+/// The producer-table key of a stamped batch of `queue`, or of a prepare.
+fn undo_key(queue: Option<&Arc<ConsumeQueue>>) -> (&str, u32) {
+    match queue {
+        Some(q) => (&q.topic, q.queue),
+        None => (super::producers::PREPARE_KEY, 0),
     }
 }
 

@@ -15,7 +15,7 @@
 //! across an `.await`. Opening a session is single-flight per broker group
 //! (an async gate, on purpose: the waiters must wait across the request).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,8 +53,18 @@ struct BrokerState {
     session: Option<Session>,
     /// Single-flight `InitProducer` for this group.
     gate: Arc<tokio::sync::Mutex<()>>,
-    /// Stamped sends in flight, per (topic, queue).
-    limits: HashMap<(String, u32), Arc<Semaphore>>,
+    /// Stamped sends in flight, per topic and queue.
+    limits: HashMap<String, HashMap<u32, Arc<Semaphore>>>,
+}
+
+/// The entry of `key` in `map`, made when missing; allocates the key only
+/// then (a send's hot path finds it).
+fn entry_of<'a, V: Default>(map: &'a mut HashMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    // Inserted just above when it was missing.
+    map.get_mut(key).expect("present")
 }
 
 #[derive(Debug, Clone)]
@@ -79,8 +89,8 @@ pub(crate) enum Grant {
 #[derive(Debug)]
 pub(crate) struct Ids {
     identity: ProducerIdentity,
-    /// By (topic, queue); prepares under [`PREPARES`].
-    queues: Mutex<HashMap<(String, u32), QueueSeq>>,
+    /// By topic and queue; prepares under [`PREPARES`].
+    queues: Mutex<HashMap<String, HashMap<u32, QueueSeq>>>,
 }
 
 /// The key the prepares of a producer id are counted under, in place of a
@@ -90,7 +100,10 @@ pub(crate) const PREPARES: (&str, u32) = ("", 0);
 #[derive(Debug, Default)]
 struct QueueSeq {
     next: u64,
-    in_flight: BTreeSet<u64>,
+    /// Sequences in flight (a handful: at most
+    /// [`MAX_IN_FLIGHT_PER_QUEUE`] sends), unordered; a Vec keeps its
+    /// allocation from send to send.
+    in_flight: Vec<u64>,
 }
 
 /// A send whose outcome stayed unknown: where it went and with which stamp.
@@ -132,10 +145,10 @@ impl Ids {
     /// `topic`, and marks it in flight.
     pub(crate) fn stamp_send(&self, topic: &str, queue: u32, count: u64) -> ProducerStamp {
         let mut queues = lock(&self.queues);
-        let seq = queues.entry((topic.to_string(), queue)).or_default();
+        let seq = entry_of(&mut queues, topic).entry(queue).or_default();
         let sequence = seq.next;
         seq.next += count;
-        seq.in_flight.insert(sequence);
+        seq.in_flight.push(sequence);
         self.stamp(sequence)
     }
 
@@ -158,8 +171,9 @@ impl Ids {
     /// then only means that one has not arrived yet.
     pub(crate) fn earlier_in_flight(&self, topic: &str, queue: u32, sequence: u64) -> bool {
         lock(&self.queues)
-            .get(&(topic.to_string(), queue))
-            .and_then(|q| q.in_flight.first().copied())
+            .get(topic)
+            .and_then(|q| q.get(&queue))
+            .and_then(|q| q.in_flight.iter().min().copied())
             .is_some_and(|first| first < sequence)
     }
 
@@ -174,8 +188,10 @@ impl Ids {
         ending: Ending,
     ) {
         let mut queues = lock(&self.queues);
-        if let Some(seq) = queues.get_mut(&(topic.to_string(), queue)) {
-            seq.in_flight.remove(&stamp.sequence);
+        if let Some(seq) = queues.get_mut(topic).and_then(|q| q.get_mut(&queue)) {
+            if let Some(at) = seq.in_flight.iter().position(|s| *s == stamp.sequence) {
+                seq.in_flight.swap_remove(at);
+            }
             if ending == Ending::NotStored && seq.next == stamp.sequence + count {
                 seq.next = stamp.sequence;
             }
@@ -284,13 +300,13 @@ impl Idempotence {
         topic: &str,
         queue: u32,
     ) -> Option<OwnedSemaphorePermit> {
-        let semaphore = lock(&self.brokers)
-            .entry(broker_name.to_string())
-            .or_default()
-            .limits
-            .entry((topic.to_string(), queue))
-            .or_insert_with(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)))
-            .clone();
+        let semaphore = {
+            let mut brokers = lock(&self.brokers);
+            entry_of(&mut entry_of(&mut brokers, broker_name).limits, topic)
+                .entry(queue)
+                .or_insert_with(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)))
+                .clone()
+        };
         // The semaphore is never closed.
         semaphore.acquire_owned().await.ok()
     }
