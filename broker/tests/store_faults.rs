@@ -744,3 +744,23 @@ fn a_zeroed_record_in_an_older_segment_is_not_served_as_a_bogus_message() {
     );
     runtime().block_on(store.shutdown());
 }
+
+/// A case the property found: a flipped bit in the first record's length.
+#[test]
+fn a_damaged_first_record_ends_the_log_there() {
+    let batches = [
+        (0, 3, 168),
+        (0, 3, 43),
+        (0, 3, 13),
+        (0, 2, 12),
+        (0, 2, 23),
+        (0, 3, 288),
+        (0, 1, 72),
+        (0, 3, 250),
+    ];
+    let damage = Damage::Flip {
+        at: 153466485972766680,
+        mask: 1,
+    };
+    damaged_log_recovers(&batches, &damage, Derived::Keep).unwrap();
+}

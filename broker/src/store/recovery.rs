@@ -633,8 +633,11 @@ pub(crate) fn recover(
     // Verify the whole segment the checkpoint points into, not just what
     // follows it: a tail damaged after the checkpoint was written (a torn
     // last record, a file cut short by hand) must be found and cut too.
+    // A checkpoint exactly at a segment's end (the writer rolled there)
+    // points into no segment: verify the one it ends.
     let verify_from = log
         .segment_for(checkpointed)
+        .or_else(|| checkpointed.checked_sub(1).and_then(|p| log.segment_for(p)))
         .map_or(checkpointed, |s| s.start.min(checkpointed));
     // Transaction records are also read (headers first) from the oldest
     // transaction still pending, and back over the segments before the
