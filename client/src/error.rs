@@ -161,6 +161,42 @@ pub(crate) fn not_master(e: &txmq_remoting::Error) -> bool {
         .is_some_and(|w| matches!(w.code, ErrorCode::NotMaster | ErrorCode::StaleEpoch))
 }
 
+/// True when a request that was sent may have been stored by the broker:
+/// a timeout, a lost connection, a master that lost its role, and any
+/// answer but those that guarantee nothing was written (validation,
+/// refusals before the write, the producer table's sequence refusals). A
+/// stamped request that may have been stored keeps its stamp and queue.
+pub(crate) fn maybe_stored(e: &txmq_remoting::Error) -> bool {
+    let Some(w) = e.remote() else {
+        return matches!(
+            e,
+            txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
+        );
+    };
+    !matches!(
+        w.code,
+        ErrorCode::UnsupportedVersion
+            | ErrorCode::HelloRequired
+            | ErrorCode::UnsupportedRequest
+            | ErrorCode::BadArgument
+            | ErrorCode::UnknownTopic
+            | ErrorCode::UnknownQueue
+            | ErrorCode::NoPermission
+            | ErrorCode::MessageTooLarge
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::MalformedRequest
+            | ErrorCode::StoreFull
+            | ErrorCode::TooManyConnections
+            | ErrorCode::TooManyTopics
+            | ErrorCode::Busy
+            | ErrorCode::DuplicateMsgId
+            | ErrorCode::OutOfOrderSequence
+            | ErrorCode::UnknownProducerId
+            | ErrorCode::ProducerFenced
+            | ErrorCode::DuplicateSequence
+    )
+}
+
 /// `Result` with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

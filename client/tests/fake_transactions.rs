@@ -126,10 +126,10 @@ impl FakeBroker {
             .is_ok()
         {
             lock(&self.refused_prepares).extend(p.messages.iter().map(|h| h.message.msg_id));
-            return Err(WireError::new(
-                ErrorCode::StoreUnavailable,
-                "injected failure",
-            ));
+            // A refusal that stores nothing: the prepare may go elsewhere.
+            // (A STORE_UNAVAILABLE may come after the write, and keeps a
+            // prepare on its broker group.)
+            return Err(WireError::new(ErrorCode::Busy, "injected refusal"));
         }
         let tx_id = self.next_tx.fetch_add(1, Ordering::SeqCst) + 1;
         lock(&self.txs).insert(

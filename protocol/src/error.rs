@@ -116,6 +116,10 @@ pub enum ErrorCode {
     /// (another transaction or consumer moved it). The transaction was
     /// rolled back.
     OffsetConflict = 53,
+    /// An idempotent send or prepare whose sequence was stored before, by
+    /// a batch older than those the broker still remembers: it is stored
+    /// (once), but its first answer is forgotten. Nothing was stored now.
+    DuplicateSequence = 54,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -167,6 +171,7 @@ impl ErrorCode {
             51 => UnknownProducerId,
             52 => ProducerFenced,
             53 => OffsetConflict,
+            54 => DuplicateSequence,
             _ => Unknown,
         }
     }
@@ -216,6 +221,7 @@ impl ErrorCode {
             UnknownProducerId => "UNKNOWN_PRODUCER_ID",
             ProducerFenced => "PRODUCER_FENCED",
             OffsetConflict => "OFFSET_CONFLICT",
+            DuplicateSequence => "DUPLICATE_SEQUENCE",
             HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }

@@ -149,12 +149,15 @@ impl ProducerTable {
                         ),
                     )
                 } else {
+                    // Below the next one: stored before (the broker takes
+                    // sequences only in order), by a batch no longer
+                    // remembered. Storing it again would be a duplicate.
                     Verdict::Refused(
-                        ErrorCode::OutOfOrderSequence,
+                        ErrorCode::DuplicateSequence,
                         format!(
-                            "sequence {s} ({count} messages) of producer id {pid} on {} was used \
-                             before by another batch, or is older than the last {KEPT_BATCHES} \
-                             batches remembered; nothing stored",
+                            "sequence {s} ({count} messages) of producer id {pid} on {} was \
+                             stored before, by a batch older than the last {KEPT_BATCHES} \
+                             remembered: its first answer is forgotten; nothing stored now",
                             place(topic, queue)
                         ),
                     )
@@ -425,10 +428,11 @@ mod tests {
             Some(ErrorCode::OutOfOrderSequence)
         );
         assert_eq!(t.check(&stamp(7, 99, 0), "t", 1, 1, 2, DAY), Verdict::Fresh);
-        // Same start, other length: not the batch that was stored.
+        // Same start, other length: not the batch that was stored, but
+        // its sequences were: never stored again.
         assert_eq!(
             code(t.check(&stamp(7, 99, 0), "t", 0, 2, 2, DAY)),
-            Some(ErrorCode::OutOfOrderSequence)
+            Some(ErrorCode::DuplicateSequence)
         );
     }
 
@@ -447,7 +451,7 @@ mod tests {
         ));
         assert_eq!(
             code(t.check(&stamp(1, 1, 1), "t", 0, 1, 0, DAY)),
-            Some(ErrorCode::OutOfOrderSequence)
+            Some(ErrorCode::DuplicateSequence)
         );
         // Replaying a batch twice (checkpoint, then replay) keeps one.
         t.record(1, "t", 0, batch(6, 1, 6), 0);

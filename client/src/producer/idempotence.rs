@@ -91,6 +91,8 @@ pub(crate) struct Ids {
     identity: ProducerIdentity,
     /// By topic and queue; prepares under [`PREPARES`].
     queues: Mutex<HashMap<String, HashMap<u32, QueueSeq>>>,
+    /// A send ended: a stamp waiting for room in its queue's window looks again.
+    ended: tokio::sync::Notify,
 }
 
 /// The key the prepares of a producer id are counted under, in place of a
@@ -104,6 +106,11 @@ struct QueueSeq {
     /// [`MAX_IN_FLIGHT_PER_QUEUE`] sends), unordered; a Vec keeps its
     /// allocation from send to send.
     in_flight: Vec<u64>,
+    /// The sends stamped since the oldest one not yet ended (sequence,
+    /// ended), oldest first: the broker remembers the last
+    /// [`MAX_IN_FLIGHT_PER_QUEUE`] batches, so no more are stamped while
+    /// an older one may still be retried (see [`Ids::stamp_send_windowed`]).
+    window: VecDeque<(u64, bool)>,
 }
 
 /// A send whose outcome stayed unknown: where it went and with which stamp.
@@ -133,12 +140,56 @@ impl Ids {
         Ids {
             identity,
             queues: Mutex::new(HashMap::new()),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
     /// The producer id.
     pub(crate) fn producer_id(&self) -> u64 {
         self.identity.producer_id
+    }
+
+    /// [`Ids::stamp_send`], once fewer than [`MAX_IN_FLIGHT_PER_QUEUE`]
+    /// sends were stamped since the oldest send of the queue still open:
+    /// however many later sends the broker stores meanwhile, a retry of
+    /// that one is still among the batches it remembers, and is answered
+    /// as the duplicate it is. Waits at most `wait` (a send abandoned
+    /// without ending leaves its place taken; the broker then answers a
+    /// retry it forgot `DUPLICATE_SEQUENCE`, and stores nothing).
+    pub(crate) async fn stamp_send_windowed(
+        &self,
+        topic: &str,
+        queue: u32,
+        count: u64,
+        wait: Duration,
+    ) -> ProducerStamp {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let ended = self.ended.notified();
+            {
+                let mut queues = lock(&self.queues);
+                let seq = entry_of(&mut queues, topic).entry(queue).or_default();
+                while seq.window.front().is_some_and(|(_, done)| *done) {
+                    seq.window.pop_front();
+                }
+                if seq.window.len() < MAX_IN_FLIGHT_PER_QUEUE
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    let stamp = Self::draw(seq, count);
+                    seq.window.push_back((stamp, false));
+                    return self.stamp(stamp);
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, ended).await;
+        }
+    }
+
+    /// The next `count` sequences of a queue, marked in flight.
+    fn draw(seq: &mut QueueSeq, count: u64) -> u64 {
+        let sequence = seq.next;
+        seq.next += count;
+        seq.in_flight.push(sequence);
+        sequence
     }
 
     /// Draws the sequences of a send of `count` messages to `queue` of
@@ -191,6 +242,10 @@ impl Ids {
         if let Some(seq) = queues.get_mut(topic).and_then(|q| q.get_mut(&queue)) {
             if let Some(at) = seq.in_flight.iter().position(|s| *s == stamp.sequence) {
                 seq.in_flight.swap_remove(at);
+            }
+            if let Some(w) = seq.window.iter_mut().find(|(s, _)| *s == stamp.sequence) {
+                w.1 = true;
+                self.ended.notify_waiters();
             }
             if ending == Ending::NotStored && seq.next == stamp.sequence + count {
                 seq.next = stamp.sequence;
@@ -349,6 +404,41 @@ mod tests {
             token: 9,
             expiry_ms: 1000,
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_five_sends_are_stamped_past_the_oldest_open_one() {
+        let ids = Arc::new(ids());
+        let wait = Duration::from_secs(30);
+        let oldest = ids.stamp_send_windowed("t", 0, 1, wait).await;
+        let mut later = Vec::new();
+        for _ in 0..4 {
+            let s = ids.stamp_send_windowed("t", 0, 1, wait).await;
+            // Answered: they end, but the oldest is still open.
+            ids.finish_send("t", 0, s, 1, Ending::Stored);
+            later.push(s);
+        }
+        // A sixth would let the broker forget the oldest: it waits.
+        let waiting = {
+            let ids = ids.clone();
+            tokio::spawn(async move { ids.stamp_send_windowed("t", 0, 1, wait).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "stamped past the window");
+        // Another queue is not held up.
+        let other = ids.stamp_send_windowed("t", 1, 1, wait).await;
+        assert_eq!(other.sequence, 0);
+        ids.finish_send("t", 0, oldest, 1, Ending::Stored);
+        let sixth = waiting.await.expect("stamps once the oldest ended");
+        assert_eq!(sixth.sequence, 5);
+        // A send abandoned without ending holds its place only until the wait ends.
+        let _abandoned = ids.stamp_send_windowed("t", 2, 1, wait).await;
+        for _ in 0..4 {
+            let s = ids.stamp_send_windowed("t", 2, 1, wait).await;
+            ids.finish_send("t", 2, s, 1, Ending::Stored);
+        }
+        let late = ids.stamp_send_windowed("t", 2, 1, wait).await;
+        assert_eq!(late.sequence, 5);
     }
 
     #[test]

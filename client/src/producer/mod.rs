@@ -488,7 +488,14 @@ impl Producer {
                             topic: topic.to_string(),
                             queue: mq.queue,
                             count,
-                            stamp: ids.stamp_send(topic, mq.queue, count),
+                            stamp: ids
+                                .stamp_send_windowed(
+                                    topic,
+                                    mq.queue,
+                                    count,
+                                    timeout * attempts.saturating_add(1),
+                                )
+                                .await,
                             ids,
                         });
                     }
@@ -546,6 +553,15 @@ impl Producer {
                 Err(e) => e,
             };
             let code = e.remote().map(|w| w.code);
+            if let (Some(h), Some(txmq_protocol::ErrorCode::DuplicateSequence)) = (&held, code) {
+                // Stored before, by an attempt whose answer was lost and
+                // which the broker no longer remembers: never store it
+                // again; its offsets are not known.
+                h.ids
+                    .finish_send(topic, h.queue, h.stamp, count, Ending::Stored);
+                idem.forget(first);
+                return Err(Error::at_broker(&mq.broker_name, &mq.addr, e));
+            }
             if let (Some(h), Some(code)) = (&held, code) {
                 if code == txmq_protocol::ErrorCode::OutOfOrderSequence
                     && h.ids.earlier_in_flight(topic, h.queue, h.stamp.sequence)
@@ -577,12 +593,7 @@ impl Producer {
             }
             let retriable = crate::error::retriable(&e);
             let not_master = crate::error::not_master(&e);
-            let reached = sent
-                && (not_master
-                    || matches!(
-                        e,
-                        txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
-                    ));
+            let reached = sent && (not_master || crate::error::maybe_stored(&e));
             let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
             if held.is_some() && reached {
                 maybe_stored = true;

@@ -745,12 +745,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
             // its role, which may have stored it: the group's master
             // takes the retry, with the same stamp.
             let not_master = crate::error::not_master(&e);
-            let maybe_delivered = sent
-                && (not_master
-                    || matches!(
-                        e,
-                        txmq_remoting::Error::Timeout { .. } | txmq_remoting::Error::Closed { .. }
-                    ));
+            let maybe_delivered = sent && (not_master || crate::error::maybe_stored(&e));
             let error = Error::at_broker(&broker, &addr, e);
             let pin = maybe_delivered || pinned.is_some();
             if !retriable || last_attempt {
