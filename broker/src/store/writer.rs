@@ -289,10 +289,10 @@ impl Writer {
             } => (messages.len() + offsets.len()) as u64,
             WriteCmd::Delayed { messages, .. } => messages.len() as u64,
             WriteCmd::DelayMoves { moves, .. } => moves.len() as u64,
-            WriteCmd::OffsetCommit { .. }
-            | WriteCmd::Marker { .. }
-            | WriteCmd::ProducerInit { .. } => 1,
-            WriteCmd::Replicated { .. } => 0,
+            WriteCmd::OffsetCommit { .. } | WriteCmd::Marker { .. } => 1,
+            // Bookkeeping of the producer table, not a record a user wrote
+            // (the store's record count is what a producer's sends stored).
+            WriteCmd::ProducerInit { .. } | WriteCmd::Replicated { .. } => 0,
         };
         let now = now_millis();
         let head = |kind, queue, queue_offset, aux, flags| RecordHead {
@@ -333,6 +333,8 @@ impl Writer {
                 let count = messages.len() as u32;
                 let Some(reply) = self.admit(&stamp, &queue.topic, queue.queue, count, now, reply)
                 else {
+                    // Answered without a write (a duplicate or a refusal).
+                    self.chunk_records -= u64::from(count);
                     return;
                 };
                 let first = self.next_offset(&queue);
@@ -466,7 +468,11 @@ impl Writer {
                         let key = super::producers::PREPARE_KEY;
                         match self.admit(stamp, key, 0, 1, now, reply) {
                             Some(reply) => reply,
-                            None => return,
+                            None => {
+                                // Answered without a write.
+                                self.chunk_records -= messages.len() as u64;
+                                return;
+                            }
                         }
                     }
                     None => reply,

@@ -406,6 +406,7 @@ impl Producer {
         let mut last_error: Option<Error> = None;
         let mut attempt = 0u32;
         let mut renewals = 0u32;
+        let mut recheck_gap = true;
         // Waiting for earlier sends of the queue that the broker has not
         // seen yet ends after as long as their own attempts may take.
         let reorder_deadline = std::time::Instant::now() + timeout * attempts.saturating_add(1);
@@ -563,8 +564,11 @@ impl Producer {
                 return Err(Error::at_broker(&mq.broker_name, &mq.addr, e));
             }
             if let (Some(h), Some(code)) = (&held, code) {
+                // An earlier send may also have been stored (and answered)
+                // between this one's refusal and now: one retry tells.
+                let recheck = std::mem::take(&mut recheck_gap);
                 if code == txmq_protocol::ErrorCode::OutOfOrderSequence
-                    && h.ids.earlier_in_flight(topic, h.queue, h.stamp.sequence)
+                    && (recheck || h.ids.earlier_in_flight(topic, h.queue, h.stamp.sequence))
                     && std::time::Instant::now() < reorder_deadline
                 {
                     // An earlier send of this queue has not reached the

@@ -560,6 +560,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let reorder_deadline = Instant::now() + timeout * attempts.saturating_add(1);
         let mut attempt = 0u32;
         let mut renewals = 0u32;
+        let mut recheck_gap = true;
         let give_up = |held: Option<(String, Arc<Ids>, ProducerStamp)>, maybe: bool| {
             if let Some((broker, ids, stamp)) = held {
                 if maybe {
@@ -714,8 +715,11 @@ impl<L: TransactionListener> TransactionProducer<L> {
             if let (Some((held_broker, ids, stamp)), Some(code)) =
                 (&held, e.remote().map(|w| w.code))
             {
+                // An earlier prepare may also have been stored (and
+                // answered) between this one's refusal and now: one retry tells.
+                let recheck = std::mem::take(&mut recheck_gap);
                 if code == ErrorCode::OutOfOrderSequence
-                    && ids.earlier_in_flight(PREPARES.0, PREPARES.1, stamp.sequence)
+                    && (recheck || ids.earlier_in_flight(PREPARES.0, PREPARES.1, stamp.sequence))
                     && Instant::now() < reorder_deadline
                 {
                     // An earlier prepare has not reached the broker yet.
