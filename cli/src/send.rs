@@ -351,9 +351,10 @@ async fn send_one(
     retry: Retry,
     mut stop: watch::Receiver<bool>,
 ) -> Done {
-    // An idempotent retry goes where the producer says (the first queue
-    // once the message may be stored); moving it would defeat that.
-    let move_on_failure = !producer.idempotent();
+    // A retry prefers another broker. An idempotent send that may have been
+    // stored is remembered by the producer, which sends it back to its first
+    // queue whatever queue is asked for; one surely not stored (a broker
+    // that did not even answer the hello) moves, as a plain send does.
     let mut may_be_stored = false;
     let mut attempt = 0u32;
     let mut waiting_since = None;
@@ -394,9 +395,7 @@ async fn send_one(
             Err(e) => e,
         };
         may_be_stored |= maybe_stored(&e);
-        failed_broker = broker_of(&e)
-            .filter(|_| move_on_failure)
-            .map(str::to_string);
+        failed_broker = broker_of(&e).map(str::to_string);
         attempt += 1;
         let was_waiting = waiting_since.is_some();
         let Some(wait) = next_pause(&e, attempt, retry, &mut waiting_since, &mut pause) else {
