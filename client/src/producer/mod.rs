@@ -479,10 +479,27 @@ impl Producer {
                         if permit.as_ref().map(|(k, _)| k) != Some(&key) {
                             // Never wait for one queue while holding another's place.
                             drop(permit.take());
-                            permit = idem
-                                .permit(&mq.broker_name, topic, mq.queue)
-                                .await
-                                .map(|p| (key, p));
+                            // A place within the send's own timeout: sends
+                            // queued behind a silent broker end on time too.
+                            match tokio::time::timeout(
+                                timeout,
+                                idem.permit(&mq.broker_name, topic, mq.queue),
+                            )
+                            .await
+                            {
+                                Ok(p) => permit = p.map(|p| (key, p)),
+                                Err(_) => {
+                                    let error = no_place(&mq.broker_name, &mq.addr, timeout);
+                                    return Err(self.give_up(
+                                        idem,
+                                        first,
+                                        held,
+                                        maybe_stored,
+                                        count,
+                                        error,
+                                    ));
+                                }
+                            }
                         }
                         held = Some(Pending {
                             broker_name: mq.broker_name.clone(),
@@ -490,12 +507,7 @@ impl Producer {
                             queue: mq.queue,
                             count,
                             stamp: ids
-                                .stamp_send_windowed(
-                                    topic,
-                                    mq.queue,
-                                    count,
-                                    timeout * attempts.saturating_add(1),
-                                )
+                                .stamp_send_windowed(topic, mq.queue, count, timeout)
                                 .await,
                             ids,
                         });
@@ -528,10 +540,15 @@ impl Producer {
             }
             if let Some(h) = held.as_ref().filter(|_| permit.is_none()) {
                 // A resend of a remembered send: it takes a place too.
-                permit = idem
-                    .permit(&h.broker_name, topic, h.queue)
+                match tokio::time::timeout(timeout, idem.permit(&h.broker_name, topic, h.queue))
                     .await
-                    .map(|p| ((h.broker_name.clone(), h.queue), p));
+                {
+                    Ok(p) => permit = p.map(|p| ((h.broker_name.clone(), h.queue), p)),
+                    Err(_) => {
+                        let error = no_place(&mq.broker_name, &mq.addr, timeout);
+                        return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+                    }
+                }
             }
             let request = SendRequest {
                 producer: held.as_ref().map(|h| h.stamp),
@@ -682,6 +699,20 @@ impl Producer {
             tracing::info!(%topic, broker = %mq.broker_name, queue = mq.queue, attempt, %cause, "send failed; {next}");
         }
     }
+}
+
+/// A stamped send that found no place among its queue's sends in flight
+/// within its timeout (its broker does not answer them): it was not sent.
+fn no_place(broker: &str, addr: &str, timeout: Duration) -> Error {
+    Error::at_broker(
+        broker,
+        addr,
+        txmq_remoting::Error::Timeout {
+            kind: "Send",
+            peer: addr.to_string(),
+            after: timeout,
+        },
+    )
 }
 
 /// Checks a batch and fills in missing ids and timestamps; returns the topic.
