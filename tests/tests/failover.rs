@@ -493,30 +493,15 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
     if load {
         let producer = c.producer().await;
         for w in 0..2 {
-            let (p, stop) = (producer.clone(), stop.clone());
-            plain.spawn(async move {
-                let mut seen = PlainSeen::default();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let body = format!("p{w}-{n}");
-                    n += 1;
-                    let sent_at = Instant::now();
-                    match p.send(Message::new(LOAD_TOPIC, body.clone())).await {
-                        Ok(r) if r.status == SendStatus::SendOk => {
-                            seen.acked.push((body, sent_at, Instant::now()));
-                        }
-                        Ok(r) => *seen.other.entry(format!("{:?}", r.status)).or_default() += 1,
-                        Err(e) => {
-                            let what = e.code().map_or_else(|| e.to_string(), |c| format!("{c:?}"));
-                            *seen.other.entry(what).or_default() += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                    // Moderate load: the machine has two cores for six processes.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                seen
-            });
+            // Moderate load: the machine has two cores for six processes.
+            let pause = Duration::from_millis(10);
+            plain.spawn(send_until(
+                producer.clone(),
+                LOAD_TOPIC,
+                format!("p{w}"),
+                stop.clone(),
+                pause,
+            ));
         }
         let tp = TransactionProducer::builder()
             .nameserver(&ns)
@@ -1431,31 +1416,15 @@ async fn idempotent_sends_across_master_kills_are_stored_exactly_once() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut senders = tokio::task::JoinSet::new();
     for w in 0..4 {
-        let (p, stop) = (producer.clone(), stop.clone());
-        senders.spawn(async move {
-            let mut seen = PlainSeen::default();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let body = format!("e{w}-{n}");
-                n += 1;
-                let sent_at = Instant::now();
-                // The caller never resends: a failed send is given up, so
-                // any second copy would be the client's own retry's.
-                match p.send(Message::new(EXACT_TOPIC, body.clone())).await {
-                    Ok(r) if r.status == SendStatus::SendOk => {
-                        seen.acked.push((body, sent_at, Instant::now()));
-                    }
-                    Ok(r) => *seen.other.entry(format!("{:?}", r.status)).or_default() += 1,
-                    Err(e) => {
-                        let what = e.code().map_or_else(|| e.to_string(), |c| format!("{c:?}"));
-                        *seen.other.entry(what).or_default() += 1;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            seen
-        });
+        // The caller never resends: a failed send is given up, so any
+        // second copy would be the client's own retry's.
+        senders.spawn(send_until(
+            producer.clone(),
+            EXACT_TOPIC,
+            format!("e{w}"),
+            stop.clone(),
+            Duration::from_millis(5),
+        ));
     }
 
     for kill in 0..4 {
@@ -1582,4 +1551,35 @@ async fn idempotent_sends_across_master_kills_are_stored_exactly_once() {
         acked.len(),
         by_body.len() - acked.len()
     );
+}
+
+/// Sends `{prefix}-{n}` to `topic` until `stop`, `pause` apart (a failed
+/// send is not resent); what it saw.
+async fn send_until(
+    p: txmq::Producer,
+    topic: &'static str,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> PlainSeen {
+    let mut seen = PlainSeen::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let body = format!("{prefix}-{n}");
+        n += 1;
+        let sent_at = Instant::now();
+        match p.send(Message::new(topic, body.clone())).await {
+            Ok(r) if r.status == SendStatus::SendOk => {
+                seen.acked.push((body, sent_at, Instant::now()));
+            }
+            Ok(r) => *seen.other.entry(format!("{:?}", r.status)).or_default() += 1,
+            Err(e) => {
+                let what = e.code().map_or_else(|| e.to_string(), |c| format!("{c:?}"));
+                *seen.other.entry(what).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    seen
 }
