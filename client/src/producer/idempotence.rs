@@ -19,6 +19,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp};
 
@@ -40,6 +42,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A stamped send that found no place among its queue's sends in flight
+/// (its broker does not answer them): it was not sent.
+pub(crate) fn no_place(
+    kind: &'static str,
+    broker: &str,
+    addr: &str,
+    after: Duration,
+) -> crate::Error {
+    crate::Error::at_broker(
+        broker,
+        addr,
+        txmq_remoting::Error::Timeout {
+            kind,
+            peer: addr.to_string(),
+            after,
+        },
+    )
+}
+
+/// The places of one queue, and how many were given back (its progress).
+#[derive(Debug)]
+struct QueueLimit {
+    places: Arc<Semaphore>,
+    returned: AtomicU64,
+}
+
+/// A place among a queue's stamped sends in flight, given back on drop.
+#[derive(Debug)]
+pub(crate) struct Place {
+    _permit: OwnedSemaphorePermit,
+    limit: Arc<QueueLimit>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.limit.returned.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The producer-wide state; one per [`Producer`](crate::Producer) or
 /// [`TransactionProducer`](crate::TransactionProducer).
 #[derive(Debug, Default)]
@@ -54,7 +95,7 @@ struct BrokerState {
     /// Single-flight `InitProducer` for this group.
     gate: Arc<tokio::sync::Mutex<()>>,
     /// Stamped sends in flight, per topic and queue.
-    limits: HashMap<String, HashMap<u32, Arc<Semaphore>>>,
+    limits: HashMap<String, HashMap<u32, Arc<QueueLimit>>>,
 }
 
 /// The entry of `key` in `map`, made when missing; allocates the key only
@@ -348,22 +389,49 @@ impl Idempotence {
     }
 
     /// Waits for a place among the [`MAX_IN_FLIGHT_PER_QUEUE`] stamped
-    /// sends in flight to `queue` of `topic` on `broker_name`.
+    /// sends in flight to `queue` of `topic` on `broker_name`, as long as
+    /// the queue makes progress: `None` once no place was given back for
+    /// `stall` (its broker does not answer). Sends queued behind a busy
+    /// broker keep their turn however long the queue is; sends queued
+    /// behind a silent one end on time.
     pub(crate) async fn permit(
         &self,
         broker_name: &str,
         topic: &str,
         queue: u32,
-    ) -> Option<OwnedSemaphorePermit> {
-        let semaphore = {
+        stall: Duration,
+    ) -> Option<Place> {
+        let limit = {
             let mut brokers = lock(&self.brokers);
             entry_of(&mut entry_of(&mut brokers, broker_name).limits, topic)
                 .entry(queue)
-                .or_insert_with(|| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)))
+                .or_insert_with(|| {
+                    Arc::new(QueueLimit {
+                        places: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)),
+                        returned: AtomicU64::new(0),
+                    })
+                })
                 .clone()
         };
-        // The semaphore is never closed.
-        semaphore.acquire_owned().await.ok()
+        let mut seen = limit.returned.load(Ordering::Relaxed);
+        loop {
+            // The semaphore is never closed.
+            match tokio::time::timeout(stall, limit.places.clone().acquire_owned()).await {
+                Ok(permit) => {
+                    return permit.ok().map(|permit| Place {
+                        _permit: permit,
+                        limit,
+                    })
+                }
+                Err(_) => {
+                    let now = limit.returned.load(Ordering::Relaxed);
+                    if now == seen {
+                        return None;
+                    }
+                    seen = now;
+                }
+            }
+        }
     }
 
     /// Remembers a send with an unknown outcome under its first message id.

@@ -20,7 +20,7 @@ use crate::pool::ConnectionPool;
 use crate::route::{MessageQueue, RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Result};
 
-use idempotence::{id_refused, Ending, Grant, Idempotence, Pending};
+use idempotence::{id_refused, no_place, Ending, Grant, Idempotence, Pending};
 use queue_select::Target;
 pub(crate) use queue_select::{random_start, round_robin};
 pub use queue_select::{select_by_hash, select_round_robin, shard_hash};
@@ -400,7 +400,7 @@ impl Producer {
         // A send resent after an unknown outcome starts with its old stamp.
         let mut held: Option<Pending> = idem.recall(first, topic, count);
         let mut maybe_stored = held.is_some();
-        let mut permit: Option<((String, u32), tokio::sync::OwnedSemaphorePermit)> = None;
+        let mut permit: Option<((String, u32), idempotence::Place)> = None;
         let mut failed_broker: Option<String> = None;
         let mut failed_addr: Option<String> = None;
         let mut last_error: Option<Error> = None;
@@ -479,17 +479,13 @@ impl Producer {
                         if permit.as_ref().map(|(k, _)| k) != Some(&key) {
                             // Never wait for one queue while holding another's place.
                             drop(permit.take());
-                            // A place within the send's own timeout: sends
-                            // queued behind a silent broker end on time too.
-                            match tokio::time::timeout(
-                                timeout,
-                                idem.permit(&mq.broker_name, topic, mq.queue),
-                            )
-                            .await
-                            {
-                                Ok(p) => permit = p.map(|p| (key, p)),
-                                Err(_) => {
-                                    let error = no_place(&mq.broker_name, &mq.addr, timeout);
+                            // A place while the queue moves; sends queued
+                            // behind a silent broker end on time.
+                            match idem.permit(&mq.broker_name, topic, mq.queue, timeout).await {
+                                Some(p) => permit = Some((key, p)),
+                                None => {
+                                    let error =
+                                        no_place("Send", &mq.broker_name, &mq.addr, timeout);
                                     return Err(self.give_up(
                                         idem,
                                         first,
@@ -540,12 +536,10 @@ impl Producer {
             }
             if let Some(h) = held.as_ref().filter(|_| permit.is_none()) {
                 // A resend of a remembered send: it takes a place too.
-                match tokio::time::timeout(timeout, idem.permit(&h.broker_name, topic, h.queue))
-                    .await
-                {
-                    Ok(p) => permit = p.map(|p| ((h.broker_name.clone(), h.queue), p)),
-                    Err(_) => {
-                        let error = no_place(&mq.broker_name, &mq.addr, timeout);
+                match idem.permit(&h.broker_name, topic, h.queue, timeout).await {
+                    Some(p) => permit = Some(((h.broker_name.clone(), h.queue), p)),
+                    None => {
+                        let error = no_place("Send", &mq.broker_name, &mq.addr, timeout);
                         return Err(self.give_up(idem, first, held, maybe_stored, count, error));
                     }
                 }
@@ -699,20 +693,6 @@ impl Producer {
             tracing::info!(%topic, broker = %mq.broker_name, queue = mq.queue, attempt, %cause, "send failed; {next}");
         }
     }
-}
-
-/// A stamped send that found no place among its queue's sends in flight
-/// within its timeout (its broker does not answer them): it was not sent.
-fn no_place(broker: &str, addr: &str, timeout: Duration) -> Error {
-    Error::at_broker(
-        broker,
-        addr,
-        txmq_remoting::Error::Timeout {
-            kind: "Send",
-            peer: addr.to_string(),
-            after: timeout,
-        },
-    )
 }
 
 /// Checks a batch and fills in missing ids and timestamps; returns the topic.

@@ -19,7 +19,7 @@ use super::placement::{distinct, place, Placement};
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
-use crate::producer::idempotence::{id_refused, Ending, Grant, Idempotence, Ids, PREPARES};
+use crate::producer::idempotence::{id_refused, Ending, Grant, Idempotence, Ids, Place, PREPARES};
 use crate::producer::{fill_in, random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Result};
@@ -553,7 +553,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         // The stamp drawn for the broker group `held.0`, kept across the
         // retries there.
         let mut held: Option<(String, Arc<Ids>, ProducerStamp)> = None;
-        let mut permit: Option<(String, tokio::sync::OwnedSemaphorePermit)> = None;
+        let mut permit: Option<(String, Place)> = None;
         // Drawn once and kept across the retries: the broker tells a retry
         // of this prepare from another transaction reusing a message id.
         let token = txmq_protocol::fnv1a(&MsgId::generate().0);
@@ -664,13 +664,22 @@ impl<L: TransactionListener> TransactionProducer<L> {
                         if permit.as_ref().map(|(b, _)| b) != Some(&broker) {
                             drop(permit.take());
                             permit = idem
-                                .permit(&broker, PREPARES.0, PREPARES.1)
+                                .permit(&broker, PREPARES.0, PREPARES.1, timeout)
                                 .await
                                 .map(|p| (broker.clone(), p));
                         }
-                        let stamp = ids.stamp_prepare();
-                        held = Some((broker.clone(), ids, stamp));
-                        Ok(())
+                        if permit.is_some() {
+                            let stamp = ids.stamp_prepare();
+                            held = Some((broker.clone(), ids, stamp));
+                            Ok(())
+                        } else {
+                            // Its broker answers none of the prepares in flight.
+                            Err(txmq_remoting::Error::Timeout {
+                                kind: "Prepare",
+                                peer: addr.clone(),
+                                after: timeout,
+                            })
+                        }
                     }
                     Ok(Grant::Plain) => Ok(()),
                     Err(e) => Err(e),
