@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use txmq_protocol::DEFAULT_MAX_FRAME_LEN;
-use txmq_remoting::ConnectionConfig;
+use txmq_remoting::{ConnectionConfig, Credentials, TlsClient};
 
 use crate::{Error, Result};
 
@@ -32,6 +32,13 @@ pub struct ClientConfig {
     pub client_id: String,
     /// Largest frame sent or accepted.
     pub max_frame_len: usize,
+    /// TLS to nameservers and brokers: the CA that signs their
+    /// certificates, and this client's own for mutual TLS
+    /// ([`TlsClient::from_files`]). Without it, connections are plaintext.
+    pub tls: Option<TlsClient>,
+    /// The user this client signs in as where an ACL file is in force
+    /// (none needed with a client certificate that names a user).
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ClientConfig {
@@ -43,6 +50,8 @@ impl Default for ClientConfig {
             route_refresh_interval: DEFAULT_ROUTE_REFRESH_INTERVAL,
             client_id: new_client_id(),
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            tls: None,
+            credentials: None,
         }
     }
 }
@@ -92,6 +101,8 @@ impl ClientConfig {
         ConnectionConfig {
             max_frame_len: self.max_frame_len,
             request_timeout: self.request_timeout,
+            tls: self.tls.clone(),
+            credentials: self.credentials.clone(),
             ..ConnectionConfig::default()
         }
     }
@@ -128,6 +139,22 @@ macro_rules! client_setters {
         /// The client id sent in the hello (default: see [`crate::config::new_client_id`]).
         pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
             self.config.client_id = client_id.into();
+            self
+        }
+
+        /// TLS to nameservers and brokers (see [`crate::TlsClient::from_files`]).
+        pub fn tls(mut self, tls: $crate::TlsClient) -> Self {
+            self.config.tls = Some(tls);
+            self
+        }
+
+        /// The user to sign in as where the servers have an ACL file: an
+        /// access key and its secret (the secret never travels).
+        pub fn credentials(mut self, access_key: impl Into<String>, secret_key: impl Into<String>) -> Self {
+            self.config.credentials = Some($crate::Credentials {
+                access_key: access_key.into(),
+                secret_key: secret_key.into(),
+            });
             self
         }
 

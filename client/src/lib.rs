@@ -78,6 +78,7 @@ pub use txmq_protocol::{
 
 /// The connection-level error inside [`Error::Remoting`] and [`Error::Broker`].
 pub use txmq_remoting::Error as RemotingError;
+pub use txmq_remoting::{Credentials, TlsClient, TlsFiles, TlsSetupError};
 
 pub use txmq_protocol::{
     BrokerInfo, BrokerQueues, Ended, ErrorCode, Message, MsgId, SendStatus, StoredMessage,

@@ -287,6 +287,7 @@ impl Service for NodeService {
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: self.0.group.clone(),
+            challenge: None,
         })
     }
 

@@ -228,6 +228,7 @@ impl Service for BrokerService {
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: self.0.name.clone(),
+            challenge: None,
         })
     }
 

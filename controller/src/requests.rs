@@ -39,6 +39,7 @@ impl Service for ControllerService {
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: format!("controller {} {}", self.inner.id, self.inner.local_addr),
+            challenge: None,
         })
     }
 

@@ -95,6 +95,7 @@ impl Service for NameService {
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: self.server_name.clone(),
+            challenge: None,
         })
     }
 

@@ -120,6 +120,12 @@ pub enum ErrorCode {
     /// a batch older than those the broker still remembers: it is stored
     /// (once), but its first answer is forgotten. Nothing was stored now.
     DuplicateSequence = 54,
+    /// The connection's user may not do this (the message names the
+    /// user, the operation and the resource). The connection stays open.
+    AccessDenied = 55,
+    /// The hello's authentication failed: no such access key, a wrong
+    /// signature, or none given where the server requires one.
+    AuthenticationFailed = 56,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -172,6 +178,8 @@ impl ErrorCode {
             52 => ProducerFenced,
             53 => OffsetConflict,
             54 => DuplicateSequence,
+            55 => AccessDenied,
+            56 => AuthenticationFailed,
             _ => Unknown,
         }
     }
@@ -222,6 +230,8 @@ impl ErrorCode {
             ProducerFenced => "PRODUCER_FENCED",
             OffsetConflict => "OFFSET_CONFLICT",
             DuplicateSequence => "DUPLICATE_SEQUENCE",
+            AccessDenied => "ACCESS_DENIED",
+            AuthenticationFailed => "AUTHENTICATION_FAILED",
             HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }
@@ -277,6 +287,8 @@ mod tests {
             ErrorCode::OffsetOutOfRange,
             ErrorCode::BrokerNameTaken,
             ErrorCode::HeartbeatRequired,
+            ErrorCode::AccessDenied,
+            ErrorCode::AuthenticationFailed,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);
         }

@@ -64,4 +64,20 @@ pub struct HelloOk {
     pub version: u32,
     /// The server's name (nameserver address, broker name).
     pub server: String,
+    /// Set when the server requires authentication: a fresh random value
+    /// the client signs in an [`Authenticate`](crate::Authenticate), the
+    /// next request it must send. The connection is not greeted until then.
+    #[serde(default, with = "serde_bytes")]
+    pub challenge: Option<Vec<u8>>,
+}
+
+impl HelloOk {
+    /// A plain welcome: `version`, `server`, no challenge.
+    pub fn new(version: u32, server: impl Into<String>) -> HelloOk {
+        HelloOk {
+            version,
+            server: server.into(),
+            challenge: None,
+        }
+    }
 }

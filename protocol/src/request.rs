@@ -136,6 +136,30 @@ requests! {
     /// Controller -> controller: one Raft message (openraft's request,
     /// MessagePack-encoded).
     Raft(RaftRpc) -> RaftReply;
+    /// Client -> server, right after a hello answered with a challenge:
+    /// who it is and its proof. Answered like the hello it completes.
+    Authenticate(Authenticate) -> HelloOk;
+}
+
+/// The answer to a hello's challenge: an access key and
+/// the signature of the challenge (see `txmq_remoting::auth_signature`) under that key's secret. The
+/// secret never travels; the challenge is new on every connection, so a
+/// recorded answer is worth nothing on another.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Authenticate {
+    /// The user's access key.
+    pub access_key: String,
+    /// HMAC-SHA256 of the challenge, keyed by the user's secret.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Debug for Authenticate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticate")
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Message property: when the message becomes visible, ms since the Unix

@@ -398,8 +398,11 @@ fn response() -> impl Strategy<Value = Result<Response, WireError>> {
         (error_code(), text()).prop_map(|(code, message)| Err(WireError { code, message })),
         Just(Ok(Response::Ping(Pong {}))),
         Just(Ok(Response::CommitOffset(Done {}))),
-        (any::<u32>(), text())
-            .prop_map(|(version, server)| Ok(Response::Hello(HelloOk { version, server }))),
+        (any::<u32>(), text()).prop_map(|(version, server)| Ok(Response::Hello(HelloOk {
+            version,
+            server,
+            challenge: None
+        }))),
         (
             any::<bool>(),
             any::<u32>(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -24,6 +24,7 @@ use txmq_protocol::{
     DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
+use crate::acl::{auth_signature, AclStore};
 use crate::Error;
 
 /// A boxed, sendable future: what a [`Service`] returns for one request.
@@ -41,6 +42,7 @@ pub trait Service: Send + Sync + 'static {
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: String::new(),
+            challenge: None,
         })
     }
 
@@ -84,6 +86,10 @@ pub struct ConnectionConfig {
     /// A peer whose machine vanished, or that stopped reading, is then
     /// noticed in seconds instead of the kernel's 15 minutes.
     pub keepalive: Duration,
+    /// TLS for connections this side opens (client side).
+    pub tls: Option<crate::tls::TlsClient>,
+    /// The user this side signs in as when a server asks (client side).
+    pub credentials: Option<crate::acl::Credentials>,
 }
 
 impl Default for ConnectionConfig {
@@ -96,6 +102,8 @@ impl Default for ConnectionConfig {
             max_queued_bytes: 8 << 20,
             hello_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
+            tls: None,
+            credentials: None,
         }
     }
 }
@@ -160,6 +168,91 @@ struct Inner {
     more_read: AtomicBool,
     /// Requests timed out in a row with no frame read meanwhile.
     silent_timeouts: AtomicU32,
+    /// Who the peer authenticated as (server side, with an ACL file).
+    user: OnceLock<String>,
+    /// The name in the peer's TLS client certificate (server side).
+    cert_name: Option<String>,
+    /// The ACL file the peer authenticates against (server side).
+    acl: Option<Arc<AclStore>>,
+}
+
+/// A socket's byte stream under TLS (either side).
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An open socket a connection runs on.
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<dyn Io>),
+}
+
+/// The read side of a [`Stream`].
+enum Reader {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<Box<dyn Io>>),
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Reader::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            Reader::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The write side of a [`Stream`]. A TCP half is lent to senders for
+/// direct writes while the writer task is idle; a TLS half stays with the
+/// writer task (a TLS record cannot be written without waiting).
+enum Writer {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<Box<dyn Io>>),
+}
+
+impl Writer {
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(w) => w.write_all(buf).await,
+            Writer::Tls(w) => {
+                w.write_all(buf).await?;
+                w.flush().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(w) => w.shutdown().await,
+            Writer::Tls(w) => w.shutdown().await,
+        }
+    }
+}
+
+/// Sets up a freshly opened or accepted socket (no delay, keepalive);
+/// returns the peer's address.
+pub(crate) fn prepare_tcp(
+    stream: &TcpStream,
+    config: &ConnectionConfig,
+) -> std::io::Result<String> {
+    stream.set_nodelay(true)?;
+    if !config.keepalive.is_zero() {
+        set_keepalive(stream, config.keepalive)?;
+    }
+    Ok(stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into()))
+}
+
+/// What a server knows of an accepted connection's peer before its hello.
+#[derive(Default)]
+pub(crate) struct PeerAuth {
+    pub cert_name: Option<String>,
+    pub acl: Option<Arc<AclStore>>,
 }
 
 /// A handle to one connection. Cloning is cheap; the connection lives until
@@ -225,16 +318,58 @@ impl Connection {
             .await
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
+        let peer = prepare_tcp(&stream, &config).map_err(|e| connect_err(e.to_string()))?;
+        let stream = match &config.tls {
+            Some(tls) => Stream::Tls(Box::new(
+                tokio::time::timeout(config.request_timeout, tls.connect(addr, stream))
+                    .await
+                    .map_err(|_| connect_err("TLS handshake timed out".into()))?
+                    .map_err(connect_err)?,
+            )),
+            None => Stream::Tcp(stream),
+        };
+        let credentials = config.credentials.clone();
         let conn = Connection::start(
             stream,
+            peer,
             Side::Client,
             service,
             config,
             CancellationToken::new(),
-        )
-        .map_err(|e| connect_err(e.to_string()))?;
-        match conn.call(hello).await {
-            Ok(ok) if ok.version == PROTOCOL_VERSION => Ok(conn),
+            PeerAuth::default(),
+        );
+        let mut answer = conn.call(hello).await;
+        if let Ok(HelloOk {
+            challenge: Some(challenge),
+            ..
+        }) = &answer
+        {
+            answer = match &credentials {
+                Some(c) => {
+                    conn.call(txmq_protocol::Authenticate {
+                        access_key: c.access_key.clone(),
+                        signature: auth_signature(&c.secret_key, challenge, &c.access_key),
+                    })
+                    .await
+                }
+                None => Err(Error::Remote(WireError::new(
+                    ErrorCode::AuthenticationFailed,
+                    format!(
+                        "{addr} requires authentication: give an access key and a secret key \
+                         (--access-key and --secret-key, or TXMQ_ACCESS_KEY and TXMQ_SECRET_KEY)"
+                    ),
+                ))),
+            };
+        }
+        match answer {
+            Ok(ok) if ok.version == PROTOCOL_VERSION && ok.challenge.is_none() => Ok(conn),
+            Ok(ok) if ok.challenge.is_some() => {
+                conn.close();
+                Err(Error::Remote(WireError::new(
+                    ErrorCode::AuthenticationFailed,
+                    "the server asked for authentication twice",
+                )))
+            }
             Ok(ok) => {
                 conn.close();
                 Err(Error::Remote(WireError::new(
@@ -252,29 +387,33 @@ impl Connection {
         }
     }
 
-    /// Starts the reader and writer tasks for an open socket.
+    /// Starts the reader and writer tasks for an open socket (set up by
+    /// [`prepare_tcp`], under TLS already past its handshake).
     pub(crate) fn start(
-        stream: TcpStream,
+        stream: Stream,
+        peer: String,
         side: Side,
         service: Option<Arc<dyn Service>>,
         config: ConnectionConfig,
         closed: CancellationToken,
-    ) -> std::io::Result<Connection> {
-        stream.set_nodelay(true)?;
-        if !config.keepalive.is_zero() {
-            set_keepalive(&stream, config.keepalive)?;
-        }
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
-        let (read_half, write_half) = stream.into_split();
+        auth: PeerAuth,
+    ) -> Connection {
+        let (read_half, direct_half, tls_half) = match stream {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Reader::Tcp(r), Some(w), None)
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(s);
+                (Reader::Tls(r), None, Some(Writer::Tls(w)))
+            }
+        };
         let conn = Connection {
             inner: Arc::new(Inner {
                 id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
                 peer,
                 write: Mutex::new(WriteSide {
-                    half: Some(write_half),
+                    half: direct_half,
                     queued: BytesMut::new(),
                     buf: BytesMut::with_capacity(16 * 1024),
                     codec: FrameCodec::new(config.max_frame_len),
@@ -289,16 +428,19 @@ impl Connection {
                 config,
                 more_read: AtomicBool::new(false),
                 silent_timeouts: AtomicU32::new(0),
+                user: OnceLock::new(),
+                cert_name: auth.cert_name,
+                acl: auth.acl,
             }),
         };
-        tokio::spawn(write_loop(conn.inner.clone()));
+        tokio::spawn(write_loop(conn.inner.clone(), tls_half));
         let reader = FramedRead::with_capacity(
             read_half,
             FrameCodec::new(conn.inner.config.max_frame_len),
             64 * 1024,
         );
         tokio::spawn(read_loop(reader, side, service, conn.clone()));
-        Ok(conn)
+        conn
     }
 
     /// Sends a typed request and waits for its typed answer, up to the
@@ -409,7 +551,13 @@ impl Connection {
         self.inner.closed.cancelled().await
     }
 
-    /// The peer's hello (server side), once received.
+    /// Who the peer authenticated as (server side, with an ACL file in
+    /// force): an access key, or the name in its client certificate.
+    pub fn user(&self) -> Option<&str> {
+        self.inner.user.get().map(String::as_str)
+    }
+
+    /// The peer's hello, once received (server side).
     pub fn peer_hello(&self) -> Option<&Hello> {
         self.inner.peer_hello.get()
     }
@@ -617,7 +765,7 @@ impl Future for Tagged {
 // `greeted` only gates entry to the serving loop, which ends by `break`.
 #[allow(clippy::while_immutable_condition)]
 async fn read_loop(
-    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    mut reader: FramedRead<Reader, FrameCodec>,
     side: Side,
     service: Option<Arc<dyn Service>>,
     conn: Connection,
@@ -635,7 +783,7 @@ async fn read_loop(
         };
         greeted = match first {
             Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(hello))))) => {
-                answer_hello(&conn, service.as_deref(), id, hello)
+                greet(&conn, &mut reader, service.as_deref(), id, hello).await
             }
             Some(Ok(Decoded::Frame(Frame::Request(id, other)))) => {
                 warn!(peer = %inner.peer, kind = other.kind(), "first request is not a hello; closing");
@@ -745,7 +893,7 @@ async fn read_loop(
                         let _ = tx.send(result);
                     }
                 }
-                Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_))))) => {
+                Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_) | Request::Authenticate(_))))) => {
                     let e = WireError::new(ErrorCode::HelloRequired, "hello already received");
                     encode_frame(&mut codec, &Frame::Response(id, Err(e)), &mut batch, &inner);
                 }
@@ -812,7 +960,106 @@ async fn read_loop(
     debug!(peer = %inner.peer, "connection closed");
 }
 
-fn answer_hello(conn: &Connection, service: Option<&dyn Service>, id: u64, hello: Hello) -> bool {
+/// Answers a hello: checks its version, authenticates the peer when an
+/// ACL file is in force (by its client certificate, or a challenge it
+/// must sign next), then asks the service.
+async fn greet(
+    conn: &Connection,
+    reader: &mut FramedRead<Reader, FrameCodec>,
+    service: Option<&dyn Service>,
+    id: u64,
+    hello: Hello,
+) -> bool {
+    let inner = &conn.inner;
+    if hello.version != PROTOCOL_VERSION {
+        return answer_hello(conn, service, id, hello, Response::Hello);
+    }
+    let Some(acl) = inner.acl.clone() else {
+        return answer_hello(conn, service, id, hello, Response::Hello);
+    };
+    if let Some(name) = inner
+        .cert_name
+        .as_deref()
+        .filter(|n| acl.current().has_user(n))
+    {
+        let _ = inner.user.set(name.to_string());
+        return answer_hello(conn, service, id, hello, Response::Hello);
+    }
+    let challenge = crate::acl::challenge();
+    conn.respond(
+        id,
+        Ok(Response::Hello(HelloOk {
+            version: PROTOCOL_VERSION,
+            server: String::new(),
+            challenge: Some(challenge.clone()),
+        })),
+    );
+    let next = tokio::select! {
+        f = reader.next() => f,
+        _ = tokio::time::sleep(inner.config.hello_timeout) => None,
+        _ = inner.closed.cancelled() => None,
+    };
+    match next {
+        Some(Ok(Decoded::Frame(Frame::Request(auth_id, Request::Authenticate(a))))) => {
+            if !acl
+                .current()
+                .verify(&a.access_key, &challenge, &a.signature)
+            {
+                warn!(peer = %inner.peer, access_key = %a.access_key, "authentication failed; closing");
+                refuse(
+                    conn,
+                    auth_id,
+                    ErrorCode::AuthenticationFailed,
+                    format!(
+                        "authentication failed for access key '{}': unknown access key or wrong secret",
+                        a.access_key
+                    ),
+                );
+                return false;
+            }
+            let _ = inner.user.set(a.access_key);
+            answer_hello(conn, service, auth_id, hello, Response::Authenticate)
+        }
+        Some(Ok(Decoded::Frame(Frame::Request(other_id, other)))) => {
+            warn!(peer = %inner.peer, kind = other.kind(), "no authentication after the hello; closing");
+            refuse(
+                conn,
+                other_id,
+                ErrorCode::AuthenticationFailed,
+                "this server requires authentication: give an access key and a secret key".into(),
+            );
+            false
+        }
+        Some(Ok(Decoded::Malformed {
+            is_request: true,
+            id,
+            error,
+        })) => {
+            warn!(peer = %inner.peer, %error, "malformed authentication; closing");
+            refuse(
+                conn,
+                id,
+                ErrorCode::MalformedRequest,
+                format!("malformed request: {error}"),
+            );
+            false
+        }
+        _ => {
+            debug!(peer = %inner.peer, "no authentication in time; closing");
+            false
+        }
+    }
+}
+
+/// Answers the hello (or the authentication completing it, `answer`
+/// making the response of either).
+fn answer_hello(
+    conn: &Connection,
+    service: Option<&dyn Service>,
+    id: u64,
+    hello: Hello,
+    answer: fn(HelloOk) -> Response,
+) -> bool {
     if hello.version != PROTOCOL_VERSION {
         warn!(peer = %conn.inner.peer, version = hello.version, "unsupported protocol version; closing");
         conn.respond(
@@ -827,18 +1074,15 @@ fn answer_hello(conn: &Connection, service: Option<&dyn Service>, id: u64, hello
         );
         return false;
     }
-    let answer = match service {
+    let reply = match service {
         Some(s) => s.hello(conn, &hello),
-        None => Ok(HelloOk {
-            version: PROTOCOL_VERSION,
-            server: String::new(),
-        }),
+        None => Ok(HelloOk::new(PROTOCOL_VERSION, "")),
     };
-    let ok = answer.is_ok();
+    let ok = reply.is_ok();
     if ok {
         let _ = conn.inner.peer_hello.set(hello);
     }
-    conn.respond(id, answer.map(Response::Hello));
+    conn.respond(id, reply.map(answer));
     ok
 }
 
@@ -849,9 +1093,9 @@ fn refuse(conn: &Connection, id: u64, code: ErrorCode, message: String) {
     let _ = try_queue(&conn.inner, &frame, true);
 }
 
-async fn write_loop(inner: Arc<Inner>) {
+async fn write_loop(inner: Arc<Inner>, tls: Option<Writer>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut half: Option<OwnedWriteHalf> = None;
+    let mut half: Option<Writer> = tls;
     'outer: loop {
         tokio::select! {
             () = inner.wake_writer.notified() => {}
@@ -868,14 +1112,14 @@ async fn write_loop(inner: Arc<Inner>) {
                     if w.close {
                         break 'outer;
                     }
-                    // Idle: give the half back for direct writes.
-                    if half.is_some() {
-                        w.half = half.take();
+                    // Idle: give a TCP half back for direct writes.
+                    if let Some(Writer::Tcp(tcp)) = half.take_if(|h| matches!(h, Writer::Tcp(_))) {
+                        w.half = Some(tcp);
                     }
                     break;
                 }
                 if half.is_none() {
-                    half = w.half.take();
+                    half = w.half.take().map(Writer::Tcp);
                 }
                 std::mem::swap(&mut buf, &mut w.queued);
             }
@@ -907,6 +1151,7 @@ async fn write_loop(inner: Arc<Inner>) {
             .unwrap_or_else(|e| e.into_inner())
             .half
             .take()
+            .map(Writer::Tcp)
     });
     if let Some(h) = half.as_mut() {
         let _ = h.shutdown().await;

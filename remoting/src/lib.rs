@@ -18,11 +18,15 @@
 
 #![warn(missing_docs)]
 
+pub mod acl;
 mod connection;
 mod error;
 pub mod server;
+pub mod tls;
 
+pub use acl::{auth_signature, AclStore, Credentials, Op, ServerSecurity};
 pub use connection::{Connection, ConnectionConfig, Service};
+pub use tls::{TlsClient, TlsFiles, TlsServer, TlsSetupError};
 
 /// Types a [`Service`] implementation names.
 pub mod connection_types {

@@ -1,12 +1,15 @@
 //! Accepting connections.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::connection::Side;
+use crate::acl::ServerSecurity;
+use crate::connection::{prepare_tcp, PeerAuth, Side, Stream};
+use crate::tls::{certificate_name, TlsServer};
 use crate::{Connection, ConnectionConfig, Service};
 
 /// Accepts connections on `listener` and serves each with `service` until
@@ -16,6 +19,25 @@ pub async fn serve(
     listener: TcpListener,
     service: Arc<dyn Service>,
     config: ConnectionConfig,
+    shutdown: CancellationToken,
+) {
+    serve_with(
+        listener,
+        service,
+        config,
+        ServerSecurity::default(),
+        shutdown,
+    )
+    .await;
+}
+
+/// [`serve`] with TLS on every accepted connection and, with an ACL file,
+/// authentication in every hello.
+pub async fn serve_with(
+    listener: TcpListener,
+    service: Arc<dyn Service>,
+    config: ConnectionConfig,
+    security: ServerSecurity,
     shutdown: CancellationToken,
 ) {
     let addr = listener
@@ -29,15 +51,41 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
+                let peer = match prepare_tcp(&stream, &config) {
+                    Ok(peer) => peer,
+                    Err(e) => {
+                        warn!(error = %e, "cannot set up accepted connection");
+                        continue;
+                    }
+                };
                 let token = shutdown.child_token();
-                if let Err(e) = Connection::start(
-                    stream,
-                    Side::Server,
-                    Some(service.clone()),
-                    config.clone(),
-                    token,
-                ) {
-                    warn!(error = %e, "cannot set up accepted connection");
+                let acl = security.acl.clone();
+                match &security.tls {
+                    None => {
+                        Connection::start(
+                            Stream::Tcp(stream),
+                            peer,
+                            Side::Server,
+                            Some(service.clone()),
+                            config.clone(),
+                            token,
+                            PeerAuth {
+                                cert_name: None,
+                                acl,
+                            },
+                        );
+                    }
+                    Some(tls) => {
+                        // The handshake runs beside the accept loop: a slow
+                        // or silent peer holds up no one else.
+                        let (tls, service, config) = (tls.clone(), service.clone(), config.clone());
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                () = handshake(tls, stream, peer, service, config, token.clone(), acl) => {}
+                                () = token.cancelled() => {}
+                            }
+                        });
+                    }
                 }
             }
             Err(e) => {
@@ -48,4 +96,76 @@ pub async fn serve(
         }
     }
     info!(%addr, "stopped accepting connections");
+}
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn handshake(
+    tls: TlsServer,
+    stream: TcpStream,
+    peer: String,
+    service: Arc<dyn Service>,
+    config: ConnectionConfig,
+    token: CancellationToken,
+    acl: Option<Arc<crate::acl::AclStore>>,
+) {
+    let wait = config.hello_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            warn!(%peer, "plaintext (not TLS) connection to a TLS port; closing");
+            close_cleanly(stream).await;
+            return;
+        }
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) | Ok(Err(_)) => return,
+        Err(_) => {
+            warn!(%peer, "no TLS handshake in time; closing");
+            return;
+        }
+    }
+    let stream = match tokio::time::timeout(wait, tls.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "TLS handshake failed; closing");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "TLS handshake timed out; closing");
+            return;
+        }
+    };
+    let cert_name = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| certificate_name(c));
+    Connection::start(
+        Stream::Tls(Box::new(stream)),
+        peer,
+        Side::Server,
+        Some(service),
+        config,
+        token,
+        PeerAuth { cert_name, acl },
+    );
+}
+
+/// Reads what the peer sent (so the close is a FIN, not a reset) and
+/// closes the socket.
+async fn close_cleanly(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut sink = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+    while let Ok(Ok(())) = tokio::time::timeout_at(deadline, stream.readable()).await {
+        match stream.try_read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    let _ = stream.shutdown().await;
 }

@@ -74,6 +74,7 @@ async fn silent_server(peer: Peer) -> String {
                 let ok = Response::Hello(HelloOk {
                     version: PROTOCOL_VERSION,
                     server: String::new(),
+                    challenge: None,
                 });
                 s.write_all(&encode(&Frame::Response(id, Ok(ok))))
                     .await

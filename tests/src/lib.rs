@@ -12,6 +12,7 @@
 
 pub mod chaos;
 pub mod lazyfs;
+pub mod pki;
 pub mod proxy;
 pub mod rng;
 

@@ -1088,6 +1088,7 @@ async fn garbage_master(listener: TcpListener, connections: Arc<Mutex<usize>>) {
                         Ok(Response::Hello(txmq_protocol::HelloOk {
                             version: PROTOCOL_VERSION,
                             server: GROUP.into(),
+                            challenge: None,
                         })),
                     )),
                     Frame::Request(_, Request::ReplicaFetch(_)) if n % 2 == 0 => {

@@ -63,6 +63,7 @@ impl Service for BrokerService {
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: self.broker.config.broker_name.clone(),
+            challenge: None,
         })
     }
 
