@@ -424,6 +424,57 @@ pub struct ServerSecurity {
 }
 
 impl ServerSecurity {
+    /// The security a server's flags ask for: TLS when `tls` has a cert
+    /// and key (`--tls-cert`, `--tls-key`; `--tls-ca` and
+    /// `client_auth` for client certificates), and the ACL file at
+    /// `acl_file`. Nothing set: plaintext, no authentication.
+    ///
+    /// # Errors
+    /// A TLS file or the ACL file that cannot be used, named.
+    pub fn load(
+        tls: &crate::tls::TlsFiles,
+        client_auth: bool,
+        acl_file: Option<&Path>,
+    ) -> Result<ServerSecurity, String> {
+        let serves_tls = tls.cert.is_some() || tls.key.is_some();
+        if client_auth && !serves_tls {
+            return Err("--tls-client-auth needs --tls-cert and --tls-key".into());
+        }
+        Ok(ServerSecurity {
+            tls: match serves_tls {
+                true => Some(
+                    crate::tls::TlsServer::from_files(tls, client_auth)
+                        .map_err(|e| e.to_string())?,
+                ),
+                false => None,
+            },
+            acl: match acl_file {
+                Some(path) => Some(AclStore::load(path).map_err(|e| e.to_string())?),
+                None => None,
+            },
+        })
+    }
+
+    /// Starts reloading the ACL file on change or SIGHUP (once a second
+    /// at most), until `shutdown`.
+    pub fn watch(&self, shutdown: CancellationToken) {
+        if let Some(acl) = &self.acl {
+            acl.watch(Duration::from_secs(1), shutdown);
+        }
+    }
+
+    /// Logs the warning of a server that listens on `addr`, beyond
+    /// loopback, without authentication.
+    pub fn warn_if_open(&self, addr: &std::net::SocketAddr, what: &str) {
+        if self.acl.is_none() && !addr.ip().is_loopback() {
+            warn!(
+                %addr,
+                "{what} listens beyond loopback without authentication: anyone who can reach it \
+                 can do anything (give --acl-file, and --tls-cert/--tls-key)"
+            );
+        }
+    }
+
     /// Checks `op` for `user`; everything is allowed without an ACL file.
     ///
     /// # Errors

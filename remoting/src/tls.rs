@@ -192,6 +192,18 @@ impl TlsServer {
     }
 }
 
+/// The client side of a process's TLS flags: TLS to servers when a CA
+/// is given (`--tls-ca`), presenting `--tls-cert`/`--tls-key` if set.
+///
+/// # Errors
+/// A file that cannot be used, named.
+pub fn client_tls(files: &TlsFiles) -> Result<Option<TlsClient>, TlsSetupError> {
+    match files.ca {
+        Some(_) => TlsClient::from_files(files).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// A client's TLS: how it verifies servers and what certificate it shows.
 #[derive(Clone)]
 pub struct TlsClient {
