@@ -80,6 +80,27 @@ pub struct BrokerConfig {
     pub max_inflight_bytes: usize,
     /// Replication within the broker group (`--broker-name`).
     pub replication: ReplicationConfig,
+    /// TLS and the ACL file for the broker's port, and how the broker's
+    /// own connections (to nameservers, its master, the controller) show
+    /// who they are.
+    pub security: SecurityConfig,
+}
+
+/// The security flags: TLS when cert and key are given (`--tls-*`),
+/// authentication and permissions with `--acl-file`, and the user the
+/// broker signs in as elsewhere (`--access-key`, `--secret-key`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityConfig {
+    /// The broker's certificate and key (its port serves TLS when both
+    /// are set), and the CA its own connections verify servers with (TLS
+    /// to them when set) and client certificates are checked against.
+    pub tls: txmq_remoting::TlsFiles,
+    /// Clients must present a certificate signed by the CA (mutual TLS).
+    pub tls_client_auth: bool,
+    /// Users and permissions; `None`: anyone may do anything.
+    pub acl_file: Option<PathBuf>,
+    /// The user the broker's own connections sign in as.
+    pub credentials: Option<txmq_remoting::Credentials>,
 }
 
 /// A broker's part in its broker group.
@@ -200,6 +221,7 @@ impl BrokerConfig {
             max_topics: 10_000,
             max_inflight_bytes: 64 << 20,
             replication: ReplicationConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 
@@ -551,6 +573,35 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_CONTROLLER", value_delimiter = ',', conflicts_with_all = ["role", "master_addr"])]
     #[serde(default, deserialize_with = "de_list")]
     pub controller: Option<Vec<String>>,
+    /// This broker's certificate (PEM); with --tls-key, its port serves
+    /// TLS and refuses plaintext.
+    #[arg(long, env = "TXMQ_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TXMQ_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs the servers this broker connects to (its
+    /// connections to nameservers, its master and the controller use TLS
+    /// when given) and, with --tls-client-auth, its clients' certificates.
+    #[arg(long, env = "TXMQ_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Clients must present a certificate signed by --tls-ca (mutual
+    /// TLS); one whose common name is a user's access key signs in as
+    /// that user without a secret [default: false].
+    #[arg(long, env = "TXMQ_TLS_CLIENT_AUTH", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub tls_client_auth: Option<bool>,
+    /// Users and their permissions (TOML, reloaded on change and on
+    /// SIGHUP): every connection must sign in and every request is
+    /// checked [default: none, anyone may do anything].
+    #[arg(long, env = "TXMQ_ACL_FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// The user this broker signs in as at nameservers, its master and
+    /// the controller (with --secret-key).
+    #[arg(long, env = "TXMQ_ACCESS_KEY")]
+    pub access_key: Option<String>,
+    /// The secret of --access-key.
+    #[arg(long, env = "TXMQ_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
 }
 
 impl BrokerArgs {
@@ -701,9 +752,41 @@ impl BrokerArgs {
                 controllers: self.controller.or(file.controller).unwrap_or_default(),
                 controller_wait: d.replication.controller_wait,
             },
+            security: SecurityConfig {
+                tls: txmq_remoting::TlsFiles {
+                    cert: self.tls_cert.or(file.tls_cert),
+                    key: self.tls_key.or(file.tls_key),
+                    ca: self.tls_ca.or(file.tls_ca),
+                },
+                tls_client_auth: self
+                    .tls_client_auth
+                    .or(file.tls_client_auth)
+                    .unwrap_or(false),
+                acl_file: self.acl_file.or(file.acl_file),
+                credentials: credentials(
+                    self.access_key.or(file.access_key),
+                    self.secret_key.or(file.secret_key),
+                )?,
+            },
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// `--access-key` and `--secret-key` go together.
+fn credentials(
+    access_key: Option<String>,
+    secret_key: Option<String>,
+) -> Result<Option<txmq_remoting::Credentials>, String> {
+    match (access_key, secret_key) {
+        (Some(access_key), Some(secret_key)) => Ok(Some(txmq_remoting::Credentials {
+            access_key,
+            secret_key,
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("--access-key needs --secret-key".into()),
+        (None, Some(_)) => Err("--secret-key needs --access-key".into()),
     }
 }
 

@@ -13,6 +13,7 @@ mod groups;
 mod handler;
 mod registration;
 mod replication;
+mod security;
 pub mod store;
 mod topics;
 mod transaction;
@@ -62,6 +63,9 @@ pub enum BrokerError {
     /// The in-process nameserver could not start.
     #[error("cannot start the standalone nameserver: {0}")]
     Nameserver(#[from] txmq_nameserver::Error),
+    /// A TLS file or the ACL file cannot be used.
+    #[error("security settings: {0}")]
+    Security(String),
     /// Every nameserver refused the broker: another live broker, at another
     /// address, holds its name.
     #[error("broker name '{name}' is taken: {detail}")]
@@ -93,6 +97,9 @@ pub(crate) struct BrokerInner {
     pub(crate) connections: std::sync::atomic::AtomicUsize,
     /// Its part in its broker group (master or slave).
     pub(crate) replication: replication::Replication,
+    /// TLS, users and permissions (`--tls-*`, `--acl-file`), and the
+    /// broker's own credentials.
+    pub(crate) security: Arc<security::Security>,
 }
 
 /// A running broker.
@@ -103,6 +110,8 @@ pub struct Broker {
     nameserver_addr: Option<SocketAddr>,
     nameserver_shutdown: CancellationToken,
     nameserver_task: TaskTracker,
+    /// Stops reloading the ACL file.
+    acl_watch: CancellationToken,
 }
 
 /// How the broker runs: one role for its life, or the roles a controller
@@ -165,6 +174,8 @@ impl Broker {
     /// name because another live broker holds it.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
+        let security =
+            Arc::new(security::Security::load(&config.security).map_err(BrokerError::Security)?);
         let nameserver_task = TaskTracker::new();
         let nameserver_shutdown = CancellationToken::new();
         let mut nameservers = config.nameservers.clone();
@@ -195,6 +206,9 @@ impl Broker {
             .into_std()
             .map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
+        security.server.warn_if_open(&addr, "broker");
+        let acl_watch = CancellationToken::new();
+        security.server.watch(acl_watch.clone());
         let advertised = config
             .advertise_addr
             .clone()
@@ -211,7 +225,7 @@ impl Broker {
             })?;
             let epochs = replication::epochs::Epochs::load(&dir).map_err(BrokerError::Config)?;
             let (control, events) =
-                replication::controlled::Control::new(&config, advertised, epochs);
+                replication::controlled::Control::new(&config, advertised, epochs, &security);
             let stop = CancellationToken::new();
             let (master_tx, master_rx) = tokio::sync::watch::channel(None::<(String, u64)>);
             // The first incarnation (a slave without a master) starts here,
@@ -220,6 +234,7 @@ impl Broker {
                 &config,
                 &listener,
                 &nameservers,
+                &security,
                 Part {
                     role: txmq_protocol::BrokerRole::Slave,
                     control: Some((control.clone(), 0, Vec::new(), Some(master_rx))),
@@ -230,6 +245,7 @@ impl Broker {
                 config.clone(),
                 listener,
                 nameservers,
+                security,
                 control,
                 events,
                 first,
@@ -243,6 +259,7 @@ impl Broker {
                 &config,
                 &listener,
                 &nameservers,
+                &security,
                 Part {
                     role,
                     control: None,
@@ -256,6 +273,7 @@ impl Broker {
             if let Ok(registration::Startup::NameTaken(detail)) = startup.await {
                 inc.stop().await;
                 nameserver_shutdown.cancel();
+                acl_watch.cancel();
                 return Err(BrokerError::NameTaken {
                     name: broker_name,
                     detail,
@@ -270,6 +288,7 @@ impl Broker {
             nameserver_addr,
             nameserver_shutdown,
             nameserver_task,
+            acl_watch,
         })
     }
 
@@ -294,6 +313,7 @@ impl Broker {
                 let _ = task.await;
             }
         }
+        self.acl_watch.cancel();
         // The nameserver goes last so the broker's goodbye reaches it.
         self.nameserver_shutdown.cancel();
         self.nameserver_task.close();
@@ -306,6 +326,7 @@ async fn start_incarnation(
     config: &BrokerConfig,
     listener: &std::net::TcpListener,
     nameservers: &[String],
+    security: &Arc<security::Security>,
     part: Part,
 ) -> Result<
     (
@@ -382,12 +403,15 @@ async fn start_incarnation(
     }
     let shutdown = CancellationToken::new();
     let recovered = store.take_recovered_transactions().unwrap_or_default();
-    let transactions = Arc::new(transaction::Transactions::new(
-        store.clone(),
-        config.transactions.clone(),
-        config.broker_name.clone(),
-        recovered,
-    ));
+    let transactions = Arc::new(
+        transaction::Transactions::new(
+            store.clone(),
+            config.transactions.clone(),
+            config.broker_name.clone(),
+            recovered,
+        )
+        .with_security(security.clone()),
+    );
     if is_slave {
         // Replicated transaction records reach the slave's table as
         // they are written, as recovery would have found them.
@@ -433,6 +457,7 @@ async fn start_incarnation(
         registered_version: tokio::sync::watch::channel(0).0,
         shutdown: shutdown.clone(),
         connections: std::sync::atomic::AtomicUsize::new(0),
+        security: security.clone(),
     });
 
     let conn_config = ConnectionConfig {
@@ -443,10 +468,11 @@ async fn start_incarnation(
     let service = Arc::new(handler::BrokerService {
         broker: inner.clone(),
     });
-    tasks.spawn(txmq_remoting::server::serve(
+    tasks.spawn(txmq_remoting::server::serve_with(
         listener,
         service,
         conn_config,
+        security.server.clone(),
         shutdown.clone(),
     ));
     let (startup_tx, startup) = tokio::sync::oneshot::channel();
@@ -491,6 +517,7 @@ async fn run_controlled(
     config: BrokerConfig,
     listener: std::net::TcpListener,
     nameservers: Vec<String>,
+    security: Arc<security::Security>,
     control: Arc<replication::controlled::Control>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<replication::controlled::Event>,
     first: (
@@ -577,7 +604,7 @@ async fn run_controlled(
                     (role == BrokerRole::Slave).then(|| master_tx.subscribe()),
                 )),
             };
-            match start_incarnation(&config, &listener, &nameservers, part).await {
+            match start_incarnation(&config, &listener, &nameservers, &security, part).await {
                 Ok((inc, _)) => {
                     if role == BrokerRole::Master {
                         control

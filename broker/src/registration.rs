@@ -348,10 +348,10 @@ pub(crate) fn hello_from(config: &crate::BrokerConfig, addr: &str, role: Role) -
 /// A connection to nameserver `ns`.
 pub(crate) async fn connect(b: &BrokerInner, ns: &str) -> Result<Connection, String> {
     let hello = hello(b, Role::Broker);
-    let config = ConnectionConfig {
+    let config = b.security.outgoing(ConnectionConfig {
         request_timeout: REQUEST_TIMEOUT,
         ..Default::default()
-    };
+    });
     Connection::connect(ns, hello, None, config)
         .await
         .map_err(|e| e.to_string())

@@ -1,6 +1,7 @@
 //! Requests the broker serves: one enum dispatches, one file per request
 //! holds its validation and handling.
 
+mod authorize;
 mod group;
 mod offset;
 mod pull;
@@ -36,6 +37,7 @@ impl Service for BrokerService {
                 "a transactional producer must name its producer group",
             ));
         }
+        authorize::authorize_hello(&self.broker, conn, hello)?;
         // Counted once nothing else can refuse the hello: `closed` gives the
         // slot back for every greeted connection.
         let max = self.broker.config.max_connections;
@@ -87,6 +89,7 @@ impl Service for BrokerService {
         let more_coming = conn.more_requests_read();
         let conn = conn.clone();
         Box::pin(async move {
+            authorize::authorize(&b, &conn, &request)?;
             // A slave takes no writes: its log is its master's. Under a
             // controller, neither does a master draining for a planned
             // switch or out of touch with the controller.

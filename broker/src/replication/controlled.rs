@@ -77,6 +77,8 @@ pub(crate) struct Control {
     epochs: Mutex<Epochs>,
     /// Events for the incarnation loop.
     pub(crate) events: mpsc::UnboundedSender<Event>,
+    /// TLS and credentials of the connection to the controller.
+    security: Arc<crate::security::Security>,
 }
 
 impl Control {
@@ -85,6 +87,7 @@ impl Control {
         config: &BrokerConfig,
         addr: String,
         epochs: Epochs,
+        security: &Arc<crate::security::Security>,
     ) -> (Arc<Control>, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
         let control = Control {
@@ -102,6 +105,7 @@ impl Control {
             conn: Mutex::new(None),
             epochs: Mutex::new(epochs),
             events,
+            security: security.clone(),
         };
         (Arc::new(control), rx)
     }
@@ -200,10 +204,10 @@ impl Control {
                 .take()
                 .unwrap_or_else(|| self.controllers[next % self.controllers.len()].clone());
             let hello = crate::registration::hello_from(&config, &self.addr, Role::Broker);
-            let conn_config = ConnectionConfig {
+            let conn_config = self.security.outgoing(ConnectionConfig {
                 request_timeout: self.wait + Duration::from_secs(3),
                 ..Default::default()
-            };
+            });
             let connected = tokio::select! {
                 c = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&target, hello, None, conn_config)) => c,
                 _ = shutdown.cancelled() => return,

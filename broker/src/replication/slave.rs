@@ -204,11 +204,11 @@ fn classify(master: &str, e: Error) -> Stop {
 /// the next fetch in flight while a batch is written.
 async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), Stop> {
     let hello = crate::registration::hello(b, Role::Replica);
-    let config = ConnectionConfig {
+    let config = b.security.outgoing(ConnectionConfig {
         max_frame_len: b.config.max_frame_size.max(FETCH_BYTES as usize * 2),
         request_timeout: Duration::from_secs(10),
         ..Default::default()
-    };
+    });
     let conn = tokio::select! {
         c = Connection::connect(master, hello, None, config) => c.map_err(|e| classify(master, e))?,
         _ = b.shutdown.cancelled() => return Err(Stop::Shutdown),

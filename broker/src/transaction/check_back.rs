@@ -109,8 +109,8 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         tx.check_done(tx_id, false, None, None);
         return;
     }
-    let Some(conn) = tx.producers.pick(&group) else {
-        let error = format!("no producer of group '{group}' is connected");
+    let Some(conn) = tx.check_back_connection(&group) else {
+        let error = format!("no producer of group '{group}' allowed to answer is connected");
         tx.check_done(tx_id, false, None, Some(error));
         return;
     };

@@ -195,6 +195,9 @@ pub(crate) struct Transactions {
     pub(crate) producers: ProducerGroups,
     /// Wakes the scheduler early (a producer group came online).
     pub(crate) wake: Notify,
+    /// Who may still answer a group's check-backs (its `tx` permission
+    /// is checked again before each one, as the ACL file stands then).
+    security: Arc<crate::security::Security>,
 }
 
 fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
@@ -246,7 +249,37 @@ impl Transactions {
             counters: Counters::default(),
             producers: ProducerGroups::default(),
             wake: Notify::new(),
+            security: Arc::default(),
         }
+    }
+
+    /// Check-backs go only to connections whose user has the group's
+    /// `tx` permission under `security` (every connection without an ACL
+    /// file).
+    pub(crate) fn with_security(mut self, security: Arc<crate::security::Security>) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// A live connection of `group` that may answer its check-backs now,
+    /// round robin.
+    fn check_back_connection(&self, group: &str) -> Option<txmq_remoting::Connection> {
+        self.producers.pick(group, |conn| {
+            self.security.allows(conn, txmq_remoting::Op::Tx(group))
+        })
+    }
+
+    /// The producer group of transaction `tx_id`, as its half message
+    /// stored it (pending or ended); `None` when unknown here.
+    pub(crate) fn producer_group(&self, tx_id: u64) -> Option<String> {
+        if let Some(p) = lock(&self.table).pending.get(&tx_id) {
+            return Some(p.group.to_string());
+        }
+        let (record, _) = self.store.read_record_at(tx_id)?;
+        if record.kind != RecordKind::Half {
+            return None;
+        }
+        record.message.properties.get(PROP_PRODUCER_GROUP).cloned()
     }
 
     /// A slave: applies the transaction changes its master's log brought

@@ -35,13 +35,17 @@ impl ProducerGroups {
         }
     }
 
-    /// The next live connection of `group`, round robin.
-    pub(crate) fn pick(&self, group: &str) -> Option<Connection> {
+    /// The next live connection of `group` that `eligible` accepts, round robin.
+    pub(crate) fn pick(
+        &self,
+        group: &str,
+        eligible: impl Fn(&Connection) -> bool,
+    ) -> Option<Connection> {
         let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         let live: Vec<&Connection> = groups
             .get(group)?
             .iter()
-            .filter(|c| !c.is_closed())
+            .filter(|c| !c.is_closed() && eligible(c))
             .collect();
         if live.is_empty() {
             return None;
