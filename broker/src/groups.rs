@@ -451,6 +451,15 @@ impl Groups {
         g.owners.get(&q).is_none_or(|o| o == client_id)
     }
 
+    /// Whether `group` consumes in clustering mode here: a member that
+    /// is not broadcasting heartbeated, or a queue of it has an owner.
+    /// Its members divide the queues, so a commit must say whose it is.
+    pub(crate) fn is_clustering(&self, group: &str) -> bool {
+        lock(&self.groups)
+            .get(group)
+            .is_some_and(|g| !g.owners.is_empty() || g.members.values().any(|m| !m.broadcast))
+    }
+
     /// Whether the group has a live member subscribed to `topic`.
     pub(crate) fn has_live_members(&self, group: &str, topic: &str) -> bool {
         lock(&self.groups).get(group).is_some_and(|g| {

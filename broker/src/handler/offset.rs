@@ -12,10 +12,33 @@ pub(super) fn validate_group(group: &str) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A clustering group's members divide its queues, and only a queue's
+/// owner may move its offset: a commit of such a group must name the
+/// member it comes from, of that group (forward-only commits, a slave
+/// handing its master the offsets it kept, move nothing back).
+///
+/// # Errors
+/// `BAD_ARGUMENT`.
+fn check_names_owner(b: &BrokerInner, req: &CommitOffset) -> Result<(), WireError> {
+    match &req.owner {
+        Some(o) if o.group != req.group => Err(bad_argument(format!(
+            "an offset commit of group '{}' names a member of group '{}' as its owner",
+            req.group, o.group
+        ))),
+        None if b.groups.is_clustering(&req.group) => Err(bad_argument(format!(
+            "group '{}' consumes in clustering mode on broker {}: an offset commit must name \
+             its owner (the member's group and client id) for queue {} of '{}'",
+            req.group, b.config.broker_name, req.queue, req.topic
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub(super) async fn commit(b: &BrokerInner, req: CommitOffset) -> Result<Done, WireError> {
     validate_group(&req.group)?;
     existing_queue(b, &req.topic, req.queue)?;
     if !req.forward_only {
+        check_names_owner(b, &req)?;
         super::group::check_owner(b, req.owner.as_ref(), &req.topic, req.queue)?;
     }
     let q = b
