@@ -1,0 +1,1190 @@
+//! The broker's security end to end, against real `txmq-broker` and
+//! `txmq-nameserver` processes and through the `txmq` client: every
+//! permission of the ACL file refused and granted (ACCESS_DENIED names the
+//! user, the operation and the resource, and the connection goes on
+//! serving), the operator source of an end that only an admin may claim,
+//! a wrong secret, a user removed from the file (SIGHUP, or the file
+//! changing) losing access at its next request, check-backs only to
+//! producers still allowed, the transaction flow under TLS with an ACL
+//! file, and TLS failures: a wrong CA, plaintext to the TLS port, mutual
+//! TLS without a client certificate.
+//!
+//! The nameserver has no TLS flags yet, so where clients speak TLS they
+//! reach it through [`TlsFront`], an in-process TLS front that relays each
+//! connection to the real nameserver process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use txmq::{
+    Admin, BoxError, CheckRequest, ClientConfig, ErrorCode, Message, Producer, PullConsumer,
+    TlsClient, TlsFiles, TransactionListener, TransactionProducer, TransactionState, TxAction,
+    TxContext, PERM_READ_WRITE,
+};
+use txmq_protocol::{
+    CommitOffset, EndTransaction, Heartbeat, Hello, HelloOk, LeaveGroup, OffsetTarget, PullRequest,
+    QueryOffset, QueueOwner, Request, Response, Role, Subscription, TxSource, WireError,
+    PROTOCOL_VERSION,
+};
+use txmq_remoting::connection_types::BoxFuture;
+use txmq_remoting::{
+    Connection, ConnectionConfig, Credentials, ServerSecurity, Service, TlsServer,
+};
+use txmq_tests::pki::Pki;
+use txmq_tests::{free_port, BrokerProcess, NameserverProcess};
+
+const BROKER: &str = "broker-a";
+const TOPIC: &str = "orders";
+const GROUP: &str = "billing";
+const TX_GROUP: &str = "orders-tx";
+
+/// alice produces and consumes `orders` (and is its transactional
+/// producer); bob may only publish to `audit`; carol reads `orders`
+/// without any consumer group; dave publishes to `orders` but is no
+/// transactional producer; ops is an admin; the broker signs in as broker.
+const ACL: &str = r#"
+[[user]]
+access_key = "alice"
+secret_key = "alice-secret"
+topics = { "orders" = ["pub", "sub"] }
+groups = { "billing" = ["sub"], "orders-tx" = ["tx"] }
+
+[[user]]
+access_key = "bob"
+secret_key = "bob-secret"
+topics = { "audit" = ["pub"] }
+
+[[user]]
+access_key = "carol"
+secret_key = "carol-secret"
+topics = { "orders" = ["sub", "pub"] }
+
+[[user]]
+access_key = "dave"
+secret_key = "dave-secret"
+topics = { "orders" = ["pub"] }
+groups = { "orders-tx" = ["sub"] }
+
+[[user]]
+access_key = "ops"
+secret_key = "ops-secret"
+admin = true
+
+[[user]]
+access_key = "broker"
+secret_key = "broker-secret"
+broker = true
+"#;
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// How a [`Site`] runs its broker.
+#[derive(Default)]
+struct Setup<'a> {
+    /// The broker serves TLS (clients, and the nameserver front, too).
+    tls: bool,
+    /// Mutual TLS: clients must show a certificate.
+    client_auth: bool,
+    /// More broker flags.
+    extra: &'a [&'a str],
+}
+
+/// A nameserver process, a broker process with the ACL file [`ACL`], and
+/// the CA of their certificates.
+struct Site {
+    pki: Pki,
+    _nameserver: NameserverProcess,
+    /// Where clients find the nameserver (its TLS front under TLS).
+    ns: String,
+    broker: BrokerProcess,
+    acl: PathBuf,
+    /// What clients verify servers with, under TLS.
+    tls: Option<TlsClient>,
+    /// Clients must show a certificate.
+    client_auth: bool,
+    _front: Option<TlsFront>,
+    _dir: tempfile::TempDir,
+}
+
+impl Site {
+    async fn start(setup: Setup<'_>) -> Site {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = Pki::new("txmq test CA");
+        let acl = pki.acl("acl.toml", ACL);
+        let ns_addr = format!("127.0.0.1:{}", free_port());
+        let nameserver = tokio::task::block_in_place(|| {
+            NameserverProcess::start(&ns_addr, &[], &dir.path().join("nameserver.log"))
+        });
+        let server = pki.issue("127.0.0.1");
+        let (front, ns) = match setup.tls {
+            true => {
+                let front = TlsFront::start(&ns_addr, &pki.issue("front")).await;
+                let addr = front.addr.clone();
+                (Some(front), addr)
+            }
+            false => (None, ns_addr),
+        };
+        let mut flags: Vec<String> = vec![
+            "--acl-file".into(),
+            path(&acl),
+            "--access-key".into(),
+            "broker".into(),
+            "--secret-key".into(),
+            "broker-secret".into(),
+            "--auto-create-topics".into(),
+            "false".into(),
+        ];
+        if setup.tls {
+            flags.extend([
+                "--tls-cert".into(),
+                path(&server.cert),
+                "--tls-key".into(),
+                path(&server.key),
+                "--tls-ca".into(),
+                path(&pki.ca()),
+            ]);
+        }
+        if setup.client_auth {
+            flags.push("--tls-client-auth".into());
+        }
+        flags.extend(setup.extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let data = dir.path().join("broker");
+        let broker =
+            tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, BROKER, &flags));
+        let tls = setup.tls.then(|| tls_client(&pki, None));
+        let site = Site {
+            pki,
+            _nameserver: nameserver,
+            ns,
+            broker,
+            acl,
+            tls,
+            client_auth: setup.client_auth,
+            _front: front,
+            _dir: dir,
+        };
+        site.wait_registered().await;
+        site
+    }
+
+    /// Client settings signing in as `user` (its secret is `user-secret`;
+    /// under mutual TLS, its certificate names it).
+    fn config(&self, user: &str) -> ClientConfig {
+        let mut config = self.anonymous();
+        config.credentials = Some(credentials(user));
+        if self.client_auth {
+            config.tls = Some(tls_client(&self.pki, Some(&self.pki.issue(user))));
+        }
+        config
+    }
+
+    /// Client settings without credentials.
+    fn anonymous(&self) -> ClientConfig {
+        let mut config = ClientConfig::with_nameservers([self.ns.as_str()]);
+        config.tls = self.tls.clone();
+        config.request_timeout = Duration::from_secs(5);
+        config
+    }
+
+    async fn admin(&self, user: &str) -> Admin {
+        Admin::with_config(self.config(user))
+            .await
+            .unwrap_or_else(|e| panic!("admin as {user} connects: {e}"))
+    }
+
+    async fn producer(&self, user: &str) -> Producer {
+        Producer::builder()
+            .config(self.config(user))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("producer as {user} builds: {e}"))
+    }
+
+    /// A raw connection to the broker as `user`, for requests the client
+    /// does not send one by one.
+    async fn connect(&self, user: &str, role: Role, group: Option<&str>) -> Connection {
+        let config = ConnectionConfig {
+            tls: self.tls.clone(),
+            credentials: Some(credentials(user)),
+            ..ConnectionConfig::default()
+        };
+        Connection::connect(&self.broker.addr, hello(role, group), None, config)
+            .await
+            .unwrap_or_else(|e| panic!("{user} connects to the broker: {e}"))
+    }
+
+    /// Creates [`TOPIC`] as ops and waits until the nameserver routes it.
+    async fn create_topic(&self, topic: &str) {
+        let admin = self.admin("ops").await;
+        admin
+            .create_topic(topic, 2, PERM_READ_WRITE, None)
+            .await
+            .unwrap_or_else(|e| panic!("ops creates {topic}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while admin.route(topic).await.is_err() {
+            assert!(Instant::now() < deadline, "{topic} never routed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        admin.close();
+    }
+
+    async fn wait_registered(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(admin) = Admin::with_config(self.anonymous()).await {
+                let known = admin.cluster().await.unwrap_or_default();
+                admin.close();
+                if known.iter().any(|b| b.broker_name == BROKER) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker never registered; its log:\n{}",
+                self.broker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Rewrites the ACL file without `user`.
+    fn remove_user(&self, user: &str) {
+        let text = std::fs::read_to_string(&self.acl).expect("read ACL file");
+        let kept: Vec<&str> = text
+            .split("[[user]]")
+            .filter(|u| !u.contains(&format!("access_key = \"{user}\"")))
+            .collect();
+        std::fs::write(&self.acl, kept.join("[[user]]")).expect("write ACL file");
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn credentials(user: &str) -> Credentials {
+    Credentials {
+        access_key: user.into(),
+        secret_key: format!("{user}-secret"),
+    }
+}
+
+fn hello(role: Role, group: Option<&str>) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        client_id: format!("security-test-{}", free_port()),
+        group: group.map(str::to_string),
+    }
+}
+
+/// TLS verifying servers with `pki`'s CA, showing `cert` when given.
+fn tls_client(pki: &Pki, cert: Option<&txmq_tests::pki::Issued>) -> TlsClient {
+    TlsClient::from_files(&TlsFiles {
+        cert: cert.map(|c| c.cert.clone()),
+        key: cert.map(|c| c.key.clone()),
+        ca: Some(pki.ca()),
+    })
+    .expect("client TLS files load")
+}
+
+/// Asserts `result` is ACCESS_DENIED naming `user` and `what` (the
+/// operation and its resource, as the refusal words it).
+fn assert_denied<T: std::fmt::Debug>(result: Result<T, impl ToWire>, user: &str, what: &str) {
+    let error = result.expect_err("refused");
+    let wire = error
+        .wire()
+        .unwrap_or_else(|| panic!("not a broker's refusal: {}", error.text()));
+    assert_eq!(wire.code, ErrorCode::AccessDenied, "{wire}");
+    assert!(
+        wire.message.contains(&format!("'{user}'")) && wire.message.contains(what),
+        "the refusal names neither user '{user}' nor '{what}': {wire}"
+    );
+}
+
+/// The wire error under a client or a connection error.
+trait ToWire {
+    fn wire(&self) -> Option<WireError>;
+    fn text(&self) -> String;
+}
+
+impl ToWire for txmq::Error {
+    fn wire(&self) -> Option<WireError> {
+        self.wire_error().cloned()
+    }
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl ToWire for txmq_remoting::Error {
+    fn wire(&self) -> Option<WireError> {
+        self.remote().cloned()
+    }
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+fn pull(topic: &str, group: Option<&str>) -> PullRequest {
+    PullRequest {
+        topic: topic.into(),
+        queue: 0,
+        offset: 0,
+        max_messages: 16,
+        max_wait_ms: 0,
+        tag_filter: Vec::new(),
+        owner: group.map(|g| QueueOwner {
+            group: g.into(),
+            client_id: "member".into(),
+        }),
+        epoch: 0,
+        after: None,
+    }
+}
+
+/// Polls `topic` as `group` (signed in as `user`) until a message with
+/// `body` arrives (10 s at most).
+async fn receive(site: &Site, user: &str, group: &str, topic: &str, body: &str) {
+    let mut consumer = PullConsumer::builder()
+        .config(site.config(user))
+        .group(group)
+        .topic(topic)
+        .build()
+        .await
+        .expect("consumer builds");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let batch = consumer
+            .poll(Duration::from_millis(200))
+            .await
+            .expect("poll");
+        if batch.iter().any(|m| m.body().as_ref() == body.as_bytes()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "'{body}' never arrived");
+    }
+    consumer.shutdown().await.expect("consumer commits");
+}
+
+/// A transaction listener whose local transactions end as `execute`
+/// says and whose check-backs answer `check`, counting them.
+struct Listener {
+    execute: TransactionState,
+    check: TransactionState,
+    checks: AtomicU32,
+}
+
+impl Listener {
+    fn new(execute: TransactionState, check: TransactionState) -> Arc<Listener> {
+        Arc::new(Listener {
+            execute,
+            check,
+            checks: AtomicU32::new(0),
+        })
+    }
+}
+
+impl TransactionListener for Listener {
+    async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+        Ok(self.execute)
+    }
+
+    async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        Ok(self.check)
+    }
+}
+
+async fn tx_producer(
+    site: &Site,
+    user: &str,
+    listener: &Arc<Listener>,
+) -> txmq::Result<TransactionProducer<Listener>> {
+    TransactionProducer::builder()
+        .config(site.config(user))
+        .group(TX_GROUP)
+        .listener_arc(listener.clone())
+        .start()
+        .await
+}
+
+// ---------------------------------------------------------------------------
+// A TLS front for the nameserver
+// ---------------------------------------------------------------------------
+
+/// Serves TLS on a port of its own and relays each connection, request by
+/// request, over a plaintext connection of its own to a nameserver: a
+/// TLS nameserver for the tests, until the nameserver has TLS flags.
+struct TlsFront {
+    addr: String,
+    stop: CancellationToken,
+}
+
+impl TlsFront {
+    async fn start(upstream: &str, cert: &txmq_tests::pki::Issued) -> TlsFront {
+        let tls = TlsServer::from_files(
+            &TlsFiles {
+                cert: Some(cert.cert.clone()),
+                key: Some(cert.key.clone()),
+                ca: None,
+            },
+            false,
+        )
+        .expect("front TLS files load");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("front binds");
+        let addr = listener.local_addr().expect("front address").to_string();
+        let stop = CancellationToken::new();
+        let relay = Arc::new(Relay {
+            upstream: upstream.to_string(),
+            links: Mutex::default(),
+        });
+        tokio::spawn(txmq_remoting::server::serve_with(
+            listener,
+            relay,
+            ConnectionConfig::default(),
+            ServerSecurity {
+                tls: Some(tls),
+                acl: None,
+            },
+            stop.clone(),
+        ));
+        TlsFront { addr, stop }
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Each client connection's own connection to the nameserver (so that a
+/// broker's registration lives and dies with its connection, as there).
+type Link = Arc<tokio::sync::OnceCell<Connection>>;
+
+struct Relay {
+    upstream: String,
+    links: Mutex<HashMap<u64, Link>>,
+}
+
+impl Relay {
+    fn link(&self, conn: &Connection) -> Link {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.entry(conn.id()).or_default().clone()
+    }
+}
+
+impl Service for Relay {
+    fn hello(&self, _: &Connection, _: &Hello) -> Result<HelloOk, WireError> {
+        Ok(HelloOk::new(PROTOCOL_VERSION, "tls-front"))
+    }
+
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let link = self.link(conn);
+        let upstream = self.upstream.clone();
+        let hello = conn.peer_hello().cloned();
+        Box::pin(async move {
+            let internal = |e: txmq_remoting::Error| match e.remote() {
+                Some(w) => w.clone(),
+                None => WireError::new(ErrorCode::Internal, format!("relay: {e}")),
+            };
+            let hello = hello.unwrap_or_else(|| hello_of_relay());
+            let to = link
+                .get_or_try_init(|| {
+                    Connection::connect(&upstream, hello, None, ConnectionConfig::default())
+                })
+                .await
+                .map_err(internal)?;
+            to.request(request, Duration::from_secs(10))
+                .await
+                .map_err(internal)
+        })
+    }
+
+    fn closed(&self, conn: &Connection) {
+        let link = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn.id());
+        if let Some(to) = link.as_ref().and_then(|l| l.get()) {
+            to.close();
+        }
+    }
+}
+
+fn hello_of_relay() -> Hello {
+    hello(Role::Admin, None)
+}
+
+// ---------------------------------------------------------------------------
+// Permissions
+// ---------------------------------------------------------------------------
+
+/// Topic creation, offset resets and transaction lists need `admin`; a
+/// refused user's connection goes on serving what it may do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn administration_needs_admin() {
+    let site = Site::start(Setup::default()).await;
+    let alice = site.admin("alice").await;
+    assert_denied(
+        alice.create_topic(TOPIC, 2, PERM_READ_WRITE, None).await,
+        "alice",
+        "create topic orders",
+    );
+    assert!(
+        alice.list_topics().await.is_ok(),
+        "the refused connection still serves"
+    );
+    site.create_topic(TOPIC).await;
+    assert_denied(
+        alice
+            .reset_offsets(GROUP, TOPIC, OffsetTarget::First, None)
+            .await,
+        "alice",
+        "reset the offsets of group billing on topic orders",
+    );
+    assert_denied(
+        alice.list_transactions(None).await,
+        "alice",
+        "list transactions",
+    );
+    let ops = site.admin("ops").await;
+    ops.reset_offsets(GROUP, TOPIC, OffsetTarget::First, None)
+        .await
+        .expect("ops resets offsets");
+    ops.list_transactions(None)
+        .await
+        .expect("ops lists transactions");
+    assert!(
+        site.broker.log_text().contains("access denied"),
+        "refusals are logged"
+    );
+}
+
+/// Sending needs `pub` on every topic of the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_needs_pub_on_the_topic() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let bob = site.producer("bob").await;
+    assert_denied(
+        bob.send(Message::new(TOPIC, "from bob")).await,
+        "bob",
+        "pub to topic 'orders'",
+    );
+    let alice = site.producer("alice").await;
+    alice
+        .send(Message::new(TOPIC, "from alice"))
+        .await
+        .expect("alice sends");
+    receive(&site, "alice", GROUP, TOPIC, "from alice").await;
+}
+
+/// Reading needs `sub` on the topic, and as a group member `sub` on the
+/// group too (the group's own retry topic needs only the group); offsets
+/// and heartbeats need the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_needs_sub_on_the_topic_and_the_group() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    site.producer("alice")
+        .await
+        .send(Message::new(TOPIC, "to read"))
+        .await
+        .expect("alice sends");
+
+    let bob = site.connect("bob", Role::Consumer, None).await;
+    assert_denied(
+        bob.call(pull(TOPIC, None)).await,
+        "bob",
+        "sub to topic 'orders'",
+    );
+    let carol = site.connect("carol", Role::Consumer, None).await;
+    carol
+        .call(pull(TOPIC, None))
+        .await
+        .expect("carol reads the topic without a group");
+    assert_denied(
+        carol.call(pull(TOPIC, Some(GROUP))).await,
+        "carol",
+        "sub as consumer group 'billing'",
+    );
+    assert_denied(
+        carol
+            .call(QueryOffset {
+                group: GROUP.into(),
+                topic: TOPIC.into(),
+                queue: 0,
+            })
+            .await,
+        "carol",
+        "consumer group 'billing'",
+    );
+    let beat = |topic: &str| Heartbeat {
+        group: GROUP.into(),
+        client_id: "member".into(),
+        subscriptions: vec![Subscription {
+            topic: topic.into(),
+            expression: "*".into(),
+        }],
+        broadcast: false,
+        held: Vec::new(),
+    };
+    assert_denied(
+        carol.call(beat(TOPIC)).await,
+        "carol",
+        "consumer group 'billing'",
+    );
+    let alice = site.connect("alice", Role::Consumer, None).await;
+    assert_denied(
+        alice.call(beat("audit")).await,
+        "alice",
+        "sub to topic 'audit'",
+    );
+    alice.call(beat(TOPIC)).await.expect("alice heartbeats");
+    alice
+        .call(pull(TOPIC, Some(GROUP)))
+        .await
+        .expect("alice pulls as a member of billing");
+    assert_denied(
+        carol
+            .call(LeaveGroup {
+                group: GROUP.into(),
+                client_id: "member".into(),
+            })
+            .await,
+        "carol",
+        "consumer group 'billing'",
+    );
+    let retry = alice
+        .call(pull("%RETRY%billing", Some(GROUP)))
+        .await
+        .expect_err("no retry topic yet");
+    assert_eq!(
+        retry.remote().map(|w| w.code),
+        Some(ErrorCode::UnknownTopic),
+        "the group's own retry topic needs only the group: {retry}"
+    );
+    alice
+        .call(LeaveGroup {
+            group: GROUP.into(),
+            client_id: "member".into(),
+        })
+        .await
+        .expect("alice's member leaves");
+    receive(&site, "alice", GROUP, TOPIC, "to read").await;
+}
+
+/// A transactional producer needs `tx` of its group (its hello is
+/// refused otherwise: it would receive the group's half messages in
+/// check-backs); prepares need `pub` too; ending by hand, the operator
+/// source, needs `admin` whoever claims it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_need_tx_and_resolving_needs_admin() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let unknown = Listener::new(TransactionState::Unknown, TransactionState::Unknown);
+
+    let refused = match tx_producer(&site, "dave", &unknown).await {
+        Err(e) => e,
+        Ok(dave) => dave
+            .send_in_transaction(Message::new(TOPIC, "from dave"))
+            .await
+            .expect_err("dave is no transactional producer of orders-tx"),
+    };
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::AccessDenied),
+        "dave's transactional producer: {refused}"
+    );
+    let message = refused.wire_error().map(|w| w.message.clone());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("'dave'") && m.contains("tx as producer group 'orders-tx'")),
+        "{message:?}"
+    );
+
+    let alice = tx_producer(&site, "alice", &unknown)
+        .await
+        .expect("alice's transactional producer starts");
+    let pending = alice
+        .send_in_transaction(Message::new(TOPIC, "resolved by ops"))
+        .await
+        .expect("alice prepares");
+    assert_eq!(pending.state, TransactionState::Unknown);
+
+    // alice may end her transactions as their producer, not as an operator.
+    let admin = site.admin("alice").await;
+    assert_denied(
+        admin
+            .resolve_transaction(pending.tx_id, TxAction::Commit, Some(BROKER))
+            .await,
+        "alice",
+        &format!("resolve transaction {}", pending.tx_id),
+    );
+    let raw = site
+        .connect("alice", Role::TransactionProducer, Some(TX_GROUP))
+        .await;
+    let end = |source| EndTransaction {
+        tx_id: pending.tx_id,
+        action: TxAction::Commit,
+        source,
+        msg_id: None,
+        producer: None,
+    };
+    assert_denied(
+        raw.call(end(TxSource::Operator)).await,
+        "alice",
+        "resolve transaction",
+    );
+    assert!(
+        admin.list_topics().await.is_ok(),
+        "the refused connection still serves"
+    );
+    // dave publishes to orders but may not end orders-tx's transactions.
+    let dave = site.connect("dave", Role::Producer, None).await;
+    assert_denied(
+        dave.call(end(TxSource::Producer)).await,
+        "dave",
+        "tx as producer group 'orders-tx'",
+    );
+    // ops resolves it by hand; the message becomes visible.
+    site.admin("ops")
+        .await
+        .resolve_transaction(pending.tx_id, TxAction::Commit, Some(BROKER))
+        .await
+        .expect("ops resolves the transaction");
+    receive(&site, "alice", GROUP, TOPIC, "resolved by ops").await;
+
+    // alice's own end, as the producer, goes through.
+    let committing = Listener::new(TransactionState::Commit, TransactionState::Commit);
+    let alice = tx_producer(&site, "alice", &committing)
+        .await
+        .expect("alice's transactional producer starts");
+    let done = alice
+        .send_in_transaction(Message::new(TOPIC, "committed by alice"))
+        .await
+        .expect("alice commits");
+    assert_eq!(done.state, TransactionState::Commit);
+    receive(&site, "alice", GROUP, TOPIC, "committed by alice").await;
+}
+
+/// A wrong secret is AUTHENTICATION_FAILED; so is no secret at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_fails_authentication() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let mut config = site.anonymous();
+    config.credentials = Some(Credentials {
+        access_key: "alice".into(),
+        secret_key: "not alice's secret".into(),
+    });
+    let producer = Producer::builder()
+        .config(config)
+        .build()
+        .await
+        .expect("the producer builds (the nameserver has no ACL file)");
+    let e = producer
+        .send(Message::new(TOPIC, "never stored"))
+        .await
+        .expect_err("a wrong secret");
+    assert_eq!(e.code(), Some(ErrorCode::AuthenticationFailed), "{e}");
+    let anonymous = Producer::builder()
+        .config(site.anonymous())
+        .build()
+        .await
+        .expect("the producer builds");
+    let e = anonymous
+        .send(Message::new(TOPIC, "never stored"))
+        .await
+        .expect_err("no credentials");
+    assert_eq!(e.code(), Some(ErrorCode::AuthenticationFailed), "{e}");
+}
+
+/// A user removed from the ACL file loses access at its next request,
+/// after SIGHUP and also when the file just changes, while another user's
+/// connection goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_removed_from_the_acl_file_loses_access_at_its_next_request() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let alice = site.producer("alice").await;
+    let carol = site.producer("carol").await;
+    let dave = site.producer("dave").await;
+    for p in [&alice, &carol, &dave] {
+        p.send(Message::new(TOPIC, "before")).await.expect("sent");
+    }
+
+    // SIGHUP: read at once. (The file's change would be seen within a
+    // second anyway; the signal is what an operator sends to be sure.)
+    site.remove_user("carol");
+    site.broker.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match carol.send(Message::new(TOPIC, "after")).await {
+            Err(e) if e.code() == Some(ErrorCode::AccessDenied) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "carol was not removed: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    alice
+        .send(Message::new(TOPIC, "alice goes on"))
+        .await
+        .expect("alice's connection keeps working");
+
+    // The file changing is enough.
+    site.remove_user("dave");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match dave.send(Message::new(TOPIC, "after")).await {
+            Err(e) if e.code() == Some(ErrorCode::AccessDenied) => break,
+            other => assert!(Instant::now() < deadline, "dave was not removed: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    alice
+        .send(Message::new(TOPIC, "alice still goes on"))
+        .await
+        .expect("alice's connection keeps working");
+    assert!(site.broker.log_text().contains("ACL file reloaded"));
+}
+
+/// Check-backs go only to connections whose user still has `tx` of the
+/// group: once alice is removed from the file her producer gets no more,
+/// and the transaction is checked on carol's connection instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_go_only_to_producers_still_allowed_tx() {
+    let site = Site::start(Setup {
+        extra: &[
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+            "--transaction-check-max",
+            "1000",
+        ],
+        ..Setup::default()
+    })
+    .await;
+    site.create_topic(TOPIC).await;
+    // carol becomes a second transactional producer of orders-tx.
+    let text = std::fs::read_to_string(&site.acl).expect("read ACL file");
+    let carol_reads = "topics = { \"orders\" = [\"sub\", \"pub\"] }";
+    std::fs::write(
+        &site.acl,
+        text.replace(
+            carol_reads,
+            &format!("{carol_reads}\ngroups = {{ \"orders-tx\" = [\"tx\"] }}"),
+        ),
+    )
+    .expect("write ACL file");
+    site.broker.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let alice_listener = Listener::new(TransactionState::Unknown, TransactionState::Unknown);
+    let alice = tx_producer(&site, "alice", &alice_listener)
+        .await
+        .expect("alice's transactional producer starts");
+    let pending = alice
+        .send_in_transaction(Message::new(TOPIC, "checked back"))
+        .await
+        .expect("alice prepares");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alice_listener.checks.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "alice was never checked back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    site.remove_user("alice");
+    site.broker.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_removal = alice_listener.checks.load(Ordering::SeqCst);
+    let carol_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
+    let _carol = tx_producer(&site, "carol", &carol_listener)
+        .await
+        .expect("carol's transactional producer starts");
+    let ops = site.admin("ops").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lists = ops.list_transactions(None).await.expect("ops lists");
+        if lists
+            .iter()
+            .all(|l| l.transactions.iter().all(|t| t.tx_id != pending.tx_id))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transaction was never committed through carol's check-back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(carol_listener.checks.load(Ordering::SeqCst) >= 1);
+    assert_eq!(
+        alice_listener.checks.load(Ordering::SeqCst),
+        after_removal,
+        "alice kept getting check-backs after she was removed"
+    );
+    alice.close();
+}
+
+// ---------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------
+
+/// Prepare, local transaction, commit, and a check-back answered, all over
+/// TLS with an ACL file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transaction_flow_works_with_tls_and_an_acl_file() {
+    let site = Site::start(Setup {
+        tls: true,
+        extra: &[
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+        ],
+        ..Setup::default()
+    })
+    .await;
+    site.create_topic(TOPIC).await;
+    let committing = Listener::new(TransactionState::Commit, TransactionState::Commit);
+    let producer = tx_producer(&site, "alice", &committing)
+        .await
+        .expect("alice's transactional producer starts");
+    let done = producer
+        .send_in_transaction(Message::new(TOPIC, "committed at once"))
+        .await
+        .expect("alice commits");
+    assert_eq!(done.state, TransactionState::Commit);
+    producer.close();
+
+    let checked = Listener::new(TransactionState::Unknown, TransactionState::Commit);
+    let producer = tx_producer(&site, "alice", &checked)
+        .await
+        .expect("alice's transactional producer starts");
+    let pending = producer
+        .send_in_transaction(Message::new(TOPIC, "committed when checked"))
+        .await
+        .expect("alice prepares");
+    assert_eq!(pending.state, TransactionState::Unknown);
+    receive(&site, "alice", GROUP, TOPIC, "committed at once").await;
+    receive(&site, "alice", GROUP, TOPIC, "committed when checked").await;
+    assert!(checked.checks.load(Ordering::SeqCst) >= 1);
+}
+
+/// A client that trusts another CA fails with a message naming the
+/// certificate problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_the_wrong_ca_fails_naming_the_certificate_problem() {
+    let site = Site::start(Setup {
+        tls: true,
+        ..Setup::default()
+    })
+    .await;
+    let other = Pki::new("another CA");
+    let config = ConnectionConfig {
+        tls: Some(tls_client(&other, None)),
+        credentials: Some(credentials("alice")),
+        ..ConnectionConfig::default()
+    };
+    let e = Connection::connect(&site.broker.addr, hello(Role::Producer, None), None, config)
+        .await
+        .expect_err("the broker's certificate is not trusted");
+    let text = e.to_string();
+    assert!(
+        text.contains("certificate") && text.to_lowercase().contains("issuer"),
+        "the error does not name the certificate problem: {text}"
+    );
+    let mut config = site.config("alice");
+    config.tls = Some(tls_client(&other, None));
+    let e = Admin::with_config(config)
+        .await
+        .err()
+        .expect("the client does not trust the servers");
+    assert!(e.to_string().contains("certificate"), "{e}");
+}
+
+/// Plaintext to the TLS port is closed (and logged) while TLS clients go
+/// on being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_to_the_tls_port_is_refused_and_tls_clients_are_served() {
+    let site = Site::start(Setup {
+        tls: true,
+        ..Setup::default()
+    })
+    .await;
+    site.create_topic(TOPIC).await;
+    let plain = ConnectionConfig {
+        credentials: Some(credentials("alice")),
+        ..ConnectionConfig::default()
+    };
+    let e = Connection::connect(&site.broker.addr, hello(Role::Producer, None), None, plain)
+        .await
+        .expect_err("plaintext is refused");
+    assert!(e.remote().is_none(), "closed, not answered: {e}");
+    let producer = site.producer("alice").await;
+    producer
+        .send(Message::new(TOPIC, "over TLS"))
+        .await
+        .expect("a TLS client is served");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !site.broker.log_text().contains("plaintext") {
+        assert!(Instant::now() < deadline, "the refusal was not logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Under mutual TLS a client without a certificate is refused; one whose
+/// certificate names a user is that user, without a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
+    let site = Site::start(Setup {
+        tls: true,
+        client_auth: true,
+        ..Setup::default()
+    })
+    .await;
+    site.create_topic(TOPIC).await;
+    let no_cert = ConnectionConfig {
+        tls: site.tls.clone(),
+        credentials: Some(credentials("alice")),
+        ..ConnectionConfig::default()
+    };
+    assert!(
+        Connection::connect(
+            &site.broker.addr,
+            hello(Role::Producer, None),
+            None,
+            no_cert
+        )
+        .await
+        .is_err(),
+        "a client without a certificate is refused"
+    );
+    let as_cert = |name: &str| ClientConfig {
+        credentials: None,
+        ..site.config(name)
+    };
+    let alice = Producer::builder()
+        .config(as_cert("alice"))
+        .build()
+        .await
+        .expect("alice's producer builds");
+    alice
+        .send(Message::new(TOPIC, "signed by certificate"))
+        .await
+        .expect("alice's certificate signs her in");
+    let bob = Producer::builder()
+        .config(as_cert("bob"))
+        .build()
+        .await
+        .expect("bob's producer builds");
+    assert_denied(
+        bob.send(Message::new(TOPIC, "from bob")).await,
+        "bob",
+        "pub to topic 'orders'",
+    );
+}
+
+/// A certificate, key or ACL file the broker cannot use stops it at
+/// start with an error naming the file.
+#[test]
+fn unusable_security_files_stop_the_broker_with_a_clear_error() {
+    let pki = Pki::new("txmq test CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("missing.pem");
+    let bad_acl = pki.acl(
+        "bad.toml",
+        "[[user]]\naccess_key = \"x\"\ntopics = { \"t\" = [\"fly\"] }\n",
+    );
+    let server = pki.issue("127.0.0.1");
+    let data = path(&dir.path().join("data"));
+    let run = |flags: &[&str]| {
+        let out = std::process::Command::new(txmq_tests::binary("txmq-broker"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir", &data])
+            .args(flags)
+            .output()
+            .expect("run txmq-broker");
+        assert!(!out.status.success(), "the broker started with {flags:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[
+        "--tls-cert",
+        &path(&missing),
+        "--tls-key",
+        &path(&server.key),
+    ]);
+    assert!(err.contains("missing.pem"), "{err}");
+    let err = run(&["--tls-cert", &path(&server.cert)]);
+    assert!(err.contains("--tls-key"), "{err}");
+    let err = run(&["--acl-file", &path(&bad_acl)]);
+    assert!(err.contains("bad.toml") && err.contains("fly"), "{err}");
+    let err = run(&["--access-key", "broker"]);
+    assert!(err.contains("--secret-key"), "{err}");
+}
+
+/// A clustering group's offset commit must name its owner, a member of
+/// that group: otherwise anyone could move a member's position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clustering_groups_offset_commit_must_name_its_owner() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let alice = site.connect("alice", Role::Consumer, Some(GROUP)).await;
+    alice
+        .call(Heartbeat {
+            group: GROUP.into(),
+            client_id: "member".into(),
+            subscriptions: vec![Subscription {
+                topic: TOPIC.into(),
+                expression: "*".into(),
+            }],
+            broadcast: false,
+            held: Vec::new(),
+        })
+        .await
+        .expect("alice heartbeats");
+    let commit = |owner: Option<(&str, &str)>| CommitOffset {
+        group: GROUP.into(),
+        topic: TOPIC.into(),
+        queue: 0,
+        offset: 0,
+        owner: owner.map(|(group, client_id)| QueueOwner {
+            group: group.into(),
+            client_id: client_id.into(),
+        }),
+        forward_only: false,
+    };
+    let e = alice.call(commit(None)).await.expect_err("no owner named");
+    let w = e.remote().expect("refused");
+    assert_eq!(w.code, ErrorCode::BadArgument, "{w}");
+    assert!(w.message.contains("must name its owner"), "{w}");
+    let e = alice
+        .call(commit(Some(("another", "member"))))
+        .await
+        .expect_err("an owner of another group");
+    assert_eq!(e.remote().map(|w| w.code), Some(ErrorCode::BadArgument));
+    alice
+        .call(commit(Some((GROUP, "member"))))
+        .await
+        .expect("the owner commits");
+    // Forward-only commits are a slave's: a cluster member's.
+    let mut forward = commit(None);
+    forward.forward_only = true;
+    assert_denied(alice.call(forward).await, "alice", "forward a kept offset");
+}
