@@ -792,6 +792,8 @@ fn credentials(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -867,6 +869,47 @@ mod tests {
             "slave"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn security_flags_come_from_flags_and_the_file_and_keys_go_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/etc/txmq/broker.pem\"\ntls_key = \"/etc/txmq/broker.key\"\nacl_file = \"/etc/txmq/acl.toml\"\n",
+        )
+        .unwrap();
+        let c = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--tls-ca",
+            "/etc/txmq/ca.pem",
+            "--tls-client-auth",
+            "--access-key",
+            "broker",
+            "--secret-key",
+            "s",
+        ])
+        .resolve()
+        .unwrap();
+        let s = &c.security;
+        assert_eq!(
+            s.tls.cert.as_deref(),
+            Some(Path::new("/etc/txmq/broker.pem"))
+        );
+        assert_eq!(s.tls.ca.as_deref(), Some(Path::new("/etc/txmq/ca.pem")));
+        assert_eq!(s.acl_file.as_deref(), Some(Path::new("/etc/txmq/acl.toml")));
+        assert!(s.tls_client_auth);
+        assert_eq!(
+            s.credentials.as_ref().map(|c| c.access_key.as_str()),
+            Some("broker")
+        );
+        let err = BrokerArgs::parse_from(["txmq-broker", "--secret-key", "s"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("--access-key"), "{err}");
     }
 
     #[test]
