@@ -223,8 +223,7 @@ async fn a_route_lookup_needs_a_signed_in_user() {
 
     let without = Admin::connect([ns.addr.as_str()])
         .await
-        .err()
-        .expect("a client without credentials is refused");
+        .expect_err("a client without credentials is refused");
     assert_eq!(
         without.code(),
         Some(ErrorCode::AuthenticationFailed),
@@ -238,8 +237,7 @@ async fn a_route_lookup_needs_a_signed_in_user() {
     });
     let e = Admin::with_config(wrong)
         .await
-        .err()
-        .expect("a wrong secret is refused");
+        .expect_err("a wrong secret is refused");
     assert_eq!(e.code(), Some(ErrorCode::AuthenticationFailed), "{e}");
 
     let mut right = ClientConfig::with_nameservers([ns.addr.as_str()]);
