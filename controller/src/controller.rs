@@ -20,6 +20,7 @@ use crate::config::ControllerConfig;
 use crate::liveness::Liveness;
 use crate::log_store::LogStore;
 use crate::network::{Network, Peers};
+use crate::security::ClusterSecurity;
 use crate::state::{Command, GroupRecord};
 use crate::state_machine::{Shared, StateMachineStore};
 use crate::types::{Outcome, Raft};
@@ -33,6 +34,7 @@ pub(crate) const COMMIT_WAIT: Duration = Duration::from_secs(3);
 pub struct Controller {
     inner: Arc<Inner>,
     listener: TcpListener,
+    security: ClusterSecurity,
 }
 
 /// A cheap handle for the embedding process (the nameserver) to ask the
@@ -78,10 +80,26 @@ impl Controller {
     /// Checks `config`, binds the listener, recovers the Raft log, vote and
     /// snapshot from the data directory and starts the Raft node; on a
     /// fresh data directory it initializes the Raft group with every peer.
+    /// Plaintext and unauthenticated; see [`Controller::bind_with`].
     ///
     /// # Errors
     /// [`Error::InvalidConfig`], [`Error::Bind`], [`Error::Storage`], [`Error::Raft`].
     pub async fn bind(config: ControllerConfig) -> Result<Controller, Error> {
+        Controller::bind_with(config, ClusterSecurity::default()).await
+    }
+
+    /// [`Controller::bind`] with `security`: its listener serves TLS and
+    /// checks every request against the ACL file, and its connections to
+    /// the other members use TLS and sign in with the credentials. The ACL
+    /// file is not watched here: the embedding process watches it once for
+    /// all its listeners ([`ServerSecurity::watch`](txmq_remoting::ServerSecurity::watch)).
+    ///
+    /// # Errors
+    /// As [`Controller::bind`].
+    pub async fn bind_with(
+        config: ControllerConfig,
+        security: ClusterSecurity,
+    ) -> Result<Controller, Error> {
         config.validate()?;
         let bind_err = |source| Error::Bind {
             addr: config.listen.clone(),
@@ -113,7 +131,7 @@ impl Controller {
         }
         .validate()
         .map_err(|e| Error::Raft(e.to_string()))?;
-        let peers = Arc::new(Peers::new(config.id));
+        let peers = Arc::new(Peers::new(config.id, &security));
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config),
@@ -157,6 +175,7 @@ impl Controller {
                 config,
             }),
             listener,
+            security,
         })
     }
 
@@ -184,13 +203,18 @@ impl Controller {
             "controller listening"
         );
         let elections = tokio::spawn(crate::election::run(inner.clone(), shutdown.clone()));
+        self.security
+            .server
+            .warn_if_open(&inner.local_addr, "controller");
         let service = Arc::new(crate::requests::ControllerService {
             inner: inner.clone(),
+            security: self.security.clone(),
         });
-        txmq_remoting::server::serve(
+        txmq_remoting::server::serve_with(
             self.listener,
             service,
             ConnectionConfig::default(),
+            self.security.server,
             shutdown,
         )
         .await;

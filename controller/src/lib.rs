@@ -9,6 +9,8 @@
 //! in-memory heartbeat table. Raft plumbing: `log_store.rs` (durable log and
 //! vote), `state_machine.rs` (applying entries, snapshots), `network.rs`
 //! (Raft messages over txmq connections), `durable.rs` (on-disk framing).
+//! `security.rs` holds TLS, the ACL file and the permission each request
+//! needs ([`ClusterSecurity`]).
 //!
 //! What is replicated per group: the master, its epoch, the in-sync set,
 //! the known replicas and a planned switch in progress. What is not:
@@ -26,6 +28,7 @@ mod liveness;
 mod log_store;
 mod network;
 mod requests;
+mod security;
 mod state;
 mod state_machine;
 mod types;
@@ -34,6 +37,7 @@ pub use config::{parse_peers, ControllerConfig, DEFAULT_MASTER_EXPIRY};
 pub use controller::{Controller, ControllerHandle};
 pub use error::Error;
 pub use log_store::LogStore;
+pub use security::{ClusterSecurity, Permission};
 pub use state::{Command, ControllerState, GroupRecord};
 pub use state_machine::StateMachineStore;
 pub use types::{Outcome, TypeConfig};

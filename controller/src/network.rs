@@ -6,7 +6,9 @@
 //! connection per member address (requests are multiplexed on it) and
 //! opens a new one when it closed. A member that cannot be connected to is
 //! `Unreachable` (openraft backs off); a failure on an open connection is a
-//! `NetworkError`.
+//! `NetworkError`. The connections use the member's TLS and credentials
+//! ([`ClusterSecurity`]): under an ACL file, the members' user needs
+//! `broker = true`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,7 @@ use txmq_protocol::{Hello, RaftRpc, RaftRpcKind, Request, Response, Role, PROTOC
 use txmq_remoting::{Connection, ConnectionConfig};
 
 use crate::durable;
+use crate::security::ClusterSecurity;
 use crate::types::TypeConfig;
 
 /// Connections to other members (and to the leader, for forwarded
@@ -40,7 +43,8 @@ pub(crate) struct Peers {
 }
 
 impl Peers {
-    pub(crate) fn new(id: u64) -> Peers {
+    /// Connections of member `id`, with the TLS and credentials of `security`.
+    pub(crate) fn new(id: u64, security: &ClusterSecurity) -> Peers {
         Peers {
             id,
             conns: Mutex::new(HashMap::new()),
@@ -48,6 +52,8 @@ impl Peers {
                 // A dead member should be noticed quickly; Raft retries.
                 request_timeout: Duration::from_secs(3),
                 keepalive: Duration::from_secs(2),
+                tls: security.client_tls.clone(),
+                credentials: security.credentials.clone(),
                 ..ConnectionConfig::default()
             },
         }

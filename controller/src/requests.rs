@@ -6,6 +6,9 @@
 //! the leader's address. `GetControllerInfo` is answered by any member
 //! from its own view, and `ElectMaster` is forwarded to the leader, so an
 //! admin may ask any member.
+//!
+//! Every request is first checked against the connection's user
+//! (`permission`); without an ACL file everything is allowed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use txmq_remoting::{Connection, Service};
 
 use crate::controller::{refusal, Inner};
 use crate::liveness::Seen;
+use crate::security::{ClusterSecurity, Permission};
 use crate::state::Command;
 
 /// The longest a heartbeat answer is held.
@@ -31,6 +35,49 @@ const ELECT_WAIT: Duration = Duration::from_secs(15);
 
 pub(crate) struct ControllerService {
     pub(crate) inner: Arc<Inner>,
+    pub(crate) security: ClusterSecurity,
+}
+
+/// Whether an `ElectMaster` came from another member that forwarded it:
+/// such a request is not forwarded again (two members with stale views
+/// could bounce it), and the admin permission was checked where it came in.
+fn forwarded(conn: &Connection) -> bool {
+    conn.peer_hello()
+        .is_some_and(|h| h.role == Role::Controller)
+}
+
+/// The permission `request` needs from the connection's user. What
+/// changes the controller's state (Raft traffic, brokers' reports) is for
+/// cluster members; a planned switch is for admins; reading is for anyone
+/// signed in.
+fn permission(conn: &Connection, request: &Request) -> Permission {
+    match request {
+        Request::Raft(rpc) => Permission::Cluster(format!(
+            "send Raft {:?} as controller member {}",
+            rpc.kind, rpc.from
+        )),
+        Request::ControllerHeartbeat(r) => Permission::Cluster(format!(
+            "heartbeat broker {} of group {} to the controller",
+            r.addr, r.broker_name
+        )),
+        Request::AlterInSync(r) => Permission::Cluster(format!(
+            "alter the in-sync set of broker group {}",
+            r.broker_name
+        )),
+        Request::MasterDrained(r) => {
+            Permission::Cluster(format!("report broker group {} drained", r.broker_name))
+        }
+        // A member's user is a cluster member, not an admin: the admin
+        // permission was checked by the member the admin asked. A user
+        // with `broker` can already send Raft traffic, so trusting it
+        // here grants nothing more.
+        Request::ElectMaster(r) if forwarded(conn) => Permission::Cluster(format!(
+            "forward the election of a master of {}",
+            r.broker_name
+        )),
+        Request::ElectMaster(r) => Permission::Admin(format!("elect master of {}", r.broker_name)),
+        _ => Permission::Authenticated,
+    }
 }
 
 impl Service for ControllerService {
@@ -44,6 +91,12 @@ impl Service for ControllerService {
     }
 
     fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        if let Err(e) = self
+            .security
+            .check(conn.user(), &permission(conn, &request))
+        {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         let inner = self.inner.clone();
         let conn = conn.clone();
         Box::pin(async move {
@@ -63,12 +116,7 @@ impl Service for ControllerService {
                     .await
                     .map(Response::MasterDrained),
                 Request::ElectMaster(req) => {
-                    // A request another member forwarded is not forwarded
-                    // again: two members with stale views could bounce it.
-                    let forwarded = conn
-                        .peer_hello()
-                        .is_some_and(|h| h.role == Role::Controller);
-                    let res = if forwarded {
+                    let res = if forwarded(&conn) {
                         match inner.leader_ready().await {
                             Ok(_) => elect_here(&inner, req).await,
                             Err(e) => Err(e),

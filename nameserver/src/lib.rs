@@ -10,6 +10,13 @@
 //! broker groups' masters, on its own listen address; the nameserver's own
 //! port then answers admins' `ElectMaster` and `GetControllerInfo` through it.
 //!
+//! With [`Nameserver::bind_with`] both listeners serve TLS and, with an
+//! ACL file, authenticate every connection and check every request
+//! against its user ([`ClusterSecurity`]): reading routes needs a signed-in
+//! user, registering a broker a cluster member (`broker = true`) or an
+//! admin, and a broker is unregistered only from the connection that
+//! registered it.
+//!
 //! Start reading at [`Nameserver`] (bind, then run until cancelled), then
 //! `service.rs` (the one `match` over request kinds) and `registry.rs` (the
 //! route table: broker groups of one master and its slaves, and each
@@ -49,7 +56,7 @@ use txmq_remoting::ConnectionConfig;
 
 pub use config::{NameserverConfig, DEFAULT_BROKER_EXPIRY, DEFAULT_LISTEN};
 pub use error::Error;
-pub use txmq_controller::{parse_peers, ControllerConfig, DEFAULT_MASTER_EXPIRY};
+pub use txmq_controller::{parse_peers, ClusterSecurity, ControllerConfig, DEFAULT_MASTER_EXPIRY};
 
 use registry::Registry;
 use service::NameService;
@@ -61,6 +68,7 @@ pub struct Nameserver {
     listener: TcpListener,
     local_addr: SocketAddr,
     controller: Option<Controller>,
+    security: ClusterSecurity,
 }
 
 impl Nameserver {
@@ -73,6 +81,21 @@ impl Nameserver {
     /// [`Error::Controller`] when the embedded controller cannot start
     /// (its listener, its data directory, its settings).
     pub async fn bind(config: NameserverConfig) -> Result<Nameserver, Error> {
+        Nameserver::bind_with(config, ClusterSecurity::default()).await
+    }
+
+    /// [`Nameserver::bind`] with `security` on the nameserver's listener
+    /// and the embedded controller's: TLS, and with an ACL file every
+    /// connection authenticated and every request checked against its
+    /// user. The controller's connections to its peers use the TLS and
+    /// credentials of `security`.
+    ///
+    /// # Errors
+    /// As [`Nameserver::bind`].
+    pub async fn bind_with(
+        config: NameserverConfig,
+        security: ClusterSecurity,
+    ) -> Result<Nameserver, Error> {
         config.validate()?;
         let bind_err = |source| Error::Bind {
             addr: config.listen.clone(),
@@ -81,7 +104,7 @@ impl Nameserver {
         let listener = TcpListener::bind(&config.listen).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
         let controller = match &config.controller {
-            Some(c) => Some(Controller::bind(c.clone()).await?),
+            Some(c) => Some(Controller::bind_with(c.clone(), security.clone()).await?),
             None => None,
         };
         Ok(Nameserver {
@@ -89,6 +112,7 @@ impl Nameserver {
             listener,
             local_addr,
             controller,
+            security,
         })
     }
 
@@ -111,7 +135,13 @@ impl Nameserver {
             registry.clone(),
             self.local_addr,
             self.controller.as_ref().map(Controller::handle),
+            self.security.server.clone(),
         ));
+        // One watcher for both listeners: they share the ACL file.
+        self.security.server.watch(shutdown.clone());
+        self.security
+            .server
+            .warn_if_open(&self.local_addr, "nameserver");
         let controller = self
             .controller
             .map(|c| tokio::spawn(c.run(shutdown.clone())));
@@ -125,10 +155,11 @@ impl Nameserver {
             self.config.scan_interval(),
             shutdown.clone(),
         ));
-        txmq_remoting::server::serve(
+        txmq_remoting::server::serve_with(
             self.listener,
             service,
             ConnectionConfig::default(),
+            self.security.server,
             shutdown,
         )
         .await;

@@ -12,7 +12,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
-use txmq_nameserver::{parse_peers, ControllerConfig, Nameserver, NameserverConfig};
+use txmq_nameserver::{
+    parse_peers, ClusterSecurity, ControllerConfig, Nameserver, NameserverConfig,
+};
+use txmq_remoting::{Credentials, TlsFiles};
 
 /// The txmq name service: brokers register here, clients look up topic routes here.
 #[derive(Debug, Parser)]
@@ -51,6 +54,40 @@ struct Args {
     /// (acknowledged records may be lost).
     #[arg(long, env = "TXMQ_UNCLEAN_ELECTION")]
     unclean_election: bool,
+
+    /// This server's TLS certificate chain (PEM); with --tls-key, both
+    /// listeners (nameserver and controller) serve TLS only.
+    #[arg(long, env = "TXMQ_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TXMQ_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
+    /// The CA (PEM) that signs client certificates and the other
+    /// controller members' certificates; connections to those members use
+    /// TLS when it is given.
+    #[arg(long, env = "TXMQ_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+
+    /// Require a client certificate signed by --tls-ca (mutual TLS).
+    #[arg(long, env = "TXMQ_TLS_CLIENT_AUTH")]
+    tls_client_auth: bool,
+
+    /// Users and their permissions (TOML, reloaded when it changes or on
+    /// SIGHUP); every connection must then authenticate. Without it,
+    /// anyone who reaches the port may do anything.
+    #[arg(long, env = "TXMQ_ACL_FILE")]
+    acl_file: Option<PathBuf>,
+
+    /// The user the controller signs in as to the other members (a user
+    /// with `broker = true` in their ACL file).
+    #[arg(long, env = "TXMQ_ACCESS_KEY")]
+    access_key: Option<String>,
+
+    /// The secret of --access-key.
+    #[arg(long, env = "TXMQ_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
 }
 
 impl Args {
@@ -87,18 +124,47 @@ impl Args {
         c.validate().map_err(|e| e.to_string())?;
         Ok(Some(c))
     }
+
+    /// The credentials of the controller's connections: both keys or neither.
+    fn credentials(&self) -> Result<Option<Credentials>, String> {
+        match (&self.access_key, &self.secret_key) {
+            (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
+                access_key: access_key.clone(),
+                secret_key: secret_key.clone(),
+            })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err("--access-key needs --secret-key".into()),
+            (None, Some(_)) => Err("--secret-key needs --access-key".into()),
+        }
+    }
+
+    /// TLS, the ACL file and the credentials the flags ask for.
+    fn security(&self, credentials: Option<Credentials>) -> Result<ClusterSecurity, String> {
+        let files = TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        };
+        ClusterSecurity::load(
+            &files,
+            self.tls_client_auth,
+            self.acl_file.as_deref(),
+            credentials,
+        )
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     // Flag combinations are usage errors: clap's message and exit code 2.
-    let controller = match args.controller() {
-        Ok(c) => c,
-        Err(m) => Args::command()
+    let usage = |m: String| -> ! {
+        Args::command()
             .error(clap::error::ErrorKind::ArgumentConflict, m)
-            .exit(),
+            .exit()
     };
+    let controller = args.controller().unwrap_or_else(|m| usage(m));
+    let credentials = args.credentials().unwrap_or_else(|m| usage(m));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colours only on a terminal, so logs captured to a file stay plain text.
@@ -108,7 +174,16 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("info,openraft=error")),
         )
         .init();
-    match run(args, controller).await {
+    // After the logger: loading the ACL file logs, and a bad file is a
+    // start-up error (exit 1) naming it, not a usage error.
+    let security = match args.security(credentials) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("txmq-nameserver: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(args, controller, security).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the whole chain on one line; our errors already
@@ -119,7 +194,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args, controller: Option<ControllerConfig>) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    controller: Option<ControllerConfig>,
+    security: ClusterSecurity,
+) -> anyhow::Result<()> {
     let config = NameserverConfig {
         listen: args.listen,
         broker_expiry: args.broker_expiry,
@@ -132,7 +211,7 @@ async fn run(args: Args, controller: Option<ControllerConfig>) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("cannot install a SIGINT handler: {e}"))?;
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot install a SIGTERM handler: {e}"))?;
-    let nameserver = Nameserver::bind(config).await?;
+    let nameserver = Nameserver::bind_with(config, security).await?;
     let token = shutdown.clone();
     tokio::spawn(async move {
         let name = tokio::select! {

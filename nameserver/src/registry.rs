@@ -11,8 +11,8 @@
 //! slaves are admitted. Masters elected by the controller carry an epoch:
 //! a master with a higher epoch than the live one takes its place at once
 //! (the old one was fenced and leaves the routes until it registers again,
-//! as a slave), and one with a lower epoch is refused. A broker leaves the table when it unregisters (from
-//! the connection or the address that registered it), when the connection
+//! as a slave), and one with a lower epoch is refused. A broker leaves the table when it unregisters (over
+//! the connection that registered it), when the connection
 //! it registered over closes, or when it has been silent for longer than
 //! the expiry; each of these removes that one broker, never its group.
 //! Queries also skip brokers past their expiry, so an answer never names a
@@ -484,13 +484,15 @@ impl Registry {
     }
 
     /// Removes a broker that said goodbye over connection `conn_id`; true if
-    /// it was registered. Only that broker is removed, never the rest of its
-    /// group: the one at the goodbye's address, or else the one(s) whose
-    /// latest registration came over this connection.
+    /// it was registered. Only brokers whose latest registration came over
+    /// this connection are removed, never the rest of their group: the one
+    /// at the goodbye's address, or all of them when it names none (an
+    /// older broker). An address alone proves nothing: anyone can send it.
     ///
     /// # Errors
-    /// `BROKER_NAME_TAKEN` when the name is held by other brokers only (a
-    /// goodbye from a broker that was refused the name, say); they stay.
+    /// `BROKER_NAME_TAKEN` when the name is held by brokers of other
+    /// connections only (a goodbye from a broker that was refused the
+    /// name, or from a stranger); they stay.
     pub(crate) fn unregister(
         &self,
         req: &UnregisterBroker,
@@ -501,16 +503,11 @@ impl Registry {
         let Some(group) = groups.get_mut(&req.broker_name) else {
             return Ok(false);
         };
-        let by_addr = !req.addr.is_empty() && group.members().any(|b| b.addr == req.addr);
-        let leaving: Vec<String> = if by_addr {
-            vec![req.addr.clone()]
-        } else {
-            group
-                .members()
-                .filter(|b| b.conn_id == conn_id)
-                .map(|b| b.addr.clone())
-                .collect()
-        };
+        let leaving: Vec<String> = group
+            .members()
+            .filter(|b| b.conn_id == conn_id && (req.addr.is_empty() || b.addr == req.addr))
+            .map(|b| b.addr.clone())
+            .collect();
         if leaving.is_empty() {
             let holders = holders(group);
             drop(groups);
@@ -895,11 +892,16 @@ mod tests {
         assert_eq!(r.unregister(&bye("b1", ""), 1, "peer"), Ok(true));
         assert_eq!(r.unregister(&bye("b1", ""), 1, "peer"), Ok(false));
         assert!(r.route("t", t0).is_err());
-        // By address, over another connection (a broker that reconnected).
+        // By address: only over the connection that registered it.
         r.register(reg("c", "b1", vec![topic("t", 1)]), 1, t0)
             .unwrap();
+        let e = r
+            .unregister(&bye("b1", "b1.local:10911"), 7, "peer")
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        assert!(r.route("t", t0).is_ok());
         assert_eq!(
-            r.unregister(&bye("b1", "b1.local:10911"), 7, "peer"),
+            r.unregister(&bye("b1", "b1.local:10911"), 1, "peer"),
             Ok(true)
         );
         assert!(r.route("t", t0).is_err());
@@ -1391,8 +1393,11 @@ mod tests {
             .unwrap();
         r.register(slave("g", "s2:1", vec![topic("t", 8)]), 3, t0)
             .unwrap();
-        // A slave by its address, from another connection.
-        assert_eq!(r.unregister(&bye("g", "s1:1"), 9, "peer"), Ok(true));
+        // A slave by its address, from another connection: refused.
+        let e = r.unregister(&bye("g", "s1:1"), 9, "peer").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BrokerNameTaken);
+        // From its own connection.
+        assert_eq!(r.unregister(&bye("g", "s1:1"), 2, "peer"), Ok(true));
         assert_eq!(route(&r, "t", t0), vec![entry("g", "m:1", &["s2:1"], 8)]);
         // A slave by its connection (an older broker sends no address).
         assert_eq!(r.unregister(&bye("g", ""), 3, "peer"), Ok(true));

@@ -4,17 +4,21 @@
 //! [`Registry`]; none awaits, so each answer is a ready future. The
 //! exceptions are the controller's admin requests (`ElectMaster`,
 //! `GetControllerInfo`), handed to the embedded controller when there is one.
+//!
+//! Every request is first checked against the connection's user
+//! (`permission`); without an ACL file everything is allowed.
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 use tracing::debug;
-use txmq_controller::ControllerHandle;
+use txmq_controller::{ControllerHandle, Permission};
 use txmq_protocol::{
-    Done, ErrorCode, Hello, HelloOk, Pong, Request, Response, WireError, PROTOCOL_VERSION,
+    Done, ErrorCode, Hello, HelloOk, Pong, Request, Response, UnregisterBroker, WireError,
+    PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
-use txmq_remoting::{Connection, Service};
+use txmq_remoting::{Connection, ServerSecurity, Service};
 
 use crate::registry::Registry;
 
@@ -25,6 +29,24 @@ pub(crate) struct NameService {
     server_name: String,
     /// The embedded controller member, if any.
     controller: Option<ControllerHandle>,
+    /// TLS and the ACL file of the listener: who may do what.
+    security: ServerSecurity,
+}
+
+/// The permission `request` needs from the connection's user: changing
+/// the route table is for cluster members and admins, a planned master
+/// switch for admins, reading for anyone signed in.
+fn permission(request: &Request) -> Permission {
+    match request {
+        Request::RegisterBroker(r) => {
+            Permission::Cluster(format!("register broker {}", r.broker_name))
+        }
+        Request::UnregisterBroker(r) => {
+            Permission::Cluster(format!("unregister broker {}", r.broker_name))
+        }
+        Request::ElectMaster(r) => Permission::Admin(format!("elect master of {}", r.broker_name)),
+        _ => Permission::Authenticated,
+    }
 }
 
 impl NameService {
@@ -32,11 +54,37 @@ impl NameService {
         registry: Arc<Registry>,
         local_addr: std::net::SocketAddr,
         controller: Option<ControllerHandle>,
+        security: ServerSecurity,
     ) -> NameService {
         NameService {
             registry,
             server_name: format!("nameserver {local_addr}"),
             controller,
+            security,
+        }
+    }
+
+    /// Removes the brokers `req` names that `conn` registered. A goodbye
+    /// from any other connection (even of the same user) is refused: by
+    /// name or address alone anyone could drop a live broker from the
+    /// routes. Under an ACL file the refusal is `ACCESS_DENIED` naming
+    /// the user; without one it stays `BROKER_NAME_TAKEN`, as before.
+    fn unregister(&self, conn: &Connection, req: &UnregisterBroker) -> Result<(), WireError> {
+        // Idempotent: a broker unknown (already expired, say) is already gone.
+        match self.registry.unregister(req, conn.id(), conn.peer_addr()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::BrokerNameTaken && self.security.authenticates() => {
+                Err(WireError::new(
+                    ErrorCode::AccessDenied,
+                    format!(
+                        "user '{}' may not unregister broker '{}' from this connection: {}",
+                        conn.user().unwrap_or("(not authenticated)"),
+                        req.broker_name,
+                        e.message
+                    ),
+                ))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -63,9 +111,7 @@ impl NameService {
                 Ok(Response::RegisterBroker(Done {}))
             }
             Request::UnregisterBroker(req) => {
-                // Idempotent: a broker unknown (already expired, say) is already gone.
-                self.registry
-                    .unregister(&req, conn.id(), conn.peer_addr())?;
+                self.unregister(conn, &req)?;
                 Ok(Response::UnregisterBroker(Done {}))
             }
             Request::GetRoute(req) => self.registry.route(&req.topic, now).map(Response::GetRoute),
@@ -100,6 +146,9 @@ impl Service for NameService {
     }
 
     fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        if let Err(e) = self.security.check(conn.user(), permission(&request).op()) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         match request {
             Request::ElectMaster(req) => match self.controller("ElectMaster") {
                 Ok(c) => {

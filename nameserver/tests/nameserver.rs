@@ -592,9 +592,24 @@ async fn an_unregister_or_close_from_another_broker_leaves_the_holder() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(route_addr(&admin, "orders").await, "10.0.0.1:10911");
 
-    // The holder's goodbye by address works from any connection (it reconnected, say).
+    // The holder's address from another connection removes nothing either:
+    // anyone can send an address.
     let other = connect(&ns.addr, Role::Broker).await;
-    other
+    let err = other
+        .call(UnregisterBroker {
+            broker_name: "broker-a".into(),
+            addr: "10.0.0.1:10911".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.remote().map(|w| w.code),
+        Some(ErrorCode::BrokerNameTaken),
+        "{err}"
+    );
+    assert_eq!(route_addr(&admin, "orders").await, "10.0.0.1:10911");
+    // The holder's own goodbye, by its address, over its connection.
+    first
         .call(UnregisterBroker {
             broker_name: "broker-a".into(),
             addr: "10.0.0.1:10911".into(),
