@@ -104,7 +104,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         }
     });
     let consumer = PushConsumer::builder()
-        .config(global.client_config())
+        .config(global.client_config()?)
         .route_refresh_interval(args.route_refresh)
         .group(args.group.clone())
         .subscribe(args.topic.clone(), args.tag.clone())

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
 
 use super::progress::{Counters, Extent, Progress};
-use super::report::{round, Report};
+use super::report::round;
 use super::{secs_between, show_progress, stop_on_interrupt};
 use crate::args::{parse_duration, GlobalArgs};
 use crate::consume::StartFrom;
@@ -94,7 +94,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         });
         consumers.push(
             PushConsumer::builder()
-                .config(global.client_config())
+                .config(global.client_config()?)
                 .group(args.group.clone())
                 .subscribe(args.topic.clone(), "*")
                 .from(from)
@@ -143,7 +143,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         None => last_message,
     };
     let secs = secs_between(start, end);
-    let mut report = Report::new("consume");
+    let mut report = super::new_report(global, "consume");
     report
         .field("topic", args.topic.as_str())
         .field("group", args.group.as_str())
