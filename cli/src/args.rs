@@ -5,11 +5,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 use txmq::{ClientConfig, Credentials, TlsClient, TlsFiles};
 
 use crate::exit;
 use crate::output::OutputFormat;
+use crate::refusal::RefusalLayer;
 
 /// Flags of every subcommand.
 #[derive(Debug, Args)]
@@ -170,15 +174,21 @@ impl GlobalArgs {
         Ok(config)
     }
 
-    /// Sends log messages to stderr, filtered by `--log`.
+    /// Sends log messages to stderr, filtered by `--log`, and watches
+    /// every warning for a refusal that ends the command
+    /// ([`crate::refusal`]), whatever `--log` lets through.
     pub fn init_logging(&self) {
         let filter = EnvFilter::try_new(&self.log).unwrap_or_else(|e| {
             eprintln!("warning: bad --log filter {:?} ({e}); using warn", self.log);
             EnvFilter::new("warn")
         });
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .with(RefusalLayer.with_filter(LevelFilter::WARN))
             .init();
     }
 }

@@ -119,6 +119,8 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let printer = Printer::stdout(global.output);
     let interrupted = interrupted();
     tokio::pin!(interrupted);
+    let refused = crate::refusal::refused();
+    tokio::pin!(refused);
 
     let mut printed: u64 = 0;
     let mut last_message = Instant::now();
@@ -145,6 +147,13 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             },
             _ = tokio::time::sleep(idle) => continue,
             _ = &mut interrupted => break,
+            why = &mut refused => {
+                drop(consumer);
+                return Err(anyhow::anyhow!(why).context(format!(
+                    "consuming {} as group {}: refused",
+                    args.topic, args.group
+                )));
+            }
         };
         last_message = Instant::now();
         // On failure, return without committing: dropping the consumer

@@ -9,6 +9,7 @@ mod controller;
 mod exit;
 mod group;
 mod output;
+mod refusal;
 mod send;
 mod signal;
 mod topic;

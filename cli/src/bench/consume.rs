@@ -121,7 +121,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             Some(d) => now >= start + d,
             None => now.duration_since(last_message) >= args.idle_timeout,
         } || args.count.is_some_and(|n| received >= n);
-        if done || *stop_watch.borrow() {
+        if done || *stop_watch.borrow() || crate::refusal::noticed().is_some() {
             break;
         }
         tokio::select! {
@@ -136,6 +136,13 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         bytes: bytes.load(Ordering::Relaxed),
     };
     progress.finish();
+    if let Some(why) = crate::refusal::noticed() {
+        anyhow::bail!(
+            "consuming {} as group {}: refused: {why}",
+            args.topic,
+            args.group
+        );
+    }
 
     // Draining: the time to the last message; following: the whole period.
     let end = match args.duration {
