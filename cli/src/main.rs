@@ -92,7 +92,13 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", output::error_text(&e));
+            let mut text = output::error_text(&e);
+            if cli.global.security.tls_ca.is_none() && output::connection_closed(&e) {
+                text.push_str(
+                    " (a server that listens with TLS closes plaintext connections: if it does, give --tls-ca)",
+                );
+            }
+            eprintln!("error: {text}");
             ExitCode::from(exit::code_of(&e))
         }
     }
