@@ -368,10 +368,10 @@ fn tls_problems_are_named() {
         &[],
     );
     assert!(!plaintext.status.success(), "plaintext to a TLS port fails");
+    let err = stderr(&plaintext);
     assert!(
-        stderr(&plaintext).contains("error"),
-        "{}",
-        stderr(&plaintext)
+        err.contains("give --tls-ca"),
+        "the likely cause is named: {err}"
     );
 
     let missing = s.txmq(None, &["--tls-ca", "/nonexistent/ca.pem", "cluster"]);
