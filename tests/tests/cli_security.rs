@@ -301,10 +301,11 @@ fn each_permission_is_refused_and_granted_through_the_cli() {
     ok(&s.txmq(Some(OPS), &["tx", "resolve", &tx_id, "--commit"]));
 
     let got = ok(&consume(APP, "2"));
-    let bodies: Vec<String> = json_lines(got.as_bytes())
+    let mut bodies: Vec<String> = json_lines(got.as_bytes())
         .iter()
         .map(|m| m["body"].as_str().unwrap_or_default().to_string())
         .collect();
+    bodies.sort();
     assert_eq!(bodies, ["order 1", "order 2"]);
 }
 
