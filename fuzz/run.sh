@@ -5,6 +5,7 @@
 #   fuzz/run.sh frame_codec -max_total_time=60
 #   fuzz/run.sh record_decode -max_total_time=60
 #   fuzz/run.sh recovery -max_total_time=60 -timeout=10
+#   fuzz/run.sh auth_handshake -max_total_time=60
 #
 # Arguments after the target go to libFuzzer. The working corpus lives in
 # target/fuzz/corpus/TARGET and starts from the committed seeds

@@ -1,12 +1,19 @@
 //! Flags every subcommand takes, and the value parsers they share.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Result;
 use clap::Args;
-use tracing_subscriber::EnvFilter;
-use txmq::ClientConfig;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+use txmq::{ClientConfig, Credentials, TlsClient, TlsFiles};
 
+use crate::exit;
 use crate::output::OutputFormat;
+use crate::refusal::RefusalLayer;
 
 /// Flags of every subcommand.
 #[derive(Debug, Args)]
@@ -40,25 +47,148 @@ pub struct GlobalArgs {
         default_value = "warn"
     )]
     pub log: String,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How the command reaches a cluster that runs with TLS and an ACL file.
+#[derive(Debug, Args)]
+pub struct SecurityArgs {
+    /// Connect with TLS, trusting servers whose certificate this CA (PEM)
+    /// signed. Without it, connections are plaintext.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Security options",
+        env = "TXMQ_TLS_CA",
+        value_name = "PEM"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This client's certificate (PEM), for servers that require one
+    /// (mutual TLS); needs --tls-key and --tls-ca.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Security options",
+        env = "TXMQ_TLS_CERT",
+        value_name = "PEM"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Security options",
+        env = "TXMQ_TLS_KEY",
+        value_name = "PEM"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Sign in as this user of the servers' ACL file; needs --secret-key.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Security options",
+        env = "TXMQ_ACCESS_KEY",
+        value_name = "KEY"
+    )]
+    pub access_key: Option<String>,
+
+    /// The secret of --access-key. It never travels: the servers'
+    /// challenge is signed with it.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Security options",
+        env = "TXMQ_SECRET_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub secret_key: Option<String>,
+}
+
+impl SecurityArgs {
+    /// The TLS setting of the flags: `None` without `--tls-ca`.
+    ///
+    /// # Errors
+    /// A usage error (exit 2) naming the file that cannot be used, or a
+    /// certificate or key given without the CA.
+    pub fn tls(&self) -> Result<Option<TlsClient>> {
+        let files = TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        };
+        if files.ca.is_none() && files.is_set() {
+            return Err(exit::with_code(
+                exit::USAGE,
+                "--tls-cert and --tls-key are for TLS connections: give --tls-ca too",
+            ));
+        }
+        if files.ca.is_none() {
+            return Ok(None);
+        }
+        TlsClient::from_files(&files)
+            .map(Some)
+            .map_err(|e| exit::with_code(exit::USAGE, e.to_string()))
+    }
+
+    /// The credentials of the flags: `None` without `--access-key`.
+    ///
+    /// # Errors
+    /// A usage error (exit 2) when only one of the two keys is given.
+    pub fn credentials(&self) -> Result<Option<Credentials>> {
+        match (&self.access_key, &self.secret_key) {
+            (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
+                access_key: access_key.clone(),
+                secret_key: secret_key.clone(),
+            })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(exit::with_code(
+                exit::USAGE,
+                "--access-key needs its --secret-key (or TXMQ_SECRET_KEY)",
+            )),
+            (None, Some(_)) => Err(exit::with_code(
+                exit::USAGE,
+                "--secret-key needs its --access-key (or TXMQ_ACCESS_KEY)",
+            )),
+        }
+    }
 }
 
 impl GlobalArgs {
-    /// Client settings from the flags.
-    pub fn client_config(&self) -> ClientConfig {
+    /// Client settings from the flags, for every client object a command
+    /// makes (producers, consumers, admin).
+    ///
+    /// # Errors
+    /// A usage error (exit 2) for TLS files that cannot be used or an
+    /// access key without its secret (or the reverse).
+    pub fn client_config(&self) -> Result<ClientConfig> {
         let mut config = ClientConfig::with_nameservers([&self.nameserver]);
         config.request_timeout = self.timeout;
-        config
+        config.tls = self.security.tls()?;
+        config.credentials = self.security.credentials()?;
+        Ok(config)
     }
 
-    /// Sends log messages to stderr, filtered by `--log`.
+    /// Sends log messages to stderr, filtered by `--log`, and watches
+    /// every warning for a refusal that ends the command
+    /// ([`crate::refusal`]), whatever `--log` lets through.
     pub fn init_logging(&self) {
         let filter = EnvFilter::try_new(&self.log).unwrap_or_else(|e| {
             eprintln!("warning: bad --log filter {:?} ({e}); using warn", self.log);
             EnvFilter::new("warn")
         });
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .with(RefusalLayer.with_filter(LevelFilter::WARN))
             .init();
     }
 }

@@ -80,7 +80,7 @@ type Answers = HashMap<String, std::result::Result<ReplicationInfo, String>>;
 /// When no nameserver answers; exit code 3 when some brokers could not be
 /// asked (1 when none could), after printing all of them.
 pub async fn run(global: &GlobalArgs) -> Result<()> {
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let brokers = admin.cluster().await?;
     let masters = ask(
         &admin,

@@ -104,7 +104,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         }
     });
     let consumer = PushConsumer::builder()
-        .config(global.client_config())
+        .config(global.client_config()?)
         .route_refresh_interval(args.route_refresh)
         .group(args.group.clone())
         .subscribe(args.topic.clone(), args.tag.clone())
@@ -119,6 +119,8 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let printer = Printer::stdout(global.output);
     let interrupted = interrupted();
     tokio::pin!(interrupted);
+    let refused = crate::refusal::refused();
+    tokio::pin!(refused);
 
     let mut printed: u64 = 0;
     let mut last_message = Instant::now();
@@ -145,6 +147,13 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             },
             _ = tokio::time::sleep(idle) => continue,
             _ = &mut interrupted => break,
+            why = &mut refused => {
+                drop(consumer);
+                return Err(anyhow::anyhow!(why).context(format!(
+                    "consuming {} as group {}: refused",
+                    args.topic, args.group
+                )));
+            }
         };
         last_message = Instant::now();
         // On failure, return without committing: dropping the consumer

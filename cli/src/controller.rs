@@ -37,7 +37,7 @@ pub enum BrokerCommand {
 /// (`UNSUPPORTED_REQUEST`), or the controller refuses: `NOT_IN_SYNC` (the
 /// replica is not alive and in sync), `BAD_ARGUMENT` (no such group).
 pub async fn run_broker(global: &GlobalArgs, cmd: BrokerCommand) -> Result<()> {
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let printer = Printer::stdout(global.output);
     match cmd {
         BrokerCommand::Elect {
@@ -65,7 +65,7 @@ pub async fn run_broker(global: &GlobalArgs, cmd: BrokerCommand) -> Result<()> {
 /// # Errors
 /// When no nameserver answers, or none runs the controller.
 pub async fn run_controller(global: &GlobalArgs) -> Result<()> {
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let answer = admin.controller_info().await;
     admin.close();
     let info = answer.context("cannot ask the controller")?;

@@ -87,7 +87,7 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
         GroupCommand::ResetOffset { to, .. } => Some(parse_target(to)?),
         _ => None,
     };
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     match cmd {
         GroupCommand::List => {
             let answers = admin.list_groups_by_broker(None).await?;
@@ -346,7 +346,7 @@ fn show_text(printer: &Printer, group: &str, states: &[txmq::admin::GroupState])
 /// prints nothing.
 pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
     let printer = Printer::stdout(global.output);
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let DlqCommand::List { group, limit } = cmd;
     let messages = match admin.browse(&dlq_topic(&group), limit).await {
         Ok(m) => m,

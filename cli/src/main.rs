@@ -9,6 +9,7 @@ mod controller;
 mod exit;
 mod group;
 mod output;
+mod refusal;
 mod send;
 mod signal;
 mod topic;
@@ -91,7 +92,13 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", output::error_text(&e));
+            let mut text = output::error_text(&e);
+            if cli.global.security.tls_ca.is_none() && output::connection_closed(&e) {
+                text.push_str(
+                    " (a server that listens with TLS closes plaintext connections: if it does, give --tls-ca)",
+                );
+            }
+            eprintln!("error: {text}");
             ExitCode::from(exit::code_of(&e))
         }
     }
@@ -172,5 +179,48 @@ mod tests {
             Cli::try_parse_from(["txmq", "controller"]).map(|c| c.command),
             Ok(Command::Controller)
         ));
+    }
+
+    #[test]
+    fn security_flags_are_global_and_checked_in_pairs() {
+        let parse = |args: &[&str]| {
+            let Ok(cli) = Cli::try_parse_from(args) else {
+                panic!("{args:?} parses")
+            };
+            cli
+        };
+        let cli = parse(&[
+            "txmq",
+            "topic",
+            "list",
+            "--access-key",
+            "app",
+            "--secret-key",
+            "s",
+        ]);
+        let credentials = cli.global.security.credentials();
+        assert!(matches!(credentials, Ok(Some(c)) if c.access_key == "app" && c.secret_key == "s"));
+        assert!(matches!(cli.global.security.tls(), Ok(None)));
+
+        let cli = parse(&["txmq", "--access-key", "app", "cluster"]);
+        let e = cli.global.client_config().err();
+        assert_eq!(e.as_ref().map(exit::code_of), Some(exit::USAGE));
+
+        let cli = parse(&[
+            "txmq",
+            "cluster",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ]);
+        let e = cli.global.client_config().err();
+        assert_eq!(e.as_ref().map(exit::code_of), Some(exit::USAGE));
+
+        let cli = parse(&["txmq", "cluster", "--tls-ca", "/nonexistent/ca.pem"]);
+        let e = cli.global.client_config().err();
+        assert_eq!(e.as_ref().map(exit::code_of), Some(exit::USAGE));
+        let text = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.contains("/nonexistent/ca.pem"), "{text}");
     }
 }

@@ -127,7 +127,60 @@ pub fn error_text(e: &anyhow::Error) -> String {
         out.push_str(&text);
         previous = text;
     }
+    if let Some(hint) = tls_hint(&out) {
+        out.push_str(&format!(" ({hint})"));
+    }
     out
+}
+
+/// True when `e` comes from a connection the server closed: what a
+/// server that listens with TLS does to a plaintext client.
+pub fn connection_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let remoting = cause
+            .downcast_ref::<txmq::Error>()
+            .and_then(txmq::Error::remoting)
+            .or_else(|| cause.downcast_ref::<txmq::RemotingError>());
+        matches!(remoting, Some(txmq::RemotingError::Closed { .. }))
+    })
+}
+
+/// What a failed TLS handshake means for the user, from rustls's words
+/// for it; `None` for other errors.
+fn tls_hint(text: &str) -> Option<&'static str> {
+    if !text.contains("TLS handshake failed") {
+        return None;
+    }
+    let hints = [
+        (
+            "UnknownIssuer",
+            "the server's certificate is not signed by the --tls-ca CA",
+        ),
+        ("expired", "the server's certificate has expired"),
+        ("Expired", "the server's certificate has expired"),
+        ("not valid yet", "the server's certificate is not valid yet"),
+        ("NotValidYet", "the server's certificate is not valid yet"),
+        (
+            "NotValidForName",
+            "the server's certificate does not name the address connected to",
+        ),
+        (
+            "CertificateRequired",
+            "the server requires a client certificate: give --tls-cert and --tls-key",
+        ),
+        (
+            "InvalidContentType",
+            "the server does not speak TLS: leave out --tls-ca",
+        ),
+        (
+            "corrupt message",
+            "the server does not speak TLS: leave out --tls-ca",
+        ),
+    ];
+    hints
+        .iter()
+        .find(|(words, _)| text.contains(words))
+        .map(|(_, hint)| *hint)
 }
 
 /// The code of a client error that carries no wire error showing it.
@@ -484,5 +537,26 @@ mod tests {
         assert_eq!(perm_name(4), "r");
         assert_eq!(perm_name(2), "w");
         assert_eq!(perm_name(0), "-");
+    }
+
+    #[test]
+    fn tls_handshake_failures_say_what_is_wrong_with_the_certificate() {
+        let failed = |why: &str| {
+            error_text(&anyhow::anyhow!(
+                "cannot connect to 127.0.0.1:9876: TLS handshake failed: {why}"
+            ))
+        };
+        assert!(failed("invalid peer certificate: UnknownIssuer")
+            .ends_with("(the server's certificate is not signed by the --tls-ca CA)"));
+        assert!(failed(
+            "invalid peer certificate: certificate expired: verification time 1 (UNIX)"
+        )
+        .ends_with("(the server's certificate has expired)"));
+        assert!(
+            failed("received corrupt message of type InvalidContentType")
+                .ends_with("(the server does not speak TLS: leave out --tls-ca)")
+        );
+        let plain = error_text(&anyhow::anyhow!("ACCESS_DENIED (55): no"));
+        assert_eq!(plain, "ACCESS_DENIED (55): no");
     }
 }

@@ -540,7 +540,7 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
     // Retries happen here, where it is known whether an attempt may have
     // stored the message (the producer reports only the last attempt).
     let mut builder = Producer::builder()
-        .config(global.client_config())
+        .config(global.client_config()?)
         .idempotence(args.idempotence)
         .retries(0);
     if let Some(group) = &args.producer_group {

@@ -61,7 +61,7 @@ impl Perm {
 /// # Errors
 /// When no nameserver or broker answers, or one refuses.
 pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let printer = Printer::stdout(global.output);
     match cmd {
         TopicCommand::Create {

@@ -209,7 +209,7 @@ async fn start_producer(
     retries: u32,
 ) -> Result<TransactionProducer<CliListener>> {
     let producer = TransactionProducer::builder()
-        .config(global.client_config())
+        .config(global.client_config()?)
         .retries(retries)
         .group(group)
         .listener(listener)
@@ -295,7 +295,7 @@ async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
 }
 
 async fn list(global: &GlobalArgs, broker: Option<&str>) -> Result<()> {
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let lists = admin.list_transactions(broker).await;
     admin.close();
     let lists = lists?;
@@ -322,7 +322,7 @@ async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
     } else {
         TxAction::Rollback
     };
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let resolved = admin
         .resolve_transaction(args.tx_id, action, args.broker.as_deref())
         .await;

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
 
 use super::progress::{Counters, Extent, Progress};
-use super::report::{round, Report};
+use super::report::round;
 use super::{secs_between, show_progress, stop_on_interrupt};
 use crate::args::{parse_duration, GlobalArgs};
 use crate::consume::StartFrom;
@@ -94,7 +94,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         });
         consumers.push(
             PushConsumer::builder()
-                .config(global.client_config())
+                .config(global.client_config()?)
                 .group(args.group.clone())
                 .subscribe(args.topic.clone(), "*")
                 .from(from)
@@ -121,7 +121,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             Some(d) => now >= start + d,
             None => now.duration_since(last_message) >= args.idle_timeout,
         } || args.count.is_some_and(|n| received >= n);
-        if done || *stop_watch.borrow() {
+        if done || *stop_watch.borrow() || crate::refusal::noticed().is_some() {
             break;
         }
         tokio::select! {
@@ -136,6 +136,13 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         bytes: bytes.load(Ordering::Relaxed),
     };
     progress.finish();
+    if let Some(why) = crate::refusal::noticed() {
+        anyhow::bail!(
+            "consuming {} as group {}: refused: {why}",
+            args.topic,
+            args.group
+        );
+    }
 
     // Draining: the time to the last message; following: the whole period.
     let end = match args.duration {
@@ -143,7 +150,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         None => last_message,
     };
     let secs = secs_between(start, end);
-    let mut report = Report::new("consume");
+    let mut report = super::new_report(global, "consume");
     report
         .field("topic", args.topic.as_str())
         .field("group", args.group.as_str())

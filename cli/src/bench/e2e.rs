@@ -26,7 +26,7 @@ use super::histogram::Latencies;
 use super::load::{drive, Plan};
 use super::produce::{connect_producers, SendStats};
 use super::progress::{Counters, Progress};
-use super::report::{round, Report};
+use super::report::round;
 use super::sequences::{Bits, Received};
 use super::{ensure_topic, secs_between, show_progress, stop_on_interrupt, LoadArgs};
 use crate::args::{parse_duration, GlobalArgs};
@@ -92,7 +92,7 @@ pub async fn run(global: &GlobalArgs, mut args: E2eArgs) -> Result<()> {
     for _ in 0..args.consumers {
         consumers.push(
             PullConsumer::builder()
-                .config(global.client_config())
+                .config(global.client_config()?)
                 .group(group.clone())
                 .topic(args.topic.clone())
                 .from(ConsumeFrom::Last)
@@ -190,7 +190,7 @@ pub async fn run(global: &GlobalArgs, mut args: E2eArgs) -> Result<()> {
 
     let arrivals = lock(&arrivals);
     let secs = stats.measured_secs(&timing);
-    let mut report = Report::new("e2e");
+    let mut report = super::new_report(global, "e2e");
     report
         .field("topic", args.topic.as_str())
         .field("group", group.as_str())

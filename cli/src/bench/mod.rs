@@ -277,13 +277,24 @@ pub fn stop_on_interrupt() -> (watch::Sender<bool>, watch::Receiver<bool>) {
     (tx, rx)
 }
 
+/// A report of `scenario` that says whether the run used TLS and signed
+/// in, so that runs with and without security can be told apart.
+pub fn new_report(global: &GlobalArgs, scenario: &str) -> report::Report {
+    let security = &global.security;
+    let mut report = report::Report::new(scenario);
+    report
+        .field("tls", security.tls_ca.is_some())
+        .field("auth", security.access_key.is_some());
+    report
+}
+
 /// Makes sure `topic` exists: creates it with `queues` queues when given,
 /// else with [`DEFAULT_QUEUES`] when it has no route.
 ///
 /// # Errors
 /// When no nameserver or broker answers, or the topic cannot be created.
 pub async fn ensure_topic(global: &GlobalArgs, topic: &str, queues: Option<u32>) -> Result<()> {
-    let admin = Admin::with_config(global.client_config()).await?;
+    let admin = Admin::with_config(global.client_config()?).await?;
     let result = async {
         let queues = match queues {
             Some(q) => q,
@@ -306,7 +317,9 @@ pub async fn ensure_topic(global: &GlobalArgs, topic: &str, queues: Option<u32>)
 /// The brokers' store counters summed: (records, writes, fdatasyncs), or
 /// `None` when a broker cannot be asked (the report then leaves them out).
 pub async fn store_counters(global: &GlobalArgs) -> Option<(u64, u64, u64)> {
-    let admin = Admin::with_config(global.client_config()).await.ok()?;
+    let admin = Admin::with_config(global.client_config().ok()?)
+        .await
+        .ok()?;
     let stats = admin.store_stats(None).await.ok();
     admin.close();
     stats.map(|all| {

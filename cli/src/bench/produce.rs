@@ -155,7 +155,7 @@ pub async fn connect_producers(
 ) -> Result<Vec<Producer>> {
     let producers = super::shared_clients(load, || async {
         Ok(Producer::builder()
-            .config(global.client_config())
+            .config(global.client_config()?)
             .idempotence(idempotence)
             .build()
             .await?)
@@ -225,7 +225,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         p.close();
     }
 
-    let mut report = Report::new("produce");
+    let mut report = super::new_report(global, "produce");
     report
         .field("topic", args.topic.as_str())
         .field("producers", args.load.producers)

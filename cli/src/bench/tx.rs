@@ -42,7 +42,7 @@ use super::body::{elapsed_ns, new_run_id, producer_id, Clock, Header};
 use super::histogram::Latencies;
 use super::load::{drive, Plan};
 use super::progress::{Counters, Progress};
-use super::report::{round, Report};
+use super::report::round;
 use super::{ensure_topic, secs_between, show_progress, stop_on_interrupt, LoadArgs, Timing};
 use crate::args::{parse_duration, GlobalArgs};
 use crate::output::{error_text, Printer};
@@ -541,7 +541,7 @@ pub async fn run(global: &GlobalArgs, args: TxArgs) -> Result<()> {
     });
 
     let consumer = PullConsumer::builder()
-        .config(global.client_config())
+        .config(global.client_config()?)
         .group(format!("{group}-visible"))
         .topic(args.topic.clone())
         .from(ConsumeFrom::Last)
@@ -549,7 +549,7 @@ pub async fn run(global: &GlobalArgs, args: TxArgs) -> Result<()> {
         .await?;
     let producers = super::shared_clients(&args.load, || async {
         TransactionProducer::builder()
-            .config(global.client_config())
+            .config(global.client_config()?)
             .group(group.clone())
             .listener_arc(listener.clone())
             .first_check_delay(args.first_check_delay)
@@ -627,7 +627,7 @@ pub async fn run(global: &GlobalArgs, args: TxArgs) -> Result<()> {
         .summary();
     let c = &listener.counters;
     let secs = stats.measured_secs(&timing);
-    let mut report = Report::new("tx");
+    let mut report = super::new_report(global, "tx");
     report
         .field("topic", args.topic.as_str())
         .field("group", group.as_str())

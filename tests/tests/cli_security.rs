@@ -1,0 +1,435 @@
+//! The `txmq` command line against a real nameserver and broker that run
+//! with TLS and an ACL file, as the README's "Security" section sets them
+//! up: each permission refused (exit 1, `ACCESS_DENIED`) and granted, a
+//! wrong secret, a wrong CA and plaintext to a TLS port, the `TXMQ_*`
+//! environment variables, and `bench produce` with TLS and a user.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use txmq_tests::pki::Pki;
+use txmq_tests::{binary, free_port, json_lines, BrokerProcess, NameserverProcess};
+
+/// The users of the tests: an operator, an application that publishes to
+/// and consumes `orders` as `billing` and runs `orders-tx` transactions,
+/// a reader that may read `orders` but as no group, and the cluster's own
+/// user that the broker signs in to the nameserver with.
+const ACL: &str = r#"
+[[user]]
+access_key = "ops"
+secret_key = "ops-secret"
+admin = true
+
+[[user]]
+access_key = "app"
+secret_key = "app-secret"
+topics = { "orders" = ["pub", "sub"] }
+groups = { "billing" = ["sub"], "orders-tx" = ["tx"] }
+
+[[user]]
+access_key = "reader"
+secret_key = "reader-secret"
+topics = { "orders" = ["sub"] }
+
+[[user]]
+access_key = "broker"
+secret_key = "cluster-secret"
+broker = true
+"#;
+
+/// A user's access key and secret.
+type User = (&'static str, &'static str);
+
+const OPS: User = ("ops", "ops-secret");
+const APP: User = ("app", "app-secret");
+const READER: User = ("reader", "reader-secret");
+
+/// The environment variables a test must not inherit from whoever runs it.
+const SECURITY_ENV: [&str; 6] = [
+    "TXMQ_NAMESERVER",
+    "TXMQ_TLS_CA",
+    "TXMQ_TLS_CERT",
+    "TXMQ_TLS_KEY",
+    "TXMQ_ACCESS_KEY",
+    "TXMQ_SECRET_KEY",
+];
+
+/// A nameserver and a broker with TLS (one certificate for both, signed
+/// by the test CA) and the ACL file; the broker signs in as `broker`.
+struct Secured {
+    pki: Pki,
+    nameserver: NameserverProcess,
+    broker: BrokerProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Secured {
+    fn start() -> Secured {
+        let pki = Pki::new("txmq test CA");
+        let server = pki.issue("localhost");
+        let acl = pki.acl("acl.toml", ACL);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tls: Vec<String> = [
+            "--tls-cert",
+            &path(&server.cert),
+            "--tls-key",
+            &path(&server.key),
+            "--tls-ca",
+            &path(&pki.ca()),
+            "--acl-file",
+            &path(&acl),
+        ]
+        .map(str::to_string)
+        .to_vec();
+        let flags = |extra: &[&str]| -> Vec<String> {
+            tls.iter()
+                .cloned()
+                .chain(extra.iter().map(|s| s.to_string()))
+                .collect()
+        };
+        let ns_flags = flags(&[]);
+        let nameserver = NameserverProcess::start(
+            &format!("127.0.0.1:{}", free_port()),
+            &ns_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+            &dir.path().join("nameserver.log"),
+        );
+        let broker_flags = flags(&["--access-key", "broker", "--secret-key", "cluster-secret"]);
+        let broker = BrokerProcess::start(
+            &dir.path().join("broker"),
+            &nameserver.addr,
+            "broker-a",
+            &broker_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let secured = Secured {
+            pki,
+            nameserver,
+            broker,
+            _dir: dir,
+        };
+        secured.wait_for_broker();
+        secured
+    }
+
+    /// Waits until the nameserver lists the broker (it registered over
+    /// TLS, signed in as `broker`).
+    fn wait_for_broker(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.txmq(Some(OPS), &["--output", "json", "cluster"]);
+            if out.status.success()
+                && json_lines(&out.stdout)
+                    .iter()
+                    .any(|b| b["broker"] == "broker-a")
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker never registered: {}\nbroker log:\n{}\nnameserver log:\n{}",
+                stderr(&out),
+                self.broker.log_text(),
+                self.nameserver.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `txmq` with the CA, signed in as `user` with flags.
+    fn txmq(&self, user: Option<User>, args: &[&str]) -> Output {
+        let mut flags = vec!["--tls-ca".to_string(), path(&self.pki.ca())];
+        if let Some((key, secret)) = user {
+            flags.extend(["--access-key", key, "--secret-key", secret].map(str::to_string));
+        }
+        flags.extend(args.iter().map(|s| s.to_string()));
+        run(&self.nameserver.addr, &flags, &[])
+    }
+
+    /// Creates `topic` as the operator and waits until it can be sent to.
+    fn create_topic(&self, topic: &str) {
+        ok(&self.txmq(Some(OPS), &["topic", "create", topic, "--queues", "2"]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .txmq(Some(OPS), &["topic", "route", topic])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "{topic} never got a route");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Runs `txmq --nameserver NS ARGS` with only `env` of the security
+/// variables set.
+fn run(nameserver: &str, args: &[String], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(binary("txmq"));
+    for var in SECURITY_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .arg("--nameserver")
+        .arg(nameserver)
+        .args(args)
+        .stdin(Stdio::null());
+    cmd.output().expect("txmq runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a zero exit; returns stdout.
+#[track_caller]
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "txmq failed with {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Asserts exit 1 with `code` on stderr; returns stderr.
+#[track_caller]
+fn refused(o: &Output, code: &str) -> String {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit 1 expected\nstdout:\n{}\nstderr:\n{err}",
+        stdout(o)
+    );
+    assert!(err.contains(code), "stderr names {code}: {err}");
+    err
+}
+
+#[test]
+fn each_permission_is_refused_and_granted_through_the_cli() {
+    let s = Secured::start();
+
+    let err = refused(
+        &s.txmq(Some(APP), &["topic", "create", "orders"]),
+        "ACCESS_DENIED",
+    );
+    assert!(err.contains("app"), "the refusal names the user: {err}");
+    s.create_topic("orders");
+
+    let send = ["send", "orders", "--wait-for-broker", "10s", "--body"];
+    let err = refused(
+        &s.txmq(Some(READER), &[&send[..], &["from reader"]].concat()),
+        "ACCESS_DENIED",
+    );
+    assert!(err.contains("orders"), "the refusal names the topic: {err}");
+    ok(&s.txmq(Some(APP), &[&send[..], &["order 1"]].concat()));
+
+    let consume = |user, count: &str| {
+        s.txmq(
+            Some(user),
+            &[
+                "--output",
+                "json",
+                "consume",
+                "orders",
+                "--group",
+                "billing",
+                "--count",
+                count,
+                "--idle-timeout",
+                "10s",
+            ],
+        )
+    };
+    let err = refused(&consume(READER, "1"), "ACCESS_DENIED");
+    assert!(
+        err.contains("billing"),
+        "the refusal names the group: {err}"
+    );
+
+    // A transaction left open by the application; only an admin ends it by hand.
+    refused(
+        &s.txmq(
+            Some(READER),
+            &[
+                "tx",
+                "send",
+                "orders",
+                "--group",
+                "orders-tx",
+                "--body",
+                "x",
+                "--local",
+                "commit",
+            ],
+        ),
+        "ACCESS_DENIED",
+    );
+    let sent = ok(&s.txmq(
+        Some(APP),
+        &[
+            "--output",
+            "json",
+            "tx",
+            "send",
+            "orders",
+            "--group",
+            "orders-tx",
+            "--body",
+            "order 2",
+            "--local",
+            "unknown",
+        ],
+    ));
+    let tx_id = json_lines(sent.as_bytes())[0]["tx_id"]
+        .as_u64()
+        .expect("a tx_id")
+        .to_string();
+    refused(
+        &s.txmq(Some(APP), &["tx", "resolve", &tx_id, "--commit"]),
+        "ACCESS_DENIED",
+    );
+    ok(&s.txmq(Some(OPS), &["tx", "resolve", &tx_id, "--commit"]));
+
+    let got = ok(&consume(APP, "2"));
+    let mut bodies: Vec<String> = json_lines(got.as_bytes())
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["order 1", "order 2"]);
+}
+
+#[test]
+fn a_wrong_secret_or_none_fails_authentication() {
+    let s = Secured::start();
+    let err = refused(
+        &s.txmq(Some(("ops", "not the secret")), &["topic", "list"]),
+        "AUTHENTICATION_FAILED",
+    );
+    assert!(
+        !err.contains("not the secret"),
+        "the secret is not shown: {err}"
+    );
+    refused(&s.txmq(None, &["topic", "list"]), "AUTHENTICATION_FAILED");
+
+    let half = s.txmq(None, &["--access-key", "ops", "topic", "list"]);
+    assert_eq!(
+        half.status.code(),
+        Some(2),
+        "a key without its secret is a usage error"
+    );
+}
+
+#[test]
+fn tls_problems_are_named() {
+    let s = Secured::start();
+    let other = Pki::new("another CA");
+    let wrong_ca = run(
+        &s.nameserver.addr,
+        &[
+            "--tls-ca",
+            &path(&other.ca()),
+            "--access-key",
+            "ops",
+            "--secret-key",
+            "ops-secret",
+            "cluster",
+        ]
+        .map(str::to_string),
+        &[],
+    );
+    assert!(!wrong_ca.status.success());
+    let err = stderr(&wrong_ca);
+    assert!(
+        err.contains("certificate") && err.contains("not signed by the --tls-ca CA"),
+        "the certificate problem is named: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let plaintext = run(
+        &s.nameserver.addr,
+        &[
+            "--access-key",
+            "ops",
+            "--secret-key",
+            "ops-secret",
+            "cluster",
+        ]
+        .map(str::to_string),
+        &[],
+    );
+    assert!(!plaintext.status.success(), "plaintext to a TLS port fails");
+    let err = stderr(&plaintext);
+    assert!(
+        err.contains("give --tls-ca"),
+        "the likely cause is named: {err}"
+    );
+
+    let missing = s.txmq(None, &["--tls-ca", "/nonexistent/ca.pem", "cluster"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("/nonexistent/ca.pem"));
+}
+
+#[test]
+fn environment_variables_work_like_the_flags() {
+    let s = Secured::start();
+    s.create_topic("orders");
+    let env = |(key, secret): User| {
+        vec![
+            ("TXMQ_TLS_CA", path(&s.pki.ca())),
+            ("TXMQ_ACCESS_KEY", key.to_string()),
+            ("TXMQ_SECRET_KEY", secret.to_string()),
+        ]
+    };
+    let send = ["send", "orders", "--body", "from env"].map(str::to_string);
+    ok(&run(&s.nameserver.addr, &send, &env(APP)));
+    refused(
+        &run(&s.nameserver.addr, &send, &env(READER)),
+        "ACCESS_DENIED",
+    );
+    refused(
+        &run(&s.nameserver.addr, &send, &env(("app", "wrong"))),
+        "AUTHENTICATION_FAILED",
+    );
+}
+
+#[test]
+fn bench_produce_runs_with_tls_and_a_user() {
+    let s = Secured::start();
+    s.create_topic("orders");
+    let out = ok(&s.txmq(
+        Some(APP),
+        &[
+            "--output",
+            "json",
+            "bench",
+            "produce",
+            "orders",
+            "--producers",
+            "4",
+            "--in-flight",
+            "1",
+            "--size",
+            "128",
+            "--count",
+            "400",
+        ],
+    ));
+    let report = &json_lines(out.as_bytes())[0];
+    assert_eq!(report["messages"], 400, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(
+        (&report["tls"], &report["auth"]),
+        (&true.into(), &true.into())
+    );
+}
