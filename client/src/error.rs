@@ -192,6 +192,8 @@ pub(crate) fn maybe_stored(e: &txmq_remoting::Error) -> bool {
             | ErrorCode::DuplicateMsgId
             | ErrorCode::OutOfOrderSequence
             | ErrorCode::UnknownProducerId
+            | ErrorCode::AccessDenied
+            | ErrorCode::AuthenticationFailed
             | ErrorCode::ProducerFenced
             | ErrorCode::DuplicateSequence
     )

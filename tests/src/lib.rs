@@ -33,7 +33,26 @@ pub fn binary(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // The variables cargo sets for this test process would reach the
+        // build scripts of the child build (ring's reruns on them) and
+        // rebuild half the workspace twice per test run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+            {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build
             .args(["build", "--quiet", "--bins", "--manifest-path"])
             .arg(&manifest)
             .status()
