@@ -375,7 +375,11 @@ fn tls_problems_are_named() {
         "the likely cause is named: {err}"
     );
 
-    let missing = s.txmq(None, &["--tls-ca", "/nonexistent/ca.pem", "cluster"]);
+    let missing = run(
+        &s.nameserver.addr,
+        &["--tls-ca", "/nonexistent/ca.pem", "cluster"].map(str::to_string),
+        &[],
+    );
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
     assert!(stderr(&missing).contains("/nonexistent/ca.pem"));
 }

@@ -147,7 +147,9 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                     queue: q.queue,
                 }));
             }
-            Err(e) => tracing::warn!(group = %shared.group, error = %e, "heartbeat failed"),
+            Err(e) => {
+                tracing::warn!(group = %shared.group, error = %crate::error::chain(&e), "heartbeat failed")
+            }
         }
     }
     let mut workers = lock(&shared.workers);

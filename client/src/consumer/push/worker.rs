@@ -115,7 +115,7 @@ pub(crate) async fn run<H: MessageHandler>(
         _ = shared.cancel.cancelled() => Ok(()),
     };
     if let Err(e) = outcome {
-        tracing::warn!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "queue worker stopped");
+        tracing::warn!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %crate::error::chain(&e), "queue worker stopped");
     }
     {
         let mut workers = lock(&shared.workers);
@@ -171,7 +171,7 @@ async fn consume<H: MessageHandler>(
         match start(shared, key).await {
             Ok(s) => break s,
             Err(e) => {
-                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "cannot ask where the group stands; retrying");
+                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %crate::error::chain(&e), "cannot ask where the group stands; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = release.cancelled() => return Ok(()),
@@ -276,7 +276,7 @@ async fn consume<H: MessageHandler>(
                         pull_delay = MIN_BACKOFF;
                     }
                     Err(e) => {
-                        tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %e, "pull failed; retrying");
+                        tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, error = %crate::error::chain(&e), "pull failed; retrying");
                         pull_delay = backoff;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
