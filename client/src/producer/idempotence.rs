@@ -61,11 +61,12 @@ pub(crate) fn no_place(
     )
 }
 
-/// The places of one queue, and how many were given back (its progress).
+/// The places of one queue, and how many attempts made in them the
+/// broker answered (its progress).
 #[derive(Debug)]
 struct QueueLimit {
     places: Arc<Semaphore>,
-    returned: AtomicU64,
+    answered: AtomicU64,
 }
 
 /// A place among a queue's stamped sends in flight, given back on drop.
@@ -75,9 +76,17 @@ pub(crate) struct Place {
     limit: Arc<QueueLimit>,
 }
 
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.limit.returned.fetch_add(1, Ordering::Relaxed);
+impl Place {
+    /// Counts the queue's progress when the broker answered the attempt
+    /// made in this place (a result or a refusal; a timeout is none): sends
+    /// waiting for a place then keep their turn.
+    pub(crate) fn answered<T>(&self, result: &std::result::Result<T, txmq_remoting::Error>) {
+        if result
+            .as_ref()
+            .map_or_else(|e| e.remote().is_some(), |_| true)
+        {
+            self.limit.answered.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -390,8 +399,9 @@ impl Idempotence {
 
     /// Waits for a place among the [`MAX_IN_FLIGHT_PER_QUEUE`] stamped
     /// sends in flight to `queue` of `topic` on `broker_name`, as long as
-    /// the queue makes progress: `None` once no place was given back for
-    /// `stall` (its broker does not answer). Sends queued behind a busy
+    /// the queue makes progress: `None` once the broker answered no send
+    /// of the queue for `stall` (it does not answer; sends that time out
+    /// are no progress). Sends queued behind a busy
     /// broker keep their turn however long the queue is; sends queued
     /// behind a silent one end on time.
     pub(crate) async fn permit(
@@ -408,12 +418,12 @@ impl Idempotence {
                 .or_insert_with(|| {
                     Arc::new(QueueLimit {
                         places: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)),
-                        returned: AtomicU64::new(0),
+                        answered: AtomicU64::new(0),
                     })
                 })
                 .clone()
         };
-        let mut seen = limit.returned.load(Ordering::Relaxed);
+        let mut seen = limit.answered.load(Ordering::Relaxed);
         loop {
             // The semaphore is never closed.
             match tokio::time::timeout(stall, limit.places.clone().acquire_owned()).await {
@@ -424,7 +434,7 @@ impl Idempotence {
                     })
                 }
                 Err(_) => {
-                    let now = limit.returned.load(Ordering::Relaxed);
+                    let now = limit.answered.load(Ordering::Relaxed);
                     if now == seen {
                         return None;
                     }

@@ -553,6 +553,9 @@ impl Producer {
                 Ok(conn) => (conn.call_with_timeout(request, timeout).await, true),
                 Err(e) => (Err(e), false),
             };
+            if let Some((_, place)) = &permit {
+                place.answered(&result);
+            }
             let e = match result {
                 Ok(result) => {
                     if let Some(h) = &held {

@@ -712,6 +712,9 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     Err(e) => (Err(e), false),
                 },
             };
+            if let Some((_, place)) = &permit {
+                place.answered(&result);
+            }
             let e = match result {
                 Ok(prepared) => {
                     if let Some((_, ids, stamp)) = &held {
