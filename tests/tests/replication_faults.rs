@@ -79,9 +79,13 @@ fn body_set(messages: &[StoredMessage]) -> HashSet<String> {
         .collect()
 }
 
+/// A plain producer: the tests rewrite bytes of its message records,
+/// which must be the log's first (an idempotent one starts the log with
+/// its producer id's record).
 async fn producer(ns: &str) -> txmq::Producer {
     txmq::Producer::builder()
         .nameserver(ns)
+        .idempotence(false)
         .send_timeout(Duration::from_secs(5))
         .build()
         .await
