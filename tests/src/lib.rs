@@ -483,3 +483,31 @@ fn spawn_listening(bin: &str, args: &[String], log: &Path, addr: &str) -> Child 
     }
     child
 }
+
+/// Reading what a `txmq` command printed.
+pub mod output {
+    use std::process::Output;
+
+    /// A command's stdout as text.
+    pub fn stdout(o: &Output) -> String {
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// A command's stderr as text.
+    pub fn stderr(o: &Output) -> String {
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// Asserts a zero exit; returns stdout.
+    #[track_caller]
+    pub fn ok(o: &Output) -> String {
+        assert!(
+            o.status.success(),
+            "txmq failed with {}\nstdout:\n{}\nstderr:\n{}",
+            o.status,
+            stdout(o),
+            stderr(o)
+        );
+        stdout(o)
+    }
+}

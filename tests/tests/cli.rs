@@ -15,26 +15,7 @@ use txmq::{Message, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
 use txmq_tests::{consume_all, free_port, json_lines, txmq_cli, Cluster};
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts a zero exit; returns stdout.
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "txmq failed with {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-    stdout(o)
-}
+use txmq_tests::output::{ok, stderr, stdout};
 
 /// Asserts a failure with a message on stderr and nothing on stdout; returns stderr.
 #[track_caller]

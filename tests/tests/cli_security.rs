@@ -179,26 +179,7 @@ fn run(nameserver: &str, args: &[String], env: &[(&str, String)]) -> Output {
     cmd.output().expect("txmq runs")
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts a zero exit; returns stdout.
-#[track_caller]
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "txmq failed with {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-    stdout(o)
-}
+use txmq_tests::output::{ok, stderr, stdout};
 
 /// Asserts exit 1 with `code` on stderr; returns stderr.
 #[track_caller]
