@@ -126,12 +126,13 @@ type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
 /// writes it: every frame queued since its last write goes out in one write,
 /// and no frame is allocated on its own. While the writer task is idle
 /// (nothing queued), `half` is here and a sender writes its frame itself
-/// with a non-blocking `try_write`, saving a wake-up of the writer task; a
-/// frame is written directly only when nothing is queued, so it never
-/// overtakes a queued one. The writer task takes `half` with the bytes it
-/// writes and gives it back only once `queued` is empty, both under this lock.
+/// without waiting (a `try_write`, or under TLS a write and flush polled
+/// once), saving a wake-up of the writer task; a frame is written directly
+/// only when nothing is queued, so it never overtakes a queued one. The
+/// writer task takes `half` with the bytes it writes and gives it back only
+/// once `queued` is empty and nothing is left to flush, both under this lock.
 struct WriteSide {
-    half: Option<OwnedWriteHalf>,
+    half: Option<Writer>,
     /// Encoded frames waiting for the writer task (the rest of a direct
     /// write that the socket did not take goes here too).
     queued: BytesMut,
@@ -140,6 +141,9 @@ struct WriteSide {
     codec: FrameCodec,
     /// Close once `queued` is written; nothing more is queued after it.
     close: bool,
+    /// A direct TLS write left encrypted bytes the socket did not take yet:
+    /// the writer task must flush them even with nothing queued.
+    unflushed: bool,
 }
 
 /// How an attempt to queue a frame went.
@@ -205,9 +209,8 @@ impl AsyncRead for Reader {
     }
 }
 
-/// The write side of a [`Stream`]. A TCP half is lent to senders for
-/// direct writes while the writer task is idle; a TLS half stays with the
-/// writer task (a TLS record cannot be written without waiting).
+/// The write side of a [`Stream`], lent to senders for direct writes while
+/// the writer task is idle.
 enum Writer {
     Tcp(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<Box<dyn Io>>),
@@ -228,6 +231,37 @@ impl Writer {
         match self {
             Writer::Tcp(w) => w.shutdown().await,
             Writer::Tls(w) => w.shutdown().await,
+        }
+    }
+
+    /// Writes what the socket takes now, without waiting: how many bytes of
+    /// `buf` it took, and whether they all left (under TLS, encrypted bytes
+    /// may stay buffered for the writer task to flush).
+    fn write_now(&mut self, buf: &[u8]) -> std::io::Result<(usize, bool)> {
+        match self {
+            Writer::Tcp(w) => match w.try_write(buf) {
+                Ok(n) => Ok((n, true)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((0, true)),
+                Err(e) => Err(e),
+            },
+            Writer::Tls(w) => {
+                // Polled once with a waker that does nothing: whatever would
+                // wait is left to the writer task, which polls with its own.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut taken = 0;
+                while taken < buf.len() {
+                    match Pin::new(&mut *w).poll_write(&mut cx, &buf[taken..]) {
+                        Poll::Ready(Ok(0)) | Poll::Pending => break,
+                        Poll::Ready(Ok(n)) => taken += n,
+                        Poll::Ready(Err(e)) => return Err(e),
+                    }
+                }
+                match Pin::new(&mut *w).poll_flush(&mut cx) {
+                    Poll::Ready(Ok(())) => Ok((taken, true)),
+                    Poll::Pending => Ok((taken, false)),
+                    Poll::Ready(Err(e)) => Err(e),
+                }
+            }
         }
     }
 }
@@ -398,14 +432,14 @@ impl Connection {
         closed: CancellationToken,
         auth: PeerAuth,
     ) -> Connection {
-        let (read_half, direct_half, tls_half) = match stream {
+        let (read_half, write_half) = match stream {
             Stream::Tcp(s) => {
                 let (r, w) = s.into_split();
-                (Reader::Tcp(r), Some(w), None)
+                (Reader::Tcp(r), Writer::Tcp(w))
             }
             Stream::Tls(s) => {
                 let (r, w) = tokio::io::split(s);
-                (Reader::Tls(r), None, Some(Writer::Tls(w)))
+                (Reader::Tls(r), Writer::Tls(w))
             }
         };
         let conn = Connection {
@@ -413,11 +447,12 @@ impl Connection {
                 id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
                 peer,
                 write: Mutex::new(WriteSide {
-                    half: direct_half,
+                    half: Some(write_half),
                     queued: BytesMut::new(),
                     buf: BytesMut::with_capacity(16 * 1024),
                     codec: FrameCodec::new(config.max_frame_len),
                     close: false,
+                    unflushed: false,
                 }),
                 wake_writer: Notify::new(),
                 room: Notify::new(),
@@ -433,7 +468,7 @@ impl Connection {
                 acl: auth.acl,
             }),
         };
-        tokio::spawn(write_loop(conn.inner.clone(), tls_half));
+        tokio::spawn(write_loop(conn.inner.clone()));
         let reader = FramedRead::with_capacity(
             read_half,
             FrameCodec::new(conn.inner.config.max_frame_len),
@@ -618,11 +653,11 @@ fn try_queue(inner: &Inner, frame: &Frame, direct: bool) -> Queue {
     if w.close || inner.closed.is_cancelled() {
         return Queue::Closed;
     }
-    if direct && w.queued.is_empty() {
-        if let Some(half) = w.half.as_ref() {
+    if direct && w.queued.is_empty() && !w.unflushed {
+        if let Some(half) = w.half.as_mut() {
             w.buf.clear();
             encode_frame(&mut w.codec, frame, &mut w.buf, inner);
-            return match write_direct(inner, half, &w.buf, &mut w.queued) {
+            return match write_direct(inner, half, &w.buf, &mut w.queued, &mut w.unflushed) {
                 true => Queue::Done,
                 false => Queue::Closed,
             };
@@ -638,19 +673,26 @@ fn try_queue(inner: &Inner, frame: &Frame, direct: bool) -> Queue {
 
 /// Writes `bytes` with the idle writer task's socket half, without waiting;
 /// what the socket does not take goes to the (empty) queue for the writer
-/// task. False when the write failed, which closes the connection.
-fn write_direct(inner: &Inner, half: &OwnedWriteHalf, bytes: &[u8], queued: &mut BytesMut) -> bool {
-    let written = match half.try_write(bytes) {
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+/// task, and what it did not flush is marked `unflushed` for it. False when
+/// the write failed, which closes the connection.
+fn write_direct(
+    inner: &Inner,
+    half: &mut Writer,
+    bytes: &[u8],
+    queued: &mut BytesMut,
+    unflushed: &mut bool,
+) -> bool {
+    let (written, flushed) = match half.write_now(bytes) {
+        Ok(done) => done,
         Err(e) => {
             debug!(peer = %inner.peer, error = %e, "write failed; closing");
             inner.closed.cancel();
             return false;
         }
     };
-    if written < bytes.len() {
+    if written < bytes.len() || !flushed {
         queued.extend_from_slice(&bytes[written..]);
+        *unflushed = !flushed;
         inner.wake_writer.notify_one();
     }
     true
@@ -706,9 +748,9 @@ fn flush_batch(inner: &Inner, batch: &mut BytesMut) -> Queue {
     if w.close || inner.closed.is_cancelled() {
         return Queue::Closed;
     }
-    if w.queued.is_empty() {
-        if let Some(half) = w.half.as_ref() {
-            let ok = write_direct(inner, half, batch, &mut w.queued);
+    if w.queued.is_empty() && !w.unflushed {
+        if let Some(half) = w.half.as_mut() {
+            let ok = write_direct(inner, half, batch, &mut w.queued, &mut w.unflushed);
             batch.clear();
             return if ok { Queue::Done } else { Queue::Closed };
         }
@@ -1093,9 +1135,9 @@ fn refuse(conn: &Connection, id: u64, code: ErrorCode, message: String) {
     let _ = try_queue(&conn.inner, &frame, true);
 }
 
-async fn write_loop(inner: Arc<Inner>, tls: Option<Writer>) {
+async fn write_loop(inner: Arc<Inner>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut half: Option<Writer> = tls;
+    let mut half: Option<Writer> = None;
     'outer: loop {
         tokio::select! {
             () = inner.wake_writer.notified() => {}
@@ -1108,19 +1150,21 @@ async fn write_loop(inner: Arc<Inner>, tls: Option<Writer>) {
             {
                 let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
                 let w = &mut *w;
-                if w.queued.is_empty() {
+                if w.queued.is_empty() && !w.unflushed {
                     if w.close {
                         break 'outer;
                     }
-                    // Idle: give a TCP half back for direct writes.
-                    if let Some(Writer::Tcp(tcp)) = half.take_if(|h| matches!(h, Writer::Tcp(_))) {
-                        w.half = Some(tcp);
+                    // Idle: give the half back for direct writes.
+                    if let Some(h) = half.take() {
+                        w.half = Some(h);
                     }
                     break;
                 }
                 if half.is_none() {
-                    half = w.half.take().map(Writer::Tcp);
+                    half = w.half.take();
                 }
+                // Writing the queue (even an empty one) flushes.
+                w.unflushed = false;
                 std::mem::swap(&mut buf, &mut w.queued);
             }
             inner.room.notify_waiters();
@@ -1151,7 +1195,6 @@ async fn write_loop(inner: Arc<Inner>, tls: Option<Writer>) {
             .unwrap_or_else(|e| e.into_inner())
             .half
             .take()
-            .map(Writer::Tcp)
     });
     if let Some(h) = half.as_mut() {
         let _ = h.shutdown().await;

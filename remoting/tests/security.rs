@@ -16,7 +16,8 @@ use txmq_remoting::{
     TlsClient, TlsFiles, TlsServer,
 };
 
-/// Answers pings with the connection's user in its hello answer.
+/// Answers pings, and a route request with its topic (any size); says the
+/// connection's user in its hello answer.
 struct Echo;
 
 impl Service for Echo {
@@ -30,6 +31,10 @@ impl Service for Echo {
         Box::pin(async move {
             match request {
                 Request::Ping(_) => Ok(Response::Ping(Pong {})),
+                Request::GetRoute(r) => Ok(Response::GetRoute(TopicRoute {
+                    topic: r.topic,
+                    brokers: vec![],
+                })),
                 other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
             }
         })
@@ -357,4 +362,51 @@ async fn tls_refuses_plaintext_a_wrong_ca_an_expired_certificate_and_no_client_c
     ok.call(Ping {}).await.unwrap();
     token.cancel();
     old_token.cancel();
+}
+
+/// Many large requests and answers in flight at once over TLS: writes the
+/// socket does not take at once (records left to flush, frames queued
+/// behind them) all arrive, whole and in their own answers.
+#[tokio::test]
+async fn tls_carries_many_large_frames_in_flight_both_ways() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("server", false);
+    let tls = TlsServer::from_files(
+        &TlsFiles {
+            cert: Some(cert),
+            key: Some(key),
+            ca: None,
+        },
+        false,
+    )
+    .unwrap();
+    let (addr, token) = start(ServerSecurity {
+        tls: Some(tls),
+        acl: None,
+    })
+    .await;
+    let conn = Connection::connect(&addr, hello(), None, client(&pki.ca(), None, None))
+        .await
+        .unwrap();
+    let calls = (0..64u8).map(|i| {
+        let conn = conn.clone();
+        async move {
+            // 4 KiB to 1 MiB, each filled with its own letter: frames
+            // under TLS's buffer limit leave records to flush, larger ones
+            // leave bytes queued.
+            let len = [4 << 10, 16 << 10, 48 << 10, 256 << 10, 1 << 20][usize::from(i % 5)];
+            let topic = char::from(b'a' + i % 26).to_string().repeat(len);
+            let route = conn
+                .call(GetRoute {
+                    topic: topic.clone(),
+                })
+                .await
+                .unwrap();
+            assert!(route.topic == topic, "answer {i} differs from its request");
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    conn.call(Ping {}).await.unwrap();
+    conn.close();
+    token.cancel();
 }

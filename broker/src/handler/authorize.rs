@@ -7,8 +7,6 @@
 //! other end needs `tx` of the producer group the broker stored with the
 //! transaction, not one the request names.
 
-use std::borrow::Cow;
-
 use txmq_protocol::{
     retry_topic, EndTransaction, Hello, PullRequest, Request, Role, TxSource, WireError,
 };
@@ -16,38 +14,8 @@ use txmq_remoting::{Connection, Op};
 
 use crate::BrokerInner;
 
-/// The kind of an [`Op`], apart from the resource it names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Pub,
-    Sub,
-    Group,
-    Tx,
-    Admin,
-    Cluster,
-    Authenticated,
-}
-
 /// What [`retry_topic`] puts before a group's name.
 const RETRY_PREFIX: &str = "%RETRY%";
-
-/// One operation a request needs: its kind and the resource (a topic, a
-/// group, or the description of an admin or cluster action).
-type Need<'r> = (Kind, Cow<'r, str>);
-
-impl Kind {
-    fn op(self, resource: &str) -> Op<'_> {
-        match self {
-            Kind::Pub => Op::Pub(resource),
-            Kind::Sub => Op::Sub(resource),
-            Kind::Group => Op::Group(resource),
-            Kind::Tx => Op::Tx(resource),
-            Kind::Admin => Op::Admin(resource),
-            Kind::Cluster => Op::Cluster(resource),
-            Kind::Authenticated => Op::Authenticated,
-        }
-    }
-}
 
 /// Checks everything `request` needs of `conn`'s user.
 ///
@@ -62,10 +30,7 @@ pub(super) fn authorize(
     if !b.security.authenticates() {
         return Ok(());
     }
-    for (kind, resource) in needs(b, conn, request) {
-        b.security.check(conn, kind.op(&resource))?;
-    }
-    Ok(())
+    needs(b, conn, request, |op| b.security.check(conn, op))
 }
 
 /// Checks what a hello's role asks for: a transactional producer of
@@ -96,88 +61,88 @@ pub(super) fn authorize_hello(
     }
 }
 
-/// What `request` needs: every operation, each on the resource it names.
-fn needs<'r>(b: &BrokerInner, conn: &Connection, request: &'r Request) -> Vec<Need<'r>> {
-    let borrowed = |kind, name: &'r str| (kind, Cow::Borrowed(name));
-    let owned = |kind, text: String| (kind, Cow::Owned(text));
+/// Hands `check` every operation `request` needs, each on the resource it
+/// names, and stops at the first refusal. Sends and pulls, the hot path,
+/// allocate nothing.
+fn needs(
+    b: &BrokerInner,
+    conn: &Connection,
+    request: &Request,
+    mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,
+) -> Result<(), WireError> {
     match request {
         Request::Send(r) => {
-            let mut topics: Vec<&str> = r.messages.iter().map(|m| m.topic.as_str()).collect();
-            topics.sort_unstable();
-            topics.dedup();
-            topics.into_iter().map(|t| borrowed(Kind::Pub, t)).collect()
+            // Each topic once (a batch is nearly always of one topic).
+            for (i, m) in r.messages.iter().enumerate() {
+                if !r.messages[..i].iter().any(|p| p.topic == m.topic) {
+                    check(Op::Pub(&m.topic))?;
+                }
+            }
+            Ok(())
         }
-        Request::Pull(r) => pull_needs(r),
-        Request::QueryOffset(r) => vec![borrowed(Kind::Group, &r.group)],
+        Request::Pull(r) => pull_needs(r, check),
+        Request::QueryOffset(r) => check(Op::Group(&r.group)),
         Request::CommitOffset(r) => {
-            let mut needs = vec![borrowed(Kind::Group, &r.group)];
+            check(Op::Group(&r.group))?;
             if r.forward_only {
                 // Only a slave hands its master the offsets it kept: a
                 // forward-only commit skips the owner fence.
-                needs.push(owned(
-                    Kind::Cluster,
-                    format!("forward a kept offset of group {}", r.group),
-                ));
+                let what = format!("forward a kept offset of group {}", r.group);
+                check(Op::Cluster(&what))?;
             }
-            needs
+            Ok(())
         }
         Request::Heartbeat(r) => {
+            check(Op::Group(&r.group))?;
             let retry = retry_topic(&r.group);
-            let mut needs = vec![borrowed(Kind::Group, &r.group)];
-            needs.extend(
-                r.subscriptions
-                    .iter()
-                    .filter(|s| s.topic != retry)
-                    .map(|s| borrowed(Kind::Sub, &s.topic)),
-            );
-            needs
+            for s in r.subscriptions.iter().filter(|s| s.topic != retry) {
+                check(Op::Sub(&s.topic))?;
+            }
+            Ok(())
         }
-        Request::LeaveGroup(r) => vec![borrowed(Kind::Group, &r.group)],
-        Request::SendBack(r) => vec![borrowed(Kind::Group, &r.group)],
+        Request::LeaveGroup(r) => check(Op::Group(&r.group)),
+        Request::SendBack(r) => check(Op::Group(&r.group)),
         Request::PrepareTransaction(r) => {
-            let mut needs: Vec<Need<'r>> = r
-                .messages
-                .iter()
-                .map(|h| borrowed(Kind::Pub, &h.message.topic))
-                .collect();
-            needs.push(borrowed(Kind::Tx, &r.producer_group));
-            needs
+            for h in &r.messages {
+                check(Op::Pub(&h.message.topic))?;
+            }
+            check(Op::Tx(&r.producer_group))
         }
-        Request::EndTransaction(r) => vec![end_needs(b, conn, r)],
-        Request::CreateTopic(r) => vec![owned(Kind::Admin, format!("create topic {}", r.topic))],
-        Request::ResetOffset(r) => vec![owned(
-            Kind::Admin,
-            format!(
-                "reset the offsets of group {} on topic {}",
-                r.group, r.topic
-            ),
-        )],
-        Request::ListTransactions(_) => vec![borrowed(Kind::Admin, "list transactions")],
+        Request::EndTransaction(r) => end_needs(b, conn, r, check),
+        Request::CreateTopic(r) => check(Op::Admin(&format!("create topic {}", r.topic))),
+        Request::ResetOffset(r) => check(Op::Admin(&format!(
+            "reset the offsets of group {} on topic {}",
+            r.group, r.topic
+        ))),
+        Request::ListTransactions(_) => check(Op::Admin("list transactions")),
         Request::ReplicaFetch(_) | Request::ReplicaAck(_) | Request::EpochEnd(_) => {
-            vec![owned(
-                Kind::Cluster,
-                format!("replicate the log of broker {}", b.config.broker_name),
-            )]
+            check(Op::Cluster(&format!(
+                "replicate the log of broker {}",
+                b.config.broker_name
+            )))
         }
         // Read-only metadata, pings, producer ids; and requests a broker
         // does not serve (refused as unsupported once signed in).
-        _ => vec![borrowed(Kind::Authenticated, "")],
+        _ => check(Op::Authenticated),
     }
 }
 
 /// A pull reads a topic as a consumer group: `sub` of the topic and of
 /// the group; the group's own retry topic needs only the group.
-fn pull_needs(r: &PullRequest) -> Vec<Need<'_>> {
+fn pull_needs(
+    r: &PullRequest,
+    mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,
+) -> Result<(), WireError> {
     let group = r.owner.as_ref().map(|o| o.group.as_str());
     let retry_of = r.topic.strip_prefix(RETRY_PREFIX);
     match (group, retry_of) {
-        (Some(g), Some(of)) if g == of => vec![(Kind::Group, Cow::Borrowed(g))],
-        (None, Some(of)) => vec![(Kind::Group, Cow::Borrowed(of))],
-        (Some(g), _) => vec![
-            (Kind::Sub, Cow::Borrowed(r.topic.as_str())),
-            (Kind::Group, Cow::Borrowed(g)),
-        ],
-        (None, None) => vec![(Kind::Sub, Cow::Borrowed(r.topic.as_str()))],
+        (Some(g), Some(of)) if g == of => check(Op::Group(g)),
+        (None, Some(of)) => check(Op::Group(of)),
+        (Some(g), _) => {
+            check(Op::Sub(&r.topic))?;
+            check(Op::Group(g))
+        }
+        (None, None) => check(Op::Sub(&r.topic)),
     }
 }
 
@@ -185,18 +150,20 @@ fn pull_needs(r: &PullRequest) -> Vec<Need<'_>> {
 /// the producer's and needs `tx` of the transaction's producer group as
 /// the broker stored it (the connection's own group when the broker does
 /// not know the transaction: the end is refused as unknown anyway).
-fn end_needs<'r>(b: &BrokerInner, conn: &Connection, r: &EndTransaction) -> Need<'r> {
+fn end_needs(
+    b: &BrokerInner,
+    conn: &Connection,
+    r: &EndTransaction,
+    mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,
+) -> Result<(), WireError> {
     match r.source {
-        TxSource::Operator => (
-            Kind::Admin,
-            Cow::Owned(format!("resolve transaction {}", r.tx_id)),
-        ),
+        TxSource::Operator => check(Op::Admin(&format!("resolve transaction {}", r.tx_id))),
         TxSource::Producer => {
             let group = b
                 .transactions
                 .producer_group(r.tx_id)
                 .or_else(|| conn.peer_hello().and_then(|h| h.group.clone()));
-            (Kind::Tx, Cow::Owned(group.unwrap_or_default()))
+            check(Op::Tx(group.as_deref().unwrap_or_default()))
         }
     }
 }
