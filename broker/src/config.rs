@@ -283,6 +283,17 @@ impl BrokerConfig {
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
         }
+        let sec = &self.security;
+        if self.standalone && sec.tls.cert.is_some() && sec.tls.ca.is_none() {
+            return Err("--standalone with --tls-cert needs --tls-ca: the broker registers with its own nameserver over TLS and verifies it like any other".into());
+        }
+        if self.standalone
+            && sec.acl_file.is_some()
+            && sec.credentials.is_none()
+            && sec.tls.cert.is_none()
+        {
+            return Err("--standalone with --acl-file needs --access-key and --secret-key of a user with broker = true: the broker signs in to its own nameserver".into());
+        }
         let r = &self.replication;
         if r.min_insync_replicas == 0 {
             return Err("--min-insync-replicas must be at least 1 (the master counts)".into());

@@ -181,11 +181,14 @@ impl Broker {
         let mut nameservers = config.nameservers.clone();
         let mut nameserver_addr = None;
         if config.standalone {
-            let ns = Nameserver::bind(NameserverConfig {
-                listen: config.nameserver_listen.clone(),
-                broker_expiry: config.broker_expiry,
-                controller: None,
-            })
+            let ns = Nameserver::bind_with(
+                NameserverConfig {
+                    listen: config.nameserver_listen.clone(),
+                    broker_expiry: config.broker_expiry,
+                    controller: None,
+                },
+                security.cluster(),
+            )
             .await?;
             let addr = ns.local_addr();
             nameserver_addr = Some(addr);

@@ -39,6 +39,16 @@ impl Security {
         })
     }
 
+    /// The same settings for the nameserver a standalone broker runs in
+    /// its process: its port serves TLS and checks users as the broker's.
+    pub(crate) fn cluster(&self) -> txmq_nameserver::ClusterSecurity {
+        txmq_nameserver::ClusterSecurity {
+            server: self.server.clone(),
+            client_tls: self.client_tls.clone(),
+            credentials: self.credentials.clone(),
+        }
+    }
+
     /// `base` with the broker's TLS and credentials, for a connection the
     /// broker opens.
     pub(crate) fn outgoing(&self, base: ConnectionConfig) -> ConnectionConfig {

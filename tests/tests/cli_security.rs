@@ -59,13 +59,21 @@ const SECURITY_ENV: [&str; 6] = [
 /// by the test CA) and the ACL file; the broker signs in as `broker`.
 struct Secured {
     pki: Pki,
-    nameserver: NameserverProcess,
+    /// The nameserver's address (its own process, or the broker's).
+    ns_addr: String,
+    /// `None`: the broker runs the nameserver (`--standalone`).
+    nameserver: Option<NameserverProcess>,
     broker: BrokerProcess,
     _dir: tempfile::TempDir,
 }
 
 impl Secured {
     fn start() -> Secured {
+        Secured::start_as(false)
+    }
+
+    /// With `standalone`, one `txmq-broker --standalone` serves both.
+    fn start_as(standalone: bool) -> Secured {
         let pki = Pki::new("txmq test CA");
         let server = pki.issue("localhost");
         let acl = pki.acl("acl.toml", ACL);
@@ -88,21 +96,28 @@ impl Secured {
                 .chain(extra.iter().map(|s| s.to_string()))
                 .collect()
         };
-        let ns_flags = flags(&[]);
-        let nameserver = NameserverProcess::start(
-            &format!("127.0.0.1:{}", free_port()),
-            &ns_flags.iter().map(String::as_str).collect::<Vec<_>>(),
-            &dir.path().join("nameserver.log"),
-        );
-        let broker_flags = flags(&["--access-key", "broker", "--secret-key", "cluster-secret"]);
+        let ns_addr = format!("127.0.0.1:{}", free_port());
+        let nameserver = (!standalone).then(|| {
+            NameserverProcess::start(
+                &ns_addr,
+                &flags(&[]).iter().map(String::as_str).collect::<Vec<_>>(),
+                &dir.path().join("nameserver.log"),
+            )
+        });
+        let mut broker_flags = flags(&["--access-key", "broker", "--secret-key", "cluster-secret"]);
+        if standalone {
+            broker_flags
+                .extend(["--standalone", "--nameserver-listen", &ns_addr].map(str::to_string));
+        }
         let broker = BrokerProcess::start(
             &dir.path().join("broker"),
-            &nameserver.addr,
+            &ns_addr,
             "broker-a",
             &broker_flags.iter().map(String::as_str).collect::<Vec<_>>(),
         );
         let secured = Secured {
             pki,
+            ns_addr,
             nameserver,
             broker,
             _dir: dir,
@@ -129,7 +144,10 @@ impl Secured {
                 "the broker never registered: {}\nbroker log:\n{}\nnameserver log:\n{}",
                 stderr(&out),
                 self.broker.log_text(),
-                self.nameserver.log_text()
+                self.nameserver
+                    .as_ref()
+                    .map(|n| n.log_text())
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -142,7 +160,7 @@ impl Secured {
             flags.extend(["--access-key", key, "--secret-key", secret].map(str::to_string));
         }
         flags.extend(args.iter().map(|s| s.to_string()));
-        run(&self.nameserver.addr, &flags, &[])
+        run(&self.ns_addr, &flags, &[])
     }
 
     /// Creates `topic` as the operator and waits until it can be sent to.
@@ -311,12 +329,82 @@ fn a_wrong_secret_or_none_fails_authentication() {
     );
 }
 
+/// `txmq-broker --standalone` serves its nameserver with the broker's TLS
+/// and ACL file: the CLI works through it with a user, and neither
+/// plaintext nor a wrong secret gets a route.
+#[test]
+fn a_standalone_broker_secures_its_nameserver_too() {
+    let s = Secured::start_as(true);
+    s.create_topic("orders");
+    let send = ["send", "orders", "--wait-for-broker", "10s", "--body", "o1"];
+    ok(&s.txmq(Some(APP), &send));
+    let got = ok(&s.txmq(
+        Some(APP),
+        &[
+            "--output",
+            "json",
+            "consume",
+            "orders",
+            "--group",
+            "billing",
+            "--count",
+            "1",
+            "--idle-timeout",
+            "10s",
+        ],
+    ));
+    assert_eq!(json_lines(got.as_bytes())[0]["body"], "o1");
+
+    let plaintext = run(
+        &s.ns_addr,
+        &[
+            "--access-key",
+            "app",
+            "--secret-key",
+            "app-secret",
+            "topic",
+            "route",
+            "orders",
+        ]
+        .map(str::to_string),
+        &[],
+    );
+    assert!(
+        !plaintext.status.success(),
+        "plaintext to the standalone nameserver fails"
+    );
+    assert!(
+        stderr(&plaintext).contains("give --tls-ca"),
+        "{}",
+        stderr(&plaintext)
+    );
+    refused(
+        &s.txmq(Some(("app", "wrong")), &["topic", "route", "orders"]),
+        "AUTHENTICATION_FAILED",
+    );
+
+    // A standalone broker with TLS needs the CA to reach its own nameserver.
+    let bad = Command::new(binary("txmq-broker"))
+        .args(["--standalone", "--nameserver-listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(s.pki.dir().join("unused"))
+        .arg("--tls-cert")
+        .arg(s.pki.dir().join("localhost.pem"))
+        .arg("--tls-key")
+        .arg(s.pki.dir().join("localhost.key"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("txmq-broker runs");
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--tls-ca"), "{}", stderr(&bad));
+}
+
 #[test]
 fn tls_problems_are_named() {
     let s = Secured::start();
     let other = Pki::new("another CA");
     let wrong_ca = run(
-        &s.nameserver.addr,
+        &s.ns_addr,
         &[
             "--tls-ca",
             &path(&other.ca()),
@@ -338,7 +426,7 @@ fn tls_problems_are_named() {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 
     let plaintext = run(
-        &s.nameserver.addr,
+        &s.ns_addr,
         &[
             "--access-key",
             "ops",
@@ -357,7 +445,7 @@ fn tls_problems_are_named() {
     );
 
     let missing = run(
-        &s.nameserver.addr,
+        &s.ns_addr,
         &["--tls-ca", "/nonexistent/ca.pem", "cluster"].map(str::to_string),
         &[],
     );
@@ -377,13 +465,10 @@ fn environment_variables_work_like_the_flags() {
         ]
     };
     let send = ["send", "orders", "--body", "from env"].map(str::to_string);
-    ok(&run(&s.nameserver.addr, &send, &env(APP)));
+    ok(&run(&s.ns_addr, &send, &env(APP)));
+    refused(&run(&s.ns_addr, &send, &env(READER)), "ACCESS_DENIED");
     refused(
-        &run(&s.nameserver.addr, &send, &env(READER)),
-        "ACCESS_DENIED",
-    );
-    refused(
-        &run(&s.nameserver.addr, &send, &env(("app", "wrong"))),
+        &run(&s.ns_addr, &send, &env(("app", "wrong"))),
         "AUTHENTICATION_FAILED",
     );
 }
