@@ -613,23 +613,49 @@ pub struct BrokerArgs {
     /// The secret of --access-key.
     #[arg(long, env = "TXMQ_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
+    /// How log lines are written: text, or one JSON object per line [default: text].
+    #[arg(long, env = "TXMQ_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    /// Which log lines are written, in `RUST_LOG`'s filter syntax (`debug`,
+    /// `info,txmq_broker::transaction=debug`) [default: RUST_LOG, else info].
+    #[arg(long, env = "TXMQ_LOG_LEVEL")]
+    pub log_level: Option<String>,
 }
 
 impl BrokerArgs {
+    /// The settings of the `--config` file (all unset without one).
+    fn file(&self) -> Result<BrokerArgs, String> {
+        match &self.config {
+            None => Ok(BrokerArgs::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str::<BrokerArgs>(&text)
+                    .map_err(|e| format!("invalid config file {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// How the process logs (`--log-format`, `--log-level`, or their
+    /// keys in the `--config` file).
+    ///
+    /// # Errors
+    /// An unreadable or invalid config file, or an unknown format.
+    pub fn logging(&self) -> Result<(txmq_remoting::logging::LogFormat, Option<String>), String> {
+        let file = self.file()?;
+        let format = match self.log_format.as_deref().or(file.log_format.as_deref()) {
+            Some(f) => f.parse()?,
+            None => txmq_remoting::logging::LogFormat::Text,
+        };
+        Ok((format, self.log_level.clone().or(file.log_level)))
+    }
+
     /// Reads the `--config` file, if any, and resolves every setting.
     ///
     /// # Errors
     /// An unreadable or invalid config file, or invalid settings.
     pub fn resolve(self) -> Result<BrokerConfig, String> {
-        let file = match &self.config {
-            None => BrokerArgs::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-                toml::from_str::<BrokerArgs>(&text)
-                    .map_err(|e| format!("invalid config file {}: {e}", path.display()))?
-            }
-        };
+        let file = self.file()?;
         let d = BrokerConfig::new("./txmq-data");
         let standalone = self.standalone.or(file.standalone).unwrap_or(d.standalone);
         let explicit_ns = self.nameserver.or(file.nameserver);

@@ -3,19 +3,17 @@
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 use txmq_broker::{Broker, BrokerArgs};
 
 fn main() -> std::process::ExitCode {
     let args = BrokerArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,openraft=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let logging = args
+        .logging()
+        .and_then(|(format, level)| txmq_remoting::logging::init(format, level.as_deref()));
+    if let Err(e) = logging {
+        eprintln!("txmq-broker: error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let config = match args.resolve() {
         Ok(c) => c,
         Err(e) => {

@@ -71,11 +71,25 @@ enum Command {
     /// Benchmarks against a running cluster: produce, consume, e2e, tx.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print a shell completion script: `txmq completions bash >
+    /// ~/.local/share/bash-completion/completions/txmq`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut command, "txmq", &mut script);
+        // A closed pipe (`| head`) is not an error worth a message.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+        return ExitCode::SUCCESS;
+    }
     cli.global.init_logging();
     let result = match cli.command {
         Command::Topic(cmd) => topic::run(&cli.global, cmd).await,
@@ -88,6 +102,7 @@ async fn main() -> ExitCode {
         Command::Dlq(cmd) => group::run_dlq(&cli.global, cmd).await,
         Command::Tx(cmd) => tx::run(&cli.global, cmd).await,
         Command::Bench(cmd) => bench::run(&cli.global, cmd).await,
+        Command::Completions { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

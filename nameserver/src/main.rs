@@ -2,16 +2,14 @@
 //! SIGINT or SIGTERM. Everything else is in the library.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{CommandFactory as _, Parser};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 use txmq_nameserver::{
     parse_peers, ClusterSecurity, ControllerConfig, Nameserver, NameserverConfig,
 };
@@ -21,6 +19,20 @@ use txmq_remoting::{Credentials, TlsFiles};
 #[derive(Debug, Parser)]
 #[command(name = "txmq-nameserver", version, about)]
 struct Args {
+    /// TOML file with settings: each flag's name with underscores as a key
+    /// (`broker_expiry = "10s"`); flags and environment variables beat it.
+    #[arg(long, env = "TXMQ_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// How log lines are written: text, or one JSON object per line.
+    #[arg(long, env = "TXMQ_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
+    /// Which log lines are written, in `RUST_LOG`'s filter syntax (`debug`,
+    /// `info,txmq_nameserver=debug`) [default: RUST_LOG, else info].
+    #[arg(long, env = "TXMQ_LOG_LEVEL")]
+    log_level: Option<String>,
+
     /// Address to listen on (host:port).
     #[arg(long, env = "TXMQ_LISTEN", default_value = txmq_nameserver::DEFAULT_LISTEN)]
     listen: String,
@@ -154,9 +166,74 @@ impl Args {
     }
 }
 
+/// The flags with the `--config` file's settings under them: each key of
+/// the file that the command line and the environment leave unset is
+/// passed as its flag, and the whole is parsed again.
+fn parse_with_config() -> Result<Args, String> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Args::command().get_matches_from(&argv);
+    let Some(path) = matches.get_one::<PathBuf>("config") else {
+        return Args::from_arg_matches(&matches).map_err(|e| e.to_string());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| format!("invalid config file {}: {e}", path.display()))?;
+    let mut argv = argv;
+    let command = Args::command();
+    for (key, value) in table {
+        let known = command
+            .get_arguments()
+            .any(|a| a.get_id() == key.as_str() && key != "config");
+        if !known {
+            return Err(format!(
+                "invalid config file {}: unknown key '{key}'",
+                path.display()
+            ));
+        }
+        let given = matches!(
+            matches.value_source(&key),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        );
+        if given {
+            continue;
+        }
+        let flag = format!("--{}", key.replace('_', "-"));
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Boolean(true) => {
+                argv.push(flag.into());
+                continue;
+            }
+            toml::Value::Boolean(false) => continue,
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(","),
+            other => {
+                return Err(format!(
+                    "invalid config file {}: key '{key}' cannot be {}",
+                    path.display(),
+                    other.type_str()
+                ))
+            }
+        };
+        argv.push(format!("{flag}={text}").into());
+    }
+    Args::try_parse_from(argv).map_err(|e| format!("invalid config file {}: {e}", path.display()))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match parse_with_config() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("txmq-nameserver: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Flag combinations are usage errors: clap's message and exit code 2.
     let usage = |m: String| -> ! {
         Args::command()
@@ -165,15 +242,13 @@ async fn main() -> ExitCode {
     };
     let controller = args.controller().unwrap_or_else(|m| usage(m));
     let credentials = args.credentials().unwrap_or_else(|m| usage(m));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal, so logs captured to a file stay plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,openraft=error")),
-        )
-        .init();
+    let logging = args
+        .log_format
+        .parse()
+        .and_then(|format| txmq_remoting::logging::init(format, args.log_level.as_deref()));
+    if let Err(e) = logging {
+        usage(e);
+    }
     // After the logger: loading the ACL file logs, and a bad file is a
     // start-up error (exit 1) naming it, not a usage error.
     let security = match args.security(credentials) {
