@@ -21,6 +21,7 @@
 pub mod acl;
 mod connection;
 mod error;
+pub mod metrics;
 pub mod server;
 pub mod tls;
 
