@@ -84,6 +84,8 @@ pub struct BrokerConfig {
     /// own connections (to nameservers, its master, the controller) show
     /// who they are.
     pub security: SecurityConfig,
+    /// Where Prometheus metrics are served at `/metrics`; `None`: not served.
+    pub metrics_listen: Option<String>,
 }
 
 /// The security flags: TLS when cert and key are given (`--tls-*`),
@@ -222,6 +224,7 @@ impl BrokerConfig {
             max_inflight_bytes: 64 << 20,
             replication: ReplicationConfig::default(),
             security: SecurityConfig::default(),
+            metrics_listen: None,
         }
     }
 
@@ -613,6 +616,10 @@ pub struct BrokerArgs {
     /// The secret of --access-key.
     #[arg(long, env = "TXMQ_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9100 [default: not served].
+    #[arg(long, env = "TXMQ_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 impl BrokerArgs {
@@ -779,6 +786,7 @@ impl BrokerArgs {
                     self.secret_key.or(file.secret_key),
                 )?,
             },
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         };
         config.validate()?;
         Ok(config)
