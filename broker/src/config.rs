@@ -932,6 +932,29 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_comes_from_the_flag_or_the_file_and_is_off_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "metrics_listen = \"127.0.0.1:9100\"\n").unwrap();
+        let from_file = BrokerArgs::parse_from(["txmq-broker", "--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(from_file.metrics_listen.as_deref(), Some("127.0.0.1:9100"));
+        let from_flag = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--metrics-listen",
+            "0.0.0.0:9200",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(from_flag.metrics_listen.as_deref(), Some("0.0.0.0:9200"));
+        let default = BrokerArgs::parse_from(["txmq-broker"]).resolve().unwrap();
+        assert_eq!(default.metrics_listen, None);
+    }
+
+    #[test]
     fn standalone_and_bool_flags() {
         let c = BrokerArgs::parse_from([
             "txmq-broker",
