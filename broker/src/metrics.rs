@@ -38,7 +38,6 @@ type Label1 = [(&'static str, String); 1];
 type Label2 = [(&'static str, String); 2];
 
 /// Counters of one topic.
-#[derive(Clone)]
 pub(crate) struct TopicCounters {
     messages_in: Counter,
     bytes_in: Counter,
@@ -47,7 +46,6 @@ pub(crate) struct TopicCounters {
 }
 
 /// Counters of one producer group's transactions.
-#[derive(Clone)]
 pub(crate) struct TxGroupCounters {
     prepared: Counter,
     committed: Counter,
@@ -213,9 +211,11 @@ impl Metrics {
         *self.serving.write().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(b);
     }
 
-    fn topic(&self, topic: &str) -> TopicCounters {
+    /// Runs `f` on the topic's counters (created on first use; later
+    /// uses look them up by `&str` and allocate nothing).
+    fn with_topic(&self, topic: &str, count: impl FnOnce(&TopicCounters)) {
         if let Some(t) = self.topics.get(topic) {
-            return t.clone();
+            return count(&t);
         }
         let f = &self.families;
         let l: Label1 = [("topic", topic.to_string())];
@@ -225,13 +225,14 @@ impl Metrics {
             messages_out: f.messages_out.get_or_create(&l).clone(),
             bytes_out: f.bytes_out.get_or_create(&l).clone(),
         };
-        self.topics.insert(topic.into(), t.clone());
-        t
+        count(&t);
+        self.topics.insert(topic.into(), t);
     }
 
-    fn tx_group(&self, group: &str) -> TxGroupCounters {
+    /// As [`Metrics::with_topic`], for a producer group.
+    fn with_tx_group(&self, group: &str, count: impl FnOnce(&TxGroupCounters)) {
         if let Some(g) = self.tx_groups.get(group) {
-            return g.clone();
+            return count(&g);
         }
         let f = &self.families;
         let l: Label1 = [("group", group.to_string())];
@@ -252,15 +253,16 @@ impl Metrics {
             check_timeouts: f.check_timeouts.get_or_create(&l).clone(),
             check_failures: f.check_failures.get_or_create(&l).clone(),
         };
-        self.tx_groups.insert(group.into(), g.clone());
-        g
+        count(&g);
+        self.tx_groups.insert(group.into(), g);
     }
 
     /// `messages` of `bytes` body bytes stored for `topic`.
     pub(crate) fn messages_in(&self, topic: &str, messages: usize, bytes: usize) {
-        let t = self.topic(topic);
-        t.messages_in.inc_by(messages as u64);
-        t.bytes_in.inc_by(bytes as u64);
+        self.with_topic(topic, |t| {
+            t.messages_in.inc_by(messages as u64);
+            t.bytes_in.inc_by(bytes as u64);
+        });
     }
 
     /// `messages` of `bytes` body bytes of `topic` handed to a consumer.
@@ -268,44 +270,51 @@ impl Metrics {
         if messages == 0 {
             return;
         }
-        let t = self.topic(topic);
-        t.messages_out.inc_by(messages as u64);
-        t.bytes_out.inc_by(bytes as u64);
+        self.with_topic(topic, |t| {
+            t.messages_out.inc_by(messages as u64);
+            t.bytes_out.inc_by(bytes as u64);
+        });
     }
 
     /// A transaction of `group` was prepared.
     pub(crate) fn prepared(&self, group: &str) {
-        self.tx_group(group).prepared.inc();
+        self.with_tx_group(group, |g| {
+            g.prepared.inc();
+        });
     }
 
     /// A transaction of `group` ended.
     pub(crate) fn ended(&self, group: &str, committed: bool) {
-        let g = self.tx_group(group);
-        if committed {
-            g.committed.inc();
-        } else {
-            g.rolled_back.inc();
-        }
+        self.with_tx_group(group, |g| {
+            if committed {
+                g.committed.inc();
+            } else {
+                g.rolled_back.inc();
+            }
+        });
     }
 
     /// A transaction of `group` was parked.
     pub(crate) fn parked(&self, group: &str) {
-        self.tx_group(group).parked.inc();
+        self.with_tx_group(group, |g| {
+            g.parked.inc();
+        });
     }
 
     /// A check-back of `group` was sent (`sent`) and came out as `outcome`.
     pub(crate) fn check_back(&self, group: &str, sent: bool, outcome: CheckOutcome) {
-        let g = self.tx_group(group);
-        if sent {
-            g.checked.inc();
-        }
-        match outcome {
-            CheckOutcome::Answered(TxResolution::Commit) => g.answer_commit.inc(),
-            CheckOutcome::Answered(TxResolution::Rollback) => g.answer_rollback.inc(),
-            CheckOutcome::Answered(TxResolution::Unknown) => g.answer_unknown.inc(),
-            CheckOutcome::TimedOut => g.check_timeouts.inc(),
-            CheckOutcome::Failed => g.check_failures.inc(),
-        };
+        self.with_tx_group(group, |g| {
+            if sent {
+                g.checked.inc();
+            }
+            match outcome {
+                CheckOutcome::Answered(TxResolution::Commit) => g.answer_commit.inc(),
+                CheckOutcome::Answered(TxResolution::Rollback) => g.answer_rollback.inc(),
+                CheckOutcome::Answered(TxResolution::Unknown) => g.answer_unknown.inc(),
+                CheckOutcome::TimedOut => g.check_timeouts.inc(),
+                CheckOutcome::Failed => g.check_failures.inc(),
+            };
+        });
     }
 
     /// A message of consumer group `group` went to its dead-letter topic.
