@@ -256,9 +256,8 @@ impl Transactions {
         }
     }
 
-    /// Check-backs go only to connections whose user has the group's
-    /// `tx` permission under `security` (every connection without an ACL
-    /// file).
+    /// Counts the table's transactions and check-backs in `metrics`
+    /// (the broker's, served at `--metrics-listen`).
     pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = metrics;
         self
