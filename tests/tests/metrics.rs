@@ -453,3 +453,43 @@ fn the_example_alert_rules_pass_promtool() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
 }
+
+/// A master exports each slave's replication lag and in-sync state.
+#[test]
+fn a_master_exports_its_replicas_lag_and_in_sync_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns_addr = format!("127.0.0.1:{}", free_port());
+    let _ns = NameserverProcess::start(&ns_addr, &[], &dir.path().join("ns.log"));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _master = BrokerProcess::start(
+        &dir.path().join("master"),
+        &ns_addr,
+        "broker-a",
+        &["--metrics-listen", &metrics, "--replica-lag-max", "500ms"],
+    );
+    let slave = BrokerProcess::start(
+        &dir.path().join("slave"),
+        &ns_addr,
+        "broker-a",
+        &["--role", "slave"],
+    );
+    ok(&txmq_cli(
+        &ns_addr,
+        &["send", "orders", "--body", "replicated", "--count", "3"],
+        None,
+    ));
+    let in_sync = format!("txmq_replica_in_sync{{replica=\"{}\"}}", slave.addr);
+    let lag = format!("txmq_replica_lag_bytes{{replica=\"{}\"}}", slave.addr);
+    let text = scrape_until(&metrics, "the slave in sync, nothing left to copy", |t| {
+        sample(t, &in_sync) == Some(1.0) && sample(t, &lag) == Some(0.0)
+    });
+    assert_eq!(
+        sample(&text, r#"txmq_messages_in_total{topic="orders"}"#),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "txmq_connections").is_some_and(|c| c >= 1.0),
+        "the slave's connection: {text}"
+    );
+}
