@@ -493,3 +493,52 @@ fn a_master_exports_its_replicas_lag_and_in_sync_state() {
         "the slave's connection: {text}"
     );
 }
+
+/// A message that fails with no redeliveries left goes to the group's
+/// dead-letter topic, and the broker counts it for that group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_message_is_counted_for_its_group() {
+    use txmq::{handler_fn, ConsumeResult, Message, PushConsumer, ReceivedMessage};
+    let mut cluster = txmq_tests::Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+    let metrics = cluster.brokers[0]
+        .metrics_addr()
+        .expect("metrics served")
+        .to_string();
+    let ns = cluster.nameserver.clone();
+    let producer = cluster.producer().await;
+    producer
+        .send(Message::new("bills", "poison"))
+        .await
+        .unwrap();
+    let consumer = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("billing")
+        .subscribe("bills", "*")
+        .max_reconsume_times(0)
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(500))
+        .start(handler_fn(|_: &ReceivedMessage| async {
+            ConsumeResult::retry()
+        }))
+        .await
+        .unwrap();
+    let text = tokio::task::spawn_blocking(move || {
+        scrape_until(&metrics, "the dead letter counted", |t| {
+            sample(t, r#"txmq_dead_letters_total{group="billing"}"#) == Some(1.0)
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        sample(&text, r#"txmq_messages_out_total{topic="bills"}"#).is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    drop(consumer);
+    producer.close();
+    cluster.shutdown().await;
+}
