@@ -84,6 +84,8 @@ pub struct BrokerConfig {
     /// own connections (to nameservers, its master, the controller) show
     /// who they are.
     pub security: SecurityConfig,
+    /// Where Prometheus metrics are served at `/metrics`; `None`: not served.
+    pub metrics_listen: Option<String>,
 }
 
 /// The security flags: TLS when cert and key are given (`--tls-*`),
@@ -222,6 +224,7 @@ impl BrokerConfig {
             max_inflight_bytes: 64 << 20,
             replication: ReplicationConfig::default(),
             security: SecurityConfig::default(),
+            metrics_listen: None,
         }
     }
 
@@ -620,6 +623,10 @@ pub struct BrokerArgs {
     /// `info,txmq_broker::transaction=debug`) [default: RUST_LOG, else info].
     #[arg(long, env = "TXMQ_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9100 [default: not served].
+    #[arg(long, env = "TXMQ_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 impl BrokerArgs {
@@ -805,6 +812,7 @@ impl BrokerArgs {
                     self.secret_key.or(file.secret_key),
                 )?,
             },
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         };
         config.validate()?;
         Ok(config)
@@ -947,6 +955,29 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.contains("--access-key"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_comes_from_the_flag_or_the_file_and_is_off_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "metrics_listen = \"127.0.0.1:9100\"\n").unwrap();
+        let from_file = BrokerArgs::parse_from(["txmq-broker", "--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(from_file.metrics_listen.as_deref(), Some("127.0.0.1:9100"));
+        let from_flag = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--metrics-listen",
+            "0.0.0.0:9200",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(from_flag.metrics_listen.as_deref(), Some("0.0.0.0:9200"));
+        let default = BrokerArgs::parse_from(["txmq-broker"]).resolve().unwrap();
+        assert_eq!(default.metrics_listen, None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod config;
 mod groups;
 mod handler;
+mod metrics;
 mod registration;
 mod replication;
 mod security;
@@ -100,6 +101,8 @@ pub(crate) struct BrokerInner {
     /// TLS, users and permissions (`--tls-*`, `--acl-file`), and the
     /// broker's own credentials.
     pub(crate) security: Arc<security::Security>,
+    /// Counters and histograms (`--metrics-listen`), the broker's for its life.
+    pub(crate) metrics: Arc<metrics::Metrics>,
 }
 
 /// A running broker.
@@ -112,6 +115,10 @@ pub struct Broker {
     nameserver_task: TaskTracker,
     /// Stops reloading the ACL file.
     acl_watch: CancellationToken,
+    /// Where `/metrics` is served (`--metrics-listen`).
+    metrics_addr: Option<SocketAddr>,
+    /// Stops serving `/metrics`.
+    metrics_stop: CancellationToken,
 }
 
 /// How the broker runs: one role for its life, or the roles a controller
@@ -217,6 +224,28 @@ impl Broker {
             .clone()
             .unwrap_or_else(|| addr.to_string());
         let broker_name = config.broker_name.clone();
+        let metrics = Arc::new(metrics::Metrics::new());
+        let metrics_stop = CancellationToken::new();
+        let metrics_addr = match &config.metrics_listen {
+            Some(listen) => {
+                let (listener, addr) =
+                    txmq_remoting::metrics::bind(listen)
+                        .await
+                        .map_err(|source| BrokerError::Bind {
+                            addr: format!("{listen} (--metrics-listen)"),
+                            source,
+                        })?;
+                tokio::spawn(txmq_remoting::metrics::serve(
+                    listener,
+                    metrics.registry(),
+                    metrics_stop.clone(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
+        // Stops the metrics endpoint when the start fails past here.
+        let stop_guard = metrics_stop.clone().drop_guard();
         let run = if config.replication.controlled() {
             let dir = config.data_dir.clone();
             store::commit_log::create_dir_durable(&dir).map_err(|e| BrokerError::Store {
@@ -238,6 +267,7 @@ impl Broker {
                 &listener,
                 &nameservers,
                 &security,
+                &metrics,
                 Part {
                     role: txmq_protocol::BrokerRole::Slave,
                     control: Some((control.clone(), 0, Vec::new(), Some(master_rx))),
@@ -254,6 +284,7 @@ impl Broker {
                 first,
                 master_tx,
                 stop.clone(),
+                metrics.clone(),
             ));
             Run::Controlled { stop, task }
         } else {
@@ -263,6 +294,7 @@ impl Broker {
                 &listener,
                 &nameservers,
                 &security,
+                &metrics,
                 Part {
                     role,
                     control: None,
@@ -284,6 +316,7 @@ impl Broker {
             }
             Run::Single(inc)
         };
+        stop_guard.disarm();
         Ok(Broker {
             run,
             broker_name,
@@ -292,12 +325,20 @@ impl Broker {
             nameserver_shutdown,
             nameserver_task,
             acl_watch,
+            metrics_addr,
+            metrics_stop,
         })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served (`--metrics-listen`), with the real port
+    /// when 0 was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The in-process nameserver's address (standalone mode).
@@ -317,6 +358,7 @@ impl Broker {
             }
         }
         self.acl_watch.cancel();
+        self.metrics_stop.cancel();
         // The nameserver goes last so the broker's goodbye reaches it.
         self.nameserver_shutdown.cancel();
         self.nameserver_task.close();
@@ -330,6 +372,7 @@ async fn start_incarnation(
     listener: &std::net::TcpListener,
     nameservers: &[String],
     security: &Arc<security::Security>,
+    metrics: &Arc<metrics::Metrics>,
     part: Part,
 ) -> Result<
     (
@@ -375,6 +418,7 @@ async fn start_incarnation(
     store_config.max_delay = config.max_delay;
     store_config.producer_id_expiry = config.producer_id_expiry;
     store_config.max_log_bytes = config.max_store_size;
+    store_config.fdatasync_latency = Some(metrics.fdatasync_latency.clone());
     let is_slave = config.replication.role == txmq_protocol::BrokerRole::Slave;
     // Under a controller every role continues its log where it ends
     // (positions a master hands out are the group's, and a replica's
@@ -413,7 +457,8 @@ async fn start_incarnation(
             config.broker_name.clone(),
             recovered,
         )
-        .with_security(security.clone()),
+        .with_security(security.clone())
+        .with_metrics(metrics.clone()),
     );
     if is_slave {
         // Replicated transaction records reach the slave's table as
@@ -461,7 +506,9 @@ async fn start_incarnation(
         shutdown: shutdown.clone(),
         connections: std::sync::atomic::AtomicUsize::new(0),
         security: security.clone(),
+        metrics: metrics.clone(),
     });
+    metrics.serve_state_of(&inner);
 
     let conn_config = ConnectionConfig {
         max_frame_len: inner.config.max_frame_size,
@@ -529,6 +576,7 @@ async fn run_controlled(
     ),
     master_tx: tokio::sync::watch::Sender<Option<(String, u64)>>,
     stop: CancellationToken,
+    metrics: Arc<metrics::Metrics>,
 ) {
     use replication::controlled::{wanted, Event, Wanted};
     use txmq_protocol::BrokerRole;
@@ -607,7 +655,9 @@ async fn run_controlled(
                     (role == BrokerRole::Slave).then(|| master_tx.subscribe()),
                 )),
             };
-            match start_incarnation(&config, &listener, &nameservers, &security, part).await {
+            match start_incarnation(&config, &listener, &nameservers, &security, &metrics, part)
+                .await
+            {
                 Ok((inc, _)) => {
                     if role == BrokerRole::Master {
                         control

@@ -42,6 +42,7 @@
 mod config;
 mod error;
 mod expiry;
+mod metrics;
 mod registry;
 mod service;
 
@@ -69,6 +70,9 @@ pub struct Nameserver {
     local_addr: SocketAddr,
     controller: Option<Controller>,
     security: ClusterSecurity,
+    metrics: Arc<metrics::Metrics>,
+    /// `--metrics-listen`: bound, served by `run`.
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Nameserver {
@@ -113,7 +117,30 @@ impl Nameserver {
             local_addr,
             controller,
             security,
+            metrics: Arc::new(metrics::Metrics::new()),
+            metrics_listener: None,
         })
+    }
+
+    /// Also serves Prometheus metrics at `http://<listen>/metrics` once
+    /// [`run`](Nameserver::run) starts; binds `listen` now.
+    ///
+    /// # Errors
+    /// [`Error::Bind`] when `listen` cannot be listened on.
+    pub async fn with_metrics_listen(mut self, listen: &str) -> Result<Nameserver, Error> {
+        let bound = txmq_remoting::metrics::bind(listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: format!("{listen} (--metrics-listen)"),
+                source,
+            })?;
+        self.metrics_listener = Some(bound);
+        Ok(self)
+    }
+
+    /// Where metrics are served, when [`Nameserver::with_metrics_listen`] was called.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, a)| *a)
     }
 
     /// The embedded controller's listen address, when it runs one.
@@ -131,12 +158,23 @@ impl Nameserver {
     /// in memory only and is gone once this returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let registry = Arc::new(Registry::new(self.config.broker_expiry));
-        let service = Arc::new(NameService::new(
-            registry.clone(),
-            self.local_addr,
-            self.controller.as_ref().map(Controller::handle),
-            self.security.server.clone(),
-        ));
+        self.metrics.watch(registry.clone());
+        let service = Arc::new(
+            NameService::new(
+                registry.clone(),
+                self.local_addr,
+                self.controller.as_ref().map(Controller::handle),
+                self.security.server.clone(),
+            )
+            .with_metrics(self.metrics.clone()),
+        );
+        if let Some((listener, _)) = self.metrics_listener {
+            tokio::spawn(txmq_remoting::metrics::serve(
+                listener,
+                self.metrics.registry(),
+                shutdown.clone(),
+            ));
+        }
         // One watcher for both listeners: they share the ACL file.
         self.security.server.watch(shutdown.clone());
         self.security

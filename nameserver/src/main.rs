@@ -100,6 +100,11 @@ struct Args {
     /// The secret of --access-key.
     #[arg(long, env = "TXMQ_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
+
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9101 [default: not served].
+    #[arg(long, env = "TXMQ_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 impl Args {
@@ -286,7 +291,10 @@ async fn run(
         .map_err(|e| anyhow::anyhow!("cannot install a SIGINT handler: {e}"))?;
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot install a SIGTERM handler: {e}"))?;
-    let nameserver = Nameserver::bind_with(config, security).await?;
+    let mut nameserver = Nameserver::bind_with(config, security).await?;
+    if let Some(listen) = &args.metrics_listen {
+        nameserver = nameserver.with_metrics_listen(listen).await?;
+    }
     let token = shutdown.clone();
     tokio::spawn(async move {
         let name = tokio::select! {

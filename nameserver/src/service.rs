@@ -31,6 +31,8 @@ pub(crate) struct NameService {
     controller: Option<ControllerHandle>,
     /// TLS and the ACL file of the listener: who may do what.
     security: ServerSecurity,
+    /// Connections and requests counted (`--metrics-listen`).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The permission `request` needs from the connection's user: changing
@@ -61,7 +63,13 @@ impl NameService {
             server_name: format!("nameserver {local_addr}"),
             controller,
             security,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
+    }
+
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> NameService {
+        self.metrics = metrics;
+        self
     }
 
     /// Removes the brokers `req` names that `conn` registered. A goodbye
@@ -138,6 +146,7 @@ impl Service for NameService {
             client_id = %hello.client_id,
             "hello"
         );
+        self.metrics.connected();
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
             server: self.server_name.clone(),
@@ -146,6 +155,7 @@ impl Service for NameService {
     }
 
     fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        self.metrics.request(request.kind());
         if let Err(e) = self.security.check(conn.user(), permission(&request).op()) {
             return Box::pin(std::future::ready(Err(e)));
         }
@@ -165,6 +175,9 @@ impl Service for NameService {
     }
 
     fn closed(&self, conn: &Connection) {
+        if conn.peer_hello().is_some() {
+            self.metrics.disconnected();
+        }
         // Drops (and logs) every broker whose latest registration came over it.
         self.registry.connection_closed(conn.id());
     }

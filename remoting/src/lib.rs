@@ -22,6 +22,7 @@ pub mod acl;
 mod connection;
 mod error;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod tls;
 

@@ -158,6 +158,7 @@ pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
             .await
             .map_err(store_error)?;
         tracing::info!(group = %req.group, log_offset = req.log_offset, attempt, "message moved to the dead-letter topic");
+        b.metrics.dead_letter(&req.group);
         (0, appended)
     } else {
         let max = b.config.max_delay.as_millis() as u64;

@@ -32,6 +32,8 @@ pub(super) async fn handle(
     conn: &Connection,
     req: PullRequest,
 ) -> Result<PullResult, WireError> {
+    // Working time only: a long poll restarts it when it wakes up.
+    let mut timer = crate::metrics::Timer::start(&b.metrics.pull_latency);
     let config = existing_queue(b, &req.topic, req.queue)?;
     if config.perm & PERM_READ == 0 {
         return Err(WireError::new(
@@ -103,6 +105,11 @@ pub(super) async fn handle(
             if waited {
                 super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
             }
+            b.metrics.messages_out(
+                &req.topic,
+                r.messages.len(),
+                r.messages.iter().map(|m| m.message.body.len()).sum(),
+            );
             return Ok(PullResult {
                 messages: r.messages,
                 next_offset: r.next_offset,
@@ -123,6 +130,7 @@ pub(super) async fn handle(
             _ = b.shutdown.cancelled() => {}
         }
         waited = true;
+        timer.restart();
         if b.shutdown.is_cancelled() {
             return Err(WireError::new(
                 ErrorCode::StoreUnavailable,

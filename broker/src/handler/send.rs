@@ -15,6 +15,7 @@ pub(super) async fn handle(
     req: SendRequest,
     more_coming: bool,
 ) -> Result<SendResult, WireError> {
+    let _timer = crate::metrics::Timer::start(&b.metrics.send_latency);
     let Some(first) = req.messages.first() else {
         return Err(bad_argument("a send needs at least one message"));
     };
@@ -52,6 +53,10 @@ pub(super) async fn handle(
     check_queue(&config, req.queue)?;
     let deliver_at = delivery_time(b, &req.messages)?;
     let msg_ids = req.messages.iter().map(|m| m.msg_id).collect();
+    let (count, bytes) = (
+        req.messages.len(),
+        req.messages.iter().map(|m| m.body.len()).sum(),
+    );
     let appended = match deliver_at {
         Some(_) if req.producer.is_some() => {
             // A delayed record is indexed into a delay level, not its queue:
@@ -78,6 +83,9 @@ pub(super) async fn handle(
         }
     }
     .map_err(store_error)?;
+    if !appended.duplicate {
+        b.metrics.messages_in(&topic_name, count, bytes);
+    }
     let confirmed = b.replication.confirm(appended.end).await;
     Ok(SendResult {
         status: confirmed.status(appended.durable),

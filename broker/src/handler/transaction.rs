@@ -139,6 +139,7 @@ pub(super) async fn prepare(
 }
 
 pub(super) async fn end(b: &BrokerInner, req: EndTransaction) -> Result<Ended, WireError> {
+    let _timer = crate::metrics::Timer::start(&b.metrics.end_latency);
     if let Some(stamp) = &req.producer {
         // The prepare's stamp names the transaction (a producer id is never
         // handed out twice): a tx id whose halves another request wrote (a

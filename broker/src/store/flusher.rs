@@ -116,6 +116,7 @@ impl Flusher {
         self.last_flush = Instant::now();
         let target = self.store.written.load(Ordering::Acquire);
         if target > self.flushed {
+            let started = Instant::now();
             for seg in self.store.log.segments() {
                 if seg.end() <= self.flushed || seg.start >= target {
                     continue;
@@ -130,6 +131,9 @@ impl Flusher {
             }
             self.flushed = target;
             self.store.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = &self.store.config.fdatasync_latency {
+                h.observe(started.elapsed().as_secs_f64());
+            }
         }
         // Visible before acknowledged: a consumer that hears of a send from
         // its producer can read the message.

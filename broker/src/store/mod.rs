@@ -85,6 +85,8 @@ pub struct StoreConfig {
     /// A producer id unused this long is forgotten (its stamped sends are
     /// then refused `UNKNOWN_PRODUCER_ID`).
     pub producer_id_expiry: Duration,
+    /// Where each flush round's fdatasync time goes (the broker's metrics).
+    pub(crate) fdatasync_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl StoreConfig {
@@ -105,6 +107,7 @@ impl StoreConfig {
             max_delay: Duration::from_secs(7 * 24 * 3600),
             replica: false,
             producer_id_expiry: Duration::from_secs(7 * 24 * 3600),
+            fdatasync_latency: None,
         }
     }
 }
@@ -1351,6 +1354,12 @@ impl Store {
                 tracing::debug!(segment = %seg.path.display(), error = %e, "madvise failed");
             }
         }
+    }
+
+    /// Commit-log segment files, and the bytes of records they hold.
+    pub fn disk_usage(&self) -> (usize, u64) {
+        let log = &self.inner.log;
+        (log.segments().len(), log.used_bytes(self.log_end()))
     }
 
     /// Records, bytes and `pwrite` calls appended, and fdatasync rounds, since open.

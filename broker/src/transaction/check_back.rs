@@ -21,6 +21,7 @@ use txmq_protocol::{now_millis, CheckTransaction, TxAction, TxResolution, TxSour
 use txmq_remoting::Error as RemotingError;
 
 use super::Transactions;
+use crate::metrics::CheckOutcome;
 use crate::store::record::RecordKind;
 
 /// At most this many checks of one group in flight.
@@ -111,6 +112,7 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
     }
     let Some(conn) = tx.check_back_connection(&group) else {
         let error = format!("no producer of group '{group}' allowed to answer is connected");
+        tx.metrics.check_back(&group, false, CheckOutcome::Failed);
         tx.check_done(tx_id, false, None, Some(error));
         return;
     };
@@ -126,10 +128,11 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
     // crashed on it, say) still counts the check: otherwise a check that
     // kills its producer is sent forever and never parks.
     let closed_before = conn.is_closed();
-    let (sent, answer, error) = match conn
+    let result = conn
         .call_with_timeout(request, tx.config.check_timeout)
-        .await
-    {
+        .await;
+    let timed_out = matches!(result, Err(RemotingError::Timeout { .. }));
+    let (sent, answer, error) = match result {
         Ok(a) => (true, Some(a.resolution), None),
         Err(e @ RemotingError::Timeout { .. }) | Err(e @ RemotingError::Remote(_)) => {
             (true, None, Some(e.to_string()))
@@ -141,6 +144,15 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         ),
         Err(e) => (false, None, Some(format!("check not sent: {e}"))),
     };
+    tx.metrics.check_back(
+        &group,
+        sent,
+        match answer {
+            Some(a) => CheckOutcome::Answered(a),
+            None if timed_out => CheckOutcome::TimedOut,
+            None => CheckOutcome::Failed,
+        },
+    );
     if sent {
         tx.counters
             .checks_sent

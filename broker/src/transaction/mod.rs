@@ -198,6 +198,8 @@ pub(crate) struct Transactions {
     /// Who may still answer a group's check-backs (its `tx` permission
     /// is checked again before each one, as the ACL file stands then).
     security: Arc<crate::security::Security>,
+    /// Counters per producer group (`--metrics-listen`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
@@ -250,7 +252,15 @@ impl Transactions {
             producers: ProducerGroups::default(),
             wake: Notify::new(),
             security: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts the table's transactions and check-backs in `metrics`
+    /// (the broker's, served at `--metrics-listen`).
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Check-backs go only to connections whose user has the group's
@@ -468,6 +478,7 @@ impl Transactions {
         if let Some((_, first)) = table.preparing.remove(&key) {
             first.send_replace(Some(tx_id));
         }
+        self.metrics.prepared(group);
         let group = table.group(group);
         table.by_msg_id.entry(msg_key(&key)).or_insert(tx_id);
         table.pending.insert(
@@ -622,8 +633,13 @@ impl Transactions {
         };
         // Read from the log (the half message's header), not kept in memory.
         let first_msg_id = self.store.read_msg_id(halves.first).unwrap_or_default();
+        // (topic, messages, body bytes) a commit makes visible, for the metrics.
+        let mut visible = Vec::new();
         let result = match action {
-            TxAction::Commit => match self.read_commit(halves) {
+            TxAction::Commit => match self
+                .read_commit(halves)
+                .inspect(|(messages, _)| visible = crate::metrics::by_topic(messages))
+            {
                 Some((messages, offsets)) => self
                     .store
                     .commit_with_offsets(
@@ -668,6 +684,7 @@ impl Transactions {
         match result {
             Ok(durable) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
+                    self.metrics.ended(&p.group, action == TxAction::Commit);
                     let key = p.first_msg_key;
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
@@ -679,6 +696,9 @@ impl Transactions {
                     TxAction::Commit => self.counters.committed.fetch_add(1, Ordering::Relaxed),
                     TxAction::Rollback => self.counters.rolled_back.fetch_add(1, Ordering::Relaxed),
                 };
+                for (topic, messages, bytes) in &visible {
+                    self.metrics.messages_in(topic, *messages, *bytes);
+                }
                 tracing::debug!(tx_id, ?action, ?source, "transaction ended");
                 Ok(Ended {
                     state: final_state(action),
@@ -688,6 +708,7 @@ impl Transactions {
             }
             Err(Conflict(why)) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
+                    self.metrics.ended(&p.group, false);
                     let key = p.first_msg_key;
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
@@ -1184,9 +1205,59 @@ impl Transactions {
             if p.phase == Phase::Prepared {
                 p.phase = Phase::Parked;
                 self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                self.metrics.parked(&p.group);
                 tracing::warn!(tx_id, group = %p.group, checks = p.checks, "transaction parked after the maximum number of checks; resolve it with txmq tx resolve");
             }
         }
+    }
+}
+
+/// One producer group's transactions now (the metrics' gauges).
+pub(crate) struct GroupPending {
+    pub(crate) group: Arc<str>,
+    /// Prepared, not parked.
+    pub(crate) pending: u64,
+    pub(crate) parked: u64,
+    /// When the oldest pending (not parked) one was prepared (ms).
+    pub(crate) oldest_prepared_at: Option<u64>,
+}
+
+impl Transactions {
+    /// Counts the pending table by producer group: one pass under the
+    /// lock, at scrape time only.
+    pub(crate) fn pending_by_group(&self) -> Vec<GroupPending> {
+        let mut by: HashMap<Arc<str>, GroupPending> = HashMap::new();
+        let table = lock(&self.table);
+        for p in table.pending.values() {
+            let g = by.entry(p.group.clone()).or_insert_with(|| GroupPending {
+                group: p.group.clone(),
+                pending: 0,
+                parked: 0,
+                oldest_prepared_at: None,
+            });
+            if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
+                g.parked += 1;
+            } else {
+                g.pending += 1;
+                g.oldest_prepared_at = Some(
+                    g.oldest_prepared_at
+                        .map_or(p.prepared_at, |o| o.min(p.prepared_at)),
+                );
+            }
+        }
+        // Groups seen this run stay listed at 0 once their last one ended.
+        for name in table.groups.values() {
+            by.entry(name.clone()).or_insert_with(|| GroupPending {
+                group: name.clone(),
+                pending: 0,
+                parked: 0,
+                oldest_prepared_at: None,
+            });
+        }
+        drop(table);
+        let mut all: Vec<GroupPending> = by.into_values().collect();
+        all.sort_by(|a, b| a.group.cmp(&b.group));
+        all
     }
 }
 

@@ -1,0 +1,544 @@
+//! `--metrics-listen`: a real nameserver and broker export Prometheus
+//! metrics while the `txmq` CLI produces load (sends, a transaction left
+//! pending, one left unanswered until it parks, a consumer group behind);
+//! `/metrics` is scraped directly, then by Debian's `prometheus` server,
+//! whose HTTP API must show the transaction and lag series. The alert
+//! rules in `examples/prometheus` pass `promtool check rules`.
+//!
+//! The Prometheus parts skip, saying so, only where the `prometheus` or
+//! `promtool` binary cannot be found (`.ci/run` installs them).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use txmq_tests::output::ok;
+use txmq_tests::{binary, free_port, txmq_cli, BrokerProcess, NameserverProcess};
+
+/// `GET path` over HTTP/1.0 (no chunking); (status, body), or `None`
+/// while nothing listens.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The value of the sample `series` (name and labels as exposed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (s, v) = l.rsplit_once(' ')?;
+        (s == series).then(|| v.parse().ok())?
+    })
+}
+
+/// Scrapes `addr` until `check` accepts the text (bounded wait).
+fn scrape_until(addr: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = http_get(addr, "/metrics")
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if check(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{what}; last scrape:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A binary of Debian's prometheus package, if installed.
+fn prometheus_tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// A `prometheus` server process; killed when dropped.
+struct PrometheusServer {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PrometheusServer {
+    /// Scrapes `targets` every second, keeping its data in `dir`.
+    fn start(bin: &Path, dir: &Path, targets: &[&str]) -> PrometheusServer {
+        let config = dir.join("prometheus.yml");
+        let list = targets
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 rule_files: ['{}']\n\
+                 scrape_configs:\n  - job_name: txmq\n    static_configs:\n      - targets: [{list}]\n",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../examples/prometheus/txmq-alerts.yml")
+                    .display()
+            ),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        PrometheusServer { child, addr }
+    }
+
+    fn log(&self, dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The instant vector of `metric` as (labels, value).
+    fn query(&self, metric: &str) -> Vec<(serde_json::Value, f64)> {
+        let Some((200, body)) = http_get(&self.addr, &format!("/api/v1/query?query={metric}"))
+        else {
+            return Vec::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]["result"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| {
+                        let value = r["value"][1].as_str()?.parse().ok()?;
+                        Some((r["metric"].clone(), value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn a_real_broker_and_nameserver_export_transactions_lag_and_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns_addr = format!("127.0.0.1:{}", free_port());
+    let ns_metrics = format!("127.0.0.1:{}", free_port());
+    let ns = NameserverProcess::start(
+        &ns_addr,
+        &["--metrics-listen", &ns_metrics],
+        &dir.path().join("ns.log"),
+    );
+    let broker_metrics = format!("127.0.0.1:{}", free_port());
+    let broker = BrokerProcess::start(
+        &dir.path().join("broker"),
+        &ns_addr,
+        "broker-a",
+        &[
+            "--metrics-listen",
+            &broker_metrics,
+            // Transactions left unknown are checked soon, parked after one
+            // unanswered check.
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "200ms",
+            "--transaction-check-timeout",
+            "300ms",
+            "--transaction-check-max",
+            "1",
+        ],
+    );
+    // Anything but /metrics is a 404.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, _) = loop {
+        if let Some(r) = http_get(&broker_metrics, "/") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the metrics port never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 404);
+
+    // Load: five sends, a transaction left pending (its producer is gone,
+    // so every check-back fails), a consumer group two messages in.
+    ok(&txmq_cli(
+        &ns_addr,
+        &["send", "orders", "--body", "hello", "--count", "5"],
+        None,
+    ));
+    ok(&txmq_cli(
+        &ns_addr,
+        &[
+            "tx",
+            "send",
+            "orders",
+            "--group",
+            "pg",
+            "--body",
+            "pending",
+            "--local",
+            "unknown",
+            // Checked only once the producer is gone.
+            "--first-check-delay",
+            "2s",
+        ],
+        None,
+    ));
+    ok(&txmq_cli(
+        &ns_addr,
+        &["consume", "orders", "--group", "g1", "--count", "2"],
+        None,
+    ));
+    // A producer that stays connected and never answers: its one check
+    // comes back "unknown" and the transaction parks.
+    ok(&txmq_cli(
+        &ns_addr,
+        &[
+            "tx",
+            "send",
+            "audit",
+            "--group",
+            "pg-silent",
+            "--body",
+            "unanswered",
+            "--local",
+            "unknown",
+            "--first-check-delay",
+            "100ms",
+            "--linger",
+            "1500ms",
+        ],
+        None,
+    ));
+
+    let text = scrape_until(&broker_metrics, "the transaction series", |t| {
+        sample(t, r#"txmq_check_back_failures_total{group="pg"}"#).is_some_and(|v| v >= 1.0)
+            && sample(t, r#"txmq_transactions_parked_now{group="pg-silent"}"#) == Some(1.0)
+    });
+    let v = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("no {s} in:\n{text}"));
+    assert_eq!(v(r#"txmq_transactions_pending{group="pg"}"#), 1.0, "{text}");
+    assert_eq!(
+        v(r#"txmq_transactions_prepared_total{group="pg"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_transactions_parked_now{group="pg"}"#),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        v(r#"txmq_transaction_oldest_pending_age_seconds{group="pg"}"#) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_transactions_checked_total{group="pg"}"#),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_transactions_pending{group="pg-silent"}"#),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_transactions_parked_total{group="pg-silent"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_transactions_checked_total{group="pg-silent"}"#),
+        1.0,
+        "{text}"
+    );
+    // The client answers "unknown" for a listener that does not answer
+    // within the broker's check timeout.
+    assert_eq!(
+        v(r#"txmq_check_back_answers_total{group="pg-silent",answer="unknown"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_check_back_answers_total{group="pg-silent",answer="commit"}"#),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_consumer_lag{group="g1",topic="orders"}"#),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(r#"txmq_messages_in_total{topic="orders"}"#),
+        5.0,
+        "{text}"
+    );
+    assert_eq!(v(r#"txmq_bytes_in_total{topic="orders"}"#), 25.0, "{text}");
+    assert!(
+        v(r#"txmq_messages_out_total{topic="orders"}"#) >= 2.0,
+        "{text}"
+    );
+    assert!(v("txmq_send_latency_seconds_count") >= 1.0, "{text}");
+    assert!(v("txmq_pull_latency_seconds_count") >= 1.0, "{text}");
+    assert!(v("txmq_store_size_bytes") > 0.0, "{text}");
+    assert_eq!(v("txmq_store_segments"), 1.0, "{text}");
+
+    let ns_text = scrape_until(&ns_metrics, "the nameserver's series", |t| {
+        sample(t, "txmq_nameserver_brokers") == Some(1.0)
+    });
+    let n = |s: &str| sample(&ns_text, s).unwrap_or_else(|| panic!("no {s} in:\n{ns_text}"));
+    assert!(n(r#"txmq_nameserver_requests_total{kind="RegisterBroker"}"#) >= 1.0);
+    assert!(n(r#"txmq_nameserver_requests_total{kind="GetRoute"}"#) >= 1.0);
+    assert!(n("txmq_connections") >= 1.0, "the broker's connection");
+
+    // Debian's Prometheus server scrapes both and answers queries.
+    let Some(prometheus) = prometheus_tool("prometheus") else {
+        eprintln!(
+            "SKIPPED: the Prometheus server part: no `prometheus` binary on PATH \
+             (apt-get install prometheus; .ci/run does)"
+        );
+        return;
+    };
+    let prom_dir = tempfile::tempdir().unwrap();
+    let server = PrometheusServer::start(
+        &prometheus,
+        prom_dir.path(),
+        &[&broker_metrics, &ns_metrics],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (pending, lag, brokers) = loop {
+        let pending = server.query("txmq_transactions_pending");
+        let lag = server.query("txmq_consumer_lag");
+        let brokers = server.query("txmq_nameserver_brokers");
+        if !pending.is_empty() && !lag.is_empty() && !brokers.is_empty() {
+            break (pending, lag, brokers);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never had the series; its log:\n{}",
+            server.log(prom_dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let pg = pending
+        .iter()
+        .find(|(m, _)| m["group"] == "pg")
+        .unwrap_or_else(|| panic!("{pending:?}"));
+    assert_eq!(pg.1, 1.0);
+    assert_eq!(pg.0["instance"], broker_metrics.as_str());
+    let g1 = lag
+        .iter()
+        .find(|(m, _)| m["group"] == "g1" && m["topic"] == "orders")
+        .unwrap_or_else(|| panic!("{lag:?}"));
+    assert_eq!(g1.1, 3.0);
+    assert_eq!(brokers[0].1, 1.0);
+    assert_eq!(brokers[0].0["instance"], ns_metrics.as_str());
+    drop(server);
+    drop(broker);
+    drop(ns);
+}
+
+/// A metrics address that cannot be bound fails the start: a clear
+/// message naming the flag, exit code 1.
+#[test]
+fn a_metrics_address_in_use_fails_the_start() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let wait = |mut child: Child| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status.code(), err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("still running with --metrics-listen {taken}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let broker = Command::new(binary("txmq-broker"))
+        .args(["--standalone", "--listen", "127.0.0.1:0"])
+        .args(["--nameserver-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--metrics-listen", &taken])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = wait(broker);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {taken} (--metrics-listen)")),
+        "{err}"
+    );
+    let ns = Command::new(binary("txmq-nameserver"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", &taken])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = wait(ns);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {taken} (--metrics-listen)")),
+        "{err}"
+    );
+    let bad = Command::new(binary("txmq-broker"))
+        .args(["--standalone", "--metrics-listen", "not-an-address"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--nameserver-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = wait(bad);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--metrics-listen"), "{err}");
+}
+
+/// The alerting rules shipped in `examples/prometheus` are valid.
+#[test]
+fn the_example_alert_rules_pass_promtool() {
+    let Some(promtool) = prometheus_tool("promtool") else {
+        eprintln!(
+            "SKIPPED: no `promtool` binary on PATH (apt-get install prometheus; .ci/run does)"
+        );
+        return;
+    };
+    let rules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/prometheus/txmq-alerts.yml");
+    let out = Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+}
+
+/// A master exports each slave's replication lag and in-sync state.
+#[test]
+fn a_master_exports_its_replicas_lag_and_in_sync_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns_addr = format!("127.0.0.1:{}", free_port());
+    let _ns = NameserverProcess::start(&ns_addr, &[], &dir.path().join("ns.log"));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _master = BrokerProcess::start(
+        &dir.path().join("master"),
+        &ns_addr,
+        "broker-a",
+        &["--metrics-listen", &metrics, "--replica-lag-max", "500ms"],
+    );
+    let slave = BrokerProcess::start(
+        &dir.path().join("slave"),
+        &ns_addr,
+        "broker-a",
+        &["--role", "slave"],
+    );
+    ok(&txmq_cli(
+        &ns_addr,
+        &["send", "orders", "--body", "replicated", "--count", "3"],
+        None,
+    ));
+    let in_sync = format!("txmq_replica_in_sync{{replica=\"{}\"}}", slave.addr);
+    let lag = format!("txmq_replica_lag_bytes{{replica=\"{}\"}}", slave.addr);
+    let text = scrape_until(&metrics, "the slave in sync, nothing left to copy", |t| {
+        sample(t, &in_sync) == Some(1.0) && sample(t, &lag) == Some(0.0)
+    });
+    assert_eq!(
+        sample(&text, r#"txmq_messages_in_total{topic="orders"}"#),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "txmq_connections").is_some_and(|c| c >= 1.0),
+        "the slave's connection: {text}"
+    );
+}
+
+/// A message that fails with no redeliveries left goes to the group's
+/// dead-letter topic, and the broker counts it for that group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_message_is_counted_for_its_group() {
+    use txmq::{handler_fn, ConsumeResult, Message, PushConsumer, ReceivedMessage};
+    let mut cluster = txmq_tests::Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+    let metrics = cluster.brokers[0]
+        .metrics_addr()
+        .expect("metrics served")
+        .to_string();
+    let ns = cluster.nameserver.clone();
+    let producer = cluster.producer().await;
+    producer
+        .send(Message::new("bills", "poison"))
+        .await
+        .unwrap();
+    let consumer = PushConsumer::builder()
+        .nameserver(&ns)
+        .group("billing")
+        .subscribe("bills", "*")
+        .max_reconsume_times(0)
+        .rebalance_interval(Duration::from_millis(300))
+        .max_wait(Duration::from_millis(500))
+        .start(handler_fn(|_: &ReceivedMessage| async {
+            ConsumeResult::retry()
+        }))
+        .await
+        .unwrap();
+    let text = tokio::task::spawn_blocking(move || {
+        scrape_until(&metrics, "the dead letter counted", |t| {
+            sample(t, r#"txmq_dead_letters_total{group="billing"}"#) == Some(1.0)
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        sample(&text, r#"txmq_messages_out_total{topic="bills"}"#).is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    drop(consumer);
+    producer.close();
+    cluster.shutdown().await;
+}
