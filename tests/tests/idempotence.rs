@@ -678,3 +678,26 @@ async fn a_slave_holds_the_producer_table_and_recognises_a_retry_after_a_switch(
     drop((master, slave, promoted));
     cluster.shutdown().await;
 }
+
+/// Sends pipelined on one connection to a topic the first of them creates
+/// (auto-create) are stored in their order: the first waits for the
+/// nameservers only after its append, so the next sequences cannot
+/// overtake it and be refused as out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_to_an_auto_created_topic_keep_their_order() {
+    const TOPIC: &str = "auto-created";
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let addr = cluster.add_broker("broker-a", |_| {}).await.to_string();
+    let conn = connect_as(&addr, Role::Producer).await;
+    let id = init(&conn).await;
+    let sends = (0..5u64).map(|seq| {
+        let conn = conn.clone();
+        let body = format!("m{seq}");
+        async move { conn.call(stamped(TOPIC, &[&body], stamp(&id, seq))).await }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    for (seq, r) in results.into_iter().enumerate() {
+        let r = r.unwrap_or_else(|e| panic!("send {seq} refused: {e}"));
+        assert_eq!(r.first_offset, seq as u64, "send {seq} stored in its place");
+    }
+}

@@ -27,17 +27,19 @@ pub(super) async fn handle(
             other.topic
         )));
     }
+    let mut created = None;
     let config = match b.topics.get(&topic_name) {
         Some(c) => c,
         None if b.config.auto_create_topics => {
-            topic::create_topic(
+            let (config, version) = topic::create_topic_now(
                 b,
                 &topic_name,
                 b.config.default_queues,
                 PERM_READ_WRITE,
                 false,
-            )
-            .await?
+            )?;
+            created = version;
+            config
         }
         None => return Err(super::unknown_topic(b, &topic_name)),
     };
@@ -83,6 +85,9 @@ pub(super) async fn handle(
         }
     }
     .map_err(store_error)?;
+    if let Some(version) = created {
+        topic::registered(b, version).await;
+    }
     if !appended.duplicate {
         b.metrics.messages_in(&topic_name, count, bytes);
     }

@@ -22,6 +22,25 @@ pub(super) async fn create_topic(
     perm: u8,
     explicit: bool,
 ) -> Result<TopicConfig, WireError> {
+    let (config, version) = create_topic_now(b, name, queues, perm, explicit)?;
+    if let Some(version) = version {
+        registered(b, version).await;
+    }
+    Ok(config)
+}
+
+/// [`create_topic`] without waiting for the nameservers: the topic's
+/// config, and the topics' version to wait for ([`registered`]) when it
+/// changed. A send that auto-creates its topic appends first and waits
+/// after, so that sends behind it on its connection cannot overtake it
+/// (an idempotent producer's next sequence would arrive first).
+pub(super) fn create_topic_now(
+    b: &BrokerInner,
+    name: &str,
+    queues: u32,
+    perm: u8,
+    explicit: bool,
+) -> Result<(TopicConfig, Option<u64>), WireError> {
     validate_topic_name(name).map_err(bad_argument)?;
     if name == crate::store::DELAY_TOPIC {
         return Err(bad_argument(format!(
@@ -85,16 +104,20 @@ pub(super) async fn create_topic(
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1;
         b.topics_changed.notify_one();
-        // Answer once the nameservers know the topic, so its route is there
-        // right after the create returns.
-        let mut registered = b.registered_version.subscribe();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(3),
-            registered.wait_for(|v| *v >= version),
-        )
-        .await;
+        return Ok((config, Some(version)));
     }
-    Ok(config)
+    Ok((config, None))
+}
+
+/// Waits (at most 3 s) until the nameservers know the topics' `version`,
+/// so a topic's route is there once its create is answered.
+pub(super) async fn registered(b: &BrokerInner, version: u64) {
+    let mut registered = b.registered_version.subscribe();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        registered.wait_for(|v| *v >= version),
+    )
+    .await;
 }
 
 pub(super) fn list(b: &BrokerInner) -> TopicList {

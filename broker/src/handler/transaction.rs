@@ -83,14 +83,23 @@ pub(super) async fn prepare(
             "a transaction holds 1 to {MAX_MESSAGES} messages"
         )));
     }
+    // Auto-created topics are waited for after the prepare, as in a send.
+    let mut created = None;
     for half in &req.messages {
         let name = &half.message.topic;
         validate_topic_name(name).map_err(bad_argument)?;
         let config = match b.topics.get(name) {
             Some(c) => c,
             None if b.config.auto_create_topics => {
-                topic::create_topic(b, name, b.config.default_queues, PERM_READ_WRITE, false)
-                    .await?
+                let (config, version) = topic::create_topic_now(
+                    b,
+                    name,
+                    b.config.default_queues,
+                    PERM_READ_WRITE,
+                    false,
+                )?;
+                created = created.max(version);
+                config
             }
             None => return Err(super::unknown_topic(b, name)),
         };
@@ -131,6 +140,9 @@ pub(super) async fn prepare(
             &req.offsets,
         )
         .await?;
+    if let Some(version) = created {
+        topic::registered(b, version).await;
+    }
     Ok(Prepared {
         duplicate,
         tx_id,
