@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod dead_letters;
 mod groups;
 mod handler;
 mod registration;
@@ -100,6 +101,8 @@ pub(crate) struct BrokerInner {
     /// TLS, users and permissions (`--tls-*`, `--acl-file`), and the
     /// broker's own credentials.
     pub(crate) security: Arc<security::Security>,
+    /// Dead letters re-sent (`txmq dlq resend`), durable in the data dir.
+    pub(crate) resent: dead_letters::ResendLog,
 }
 
 /// A running broker.
@@ -361,6 +364,7 @@ async fn start_incarnation(
         })
     })?;
     let topics = TopicTable::load(&dir).map_err(BrokerError::Config)?;
+    let resent = dead_letters::ResendLog::load(&dir).map_err(BrokerError::Config)?;
     let topic_queues: Vec<(String, u32)> = topics
         .all()
         .into_iter()
@@ -461,6 +465,7 @@ async fn start_incarnation(
         shutdown: shutdown.clone(),
         connections: std::sync::atomic::AtomicUsize::new(0),
         security: security.clone(),
+        resent,
     });
 
     let conn_config = ConnectionConfig {
