@@ -52,7 +52,7 @@ pub(super) async fn resend(
     req: ResendDeadLetters,
 ) -> Result<DeadLettersResent, WireError> {
     validate_group(&req.group)?;
-    if req.all == !req.msg_ids.is_empty() {
+    if req.all != req.msg_ids.is_empty() {
         return Err(bad_argument(
             "name the dead letters to re-send (msg ids) or ask for all of them, not both",
         ));

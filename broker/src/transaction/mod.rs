@@ -54,7 +54,9 @@ const ENDED_MEMORY: usize = 1_000_000;
 const ENDED_HISTORY: usize = 10_000;
 
 /// A transaction's last check-backs, oldest first (at most
-/// [`CHECK_HISTORY`]); allocated at its first check only.
+/// [`CHECK_HISTORY`]); allocated at its first check only, and boxed so
+/// that a transaction never checked costs 8 bytes for it (a million
+/// pending stay small).
 type History = Option<Box<VecDeque<CheckRecord>>>;
 
 /// Transaction settings.
@@ -137,7 +139,7 @@ struct Table {
     ended_order: std::collections::VecDeque<u64>,
     /// Check histories of the last ended transactions, by tx id, with
     /// their order (bounded by [`ENDED_HISTORY`]).
-    ended_history: HashMap<u64, Box<VecDeque<CheckRecord>>>,
+    ended_history: HashMap<u64, VecDeque<CheckRecord>>,
     ended_history_order: VecDeque<u64>,
     groups: HashMap<String, Arc<str>>,
     /// When prepared transactions are next due for a check.
@@ -199,7 +201,7 @@ impl Table {
     /// Keeps the check history of a transaction that just ended.
     fn keep_history(&mut self, tx_id: u64, history: History) {
         let Some(history) = history else { return };
-        if self.ended_history.insert(tx_id, history).is_none() {
+        if self.ended_history.insert(tx_id, *history).is_none() {
             self.ended_history_order.push_back(tx_id);
             if self.ended_history_order.len() > ENDED_HISTORY {
                 if let Some(old) = self.ended_history_order.pop_front() {
