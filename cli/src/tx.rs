@@ -525,8 +525,13 @@ fn detail_text(d: &TxDetail, now: u64) -> Vec<String> {
             (None, Some(e)) => format!("error={}", one_line(e)),
             (None, None) => "no answer".to_string(),
         };
+        let times = if c.times > 1 {
+            format!(" (the last of {} in a row)", c.times)
+        } else {
+            String::new()
+        };
         out.push(format!(
-            "  check at {}: {} {what}",
+            "  check at {}: {} {what}{times}",
             time(c.at_ms),
             if c.sent { "sent" } else { "not sent" }
         ));
@@ -561,6 +566,7 @@ fn detail_json(d: &TxDetail) -> Value {
                 "sent": c.sent,
                 "answer": c.answer.map(|a| a.name()),
                 "error": c.error,
+                "times": c.times,
             })
         })
         .collect();

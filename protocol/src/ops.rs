@@ -26,6 +26,15 @@ pub struct CheckRecord {
     pub answer: Option<TxResolution>,
     /// Why it could not be made, or failed, if it did.
     pub error: Option<String>,
+    /// How many checks in a row ended the same way (not sent, with the
+    /// same error), the last at `at_ms`: a producer group that stays away
+    /// for an hour takes one entry, not the whole history.
+    #[serde(default = "one")]
+    pub times: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Who ended a transaction.

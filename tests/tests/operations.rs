@@ -164,14 +164,17 @@ fn tx_show_list_filters_and_recheck() {
             "orders", "--group", "pg", "--body", "second", "--local", "unknown",
         ],
     );
-    wait_until("tx2 has a failed check", || {
-        show(&s, tx2)["history"]
-            .as_array()
-            .is_some_and(|h| !h.is_empty())
+    wait_until("tx2 has failed checks", || {
+        show(&s, tx2)["history"][0]["times"].as_u64() >= Some(2)
     });
     let d2 = show(&s, tx2);
     assert_eq!(d2["state"], "prepared");
     assert_eq!(d2["checks"], 0);
+    assert_eq!(
+        d2["history"].as_array().map(Vec::len),
+        Some(1),
+        "the same failure in a row is one entry, counted: {d2}"
+    );
     assert!(
         d2["history"][0]["error"]
             .as_str()

@@ -1246,15 +1246,25 @@ impl Transactions {
         }
         if sent || error.is_some() {
             let history = p.history.get_or_insert_with(Box::default);
-            if history.len() >= CHECK_HISTORY {
-                history.pop_front();
+            match history.back_mut() {
+                // The same failure again: one entry, counted.
+                Some(last) if !sent && !last.sent && last.error == error => {
+                    last.at_ms = now;
+                    last.times = last.times.saturating_add(1);
+                }
+                _ => {
+                    if history.len() >= CHECK_HISTORY {
+                        history.pop_front();
+                    }
+                    history.push_back(CheckRecord {
+                        at_ms: now,
+                        sent,
+                        answer,
+                        error: error.clone(),
+                        times: 1,
+                    });
+                }
             }
-            history.push_back(CheckRecord {
-                at_ms: now,
-                sent,
-                answer,
-                error: error.clone(),
-            });
         }
         if answer.is_some() {
             p.last_check = answer;
