@@ -545,3 +545,94 @@ fn a_deleted_topic_is_unknown_with_auto_create_off() {
     );
     fails_with(&s.cli(&["topic", "delete", "typo"]), "does not exist");
 }
+
+/// The users of the permission test: an operator, and an application that
+/// may publish to and read `orders` only.
+const ACL: &str = r#"
+[[user]]
+access_key = "ops"
+secret_key = "ops-secret"
+admin = true
+
+[[user]]
+access_key = "app"
+secret_key = "app-secret"
+topics = { "orders" = ["pub", "sub"] }
+
+[[user]]
+access_key = "broker"
+secret_key = "cluster-secret"
+broker = true
+"#;
+
+#[test]
+fn the_operations_need_admin_and_topic_status_needs_sub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(&acl, ACL).expect("write acl");
+    let acl = acl.display().to_string();
+    let ns = format!("127.0.0.1:{}", free_port());
+    let _nameserver = NameserverProcess::start(
+        &ns,
+        &["--acl-file", &acl],
+        &dir.path().join("nameserver.log"),
+    );
+    let _broker = BrokerProcess::start(
+        &dir.path().join("broker"),
+        &ns,
+        "broker-a",
+        &[
+            "--acl-file",
+            &acl,
+            "--access-key",
+            "broker",
+            "--secret-key",
+            "cluster-secret",
+        ],
+    );
+    let as_user = |user: (&str, &str), args: &[&str]| {
+        let mut all = vec!["--access-key", user.0, "--secret-key", user.1];
+        all.extend_from_slice(args);
+        txmq_cli(&ns, &all, None)
+    };
+    let ops = ("ops", "ops-secret");
+    let app = ("app", "app-secret");
+    wait_until("the broker registers", || {
+        stdout(&as_user(ops, &["cluster"])).contains("broker-a")
+    });
+    ok(&as_user(
+        ops,
+        &["topic", "create", "orders", "--queues", "1"],
+    ));
+    ok(&as_user(
+        ops,
+        &["topic", "create", "secret", "--queues", "1"],
+    ));
+
+    // Status: a reader of the topic may; of another topic not.
+    ok(&as_user(app, &["topic", "status", "orders"]));
+    fails_with(
+        &as_user(app, &["topic", "status", "secret"]),
+        "ACCESS_DENIED",
+    );
+    // The operator's tools: refused to the application, naming what.
+    fails_with(&as_user(app, &["tx", "show", "1"]), "ACCESS_DENIED");
+    fails_with(&as_user(app, &["tx", "recheck", "1"]), "ACCESS_DENIED");
+    fails_with(
+        &as_user(app, &["dlq", "resend", "billing", "--all"]),
+        "ACCESS_DENIED",
+    );
+    fails_with(
+        &as_user(app, &["topic", "delete", "orders"]),
+        "ACCESS_DENIED",
+    );
+    ok(&as_user(app, &["topic", "status", "orders"]));
+    // Granted to the operator.
+    ok(&as_user(ops, &["topic", "status", "secret"]));
+    fails_with(&as_user(ops, &["tx", "show", "1"]), "UNKNOWN_TRANSACTION");
+    fails_with(
+        &as_user(ops, &["dlq", "resend", "billing", "--all"]),
+        "no dead letters",
+    );
+    ok(&as_user(ops, &["topic", "delete", "secret"]));
+}

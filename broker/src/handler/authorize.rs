@@ -126,8 +126,11 @@ fn needs(
         ))),
         Request::DeleteTopic(r) => check(Op::Admin(&format!("delete topic {}", r.topic))),
         // Queue bounds and store times, no bodies: what a subscriber of
-        // the topic may see.
-        Request::GetTopicStatus(r) => check(Op::Sub(&r.topic)),
+        // the topic may see, and an operator (the subscriber's refusal is
+        // the one reported).
+        Request::GetTopicStatus(r) => check(Op::Sub(&r.topic)).or_else(|refused| {
+            check(Op::Admin(&format!("see the status of topic {}", r.topic))).map_err(|_| refused)
+        }),
         Request::ReplicaFetch(_) | Request::ReplicaAck(_) | Request::EpochEnd(_) => {
             check(Op::Cluster(&format!(
                 "replicate the log of broker {}",
