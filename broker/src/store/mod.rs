@@ -22,6 +22,8 @@ mod writer;
 #[cfg(test)]
 mod delay_tests;
 #[cfg(test)]
+mod delete_tests;
+#[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
 mod tests;
