@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod dead_letters;
 mod groups;
 mod handler;
 mod metrics;
@@ -103,6 +104,8 @@ pub(crate) struct BrokerInner {
     pub(crate) security: Arc<security::Security>,
     /// Counters and histograms (`--metrics-listen`), the broker's for its life.
     pub(crate) metrics: Arc<metrics::Metrics>,
+    /// Dead letters re-sent (`txmq dlq resend`), durable in the data dir.
+    pub(crate) resent: dead_letters::ResendLog,
 }
 
 /// A running broker.
@@ -404,6 +407,7 @@ async fn start_incarnation(
         })
     })?;
     let topics = TopicTable::load(&dir).map_err(BrokerError::Config)?;
+    let resent = dead_letters::ResendLog::load(&dir).map_err(BrokerError::Config)?;
     let topic_queues: Vec<(String, u32)> = topics
         .all()
         .into_iter()
@@ -507,6 +511,7 @@ async fn start_incarnation(
         connections: std::sync::atomic::AtomicUsize::new(0),
         security: security.clone(),
         metrics: metrics.clone(),
+        resent,
     });
     metrics.serve_state_of(&inner);
 

@@ -95,6 +95,24 @@ impl TopicTable {
         Ok((new, true))
     }
 
+    /// Removes a topic and persists the table before returning; returns
+    /// its configuration, `None` when there was no such topic.
+    ///
+    /// # Errors
+    /// An I/O error persisting the table (`STORE_UNAVAILABLE`).
+    pub fn remove(&self, name: &str) -> Result<Option<TopicConfig>, WireError> {
+        let mut topics = self.lock();
+        if !topics.contains_key(name) {
+            return Ok(None);
+        }
+        let mut next = topics.clone();
+        let old = next.remove(name);
+        self.persist(&next)
+            .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e))?;
+        *topics = next;
+        Ok(old)
+    }
+
     fn persist(&self, topics: &BTreeMap<String, TopicConfig>) -> Result<(), String> {
         let list: Vec<Persisted> = topics
             .values()

@@ -55,6 +55,35 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Re-send dead letters of a group to their original topic (or --to
+    /// another), with the reconsume count reset. Each one re-sent is
+    /// recorded by its broker: --all again re-sends nothing new, and a
+    /// --msg-id re-sent before is refused unless --force. Exits 1 when
+    /// nothing was re-sent.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["msg_id", "all"])))]
+    Resend {
+        /// The group.
+        group: String,
+        /// The dead letter to re-send (its message id; repeat for several).
+        #[arg(long = "msg-id", value_name = "MSG_ID", value_parser = parse_msg_id)]
+        msg_id: Vec<txmq::MsgId>,
+        /// Every dead letter not re-sent before.
+        #[arg(long)]
+        all: bool,
+        /// Send to this topic instead of each letter's original one.
+        #[arg(long, value_name = "TOPIC")]
+        to: Option<String>,
+        /// Re-send a --msg-id even when it was re-sent before.
+        #[arg(long, requires = "msg_id")]
+        force: bool,
+        /// Only on this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+    },
+}
+
+fn parse_msg_id(s: &str) -> Result<txmq::MsgId> {
+    txmq::MsgId::parse(s).ok_or_else(|| anyhow!("{s:?} is not a message id (32 hex digits)"))
 }
 
 fn parse_target(s: &str) -> Result<OffsetTarget> {
@@ -347,7 +376,28 @@ fn show_text(printer: &Printer, group: &str, states: &[txmq::admin::GroupState])
 pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
     let printer = Printer::stdout(global.output);
     let admin = Admin::with_config(global.client_config()?).await?;
-    let DlqCommand::List { group, limit } = cmd;
+    let (group, limit) = match cmd {
+        DlqCommand::List { group, limit } => (group, limit),
+        DlqCommand::Resend {
+            group,
+            msg_id,
+            all,
+            to,
+            force,
+            broker,
+        } => {
+            let request = txmq::ResendDeadLetters {
+                group,
+                msg_ids: msg_id,
+                all,
+                to,
+                force,
+            };
+            let done = resend(&admin, &printer, request, broker.as_deref()).await;
+            admin.close();
+            return done;
+        }
+    };
     let messages = match admin.browse(&dlq_topic(&group), limit).await {
         Ok(m) => m,
         Err(txmq::Error::NoRoute { .. }) => Vec::new(),
@@ -358,6 +408,107 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
             OutputFormat::Text => printer.line(&received_text(m))?,
             OutputFormat::Json => printer.json(&received_json(m))?,
         }
+    }
+    Ok(())
+}
+
+/// `txmq dlq resend`: one line (object) per letter re-sent, then a summary.
+async fn resend(
+    admin: &Admin,
+    printer: &Printer,
+    request: txmq::ResendDeadLetters,
+    broker: Option<&str>,
+) -> Result<()> {
+    let group = request.group.clone();
+    let force = request.force;
+    let answers = admin.resend_dead_letters(request, broker).await?;
+    let mut resent = 0;
+    let mut already = Vec::new();
+    let mut not_found: Vec<txmq::MsgId> = Vec::new();
+    let mut dead = 0;
+    for a in &answers {
+        dead += a.dead_letters;
+        for r in &a.resent {
+            resent += 1;
+            match printer.format {
+                OutputFormat::Text => printer.line(&format!(
+                    "resent {} from {} on {} to {} q={} offset={}",
+                    r.msg_id,
+                    dlq_topic(&group),
+                    a.broker_name,
+                    r.topic,
+                    r.queue,
+                    r.queue_offset
+                ))?,
+                OutputFormat::Json => printer.json(&serde_json::json!({
+                    "msg_id": r.msg_id.to_string(),
+                    "broker": a.broker_name,
+                    "topic": r.topic,
+                    "queue": r.queue,
+                    "queue_offset": r.queue_offset,
+                }))?,
+            }
+        }
+        already.extend(a.already.iter().copied());
+    }
+    // A named letter is missing only when no broker has it.
+    for a in &answers {
+        for id in &a.not_found {
+            let elsewhere = answers
+                .iter()
+                .any(|o| o.resent.iter().any(|r| r.msg_id == *id) || o.already.contains(id));
+            if !elsewhere && !not_found.contains(id) {
+                not_found.push(*id);
+            }
+        }
+    }
+    let summary = format!(
+        "{resent} dead letter{} of group {group} resent; {} resent before{}{}",
+        if resent == 1 { "" } else { "s" },
+        already.len(),
+        if already.is_empty() || force {
+            String::new()
+        } else {
+            " (skipped; --msg-id ID --force resends one again)".to_string()
+        },
+        if not_found.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not in {}: {}",
+                dlq_topic(&group),
+                not_found
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    );
+    match printer.format {
+        OutputFormat::Text => printer.line(&summary)?,
+        OutputFormat::Json => printer.json(&serde_json::json!({
+            "group": group,
+            "resent": resent,
+            "already_resent": already.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "not_found": not_found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "dead_letters": dead,
+        }))?,
+    }
+    if dead == 0 {
+        return Err(crate::exit::with_code(
+            crate::exit::FAILURE,
+            format!(
+                "group {group} has no dead letters ({} is empty): nothing to resend",
+                dlq_topic(&group)
+            ),
+        ));
+    }
+    if resent == 0 {
+        return Err(crate::exit::with_code(
+            crate::exit::FAILURE,
+            "nothing resent".to_string(),
+        ));
     }
     Ok(())
 }

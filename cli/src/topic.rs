@@ -33,6 +33,29 @@ pub enum TopicCommand {
         /// The topic name.
         topic: String,
     },
+    /// Delete a topic: its configuration and routes, its consume queues and
+    /// the consumer groups' offsets of it (its log records age out with
+    /// retention). Refused while a transaction with a half message for it
+    /// is pending, unless --force.
+    Delete {
+        /// The topic name.
+        topic: String,
+        /// Delete even while transactions with half messages for it are pending.
+        #[arg(long)]
+        force: bool,
+        /// Only on this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+    },
+    /// Per queue of a topic: min and max offset and when its last message
+    /// was stored.
+    Status {
+        /// The topic name.
+        topic: String,
+        /// Only this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+    },
 }
 
 /// A topic's permission.
@@ -118,6 +141,78 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                 })
                 .collect();
             printer.records(&["TOPIC", "BROKER", "QUEUES", "PERM"], &rows, &objects)?;
+        }
+        TopicCommand::Delete {
+            topic,
+            force,
+            broker,
+        } => {
+            let deleted = admin.delete_topic(&topic, force, broker.as_deref()).await;
+            let deleted = match deleted {
+                Ok(d) => d,
+                Err(e) => {
+                    admin.close();
+                    return Err(e.into());
+                }
+            };
+            for d in &deleted {
+                match printer.format {
+                    crate::output::OutputFormat::Text => printer.line(&format!(
+                        "deleted topic {} on {}: {} queues, {} group offsets removed",
+                        d.topic, d.broker_name, d.queues, d.offsets_removed
+                    ))?,
+                    crate::output::OutputFormat::Json => printer.json(&json!({
+                        "topic": d.topic,
+                        "broker": d.broker_name,
+                        "queues": d.queues,
+                        "offsets_removed": d.offsets_removed,
+                        "deleted_below": d.deleted_below,
+                    }))?,
+                }
+            }
+        }
+        TopicCommand::Status { topic, broker } => {
+            let status = admin.topic_status(&topic, broker.as_deref()).await;
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    admin.close();
+                    return Err(e.into());
+                }
+            };
+            let mut rows = Vec::new();
+            let mut objects = Vec::new();
+            for s in &status {
+                for q in &s.queues {
+                    let last = q.last_store_ms.map(|ms| {
+                        humantime::format_rfc3339_millis(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                        )
+                        .to_string()
+                    });
+                    rows.push(vec![
+                        s.broker_name.clone(),
+                        q.queue.to_string(),
+                        q.min_offset.to_string(),
+                        q.max_offset.to_string(),
+                        last.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                    objects.push(json!({
+                        "topic": s.topic,
+                        "broker": s.broker_name,
+                        "queue": q.queue,
+                        "min_offset": q.min_offset,
+                        "max_offset": q.max_offset,
+                        "last_store_ms": q.last_store_ms,
+                        "last_store_time": last,
+                    }));
+                }
+            }
+            printer.records(
+                &["BROKER", "QUEUE", "MIN OFFSET", "MAX OFFSET", "LAST STORED"],
+                &rows,
+                &objects,
+            )?;
         }
         TopicCommand::Route { topic } => {
             let route = admin.route(&topic).await?;

@@ -1,13 +1,16 @@
-//! `txmq tx send|listen|list|resolve`: transactional messages from the
-//! command line.
+//! `txmq tx send|listen|list|resolve|show|recheck`: transactional
+//! messages from the command line.
 //!
 //! `send` prepares one message, takes `--local` as the local transaction's
 //! result, ends the transaction accordingly and then stays for `--linger`,
 //! answering check-backs with `--check` (or not at all without it, so the
 //! broker's checks time out). `listen` only answers check-backs, as a
 //! member of a producer group that sends nothing. `list` shows pending and
-//! parked transactions with each broker's counters; `resolve` commits or
-//! rolls one back by hand, as an operator.
+//! parked transactions with each broker's counters (filtered, it exits 1
+//! when something matches, for cron and alerting); `resolve` commits or
+//! rolls one back by hand, as an operator; `show` prints one transaction's
+//! half messages, state and check history (or how it ended); `recheck`
+//! un-parks one and has the broker check it back now.
 
 use std::time::Duration;
 
@@ -16,7 +19,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
 use txmq::{
     Admin, BoxError, CheckRequest, Ended, Message, SendStatus, TransactionList,
-    TransactionListener, TransactionProducer, TransactionState, TxAction, TxContext, TxOutcome,
+    TransactionListener, TransactionProducer, TransactionState, TxAction, TxContext, TxDetail,
+    TxInfo, TxOutcome, TxState,
 };
 
 use crate::args::{parse_duration, GlobalArgs};
@@ -33,14 +37,82 @@ pub enum TxCommand {
     /// Answer check-backs as a member of a producer group, sending nothing.
     Listen(TxListenArgs),
     /// List pending and parked transactions, with each broker's counters.
+    /// With a filter (--state, --group, --older-than) it lists only the
+    /// matching ones and exits 1 when any match, 0 when none do.
     List {
         /// Only this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+        /// Only transactions in this state: pending (prepared, being
+        /// checked back) or parked (waiting for an operator).
+        #[arg(long, value_enum)]
+        state: Option<ListState>,
+        /// Only transactions of this producer group.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// Only transactions prepared longer ago than this (e.g. `30s`, `5m`).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        older_than: Option<Duration>,
+    },
+    /// Show one transaction: its half messages (bodies and properties),
+    /// producer group, age, state and every check-back with its time and
+    /// answer or error; for an ended one, how it ended.
+    Show {
+        /// The transaction id.
+        tx_id: u64,
+        /// Only this broker (a broker name or address).
+        #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
+        broker: Option<String>,
+    },
+    /// Un-park a parked transaction and have the broker check it back now,
+    /// with a fresh allowance of checks (once its producer is fixed); a
+    /// pending one is checked now.
+    Recheck {
+        /// The transaction id.
+        tx_id: u64,
+        /// The broker holding it (a name or address).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
     },
     /// Commit or roll back a transaction by hand, as an operator (also a
     /// parked one).
     Resolve(TxResolveArgs),
+}
+
+/// The state `tx list --state` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListState {
+    /// Prepared, not parked: the broker checks it back.
+    Pending,
+    /// Parked after the maximum number of checks.
+    Parked,
+}
+
+/// `tx list` filters; all `None`: no filter.
+#[derive(Debug, Clone, Default)]
+struct ListFilter {
+    state: Option<ListState>,
+    group: Option<String>,
+    older_than: Option<Duration>,
+}
+
+impl ListFilter {
+    fn is_set(&self) -> bool {
+        self.state.is_some() || self.group.is_some() || self.older_than.is_some()
+    }
+
+    fn keeps(&self, t: &TxInfo) -> bool {
+        let state = match self.state {
+            None => true,
+            Some(ListState::Pending) => t.state == TxState::Prepared,
+            Some(ListState::Parked) => t.state == TxState::Parked,
+        };
+        state
+            && self.group.as_ref().is_none_or(|g| *g == t.producer_group)
+            && self
+                .older_than
+                .is_none_or(|d| u128::from(t.age_ms) > d.as_millis())
+    }
 }
 
 /// A transaction's decision, as given on the command line.
@@ -157,8 +229,22 @@ pub async fn run(global: &GlobalArgs, cmd: TxCommand) -> Result<()> {
     match cmd {
         TxCommand::Send(args) => send(global, args).await,
         TxCommand::Listen(args) => listen(global, args).await,
-        TxCommand::List { broker } => list(global, broker.as_deref()).await,
+        TxCommand::List {
+            broker,
+            state,
+            group,
+            older_than,
+        } => {
+            let filter = ListFilter {
+                state,
+                group,
+                older_than,
+            };
+            list(global, broker.as_deref(), &filter).await
+        }
         TxCommand::Resolve(args) => resolve(global, args).await,
+        TxCommand::Show { tx_id, broker } => show(global, tx_id, broker.as_deref()).await,
+        TxCommand::Recheck { tx_id, broker } => recheck(global, tx_id, broker.as_deref()).await,
     }
 }
 
@@ -294,11 +380,15 @@ async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
     Ok(())
 }
 
-async fn list(global: &GlobalArgs, broker: Option<&str>) -> Result<()> {
+async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let lists = admin.list_transactions(broker).await;
     admin.close();
-    let lists = lists?;
+    let mut lists = lists?;
+    for l in &mut lists {
+        l.transactions.retain(|t| filter.keeps(t));
+    }
+    let matching: usize = lists.iter().map(|l| l.transactions.len()).sum();
     let printer = Printer::stdout(global.output);
     match printer.format {
         OutputFormat::Text => {
@@ -313,7 +403,187 @@ async fn list(global: &GlobalArgs, broker: Option<&str>) -> Result<()> {
             }
         }
     }
+    if filter.is_set() && matching > 0 {
+        return Err(crate::exit::with_code(
+            crate::exit::FAILURE,
+            format!(
+                "{matching} transaction{} match{}",
+                if matching == 1 { "" } else { "s" },
+                if matching == 1 { "es" } else { "" }
+            ),
+        ));
+    }
     Ok(())
+}
+
+async fn show(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<()> {
+    let admin = Admin::with_config(global.client_config()?).await?;
+    let shown = admin.show_transaction(tx_id, broker).await;
+    admin.close();
+    let printer = Printer::stdout(global.output);
+    for d in shown? {
+        match printer.format {
+            OutputFormat::Text => {
+                for line in detail_text(&d, txmq::now_millis()) {
+                    printer.line(&line)?;
+                }
+            }
+            OutputFormat::Json => printer.json(&detail_json(&d))?,
+        }
+    }
+    Ok(())
+}
+
+async fn recheck(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<()> {
+    let admin = Admin::with_config(global.client_config()?).await?;
+    let done = admin.recheck_transaction(tx_id, broker).await;
+    admin.close();
+    let r = done?;
+    let printer = Printer::stdout(global.output);
+    let previous = match r.previous {
+        TxState::Parked => "was parked; un-parked",
+        _ => "was pending (already being checked back)",
+    };
+    match printer.format {
+        OutputFormat::Text => printer.line(&format!(
+            "transaction {} on {}: {previous}, checking it back now ({} checks so far)",
+            r.tx_id, r.broker_name, r.checks
+        )),
+        OutputFormat::Json => printer.json(&json!({
+            "tx_id": r.tx_id,
+            "broker": r.broker_name,
+            "previous": r.previous.name(),
+            "checks": r.checks,
+        })),
+    }
+    .context("writing to standard output")
+}
+
+/// ms since the epoch as RFC 3339 with milliseconds.
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `tx show` as text lines.
+fn detail_text(d: &TxDetail, now: u64) -> Vec<String> {
+    let mut out = vec![format!(
+        "transaction {} on {}: {}",
+        d.tx_id,
+        d.broker_name,
+        d.state.name()
+    )];
+    if let Some(e) = &d.ended {
+        out.push(format!(
+            "  ended: {} by {}{}",
+            d.state.name(),
+            e.by.name(),
+            e.at_ms
+                .map_or(String::new(), |at| format!(" at {}", time(at)))
+        ));
+    }
+    out.push(format!(
+        "  producer group: {}",
+        d.producer_group.as_deref().unwrap_or("-")
+    ));
+    if let Some(at) = d.prepared_at_ms {
+        out.push(format!(
+            "  prepared: {} (age {})",
+            time(at),
+            age(now.saturating_sub(at))
+        ));
+    }
+    let next = d
+        .next_check_at_ms
+        .map_or(String::new(), |at| format!(", next at {}", time(at)));
+    out.push(format!("  checks: {}{next}", d.checks));
+    for (i, m) in d.messages.iter().enumerate() {
+        let props: Vec<String> = m
+            .message
+            .properties
+            .iter()
+            .map(|(k, v)| format!("{k}={}", one_line(v)))
+            .collect();
+        let (field, body) = crate::output::body_field(&m.message.body);
+        out.push(format!(
+            "  message {}: topic={} queue={} msg_id={} key={} tag={} properties={{{}}} {field}={}",
+            i + 1,
+            m.message.topic,
+            m.queue,
+            m.message.msg_id,
+            m.message.key.as_deref().unwrap_or("-"),
+            m.message.tag.as_deref().unwrap_or("-"),
+            props.join(", "),
+            one_line(&body)
+        ));
+    }
+    if d.history.is_empty() {
+        out.push("  check history: none since the broker started".to_string());
+    }
+    for c in &d.history {
+        let what = match (&c.answer, &c.error) {
+            (Some(a), _) => format!("answer={}", a.name()),
+            (None, Some(e)) => format!("error={}", one_line(e)),
+            (None, None) => "no answer".to_string(),
+        };
+        let times = if c.times > 1 {
+            format!(" (the last of {} in a row)", c.times)
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "  check at {}: {} {what}{times}",
+            time(c.at_ms),
+            if c.sent { "sent" } else { "not sent" }
+        ));
+    }
+    out
+}
+
+/// `tx show` as one JSON object.
+fn detail_json(d: &TxDetail) -> Value {
+    let messages: Vec<Value> = d
+        .messages
+        .iter()
+        .map(|m| {
+            let (field, body) = crate::output::body_field(&m.message.body);
+            let mut o = Map::new();
+            o.insert("msg_id".into(), json!(m.message.msg_id.to_string()));
+            o.insert("topic".into(), json!(m.message.topic));
+            o.insert("queue".into(), json!(m.queue));
+            o.insert("key".into(), json!(m.message.key));
+            o.insert("tag".into(), json!(m.message.tag));
+            o.insert("properties".into(), json!(m.message.properties));
+            o.insert(field.into(), json!(body));
+            Value::Object(o)
+        })
+        .collect();
+    let history: Vec<Value> = d
+        .history
+        .iter()
+        .map(|c| {
+            json!({
+                "at_ms": c.at_ms,
+                "sent": c.sent,
+                "answer": c.answer.map(|a| a.name()),
+                "error": c.error,
+                "times": c.times,
+            })
+        })
+        .collect();
+    json!({
+        "tx_id": d.tx_id,
+        "broker": d.broker_name,
+        "state": d.state.name(),
+        "producer_group": d.producer_group,
+        "prepared_at_ms": d.prepared_at_ms,
+        "age_ms": d.age_ms,
+        "checks": d.checks,
+        "next_check_at_ms": d.next_check_at_ms,
+        "messages": messages,
+        "history": history,
+        "ended_by": d.ended.as_ref().map(|e| e.by.name()),
+        "ended_at_ms": d.ended.as_ref().and_then(|e| e.at_ms),
+    })
 }
 
 async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
@@ -621,7 +891,7 @@ mod tests {
             "--check is required"
         );
 
-        let Some(TxCommand::List { broker }) = parse(&["txmq", "tx", "list", "--broker", "b"])
+        let Some(TxCommand::List { broker, .. }) = parse(&["txmq", "tx", "list", "--broker", "b"])
         else {
             panic!("tx list parses")
         };
@@ -844,5 +1114,52 @@ mod tests {
         assert_eq!(v["state"], "rolled_back");
         assert_eq!(v["already"], true);
         assert_eq!(v["tx_id"], 9);
+    }
+
+    #[test]
+    fn list_filters_keep_state_group_and_age() {
+        let Some(TxCommand::List {
+            state,
+            group,
+            older_than,
+            ..
+        }) = parse(&[
+            "txmq",
+            "tx",
+            "list",
+            "--state",
+            "parked",
+            "--group",
+            "pg",
+            "--older-than",
+            "30s",
+        ])
+        else {
+            panic!("tx list with filters parses")
+        };
+        let filter = ListFilter {
+            state,
+            group,
+            older_than,
+        };
+        assert!(filter.is_set());
+        assert!(!ListFilter::default().is_set());
+        let t = |state, group: &str, age_ms| TxInfo {
+            tx_id: 1,
+            msg_ids: Vec::new(),
+            topics: Vec::new(),
+            producer_group: group.into(),
+            age_ms,
+            checks: 0,
+            last_check: None,
+            last_error: None,
+            state,
+        };
+        assert!(filter.keeps(&t(TxState::Parked, "pg", 31_000)));
+        assert!(!filter.keeps(&t(TxState::Prepared, "pg", 31_000)));
+        assert!(!filter.keeps(&t(TxState::Parked, "other", 31_000)));
+        assert!(!filter.keeps(&t(TxState::Parked, "pg", 29_000)));
+        assert!(parse(&["txmq", "tx", "list", "--state", "done"]).is_none());
+        assert!(parse(&["txmq", "tx", "show", "x"]).is_none());
     }
 }

@@ -17,6 +17,9 @@ use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::{ClientConfig, Error, Result};
 
+#[path = "admin_ops.rs"]
+mod ops;
+
 /// A topic created (or updated) on one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreatedTopic {

@@ -86,6 +86,13 @@ pub use txmq_protocol::{
     WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };
 
+/// Transaction forensics, dead-letter resend and topic administration
+/// ([`Admin::show_transaction`], [`Admin::resend_dead_letters`], ...).
+pub use txmq_protocol::{
+    CheckRecord, DeadLettersResent, EndedBy, QueueStatus, Rechecked, ResendDeadLetters,
+    ResentLetter, TopicDeleted, TopicStatus, TxDetail, TxEnding, TxMessage,
+};
+
 /// A broker's role and replication state ([`Admin::replication`]).
 pub use txmq_protocol::{BrokerRole, ReplicaInfo, ReplicationInfo};
 

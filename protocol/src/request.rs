@@ -139,6 +139,17 @@ requests! {
     /// Client -> server, right after a hello answered with a challenge:
     /// who it is and its proof. Answered like the hello it completes.
     Authenticate(Authenticate) -> HelloOk;
+    /// Operator -> broker: a transaction's half messages, check history
+    /// and state (or how it ended).
+    ShowTransaction(crate::ops::ShowTransaction) -> crate::ops::TxDetail;
+    /// Operator -> broker: un-park a transaction and check it back now.
+    RecheckTransaction(crate::ops::RecheckTransaction) -> crate::ops::Rechecked;
+    /// Operator -> broker: re-send a consumer group's dead letters.
+    ResendDeadLetters(crate::ops::ResendDeadLetters) -> crate::ops::DeadLettersResent;
+    /// Operator -> broker: delete a topic (config, queues, offsets).
+    DeleteTopic(crate::ops::DeleteTopic) -> crate::ops::TopicDeleted;
+    /// Anyone -> broker: a topic's queues with their bounds.
+    GetTopicStatus(crate::ops::GetTopicStatus) -> crate::ops::TopicStatus;
 }
 
 /// The answer to a hello's challenge: an access key and

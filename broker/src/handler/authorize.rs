@@ -115,6 +115,22 @@ fn needs(
             r.group, r.topic
         ))),
         Request::ListTransactions(_) => check(Op::Admin("list transactions")),
+        // Half message bodies of any topic: admin.
+        Request::ShowTransaction(r) => check(Op::Admin(&format!("show transaction {}", r.tx_id))),
+        Request::RecheckTransaction(r) => {
+            check(Op::Admin(&format!("recheck transaction {}", r.tx_id)))
+        }
+        Request::ResendDeadLetters(r) => check(Op::Admin(&format!(
+            "re-send dead letters of group {}",
+            r.group
+        ))),
+        Request::DeleteTopic(r) => check(Op::Admin(&format!("delete topic {}", r.topic))),
+        // Queue bounds and store times, no bodies: what a subscriber of
+        // the topic may see, and an operator (the subscriber's refusal is
+        // the one reported).
+        Request::GetTopicStatus(r) => check(Op::Sub(&r.topic)).or_else(|refused| {
+            check(Op::Admin(&format!("see the status of topic {}", r.topic))).map_err(|_| refused)
+        }),
         Request::ReplicaFetch(_) | Request::ReplicaAck(_) | Request::EpochEnd(_) => {
             check(Op::Cluster(&format!(
                 "replicate the log of broker {}",

@@ -2,6 +2,7 @@
 //! holds its validation and handling.
 
 mod authorize;
+mod dead_letters;
 mod group;
 mod offset;
 mod pull;
@@ -176,6 +177,23 @@ impl Service for BrokerService {
                 Request::ResetOffset(r) => group::reset(&b, r).await.map(Response::ResetOffset),
                 Request::ListTransactions(r) => {
                     Ok(Response::ListTransactions(transaction::list(&b, r)))
+                }
+                Request::ShowTransaction(r) => {
+                    transaction::show(&b, r).map(Response::ShowTransaction)
+                }
+                Request::RecheckTransaction(r) => {
+                    transaction::recheck(&b, r).map(Response::RecheckTransaction)
+                }
+                Request::ResendDeadLetters(r) => {
+                    detached(b, |b| async move { dead_letters::resend(&b, r).await })
+                        .await
+                        .map(Response::ResendDeadLetters)
+                }
+                Request::GetTopicStatus(r) => topic::status(&b, r).map(Response::GetTopicStatus),
+                Request::DeleteTopic(r) => {
+                    detached(b, |b| async move { topic::delete(&b, r).await })
+                        .await
+                        .map(Response::DeleteTopic)
                 }
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,

@@ -133,3 +133,117 @@ pub(super) fn list(b: &BrokerInner) -> TopicList {
             .collect(),
     }
 }
+
+/// A topic's queues on this broker, with their bounds and when each last
+/// stored a message.
+///
+/// # Errors
+/// `UNKNOWN_TOPIC`.
+pub(super) fn status(
+    b: &BrokerInner,
+    req: txmq_protocol::GetTopicStatus,
+) -> Result<txmq_protocol::TopicStatus, WireError> {
+    let config = b
+        .topics
+        .get(&req.topic)
+        .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    let queues = (0..config.queues)
+        .map(|queue| {
+            let (min_offset, max_offset) =
+                b.store.queue_bounds(&req.topic, queue).unwrap_or((0, 0));
+            let last_store_ms = (max_offset > min_offset)
+                .then(|| b.store.read(&req.topic, queue, max_offset - 1, 1, 1))
+                .and_then(Result::ok)
+                .and_then(|r| r.messages.first().map(|m| m.store_timestamp));
+            txmq_protocol::QueueStatus {
+                queue,
+                min_offset,
+                max_offset,
+                last_store_ms,
+            }
+        })
+        .collect();
+    Ok(txmq_protocol::TopicStatus {
+        broker_name: b.config.broker_name.clone(),
+        topic: req.topic,
+        queues,
+    })
+}
+
+/// Deletes a topic: refused while a transaction with a half message for
+/// it is pending, unless `force` (then those are rolled back: their topic
+/// is gone); then its configuration (the next registration leaves it
+/// out, so the nameservers drop its route), its consume queues and its
+/// group offsets, recorded durably so recovery does not bring them back.
+///
+/// # Errors
+/// `UNKNOWN_TOPIC`; `BUSY` with pending transactions; `BAD_ARGUMENT` for
+/// the broker's internal topic; store errors.
+pub(super) async fn delete(
+    b: &BrokerInner,
+    req: txmq_protocol::DeleteTopic,
+) -> Result<txmq_protocol::TopicDeleted, WireError> {
+    let topic = req.topic;
+    if topic == crate::store::DELAY_TOPIC {
+        return Err(bad_argument(format!(
+            "topic {topic:?} is the broker's delay index; it cannot be deleted"
+        )));
+    }
+    if let Some(refusal) = b.replication.write_refusal(b) {
+        return Err(refusal);
+    }
+    let config = b
+        .topics
+        .get(&topic)
+        .ok_or_else(|| super::unknown_topic(b, &topic))?;
+    let pending = b.transactions.pending_on_topic(&topic);
+    if !pending.is_empty() {
+        if !req.force {
+            let ids: Vec<String> = pending.iter().take(10).map(u64::to_string).collect();
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "topic '{topic}' has {} pending transaction{} on broker {} (tx {}{}); resolve them, or delete with --force (rolls them back)",
+                    pending.len(),
+                    if pending.len() == 1 { "" } else { "s" },
+                    b.config.broker_name,
+                    ids.join(", "),
+                    if pending.len() > ids.len() { ", ..." } else { "" }
+                ),
+            ));
+        }
+        for tx_id in pending {
+            b.transactions
+                .end(
+                    tx_id,
+                    txmq_protocol::TxAction::Rollback,
+                    txmq_protocol::TxSource::Operator,
+                    None,
+                )
+                .await?;
+            tracing::warn!(tx_id, %topic, "pending transaction rolled back: its topic is deleted (--force)");
+        }
+    }
+    b.topics.remove(&topic)?;
+    let (deleted_below, offsets_removed) = b.store.delete_topic(&topic).map_err(store_error)?;
+    tracing::info!(%topic, deleted_below, offsets_removed, "topic deleted");
+    let version = b
+        .topics_version
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+        + 1;
+    b.topics_changed.notify_one();
+    // Answer once the nameservers no longer route it.
+    let mut registered = b.registered_version.subscribe();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        registered.wait_for(|v| *v >= version),
+    )
+    .await;
+    Ok(txmq_protocol::TopicDeleted {
+        broker_name: b.config.broker_name.clone(),
+        topic,
+        queues: config.queues,
+        offsets_removed,
+        deleted_below,
+    })
+}

@@ -195,3 +195,20 @@ async fn replicated(b: &BrokerInner, status: SendStatus) -> SendStatus {
 pub(super) fn list(b: &BrokerInner, _req: ListTransactions) -> TransactionList {
     b.transactions.list()
 }
+
+pub(super) fn show(
+    b: &BrokerInner,
+    req: txmq_protocol::ShowTransaction,
+) -> Result<txmq_protocol::TxDetail, WireError> {
+    b.transactions.show(req.tx_id)
+}
+
+pub(super) fn recheck(
+    b: &BrokerInner,
+    req: txmq_protocol::RecheckTransaction,
+) -> Result<txmq_protocol::Rechecked, WireError> {
+    if let Some(refusal) = b.replication.write_refusal(b) {
+        return Err(refusal);
+    }
+    b.transactions.recheck(req.tx_id)
+}

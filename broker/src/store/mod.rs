@@ -12,6 +12,7 @@ mod checkpoint;
 pub mod commit_log;
 pub mod consume_queue;
 pub mod delay;
+mod deleted_topics;
 mod flusher;
 pub mod producers;
 pub mod record;
@@ -20,6 +21,8 @@ mod writer;
 
 #[cfg(test)]
 mod delay_tests;
+#[cfg(test)]
+mod delete_tests;
 #[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
@@ -565,6 +568,51 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .push(f);
         Ok(Store { inner })
+    }
+
+    /// Deletes a topic's consume queues (in memory and on disk) and every
+    /// consumer group's offsets of it, then records the delete durably
+    /// (see `deleted_topics.rs`) so that recovery does not rebuild them
+    /// from the log; the log's records stay until retention drops them.
+    /// Returns the position below which the topic's records are ignored,
+    /// and how many offsets were removed; returns once the record is
+    /// fsynced. The caller stops new writes to the topic first (it is
+    /// removed from the topic table).
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for an internal topic; I/O errors.
+    pub fn delete_topic(&self, topic: &str) -> Result<(u64, usize), StoreError> {
+        check_not_internal(topic)?;
+        self.check_writable()?;
+        self.inner
+            .queues
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        let root = self.inner.config.dir.join("consumequeue");
+        match std::fs::remove_dir_all(root.join(topic)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StoreError::io(
+                    format!("cannot remove the consume queues of topic {topic}"),
+                    &e,
+                ))
+            }
+        }
+        if root.exists() {
+            commit_log::sync_dir(&root)
+                .map_err(|e| StoreError::io("cannot sync the consume queue directory", &e))?;
+        }
+        let before = self.inner.offsets.len();
+        self.inner.offsets.retain(|(_, t, _), _| t != topic);
+        let removed = before.saturating_sub(self.inner.offsets.len());
+        // Everything of the topic written so far lies below the log end.
+        let below = self.log_end();
+        deleted_topics::append(&self.inner.config.dir, topic, below).map_err(|e| {
+            StoreError::io(format!("cannot record the delete of topic {topic}"), &e)
+        })?;
+        Ok((below, removed))
     }
 
     /// The store's configuration.

@@ -259,6 +259,9 @@ pub(crate) struct Replayer<'a> {
     pub(crate) producers: &'a mut ProducerTable,
     /// Below this position only transaction state is rebuilt.
     pub(crate) dispatch_from: u64,
+    /// Deleted topics: their messages and offset commits below the
+    /// position are ignored (see `deleted_topics.rs`); `None` live.
+    pub(crate) deleted: Option<&'a super::deleted_topics::Deleted>,
 }
 
 impl Replayer<'_> {
@@ -301,7 +304,7 @@ impl Replayer<'_> {
                 }
             }
             RecordKind::OffsetCommit => {
-                if pos >= self.dispatch_from {
+                if pos >= self.dispatch_from && !self.is_deleted(&rec.message.topic, pos) {
                     let group = rec.message.key.unwrap_or_default();
                     self.offsets
                         .insert((group, rec.message.topic, rec.queue), rec.queue_offset);
@@ -521,6 +524,9 @@ impl Replayer<'_> {
                         continue;
                     }
                     if rec.kind == RecordKind::OffsetCommit {
+                        if self.is_deleted(&rec.message.topic, pos) {
+                            continue;
+                        }
                         let group = rec.message.key.unwrap_or_default();
                         self.offsets
                             .insert((group, rec.message.topic, rec.queue), rec.queue_offset);
@@ -533,8 +539,18 @@ impl Replayer<'_> {
         Ok(())
     }
 
+    /// Whether a record of `topic` at `pos` belongs to a deleted topic.
+    fn is_deleted(&self, topic: &str, pos: u64) -> bool {
+        self.deleted
+            .and_then(|d| d.get(topic))
+            .is_some_and(|below| pos < *below)
+    }
+
     fn dispatch(&mut self, rec: &Record, pos: u64, size: u32) -> Result<(), StoreError> {
         let topic = &rec.message.topic;
+        if self.is_deleted(topic, pos) {
+            return Ok(());
+        }
         // The store only writes valid topic names and queues of existing
         // topics, so a checksummed record naming anything else comes from a
         // bug or a hand-edited file. Creating its queue would make
@@ -595,7 +611,10 @@ pub(crate) fn recover(
     let checkpoint =
         Checkpoint::load(&config.dir).map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
     let first = log.segments().first().map_or(0, |s| s.start);
-    let (mut offsets, checkpointed, oldest_pending, justified, mut producers) = match checkpoint {
+    let deleted = super::deleted_topics::load(&config.dir)
+        .map_err(|e| StoreError::io("cannot read the deleted topics", &e))?;
+    let (mut offsets, checkpointed, oldest_pending, mut justified, mut producers) = match checkpoint
+    {
         Some(cp) => (
             cp.offsets,
             cp.position.max(first),
@@ -611,6 +630,18 @@ pub(crate) fn recover(
             ProducerTable::default(),
         ),
     };
+    // A checkpoint written before a topic's delete (its position at most
+    // the delete's) still holds the topic's offsets and queue entries:
+    // drop them (the queues are cut to nothing); the replay from the
+    // checkpoint brings back whatever came after the delete.
+    for (topic, below) in &deleted {
+        if checkpointed <= *below {
+            offsets.retain(|(_, t, _), _| t != topic);
+            if let Some(j) = justified.as_mut() {
+                j.retain(|(t, _), _| t != topic);
+            }
+        }
+    }
     // Entries past what the checkpoint's records justify may have lost
     // their record or move marker in a crash (consume queues are fsynced
     // after the log, while the writer goes on): cut them; the replay from
@@ -684,6 +715,7 @@ pub(crate) fn recover(
         state: &mut state,
         producers: &mut producers,
         dispatch_from: verify_from,
+        deleted: Some(&deleted),
     };
     if scan_from < verify_from {
         // Verified by an earlier run: read for transaction records only. A

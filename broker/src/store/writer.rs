@@ -809,6 +809,7 @@ impl Writer {
             state: &mut rw.state,
             producers: &mut producers,
             dispatch_from: 0,
+            deleted: None,
         };
         let mut rel = 0usize;
         while let Some(b) = data.get(rel..rel + 4) {

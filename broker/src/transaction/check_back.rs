@@ -17,7 +17,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use txmq_protocol::{now_millis, CheckTransaction, TxAction, TxResolution, TxSource};
+use txmq_protocol::{now_millis, CheckTransaction, EndedBy, TxAction, TxResolution, TxSource};
 use txmq_remoting::Error as RemotingError;
 
 use super::Transactions;
@@ -100,12 +100,12 @@ async fn group_worker(
 }
 
 async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
-    let Some((group, checks, messages)) = tx.check_request(tx_id) else {
+    let Some((group, checks, counted, messages)) = tx.check_request(tx_id) else {
         let error = "the transaction's half messages are unreadable".to_string();
         tx.check_done(tx_id, false, None, Some(error));
         return;
     };
-    if checks >= tx.config.check_max {
+    if counted >= tx.config.check_max {
         park(&tx, tx_id).await;
         tx.check_done(tx_id, false, None, None);
         return;
@@ -181,7 +181,10 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
             return;
         }
     };
-    if let Err(e) = tx.end(tx_id, action, TxSource::Producer, None).await {
+    if let Err(e) = tx
+        .end_as(tx_id, action, TxSource::Producer, None, EndedBy::CheckBack)
+        .await
+    {
         tracing::warn!(tx_id, ?action, error = %e, "cannot end a transaction after its check");
     }
 }

@@ -9,18 +9,20 @@
 
 mod check_back;
 mod due;
+mod forensics;
 mod offsets;
 mod producers;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use txmq_protocol::{
-    now_millis, Ended, ErrorCode, Message, MsgId, ProducerStamp, SendStatus, TransactionList,
-    TxAction, TxCounters, TxInfo, TxOffset, TxResolution, TxSource, TxState, WireError,
+    now_millis, CheckRecord, Ended, EndedBy, ErrorCode, Message, MsgId, ProducerStamp, SendStatus,
+    TransactionList, TxAction, TxCounters, TxInfo, TxOffset, TxResolution, TxSource, TxState,
+    WireError, CHECK_HISTORY,
 };
 
 pub(crate) use check_back::run as run_check_back;
@@ -47,6 +49,15 @@ const LIST_LIMIT: usize = 1000;
 
 /// How many ended transactions are remembered for idempotent ends.
 const ENDED_MEMORY: usize = 1_000_000;
+
+/// How many ended transactions keep their check history (for `tx show`).
+const ENDED_HISTORY: usize = 10_000;
+
+/// A transaction's last check-backs, oldest first (at most
+/// [`CHECK_HISTORY`]); allocated at its first check only, and boxed so
+/// that a transaction never checked costs 8 bytes for it (a million
+/// pending stay small).
+type History = Option<Box<VecDeque<CheckRecord>>>;
 
 /// Transaction settings.
 #[derive(Debug, Clone)]
@@ -91,6 +102,11 @@ struct Pending {
     last_error: Option<Box<str>>,
     phase: Phase,
     checking: bool,
+    /// Checks counted when an operator last rechecked it: the maximum
+    /// applies to the checks made since (0: never rechecked).
+    rechecked_at: u32,
+    /// Its last check-backs (this run of the broker only).
+    history: History,
 }
 
 /// Where a transaction's half messages are.
@@ -121,6 +137,10 @@ struct Table {
     /// ended is refused instead of starting a second one.
     ended_by_msg: HashMap<u64, u64>,
     ended_order: std::collections::VecDeque<u64>,
+    /// Check histories of the last ended transactions, by tx id, with
+    /// their order (bounded by [`ENDED_HISTORY`]).
+    ended_history: HashMap<u64, VecDeque<CheckRecord>>,
+    ended_history_order: VecDeque<u64>,
     groups: HashMap<String, Arc<str>>,
     /// When prepared transactions are next due for a check.
     due: due::DueIndex,
@@ -136,10 +156,18 @@ struct EndedTx {
     /// `msg_key` of its first message id; 0 when not known (a rollback
     /// marker written before markers carried the id).
     msg_key: u64,
+    /// Who ended it ([`EndedBy::Unknown`] before this run).
+    by: EndedBy,
+    /// When it ended, ms (broker clock); 0 before this run.
+    at: u64,
 }
 
 impl Table {
     fn remember_end(&mut self, tx_id: u64, committed: bool, msg_key: u64) {
+        self.remember_end_by(tx_id, committed, msg_key, EndedBy::Unknown, 0);
+    }
+
+    fn remember_end_by(&mut self, tx_id: u64, committed: bool, msg_key: u64, by: EndedBy, at: u64) {
         if self
             .ended
             .insert(
@@ -148,6 +176,8 @@ impl Table {
                     committed,
                     offset_conflict: false,
                     msg_key,
+                    by,
+                    at,
                 },
             )
             .is_none()
@@ -163,6 +193,19 @@ impl Table {
                             self.ended_by_msg.remove(&e.msg_key);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Keeps the check history of a transaction that just ended.
+    fn keep_history(&mut self, tx_id: u64, history: History) {
+        let Some(history) = history else { return };
+        if self.ended_history.insert(tx_id, *history).is_none() {
+            self.ended_history_order.push_back(tx_id);
+            if self.ended_history_order.len() > ENDED_HISTORY {
+                if let Some(old) = self.ended_history_order.pop_front() {
+                    self.ended_history.remove(&old);
                 }
             }
         }
@@ -494,6 +537,8 @@ impl Transactions {
                 last_error: None,
                 phase: Phase::Prepared,
                 checking: false,
+                rechecked_at: 0,
+                history: None,
             },
         );
         table.due.insert(tx_id, now.saturating_add(delay));
@@ -543,6 +588,22 @@ impl Transactions {
         action: TxAction,
         source: TxSource,
         msg_id: Option<MsgId>,
+    ) -> Result<Ended, WireError> {
+        let by = match source {
+            TxSource::Producer => EndedBy::Producer,
+            TxSource::Operator => EndedBy::Operator,
+        };
+        self.end_as(tx_id, action, source, msg_id, by).await
+    }
+
+    /// As [`Transactions::end`], remembering `by` as who ended it.
+    pub(crate) async fn end_as(
+        &self,
+        tx_id: u64,
+        action: TxAction,
+        source: TxSource,
+        msg_id: Option<MsgId>,
+        by: EndedBy,
     ) -> Result<Ended, WireError> {
         let unknown = || {
             WireError::new(
@@ -689,8 +750,15 @@ impl Transactions {
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
                     }
+                    table.keep_history(tx_id, p.history);
                 }
-                table.remember_end(tx_id, action == TxAction::Commit, first_msg_key);
+                table.remember_end_by(
+                    tx_id,
+                    action == TxAction::Commit,
+                    first_msg_key,
+                    by,
+                    now_millis(),
+                );
                 drop(table);
                 match action {
                     TxAction::Commit => self.counters.committed.fetch_add(1, Ordering::Relaxed),
@@ -713,8 +781,15 @@ impl Transactions {
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
                     }
+                    table.keep_history(tx_id, p.history);
                 }
-                table.remember_end(tx_id, false, first_msg_key);
+                table.remember_end_by(
+                    tx_id,
+                    false,
+                    first_msg_key,
+                    EndedBy::OffsetConflict,
+                    now_millis(),
+                );
                 if let Some(e) = table.ended.get_mut(&tx_id) {
                     e.offset_conflict = true;
                 }
@@ -1053,6 +1128,8 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
                 last_error: Some("its half message is unreadable (damaged log)".into()),
                 phase: Phase::Parked,
                 checking: false,
+                rechecked_at: 0,
+                history: None,
             },
         );
         return;
@@ -1089,6 +1166,8 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
                 Phase::Prepared
             },
             checking: false,
+            rechecked_at: 0,
+            history: None,
         },
     );
     if !t.parked {
@@ -1146,11 +1225,18 @@ fn ended_again(tx_id: u64, committed: bool, action: TxAction) -> Result<Ended, W
 
 /// For the check-back module: read access to what it needs.
 impl Transactions {
-    fn check_request(&self, tx_id: u64) -> Option<(Arc<str>, u32, Vec<Message>)> {
-        let (group, checks, halves) = {
+    /// The group, the checks sent, the checks that count against the
+    /// maximum (those since the last recheck) and the messages.
+    fn check_request(&self, tx_id: u64) -> Option<(Arc<str>, u32, u32, Vec<Message>)> {
+        let (group, checks, counted, halves) = {
             let table = lock(&self.table);
             let p = table.pending.get(&tx_id)?;
-            (p.group.clone(), p.checks, p.halves)
+            (
+                p.group.clone(),
+                p.checks,
+                p.checks.saturating_sub(p.rechecked_at),
+                p.halves,
+            )
         };
         // Read after the lock is released.
         let messages = self
@@ -1158,10 +1244,11 @@ impl Transactions {
             .into_iter()
             .map(|(_, m)| m)
             .collect();
-        Some((group, checks, messages))
+        Some((group, checks, counted, messages))
     }
 
-    /// Records a check's outcome; `sent` says whether it reached the producer.
+    /// Records a check's outcome; `sent` says whether it reached the
+    /// producer. Returns the checks that count against the maximum.
     fn check_done(
         &self,
         tx_id: u64,
@@ -1178,12 +1265,38 @@ impl Transactions {
         if sent {
             p.checks += 1;
         }
+        if sent || error.is_some() {
+            let history = p.history.get_or_insert_with(Box::default);
+            match history.back_mut() {
+                // The same failure again: one entry, counted.
+                Some(last) if !sent && !last.sent && last.error == error => {
+                    last.at_ms = now;
+                    last.times = last.times.saturating_add(1);
+                }
+                _ => {
+                    if history.len() >= CHECK_HISTORY {
+                        history.pop_front();
+                    }
+                    history.push_back(CheckRecord {
+                        at_ms: now,
+                        sent,
+                        answer,
+                        error: error.clone(),
+                        times: 1,
+                    });
+                }
+            }
+        }
         if answer.is_some() {
             p.last_check = answer;
         }
         p.last_error = error.map(String::into_boxed_str);
         p.next_check_at = now + self.config.check_interval.as_millis() as u64;
-        let (checks, due, prepared) = (p.checks, p.next_check_at, p.phase == Phase::Prepared);
+        let (checks, due, prepared) = (
+            p.checks.saturating_sub(p.rechecked_at),
+            p.next_check_at,
+            p.phase == Phase::Prepared,
+        );
         if prepared {
             table.due.insert(tx_id, due);
         }

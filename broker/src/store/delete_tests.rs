@@ -1,0 +1,129 @@
+//! Deleting a topic survives recovery whatever checkpoint the crash left:
+//! one from before the delete (which still lists the topic's queues and
+//! offsets), none at all (a replay of the whole log), and a topic made
+//! again under the same name after the delete.
+
+use std::time::Duration;
+
+use txmq_protocol::Message;
+
+use super::checkpoint::Checkpoint;
+use super::tests::config;
+use super::*;
+
+fn msg(topic: &str, body: &str) -> Message {
+    Message::new(topic, body.as_bytes().to_vec())
+}
+
+fn bodies(store: &Store, topic: &str, queue: u32) -> Vec<String> {
+    store
+        .read(topic, queue, 0, 100, 1 << 20)
+        .map(|r| {
+            r.messages
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes `orders` messages and an offset, waits for a checkpoint and
+/// keeps a copy of it, then deletes `orders`; returns the copy.
+async fn written_then_deleted(dir: &std::path::Path) -> (Store, Vec<u8>) {
+    let topics = vec![("orders".to_string(), 2), ("keep".to_string(), 1)];
+    let store = Store::open(config(dir, FlushMode::Sync), &topics).unwrap();
+    store
+        .append(
+            "orders",
+            1,
+            (0..5).map(|i| msg("orders", &format!("old-{i}"))).collect(),
+        )
+        .await
+        .unwrap();
+    store
+        .append("keep", 0, vec![msg("keep", "kept")])
+        .await
+        .unwrap();
+    store.commit_offset("g1", "orders", 1, 3).await.unwrap();
+    store.commit_offset("g1", "keep", 0, 1).await.unwrap();
+    // A checkpoint that lists the topic's queues and offsets.
+    let path = dir.join("checkpoint");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let old = loop {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        if let Ok(cp) = std::fs::read(&path) {
+            if Checkpoint::load(dir)
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.offsets.contains_key(&("g1".into(), "keep".into(), 0)))
+            {
+                break cp;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+    };
+    let (_, removed) = store.delete_topic("orders").unwrap();
+    assert_eq!(removed, 1);
+    assert!(store.queue("orders", 0).is_none());
+    assert_eq!(store.committed_offset("g1", "orders", 1), None);
+    (store, old)
+}
+
+#[tokio::test]
+async fn a_checkpoint_from_before_the_delete_does_not_bring_the_topic_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, old) = written_then_deleted(dir.path()).await;
+    store.shutdown().await;
+    std::fs::write(dir.path().join("checkpoint"), old).unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &[("keep".into(), 1)]).unwrap();
+    assert!(
+        store.topics().iter().all(|(t, _)| t != "orders"),
+        "{:?}",
+        store.topics()
+    );
+    assert_eq!(store.committed_offset("g1", "orders", 1), None);
+    assert_eq!(bodies(&store, "keep", 0), vec!["kept"]);
+    assert_eq!(store.committed_offset("g1", "keep", 0), Some(1));
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replay_of_the_whole_log_does_not_bring_the_topic_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = written_then_deleted(dir.path()).await;
+    store.shutdown().await;
+    std::fs::remove_file(dir.path().join("checkpoint")).unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &[("keep".into(), 1)]).unwrap();
+    assert!(store.topics().iter().all(|(t, _)| t != "orders"));
+    assert_eq!(store.committed_offset("g1", "orders", 1), None);
+    assert_eq!(bodies(&store, "keep", 0), vec!["kept"]);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_topic_made_again_starts_anew_and_keeps_only_what_came_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, old) = written_then_deleted(dir.path()).await;
+    store.ensure_queues("orders", 2).unwrap();
+    let a = store
+        .append("orders", 1, vec![msg("orders", "new")])
+        .await
+        .unwrap();
+    assert_eq!(a.first_offset, 0);
+    store.commit_offset("g1", "orders", 1, 1).await.unwrap();
+    store.shutdown().await;
+    // A crash that left the checkpoint from before the delete.
+    std::fs::write(dir.path().join("checkpoint"), old).unwrap();
+    let topics = [("keep".to_string(), 1), ("orders".to_string(), 2)];
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
+    assert_eq!(bodies(&store, "orders", 1), vec!["new"]);
+    assert_eq!(store.committed_offset("g1", "orders", 1), Some(1));
+    store.shutdown().await;
+    // And with no checkpoint at all.
+    std::fs::remove_file(dir.path().join("checkpoint")).unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
+    assert_eq!(bodies(&store, "orders", 1), vec!["new"]);
+    assert_eq!(bodies(&store, "orders", 0), Vec::<String>::new());
+    assert_eq!(store.committed_offset("g1", "orders", 1), Some(1));
+    store.shutdown().await;
+}

@@ -1,0 +1,218 @@
+//! What an operator asks of one transaction: `tx show` (its half
+//! messages, state and check history, or how it ended) and `tx recheck`
+//! (un-park it and check it back now).
+//!
+//! The check history is kept in memory, per transaction, bounded by
+//! [`CHECK_HISTORY`]: it does not survive a restart (the number of checks
+//! does: each is a marker in the log). A recheck is in memory too: after a
+//! restart a rechecked transaction that is still pending is parked again,
+//! as its park marker says.
+
+use txmq_protocol::{
+    now_millis, EndedBy, ErrorCode, Rechecked, TxDetail, TxEnding, TxMessage, TxState, WireError,
+};
+
+use super::{
+    lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY, PROP_PRODUCER_GROUP,
+};
+use crate::store::record::RecordKind;
+use crate::store::{PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT};
+
+impl Transactions {
+    /// Everything known of transaction `tx_id`: pending (prepared or
+    /// parked) from the table, ended from what is remembered of it and its
+    /// half messages while the log still holds them.
+    ///
+    /// # Errors
+    /// `UNKNOWN_TRANSACTION` when the broker does not know the id.
+    pub(crate) fn show(&self, tx_id: u64) -> Result<TxDetail, WireError> {
+        let now = now_millis();
+        let table = lock(&self.table);
+        if let Some(p) = table.pending.get(&tx_id) {
+            let state = if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
+                TxState::Parked
+            } else {
+                TxState::Prepared
+            };
+            let mut detail = TxDetail {
+                broker_name: self.broker_name.clone(),
+                tx_id,
+                state,
+                producer_group: Some(p.group.to_string()),
+                prepared_at_ms: Some(p.prepared_at),
+                age_ms: Some(now.saturating_sub(p.prepared_at)),
+                checks: p.checks,
+                next_check_at_ms: (state == TxState::Prepared).then_some(p.next_check_at),
+                messages: Vec::new(),
+                history: p
+                    .history
+                    .as_deref()
+                    .map(|h| h.iter().cloned().collect())
+                    .unwrap_or_default(),
+                ended: None,
+            };
+            let halves = p.halves;
+            drop(table);
+            // Read after the lock is released.
+            detail.messages = self.show_halves(halves);
+            return Ok(detail);
+        }
+        let Some(ended) = table.ended.get(&tx_id).copied() else {
+            return Err(WireError::new(
+                ErrorCode::UnknownTransaction,
+                format!(
+                    "transaction {tx_id} is not known to broker {} (never prepared here, or ended long ago)",
+                    self.broker_name
+                ),
+            ));
+        };
+        let history = table
+            .ended_history
+            .get(&tx_id)
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
+        drop(table);
+        let mut detail = TxDetail {
+            broker_name: self.broker_name.clone(),
+            tx_id,
+            state: if ended.committed {
+                TxState::Committed
+            } else {
+                TxState::RolledBack
+            },
+            producer_group: None,
+            prepared_at_ms: None,
+            age_ms: None,
+            checks: 0,
+            next_check_at_ms: None,
+            messages: Vec::new(),
+            history,
+            ended: Some(TxEnding {
+                by: ended.by,
+                at_ms: (ended.by != EndedBy::Unknown && ended.at != 0).then_some(ended.at),
+            }),
+        };
+        detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
+        // The half messages start at the tx id unless they were carried
+        // forward (then the id's record is gone or another one).
+        if let Some((first, _)) = self.store.read_record_at(tx_id) {
+            if first.kind == RecordKind::Half && first.aux == tx_id {
+                let props = &first.message.properties;
+                detail.producer_group = props.get(PROP_PRODUCER_GROUP).cloned();
+                let prepared_at = props
+                    .get(PROP_CARRIED_PREPARED_AT)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(first.store_timestamp);
+                detail.prepared_at_ms = Some(prepared_at);
+                detail.age_ms = Some(now.saturating_sub(prepared_at));
+                detail.messages = self.show_halves(Halves {
+                    first: tx_id,
+                    count: first.flags.max(1),
+                });
+            }
+        }
+        Ok(detail)
+    }
+
+    /// The half messages with the broker's own properties removed (the
+    /// user's stay).
+    fn show_halves(&self, halves: Halves) -> Vec<TxMessage> {
+        self.read_halves_raw(halves)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(queue, mut message)| {
+                for p in [
+                    PROP_PRODUCER_GROUP,
+                    PROP_CHECK_DELAY,
+                    PROP_ATTEMPT,
+                    super::offsets::PROP_OFFSETS,
+                    PROP_CARRIED_PREPARED_AT,
+                    PROP_CARRIED_CHECKS,
+                    PROP_CARRIED_PARKED,
+                ] {
+                    message.properties.remove(p);
+                }
+                TxMessage { queue, message }
+            })
+            .collect()
+    }
+
+    /// Un-parks a parked transaction, or hurries a prepared one: its next
+    /// check is due now, and it gets a fresh allowance of `check_max`
+    /// checks before it is parked again.
+    ///
+    /// # Errors
+    /// `UNKNOWN_TRANSACTION`; `TRANSACTION_COMMITTED` or
+    /// `TRANSACTION_ROLLED_BACK` for an ended one; `BUSY` while it is being
+    /// ended or carried forward.
+    pub(crate) fn recheck(&self, tx_id: u64) -> Result<Rechecked, WireError> {
+        let now = now_millis();
+        let mut table = lock(&self.table);
+        if let Some(ended) = table.ended.get(&tx_id) {
+            let (code, state) = if ended.committed {
+                (ErrorCode::TransactionCommitted, "committed")
+            } else {
+                (ErrorCode::TransactionRolledBack, "rolled back")
+            };
+            return Err(WireError::new(
+                code,
+                format!("transaction {tx_id} was already {state}; there is nothing to check"),
+            ));
+        }
+        let super::Table { pending, due, .. } = &mut *table;
+        let Some(p) = pending.get_mut(&tx_id) else {
+            return Err(WireError::new(
+                ErrorCode::UnknownTransaction,
+                format!(
+                    "transaction {tx_id} is not known to broker {}",
+                    self.broker_name
+                ),
+            ));
+        };
+        let previous = match p.phase {
+            Phase::Parked => TxState::Parked,
+            Phase::Prepared => TxState::Prepared,
+            Phase::Ending(..) | Phase::Carrying(_) => {
+                return Err(WireError::new(
+                    ErrorCode::Busy,
+                    format!("transaction {tx_id} is being ended or moved; try again"),
+                ));
+            }
+        };
+        p.phase = Phase::Prepared;
+        p.rechecked_at = p.checks;
+        p.next_check_at = now;
+        let checks = p.checks;
+        if !p.checking {
+            due.insert(tx_id, now);
+        }
+        let group = p.group.clone();
+        drop(table);
+        self.wake.notify_one();
+        tracing::info!(tx_id, %group, ?previous, checks, "transaction rechecked by an operator");
+        Ok(Rechecked {
+            broker_name: self.broker_name.clone(),
+            tx_id,
+            previous,
+            checks,
+        })
+    }
+
+    /// Pending (prepared or parked) transactions with a half message for
+    /// `topic`, by id.
+    pub(crate) fn pending_on_topic(&self, topic: &str) -> Vec<u64> {
+        let all: Vec<(u64, Halves)> = lock(&self.table)
+            .pending
+            .iter()
+            .map(|(&id, p)| (id, p.halves))
+            .collect();
+        // Read after the lock is released.
+        all.into_iter()
+            .filter(|(_, halves)| {
+                self.read_halves_raw(*halves)
+                    .is_some_and(|h| h.iter().any(|(_, m)| m.topic == topic))
+            })
+            .map(|(id, _)| id)
+            .collect()
+    }
+}

@@ -1,0 +1,153 @@
+//! [`Admin`] operations of issue 17, part C: transaction forensics,
+//! dead-letter resend, topic status and delete.
+
+use txmq_protocol::{
+    DeadLettersResent, DeleteTopic, ErrorCode, GetTopicStatus, RecheckTransaction, Rechecked,
+    ResendDeadLetters, ShowTransaction, TopicDeleted, TopicStatus, TxDetail,
+};
+
+use super::{Admin, BrokerAnswer};
+use crate::{Error, Result};
+
+/// Keeps the brokers' answers, leaving out those refused with `skip` (the
+/// broker does not know the thing asked); another failure is returned.
+fn known<T>(answers: Vec<BrokerAnswer<T>>, skip: ErrorCode) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for a in answers {
+        match a.result {
+            Ok(v) => out.push(v),
+            Err(e) if e.code() == Some(skip) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+impl Admin {
+    /// Everything the brokers know of transaction `tx_id` (one entry per
+    /// broker that knows the id: ids are unique per broker only): its half
+    /// messages, state, check history, or how it ended.
+    ///
+    /// # Errors
+    /// [`Error::UnknownTransaction`] when no broker knows it;
+    /// [`Error::UnknownBroker`]; a broker's failure or refusal.
+    pub async fn show_transaction(
+        &self,
+        tx_id: u64,
+        broker: Option<&str>,
+    ) -> Result<Vec<TxDetail>> {
+        let targets = self.targets(broker).await?;
+        let all: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
+        let answers = self.ask_each(targets, ShowTransaction { tx_id }).await;
+        let found = known(answers, ErrorCode::UnknownTransaction)?;
+        if found.is_empty() {
+            return Err(Error::UnknownTransaction {
+                tx_id,
+                brokers: all,
+            });
+        }
+        Ok(found)
+    }
+
+    /// Un-parks transaction `tx_id` and has its broker check it back now,
+    /// with a fresh allowance of checks; a prepared one is checked now.
+    ///
+    /// # Errors
+    /// [`Error::UnknownTransaction`]; [`Error::AmbiguousTransaction`] when
+    /// several brokers know the id (name the broker); `TRANSACTION_COMMITTED`
+    /// or `TRANSACTION_ROLLED_BACK` for an ended one.
+    pub async fn recheck_transaction(&self, tx_id: u64, broker: Option<&str>) -> Result<Rechecked> {
+        let found = self.show_transaction(tx_id, broker).await?;
+        let [one] = found.as_slice() else {
+            return Err(Error::AmbiguousTransaction {
+                tx_id,
+                brokers: found.into_iter().map(|d| d.broker_name).collect(),
+            });
+        };
+        let targets = self.targets(Some(&one.broker_name)).await?;
+        let (name, addr) = targets.into_iter().next().ok_or(Error::NoBroker)?;
+        self.ask(&name, &addr, RecheckTransaction { tx_id }).await
+    }
+
+    /// Re-sends dead letters of a consumer group on every broker (or one):
+    /// see [`ResendDeadLetters`]. One answer per broker.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBroker`]; a broker's failure or refusal (an unknown
+    /// `--to` topic, say).
+    pub async fn resend_dead_letters(
+        &self,
+        request: ResendDeadLetters,
+        broker: Option<&str>,
+    ) -> Result<Vec<DeadLettersResent>> {
+        self.each_broker(broker, request).await
+    }
+
+    /// A topic's queues on each broker that has it: min and max offset and
+    /// last store time.
+    ///
+    /// # Errors
+    /// `UNKNOWN_TOPIC` when no broker has it; a broker's failure.
+    pub async fn topic_status(
+        &self,
+        topic: &str,
+        broker: Option<&str>,
+    ) -> Result<Vec<TopicStatus>> {
+        let targets = self.targets(broker).await?;
+        let request = GetTopicStatus {
+            topic: topic.to_string(),
+        };
+        let answers = self.ask_each(targets, request).await;
+        let mut unknown = None;
+        let mut out = Vec::new();
+        for a in answers {
+            match a.result {
+                Ok(v) => out.push(v),
+                Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
+                    unknown.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match (out.is_empty(), unknown) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    /// Deletes a topic on every broker that has it (or one): its
+    /// configuration, routes, consume queues and group offsets.
+    ///
+    /// # Errors
+    /// `UNKNOWN_TOPIC` when no broker has it; `BUSY` while a transaction
+    /// with a half message for it is pending (unless `force`); a broker's
+    /// failure.
+    pub async fn delete_topic(
+        &self,
+        topic: &str,
+        force: bool,
+        broker: Option<&str>,
+    ) -> Result<Vec<TopicDeleted>> {
+        let targets = self.targets(broker).await?;
+        let request = DeleteTopic {
+            topic: topic.to_string(),
+            force,
+        };
+        let answers = self.ask_each(targets, request).await;
+        let mut unknown = None;
+        let mut out = Vec::new();
+        for a in answers {
+            match a.result {
+                Ok(v) => out.push(v),
+                Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
+                    unknown.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match (out.is_empty(), unknown) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    }
+}

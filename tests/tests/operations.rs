@@ -1,0 +1,638 @@
+//! Operating txmq (issue 17, part C) through the real `txmq` CLI against
+//! real `txmq-nameserver` and `txmq-broker` processes: transaction
+//! forensics (`tx show`, `tx list` filters and exit codes, `tx recheck`),
+//! dead-letter resend (`dlq resend`), and `topic delete` / `topic status`,
+//! including a `kill -9` and restart after a delete, and bad input.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use txmq::{handler_fn, ConsumeResult, PushConsumer, ReceivedMessage};
+use txmq_tests::output::{ok, stderr, stdout};
+use txmq_tests::{free_port, json_lines, txmq_cli, BrokerProcess, NameserverProcess};
+
+/// A nameserver and one broker, real processes, in a temp dir.
+struct Setup {
+    _dir: tempfile::TempDir,
+    _ns: NameserverProcess,
+    broker: BrokerProcess,
+    ns: String,
+}
+
+impl Setup {
+    fn start(broker_flags: &[&str]) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ns = format!("127.0.0.1:{}", free_port());
+        let nameserver = NameserverProcess::start(&ns, &[], &dir.path().join("nameserver.log"));
+        let broker =
+            BrokerProcess::start(&dir.path().join("broker"), &ns, "broker-a", broker_flags);
+        let setup = Setup {
+            _dir: dir,
+            _ns: nameserver,
+            broker,
+            ns,
+        };
+        setup.wait_registered();
+        setup
+    }
+
+    fn wait_registered(&self) {
+        wait_until("the broker registers", || {
+            self.cli(&["cluster"]).status.success()
+                && stdout(&self.cli(&["cluster"])).contains("broker-a")
+        });
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        txmq_cli(&self.ns, args, None)
+    }
+
+    fn json(&self, args: &[&str]) -> (Output, Vec<Value>) {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        let lines = json_lines(&out.stdout);
+        (out, lines)
+    }
+}
+
+#[track_caller]
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asserts exit code 1 with `needle` in stderr.
+#[track_caller]
+fn fails_with(o: &Output, needle: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit 1 expected\nstdout:\n{}\nstderr:\n{}",
+        stdout(o),
+        stderr(o)
+    );
+    assert!(
+        stderr(o).contains(needle),
+        "stderr should say {needle:?}: {}",
+        stderr(o)
+    );
+}
+
+fn show(s: &Setup, tx_id: u64) -> Value {
+    let (out, lines) = s.json(&["tx", "show", &tx_id.to_string()]);
+    ok(&out);
+    lines.into_iter().next().expect("one object")
+}
+
+fn tx_send(s: &Setup, args: &[&str]) -> u64 {
+    let mut all = vec!["tx", "send"];
+    all.extend_from_slice(args);
+    let (out, lines) = s.json(&all);
+    ok(&out);
+    lines[0]["tx_id"].as_u64().expect("tx_id")
+}
+
+fn consume(s: &Setup, topic: &str, group: &str) -> Vec<Value> {
+    let (out, lines) = s.json(&[
+        "consume",
+        topic,
+        "--group",
+        group,
+        "--idle-timeout",
+        "2s",
+        "--commit-interval",
+        "100ms",
+    ]);
+    ok(&out);
+    lines
+}
+
+#[test]
+fn tx_show_list_filters_and_recheck() {
+    let s = Setup::start(&[
+        "--transaction-timeout",
+        "200ms",
+        "--transaction-check-interval",
+        "200ms",
+        "--transaction-check-max",
+        "3",
+        "--transaction-check-timeout",
+        "300ms",
+    ]);
+    ok(&s.cli(&["topic", "create", "orders", "--queues", "2"]));
+
+    // Nothing pending: every filter finds nothing and exits 0.
+    ok(&s.cli(&["tx", "list", "--state", "parked"]));
+
+    // tx1: its producer answers every check "unknown" until it is parked.
+    let tx1 = tx_send(
+        &s,
+        &[
+            "orders", "--group", "pg", "--body", "first", "--key", "k1", "--local", "unknown",
+            "--check", "unknown", "--linger", "2s",
+        ],
+    );
+    wait_until("tx1 is parked", || show(&s, tx1)["state"] == "parked");
+    let d1 = show(&s, tx1);
+    assert_eq!(d1["producer_group"], "pg");
+    assert_eq!(d1["checks"], 3);
+    let history = d1["history"].as_array().expect("history");
+    let answered: Vec<&Value> = history.iter().filter(|c| c["sent"] == true).collect();
+    assert_eq!(answered.len(), 3, "three checks sent: {d1}");
+    assert!(answered.iter().all(|c| c["answer"] == "unknown"), "{d1}");
+    assert!(answered.iter().all(|c| c["at_ms"].as_u64() > Some(0)));
+    assert_eq!(d1["messages"][0]["body"], "first");
+    assert_eq!(d1["messages"][0]["key"], "k1");
+    assert_eq!(d1["messages"][0]["topic"], "orders");
+    assert!(
+        d1["messages"][0]["properties"]
+            .as_object()
+            .is_some_and(|p| p.keys().all(|k| !k.starts_with("__txmq"))),
+        "the broker's own properties are not shown: {d1}"
+    );
+
+    // tx2: its producer is gone; checks cannot be made (not counted), so
+    // it stays pending, with the reason in its history.
+    let tx2 = tx_send(
+        &s,
+        &[
+            "orders", "--group", "pg", "--body", "second", "--local", "unknown",
+        ],
+    );
+    wait_until("tx2 has failed checks", || {
+        show(&s, tx2)["history"][0]["times"].as_u64() >= Some(2)
+    });
+    let d2 = show(&s, tx2);
+    assert_eq!(d2["state"], "prepared");
+    assert_eq!(d2["checks"], 0);
+    assert_eq!(
+        d2["history"].as_array().map(Vec::len),
+        Some(1),
+        "the same failure in a row is one entry, counted: {d2}"
+    );
+    assert!(
+        d2["history"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no producer of group 'pg'")),
+        "{d2}"
+    );
+    assert_eq!(d2["history"][0]["sent"], false);
+    // The text form names the state, group, message and checks.
+    let text = ok(&s.cli(&["tx", "show", &tx2.to_string()]));
+    assert!(
+        text.starts_with(&format!("transaction {tx2} on broker-a: prepared")),
+        "{text}"
+    );
+    assert!(text.contains("producer group: pg"), "{text}");
+    assert!(text.contains("body=second"), "{text}");
+    assert!(text.contains("not sent error=no producer"), "{text}");
+
+    // Filters: exit 1 when something matches (cron / alerting), 0 when not.
+    let (out, lines) = s.json(&["tx", "list", "--state", "parked"]);
+    fails_with(&out, "1 transaction matches");
+    let listed: Vec<u64> = lines.iter().filter_map(|l| l["tx_id"].as_u64()).collect();
+    assert_eq!(listed, vec![tx1]);
+    let (out, lines) = s.json(&["tx", "list", "--state", "pending", "--group", "pg"]);
+    fails_with(&out, "1 transaction matches");
+    assert_eq!(lines[0]["tx_id"], tx2);
+    assert_eq!(lines[0]["state"], "prepared");
+    assert!(lines.last().is_some_and(|l| l["counters"].is_object()));
+    let (out, _) = s.json(&["tx", "list", "--group", "pg", "--older-than", "0s"]);
+    fails_with(&out, "2 transactions match");
+    ok(&s.cli(&["tx", "list", "--group", "other"]));
+    ok(&s.cli(&["tx", "list", "--older-than", "1h"]));
+    // Without a filter the listing is as before: exit 0.
+    let all = ok(&s.cli(&["tx", "list"]));
+    assert!(all.contains(&tx1.to_string()) && all.contains(&tx2.to_string()));
+    let bad = s.cli(&["tx", "list", "--state", "done"]);
+    assert_eq!(bad.status.code(), Some(2));
+
+    // Recheck the parked one: un-parked at once...
+    let out = ok(&s.cli(&["tx", "recheck", &tx1.to_string()]));
+    assert!(out.contains("was parked; un-parked"), "{out}");
+    assert_eq!(show(&s, tx1)["state"], "prepared");
+    // ... and once its producer is fixed, checked and committed.
+    let ns = s.ns.clone();
+    let listener = std::thread::spawn(move || {
+        txmq_cli(
+            &ns,
+            &[
+                "tx",
+                "listen",
+                "--group",
+                "pg",
+                "--check",
+                "commit",
+                "--duration",
+                "4s",
+            ],
+            None,
+        )
+    });
+    wait_until("tx1 is committed by its check-back", || {
+        show(&s, tx1)["state"] == "committed"
+    });
+    let d1 = show(&s, tx1);
+    assert_eq!(d1["ended_by"], "check_back");
+    assert!(d1["ended_at_ms"].as_u64().is_some());
+    assert!(
+        d1["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|c| c["answer"] == "commit")),
+        "{d1}"
+    );
+    assert_eq!(
+        d1["messages"][0]["body"], "first",
+        "bodies of an ended one too"
+    );
+    wait_until("tx2 is committed", || show(&s, tx2)["state"] == "committed");
+    let _ = listener.join();
+    let bodies: Vec<String> = consume(&s, "orders", "readers")
+        .iter()
+        .filter_map(|m| m["body"].as_str().map(str::to_string))
+        .collect();
+    assert!(bodies.contains(&"first".to_string()), "{bodies:?}");
+    assert!(bodies.contains(&"second".to_string()), "{bodies:?}");
+
+    // A pending one can be rechecked (checked now); an ended one cannot.
+    let tx3 = tx_send(
+        &s,
+        &[
+            "orders", "--group", "pg", "--body", "third", "--local", "unknown",
+        ],
+    );
+    let out = ok(&s.cli(&["tx", "recheck", &tx3.to_string()]));
+    assert!(out.contains("was pending"), "{out}");
+    fails_with(
+        &s.cli(&["tx", "recheck", &tx1.to_string()]),
+        "already committed",
+    );
+
+    // Ended by an operator, and by the producer: tx show says so.
+    ok(&s.cli(&["tx", "resolve", &tx3.to_string(), "--rollback"]));
+    let d3 = show(&s, tx3);
+    assert_eq!(d3["state"], "rolled_back");
+    assert_eq!(d3["ended_by"], "operator");
+    let text = ok(&s.cli(&["tx", "show", &tx3.to_string()]));
+    assert!(
+        text.contains("ended: rolled_back by operator at "),
+        "{text}"
+    );
+    let tx4 = tx_send(
+        &s,
+        &[
+            "orders", "--group", "pg", "--body", "fourth", "--local", "commit",
+        ],
+    );
+    let d4 = show(&s, tx4);
+    assert_eq!(
+        (d4["state"].as_str(), d4["ended_by"].as_str()),
+        (Some("committed"), Some("producer"))
+    );
+
+    // Unknown ids: exit 1 with a clear error.
+    fails_with(&s.cli(&["tx", "show", "987654321"]), "987654321");
+    fails_with(&s.cli(&["tx", "recheck", "987654321"]), "987654321");
+    assert_eq!(
+        s.cli(&["tx", "show", "not-a-number"]).status.code(),
+        Some(2)
+    );
+}
+
+/// Makes `n` dead letters of `group` from `topic`: a push consumer that
+/// fails every message, with no redelivery allowed.
+fn make_dead_letters(ns: &str, topic: &str, group: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let consumer = PushConsumer::builder()
+            .nameserver(ns)
+            .group(group)
+            .subscribe(topic, "*")
+            .max_reconsume_times(0)
+            .rebalance_interval(Duration::from_millis(300))
+            .commit_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(300))
+            .route_refresh_interval(Duration::from_millis(300))
+            .start(handler_fn(|_m: &ReceivedMessage| async {
+                ConsumeResult::retry_after(Duration::from_millis(10))
+            }))
+            .await
+            .expect("consumer starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = txmq_cli(ns, &["--output", "json", "dlq", "list", group], None);
+            if json_lines(&listed.stdout).len() >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no {n} dead letters");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        consumer.shutdown().await.expect("consumer stops");
+    });
+}
+
+#[test]
+fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
+    let s = Setup::start(&[]);
+    ok(&s.cli(&["topic", "create", "bills", "--queues", "2"]));
+    ok(&s.cli(&["topic", "create", "replay", "--queues", "1"]));
+    for body in ["b1", "b2", "b3"] {
+        ok(&s.cli(&["send", "bills", "--body", body]));
+    }
+    make_dead_letters(&s.ns, "bills", "billing", 3);
+
+    // Empty DLQ (a group with no dead letters): exit 1, clear message.
+    fails_with(
+        &s.cli(&["dlq", "resend", "nobody", "--all"]),
+        "group nobody has no dead letters",
+    );
+    // Neither --all nor --msg-id: usage error.
+    assert_eq!(s.cli(&["dlq", "resend", "billing"]).status.code(), Some(2));
+
+    // --all: each letter back to its original topic, reconsume count reset.
+    let (out, lines) = s.json(&["dlq", "resend", "billing", "--all"]);
+    ok(&out);
+    let resent: Vec<&Value> = lines.iter().filter(|l| l["msg_id"].is_string()).collect();
+    assert_eq!(resent.len(), 3, "{lines:?}");
+    assert!(resent.iter().all(|r| r["topic"] == "bills"));
+    let summary = lines.last().expect("summary");
+    assert_eq!(summary["resent"], 3);
+    let again: Vec<Value> = consume(&s, "bills", "auditors");
+    assert_eq!(again.len(), 6, "3 originals and 3 resent: {again:?}");
+    let resent_ids: Vec<String> = resent
+        .iter()
+        .map(|r| r["msg_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let copies: Vec<&Value> = again
+        .iter()
+        .filter(|m| m["queue_offset"].as_u64().is_some_and(|_| true))
+        .filter(|m| resent_ids.contains(&m["msg_id"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    assert_eq!(copies.len(), 6, "the copies keep their msg ids");
+    assert!(again.iter().all(|m| m["reconsume_times"] == 0), "{again:?}");
+
+    // A second --all resends nothing new, and says so (exit 1).
+    let out = s.cli(&["dlq", "resend", "billing", "--all"]);
+    fails_with(&out, "nothing resent");
+    assert!(
+        stdout(&out).contains("0 dead letters of group billing resent; 3 resent before"),
+        "{}",
+        stdout(&out)
+    );
+
+    // By id: refused when resent before, unless --force; --to another topic.
+    let id = resent_ids[0].as_str();
+    fails_with(
+        &s.cli(&["dlq", "resend", "billing", "--msg-id", id]),
+        "nothing resent",
+    );
+    let out = ok(&s.cli(&[
+        "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "replay",
+    ]));
+    assert!(
+        out.contains(&format!(
+            "resent {id} from %DLQ%billing on broker-a to replay"
+        )),
+        "{out}"
+    );
+    let replayed = consume(&s, "replay", "auditors");
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["msg_id"], id);
+    // Unknown ids, malformed ids, unknown --to topic.
+    let other = "0123456789ABCDEF0123456789ABCDEF";
+    let out = s.cli(&["dlq", "resend", "billing", "--msg-id", other]);
+    fails_with(&out, "nothing resent");
+    assert!(
+        stdout(&out).contains(&format!("not in %DLQ%billing: {other}")),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        s.cli(&["dlq", "resend", "billing", "--msg-id", "xyz"])
+            .status
+            .code(),
+        Some(2)
+    );
+    fails_with(
+        &s.cli(&[
+            "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "nowhere",
+        ]),
+        "nowhere",
+    );
+
+    // The record survives a restart: --all still resends nothing.
+    let mut broker = s.broker;
+    broker.restart();
+    let s = Setup { broker, ..s };
+    s.wait_registered();
+    fails_with(
+        &s.cli(&["dlq", "resend", "billing", "--all"]),
+        "nothing resent",
+    );
+}
+
+fn queue_sum(lines: &[Value]) -> u64 {
+    lines.iter().filter_map(|q| q["max_offset"].as_u64()).sum()
+}
+
+fn topic_listed(s: &Setup, topic: &str) -> bool {
+    let (out, lines) = s.json(&["topic", "list"]);
+    ok(&out);
+    lines.iter().any(|t| t["topic"] == topic)
+}
+
+#[test]
+fn topic_status_and_delete_survive_kill_9() {
+    let s = Setup::start(&["--flush", "sync"]);
+    ok(&s.cli(&["topic", "create", "gone", "--queues", "2"]));
+    for i in 0..5 {
+        ok(&s.cli(&["send", "gone", "--body", &format!("old-{i}")]));
+    }
+    // Status: per queue min and max offset and last store time.
+    let (out, lines) = s.json(&["topic", "status", "gone"]);
+    ok(&out);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(queue_sum(&lines), 5);
+    for q in &lines {
+        assert_eq!(q["min_offset"], 0);
+        let filled = q["max_offset"].as_u64() > Some(0);
+        assert_eq!(q["last_store_ms"].as_u64().is_some(), filled, "{q}");
+    }
+    let text = ok(&s.cli(&["topic", "status", "gone"]));
+    assert!(
+        text.contains("MIN OFFSET") && text.contains("LAST STORED"),
+        "{text}"
+    );
+    fails_with(&s.cli(&["topic", "status", "missing"]), "missing");
+    assert_eq!(consume(&s, "gone", "g1").len(), 5);
+
+    // Refused while a transaction with a half message for it is pending.
+    let tx = tx_send(
+        &s,
+        &[
+            "gone", "--group", "pg", "--body", "half", "--local", "unknown",
+        ],
+    );
+    fails_with(&s.cli(&["topic", "delete", "gone"]), "pending transaction");
+    assert!(topic_listed(&s, "gone"));
+    let out = ok(&s.cli(&["topic", "delete", "gone", "--force"]));
+    assert!(
+        out.contains("deleted topic gone on broker-a: 2 queues"),
+        "{out}"
+    );
+    assert_eq!(
+        show(&s, tx)["state"],
+        "rolled_back",
+        "--force rolls it back"
+    );
+
+    // Routes, queues and offsets are gone.
+    assert!(!topic_listed(&s, "gone"));
+    wait_until("the route is gone", || {
+        !s.cli(&["topic", "route", "gone"]).status.success()
+    });
+    fails_with(&s.cli(&["topic", "status", "gone"]), "gone");
+    assert!(!s.broker.data_dir.join("consumequeue").join("gone").exists());
+    fails_with(&s.cli(&["topic", "delete", "gone"]), "does not exist");
+
+    // kill -9 and restart: still deleted (recovery does not rebuild it).
+    let mut broker = s.broker;
+    broker.restart();
+    let s = Setup { broker, ..s };
+    s.wait_registered();
+    assert!(!topic_listed(&s, "gone"));
+    fails_with(&s.cli(&["topic", "status", "gone"]), "gone");
+
+    // Auto-create is on: a send makes a new, empty topic; offsets start
+    // at 0 and no old message (nor old group offset) comes back.
+    ok(&s.cli(&["send", "gone", "--body", "new"]));
+    let (_, lines) = s.json(&["topic", "status", "gone"]);
+    assert_eq!(queue_sum(&lines), 1);
+    let got = consume(&s, "gone", "g1");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["body"], "new");
+    assert_eq!(got[0]["queue_offset"], 0);
+
+    let mut broker = s.broker;
+    broker.restart();
+    let s = Setup { broker, ..s };
+    s.wait_registered();
+    let got = consume(&s, "gone", "g2");
+    let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
+    assert_eq!(bodies, vec!["new"]);
+}
+
+#[test]
+fn a_deleted_topic_is_unknown_with_auto_create_off() {
+    let s = Setup::start(&["--auto-create-topics", "false"]);
+    ok(&s.cli(&["topic", "create", "typo", "--queues", "1"]));
+    ok(&s.cli(&["send", "typo", "--body", "x"]));
+    ok(&s.cli(&["topic", "delete", "typo"]));
+    let out = s.cli(&["send", "typo", "--body", "y"]);
+    assert!(
+        !out.status.success(),
+        "a send to a deleted topic fails: {}",
+        stdout(&out)
+    );
+    fails_with(&s.cli(&["topic", "delete", "typo"]), "does not exist");
+}
+
+/// The users of the permission test: an operator, and an application that
+/// may publish to and read `orders` only.
+const ACL: &str = r#"
+[[user]]
+access_key = "ops"
+secret_key = "ops-secret"
+admin = true
+
+[[user]]
+access_key = "app"
+secret_key = "app-secret"
+topics = { "orders" = ["pub", "sub"] }
+
+[[user]]
+access_key = "broker"
+secret_key = "cluster-secret"
+broker = true
+"#;
+
+#[test]
+fn the_operations_need_admin_and_topic_status_needs_sub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(&acl, ACL).expect("write acl");
+    let acl = acl.display().to_string();
+    let ns = format!("127.0.0.1:{}", free_port());
+    let _nameserver = NameserverProcess::start(
+        &ns,
+        &["--acl-file", &acl],
+        &dir.path().join("nameserver.log"),
+    );
+    let _broker = BrokerProcess::start(
+        &dir.path().join("broker"),
+        &ns,
+        "broker-a",
+        &[
+            "--acl-file",
+            &acl,
+            "--access-key",
+            "broker",
+            "--secret-key",
+            "cluster-secret",
+        ],
+    );
+    let as_user = |user: (&str, &str), args: &[&str]| {
+        let mut all = vec!["--access-key", user.0, "--secret-key", user.1];
+        all.extend_from_slice(args);
+        txmq_cli(&ns, &all, None)
+    };
+    let ops = ("ops", "ops-secret");
+    let app = ("app", "app-secret");
+    wait_until("the broker registers", || {
+        stdout(&as_user(ops, &["cluster"])).contains("broker-a")
+    });
+    ok(&as_user(
+        ops,
+        &["topic", "create", "orders", "--queues", "1"],
+    ));
+    ok(&as_user(
+        ops,
+        &["topic", "create", "secret", "--queues", "1"],
+    ));
+
+    // Status: a reader of the topic may; of another topic not.
+    ok(&as_user(app, &["topic", "status", "orders"]));
+    fails_with(
+        &as_user(app, &["topic", "status", "secret"]),
+        "ACCESS_DENIED",
+    );
+    // The operator's tools: refused to the application, naming what.
+    fails_with(&as_user(app, &["tx", "show", "1"]), "ACCESS_DENIED");
+    fails_with(&as_user(app, &["tx", "recheck", "1"]), "ACCESS_DENIED");
+    fails_with(
+        &as_user(app, &["dlq", "resend", "billing", "--all"]),
+        "ACCESS_DENIED",
+    );
+    fails_with(
+        &as_user(app, &["topic", "delete", "orders"]),
+        "ACCESS_DENIED",
+    );
+    ok(&as_user(app, &["topic", "status", "orders"]));
+    // Granted to the operator.
+    ok(&as_user(ops, &["topic", "status", "secret"]));
+    fails_with(&as_user(ops, &["tx", "show", "1"]), "UNKNOWN_TRANSACTION");
+    fails_with(
+        &as_user(ops, &["dlq", "resend", "billing", "--all"]),
+        "no dead letters",
+    );
+    ok(&as_user(ops, &["topic", "delete", "secret"]));
+}
