@@ -84,6 +84,9 @@ pub struct BrokerConfig {
     /// own connections (to nameservers, its master, the controller) show
     /// who they are.
     pub security: SecurityConfig,
+    /// Keep the message index (`txmq msg show|find`; see the store's
+    /// `index.rs`).
+    pub message_index: bool,
 }
 
 /// The security flags: TLS when cert and key are given (`--tls-*`),
@@ -222,6 +225,7 @@ impl BrokerConfig {
             max_inflight_bytes: 64 << 20,
             replication: ReplicationConfig::default(),
             security: SecurityConfig::default(),
+            message_index: true,
         }
     }
 
@@ -613,6 +617,11 @@ pub struct BrokerArgs {
     /// The secret of --access-key.
     #[arg(long, env = "TXMQ_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
+    /// Keep the message index by msg id and key, for `txmq msg show` and
+    /// `txmq msg find`; false saves its writes (lookups are then refused;
+    /// `txmq msg get` still works) [default: true].
+    #[arg(long, env = "TXMQ_MESSAGE_INDEX", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub message_index: Option<bool>,
 }
 
 impl BrokerArgs {
@@ -779,6 +788,10 @@ impl BrokerArgs {
                     self.secret_key.or(file.secret_key),
                 )?,
             },
+            message_index: self
+                .message_index
+                .or(file.message_index)
+                .unwrap_or(d.message_index),
         };
         config.validate()?;
         Ok(config)

@@ -139,6 +139,12 @@ requests! {
     /// Client -> server, right after a hello answered with a challenge:
     /// who it is and its proof. Answered like the hello it completes.
     Authenticate(Authenticate) -> HelloOk;
+    /// Operator -> broker: the records of a message id (`txmq msg show`).
+    LookupMessage(crate::lookup::LookupMessage) -> crate::lookup::FoundMessages;
+    /// Client -> broker: messages of a topic by key (`txmq msg find`).
+    FindMessages(crate::lookup::FindMessages) -> crate::lookup::FoundMessages;
+    /// Client -> broker: messages of a queue by offset (`txmq msg get`).
+    GetMessages(crate::lookup::GetMessages) -> crate::lookup::FoundMessages;
 }
 
 /// The answer to a hello's challenge: an access key and

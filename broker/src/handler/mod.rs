@@ -3,6 +3,7 @@
 
 mod authorize;
 mod group;
+mod lookup;
 mod offset;
 mod pull;
 mod send;
@@ -177,6 +178,9 @@ impl Service for BrokerService {
                 Request::ListTransactions(r) => {
                     Ok(Response::ListTransactions(transaction::list(&b, r)))
                 }
+                Request::LookupMessage(r) => lookup::by_id(&b, r).map(Response::LookupMessage),
+                Request::FindMessages(r) => lookup::by_key(&b, r).map(Response::FindMessages),
+                Request::GetMessages(r) => lookup::by_offset(&b, r).map(Response::GetMessages),
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,
                     format!("{} requests are not served by a broker", other.kind()),

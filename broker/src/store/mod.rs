@@ -1605,6 +1605,39 @@ impl Store {
         Ok(found)
     }
 
+    /// Up to `count` records of a user queue from `offset`, with their
+    /// queue offsets (records deleted by retention left out).
+    ///
+    /// # Errors
+    /// [`StoreError::NoQueue`]; I/O errors reading the consume queue.
+    pub fn read_found(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        count: usize,
+    ) -> Result<Vec<(u64, Found)>, StoreError> {
+        let cq = self.user_queue(topic, queue)?;
+        let entries = cq.read(offset, count).map_err(|e| {
+            StoreError::io(format!("cannot read consume queue {topic}/{queue}"), &e)
+        })?;
+        Ok(entries
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let record = self.read_record(e.log_offset, e.size)?;
+                Some((
+                    offset + i as u64,
+                    Found {
+                        pos: e.log_offset,
+                        size: e.size,
+                        record,
+                    },
+                ))
+            })
+            .collect())
+    }
+
     /// Whether half messages at log position `pos` belong to a transaction
     /// still pending (prepared or parked).
     pub fn is_pending_half(&self, pos: u64) -> bool {
