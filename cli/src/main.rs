@@ -8,6 +8,7 @@ mod consume;
 mod controller;
 mod exit;
 mod group;
+mod msg;
 mod output;
 mod refusal;
 mod send;
@@ -71,6 +72,9 @@ enum Command {
     /// Benchmarks against a running cluster: produce, consume, e2e, tx.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Find messages: by id (show), by key (find), by queue offset (get).
+    #[command(subcommand)]
+    Msg(msg::MsgCommand),
 }
 
 #[tokio::main]
@@ -88,6 +92,7 @@ async fn main() -> ExitCode {
         Command::Dlq(cmd) => group::run_dlq(&cli.global, cmd).await,
         Command::Tx(cmd) => tx::run(&cli.global, cmd).await,
         Command::Bench(cmd) => bench::run(&cli.global, cmd).await,
+        Command::Msg(cmd) => msg::run(&cli.global, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
