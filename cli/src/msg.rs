@@ -271,14 +271,8 @@ fn detail_lines(broker: &str, m: &FoundMessage) -> Vec<String> {
             m.store_timestamp
         ),
         format!("size:        {} bytes", m.size),
-        format!(
-            "key:         {}",
-            m.message.key.as_deref().unwrap_or("-")
-        ),
-        format!(
-            "tag:         {}",
-            m.message.tag.as_deref().unwrap_or("-")
-        ),
+        format!("key:         {}", m.message.key.as_deref().unwrap_or("-")),
+        format!("tag:         {}", m.message.tag.as_deref().unwrap_or("-")),
     ];
     let state = match m.tx_id {
         Some(tx) => format!("state:       {} (transaction {tx})", m.state.name()),
@@ -303,10 +297,12 @@ fn detail_lines(broker: &str, m: &FoundMessage) -> Vec<String> {
         out.push("consumed_by: - (no consumer group has an offset on its topic)".into());
     } else {
         for (i, g) in m.groups.iter().enumerate() {
-            let label = if i == 0 { "consumed_by:" } else { "            " };
-            let committed = g
-                .committed_offset
-                .map_or("none".into(), |o| o.to_string());
+            let label = if i == 0 {
+                "consumed_by:"
+            } else {
+                "            "
+            };
+            let committed = g.committed_offset.map_or("none".into(), |o| o.to_string());
             out.push(format!(
                 "{label} {} {} (committed offset {committed})",
                 g.group,
