@@ -511,8 +511,16 @@ fn message_lookups_need_sub_of_the_topic_or_admin_for_a_lookup_by_id() {
     let sent = ok(&s.txmq(
         Some(APP),
         &[
-            "--output", "json", "send", "orders", "--wait-for-broker", "10s", "--body", "o-1",
-            "--key", "order-1",
+            "--output",
+            "json",
+            "send",
+            "orders",
+            "--wait-for-broker",
+            "10s",
+            "--body",
+            "o-1",
+            "--key",
+            "order-1",
         ],
     ));
     let sent = &json_lines(sent.as_bytes())[0];

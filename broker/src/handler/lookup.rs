@@ -55,19 +55,14 @@ fn half_state(b: &BrokerInner, half: &Found, others: &[Found]) -> MessageState {
     {
         return MessageState::Committed;
     }
-    let pending = others
-        .iter()
-        .chain(std::iter::once(half))
-        .any(|f| f.record.kind == RecordKind::Half && f.record.aux == tx && b.store.is_pending_half(f.pos));
+    let pending = others.iter().chain(std::iter::once(half)).any(|f| {
+        f.record.kind == RecordKind::Half && f.record.aux == tx && b.store.is_pending_half(f.pos)
+    });
     if pending {
         let parked = others
             .iter()
             .any(|f| f.record.kind == RecordKind::TxPark && f.record.aux == tx)
-            || half
-                .record
-                .message
-                .properties
-                .contains_key("__txmq.parked");
+            || half.record.message.properties.contains_key("__txmq.parked");
         return if parked {
             MessageState::HalfParked
         } else {

@@ -615,8 +615,7 @@ impl MessageIndex {
     /// # Errors
     /// I/O errors.
     pub fn sync(&self) -> io::Result<()> {
-        // (file, count, end, sealed, header)
-        let todo: Vec<(Arc<File>, u32, u64, bool, [u8; HEADER_LEN as usize])> = {
+        let todo: Vec<ToSync> = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
             state
                 .files
@@ -629,13 +628,13 @@ impl MessageIndex {
                 })
                 .map(|f| {
                     let sealed = f.mem_slots.is_none();
-                    (
-                        f.file.clone(),
-                        f.count,
-                        f.end,
+                    ToSync {
+                        file: f.file.clone(),
+                        count: f.count,
+                        end: f.end,
                         sealed,
-                        f.header(f.count, f.end, sealed),
-                    )
+                        header: f.header(f.count, f.end, sealed),
+                    }
                 })
                 .collect()
         };
@@ -643,11 +642,11 @@ impl MessageIndex {
             return Ok(());
         }
         let mut done = Vec::with_capacity(todo.len());
-        for (file, count, end, sealed, header) in todo {
-            file.sync_data()?;
-            file.write_all_at(&header, 0)?;
-            file.sync_data()?;
-            done.push((file, count, end, sealed));
+        for t in todo {
+            t.file.sync_data()?;
+            t.file.write_all_at(&t.header, 0)?;
+            t.file.sync_data()?;
+            done.push((t.file, t.count, t.end, t.sealed));
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         for (file, count, end, sealed) in done {
@@ -720,6 +719,16 @@ impl MessageIndex {
             .files
             .len()
     }
+}
+
+/// A file whose durable state `sync` records: what it holds now, and the
+/// header that says so.
+struct ToSync {
+    file: Arc<File>,
+    count: u32,
+    end: u64,
+    sealed: bool,
+    header: [u8; HEADER_LEN as usize],
 }
 
 /// Adds one entry to the file being filled: linked to its slot's chain

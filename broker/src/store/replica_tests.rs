@@ -326,7 +326,10 @@ async fn a_slave_indexes_the_replicated_log_as_the_master_does() {
     for i in 0..500 {
         let m = msg(i).with_key(format!("k{i} shared"));
         ids.push(m.msg_id);
-        master.append("orders", (i % 2) as u32, vec![m]).await.unwrap();
+        master
+            .append("orders", (i % 2) as u32, vec![m])
+            .await
+            .unwrap();
     }
     let half = msg(1000);
     master.prepare(vec![(0, half.clone())], None).await.unwrap();
@@ -340,7 +343,9 @@ async fn a_slave_indexes_the_replicated_log_as_the_master_does() {
         assert_eq!(on_master.len(), 1);
         assert_eq!(positions(&slave, id), on_master);
     }
-    let by_key = slave.find_by_key("orders", "shared", 0, u64::MAX, 3).unwrap();
+    let by_key = slave
+        .find_by_key("orders", "shared", 0, u64::MAX, 3)
+        .unwrap();
     let bodies: Vec<String> = by_key
         .iter()
         .map(|f| String::from_utf8_lossy(&f.record.message.body).into_owned())
