@@ -86,6 +86,9 @@ pub struct BrokerConfig {
     pub security: SecurityConfig,
     /// Where Prometheus metrics are served at `/metrics`; `None`: not served.
     pub metrics_listen: Option<String>,
+    /// Keep the message index (`txmq msg show|find`; see the store's
+    /// `index.rs`).
+    pub message_index: bool,
 }
 
 /// The security flags: TLS when cert and key are given (`--tls-*`),
@@ -225,6 +228,7 @@ impl BrokerConfig {
             replication: ReplicationConfig::default(),
             security: SecurityConfig::default(),
             metrics_listen: None,
+            message_index: true,
         }
     }
 
@@ -627,6 +631,11 @@ pub struct BrokerArgs {
     /// 127.0.0.1:9100 [default: not served].
     #[arg(long, env = "TXMQ_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Keep the message index by msg id and key, for `txmq msg show` and
+    /// `txmq msg find`; false saves its writes (lookups are then refused;
+    /// `txmq msg get` still works) [default: true].
+    #[arg(long, env = "TXMQ_MESSAGE_INDEX", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub message_index: Option<bool>,
 }
 
 impl BrokerArgs {
@@ -813,6 +822,10 @@ impl BrokerArgs {
                 )?,
             },
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            message_index: self
+                .message_index
+                .or(file.message_index)
+                .unwrap_or(d.message_index),
         };
         config.validate()?;
         Ok(config)

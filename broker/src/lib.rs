@@ -423,6 +423,7 @@ async fn start_incarnation(
     store_config.producer_id_expiry = config.producer_id_expiry;
     store_config.max_log_bytes = config.max_store_size;
     store_config.fdatasync_latency = Some(metrics.fdatasync_latency.clone());
+    store_config.message_index = config.message_index;
     let is_slave = config.replication.role == txmq_protocol::BrokerRole::Slave;
     // Under a controller every role continues its log where it ends
     // (positions a master hands out are the group's, and a replica's

@@ -8,6 +8,7 @@ mod consume;
 mod controller;
 mod exit;
 mod group;
+mod msg;
 mod output;
 mod refusal;
 mod send;
@@ -77,6 +78,9 @@ enum Command {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Find messages: by id (show), by key (find), by queue offset (get).
+    #[command(subcommand)]
+    Msg(msg::MsgCommand),
 }
 
 #[tokio::main]
@@ -103,6 +107,7 @@ async fn main() -> ExitCode {
         Command::Tx(cmd) => tx::run(&cli.global, cmd).await,
         Command::Bench(cmd) => bench::run(&cli.global, cmd).await,
         Command::Completions { .. } => Ok(()),
+        Command::Msg(cmd) => msg::run(&cli.global, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -167,6 +167,101 @@ impl Admin {
         self.nameservers.cluster().await
     }
 
+    /// The records of message `id` on every broker of the cluster (msg ids
+    /// are not tied to a broker): each broker's answer apart, by broker
+    /// name; a message is found where some answer holds it. Needs `admin`.
+    ///
+    /// # Errors
+    /// [`Error::NoBroker`] when no broker is registered; the nameservers'
+    /// failure. A broker's refusal or failure is in its [`BrokerAnswer`].
+    pub async fn message_by_id(
+        &self,
+        id: txmq_protocol::MsgId,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::FoundMessages>>> {
+        let targets = self.targets(None).await?;
+        let request = txmq_protocol::LookupMessage { msg_id: id };
+        Ok(self.ask_each(targets, request).await)
+    }
+
+    /// The messages of `topic` with key `key`, stored between `since` and
+    /// `until` (ms since the Unix epoch; `None`: unbounded), newest first,
+    /// at most [`DEFAULT_FIND_MAX`] per broker, from every broker of the
+    /// topic's route.
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] for an unknown topic; as
+    /// [`Admin::message_by_id`].
+    pub async fn messages_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        since: Option<u64>,
+        until: Option<u64>,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::FoundMessages>>> {
+        self.messages_by_key_max(topic, key, since, until, DEFAULT_FIND_MAX)
+            .await
+    }
+
+    /// As [`Admin::messages_by_key`], at most `max` per broker.
+    ///
+    /// # Errors
+    /// As [`Admin::messages_by_key`].
+    pub async fn messages_by_key_max(
+        &self,
+        topic: &str,
+        key: &str,
+        since: Option<u64>,
+        until: Option<u64>,
+        max: u32,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::FoundMessages>>> {
+        let targets = self.route_targets(topic).await?;
+        let request = txmq_protocol::FindMessages {
+            topic: topic.to_string(),
+            key: key.to_string(),
+            since_ms: since,
+            until_ms: until,
+            max,
+        };
+        Ok(self.ask_each(targets, request).await)
+    }
+
+    /// Up to `count` messages of queue `queue` of `topic` from `offset`,
+    /// on every broker of the topic's route that has that queue (without
+    /// a consumer group: nothing is committed).
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] for an unknown topic; as
+    /// [`Admin::message_by_id`]. A queue's `OFFSET_OUT_OF_RANGE` (naming
+    /// its offsets) is in the broker's [`BrokerAnswer`].
+    pub async fn messages_at(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        count: u32,
+    ) -> Result<Vec<BrokerAnswer<txmq_protocol::FoundMessages>>> {
+        let route = self.route(topic).await?;
+        let targets = route
+            .brokers
+            .iter()
+            .filter(|b| queue < b.queues)
+            .map(route_target)
+            .collect();
+        let request = txmq_protocol::GetMessages {
+            topic: topic.to_string(),
+            queue,
+            offset,
+            count,
+        };
+        Ok(self.ask_each(targets, request).await)
+    }
+
+    /// (name, address) of every broker of `topic`'s route.
+    async fn route_targets(&self, topic: &str) -> Result<Vec<(String, String)>> {
+        let route = self.route(topic).await?;
+        Ok(route.brokers.iter().map(route_target).collect())
+    }
+
     /// The pending and parked transactions of the broker named `broker` (a
     /// broker address is accepted too), or of every broker the nameservers
     /// know, with each broker's transaction counters; one list per broker,
@@ -650,6 +745,19 @@ impl Admin {
         };
         answer.map_err(|e| Error::at_broker(broker, addr, e))
     }
+}
+
+/// How many messages [`Admin::messages_by_key`] asks each broker for.
+pub const DEFAULT_FIND_MAX: u32 = 32;
+
+/// Where to ask a broker group of a route: its master, or a slave while
+/// no master is live (lookups are reads).
+fn route_target(b: &txmq_protocol::BrokerQueues) -> (String, String) {
+    let addr = match (b.addr.as_str(), b.slaves.first()) {
+        ("", Some(slave)) => slave.clone(),
+        (addr, _) => addr.to_string(),
+    };
+    (b.broker_name.clone(), addr)
 }
 
 /// The broker group named `wanted` (or the broker at that address), or

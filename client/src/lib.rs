@@ -99,3 +99,7 @@ pub use txmq_protocol::{BrokerRole, ReplicaInfo, ReplicationInfo};
 /// A broker group as the controller decided it, and the controller's own
 /// state ([`Admin::elect_master`], [`Admin::controller_info`]).
 pub use txmq_protocol::{BrokerGroupState, ControllerInfo, ControllerReplica};
+
+/// Messages found by [`Admin::message_by_id`], [`Admin::messages_by_key`]
+/// and [`Admin::messages_at`].
+pub use txmq_protocol::{FoundMessage, FoundMessages, GroupConsumption, MessageState};

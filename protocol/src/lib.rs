@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod lookup;
 pub mod message;
 pub mod ops;
 pub mod request;
@@ -19,6 +20,7 @@ pub mod request;
 pub use codec::{FrameCodec, DEFAULT_MAX_FRAME_LEN};
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, Hello, HelloOk, Role, PROTOCOL_VERSION};
+pub use lookup::*;
 pub use message::{fnv1a, now_millis, tag_hash, Message, MsgId, StoredMessage};
 pub use ops::*;
 pub use request::*;

@@ -150,6 +150,12 @@ requests! {
     DeleteTopic(crate::ops::DeleteTopic) -> crate::ops::TopicDeleted;
     /// Anyone -> broker: a topic's queues with their bounds.
     GetTopicStatus(crate::ops::GetTopicStatus) -> crate::ops::TopicStatus;
+    /// Operator -> broker: the records of a message id (`txmq msg show`).
+    LookupMessage(crate::lookup::LookupMessage) -> crate::lookup::FoundMessages;
+    /// Client -> broker: messages of a topic by key (`txmq msg find`).
+    FindMessages(crate::lookup::FindMessages) -> crate::lookup::FoundMessages;
+    /// Client -> broker: messages of a queue by offset (`txmq msg get`).
+    GetMessages(crate::lookup::GetMessages) -> crate::lookup::FoundMessages;
 }
 
 /// The answer to a hello's challenge: an access key and

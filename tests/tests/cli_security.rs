@@ -503,3 +503,44 @@ fn bench_produce_runs_with_tls_and_a_user() {
         (&true.into(), &true.into())
     );
 }
+
+#[test]
+fn message_lookups_need_sub_of_the_topic_or_admin_for_a_lookup_by_id() {
+    let s = Secured::start();
+    s.create_topic("orders");
+    let sent = ok(&s.txmq(
+        Some(APP),
+        &[
+            "--output",
+            "json",
+            "send",
+            "orders",
+            "--wait-for-broker",
+            "10s",
+            "--body",
+            "o-1",
+            "--key",
+            "order-1",
+        ],
+    ));
+    let sent = &json_lines(sent.as_bytes())[0];
+    let id = sent["msg_id"].as_str().expect("msg_id").to_string();
+    let (queue, offset) = (sent["queue"].to_string(), sent["queue_offset"].to_string());
+
+    // find and get read bodies of the topic: sub of it.
+    let find = ["msg", "find", "--topic", "orders", "--key", "order-1"];
+    let get = [
+        "msg", "get", "--topic", "orders", "--queue", &queue, "--offset", &offset,
+    ];
+    assert!(ok(&s.txmq(Some(READER), &find)).contains("o-1"));
+    assert!(ok(&s.txmq(Some(READER), &get)).contains("o-1"));
+    // The cluster's own user may not read topics.
+    let member = Some(("broker", "cluster-secret"));
+    let err = refused(&s.txmq(member, &find), "ACCESS_DENIED");
+    assert!(err.contains("orders"), "{err}");
+    refused(&s.txmq(member, &get), "ACCESS_DENIED");
+    // show may find any topic's message: admin only.
+    let err = refused(&s.txmq(Some(APP), &["msg", "show", &id]), "ACCESS_DENIED");
+    assert!(err.contains(&id), "the refusal names the lookup: {err}");
+    assert!(ok(&s.txmq(Some(OPS), &["msg", "show", &id])).contains("body:        o-1"));
+}

@@ -137,6 +137,11 @@ fn needs(
                 b.config.broker_name
             )))
         }
+        // Reading message bodies of a topic; a lookup by id may find any
+        // topic's message, so it is an operator's.
+        Request::FindMessages(r) => check(Op::Sub(&r.topic)),
+        Request::GetMessages(r) => check(Op::Sub(&r.topic)),
+        Request::LookupMessage(r) => check(Op::Admin(&format!("look up message {}", r.msg_id))),
         // Read-only metadata, pings, producer ids; and requests a broker
         // does not serve (refused as unsupported once signed in).
         _ => check(Op::Authenticated),

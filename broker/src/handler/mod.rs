@@ -4,6 +4,7 @@
 mod authorize;
 mod dead_letters;
 mod group;
+mod lookup;
 mod offset;
 mod pull;
 mod send;
@@ -195,6 +196,9 @@ impl Service for BrokerService {
                         .await
                         .map(Response::DeleteTopic)
                 }
+                Request::LookupMessage(r) => lookup::by_id(&b, r).map(Response::LookupMessage),
+                Request::FindMessages(r) => lookup::by_key(&b, r).map(Response::FindMessages),
+                Request::GetMessages(r) => lookup::by_offset(&b, r).map(Response::GetMessages),
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,
                     format!("{} requests are not served by a broker", other.kind()),

@@ -200,6 +200,12 @@ impl Flusher {
         if self.flushed < position {
             return;
         }
+        if let Some(index) = &self.store.index {
+            // The index keeps its own durable point (see `index.rs`).
+            if let Err(e) = index.sync() {
+                tracing::error!(error = %e, "cannot sync the message index");
+            }
+        }
         for cq in &queues {
             if let Err(e) = cq.sync_if_dirty() {
                 tracing::error!(topic = %cq.topic, queue = cq.queue, error = %e, "cannot sync consume queue; checkpoint skipped");

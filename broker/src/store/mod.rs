@@ -14,6 +14,7 @@ pub mod consume_queue;
 pub mod delay;
 mod deleted_topics;
 mod flusher;
+pub mod index;
 pub mod producers;
 pub mod record;
 mod recovery;
@@ -23,6 +24,8 @@ mod writer;
 mod delay_tests;
 #[cfg(test)]
 mod delete_tests;
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
@@ -90,6 +93,11 @@ pub struct StoreConfig {
     pub producer_id_expiry: Duration,
     /// Where each flush round's fdatasync time goes (the broker's metrics).
     pub(crate) fdatasync_latency: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Keep the message index (lookups by id and key, `index.rs`); off,
+    /// lookups are refused and nothing is written for them.
+    pub message_index: bool,
+    /// The index files' sizes.
+    pub index: index::IndexConfig,
 }
 
 impl StoreConfig {
@@ -111,6 +119,8 @@ impl StoreConfig {
             replica: false,
             producer_id_expiry: Duration::from_secs(7 * 24 * 3600),
             fdatasync_latency: None,
+            message_index: true,
+            index: index::IndexConfig::default(),
         }
     }
 }
@@ -367,6 +377,8 @@ pub(crate) struct StoreInner {
     delay_lock: tokio::sync::Mutex<()>,
     /// Counters for `GetStoreStats`.
     pub(crate) stats: StoreCounters,
+    /// Lookups by message id and key (`None`: switched off).
+    pub(crate) index: Option<index::MessageIndex>,
     /// One past the last byte written to the log.
     written: AtomicU64,
     /// The same, for waiting on (a master's replication).
@@ -529,6 +541,15 @@ impl Store {
                 message: format!("recovery made {} of them", delay_levels.len()),
             });
         }
+        let index = if config.message_index {
+            let dir = config.dir.join("index");
+            let opened =
+                index::MessageIndex::open(dir, config.index, &recovered.log, recovered.end)
+                    .map_err(|e| StoreError::io("cannot open the message index", &e))?;
+            Some(opened)
+        } else {
+            None
+        };
         let inner = Arc::new(StoreInner {
             config,
             log: recovered.log,
@@ -540,6 +561,7 @@ impl Store {
             delay_levels,
             delay_lock: tokio::sync::Mutex::new(()),
             stats: StoreCounters::default(),
+            index,
             written: AtomicU64::new(recovered.end),
             written_tx: watch::channel(recovered.end).0,
             tx_listener: std::sync::OnceLock::new(),
@@ -1385,6 +1407,11 @@ impl Store {
                 cq.trim_below(min)
                     .map_err(|e| StoreError::io("cannot trim consume queue", &e))?;
             }
+            if let Some(index) = &self.inner.index {
+                index
+                    .trim_below(min)
+                    .map_err(|e| StoreError::io("cannot trim the message index", &e))?;
+            }
         }
         Ok(deleted)
     }
@@ -1562,6 +1589,123 @@ impl Store {
             .await
     }
 
+    /// The records of message `id` the index finds, newest first (at most
+    /// `max`): the message, a transaction's half message and its commit
+    /// copy, a retried copy, and the rollback or park marker naming it.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] when the index is switched off; I/O errors.
+    pub fn find_by_id(&self, id: &MsgId, max: usize) -> Result<Vec<Found>, StoreError> {
+        let hash = index::id_hash(id);
+        self.find(hash, 0, u64::MAX, max, |r| r.message.msg_id == *id)
+    }
+
+    /// The messages (and half messages) of `topic` with key `key` (one of
+    /// the space-separated keys of their key property), stored in `[since,
+    /// until]` (ms), newest first, at most `max`.
+    ///
+    /// # Errors
+    /// As [`Store::find_by_id`].
+    pub fn find_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        since: u64,
+        until: u64,
+        max: usize,
+    ) -> Result<Vec<Found>, StoreError> {
+        let hash = index::key_hash(topic, key);
+        self.find(hash, since, until, max, |r| {
+            matches!(
+                r.kind,
+                record::RecordKind::Message
+                    | record::RecordKind::Half
+                    | record::RecordKind::Delayed
+                    | record::RecordKind::DelayedCopy
+            ) && r.message.topic == topic
+                && r.message
+                    .key
+                    .as_deref()
+                    .is_some_and(|k| index::keys_of(k).any(|k| k == key))
+        })
+    }
+
+    fn find(
+        &self,
+        hash: u64,
+        since: u64,
+        until: u64,
+        max: usize,
+        wanted: impl Fn(&record::Record) -> bool,
+    ) -> Result<Vec<Found>, StoreError> {
+        let index = self.inner.index.as_ref().ok_or_else(|| {
+            StoreError::Invalid(
+                "the message index is switched off on this broker (--message-index false)".into(),
+            )
+        })?;
+        let mut found = Vec::new();
+        index
+            .lookup(hash, since, until, |hit| {
+                // An entry is a hint: the record there must be the one asked for.
+                if let Some(rec) = self.read_record(hit.pos, hit.size) {
+                    if wanted(&rec) {
+                        found.push(Found {
+                            pos: hit.pos,
+                            size: hit.size,
+                            record: rec,
+                        });
+                    }
+                }
+                found.len() < max
+            })
+            .map_err(|e| StoreError::io("cannot read the message index", &e))?;
+        Ok(found)
+    }
+
+    /// Up to `count` records of a user queue from `offset`, with their
+    /// queue offsets (records deleted by retention left out).
+    ///
+    /// # Errors
+    /// [`StoreError::NoQueue`]; I/O errors reading the consume queue.
+    pub fn read_found(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        count: usize,
+    ) -> Result<Vec<(u64, Found)>, StoreError> {
+        let cq = self.user_queue(topic, queue)?;
+        let entries = cq.read(offset, count).map_err(|e| {
+            StoreError::io(format!("cannot read consume queue {topic}/{queue}"), &e)
+        })?;
+        Ok(entries
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let record = self.read_record(e.log_offset, e.size)?;
+                Some((
+                    offset + i as u64,
+                    Found {
+                        pos: e.log_offset,
+                        size: e.size,
+                        record,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// Whether half messages at log position `pos` belong to a transaction
+    /// still pending (prepared or parked).
+    pub fn is_pending_half(&self, pos: u64) -> bool {
+        lock(&self.inner.tx_pending).contains(&pos)
+    }
+
+    /// Whether the message index is kept.
+    pub fn has_index(&self) -> bool {
+        self.inner.index.is_some()
+    }
+
     /// A slave: who to tell of transaction changes replication brings.
     pub fn set_tx_listener(&self, listener: TxListener) {
         let _ = self.inner.tx_listener.set(listener);
@@ -1594,6 +1738,17 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
+}
+
+/// A record the message index found, verified.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Its log position.
+    pub pos: u64,
+    /// Its size in the log.
+    pub size: u32,
+    /// The record.
+    pub record: record::Record,
 }
 
 /// Write and fsync counters since the store opened.

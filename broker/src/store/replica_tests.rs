@@ -315,3 +315,46 @@ async fn a_log_cut_at_a_record_boundary_rebuilds_queues_and_offsets() {
         store.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_slave_indexes_the_replicated_log_as_the_master_does() {
+    let mdir = tempfile::tempdir().unwrap();
+    let sdir = tempfile::tempdir().unwrap();
+    let master = Store::open(config(mdir.path(), FlushMode::Async), &topics()).unwrap();
+    let slave = Store::open(slave_config(sdir.path()), &topics()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..500 {
+        let m = msg(i).with_key(format!("k{i} shared"));
+        ids.push(m.msg_id);
+        master
+            .append("orders", (i % 2) as u32, vec![m])
+            .await
+            .unwrap();
+    }
+    let half = msg(1000);
+    master.prepare(vec![(0, half.clone())], None).await.unwrap();
+    let mut last = None;
+    copy(&master, &slave, &mut last).await;
+    let positions = |s: &Store, id| -> Vec<u64> {
+        s.find_by_id(id, 8).unwrap().iter().map(|f| f.pos).collect()
+    };
+    for id in ids.iter().chain(std::iter::once(&half.msg_id)) {
+        let on_master = positions(&master, id);
+        assert_eq!(on_master.len(), 1);
+        assert_eq!(positions(&slave, id), on_master);
+    }
+    let by_key = slave
+        .find_by_key("orders", "shared", 0, u64::MAX, 3)
+        .unwrap();
+    let bodies: Vec<String> = by_key
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.record.message.body).into_owned())
+        .collect();
+    assert_eq!(bodies, vec!["body-499", "body-498", "body-497"]);
+    slave.shutdown().await;
+    // And after the slave restarts.
+    let slave = Store::open(slave_config(sdir.path()), &topics()).unwrap();
+    assert_eq!(positions(&slave, &ids[7]), positions(&master, &ids[7]));
+    slave.shutdown().await;
+    master.shutdown().await;
+}

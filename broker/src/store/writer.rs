@@ -1045,6 +1045,7 @@ impl Writer {
         let chunk = std::mem::take(&mut self.chunk);
         match result {
             Ok(()) => {
+                self.index_chunk();
                 let stats = &self.store.stats;
                 stats.writes.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -1216,6 +1217,28 @@ impl Writer {
         self.cq_buf.clear();
         self.next.clear();
         self.chunk_records = 0;
+    }
+
+    /// Indexes the records just written (before anyone is answered, so a
+    /// lookup finds every acknowledged message): one index write per chunk.
+    fn index_chunk(&mut self) {
+        let Some(index) = &self.store.index else {
+            return;
+        };
+        let indexed = if self.pieces.is_empty() {
+            index.add_chunk(self.pos, &self.buf)
+        } else {
+            let mut at = self.pos;
+            self.pieces.iter().try_for_each(|p| {
+                let r = index.add_chunk(at, p);
+                at += p.len() as u64;
+                r
+            })
+        };
+        if let Err(e) = indexed {
+            // The log has the records: the next start indexes them again.
+            tracing::error!(error = %e, "cannot write the message index; lookups of these messages miss until the broker restarts");
+        }
     }
 
     /// Under sync flush, hands the batch's messages to the flusher, which
