@@ -26,15 +26,16 @@
 //! re-sent; it is not trimmed (a resend is an operator's action, rare).
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use txmq_protocol::MsgId;
 
+use crate::store::entry_log;
+
 const FILE: &str = "dlq-resent.log";
-const FIXED: usize = 42;
 
 /// Dead letters re-sent, by (group, log position).
 pub(crate) struct ResendLog {
@@ -50,45 +51,27 @@ struct Inner {
 }
 
 fn encode(group: &str, pos: u64, id: &MsgId, at: u64, out: &mut Vec<u8>) {
-    let start = out.len();
-    let total = FIXED + group.len();
-    out.extend_from_slice(&(total as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&at.to_le_bytes());
-    out.extend_from_slice(&pos.to_le_bytes());
-    out.extend_from_slice(&id.0);
-    out.extend_from_slice(&(group.len() as u16).to_le_bytes());
-    out.extend_from_slice(group.as_bytes());
-    let crc = crc32c::crc32c(&out[start + 8..]);
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    entry_log::frame(out, |b| {
+        b.extend_from_slice(&at.to_le_bytes());
+        b.extend_from_slice(&pos.to_le_bytes());
+        b.extend_from_slice(&id.0);
+        entry_log::put_str(b, group);
+    });
 }
 
 /// The entries of `data` up to the first damaged one, and where that is.
 fn decode_all(data: &[u8]) -> (Vec<(String, u64)>, usize) {
     let mut out = Vec::new();
-    let mut pos = 0;
-    while let Some(head) = data.get(pos..pos + FIXED) {
-        let total = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let Some(entry) = data.get(pos..pos + total).filter(|_| total >= FIXED) else {
+    let mut good = 0;
+    for (body, end) in entry_log::entries(data) {
+        let (Some(pos), Some(group)) = (entry_log::u64_at(body, 8), entry_log::str_at(body, 32))
+        else {
             break;
         };
-        if crc32c::crc32c(&entry[8..]) != crc {
-            break;
-        }
-        let glen = u16::from_le_bytes([entry[40], entry[41]]) as usize;
-        if FIXED + glen != total {
-            break;
-        }
-        let Ok(group) = std::str::from_utf8(&entry[FIXED..]) else {
-            break;
-        };
-        let mut p = [0u8; 8];
-        p.copy_from_slice(&entry[16..24]);
-        out.push((group.to_string(), u64::from_le_bytes(p)));
-        pos += total;
+        out.push((group.to_string(), pos));
+        good = end;
     }
-    (out, pos)
+    (out, good)
 }
 
 impl ResendLog {
@@ -98,19 +81,12 @@ impl ResendLog {
     /// An I/O error reading or cutting the file.
     pub(crate) fn load(dir: &Path) -> Result<ResendLog, String> {
         let path = dir.join(FILE);
-        let mut data = Vec::new();
-        match File::open(&path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut data)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        }
+        let data =
+            entry_log::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let (entries, good) = decode_all(&data);
         if good < data.len() {
             tracing::warn!(file = %path.display(), at = good, "damaged tail of the dead-letter resend record cut");
-            let f = OpenOptions::new()
+            let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)
                 .and_then(|f| f.set_len(good as u64).and_then(|()| f.sync_all()));
@@ -151,18 +127,7 @@ impl ResendLog {
         let mut inner = self.lock();
         let io = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
         if inner.file.is_none() {
-            let created = !self.path.exists();
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(io)?;
-            if created {
-                if let Some(dir) = self.path.parent() {
-                    crate::store::commit_log::sync_dir(dir).map_err(io)?;
-                }
-            }
-            inner.file = Some(f);
+            inner.file = Some(entry_log::open_append(&self.path).map_err(io)?);
         }
         if let Some(f) = inner.file.as_mut() {
             f.write_all(&buf).map_err(io)?;
@@ -179,6 +144,9 @@ impl ResendLog {
 mod tests {
     use super::*;
 
+    /// An entry without its group: header, time, position, id, group length.
+    const FIXED: usize = 8 + 8 + 8 + 16 + 2;
+
     #[test]
     fn entries_round_trip_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -189,7 +157,10 @@ mod tests {
         assert!(!log.was_resent("g2", 10) && !log.was_resent("g1", 30));
         // A torn append after the good entries.
         let path = dir.path().join(FILE);
-        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
         f.write_all(&[40, 0, 0, 0, 1, 2]).expect("write");
         drop(f);
         let again = ResendLog::load(dir.path()).expect("reload");

@@ -98,21 +98,7 @@ impl Admin {
             topic: topic.to_string(),
         };
         let answers = self.ask_each(targets, request).await;
-        let mut unknown = None;
-        let mut out = Vec::new();
-        for a in answers {
-            match a.result {
-                Ok(v) => out.push(v),
-                Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
-                    unknown.get_or_insert(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        match (out.is_empty(), unknown) {
-            (true, Some(e)) => Err(e),
-            _ => Ok(out),
-        }
+        of_brokers_with_topic(answers)
     }
 
     /// Deletes a topic on every broker that has it (or one): its
@@ -134,20 +120,26 @@ impl Admin {
             force,
         };
         let answers = self.ask_each(targets, request).await;
-        let mut unknown = None;
-        let mut out = Vec::new();
-        for a in answers {
-            match a.result {
-                Ok(v) => out.push(v),
-                Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
-                    unknown.get_or_insert(e);
-                }
-                Err(e) => return Err(e),
+        of_brokers_with_topic(answers)
+    }
+}
+
+/// The answers of the brokers that have the topic: `UNKNOWN_TOPIC` only
+/// when none has it, and any other failure as it is.
+fn of_brokers_with_topic<T>(answers: Vec<BrokerAnswer<T>>) -> Result<Vec<T>> {
+    let mut unknown = None;
+    let mut out = Vec::new();
+    for a in answers {
+        match a.result {
+            Ok(v) => out.push(v),
+            Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
+                unknown.get_or_insert(e);
             }
+            Err(e) => return Err(e),
         }
-        match (out.is_empty(), unknown) {
-            (true, Some(e)) => Err(e),
-            _ => Ok(out),
-        }
+    }
+    match (out.is_empty(), unknown) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
     }
 }

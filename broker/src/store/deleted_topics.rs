@@ -21,50 +21,34 @@
 //! answered. A topic deleted twice keeps the higher position.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::Path;
 
+use super::entry_log;
+
 const FILE: &str = "deleted-topics.log";
-const FIXED: usize = 18;
 
 /// Deleted topic -> the position below which its records are ignored.
 pub(crate) type Deleted = HashMap<String, u64>;
 
 fn encode(topic: &str, pos: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(FIXED + topic.len());
-    out.extend_from_slice(&((FIXED + topic.len()) as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&pos.to_le_bytes());
-    out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
-    out.extend_from_slice(topic.as_bytes());
-    let crc = crc32c::crc32c(&out[8..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    let mut out = Vec::new();
+    entry_log::frame(&mut out, |b| {
+        b.extend_from_slice(&pos.to_le_bytes());
+        entry_log::put_str(b, topic);
+    });
     out
 }
 
 fn decode_all(data: &[u8]) -> Deleted {
     let mut out = Deleted::new();
-    let mut pos = 0;
-    while let Some(head) = data.get(pos..pos + FIXED) {
-        let total = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let Some(entry) = data.get(pos..pos + total).filter(|_| total >= FIXED) else {
+    for (body, _) in entry_log::entries(data) {
+        let (Some(at), Some(topic)) = (entry_log::u64_at(body, 0), entry_log::str_at(body, 8))
+        else {
             break;
         };
-        let tlen = u16::from_le_bytes([entry[16], entry[17]]) as usize;
-        if crc32c::crc32c(&entry[8..]) != crc || FIXED + tlen != total {
-            break;
-        }
-        let Ok(topic) = std::str::from_utf8(&entry[FIXED..]) else {
-            break;
-        };
-        let mut p = [0u8; 8];
-        p.copy_from_slice(&entry[8..16]);
-        let at = u64::from_le_bytes(p);
         let e = out.entry(topic.to_string()).or_insert(at);
         *e = (*e).max(at);
-        pos += total;
     }
     out
 }
@@ -74,15 +58,7 @@ fn decode_all(data: &[u8]) -> Deleted {
 /// # Errors
 /// An unreadable file.
 pub(crate) fn load(dir: &Path) -> io::Result<Deleted> {
-    let mut data = Vec::new();
-    match File::open(dir.join(FILE)) {
-        Ok(mut f) => {
-            f.read_to_end(&mut data)?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    Ok(decode_all(&data))
+    Ok(decode_all(&entry_log::read(&dir.join(FILE))?))
 }
 
 /// Records `topic` deleted below `pos`; returns once it is fsynced.
@@ -90,15 +66,9 @@ pub(crate) fn load(dir: &Path) -> io::Result<Deleted> {
 /// # Errors
 /// I/O errors.
 pub(crate) fn append(dir: &Path, topic: &str, pos: u64) -> io::Result<()> {
-    let path = dir.join(FILE);
-    let created = !path.exists();
-    let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut f = entry_log::open_append(&dir.join(FILE))?;
     f.write_all(&encode(topic, pos))?;
-    f.sync_data()?;
-    if created {
-        super::commit_log::sync_dir(dir)?;
-    }
-    Ok(())
+    f.sync_data()
 }
 
 #[cfg(test)]
