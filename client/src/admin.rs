@@ -19,6 +19,8 @@ use crate::{ClientConfig, Error, Result};
 
 #[path = "admin_ops.rs"]
 mod ops;
+#[path = "admin_dashboard.rs"]
+mod dashboard;
 
 /// A topic created (or updated) on one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
