@@ -17,10 +17,10 @@ use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::{ClientConfig, Error, Result};
 
-#[path = "admin_ops.rs"]
-mod ops;
 #[path = "admin_dashboard.rs"]
 mod dashboard;
+#[path = "admin_ops.rs"]
+mod ops;
 
 /// A topic created (or updated) on one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
