@@ -788,3 +788,108 @@ fn under_an_acl_visitors_sign_in_and_see_what_their_user_may() {
     admin.post("/logout", &[("csrf", &token)]);
     assert_eq!(admin.get("/topics").status, 303);
 }
+
+/// Leaves every transaction unknown: it stays pending on the broker.
+struct Undecided;
+
+impl txmq::TransactionListener for Undecided {
+    async fn execute(
+        &self,
+        _msg: &txmq::Message,
+        _ctx: &txmq::TxContext,
+    ) -> Result<txmq::TransactionState, txmq::BoxError> {
+        Ok(txmq::TransactionState::Unknown)
+    }
+
+    async fn check(
+        &self,
+        _req: &txmq::CheckRequest,
+    ) -> Result<txmq::TransactionState, txmq::BoxError> {
+        Ok(txmq::TransactionState::Unknown)
+    }
+}
+
+/// The slowest of `n` views of `path`, after one to warm up.
+fn slowest(v: &mut Visitor, path: &str, n: usize) -> Duration {
+    assert_eq!(v.get(path).status, 200, "{path}");
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let a = v.get(path);
+            assert_eq!(a.status, 200, "{path}");
+            t.elapsed()
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+/// The figure: a page renders in under 200 ms with 1,000 topics
+/// and 10,000 pending transactions. Slow to set up (a debug build makes
+/// 1,000 topics and 10,000 transactions): run with `--ignored`.
+#[test]
+#[ignore = "sets up 1,000 topics and 10,000 pending transactions; run with --ignored"]
+fn pages_render_under_200ms_with_1000_topics_and_10000_pending_transactions() {
+    let s = Setup::start(&[
+        "--transaction-timeout",
+        "1h",
+        "--transaction-check-interval",
+        "1h",
+        "--max-connections",
+        "10000",
+    ]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let admin = txmq::Admin::connect([&s.ns]).await.expect("admin");
+        for i in 0..1000 {
+            admin
+                .create_topic(&format!("topic-{i:04}"), 1, txmq::PERM_READ_WRITE, None)
+                .await
+                .expect("create topic");
+        }
+        let producer = std::sync::Arc::new(
+            txmq::TransactionProducer::builder()
+                .nameserver(&s.ns)
+                .group("perf")
+                .listener(Undecided)
+                .start()
+                .await
+                .expect("transaction producer"),
+        );
+        let tasks: Vec<_> = (0..16)
+            .map(|w| {
+                let p = producer.clone();
+                tokio::spawn(async move {
+                    for i in 0..625 {
+                        let m = txmq::Message::new("topic-0000", format!("tx {w}-{i}"));
+                        p.send_in_transaction(m).await.expect("prepared");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+    });
+    let d = Dashboard::start(&s.ns, &[]);
+    let mut v = d.visitor();
+    let page = v.get("/transactions");
+    page.has(&["<td class=\"num\" id=\"count-pending\">10000</td>"]);
+    let mut worst = Vec::new();
+    for path in [
+        "/",
+        "/topics",
+        "/topics?page=150",
+        "/topics?q=topic-09",
+        "/transactions",
+        "/transactions?sort=-age&page=1000",
+        "/groups",
+        "/dead-letters",
+    ] {
+        let t = slowest(&mut v, path, 5);
+        eprintln!("{path}: slowest of 5 views {} ms", t.as_millis());
+        worst.push((path, t));
+    }
+    for (path, t) in worst {
+        assert!(t < Duration::from_millis(200), "{path} took {t:?}");
+    }
+}
