@@ -607,6 +607,31 @@ fn a_transaction_left_unknown_is_committed_from_its_page_then_consumed_and_found
         "{}",
         bad.body
     );
+
+    // The counters the dashboard samples, straight from the broker.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let counters = rt.block_on(async {
+        let admin = txmq::Admin::connect([&s.ns]).await.expect("admin");
+        admin.broker_counters().await.expect("counters")
+    });
+    let [one] = counters.as_slice() else {
+        panic!("one broker: {counters:?}")
+    };
+    let c = one.result.as_ref().expect("the broker answers");
+    assert_eq!(c.broker_name, "broker-a");
+    assert_eq!(
+        (c.tx.prepared, c.tx.committed, c.tx.pending),
+        (1, 1, 0),
+        "{c:?}"
+    );
+    assert!(c.messages_out >= 1 && c.bytes_out >= 12, "{c:?}");
+    assert!(c.store_bytes > 0, "{c:?}");
+    let orders = c
+        .topics
+        .iter()
+        .find(|t| t.topic == "orders")
+        .expect("orders traffic");
+    assert!(orders.messages_out >= 1, "{c:?}");
 }
 
 /// A consumer that stays in the group while the test looks at it.
@@ -766,6 +791,11 @@ fn under_an_acl_visitors_sign_in_and_see_what_their_user_may() {
         "{}",
         tx.body
     );
+    // The sampler asks with a signed-in user's client: any user may.
+    wait_until("the rates are sampled through app's sign-in", || {
+        let api: Value = serde_json::from_str(&v.get("/api/overview").body).expect("JSON");
+        api["brokers"][0]["name"] == "broker-a"
+    });
 
     // Another visitor signs in as the operator and may.
     let mut admin = d.visitor();
