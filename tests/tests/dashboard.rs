@@ -923,3 +923,101 @@ fn pages_render_under_200ms_with_1000_topics_and_10000_pending_transactions() {
         assert!(t < Duration::from_millis(200), "{path} took {t:?}");
     }
 }
+
+/// Makes `n` dead letters of `group` from `topic`: a push consumer that
+/// fails every message, with no redelivery allowed.
+fn make_dead_letters(ns: &str, topic: &str, group: &str, n: usize) {
+    use txmq::{handler_fn, ConsumeResult, PushConsumer, ReceivedMessage};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let consumer = PushConsumer::builder()
+            .nameserver(ns)
+            .group(group)
+            .subscribe(topic, "*")
+            .max_reconsume_times(0)
+            .rebalance_interval(Duration::from_millis(300))
+            .commit_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(300))
+            .route_refresh_interval(Duration::from_millis(300))
+            .start(handler_fn(|_m: &ReceivedMessage| async {
+                ConsumeResult::retry_after(Duration::from_millis(10))
+            }))
+            .await
+            .expect("consumer starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = txmq_cli(ns, &["--output", "json", "dlq", "list", group], None);
+            if json_lines(&listed.stdout).len() >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no {n} dead letters");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        consumer.shutdown().await.expect("consumer stops");
+    });
+}
+
+#[test]
+fn dead_letters_are_counted_per_group_and_resent_after_a_confirmation() {
+    let s = Setup::start(&[]);
+    ok(&s.cli(&["topic", "create", "orders", "--queues", "1"]));
+    let bodies = "a\nb\nc\n";
+    ok(&txmq_cli(
+        &s.ns,
+        &["send", "orders", "--stdin"],
+        Some(bodies),
+    ));
+    make_dead_letters(&s.ns, "orders", "failing", 3);
+    let d = Dashboard::start(&s.ns, &[]);
+    let mut v = d.visitor();
+
+    let list = v.get("/dead-letters");
+    list.has(&[
+        "<tr data-group=\"failing\">",
+        "<td class=\"num count\">3</td>",
+    ]);
+    let page = v.get("/dead-letters/failing");
+    page.has(&["form id=\"resend\"", "table id=\"dead-letter-messages\""]);
+    assert_eq!(page.body.matches("class=\"resend\"").count(), 3);
+    assert_eq!(v.get("/dead-letters/failing/resend?msg_id=xyz").status, 400);
+
+    let confirm = v.get("/dead-letters/failing/resend?all=1");
+    confirm.has(&[
+        "<p id=\"confirm-text\">Re-send every dead letter of group failing",
+        "id=\"confirm\"",
+    ]);
+    let token = confirm.csrf();
+    let forged = v.request("POST", "/dead-letters/failing/resend", &[], "all=1");
+    assert_eq!(forged.status, 403);
+    let done = v.post(
+        "/dead-letters/failing/resend",
+        &[("csrf", &token), ("all", "1")],
+    );
+    let flash = done.div("flash").expect("div.flash");
+    assert!(flash.contains("Re-sent 3"), "{flash}");
+    // Re-sent before: a second time re-sends nothing, and says so.
+    let again = v.post(
+        "/dead-letters/failing/resend",
+        &[("csrf", &token), ("all", "1")],
+    );
+    let text = again.div("error").expect("div.error");
+    assert!(text.contains("Nothing re-sent"), "{text}");
+
+    // The re-sent messages are in the topic again, for a new group.
+    let consumed = s.cli(&[
+        "--output",
+        "json",
+        "consume",
+        "orders",
+        "--group",
+        "fresh",
+        "--idle-timeout",
+        "2s",
+    ]);
+    ok(&consumed);
+    assert_eq!(
+        json_lines(&consumed.stdout).len(),
+        6,
+        "3 originals and 3 re-sent"
+    );
+}
