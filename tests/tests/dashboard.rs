@@ -171,8 +171,8 @@ impl Dashboard {
     fn start(nameserver: &str, flags: &[&str]) -> Dashboard {
         let mut child = Command::new(binary("txmq"))
             .args(["--nameserver", nameserver])
-            .args(flags)
             .args(["dashboard", "--listen", "127.0.0.1:0", "--page-size", "5"])
+            .args(flags)
             .env_remove("TXMQ_ACCESS_KEY")
             .env_remove("TXMQ_SECRET_KEY")
             .stdin(Stdio::null())
@@ -817,6 +817,29 @@ fn under_an_acl_visitors_sign_in_and_see_what_their_user_may() {
     // Signing out ends the session's access.
     admin.post("/logout", &[("csrf", &token)]);
     assert_eq!(admin.get("/topics").status, 303);
+
+    // With credentials of its own the dashboard acts as that user for
+    // everyone; with --login too, every visitor signs in anyway.
+    let creds = [
+        "--tls-ca",
+        &ca,
+        "--access-key",
+        "ops",
+        "--secret-key",
+        "ops-secret",
+    ];
+    let own = Dashboard::start(&ns, &creds);
+    let page = own.visitor().get("/topics");
+    assert_eq!(page.status, 200);
+    page.has(&["<tr data-topic=\"mine\">"]);
+    let mut flags = creds.to_vec();
+    flags.push("--login");
+    let asks = Dashboard::start(&ns, &flags);
+    let first = asks.visitor().get("/");
+    assert_eq!(
+        (first.status, first.header("location")),
+        (303, Some("/login"))
+    );
 }
 
 /// Leaves every transaction unknown: it stays pending on the broker.
