@@ -122,7 +122,7 @@ pub async fn create(
         Err(r) => return r,
     };
     let topic = f.get("topic").map(|s| s.trim()).unwrap_or("");
-    if let Err(e) = topic_check(topic) {
+    if let Err(e) = txmq::validate_topic_name(topic) {
         return ctx.redirect("/topics", Flash::Failed(format!("Not created: {e}.")));
     }
     let queues_text = f.get("queues").map(|s| s.trim()).filter(|s| !s.is_empty());
@@ -159,18 +159,13 @@ pub async fn create(
     }
 }
 
-/// The topic name rule of the brokers, checked before asking them.
-fn topic_check(topic: &str) -> Result<(), String> {
-    txmq::validate_topic_name(topic)
-}
-
 /// `GET /topics/{topic}`.
 pub async fn show(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> Response {
     let admin = match ctx.client() {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = topic_check(&topic) {
+    if let Err(e) = txmq::validate_topic_name(&topic) {
         return html::error_page(
             &ctx,
             StatusCode::BAD_REQUEST,
@@ -271,7 +266,7 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> 
 
 /// `GET /topics/{topic}/delete`: what deleting will do.
 pub async fn confirm_delete(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> Response {
-    if let Err(e) = topic_check(&topic) {
+    if let Err(e) = txmq::validate_topic_name(&topic) {
         return html::error_page(
             &ctx,
             StatusCode::BAD_REQUEST,
@@ -299,7 +294,7 @@ pub async fn delete(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = topic_check(&topic) {
+    if let Err(e) = txmq::validate_topic_name(&topic) {
         return html::error_page(
             &ctx,
             StatusCode::BAD_REQUEST,
