@@ -291,6 +291,7 @@ fn pages_answer_with_their_ids_and_topics_are_created_and_deleted_through_forms(
                 "form id=\"create-topic\"",
                 "name=\"topic\"",
                 "name=\"queues\"",
+                "name=\"perm\"",
                 "id=\"create-topic-submit\"",
             ],
         ),
@@ -345,6 +346,25 @@ fn pages_answer_with_their_ids_and_topics_are_created_and_deleted_through_forms(
     );
     created.has(&["<tr data-topic=\"orders\">"]);
     assert!(topic_listed(&s, "orders"));
+    let read_only = v.post(
+        "/topics",
+        &[
+            ("csrf", &token),
+            ("topic", "archive"),
+            ("queues", "1"),
+            ("perm", "r"),
+        ],
+    );
+    let flash = read_only.div("flash").expect("div.flash");
+    assert!(flash.contains("(r)"), "{flash}");
+    let bad_perm = v.post(
+        "/topics",
+        &[("csrf", &token), ("topic", "archive"), ("perm", "x")],
+    );
+    assert!(bad_perm
+        .div("error")
+        .expect("div.error")
+        .contains("permission"));
     let bad = v.post(
         "/topics",
         &[("csrf", &token), ("topic", "bad name!"), ("queues", "3")],
