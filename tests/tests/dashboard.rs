@@ -792,6 +792,17 @@ fn under_an_acl_visitors_sign_in_and_see_what_their_user_may() {
     );
     assert_eq!(signed.status, 200, "{}", signed.body);
     signed.has(&["<tr data-broker=\"broker-a\">", "Signed in as app"]);
+    // A new session for the signed-in user: the old id and token are dead.
+    let token_before = token.clone();
+    let token = signed.csrf();
+    assert_ne!(token, token_before);
+    let stale = v.request(
+        "POST",
+        "/topics",
+        &[],
+        &format!("topic=stale&queues=1&csrf={token_before}"),
+    );
+    assert_eq!(stale.status, 403);
     let refused = v.post(
         "/topics",
         &[("csrf", &token), ("topic", "mine"), ("queues", "2")],
@@ -820,14 +831,16 @@ fn under_an_acl_visitors_sign_in_and_see_what_their_user_may() {
     // Another visitor signs in as the operator and may.
     let mut admin = d.visitor();
     let token = admin.get("/login").csrf();
-    admin.post(
-        "/login",
-        &[
-            ("csrf", &token),
-            ("access_key", "ops"),
-            ("secret_key", "ops-secret"),
-        ],
-    );
+    let token = admin
+        .post(
+            "/login",
+            &[
+                ("csrf", &token),
+                ("access_key", "ops"),
+                ("secret_key", "ops-secret"),
+            ],
+        )
+        .csrf();
     let created = admin.post(
         "/topics",
         &[("csrf", &token), ("topic", "mine"), ("queues", "2")],

@@ -141,6 +141,13 @@ impl Sessions {
         s
     }
 
+    /// Forgets session `id`, closing its user's client.
+    pub fn end(&self, id: &str) {
+        if let Some(s) = lock(&self.by_id).remove(id) {
+            s.close();
+        }
+    }
+
     /// A signed-in user's client, any (the sampler uses it when the
     /// dashboard has no credentials of its own).
     pub fn any_client(&self) -> Option<Arc<Admin>> {
@@ -280,12 +287,17 @@ pub async fn login(
     };
     match checked {
         Ok(admin) => {
-            let previous =
-                lock(&ctx.session.user).replace((access_key.to_string(), Arc::new(admin)));
-            if let Some((_, old)) = previous {
-                old.close();
+            // A new session (id and form token) for the signed-in user: an
+            // id known before the sign-in is worth nothing after it.
+            app.sessions.end(&ctx.session.id);
+            let session = app.sessions.start();
+            *lock(&session.user) = Some((access_key.to_string(), Arc::new(admin)));
+            session.flash(Flash::Done(format!("Signed in as {access_key}.")));
+            let mut response = Redirect::to("/").into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&set_cookie(&session.id)) {
+                response.headers_mut().append(header::SET_COOKIE, v);
             }
-            ctx.redirect("/", Flash::Done(format!("Signed in as {access_key}.")))
+            response
         }
         Err(e) => {
             let text = format!("Sign-in failed: {}", super::error_text(e));
