@@ -959,7 +959,10 @@ fn pages_render_under_200ms_with_1000_topics_and_10000_pending_transactions() {
     let d = Dashboard::start(&s.ns, &[]);
     let mut v = d.visitor();
     let page = v.get("/transactions");
-    page.has(&["<td class=\"num\" id=\"count-pending\">10000</td>"]);
+    page.has(&[
+        "<td class=\"num\" id=\"count-pending\">10000</td>",
+        "lists its oldest 1000 of 10000 pending transactions",
+    ]);
     let mut worst = Vec::new();
     for path in [
         "/",
