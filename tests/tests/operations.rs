@@ -112,6 +112,45 @@ fn consume(s: &Setup, topic: &str, group: &str) -> Vec<Value> {
     lines
 }
 
+/// A recheck is recorded in the log: a broker killed right after it does
+/// not park the transaction again when it recovers.
+#[test]
+fn a_recheck_survives_a_kill9() {
+    let mut s = Setup::start(&[
+        "--transaction-timeout",
+        "200ms",
+        "--transaction-check-interval",
+        "200ms",
+        "--transaction-check-max",
+        "2",
+        "--transaction-check-timeout",
+        "300ms",
+    ]);
+    ok(&s.cli(&["topic", "create", "orders", "--queues", "1"]));
+    // Parked while its producer answers "unknown"; the producer then exits,
+    // so later checks cannot be made (they do not count).
+    let tx = tx_send(
+        &s,
+        &[
+            "orders", "--group", "pg", "--body", "b", "--local", "unknown", "--check", "unknown",
+            "--linger", "1500ms",
+        ],
+    );
+    wait_until("the transaction is parked", || {
+        show(&s, tx)["state"] == "parked"
+    });
+    ok(&s.cli(&["tx", "recheck", &tx.to_string()]));
+    assert_eq!(show(&s, tx)["state"], "prepared");
+    s.broker.restart();
+    s.wait_registered();
+    let d = show(&s, tx);
+    assert_eq!(
+        d["state"], "prepared",
+        "parked again after the restart: {d}"
+    );
+    assert_eq!(d["checks"], 2, "{d}");
+}
+
 #[test]
 fn tx_show_list_filters_and_recheck() {
     let s = Setup::start(&[

@@ -15,8 +15,11 @@ use txmq_protocol::{
 use super::{
     lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY, PROP_PRODUCER_GROUP,
 };
+use crate::handler::store_error;
 use crate::store::record::RecordKind;
-use crate::store::{PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT};
+use crate::store::{
+    PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT, PROP_CARRIED_RECHECKED,
+};
 
 impl Transactions {
     /// Everything known of transaction `tx_id`: pending (prepared or
@@ -129,6 +132,7 @@ impl Transactions {
                     PROP_CARRIED_PREPARED_AT,
                     PROP_CARRIED_CHECKS,
                     PROP_CARRIED_PARKED,
+                    PROP_CARRIED_RECHECKED,
                 ] {
                     message.properties.remove(p);
                 }
@@ -139,45 +143,29 @@ impl Transactions {
 
     /// Un-parks a parked transaction, or hurries a prepared one: its next
     /// check is due now, and it gets a fresh allowance of `check_max`
-    /// checks before it is parked again.
+    /// checks before it is parked again. The recheck is recorded in the log
+    /// first, so a restart (or the slave taking over) does not park it
+    /// again.
     ///
     /// # Errors
     /// `UNKNOWN_TRANSACTION`; `TRANSACTION_COMMITTED` or
     /// `TRANSACTION_ROLLED_BACK` for an ended one; `BUSY` while it is being
-    /// ended or carried forward.
-    pub(crate) fn recheck(&self, tx_id: u64) -> Result<Rechecked, WireError> {
+    /// ended or carried forward; a failure writing the record.
+    pub(crate) async fn recheck(&self, tx_id: u64) -> Result<Rechecked, WireError> {
+        self.recheckable(&lock(&self.table), tx_id)?;
+        let tx = self.tx_ref(tx_id).ok_or_else(|| self.unknown(tx_id))?;
+        self.store
+            .transaction_marker(RecordKind::TxRecheck, tx)
+            .await
+            .map_err(store_error)?;
         let now = now_millis();
         let mut table = lock(&self.table);
-        if let Some(ended) = table.ended.get(&tx_id) {
-            let (code, state) = if ended.committed {
-                (ErrorCode::TransactionCommitted, "committed")
-            } else {
-                (ErrorCode::TransactionRolledBack, "rolled back")
-            };
-            return Err(WireError::new(
-                code,
-                format!("transaction {tx_id} was already {state}; there is nothing to check"),
-            ));
-        }
+        // It may have ended while the record was written: then the record
+        // changes nothing either (it names a transaction no longer pending).
+        let previous = self.recheckable(&table, tx_id)?;
         let super::Table { pending, due, .. } = &mut *table;
         let Some(p) = pending.get_mut(&tx_id) else {
-            return Err(WireError::new(
-                ErrorCode::UnknownTransaction,
-                format!(
-                    "transaction {tx_id} is not known to broker {}",
-                    self.broker_name
-                ),
-            ));
-        };
-        let previous = match p.phase {
-            Phase::Parked => TxState::Parked,
-            Phase::Prepared => TxState::Prepared,
-            Phase::Ending(..) | Phase::Carrying(_) => {
-                return Err(WireError::new(
-                    ErrorCode::Busy,
-                    format!("transaction {tx_id} is being ended or moved; try again"),
-                ));
-            }
+            return Err(self.unknown(tx_id));
         };
         p.phase = Phase::Prepared;
         p.rechecked_at = p.checks;
@@ -196,6 +184,40 @@ impl Transactions {
             previous,
             checks,
         })
+    }
+
+    /// The state of a transaction an operator may re-check, or why not.
+    fn recheckable(&self, table: &super::Table, tx_id: u64) -> Result<TxState, WireError> {
+        if let Some(ended) = table.ended.get(&tx_id) {
+            let (code, state) = if ended.committed {
+                (ErrorCode::TransactionCommitted, "committed")
+            } else {
+                (ErrorCode::TransactionRolledBack, "rolled back")
+            };
+            return Err(WireError::new(
+                code,
+                format!("transaction {tx_id} was already {state}; there is nothing to check"),
+            ));
+        }
+        match table.pending.get(&tx_id).map(|p| p.phase) {
+            None => Err(self.unknown(tx_id)),
+            Some(Phase::Parked) => Ok(TxState::Parked),
+            Some(Phase::Prepared) => Ok(TxState::Prepared),
+            Some(Phase::Ending(..) | Phase::Carrying(_)) => Err(WireError::new(
+                ErrorCode::Busy,
+                format!("transaction {tx_id} is being ended or moved; try again"),
+            )),
+        }
+    }
+
+    fn unknown(&self, tx_id: u64) -> WireError {
+        WireError::new(
+            ErrorCode::UnknownTransaction,
+            format!(
+                "transaction {tx_id} is not known to broker {}",
+                self.broker_name
+            ),
+        )
     }
 
     /// Pending (prepared or parked) transactions with a half message for
