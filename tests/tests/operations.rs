@@ -113,7 +113,8 @@ fn consume(s: &Setup, topic: &str, group: &str) -> Vec<Value> {
 }
 
 /// A recheck is recorded in the log: a broker killed right after it does
-/// not park the transaction again when it recovers.
+/// not park the transaction again when it recovers; and the checks made
+/// before the restart are still in `tx show`, with their answers.
 #[test]
 fn a_recheck_survives_a_kill9() {
     let mut s = Setup::start(&[
@@ -149,6 +150,12 @@ fn a_recheck_survives_a_kill9() {
         "parked again after the restart: {d}"
     );
     assert_eq!(d["checks"], 2, "{d}");
+    // The checks made before the restart, from their records in the log.
+    let history = d["history"].as_array().expect("history");
+    let before: Vec<&Value> = history.iter().filter(|c| c["sent"] == true).collect();
+    assert_eq!(before.len(), 2, "{d}");
+    assert!(before.iter().all(|c| c["answer"] == "unknown"), "{d}");
+    assert!(before.iter().all(|c| c["at_ms"].as_u64() > Some(0)), "{d}");
 }
 
 #[test]

@@ -387,6 +387,7 @@ fn indexed(rec: &[u8]) -> Option<Indexed<'_>> {
             | RecordKind::Delayed
             | RecordKind::DelayedCopy
             | RecordKind::TxRollback
+            | RecordKind::TxCheck
             | RecordKind::TxPark
     ) {
         return None;

@@ -328,6 +328,7 @@ pub(crate) enum WriteCmd {
     Marker {
         kind: record::RecordKind,
         tx: TxRef,
+        flags: u16,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// An operator's topic delete (answered with the record's position).
@@ -1056,9 +1057,29 @@ impl Store {
         kind: record::RecordKind,
         tx: TxRef,
     ) -> Result<Appended, StoreError> {
+        self.transaction_marker_flagged(kind, tx, 0).await
+    }
+
+    /// A transaction marker whose flags say more: a `TxCheck`'s answer
+    /// (see [`record::check_answer`]).
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub async fn transaction_marker_flagged(
+        &self,
+        kind: record::RecordKind,
+        tx: TxRef,
+        flags: u16,
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteCmd::Marker { kind, tx, reply }, rx).await
+        let cmd = WriteCmd::Marker {
+            kind,
+            tx,
+            flags,
+            reply,
+        };
+        self.submit(cmd, rx).await
     }
 
     /// Re-writes the half messages of pending transaction `tx` (from

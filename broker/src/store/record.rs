@@ -152,6 +152,21 @@ pub enum RecordKind {
     TxRecheck = 12,
 }
 
+/// What a `TxCheck` record's flags say of the check's answer (a check is
+/// recorded once it reached a producer).
+pub mod check_answer {
+    /// Written before answers were recorded.
+    pub const NOT_RECORDED: u16 = 0;
+    /// No answer came (timed out, or the connection failed).
+    pub const NONE: u16 = 1;
+    /// The producer answered "unknown".
+    pub const UNKNOWN: u16 = 2;
+    /// The producer answered "commit".
+    pub const COMMIT: u16 = 3;
+    /// The producer answered "rollback".
+    pub const ROLLBACK: u16 = 4;
+}
+
 /// The kind a record's kind byte names, if any.
 pub fn kind_of(b: u8) -> Option<RecordKind> {
     RecordKind::from_u8(b)

@@ -521,10 +521,15 @@ impl Writer {
                 record::encode(&mut self.buf, head, &empty_message(&topic, None));
                 self.chunk.push(Encoded::Reply { reply, value: at });
             }
-            WriteCmd::Marker { kind, tx, reply } => {
+            WriteCmd::Marker {
+                kind,
+                tx,
+                flags,
+                reply,
+            } => {
                 let mut marker = empty_message("", None);
                 marker.msg_id = tx.first_msg_id;
-                record::encode(&mut self.buf, head(kind, 0, 0, tx.id, 0), &marker);
+                record::encode(&mut self.buf, head(kind, 0, 0, tx.id, flags), &marker);
                 if kind == RecordKind::TxRollback {
                     self.chunk.push(Encoded::TxPending {
                         at: tx.halves_at,

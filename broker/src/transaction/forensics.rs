@@ -3,17 +3,21 @@
 //! (un-park it and check it back now).
 //!
 //! The check history is kept in memory, per transaction, bounded by
-//! [`CHECK_HISTORY`]: it does not survive a restart (the number of checks
-//! does: each is a marker in the log). A recheck is in memory too: after a
-//! restart a rechecked transaction that is still pending is parked again,
-//! as its park marker says.
+//! [`CHECK_HISTORY`]. Each check that reached a producer is also a
+//! `TxCheck` record in the log with its answer in the flags; the index
+//! finds them by the transaction's first message id, so after a restart
+//! (or a failover) `tx show` still lists the checks made before, with their
+//! time and answer. Checks that could not be sent are in memory only. A
+//! recheck is a `TxRecheck` record: a restart keeps it un-parked.
 
 use txmq_protocol::{
-    now_millis, EndedBy, ErrorCode, Rechecked, TxDetail, TxEnding, TxMessage, TxState, WireError,
+    now_millis, CheckRecord, EndedBy, ErrorCode, MsgId, Rechecked, TxDetail, TxEnding, TxMessage,
+    TxState, WireError, CHECK_HISTORY,
 };
 
 use super::{
-    lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY, PROP_PRODUCER_GROUP,
+    check_back, lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY,
+    PROP_PRODUCER_GROUP,
 };
 use crate::handler::store_error;
 use crate::store::record::RecordKind;
@@ -58,6 +62,7 @@ impl Transactions {
             drop(table);
             // Read after the lock is released.
             detail.messages = self.show_halves(halves);
+            self.add_earlier_checks(&mut detail);
             return Ok(detail);
         }
         let Some(ended) = table.ended.get(&tx_id).copied() else {
@@ -95,7 +100,6 @@ impl Transactions {
                 at_ms: (ended.by != EndedBy::Unknown && ended.at != 0).then_some(ended.at),
             }),
         };
-        detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
         // The half messages start at the tx id unless they were carried
         // forward (then the id's record is gone or another one).
         if let Some((first, _)) = self.store.read_record_at(tx_id) {
@@ -114,7 +118,56 @@ impl Transactions {
                 });
             }
         }
+        self.add_earlier_checks(&mut detail);
+        detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
         Ok(detail)
+    }
+
+    /// Puts before the history kept in memory the checks made before this
+    /// table was made (before a restart, or by the master this broker took
+    /// over from): their `TxCheck` records, which the index finds by the
+    /// transaction's first message id, with their time and answer (not
+    /// the checks that could not be sent: those are not recorded).
+    fn add_earlier_checks(&self, detail: &mut TxDetail) {
+        let Some(first) = detail.messages.first().map(|m| m.message.msg_id) else {
+            return;
+        };
+        if first == MsgId::default() {
+            return;
+        }
+        // Newest first; the index may be switched off (then none).
+        let found = self
+            .store
+            .find_by_id(&first, 8 * CHECK_HISTORY)
+            .unwrap_or_default();
+        let mut earlier: Vec<CheckRecord> = found
+            .into_iter()
+            .map(|f| f.record)
+            .filter(|r| {
+                r.kind == RecordKind::TxCheck
+                    && r.aux == detail.tx_id
+                    && r.store_timestamp < self.started_at
+            })
+            .take(CHECK_HISTORY)
+            .map(|r| {
+                let answer = check_back::flags_answer(r.flags);
+                CheckRecord {
+                    at_ms: r.store_timestamp,
+                    sent: true,
+                    answer: answer.ok(),
+                    error: answer.err().map(str::to_string),
+                    times: 1,
+                }
+            })
+            .collect();
+        if earlier.is_empty() {
+            return;
+        }
+        earlier.reverse();
+        earlier.append(&mut detail.history);
+        let extra = earlier.len().saturating_sub(CHECK_HISTORY);
+        earlier.drain(..extra);
+        detail.history = earlier;
     }
 
     /// The half messages with the broker's own properties removed (the

@@ -243,6 +243,9 @@ pub(crate) struct Transactions {
     security: Arc<crate::security::Security>,
     /// Counters per producer group (`--metrics-listen`).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// When this table was made (ms): checks made before it are known
+    /// from their records in the log only (see `forensics.rs`).
+    started_at: u64,
 }
 
 fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
@@ -296,6 +299,7 @@ impl Transactions {
             wake: Notify::new(),
             security: Arc::default(),
             metrics: Arc::default(),
+            started_at: now_millis(),
         }
     }
 
