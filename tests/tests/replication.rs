@@ -1352,3 +1352,35 @@ async fn a_topic_deleted_on_the_master_stays_deleted_when_a_slave_takes_over() {
     );
     drop(promoted);
 }
+
+/// `dlq resend` under sync replication answers like a send: only once the
+/// in-sync slave holds the copies. With the only slave stopped it fails,
+/// saying the letters are already recorded as resent (so a second `--all`
+/// resends nothing new), instead of reporting a resend a failover could lose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_resend_waits_for_the_in_sync_slave() {
+    let group = Group::start(MASTER, 1, "bills", 1).await;
+    let producer = group.producer().await;
+    for i in 0..3 {
+        let status = send_status(&producer, "bills", i).await;
+        assert_eq!(status, Ok(SendStatus::SendOk));
+    }
+    producer.close();
+    let ns = group.ns.clone();
+    tokio::task::spawn_blocking(move || {
+        txmq_tests::make_dead_letters(&ns, "bills", "billing", 3);
+    })
+    .await
+    .expect("dead letters made");
+
+    stop(&group.slaves[0]);
+    let out = common::txmq(&group.ns, &["dlq", "resend", "billing", "--all"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("recorded as resent"), "{stderr}");
+    group.slaves[0].signal("CONT");
+    let again = common::txmq(&group.ns, &["dlq", "resend", "billing", "--all"], None).await;
+    let stdout = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert_eq!(again.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("3 resent before"), "{stdout}");
+}
