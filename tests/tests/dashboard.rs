@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use txmq_tests::output::{ok, stdout};
 use txmq_tests::pki::Pki;
-use txmq_tests::{binary, free_port, json_lines, txmq_cli, BrokerProcess, NameserverProcess};
+use txmq_tests::{
+    binary, free_port, json_lines, make_dead_letters, txmq_cli, BrokerProcess, NameserverProcess,
+};
 
 /// One HTTP/1.1 answer.
 #[derive(Debug)]
@@ -981,39 +983,6 @@ fn pages_render_under_200ms_with_1000_topics_and_10000_pending_transactions() {
     for (path, t) in worst {
         assert!(t < Duration::from_millis(200), "{path} took {t:?}");
     }
-}
-
-/// Makes `n` dead letters of `group` from `topic`: a push consumer that
-/// fails every message, with no redelivery allowed.
-fn make_dead_letters(ns: &str, topic: &str, group: &str, n: usize) {
-    use txmq::{handler_fn, ConsumeResult, PushConsumer, ReceivedMessage};
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let consumer = PushConsumer::builder()
-            .nameserver(ns)
-            .group(group)
-            .subscribe(topic, "*")
-            .max_reconsume_times(0)
-            .rebalance_interval(Duration::from_millis(300))
-            .commit_interval(Duration::from_millis(100))
-            .max_wait(Duration::from_millis(300))
-            .route_refresh_interval(Duration::from_millis(300))
-            .start(handler_fn(|_m: &ReceivedMessage| async {
-                ConsumeResult::retry_after(Duration::from_millis(10))
-            }))
-            .await
-            .expect("consumer starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let listed = txmq_cli(ns, &["--output", "json", "dlq", "list", group], None);
-            if json_lines(&listed.stdout).len() >= n {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no {n} dead letters");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        consumer.shutdown().await.expect("consumer stops");
-    });
 }
 
 #[test]
