@@ -331,6 +331,27 @@ impl Metrics {
         c.inc();
         self.dead_letters.insert(group.into(), c);
     }
+
+    /// Per topic seen since start: (topic, messages in, bytes in, messages
+    /// out, bytes out), sorted by topic. Reads the counters above; counts
+    /// nothing itself.
+    pub(crate) fn traffic(&self) -> Vec<(String, u64, u64, u64, u64)> {
+        let mut out: Vec<_> = self
+            .topics
+            .iter()
+            .map(|t| {
+                (
+                    t.key().to_string(),
+                    t.messages_in.get(),
+                    t.bytes_in.get(),
+                    t.messages_out.get(),
+                    t.bytes_out.get(),
+                )
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
 }
 
 /// (topic, messages, body bytes) of a transaction's messages, in order of

@@ -6,6 +6,7 @@ mod bench;
 mod cluster;
 mod consume;
 mod controller;
+mod dashboard;
 mod exit;
 mod group;
 mod msg;
@@ -81,6 +82,9 @@ enum Command {
     /// Find messages: by id (show), by key (find), by queue offset (get).
     #[command(subcommand)]
     Msg(msg::MsgCommand),
+    /// Serve the web dashboard: brokers, topics, groups, transactions,
+    /// messages and dead letters, with actions behind confirmations.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 #[tokio::main]
@@ -108,6 +112,7 @@ async fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(&cli.global, cmd).await,
         Command::Completions { .. } => Ok(()),
         Command::Msg(cmd) => msg::run(&cli.global, cmd).await,
+        Command::Dashboard(args) => dashboard::run(&cli.global, args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -64,13 +64,13 @@ pub enum MsgCommand {
     },
 }
 
-fn parse_msg_id(s: &str) -> Result<MsgId, String> {
+pub(crate) fn parse_msg_id(s: &str) -> Result<MsgId, String> {
     MsgId::parse(&s.to_ascii_uppercase())
         .ok_or_else(|| format!("'{s}' is not a message id (32 hexadecimal digits)"))
 }
 
 /// RFC 3339, ms since the epoch, or a duration ago; as ms since the epoch.
-fn parse_time(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(ms);
     }
@@ -94,7 +94,7 @@ fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| format!("'{s}' is too far ahead"))
 }
 
-fn time_text(ms: u64) -> String {
+pub(crate) fn time_text(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 

@@ -17,6 +17,8 @@ use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::{ClientConfig, Error, Result};
 
+#[path = "admin_dashboard.rs"]
+mod dashboard;
 #[path = "admin_ops.rs"]
 mod ops;
 

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod dashboard;
 pub mod error;
 pub mod frame;
 pub mod lookup;
@@ -18,6 +19,7 @@ pub mod ops;
 pub mod request;
 
 pub use codec::{FrameCodec, DEFAULT_MAX_FRAME_LEN};
+pub use dashboard::*;
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, Hello, HelloOk, Role, PROTOCOL_VERSION};
 pub use lookup::*;

@@ -156,6 +156,8 @@ requests! {
     FindMessages(crate::lookup::FindMessages) -> crate::lookup::FoundMessages;
     /// Client -> broker: messages of a queue by offset (`txmq msg get`).
     GetMessages(crate::lookup::GetMessages) -> crate::lookup::FoundMessages;
+    /// Anyone signed in -> broker: its counters (`txmq dashboard`).
+    GetBrokerCounters(crate::dashboard::GetBrokerCounters) -> crate::dashboard::BrokerCounters;
 }
 
 /// The answer to a hello's challenge: an access key and

@@ -144,6 +144,9 @@ fn needs(
         Request::LookupMessage(r) => check(Op::Admin(&format!("look up message {}", r.msg_id))),
         // Read-only metadata, pings, producer ids; and requests a broker
         // does not serve (refused as unsupported once signed in).
+        // Traffic totals, no names of users or bodies: any signed-in user
+        // (the dashboard's overview).
+        Request::GetBrokerCounters(_) => check(Op::Authenticated),
         _ => check(Op::Authenticated),
     }
 }

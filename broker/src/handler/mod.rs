@@ -2,6 +2,7 @@
 //! holds its validation and handling.
 
 mod authorize;
+mod counters;
 mod dead_letters;
 mod group;
 mod lookup;
@@ -199,6 +200,7 @@ impl Service for BrokerService {
                 Request::LookupMessage(r) => lookup::by_id(&b, r).map(Response::LookupMessage),
                 Request::FindMessages(r) => lookup::by_key(&b, r).map(Response::FindMessages),
                 Request::GetMessages(r) => lookup::by_offset(&b, r).map(Response::GetMessages),
+                Request::GetBrokerCounters(_) => Ok(Response::GetBrokerCounters(counters::get(&b))),
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,
                     format!("{} requests are not served by a broker", other.kind()),
