@@ -70,7 +70,10 @@ mod tests {
         let bytes = rmp_serde::to_vec(&Response::GetBrokerCounters(c.clone())).unwrap_or_default();
         let back: Result<Response, _> = rmp_serde::from_slice(&bytes);
         assert!(matches!(back, Ok(Response::GetBrokerCounters(b)) if b == c));
-        assert_eq!(GetBrokerCounters {}.into_request().kind(), "GetBrokerCounters");
+        assert_eq!(
+            GetBrokerCounters {}.into_request().kind(),
+            "GetBrokerCounters"
+        );
         assert!(matches!(
             GetBrokerCounters {}.into_request(),
             Request::GetBrokerCounters(_)
