@@ -261,10 +261,15 @@ pub fn auth_signature(secret: &str, challenge: &[u8], access_key: &str) -> Vec<u
 /// A fresh random challenge.
 pub(crate) fn challenge() -> Vec<u8> {
     let mut bytes = vec![0u8; 32];
-    // The system's random source failing is not something to serve through.
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .expect("the system's random source works");
+    random_fill(&mut bytes);
     bytes
+}
+
+/// Fills `bytes` from the system's cryptographically secure random source.
+pub fn random_fill(bytes: &mut [u8]) {
+    // The system's random source failing is not something to serve through.
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), bytes)
+        .expect("the system's random source works");
 }
 
 /// A user's credentials, for the connections a process opens.

@@ -512,3 +512,39 @@ pub mod output {
         stdout(o)
     }
 }
+
+/// Makes `n` dead letters of `group` from `topic`: a push consumer that
+/// fails every message, with no redelivery allowed.
+pub fn make_dead_letters(ns: &str, topic: &str, group: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let consumer = txmq::PushConsumer::builder()
+            .nameserver(ns)
+            .group(group)
+            .subscribe(topic, "*")
+            .max_reconsume_times(0)
+            .rebalance_interval(Duration::from_millis(300))
+            .commit_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(300))
+            .route_refresh_interval(Duration::from_millis(300))
+            .start(txmq::handler_fn(|_m: &txmq::ReceivedMessage| async {
+                txmq::ConsumeResult::retry_after(Duration::from_millis(10))
+            }))
+            .await
+            .expect("consumer starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = txmq_cli(ns, &["--output", "json", "dlq", "list", group], None);
+            if json_lines(&listed.stdout).len() >= n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no {n} dead letters");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        consumer.shutdown().await.expect("consumer stops");
+    });
+}

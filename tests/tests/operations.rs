@@ -8,9 +8,10 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use txmq::{handler_fn, ConsumeResult, PushConsumer, ReceivedMessage};
 use txmq_tests::output::{ok, stderr, stdout};
-use txmq_tests::{free_port, json_lines, txmq_cli, BrokerProcess, NameserverProcess};
+use txmq_tests::{
+    free_port, json_lines, make_dead_letters, txmq_cli, BrokerProcess, NameserverProcess,
+};
 
 /// A nameserver and one broker, real processes, in a temp dir.
 struct Setup {
@@ -110,6 +111,52 @@ fn consume(s: &Setup, topic: &str, group: &str) -> Vec<Value> {
     ]);
     ok(&out);
     lines
+}
+
+/// A recheck is recorded in the log: a broker killed right after it does
+/// not park the transaction again when it recovers; and the checks made
+/// before the restart are still in `tx show`, with their answers.
+#[test]
+fn a_recheck_survives_a_kill9() {
+    let mut s = Setup::start(&[
+        "--transaction-timeout",
+        "200ms",
+        "--transaction-check-interval",
+        "200ms",
+        "--transaction-check-max",
+        "2",
+        "--transaction-check-timeout",
+        "300ms",
+    ]);
+    ok(&s.cli(&["topic", "create", "orders", "--queues", "1"]));
+    // Parked while its producer answers "unknown"; the producer then exits,
+    // so later checks cannot be made (they do not count).
+    let tx = tx_send(
+        &s,
+        &[
+            "orders", "--group", "pg", "--body", "b", "--local", "unknown", "--check", "unknown",
+            "--linger", "1500ms",
+        ],
+    );
+    wait_until("the transaction is parked", || {
+        show(&s, tx)["state"] == "parked"
+    });
+    ok(&s.cli(&["tx", "recheck", &tx.to_string()]));
+    assert_eq!(show(&s, tx)["state"], "prepared");
+    s.broker.restart();
+    s.wait_registered();
+    let d = show(&s, tx);
+    assert_eq!(
+        d["state"], "prepared",
+        "parked again after the restart: {d}"
+    );
+    assert_eq!(d["checks"], 2, "{d}");
+    // The checks made before the restart, from their records in the log.
+    let history = d["history"].as_array().expect("history");
+    let before: Vec<&Value> = history.iter().filter(|c| c["sent"] == true).collect();
+    assert_eq!(before.len(), 2, "{d}");
+    assert!(before.iter().all(|c| c["answer"] == "unknown"), "{d}");
+    assert!(before.iter().all(|c| c["at_ms"].as_u64() > Some(0)), "{d}");
 }
 
 #[test]
@@ -302,42 +349,6 @@ fn tx_show_list_filters_and_recheck() {
         s.cli(&["tx", "show", "not-a-number"]).status.code(),
         Some(2)
     );
-}
-
-/// Makes `n` dead letters of `group` from `topic`: a push consumer that
-/// fails every message, with no redelivery allowed.
-fn make_dead_letters(ns: &str, topic: &str, group: &str, n: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let consumer = PushConsumer::builder()
-            .nameserver(ns)
-            .group(group)
-            .subscribe(topic, "*")
-            .max_reconsume_times(0)
-            .rebalance_interval(Duration::from_millis(300))
-            .commit_interval(Duration::from_millis(100))
-            .max_wait(Duration::from_millis(300))
-            .route_refresh_interval(Duration::from_millis(300))
-            .start(handler_fn(|_m: &ReceivedMessage| async {
-                ConsumeResult::retry_after(Duration::from_millis(10))
-            }))
-            .await
-            .expect("consumer starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let listed = txmq_cli(ns, &["--output", "json", "dlq", "list", group], None);
-            if json_lines(&listed.stdout).len() >= n {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no {n} dead letters");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        consumer.shutdown().await.expect("consumer stops");
-    });
 }
 
 #[test]

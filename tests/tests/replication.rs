@@ -1268,3 +1268,119 @@ async fn a_pull_consumer_carries_on_from_the_slave_and_its_commits_reach_the_ret
     consumer.shutdown().await.expect("consumer commits");
     producer.close();
 }
+
+/// A topic deleted on the master is deleted on its slaves too: the delete
+/// is a record in the replicated log (and the master's topic table, which
+/// slaves mirror, loses it). So a slave that takes over after the master
+/// is killed does not bring the topic back, nor its consumer offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_on_the_master_stays_deleted_when_a_slave_takes_over() {
+    let mut group = Group::start(MASTER, 1, "typo", 2).await;
+    let master = group.master.addr.clone();
+    let slave = group.slaves[0].addr.clone();
+    create_topic(&master, "kept", 1).await;
+    for q in 0..2 {
+        assert_eq!(send_raw(&master, "typo", q, "t").await, SendStatus::SendOk);
+    }
+    assert_eq!(send_raw(&master, "kept", 0, "k").await, SendStatus::SendOk);
+    commit_offset(&master, "readers", "typo", 0, 1).await;
+    commit_offset(&master, "readers", "kept", 0, 1).await;
+    wait_for_master(&group.ns, "typo", &master).await;
+
+    let out = common::txmq(&group.ns, &["topic", "delete", "typo"], None).await;
+    assert!(
+        out.status.success(),
+        "topic delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let end = common::replication(&master).await.log_end;
+    wait_replication(
+        &master,
+        Duration::from_secs(10),
+        "the slave holds the delete",
+        |r| replica(r, &slave).is_some_and(|x| x.acked >= end),
+    )
+    .await;
+
+    // The master dies; the slave's data directory starts as the master.
+    group.master.kill9();
+    group.slaves[0].kill9();
+    let data = group.tmp.path().join("slave0");
+    let promoted = start_broker(&data, &group.ns, GROUP_NAME, &[]).await;
+    wait_for_master(&group.ns, "kept", &promoted.addr).await;
+    let listed = common::txmq(&group.ns, &["topic", "list"], None).await;
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(listed.contains("kept"), "{listed}");
+    assert!(
+        !listed.contains("typo"),
+        "the deleted topic is back: {listed}"
+    );
+    let status = common::txmq(&group.ns, &["topic", "status", "typo"], None).await;
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "topic status of a deleted topic"
+    );
+    let gone = call(
+        &promoted.addr,
+        QueryOffset {
+            group: "readers".into(),
+            topic: "typo".into(),
+            queue: 0,
+        },
+    )
+    .await;
+    assert!(
+        gone.as_ref()
+            .is_err_and(|e| e.to_string().contains("UNKNOWN_TOPIC")),
+        "{gone:?}"
+    );
+    assert_eq!(
+        committed_offset(&promoted.addr, "readers", "kept", 0).await,
+        Some(1)
+    );
+    let kept = common::pull_all(&promoted.addr, "kept", 1).await;
+    assert_eq!(kept.iter().map(body).collect::<Vec<_>>(), vec!["k"]);
+    // Made again under the same name, it starts empty: the old messages
+    // and offsets are gone from the slave's store, not only from its table.
+    create_topic(&promoted.addr, "typo", 2).await;
+    let again = common::pull_all(&promoted.addr, "typo", 2).await;
+    assert!(again.is_empty(), "old messages are back: {again:?}");
+    assert_eq!(
+        committed_offset(&promoted.addr, "readers", "typo", 0).await,
+        None
+    );
+    drop(promoted);
+}
+
+/// `dlq resend` under sync replication answers like a send: only once the
+/// in-sync slave holds the copies. With the only slave stopped it fails,
+/// saying the letters are already recorded as resent (so a second `--all`
+/// resends nothing new), instead of reporting a resend a failover could lose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_resend_waits_for_the_in_sync_slave() {
+    let group = Group::start(MASTER, 1, "bills", 1).await;
+    let producer = group.producer().await;
+    for i in 0..3 {
+        let status = send_status(&producer, "bills", i).await;
+        assert_eq!(status, Ok(SendStatus::SendOk));
+    }
+    producer.close();
+    let ns = group.ns.clone();
+    tokio::task::spawn_blocking(move || {
+        txmq_tests::make_dead_letters(&ns, "bills", "billing", 3);
+    })
+    .await
+    .expect("dead letters made");
+
+    stop(&group.slaves[0]);
+    let out = common::txmq(&group.ns, &["dlq", "resend", "billing", "--all"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("recorded as resent"), "{stderr}");
+    group.slaves[0].signal("CONT");
+    let again = common::txmq(&group.ns, &["dlq", "resend", "billing", "--all"], None).await;
+    let stdout = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert_eq!(again.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("3 resent before"), "{stdout}");
+}

@@ -4,7 +4,10 @@
 //! `crate::dead_letters`) so that a second `--all` re-sends nothing new.
 //!
 //! A letter is recorded once it was appended: a crash in between may let
-//! a later `--all` send it again (at least once, never lost).
+//! a later `--all` send it again (at least once, never lost). The answer
+//! waits, as a send's does, until the copies are flushed (sync flush) and
+//! held by the in-sync replicas (sync replication); if they are not in
+//! time the request fails with the letters already recorded, and says so.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -140,6 +143,7 @@ pub(super) async fn resend(
         m.topic = target.clone();
         by_queue.entry((target, queue)).or_default().push((pos, m));
     }
+    let mut durable = true;
     for ((topic, queue), letters) in by_queue {
         let ids: Vec<(u64, MsgId)> = letters.iter().map(|(p, m)| (*p, m.msg_id)).collect();
         let messages: Vec<Message> = letters.into_iter().map(|(_, m)| m).collect();
@@ -148,6 +152,7 @@ pub(super) async fn resend(
             .append(&topic, queue, messages)
             .await
             .map_err(store_error)?;
+        durable &= appended.durable;
         b.resent
             .record(&req.group, &ids, now_millis())
             .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e))?;
@@ -160,6 +165,26 @@ pub(super) async fn resend(
             });
         }
         tracing::info!(group = %req.group, %topic, queue, "dead letters re-sent");
+    }
+    // Under sync replication, answered once the replicas hold the copies
+    // (as a send is): a failover must not lose a letter recorded as resent.
+    if !durable {
+        return Err(WireError::new(
+            ErrorCode::Timeout,
+            format!(
+                "the re-sent copies of {} dead letter(s) were not flushed to disk in time (recorded as resent: see them with txmq msg show, or resend again with --force)",
+                answer.resent.len()
+            ),
+        ));
+    }
+    if !answer.resent.is_empty() {
+        b.replication
+            .confirm(b.store.log_end())
+            .await
+            .into_result(&format!(
+                "the re-sent copies of {} dead letter(s) (recorded as resent: see them with txmq msg show, or resend again with --force)",
+                answer.resent.len()
+            ))?;
     }
     Ok(answer)
 }

@@ -183,9 +183,9 @@ impl Service for BrokerService {
                 Request::ShowTransaction(r) => {
                     transaction::show(&b, r).map(Response::ShowTransaction)
                 }
-                Request::RecheckTransaction(r) => {
-                    transaction::recheck(&b, r).map(Response::RecheckTransaction)
-                }
+                Request::RecheckTransaction(r) => transaction::recheck(&b, r)
+                    .await
+                    .map(Response::RecheckTransaction),
                 Request::ResendDeadLetters(r) => {
                     detached(b, |b| async move { dead_letters::resend(&b, r).await })
                         .await

@@ -203,12 +203,12 @@ pub(super) fn show(
     b.transactions.show(req.tx_id)
 }
 
-pub(super) fn recheck(
+pub(super) async fn recheck(
     b: &BrokerInner,
     req: txmq_protocol::RecheckTransaction,
 ) -> Result<txmq_protocol::Rechecked, WireError> {
     if let Some(refusal) = b.replication.write_refusal(b) {
         return Err(refusal);
     }
-    b.transactions.recheck(req.tx_id)
+    b.transactions.recheck(req.tx_id).await
 }

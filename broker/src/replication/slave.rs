@@ -447,9 +447,22 @@ fn verify(
     Ok(last.map(|l| (l, len)))
 }
 
-/// Takes the master's topic table (queue counts, permissions).
+/// Takes the master's topic table (queue counts, permissions); a topic the
+/// master no longer has was deleted there (its queues go with the delete's
+/// record in the log).
 fn adopt_topics(b: &BrokerInner, topics: &[TopicConfig]) {
     let mut changed = false;
+    for gone in b.topics.all() {
+        if topics.iter().any(|t| t.name == gone.name) {
+            continue;
+        }
+        match b.topics.remove(&gone.name) {
+            Ok(old) => changed |= old.is_some(),
+            Err(e) => {
+                tracing::warn!(topic = %gone.name, error = %e.message, "cannot drop a topic the master deleted");
+            }
+        }
+    }
     for t in topics {
         if b.topics.get(&t.name).as_ref() == Some(t) {
             continue;

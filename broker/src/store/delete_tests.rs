@@ -62,7 +62,7 @@ async fn written_then_deleted(dir: &std::path::Path) -> (Store, Vec<u8>) {
         }
         assert!(std::time::Instant::now() < deadline, "no checkpoint");
     };
-    let (_, removed) = store.delete_topic("orders").unwrap();
+    let (_, removed) = store.delete_topic("orders").await.unwrap();
     assert_eq!(removed, 1);
     assert!(store.queue("orders", 0).is_none());
     assert_eq!(store.committed_offset("g1", "orders", 1), None);
@@ -125,5 +125,88 @@ async fn a_topic_made_again_starts_anew_and_keeps_only_what_came_after() {
     assert_eq!(bodies(&store, "orders", 1), vec!["new"]);
     assert_eq!(bodies(&store, "orders", 0), Vec::<String>::new());
     assert_eq!(store.committed_offset("g1", "orders", 1), Some(1));
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slave_deletes_the_topic_with_the_masters_record_and_never_brings_it_back() {
+    use super::replica_tests::{copy, slave_config};
+    let mdir = tempfile::tempdir().unwrap();
+    let sdir = tempfile::tempdir().unwrap();
+    let topics = vec![("orders".to_string(), 2), ("keep".to_string(), 1)];
+    let master = Store::open(config(mdir.path(), FlushMode::Async), &topics).unwrap();
+    let slave = Store::open(slave_config(sdir.path()), &[]).unwrap();
+    let mut last = None;
+    for i in 0..5 {
+        master
+            .append("orders", 1, vec![msg("orders", &format!("old-{i}"))])
+            .await
+            .unwrap();
+    }
+    master
+        .append("keep", 0, vec![msg("keep", "kept")])
+        .await
+        .unwrap();
+    master.commit_offset("g1", "orders", 1, 3).await.unwrap();
+    copy(&master, &slave, &mut last).await;
+    assert_eq!(bodies(&slave, "orders", 1).len(), 5);
+    assert_eq!(slave.committed_offset("g1", "orders", 1), Some(3));
+
+    master.delete_topic("orders").await.unwrap();
+    copy(&master, &slave, &mut last).await;
+    assert!(
+        slave.queue("orders", 1).is_none(),
+        "the slave still has the queue"
+    );
+    assert_eq!(slave.committed_offset("g1", "orders", 1), None);
+    assert_eq!(bodies(&slave, "keep", 0), vec!["kept"]);
+    slave.shutdown().await;
+    master.shutdown().await;
+
+    // The slave's data directory started as a master (a failover), with no
+    // checkpoint and without its own note of the delete: the record in the
+    // log alone keeps the topic deleted.
+    std::fs::remove_file(sdir.path().join("checkpoint")).ok();
+    std::fs::remove_file(sdir.path().join("deleted-topics.log")).unwrap();
+    let promoted =
+        Store::open(config(sdir.path(), FlushMode::Async), &[("keep".into(), 1)]).unwrap();
+    assert!(
+        promoted.topics().iter().all(|(t, _)| t != "orders"),
+        "{:?}",
+        promoted.topics()
+    );
+    assert_eq!(promoted.committed_offset("g1", "orders", 1), None);
+    assert_eq!(bodies(&promoted, "keep", 0), vec!["kept"]);
+    promoted.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rechecked_transaction_is_not_parked_again_by_recovery() {
+    use super::tests::tx_ref;
+    let dir = tempfile::tempdir().unwrap();
+    let topics = vec![("orders".to_string(), 2)];
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
+    let tx = store
+        .prepare(vec![(1, msg("orders", "half"))], None)
+        .await
+        .unwrap()
+        .first_offset;
+    for kind in [
+        record::RecordKind::TxCheck,
+        record::RecordKind::TxCheck,
+        record::RecordKind::TxPark,
+        record::RecordKind::TxRecheck,
+        record::RecordKind::TxCheck,
+    ] {
+        store.transaction_marker(kind, tx_ref(tx)).await.unwrap();
+    }
+    store.shutdown().await;
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
+    let rec = store.take_recovered_transactions().unwrap();
+    let t = &rec.pending[0];
+    assert_eq!(
+        (t.tx_id, t.checks, t.parked, t.rechecked_at),
+        (tx, 3, false, 2)
+    );
     store.shutdown().await;
 }

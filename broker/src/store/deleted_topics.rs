@@ -19,6 +19,11 @@
 //!
 //! A damaged tail (a torn append) ends the list: that delete was never
 //! answered. A topic deleted twice keeps the higher position.
+//!
+//! The delete is also a `TopicDelete` record in the commit log, at the
+//! position recorded here: replicas replay it (and record it here too), and
+//! recovery drops what the topic's earlier records built when it meets it,
+//! so this file only spares recovery dispatching what is deleted anyway.
 
 use std::collections::HashMap;
 use std::io::{self, Write};

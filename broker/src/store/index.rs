@@ -24,9 +24,10 @@
 //!
 //! A message is indexed under its id and under each of its keys (the key
 //! property split at spaces, as RocketMQ does), hashed with its topic.
-//! The writer indexes every chunk it writes, with one `pwrite` of the new
-//! entries per chunk (`add_chunk`); the slots of the file being filled live
-//! in memory and reach the disk when it is full. Entries are hints: a
+//! The writer indexes every chunk it writes (`add_chunk`); new entries
+//! gather in memory and go out with one `pwrite` per 64 KiB (2048 entries),
+//! not one per chunk, and before each `sync`; the slots of the file being
+//! filled live in memory and reach the disk when it is full. Entries are hints: a
 //! lookup reads the record they point at and keeps it only when it really
 //! is the message asked for, so a stale entry (a log cut after a crash, a
 //! hash collision) can never answer wrongly.
@@ -264,9 +265,19 @@ impl IndexFile {
 
     /// What a lookup needs, taken under the lock: entries below `count`
     /// never change, so the walk itself runs without it.
-    fn view(&self, hash: u64) -> FileView {
+    /// How a lookup of `hash` sees this file; `gathered`: its newest
+    /// entries, not written yet.
+    fn view(&self, hash: u64, gathered: &[u8]) -> FileView {
         let slot = hash % u64::from(self.slots);
+        let unwritten = (gathered.len() / ENTRY_LEN) as u32;
+        let gathered = if gathered.is_empty() {
+            Vec::new()
+        } else {
+            gathered.to_vec()
+        };
         FileView {
+            gathered,
+            written: self.count - unwritten,
             file: self.file.clone(),
             entries_at: self.entries_at(),
             slot,
@@ -280,6 +291,10 @@ impl IndexFile {
 
 /// One file as a lookup sees it.
 struct FileView {
+    /// The newest entries, not written yet (entry numbers from `written`).
+    gathered: Vec<u8>,
+    /// Entries on disk.
+    written: u32,
     file: Arc<File>,
     entries_at: u64,
     slot: u64,
@@ -315,8 +330,13 @@ impl FileView {
         let mut e = [0u8; ENTRY_LEN];
         while next != 0 && next <= self.count {
             let i = next - 1;
-            self.file
-                .read_exact_at(&mut e, self.entries_at + u64::from(i) * ENTRY_LEN as u64)?;
+            if i >= self.written {
+                let at = (i - self.written) as usize * ENTRY_LEN;
+                e.copy_from_slice(&self.gathered[at..at + ENTRY_LEN]);
+            } else {
+                self.file
+                    .read_exact_at(&mut e, self.entries_at + u64::from(i) * ENTRY_LEN as u64)?;
+            }
             let ts = u64_le(&e[16..24]);
             if u64_le(&e[0..8]) == hash && ts >= since && ts <= until {
                 let hit = Hit {
@@ -353,9 +373,15 @@ fn u32_le(b: &[u8]) -> u32 {
 struct State {
     /// Oldest first; the last one is being filled.
     files: Vec<IndexFile>,
-    /// Reused for each chunk's new entries.
+    /// The newest entries of the file being filled, not written yet: they
+    /// go out with one `pwrite` once [`WRITE_AT`] bytes have gathered (or
+    /// the file fills, or `sync` runs), not one per chunk. Lookups read
+    /// them from here.
     scratch: Vec<u8>,
 }
+
+/// Bytes of new entries gathered before they are written (2048 entries).
+const WRITE_AT: usize = 64 * 1024;
 
 /// The message index of a store. Cheap to share (`Arc`); the writer adds,
 /// anyone looks up.
@@ -387,6 +413,7 @@ fn indexed(rec: &[u8]) -> Option<Indexed<'_>> {
             | RecordKind::Delayed
             | RecordKind::DelayedCopy
             | RecordKind::TxRollback
+            | RecordKind::TxCheck
             | RecordKind::TxPark
     ) {
         return None;
@@ -526,15 +553,14 @@ impl MessageIndex {
     }
 
     /// Indexes the whole records in `chunk`, written at log position `pos`:
-    /// one `pwrite` of new entries per file touched (a file that fills up
-    /// is sealed and a new one started).
+    /// its entries join those gathered, written once there are 64 KiB of
+    /// them (a file that fills up is written, sealed and a new one started).
     ///
     /// # Errors
     /// I/O errors.
     pub fn add_chunk(&self, pos: u64, chunk: &[u8]) -> io::Result<()> {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let State { files, scratch } = &mut *state;
-        scratch.clear();
         let mut at = 0usize;
         while at + 4 <= chunk.len() {
             let len = u32_le(&chunk[at..]) as usize;
@@ -579,7 +605,9 @@ impl MessageIndex {
                 }
             }
         }
-        flush_scratch(files, scratch)?;
+        if scratch.len() >= WRITE_AT {
+            flush_scratch(files, scratch)?;
+        }
         if let Some(f) = files.last_mut() {
             f.end = f.end.max(pos + at as u64);
         }
@@ -609,14 +637,16 @@ impl MessageIndex {
 
     /// Makes the entries added so far durable and says so in the headers
     /// (fdatasync, header, fdatasync); called with each checkpoint. Runs
-    /// beside the writer: it holds the index's lock only to read where the
-    /// files stand.
+    /// beside the writer: it holds the index's lock only to write the
+    /// entries gathered so far and to read where the files stand.
     ///
     /// # Errors
     /// I/O errors.
     pub fn sync(&self) -> io::Result<()> {
         let todo: Vec<ToSync> = {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+            let State { files, scratch } = &mut *state;
+            flush_scratch(files, scratch)?;
             state
                 .files
                 .iter()
@@ -694,7 +724,21 @@ impl MessageIndex {
     ) -> io::Result<()> {
         let views: Vec<FileView> = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            state.files.iter().rev().map(|f| f.view(hash)).collect()
+            let last = state.files.len().saturating_sub(1);
+            let gathered = |i: usize| {
+                if i == last {
+                    &state.scratch[..]
+                } else {
+                    &[][..]
+                }
+            };
+            state
+                .files
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, f)| f.view(hash, gathered(i)))
+                .collect()
         };
         let mut seen = HashSet::new();
         for v in views {
@@ -732,7 +776,7 @@ struct ToSync {
 }
 
 /// Adds one entry to the file being filled: linked to its slot's chain
-/// in memory, its bytes in `scratch` until the chunk's `pwrite`.
+/// in memory, its bytes in `scratch` until they are written.
 fn add_entry(f: &mut IndexFile, scratch: &mut Vec<u8>, hash: u64, pos: u64, ts: u64, size: u32) {
     let Some(slots) = f.mem_slots.as_mut() else {
         return;
@@ -750,8 +794,8 @@ fn add_entry(f: &mut IndexFile, scratch: &mut Vec<u8>, hash: u64, pos: u64, ts: 
     f.max_ts = f.max_ts.max(ts);
 }
 
-/// Writes the entries in `scratch` (the newest of the last file) with one
-/// `pwrite`.
+/// Writes the entries gathered in `scratch` (the newest of the last file)
+/// with one `pwrite`.
 fn flush_scratch(files: &mut [IndexFile], scratch: &mut Vec<u8>) -> io::Result<()> {
     if scratch.is_empty() {
         return Ok(());

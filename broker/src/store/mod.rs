@@ -235,12 +235,15 @@ pub struct ReadFilter<'a> {
 
 /// Properties on the first half message of a transaction carried forward
 /// (its half messages re-written past retention): when it was prepared, how
-/// many checks were sent, whether it was parked.
+/// many checks were sent, whether it was parked, and the checks sent when
+/// an operator last re-checked it.
 pub(crate) const PROP_CARRIED_PREPARED_AT: &str = "__txmq.prepared_at";
 /// See [`PROP_CARRIED_PREPARED_AT`].
 pub(crate) const PROP_CARRIED_CHECKS: &str = "__txmq.checks";
 /// See [`PROP_CARRIED_PREPARED_AT`].
 pub(crate) const PROP_CARRIED_PARKED: &str = "__txmq.parked";
+/// See [`PROP_CARRIED_PREPARED_AT`].
+pub(crate) const PROP_CARRIED_RECHECKED: &str = "__txmq.rechecked";
 
 /// A transaction as its records name it: its id, its first message id, and
 /// where its half messages are now.
@@ -269,6 +272,9 @@ pub struct RecoveredTx {
     pub last_check_at: u64,
     /// Parked after the maximum number of checks.
     pub parked: bool,
+    /// Checks sent when an operator last re-checked it (`txmq tx
+    /// recheck`): its allowance of checks counts from there.
+    pub rechecked_at: u32,
 }
 
 /// Transactions as recovery rebuilt them from the log.
@@ -322,6 +328,12 @@ pub(crate) enum WriteCmd {
     Marker {
         kind: record::RecordKind,
         tx: TxRef,
+        flags: u16,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
+    /// An operator's topic delete (answered with the record's position).
+    TopicDelete {
+        topic: String,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// The half messages of a pending transaction, re-written (retention).
@@ -604,7 +616,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for an internal topic; I/O errors.
-    pub fn delete_topic(&self, topic: &str) -> Result<(u64, usize), StoreError> {
+    pub async fn delete_topic(&self, topic: &str) -> Result<(u64, usize), StoreError> {
         check_not_internal(topic)?;
         self.check_writable()?;
         self.inner
@@ -612,29 +624,19 @@ impl Store {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(topic);
-        let root = self.inner.config.dir.join("consumequeue");
-        match std::fs::remove_dir_all(root.join(topic)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(StoreError::io(
-                    format!("cannot remove the consume queues of topic {topic}"),
-                    &e,
-                ))
-            }
-        }
-        if root.exists() {
-            commit_log::sync_dir(&root)
-                .map_err(|e| StoreError::io("cannot sync the consume queue directory", &e))?;
-        }
+        remove_queue_files(&self.inner.config, topic)?;
         let before = self.inner.offsets.len();
         self.inner.offsets.retain(|(_, t, _), _| t != topic);
         let removed = before.saturating_sub(self.inner.offsets.len());
-        // Everything of the topic written so far lies below the log end.
-        let below = self.log_end();
-        deleted_topics::append(&self.inner.config.dir, topic, below).map_err(|e| {
-            StoreError::io(format!("cannot record the delete of topic {topic}"), &e)
-        })?;
+        // The delete's record, after everything of the topic written so
+        // far, carries it to the replicas (and to recovery).
+        let (reply, rx) = oneshot::channel();
+        let cmd = WriteCmd::TopicDelete {
+            topic: topic.to_string(),
+            reply,
+        };
+        let below = self.submit(cmd, rx).await?.first_offset;
+        record_deleted(&self.inner.config, topic, below)?;
         Ok((below, removed))
     }
 
@@ -1055,9 +1057,29 @@ impl Store {
         kind: record::RecordKind,
         tx: TxRef,
     ) -> Result<Appended, StoreError> {
+        self.transaction_marker_flagged(kind, tx, 0).await
+    }
+
+    /// A transaction marker whose flags say more: a `TxCheck`'s answer
+    /// (see [`record::check_answer`]).
+    ///
+    /// # Errors
+    /// As [`Store::append`].
+    pub async fn transaction_marker_flagged(
+        &self,
+        kind: record::RecordKind,
+        tx: TxRef,
+        flags: u16,
+    ) -> Result<Appended, StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteCmd::Marker { kind, tx, reply }, rx).await
+        let cmd = WriteCmd::Marker {
+            kind,
+            tx,
+            flags,
+            reply,
+        };
+        self.submit(cmd, rx).await
     }
 
     /// Re-writes the half messages of pending transaction `tx` (from
@@ -1811,6 +1833,37 @@ fn combine(inner: &StoreInner) {
             return;
         }
     }
+}
+
+/// Removes the consume queue files of a deleted topic.
+pub(crate) fn remove_queue_files(config: &StoreConfig, topic: &str) -> Result<(), StoreError> {
+    let root = config.dir.join("consumequeue");
+    match std::fs::remove_dir_all(root.join(topic)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(StoreError::io(
+                format!("cannot remove the consume queues of topic {topic}"),
+                &e,
+            ))
+        }
+    }
+    if root.exists() {
+        commit_log::sync_dir(&root)
+            .map_err(|e| StoreError::io("cannot sync the consume queue directory", &e))?;
+    }
+    Ok(())
+}
+
+/// Records `topic` deleted below log position `below` (fsynced), so that
+/// recovery skips its older records without dispatching them.
+pub(crate) fn record_deleted(
+    config: &StoreConfig,
+    topic: &str,
+    below: u64,
+) -> Result<(), StoreError> {
+    deleted_topics::append(&config.dir, topic, below)
+        .map_err(|e| StoreError::io(format!("cannot record the delete of topic {topic}"), &e))
 }
 
 /// Internal topics are written by the store only.

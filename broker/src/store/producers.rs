@@ -362,19 +362,12 @@ fn place(topic: &str, queue: u32) -> String {
     }
 }
 
-/// A random token for a new producer id (seeded by the OS through the
-/// standard library's hasher keys).
-pub fn new_token(producer_id: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(producer_id);
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish()
+/// A random token for a new producer id, from the system's secure random
+/// source: another connection cannot guess it to write under the id.
+pub fn new_token() -> u64 {
+    let mut bytes = [0u8; 8];
+    txmq_remoting::acl::random_fill(&mut bytes);
+    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]

@@ -143,6 +143,28 @@ pub enum RecordKind {
     DelayedCopy = 9,
     /// A producer id was handed out: aux = the id, queue offset = its token.
     ProducerInit = 10,
+    /// An operator deleted a topic (`txmq topic delete`): topic = the topic;
+    /// its records before this one no longer count. In the log, so that
+    /// replicas delete it too and recovery never brings it back.
+    TopicDelete = 11,
+    /// An operator re-checked a transaction (`txmq tx recheck`): aux = tx
+    /// id; it is no longer parked and gets a fresh allowance of checks.
+    TxRecheck = 12,
+}
+
+/// What a `TxCheck` record's flags say of the check's answer (a check is
+/// recorded once it reached a producer).
+pub mod check_answer {
+    /// Written before answers were recorded.
+    pub const NOT_RECORDED: u16 = 0;
+    /// No answer came (timed out, or the connection failed).
+    pub const NONE: u16 = 1;
+    /// The producer answered "unknown".
+    pub const UNKNOWN: u16 = 2;
+    /// The producer answered "commit".
+    pub const COMMIT: u16 = 3;
+    /// The producer answered "rollback".
+    pub const ROLLBACK: u16 = 4;
 }
 
 /// The kind a record's kind byte names, if any.
@@ -163,6 +185,8 @@ impl RecordKind {
             8 => Some(RecordKind::DelayMove),
             9 => Some(RecordKind::DelayedCopy),
             10 => Some(RecordKind::ProducerInit),
+            11 => Some(RecordKind::TopicDelete),
+            12 => Some(RecordKind::TxRecheck),
             _ => None,
         }
     }

@@ -112,6 +112,13 @@ pub(crate) trait QueueSet {
     /// # Errors
     /// [`StoreError::NoQueue`] for a level that does not exist.
     fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError>;
+    /// Forgets deleted topic `topic` (its records below log position
+    /// `below`): its queues and their files; live, also its committed
+    /// offsets, and the delete is recorded for the next recovery.
+    ///
+    /// # Errors
+    /// I/O errors removing the files.
+    fn remove_topic(&mut self, topic: &str, below: u64) -> Result<(), StoreError>;
 }
 
 /// Recovery's queues: a map it owns until the store opens.
@@ -141,6 +148,12 @@ impl QueueSet for MapQueues<'_> {
                 topic: DELAY_TOPIC.to_string(),
                 queue: level,
             })
+    }
+
+    fn remove_topic(&mut self, topic: &str, _below: u64) -> Result<(), StoreError> {
+        // The delete's record stays in the log: nothing more to record.
+        self.map.remove(topic);
+        super::remove_queue_files(self.config, topic)
     }
 }
 
@@ -355,6 +368,18 @@ impl Replayer<'_> {
                 self.producers
                     .init(rec.aux, rec.queue_offset, rec.store_timestamp);
             }
+            RecordKind::TopicDelete => {
+                if pos >= self.dispatch_from {
+                    self.delete_topic(&rec.message.topic, pos)?;
+                }
+            }
+            RecordKind::TxRecheck => {
+                if let Some(t) = self.state.pending.get_mut(&rec.aux) {
+                    t.parked = false;
+                    t.rechecked_at = t.checks;
+                    self.state.changed(rec.aux);
+                }
+            }
             RecordKind::Half => {}
         }
         Ok(None)
@@ -362,6 +387,15 @@ impl Replayer<'_> {
 
     fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
         self.queues.level(level)
+    }
+
+    /// A topic deleted at `pos`: what its records before built goes (the
+    /// entries still batched first, so none lands after the delete).
+    fn delete_topic(&mut self, topic: &str, pos: u64) -> Result<(), StoreError> {
+        self.batcher.flush()?;
+        self.queues.remove_topic(topic, pos)?;
+        self.offsets.retain(|(_, t, _), _| t != topic);
+        Ok(())
     }
 
     /// A transaction ended (committed when `committed`).
@@ -451,6 +485,9 @@ impl Replayer<'_> {
                     .filter(|_| carried)
                     .unwrap_or(0) as u32;
                 let parked = carried && props.contains_key(super::PROP_CARRIED_PARKED);
+                let rechecked_at = number(super::PROP_CARRIED_RECHECKED)
+                    .filter(|_| carried)
+                    .unwrap_or(0) as u32;
                 let live = self.state.live;
                 let t = self
                     .state
@@ -463,12 +500,14 @@ impl Replayer<'_> {
                         checks: 0,
                         last_check_at: 0,
                         parked: false,
+                        rechecked_at: 0,
                     });
                 let old = t.halves.first().map(|h| h.0);
                 t.halves = halves;
                 t.prepared_at = t.prepared_at.min(prepared_at);
                 t.checks = t.checks.max(checks);
                 t.parked |= parked;
+                t.rechecked_at = t.rechecked_at.max(rechecked_at);
                 if live {
                     if let Some(old) = old.filter(|o| *o != group.start) {
                         self.state.halves_changes.push((old, false));

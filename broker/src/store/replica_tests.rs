@@ -13,7 +13,7 @@ fn msg(i: usize) -> Message {
     Message::new("orders", format!("body-{i}").into_bytes()).with_key(format!("k{i}"))
 }
 
-fn slave_config(dir: &std::path::Path) -> StoreConfig {
+pub(super) fn slave_config(dir: &std::path::Path) -> StoreConfig {
     let mut c = config(dir, FlushMode::Async);
     c.replica = true;
     c
@@ -21,7 +21,7 @@ fn slave_config(dir: &std::path::Path) -> StoreConfig {
 
 /// Copies the master's log into the slave as replication does: whole-record
 /// batches from the slave's end, each checked against the master first.
-async fn copy(master: &Store, slave: &Store, last: &mut Option<RecordRef>) -> usize {
+pub(super) async fn copy(master: &Store, slave: &Store, last: &mut Option<RecordRef>) -> usize {
     let mut batches = 0;
     loop {
         let from = slave.log_end();

@@ -20,7 +20,7 @@ pub(super) fn config(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
 }
 
 /// A transaction whose half messages were never carried forward.
-fn tx_ref(id: u64) -> TxRef {
+pub(super) fn tx_ref(id: u64) -> TxRef {
     TxRef {
         id,
         first_msg_id: MsgId::default(),

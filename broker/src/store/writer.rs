@@ -101,6 +101,17 @@ impl QueueSet for LiveQueues<'_> {
         Ok(map[topic][queue as usize].clone())
     }
 
+    fn remove_topic(&mut self, topic: &str, below: u64) -> Result<(), StoreError> {
+        self.0
+            .queues
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        super::remove_queue_files(&self.0.config, topic)?;
+        self.0.offsets.retain(|(_, t, _), _| t != topic);
+        super::record_deleted(&self.0.config, topic, below)
+    }
+
     fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
         self.0
             .delay_levels
@@ -259,6 +270,9 @@ impl Writer {
                 record::encoded_len(topic, Some(group), None, &empty, 0)
             }
             WriteCmd::Marker { .. } => record::encoded_len("", None, None, &empty, 0),
+            WriteCmd::TopicDelete { topic, .. } => {
+                record::encoded_len(topic, None, None, &empty, 0)
+            }
             WriteCmd::Delayed { messages, .. } => messages.iter().map(record::message_len).sum(),
             // A delivery may be written as a copy: room for the larger.
             WriteCmd::DelayMoves { moves, .. } => moves
@@ -292,7 +306,9 @@ impl Writer {
             WriteCmd::OffsetCommit { .. } | WriteCmd::Marker { .. } => 1,
             // Bookkeeping of the producer table, not a record a user wrote
             // (the store's record count is what a producer's sends stored).
-            WriteCmd::ProducerInit { .. } | WriteCmd::Replicated { .. } => 0,
+            WriteCmd::ProducerInit { .. }
+            | WriteCmd::Replicated { .. }
+            | WriteCmd::TopicDelete { .. } => 0,
         };
         let now = now_millis();
         let head = |kind, queue, queue_offset, aux, flags| RecordHead {
@@ -367,7 +383,7 @@ impl Writer {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
                     let pid = table.next_id(epoch);
-                    let token = super::producers::new_token(pid);
+                    let token = super::producers::new_token();
                     table.init(pid, token, now);
                     (pid, token)
                 };
@@ -499,10 +515,21 @@ impl Writer {
                     value: tx_id,
                 });
             }
-            WriteCmd::Marker { kind, tx, reply } => {
+            WriteCmd::TopicDelete { topic, reply } => {
+                let at = self.at();
+                let head = head(RecordKind::TopicDelete, 0, 0, 0, 0);
+                record::encode(&mut self.buf, head, &empty_message(&topic, None));
+                self.chunk.push(Encoded::Reply { reply, value: at });
+            }
+            WriteCmd::Marker {
+                kind,
+                tx,
+                flags,
+                reply,
+            } => {
                 let mut marker = empty_message("", None);
                 marker.msg_id = tx.first_msg_id;
-                record::encode(&mut self.buf, head(kind, 0, 0, tx.id, 0), &marker);
+                record::encode(&mut self.buf, head(kind, 0, 0, tx.id, flags), &marker);
                 if kind == RecordKind::TxRollback {
                     self.chunk.push(Encoded::TxPending {
                         at: tx.halves_at,
@@ -1284,6 +1311,7 @@ pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
         | WriteCmd::Commit { reply, .. }
         | WriteCmd::Carry { reply, .. }
         | WriteCmd::Marker { reply, .. }
+        | WriteCmd::TopicDelete { reply, .. }
         | WriteCmd::Delayed { reply, .. }
         | WriteCmd::DelayMoves { reply, .. }
         | WriteCmd::Replicated { reply, .. } => fail_reply(reply, e),

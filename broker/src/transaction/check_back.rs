@@ -160,7 +160,7 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         let marker = match tx.tx_ref(tx_id) {
             Some(r) => tx
                 .store
-                .transaction_marker(RecordKind::TxCheck, r)
+                .transaction_marker_flagged(RecordKind::TxCheck, r, answer_flags(answer))
                 .await
                 .map(drop),
             None => Ok(()), // ended meanwhile: nothing to count
@@ -196,5 +196,29 @@ async fn park(tx: &Transactions, tx_id: u64) {
     match tx.store.transaction_marker(RecordKind::TxPark, r).await {
         Ok(_) => tx.park(tx_id),
         Err(e) => tracing::warn!(tx_id, error = %e, "cannot park a transaction"),
+    }
+}
+
+/// A check's answer as its `TxCheck` record keeps it.
+pub(super) fn answer_flags(answer: Option<TxResolution>) -> u16 {
+    use crate::store::record::check_answer;
+    match answer {
+        None => check_answer::NONE,
+        Some(TxResolution::Unknown) => check_answer::UNKNOWN,
+        Some(TxResolution::Commit) => check_answer::COMMIT,
+        Some(TxResolution::Rollback) => check_answer::ROLLBACK,
+    }
+}
+
+/// A check's answer from its `TxCheck` record's flags: the answer, or
+/// why there is none.
+pub(super) fn flags_answer(flags: u16) -> Result<TxResolution, &'static str> {
+    use crate::store::record::check_answer;
+    match flags {
+        check_answer::UNKNOWN => Ok(TxResolution::Unknown),
+        check_answer::COMMIT => Ok(TxResolution::Commit),
+        check_answer::ROLLBACK => Ok(TxResolution::Rollback),
+        check_answer::NONE => Err("no answer (timed out, or the connection failed)"),
+        _ => Err("its answer was not recorded"),
     }
 }

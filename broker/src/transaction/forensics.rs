@@ -3,20 +3,27 @@
 //! (un-park it and check it back now).
 //!
 //! The check history is kept in memory, per transaction, bounded by
-//! [`CHECK_HISTORY`]: it does not survive a restart (the number of checks
-//! does: each is a marker in the log). A recheck is in memory too: after a
-//! restart a rechecked transaction that is still pending is parked again,
-//! as its park marker says.
+//! [`CHECK_HISTORY`]. Each check that reached a producer is also a
+//! `TxCheck` record in the log with its answer in the flags; the index
+//! finds them by the transaction's first message id, so after a restart
+//! (or a failover) `tx show` still lists the checks made before, with their
+//! time and answer. Checks that could not be sent are in memory only. A
+//! recheck is a `TxRecheck` record: a restart keeps it un-parked.
 
 use txmq_protocol::{
-    now_millis, EndedBy, ErrorCode, Rechecked, TxDetail, TxEnding, TxMessage, TxState, WireError,
+    now_millis, CheckRecord, EndedBy, ErrorCode, MsgId, Rechecked, TxDetail, TxEnding, TxMessage,
+    TxState, WireError, CHECK_HISTORY,
 };
 
 use super::{
-    lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY, PROP_PRODUCER_GROUP,
+    check_back, lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY,
+    PROP_PRODUCER_GROUP,
 };
+use crate::handler::store_error;
 use crate::store::record::RecordKind;
-use crate::store::{PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT};
+use crate::store::{
+    PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT, PROP_CARRIED_RECHECKED,
+};
 
 impl Transactions {
     /// Everything known of transaction `tx_id`: pending (prepared or
@@ -55,6 +62,7 @@ impl Transactions {
             drop(table);
             // Read after the lock is released.
             detail.messages = self.show_halves(halves);
+            self.add_earlier_checks(&mut detail);
             return Ok(detail);
         }
         let Some(ended) = table.ended.get(&tx_id).copied() else {
@@ -92,7 +100,6 @@ impl Transactions {
                 at_ms: (ended.by != EndedBy::Unknown && ended.at != 0).then_some(ended.at),
             }),
         };
-        detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
         // The half messages start at the tx id unless they were carried
         // forward (then the id's record is gone or another one).
         if let Some((first, _)) = self.store.read_record_at(tx_id) {
@@ -111,7 +118,56 @@ impl Transactions {
                 });
             }
         }
+        self.add_earlier_checks(&mut detail);
+        detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
         Ok(detail)
+    }
+
+    /// Puts before the history kept in memory the checks made before this
+    /// table was made (before a restart, or by the master this broker took
+    /// over from): their `TxCheck` records, which the index finds by the
+    /// transaction's first message id, with their time and answer (not
+    /// the checks that could not be sent: those are not recorded).
+    fn add_earlier_checks(&self, detail: &mut TxDetail) {
+        let Some(first) = detail.messages.first().map(|m| m.message.msg_id) else {
+            return;
+        };
+        if first == MsgId::default() {
+            return;
+        }
+        // Newest first; the index may be switched off (then none).
+        let found = self
+            .store
+            .find_by_id(&first, 8 * CHECK_HISTORY)
+            .unwrap_or_default();
+        let mut earlier: Vec<CheckRecord> = found
+            .into_iter()
+            .map(|f| f.record)
+            .filter(|r| {
+                r.kind == RecordKind::TxCheck
+                    && r.aux == detail.tx_id
+                    && r.store_timestamp < self.started_at
+            })
+            .take(CHECK_HISTORY)
+            .map(|r| {
+                let answer = check_back::flags_answer(r.flags);
+                CheckRecord {
+                    at_ms: r.store_timestamp,
+                    sent: true,
+                    answer: answer.ok(),
+                    error: answer.err().map(str::to_string),
+                    times: 1,
+                }
+            })
+            .collect();
+        if earlier.is_empty() {
+            return;
+        }
+        earlier.reverse();
+        earlier.append(&mut detail.history);
+        let extra = earlier.len().saturating_sub(CHECK_HISTORY);
+        earlier.drain(..extra);
+        detail.history = earlier;
     }
 
     /// The half messages with the broker's own properties removed (the
@@ -129,6 +185,7 @@ impl Transactions {
                     PROP_CARRIED_PREPARED_AT,
                     PROP_CARRIED_CHECKS,
                     PROP_CARRIED_PARKED,
+                    PROP_CARRIED_RECHECKED,
                 ] {
                     message.properties.remove(p);
                 }
@@ -139,45 +196,29 @@ impl Transactions {
 
     /// Un-parks a parked transaction, or hurries a prepared one: its next
     /// check is due now, and it gets a fresh allowance of `check_max`
-    /// checks before it is parked again.
+    /// checks before it is parked again. The recheck is recorded in the log
+    /// first, so a restart (or the slave taking over) does not park it
+    /// again.
     ///
     /// # Errors
     /// `UNKNOWN_TRANSACTION`; `TRANSACTION_COMMITTED` or
     /// `TRANSACTION_ROLLED_BACK` for an ended one; `BUSY` while it is being
-    /// ended or carried forward.
-    pub(crate) fn recheck(&self, tx_id: u64) -> Result<Rechecked, WireError> {
+    /// ended or carried forward; a failure writing the record.
+    pub(crate) async fn recheck(&self, tx_id: u64) -> Result<Rechecked, WireError> {
+        self.recheckable(&lock(&self.table), tx_id)?;
+        let tx = self.tx_ref(tx_id).ok_or_else(|| self.unknown(tx_id))?;
+        self.store
+            .transaction_marker(RecordKind::TxRecheck, tx)
+            .await
+            .map_err(store_error)?;
         let now = now_millis();
         let mut table = lock(&self.table);
-        if let Some(ended) = table.ended.get(&tx_id) {
-            let (code, state) = if ended.committed {
-                (ErrorCode::TransactionCommitted, "committed")
-            } else {
-                (ErrorCode::TransactionRolledBack, "rolled back")
-            };
-            return Err(WireError::new(
-                code,
-                format!("transaction {tx_id} was already {state}; there is nothing to check"),
-            ));
-        }
+        // It may have ended while the record was written: then the record
+        // changes nothing either (it names a transaction no longer pending).
+        let previous = self.recheckable(&table, tx_id)?;
         let super::Table { pending, due, .. } = &mut *table;
         let Some(p) = pending.get_mut(&tx_id) else {
-            return Err(WireError::new(
-                ErrorCode::UnknownTransaction,
-                format!(
-                    "transaction {tx_id} is not known to broker {}",
-                    self.broker_name
-                ),
-            ));
-        };
-        let previous = match p.phase {
-            Phase::Parked => TxState::Parked,
-            Phase::Prepared => TxState::Prepared,
-            Phase::Ending(..) | Phase::Carrying(_) => {
-                return Err(WireError::new(
-                    ErrorCode::Busy,
-                    format!("transaction {tx_id} is being ended or moved; try again"),
-                ));
-            }
+            return Err(self.unknown(tx_id));
         };
         p.phase = Phase::Prepared;
         p.rechecked_at = p.checks;
@@ -196,6 +237,40 @@ impl Transactions {
             previous,
             checks,
         })
+    }
+
+    /// The state of a transaction an operator may re-check, or why not.
+    fn recheckable(&self, table: &super::Table, tx_id: u64) -> Result<TxState, WireError> {
+        if let Some(ended) = table.ended.get(&tx_id) {
+            let (code, state) = if ended.committed {
+                (ErrorCode::TransactionCommitted, "committed")
+            } else {
+                (ErrorCode::TransactionRolledBack, "rolled back")
+            };
+            return Err(WireError::new(
+                code,
+                format!("transaction {tx_id} was already {state}; there is nothing to check"),
+            ));
+        }
+        match table.pending.get(&tx_id).map(|p| p.phase) {
+            None => Err(self.unknown(tx_id)),
+            Some(Phase::Parked) => Ok(TxState::Parked),
+            Some(Phase::Prepared) => Ok(TxState::Prepared),
+            Some(Phase::Ending(..) | Phase::Carrying(_)) => Err(WireError::new(
+                ErrorCode::Busy,
+                format!("transaction {tx_id} is being ended or moved; try again"),
+            )),
+        }
+    }
+
+    fn unknown(&self, tx_id: u64) -> WireError {
+        WireError::new(
+            ErrorCode::UnknownTransaction,
+            format!(
+                "transaction {tx_id} is not known to broker {}",
+                self.broker_name
+            ),
+        )
     }
 
     /// Pending (prepared or parked) transactions with a half message for

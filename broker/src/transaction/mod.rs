@@ -32,7 +32,7 @@ use crate::handler::store_error;
 use crate::store::record::RecordKind;
 use crate::store::{
     RecoveredTransactions, RecoveredTx, Store, StoreError, TxChange, TxRef, PROP_CARRIED_CHECKS,
-    PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT,
+    PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT, PROP_CARRIED_RECHECKED,
 };
 
 /// Properties the broker keeps inside a half message; removed on commit.
@@ -243,6 +243,9 @@ pub(crate) struct Transactions {
     security: Arc<crate::security::Security>,
     /// Counters per producer group (`--metrics-listen`).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// When this table was made (ms): checks made before it are known
+    /// from their records in the log only (see `forensics.rs`).
+    started_at: u64,
 }
 
 fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
@@ -296,6 +299,7 @@ impl Transactions {
             wake: Notify::new(),
             security: Arc::default(),
             metrics: Arc::default(),
+            started_at: now_millis(),
         }
     }
 
@@ -836,7 +840,7 @@ impl Transactions {
     /// Returns how many were carried.
     pub(crate) async fn carry_forward(&self, positions: &[u64]) -> usize {
         let wanted: std::collections::HashSet<u64> = positions.iter().copied().collect();
-        let chosen: Vec<(TxRef, Halves, bool, u64, u32)> = {
+        let chosen: Vec<(TxRef, Halves, Carried)> = {
             let mut table = lock(&self.table);
             table
                 .pending
@@ -854,12 +858,24 @@ impl Transactions {
                         first_msg_id: self.store.read_msg_id(p.halves.first).unwrap_or_default(),
                         halves_at: p.halves.first,
                     };
-                    (tx, p.halves, parked, p.prepared_at, p.checks)
+                    let state = Carried {
+                        parked,
+                        prepared_at: p.prepared_at,
+                        checks: p.checks,
+                        rechecked_at: p.rechecked_at,
+                    };
+                    (tx, p.halves, state)
                 })
                 .collect()
         };
         let mut carried = 0;
-        for (tx, halves, parked, prepared_at, checks) in chosen {
+        for (tx, halves, state) in chosen {
+            let Carried {
+                parked,
+                prepared_at,
+                checks,
+                rechecked_at,
+            } = state;
             let restore = |at: Option<u64>| {
                 let mut table = lock(&self.table);
                 if let Some(p) = table.pending.get_mut(&tx.id) {
@@ -895,6 +911,11 @@ impl Transactions {
                 let props = &mut first.properties;
                 props.insert(PROP_CARRIED_PREPARED_AT.into(), prepared_at.to_string());
                 props.insert(PROP_CARRIED_CHECKS.into(), checks.to_string());
+                if rechecked_at > 0 {
+                    props.insert(PROP_CARRIED_RECHECKED.into(), rechecked_at.to_string());
+                } else {
+                    props.remove(PROP_CARRIED_RECHECKED);
+                }
                 if parked {
                     props.insert(PROP_CARRIED_PARKED.into(), "1".into());
                 } else {
@@ -1128,7 +1149,7 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
                 last_error: Some("its half message is unreadable (damaged log)".into()),
                 phase: Phase::Parked,
                 checking: false,
-                rechecked_at: 0,
+                rechecked_at: t.rechecked_at,
                 history: None,
             },
         );
@@ -1166,7 +1187,7 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
                 Phase::Prepared
             },
             checking: false,
-            rechecked_at: 0,
+            rechecked_at: t.rechecked_at,
             history: None,
         },
     );
@@ -1372,6 +1393,14 @@ impl Transactions {
         all.sort_by(|a, b| a.group.cmp(&b.group));
         all
     }
+}
+
+/// What a transaction's carried copy says of its state.
+struct Carried {
+    parked: bool,
+    prepared_at: u64,
+    checks: u32,
+    rechecked_at: u32,
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub fn paged<T>(items: &[T], page: usize, size: usize) -> &[T] {
 /// is the rest of the query string (already URL-encoded, `&`-joined).
 pub fn pager(path: &str, query: &str, page: usize, size: usize, total: usize) -> String {
     let pages = total.div_ceil(size.max(1)).max(1);
-    let join = if query.is_empty() { "" } else { "&" };
+    let join = if query.is_empty() { "" } else { "&amp;" };
     let mut out = String::from("<div class=\"pager\">");
     if page > 1 {
         let _ = write!(

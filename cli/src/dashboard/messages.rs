@@ -20,9 +20,8 @@ fn field<'a>(q: &'a HashMap<String, String>, name: &str) -> &'a str {
     q.get(name).map(|s| s.trim()).unwrap_or("")
 }
 
-fn forms(ctx: &Ctx, q: &HashMap<String, String>) -> String {
+fn forms(q: &HashMap<String, String>) -> String {
     let v = |name: &str| esc(field(q, name));
-    let _ = ctx;
     format!(
         "<form id=\"by-id\" class=\"inline\" method=\"get\" action=\"/messages\"><input type=\"hidden\" name=\"by\" value=\"id\">\
 <label>Message id <input name=\"id\" value=\"{}\" size=\"34\" placeholder=\"32 hex digits\"></label><button type=\"submit\" id=\"by-id-submit\">Show</button></form>\
@@ -109,7 +108,7 @@ pub async fn search(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let mut body = forms(&ctx, &q);
+    let mut body = forms(&q);
     let bad = |ctx: &Ctx, body: &str, text: String| {
         let page = format!("{body}{}", html::error_div(&text));
         html::page(

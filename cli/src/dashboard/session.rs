@@ -23,6 +23,9 @@ use super::{App, AppState};
 const COOKIE: &str = "txmq_session";
 /// A session unused this long is forgotten (and its client closed).
 const IDLE: Duration = Duration::from_secs(8 * 3600);
+/// At most this many sessions are kept; beyond, the oldest anonymous
+/// ones are forgotten (a signed-in visitor is never signed out by it).
+const MAX_SESSIONS: usize = 10_000;
 
 /// One visitor.
 pub struct Session {
@@ -85,6 +88,8 @@ pub fn same_token(given: &str, expected: &str) -> bool {
 #[derive(Default)]
 pub struct Sessions {
     by_id: Mutex<HashMap<String, Arc<Session>>>,
+    /// When idle sessions were last forgotten.
+    pruned: Mutex<Option<Instant>>,
 }
 
 impl Sessions {
@@ -105,15 +110,42 @@ impl Sessions {
             last_used: Mutex::new(Instant::now()),
         });
         let mut by_id = lock(&self.by_id);
-        by_id.retain(|_, old| {
-            let live = lock(&old.last_used).elapsed() < IDLE;
-            if !live {
-                old.close();
+        // Idle sessions are looked for once a minute, not on every start.
+        let mut pruned = lock(&self.pruned);
+        if pruned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *pruned = Some(Instant::now());
+            by_id.retain(|_, old| {
+                let live = lock(&old.last_used).elapsed() < IDLE;
+                if !live {
+                    old.close();
+                }
+                live
+            });
+        }
+        drop(pruned);
+        if by_id.len() >= MAX_SESSIONS {
+            // Visitors without a cookie (scripts, probes) each start one:
+            // the oldest of those not signed in make room.
+            let mut anonymous: Vec<(Instant, String)> = by_id
+                .values()
+                .filter(|old| lock(&old.user).is_none())
+                .map(|old| (*lock(&old.last_used), old.id.clone()))
+                .collect();
+            anonymous.sort_unstable();
+            let excess = by_id.len() + 1 - MAX_SESSIONS / 2;
+            for (_, id) in anonymous.into_iter().take(excess) {
+                by_id.remove(&id);
             }
-            live
-        });
+        }
         by_id.insert(s.id.clone(), s.clone());
         s
+    }
+
+    /// Forgets session `id`, closing its user's client.
+    pub fn end(&self, id: &str) {
+        if let Some(s) = lock(&self.by_id).remove(id) {
+            s.close();
+        }
     }
 
     /// A signed-in user's client, any (the sampler uses it when the
@@ -255,12 +287,17 @@ pub async fn login(
     };
     match checked {
         Ok(admin) => {
-            let previous =
-                lock(&ctx.session.user).replace((access_key.to_string(), Arc::new(admin)));
-            if let Some((_, old)) = previous {
-                old.close();
+            // A new session (id and form token) for the signed-in user: an
+            // id known before the sign-in is worth nothing after it.
+            app.sessions.end(&ctx.session.id);
+            let session = app.sessions.start();
+            *lock(&session.user) = Some((access_key.to_string(), Arc::new(admin)));
+            session.flash(Flash::Done(format!("Signed in as {access_key}.")));
+            let mut response = Redirect::to("/").into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&set_cookie(&session.id)) {
+                response.headers_mut().append(header::SET_COOKIE, v);
             }
-            ctx.redirect("/", Flash::Done(format!("Signed in as {access_key}.")))
+            response
         }
         Err(e) => {
             let text = format!("Sign-in failed: {}", super::error_text(e));
@@ -287,6 +324,18 @@ mod tests {
         assert!(same_token(&a, &a.clone()));
         assert!(!same_token(&a, &a[..31]));
         assert!(!same_token("", &a));
+    }
+
+    #[test]
+    fn anonymous_sessions_are_bounded() {
+        let sessions = Sessions::default();
+        let first = sessions.start();
+        for _ in 0..MAX_SESSIONS + 10 {
+            sessions.start();
+        }
+        let kept = lock(&sessions.by_id).len();
+        assert!(kept <= MAX_SESSIONS, "{kept}");
+        assert!(sessions.get(&first.id).is_none(), "the oldest went first");
     }
 
     #[test]

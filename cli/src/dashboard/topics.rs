@@ -9,7 +9,7 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
-use txmq::PERM_READ_WRITE;
+use txmq::{PERM_READ, PERM_READ_WRITE, PERM_WRITE};
 
 use super::html::{self, esc, url, Flash};
 use super::{page_of, AppState, Ctx};
@@ -43,6 +43,7 @@ pub async fn list(
         "<form id=\"create-topic\" class=\"inline\" method=\"post\" action=\"/topics\">{}\
 <label>Topic <input name=\"topic\" required maxlength=\"127\" pattern=\"[A-Za-z0-9_.%\\-]+\"></label>\
 <label>Queues <input name=\"queues\" type=\"number\" min=\"1\" max=\"1024\" value=\"4\"></label>\
+<label>Permission <select name=\"perm\"><option value=\"rw\">read and write</option><option value=\"r\">read only</option><option value=\"w\">write only</option></select></label>\
 <button type=\"submit\" id=\"create-topic-submit\">Create or update</button></form>\
 <form id=\"filter-topics\" class=\"inline\" method=\"get\" action=\"/topics\">\
 <label>Filter <input name=\"q\" value=\"{}\" placeholder=\"part of the name\"></label><button type=\"submit\">Filter</button></form>",
@@ -122,7 +123,7 @@ pub async fn create(
         Err(r) => return r,
     };
     let topic = f.get("topic").map(|s| s.trim()).unwrap_or("");
-    if let Err(e) = topic_check(topic) {
+    if let Err(e) = txmq::validate_topic_name(topic) {
         return ctx.redirect("/topics", Flash::Failed(format!("Not created: {e}.")));
     }
     let queues_text = f.get("queues").map(|s| s.trim()).filter(|s| !s.is_empty());
@@ -137,14 +138,21 @@ pub async fn create(
             return ctx.redirect("/topics", Flash::Failed(text));
         }
     };
-    match admin
-        .create_topic(topic, queues, PERM_READ_WRITE, None)
-        .await
-    {
+    let perm = match f.get("perm").map(String::as_str).unwrap_or("rw") {
+        "" | "rw" => PERM_READ_WRITE,
+        "r" => PERM_READ,
+        "w" => PERM_WRITE,
+        other => {
+            let text = format!("Not created: {other:?} is not a permission (rw, r or w).");
+            return ctx.redirect("/topics", Flash::Failed(text));
+        }
+    };
+    match admin.create_topic(topic, queues, perm, None).await {
         Ok(created) => {
             let brokers: Vec<_> = created.iter().map(|c| c.broker_name.as_str()).collect();
             let text = format!(
-                "Topic {topic} has {queues} queues on {}.",
+                "Topic {topic} has {queues} queues ({}) on {}.",
+                perm_name(perm),
                 brokers.join(", ")
             );
             ctx.redirect("/topics", Flash::Done(text))
@@ -159,18 +167,13 @@ pub async fn create(
     }
 }
 
-/// The topic name rule of the brokers, checked before asking them.
-fn topic_check(topic: &str) -> Result<(), String> {
-    txmq::validate_topic_name(topic)
-}
-
 /// `GET /topics/{topic}`.
 pub async fn show(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> Response {
     let admin = match ctx.client() {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = topic_check(&topic) {
+    if let Err(e) = txmq::validate_topic_name(&topic) {
         return html::error_page(
             &ctx,
             StatusCode::BAD_REQUEST,
@@ -271,7 +274,7 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> 
 
 /// `GET /topics/{topic}/delete`: what deleting will do.
 pub async fn confirm_delete(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> Response {
-    if let Err(e) = topic_check(&topic) {
+    if let Err(e) = txmq::validate_topic_name(&topic) {
         return html::error_page(
             &ctx,
             StatusCode::BAD_REQUEST,
@@ -299,7 +302,7 @@ pub async fn delete(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = topic_check(&topic) {
+    if let Err(e) = txmq::validate_topic_name(&topic) {
         return html::error_page(
             &ctx,
             StatusCode::BAD_REQUEST,

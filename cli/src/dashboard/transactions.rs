@@ -106,6 +106,20 @@ pub async fn list(
                 counters.checks_sent,
                 counters.parked
             );
+            // A broker lists its oldest 1,000 only: say so, or the list and
+            // the counter above it would disagree without a word.
+            for l in &lists {
+                let listed = l.transactions.len() as u64;
+                if listed < l.counters.pending {
+                    let _ = write!(
+                        body,
+                        "<p class=\"muted tx-truncated\" data-broker=\"{}\">Broker {} lists its oldest {listed} of {} pending transactions; the newer ones appear here as these end. Sorting and filters apply to those listed.</p>",
+                        esc(&l.broker_name),
+                        esc(&l.broker_name),
+                        l.counters.pending
+                    );
+                }
+            }
             // Oldest first; the age alone orders ids of different brokers.
             all.sort_by(|a, b| b.1.age_ms.cmp(&a.1.age_ms).then(a.0.cmp(b.0)));
             if newest_first {
