@@ -10,6 +10,7 @@
 //! proxy that cuts, delays and drops traffic. [`lazyfs`] is a FUSE
 //! filesystem with a volatile write cache, to cut the power under a broker.
 
+pub mod browser;
 pub mod chaos;
 pub mod lazyfs;
 pub mod pki;
