@@ -110,6 +110,18 @@ fn hash(parts: &[&[u8]]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The slot of `hash` in a file of `slots` slots: the hash modulo the slot
+/// count, by a mask when the count is a power of two (the default; a
+/// 64-bit division at every entry cost the writer more than the rest of
+/// the entry).
+fn slot_of(hash: u64, slots: u32) -> u64 {
+    if slots.is_power_of_two() {
+        hash & u64::from(slots - 1)
+    } else {
+        hash % u64::from(slots)
+    }
+}
+
 /// The keys of a key property: split at spaces, empty parts left out.
 pub fn keys_of(key: &str) -> impl Iterator<Item = &str> {
     key.split(' ').filter(|k| !k.is_empty())
@@ -255,7 +267,7 @@ impl IndexFile {
                 let h = u64_le(&e[0..8]);
                 // Each entry's own link was written from these slots, as
                 // they stood: only the head of each chain is needed.
-                slots[(h % u64::from(self.slots)) as usize] = i + 1;
+                slots[slot_of(h, self.slots) as usize] = i + 1;
                 i += 1;
             }
         }
@@ -273,7 +285,7 @@ impl IndexFile {
     /// How a lookup of `hash` sees this file; `gathered`: its newest
     /// entries, not written yet.
     fn view(&self, hash: u64, gathered: &[u8]) -> FileView {
-        let slot = hash % u64::from(self.slots);
+        let slot = slot_of(hash, self.slots);
         let unwritten = (gathered.len() / ENTRY_LEN) as u32;
         let gathered = if gathered.is_empty() {
             Vec::new()
@@ -786,7 +798,7 @@ fn add_entry(f: &mut IndexFile, scratch: &mut Vec<u8>, hash: u64, pos: u64, ts: 
     let Some(slots) = f.mem_slots.as_mut() else {
         return;
     };
-    let slot = (hash % u64::from(f.slots)) as usize;
+    let slot = slot_of(hash, f.slots) as usize;
     let prev = slots[slot];
     f.count += 1;
     slots[slot] = f.count;
