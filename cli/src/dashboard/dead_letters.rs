@@ -12,7 +12,7 @@ use axum::Extension;
 use futures_util::future::join_all;
 use txmq::{dlq_topic, ResendDeadLetters};
 
-use super::groups::group_check;
+use super::groups::{bad_group, group_client};
 use super::html::{self, esc, url, Flash};
 use super::{page_of, AppState, Ctx};
 
@@ -98,18 +98,10 @@ pub async fn show(
     Path(group): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let admin = match ctx.client() {
+    let admin = match group_client(&ctx, &group, "Dead letters") {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = group_check(&group) {
-        return html::error_page(
-            &ctx,
-            StatusCode::BAD_REQUEST,
-            "Dead letters",
-            &format!("Not a group name: {e}."),
-        );
-    }
     let page = match page_of(&q) {
         Ok(p) => p,
         Err(e) => return html::error_page(&ctx, StatusCode::BAD_REQUEST, "Dead letters", &e),
@@ -197,13 +189,8 @@ pub async fn confirm(
     Path(group): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(e) = group_check(&group) {
-        return html::error_page(
-            &ctx,
-            StatusCode::BAD_REQUEST,
-            "Dead letters",
-            &format!("Not a group name: {e}."),
-        );
+    if let Some(r) = bad_group(&ctx, &group, "Dead letters") {
+        return r;
     }
     let request = match request_of(&group, &q) {
         Ok(r) => r,
@@ -237,18 +224,10 @@ pub async fn resend(
     Path(group): Path<String>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    let admin = match ctx.client() {
+    let admin = match group_client(&ctx, &group, "Dead letters") {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = group_check(&group) {
-        return html::error_page(
-            &ctx,
-            StatusCode::BAD_REQUEST,
-            "Dead letters",
-            &format!("Not a group name: {e}."),
-        );
-    }
     let back = format!("/dead-letters/{}", url(&group));
     let request = match request_of(&group, &f) {
         Ok(r) => r,

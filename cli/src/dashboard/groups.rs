@@ -10,13 +10,38 @@ use axum::extract::{Form, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
-use txmq::OffsetTarget;
+use std::sync::Arc;
+
+use txmq::{Admin, OffsetTarget};
 
 use super::html::{self, esc, url, Flash};
 use super::{page_of, AppState, Ctx};
 
+/// The visitor's client for a page about `group`, or the response to give
+/// instead: the sign-in, or the 400 page (titled `title`) for a name no
+/// group can have.
+pub fn group_client(ctx: &Ctx, group: &str, title: &str) -> Result<Arc<Admin>, Response> {
+    let admin = ctx.client()?;
+    match bad_group(ctx, group, title) {
+        Some(r) => Err(r),
+        None => Ok(admin),
+    }
+}
+
+/// The 400 page (titled `title`) for a name no group can have, if `group`
+/// is one.
+pub fn bad_group(ctx: &Ctx, group: &str, title: &str) -> Option<Response> {
+    let e = group_check(group).err()?;
+    Some(html::error_page(
+        ctx,
+        StatusCode::BAD_REQUEST,
+        title,
+        &format!("Not a group name: {e}."),
+    ))
+}
+
 /// A group name as a URL may carry it: 1 to 255 printable characters.
-pub fn group_check(group: &str) -> Result<(), String> {
+fn group_check(group: &str) -> Result<(), String> {
     if group.is_empty() || group.len() > 255 {
         return Err(format!(
             "a group name has 1 to 255 characters, not {}",
@@ -94,18 +119,10 @@ pub async fn list(
 
 /// `GET /groups/{group}`.
 pub async fn show(Extension(ctx): Extension<Ctx>, Path(group): Path<String>) -> Response {
-    let admin = match ctx.client() {
+    let admin = match group_client(&ctx, &group, "Consumer group") {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = group_check(&group) {
-        return html::error_page(
-            &ctx,
-            StatusCode::BAD_REQUEST,
-            "Consumer group",
-            &format!("Not a group name: {e}."),
-        );
-    }
     let title = format!("Consumer group {group}");
     let mut body = String::new();
     match admin.group_state(&group, None).await {
@@ -235,18 +252,10 @@ pub async fn reset(
     Path(group): Path<String>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    let admin = match ctx.client() {
+    let admin = match group_client(&ctx, &group, "Reset offsets") {
         Ok(a) => a,
         Err(r) => return r,
     };
-    if let Err(e) = group_check(&group) {
-        return html::error_page(
-            &ctx,
-            StatusCode::BAD_REQUEST,
-            "Reset offsets",
-            &format!("Not a group name: {e}."),
-        );
-    }
     let back = format!("/groups/{}", url(&group));
     let topic = f.get("topic").map(|s| s.trim()).unwrap_or("");
     if let Err(e) = txmq::validate_topic_name(topic) {
