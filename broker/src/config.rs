@@ -86,6 +86,9 @@ pub struct BrokerConfig {
     pub security: SecurityConfig,
     /// Where Prometheus metrics are served at `/metrics`; `None`: not served.
     pub metrics_listen: Option<String>,
+    /// Where the RocketMQ 5 gRPC API is served (`crate::grpc`); `None`:
+    /// not served.
+    pub grpc_listen: Option<String>,
     /// Keep the message index (`txmq msg show|find`; see the store's
     /// `index.rs`).
     pub message_index: bool,
@@ -228,6 +231,7 @@ impl BrokerConfig {
             replication: ReplicationConfig::default(),
             security: SecurityConfig::default(),
             metrics_listen: None,
+            grpc_listen: None,
             message_index: true,
         }
     }
@@ -237,6 +241,14 @@ impl BrokerConfig {
     /// # Errors
     /// A message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
+        if self.grpc_listen.is_some()
+            && (self.security.acl_file.is_some() || self.security.tls.is_set())
+        {
+            return Err(
+                "--grpc-listen cannot be combined with --acl-file or --tls-*: the gRPC API does not authenticate or encrypt yet, and would open a way around them"
+                    .into(),
+            );
+        }
         if self.broker_name.is_empty() || self.cluster.is_empty() {
             return Err("broker name and cluster must not be empty".into());
         }
@@ -631,6 +643,11 @@ pub struct BrokerArgs {
     /// 127.0.0.1:9100 [default: not served].
     #[arg(long, env = "TXMQ_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Serve the RocketMQ 5 gRPC API (apache.rocketmq.v2.MessagingService)
+    /// at ADDR, for the official RocketMQ clients, e.g. 127.0.0.1:8081
+    /// [default: not served].
+    #[arg(long, env = "TXMQ_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
     /// Keep the message index by msg id and key, for `txmq msg show` and
     /// `txmq msg find`; false saves its writes (lookups are then refused;
     /// `txmq msg get` still works) [default: true].
@@ -822,6 +839,7 @@ impl BrokerArgs {
                 )?,
             },
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            grpc_listen: self.grpc_listen.or(file.grpc_listen),
             message_index: self
                 .message_index
                 .or(file.message_index)

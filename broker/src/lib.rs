@@ -11,6 +11,7 @@
 pub mod config;
 mod dead_letters;
 mod groups;
+mod grpc;
 mod handler;
 mod metrics;
 mod registration;
@@ -32,6 +33,9 @@ use txmq_nameserver::{Nameserver, NameserverConfig};
 use txmq_remoting::ConnectionConfig;
 
 pub use config::{BrokerArgs, BrokerConfig, ReplicationConfig, ReplicationMode};
+/// The RocketMQ 5 API (`apache.rocketmq.v2`) as generated from
+/// `broker/proto`: the messages, and a tonic client for tests and benches.
+pub use grpc::pb as rocketmq_v2;
 pub use store::FlushMode;
 pub use transaction::{TxConfig, PROP_USER_CHECK_DELAY};
 
@@ -122,6 +126,15 @@ pub struct Broker {
     metrics_addr: Option<SocketAddr>,
     /// Stops serving `/metrics`.
     metrics_stop: CancellationToken,
+    /// Where the RocketMQ 5 gRPC API is served (`--grpc-listen`).
+    grpc_addr: Option<SocketAddr>,
+}
+
+/// The sockets a broker binds once for its life: incarnations serve clones.
+struct Listeners {
+    broker: std::net::TcpListener,
+    /// The RocketMQ 5 gRPC API (`--grpc-listen`).
+    grpc: Option<std::net::TcpListener>,
 }
 
 /// How the broker runs: one role for its life, or the roles a controller
@@ -220,6 +233,26 @@ impl Broker {
             .map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         security.server.warn_if_open(&addr, "broker");
+        let grpc = match &config.grpc_listen {
+            Some(listen) => {
+                let grpc_err = |source| BrokerError::Bind {
+                    addr: format!("{listen} (--grpc-listen)"),
+                    source,
+                };
+                let l = TcpListener::bind(listen)
+                    .await
+                    .map_err(grpc_err)?
+                    .into_std()
+                    .map_err(grpc_err)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let grpc_addr = grpc.as_ref().and_then(|l| l.local_addr().ok());
+        let listeners = Listeners {
+            broker: listener,
+            grpc,
+        };
         let acl_watch = CancellationToken::new();
         security.server.watch(acl_watch.clone());
         let advertised = config
@@ -267,7 +300,7 @@ impl Broker {
             // so that a bad data directory fails the start.
             let first = start_incarnation(
                 &config,
-                &listener,
+                &listeners,
                 &nameservers,
                 &security,
                 &metrics,
@@ -279,7 +312,7 @@ impl Broker {
             .await?;
             let task = tokio::spawn(run_controlled(
                 config.clone(),
-                listener,
+                listeners,
                 nameservers,
                 security,
                 control,
@@ -294,7 +327,7 @@ impl Broker {
             let role = config.replication.role;
             let (inc, startup) = start_incarnation(
                 &config,
-                &listener,
+                &listeners,
                 &nameservers,
                 &security,
                 &metrics,
@@ -330,12 +363,19 @@ impl Broker {
             acl_watch,
             metrics_addr,
             metrics_stop,
+            grpc_addr,
         })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the RocketMQ 5 gRPC API is served (`--grpc-listen`), with the
+    /// real port when 0 was asked for.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// Where `/metrics` is served (`--metrics-listen`), with the real port
@@ -372,7 +412,7 @@ impl Broker {
 
 async fn start_incarnation(
     config: &BrokerConfig,
-    listener: &std::net::TcpListener,
+    listeners: &Listeners,
     nameservers: &[String],
     security: &Arc<security::Security>,
     metrics: &Arc<metrics::Metrics>,
@@ -391,7 +431,18 @@ async fn start_incarnation(
         source,
     };
     let listener =
-        TcpListener::from_std(listener.try_clone().map_err(bind_err)?).map_err(bind_err)?;
+        TcpListener::from_std(listeners.broker.try_clone().map_err(bind_err)?).map_err(bind_err)?;
+    let grpc = match &listeners.grpc {
+        Some(l) => Some(
+            l.try_clone()
+                .and_then(TcpListener::from_std)
+                .map_err(|source| BrokerError::Bind {
+                    addr: format!("{:?} (--grpc-listen)", config.grpc_listen),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr().map_err(bind_err)?;
     let tasks = TaskTracker::new();
 
@@ -531,6 +582,9 @@ async fn start_incarnation(
         security.server.clone(),
         shutdown.clone(),
     ));
+    if let Some(grpc) = grpc {
+        tasks.spawn(grpc::serve(inner.clone(), grpc, shutdown.clone()));
+    }
     let (startup_tx, startup) = tokio::sync::oneshot::channel();
     tasks.spawn(registration::run(
         inner.clone(),
@@ -571,7 +625,7 @@ async fn start_incarnation(
 #[allow(clippy::too_many_arguments)]
 async fn run_controlled(
     config: BrokerConfig,
-    listener: std::net::TcpListener,
+    listeners: Listeners,
     nameservers: Vec<String>,
     security: Arc<security::Security>,
     control: Arc<replication::controlled::Control>,
@@ -661,7 +715,7 @@ async fn run_controlled(
                     (role == BrokerRole::Slave).then(|| master_tx.subscribe()),
                 )),
             };
-            match start_incarnation(&config, &listener, &nameservers, &security, &metrics, part)
+            match start_incarnation(&config, &listeners, &nameservers, &security, &metrics, part)
                 .await
             {
                 Ok((inc, _)) => {

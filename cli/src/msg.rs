@@ -21,7 +21,8 @@ pub enum MsgCommand {
     /// and whether each consumer group of its topic consumed it (needs
     /// admin).
     Show {
-        /// The message id: 32 hexadecimal digits, as `txmq send` prints it.
+        /// The message id: 32 hexadecimal digits, as `txmq send` prints it
+        /// (or 01 and those digits, as a RocketMQ 5 client prints it).
         #[arg(value_parser = parse_msg_id)]
         msg_id: MsgId,
     },
@@ -66,7 +67,7 @@ pub enum MsgCommand {
 
 pub(crate) fn parse_msg_id(s: &str) -> Result<MsgId, String> {
     MsgId::parse(&s.to_ascii_uppercase())
-        .ok_or_else(|| format!("'{s}' is not a message id (32 hexadecimal digits)"))
+        .ok_or_else(|| format!("'{s}' is not a message id (32 hexadecimal digits, or 01 and 32 digits from a RocketMQ client)"))
 }
 
 /// RFC 3339, ms since the epoch, or a duration ago; as ms since the epoch.

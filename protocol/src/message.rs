@@ -39,8 +39,13 @@ impl MsgId {
         MsgId(id)
     }
 
-    /// Parses the 32-hex-digit form.
+    /// Parses the 32-hex-digit form, or RocketMQ 5's form of the same id
+    /// (`01` and the 32 digits), as a RocketMQ client prints it.
     pub fn parse(s: &str) -> Option<MsgId> {
+        let s = match s.len() {
+            34 => s.strip_prefix("01")?,
+            _ => s,
+        };
         if s.len() != 32 {
             return None;
         }

@@ -16,6 +16,7 @@ pub mod lazyfs;
 pub mod pki;
 pub mod proxy;
 pub mod rng;
+pub mod rocketmq;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -63,7 +63,7 @@ impl Service for BrokerService {
         if let (Role::TransactionProducer, Some(group)) = (hello.role, hello.group.as_deref()) {
             self.broker
                 .transactions
-                .producer_connected(group, conn.clone());
+                .producer_connected(group, crate::transaction::Producer::Conn(conn.clone()));
         }
         Ok(HelloOk {
             version: PROTOCOL_VERSION,
@@ -207,6 +207,57 @@ impl Service for BrokerService {
                 )),
             }
         })
+    }
+}
+
+/// The requests the gRPC front door maps onto (`crate::grpc`): the same
+/// handlers, with their validation, metrics and replication.
+pub(crate) mod front {
+    use std::sync::Arc;
+
+    use txmq_protocol::{
+        EndTransaction, Ended, PrepareTransaction, Prepared, SendRequest, SendResult, TopicConfig,
+        WireError,
+    };
+
+    use crate::BrokerInner;
+
+    pub(crate) async fn send(b: &BrokerInner, req: SendRequest) -> Result<SendResult, WireError> {
+        super::send::handle(b, req, false).await
+    }
+
+    pub(crate) async fn prepare(
+        b: Arc<BrokerInner>,
+        req: PrepareTransaction,
+    ) -> Result<Prepared, WireError> {
+        super::detached(
+            b,
+            |b| async move { super::transaction::prepare(&b, req).await },
+        )
+        .await
+    }
+
+    pub(crate) async fn end(b: Arc<BrokerInner>, req: EndTransaction) -> Result<Ended, WireError> {
+        super::detached(b, |b| async move { super::transaction::end(&b, req).await }).await
+    }
+
+    /// The topic's settings; a topic not there yet is created first when
+    /// the broker creates topics on first use (`--auto-create-topics`).
+    pub(crate) async fn topic(b: &BrokerInner, name: &str) -> Result<TopicConfig, WireError> {
+        match b.topics.get(name) {
+            Some(config) => Ok(config),
+            None if b.config.auto_create_topics => {
+                super::topic::create_topic(
+                    b,
+                    name,
+                    b.config.default_queues,
+                    txmq_protocol::PERM_READ_WRITE,
+                    false,
+                )
+                .await
+            }
+            None => Err(super::unknown_topic(b, name)),
+        }
     }
 }
 

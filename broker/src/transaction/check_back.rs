@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use txmq_protocol::{now_millis, CheckTransaction, EndedBy, TxAction, TxResolution, TxSource};
 use txmq_remoting::Error as RemotingError;
 
-use super::Transactions;
+use super::{Producer, Transactions};
 use crate::metrics::CheckOutcome;
 use crate::store::record::RecordKind;
 
@@ -110,7 +110,7 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         tx.check_done(tx_id, false, None, None);
         return;
     }
-    let Some(conn) = tx.check_back_connection(&group) else {
+    let Some(producer) = tx.check_back_connection(&group) else {
         let error = format!("no producer of group '{group}' allowed to answer is connected");
         tx.metrics.check_back(&group, false, CheckOutcome::Failed);
         tx.check_done(tx_id, false, None, Some(error));
@@ -127,13 +127,19 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
     // A connection that closes after the check went out (the producer
     // crashed on it, say) still counts the check: otherwise a check that
     // kills its producer is sent forever and never parks.
-    let closed_before = conn.is_closed();
-    let result = conn
-        .call_with_timeout(request, tx.config.check_timeout)
-        .await;
+    let timeout = tx.config.check_timeout;
+    let (closed_before, result) = match producer {
+        Producer::Conn(conn) => (
+            conn.is_closed(),
+            conn.call_with_timeout(request, timeout)
+                .await
+                .map(|a| a.resolution),
+        ),
+        Producer::Grpc(session) => (session.is_closed(), session.check(request, timeout).await),
+    };
     let timed_out = matches!(result, Err(RemotingError::Timeout { .. }));
     let (sent, answer, error) = match result {
-        Ok(a) => (true, Some(a.resolution), None),
+        Ok(resolution) => (true, Some(resolution), None),
         Err(e @ RemotingError::Timeout { .. }) | Err(e @ RemotingError::Remote(_)) => {
             (true, None, Some(e.to_string()))
         }

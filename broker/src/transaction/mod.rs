@@ -26,7 +26,7 @@ use txmq_protocol::{
 };
 
 pub(crate) use check_back::run as run_check_back;
-pub(crate) use producers::ProducerGroups;
+pub(crate) use producers::{Producer, ProducerGroups};
 
 use crate::handler::store_error;
 use crate::store::record::RecordKind;
@@ -320,9 +320,11 @@ impl Transactions {
 
     /// A live connection of `group` that may answer its check-backs now,
     /// round robin.
-    fn check_back_connection(&self, group: &str) -> Option<txmq_remoting::Connection> {
-        self.producers.pick(group, |conn| {
-            self.security.allows(conn, txmq_remoting::Op::Tx(group))
+    fn check_back_connection(&self, group: &str) -> Option<Producer> {
+        self.producers.pick(group, |p| match p {
+            Producer::Conn(conn) => self.security.allows(conn, txmq_remoting::Op::Tx(group)),
+            // The front door serves no ACL (it refuses to start with one).
+            Producer::Grpc(_) => true,
         })
     }
 
@@ -1039,8 +1041,8 @@ impl Transactions {
 
     /// A transactional producer of `group` connected: if it is the group's
     /// first, its waiting transactions are checked right away.
-    pub(crate) fn producer_connected(&self, group: &str, conn: txmq_remoting::Connection) {
-        if self.producers.add(group, conn) {
+    pub(crate) fn producer_connected(&self, group: &str, producer: Producer) {
+        if self.producers.add(group, producer) {
             let now = now_millis();
             let mut table = lock(&self.table);
             let Table { pending, due, .. } = &mut *table;

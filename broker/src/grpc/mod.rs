@@ -1,0 +1,240 @@
+//! The RocketMQ 5 front door: `apache.rocketmq.v2.MessagingService` over
+//! gRPC (`--grpc-listen`), so the official RocketMQ clients of every
+//! language work with txmq.
+//!
+//! Each RPC maps onto the broker's own services: a send is the send
+//! handler's, a transactional send is a prepare whose producer group is the
+//! topic (RocketMQ 5 clients name no group), a check-back goes out over the
+//! client's telemetry stream (`telemetry.rs`) and its answer comes back as
+//! an `EndTransaction`. The protobuf files are in `broker/proto`.
+//!
+//! Answers carry RocketMQ's own status codes inside the response
+//! (`status.rs`); an RPC txmq does not serve answers gRPC `UNIMPLEMENTED`
+//! naming it.
+
+mod convert;
+mod route;
+mod send;
+mod status;
+mod telemetry;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::BrokerInner;
+pub(crate) use telemetry::Session;
+
+/// The generated messages, client and service of the RocketMQ 5 API.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("apache.rocketmq.v2");
+}
+
+use pb::messaging_service_server::{MessagingService, MessagingServiceServer};
+
+/// Largest request the front door decodes: a message of the broker's
+/// `--max-message-size` with room for its properties. Larger requests are
+/// refused with `OUT_OF_RANGE` ("decoded message length too large"), and
+/// the connection goes on.
+fn max_request(b: &BrokerInner) -> usize {
+    b.config.max_message_size + (64 << 10)
+}
+
+/// The service: one per incarnation of the broker.
+pub(crate) struct Front {
+    b: Arc<BrokerInner>,
+    sessions: Arc<telemetry::Sessions>,
+    /// Round robin over a topic's queues for messages without a message group.
+    next_queue: std::sync::atomic::AtomicU32,
+}
+
+/// Serves the front door on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    b: Arc<BrokerInner>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    let addr = listener.local_addr().ok();
+    let limit = max_request(&b);
+    let front = Front {
+        b,
+        sessions: Arc::default(),
+        next_queue: Default::default(),
+    };
+    let service = MessagingServiceServer::new(front)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tracing::info!(?addr, "serving the RocketMQ 5 gRPC API");
+    // HTTP/1.1 is accepted so that a client speaking it gets a gRPC
+    // status (UNIMPLEMENTED for a path the API lacks), not a closed socket.
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .accept_http1(true)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(?addr, error = %e, "the gRPC front door stopped");
+    }
+}
+
+/// The client id RocketMQ clients send with every call.
+fn client_id<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("x-mq-client-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "txmq does not serve {rpc} (see the README's RocketMQ section for what it serves)"
+    ))
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MessagingService for Front {
+    async fn query_route(
+        &self,
+        r: Request<pb::QueryRouteRequest>,
+    ) -> Answer<pb::QueryRouteResponse> {
+        Ok(Response::new(
+            route::query_route(&self.b, r.into_inner()).await,
+        ))
+    }
+
+    async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Answer<pb::HeartbeatResponse> {
+        let client = client_id(&r);
+        Ok(Response::new(route::heartbeat(
+            &self.b,
+            client,
+            r.into_inner(),
+        )))
+    }
+
+    async fn send_message(
+        &self,
+        r: Request<pb::SendMessageRequest>,
+    ) -> Answer<pb::SendMessageResponse> {
+        Ok(Response::new(send::send(self, r.into_inner()).await))
+    }
+
+    async fn query_assignment(
+        &self,
+        r: Request<pb::QueryAssignmentRequest>,
+    ) -> Answer<pb::QueryAssignmentResponse> {
+        Ok(Response::new(route::query_assignment(
+            &self.b,
+            r.into_inner(),
+        )))
+    }
+
+    type ReceiveMessageStream = Stream<pb::ReceiveMessageResponse>;
+
+    async fn receive_message(
+        &self,
+        _r: Request<pb::ReceiveMessageRequest>,
+    ) -> Answer<Self::ReceiveMessageStream> {
+        Err(unimplemented("ReceiveMessage"))
+    }
+
+    async fn ack_message(
+        &self,
+        _r: Request<pb::AckMessageRequest>,
+    ) -> Answer<pb::AckMessageResponse> {
+        Err(unimplemented("AckMessage"))
+    }
+
+    async fn forward_message_to_dead_letter_queue(
+        &self,
+        _r: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+    ) -> Answer<pb::ForwardMessageToDeadLetterQueueResponse> {
+        Err(unimplemented("ForwardMessageToDeadLetterQueue"))
+    }
+
+    type PullMessageStream = Stream<pb::PullMessageResponse>;
+
+    async fn pull_message(
+        &self,
+        _r: Request<pb::PullMessageRequest>,
+    ) -> Answer<Self::PullMessageStream> {
+        Err(unimplemented("PullMessage"))
+    }
+
+    async fn update_offset(
+        &self,
+        _r: Request<pb::UpdateOffsetRequest>,
+    ) -> Answer<pb::UpdateOffsetResponse> {
+        Err(unimplemented("UpdateOffset"))
+    }
+
+    async fn get_offset(&self, _r: Request<pb::GetOffsetRequest>) -> Answer<pb::GetOffsetResponse> {
+        Err(unimplemented("GetOffset"))
+    }
+
+    async fn query_offset(
+        &self,
+        _r: Request<pb::QueryOffsetRequest>,
+    ) -> Answer<pb::QueryOffsetResponse> {
+        Err(unimplemented("QueryOffset"))
+    }
+
+    async fn end_transaction(
+        &self,
+        r: Request<pb::EndTransactionRequest>,
+    ) -> Answer<pb::EndTransactionResponse> {
+        let client = client_id(&r);
+        Ok(Response::new(
+            send::end_transaction(self, client, r.into_inner()).await,
+        ))
+    }
+
+    type TelemetryStream = Stream<pb::TelemetryCommand>;
+
+    async fn telemetry(
+        &self,
+        r: Request<tonic::Streaming<pb::TelemetryCommand>>,
+    ) -> Answer<Self::TelemetryStream> {
+        telemetry::open(self, r).map(Response::new)
+    }
+
+    async fn notify_client_termination(
+        &self,
+        r: Request<pb::NotifyClientTerminationRequest>,
+    ) -> Answer<pb::NotifyClientTerminationResponse> {
+        if let Some(client) = client_id(&r) {
+            self.sessions.terminated(&self.b, &client);
+        }
+        Ok(Response::new(pb::NotifyClientTerminationResponse {
+            status: Some(status::ok()),
+        }))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        _r: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> Answer<pb::ChangeInvisibleDurationResponse> {
+        Err(unimplemented("ChangeInvisibleDuration"))
+    }
+
+    async fn recall_message(
+        &self,
+        _r: Request<pb::RecallMessageRequest>,
+    ) -> Answer<pb::RecallMessageResponse> {
+        Err(unimplemented("RecallMessage"))
+    }
+
+    async fn sync_lite_subscription(
+        &self,
+        _r: Request<pb::SyncLiteSubscriptionRequest>,
+    ) -> Answer<pb::SyncLiteSubscriptionResponse> {
+        Err(unimplemented("SyncLiteSubscription"))
+    }
+}

@@ -1,0 +1,194 @@
+//! SendMessage and EndTransaction.
+//!
+//! RocketMQ 5 clients leave the queue to the server: a message with a
+//! message group goes to the queue its group hashes to (so a group's
+//! messages keep their order), any other to the next queue round robin. A
+//! transactional message is a prepare of one half message whose producer
+//! group is the topic: RocketMQ 5 producers name no group, and the ones
+//! publishing the topic are the ones to check back with.
+
+use std::sync::atomic::Ordering;
+
+use txmq_protocol::{
+    EndTransaction, HalfMessage, PrepareTransaction, SendRequest, TxAction, TxResolution, TxSource,
+    WireError, PROPERTY_DELIVER_AT,
+};
+
+use super::convert::{self, message_group};
+use super::{pb, status, Front};
+use crate::handler::front;
+
+pub(super) async fn send(f: &Front, r: pb::SendMessageRequest) -> pb::SendMessageResponse {
+    if r.messages.is_empty() {
+        return pb::SendMessageResponse {
+            status: Some(status::new(
+                pb::Code::BadRequest,
+                "a send needs at least one message",
+            )),
+            entries: Vec::new(),
+        };
+    }
+    let mut entries = Vec::with_capacity(r.messages.len());
+    for m in r.messages {
+        let id = m
+            .system_properties
+            .as_ref()
+            .map(|s| s.message_id.clone())
+            .unwrap_or_default();
+        let entry = match send_one(f, m).await {
+            Ok(entry) => entry,
+            Err(status) => pb::SendResultEntry {
+                status: Some(status),
+                message_id: id,
+                ..Default::default()
+            },
+        };
+        entries.push(entry);
+    }
+    // One status for the request: the entries' own when they agree.
+    let first = entries[0].status.clone();
+    let status = if entries.iter().all(|e| e.status == first) {
+        first
+    } else {
+        Some(status::new(
+            pb::Code::MultipleResults,
+            "the messages had different results; see each entry",
+        ))
+    };
+    pb::SendMessageResponse { status, entries }
+}
+
+async fn send_one(f: &Front, m: pb::Message) -> Result<pb::SendResultEntry, pb::Status> {
+    let b = &f.b;
+    let wire = |e: WireError| status::from_wire(&e);
+    if let Some(refusal) = b.replication.write_refusal(b) {
+        return Err(wire(refusal));
+    }
+    let sys = m.system_properties.clone().unwrap_or_default();
+    let group = message_group(&m).map(str::to_string);
+    let transactional = sys.message_type == pb::MessageType::Transaction as i32;
+    let message = convert::to_txmq(m).map_err(|e| status::new(pb::Code::BadRequest, e))?;
+    if message.body.is_empty() {
+        return Err(status::new(
+            pb::Code::MessageBodyEmpty,
+            "a message needs a body",
+        ));
+    }
+    let config = front::topic(b, &message.topic).await.map_err(wire)?;
+    let queue = match &group {
+        // Stable across restarts and brokers of any build: a group's
+        // messages always land in one queue.
+        Some(g) => crc32fast::hash(g.as_bytes()) % config.queues,
+        None => f.next_queue.fetch_add(1, Ordering::Relaxed) % config.queues,
+    };
+    let message_id = sys.message_id;
+    if transactional {
+        if group.is_some() || message.properties.contains_key(PROPERTY_DELIVER_AT) {
+            return Err(status::new(
+                pb::Code::MessagePropertyConflictWithType,
+                "a transactional message cannot have a message group or a delivery time",
+            ));
+        }
+        let first_check_delay_ms = sys
+            .orphaned_transaction_recovery_duration
+            .as_ref()
+            .and_then(convert::std_duration)
+            .map(|d| d.as_millis() as u64);
+        let prepared = front::prepare(
+            b.clone(),
+            PrepareTransaction {
+                producer_group: message.topic.clone(),
+                messages: vec![HalfMessage { queue, message }],
+                first_check_delay_ms,
+                attempt: None,
+                producer: None,
+                offsets: Vec::new(),
+            },
+        )
+        .await
+        .map_err(wire)?;
+        return Ok(pb::SendResultEntry {
+            status: Some(status::from_send(prepared.status)),
+            message_id,
+            transaction_id: prepared.tx_id.to_string(),
+            offset: 0,
+            recall_handle: String::new(),
+        });
+    }
+    let sent = front::send(
+        b,
+        SendRequest {
+            queue,
+            messages: vec![message],
+            producer: None,
+        },
+    )
+    .await
+    .map_err(wire)?;
+    Ok(pb::SendResultEntry {
+        status: Some(status::from_send(sent.status)),
+        message_id,
+        transaction_id: String::new(),
+        offset: sent.first_offset as i64,
+        recall_handle: String::new(),
+    })
+}
+
+pub(super) async fn end_transaction(
+    f: &Front,
+    client: Option<String>,
+    r: pb::EndTransactionRequest,
+) -> pb::EndTransactionResponse {
+    let answer = |status| pb::EndTransactionResponse {
+        status: Some(status),
+    };
+    let Ok(tx_id) = r.transaction_id.parse::<u64>() else {
+        return answer(status::new(
+            pb::Code::InvalidTransactionId,
+            format!(
+                "'{}' is not a transaction id of this broker",
+                r.transaction_id
+            ),
+        ));
+    };
+    let action = match pb::TransactionResolution::try_from(r.resolution) {
+        Ok(pb::TransactionResolution::Commit) => TxAction::Commit,
+        Ok(pb::TransactionResolution::Rollback) => TxAction::Rollback,
+        _ => {
+            return answer(status::new(
+                pb::Code::BadRequest,
+                "the resolution must be COMMIT or ROLLBACK",
+            ))
+        }
+    };
+    // The answer to a check-back this broker is waiting for: the check
+    // ends the transaction (and records that a check-back ended it).
+    if r.source == pb::TransactionSource::SourceServerCheck as i32 {
+        let resolution = match action {
+            TxAction::Commit => TxResolution::Commit,
+            TxAction::Rollback => TxResolution::Rollback,
+        };
+        if f.sessions.answer(client.as_deref(), tx_id, resolution) {
+            return answer(status::ok());
+        }
+    }
+    if let Some(refusal) = f.b.replication.write_refusal(&f.b) {
+        return answer(status::from_wire(&refusal));
+    }
+    let (msg_id, _) = convert::msg_id(&r.message_id);
+    let ended = front::end(
+        f.b.clone(),
+        EndTransaction {
+            tx_id,
+            action,
+            source: TxSource::Producer,
+            msg_id: (!r.message_id.is_empty()).then_some(msg_id),
+            producer: None,
+        },
+    )
+    .await;
+    match ended {
+        Ok(e) => answer(status::from_send(e.status)),
+        Err(e) => answer(status::from_wire(&e)),
+    }
+}

@@ -1,0 +1,327 @@
+//! RocketMQ 5's gRPC API (`--grpc-listen`) driven by the official RocketMQ
+//! clients (Python from PyPI, Node.js from npm, installed by `.ci/run`)
+//! against a real `txmq-broker` process, with txmq's own CLI on the other
+//! side; and bad input on the gRPC port from a raw tonic client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{start_broker, txmq};
+use serde_json::Value;
+use txmq_broker::rocketmq_v2 as pb;
+use txmq_tests::output::ok;
+use txmq_tests::{free_port, json_lines, rocketmq, BrokerProcess, Cluster};
+
+/// A broker process serving the gRPC API; its gRPC address.
+async fn grpc_broker(ns: &str, data: &std::path::Path, extra: &[&str]) -> (BrokerProcess, String) {
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--grpc-listen",
+        &grpc,
+        "--auto-create-topics",
+        "--transaction-timeout",
+        "1s",
+        "--transaction-check-interval",
+        "300ms",
+    ];
+    args.extend_from_slice(extra);
+    let broker = start_broker(data, ns, "broker-a", &args).await;
+    (broker, grpc)
+}
+
+/// Every message of `topic`, from the first, through `txmq consume`.
+async fn consume_all(ns: &str, topic: &str, group: &str, count: usize) -> Vec<Value> {
+    let count = count.to_string();
+    let out = txmq(
+        ns,
+        &[
+            "--output",
+            "json",
+            "consume",
+            topic,
+            "--group",
+            group,
+            "--from",
+            "first",
+            "--count",
+            &count,
+            "--idle-timeout",
+            "15s",
+        ],
+        None,
+    )
+    .await;
+    json_lines(ok(&out).as_bytes())
+}
+
+fn body(m: &Value) -> &str {
+    m["body"].as_str().unwrap_or_default()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The Python producer sends normal, FIFO and delayed messages and three
+/// transactions (committed, rolled back, left open and committed by its
+/// checker when the broker checks back over the telemetry stream); txmq's
+/// CLI sees exactly the visible ones, with their keys, tags, properties
+/// and ids, the FIFO ones in order in one queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+
+    let sent = tokio::task::spawn_blocking(move || {
+        rocketmq::python_json(&python, "producer.py", &[&grpc, "rmq-plain", "rmq-tx"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(sent["asked"], serde_json::json!([["k-check"]]), "{sent}");
+
+    // The delayed message is not there before its time, and is after.
+    let delay_until = sent["delay_until_ms"].as_u64().unwrap();
+    let plain = consume_all(&ns, "rmq-plain", "txmq-side", 4).await;
+    if txmq_protocol::now_millis() < delay_until {
+        assert!(plain.iter().all(|m| body(m) != "delayed"), "{plain:?}");
+    }
+    let plain = consume_all(&ns, "rmq-plain", "txmq-side-2", 5).await;
+    assert!(txmq_protocol::now_millis() >= delay_until);
+    let bodies: Vec<&str> = plain.iter().map(body).collect();
+    assert_eq!(plain.len(), 5, "{bodies:?}");
+    assert!(bodies.contains(&"delayed"), "{bodies:?}");
+    let fifo: Vec<&Value> = plain
+        .iter()
+        .filter(|m| body(m).starts_with("fifo-"))
+        .collect();
+    assert_eq!(
+        fifo.iter().map(|m| body(m)).collect::<Vec<_>>(),
+        ["fifo-0", "fifo-1", "fifo-2"]
+    );
+    assert!(
+        fifo.iter().all(|m| m["queue"] == fifo[0]["queue"]),
+        "one queue: {fifo:?}"
+    );
+    let rmq_ids: Vec<String> = fifo
+        .iter()
+        .map(|m| format!("01{}", m["msg_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rmq_ids, ids(&sent["fifo"]));
+    let normal = plain.iter().find(|m| body(m) == "normal").unwrap();
+    assert_eq!(normal["key"], "k-normal");
+    assert_eq!(normal["tag"], "rmq");
+    assert_eq!(normal["properties"]["origin"], "python");
+
+    let tx = consume_all(&ns, "rmq-tx", "txmq-side", 2).await;
+    let mut bodies: Vec<&str> = tx.iter().map(body).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        ["checked", "committed"],
+        "the rolled-back one stays invisible"
+    );
+
+    // `txmq msg show` takes the id as the RocketMQ client printed it.
+    let id = sent["checked"].as_str().unwrap();
+    let shown = txmq(&ns, &["--output", "json", "msg", "show", id], None).await;
+    let shown = json_lines(ok(&shown).as_bytes()).remove(0);
+    assert_eq!(body(&shown), "checked", "{shown}");
+    cluster.shutdown().await;
+}
+
+/// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
+async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
+where
+    Q: prost::Message + Send + Sync + 'static,
+    R: prost::Message + Default + Send + Sync + 'static,
+{
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<Q, R>::default();
+    grpc.unary(
+        tonic::Request::new(request),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// A QueryRoute request whose field 1 has the wrong wire type.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAQueryRoute {
+    #[prost(uint64, tag = "1")]
+    topic: u64,
+}
+
+async fn query_route(addr: &str, topic: &str) -> pb::QueryRouteResponse {
+    let mut client =
+        pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connects");
+    let mut request = tonic::Request::new(pb::QueryRouteRequest {
+        topic: Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: topic.into(),
+        }),
+        endpoints: None,
+    });
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", "bad-input-test".parse().unwrap());
+    client
+        .query_route(request)
+        .await
+        .expect("answered")
+        .into_inner()
+}
+
+/// Garbage, HTTP/1.1, an unknown RPC, an RPC txmq does not serve,
+/// malformed protobuf and an oversized message each get a clear answer,
+/// and a well-formed client on another connection is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_the_grpc_port_gets_clear_statuses_and_hurts_no_one_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let good = query_route(&grpc, "bad-input").await;
+    assert_eq!(good.status.unwrap().code, pb::Code::Ok as i32);
+    assert_eq!(good.message_queues.len(), 4);
+
+    // Garbage instead of the HTTP/2 preface: the connection closes.
+    let mut raw = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+    raw.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(64))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "garbage gets the connection closed");
+
+    // HTTP/1.1: an answer with a gRPC status, not a hang.
+    let mut http1 = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+    http1
+        .write_all(b"GET / HTTP/1.1\r\nHost: txmq\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), http1.read_to_end(&mut answer))
+        .await
+        .expect("HTTP/1.1 is answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("grpc-status: 12"),
+        "UNIMPLEMENTED: {answer}"
+    );
+
+    // An RPC the API lacks, and one txmq does not serve.
+    let unknown = raw_call::<pb::QueryRouteRequest, pb::QueryRouteResponse>(
+        &grpc,
+        "/apache.rocketmq.v2.MessagingService/NoSuchRpc",
+        pb::QueryRouteRequest::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");
+    let pull = raw_call::<pb::PullMessageRequest, pb::PullMessageResponse>(
+        &grpc,
+        "/apache.rocketmq.v2.MessagingService/PullMessage",
+        pb::PullMessageRequest::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(pull.code(), tonic::Code::Unimplemented);
+    assert!(pull.message().contains("PullMessage"), "{pull:?}");
+
+    // Malformed protobuf.
+    let malformed = raw_call::<NotAQueryRoute, pb::QueryRouteResponse>(
+        &grpc,
+        "/apache.rocketmq.v2.MessagingService/QueryRoute",
+        NotAQueryRoute { topic: 7 },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::Internal, "{malformed:?}");
+    assert!(malformed.message().contains("decode"), "{malformed:?}");
+
+    // A message past the broker's --max-message-size (1 MiB here) and the
+    // request limit: refused whole, nothing stored.
+    let huge = pb::SendMessageRequest {
+        messages: vec![pb::Message {
+            topic: Some(pb::Resource {
+                resource_namespace: String::new(),
+                name: "bad-input".into(),
+            }),
+            body: vec![b'x'; 2 << 20],
+            ..Default::default()
+        }],
+    };
+    let refused = raw_call::<pb::SendMessageRequest, pb::SendMessageResponse>(
+        &grpc,
+        "/apache.rocketmq.v2.MessagingService/SendMessage",
+        huge,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("too large"), "{refused:?}");
+
+    // A send with an empty topic name and one with a reserved property.
+    let mut client =
+        pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+    let reserved = pb::Message {
+        topic: Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: "bad-input".into(),
+        }),
+        user_properties: [("__rmq.keys".to_string(), "x".to_string())].into(),
+        body: b"x".to_vec(),
+        ..Default::default()
+    };
+    let answer = client
+        .send_message(pb::SendMessageRequest {
+            messages: vec![reserved],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = answer.status.unwrap();
+    assert_eq!(status.code, pb::Code::BadRequest as i32, "{status:?}");
+    assert!(status.message.contains("__rmq.keys"), "{status:?}");
+
+    // Still served, and nothing of the bad input was stored.
+    let again = query_route(&grpc, "bad-input").await;
+    assert_eq!(again.status.unwrap().code, pb::Code::Ok as i32);
+    let status = txmq(
+        &ns,
+        &["--output", "json", "topic", "status", "bad-input"],
+        None,
+    )
+    .await;
+    let queues = json_lines(ok(&status).as_bytes());
+    assert!(
+        queues.iter().all(|q| q["max_offset"] == 0),
+        "nothing stored: {queues:?}"
+    );
+    cluster.shutdown().await;
+}
