@@ -43,10 +43,14 @@ pub fn node() -> Option<PathBuf> {
 }
 
 /// Runs `program args` in `cwd`, killed after `limit`; the output.
+/// The clients write their logs under `$HOME/logs/rocketmq`: HOME is a
+/// temporary directory, removed after.
 pub fn run(program: &Path, args: &[&str], cwd: &Path, limit: Duration) -> Output {
+    let home = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(program)
         .args(args)
         .current_dir(cwd)
+        .env("HOME", home.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

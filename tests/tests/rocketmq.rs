@@ -139,6 +139,43 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
     cluster.shutdown().await;
 }
 
+/// The Node.js producer sends a message and two transactions (committed,
+/// and left open for its checker); txmq's CLI sees all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_producer_and_transactional_producer_are_seen_by_txmq() {
+    let Some(node) = rocketmq::node() else { return };
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+
+    let sent = tokio::task::spawn_blocking(move || {
+        rocketmq::node_json(&node, "producer.js", &[&grpc, "node-plain", "node-tx"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sent["asked"],
+        serde_json::json!([["k-node-check"]]),
+        "{sent}"
+    );
+
+    let plain = consume_all(&ns, "node-plain", "txmq-side", 1).await;
+    assert_eq!(body(&plain[0]), "from-node");
+    assert_eq!(plain[0]["key"], "k-node");
+    assert_eq!(plain[0]["tag"], "node");
+    assert_eq!(plain[0]["properties"]["origin"], "node");
+    assert_eq!(
+        format!("01{}", plain[0]["msg_id"].as_str().unwrap()),
+        sent["normal"].as_str().unwrap()
+    );
+    let tx = consume_all(&ns, "node-tx", "txmq-side", 2).await;
+    let mut bodies: Vec<&str> = tx.iter().map(body).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["node-checked", "node-committed"]);
+    cluster.shutdown().await;
+}
+
 /// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
 async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
 where
