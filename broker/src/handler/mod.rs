@@ -233,6 +233,7 @@ pub(crate) fn store_error(e: StoreError) -> WireError {
         StoreError::Invalid(_) => ErrorCode::BadArgument,
         StoreError::NoQueue { .. } => ErrorCode::UnknownQueue,
         StoreError::OffsetConflict(_) => ErrorCode::OffsetConflict,
+        StoreError::Receipt(_) => ErrorCode::InvalidReceiptHandle,
         StoreError::Io { .. } | StoreError::Poisoned | StoreError::ShuttingDown => {
             ErrorCode::StoreUnavailable
         }

@@ -166,7 +166,7 @@ impl Flusher {
         self.last_checkpoint = Instant::now();
         // The writer moves the position and the pending set under the same
         // lock, so these two agree.
-        let (position, oldest_pending_tx, queues, justified) = {
+        let (position, oldest_pending_tx, queues, justified, pop) = {
             let set = self
                 .store
                 .tx_pending
@@ -179,11 +179,15 @@ impl Flusher {
                 .iter()
                 .map(|q| ((q.topic.clone(), q.queue), q.logged()))
                 .collect();
+            // The writer applies pop records with the position, under
+            // this lock: the copy holds exactly the records below it.
+            let pop = super::lock(&self.store.pop).clone();
             (
                 self.store.written.load(Ordering::Acquire),
                 set.first().copied(),
                 queues,
                 justified,
+                pop,
             )
         };
         if self.checkpoint_pos == Some(position) {
@@ -231,6 +235,7 @@ impl Flusher {
             offsets,
             queues: Some(justified),
             producers,
+            pop,
         };
         match cp.store(&self.store.config.dir) {
             Ok(()) => self.checkpoint_pos = Some(position),
