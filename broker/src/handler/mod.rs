@@ -4,9 +4,9 @@
 mod authorize;
 mod counters;
 mod dead_letters;
-mod group;
+pub(crate) mod group;
 mod lookup;
-mod offset;
+pub(crate) mod offset;
 mod pull;
 mod send;
 mod topic;
