@@ -9,7 +9,7 @@ mod lookup;
 pub(crate) mod offset;
 mod pull;
 mod send;
-mod topic;
+pub(crate) mod topic;
 mod transaction;
 
 use std::sync::atomic::Ordering;

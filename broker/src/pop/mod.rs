@@ -209,7 +209,10 @@ async fn confirm(b: &BrokerInner, end: u64, what: &str) -> Result<(), WireError>
 /// # Errors
 /// UNKNOWN_TOPIC, UNKNOWN_QUEUE, NO_PERMISSION, BAD_ARGUMENT for
 /// arguments out of range, NOT_MASTER on a slave, STORE_UNAVAILABLE.
-pub(crate) async fn receive(b: &BrokerInner, r: ReceiveRequest) -> Result<Vec<Received>, WireError> {
+pub(crate) async fn receive(
+    b: &BrokerInner,
+    r: ReceiveRequest,
+) -> Result<Vec<Received>, WireError> {
     let queues = check_place(b, &r.group, &r.topic, r.queue)?;
     if r.max_messages == 0 || r.max_messages > MAX_MESSAGES {
         return Err(bad_argument(format!(
@@ -545,7 +548,9 @@ pub(crate) async fn forward_to_dead_letters(
             ));
         }
     }
-    let message = read_offsets(b, topic, h.queue, std::iter::once(h.offset))?.into_iter().next();
+    let message = read_offsets(b, topic, h.queue, std::iter::once(h.offset))?
+        .into_iter()
+        .next();
     let end = match message {
         Some(m) => dead_letter(b, &key, h, &m, max_attempts).await?,
         None => {

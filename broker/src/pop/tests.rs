@@ -1,0 +1,310 @@
+//! Pop through a real broker started in-process on port 0: receive,
+//! acknowledge, redelivery with the attempt counted, stale handles, the
+//! dead-letter topic, long polling, and a restart.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use txmq_protocol::{dlq_topic, ErrorCode, Message, PERM_READ_WRITE};
+
+use super::*;
+use crate::{Broker, BrokerConfig, Run};
+
+fn broker_config(dir: &std::path::Path) -> BrokerConfig {
+    let mut config = BrokerConfig::new(dir);
+    config.listen = "127.0.0.1:0".into();
+    config.standalone = true;
+    config.nameserver_listen = "127.0.0.1:0".into();
+    config.nameservers = Vec::new();
+    config.segment_size = 8 << 20;
+    config
+}
+
+async fn start(dir: &std::path::Path) -> (Broker, Arc<BrokerInner>) {
+    let broker = Broker::start(broker_config(dir)).await.unwrap();
+    let Run::Single(inc) = &broker.run else {
+        panic!("a single broker")
+    };
+    let inner = inc.inner.clone();
+    (broker, inner)
+}
+
+fn request(max: u32, invisible: Duration, poll: Duration) -> ReceiveRequest {
+    ReceiveRequest {
+        group: "g".into(),
+        topic: "orders".into(),
+        queue: None,
+        max_messages: max,
+        invisible,
+        poll,
+        tags: Vec::new(),
+        fifo: false,
+        max_attempts: 16,
+    }
+}
+
+async fn send(b: &BrokerInner, queue: u32, body: &str) {
+    let m = Message::new("orders", body.as_bytes().to_vec());
+    b.store.append("orders", queue, vec![m]).await.unwrap();
+}
+
+fn body(r: &Received) -> String {
+    String::from_utf8(r.message.message.body.to_vec()).unwrap()
+}
+
+async fn setup(b: &BrokerInner) {
+    crate::handler::topic::create_topic_now(b, "orders", 2, PERM_READ_WRITE, true).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_messages_come_back_after_their_invisible_time_until_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    send(&b, 0, "a").await;
+    send(&b, 1, "b").await;
+    let second = Duration::from_secs(1);
+    let got = receive(&b, request(32, second, Duration::ZERO))
+        .await
+        .unwrap();
+    let mut bodies: Vec<String> = got.iter().map(body).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["a", "b"]);
+    assert!(got.iter().all(|r| r.attempt == 1));
+    let (acked, kept): (Vec<_>, Vec<_>) = got.into_iter().partition(|r| body(r) == "a");
+    ack(&b, "g", "orders", &acked[0].handle).await.unwrap();
+    let err = ack(&b, "g", "orders", &acked[0].handle).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidReceiptHandle, "{err}");
+    // Hidden now: an empty answer.
+    assert!(receive(&b, request(32, second, Duration::ZERO))
+        .await
+        .unwrap()
+        .is_empty());
+    // A long poll wakes when "b" becomes due again, before its 5 s.
+    let started = Instant::now();
+    let again = receive(&b, request(32, second, Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(again.iter().map(body).collect::<Vec<_>>(), ["b"]);
+    assert_eq!(again[0].attempt, 2);
+    assert!(again[0].invisible_until_ms >= kept[0].invisible_until_ms + 900);
+    let err = ack(&b, "g", "orders", &kept[0].handle).await.unwrap_err();
+    assert_eq!(
+        err.code,
+        ErrorCode::InvalidReceiptHandle,
+        "superseded: {err}"
+    );
+    ack(&b, "g", "orders", &again[0].handle).await.unwrap();
+    // Lag follows the acks.
+    assert_eq!(b.store.committed_offset("g", "orders", 0), Some(1));
+    assert_eq!(b.store.committed_offset("g", "orders", 1), Some(1));
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_wakes_on_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    let sender = b.clone();
+    let started = Instant::now();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(&sender, 1, "late").await;
+    });
+    let got = receive(
+        &b,
+        request(4, Duration::from_secs(30), Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["late"]);
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // Nothing comes: answered empty at the poll time.
+    let started = Instant::now();
+    let none = receive(
+        &b,
+        request(4, Duration::from_secs(30), Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    assert!(none.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(290));
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_invisible_makes_the_old_handle_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    send(&b, 0, "x").await;
+    let got = receive(&b, request(1, Duration::from_secs(1), Duration::ZERO))
+        .await
+        .unwrap();
+    let changed = change_invisible(&b, "g", "orders", &got[0].handle, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_ne!(changed.handle, got[0].handle);
+    assert_eq!((body(&changed), changed.attempt), ("x".to_string(), 1));
+    assert!(changed.invisible_until_ms >= got[0].invisible_until_ms + 58_000);
+    let err = ack(&b, "g", "orders", &got[0].handle).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidReceiptHandle);
+    // Past the first deadline it stays hidden: the new one counts.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        receive(&b, request(1, Duration::from_secs(1), Duration::ZERO))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    ack(&b, "g", "orders", &changed.handle).await.unwrap();
+    // Bad input.
+    for bad in [
+        "",
+        "p1-0-0",
+        "p1-x-0-0",
+        "p2-0-0-0",
+        "p1-0-0-0-0",
+        "p1-100000000-0-0",
+    ] {
+        let err = ack(&b, "g", "orders", bad).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidReceiptHandle, "{bad:?}");
+    }
+    let err = change_invisible(
+        &b,
+        "g",
+        "orders",
+        &changed.handle,
+        Duration::from_millis(10),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadArgument);
+    for r in [
+        ReceiveRequest {
+            max_messages: 33,
+            ..request(1, Duration::from_secs(1), Duration::ZERO)
+        },
+        ReceiveRequest {
+            max_attempts: 0,
+            ..request(1, Duration::from_secs(1), Duration::ZERO)
+        },
+        request(1, Duration::from_secs(13 * 3600), Duration::ZERO),
+        request(1, Duration::from_secs(1), Duration::from_secs(31)),
+    ] {
+        let err = receive(&b, r).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadArgument, "{err}");
+    }
+    let err = receive(
+        &b,
+        ReceiveRequest {
+            topic: "nope".into(),
+            ..request(1, Duration::from_secs(1), Duration::ZERO)
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::UnknownTopic);
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_attempts_and_on_request_messages_go_to_the_dead_letter_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    send(&b, 0, "poison").await;
+    send(&b, 1, "unwanted").await;
+    let once = ReceiveRequest {
+        max_attempts: 1,
+        ..request(32, Duration::from_secs(1), Duration::ZERO)
+    };
+    let got = receive(&b, once.clone()).await.unwrap();
+    assert_eq!(got.len(), 2);
+    let unwanted = got.iter().find(|r| body(r) == "unwanted").unwrap();
+    forward_to_dead_letters(&b, "g", "orders", &unwanted.handle, 1)
+        .await
+        .unwrap();
+    let err = forward_to_dead_letters(&b, "g", "orders", &unwanted.handle, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidReceiptHandle);
+    // "poison" is due again at attempt 2 > 1: dead-lettered, not delivered.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let none = receive(
+        &b,
+        ReceiveRequest {
+            poll: Duration::from_millis(200),
+            ..once
+        },
+    )
+    .await
+    .unwrap();
+    assert!(none.is_empty());
+    let dlq = dlq_topic("g");
+    let letters = b.store.read(&dlq, 0, 0, 10, 1 << 20).unwrap().messages;
+    let mut bodies: Vec<String> = letters
+        .iter()
+        .map(|m| String::from_utf8(m.message.body.to_vec()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["poison", "unwanted"]);
+    assert_eq!(b.store.committed_offset("g", "orders", 0), Some(1));
+    assert_eq!(b.store.committed_offset("g", "orders", 1), Some(1));
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_keeps_messages_hidden_and_acked_ones_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    for body in ["one", "two", "three"] {
+        send(&b, 0, body).await;
+    }
+    let r = ReceiveRequest {
+        queue: Some(0),
+        ..request(32, Duration::from_secs(2), Duration::ZERO)
+    };
+    let got = receive(&b, r.clone()).await.unwrap();
+    assert_eq!(got.len(), 3);
+    ack(&b, "g", "orders", &got[1].handle).await.unwrap();
+    drop(b);
+    broker.shutdown().await;
+
+    let (broker, b) = start(dir.path()).await;
+    assert!(
+        receive(&b, r.clone()).await.unwrap().is_empty(),
+        "still hidden"
+    );
+    let again = receive(
+        &b,
+        ReceiveRequest {
+            poll: Duration::from_secs(5),
+            ..r
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.iter().map(body).collect::<Vec<_>>(), ["one", "three"]);
+    assert!(again.iter().all(|m| m.attempt == 2));
+    // The handles of the run before are stale.
+    let err = ack(&b, "g", "orders", &got[0].handle).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidReceiptHandle);
+    for m in &again {
+        ack(&b, "g", "orders", &m.handle).await.unwrap();
+    }
+    assert_eq!(b.store.committed_offset("g", "orders", 0), Some(3));
+    drop(b);
+    broker.shutdown().await;
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, OffsetTable, QueueTable};
 use super::consume_queue::ConsumeQueue;
+use super::pop::PopTable;
 use super::{all_queues, FlushMode, StoreInner};
 
 /// Queues to publish and the offset each becomes readable up to.
@@ -180,15 +181,15 @@ impl Flusher {
                 .map(|q| ((q.topic.clone(), q.queue), q.logged()))
                 .collect();
             // The writer applies pop records with the position, under
-            // this lock: the copy holds exactly the records below it.
-            let pop = super::lock(&self.store.pop).clone();
-            (
-                self.store.written.load(Ordering::Acquire),
-                set.first().copied(),
-                queues,
-                justified,
-                pop,
-            )
+            // this lock: the copy holds exactly the records below it
+            // (taken only when there is a new position to checkpoint).
+            let position = self.store.written.load(Ordering::Acquire);
+            let pop = if self.checkpoint_pos == Some(position) {
+                PopTable::default()
+            } else {
+                super::lock(&self.store.pop).clone()
+            };
+            (position, set.first().copied(), queues, justified, pop)
         };
         if self.checkpoint_pos == Some(position) {
             return;

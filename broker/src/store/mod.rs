@@ -899,7 +899,9 @@ impl Store {
 
     /// The earliest deadline in flight on a pop group's queue.
     pub fn pop_next_deadline(&self, key: &pop::PopKey) -> Option<u64> {
-        lock(&self.inner.pop).get(key).and_then(pop::PopQueue::next_deadline)
+        lock(&self.inner.pop)
+            .get(key)
+            .and_then(pop::PopQueue::next_deadline)
     }
 
     /// Messages in flight over all pop groups, and the queues they use.

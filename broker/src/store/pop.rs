@@ -275,7 +275,10 @@ impl PopTable {
             PopChange::Ack {
                 offset, receipt, ..
             } => {
-                if q.in_flight.get(offset).is_some_and(|f| f.receipt == *receipt) {
+                if q.in_flight
+                    .get(offset)
+                    .is_some_and(|f| f.receipt == *receipt)
+                {
                     q.in_flight.remove(offset);
                 }
             }
@@ -595,7 +598,10 @@ mod tests {
         assert_eq!(q.in_flight[&5].until, 5000);
         assert_eq!(q.in_flight[&7].attempt, 2);
         assert!(!q.in_flight.contains_key(&6));
-        assert_eq!(t.check(&key(), 5, 100), Err(Stale::Superseded { current: 300 }));
+        assert_eq!(
+            t.check(&key(), 5, 100),
+            Err(Stale::Superseded { current: 300 })
+        );
         assert_eq!(t.check(&key(), 6, 100), Err(Stale::NotInFlight));
         // Replayed again over the result: nothing changes.
         let before = t.clone();

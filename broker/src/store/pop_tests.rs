@@ -56,7 +56,10 @@ async fn receive_ack_redeliver_and_change_follow_their_receipts() {
     assert_eq!(got, vec![(0, 1), (1, 1), (2, 1)]);
     assert_eq!(store.committed_offset("g", "orders", 0), Some(0));
     store.pop_ack(key(0), 1, r1, false).await.unwrap();
-    assert!(is_receipt_error(store.pop_ack(key(0), 1, r1, false).await), "acked twice");
+    assert!(
+        is_receipt_error(store.pop_ack(key(0), 1, r1, false).await),
+        "acked twice"
+    );
     // Not due yet: only the rest.
     let (got, r2) = receive(&store, pick(0, 32, T0 + 500)).await;
     assert_eq!(got, vec![(3, 1), (4, 1)]);
@@ -77,12 +80,18 @@ async fn receive_ack_redeliver_and_change_follow_their_receipts() {
     // Past the first deadline: 3 and 4 come again with attempt 2, not 2.
     let (got, r3) = receive(&store, pick(0, 32, T0 + 2000)).await;
     assert_eq!(got, vec![(3, 2), (4, 2)]);
-    assert!(is_receipt_error(store.pop_ack(key(0), 3, r2, false).await), "superseded");
+    assert!(
+        is_receipt_error(store.pop_ack(key(0), 3, r2, false).await),
+        "superseded"
+    );
     store.pop_ack(key(0), 3, r3, false).await.unwrap();
     store.pop_ack(key(0), 4, r3, false).await.unwrap();
     store.pop_ack(key(0), 2, changed, false).await.unwrap();
     assert_eq!(store.committed_offset("g", "orders", 0), Some(5));
-    assert!(is_receipt_error(store.pop_ack(key(0), 9, r3, false).await), "never received");
+    assert!(
+        is_receipt_error(store.pop_ack(key(0), 9, r3, false).await),
+        "never received"
+    );
     store.shutdown().await;
 }
 

@@ -76,6 +76,11 @@
 //! visible in its real queue like `Message` (queue offset = its place
 //! there); aux = the delay-level entry it moves: level << 56 | offset in
 //! the level. One record, so the copy and the move are atomic.
+//!
+//! A pop group's receive, acknowledgement and change of deadline
+//! (`PopReceive`, `PopAck`, `PopChange`) are small records with topic =
+//! the topic, key = the group, queue = the queue; their fields and bodies
+//! are described in `pop.rs`.
 
 use std::collections::BTreeMap;
 
