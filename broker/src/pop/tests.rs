@@ -308,3 +308,61 @@ async fn a_restarted_broker_keeps_messages_hidden_and_acked_ones_gone() {
     drop(b);
     broker.shutdown().await;
 }
+
+/// Four consumers of one group drain 10,000 messages: each is received
+/// once (nothing is due again within the test) and the lag ends at zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_a_group_share_the_messages_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    const N: usize = 10_000;
+    for queue in 0..2u32 {
+        let batch: Vec<Message> = (0..N / 2)
+            .map(|i| Message::new("orders", format!("{queue}-{i}").into_bytes()))
+            .collect();
+        b.store.append("orders", queue, batch).await.unwrap();
+    }
+    let started = Instant::now();
+    let consumers: Vec<_> = (0..4)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    let got = receive(&b, request(32, Duration::from_secs(60), Duration::ZERO))
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        return seen;
+                    }
+                    for m in got {
+                        assert_eq!(m.attempt, 1);
+                        ack(&b, "g", "orders", &m.handle).await.unwrap();
+                        seen.push(body(&m));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for c in consumers {
+        all.extend(c.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{N} messages received and acked by 4 consumers in {elapsed:?} ({:.0}/s)",
+        N as f64 / elapsed.as_secs_f64()
+    );
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), N);
+    for queue in 0..2 {
+        assert_eq!(
+            b.store.committed_offset("g", "orders", queue),
+            Some((N / 2) as u64)
+        );
+    }
+    drop(b);
+    broker.shutdown().await;
+}

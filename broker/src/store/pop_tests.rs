@@ -302,3 +302,41 @@ async fn a_slave_replaying_the_log_holds_the_same_state() {
     slave.shutdown().await;
     master.shutdown().await;
 }
+
+/// Acknowledgements are records like any other: concurrent ones share
+/// the writer's batches and, under sync flush, their fdatasyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acks_share_writes_and_fdatasyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), FlushMode::Sync);
+    c.segment_size = 64 << 20;
+    c.cq_entries_per_file = 10_000;
+    let store = Store::open(c, &topics()).unwrap();
+    let batch: Vec<Message> = (0..1000)
+        .map(|i| Message::new("orders", format!("m{i}").into_bytes()))
+        .collect();
+    store.append("orders", 0, batch).await.unwrap();
+    let (got, receipt) = receive(&store, pick(0, 1000, T0)).await;
+    assert_eq!(got.len(), 1000);
+    let (_, _, writes_before, syncs_before) = store.stats();
+    let started = std::time::Instant::now();
+    let acks: Vec<_> = got
+        .iter()
+        .map(|&(offset, _)| {
+            let store = store.clone();
+            tokio::spawn(async move { store.pop_ack(key(0), offset, receipt, false).await })
+        })
+        .collect();
+    for a in acks {
+        assert!(a.await.unwrap().unwrap().durable);
+    }
+    let elapsed = started.elapsed();
+    let (_, _, writes, syncs) = store.stats();
+    let (writes, syncs) = (writes - writes_before, syncs - syncs_before);
+    println!(
+        "1000 concurrent acks under sync flush: {writes} writes, {syncs} fdatasyncs, {elapsed:?}"
+    );
+    assert!(syncs < 100, "{writes} writes, {syncs} fdatasyncs");
+    assert_eq!(store.committed_offset("g", "orders", 0), Some(1000));
+    store.shutdown().await;
+}
