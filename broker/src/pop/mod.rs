@@ -49,6 +49,9 @@ pub(crate) const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
 pub(crate) const MAX_POLL: Duration = Duration::from_secs(30);
 /// Most tags in one receive's filter.
 const MAX_TAGS: usize = 64;
+/// Picks of one queue that only pass over filtered-out messages before a
+/// receive moves on (each looks at up to 1024 entries).
+const MAX_SKIP_ROUNDS: u32 = 64;
 /// Receipt handles start with this (the format's version).
 const HANDLE_PREFIX: &str = "p1";
 
@@ -323,22 +326,30 @@ async fn receive_once(
             break;
         }
         let key: PopKey = (r.group.clone(), r.topic.clone(), queue);
-        let now = now_millis();
-        let until = now.saturating_add(r.invisible.as_millis() as u64);
-        let pick = PopPick {
-            key: key.clone(),
-            max: left,
-            now,
-            until,
-            tags: r.tags.clone(),
-            fifo: r.fifo,
-            log_limit,
+        // A pick that only passed over filtered-out messages (its record
+        // moved the group past them) goes on, a bounded number of rounds.
+        let mut rounds = 0;
+        let (deliveries, appended) = loop {
+            let now = now_millis();
+            let pick = PopPick {
+                key: key.clone(),
+                max: left,
+                now,
+                until: now.saturating_add(r.invisible.as_millis() as u64),
+                tags: r.tags.clone(),
+                fifo: r.fifo,
+                log_limit,
+            };
+            let (deliveries, appended) = b.store.pop_receive(pick).await.map_err(store_error)?;
+            end = end.max(appended.end);
+            rounds += 1;
+            if !deliveries.is_empty() || appended.end == 0 || rounds >= MAX_SKIP_ROUNDS {
+                break (deliveries, appended);
+            }
         };
-        let (deliveries, appended) = b.store.pop_receive(pick).await.map_err(store_error)?;
         if deliveries.is_empty() {
             continue;
         }
-        end = end.max(appended.end);
         let receipt = appended.first_offset;
         let messages = read_offsets(b, &r.topic, queue, deliveries.iter().map(|d| d.offset))?;
         for d in deliveries {

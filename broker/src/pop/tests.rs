@@ -366,3 +366,28 @@ async fn consumers_of_a_group_share_the_messages_once_each() {
     drop(b);
     broker.shutdown().await;
 }
+
+/// A tag filter passes over many other messages in one receive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_filter_finds_a_message_behind_many_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    let mut batch: Vec<Message> = (0..5000)
+        .map(|_| Message::new("orders", &b"other"[..]).with_tag("b"))
+        .collect();
+    batch.push(Message::new("orders", &b"wanted"[..]).with_tag("a"));
+    b.store.append("orders", 0, batch).await.unwrap();
+    let r = ReceiveRequest {
+        queue: Some(0),
+        tags: vec![txmq_protocol::tag_hash(Some("a"))],
+        ..request(32, Duration::from_secs(60), Duration::ZERO)
+    };
+    let got = receive(&b, r).await.unwrap();
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["wanted"]);
+    assert_eq!(got[0].message.queue_offset, 5000);
+    ack(&b, "g", "orders", &got[0].handle).await.unwrap();
+    assert_eq!(b.store.committed_offset("g", "orders", 0), Some(5001));
+    drop(b);
+    broker.shutdown().await;
+}
