@@ -75,6 +75,7 @@ async fn received_messages_come_back_after_their_invisible_time_until_acked() {
     ack(&b, "g", "orders", &acked[0].handle).await.unwrap();
     let err = ack(&b, "g", "orders", &acked[0].handle).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidReceiptHandle, "{err}");
+    assert_eq!(b.store.pop_stats(), (1, 2), "one in flight over two queues");
     // Hidden now: an empty answer.
     assert!(receive(&b, request(32, second, Duration::ZERO))
         .await
