@@ -173,8 +173,9 @@ async fn a_queue_holds_at_most_the_bound_in_flight() {
     store.shutdown().await;
 }
 
-/// Some state: offsets 0..6 received, 1 and 4 acked, 2 changed, 0 again.
-async fn make_state(store: &Store) {
+/// Some state: offsets 0..6 received, 1 and 4 acked, 2 changed, 0 again;
+/// returns where the last of its records ends.
+async fn make_state(store: &Store) -> u64 {
     fill(store, 0, 6).await;
     fill(store, 1, 2).await;
     let (_, r1) = receive(store, pick(0, 6, T0)).await;
@@ -185,6 +186,7 @@ async fn make_state(store: &Store) {
     assert_eq!(got, vec![(0, 2)]);
     let (got, _) = receive(store, pick(1, 5, T0)).await;
     assert_eq!(got, vec![(0, 1), (1, 1)]);
+    store.log_end()
 }
 
 fn state(store: &Store) -> Vec<Option<pop::PopQueue>> {
@@ -253,7 +255,7 @@ async fn retention_cutting_the_pop_records_loses_nothing() {
     let mut c = config(dir.path(), FlushMode::Async);
     c.retention = Duration::ZERO;
     let store = Store::open(c.clone(), &topics()).unwrap();
-    make_state(&store).await;
+    let pop_end = make_state(&store).await;
     // Traffic on another queue rolls the pop records into old segments.
     let big = Message::new("orders", vec![7u8; 8000]);
     for _ in 0..40 {
@@ -265,6 +267,7 @@ async fn retention_cutting_the_pop_records_loses_nothing() {
     let min_before = store.log_min();
     assert!(store.enforce_retention().unwrap() > 0);
     assert!(store.log_min() > min_before);
+    assert!(store.log_min() >= pop_end, "every pop record is deleted");
     store.shutdown().await;
 
     let reopened = Store::open(c, &topics()).unwrap();
