@@ -216,6 +216,7 @@ pub(crate) async fn receive(
     b: &BrokerInner,
     r: ReceiveRequest,
 ) -> Result<Vec<Received>, WireError> {
+    check_writable(b)?;
     let queues = check_place(b, &r.group, &r.topic, r.queue)?;
     if r.max_messages == 0 || r.max_messages > MAX_MESSAGES {
         return Err(bad_argument(format!(
@@ -237,7 +238,6 @@ pub(crate) async fn receive(
     if r.tags.len() > MAX_TAGS {
         return Err(bad_argument(format!("at most {MAX_TAGS} tags in a filter")));
     }
-    check_writable(b)?;
     let order: Vec<u32> = match r.queue {
         Some(q) => vec![q],
         None => {
@@ -453,9 +453,9 @@ pub(crate) async fn ack(
     topic: &str,
     handle: &str,
 ) -> Result<(), WireError> {
+    check_writable(b)?;
     let h = Handle::parse(handle)?;
     check_place(b, group, topic, Some(h.queue))?;
-    check_writable(b)?;
     let key = (group.to_string(), topic.to_string(), h.queue);
     let a = b
         .store
@@ -478,10 +478,10 @@ pub(crate) async fn change_invisible(
     handle: &str,
     invisible: Duration,
 ) -> Result<Received, WireError> {
+    check_writable(b)?;
     let h = Handle::parse(handle)?;
     check_place(b, group, topic, Some(h.queue))?;
     check_invisible(invisible)?;
-    check_writable(b)?;
     let key = (group.to_string(), topic.to_string(), h.queue);
     let until = now_millis().saturating_add(invisible.as_millis() as u64);
     let a = b
@@ -532,9 +532,9 @@ pub(crate) async fn forward_to_dead_letters(
     handle: &str,
     max_attempts: u32,
 ) -> Result<(), WireError> {
+    check_writable(b)?;
     let h = Handle::parse(handle)?;
     check_place(b, group, topic, Some(h.queue))?;
-    check_writable(b)?;
     let key = (group.to_string(), topic.to_string(), h.queue);
     // Checked before the copy is written, so a stale handle copies nothing
     // (the acknowledgement checks again, in the writer).

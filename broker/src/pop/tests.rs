@@ -392,3 +392,62 @@ async fn a_tag_filter_finds_a_message_behind_many_others() {
     drop(b);
     broker.shutdown().await;
 }
+
+/// A slave broker replicating its master holds the same pop state (acked
+/// messages stay acked after a failover to it) and takes no pop writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_broker_holds_the_masters_pop_state_and_refuses_pop_writes() {
+    let mdir = tempfile::tempdir().unwrap();
+    let sdir = tempfile::tempdir().unwrap();
+    let (master, b) = start(mdir.path()).await;
+    setup(&b).await;
+    for body in ["one", "two", "three"] {
+        send(&b, 0, body).await;
+    }
+    let r = ReceiveRequest {
+        queue: Some(0),
+        ..request(32, Duration::from_secs(60), Duration::ZERO)
+    };
+    let got = receive(&b, r.clone()).await.unwrap();
+    assert_eq!(got.len(), 3);
+    ack(&b, "g", "orders", &got[1].handle).await.unwrap();
+
+    let mut config = broker_config(sdir.path());
+    config.standalone = false;
+    config.nameservers = vec![master.nameserver_addr().unwrap().to_string()];
+    config.replication.role = txmq_protocol::BrokerRole::Slave;
+    config.replication.master_addr = Some(master.local_addr().to_string());
+    let slave = Broker::start(config).await.unwrap();
+    let Run::Single(inc) = &slave.run else {
+        panic!("a single broker")
+    };
+    let s = inc.inner.clone();
+    let key = ("g".to_string(), "orders".to_string(), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.store.log_end() < b.store.log_end() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.store.log_end(), b.store.log_end(), "replicated");
+    assert_eq!(s.store.pop_queue(&key), b.store.pop_queue(&key));
+    assert_eq!(s.store.committed_offset("g", "orders", 0), Some(0));
+    let in_flight: Vec<u64> = s
+        .store
+        .pop_queue(&key)
+        .unwrap()
+        .in_flight
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(
+        in_flight,
+        [0, 2],
+        "the acked one is not in flight on the slave"
+    );
+    let err = receive(&s, r).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotMaster, "{err}");
+    let err = ack(&s, "g", "orders", &got[0].handle).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotMaster, "{err}");
+    drop((b, s));
+    slave.shutdown().await;
+    master.shutdown().await;
+}
