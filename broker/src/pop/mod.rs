@@ -55,10 +55,14 @@ const MAX_SKIP_ROUNDS: u32 = 64;
 /// Receipt handles start with this (the format's version).
 const HANDLE_PREFIX: &str = "p1";
 
-/// The broker's pop side: where the next receive over every queue starts.
+/// The broker's pop side: where the next receive over every queue
+/// starts, and how many times receives looked at their queues.
 #[derive(Debug, Default)]
 pub(crate) struct Pop {
     next_start: AtomicUsize,
+    /// Looks at the queues (a long poll looks once, then again each time
+    /// it wakes up).
+    pub(crate) looks: std::sync::atomic::AtomicU64,
 }
 
 /// A receive.
@@ -264,6 +268,7 @@ pub(crate) async fn receive(
                 n
             })
             .collect();
+        b.pop.looks.fetch_add(1, Ordering::Relaxed);
         let (got, end) = receive_once(b, &r, &order).await?;
         if !got.is_empty() || tokio::time::Instant::now() >= deadline {
             confirm(b, end, "the received messages' receipts").await?;
@@ -280,7 +285,7 @@ pub(crate) async fn receive(
             .iter()
             .filter_map(|q| {
                 b.store
-                    .pop_next_deadline(&(r.group.clone(), r.topic.clone(), *q))
+                    .pop_next_deadline(&(r.group.clone(), r.topic.clone(), *q), now)
             })
             .min()
             .map(|at| tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now)));

@@ -451,3 +451,63 @@ async fn a_slave_broker_holds_the_masters_pop_state_and_refuses_pop_writes() {
     slave.shutdown().await;
     master.shutdown().await;
 }
+
+/// A FIFO receive that finds its queue held waits for the hold to end
+/// (the message in flight becoming due), not in a busy loop, and gets the
+/// held message first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_long_poll_waits_for_the_hold_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    for body in ["first", "second", "third"] {
+        send(&b, 0, body).await;
+    }
+    let fifo = ReceiveRequest {
+        queue: Some(0),
+        fifo: true,
+        ..request(2, Duration::from_secs(1), Duration::ZERO)
+    };
+    let got = receive(&b, fifo.clone()).await.unwrap();
+    assert_eq!(
+        got.iter().map(body).collect::<Vec<_>>(),
+        ["first", "second"]
+    );
+    // "first" stays due soon, "second" is held 2 s: the queue is held
+    // while "second" is in flight, whatever "first" does.
+    change_invisible(&b, "g", "orders", &got[1].handle, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let looks_before = b.pop.looks.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let again = receive(
+        &b,
+        ReceiveRequest {
+            max_messages: 3,
+            poll: Duration::from_secs(5),
+            ..fifo
+        },
+    )
+    .await
+    .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert_eq!(
+        again
+            .iter()
+            .map(|m| (body(m), m.attempt))
+            .collect::<Vec<_>>(),
+        [
+            ("first".to_string(), 2),
+            ("second".to_string(), 2),
+            ("third".to_string(), 1)
+        ]
+    );
+    let looks = b.pop.looks.load(std::sync::atomic::Ordering::Relaxed) - looks_before;
+    assert!(looks <= 4, "{looks} looks while held: a busy loop");
+    drop(b);
+    broker.shutdown().await;
+}

@@ -897,11 +897,12 @@ impl Store {
         lock(&self.inner.pop).get(key).cloned()
     }
 
-    /// The earliest deadline in flight on a pop group's queue.
-    pub fn pop_next_deadline(&self, key: &pop::PopKey) -> Option<u64> {
+    /// The earliest deadline after `after` (ms) in flight on a pop group's
+    /// queue: when a message of it is due again (or a FIFO hold ends).
+    pub fn pop_next_deadline(&self, key: &pop::PopKey, after: u64) -> Option<u64> {
         lock(&self.inner.pop)
             .get(key)
-            .and_then(pop::PopQueue::next_deadline)
+            .and_then(|q| q.next_deadline(after))
     }
 
     /// Messages in flight over all pop groups, and the queues they use.

@@ -79,9 +79,13 @@ impl PopQueue {
             .min(self.next)
     }
 
-    /// The earliest deadline in flight.
-    pub fn next_deadline(&self) -> Option<u64> {
-        self.in_flight.values().map(|f| f.until).min()
+    /// The earliest deadline in flight after `after` (ms).
+    pub fn next_deadline(&self, after: u64) -> Option<u64> {
+        self.in_flight
+            .values()
+            .map(|f| f.until)
+            .filter(|u| *u > after)
+            .min()
     }
 }
 
