@@ -30,7 +30,7 @@
 //! nothing. The group's committed offset on the queue (its lag) is the
 //! lowest offset not yet acknowledged: the first in flight, else `next`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::{Buf, BufMut, BytesMut};
 
@@ -62,8 +62,14 @@ pub struct InFlight {
 pub struct PopQueue {
     /// The first offset the group never received.
     pub next: u64,
-    /// Offset -> what is in flight there.
+    /// Offset -> what is in flight there (changed only through
+    /// `PopQueue::put` and `PopQueue::take`, which keep the deadline
+    /// index in step).
     pub in_flight: BTreeMap<u64, InFlight>,
+    /// (deadline, offset) of everything in flight: the due ones and the
+    /// next deadline without a walk over every message in flight (the
+    /// single writer decides every receive).
+    by_deadline: BTreeSet<(u64, u64)>,
     /// The end of the last record applied (replay skips records before it).
     pub applied: u64,
 }
@@ -81,11 +87,25 @@ impl PopQueue {
 
     /// The earliest deadline in flight after `after` (ms).
     pub fn next_deadline(&self, after: u64) -> Option<u64> {
-        self.in_flight
-            .values()
-            .map(|f| f.until)
-            .filter(|u| *u > after)
-            .min()
+        self.by_deadline
+            .range((after.saturating_add(1), 0)..)
+            .next()
+            .map(|(until, _)| *until)
+    }
+
+    /// Puts `f` in flight at `offset` (replacing what was there).
+    fn put(&mut self, offset: u64, f: InFlight) {
+        if let Some(old) = self.in_flight.insert(offset, f) {
+            self.by_deadline.remove(&(old.until, offset));
+        }
+        self.by_deadline.insert((f.until, offset));
+    }
+
+    /// Takes `offset` out of flight.
+    fn take(&mut self, offset: u64) {
+        if let Some(old) = self.in_flight.remove(&offset) {
+            self.by_deadline.remove(&(old.until, offset));
+        }
     }
 }
 
@@ -250,8 +270,7 @@ impl PopTable {
                 }
                 self.queues.entry(op.key.clone()).or_insert(PopQueue {
                     next: start,
-                    in_flight: BTreeMap::new(),
-                    applied: 0,
+                    ..PopQueue::default()
                 })
             }
         };
@@ -265,14 +284,12 @@ impl PopTable {
                 next, deliveries, ..
             } => {
                 for d in deliveries {
-                    q.in_flight.insert(
-                        d.offset,
-                        InFlight {
-                            attempt: d.attempt,
-                            until: d.until,
-                            receipt: op.pos,
-                        },
-                    );
+                    let f = InFlight {
+                        attempt: d.attempt,
+                        until: d.until,
+                        receipt: op.pos,
+                    };
+                    q.put(d.offset, f);
                 }
                 q.next = q.next.max(*next);
             }
@@ -283,7 +300,7 @@ impl PopTable {
                     .get(offset)
                     .is_some_and(|f| f.receipt == *receipt)
                 {
-                    q.in_flight.remove(offset);
+                    q.take(*offset);
                 }
             }
             PopChange::Change {
@@ -291,13 +308,13 @@ impl PopTable {
                 receipt,
                 until,
             } => {
-                if let Some(f) = q
-                    .in_flight
-                    .get_mut(offset)
-                    .filter(|f| f.receipt == *receipt)
-                {
-                    f.until = *until;
-                    f.receipt = op.pos;
+                if let Some(&f) = q.in_flight.get(offset).filter(|f| f.receipt == *receipt) {
+                    let f = InFlight {
+                        until: *until,
+                        receipt: op.pos,
+                        ..f
+                    };
+                    q.put(*offset, f);
                 }
             }
         }
@@ -380,7 +397,7 @@ impl PopTable {
             let mut q = PopQueue {
                 next: b.get_u64_le(),
                 applied: b.get_u64_le(),
-                in_flight: BTreeMap::new(),
+                ..PopQueue::default()
             };
             let m = b.get_u32_le() as usize;
             if b.remaining() < m.checked_mul(28)? {
@@ -388,14 +405,12 @@ impl PopTable {
             }
             for _ in 0..m {
                 let offset = b.get_u64_le();
-                q.in_flight.insert(
-                    offset,
-                    InFlight {
-                        attempt: b.get_u32_le(),
-                        until: b.get_u64_le(),
-                        receipt: b.get_u64_le(),
-                    },
-                );
+                let f = InFlight {
+                    attempt: b.get_u32_le(),
+                    until: b.get_u64_le(),
+                    receipt: b.get_u64_le(),
+                };
+                q.put(offset, f);
             }
             t.queues.insert((group, topic, queue), q);
         }
@@ -471,31 +486,45 @@ pub(crate) fn decide(
     cq: &super::consume_queue::ConsumeQueue,
     first: u64,
 ) -> Option<PopChange> {
-    let state = table.get(&pick.key);
+    let empty = PopQueue::default();
+    let state = table.get(&pick.key).unwrap_or(&empty);
     let min = cq.min_offset();
-    let start = state.map_or(first, |q| q.next);
-    let empty = BTreeMap::new();
-    let in_flight = state.map_or(&empty, |q| &q.in_flight);
+    let start = table.get(&pick.key).map_or(first, |q| q.next);
     let max = pick.max as usize;
-    if pick.fifo && in_flight.values().any(|f| f.until > pick.now) {
-        return None;
-    }
     let mut deliveries = Vec::new();
-    for (offset, f) in in_flight {
-        if deliveries.len() >= max {
-            break;
+    if pick.fifo {
+        // Held while anything is in flight and not due; once all is due,
+        // it comes again in queue order, first.
+        if state.by_deadline.last().is_some_and(|(u, _)| *u > pick.now) {
+            return None;
         }
-        if f.until <= pick.now {
+        for (offset, f) in state.in_flight.iter().take(max) {
             deliveries.push(Delivery {
                 offset: *offset,
                 attempt: f.attempt.saturating_add(1),
                 until: pick.until,
             });
         }
+    } else {
+        // The due ones, earliest deadline first (the index, not a walk
+        // over everything in flight).
+        for (_, offset) in state
+            .by_deadline
+            .range(..(pick.now.saturating_add(1), 0))
+            .take(max)
+        {
+            let attempt = state.in_flight.get(offset).map_or(1, |f| f.attempt);
+            deliveries.push(Delivery {
+                offset: *offset,
+                attempt: attempt.saturating_add(1),
+                until: pick.until,
+            });
+        }
+        deliveries.sort_unstable_by_key(|d| d.offset);
     }
     // A queue cut by retention past `next`: what was below is gone.
     let mut next = start.max(min);
-    let room = MAX_IN_FLIGHT.saturating_sub(in_flight.len());
+    let room = MAX_IN_FLIGHT.saturating_sub(state.in_flight.len());
     let wanted = max.saturating_sub(deliveries.len()).min(room);
     if wanted > 0 && next < cq.max_offset() {
         let entries = cq.read(next, MAX_SCAN).unwrap_or_default();
@@ -602,6 +631,11 @@ mod tests {
         assert_eq!(q.in_flight[&5].until, 5000);
         assert_eq!(q.in_flight[&7].attempt, 2);
         assert!(!q.in_flight.contains_key(&6));
+        // The deadline index follows: 7 at 1000, 5 at 5000 (moved).
+        assert_eq!(q.by_deadline.len(), q.in_flight.len());
+        assert_eq!(q.next_deadline(0), Some(1000));
+        assert_eq!(q.next_deadline(1000), Some(5000));
+        assert_eq!(q.next_deadline(5000), None);
         assert_eq!(
             t.check(&key(), 5, 100),
             Err(Stale::Superseded { current: 300 })
