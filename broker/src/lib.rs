@@ -14,6 +14,9 @@ mod groups;
 mod grpc;
 mod handler;
 mod metrics;
+// The gRPC front door's consumer side calls it (issue 19).
+#[allow(dead_code)]
+mod pop;
 mod registration;
 mod replication;
 mod security;
@@ -110,6 +113,9 @@ pub(crate) struct BrokerInner {
     pub(crate) metrics: Arc<metrics::Metrics>,
     /// Dead letters re-sent (`txmq dlq resend`), durable in the data dir.
     pub(crate) resent: dead_letters::ResendLog,
+    /// Pop consumption (RocketMQ 5's simple consumers); its state is the
+    /// store's (`store/pop.rs`), rebuilt with it.
+    pub(crate) pop: pop::Pop,
 }
 
 /// A running broker.
@@ -564,6 +570,7 @@ async fn start_incarnation(
         security: security.clone(),
         metrics: metrics.clone(),
         resent,
+        pop: pop::Pop::default(),
     });
     metrics.serve_state_of(&inner);
 

@@ -496,6 +496,13 @@ impl Collector for StateCollector {
             "Client, producer and replica connections open now (greeted)",
             b.connections.load(std::sync::atomic::Ordering::Acquire) as f64,
         )?;
+        let (in_flight, _) = b.store.pop_stats();
+        plain_gauge(
+            &mut e,
+            "txmq_pop_in_flight",
+            "Messages received by pop (simple) consumers and not yet acknowledged, over all groups",
+            in_flight as f64,
+        )?;
         if !b.replication.is_slave() {
             let info = b.replication.info(&b);
             gauge(
@@ -690,6 +697,7 @@ mod tests {
         assert!(v("txmq_store_size_bytes").unwrap() > 0.0, "{text}");
         assert_eq!(v("txmq_store_segments"), Some(1.0));
         assert_eq!(v("txmq_connections"), Some(0.0));
+        assert_eq!(v("txmq_pop_in_flight"), Some(0.0));
         assert!(text.contains("# TYPE txmq_fdatasync counter"), "{text}");
         assert!(broker.metrics_addr().is_some());
         broker.shutdown().await;

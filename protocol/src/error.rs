@@ -126,6 +126,10 @@ pub enum ErrorCode {
     /// The hello's authentication failed: no such access key, a wrong
     /// signature, or none given where the server requires one.
     AuthenticationFailed = 56,
+    /// A pop consumer's receipt handle that names no message in flight
+    /// for its group now: already acknowledged, dead-lettered, or
+    /// superseded by a newer delivery or a change of its invisible time.
+    InvalidReceiptHandle = 57,
     /// A code this build does not know (sent by a newer peer).
     Unknown = 0xffff,
 }
@@ -180,6 +184,7 @@ impl ErrorCode {
             54 => DuplicateSequence,
             55 => AccessDenied,
             56 => AuthenticationFailed,
+            57 => InvalidReceiptHandle,
             _ => Unknown,
         }
     }
@@ -232,6 +237,7 @@ impl ErrorCode {
             DuplicateSequence => "DUPLICATE_SEQUENCE",
             AccessDenied => "ACCESS_DENIED",
             AuthenticationFailed => "AUTHENTICATION_FAILED",
+            InvalidReceiptHandle => "INVALID_RECEIPT_HANDLE",
             HeartbeatRequired => "HEARTBEAT_REQUIRED",
             Unknown => "UNKNOWN",
         }
@@ -289,6 +295,7 @@ mod tests {
             ErrorCode::HeartbeatRequired,
             ErrorCode::AccessDenied,
             ErrorCode::AuthenticationFailed,
+            ErrorCode::InvalidReceiptHandle,
         ] {
             assert_eq!(ErrorCode::from_u16(code as u16), code);
         }

@@ -93,7 +93,7 @@ fn backoff_ms(b: &BrokerInner, attempt: u32) -> u64 {
     delays.get(i).map_or(1000, |d| d.as_millis() as u64)
 }
 
-pub(super) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack, WireError> {
+pub(crate) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack, WireError> {
     validate_group(&req.group)?;
     let (mut message, queue) = match req.message {
         // The consumer's copy, for a record that is gone.

@@ -4,12 +4,12 @@
 mod authorize;
 mod counters;
 mod dead_letters;
-mod group;
+pub(crate) mod group;
 mod lookup;
-mod offset;
+pub(crate) mod offset;
 mod pull;
 mod send;
-mod topic;
+pub(crate) mod topic;
 mod transaction;
 
 use std::sync::atomic::Ordering;
@@ -284,6 +284,7 @@ pub(crate) fn store_error(e: StoreError) -> WireError {
         StoreError::Invalid(_) => ErrorCode::BadArgument,
         StoreError::NoQueue { .. } => ErrorCode::UnknownQueue,
         StoreError::OffsetConflict(_) => ErrorCode::OffsetConflict,
+        StoreError::Receipt(_) => ErrorCode::InvalidReceiptHandle,
         StoreError::Io { .. } | StoreError::Poisoned | StoreError::ShuttingDown => {
             ErrorCode::StoreUnavailable
         }

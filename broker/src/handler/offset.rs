@@ -5,7 +5,7 @@ use txmq_protocol::{CommitOffset, Done, ErrorCode, QueryOffset, QueueOffsets, Wi
 use super::{bad_argument, existing_queue, store_error};
 use crate::BrokerInner;
 
-pub(super) fn validate_group(group: &str) -> Result<(), WireError> {
+pub(crate) fn validate_group(group: &str) -> Result<(), WireError> {
     if group.is_empty() || group.len() > 255 {
         return Err(bad_argument("group name must be 1 to 255 bytes long"));
     }

@@ -34,7 +34,7 @@ pub(super) async fn create_topic(
 /// changed. A send that auto-creates its topic appends first and waits
 /// after, so that sends behind it on its connection cannot overtake it
 /// (an idempotent producer's next sequence would arrive first).
-pub(super) fn create_topic_now(
+pub(crate) fn create_topic_now(
     b: &BrokerInner,
     name: &str,
     queues: u32,

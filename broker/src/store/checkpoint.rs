@@ -14,11 +14,14 @@
 //! (version 3) the producer table (see `producers.rs`: the next producer
 //! id, then per id its token, last use and per queue its last batches
 //! ending at or below position),
+//! (version 4) the pop table (see `pop.rs`: per pop group's queue its
+//! next offset, the end of its last record, and what is in flight),
+//! exactly as the records below position left it,
 //! u32 CRC32C of everything before it
 //! ```
 //!
-//! Versions 1 (without the queue counts) and 2 (without the producer
-//! table) are still read.
+//! Versions 1 (without the queue counts), 2 (without the producer
+//! table) and 3 (without the pop table) are still read.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -27,10 +30,11 @@ use std::path::Path;
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use super::pop::PopTable;
 use super::producers::ProducerTable;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"TXCP");
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 
 /// (group, topic, queue) -> next offset to consume.
 pub type OffsetTable = BTreeMap<(String, String, u32), u64>;
@@ -55,6 +59,8 @@ pub struct Checkpoint {
     pub queues: Option<QueueTable>,
     /// Producer ids and their batches; written as of `position`.
     pub producers: ProducerTable,
+    /// The pop table as of `position`.
+    pub pop: PopTable,
 }
 
 impl Checkpoint {
@@ -82,6 +88,7 @@ impl Checkpoint {
             b.put_u64_le(*next);
         }
         self.producers.encode_below(self.position, &mut b);
+        self.pop.encode(&mut b);
         let crc = crc32c::crc32c(&b);
         b.put_u32_le(crc);
         b
@@ -148,6 +155,11 @@ impl Checkpoint {
         } else {
             ProducerTable::default()
         };
+        let pop = if version >= 4 {
+            PopTable::decode(&mut b)?
+        } else {
+            PopTable::default()
+        };
         if !b.is_empty() {
             return None;
         }
@@ -157,6 +169,7 @@ impl Checkpoint {
             offsets,
             queues,
             producers,
+            pop,
         })
     }
 
@@ -209,6 +222,7 @@ mod tests {
             offsets: BTreeMap::new(),
             queues: Some(BTreeMap::from([(("orders".into(), 3), 700)])),
             producers: ProducerTable::default(),
+            pop: PopTable::default(),
         };
         cp.producers.init(9, 77, 1);
         cp.offsets.insert(("g1".into(), "orders".into(), 3), 500);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, OffsetTable, QueueTable};
 use super::consume_queue::ConsumeQueue;
+use super::pop::PopTable;
 use super::{all_queues, FlushMode, StoreInner};
 
 /// Queues to publish and the offset each becomes readable up to.
@@ -166,7 +167,7 @@ impl Flusher {
         self.last_checkpoint = Instant::now();
         // The writer moves the position and the pending set under the same
         // lock, so these two agree.
-        let (position, oldest_pending_tx, queues, justified) = {
+        let (position, oldest_pending_tx, queues, justified, pop) = {
             let set = self
                 .store
                 .tx_pending
@@ -179,12 +180,16 @@ impl Flusher {
                 .iter()
                 .map(|q| ((q.topic.clone(), q.queue), q.logged()))
                 .collect();
-            (
-                self.store.written.load(Ordering::Acquire),
-                set.first().copied(),
-                queues,
-                justified,
-            )
+            // The writer applies pop records with the position, under
+            // this lock: the copy holds exactly the records below it
+            // (taken only when there is a new position to checkpoint).
+            let position = self.store.written.load(Ordering::Acquire);
+            let pop = if self.checkpoint_pos == Some(position) {
+                PopTable::default()
+            } else {
+                super::lock(&self.store.pop).clone()
+            };
+            (position, set.first().copied(), queues, justified, pop)
         };
         if self.checkpoint_pos == Some(position) {
             return;
@@ -231,6 +236,7 @@ impl Flusher {
             offsets,
             queues: Some(justified),
             producers,
+            pop,
         };
         match cp.store(&self.store.config.dir) {
             Ok(()) => self.checkpoint_pos = Some(position),

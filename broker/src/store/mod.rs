@@ -16,6 +16,7 @@ mod deleted_topics;
 pub(crate) mod entry_log;
 mod flusher;
 pub mod index;
+pub mod pop;
 pub mod producers;
 pub mod record;
 mod recovery;
@@ -27,6 +28,8 @@ mod delay_tests;
 mod delete_tests;
 #[cfg(test)]
 mod index_tests;
+#[cfg(test)]
+mod pop_tests;
 #[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
@@ -160,6 +163,9 @@ pub enum StoreError {
         /// Queue id.
         queue: u32,
     },
+    /// A pop consumer's receipt that names no delivery in flight now.
+    #[error("{0}")]
+    Receipt(String),
     /// A stamped request the producer table refuses (a sequence gap, an
     /// unknown or forged producer id); nothing was written.
     #[error("{message}")]
@@ -361,6 +367,14 @@ pub(crate) enum WriteCmd {
         moves: Vec<delay::DelayMove>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
+    /// A pop group's receive, acknowledgement or change of deadline
+    /// (decided by the writer against the pop table, see `pop.rs`);
+    /// answered with the record's position (a receive that delivers
+    /// nothing writes nothing and is answered `(0, 0)`).
+    Pop {
+        cmd: pop::PopCmd,
+        reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
+    },
     /// A slave: whole records copied from the master, at its position.
     Replicated {
         pos: u64,
@@ -378,6 +392,11 @@ pub(crate) struct StoreInner {
     /// the writer (and a slave's replay) and the checkpoint, never across
     /// an await.
     producers: Mutex<producers::ProducerTable>,
+    /// The pop table as of the write position (see `pop.rs`): applied by
+    /// the writer with the position, under the `tx_pending` lock, so the
+    /// checkpoint's snapshot holds exactly the records below its position.
+    /// The writer decides against its own copy, ahead of this one.
+    pop: Mutex<pop::PopTable>,
     /// Where the half messages of every transaction prepared and not yet
     /// committed or rolled back start (the tx id, unless carried forward):
     /// retention keeps them, recovery scans from the oldest.
@@ -494,12 +513,16 @@ pub fn truncate_log(config: &StoreConfig, to: u64) -> Result<(), StoreError> {
         // Producer ids stay known (never handed out again); their batches
         // come back from the replay of what the cut left.
         cp.producers.forget_batches();
+        // The pop table is rebuilt from what the cut left (its snapshot
+        // may hold records past the cut); the committed offsets it made
+        // stay as the base where its queues start again.
         let replay_all = checkpoint::Checkpoint {
             position: 0,
             oldest_pending_tx: None,
             offsets: cp.offsets,
             queues: None,
             producers: cp.producers,
+            pop: pop::PopTable::default(),
         };
         replay_all
             .store(&config.dir)
@@ -569,6 +592,7 @@ impl Store {
             queues: RwLock::new(recovered.queues),
             offsets,
             producers: Mutex::new(recovered.producers),
+            pop: Mutex::new(recovered.pop),
             tx_pending: Mutex::new(tx_pending),
             recovered_tx: Mutex::new(Some(recovered.transactions)),
             delay_levels,
@@ -627,6 +651,7 @@ impl Store {
         remove_queue_files(&self.inner.config, topic)?;
         let before = self.inner.offsets.len();
         self.inner.offsets.retain(|(_, t, _), _| t != topic);
+        lock(&self.inner.pop).remove_topic(topic);
         let removed = before.saturating_sub(self.inner.offsets.len());
         // The delete's record, after everything of the topic written so
         // far, carries it to the replicas (and to recovery).
@@ -788,6 +813,102 @@ impl Store {
             reply,
         };
         self.submit(cmd, rx).await
+    }
+
+    /// A pop group's receive from one queue (see `pop.rs`): the single
+    /// writer picks the due redeliveries, then new messages, and records
+    /// them as one `PopReceive` record. Returns the deliveries and their
+    /// receipt (the record's position) once the record is durable as the
+    /// flush mode says; nothing to deliver writes nothing (receipt 0).
+    ///
+    /// # Errors
+    /// [`StoreError::NoQueue`], I/O errors, or a store that is poisoned or
+    /// shutting down.
+    pub async fn pop_receive(
+        &self,
+        pick: pop::PopPick,
+    ) -> Result<(Vec<pop::Delivery>, Appended), StoreError> {
+        self.check_writable()?;
+        let queue = self.user_queue(&pick.key.1, pick.key.2)?;
+        let (reply, rx) = oneshot::channel();
+        let (deliveries, picked) = oneshot::channel();
+        let cmd = pop::PopCmd::Receive {
+            pick,
+            queue,
+            deliveries,
+        };
+        let appended = self.submit(WriteCmd::Pop { cmd, reply }, rx).await?;
+        let deliveries = picked.await.unwrap_or_default();
+        Ok((deliveries, appended))
+    }
+
+    /// Acknowledges the delivery `receipt` of `offset` of a pop group's
+    /// queue (`dead`: it went to the dead-letter topic): it is never
+    /// delivered to the group again. Returns once the `PopAck` record is
+    /// durable as the flush mode says.
+    ///
+    /// # Errors
+    /// [`StoreError::Receipt`] when that delivery is not in flight (acked
+    /// before, or superseded by a newer one); I/O errors.
+    pub async fn pop_ack(
+        &self,
+        key: pop::PopKey,
+        offset: u64,
+        receipt: u64,
+        dead: bool,
+    ) -> Result<Appended, StoreError> {
+        self.check_writable()?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = pop::PopCmd::Ack {
+            key,
+            offset,
+            receipt,
+            dead,
+        };
+        self.submit(WriteCmd::Pop { cmd, reply }, rx).await
+    }
+
+    /// Moves the deadline of the delivery `receipt` of `offset` to `until`
+    /// (ms); the answer's `first_offset` is its new receipt (the old one is
+    /// stale from now on). Durable as [`Store::pop_ack`].
+    ///
+    /// # Errors
+    /// As [`Store::pop_ack`].
+    pub async fn pop_change(
+        &self,
+        key: pop::PopKey,
+        offset: u64,
+        receipt: u64,
+        until: u64,
+    ) -> Result<Appended, StoreError> {
+        self.check_writable()?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = pop::PopCmd::Change {
+            key,
+            offset,
+            receipt,
+            until,
+        };
+        self.submit(WriteCmd::Pop { cmd, reply }, rx).await
+    }
+
+    /// A pop group's queue as of the write position (a copy).
+    pub fn pop_queue(&self, key: &pop::PopKey) -> Option<pop::PopQueue> {
+        lock(&self.inner.pop).get(key).cloned()
+    }
+
+    /// The earliest deadline after `after` (ms) in flight on a pop group's
+    /// queue: when a message of it is due again (or a FIFO hold ends).
+    pub fn pop_next_deadline(&self, key: &pop::PopKey, after: u64) -> Option<u64> {
+        lock(&self.inner.pop)
+            .get(key)
+            .and_then(|q| q.next_deadline(after))
+    }
+
+    /// Messages in flight over all pop groups, and the queues they use.
+    pub fn pop_stats(&self) -> (usize, usize) {
+        let t = lock(&self.inner.pop);
+        (t.in_flight(), t.len())
     }
 
     async fn submit(

@@ -76,6 +76,11 @@
 //! visible in its real queue like `Message` (queue offset = its place
 //! there); aux = the delay-level entry it moves: level << 56 | offset in
 //! the level. One record, so the copy and the move are atomic.
+//!
+//! A pop group's receive, acknowledgement and change of deadline
+//! (`PopReceive`, `PopAck`, `PopChange`) are small records with topic =
+//! the topic, key = the group, queue = the queue; their fields and bodies
+//! are described in `pop.rs`.
 
 use std::collections::BTreeMap;
 
@@ -150,6 +155,18 @@ pub enum RecordKind {
     /// An operator re-checked a transaction (`txmq tx recheck`): aux = tx
     /// id; it is no longer parked and gets a fresh allowance of checks.
     TxRecheck = 12,
+    /// A pop group received messages of a queue (see `pop.rs`): topic/queue
+    /// = the queue, key = group, aux = the group's next offset before,
+    /// queue offset = after, body = the deliveries.
+    PopReceive = 13,
+    /// A pop group acknowledged a delivery: topic/queue, key = group, queue
+    /// offset = the message's, aux = the delivery's receipt, flags = 1 when
+    /// dead-lettered.
+    PopAck = 14,
+    /// A pop group moved a delivery's deadline: topic/queue, key = group,
+    /// queue offset = the message's, aux = the old receipt, body = u64 the
+    /// new deadline (ms); the record's position is the new receipt.
+    PopChange = 15,
 }
 
 /// What a `TxCheck` record's flags say of the check's answer (a check is
@@ -187,6 +204,9 @@ impl RecordKind {
             10 => Some(RecordKind::ProducerInit),
             11 => Some(RecordKind::TopicDelete),
             12 => Some(RecordKind::TxRecheck),
+            13 => Some(RecordKind::PopReceive),
+            14 => Some(RecordKind::PopAck),
+            15 => Some(RecordKind::PopChange),
             _ => None,
         }
     }

@@ -32,6 +32,7 @@ use super::checkpoint::{Checkpoint, OffsetTable};
 use super::commit_log::CommitLog;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, DELAY_TOPIC};
+use super::pop::{self, PopChange, PopOp, PopTable};
 use super::producers::{Batch, ProducerTable, PREPARE_KEY};
 use super::record::{self, Check, Record, RecordKind};
 use super::{ensure_queues, RecoveredTransactions, RecoveredTx, StoreConfig, StoreError};
@@ -42,6 +43,7 @@ pub(crate) struct Recovered {
     pub offsets: OffsetTable,
     pub transactions: RecoveredTransactions,
     pub producers: ProducerTable,
+    pub pop: PopTable,
     /// Where new writes start: a fresh segment past every position used
     /// before (a slave: right after its last whole record).
     pub end: u64,
@@ -270,6 +272,10 @@ pub(crate) struct Replayer<'a> {
     pub(crate) state: &'a mut ReplayState,
     /// Producer ids and their batches.
     pub(crate) producers: &'a mut ProducerTable,
+    /// The pop table (see `pop.rs`).
+    pub(crate) pop: &'a mut PopTable,
+    /// Live (a slave): every pop record applied, for the store's table.
+    pub(crate) pop_log: Option<&'a mut Vec<PopOp>>,
     /// Below this position only transaction state is rebuilt.
     pub(crate) dispatch_from: u64,
     /// Deleted topics: their messages and offset commits below the
@@ -380,6 +386,11 @@ impl Replayer<'_> {
                     self.state.changed(rec.aux);
                 }
             }
+            RecordKind::PopReceive | RecordKind::PopAck | RecordKind::PopChange => {
+                if pos >= self.dispatch_from && !self.is_deleted(&rec.message.topic, pos) {
+                    self.apply_pop(&rec, pos, size);
+                }
+            }
             RecordKind::Half => {}
         }
         Ok(None)
@@ -389,12 +400,29 @@ impl Replayer<'_> {
         self.queues.level(level)
     }
 
+    /// Applies a pop record as the writer did; the group's committed
+    /// offset on the queue follows its lowest offset not yet acknowledged.
+    fn apply_pop(&mut self, rec: &Record, pos: u64, size: u32) {
+        let Some(op) = pop_op(rec, pos, size) else {
+            // The checksum was good, so this is a bug, not damage.
+            tracing::error!(position = pos, "pop record with a malformed body; skipped");
+            return;
+        };
+        if let Some(low) = self.pop.apply(&op) {
+            self.offsets.insert(op.key.clone(), low);
+        }
+        if let Some(log) = self.pop_log.as_mut() {
+            log.push(op);
+        }
+    }
+
     /// A topic deleted at `pos`: what its records before built goes (the
     /// entries still batched first, so none lands after the delete).
     fn delete_topic(&mut self, topic: &str, pos: u64) -> Result<(), StoreError> {
         self.batcher.flush()?;
         self.queues.remove_topic(topic, pos)?;
         self.offsets.retain(|(_, t, _), _| t != topic);
+        self.pop.remove_topic(topic);
         Ok(())
     }
 
@@ -652,23 +680,25 @@ pub(crate) fn recover(
     let first = log.segments().first().map_or(0, |s| s.start);
     let deleted = super::deleted_topics::load(&config.dir)
         .map_err(|e| StoreError::io("cannot read the deleted topics", &e))?;
-    let (mut offsets, checkpointed, oldest_pending, mut justified, mut producers) = match checkpoint
-    {
-        Some(cp) => (
-            cp.offsets,
-            cp.position.max(first),
-            cp.oldest_pending_tx,
-            cp.queues,
-            cp.producers,
-        ),
-        None => (
-            OffsetTable::new(),
-            first,
-            None,
-            None,
-            ProducerTable::default(),
-        ),
-    };
+    let (mut offsets, checkpointed, oldest_pending, mut justified, mut producers, mut pop) =
+        match checkpoint {
+            Some(cp) => (
+                cp.offsets,
+                cp.position.max(first),
+                cp.oldest_pending_tx,
+                cp.queues,
+                cp.producers,
+                cp.pop,
+            ),
+            None => (
+                OffsetTable::new(),
+                first,
+                None,
+                None,
+                ProducerTable::default(),
+                PopTable::default(),
+            ),
+        };
     // A checkpoint written before a topic's delete (its position at most
     // the delete's) still holds the topic's offsets and queue entries:
     // drop them (the queues are cut to nothing); the replay from the
@@ -753,6 +783,8 @@ pub(crate) fn recover(
         batcher: &mut batcher,
         state: &mut state,
         producers: &mut producers,
+        pop: &mut pop,
+        pop_log: None,
         dispatch_from: verify_from,
         deleted: Some(&deleted),
     };
@@ -853,6 +885,8 @@ pub(crate) fn recover(
         log.cut(end, until)
             .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
     }
+    // Pop state of topics deleted meanwhile goes with them.
+    pop.retain_topics(|t| queues.contains_key(t));
     let log_min = log.min_offset();
     for cq in queues.values().flatten() {
         cq.recover(log_min, end).map_err(|e| {
@@ -892,8 +926,41 @@ pub(crate) fn recover(
         offsets,
         transactions,
         producers,
+        pop,
         end: fresh.unwrap_or(end),
         last_record,
+    })
+}
+
+/// The pop record `rec` at `pos`, decoded.
+fn pop_op(rec: &Record, pos: u64, size: u32) -> Option<PopOp> {
+    let change = match rec.kind {
+        RecordKind::PopReceive => PopChange::Receive {
+            start: rec.aux,
+            next: rec.queue_offset,
+            deliveries: pop::decode_deliveries(&rec.message.body)?,
+        },
+        RecordKind::PopAck => PopChange::Ack {
+            offset: rec.queue_offset,
+            receipt: rec.aux,
+            dead: rec.flags == 1,
+        },
+        RecordKind::PopChange => PopChange::Change {
+            offset: rec.queue_offset,
+            receipt: rec.aux,
+            until: u64::from_le_bytes(rec.message.body.get(..8)?.try_into().ok()?),
+        },
+        _ => return None,
+    };
+    Some(PopOp {
+        key: (
+            rec.message.key.clone().unwrap_or_default(),
+            rec.message.topic.clone(),
+            rec.queue,
+        ),
+        pos,
+        end: pos + u64::from(size),
+        change,
     })
 }
 

@@ -22,6 +22,7 @@ use super::commit_log::Segment;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, MoveTarget};
 use super::flusher::FlushCmd;
+use super::pop::{self, PopChange, PopCmd, PopOp};
 use super::producers::{Batch, Verdict};
 use super::record::{self, RecordHead, RecordKind};
 use super::recovery::{Batcher, QueueSet, ReplayState, Replayer, TxChange};
@@ -52,6 +53,8 @@ enum Encoded {
     /// Answer the command with this error once the records before it are
     /// written (a commit rolled back for an offset conflict).
     Refuse { reply: Reply, error: StoreError },
+    /// A pop record: applied to the store's pop table with the position.
+    Pop(PopOp),
     /// Records copied from the master at `pos`: derive what they change.
     Replicated { pos: u64, data: bytes::Bytes },
     /// A stamped request stored before: answer with its first result once
@@ -109,6 +112,7 @@ impl QueueSet for LiveQueues<'_> {
             .remove(topic);
         super::remove_queue_files(&self.0.config, topic)?;
         self.0.offsets.retain(|(_, t, _), _| t != topic);
+        super::lock(&self.0.pop).remove_topic(topic);
         super::record_deleted(&self.0.config, topic, below)
     }
 
@@ -156,6 +160,12 @@ pub(crate) struct Writer {
     /// A producer id was handed out in this batch: fsync it even under
     /// async flush.
     force_flush: bool,
+    /// The pop table as every record encoded so far leaves it (ahead of
+    /// the store's, which moves with the position): pop commands are
+    /// decided against it (see `pop.rs`).
+    pop: pop::PopTable,
+    /// Reused per chunk: pop records applied with the position.
+    pop_changes: Vec<PopOp>,
 }
 
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -168,8 +178,8 @@ impl Writer {
         replica: Option<ReplicaWrite>,
     ) -> Result<Writer, StoreError> {
         let segment = store.log.segment_for(end);
+        let pop = super::lock(&store.pop).clone();
         Ok(Writer {
-            store,
             flusher,
             segment,
             pos: end,
@@ -187,6 +197,9 @@ impl Writer {
             replica,
             producer_undo: Vec::new(),
             force_flush: false,
+            pop,
+            pop_changes: Vec::new(),
+            store,
         })
     }
 
@@ -228,6 +241,12 @@ impl Writer {
         let cmd = match cmd {
             WriteCmd::Replicated { pos, data, reply } => {
                 return self.encode_replicated(pos, data, reply);
+            }
+            WriteCmd::Pop { cmd, reply } => {
+                if !self.pieces.is_empty() {
+                    self.write_chunk();
+                }
+                return self.encode_pop(cmd, reply);
             }
             other => other,
         };
@@ -285,6 +304,7 @@ impl Writer {
                 })
                 .sum(),
             WriteCmd::Replicated { data, .. } => data.len(),
+            WriteCmd::Pop { .. } => 0,
         };
         let new_data = matches!(
             cmd,
@@ -308,6 +328,7 @@ impl Writer {
             // (the store's record count is what a producer's sends stored).
             WriteCmd::ProducerInit { .. }
             | WriteCmd::Replicated { .. }
+            | WriteCmd::Pop { .. }
             | WriteCmd::TopicDelete { .. } => 0,
         };
         let now = now_millis();
@@ -516,6 +537,7 @@ impl Writer {
                 });
             }
             WriteCmd::TopicDelete { topic, reply } => {
+                self.pop.remove_topic(&topic);
                 let at = self.at();
                 let head = head(RecordKind::TopicDelete, 0, 0, 0, 0);
                 record::encode(&mut self.buf, head, &empty_message(&topic, None));
@@ -658,12 +680,145 @@ impl Writer {
                 });
             }
             // Taken above; never here.
-            WriteCmd::Replicated { reply, .. } => {
+            WriteCmd::Replicated { reply, .. } | WriteCmd::Pop { reply, .. } => {
                 let _ = reply.send(Err(StoreError::Invalid(
                     "replicated data reached the wrong write path".into(),
                 )));
             }
         }
+    }
+
+    /// Decides a pop command against the writer's pop table, encodes its
+    /// record and applies it there (the store's table follows once the
+    /// chunk is written). A refused receipt is answered at once, writing
+    /// nothing; so is a receive with nothing to deliver.
+    fn encode_pop(&mut self, cmd: PopCmd, reply: Reply) {
+        let (key, change) = match cmd {
+            PopCmd::Receive {
+                pick,
+                queue,
+                deliveries,
+            } => {
+                // A queue new to the group starts at the group's committed
+                // offset (it may have consumed it otherwise before), else
+                // at the queue's first message.
+                let first = self
+                    .store
+                    .offsets
+                    .get(&pick.key)
+                    .map_or_else(|| queue.min_offset(), |v| *v);
+                match pop::decide(&self.pop, &pick, &queue, first) {
+                    None => {
+                        let _ = deliveries.send(Vec::new());
+                        let _ = reply.send(Ok((0, 0)));
+                        return;
+                    }
+                    Some(change) => {
+                        if let PopChange::Receive { deliveries: d, .. } = &change {
+                            let _ = deliveries.send(d.clone());
+                        }
+                        (pick.key, change)
+                    }
+                }
+            }
+            PopCmd::Ack {
+                key,
+                offset,
+                receipt,
+                dead,
+            } => {
+                if let Err(stale) = self.pop.check(&key, offset, receipt) {
+                    let why = pop::describe(&stale, &key, offset);
+                    return fail_reply(reply, StoreError::Receipt(why));
+                }
+                let change = PopChange::Ack {
+                    offset,
+                    receipt,
+                    dead,
+                };
+                (key, change)
+            }
+            PopCmd::Change {
+                key,
+                offset,
+                receipt,
+                until,
+            } => {
+                if let Err(stale) = self.pop.check(&key, offset, receipt) {
+                    let why = pop::describe(&stale, &key, offset);
+                    return fail_reply(reply, StoreError::Receipt(why));
+                }
+                let change = PopChange::Change {
+                    offset,
+                    receipt,
+                    until,
+                };
+                (key, change)
+            }
+        };
+        let (kind, queue_offset, aux, flags, body) = match &change {
+            PopChange::Receive {
+                start,
+                next,
+                deliveries,
+            } => (
+                RecordKind::PopReceive,
+                *next,
+                *start,
+                0,
+                pop::encode_deliveries(deliveries),
+            ),
+            PopChange::Ack {
+                offset,
+                receipt,
+                dead,
+            } => (
+                RecordKind::PopAck,
+                *offset,
+                *receipt,
+                u16::from(*dead),
+                bytes::Bytes::new(),
+            ),
+            PopChange::Change {
+                offset,
+                receipt,
+                until,
+            } => (
+                RecordKind::PopChange,
+                *offset,
+                *receipt,
+                0,
+                bytes::Bytes::copy_from_slice(&until.to_le_bytes()),
+            ),
+        };
+        let (group, topic, queue) = &key;
+        let mut msg = empty_message(topic, Some(group));
+        msg.body = body;
+        let len = record::message_len(&msg);
+        if let Err(e) = self.make_room(len, false) {
+            return fail_reply(reply, e);
+        }
+        self.chunk_records += 1;
+        let pos = self.at();
+        let head = RecordHead {
+            kind,
+            queue: *queue,
+            queue_offset,
+            store_timestamp: now_millis(),
+            aux,
+            flags,
+            stamp: None,
+        };
+        record::encode(&mut self.buf, head, &msg);
+        let op = PopOp {
+            key,
+            pos,
+            end: self.at(),
+            change,
+        };
+        self.pop.apply(&op);
+        self.chunk.push(Encoded::Pop(op));
+        self.chunk.push(Encoded::Reply { reply, value: pos });
     }
 
     /// Asks the producer table about a stamped request of `count` messages
@@ -818,6 +973,7 @@ impl Writer {
         offsets: &mut Vec<((String, String, u32), u64)>,
         halves: &mut Vec<(u64, bool)>,
         changes: &mut Vec<TxChange>,
+        pops: &mut Vec<PopOp>,
     ) -> Result<(), StoreError> {
         let Some(rw) = self.replica.as_mut() else {
             return Ok(());
@@ -835,6 +991,8 @@ impl Writer {
             batcher: &mut rw.batcher,
             state: &mut rw.state,
             producers: &mut producers,
+            pop: &mut self.pop,
+            pop_log: Some(pops),
             dispatch_from: 0,
             deleted: None,
         };
@@ -1084,6 +1242,7 @@ impl Writer {
                 let mut replies = std::mem::take(&mut self.replies);
                 let mut tx_changes = std::mem::take(&mut self.tx_changes);
                 let mut offset_changes = std::mem::take(&mut self.offset_changes);
+                let mut pop_changes = std::mem::take(&mut self.pop_changes);
                 let published_from = self.publish.len();
                 let mut cmd_error: Option<StoreError> = None;
                 let mut replicated_tx = Vec::new();
@@ -1096,6 +1255,7 @@ impl Writer {
                                 &mut offset_changes,
                                 &mut tx_changes,
                                 &mut replicated_tx,
+                                &mut pop_changes,
                             ) {
                                 // The log has the records; recovery derives them again.
                                 tracing::error!(position = pos, error = %e, "cannot apply replicated records");
@@ -1122,6 +1282,7 @@ impl Writer {
                             offset_changes.push((key, offset));
                         }
                         Encoded::TxPending { at, pending } => tx_changes.push((at, pending)),
+                        Encoded::Pop(op) => pop_changes.push(op),
                         Encoded::Duplicate {
                             reply,
                             first_offset,
@@ -1167,6 +1328,16 @@ impl Writer {
                     for (key, offset) in offset_changes.drain(..) {
                         self.store.offsets.insert(key, offset);
                     }
+                    if !pop_changes.is_empty() {
+                        // A pop group's committed offset is its lowest
+                        // offset not yet acknowledged.
+                        let mut table = super::lock(&self.store.pop);
+                        for op in pop_changes.drain(..) {
+                            if let Some(low) = table.apply(&op) {
+                                self.store.offsets.insert(op.key, low);
+                            }
+                        }
+                    }
                     for (q, next) in &self.publish[published_from..] {
                         q.set_logged(*next);
                     }
@@ -1192,6 +1363,7 @@ impl Writer {
                 self.replies = replies;
                 self.tx_changes = tx_changes;
                 self.offset_changes = offset_changes;
+                self.pop_changes = pop_changes;
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit-log write failed; the batch is refused");
@@ -1216,6 +1388,9 @@ impl Writer {
                         let _ = reply.send(Err(e.clone()));
                     }
                 }
+                // What the pop table learnt from this chunk was not written:
+                // back to the store's, which holds every chunk written.
+                self.pop = super::lock(&self.store.pop).clone();
                 // What the table learnt from this chunk was not written.
                 let mut table = self
                     .store
@@ -1314,6 +1489,7 @@ pub(crate) fn fail(cmd: WriteCmd, e: StoreError) {
         | WriteCmd::TopicDelete { reply, .. }
         | WriteCmd::Delayed { reply, .. }
         | WriteCmd::DelayMoves { reply, .. }
+        | WriteCmd::Pop { reply, .. }
         | WriteCmd::Replicated { reply, .. } => fail_reply(reply, e),
     }
 }
