@@ -14,8 +14,6 @@ mod groups;
 mod grpc;
 mod handler;
 mod metrics;
-// The gRPC front door's consumer side calls it (issue 19).
-#[allow(dead_code)]
 mod pop;
 mod registration;
 mod replication;

@@ -176,6 +176,290 @@ async fn the_node_producer_and_transactional_producer_are_seen_by_txmq() {
     cluster.shutdown().await;
 }
 
+/// Sends `bodies` to `topic` with `txmq send` (key k-BODY, tag t).
+async fn txmq_send(ns: &str, topic: &str, bodies: &[&str]) {
+    for b in bodies {
+        let key = format!("k-{b}");
+        ok(&txmq(
+            ns,
+            &["send", topic, "--body", b, "--key", &key, "--tag", "t"],
+            None,
+        )
+        .await);
+    }
+}
+
+/// Messages txmq's CLI sent reach the Python simple consumer with their
+/// key and tag; the one it does not acknowledge comes again
+/// after its invisible duration with its delivery attempt counted; the
+/// group's lag ends at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_simple_consumer_receives_acks_and_sees_an_unacked_message_again() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    txmq_send(&ns, "simple", &["m1", "m2", "m3"]).await;
+
+    let got = tokio::task::spawn_blocking(move || {
+        rocketmq::python_json(
+            &python,
+            "simple_consumer.py",
+            &[&grpc, "simple", "sg", "3", "m2"],
+        )
+    })
+    .await
+    .unwrap();
+    let mut first: Vec<&str> = got["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    first.sort();
+    assert_eq!(first, ["m1", "m2", "m3"], "{got}");
+    assert_eq!(got["attempts"], serde_json::json!([1, 1, 1]), "{got}");
+    assert_eq!(got["tags"]["m1"], "t", "{got}");
+    assert_eq!(got["keys"]["m1"], serde_json::json!(["k-m1"]), "{got}");
+    assert_eq!(got["again"], "m2", "{got}");
+    assert_eq!(got["again_attempt"], 2, "{got}");
+    let after = got["again_after_s"].as_f64().unwrap();
+    assert!(
+        after >= 1.5,
+        "hidden for its invisible duration (2 s): {after}"
+    );
+    assert!(
+        got.get("unexpected").is_none(),
+        "acked messages never came again: {got}"
+    );
+
+    let show = txmq(&ns, &["--output", "json", "group", "show", "sg"], None).await;
+    let lags: Vec<u64> = json_lines(ok(&show).as_bytes())
+        .iter()
+        .flat_map(|g| g["queues"].as_array().cloned().unwrap_or_default())
+        .map(|q| q["lag"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(lags.iter().all(|l| *l == 0), "no lag left: {lags:?}");
+    cluster.shutdown().await;
+}
+
+/// The Python push consumer consumes what txmq's CLI sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_push_consumer_consumes_a_topic_txmq_wrote() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let sent = ["p1", "p2", "p3", "p4", "p5"];
+    txmq_send(&ns, "pushed", &sent).await;
+
+    let got = tokio::task::spawn_blocking(move || {
+        rocketmq::python_json(&python, "push_consumer.py", &[&grpc, "pushed", "pg", "5"])
+    })
+    .await
+    .unwrap();
+    let mut bodies: Vec<&str> = got["bodies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, sent, "{got}");
+    cluster.shutdown().await;
+}
+
+/// A RocketMQ client of the gRPC API, by a client id.
+struct Rmq {
+    client: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>,
+}
+
+impl Rmq {
+    async fn connect(addr: &str) -> Rmq {
+        let client =
+            pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connects");
+        Rmq { client }
+    }
+
+    fn request<T>(message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut()
+            .insert("x-mq-client-id", "txmq-test-client".parse().unwrap());
+        r
+    }
+
+    /// Up to 16 messages of `topic` for `group`, hidden for `invisible`.
+    async fn receive(&mut self, topic: &str, group: &str, invisible: Duration) -> Vec<pb::Message> {
+        let request = pb::ReceiveMessageRequest {
+            group: Some(resource(group)),
+            message_queue: Some(pb::MessageQueue {
+                topic: Some(resource(topic)),
+                id: -1,
+                ..Default::default()
+            }),
+            batch_size: 16,
+            invisible_duration: Some(prost_types::Duration {
+                seconds: invisible.as_secs() as i64,
+                nanos: 0,
+            }),
+            long_polling_timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let mut stream = self
+            .client
+            .receive_message(Self::request(request))
+            .await
+            .expect("receive answered")
+            .into_inner();
+        let mut messages = Vec::new();
+        while let Some(answer) = stream.message().await.expect("stream") {
+            match answer.content {
+                Some(pb::receive_message_response::Content::Message(m)) => messages.push(m),
+                Some(pb::receive_message_response::Content::Status(s)) => assert!(
+                    s.code == pb::Code::Ok as i32 || s.code == pb::Code::MessageNotFound as i32,
+                    "{s:?}"
+                ),
+                _ => {}
+            }
+        }
+        messages
+    }
+
+    async fn ack(&mut self, topic: &str, group: &str, m: &pb::Message) -> pb::Status {
+        let sys = m.system_properties.clone().unwrap();
+        let request = pb::AckMessageRequest {
+            group: Some(resource(group)),
+            topic: Some(resource(topic)),
+            entries: vec![pb::AckMessageEntry {
+                message_id: sys.message_id,
+                receipt_handle: sys.receipt_handle.unwrap(),
+                lite_topic: None,
+            }],
+        };
+        let answer = self
+            .client
+            .ack_message(Self::request(request))
+            .await
+            .unwrap();
+        answer.into_inner().status.unwrap()
+    }
+}
+
+fn resource(name: &str) -> pb::Resource {
+    pb::Resource {
+        resource_namespace: String::new(),
+        name: name.into(),
+    }
+}
+
+fn bodies(messages: &[pb::Message]) -> Vec<String> {
+    let mut b: Vec<String> = messages
+        .iter()
+        .map(|m| String::from_utf8(m.body.clone()).unwrap())
+        .collect();
+    b.sort();
+    b
+}
+
+fn attempt(m: &pb::Message) -> i32 {
+    m.system_properties
+        .as_ref()
+        .unwrap()
+        .delivery_attempt
+        .unwrap()
+}
+
+/// Receipts and invisibility outlive a `kill -9`: a received message stays
+/// hidden across a restart until its duration ends, then comes again with
+/// attempt 2; an acknowledged one never comes again; a stale receipt is
+/// refused with INVALID_RECEIPT_HANDLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_and_acked_messages_stay_so_across_a_kill9() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (mut broker, grpc) = grpc_broker(&ns, data.path(), &["--flush", "sync"]).await;
+    txmq_send(&ns, "durable", &["a", "b"]).await;
+
+    let mut rmq = Rmq::connect(&grpc).await;
+    // The broker's deadline is at least this (it is set when it answers).
+    let hidden_until = std::time::Instant::now() + Duration::from_secs(4);
+    let first = rmq.receive("durable", "dg", Duration::from_secs(4)).await;
+    assert_eq!(bodies(&first), ["a", "b"]);
+    let a = first.iter().find(|m| m.body == b"a").unwrap();
+    let b = first.iter().find(|m| m.body == b"b").unwrap();
+    assert_eq!(rmq.ack("durable", "dg", a).await.code, pb::Code::Ok as i32);
+
+    broker.kill9();
+    broker.restart();
+    common::wait_until(
+        "the broker serves gRPC again",
+        Duration::from_secs(20),
+        || {
+            let grpc = grpc.clone();
+            async move { tokio::net::TcpStream::connect(&grpc).await.is_ok() }
+        },
+    )
+    .await;
+    let mut rmq = Rmq::connect(&grpc).await;
+    let early = rmq.receive("durable", "dg", Duration::from_secs(4)).await;
+    if std::time::Instant::now() < hidden_until {
+        assert!(
+            early.is_empty(),
+            "b is still hidden, a is acked: {:?}",
+            bodies(&early)
+        );
+    }
+    let mut again = early;
+    while again.is_empty() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        again = rmq.receive("durable", "dg", Duration::from_secs(30)).await;
+    }
+    assert!(std::time::Instant::now() >= hidden_until);
+    assert_eq!(bodies(&again), ["b"], "only the unacked one comes again");
+    assert_eq!(attempt(&again[0]), 2);
+    let stale = rmq.ack("durable", "dg", b).await;
+    assert_eq!(
+        stale.code,
+        pb::Code::InvalidReceiptHandle as i32,
+        "{stale:?}"
+    );
+    assert_eq!(
+        rmq.ack("durable", "dg", &again[0]).await.code,
+        pb::Code::Ok as i32
+    );
+
+    broker.kill9();
+    broker.restart();
+    common::wait_until(
+        "the broker serves gRPC again",
+        Duration::from_secs(20),
+        || {
+            let grpc = grpc.clone();
+            async move { tokio::net::TcpStream::connect(&grpc).await.is_ok() }
+        },
+    )
+    .await;
+    let mut rmq = Rmq::connect(&grpc).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(rmq
+        .receive("durable", "dg", Duration::from_secs(30))
+        .await
+        .is_empty());
+    cluster.shutdown().await;
+}
+
 /// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
 async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
 where

@@ -197,6 +197,17 @@ pub(super) fn to_rocketmq(
     }
 }
 
+/// The message type a stored message was sent as.
+pub(super) fn message_type(m: &Message) -> pb::MessageType {
+    if m.properties.contains_key(PROP_MESSAGE_GROUP) {
+        pb::MessageType::Fifo
+    } else if m.properties.contains_key(PROPERTY_DELIVER_AT) {
+        pb::MessageType::Delay
+    } else {
+        pb::MessageType::Normal
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@
 //! (`status.rs`); an RPC txmq does not serve answers gRPC `UNIMPLEMENTED`
 //! naming it.
 
+mod consume;
 mod convert;
 mod route;
 mod send;
@@ -140,23 +141,28 @@ impl MessagingService for Front {
 
     async fn receive_message(
         &self,
-        _r: Request<pb::ReceiveMessageRequest>,
+        r: Request<pb::ReceiveMessageRequest>,
     ) -> Answer<Self::ReceiveMessageStream> {
-        Err(unimplemented("ReceiveMessage"))
+        let answers = consume::receive(self, r.into_inner()).await;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            answers.into_iter().map(Ok),
+        ))))
     }
 
     async fn ack_message(
         &self,
-        _r: Request<pb::AckMessageRequest>,
+        r: Request<pb::AckMessageRequest>,
     ) -> Answer<pb::AckMessageResponse> {
-        Err(unimplemented("AckMessage"))
+        Ok(Response::new(consume::ack(self, r.into_inner()).await))
     }
 
     async fn forward_message_to_dead_letter_queue(
         &self,
-        _r: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+        r: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Answer<pb::ForwardMessageToDeadLetterQueueResponse> {
-        Err(unimplemented("ForwardMessageToDeadLetterQueue"))
+        Ok(Response::new(
+            consume::forward_to_dead_letters(self, r.into_inner()).await,
+        ))
     }
 
     type PullMessageStream = Stream<pb::PullMessageResponse>;
@@ -219,9 +225,11 @@ impl MessagingService for Front {
 
     async fn change_invisible_duration(
         &self,
-        _r: Request<pb::ChangeInvisibleDurationRequest>,
+        r: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Answer<pb::ChangeInvisibleDurationResponse> {
-        Err(unimplemented("ChangeInvisibleDuration"))
+        Ok(Response::new(
+            consume::change_invisible(self, r.into_inner()).await,
+        ))
     }
 
     async fn recall_message(

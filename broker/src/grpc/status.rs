@@ -37,6 +37,8 @@ fn code_of(code: ErrorCode) -> Code {
         | E::TransactionCommitted
         | E::TransactionParked => Code::InvalidTransactionId,
         E::DuplicateMsgId => Code::IllegalMessageId,
+        E::InvalidReceiptHandle => Code::InvalidReceiptHandle,
+        E::OffsetOutOfRange => Code::MessageNotFound,
         E::TooManyConnections | E::Busy => Code::TooManyRequests,
         E::Timeout => Code::ProxyTimeout,
         E::FlushSlaveTimeout | E::NotInSync | E::SlaveNotAvailable => Code::SlavePersistenceTimeout,
