@@ -460,6 +460,81 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
     cluster.shutdown().await;
 }
 
+/// ChangeInvisibleDuration gives a new receipt and makes the old one
+/// stale; ForwardMessageToDeadLetterQueue moves a message to the group's
+/// dead-letter topic, where `txmq dlq list` shows it, and it does not come
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_invisible_duration_and_forward_to_the_dead_letter_queue() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
+    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    txmq_send(&ns, "dead", &["x", "y"]).await;
+    let mut rmq = Rmq::connect(&grpc).await;
+    let got = rmq.receive("dead", "xg", Duration::from_secs(2)).await;
+    assert_eq!(bodies(&got), ["x", "y"]);
+    let x = got.iter().find(|m| m.body == b"x").unwrap();
+    let y = got.iter().find(|m| m.body == b"y").unwrap();
+    let handle = |m: &pb::Message| m.system_properties.clone().unwrap().receipt_handle.unwrap();
+
+    // x: hidden for 30 s more, under a new handle.
+    let changed = rmq
+        .client
+        .change_invisible_duration(Rmq::request(pb::ChangeInvisibleDurationRequest {
+            group: Some(resource("xg")),
+            topic: Some(resource("dead")),
+            receipt_handle: handle(x),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            message_id: x.system_properties.clone().unwrap().message_id,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.status.unwrap().code, pb::Code::Ok as i32);
+    assert_ne!(changed.receipt_handle, handle(x));
+    assert_eq!(
+        rmq.ack("dead", "xg", x).await.code,
+        pb::Code::InvalidReceiptHandle as i32,
+        "the old handle is stale"
+    );
+
+    // y: to the dead letters.
+    let forwarded = rmq
+        .client
+        .forward_message_to_dead_letter_queue(Rmq::request(
+            pb::ForwardMessageToDeadLetterQueueRequest {
+                group: Some(resource("xg")),
+                topic: Some(resource("dead")),
+                receipt_handle: handle(y),
+                message_id: y.system_properties.clone().unwrap().message_id,
+                delivery_attempt: 1,
+                max_delivery_attempts: 17,
+                lite_topic: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forwarded.status.unwrap().code, pb::Code::Ok as i32);
+    let list = txmq(&ns, &["--output", "json", "dlq", "list", "xg"], None).await;
+    let dead = json_lines(ok(&list).as_bytes());
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(body(&dead[0]), "y");
+
+    // After y's 2 s, neither comes: x is hidden for 30 s, y is dead.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(rmq
+        .receive("dead", "xg", Duration::from_secs(2))
+        .await
+        .is_empty());
+    cluster.shutdown().await;
+}
+
 /// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
 async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
 where
