@@ -13,8 +13,21 @@ use txmq_broker::rocketmq_v2 as pb;
 use txmq_tests::output::ok;
 use txmq_tests::{free_port, json_lines, rocketmq, BrokerProcess, Cluster};
 
-/// A broker process serving the gRPC API; its gRPC address.
-async fn grpc_broker(ns: &str, data: &std::path::Path, extra: &[&str]) -> (BrokerProcess, String) {
+/// A nameserver, and a broker process serving the gRPC API with `extra`
+/// flags.
+struct Setup {
+    cluster: Cluster,
+    ns: String,
+    broker: BrokerProcess,
+    /// The gRPC address.
+    grpc: String,
+    _data: tempfile::TempDir,
+}
+
+async fn setup(extra: &[&str]) -> Setup {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tempfile::tempdir().unwrap();
     let grpc = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--grpc-listen",
@@ -26,8 +39,14 @@ async fn grpc_broker(ns: &str, data: &std::path::Path, extra: &[&str]) -> (Broke
         "300ms",
     ];
     args.extend_from_slice(extra);
-    let broker = start_broker(data, ns, "broker-a", &args).await;
-    (broker, grpc)
+    let broker = start_broker(data.path(), &ns, "broker-a", &args).await;
+    Setup {
+        cluster,
+        ns,
+        broker,
+        grpc,
+        _data: data,
+    }
 }
 
 /// Every message of `topic`, from the first, through `txmq consume`.
@@ -77,10 +96,13 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let Setup {
+        cluster,
+        ns,
+        broker: _broker,
+        grpc,
+        _data,
+    } = setup(&[]).await;
 
     let sent = tokio::task::spawn_blocking(move || {
         rocketmq::python_json(&python, "producer.py", &[&grpc, "rmq-plain", "rmq-tx"])
@@ -144,10 +166,13 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_producer_and_transactional_producer_are_seen_by_txmq() {
     let Some(node) = rocketmq::node() else { return };
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let Setup {
+        cluster,
+        ns,
+        broker: _broker,
+        grpc,
+        _data,
+    } = setup(&[]).await;
 
     let sent = tokio::task::spawn_blocking(move || {
         rocketmq::node_json(&node, "producer.js", &[&grpc, "node-plain", "node-tx"])
@@ -198,10 +223,13 @@ async fn the_python_simple_consumer_receives_acks_and_sees_an_unacked_message_ag
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let Setup {
+        cluster,
+        ns,
+        broker: _broker,
+        grpc,
+        _data,
+    } = setup(&[]).await;
     txmq_send(&ns, "simple", &["m1", "m2", "m3"]).await;
 
     let got = tokio::task::spawn_blocking(move || {
@@ -252,10 +280,13 @@ async fn the_python_push_consumer_consumes_a_topic_txmq_wrote() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let Setup {
+        cluster,
+        ns,
+        broker: _broker,
+        grpc,
+        _data,
+    } = setup(&[]).await;
     let sent = ["p1", "p2", "p3", "p4", "p5"];
     txmq_send(&ns, "pushed", &sent).await;
 
@@ -380,16 +411,34 @@ fn attempt(m: &pb::Message) -> i32 {
         .unwrap()
 }
 
+/// `kill -9`, and a start with the same data until gRPC is served again.
+async fn kill9_and_restart(broker: &mut BrokerProcess, grpc: &str) {
+    broker.kill9();
+    broker.restart();
+    common::wait_until(
+        "the broker serves gRPC again",
+        Duration::from_secs(20),
+        || {
+            let grpc = grpc.to_string();
+            async move { tokio::net::TcpStream::connect(&grpc).await.is_ok() }
+        },
+    )
+    .await;
+}
+
 /// Receipts and invisibility outlive a `kill -9`: a received message stays
 /// hidden across a restart until its duration ends, then comes again with
 /// attempt 2; an acknowledged one never comes again; a stale receipt is
 /// refused with INVALID_RECEIPT_HANDLE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn received_and_acked_messages_stay_so_across_a_kill9() {
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (mut broker, grpc) = grpc_broker(&ns, data.path(), &["--flush", "sync"]).await;
+    let Setup {
+        cluster,
+        ns,
+        mut broker,
+        grpc,
+        _data,
+    } = setup(&["--flush", "sync"]).await;
     txmq_send(&ns, "durable", &["a", "b"]).await;
 
     let mut rmq = Rmq::connect(&grpc).await;
@@ -401,17 +450,7 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
     let b = first.iter().find(|m| m.body == b"b").unwrap();
     assert_eq!(rmq.ack("durable", "dg", a).await.code, pb::Code::Ok as i32);
 
-    broker.kill9();
-    broker.restart();
-    common::wait_until(
-        "the broker serves gRPC again",
-        Duration::from_secs(20),
-        || {
-            let grpc = grpc.clone();
-            async move { tokio::net::TcpStream::connect(&grpc).await.is_ok() }
-        },
-    )
-    .await;
+    kill9_and_restart(&mut broker, &grpc).await;
     let mut rmq = Rmq::connect(&grpc).await;
     let early = rmq.receive("durable", "dg", Duration::from_secs(4)).await;
     if std::time::Instant::now() < hidden_until {
@@ -440,17 +479,7 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
         pb::Code::Ok as i32
     );
 
-    broker.kill9();
-    broker.restart();
-    common::wait_until(
-        "the broker serves gRPC again",
-        Duration::from_secs(20),
-        || {
-            let grpc = grpc.clone();
-            async move { tokio::net::TcpStream::connect(&grpc).await.is_ok() }
-        },
-    )
-    .await;
+    kill9_and_restart(&mut broker, &grpc).await;
     let mut rmq = Rmq::connect(&grpc).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(rmq
@@ -466,10 +495,13 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_invisible_duration_and_forward_to_the_dead_letter_queue() {
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let Setup {
+        cluster,
+        ns,
+        broker: _broker,
+        grpc,
+        _data,
+    } = setup(&[]).await;
     txmq_send(&ns, "dead", &["x", "y"]).await;
     let mut rmq = Rmq::connect(&grpc).await;
     let got = rmq.receive("dead", "xg", Duration::from_secs(2)).await;
@@ -593,10 +625,13 @@ async fn query_route(addr: &str, topic: &str) -> pb::QueryRouteResponse {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_grpc_port_gets_clear_statuses_and_hurts_no_one_else() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let data = tempfile::tempdir().unwrap();
-    let (_broker, grpc) = grpc_broker(&ns, data.path(), &[]).await;
+    let Setup {
+        cluster,
+        ns,
+        broker: _broker,
+        grpc,
+        _data,
+    } = setup(&[]).await;
     let good = query_route(&grpc, "bad-input").await;
     assert_eq!(good.status.unwrap().code, pb::Code::Ok as i32);
     assert_eq!(good.message_queues.len(), 4);

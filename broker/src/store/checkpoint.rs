@@ -72,18 +72,15 @@ impl Checkpoint {
         b.put_u64_le(self.oldest_pending_tx.unwrap_or(u64::MAX));
         b.put_u32_le(self.offsets.len() as u32);
         for ((group, topic, queue), offset) in &self.offsets {
-            b.put_u16_le(group.len() as u16);
-            b.put_slice(group.as_bytes());
-            b.put_u16_le(topic.len() as u16);
-            b.put_slice(topic.as_bytes());
+            put_name(&mut b, group);
+            put_name(&mut b, topic);
             b.put_u32_le(*queue);
             b.put_u64_le(*offset);
         }
         let queues = self.queues.as_ref();
         b.put_u32_le(queues.map_or(0, BTreeMap::len) as u32);
         for ((topic, queue), next) in queues.into_iter().flatten() {
-            b.put_u16_le(topic.len() as u16);
-            b.put_slice(topic.as_bytes());
+            put_name(&mut b, topic);
             b.put_u32_le(*queue);
             b.put_u64_le(*next);
         }
@@ -111,21 +108,9 @@ impl Checkpoint {
         let oldest_pending_tx = Some(b.get_u64_le()).filter(|p| *p != u64::MAX);
         let n = b.get_u32_le();
         let mut offsets = BTreeMap::new();
-        let string = |b: &mut &[u8]| -> Option<String> {
-            if b.remaining() < 2 {
-                return None;
-            }
-            let len = b.get_u16_le() as usize;
-            if b.remaining() < len {
-                return None;
-            }
-            let s = String::from_utf8(b[..len].to_vec()).ok()?;
-            b.advance(len);
-            Some(s)
-        };
         for _ in 0..n {
-            let group = string(&mut b)?;
-            let topic = string(&mut b)?;
+            let group = get_name(&mut b)?;
+            let topic = get_name(&mut b)?;
             if b.remaining() < 12 {
                 return None;
             }
@@ -139,7 +124,7 @@ impl Checkpoint {
             let n = b.get_u32_le();
             let mut queues = BTreeMap::new();
             for _ in 0..n {
-                let topic = string(&mut b)?;
+                let topic = get_name(&mut b)?;
                 if b.remaining() < 12 {
                     return None;
                 }
@@ -207,6 +192,28 @@ impl Checkpoint {
         std::fs::rename(&tmp, dir.join("checkpoint"))?;
         super::commit_log::sync_dir(dir)
     }
+}
+
+/// Writes a group or topic name after its u16 length (names are at most
+/// 255 bytes, see `validate_topic_name`), as every table of the
+/// checkpoint keeps them.
+pub(super) fn put_name(b: &mut BytesMut, name: &str) {
+    b.put_u16_le(name.len() as u16);
+    b.put_slice(name.as_bytes());
+}
+
+/// Reads what [`put_name`] wrote; `None` when cut short or not UTF-8.
+pub(super) fn get_name(b: &mut &[u8]) -> Option<String> {
+    if b.remaining() < 2 {
+        return None;
+    }
+    let len = b.get_u16_le() as usize;
+    if b.remaining() < len {
+        return None;
+    }
+    let s = String::from_utf8(b[..len].to_vec()).ok()?;
+    b.advance(len);
+    Some(s)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ fn bodies(found: &[Found]) -> Vec<String> {
 
 /// Copies a data directory file by file (what a crash at this instant
 /// leaves on disk, as far as a `kill -9` goes: the page cache survives it).
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub(super) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();

@@ -32,6 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::checkpoint::{get_name, put_name};
 use bytes::{Buf, BufMut, BytesMut};
 
 /// (group, topic, queue).
@@ -351,10 +352,8 @@ impl PopTable {
     pub fn encode(&self, b: &mut BytesMut) {
         b.put_u32_le(self.queues.len() as u32);
         for ((group, topic, queue), q) in &self.queues {
-            b.put_u16_le(group.len() as u16);
-            b.put_slice(group.as_bytes());
-            b.put_u16_le(topic.len() as u16);
-            b.put_slice(topic.as_bytes());
+            put_name(b, group);
+            put_name(b, topic);
             b.put_u32_le(*queue);
             b.put_u64_le(q.next);
             b.put_u64_le(q.applied);
@@ -370,26 +369,14 @@ impl PopTable {
 
     /// Reads what [`PopTable::encode`] wrote; `None` when malformed.
     pub fn decode(b: &mut &[u8]) -> Option<PopTable> {
-        let string = |b: &mut &[u8]| -> Option<String> {
-            if b.remaining() < 2 {
-                return None;
-            }
-            let len = b.get_u16_le() as usize;
-            if b.remaining() < len {
-                return None;
-            }
-            let s = String::from_utf8(b[..len].to_vec()).ok()?;
-            b.advance(len);
-            Some(s)
-        };
         if b.remaining() < 4 {
             return None;
         }
         let n = b.get_u32_le();
         let mut t = PopTable::default();
         for _ in 0..n {
-            let group = string(b)?;
-            let topic = string(b)?;
+            let group = get_name(b)?;
+            let topic = get_name(b)?;
             if b.remaining() < 24 {
                 return None;
             }

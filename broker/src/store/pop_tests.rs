@@ -4,6 +4,7 @@
 
 use txmq_protocol::{tag_hash, Message, RecordRef};
 
+use super::index_tests::copy_dir;
 use super::pop::{Delivery, PopKey, PopPick, MAX_IN_FLIGHT};
 use super::replica_tests::{copy, slave_config};
 use super::tests::{config, topics};
@@ -191,21 +192,6 @@ async fn make_state(store: &Store) -> u64 {
 
 fn state(store: &Store) -> Vec<Option<pop::PopQueue>> {
     vec![store.pop_queue(&key(0)), store.pop_queue(&key(1))]
-}
-
-/// Copies a data directory file by file: what a `kill -9` at this instant
-/// leaves (the page cache survives it).
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }
 
 #[tokio::test]

@@ -288,8 +288,7 @@ impl ProducerTable {
                 .collect();
             b.put_u32_le(queues.len() as u32);
             for (topic, queue, batches) in queues {
-                b.put_u16_le(topic.len() as u16);
-                b.put_slice(topic.as_bytes());
+                super::checkpoint::put_name(b, topic);
                 b.put_u32_le(queue);
                 let kept: Vec<_> = batches.iter().filter(|x| x.end <= position).collect();
                 b.put_u8(kept.len() as u8);
@@ -324,15 +323,10 @@ impl ProducerTable {
             };
             let nq = b.get_u32_le();
             for _ in 0..nq {
-                if b.remaining() < 2 {
+                let topic = super::checkpoint::get_name(b)?;
+                if b.remaining() < 5 {
                     return None;
                 }
-                let len = b.get_u16_le() as usize;
-                if b.remaining() < len + 5 {
-                    return None;
-                }
-                let topic = String::from_utf8(b[..len].to_vec()).ok()?;
-                b.advance(len);
                 let queue = b.get_u32_le();
                 let nb = b.get_u8() as usize;
                 if b.remaining() < nb * 28 {
