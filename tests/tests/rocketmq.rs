@@ -13,18 +13,16 @@ use txmq_broker::rocketmq_v2 as pb;
 use txmq_tests::output::ok;
 use txmq_tests::{free_port, json_lines, rocketmq, BrokerProcess, Cluster};
 
-/// A nameserver, and a broker process serving the gRPC API with `extra`
-/// flags.
-struct Setup {
-    cluster: Cluster,
-    ns: String,
+/// The broker process of [`setup`] and its data directory (removed when
+/// dropped).
+struct Running {
     broker: BrokerProcess,
-    /// The gRPC address.
-    grpc: String,
     _data: tempfile::TempDir,
 }
 
-async fn setup(extra: &[&str]) -> Setup {
+/// A nameserver, and a broker process serving the gRPC API with `extra`
+/// flags: the cluster, the nameserver's address, the gRPC address.
+async fn setup(extra: &[&str]) -> (Cluster, String, String, Running) {
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
     let ns = cluster.nameserver.clone();
     let data = tempfile::tempdir().unwrap();
@@ -40,13 +38,11 @@ async fn setup(extra: &[&str]) -> Setup {
     ];
     args.extend_from_slice(extra);
     let broker = start_broker(data.path(), &ns, "broker-a", &args).await;
-    Setup {
-        cluster,
-        ns,
+    let running = Running {
         broker,
-        grpc,
         _data: data,
-    }
+    };
+    (cluster, ns, grpc, running)
 }
 
 /// Every message of `topic`, from the first, through `txmq consume`.
@@ -96,13 +92,7 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let Setup {
-        cluster,
-        ns,
-        broker: _broker,
-        grpc,
-        _data,
-    } = setup(&[]).await;
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
 
     let sent = tokio::task::spawn_blocking(move || {
         rocketmq::python_json(&python, "producer.py", &[&grpc, "rmq-plain", "rmq-tx"])
@@ -166,13 +156,7 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_producer_and_transactional_producer_are_seen_by_txmq() {
     let Some(node) = rocketmq::node() else { return };
-    let Setup {
-        cluster,
-        ns,
-        broker: _broker,
-        grpc,
-        _data,
-    } = setup(&[]).await;
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
 
     let sent = tokio::task::spawn_blocking(move || {
         rocketmq::node_json(&node, "producer.js", &[&grpc, "node-plain", "node-tx"])
@@ -223,13 +207,7 @@ async fn the_python_simple_consumer_receives_acks_and_sees_an_unacked_message_ag
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let Setup {
-        cluster,
-        ns,
-        broker: _broker,
-        grpc,
-        _data,
-    } = setup(&[]).await;
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
     txmq_send(&ns, "simple", &["m1", "m2", "m3"]).await;
 
     let got = tokio::task::spawn_blocking(move || {
@@ -280,13 +258,7 @@ async fn the_python_push_consumer_consumes_a_topic_txmq_wrote() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let Setup {
-        cluster,
-        ns,
-        broker: _broker,
-        grpc,
-        _data,
-    } = setup(&[]).await;
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
     let sent = ["p1", "p2", "p3", "p4", "p5"];
     txmq_send(&ns, "pushed", &sent).await;
 
@@ -432,13 +404,7 @@ async fn kill9_and_restart(broker: &mut BrokerProcess, grpc: &str) {
 /// refused with INVALID_RECEIPT_HANDLE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn received_and_acked_messages_stay_so_across_a_kill9() {
-    let Setup {
-        cluster,
-        ns,
-        mut broker,
-        grpc,
-        _data,
-    } = setup(&["--flush", "sync"]).await;
+    let (cluster, ns, grpc, mut running) = setup(&["--flush", "sync"]).await;
     txmq_send(&ns, "durable", &["a", "b"]).await;
 
     let mut rmq = Rmq::connect(&grpc).await;
@@ -450,7 +416,7 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
     let b = first.iter().find(|m| m.body == b"b").unwrap();
     assert_eq!(rmq.ack("durable", "dg", a).await.code, pb::Code::Ok as i32);
 
-    kill9_and_restart(&mut broker, &grpc).await;
+    kill9_and_restart(&mut running.broker, &grpc).await;
     let mut rmq = Rmq::connect(&grpc).await;
     let early = rmq.receive("durable", "dg", Duration::from_secs(4)).await;
     if std::time::Instant::now() < hidden_until {
@@ -479,7 +445,7 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
         pb::Code::Ok as i32
     );
 
-    kill9_and_restart(&mut broker, &grpc).await;
+    kill9_and_restart(&mut running.broker, &grpc).await;
     let mut rmq = Rmq::connect(&grpc).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(rmq
@@ -495,13 +461,7 @@ async fn received_and_acked_messages_stay_so_across_a_kill9() {
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_invisible_duration_and_forward_to_the_dead_letter_queue() {
-    let Setup {
-        cluster,
-        ns,
-        broker: _broker,
-        grpc,
-        _data,
-    } = setup(&[]).await;
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
     txmq_send(&ns, "dead", &["x", "y"]).await;
     let mut rmq = Rmq::connect(&grpc).await;
     let got = rmq.receive("dead", "xg", Duration::from_secs(2)).await;
@@ -625,13 +585,7 @@ async fn query_route(addr: &str, topic: &str) -> pb::QueryRouteResponse {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_grpc_port_gets_clear_statuses_and_hurts_no_one_else() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Setup {
-        cluster,
-        ns,
-        broker: _broker,
-        grpc,
-        _data,
-    } = setup(&[]).await;
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
     let good = query_route(&grpc, "bad-input").await;
     assert_eq!(good.status.unwrap().code, pb::Code::Ok as i32);
     assert_eq!(good.message_queues.len(), 4);
