@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the broker's store, on a real temporary
 //! directory: appends under async flush (one message, batches, many
-//! appenders at once), group commit under sync flush with N concurrent
+//! appenders at once), the message index's cost to an append (on against
+//! off), group commit under sync flush with N concurrent
 //! appenders, reads of 32 messages, and recovery of a 64 MiB log.
 //!
 //! Run with `cargo bench -p txmq-broker --bench store` (`-- --quick` for a
@@ -45,7 +46,12 @@ fn config(dir: &Path, flush: FlushMode) -> StoreConfig {
 }
 
 fn open(dir: &Path, flush: FlushMode) -> Store {
-    match Store::open(config(dir, flush), &[(TOPIC.to_string(), QUEUES)]) {
+    open_with(config(dir, flush))
+}
+
+fn open_with(config: StoreConfig) -> Store {
+    let dir = config.dir.clone();
+    match Store::open(config, &[(TOPIC.to_string(), QUEUES)]) {
         Ok(store) => store,
         Err(e) => panic!("cannot open the store in {}: {e}", dir.display()),
     }
@@ -63,6 +69,12 @@ fn messages(n: usize) -> Vec<Message> {
     (0..n)
         .map(|i| Message::new(TOPIC, body.clone()).with_key(format!("k{i}")))
         .collect()
+}
+
+/// As `txmq bench produce` sends them: no key.
+fn unkeyed(n: usize) -> Vec<Message> {
+    let body = Bytes::from(vec![0x5a; BODY_LEN]);
+    (0..n).map(|_| Message::new(TOPIC, body.clone())).collect()
 }
 
 async fn append(store: &Store, queue: u32, batch: Vec<Message>) {
@@ -122,6 +134,32 @@ fn append_async(c: &mut Criterion) {
     }
     group.finish();
     rt.block_on(store.shutdown());
+}
+
+/// What the message index costs an append of 64 messages (async flush):
+/// the same appends with the index on and off, unkeyed (one entry per
+/// message, as `txmq bench produce` sends) and keyed (two entries).
+fn index_cost(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("index_cost_1KiB_batch_64");
+    group
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1))
+        .throughput(Throughput::Elements(64));
+    for (keys, template) in [("unkeyed", unkeyed(64)), ("keyed", messages(64))] {
+        for index in [false, true] {
+            let dir = tempdir();
+            let mut config = config(dir.path(), FlushMode::Async);
+            config.message_index = index;
+            let store = open_with(config);
+            let name = format!("{keys}/index_{}", if index { "on" } else { "off" });
+            group.bench_function(name, |b| {
+                b.iter(|| rt.block_on(append(&store, 0, template.clone())));
+            });
+            rt.block_on(store.shutdown());
+        }
+    }
+    group.finish();
 }
 
 /// Sync flush: each append waits for an fdatasync covering it; concurrent
@@ -233,5 +271,12 @@ fn recovery(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append_async, group_commit, read, recovery);
+criterion_group!(
+    benches,
+    append_async,
+    index_cost,
+    group_commit,
+    read,
+    recovery
+);
 criterion_main!(benches);

@@ -578,6 +578,9 @@ impl MessageIndex {
     pub fn add_chunk(&self, pos: u64, chunk: &[u8]) -> io::Result<()> {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let State { files, scratch } = &mut *state;
+        // The chunk's entries go into `scratch` first and are linked into
+        // their slots' chains afterwards, all at once (see `link`).
+        let mut linked = scratch.len();
         let mut at = 0usize;
         while at + 4 <= chunk.len() {
             let len = u32_le(&chunk[at..]) as usize;
@@ -603,28 +606,34 @@ impl MessageIndex {
                 0
             };
             let needed = 1 + key_count as u32;
-            let full = files.last().is_none_or(|f| f.count + needed > f.capacity);
+            let unlinked = ((scratch.len() - linked) / ENTRY_LEN) as u32;
+            let full = files
+                .last()
+                .is_none_or(|f| f.count + unlinked + needed > f.capacity);
             if full {
+                link(files, scratch, linked);
                 flush_scratch(files, scratch)?;
                 self.roll(files, rec_pos)?;
+                linked = 0;
             }
-            let Some(f) = files.last_mut() else {
-                return Err(io::Error::other("no index file"));
-            };
             let size = len as u32;
             let ts = ix.store_timestamp;
-            add_entry(f, scratch, id_hash(&ix.id), rec_pos, ts, size);
+            push_entry(scratch, id_hash(&ix.id), rec_pos, ts, size);
             if keyed {
                 if let Some(key) = ix.key {
                     for k in keys_of(key) {
-                        add_entry(f, scratch, key_hash(ix.topic, k), rec_pos, ts, size);
+                        push_entry(scratch, key_hash(ix.topic, k), rec_pos, ts, size);
                     }
                 }
             }
+            // Also bounds what a re-index of a whole segment gathers.
+            if scratch.len() >= WRITE_AT {
+                link(files, scratch, linked);
+                flush_scratch(files, scratch)?;
+                linked = 0;
+            }
         }
-        if scratch.len() >= WRITE_AT {
-            flush_scratch(files, scratch)?;
-        }
+        link(files, scratch, linked);
         if let Some(f) = files.last_mut() {
             f.end = f.end.max(pos + at as u64);
         }
@@ -792,23 +801,52 @@ struct ToSync {
     header: [u8; HEADER_LEN as usize],
 }
 
-/// Adds one entry to the file being filled: linked to its slot's chain
-/// in memory, its bytes in `scratch` until they are written.
-fn add_entry(f: &mut IndexFile, scratch: &mut Vec<u8>, hash: u64, pos: u64, ts: u64, size: u32) {
-    let Some(slots) = f.mem_slots.as_mut() else {
-        return;
-    };
-    let slot = slot_of(hash, f.slots) as usize;
-    let prev = slots[slot];
-    f.count += 1;
-    slots[slot] = f.count;
+/// Appends an entry to `scratch`, not linked yet: `link` fills in the
+/// previous entry of its slot.
+fn push_entry(scratch: &mut Vec<u8>, hash: u64, pos: u64, ts: u64, size: u32) {
     scratch.extend_from_slice(&hash.to_le_bytes());
     scratch.extend_from_slice(&pos.to_le_bytes());
     scratch.extend_from_slice(&ts.to_le_bytes());
-    scratch.extend_from_slice(&prev.to_le_bytes());
+    scratch.extend_from_slice(&0u32.to_le_bytes());
     scratch.extend_from_slice(&size.to_le_bytes());
-    f.min_ts = f.min_ts.min(ts);
-    f.max_ts = f.max_ts.max(ts);
+}
+
+/// Links the entries of `scratch` from byte `from` on, in order, into the
+/// chains of the file being filled (each takes the next entry number and
+/// becomes its slot's newest).
+///
+/// The slots are 512 KiB read at random, and under load most reads miss
+/// the CPU's caches (`perf`: 97% of the time an entry took, with one entry
+/// linked per record parsed). So the whole chunk's slots are read first,
+/// in a loop of loads only, whose misses the CPU overlaps; the linking
+/// loop then finds them cached.
+fn link(files: &mut [IndexFile], scratch: &mut Vec<u8>, from: usize) {
+    let Some((f, slots)) = files
+        .last_mut()
+        .and_then(|f| f.mem_slots.take().map(|slots| (f, slots)))
+    else {
+        // No file being filled (cannot happen once a file was created):
+        // the entries are dropped, as the log is indexed again at start.
+        scratch.truncate(from);
+        return;
+    };
+    let mut slots = slots;
+    let entries = &mut scratch[from..];
+    let mut touched = 0u32;
+    for e in entries.chunks_exact(ENTRY_LEN) {
+        touched ^= slots[slot_of(u64_le(&e[0..8]), f.slots) as usize];
+    }
+    std::hint::black_box(touched);
+    for e in entries.chunks_exact_mut(ENTRY_LEN) {
+        let slot = slot_of(u64_le(&e[0..8]), f.slots) as usize;
+        let ts = u64_le(&e[16..24]);
+        f.count += 1;
+        let prev = std::mem::replace(&mut slots[slot], f.count);
+        e[24..28].copy_from_slice(&prev.to_le_bytes());
+        f.min_ts = f.min_ts.min(ts);
+        f.max_ts = f.max_ts.max(ts);
+    }
+    f.mem_slots = Some(slots);
 }
 
 /// Writes the entries gathered in `scratch` (the newest of the last file)

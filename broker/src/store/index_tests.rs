@@ -176,6 +176,47 @@ async fn a_lost_index_is_rebuilt_from_the_log() {
     store.shutdown().await;
 }
 
+/// A rebuild indexes a whole segment in one pass: 9,000 entries, written
+/// and linked 2,048 at a time, in files with the default (large) sizes.
+/// Every chain stays whole across those writes.
+#[tokio::test]
+async fn a_rebuild_larger_than_one_index_write_keeps_every_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Async), &topics()).unwrap();
+    let mut ids = Vec::new();
+    for batch in 0..30 {
+        let messages: Vec<Message> = (0..100).map(|i| keyed(batch * 100 + i)).collect();
+        ids.extend(messages.iter().map(|m| m.msg_id));
+        store.append("orders", 0, messages).await.unwrap();
+    }
+    store.shutdown().await;
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Async), &topics()).unwrap();
+    for i in [0, 2047, 2048, 2999] {
+        let body = format!("body-{i}");
+        assert_eq!(
+            bodies(&store.find_by_id(&ids[i], 8).unwrap()),
+            vec![body.clone()]
+        );
+        let key = format!("order-{i}");
+        assert_eq!(
+            bodies(&store.find_by_key("orders", &key, 0, u64::MAX, 8).unwrap()),
+            vec![body]
+        );
+    }
+    // One chain of 1,000 entries, newest first.
+    let found = store
+        .find_by_key("orders", "customer-0", 0, u64::MAX, 2000)
+        .unwrap();
+    let expected: Vec<String> = (0..3000)
+        .rev()
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("body-{i}"))
+        .collect();
+    assert_eq!(bodies(&found), expected);
+    store.shutdown().await;
+}
+
 #[tokio::test]
 async fn retention_deletes_index_files_of_deleted_segments() {
     let dir = tempfile::tempdir().unwrap();
