@@ -194,3 +194,112 @@ async fn tx_with_unknown_local_results_settles_every_transaction_by_check_back()
     assert_latency(&r, "prepare_latency_us", 200);
     cluster.shutdown().await;
 }
+
+/// `bench floor` measures the machine's echo floor in a process of its
+/// own and leaves none behind; `produce --compare-floor` reports its rate
+/// and p99 as ratios to the floor of the same shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    let f = bench(
+        &ns,
+        &[
+            "floor",
+            "--connections",
+            "4",
+            "--size",
+            "128",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "50ms",
+        ],
+    )
+    .await;
+    assert_eq!(f["scenario"], "floor");
+    assert_eq!(f["connections"], 4);
+    let round_trips = f["round_trips"].as_u64().unwrap_or(0);
+    assert!(round_trips > 0, "{f}");
+    assert_latency(&f, "latency_us", round_trips);
+    assert!(
+        f["round_trip_rate_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{f}"
+    );
+    for cpu in [
+        "server_cpu_us_per_round_trip",
+        "client_cpu_us_per_round_trip",
+    ] {
+        assert!(f[cpu].as_f64().is_some_and(|x| x >= 0.0), "{cpu} in {f}");
+    }
+
+    create_topic(&ns, "fl", 4).await;
+    let r = bench(
+        &ns,
+        &[
+            "produce",
+            "fl",
+            "--producers",
+            "2",
+            "--in-flight",
+            "1",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "50ms",
+            "--compare-floor",
+        ],
+    )
+    .await;
+    assert_eq!(r["floor_connections"], 2, "{r}");
+    let rate = r["publish_rate_msg_s"].as_f64().unwrap_or(0.0);
+    let floor = r["floor_round_trip_rate_s"].as_f64().unwrap_or(0.0);
+    assert!(rate > 0.0 && floor > 0.0, "{r}");
+    let ratio = r["floor_ratio"].as_f64().unwrap_or(0.0);
+    assert!((ratio - rate / floor).abs() < 0.01, "{r}");
+    assert!(r["p99_to_floor"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+
+    // Each run's echo server went with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while echo_servers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an echo server was left running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A floor against a server that is not there: a clear error.
+    let out = txmq(
+        &ns,
+        &[
+            "bench",
+            "floor",
+            "--server",
+            "127.0.0.1:1",
+            "--duration",
+            "100ms",
+        ],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to the echo server"), "{err}");
+    cluster.shutdown().await;
+}
+
+/// Processes running `txmq bench echo-server` (only the floor test starts
+/// them).
+fn echo_servers() -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.windows(12).any(|w| w == b"\0echo-server"))
+        })
+        .count()
+}

@@ -1,11 +1,12 @@
-//! `txmq bench produce|consume|e2e|tx`: load generators against a running
+//! `txmq bench produce|consume|e2e|tx|floor`: load generators against a running
 //! cluster, one subcommand per scenario (as Apache Iggy's bench has).
 //!
 //! Each scenario is a file: [`produce`] (publish rate and latency),
 //! [`consume`] (drain a backlog or follow a topic), [`e2e`] (produce and
-//! consume together, end-to-end latency, lost and duplicated messages) and
+//! consume together, end-to-end latency, lost and duplicated messages),
 //! [`tx`] (transactional sends with a mix of local results and check-back
-//! answers). They share the load loop ([`load`]: K requests in flight per
+//! answers) and [`floor`] (a minimal echo: what a request and its reply cost
+//! on this machine, to hold the others against). They share the load loop ([`load`]: K requests in flight per
 //! producer, closed or open loop with coordinated-omission correction), the
 //! latency histograms ([`histogram`]), the message header receivers
 //! recognise ([`body`]), sequence accounting ([`sequences`]), the progress
@@ -19,6 +20,7 @@
 mod body;
 mod consume;
 mod e2e;
+mod floor;
 mod histogram;
 mod load;
 mod pacer;
@@ -64,6 +66,13 @@ pub enum BenchCommand {
     /// Transactional sends with a mix of local results and check-back
     /// answers: prepare, commit, check-back and prepare-to-visible times.
     Tx(tx::TxArgs),
+    /// The machine's floor: a minimal TCP echo in a separate process, the
+    /// round trips per second and CPU per round trip that any broker's
+    /// request and reply cost here (compare with `produce --compare-floor`).
+    Floor(floor::FloorArgs),
+    /// The floor's echo server (started by `bench floor`).
+    #[command(hide = true)]
+    EchoServer(floor::EchoServerArgs),
 }
 
 /// Runs a benchmark.
@@ -77,6 +86,8 @@ pub async fn run(global: &GlobalArgs, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Consume(args) => consume::run(global, args).await,
         BenchCommand::E2e(args) => e2e::run(global, args).await,
         BenchCommand::Tx(args) => tx::run(global, args).await,
+        BenchCommand::Floor(args) => floor::run(global, args).await,
+        BenchCommand::EchoServer(args) => floor::echo_server(args).await,
     }
 }
 

@@ -40,6 +40,13 @@ pub struct ProduceArgs {
     /// once with each to measure what idempotence costs.
     #[arg(long, env = "TXMQ_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub idempotence: bool,
+
+    /// Then measure the machine's floor (`txmq bench floor`: a minimal echo
+    /// over --producers connections with --in-flight requests each, the
+    /// same size and duration) and report the rate and p99 as ratios to it
+    /// (`floor_ratio`, `p99_to_floor`).
+    #[arg(long, env = "TXMQ_COMPARE_FLOOR")]
+    pub compare_floor: bool,
 }
 
 /// What one producer task saw.
@@ -241,6 +248,23 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     stats.report(&mut report, &timing, args.load.rate.is_some());
     // Whole run, warm-up included: the broker cannot tell them apart.
     super::report_store_counters(&mut report, store_before, store_after, run_secs);
+    if args.compare_floor {
+        let secs = stats.measured_secs(&timing);
+        let shape = super::floor::Shape {
+            connections: args.load.producers,
+            in_flight: args.load.in_flight,
+            size: args.load.size,
+            reply: super::floor::DEFAULT_REPLY,
+            warmup: timing.measure_from.duration_since(timing.start),
+            duration: Duration::from_secs_f64(secs.max(0.1)),
+        };
+        let rate = if secs > 0.0 {
+            stats.messages as f64 / secs
+        } else {
+            0.0
+        };
+        super::floor::compare(&mut report, shape, rate, &stats.latency.summary()).await?;
+    }
     report.print(&Printer::stdout(global.output))?;
     if stats.messages == 0 && stats.errors > 0 {
         bail!(

@@ -1,0 +1,437 @@
+//! `txmq bench floor`: the machine's own floor for a request and its
+//! reply over loopback, to hold txmq's figures against.
+//!
+//! A minimal echo: a server in a separate process (`txmq bench
+//! echo-server`, started by the floor unless `--server` names one) reads
+//! length-prefixed requests and answers each with a short reply; the client
+//! keeps `--in-flight` requests going on each of `--connections` TCP
+//! connections (TCP_NODELAY on both sides), as `bench produce` does with
+//! one connection per producer. No storage, no decoding: what remains is
+//! the cost of the wake-ups, system calls and copies any broker pays, so
+//! `bench produce`'s rate over the floor's (`--compare-floor`) says how much
+//! of the machine txmq's own work takes.
+//!
+//! CPU is read from `/proc` (user and system time of the whole process,
+//! in the kernel's fixed 100 ticks per second) over the measured period.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::histogram::{Latencies, Summary};
+use super::report::{round, Report};
+use crate::args::{parse_duration, GlobalArgs};
+use crate::output::Printer;
+
+/// The reply's size by default: about what a send's acknowledgement is.
+pub const DEFAULT_REPLY: usize = 16;
+/// The largest request the echo server takes.
+const MAX_REQUEST: usize = 64 << 20;
+/// What the echo server prints first, before its address.
+const LISTENING: &str = "listening on ";
+/// `/proc/PID/stat` counts CPU time in these per second (USER_HZ, fixed
+/// at 100 for user space on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// `txmq bench floor ...`
+#[derive(Debug, Args)]
+pub struct FloorArgs {
+    /// TCP connections, each with its own load loop (as `bench produce
+    /// --producers`, one connection each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub connections: u32,
+
+    /// Requests in flight at once per connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub in_flight: u32,
+
+    /// Request size in bytes (as `--size` of `bench produce`).
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+
+    /// Reply size in bytes.
+    #[arg(long, default_value_t = DEFAULT_REPLY)]
+    pub reply: usize,
+
+    /// How long to measure, after the warm-up.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+
+    /// Load before measuring, left out of the figures.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub warmup: Duration,
+
+    /// An echo server already running (`txmq bench echo-server`), for
+    /// example pinned to other cores; default: start one.
+    #[arg(long, value_name = "ADDR")]
+    pub server: Option<String>,
+}
+
+/// `txmq bench echo-server ...`: the floor's server, in its own process.
+#[derive(Debug, Args)]
+pub struct EchoServerArgs {
+    /// Address to listen on; prints `listening on ADDR` once bound.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+
+    /// Reply size in bytes.
+    #[arg(long, default_value_t = DEFAULT_REPLY)]
+    pub reply: usize,
+}
+
+/// The shape of a floor run.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Connections, each with a load loop.
+    pub connections: u32,
+    /// Requests in flight per connection.
+    pub in_flight: u32,
+    /// Request bytes.
+    pub size: usize,
+    /// Reply bytes.
+    pub reply: usize,
+    /// Warm-up, then measured period.
+    pub warmup: Duration,
+    /// Measured period.
+    pub duration: Duration,
+}
+
+/// What a floor run measured.
+#[derive(Debug, Clone)]
+pub struct Floor {
+    /// Round trips completed in the measured period.
+    pub round_trips: u64,
+    /// Its length in seconds.
+    pub secs: f64,
+    /// Round-trip latency.
+    pub latency: Latencies,
+    /// The server's CPU seconds over the measured period (a server it
+    /// started; `None` for `--server`).
+    pub server_cpu_s: Option<f64>,
+    /// This process's CPU seconds over the measured period.
+    pub client_cpu_s: Option<f64>,
+}
+
+impl Floor {
+    /// Round trips per second.
+    pub fn rate(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.round_trips as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    /// CPU microseconds per round trip of `cpu_s` seconds.
+    fn per_round_trip(&self, cpu_s: Option<f64>) -> Option<f64> {
+        let n = self.round_trips;
+        cpu_s
+            .filter(|_| n > 0)
+            .map(|s| round(s * 1e6 / n as f64, 3))
+    }
+
+    /// The latency summary.
+    pub fn summary(&self) -> Summary {
+        self.latency.summary()
+    }
+}
+
+/// Runs `txmq bench floor`.
+///
+/// # Errors
+/// When the echo server cannot be started or reached.
+pub async fn run(global: &GlobalArgs, args: FloorArgs) -> Result<()> {
+    if args.duration.is_zero() {
+        bail!("--duration must be above 0");
+    }
+    let shape = Shape {
+        connections: args.connections,
+        in_flight: args.in_flight,
+        size: args.size,
+        reply: args.reply,
+        warmup: args.warmup,
+        duration: args.duration,
+    };
+    let floor = measure(shape, args.server.as_deref()).await?;
+    let mut report = super::new_report(global, "floor");
+    report
+        .field("connections", shape.connections)
+        .field("in_flight", shape.in_flight)
+        .field("message_size", shape.size as u64)
+        .field("reply_size", shape.reply as u64)
+        .field("round_trips", floor.round_trips)
+        .field("duration_s", round(floor.secs, 3))
+        .field("round_trip_rate_s", round(floor.rate(), 1))
+        .field(
+            "server_cpu_us_per_round_trip",
+            floor.per_round_trip(floor.server_cpu_s),
+        )
+        .field(
+            "client_cpu_us_per_round_trip",
+            floor.per_round_trip(floor.client_cpu_s),
+        )
+        .latency("latency_us", floor.summary());
+    report.print(&Printer::stdout(global.output))?;
+    Ok(())
+}
+
+/// Adds the floor, measured now with `shape`, to a report of `rate`
+/// messages per second with `latency`: the floor's figures and the
+/// ratios (`floor_ratio`: rate over the floor's; `p99_to_floor`).
+///
+/// # Errors
+/// When the echo server cannot be started or reached.
+pub async fn compare(
+    report: &mut Report,
+    shape: Shape,
+    rate: f64,
+    latency: &Summary,
+) -> Result<()> {
+    let floor = measure(shape, None).await?;
+    let summary = floor.summary();
+    report
+        .field("floor_connections", shape.connections)
+        .field("floor_round_trip_rate_s", round(floor.rate(), 1))
+        .field("floor_p50_us", summary.p50)
+        .field("floor_p99_us", summary.p99)
+        .field(
+            "floor_server_cpu_us_per_round_trip",
+            floor.per_round_trip(floor.server_cpu_s),
+        )
+        .field(
+            "floor_client_cpu_us_per_round_trip",
+            floor.per_round_trip(floor.client_cpu_s),
+        )
+        .field(
+            "floor_ratio",
+            (floor.rate() > 0.0).then(|| round(rate / floor.rate(), 3)),
+        )
+        .field(
+            "p99_to_floor",
+            (summary.p99 > 0 && latency.count > 0)
+                .then(|| round(latency.p99 as f64 / summary.p99 as f64, 3)),
+        );
+    Ok(())
+}
+
+/// Measures the floor: starts an echo server (unless `server` names one),
+/// runs the load and stops the server.
+///
+/// # Errors
+/// When the server cannot be started or reached.
+pub async fn measure(shape: Shape, server: Option<&str>) -> Result<Floor> {
+    let (addr, child) = match server {
+        Some(addr) => (addr.to_string(), None),
+        None => {
+            let (addr, child) = start_server(shape.reply).await?;
+            (addr, Some(child))
+        }
+    };
+    let pid = child.as_ref().and_then(Child::id);
+    let mut streams = Vec::with_capacity(shape.connections as usize);
+    for _ in 0..shape.connections {
+        let s = TcpStream::connect(&addr)
+            .await
+            .with_context(|| format!("cannot connect to the echo server at {addr}"))?;
+        s.set_nodelay(true)?;
+        streams.push(s);
+    }
+    let start = Instant::now();
+    let measure_from = start + shape.warmup;
+    let until = measure_from + shape.duration;
+    // CPU is read at the warm-up's end, by a task of its own.
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from).await;
+        (
+            cpu_ticks("self"),
+            pid.and_then(|p| cpu_ticks(&p.to_string())),
+        )
+    });
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|s| tokio::spawn(load(s, shape, measure_from, until)))
+        .collect();
+    let mut latency = Latencies::new();
+    let mut round_trips = 0;
+    let mut last = measure_from;
+    for t in tasks {
+        let (n, l, done) = t.await.context("an echo load task failed")??;
+        round_trips += n;
+        latency.merge(&l);
+        last = last.max(done);
+    }
+    let (client_end, server_end) = (
+        cpu_ticks("self"),
+        pid.and_then(|p| cpu_ticks(&p.to_string())),
+    );
+    let (client_start, server_start) = cpu_at_start.await.context("the CPU reader failed")?;
+    drop(child);
+    let cpu = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / TICKS_PER_S),
+        _ => None,
+    };
+    Ok(Floor {
+        round_trips,
+        secs: last.saturating_duration_since(measure_from).as_secs_f64(),
+        latency,
+        server_cpu_s: cpu(server_start, server_end),
+        client_cpu_s: cpu(client_start, client_end),
+    })
+}
+
+/// Starts `txmq bench echo-server` (this same binary) on a free loopback
+/// port; killed when the handle is dropped.
+async fn start_server(reply: usize) -> Result<(String, Child)> {
+    let exe =
+        std::env::current_exe().context("cannot find the txmq binary to start the echo server")?;
+    let mut child = Command::new(exe)
+        .args(["bench", "echo-server", "--listen", "127.0.0.1:0", "--reply"])
+        .arg(reply.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the echo server")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("the echo server's output is not readable")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .context("cannot read the echo server's address")?;
+    match line.trim().strip_prefix(LISTENING) {
+        Some(addr) => Ok((addr.to_string(), child)),
+        None => bail!("the echo server did not say where it listens: {line:?}"),
+    }
+}
+
+/// One connection's loop: `in_flight` requests written ahead, a new one
+/// for each reply, until `until`. Returns the round trips completed in
+/// the measured period, their latency and when the last completed.
+async fn load(
+    mut stream: TcpStream,
+    shape: Shape,
+    measure_from: Instant,
+    until: Instant,
+) -> Result<(u64, Latencies, Instant)> {
+    let mut request = Vec::with_capacity(4 + shape.size);
+    request.extend_from_slice(&(shape.size as u32).to_le_bytes());
+    request.resize(4 + shape.size, b'x');
+    let mut reply = vec![0u8; shape.reply];
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(shape.in_flight as usize);
+    let mut latency = Latencies::new();
+    let mut n = 0u64;
+    let mut last = measure_from;
+    for _ in 0..shape.in_flight {
+        sent.push_back(Instant::now());
+        stream.write_all(&request).await?;
+    }
+    while let Some(at) = sent.pop_front() {
+        stream.read_exact(&mut reply).await?;
+        let now = Instant::now();
+        if at >= measure_from && now <= until {
+            latency.record(now - at);
+            n += 1;
+            last = now;
+        }
+        if now < until {
+            sent.push_back(Instant::now());
+            stream.write_all(&request).await?;
+        }
+    }
+    Ok((n, latency, last))
+}
+
+/// Runs the echo server until killed.
+///
+/// # Errors
+/// When it cannot listen.
+pub async fn echo_server(args: EchoServerArgs) -> Result<()> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("{LISTENING}{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        tokio::spawn(echo(stream, args.reply));
+    }
+}
+
+/// Answers each request of a connection with `reply` bytes.
+async fn echo(mut stream: TcpStream, reply: usize) -> std::io::Result<()> {
+    let answer = vec![0u8; reply];
+    let mut request = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).await.is_err() {
+            return Ok(());
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_REQUEST {
+            return Ok(());
+        }
+        request.resize(len, 0);
+        stream.read_exact(&mut request).await?;
+        stream.write_all(&answer).await?;
+    }
+}
+
+/// User plus system CPU ticks of `/proc/<pid>/stat` (`self` for this
+/// process).
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in
+    // parentheses: utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_cpu_time() {
+        assert!(cpu_ticks("self").is_some());
+        assert!(cpu_ticks("no-such-process").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_load_counts_round_trips_against_an_echo_in_this_process() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(echo(s, 16));
+            }
+        });
+        let shape = Shape {
+            connections: 2,
+            in_flight: 4,
+            size: 100,
+            reply: 16,
+            warmup: Duration::from_millis(20),
+            duration: Duration::from_millis(200),
+        };
+        let floor = measure(shape, Some(&addr)).await.unwrap();
+        assert!(floor.round_trips > 0, "{floor:?}");
+        assert_eq!(floor.latency.count(), floor.round_trips);
+        assert!(floor.secs > 0.0 && floor.secs <= 0.25, "{floor:?}");
+        assert!(floor.server_cpu_s.is_none());
+        assert!(floor.client_cpu_s.is_some());
+    }
+}
