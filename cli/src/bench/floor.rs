@@ -137,6 +137,14 @@ impl Floor {
             .map(|s| round(s * 1e6 / n as f64, 3))
     }
 
+    /// Adds `<prefix>server_cpu_us_per_round_trip` and the client's.
+    fn cpu_fields(&self, report: &mut Report, prefix: &str) {
+        for (side, cpu_s) in [("server", self.server_cpu_s), ("client", self.client_cpu_s)] {
+            let key = format!("{prefix}{side}_cpu_us_per_round_trip");
+            report.field(&key, self.per_round_trip(cpu_s));
+        }
+    }
+
     /// The latency summary.
     pub fn summary(&self) -> Summary {
         self.latency.summary()
@@ -168,16 +176,9 @@ pub async fn run(global: &GlobalArgs, args: FloorArgs) -> Result<()> {
         .field("reply_size", shape.reply as u64)
         .field("round_trips", floor.round_trips)
         .field("duration_s", round(floor.secs, 3))
-        .field("round_trip_rate_s", round(floor.rate(), 1))
-        .field(
-            "server_cpu_us_per_round_trip",
-            floor.per_round_trip(floor.server_cpu_s),
-        )
-        .field(
-            "client_cpu_us_per_round_trip",
-            floor.per_round_trip(floor.client_cpu_s),
-        )
-        .latency("latency_us", floor.summary());
+        .field("round_trip_rate_s", round(floor.rate(), 1));
+    floor.cpu_fields(&mut report, "");
+    report.latency("latency_us", floor.summary());
     report.print(&Printer::stdout(global.output))?;
     Ok(())
 }
@@ -200,15 +201,9 @@ pub async fn compare(
         .field("floor_connections", shape.connections)
         .field("floor_round_trip_rate_s", round(floor.rate(), 1))
         .field("floor_p50_us", summary.p50)
-        .field("floor_p99_us", summary.p99)
-        .field(
-            "floor_server_cpu_us_per_round_trip",
-            floor.per_round_trip(floor.server_cpu_s),
-        )
-        .field(
-            "floor_client_cpu_us_per_round_trip",
-            floor.per_round_trip(floor.client_cpu_s),
-        )
+        .field("floor_p99_us", summary.p99);
+    floor.cpu_fields(report, "floor_");
+    report
         .field(
             "floor_ratio",
             (floor.rate() > 0.0).then(|| round(rate / floor.rate(), 3)),
