@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use txmq::{
     Admin, BoxError, CheckRequest, Ended, Message, SendStatus, TransactionList,
     TransactionListener, TransactionProducer, TransactionState, TxAction, TxContext, TxDetail,
-    TxInfo, TxOutcome, TxState,
+    TxEnd, TxInfo, TxOutcome, TxState,
 };
 
 use crate::args::{parse_duration, GlobalArgs};
@@ -330,6 +330,12 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
             return Err(e.into());
         }
     };
+    // An end the broker refused or never answered is an error here, as it
+    // always was: printed on stderr, exit 1, nothing on stdout.
+    if let TxEnd::Refused(e) | TxEnd::Lost(e) = outcome.end {
+        producer.close();
+        return Err(e.into());
+    }
     let printer = Printer::stdout(global.output);
     let printed = match printer.format {
         OutputFormat::Text => printer.line(&outcome_text(&outcome, &args.topic)),
@@ -619,7 +625,7 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
     m.insert("broker".into(), json!(o.broker_name));
     m.insert("topic".into(), json!(topic));
     m.insert("prepare_status".into(), json!(o.prepare_status.name()));
-    if let Some(ended) = &o.ended {
+    if let Some(ended) = o.ended() {
         m.insert("ended".into(), json!(ended.state.name()));
         m.insert("already".into(), json!(ended.already));
         // How the end was stored: FLUSH_SLAVE_TIMEOUT, say, under sync replication.
@@ -630,7 +636,7 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
 
 /// A transactional send's result as a text line.
 fn outcome_text(o: &TxOutcome, topic: &str) -> String {
-    let end = match &o.ended {
+    let end = match o.ended() {
         Some(e) if e.already => format!("ended={} (already)", e.state.name()),
         Some(e) if e.status != SendStatus::SendOk => {
             format!("ended={} status={}", e.state.name(), e.status.name())
@@ -916,7 +922,7 @@ mod tests {
             msg_ids: vec![id],
             state,
             prepare_status: SendStatus::SendOk,
-            ended,
+            end: ended.map_or(TxEnd::NotSent, TxEnd::Ended),
         }
     }
 

@@ -73,6 +73,10 @@ pub enum Error {
     /// it as decided failed: the broker refused (e.g. `TRANSACTION_ROLLED_BACK`
     /// when a check-back already rolled it back, `TRANSACTION_PARKED`), or
     /// the request was lost, in which case the broker checks back later.
+    /// A transactional send never returns it as its `Err`: it is inside the
+    /// send's [`TxOutcome`](crate::TxOutcome), as
+    /// [`TxEnd::Refused`](crate::TxEnd::Refused) or
+    /// [`TxEnd::Lost`](crate::TxEnd::Lost).
     #[error("cannot {} transaction {tx_id} on broker {broker}", action_verb(.action))]
     EndTransaction {
         /// The transaction id.

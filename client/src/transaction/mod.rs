@@ -32,6 +32,6 @@ pub use listener::{
 };
 pub use offsets::ConsumedOffset;
 pub use producer::{
-    TransactionProducer, TransactionProducerBuilder, TxOutcome, DEFAULT_BROKER_REFRESH_INTERVAL,
-    DEFAULT_CHECK_TIMEOUT,
+    TransactionProducer, TransactionProducerBuilder, TxEnd, TxOutcome,
+    DEFAULT_BROKER_REFRESH_INTERVAL, DEFAULT_CHECK_TIMEOUT,
 };
