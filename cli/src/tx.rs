@@ -914,26 +914,22 @@ mod tests {
     }
 
     fn outcome(ended: Option<Ended>, state: TransactionState) -> TxOutcome {
-        let id = MsgId([0xab; 16]);
-        TxOutcome {
-            tx_id: 17,
-            broker_name: "broker-a".into(),
-            msg_id: id,
-            msg_ids: vec![id],
+        let end = ended.map_or(TxEnd::NotSent, TxEnd::Ended);
+        let outcome = TxOutcome::new(
+            17,
+            "broker-a",
+            vec![MsgId([0xab; 16])],
             state,
-            prepare_status: SendStatus::SendOk,
-            end: ended.map_or(TxEnd::NotSent, TxEnd::Ended),
-        }
+            SendStatus::SendOk,
+            end,
+        );
+        outcome.unwrap_or_else(|e| panic!("an outcome with a message: {e}"))
     }
 
     #[test]
     fn a_send_outcome_names_the_local_result_and_the_brokers_state() {
         let committed = outcome(
-            Some(Ended {
-                state: TxState::Committed,
-                already: false,
-                status: SendStatus::SendOk,
-            }),
+            Some(Ended::new(TxState::Committed, false, SendStatus::SendOk)),
             TransactionState::Commit,
         );
         let v = outcome_json(&committed, "orders");
@@ -955,11 +951,7 @@ mod tests {
         // Stored on the master only (sync replication short of slaves): said.
         for status in [SendStatus::FlushSlaveTimeout, SendStatus::SlaveNotAvailable] {
             let short = outcome(
-                Some(Ended {
-                    state: TxState::Committed,
-                    already: false,
-                    status,
-                }),
+                Some(Ended::new(TxState::Committed, false, status)),
                 TransactionState::Commit,
             );
             assert_eq!(outcome_json(&short, "orders")["end_status"], status.name());
@@ -968,11 +960,7 @@ mod tests {
                 status.name()
             )));
             let mut prepared_short = outcome(
-                Some(Ended {
-                    state: TxState::RolledBack,
-                    already: false,
-                    status: SendStatus::SendOk,
-                }),
+                Some(Ended::new(TxState::RolledBack, false, SendStatus::SendOk)),
                 TransactionState::Rollback,
             );
             prepared_short.prepare_status = status;
@@ -1107,11 +1095,7 @@ mod tests {
 
     #[test]
     fn a_resolution_prints_the_resulting_state() {
-        let ended = Ended {
-            state: TxState::RolledBack,
-            already: true,
-            status: SendStatus::SendOk,
-        };
+        let ended = Ended::new(TxState::RolledBack, true, SendStatus::SendOk);
         assert_eq!(
             resolved_text(9, "broker-a", &ended),
             "transaction 9 on broker-a: rolled_back (already)"

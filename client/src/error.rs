@@ -7,7 +7,12 @@
 use txmq_protocol::{ErrorCode, TxAction, WireError};
 
 /// What can go wrong in a client call.
+///
+/// New kinds of failure are added as the client grows, so a `match` on it
+/// needs a `_` arm; [`Error::code`], [`Error::is_retriable`] and
+/// [`Error::wire_error`] answer most questions without one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A request failed on its connection: cannot connect, closed, timed
     /// out, or the peer answered with an error ([`txmq_remoting::Error::Remote`]).

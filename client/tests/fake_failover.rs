@@ -106,14 +106,14 @@ impl Broker {
             }
             Request::EndTransaction(e) => {
                 lock(&self.ended).push(e.tx_id);
-                Response::EndTransaction(Ended {
-                    state: match e.action {
+                Response::EndTransaction(Ended::new(
+                    match e.action {
                         TxAction::Commit => TxState::Committed,
                         TxAction::Rollback => TxState::RolledBack,
                     },
-                    already: false,
-                    status: SendStatus::SendOk,
-                })
+                    false,
+                    SendStatus::SendOk,
+                ))
             }
             Request::CommitOffset(c) => {
                 lock(&self.commits).push(c.offset);

@@ -214,14 +214,14 @@ impl Node {
             }
             Request::EndTransaction(e) => {
                 self.ends.fetch_add(1, Ordering::SeqCst);
-                Response::EndTransaction(Ended {
-                    state: match e.action {
+                Response::EndTransaction(Ended::new(
+                    match e.action {
                         TxAction::Commit => TxState::Committed,
                         TxAction::Rollback => TxState::RolledBack,
                     },
-                    already: false,
-                    status: SendStatus::SendOk,
-                })
+                    false,
+                    SendStatus::SendOk,
+                ))
             }
             Request::Send(s) => {
                 let first_offset = self.store.len(s.queue) as u64;

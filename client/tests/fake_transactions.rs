@@ -157,11 +157,7 @@ impl FakeBroker {
                 format!("unknown transaction {}", e.tx_id),
             )
         })?;
-        let ended = |state, already| Ended {
-            state,
-            already,
-            status: SendStatus::SendOk,
-        };
+        let ended = |state, already| Ended::new(state, already, SendStatus::SendOk);
         match (tx.state, e.action) {
             (TxState::Parked, _) if e.source == TxSource::Producer => Err(WireError::new(
                 ErrorCode::TransactionParked,

@@ -109,6 +109,7 @@ pub enum ConsumeFrom {
 
 /// A message as [`PullConsumer::poll`] hands it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReceivedMessage {
     /// The broker it was read from.
     pub broker_name: String,
@@ -117,6 +118,15 @@ pub struct ReceivedMessage {
 }
 
 impl ReceivedMessage {
+    /// `stored` as read from `broker_name`: for testing a handler;
+    /// consumers make the real ones.
+    pub fn new(broker_name: impl Into<String>, stored: StoredMessage) -> ReceivedMessage {
+        ReceivedMessage {
+            broker_name: broker_name.into(),
+            stored,
+        }
+    }
+
     /// The message as sent.
     pub fn message(&self) -> &Message {
         &self.stored.message

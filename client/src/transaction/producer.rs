@@ -63,6 +63,7 @@ const MAX_RENEWALS: u32 = 3;
 /// # }
 /// ```
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct TxOutcome {
     /// The transaction id, unique on [`TxOutcome::broker_name`].
     pub tx_id: u64,
@@ -88,6 +89,35 @@ pub struct TxOutcome {
 }
 
 impl TxOutcome {
+    /// An outcome: for testing code that handles outcomes; sends make the
+    /// real ones. [`TxOutcome::msg_id`] is the first of `msg_ids`.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] when `msg_ids` is empty.
+    pub fn new(
+        tx_id: u64,
+        broker_name: impl Into<String>,
+        msg_ids: Vec<MsgId>,
+        state: TransactionState,
+        prepare_status: SendStatus,
+        end: TxEnd,
+    ) -> Result<TxOutcome> {
+        let Some(&msg_id) = msg_ids.first() else {
+            return Err(Error::BadArgument(format!(
+                "outcome of transaction {tx_id} names no message"
+            )));
+        };
+        Ok(TxOutcome {
+            tx_id,
+            broker_name: broker_name.into(),
+            msg_id,
+            msg_ids,
+            state,
+            prepare_status,
+            end,
+        })
+    }
+
     /// True when the broker took the end as a commit: the messages are
     /// visible (also when the transaction was committed before, by a
     /// check-back: [`Ended::already`]).
