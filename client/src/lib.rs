@@ -69,8 +69,9 @@ pub use error::{Error, Result};
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
 pub use route::MessageQueue;
 pub use transaction::{
-    BoxError, CheckRequest, ConsumedOffset, TransactionListener, TransactionProducer,
-    TransactionProducerBuilder, TransactionState, TxContext, TxEnd, TxOutcome,
+    BoxError, BoxListener, CheckRequest, ConsumedOffset, DynTransactionListener, ListenerFuture,
+    TransactionListener, TransactionProducer, TransactionProducerBuilder, TransactionState,
+    TxContext, TxEnd, TxOutcome,
 };
 pub use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, OffsetTarget, PROPERTY_DELIVER_AT, PROPERTY_REAL_TOPIC,

@@ -26,9 +26,9 @@ use common::txmq;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use txmq::{
-    Admin, BoxError, CheckRequest, Ended, Error, ErrorCode, Message, MsgId, Producer, PullConsumer,
-    ReceivedMessage, TransactionList, TransactionListener, TransactionProducer, TransactionState,
-    TxAction, TxContext, TxEnd, TxInfo, TxState, PERM_READ_WRITE,
+    Admin, BoxError, BoxListener, CheckRequest, Ended, Error, ErrorCode, Message, MsgId, Producer,
+    PullConsumer, ReceivedMessage, TransactionList, TransactionListener, TransactionProducer,
+    TransactionState, TxAction, TxContext, TxEnd, TxInfo, TxState, PERM_READ_WRITE,
 };
 use txmq_broker::{BrokerConfig, FlushMode, TxConfig, PROP_USER_CHECK_DELAY};
 use txmq_protocol::{EndTransaction, Hello, Role, TxSource, PROTOCOL_VERSION};
@@ -1677,6 +1677,66 @@ async fn cli_tx_listen_rolls_back_a_transaction_another_process_left_unknown() {
     );
     assert!(visible(&cluster, topic).await.is_empty(), "never visible");
 
+    admin.close();
+    cluster.shutdown().await;
+}
+
+/// Answers by body: the local transaction of "later" is not decided
+/// (Unknown), any other commits; every check-back commits.
+struct ByBody;
+
+impl TransactionListener for ByBody {
+    async fn execute(&self, msg: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+        Ok(if &msg.body[..] == b"later" {
+            Unknown
+        } else {
+            Commit
+        })
+    }
+
+    async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+        Ok(Commit)
+    }
+}
+
+/// A listener behind a trait object ([`BoxListener`]) runs local
+/// transactions and answers check-backs like any other: one committed at
+/// once, one committed by the check-back, each visible once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boxed_listener_commits_and_answers_check_backs() {
+    let topic = "t-boxed";
+    let cluster = cluster_with(|_| {}).await;
+    create_topic(&cluster, topic, 1).await;
+    let producer: TransactionProducer<BoxListener> = TransactionProducer::builder()
+        .nameserver(&cluster.nameserver)
+        .group("boxed-pg")
+        .listener(BoxListener::new(ByBody))
+        .start()
+        .await
+        .expect("transaction producer starts");
+    let now = producer
+        .send_in_transaction(Message::new(topic, "now"))
+        .await
+        .unwrap();
+    assert!(now.committed(), "{:?}", now.end);
+    let later = producer
+        .send_in_transaction(Message::new(topic, "later"))
+        .await
+        .unwrap();
+    assert!(matches!(later.end, TxEnd::NotSent), "{:?}", later.end);
+    assert!(later.pending());
+    let admin = cluster.admin().await;
+    eventually(
+        "the check-back's commit",
+        Duration::from_secs(10),
+        async || tx_info(&admin, later.tx_id).await.is_none().then_some(()),
+    )
+    .await;
+    let counts = visible_ids(&cluster, topic).await;
+    assert_eq!(counts.get(&now.msg_id), Some(&1));
+    assert_eq!(counts.get(&later.msg_id), Some(&1));
+    assert_eq!(counts.len(), 2);
+    producer.close();
     admin.close();
     cluster.shutdown().await;
 }

@@ -28,7 +28,8 @@ mod placement;
 pub mod producer;
 
 pub use listener::{
-    state_of, BoxError, CheckRequest, TransactionListener, TransactionState, TxContext,
+    state_of, BoxError, BoxListener, CheckRequest, DynTransactionListener, ListenerFuture,
+    TransactionListener, TransactionState, TxContext,
 };
 pub use offsets::ConsumedOffset;
 pub use producer::{
