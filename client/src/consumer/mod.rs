@@ -97,6 +97,7 @@ const NO_ROUTE_REFRESH: Duration = Duration::from_secs(1);
 
 /// Where a group starts on a queue for which it has no committed offset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConsumeFrom {
     /// At the first message still stored (the default).
     #[default]
