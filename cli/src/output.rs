@@ -343,16 +343,16 @@ mod tests {
     use txmq::{SendStatus, StoredMessage};
 
     fn received(body: &'static [u8]) -> ReceivedMessage {
-        ReceivedMessage {
-            broker_name: "broker-a".into(),
-            stored: StoredMessage {
+        ReceivedMessage::new(
+            "broker-a",
+            StoredMessage {
                 message: Message::new("orders", body).with_key("k1").with_tag("t1"),
                 queue: 1,
                 queue_offset: 7,
                 log_offset: 100,
                 store_timestamp: 1_700_000_000_000,
             },
-        }
+        )
     }
 
     #[test]
@@ -406,15 +406,14 @@ mod tests {
     #[test]
     fn a_sent_message_shows_status_and_position() {
         let message = Message::new("orders", "hi");
-        let receipt = SendReceipt {
-            msg_id: message.msg_id,
-            topic: "orders".into(),
-            broker_name: "broker-a".into(),
-            queue: 1,
-            queue_offset: 7,
-            status: SendStatus::FlushDiskTimeout,
-            duplicate: false,
-        };
+        let receipt = SendReceipt::new(
+            message.msg_id,
+            "orders",
+            "broker-a",
+            1,
+            7,
+            SendStatus::FlushDiskTimeout,
+        );
         let v = sent_json(&receipt, &message);
         assert_eq!(v["status"], "FLUSH_DISK_TIMEOUT");
         assert_eq!(v["queue_offset"], 7);
@@ -436,15 +435,7 @@ mod tests {
             (SendStatus::FlushSlaveTimeout, "FLUSH_SLAVE_TIMEOUT"),
             (SendStatus::SlaveNotAvailable, "SLAVE_NOT_AVAILABLE"),
         ] {
-            let receipt = SendReceipt {
-                msg_id: message.msg_id,
-                topic: "orders".into(),
-                broker_name: "broker-a".into(),
-                queue: 0,
-                queue_offset: 3,
-                status,
-                duplicate: false,
-            };
+            let receipt = SendReceipt::new(message.msg_id, "orders", "broker-a", 0, 3, status);
             assert_eq!(sent_json(&receipt, &message)["status"], name);
             assert_eq!(
                 sent_text(&receipt, &message),

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use txmq::{
     Admin, BoxError, CheckRequest, Ended, Message, SendStatus, TransactionList,
     TransactionListener, TransactionProducer, TransactionState, TxAction, TxContext, TxDetail,
-    TxInfo, TxOutcome, TxState,
+    TxEnd, TxInfo, TxOutcome, TxState,
 };
 
 use crate::args::{parse_duration, GlobalArgs};
@@ -330,6 +330,12 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
             return Err(e.into());
         }
     };
+    // An end the broker refused or never answered is an error here, as it
+    // always was: printed on stderr, exit 1, nothing on stdout.
+    if let TxEnd::Refused(e) | TxEnd::Lost(e) = outcome.end {
+        producer.close();
+        return Err(e.into());
+    }
     let printer = Printer::stdout(global.output);
     let printed = match printer.format {
         OutputFormat::Text => printer.line(&outcome_text(&outcome, &args.topic)),
@@ -619,7 +625,7 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
     m.insert("broker".into(), json!(o.broker_name));
     m.insert("topic".into(), json!(topic));
     m.insert("prepare_status".into(), json!(o.prepare_status.name()));
-    if let Some(ended) = &o.ended {
+    if let Some(ended) = o.ended() {
         m.insert("ended".into(), json!(ended.state.name()));
         m.insert("already".into(), json!(ended.already));
         // How the end was stored: FLUSH_SLAVE_TIMEOUT, say, under sync replication.
@@ -630,7 +636,7 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
 
 /// A transactional send's result as a text line.
 fn outcome_text(o: &TxOutcome, topic: &str) -> String {
-    let end = match &o.ended {
+    let end = match o.ended() {
         Some(e) if e.already => format!("ended={} (already)", e.state.name()),
         Some(e) if e.status != SendStatus::SendOk => {
             format!("ended={} status={}", e.state.name(), e.status.name())
@@ -908,26 +914,22 @@ mod tests {
     }
 
     fn outcome(ended: Option<Ended>, state: TransactionState) -> TxOutcome {
-        let id = MsgId([0xab; 16]);
-        TxOutcome {
-            tx_id: 17,
-            broker_name: "broker-a".into(),
-            msg_id: id,
-            msg_ids: vec![id],
+        let end = ended.map_or(TxEnd::NotSent, TxEnd::Ended);
+        let outcome = TxOutcome::new(
+            17,
+            "broker-a",
+            vec![MsgId([0xab; 16])],
             state,
-            prepare_status: SendStatus::SendOk,
-            ended,
-        }
+            SendStatus::SendOk,
+            end,
+        );
+        outcome.unwrap_or_else(|e| panic!("an outcome with a message: {e}"))
     }
 
     #[test]
     fn a_send_outcome_names_the_local_result_and_the_brokers_state() {
         let committed = outcome(
-            Some(Ended {
-                state: TxState::Committed,
-                already: false,
-                status: SendStatus::SendOk,
-            }),
+            Some(Ended::new(TxState::Committed, false, SendStatus::SendOk)),
             TransactionState::Commit,
         );
         let v = outcome_json(&committed, "orders");
@@ -949,11 +951,7 @@ mod tests {
         // Stored on the master only (sync replication short of slaves): said.
         for status in [SendStatus::FlushSlaveTimeout, SendStatus::SlaveNotAvailable] {
             let short = outcome(
-                Some(Ended {
-                    state: TxState::Committed,
-                    already: false,
-                    status,
-                }),
+                Some(Ended::new(TxState::Committed, false, status)),
                 TransactionState::Commit,
             );
             assert_eq!(outcome_json(&short, "orders")["end_status"], status.name());
@@ -962,11 +960,7 @@ mod tests {
                 status.name()
             )));
             let mut prepared_short = outcome(
-                Some(Ended {
-                    state: TxState::RolledBack,
-                    already: false,
-                    status: SendStatus::SendOk,
-                }),
+                Some(Ended::new(TxState::RolledBack, false, SendStatus::SendOk)),
                 TransactionState::Rollback,
             );
             prepared_short.prepare_status = status;
@@ -1101,11 +1095,7 @@ mod tests {
 
     #[test]
     fn a_resolution_prints_the_resulting_state() {
-        let ended = Ended {
-            state: TxState::RolledBack,
-            already: true,
-            status: SendStatus::SendOk,
-        };
+        let ended = Ended::new(TxState::RolledBack, true, SendStatus::SendOk);
         assert_eq!(
             resolved_text(9, "broker-a", &ended),
             "transaction 9 on broker-a: rolled_back (already)"

@@ -24,6 +24,7 @@ mod ops;
 
 /// A topic created (or updated) on one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CreatedTopic {
     /// The broker's name.
     pub broker_name: String,
@@ -36,6 +37,7 @@ pub struct CreatedTopic {
 /// One broker's answer to a request sent to several brokers: the data of
 /// the brokers that answered stays usable when one did not.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct BrokerAnswer<T> {
     /// The broker's name.
     pub broker_name: String,

@@ -18,7 +18,12 @@ pub const DEFAULT_ROUTE_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Settings shared by [`Producer`](crate::Producer),
 /// [`PullConsumer`](crate::PullConsumer) and [`Admin`](crate::Admin).
+///
+/// More settings come as the client grows: start from
+/// [`ClientConfig::default`] or [`ClientConfig::with_nameservers`] and set
+/// fields, or use the builders' setters.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Nameserver addresses (`host:port`), asked in turn until one answers.
     pub nameservers: Vec<String>,

@@ -7,7 +7,12 @@
 use txmq_protocol::{ErrorCode, TxAction, WireError};
 
 /// What can go wrong in a client call.
+///
+/// New kinds of failure are added as the client grows, so a `match` on it
+/// needs a `_` arm; [`Error::code`], [`Error::is_retriable`] and
+/// [`Error::wire_error`] answer most questions without one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A request failed on its connection: cannot connect, closed, timed
     /// out, or the peer answered with an error ([`txmq_remoting::Error::Remote`]).
@@ -73,6 +78,10 @@ pub enum Error {
     /// it as decided failed: the broker refused (e.g. `TRANSACTION_ROLLED_BACK`
     /// when a check-back already rolled it back, `TRANSACTION_PARKED`), or
     /// the request was lost, in which case the broker checks back later.
+    /// A transactional send never returns it as its `Err`: it is inside the
+    /// send's [`TxOutcome`](crate::TxOutcome), as
+    /// [`TxEnd::Refused`](crate::TxEnd::Refused) or
+    /// [`TxEnd::Lost`](crate::TxEnd::Lost).
     #[error("cannot {} transaction {tx_id} on broker {broker}", action_verb(.action))]
     EndTransaction {
         /// The transaction id.

@@ -36,10 +36,11 @@
 //! # }
 //! ```
 //!
-//! Inside, [`route`] caches topic routes from the nameservers ([`nameserver`]
-//! tries them in turn), [`pool`] keeps one shared connection per broker, and
-//! every request goes over a pipelined [`txmq_remoting::Connection`], so many
-//! sends from one producer are in flight at once.
+//! Inside (private modules), `route` caches topic routes from the
+//! nameservers (`nameserver` tries them in turn), `pool` keeps one shared
+//! connection per broker, and every request goes over a pipelined
+//! [`txmq_remoting::Connection`], so many sends from one producer are in
+//! flight at once.
 
 #![warn(missing_docs)]
 
@@ -48,10 +49,10 @@ pub mod config;
 pub mod consumer;
 pub mod dedup;
 pub mod error;
-pub mod nameserver;
-pub mod pool;
+mod nameserver;
+mod pool;
 pub mod producer;
-pub mod route;
+mod route;
 pub mod transaction;
 
 pub use admin::{Admin, CreatedTopic};
@@ -68,8 +69,9 @@ pub use error::{Error, Result};
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
 pub use route::MessageQueue;
 pub use transaction::{
-    BoxError, CheckRequest, ConsumedOffset, TransactionListener, TransactionProducer,
-    TransactionProducerBuilder, TransactionState, TxContext, TxOutcome,
+    BoxError, BoxListener, CheckRequest, ConsumedOffset, DynTransactionListener, ListenerFuture,
+    TransactionListener, TransactionProducer, TransactionProducerBuilder, TransactionState,
+    TxContext, TxEnd, TxOutcome,
 };
 pub use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, OffsetTarget, PROPERTY_DELIVER_AT, PROPERTY_REAL_TOPIC,

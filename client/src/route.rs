@@ -63,22 +63,19 @@ pub struct RouteInfo {
     pub writable: Vec<MessageQueue>,
     /// Queues that may be read, by broker name then queue id.
     pub readable: Vec<MessageQueue>,
-    /// True for a provisional route built from the cluster list.
-    pub provisional: bool,
     /// Changes with every fetch; see [`RouteCache::invalidate`].
     pub generation: u64,
 }
 
 impl RouteInfo {
     /// Lists the queues of `route`.
-    pub fn new(route: TopicRoute, provisional: bool, generation: u64) -> RouteInfo {
+    pub fn new(route: TopicRoute, generation: u64) -> RouteInfo {
         let mut writable = queues_with(&route, PERM_WRITE);
         writable.retain(|q| !q.addr.is_empty());
         RouteInfo {
             writable,
             readable: queues_with(&route, PERM_READ),
             route,
-            provisional,
             generation,
         }
     }
@@ -251,11 +248,6 @@ impl RouteCache {
         }
     }
 
-    /// The nameservers asked.
-    pub fn nameservers(&self) -> &NameserverClient {
-        &self.inner.nameservers
-    }
-
     /// The route of `topic`, from the cache while it is fresh.
     ///
     /// When the nameservers cannot be reached, an expired route is used for
@@ -357,7 +349,7 @@ impl RouteCache {
         };
         keep_newest_masters(&mut route, &self.inner.masters);
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
-        let info = Arc::new(RouteInfo::new(route, provisional, generation));
+        let info = Arc::new(RouteInfo::new(route, generation));
         // A group without a live master is between two masters (a
         // failover): its next master registers within moments, so such a
         // route is asked for again soon rather than kept for the whole
@@ -405,7 +397,7 @@ mod tests {
                 bq("c", 2, PERM_READ),
             ],
         };
-        let info = RouteInfo::new(route, false, 1);
+        let info = RouteInfo::new(route, 1);
         let w: Vec<(&str, u32)> = info
             .writable
             .iter()
@@ -430,7 +422,7 @@ mod tests {
             topic: "t".into(),
             brokers: vec![masterless, bq("b", 1, PERM_READ_WRITE)],
         };
-        let info = RouteInfo::new(route, false, 1);
+        let info = RouteInfo::new(route, 1);
         let w: Vec<&str> = info
             .writable
             .iter()

@@ -106,14 +106,14 @@ impl Broker {
             }
             Request::EndTransaction(e) => {
                 lock(&self.ended).push(e.tx_id);
-                Response::EndTransaction(Ended {
-                    state: match e.action {
+                Response::EndTransaction(Ended::new(
+                    match e.action {
                         TxAction::Commit => TxState::Committed,
                         TxAction::Rollback => TxState::RolledBack,
                     },
-                    already: false,
-                    status: SendStatus::SendOk,
-                })
+                    false,
+                    SendStatus::SendOk,
+                ))
             }
             Request::CommitOffset(c) => {
                 lock(&self.commits).push(c.offset);
@@ -408,7 +408,7 @@ async fn a_transaction_prepared_on_the_old_master_is_committed_on_the_new_one() 
         .send_in_transaction(Message::new(TOPIC, "order"))
         .await?;
     assert_eq!(outcome.state, TransactionState::Commit);
-    assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::Committed));
     assert_eq!(old.state.prepares.load(Ordering::SeqCst), 1);
     // The old master refused the commit; the new one ended the same id.
     assert!(lock(&old.state.ended).is_empty());

@@ -214,14 +214,14 @@ impl Node {
             }
             Request::EndTransaction(e) => {
                 self.ends.fetch_add(1, Ordering::SeqCst);
-                Response::EndTransaction(Ended {
-                    state: match e.action {
+                Response::EndTransaction(Ended::new(
+                    match e.action {
                         TxAction::Commit => TxState::Committed,
                         TxAction::Rollback => TxState::RolledBack,
                     },
-                    already: false,
-                    status: SendStatus::SendOk,
-                })
+                    false,
+                    SendStatus::SendOk,
+                ))
             }
             Request::Send(s) => {
                 let first_offset = self.store.len(s.queue) as u64;
@@ -809,7 +809,7 @@ async fn a_transaction_goes_to_the_master_through_a_stale_route_and_checks_back_
         .await?;
     assert_eq!(outcome.state, TransactionState::Commit);
     assert_eq!(outcome.prepare_status, SendStatus::SendOk);
-    assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::Committed));
     assert_eq!(slave.node.refused.load(Ordering::SeqCst), 1);
     assert_eq!(
         master.node.prepares.load(Ordering::SeqCst),
@@ -828,7 +828,7 @@ async fn a_transaction_goes_to_the_master_through_a_stale_route_and_checks_back_
             .await?;
         assert_eq!(outcome.prepare_status, status);
         assert_eq!(outcome.state, TransactionState::Rollback);
-        assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::RolledBack));
+        assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::RolledBack));
     }
     assert_eq!(producer.listener().executed.load(Ordering::SeqCst), 1);
     producer.close();

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use txmq::{
     Admin, BoxError, CheckRequest, Error, ErrorCode, Message, TransactionListener,
-    TransactionProducer, TransactionState, TxAction, TxContext, TxState, PERM_READ_WRITE,
+    TransactionProducer, TransactionState, TxAction, TxContext, TxEnd, TxState, PERM_READ_WRITE,
 };
 use txmq_protocol::{
     BrokerInfo, BrokerQueues, CheckTransaction, ClusterInfo, EndTransaction, Ended, HalfMessage,
@@ -157,11 +157,7 @@ impl FakeBroker {
                 format!("unknown transaction {}", e.tx_id),
             )
         })?;
-        let ended = |state, already| Ended {
-            state,
-            already,
-            status: SendStatus::SendOk,
-        };
+        let ended = |state, already| Ended::new(state, already, SendStatus::SendOk);
         match (tx.state, e.action) {
             (TxState::Parked, _) if e.source == TxSource::Producer => Err(WireError::new(
                 ErrorCode::TransactionParked,
@@ -451,7 +447,7 @@ async fn the_local_result_commits_rolls_back_or_leaves_it_to_check_backs() -> Te
     assert_eq!(o.msg_id, id, "the message keeps its id");
     assert_eq!(o.msg_ids, [id]);
     assert_eq!(o.broker_name, "a");
-    assert_eq!(o.ended.as_ref().map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(o.ended().map(|e| e.state), Some(TxState::Committed));
     assert_eq!(a.state(o.tx_id), Some(TxState::Committed));
     assert_eq!(
         lock(&a.txs)
@@ -463,14 +459,14 @@ async fn the_local_result_commits_rolls_back_or_leaves_it_to_check_backs() -> Te
     let o = p
         .send_in_transaction(Message::new("orders", "rollback"))
         .await?;
-    assert_eq!(o.ended.as_ref().map(|e| e.state), Some(TxState::RolledBack));
+    assert_eq!(o.ended().map(|e| e.state), Some(TxState::RolledBack));
     assert_eq!(a.state(o.tx_id), Some(TxState::RolledBack));
 
     let ends_before = lock(&a.ends).len();
     for body in ["unknown", "execute fails"] {
         let o = p.send_in_transaction(Message::new("orders", body)).await?;
         assert_eq!(o.state, TransactionState::Unknown, "{body}");
-        assert_eq!(o.ended, None);
+        assert!(matches!(o.end, TxEnd::NotSent), "{:?}", o.end);
         assert_eq!(a.state(o.tx_id), Some(TxState::Prepared));
     }
     assert_eq!(
@@ -484,7 +480,7 @@ async fn the_local_result_commits_rolls_back_or_leaves_it_to_check_backs() -> Te
 }
 
 #[tokio::test]
-async fn a_refused_end_is_an_error_that_names_the_transaction() -> TestResult {
+async fn a_refused_end_is_an_outcome_that_names_the_transaction() -> TestResult {
     let c = Cluster::start(&[("a", &[("orders", 1)])]).await?;
     let a = c.broker("a")?;
     for (meanwhile, code) in [
@@ -500,11 +496,17 @@ async fn a_refused_end_is_an_error_that_names_the_transaction() -> TestResult {
             })
             .start()
             .await?;
-        let result = p
+        // The local transaction ran: the send is Ok, whatever the end.
+        let outcome = p
             .send_in_transaction(Message::new("orders", "commit"))
-            .await;
-        let Err(e) = result else {
-            panic!("a commit after {meanwhile:?} must fail")
+            .await?;
+        assert_eq!(outcome.state, TransactionState::Commit);
+        assert!(!outcome.committed() && !outcome.pending());
+        let TxEnd::Refused(e) = outcome.end else {
+            panic!(
+                "a commit after {meanwhile:?} is refused, not {:?}",
+                outcome.end
+            )
         };
         let Error::EndTransaction {
             tx_id,
@@ -515,6 +517,7 @@ async fn a_refused_end_is_an_error_that_names_the_transaction() -> TestResult {
         else {
             panic!("an end error, not {e:?}")
         };
+        assert_eq!(tx_id, outcome.tx_id);
         assert_eq!((broker.as_str(), action), ("a", TxAction::Commit));
         assert_eq!(a.state(tx_id), Some(meanwhile));
         assert_eq!(e.code(), Some(code));
@@ -591,7 +594,7 @@ async fn several_topics_go_to_one_broker_that_serves_them_all() -> TestResult {
         let o = p.send_messages_in_transaction(batch).await?;
         assert_eq!(o.broker_name, "b");
         assert_eq!(o.msg_ids, ids);
-        assert_eq!(o.ended.as_ref().map(|e| e.state), Some(TxState::Committed));
+        assert_eq!(o.ended().map(|e| e.state), Some(TxState::Committed));
         let b = c.broker("b")?;
         let txs = lock(&b.txs);
         let Some(tx) = txs.get(&o.tx_id) else {

@@ -716,6 +716,7 @@ impl TxState {
 
 /// The answer to [`EndTransaction`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Ended {
     /// The transaction's state now.
     pub state: TxState,
@@ -723,6 +724,18 @@ pub struct Ended {
     pub already: bool,
     /// Durability of the end, as for a send.
     pub status: SendStatus,
+}
+
+impl Ended {
+    /// The transaction is `state` now, `already` so before this end, and
+    /// the end is stored with `status`.
+    pub fn new(state: TxState, already: bool, status: SendStatus) -> Ended {
+        Ended {
+            state,
+            already,
+            status,
+        }
+    }
 }
 
 /// A producer's answer to a check-back (and the result of a local transaction).

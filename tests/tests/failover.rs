@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use common::{connect_as, jitter, pull_all, replication, try_connect_as, wait_until};
 use txmq::{
     BoxError, CheckRequest, ConsumeFrom, Message, Producer, PullConsumer, SendStatus,
-    TransactionListener, TransactionProducer, TransactionState, TxContext, TxState,
+    TransactionListener, TransactionProducer, TransactionState, TxContext, TxEnd, TxState,
 };
 use txmq_protocol::{
     BrokerGroupState, BrokerRole, ControllerInfo, GetControllerInfo, ListTransactions, Role,
@@ -527,12 +527,17 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
                     {
                         Ok(o) if o.prepare_status == SendStatus::SendOk => {
                             seen.prepared.insert(body.clone(), o.tx_id);
-                            match &o.ended {
-                                Some(e) if e.status == SendStatus::SendOk => {
+                            match &o.end {
+                                TxEnd::Ended(e) if e.status == SendStatus::SendOk => {
                                     seen.ended.insert(o.tx_id, (e.state, Instant::now()));
                                 }
-                                None if o.state == TransactionState::Unknown => {
+                                TxEnd::NotSent => {
                                     seen.unknown.insert(body, o.tx_id);
+                                }
+                                TxEnd::Refused(_) | TxEnd::Lost(_) => {
+                                    // Decided; the end was lost or refused:
+                                    // the broker checks back.
+                                    *seen.other.entry("end failed".into()).or_default() += 1;
                                 }
                                 _ => {}
                             }
@@ -543,12 +548,6 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
                                 .other
                                 .entry(format!("prepare {:?}", o.prepare_status))
                                 .or_default() += 1;
-                        }
-                        Err(txmq::Error::EndTransaction { tx_id, .. }) => {
-                            // Prepared (SEND_OK) and decided; the end was
-                            // lost or refused: the broker checks back.
-                            seen.prepared.insert(body, tx_id);
-                            *seen.other.entry("end failed".into()).or_default() += 1;
                         }
                         Err(e) => {
                             decisions.never_ran(&body);

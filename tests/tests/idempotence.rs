@@ -200,7 +200,7 @@ async fn a_prepare_or_a_commit_whose_reply_was_lost_makes_one_transaction_and_on
     .await
     .expect("the prepare's retry is answered");
     assert_eq!(prepared.state, TransactionState::Commit);
-    assert!(prepared.ended.is_some());
+    assert!(prepared.ended().is_some());
     assert_ne!(prepared.tx_id, warm.tx_id);
 
     // The commit's reply is lost: the retried commit answers OK.
@@ -212,7 +212,7 @@ async fn a_prepare_or_a_commit_whose_reply_was_lost_makes_one_transaction_and_on
         .expect("the commit's retry is answered");
     assert_eq!(proxy.stats().replies_dropped, before + 1);
     assert_eq!(committed.state, TransactionState::Commit);
-    assert!(committed.ended.is_some(), "{committed:?}");
+    assert!(committed.ended().is_some(), "{committed:?}");
     assert_eq!(listener.executed.load(Ordering::SeqCst), 3);
 
     // Nothing is left pending (a second transaction of a message would be,

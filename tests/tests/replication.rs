@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::{jitter, segments, start_broker};
 use txmq::{
     BoxError, CheckRequest, Message, Producer, SendStatus, TransactionListener,
-    TransactionProducer, TransactionState, TxContext, TxState,
+    TransactionProducer, TransactionState, TxContext, TxEnd, TxState,
 };
 use txmq_protocol::{
     Call, CommitOffset, CreateTopic, ListTransactions, MsgId, QueryOffset, ReplicationInfo, Role,
@@ -404,15 +404,13 @@ async fn kill_the_master_under_writes(min_insync: u32) {
                     .send_in_transaction(Message::new(TOPIC, body.clone()))
                     .await
                 {
-                    Ok(o) => match &o.ended {
-                        Some(e)
+                    Ok(o) => match &o.end {
+                        TxEnd::Ended(e)
                             if e.state == TxState::Committed && e.status == SendStatus::SendOk =>
                         {
                             acked.committed.insert(body, o.tx_id);
                         }
-                        None if o.prepare_status == SendStatus::SendOk
-                            && o.state == TransactionState::Unknown =>
-                        {
+                        TxEnd::NotSent if o.prepare_status == SendStatus::SendOk => {
                             acked.pending.insert(body, o.tx_id);
                         }
                         _ => {}

@@ -1076,9 +1076,10 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
         .is_err(),
         "a client without a certificate is refused"
     );
-    let as_cert = |name: &str| ClientConfig {
-        credentials: None,
-        ..site.config(name)
+    let as_cert = |name: &str| {
+        let mut config = site.config(name);
+        config.credentials = None;
+        config
     };
     let alice = Producer::builder()
         .config(as_cert("alice"))

@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,10 @@ use common::{
     body_text, create_topic, jitter, pending, record_starts, segments, start_broker, wait_for_list,
     wait_for_route,
 };
+use tokio::sync::Semaphore;
 use txmq::{
-    Admin, BoxError, CheckRequest, ErrorCode, Message, TransactionListener, TransactionProducer,
-    TransactionState, TxAction, TxContext, TxState,
+    Admin, BoxError, CheckRequest, Error, ErrorCode, Message, TransactionListener,
+    TransactionProducer, TransactionState, TxAction, TxContext, TxEnd, TxState,
 };
 use txmq_tests::{consume_all, json_lines, txmq_cli, wait_for_broker, BrokerProcess, Cluster};
 
@@ -188,7 +189,7 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
                         .send_in_transaction(Message::new(TOPIC, body.clone()))
                         .await
                     {
-                        Ok(o) if o.ended.as_ref().map(|e| e.state) == Some(TxState::Committed) => {
+                        Ok(o) if o.ended().map(|e| e.state) == Some(TxState::Committed) => {
                             sent.committed.push((body, o.tx_id));
                         }
                         Ok(_) => sent.other += 1,
@@ -347,8 +348,8 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
         .await
         .unwrap();
     assert_eq!(
-        (parked.state, parked.ended.clone()),
-        (TransactionState::Unknown, None)
+        (parked.state, parked.ended().is_none()),
+        (TransactionState::Unknown, true)
     );
     let mut tx_ids = Vec::new();
     for i in 0..10 {
@@ -356,7 +357,10 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
             .send_in_transaction(Message::new(TOPIC, format!("tx-{i}")))
             .await
             .unwrap();
-        assert_eq!((o.state, o.ended), (TransactionState::Unknown, None));
+        assert_eq!(
+            (o.state, o.ended().is_none()),
+            (TransactionState::Unknown, true)
+        );
         tx_ids.push(o.tx_id);
     }
     // By hand: commit three, roll back two.
@@ -510,8 +514,8 @@ async fn checks_are_counted_durably_across_restarts() {
         .await
         .unwrap();
     assert_eq!(
-        (o.state, o.ended.clone()),
-        (TransactionState::Unknown, None)
+        (o.state, o.ended().is_none()),
+        (TransactionState::Unknown, true)
     );
     let after_prepare = log_data_len(&data);
     assert!(
@@ -612,7 +616,7 @@ async fn a_committed_transaction_is_answered_ok_again_after_a_restart() {
         .send_in_transaction(Message::new(TOPIC, "paid"))
         .await
         .unwrap();
-    let ended = o.ended.clone().expect("the producer committed");
+    let ended = o.ended().cloned().expect("the producer committed");
     assert_eq!((ended.state, ended.already), (TxState::Committed, false));
     producer.close();
 
@@ -690,7 +694,7 @@ async fn a_prepare_retried_after_a_lost_reply_is_consumed_once() {
     tokio::task::block_in_place(|| broker.signal("CONT"));
     let outcome = send.await.unwrap().expect("the retried prepare succeeds");
     assert_eq!(
-        outcome.ended.map(|e| e.state),
+        outcome.ended().map(|e| e.state),
         Some(TxState::Committed),
         "committed by the producer"
     );
@@ -830,5 +834,204 @@ async fn a_prepare_that_timed_out_is_never_retried_on_another_broker() {
     );
     producer.close();
     admin.close();
+    cluster.shutdown().await;
+}
+
+/// A listener whose local transaction commits once the test lets it go
+/// ([`Held::go`]), counting how often it ran; check-backs answer `check`.
+struct Held {
+    check: TransactionState,
+    executed: AtomicUsize,
+    checks: AtomicUsize,
+    started: Semaphore,
+    gate: Semaphore,
+}
+
+impl Held {
+    fn new(check: TransactionState) -> Arc<Held> {
+        Arc::new(Held {
+            check,
+            executed: AtomicUsize::new(0),
+            checks: AtomicUsize::new(0),
+            started: Semaphore::new(0),
+            gate: Semaphore::new(0),
+        })
+    }
+
+    /// Waits until a local transaction is running.
+    async fn started(&self) {
+        let started = tokio::time::timeout(Duration::from_secs(10), self.started.acquire()).await;
+        match started {
+            Ok(Ok(permit)) => permit.forget(),
+            _ => panic!("the local transaction never started"),
+        }
+    }
+
+    /// Lets the running local transaction commit.
+    fn go(&self) {
+        self.gate.add_permits(1);
+    }
+}
+
+impl TransactionListener for Held {
+    async fn execute(
+        &self,
+        _msg: &Message,
+        _ctx: &TxContext,
+    ) -> Result<TransactionState, BoxError> {
+        self.executed.fetch_add(1, Ordering::SeqCst);
+        self.started.add_permits(1);
+        self.gate.acquire().await?.forget();
+        Ok(TransactionState::Commit)
+    }
+
+    async fn check(&self, _req: &CheckRequest) -> Result<TransactionState, BoxError> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        Ok(self.check)
+    }
+}
+
+/// A broker checking back 300 ms after a prepare, every 100 ms, with a
+/// transaction producer of `group` whose listener is `listener`.
+async fn held_setup(
+    tmp: &Path,
+    ns: &str,
+    topic: &str,
+    group: &str,
+    listener: &Arc<Held>,
+) -> (BrokerProcess, TransactionProducer<Held>) {
+    let broker = start_broker(
+        &tmp.join("broker-a"),
+        ns,
+        "broker-a",
+        &[
+            "--flush",
+            "sync",
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    create_topic(ns, topic, 1).await;
+    let producer = TransactionProducer::builder()
+        .nameserver(ns)
+        .group(group)
+        .listener_arc(listener.clone())
+        .broker_refresh_interval(Duration::from_millis(100))
+        .send_timeout(Duration::from_secs(2))
+        .start()
+        .await
+        .expect("transaction producer starts");
+    (broker, producer)
+}
+
+/// The broker dies while the local transaction runs, so the commit cannot
+/// reach it: the send is still `Ok` (the local transaction ran, and a
+/// caller retrying an `Err` would run it twice), its end is
+/// [`TxEnd::Lost`], and the broker, back on the same data, checks back and
+/// commits the message, which is consumed once; the local transaction ran
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_lost_with_its_broker_is_an_outcome_and_the_check_back_commits_it() {
+    const TOPIC: &str = "tx-end-lost";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = Held::new(TransactionState::Commit);
+    let (mut broker, producer) = held_setup(tmp.path(), &ns, TOPIC, "pg-lost", &listener).await;
+
+    let p = producer.clone();
+    let sending =
+        tokio::spawn(async move { p.send_in_transaction(Message::new(TOPIC, "once")).await });
+    listener.started().await;
+    tokio::task::block_in_place(|| broker.kill9());
+    listener.go();
+    let outcome = sending
+        .await
+        .unwrap()
+        .expect("the local transaction ran: an outcome, not an error");
+    assert_eq!(outcome.state, TransactionState::Commit);
+    assert!(
+        matches!(
+            &outcome.end,
+            TxEnd::Lost(Error::EndTransaction { tx_id, action: TxAction::Commit, .. })
+                if *tx_id == outcome.tx_id
+        ),
+        "{:?}",
+        outcome.end
+    );
+    assert!(outcome.pending() && !outcome.committed() && outcome.ended().is_none());
+    assert!(outcome.end_error().is_some());
+
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_broker(&ns, "broker-a").await;
+    wait_for_route(&ns, TOPIC, &["broker-a"]).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+    wait_for_list(
+        &admin,
+        Duration::from_secs(15),
+        "the check-back's commit",
+        |l| l.is_empty(),
+    )
+    .await;
+    let got = consume_all(&ns, "cg-lost", TOPIC, 2, Duration::from_secs(1)).await;
+    let bodies: Vec<String> = got.iter().map(body_text).collect();
+    assert_eq!(bodies, ["once"], "committed by the check-back, once");
+    assert_eq!(got[0].msg_id(), outcome.msg_id);
+    assert_eq!(listener.executed.load(Ordering::SeqCst), 1);
+    assert!(listener.checks.load(Ordering::SeqCst) >= 1);
+
+    producer.close();
+    admin.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+/// A check-back rolls the transaction back while its local transaction
+/// still runs; the commit that follows is refused: the send is `Ok` with
+/// [`TxEnd::Refused`] and the broker's `TRANSACTION_ROLLED_BACK`, the
+/// local transaction ran once, and nothing is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_refused_after_a_check_back_rolled_back_is_an_outcome() {
+    const TOPIC: &str = "tx-end-refused";
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = Held::new(TransactionState::Rollback);
+    let (broker, producer) = held_setup(tmp.path(), &ns, TOPIC, "pg-refused", &listener).await;
+    let admin = Admin::connect([ns.as_str()]).await.unwrap();
+
+    let p = producer.clone();
+    let sending =
+        tokio::spawn(async move { p.send_in_transaction(Message::new(TOPIC, "never")).await });
+    listener.started().await;
+    wait_for_list(
+        &admin,
+        Duration::from_secs(15),
+        "the check-back's rollback",
+        |l| l.is_empty(),
+    )
+    .await;
+    assert!(listener.checks.load(Ordering::SeqCst) >= 1);
+    listener.go();
+    let outcome = sending
+        .await
+        .unwrap()
+        .expect("the local transaction ran: an outcome, not an error");
+    assert_eq!(outcome.state, TransactionState::Commit);
+    let TxEnd::Refused(e) = &outcome.end else {
+        panic!("the commit is refused: {:?}", outcome.end)
+    };
+    assert_eq!(e.code(), Some(ErrorCode::TransactionRolledBack), "{e}");
+    assert!(!outcome.committed() && !outcome.rolled_back() && !outcome.pending());
+    assert_eq!(listener.executed.load(Ordering::SeqCst), 1);
+    let got = consume_all(&ns, "cg-refused", TOPIC, 1, Duration::from_secs(1)).await;
+    assert!(got.is_empty(), "rolled back: nothing visible");
+
+    producer.close();
+    admin.close();
+    drop(broker);
     cluster.shutdown().await;
 }

@@ -24,7 +24,7 @@ use common::{
 };
 use txmq::{
     Admin, BoxError, CheckRequest, ErrorCode, Message, MsgId, SendStatus, TransactionListener,
-    TransactionProducer, TransactionState, TxAction, TxContext, TxState,
+    TransactionProducer, TransactionState, TxAction, TxContext, TxEnd, TxState,
 };
 use txmq_broker::{FlushMode, TxConfig};
 use txmq_protocol::{
@@ -386,7 +386,7 @@ async fn a_prepare_not_stored_send_ok_is_rolled_back_without_the_local_transacti
         if o.prepare_status != SendStatus::SendOk {
             timed_out += 1;
             assert_eq!(o.state, TransactionState::Rollback);
-            assert_eq!(o.ended.map(|e| e.state), Some(TxState::RolledBack));
+            assert_eq!(o.ended().map(|e| e.state), Some(TxState::RolledBack));
         }
     }
     assert!(timed_out > 0, "no prepare was answered FLUSH_DISK_TIMEOUT");
@@ -449,7 +449,7 @@ async fn a_check_answered_after_the_brokers_timeout_still_ends_the_transaction()
         .send_in_transaction(Message::new("slow-check", "slow"))
         .await
         .expect("prepare");
-    assert_eq!(o.ended, None);
+    assert!(matches!(o.end, TxEnd::NotSent), "{:?}", o.end);
     let admin = c.admin().await;
     wait_for_list(
         &admin,

@@ -26,9 +26,9 @@ use common::txmq;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use txmq::{
-    Admin, BoxError, CheckRequest, Ended, Error, ErrorCode, Message, MsgId, Producer, PullConsumer,
-    ReceivedMessage, TransactionList, TransactionListener, TransactionProducer, TransactionState,
-    TxAction, TxContext, TxInfo, TxState, PERM_READ_WRITE,
+    Admin, BoxError, BoxListener, CheckRequest, Ended, Error, ErrorCode, Message, MsgId, Producer,
+    PullConsumer, ReceivedMessage, TransactionList, TransactionListener, TransactionProducer,
+    TransactionState, TxAction, TxContext, TxEnd, TxInfo, TxState, PERM_READ_WRITE,
 };
 use txmq_broker::{BrokerConfig, FlushMode, TxConfig, PROP_USER_CHECK_DELAY};
 use txmq_protocol::{EndTransaction, Hello, Role, TxSource, PROTOCOL_VERSION};
@@ -447,7 +447,7 @@ async fn a_prepared_message_is_invisible_until_committed_and_a_rolled_back_one_n
     let outcome = sending.await.unwrap().expect("transaction committed");
     assert_eq!(outcome.tx_id, tx_id);
     assert_eq!(outcome.state, Commit);
-    let ended = outcome.ended.expect("ended by the producer");
+    let ended = outcome.ended().expect("ended by the producer");
     assert_eq!((ended.state, ended.already), (TxState::Committed, false));
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -479,7 +479,7 @@ async fn a_prepared_message_is_invisible_until_committed_and_a_rolled_back_one_n
     let outcome = sending.await.unwrap().expect("transaction rolled back");
     assert_eq!(outcome.tx_id, rolled);
     assert_eq!(
-        outcome.ended.map(|e| (e.state, e.already)),
+        outcome.ended().map(|e| (e.state, e.already)),
         Some((TxState::RolledBack, false))
     );
     let seen = visible(&cluster, topic).await;
@@ -568,7 +568,7 @@ async fn a_commit_publishes_the_message_once_in_its_topic_and_queue_with_id_key_
             outcome.msg_id, m.msg_id,
             "the id is the one the message had"
         );
-        assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::Committed));
+        assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::Committed));
         expected.push((m, marker.queue, marker.queue_offset + 1));
     }
 
@@ -741,10 +741,14 @@ async fn ending_is_idempotent_and_a_contradicting_end_is_refused_with_its_own_co
     .await;
     assert_eq!(parked.checks, 3);
     listener.release(1);
-    let e = sending
+    let outcome = sending
         .await
         .unwrap()
-        .expect_err("commit after parking is refused");
+        .expect("the local transaction ran: an outcome, not an error");
+    assert_eq!(outcome.state, Commit);
+    let TxEnd::Refused(e) = outcome.end else {
+        panic!("commit after parking is refused: {:?}", outcome.end)
+    };
     let parked_code = e.code().expect("a wire code");
     assert_eq!(parked_code, ErrorCode::TransactionParked, "{e}");
     assert!(
@@ -820,7 +824,7 @@ async fn an_unknown_transaction_is_checked_back_on_another_producer_of_the_group
         .with_property(PROP_USER_CHECK_DELAY, "1s");
     let sent_at = Instant::now();
     let outcome = gone.send_in_transaction(m).await.unwrap();
-    assert_eq!((outcome.state, outcome.ended.is_some()), (Unknown, false));
+    assert_eq!((outcome.state, outcome.ended().is_some()), (Unknown, false));
     gone.close();
     let info = tx_info(&admin, outcome.tx_id).await.expect("pending");
     assert_eq!((info.state, info.checks), (TxState::Prepared, 0));
@@ -1158,7 +1162,7 @@ async fn messages_of_one_transaction_across_two_topics_commit_or_roll_back_toget
         .await
         .unwrap();
     assert_eq!(committed.msg_ids.len(), 3);
-    assert_eq!(committed.ended.map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(committed.ended().map(|e| e.state), Some(TxState::Committed));
     let rolled = producer
         .send_messages_in_transaction(vec![
             Message::new(orders, "rollback o3"),
@@ -1166,7 +1170,7 @@ async fn messages_of_one_transaction_across_two_topics_commit_or_roll_back_toget
         ])
         .await
         .unwrap();
-    assert_eq!(rolled.ended.map(|e| e.state), Some(TxState::RolledBack));
+    assert_eq!(rolled.ended().map(|e| e.state), Some(TxState::RolledBack));
 
     // One still running: neither half shows.
     let p = producer.clone();
@@ -1197,7 +1201,7 @@ async fn messages_of_one_transaction_across_two_topics_commit_or_roll_back_toget
 
     listener.release(1);
     let late = sending.await.unwrap().unwrap();
-    assert_eq!(late.ended.map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(late.ended().map(|e| e.state), Some(TxState::Committed));
     let o = visible(&cluster, orders).await;
     let a = visible(&cluster, audit).await;
     assert_eq!(bodies(&o), ["commit o1", "commit o2", "held o4"]);
@@ -1673,6 +1677,66 @@ async fn cli_tx_listen_rolls_back_a_transaction_another_process_left_unknown() {
     );
     assert!(visible(&cluster, topic).await.is_empty(), "never visible");
 
+    admin.close();
+    cluster.shutdown().await;
+}
+
+/// Answers by body: the local transaction of "later" is not decided
+/// (Unknown), any other commits; every check-back commits.
+struct ByBody;
+
+impl TransactionListener for ByBody {
+    async fn execute(&self, msg: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+        Ok(if &msg.body[..] == b"later" {
+            Unknown
+        } else {
+            Commit
+        })
+    }
+
+    async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+        Ok(Commit)
+    }
+}
+
+/// A listener behind a trait object ([`BoxListener`]) runs local
+/// transactions and answers check-backs like any other: one committed at
+/// once, one committed by the check-back, each visible once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boxed_listener_commits_and_answers_check_backs() {
+    let topic = "t-boxed";
+    let cluster = cluster_with(|_| {}).await;
+    create_topic(&cluster, topic, 1).await;
+    let producer: TransactionProducer<BoxListener> = TransactionProducer::builder()
+        .nameserver(&cluster.nameserver)
+        .group("boxed-pg")
+        .listener(BoxListener::new(ByBody))
+        .start()
+        .await
+        .expect("transaction producer starts");
+    let now = producer
+        .send_in_transaction(Message::new(topic, "now"))
+        .await
+        .unwrap();
+    assert!(now.committed(), "{:?}", now.end);
+    let later = producer
+        .send_in_transaction(Message::new(topic, "later"))
+        .await
+        .unwrap();
+    assert!(matches!(later.end, TxEnd::NotSent), "{:?}", later.end);
+    assert!(later.pending());
+    let admin = cluster.admin().await;
+    eventually(
+        "the check-back's commit",
+        Duration::from_secs(10),
+        async || tx_info(&admin, later.tx_id).await.is_none().then_some(()),
+    )
+    .await;
+    let counts = visible_ids(&cluster, topic).await;
+    assert_eq!(counts.get(&now.msg_id), Some(&1));
+    assert_eq!(counts.get(&later.msg_id), Some(&1));
+    assert_eq!(counts.len(), 2);
+    producer.close();
     admin.close();
     cluster.shutdown().await;
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{create_topic, jitter, start_broker, wait_for_route, wait_until};
 use txmq::{
     BoxError, CheckRequest, ConsumedOffset, Error, ErrorCode, Message, PullConsumer,
-    ReceivedMessage, TransactionListener, TransactionProducer, TransactionState, TxContext,
+    ReceivedMessage, TransactionListener, TransactionProducer, TransactionState, TxContext, TxEnd,
     TxState,
 };
 use txmq_tests::{binary, consume_all, Cluster};
@@ -119,7 +119,7 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
         )
         .await
         .expect("committed");
-    assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::Committed));
+    assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::Committed));
     assert_eq!(committed(&ns, "transform", "in", 0).await, Some(1));
 
     // (2) Rollback: the offset does not move.
@@ -130,18 +130,22 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
         )
         .await
         .expect("rolled back");
-    assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::RolledBack));
+    assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::RolledBack));
     assert_eq!(committed(&ns, "transform", "in", 0).await, Some(1));
 
     // (3) A second transaction made from input 0 (expected 0, the group is
-    // at 1): rolled back, OFFSET_CONFLICT naming where the group is.
-    let err = producer
+    // at 1): rolled back, OFFSET_CONFLICT naming where the group is. The
+    // local transaction ran, so the send is Ok and its end says so.
+    let outcome = producer
         .send_in_transaction_with_offsets(
             vec![Message::new("out", "out-0-again")],
             vec![ConsumedOffset::after("transform", &inputs[0])],
         )
         .await
-        .expect_err("conflict");
+        .expect("prepared and decided");
+    let TxEnd::Refused(err) = outcome.end else {
+        panic!("the commit is refused: {:?}", outcome.end)
+    };
     assert_eq!(err.code(), Some(ErrorCode::OffsetConflict), "{err}");
     let text = txmq::error::chain(&err);
     assert!(
@@ -168,7 +172,7 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
         )
         .await
         .expect("prepared");
-    assert_eq!(outcome.ended, None);
+    assert!(matches!(outcome.end, TxEnd::NotSent), "{:?}", outcome.end);
     assert_eq!(committed(&ns, "transform", "in", 0).await, Some(1));
     admin
         .resolve_transaction(outcome.tx_id, txmq::TxAction::Commit, Some("broker-a"))

@@ -774,11 +774,7 @@ impl Transactions {
                     self.metrics.messages_in(topic, *messages, *bytes);
                 }
                 tracing::debug!(tx_id, ?action, ?source, "transaction ended");
-                Ok(Ended {
-                    state: final_state(action),
-                    already: false,
-                    status: status(durable),
-                })
+                Ok(Ended::new(final_state(action), false, status(durable)))
             }
             Err(Conflict(why)) => {
                 if let Some(p) = table.pending.remove(&tx_id) {
@@ -1225,16 +1221,10 @@ fn ended_again_tx(tx_id: u64, ended: EndedTx, action: TxAction) -> Result<Ended,
 
 fn ended_again(tx_id: u64, committed: bool, action: TxAction) -> Result<Ended, WireError> {
     match (committed, action) {
-        (true, TxAction::Commit) => Ok(Ended {
-            state: TxState::Committed,
-            already: true,
-            status: SendStatus::SendOk,
-        }),
-        (false, TxAction::Rollback) => Ok(Ended {
-            state: TxState::RolledBack,
-            already: true,
-            status: SendStatus::SendOk,
-        }),
+        (true, TxAction::Commit) => Ok(Ended::new(TxState::Committed, true, SendStatus::SendOk)),
+        (false, TxAction::Rollback) => {
+            Ok(Ended::new(TxState::RolledBack, true, SendStatus::SendOk))
+        }
         (false, TxAction::Commit) => Err(WireError::new(
             ErrorCode::TransactionRolledBack,
             format!("transaction {tx_id} was rolled back; it cannot be committed"),

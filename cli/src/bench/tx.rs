@@ -35,7 +35,7 @@ use clap::Args;
 use tokio::sync::watch;
 use txmq::{
     BoxError, CheckRequest, ConsumeFrom, Message, PullConsumer, TransactionListener,
-    TransactionProducer, TransactionState, TxContext,
+    TransactionProducer, TransactionState, TxContext, TxEnd,
 };
 
 use super::body::{elapsed_ns, new_run_id, producer_id, Clock, Header};
@@ -725,7 +725,15 @@ async fn transact(
             let message = Message::new(&*topic, header.encode(size, &padding));
             async move {
                 let sent_at = Instant::now();
-                let result = p.send_in_transaction(message).await;
+                // An end refused or lost counts as an error, as it did
+                // when the send returned it as one.
+                let result = p
+                    .send_in_transaction(message)
+                    .await
+                    .and_then(|o| match o.end {
+                        TxEnd::Refused(e) | TxEnd::Lost(e) => Err(e),
+                        _ => Ok(o),
+                    });
                 (op, header, sent_at, Instant::now(), result)
             }
         },

@@ -97,6 +97,7 @@ const NO_ROUTE_REFRESH: Duration = Duration::from_secs(1);
 
 /// Where a group starts on a queue for which it has no committed offset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConsumeFrom {
     /// At the first message still stored (the default).
     #[default]
@@ -109,6 +110,7 @@ pub enum ConsumeFrom {
 
 /// A message as [`PullConsumer::poll`] hands it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReceivedMessage {
     /// The broker it was read from.
     pub broker_name: String,
@@ -117,6 +119,15 @@ pub struct ReceivedMessage {
 }
 
 impl ReceivedMessage {
+    /// `stored` as read from `broker_name`: for testing a handler;
+    /// consumers make the real ones.
+    pub fn new(broker_name: impl Into<String>, stored: StoredMessage) -> ReceivedMessage {
+        ReceivedMessage {
+            broker_name: broker_name.into(),
+            stored,
+        }
+    }
+
     /// The message as sent.
     pub fn message(&self) -> &Message {
         &self.stored.message

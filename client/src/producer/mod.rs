@@ -39,6 +39,7 @@ const MAX_RENEWALS: u32 = 3;
 
 /// Where one sent message was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SendReceipt {
     /// The message's id (assigned before the first attempt).
     pub msg_id: MsgId,
@@ -56,6 +57,30 @@ pub struct SendReceipt {
     /// retry whose first attempt's answer was lost): nothing was stored
     /// again, and the receipt is the first attempt's.
     pub duplicate: bool,
+}
+
+impl SendReceipt {
+    /// A receipt of a first (not [`duplicate`](SendReceipt::duplicate))
+    /// send: for testing code that handles receipts; sends make the real
+    /// ones.
+    pub fn new(
+        msg_id: MsgId,
+        topic: impl Into<String>,
+        broker_name: impl Into<String>,
+        queue: u32,
+        queue_offset: u64,
+        status: SendStatus,
+    ) -> SendReceipt {
+        SendReceipt {
+            msg_id,
+            topic: topic.into(),
+            broker_name: broker_name.into(),
+            queue,
+            queue_offset,
+            status,
+            duplicate: false,
+        }
+    }
 }
 
 /// Builds a [`Producer`].

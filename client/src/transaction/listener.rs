@@ -3,6 +3,7 @@
 //! say which transaction is meant.
 
 use std::future::Future;
+use std::pin::Pin;
 
 use txmq_protocol::{CheckTransaction, Message, MsgId};
 
@@ -74,6 +75,103 @@ pub trait TransactionListener: Send + Sync + 'static {
         &self,
         req: &CheckRequest,
     ) -> impl Future<Output = Result<TransactionState, BoxError>> + Send;
+}
+
+/// The future of a [`DynTransactionListener`] method.
+pub type ListenerFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<TransactionState, BoxError>> + Send + 'a>>;
+
+/// The object-safe form of [`TransactionListener`], whose `async fn`s
+/// cannot be called through `dyn`: the same two methods, returning boxed
+/// futures. Every [`TransactionListener`] is one, so write listeners with
+/// `async fn` as usual; this trait is what [`BoxListener`] holds.
+pub trait DynTransactionListener: Send + Sync + 'static {
+    /// [`TransactionListener::execute`], boxed.
+    fn execute_boxed<'a>(&'a self, msg: &'a Message, ctx: &'a TxContext) -> ListenerFuture<'a>;
+
+    /// [`TransactionListener::check`], boxed.
+    fn check_boxed<'a>(&'a self, req: &'a CheckRequest) -> ListenerFuture<'a>;
+}
+
+impl<L: TransactionListener> DynTransactionListener for L {
+    fn execute_boxed<'a>(&'a self, msg: &'a Message, ctx: &'a TxContext) -> ListenerFuture<'a> {
+        Box::pin(self.execute(msg, ctx))
+    }
+
+    fn check_boxed<'a>(&'a self, req: &'a CheckRequest) -> ListenerFuture<'a> {
+        Box::pin(self.check(req))
+    }
+}
+
+/// A [`TransactionListener`] chosen at run time: any listener behind a
+/// trait object, so one [`TransactionProducer<BoxListener>`](crate::TransactionProducer)
+/// type serves them all (a configuration picks the listener, a test swaps
+/// in a fake). Each call costs one allocation for its boxed future.
+///
+/// ```no_run
+/// use txmq::{BoxError, BoxListener, CheckRequest, Message, TransactionListener, TransactionProducer, TransactionState, TxContext};
+///
+/// struct Orders;
+/// struct DryRun;
+///
+/// impl TransactionListener for Orders {
+///     async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+///         Ok(TransactionState::Commit)
+///     }
+///     async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+///         Ok(TransactionState::Unknown)
+///     }
+/// }
+///
+/// impl TransactionListener for DryRun {
+///     async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+///         Ok(TransactionState::Rollback)
+///     }
+///     async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+///         Ok(TransactionState::Rollback)
+///     }
+/// }
+///
+/// # async fn demo(dry_run: bool) -> txmq::Result<()> {
+/// let listener = if dry_run { BoxListener::new(DryRun) } else { BoxListener::new(Orders) };
+/// let producer: TransactionProducer<BoxListener> = TransactionProducer::builder()
+///     .nameserver("127.0.0.1:9876")
+///     .group("order-producers")
+///     .listener(listener)
+///     .start()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct BoxListener(Box<dyn DynTransactionListener>);
+
+impl BoxListener {
+    /// `listener` behind a trait object.
+    pub fn new(listener: impl TransactionListener) -> BoxListener {
+        BoxListener(Box::new(listener))
+    }
+}
+
+impl From<Box<dyn DynTransactionListener>> for BoxListener {
+    fn from(listener: Box<dyn DynTransactionListener>) -> BoxListener {
+        BoxListener(listener)
+    }
+}
+
+impl std::fmt::Debug for BoxListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoxListener")
+    }
+}
+
+impl TransactionListener for BoxListener {
+    async fn execute(&self, msg: &Message, ctx: &TxContext) -> Result<TransactionState, BoxError> {
+        self.0.execute_boxed(msg, ctx).await
+    }
+
+    async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
+        self.0.check_boxed(req).await
+    }
 }
 
 /// The transaction [`TransactionListener::execute`] runs for.
@@ -274,6 +372,44 @@ mod tests {
         assert_eq!(req.checks(), 2);
         assert_eq!((req.tx_id(), req.broker_name()), (7, "broker-a"));
         spawnable(std::sync::Arc::new(ok), req);
+    }
+
+    #[tokio::test]
+    async fn listeners_of_different_types_answer_through_box_listener() {
+        let m = Message::new("orders", "o-1");
+        let ctx = TxContext::new(7, "broker-a", "pg", vec![m.clone()]);
+        let Ok(req) = CheckRequest::new(7, "broker-a", "pg", vec![m.clone()], 0) else {
+            panic!("a request with a message is valid")
+        };
+        let commits = Fixed {
+            local: TransactionState::Commit,
+            fail_checks: false,
+        };
+        let rolls_back = Fixed {
+            local: TransactionState::Rollback,
+            fail_checks: true,
+        };
+        let as_object: Box<dyn DynTransactionListener> = Box::new(rolls_back);
+        let listeners = [BoxListener::new(commits), BoxListener::from(as_object)];
+        let mut answers = Vec::new();
+        for l in &listeners {
+            answers.push((
+                state_of(l.execute(&m, &ctx).await),
+                state_of(l.check(&req).await),
+            ));
+        }
+        assert_eq!(
+            answers,
+            [
+                (TransactionState::Commit, TransactionState::Commit),
+                (TransactionState::Rollback, TransactionState::Unknown),
+            ]
+        );
+        // A BoxListener is a listener like any other: spawnable checks.
+        let Some(first) = listeners.into_iter().next() else {
+            panic!("two listeners")
+        };
+        spawnable(std::sync::Arc::new(first), req);
     }
 
     #[test]

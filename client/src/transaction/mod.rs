@@ -28,10 +28,11 @@ mod placement;
 pub mod producer;
 
 pub use listener::{
-    state_of, BoxError, CheckRequest, TransactionListener, TransactionState, TxContext,
+    state_of, BoxError, BoxListener, CheckRequest, DynTransactionListener, ListenerFuture,
+    TransactionListener, TransactionState, TxContext,
 };
 pub use offsets::ConsumedOffset;
 pub use producer::{
-    TransactionProducer, TransactionProducerBuilder, TxOutcome, DEFAULT_BROKER_REFRESH_INTERVAL,
-    DEFAULT_CHECK_TIMEOUT,
+    TransactionProducer, TransactionProducerBuilder, TxEnd, TxOutcome,
+    DEFAULT_BROKER_REFRESH_INTERVAL, DEFAULT_CHECK_TIMEOUT,
 };

@@ -42,8 +42,28 @@ const REORDER_PAUSE: Duration = Duration::from_millis(10);
 /// How many times one prepare takes a new producer id before it fails.
 const MAX_RENEWALS: u32 = 3;
 
-/// What became of a transactional send.
-#[derive(Debug, Clone, PartialEq)]
+/// What became of a transactional send whose transaction was prepared.
+///
+/// A send returns it whenever the broker stored the half message, so the
+/// local transaction may have run (see [`TxOutcome::state`]): never send
+/// the message again on the strength of it. What became of the end is
+/// [`TxOutcome::end`]; [`TxOutcome::committed`] and the other helpers read
+/// it.
+///
+/// ```
+/// # fn demo(outcome: txmq::TxOutcome) {
+/// use txmq::TxEnd;
+///
+/// match &outcome.end {
+///     TxEnd::Ended(ended) => println!("{}: {}", outcome.tx_id, ended.state.name()),
+///     TxEnd::Refused(e) => eprintln!("not ended as decided: {e}"),
+///     TxEnd::Lost(_) | TxEnd::NotSent => println!("the broker checks back"),
+///     _ => {}
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
 pub struct TxOutcome {
     /// The transaction id, unique on [`TxOutcome::broker_name`].
     pub tx_id: u64,
@@ -60,13 +80,128 @@ pub struct TxOutcome {
     /// How the prepare was stored. Anything but [`SendStatus::SendOk`]
     /// (say `FlushDiskTimeout`: the half message may not survive a power
     /// cut; `FlushSlaveTimeout` or `SlaveNotAvailable`: it is on the master
-    /// only, not on enough slaves under sync replication) means the local transaction did not run and the transaction
-    /// was rolled back, as RocketMQ does.
+    /// only, not on enough slaves under sync replication) means the local
+    /// transaction did not run and the transaction was rolled back, as
+    /// RocketMQ does.
     pub prepare_status: SendStatus,
-    /// The broker's answer to the commit or rollback; `None` for
-    /// [`TransactionState::Unknown`], when nothing was sent and the broker
-    /// checks back later.
-    pub ended: Option<Ended>,
+    /// What became of the commit or rollback [`TxOutcome::state`] asked for.
+    pub end: TxEnd,
+}
+
+impl TxOutcome {
+    /// An outcome: for testing code that handles outcomes; sends make the
+    /// real ones. [`TxOutcome::msg_id`] is the first of `msg_ids`.
+    ///
+    /// # Errors
+    /// [`Error::BadArgument`] when `msg_ids` is empty.
+    pub fn new(
+        tx_id: u64,
+        broker_name: impl Into<String>,
+        msg_ids: Vec<MsgId>,
+        state: TransactionState,
+        prepare_status: SendStatus,
+        end: TxEnd,
+    ) -> Result<TxOutcome> {
+        let Some(&msg_id) = msg_ids.first() else {
+            return Err(Error::BadArgument(format!(
+                "outcome of transaction {tx_id} names no message"
+            )));
+        };
+        Ok(TxOutcome {
+            tx_id,
+            broker_name: broker_name.into(),
+            msg_id,
+            msg_ids,
+            state,
+            prepare_status,
+            end,
+        })
+    }
+
+    /// True when the broker took the end as a commit: the messages are
+    /// visible (also when the transaction was committed before, by a
+    /// check-back: [`Ended::already`]).
+    pub fn committed(&self) -> bool {
+        self.ended()
+            .is_some_and(|e| e.state == txmq_protocol::TxState::Committed)
+    }
+
+    /// True when the broker took the end as a rollback: the messages are
+    /// dropped.
+    pub fn rolled_back(&self) -> bool {
+        self.ended()
+            .is_some_and(|e| e.state == txmq_protocol::TxState::RolledBack)
+    }
+
+    /// True when the transaction may still be open on the broker, which
+    /// then checks back ([`TransactionListener::check`]) until it learns
+    /// the answer: [`TxEnd::NotSent`] and [`TxEnd::Lost`].
+    pub fn pending(&self) -> bool {
+        matches!(self.end, TxEnd::NotSent | TxEnd::Lost(_))
+    }
+
+    /// The broker's answer to the end, when it applied it ([`TxEnd::Ended`]).
+    pub fn ended(&self) -> Option<&Ended> {
+        match &self.end {
+            TxEnd::Ended(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Why the end failed ([`TxEnd::Refused`] or [`TxEnd::Lost`]): an
+    /// [`Error::EndTransaction`] naming the transaction and the action.
+    pub fn end_error(&self) -> Option<&Error> {
+        match &self.end {
+            TxEnd::Refused(e) | TxEnd::Lost(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What became of the end (commit or rollback) of a prepared transaction.
+///
+/// Whatever it is, the local transaction has already run (or was skipped
+/// for a prepare not stored with [`SendStatus::SendOk`]): do not run it
+/// again. The errors are [`Error::EndTransaction`], with the broker's code
+/// when it answered ([`Error::code`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TxEnd {
+    /// The broker applied the end: [`Ended::state`] is the transaction's
+    /// state now ([`Ended::already`] when it had been ended so before, by a
+    /// check-back, say; [`Ended::status`] is how durably the end is stored).
+    Ended(Ended),
+    /// The broker answered that it does not end the transaction as asked,
+    /// and said why ([`Error::code`]): `TRANSACTION_ROLLED_BACK` (a
+    /// check-back or an operator rolled it back first), `OFFSET_CONFLICT`
+    /// (a commit whose consumed offsets moved meanwhile: the broker rolled
+    /// it back), `TRANSACTION_PARKED` (the broker gave up checking back:
+    /// only an operator ends it now), `UNKNOWN_TRANSACTION`, ...
+    Refused(Error),
+    /// The end, retried, did not reach the group's master or its answer
+    /// never came (no connection, a timeout, `NOT_MASTER` during a
+    /// failover): the broker may or may not have applied it. If it did not,
+    /// the transaction stays open and the broker checks back.
+    Lost(Error),
+    /// Nothing was sent: the local transaction answered
+    /// [`TransactionState::Unknown`] (or failed). The transaction stays
+    /// open and the broker checks back.
+    NotSent,
+}
+
+impl TxEnd {
+    /// The end of a failed `EndTransaction`: [`TxEnd::Refused`] when the
+    /// broker answered with a code no retry changes, else [`TxEnd::Lost`].
+    fn failed(error: Error) -> TxEnd {
+        let refused = error
+            .remoting()
+            .is_some_and(|e| e.remote().is_some() && !crate::error::retriable(e));
+        if refused {
+            TxEnd::Refused(error)
+        } else {
+            TxEnd::Lost(error)
+        }
+    }
 }
 
 /// Builds a [`TransactionProducer`].
@@ -380,13 +515,32 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// `DUPLICATE_MSG_ID` while it remembers the first (give the copy a new
     /// id, `msg_id = MsgId::generate()`).
     ///
+    /// Once the half message is stored the answer is `Ok`, whatever
+    /// becomes of the end: [`TxOutcome::end`] says whether the broker
+    /// applied it ([`TxEnd::Ended`]), refused it ([`TxEnd::Refused`], say
+    /// `TRANSACTION_ROLLED_BACK` because a check-back rolled it back while
+    /// the local transaction ran), never answered ([`TxEnd::Lost`]: the
+    /// broker checks back), or nothing was sent ([`TxEnd::NotSent`]). So an
+    /// `Err` is safe to retry: the local transaction did not run.
+    ///
+    /// ```no_run
+    /// # async fn demo<L: txmq::TransactionListener>(producer: txmq::TransactionProducer<L>) -> txmq::Result<()> {
+    /// let outcome = producer.send_in_transaction(txmq::Message::new("orders", "o-1")).await?;
+    /// if !outcome.committed() {
+    ///     // Rolled back, refused, or left to the broker's check-back.
+    ///     eprintln!("order o-1 not committed (yet): {:?}", outcome.end);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
-    /// Before the local transaction ran: [`Error::BadArgument`],
-    /// [`Error::NoRoute`], [`Error::NoQueue`], or [`Error::Broker`] with the
-    /// prepare's failure. After it ran: [`Error::EndTransaction`] when the
-    /// broker refused the end (say `TRANSACTION_ROLLED_BACK` because a
-    /// check-back already rolled it back) or the end was lost (the broker
-    /// checks back then).
+    /// Only before the local transaction ran: [`Error::Closed`],
+    /// [`Error::BadArgument`], [`Error::NoRoute`], [`Error::NoQueue`], or
+    /// [`Error::Broker`] with the prepare's failure (after a timeout the
+    /// broker may hold the half message; it then checks back, and
+    /// [`TransactionListener::check`] answers for a transaction that never
+    /// ran).
     pub async fn send_in_transaction(&self, message: Message) -> Result<TxOutcome> {
         self.transact(vec![message], Placement::RoundRobin, &[])
             .await
@@ -436,8 +590,9 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// As [`TransactionProducer::send_in_transaction`]; before anything is
     /// sent, [`Error::BadArgument`] for offsets of several brokers or a
     /// topic with no writable queue on theirs. A commit whose offset moved
-    /// meanwhile is rolled back by the broker: [`Error::EndTransaction`]
-    /// with [`ErrorCode::OffsetConflict`](crate::ErrorCode::OffsetConflict)
+    /// meanwhile is rolled back by the broker: not an error but
+    /// [`TxEnd::Refused`] with
+    /// [`ErrorCode::OffsetConflict`](crate::ErrorCode::OffsetConflict)
     /// (see [`Error::code`]), naming the group, queue, expected and actual
     /// offsets; read the input again from the group's committed offset.
     pub async fn send_in_transaction_with_offsets(
@@ -492,9 +647,11 @@ impl<L: TransactionListener> TransactionProducer<L> {
             TransactionState::Rollback => Some(TxAction::Rollback),
             TransactionState::Unknown => None,
         };
-        let ended = match action {
-            Some(action) => Some(
-                self.end(
+        // From here on the local transaction has run: whatever becomes of
+        // the end is an outcome, never an `Err` a caller might retry.
+        let end = match action {
+            Some(action) => match self
+                .end(
                     &broker,
                     &addr,
                     &first.topic,
@@ -502,9 +659,15 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     (first.msg_id, stamp),
                     action,
                 )
-                .await?,
-            ),
-            None => None,
+                .await
+            {
+                Ok(ended) => TxEnd::Ended(ended),
+                Err(e) => {
+                    tracing::debug!(tx_id, %broker, cause = %crate::error::chain(&e), "the end failed after the local transaction ran");
+                    TxEnd::failed(e)
+                }
+            },
+            None => TxEnd::NotSent,
         };
         let msg_ids: Vec<MsgId> = ctx.messages().iter().map(|m| m.msg_id).collect();
         Ok(TxOutcome {
@@ -514,7 +677,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
             msg_ids,
             state,
             prepare_status: prepared.status,
-            ended,
+            end,
         })
     }
 

@@ -16,7 +16,7 @@ use order_service::{
     consume_until_idle, place_order, AfterLocalCommit, AppliedDb, CheckAnswer, Handled, OrderDb,
     OrderListener, Report, CRASH_EXIT_CODE,
 };
-use txmq::{ConsumeFrom, PullConsumer, ReceivedMessage, TransactionProducer};
+use txmq::{ConsumeFrom, PullConsumer, ReceivedMessage, TransactionProducer, TxEnd};
 
 const DEFAULT_DB: &str = "order-service-data/orders.db";
 const DEFAULT_CONSUMER_DB: &str = "order-service-data/applied.db";
@@ -235,10 +235,12 @@ async fn place(nameserver: &str, args: PlaceArgs) -> Result<std::process::ExitCo
         let outcome = place_order(&producer, &args.topic, order)
             .await
             .with_context(|| format!("placing {}", order.order_id))?;
-        let ended = outcome
-            .ended
-            .as_ref()
-            .map_or("not ended", |e| e.state.name());
+        let ended = match &outcome.end {
+            TxEnd::Ended(e) => e.state.name().to_string(),
+            TxEnd::Refused(e) => format!("refused ({})", txmq::error::chain(e)),
+            TxEnd::Lost(e) => format!("end lost, it checks back ({})", txmq::error::chain(e)),
+            _ => "not ended".to_string(),
+        };
         println!(
             "placed {} ({}, {}): tx {} on {}, msg_id={}, local transaction -> {}, broker: {}",
             order.order_id,

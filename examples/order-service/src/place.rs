@@ -11,10 +11,14 @@ use crate::Result;
 /// its `tx_log` row in one SQLite transaction, and commits the message as
 /// the listener decides. Returns what became of the transaction.
 ///
+/// Once the order is written the answer is an outcome, never an error,
+/// also when the broker refused the end or its answer was lost
+/// ([`TxOutcome::end`]): the broker then checks back and learns the answer
+/// from `tx_log`. Placing the order again would write it twice.
+///
 /// # Errors
-/// [`Error::Txmq`](crate::Error::Txmq) when the prepare failed (nothing
-/// was written) or the broker refused the end (the order is written; the
-/// broker checks back and learns the answer from `tx_log`).
+/// [`Error::Txmq`](crate::Error::Txmq) when the prepare failed: nothing
+/// was written.
 pub async fn place_order(
     producer: &TransactionProducer<OrderListener>,
     topic: &str,

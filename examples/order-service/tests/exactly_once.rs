@@ -14,7 +14,7 @@ use order_service::{
 use tokio_util::sync::CancellationToken;
 use txmq::{
     Admin, BoxError, CheckRequest, ConsumeFrom, Message, PullConsumer, ReceivedMessage,
-    TransactionListener, TransactionProducer, TransactionState, TxContext, TxState,
+    TransactionListener, TransactionProducer, TransactionState, TxContext, TxEnd, TxState,
     PERM_READ_WRITE,
 };
 use txmq_broker::{Broker, BrokerConfig};
@@ -156,7 +156,7 @@ async fn place(
     for order in &orders {
         let outcome = place_order(producer, TOPIC, order).await?;
         assert_eq!(outcome.state, TransactionState::Commit);
-        assert_eq!(outcome.ended.map(|e| e.state), Some(TxState::Committed));
+        assert!(outcome.committed(), "{:?}", outcome.end);
     }
     Ok(orders)
 }
@@ -258,7 +258,7 @@ async fn a_crash_between_prepare_and_commit_is_finished_by_check_back() -> TestR
     let third = env.orders.next_orders(1).await?.remove(0);
     let outcome = place_order(&producer, TOPIC, &third).await?;
     assert_eq!(outcome.state, TransactionState::Unknown);
-    assert_eq!(outcome.ended, None);
+    assert!(matches!(outcome.end, TxEnd::NotSent), "{:?}", outcome.end);
     producer.close();
     drop(producer);
 

@@ -122,16 +122,19 @@ async fn run(args: &Args, producer: &TransactionProducer<Pipeline>) -> Result<()
                 .send_in_transaction_with_offsets(vec![out], vec![offset])
                 .await
             {
-                Ok(o) if o.prepare_status == SendStatus::SendOk => {}
-                Ok(o) => {
+                Ok(o) if o.prepare_status != SendStatus::SendOk => {
                     return Err(format!(
                         "prepare stored {:?}; rolled back",
                         o.prepare_status
                     ))
                 }
-                Err(e) if e.code() == Some(ErrorCode::OffsetConflict) => {
-                    return Err(format!("offset conflict: {e}"));
-                }
+                Ok(o) => match o.end_error() {
+                    Some(e) if e.code() == Some(ErrorCode::OffsetConflict) => {
+                        return Err(format!("offset conflict: {e}"));
+                    }
+                    Some(e) => return Err(format!("transaction failed: {e}")),
+                    None => {}
+                },
                 Err(e) => return Err(format!("transaction failed: {e}")),
             }
         }

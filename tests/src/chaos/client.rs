@@ -341,38 +341,26 @@ async fn run_tx_producer(
                 let result = producer.send_in_transaction(msg).await;
                 match result {
                     Ok(o) => {
-                        ev.kind = Kind::Ok;
                         ev.tx_id = Some(o.tx_id);
-                        ev.broker = Some(o.broker_name);
-                        ev.answer = Some(state_name(o.state).to_string());
-                        ev.status =
-                            Some(o.ended.map_or("prepared", |e| e.state.name()).to_string());
+                        ev.broker = Some(o.broker_name.clone());
                         if o.prepare_status != txmq::SendStatus::SendOk {
+                            // Rolled back by the producer without running
+                            // the local transaction.
                             ev.prepare = Some(o.prepare_status.name().to_string());
+                        }
+                        if let Some(e) = o.end_error() {
+                            // Prepared for sure; the end is what failed.
+                            ev.kind = Kind::Info;
+                            ev.detail = Some(txmq::error::chain(e));
+                        } else {
+                            ev.kind = Kind::Ok;
+                            ev.answer = Some(state_name(o.state).to_string());
+                            ev.status =
+                                Some(o.ended().map_or("prepared", |e| e.state.name()).to_string());
                         }
                     }
                     Err(e) => {
-                        if let txmq::Error::EndTransaction {
-                            tx_id,
-                            broker,
-                            action,
-                            ..
-                        } = &e
-                        {
-                            ev.tx_id = Some(*tx_id);
-                            ev.broker = Some(broker.clone());
-                            // A rollback the local transaction did not
-                            // ask for: the prepare was not SEND_OK, and
-                            // the producer rolled back without running it.
-                            if *action == txmq::TxAction::Rollback && local != "rollback" {
-                                ev.prepare = Some("not SEND_OK".into());
-                            }
-                        }
-                        ev.kind = match &e {
-                            // Prepared for sure; the end is what failed.
-                            txmq::Error::EndTransaction { .. } => Kind::Info,
-                            e => outcome_of(e),
-                        };
+                        ev.kind = outcome_of(&e);
                         ev.detail = Some(txmq::error::chain(&e));
                     }
                 }

@@ -107,6 +107,7 @@ use crate::{ClientConfig, Error, Result};
 
 /// What a handler decided about a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConsumeResult {
     /// Handled; the message is done.
     Success,
@@ -185,6 +186,7 @@ where
 
 /// When the committed offset moves relative to handling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeliveryMode {
     /// Commit after handling: nothing lost, repeats possible (see the module docs).
     #[default]
