@@ -182,6 +182,11 @@ fn standalone_mode_serves_the_readme_flow_and_a_taken_port_is_a_clear_error() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The port opens before the broker's first registration reaches its
+    // nameserver; a user typing the next command is slower than that.
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(txmq_tests::wait_for_broker(&ns, "broker-a"));
     let run = |args: &[&str]| txmq_tests::txmq_cli(&ns, args, None);
     assert!(run(&["topic", "create", "orders", "--queues", "4"])
         .status
