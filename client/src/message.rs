@@ -187,6 +187,12 @@ impl Message {
         }
     }
 
+    /// The message as it would be sent now: an id and a birth time where
+    /// it has none (what a transaction listener is handed).
+    pub(crate) fn as_sent(self) -> Message {
+        Message::from_wire(self.into_wire())
+    }
+
     /// A message that was sent, with the id it was sent with.
     pub(crate) fn from_wire(m: txmq_protocol::Message) -> Message {
         Message {
@@ -198,6 +204,16 @@ impl Message {
             body: m.body,
             born_timestamp: m.born_timestamp,
         }
+    }
+}
+
+/// A message as it was sent (a consumer, a look-up or a test hands it
+/// over), keeping its id and birth time: sending it again is sending the
+/// same message, which the broker refuses as a duplicate while it
+/// remembers the id. To forward a message, build a new one from its parts.
+impl From<txmq_protocol::Message> for Message {
+    fn from(m: txmq_protocol::Message) -> Message {
+        Message::from_wire(m)
     }
 }
 

@@ -395,7 +395,7 @@ fn stamped(topic: &str, bodies: &[&str], stamp: ProducerStamp) -> SendRequest {
         queue: 0,
         messages: bodies
             .iter()
-            .map(|b| Message::new(topic, b.to_string()))
+            .map(|b| txmq::WireMessage::new(topic, b.to_string()))
             .collect(),
         producer: Some(stamp),
     }

@@ -185,6 +185,8 @@ pub struct TxContext {
 
 impl TxContext {
     /// A context (for testing a listener; the producer makes the real ones).
+    /// A message not sent yet is given an id and a birth time (now), as
+    /// sent messages have them.
     pub fn new(
         tx_id: u64,
         broker_name: impl Into<String>,
@@ -195,7 +197,7 @@ impl TxContext {
             tx_id,
             broker_name: broker_name.into(),
             producer_group: producer_group.into(),
-            messages,
+            messages: messages.into_iter().map(Message::as_sent).collect(),
         }
     }
 
@@ -214,7 +216,21 @@ impl TxContext {
         &self.producer_group
     }
 
-    /// Every message of the transaction, in the order given.
+    /// The id of the first message (the one
+    /// [`TransactionListener::execute`] is given), as it was sent: assigned
+    /// at the send unless fixed with [`Message::with_msg_id`]. The id to
+    /// record in the local transaction, for [`CheckRequest::msg_id`] to
+    /// find.
+    pub fn msg_id(&self) -> MsgId {
+        // `new` gives every message an id; the default is never seen.
+        self.messages
+            .first()
+            .and_then(Message::msg_id)
+            .unwrap_or_default()
+    }
+
+    /// Every message of the transaction, in the order given, each with the
+    /// id it was sent with.
     pub fn messages(&self) -> &[Message] {
         &self.messages
     }
@@ -233,8 +249,8 @@ pub struct CheckRequest {
 
 impl CheckRequest {
     /// A check request (for testing a listener; the producer makes the real
-    /// ones from the broker's requests). A message without an id is given
-    /// one, as the broker's messages all have one.
+    /// ones from the broker's requests). A message not sent yet is given an
+    /// id and a birth time (now), as the broker's messages all have them.
     ///
     /// # Errors
     /// [`Error::BadArgument`] when `messages` is empty.
@@ -250,13 +266,7 @@ impl CheckRequest {
                 "check of transaction {tx_id} names no message"
             )));
         }
-        let messages = messages
-            .into_iter()
-            .map(|m| match m.msg_id() {
-                Some(_) => m,
-                None => m.with_msg_id(MsgId::generate()),
-            })
-            .collect();
+        let messages = messages.into_iter().map(Message::as_sent).collect();
         Ok(CheckRequest {
             tx_id,
             broker_name: broker_name.into(),
@@ -343,6 +353,7 @@ mod tests {
         ) -> Result<TransactionState, BoxError> {
             tokio::task::yield_now().await;
             assert_eq!(ctx.messages().first().map(|m| m.msg_id()), Some(msg.msg_id()));
+            assert_eq!(Some(ctx.msg_id()), msg.msg_id());
             Ok(self.local)
         }
 
@@ -387,7 +398,7 @@ mod tests {
 
     #[tokio::test]
     async fn listeners_of_different_types_answer_through_box_listener() {
-        let m = Message::new("orders", "o-1");
+        let m = Message::new("orders", "o-1").with_msg_id(MsgId::generate());
         let ctx = TxContext::new(7, "broker-a", "pg", vec![m.clone()]);
         let Ok(req) = CheckRequest::new(7, "broker-a", "pg", vec![m.clone()], 0) else {
             panic!("a request with a message is valid")
