@@ -347,7 +347,10 @@ pub fn unknown_text(message: &Message, broker: Option<&str>) -> String {
         message.topic(),
         broker.unwrap_or("?"),
         // The CLI fixes every message's id before sending it.
-        message.msg_id().map(|id| id.to_string()).unwrap_or_default(),
+        message
+            .msg_id()
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
         key_tag_text(message),
     )
 }
@@ -390,7 +393,9 @@ mod tests {
         ReceivedMessage::new(
             "broker-a",
             StoredMessage {
-                message: WireMessage::new("orders", body).with_key("k1").with_tag("t1"),
+                message: WireMessage::new("orders", body)
+                    .with_key("k1")
+                    .with_tag("t1"),
                 queue: 1,
                 queue_offset: 7,
                 log_offset: 100,
@@ -451,14 +456,8 @@ mod tests {
     fn a_sent_message_shows_status_and_position() {
         let id = MsgId::generate();
         let message = Message::new("orders", "hi").with_msg_id(id);
-        let receipt = SendReceipt::new(
-            id,
-            "orders",
-            "broker-a",
-            1,
-            7,
-            SendStatus::FlushDiskTimeout,
-        );
+        let receipt =
+            SendReceipt::new(id, "orders", "broker-a", 1, 7, SendStatus::FlushDiskTimeout);
         let v = sent_json(&receipt, &message);
         assert_eq!(v["status"], "FLUSH_DISK_TIMEOUT");
         assert_eq!(v["queue_offset"], 7);
@@ -485,10 +484,7 @@ mod tests {
             assert_eq!(sent_json(&receipt, &message)["status"], name);
             assert_eq!(
                 sent_text(&receipt, &message),
-                format!(
-                    "{name} orders broker=broker-a q=0 offset=3 msg_id={}",
-                    id
-                )
+                format!("{name} orders broker=broker-a q=0 offset=3 msg_id={}", id)
             );
         }
     }

@@ -716,7 +716,10 @@ async fn a_consumer_whose_master_does_not_connect_uses_the_slave_though_the_rout
     // The master dies; the route still names it (the nameserver has not
     // noticed yet): its connection closed and connecting fails.
     master.kill();
-    slave.node.store.push(0, txmq::WireMessage::new(TOPIC, "m4"));
+    slave
+        .node
+        .store
+        .push(0, txmq::WireMessage::new(TOPIC, "m4"));
     let more = poll_until(&mut consumer, 5 - offsets.len(), Duration::from_secs(5)).await?;
     offsets.extend(more.iter().map(|m| m.queue_offset()));
     assert_eq!(offsets, [0, 1, 2, 3, 4], "nothing skipped, nothing twice");
@@ -873,7 +876,10 @@ async fn a_push_consumer_reads_from_the_slave_while_the_master_is_gone() -> Test
     assert_eq!(lock(&seen).len(), 5, "no rewind: {:?}", lock(&seen));
     assert!(slave.node.pulls.load(Ordering::SeqCst) > 0);
     slave.node.store.replicate_from(&master.node.store, 0, 5);
-    slave.node.store.push(0, txmq::WireMessage::new(TOPIC, "m5"));
+    slave
+        .node
+        .store
+        .push(0, txmq::WireMessage::new(TOPIC, "m5"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while lock(&seen).len() < 6 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

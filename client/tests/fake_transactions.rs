@@ -92,7 +92,8 @@ impl FakeBroker {
         let (group, messages) = {
             let txs = lock(&self.txs);
             let tx = txs.get(&tx_id).ok_or("no such transaction")?;
-            let messages: Vec<txmq::WireMessage> = tx.messages.iter().map(|h| h.message.clone()).collect();
+            let messages: Vec<txmq::WireMessage> =
+                tx.messages.iter().map(|h| h.message.clone()).collect();
             (tx.group.clone(), messages)
         };
         let conn = self
@@ -441,7 +442,9 @@ async fn the_local_result_commits_rolls_back_or_leaves_it_to_check_backs() -> Te
     let a = c.broker("a")?;
 
     let id = txmq::MsgId::generate();
-    let m = Message::new("orders", "commit").with_key("order-1").with_msg_id(id);
+    let m = Message::new("orders", "commit")
+        .with_key("order-1")
+        .with_msg_id(id);
     let o = p.send_in_transaction(m).await?;
     assert_eq!(o.state, TransactionState::Commit);
     assert_eq!(o.msg_id, id, "the message keeps its id");

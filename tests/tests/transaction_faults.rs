@@ -120,7 +120,11 @@ async fn raw_conn(
         .expect("connect to the broker")
 }
 
-fn prepare_request(group: &str, message: txmq::WireMessage, attempt: Option<u64>) -> PrepareTransaction {
+fn prepare_request(
+    group: &str,
+    message: txmq::WireMessage,
+    attempt: Option<u64>,
+) -> PrepareTransaction {
     PrepareTransaction {
         producer: None,
         offsets: Vec::new(),

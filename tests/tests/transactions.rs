@@ -584,7 +584,11 @@ async fn a_commit_publishes_the_message_once_in_its_topic_and_queue_with_id_key_
     );
     for (m, id, queue, offset) in &expected {
         let got: Vec<&&ReceivedMessage> = txs.iter().filter(|r| r.msg_id() == *id).collect();
-        assert_eq!(got.len(), 1, "{id} visible once, with the id the outcome reported");
+        assert_eq!(
+            got.len(),
+            1,
+            "{id} visible once, with the id the outcome reported"
+        );
         let r = got[0];
         assert_eq!(r.broker_name, BROKER);
         assert_eq!(r.topic(), topic, "in its real topic, not the half topic");

@@ -310,7 +310,11 @@ impl Producer {
         self.inner.pool.close();
     }
 
-    async fn send_to(&self, messages: Vec<Message>, target: Target<'_>) -> Result<Vec<SendReceipt>> {
+    async fn send_to(
+        &self,
+        messages: Vec<Message>,
+        target: Target<'_>,
+    ) -> Result<Vec<SendReceipt>> {
         let (topic, messages) = prepare(messages)?;
         // A delayed message waits in the broker's delay index, outside any
         // queue's sequence: it is sent plain (at least once).
@@ -741,7 +745,10 @@ fn prepare(messages: Vec<Message>) -> Result<(String, Vec<WireMessage>)> {
             other.topic()
         )));
     }
-    Ok((topic, messages.into_iter().map(Message::into_wire).collect()))
+    Ok((
+        topic,
+        messages.into_iter().map(Message::into_wire).collect(),
+    ))
 }
 
 fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {

@@ -352,7 +352,10 @@ mod tests {
             ctx: &TxContext,
         ) -> Result<TransactionState, BoxError> {
             tokio::task::yield_now().await;
-            assert_eq!(ctx.messages().first().map(|m| m.msg_id()), Some(msg.msg_id()));
+            assert_eq!(
+                ctx.messages().first().map(|m| m.msg_id()),
+                Some(msg.msg_id())
+            );
             assert_eq!(Some(ctx.msg_id()), msg.msg_id());
             Ok(self.local)
         }

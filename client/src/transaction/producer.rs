@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
-    validate_topic_name, EndTransaction, Ended, ErrorCode, HalfMessage, Message as WireMessage, MsgId,
-    PrepareTransaction, Prepared, ProducerStamp, Role, SendStatus, TxAction, TxSource,
+    validate_topic_name, EndTransaction, Ended, ErrorCode, HalfMessage, Message as WireMessage,
+    MsgId, PrepareTransaction, Prepared, ProducerStamp, Role, SendStatus, TxAction, TxSource,
 };
 
 use super::broker_links::BrokerLinks;

@@ -346,7 +346,9 @@ mod tests {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(a.clone());
         });
-        let msg = Order::sample(1).to_message("orders");
+        let msg = Order::sample(1)
+            .to_message("orders")
+            .with_msg_id(txmq::MsgId::generate());
         let ctx = TxContext::new(10, "broker-a", "pg", vec![msg.clone()]);
         let state = txmq::transaction::state_of(l.execute(&msg, &ctx).await);
         assert_eq!(state, TransactionState::Commit);
@@ -376,7 +378,9 @@ mod tests {
         let (_dir, db) = open();
         let l = OrderListener::new(db.clone());
         l.set_after_local_commit(AfterLocalCommit::LeaveUnended);
-        let msg = Order::sample(2).to_message("orders");
+        let msg = Order::sample(2)
+            .to_message("orders")
+            .with_msg_id(txmq::MsgId::generate());
         let ctx = TxContext::new(11, "broker-a", "pg", vec![msg.clone()]);
         let state = txmq::transaction::state_of(l.execute(&msg, &ctx).await);
         assert_eq!(state, TransactionState::Unknown);
@@ -389,7 +393,9 @@ mod tests {
     ) -> crate::Result<()> {
         let (_dir, db) = open();
         let l = OrderListener::new(db.clone()).rollback_after(Duration::from_secs(60));
-        let young = Order::sample(3).to_message("orders");
+        let young = Order::sample(3)
+            .to_message("orders")
+            .with_msg_id(txmq::MsgId::generate());
         assert_eq!(
             check(&l, &check_of(&young, "broker-a", 12)).await,
             TransactionState::Unknown

@@ -168,8 +168,9 @@ async fn run_producer(
                     _ = tick.tick() => {}
                 }
                 let id = format!("{key}:{seq}");
-                let msg = Message::new(topic.as_str(), id.clone()).with_key(key.as_str())
-                .with_msg_id(MsgId::generate());
+                let msg = Message::new(topic.as_str(), id.clone())
+                    .with_key(key.as_str())
+                    .with_msg_id(MsgId::generate());
                 let mut ev = rec.event(Kind::Invoke, Op::Send, &id);
                 ev.key = Some(key.clone());
                 ev.msg_id = msg.msg_id().map(|id| id.to_string());
@@ -331,7 +332,7 @@ async fn run_tx_producer(
                     .with_key(id.as_str())
                     .with_property(PROP_TRUTH, truth)
                     .with_property(PROP_LOCAL, local)
-                .with_msg_id(MsgId::generate());
+                    .with_msg_id(MsgId::generate());
                 let mut ev = rec.event(Kind::Invoke, Op::Tx, &id);
                 ev.msg_id = msg.msg_id().map(|id| id.to_string());
                 ev.truth = Some(truth.to_string());
