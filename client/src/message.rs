@@ -42,9 +42,14 @@ use txmq_protocol::{now_millis, MsgId};
 /// To send one message with one id more than once, say to retry a send
 /// that failed in your own loop without storing it twice, or to store the
 /// id in a local table before sending (the local-message-table pattern),
-/// give it an id with [`Message::with_msg_id`]: the broker's idempotence
-/// then stores it once and refuses a later send of the same id
-/// (`DUPLICATE_MSG_ID`) while it remembers the id.
+/// give it an id with [`Message::with_msg_id`]. Then a send retried after
+/// an unknown outcome (a timeout, a lost connection) is stored once (see
+/// [`Producer`](crate::Producer)'s idempotence), and the same id in a
+/// second transaction is refused (`DUPLICATE_MSG_ID`, or
+/// `TRANSACTION_COMMITTED` / `TRANSACTION_ROLLED_BACK` once the first
+/// ended). A plain send repeated after it succeeded is stored again, under
+/// the same id: consumers that must apply it once deduplicate by id
+/// ([`dedup`](crate::dedup)).
 ///
 /// The messages txmq hands to a
 /// [`TransactionListener`](crate::TransactionListener) (execute and
@@ -77,8 +82,8 @@ impl Message {
 
     /// Fixes the id this message is sent with, for the local-message-table
     /// pattern (store the id before sending) or a retry loop of your own:
-    /// every send of this message, and of its clones, carries `id`, and the
-    /// broker stores it once (see [`Message`]).
+    /// every send of this message, and of its clones, carries `id` (see
+    /// [`Message`] for what the broker does with a repeated id).
     ///
     /// ```
     /// use txmq::{Message, MsgId};
@@ -189,7 +194,7 @@ impl Message {
 
     /// The message as it would be sent now: an id and a birth time where
     /// it has none (what a transaction listener is handed).
-    pub(crate) fn as_sent(self) -> Message {
+    pub(crate) fn into_sent(self) -> Message {
         Message::from_wire(self.into_wire())
     }
 

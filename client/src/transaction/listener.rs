@@ -197,7 +197,7 @@ impl TxContext {
             tx_id,
             broker_name: broker_name.into(),
             producer_group: producer_group.into(),
-            messages: messages.into_iter().map(Message::as_sent).collect(),
+            messages: messages.into_iter().map(Message::into_sent).collect(),
         }
     }
 
@@ -266,7 +266,7 @@ impl CheckRequest {
                 "check of transaction {tx_id} names no message"
             )));
         }
-        let messages = messages.into_iter().map(Message::as_sent).collect();
+        let messages = messages.into_iter().map(Message::into_sent).collect();
         Ok(CheckRequest {
             tx_id,
             broker_name: broker_name.into(),
