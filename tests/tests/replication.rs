@@ -306,7 +306,7 @@ fn decide(body: &[u8]) -> TransactionState {
 
 impl TransactionListener for EvenCommits {
     async fn execute(&self, msg: &Message, _ctx: &TxContext) -> Result<TransactionState, BoxError> {
-        Ok(decide(&msg.body()))
+        Ok(decide(msg.body()))
     }
 
     async fn check(&self, _req: &CheckRequest) -> Result<TransactionState, BoxError> {

@@ -185,7 +185,7 @@ impl TransactionListener for Scripted {
         self.log().checks.push(Seen {
             tx_id: req.tx_id(),
             msg_id: req.msg_id(),
-            body: text_of(&req.message().body()),
+            body: text_of(req.message().body()),
             checks: req.checks(),
             at: Instant::now(),
         });
@@ -1143,7 +1143,7 @@ async fn messages_of_one_transaction_across_two_topics_commit_or_roll_back_toget
     let admin = cluster.admin().await;
     let listener = Scripted::new(
         |m| {
-            let b = text_of(&m.body());
+            let b = text_of(m.body());
             if b.starts_with("commit") {
                 Plan::Now(Commit)
             } else if b.starts_with("rollback") {
@@ -1367,14 +1367,14 @@ async fn rocketmq_transactional_msg_it_five_fates_of_120_sends() {
     let fate = |b: &[u8]| -> u32 { text_of(b).parse::<u32>().expect("numeric body") % 5 };
     let listener = Scripted::new(
         move |m| {
-            Plan::Now(match fate(&m.body()) {
+            Plan::Now(match fate(m.body()) {
                 0 => Commit,
                 1 => Rollback,
                 _ => Unknown,
             })
         },
         move |req| {
-            Plan::Now(match fate(&req.message().body()) {
+            Plan::Now(match fate(req.message().body()) {
                 2 => Commit,
                 3 => Rollback,
                 _ => Unknown,
