@@ -9,7 +9,9 @@ use std::io::Write;
 
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
-use txmq::{Message, ReceivedMessage, SendReceipt, PERM_READ, PERM_WRITE};
+use std::collections::BTreeMap;
+
+use txmq::{Message, MsgId, ReceivedMessage, SendReceipt, WireMessage, PERM_READ, PERM_WRITE};
 
 /// The `--output` format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -236,24 +238,65 @@ fn body_text(body: &[u8]) -> String {
     }
 }
 
-fn key_tag_text(message: &Message) -> String {
+/// The fields printed of a message, whether one to send or one received.
+struct Shown<'a> {
+    msg_id: Option<MsgId>,
+    topic: &'a str,
+    key: Option<&'a str>,
+    tag: Option<&'a str>,
+    body: &'a [u8],
+    properties: &'a BTreeMap<String, String>,
+}
+
+impl<'a> From<&'a Message> for Shown<'a> {
+    fn from(m: &'a Message) -> Shown<'a> {
+        Shown {
+            msg_id: m.msg_id(),
+            topic: m.topic(),
+            key: m.key(),
+            tag: m.tag(),
+            body: m.body(),
+            properties: m.properties(),
+        }
+    }
+}
+
+impl<'a> From<&'a WireMessage> for Shown<'a> {
+    fn from(m: &'a WireMessage) -> Shown<'a> {
+        Shown {
+            msg_id: Some(m.msg_id),
+            topic: &m.topic,
+            key: m.key.as_deref(),
+            tag: m.tag.as_deref(),
+            body: &m.body,
+            properties: &m.properties,
+        }
+    }
+}
+
+fn key_tag_text<'a>(message: impl Into<Shown<'a>>) -> String {
+    let message = message.into();
     let mut s = String::new();
-    if let Some(key) = &message.key {
+    if let Some(key) = message.key {
         s.push_str(&format!(" key={key}"));
     }
-    if let Some(tag) = &message.tag {
+    if let Some(tag) = message.tag {
         s.push_str(&format!(" tag={tag}"));
     }
     s
 }
 
-fn message_fields(message: &Message) -> Map<String, Value> {
+fn message_fields<'a>(message: impl Into<Shown<'a>>) -> Map<String, Value> {
+    let message = message.into();
     let mut m = Map::new();
-    m.insert("msg_id".into(), json!(message.msg_id.to_string()));
+    m.insert(
+        "msg_id".into(),
+        json!(message.msg_id.map(|id| id.to_string())),
+    );
     m.insert("topic".into(), json!(message.topic));
     m.insert("key".into(), json!(message.key));
     m.insert("tag".into(), json!(message.tag));
-    let (name, body) = body_field(&message.body);
+    let (name, body) = body_field(message.body);
     m.insert(name.into(), json!(body));
     if !message.properties.is_empty() {
         m.insert("properties".into(), json!(message.properties));
@@ -301,9 +344,13 @@ pub fn unknown_json(message: &Message, broker: Option<&str>, error: &str) -> Val
 pub fn unknown_text(message: &Message, broker: Option<&str>) -> String {
     format!(
         "{UNKNOWN} {} broker={} msg_id={}{} (outcome unknown: it may have been stored)",
-        message.topic,
+        message.topic(),
         broker.unwrap_or("?"),
-        message.msg_id,
+        // The CLI fixes every message's id before sending it.
+        message
+            .msg_id()
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
         key_tag_text(message),
     )
 }
@@ -346,7 +393,9 @@ mod tests {
         ReceivedMessage::new(
             "broker-a",
             StoredMessage {
-                message: Message::new("orders", body).with_key("k1").with_tag("t1"),
+                message: WireMessage::new("orders", body)
+                    .with_key("k1")
+                    .with_tag("t1"),
                 queue: 1,
                 queue_offset: 7,
                 log_offset: 100,
@@ -405,15 +454,10 @@ mod tests {
 
     #[test]
     fn a_sent_message_shows_status_and_position() {
-        let message = Message::new("orders", "hi");
-        let receipt = SendReceipt::new(
-            message.msg_id,
-            "orders",
-            "broker-a",
-            1,
-            7,
-            SendStatus::FlushDiskTimeout,
-        );
+        let id = MsgId::generate();
+        let message = Message::new("orders", "hi").with_msg_id(id);
+        let receipt =
+            SendReceipt::new(id, "orders", "broker-a", 1, 7, SendStatus::FlushDiskTimeout);
         let v = sent_json(&receipt, &message);
         assert_eq!(v["status"], "FLUSH_DISK_TIMEOUT");
         assert_eq!(v["queue_offset"], 7);
@@ -423,44 +467,43 @@ mod tests {
             sent_text(&receipt, &message.clone().with_key("k")),
             format!(
                 "FLUSH_DISK_TIMEOUT orders broker=broker-a q=1 offset=7 msg_id={} key=k",
-                message.msg_id
+                id
             )
         );
     }
 
     #[test]
     fn replication_statuses_are_shown_like_flush_disk_timeout() {
-        let message = Message::new("orders", "hi");
+        let id = MsgId::generate();
+        let message = Message::new("orders", "hi").with_msg_id(id);
         for (status, name) in [
             (SendStatus::FlushSlaveTimeout, "FLUSH_SLAVE_TIMEOUT"),
             (SendStatus::SlaveNotAvailable, "SLAVE_NOT_AVAILABLE"),
         ] {
-            let receipt = SendReceipt::new(message.msg_id, "orders", "broker-a", 0, 3, status);
+            let receipt = SendReceipt::new(id, "orders", "broker-a", 0, 3, status);
             assert_eq!(sent_json(&receipt, &message)["status"], name);
             assert_eq!(
                 sent_text(&receipt, &message),
-                format!(
-                    "{name} orders broker=broker-a q=0 offset=3 msg_id={}",
-                    message.msg_id
-                )
+                format!("{name} orders broker=broker-a q=0 offset=3 msg_id={}", id)
             );
         }
     }
 
     #[test]
     fn an_unknown_outcome_says_so_and_names_the_broker() {
-        let message = Message::new("orders", "hi").with_tag("t");
+        let id = MsgId::generate();
+        let message = Message::new("orders", "hi").with_tag("t").with_msg_id(id);
         let v = unknown_json(&message, Some("broker-a"), "timed out");
         assert_eq!(v["status"], "UNKNOWN");
         assert_eq!(v["broker"], "broker-a");
         assert_eq!(v["error"], "timed out");
-        assert_eq!(v["msg_id"], json!(message.msg_id.to_string()));
+        assert_eq!(v["msg_id"], json!(id.to_string()));
         assert_eq!(v["body"], "hi");
         assert_eq!(
             unknown_text(&message, None),
             format!(
                 "UNKNOWN orders broker=? msg_id={} tag=t (outcome unknown: it may have been stored)",
-                message.msg_id
+                id
             )
         );
     }

@@ -43,7 +43,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
-use txmq::{Message, Producer, RemotingError, SendReceipt};
+use txmq::{Message, MsgId, Producer, RemotingError, SendReceipt};
 
 use crate::args::GlobalArgs;
 use crate::exit;
@@ -368,7 +368,7 @@ async fn send_one(
             (None, Some(failed)) => {
                 match other_queue(
                     producer,
-                    &message.topic,
+                    message.topic(),
                     failed,
                     input.line + u64::from(attempt),
                 )
@@ -695,7 +695,8 @@ fn report(
         outcome,
     } = done;
     let line = input.line;
-    let msg_id = message.msg_id;
+    // `message` (below) fixed the id before the first attempt.
+    let msg_id = message.msg_id().unwrap_or_default();
     let with_line = |mut text: String| {
         if from_stdin {
             text.push_str(&format!(" line={line}"));
@@ -840,10 +841,17 @@ fn plural(n: u64) -> &'static str {
     }
 }
 
+/// The message of one input, its id fixed now: every attempt of the CLI's
+/// own retry loop carries it (the broker stores the message once), and a
+/// send with an unknown outcome can name it.
 fn message(args: &SendArgs, body: Bytes) -> Message {
-    let mut m = Message::new(args.topic.clone(), body);
-    m.key = args.key.clone();
-    m.tag = args.tag.clone();
+    let mut m = Message::new(args.topic.clone(), body).with_msg_id(MsgId::generate());
+    if let Some(key) = &args.key {
+        m = m.with_key(key.clone());
+    }
+    if let Some(tag) = &args.tag {
+        m = m.with_tag(tag.clone());
+    }
     if let Some(delay) = args.delay {
         m = m.with_delay(delay);
     }

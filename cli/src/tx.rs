@@ -321,8 +321,12 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
     )
     .await?;
     let mut message = Message::new(args.topic.clone(), args.body.clone());
-    message.key = args.key.clone();
-    message.tag = args.tag.clone();
+    if let Some(key) = &args.key {
+        message = message.with_key(key.clone());
+    }
+    if let Some(tag) = &args.tag {
+        message = message.with_tag(tag.clone());
+    }
     let outcome = match producer.send_in_transaction(message).await {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -672,7 +676,7 @@ fn check_json(req: &CheckRequest, answer: TransactionState) -> Value {
         "answer": answer.name(),
         "checks": req.checks(),
         "broker": req.broker_name(),
-        "topic": req.message().topic,
+        "topic": req.message().topic(),
     })
 }
 
@@ -682,7 +686,7 @@ fn check_text(req: &CheckRequest, answer: TransactionState) -> String {
         "check tx={} broker={} topic={} msg_id={} checks={} answer={}",
         req.tx_id(),
         req.broker_name(),
-        req.message().topic,
+        req.message().topic(),
         req.msg_id(),
         req.checks(),
         answer.name()
@@ -984,13 +988,14 @@ mod tests {
 
     #[test]
     fn a_check_line_has_the_transaction_and_the_answer() {
-        let m = Message::new("orders", "x");
+        let m = Message::new("orders", "x").with_msg_id(txmq::MsgId::generate());
         let Ok(req) = CheckRequest::new(5, "broker-b", "pg", vec![m.clone()], 2) else {
             panic!("valid request")
         };
         let v = check_json(&req, TransactionState::Rollback);
         assert_eq!(v["tx_id"], 5);
-        assert_eq!(v["msg_id"], m.msg_id.to_string());
+        assert_eq!(v["msg_id"], req.msg_id().to_string());
+        assert_eq!(m.msg_id(), Some(req.msg_id()));
         assert_eq!(v["answer"], "rollback");
         assert_eq!(v["checks"], 2);
         assert_eq!(v["broker"], "broker-b");
@@ -999,7 +1004,7 @@ mod tests {
             check_text(&req, TransactionState::Commit),
             format!(
                 "check tx=5 broker=broker-b topic=orders msg_id={} checks=2 answer=commit",
-                m.msg_id
+                req.msg_id()
             )
         );
     }

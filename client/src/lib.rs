@@ -49,6 +49,7 @@ pub mod config;
 pub mod consumer;
 pub mod dedup;
 pub mod error;
+mod message;
 mod nameserver;
 mod pool;
 pub mod producer;
@@ -66,6 +67,7 @@ pub use consumer::{ConsumeFrom, PullConsumer, PullConsumerBuilder, ReceivedMessa
 pub use dedup::SqliteDedup;
 pub use dedup::{DedupKey, Deduped, MemoryDedup, Seen};
 pub use error::{Error, Result};
+pub use message::Message;
 pub use producer::{Producer, ProducerBuilder, SendReceipt};
 pub use route::MessageQueue;
 pub use transaction::{
@@ -78,14 +80,20 @@ pub use txmq_protocol::{
     PROPERTY_RECONSUME_TIMES,
 };
 
+/// A message as the broker stores it and hands it back
+/// ([`ReceivedMessage::message`], [`StoredMessage`], [`FoundMessage`]):
+/// its id always set, its fields public. Sends take a [`Message`], whose
+/// id is assigned at send.
+pub use txmq_protocol::Message as WireMessage;
+
 /// The connection-level error inside [`Error::Remoting`] and [`Error::Broker`].
 pub use txmq_remoting::Error as RemotingError;
 pub use txmq_remoting::{Credentials, TlsClient, TlsFiles, TlsSetupError};
 
 pub use txmq_protocol::{
-    BrokerInfo, BrokerQueues, Ended, ErrorCode, Message, MsgId, SendStatus, StoredMessage,
-    TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState,
-    WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
+    BrokerInfo, BrokerQueues, Ended, ErrorCode, MsgId, SendStatus, StoredMessage, TopicConfig,
+    TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState, WireError,
+    PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };
 
 /// Transaction forensics, dead-letter resend and topic administration

@@ -444,8 +444,8 @@ async fn unknown_topics_are_auto_created_or_refused_with_the_broker_code() -> Te
 async fn a_failed_send_is_retried_with_the_same_msg_id() -> TestResult {
     let c = start(|s| s.fail_sends = AtomicU32::new(2)).await?;
     let producer = Producer::builder().nameserver(&c.addr).build().await?;
-    let m = Message::new("t", "x");
-    let id = m.msg_id;
+    let id = txmq::MsgId::generate();
+    let m = Message::new("t", "x").with_msg_id(id);
     let r = producer.send(m).await?;
     assert_eq!(r.msg_id, id);
     assert_eq!(c.state.sends.load(Ordering::SeqCst), 3);

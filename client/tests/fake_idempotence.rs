@@ -350,7 +350,8 @@ async fn a_message_resent_by_the_caller_after_an_unknown_outcome_keeps_its_stamp
     let producer = producer(&ns.addr, 0).await?;
 
     b.state.lose_answers.store(1, Ordering::SeqCst);
-    let message = Message::new(TOPIC, "once");
+    // A retry loop of the caller's own: the id is fixed before the first send.
+    let message = Message::new(TOPIC, "once").with_msg_id(txmq::MsgId::generate());
     let lost = producer.send(message.clone()).await;
     assert!(lost.is_err(), "the only attempt timed out");
     // Later sends take a new id and are not held up by the unknown one.

@@ -50,7 +50,7 @@ impl Store {
         lock(&self.queues).get(&queue).map_or(0, Vec::len)
     }
 
-    fn push(&self, queue: u32, message: Message) -> u64 {
+    fn push(&self, queue: u32, message: txmq::WireMessage) -> u64 {
         let mut queues = lock(&self.queues);
         let q = queues.entry(queue).or_default();
         let queue_offset = q.len() as u64;
@@ -487,8 +487,8 @@ async fn a_slaves_not_master_is_followed_to_the_master_which_alone_stores() -> T
         .retries(1)
         .build()
         .await?;
-    let m = Message::new(TOPIC, "one");
-    let id = m.msg_id;
+    let id = txmq::MsgId::generate();
+    let m = Message::new(TOPIC, "one").with_msg_id(id);
     let receipt = producer.send(m).await?;
     assert_eq!(receipt.msg_id, id);
     assert_eq!(receipt.broker_name, "broker-a");
@@ -644,7 +644,7 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
         slave
             .node
             .store
-            .push(0, Message::new(TOPIC, format!("m{i}")));
+            .push(0, txmq::WireMessage::new(TOPIC, format!("m{i}")));
     }
     let from_slave = poll_until(&mut consumer, 3, Duration::from_secs(5)).await?;
     let offsets: Vec<u64> = from_slave.iter().map(|m| m.queue_offset()).collect();
@@ -665,8 +665,8 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
     // more; the route names it again: the consumer goes back to it.
     let back = Node::new("broker-a", BrokerRole::Master, 3);
     back.store.replicate_from(&slave.node.store, 0, 13);
-    back.store.push(0, Message::new(TOPIC, "m13"));
-    back.store.push(0, Message::new(TOPIC, "m14"));
+    back.store.push(0, txmq::WireMessage::new(TOPIC, "m13"));
+    back.store.push(0, txmq::WireMessage::new(TOPIC, "m14"));
     let master = serve(Arc::new(back), TcpListener::bind(&master_port).await?).await?;
     ns.names.set_master("broker-a", &master.addr);
     let from_master = poll_until(&mut consumer, 2, Duration::from_secs(5)).await?;
@@ -716,7 +716,10 @@ async fn a_consumer_whose_master_does_not_connect_uses_the_slave_though_the_rout
     // The master dies; the route still names it (the nameserver has not
     // noticed yet): its connection closed and connecting fails.
     master.kill();
-    slave.node.store.push(0, Message::new(TOPIC, "m4"));
+    slave
+        .node
+        .store
+        .push(0, txmq::WireMessage::new(TOPIC, "m4"));
     let more = poll_until(&mut consumer, 5 - offsets.len(), Duration::from_secs(5)).await?;
     offsets.extend(more.iter().map(|m| m.queue_offset()));
     assert_eq!(offsets, [0, 1, 2, 3, 4], "nothing skipped, nothing twice");
@@ -873,7 +876,10 @@ async fn a_push_consumer_reads_from_the_slave_while_the_master_is_gone() -> Test
     assert_eq!(lock(&seen).len(), 5, "no rewind: {:?}", lock(&seen));
     assert!(slave.node.pulls.load(Ordering::SeqCst) > 0);
     slave.node.store.replicate_from(&master.node.store, 0, 5);
-    slave.node.store.push(0, Message::new(TOPIC, "m5"));
+    slave
+        .node
+        .store
+        .push(0, txmq::WireMessage::new(TOPIC, "m5"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while lock(&seen).len() < 6 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

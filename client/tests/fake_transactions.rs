@@ -65,7 +65,7 @@ impl FakeBroker {
                 group: group.into(),
                 messages: vec![HalfMessage {
                     queue: 0,
-                    message: Message::new("orders", body.to_string()),
+                    message: txmq::WireMessage::new("orders", body.to_string()),
                 }],
                 first_check_delay_ms: None,
                 state,
@@ -92,7 +92,8 @@ impl FakeBroker {
         let (group, messages) = {
             let txs = lock(&self.txs);
             let tx = txs.get(&tx_id).ok_or("no such transaction")?;
-            let messages: Vec<Message> = tx.messages.iter().map(|h| h.message.clone()).collect();
+            let messages: Vec<txmq::WireMessage> =
+                tx.messages.iter().map(|h| h.message.clone()).collect();
             (tx.group.clone(), messages)
         };
         let conn = self
@@ -370,12 +371,12 @@ impl TransactionListener for ByBody {
             ctx.broker_name().to_string(),
             ctx.messages().len(),
         ));
-        decide(&msg.body)
+        decide(msg.body())
     }
 
     async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
         self.checked.fetch_add(1, Ordering::SeqCst);
-        decide(&req.message().body)
+        decide(req.message().body())
     }
 }
 
@@ -440,8 +441,10 @@ async fn the_local_result_commits_rolls_back_or_leaves_it_to_check_backs() -> Te
         .await?;
     let a = c.broker("a")?;
 
-    let m = Message::new("orders", "commit").with_key("order-1");
-    let id = m.msg_id;
+    let id = txmq::MsgId::generate();
+    let m = Message::new("orders", "commit")
+        .with_key("order-1")
+        .with_msg_id(id);
     let o = p.send_in_transaction(m).await?;
     assert_eq!(o.state, TransactionState::Commit);
     assert_eq!(o.msg_id, id, "the message keeps its id");
@@ -558,8 +561,8 @@ async fn a_failed_prepare_moves_to_another_broker_with_the_same_message_id() -> 
     a.fail_prepares.store(100, Ordering::SeqCst);
     let p = producer(&c, "pg").await?;
     for _ in 0..4 {
-        let m = Message::new("orders", "commit");
-        let id = m.msg_id;
+        let id = txmq::MsgId::generate();
+        let m = Message::new("orders", "commit").with_msg_id(id);
         let o = p.send_in_transaction(m).await?;
         assert_eq!(o.broker_name, "b");
         assert_eq!(o.msg_id, id);
@@ -588,12 +591,15 @@ async fn several_topics_go_to_one_broker_that_serves_them_all() -> TestResult {
         let batch = vec![
             Message::new("orders", "commit"),
             Message::new("audit", "a1"),
-            Message::new("orders", "o2"),
+            Message::new("orders", "o2").with_msg_id(txmq::MsgId::generate()),
         ];
-        let ids: Vec<txmq::MsgId> = batch.iter().map(|m| m.msg_id).collect();
+        // Ids assigned at send are in the outcome; a fixed one is kept.
+        let fixed = batch[2].msg_id();
         let o = p.send_messages_in_transaction(batch).await?;
         assert_eq!(o.broker_name, "b");
-        assert_eq!(o.msg_ids, ids);
+        assert_eq!(o.msg_ids.len(), 3);
+        assert_eq!(o.msg_ids.get(2).copied(), fixed);
+        assert_ne!(o.msg_ids[0], o.msg_ids[1]);
         assert_eq!(o.ended().map(|e| e.state), Some(TxState::Committed));
         let b = c.broker("b")?;
         let txs = lock(&b.txs);

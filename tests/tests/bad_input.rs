@@ -61,7 +61,7 @@ fn encoded_send(id: u64, body: &str) -> Vec<u8> {
     let send = SendRequest {
         producer: None,
         queue: 0,
-        messages: vec![Message::new("survivors", body.to_string())],
+        messages: vec![txmq::WireMessage::new("survivors", body.to_string())],
     };
     encode(&Frame::Request(id, Request::Send(send)))
 }
@@ -478,7 +478,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
     let send = |topic: &str, queue: u32| SendRequest {
         producer: None,
         queue,
-        messages: vec![Message::new(topic, "x")],
+        messages: vec![txmq::WireMessage::new(topic, "x")],
     };
 
     // The broker checks names itself (the client library is bypassed here).
@@ -842,7 +842,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         .call(SendRequest {
             producer: None,
             queue: 0,
-            messages: vec![Message::new("orders", "first")],
+            messages: vec![txmq::WireMessage::new("orders", "first")],
         })
         .await
         .unwrap();
@@ -853,7 +853,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         conn.call(SendRequest {
             producer: None,
             queue: max_queue,
-            messages: vec![Message::new("orders", "x")],
+            messages: vec![txmq::WireMessage::new("orders", "x")],
         })
         .await
         .map(drop),
@@ -924,7 +924,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
             producer_group: "pg".into(),
             messages: vec![HalfMessage {
                 queue: max_queue,
-                message: Message::new("orders", "half"),
+                message: txmq::WireMessage::new("orders", "half"),
             }],
             first_check_delay_ms: Some(u64::MAX),
             attempt: None,

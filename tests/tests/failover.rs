@@ -351,7 +351,7 @@ async fn send_raw(
     conn.call(SendRequest {
         producer: None,
         queue,
-        messages: vec![Message::new(topic, body.to_string())],
+        messages: vec![txmq::WireMessage::new(topic, body.to_string())],
     })
     .await
     .map(|r| r.status)
@@ -429,14 +429,14 @@ impl Decisions {
 
 impl TransactionListener for Decisions {
     async fn execute(&self, msg: &Message, _ctx: &TxContext) -> Result<TransactionState, BoxError> {
-        let body = String::from_utf8(msg.body.to_vec())?;
+        let body = String::from_utf8(msg.body().to_vec())?;
         let (now, decided) = plan(tx_number(&body).ok_or("not a tx body")?);
         self.decided.lock().unwrap().insert(body, decided);
         Ok(now)
     }
 
     async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
-        let body = String::from_utf8(req.message().body.to_vec())?;
+        let body = String::from_utf8(req.message().body().to_vec())?;
         self.checks
             .lock()
             .unwrap()

@@ -265,7 +265,10 @@ where
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let body = format!("p{p}-{i}");
-                let message = Message::new(topic.as_str(), body.clone());
+                // Every attempt of this loop is the same message: its id is
+                // fixed before the first, and the broker stores it once.
+                let message =
+                    Message::new(topic.as_str(), body.clone()).with_msg_id(txmq::MsgId::generate());
                 sent.lock().unwrap().insert(body.clone());
                 loop {
                     match producer.send(message.clone()).await {
@@ -395,7 +398,7 @@ fn stamped(topic: &str, bodies: &[&str], stamp: ProducerStamp) -> SendRequest {
         queue: 0,
         messages: bodies
             .iter()
-            .map(|b| Message::new(topic, b.to_string()))
+            .map(|b| txmq::WireMessage::new(topic, b.to_string()))
             .collect(),
         producer: Some(stamp),
     }

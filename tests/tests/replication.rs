@@ -194,7 +194,7 @@ async fn send_raw(addr: &str, topic: &str, queue: u32, body: &str) -> SendStatus
         SendRequest {
             producer: None,
             queue,
-            messages: vec![Message::new(topic, body.to_string())],
+            messages: vec![txmq::WireMessage::new(topic, body.to_string())],
         },
     )
     .await
@@ -306,7 +306,7 @@ fn decide(body: &[u8]) -> TransactionState {
 
 impl TransactionListener for EvenCommits {
     async fn execute(&self, msg: &Message, _ctx: &TxContext) -> Result<TransactionState, BoxError> {
-        Ok(decide(&msg.body))
+        Ok(decide(msg.body()))
     }
 
     async fn check(&self, _req: &CheckRequest) -> Result<TransactionState, BoxError> {

@@ -120,7 +120,11 @@ async fn raw_conn(
         .expect("connect to the broker")
 }
 
-fn prepare_request(group: &str, message: Message, attempt: Option<u64>) -> PrepareTransaction {
+fn prepare_request(
+    group: &str,
+    message: txmq::WireMessage,
+    attempt: Option<u64>,
+) -> PrepareTransaction {
     PrepareTransaction {
         producer: None,
         offsets: Vec::new(),
@@ -275,7 +279,8 @@ async fn a_message_reused_by_a_second_transaction_is_refused_never_merged() {
     let ns = c.nameserver.clone();
     let listener = Fixed::new(TransactionState::Unknown, TransactionState::Unknown);
     let p = producer(&ns, "pg-reuse", listener.clone()).await;
-    let template = Message::new("reuse", "same");
+    // One id fixed by the user, sent again: refused as a duplicate.
+    let template = Message::new("reuse", "same").with_msg_id(MsgId::generate());
 
     let first = p
         .send_in_transaction(template.clone())
@@ -288,8 +293,7 @@ async fn a_message_reused_by_a_second_transaction_is_refused_never_merged() {
         Some(ErrorCode::DuplicateMsgId),
         "{second:?}"
     );
-    let mut other_body = template.clone();
-    other_body.body = "other".into();
+    let other_body = Message::new("reuse", "other").with_msg_id(template.msg_id().unwrap());
     let third = p.send_in_transaction(other_body).await;
     assert_eq!(
         third.as_ref().err().and_then(|e| e.code()),
@@ -306,7 +310,7 @@ async fn a_message_reused_by_a_second_transaction_is_refused_never_merged() {
     // transaction; the same message under another token is refused.
     let addr = c.brokers[0].local_addr().to_string();
     let conn = raw_conn(&addr, None, None).await;
-    let retried = Message::new("reuse", "retried");
+    let retried = txmq::WireMessage::new("reuse", "retried");
     let a: Prepared = conn
         .call(prepare_request("pg-reuse", retried.clone(), Some(7)))
         .await
@@ -495,7 +499,7 @@ async fn a_check_whose_connection_closes_after_it_was_sent_counts() {
     let prepared: Prepared = conn
         .call(prepare_request(
             "pg-dies",
-            Message::new("dies", "x"),
+            txmq::WireMessage::new("dies", "x"),
             Some(1),
         ))
         .await

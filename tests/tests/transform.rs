@@ -25,7 +25,7 @@ struct ByBody;
 
 impl TransactionListener for ByBody {
     async fn execute(&self, m: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
-        Ok(match &m.body[..] {
+        Ok(match &m.body()[..] {
             b"rollback" => TransactionState::Rollback,
             b"unknown" => TransactionState::Unknown,
             _ => TransactionState::Commit,
@@ -238,7 +238,7 @@ async fn offsets_of_another_brokers_queue_are_refused() {
             producer_group: "transform-pg".into(),
             messages: vec![txmq_protocol::HalfMessage {
                 queue: 0,
-                message: Message::new("out", "x"),
+                message: txmq::WireMessage::new("out", "x"),
             }],
             first_check_delay_ms: None,
             attempt: Some(1),

@@ -441,7 +441,7 @@ impl TransactionListener for BenchListener {
     async fn execute(&self, msg: &Message, _ctx: &TxContext) -> Result<TransactionState, BoxError> {
         let now_ns = self.clock.now_ns();
         let h = self
-            .header(&msg.body)
+            .header(msg.body())
             .ok_or("not a message of this benchmark run")?;
         Ok(self.book.execute(tx_key(&h), h.timestamp_ns, now_ns))
     }
@@ -449,7 +449,7 @@ impl TransactionListener for BenchListener {
     async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
         let now_ns = self.clock.now_ns();
         self.counters.checks.fetch_add(1, Ordering::Relaxed);
-        let seen = match self.header(&req.message().body) {
+        let seen = match self.header(req.message().body()) {
             Some(h) => self.book.check(tx_key(&h), now_ns),
             None => CheckSeen {
                 answer: TransactionState::Unknown,

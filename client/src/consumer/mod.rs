@@ -71,7 +71,7 @@ use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
-use txmq_protocol::{validate_topic_name, CommitOffset, Message, MsgId, Role, StoredMessage};
+use txmq_protocol::{validate_topic_name, CommitOffset, MsgId, Role, StoredMessage};
 
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
@@ -128,8 +128,8 @@ impl ReceivedMessage {
         }
     }
 
-    /// The message as sent.
-    pub fn message(&self) -> &Message {
+    /// The message as sent, with its id.
+    pub fn message(&self) -> &crate::WireMessage {
         &self.stored.message
     }
     /// Its id.
@@ -676,7 +676,7 @@ mod tests {
     fn batch(broker: &str, queue: u32, offsets: std::ops::Range<u64>, next: u64) -> PendingBatch {
         let messages = offsets
             .map(|o| StoredMessage {
-                message: Message::new("t", format!("m{o}")),
+                message: txmq_protocol::Message::new("t", format!("m{o}")),
                 queue,
                 queue_offset: o,
                 log_offset: 0,

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use txmq_protocol::{
-    now_millis, validate_topic_name, Message, MsgId, Role, SendRequest, SendResult, SendStatus,
+    validate_topic_name, Message as WireMessage, MsgId, Role, SendRequest, SendResult, SendStatus,
 };
 
 use crate::config::client_setters;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::{MessageQueue, RouteCache, RouteInfo};
-use crate::{ClientConfig, Error, Result};
+use crate::{ClientConfig, Error, Message, Result};
 
 use idempotence::{id_refused, no_place, Ending, Grant, Idempotence, Pending};
 use queue_select::Target;
@@ -188,9 +188,11 @@ impl ProducerBuilder {
 /// with the same number on the same queue of the same broker group (at its
 /// new master after a failover), never on another queue. When all retries
 /// fail with an unknown outcome, the send fails and the producer takes a
-/// new id for that group; sending the same message again (the same
-/// [`Message::msg_id`]) retries it with its first number, on its first
-/// queue, so a caller's own retry loop is safe too. A refused number (a
+/// new id for that group; sending the same message again (the same id,
+/// fixed with [`Message::with_msg_id`]) retries it with its first number,
+/// on its first queue, so a caller's own retry loop is safe too when it
+/// fixes the id first. A message without a fixed id gets a new id at each
+/// send: each send of it, or of a clone, is another message. A refused number (a
 /// gap after a send failed for good, an id the broker forgot) makes the
 /// producer take a new id and number the send again: nothing was stored.
 /// See [`ProducerBuilder::idempotence`] to turn it off.
@@ -310,10 +312,10 @@ impl Producer {
 
     async fn send_to(
         &self,
-        mut messages: Vec<Message>,
+        messages: Vec<Message>,
         target: Target<'_>,
     ) -> Result<Vec<SendReceipt>> {
-        let topic = prepare(&mut messages)?;
+        let (topic, messages) = prepare(messages)?;
         // A delayed message waits in the broker's delay index, outside any
         // queue's sequence: it is sent plain (at least once).
         let delayed = messages.iter().any(|m| {
@@ -333,7 +335,7 @@ impl Producer {
     async fn send_with_retries(
         &self,
         topic: &str,
-        messages: &[Message],
+        messages: &[WireMessage],
         target: Target<'_>,
     ) -> Result<(MessageQueue, SendResult)> {
         let attempts = self.inner.config.send_retries.saturating_add(1);
@@ -413,7 +415,7 @@ impl Producer {
         &self,
         idem: &Idempotence,
         topic: &str,
-        messages: &[Message],
+        messages: &[WireMessage],
         target: Target<'_>,
     ) -> Result<(MessageQueue, SendResult)> {
         let count = messages.len() as u64;
@@ -723,10 +725,12 @@ impl Producer {
     }
 }
 
-/// Checks a batch and fills in missing ids and timestamps; returns the topic.
-fn prepare(messages: &mut [Message]) -> Result<String> {
+/// Checks a batch and turns it into the messages sent, each with its id
+/// (assigned here where the user gave none, so that every retry of this
+/// send carries the same one); returns the topic too.
+fn prepare(messages: Vec<Message>) -> Result<(String, Vec<WireMessage>)> {
     let topic = match messages.first() {
-        Some(m) => m.topic.clone(),
+        Some(m) => m.topic().to_string(),
         None => {
             return Err(Error::BadArgument(
                 "a batch needs at least one message".into(),
@@ -734,25 +738,17 @@ fn prepare(messages: &mut [Message]) -> Result<String> {
         }
     };
     validate_topic_name(&topic).map_err(Error::BadArgument)?;
-    if let Some(other) = messages.iter().find(|m| m.topic != topic) {
+    if let Some(other) = messages.iter().find(|m| m.topic() != topic) {
         return Err(Error::BadArgument(format!(
             "all messages of a batch must have the same topic; found {:?} and {:?}",
-            topic, other.topic
+            topic,
+            other.topic()
         )));
     }
-    messages.iter_mut().for_each(fill_in);
-    Ok(topic)
-}
-
-/// Gives `m` an id and a birth time where it has none, before the first
-/// attempt, so that every retry carries the same id.
-pub(crate) fn fill_in(m: &mut Message) {
-    if m.msg_id == MsgId::default() {
-        m.msg_id = MsgId::generate();
-    }
-    if m.born_timestamp == 0 {
-        m.born_timestamp = now_millis();
-    }
+    Ok((
+        topic,
+        messages.into_iter().map(Message::into_wire).collect(),
+    ))
 }
 
 fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
@@ -781,7 +777,7 @@ fn receipts(
     topic: &str,
     mq: &MessageQueue,
     result: &SendResult,
-    messages: &[Message],
+    messages: &[WireMessage],
 ) -> Vec<SendReceipt> {
     messages
         .iter()
@@ -803,30 +799,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_batch_is_checked_and_completed_before_sending() {
-        let mut empty: Vec<Message> = Vec::new();
-        assert!(matches!(prepare(&mut empty), Err(Error::BadArgument(_))));
+    fn a_batch_is_checked_and_given_ids_before_sending() {
+        assert!(matches!(prepare(Vec::new()), Err(Error::BadArgument(_))));
 
-        let mut mixed = vec![Message::new("a", "1"), Message::new("b", "2")];
-        assert!(matches!(prepare(&mut mixed), Err(Error::BadArgument(_))));
+        let mixed = vec![Message::new("a", "1"), Message::new("b", "2")];
+        assert!(matches!(prepare(mixed), Err(Error::BadArgument(_))));
 
-        let mut bad_name = vec![Message::new("no spaces", "1")];
-        assert!(matches!(prepare(&mut bad_name), Err(Error::BadArgument(_))));
+        let bad_name = vec![Message::new("no spaces", "1")];
+        assert!(matches!(prepare(bad_name), Err(Error::BadArgument(_))));
 
-        let mut m = Message::new("t", "x");
-        m.msg_id = MsgId::default();
-        m.born_timestamp = 0;
-        let kept = Message::new("t", "y");
-        let mut batch = vec![m, kept.clone()];
-        assert_eq!(prepare(&mut batch).ok().as_deref(), Some("t"));
-        assert_ne!(batch[0].msg_id, MsgId::default());
-        assert_ne!(batch[0].born_timestamp, 0);
-        assert_eq!(batch[1].msg_id, kept.msg_id);
+        let id = MsgId::generate();
+        let fresh = Message::new("t", "x");
+        let batch = vec![fresh.clone(), fresh, Message::new("t", "y").with_msg_id(id)];
+        let Ok((topic, sent)) = prepare(batch) else {
+            panic!("a valid batch was refused");
+        };
+        assert_eq!(topic, "t");
+        // Two copies of one message are two messages.
+        assert_ne!(sent[0].msg_id, sent[1].msg_id);
+        assert_ne!(sent[0].born_timestamp, 0);
+        assert_eq!(sent[2].msg_id, id);
     }
 
     #[test]
     fn receipts_number_a_batch_from_the_first_offset() {
-        let messages = vec![Message::new("t", "a"), Message::new("t", "b")];
+        let messages = vec![
+            Message::new("t", "a").into_wire(),
+            Message::new("t", "b").into_wire(),
+        ];
         let mq = MessageQueue {
             broker_name: "b1".into(),
             addr: "x:1".into(),

@@ -202,7 +202,7 @@ async fn end_late(
 mod tests {
     use super::*;
     use crate::transaction::{BoxError, TxContext};
-    use txmq_protocol::Message;
+    use crate::Message;
 
     /// Answers from the message body: "commit", "rollback", "fail", "panic", "hang".
     struct ByBody;
@@ -217,7 +217,7 @@ mod tests {
         }
 
         async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
-            match &req.message().body[..] {
+            match &req.message().body()[..] {
                 b"commit" => Ok(TransactionState::Commit),
                 b"rollback" => Ok(TransactionState::Rollback),
                 b"panic" => panic!("listener bug"),
@@ -232,7 +232,7 @@ mod tests {
             tx_id: 1,
             broker_name: "broker-a".into(),
             producer_group: group.into(),
-            messages: vec![Message::new("t", body)],
+            messages: vec![txmq_protocol::Message::new("t", body)],
             checks: 0,
             timeout_ms: 0,
         }

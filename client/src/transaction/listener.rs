@@ -5,9 +5,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use txmq_protocol::{CheckTransaction, Message, MsgId};
+use txmq_protocol::{CheckTransaction, MsgId};
 
-use crate::{Error, Result};
+use crate::{Error, Message, Result};
 
 /// What a local transaction or a check-back decided: [`Commit`](TransactionState::Commit),
 /// [`Rollback`](TransactionState::Rollback) or [`Unknown`](TransactionState::Unknown)
@@ -42,13 +42,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// impl TransactionListener for Orders {
 ///     async fn execute(&self, msg: &Message, ctx: &TxContext) -> Result<TransactionState, BoxError> {
-///         // Write the order, with ctx.tx_id() or msg.key, in one local transaction.
+///         // Write the order, with ctx.tx_id() or msg.key(), in one local transaction.
 ///         let _ = (msg, ctx);
 ///         Ok(TransactionState::Commit)
 ///     }
 ///
 ///     async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
-///         // Look the order up by req.message().key.
+///         // Look the order up by req.message().key().
 ///         let _ = req;
 ///         Ok(TransactionState::Unknown)
 ///     }
@@ -185,6 +185,8 @@ pub struct TxContext {
 
 impl TxContext {
     /// A context (for testing a listener; the producer makes the real ones).
+    /// A message not sent yet is given an id and a birth time (now), as
+    /// sent messages have them.
     pub fn new(
         tx_id: u64,
         broker_name: impl Into<String>,
@@ -195,7 +197,7 @@ impl TxContext {
             tx_id,
             broker_name: broker_name.into(),
             producer_group: producer_group.into(),
-            messages,
+            messages: messages.into_iter().map(Message::into_sent).collect(),
         }
     }
 
@@ -214,7 +216,21 @@ impl TxContext {
         &self.producer_group
     }
 
-    /// Every message of the transaction, in the order given.
+    /// The id of the first message (the one
+    /// [`TransactionListener::execute`] is given), as it was sent: assigned
+    /// at the send unless fixed with [`Message::with_msg_id`]. The id to
+    /// record in the local transaction, for [`CheckRequest::msg_id`] to
+    /// find.
+    pub fn msg_id(&self) -> MsgId {
+        // `new` gives every message an id; the default is never seen.
+        self.messages
+            .first()
+            .and_then(Message::msg_id)
+            .unwrap_or_default()
+    }
+
+    /// Every message of the transaction, in the order given, each with the
+    /// id it was sent with.
     pub fn messages(&self) -> &[Message] {
         &self.messages
     }
@@ -233,7 +249,8 @@ pub struct CheckRequest {
 
 impl CheckRequest {
     /// A check request (for testing a listener; the producer makes the real
-    /// ones from the broker's requests).
+    /// ones from the broker's requests). A message not sent yet is given an
+    /// id and a birth time (now), as the broker's messages all have them.
     ///
     /// # Errors
     /// [`Error::BadArgument`] when `messages` is empty.
@@ -249,6 +266,7 @@ impl CheckRequest {
                 "check of transaction {tx_id} names no message"
             )));
         }
+        let messages = messages.into_iter().map(Message::into_sent).collect();
         Ok(CheckRequest {
             tx_id,
             broker_name: broker_name.into(),
@@ -281,7 +299,8 @@ impl CheckRequest {
 
     /// The id of [`CheckRequest::message`].
     pub fn msg_id(&self) -> MsgId {
-        self.message().msg_id
+        // `new` gives every message an id; the default is never seen.
+        self.message().msg_id().unwrap_or_default()
     }
 
     /// Every message of the transaction, in the order prepared; never empty.
@@ -303,7 +322,7 @@ impl TryFrom<CheckTransaction> for CheckRequest {
             c.tx_id,
             c.broker_name,
             c.producer_group,
-            c.messages,
+            c.messages.into_iter().map(Message::from_wire).collect(),
             c.checks,
         )
     }
@@ -333,13 +352,17 @@ mod tests {
             ctx: &TxContext,
         ) -> Result<TransactionState, BoxError> {
             tokio::task::yield_now().await;
-            assert_eq!(ctx.messages().first().map(|m| m.msg_id), Some(msg.msg_id));
+            assert_eq!(
+                ctx.messages().first().map(|m| m.msg_id()),
+                Some(msg.msg_id())
+            );
+            assert_eq!(Some(ctx.msg_id()), msg.msg_id());
             Ok(self.local)
         }
 
         async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
             if self.fail_checks {
-                return Err(format!("no record of order {:?}", req.message().key).into());
+                return Err(format!("no record of order {:?}", req.message().key()).into());
             }
             Ok(TransactionState::Commit)
         }
@@ -352,7 +375,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_async_fn_listener_implements_the_trait_and_errors_count_as_unknown() {
-        let m = Message::new("orders", "o-1").with_key("o-1");
+        let m = Message::new("orders", "o-1")
+            .with_key("o-1")
+            .with_msg_id(MsgId::generate());
         let ctx = TxContext::new(7, "broker-a", "pg", vec![m.clone()]);
         let ok = Fixed {
             local: TransactionState::Rollback,
@@ -367,8 +392,8 @@ mod tests {
             panic!("a request with a message is valid")
         };
         assert_eq!(state_of(ok.check(&req).await), TransactionState::Unknown);
-        assert_eq!(req.message().msg_id, m.msg_id);
-        assert_eq!(req.msg_id(), m.msg_id);
+        assert_eq!(req.message().msg_id(), m.msg_id());
+        assert_eq!(Some(req.msg_id()), m.msg_id());
         assert_eq!(req.checks(), 2);
         assert_eq!((req.tx_id(), req.broker_name()), (7, "broker-a"));
         spawnable(std::sync::Arc::new(ok), req);
@@ -376,7 +401,7 @@ mod tests {
 
     #[tokio::test]
     async fn listeners_of_different_types_answer_through_box_listener() {
-        let m = Message::new("orders", "o-1");
+        let m = Message::new("orders", "o-1").with_msg_id(MsgId::generate());
         let ctx = TxContext::new(7, "broker-a", "pg", vec![m.clone()]);
         let Ok(req) = CheckRequest::new(7, "broker-a", "pg", vec![m.clone()], 0) else {
             panic!("a request with a message is valid")
@@ -418,18 +443,27 @@ mod tests {
             CheckRequest::new(1, "b", "g", Vec::new(), 0),
             Err(Error::BadArgument(_))
         ));
+        let Ok(none_yet) = CheckRequest::new(1, "b", "g", vec![Message::new("t", "1")], 0) else {
+            panic!("a request with a message is valid")
+        };
+        assert_eq!(none_yet.message().msg_id(), Some(none_yet.msg_id()));
         let wire = CheckTransaction {
             tx_id: 3,
             broker_name: "b".into(),
             producer_group: "g".into(),
-            messages: vec![Message::new("t", "1"), Message::new("u", "2")],
+            messages: vec![
+                txmq_protocol::Message::new("t", "1"),
+                txmq_protocol::Message::new("u", "2"),
+            ],
             checks: 0,
             timeout_ms: 0,
         };
+        let wire_id = wire.messages[0].msg_id;
         let Ok(req) = CheckRequest::try_from(wire) else {
             panic!("converts")
         };
-        assert_eq!(req.message().topic, "t");
+        assert_eq!(req.message().topic(), "t");
+        assert_eq!(req.message().msg_id(), Some(wire_id));
         assert_eq!(req.messages().len(), 2);
         assert_eq!(req.producer_group(), "g");
     }

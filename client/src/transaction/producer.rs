@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
-    validate_topic_name, EndTransaction, Ended, ErrorCode, HalfMessage, Message, MsgId,
-    PrepareTransaction, Prepared, ProducerStamp, Role, SendStatus, TxAction, TxSource,
+    validate_topic_name, EndTransaction, Ended, ErrorCode, HalfMessage, Message as WireMessage,
+    MsgId, PrepareTransaction, Prepared, ProducerStamp, Role, SendStatus, TxAction, TxSource,
 };
 
 use super::broker_links::BrokerLinks;
@@ -20,9 +20,9 @@ use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::producer::idempotence::{id_refused, Ending, Grant, Idempotence, Ids, Place, PREPARES};
-use crate::producer::{fill_in, random_start, shard_hash};
+use crate::producer::{random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
-use crate::{ClientConfig, Error, Result};
+use crate::{ClientConfig, Error, Message, Result};
 
 /// Default interval at which the producer looks for new brokers and
 /// reconnects to brokers it lost (1 s).
@@ -512,8 +512,10 @@ impl<L: TransactionListener> TransactionProducer<L> {
     ///
     /// A message's id names it in one transaction only: send a copy of a
     /// message in a second transaction and the broker refuses it with
-    /// `DUPLICATE_MSG_ID` while it remembers the first (give the copy a new
-    /// id, `msg_id = MsgId::generate()`).
+    /// `DUPLICATE_MSG_ID` while it remembers the first. A message without
+    /// an id of its own gets a new one at each send, so this concerns only
+    /// ids fixed with [`Message::with_msg_id`] and the messages a listener
+    /// is handed (they carry the id they were sent with).
     ///
     /// Once the half message is stored the answer is `Ok`, whatever
     /// becomes of the end: [`TxOutcome::end`] says whether the broker
@@ -620,19 +622,23 @@ impl<L: TransactionListener> TransactionProducer<L> {
 
     async fn transact(
         &self,
-        mut messages: Vec<Message>,
+        messages: Vec<Message>,
         placement: Placement,
         offsets: &[ConsumedOffset],
     ) -> Result<TxOutcome> {
         self.check_open()?;
-        complete(&mut messages)?;
+        let messages = complete(messages)?;
         let only_broker = offsets_broker(offsets)?;
         let (broker, addr, prepared, stamp) = self
             .prepare(&messages, placement, only_broker, offsets)
             .await?;
         let tx_id = prepared.tx_id;
-        let ctx = TxContext::new(tx_id, broker.clone(), self.inner.group.clone(), messages);
+        let msg_ids: Vec<MsgId> = messages.iter().map(|m| m.msg_id).collect();
         // `complete` refused an empty list, so there is a first message.
+        let (first_topic, first_id) = (messages[0].topic.clone(), msg_ids[0]);
+        // The listener sees the messages as sent, with their ids.
+        let messages = messages.into_iter().map(Message::from_wire).collect();
+        let ctx = TxContext::new(tx_id, broker.clone(), self.inner.group.clone(), messages);
         let first = &ctx.messages()[0];
         let state = if prepared.status == SendStatus::SendOk {
             state_of(self.inner.listener.execute(first, &ctx).await)
@@ -654,9 +660,9 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 .end(
                     &broker,
                     &addr,
-                    &first.topic,
+                    &first_topic,
                     tx_id,
-                    (first.msg_id, stamp),
+                    (first_id, stamp),
                     action,
                 )
                 .await
@@ -669,11 +675,10 @@ impl<L: TransactionListener> TransactionProducer<L> {
             },
             None => TxEnd::NotSent,
         };
-        let msg_ids: Vec<MsgId> = ctx.messages().iter().map(|m| m.msg_id).collect();
         Ok(TxOutcome {
             tx_id,
             broker_name: broker,
-            msg_id: first.msg_id,
+            msg_id: first_id,
             msg_ids,
             state,
             prepare_status: prepared.status,
@@ -698,7 +703,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// that broker's queues are candidates.
     async fn prepare(
         &self,
-        messages: &[Message],
+        messages: &[WireMessage],
         placement: Placement,
         only_broker: Option<&str>,
         offsets: &[ConsumedOffset],
@@ -1050,18 +1055,19 @@ fn offsets_broker(offsets: &[ConsumedOffset]) -> Result<Option<&str>> {
     Ok(Some(first.broker_name.as_str()))
 }
 
-/// Checks the messages and fills in missing ids and timestamps.
-fn complete(messages: &mut [Message]) -> Result<()> {
+/// Checks the messages and turns them into the messages sent, each with
+/// its id (assigned here where the user gave none, so that every retry of
+/// the prepare carries the same one).
+fn complete(messages: Vec<Message>) -> Result<Vec<WireMessage>> {
     if messages.is_empty() {
         return Err(Error::BadArgument(
             "a transaction needs at least one message".into(),
         ));
     }
-    for m in messages.iter_mut() {
-        validate_topic_name(&m.topic).map_err(Error::BadArgument)?;
-        fill_in(m);
+    for m in &messages {
+        validate_topic_name(m.topic()).map_err(Error::BadArgument)?;
     }
-    Ok(())
+    Ok(messages.into_iter().map(Message::into_wire).collect())
 }
 
 fn no_queue(topics: &[&str], routes: &[Arc<RouteInfo>]) -> Error {
@@ -1094,20 +1100,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_are_checked_and_completed_before_preparing() {
-        let mut none: Vec<Message> = Vec::new();
-        assert!(matches!(complete(&mut none), Err(Error::BadArgument(_))));
-        let mut bad = vec![Message::new("ok", "1"), Message::new("not ok", "2")];
-        assert!(matches!(complete(&mut bad), Err(Error::BadArgument(_))));
-        let mut m = Message::new("a", "1");
-        m.msg_id = MsgId::default();
-        m.born_timestamp = 0;
-        let kept = Message::new("b", "2");
-        let mut two = vec![m, kept.clone()];
-        assert!(complete(&mut two).is_ok());
-        assert_ne!(two[0].msg_id, MsgId::default());
-        assert_ne!(two[0].born_timestamp, 0);
-        assert_eq!(two[1].msg_id, kept.msg_id);
+    fn messages_are_checked_and_given_ids_before_preparing() {
+        assert!(matches!(complete(Vec::new()), Err(Error::BadArgument(_))));
+        let bad = vec![Message::new("ok", "1"), Message::new("not ok", "2")];
+        assert!(matches!(complete(bad), Err(Error::BadArgument(_))));
+        let id = MsgId::generate();
+        let m = Message::new("a", "1");
+        let Ok(sent) = complete(vec![m.clone(), m, Message::new("b", "2").with_msg_id(id)]) else {
+            panic!("valid messages were refused");
+        };
+        assert_ne!(sent[0].msg_id, sent[1].msg_id);
+        assert_ne!(sent[0].born_timestamp, 0);
+        assert_eq!(sent[2].msg_id, id);
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl OrderListener {
 
     async fn answer(&self, req: &CheckRequest) -> crate::Result<(TransactionState, CheckReason)> {
         let msg = req.message();
-        if let Some(row) = self.db.lookup(msg.msg_id).await? {
+        if let Some(row) = self.db.lookup(req.msg_id()).await? {
             return Ok(decide(&row, req.broker_name(), req.tx_id()));
         }
         let age = age_of(msg);
@@ -206,10 +206,10 @@ impl OrderListener {
             return Ok((TransactionState::Unknown, CheckReason::NotYetLogged { age }));
         }
         let fence = TxRef {
-            msg_id: msg.msg_id,
+            msg_id: req.msg_id(),
             broker_name: req.broker_name().to_string(),
             tx_id: req.tx_id(),
-            order_id: msg.key.clone().unwrap_or_default(),
+            order_id: msg.key().unwrap_or_default().to_string(),
         };
         let row = self.db.fence_rollback(fence).await?;
         if row.outcome == Outcome::RolledBack && row.is_for(req.broker_name(), req.tx_id()) {
@@ -224,17 +224,17 @@ impl TransactionListener for OrderListener {
     /// Writes the order and its `tx_log` row in one SQLite transaction,
     /// then does what [`OrderListener::after_local_commit`] says.
     async fn execute(&self, msg: &Message, ctx: &TxContext) -> Result<TransactionState, BoxError> {
-        let order = match Order::from_body(&msg.body) {
+        let order = match Order::from_body(msg.body()) {
             Ok(order) => order,
             Err(e) => {
                 // Nothing to write, so nothing to announce.
-                tracing::warn!(msg_id = %msg.msg_id, error = %e, "not an order; rolling back");
+                tracing::warn!(msg_id = %ctx.msg_id(), error = %e, "not an order; rolling back");
                 return Ok(TransactionState::Rollback);
             }
         };
         let order_id = order.order_id.clone();
         let tx = TxRef {
-            msg_id: msg.msg_id,
+            msg_id: ctx.msg_id(),
             broker_name: ctx.broker_name().to_string(),
             tx_id: ctx.tx_id(),
             order_id: order.order_id.clone(),
@@ -256,7 +256,7 @@ impl TransactionListener for OrderListener {
                      exiting before the broker hears COMMIT",
                     ctx.tx_id(),
                     ctx.broker_name(),
-                    msg.msg_id
+                    ctx.msg_id()
                 );
                 std::process::exit(code)
             }
@@ -278,7 +278,7 @@ impl TransactionListener for OrderListener {
                 tx_id: req.tx_id(),
                 broker_name: req.broker_name().to_string(),
                 msg_id: req.msg_id(),
-                order_id: req.message().key.clone(),
+                order_id: req.message().key().map(str::to_string),
                 checks: req.checks(),
                 state,
                 reason,
@@ -307,7 +307,7 @@ fn decide(row: &TxLogRow, broker: &str, tx_id: u64) -> (TransactionState, CheckR
 /// How long ago `msg` was created, by this process's clock.
 fn age_of(msg: &Message) -> Duration {
     let now = crate::error::now_millis();
-    let born = i64::try_from(msg.born_timestamp).unwrap_or(i64::MAX);
+    let born = i64::try_from(msg.born_timestamp()).unwrap_or(i64::MAX);
     Duration::from_millis(u64::try_from(now.saturating_sub(born)).unwrap_or(0))
 }
 
@@ -346,7 +346,9 @@ mod tests {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(a.clone());
         });
-        let msg = Order::sample(1).to_message("orders");
+        let msg = Order::sample(1)
+            .to_message("orders")
+            .with_msg_id(txmq::MsgId::generate());
         let ctx = TxContext::new(10, "broker-a", "pg", vec![msg.clone()]);
         let state = txmq::transaction::state_of(l.execute(&msg, &ctx).await);
         assert_eq!(state, TransactionState::Commit);
@@ -376,7 +378,9 @@ mod tests {
         let (_dir, db) = open();
         let l = OrderListener::new(db.clone());
         l.set_after_local_commit(AfterLocalCommit::LeaveUnended);
-        let msg = Order::sample(2).to_message("orders");
+        let msg = Order::sample(2)
+            .to_message("orders")
+            .with_msg_id(txmq::MsgId::generate());
         let ctx = TxContext::new(11, "broker-a", "pg", vec![msg.clone()]);
         let state = txmq::transaction::state_of(l.execute(&msg, &ctx).await);
         assert_eq!(state, TransactionState::Unknown);
@@ -389,13 +393,19 @@ mod tests {
     ) -> crate::Result<()> {
         let (_dir, db) = open();
         let l = OrderListener::new(db.clone()).rollback_after(Duration::from_secs(60));
-        let young = Order::sample(3).to_message("orders");
+        let young = Order::sample(3)
+            .to_message("orders")
+            .with_msg_id(txmq::MsgId::generate());
         assert_eq!(
             check(&l, &check_of(&young, "broker-a", 12)).await,
             TransactionState::Unknown
         );
-        let mut old = Order::sample(4).to_message("orders");
-        old.born_timestamp = old.born_timestamp.saturating_sub(120_000);
+        // A message sent two minutes ago, as the broker hands it back.
+        let order = Order::sample(4);
+        let mut sent = txmq::WireMessage::new("orders", order.to_message("orders").body().clone())
+            .with_key(order.order_id.clone());
+        sent.born_timestamp = sent.born_timestamp.saturating_sub(120_000);
+        let old = Message::from(sent);
         assert_eq!(
             check(&l, &check_of(&old, "broker-a", 13)).await,
             TransactionState::Rollback

@@ -59,9 +59,9 @@ mod tests {
         let order = Order::sample(7);
         assert_eq!(order.order_id, "order-0007");
         let msg = order.to_message("orders");
-        assert_eq!(msg.key.as_deref(), Some("order-0007"));
-        assert_eq!(msg.topic, "orders");
-        assert_eq!(Order::from_body(&msg.body).ok(), Some(order));
+        assert_eq!(msg.key(), Some("order-0007"));
+        assert_eq!(msg.topic(), "orders");
+        assert_eq!(Order::from_body(msg.body()).ok(), Some(order));
     }
 
     #[test]

@@ -168,11 +168,12 @@ async fn run_producer(
                     _ = tick.tick() => {}
                 }
                 let id = format!("{key}:{seq}");
-                let mut msg = Message::new(topic.as_str(), id.clone()).with_key(key.as_str());
-                msg.msg_id = MsgId::generate();
+                let msg = Message::new(topic.as_str(), id.clone())
+                    .with_key(key.as_str())
+                    .with_msg_id(MsgId::generate());
                 let mut ev = rec.event(Kind::Invoke, Op::Send, &id);
                 ev.key = Some(key.clone());
-                ev.msg_id = Some(msg.msg_id.to_string());
+                ev.msg_id = msg.msg_id().map(|id| id.to_string());
                 ev.topic = Some(topic.clone());
                 rec.record(&ev);
                 let result = producer.send_ordered(msg, &key).await;
@@ -227,8 +228,8 @@ fn state_name(s: TransactionState) -> &'static str {
     }
 }
 
-fn state_of(name: Option<&String>) -> TransactionState {
-    match name.map(String::as_str) {
+fn state_of(name: Option<&str>) -> TransactionState {
+    match name {
         Some("commit") => TransactionState::Commit,
         Some("rollback") => TransactionState::Rollback,
         _ => TransactionState::Unknown,
@@ -249,22 +250,22 @@ impl TransactionListener for ChaosListener {
             let mut ev = self.rec.event(Kind::Info, Op::Hold, body_of(msg));
             ev.tx_id = Some(ctx.tx_id());
             ev.broker = Some(ctx.broker_name().to_string());
-            ev.msg_id = Some(msg.msg_id.to_string());
-            ev.truth = msg.properties.get(PROP_TRUTH).cloned();
+            ev.msg_id = Some(ctx.msg_id().to_string());
+            ev.truth = msg.property(PROP_TRUTH).map(str::to_string);
             self.rec.record(&ev);
             // Prepared, never ended: the harness kills the process now.
             std::future::pending::<()>().await;
         }
-        Ok(state_of(msg.properties.get(PROP_LOCAL)))
+        Ok(state_of(msg.property(PROP_LOCAL)))
     }
 
     async fn check(&self, req: &CheckRequest) -> Result<TransactionState, BoxError> {
         let msg = req.message();
-        let answer = state_of(msg.properties.get(PROP_TRUTH));
+        let answer = state_of(msg.property(PROP_TRUTH));
         let mut ev = self.rec.event(Kind::Ok, Op::Check, body_of(msg));
         ev.tx_id = Some(req.tx_id());
         ev.broker = Some(req.broker_name().to_string());
-        ev.msg_id = Some(msg.msg_id.to_string());
+        ev.msg_id = Some(req.msg_id().to_string());
         ev.answer = Some(state_name(answer).to_string());
         ev.detail = Some(format!("checks before: {}", req.checks()));
         self.rec.record(&ev);
@@ -273,7 +274,7 @@ impl TransactionListener for ChaosListener {
 }
 
 fn body_of(msg: &Message) -> String {
-    String::from_utf8_lossy(&msg.body).into_owned()
+    String::from_utf8_lossy(msg.body()).into_owned()
 }
 
 async fn run_tx_producer(
@@ -327,13 +328,13 @@ async fn run_tx_producer(
                     (truth, local)
                 };
                 let id = format!("{name}:tx{task}:{n}");
-                let mut msg = Message::new(topic.as_str(), id.clone())
+                let msg = Message::new(topic.as_str(), id.clone())
                     .with_key(id.as_str())
                     .with_property(PROP_TRUTH, truth)
-                    .with_property(PROP_LOCAL, local);
-                msg.msg_id = MsgId::generate();
+                    .with_property(PROP_LOCAL, local)
+                    .with_msg_id(MsgId::generate());
                 let mut ev = rec.event(Kind::Invoke, Op::Tx, &id);
-                ev.msg_id = Some(msg.msg_id.to_string());
+                ev.msg_id = msg.msg_id().map(|id| id.to_string());
                 ev.truth = Some(truth.to_string());
                 ev.answer = Some(local.to_string());
                 ev.topic = Some(topic.clone());
