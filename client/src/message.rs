@@ -119,8 +119,7 @@ impl Message {
     /// Makes the message visible only `delay` after it is stored (see
     /// [`Message::with_deliver_at`]).
     pub fn with_delay(self, delay: std::time::Duration) -> Message {
-        let at = now_millis().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-        self.with_deliver_at(at)
+        self.with_deliver_at(txmq_protocol::deliver_at_after(delay))
     }
 
     /// Makes the message visible at `at_ms` (milliseconds since the Unix

@@ -23,6 +23,6 @@ pub use dashboard::*;
 pub use error::{ErrorCode, WireError};
 pub use frame::{Frame, Hello, HelloOk, Role, PROTOCOL_VERSION};
 pub use lookup::*;
-pub use message::{fnv1a, now_millis, tag_hash, Message, MsgId, StoredMessage};
+pub use message::{deliver_at_after, fnv1a, now_millis, tag_hash, Message, MsgId, StoredMessage};
 pub use ops::*;
 pub use request::*;

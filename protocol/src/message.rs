@@ -108,6 +108,12 @@ pub struct Message {
     pub born_timestamp: u64,
 }
 
+/// The delivery time (ms since the Unix epoch) `delay` from now: what a
+/// message's `with_delay` sets.
+pub fn deliver_at_after(delay: std::time::Duration) -> u64 {
+    now_millis().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl Message {
     /// A message for `topic` with `body` and a fresh id.
     pub fn new(topic: impl Into<String>, body: impl Into<Bytes>) -> Message {
@@ -137,8 +143,7 @@ impl Message {
     /// Makes the message visible only `delay` after it is stored (see
     /// [`Message::with_deliver_at`]).
     pub fn with_delay(self, delay: std::time::Duration) -> Message {
-        let at = now_millis().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-        self.with_deliver_at(at)
+        self.with_deliver_at(deliver_at_after(delay))
     }
 
     /// Makes the message visible at `at_ms` (milliseconds since the Unix
