@@ -4,7 +4,9 @@
 //! unfinished message.
 //!
 //! Handlers run as futures polled by this task (a `FuturesUnordered`),
-//! not as tasks of their own.
+//! not as tasks of their own. The periodic commit is polled beside them,
+//! never awaited in their way: a broker that does not answer must not hold
+//! up a handler's next step, nor an orderly queue's fence.
 //!
 //! A message is finished when its handler succeeded or it was stored again
 //! on the broker (handed back for retry, or dead-lettered). One whose hand
@@ -57,6 +59,9 @@ struct Progress {
     next: u64,
     /// The offset last committed (or known committed).
     committed: Option<u64>,
+    /// How many times `committed` was forgotten (the queue was cut short):
+    /// a commit that was under way then must not mark its offset committed.
+    forgotten: u64,
 }
 
 impl Progress {
@@ -100,6 +105,7 @@ impl Progress {
             // The queue was cut short: what the broker holds now as the
             // group's offset is not known, so the next commit stores ours.
             self.committed = None;
+            self.forgotten += 1;
         }
         self.next = next;
     }
@@ -195,8 +201,13 @@ async fn consume<H: MessageHandler>(
     let mut released = false;
     let mut lost = false;
     let mut drain_deadline = None;
-    // Looked at before each pull and at each tick, not per message.
+    // Looked up before each pull and at each tick; between lookups an
+    // orderly start compares the clock with the deadline found then.
     let mut cut_off = false;
+    let mut fence_at = None;
+    // The tick's commit runs beside the handlers, so that a broker that
+    // does not answer stalls neither them nor the fence.
+    let mut committing = None;
     let mut trail = Trail::default();
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -214,6 +225,13 @@ async fn consume<H: MessageHandler>(
                 trail,
             )));
         }
+        if settings.orderly && handling.is_empty() && !waiting.is_empty() && !cut_off {
+            // An orderly queue must not start a message once the broker may
+            // have given the queue away.
+            if fence_at.is_some_and(|at| std::time::Instant::now() >= at) {
+                fence_at = refresh_fence(shared, key, &mut cut_off);
+            }
+        }
         if settings.orderly && handling.is_empty() && !cut_off {
             if let Some(m) = waiting.pop_front() {
                 handling.push(handle(shared, key, m));
@@ -225,7 +243,7 @@ async fn consume<H: MessageHandler>(
         tokio::select! {
             pulled = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
                 pulling = None;
-                refresh_fence(shared, key, &mut cut_off);
+                fence_at = refresh_fence(shared, key, &mut cut_off);
                 match pulled {
                     Ok(r) => {
                         trail = r.trail;
@@ -286,10 +304,26 @@ async fn consume<H: MessageHandler>(
                 progress.finished(offset, bytes);
             }
             _ = tick.tick() => {
-                refresh_fence(shared, key, &mut cut_off);
-                if commit(shared, key, &mut progress).await == Committed::NotOwner {
-                    lost = true;
-                    break;
+                fence_at = refresh_fence(shared, key, &mut cut_off);
+                let offset = progress.committable();
+                if committing.is_none() && progress.committed.is_none_or(|c| c < offset) {
+                    let forgotten = progress.forgotten;
+                    committing = Some(Box::pin(async move {
+                        (offset, forgotten, store_offset(shared, key, offset).await)
+                    }));
+                }
+            }
+            (offset, forgotten, done) = async { committing.as_mut().expect("guarded").await }, if committing.is_some() => {
+                committing = None;
+                match done {
+                    Committed::Yes if forgotten == progress.forgotten => {
+                        progress.committed = Some(progress.committed.map_or(offset, |c| c.max(offset)));
+                    }
+                    Committed::NotOwner => {
+                        lost = true;
+                        break;
+                    }
+                    _ => {}
                 }
             }
             _ = release.cancelled(), if !released => {
@@ -343,11 +377,17 @@ enum Committed {
     Unconfirmed,
 }
 
-/// Sets `cut_off` to [`fenced`] for the queue's broker, logging a change.
-fn refresh_fence<H>(shared: &Shared<H>, key: &QueueId, cut_off: &mut bool) {
-    let now = fenced(shared, &key.broker_name);
+/// Looks the fence up: sets `cut_off`, logs a change, and returns when the
+/// fence falls if no heartbeat is answered before then.
+fn refresh_fence<H>(
+    shared: &Shared<H>,
+    key: &QueueId,
+    cut_off: &mut bool,
+) -> Option<std::time::Instant> {
+    let at = fence_at(shared, &key.broker_name);
+    let now = at.is_some_and(|at| std::time::Instant::now() >= at);
     if now == *cut_off {
-        return;
+        return at;
     }
     *cut_off = now;
     if now {
@@ -356,28 +396,30 @@ fn refresh_fence<H>(shared: &Shared<H>, key: &QueueId, cut_off: &mut bool) {
     } else {
         tracing::info!(group = %shared.group, broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the broker answers heartbeats again: the queue goes on");
     }
+    at
 }
 
-/// Whether this member must stop taking new messages of a queue of
-/// `broker`: the broker has answered no heartbeat sent in the last two
-/// thirds of its consumer expiry, so it may expire this member and give the
-/// queue to another one any moment (a member cut off from its broker keeps
-/// running). Handlers already running finish. As RocketMQ's orderly
-/// consumer lets its queue lock lapse on the client before the broker's.
-fn fenced<H>(shared: &Shared<H>, broker: &str) -> bool {
+/// When this member must stop taking new messages of a queue of `broker`
+/// (`None`: never, so far): two thirds of the broker's consumer expiry
+/// after the last heartbeat it answered was sent, since from then on it may
+/// expire this member and give the queue to another one any moment (a
+/// member cut off from its broker keeps running). Handlers already running
+/// finish. As RocketMQ's orderly consumer lets its queue lock lapse on the
+/// client before the broker's.
+fn fence_at<H>(shared: &Shared<H>, broker: &str) -> Option<std::time::Instant> {
     if shared.settings.broadcast {
-        return false;
+        return None;
     }
     let expiry = shared
         .broker_expiry_ms
         .load(std::sync::atomic::Ordering::Relaxed);
     if expiry == 0 {
-        return false;
+        return None;
     }
     shared
         .answered
         .get(broker)
-        .is_some_and(|at| at.elapsed() >= Duration::from_millis(expiry * 2 / 3))
+        .map(|sent| *sent + Duration::from_millis(expiry * 2 / 3))
 }
 
 fn not_owner(e: &Error) -> bool {
@@ -399,9 +441,18 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
     if progress.committed.is_some_and(|c| c >= offset) {
         return Committed::Yes;
     }
+    let done = store_offset(shared, key, offset).await;
+    if done == Committed::Yes {
+        progress.committed = Some(offset);
+    }
+    done
+}
+
+/// Stores `offset` as the group's position in the queue (here only when
+/// broadcasting). Failures are logged.
+async fn store_offset<H>(shared: &Shared<H>, key: &QueueId, offset: u64) -> Committed {
     if shared.settings.broadcast {
         lock(&shared.local_offsets).insert(key.clone(), offset);
-        progress.committed = Some(offset);
         return Committed::Yes;
     }
     let result = async {
@@ -421,10 +472,7 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
     }
     .await;
     match result {
-        Ok(_) => {
-            progress.committed = Some(offset);
-            Committed::Yes
-        }
+        Ok(_) => Committed::Yes,
         Err(e) if not_owner(&e) => Committed::NotOwner,
         Err(e) if e.remoting().is_some_and(unconfirmed_commit) => {
             // Stored on the master, not yet on enough of its slaves: not
