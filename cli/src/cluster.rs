@@ -94,7 +94,7 @@ pub async fn run(global: &GlobalArgs) -> Result<()> {
         }),
     )
     .await;
-    admin.close();
+    admin.close().await.ok();
     let rows = rows(&brokers, &masters, &on_their_own);
 
     let printer = Printer::stdout(global.output);

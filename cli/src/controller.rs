@@ -45,7 +45,7 @@ pub async fn run_broker(global: &GlobalArgs, cmd: BrokerCommand) -> Result<()> {
             replica,
         } => {
             let answer = admin.elect_master(&broker_name, replica.as_deref()).await;
-            admin.close();
+            admin.close().await.ok();
             let state = answer.with_context(|| match &replica {
                 Some(r) => format!("cannot elect {r} master of broker group {broker_name}"),
                 None => format!("cannot elect a new master of broker group {broker_name}"),
@@ -67,7 +67,7 @@ pub async fn run_broker(global: &GlobalArgs, cmd: BrokerCommand) -> Result<()> {
 pub async fn run_controller(global: &GlobalArgs) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let answer = admin.controller_info().await;
-    admin.close();
+    admin.close().await.ok();
     let info = answer.context("cannot ask the controller")?;
     let printer = Printer::stdout(global.output);
     match printer.format {

@@ -394,7 +394,7 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
                 force,
             };
             let done = resend(&admin, &printer, request, broker.as_deref()).await;
-            admin.close();
+            admin.close().await.ok();
             return done;
         }
     };

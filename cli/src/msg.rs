@@ -162,7 +162,7 @@ pub async fn run(global: &GlobalArgs, cmd: MsgCommand) -> Result<()> {
             })
         }
     };
-    admin.close();
+    admin.close().await.ok();
     result
 }
 

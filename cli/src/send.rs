@@ -613,7 +613,7 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
         }
     }
     drop(inflight);
-    producer.close();
+    producer.close().await.ok();
 
     // Report what was not surely sent, in input order: the failed messages
     // first (all read before anything still unread), then the rest.

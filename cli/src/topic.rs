@@ -151,7 +151,7 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             let deleted = match deleted {
                 Ok(d) => d,
                 Err(e) => {
-                    admin.close();
+                    admin.close().await.ok();
                     return Err(e.into());
                 }
             };
@@ -176,7 +176,7 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             let status = match status {
                 Ok(s) => s,
                 Err(e) => {
-                    admin.close();
+                    admin.close().await.ok();
                     return Err(e.into());
                 }
             };
@@ -224,7 +224,7 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             )?;
         }
     }
-    admin.close();
+    admin.close().await.ok();
     Ok(())
 }
 

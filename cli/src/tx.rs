@@ -330,14 +330,14 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
     let outcome = match producer.send_in_transaction(message).await {
         Ok(outcome) => outcome,
         Err(e) => {
-            producer.close();
+            producer.close().await.ok();
             return Err(e.into());
         }
     };
     // An end the broker refused or never answered is an error here, as it
     // always was: printed on stderr, exit 1, nothing on stdout.
     if let TxEnd::Refused(e) | TxEnd::Lost(e) = outcome.end {
-        producer.close();
+        producer.close().await.ok();
         return Err(e.into());
     }
     let printer = Printer::stdout(global.output);
@@ -346,7 +346,7 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
         OutputFormat::Json => printer.json(&outcome_json(&outcome, &args.topic)),
     };
     if let Err(e) = printed {
-        producer.close();
+        producer.close().await.ok();
         return Err(anyhow::Error::from(e).context("writing to standard output"));
     }
     if !args.linger.is_zero() {
@@ -355,7 +355,7 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
             _ = interrupted() => {}
         }
     }
-    producer.close();
+    producer.close().await.ok();
     Ok(())
 }
 
@@ -386,14 +386,14 @@ async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
         },
         None => interrupted().await,
     }
-    producer.close();
+    producer.close().await.ok();
     Ok(())
 }
 
 async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let lists = admin.list_transactions(broker).await;
-    admin.close();
+    admin.close().await.ok();
     let mut lists = lists?;
     for l in &mut lists {
         l.transactions.retain(|t| filter.keeps(t));
@@ -429,7 +429,7 @@ async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) ->
 async fn show(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let shown = admin.show_transaction(tx_id, broker).await;
-    admin.close();
+    admin.close().await.ok();
     let printer = Printer::stdout(global.output);
     for d in shown? {
         match printer.format {
@@ -447,7 +447,7 @@ async fn show(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<(
 async fn recheck(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let done = admin.recheck_transaction(tx_id, broker).await;
-    admin.close();
+    admin.close().await.ok();
     let r = done?;
     let printer = Printer::stdout(global.output);
     let previous = match r.previous {
@@ -606,7 +606,7 @@ async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
     let resolved = admin
         .resolve_transaction(args.tx_id, action, args.broker.as_deref())
         .await;
-    admin.close();
+    admin.close().await.ok();
     let (broker, ended) = resolved?;
     let printer = Printer::stdout(global.output);
     match printer.format {

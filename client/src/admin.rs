@@ -13,6 +13,7 @@ use txmq_protocol::{
 
 pub use txmq_protocol::{GroupList, GroupState, OffsetsReset};
 
+use crate::drain::Drain;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::{ClientConfig, Error, Result};
@@ -54,7 +55,13 @@ pub struct Admin {
     pool: ConnectionPool,
     nameservers: NameserverClient,
     request_timeout: Duration,
+    close_timeout: Duration,
+    /// Requests to brokers and controllers in flight, for [`Admin::close`].
+    drain: std::sync::Arc<Drain>,
 }
+
+/// What a closed admin's errors call it.
+const ADMIN: &str = "the admin client";
 
 /// How long [`Admin::elect_master`] waits at least: a planned switch lets
 /// the master drain before the election is committed, which takes longer
@@ -93,6 +100,8 @@ impl Admin {
                         pool,
                         nameservers,
                         request_timeout: config.request_timeout,
+                        close_timeout: config.close_timeout,
+                        drain: Default::default(),
                     });
                 }
                 Err(e) => last = Some(e),
@@ -124,6 +133,7 @@ impl Admin {
         perm: u8,
         broker: Option<&str>,
     ) -> Result<Vec<CreatedTopic>> {
+        let _in_flight = self.drain.enter(ADMIN)?;
         let targets = self.targets(broker).await?;
         let mut created = Vec::with_capacity(targets.len());
         for (broker_name, addr) in targets {
@@ -686,6 +696,7 @@ impl Admin {
     where
         C: txmq_protocol::Call + Clone,
     {
+        let _in_flight = self.drain.enter(ADMIN)?;
         let addrs = self.nameservers.addrs();
         // A controller's "not now" says more than a nameserver that cannot
         // be reached, which says more than "no controller here".
@@ -721,9 +732,18 @@ impl Admin {
         }
     }
 
-    /// Closes the connections.
-    pub fn close(&self) {
+    /// Closes the admin: later requests to brokers and controllers fail
+    /// with [`Error::Closed`]; those in flight (a topic being created, an
+    /// election) finish first, for up to
+    /// [`ClientConfig::close_timeout`]; then the connections close.
+    ///
+    /// # Errors
+    /// [`Error::Unfinished`] when requests were still in flight at the
+    /// timeout (they fail); the admin is closed all the same.
+    pub async fn close(&self) -> Result<()> {
+        let drained = self.drain.close(ADMIN, self.close_timeout).await;
         self.pool.close();
+        drained
     }
 
     /// (name, address) of the broker named (or at) `broker`, or of every
@@ -743,6 +763,7 @@ impl Admin {
         addr: &str,
         request: C,
     ) -> Result<C::Reply> {
+        let _in_flight = self.drain.enter(ADMIN)?;
         let answer = match self.pool.get(addr).await {
             Ok(conn) => conn.call(request).await,
             Err(e) => Err(e),

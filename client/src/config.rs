@@ -44,6 +44,10 @@ pub struct ClientConfig {
     /// The user this client signs in as where an ACL file is in force
     /// (none needed with a client certificate that names a user).
     pub credentials: Option<Credentials>,
+    /// How long closing a producer, a transaction producer or an admin
+    /// waits for its calls in flight before it closes the connections under
+    /// them (default 10 s).
+    pub close_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -57,6 +61,7 @@ impl Default for ClientConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             tls: None,
             credentials: None,
+            close_timeout: crate::drain::DEFAULT_CLOSE_TIMEOUT,
         }
     }
 }

@@ -120,6 +120,19 @@ pub enum Error {
     /// The client object was closed.
     #[error("{0} is closed")]
     Closed(&'static str),
+    /// Closing waited for the calls in flight and some were still running
+    /// at its timeout ([`ClientConfig::close_timeout`](crate::ClientConfig::close_timeout)):
+    /// the connections were closed under them, so they fail, each with its
+    /// own error to its caller.
+    #[error("{what} closed with {in_flight} call(s) still in flight after {after:?}")]
+    Unfinished {
+        /// The handle closed.
+        what: &'static str,
+        /// How many calls were still running.
+        in_flight: usize,
+        /// How long closing waited.
+        after: std::time::Duration,
+    },
     /// A consumer gave queues up without storing its final position there
     /// (the brokers could not be reached): their last messages come again.
     #[error("the final offsets of {queues} queue(s) could not be committed; their last messages will be delivered again")]

@@ -598,7 +598,7 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
     )
     .await;
     assert_eq!(bodies(&got), ["still here"]);
-    producer.close();
+    producer.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -635,7 +635,7 @@ async fn sending_to_a_missing_topic_without_auto_create_fails_with_its_code() {
         .send(Message::new("ghost", "now home"))
         .await
         .unwrap();
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -713,8 +713,8 @@ async fn invalid_topic_names_are_bad_arguments() {
         topics.iter().all(|t| t.config.name == longest),
         "only the valid topic exists: {topics:?}"
     );
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -748,7 +748,7 @@ async fn queue_counts_out_of_range_are_bad_arguments() {
         .await
         .unwrap();
     assert_eq!(created[0].config.queues, 1024);
-    admin.close();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -795,7 +795,7 @@ async fn a_body_over_the_max_message_size_is_message_too_large() {
     let got = consume_all(&cluster.nameserver, "g", "big", 2, Duration::from_secs(1)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body().len(), 512 << 10);
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1317,7 +1317,7 @@ async fn a_full_store_refuses_sends_clearly_and_keeps_serving_reads() {
         err.contains("STORE_FULL") && err.contains("store is full"),
         "{err}"
     );
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1421,6 +1421,6 @@ async fn topics_past_the_limit_are_refused_clearly() {
         .expect("an existing topic");
     let got = consume_all(&ns, "g", "first", 2, Duration::from_secs(3)).await;
     assert_eq!(got.len(), 2);
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }

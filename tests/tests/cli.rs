@@ -200,7 +200,7 @@ async fn a_body_that_is_not_utf8_is_printed_as_base64() {
         .await
         .unwrap();
     let utf8 = producer.send(Message::new("bin", "café")).await.unwrap();
-    producer.close();
+    producer.close().await.unwrap();
 
     let args = [
         "consume", "bin", "--group", "json", "--count", "2", "--output", "json",
@@ -336,7 +336,7 @@ async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
             .await
             .unwrap();
     }
-    producer.close();
+    producer.close().await.unwrap();
     let started = Instant::now();
     let got = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
     assert!(
@@ -703,6 +703,6 @@ async fn a_created_topic_is_routable_as_soon_as_create_returns() {
         missing.is_empty(),
         "no route right after create for {missing:?}"
     );
-    admin.close();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }

@@ -546,7 +546,7 @@ async fn two_brokers_with_a_group(
         .create_topic("shared", 2, PERM_READ_WRITE, None)
         .await
         .expect("create on both");
-    admin.close();
+    admin.close().await.unwrap();
     wait_for_route(&ns, "shared", &["broker-a", "broker-b"]).await;
     let producer = cluster.producer().await;
     for i in 0..8 {
@@ -556,7 +556,7 @@ async fn two_brokers_with_a_group(
             .await
             .expect("send");
     }
-    producer.close();
+    producer.close().await.unwrap();
     let got = consume_all(&ns, "g", "shared", 8, Duration::from_secs(3)).await;
     assert_eq!(got.len(), 8);
     (cluster, a, b)

@@ -62,7 +62,7 @@ async fn sends_to_a_paused_broker_end_at_their_timeout_and_recover() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    producer.close();
+    producer.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -145,7 +145,7 @@ async fn a_paused_broker_does_not_expire_the_consumer_on_the_others() {
         "broker-a expired the consumer while broker-b was paused:\n{log}"
     );
     consumer.shutdown().await.unwrap();
-    producer.close();
+    producer.close().await.unwrap();
     drop((a, b));
     cluster.shutdown().await;
 }

@@ -303,7 +303,7 @@ async fn members_share_queues_rebalance_on_join_and_kill_and_lose_nothing() {
     for m in &mut members {
         m.terminate();
     }
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -430,8 +430,8 @@ async fn a_failing_message_is_retried_with_growing_delays_then_dead_lettered() {
     assert_eq!(consumed.len(), 1);
     assert_eq!(consumed[0]["body"], "poison");
     consumer.shutdown().await.expect("final commits");
-    admin.close();
-    producer.close();
+    admin.close().await.unwrap();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -550,7 +550,7 @@ async fn delayed_messages_arrive_on_time_also_across_a_broker_restart() {
         .collect();
     assert_eq!(bodies.len(), 5, "each once: {bodies:?}; stored {stored:?}");
     consumer.shutdown().await.expect("final commits");
-    producer.close();
+    producer.close().await.unwrap();
     broker.stop();
     ns_cluster.shutdown().await;
 }
@@ -586,7 +586,7 @@ async fn orderly_consumers_see_each_keys_messages_in_send_order_across_a_restart
                     acked.push((key.clone(), body));
                 }
             }
-            producer.close();
+            producer.close().await.unwrap();
             acked
         }));
     }
@@ -712,7 +712,7 @@ async fn a_tag_filter_delivers_only_matching_tags() {
     assert!(lines.iter().all(|l| l["tag"] == "b"));
     ca.shutdown().await.expect("final commits");
     cac.shutdown().await.expect("final commits");
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -742,7 +742,7 @@ async fn broadcasting_members_each_get_everything() {
             .collect();
         assert_eq!(bodies.len(), 40, "{}", String::from_utf8_lossy(&out.stderr));
     }
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -832,7 +832,7 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
         "{text}"
     );
     running.shutdown().await.expect("final commits");
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -897,7 +897,7 @@ async fn a_panicking_handler_retries_and_at_most_once_does_not() {
     assert_eq!(at_most_once.lock().unwrap().len(), 1, "at most once");
     retrying.shutdown().await.expect("final commits");
     dropping.shutdown().await.expect("final commits");
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -972,7 +972,7 @@ async fn a_member_without_heartbeats_expires_and_its_queues_move() {
     stop("CONT");
     paused.terminate();
     live.terminate();
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1172,6 +1172,6 @@ async fn a_stuck_message_stops_the_pulls_past_the_span() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     consumer.shutdown().await.unwrap();
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }

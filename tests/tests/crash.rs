@@ -281,7 +281,7 @@ async fn send_numbered(cluster: &Cluster, topic: &str, prefix: &str, count: usiz
         assert_eq!(r.queue, 0, "{topic} has one queue");
         offsets.push(r.queue_offset);
     }
-    producer.close();
+    producer.close().await.unwrap();
     offsets
 }
 
@@ -384,7 +384,7 @@ async fn garbage_after_the_tail_is_cut() {
         let producer = cluster.producer().await;
         let r = producer.send(Message::new("junk", "last")).await.unwrap();
         assert_eq!(r.queue_offset, (N + 5) as u64);
-        producer.close();
+        producer.close().await.unwrap();
         tokio::task::block_in_place(|| broker.stop());
     }
     cluster.shutdown().await;
@@ -413,7 +413,7 @@ async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
             .await
             .unwrap();
     }
-    producer.close();
+    producer.close().await.unwrap();
     assert_eq!(tokio::task::block_in_place(|| broker.stop()), Some(0));
     let segment = active_segment(&data);
     assert_eq!(
@@ -441,7 +441,7 @@ async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
         .await
         .unwrap();
     assert_eq!(r.queue_offset, (N - 1) as u64);
-    producer.close();
+    producer.close().await.unwrap();
     stop_and_restart(&mut broker, &ns, "big").await;
     let got = consume_all(&ns, "g2", "big", N + 1, Duration::from_secs(1)).await;
     let got: Vec<String> = got.iter().map(short).collect();
@@ -471,7 +471,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
             .await
             .unwrap();
     }
-    producer.close();
+    producer.close().await.unwrap();
     assert_eq!(tokio::task::block_in_place(|| broker.stop()), Some(0));
 
     // Flip the last body byte of record BAD: its checksum no longer matches,
@@ -497,7 +497,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
             "n{i:02} follows the last intact record"
         );
     }
-    producer.close();
+    producer.close().await.unwrap();
     stop_and_restart(&mut broker, &ns, "flip").await;
 
     let mut want: Vec<String> = (0..BAD).map(|i| format!("m{i:02}")).collect();

@@ -218,7 +218,7 @@ async fn the_rate_chart_moves_while_messages_are_sent() {
                 sent += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            producer.close();
+            producer.close().await.unwrap();
             sent
         })
     };

@@ -202,7 +202,7 @@ async fn dashboard_render_times_and_idle_broker_load() {
         n += batch;
         left -= batch;
     }
-    producer.close();
+    producer.close().await.unwrap();
     // The broker lists its oldest 1,000; its counter has them all.
     let pending: u64 = admin
         .list_transactions(None)

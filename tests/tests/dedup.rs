@@ -104,7 +104,7 @@ async fn replay_from_first(cluster: &Cluster) {
             Err(e) => panic!("reset offsets: {e}"),
         }
     }
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +121,7 @@ async fn a_group_replayed_from_the_start_applies_each_message_once() {
             .expect("send");
         sent.insert(receipt.msg_id);
     }
-    producer.close();
+    producer.close().await.unwrap();
 
     let dir = tempfile::tempdir().expect("temp dir");
     let dedup = SqliteDedup::new("applied_ids", Duration::from_secs(3600));

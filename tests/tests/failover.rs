@@ -299,7 +299,7 @@ impl Controlled {
             .create_topic(topic, queues, PERM_READ_WRITE, None)
             .await
             .unwrap_or_else(|e| panic!("create {topic}: {e}"));
-        admin.close();
+        admin.close().await.unwrap();
         for ns in self.ns_addrs() {
             common::wait_for_route(&ns, topic, &[GROUP]).await;
         }
@@ -686,7 +686,7 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
         let admin = txmq::Admin::connect([one.as_str()]).await.expect("admin");
         route.push((one.clone(), admin.route(LOAD_TOPIC).await));
         cluster.push((one, admin.cluster().await));
-        admin.close();
+        admin.close().await.unwrap();
     }
     assert!(
         client_times
@@ -859,7 +859,7 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
         got.values().sum::<usize>()
     );
     if let Some(tp) = tx_producer {
-        tp.close();
+        tp.close().await.unwrap();
     }
     times
 }
@@ -938,7 +938,7 @@ async fn a_partitioned_master_acknowledges_nothing_and_rejoins_as_a_slave_withou
         assert_eq!(r.status, SendStatus::SendOk);
         before_bodies.push(body);
     }
-    producer.close();
+    producer.close().await.unwrap();
 
     // A client of the master's real address keeps sending, from before
     // the cut to after the heal.
@@ -1256,7 +1256,7 @@ async fn killing_the_controller_leader_keeps_the_master_and_its_sends() {
     assert_eq!((r.role, r.epoch), (BrokerRole::Master, before.epoch));
     stop.store(true, Ordering::Relaxed);
     let answers = sender.await.expect("sender");
-    producer.close();
+    producer.close().await.unwrap();
     let failed: Vec<&(String, Result<SendStatus, String>)> = answers
         .iter()
         .filter(|a| a.1 != Ok(SendStatus::SendOk))
@@ -1370,7 +1370,7 @@ async fn a_planned_switch_moves_the_master_without_an_error_for_the_producer() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let answers = sender.await.expect("sender");
-    producer.close();
+    producer.close().await.unwrap();
     let failed: Vec<&(String, Result<SendStatus, String>)> = answers
         .iter()
         .filter(|a| a.1 != Ok(SendStatus::SendOk))
@@ -1473,7 +1473,7 @@ async fn idempotent_sends_across_master_kills_are_stored_exactly_once() {
             *other.entry(k).or_default() += n;
         }
     }
-    producer.close();
+    producer.close().await.unwrap();
     eprintln!(
         "{} sends acknowledged SEND_OK; other answers: {other:?}",
         acked.len()

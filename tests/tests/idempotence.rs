@@ -139,7 +139,7 @@ async fn a_send_or_a_batch_whose_reply_was_lost_is_stored_once_and_answered_as_f
     for (i, r) in receipts.iter().enumerate() {
         assert_eq!(stored[&format!("batch-{i}")], (r.queue, r.queue_offset));
     }
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -228,8 +228,8 @@ async fn a_prepare_or_a_commit_whose_reply_was_lost_makes_one_transaction_and_on
         .collect();
     assert_exactly(&got, &sent, &sent);
     assert_eq!(got.len(), 3);
-    admin.close();
-    producer.close();
+    admin.close().await.unwrap();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -299,7 +299,7 @@ where
             .expect("the senders finish")
             .expect("sender");
     }
-    producer.close();
+    producer.close().await.unwrap();
     let acked = acked.lock().unwrap().clone();
     let sent = sent.lock().unwrap().clone();
     (acked, sent)

@@ -314,7 +314,7 @@ async fn send_acked(ns: &str, topic: &str, tag: &str, n: usize) -> Vec<String> {
         assert_eq!(r.status, SendStatus::SendOk, "{body}");
         acked.push(body);
     }
-    producer.close();
+    producer.close().await.unwrap();
     acked
 }
 

@@ -124,7 +124,7 @@ async fn a_fixed_id_sent_in_two_transactions_is_stored_once() {
     let got = consume_all(&cluster.nameserver, "cg", TOPIC, 2, Duration::from_secs(2)).await;
     let ids: Vec<MsgId> = got.iter().map(|m| m.msg_id()).collect();
     assert_eq!(ids, [id], "stored once, under the id given");
-    producer.close();
+    producer.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,5 +160,5 @@ async fn an_id_assigned_at_send_is_the_one_reported_and_consumed() {
         by_body.contains(&("tx".to_string(), outcome.msg_id)),
         "{by_body:?}"
     );
-    tx.close();
+    tx.close().await.unwrap();
 }

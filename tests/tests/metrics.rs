@@ -539,6 +539,6 @@ async fn a_dead_lettered_message_is_counted_for_its_group() {
         "{text}"
     );
     drop(consumer);
-    producer.close();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }

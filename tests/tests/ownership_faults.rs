@@ -201,7 +201,7 @@ fn steady(
             }
             tokio::time::sleep(every).await;
         }
-        producer.close();
+        producer.close().await.unwrap();
     })
 }
 
@@ -627,7 +627,7 @@ async fn a_long_poll_does_not_return_messages_after_its_queue_moved() {
         .await
         .expect("the new owner pulls");
     assert_eq!(r.messages.len(), 1);
-    producer.close();
+    producer.close().await.unwrap();
     a.close();
     b.close();
     cluster.shutdown().await;

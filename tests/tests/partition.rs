@@ -128,8 +128,8 @@ async fn a_member_cut_off_from_its_broker_stops_before_its_queue_moves() {
     proxy.heal();
     b.shutdown().await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(10), a.shutdown()).await;
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }

@@ -126,7 +126,7 @@ async fn transaction_ids_are_never_handed_out_twice_across_power_cuts() {
             );
         }
     }
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 /// Producers send continuously to a sync-flush broker; the power is cut at
@@ -188,7 +188,7 @@ async fn every_send_ok_message_survives_twenty_power_cuts_exactly_once() {
         for s in senders {
             attempted.extend(s.await.expect("sender"));
         }
-        producer.close();
+        producer.close().await.unwrap();
         power_cut(&mut broker, &fs, cut, &ns, TOPIC).await;
     }
     let acked = acked.lock().unwrap().clone();
@@ -269,7 +269,7 @@ async fn send_all(ns: &str, topic: &str, bodies: impl IntoIterator<Item = String
             .expect("send");
         assert_eq!(r.status, SendStatus::SendOk);
     }
-    producer.close();
+    producer.close().await.unwrap();
 }
 
 /// A consumer group commits its offsets (acknowledged, sync flush), reads
@@ -373,7 +373,7 @@ async fn delayed_messages_crossing_power_cuts_are_delivered_once() {
         .await;
         power_cut(&mut broker, &fs, round, &ns, TOPIC).await;
     }
-    producer.close();
+    producer.close().await.unwrap();
     let got = consume_all(&ns, "reader", TOPIC, sent.len() + 1, Duration::from_secs(5)).await;
     assert_each_once(&got, &sent);
     drop(broker);

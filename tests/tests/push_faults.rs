@@ -341,7 +341,7 @@ async fn hand_back_fails(fault: Fault, shut_down: bool) {
     if let Some(c) = consumer {
         c.shutdown().await.unwrap();
     }
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,7 +458,7 @@ async fn queue_cut_short(pull: bool) {
     let distinct: BTreeSet<&String> = all.iter().collect();
     assert_eq!(distinct.len(), all.len(), "repeated: {all:?}");
     consumer.shutdown().await;
-    admin.close();
+    admin.close().await.unwrap();
     drop(broker);
 }
 
@@ -650,8 +650,8 @@ async fn a_retry_whose_record_is_gone_is_handed_back_from_the_consumers_copy() {
         .collect();
     assert_eq!(ys, [0], "y is handled once, as itself");
     consumer.shutdown().await.unwrap();
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }

@@ -136,7 +136,7 @@ async fn wait_for_master(ns: &str, topic: &str, addr: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 /// One request to the broker at `addr` over a connection of its own.
@@ -440,8 +440,8 @@ async fn kill_the_master_under_writes(min_insync: u32) {
     })
     .await;
     assert!(joined.is_ok(), "writers did not give up on the dead master");
-    producer.close();
-    tx_producer.close();
+    producer.close().await.unwrap();
+    tx_producer.close().await.unwrap();
     assert!(
         !acked.sent.is_empty() && !acked.committed.is_empty() && !acked.pending.is_empty(),
         "the master died before every kind of write was acknowledged: {} sent, {} committed, {} pending",
@@ -576,7 +576,7 @@ async fn kill_the_master_under_writes(min_insync: u32) {
         );
         assert_same_log(&group.master.data_dir, &slave.data_dir, master.log_end);
     }
-    producer.close();
+    producer.close().await.unwrap();
 }
 
 /// Sends to `topic` until `stop`, counting the statuses; returns the
@@ -683,7 +683,7 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
     stop.store(true, Ordering::Relaxed);
     let (ok, _) = load.await.expect("load task");
     side_load.await.expect("transaction and offset load");
-    tx_producer.close();
+    tx_producer.close().await.unwrap();
     assert!(!ok.is_empty(), "no send was acknowledged");
 
     let master = wait_replication(
@@ -887,7 +887,7 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
             assert_eq!(r.status, SendStatus::SendOk);
         }
     }
-    producer.close();
+    producer.close().await.unwrap();
 
     // The group consumes part of each queue at the master and commits there.
     let master = common::try_connect_as(&group.master.addr, Role::Admin)
@@ -1058,7 +1058,7 @@ async fn slave_of_another_history(own_messages: usize, others: usize) {
         assert_eq!(r.status, SendStatus::SendOk);
         own.push(body);
     }
-    to_d.close();
+    to_d.close().await.unwrap();
     tokio::task::block_in_place(|| d.stop());
 
     // M: another master of the same group, with other (longer) messages.
@@ -1122,7 +1122,7 @@ async fn slave_of_another_history(own_messages: usize, others: usize) {
         stored, own,
         "the diverged slave does not serve its own messages"
     );
-    to_m.close();
+    to_m.close().await.unwrap();
 }
 
 /// Polls `consumer` until `want` messages arrived in all or `limit` passed.
@@ -1264,7 +1264,7 @@ async fn a_pull_consumer_carries_on_from_the_slave_and_its_commits_reach_the_ret
     let want: Vec<String> = (0..6).map(|i| format!("after-{i}")).collect();
     assert_eq!(later, want, "after the master returned");
     consumer.shutdown().await.expect("consumer commits");
-    producer.close();
+    producer.close().await.unwrap();
 }
 
 /// A topic deleted on the master is deleted on its slaves too: the delete
@@ -1363,7 +1363,7 @@ async fn a_dlq_resend_waits_for_the_in_sync_slave() {
         let status = send_status(&producer, "bills", i).await;
         assert_eq!(status, Ok(SendStatus::SendOk));
     }
-    producer.close();
+    producer.close().await.unwrap();
     let ns = group.ns.clone();
     tokio::task::spawn_blocking(move || {
         txmq_tests::make_dead_letters(&ns, "bills", "billing", 3);

@@ -518,7 +518,7 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     );
     assert!(m.replicas[0].in_sync, "{m:?}");
     assert!(common::replication(&slave.addr).await.error.is_none());
-    p.close();
+    p.close().await.unwrap();
     drop(slave);
     drop(master);
     cluster.shutdown().await;
@@ -588,7 +588,7 @@ async fn a_replica_cannot_acknowledge_what_it_was_never_sent() {
         SendStatus::SendOk,
         "no slave holds it, yet it was acknowledged as replicated"
     );
-    p.close();
+    p.close().await.unwrap();
     drop(slave);
     drop(master);
     cluster.shutdown().await;
@@ -683,7 +683,7 @@ impl FakeGroup {
         create_topic(ns, &real.addr, "rf").await;
         let p = producer(ns).await;
         let sent = send_ok(&p, "rf", "good", 10).await;
-        p.close();
+        p.close().await.unwrap();
         let conn = common::connect_as(&real.addr, Role::Replica).await;
         let good = conn
             .call(fetch(0, None))
@@ -1188,7 +1188,7 @@ fn load(
                 }
             }
         }
-        p.close();
+        p.close().await.unwrap();
         ok
     })
 }
@@ -1315,7 +1315,7 @@ async fn a_power_cut_on_the_master_loses_nothing_and_the_slave_goes_on() {
         send_until_ok(&p, "pc", &after).await;
         acked.push(after);
         acked.extend(send_ok(&p, "pc", &format!("later-{round}"), 5).await);
-        p.close();
+        p.close().await.unwrap();
         wait_caught_up(&master.addr, &slave.addr, Duration::from_secs(20)).await;
         let s = common::replication(&slave.addr).await;
         assert_eq!(s.error, None, "the slave did not diverge");
@@ -1425,7 +1425,7 @@ async fn a_power_cut_on_a_slave_keeps_what_it_acknowledged() {
     // And it acknowledges new writes again.
     let p = producer(&ns).await;
     send_until_ok(&p, "pc", "after-the-cut").await;
-    p.close();
+    p.close().await.unwrap();
     drop(slave);
     drop(master);
     drop(fs);

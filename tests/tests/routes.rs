@@ -105,7 +105,7 @@ async fn listed(ns: &str) -> Vec<(String, String)> {
         .await
         .expect("admin connects");
     let brokers = admin.cluster().await.expect("cluster listing");
-    admin.close();
+    admin.close().await.unwrap();
     brokers
         .into_iter()
         .map(|b| (b.broker_name, b.addr))
@@ -118,7 +118,7 @@ async fn route_addrs(ns: &str, topic: &str) -> Vec<String> {
         .await
         .expect("admin connects");
     let route = admin.route(topic).await;
-    admin.close();
+    admin.close().await.unwrap();
     route
         .map(|r| r.brokers.into_iter().map(|b| b.addr).collect())
         .unwrap_or_default()
@@ -167,7 +167,7 @@ async fn create_topic(ns: &str, topic: &str) {
         .create_topic(topic, 2, txmq::PERM_READ_WRITE, None)
         .await
         .expect("topic created");
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,7 +232,7 @@ impl Site {
             assert!(Instant::now() < deadline, "{topic} never routed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        admin.close();
+        admin.close().await.unwrap();
     }
 
     async fn wait_registered(&self) {
@@ -240,7 +240,7 @@ impl Site {
         loop {
             if let Ok(admin) = Admin::with_config(self.anonymous()).await {
                 let known = admin.cluster().await.unwrap_or_default();
-                admin.close();
+                admin.close().await.unwrap();
                 if known.iter().any(|b| b.broker_name == BROKER) {
                     return;
                 }
@@ -940,7 +940,7 @@ async fn check_backs_go_only_to_producers_still_allowed_tx() {
         after_removal,
         "alice kept getting check-backs after she was removed"
     );
-    alice.close();
+    alice.close().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -972,7 +972,7 @@ async fn the_transaction_flow_works_with_tls_and_an_acl_file() {
         .await
         .expect("alice commits");
     assert_eq!(done.state, TransactionState::Commit);
-    producer.close();
+    producer.close().await.unwrap();
 
     let checked = Listener::new(TransactionState::Unknown, TransactionState::Commit);
     let producer = tx_producer(&site, "alice", &checked)

@@ -131,7 +131,7 @@ async fn soak(duration: Duration, warm_up: Duration) {
                     Err(e) => errors.lock().unwrap().push(e.to_string()),
                 }
             }
-            producer.close();
+            producer.close().await.unwrap();
         });
     }
 

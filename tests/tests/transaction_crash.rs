@@ -221,7 +221,7 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
                 );
             }
         }
-        producer.close();
+        producer.close().await.unwrap();
         eprintln!(
             "round {round}: killed after {delay:?}; {round_committed} committed, {round_other} not"
         );
@@ -244,14 +244,14 @@ async fn kill_9_during_commits_never_shows_a_message_twice_or_a_commit_without_i
             |l| l.is_empty(),
         )
         .await;
-        admin.close();
+        admin.close().await.unwrap();
         let checks = checker.listener().checks();
         eprintln!(
             "round {round}: {} check-backs after the restart",
             checks.len()
         );
         checked_after_restart.extend(checks);
-        checker.close();
+        checker.close().await.unwrap();
     }
 
     // A transaction the broker acknowledged as committed (fsynced) is
@@ -393,8 +393,8 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
         },
     )
     .await;
-    preparer.close();
-    admin.close();
+    preparer.close().await.unwrap();
+    admin.close().await.unwrap();
 
     crash_and_restart(&mut broker, &ns, TOPIC).await;
     let admin = Admin::connect([ns.as_str()]).await.unwrap();
@@ -471,8 +471,8 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
         "the parked transaction was checked after the restart"
     );
 
-    checker.close();
-    admin.close();
+    checker.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -528,8 +528,8 @@ async fn checks_are_counted_durably_across_restarts() {
     })
     .await;
     tokio::task::block_in_place(|| broker.kill9());
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     let before: Vec<u32> = producer.listener().checks().iter().map(|c| c.1).collect();
     assert_eq!(before, [0, 1], "two checks answered before the crash");
 
@@ -591,8 +591,8 @@ async fn checks_are_counted_durably_across_restarts() {
         "one copy of the 10 KiB body in {after_park} bytes"
     );
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -618,7 +618,7 @@ async fn a_committed_transaction_is_answered_ok_again_after_a_restart() {
         .unwrap();
     let ended = o.ended().cloned().expect("the producer committed");
     assert_eq!((ended.state, ended.already), (TxState::Committed, false));
-    producer.close();
+    producer.close().await.unwrap();
 
     crash_and_restart(&mut broker, &ns, TOPIC).await;
     let admin = Admin::connect([ns.as_str()]).await.unwrap();
@@ -639,7 +639,7 @@ async fn a_committed_transaction_is_answered_ok_again_after_a_restart() {
     let bodies: Vec<String> = got.iter().map(body_text).collect();
     assert_eq!(bodies, ["paid"], "the message is consumed exactly once");
 
-    admin.close();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -715,8 +715,8 @@ async fn a_prepare_retried_after_a_lost_reply_is_consumed_once() {
         "consumed exactly once; check-backs answered: {:?}",
         producer.listener().checks()
     );
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -832,8 +832,8 @@ async fn a_prepare_that_timed_out_is_never_retried_on_another_broker() {
         on_b > 0 && failed > 0,
         "{on_b} committed on broker-b, {failed} failed on broker-a"
     );
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -983,8 +983,8 @@ async fn an_end_lost_with_its_broker_is_an_outcome_and_the_check_back_commits_it
     assert_eq!(listener.executed.load(Ordering::SeqCst), 1);
     assert!(listener.checks.load(Ordering::SeqCst) >= 1);
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }
@@ -1030,8 +1030,8 @@ async fn an_end_refused_after_a_check_back_rolled_back_is_an_outcome() {
     let got = consume_all(&ns, "cg-refused", TOPIC, 1, Duration::from_secs(1)).await;
     assert!(got.is_empty(), "rolled back: nothing visible");
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     cluster.shutdown().await;
 }

@@ -270,7 +270,7 @@ async fn a_transaction_id_is_never_handed_out_twice_after_a_lost_tail() {
         "only the committed transaction is visible, once"
     );
     conn.close();
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,8 +364,8 @@ async fn a_message_reused_by_a_second_transaction_is_refused_never_merged() {
     let got = consume_all(&ns, "reader", "reuse", 3, Duration::from_secs(2)).await;
     assert_eq!(bodies(&got), vec!["same"], "one transaction, visible once");
     conn.close();
-    admin.close();
-    p.close();
+    admin.close().await.unwrap();
+    p.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -401,7 +401,7 @@ async fn a_prepare_not_stored_send_ok_is_rolled_back_without_the_local_transacti
     );
     let got = consume_all(&ns, "reader", "flushy", 10, Duration::from_secs(2)).await;
     assert_eq!(got.len(), 10 - timed_out, "only those are visible");
-    p.close();
+    p.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -423,8 +423,8 @@ async fn a_delayed_transactional_message_is_refused() {
     assert_eq!(listener.executed.load(Ordering::SeqCst), 0);
     let admin = c.admin().await;
     assert!(pending(&admin).await.is_empty());
-    admin.close();
-    p.close();
+    admin.close().await.unwrap();
+    p.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -471,8 +471,8 @@ async fn a_check_answered_after_the_brokers_timeout_still_ends_the_transaction()
     let list = admin.list_transactions(None).await.unwrap();
     assert_eq!(list[0].counters.parked, 0, "never parked");
     assert_eq!(list[0].counters.committed, 1);
-    admin.close();
-    p.close();
+    admin.close().await.unwrap();
+    p.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -524,7 +524,7 @@ async fn a_check_whose_connection_closes_after_it_was_sent_counts() {
             .await
             .ok();
     }
-    admin.close();
+    admin.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -555,7 +555,7 @@ async fn a_stuck_transaction_does_not_pin_retention_and_is_not_forgotten() {
             .await
             .unwrap();
     }
-    producer.close();
+    producer.close().await.unwrap();
     let first_segment = data.join("commitlog").join(format!("{:020}", 0));
     let deadline = Instant::now() + Duration::from_secs(20);
     while first_segment.exists() {
@@ -590,5 +590,5 @@ async fn a_stuck_transaction_does_not_pin_retention_and_is_not_forgotten() {
     let got = consume_all(&ns, "reader", "stuck", 2, Duration::from_secs(2)).await;
     assert_eq!(bodies(&got), vec!["stuck"]);
     assert!(broker.log_text().contains("carried forward past retention"));
-    admin.close();
+    admin.close().await.unwrap();
 }

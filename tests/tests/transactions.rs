@@ -77,7 +77,7 @@ async fn create_topic(c: &Cluster, topic: &str, queues: u32) {
         .create_topic(topic, queues, PERM_READ_WRITE, None)
         .await
         .unwrap_or_else(|e| panic!("create {topic}: {e}"));
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 /// What a [`Scripted`] listener answers: at once, or once the test releases
@@ -276,7 +276,7 @@ async fn visible(c: &Cluster, topic: &str) -> Vec<ReceivedMessage> {
     let n = READERS.fetch_add(1, Ordering::Relaxed);
     let admin = c.admin().await;
     let route = admin.route(topic).await.expect("topic has a route");
-    admin.close();
+    admin.close().await.unwrap();
     let producer = c.producer().await;
     let mut seals = HashSet::new();
     for b in &route.brokers {
@@ -289,7 +289,7 @@ async fn visible(c: &Cluster, topic: &str) -> Vec<ReceivedMessage> {
             seals.insert(seal);
         }
     }
-    producer.close();
+    producer.close().await.unwrap();
     let mut consumer = PullConsumer::builder()
         .nameserver(&c.nameserver)
         .group(format!("reader-{n}"))
@@ -510,8 +510,8 @@ async fn a_prepared_message_is_invisible_until_committed_and_a_rolled_back_one_n
     assert_eq!(list.counters.checks_sent, 0);
 
     live.shutdown().await.unwrap();
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -614,8 +614,8 @@ async fn a_commit_publishes_the_message_once_in_its_topic_and_queue_with_id_key_
     }
     assert_eq!(queues_used.len(), 3);
 
-    plain.close();
-    producer.close();
+    plain.close().await.unwrap();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -802,8 +802,8 @@ async fn ending_is_idempotent_and_a_contradicting_end_is_refused_with_its_own_co
         (2, 1, 1)
     );
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -828,7 +828,7 @@ async fn an_unknown_transaction_is_checked_back_on_another_producer_of_the_group
     let sent_at = Instant::now();
     let outcome = gone.send_in_transaction(m).await.unwrap();
     assert_eq!((outcome.state, outcome.ended().is_some()), (Unknown, false));
-    gone.close();
+    gone.close().await.unwrap();
     let info = tx_info(&admin, outcome.tx_id).await.expect("pending");
     assert_eq!((info.state, info.checks), (TxState::Prepared, 0));
 
@@ -861,8 +861,8 @@ async fn an_unknown_transaction_is_checked_back_on_another_producer_of_the_group
     let c = tx_list(&admin).await.counters;
     assert_eq!((c.committed, c.checks_sent, c.pending), (1, 1, 0));
 
-    other.close();
-    admin.close();
+    other.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -905,9 +905,9 @@ async fn check_backs_go_round_robin_over_the_live_producers_of_a_group() {
     assert_eq!(counts.keys().copied().collect::<HashSet<_>>(), ids);
     assert!(counts.values().all(|&n| n == 1));
 
-    p1.close();
-    p2.close();
-    admin.close();
+    p1.close().await.unwrap();
+    p2.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -961,8 +961,8 @@ async fn a_check_answered_unknown_leaves_the_transaction_pending_for_the_next_ch
     let c = tx_list(&admin).await.counters;
     assert_eq!((c.checks_sent, c.committed, c.parked), (3, 1, 0));
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1058,8 +1058,8 @@ async fn after_the_maximum_checks_a_transaction_is_parked_and_an_operator_commit
         (Some(1), Some(1), Some(0))
     );
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1080,7 +1080,7 @@ async fn with_no_producer_online_a_transaction_waits_and_is_checked_as_soon_as_o
         .send_in_transaction(Message::new(topic, "orphan"))
         .await
         .unwrap();
-    producer.close();
+    producer.close().await.unwrap();
     let tx = outcome.tx_id;
 
     let info = eventually(
@@ -1125,8 +1125,8 @@ async fn with_no_producer_online_a_transaction_waits_and_is_checked_as_soon_as_o
     let seen = visible(&cluster, topic).await;
     assert_eq!(bodies(&seen), ["orphan"]);
 
-    back.close();
-    admin.close();
+    back.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1219,8 +1219,8 @@ async fn messages_of_one_transaction_across_two_topics_commit_or_roll_back_toget
         (3, 2, 1, 0)
     );
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1344,9 +1344,9 @@ async fn a_thousand_pending_transactions_are_checked_back_at_the_configured_rate
     let plain_seen = visible(&cluster, plain_topic).await;
     assert_eq!(plain_seen.len(), sent, "every plain message arrived");
 
-    plain.close();
-    producer.close();
-    admin.close();
+    plain.close().await.unwrap();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1455,8 +1455,8 @@ async fn rocketmq_transactional_msg_it_five_fates_of_120_sends() {
         "decided transactions are never checked"
     );
 
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1519,7 +1519,7 @@ async fn cli_tx_send_with_a_local_commit_prints_the_transaction_and_the_message_
     assert_eq!(bodies(&seen), ["hello tx"], "once");
     let admin = cluster.admin().await;
     assert!(tx_list(&admin).await.transactions.is_empty());
-    admin.close();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1680,7 +1680,7 @@ async fn cli_tx_listen_rolls_back_a_transaction_another_process_left_unknown() {
     );
     assert!(visible(&cluster, topic).await.is_empty(), "never visible");
 
-    admin.close();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 
@@ -1739,7 +1739,7 @@ async fn a_boxed_listener_commits_and_answers_check_backs() {
     assert_eq!(counts.get(&now.msg_id), Some(&1));
     assert_eq!(counts.get(&later.msg_id), Some(&1));
     assert_eq!(counts.len(), 2);
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }

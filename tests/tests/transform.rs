@@ -79,7 +79,7 @@ async fn read_uncommitted(ns: &str, group: &str, topic: &str, n: usize) -> Vec<R
 async fn committed(ns: &str, group: &str, topic: &str, queue: u32) -> Option<u64> {
     let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
     let states = admin.group_state(group, None).await.expect("group state");
-    admin.close();
+    admin.close().await.unwrap();
     states
         .iter()
         .flat_map(|s| &s.queues)
@@ -190,8 +190,8 @@ async fn offsets_commit_with_the_transaction_or_not_at_all() {
         vec!["out-0", "unknown"],
         "only the committed outputs are visible"
     );
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -268,8 +268,8 @@ async fn offsets_of_another_brokers_queue_are_refused() {
         .map(|l| l.transactions.len())
         .sum();
     assert_eq!(pending, 0, "nothing stored");
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     c.shutdown().await;
 }
 
@@ -492,8 +492,8 @@ async fn a_pipeline_killed_at_random_makes_exactly_one_output_per_input() {
     assert_eq!(missing, 0, "inputs without an output");
     assert_eq!(out.len(), inputs.len());
     pipeline.kill9();
-    producer.close();
-    admin.close();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     drop(broker);
     c.shutdown().await;
 }

@@ -164,7 +164,7 @@ pub async fn run(global: &GlobalArgs, mut args: E2eArgs) -> Result<()> {
         acked.insert(id, bits);
     }
     for p in &producers {
-        p.close();
+        p.close().await.ok();
     }
 
     // Wait for the stragglers.

@@ -321,7 +321,7 @@ pub async fn ensure_topic(global: &GlobalArgs, topic: &str, queues: Option<u32>)
         Ok(())
     }
     .await;
-    admin.close();
+    admin.close().await.ok();
     result
 }
 
@@ -332,7 +332,7 @@ pub async fn store_counters(global: &GlobalArgs) -> Option<(u64, u64, u64)> {
         .await
         .ok()?;
     let stats = admin.store_stats(None).await.ok();
-    admin.close();
+    admin.close().await.ok();
     stats.map(|all| {
         all.iter().fold((0, 0, 0), |(r, w, f), s| {
             (r + s.records, w + s.writes, f + s.fdatasyncs)

@@ -229,7 +229,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     let run_secs = started.elapsed().as_secs_f64();
     let store_after = super::store_counters(global).await;
     for p in &producers {
-        p.close();
+        p.close().await.ok();
     }
 
     let mut report = super::new_report(global, "produce");

@@ -615,7 +615,7 @@ pub async fn run(global: &GlobalArgs, args: TxArgs) -> Result<()> {
     let _ = consumer_stop_tx.send(true);
     let visibility = consumer_task.await.context("the consumer task failed")?;
     for p in &producers {
-        p.close();
+        p.close().await.ok();
     }
     progress.finish();
 

@@ -115,7 +115,7 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> Result<()> {
         .await;
     sampling.abort();
     if let Some(a) = global_admin {
-        a.close();
+        a.close().await.ok();
     }
     app.sessions.close_all();
     served.context("the dashboard's server failed")

@@ -56,7 +56,9 @@ impl Session {
 
     fn close(&self) {
         if let Some((_, admin)) = lock(&self.user).take() {
-            admin.close();
+            // Called from sync code (sign-out, expiry): the admin drains
+            // its requests in flight on its own.
+            tokio::spawn(async move { admin.close().await.ok() });
         }
     }
 }
@@ -279,7 +281,7 @@ pub async fn login(
         Ok(admin) => match admin.cluster().await {
             Ok(_) => Ok(admin),
             Err(e) => {
-                admin.close();
+                admin.close().await.ok();
                 Err(e)
             }
         },

@@ -1,7 +1,8 @@
 //! [`Producer`]: sends messages to a topic's queues, choosing the queue,
 //! retrying on another broker, and pipelining many sends over one
-//! connection per broker. Idempotent by default: see [`idempotence`] for
-//! the bookkeeping and [`Producer`] for what it guarantees.
+//! connection per broker. Idempotent by default: see [`Producer`] for
+//! what it guarantees (the bookkeeping is in the private `idempotence`
+//! module).
 
 pub(crate) mod idempotence;
 mod queue_select;
@@ -15,6 +16,7 @@ use txmq_protocol::{
 };
 
 use crate::config::client_setters;
+use crate::drain::Drain;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::{MessageQueue, RouteCache, RouteInfo};
@@ -36,6 +38,9 @@ const REORDER_PAUSE: Duration = Duration::from_millis(10);
 /// How many times one send takes a new producer id (after its sequence or
 /// id was refused) before it fails.
 const MAX_RENEWALS: u32 = 3;
+
+/// What a closed producer's errors call it.
+const PRODUCER: &str = "the producer";
 
 /// Where one sent message was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +116,8 @@ impl ProducerBuilder {
         retries(retries: u32) => send_retries;
         /// How long a topic's route is cached (default 30 s).
         route_refresh_interval(interval: Duration) => route_refresh_interval;
+        /// How long [`Producer::close`] waits for sends in flight (default 10 s).
+        close_timeout(timeout: Duration) => close_timeout;
     }
 
     /// Idempotent sends (default: on): every send carries the producer's
@@ -146,6 +153,7 @@ impl ProducerBuilder {
                 routes,
                 turn: AtomicU64::new(random_start()),
                 idempotence: self.idempotence.then(Idempotence::default),
+                drain: Drain::default(),
             }),
         })
     }
@@ -210,6 +218,8 @@ struct Inner {
     turn: AtomicU64,
     /// `None`: idempotence off.
     idempotence: Option<Idempotence>,
+    /// Sends in flight, for [`Producer::close`].
+    drain: Drain,
 }
 
 impl Producer {
@@ -304,10 +314,30 @@ impl Producer {
         Ok(self.inner.routes.get(topic).await?.writable.clone())
     }
 
-    /// Closes the producer's connections. Sends in flight fail; later sends
-    /// connect again.
-    pub fn close(&self) {
+    /// Closes the producer, and every clone of it: later sends fail with
+    /// [`Error::Closed`]; sends in flight finish (each with its own
+    /// receipt or error to its caller) for up to
+    /// [`ClientConfig::close_timeout`]; then the connections close.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> txmq::Result<()> {
+    /// let producer = txmq::Producer::builder().nameserver("127.0.0.1:9876").build().await?;
+    /// producer.send(txmq::Message::new("orders", "order 42")).await?;
+    /// producer.close().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unfinished`] when sends were still in flight at the
+    /// timeout (they fail); the producer is closed all the same.
+    pub async fn close(&self) -> Result<()> {
+        let drained = self
+            .inner
+            .drain
+            .close(PRODUCER, self.inner.config.close_timeout)
+            .await;
         self.inner.pool.close();
+        drained
     }
 
     async fn send_to(
@@ -315,6 +345,7 @@ impl Producer {
         messages: Vec<Message>,
         target: Target<'_>,
     ) -> Result<Vec<SendReceipt>> {
+        let _in_flight = self.inner.drain.enter(PRODUCER)?;
         let (topic, messages) = prepare(messages)?;
         // A delayed message waits in the broker's delay index, outside any
         // queue's sequence: it is sent plain (at least once).

@@ -25,6 +25,7 @@ use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
 
 use super::listener::{CheckRequest, TransactionListener, TransactionState};
+use crate::drain::Drain;
 
 /// Answers `CheckTransaction` requests with a listener.
 pub(crate) struct CheckService<L> {
@@ -34,6 +35,9 @@ pub(crate) struct CheckService<L> {
     pub(crate) timeout: Option<Duration>,
     /// Cancelled when the producer closes: checks still running answer `Unknown`.
     pub(crate) closed: CancellationToken,
+    /// The producer's work in flight: a check counts until answered, and
+    /// once the producer is closing, new checks are answered `Unknown`.
+    pub(crate) drain: Arc<Drain>,
 }
 
 impl<L: TransactionListener> Service for CheckService<L> {
@@ -51,6 +55,16 @@ impl<L: TransactionListener> Service for CheckService<L> {
                 return Box::pin(std::future::ready(Err(e)));
             }
         };
+        let Ok(in_flight) = self.drain.enter(super::producer::TX_PRODUCER) else {
+            tracing::debug!(
+                tx_id = check.tx_id,
+                "check-back while closing; answering unknown"
+            );
+            let resolution = TransactionState::Unknown;
+            return Box::pin(std::future::ready(Ok(Response::CheckTransaction(
+                CheckAnswer { resolution },
+            ))));
+        };
         let listener = self.listener.clone();
         let group = self.group.clone();
         let timeout = self.timeout;
@@ -60,6 +74,7 @@ impl<L: TransactionListener> Service for CheckService<L> {
         Box::pin(async move {
             let resolution =
                 answer(listener, &group, check, timeout, closed, &peer, Some(late)).await?;
+            drop(in_flight);
             Ok(Response::CheckTransaction(CheckAnswer { resolution }))
         })
     }

@@ -17,12 +17,16 @@ use super::listener::{state_of, TransactionListener, TransactionState, TxContext
 use super::offsets::ConsumedOffset;
 use super::placement::{distinct, place, Placement};
 use crate::config::{client_setters, required_group};
+use crate::drain::Drain;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::producer::idempotence::{id_refused, Ending, Grant, Idempotence, Ids, Place, PREPARES};
 use crate::producer::{random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Message, Result};
+
+/// What a closed transaction producer's errors call it.
+pub(super) const TX_PRODUCER: &str = "the transaction producer";
 
 /// Default interval at which the producer looks for new brokers and
 /// reconnects to brokers it lost (1 s).
@@ -250,6 +254,9 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
         retries(retries: u32) => send_retries;
         /// How long a topic's route is cached (default 30 s).
         route_refresh_interval(interval: Duration) => route_refresh_interval;
+        /// How long [`TransactionProducer::close`] waits for transactions
+        /// and check-backs in flight (default 10 s).
+        close_timeout(timeout: Duration) => close_timeout;
     }
 
     /// The listener that runs local transactions and answers check-backs (required).
@@ -313,11 +320,13 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
 
         let stop = CancellationToken::new();
+        let drain = Arc::new(Drain::default());
         let service = Arc::new(CheckService {
             listener: listener.clone(),
             group: group.clone(),
             timeout: self.check_timeout,
             closed: stop.clone(),
+            drain: drain.clone(),
         });
         let pool = ConnectionPool::new(
             &self.config,
@@ -356,6 +365,7 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
                 turn: AtomicU64::new(random_start()),
                 idempotence: Idempotence::default(),
                 stop,
+                drain,
             }),
         })
     }
@@ -394,7 +404,7 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
 ///     .send_in_transaction(Message::new("orders", "order 42").with_key("42"))
 ///     .await?;
 /// println!("transaction {} on {}: {}", outcome.tx_id, outcome.broker_name, outcome.state.name());
-/// producer.close();
+/// producer.close().await?;
 /// # Ok(())
 /// # }
 /// ```
@@ -434,6 +444,8 @@ struct Inner<L> {
     /// Producer ids and prepare sequences per broker group.
     idempotence: Idempotence,
     stop: CancellationToken,
+    /// Transactions and check-backs in flight, for [`TransactionProducer::close`].
+    drain: Arc<Drain>,
 }
 
 impl<L> Inner<L> {
@@ -486,7 +498,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// [`Error::Remoting`] when no nameserver answers; [`Error::Closed`]
     /// after [`TransactionProducer::close`].
     pub async fn refresh_brokers(&self) -> Result<Vec<String>> {
-        self.check_open()?;
+        let _in_flight = self.enter()?;
         for (broker, e) in self.inner.links.refresh().await? {
             tracing::debug!(%broker, error = %crate::error::chain(&e), "cannot connect for check-backs");
         }
@@ -594,8 +606,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
     /// topic with no writable queue on theirs. A commit whose offset moved
     /// meanwhile is rolled back by the broker: not an error but
     /// [`TxEnd::Refused`] with
-    /// [`ErrorCode::OffsetConflict`](crate::ErrorCode::OffsetConflict)
-    /// (see [`Error::code`]), naming the group, queue, expected and actual
+    /// [`ErrorCode::OffsetConflict`] (see [`Error::code`]), naming the group, queue, expected and actual
     /// offsets; read the input again from the group's committed offset.
     pub async fn send_in_transaction_with_offsets(
         &self,
@@ -606,18 +617,44 @@ impl<L: TransactionListener> TransactionProducer<L> {
             .await
     }
 
-    /// Stops answering check-backs and closes the connections. Check-backs
-    /// being answered get [`TransactionState::Unknown`]; later sends fail
-    /// with [`Error::Closed`].
-    pub fn close(&self) {
+    /// Closes the producer, and every clone of it. Later transactions fail
+    /// with [`Error::Closed`] before anything is sent, and later check-backs
+    /// are answered [`TransactionState::Unknown`] (the broker asks another
+    /// member of the group, or this one again once it is back). What is in
+    /// flight finishes, for up to [`ClientConfig::close_timeout`]: each
+    /// transaction runs its local transaction and ends at the broker, each
+    /// check-back is answered by the listener. Then the check-backs still
+    /// running are answered `Unknown` and the connections close.
+    ///
+    /// ```no_run
+    /// # use txmq::{TransactionProducer, TransactionListener};
+    /// # async fn demo<L: TransactionListener>(producer: TransactionProducer<L>) {
+    /// if let Err(e) = producer.close().await {
+    ///     // Some transactions were cut off: the broker checks them back.
+    ///     eprintln!("{e}");
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unfinished`] when transactions or check-backs were still
+    /// running at the timeout; the producer is closed all the same.
+    pub async fn close(&self) -> Result<()> {
+        let drained = self
+            .inner
+            .drain
+            .close(TX_PRODUCER, self.inner.config.close_timeout)
+            .await;
         self.inner.shut();
+        drained
     }
 
-    fn check_open(&self) -> Result<()> {
+    /// Counts a call as in flight until the token drops.
+    fn enter(&self) -> Result<tokio_util::task::task_tracker::TaskTrackerToken> {
         if self.inner.stop.is_cancelled() {
-            return Err(Error::Closed("the transaction producer"));
+            return Err(Error::Closed(TX_PRODUCER));
         }
-        Ok(())
+        self.inner.drain.enter(TX_PRODUCER)
     }
 
     async fn transact(
@@ -626,7 +663,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         placement: Placement,
         offsets: &[ConsumedOffset],
     ) -> Result<TxOutcome> {
-        self.check_open()?;
+        let _in_flight = self.enter()?;
         let messages = complete(messages)?;
         let only_broker = offsets_broker(offsets)?;
         let (broker, addr, prepared, stamp) = self

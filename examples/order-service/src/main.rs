@@ -253,7 +253,7 @@ async fn place(nameserver: &str, args: PlaceArgs) -> Result<std::process::ExitCo
             ended
         );
     }
-    producer.close();
+    producer.close().await.ok();
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -285,7 +285,7 @@ async fn serve_checks(nameserver: &str, args: ServeChecksArgs) -> Result<std::pr
         }
         None => interrupted().await,
     }
-    producer.close();
+    producer.close().await.ok();
     let n = answered.load(std::sync::atomic::Ordering::Relaxed);
     println!("answered {n} check-back{}", if n == 1 { "" } else { "s" });
     Ok(std::process::ExitCode::SUCCESS)

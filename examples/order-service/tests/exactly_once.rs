@@ -74,7 +74,7 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         admin.create_topic(TOPIC, 4, PERM_READ_WRITE, None).await?;
-        admin.close();
+        admin.close().await.unwrap();
 
         Ok(Env {
             nameserver,
@@ -129,7 +129,7 @@ impl Env {
     async fn pending(&self) -> Result<Vec<(u64, TxState)>, txmq::Error> {
         let admin = Admin::connect([self.nameserver.clone()]).await?;
         let lists = admin.list_transactions(None).await?;
-        admin.close();
+        admin.close().await.unwrap();
         Ok(lists
             .iter()
             .flat_map(|l| l.transactions.iter().map(|t| (t.tx_id, t.state)))
@@ -197,7 +197,7 @@ async fn placed_orders_are_applied_exactly_once() -> TestResult {
     let env = Env::start().await?;
     let producer = env.producer(OrderListener::new(env.orders.clone())).await?;
     let orders = place(&env, &producer, 6).await?;
-    producer.close();
+    producer.close().await.unwrap();
 
     let stats = env.consume(CONSUMERS).await?;
     assert_eq!((stats.applied, stats.skipped, stats.invalid), (6, 0, 0));
@@ -220,7 +220,7 @@ async fn a_message_delivered_twice_is_skipped_the_second_time() -> TestResult {
     let env = Env::start().await?;
     let producer = env.producer(OrderListener::new(env.orders.clone())).await?;
     place(&env, &producer, 4).await?;
-    producer.close();
+    producer.close().await.unwrap();
 
     // A consumer applies all four, then dies before committing its offsets.
     let mut first = env.consumer(CONSUMERS).await?;
@@ -259,7 +259,7 @@ async fn a_crash_between_prepare_and_commit_is_finished_by_check_back() -> TestR
     let outcome = place_order(&producer, TOPIC, &third).await?;
     assert_eq!(outcome.state, TransactionState::Unknown);
     assert!(matches!(outcome.end, TxEnd::NotSent), "{:?}", outcome.end);
-    producer.close();
+    producer.close().await.unwrap();
     drop(producer);
 
     // With no member of the group alive, the message stays prepared and
@@ -288,7 +288,7 @@ async fn a_crash_between_prepare_and_commit_is_finished_by_check_back() -> TestR
     let mut stats = ConsumeStats::default();
     apply_messages(&env.applied, &late, &mut stats, |_, _| {}).await?;
     consumer.shutdown().await?;
-    checker.close();
+    checker.close().await.unwrap();
 
     let answered = answers(&seen);
     assert!(
@@ -331,7 +331,7 @@ async fn a_crash_before_the_local_commit_is_rolled_back_by_check_back() -> TestR
         .send_in_transaction(order.to_message(TOPIC))
         .await?;
     assert_eq!(outcome.state, TransactionState::Unknown);
-    producer.close();
+    producer.close().await.unwrap();
     drop(producer);
 
     // No tx_log row: Unknown while young, then a fence and Rollback.
@@ -355,7 +355,7 @@ async fn a_crash_before_the_local_commit_is_rolled_back_by_check_back() -> TestR
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    checker.close();
+    checker.close().await.unwrap();
     let answered = answers(&seen);
     assert!(matches!(
         answered.last().map(|a| &a.reason),

@@ -196,7 +196,7 @@ async fn run_producer(
         });
     }
     while tasks.join_next().await.is_some() {}
-    producer.close();
+    producer.close().await.ok();
     Ok(())
 }
 
@@ -374,7 +374,7 @@ async fn run_tx_producer(
     // With no senders (--concurrency 0) this member only answers
     // check-backs, until it is told to stop.
     stop.cancelled().await;
-    producer.close();
+    producer.close().await.ok();
     Ok(())
 }
 

@@ -634,7 +634,7 @@ impl World {
                 .unwrap_or_else(|e| panic!("create {topic}: {e}"));
         }
         wait_for_routes(&admin).await;
-        admin.close();
+        admin.close().await.ok();
 
         let mut world = World {
             ns,
@@ -1183,7 +1183,7 @@ impl World {
             self.record_group(&admin, group).await;
         }
         self.record_stored(&admin).await;
-        admin.close();
+        admin.close().await.ok();
         if self.config.dedup {
             self.record_effects();
         }
@@ -1348,7 +1348,7 @@ async fn wait_for_master(ns: &str, name: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    admin.close();
+    admin.close().await.ok();
 }
 
 async fn wait_for_routes(admin: &Admin) {

@@ -28,7 +28,7 @@ pub async fn create_topic(ns: &str, topic: &str, queues: u32) {
         .create_topic(topic, queues, txmq::PERM_READ_WRITE, None)
         .await
         .unwrap_or_else(|e| panic!("create {topic}: {e}"));
-    admin.close();
+    admin.close().await.unwrap();
     wait_for_route(ns, topic, &["broker-a"]).await;
 }
 
@@ -57,7 +57,7 @@ pub async fn wait_for_route(ns: &str, topic: &str, brokers: &[&str]) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    admin.close();
+    admin.close().await.unwrap();
 }
 
 /// Runs `txmq --nameserver NS ARGS` off the runtime's worker threads (the
