@@ -32,9 +32,28 @@
 //!     println!("{}: {:?}", m.msg_id(), m.body());
 //! }
 //! consumer.shutdown().await?; // commits what poll handed out
+//! producer.close().await?; // waits for sends in flight
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # One shape
+//!
+//! - **Starting.** A builder ends with `build().await` when the handle only
+//!   does what it is asked ([`Producer`], [`PullConsumer`]), and with
+//!   `start(..).await` when it also runs the application's code in the
+//!   background from then on ([`PushConsumer`] calls its handler,
+//!   [`TransactionProducer`] answers check-backs with its listener).
+//!   [`Admin::connect`] takes only the nameservers.
+//! - **Settings.** Durations are [`std::time::Duration`]; an optional
+//!   setting is a builder method that is simply not called.
+//! - **Ending.** Every handle ends with an async call that lets the work in
+//!   flight finish and reports what did not: `close().await` on the
+//!   cheaply cloned handles ([`Producer`], [`TransactionProducer`],
+//!   [`Admin`]; it closes every clone), `shutdown().await` on the consumers,
+//!   which own their background tasks and are consumed by it. After it,
+//!   calls fail with [`Error::Closed`]; a close that timed out with work
+//!   still running says so with [`Error::Unfinished`].
 //!
 //! Inside (private modules), `route` caches topic routes from the
 //! nameservers (`nameserver` tries them in turn), `pool` keeps one shared
@@ -44,10 +63,17 @@
 
 #![warn(missing_docs)]
 
+// The README's Rust blocks compile (and run, unless marked `no_run`) as
+// doctests of this crate, so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 pub mod admin;
 pub mod config;
 pub mod consumer;
 pub mod dedup;
+mod drain;
 pub mod error;
 mod message;
 mod nameserver;

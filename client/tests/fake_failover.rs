@@ -327,7 +327,7 @@ async fn a_send_refused_by_the_old_master_goes_to_the_new_one_after_a_route_refr
         assert_eq!(old.state.refused.load(Ordering::SeqCst), 1, "{code:?}");
         assert_eq!(old.state.sends.load(Ordering::SeqCst), 1, "{code:?}");
         assert_eq!(new.state.sends.load(Ordering::SeqCst), 1, "{code:?}");
-        producer.close();
+        producer.close().await.unwrap();
     }
     Ok(())
 }
@@ -361,7 +361,7 @@ async fn a_nameserver_that_missed_the_election_cannot_send_writes_back_to_the_ol
     );
     assert_eq!(old.state.sends.load(Ordering::SeqCst), 0);
     assert_eq!(new.state.sends.load(Ordering::SeqCst), 6);
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -414,7 +414,7 @@ async fn a_transaction_prepared_on_the_old_master_is_committed_on_the_new_one() 
     assert!(lock(&old.state.ended).is_empty());
     assert_eq!(*lock(&new.state.ended), vec![outcome.tx_id]);
     assert_eq!(outcome.tx_id, 1);
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -461,7 +461,7 @@ async fn admin_finds_the_controller_behind_the_nameservers() -> TestResult {
     let e = admin.elect_master(GROUP, Some("c:1")).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotInSync));
     assert!(admin.elect_master(" ", None).await.is_err());
-    admin.close();
+    admin.close().await.unwrap();
 
     // No nameserver runs a controller.
     *lock(&with.state.controller) = None;
@@ -472,6 +472,6 @@ async fn admin_finds_the_controller_behind_the_nameservers() -> TestResult {
     assert!(e.to_string().contains("--controller-id"), "{e}");
     let e = admin.controller_info().await.unwrap_err();
     assert!(matches!(e, txmq::Error::NoController { .. }), "{e:?}");
-    admin.close();
+    admin.close().await.unwrap();
     Ok(())
 }

@@ -337,7 +337,7 @@ async fn a_send_whose_answer_was_lost_is_retried_with_its_stamp_on_its_queue_and
     assert_eq!(receipt.queue, sent[0].0);
     assert_eq!(batch[0].queue, sent[2].0);
     assert_eq!(group.inits.load(Ordering::SeqCst), 1);
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -371,7 +371,7 @@ async fn a_message_resent_by_the_caller_after_an_unknown_outcome_keeps_its_stamp
         sent[1].1.map(|s| s.producer_id),
         "a new producer id after the unknown outcome"
     );
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -396,7 +396,7 @@ async fn a_send_overtaken_by_a_later_one_of_its_queue_is_not_a_gap() -> TestResu
     assert_eq!(offsets, [0, 1]);
     assert_eq!(group.bodies().len(), 2);
     assert_eq!(group.inits.load(Ordering::SeqCst), 1, "no new id needed");
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -425,7 +425,7 @@ async fn an_id_the_broker_forgot_is_replaced_and_the_send_stamped_again() -> Tes
     assert_eq!(stamps[1].sequence, 1);
     assert_eq!(stamps[2].sequence, 0, "numbered from 0 under the new id");
     assert_ne!(stamps[2].producer_id, stamps[1].producer_id);
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -448,7 +448,7 @@ async fn without_idempotence_sends_carry_no_stamp() -> TestResult {
         0,
         "no producer id asked for"
     );
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 
@@ -474,6 +474,6 @@ async fn after_a_failover_the_retry_goes_to_the_new_master_with_its_stamp_and_qu
     assert_eq!(at_new.len(), 1);
     assert_eq!(at_old[1], at_new[0], "same queue, same stamp");
     assert_eq!(receipt.queue, at_old[1].0);
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }

@@ -502,7 +502,7 @@ async fn a_slaves_not_master_is_followed_to_the_master_which_alone_stores() -> T
 
     // A batch follows it too, stored whole on the master.
     *lock(&ns.names.stale) = Some((1, slave.addr.clone()));
-    producer.close();
+    producer.close().await.unwrap();
     let producer = Producer::builder()
         .nameserver(&ns.addr)
         .retries(1)
@@ -560,7 +560,7 @@ async fn a_group_without_a_live_master_is_skipped_for_sends() -> TestResult {
 
     // No group has a master: a clear error that says only slaves are live.
     ns.names.set_master("broker-b", "");
-    producer.close();
+    producer.close().await.unwrap();
     let producer = Producer::builder()
         .nameserver(&ns.addr)
         .retries(0)
@@ -589,7 +589,7 @@ async fn a_consumer_reads_from_the_slave_while_the_master_is_gone_then_from_the_
     for i in 0..10 {
         producer.send(Message::new(TOPIC, format!("m{i}"))).await?;
     }
-    producer.close();
+    producer.close().await.unwrap();
     // The slave lags: it holds 0..8 of the master's 10.
     slave.node.store.replicate_from(&master.node.store, 0, 8);
 
@@ -834,7 +834,7 @@ async fn a_transaction_goes_to_the_master_through_a_stale_route_and_checks_back_
         assert_eq!(outcome.ended().map(|e| e.state), Some(TxState::RolledBack));
     }
     assert_eq!(producer.listener().executed.load(Ordering::SeqCst), 1);
-    producer.close();
+    producer.close().await.unwrap();
     Ok(())
 }
 

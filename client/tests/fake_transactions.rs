@@ -529,7 +529,7 @@ async fn a_refused_end_is_an_outcome_that_names_the_transaction() -> TestResult 
             e.to_string(),
             format!("cannot commit transaction {tx_id} on broker a")
         );
-        p.close();
+        p.close().await.unwrap();
     }
     Ok(())
 }
@@ -634,7 +634,7 @@ async fn lost_connections_come_back_and_another_member_answers_for_a_closed_one(
     let o = first
         .send_in_transaction(Message::new("orders", "unknown"))
         .await?;
-    first.close();
+    first.close().await.unwrap();
     eventually("the closed producer's connection is gone", || {
         a.live("pg").is_empty()
     })
