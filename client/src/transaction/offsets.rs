@@ -11,7 +11,8 @@
 //!
 //! That alone is at least once: a pipeline that crashed after preparing
 //! and restarted re-reads the input, and the first transaction may still
-//! be committed by its check-back. [`ConsumedOffset::expected`] closes the
+//! be committed by its check-back. The expected offset of a
+//! [`ConsumedOffset`] (see [`ConsumedOffset::new`]) closes the
 //! gap: the commit applies only if the group's committed offset is still
 //! the one the input was read from, so of two transactions made from the
 //! same input exactly one commits; the other is rolled back with
