@@ -50,6 +50,19 @@ pub struct BrokerAnswer<T> {
 }
 
 /// Administration: topics, routes and the cluster. A cheap `Clone` handle.
+///
+/// ```no_run
+/// # async fn demo() -> txmq::Result<()> {
+/// use txmq::{Admin, PERM_READ_WRITE};
+///
+/// let admin = Admin::connect(["127.0.0.1:9876"]).await?;
+/// admin.create_topic("orders", 4, PERM_READ_WRITE, None).await?;
+/// for broker in admin.cluster().await? {
+///     println!("{} at {}", broker.broker_name, broker.addr);
+/// }
+/// admin.close().await
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Admin {
     pool: ConnectionPool,

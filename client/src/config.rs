@@ -22,6 +22,16 @@ pub const DEFAULT_ROUTE_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// More settings come as the client grows: start from
 /// [`ClientConfig::default`] or [`ClientConfig::with_nameservers`] and set
 /// fields, or use the builders' setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use txmq::ClientConfig;
+///
+/// let mut config = ClientConfig::with_nameservers(["10.0.0.1:9876,10.0.0.2:9876"]);
+/// config.request_timeout = Duration::from_secs(5);
+/// assert_eq!(config.nameservers.len(), 2);
+/// // Then `Producer::builder().config(config)`, or `Admin::with_config(config)`.
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {

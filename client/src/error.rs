@@ -11,6 +11,20 @@ use txmq_protocol::{ErrorCode, TxAction, WireError};
 /// New kinds of failure are added as the client grows, so a `match` on it
 /// needs a `_` arm; [`Error::code`], [`Error::is_retriable`] and
 /// [`Error::wire_error`] answer most questions without one.
+///
+/// ```no_run
+/// # async fn demo(producer: txmq::Producer) {
+/// use txmq::{Error, ErrorCode, Message};
+///
+/// match producer.send(Message::new("orders", "order 42")).await {
+///     Ok(receipt) => println!("stored as {}", receipt.msg_id),
+///     Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => eprintln!("create the topic first"),
+///     Err(e @ Error::Closed(_)) => eprintln!("{e}"),
+///     Err(e) if e.is_retriable() => eprintln!("try again later: {e}"),
+///     Err(e) => eprintln!("failed: {e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

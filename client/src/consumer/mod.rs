@@ -336,6 +336,31 @@ impl PullConsumerBuilder {
 /// what is delivered again after a restart. Dropping the consumer stops the
 /// background tasks without committing; call [`PullConsumer::shutdown`] to
 /// commit.
+///
+/// ```no_run
+/// # async fn demo() -> txmq::Result<()> {
+/// use std::time::Duration;
+/// use txmq::PullConsumer;
+///
+/// let mut consumer = PullConsumer::builder()
+///     .nameserver("127.0.0.1:9876")
+///     .group("billing")
+///     .topic("orders")
+///     .build()
+///     .await?;
+/// loop {
+///     let batch = consumer.poll(Duration::from_secs(1)).await?;
+///     if batch.is_empty() {
+///         break;
+///     }
+///     for m in &batch {
+///         println!("{} {:?}", m.msg_id(), m.body());
+///     }
+///     consumer.commit().await?; // the group stands after this batch
+/// }
+/// consumer.shutdown().await
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct PullConsumer {
     shared: Arc<Shared>,
