@@ -11,9 +11,10 @@ mod check_back;
 mod due;
 mod forensics;
 mod offsets;
+mod pending_map;
 mod producers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,6 +59,10 @@ const ENDED_HISTORY: usize = 10_000;
 /// that a transaction never checked costs 8 bytes for it (a million
 /// pending stay small).
 type History = Option<Box<VecDeque<CheckRecord>>>;
+
+/// How many recovered transactions are rebuilt between two releases of
+/// the log pages their half messages were read from.
+const RELEASE_EVERY: usize = 65_536;
 
 /// Transaction settings.
 #[derive(Debug, Clone)]
@@ -118,7 +123,7 @@ struct Halves {
 
 #[derive(Default)]
 struct Table {
-    pending: BTreeMap<u64, Pending>,
+    pending: pending_map::PendingMap<Pending>,
     /// The first message id of each pending transaction -> its tx id: a
     /// prepare retried after a lost reply finds its transaction here
     /// instead of storing a second copy.
@@ -280,8 +285,13 @@ impl Transactions {
         for (tx_id, committed, first_msg_id) in recovered.ended {
             table.remember_end(tx_id, committed, known_key(&first_msg_id));
         }
-        for t in recovered.pending {
+        for (i, t) in recovered.pending.into_iter().enumerate() {
             insert_recovered(&mut table, &store, &config, t);
+            // Each reads its first half message through the log's mappings:
+            // let go of those pages as it goes, not a million at once.
+            if i % RELEASE_EVERY == RELEASE_EVERY - 1 {
+                store.release_mapped_pages();
+            }
         }
         if !table.pending.is_empty() {
             tracing::info!(
@@ -1117,12 +1127,12 @@ fn final_state(action: TxAction) -> TxState {
 
 /// Puts a transaction as recovery (or replication) found it in the table.
 fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: RecoveredTx) {
-    let Some(&(pos, size)) = t.halves.first() else {
+    let Some((pos, size)) = t.first_half else {
         return;
     };
     let halves = Halves {
         first: pos,
-        count: t.halves.len() as u16,
+        count: t.halves,
     };
     let Some(first) = store.read_record(pos, size) else {
         // Kept, parked and listed, so that the store's pending set

@@ -1,0 +1,175 @@
+//! The pending transactions by id, kept small: an ordered index of slot
+//! numbers over one dense vector of values.
+//!
+//! A `BTreeMap<u64, Pending>` fed in ascending order (transaction ids are
+//! log positions) leaves its nodes a little over half full, and each node
+//! holds eleven whole values: about 190 bytes per transaction, most of the
+//! broker's memory with a million pending. Here the tree holds only
+//! 12-byte (id, slot) pairs and the values sit packed in a vector whose
+//! free slots are reused; the vector is compacted when it is mostly free,
+//! so a burst that ended gives its memory back.
+
+use std::collections::BTreeMap;
+
+/// Below this many slots the vector is never compacted.
+const COMPACT_FLOOR: usize = 1024;
+
+/// An ordered map from transaction id to `V`.
+#[derive(Debug)]
+pub(super) struct PendingMap<V> {
+    /// Id -> slot in `slots`, in id order.
+    index: BTreeMap<u64, u32>,
+    /// The values with their ids; `None`: free.
+    slots: Vec<Option<(u64, V)>>,
+    /// Free slots.
+    free: Vec<u32>,
+}
+
+impl<V> Default for PendingMap<V> {
+    fn default() -> Self {
+        PendingMap {
+            index: BTreeMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<V> PendingMap<V> {
+    pub(super) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub(super) fn get(&self, id: &u64) -> Option<&V> {
+        let slot = *self.index.get(id)?;
+        self.slots[slot as usize].as_ref().map(|(_, v)| v)
+    }
+
+    pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
+        let slot = *self.index.get(id)?;
+        self.slots[slot as usize].as_mut().map(|(_, v)| v)
+    }
+
+    /// Inserts or replaces the value of `id`; returns the one replaced.
+    pub(super) fn insert(&mut self, id: u64, value: V) -> Option<V> {
+        if let Some(&slot) = self.index.get(&id) {
+            let old = self.slots[slot as usize].replace((id, value));
+            return old.map(|(_, v)| v);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some((id, value));
+                slot
+            }
+            None => {
+                let slot = u32::try_from(self.slots.len()).expect("fewer than 4 billion pending");
+                self.slots.push(Some((id, value)));
+                slot
+            }
+        };
+        self.index.insert(id, slot);
+        None
+    }
+
+    pub(super) fn remove(&mut self, id: &u64) -> Option<V> {
+        let slot = self.index.remove(id)?;
+        let value = self.slots[slot as usize].take().map(|(_, v)| v);
+        self.free.push(slot);
+        if self.slots.len() > COMPACT_FLOOR && self.index.len() * 4 < self.slots.len() {
+            self.compact();
+        }
+        value
+    }
+
+    /// In id order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
+        self.index.iter().map(|(id, &slot)| {
+            let (_, v) = self.slots[slot as usize]
+                .as_ref()
+                .expect("an indexed slot holds a value");
+            (id, v)
+        })
+    }
+
+    /// In no particular order.
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut V)> {
+        self.slots.iter_mut().flatten().map(|(id, v)| (&*id, v))
+    }
+
+    /// In no particular order.
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.slots.iter().flatten().map(|(_, v)| v)
+    }
+
+    /// Packs the values into a vector of their own size, in id order.
+    fn compact(&mut self) {
+        let mut slots = Vec::with_capacity(self.index.len());
+        for (id, slot) in self.index.iter_mut() {
+            let value = self.slots[*slot as usize].take();
+            debug_assert!(value.as_ref().is_some_and(|(i, _)| i == id));
+            *slot = slots.len() as u32;
+            slots.push(value);
+        }
+        self.slots = slots;
+        self.free = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behaves_as_an_ordered_map_through_reuse_and_compaction() {
+        let mut m = PendingMap::default();
+        let mut model = BTreeMap::new();
+        // A deterministic mix: a burst of inserts, removals of most, more
+        // inserts reusing slots, replacements.
+        let mut x: u64 = 7;
+        for round in 0..20_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let id = (x >> 33) % 5_000;
+            match round % 5 {
+                0..=2 => assert_eq!(m.insert(id, round), model.insert(id, round)),
+                _ => assert_eq!(m.remove(&id), model.remove(&id)),
+            }
+            assert_eq!(m.len(), model.len());
+        }
+        for id in 0..5_000 {
+            assert_eq!(m.get(&id), model.get(&id));
+        }
+        assert!(m
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .eq(model.iter().map(|(k, v)| (*k, *v))));
+        for (_, v) in m.iter_mut() {
+            *v += 1;
+        }
+        let mut values: Vec<u64> = m.values().copied().collect();
+        values.sort_unstable();
+        let mut want: Vec<u64> = model.values().map(|v| v + 1).collect();
+        want.sort_unstable();
+        assert_eq!(values, want);
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_slots_back() {
+        let mut m = PendingMap::default();
+        for id in 0..100_000u64 {
+            m.insert(id, [0u8; 64]);
+        }
+        for id in 0..99_990u64 {
+            m.remove(&id);
+        }
+        assert_eq!(m.len(), 10);
+        assert!(m.slots.len() <= COMPACT_FLOOR, "{} slots", m.slots.len());
+        assert!(m.iter().map(|(k, _)| *k).eq(99_990..100_000));
+        assert!(m.get(&99_995).is_some() && m.get(&5).is_none());
+    }
+}
