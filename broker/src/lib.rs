@@ -520,6 +520,12 @@ async fn start_incarnation(
         .with_security(security.clone())
         .with_metrics(metrics.clone()),
     );
+    // Recovery and the table's rebuild read the log through its mappings
+    // (a million pending transactions: every half message's first page);
+    // none of it is needed now, and retention would let go of it only at
+    // its first round.
+    store.release_mapped_pages();
+    release_freed_heap();
     if is_slave {
         // Replicated transaction records reach the slave's table as
         // they are written, as recovery would have found them.
@@ -765,7 +771,8 @@ async fn run_controlled(
 }
 
 /// Deletes expired segments every minute (or sooner for short retentions),
-/// and lets go of the log pages readers mapped meanwhile.
+/// and lets go of the log pages readers mapped and the heap pages freed
+/// meanwhile.
 async fn retention(b: Arc<BrokerInner>) {
     let period = (b.config.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
@@ -786,6 +793,7 @@ async fn retention(b: Arc<BrokerInner>) {
         let store = b.store.clone();
         let result = tokio::task::spawn_blocking(move || {
             store.release_mapped_pages();
+            release_freed_heap();
             store.enforce_retention()
         })
         .await;
@@ -878,3 +886,21 @@ mod tests {
         broker.shutdown().await;
     }
 }
+
+/// Hands the heap pages freed since back to the system, after recovery
+/// and at every retention round. Rebuilding a million pending transactions
+/// allocates and frees far more than the table keeps, as do bursts of
+/// traffic; glibc keeps freed pages inside its arenas otherwise, so the
+/// broker would stay as large as its largest moment.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_freed_heap() {
+    // SAFETY: malloc_trim only returns free memory of the allocator's own
+    // arenas to the kernel; no live allocation moves or changes.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_heap() {}

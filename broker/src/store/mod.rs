@@ -268,8 +268,12 @@ pub struct TxRef {
 pub struct RecoveredTx {
     /// Its id (the log position of its first half message).
     pub tx_id: u64,
-    /// Log position and size of each half message.
-    pub halves: Vec<(u64, u32)>,
+    /// Log position and size of its first half message (`None` until
+    /// recovery saw one); the others follow it contiguously, one group.
+    /// No per-transaction allocation: a million pending recover small.
+    pub first_half: Option<(u64, u32)>,
+    /// How many half messages it has.
+    pub halves: u16,
     /// When it was prepared (broker clock, ms).
     pub prepared_at: u64,
     /// Check-backs sent.
@@ -560,7 +564,7 @@ impl Store {
             .transactions
             .pending
             .iter()
-            .filter_map(|t| t.halves.first().map(|h| h.0))
+            .filter_map(|t| t.first_half.map(|h| h.0))
             .collect();
         let replica = config.replica.then(|| writer::ReplicaWrite {
             state: recovery::ReplayState::live(&recovered.transactions),

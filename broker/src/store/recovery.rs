@@ -430,7 +430,7 @@ impl Replayer<'_> {
     fn end_tx(&mut self, tx_id: u64, committed: bool, first_msg_id: MsgId) {
         if let Some(t) = self.state.pending.remove(&tx_id) {
             if self.state.live {
-                if let Some(&(at, _)) = t.halves.first() {
+                if let Some((at, _)) = t.first_half {
                     self.state.halves_changes.push((at, false));
                 }
             }
@@ -496,7 +496,8 @@ impl Replayer<'_> {
                         first.store_timestamp,
                     );
                 }
-                let halves = group.records.iter().map(|(p, s, _)| (*p, *s)).collect();
+                let first_half = group.records.first().map(|(p, s, _)| (*p, *s));
+                let halves = u16::try_from(group.records.len()).unwrap_or(u16::MAX);
                 // Half messages carried forward past retention (written at
                 // another position than their tx id) carry the state the
                 // transaction had; they replace the old ones.
@@ -523,14 +524,16 @@ impl Replayer<'_> {
                     .entry(group.tx_id)
                     .or_insert(RecoveredTx {
                         tx_id: group.tx_id,
-                        halves: Vec::new(),
+                        first_half: None,
+                        halves: 0,
                         prepared_at,
                         checks: 0,
                         last_check_at: 0,
                         parked: false,
                         rechecked_at: 0,
                     });
-                let old = t.halves.first().map(|h| h.0);
+                let old = t.first_half.map(|h| h.0);
+                t.first_half = first_half;
                 t.halves = halves;
                 t.prepared_at = t.prepared_at.min(prepared_at);
                 t.checks = t.checks.max(checks);
@@ -1057,6 +1060,11 @@ fn replay(
             rel += len;
         }
         pos = seg.start + rel as u64;
+        // Done with this segment: its pages need not stay mapped in
+        // (recovery of a long log would otherwise hold all of it at once).
+        if let Err(e) = seg.release_pages() {
+            tracing::debug!(segment = %seg.path.display(), error = %e, "madvise failed");
+        }
     }
     Ok((pos, None))
 }
