@@ -842,6 +842,24 @@ async fn deliver_delayed(b: Arc<BrokerInner>) {
     }
 }
 
+/// Hands the heap pages freed since back to the system, after recovery
+/// and at every retention round. Rebuilding a million pending transactions
+/// allocates and frees far more than the table keeps, as do bursts of
+/// traffic; glibc keeps freed pages inside its arenas otherwise, so the
+/// broker would stay as large as its largest moment.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_freed_heap() {
+    // SAFETY: malloc_trim only returns free memory of the allocator's own
+    // arenas to the kernel; no live allocation moves or changes.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_heap() {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -886,21 +904,3 @@ mod tests {
         broker.shutdown().await;
     }
 }
-
-/// Hands the heap pages freed since back to the system, after recovery
-/// and at every retention round. Rebuilding a million pending transactions
-/// allocates and frees far more than the table keeps, as do bursts of
-/// traffic; glibc keeps freed pages inside its arenas otherwise, so the
-/// broker would stay as large as its largest moment.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn release_freed_heap() {
-    // SAFETY: malloc_trim only returns free memory of the allocator's own
-    // arenas to the kernel; no live allocation moves or changes.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_heap() {}
