@@ -14,6 +14,7 @@ fn small(dir: &std::path::Path) -> StoreConfig {
     c.index = index::IndexConfig {
         slots: 64,
         entries: 100,
+        ..index::IndexConfig::default()
     };
     c
 }
@@ -43,6 +44,70 @@ pub(super) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(e.path(), target).unwrap();
         }
     }
+}
+
+/// An index written by an older broker (version 1 files, hashed with
+/// FNV-1a) keeps answering after an upgrade: its unsealed file goes on
+/// filling in version 1, and the files after it are version 2.
+#[tokio::test]
+async fn index_files_of_the_previous_version_are_read_and_filled_after_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = small(dir.path());
+    old.index.version = 1;
+    let store = Store::open(old, &topics()).unwrap();
+    let mut ids = Vec::new();
+    let send = |store: Store, from: usize, to: usize| async move {
+        let mut sent = Vec::new();
+        for i in from..to {
+            let m = keyed(i);
+            sent.push(m.msg_id);
+            store.append("orders", 0, vec![m]).await.unwrap();
+        }
+        (store, sent)
+    };
+    // 3 entries a message: 3 full files and one a third full.
+    let (store, sent) = send(store, 0, 110).await;
+    ids.extend(sent);
+    store.shutdown().await;
+    let versions = |dir: &std::path::Path| {
+        let mut v: Vec<(String, u32)> = std::fs::read_dir(dir.join("index"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = std::fs::read(e.path()).unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, u32::from_le_bytes([h[4], h[5], h[6], h[7]]))
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, v)| v).collect::<Vec<u32>>()
+    };
+    assert_eq!(versions(dir.path()), vec![1, 1, 1, 1]);
+
+    let store = Store::open(small(dir.path()), &topics()).unwrap();
+    let (store, sent) = send(store, 110, 200).await;
+    ids.extend(sent);
+    let v = versions(dir.path());
+    assert_eq!(
+        v[..4],
+        [1, 1, 1, 1],
+        "the unsealed file filled in its own version"
+    );
+    assert!(v.len() >= 6 && v[4..].iter().all(|v| *v == 2), "{v:?}");
+    for i in [0, 5, 105, 109, 110, 120, 199] {
+        let found = store.find_by_id(&ids[i], 8).unwrap();
+        assert_eq!(bodies(&found), vec![format!("body-{i}")], "message {i}");
+        let by_key = store.find_by_key("orders", &format!("order-{i}"), 0, u64::MAX, 8);
+        assert_eq!(bodies(&by_key.unwrap()), vec![format!("body-{i}")]);
+    }
+    // A key in both versions: every message, newest first.
+    let found = store
+        .find_by_key("orders", "customer-2", 0, u64::MAX, 100)
+        .unwrap();
+    assert_eq!(found.len(), 66);
+    assert_eq!(bodies(&found[..2]), vec!["body-197", "body-194"]);
+    assert_eq!(bodies(&found[64..]), vec!["body-5", "body-2"]);
+    store.shutdown().await;
 }
 
 #[tokio::test]

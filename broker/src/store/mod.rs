@@ -1744,8 +1744,8 @@ impl Store {
     /// # Errors
     /// [`StoreError::Invalid`] when the index is switched off; I/O errors.
     pub fn find_by_id(&self, id: &MsgId, max: usize) -> Result<Vec<Found>, StoreError> {
-        let hash = index::id_hash(id);
-        self.find(hash, 0, u64::MAX, max, |r| r.message.msg_id == *id)
+        let hashes = index::id_hashes(id);
+        self.find(hashes, 0, u64::MAX, max, |r| r.message.msg_id == *id)
     }
 
     /// The messages (and half messages) of `topic` with key `key` (one of
@@ -1762,8 +1762,8 @@ impl Store {
         until: u64,
         max: usize,
     ) -> Result<Vec<Found>, StoreError> {
-        let hash = index::key_hash(topic, key);
-        self.find(hash, since, until, max, |r| {
+        let hashes = index::key_hashes(topic, key);
+        self.find(hashes, since, until, max, |r| {
             matches!(
                 r.kind,
                 record::RecordKind::Message
@@ -1780,7 +1780,7 @@ impl Store {
 
     fn find(
         &self,
-        hash: u64,
+        hashes: index::Hashes,
         since: u64,
         until: u64,
         max: usize,
@@ -1793,7 +1793,7 @@ impl Store {
         })?;
         let mut found = Vec::new();
         index
-            .lookup(hash, since, until, |hit| {
+            .lookup(hashes, since, until, |hit| {
                 // An entry is a hint: the record there must be the one asked for.
                 if let Some(rec) = self.read_record(hit.pos, hit.size) {
                     if wanted(&rec) {
