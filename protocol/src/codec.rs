@@ -59,6 +59,8 @@ pub struct FrameCodec {
     max: usize,
     /// Length of the last frame decoded (its body).
     last_len: usize,
+    /// Message bodies share the frame's buffer instead of a copy each.
+    shared_bodies: bool,
 }
 
 impl FrameCodec {
@@ -67,6 +69,7 @@ impl FrameCodec {
         FrameCodec {
             max: max_frame_len,
             last_len: 0,
+            shared_bodies: false,
         }
     }
 
@@ -74,6 +77,17 @@ impl FrameCodec {
     /// memory while it is served).
     pub fn last_frame_len(&self) -> usize {
         self.last_len
+    }
+
+    /// Message bodies of the frames decoded share the frame's buffer (a
+    /// slice of it) instead of being copied each into an allocation of its
+    /// own: what a broker wants, which writes them to its log and drops
+    /// them. A body kept keeps its whole frame alive, so a client that
+    /// hands messages to application code does not ask for this.
+    #[must_use]
+    pub fn with_shared_bodies(mut self) -> FrameCodec {
+        self.shared_bodies = true;
+        self
     }
 }
 
@@ -91,6 +105,60 @@ impl Default for FrameCodec {
 /// thread stack lasts in a debug build: a peer could crash the process with
 /// a few kilobytes of `[[[[...]]]]`.
 pub const MAX_DEPTH: usize = 32;
+
+thread_local! {
+    /// The frame being decoded on this thread, when its message bodies are
+    /// to share its buffer (see [`FrameCodec::with_shared_bodies`]).
+    static FRAME: std::cell::RefCell<Option<bytes::Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Deserializes a message body: a slice of the frame being decoded when
+/// the codec shares bodies and the bytes are the frame's own, else a copy.
+pub(crate) fn shared_body<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<bytes::Bytes, D::Error> {
+    struct Body;
+    impl<'de> serde::de::Visitor<'de> for Body {
+        type Value = bytes::Bytes;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+        fn visit_borrowed_bytes<E: serde::de::Error>(
+            self,
+            v: &'de [u8],
+        ) -> Result<bytes::Bytes, E> {
+            Ok(FRAME.with(|f| match f.borrow().as_ref() {
+                Some(frame)
+                    if frame.as_ptr_range().contains(&v.as_ptr())
+                        && v.as_ptr_range().end <= frame.as_ptr_range().end =>
+                {
+                    frame.slice_ref(v)
+                }
+                _ => bytes::Bytes::copy_from_slice(v),
+            }))
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<bytes::Bytes, E> {
+            Ok(bytes::Bytes::copy_from_slice(v))
+        }
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<bytes::Bytes, E> {
+            Ok(bytes::Bytes::from(v))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bytes::Bytes, E> {
+            Ok(bytes::Bytes::copy_from_slice(v.as_bytes()))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<bytes::Bytes, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element::<u8>()? {
+                v.push(b);
+            }
+            Ok(bytes::Bytes::from(v))
+        }
+    }
+    d.deserialize_byte_buf(Body)
+}
 
 fn from_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
     let mut de = rmp_serde::Deserializer::from_read_ref(body);
@@ -146,7 +214,14 @@ impl Decoder for FrameCodec {
         src.advance(4);
         let body = src.split_to(len);
         self.last_len = len;
-        decode_body(&body).map(Some)
+        if !self.shared_bodies {
+            return decode_body(&body).map(Some);
+        }
+        let body = body.freeze();
+        FRAME.with(|f| *f.borrow_mut() = Some(body.clone()));
+        let decoded = decode_body(&body);
+        FRAME.with(|f| f.borrow_mut().take());
+        decoded.map(Some)
     }
 }
 
@@ -185,7 +260,7 @@ impl Encoder<Frame> for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Message;
+    use crate::message::{Message, MsgId};
     use crate::request::{Ping, Request, SendRequest};
 
     fn encode(frame: &Frame) -> BytesMut {
@@ -216,6 +291,65 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(buf.is_empty());
+    }
+
+    /// With shared bodies, each message's body is a slice of the frame's
+    /// buffer (no copy), equal to what was sent; without, a copy; and
+    /// nothing of the frame stays around for the next decode to see.
+    #[test]
+    fn shared_bodies_are_slices_of_the_frame_and_equal_to_what_was_sent() {
+        let msgs: Vec<Message> = (0..3u8)
+            .map(|i| Message::new("orders", vec![i; 300 + usize::from(i)]).with_key("k"))
+            .collect();
+        let frame = Frame::Request(
+            7,
+            Request::Send(SendRequest {
+                producer: None,
+                queue: 0,
+                messages: msgs.clone(),
+            }),
+        );
+        for shared in [true, false] {
+            let mut buf = encode(&frame);
+            let range = buf.as_ptr_range();
+            let mut codec = FrameCodec::default();
+            if shared {
+                codec = codec.with_shared_bodies();
+            }
+            let Some(Decoded::Frame(got)) = codec.decode(&mut buf).unwrap() else {
+                panic!("not a frame");
+            };
+            assert_eq!(got, frame);
+            let Frame::Request(_, Request::Send(send)) = got else {
+                panic!("not a send");
+            };
+            for m in &send.messages {
+                assert_eq!(range.contains(&m.body.as_ptr()), shared, "shared: {shared}");
+            }
+            assert!(FRAME.with(|f| f.borrow().is_none()));
+        }
+        // A frame decoded after, without sharing, copies.
+        let mut buf = encode(&frame);
+        let range = buf.as_ptr_range();
+        let Some(Decoded::Frame(Frame::Request(_, Request::Send(send)))) =
+            FrameCodec::default().decode(&mut buf).unwrap()
+        else {
+            panic!("not a send");
+        };
+        assert!(!range.contains(&send.messages[0].body.as_ptr()));
+    }
+
+    /// Ids and bodies still read from formats that write bytes as arrays.
+    #[test]
+    fn ids_and_bodies_read_from_arrays_of_integers() {
+        let m = Message::new("t", b"abc".to_vec());
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Message = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        let id: MsgId = serde_json::from_str(&format!("{:?}", [9u8; 16])).unwrap();
+        assert_eq!(id, MsgId([9; 16]));
+        assert!(serde_json::from_str::<MsgId>(&format!("{:?}", [9u8; 15])).is_err());
+        assert!(serde_json::from_str::<MsgId>(&format!("{:?}", [9u8; 17])).is_err());
     }
 
     #[test]

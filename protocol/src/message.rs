@@ -79,13 +79,36 @@ impl Serialize for MsgId {
 }
 
 impl<'de> Deserialize<'de> for MsgId {
+    /// Read in place: an id is 16 bytes, not worth an allocation each.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let b: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-        let arr: [u8; 16] = b
-            .as_slice()
-            .try_into()
-            .map_err(|_| serde::de::Error::invalid_length(b.len(), &"16 bytes"))?;
-        Ok(MsgId(arr))
+        struct Id;
+        impl<'de> serde::de::Visitor<'de> for Id {
+            type Value = MsgId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("16 bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<MsgId, E> {
+                v.try_into()
+                    .map(MsgId)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MsgId, A::Error> {
+                let mut id = [0u8; 16];
+                for (i, b) in id.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(17, &self));
+                }
+                Ok(MsgId(id))
+            }
+        }
+        d.deserialize_bytes(Id)
     }
 }
 
@@ -103,6 +126,7 @@ pub struct Message {
     /// Free-form properties.
     pub properties: BTreeMap<String, String>,
     /// The payload.
+    #[serde(deserialize_with = "crate::codec::shared_body")]
     pub body: Bytes,
     /// When the producer created it, in milliseconds since the Unix epoch (informational).
     pub born_timestamp: u64,

@@ -469,11 +469,15 @@ impl Connection {
             }),
         };
         tokio::spawn(write_loop(conn.inner.clone()));
-        let reader = FramedRead::with_capacity(
-            read_half,
-            FrameCodec::new(conn.inner.config.max_frame_len),
-            64 * 1024,
-        );
+        let codec = FrameCodec::new(conn.inner.config.max_frame_len);
+        // A server (the broker) writes the bodies it receives to its log and
+        // drops them: they may share the frame's buffer. A client's messages
+        // go to application code, which may keep one of many for long.
+        let codec = match side {
+            Side::Server => codec.with_shared_bodies(),
+            Side::Client => codec,
+        };
+        let reader = FramedRead::with_capacity(read_half, codec, 64 * 1024);
         tokio::spawn(read_loop(reader, side, service, conn.clone()));
         conn
     }
