@@ -28,7 +28,7 @@ use crate::store::record::RecordKind;
 const MAX_IN_FLIGHT: usize = 64;
 
 pub(crate) async fn run(tx: Arc<Transactions>, shutdown: CancellationToken) {
-    let mut workers: HashMap<Arc<str>, mpsc::UnboundedSender<u64>> = HashMap::new();
+    let mut workers: HashMap<super::GroupName, mpsc::UnboundedSender<u64>> = HashMap::new();
     let mut last_report = (Instant::now(), tx.counters());
     loop {
         tokio::select! {

@@ -51,11 +51,7 @@ impl Transactions {
                 checks: p.checks,
                 next_check_at_ms: (state == TxState::Prepared).then_some(p.next_check_at),
                 messages: Vec::new(),
-                history: p
-                    .history
-                    .as_deref()
-                    .map(|h| h.iter().cloned().collect())
-                    .unwrap_or_default(),
+                history: p.history().cloned().collect(),
                 ended: None,
             };
             let halves = p.halves;

@@ -54,11 +54,16 @@ const ENDED_MEMORY: usize = 1_000_000;
 /// How many ended transactions keep their check history (for `tx show`).
 const ENDED_HISTORY: usize = 10_000;
 
-/// A transaction's last check-backs, oldest first (at most
-/// [`CHECK_HISTORY`]); allocated at its first check only, and boxed so
-/// that a transaction never checked costs 8 bytes for it (a million
-/// pending stay small).
-type History = Option<Box<VecDeque<CheckRecord>>>;
+/// What a transaction's check-backs left: allocated at its first check
+/// (or failure to check) only, and boxed, so that a transaction never
+/// checked costs 8 bytes for all of it (a million pending stay small).
+#[derive(Debug, Default)]
+struct Checked {
+    last_check: Option<TxResolution>,
+    last_error: Option<Box<str>>,
+    /// Its last check-backs, oldest first (at most [`CHECK_HISTORY`]).
+    history: VecDeque<CheckRecord>,
+}
 
 /// How many recovered transactions are rebuilt between two releases of
 /// the log pages their half messages were read from.
@@ -89,9 +94,27 @@ enum Phase {
     Carrying(bool),
 }
 
+/// A producer group's name, shared by its transactions: a thin pointer,
+/// 8 bytes where an `Arc<str>` takes 16 (a million pending stay small).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct GroupName(Arc<String>);
+
+impl std::ops::Deref for GroupName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for GroupName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
-    group: Arc<str>,
+    group: GroupName,
     /// `msg_key` of its first message's id (the key of `Table::by_msg_id`),
     /// 0 when unknown; the id itself is read from the log when a marker
     /// needs it (8 bytes here instead of 16: a million pending stay small).
@@ -103,19 +126,34 @@ struct Pending {
     prepared_at: u64,
     next_check_at: u64,
     checks: u32,
-    last_check: Option<TxResolution>,
-    last_error: Option<Box<str>>,
     phase: Phase,
     checking: bool,
     /// Checks counted when an operator last rechecked it: the maximum
     /// applies to the checks made since (0: never rechecked).
     rechecked_at: u32,
-    /// Its last check-backs (this run of the broker only).
-    history: History,
+    /// What its check-backs left (this run of the broker only).
+    checked: Option<Box<Checked>>,
 }
 
-/// Where a transaction's half messages are.
+impl Pending {
+    fn last_check(&self) -> Option<TxResolution> {
+        self.checked.as_ref().and_then(|c| c.last_check)
+    }
+
+    fn last_error(&self) -> Option<&str> {
+        self.checked.as_ref().and_then(|c| c.last_error.as_deref())
+    }
+
+    /// Its check history, oldest first.
+    fn history(&self) -> impl Iterator<Item = &CheckRecord> {
+        self.checked.iter().flat_map(|c| c.history.iter())
+    }
+}
+
+/// Where a transaction's half messages are. Packed: 10 bytes instead of
+/// 16 in each pending transaction (fields are read by value only).
 #[derive(Debug, Clone, Copy)]
+#[repr(C, packed(2))]
 struct Halves {
     first: u64,
     count: u16,
@@ -146,7 +184,7 @@ struct Table {
     /// their order (bounded by [`ENDED_HISTORY`]).
     ended_history: HashMap<u64, VecDeque<CheckRecord>>,
     ended_history_order: VecDeque<u64>,
-    groups: HashMap<String, Arc<str>>,
+    groups: HashMap<String, GroupName>,
     /// When prepared transactions are next due for a check.
     due: due::DueIndex,
 }
@@ -204,9 +242,11 @@ impl Table {
     }
 
     /// Keeps the check history of a transaction that just ended.
-    fn keep_history(&mut self, tx_id: u64, history: History) {
-        let Some(history) = history else { return };
-        if self.ended_history.insert(tx_id, *history).is_none() {
+    fn keep_history(&mut self, tx_id: u64, checked: Option<Box<Checked>>) {
+        let Some(history) = checked.map(|c| c.history).filter(|h| !h.is_empty()) else {
+            return;
+        };
+        if self.ended_history.insert(tx_id, history).is_none() {
             self.ended_history_order.push_back(tx_id);
             if self.ended_history_order.len() > ENDED_HISTORY {
                 if let Some(old) = self.ended_history_order.pop_front() {
@@ -216,10 +256,10 @@ impl Table {
         }
     }
 
-    fn group(&mut self, name: &str) -> Arc<str> {
+    fn group(&mut self, name: &str) -> GroupName {
         self.groups
             .entry(name.to_string())
-            .or_insert_with(|| Arc::from(name))
+            .or_insert_with(|| GroupName(Arc::new(name.to_string())))
             .clone()
     }
 }
@@ -549,12 +589,10 @@ impl Transactions {
                 prepared_at: now,
                 next_check_at: now.saturating_add(delay),
                 checks: 0,
-                last_check: None,
-                last_error: None,
                 phase: Phase::Prepared,
                 checking: false,
                 rechecked_at: 0,
-                history: None,
+                checked: None,
             },
         );
         table.due.insert(tx_id, now.saturating_add(delay));
@@ -766,7 +804,7 @@ impl Transactions {
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
                     }
-                    table.keep_history(tx_id, p.history);
+                    table.keep_history(tx_id, p.checked);
                 }
                 table.remember_end_by(
                     tx_id,
@@ -793,7 +831,7 @@ impl Transactions {
                     if table.by_msg_id.get(&key) == Some(&tx_id) {
                         table.by_msg_id.remove(&key);
                     }
-                    table.keep_history(tx_id, p.history);
+                    table.keep_history(tx_id, p.checked);
                 }
                 table.remember_end_by(
                     tx_id,
@@ -854,7 +892,7 @@ impl Transactions {
                 .pending
                 .iter_mut()
                 .filter(|(_, p)| {
-                    wanted.contains(&p.halves.first)
+                    wanted.contains(&{ p.halves.first })
                         && matches!(p.phase, Phase::Prepared | Phase::Parked)
                         && !p.checking
                 })
@@ -1000,8 +1038,8 @@ impl Transactions {
                     producer_group: p.group.to_string(),
                     age_ms: now.saturating_sub(p.prepared_at),
                     checks: p.checks,
-                    last_check: p.last_check,
-                    last_error: p.last_error.as_deref().map(str::to_string),
+                    last_check: p.last_check(),
+                    last_error: p.last_error().map(str::to_string),
                     state: if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
                         TxState::Parked
                     } else {
@@ -1053,7 +1091,7 @@ impl Transactions {
             let mut table = lock(&self.table);
             let Table { pending, due, .. } = &mut *table;
             for (&tx_id, p) in pending.iter_mut() {
-                if &*p.group == group && p.phase == Phase::Prepared && p.last_error.is_some() {
+                if &*p.group == group && p.phase == Phase::Prepared && p.last_error().is_some() {
                     p.next_check_at = p.next_check_at.min(now);
                     due.insert(tx_id, p.next_check_at);
                 }
@@ -1064,7 +1102,7 @@ impl Transactions {
     }
 
     /// Ids of the prepared transactions due for a check, marked as being checked.
-    fn take_due(&self, now: u64) -> Vec<(u64, Arc<str>)> {
+    fn take_due(&self, now: u64) -> Vec<(u64, GroupName)> {
         let mut table = lock(&self.table);
         let Table { pending, due, .. } = &mut *table;
         // Entries of ended, rescheduled or busy transactions are dropped
@@ -1153,12 +1191,13 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
                 prepared_at: t.prepared_at,
                 next_check_at: u64::MAX,
                 checks: t.checks,
-                last_check: None,
-                last_error: Some("its half message is unreadable (damaged log)".into()),
+                checked: Some(Box::new(Checked {
+                    last_error: Some("its half message is unreadable (damaged log)".into()),
+                    ..Checked::default()
+                })),
                 phase: Phase::Parked,
                 checking: false,
                 rechecked_at: t.rechecked_at,
-                history: None,
             },
         );
         return;
@@ -1187,8 +1226,6 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
             prepared_at: t.prepared_at,
             next_check_at,
             checks: t.checks,
-            last_check: None,
-            last_error: None,
             phase: if t.parked {
                 Phase::Parked
             } else {
@@ -1196,7 +1233,7 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
             },
             checking: false,
             rechecked_at: t.rechecked_at,
-            history: None,
+            checked: None,
         },
     );
     if !t.parked {
@@ -1250,7 +1287,7 @@ fn ended_again(tx_id: u64, committed: bool, action: TxAction) -> Result<Ended, W
 impl Transactions {
     /// The group, the checks sent, the checks that count against the
     /// maximum (those since the last recheck) and the messages.
-    fn check_request(&self, tx_id: u64) -> Option<(Arc<str>, u32, u32, Vec<Message>)> {
+    fn check_request(&self, tx_id: u64) -> Option<(GroupName, u32, u32, Vec<Message>)> {
         let (group, checks, counted, halves) = {
             let table = lock(&self.table);
             let p = table.pending.get(&tx_id)?;
@@ -1289,7 +1326,7 @@ impl Transactions {
             p.checks += 1;
         }
         if sent || error.is_some() {
-            let history = p.history.get_or_insert_with(Box::default);
+            let history = &mut p.checked.get_or_insert_with(Box::default).history;
             match history.back_mut() {
                 // The same failure again: one entry, counted.
                 Some(last) if !sent && !last.sent && last.error == error => {
@@ -1310,10 +1347,15 @@ impl Transactions {
                 }
             }
         }
-        if answer.is_some() {
-            p.last_check = answer;
+        if answer.is_some() || error.is_some() {
+            let checked = p.checked.get_or_insert_with(Box::default);
+            if answer.is_some() {
+                checked.last_check = answer;
+            }
+            checked.last_error = error.map(String::into_boxed_str);
+        } else if let Some(checked) = p.checked.as_mut() {
+            checked.last_error = None;
         }
-        p.last_error = error.map(String::into_boxed_str);
         p.next_check_at = now + self.config.check_interval.as_millis() as u64;
         let (checks, due, prepared) = (
             p.checks.saturating_sub(p.rechecked_at),
@@ -1350,7 +1392,7 @@ impl Transactions {
 
 /// One producer group's transactions now (the metrics' gauges).
 pub(crate) struct GroupPending {
-    pub(crate) group: Arc<str>,
+    pub(crate) group: GroupName,
     /// Prepared, not parked.
     pub(crate) pending: u64,
     pub(crate) parked: u64,
@@ -1362,7 +1404,7 @@ impl Transactions {
     /// Counts the pending table by producer group: one pass under the
     /// lock, at scrape time only.
     pub(crate) fn pending_by_group(&self) -> Vec<GroupPending> {
-        let mut by: HashMap<Arc<str>, GroupPending> = HashMap::new();
+        let mut by: HashMap<GroupName, GroupPending> = HashMap::new();
         let table = lock(&self.table);
         for p in table.pending.values() {
             let g = by.entry(p.group.clone()).or_insert_with(|| GroupPending {
@@ -1409,6 +1451,15 @@ struct Carried {
 mod tests {
     use super::*;
     use crate::store::StoreConfig;
+
+    /// A million pending transactions are a million of these: keep them
+    /// small (each slot of the pending map also holds the tx id).
+    #[test]
+    fn a_pending_transaction_stays_small() {
+        let size = std::mem::size_of::<Pending>();
+        println!("Pending: {size} bytes");
+        assert!(size <= 64, "Pending grew to {size} bytes");
+    }
 
     fn config() -> TxConfig {
         TxConfig {
