@@ -70,6 +70,25 @@ impl Segment {
                 .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
         }
     }
+
+    /// [`Segment::release_pages`] for the bytes `[from, to)` of the segment
+    /// only (a reader going through a segment once: recovery).
+    ///
+    /// # Errors
+    /// The `madvise` error.
+    #[allow(unsafe_code)]
+    pub fn release_range(&self, from: usize, to: usize) -> io::Result<()> {
+        let to = to.min(self.mapping.len());
+        if from >= to {
+            return Ok(());
+        }
+        // SAFETY: as in `release_pages`: dropping this process's mapping of
+        // read-only file pages changes no byte a slice can see.
+        unsafe {
+            self.mapping
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+        }
+    }
 }
 
 /// Lends the mapping to `Bytes` while the segment keeps a handle too.

@@ -1004,6 +1004,9 @@ pub(crate) fn last_record_before(log: &CommitLog, end: u64) -> Option<RecordAt> 
     None
 }
 
+/// Bytes of a segment replayed between two releases of their pages.
+const RELEASE_REPLAYED: usize = 32 << 20;
+
 /// Calls `visit` for every intact record from `start` up to `limit`,
 /// verifying checksums when `verify` (otherwise the records were verified
 /// by an earlier run). Returns the end of the intact log and, when a torn or corrupt
@@ -1023,7 +1026,17 @@ fn replay(
     {
         pos = pos.max(seg.start);
         let mut rel = (pos - seg.start) as usize;
+        let mut released = rel;
         while rel < seg.map.len() {
+            // What was read need not stay mapped in: a segment is up to 1
+            // GiB, and a million pending transactions' log is one segment
+            // (holding it all raised recovery's peak by its size).
+            if rel - released >= RELEASE_REPLAYED {
+                if let Err(e) = seg.release_range(released, rel) {
+                    tracing::debug!(segment = %seg.path.display(), error = %e, "madvise failed");
+                }
+                released = rel;
+            }
             let at = seg.start + rel as u64;
             if at >= limit {
                 return Ok((at, None));
