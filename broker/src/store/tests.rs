@@ -385,29 +385,15 @@ async fn released_pages_read_back_the_same() {
     let slice = store.read("orders", 0, 2999, 1, 1 << 20).unwrap();
     store.release_mapped_pages();
     assert_eq!(bodies(&store, 0), before);
-    // A slice handed out before the release still reads the same bytes.
-    assert_eq!(slice.messages[0].message.body, &b"body-2999"[..]);
-    store.shutdown().await;
-}
-
-/// Releasing part of a segment (recovery does, as it reads) changes no
-/// byte: before, inside and after the range, and at unaligned ends.
-#[tokio::test]
-async fn a_released_range_reads_back_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(config(dir.path(), FlushMode::Async), &topics()).unwrap();
-    for i in 0..3000 {
-        store.append("orders", 0, vec![msg(i)]).await.unwrap();
-    }
-    let before = bodies(&store, 0);
-    let slice = store.read("orders", 0, 1500, 1, 1 << 20).unwrap();
+    // Part of a segment (recovery releases what it replayed), at
+    // unaligned ends, empty, and past its end: no byte changes either.
     let segments = store.inner.log.segments();
-    let seg = &segments[0];
-    seg.release_range(5000, 100_001).unwrap();
-    seg.release_range(0, usize::MAX).unwrap();
-    seg.release_range(7, 7).unwrap();
+    segments[0].release_range(5000, 100_001).unwrap();
+    segments[0].release_range(7, 7).unwrap();
+    segments[0].release_range(0, usize::MAX).unwrap();
     assert_eq!(bodies(&store, 0), before);
-    assert_eq!(slice.messages[0].message.body, &b"body-1500"[..]);
+    // A slice handed out before the releases still reads the same bytes.
+    assert_eq!(slice.messages[0].message.body, &b"body-2999"[..]);
     store.shutdown().await;
 }
 
