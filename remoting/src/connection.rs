@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -116,7 +117,33 @@ const MAX_BATCH: usize = 256 * 1024;
 /// a pool opens a new one rather than waiting on a dead socket.
 const SILENT_TIMEOUTS_TO_CLOSE: u32 = 2;
 
-type Pending = HashMap<u64, oneshot::Sender<Result<Response, WireError>>>;
+/// Requests sent and not answered yet, with their deadlines.
+///
+/// A request's deadline is kept here, not in a timer of its own: the
+/// connection's sweeper task ([`sweep_deadlines`]) sleeps until the earliest
+/// deadline and drops the entries past theirs, which ends their waits. So a
+/// request registers no timer, and the sweeper wakes about once per request
+/// timeout however many requests go by.
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, Waiting>,
+    /// When the sweeper wakes next; `None` while it waits for a request.
+    sweep_at: Option<Instant>,
+}
+
+struct Waiting {
+    answer: oneshot::Sender<Result<Response, WireError>>,
+    deadline: Instant,
+}
+
+impl Pending {
+    /// Hands the answer to request `id` to its waiting caller.
+    fn answer(&mut self, id: u64, answer: Result<Response, WireError>) {
+        if let Some(w) = self.waiting.remove(&id) {
+            let _ = w.answer.send(answer);
+        }
+    }
+}
 
 /// The socket's write half and the bytes waiting for it, shared between the
 /// writer task and senders.
@@ -163,6 +190,8 @@ struct Inner {
     /// Wakes senders waiting for room: the writer task took the queue.
     room: Notify,
     pending: Mutex<Pending>,
+    /// Wakes the sweeper: a request's deadline comes before its next wake.
+    sweep: Notify,
     next_request_id: AtomicU64,
     closed: CancellationToken,
     peer_hello: OnceLock<Hello>,
@@ -323,7 +352,7 @@ struct PendingEntry<'a> {
 impl Drop for PendingEntry<'_> {
     fn drop(&mut self) {
         if self.armed {
-            lock(&self.inner.pending).remove(&self.id);
+            lock(&self.inner.pending).waiting.remove(&self.id);
         }
     }
 }
@@ -456,7 +485,8 @@ impl Connection {
                 }),
                 wake_writer: Notify::new(),
                 room: Notify::new(),
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::new(Pending::default()),
+                sweep: Notify::new(),
                 next_request_id: AtomicU64::new(1),
                 closed,
                 peer_hello: OnceLock::new(),
@@ -469,6 +499,7 @@ impl Connection {
             }),
         };
         tokio::spawn(write_loop(conn.inner.clone()));
+        tokio::spawn(sweep_deadlines(conn.inner.clone()));
         let codec = FrameCodec::new(conn.inner.config.max_frame_len);
         // A server (the broker) writes the bodies it receives to its log and
         // drops them: they may share the frame's buffer. A client's messages
@@ -523,8 +554,16 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         let alone = {
             let mut pending = lock(&self.inner.pending);
-            pending.insert(id, tx);
-            pending.len() == 1
+            let waiting = Waiting {
+                answer: tx,
+                deadline,
+            };
+            pending.waiting.insert(id, waiting);
+            if pending.sweep_at.is_none_or(|at| deadline < at) {
+                pending.sweep_at = Some(deadline);
+                self.inner.sweep.notify_one();
+            }
+            pending.waiting.len() == 1
         };
         let mut entry = PendingEntry {
             inner: &self.inner,
@@ -533,24 +572,34 @@ impl Connection {
         };
         // The only request in flight goes out at once; with others in
         // flight, the writer task gathers this one with the requests other
-        // tasks send meanwhile into one write.
+        // tasks send meanwhile into one write. A timer is armed only if the
+        // frame has to wait for room.
         let frame = Frame::Request(id, request);
-        let sent = tokio::select! {
-            sent = send_frame(&self.inner, &frame, alone) => sent,
-            () = tokio::time::sleep_until(deadline) => return Err(self.timed_out(kind, timeout)),
+        let sent = {
+            let send = send_frame(&self.inner, &frame, alone);
+            tokio::pin!(send);
+            match send.as_mut().now_or_never() {
+                Some(sent) => sent,
+                None => tokio::select! {
+                    sent = send => sent,
+                    () = tokio::time::sleep_until(deadline) => return Err(self.timed_out(kind, timeout)),
+                },
+            }
         };
         drop(frame);
         if !sent {
             return Err(self.closed_error());
         }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(answer)) => {
+        match rx.await {
+            Ok(answer) => {
                 // The reader removed the entry when it took the answer.
                 entry.armed = false;
                 answer.map_err(Error::Remote)
             }
-            Ok(Err(_)) => Err(self.closed_error()),
-            Err(_) => Err(self.timed_out(kind, timeout)),
+            // The sweeper dropped the entry at its deadline, or the
+            // connection closed and dropped them all.
+            Err(_) if Instant::now() >= deadline => Err(self.timed_out(kind, timeout)),
+            Err(_) => Err(self.closed_error()),
         }
     }
 
@@ -610,7 +659,7 @@ impl Connection {
 
     /// Requests sent on this connection and not answered yet.
     pub fn pending_requests(&self) -> usize {
-        lock(&self.inner.pending).len()
+        lock(&self.inner.pending).waiting.len()
     }
 
     /// A process-unique id of this connection.
@@ -919,7 +968,7 @@ async fn read_loop(
             }
             next = reader.next(), if !full(&inflight, inflight_bytes)
                 || (blocked && batch.len() < blocked_at + inner.config.max_queued_bytes)
-                || (!blocked && !lock(&inner.pending).is_empty()) => {
+                || (!blocked && !lock(&inner.pending).waiting.is_empty()) => {
                 if inner.silent_timeouts.load(Ordering::Relaxed) != 0 {
                     inner.silent_timeouts.store(0, Ordering::Relaxed);
                 }
@@ -935,9 +984,7 @@ async fn read_loop(
                     break;
                 }
                 Some(Ok(Decoded::Frame(Frame::Response(id, result)))) => {
-                    if let Some(tx) = lock(&inner.pending).remove(&id) {
-                        let _ = tx.send(result);
-                    }
+                    lock(&inner.pending).answer(id, result);
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_) | Request::Authenticate(_))))) => {
                     let e = WireError::new(ErrorCode::HelloRequired, "hello already received");
@@ -976,8 +1023,8 @@ async fn read_loop(
                     if is_request {
                         let _ = flush_batch(&inner, &mut batch);
                         refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
-                    } else if let Some(tx) = lock(&inner.pending).remove(&id) {
-                        let _ = tx.send(Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
+                    } else {
+                        lock(&inner.pending).answer(id, Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
                     }
                     break;
                 }
@@ -999,7 +1046,7 @@ async fn read_loop(
         _ = inner.closed.cancelled() => {}
         _ = tokio::time::sleep(Duration::from_millis(200)) => inner.closed.cancel(),
     }
-    lock(&inner.pending).clear();
+    lock(&inner.pending).waiting.clear();
     if let Some(service) = &service {
         service.closed(&conn);
     }
@@ -1139,6 +1186,32 @@ fn refuse(conn: &Connection, id: u64, code: ErrorCode, message: String) {
     let _ = try_queue(&conn.inner, &frame, true);
 }
 
+/// Ends the waits of requests past their deadlines (see [`Pending`]):
+/// sleeps until the earliest deadline, drops the entries past theirs (their
+/// callers see the dropped sender and report a timeout), and sleeps again
+/// until the earliest one left, or until a request comes while none is.
+async fn sweep_deadlines(inner: Arc<Inner>) {
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
+    loop {
+        let next = {
+            let mut pending = lock(&inner.pending);
+            let now = Instant::now();
+            pending.waiting.retain(|_, w| w.deadline > now);
+            pending.sweep_at = pending.waiting.values().map(|w| w.deadline).min();
+            pending.sweep_at
+        };
+        if let Some(at) = next {
+            sleep.as_mut().reset(at);
+        }
+        tokio::select! {
+            () = &mut sleep, if next.is_some() => {}
+            () = inner.sweep.notified() => {}
+            () = inner.closed.cancelled() => return,
+        }
+    }
+}
+
 async fn write_loop(inner: Arc<Inner>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut half: Option<Writer> = None;
@@ -1213,11 +1286,7 @@ fn encode_frame(codec: &mut FrameCodec, frame: &Frame, buf: &mut BytesMut, inner
     if let Err(e) = codec.encode(frame, buf) {
         let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
         match frame {
-            Frame::Request(id, _) => {
-                if let Some(tx) = lock(&inner.pending).remove(id) {
-                    let _ = tx.send(Err(error));
-                }
-            }
+            Frame::Request(id, _) => lock(&inner.pending).answer(*id, Err(error)),
             Frame::Response(id, _) => {
                 warn!(peer = %inner.peer, %error, "response cannot be sent; answering with an error");
                 let _ = codec.encode(&Frame::Response(*id, Err(error)), buf);

@@ -206,6 +206,47 @@ async fn request_timeout_and_closed_connection_are_errors() {
     assert!(matches!(err, Error::Closed { .. }), "{err}");
 }
 
+/// Deadlines are kept per connection, not per request: a short one that
+/// comes after a long one still ends on time, answers that come in time
+/// are not cut short, and a request after a timeout gets its answer.
+#[tokio::test]
+async fn each_request_ends_at_its_own_deadline_in_any_order() {
+    let (addr, _s) = start().await;
+    let conn = client(&addr, None).await;
+    let call = |topic: &str, timeout_ms: u64| {
+        let conn = conn.clone();
+        let topic = topic.to_string();
+        async move {
+            let at = std::time::Instant::now();
+            let result = conn
+                .call_with_timeout(GetRoute { topic }, Duration::from_millis(timeout_ms))
+                .await;
+            (result, at.elapsed())
+        }
+    };
+    // A long wait in flight first, then a short one behind it, then one
+    // whose answer (after 100 ms) comes within its 2 s.
+    let long = tokio::spawn(call("t3000", 10_000));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (short, answered) = tokio::join!(call("t1000", 150), call("t100", 2_000));
+    let (short, short_took) = short;
+    assert!(matches!(short, Err(Error::Timeout { .. })), "{short:?}");
+    assert!(
+        short_took >= Duration::from_millis(150) && short_took < Duration::from_millis(900),
+        "the 150 ms request ended after {short_took:?}"
+    );
+    let (answered, took) = answered;
+    assert_eq!(answered.unwrap().topic, "t100");
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
+    // The connection is still good: the long request gets its answer.
+    let (long, long_took) = long.await.unwrap();
+    assert_eq!(long.unwrap().topic, "t3000");
+    assert!(long_took >= Duration::from_millis(3_000));
+    assert_eq!(conn.pending_requests(), 0);
+    let (after, _) = call("t0", 1_000).await;
+    assert_eq!(after.unwrap().topic, "t0");
+}
+
 /// Counts the requests it serves at once (the most seen); each takes 50 ms.
 #[derive(Default)]
 struct Gauge {
