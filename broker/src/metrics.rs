@@ -28,7 +28,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use txmq_protocol::TxResolution;
+use txmq_protocol::{ErrorCode, TxResolution};
 
 use crate::BrokerInner;
 
@@ -85,6 +85,7 @@ struct Families {
     check_timeouts: Family<Label1, Counter>,
     check_failures: Family<Label1, Counter>,
     dead_letters: Family<Label1, Counter>,
+    stamps_refused: Family<Label1, Counter>,
 }
 
 /// The broker's metrics: its registry and the cached handles.
@@ -134,10 +135,11 @@ impl Metrics {
             check_timeouts: Family::default(),
             check_failures: Family::default(),
             dead_letters: Family::default(),
+            stamps_refused: Family::default(),
         };
         let f = &families;
         // Counter names go without `_total`: the encoder adds it.
-        let counters: [(&str, &str, &Family<Label1, Counter>); 12] = [
+        let counters: [(&str, &str, &Family<Label1, Counter>); 13] = [
             ("txmq_messages_in", "Messages stored for a topic by sends and committed transactions", &f.messages_in),
             ("txmq_bytes_in", "Body bytes of the messages counted by txmq_messages_in_total", &f.bytes_in),
             ("txmq_messages_out", "Messages of a topic handed to consumers by pulls", &f.messages_out),
@@ -150,6 +152,7 @@ impl Metrics {
             ("txmq_check_back_timeouts", "Check-backs sent and not answered within --transaction-check-timeout", &f.check_timeouts),
             ("txmq_check_back_failures", "Check-backs that failed: no live producer of the group, a send error, a closed connection, the producer's error", &f.check_failures),
             ("txmq_dead_letters", "Messages moved to a consumer group's dead-letter topic", &f.dead_letters),
+            ("txmq_producer_stamps_refused", "Idempotent sends and prepares refused for their producer stamp, by code (OUT_OF_ORDER_SEQUENCE: a sequence arrived before an earlier one; DUPLICATE_SEQUENCE, UNKNOWN_PRODUCER_ID, PRODUCER_FENCED); nothing was stored", &f.stamps_refused),
         ];
         for (name, help, family) in counters {
             r.register(name, help, family.clone());
@@ -330,6 +333,23 @@ impl Metrics {
             .clone();
         c.inc();
         self.dead_letters.insert(group.into(), c);
+    }
+
+    /// A stamped send or prepare was answered with `code`: counted when it
+    /// is a refusal of its producer stamp (rare: no handle is cached).
+    pub(crate) fn stamp_refused(&self, code: ErrorCode) {
+        if matches!(
+            code,
+            ErrorCode::OutOfOrderSequence
+                | ErrorCode::DuplicateSequence
+                | ErrorCode::UnknownProducerId
+                | ErrorCode::ProducerFenced
+        ) {
+            self.families
+                .stamps_refused
+                .get_or_create(&[("code", code.name().to_string())])
+                .inc();
+        }
     }
 
     /// Per topic seen since start: (topic, messages in, bytes in, messages

@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod chaos;
 pub mod lazyfs;
+pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod rng;

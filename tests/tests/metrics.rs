@@ -8,35 +8,15 @@
 //! The Prometheus parts skip, saying so, only where the `prometheus` or
 //! `promtool` binary cannot be found (`.ci/run` installs them).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use txmq_tests::metrics::{http_get, sample};
 use txmq_tests::output::ok;
 use txmq_tests::{binary, free_port, txmq_cli, BrokerProcess, NameserverProcess};
-
-/// `GET path` over HTTP/1.0 (no chunking); (status, body), or `None`
-/// while nothing listens.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
-
-/// The value of the sample `series` (name and labels as exposed).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (s, v) = l.rsplit_once(' ')?;
-        (s == series).then(|| v.parse().ok())?
-    })
-}
 
 /// Scrapes `addr` until `check` accepts the text (bounded wait).
 fn scrape_until(addr: &str, what: &str, check: impl Fn(&str) -> bool) -> String {

@@ -130,7 +130,10 @@ impl Service for BrokerService {
                 Request::GetReplication(_) => {
                     Ok(Response::GetReplication(Box::new(b.replication.info(&b))))
                 }
-                Request::Send(r) => send::handle(&b, r, more_coming).await.map(Response::Send),
+                Request::Send(r) => send::handle(&b, r, more_coming)
+                    .await
+                    .inspect_err(|e| b.metrics.stamp_refused(e.code))
+                    .map(Response::Send),
                 Request::InitProducer(_) => {
                     detached(b, |b| async move { send::init_producer(&b).await })
                         .await
@@ -146,8 +149,10 @@ impl Service for BrokerService {
                 // run to completion on their own task (one per transaction
                 // step, not per message).
                 Request::PrepareTransaction(r) => {
+                    let metrics = b.metrics.clone();
                     detached(b, |b| async move { transaction::prepare(&b, r).await })
                         .await
+                        .inspect_err(|e| metrics.stamp_refused(e.code))
                         .map(Response::PrepareTransaction)
                 }
                 Request::EndTransaction(r) => {
