@@ -357,6 +357,47 @@ impl Drop for PendingEntry<'_> {
     }
 }
 
+/// How [`Connection::request_when`] went.
+pub enum Queued<'a> {
+    /// The request is on its way: its answer comes through the [`Reply`].
+    Sent(Reply<'a>),
+    /// `ready` said no: nothing was sent, and this is the request back.
+    NotReady(Request),
+}
+
+/// A request sent on a connection, and its answer to come. Dropped before
+/// the answer, it leaves nothing pending (the answer, if it comes, is dropped).
+pub struct Reply<'a> {
+    conn: &'a Connection,
+    entry: PendingEntry<'a>,
+    rx: oneshot::Receiver<Result<Response, WireError>>,
+    deadline: Instant,
+    kind: &'static str,
+    timeout: Duration,
+}
+
+impl Reply<'_> {
+    /// Waits for the answer, up to the request's deadline.
+    ///
+    /// # Errors
+    /// As [`Connection::call`], but for [`Error::UnexpectedResponse`].
+    pub async fn answer(mut self) -> Result<Response, Error> {
+        match (&mut self.rx).await {
+            Ok(answer) => {
+                // The reader removed the entry when it took the answer.
+                self.entry.armed = false;
+                answer.map_err(Error::Remote)
+            }
+            // The sweeper dropped the entry at its deadline, or the
+            // connection closed and dropped them all.
+            Err(_) if Instant::now() >= self.deadline => {
+                Err(self.conn.timed_out(self.kind, self.timeout))
+            }
+            Err(_) => Err(self.conn.closed_error()),
+        }
+    }
+}
+
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Connection {
@@ -545,6 +586,32 @@ impl Connection {
     /// # Errors
     /// As [`Connection::call`].
     pub async fn request(&self, request: Request, timeout: Duration) -> Result<Response, Error> {
+        match self.request_when(request, timeout, &mut |_| true).await? {
+            Queued::Sent(reply) => reply.answer().await,
+            Queued::NotReady(_) => unreachable!("a request always ready was not sent"),
+        }
+    }
+
+    /// Queues a request once `ready` says so, and hands back its [`Reply`]
+    /// without waiting for the answer. `ready` is called at most once,
+    /// when the frame has room: under the connection's write lock, so that
+    /// requests made ready in some order (numbered by `ready`, say) reach
+    /// the peer in that order, whichever task queues them. It may change
+    /// the request; false sends nothing and hands the request back
+    /// ([`Queued::NotReady`]). `timeout` counts the wait for room too.
+    ///
+    /// `ready` runs with a lock held that every sender on this connection
+    /// takes: it must be quick and must not send on this connection.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when the frame found no room in time,
+    /// [`Error::Closed`].
+    pub async fn request_when(
+        &self,
+        request: Request,
+        timeout: Duration,
+        ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
+    ) -> Result<Queued<'_>, Error> {
         let kind = request.kind();
         let deadline = Instant::now() + timeout;
         if self.is_closed() {
@@ -565,7 +632,7 @@ impl Connection {
             }
             pending.waiting.len() == 1
         };
-        let mut entry = PendingEntry {
+        let entry = PendingEntry {
             inner: &self.inner,
             id,
             armed: true,
@@ -574,9 +641,9 @@ impl Connection {
         // flight, the writer task gathers this one with the requests other
         // tasks send meanwhile into one write. A timer is armed only if the
         // frame has to wait for room.
-        let frame = Frame::Request(id, request);
+        let mut frame = Frame::Request(id, request);
         let sent = {
-            let send = send_frame(&self.inner, &frame, alone);
+            let send = send_frame(&self.inner, &mut frame, alone, ready);
             tokio::pin!(send);
             match send.as_mut().now_or_never() {
                 Some(sent) => sent,
@@ -586,20 +653,23 @@ impl Connection {
                 },
             }
         };
-        drop(frame);
-        if !sent {
-            return Err(self.closed_error());
-        }
-        match rx.await {
-            Ok(answer) => {
-                // The reader removed the entry when it took the answer.
-                entry.armed = false;
-                answer.map_err(Error::Remote)
+        match sent {
+            Sent::Queued => Ok(Queued::Sent(Reply {
+                conn: self,
+                entry,
+                rx,
+                deadline,
+                kind,
+                timeout,
+            })),
+            Sent::Closed => Err(self.closed_error()),
+            Sent::NotReady => {
+                drop(entry);
+                let Frame::Request(_, request) = frame else {
+                    unreachable!("a request frame stays one")
+                };
+                Ok(Queued::NotReady(request))
             }
-            // The sweeper dropped the entry at its deadline, or the
-            // connection closed and dropped them all.
-            Err(_) if Instant::now() >= deadline => Err(self.timed_out(kind, timeout)),
-            Err(_) => Err(self.closed_error()),
         }
     }
 
@@ -675,8 +745,13 @@ impl Connection {
     /// Sends an answer without waiting for room; false when it was not sent.
     fn respond(&self, id: u64, result: Result<Response, WireError>) -> bool {
         matches!(
-            try_queue(&self.inner, &Frame::Response(id, result), true),
-            Queue::Done
+            try_queue(
+                &self.inner,
+                &mut Frame::Response(id, result),
+                true,
+                &mut |_| true
+            ),
+            Some(Queue::Done)
         )
     }
 }
@@ -699,29 +774,42 @@ fn set_keepalive(stream: &TcpStream, idle: Duration) -> std::io::Result<()> {
 }
 
 /// Queues `frame` for the writer task, or, with `direct`, writes it at
-/// once when the writer task is idle and nothing is queued.
-fn try_queue(inner: &Inner, frame: &Frame, direct: bool) -> Queue {
+/// once when the writer task is idle and nothing is queued. A request
+/// frame goes only if `ready` says so once it has room (see
+/// [`Connection::request_when`]); `None` when it did not.
+fn try_queue(
+    inner: &Inner,
+    frame: &mut Frame,
+    direct: bool,
+    ready: &mut dyn FnMut(&mut Request) -> bool,
+) -> Option<Queue> {
     let mut w = inner.write.lock().unwrap_or_else(|e| e.into_inner());
     let w = &mut *w;
     if w.close || inner.closed.is_cancelled() {
-        return Queue::Closed;
+        return Some(Queue::Closed);
     }
-    if direct && w.queued.is_empty() && !w.unflushed {
-        if let Some(half) = w.half.as_mut() {
-            w.buf.clear();
-            encode_frame(&mut w.codec, frame, &mut w.buf, inner);
-            return match write_direct(inner, half, &w.buf, &mut w.queued, &mut w.unflushed) {
-                true => Queue::Done,
-                false => Queue::Closed,
-            };
+    let direct = direct && w.queued.is_empty() && !w.unflushed && w.half.is_some();
+    if !direct && w.queued.len() >= inner.config.max_queued_bytes {
+        return Some(Queue::Full);
+    }
+    if let Frame::Request(_, request) = frame {
+        if !ready(request) {
+            return None;
         }
     }
-    if w.queued.len() >= inner.config.max_queued_bytes {
-        return Queue::Full;
+    if let (true, Some(half)) = (direct, w.half.as_mut()) {
+        w.buf.clear();
+        encode_frame(&mut w.codec, frame, &mut w.buf, inner);
+        return Some(
+            match write_direct(inner, half, &w.buf, &mut w.queued, &mut w.unflushed) {
+                true => Queue::Done,
+                false => Queue::Closed,
+            },
+        );
     }
     encode_frame(&mut w.codec, frame, &mut w.queued, inner);
     inner.wake_writer.notify_one();
-    Queue::Done
+    Some(Queue::Done)
 }
 
 /// Writes `bytes` with the idle writer task's socket half, without waiting;
@@ -751,21 +839,34 @@ fn write_direct(
     true
 }
 
-/// Sends `frame` ([`try_queue`]), waiting for room in the queue; false when
-/// the connection is closed.
-async fn send_frame(inner: &Inner, frame: &Frame, direct: bool) -> bool {
+/// How [`send_frame`] went.
+enum Sent {
+    Queued,
+    /// `ready` said no.
+    NotReady,
+    Closed,
+}
+
+/// Sends `frame` ([`try_queue`]), waiting for room in the queue.
+async fn send_frame(
+    inner: &Inner,
+    frame: &mut Frame,
+    direct: bool,
+    ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
+) -> Sent {
     loop {
         let room = inner.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
-        match try_queue(inner, frame, direct) {
-            Queue::Done => return true,
-            Queue::Closed => return false,
-            Queue::Full => {}
+        match try_queue(inner, frame, direct, ready) {
+            Some(Queue::Done) => return Sent::Queued,
+            Some(Queue::Closed) => return Sent::Closed,
+            None => return Sent::NotReady,
+            Some(Queue::Full) => {}
         }
         tokio::select! {
             () = room => {}
-            () = inner.closed.cancelled() => return false,
+            () = inner.closed.cancelled() => return Sent::Closed,
         }
     }
 }
@@ -1182,8 +1283,8 @@ fn answer_hello(
 /// Answers `id` with an error; the caller closes the connection next. A
 /// peer that leaves no room in the queue does not get it.
 fn refuse(conn: &Connection, id: u64, code: ErrorCode, message: String) {
-    let frame = Frame::Response(id, Err(WireError::new(code, message)));
-    let _ = try_queue(&conn.inner, &frame, true);
+    let mut frame = Frame::Response(id, Err(WireError::new(code, message)));
+    let _ = try_queue(&conn.inner, &mut frame, true, &mut |_| true);
 }
 
 /// Ends the waits of requests past their deadlines (see [`Pending`]):

@@ -27,7 +27,7 @@ pub mod server;
 pub mod tls;
 
 pub use acl::{auth_signature, AclStore, Credentials, Op, ServerSecurity};
-pub use connection::{Connection, ConnectionConfig, Service};
+pub use connection::{Connection, ConnectionConfig, Queued, Reply, Service};
 pub use tls::{TlsClient, TlsFiles, TlsServer, TlsSetupError};
 
 /// Types a [`Service`] implementation names.

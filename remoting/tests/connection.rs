@@ -313,3 +313,97 @@ async fn requests_in_flight_are_bounded_in_bytes() {
     assert!((1..=3).contains(&most), "served {most} at once");
     shutdown.cancel();
 }
+
+/// Records the topics of the GetRoute requests it is handed, in the order
+/// the reader hands them over (the order they arrived), and echoes them.
+#[derive(Default)]
+struct Arrivals(std::sync::Mutex<Vec<String>>);
+
+impl Service for Arrivals {
+    fn call(&self, _: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let Request::GetRoute(r) = request else {
+            return Box::pin(async { Err(WireError::new(ErrorCode::UnsupportedRequest, "")) });
+        };
+        self.0.lock().unwrap().push(r.topic.clone());
+        Box::pin(async move {
+            Ok(Response::GetRoute(TopicRoute {
+                topic: r.topic,
+                brokers: vec![],
+            }))
+        })
+    }
+}
+
+/// `request_when`: requests numbered by `ready` reach the peer in the order
+/// of their numbers, whichever of many tasks queues them; a request `ready`
+/// refuses is handed back, and nothing is sent or left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_made_ready_in_some_order_arrive_in_that_order() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let arrivals = Arc::new(Arrivals::default());
+    tokio::spawn(server::serve(
+        listener,
+        arrivals.clone(),
+        ConnectionConfig::default(),
+        shutdown.clone(),
+    ));
+    let conn = client(&addr, None).await;
+    let timeout = Duration::from_secs(10);
+
+    let refused = conn
+        .request_when(
+            GetRoute { topic: "x".into() }.into_request(),
+            timeout,
+            &mut |_| false,
+        )
+        .await
+        .unwrap();
+    match refused {
+        txmq_remoting::Queued::NotReady(Request::GetRoute(r)) => assert_eq!(r.topic, "x"),
+        txmq_remoting::Queued::NotReady(other) => panic!("another request back: {other:?}"),
+        txmq_remoting::Queued::Sent(_) => panic!("sent though not ready"),
+    }
+    assert_eq!(conn.pending_requests(), 0);
+
+    const TASKS: usize = 8;
+    const EACH: usize = 50;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let (conn, next) = (conn.clone(), next.clone());
+            tokio::spawn(async move {
+                for _ in 0..EACH {
+                    let mut number = |r: &mut Request| {
+                        if let Request::GetRoute(g) = r {
+                            let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            g.topic = n.to_string();
+                        }
+                        true
+                    };
+                    let request = GetRoute {
+                        topic: String::new(),
+                    }
+                    .into_request();
+                    let txmq_remoting::Queued::Sent(reply) = conn
+                        .request_when(request, timeout, &mut number)
+                        .await
+                        .unwrap()
+                    else {
+                        panic!("always ready");
+                    };
+                    reply.answer().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = arrivals.0.lock().unwrap().clone();
+    let want: Vec<String> = (0..TASKS * EACH).map(|n| n.to_string()).collect();
+    assert_eq!(seen, want, "arrived out of their order");
+    assert_eq!(conn.pending_requests(), 0);
+    shutdown.cancel();
+}
