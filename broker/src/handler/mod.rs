@@ -15,6 +15,7 @@ mod transaction;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use txmq_protocol::{
     ErrorCode, Hello, HelloOk, Pong, Request, Response, Role, TopicConfig, WireError,
     PROTOCOL_VERSION,
@@ -266,19 +267,33 @@ pub(crate) mod front {
     }
 }
 
-/// Runs `f` on its own task so that it completes even if the caller is dropped.
+/// Runs `f` so that it completes even if the caller is dropped: polled
+/// once here, then on its own task. The first poll keeps one connection's
+/// requests in the order they were read up to their store writes (where a
+/// prepare's producer stamp is checked): spawned at once, a task spawned
+/// after it could run first.
 async fn detached<T, F, Fut>(b: Arc<BrokerInner>, f: F) -> Result<T, WireError>
 where
     T: Send + 'static,
     F: FnOnce(Arc<BrokerInner>) -> Fut,
     Fut: std::future::Future<Output = Result<T, WireError>> + Send + 'static,
 {
-    tokio::spawn(f(b)).await.unwrap_or_else(|e| {
+    let failed = |what: String| {
         Err(WireError::new(
             ErrorCode::Internal,
-            format!("handler failed: {e}"),
+            format!("handler failed: {what}"),
         ))
-    })
+    };
+    // A panic fails the request alone, on either side of the first poll.
+    let mut run = Box::pin(std::panic::AssertUnwindSafe(f(b)).catch_unwind());
+    let done = match run.as_mut().now_or_never() {
+        Some(done) => done,
+        None => match tokio::spawn(run).await {
+            Ok(done) => done,
+            Err(e) => return failed(e.to_string()),
+        },
+    };
+    done.unwrap_or_else(|_| failed("panicked".into()))
 }
 
 /// The store's errors as wire errors.

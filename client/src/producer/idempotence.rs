@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp};
+use txmq_protocol::{
+    Call, ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request,
+};
+use txmq_remoting::{Connection, Queued};
 
 use crate::pool::ConnectionPool;
 
@@ -161,6 +164,9 @@ struct QueueSeq {
     /// [`MAX_IN_FLIGHT_PER_QUEUE`] batches, so no more are stamped while
     /// an older one may still be retried (see [`Ids::stamp_send_windowed`]).
     window: VecDeque<(u64, bool)>,
+    /// A send found the window full: the next end wakes the sends waiting
+    /// (only then: waking takes the producer-wide [`Ids::ended`]'s lock).
+    waiting: bool,
 }
 
 /// A send whose outcome stayed unknown: where it went and with which stamp.
@@ -199,39 +205,33 @@ impl Ids {
         self.identity.producer_id
     }
 
-    /// [`Ids::stamp_send`], once fewer than [`MAX_IN_FLIGHT_PER_QUEUE`]
-    /// sends were stamped since the oldest send of the queue still open:
-    /// however many later sends the broker stores meanwhile, a retry of
-    /// that one is still among the batches it remembers, and is answered
-    /// as the duplicate it is. Waits at most `wait` (a send abandoned
-    /// without ending leaves its place taken; the broker then answers a
-    /// retry it forgot `DUPLICATE_SEQUENCE`, and stores nothing).
-    pub(crate) async fn stamp_send_windowed(
+    /// [`Ids::stamp_send`], if fewer than [`MAX_IN_FLIGHT_PER_QUEUE`]
+    /// sends were stamped since the oldest send of the queue still open (or
+    /// `anyway`): however many later sends the broker stores meanwhile, a
+    /// retry of that one is still among the batches it remembers, and is
+    /// answered as the duplicate it is. [`call_stamped`] waits for room a
+    /// while, then stamps anyway (a send abandoned without ending leaves its
+    /// place taken; the broker then answers a retry it forgot
+    /// `DUPLICATE_SEQUENCE`, and stores nothing).
+    pub(crate) fn try_stamp_send(
         &self,
         topic: &str,
         queue: u32,
         count: u64,
-        wait: Duration,
-    ) -> ProducerStamp {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let ended = self.ended.notified();
-            {
-                let mut queues = lock(&self.queues);
-                let seq = entry_of(&mut queues, topic).entry(queue).or_default();
-                while seq.window.front().is_some_and(|(_, done)| *done) {
-                    seq.window.pop_front();
-                }
-                if seq.window.len() < MAX_IN_FLIGHT_PER_QUEUE
-                    || tokio::time::Instant::now() >= deadline
-                {
-                    let stamp = Self::draw(seq, count);
-                    seq.window.push_back((stamp, false));
-                    return self.stamp(stamp);
-                }
-            }
-            let _ = tokio::time::timeout_at(deadline, ended).await;
+        anyway: bool,
+    ) -> Option<ProducerStamp> {
+        let mut queues = lock(&self.queues);
+        let seq = entry_of(&mut queues, topic).entry(queue).or_default();
+        while seq.window.front().is_some_and(|(_, done)| *done) {
+            seq.window.pop_front();
         }
+        if seq.window.len() >= MAX_IN_FLIGHT_PER_QUEUE && !anyway {
+            seq.waiting = true;
+            return None;
+        }
+        let stamp = Self::draw(seq, count);
+        seq.window.push_back((stamp, false));
+        Some(self.stamp(stamp))
     }
 
     /// The next `count` sequences of a queue, marked in flight.
@@ -295,7 +295,9 @@ impl Ids {
             }
             if let Some(w) = seq.window.iter_mut().find(|(s, _)| *s == stamp.sequence) {
                 w.1 = true;
-                self.ended.notify_waiters();
+                if std::mem::take(&mut seq.waiting) {
+                    self.ended.notify_waiters();
+                }
             }
             if ending == Ending::NotStored && seq.next == stamp.sequence + count {
                 seq.next = stamp.sequence;
@@ -306,6 +308,68 @@ impl Ids {
     /// A prepare ended (as [`Ids::finish_send`]).
     pub(crate) fn finish_prepare(&self, stamp: ProducerStamp, ending: Ending) {
         self.finish_send(PREPARES.0, PREPARES.1, stamp, 1, ending);
+    }
+}
+
+/// The stamp slot of the requests that carry one.
+fn stamp_slot(request: &mut Request) -> Option<&mut Option<ProducerStamp>> {
+    match request {
+        Request::Send(send) => Some(&mut send.producer),
+        Request::PrepareTransaction(prepare) => Some(&mut prepare.producer),
+        _ => None,
+    }
+}
+
+/// Sends `request` on `conn` stamped under `ids` with the sequence `draw`
+/// gives, drawn as its frame is queued on the connection: sends of one
+/// queue reach the broker in the order of their sequences, however many
+/// tasks share the producer (a sequence drawn before a wait would let a
+/// later one overtake it, which the broker refuses as out of order).
+/// While `draw(false)` gives none (the queue's window is full), waits for
+/// a send of `ids` to end, then after `timeout` draws with `draw(true)`.
+///
+/// Returns the stamp drawn, `None` when nothing was sent.
+pub(crate) async fn call_stamped<C: Call>(
+    conn: &Connection,
+    ids: &Ids,
+    request: C,
+    timeout: Duration,
+    draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
+) -> (
+    Option<ProducerStamp>,
+    Result<C::Reply, txmq_remoting::Error>,
+) {
+    let mut request = request.into_request();
+    let kind = request.kind();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // Made before the draw (no lock taken): it sees every end after
+        // that, so one between a refused draw and the wait is not missed.
+        let ended = ids.ended.notified();
+        let anyway = tokio::time::Instant::now() >= deadline;
+        let mut drawn = None;
+        let mut ready = |r: &mut Request| match stamp_slot(r) {
+            Some(slot) => {
+                *slot = draw(anyway);
+                drawn = *slot;
+                drawn.is_some()
+            }
+            None => true,
+        };
+        match conn.request_when(request, timeout, &mut ready).await {
+            Err(e) => return (None, Err(e)),
+            Ok(Queued::Sent(reply)) => {
+                let answer = reply.answer().await.and_then(|response| {
+                    C::from_response(response)
+                        .map_err(|_| txmq_remoting::Error::UnexpectedResponse { kind })
+                });
+                return (drawn, answer);
+            }
+            Ok(Queued::NotReady(back)) => {
+                request = back;
+                let _ = tokio::time::timeout_at(deadline, ended).await;
+            }
+        }
     }
 }
 
@@ -484,38 +548,36 @@ mod tests {
         })
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn no_more_than_five_sends_are_stamped_past_the_oldest_open_one() {
-        let ids = Arc::new(ids());
-        let wait = Duration::from_secs(30);
-        let oldest = ids.stamp_send_windowed("t", 0, 1, wait).await;
-        let mut later = Vec::new();
+    #[test]
+    fn no_more_than_five_sends_are_stamped_past_the_oldest_open_one() {
+        let ids = ids();
+        let oldest = ids.try_stamp_send("t", 0, 1, false).expect("room");
         for _ in 0..4 {
-            let s = ids.stamp_send_windowed("t", 0, 1, wait).await;
+            let s = ids.try_stamp_send("t", 0, 1, false).expect("room");
             // Answered: they end, but the oldest is still open.
             ids.finish_send("t", 0, s, 1, Ending::Stored);
-            later.push(s);
         }
-        // A sixth would let the broker forget the oldest: it waits.
-        let waiting = {
-            let ids = ids.clone();
-            tokio::spawn(async move { ids.stamp_send_windowed("t", 0, 1, wait).await })
-        };
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(!waiting.is_finished(), "stamped past the window");
+        // A sixth would let the broker forget the oldest: no stamp yet.
+        assert_eq!(ids.try_stamp_send("t", 0, 1, false), None);
         // Another queue is not held up.
-        let other = ids.stamp_send_windowed("t", 1, 1, wait).await;
-        assert_eq!(other.sequence, 0);
+        assert_eq!(
+            ids.try_stamp_send("t", 1, 1, false).map(|s| s.sequence),
+            Some(0)
+        );
         ids.finish_send("t", 0, oldest, 1, Ending::Stored);
-        let sixth = waiting.await.expect("stamps once the oldest ended");
+        let sixth = ids
+            .try_stamp_send("t", 0, 1, false)
+            .expect("room once the oldest ended");
         assert_eq!(sixth.sequence, 5);
-        // A send abandoned without ending holds its place only until the wait ends.
-        let _abandoned = ids.stamp_send_windowed("t", 2, 1, wait).await;
+        // A send abandoned without ending holds its place until the caller
+        // stops waiting and stamps anyway.
+        let _abandoned = ids.try_stamp_send("t", 2, 1, false);
         for _ in 0..4 {
-            let s = ids.stamp_send_windowed("t", 2, 1, wait).await;
+            let s = ids.try_stamp_send("t", 2, 1, false).expect("room");
             ids.finish_send("t", 2, s, 1, Ending::Stored);
         }
-        let late = ids.stamp_send_windowed("t", 2, 1, wait).await;
+        assert_eq!(ids.try_stamp_send("t", 2, 1, false), None);
+        let late = ids.try_stamp_send("t", 2, 1, true).expect("anyway");
         assert_eq!(late.sequence, 5);
     }
 

@@ -525,6 +525,7 @@ impl Producer {
             if failed_addr.as_deref() == Some(mq.addr.as_str()) {
                 tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
             }
+            let mut fresh = None;
             if held.is_none() {
                 match idem
                     .grant(&mq.broker_name, &mq.addr, &self.inner.pool, timeout)
@@ -555,16 +556,8 @@ impl Producer {
                                 }
                             }
                         }
-                        held = Some(Pending {
-                            broker_name: mq.broker_name.clone(),
-                            topic: topic.to_string(),
-                            queue: mq.queue,
-                            count,
-                            stamp: ids
-                                .stamp_send_windowed(topic, mq.queue, count, timeout)
-                                .await,
-                            ids,
-                        });
+                        // Its sequence is drawn as its frame is queued.
+                        fresh = Some(ids);
                     }
                     Ok(Grant::Plain) => {}
                     Err(e) => {
@@ -607,9 +600,25 @@ impl Producer {
                 queue: mq.queue,
                 messages: messages.to_vec(),
             };
-            let (result, sent) = match self.inner.pool.get(&mq.addr).await {
-                Ok(conn) => (conn.call_with_timeout(request, timeout).await, true),
-                Err(e) => (Err(e), false),
+            let (result, sent) = match (self.inner.pool.get(&mq.addr).await, fresh) {
+                (Ok(conn), None) => (conn.call_with_timeout(request, timeout).await, true),
+                (Ok(conn), Some(ids)) => {
+                    let mut draw = |anyway| ids.try_stamp_send(topic, mq.queue, count, anyway);
+                    let (stamp, result) =
+                        idempotence::call_stamped(&conn, &ids, request, timeout, &mut draw).await;
+                    if let Some(stamp) = stamp {
+                        held = Some(Pending {
+                            broker_name: mq.broker_name.clone(),
+                            topic: topic.to_string(),
+                            queue: mq.queue,
+                            count,
+                            stamp,
+                            ids,
+                        });
+                    }
+                    (result, stamp.is_some())
+                }
+                (Err(e), _) => (Err(e), false),
             };
             if let Some((_, place)) = &permit {
                 place.answered(&result);

@@ -20,7 +20,9 @@ use crate::config::{client_setters, required_group};
 use crate::drain::Drain;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
-use crate::producer::idempotence::{id_refused, Ending, Grant, Idempotence, Ids, Place, PREPARES};
+use crate::producer::idempotence::{
+    call_stamped, id_refused, Ending, Grant, Idempotence, Ids, Place, PREPARES,
+};
 use crate::producer::{random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
 use crate::{ClientConfig, Error, Message, Result};
@@ -861,6 +863,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 // Never sent there, or surely not stored: give it back.
                 give_up(held.take(), false);
             }
+            let mut fresh = None;
             let granted = if held.is_some() {
                 Ok(())
             } else {
@@ -874,8 +877,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
                                 .map(|p| (broker.clone(), p));
                         }
                         if permit.is_some() {
-                            let stamp = ids.stamp_prepare();
-                            held = Some((broker.clone(), ids, stamp));
+                            // Its sequence is drawn as its frame is queued.
+                            fresh = Some(ids);
                             Ok(())
                         } else {
                             // Its broker answers none of the prepares in flight.
@@ -901,9 +904,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     message: m.clone(),
                 })
                 .collect();
-            let stamp = held.as_ref().map(|(_, _, s)| *s);
             let request = PrepareTransaction {
-                producer: stamp,
+                producer: held.as_ref().map(|(_, _, s)| *s),
                 offsets: offsets.iter().map(|o| o.offset.clone()).collect(),
                 producer_group: self.inner.group.clone(),
                 messages: halves,
@@ -912,11 +914,21 @@ impl<L: TransactionListener> TransactionProducer<L> {
             };
             let (result, sent) = match granted {
                 Err(e) => (Err(e), false),
-                Ok(()) => match self.inner.pool.get(&addr).await {
-                    Ok(conn) => (conn.call_with_timeout(request, timeout).await, true),
-                    Err(e) => (Err(e), false),
+                Ok(()) => match (self.inner.pool.get(&addr).await, fresh) {
+                    (Ok(conn), None) => (conn.call_with_timeout(request, timeout).await, true),
+                    (Ok(conn), Some(ids)) => {
+                        let mut draw = |_| Some(ids.stamp_prepare());
+                        let (stamp, result) =
+                            call_stamped(&conn, &ids, request, timeout, &mut draw).await;
+                        if let Some(stamp) = stamp {
+                            held = Some((broker.clone(), ids, stamp));
+                        }
+                        (result, stamp.is_some())
+                    }
+                    (Err(e), _) => (Err(e), false),
                 },
             };
+            let stamp = held.as_ref().map(|(_, _, s)| *s);
             if let Some((_, place)) = &permit {
                 place.answered(&result);
             }
