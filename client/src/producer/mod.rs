@@ -653,8 +653,9 @@ impl Producer {
                     && std::time::Instant::now() < reorder_deadline
                 {
                     // An earlier send of this queue has not reached the
-                    // broker yet (requests are handled concurrently):
-                    // this one is next once it has.
+                    // broker yet: one connection keeps them in sequence
+                    // order, but an earlier one may be a retry on a new
+                    // connection. This one is next once it has.
                     tokio::time::sleep(REORDER_PAUSE).await;
                     continue;
                 }
