@@ -396,6 +396,15 @@ impl Reply<'_> {
             Err(_) => Err(self.conn.closed_error()),
         }
     }
+
+    /// [`Reply::answer`], as the typed answer of `C`.
+    ///
+    /// # Errors
+    /// As [`Connection::call`].
+    pub async fn answer_as<C: Call>(self) -> Result<C::Reply, Error> {
+        let kind = self.kind;
+        C::from_response(self.answer().await?).map_err(|_| Error::UnexpectedResponse { kind })
+    }
 }
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
@@ -574,10 +583,13 @@ impl Connection {
         request: C,
         timeout: Duration,
     ) -> Result<C::Reply, Error> {
-        let request = request.into_request();
-        let kind = request.kind();
-        let response = self.request(request, timeout).await?;
-        C::from_response(response).map_err(|_| Error::UnexpectedResponse { kind })
+        match self
+            .request_when(request.into_request(), timeout, &mut |_| true)
+            .await?
+        {
+            Queued::Sent(reply) => reply.answer_as::<C>().await,
+            Queued::NotReady(_) => unreachable!("a request always ready was not sent"),
+        }
     }
 
     /// Sends a request and waits up to `timeout` for the answer; the
@@ -605,7 +617,8 @@ impl Connection {
     ///
     /// # Errors
     /// [`Error::Timeout`] when the frame found no room in time,
-    /// [`Error::Closed`].
+    /// [`Error::Closed`]: also after `ready` said yes, when the write of
+    /// the frame failed (the peer may have read it).
     pub async fn request_when(
         &self,
         request: Request,

@@ -271,7 +271,9 @@ pub(crate) mod front {
 /// once here, then on its own task. The first poll keeps one connection's
 /// requests in the order they were read up to their store writes (where a
 /// prepare's producer stamp is checked): spawned at once, a task spawned
-/// after it could run first.
+/// after it could run first. That poll runs on the connection's reader
+/// task, so what `f` does before its first wait must stay short (checks
+/// and queueing a store write, as today).
 async fn detached<T, F, Fut>(b: Arc<BrokerInner>, f: F) -> Result<T, WireError>
 where
     T: Send + 'static,
@@ -293,7 +295,14 @@ where
             Err(e) => return failed(e.to_string()),
         },
     };
-    done.unwrap_or_else(|_| failed("panicked".into()))
+    done.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        failed(format!("panicked: {what}"))
+    })
 }
 
 /// The store's errors as wire errors.

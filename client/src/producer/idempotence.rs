@@ -162,7 +162,7 @@ struct QueueSeq {
     /// The sends stamped since the oldest one not yet ended (sequence,
     /// ended), oldest first: the broker remembers the last
     /// [`MAX_IN_FLIGHT_PER_QUEUE`] batches, so no more are stamped while
-    /// an older one may still be retried (see [`Ids::stamp_send_windowed`]).
+    /// an older one may still be retried (see [`Ids::try_stamp_send`]).
     window: VecDeque<(u64, bool)>,
     /// A send found the window full: the next end wakes the sends waiting
     /// (only then: waking takes the producer-wide [`Ids::ended`]'s lock).
@@ -247,10 +247,7 @@ impl Ids {
     pub(crate) fn stamp_send(&self, topic: &str, queue: u32, count: u64) -> ProducerStamp {
         let mut queues = lock(&self.queues);
         let seq = entry_of(&mut queues, topic).entry(queue).or_default();
-        let sequence = seq.next;
-        seq.next += count;
-        seq.in_flight.push(sequence);
-        self.stamp(sequence)
+        self.stamp(Self::draw(seq, count))
     }
 
     /// Draws the sequence of a prepare (one per prepare, whatever its
@@ -293,7 +290,13 @@ impl Ids {
             if let Some(at) = seq.in_flight.iter().position(|s| *s == stamp.sequence) {
                 seq.in_flight.swap_remove(at);
             }
-            if let Some(w) = seq.window.iter_mut().find(|(s, _)| *s == stamp.sequence) {
+            // Open entries only: a sequence given back (not stored) and
+            // drawn again is in the window twice, its first entry ended.
+            if let Some(w) = seq
+                .window
+                .iter_mut()
+                .find(|(s, done)| *s == stamp.sequence && !*done)
+            {
                 w.1 = true;
                 if std::mem::take(&mut seq.waiting) {
                     self.ended.notify_waiters();
@@ -328,7 +331,10 @@ fn stamp_slot(request: &mut Request) -> Option<&mut Option<ProducerStamp>> {
 /// While `draw(false)` gives none (the queue's window is full), waits for
 /// a send of `ids` to end, then after `timeout` draws with `draw(true)`.
 ///
-/// Returns the stamp drawn, `None` when nothing was sent.
+/// Returns the stamp drawn: `None` when nothing was sent; with an error,
+/// it may have been (a write that failed after the draw closes the
+/// connection, and the broker may have read the frame). `request` must
+/// carry a stamp (a send or a prepare).
 pub(crate) async fn call_stamped<C: Call>(
     conn: &Connection,
     ids: &Ids,
@@ -340,7 +346,6 @@ pub(crate) async fn call_stamped<C: Call>(
     Result<C::Reply, txmq_remoting::Error>,
 ) {
     let mut request = request.into_request();
-    let kind = request.kind();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         // Made before the draw (no lock taken): it sees every end after
@@ -357,14 +362,8 @@ pub(crate) async fn call_stamped<C: Call>(
             None => true,
         };
         match conn.request_when(request, timeout, &mut ready).await {
-            Err(e) => return (None, Err(e)),
-            Ok(Queued::Sent(reply)) => {
-                let answer = reply.answer().await.and_then(|response| {
-                    C::from_response(response)
-                        .map_err(|_| txmq_remoting::Error::UnexpectedResponse { kind })
-                });
-                return (drawn, answer);
-            }
+            Err(e) => return (drawn, Err(e)),
+            Ok(Queued::Sent(reply)) => return (drawn, reply.answer_as::<C>().await),
             Ok(Queued::NotReady(back)) => {
                 request = back;
                 let _ = tokio::time::timeout_at(deadline, ended).await;
@@ -579,6 +578,29 @@ mod tests {
         assert_eq!(ids.try_stamp_send("t", 2, 1, false), None);
         let late = ids.try_stamp_send("t", 2, 1, true).expect("anyway");
         assert_eq!(late.sequence, 5);
+    }
+
+    #[test]
+    fn a_sequence_drawn_again_ends_its_own_window_entry() {
+        let ids = ids();
+        let open = ids.try_stamp_send("t", 0, 1, false).expect("room");
+        let lost = ids.try_stamp_send("t", 0, 1, false).expect("room");
+        // Surely not stored and the last drawn: its sequence is drawn again.
+        ids.finish_send("t", 0, lost, 1, Ending::NotStored);
+        let again = ids.try_stamp_send("t", 0, 1, false).expect("room");
+        assert_eq!(again.sequence, lost.sequence);
+        ids.finish_send("t", 0, again, 1, Ending::Stored);
+        ids.finish_send("t", 0, open, 1, Ending::Stored);
+        // Every send ended: the window is empty again, five fit.
+        for _ in 0..5 {
+            let s = ids.try_stamp_send("t", 0, 1, false).expect("room");
+            ids.finish_send("t", 0, s, 1, Ending::Stored);
+        }
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(ids.try_stamp_send("t", 0, 1, false).expect("room"));
+        }
+        assert_eq!(ids.try_stamp_send("t", 0, 1, false), None);
     }
 
     #[test]
