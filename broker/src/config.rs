@@ -35,6 +35,10 @@ pub struct BrokerConfig {
     /// Under sync flush, how long an answer waits for its fdatasync before
     /// it is sent with status `FLUSH_DISK_TIMEOUT`.
     pub sync_flush_timeout: Duration,
+    /// Under async flush, how often the commit log is fdatasynced.
+    pub flush_interval: Duration,
+    /// How often the consume queues are fsynced and a checkpoint written.
+    pub checkpoint_interval: Duration,
     /// How often to re-register with the nameservers.
     pub heartbeat_interval: Duration,
     /// Create unknown topics on first send.
@@ -203,6 +207,8 @@ impl BrokerConfig {
             cluster: "DefaultCluster".into(),
             flush: FlushMode::Async,
             sync_flush_timeout: Duration::from_secs(5),
+            flush_interval: Duration::from_millis(500),
+            checkpoint_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(10),
             auto_create_topics: true,
             default_queues: 4,
@@ -279,6 +285,9 @@ impl BrokerConfig {
         }
         if self.heartbeat_interval.is_zero() {
             return Err("heartbeat interval must not be zero".into());
+        }
+        if self.flush_interval.is_zero() || self.checkpoint_interval.is_zero() {
+            return Err("--flush-interval and --checkpoint-interval must not be zero".into());
         }
         let tx = &self.transactions;
         if tx.check_interval.is_zero() || tx.check_rate == 0 || tx.check_max == 0 {
@@ -476,6 +485,16 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_SYNC_FLUSH_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub sync_flush_timeout: Option<Duration>,
+    /// Under async flush, how often the commit log is fdatasynced: what a
+    /// power cut may lose at most [default: 500ms].
+    #[arg(long, env = "TXMQ_FLUSH_INTERVAL", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub flush_interval: Option<Duration>,
+    /// How often the consume queues are fsynced and a checkpoint is
+    /// written: a restart replays the log from the last one [default: 1s].
+    #[arg(long, env = "TXMQ_CHECKPOINT_INTERVAL", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub checkpoint_interval: Option<Duration>,
     /// How often to re-register with the nameservers [default: 10s].
     #[arg(long, env = "TXMQ_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
@@ -718,6 +737,14 @@ impl BrokerArgs {
                 .sync_flush_timeout
                 .or(file.sync_flush_timeout)
                 .unwrap_or(d.sync_flush_timeout),
+            flush_interval: self
+                .flush_interval
+                .or(file.flush_interval)
+                .unwrap_or(d.flush_interval),
+            checkpoint_interval: self
+                .checkpoint_interval
+                .or(file.checkpoint_interval)
+                .unwrap_or(d.checkpoint_interval),
             heartbeat_interval: self
                 .heartbeat_interval
                 .or(file.heartbeat_interval)
@@ -897,6 +924,41 @@ mod tests {
         assert_eq!(c.segment_size, 64 << 20);
         assert_eq!(c.listen, "127.0.0.1:10911");
         assert_eq!(c.advertise_addr, None);
+        assert_eq!(c.flush_interval, Duration::from_millis(500));
+        assert_eq!(c.checkpoint_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn flush_and_checkpoint_intervals_come_from_flags_or_the_file_and_are_not_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "flush_interval = \"200ms\"\ncheckpoint_interval = \"5s\"\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = BrokerArgs::parse_from(["txmq-broker", "--config", file])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.flush_interval, Duration::from_millis(200));
+        assert_eq!(c.checkpoint_interval, Duration::from_secs(5));
+        let c = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--config",
+            file,
+            "--checkpoint-interval",
+            "2s",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.checkpoint_interval, Duration::from_secs(2));
+        for flag in ["--flush-interval", "--checkpoint-interval"] {
+            let err = BrokerArgs::parse_from(["txmq-broker", flag, "0s"])
+                .resolve()
+                .unwrap_err();
+            assert!(err.contains("must not be zero"), "{flag}: {err}");
+        }
     }
 
     #[test]

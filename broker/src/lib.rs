@@ -471,6 +471,8 @@ async fn start_incarnation(
     let mut store_config = StoreConfig::new(dir.clone());
     store_config.flush = config.flush;
     store_config.sync_flush_timeout = config.sync_flush_timeout;
+    store_config.async_flush_interval = config.flush_interval;
+    store_config.checkpoint_interval = config.checkpoint_interval;
     store_config.segment_size = config.segment_size;
     store_config.max_message_size = config.max_message_size;
     store_config.retention = config.retention;

@@ -1107,6 +1107,11 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
             b"segment_size = \"1KiB\"\n",
             &["segment size", "too small"],
         ),
+        (
+            "no-flush-interval.toml",
+            b"flush_interval = \"0s\"\n",
+            &["--flush-interval", "must not be zero"],
+        ),
     ];
     for (name, contents, says) in cases {
         let path = dir.path().join(name);
@@ -1121,7 +1126,7 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
         for s in *says {
             assert!(err.contains(s), "{name} says {s:?}: {err}");
         }
-        if *name != "impossible.toml" {
+        if !["impossible.toml", "no-flush-interval.toml"].contains(name) {
             assert!(err.contains(path.to_str().unwrap()), "{name}: {err}");
         }
         assert!(!err.contains("panicked"), "{name}: {err}");
