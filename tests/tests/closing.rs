@@ -71,17 +71,21 @@ async fn closing_a_producer_lets_its_sends_in_flight_finish_and_refuses_later_on
         .unwrap();
     producer.send(Message::new(TOPIC, "before")).await.unwrap();
 
-    // Every byte to and from the broker now takes 300 ms: a send is in
-    // flight for at least 600 ms.
+    // Every byte to and from the broker now takes 300 ms: the send's
+    // answer cannot arrive before 600 ms from here.
     proxy.set_delay(Some((Duration::from_millis(300), Duration::ZERO)));
+    let started = tokio::time::Instant::now();
     let sender = producer.clone();
     let in_flight =
         tokio::spawn(async move { sender.send(Message::new(TOPIC, "in flight")).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     producer.close().await.expect("nothing was cut off");
+    // The send's task may still be returning on the other worker when
+    // close returns, so the proof is the clock: close waited for the answer.
+    let waited = started.elapsed();
     assert!(
-        in_flight.is_finished(),
-        "close returned before the send in flight finished"
+        waited >= Duration::from_millis(600),
+        "close returned after {waited:?}, before the send in flight could finish"
     );
     let receipt = in_flight
         .await
