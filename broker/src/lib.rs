@@ -14,6 +14,7 @@ mod groups;
 mod grpc;
 mod handler;
 mod metrics;
+pub mod pending_map;
 mod pop;
 mod registration;
 mod replication;

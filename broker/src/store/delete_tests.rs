@@ -203,7 +203,7 @@ async fn a_rechecked_transaction_is_not_parked_again_by_recovery() {
     store.shutdown().await;
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
     let rec = store.take_recovered_transactions().unwrap();
-    let t = &rec.pending[0];
+    let t = rec.pending.values().next().unwrap();
     assert_eq!(
         (t.tx_id, t.checks, t.parked, t.rechecked_at),
         (tx, 3, false, 2)

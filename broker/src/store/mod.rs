@@ -47,6 +47,8 @@ use dashmap::DashMap;
 use tokio::sync::{oneshot, watch};
 use txmq_protocol::{Message, MsgId, ProducerStamp, RecordRef, StoredMessage, TxOffset};
 
+use crate::pending_map::PendingMap;
+
 use self::commit_log::CommitLog;
 use self::consume_queue::ConsumeQueue;
 pub use self::delay::{DelayStats, DELAY_TOPIC};
@@ -291,7 +293,7 @@ pub struct RecoveredTx {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveredTransactions {
     /// Pending (prepared or parked), by tx id.
-    pub pending: Vec<RecoveredTx>,
+    pub pending: PendingMap<RecoveredTx>,
     /// Ended since the oldest pending one: (tx id, committed?, first msg
     /// id, the default id when the marker did not carry it).
     pub ended: Vec<(u64, bool, MsgId)>,
@@ -563,7 +565,7 @@ impl Store {
         let tx_pending = recovered
             .transactions
             .pending
-            .iter()
+            .values()
             .filter_map(|t| t.first_half.map(|h| h.0))
             .collect();
         let replica = config.replica.then(|| writer::ReplicaWrite {

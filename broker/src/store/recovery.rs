@@ -36,6 +36,7 @@ use super::pop::{self, PopChange, PopOp, PopTable};
 use super::producers::{Batch, ProducerTable, PREPARE_KEY};
 use super::record::{self, Check, Record, RecordKind};
 use super::{ensure_queues, RecoveredTransactions, RecoveredTx, StoreConfig, StoreError};
+use crate::pending_map::PendingMap;
 
 pub(crate) struct Recovered {
     pub log: CommitLog,
@@ -174,7 +175,7 @@ pub enum TxChange {
 /// whole run and feeds it every record replication brings.
 #[derive(Default)]
 pub(crate) struct ReplayState {
-    pending: BTreeMap<u64, RecoveredTx>,
+    pending: PendingMap<RecoveredTx>,
     ended: BTreeMap<u64, (bool, MsgId)>,
     group: Option<OpenGroup>,
     /// Live (a slave): record what changed, for the store and the broker.
@@ -189,11 +190,7 @@ impl ReplayState {
     /// A state for a slave's replication, starting from what recovery found.
     pub(crate) fn live(recovered: &RecoveredTransactions) -> ReplayState {
         ReplayState {
-            pending: recovered
-                .pending
-                .iter()
-                .map(|t| (t.tx_id, t.clone()))
-                .collect(),
+            pending: recovered.pending.clone(),
             live: true,
             ..ReplayState::default()
         }
@@ -521,8 +518,7 @@ impl Replayer<'_> {
                 let t = self
                     .state
                     .pending
-                    .entry(group.tx_id)
-                    .or_insert(RecoveredTx {
+                    .get_or_insert_with(group.tx_id, || RecoveredTx {
                         tx_id: group.tx_id,
                         first_half: None,
                         halves: 0,
@@ -813,7 +809,7 @@ pub(crate) fn recover(
     }
     replayer.batcher.flush()?;
     let transactions = RecoveredTransactions {
-        pending: std::mem::take(&mut state.pending).into_values().collect(),
+        pending: std::mem::take(&mut state.pending),
         ended: std::mem::take(&mut state.ended)
             .into_iter()
             .map(|(tx_id, (committed, first))| (tx_id, committed, first))

@@ -207,7 +207,7 @@ async fn a_slave_holds_the_masters_log_byte_for_byte_and_derives_the_same_state(
         recovered
             .pending
             .iter()
-            .map(|t| t.tx_id)
+            .map(|(id, _)| *id)
             .collect::<Vec<_>>(),
         [pending]
     );

@@ -326,7 +326,8 @@ async fn a_prepared_transaction_is_invisible_until_committed_and_survives_reopen
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
     let rec = store.take_recovered_transactions().unwrap();
     assert_eq!(rec.pending.len(), 1);
-    assert_eq!((rec.pending[0].tx_id, rec.pending[0].checks), (tx_c, 1));
+    let t = rec.pending.values().next().unwrap();
+    assert_eq!((t.tx_id, t.checks), (tx_c, 1));
     let _ = (tx_a, tx_b);
     assert_eq!(bodies(&store, 1), vec!["body-1", "body-2"]);
     store.shutdown().await;
@@ -361,10 +362,10 @@ async fn a_commit_torn_by_a_crash_is_cut_whole_and_the_transaction_stays_pending
     );
     let rec = store.take_recovered_transactions().unwrap();
     assert_eq!(
-        rec.pending.iter().map(|t| t.tx_id).collect::<Vec<_>>(),
+        rec.pending.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         vec![tx]
     );
-    assert_eq!(rec.pending[0].halves, 3);
+    assert_eq!(rec.pending.get(&tx).unwrap().halves, 3);
     // Committing again works and shows each message once.
     store
         .commit_transaction(tx_ref(tx), vec![half(1), half(2), half(3)])

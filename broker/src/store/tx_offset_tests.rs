@@ -124,7 +124,7 @@ async fn a_torn_commit_loses_its_messages_and_its_offsets_together() {
     assert_eq!(store.committed_offset("pipeline", "orders", 0), None);
     let rec = store.take_recovered_transactions().unwrap();
     assert_eq!(
-        rec.pending.iter().map(|t| t.tx_id).collect::<Vec<_>>(),
+        rec.pending.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         vec![tx]
     );
     // Committed again: both, once.

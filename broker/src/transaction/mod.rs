@@ -11,7 +11,6 @@ mod check_back;
 mod due;
 mod forensics;
 mod offsets;
-mod pending_map;
 mod producers;
 
 use std::collections::{HashMap, VecDeque};
@@ -30,6 +29,7 @@ pub(crate) use check_back::run as run_check_back;
 pub(crate) use producers::{Producer, ProducerGroups};
 
 use crate::handler::store_error;
+use crate::pending_map::PendingMap;
 use crate::store::record::RecordKind;
 use crate::store::{
     RecoveredTransactions, RecoveredTx, Store, StoreError, TxChange, TxRef, PROP_CARRIED_CHECKS,
@@ -161,7 +161,7 @@ struct Halves {
 
 #[derive(Default)]
 struct Table {
-    pending: pending_map::PendingMap<Pending>,
+    pending: PendingMap<Pending>,
     /// The first message id of each pending transaction -> its tx id: a
     /// prepare retried after a lost reply finds its transaction here
     /// instead of storing a second copy.
@@ -325,14 +325,22 @@ impl Transactions {
         for (tx_id, committed, first_msg_id) in recovered.ended {
             table.remember_end(tx_id, committed, known_key(&first_msg_id));
         }
-        for (i, t) in recovered.pending.into_iter().enumerate() {
-            insert_recovered(&mut table, &store, &config, t);
+        // Sized once: growing by doubling holds the old table and the new
+        // one at the same time.
+        table.by_msg_id.reserve(recovered.pending.len());
+        let mut converted = 0;
+        // Converted where recovery left them: the recovered and the
+        // table's transactions never take memory side by side.
+        let pending = recovered.pending.map_values(|_, t| {
+            converted += 1;
             // Each reads its first half message through the log's mappings:
             // let go of those pages as it goes, not a million at once.
-            if i % RELEASE_EVERY == RELEASE_EVERY - 1 {
+            if converted % RELEASE_EVERY == 0 {
                 store.release_mapped_pages();
             }
-        }
+            recovered_entry(&mut table, &store, &config, t)
+        });
+        table.pending = pending;
         if !table.pending.is_empty() {
             tracing::info!(
                 pending = table.pending.len(),
@@ -1165,9 +1173,22 @@ fn final_state(action: TxAction) -> TxState {
 
 /// Puts a transaction as recovery (or replication) found it in the table.
 fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: RecoveredTx) {
-    let Some((pos, size)) = t.first_half else {
-        return;
-    };
+    let tx_id = t.tx_id;
+    if let Some(pending) = recovered_entry(table, store, config, t) {
+        table.pending.insert(tx_id, pending);
+    }
+}
+
+/// The table's entry for a recovered (or replicated) pending transaction,
+/// indexed by its first message id and due time; `None` when it has no
+/// half message yet.
+fn recovered_entry(
+    table: &mut Table,
+    store: &Store,
+    config: &TxConfig,
+    t: RecoveredTx,
+) -> Option<Pending> {
+    let (pos, size) = t.first_half?;
     let halves = Halves {
         first: pos,
         count: t.halves,
@@ -1181,26 +1202,21 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
             tx_id = t.tx_id,
             "half message of a pending transaction is unreadable; parked for an operator"
         );
-        let group = table.group("");
-        table.pending.insert(
-            t.tx_id,
-            Pending {
-                group,
-                first_msg_key: 0,
-                halves,
-                prepared_at: t.prepared_at,
-                next_check_at: u64::MAX,
-                checks: t.checks,
-                checked: Some(Box::new(Checked {
-                    last_error: Some("its half message is unreadable (damaged log)".into()),
-                    ..Checked::default()
-                })),
-                phase: Phase::Parked,
-                checking: false,
-                rechecked_at: t.rechecked_at,
-            },
-        );
-        return;
+        return Some(Pending {
+            group: table.group(""),
+            first_msg_key: 0,
+            halves,
+            prepared_at: t.prepared_at,
+            next_check_at: u64::MAX,
+            checks: t.checks,
+            checked: Some(Box::new(Checked {
+                last_error: Some("its half message is unreadable (damaged log)".into()),
+                ..Checked::default()
+            })),
+            phase: Phase::Parked,
+            checking: false,
+            rechecked_at: t.rechecked_at,
+        });
     };
     table
         .by_msg_id
@@ -1217,28 +1233,25 @@ fn insert_recovered(table: &mut Table, store: &Store, config: &TxConfig, t: Reco
     } else {
         t.last_check_at + config.check_interval.as_millis() as u64
     };
-    table.pending.insert(
-        t.tx_id,
-        Pending {
-            group,
-            first_msg_key: known_key(&first.message.msg_id),
-            halves,
-            prepared_at: t.prepared_at,
-            next_check_at,
-            checks: t.checks,
-            phase: if t.parked {
-                Phase::Parked
-            } else {
-                Phase::Prepared
-            },
-            checking: false,
-            rechecked_at: t.rechecked_at,
-            checked: None,
-        },
-    );
     if !t.parked {
         table.due.insert(t.tx_id, next_check_at);
     }
+    Some(Pending {
+        group,
+        first_msg_key: known_key(&first.message.msg_id),
+        halves,
+        prepared_at: t.prepared_at,
+        next_check_at,
+        checks: t.checks,
+        phase: if t.parked {
+            Phase::Parked
+        } else {
+            Phase::Prepared
+        },
+        checking: false,
+        rechecked_at: t.rechecked_at,
+        checked: None,
+    })
 }
 
 /// What a commit appends: the visible messages (real queue, message) and
@@ -1459,6 +1472,21 @@ mod tests {
         let size = std::mem::size_of::<Pending>();
         println!("Pending: {size} bytes");
         assert!(size <= 64, "Pending grew to {size} bytes");
+        // Recovery converts its transactions into these in place, which
+        // std does only while both slots have the same layout.
+        type TableSlot = Option<(u64, Pending)>;
+        type RecoveredSlot = Option<(u64, RecoveredTx)>;
+        assert_eq!(
+            (
+                std::mem::size_of::<TableSlot>(),
+                std::mem::align_of::<TableSlot>()
+            ),
+            (
+                std::mem::size_of::<RecoveredSlot>(),
+                std::mem::align_of::<RecoveredSlot>()
+            ),
+            "a table slot and a recovered slot must stay the same size"
+        );
     }
 
     fn config() -> TxConfig {

@@ -1,5 +1,6 @@
 //! The pending transactions by id, kept small: an ordered index of slot
-//! numbers over one dense vector of values.
+//! numbers over one dense vector of values. Recovery rebuilds them in one
+//! and the transaction table keeps them in another, converted in place.
 //!
 //! A `BTreeMap<u64, Pending>` fed in ascending order (transaction ids are
 //! log positions) leaves its nodes a little over half full, and each node
@@ -15,8 +16,8 @@ use std::collections::BTreeMap;
 const COMPACT_FLOOR: usize = 1024;
 
 /// An ordered map from transaction id to `V`.
-#[derive(Debug)]
-pub(super) struct PendingMap<V> {
+#[derive(Debug, Clone)]
+pub struct PendingMap<V> {
     /// Id -> slot in `slots`, in id order.
     index: BTreeMap<u64, u32>,
     /// The values with their ids; `None`: free.
@@ -35,27 +36,40 @@ impl<V> Default for PendingMap<V> {
     }
 }
 
+impl<V: PartialEq> PartialEq for PendingMap<V> {
+    /// The same ids with equal values, wherever their slots are.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl<V: Eq> Eq for PendingMap<V> {}
+
 impl<V> PendingMap<V> {
-    pub(super) fn len(&self) -> usize {
+    /// How many ids it holds.
+    pub fn len(&self) -> usize {
         self.index.len()
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
 
-    pub(super) fn get(&self, id: &u64) -> Option<&V> {
+    /// The value of `id`.
+    pub fn get(&self, id: &u64) -> Option<&V> {
         let slot = *self.index.get(id)?;
         self.slots[slot as usize].as_ref().map(|(_, v)| v)
     }
 
-    pub(super) fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
+    /// The value of `id`, to change.
+    pub fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
         let slot = *self.index.get(id)?;
         self.slots[slot as usize].as_mut().map(|(_, v)| v)
     }
 
     /// Inserts or replaces the value of `id`; returns the one replaced.
-    pub(super) fn insert(&mut self, id: u64, value: V) -> Option<V> {
+    pub fn insert(&mut self, id: u64, value: V) -> Option<V> {
         if let Some(&slot) = self.index.get(&id) {
             let old = self.slots[slot as usize].replace((id, value));
             return old.map(|(_, v)| v);
@@ -75,7 +89,54 @@ impl<V> PendingMap<V> {
         None
     }
 
-    pub(super) fn remove(&mut self, id: &u64) -> Option<V> {
+    /// The value of `id`, inserted by `make` when there is none.
+    pub fn get_or_insert_with(&mut self, id: u64, make: impl FnOnce() -> V) -> &mut V {
+        let slot = match self.index.get(&id) {
+            Some(&slot) => slot,
+            None => {
+                self.insert(id, make());
+                self.index[&id]
+            }
+        };
+        let (_, v) = self.slots[slot as usize]
+            .as_mut()
+            .expect("an indexed slot holds a value");
+        v
+    }
+
+    /// Converts every value with `convert` (in slot order), keeping the
+    /// index; those it turns into `None` are removed. When the slots of
+    /// `V` and `W` have the same layout the values are rewritten in the
+    /// vector they sit in, so a million recovered transactions become the
+    /// table's without a second copy.
+    pub fn map_values<W>(self, mut convert: impl FnMut(u64, V) -> Option<W>) -> PendingMap<W> {
+        let PendingMap {
+            mut index,
+            slots,
+            mut free,
+        } = self;
+        let mut dropped = Vec::new();
+        let slots: Vec<Option<(u64, W)>> = slots
+            .into_iter()
+            .enumerate()
+            .map(|(slot, value)| {
+                let (id, v) = value?;
+                let w = convert(id, v);
+                if w.is_none() {
+                    dropped.push((id, slot as u32));
+                }
+                w.map(|w| (id, w))
+            })
+            .collect();
+        for (id, slot) in dropped {
+            index.remove(&id);
+            free.push(slot);
+        }
+        PendingMap { index, slots, free }
+    }
+
+    /// Removes `id`; returns its value.
+    pub fn remove(&mut self, id: &u64) -> Option<V> {
         let slot = self.index.remove(id)?;
         let value = self.slots[slot as usize].take().map(|(_, v)| v);
         self.free.push(slot);
@@ -86,7 +147,7 @@ impl<V> PendingMap<V> {
     }
 
     /// In id order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
         self.index.iter().map(|(id, &slot)| {
             let (_, v) = self.slots[slot as usize]
                 .as_ref()
@@ -96,12 +157,12 @@ impl<V> PendingMap<V> {
     }
 
     /// In no particular order.
-    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut V)> {
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut V)> {
         self.slots.iter_mut().flatten().map(|(id, v)| (&*id, v))
     }
 
     /// In no particular order.
-    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+    pub fn values(&self) -> impl Iterator<Item = &V> {
         self.slots.iter().flatten().map(|(_, v)| v)
     }
 
@@ -156,6 +217,50 @@ mod tests {
         let mut want: Vec<u64> = model.values().map(|v| v + 1).collect();
         want.sort_unstable();
         assert_eq!(values, want);
+    }
+
+    #[test]
+    fn values_convert_in_place_and_those_refused_leave() {
+        let mut m = PendingMap::default();
+        for id in 0..1_000u64 {
+            m.insert(id * 10, [id as u8; 64]);
+        }
+        for id in (0..1_000u64).step_by(3) {
+            m.remove(&(id * 10));
+        }
+        *m.get_or_insert_with(20, || unreachable!()) = [7; 64];
+        m.get_or_insert_with(5, || [5; 64])[0] = 6;
+        let before = m.slots.as_ptr() as usize;
+        let len = m.len();
+        // Odd ids (only 5) are refused; every other value becomes its sum.
+        let converted = m.map_values(|id, v| {
+            (id % 2 == 0).then(|| {
+                [
+                    v.iter().map(|&b| u64::from(b)).sum::<u64>(),
+                    id,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ]
+            })
+        });
+        assert_eq!(
+            converted.slots.as_ptr() as usize,
+            before,
+            "converted in place"
+        );
+        assert_eq!(converted.len(), len - 1);
+        assert!(converted.get(&5).is_none());
+        assert_eq!(converted.get(&20).unwrap()[0], 7 * 64);
+        assert!(converted.iter().all(|(id, v)| v[1] == *id && id % 30 != 0));
+        // The refused one's slot is reused.
+        let mut converted = converted;
+        let slots = converted.slots.len();
+        converted.insert(7, [0; 8]);
+        assert_eq!(converted.slots.len(), slots);
     }
 
     #[test]
