@@ -396,6 +396,20 @@ impl Drop for NameserverProcess {
     }
 }
 
+/// The fields named in `names` of `/proc/PID/status`, in KiB (0 when a
+/// field is missing): `VmRSS:`, `VmHWM:`, `RssAnon:`, ...
+pub fn proc_status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    names.map(|name| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// Runs the `txmq` binary with `args` against `nameserver`, with `stdin` as input.
 pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::{create_topic, start_broker};
 use txmq::{handler_fn, ConsumeResult, Message, Producer, PushConsumer, ReceivedMessage};
-use txmq_tests::Cluster;
+use txmq_tests::{proc_status_kib, Cluster};
 
 const TOPIC: &str = "soak";
 const CONNECTIONS: usize = 1000;
@@ -26,16 +26,8 @@ const CONSUMERS: usize = 4;
 
 /// Resident memory of a process in KiB: (VmRSS, RssAnon, RssFile).
 fn rss_kib(pid: u32) -> (u64, u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+    let [rss, anon, file] = proc_status_kib(pid, ["VmRSS:", "RssAnon:", "RssFile:"]);
+    (rss, anon, file)
 }
 
 /// Open sockets of a process.
