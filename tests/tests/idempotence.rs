@@ -827,3 +827,58 @@ async fn a_producer_shared_by_sixteen_tasks_sends_in_sequence_order() {
     drop(broker);
     cluster.shutdown().await;
 }
+
+/// A send abandoned by its caller (a timeout around it, a `select!`) after
+/// its frame went out: the producer's later sends to that queue go on at
+/// once, and every message is stored once (the abandoned one at most once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_abandoned_in_flight_does_not_hold_up_the_queue() {
+    const TOPIC: &str = "abandoned";
+    let proxy = Proxy::bind().await.unwrap();
+    let cluster = proxied_cluster(&proxy).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, TOPIC, 1).await;
+    // A send waiting for room in its queue's window waits this long before
+    // it goes anyway: longer than the whole test is given below.
+    let producer = Producer::builder()
+        .nameserver(&ns)
+        .send_timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    producer.send(Message::new(TOPIC, "warm")).await.unwrap();
+
+    // Answers now take 300 ms; each of these sends is abandoned after 100.
+    proxy.set_delay(Some((Duration::from_millis(300), Duration::ZERO)));
+    for i in 0..2 {
+        let send = producer.send(Message::new(TOPIC, format!("abandoned-{i}")));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), send)
+                .await
+                .is_err(),
+            "the send was still in flight when abandoned"
+        );
+    }
+    proxy.heal();
+
+    let mut acked = HashSet::new();
+    let later = async {
+        for i in 0..10 {
+            let body = format!("later-{i}");
+            producer
+                .send(Message::new(TOPIC, body.clone()))
+                .await
+                .unwrap();
+            acked.insert(body);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), later)
+        .await
+        .expect("later sends waited behind the abandoned ones");
+    let mut sent = acked.clone();
+    sent.extend(["warm", "abandoned-0", "abandoned-1"].map(String::from));
+    acked.insert("warm".into());
+    let got = consume_all(&ns, "cg", TOPIC, acked.len(), Duration::from_secs(2)).await;
+    assert_exactly(&got, &acked, &sent);
+    cluster.shutdown().await;
+}

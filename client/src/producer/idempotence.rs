@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use txmq_protocol::{
     Call, ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request,
 };
-use txmq_remoting::{Connection, Queued};
+use txmq_remoting::{Connection, Queued, Reply};
 
 use crate::pool::ConnectionPool;
 
@@ -323,7 +323,7 @@ fn stamp_slot(request: &mut Request) -> Option<&mut Option<ProducerStamp>> {
     }
 }
 
-/// Sends `request` on `conn` stamped under `ids` with the sequence `draw`
+/// Queues `request` on `conn` stamped under `ids` with the sequence `draw`
 /// gives, drawn as its frame is queued on the connection: sends of one
 /// queue reach the broker in the order of their sequences, however many
 /// tasks share the producer (a sequence drawn before a wait would let a
@@ -331,21 +331,22 @@ fn stamp_slot(request: &mut Request) -> Option<&mut Option<ProducerStamp>> {
 /// While `draw(false)` gives none (the queue's window is full), waits for
 /// a send of `ids` to end, then after `timeout` draws with `draw(true)`.
 ///
-/// Returns the stamp drawn: `None` when nothing was sent; with an error,
-/// it may have been (a write that failed after the draw closes the
+/// Returns the stamp drawn (`None` when nothing was sent) and the reply to
+/// await: the caller holds the stamp before it waits, so that a send
+/// dropped while waiting still ends it. With an error, the request may
+/// have been sent (a write that failed after the draw closes the
 /// connection, and the broker may have read the frame). `request` must
 /// carry a stamp (a send or a prepare).
-pub(crate) async fn call_stamped<C: Call>(
-    conn: &Connection,
+pub(crate) async fn queue_stamped<'c>(
+    conn: &'c Connection,
     ids: &Ids,
-    request: C,
+    mut request: Request,
     timeout: Duration,
     draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
 ) -> (
     Option<ProducerStamp>,
-    Result<C::Reply, txmq_remoting::Error>,
+    Result<Reply<'c>, txmq_remoting::Error>,
 ) {
-    let mut request = request.into_request();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         // Made before the draw (no lock taken): it sees every end after
@@ -363,12 +364,30 @@ pub(crate) async fn call_stamped<C: Call>(
         };
         match conn.request_when(request, timeout, &mut ready).await {
             Err(e) => return (drawn, Err(e)),
-            Ok(Queued::Sent(reply)) => return (drawn, reply.answer_as::<C>().await),
+            Ok(Queued::Sent(reply)) => return (drawn, Ok(reply)),
             Ok(Queued::NotReady(back)) => {
                 request = back;
                 let _ = tokio::time::timeout_at(deadline, ended).await;
             }
         }
+    }
+}
+
+/// [`queue_stamped`], then the answer.
+pub(crate) async fn call_stamped<C: Call>(
+    conn: &Connection,
+    ids: &Ids,
+    request: C,
+    timeout: Duration,
+    draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
+) -> (
+    Option<ProducerStamp>,
+    Result<C::Reply, txmq_remoting::Error>,
+) {
+    let (drawn, queued) = queue_stamped(conn, ids, request.into_request(), timeout, draw).await;
+    match queued {
+        Ok(reply) => (drawn, reply.answer_as::<C>().await),
+        Err(e) => (drawn, Err(e)),
     }
 }
 

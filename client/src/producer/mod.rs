@@ -456,8 +456,13 @@ impl Producer {
         // The stamp this send holds, and whether an attempt with it may have
         // stored the send (then it keeps that stamp and queue to the end).
         // A send resent after an unknown outcome starts with its old stamp.
-        let mut held: Option<Pending> = idem.recall(first, topic, count);
-        let mut maybe_stored = held.is_some();
+        let mut held = Held {
+            idem,
+            first,
+            count,
+            stamp: idem.recall(first, topic, count),
+        };
+        let mut maybe_stored = held.stamp.is_some();
         let mut permit: Option<((String, u32), idempotence::Place)> = None;
         let mut failed_broker: Option<String> = None;
         let mut failed_addr: Option<String> = None;
@@ -481,10 +486,10 @@ impl Producer {
                 }
                 Err(e) => {
                     let error = last_error.unwrap_or(e);
-                    return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+                    return Err(held.give_up(maybe_stored, error));
                 }
             };
-            let chosen = match &held {
+            let chosen = match &held.stamp {
                 Some(h) => route
                     .writable
                     .iter()
@@ -498,7 +503,7 @@ impl Producer {
                 }
             };
             let Some(mq) = chosen else {
-                let error = match &held {
+                let error = match &held.stamp {
                     // Its group has no master now (a failover), or the
                     // queue is gone: only that queue can recognise it.
                     Some(h) => no_queue(
@@ -511,7 +516,7 @@ impl Producer {
                     ),
                     None => no_queue(topic, &route, target),
                 };
-                let waits = held.is_some() || matches!(error, Error::NoMaster { .. });
+                let waits = held.stamp.is_some() || matches!(error, Error::NoMaster { .. });
                 if waits && !last_attempt {
                     self.inner.routes.invalidate(topic, route.generation);
                     last_error = Some(error);
@@ -520,13 +525,13 @@ impl Producer {
                     continue;
                 }
                 let error = last_error.unwrap_or(error);
-                return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+                return Err(held.give_up(maybe_stored, error));
             };
             if failed_addr.as_deref() == Some(mq.addr.as_str()) {
                 tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
             }
             let mut fresh = None;
-            if held.is_none() {
+            if held.stamp.is_none() {
                 match idem
                     .grant(&mq.broker_name, &mq.addr, &self.inner.pool, timeout)
                     .await
@@ -545,14 +550,7 @@ impl Producer {
                                 None => {
                                     let error =
                                         no_place("Send", &mq.broker_name, &mq.addr, timeout);
-                                    return Err(self.give_up(
-                                        idem,
-                                        first,
-                                        held,
-                                        maybe_stored,
-                                        count,
-                                        error,
-                                    ));
+                                    return Err(held.give_up(maybe_stored, error));
                                 }
                             }
                         }
@@ -585,18 +583,18 @@ impl Producer {
                     }
                 }
             }
-            if let Some(h) = held.as_ref().filter(|_| permit.is_none()) {
+            if let Some(h) = held.stamp.as_ref().filter(|_| permit.is_none()) {
                 // A resend of a remembered send: it takes a place too.
                 match idem.permit(&h.broker_name, topic, h.queue, timeout).await {
                     Some(p) => permit = Some(((h.broker_name.clone(), h.queue), p)),
                     None => {
                         let error = no_place("Send", &mq.broker_name, &mq.addr, timeout);
-                        return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+                        return Err(held.give_up(maybe_stored, error));
                     }
                 }
             }
             let request = SendRequest {
-                producer: held.as_ref().map(|h| h.stamp),
+                producer: held.stamp.as_ref().map(|h| h.stamp),
                 queue: mq.queue,
                 messages: messages.to_vec(),
             };
@@ -604,10 +602,11 @@ impl Producer {
                 (Ok(conn), None) => (conn.call_with_timeout(request, timeout).await, true),
                 (Ok(conn), Some(ids)) => {
                     let mut draw = |anyway| ids.try_stamp_send(topic, mq.queue, count, anyway);
-                    let (stamp, result) =
-                        idempotence::call_stamped(&conn, &ids, request, timeout, &mut draw).await;
+                    let request = txmq_protocol::Call::into_request(request);
+                    let (stamp, queued) =
+                        idempotence::queue_stamped(&conn, &ids, request, timeout, &mut draw).await;
                     if let Some(stamp) = stamp {
-                        held = Some(Pending {
+                        held.stamp = Some(Pending {
                             broker_name: mq.broker_name.clone(),
                             topic: topic.to_string(),
                             queue: mq.queue,
@@ -616,6 +615,10 @@ impl Producer {
                             ids,
                         });
                     }
+                    let result = match queued {
+                        Ok(reply) => reply.answer_as::<SendRequest>().await,
+                        Err(e) => Err(e),
+                    };
                     (result, stamp.is_some())
                 }
                 (Err(e), _) => (Err(e), false),
@@ -625,7 +628,7 @@ impl Producer {
             }
             let e = match result {
                 Ok(result) => {
-                    if let Some(h) = &held {
+                    if let Some(h) = held.stamp.take() {
                         h.ids
                             .finish_send(topic, h.queue, h.stamp, count, Ending::Stored);
                         idem.forget(first);
@@ -635,16 +638,19 @@ impl Producer {
                 Err(e) => e,
             };
             let code = e.remote().map(|w| w.code);
-            if let (Some(h), Some(txmq_protocol::ErrorCode::DuplicateSequence)) = (&held, code) {
+            if let (Some(h), Some(txmq_protocol::ErrorCode::DuplicateSequence)) =
+                (&held.stamp, code)
+            {
                 // Stored before, by an attempt whose answer was lost and
                 // which the broker no longer remembers: never store it
                 // again; its offsets are not known.
                 h.ids
                     .finish_send(topic, h.queue, h.stamp, count, Ending::Stored);
                 idem.forget(first);
+                held.stamp = None;
                 return Err(Error::at_broker(&mq.broker_name, &mq.addr, e));
             }
-            if let (Some(h), Some(code)) = (&held, code) {
+            if let (Some(h), Some(code)) = (&held.stamp, code) {
                 // An earlier send may also have been stored (and answered)
                 // between this one's refusal and now: one retry tells.
                 let recheck = std::mem::take(&mut recheck_gap);
@@ -664,7 +670,7 @@ impl Producer {
                     let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
                     renewals += 1;
                     if renewals > MAX_RENEWALS {
-                        return Err(self.give_up(idem, first, held, false, count, error));
+                        return Err(held.give_up(false, error));
                     }
                     if idem.drop_ids(&h.broker_name, &h.ids) {
                         tracing::warn!(%topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), sequence = h.stamp.sequence, cause = %crate::error::chain(&error), "the broker refused the producer's sequence; taking a new producer id (nothing was stored)");
@@ -672,7 +678,7 @@ impl Producer {
                     h.ids
                         .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
                     idem.forget(first);
-                    held = None;
+                    held.stamp = None;
                     maybe_stored = false;
                     continue;
                 }
@@ -681,15 +687,15 @@ impl Producer {
             let not_master = crate::error::not_master(&e);
             let reached = sent && (not_master || crate::error::maybe_stored(&e));
             let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
-            if held.is_some() && reached {
+            if held.stamp.is_some() && reached {
                 maybe_stored = true;
             }
             if !retriable || last_attempt {
-                return Err(self.give_up(idem, first, held, maybe_stored, count, error));
+                return Err(held.give_up(maybe_stored, error));
             }
             if !maybe_stored {
                 // Nothing stored: the next attempt may choose its queue again.
-                if let Some(h) = held.take() {
+                if let Some(h) = held.stamp.take() {
                     h.ids
                         .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
                 }
@@ -702,37 +708,6 @@ impl Producer {
             last_error = Some(error);
             attempt += 1;
         }
-    }
-
-    /// Ends a send that failed for good and returns its error. A send that
-    /// may have been stored keeps its sequence and is remembered for a
-    /// resend of the same message; its producer id is dropped so that the
-    /// later sends of the queue do not wait behind a gap.
-    fn give_up(
-        &self,
-        idem: &Idempotence,
-        first: MsgId,
-        held: Option<Pending>,
-        maybe_stored: bool,
-        count: u64,
-        error: Error,
-    ) -> Error {
-        let Some(h) = held else {
-            return error;
-        };
-        if maybe_stored {
-            h.ids
-                .finish_send(&h.topic, h.queue, h.stamp, count, Ending::Unknown);
-            if idem.drop_ids(&h.broker_name, &h.ids) {
-                tracing::info!(topic = %h.topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), "a send's outcome is unknown; later sends take a new producer id, and resending the same message retries it with its first sequence");
-            }
-            idem.remember(first, h);
-        } else {
-            h.ids
-                .finish_send(&h.topic, h.queue, h.stamp, count, Ending::NotStored);
-            idem.forget(first);
-        }
-        error
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -833,6 +808,57 @@ fn receipts(
             duplicate: result.duplicate,
         })
         .collect()
+}
+
+/// The stamp a send holds until it ends. A send its caller drops (a
+/// timeout around it, a `select!`) while it holds one ends it as a send
+/// whose outcome is unknown, as one that gave up would: otherwise its
+/// sequence stays open, and every later send to its queue waits behind it
+/// for room in the window.
+struct Held<'a> {
+    idem: &'a Idempotence,
+    first: MsgId,
+    count: u64,
+    stamp: Option<Pending>,
+}
+
+impl Held<'_> {
+    /// Ends a send that failed for good and returns its error (see
+    /// [`end_unfinished`]).
+    fn give_up(&mut self, maybe_stored: bool, error: Error) -> Error {
+        if let Some(h) = self.stamp.take() {
+            end_unfinished(self.idem, self.first, h, maybe_stored, self.count);
+        }
+        error
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Dropped while it held a stamp: its frame may have gone out.
+        if let Some(h) = self.stamp.take() {
+            end_unfinished(self.idem, self.first, h, true, self.count);
+        }
+    }
+}
+
+/// Ends a send that will not be answered. One that may have been stored
+/// keeps its sequence and is remembered for a resend of the same message;
+/// its producer id is dropped so that the later sends of the queue do not
+/// wait behind a gap.
+fn end_unfinished(idem: &Idempotence, first: MsgId, h: Pending, maybe_stored: bool, count: u64) {
+    if maybe_stored {
+        h.ids
+            .finish_send(&h.topic, h.queue, h.stamp, count, Ending::Unknown);
+        if idem.drop_ids(&h.broker_name, &h.ids) {
+            tracing::info!(topic = %h.topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), "a send's outcome is unknown; later sends take a new producer id, and resending the same message retries it with its first sequence");
+        }
+        idem.remember(first, h);
+    } else {
+        h.ids
+            .finish_send(&h.topic, h.queue, h.stamp, count, Ending::NotStored);
+        idem.forget(first);
+    }
 }
 
 #[cfg(test)]
