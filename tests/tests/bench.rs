@@ -102,6 +102,28 @@ async fn produce_reports_what_the_broker_stored_also_over_shared_clients() {
     let admin = cluster.admin().await;
     let stored = admin.browse("p", 10_000).await.unwrap();
     assert_eq!(stored.len(), 800 + 320 + 8 + 2);
+
+    // More clients than producers to drive them: refused, by name, before
+    // anything is sent.
+    let args = [
+        "bench",
+        "produce",
+        "p",
+        "--producers",
+        "4",
+        "--clients",
+        "9",
+        "--count",
+        "10",
+    ];
+    let out = txmq(&ns, &args, None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--clients 9 is more than --producers 4"),
+        "{stderr}"
+    );
+    assert_eq!(admin.browse("p", 10_000).await.unwrap().len(), stored.len());
     cluster.shutdown().await;
 }
 

@@ -157,6 +157,7 @@ where
     Fut: std::future::Future<Output = Result<T>>,
 {
     let n = load.producers as usize;
+    // At most one client per producer (`LoadArgs::validate` refuses more).
     let clients = (load.clients.unwrap_or(load.producers) as usize).min(n);
     let mut handles: Vec<T> = Vec::with_capacity(n);
     for i in 0..n {
@@ -215,6 +216,12 @@ impl LoadArgs {
         }
         if self.duration.is_some_and(|d| d.is_zero()) {
             bail!("--duration must be above 0");
+        }
+        if let Some(clients) = self.clients.filter(|c| *c > self.producers) {
+            bail!(
+                "--clients {clients} is more than --producers {}: each client is driven by at least one producer",
+                self.producers
+            );
         }
         Ok(())
     }
@@ -553,5 +560,11 @@ mod tests {
         assert!(load(&["--count", "0"]).validate().is_err());
         assert!(load(&["--duration", "0s"]).validate().is_err());
         assert!(load(&["--rate", "10.5", "--count", "3"]).validate().is_ok());
+        assert!(load(&["--producers", "4", "--clients", "9"])
+            .validate()
+            .is_err());
+        assert!(load(&["--producers", "4", "--clients", "4"])
+            .validate()
+            .is_ok());
     }
 }
