@@ -14,6 +14,9 @@
 //!   stamp is still answered as a duplicate with its first offsets.
 //! - one `Producer` and one `TransactionProducer`, each shared by 16
 //!   tasks: every message once, and no stamp refused as out of order.
+//! - a send and a transaction abandoned by their caller while in flight:
+//!   later ones go on at once, and an abandoned prepare the broker holds is
+//!   settled by check-back.
 
 mod common;
 
@@ -828,6 +831,26 @@ async fn a_producer_shared_by_sixteen_tasks_sends_in_sequence_order() {
     cluster.shutdown().await;
 }
 
+/// Calls `call` for the bodies `abandoned-0` and `abandoned-1` while every
+/// answer through `proxy` takes 300 ms, and abandons each after 100 ms (its
+/// request in flight); then heals the proxy.
+async fn abandon_twice<F, Fut>(proxy: &Proxy, mut call: F)
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future,
+{
+    proxy.set_delay(Some((Duration::from_millis(300), Duration::ZERO)));
+    for i in 0..2 {
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(100), call(format!("abandoned-{i}")));
+        assert!(
+            abandoned.await.is_err(),
+            "the call was still in flight when abandoned"
+        );
+    }
+    proxy.heal();
+}
+
 /// A send abandoned by its caller (a timeout around it, a `select!`) after
 /// its frame went out: the producer's later sends to that queue go on at
 /// once, and every message is stored once (the abandoned one at most once).
@@ -848,18 +871,7 @@ async fn a_send_abandoned_in_flight_does_not_hold_up_the_queue() {
         .unwrap();
     producer.send(Message::new(TOPIC, "warm")).await.unwrap();
 
-    // Answers now take 300 ms; each of these sends is abandoned after 100.
-    proxy.set_delay(Some((Duration::from_millis(300), Duration::ZERO)));
-    for i in 0..2 {
-        let send = producer.send(Message::new(TOPIC, format!("abandoned-{i}")));
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), send)
-                .await
-                .is_err(),
-            "the send was still in flight when abandoned"
-        );
-    }
-    proxy.heal();
+    abandon_twice(&proxy, |body| producer.send(Message::new(TOPIC, body))).await;
 
     let mut acked = HashSet::new();
     let later = async {
@@ -880,5 +892,68 @@ async fn a_send_abandoned_in_flight_does_not_hold_up_the_queue() {
     acked.insert("warm".into());
     let got = consume_all(&ns, "cg", TOPIC, acked.len(), Duration::from_secs(2)).await;
     assert_exactly(&got, &acked, &sent);
+    cluster.shutdown().await;
+}
+
+/// A transaction abandoned by its caller while its prepare is in flight:
+/// the broker holds it and settles it by check-back with the producer,
+/// which stays live; the producer's later transactions go on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_abandoned_during_its_prepare_is_settled_and_later_ones_go_on() {
+    const TOPIC: &str = "abandoned-tx";
+    let proxy = Proxy::bind().await.unwrap();
+    let cluster = proxied_cluster(&proxy).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, TOPIC, 1).await;
+    let producer = TransactionProducer::builder()
+        .nameserver(&ns)
+        .group("pg-abandoned")
+        .listener(CommitAll)
+        .send_timeout(Duration::from_secs(30))
+        .start()
+        .await
+        .unwrap();
+    producer
+        .send_in_transaction(Message::new(TOPIC, "warm"))
+        .await
+        .unwrap();
+
+    abandon_twice(&proxy, |body| {
+        producer.send_in_transaction(Message::new(TOPIC, body))
+    })
+    .await;
+
+    let later = async {
+        for i in 0..5 {
+            let outcome = producer
+                .send_in_transaction(Message::new(TOPIC, format!("later-{i}")))
+                .await
+                .unwrap();
+            assert!(outcome.committed(), "{outcome:?}");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), later)
+        .await
+        .expect("later transactions waited behind the abandoned ones");
+    // An abandoned prepare that reached the broker is not forgotten: the
+    // check-back commits it (one still waiting for its producer id when it
+    // was abandoned never went out).
+    let admin = cluster.admin().await;
+    common::wait_for_list(
+        &admin,
+        Duration::from_secs(10),
+        "no transaction pending",
+        |l| l.is_empty(),
+    )
+    .await;
+    let acked: HashSet<String> = std::iter::once("warm".to_string())
+        .chain((0..5).map(|i| format!("later-{i}")))
+        .collect();
+    let mut sent = acked.clone();
+    sent.extend(["abandoned-0", "abandoned-1"].map(String::from));
+    let got = consume_all(&ns, "cg", TOPIC, acked.len(), Duration::from_secs(2)).await;
+    assert_exactly(&got, &acked, &sent);
+    admin.close().await.unwrap();
+    producer.close().await.unwrap();
     cluster.shutdown().await;
 }

@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use txmq_protocol::{
-    Call, ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request,
-};
+use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request};
 use txmq_remoting::{Connection, Queued, Reply};
 
 use crate::pool::ConnectionPool;
@@ -209,7 +207,7 @@ impl Ids {
     /// sends were stamped since the oldest send of the queue still open (or
     /// `anyway`): however many later sends the broker stores meanwhile, a
     /// retry of that one is still among the batches it remembers, and is
-    /// answered as the duplicate it is. [`call_stamped`] waits for room a
+    /// answered as the duplicate it is. [`queue_stamped`] waits for room a
     /// while, then stamps anyway (a send abandoned without ending leaves its
     /// place taken; the broker then answers a retry it forgot
     /// `DUPLICATE_SEQUENCE`, and stores nothing).
@@ -370,24 +368,6 @@ pub(crate) async fn queue_stamped<'c>(
                 let _ = tokio::time::timeout_at(deadline, ended).await;
             }
         }
-    }
-}
-
-/// [`queue_stamped`], then the answer.
-pub(crate) async fn call_stamped<C: Call>(
-    conn: &Connection,
-    ids: &Ids,
-    request: C,
-    timeout: Duration,
-    draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
-) -> (
-    Option<ProducerStamp>,
-    Result<C::Reply, txmq_remoting::Error>,
-) {
-    let (drawn, queued) = queue_stamped(conn, ids, request.into_request(), timeout, draw).await;
-    match queued {
-        Ok(reply) => (drawn, reply.answer_as::<C>().await),
-        Err(e) => (drawn, Err(e)),
     }
 }
 

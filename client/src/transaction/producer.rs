@@ -21,7 +21,7 @@ use crate::drain::Drain;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::producer::idempotence::{
-    call_stamped, id_refused, Ending, Grant, Idempotence, Ids, Place, PREPARES,
+    id_refused, queue_stamped, Ending, Grant, Idempotence, Ids, Place, PREPARES,
 };
 use crate::producer::{random_start, shard_hash};
 use crate::route::{RouteCache, RouteInfo};
@@ -757,9 +757,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let mut last_error: Option<Error> = None;
         // Set once an attempt may have reached its broker.
         let mut pinned: Option<(String, String, Vec<crate::MessageQueue>)> = None;
-        // The stamp drawn for the broker group `held.0`, kept across the
-        // retries there.
-        let mut held: Option<(String, Arc<Ids>, ProducerStamp)> = None;
+        // The stamp drawn for a broker group, kept across the retries there.
+        let mut held = HeldPrepare { idem, stamp: None };
         let mut permit: Option<(String, Place)> = None;
         // Drawn once and kept across the retries: the broker tells a retry
         // of this prepare from another transaction reusing a message id.
@@ -768,16 +767,6 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let mut attempt = 0u32;
         let mut renewals = 0u32;
         let mut recheck_gap = true;
-        let give_up = |held: Option<(String, Arc<Ids>, ProducerStamp)>, maybe: bool| {
-            if let Some((broker, ids, stamp)) = held {
-                if maybe {
-                    ids.finish_prepare(stamp, Ending::Unknown);
-                    idem.drop_ids(&broker, &ids);
-                } else {
-                    ids.finish_prepare(stamp, Ending::NotStored);
-                }
-            }
-        };
         loop {
             let last_attempt = attempt + 1 >= attempts;
             let (broker, addr, placed, routes) = match &pinned {
@@ -801,7 +790,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                             continue;
                         }
                         Err(e) => {
-                            give_up(held, false);
+                            held.give_up(false);
                             return Err(last_error.unwrap_or(e));
                         }
                     };
@@ -847,7 +836,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                             tokio::time::sleep(RETRY_PAUSE * attempt).await;
                             continue;
                         }
-                        give_up(held, false);
+                        held.give_up(false);
                         return Err(last_error.unwrap_or(error));
                     };
                     let broker = placed[0].broker_name.clone();
@@ -859,12 +848,12 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 tokio::time::sleep(RETRY_PAUSE * attempt).await;
             }
             failed_addr = Some(addr.clone());
-            if held.as_ref().is_some_and(|(b, _, _)| *b != broker) {
+            if held.stamp.as_ref().is_some_and(|(b, _, _)| *b != broker) {
                 // Never sent there, or surely not stored: give it back.
-                give_up(held.take(), false);
+                held.give_up(false);
             }
             let mut fresh = None;
-            let granted = if held.is_some() {
+            let granted = if held.stamp.is_some() {
                 Ok(())
             } else {
                 match idem.grant(&broker, &addr, &self.inner.pool, timeout).await {
@@ -905,7 +894,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 })
                 .collect();
             let request = PrepareTransaction {
-                producer: held.as_ref().map(|(_, _, s)| *s),
+                producer: held.stamp.as_ref().map(|(_, _, s)| *s),
                 offsets: offsets.iter().map(|o| o.offset.clone()).collect(),
                 producer_group: self.inner.group.clone(),
                 messages: halves,
@@ -918,31 +907,36 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     (Ok(conn), None) => (conn.call_with_timeout(request, timeout).await, true),
                     (Ok(conn), Some(ids)) => {
                         let mut draw = |_| Some(ids.stamp_prepare());
-                        let (stamp, result) =
-                            call_stamped(&conn, &ids, request, timeout, &mut draw).await;
+                        let request = txmq_protocol::Call::into_request(request);
+                        let (stamp, queued) =
+                            queue_stamped(&conn, &ids, request, timeout, &mut draw).await;
                         if let Some(stamp) = stamp {
-                            held = Some((broker.clone(), ids, stamp));
+                            held.stamp = Some((broker.clone(), ids, stamp));
                         }
+                        let result = match queued {
+                            Ok(reply) => reply.answer_as::<PrepareTransaction>().await,
+                            Err(e) => Err(e),
+                        };
                         (result, stamp.is_some())
                     }
                     (Err(e), _) => (Err(e), false),
                 },
             };
-            let stamp = held.as_ref().map(|(_, _, s)| *s);
+            let stamp = held.stamp.as_ref().map(|(_, _, s)| *s);
             if let Some((_, place)) = &permit {
                 place.answered(&result);
             }
             let e = match result {
                 Ok(prepared) => {
-                    if let Some((_, ids, stamp)) = &held {
-                        ids.finish_prepare(*stamp, Ending::Stored);
+                    if let Some((_, ids, stamp)) = held.stamp.take() {
+                        ids.finish_prepare(stamp, Ending::Stored);
                     }
                     return Ok((broker, addr, prepared, stamp));
                 }
                 Err(e) => e,
             };
             if let (Some((held_broker, ids, stamp)), Some(code)) =
-                (&held, e.remote().map(|w| w.code))
+                (&held.stamp, e.remote().map(|w| w.code))
             {
                 // An earlier prepare may also have been stored (and
                 // answered) between this one's refusal and now: one retry tells.
@@ -961,14 +955,14 @@ impl<L: TransactionListener> TransactionProducer<L> {
                     let error = Error::at_broker(&broker, &addr, e);
                     renewals += 1;
                     if renewals > MAX_RENEWALS {
-                        give_up(held, false);
+                        held.give_up(false);
                         return Err(error);
                     }
                     if idem.drop_ids(held_broker, ids) {
                         tracing::warn!(broker = %held_broker, producer_id = ids.producer_id(), sequence = stamp.sequence, cause = %crate::error::chain(&error), "the broker refused the producer's sequence; taking a new producer id (nothing was stored)");
                     }
                     ids.finish_prepare(*stamp, Ending::NotStored);
-                    held = None;
+                    held.stamp = None;
                     failed_addr = None;
                     continue;
                 }
@@ -982,7 +976,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
             let error = Error::at_broker(&broker, &addr, e);
             let pin = maybe_delivered || pinned.is_some();
             if !retriable || last_attempt {
-                give_up(held, pin);
+                held.give_up(pin);
                 if last_attempt {
                     tracing::debug!(%broker, attempt, cause = %crate::error::chain(&error), "prepare failed");
                 }
@@ -1000,7 +994,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 tracing::info!(%broker, attempt, %cause, "prepare failed; retrying on the same broker group, which may hold it already");
             } else {
                 tracing::info!(%broker, attempt, %cause, "prepare failed; retrying");
-                give_up(held.take(), false);
+                held.give_up(false);
             }
             if maybe_delivered && pinned.is_none() {
                 pinned = Some((broker.clone(), addr.clone(), placed));
@@ -1141,6 +1135,37 @@ fn no_queue(topics: &[&str], routes: &[Arc<RouteInfo>]) -> Error {
         _ => Error::NoCommonBroker {
             topics: topics.iter().map(|t| t.to_string()).collect(),
         },
+    }
+}
+
+/// The stamp a prepare holds for a broker group until it ends. A prepare
+/// its caller drops while it holds one ends it as maybe stored, as one
+/// that gave up after reaching its broker would.
+struct HeldPrepare<'a> {
+    idem: &'a Idempotence,
+    stamp: Option<(String, Arc<Ids>, ProducerStamp)>,
+}
+
+impl HeldPrepare<'_> {
+    /// Ends the stamp held, if any: maybe stored (its producer id is then
+    /// dropped, so that later prepares do not wait behind a gap) or surely
+    /// not (its sequence may be drawn again).
+    fn give_up(&mut self, maybe_stored: bool) {
+        if let Some((broker, ids, stamp)) = self.stamp.take() {
+            if maybe_stored {
+                ids.finish_prepare(stamp, Ending::Unknown);
+                self.idem.drop_ids(&broker, &ids);
+            } else {
+                ids.finish_prepare(stamp, Ending::NotStored);
+            }
+        }
+    }
+}
+
+impl Drop for HeldPrepare<'_> {
+    fn drop(&mut self) {
+        // Dropped while it held a stamp: its frame may have gone out.
+        self.give_up(true);
     }
 }
 
