@@ -104,6 +104,19 @@ impl<V> PendingMap<V> {
         v
     }
 
+    /// Packs the values in id order in the vector they sit in (no second
+    /// copy): a walk in slot order is then a walk in id order, which for
+    /// transactions is the order of their half messages in the log.
+    pub fn pack_in_order(&mut self) {
+        self.slots
+            .sort_unstable_by_key(|s| s.as_ref().map_or((1, 0), |(id, _)| (0, *id)));
+        self.slots.truncate(self.index.len());
+        for (slot, at) in self.index.values_mut().zip(0u32..) {
+            *slot = at;
+        }
+        self.free.clear();
+    }
+
     /// Converts every value with `convert` (in slot order), keeping the
     /// index; those it turns into `None` are removed. When the slots of
     /// `V` and `W` have the same layout the values are rewritten in the
@@ -261,6 +274,42 @@ mod tests {
         let slots = converted.slots.len();
         converted.insert(7, [0; 8]);
         assert_eq!(converted.slots.len(), slots);
+    }
+
+    #[test]
+    fn packing_puts_the_values_in_id_order_where_they_are() {
+        let mut m = PendingMap::default();
+        let mut model = BTreeMap::new();
+        let mut x: u64 = 11;
+        for round in 0..5_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let id = (x >> 33) % 2_000;
+            if round % 3 == 2 {
+                assert_eq!(m.remove(&id), model.remove(&id));
+            } else {
+                assert_eq!(m.insert(id, round), model.insert(id, round));
+            }
+        }
+        let at = m.slots.as_ptr() as usize;
+        m.pack_in_order();
+        assert_eq!(m.slots.as_ptr() as usize, at, "packed in place");
+        assert!(
+            m.values().copied().eq(model.values().copied()),
+            "slot order is id order"
+        );
+        assert!(m
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .eq(model.iter().map(|(k, v)| (*k, *v))));
+        for id in 0..2_000 {
+            assert_eq!(m.get(&id), model.get(&id));
+        }
+        // Still a map: new ids go on the end, removed ones free their slot.
+        m.insert(5_000, 1);
+        m.remove(&5_000);
+        assert_eq!(m.len(), model.len());
     }
 
     #[test]

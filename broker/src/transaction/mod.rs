@@ -330,8 +330,12 @@ impl Transactions {
         table.by_msg_id.reserve(recovered.pending.len());
         let mut converted = 0;
         // Converted where recovery left them: the recovered and the
-        // table's transactions never take memory side by side.
-        let pending = recovered.pending.map_values(|_, t| {
+        // table's transactions never take memory side by side. In id order,
+        // so that their half messages are read in log order (recovery's
+        // slots are reused out of order when transactions end).
+        let mut recovered_pending = recovered.pending;
+        recovered_pending.pack_in_order();
+        let pending = recovered_pending.map_values(|_, t| {
             converted += 1;
             // Each reads its first half message through the log's mappings:
             // let go of those pages as it goes, not a million at once.

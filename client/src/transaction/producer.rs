@@ -809,6 +809,8 @@ impl<L: TransactionListener> TransactionProducer<L> {
                             topics.iter().zip(&on_broker).find(|(_, q)| q.is_empty())
                         {
                             if last_attempt || routes.iter().all(|r| !r.writable.is_empty()) {
+                                // A stamp held here was refused as out of order.
+                                held.give_up(false);
                                 return Err(Error::BadArgument(format!(
                                     "topic '{topic}' has no writable queue on broker {b}, where the transaction's \
                                      consumed queues are: a transaction commits offsets of its own broker only"
