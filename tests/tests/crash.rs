@@ -285,6 +285,85 @@ async fn send_numbered(cluster: &Cluster, topic: &str, prefix: &str, count: usiz
     offsets
 }
 
+/// Bytes in the consume-queue files of `topic`'s queue 0.
+fn queue_file_bytes(data: &Path, topic: &str) -> u64 {
+    let dir = data.join("consumequeue").join(topic).join("0");
+    std::fs::read_dir(dir)
+        .map(|files| files.map(|f| f.unwrap().metadata().unwrap().len()).sum())
+        .unwrap_or(0)
+}
+
+/// Consume-queue entries wait in memory and are written a page at a time
+/// (or by the checkpoint): consumers read them there at once, and a
+/// `kill -9` before they were written loses nothing, since recovery
+/// rebuilds them from the log. A checkpoint interval of an hour keeps the
+/// checkpoint from writing them meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_entries_not_yet_written_survive_a_kill_9() {
+    const PAGE: usize = 4096 / 20;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let hour = ["--checkpoint-interval", "1h"];
+    let mut broker = start_broker(&data, &ns, "broker-a", &hour).await;
+    create_topic(&ns, "waiting", 1).await;
+
+    assert_eq!(
+        send_numbered(&cluster, "waiting", "a", 50).await,
+        offsets(0..50)
+    );
+    assert_eq!(
+        queue_file_bytes(&data, "waiting"),
+        0,
+        "no entry written yet"
+    );
+    assert_eq!(
+        bodies(&ns, "g1", "waiting", 50).await,
+        numbered("a", 0..50),
+        "consumed while the entries are only in memory"
+    );
+    tokio::task::block_in_place(|| broker.kill9());
+    restart(&mut broker, &ns, "waiting").await;
+    assert_eq!(
+        bodies(&ns, "g2", "waiting", 50).await,
+        numbered("a", 0..50),
+        "rebuilt after the kill -9"
+    );
+
+    // More than a page: part of it is written on the way, the rest waits.
+    let more = PAGE + 100;
+    assert_eq!(
+        send_numbered(&cluster, "waiting", "b", more).await,
+        offsets(50..50 + more)
+    );
+    let written = queue_file_bytes(&data, "waiting");
+    assert!(
+        written >= (PAGE * 20) as u64 && written < ((50 + more) * 20) as u64,
+        "a page written, the rest waiting: {written} bytes"
+    );
+    let mut want = numbered("a", 0..50);
+    want.extend(numbered("b", 0..more));
+    assert_eq!(
+        bodies(&ns, "g3", "waiting", want.len()).await,
+        want,
+        "read across the files and memory"
+    );
+    tokio::task::block_in_place(|| broker.kill9());
+    restart(&mut broker, &ns, "waiting").await;
+    assert_eq!(
+        bodies(&ns, "g4", "waiting", want.len()).await,
+        want,
+        "rebuilt after the second kill -9"
+    );
+
+    // A graceful stop writes every entry out.
+    let code = tokio::task::block_in_place(|| broker.stop());
+    assert_eq!(code, Some(0), "graceful stop; log:\n{}", broker.log_text());
+    assert_eq!(queue_file_bytes(&data, "waiting"), (want.len() * 20) as u64);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_tail_is_cut_and_the_broker_serves_what_came_before() {
     const N: usize = 50;

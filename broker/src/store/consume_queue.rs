@@ -5,6 +5,14 @@
 //! hash (u64), little-endian. Files hold `entries_per_file` entries and are
 //! named by the queue offset of their first entry. They are derived from the
 //! commit log and rebuilt from it after a crash (see `recovery.rs`).
+//!
+//! New entries are not written to their file one batch at a time: they
+//! gather in memory (readers read them there) and are written with one
+//! `pwrite` once [`WRITE_AT`] bytes are waiting, or by the checkpoint before
+//! it fsyncs the queue. So a message costs its commit-log write and no
+//! second system call. A crash loses nothing this way: the checkpoint
+//! names, per queue, the entries its fsync covered, and recovery rebuilds
+//! every entry after those from the log.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -18,6 +26,10 @@ use tokio::sync::Notify;
 
 /// Bytes per entry.
 pub const ENTRY_LEN: usize = 20;
+
+/// Entries waiting in memory are written to their file once this many bytes
+/// (204 entries, about a page) are waiting.
+const WRITE_AT: usize = 4096 / ENTRY_LEN * ENTRY_LEN;
 
 /// One consume-queue entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +87,8 @@ pub struct ConsumeQueue {
     logged: AtomicU64,
     /// Starts of the files written since the last checkpoint.
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Entries not written to their file yet.
+    unwritten: std::sync::Mutex<Unwritten>,
     /// Woken whenever `visible` grows (long polls wait on it).
     pub arrived: Notify,
 }
@@ -119,6 +133,7 @@ impl ConsumeQueue {
             next: AtomicU64::new(min),
             logged: AtomicU64::new(min),
             dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            unwritten: std::sync::Mutex::new(Unwritten::default()),
             arrived: Notify::new(),
         })
     }
@@ -161,6 +176,7 @@ impl ConsumeQueue {
         // A checkpoint older than retention's trimming: nothing below the
         // queue's minimum is kept anyway.
         let next = next.max(self.min.load(Ordering::Acquire));
+        self.write_out()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let starts: Vec<u64> = files.keys().rev().copied().collect();
         for start in starts {
@@ -194,14 +210,45 @@ impl ConsumeQueue {
         }
     }
 
-    /// Writes `entries` (encoded, `ENTRY_LEN` each) at `first_offset`, which
+    /// Adds `entries` (encoded, `ENTRY_LEN` each) at `first_offset`, which
     /// must be [`ConsumeQueue::next_offset`] (or an offset being rebuilt).
+    /// They are readable at once and written to their file later (see the
+    /// module's documentation).
     ///
     /// # Errors
-    /// I/O errors.
+    /// I/O errors of writing out what was waiting; the entries stay
+    /// readable and waiting.
     pub fn write(&self, first_offset: u64, entries: &[u8]) -> io::Result<()> {
-        let mut offset = first_offset;
-        let mut rest = entries;
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        // Only a run of entries waits: another offset writes out the run first.
+        if !u.bytes.is_empty() && u.end() != first_offset {
+            self.write_run(&mut u)?;
+        }
+        if u.bytes.is_empty() {
+            u.first = first_offset;
+        }
+        u.bytes.extend_from_slice(entries);
+        self.next.fetch_max(u.end(), Ordering::AcqRel);
+        if u.bytes.len() >= WRITE_AT {
+            self.write_run(&mut u)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the entries waiting in memory to their files.
+    ///
+    /// # Errors
+    /// I/O errors; the entries stay waiting.
+    fn write_out(&self) -> io::Result<()> {
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_run(&mut u)
+    }
+
+    /// Writes `u`'s run of entries to their files, under its lock: a reader
+    /// finds each entry either in memory or in its file.
+    fn write_run(&self, u: &mut Unwritten) -> io::Result<()> {
+        let mut offset = u.first;
+        let mut rest = &u.bytes[..];
         while !rest.is_empty() {
             let start = offset - offset % self.entries_per_file;
             let room = (start + self.entries_per_file - offset) as usize * ENTRY_LEN;
@@ -215,7 +262,8 @@ impl ConsumeQueue {
             offset += (now.len() / ENTRY_LEN) as u64;
             rest = later;
         }
-        self.next.fetch_max(offset, Ordering::AcqRel);
+        u.first = offset;
+        u.bytes.clear();
         Ok(())
     }
 
@@ -267,9 +315,29 @@ impl ConsumeQueue {
     fn read_until(&self, offset: u64, max: usize, limit: u64) -> io::Result<Vec<Entry>> {
         let end = limit.min(offset.saturating_add(max as u64));
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        // The entries still in memory are taken first: those below them
+        // are in their files by then, and stay there.
+        let (file_end, waiting) = {
+            let u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            if u.bytes.is_empty() || end <= u.first || offset >= u.end() {
+                (end, None)
+            } else {
+                let from = offset.max(u.first);
+                let to = end.min(u.end());
+                let bytes = &u.bytes[(from - u.first) as usize * ENTRY_LEN..]
+                    [..(to - from) as usize * ENTRY_LEN];
+                let entries = bytes.chunks_exact(ENTRY_LEN).map(Entry::decode);
+                if offset >= u.first {
+                    // All of it in memory (a consumer at the queue's end).
+                    out.extend(entries);
+                    return Ok(out);
+                }
+                (u.first, Some(entries.collect::<Vec<_>>()))
+            }
+        };
         let mut buf = [0u8; ENTRY_LEN * 64];
         let mut at = offset;
-        while at < end {
+        while at < file_end {
             let start = at - at % self.entries_per_file;
             let Some(file) = self
                 .files
@@ -278,28 +346,36 @@ impl ConsumeQueue {
                 .get(&start)
                 .cloned()
             else {
-                break;
+                return Ok(out);
             };
-            let n = ((end - at).min(start + self.entries_per_file - at) as usize).min(64);
+            let n = ((file_end - at).min(start + self.entries_per_file - at) as usize).min(64);
             let bytes = &mut buf[..n * ENTRY_LEN];
             match file.read_exact_at(bytes, (at - start) * ENTRY_LEN as u64) {
                 Ok(()) => {}
                 // A file cut short (a crash mid-rebuild): what is missing is
                 // not readable; the consumer waits as at the end.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(out),
                 Err(e) => return Err(e),
             }
             out.extend(bytes.chunks_exact(ENTRY_LEN).map(Entry::decode));
             at += n as u64;
         }
+        out.extend(waiting.into_iter().flatten());
         Ok(out)
     }
 
-    /// Fsyncs the files written since the last call.
+    /// Writes out the entries waiting in memory and fsyncs the files
+    /// written since the last call.
     ///
     /// # Errors
     /// I/O errors.
     pub fn sync_if_dirty(&self) -> io::Result<()> {
+        {
+            let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            self.write_run(&mut u)?;
+            // An idle queue keeps no buffer; a busy one grows it again.
+            u.bytes = Vec::new();
+        }
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
         if dirty.is_empty() {
             return Ok(());
@@ -330,6 +406,7 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn recover(&self, log_min: u64, log_end: u64) -> io::Result<()> {
+        self.write_out()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let mut next = None;
         let starts: Vec<u64> = files.keys().rev().copied().collect();
@@ -376,6 +453,7 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn trim_below(&self, log_min: u64) -> io::Result<()> {
+        self.write_out()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let next = self.next.load(Ordering::Acquire);
         let mut min = files.keys().next().copied().unwrap_or(next);
@@ -412,6 +490,21 @@ impl ConsumeQueue {
         }
         self.min.store(min, Ordering::Release);
         Ok(())
+    }
+}
+
+/// A run of entries not written to their file yet.
+#[derive(Debug, Default)]
+struct Unwritten {
+    /// The queue offset of the first entry in `bytes`.
+    first: u64,
+    bytes: Vec<u8>,
+}
+
+impl Unwritten {
+    /// One past the run's last entry.
+    fn end(&self) -> u64 {
+        self.first + (self.bytes.len() / ENTRY_LEN) as u64
     }
 }
 
