@@ -364,6 +364,24 @@ async fn queue_entries_not_yet_written_survive_a_kill_9() {
     cluster.shutdown().await;
 }
 
+/// The checkpoint writes out (and fsyncs) the entries waiting in memory
+/// before it counts them as covered: after it, the files hold them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_writes_out_the_waiting_queue_entries() {
+    const N: usize = 50;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (mut broker, ..) =
+        broker_with_messages(&cluster, &data, "counted", N, Ending::Kill9AfterCheckpoint).await;
+    assert_eq!(queue_file_bytes(&data, "counted"), (N * 20) as u64);
+    restart(&mut broker, &ns, "counted").await;
+    assert_eq!(bodies(&ns, "g", "counted", N).await, numbered("m", 0..N));
+    tokio::task::block_in_place(|| broker.stop());
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_tail_is_cut_and_the_broker_serves_what_came_before() {
     const N: usize = 50;

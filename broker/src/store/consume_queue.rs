@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Notify;
@@ -89,6 +89,8 @@ pub struct ConsumeQueue {
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// Entries not written to their file yet.
     unwritten: std::sync::Mutex<Unwritten>,
+    /// The queue's topic was deleted: nothing is written any more.
+    discarded: AtomicBool,
     /// Woken whenever `visible` grows (long polls wait on it).
     pub arrived: Notify,
 }
@@ -134,6 +136,7 @@ impl ConsumeQueue {
             logged: AtomicU64::new(min),
             dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             unwritten: std::sync::Mutex::new(Unwritten::default()),
+            discarded: AtomicBool::new(false),
             arrived: Notify::new(),
         })
     }
@@ -176,7 +179,7 @@ impl ConsumeQueue {
         // A checkpoint older than retention's trimming: nothing below the
         // queue's minimum is kept anyway.
         let next = next.max(self.min.load(Ordering::Acquire));
-        self.write_out()?;
+        let _unwritten = self.written_out()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let starts: Vec<u64> = files.keys().rev().copied().collect();
         for start in starts {
@@ -235,18 +238,33 @@ impl ConsumeQueue {
         Ok(())
     }
 
-    /// Writes the entries waiting in memory to their files.
+    /// Writes the entries waiting in memory to their files; returns with
+    /// the lock that keeps new ones waiting until it is dropped, so that
+    /// the files hold every entry below `next` meanwhile.
     ///
     /// # Errors
     /// I/O errors; the entries stay waiting.
-    fn write_out(&self) -> io::Result<()> {
+    fn written_out(&self) -> io::Result<std::sync::MutexGuard<'_, Unwritten>> {
         let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_run(&mut u)
+        self.write_run(&mut u)?;
+        Ok(u)
+    }
+
+    /// The topic was deleted: drops the waiting entries and writes nothing
+    /// from now on, so that no file (or directory) of it comes back.
+    pub fn discard(&self) {
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        self.discarded.store(true, Ordering::Release);
+        *u = Unwritten::default();
     }
 
     /// Writes `u`'s run of entries to their files, under its lock: a reader
     /// finds each entry either in memory or in its file.
     fn write_run(&self, u: &mut Unwritten) -> io::Result<()> {
+        if self.discarded.load(Ordering::Acquire) {
+            u.bytes.clear();
+            return Ok(());
+        }
         let mut offset = u.first;
         let mut rest = &u.bytes[..];
         while !rest.is_empty() {
@@ -264,6 +282,11 @@ impl ConsumeQueue {
         }
         u.first = offset;
         u.bytes.clear();
+        if u.bytes.capacity() > 2 * WRITE_AT {
+            // Recovery writes whole batches at once: keep no more than a
+            // page's worth of room per queue.
+            u.bytes = Vec::new();
+        }
         Ok(())
     }
 
@@ -314,7 +337,10 @@ impl ConsumeQueue {
 
     fn read_until(&self, offset: u64, max: usize, limit: u64) -> io::Result<Vec<Entry>> {
         let end = limit.min(offset.saturating_add(max as u64));
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
         // The entries still in memory are taken first: those below them
         // are in their files by then, and stay there.
         let (file_end, waiting) = {
@@ -387,13 +413,14 @@ impl ConsumeQueue {
                 .filter_map(|s| files.get(s).map(|f| (*s, f.clone())))
                 .collect()
         };
-        for (start, f) in files {
+        for (i, (_, f)) in files.iter().enumerate() {
             if let Err(e) = f.sync_data() {
-                // Still dirty: the next checkpoint tries again.
+                // This file and those not synced yet stay dirty: the next
+                // checkpoint tries them again.
                 self.dirty
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(start);
+                    .extend(files[i..].iter().map(|(start, _)| *start));
                 return Err(e);
             }
         }
@@ -406,7 +433,7 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn recover(&self, log_min: u64, log_end: u64) -> io::Result<()> {
-        self.write_out()?;
+        let unwritten = self.written_out()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let mut next = None;
         let starts: Vec<u64> = files.keys().rev().copied().collect();
@@ -439,6 +466,7 @@ impl ConsumeQueue {
             break;
         }
         drop(files);
+        drop(unwritten);
         let next = next.unwrap_or_else(|| self.min.load(Ordering::Acquire));
         self.next.store(next, Ordering::Release);
         self.logged.store(next, Ordering::Release);
@@ -453,7 +481,9 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn trim_below(&self, log_min: u64) -> io::Result<()> {
-        self.write_out()?;
+        // Held throughout: an entry appended meanwhile would be counted
+        // below `next` and not found in its file.
+        let _unwritten = self.written_out()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let next = self.next.load(Ordering::Acquire);
         let mut min = files.keys().next().copied().unwrap_or(next);
@@ -511,4 +541,114 @@ impl Unwritten {
 /// The directory of a queue's files.
 pub fn queue_dir(root: &Path, topic: &str, queue: u32) -> PathBuf {
     root.join(topic).join(queue.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(range: std::ops::Range<u64>) -> Vec<u8> {
+        let mut out = vec![0u8; (range.end - range.start) as usize * ENTRY_LEN];
+        for (i, chunk) in range.zip(out.chunks_exact_mut(ENTRY_LEN)) {
+            entry(i).encode(chunk);
+        }
+        out
+    }
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            log_offset: 100 * i,
+            size: 50,
+            tag_hash: i,
+        }
+    }
+
+    fn file_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map(|fs| fs.map(|f| f.unwrap().metadata().unwrap().len()).sum())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn entries_wait_in_memory_until_a_page_and_read_across_files_and_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        // Files of 100 entries, so that a page of entries spans three.
+        let q = ConsumeQueue::open("t", 0, dir.clone(), 100).unwrap();
+        q.write(0, &entries(0..10)).unwrap();
+        q.publish(10);
+        assert_eq!(file_bytes(&dir), 0, "nothing written yet");
+        assert_eq!(
+            q.read(0, 100).unwrap(),
+            (0..10).map(entry).collect::<Vec<_>>()
+        );
+        let page = (WRITE_AT / ENTRY_LEN) as u64;
+        q.write(10, &entries(10..page + 20)).unwrap();
+        q.publish(page + 20);
+        assert_eq!(
+            file_bytes(&dir),
+            (page + 20) * ENTRY_LEN as u64,
+            "written out"
+        );
+        q.write(page + 20, &entries(page + 20..page + 30)).unwrap();
+        q.publish(page + 30);
+        // From the files, across their boundaries, into memory.
+        assert_eq!(
+            q.read(5, 1000).unwrap(),
+            (5..page + 30).map(entry).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            q.read(page + 25, 3).unwrap(),
+            (page + 25..page + 28).map(entry).collect::<Vec<_>>()
+        );
+        q.sync_if_dirty().unwrap();
+        assert_eq!(file_bytes(&dir), (page + 30) * ENTRY_LEN as u64);
+        drop(q);
+        let q = ConsumeQueue::open("t", 0, dir, 100).unwrap();
+        q.recover(0, u64::MAX).unwrap();
+        assert_eq!(q.next_offset(), page + 30, "all of them in the files");
+    }
+
+    #[test]
+    fn a_read_past_the_readable_end_is_empty_also_among_waiting_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let q = ConsumeQueue::open("t", 0, tmp.path().join("q"), 100).unwrap();
+        q.write(0, &entries(0..10)).unwrap();
+        q.publish(5);
+        assert!(q.read(7, 10).unwrap().is_empty());
+        assert!(q.read(5, 0).unwrap().is_empty());
+        assert_eq!(q.read_written(7, 10).unwrap().len(), 3);
+        assert_eq!(q.read(3, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_discarded_queue_writes_nothing_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        let q = ConsumeQueue::open("t", 0, dir.clone(), 100).unwrap();
+        q.write(0, &entries(0..10)).unwrap();
+        q.discard();
+        q.sync_if_dirty().unwrap();
+        q.write(10, &entries(10..300)).unwrap();
+        assert!(!dir.exists(), "no directory made for a deleted topic");
+    }
+
+    #[test]
+    fn retention_counts_waiting_entries_as_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        let q = ConsumeQueue::open("t", 0, dir, 100).unwrap();
+        q.write(0, &entries(0..150)).unwrap();
+        q.sync_if_dirty().unwrap();
+        q.write(150, &entries(150..160)).unwrap();
+        q.publish(160);
+        // Everything below entry 120's record went: the first file goes.
+        q.trim_below(100 * 120).unwrap();
+        assert_eq!(q.min_offset(), 120);
+        assert_eq!(q.read(0, 1000).unwrap().len(), 0, "below the minimum");
+        assert_eq!(
+            q.read(120, 1000).unwrap(),
+            (120..160).map(entry).collect::<Vec<_>>()
+        );
+    }
 }

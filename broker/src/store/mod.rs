@@ -649,11 +649,14 @@ impl Store {
     pub async fn delete_topic(&self, topic: &str) -> Result<(u64, usize), StoreError> {
         check_not_internal(topic)?;
         self.check_writable()?;
-        self.inner
+        let gone = self
+            .inner
             .queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(topic);
+        // A checkpoint holding them must not write their files back.
+        gone.iter().flatten().for_each(|q| q.discard());
         remove_queue_files(&self.inner.config, topic)?;
         let before = self.inner.offsets.len();
         self.inner.offsets.retain(|(_, t, _), _| t != topic);

@@ -155,7 +155,11 @@ impl QueueSet for MapQueues<'_> {
 
     fn remove_topic(&mut self, topic: &str, _below: u64) -> Result<(), StoreError> {
         // The delete's record stays in the log: nothing more to record.
-        self.map.remove(topic);
+        self.map
+            .remove(topic)
+            .iter()
+            .flatten()
+            .for_each(|q| q.discard());
         super::remove_queue_files(self.config, topic)
     }
 }

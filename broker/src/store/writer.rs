@@ -105,11 +105,13 @@ impl QueueSet for LiveQueues<'_> {
     }
 
     fn remove_topic(&mut self, topic: &str, below: u64) -> Result<(), StoreError> {
-        self.0
+        let removed = self
+            .0
             .queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(topic);
+        removed.iter().flatten().for_each(|q| q.discard());
         super::remove_queue_files(&self.0.config, topic)?;
         self.0.offsets.retain(|(_, t, _), _| t != topic);
         super::lock(&self.0.pop).remove_topic(topic);
