@@ -227,12 +227,16 @@ impl ConsumeQueue {
         if !u.bytes.is_empty() && u.end() != first_offset {
             self.write_run(&mut u)?;
         }
+        // Entries not at the end (a replica's queue that skips an offset,
+        // a rebuild) are written at once, as they always were: the files
+        // then hold everything below the waiting run, holes included.
+        let at_end = first_offset == self.next.load(Ordering::Acquire);
         if u.bytes.is_empty() {
             u.first = first_offset;
         }
         u.bytes.extend_from_slice(entries);
         self.next.fetch_max(u.end(), Ordering::AcqRel);
-        if u.bytes.len() >= WRITE_AT {
+        if !at_end || u.bytes.len() >= WRITE_AT {
             self.write_run(&mut u)?;
         }
         Ok(())
@@ -619,6 +623,26 @@ mod tests {
         assert!(q.read(5, 0).unwrap().is_empty());
         assert_eq!(q.read_written(7, 10).unwrap().len(), 3);
         assert_eq!(q.read(3, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn entries_after_a_skipped_offset_read_as_they_did_with_the_hole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        let q = ConsumeQueue::open("t", 0, dir.clone(), 100).unwrap();
+        // Offset 0 is skipped (a replica leaves out a record it cannot serve).
+        q.write(1, &entries(1..2)).unwrap();
+        q.write(2, &entries(2..10)).unwrap();
+        q.publish(10);
+        assert_eq!(
+            file_bytes(&dir),
+            2 * ENTRY_LEN as u64,
+            "the first written at once"
+        );
+        let got = q.read(0, 100).unwrap();
+        assert_eq!(got.len(), 10);
+        assert_eq!(got[0].size, 0, "the hole");
+        assert_eq!(got[1..], (1..10).map(entry).collect::<Vec<_>>());
     }
 
     #[test]
