@@ -293,6 +293,80 @@ fn queue_file_bytes(data: &Path, topic: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes of disk the file at `path` holds (its allocated blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Whether the file system under `dir` allocates a file's blocks on request
+/// (`fallocate` of util-linux).
+fn preallocates(dir: &Path) -> bool {
+    let probe = dir.join("probe");
+    let ok = std::process::Command::new("fallocate")
+        .args(["-l", "1MiB"])
+        .arg(&probe)
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = std::fs::remove_file(probe);
+    ok
+}
+
+/// A commit-log segment gets its blocks when it is created, so that the
+/// writer's appends never wait for the kernel to allocate them (which it
+/// does while writing pages back: the writer stalled behind it). A restart
+/// begins a new segment and releases the rest of the last one, which no
+/// record will fill; every message stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_preallocated_and_a_restart_releases_what_it_leaves_unused() {
+    const SEGMENT: u64 = 8 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    if !preallocates(tmp.path()) {
+        eprintln!("skipped: this file system does not preallocate");
+        return;
+    }
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tmp.path().join("data");
+    let mut broker = start_broker(&data, &ns, "broker-a", &[]).await;
+    create_topic(&ns, "prealloc", 1).await;
+    assert_eq!(
+        send_numbered(&cluster, "prealloc", "a", 50).await,
+        offsets(0..50)
+    );
+    let first = active_segment(&data);
+    assert!(
+        allocated(&first) >= SEGMENT,
+        "the segment holds {} bytes of disk",
+        allocated(&first)
+    );
+
+    tokio::task::block_in_place(|| broker.kill9());
+    restart(&mut broker, &ns, "prealloc").await;
+    assert_eq!(
+        send_numbered(&cluster, "prealloc", "b", 50).await,
+        offsets(50..100)
+    );
+    let segments = common::segments(&data);
+    assert_eq!(segments.len(), 2, "{segments:?}");
+    assert_eq!(segments[0], first);
+    assert!(
+        allocated(&first) < 1 << 20,
+        "the first segment still holds {} bytes of disk after the restart",
+        allocated(&first)
+    );
+    assert!(allocated(&segments[1]) >= SEGMENT);
+
+    stop_and_restart(&mut broker, &ns, "prealloc").await;
+    assert!(
+        allocated(&segments[1]) < 1 << 20,
+        "released after a graceful stop too"
+    );
+    let mut want = numbered("a", 0..50);
+    want.extend(numbered("b", 0..50));
+    assert_eq!(bodies(&ns, "g1", "prealloc", 100).await, want);
+}
+
 /// Consume-queue entries wait in memory and are written a page at a time
 /// (or by the checkpoint): consumers read them there at once, and a
 /// `kill -9` before they were written loses nothing, since recovery
