@@ -435,20 +435,30 @@ mod tests {
         yes
     }
 
-    #[test]
-    fn a_new_segment_has_its_blocks_and_counts_as_empty_until_written() {
+    /// A log in a temporary directory with its first segment just created
+    /// and checked to be preallocated and empty; then 100,000 bytes are
+    /// written at its start. `None` where the file system cannot preallocate.
+    fn log_with_a_written_segment() -> Option<(tempfile::TempDir, CommitLog, Arc<Segment>)> {
         let dir = tempfile::tempdir().unwrap();
         if !preallocates(dir.path()) {
             eprintln!("skipped: this file system does not preallocate");
-            return;
+            return None;
         }
         let log = CommitLog::open(&dir.path().join("log"), SEGMENT).unwrap();
         let seg = log.create_segment(0).unwrap();
         assert!(allocated(&seg) >= SEGMENT, "{} allocated", allocated(&seg));
         assert_eq!(seg.used(), 0);
-        // Not read through the mapping here: pages read into the cache
-        // (zeros) count as written for the estimate below.
+        // Not read through the mapping: pages read into the cache (zeros)
+        // would count as written for the estimate of a segment on disk.
         seg.file.write_all_at(&[7u8; 100_000], 0).unwrap();
+        Some((dir, log, seg))
+    }
+
+    #[test]
+    fn a_new_segment_has_its_blocks_and_counts_as_empty_until_written() {
+        let Some((dir, log, seg)) = log_with_a_written_segment() else {
+            return;
+        };
         drop((seg, log));
 
         // Found on disk, its records are estimated by where they end, not
@@ -464,14 +474,9 @@ mod tests {
 
     #[test]
     fn a_cut_releases_the_unwritten_rest_of_a_preallocated_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        if !preallocates(dir.path()) {
-            eprintln!("skipped: this file system does not preallocate");
+        let Some((_dir, log, seg)) = log_with_a_written_segment() else {
             return;
-        }
-        let log = CommitLog::open(&dir.path().join("log"), SEGMENT).unwrap();
-        let seg = log.create_segment(0).unwrap();
-        seg.file.write_all_at(&[7u8; 100_000], 0).unwrap();
+        };
         drop(seg);
         log.create_segment(SEGMENT).unwrap();
         log.cut(100_000, SEGMENT).unwrap();
