@@ -73,7 +73,8 @@ pub struct BrokerConfig {
     pub max_delay: Duration,
     /// An idempotent producer's id unused this long is forgotten.
     pub producer_id_expiry: Duration,
-    /// The most disk the commit log may take; sends are refused beyond it.
+    /// The most the commit log's records may take; sends are refused beyond
+    /// it (the active segment reserves its whole size on disk).
     pub max_store_size: Option<u64>,
     /// Connections served at once (greeted ones); more are refused.
     pub max_connections: usize,
@@ -570,9 +571,10 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_PRODUCER_ID_EXPIRY", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
     pub producer_id_expiry: Option<Duration>,
-    /// The most disk the commit log may take, e.g. 50GiB; sends are refused
-    /// with STORE_FULL beyond it (ends of transactions and offset commits
-    /// still go through) [default: no limit].
+    /// The most the commit log's records may take, e.g. 50GiB; sends are
+    /// refused with STORE_FULL beyond it (ends of transactions and offset
+    /// commits still go through). The active segment reserves its whole
+    /// size on disk [default: no limit].
     #[arg(long, env = "TXMQ_MAX_STORE_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_store_size: Option<u64>,

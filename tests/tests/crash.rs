@@ -299,17 +299,23 @@ fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
 
-/// Whether the file system under `dir` allocates a file's blocks on request
-/// (`fallocate` of util-linux).
+/// Whether the broker reserves a segment's blocks in `dir`: the file
+/// system can (`fallocate`), and it is not tmpfs (memory, which the broker
+/// leaves alone).
+#[allow(unsafe_code)]
 fn preallocates(dir: &Path) -> bool {
-    let probe = dir.join("probe");
-    let ok = std::process::Command::new("fallocate")
-        .args(["-l", "1MiB"])
-        .arg(&probe)
-        .status()
-        .is_ok_and(|s| s.success());
-    let _ = std::fs::remove_file(probe);
-    ok
+    use std::os::fd::AsRawFd;
+    let probe = std::fs::File::create(dir.join("probe")).unwrap();
+    let fd = probe.as_raw_fd();
+    // SAFETY: fstatfs writes into the zeroed struct owned here; fallocate
+    // works on the descriptor of the file created here.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstatfs(fd, &mut fs) }, 0);
+    #[allow(clippy::unnecessary_cast)]
+    let tmpfs = fs.f_type as i64 == libc::TMPFS_MAGIC as i64;
+    let reserved = unsafe { libc::fallocate(fd, 0, 0, 1 << 20) } == 0;
+    std::fs::remove_file(dir.join("probe")).unwrap();
+    !tmpfs && reserved
 }
 
 /// A commit-log segment gets its blocks when it is created, so that the

@@ -11,10 +11,10 @@
 //! not as the writer reaches them: in a sparse file the kernel allocates
 //! blocks while it writes dirty pages back, holding locks the writer's next
 //! `pwrite` waits for (milliseconds on a busy disk, seen in the end-to-end
-//! p99.9). Where the file system cannot, or the disk has no room, the
-//! segment stays sparse as before and a full disk shows on the write. The
-//! part of the last segment a restart leaves unused is released when
-//! recovery cuts the log there (see [`CommitLog::cut`]).
+//! p99.9). Where the file system cannot, on tmpfs, or where the disk has
+//! little room, the segment stays sparse as before and a full disk shows on
+//! the write. The part of the last segment a restart leaves unused is
+//! released when recovery cuts the log there (see [`CommitLog::cut`]).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -161,7 +161,7 @@ fn written_estimate(file: &File) -> io::Result<u64> {
     Ok(first_hole(file).map_or(allocated, |hole| hole.min(allocated)))
 }
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn first_hole(file: &File) -> Option<u64> {
     use std::os::fd::AsRawFd;
@@ -171,40 +171,58 @@ fn first_hole(file: &File) -> Option<u64> {
     u64::try_from(at).ok()
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[cfg(not(target_os = "linux"))]
 fn first_hole(_file: &File) -> Option<u64> {
     None
 }
 
-/// Allocates the blocks of a new, empty segment file of `len` bytes (they
-/// read as zeros). Best effort: where the file system cannot, nothing
-/// changes; where the disk is too full, whatever was allocated is released
-/// again, so that the other files of the store keep the room they had.
-#[cfg(any(target_os = "linux", target_os = "android"))]
+/// Reserves the blocks of bytes `from..len` of a segment file `len` bytes
+/// long (they read as zeros). Best effort: nothing changes where the file
+/// system cannot, on tmpfs (memory: no writeback to wait behind, and the
+/// reservation would pin it), or where the disk has less than twice the
+/// range free (the consume queues, the checkpoint and other programs need
+/// room too). If the disk or a quota runs out meanwhile, whatever was
+/// reserved is released again.
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn preallocate(file: &File, len: u64) -> io::Result<()> {
+fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let Ok(len) = libc::off_t::try_from(len) else {
+    let fd = file.as_raw_fd();
+    let (Ok(offset), Ok(count)) = (
+        libc::off_t::try_from(from),
+        libc::off_t::try_from(len.saturating_sub(from)),
+    ) else {
         return Ok(());
     };
+    // SAFETY: fstatfs writes into the zeroed struct this function owns.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if count == 0 || unsafe { libc::fstatfs(fd, &mut fs) } != 0 {
+        return Ok(());
+    }
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs by target
+    let tmpfs = fs.f_type as i64 == libc::TMPFS_MAGIC as i64;
+    let free = (fs.f_bavail as u64).saturating_mul(fs.f_bsize as u64);
+    if tmpfs || free / 2 < count as u64 {
+        return Ok(());
+    }
     // SAFETY: fallocate on a descriptor this function borrows, within the
-    // file's own length; it allocates blocks and changes no byte read.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+    // file's own length; it reserves blocks and changes no byte read.
+    if unsafe { libc::fallocate(fd, 0, offset, count) } == 0 {
         return Ok(());
     }
     let e = io::Error::last_os_error();
     tracing::debug!(error = %e, "commit-log segment not preallocated; it stays sparse");
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        // Part of the range may be allocated: cutting the file to nothing
-        // and growing it again frees all of it.
-        file.set_len(0)?;
-        file.set_len(len as u64)?;
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+        // Part of the range may be reserved: cutting the file at `from`
+        // and growing it again frees that part, and nothing before it.
+        file.set_len(from)?;
+        file.set_len(len)?;
     }
     Ok(())
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn preallocate(_file: &File, _len: u64) -> io::Result<()> {
+#[cfg(not(target_os = "linux"))]
+fn preallocate(_file: &File, _from: u64, _len: u64) -> io::Result<()> {
     Ok(())
 }
 
@@ -335,8 +353,13 @@ impl CommitLog {
             .create(true)
             .truncate(false)
             .open(&path)?;
+        // Only a new file is reserved (a failed create may have left one);
+        // a release after a full disk cuts it.
+        let new = file.metadata()?.len() == 0;
         file.set_len(self.segment_size)?;
-        preallocate(&file, self.segment_size)?;
+        if new {
+            preallocate(&file, 0, self.segment_size)?;
+        }
         file.sync_all()?;
         sync_dir(&self.dir)?;
         drop(file);
@@ -346,7 +369,7 @@ impl CommitLog {
     }
 
     /// Cuts the log at `pos`: zeroes the rest of its segment (releasing its
-    /// blocks: a preallocated segment keeps only what was written) and deletes every
+    /// blocks unless writes go on in it) and deletes every
     /// later segment that starts before `until` (the segment recovery opened
     /// for new writes starts there and stays). Only for recovery, before any
     /// reader exists.
@@ -370,6 +393,11 @@ impl CommitLog {
             drop(seg); // drop the mapping before shrinking the file
             file.set_len(pos - start)?;
             file.set_len(self.segment_size)?;
+            if segs.range(pos..).next().is_none() {
+                // Writes go on in this segment (a replica's): its rest is
+                // reserved again, as in a new one.
+                preallocate(&file, pos - start, self.segment_size)?;
+            }
             file.sync_all()?;
             drop(file);
             segs.insert(
@@ -429,7 +457,7 @@ mod tests {
     fn preallocates(dir: &Path) -> bool {
         let probe = File::create(dir.join("probe")).unwrap();
         probe.set_len(1 << 20).unwrap();
-        preallocate(&probe, 1 << 20).unwrap();
+        preallocate(&probe, 0, 1 << 20).unwrap();
         let yes = probe.metadata().unwrap().blocks() * 512 >= 1 << 20;
         std::fs::remove_file(dir.join("probe")).unwrap();
         yes
@@ -488,18 +516,58 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_the_disk_has_no_room_for_stays_sparse() {
-        // Longer than any disk: the allocation fails with ENOSPC (or is
-        // refused outright), and nothing of it stays allocated.
+    fn a_cut_of_the_last_segment_keeps_its_rest_reserved() {
+        // A replica's recovery: writes go on in the cut segment.
+        let Some((_dir, log, seg)) = log_with_a_written_segment() else {
+            return;
+        };
+        drop(seg);
+        log.cut(100_000, u64::MAX).unwrap();
+        let seg = log.segment_for(0).unwrap();
+        assert!(
+            allocated(&seg) >= SEGMENT - (1 << 20),
+            "{}",
+            allocated(&seg)
+        );
+        assert!(seg.map[..100_000].iter().all(|b| *b == 7));
+        assert!(seg.map[100_000..].iter().all(|b| *b == 0));
+    }
+
+    /// Free bytes in `dir`'s file system.
+    #[allow(unsafe_code)]
+    fn free_bytes(dir: &Path) -> u64 {
+        use std::os::fd::AsRawFd;
+        let d = File::open(dir).unwrap();
+        // SAFETY: fstatfs writes into the zeroed struct owned here.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(d.as_raw_fd(), &mut fs) }, 0);
+        (fs.f_bavail as u64) * (fs.f_bsize as u64)
+    }
+
+    #[test]
+    fn a_segment_larger_than_half_the_free_space_stays_sparse() {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::create(dir.path().join("huge")).unwrap();
-        let len = 1u64 << 60;
+        let f = File::create(dir.path().join("big")).unwrap();
+        let len = free_bytes(dir.path()) / 2 + (64 << 20);
         if f.set_len(len).is_err() {
-            eprintln!("skipped: this file system refuses a file of 2^60 bytes");
+            eprintln!("skipped: this file system refuses a file of {len} bytes");
             return;
         }
-        preallocate(&f, len).unwrap();
+        preallocate(&f, 0, len).unwrap();
         assert_eq!(f.metadata().unwrap().len(), len);
         assert!(f.metadata().unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    #[test]
+    fn nothing_is_reserved_on_tmpfs() {
+        let shm = Path::new("/dev/shm");
+        let Ok(dir) = tempfile::tempdir_in(shm) else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        let f = File::create(dir.path().join("seg")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        preallocate(&f, 0, 1 << 20).unwrap();
+        assert_eq!(f.metadata().unwrap().blocks(), 0, "memory pinned");
     }
 }

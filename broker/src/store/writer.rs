@@ -1151,8 +1151,8 @@ impl Writer {
             .as_ref()
             .is_some_and(|seg| end + len as u64 <= seg.end());
         if let Some(max) = self.store.config.max_log_bytes.filter(|_| new_data) {
-            // Bytes of records, not whole segments: segments are sparse, and
-            // every start of the broker begins a fresh one.
+            // Bytes of records, not whole segments: every start of the
+            // broker begins a fresh one, which would count whole.
             let used = self.store.log.used_bytes(end);
             if used + len as u64 > max {
                 return Err(StoreError::Full(format!(
