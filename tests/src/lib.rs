@@ -77,8 +77,37 @@ pub fn binary(name: &str) -> PathBuf {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, for a process the test
+/// starts to listen on.
+///
+/// It is taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), and no port is handed out twice by
+/// one test binary. A port of that range, free a moment ago, could be taken
+/// before the process binds it: as the local port of any test's outgoing
+/// connection, or by a listener on port 0 (CI saw a broker fail with
+/// "Address already in use"). Where the range leaves no room below it, this
+/// falls back to a port the kernel picks.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(65_536);
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = ephemeral_low - LOWEST;
+        // Test binaries started at once begin at different places.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (LOWEST + (start + n) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
 }
