@@ -373,6 +373,100 @@ async fn segments_are_preallocated_and_a_restart_releases_what_it_leaves_unused(
     assert_eq!(bodies(&ns, "g1", "prealloc", 100).await, want);
 }
 
+/// Bytes of disk the file at `path` holds past its length: blocks its
+/// data (what `SEEK_DATA` finds below the length) does not account for.
+#[allow(unsafe_code)]
+fn allocated_past_end(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    let (fd, mut at, mut data) = (f.as_raw_fd(), 0i64, 0u64);
+    while at < len {
+        // SAFETY: lseek on the descriptor opened here.
+        let from = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if from < 0 {
+            break;
+        }
+        let to = unsafe { libc::lseek(fd, from, libc::SEEK_HOLE) }.min(len);
+        // Whole blocks: the data's first and last block are allocated.
+        data += ((to + 4095) / 4096 - from / 4096) as u64 * 4096;
+        at = to;
+    }
+    allocated(path).saturating_sub(data)
+}
+
+/// The consume-queue and message-index files grow as entries come; each
+/// checkpoint reserves blocks a little ahead of their ends, so that the
+/// writer's appends do not wait for the file system to allocate them
+/// while it writes the files back. Their lengths stay what the entries
+/// make, and a `kill -9` and restart keep every message and lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_and_index_files_are_reserved_ahead_and_recover_after_a_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    if !preallocates(tmp.path()) {
+        eprintln!("skipped: this file system does not preallocate");
+        return;
+    }
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let data = tmp.path().join("data");
+    let often = ["--checkpoint-interval", "50ms"];
+    let mut broker = start_broker(&data, &ns, "broker-a", &often).await;
+    create_topic(&ns, "ahead", 1).await;
+    // Growth is measured from a checkpoint that saw the files.
+    assert_eq!(
+        send_numbered(&cluster, "ahead", "a", 20).await,
+        offsets(0..20)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        send_numbered(&cluster, "ahead", "b", 500).await,
+        offsets(20..520)
+    );
+    let queue_file = data.join("consumequeue/ahead/0").join(format!("{:020}", 0));
+    let index_file = std::fs::read_dir(data.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The last entries reach the file with a checkpoint.
+    while queue_file_bytes(&data, "ahead") < 520 * 20
+        || allocated_past_end(&queue_file) == 0
+        || allocated_past_end(&index_file) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not reserved past the ends: queue {} of {} bytes, index {} of {} bytes",
+            allocated(&queue_file),
+            std::fs::metadata(&queue_file).unwrap().len(),
+            allocated(&index_file),
+            std::fs::metadata(&index_file).unwrap().len(),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(queue_file_bytes(&data, "ahead"), 520 * 20, "entries only");
+    let sent = txmq_tests::output::ok(&txmq_tests::txmq_cli(
+        &ns,
+        &["send", "ahead", "--body", "keyed", "--key", "k-1"],
+        None,
+    ));
+    assert!(sent.contains("q=0 offset=520"), "{sent}");
+
+    tokio::task::block_in_place(|| broker.kill9());
+    restart(&mut broker, &ns, "ahead").await;
+    let mut want = numbered("a", 0..20);
+    want.extend(numbered("b", 0..500));
+    want.push("keyed".into());
+    assert_eq!(bodies(&ns, "g1", "ahead", 521).await, want);
+    let found = txmq_tests::output::ok(&txmq_tests::txmq_cli(
+        &ns,
+        &["msg", "find", "--topic", "ahead", "--key", "k-1"],
+        None,
+    ));
+    assert!(found.contains("keyed"), "{found}");
+}
+
 /// Consume-queue entries wait in memory and are written a page at a time
 /// (or by the checkpoint): consumers read them there at once, and a
 /// `kill -9` before they were written loses nothing, since recovery

@@ -177,52 +177,22 @@ fn first_hole(_file: &File) -> Option<u64> {
 }
 
 /// Reserves the blocks of bytes `from..len` of a segment file `len` bytes
-/// long (they read as zeros). Best effort: nothing changes where the file
-/// system cannot, on tmpfs (memory: no writeback to wait behind, and the
-/// reservation would pin it), or where the disk has less than twice the
-/// range free (the consume queues, the checkpoint and other programs need
-/// room too). If the disk or a quota runs out meanwhile, whatever was
-/// reserved is released again.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
+/// long (see `reserve.rs`). Best effort: where the file system cannot,
+/// the segment stays sparse; if the disk or a quota runs out meanwhile,
+/// whatever was reserved is released again.
 fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let (Ok(offset), Ok(count)) = (
-        libc::off_t::try_from(from),
-        libc::off_t::try_from(len.saturating_sub(from)),
-    ) else {
+    let Err(e) = super::reserve::reserve(file, from, len.saturating_sub(from), false) else {
         return Ok(());
     };
-    // SAFETY: fstatfs writes into the zeroed struct this function owns.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    if count == 0 || unsafe { libc::fstatfs(fd, &mut fs) } != 0 {
-        return Ok(());
-    }
-    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs by target
-    let tmpfs = fs.f_type as i64 == libc::TMPFS_MAGIC as i64;
-    let free = (fs.f_bavail as u64).saturating_mul(fs.f_bsize as u64);
-    if tmpfs || free / 2 < count as u64 {
-        return Ok(());
-    }
-    // SAFETY: fallocate on a descriptor this function borrows, within the
-    // file's own length; it reserves blocks and changes no byte read.
-    if unsafe { libc::fallocate(fd, 0, offset, count) } == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
     tracing::debug!(error = %e, "commit-log segment not preallocated; it stays sparse");
-    if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+    if e.raw_os_error()
+        .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT)
+    {
         // Part of the range may be reserved: cutting the file at `from`
         // and growing it again frees that part, and nothing before it.
         file.set_len(from)?;
         file.set_len(len)?;
     }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn preallocate(_file: &File, _from: u64, _len: u64) -> io::Result<()> {
     Ok(())
 }
 
@@ -531,43 +501,5 @@ mod tests {
         );
         assert!(seg.map[..100_000].iter().all(|b| *b == 7));
         assert!(seg.map[100_000..].iter().all(|b| *b == 0));
-    }
-
-    /// Free bytes in `dir`'s file system.
-    #[allow(unsafe_code)]
-    fn free_bytes(dir: &Path) -> u64 {
-        use std::os::fd::AsRawFd;
-        let d = File::open(dir).unwrap();
-        // SAFETY: fstatfs writes into the zeroed struct owned here.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstatfs(d.as_raw_fd(), &mut fs) }, 0);
-        (fs.f_bavail as u64) * (fs.f_bsize as u64)
-    }
-
-    #[test]
-    fn a_segment_larger_than_half_the_free_space_stays_sparse() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = File::create(dir.path().join("big")).unwrap();
-        let len = free_bytes(dir.path()) / 2 + (64 << 20);
-        if f.set_len(len).is_err() {
-            eprintln!("skipped: this file system refuses a file of {len} bytes");
-            return;
-        }
-        preallocate(&f, 0, len).unwrap();
-        assert_eq!(f.metadata().unwrap().len(), len);
-        assert!(f.metadata().unwrap().blocks() * 512 < 1 << 20);
-    }
-
-    #[test]
-    fn nothing_is_reserved_on_tmpfs() {
-        let shm = Path::new("/dev/shm");
-        let Ok(dir) = tempfile::tempdir_in(shm) else {
-            eprintln!("skipped: no /dev/shm");
-            return;
-        };
-        let f = File::create(dir.path().join("seg")).unwrap();
-        f.set_len(1 << 20).unwrap();
-        preallocate(&f, 0, 1 << 20).unwrap();
-        assert_eq!(f.metadata().unwrap().blocks(), 0, "memory pinned");
     }
 }

@@ -12,7 +12,8 @@
 //! it fsyncs the queue. So a message costs its commit-log write and no
 //! second system call. A crash loses nothing this way: the checkpoint
 //! names, per queue, the entries its fsync covered, and recovery rebuilds
-//! every entry after those from the log.
+//! every entry after those from the log. The checkpoint also reserves the
+//! blocks a little ahead of the appends (see `reserve.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -23,6 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Notify;
+
+use super::reserve::Ahead;
 
 /// Bytes per entry.
 pub const ENTRY_LEN: usize = 20;
@@ -91,6 +94,8 @@ pub struct ConsumeQueue {
     unwritten: std::sync::Mutex<Unwritten>,
     /// The queue's topic was deleted: nothing is written any more.
     discarded: AtomicBool,
+    /// Blocks reserved ahead of the appends (only the checkpoint takes it).
+    ahead: std::sync::Mutex<Ahead>,
     /// Woken whenever `visible` grows (long polls wait on it).
     pub arrived: Notify,
 }
@@ -137,6 +142,7 @@ impl ConsumeQueue {
             dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             unwritten: std::sync::Mutex::new(Unwritten::default()),
             discarded: AtomicBool::new(false),
+            ahead: std::sync::Mutex::new(Ahead::default()),
             arrived: Notify::new(),
         })
     }
@@ -410,6 +416,7 @@ impl ConsumeQueue {
         if dirty.is_empty() {
             return Ok(());
         }
+        self.reserve_ahead();
         let files: Vec<(u64, Arc<File>)> = {
             let files = self.files.read().unwrap_or_else(|e| e.into_inner());
             dirty
@@ -429,6 +436,31 @@ impl ConsumeQueue {
             }
         }
         Ok(())
+    }
+
+    /// Reserves blocks ahead of the appends to the file being filled (see
+    /// `reserve.rs`), so that they do not wait for the file system to
+    /// allocate them while it writes the file back. The file's length stays.
+    fn reserve_ahead(&self) {
+        if self.discarded.load(Ordering::Acquire) {
+            return;
+        }
+        let next = self.next_offset();
+        let start = next - next % self.entries_per_file;
+        let file = self
+            .files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&start)
+            .cloned();
+        if let Some(file) = file {
+            self.ahead.lock().unwrap_or_else(|e| e.into_inner()).top_up(
+                start,
+                &file,
+                (next - start) * ENTRY_LEN as u64,
+                self.entries_per_file * ENTRY_LEN as u64,
+            );
+        }
     }
 
     /// Recovery: drops entries that point at or past `log_end` (their records
@@ -611,6 +643,41 @@ mod tests {
         let q = ConsumeQueue::open("t", 0, dir, 100).unwrap();
         q.recover(0, u64::MAX).unwrap();
         assert_eq!(q.next_offset(), page + 30, "all of them in the files");
+    }
+
+    #[test]
+    fn the_file_being_filled_is_reserved_ahead_of_its_appends_and_keeps_its_length() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        if !super::super::reserve::reserves_past_length(tmp.path()) {
+            eprintln!("skipped: this file system does not reserve past a file's length");
+            return;
+        }
+        let dir = tmp.path().join("q");
+        let q = ConsumeQueue::open("t", 0, dir.clone(), 100_000).unwrap();
+        q.write(0, &entries(0..1000)).unwrap();
+        q.publish(1000);
+        // Growth is measured from the first checkpoint on.
+        q.sync_if_dirty().unwrap();
+        q.write(1000, &entries(1000..11_000)).unwrap();
+        q.publish(11_000);
+        q.sync_if_dirty().unwrap();
+        let meta = std::fs::metadata(dir.join(format!("{:020}", 0))).unwrap();
+        assert_eq!(meta.len(), 11_000 * ENTRY_LEN as u64);
+        assert!(
+            meta.blocks() * 512 >= 31_000 * ENTRY_LEN as u64,
+            "{} bytes of blocks for {} bytes of entries",
+            meta.blocks() * 512,
+            meta.len()
+        );
+        drop(q);
+        let q = ConsumeQueue::open("t", 0, dir, 100_000).unwrap();
+        q.recover(0, u64::MAX).unwrap();
+        assert_eq!(q.next_offset(), 11_000);
+        assert_eq!(
+            q.read(0, 20_000).unwrap(),
+            (0..11_000).map(entry).collect::<Vec<_>>()
+        );
     }
 
     #[test]

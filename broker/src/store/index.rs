@@ -36,7 +36,8 @@
 //! is the message asked for, so a stale entry (a log cut after a crash, a
 //! hash collision) can never answer wrongly.
 //!
-//! Durability: `sync` (with each checkpoint) fdatasyncs the files, then
+//! Durability: `sync` (with each checkpoint) reserves blocks a little
+//! ahead of the entries (see `reserve.rs`), fdatasyncs the files, then
 //! records in the header how many entries and how far in the log they are
 //! durable. `open` trusts exactly that, and re-indexes the log from there
 //! to its end: a `kill -9` or power cut loses no lookup of a record the log
@@ -473,6 +474,8 @@ pub struct MessageIndex {
     dir: PathBuf,
     config: IndexConfig,
     state: RwLock<State>,
+    /// Blocks reserved ahead of the appends (only `sync` takes it).
+    ahead: std::sync::Mutex<super::reserve::Ahead>,
 }
 
 /// What an index entry is made from: a record's header fields and its
@@ -597,6 +600,7 @@ impl MessageIndex {
                 files,
                 scratch: Vec::with_capacity(64 * 1024),
             }),
+            ahead: std::sync::Mutex::new(super::reserve::Ahead::default()),
         };
         index.reindex(log, from, end)?;
         Ok(index)
@@ -738,12 +742,15 @@ impl MessageIndex {
     /// # Errors
     /// I/O errors.
     pub fn sync(&self) -> io::Result<()> {
-        let todo: Vec<ToSync> = {
+        let (todo, filling): (Vec<ToSync>, _) = {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
             let State { files, scratch } = &mut *state;
             flush_scratch(files, scratch)?;
-            state
-                .files
+            let filling = files.last().filter(|f| f.mem_slots.is_some()).map(|f| {
+                let at = |count: u32| f.entries_at() + u64::from(count) * ENTRY_LEN as u64;
+                (f.start, f.file.clone(), at(f.count), at(f.capacity))
+            });
+            let todo = files
                 .iter()
                 .filter(|f| {
                     !f.synced_sealed
@@ -761,8 +768,15 @@ impl MessageIndex {
                         header: f.header(f.count, f.end, sealed),
                     }
                 })
-                .collect()
+                .collect();
+            (todo, filling)
         };
+        if let Some((start, file, written, full)) = filling {
+            self.ahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .top_up(start, &file, written, full);
+        }
         if todo.is_empty() {
             return Ok(());
         }

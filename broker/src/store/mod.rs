@@ -20,6 +20,7 @@ pub mod pop;
 pub mod producers;
 pub mod record;
 mod recovery;
+mod reserve;
 mod writer;
 
 #[cfg(test)]
