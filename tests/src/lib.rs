@@ -12,6 +12,7 @@
 
 pub mod browser;
 pub mod chaos;
+pub mod disk;
 pub mod lazyfs;
 pub mod metrics;
 pub mod pki;
@@ -82,11 +83,12 @@ pub fn binary(name: &str) -> PathBuf {
 ///
 /// It is taken below the kernel's ephemeral range
 /// (`net.ipv4.ip_local_port_range`), and no port is handed out twice by
-/// one test binary. A port of that range, free a moment ago, could be taken
-/// before the process binds it: as the local port of any test's outgoing
-/// connection, or by a listener on port 0 (CI saw a broker fail with
-/// "Address already in use"). Where the range leaves no room below it, this
-/// falls back to a port the kernel picks.
+/// one process (a test binary). A port of that range, free a moment ago,
+/// could be taken before the process binds it: as the local port of any
+/// test's outgoing connection, or by a listener on port 0 (CI saw a broker
+/// fail with "Address already in use"). Another process handing out ports
+/// this way starts at a random place. Where the range leaves no room below
+/// it, this falls back to a port the kernel picks.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -98,8 +100,13 @@ pub fn free_port() -> u16 {
         .min(65_536);
     if ephemeral_low > LOWEST + 1_000 {
         let span = ephemeral_low - LOWEST;
-        // Test binaries started at once begin at different places.
-        let start = std::process::id().wrapping_mul(7_919) % span;
+        // Processes started at once begin at places far apart.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seed = (u64::from(std::process::id()) << 32 | u64::from(nanos))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let start = ((seed >> 32) % u64::from(span)) as u32;
         for _ in 0..span {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let port = (LOWEST + (start + n) % span) as u16;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{body_text, create_topic, jitter, record_starts, start_broker, wait_for_route};
 use txmq::{Message, MsgId, Producer, SendStatus};
+use txmq_tests::disk::{allocated, allocated_past_end, reserves_blocks};
 use txmq_tests::{consume_all, BrokerProcess, Cluster};
 
 /// A message the broker acknowledged with `SEND_OK`.
@@ -293,31 +294,6 @@ fn queue_file_bytes(data: &Path, topic: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Bytes of disk the file at `path` holds (its allocated blocks).
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// Whether the broker reserves a segment's blocks in `dir`: the file
-/// system can (`fallocate`), and it is not tmpfs (memory, which the broker
-/// leaves alone).
-#[allow(unsafe_code)]
-fn preallocates(dir: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let probe = std::fs::File::create(dir.join("probe")).unwrap();
-    let fd = probe.as_raw_fd();
-    // SAFETY: fstatfs writes into the zeroed struct owned here; fallocate
-    // works on the descriptor of the file created here.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::fstatfs(fd, &mut fs) }, 0);
-    #[allow(clippy::unnecessary_cast)]
-    let tmpfs = fs.f_type as i64 == libc::TMPFS_MAGIC as i64;
-    let reserved = unsafe { libc::fallocate(fd, 0, 0, 1 << 20) } == 0;
-    std::fs::remove_file(dir.join("probe")).unwrap();
-    !tmpfs && reserved
-}
-
 /// A commit-log segment gets its blocks when it is created, so that the
 /// writer's appends never wait for the kernel to allocate them (which it
 /// does while writing pages back: the writer stalled behind it). A restart
@@ -327,7 +303,7 @@ fn preallocates(dir: &Path) -> bool {
 async fn segments_are_preallocated_and_a_restart_releases_what_it_leaves_unused() {
     const SEGMENT: u64 = 8 << 20;
     let tmp = tempfile::tempdir().unwrap();
-    if !preallocates(tmp.path()) {
+    if !reserves_blocks(tmp.path()) {
         eprintln!("skipped: this file system does not preallocate");
         return;
     }
@@ -373,28 +349,6 @@ async fn segments_are_preallocated_and_a_restart_releases_what_it_leaves_unused(
     assert_eq!(bodies(&ns, "g1", "prealloc", 100).await, want);
 }
 
-/// Bytes of disk the file at `path` holds past its length: blocks its
-/// data (what `SEEK_DATA` finds below the length) does not account for.
-#[allow(unsafe_code)]
-fn allocated_past_end(path: &Path) -> u64 {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    let len = f.metadata().unwrap().len() as i64;
-    let (fd, mut at, mut data) = (f.as_raw_fd(), 0i64, 0u64);
-    while at < len {
-        // SAFETY: lseek on the descriptor opened here.
-        let from = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if from < 0 {
-            break;
-        }
-        let to = unsafe { libc::lseek(fd, from, libc::SEEK_HOLE) }.min(len);
-        // Whole blocks: the data's first and last block are allocated.
-        data += ((to + 4095) / 4096 - from / 4096) as u64 * 4096;
-        at = to;
-    }
-    allocated(path).saturating_sub(data)
-}
-
 /// The consume-queue and message-index files grow as entries come; each
 /// checkpoint reserves blocks a little ahead of their ends, so that the
 /// writer's appends do not wait for the file system to allocate them
@@ -403,8 +357,8 @@ fn allocated_past_end(path: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_and_index_files_are_reserved_ahead_and_recover_after_a_kill_9() {
     let tmp = tempfile::tempdir().unwrap();
-    if !preallocates(tmp.path()) {
-        eprintln!("skipped: this file system does not preallocate");
+    if !reserves_blocks(tmp.path()) {
+        eprintln!("skipped: this file system does not reserve blocks");
         return;
     }
     let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
@@ -413,52 +367,64 @@ async fn queue_and_index_files_are_reserved_ahead_and_recover_after_a_kill_9() {
     let often = ["--checkpoint-interval", "50ms"];
     let mut broker = start_broker(&data, &ns, "broker-a", &often).await;
     create_topic(&ns, "ahead", 1).await;
-    // Growth is measured from a checkpoint that saw the files.
-    assert_eq!(
-        send_numbered(&cluster, "ahead", "a", 20).await,
-        offsets(0..20)
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        send_numbered(&cluster, "ahead", "b", 500).await,
-        offsets(20..520)
-    );
+    use std::os::unix::fs::MetadataExt;
     let queue_file = data.join("consumequeue/ahead/0").join(format!("{:020}", 0));
-    let index_file = std::fs::read_dir(data.join("index"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // The last entries reach the file with a checkpoint.
-    while queue_file_bytes(&data, "ahead") < 520 * 20
-        || allocated_past_end(&queue_file) == 0
-        || allocated_past_end(&index_file) == 0
-    {
+    let index_dir = data.join("index");
+    let index_file = || {
+        std::fs::read_dir(&index_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap()
+    };
+    // Growth is measured from a checkpoint that saw the files: batches go
+    // on until one has reserved ahead of both.
+    let (mut sent, mut want) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let prefix = format!("b{sent}-");
+        assert_eq!(
+            send_numbered(&cluster, "ahead", &prefix, 100).await,
+            offsets(sent..sent + 100)
+        );
+        want.extend(numbered(&prefix, 0..100));
+        sent += 100;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if queue_file.exists()
+            && allocated_past_end(&queue_file) > 0
+            && allocated_past_end(&index_file()) > 0
+        {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "not reserved past the ends: queue {} of {} bytes, index {} of {} bytes",
-            allocated(&queue_file),
-            std::fs::metadata(&queue_file).unwrap().len(),
-            allocated(&index_file),
-            std::fs::metadata(&index_file).unwrap().len(),
+            "not reserved past the ends: queue {:?}, index {} of {} bytes",
+            std::fs::metadata(&queue_file).map(|m| (m.blocks() * 512, m.len())),
+            allocated(&index_file()),
+            std::fs::metadata(index_file()).unwrap().len(),
         );
+    }
+    // The last entries reach the file with a checkpoint.
+    while queue_file_bytes(&data, "ahead") < sent as u64 * 20 {
+        assert!(Instant::now() < deadline, "entries not written");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(queue_file_bytes(&data, "ahead"), 520 * 20, "entries only");
-    let sent = txmq_tests::output::ok(&txmq_tests::txmq_cli(
+    assert_eq!(
+        queue_file_bytes(&data, "ahead"),
+        sent as u64 * 20,
+        "entries only"
+    );
+    let out = txmq_tests::output::ok(&txmq_tests::txmq_cli(
         &ns,
         &["send", "ahead", "--body", "keyed", "--key", "k-1"],
         None,
     ));
-    assert!(sent.contains("q=0 offset=520"), "{sent}");
+    assert!(out.contains(&format!("q=0 offset={sent}")), "{out}");
 
     tokio::task::block_in_place(|| broker.kill9());
     restart(&mut broker, &ns, "ahead").await;
-    let mut want = numbered("a", 0..20);
-    want.extend(numbered("b", 0..500));
     want.push("keyed".into());
-    assert_eq!(bodies(&ns, "g1", "ahead", 521).await, want);
+    assert_eq!(bodies(&ns, "g1", "ahead", sent + 1).await, want);
     let found = txmq_tests::output::ok(&txmq_tests::txmq_cli(
         &ns,
         &["msg", "find", "--topic", "ahead", "--key", "k-1"],

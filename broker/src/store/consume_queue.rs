@@ -457,6 +457,7 @@ impl ConsumeQueue {
             self.ahead.lock().unwrap_or_else(|e| e.into_inner()).top_up(
                 start,
                 &file,
+                0,
                 (next - start) * ENTRY_LEN as u64,
                 self.entries_per_file * ENTRY_LEN as u64,
             );

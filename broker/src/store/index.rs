@@ -748,7 +748,7 @@ impl MessageIndex {
             flush_scratch(files, scratch)?;
             let filling = files.last().filter(|f| f.mem_slots.is_some()).map(|f| {
                 let at = |count: u32| f.entries_at() + u64::from(count) * ENTRY_LEN as u64;
-                (f.start, f.file.clone(), at(f.count), at(f.capacity))
+                (f.start, f.file.clone(), at(0), at(f.count), at(f.capacity))
             });
             let todo = files
                 .iter()
@@ -771,11 +771,11 @@ impl MessageIndex {
                 .collect();
             (todo, filling)
         };
-        if let Some((start, file, written, full)) = filling {
+        if let Some((start, file, empty, written, full)) = filling {
             self.ahead
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .top_up(start, &file, written, full);
+                .top_up(start, &file, empty, written, full);
         }
         if todo.is_empty() {
             return Ok(());

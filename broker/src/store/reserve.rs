@@ -14,13 +14,19 @@ use std::io;
 
 /// Reservations ahead of appends grow in steps of this many bytes.
 const STEP: u64 = 64 << 10;
+/// A file is reserved at most this far ahead of its appends.
+const MAX_AHEAD: u64 = 16 << 20;
+/// Reservations ahead of appends leave at least this much of the disk free
+/// (the commit log's next segment needs room more).
+const FLOOR: u64 = 1 << 30;
 
 /// Reserves the blocks of bytes `from..from + len` of `file` (they read as
 /// zeros, as a hole does). With `past_length` the range may lie past the
 /// file's length, which stays as it is (`FALLOC_FL_KEEP_SIZE`): appends
 /// then find their blocks. Nothing happens on tmpfs (memory: no writeback
-/// to wait behind, and a reservation would pin it) or where the disk has
-/// less than twice the range free (other files need room too).
+/// to wait behind, and a reservation would pin it), where the disk has
+/// less than twice the range free (other files need room too), nor, past
+/// the length, where it would leave less than 1 GiB free.
 ///
 /// # Errors
 /// The file system's refusal (it cannot, or the disk or a quota ran out
@@ -41,7 +47,7 @@ pub(crate) fn reserve(file: &File, from: u64, len: u64, past_length: bool) -> io
     #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs by target
     let tmpfs = fs.f_type as i64 == libc::TMPFS_MAGIC as i64;
     let free = (fs.f_bavail as u64).saturating_mul(fs.f_bsize as u64);
-    if tmpfs || free / 2 < len {
+    if tmpfs || free / 2 < len || (past_length && free < len.saturating_add(FLOOR)) {
         return Ok(());
     }
     let mode = if past_length {
@@ -65,13 +71,15 @@ pub(crate) fn reserve(_file: &File, _from: u64, _len: u64, _past_length: bool) -
 
 /// The blocks reserved ahead of a file that grows by appends, topped up
 /// with each checkpoint: when less than the last interval's growth is left
-/// reserved, up to twice that growth past the appends' end (in 64 KiB
-/// steps, never past the file's full length). So a busy file stays about
-/// two checkpoint intervals ahead, and an idle one reserves nothing.
+/// reserved, up to four times that growth past the appends' end (in 64 KiB
+/// steps, at most 16 MiB ahead, never past the file's full length). So a
+/// busy file is topped up about every fourth checkpoint, with one
+/// `fallocate` (which the file's writer waits behind for its duration), and
+/// an idle one reserves nothing more.
 ///
-/// What a crash or a full disk leaves reserved past a file's end stays
-/// with the file (bounded by the same amount) until it is cut or deleted;
-/// nothing is released while the writer may be appending into it.
+/// What was reserved stays with the file until it is cut or deleted: an
+/// idle file keeps it, and a crash or a full disk leaves it. Nothing is
+/// released while the writer may be appending into it.
 #[derive(Debug, Default)]
 pub(crate) struct Ahead {
     /// The file reserved in (its start, as files are named); `None` until
@@ -85,8 +93,20 @@ pub(crate) struct Ahead {
 
 impl Ahead {
     /// Tops up the reservation of `file` (named `id`), whose appends end at
-    /// byte `written` and which holds `full` bytes when full.
-    pub(crate) fn top_up(&mut self, id: u64, file: &File, written: u64, full: u64) {
+    /// byte `written`; it holds `empty` bytes before its first append and
+    /// `full` bytes when full.
+    pub(crate) fn top_up(&mut self, id: u64, file: &File, empty: u64, written: u64, full: u64) {
+        let Some((from, to)) = self.plan(id, empty, written, full) else {
+            return;
+        };
+        if let Err(e) = reserve(file, from, to - from, true) {
+            tracing::debug!(error = %e, "not reserved ahead of the appends");
+        }
+    }
+
+    /// The range to reserve now, if any; counted as reserved from then on
+    /// (after a refusal, the next try waits for as much growth).
+    fn plan(&mut self, id: u64, empty: u64, written: u64, full: u64) -> Option<(u64, u64)> {
         match self.file {
             Some(f) if f == id => {}
             // A file written before this process started: its growth is
@@ -97,35 +117,29 @@ impl Ahead {
                     reserved: written,
                     mark: written,
                 };
-                return;
+                return None;
             }
             // The next file: it grew from empty.
             Some(_) => {
                 *self = Ahead {
                     file: Some(id),
-                    reserved: 0,
-                    mark: 0,
+                    reserved: empty,
+                    mark: empty,
                 }
             }
         }
         let grown = written.saturating_sub(self.mark);
         self.mark = self.mark.max(written);
         if grown == 0 || self.reserved >= written.saturating_add(grown) {
-            return;
+            return None;
         }
         let to = written
-            .saturating_add(2 * grown)
+            .saturating_add(grown.saturating_mul(4).min(MAX_AHEAD))
             .next_multiple_of(STEP)
             .min(full);
         let from = self.reserved.max(written);
-        if to <= from {
-            return;
-        }
-        if let Err(e) = reserve(file, from, to - from, true) {
-            tracing::debug!(error = %e, "not reserved ahead of the appends");
-        }
-        // Also after a refusal: the next try waits for as much growth.
-        self.reserved = to;
+        self.reserved = self.reserved.max(to);
+        (to > from).then_some((from, to))
     }
 }
 
@@ -153,62 +167,59 @@ mod tests {
     }
 
     #[test]
-    fn an_appended_file_is_reserved_ahead_by_its_growth_and_keeps_its_length() {
+    fn reservations_follow_the_growth_of_the_last_interval() {
+        const FULL: u64 = 6 << 20;
+        let mut a = Ahead::default();
+        // First sight (a file from before a restart): nothing yet.
+        assert_eq!(a.plan(0, 0, 1000, FULL), None);
+        // 100,000 bytes in an interval: four times that ahead, in steps.
+        assert_eq!(a.plan(0, 0, 101_000, FULL), Some((101_000, 524_288)));
+        // Enough left for another such interval: nothing new, thrice.
+        assert_eq!(a.plan(0, 0, 201_000, FULL), None);
+        assert_eq!(a.plan(0, 0, 301_000, FULL), None);
+        assert_eq!(a.plan(0, 0, 401_000, FULL), None);
+        // Idle: nothing new either.
+        assert_eq!(a.plan(0, 0, 401_000, FULL), None);
+        // Less than an interval's growth left: topped up.
+        assert_eq!(a.plan(0, 0, 501_000, FULL), Some((524_288, 917_504)));
+        // A burst: at most 16 MiB ahead, never past the full length.
+        assert_eq!(a.plan(0, 0, 3 << 20, FULL), Some((3 << 20, FULL)));
+        assert_eq!(a.plan(0, 0, FULL, FULL), None);
+        let mut big = Ahead::default();
+        assert_eq!(big.plan(0, 0, 0, 1 << 30), None);
+        assert_eq!(
+            big.plan(0, 0, 10 << 20, 1 << 30),
+            Some((10 << 20, 26 << 20))
+        );
+        // The next file grew from its empty size since the last top-up.
+        assert_eq!(a.plan(FULL, 4096, 104_096, FULL), Some((104_096, 524_288)));
+    }
+
+    #[test]
+    fn an_appended_file_is_reserved_past_its_length_which_stays() {
         let dir = tempfile::tempdir().unwrap();
         if !reserves_past_length(dir.path()) {
             eprintln!("skipped: this file system does not reserve past a file's length");
             return;
         }
-        let open = |name: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join(name))
-                .unwrap()
-        };
-        let f = open("q");
-        const FULL: u64 = 4 << 20;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("q"))
+            .unwrap();
         let mut ahead = Ahead::default();
         f.write_all_at(&[1; 1000], 0).unwrap();
-        // First sight (a file from before a restart): nothing yet.
-        ahead.top_up(0, &f, 1000, FULL);
-        assert!(allocated(&f) < STEP, "{}", allocated(&f));
-
-        // 200,000 bytes in an interval: 400,000 more reserved, in steps.
-        f.write_all_at(&[2; 200_000], 1000).unwrap();
-        ahead.top_up(0, &f, 201_000, FULL);
-        assert_eq!(f.metadata().unwrap().len(), 201_000);
-        let reserved = allocated(&f);
-        assert!(
-            (601_000..=601_000_u64.next_multiple_of(STEP) + 4096).contains(&reserved),
-            "{reserved} allocated"
-        );
-        // Still more than an interval's growth ahead: nothing new.
-        f.write_all_at(&[3; 100_000], 201_000).unwrap();
-        ahead.top_up(0, &f, 301_000, FULL);
-        assert_eq!(allocated(&f), reserved);
-        // Idle: nothing new either.
-        ahead.top_up(0, &f, 301_000, FULL);
-        assert_eq!(allocated(&f), reserved);
-
-        // A burst: capped at the file's full length.
-        f.write_all_at(&vec![4; 3 << 20], 301_000).unwrap();
-        let written = 301_000 + (3 << 20);
-        ahead.top_up(0, &f, written, FULL);
-        assert!(allocated(&f) <= FULL + 4096, "{}", allocated(&f));
-        assert!(allocated(&f) >= FULL - 4096, "{}", allocated(&f));
-        assert_eq!(f.metadata().unwrap().len(), written);
-        let mut back = vec![0u8; 1000];
+        ahead.top_up(0, &f, 0, 1000, 6 << 20);
+        f.write_all_at(&[2; 100_000], 1000).unwrap();
+        ahead.top_up(0, &f, 0, 101_000, 6 << 20);
+        assert_eq!(f.metadata().unwrap().len(), 101_000);
+        assert!(allocated(&f) >= 524_288, "{} allocated", allocated(&f));
+        let mut back = vec![0u8; 101_000];
         f.read_exact_at(&mut back, 0).unwrap();
-        assert!(back.iter().all(|b| *b == 1));
-
-        // The next file grew from empty since the last top-up.
-        let g = open("q2");
-        g.write_all_at(&[5; 100_000], 0).unwrap();
-        ahead.top_up(FULL, &g, 100_000, FULL);
-        assert!(allocated(&g) >= 300_000, "{}", allocated(&g));
+        assert!(back[..1000].iter().all(|b| *b == 1));
+        assert!(back[1000..].iter().all(|b| *b == 2));
     }
 
     /// Free bytes in `dir`'s file system.
