@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use txmq_tests::metrics::{http_get, sample};
 use txmq_tests::output::ok;
-use txmq_tests::{binary, free_port, txmq_cli, BrokerProcess, NameserverProcess};
+use txmq_tests::{binary, free_port, txmq_cli, wait_for_broker, BrokerProcess, NameserverProcess};
 
 /// Scrapes `addr` until `check` accepts the text (bounded wait).
 fn scrape_until(addr: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
@@ -118,6 +118,14 @@ impl PrometheusServer {
     }
 }
 
+/// Waits until `broker-a` registered with the nameserver at `ns`: a send
+/// before finds no route (CI saw one).
+fn registered(ns: &str) {
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(wait_for_broker(ns, "broker-a"));
+}
+
 #[test]
 fn a_real_broker_and_nameserver_export_transactions_lag_and_traffic() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,6 +166,7 @@ fn a_real_broker_and_nameserver_export_transactions_lag_and_traffic() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status, 404);
+    registered(&ns_addr);
 
     // Load: five sends, a transaction left pending (its producer is gone,
     // so every check-back fails), a consumer group two messages in.
@@ -453,6 +462,7 @@ fn a_master_exports_its_replicas_lag_and_in_sync_state() {
         "broker-a",
         &["--role", "slave"],
     );
+    registered(&ns_addr);
     ok(&txmq_cli(
         &ns_addr,
         &["send", "orders", "--body", "replicated", "--count", "3"],
