@@ -89,19 +89,30 @@ pub(crate) struct Ahead {
     reserved: u64,
     /// Where its appends ended at the last top-up.
     mark: u64,
+    /// How far ahead the last top-up reserved.
+    ahead: u64,
 }
 
 impl Ahead {
     /// Tops up the reservation of `file` (named `id`), whose appends end at
     /// byte `written`; it holds `empty` bytes before its first append and
-    /// `full` bytes when full.
-    pub(crate) fn top_up(&mut self, id: u64, file: &File, empty: u64, written: u64, full: u64) {
-        let Some((from, to)) = self.plan(id, empty, written, full) else {
-            return;
-        };
-        if let Err(e) = reserve(file, from, to - from, true) {
-            tracing::debug!(error = %e, "not reserved ahead of the appends");
+    /// `full` bytes when full. Once it is reserved to its full length (it
+    /// fills within a few intervals at this rate), returns how much to
+    /// reserve at the start of the next file.
+    pub(crate) fn top_up(
+        &mut self,
+        id: u64,
+        file: &File,
+        empty: u64,
+        written: u64,
+        full: u64,
+    ) -> Option<u64> {
+        if let Some((from, to)) = self.plan(id, empty, written, full) {
+            if let Err(e) = reserve(file, from, to - from, true) {
+                tracing::debug!(error = %e, "not reserved ahead of the appends");
+            }
         }
+        (self.file == Some(id) && self.reserved >= full).then_some(self.ahead.max(STEP))
     }
 
     /// The range to reserve now, if any; counted as reserved from then on
@@ -116,6 +127,7 @@ impl Ahead {
                     file: Some(id),
                     reserved: written,
                     mark: written,
+                    ahead: 0,
                 };
                 return None;
             }
@@ -125,6 +137,7 @@ impl Ahead {
                     file: Some(id),
                     reserved: empty,
                     mark: empty,
+                    ahead: 0,
                 }
             }
         }
@@ -133,8 +146,9 @@ impl Ahead {
         if grown == 0 || self.reserved >= written.saturating_add(grown) {
             return None;
         }
+        self.ahead = grown.saturating_mul(4).min(MAX_AHEAD);
         let to = written
-            .saturating_add(grown.saturating_mul(4).min(MAX_AHEAD))
+            .saturating_add(self.ahead)
             .next_multiple_of(STEP)
             .min(full);
         let from = self.reserved.max(written);
