@@ -491,41 +491,50 @@ impl ConsumeQueue {
     /// fsyncs the directory, which took up to 25 ms under load here. The
     /// writer takes it when it gets there (`file_for`). Best effort: where
     /// this fails, the writer makes the file itself as before. A file made
-    /// ahead and never written is removed by recovery (`recover`).
+    /// ahead and never written is removed by recovery (`recover`: the
+    /// queue's last file with no entry), or replaced here by the next one.
+    ///
+    /// Every caller that removes a queue's files discards it first
+    /// (`discard`), which waits for a file being made here.
     fn prepare_next(&self, start: u64, first: u64) {
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        if self.discarded.load(Ordering::Acquire)
-            || spare.as_ref().is_some_and(|(s, _)| *s == start)
-            || self
-                .files
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&start)
-        {
-            return;
-        }
-        let path = self.dir.join(format!("{start:020}"));
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(topic = %self.topic, queue = self.queue, error = %e, "next consume-queue file not made ahead");
+        let file = {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+            if self.discarded.load(Ordering::Acquire)
+                || spare.as_ref().is_some_and(|(s, _)| *s == start)
+                || files.contains_key(&start)
+            {
                 return;
             }
+            // A file made ahead that the writer went past (a replica's
+            // queue skipping offsets) holds no entry.
+            if let Some((old, _)) = spare.take() {
+                if !files.contains_key(&old) {
+                    let _ = std::fs::remove_file(self.dir.join(format!("{old:020}")));
+                }
+            }
+            drop(files);
+            let path = self.dir.join(format!("{start:020}"));
+            let made = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path);
+            let file = match made.and_then(|f| super::commit_log::sync_dir(&self.dir).map(|()| f)) {
+                Ok(f) => Arc::new(f),
+                Err(e) => {
+                    tracing::debug!(topic = %self.topic, queue = self.queue, error = %e, "next consume-queue file not made ahead");
+                    let _ = std::fs::remove_file(&path);
+                    return;
+                }
+            };
+            *spare = Some((start, file.clone()));
+            file
         };
-        if let Err(e) = super::commit_log::sync_dir(&self.dir) {
-            tracing::debug!(topic = %self.topic, queue = self.queue, error = %e, "next consume-queue file not made ahead");
-            let _ = std::fs::remove_file(&path);
-            return;
-        }
+        // Outside the lock: the writer may take the file meanwhile.
         if let Err(e) = super::reserve::reserve(&file, 0, first, true) {
             tracing::debug!(error = %e, "not reserved ahead of the appends");
         }
-        *spare = Some((start, Arc::new(file)));
     }
 
     /// Recovery: drops entries that point at or past `log_end` (their records
@@ -747,7 +756,6 @@ mod tests {
 
     #[test]
     fn the_next_file_is_made_ahead_and_taken_by_the_writer_or_removed_by_recovery() {
-        use std::os::unix::fs::MetadataExt;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("q");
         let file = |start: u64| dir.join(format!("{start:020}"));
@@ -760,14 +768,18 @@ mod tests {
         q.write(1000, &entries(1000..4000)).unwrap();
         q.sync_if_dirty().unwrap();
         assert_eq!(std::fs::metadata(file(10_000)).unwrap().len(), 0);
-        let made = std::fs::metadata(file(10_000)).unwrap().ino();
+        let made = q.spare.lock().unwrap().clone().unwrap();
+        assert_eq!(made.0, 10_000);
 
         q.write(4000, &entries(4000..10_300)).unwrap();
         q.publish(10_300);
         q.sync_if_dirty().unwrap();
-        let next = std::fs::metadata(file(10_000)).unwrap();
-        assert_eq!(next.ino(), made, "the writer took the file made ahead");
-        assert_eq!(next.len(), 300 * ENTRY_LEN as u64);
+        let taken = q.files.read().unwrap()[&10_000].clone();
+        assert!(
+            Arc::ptr_eq(&taken, &made.1),
+            "the writer took the file made ahead"
+        );
+        assert_eq!(taken.metadata().unwrap().len(), 300 * ENTRY_LEN as u64);
         assert_eq!(
             q.read(0, 20_000).unwrap(),
             (0..10_300).map(entry).collect::<Vec<_>>()
@@ -787,13 +799,22 @@ mod tests {
             (9_990..10_090).map(entry).collect::<Vec<_>>()
         );
 
-        // A discarded queue makes no file ahead.
+        // A discarded queue (its topic deleted) lets go of the file made
+        // ahead, which goes with the directory, and makes no other.
         q.write(14_000, &entries(14_000..15_000)).unwrap();
         q.sync_if_dirty().unwrap();
         q.write(15_000, &entries(15_000..19_000)).unwrap();
-        q.discard();
         q.sync_if_dirty().unwrap();
+        assert!(file(20_000).exists());
+        // A replica's queue that skipped past it: the next one replaces it.
+        q.prepare_next(40_000, 4096);
         assert!(!file(20_000).exists());
+        assert!(file(40_000).exists());
+        q.discard();
+        assert!(q.spare.lock().unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+        q.prepare_next(30_000, 4096);
+        assert!(!dir.exists(), "nothing comes back");
     }
 
     #[test]

@@ -97,8 +97,9 @@ impl Ahead {
     /// Tops up the reservation of `file` (named `id`), whose appends end at
     /// byte `written`; it holds `empty` bytes before its first append and
     /// `full` bytes when full. Once it is reserved to its full length (it
-    /// fills within a few intervals at this rate), returns how much to
-    /// reserve at the start of the next file.
+    /// fills within about four intervals at the recent rate, or is within
+    /// a 64 KiB step of its end), returns how much to reserve at the start
+    /// of the next file.
     pub(crate) fn top_up(
         &mut self,
         id: u64,
@@ -112,7 +113,7 @@ impl Ahead {
                 tracing::debug!(error = %e, "not reserved ahead of the appends");
             }
         }
-        (self.file == Some(id) && self.reserved >= full).then_some(self.ahead.max(STEP))
+        (self.file == Some(id) && self.reserved >= full).then_some(self.ahead.max(STEP).min(full))
     }
 
     /// The range to reserve now, if any; counted as reserved from then on
