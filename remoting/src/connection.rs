@@ -867,7 +867,16 @@ async fn send_frame(
     direct: bool,
     ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
 ) -> Sent {
+    // Most frames find room at once: no waiter is registered for them.
+    match try_queue(inner, frame, direct, ready) {
+        Some(Queue::Done) => return Sent::Queued,
+        Some(Queue::Closed) => return Sent::Closed,
+        None => return Sent::NotReady,
+        Some(Queue::Full) => {}
+    }
     loop {
+        // Registered before the next try, so that room made after that
+        // try's look at the queue wakes this one.
         let room = inner.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
@@ -1057,10 +1066,14 @@ async fn read_loop(
     let mut blocked = false;
     let mut blocked_at = 0;
     let mut codec = FrameCodec::new(inner.config.max_frame_len);
+    // Made once: a new one each turn of the loop would register with the
+    // token and deregister again per frame read.
+    let closed = inner.closed.cancelled();
+    tokio::pin!(closed);
     while greeted {
         tokio::select! {
             biased;
-            _ = inner.closed.cancelled() => break,
+            () = &mut closed => break,
             () = room(&inner), if blocked => match flush_batch(&inner, &mut batch) {
                 Queue::Done => blocked = false,
                 Queue::Full => {}

@@ -345,12 +345,17 @@ pub(crate) async fn queue_stamped<'c>(
     Option<ProducerStamp>,
     Result<Reply<'c>, txmq_remoting::Error>,
 ) {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // Read from the clock only once a draw was refused: most sends draw
+    // at the first try.
+    let mut deadline = None;
     loop {
         // Made before the draw (no lock taken): it sees every end after
         // that, so one between a refused draw and the wait is not missed.
         let ended = ids.ended.notified();
-        let anyway = tokio::time::Instant::now() >= deadline;
+        let anyway = match deadline {
+            Some(at) => tokio::time::Instant::now() >= at,
+            None => timeout.is_zero(),
+        };
         let mut drawn = None;
         let mut ready = |r: &mut Request| match stamp_slot(r) {
             Some(slot) => {
@@ -365,7 +370,8 @@ pub(crate) async fn queue_stamped<'c>(
             Ok(Queued::Sent(reply)) => return (drawn, Ok(reply)),
             Ok(Queued::NotReady(back)) => {
                 request = back;
-                let _ = tokio::time::timeout_at(deadline, ended).await;
+                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                let _ = tokio::time::timeout_at(at, ended).await;
             }
         }
     }
@@ -485,6 +491,13 @@ impl Idempotence {
                 })
                 .clone()
         };
+        // A free place needs no timer.
+        if let Ok(permit) = limit.places.clone().try_acquire_owned() {
+            return Some(Place {
+                _permit: permit,
+                limit,
+            });
+        }
         let mut seen = limit.answered.load(Ordering::Relaxed);
         loop {
             // The semaphore is never closed.

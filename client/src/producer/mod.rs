@@ -471,8 +471,10 @@ impl Producer {
         let mut renewals = 0u32;
         let mut recheck_gap = true;
         // Waiting for earlier sends of the queue that the broker has not
-        // seen yet ends after as long as their own attempts may take.
-        let reorder_deadline = std::time::Instant::now() + timeout * attempts.saturating_add(1);
+        // seen yet ends after as long as their own attempts may take,
+        // counted from the first refusal (no clock read for sends that
+        // see none).
+        let mut reorder_deadline: Option<std::time::Instant> = None;
         loop {
             let last_attempt = attempt + 1 >= attempts;
             let route = match self.inner.routes.get(topic).await {
@@ -656,7 +658,10 @@ impl Producer {
                 let recheck = std::mem::take(&mut recheck_gap);
                 if code == txmq_protocol::ErrorCode::OutOfOrderSequence
                     && (recheck || h.ids.earlier_in_flight(topic, h.queue, h.stamp.sequence))
-                    && std::time::Instant::now() < reorder_deadline
+                    && std::time::Instant::now()
+                        < *reorder_deadline.get_or_insert_with(|| {
+                            std::time::Instant::now() + timeout * attempts.saturating_add(1)
+                        })
                 {
                     // An earlier send of this queue has not reached the
                     // broker yet: one connection keeps them in sequence
