@@ -270,6 +270,9 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
             "--warmup",
             "50ms",
             "--compare-floor",
+            // The cluster's broker runs in this process.
+            "--broker-pid",
+            &std::process::id().to_string(),
         ],
     )
     .await;
@@ -280,6 +283,33 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
     let ratio = r["floor_ratio"].as_f64().unwrap_or(0.0);
     assert!((ratio - rate / floor).abs() < 0.01, "{r}");
     assert!(r["p99_to_floor"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    // CPU per message on both sides, and as ratios to the echo's per round
+    // trip (none where the echo's side used less than a tick).
+    for (ours, floor, ratio) in [
+        (
+            "client_cpu_us_per_msg",
+            "floor_client_cpu_us_per_round_trip",
+            "client_cpu_to_floor",
+        ),
+        (
+            "broker_cpu_us_per_msg",
+            "floor_server_cpu_us_per_round_trip",
+            "broker_cpu_to_floor",
+        ),
+    ] {
+        let ours = r[ours].as_f64().unwrap_or(-1.0);
+        assert!(ours >= 0.0, "{r}");
+        match r[floor].as_f64() {
+            Some(f) if f > 0.0 => {
+                let got = r[ratio].as_f64().unwrap_or(-1.0);
+                assert!(
+                    (got - ours / f).abs() <= 0.01 * got.max(1.0),
+                    "{ratio} in {r}"
+                );
+            }
+            _ => assert!(r[ratio].is_null(), "{r}"),
+        }
+    }
 
     // Each run's echo server went with it.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

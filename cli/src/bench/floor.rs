@@ -183,18 +183,29 @@ pub async fn run(global: &GlobalArgs, args: FloorArgs) -> Result<()> {
     Ok(())
 }
 
-/// Adds the floor, measured now with `shape`, to a report of `rate`
-/// messages per second with `latency`: the floor's figures and the
-/// ratios (`floor_ratio`: rate over the floor's; `p99_to_floor`).
+/// What a run measured, to hold against the floor.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured<'a> {
+    /// Messages per second.
+    pub rate: f64,
+    /// Their latency.
+    pub latency: &'a Summary,
+    /// This process's CPU microseconds per message.
+    pub client_cpu_us: Option<f64>,
+    /// The broker's CPU microseconds per message (`--broker-pid`).
+    pub broker_cpu_us: Option<f64>,
+}
+
+/// Adds the floor, measured now with `shape`, to a report of what a run
+/// `measured`: the floor's figures and the ratios (`floor_ratio`: rate over
+/// the floor's; `p99_to_floor`; `client_cpu_to_floor` and
+/// `broker_cpu_to_floor`: CPU per message over the echo client's and
+/// server's per round trip).
 ///
 /// # Errors
 /// When the echo server cannot be started or reached.
-pub async fn compare(
-    report: &mut Report,
-    shape: Shape,
-    rate: f64,
-    latency: &Summary,
-) -> Result<()> {
+pub async fn compare(report: &mut Report, shape: Shape, measured: Measured<'_>) -> Result<()> {
+    let Measured { rate, latency, .. } = measured;
     let floor = measure(shape, None).await?;
     let summary = floor.summary();
     report
@@ -213,7 +224,79 @@ pub async fn compare(
             (summary.p99 > 0 && latency.count > 0)
                 .then(|| round(latency.p99 as f64 / summary.p99 as f64, 3)),
         );
+    let ratio = |ours: Option<f64>, floor: Option<f64>| match (ours, floor) {
+        (Some(a), Some(b)) if b > 0.0 => Some(round(a / b, 3)),
+        _ => None,
+    };
+    report
+        .field(
+            "client_cpu_to_floor",
+            ratio(
+                measured.client_cpu_us,
+                floor.per_round_trip(floor.client_cpu_s),
+            ),
+        )
+        .field(
+            "broker_cpu_to_floor",
+            ratio(
+                measured.broker_cpu_us,
+                floor.per_round_trip(floor.server_cpu_s),
+            ),
+        );
     Ok(())
+}
+
+/// CPU seconds of this process and of another one (by pid), between a
+/// start read when the measured period begins and [`CpuMeter::stop`].
+#[derive(Debug)]
+pub struct CpuMeter {
+    pid: Option<u32>,
+    start: tokio::task::JoinHandle<(Option<u64>, Option<u64>)>,
+}
+
+/// CPU seconds [`CpuMeter::stop`] measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSeconds {
+    /// This process's.
+    pub own: Option<f64>,
+    /// The other process's.
+    pub other: Option<f64>,
+}
+
+impl CpuMeter {
+    /// Starts reading at `from` (by a task of its own, so that a load
+    /// that keeps this task busy does not delay the read).
+    pub fn start_at(from: Instant, pid: Option<u32>) -> CpuMeter {
+        let start = tokio::spawn(async move {
+            tokio::time::sleep_until(from).await;
+            read_both(pid)
+        });
+        CpuMeter { pid, start }
+    }
+
+    /// Reads the end and returns the CPU seconds in between.
+    ///
+    /// # Errors
+    /// When the reading task failed.
+    pub async fn stop(self) -> Result<CpuSeconds> {
+        let (own_end, other_end) = read_both(self.pid);
+        let (own_start, other_start) = self.start.await.context("the CPU reader failed")?;
+        let cpu = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / TICKS_PER_S),
+            _ => None,
+        };
+        Ok(CpuSeconds {
+            own: cpu(own_start, own_end),
+            other: cpu(other_start, other_end),
+        })
+    }
+}
+
+fn read_both(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
+    (
+        cpu_ticks("self"),
+        pid.and_then(|p| cpu_ticks(&p.to_string())),
+    )
 }
 
 /// Measures the floor: starts an echo server (unless `server` names one),
@@ -241,14 +324,7 @@ pub async fn measure(shape: Shape, server: Option<&str>) -> Result<Floor> {
     let start = Instant::now();
     let measure_from = start + shape.warmup;
     let until = measure_from + shape.duration;
-    // CPU is read at the warm-up's end, by a task of its own.
-    let cpu_at_start = tokio::spawn(async move {
-        tokio::time::sleep_until(measure_from).await;
-        (
-            cpu_ticks("self"),
-            pid.and_then(|p| cpu_ticks(&p.to_string())),
-        )
-    });
+    let cpu = CpuMeter::start_at(measure_from, pid);
     let tasks: Vec<_> = streams
         .into_iter()
         .map(|s| tokio::spawn(load(s, shape, measure_from, until)))
@@ -262,22 +338,14 @@ pub async fn measure(shape: Shape, server: Option<&str>) -> Result<Floor> {
         latency.merge(&l);
         last = last.max(done);
     }
-    let (client_end, server_end) = (
-        cpu_ticks("self"),
-        pid.and_then(|p| cpu_ticks(&p.to_string())),
-    );
-    let (client_start, server_start) = cpu_at_start.await.context("the CPU reader failed")?;
+    let cpu = cpu.stop().await?;
     drop(child);
-    let cpu = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / TICKS_PER_S),
-        _ => None,
-    };
     Ok(Floor {
         round_trips,
         secs: last.saturating_duration_since(measure_from).as_secs_f64(),
         latency,
-        server_cpu_s: cpu(server_start, server_end),
-        client_cpu_s: cpu(client_start, client_end),
+        server_cpu_s: cpu.other,
+        client_cpu_s: cpu.own,
     })
 }
 

@@ -112,12 +112,20 @@ pub async fn drive<F, Fut, D>(
             let intended = due.unwrap_or_else(Instant::now);
             let measured = intended >= plan.measure_from;
             measured_issued += u64::from(measured);
-            inflight.push(issue(Op {
+            let op = issue(Op {
                 index: next,
                 intended,
                 measured,
-            }));
+            });
             next += 1;
+            if in_flight == 1 {
+                // Nothing else in flight: awaited here, in this task's own
+                // state, rather than moved into a task of the set (an
+                // allocation and a copy of the whole request per message).
+                done(op.await);
+            } else {
+                inflight.push(op);
+            }
             continue;
         }
         if !more && inflight.is_empty() {
@@ -289,5 +297,47 @@ mod tests {
         .await;
         assert!((45..=55).contains(&n), "{n} requests");
         assert!(start.elapsed() < Duration::from_millis(80));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_in_flight_runs_back_to_back_and_the_one_out_at_the_stop_finishes() {
+        let start = Instant::now();
+        let plan = Plan {
+            start,
+            measure_from: start,
+            stop: Stop::Deadline(start + Duration::from_secs(3600)),
+            interval: None,
+            in_flight: 1,
+            precise: false,
+        };
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(true);
+        });
+        let running = RefCell::new(0usize);
+        let mut ends = Vec::new();
+        drive(
+            &plan,
+            rx,
+            |op| {
+                *running.borrow_mut() += 1;
+                assert_eq!(*running.borrow(), 1, "two requests in flight");
+                let running = &running;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *running.borrow_mut() -= 1;
+                    (op.index, Instant::now())
+                }
+            },
+            |x| ends.push(x),
+        )
+        .await;
+        // 20 ms each, one after the other; the third was out at the stop
+        // (50 ms) and is done at 60 ms; no fourth.
+        let ms = |t: Instant| t.duration_since(start).as_millis();
+        let ends: Vec<_> = ends.into_iter().map(|(i, t)| (i, ms(t))).collect();
+        assert_eq!(ends, [(0, 20), (1, 40), (2, 60)]);
+        assert_eq!(start.elapsed(), Duration::from_millis(60));
     }
 }

@@ -47,6 +47,13 @@ pub struct ProduceArgs {
     /// (`floor_ratio`, `p99_to_floor`).
     #[arg(long, env = "TXMQ_COMPARE_FLOOR")]
     pub compare_floor: bool,
+
+    /// The broker's process id, when it runs on this machine: also report
+    /// its CPU per message over the measured period
+    /// (`broker_cpu_us_per_msg`, from `/proc`), and with --compare-floor
+    /// its ratio to the echo server's CPU per round trip.
+    #[arg(long, env = "TXMQ_BROKER_PID", value_name = "PID")]
+    pub broker_pid: Option<u32>,
 }
 
 /// What one producer task saw.
@@ -205,6 +212,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         timing.warmup_until(),
     );
     let topic: Arc<str> = Arc::from(args.topic.as_str());
+    let cpu = super::floor::CpuMeter::start_at(timing.measure_from, args.broker_pid);
     let tasks: Vec<_> = producers
         .iter()
         .enumerate()
@@ -225,6 +233,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     for t in tasks {
         stats.merge(&t.await.context("a producer task failed")?);
     }
+    let cpu = cpu.stop().await?;
     progress.finish();
     let run_secs = started.elapsed().as_secs_f64();
     let store_after = super::store_counters(global).await;
@@ -248,6 +257,16 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     stats.report(&mut report, &timing, args.load.rate.is_some());
     // Whole run, warm-up included: the broker cannot tell them apart.
     super::report_store_counters(&mut report, store_before, store_after, run_secs);
+    let per_msg = |cpu_s: Option<f64>| {
+        cpu_s
+            .filter(|_| stats.messages > 0)
+            .map(|s| super::report::round(s * 1e6 / stats.messages as f64, 3))
+    };
+    let (client_cpu_us, broker_cpu_us) = (per_msg(cpu.own), per_msg(cpu.other));
+    report.field("client_cpu_us_per_msg", client_cpu_us);
+    if args.broker_pid.is_some() {
+        report.field("broker_cpu_us_per_msg", broker_cpu_us);
+    }
     if args.compare_floor {
         let secs = stats.measured_secs(&timing);
         let shape = super::floor::Shape {
@@ -263,7 +282,14 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         } else {
             0.0
         };
-        super::floor::compare(&mut report, shape, rate, &stats.latency.summary()).await?;
+        let latency = stats.latency.summary();
+        let measured = super::floor::Measured {
+            rate,
+            latency: &latency,
+            client_cpu_us,
+            broker_cpu_us,
+        };
+        super::floor::compare(&mut report, shape, measured).await?;
     }
     report.print(&Printer::stdout(global.output))?;
     if stats.messages == 0 && stats.errors > 0 {
