@@ -311,6 +311,20 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
         }
     }
 
+    // A broker process that is not there: a clear error before any load.
+    let out = txmq(
+        &ns,
+        &["bench", "produce", "fl", "--broker-pid", "999999999"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--broker-pid 999999999: no such process"),
+        "{err}"
+    );
+
     // Each run's echo server went with it.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while echo_servers() > 0 {

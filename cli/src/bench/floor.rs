@@ -274,12 +274,19 @@ impl CpuMeter {
         CpuMeter { pid, start }
     }
 
-    /// Reads the end and returns the CPU seconds in between.
+    /// Reads the end and returns the CPU seconds in between (none when
+    /// the start was not read yet).
     ///
     /// # Errors
     /// When the reading task failed.
     pub async fn stop(self) -> Result<CpuSeconds> {
         let (own_end, other_end) = read_both(self.pid);
+        if !self.start.is_finished() {
+            // Stopped before the measured period began (an interrupt in
+            // the warm-up): nothing was measured.
+            self.start.abort();
+            return Ok(CpuSeconds::default());
+        }
         let (own_start, other_start) = self.start.await.context("the CPU reader failed")?;
         let cpu = |a: Option<u64>, b: Option<u64>| match (a, b) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / TICKS_PER_S),
@@ -290,6 +297,18 @@ impl CpuMeter {
             other: cpu(other_start, other_end),
         })
     }
+}
+
+/// An error unless `pid` names a process whose CPU time this machine's
+/// `/proc` shows.
+///
+/// # Errors
+/// When it does not.
+pub fn check_pid(pid: u32, flag: &str) -> Result<()> {
+    if cpu_ticks(&pid.to_string()).is_none() {
+        bail!("{flag} {pid}: no such process on this machine (its CPU time is read from /proc/{pid}/stat)");
+    }
+    Ok(())
 }
 
 fn read_both(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
@@ -470,6 +489,22 @@ mod tests {
     fn this_process_has_a_cpu_time() {
         assert!(cpu_ticks("self").is_some());
         assert!(cpu_ticks("no-such-process").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_meter_measures_from_its_start_or_not_at_all() {
+        let me = std::process::id();
+        let meter = CpuMeter::start_at(Instant::now(), Some(me));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let cpu = meter.stop().await.expect("read");
+        assert!(cpu.own.is_some_and(|s| s >= 0.0) && cpu.other.is_some());
+        // Stopped before its period began (an interrupt in the warm-up).
+        let early = CpuMeter::start_at(Instant::now() + Duration::from_secs(3600), Some(me));
+        let cpu = early.stop().await.expect("read");
+        assert!(cpu.own.is_none() && cpu.other.is_none());
+        assert!(check_pid(me, "--broker-pid").is_ok());
+        let err = check_pid(999_999_999, "--broker-pid").expect_err("no such pid");
+        assert!(err.to_string().contains("no such process"), "{err}");
     }
 
     #[tokio::test]

@@ -193,6 +193,9 @@ pub async fn connect_producers(
 /// When the cluster cannot be reached, or no message could be sent.
 pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     args.load.validate()?;
+    if let Some(pid) = args.broker_pid {
+        super::floor::check_pid(pid, "--broker-pid")?;
+    }
     ensure_topic(global, &args.topic, args.load.queues).await?;
     let body = Bytes::from(vec![b'x'; args.load.size]);
     let producers = connect_producers(global, &args.topic, &args.load, args.idempotence, |_| {

@@ -327,7 +327,8 @@ fn stamp_slot(request: &mut Request) -> Option<&mut Option<ProducerStamp>> {
 /// tasks share the producer (a sequence drawn before a wait would let a
 /// later one overtake it, which the broker refuses as out of order).
 /// While `draw(false)` gives none (the queue's window is full), waits for
-/// a send of `ids` to end, then after `timeout` draws with `draw(true)`.
+/// a send of `ids` to end, then, `timeout` after the first refusal, draws
+/// with `draw(true)`.
 ///
 /// Returns the stamp drawn (`None` when nothing was sent) and the reply to
 /// await: the caller holds the stamp before it waits, so that a send

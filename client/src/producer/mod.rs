@@ -656,12 +656,12 @@ impl Producer {
                 // An earlier send may also have been stored (and answered)
                 // between this one's refusal and now: one retry tells.
                 let recheck = std::mem::take(&mut recheck_gap);
+                let now = std::time::Instant::now();
+                let reorder_until =
+                    *reorder_deadline.get_or_insert(now + timeout * attempts.saturating_add(1));
                 if code == txmq_protocol::ErrorCode::OutOfOrderSequence
                     && (recheck || h.ids.earlier_in_flight(topic, h.queue, h.stamp.sequence))
-                    && std::time::Instant::now()
-                        < *reorder_deadline.get_or_insert_with(|| {
-                            std::time::Instant::now() + timeout * attempts.saturating_add(1)
-                        })
+                    && now < reorder_until
                 {
                     // An earlier send of this queue has not reached the
                     // broker yet: one connection keeps them in sequence
