@@ -1,9 +1,9 @@
 //! Criterion micro-benchmarks of the frame codec: what one request or
 //! response costs to encode and decode, without any I/O.
 //!
-//! Three shapes that dominate a broker's traffic: a send of one 1 KiB
-//! message, a batch send of 64 of them, and a pull result of 32 stored
-//! messages. Run with `cargo bench -p txmq-protocol --bench codec`
+//! Four shapes that dominate a broker's traffic: a send of one 1 KiB
+//! message, a batch send of 64 of them, the answer to a send, and a pull
+//! result of 32 stored messages. Run with `cargo bench -p txmq-protocol --bench codec`
 //! (`-- --quick` for a short run). Throughput is in bytes of encoded frame.
 
 use std::hint::black_box;
@@ -13,7 +13,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use tokio_util::codec::{Decoder, Encoder};
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
-    Frame, FrameCodec, Message, PullResult, Request, Response, SendRequest, StoredMessage,
+    Frame, FrameCodec, Message, MsgId, PullResult, Request, Response, SendRequest, SendResult,
+    SendStatus, StoredMessage,
 };
 
 const BODY_LEN: usize = 1024;
@@ -97,6 +98,17 @@ fn bench_frame(c: &mut Criterion, name: &str, frame: &Frame) {
 fn codec(c: &mut Criterion) {
     bench_frame(c, "send_1x1KiB", &send_frame(1));
     bench_frame(c, "send_batch_64x1KiB", &send_frame(64));
+    let answer = Frame::Response(
+        42,
+        Ok(Response::Send(SendResult {
+            status: SendStatus::SendOk,
+            queue: 3,
+            first_offset: 1 << 30,
+            msg_ids: vec![MsgId::generate()],
+            duplicate: false,
+        })),
+    );
+    bench_frame(c, "send_result_1", &answer);
     bench_frame(c, "pull_result_32x1KiB", &pull_frame(32));
 }
 

@@ -215,9 +215,15 @@ impl Decoder for FrameCodec {
         let body = src.split_to(len);
         self.last_len = len;
         if !self.shared_bodies {
+            if let Some(frame) = crate::fast::decode(&body, None) {
+                return Ok(Some(Decoded::Frame(frame)));
+            }
             return decode_body(&body).map(Some);
         }
         let body = body.freeze();
+        if let Some(frame) = crate::fast::decode(&body, Some(&body)) {
+            return Ok(Some(Decoded::Frame(frame)));
+        }
         FRAME.with(|f| *f.borrow_mut() = Some(body.clone()));
         let decoded = decode_body(&body);
         FRAME.with(|f| f.borrow_mut().take());

@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod dashboard;
 pub mod error;
+mod fast;
 pub mod frame;
 pub mod lookup;
 pub mod message;

@@ -492,6 +492,60 @@ fn frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
+/// A send request or its successful answer: the two frames the codec
+/// reads without serde.
+fn send_or_answer() -> impl Strategy<Value = Frame> {
+    let stamp = proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+        |(producer_id, token, sequence)| ProducerStamp {
+            producer_id,
+            token,
+            sequence,
+        },
+    ));
+    let status = prop_oneof![
+        Just(SendStatus::SendOk),
+        Just(SendStatus::FlushDiskTimeout),
+        Just(SendStatus::FlushSlaveTimeout),
+        Just(SendStatus::SlaveNotAvailable),
+    ];
+    prop_oneof![
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(message(), 0..4),
+            stamp
+        )
+            .prop_map(|(id, queue, messages, producer)| Frame::Request(
+                id,
+                Request::Send(SendRequest {
+                    queue,
+                    messages,
+                    producer
+                })
+            )),
+        (
+            any::<u64>(),
+            status,
+            any::<u32>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<[u8; 16]>(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(id, status, queue, first_offset, ids, duplicate)| {
+                Frame::Response(
+                    id,
+                    Ok(Response::Send(SendResult {
+                        status,
+                        queue,
+                        first_offset,
+                        msg_ids: ids.into_iter().map(MsgId).collect(),
+                        duplicate,
+                    })),
+                )
+            }),
+    ]
+}
+
 /// A piece of a byte stream: a valid frame, a well-framed random body, or
 /// raw bytes (which may announce any length).
 fn chunk() -> impl Strategy<Value = Vec<u8>> {
@@ -618,6 +672,48 @@ proptest! {
             Ok(Some(_)) => prop_assert!(buf.is_empty()),
             Ok(None) => prop_assert!(false, "a whole frame is never \"not yet\""),
             Err(e) => prop_assert!(matches!(e, CodecError::Garbage(_)), "{}", e),
+        }
+    }
+
+    /// Sends and their answers, valid or with random edits of their body:
+    /// the codec (which reads these two shapes without serde) makes of
+    /// each exactly what serde alone makes of it, with bodies shared or
+    /// copied.
+    #[test]
+    fn sends_and_answers_decode_as_serde_alone_decodes_them(
+        f in send_or_answer(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 0..4),
+    ) {
+        let good = encode_all(std::slice::from_ref(&f)).to_vec();
+        let mut body = good[4..].to_vec();
+        for &(i, x, how) in &edits {
+            let n = body.len();
+            match how {
+                0 => body[i % n] = x,
+                1 => body.insert(i % (n + 1), x),
+                _ if n > 1 => { body.remove(i % n); }
+                _ => {}
+            }
+        }
+        let serde_alone = match decode_body(&body) {
+            Ok(Decoded::Frame(f)) => Item::Frame(f),
+            Ok(Decoded::Malformed { is_request, id, .. }) => Item::Malformed { is_request, id },
+            Err(e) => Item::Error(error_kind(&e)),
+        };
+        if edits.is_empty() {
+            prop_assert_eq!(&serde_alone, &Item::Frame(f.clone()));
+        }
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        for shared in [false, true] {
+            let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME_LEN);
+            if shared {
+                codec = codec.with_shared_bodies();
+            }
+            let mut buf = BytesMut::from(&framed[..]);
+            let mut out = Vec::new();
+            drain(&mut codec, &mut buf, &mut out);
+            prop_assert_eq!(out.first(), Some(&serde_alone), "shared: {}", shared);
         }
     }
 

@@ -1,0 +1,424 @@
+//! Decoding of the two hottest frames without serde: a send request and
+//! its successful answer.
+//!
+//! Every send a broker takes is a `Request::Send` frame, and every answer
+//! a producer waits for is a `Response::Send`. Decoded through serde, each
+//! MessagePack value goes through rmp-serde's generic dispatch; read here,
+//! each is one match on its marker byte. This reader accepts only the exact
+//! shape rmp-serde writes for these frames (externally tagged enums as a
+//! one-entry map keyed by the variant's name, structs as arrays, ids and
+//! bodies as `bin`, unsigned integers in their unsigned encodings) and
+//! gives up on anything else, which then goes through serde as before: a
+//! frame decodes to the same value either way, and errors are always
+//! serde's.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::frame::Frame;
+use crate::message::{Message, MsgId};
+use crate::request::{ProducerStamp, Request, Response, SendRequest, SendResult, SendStatus};
+
+/// A frame of one of the two shapes, decoded; `None` for any other frame
+/// or any byte off the shape. `frame`: the buffer `body` is a slice of,
+/// when message bodies are to share it (see
+/// [`FrameCodec::with_shared_bodies`](crate::FrameCodec::with_shared_bodies)).
+pub(crate) fn decode(body: &[u8], frame: Option<&Bytes>) -> Option<Frame> {
+    let mut r = Reader { buf: body, frame };
+    let decoded = r.frame()?;
+    // Trailing bytes: left to serde.
+    r.buf.is_empty().then_some(decoded)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    frame: Option<&'a Bytes>,
+}
+
+impl<'a> Reader<'a> {
+    fn frame(&mut self) -> Option<Frame> {
+        self.map1()?;
+        match self.str()? {
+            "Request" => {
+                self.array(2)?;
+                let id = self.u64()?;
+                self.map1()?;
+                self.expect_str("Send")?;
+                Some(Frame::Request(id, Request::Send(self.send_request()?)))
+            }
+            "Response" => {
+                self.array(2)?;
+                let id = self.u64()?;
+                self.map1()?;
+                self.expect_str("Ok")?;
+                self.map1()?;
+                self.expect_str("Send")?;
+                Some(Frame::Response(id, Ok(Response::Send(self.send_result()?))))
+            }
+            _ => None,
+        }
+    }
+
+    fn send_request(&mut self) -> Option<SendRequest> {
+        // `producer` is `#[serde(default)]`: it may be left out.
+        let fields = self.array_len()?;
+        if !(2..=3).contains(&fields) {
+            return None;
+        }
+        let queue = self.u32()?;
+        let n = self.array_len()?;
+        // Each message takes more than 20 bytes: a count beyond what is
+        // left cannot be real, and must not size an allocation.
+        if n > self.buf.len() / 20 {
+            return None;
+        }
+        let mut messages = Vec::with_capacity(n);
+        for _ in 0..n {
+            messages.push(self.message()?);
+        }
+        let producer = match fields {
+            3 if self.nil() => None,
+            3 => {
+                self.array(3)?;
+                Some(ProducerStamp {
+                    producer_id: self.u64()?,
+                    token: self.u64()?,
+                    sequence: self.u64()?,
+                })
+            }
+            _ => None,
+        };
+        Some(SendRequest {
+            queue,
+            messages,
+            producer,
+        })
+    }
+
+    fn message(&mut self) -> Option<Message> {
+        self.array(7)?;
+        let msg_id = self.msg_id()?;
+        let topic = self.str()?.to_string();
+        let key = self.opt_string()?;
+        let tag = self.opt_string()?;
+        let mut properties = BTreeMap::new();
+        for _ in 0..self.map_len()? {
+            let k = self.str()?.to_string();
+            let v = self.str()?.to_string();
+            // serde's map visitor keeps the last of a repeated key too.
+            properties.insert(k, v);
+        }
+        let body = self.body()?;
+        let born_timestamp = self.u64()?;
+        Some(Message {
+            msg_id,
+            topic,
+            key,
+            tag,
+            properties,
+            body,
+            born_timestamp,
+        })
+    }
+
+    fn send_result(&mut self) -> Option<SendResult> {
+        // `duplicate` is `#[serde(default)]`: it may be left out.
+        let fields = self.array_len()?;
+        if !(4..=5).contains(&fields) {
+            return None;
+        }
+        let status = match self.str()? {
+            "SendOk" => SendStatus::SendOk,
+            "FlushDiskTimeout" => SendStatus::FlushDiskTimeout,
+            "FlushSlaveTimeout" => SendStatus::FlushSlaveTimeout,
+            "SlaveNotAvailable" => SendStatus::SlaveNotAvailable,
+            _ => return None,
+        };
+        let queue = self.u32()?;
+        let first_offset = self.u64()?;
+        let n = self.array_len()?;
+        if n > self.buf.len() / 18 {
+            return None;
+        }
+        let mut msg_ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            msg_ids.push(self.msg_id()?);
+        }
+        let duplicate = match fields {
+            5 => match self.byte()? {
+                0xc2 => false,
+                0xc3 => true,
+                _ => return None,
+            },
+            _ => false,
+        };
+        Some(SendResult {
+            status,
+            queue,
+            first_offset,
+            msg_ids,
+            duplicate,
+        })
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.buf.split_first()?;
+        self.buf = rest;
+        Some(b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.buf.len() < n {
+            return None;
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Some(head)
+    }
+
+    fn be(&mut self, n: usize) -> Option<u64> {
+        Some(
+            self.take(n)?
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)),
+        )
+    }
+
+    /// An unsigned integer (positive fixint, uint 8 to 64).
+    fn u64(&mut self) -> Option<u64> {
+        match self.byte()? {
+            b @ 0x00..=0x7f => Some(u64::from(b)),
+            0xcc => self.be(1),
+            0xcd => self.be(2),
+            0xce => self.be(4),
+            0xcf => self.be(8),
+            _ => None,
+        }
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.u64()?).ok()
+    }
+
+    fn nil(&mut self) -> bool {
+        if self.buf.first() == Some(&0xc0) {
+            self.buf = &self.buf[1..];
+            return true;
+        }
+        false
+    }
+
+    fn array_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            b @ 0x90..=0x9f => Some(usize::from(b & 0x0f)),
+            0xdc => Some(self.be(2)? as usize),
+            0xdd => Some(self.be(4)? as usize),
+            _ => None,
+        }
+    }
+
+    fn array(&mut self, len: usize) -> Option<()> {
+        (self.array_len()? == len).then_some(())
+    }
+
+    fn map_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            b @ 0x80..=0x8f => Some(usize::from(b & 0x0f)),
+            0xde => Some(self.be(2)? as usize),
+            0xdf => Some(self.be(4)? as usize),
+            _ => None,
+        }
+    }
+
+    fn map1(&mut self) -> Option<()> {
+        (self.map_len()? == 1).then_some(())
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let len = match self.byte()? {
+            b @ 0xa0..=0xbf => usize::from(b & 0x1f),
+            0xd9 => self.be(1)? as usize,
+            0xda => self.be(2)? as usize,
+            0xdb => self.be(4)? as usize,
+            _ => return None,
+        };
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    fn expect_str(&mut self, want: &str) -> Option<()> {
+        (self.str()? == want).then_some(())
+    }
+
+    fn opt_string(&mut self) -> Option<Option<String>> {
+        if self.nil() {
+            return Some(None);
+        }
+        Some(Some(self.str()?.to_string()))
+    }
+
+    fn bin(&mut self) -> Option<&'a [u8]> {
+        let len = match self.byte()? {
+            0xc4 => self.be(1)? as usize,
+            0xc5 => self.be(2)? as usize,
+            0xc6 => self.be(4)? as usize,
+            _ => return None,
+        };
+        self.take(len)
+    }
+
+    fn msg_id(&mut self) -> Option<MsgId> {
+        self.bin()?.try_into().ok().map(MsgId)
+    }
+
+    /// A message body: a slice of the frame when bodies share it, else a
+    /// copy (as [`crate::codec::shared_body`] does).
+    fn body(&mut self) -> Option<Bytes> {
+        let bytes = self.bin()?;
+        Some(match self.frame {
+            Some(frame) => frame.slice_ref(bytes),
+            None => Bytes::copy_from_slice(bytes),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Decoded, FrameCodec};
+    use crate::WireError;
+    use bytes::BytesMut;
+    use tokio_util::codec::Encoder;
+
+    fn body_of(frame: &Frame) -> Bytes {
+        let mut buf = BytesMut::new();
+        FrameCodec::default()
+            .encode(frame, &mut buf)
+            .expect("encodes");
+        Bytes::from(buf).slice(4..)
+    }
+
+    fn serde_decode(body: &[u8]) -> Frame {
+        match crate::codec::decode_body(body) {
+            Ok(Decoded::Frame(f)) => f,
+            other => panic!("serde does not decode it: {other:?}"),
+        }
+    }
+
+    /// Sends and answers of many shapes: the fast reader takes each, and
+    /// gets what serde gets, with bodies shared or copied.
+    #[test]
+    fn every_send_and_answer_decodes_as_serde_decodes_it() {
+        let mut frames = Vec::new();
+        for n in [0usize, 1, 2, 17] {
+            for variant in 0..4u64 {
+                let messages: Vec<Message> = (0..n)
+                    .map(|i| {
+                        let size = [0usize, 1, 31, 300, 70_000][(i + variant as usize) % 5];
+                        let mut m = Message::new(
+                            ["t", "orders", &"x".repeat(40), &"é".repeat(200)][i % 4],
+                            vec![i as u8; size],
+                        );
+                        if (i + variant as usize) % 2 == 0 {
+                            m = m.with_key(format!("key-{i}"));
+                        }
+                        if variant % 2 == 1 {
+                            m = m.with_tag("tag-a");
+                        }
+                        for p in 0..(i % 3) {
+                            m = m.with_property(format!("p{p}"), "v".repeat(p * 20));
+                        }
+                        m.born_timestamp = [0, 127, 128, 65_535, u64::MAX][i % 5];
+                        m
+                    })
+                    .collect();
+                let producer = (variant >= 2).then_some(ProducerStamp {
+                    producer_id: [1, 300, 1 << 40][n % 3],
+                    token: u64::MAX - variant,
+                    sequence: variant * 1_000_000,
+                });
+                frames.push(Frame::Request(
+                    variant * 1_000_000_007,
+                    Request::Send(SendRequest {
+                        queue: [0, 255, 65_536, u32::MAX][variant as usize],
+                        messages,
+                        producer,
+                    }),
+                ));
+                for status in [
+                    SendStatus::SendOk,
+                    SendStatus::FlushDiskTimeout,
+                    SendStatus::FlushSlaveTimeout,
+                    SendStatus::SlaveNotAvailable,
+                ] {
+                    frames.push(Frame::Response(
+                        variant,
+                        Ok(Response::Send(SendResult {
+                            status,
+                            queue: variant as u32,
+                            first_offset: variant << 33,
+                            msg_ids: (0..n).map(|_| MsgId::generate()).collect(),
+                            duplicate: variant % 2 == 1,
+                        })),
+                    ));
+                }
+            }
+        }
+        for frame in &frames {
+            let body = body_of(frame);
+            assert_eq!(serde_decode(&body), *frame);
+            let copied = decode(&body, None).expect("the fast reader takes it");
+            assert_eq!(copied, *frame);
+            let shared = decode(&body, Some(&body)).expect("the fast reader takes it");
+            assert_eq!(shared, *frame);
+            if let Frame::Request(_, Request::Send(s)) = &shared {
+                let range = body.as_ptr_range();
+                for m in s.messages.iter().filter(|m| !m.body.is_empty()) {
+                    assert!(range.contains(&m.body.as_ptr()), "a shared body is a copy");
+                }
+            }
+        }
+    }
+
+    /// Frames of other kinds, and sends in a shape rmp-serde does not
+    /// write, are left to serde: the fast reader takes none of them.
+    #[test]
+    fn anything_off_the_shape_is_left_to_serde() {
+        let send = Frame::Request(
+            1,
+            Request::Send(SendRequest {
+                queue: 1,
+                messages: vec![Message::new("t", "b")],
+                producer: None,
+            }),
+        );
+        let good = body_of(&send);
+        assert!(decode(&good, None).is_some());
+        let others = [
+            Frame::Request(2, Request::Ping(crate::request::Ping {})),
+            Frame::Response(3, Err(WireError::new(crate::ErrorCode::Busy, "busy"))),
+            Frame::Response(4, Ok(Response::Ping(crate::request::Pong {}))),
+        ];
+        for f in &others {
+            assert!(decode(&body_of(f), None).is_none(), "{f:?}");
+        }
+        // Trailing bytes, and every truncation of a good frame.
+        let mut longer = good.to_vec();
+        longer.push(0xc0);
+        assert!(decode(&longer, None).is_none());
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut], None).is_none(), "cut at {cut}");
+        }
+        // Each single byte changed: whatever the fast reader still takes,
+        // serde decodes to the same frame.
+        for i in 0..good.len() {
+            for b in [0x00, 0x7f, 0x80, 0xa1, 0xc0, 0xc4, 0xcf, 0xd0, 0xdc, 0xff] {
+                let mut bad = good.to_vec();
+                bad[i] = b;
+                if let Some(fast) = decode(&bad, None) {
+                    assert_eq!(serde_decode(&bad), fast, "byte {i} set to {b:#x}");
+                }
+            }
+        }
+    }
+}
