@@ -67,16 +67,8 @@ impl<'a> Reader<'a> {
             return None;
         }
         let queue = self.u32()?;
-        let n = self.array_len()?;
-        // Each message takes more than 20 bytes: a count beyond what is
-        // left cannot be real, and must not size an allocation.
-        if n > self.buf.len() / 20 {
-            return None;
-        }
-        let mut messages = Vec::with_capacity(n);
-        for _ in 0..n {
-            messages.push(self.message()?);
-        }
+        // A message takes more than 20 bytes.
+        let messages = self.list(20, Self::message)?;
         let producer = match fields {
             3 if self.nil() => None,
             3 => {
@@ -137,14 +129,8 @@ impl<'a> Reader<'a> {
         };
         let queue = self.u32()?;
         let first_offset = self.u64()?;
-        let n = self.array_len()?;
-        if n > self.buf.len() / 18 {
-            return None;
-        }
-        let mut msg_ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            msg_ids.push(self.msg_id()?);
-        }
+        // An id takes 18 bytes.
+        let msg_ids = self.list(18, Self::msg_id)?;
         let duplicate = match fields {
             5 => match self.byte()? {
                 0xc2 => false,
@@ -160,6 +146,25 @@ impl<'a> Reader<'a> {
             msg_ids,
             duplicate,
         })
+    }
+
+    /// An array of items of at least `min_size` bytes each: a count
+    /// beyond what the bytes left can hold cannot be real, and must not
+    /// size an allocation.
+    fn list<T>(
+        &mut self,
+        min_size: usize,
+        mut item: impl FnMut(&mut Self) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let n = self.array_len()?;
+        if n > self.buf.len() / min_size {
+            return None;
+        }
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            items.push(item(self)?);
+        }
+        Some(items)
     }
 
     fn byte(&mut self) -> Option<u8> {
@@ -209,13 +214,20 @@ impl<'a> Reader<'a> {
         false
     }
 
-    fn array_len(&mut self) -> Option<usize> {
+    /// The length of an array or map: a fix marker (`fix` in the high
+    /// nibble, the length in the low one), or the 16-bit marker `wide`
+    /// or the 32-bit one after it, followed by the length.
+    fn len_of(&mut self, fix: u8, wide: u8) -> Option<usize> {
         match self.byte()? {
-            b @ 0x90..=0x9f => Some(usize::from(b & 0x0f)),
-            0xdc => Some(self.be(2)? as usize),
-            0xdd => Some(self.be(4)? as usize),
+            b if b & 0xf0 == fix => Some(usize::from(b & 0x0f)),
+            b if b == wide => Some(self.be(2)? as usize),
+            b if b == wide + 1 => Some(self.be(4)? as usize),
             _ => None,
         }
+    }
+
+    fn array_len(&mut self) -> Option<usize> {
+        self.len_of(0x90, 0xdc)
     }
 
     fn array(&mut self, len: usize) -> Option<()> {
@@ -223,12 +235,7 @@ impl<'a> Reader<'a> {
     }
 
     fn map_len(&mut self) -> Option<usize> {
-        match self.byte()? {
-            b @ 0x80..=0x8f => Some(usize::from(b & 0x0f)),
-            0xde => Some(self.be(2)? as usize),
-            0xdf => Some(self.be(4)? as usize),
-            _ => None,
-        }
+        self.len_of(0x80, 0xde)
     }
 
     fn map1(&mut self) -> Option<()> {
@@ -319,7 +326,7 @@ mod tests {
                             ["t", "orders", &"x".repeat(40), &"é".repeat(200)][i % 4],
                             vec![i as u8; size],
                         );
-                        if (i + variant as usize) % 2 == 0 {
+                        if (i + variant as usize).is_multiple_of(2) {
                             m = m.with_key(format!("key-{i}"));
                         }
                         if variant % 2 == 1 {
