@@ -17,8 +17,12 @@ fn next_body(buf: &[u8]) -> Option<Vec<u8>> {
     buf.get(4..4 + len).map(<[u8]>::to_vec)
 }
 
-fn decode(pieces: &[&[u8]]) -> Vec<String> {
+fn decode(pieces: &[&[u8]], shared: bool) -> Vec<String> {
     let mut codec = FrameCodec::new(64 * 1024);
+    if shared {
+        // As a server reads: message bodies are slices of the frame.
+        codec = codec.with_shared_bodies();
+    }
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     for piece in pieces {
@@ -49,8 +53,9 @@ fn decode(pieces: &[&[u8]]) -> Vec<String> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let whole = decode(&[data]);
+    let whole = decode(&[data], false);
     let mid = data.len() / 2;
-    let halves = decode(&[&data[..mid], &data[mid..]]);
+    let halves = decode(&[&data[..mid], &data[mid..]], false);
     assert_eq!(whole, halves);
+    assert_eq!(whole, decode(&[data], true), "shared bodies change what is decoded");
 });

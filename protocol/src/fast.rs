@@ -4,13 +4,14 @@
 //! Every send a broker takes is a `Request::Send` frame, and every answer
 //! a producer waits for is a `Response::Send`. Decoded through serde, each
 //! MessagePack value goes through rmp-serde's generic dispatch; read here,
-//! each is one match on its marker byte. This reader accepts only the exact
-//! shape rmp-serde writes for these frames (externally tagged enums as a
+//! each is one match on its marker byte. This reader takes only the shape
+//! rmp-serde writes for these frames (externally tagged enums as a
 //! one-entry map keyed by the variant's name, structs as arrays, ids and
-//! bodies as `bin`, unsigned integers in their unsigned encodings) and
-//! gives up on anything else, which then goes through serde as before: a
-//! frame decodes to the same value either way, and errors are always
-//! serde's.
+//! bodies as `bin`, unsigned integers in their unsigned encodings), in any
+//! width of marker rmp-serde reads, and gives up on anything else (a struct
+//! as a map, a variant by its index, a signed integer, ...), which then
+//! goes through serde as before: a frame decodes to the same value either
+//! way, and errors are always serde's.
 
 use std::collections::BTreeMap;
 
@@ -23,13 +24,17 @@ use crate::request::{ProducerStamp, Request, Response, SendRequest, SendResult, 
 /// A frame of one of the two shapes, decoded; `None` for any other frame
 /// or any byte off the shape. `frame`: the buffer `body` is a slice of,
 /// when message bodies are to share it (see
-/// [`FrameCodec::with_shared_bodies`](crate::FrameCodec::with_shared_bodies)).
+/// [`FrameCodec::with_shared_bodies`](crate::FrameCodec::with_shared_bodies));
+/// bodies outside it are copied.
 pub(crate) fn decode(body: &[u8], frame: Option<&Bytes>) -> Option<Frame> {
     let mut r = Reader { buf: body, frame };
     let decoded = r.frame()?;
     // Trailing bytes: left to serde.
     r.buf.is_empty().then_some(decoded)
 }
+
+/// Items reserved ahead of reading them, at most.
+const MAX_RESERVED: usize = 1024;
 
 struct Reader<'a> {
     buf: &'a [u8],
@@ -160,7 +165,9 @@ impl<'a> Reader<'a> {
         if n > self.buf.len() / min_size {
             return None;
         }
-        let mut items = Vec::with_capacity(n);
+        // Reserved for at most what a real batch holds: junk behind a
+        // large count fails before it costs more (serde caps it likewise).
+        let mut items = Vec::with_capacity(n.min(MAX_RESERVED));
         for _ in 0..n {
             items.push(item(self)?);
         }
@@ -283,8 +290,13 @@ impl<'a> Reader<'a> {
     fn body(&mut self) -> Option<Bytes> {
         let bytes = self.bin()?;
         Some(match self.frame {
-            Some(frame) => frame.slice_ref(bytes),
-            None => Bytes::copy_from_slice(bytes),
+            Some(frame)
+                if frame.as_ptr_range().contains(&bytes.as_ptr())
+                    && bytes.as_ptr_range().end <= frame.as_ptr_range().end =>
+            {
+                frame.slice_ref(bytes)
+            }
+            _ => Bytes::copy_from_slice(bytes),
         })
     }
 }
@@ -387,6 +399,28 @@ mod tests {
         }
     }
 
+    /// Bodies are shared only with the buffer they are in: given another
+    /// one, the reader copies them.
+    #[test]
+    fn bodies_outside_the_given_buffer_are_copied() {
+        let send = Frame::Request(
+            1,
+            Request::Send(SendRequest {
+                queue: 1,
+                messages: vec![Message::new("t", vec![9u8; 100])],
+                producer: None,
+            }),
+        );
+        let body = body_of(&send);
+        let elsewhere = Bytes::from(vec![0u8; 10]);
+        let got = decode(&body, Some(&elsewhere)).expect("decodes");
+        assert_eq!(got, send);
+        let Frame::Request(_, Request::Send(s)) = got else {
+            panic!("not a send");
+        };
+        assert!(!body.as_ptr_range().contains(&s.messages[0].body.as_ptr()));
+    }
+
     /// Frames of other kinds, and sends in a shape rmp-serde does not
     /// write, are left to serde: the fast reader takes none of them.
     #[test]
@@ -409,6 +443,20 @@ mod tests {
         for f in &others {
             assert!(decode(&body_of(f), None).is_none(), "{f:?}");
         }
+        // The same send in other encodings serde reads: a struct as a
+        // map, and the queue as a signed integer.
+        let named = rmp_serde::to_vec_named(&send).expect("encodes");
+        assert!(decode(&named, None).is_none());
+        assert_eq!(serde_decode(&named), send);
+        let queue_at = good
+            .windows(3)
+            .position(|w| w == [0x93, 0x01, 0x91] || w == [0x92, 0x01, 0x91])
+            .expect("the send's fields")
+            + 1;
+        let mut signed = good.to_vec();
+        signed.splice(queue_at..=queue_at, [0xd0, 0x01]);
+        assert!(decode(&signed, None).is_none());
+        assert_eq!(serde_decode(&signed), send);
         // Trailing bytes, and every truncation of a good frame.
         let mut longer = good.to_vec();
         longer.push(0xc0);

@@ -863,6 +863,20 @@ fn write_seed_corpus() {
             "frame-hello-send-error.bin",
             encode_all(&[hello.clone(), send.clone(), error]).to_vec(),
         ),
+        (
+            "frame-send-answer.bin",
+            encode_all(&[Frame::Response(
+                2,
+                Ok(Response::Send(SendResult {
+                    status: SendStatus::SendOk,
+                    queue: 0,
+                    first_offset: 41,
+                    msg_ids: vec![MsgId([7; 16])],
+                    duplicate: false,
+                })),
+            )])
+            .to_vec(),
+        ),
         ("malformed-unknown-kind.bin", framed(&unknown_kind)),
         ("garbage-c1.bin", framed(&[0xc1; 8])),
         ("garbage-empty-body.bin", framed(&[])),
