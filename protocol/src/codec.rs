@@ -112,6 +112,19 @@ thread_local! {
     static FRAME: std::cell::RefCell<Option<bytes::Bytes>> = const { std::cell::RefCell::new(None) };
 }
 
+/// `bytes` as a slice of `frame` when they lie in it, else a copy.
+pub(crate) fn share_or_copy(frame: Option<&bytes::Bytes>, bytes: &[u8]) -> bytes::Bytes {
+    match frame {
+        Some(frame)
+            if frame.as_ptr_range().contains(&bytes.as_ptr())
+                && bytes.as_ptr_range().end <= frame.as_ptr_range().end =>
+        {
+            frame.slice_ref(bytes)
+        }
+        _ => bytes::Bytes::copy_from_slice(bytes),
+    }
+}
+
 /// Deserializes a message body: a slice of the frame being decoded when
 /// the codec shares bodies and the bytes are the frame's own, else a copy.
 pub(crate) fn shared_body<'de, D: serde::Deserializer<'de>>(
@@ -127,15 +140,7 @@ pub(crate) fn shared_body<'de, D: serde::Deserializer<'de>>(
             self,
             v: &'de [u8],
         ) -> Result<bytes::Bytes, E> {
-            Ok(FRAME.with(|f| match f.borrow().as_ref() {
-                Some(frame)
-                    if frame.as_ptr_range().contains(&v.as_ptr())
-                        && v.as_ptr_range().end <= frame.as_ptr_range().end =>
-                {
-                    frame.slice_ref(v)
-                }
-                _ => bytes::Bytes::copy_from_slice(v),
-            }))
+            Ok(FRAME.with(|f| share_or_copy(f.borrow().as_ref(), v)))
         }
         fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<bytes::Bytes, E> {
             Ok(bytes::Bytes::copy_from_slice(v))

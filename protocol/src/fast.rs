@@ -289,15 +289,7 @@ impl<'a> Reader<'a> {
     /// copy (as [`crate::codec::shared_body`] does).
     fn body(&mut self) -> Option<Bytes> {
         let bytes = self.bin()?;
-        Some(match self.frame {
-            Some(frame)
-                if frame.as_ptr_range().contains(&bytes.as_ptr())
-                    && bytes.as_ptr_range().end <= frame.as_ptr_range().end =>
-            {
-                frame.slice_ref(bytes)
-            }
-            _ => Bytes::copy_from_slice(bytes),
-        })
+        Some(crate::codec::share_or_copy(self.frame, bytes))
     }
 }
 

@@ -867,12 +867,16 @@ async fn send_frame(
     direct: bool,
     ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
 ) -> Sent {
+    // What a try came to, unless the queue was full.
+    let sent = |queued: Option<Queue>| match queued {
+        Some(Queue::Done) => Some(Sent::Queued),
+        Some(Queue::Closed) => Some(Sent::Closed),
+        None => Some(Sent::NotReady),
+        Some(Queue::Full) => None,
+    };
     // Most frames find room at once: no waiter is registered for them.
-    match try_queue(inner, frame, direct, ready) {
-        Some(Queue::Done) => return Sent::Queued,
-        Some(Queue::Closed) => return Sent::Closed,
-        None => return Sent::NotReady,
-        Some(Queue::Full) => {}
+    if let Some(s) = sent(try_queue(inner, frame, direct, ready)) {
+        return s;
     }
     loop {
         // Registered before the next try, so that room made after that
@@ -880,11 +884,8 @@ async fn send_frame(
         let room = inner.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
-        match try_queue(inner, frame, direct, ready) {
-            Some(Queue::Done) => return Sent::Queued,
-            Some(Queue::Closed) => return Sent::Closed,
-            None => return Sent::NotReady,
-            Some(Queue::Full) => {}
+        if let Some(s) = sent(try_queue(inner, frame, direct, ready)) {
+            return s;
         }
         tokio::select! {
             () = room => {}
