@@ -352,6 +352,20 @@ impl BrokerConfig {
     }
 }
 
+fn parse_worker_threads(s: &str) -> Result<usize, String> {
+    let n = s
+        .parse::<usize>()
+        .map_err(|_| format!("{s:?} is not a number of threads"))?;
+    check_worker_threads(n)
+}
+
+fn check_worker_threads(n: usize) -> Result<usize, String> {
+    match n {
+        0 => Err("--worker-threads must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 6s, 2m)"))
 }
@@ -674,6 +688,13 @@ pub struct BrokerArgs {
     /// `txmq msg get` still works) [default: true].
     #[arg(long, env = "TXMQ_MESSAGE_INDEX", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub message_index: Option<bool>,
+    /// Threads that serve connections and run the store's writes. One can
+    /// serve many connections; fewer than the cores leaves cores to other
+    /// processes, and spares the hand-offs of work between threads (on a
+    /// machine the broker shares with its clients, 1 is often fastest)
+    /// [default: one per core].
+    #[arg(long, env = "TXMQ_WORKER_THREADS", value_name = "N", value_parser = parse_worker_threads)]
+    pub worker_threads: Option<usize>,
 }
 
 impl BrokerArgs {
@@ -702,6 +723,19 @@ impl BrokerArgs {
             None => txmq_remoting::logging::LogFormat::Text,
         };
         Ok((format, self.log_level.clone().or(file.log_level)))
+    }
+
+    /// How many threads the process's runtime runs on (`--worker-threads`
+    /// or its key in the `--config` file); `None`: one per core.
+    ///
+    /// # Errors
+    /// An unreadable or invalid config file, or zero threads.
+    pub fn worker_threads(&self) -> Result<Option<usize>, String> {
+        let threads = match self.worker_threads {
+            Some(n) => Some(n),
+            None => self.file()?.worker_threads,
+        };
+        threads.map(check_worker_threads).transpose()
     }
 
     /// Reads the `--config` file, if any, and resolves every setting.

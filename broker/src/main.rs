@@ -14,20 +14,31 @@ fn main() -> std::process::ExitCode {
         eprintln!("txmq-broker: error: {e}");
         return std::process::ExitCode::from(2);
     }
-    let config = match args.resolve() {
-        Ok(c) => c,
+    let settings = args
+        .worker_threads()
+        .and_then(|threads| Ok((args.resolve()?, threads)));
+    let (config, threads) = match settings {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("txmq-broker: error: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("txmq-broker: error: cannot start the runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        "runtime started"
+    );
     runtime.block_on(async move {
         let broker = match Broker::start(config).await {
             Ok(b) => b,

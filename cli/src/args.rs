@@ -48,6 +48,20 @@ pub struct GlobalArgs {
     )]
     pub log: String,
 
+    /// Threads the command runs on [default: one per core]. Under `bench`,
+    /// the load's producers and consumers share them as a service's tasks
+    /// share its runtime's; with the broker on the same machine, 1 spares
+    /// the hand-offs of work between threads.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "TXMQ_WORKER_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub worker_threads: Option<u16>,
+
     #[command(flatten)]
     pub security: SecurityArgs,
 }

@@ -87,8 +87,7 @@ enum Command {
     Dashboard(dashboard::DashboardArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         let mut command = <Cli as clap::CommandFactory>::command();
@@ -98,6 +97,20 @@ async fn main() -> ExitCode {
         let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
         return ExitCode::SUCCESS;
     }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.global.worker_threads {
+        builder.worker_threads(n.into());
+    }
+    match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     cli.global.init_logging();
     let result = match cli.command {
         Command::Topic(cmd) => topic::run(&cli.global, cmd).await,

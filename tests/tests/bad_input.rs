@@ -1112,6 +1112,11 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
             b"flush_interval = \"0s\"\n",
             &["--flush-interval", "must not be zero"],
         ),
+        (
+            "no-threads.toml",
+            b"worker_threads = 0\n",
+            &["--worker-threads", "at least 1"],
+        ),
     ];
     for (name, contents, says) in cases {
         let path = dir.path().join(name);
@@ -1126,7 +1131,13 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
         for s in *says {
             assert!(err.contains(s), "{name} says {s:?}: {err}");
         }
-        if !["impossible.toml", "no-flush-interval.toml"].contains(name) {
+        if ![
+            "impossible.toml",
+            "no-flush-interval.toml",
+            "no-threads.toml",
+        ]
+        .contains(name)
+        {
             assert!(err.contains(path.to_str().unwrap()), "{name}: {err}");
         }
         assert!(!err.contains("panicked"), "{name}: {err}");

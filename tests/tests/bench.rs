@@ -127,6 +127,73 @@ async fn produce_reports_what_the_broker_stored_also_over_shared_clients() {
     cluster.shutdown().await;
 }
 
+/// `--worker-threads` on both sides: the real broker binary serves on the
+/// threads it is given (and says how many), and the bench's producers
+/// share one thread and one connection, losing and repeating nothing. A
+/// count of zero is a usage error on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_on_each_side_serves_a_shared_client_load() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = txmq_tests::BrokerProcess::start(
+        &dir.path().join("a"),
+        &ns,
+        "broker-a",
+        &["--worker-threads", "1"],
+    );
+    txmq_tests::wait_for_broker(&ns, "broker-a").await;
+    assert!(
+        broker.log_text().contains("worker_threads=1"),
+        "{}",
+        broker.log_text()
+    );
+    create_topic(&ns, "w", 4).await;
+
+    let r = bench(
+        &ns,
+        &[
+            "produce",
+            "w",
+            "--worker-threads",
+            "1",
+            "--producers",
+            "8",
+            "--clients",
+            "1",
+            "--in-flight",
+            "1",
+            "--count",
+            "800",
+        ],
+    )
+    .await;
+    assert_eq!(r["messages"], 800, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(r["broker_records"], 800, "the broker stored each once: {r}");
+
+    let out = txmq(&ns, &["--worker-threads", "0", "cluster"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(txmq_tests::binary("txmq-broker"))
+            .args(["--worker-threads", "0"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--worker-threads must be at least 1"),
+        "{stderr}"
+    );
+    drop(broker);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_at_a_rate_loses_and_repeats_nothing_with_either_pacing() {
     let cluster = Cluster::start(FlushMode::Async).await;

@@ -376,6 +376,9 @@ async fn start_server(reply: usize) -> Result<(String, Child)> {
     let mut child = Command::new(exe)
         .args(["bench", "echo-server", "--listen", "127.0.0.1:0", "--reply"])
         .arg(reply.to_string())
+        // The server stands in for a broker, whose threads are its own:
+        // the runtime's default, whatever this process runs on.
+        .env_remove("TXMQ_WORKER_THREADS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
