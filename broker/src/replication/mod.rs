@@ -358,7 +358,10 @@ impl Replication {
         }
         let mut rx = self.confirmed.subscribe();
         let held = {
-            let waited = tokio::time::timeout(c.timeout, rx.wait_for(|p| *p >= end)).await;
+            // Boxed: every send's future holds this one's place otherwise,
+            // under async replication too (see `handler::send`).
+            let waited =
+                Box::pin(tokio::time::timeout(c.timeout, rx.wait_for(|p| *p >= end))).await;
             matches!(waited, Ok(Ok(_)))
         };
         if held {

@@ -989,12 +989,17 @@ impl Store {
                 duplicate,
             });
         }
-        let waited = tokio::time::timeout(self.inner.config.sync_flush_timeout, async {
-            watch
-                .wait_for(|s| s.flushed >= end || s.failed)
-                .await
-                .map(|s| s.failed)
-        })
+        // Boxed: every append's future holds this one's place otherwise,
+        // under async flush too (see `handler::send`).
+        let waited = Box::pin(tokio::time::timeout(
+            self.inner.config.sync_flush_timeout,
+            async {
+                watch
+                    .wait_for(|s| s.flushed >= end || s.failed)
+                    .await
+                    .map(|s| s.failed)
+            },
+        ))
         .await;
         match waited {
             Ok(Ok(false)) => Ok(Appended {

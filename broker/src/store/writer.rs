@@ -1229,7 +1229,9 @@ impl Writer {
             }),
         };
         let end = self.at();
-        let chunk = std::mem::take(&mut self.chunk);
+        // Taken for the loops below (which call methods of `self`), and put
+        // back emptied: the next chunk reuses its allocation.
+        let mut chunk = std::mem::take(&mut self.chunk);
         match result {
             Ok(()) => {
                 self.index_chunk();
@@ -1248,7 +1250,7 @@ impl Writer {
                 let published_from = self.publish.len();
                 let mut cmd_error: Option<StoreError> = None;
                 let mut replicated_tx = Vec::new();
-                for enc in chunk {
+                for enc in chunk.drain(..) {
                     match enc {
                         Encoded::Replicated { pos, data } => {
                             if let Err(e) = self.replay_replicated(
@@ -1382,7 +1384,7 @@ impl Writer {
                     );
                     self.store.poisoned.store(true, Ordering::Release);
                 }
-                for enc in chunk {
+                for enc in chunk.drain(..) {
                     if let Encoded::Reply { reply, .. }
                     | Encoded::Duplicate { reply, .. }
                     | Encoded::Refuse { reply, .. } = enc
@@ -1414,6 +1416,7 @@ impl Writer {
                 }
             }
         }
+        self.chunk = chunk;
         self.producer_undo.clear();
         self.buf.clear();
         self.pieces.clear();
