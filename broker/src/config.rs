@@ -352,6 +352,11 @@ impl BrokerConfig {
     }
 }
 
+/// The most `--worker-threads` takes: more than any machine's cores, and
+/// few enough that the system can start them (a runtime that cannot start
+/// one panics).
+const MAX_WORKER_THREADS: usize = 1024;
+
 fn parse_worker_threads(s: &str) -> Result<usize, String> {
     let n = s
         .parse::<usize>()
@@ -361,8 +366,8 @@ fn parse_worker_threads(s: &str) -> Result<usize, String> {
 
 fn check_worker_threads(n: usize) -> Result<usize, String> {
     match n {
-        0 => Err("--worker-threads must be at least 1".into()),
-        n => Ok(n),
+        1..=MAX_WORKER_THREADS => Ok(n),
+        _ => Err(format!("must be between 1 and {MAX_WORKER_THREADS}")),
     }
 }
 
@@ -731,11 +736,17 @@ impl BrokerArgs {
     /// # Errors
     /// An unreadable or invalid config file, or zero threads.
     pub fn worker_threads(&self) -> Result<Option<usize>, String> {
-        let threads = match self.worker_threads {
-            Some(n) => Some(n),
-            None => self.file()?.worker_threads,
+        if self.worker_threads.is_some() {
+            // Checked as the flag (or its variable) was parsed.
+            return Ok(self.worker_threads);
+        }
+        let Some(n) = self.file()?.worker_threads else {
+            return Ok(None);
         };
-        threads.map(check_worker_threads).transpose()
+        check_worker_threads(n).map(Some).map_err(|e| {
+            let path = self.config.as_deref().unwrap_or(std::path::Path::new(""));
+            format!("invalid config file {}: worker_threads {e}", path.display())
+        })
     }
 
     /// Reads the `--config` file, if any, and resolves every setting.

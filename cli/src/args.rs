@@ -58,7 +58,7 @@ pub struct GlobalArgs {
         help_heading = "Global options",
         env = "TXMQ_WORKER_THREADS",
         value_name = "N",
-        value_parser = clap::value_parser!(u16).range(1..)
+        value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
     pub worker_threads: Option<u16>,
 

@@ -1059,6 +1059,36 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A thread count of 0, or past what a runtime can start, is a usage
+/// error of either binary, named by its flag, before anything starts.
+#[test]
+fn a_worker_thread_count_out_of_range_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+    for n in ["0", "1025"] {
+        let out = run_to_exit(
+            "txmq-broker",
+            &broker_args(&listen, data, &["--worker-threads", n]),
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{n}: {err}");
+        assert!(
+            err.contains("--worker-threads") && err.contains("between 1 and 1024"),
+            "{n}: {err}"
+        );
+        let out = run_to_exit("txmq", &["--worker-threads", n, "cluster"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{n}: {err}");
+        assert!(
+            err.contains("--worker-threads") && err.contains("1..=1024"),
+            "{n}: {err}"
+        );
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+}
+
 #[test]
 fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -1115,7 +1145,7 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
         (
             "no-threads.toml",
             b"worker_threads = 0\n",
-            &["--worker-threads", "at least 1"],
+            &["worker_threads", "between 1 and 1024"],
         ),
     ];
     for (name, contents, says) in cases {

@@ -159,24 +159,3 @@ fn delivery_time(b: &BrokerInner, messages: &[Message]) -> Result<Option<u64>, W
     }
     Ok(Some(at))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The size of the future `f` returns.
-    fn future_size<'a, F>(_: fn(&'a BrokerInner, SendRequest) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// Every send's future is one allocation (`handler::call` boxes it,
-    /// with its request and the broker's handle: 80 more bytes). Up to
-    /// 1,032 bytes the allocator serves it from its per-thread cache; past
-    /// that each send took its slower paths (about 5% of the broker's CPU
-    /// at 16 producers). The rare waits are boxed apart to stay under.
-    #[test]
-    fn a_send_future_fits_the_allocators_thread_cache() {
-        let size = future_size(|b, r| handle(b, r, true));
-        assert!(size + 80 <= 1032, "a send's future takes {size} bytes");
-    }
-}
