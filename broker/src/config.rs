@@ -734,7 +734,7 @@ impl BrokerArgs {
     /// or its key in the `--config` file); `None`: one per core.
     ///
     /// # Errors
-    /// An unreadable or invalid config file, or zero threads.
+    /// An unreadable or invalid config file, or a count out of range.
     pub fn worker_threads(&self) -> Result<Option<usize>, String> {
         if self.worker_threads.is_some() {
             // Checked as the flag (or its variable) was parsed.

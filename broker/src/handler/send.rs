@@ -68,7 +68,7 @@ pub(super) async fn handle(
             ));
         }
         // Boxed, as the rare waits below: the future of every send holds
-        // the largest of its waits in place (see `handler::call`).
+        // the largest of its waits in place (see `handler::send_call`).
         Some(at) => {
             Box::pin(
                 b.store

@@ -359,7 +359,7 @@ impl Replication {
         let mut rx = self.confirmed.subscribe();
         let held = {
             // Boxed: every send's future holds this one's place otherwise,
-            // under async replication too (see `handler::send`).
+            // under async replication too (see `handler::send_call`).
             let waited =
                 Box::pin(tokio::time::timeout(c.timeout, rx.wait_for(|p| *p >= end))).await;
             matches!(waited, Ok(Ok(_)))

@@ -990,7 +990,7 @@ impl Store {
             });
         }
         // Boxed: every append's future holds this one's place otherwise,
-        // under async flush too (see `handler::send`).
+        // under async flush too (see `handler::send_call`).
         let waited = Box::pin(tokio::time::timeout(
             self.inner.config.sync_flush_timeout,
             async {
