@@ -353,14 +353,14 @@ impl Producer {
             m.properties
                 .contains_key(txmq_protocol::PROPERTY_DELIVER_AT)
         });
-        let (mq, result) = match &self.inner.idempotence {
+        let (broker_name, result) = match &self.inner.idempotence {
             Some(idem) if !delayed => {
                 self.send_idempotent(idem, &topic, &messages, target)
                     .await?
             }
             _ => self.send_with_retries(&topic, &messages, target).await?,
         };
-        Ok(receipts(&topic, &mq, &result, &messages))
+        Ok(receipts(topic, broker_name, &result, &messages))
     }
 
     async fn send_with_retries(
@@ -368,7 +368,7 @@ impl Producer {
         topic: &str,
         messages: &[WireMessage],
         target: Target<'_>,
-    ) -> Result<(MessageQueue, SendResult)> {
+    ) -> Result<(String, SendResult)> {
         let attempts = self.inner.config.send_retries.saturating_add(1);
         let timeout = self.inner.config.request_timeout;
         let mut failed_broker: Option<String> = None;
@@ -390,10 +390,7 @@ impl Producer {
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };
             let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
-            let Some(mq) = target
-                .select(&route.writable, turn, failed_broker.as_deref())
-                .cloned()
-            else {
+            let Some(mq) = target.select(&route.writable, turn, failed_broker.as_deref()) else {
                 let error = no_queue(topic, &route, target);
                 if matches!(error, Error::NoMaster { .. }) && !last_attempt {
                     // A failover in progress: the group's next master
@@ -418,7 +415,7 @@ impl Producer {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(result) => return Ok((mq, result)),
+                Ok(result) => return Ok((mq.broker_name.clone(), result)),
                 Err(e) => {
                     let retriable = crate::error::retriable(&e);
                     // A slave refused: nothing was stored, and the group's
@@ -428,11 +425,11 @@ impl Producer {
                     if !retriable {
                         return Err(error);
                     }
-                    self.note_failure(topic, &route, &mq, attempt, last_attempt, target, &error);
+                    self.note_failure(topic, &route, mq, attempt, last_attempt, target, &error);
                     if !not_master {
-                        failed_broker = Some(mq.broker_name);
+                        failed_broker = Some(mq.broker_name.clone());
                     }
-                    failed_addr = Some(mq.addr);
+                    failed_addr = Some(mq.addr.clone());
                     last_error = Some(error);
                 }
             }
@@ -448,7 +445,7 @@ impl Producer {
         topic: &str,
         messages: &[WireMessage],
         target: Target<'_>,
-    ) -> Result<(MessageQueue, SendResult)> {
+    ) -> Result<(String, SendResult)> {
         let count = messages.len() as u64;
         let first = messages.first().map(|m| m.msg_id).unwrap_or_default();
         let attempts = self.inner.config.send_retries.saturating_add(1);
@@ -495,13 +492,10 @@ impl Producer {
                 Some(h) => route
                     .writable
                     .iter()
-                    .find(|q| q.broker_name == h.broker_name && q.queue == h.queue)
-                    .cloned(),
+                    .find(|q| q.broker_name == h.broker_name && q.queue == h.queue),
                 None => {
                     let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
-                    target
-                        .select(&route.writable, turn, failed_broker.as_deref())
-                        .cloned()
+                    target.select(&route.writable, turn, failed_broker.as_deref())
                 }
             };
             let Some(mq) = chosen else {
@@ -566,15 +560,7 @@ impl Producer {
                         if !error.is_retriable() || last_attempt {
                             return Err(error);
                         }
-                        self.note_failure(
-                            topic,
-                            &route,
-                            &mq,
-                            attempt,
-                            last_attempt,
-                            target,
-                            &error,
-                        );
+                        self.note_failure(topic, &route, mq, attempt, last_attempt, target, &error);
                         if !error.is_not_master() {
                             failed_broker = Some(mq.broker_name.clone());
                         }
@@ -635,7 +621,7 @@ impl Producer {
                             .finish_send(topic, h.queue, h.stamp, count, Ending::Stored);
                         idem.forget(first);
                     }
-                    return Ok((mq, result));
+                    return Ok((mq.broker_name.clone(), result));
                 }
                 Err(e) => e,
             };
@@ -705,11 +691,11 @@ impl Producer {
                         .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
                 }
             }
-            self.note_failure(topic, &route, &mq, attempt, last_attempt, target, &error);
+            self.note_failure(topic, &route, mq, attempt, last_attempt, target, &error);
             if !not_master {
-                failed_broker = Some(mq.broker_name);
+                failed_broker = Some(mq.broker_name.clone());
             }
-            failed_addr = Some(mq.addr);
+            failed_addr = Some(mq.addr.clone());
             last_error = Some(error);
             attempt += 1;
         }
@@ -794,25 +780,31 @@ fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
 }
 
 /// The i-th message got queue offset `first_offset + i`.
+/// The receipts of a send, one per message; the last takes `topic` and
+/// `broker_name` themselves (a single message's send copies neither).
 fn receipts(
-    topic: &str,
-    mq: &MessageQueue,
+    topic: String,
+    broker_name: String,
     result: &SendResult,
     messages: &[WireMessage],
 ) -> Vec<SendReceipt> {
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| SendReceipt {
-            msg_id: result.msg_ids.get(i).copied().unwrap_or(m.msg_id),
-            topic: topic.to_string(),
-            broker_name: mq.broker_name.clone(),
-            queue: result.queue,
-            queue_offset: result.first_offset + i as u64,
-            status: result.status,
-            duplicate: result.duplicate,
-        })
-        .collect()
+    let receipt = |i: usize, m: &WireMessage, topic, broker_name| SendReceipt {
+        msg_id: result.msg_ids.get(i).copied().unwrap_or(m.msg_id),
+        topic,
+        broker_name,
+        queue: result.queue,
+        queue_offset: result.first_offset + i as u64,
+        status: result.status,
+        duplicate: result.duplicate,
+    };
+    let mut out = Vec::with_capacity(messages.len());
+    if let Some((last, rest)) = messages.split_last() {
+        for (i, m) in rest.iter().enumerate() {
+            out.push(receipt(i, m, topic.clone(), broker_name.clone()));
+        }
+        out.push(receipt(rest.len(), last, topic, broker_name));
+    }
+    out
 }
 
 /// The stamp a send holds until it ends. A send its caller drops (a
@@ -899,11 +891,6 @@ mod tests {
             Message::new("t", "a").into_wire(),
             Message::new("t", "b").into_wire(),
         ];
-        let mq = MessageQueue {
-            broker_name: "b1".into(),
-            addr: "x:1".into(),
-            queue: 2,
-        };
         let result = SendResult {
             duplicate: false,
             status: SendStatus::SendOk,
@@ -911,7 +898,7 @@ mod tests {
             first_offset: 7,
             msg_ids: messages.iter().map(|m| m.msg_id).collect(),
         };
-        let r = receipts("t", &mq, &result, &messages);
+        let r = receipts("t".into(), "b1".into(), &result, &messages);
         assert_eq!(r.len(), 2);
         assert_eq!(
             (r[0].queue, r[0].queue_offset, r[1].queue_offset),
@@ -919,5 +906,9 @@ mod tests {
         );
         assert_eq!(r[1].msg_id, messages[1].msg_id);
         assert_eq!(r[0].broker_name, "b1");
+        assert_eq!(
+            (r[1].topic.as_str(), r[1].broker_name.as_str()),
+            ("t", "b1")
+        );
     }
 }
