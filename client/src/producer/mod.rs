@@ -779,9 +779,9 @@ fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
     }
 }
 
-/// The i-th message got queue offset `first_offset + i`.
-/// The receipts of a send, one per message; the last takes `topic` and
-/// `broker_name` themselves (a single message's send copies neither).
+/// The receipts of a send, one per message: the i-th got queue offset
+/// `first_offset + i`. The last takes `topic` and `broker_name`
+/// themselves (a single message's send copies neither).
 fn receipts(
     topic: String,
     broker_name: String,
