@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::AtomicWaker;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -981,6 +982,102 @@ impl Future for Tagged {
     }
 }
 
+/// The handlers in flight on one connection. The first has a waker of its
+/// own and is polled when woken; more go to a `FuturesUnordered`. That set
+/// wakes its task again whenever it has polled every future it holds and all
+/// are pending (a yield against starvation): with one request in flight, as
+/// a producer's sends are, every send that waits (for the commit-log writer
+/// another connection holds, for a flush) would reschedule the read loop for
+/// nothing, and on a multi-thread runtime a reschedule as a yield also wakes
+/// an idle worker. Like the set, the slot polls its future only when that
+/// future was woken: a send that yields to gather the sends read after it
+/// (`more_coming`) must not run before they are queued.
+struct InFlight {
+    first: Option<Tagged>,
+    /// `first` is new or was woken since its last poll.
+    first_due: bool,
+    slot: Arc<SlotWaker>,
+    /// The slot's waker, made once per connection.
+    slot_waker: std::task::Waker,
+    rest: FuturesUnordered<Tagged>,
+}
+
+/// Marks the slot's future due and wakes the read loop.
+#[derive(Default)]
+struct SlotWaker {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl InFlight {
+    fn new() -> InFlight {
+        let slot = Arc::new(SlotWaker::default());
+        InFlight {
+            first: None,
+            first_due: false,
+            slot_waker: std::task::Waker::from(slot.clone()),
+            slot,
+            rest: FuturesUnordered::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    fn push(&mut self, tagged: Tagged) {
+        match self.first {
+            None => (self.first, self.first_due) = (Some(tagged), true),
+            Some(_) => self.rest.push(tagged),
+        }
+    }
+
+    /// The next answer ready; pending when none is (or none is in flight).
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<(u64, usize, Result<Response, WireError>)> {
+        if let Some(first) = &mut self.first {
+            // Registered before the flag is read: a wake between the two
+            // still wakes this task.
+            self.slot.task.register(cx.waker());
+            if std::mem::take(&mut self.first_due) | self.slot.woken.swap(false, Ordering::AcqRel) {
+                let mut slot_cx = Context::from_waker(&self.slot_waker);
+                if let Poll::Ready(answer) = Pin::new(first).poll(&mut slot_cx) {
+                    self.first = None;
+                    return Poll::Ready(answer);
+                }
+            }
+        }
+        if self.rest.is_empty() {
+            return Poll::Pending;
+        }
+        match self.rest.poll_next_unpin(cx) {
+            Poll::Ready(Some(answer)) => Poll::Ready(answer),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn next(&mut self) -> impl Future<Output = (u64, usize, Result<Response, WireError>)> + '_ {
+        std::future::poll_fn(move |cx| self.poll_next(cx))
+    }
+}
+
 // `greeted` only gates entry to the serving loop, which ends by `break`.
 #[allow(clippy::while_immutable_condition)]
 async fn read_loop(
@@ -1040,14 +1137,14 @@ async fn read_loop(
         };
     }
 
-    let mut inflight: FuturesUnordered<Tagged> = FuturesUnordered::new();
+    let mut inflight = InFlight::new();
     let mut inflight_bytes = 0usize;
     // No more requests are taken past these. The peer's requests then wait
     // in the socket, unless this side waits for answers from the peer: its
     // reader must reach them (the peer's handlers may be waiting on this
     // side's answers in turn), so requests past the limits are refused with
     // BUSY instead.
-    let full = |inflight: &FuturesUnordered<Tagged>, bytes: usize| {
+    let full = |inflight: &InFlight, bytes: usize| {
         inflight.len() >= inner.config.max_inflight
             || (bytes >= inner.config.max_inflight_bytes && !inflight.is_empty())
     };
@@ -1080,7 +1177,7 @@ async fn read_loop(
                 Queue::Full => {}
                 Queue::Closed => break,
             },
-            Some((id, bytes, result)) = inflight.next(), if !inflight.is_empty() && !blocked => {
+            (id, bytes, result) = inflight.next(), if !inflight.is_empty() && !blocked => {
                 inflight_bytes -= bytes;
                 encode_frame(&mut codec, &Frame::Response(id, result), &mut batch, &inner);
                 // Nothing else to answer soon (no request pending, none read):

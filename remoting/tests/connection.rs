@@ -407,3 +407,77 @@ async fn requests_made_ready_in_some_order_arrive_in_that_order() {
     assert_eq!(conn.pending_requests(), 0);
     shutdown.cancel();
 }
+
+/// Logs when each GetRoute handler starts and ends; in between it yields
+/// once, as a broker's send does to let the sends read with it queue theirs
+/// for the same commit-log write.
+#[derive(Default)]
+struct Yielding(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Service for Yielding {
+    fn call(&self, _: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let Request::GetRoute(r) = request else {
+            return Box::pin(async { Err(WireError::new(ErrorCode::UnsupportedRequest, "")) });
+        };
+        let log = self.0.clone();
+        Box::pin(async move {
+            log.lock().unwrap().push(format!("start {}", r.topic));
+            tokio::task::yield_now().await;
+            log.lock().unwrap().push(format!("end {}", r.topic));
+            Ok(Response::GetRoute(TopicRoute {
+                topic: r.topic,
+                brokers: vec![],
+            }))
+        })
+    }
+}
+
+/// Requests read together all start before any of them goes on past a
+/// yield: a handler that yields is polled again only once woken, not each
+/// time the connection's reader turns. (A broker's sends gather into one
+/// write this way.)
+#[tokio::test]
+async fn handlers_read_together_start_before_any_resumes_from_a_yield() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let service = Arc::new(Yielding::default());
+    tokio::spawn(server::serve(
+        listener,
+        service.clone(),
+        ConnectionConfig::default(),
+        shutdown.clone(),
+    ));
+    let mut raw = TcpStream::connect(&addr).await.unwrap();
+    let mut bytes = rmp_serde_frame(&Frame::Request(1, Request::Hello(hello(PROTOCOL_VERSION))));
+    for (id, topic) in [(2, "a"), (3, "b"), (4, "c")] {
+        bytes.extend(rmp_serde_frame(&Frame::Request(
+            id,
+            GetRoute {
+                topic: topic.into(),
+            }
+            .into_request(),
+        )));
+    }
+    raw.write_all(&bytes).await.unwrap();
+    let log = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let log = service.0.lock().unwrap().clone();
+            if log.len() == 6 {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("all three requests served");
+    assert_eq!(
+        log[..3],
+        ["start a", "start b", "start c"],
+        "a handler resumed before the requests read with it had started: {log:?}"
+    );
+    let mut ends = log[3..].to_vec();
+    ends.sort();
+    assert_eq!(ends, ["end a", "end b", "end c"]);
+    shutdown.cancel();
+}
