@@ -242,14 +242,19 @@ impl Encoder<&Frame> for FrameCodec {
     fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
         let start = dst.len();
         dst.put_u32(0);
-        let mut w = dst.writer();
-        let written = rmp_serde::encode::write(&mut w, frame);
-        let dst = w.into_inner();
-        if let Err(e) = written {
-            // Nothing of a frame that failed half way stays in the buffer.
-            dst.truncate(start);
-            return Err(CodecError::Encode(e.to_string()));
-        }
+        let dst = if crate::fast::encode(frame, dst) {
+            dst
+        } else {
+            let mut w = dst.writer();
+            let written = rmp_serde::encode::write(&mut w, frame);
+            let dst = w.into_inner();
+            if let Err(e) = written {
+                // Nothing of a frame that failed half way stays in the buffer.
+                dst.truncate(start);
+                return Err(CodecError::Encode(e.to_string()));
+            }
+            dst
+        };
         let len = dst.len() - start - 4;
         if len > self.max {
             dst.truncate(start);

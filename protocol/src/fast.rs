@@ -1,5 +1,5 @@
-//! Decoding of the two hottest frames without serde: a send request and
-//! its successful answer.
+//! Decoding and encoding of the two hottest frames without serde: a send
+//! request and its successful answer.
 //!
 //! Every send a broker takes is a `Request::Send` frame, and every answer
 //! a producer waits for is a `Response::Send`. Decoded through serde, each
@@ -12,10 +12,14 @@
 //! as a map, a variant by its index, a signed integer, ...), which then
 //! goes through serde as before: a frame decodes to the same value either
 //! way, and errors are always serde's.
+//!
+//! The writer writes these two frames byte for byte as rmp-serde does
+//! (the smallest marker for each length and integer), so a peer cannot
+//! tell which wrote a frame; every other frame goes through serde.
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::Frame;
 use crate::message::{Message, MsgId};
@@ -293,6 +297,160 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Writes `frame` as rmp-serde does, when it is a send or a send's
+/// successful answer; false (nothing written) for any other frame.
+pub(crate) fn encode(frame: &Frame, dst: &mut BytesMut) -> bool {
+    match frame {
+        Frame::Request(id, Request::Send(send)) => {
+            map1(dst, "Request");
+            array_len(dst, 2);
+            uint(dst, *id);
+            map1(dst, "Send");
+            send_request(dst, send);
+        }
+        Frame::Response(id, Ok(Response::Send(result))) => {
+            map1(dst, "Response");
+            array_len(dst, 2);
+            uint(dst, *id);
+            map1(dst, "Ok");
+            map1(dst, "Send");
+            send_result(dst, result);
+        }
+        _ => return false,
+    }
+    true
+}
+
+fn send_request(dst: &mut BytesMut, send: &SendRequest) {
+    array_len(dst, 3);
+    uint(dst, u64::from(send.queue));
+    array_len(dst, send.messages.len());
+    for m in &send.messages {
+        array_len(dst, 7);
+        bin(dst, &m.msg_id.0);
+        str(dst, &m.topic);
+        opt_str(dst, m.key.as_deref());
+        opt_str(dst, m.tag.as_deref());
+        len(dst, m.properties.len(), 0x80, 0xde);
+        for (k, v) in &m.properties {
+            str(dst, k);
+            str(dst, v);
+        }
+        bin(dst, &m.body);
+        uint(dst, m.born_timestamp);
+    }
+    match &send.producer {
+        None => dst.put_u8(0xc0),
+        Some(p) => {
+            array_len(dst, 3);
+            uint(dst, p.producer_id);
+            uint(dst, p.token);
+            uint(dst, p.sequence);
+        }
+    }
+}
+
+fn send_result(dst: &mut BytesMut, result: &SendResult) {
+    array_len(dst, 5);
+    str(
+        dst,
+        match result.status {
+            SendStatus::SendOk => "SendOk",
+            SendStatus::FlushDiskTimeout => "FlushDiskTimeout",
+            SendStatus::FlushSlaveTimeout => "FlushSlaveTimeout",
+            SendStatus::SlaveNotAvailable => "SlaveNotAvailable",
+        },
+    );
+    uint(dst, u64::from(result.queue));
+    uint(dst, result.first_offset);
+    array_len(dst, result.msg_ids.len());
+    for id in &result.msg_ids {
+        bin(dst, &id.0);
+    }
+    dst.put_u8(if result.duplicate { 0xc3 } else { 0xc2 });
+}
+
+/// An externally tagged variant's one-entry map and its name.
+fn map1(dst: &mut BytesMut, variant: &str) {
+    dst.put_u8(0x81);
+    str(dst, variant);
+}
+
+/// A length: in the marker's low nibble below 16 (`fix`), else after the
+/// 16-bit marker `wide` or the 32-bit one after it.
+fn len(dst: &mut BytesMut, n: usize, fix: u8, wide: u8) {
+    if n < 16 {
+        dst.put_u8(fix | n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        dst.put_u8(wide);
+        dst.put_u16(n);
+    } else {
+        dst.put_u8(wide + 1);
+        dst.put_u32(n as u32);
+    }
+}
+
+fn array_len(dst: &mut BytesMut, n: usize) {
+    len(dst, n, 0x90, 0xdc);
+}
+
+fn uint(dst: &mut BytesMut, v: u64) {
+    if v < 0x80 {
+        dst.put_u8(v as u8);
+    } else if let Ok(v) = u8::try_from(v) {
+        dst.put_u8(0xcc);
+        dst.put_u8(v);
+    } else if let Ok(v) = u16::try_from(v) {
+        dst.put_u8(0xcd);
+        dst.put_u16(v);
+    } else if let Ok(v) = u32::try_from(v) {
+        dst.put_u8(0xce);
+        dst.put_u32(v);
+    } else {
+        dst.put_u8(0xcf);
+        dst.put_u64(v);
+    }
+}
+
+fn str(dst: &mut BytesMut, s: &str) {
+    let n = s.len();
+    if n < 32 {
+        dst.put_u8(0xa0 | n as u8);
+    } else if let Ok(n) = u8::try_from(n) {
+        dst.put_u8(0xd9);
+        dst.put_u8(n);
+    } else if let Ok(n) = u16::try_from(n) {
+        dst.put_u8(0xda);
+        dst.put_u16(n);
+    } else {
+        dst.put_u8(0xdb);
+        dst.put_u32(n as u32);
+    }
+    dst.put_slice(s.as_bytes());
+}
+
+fn opt_str(dst: &mut BytesMut, s: Option<&str>) {
+    match s {
+        None => dst.put_u8(0xc0),
+        Some(s) => str(dst, s),
+    }
+}
+
+fn bin(dst: &mut BytesMut, b: &[u8]) {
+    let n = b.len();
+    if let Ok(n) = u8::try_from(n) {
+        dst.put_u8(0xc4);
+        dst.put_u8(n);
+    } else if let Ok(n) = u16::try_from(n) {
+        dst.put_u8(0xc5);
+        dst.put_u16(n);
+    } else {
+        dst.put_u8(0xc6);
+        dst.put_u32(n as u32);
+    }
+    dst.put_slice(b);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +546,117 @@ mod tests {
                     assert!(range.contains(&m.body.as_ptr()), "a shared body is a copy");
                 }
             }
+        }
+    }
+
+    /// The writer writes sends and their answers byte for byte as
+    /// rmp-serde does, at every boundary of a marker's width.
+    #[test]
+    fn sends_and_answers_are_written_as_rmp_serde_writes_them() {
+        const INTS: [u64; 11] = [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            u32::MAX as u64 + 1,
+            u64::MAX,
+        ];
+        const LENS: [usize; 8] = [0, 1, 15, 16, 31, 32, 255, 256];
+        const WIDE: [usize; 2] = [65_535, 65_536];
+        let message = |topic: usize, body: usize, props: usize, stamp: u64| {
+            let mut m = Message::new("t".repeat(topic.max(1)), vec![7u8; body]);
+            m.born_timestamp = stamp;
+            for p in 0..props {
+                m = m.with_property(format!("k{p}"), "v".repeat(p % 40));
+            }
+            m
+        };
+        let mut frames = Vec::new();
+        for (i, &v) in INTS.iter().enumerate() {
+            for &n in LENS.iter().chain(&WIDE) {
+                let mut m = message(n, n, n % 17, v);
+                m.key = (i % 2 == 0).then(|| "k".repeat(n));
+                m.tag = (i % 3 == 0).then(|| "é".repeat(n / 2));
+                frames.push(Frame::Request(
+                    v,
+                    Request::Send(SendRequest {
+                        queue: u32::try_from(v).unwrap_or(u32::MAX),
+                        messages: vec![m],
+                        producer: (i % 2 == 1).then_some(ProducerStamp {
+                            producer_id: v,
+                            token: INTS[(i + 3) % INTS.len()],
+                            sequence: INTS[(i + 7) % INTS.len()],
+                        }),
+                    }),
+                ));
+            }
+            for &n in LENS.iter().chain(&WIDE) {
+                frames.push(Frame::Response(
+                    v,
+                    Ok(Response::Send(SendResult {
+                        status: [
+                            SendStatus::SendOk,
+                            SendStatus::FlushDiskTimeout,
+                            SendStatus::FlushSlaveTimeout,
+                            SendStatus::SlaveNotAvailable,
+                        ][i % 4],
+                        queue: u32::try_from(v).unwrap_or(0),
+                        first_offset: v,
+                        msg_ids: (0..n).map(|_| MsgId::generate()).collect(),
+                        duplicate: i % 2 == 0,
+                    })),
+                ));
+            }
+        }
+        for n in LENS.iter().chain(&WIDE) {
+            frames.push(Frame::Request(
+                1,
+                Request::Send(SendRequest {
+                    queue: 3,
+                    messages: (0..*n).map(|i| message(1, i % 3, 0, 5)).collect(),
+                    producer: None,
+                }),
+            ));
+        }
+        frames.push(Frame::Request(
+            2,
+            Request::Send(SendRequest {
+                queue: 0,
+                messages: vec![message(2, 70_000, 300, 9)],
+                producer: None,
+            }),
+        ));
+        for frame in &frames {
+            let mut fast = BytesMut::new();
+            assert!(
+                encode(frame, &mut fast),
+                "the writer takes every send and answer"
+            );
+            let serde = rmp_serde::to_vec(frame).expect("encodes");
+            if fast[..] != serde[..] {
+                let at = fast.iter().zip(&serde).take_while(|(a, b)| a == b).count();
+                panic!(
+                    "written otherwise than serde writes it, from byte {at}: {:x?} against {:x?}",
+                    &fast[at..(at + 8).min(fast.len())],
+                    &serde[at..(at + 8).min(serde.len())]
+                );
+            }
+            assert_eq!(body_of(frame), serde, "the codec writes it as serde does");
+        }
+        // Any other frame is left to serde, and nothing is written.
+        for other in [
+            Frame::Request(2, Request::Ping(crate::request::Ping {})),
+            Frame::Response(3, Err(WireError::new(crate::ErrorCode::Busy, "busy"))),
+            Frame::Response(4, Ok(Response::Ping(crate::request::Pong {}))),
+        ] {
+            let mut buf = BytesMut::new();
+            assert!(!encode(&other, &mut buf));
+            assert!(buf.is_empty());
         }
     }
 
