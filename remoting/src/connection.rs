@@ -137,12 +137,15 @@ struct Waiting {
     deadline: Instant,
 }
 
-impl Pending {
-    /// Hands the answer to request `id` to its waiting caller.
-    fn answer(&mut self, id: u64, answer: Result<Response, WireError>) {
-        if let Some(w) = self.waiting.remove(&id) {
-            let _ = w.answer.send(answer);
-        }
+/// Hands the answer to request `id` to its waiting caller. The caller's
+/// entry is taken under the lock and the answer handed over after it: the
+/// hand-over wakes the caller's task, which on a multi-thread runtime may
+/// wake another worker thread, and the tasks sending requests meanwhile
+/// need the lock.
+fn answer(pending: &Mutex<Pending>, id: u64, answer: Result<Response, WireError>) {
+    let waiting = lock(pending).waiting.remove(&id);
+    if let Some(w) = waiting {
+        let _ = w.answer.send(answer);
     }
 }
 
@@ -1209,7 +1212,7 @@ async fn read_loop(
                     break;
                 }
                 Some(Ok(Decoded::Frame(Frame::Response(id, result)))) => {
-                    lock(&inner.pending).answer(id, result);
+                    answer(&inner.pending, id, result);
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_) | Request::Authenticate(_))))) => {
                     let e = WireError::new(ErrorCode::HelloRequired, "hello already received");
@@ -1249,7 +1252,7 @@ async fn read_loop(
                         let _ = flush_batch(&inner, &mut batch);
                         refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
                     } else {
-                        lock(&inner.pending).answer(id, Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
+                        answer(&inner.pending, id, Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
                     }
                     break;
                 }
@@ -1511,7 +1514,7 @@ fn encode_frame(codec: &mut FrameCodec, frame: &Frame, buf: &mut BytesMut, inner
     if let Err(e) = codec.encode(frame, buf) {
         let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
         match frame {
-            Frame::Request(id, _) => lock(&inner.pending).answer(*id, Err(error)),
+            Frame::Request(id, _) => answer(&inner.pending, *id, Err(error)),
             Frame::Response(id, _) => {
                 warn!(peer = %inner.peer, %error, "response cannot be sent; answering with an error");
                 let _ = codec.encode(&Frame::Response(*id, Err(error)), buf);
