@@ -376,17 +376,31 @@ fn map1(dst: &mut BytesMut, variant: &str) {
     str(dst, variant);
 }
 
+/// `n` after the marker of the smallest width that holds it; `markers`
+/// are those of 8, 16, 32 and 64 bits, 0 for a width the type has not.
+fn sized(dst: &mut BytesMut, n: u64, markers: [u8; 4]) {
+    let [m8, m16, m32, m64] = markers;
+    if m8 != 0 && n <= u64::from(u8::MAX) {
+        dst.put_u8(m8);
+        dst.put_u8(n as u8);
+    } else if n <= u64::from(u16::MAX) {
+        dst.put_u8(m16);
+        dst.put_u16(n as u16);
+    } else if n <= u64::from(u32::MAX) || m64 == 0 {
+        dst.put_u8(m32);
+        dst.put_u32(n as u32);
+    } else {
+        dst.put_u8(m64);
+        dst.put_u64(n);
+    }
+}
+
 /// A length: in the marker's low nibble below 16 (`fix`), else after the
 /// 16-bit marker `wide` or the 32-bit one after it.
 fn len(dst: &mut BytesMut, n: usize, fix: u8, wide: u8) {
-    if n < 16 {
-        dst.put_u8(fix | n as u8);
-    } else if let Ok(n) = u16::try_from(n) {
-        dst.put_u8(wide);
-        dst.put_u16(n);
-    } else {
-        dst.put_u8(wide + 1);
-        dst.put_u32(n as u32);
+    match n {
+        0..16 => dst.put_u8(fix | n as u8),
+        _ => sized(dst, n as u64, [0, wide, wide + 1, 0]),
     }
 }
 
@@ -395,36 +409,16 @@ fn array_len(dst: &mut BytesMut, n: usize) {
 }
 
 fn uint(dst: &mut BytesMut, v: u64) {
-    if v < 0x80 {
-        dst.put_u8(v as u8);
-    } else if let Ok(v) = u8::try_from(v) {
-        dst.put_u8(0xcc);
-        dst.put_u8(v);
-    } else if let Ok(v) = u16::try_from(v) {
-        dst.put_u8(0xcd);
-        dst.put_u16(v);
-    } else if let Ok(v) = u32::try_from(v) {
-        dst.put_u8(0xce);
-        dst.put_u32(v);
-    } else {
-        dst.put_u8(0xcf);
-        dst.put_u64(v);
+    match v {
+        0..0x80 => dst.put_u8(v as u8),
+        _ => sized(dst, v, [0xcc, 0xcd, 0xce, 0xcf]),
     }
 }
 
 fn str(dst: &mut BytesMut, s: &str) {
-    let n = s.len();
-    if n < 32 {
-        dst.put_u8(0xa0 | n as u8);
-    } else if let Ok(n) = u8::try_from(n) {
-        dst.put_u8(0xd9);
-        dst.put_u8(n);
-    } else if let Ok(n) = u16::try_from(n) {
-        dst.put_u8(0xda);
-        dst.put_u16(n);
-    } else {
-        dst.put_u8(0xdb);
-        dst.put_u32(n as u32);
+    match s.len() {
+        n @ 0..32 => dst.put_u8(0xa0 | n as u8),
+        n => sized(dst, n as u64, [0xd9, 0xda, 0xdb, 0]),
     }
     dst.put_slice(s.as_bytes());
 }
@@ -437,17 +431,7 @@ fn opt_str(dst: &mut BytesMut, s: Option<&str>) {
 }
 
 fn bin(dst: &mut BytesMut, b: &[u8]) {
-    let n = b.len();
-    if let Ok(n) = u8::try_from(n) {
-        dst.put_u8(0xc4);
-        dst.put_u8(n);
-    } else if let Ok(n) = u16::try_from(n) {
-        dst.put_u8(0xc5);
-        dst.put_u16(n);
-    } else {
-        dst.put_u8(0xc6);
-        dst.put_u32(n as u32);
-    }
+    sized(dst, b.len() as u64, [0xc4, 0xc5, 0xc6, 0]);
     dst.put_slice(b);
 }
 

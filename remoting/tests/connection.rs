@@ -64,19 +64,20 @@ fn hello(version: u32) -> Hello {
 }
 
 async fn start() -> (String, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
     let config = ConnectionConfig {
         max_frame_len: 64 * 1024,
         ..Default::default()
     };
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(Echo),
-        config,
-        shutdown.clone(),
-    ));
+    serve(Arc::new(Echo), config).await
+}
+
+/// A server of `service` on a free port; its address, and the token that
+/// stops it.
+async fn serve(service: Arc<dyn Service>, config: ConnectionConfig) -> (String, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server::serve(listener, service, config, shutdown.clone()));
     (addr, shutdown)
 }
 
@@ -281,20 +282,12 @@ impl Service for Gauged {
 /// and every one is still answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_are_bounded_in_bytes() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
     let gauge = Arc::new(Gauge::default());
     let config = ConnectionConfig {
         max_inflight_bytes: 10 << 10,
         ..Default::default()
     };
-    tokio::spawn(server::serve(
-        listener,
-        Arc::new(Gauged(gauge.clone())),
-        config,
-        shutdown.clone(),
-    ));
+    let (addr, shutdown) = serve(Arc::new(Gauged(gauge.clone())), config).await;
     let conn = client(&addr, None).await;
     let calls = (0..20).map(|i| {
         let conn = conn.clone();
@@ -339,16 +332,8 @@ impl Service for Arrivals {
 /// refuses is handed back, and nothing is sent or left pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_made_ready_in_some_order_arrive_in_that_order() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
     let arrivals = Arc::new(Arrivals::default());
-    tokio::spawn(server::serve(
-        listener,
-        arrivals.clone(),
-        ConnectionConfig::default(),
-        shutdown.clone(),
-    ));
+    let (addr, shutdown) = serve(arrivals.clone(), ConnectionConfig::default()).await;
     let conn = client(&addr, None).await;
     let timeout = Duration::from_secs(10);
 
@@ -438,16 +423,8 @@ impl Service for Yielding {
 /// write this way.)
 #[tokio::test]
 async fn handlers_read_together_start_before_any_resumes_from_a_yield() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
     let service = Arc::new(Yielding::default());
-    tokio::spawn(server::serve(
-        listener,
-        service.clone(),
-        ConnectionConfig::default(),
-        shutdown.clone(),
-    ));
+    let (addr, shutdown) = serve(service.clone(), ConnectionConfig::default()).await;
     let mut raw = TcpStream::connect(&addr).await.unwrap();
     let mut bytes = rmp_serde_frame(&Frame::Request(1, Request::Hello(hello(PROTOCOL_VERSION))));
     for (id, topic) in [(2, "a"), (3, "b"), (4, "c")] {
