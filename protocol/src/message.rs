@@ -113,6 +113,9 @@ impl<'de> Deserialize<'de> for MsgId {
 }
 
 /// A message a producer sends.
+///
+/// Also read and written without serde, in `fast.rs`: a change to its
+/// fields or their serde attributes changes that code too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// Unique id, assigned by the client ([`MsgId::generate`]).

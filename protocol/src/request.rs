@@ -385,6 +385,9 @@ pub struct CreateTopic {
 }
 
 /// Append messages to one queue. All messages must name the same topic.
+///
+/// Also read and written without serde, in `fast.rs`: a change to its
+/// fields or their serde attributes changes that code too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SendRequest {
     /// The queue id within the topic.
@@ -421,6 +424,9 @@ pub struct ProducerIdentity {
 /// The idempotence stamp of a send or a prepare: which producer, and where
 /// in its sequence for that queue (prepares: one sequence per producer
 /// for all its prepares on the broker).
+///
+/// Also read and written without serde, in `fast.rs`: a change to its
+/// fields or their serde attributes changes that code too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProducerStamp {
     /// From [`ProducerIdentity::producer_id`].
@@ -459,6 +465,9 @@ impl SendStatus {
 }
 
 /// The answer to a send.
+///
+/// Also read and written without serde, in `fast.rs`: a change to its
+/// fields or their serde attributes changes that code too.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SendResult {
     /// Status of the whole request.

@@ -142,10 +142,10 @@ struct Waiting {
 /// hand-over wakes the caller's task, which on a multi-thread runtime may
 /// wake another worker thread, and the tasks sending requests meanwhile
 /// need the lock.
-fn answer(pending: &Mutex<Pending>, id: u64, answer: Result<Response, WireError>) {
+fn deliver(pending: &Mutex<Pending>, id: u64, result: Result<Response, WireError>) {
     let waiting = lock(pending).waiting.remove(&id);
     if let Some(w) = waiting {
-        let _ = w.answer.send(answer);
+        let _ = w.answer.send(result);
     }
 }
 
@@ -1044,10 +1044,20 @@ impl InFlight {
     }
 
     fn push(&mut self, tagged: Tagged) {
-        match self.first {
-            None => (self.first, self.first_due) = (Some(tagged), true),
-            Some(_) => self.rest.push(tagged),
+        if self.first.is_some() {
+            self.rest.push(tagged);
+            return;
         }
+        // A clone of the slot's waker that outlived the last future held
+        // there (kept by some registry) would wake the new one for nothing,
+        // and the new one would go on past a yield too soon: it gets a
+        // waker of its own then. (Held here twice: `slot`, `slot_waker`.)
+        if Arc::strong_count(&self.slot) > 2 {
+            let slot = Arc::new(SlotWaker::default());
+            self.slot_waker = std::task::Waker::from(slot.clone());
+            self.slot = slot;
+        }
+        (self.first, self.first_due) = (Some(tagged), true);
     }
 
     /// The next answer ready; pending when none is (or none is in flight).
@@ -1059,6 +1069,9 @@ impl InFlight {
             // Registered before the flag is read: a wake between the two
             // still wakes this task.
             self.slot.task.register(cx.waker());
+            // `|`, not `||`: the flag is cleared also when the future is
+            // new, so that a wake left by the last one (a future that woke
+            // itself as it finished) does not count for this one.
             if std::mem::take(&mut self.first_due) | self.slot.woken.swap(false, Ordering::AcqRel) {
                 let mut slot_cx = Context::from_waker(&self.slot_waker);
                 if let Poll::Ready(answer) = Pin::new(first).poll(&mut slot_cx) {
@@ -1212,7 +1225,7 @@ async fn read_loop(
                     break;
                 }
                 Some(Ok(Decoded::Frame(Frame::Response(id, result)))) => {
-                    answer(&inner.pending, id, result);
+                    deliver(&inner.pending, id, result);
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_) | Request::Authenticate(_))))) => {
                     let e = WireError::new(ErrorCode::HelloRequired, "hello already received");
@@ -1252,7 +1265,7 @@ async fn read_loop(
                         let _ = flush_batch(&inner, &mut batch);
                         refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
                     } else {
-                        answer(&inner.pending, id, Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
+                        deliver(&inner.pending, id, Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
                     }
                     break;
                 }
@@ -1514,7 +1527,7 @@ fn encode_frame(codec: &mut FrameCodec, frame: &Frame, buf: &mut BytesMut, inner
     if let Err(e) = codec.encode(frame, buf) {
         let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
         match frame {
-            Frame::Request(id, _) => answer(&inner.pending, *id, Err(error)),
+            Frame::Request(id, _) => deliver(&inner.pending, *id, Err(error)),
             Frame::Response(id, _) => {
                 warn!(peer = %inner.peer, %error, "response cannot be sent; answering with an error");
                 let _ = codec.encode(&Frame::Response(*id, Err(error)), buf);

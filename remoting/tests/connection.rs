@@ -427,27 +427,9 @@ async fn handlers_read_together_start_before_any_resumes_from_a_yield() {
     let (addr, shutdown) = serve(service.clone(), ConnectionConfig::default()).await;
     let mut raw = TcpStream::connect(&addr).await.unwrap();
     let mut bytes = rmp_serde_frame(&Frame::Request(1, Request::Hello(hello(PROTOCOL_VERSION))));
-    for (id, topic) in [(2, "a"), (3, "b"), (4, "c")] {
-        bytes.extend(rmp_serde_frame(&Frame::Request(
-            id,
-            GetRoute {
-                topic: topic.into(),
-            }
-            .into_request(),
-        )));
-    }
+    bytes.extend(routes(&[(2, "a"), (3, "b"), (4, "c")]));
     raw.write_all(&bytes).await.unwrap();
-    let log = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let log = service.0.lock().unwrap().clone();
-            if log.len() == 6 {
-                return log;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("all three requests served");
+    let log = log_of(&service.0, 6).await;
     assert_eq!(
         log[..3],
         ["start a", "start b", "start c"],
@@ -457,4 +439,92 @@ async fn handlers_read_together_start_before_any_resumes_from_a_yield() {
     ends.sort();
     assert_eq!(ends, ["end a", "end b", "end c"]);
     shutdown.cancel();
+}
+
+/// Like [`Yielding`], but GetRoute "x" wakes its own waker and answers at
+/// once: a wake left behind by a handler that is done.
+struct WakesThenDone(Yielding);
+
+impl Service for WakesThenDone {
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        match &request {
+            Request::GetRoute(r) if r.topic == "x" => {
+                let log = self.0 .0.clone();
+                Box::pin(std::future::poll_fn(move |cx| {
+                    cx.waker().wake_by_ref();
+                    log.lock().unwrap().push("x".into());
+                    std::task::Poll::Ready(Ok(Response::GetRoute(TopicRoute {
+                        topic: "x".into(),
+                        brokers: vec![],
+                    })))
+                }))
+            }
+            _ => self.0.call(conn, request),
+        }
+    }
+}
+
+/// A wake left by a finished handler does not count for the next one: the
+/// requests read together after it still all start before any resumes.
+#[tokio::test]
+async fn a_wake_left_by_a_finished_handler_does_not_resume_the_next_early() {
+    let service = Arc::new(WakesThenDone(Yielding::default()));
+    let (addr, shutdown) = serve(service.clone(), ConnectionConfig::default()).await;
+    let mut raw = TcpStream::connect(&addr).await.unwrap();
+    let mut bytes = rmp_serde_frame(&Frame::Request(1, Request::Hello(hello(PROTOCOL_VERSION))));
+    bytes.extend(routes(&[(2, "x")]));
+    raw.write_all(&bytes).await.unwrap();
+    // Both answered (the hello and "x") before the next requests go.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while frames_in(&got) < 2 {
+        let n = raw.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    raw.write_all(&routes(&[(3, "b"), (4, "c")])).await.unwrap();
+    let log = log_of(&service.0 .0, 5).await;
+    assert_eq!(log[..3], ["x", "start b", "start c"], "{log:?}");
+    shutdown.cancel();
+}
+
+/// How many whole length-prefixed frames `buf` holds.
+fn frames_in(buf: &[u8]) -> usize {
+    let (mut at, mut n) = (0, 0);
+    while let Some(prefix) = buf.get(at..at + 4) {
+        let len = u32::from_be_bytes(prefix.try_into().unwrap()) as usize;
+        if buf.len() < at + 4 + len {
+            break;
+        }
+        at += 4 + len;
+        n += 1;
+    }
+    n
+}
+
+/// GetRoute requests with these ids and topics, encoded one after another.
+fn routes(requests: &[(u64, &str)]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for &(id, topic) in requests {
+        let request = GetRoute {
+            topic: topic.into(),
+        };
+        bytes.extend(rmp_serde_frame(&Frame::Request(id, request.into_request())));
+    }
+    bytes
+}
+
+/// The log once it has `len` entries (within 10 s).
+async fn log_of(log: &std::sync::Mutex<Vec<String>>, len: usize) -> Vec<String> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now = log.lock().unwrap().clone();
+            if now.len() == len {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("every request served")
 }
