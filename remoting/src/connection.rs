@@ -1103,6 +1103,11 @@ async fn read_loop(
     conn: Connection,
 ) {
     let inner = conn.inner.clone();
+    let mut ended = Ended {
+        conn: conn.clone(),
+        service: service.clone(),
+        cleaned: false,
+    };
     let mut greeted = side == Side::Client;
     if !greeted {
         let first = tokio::select! {
@@ -1287,11 +1292,43 @@ async fn read_loop(
         _ = inner.closed.cancelled() => {}
         _ = tokio::time::sleep(Duration::from_millis(200)) => inner.closed.cancel(),
     }
-    lock(&inner.pending).waiting.clear();
-    if let Some(service) = &service {
-        service.closed(&conn);
-    }
+    ended.clean_up(true);
     debug!(peer = %inner.peer, "connection closed");
+}
+
+/// The end of a connection for its callers and its service: run by the read
+/// loop as it ends, or when its future is dropped first (a handler that
+/// panicked, a runtime shutting down), so that the connection is closed,
+/// its callers get `Closed` at once rather than at their deadlines, and the
+/// service forgets it.
+struct Ended {
+    conn: Connection,
+    service: Option<Arc<dyn Service>>,
+    cleaned: bool,
+}
+
+impl Ended {
+    /// `tell_service`: whether to call the service's `closed`, which may
+    /// spawn tasks (not outside a runtime, where a future may be dropped).
+    fn clean_up(&mut self, tell_service: bool) {
+        if std::mem::replace(&mut self.cleaned, true) {
+            return;
+        }
+        self.conn.inner.closed.cancel();
+        lock(&self.conn.inner.pending).waiting.clear();
+        if let (Some(service), true) = (&self.service, tell_service) {
+            service.closed(&self.conn);
+        }
+    }
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if !self.cleaned {
+            debug!(peer = %self.conn.inner.peer, "reader dropped before its end; closing the connection");
+        }
+        self.clean_up(tokio::runtime::Handle::try_current().is_ok());
+    }
 }
 
 /// Answers a hello: checks its version, authenticates the peer when an

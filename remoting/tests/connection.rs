@@ -528,3 +528,49 @@ async fn log_of(log: &std::sync::Mutex<Vec<String>>, len: usize) -> Vec<String> 
     .await
     .expect("every request served")
 }
+
+/// Panics on GetRoute "boom"; answers any other GetRoute with its topic.
+struct Panics;
+
+impl Service for Panics {
+    fn call(&self, _: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        Box::pin(async move {
+            match request {
+                Request::GetRoute(r) if r.topic == "boom" => panic!("a handler's bug"),
+                Request::GetRoute(r) => Ok(Response::GetRoute(TopicRoute {
+                    topic: r.topic,
+                    brokers: vec![],
+                })),
+                other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
+            }
+        })
+    }
+}
+
+/// A handler that panics closes its connection: the caller gets `Closed`
+/// at once, not at its deadline, and other connections are still served.
+#[tokio::test]
+async fn a_panicking_handler_closes_its_connection_and_no_other() {
+    let (addr, shutdown) = serve(Arc::new(Panics), ConnectionConfig::default()).await;
+    let other = client(&addr, None).await;
+    let conn = client(&addr, None).await;
+    let started = std::time::Instant::now();
+    let err = conn
+        .call_with_timeout(
+            GetRoute {
+                topic: "boom".into(),
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    let r = other.call(GetRoute { topic: "ok".into() }).await.unwrap();
+    assert_eq!(r.topic, "ok");
+    shutdown.cancel();
+}
