@@ -1000,7 +1000,8 @@ struct InFlight {
     /// `first` is new or was woken since its last poll.
     first_due: bool,
     slot: Arc<SlotWaker>,
-    /// The slot's waker, made once per connection.
+    /// The slot's waker, made with `slot` (once per connection, unless a
+    /// clone outlives a future: see `push`).
     slot_waker: std::task::Waker,
     rest: FuturesUnordered<Tagged>,
 }
