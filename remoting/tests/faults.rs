@@ -323,7 +323,7 @@ async fn two_serving_peers_do_not_deadlock_with_full_queues() {
         config.clone(),
         shutdown.clone(),
     ));
-    let conn = Connection::connect(&addr, hello(), Some(Arc::new(Both)), config)
+    let conn = Connection::connect(&addr, hello(), Some(Arc::new(Both)), config.clone())
         .await
         .unwrap();
     // Requests and answers of 4 KiB each way, far more than either
@@ -354,11 +354,17 @@ async fn two_serving_peers_do_not_deadlock_with_full_queues() {
         failed.len(),
         failed.first()
     );
-    let busy = answers.iter().filter(|a| a.is_err()).count();
+    // How many are refused depends on how the two sides' reads and
+    // handlers interleave (0 to 8,466 of 20,000 in 40 runs of a debug build
+    // on an idle 2-core machine). Serving that stopped once the limits were
+    // first reached would answer about one window of requests: more than
+    // two windows answered means both sides went on serving.
+    let answered = answers.iter().filter(|a| a.is_ok()).count();
     assert!(
-        busy < answers.len() / 2,
-        "{busy} of {} refused",
-        answers.len()
+        answered > 2 * config.max_inflight,
+        "only {answered} of {} answered ({} refused as BUSY)",
+        answers.len(),
+        answers.len() - answered
     );
     shutdown.cancel();
 }
