@@ -574,3 +574,49 @@ async fn a_panicking_handler_closes_its_connection_and_no_other() {
     assert_eq!(r.topic, "ok");
     shutdown.cancel();
 }
+
+/// Keeps the server side of every connection it serves.
+#[derive(Default)]
+struct Keeps(std::sync::Mutex<Vec<Connection>>);
+
+impl Service for Keeps {
+    fn call(&self, conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        self.0.lock().unwrap().push(conn.clone());
+        Box::pin(async move {
+            match request {
+                Request::Ping(_) => Ok(Response::Ping(Pong {})),
+                other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
+            }
+        })
+    }
+}
+
+/// A server's shutdown closes the connections it serves (their tokens are
+/// its token's children): `is_closed` says so on both ends, as `close` and
+/// the peer's going do.
+#[tokio::test]
+async fn a_servers_shutdown_shows_as_closed_on_both_ends() {
+    let keeps = Arc::new(Keeps::default());
+    let (addr, shutdown) = serve(keeps.clone(), ConnectionConfig::default()).await;
+    let conn = client(&addr, None).await;
+    conn.call(Ping {}).await.unwrap();
+    let served = keeps.0.lock().unwrap()[0].clone();
+    assert!(!served.is_closed() && !conn.is_closed());
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), served.closed())
+        .await
+        .expect("the served connection was not closed");
+    assert!(served.is_closed());
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the client's connection was not closed");
+    assert!(conn.is_closed());
+    let err = conn.call(Ping {}).await.unwrap_err();
+    assert!(matches!(err, Error::Closed { .. }), "{err}");
+
+    // Closed by the client itself: at once, before any task has run.
+    let other = client(&start().await.0, None).await;
+    other.close();
+    assert!(other.is_closed());
+}
