@@ -260,6 +260,15 @@ impl RouteCache {
         if let Some(info) = self.fresh(topic) {
             return Ok(info);
         }
+        // Boxed: a fetch's future is large (1.7 KB), and a caller's future
+        // holds the place of every future it awaits, whether or not it runs:
+        // every send would copy it several times over (see `Producer::send`).
+        Box::pin(self.fetch_unless_fresh(topic)).await
+    }
+
+    /// [`RouteCache::get`] once the cache had no fresh route: one caller
+    /// per topic fetches, the others wait and take what it got.
+    async fn fetch_unless_fresh(&self, topic: &str) -> Result<Arc<RouteInfo>> {
         let gate = self.gate(topic);
         let _fetching = gate.lock().await;
         if let Some(info) = self.fresh(topic) {

@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::task::AtomicWaker;
-use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -680,15 +679,22 @@ impl Connection {
         // tasks send meanwhile into one write. A timer is armed only if the
         // frame has to wait for room.
         let mut frame = Frame::Request(id, request);
-        let sent = {
-            let send = send_frame(&self.inner, &mut frame, alone, ready);
-            tokio::pin!(send);
-            match send.as_mut().now_or_never() {
-                Some(sent) => sent,
-                None => tokio::select! {
-                    sent = send => sent,
-                    () = tokio::time::sleep_until(deadline) => return Err(self.timed_out(kind, timeout)),
-                },
+        let sent = match try_send(&self.inner, &mut frame, alone, ready) {
+            Some(sent) => sent,
+            // Boxed: the wait (its timer, the queue's notification) would
+            // otherwise take a place in every request's future, which its
+            // callers copy as they start it, and few requests wait.
+            None => {
+                let wait = async {
+                    tokio::select! {
+                        sent = send_frame(&self.inner, &mut frame, alone, ready) => Some(sent),
+                        () = tokio::time::sleep_until(deadline) => None,
+                    }
+                };
+                match Box::pin(wait).await {
+                    Some(sent) => sent,
+                    None => return Err(self.timed_out(kind, timeout)),
+                }
             }
         };
         match sent {
@@ -886,22 +892,31 @@ enum Sent {
     Closed,
 }
 
-/// Sends `frame` ([`try_queue`]), waiting for room in the queue.
+/// Tries to send `frame` ([`try_queue`]) without waiting: `None` when
+/// the queue was full.
+fn try_send(
+    inner: &Inner,
+    frame: &mut Frame,
+    direct: bool,
+    ready: &mut dyn FnMut(&mut Request) -> bool,
+) -> Option<Sent> {
+    match try_queue(inner, frame, direct, ready) {
+        Some(Queue::Done) => Some(Sent::Queued),
+        Some(Queue::Closed) => Some(Sent::Closed),
+        None => Some(Sent::NotReady),
+        Some(Queue::Full) => None,
+    }
+}
+
+/// Sends `frame` ([`try_send`]), waiting for room in the queue.
 async fn send_frame(
     inner: &Inner,
     frame: &mut Frame,
     direct: bool,
     ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
 ) -> Sent {
-    // What a try came to, unless the queue was full.
-    let sent = |queued: Option<Queue>| match queued {
-        Some(Queue::Done) => Some(Sent::Queued),
-        Some(Queue::Closed) => Some(Sent::Closed),
-        None => Some(Sent::NotReady),
-        Some(Queue::Full) => None,
-    };
     // Most frames find room at once: no waiter is registered for them.
-    if let Some(s) = sent(try_queue(inner, frame, direct, ready)) {
+    if let Some(s) = try_send(inner, frame, direct, ready) {
         return s;
     }
     loop {
@@ -910,7 +925,7 @@ async fn send_frame(
         let room = inner.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
-        if let Some(s) = sent(try_queue(inner, frame, direct, ready)) {
+        if let Some(s) = try_send(inner, frame, direct, ready) {
             return s;
         }
         tokio::select! {

@@ -372,7 +372,8 @@ pub(crate) async fn queue_stamped<'c>(
             Ok(Queued::NotReady(back)) => {
                 request = back;
                 let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                let _ = tokio::time::timeout_at(at, ended).await;
+                // Boxed: the timer would take a place in every send's future.
+                let _ = Box::pin(tokio::time::timeout_at(at, ended)).await;
             }
         }
     }
@@ -403,6 +404,19 @@ impl Idempotence {
         if let Some(grant) = self.current(broker_name) {
             return Ok(grant);
         }
+        // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
+        Box::pin(self.init_producer(broker_name, addr, pool, timeout)).await
+    }
+
+    /// [`Idempotence::grant`] when the broker group has no producer id yet:
+    /// one caller asks for it, the others wait for its answer.
+    async fn init_producer(
+        &self,
+        broker_name: &str,
+        addr: &str,
+        pool: &ConnectionPool,
+        timeout: Duration,
+    ) -> Result<Grant, txmq_remoting::Error> {
         let gate = lock(&self.brokers)
             .entry(broker_name.to_string())
             .or_default()
@@ -499,27 +513,9 @@ impl Idempotence {
                 limit,
             });
         }
-        let mut seen = limit.answered.load(Ordering::Relaxed);
-        loop {
-            // The semaphore is never closed.
-            match tokio::time::timeout(stall, limit.places.clone().acquire_owned()).await {
-                Ok(permit) => {
-                    return permit.ok().map(|permit| Place {
-                        _permit: permit,
-                        limit,
-                    })
-                }
-                Err(_) => {
-                    let now = limit.answered.load(Ordering::Relaxed);
-                    if now == seen {
-                        return None;
-                    }
-                    seen = now;
-                }
-            }
-        }
+        // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
+        Box::pin(wait_for_place(limit, stall)).await
     }
-
     /// Remembers a send with an unknown outcome under its first message id.
     pub(crate) fn remember(&self, first: MsgId, pending: Pending) {
         let mut unknown = lock(&self.unknown);
@@ -548,6 +544,31 @@ impl Idempotence {
     }
 }
 
+/// [`Idempotence::permit`] when every place of the queue is taken: waits
+/// for one as long as the queue makes progress (`None` once no send of it
+/// was answered for `stall`).
+async fn wait_for_place(limit: Arc<QueueLimit>, stall: Duration) -> Option<Place> {
+    let mut seen = limit.answered.load(Ordering::Relaxed);
+    loop {
+        // The semaphore is never closed.
+        match tokio::time::timeout(stall, limit.places.clone().acquire_owned()).await {
+            Ok(permit) => {
+                return permit.ok().map(|permit| Place {
+                    _permit: permit,
+                    limit,
+                })
+            }
+            Err(_) => {
+                let now = limit.answered.load(Ordering::Relaxed);
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +579,44 @@ mod tests {
             token: 9,
             expiry_ms: 1000,
         })
+    }
+
+    /// A send finds a free place at once; past the limit it waits for one
+    /// while the queue makes progress, and gives up once no send of the
+    /// queue was answered for `stall`.
+    #[tokio::test(start_paused = true)]
+    async fn a_place_is_waited_for_while_the_queue_makes_progress() {
+        let idem = Idempotence::default();
+        let stall = Duration::from_secs(5);
+        let mut held = Vec::new();
+        for _ in 0..MAX_IN_FLIGHT_PER_QUEUE {
+            held.push(idem.permit("b", "t", 0, stall).await.expect("a free place"));
+        }
+        // Another queue is not held up.
+        assert!(idem.permit("b", "t", 1, stall).await.is_some());
+
+        // Full: a place given back within `stall` goes to the waiter.
+        let waiting = idem.permit("b", "t", 0, stall);
+        let freed = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(held.pop());
+        };
+        let (place, ()) = tokio::join!(waiting, freed);
+        held.push(place.expect("the place given back"));
+
+        // Answers keep a waiter waiting past `stall`; none for `stall` ends it.
+        let waiting = idem.permit("b", "t", 0, stall);
+        let progress = async {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            held[0].answered::<()>(&Ok(()));
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            drop(held.pop());
+        };
+        let (place, ()) = tokio::join!(waiting, progress);
+        held.push(place.expect("progress within each stall"));
+        let started = tokio::time::Instant::now();
+        assert!(idem.permit("b", "t", 0, stall).await.is_none());
+        assert!(started.elapsed() >= stall);
     }
 
     #[test]
