@@ -404,52 +404,45 @@ impl Idempotence {
         if let Some(grant) = self.current(broker_name) {
             return Ok(grant);
         }
-        // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
-        Box::pin(self.init_producer(broker_name, addr, pool, timeout)).await
-    }
-
-    /// [`Idempotence::grant`] when the broker group has no producer id yet:
-    /// one caller asks for it, the others wait for its answer.
-    async fn init_producer(
-        &self,
-        broker_name: &str,
-        addr: &str,
-        pool: &ConnectionPool,
-        timeout: Duration,
-    ) -> Result<Grant, txmq_remoting::Error> {
-        let gate = lock(&self.brokers)
-            .entry(broker_name.to_string())
-            .or_default()
-            .gate
-            .clone();
-        let _initializing = gate.lock().await;
-        if let Some(grant) = self.current(broker_name) {
-            return Ok(grant);
-        }
-        let conn = pool.get(addr).await?;
-        let session = match conn.call_with_timeout(InitProducer {}, timeout).await {
-            Ok(identity) => {
-                tracing::debug!(broker = %broker_name, producer_id = identity.producer_id, "got a producer id");
-                Session::Stamped(Arc::new(Ids::new(identity)))
+        // The broker group has no producer id yet: one caller asks for it,
+        // the others wait for its answer. Boxed, as `RouteCache::get`'s
+        // fetch: sends await this each time.
+        Box::pin(async move {
+            let gate = lock(&self.brokers)
+                .entry(broker_name.to_string())
+                .or_default()
+                .gate
+                .clone();
+            let _initializing = gate.lock().await;
+            if let Some(grant) = self.current(broker_name) {
+                return Ok(grant);
             }
-            Err(e)
-                if e.remote()
-                    .is_some_and(|w| w.code == ErrorCode::UnsupportedRequest) =>
-            {
-                tracing::warn!(broker = %broker_name, "the broker does not support idempotent sends (an older version?); sending without sequence numbers, so a retried send may be stored twice");
-                Session::Unsupported(Instant::now())
-            }
-            Err(e) => return Err(e),
-        };
-        let grant = match &session {
-            Session::Stamped(ids) => Grant::Stamped(ids.clone()),
-            Session::Unsupported(_) => Grant::Plain,
-        };
-        lock(&self.brokers)
-            .entry(broker_name.to_string())
-            .or_default()
-            .session = Some(session);
-        Ok(grant)
+            let conn = pool.get(addr).await?;
+            let session = match conn.call_with_timeout(InitProducer {}, timeout).await {
+                Ok(identity) => {
+                    tracing::debug!(broker = %broker_name, producer_id = identity.producer_id, "got a producer id");
+                    Session::Stamped(Arc::new(Ids::new(identity)))
+                }
+                Err(e)
+                    if e.remote()
+                        .is_some_and(|w| w.code == ErrorCode::UnsupportedRequest) =>
+                {
+                    tracing::warn!(broker = %broker_name, "the broker does not support idempotent sends (an older version?); sending without sequence numbers, so a retried send may be stored twice");
+                    Session::Unsupported(Instant::now())
+                }
+                Err(e) => return Err(e),
+            };
+            let grant = match &session {
+                Session::Stamped(ids) => Grant::Stamped(ids.clone()),
+                Session::Unsupported(_) => Grant::Plain,
+            };
+            lock(&self.brokers)
+                .entry(broker_name.to_string())
+                .or_default()
+                .session = Some(session);
+            Ok(grant)
+        })
+        .await
     }
 
     fn current(&self, broker_name: &str) -> Option<Grant> {
