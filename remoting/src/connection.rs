@@ -199,12 +199,14 @@ struct Inner {
     /// Cancelled when the connection closes: through [`Inner::close`], or
     /// through its parent (a server's shutdown).
     closed: CancellationToken,
-    /// Set by [`Inner::close`] and by whatever sees `closed` cancelled, and
-    /// read instead of it: the token's `is_cancelled` takes a lock, which
-    /// tasks sending on one connection took in turn up to three times a
-    /// request (1.75% of a client's CPU with 16 producers sharing one
-    /// connection, plus the lock's contention). A cancel through the parent
-    /// shows here once the read loop sees it, a turn of the scheduler later.
+    /// Set by [`Inner::close`] (which the read and write loops call as they
+    /// end), by the read loop when it sees `closed` cancelled, and by
+    /// [`Connection::closed`]; read instead of the token: its `is_cancelled`
+    /// takes a lock, which tasks sending on one connection took in turn up
+    /// to three times a request (1.75% of a client's CPU with 16 producers
+    /// sharing one connection, plus the lock's contention). A cancel
+    /// through the parent shows here once the read or write loop runs, a
+    /// turn of the scheduler later.
     is_closed: AtomicBool,
     peer_hello: OnceLock<Hello>,
     config: ConnectionConfig,

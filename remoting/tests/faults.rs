@@ -145,6 +145,37 @@ async fn every_wait_counts_against_the_request_timeout() {
     );
 }
 
+/// A request that finds the writer's queue full (a peer that stopped
+/// reading) ends at its own timeout, while the requests queued before it
+/// wait on for theirs, and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_room_ends_at_its_own_timeout() {
+    let addr = silent_server(Peer::StopsReading).await;
+    let conn = connect(
+        &addr,
+        ConnectionConfig {
+            request_timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+    )
+    .await;
+    // More than the socket's buffers and the queue's 8 MiB hold.
+    let fill: Vec<_> = (0..1200)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.call(big_request(16 << 10)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = conn.call_with_timeout(big_request(16 << 10), Duration::from_millis(300));
+    let late = tokio::time::timeout(Duration::from_secs(5), late)
+        .await
+        .expect("the request waited for room past its timeout");
+    assert!(matches!(late, Err(Error::Timeout { .. })), "{late:?}");
+    assert!(!conn.is_closed());
+    fill.iter().for_each(|t| t.abort());
+}
+
 /// A peer that takes requests and never answers (paused, or black-holed
 /// behind a firewall) has its connection closed after repeated timeouts,
 /// so that a pool opens a new one instead of timing out forever.
@@ -355,17 +386,18 @@ async fn two_serving_peers_do_not_deadlock_with_full_queues() {
         failed.first()
     );
     // How many are refused depends on how the two sides' reads and
-    // handlers interleave (0 to 8,466 of 20,000 in 40 runs of a debug build
-    // on an idle 2-core machine). Serving that stopped once the limits were
-    // first reached would answer about one window of requests: more than
-    // two windows answered means both sides went on serving.
-    let answered = answers.iter().filter(|a| a.is_ok()).count();
-    assert!(
-        answered > 2 * config.max_inflight,
-        "only {answered} of {} answered ({} refused as BUSY)",
-        answers.len(),
-        answers.len() - answered
-    );
+    // handlers interleave (0 to more than half of them), so no count tells
+    // serving that went on from serving that stopped once the limits were
+    // first reached. What does: both sides still serve afterwards.
+    assert!(answers.iter().any(|a| a.is_ok()), "nothing was answered");
+    let after = async {
+        conn.call(GetCluster {}).await?;
+        conn.call(big_request(4 << 10)).await
+    };
+    tokio::time::timeout(Duration::from_secs(5), after)
+        .await
+        .expect("not served once the load was over")
+        .expect("not served once the load was over");
     shutdown.cancel();
 }
 

@@ -610,6 +610,17 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert!(idem.permit("b", "t", 0, stall).await.is_none());
         assert!(started.elapsed() >= stall);
+
+        // One answer buys one more `stall`, not more.
+        let waiting = tokio::time::timeout(3 * stall, idem.permit("b", "t", 0, stall));
+        let one_answer = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            held[0].answered::<()>(&Ok(()));
+        };
+        let started = tokio::time::Instant::now();
+        let (place, ()) = tokio::join!(waiting, one_answer);
+        assert!(place.expect("waited on past two stalls").is_none());
+        assert_eq!(started.elapsed(), 2 * stall);
     }
 
     #[test]
