@@ -96,7 +96,12 @@ async fn silent_server(peer: Peer) -> String {
     addr
 }
 
-async fn connect(addr: &str, config: ConnectionConfig) -> Connection {
+/// A client connection to `addr` whose requests time out after `request_timeout`.
+async fn connect(addr: &str, request_timeout: Duration) -> Connection {
+    let config = ConnectionConfig {
+        request_timeout,
+        ..Default::default()
+    };
     Connection::connect(addr, hello(), None, config)
         .await
         .unwrap()
@@ -116,14 +121,7 @@ fn big_request(len: usize) -> GetRoute {
 async fn every_wait_counts_against_the_request_timeout() {
     let addr = silent_server(Peer::StopsReading).await;
     let timeout = Duration::from_millis(300);
-    let conn = connect(
-        &addr,
-        ConnectionConfig {
-            request_timeout: timeout,
-            ..Default::default()
-        },
-    )
-    .await;
+    let conn = connect(&addr, timeout).await;
     let started = Instant::now();
     let calls = (0..6000).map(|_| {
         let conn = conn.clone();
@@ -151,14 +149,7 @@ async fn every_wait_counts_against_the_request_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_room_ends_at_its_own_timeout() {
     let addr = silent_server(Peer::StopsReading).await;
-    let conn = connect(
-        &addr,
-        ConnectionConfig {
-            request_timeout: Duration::from_secs(60),
-            ..Default::default()
-        },
-    )
-    .await;
+    let conn = connect(&addr, Duration::from_secs(60)).await;
     // More than the socket's buffers and the queue's 8 MiB hold.
     let fill: Vec<_> = (0..1200)
         .map(|_| {
@@ -182,14 +173,7 @@ async fn a_request_waiting_for_room_ends_at_its_own_timeout() {
 #[tokio::test]
 async fn a_silent_peer_is_closed_after_repeated_timeouts() {
     let addr = silent_server(Peer::Swallows).await;
-    let conn = connect(
-        &addr,
-        ConnectionConfig {
-            request_timeout: Duration::from_millis(100),
-            ..Default::default()
-        },
-    )
-    .await;
+    let conn = connect(&addr, Duration::from_millis(100)).await;
     for _ in 0..3 {
         let err = conn.call(Ping {}).await.unwrap_err();
         assert!(
@@ -229,7 +213,7 @@ async fn a_slow_but_answering_peer_keeps_its_connection() {
         ConnectionConfig::default(),
         shutdown.clone(),
     ));
-    let conn = connect(&addr, ConnectionConfig::default()).await;
+    let conn = connect(&addr, ConnectionConfig::default().request_timeout).await;
     for _ in 0..4 {
         let slow = conn.call_with_timeout(big_request(1), Duration::from_millis(50));
         assert!(matches!(slow.await, Err(Error::Timeout { .. })));
@@ -406,14 +390,7 @@ async fn two_serving_peers_do_not_deadlock_with_full_queues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_dropped_while_queued_leaves_nothing_behind() {
     let addr = silent_server(Peer::StopsReading).await;
-    let conn = connect(
-        &addr,
-        ConnectionConfig {
-            request_timeout: Duration::from_secs(30),
-            ..Default::default()
-        },
-    )
-    .await;
+    let conn = connect(&addr, Duration::from_secs(30)).await;
     let calls = (0..2000).map(|_| {
         let conn = conn.clone();
         async move {
