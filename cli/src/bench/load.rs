@@ -92,9 +92,12 @@ pub async fn drive<F, Fut, D>(
     loop {
         let stopping = *stop.borrow();
         let due = plan.intended(next);
+        // Closed loop: a request is intended when it is issued; the clock
+        // is read once for both the stop check and its intended time.
+        let intended = due.unwrap_or_else(Instant::now);
         let more = !stopping
             && match plan.stop {
-                Stop::Deadline(deadline) => due.unwrap_or_else(Instant::now) < deadline,
+                Stop::Deadline(deadline) => intended < deadline,
                 Stop::Count(n) => measured_issued < n,
             };
         if more && inflight.len() < in_flight {
@@ -109,7 +112,6 @@ pub async fn drive<F, Fut, D>(
                     continue;
                 }
             }
-            let intended = due.unwrap_or_else(Instant::now);
             let measured = intended >= plan.measure_from;
             measured_issued += u64::from(measured);
             let op = issue(Op {
