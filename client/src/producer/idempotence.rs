@@ -66,6 +66,9 @@ pub(crate) fn no_place(
 /// broker answered (its progress).
 #[derive(Debug)]
 struct QueueLimit {
+    /// The queue's broker and number (its topic is the sends' own).
+    broker_name: String,
+    queue: u32,
     places: Arc<Semaphore>,
     answered: AtomicU64,
 }
@@ -78,6 +81,11 @@ pub(crate) struct Place {
 }
 
 impl Place {
+    /// Whether this is a place among the sends to `queue` of `broker_name`.
+    pub(crate) fn is_for(&self, broker_name: &str, queue: u32) -> bool {
+        self.limit.queue == queue && self.limit.broker_name == broker_name
+    }
+
     /// Counts the queue's progress when the broker answered the attempt
     /// made in this place (a result or a refusal; a timeout is none): sends
     /// waiting for a place then keep their turn.
@@ -96,7 +104,9 @@ impl Place {
 #[derive(Debug, Default)]
 pub(crate) struct Idempotence {
     brokers: Mutex<HashMap<String, BrokerState>>,
-    unknown: Mutex<VecDeque<(MsgId, Pending)>>,
+    /// Sends with an unknown outcome: first message id, topic, and where
+    /// they went.
+    unknown: Mutex<VecDeque<(MsgId, String, Pending)>>,
 }
 
 #[derive(Debug, Default)]
@@ -167,11 +177,11 @@ struct QueueSeq {
     waiting: bool,
 }
 
-/// A send whose outcome stayed unknown: where it went and with which stamp.
+/// A stamped send: where it went and with which stamp (kept while its
+/// outcome is unknown). Its topic is the send's own.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
     pub broker_name: String,
-    pub topic: String,
     pub queue: u32,
     pub count: u64,
     pub ids: Arc<Ids>,
@@ -493,6 +503,8 @@ impl Idempotence {
                 .entry(queue)
                 .or_insert_with(|| {
                     Arc::new(QueueLimit {
+                        broker_name: broker_name.to_string(),
+                        queue,
                         places: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)),
                         answered: AtomicU64::new(0),
                     })
@@ -509,14 +521,15 @@ impl Idempotence {
         // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
         Box::pin(wait_for_place(limit, stall)).await
     }
-    /// Remembers a send with an unknown outcome under its first message id.
-    pub(crate) fn remember(&self, first: MsgId, pending: Pending) {
+    /// Remembers a send of `topic` with an unknown outcome under its first
+    /// message id.
+    pub(crate) fn remember(&self, first: MsgId, topic: &str, pending: Pending) {
         let mut unknown = lock(&self.unknown);
-        unknown.retain(|(id, _)| *id != first);
+        unknown.retain(|(id, ..)| *id != first);
         if unknown.len() >= REMEMBERED_UNKNOWN {
             unknown.pop_front();
         }
-        unknown.push_back((first, pending));
+        unknown.push_back((first, topic.to_string(), pending));
     }
 
     /// The send with an unknown outcome whose first message id is
@@ -524,15 +537,15 @@ impl Idempotence {
     pub(crate) fn recall(&self, first: MsgId, topic: &str, count: u64) -> Option<Pending> {
         lock(&self.unknown)
             .iter()
-            .find(|(id, p)| *id == first && p.topic == topic && p.count == count)
-            .map(|(_, p)| p.clone())
+            .find(|(id, t, p)| *id == first && t == topic && p.count == count)
+            .map(|(.., p)| p.clone())
     }
 
     /// Forgets the remembered send of `first`.
     pub(crate) fn forget(&self, first: MsgId) {
         let mut unknown = lock(&self.unknown);
         if !unknown.is_empty() {
-            unknown.retain(|(id, _)| *id != first);
+            unknown.retain(|(id, ..)| *id != first);
         }
     }
 }
@@ -730,14 +743,14 @@ mod tests {
         let m = MsgId::generate();
         let pending = Pending {
             broker_name: "b".into(),
-            topic: "t".into(),
             queue: 2,
             count: 1,
             stamp: ids.stamp_send("t", 2, 1),
             ids,
         };
-        idem.remember(m, pending);
+        idem.remember(m, "t", pending);
         assert!(idem.recall(m, "t", 1).is_some());
+        assert!(idem.recall(m, "u", 1).is_none());
         assert!(idem.recall(m, "t", 2).is_none());
         assert!(idem.recall(MsgId::generate(), "t", 1).is_none());
         idem.forget(m);

@@ -346,7 +346,9 @@ impl Producer {
         target: Target<'_>,
     ) -> Result<Vec<SendReceipt>> {
         let _in_flight = self.inner.drain.enter(PRODUCER)?;
-        let (topic, messages) = prepare(messages)?;
+        let messages = prepare(messages)?;
+        // Every message has it (checked); each moves it into its receipt.
+        let topic = messages[0].topic.as_str();
         // A delayed message waits in the broker's delay index, outside any
         // queue's sequence: it is sent plain (at least once).
         let delayed = messages.iter().any(|m| {
@@ -354,13 +356,10 @@ impl Producer {
                 .contains_key(txmq_protocol::PROPERTY_DELIVER_AT)
         });
         let (broker_name, result) = match &self.inner.idempotence {
-            Some(idem) if !delayed => {
-                self.send_idempotent(idem, &topic, &messages, target)
-                    .await?
-            }
-            _ => self.send_with_retries(&topic, &messages, target).await?,
+            Some(idem) if !delayed => self.send_idempotent(idem, topic, &messages, target).await?,
+            _ => self.send_with_retries(topic, &messages, target).await?,
         };
-        Ok(receipts(topic, broker_name, &result, &messages))
+        Ok(receipts(broker_name, &result, messages))
     }
 
     async fn send_with_retries(
@@ -456,11 +455,12 @@ impl Producer {
         let mut held = Held {
             idem,
             first,
+            topic,
             count,
             stamp: idem.recall(first, topic, count),
         };
         let mut maybe_stored = held.stamp.is_some();
-        let mut permit: Option<((String, u32), idempotence::Place)> = None;
+        let mut permit: Option<idempotence::Place> = None;
         let mut failed_broker: Option<String> = None;
         let mut failed_addr: Option<String> = None;
         let mut last_error: Option<Error> = None;
@@ -535,14 +535,16 @@ impl Producer {
                     Ok(Grant::Stamped(ids)) => {
                         // At most a few stamped sends in flight per queue,
                         // so that the broker remembers any of them.
-                        let key = (mq.broker_name.clone(), mq.queue);
-                        if permit.as_ref().map(|(k, _)| k) != Some(&key) {
+                        if !permit
+                            .as_ref()
+                            .is_some_and(|p| p.is_for(&mq.broker_name, mq.queue))
+                        {
                             // Never wait for one queue while holding another's place.
                             drop(permit.take());
                             // A place while the queue moves; sends queued
                             // behind a silent broker end on time.
                             match idem.permit(&mq.broker_name, topic, mq.queue, timeout).await {
-                                Some(p) => permit = Some((key, p)),
+                                Some(p) => permit = Some(p),
                                 None => {
                                     let error =
                                         no_place("Send", &mq.broker_name, &mq.addr, timeout);
@@ -574,7 +576,7 @@ impl Producer {
             if let Some(h) = held.stamp.as_ref().filter(|_| permit.is_none()) {
                 // A resend of a remembered send: it takes a place too.
                 match idem.permit(&h.broker_name, topic, h.queue, timeout).await {
-                    Some(p) => permit = Some(((h.broker_name.clone(), h.queue), p)),
+                    Some(p) => permit = Some(p),
                     None => {
                         let error = no_place("Send", &mq.broker_name, &mq.addr, timeout);
                         return Err(held.give_up(maybe_stored, error));
@@ -596,7 +598,6 @@ impl Producer {
                     if let Some(stamp) = stamp {
                         held.stamp = Some(Pending {
                             broker_name: mq.broker_name.clone(),
-                            topic: topic.to_string(),
                             queue: mq.queue,
                             count,
                             stamp,
@@ -611,7 +612,7 @@ impl Producer {
                 }
                 (Err(e), _) => (Err(e), false),
             };
-            if let Some((_, place)) = &permit {
+            if let Some(place) = &permit {
                 place.answered(&result);
             }
             let e = match result {
@@ -734,17 +735,17 @@ impl Producer {
 
 /// Checks a batch and turns it into the messages sent, each with its id
 /// (assigned here where the user gave none, so that every retry of this
-/// send carries the same one); returns the topic too.
-fn prepare(messages: Vec<Message>) -> Result<(String, Vec<WireMessage>)> {
+/// send carries the same one). They all have the first one's topic.
+fn prepare(messages: Vec<Message>) -> Result<Vec<WireMessage>> {
     let topic = match messages.first() {
-        Some(m) => m.topic().to_string(),
+        Some(m) => m.topic(),
         None => {
             return Err(Error::BadArgument(
                 "a batch needs at least one message".into(),
             ))
         }
     };
-    validate_topic_name(&topic).map_err(Error::BadArgument)?;
+    validate_topic_name(topic).map_err(Error::BadArgument)?;
     if let Some(other) = messages.iter().find(|m| m.topic() != topic) {
         return Err(Error::BadArgument(format!(
             "all messages of a batch must have the same topic; found {:?} and {:?}",
@@ -752,10 +753,7 @@ fn prepare(messages: Vec<Message>) -> Result<(String, Vec<WireMessage>)> {
             other.topic()
         )));
     }
-    Ok((
-        topic,
-        messages.into_iter().map(Message::into_wire).collect(),
-    ))
+    Ok(messages.into_iter().map(Message::into_wire).collect())
 }
 
 fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
@@ -780,29 +778,30 @@ fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
 }
 
 /// The receipts of a send, one per message: the i-th got queue offset
-/// `first_offset + i`. The last takes `topic` and `broker_name`
-/// themselves (a single message's send copies neither).
+/// `first_offset + i`. Each takes its message's topic, and the last takes
+/// `broker_name` itself (a single message's send copies neither).
 fn receipts(
-    topic: String,
     broker_name: String,
     result: &SendResult,
-    messages: &[WireMessage],
+    mut messages: Vec<WireMessage>,
 ) -> Vec<SendReceipt> {
-    let receipt = |i: usize, m: &WireMessage, topic, broker_name| SendReceipt {
+    let receipt = |i: usize, m: WireMessage, broker_name| SendReceipt {
         msg_id: result.msg_ids.get(i).copied().unwrap_or(m.msg_id),
-        topic,
+        topic: m.topic,
         broker_name,
         queue: result.queue,
         queue_offset: result.first_offset + i as u64,
         status: result.status,
         duplicate: result.duplicate,
     };
-    let mut out = Vec::with_capacity(messages.len());
-    if let Some((last, rest)) = messages.split_last() {
-        for (i, m) in rest.iter().enumerate() {
-            out.push(receipt(i, m, topic.clone(), broker_name.clone()));
-        }
-        out.push(receipt(rest.len(), last, topic, broker_name));
+    let last = messages.pop();
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    let before_last = messages.len();
+    for (i, m) in messages.into_iter().enumerate() {
+        out.push(receipt(i, m, broker_name.clone()));
+    }
+    if let Some(m) = last {
+        out.push(receipt(before_last, m, broker_name));
     }
     out
 }
@@ -815,6 +814,7 @@ fn receipts(
 struct Held<'a> {
     idem: &'a Idempotence,
     first: MsgId,
+    topic: &'a str,
     count: u64,
     stamp: Option<Pending>,
 }
@@ -824,7 +824,14 @@ impl Held<'_> {
     /// [`end_unfinished`]).
     fn give_up(&mut self, maybe_stored: bool, error: Error) -> Error {
         if let Some(h) = self.stamp.take() {
-            end_unfinished(self.idem, self.first, h, maybe_stored, self.count);
+            end_unfinished(
+                self.idem,
+                self.first,
+                self.topic,
+                h,
+                maybe_stored,
+                self.count,
+            );
         }
         error
     }
@@ -834,7 +841,7 @@ impl Drop for Held<'_> {
     fn drop(&mut self) {
         // Dropped while it held a stamp: its frame may have gone out.
         if let Some(h) = self.stamp.take() {
-            end_unfinished(self.idem, self.first, h, true, self.count);
+            end_unfinished(self.idem, self.first, self.topic, h, true, self.count);
         }
     }
 }
@@ -843,17 +850,24 @@ impl Drop for Held<'_> {
 /// keeps its sequence and is remembered for a resend of the same message;
 /// its producer id is dropped so that the later sends of the queue do not
 /// wait behind a gap.
-fn end_unfinished(idem: &Idempotence, first: MsgId, h: Pending, maybe_stored: bool, count: u64) {
+fn end_unfinished(
+    idem: &Idempotence,
+    first: MsgId,
+    topic: &str,
+    h: Pending,
+    maybe_stored: bool,
+    count: u64,
+) {
     if maybe_stored {
         h.ids
-            .finish_send(&h.topic, h.queue, h.stamp, count, Ending::Unknown);
+            .finish_send(topic, h.queue, h.stamp, count, Ending::Unknown);
         if idem.drop_ids(&h.broker_name, &h.ids) {
-            tracing::info!(topic = %h.topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), "a send's outcome is unknown; later sends take a new producer id, and resending the same message retries it with its first sequence");
+            tracing::info!(%topic, broker = %h.broker_name, producer_id = h.ids.producer_id(), "a send's outcome is unknown; later sends take a new producer id, and resending the same message retries it with its first sequence");
         }
-        idem.remember(first, h);
+        idem.remember(first, topic, h);
     } else {
         h.ids
-            .finish_send(&h.topic, h.queue, h.stamp, count, Ending::NotStored);
+            .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
         idem.forget(first);
     }
 }
@@ -875,10 +889,10 @@ mod tests {
         let id = MsgId::generate();
         let fresh = Message::new("t", "x");
         let batch = vec![fresh.clone(), fresh, Message::new("t", "y").with_msg_id(id)];
-        let Ok((topic, sent)) = prepare(batch) else {
+        let Ok(sent) = prepare(batch) else {
             panic!("a valid batch was refused");
         };
-        assert_eq!(topic, "t");
+        assert!(sent.iter().all(|m| m.topic == "t"));
         // Two copies of one message are two messages.
         assert_ne!(sent[0].msg_id, sent[1].msg_id);
         assert_ne!(sent[0].born_timestamp, 0);
@@ -898,13 +912,14 @@ mod tests {
             first_offset: 7,
             msg_ids: messages.iter().map(|m| m.msg_id).collect(),
         };
-        let r = receipts("t".into(), "b1".into(), &result, &messages);
+        let ids: Vec<_> = messages.iter().map(|m| m.msg_id).collect();
+        let r = receipts("b1".into(), &result, messages);
         assert_eq!(r.len(), 2);
         assert_eq!(
             (r[0].queue, r[0].queue_offset, r[1].queue_offset),
             (2, 7, 8)
         );
-        assert_eq!(r[1].msg_id, messages[1].msg_id);
+        assert_eq!(r[1].msg_id, ids[1]);
         assert_eq!(r[0].broker_name, "b1");
         assert_eq!(
             (r[1].topic.as_str(), r[1].broker_name.as_str()),
