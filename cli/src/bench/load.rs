@@ -90,6 +90,13 @@ pub async fn drive<F, Fut, D>(
         tokio::time::sleep_until(plan.start).await;
     }
     loop {
+        if inflight.len() >= in_flight {
+            // Every slot is taken: nothing to decide until one is free.
+            if let Some(out) = inflight.next().await {
+                done(out);
+            }
+            continue;
+        }
         let stopping = *stop.borrow();
         let due = plan.intended(next);
         // Closed loop: a request is intended when it is issued; the clock
@@ -100,7 +107,7 @@ pub async fn drive<F, Fut, D>(
                 Stop::Deadline(deadline) => intended < deadline,
                 Stop::Count(n) => measured_issued < n,
             };
-        if more && inflight.len() < in_flight {
+        if more {
             if let Some(due) = due {
                 if due > Instant::now() {
                     // Not due yet: take completions meanwhile.

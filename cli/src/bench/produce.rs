@@ -323,12 +323,11 @@ async fn produce(
         stop,
         |op| {
             let new = || Message::new(&*topic, body.clone());
-            // A single message goes out as users send one, with no vector
-            // (an allocation per message) around it.
-            let single = (batch == 1).then(new);
-            let messages: Vec<Message> = match single {
-                Some(_) => Vec::new(),
-                None => (0..batch).map(|_| new()).collect(),
+            // A single message goes to `send` as users send one, with one
+            // vector fewer (an allocation per message) than `send_batch`.
+            let (single, messages): (_, Vec<Message>) = match batch {
+                1 => (Some(new()), Vec::new()),
+                n => (None, (0..n).map(|_| new()).collect()),
             };
             async move {
                 // Only open loop reports how late a request went out; in
