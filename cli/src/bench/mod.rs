@@ -130,8 +130,9 @@ pub struct LoadArgs {
     /// Under --rate, wait for each request's send time on a timerfd (to
     /// the microsecond) instead of tokio's millisecond timer, which sends
     /// up to a millisecond late (counted in the latency). Costs a wake-up
-    /// per request, CPU that a small machine takes from the broker: for
-    /// low rates (at 62,000 msg/s on two cores it tripled the e2e p99).
+    /// per request, CPU that a small machine takes from the broker. Use it
+    /// at low rates: at 62,000 msg/s on two cores it about tripled the e2e
+    /// p99.
     #[arg(long, env = "TXMQ_PRECISE_PACING")]
     pub precise_pacing: bool,
 
