@@ -58,6 +58,12 @@ impl TopicTable {
         self.lock().get(name).cloned()
     }
 
+    /// `f` of a topic's configuration, without copying it (every send
+    /// looks its topic up).
+    pub fn get_with<R>(&self, name: &str, f: impl FnOnce(&TopicConfig) -> R) -> Option<R> {
+        self.lock().get(name).map(f)
+    }
+
     /// Every topic.
     pub fn all(&self) -> Vec<TopicConfig> {
         self.lock().values().cloned().collect()

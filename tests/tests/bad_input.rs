@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
-use txmq::{ErrorCode, Message, PullConsumer, PERM_READ_WRITE};
+use txmq::{ErrorCode, Message, PullConsumer, PERM_READ, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
@@ -860,6 +860,26 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         ErrorCode::UnknownQueue,
         "4294967295",
     );
+    // A read-only topic refuses sends, whatever their queue, naming itself.
+    cluster
+        .admin()
+        .await
+        .create_topic("readonly", 2, PERM_READ, None)
+        .await
+        .unwrap();
+    for queue in [0, max_queue] {
+        refused(
+            conn.call(SendRequest {
+                producer: None,
+                queue,
+                messages: vec![txmq::WireMessage::new("readonly", "x")],
+            })
+            .await
+            .map(drop),
+            ErrorCode::NoPermission,
+            "topic 'readonly' is not writable",
+        );
+    }
     let pull = |queue, offset, max_messages| PullRequest {
         topic: "orders".into(),
         queue,

@@ -2,7 +2,7 @@
 
 use txmq_protocol::{
     now_millis, validate_topic_name, ErrorCode, Message, ProducerIdentity, SendRequest, SendResult,
-    WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
+    TopicConfig, WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
 };
 
 use super::{bad_argument, check_queue, store_error, topic};
@@ -28,8 +28,11 @@ pub(super) async fn handle(
         )));
     }
     let mut created = None;
-    let config = match b.topics.get(&topic_name) {
-        Some(c) => c,
+    match b
+        .topics
+        .get_with(&topic_name, |c| writable(b, c, req.queue))
+    {
+        Some(checked) => checked?,
         None if b.config.auto_create_topics => {
             let (config, version) = topic::create_topic_now(
                 b,
@@ -39,20 +42,10 @@ pub(super) async fn handle(
                 false,
             )?;
             created = version;
-            config
+            writable(b, &config, req.queue)?;
         }
         None => return Err(super::unknown_topic(b, &topic_name)),
-    };
-    if config.perm & PERM_WRITE == 0 {
-        return Err(WireError::new(
-            ErrorCode::NoPermission,
-            format!(
-                "topic '{topic_name}' is not writable on broker {}",
-                b.config.broker_name
-            ),
-        ));
     }
-    check_queue(&config, req.queue)?;
     let deliver_at = delivery_time(b, &req.messages)?;
     let msg_ids = req.messages.iter().map(|m| m.msg_id).collect();
     let (count, bytes) = (
@@ -103,6 +96,20 @@ pub(super) async fn handle(
         msg_ids,
         duplicate: appended.duplicate,
     })
+}
+
+/// Whether `config`'s topic takes sends to `queue` here.
+fn writable(b: &BrokerInner, config: &TopicConfig, queue: u32) -> Result<(), WireError> {
+    if config.perm & PERM_WRITE == 0 {
+        return Err(WireError::new(
+            ErrorCode::NoPermission,
+            format!(
+                "topic '{}' is not writable on broker {}",
+                config.name, b.config.broker_name
+            ),
+        ));
+    }
+    check_queue(config, queue)
 }
 
 /// InitProducer: a producer id and its token, known to the broker group
