@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
-use txmq::{ErrorCode, Message, PullConsumer, PERM_READ, PERM_READ_WRITE};
+use txmq::{ErrorCode, Message, PullConsumer, PERM_READ, PERM_READ_WRITE, PERM_WRITE};
 use txmq_broker::FlushMode;
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
@@ -860,11 +860,26 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         ErrorCode::UnknownQueue,
         "4294967295",
     );
-    // A read-only topic refuses sends, whatever their queue, naming itself.
-    cluster
-        .admin()
-        .await
+    let pull = |queue, offset, max_messages| PullRequest {
+        topic: "orders".into(),
+        queue,
+        offset,
+        max_messages,
+        max_wait_ms: u64::MAX,
+        tag_filter: Vec::new(),
+        owner: None,
+        epoch: 0,
+        after: None,
+    };
+    // A read-only topic refuses sends and prepares, whatever their queue,
+    // and a write-only one pulls, each naming the topic.
+    let admin = cluster.admin().await;
+    admin
         .create_topic("readonly", 2, PERM_READ, None)
+        .await
+        .unwrap();
+    admin
+        .create_topic("writeonly", 2, PERM_WRITE, None)
         .await
         .unwrap();
     for queue in [0, max_queue] {
@@ -880,17 +895,32 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
             "topic 'readonly' is not writable",
         );
     }
-    let pull = |queue, offset, max_messages| PullRequest {
-        topic: "orders".into(),
-        queue,
-        offset,
-        max_messages,
-        max_wait_ms: u64::MAX,
-        tag_filter: Vec::new(),
-        owner: None,
-        epoch: 0,
-        after: None,
+    refused(
+        conn.call(PrepareTransaction {
+            producer: None,
+            offsets: Vec::new(),
+            producer_group: "pg".into(),
+            messages: vec![HalfMessage {
+                queue: 0,
+                message: txmq::WireMessage::new("readonly", "half"),
+            }],
+            first_check_delay_ms: None,
+            attempt: None,
+        })
+        .await
+        .map(drop),
+        ErrorCode::NoPermission,
+        "topic 'readonly' is not writable",
+    );
+    let from_writeonly = PullRequest {
+        topic: "writeonly".into(),
+        ..pull(0, 0, 1)
     };
+    refused(
+        conn.call(from_writeonly).await.map(drop),
+        ErrorCode::NoPermission,
+        "topic 'writeonly' is not readable",
+    );
     refused(
         conn.call(pull(max_queue, 0, 1)).await.map(drop),
         ErrorCode::UnknownQueue,

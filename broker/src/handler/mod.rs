@@ -384,6 +384,59 @@ pub(crate) fn check_queue(config: &TopicConfig, queue: u32) -> Result<(), WireEr
     Ok(())
 }
 
+/// Whether `config`'s topic may be read (`perm` [`PERM_READ`]) or written
+/// ([`PERM_WRITE`]) on this broker.
+///
+/// [`PERM_READ`]: txmq_protocol::PERM_READ
+/// [`PERM_WRITE`]: txmq_protocol::PERM_WRITE
+pub(crate) fn check_perm(b: &BrokerInner, config: &TopicConfig, perm: u8) -> Result<(), WireError> {
+    if config.perm & perm != 0 {
+        return Ok(());
+    }
+    let what = if perm == txmq_protocol::PERM_READ {
+        "readable"
+    } else {
+        "writable"
+    };
+    Err(WireError::new(
+        ErrorCode::NoPermission,
+        format!(
+            "topic '{}' is not {what} on broker {}",
+            config.name, b.config.broker_name
+        ),
+    ))
+}
+
+/// Checks that `topic` takes writes to `queue` here, creating it first
+/// where topics are created on first use; returns the registration version
+/// of a topic created, to wait for once the write is done. Looked up in
+/// place: every send does this.
+pub(crate) fn writable_queue(
+    b: &BrokerInner,
+    topic: &str,
+    queue: u32,
+) -> Result<Option<u64>, WireError> {
+    let check = |config: &TopicConfig| {
+        check_perm(b, config, txmq_protocol::PERM_WRITE)?;
+        check_queue(config, queue)
+    };
+    match b.topics.get_with(topic, check) {
+        Some(checked) => checked.map(|()| None),
+        None if b.config.auto_create_topics => {
+            let (config, version) = topic::create_topic_now(
+                b,
+                topic,
+                b.config.default_queues,
+                txmq_protocol::PERM_READ_WRITE,
+                false,
+            )?;
+            check(&config)?;
+            Ok(version)
+        }
+        None => Err(unknown_topic(b, topic)),
+    }
+}
+
 pub(crate) fn bad_argument(message: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::BadArgument, message)
 }

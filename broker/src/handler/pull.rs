@@ -35,15 +35,7 @@ pub(super) async fn handle(
     // Working time only: a long poll restarts it when it wakes up.
     let mut timer = crate::metrics::Timer::start(&b.metrics.pull_latency);
     let config = existing_queue(b, &req.topic, req.queue)?;
-    if config.perm & PERM_READ == 0 {
-        return Err(WireError::new(
-            ErrorCode::NoPermission,
-            format!(
-                "topic '{}' is not readable on broker {}",
-                req.topic, b.config.broker_name
-            ),
-        ));
-    }
+    super::check_perm(b, &config, PERM_READ)?;
     if req.tag_filter.len() > MAX_TAGS {
         return Err(bad_argument(format!("at most {MAX_TAGS} tags in a filter")));
     }

@@ -1,11 +1,11 @@
 //! Send: append one message or a batch to one queue.
 
 use txmq_protocol::{
-    now_millis, validate_topic_name, ErrorCode, Message, ProducerIdentity, SendRequest, SendResult,
-    TopicConfig, WireError, PERM_READ_WRITE, PERM_WRITE, PROPERTY_DELIVER_AT,
+    now_millis, validate_topic_name, Message, ProducerIdentity, SendRequest, SendResult, WireError,
+    PROPERTY_DELIVER_AT,
 };
 
-use super::{bad_argument, check_queue, store_error, topic};
+use super::{bad_argument, store_error, topic, writable_queue};
 use crate::BrokerInner;
 
 /// `more_coming`: more requests were read with this one, so its write may
@@ -27,25 +27,7 @@ pub(super) async fn handle(
             other.topic
         )));
     }
-    let mut created = None;
-    match b
-        .topics
-        .get_with(&topic_name, |c| writable(b, c, req.queue))
-    {
-        Some(checked) => checked?,
-        None if b.config.auto_create_topics => {
-            let (config, version) = topic::create_topic_now(
-                b,
-                &topic_name,
-                b.config.default_queues,
-                PERM_READ_WRITE,
-                false,
-            )?;
-            created = version;
-            writable(b, &config, req.queue)?;
-        }
-        None => return Err(super::unknown_topic(b, &topic_name)),
-    }
+    let created = writable_queue(b, &topic_name, req.queue)?;
     let deliver_at = delivery_time(b, &req.messages)?;
     let msg_ids = req.messages.iter().map(|m| m.msg_id).collect();
     let (count, bytes) = (
@@ -96,20 +78,6 @@ pub(super) async fn handle(
         msg_ids,
         duplicate: appended.duplicate,
     })
-}
-
-/// Whether `config`'s topic takes sends to `queue` here.
-fn writable(b: &BrokerInner, config: &TopicConfig, queue: u32) -> Result<(), WireError> {
-    if config.perm & PERM_WRITE == 0 {
-        return Err(WireError::new(
-            ErrorCode::NoPermission,
-            format!(
-                "topic '{}' is not writable on broker {}",
-                config.name, b.config.broker_name
-            ),
-        ));
-    }
-    check_queue(config, queue)
 }
 
 /// InitProducer: a producer id and its token, known to the broker group

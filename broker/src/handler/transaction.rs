@@ -2,11 +2,10 @@
 
 use txmq_protocol::{
     validate_topic_name, EndTransaction, Ended, ErrorCode, ListTransactions, PrepareTransaction,
-    Prepared, SendStatus, TransactionList, TxOffset, WireError, PERM_READ_WRITE, PERM_WRITE,
-    PROPERTY_DELIVER_AT,
+    Prepared, SendStatus, TransactionList, TxOffset, WireError, PROPERTY_DELIVER_AT,
 };
 
-use super::{bad_argument, check_queue, topic};
+use super::{bad_argument, topic};
 use crate::BrokerInner;
 
 /// At most this many messages in one transaction.
@@ -88,31 +87,7 @@ pub(super) async fn prepare(
     for half in &req.messages {
         let name = &half.message.topic;
         validate_topic_name(name).map_err(bad_argument)?;
-        let config = match b.topics.get(name) {
-            Some(c) => c,
-            None if b.config.auto_create_topics => {
-                let (config, version) = topic::create_topic_now(
-                    b,
-                    name,
-                    b.config.default_queues,
-                    PERM_READ_WRITE,
-                    false,
-                )?;
-                created = created.max(version);
-                config
-            }
-            None => return Err(super::unknown_topic(b, name)),
-        };
-        if config.perm & PERM_WRITE == 0 {
-            return Err(WireError::new(
-                ErrorCode::NoPermission,
-                format!(
-                    "topic '{name}' is not writable on broker {}",
-                    b.config.broker_name
-                ),
-            ));
-        }
-        check_queue(&config, half.queue)?;
+        created = created.max(super::writable_queue(b, name, half.queue)?);
         // Refused rather than dropped: a transactional message becomes
         // visible when it is committed (as in RocketMQ).
         if half.message.properties.contains_key(PROPERTY_DELIVER_AT) {

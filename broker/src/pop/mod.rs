@@ -175,15 +175,7 @@ fn check_place(
 ) -> Result<u32, WireError> {
     crate::handler::offset::validate_group(group)?;
     let config = b.topics.get(topic).ok_or_else(|| unknown_topic(b, topic))?;
-    if config.perm & PERM_READ == 0 {
-        return Err(WireError::new(
-            ErrorCode::NoPermission,
-            format!(
-                "topic '{topic}' is not readable on broker {}",
-                b.config.broker_name
-            ),
-        ));
-    }
+    crate::handler::check_perm(b, &config, PERM_READ)?;
     if let Some(q) = queue {
         crate::handler::check_queue(&config, q)?;
     }
