@@ -871,6 +871,18 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         epoch: 0,
         after: None,
     };
+    // A half message, with the longest first check there is.
+    let prepare = |topic: &str, queue| PrepareTransaction {
+        producer: None,
+        offsets: Vec::new(),
+        producer_group: "pg".into(),
+        messages: vec![HalfMessage {
+            queue,
+            message: txmq::WireMessage::new(topic, "half"),
+        }],
+        first_check_delay_ms: Some(u64::MAX),
+        attempt: None,
+    };
     // A read-only topic refuses sends and prepares, whatever their queue,
     // and a write-only one pulls, each naming the topic.
     let admin = cluster.admin().await;
@@ -896,19 +908,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         );
     }
     refused(
-        conn.call(PrepareTransaction {
-            producer: None,
-            offsets: Vec::new(),
-            producer_group: "pg".into(),
-            messages: vec![HalfMessage {
-                queue: 0,
-                message: txmq::WireMessage::new("readonly", "half"),
-            }],
-            first_check_delay_ms: None,
-            attempt: None,
-        })
-        .await
-        .map(drop),
+        conn.call(prepare("readonly", 0)).await.map(drop),
         ErrorCode::NoPermission,
         "topic 'readonly' is not writable",
     );
@@ -968,19 +968,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         "4294967295",
     );
     refused(
-        conn.call(PrepareTransaction {
-            producer: None,
-            offsets: Vec::new(),
-            producer_group: "pg".into(),
-            messages: vec![HalfMessage {
-                queue: max_queue,
-                message: txmq::WireMessage::new("orders", "half"),
-            }],
-            first_check_delay_ms: Some(u64::MAX),
-            attempt: None,
-        })
-        .await
-        .map(drop),
+        conn.call(prepare("orders", max_queue)).await.map(drop),
         ErrorCode::UnknownQueue,
         "4294967295",
     );
