@@ -59,7 +59,8 @@ impl TopicTable {
     }
 
     /// `f` of a topic's configuration, without copying it (every send
-    /// looks its topic up).
+    /// looks its topic up). `f` runs under the table's lock: it must be
+    /// short and must not use the table.
     pub fn get_with<R>(&self, name: &str, f: impl FnOnce(&TopicConfig) -> R) -> Option<R> {
         self.lock().get(name).map(f)
     }

@@ -883,8 +883,9 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         first_check_delay_ms: Some(u64::MAX),
         attempt: None,
     };
-    // A read-only topic refuses sends and prepares, whatever their queue,
-    // and a write-only one pulls, each naming the topic.
+    // A read-only topic refuses sends (whatever their queue) and prepares,
+    // and a write-only one refuses pulls, each naming the topic; a pull's
+    // queue is checked before its permission.
     let admin = cluster.admin().await;
     admin
         .create_topic("readonly", 2, PERM_READ, None)
@@ -912,14 +913,20 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         ErrorCode::NoPermission,
         "topic 'readonly' is not writable",
     );
-    let from_writeonly = PullRequest {
+    let from_writeonly = |queue| PullRequest {
         topic: "writeonly".into(),
-        ..pull(0, 0, 1)
+        max_wait_ms: 0,
+        ..pull(queue, 0, 1)
     };
     refused(
-        conn.call(from_writeonly).await.map(drop),
+        conn.call(from_writeonly(0)).await.map(drop),
         ErrorCode::NoPermission,
         "topic 'writeonly' is not readable",
+    );
+    refused(
+        conn.call(from_writeonly(max_queue)).await.map(drop),
+        ErrorCode::UnknownQueue,
+        "4294967295",
     );
     refused(
         conn.call(pull(max_queue, 0, 1)).await.map(drop),

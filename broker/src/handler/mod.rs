@@ -390,6 +390,10 @@ pub(crate) fn check_queue(config: &TopicConfig, queue: u32) -> Result<(), WireEr
 /// [`PERM_READ`]: txmq_protocol::PERM_READ
 /// [`PERM_WRITE`]: txmq_protocol::PERM_WRITE
 pub(crate) fn check_perm(b: &BrokerInner, config: &TopicConfig, perm: u8) -> Result<(), WireError> {
+    debug_assert!(
+        perm == txmq_protocol::PERM_READ || perm == txmq_protocol::PERM_WRITE,
+        "one permission at a time"
+    );
     if config.perm & perm != 0 {
         return Ok(());
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use txmq_protocol::{dlq_topic, ErrorCode, Message, PERM_READ_WRITE};
+use txmq_protocol::{dlq_topic, ErrorCode, Message, PERM_READ_WRITE, PERM_WRITE};
 
 use super::*;
 use crate::{Broker, BrokerConfig, Run};
@@ -54,6 +54,26 @@ fn body(r: &Received) -> String {
 
 async fn setup(b: &BrokerInner) {
     crate::handler::topic::create_topic_now(b, "orders", 2, PERM_READ_WRITE, true).unwrap();
+}
+
+/// A write-only topic refuses a receive, from any of its queues or from
+/// one, naming itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_only_topic_refuses_a_receive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    crate::handler::topic::create_topic_now(&b, "orders", 2, PERM_WRITE, true).unwrap();
+    send(&b, 0, "a").await;
+    for queue in [None, Some(0)] {
+        let r = ReceiveRequest {
+            queue,
+            ..request(1, Duration::from_secs(1), Duration::ZERO)
+        };
+        let e = receive(&b, r).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoPermission, "{e}");
+        assert!(e.message.contains("topic 'orders' is not readable"), "{e}");
+    }
+    broker.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

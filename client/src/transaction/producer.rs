@@ -759,7 +759,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
         let mut pinned: Option<(String, String, Vec<crate::MessageQueue>)> = None;
         // The stamp drawn for a broker group, kept across the retries there.
         let mut held = HeldPrepare { idem, stamp: None };
-        let mut permit: Option<(String, Place)> = None;
+        let mut permit: Option<Place> = None;
         // Drawn once and kept across the retries: the broker tells a retry
         // of this prepare from another transaction reusing a message id.
         let token = txmq_protocol::fnv1a(&MsgId::generate().0);
@@ -860,12 +860,12 @@ impl<L: TransactionListener> TransactionProducer<L> {
             } else {
                 match idem.grant(&broker, &addr, &self.inner.pool, timeout).await {
                     Ok(Grant::Stamped(ids)) => {
-                        if permit.as_ref().map(|(b, _)| b) != Some(&broker) {
+                        if !permit
+                            .as_ref()
+                            .is_some_and(|p| p.is_for(&broker, PREPARES.1))
+                        {
                             drop(permit.take());
-                            permit = idem
-                                .permit(&broker, PREPARES.0, PREPARES.1, timeout)
-                                .await
-                                .map(|p| (broker.clone(), p));
+                            permit = idem.permit(&broker, PREPARES.0, PREPARES.1, timeout).await;
                         }
                         if permit.is_some() {
                             // Its sequence is drawn as its frame is queued.
@@ -925,7 +925,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
                 },
             };
             let stamp = held.stamp.as_ref().map(|(_, _, s)| *s);
-            if let Some((_, place)) = &permit {
+            if let Some(place) = &permit {
                 place.answered(&result);
             }
             let e = match result {
