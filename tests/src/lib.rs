@@ -368,6 +368,12 @@ impl Drop for BrokerProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The log sits beside the data directory, outside a temporary
+        // directory passed as the data directory itself: removed here, but
+        // kept when a test fails, to be read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
