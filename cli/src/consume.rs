@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use tokio::sync::{mpsc, oneshot};
-use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
+use txmq::{
+    handler_fn, Admin, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage, PERM_READ,
+};
 
 use crate::args::{parse_duration, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
@@ -81,6 +83,9 @@ pub enum StartFrom {
 /// When the consumer cannot start, output cannot be written, or the final
 /// commit fails.
 pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
+    readable(global, &args.topic)
+        .await
+        .with_context(|| format!("consuming {} as group {}", args.topic, args.group))?;
     let from = match args.from {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,
@@ -169,6 +174,29 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let committed = consumer.shutdown().await;
     drop(unprinted);
     committed.context("committing the consumed offsets")
+}
+
+/// Fails when `topic` is served but may be read on none of its brokers
+/// (write only): they hand out none of its queues, so the command would
+/// only wait until its idle timeout and exit 0. A topic not routed yet is
+/// waited for, as before; a nameserver that cannot be asked is left for
+/// the consumer's start to report.
+async fn readable(global: &GlobalArgs, topic: &str) -> Result<()> {
+    let Ok(admin) = Admin::with_config(global.client_config()?).await else {
+        return Ok(());
+    };
+    let route = admin.route(topic).await;
+    admin.close().await.ok();
+    match route {
+        Ok(route) if !route.brokers.iter().any(|b| b.perm & PERM_READ != 0) => {
+            Err(txmq::Error::NoQueue {
+                topic: topic.to_string(),
+                what: "readable",
+            }
+            .into())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn print_message(printer: &Printer, m: &ReceivedMessage) -> Result<()> {

@@ -63,9 +63,10 @@ pub enum TopicCommand {
 pub enum Perm {
     /// Read and write.
     Rw,
-    /// Read only.
+    /// Read only: sends are refused.
     R,
-    /// Write only.
+    /// Write only: messages are kept, and consumers get none of its
+    /// queues until it may be read again.
     W,
 }
 

@@ -350,6 +350,42 @@ async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_of_a_write_only_topic_fails_at_once() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    ok(&txmq(ns, &["topic", "create", "wo", "--perm", "w"], None).await);
+    wait_for_route(ns, "wo", &["broker-a"]).await;
+    ok(&txmq(ns, &["send", "wo", "--body", "kept"], None).await);
+
+    // Without the check it waited out the idle timeout and exited 0.
+    let started = Instant::now();
+    let args = ["consume", "wo", "--group", "g", "--idle-timeout", "30s"];
+    let err = failed(&txmq(ns, &args, None).await);
+    assert!(err.contains(r#"topic "wo" has no readable queue"#), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Made readable, the message sent meanwhile is there.
+    ok(&txmq(ns, &["topic", "create", "wo", "--perm", "rw"], None).await);
+    let args = [
+        "consume",
+        "wo",
+        "--group",
+        "g",
+        "--count",
+        "1",
+        "--idle-timeout",
+        "10s",
+    ];
+    let out = ok(&txmq(ns, &args, None).await);
+    assert!(out.contains("kept"), "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_from_last_skips_the_messages_already_there() {
     let cluster = Cluster::start(FlushMode::Async).await;
     let ns = &cluster.nameserver;

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{create_topic, start_broker, txmq};
+use common::{create_topic, start_broker, txmq, wait_for_route};
 use txmq::{handler_fn, ConsumeResult, Message, PushConsumer, ReceivedMessage};
 use txmq_broker::FlushMode;
 use txmq_tests::{binary, json_lines, Cluster};
@@ -713,6 +713,50 @@ async fn a_tag_filter_delivers_only_matching_tags() {
     ca.shutdown().await.expect("final commits");
     cac.shutdown().await.expect("final commits");
     producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_only_topics_queues_are_assigned_once_it_may_be_read() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("inbox", 2, txmq::PERM_WRITE, None)
+        .await
+        .unwrap();
+    wait_for_route(&ns, "inbox", &["broker-a"]).await;
+    let producer = cluster.producer().await;
+    send_numbered(&producer, "inbox", "m", 0..4).await;
+
+    // The first rebalance runs before start returns, and a few more in
+    // these 700 ms (every 300 ms): none hands out a queue, so no pull is
+    // refused and nothing arrives.
+    // (The group's retry topic, readable, is assigned as usual.)
+    let inbox = |c: &PushConsumer| c.queues().iter().filter(|q| q.topic == "inbox").count();
+    let seen: Seen = Arc::default();
+    let consumer = recorder(&ns, "g", "inbox", "*", &seen, false).await;
+    assert_eq!(inbox(&consumer), 0);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(inbox(&consumer), 0);
+    assert!(seen.lock().unwrap().is_empty());
+
+    // Readable again: the next rebalance assigns both queues, and what was
+    // sent meanwhile arrives.
+    admin
+        .create_topic("inbox", 2, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_until("the four messages", Duration::from_secs(10), || {
+        seen.lock().unwrap().len() >= 4
+    })
+    .await;
+    assert_eq!(inbox(&consumer), 2);
+    let bodies: BTreeSet<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+    assert_eq!(bodies, (0..4).map(|i| format!("m{i}")).collect());
+    consumer.shutdown().await.expect("final commits");
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, validate_topic_name, Done, ErrorCode, GetGroupState,
     GroupList, GroupQueue, GroupState, GroupSummary, Heartbeat, HeartbeatOk, LeaveGroup,
-    OffsetTarget, OffsetsReset, QueueOwner, ResetOffset, SendBack, SentBack, WireError,
+    OffsetTarget, OffsetsReset, QueueOwner, ResetOffset, SendBack, SentBack, WireError, PERM_READ,
     PERM_READ_WRITE, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC,
     PROPERTY_RECONSUME_TIMES,
 };
@@ -64,10 +64,16 @@ pub(super) async fn heartbeat(
         broadcast: req.broadcast,
         held: req.held,
     };
+    // A topic that may not be read here (write only) has no queue to hand
+    // out: its members would only have their pulls refused.
     let (assigned, notices) = b.groups.heartbeat(
         conn,
         beat,
-        |t| b.topics.get(t).map(|c| c.queues),
+        |t| {
+            b.topics
+                .get_with(t, |c| (c.perm & PERM_READ != 0).then_some(c.queues))
+                .flatten()
+        },
         |t, q| b.store.committed_offset(&group, t, q).is_some(),
     );
     if !notices.is_empty() {

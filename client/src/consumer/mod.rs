@@ -291,7 +291,10 @@ impl PullConsumerBuilder {
         let nameservers = NameserverClient::new(self.config.nameservers.clone(), pool.clone());
         let routes = RouteCache::new(nameservers, self.config.route_refresh_interval, false);
         let initial = match routes.get(&topic).await {
-            Ok(info) => Some(info),
+            Ok(info) => {
+                warn_if_unreadable(&topic, &info);
+                Some(info)
+            }
             Err(Error::NoRoute { .. }) => {
                 tracing::warn!(%topic, "no route for the topic yet; waiting for it to appear");
                 None
@@ -456,6 +459,15 @@ impl Shared {
             self.tracker
                 .spawn(queue_reader::run(self.clone(), Arc::new(key), start, from));
         }
+    }
+}
+
+/// Warns that `topic`'s route names brokers but none lets it be read
+/// (write only): none of its queues is read until its permission includes
+/// read again.
+pub(crate) fn warn_if_unreadable(topic: &str, info: &RouteInfo) {
+    if info.readable.is_empty() && !info.route.brokers.is_empty() {
+        tracing::warn!(%topic, "the topic may not be read on any of its brokers (write only); waiting until it may");
     }
 }
 

@@ -598,7 +598,11 @@ impl PushConsumerBuilder {
         let mut reached = None;
         for sub in shared.subs.iter().filter(|s| !s.topic.starts_with('%')) {
             match shared.routes.get(&sub.topic).await {
-                Ok(_) | Err(Error::NoRoute { .. }) => reached = Some(Ok(())),
+                Ok(info) => {
+                    crate::consumer::warn_if_unreadable(&sub.topic, &info);
+                    reached = Some(Ok(()));
+                }
+                Err(Error::NoRoute { .. }) => reached = Some(Ok(())),
                 Err(e) => {
                     reached.get_or_insert(Err(e));
                 }
