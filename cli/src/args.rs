@@ -207,6 +207,21 @@ impl GlobalArgs {
     }
 }
 
+/// Parses a group name (consumer or producer group): 1 to 255 bytes, as
+/// the brokers take them.
+///
+/// # Errors
+/// A message saying what is wrong, shown by clap.
+pub fn parse_group(s: &str) -> Result<String, String> {
+    match s.len() {
+        0 => Err("a group name cannot be empty".into()),
+        1..=255 => Ok(s.to_string()),
+        n => Err(format!(
+            "a group name is at most 255 bytes long; this one has {n}"
+        )),
+    }
+}
+
 /// Parses durations written like `500ms`, `6s`, `2m`, `1h 30m`.
 ///
 /// # Errors
@@ -228,5 +243,13 @@ mod tests {
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("6").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn group_names_are_1_to_255_bytes() {
+        assert_eq!(parse_group("g1"), Ok("g1".to_string()));
+        assert!(parse_group("").is_err());
+        assert!(parse_group(&"g".repeat(255)).is_ok());
+        assert!(parse_group(&"g".repeat(256)).unwrap_err().contains("256"));
     }
 }

@@ -19,7 +19,7 @@ use txmq::{
     handler_fn, Admin, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage, PERM_READ,
 };
 
-use crate::args::{parse_duration, GlobalArgs};
+use crate::args::{parse_duration, parse_group, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 
@@ -30,7 +30,7 @@ pub struct ConsumeArgs {
     pub topic: String,
 
     /// The consumer group; its offsets are stored on the brokers.
-    #[arg(long, env = "TXMQ_GROUP")]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = parse_group)]
     pub group: String,
 
     /// Exit after printing this many messages.

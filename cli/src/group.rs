@@ -26,11 +26,13 @@ pub enum GroupCommand {
     /// offset and lag per queue.
     Show {
         /// The group.
+        #[arg(value_parser = crate::args::parse_group)]
         group: String,
     },
     /// Move a group's committed offsets of a topic (stop its consumers first).
     ResetOffset {
         /// The group.
+        #[arg(value_parser = crate::args::parse_group)]
         group: String,
         /// The topic whose offsets move.
         #[arg(long, env = "TXMQ_TOPIC")]
@@ -38,8 +40,8 @@ pub enum GroupCommand {
         /// `first` (the first stored message), `last` (after the last one),
         /// or a time: milliseconds since the Unix epoch, or RFC 3339
         /// (`2026-11-21T10:00:00Z`); the first message stored at or after it.
-        #[arg(long, value_name = "first|last|TIMESTAMP")]
-        to: String,
+        #[arg(long, value_name = "first|last|TIMESTAMP", value_parser = parse_target)]
+        to: OffsetTarget,
     },
 }
 
@@ -50,6 +52,7 @@ pub enum DlqCommand {
     /// without consuming them.
     List {
         /// The group.
+        #[arg(value_parser = crate::args::parse_group)]
         group: String,
         /// Show at most this many.
         #[arg(long, default_value_t = 100)]
@@ -63,6 +66,7 @@ pub enum DlqCommand {
     #[command(group(clap::ArgGroup::new("which").required(true).args(["msg_id", "all"])))]
     Resend {
         /// The group.
+        #[arg(value_parser = crate::args::parse_group)]
         group: String,
         /// The dead letter to re-send (its message id; repeat for several).
         #[arg(long = "msg-id", value_name = "MSG_ID", value_parser = parse_msg_id)]
@@ -86,7 +90,7 @@ fn parse_msg_id(s: &str) -> Result<txmq::MsgId> {
     txmq::MsgId::parse(s).ok_or_else(|| anyhow!("{s:?} is not a message id (32 hex digits)"))
 }
 
-fn parse_target(s: &str) -> Result<OffsetTarget> {
+fn parse_target(s: &str) -> std::result::Result<OffsetTarget, String> {
     match s {
         "first" => Ok(OffsetTarget::First),
         "last" => Ok(OffsetTarget::Last),
@@ -95,13 +99,17 @@ fn parse_target(s: &str) -> Result<OffsetTarget> {
                 return Ok(OffsetTarget::Timestamp(ms));
             }
             let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
-                anyhow!("--to {s:?} is not first, last, milliseconds since the epoch, or an RFC 3339 time")
+                format!(
+                    "{s:?} is not first, last, milliseconds since the epoch, or an RFC 3339 time"
+                )
             })?;
             let ms = t
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| anyhow!("--to {s:?} is before 1970"))?
+                .map_err(|_| format!("{s:?} is before 1970"))?
                 .as_millis();
-            Ok(OffsetTarget::Timestamp(u64::try_from(ms)?))
+            u64::try_from(ms)
+                .map(OffsetTarget::Timestamp)
+                .map_err(|e| e.to_string())
         }
     }
 }
@@ -112,10 +120,6 @@ fn parse_target(s: &str) -> Result<OffsetTarget> {
 /// When no nameserver or broker answers, or one refuses.
 pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
     let printer = Printer::stdout(global.output);
-    let target = match &cmd {
-        GroupCommand::ResetOffset { to, .. } => Some(parse_target(to)?),
-        _ => None,
-    };
     let admin = Admin::with_config(global.client_config()?).await?;
     match cmd {
         GroupCommand::List => {
@@ -173,8 +177,7 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
             }
             missing.finish(&printer, states.len(), "show the group on")
         }
-        GroupCommand::ResetOffset { group, topic, .. } => {
-            let to = target.expect("parsed above");
+        GroupCommand::ResetOffset { group, topic, to } => {
             let answers = admin
                 .reset_offsets_by_broker(&group, &topic, to, None)
                 .await?;

@@ -605,6 +605,19 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         &["send", "t"],
         &["consume", "t"],
         &["topic", "create", "t", "--queues", "many"],
+        &["consume", "t", "--group", ""],
+        &["group", "show", ""],
+        &["dlq", "list", ""],
+        &["tx", "list", "--group", ""],
+        &[
+            "group",
+            "reset-offset",
+            "g",
+            "--topic",
+            "t",
+            "--to",
+            "yesterday",
+        ],
     ] {
         let o = txmq_cli(ns, args, None);
         let err = stderr(&o);
@@ -639,6 +652,27 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         "shows how durations are written: {err}"
     );
     assert!(err.contains("--help"), "{err}");
+    let o = txmq_cli(ns, &["group", "show", ""], None);
+    assert!(
+        stderr(&o).contains("a group name cannot be empty"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Checked after parsing, before connecting: exit 2 too.
+    for (args, says) in [
+        (&["bench", "e2e", "t", "--rate", "0"][..], "--rate"),
+        (&["bench", "produce", "t", "--count", "0"], "--count"),
+        (&["bench", "produce", "t", "--duration", "0s"], "--duration"),
+    ] {
+        let o = txmq_cli(ns, args, None);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error:") && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

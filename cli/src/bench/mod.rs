@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use tokio::sync::watch;
 use txmq::{Admin, PERM_READ_WRITE};
@@ -202,28 +202,35 @@ impl Timing {
     }
 }
 
+/// A usage error (exit 2).
+fn usage(message: impl Into<String>) -> anyhow::Error {
+    crate::exit::with_code(crate::exit::USAGE, message)
+}
+
 impl LoadArgs {
     /// Checks what clap cannot.
     ///
     /// # Errors
-    /// A message naming the flag.
+    /// A usage error (exit 2) naming the flag.
     pub fn validate(&self) -> Result<()> {
         if let Some(rate) = self.rate {
             if !(rate.is_finite() && rate > 0.0) {
-                bail!("--rate must be a number of messages per second above 0");
+                return Err(usage(
+                    "--rate must be a number of messages per second above 0",
+                ));
             }
         }
         if self.count == Some(0) {
-            bail!("--count must be above 0");
+            return Err(usage("--count must be above 0"));
         }
         if self.duration.is_some_and(|d| d.is_zero()) {
-            bail!("--duration must be above 0");
+            return Err(usage("--duration must be above 0"));
         }
         if let Some(clients) = self.clients.filter(|c| *c > self.producers) {
-            bail!(
+            return Err(usage(format!(
                 "--clients {clients} is more than --producers {}: each client is driven by at least one producer",
                 self.producers
-            );
+            )));
         }
         Ok(())
     }

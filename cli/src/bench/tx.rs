@@ -101,7 +101,7 @@ pub struct TxArgs {
     pub check_unknown_ratio: f64,
 
     /// The producer group (default: a new one for this run).
-    #[arg(long, env = "TXMQ_GROUP")]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_group)]
     pub group: Option<String>,
 
     /// How old a transaction must be before its first check-back (default:
