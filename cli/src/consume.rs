@@ -178,10 +178,14 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
 
 /// Fails when `topic` is served but may be read on none of its brokers
 /// (write only): they hand out none of its queues, so the command would
-/// only wait until its idle timeout and exit 0. A topic not routed yet is
+/// only wait until its idle timeout and exit 0 (`consume`) or report
+/// nothing consumed (`bench consume`).
+///
+/// # Errors
+/// [`txmq::Error::NoQueue`] for such a topic; a bad flag of `global`. A topic not routed yet is
 /// waited for, as before; a nameserver that cannot be asked is left for
 /// the consumer's start to report.
-async fn readable(global: &GlobalArgs, topic: &str) -> Result<()> {
+pub async fn readable(global: &GlobalArgs, topic: &str) -> Result<()> {
     let Ok(admin) = Admin::with_config(global.client_config()?).await else {
         return Ok(());
     };

@@ -350,7 +350,7 @@ async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consume_of_a_write_only_topic_fails_at_once() {
+async fn consume_and_bench_consume_of_a_write_only_topic_fail_at_once() {
     let cluster = Cluster::start(FlushMode::Async).await;
     let ns = &cluster.nameserver;
     ok(&txmq(ns, &["topic", "create", "wo", "--perm", "w"], None).await);
@@ -367,6 +367,18 @@ async fn consume_of_a_write_only_topic_fails_at_once() {
         "took {:?}",
         started.elapsed()
     );
+
+    let args = [
+        "bench",
+        "consume",
+        "wo",
+        "--group",
+        "g",
+        "--duration",
+        "30s",
+    ];
+    let err = failed(&txmq(ns, &args, None).await);
+    assert!(err.contains(r#"topic "wo" has no readable queue"#), "{err}");
 
     // Made readable, the message sent meanwhile is there.
     ok(&txmq(ns, &["topic", "create", "wo", "--perm", "rw"], None).await);

@@ -72,6 +72,7 @@ struct Consumed {
 /// # Errors
 /// When a consumer cannot start or its final commit fails.
 pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
+    crate::consume::readable(global, &args.topic).await?;
     let from = match args.from {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,
