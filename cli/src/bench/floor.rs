@@ -167,7 +167,11 @@ pub async fn run(global: &GlobalArgs, args: FloorArgs) -> Result<()> {
         warmup: args.warmup,
         duration: args.duration,
     };
-    let floor = measure(shape, args.server.as_deref()).await?;
+    let server = match args.server.as_deref() {
+        Some(addr) => Server::Running(addr),
+        None => Server::Start { placed_like: None },
+    };
+    let floor = measure(shape, server).await?;
     let mut report = super::new_report(global, "floor");
     report
         .field("connections", shape.connections)
@@ -194,6 +198,9 @@ pub struct Measured<'a> {
     pub client_cpu_us: Option<f64>,
     /// The broker's CPU microseconds per message (`--broker-pid`).
     pub broker_cpu_us: Option<f64>,
+    /// The broker's process (`--broker-pid`): the echo server runs on the
+    /// CPUs it may run on.
+    pub broker_pid: Option<u32>,
 }
 
 /// Adds the floor, measured now with `shape`, to a report of what a run
@@ -206,7 +213,10 @@ pub struct Measured<'a> {
 /// When the echo server cannot be started or reached.
 pub async fn compare(report: &mut Report, shape: Shape, measured: Measured<'_>) -> Result<()> {
     let Measured { rate, latency, .. } = measured;
-    let floor = measure(shape, None).await?;
+    let server = Server::Start {
+        placed_like: measured.broker_pid,
+    };
+    let floor = measure(shape, server).await?;
     let summary = floor.summary();
     report
         .field("floor_connections", shape.connections)
@@ -323,11 +333,11 @@ fn read_both(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
 ///
 /// # Errors
 /// When the server cannot be started or reached.
-pub async fn measure(shape: Shape, server: Option<&str>) -> Result<Floor> {
+pub async fn measure(shape: Shape, server: Server<'_>) -> Result<Floor> {
     let (addr, child) = match server {
-        Some(addr) => (addr.to_string(), None),
-        None => {
-            let (addr, child) = start_server(shape.reply).await?;
+        Server::Running(addr) => (addr.to_string(), None),
+        Server::Start { placed_like } => {
+            let (addr, child) = start_server(shape.reply, placed_like).await?;
             (addr, Some(child))
         }
     };
@@ -368,12 +378,28 @@ pub async fn measure(shape: Shape, server: Option<&str>) -> Result<Floor> {
     })
 }
 
+/// The echo server a floor is measured against.
+#[derive(Debug, Clone, Copy)]
+pub enum Server<'a> {
+    /// One already running, at this address.
+    Running(&'a str),
+    /// One started for the measurement; with `placed_like`, on the CPUs
+    /// that process may run on (a broker pinned with `taskset` gets an
+    /// echo server pinned the same way, so that both sides of the
+    /// comparison stand where the broker stands).
+    Start {
+        /// The process whose CPUs the server gets.
+        placed_like: Option<u32>,
+    },
+}
+
 /// Starts `txmq bench echo-server` (this same binary) on a free loopback
 /// port; killed when the handle is dropped.
-async fn start_server(reply: usize) -> Result<(String, Child)> {
+async fn start_server(reply: usize, placed_like: Option<u32>) -> Result<(String, Child)> {
     let exe =
         std::env::current_exe().context("cannot find the txmq binary to start the echo server")?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["bench", "echo-server", "--listen", "127.0.0.1:0", "--reply"])
         .arg(reply.to_string())
         // The server stands in for a broker, whose threads are its own:
@@ -381,9 +407,9 @@ async fn start_server(reply: usize) -> Result<(String, Child)> {
         .env_remove("TXMQ_WORKER_THREADS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the echo server")?;
+        .kill_on_drop(true);
+    let mut child =
+        on_cpus_of(placed_like, || command.spawn()).context("cannot start the echo server")?;
     let stdout = child
         .stdout
         .take()
@@ -397,6 +423,38 @@ async fn start_server(reply: usize) -> Result<(String, Child)> {
         Some(addr) => Ok((addr.to_string(), child)),
         None => bail!("the echo server did not say where it listens: {line:?}"),
     }
+}
+
+/// Runs `spawn` on this thread allowed only the CPUs process `pid` may
+/// run on, so that the process it starts inherits them; then gives the
+/// thread its CPUs back. Without `pid`, or when the CPUs cannot be read
+/// or taken (the process is gone, or this one may not run there), `spawn`
+/// runs where this thread does.
+#[cfg(target_os = "linux")]
+fn on_cpus_of<T>(pid: Option<u32>, spawn: impl FnOnce() -> T) -> T {
+    use nix::sched::{sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let this = Pid::from_raw(0);
+    let placed = pid
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(|p| sched_getaffinity(Pid::from_raw(p)).ok())
+        .and_then(|theirs| {
+            let ours = sched_getaffinity(this).ok()?;
+            sched_setaffinity(this, &theirs).ok().map(|()| ours)
+        });
+    let out = spawn();
+    if let Some(ours) = placed {
+        if let Err(e) = sched_setaffinity(this, &ours) {
+            tracing::warn!(error = %e, "cannot give this thread its CPUs back after starting the echo server");
+        }
+    }
+    out
+}
+
+/// Elsewhere the echo server runs where this process does.
+#[cfg(not(target_os = "linux"))]
+fn on_cpus_of<T>(_pid: Option<u32>, spawn: impl FnOnce() -> T) -> T {
+    spawn()
 }
 
 /// One connection's loop: `in_flight` requests written ahead, a new one
@@ -488,6 +546,49 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// The CPUs process `pid` may run on.
+    #[cfg(target_os = "linux")]
+    fn cpus(pid: u32) -> nix::sched::CpuSet {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sched::sched_getaffinity(pid).unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_started_on_the_cpus_of_another_gets_them_and_the_thread_keeps_its_own() {
+        use nix::sched::{sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        let sleeper = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap()
+        };
+        let mut model = sleeper();
+        let mine = cpus(0);
+        let first = (0..CpuSet::count())
+            .find(|&c| mine.is_set(c).unwrap())
+            .unwrap();
+        let mut only_first = CpuSet::new();
+        only_first.set(first).unwrap();
+        let model_pid = Pid::from_raw(i32::try_from(model.id()).unwrap());
+        sched_setaffinity(model_pid, &only_first).unwrap();
+
+        let mut placed = on_cpus_of(Some(model.id()), sleeper);
+        assert_eq!(cpus(placed.id()), only_first);
+        assert_eq!(cpus(0), mine, "the thread got its own CPUs back");
+
+        // No such process, or none given: where this thread runs.
+        let mut anywhere = on_cpus_of(Some(u32::MAX / 2), sleeper);
+        assert_eq!(cpus(anywhere.id()), mine);
+        let mut unplaced = on_cpus_of(None, sleeper);
+        assert_eq!(cpus(unplaced.id()), mine);
+        for child in [&mut model, &mut placed, &mut anywhere, &mut unplaced] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     #[test]
     fn this_process_has_a_cpu_time() {
         assert!(cpu_ticks("self").is_some());
@@ -528,7 +629,7 @@ mod tests {
             warmup: Duration::from_millis(20),
             duration: Duration::from_millis(200),
         };
-        let floor = measure(shape, Some(&addr)).await.unwrap();
+        let floor = measure(shape, Server::Running(&addr)).await.unwrap();
         assert!(floor.round_trips > 0, "{floor:?}");
         assert_eq!(floor.latency.count(), floor.round_trips);
         assert!(floor.secs > 0.0 && floor.secs <= 0.25, "{floor:?}");

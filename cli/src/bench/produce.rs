@@ -51,7 +51,10 @@ pub struct ProduceArgs {
     /// The broker's process id, when it runs on this machine: also report
     /// its CPU per message over the measured period
     /// (`broker_cpu_us_per_msg`, from `/proc`), and with --compare-floor
-    /// its ratio to the echo server's CPU per round trip.
+    /// its ratio to the echo server's CPU per round trip. The echo server
+    /// then runs on the CPUs the broker may run on (a broker started with
+    /// `taskset -c 0` gets an echo server on CPU 0), so that the floor is
+    /// measured with the same placement.
     #[arg(long, env = "TXMQ_BROKER_PID", value_name = "PID")]
     pub broker_pid: Option<u32>,
 }
@@ -291,6 +294,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
             latency: &latency,
             client_cpu_us,
             broker_cpu_us,
+            broker_pid: args.broker_pid,
         };
         super::floor::compare(&mut report, shape, measured).await?;
     }
