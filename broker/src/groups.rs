@@ -313,6 +313,21 @@ impl Groups {
         (assigned, notices)
     }
 
+    /// Every member of every group subscribed to `topic`: whom to tell that
+    /// the topic changed (its permission or queues), so that they rebalance
+    /// now rather than at their next heartbeat.
+    pub(crate) fn subscribers_of(&self, topic: &str) -> Notices {
+        lock(&self.groups)
+            .iter()
+            .flat_map(|(name, g)| {
+                g.members
+                    .values()
+                    .filter(|m| m.subscriptions.iter().any(|s| s.topic == topic))
+                    .map(move |m| (name.clone(), m.conn.clone()))
+            })
+            .collect()
+    }
+
     /// Removes a member (it left); returns the connections to notify.
     pub(crate) fn leave(&self, group: &str, client_id: &str) -> Notices {
         let mut groups = lock(&self.groups);

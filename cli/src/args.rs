@@ -137,8 +137,7 @@ impl SecurityArgs {
             ca: self.tls_ca.clone(),
         };
         if files.ca.is_none() && files.is_set() {
-            return Err(exit::with_code(
-                exit::USAGE,
+            return Err(exit::usage(
                 "--tls-cert and --tls-key are for TLS connections: give --tls-ca too",
             ));
         }
@@ -147,7 +146,7 @@ impl SecurityArgs {
         }
         TlsClient::from_files(&files)
             .map(Some)
-            .map_err(|e| exit::with_code(exit::USAGE, e.to_string()))
+            .map_err(|e| exit::usage(e.to_string()))
     }
 
     /// The credentials of the flags: `None` without `--access-key`.
@@ -161,12 +160,10 @@ impl SecurityArgs {
                 secret_key: secret_key.clone(),
             })),
             (None, None) => Ok(None),
-            (Some(_), None) => Err(exit::with_code(
-                exit::USAGE,
+            (Some(_), None) => Err(exit::usage(
                 "--access-key needs its --secret-key (or TXMQ_SECRET_KEY)",
             )),
-            (None, Some(_)) => Err(exit::with_code(
-                exit::USAGE,
+            (None, Some(_)) => Err(exit::usage(
                 "--secret-key needs its --access-key (or TXMQ_ACCESS_KEY)",
             )),
         }

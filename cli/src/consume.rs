@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use tokio::sync::{mpsc, oneshot};
-use txmq::{
-    handler_fn, Admin, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage, PERM_READ,
-};
+use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
 
 use crate::args::{parse_duration, parse_group, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
@@ -83,9 +81,6 @@ pub enum StartFrom {
 /// When the consumer cannot start, output cannot be written, or the final
 /// commit fails.
 pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
-    readable(global, &args.topic)
-        .await
-        .with_context(|| format!("consuming {} as group {}", args.topic, args.group))?;
     let from = match args.from {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,
@@ -113,6 +108,9 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         .route_refresh_interval(args.route_refresh)
         .group(args.group.clone())
         .subscribe(args.topic.clone(), args.tag.clone())
+        // A write-only topic would only be waited on until the idle
+        // timeout, and the command exit 0: say so instead.
+        .require_readable(true)
         .broadcast(args.broadcast)
         .orderly(true)
         .from(from)
@@ -174,33 +172,6 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let committed = consumer.shutdown().await;
     drop(unprinted);
     committed.context("committing the consumed offsets")
-}
-
-/// Fails when `topic` is served but may be read on none of its brokers
-/// (write only): they hand out none of its queues, so the command would
-/// only wait until its idle timeout and exit 0 (`consume`) or report
-/// nothing consumed (`bench consume`).
-///
-/// # Errors
-/// [`txmq::Error::NoQueue`] for such a topic; a bad flag of `global`. A topic not routed yet is
-/// waited for, as before; a nameserver that cannot be asked is left for
-/// the consumer's start to report.
-pub async fn readable(global: &GlobalArgs, topic: &str) -> Result<()> {
-    let Ok(admin) = Admin::with_config(global.client_config()?).await else {
-        return Ok(());
-    };
-    let route = admin.route(topic).await;
-    admin.close().await.ok();
-    match route {
-        Ok(route) if !route.brokers.iter().any(|b| b.perm & PERM_READ != 0) => {
-            Err(txmq::Error::NoQueue {
-                topic: topic.to_string(),
-                what: "readable",
-            }
-            .into())
-        }
-        _ => Ok(()),
-    }
 }
 
 fn print_message(printer: &Printer, m: &ReceivedMessage) -> Result<()> {

@@ -42,6 +42,12 @@ pub fn with_code(code: u8, message: impl Into<String>) -> anyhow::Error {
     })
 }
 
+/// A usage error (exit [`USAGE`]) found after parsing: a flag whose value
+/// clap cannot check alone.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    with_code(USAGE, message)
+}
+
 /// The exit code for `e`: its [`Exit`] code, else [`FAILURE`].
 pub fn code_of(e: &anyhow::Error) -> u8 {
     e.chain()

@@ -38,8 +38,9 @@ pub enum GroupCommand {
         #[arg(long, env = "TXMQ_TOPIC")]
         topic: String,
         /// `first` (the first stored message), `last` (after the last one),
-        /// or a time: milliseconds since the Unix epoch, or RFC 3339
-        /// (`2026-11-21T10:00:00Z`); the first message stored at or after it.
+        /// or a time: milliseconds since the Unix epoch, RFC 3339
+        /// (`2026-11-21T10:00:00Z`) or a duration ago (`10m`); the first
+        /// message stored at or after it.
         #[arg(long, value_name = "first|last|TIMESTAMP", value_parser = parse_target)]
         to: OffsetTarget,
     },
@@ -94,23 +95,9 @@ fn parse_target(s: &str) -> std::result::Result<OffsetTarget, String> {
     match s {
         "first" => Ok(OffsetTarget::First),
         "last" => Ok(OffsetTarget::Last),
-        _ => {
-            if let Ok(ms) = s.parse::<u64>() {
-                return Ok(OffsetTarget::Timestamp(ms));
-            }
-            let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
-                format!(
-                    "{s:?} is not first, last, milliseconds since the epoch, or an RFC 3339 time"
-                )
-            })?;
-            let ms = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| format!("{s:?} is before 1970"))?
-                .as_millis();
-            u64::try_from(ms)
-                .map(OffsetTarget::Timestamp)
-                .map_err(|e| e.to_string())
-        }
+        _ => crate::msg::parse_time(s)
+            .map(OffsetTarget::Timestamp)
+            .map_err(|e| format!("{e}; or first, or last")),
     }
 }
 

@@ -123,8 +123,7 @@ pub async fn run(global: &GlobalArgs, cmd: MsgCommand) -> Result<()> {
         } => {
             if let (Some(s), Some(u)) = (since, until) {
                 if s > u {
-                    return Err(exit::with_code(
-                        exit::USAGE,
+                    return Err(exit::usage(
                         "--since is after --until: the time range is empty",
                     ));
                 }

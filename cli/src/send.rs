@@ -531,8 +531,7 @@ enum Stop {
 pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
     // Checked here: clap counts `--stdin`'s env default as present.
     if args.unsent.is_some() && !args.stdin {
-        return Err(crate::exit::with_code(
-            crate::exit::USAGE,
+        return Err(crate::exit::usage(
             "--unsent lists input lines not sent: it needs --stdin",
         ));
     }

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{txmq, wait_for_route};
+use common::{txmq, wait_for_perm, wait_for_route};
 use serde_json::Value;
 use txmq::{Message, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
@@ -360,7 +360,9 @@ async fn consume_and_bench_consume_of_a_write_only_topic_fail_at_once() {
     // Without the check it waited out the idle timeout and exited 0.
     let started = Instant::now();
     let args = ["consume", "wo", "--group", "g", "--idle-timeout", "30s"];
-    let err = failed(&txmq(ns, &args, None).await);
+    let out = txmq(ns, &args, None).await;
+    let err = failed(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(r#"topic "wo" has no readable queue"#), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -377,11 +379,14 @@ async fn consume_and_bench_consume_of_a_write_only_topic_fail_at_once() {
         "--duration",
         "30s",
     ];
-    let err = failed(&txmq(ns, &args, None).await);
+    let out = txmq(ns, &args, None).await;
+    let err = failed(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(r#"topic "wo" has no readable queue"#), "{err}");
 
     // Made readable, the message sent meanwhile is there.
     ok(&txmq(ns, &["topic", "create", "wo", "--perm", "rw"], None).await);
+    wait_for_perm(ns, "wo", PERM_READ_WRITE).await;
     let args = [
         "consume",
         "wo",

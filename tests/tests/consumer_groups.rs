@@ -35,6 +35,20 @@ async fn recorder(
     seen: &Seen,
     orderly: bool,
 ) -> PushConsumer {
+    let every = Duration::from_millis(300);
+    recorder_every(ns, group, topic, tags, seen, orderly, every).await
+}
+
+/// [`recorder`] rebalancing every `rebalance` instead of every 300 ms.
+async fn recorder_every(
+    ns: &str,
+    group: &str,
+    topic: &str,
+    tags: &str,
+    seen: &Seen,
+    orderly: bool,
+    rebalance: Duration,
+) -> PushConsumer {
     let seen = seen.clone();
     let id = Arc::new(Mutex::new(String::new()));
     let id2 = id.clone();
@@ -43,7 +57,7 @@ async fn recorder(
         .group(group)
         .subscribe(topic, tags)
         .orderly(orderly)
-        .rebalance_interval(Duration::from_millis(300))
+        .rebalance_interval(rebalance)
         .commit_interval(Duration::from_millis(100))
         .max_wait(Duration::from_millis(500))
         .route_refresh_interval(Duration::from_millis(500))
@@ -729,31 +743,62 @@ async fn a_write_only_topics_queues_are_assigned_once_it_may_be_read() {
     let producer = cluster.producer().await;
     send_numbered(&producer, "inbox", "m", 0..4).await;
 
-    // The first rebalance runs before start returns, and a few more in
-    // these 700 ms (every 300 ms): none hands out a queue, so no pull is
-    // refused and nothing arrives.
-    // (The group's retry topic, readable, is assigned as usual.)
+    // The first rebalance runs before start returns: it hands out no queue,
+    // so no pull is refused and nothing arrives. (The group's retry topic,
+    // readable, is assigned as usual.) The consumer heartbeats every 10 s
+    // (a third of the brokers' 30 s member expiry): every change below
+    // within 5 s comes from the broker telling the members that the topic
+    // changed.
     let inbox = |c: &PushConsumer| c.queues().iter().filter(|q| q.topic == "inbox").count();
     let seen: Seen = Arc::default();
-    let consumer = recorder(&ns, "g", "inbox", "*", &seen, false).await;
+    let slow = Duration::from_secs(60);
+    let consumer = recorder_every(&ns, "g", "inbox", "*", &seen, false, slow).await;
     assert_eq!(inbox(&consumer), 0);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(inbox(&consumer), 0);
     assert!(seen.lock().unwrap().is_empty());
 
-    // Readable again: the next rebalance assigns both queues, and what was
-    // sent meanwhile arrives.
+    // Readable: both queues are assigned, and what was sent meanwhile
+    // arrives.
     admin
         .create_topic("inbox", 2, txmq::PERM_READ_WRITE, None)
         .await
         .unwrap();
-    wait_until("the four messages", Duration::from_secs(10), || {
+    wait_until("the four messages", Duration::from_secs(5), || {
         seen.lock().unwrap().len() >= 4
     })
     .await;
     assert_eq!(inbox(&consumer), 2);
     let bodies: BTreeSet<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
     assert_eq!(bodies, (0..4).map(|i| format!("m{i}")).collect());
+
+    // Write-only again while the consumer runs: both queues are taken
+    // away; what is sent meanwhile waits for the next change.
+    admin
+        .create_topic("inbox", 2, txmq::PERM_WRITE, None)
+        .await
+        .unwrap();
+    wait_until("the queues taken away", Duration::from_secs(5), || {
+        inbox(&consumer) == 0
+    })
+    .await;
+    send_numbered(&producer, "inbox", "m", 4..6).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    admin
+        .create_topic("inbox", 2, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    wait_until(
+        "the two messages sent meanwhile",
+        Duration::from_secs(5),
+        || seen.lock().unwrap().len() >= 6,
+    )
+    .await;
+    assert_eq!(inbox(&consumer), 2);
+    let bodies: BTreeSet<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+    assert_eq!(bodies, (0..6).map(|i| format!("m{i}")).collect());
+    assert_eq!(seen.lock().unwrap().len(), 6, "nothing twice");
     consumer.shutdown().await.expect("final commits");
     producer.close().await.unwrap();
     admin.close().await.unwrap();

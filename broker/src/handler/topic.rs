@@ -104,6 +104,9 @@ pub(crate) fn create_topic_now(
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1;
         b.topics_changed.notify_one();
+        // A member reading a topic made write-only stops, and one waiting
+        // for a topic made readable (or given more queues) starts, now.
+        crate::groups::notify(b.groups.subscribers_of(name));
         return Ok((config, Some(version)));
     }
     Ok((config, None))

@@ -72,7 +72,6 @@ struct Consumed {
 /// # Errors
 /// When a consumer cannot start or its final commit fails.
 pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
-    crate::consume::readable(global, &args.topic).await?;
     let from = match args.from {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,
@@ -98,6 +97,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
                 .config(global.client_config()?)
                 .group(args.group.clone())
                 .subscribe(args.topic.clone(), "*")
+                .require_readable(true)
                 .from(from)
                 .batch_size(BATCH)
                 .concurrency(64)

@@ -117,6 +117,9 @@ pub struct Floor {
     pub server_cpu_s: Option<f64>,
     /// This process's CPU seconds over the measured period.
     pub client_cpu_s: Option<f64>,
+    /// The server was started on the CPUs of the process it was to be
+    /// placed like ([`Server::Start`]).
+    pub placed: bool,
 }
 
 impl Floor {
@@ -157,7 +160,7 @@ impl Floor {
 /// When the echo server cannot be started or reached.
 pub async fn run(global: &GlobalArgs, args: FloorArgs) -> Result<()> {
     if args.duration.is_zero() {
-        bail!("--duration must be above 0");
+        return Err(crate::exit::usage("--duration must be above 0"));
     }
     let shape = Shape {
         connections: args.connections,
@@ -218,6 +221,9 @@ pub async fn compare(report: &mut Report, shape: Shape, measured: Measured<'_>) 
     };
     let floor = measure(shape, server).await?;
     let summary = floor.summary();
+    if measured.broker_pid.is_some() {
+        report.field("floor_placed_like_broker", floor.placed);
+    }
     report
         .field("floor_connections", shape.connections)
         .field("floor_round_trip_rate_s", round(floor.rate(), 1))
@@ -316,7 +322,9 @@ impl CpuMeter {
 /// When it does not.
 pub fn check_pid(pid: u32, flag: &str) -> Result<()> {
     if cpu_ticks(&pid.to_string()).is_none() {
-        bail!("{flag} {pid}: no such process on this machine (its CPU time is read from /proc/{pid}/stat)");
+        return Err(crate::exit::usage(format!(
+            "{flag} {pid}: no such process on this machine (its CPU time is read from /proc/{pid}/stat)"
+        )));
     }
     Ok(())
 }
@@ -337,9 +345,13 @@ pub async fn measure(shape: Shape, server: Server<'_>) -> Result<Floor> {
     let (addr, child) = match server {
         Server::Running(addr) => (addr.to_string(), None),
         Server::Start { placed_like } => {
-            let (addr, child) = start_server(shape.reply, placed_like).await?;
-            (addr, Some(child))
+            let (addr, child, placed) = start_server(shape.reply, placed_like).await?;
+            (addr, Some((child, placed)))
         }
+    };
+    let (child, placed) = match child {
+        Some((child, placed)) => (Some(child), placed),
+        None => (None, false),
     };
     let pid = child.as_ref().and_then(Child::id);
     let mut streams = Vec::with_capacity(shape.connections as usize);
@@ -375,6 +387,7 @@ pub async fn measure(shape: Shape, server: Server<'_>) -> Result<Floor> {
         latency,
         server_cpu_s: cpu.other,
         client_cpu_s: cpu.own,
+        placed,
     })
 }
 
@@ -395,7 +408,7 @@ pub enum Server<'a> {
 
 /// Starts `txmq bench echo-server` (this same binary) on a free loopback
 /// port; killed when the handle is dropped.
-async fn start_server(reply: usize, placed_like: Option<u32>) -> Result<(String, Child)> {
+async fn start_server(reply: usize, placed_like: Option<u32>) -> Result<(String, Child, bool)> {
     let exe =
         std::env::current_exe().context("cannot find the txmq binary to start the echo server")?;
     let mut command = Command::new(exe);
@@ -408,8 +421,8 @@ async fn start_server(reply: usize, placed_like: Option<u32>) -> Result<(String,
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
-    let mut child =
-        on_cpus_of(placed_like, || command.spawn()).context("cannot start the echo server")?;
+    let (spawned, placed) = on_cpus_of(placed_like, || command.spawn())?;
+    let mut child = spawned.context("cannot start the echo server")?;
     let stdout = child
         .stdout
         .take()
@@ -420,41 +433,62 @@ async fn start_server(reply: usize, placed_like: Option<u32>) -> Result<(String,
         .await
         .context("cannot read the echo server's address")?;
     match line.trim().strip_prefix(LISTENING) {
-        Some(addr) => Ok((addr.to_string(), child)),
+        Some(addr) => Ok((addr.to_string(), child, placed)),
         None => bail!("the echo server did not say where it listens: {line:?}"),
     }
 }
 
 /// Runs `spawn` on this thread allowed only the CPUs process `pid` may
 /// run on, so that the process it starts inherits them; then gives the
-/// thread its CPUs back. Without `pid`, or when the CPUs cannot be read
-/// or taken (the process is gone, or this one may not run there), `spawn`
-/// runs where this thread does.
+/// thread its CPUs back. Also says whether it did: without `pid`, or when
+/// the CPUs cannot be read or taken (the process is gone, or this one may
+/// not run there), `spawn` runs where this thread does.
+///
+/// # Errors
+/// When the thread cannot get its own CPUs back: the measurement that
+/// follows would run on the broker's.
 #[cfg(target_os = "linux")]
-fn on_cpus_of<T>(pid: Option<u32>, spawn: impl FnOnce() -> T) -> T {
-    use nix::sched::{sched_getaffinity, sched_setaffinity};
+fn on_cpus_of<T>(pid: Option<u32>, spawn: impl FnOnce() -> T) -> Result<(T, bool)> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
-    let this = Pid::from_raw(0);
-    let placed = pid
-        .and_then(|p| i32::try_from(p).ok())
-        .and_then(|p| sched_getaffinity(Pid::from_raw(p)).ok())
-        .and_then(|theirs| {
-            let ours = sched_getaffinity(this).ok()?;
-            sched_setaffinity(this, &theirs).ok().map(|()| ours)
-        });
-    let out = spawn();
-    if let Some(ours) = placed {
-        if let Err(e) = sched_setaffinity(this, &ours) {
-            tracing::warn!(error = %e, "cannot give this thread its CPUs back after starting the echo server");
+
+    /// Gives the thread its CPUs back, also if `spawn` panics.
+    struct Restore(Option<CpuSet>);
+    impl Restore {
+        fn now(&mut self) -> nix::Result<()> {
+            match self.0.take() {
+                Some(ours) => sched_setaffinity(Pid::from_raw(0), &ours),
+                None => Ok(()),
+            }
         }
     }
-    out
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = self.now();
+        }
+    }
+
+    let this = Pid::from_raw(0);
+    let mut restore = Restore(
+        pid.and_then(|p| i32::try_from(p).ok())
+            .and_then(|p| sched_getaffinity(Pid::from_raw(p)).ok())
+            .and_then(|theirs| {
+                let ours = sched_getaffinity(this).ok()?;
+                sched_setaffinity(this, &theirs).ok().map(|()| ours)
+            }),
+    );
+    let placed = restore.0.is_some();
+    let out = spawn();
+    restore
+        .now()
+        .context("cannot give this thread its CPUs back after starting the echo server")?;
+    Ok((out, placed))
 }
 
 /// Elsewhere the echo server runs where this process does.
 #[cfg(not(target_os = "linux"))]
-fn on_cpus_of<T>(_pid: Option<u32>, spawn: impl FnOnce() -> T) -> T {
-    spawn()
+fn on_cpus_of<T>(_pid: Option<u32>, spawn: impl FnOnce() -> T) -> Result<(T, bool)> {
+    Ok((spawn(), false))
 }
 
 /// One connection's loop: `in_flight` requests written ahead, a new one
@@ -558,35 +592,46 @@ mod tests {
     fn a_process_started_on_the_cpus_of_another_gets_them_and_the_thread_keeps_its_own() {
         use nix::sched::{sched_setaffinity, CpuSet};
         use nix::unistd::Pid;
+
+        /// A child process, killed and reaped when dropped.
+        struct Sleeper(std::process::Child);
+        impl Drop for Sleeper {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
         let sleeper = || {
-            std::process::Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .unwrap()
+            let child = std::process::Command::new("sleep").arg("30").spawn();
+            Sleeper(child.unwrap())
         };
-        let mut model = sleeper();
+
         let mine = cpus(0);
-        let first = (0..CpuSet::count())
-            .find(|&c| mine.is_set(c).unwrap())
-            .unwrap();
+        let allowed: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| mine.is_set(c).unwrap())
+            .collect();
+        if allowed.len() < 2 {
+            eprintln!("one CPU allowed: another set cannot be told from this thread's; skipped");
+            return;
+        }
+        let model = sleeper();
         let mut only_first = CpuSet::new();
-        only_first.set(first).unwrap();
-        let model_pid = Pid::from_raw(i32::try_from(model.id()).unwrap());
+        only_first.set(allowed[0]).unwrap();
+        let model_pid = Pid::from_raw(i32::try_from(model.0.id()).unwrap());
         sched_setaffinity(model_pid, &only_first).unwrap();
 
-        let mut placed = on_cpus_of(Some(model.id()), sleeper);
-        assert_eq!(cpus(placed.id()), only_first);
+        let (placed, was) = on_cpus_of(Some(model.0.id()), sleeper).unwrap();
+        assert!(was);
+        assert_eq!(cpus(placed.0.id()), only_first);
         assert_eq!(cpus(0), mine, "the thread got its own CPUs back");
 
         // No such process, or none given: where this thread runs.
-        let mut anywhere = on_cpus_of(Some(u32::MAX / 2), sleeper);
-        assert_eq!(cpus(anywhere.id()), mine);
-        let mut unplaced = on_cpus_of(None, sleeper);
-        assert_eq!(cpus(unplaced.id()), mine);
-        for child in [&mut model, &mut placed, &mut anywhere, &mut unplaced] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let (anywhere, was) = on_cpus_of(Some(u32::MAX / 2), sleeper).unwrap();
+        assert!(!was);
+        assert_eq!(cpus(anywhere.0.id()), mine);
+        let (unplaced, was) = on_cpus_of(None, sleeper).unwrap();
+        assert!(!was);
+        assert_eq!(cpus(unplaced.0.id()), mine);
     }
 
     #[test]

@@ -202,11 +202,6 @@ impl Timing {
     }
 }
 
-/// A usage error (exit 2).
-fn usage(message: impl Into<String>) -> anyhow::Error {
-    crate::exit::with_code(crate::exit::USAGE, message)
-}
-
 impl LoadArgs {
     /// Checks what clap cannot.
     ///
@@ -215,19 +210,19 @@ impl LoadArgs {
     pub fn validate(&self) -> Result<()> {
         if let Some(rate) = self.rate {
             if !(rate.is_finite() && rate > 0.0) {
-                return Err(usage(
+                return Err(crate::exit::usage(
                     "--rate must be a number of messages per second above 0",
                 ));
             }
         }
         if self.count == Some(0) {
-            return Err(usage("--count must be above 0"));
+            return Err(crate::exit::usage("--count must be above 0"));
         }
         if self.duration.is_some_and(|d| d.is_zero()) {
-            return Err(usage("--duration must be above 0"));
+            return Err(crate::exit::usage("--duration must be above 0"));
         }
         if let Some(clients) = self.clients.filter(|c| *c > self.producers) {
-            return Err(usage(format!(
+            return Err(crate::exit::usage(format!(
                 "--clients {clients} is more than --producers {}: each client is driven by at least one producer",
                 self.producers
             )));

@@ -141,13 +141,17 @@ impl Ratios {
             .into_iter()
             .all(share)
         {
-            bail!("ratios must be between 0 and 1");
+            return Err(crate::exit::usage("ratios must be between 0 and 1"));
         }
         if r.rollback + r.unknown > 1.0 + 1e-9 {
-            bail!("--rollback-ratio plus --unknown-ratio must not exceed 1");
+            return Err(crate::exit::usage(
+                "--rollback-ratio plus --unknown-ratio must not exceed 1",
+            ));
         }
         if r.check_rollback + r.check_unknown > 1.0 + 1e-9 {
-            bail!("--check-rollback-ratio plus --check-unknown-ratio must not exceed 1");
+            return Err(crate::exit::usage(
+                "--check-rollback-ratio plus --check-unknown-ratio must not exceed 1",
+            ));
         }
         Ok(r)
     }

@@ -42,12 +42,7 @@ pub fn bad_group(ctx: &Ctx, group: &str, title: &str) -> Option<Response> {
 
 /// A group name as a URL may carry it: 1 to 255 printable characters.
 fn group_check(group: &str) -> Result<(), String> {
-    if group.is_empty() || group.len() > 255 {
-        return Err(format!(
-            "a group name has 1 to 255 characters, not {}",
-            group.len()
-        ));
-    }
+    crate::args::parse_group(group)?;
     if let Some(c) = group.chars().find(|c| c.is_control()) {
         return Err(format!("a group name has no control characters ({c:?})"));
     }

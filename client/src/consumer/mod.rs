@@ -462,11 +462,16 @@ impl Shared {
     }
 }
 
+/// Whether `info` names brokers but none lets the topic be read.
+pub(crate) fn unreadable(info: &RouteInfo) -> bool {
+    info.readable.is_empty() && !info.route.brokers.is_empty()
+}
+
 /// Warns that `topic`'s route names brokers but none lets it be read
 /// (write only): none of its queues is read until its permission includes
 /// read again.
 pub(crate) fn warn_if_unreadable(topic: &str, info: &RouteInfo) {
-    if info.readable.is_empty() && !info.route.brokers.is_empty() {
+    if unreadable(info) {
         tracing::warn!(%topic, "the topic may not be read on any of its brokers (write only); waiting until it may");
     }
 }

@@ -60,6 +60,27 @@ pub async fn wait_for_route(ns: &str, topic: &str, brokers: &[&str]) {
     admin.close().await.unwrap();
 }
 
+/// Waits (up to 10 s) until the nameserver routes `topic` with permission
+/// `perm` on every broker: a topic's permission changed by `topic create`
+/// reaches the nameserver with the broker's next registration.
+pub async fn wait_for_perm(ns: &str, topic: &str, perm: u8) {
+    let admin = txmq::Admin::connect([ns]).await.expect("admin connects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(route) = admin.route(topic).await {
+            if !route.brokers.is_empty() && route.brokers.iter().all(|b| b.perm == perm) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never routed with permission {perm}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admin.close().await.unwrap();
+}
+
 /// Runs `txmq --nameserver NS ARGS` off the runtime's worker threads (the
 /// in-process cluster needs them meanwhile).
 pub async fn txmq(ns: &str, args: &[&str], stdin: Option<&str>) -> Output {

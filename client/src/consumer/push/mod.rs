@@ -220,6 +220,7 @@ pub(crate) struct Settings {
     pub(crate) local_retry_delay: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) require_readable: bool,
 }
 
 /// A subscribed topic with its parsed tag expression.
@@ -386,6 +387,7 @@ impl Default for PushConsumerBuilder {
                 local_retry_delay: Duration::from_secs(1),
                 drain_timeout: Duration::from_secs(10),
                 request_timeout: ClientConfig::default().request_timeout,
+                require_readable: false,
             },
         }
     }
@@ -430,6 +432,16 @@ impl PushConsumerBuilder {
     /// At least once (default) or at most once.
     pub fn delivery_mode(mut self, mode: DeliveryMode) -> Self {
         self.settings.mode = mode;
+        self
+    }
+
+    /// Fail at start with [`Error::NoQueue`] when a subscribed topic is
+    /// served but may be read on none of its brokers (write only): the
+    /// brokers assign none of its queues, so the consumer would only wait
+    /// until the topic is readable again. Default: start, with a warning.
+    /// A topic with no route yet is waited for either way.
+    pub fn require_readable(mut self, require: bool) -> Self {
+        self.settings.require_readable = require;
         self
     }
 
@@ -598,6 +610,15 @@ impl PushConsumerBuilder {
         let mut reached = None;
         for sub in shared.subs.iter().filter(|s| !s.topic.starts_with('%')) {
             match shared.routes.get(&sub.topic).await {
+                Ok(info)
+                    if crate::consumer::unreadable(&info) && shared.settings.require_readable =>
+                {
+                    shared.pool.close();
+                    return Err(Error::NoQueue {
+                        topic: sub.topic.clone(),
+                        what: "readable",
+                    });
+                }
                 Ok(info) => {
                     crate::consumer::warn_if_unreadable(&sub.topic, &info);
                     reached = Some(Ok(()));
