@@ -25,22 +25,13 @@ fn body(m: &ReceivedMessage) -> String {
     String::from_utf8_lossy(m.body()).into_owned()
 }
 
-/// A push consumer in `group` on `topic` with test timings, recording
-/// every message it handles successfully into `seen`.
-async fn recorder(
-    ns: &str,
-    group: &str,
-    topic: &str,
-    tags: &str,
-    seen: &Seen,
-    orderly: bool,
-) -> PushConsumer {
-    let every = Duration::from_millis(300);
-    recorder_every(ns, group, topic, tags, seen, orderly, every).await
-}
+/// How often the tests' consumers rebalance, unless a test says otherwise.
+const REBALANCE: Duration = Duration::from_millis(300);
 
-/// [`recorder`] rebalancing every `rebalance` instead of every 300 ms.
-async fn recorder_every(
+/// A push consumer in `group` on `topic` with test timings (rebalancing
+/// every `rebalance`), recording every message it handles successfully
+/// into `seen`.
+async fn recorder(
     ns: &str,
     group: &str,
     topic: &str,
@@ -575,8 +566,8 @@ async fn orderly_consumers_see_each_keys_messages_in_send_order_across_a_restart
     let ns = cluster.nameserver.clone();
     create_topic(&ns, "orders", 8).await;
     let seen: Seen = Arc::default();
-    let first = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
-    let second = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
+    let first = recorder(&ns, "shipping", "orders", "*", &seen, true, REBALANCE).await;
+    let second = recorder(&ns, "shipping", "orders", "*", &seen, true, REBALANCE).await;
 
     // 4 producers, 5,000 messages over 50 keys; a key belongs to one
     // producer, which sends its messages one after the other.
@@ -611,7 +602,7 @@ async fn orderly_consumers_see_each_keys_messages_in_send_order_across_a_restart
     .await;
     let old_first = first.client_id().to_string();
     first.shutdown().await.expect("final commits");
-    let first = recorder(&ns, "shipping", "orders", "*", &seen, true).await;
+    let first = recorder(&ns, "shipping", "orders", "*", &seen, true, REBALANCE).await;
     eprintln!(
         "old first {old_first}, second {}, new first {}",
         second.client_id(),
@@ -673,8 +664,8 @@ async fn a_tag_filter_delivers_only_matching_tags() {
     create_topic(&ns, "events", 2).await;
     let only_a: Seen = Arc::default();
     let a_or_c: Seen = Arc::default();
-    let ca = recorder(&ns, "ga", "events", "a", &only_a, false).await;
-    let cac = recorder(&ns, "gac", "events", "a || c", &a_or_c, false).await;
+    let ca = recorder(&ns, "ga", "events", "a", &only_a, false, REBALANCE).await;
+    let cac = recorder(&ns, "gac", "events", "a || c", &a_or_c, false, REBALANCE).await;
     let producer = cluster.producer().await;
     for i in 0..300 {
         let tag = ["a", "b", "c"][i % 3];
@@ -752,7 +743,7 @@ async fn a_write_only_topics_queues_are_assigned_once_it_may_be_read() {
     let inbox = |c: &PushConsumer| c.queues().iter().filter(|q| q.topic == "inbox").count();
     let seen: Seen = Arc::default();
     let slow = Duration::from_secs(60);
-    let consumer = recorder_every(&ns, "g", "inbox", "*", &seen, false, slow).await;
+    let consumer = recorder(&ns, "g", "inbox", "*", &seen, false, slow).await;
     assert_eq!(inbox(&consumer), 0);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(inbox(&consumer), 0);
@@ -906,7 +897,7 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
 
     // A running group is refused.
     let seen: Seen = Arc::default();
-    let running = recorder(&ns, "auditors", "audit", "*", &seen, false).await;
+    let running = recorder(&ns, "auditors", "audit", "*", &seen, false, REBALANCE).await;
     let out = txmq(&ns, &reset, None).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
