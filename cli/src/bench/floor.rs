@@ -342,16 +342,12 @@ fn read_both(pid: Option<u32>) -> (Option<u64>, Option<u64>) {
 /// # Errors
 /// When the server cannot be started or reached.
 pub async fn measure(shape: Shape, server: Server<'_>) -> Result<Floor> {
-    let (addr, child) = match server {
-        Server::Running(addr) => (addr.to_string(), None),
+    let (addr, child, placed) = match server {
+        Server::Running(addr) => (addr.to_string(), None, false),
         Server::Start { placed_like } => {
             let (addr, child, placed) = start_server(shape.reply, placed_like).await?;
-            (addr, Some((child, placed)))
+            (addr, Some(child), placed)
         }
-    };
-    let (child, placed) = match child {
-        Some((child, placed)) => (Some(child), placed),
-        None => (None, false),
     };
     let pid = child.as_ref().and_then(Child::id);
     let mut streams = Vec::with_capacity(shape.connections as usize);
