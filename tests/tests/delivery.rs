@@ -1,11 +1,14 @@
 //! Delivery through a real nameserver and broker: every message exactly
 //! once and in order within its queue; offsets survive a restart.
 
-use std::collections::HashMap;
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use txmq::Message;
+use txmq::{Message, PullConsumer, PERM_READ_WRITE, PERM_WRITE};
 use txmq_broker::FlushMode;
+use txmq_tests::metrics::{http_get, sample};
 use txmq_tests::{consume_all, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,5 +154,133 @@ async fn committed_offsets_survive_a_broker_restart() {
         "resumes right after the committed offset"
     );
     assert_eq!(rest.len(), 1000 - committed);
+    cluster.shutdown().await;
+}
+
+/// The pulls a broker has served or refused so far, from its metrics.
+fn pulls(metrics: &str) -> f64 {
+    let (_, text) = http_get(metrics, "/metrics").expect("metrics answer");
+    sample(&text, "txmq_pull_latency_seconds_count").unwrap_or(0.0)
+}
+
+/// Polls `consumer` until `n` messages came (10 s at most); body -> times.
+async fn receive(consumer: &mut PullConsumer, n: usize, seen: &mut BTreeMap<String, u32>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut got = 0;
+    while got < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {got} of {n} messages arrived"
+        );
+        for m in consumer
+            .poll_at_most(n - got, Duration::from_millis(200))
+            .await
+            .unwrap()
+        {
+            got += 1;
+            *seen.entry(common::body_text(&m)).or_default() += 1;
+        }
+    }
+}
+
+/// A topic made write only while a pull consumer reads it: the consumer
+/// stops pulling its queues (the broker gets no pull at all, `queues` lists
+/// none) and, once the topic may be read again, goes on where it stopped:
+/// what was sent meanwhile arrives, and nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_stopped() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+    let metrics = cluster.brokers[0]
+        .metrics_addr()
+        .expect("metrics served")
+        .to_string();
+    let ns = cluster.nameserver.clone();
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("feed", 2, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    common::wait_for_perm(&ns, "feed", PERM_READ_WRITE).await;
+    let producer = cluster.producer().await;
+    let send = |range: std::ops::Range<u32>| {
+        let producer = &producer;
+        async move {
+            for i in range {
+                producer
+                    .send(Message::new("feed", format!("m{i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    send(0..6).await;
+    let max_wait = Duration::from_millis(300);
+    let mut consumer = PullConsumer::builder()
+        .nameserver(&ns)
+        .group("g")
+        .topic("feed")
+        .max_wait(max_wait)
+        .route_refresh_interval(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    receive(&mut consumer, 6, &mut seen).await;
+    assert_eq!(consumer.queues().len(), 2);
+
+    // Write only: the queues leave `queues` with the next route refresh.
+    // A long poll still waiting at the broker is answered as a new pull
+    // would be (refused) when a message wakes it or its wait ends; after
+    // that the broker is asked for nothing more.
+    admin
+        .create_topic("feed", 2, PERM_WRITE, None)
+        .await
+        .unwrap();
+    common::wait_until(
+        "the queues are no longer read",
+        Duration::from_secs(5),
+        || {
+            let empty = consumer.queues().is_empty();
+            async move { empty }
+        },
+    )
+    .await;
+    send(6..10).await;
+    tokio::time::sleep(max_wait * 2).await;
+    let before = pulls(&metrics);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        pulls(&metrics),
+        before,
+        "a write-only topic's queues were pulled"
+    );
+    assert!(consumer
+        .poll(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Readable again: what was sent meanwhile arrives, nothing twice.
+    admin
+        .create_topic("feed", 2, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    receive(&mut consumer, 4, &mut seen).await;
+    assert!(consumer
+        .poll(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(consumer.queues().len(), 2);
+    let want: BTreeMap<String, u32> = (0..10).map(|i| (format!("m{i}"), 1)).collect();
+    assert_eq!(seen, want);
+    consumer.shutdown().await.unwrap();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
     cluster.shutdown().await;
 }

@@ -95,6 +95,11 @@ pub(super) async fn handle(
             && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
             if waited {
+                // Checked again as a new pull would be: the topic may have
+                // become write only, or the queue another member's, while
+                // this one waited.
+                let config = existing_queue(b, &req.topic, req.queue)?;
+                super::check_perm(b, &config, PERM_READ)?;
                 super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
             }
             b.metrics.messages_out(

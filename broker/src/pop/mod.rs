@@ -304,6 +304,9 @@ pub(crate) async fn receive(
                 return Err(WireError::new(ErrorCode::StoreUnavailable, "the broker is shutting down"));
             }
         }
+        // Checked again as a new receive would be: the topic may have
+        // become write only (or been deleted) while this one waited.
+        check_place(b, &r.group, &r.topic, r.queue)?;
     }
 }
 

@@ -76,6 +76,42 @@ async fn a_write_only_topic_refuses_a_receive() {
     broker.shutdown().await;
 }
 
+/// A long poll that waits while its topic becomes write only is refused
+/// when it wakes, as a new receive would be; the message that woke it
+/// stays for when the topic may be read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_is_refused_once_its_topic_became_write_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move {
+            receive(
+                &b,
+                request(4, Duration::from_secs(30), Duration::from_secs(10)),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    crate::handler::topic::create_topic_now(&b, "orders", 2, PERM_WRITE, true).unwrap();
+    let started = Instant::now();
+    send(&b, 1, "kept").await;
+    let e = waiting.await.unwrap().unwrap_err();
+    assert_eq!(e.code, ErrorCode::NoPermission, "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "woken by the arrival"
+    );
+    crate::handler::topic::create_topic_now(&b, "orders", 2, PERM_READ_WRITE, true).unwrap();
+    let got = receive(&b, request(4, Duration::from_secs(30), Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["kept"]);
+    broker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn received_messages_come_back_after_their_invisible_time_until_acked() {
     let dir = tempfile::tempdir().unwrap();

@@ -54,7 +54,10 @@
 //! group both read everything). Queues that appear later (a new broker, more
 //! queues, or a topic that did not exist when the consumer started) are picked
 //! up by the periodic route refresh and read from their first message when
-//! the group has no offset there.
+//! the group has no offset there. A queue whose broker the route lists
+//! without read permission (a topic made write only while the consumer
+//! runs) is not pulled: its reader waits, at its position, until a refresh
+//! lists it as readable again, and then goes on from there.
 
 mod offsets;
 mod pull_step;
@@ -68,10 +71,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
-use txmq_protocol::{validate_topic_name, CommitOffset, MsgId, Role, StoredMessage};
+use txmq_protocol::{
+    validate_topic_name, CommitOffset, MsgId, Role, StoredMessage, TopicRoute, PERM_READ,
+};
 
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
@@ -314,6 +319,7 @@ impl PullConsumerBuilder {
             brokers: ReadTargets::default(),
             offsets: Mutex::new(OffsetTable::default()),
             readers: Mutex::new(HashSet::new()),
+            unreadable: watch::Sender::new(HashSet::new()),
             tx,
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
@@ -392,6 +398,9 @@ pub(crate) struct Shared {
     pub(crate) brokers: ReadTargets,
     offsets: Mutex<OffsetTable>,
     readers: Mutex<HashSet<QueueKey>>,
+    /// The queues read whose broker the latest route lists without read
+    /// permission: their readers wait without pulling.
+    unreadable: watch::Sender<HashSet<QueueKey>>,
     pub(crate) tx: mpsc::Sender<Fetched>,
     pub(crate) cancel: CancellationToken,
     tracker: TaskTracker,
@@ -417,24 +426,49 @@ impl Shared {
         self.brokers.connect(&self.pool, &key.broker_name).await
     }
 
-    /// Notes the brokers of `info` and starts a reader for each readable
-    /// queue not read yet. With `initial`, the start offsets are asked for
-    /// before returning, from that position; later queues start at their
-    /// first message when the group has no offset.
+    /// Notes the brokers of `info`, which queues read it lists as not
+    /// readable, and starts a reader for each readable queue not read yet.
+    /// With `initial`, the start offsets are asked for before returning,
+    /// from that position; later queues start at their first message when
+    /// the group has no offset.
     async fn adopt_route(self: &Arc<Self>, info: &RouteInfo, initial: Option<ConsumeFrom>) {
         for b in &info.route.brokers {
             self.brokers.update(b);
         }
         let new: Vec<QueueKey> = {
             let mut readers = lock(&self.readers);
-            info.readable
+            let new = info
+                .readable
                 .iter()
                 .map(|q| QueueKey {
                     broker_name: q.broker_name.clone(),
                     queue: q.queue,
                 })
                 .filter(|k| readers.insert(k.clone()))
-                .collect()
+                .collect();
+            let unreadable: HashSet<QueueKey> = readers
+                .iter()
+                .filter(|k| listed_unreadable(&info.route, k))
+                .cloned()
+                .collect();
+            self.unreadable.send_if_modified(|now| {
+                if *now == unreadable {
+                    return false;
+                }
+                let (stopped, resumed) = (
+                    unreadable.difference(now).count(),
+                    now.difference(&unreadable).count(),
+                );
+                if stopped > 0 {
+                    tracing::warn!(topic = %self.topic, queues = stopped, "the route no longer lets queues of the topic be read (write only); they are not pulled until it does");
+                }
+                if resumed > 0 {
+                    tracing::info!(topic = %self.topic, queues = resumed, "queues of the topic may be read again; pulling them from where they stopped");
+                }
+                *now = unreadable;
+                true
+            });
+            new
         };
         if new.is_empty() {
             return;
@@ -462,6 +496,18 @@ impl Shared {
     }
 }
 
+/// Whether `route` lists `key`'s broker but does not let `key` be read
+/// there: no read permission, or no such queue. A broker the route does
+/// not list (gone from the nameserver for now) is not such a refusal: its
+/// readers keep trying, as with any broker that does not answer.
+fn listed_unreadable(route: &TopicRoute, key: &QueueKey) -> bool {
+    route
+        .brokers
+        .iter()
+        .find(|b| b.broker_name == key.broker_name)
+        .is_some_and(|b| b.perm & PERM_READ == 0 || key.queue >= b.queues)
+}
+
 /// Whether `info` names brokers but none lets the topic be read.
 pub(crate) fn unreadable(info: &RouteInfo) -> bool {
     info.readable.is_empty() && !info.route.brokers.is_empty()
@@ -480,7 +526,11 @@ pub(crate) fn warn_if_unreadable(topic: &str, info: &RouteInfo) {
 /// and starts readers for new queues.
 async fn refresh_routes(shared: Arc<Shared>) {
     loop {
-        let idle = lock(&shared.readers).is_empty();
+        // Nothing to read: look again soon.
+        let idle = {
+            let readers = lock(&shared.readers);
+            readers.is_empty() || readers.len() == shared.unreadable.borrow().len()
+        };
         let wait = if idle {
             NO_ROUTE_REFRESH.min(shared.refresh_interval)
         } else {
@@ -520,9 +570,15 @@ impl PullConsumer {
         &self.shared.topic
     }
 
-    /// The queues being read, sorted.
+    /// The queues being read, sorted: the topic's queues the route lets
+    /// this consumer read (not those of a broker it lists as write only).
     pub fn queues(&self) -> Vec<QueueKey> {
-        let mut keys: Vec<QueueKey> = lock(&self.shared.readers).iter().cloned().collect();
+        let unreadable = self.shared.unreadable.borrow();
+        let mut keys: Vec<QueueKey> = lock(&self.shared.readers)
+            .iter()
+            .filter(|k| !unreadable.contains(*k))
+            .cloned()
+            .collect();
         keys.sort();
         keys
     }

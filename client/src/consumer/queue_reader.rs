@@ -41,6 +41,17 @@ pub(crate) async fn run(
     let mut failing = false;
     let mut trail = Trail::default();
     loop {
+        if shared.unreadable.borrow().contains(&*key) {
+            // The route lists the queue as not readable: no pull until it
+            // may be read, then on from the same position.
+            tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, "queue not readable; waiting");
+            let mut listed = shared.unreadable.subscribe();
+            tokio::select! {
+                r = listed.wait_for(|s| !s.contains(&*key)) => if r.is_err() { return },
+                _ = shared.cancel.cancelled() => return,
+            }
+            continue;
+        }
         let step = tokio::select! {
             r = pull_once(&shared, &key, &mut offset, &mut trail, from) => r,
             _ = shared.cancel.cancelled() => return,
