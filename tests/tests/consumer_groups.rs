@@ -773,6 +773,14 @@ async fn a_write_only_topics_queues_are_assigned_once_it_may_be_read() {
         inbox(&consumer) == 0
     })
     .await;
+    // And `group show` lists them with no owner.
+    let (_, queues) = owners(&ns, "g").await;
+    let inbox_owners: Vec<_> = queues
+        .iter()
+        .filter(|((_, t, _), _)| t == "inbox")
+        .map(|(_, o)| o.clone())
+        .collect();
+    assert_eq!(inbox_owners, [None, None]);
     send_numbered(&producer, "inbox", "m", 4..6).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(seen.lock().unwrap().len(), 4);
@@ -787,6 +795,14 @@ async fn a_write_only_topics_queues_are_assigned_once_it_may_be_read() {
     )
     .await;
     assert_eq!(inbox(&consumer), 2);
+    let (_, queues) = owners(&ns, "g").await;
+    assert!(
+        queues
+            .iter()
+            .filter(|((_, t, _), _)| t == "inbox")
+            .all(|(_, o)| o.is_some()),
+        "{queues:?}"
+    );
     let bodies: BTreeSet<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
     assert_eq!(bodies, (0..6).map(|i| format!("m{i}")).collect());
     assert_eq!(seen.lock().unwrap().len(), 6, "nothing twice");

@@ -251,7 +251,11 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
             };
             let committed = b.store.committed_offset(&req.group, &topic, queue);
             let max = q.max_offset();
-            let owner = owned.get(&(topic.clone(), queue)).cloned().flatten();
+            // A write-only topic's queues are assigned to nobody (see
+            // `heartbeat`), whoever last held them.
+            let owner = (config.perm & txmq_protocol::PERM_READ != 0)
+                .then(|| owned.get(&(topic.clone(), queue)).cloned().flatten())
+                .flatten();
             queues.push(GroupQueue {
                 topic: topic.clone(),
                 queue,
