@@ -364,6 +364,43 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
         }
     }
 
+    // Three rounds, each with its floor: the median round's figures, and
+    // every round's ratio listed in order.
+    let r = bench(
+        &ns,
+        &[
+            "produce",
+            "fl",
+            "--producers",
+            "2",
+            "--in-flight",
+            "1",
+            "--duration",
+            "200ms",
+            "--warmup",
+            "50ms",
+            "--compare-floor",
+            "--rounds",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(r["rounds"], 3, "{r}");
+    let ratios: Vec<f64> = r["rounds_floor_ratio"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap_or_else(|| panic!("{r}")))
+        .collect();
+    let rates = r["rounds_publish_rate_msg_s"].as_array().unwrap();
+    assert_eq!((ratios.len(), rates.len()), (3, 3), "{r}");
+    let chosen = r["round"].as_u64().unwrap() as usize;
+    assert_eq!(r["floor_ratio"].as_f64(), Some(ratios[chosen - 1]), "{r}");
+    assert_eq!(r["publish_rate_msg_s"], rates[chosen - 1], "{r}");
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(ratios[chosen - 1], sorted[1], "the median: {r}");
+
     // A broker process that is not there: a clear error before any load.
     let out = txmq(
         &ns,

@@ -57,7 +57,26 @@ pub struct ProduceArgs {
     /// measured with the same placement.
     #[arg(long, env = "TXMQ_BROKER_PID", value_name = "PID")]
     pub broker_pid: Option<u32>,
+
+    /// Measure this many times in a row (each with its warm-up, and with
+    /// --compare-floor each followed by the floor) and report the median
+    /// round: the one with the median `floor_ratio`, or without
+    /// --compare-floor the median publish rate (of an even number, the
+    /// lower of the middle two). The figures that vary most are also
+    /// listed for every round, in order (`rounds_floor_ratio`, ...).
+    #[arg(long, env = "TXMQ_ROUNDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
 }
+
+/// The figures listed for every round when there are several.
+const ROUND_FIGURES: [&str; 6] = [
+    "publish_rate_msg_s",
+    "floor_round_trip_rate_s",
+    "floor_ratio",
+    "p99_to_floor",
+    "client_cpu_to_floor",
+    "broker_cpu_to_floor",
+];
 
 /// What one producer task saw.
 #[derive(Debug, Clone, Default)]
@@ -190,7 +209,7 @@ pub async fn connect_producers(
     Ok(producers)
 }
 
-/// Runs the produce benchmark and prints its report.
+/// Runs the produce benchmark (`--rounds` times) and prints its report.
 ///
 /// # Errors
 /// When the cluster cannot be reached, or no message could be sent.
@@ -205,7 +224,79 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         Message::new(args.topic.clone(), body.clone())
     })
     .await?;
+    let mut rounds = Vec::new();
+    let mut failed = None;
+    for _ in 0..args.rounds {
+        let (report, stats) = measure_round(global, &args, &producers, &body).await?;
+        let none_sent = stats.messages == 0 && stats.errors > 0;
+        rounds.push(report);
+        if none_sent {
+            failed = Some(stats.first_error.unwrap_or_default());
+            break;
+        }
+    }
+    for p in &producers {
+        p.close().await.ok();
+    }
+    let report = match failed {
+        // The round that failed, as it is.
+        Some(_) => rounds.pop().context("a round ran")?,
+        None => median_round(rounds, args.compare_floor),
+    };
+    report.print(&Printer::stdout(global.output))?;
+    if let Some(e) = failed {
+        bail!("no message was sent: {e}");
+    }
+    Ok(())
+}
 
+/// The round with the median `floor_ratio` (`compare_floor`) or publish
+/// rate, with every round's [`ROUND_FIGURES`] added when there are several.
+fn median_round(mut rounds: Vec<Report>, compare_floor: bool) -> Report {
+    let n = rounds.len();
+    if n == 1 {
+        return rounds.remove(0);
+    }
+    let key = if compare_floor {
+        "floor_ratio"
+    } else {
+        "publish_rate_msg_s"
+    };
+    let value = |r: &Report, key: &str| r.get(key).and_then(serde_json::Value::as_f64);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (value(&rounds[a], key), value(&rounds[b], key));
+        a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let median = order[(n - 1) / 2];
+    let lists: Vec<(String, serde_json::Value)> = ROUND_FIGURES
+        .iter()
+        .filter(|k| rounds[0].get(k).is_some_and(|v| !v.is_null()))
+        .map(|k| {
+            let all: Vec<serde_json::Value> = rounds
+                .iter()
+                .map(|r| r.get(k).cloned().unwrap_or_default())
+                .collect();
+            (format!("rounds_{k}"), serde_json::Value::from(all))
+        })
+        .collect();
+    let mut report = rounds.swap_remove(median);
+    report
+        .field("rounds", n as u64)
+        .field("round", median as u64 + 1);
+    for (k, v) in lists {
+        report.field(&k, v);
+    }
+    report
+}
+
+/// One measured round over `producers`: its report and what was sent.
+async fn measure_round(
+    global: &GlobalArgs,
+    args: &ProduceArgs,
+    producers: &[Producer],
+    body: &Bytes,
+) -> Result<(Report, SendStats)> {
     let counters = Arc::new(Counters::default());
     let store_before = super::store_counters(global).await;
     let started = Instant::now();
@@ -243,9 +334,6 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
     progress.finish();
     let run_secs = started.elapsed().as_secs_f64();
     let store_after = super::store_counters(global).await;
-    for p in &producers {
-        p.close().await.ok();
-    }
 
     let mut report = super::new_report(global, "produce");
     report
@@ -298,14 +386,7 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         };
         super::floor::compare(&mut report, shape, measured).await?;
     }
-    report.print(&Printer::stdout(global.output))?;
-    if stats.messages == 0 && stats.errors > 0 {
-        bail!(
-            "no message was sent: {}",
-            stats.first_error.unwrap_or_default()
-        );
-    }
-    Ok(())
+    Ok((report, stats))
 }
 
 /// One producer's loop: `batch` messages per request with the shared body.
@@ -375,6 +456,44 @@ mod tests {
     struct ProduceOnly {
         #[command(flatten)]
         args: ProduceArgs,
+    }
+
+    fn rounds_of(figures: &[(f64, f64)]) -> Vec<Report> {
+        figures
+            .iter()
+            .map(|&(rate, ratio)| {
+                let mut r = Report::new("produce");
+                r.field("publish_rate_msg_s", rate)
+                    .field("floor_ratio", ratio)
+                    .field("broker_cpu_to_floor", serde_json::Value::Null);
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_median_round_is_reported_with_every_rounds_figures() {
+        let figures = [(100.0, 0.6), (90.0, 0.5), (80.0, 0.7), (70.0, 0.65)];
+        let r = median_round(rounds_of(&figures[..3]), true).json();
+        assert_eq!(r["round"], 1);
+        assert_eq!(r["rounds"], 3);
+        assert_eq!(r["floor_ratio"], 0.6);
+        assert_eq!(r["rounds_floor_ratio"], serde_json::json!([0.6, 0.5, 0.7]));
+        assert_eq!(
+            r["rounds_publish_rate_msg_s"],
+            serde_json::json!([100.0, 90.0, 80.0])
+        );
+        // A figure no round has is not listed.
+        assert!(r.get("rounds_broker_cpu_to_floor").is_none(), "{r}");
+        // Without the floor, by the rate; of four, the lower middle one.
+        let r = median_round(rounds_of(&figures), false).json();
+        assert_eq!(
+            (r["round"].as_u64(), r["publish_rate_msg_s"].as_f64()),
+            (Some(3), Some(80.0))
+        );
+        // One round is reported as it is.
+        let r = median_round(rounds_of(&figures[..1]), true).json();
+        assert!(r.get("rounds").is_none(), "{r}");
     }
 
     #[test]

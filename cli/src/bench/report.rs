@@ -37,6 +37,11 @@ impl Report {
         self
     }
 
+    /// A figure added before.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
     /// Adds `<prefix>_rate_msg_s` and `<prefix>_rate_mb_s` for `messages`
     /// of `bytes` in `secs`.
     pub fn rates(&mut self, prefix: &str, messages: u64, bytes: u64, secs: f64) -> &mut Report {
