@@ -160,7 +160,7 @@ async fn committed_offsets_survive_a_broker_restart() {
 /// The pulls a broker has served or refused so far, from its metrics.
 fn pulls(metrics: &str) -> f64 {
     let (_, text) = http_get(metrics, "/metrics").expect("metrics answer");
-    sample(&text, "txmq_pull_latency_seconds_count").unwrap_or(0.0)
+    sample(&text, "txmq_pull_latency_seconds_count").expect("pulls are counted")
 }
 
 /// Polls `consumer` until `n` messages came (10 s at most); body -> times.
@@ -186,7 +186,9 @@ async fn receive(consumer: &mut PullConsumer, n: usize, seen: &mut BTreeMap<Stri
 /// A topic made write only while a pull consumer reads it: the consumer
 /// stops pulling its queues (the broker gets no pull at all, `queues` lists
 /// none) and, once the topic may be read again, goes on where it stopped:
-/// what was sent meanwhile arrives, and nothing twice.
+/// what was sent meanwhile arrives, and nothing twice. The route refresh
+/// keeps its default 30 s: the first refused pull asks for the route at
+/// once, and while nothing may be read the route is asked for every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_stopped() {
     let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
@@ -225,7 +227,6 @@ async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_s
         .group("g")
         .topic("feed")
         .max_wait(max_wait)
-        .route_refresh_interval(Duration::from_millis(200))
         .build()
         .await
         .unwrap();
@@ -233,14 +234,15 @@ async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_s
     receive(&mut consumer, 6, &mut seen).await;
     assert_eq!(consumer.queues().len(), 2);
 
-    // Write only: the queues leave `queues` with the next route refresh.
-    // A long poll still waiting at the broker is answered as a new pull
-    // would be (refused) when a message wakes it or its wait ends; after
-    // that the broker is asked for nothing more.
+    // Write only: the long polls waiting at the broker are refused when
+    // their wait ends, as new pulls would be; the route, asked for then,
+    // takes the queues out of `queues`, and the broker is asked for
+    // nothing more.
     admin
         .create_topic("feed", 2, PERM_WRITE, None)
         .await
         .unwrap();
+    common::wait_for_perm(&ns, "feed", PERM_WRITE).await;
     common::wait_until(
         "the queues are no longer read",
         Duration::from_secs(5),
@@ -253,6 +255,7 @@ async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_s
     send(6..10).await;
     tokio::time::sleep(max_wait * 2).await;
     let before = pulls(&metrics);
+    assert!(before >= 2.0, "{before} pulls");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         pulls(&metrics),
@@ -280,6 +283,70 @@ async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_s
     let want: BTreeMap<String, u32> = (0..10).map(|i| (format!("m{i}"), 1)).collect();
     assert_eq!(seen, want);
     consumer.shutdown().await.unwrap();
+    producer.close().await.unwrap();
+    admin.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
+/// A long poll waiting at the broker while its topic becomes write only is
+/// refused when a message wakes it, as a new pull would be, rather than
+/// handed the message; the message stays for when the topic may be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_long_poll_is_refused_once_its_topic_became_write_only() {
+    use txmq_protocol::{ErrorCode, PullRequest, Role};
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("held", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    common::wait_for_perm(&ns, "held", PERM_READ_WRITE).await;
+    let addr = cluster.brokers[0].local_addr().to_string();
+    let conn = common::connect_as(&addr, Role::Consumer).await;
+    let pull = |max_wait_ms| PullRequest {
+        topic: "held".into(),
+        queue: 0,
+        offset: 0,
+        max_messages: 8,
+        max_wait_ms,
+        tag_filter: Vec::new(),
+        owner: None,
+        epoch: 0,
+        after: None,
+    };
+    let waiting = tokio::spawn({
+        let conn = conn.clone();
+        let pull = pull(10_000);
+        async move { conn.call_with_timeout(pull, Duration::from_secs(15)).await }
+    });
+    // Long enough for the pull to reach the broker and wait there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    admin
+        .create_topic("held", 1, PERM_WRITE, None)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let producer = cluster.producer().await;
+    producer.send(Message::new("held", "kept")).await.unwrap();
+    let e = waiting.await.unwrap().expect_err("a refusal");
+    assert_eq!(
+        e.remote().map(|w| w.code),
+        Some(ErrorCode::NoPermission),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "woken by the message, not at the end of its wait"
+    );
+    admin
+        .create_topic("held", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let r = conn.call(pull(0)).await.unwrap();
+    let bodies: Vec<&[u8]> = r.messages.iter().map(|m| &m.message.body[..]).collect();
+    assert_eq!(bodies, [b"kept"]);
+    conn.close();
     producer.close().await.unwrap();
     admin.close().await.unwrap();
     cluster.shutdown().await;

@@ -253,9 +253,11 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
             let max = q.max_offset();
             // A write-only topic's queues are assigned to nobody (see
             // `heartbeat`), whoever last held them.
-            let owner = (config.perm & txmq_protocol::PERM_READ != 0)
-                .then(|| owned.get(&(topic.clone(), queue)).cloned().flatten())
-                .flatten();
+            let owner = owned
+                .get(&(topic.clone(), queue))
+                .cloned()
+                .flatten()
+                .filter(|_| config.perm & PERM_READ != 0);
             queues.push(GroupQueue {
                 topic: topic.clone(),
                 queue,

@@ -34,12 +34,10 @@ pub(super) async fn handle(
 ) -> Result<PullResult, WireError> {
     // Working time only: a long poll restarts it when it wakes up.
     let mut timer = crate::metrics::Timer::start(&b.metrics.pull_latency);
-    let config = existing_queue(b, &req.topic, req.queue)?;
-    super::check_perm(b, &config, PERM_READ)?;
+    check_readable(b, conn, &req)?;
     if req.tag_filter.len() > MAX_TAGS {
         return Err(bad_argument(format!("at most {MAX_TAGS} tags in a filter")));
     }
-    super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
     if req.max_messages == 0 || req.max_messages > MAX_MESSAGES {
         return Err(bad_argument(format!(
             "max messages must be between 1 and {MAX_MESSAGES}"
@@ -95,12 +93,9 @@ pub(super) async fn handle(
             && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
             if waited {
-                // Checked again as a new pull would be: the topic may have
-                // become write only, or the queue another member's, while
-                // this one waited.
-                let config = existing_queue(b, &req.topic, req.queue)?;
-                super::check_perm(b, &config, PERM_READ)?;
-                super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)?;
+                // The topic may have become write only, or the queue
+                // another member's, while this one waited.
+                check_readable(b, conn, &req)?;
             }
             b.metrics.messages_out(
                 &req.topic,
@@ -135,6 +130,15 @@ pub(super) async fn handle(
             ));
         }
     }
+}
+
+/// Checks that `req`'s queue exists and may be read, by this connection's
+/// member when the pull names an owner: when a pull starts, and again
+/// before it answers after waiting, as a new pull would be checked.
+fn check_readable(b: &BrokerInner, conn: &Connection, req: &PullRequest) -> Result<(), WireError> {
+    let config = existing_queue(b, &req.topic, req.queue)?;
+    super::check_perm(b, &config, PERM_READ)?;
+    super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)
 }
 
 /// A reader last answered by an earlier run of this broker whose last

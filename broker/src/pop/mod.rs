@@ -305,7 +305,10 @@ pub(crate) async fn receive(
             }
         }
         // Checked again as a new receive would be: the topic may have
-        // become write only (or been deleted) while this one waited.
+        // become write only (or been deleted), or this broker a slave,
+        // while this one waited. (Its queues stay those counted at the
+        // start: a topic's queues are never fewer.)
+        check_writable(b)?;
         check_place(b, &r.group, &r.topic, r.queue)?;
     }
 }

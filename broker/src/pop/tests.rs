@@ -94,7 +94,12 @@ async fn a_long_poll_is_refused_once_its_topic_became_write_only() {
             .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Until the receive has looked at the queues (and waits).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.pop.looks.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the receive never looked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     crate::handler::topic::create_topic_now(&b, "orders", 2, PERM_WRITE, true).unwrap();
     let started = Instant::now();
     send(&b, 1, "kept").await;

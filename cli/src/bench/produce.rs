@@ -69,8 +69,9 @@ pub struct ProduceArgs {
 }
 
 /// The figures listed for every round when there are several.
-const ROUND_FIGURES: [&str; 6] = [
+const ROUND_FIGURES: [&str; 7] = [
     "publish_rate_msg_s",
+    "errors",
     "floor_round_trip_rate_s",
     "floor_ratio",
     "p99_to_floor",
@@ -224,30 +225,52 @@ pub async fn run(global: &GlobalArgs, args: ProduceArgs) -> Result<()> {
         Message::new(args.topic.clone(), body.clone())
     })
     .await?;
+    // One for every round: an interrupt ends the round it comes in, and
+    // no other starts.
+    let (_stop_tx, stop) = stop_on_interrupt();
     let mut rounds = Vec::new();
     let mut failed = None;
-    for _ in 0..args.rounds {
-        let (report, stats) = measure_round(global, &args, &producers, &body).await?;
-        let none_sent = stats.messages == 0 && stats.errors > 0;
+    for i in 0..args.rounds {
+        let measured = measure_round(global, &args, &producers, &body, stop.clone()).await;
+        let (mut report, stats) = match measured {
+            Ok(done) => done,
+            Err(e) => {
+                close_all(&producers).await;
+                return Err(e);
+            }
+        };
+        if stats.messages == 0 && stats.errors > 0 {
+            // This round, as it is, says what failed.
+            if args.rounds > 1 {
+                report
+                    .field("rounds", u64::from(args.rounds))
+                    .field("round", u64::from(i) + 1);
+            }
+            failed = Some((report, stats.first_error.unwrap_or_default()));
+            break;
+        }
         rounds.push(report);
-        if none_sent {
-            failed = Some(stats.first_error.unwrap_or_default());
+        if *stop.borrow() {
             break;
         }
     }
-    for p in &producers {
+    close_all(&producers).await;
+    if let Some((report, error)) = failed {
+        report.print(&Printer::stdout(global.output))?;
+        bail!("no message was sent: {error}");
+    }
+    let mut report = median_round(rounds, args.compare_floor);
+    if *stop.borrow() && args.rounds > 1 {
+        report.field("interrupted", true);
+    }
+    report.print(&Printer::stdout(global.output))?;
+    Ok(())
+}
+
+async fn close_all(producers: &[Producer]) {
+    for p in producers {
         p.close().await.ok();
     }
-    let report = match failed {
-        // The round that failed, as it is.
-        Some(_) => rounds.pop().context("a round ran")?,
-        None => median_round(rounds, args.compare_floor),
-    };
-    report.print(&Printer::stdout(global.output))?;
-    if let Some(e) = failed {
-        bail!("no message was sent: {e}");
-    }
-    Ok(())
 }
 
 /// The round with the median `floor_ratio` (`compare_floor`) or publish
@@ -262,16 +285,22 @@ fn median_round(mut rounds: Vec<Report>, compare_floor: bool) -> Report {
     } else {
         "publish_rate_msg_s"
     };
-    let value = |r: &Report, key: &str| r.get(key).and_then(serde_json::Value::as_f64);
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (value(&rounds[a], key), value(&rounds[b], key));
-        a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
-    });
-    let median = order[(n - 1) / 2];
+    let value = |i: usize| rounds[i].get(key).and_then(serde_json::Value::as_f64);
+    // Rounds without the figure (no floor rate) are not in the running,
+    // unless none has it.
+    let mut order: Vec<usize> = (0..n).filter(|&i| value(i).is_some()).collect();
+    if order.is_empty() {
+        order = (0..n).collect();
+    }
+    order.sort_by(|&a, &b| value(a).unwrap_or(0.0).total_cmp(&value(b).unwrap_or(0.0)));
+    let median = order[(order.len() - 1) / 2];
     let lists: Vec<(String, serde_json::Value)> = ROUND_FIGURES
         .iter()
-        .filter(|k| rounds[0].get(k).is_some_and(|v| !v.is_null()))
+        .filter(|k| {
+            rounds
+                .iter()
+                .any(|r| r.get(k).is_some_and(|v| !v.is_null()))
+        })
         .map(|k| {
             let all: Vec<serde_json::Value> = rounds
                 .iter()
@@ -296,11 +325,11 @@ async fn measure_round(
     args: &ProduceArgs,
     producers: &[Producer],
     body: &Bytes,
+    stop: watch::Receiver<bool>,
 ) -> Result<(Report, SendStats)> {
     let counters = Arc::new(Counters::default());
     let store_before = super::store_counters(global).await;
     let started = Instant::now();
-    let (_stop_tx, stop) = stop_on_interrupt();
     let timing = args.load.timing(Instant::now() + Duration::from_millis(20));
     let progress = Progress::start(
         show_progress(global),
@@ -494,6 +523,19 @@ mod tests {
         // One round is reported as it is.
         let r = median_round(rounds_of(&figures[..1]), true).json();
         assert!(r.get("rounds").is_none(), "{r}");
+        // A round without a floor ratio is not the median; the lists say
+        // null there, and read as text like the other figures.
+        let mut rounds = rounds_of(&figures[..3]);
+        rounds[0].field("floor_ratio", serde_json::Value::Null);
+        let report = median_round(rounds, true);
+        let r = report.json();
+        assert_eq!(
+            (r["round"].as_u64(), r["floor_ratio"].as_f64()),
+            (Some(2), Some(0.5))
+        );
+        assert_eq!(r["rounds_floor_ratio"], serde_json::json!([null, 0.5, 0.7]));
+        let text = report.text().join("\n");
+        assert!(text.contains("[null, 0.500, 0.700]"), "{text}");
     }
 
     #[test]

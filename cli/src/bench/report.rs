@@ -128,6 +128,10 @@ fn value_text(v: &Value) -> String {
                 format!("{x:.3}")
             }
         }
+        Value::Array(all) => {
+            let all: Vec<String> = all.iter().map(value_text).collect();
+            format!("[{}]", all.join(", "))
+        }
         other => other.to_string(),
     }
 }

@@ -56,8 +56,11 @@
 //! up by the periodic route refresh and read from their first message when
 //! the group has no offset there. A queue whose broker the route lists
 //! without read permission (a topic made write only while the consumer
-//! runs) is not pulled: its reader waits, at its position, until a refresh
-//! lists it as readable again, and then goes on from there.
+//! runs), or without that queue, is not pulled: its reader waits, at its
+//! position, until a refresh lists it as readable again, and then goes on
+//! from there. A pull the broker refuses for its permission asks for that
+//! refresh at once; while every queue waits, the route is asked for every
+//! second.
 
 mod offsets;
 mod pull_step;
@@ -71,12 +74,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
-use txmq_protocol::{
-    validate_topic_name, CommitOffset, MsgId, Role, StoredMessage, TopicRoute, PERM_READ,
-};
+use txmq_protocol::{validate_topic_name, CommitOffset, MsgId, Role, StoredMessage};
 
 use crate::config::{client_setters, required_group};
 use crate::nameserver::NameserverClient;
@@ -320,6 +321,7 @@ impl PullConsumerBuilder {
             offsets: Mutex::new(OffsetTable::default()),
             readers: Mutex::new(HashSet::new()),
             unreadable: watch::Sender::new(HashSet::new()),
+            refresh_now: Notify::new(),
             tx,
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
@@ -398,9 +400,12 @@ pub(crate) struct Shared {
     pub(crate) brokers: ReadTargets,
     offsets: Mutex<OffsetTable>,
     readers: Mutex<HashSet<QueueKey>>,
-    /// The queues read whose broker the latest route lists without read
-    /// permission: their readers wait without pulling.
-    unreadable: watch::Sender<HashSet<QueueKey>>,
+    /// The queues read that the latest route does not let be read (no
+    /// read permission on their broker, or no such queue): their readers
+    /// wait without pulling. Never locked together with `readers`.
+    pub(crate) unreadable: watch::Sender<HashSet<QueueKey>>,
+    /// Asks the route refresh to run now (a pull refused for permission).
+    pub(crate) refresh_now: Notify,
     pub(crate) tx: mpsc::Sender<Fetched>,
     pub(crate) cancel: CancellationToken,
     tracker: TaskTracker,
@@ -426,8 +431,8 @@ impl Shared {
         self.brokers.connect(&self.pool, &key.broker_name).await
     }
 
-    /// Notes the brokers of `info`, which queues read it lists as not
-    /// readable, and starts a reader for each readable queue not read yet.
+    /// Notes the brokers of `info`, which queues read it does not let be
+    /// read, and starts a reader for each readable queue not read yet.
     /// With `initial`, the start offsets are asked for before returning,
     /// from that position; later queues start at their first message when
     /// the group has no offset.
@@ -435,7 +440,7 @@ impl Shared {
         for b in &info.route.brokers {
             self.brokers.update(b);
         }
-        let new: Vec<QueueKey> = {
+        let (new, unreadable): (Vec<QueueKey>, HashSet<QueueKey>) = {
             let mut readers = lock(&self.readers);
             let new = info
                 .readable
@@ -446,30 +451,28 @@ impl Shared {
                 })
                 .filter(|k| readers.insert(k.clone()))
                 .collect();
-            let unreadable: HashSet<QueueKey> = readers
+            let unreadable = readers
                 .iter()
-                .filter(|k| listed_unreadable(&info.route, k))
+                .filter(|k| listed_unreadable(info, k))
                 .cloned()
                 .collect();
-            self.unreadable.send_if_modified(|now| {
-                if *now == unreadable {
-                    return false;
-                }
-                let (stopped, resumed) = (
-                    unreadable.difference(now).count(),
-                    now.difference(&unreadable).count(),
-                );
-                if stopped > 0 {
-                    tracing::warn!(topic = %self.topic, queues = stopped, "the route no longer lets queues of the topic be read (write only); they are not pulled until it does");
-                }
-                if resumed > 0 {
-                    tracing::info!(topic = %self.topic, queues = resumed, "queues of the topic may be read again; pulling them from where they stopped");
-                }
-                *now = unreadable;
-                true
-            });
-            new
+            (new, unreadable)
         };
+        self.unreadable.send_if_modified(|now| {
+            if *now == unreadable {
+                return false;
+            }
+            let stopped = unreadable.difference(now).count();
+            let resumed = now.difference(&unreadable).count();
+            if stopped > 0 {
+                tracing::warn!(topic = %self.topic, queues = stopped, "the route no longer lets queues of the topic be read (write only, or gone); they are not pulled until it does");
+            }
+            if resumed > 0 {
+                tracing::info!(topic = %self.topic, queues = resumed, "queues of the topic may be read again; pulling them from where they stopped");
+            }
+            *now = unreadable;
+            true
+        });
         if new.is_empty() {
             return;
         }
@@ -496,16 +499,19 @@ impl Shared {
     }
 }
 
-/// Whether `route` lists `key`'s broker but does not let `key` be read
-/// there: no read permission, or no such queue. A broker the route does
-/// not list (gone from the nameserver for now) is not such a refusal: its
-/// readers keep trying, as with any broker that does not answer.
-fn listed_unreadable(route: &TopicRoute, key: &QueueKey) -> bool {
-    route
+/// Whether `info` lists `key`'s broker but not `key` among its readable
+/// queues (no read permission there, or no such queue). A broker the route
+/// does not list (gone from the nameserver for now) is not such a refusal:
+/// its readers keep trying, as with any broker that does not answer.
+fn listed_unreadable(info: &RouteInfo, key: &QueueKey) -> bool {
+    info.route
         .brokers
         .iter()
-        .find(|b| b.broker_name == key.broker_name)
-        .is_some_and(|b| b.perm & PERM_READ == 0 || key.queue >= b.queues)
+        .any(|b| b.broker_name == key.broker_name)
+        && !info
+            .readable
+            .iter()
+            .any(|q| q.broker_name == key.broker_name && q.queue == key.queue)
 }
 
 /// Whether `info` names brokers but none lets the topic be read.
@@ -527,10 +533,8 @@ pub(crate) fn warn_if_unreadable(topic: &str, info: &RouteInfo) {
 async fn refresh_routes(shared: Arc<Shared>) {
     loop {
         // Nothing to read: look again soon.
-        let idle = {
-            let readers = lock(&shared.readers);
-            readers.is_empty() || readers.len() == shared.unreadable.borrow().len()
-        };
+        let reading = lock(&shared.readers).len();
+        let idle = reading == 0 || reading == shared.unreadable.borrow().len();
         let wait = if idle {
             NO_ROUTE_REFRESH.min(shared.refresh_interval)
         } else {
@@ -538,6 +542,7 @@ async fn refresh_routes(shared: Arc<Shared>) {
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = shared.refresh_now.notified() => {}
             _ = shared.cancel.cancelled() => return,
         }
         let refreshed = tokio::select! {
@@ -573,7 +578,7 @@ impl PullConsumer {
     /// The queues being read, sorted: the topic's queues the route lets
     /// this consumer read (not those of a broker it lists as write only).
     pub fn queues(&self) -> Vec<QueueKey> {
-        let unreadable = self.shared.unreadable.borrow();
+        let unreadable = self.shared.unreadable.borrow().clone();
         let mut keys: Vec<QueueKey> = lock(&self.shared.readers)
             .iter()
             .filter(|k| !unreadable.contains(*k))

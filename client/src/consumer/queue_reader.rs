@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use txmq_protocol::{PullRequest, QueryOffset, StoredMessage};
+use txmq_protocol::{ErrorCode, PullRequest, QueryOffset, StoredMessage};
 use txmq_remoting::Connection;
 
 use super::offsets::{start_offset, QueueKey};
@@ -66,6 +66,11 @@ pub(crate) async fn run(
                 (!pause.is_zero()).then_some(pause)
             }
             Err(e) => {
+                if e.code() == Some(ErrorCode::NoPermission) {
+                    // Most likely made write only: the route says so
+                    // sooner than the next periodic refresh.
+                    shared.refresh_now.notify_one();
+                }
                 let cause = e.remoting().map(ToString::to_string).unwrap_or_default();
                 if failing {
                     tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, error = %e, %cause, "pull failed again");
