@@ -150,6 +150,21 @@ impl Cluster {
         c
     }
 
+    /// A nameserver and one broker named `broker-a` serving Prometheus
+    /// metrics on a port of its own; the cluster and that address.
+    pub async fn start_with_metrics() -> (Cluster, String) {
+        let mut c = Cluster::nameserver_only(Duration::from_secs(30)).await;
+        c.add_broker("broker-a", |cfg| {
+            cfg.metrics_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+        let metrics = c.brokers[0]
+            .metrics_addr()
+            .expect("metrics served")
+            .to_string();
+        (c, metrics)
+    }
+
     /// Just a nameserver with the given broker expiry.
     pub async fn nameserver_only(expiry: Duration) -> Cluster {
         let ns = Nameserver::bind(NameserverConfig {

@@ -307,26 +307,9 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
     }
 
     create_topic(&ns, "fl", 4).await;
-    let r = bench(
-        &ns,
-        &[
-            "produce",
-            "fl",
-            "--producers",
-            "2",
-            "--in-flight",
-            "1",
-            "--duration",
-            "300ms",
-            "--warmup",
-            "50ms",
-            "--compare-floor",
-            // The cluster's broker runs in this process.
-            "--broker-pid",
-            &std::process::id().to_string(),
-        ],
-    )
-    .await;
+    let pid = std::process::id().to_string();
+    // The cluster's broker runs in this process.
+    let r = floor_run(&ns, &["--duration", "300ms", "--broker-pid", &pid]).await;
     assert_eq!(r["floor_connections"], 2, "{r}");
     // The echo server was started on the CPUs the broker may run on.
     assert_eq!(r["floor_placed_like_broker"], true, "{r}");
@@ -366,25 +349,7 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
 
     // Three rounds, each with its floor: the median round's figures, and
     // every round's ratio listed in order.
-    let r = bench(
-        &ns,
-        &[
-            "produce",
-            "fl",
-            "--producers",
-            "2",
-            "--in-flight",
-            "1",
-            "--duration",
-            "200ms",
-            "--warmup",
-            "50ms",
-            "--compare-floor",
-            "--rounds",
-            "3",
-        ],
-    )
-    .await;
+    let r = floor_run(&ns, &["--duration", "200ms", "--rounds", "3"]).await;
     assert_eq!(r["rounds"], 3, "{r}");
     let ratios: Vec<f64> = r["rounds_floor_ratio"]
         .as_array()
@@ -443,6 +408,24 @@ async fn the_floor_is_measured_alone_and_beside_a_produce_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to the echo server"), "{err}");
     cluster.shutdown().await;
+}
+
+/// `bench produce fl` with two producers, one request in flight each,
+/// and the floor after it; `more` adds to the arguments.
+async fn floor_run(ns: &str, more: &[&str]) -> Value {
+    let mut args = vec![
+        "produce",
+        "fl",
+        "--producers",
+        "2",
+        "--in-flight",
+        "1",
+        "--warmup",
+        "50ms",
+        "--compare-floor",
+    ];
+    args.extend_from_slice(more);
+    bench(ns, &args).await
 }
 
 /// Processes running `txmq bench echo-server` (only the floor test starts

@@ -191,16 +191,7 @@ async fn receive(consumer: &mut PullConsumer, n: usize, seen: &mut BTreeMap<Stri
 /// once, and while nothing may be read the route is asked for every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_consumer_stops_pulling_a_write_only_topic_and_goes_on_where_it_stopped() {
-    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |c| {
-            c.metrics_listen = Some("127.0.0.1:0".into());
-        })
-        .await;
-    let metrics = cluster.brokers[0]
-        .metrics_addr()
-        .expect("metrics served")
-        .to_string();
+    let (cluster, metrics) = Cluster::start_with_metrics().await;
     let ns = cluster.nameserver.clone();
     let admin = cluster.admin().await;
     admin

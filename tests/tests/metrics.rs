@@ -489,16 +489,7 @@ fn a_master_exports_its_replicas_lag_and_in_sync_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_lettered_message_is_counted_for_its_group() {
     use txmq::{handler_fn, ConsumeResult, Message, PushConsumer, ReceivedMessage};
-    let mut cluster = txmq_tests::Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |c| {
-            c.metrics_listen = Some("127.0.0.1:0".into());
-        })
-        .await;
-    let metrics = cluster.brokers[0]
-        .metrics_addr()
-        .expect("metrics served")
-        .to_string();
+    let (cluster, metrics) = txmq_tests::Cluster::start_with_metrics().await;
     let ns = cluster.nameserver.clone();
     let producer = cluster.producer().await;
     producer
