@@ -100,13 +100,20 @@ pub fn free_port() -> u16 {
         .min(65_536);
     if ephemeral_low > LOWEST + 1_000 {
         let span = ephemeral_low - LOWEST;
-        // Processes started at once begin at places far apart.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let seed = (u64::from(std::process::id()) << 32 | u64::from(nanos))
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let start = ((seed >> 32) % u64::from(span)) as u32;
+        // Processes started at once begin at places far apart. One start
+        // per process: with a start drawn per call, two calls could land
+        // on one port, and the second's check passes while the first's
+        // process has not bound it yet (CI saw a controller member's
+        // nameserver fail so).
+        static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let seed = (u64::from(std::process::id()) << 32 | u64::from(nanos))
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((seed >> 32) % u64::from(span)) as u32
+        });
         for _ in 0..span {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let port = (LOWEST + (start + n) % span) as u16;
@@ -620,4 +627,24 @@ pub fn make_dead_letters(ns: &str, topic: &str, group: &str, n: usize) {
         }
         consumer.shutdown().await.expect("consumer stops");
     });
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ports handed out by one process differ, from any thread, even when
+    /// none of them is bound yet.
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..500).map(|_| super::free_port()).collect::<Vec<_>>())
+            })
+            .collect();
+        let all: Vec<u16> = threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("thread"))
+            .collect();
+        let distinct: std::collections::HashSet<u16> = all.iter().copied().collect();
+        assert_eq!(distinct.len(), all.len());
+    }
 }
