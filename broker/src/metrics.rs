@@ -92,7 +92,7 @@ struct Families {
 pub(crate) struct Metrics {
     registry: Arc<Registry>,
     families: Families,
-    topics: DashMap<Box<str>, TopicCounters>,
+    topics: DashMap<Box<str>, TopicCounters, foldhash::fast::RandomState>,
     tx_groups: DashMap<Box<str>, TxGroupCounters>,
     dead_letters: DashMap<Box<str>, Counter>,
     /// Broker-side handling time of sends, pulls (long-poll waits left
@@ -193,7 +193,7 @@ impl Metrics {
         Metrics {
             registry: Arc::new(r),
             families,
-            topics: DashMap::new(),
+            topics: DashMap::default(),
             tx_groups: DashMap::new(),
             dead_letters: DashMap::new(),
             send_latency,

@@ -28,7 +28,7 @@ struct PoolInner {
     hello: Hello,
     config: ConnectionConfig,
     service: Option<Arc<dyn Service>>,
-    slots: DashMap<String, Arc<Slot>>,
+    slots: DashMap<String, Arc<Slot>, foldhash::fast::RandomState>,
 }
 
 #[derive(Default)]
@@ -83,7 +83,7 @@ impl ConnectionPool {
                 },
                 config: config.connection_config(),
                 service,
-                slots: DashMap::new(),
+                slots: DashMap::default(),
             }),
         }
     }

@@ -171,7 +171,7 @@ struct CacheInner {
     nameservers: NameserverClient,
     refresh_interval: Duration,
     provisional: bool,
-    entries: DashMap<String, Entry>,
+    entries: DashMap<String, Entry, foldhash::fast::RandomState>,
     /// The highest-epoch master seen of each broker group, by group name.
     masters: DashMap<String, KnownMaster>,
     gates: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -240,7 +240,7 @@ impl RouteCache {
                 nameservers,
                 refresh_interval,
                 provisional,
-                entries: DashMap::new(),
+                entries: DashMap::default(),
                 masters: DashMap::new(),
                 gates: DashMap::new(),
                 next_generation: AtomicU64::new(1),

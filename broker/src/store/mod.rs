@@ -38,7 +38,7 @@ mod tests;
 #[cfg(test)]
 mod tx_offset_tests;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

@@ -17,7 +17,9 @@
 //! Prepares of a producer share one sequence per broker, kept under the
 //! pseudo-queue [`PREPARE_KEY`] with the transaction id as the "offset".
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use bytes::{Buf, BufMut, BytesMut};
 use txmq_protocol::{ErrorCode, ProducerStamp};
@@ -319,7 +321,7 @@ impl ProducerTable {
             let mut p = Producer {
                 token: b.get_u64_le(),
                 last_used: b.get_u64_le(),
-                queues: HashMap::new(),
+                queues: HashMap::default(),
             };
             let nq = b.get_u32_le();
             for _ in 0..nq {

@@ -23,7 +23,9 @@
 //! entry and moves its level's progress, so a delivery made before a crash
 //! is made once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use txmq_protocol::{tag_hash, validate_topic_name, MsgId, RecordRef};
@@ -664,7 +666,7 @@ pub(crate) fn recover(
     // durable (file and directory fsync) before any of its positions is
     // handed out, so every such position lies below this one.
     let next_start = log.last_segment().map_or(0, |s| s.end());
-    let mut queues = HashMap::new();
+    let mut queues = HashMap::default();
     // The delay levels, and no other queue of their topic.
     ensure_queues(config, &mut queues, DELAY_TOPIC, delay::LEVELS)?;
     for (topic, count) in topics {

@@ -15,7 +15,9 @@
 //! across an `.await`. Opening a session is single-flight per broker group
 //! (an async gate, on purpose: the waiters must wait across the request).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -203,7 +205,7 @@ impl Ids {
     fn new(identity: ProducerIdentity) -> Ids {
         Ids {
             identity,
-            queues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::default()),
             ended: tokio::sync::Notify::new(),
         }
     }
