@@ -232,6 +232,18 @@ impl Metrics {
         self.topics.insert(topic.into(), t);
     }
 
+    /// Lets go of a deleted topic's counters and their series: a topic
+    /// made again under its name counts from zero (a counter reset to
+    /// Prometheus), and names that come and go do not pile up here.
+    pub(crate) fn forget_topic(&self, topic: &str) {
+        self.topics.remove(topic);
+        let f = &self.families;
+        let l: Label1 = [("topic", topic.to_string())];
+        for family in [&f.messages_in, &f.bytes_in, &f.messages_out, &f.bytes_out] {
+            family.remove(&l);
+        }
+    }
+
     /// As [`Metrics::with_topic`], for a producer group.
     fn with_tx_group(&self, group: &str, count: impl FnOnce(&TxGroupCounters)) {
         if let Some(g) = self.tx_groups.get(group) {

@@ -523,3 +523,54 @@ async fn a_dead_lettered_message_is_counted_for_its_group() {
     producer.close().await.unwrap();
     cluster.shutdown().await;
 }
+
+/// A deleted topic's traffic series go with it (no series for a topic the
+/// broker no longer has); made again under its name, it counts from zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topics_series_go_with_it() {
+    use txmq::Message;
+    let (cluster, metrics) = txmq_tests::Cluster::start_with_metrics().await;
+    let ns = cluster.nameserver.clone();
+    let producer = cluster.producer().await;
+    for body in ["a", "b"] {
+        producer.send(Message::new("gone", body)).await.unwrap();
+    }
+    let m = metrics.clone();
+    tokio::task::spawn_blocking(move || {
+        scrape_until(&m, "the two sends counted", |t| {
+            sample(t, r#"txmq_messages_in_total{topic="gone"}"#) == Some(2.0)
+        })
+    })
+    .await
+    .unwrap();
+    let n = ns.clone();
+    let out =
+        tokio::task::spawn_blocking(move || ok(&txmq_cli(&n, &["topic", "delete", "gone"], None)))
+            .await
+            .unwrap();
+    assert!(out.contains("deleted topic gone"), "{out}");
+    let m = metrics.clone();
+    let text = tokio::task::spawn_blocking(move || http_get(&m, "/metrics"))
+        .await
+        .unwrap()
+        .expect("a scrape")
+        .1;
+    for family in ["txmq_messages_in_total", "txmq_bytes_in_total"] {
+        assert_eq!(
+            sample(&text, &format!(r#"{family}{{topic="gone"}}"#)),
+            None,
+            "{family} of a deleted topic:\n{text}"
+        );
+    }
+    // Made again on first use: from zero, not from the old count.
+    producer.send(Message::new("gone", "c")).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        scrape_until(&metrics, "the new topic's send counted once", |t| {
+            sample(t, r#"txmq_messages_in_total{topic="gone"}"#) == Some(1.0)
+        })
+    })
+    .await
+    .unwrap();
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}

@@ -230,6 +230,7 @@ pub(super) async fn delete(
     b.topics.remove(&topic)?;
     let (deleted_below, offsets_removed) =
         b.store.delete_topic(&topic).await.map_err(store_error)?;
+    b.metrics.forget_topic(&topic);
     tracing::info!(%topic, deleted_below, offsets_removed, "topic deleted");
     let version = b
         .topics_version
