@@ -38,13 +38,13 @@ mod tests;
 #[cfg(test)]
 mod tx_offset_tests;
 
-use foldhash::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use foldhash::HashMap;
 use tokio::sync::{oneshot, watch};
 use txmq_protocol::{Message, MsgId, ProducerStamp, RecordRef, StoredMessage, TxOffset};
 

@@ -19,9 +19,8 @@
 
 use std::collections::VecDeque;
 
-use foldhash::HashMap;
-
 use bytes::{Buf, BufMut, BytesMut};
+use foldhash::HashMap;
 use txmq_protocol::{ErrorCode, ProducerStamp};
 
 /// Batches remembered per (producer id, topic, queue), as in Kafka.

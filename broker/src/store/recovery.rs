@@ -24,10 +24,9 @@
 //! is made once.
 
 use std::collections::BTreeMap;
-
-use foldhash::HashMap;
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use txmq_protocol::{tag_hash, validate_topic_name, MsgId, RecordRef};
 
 use super::checkpoint::{Checkpoint, OffsetTable};

@@ -16,13 +16,11 @@
 //! (an async gate, on purpose: the waiters must wait across the request).
 
 use std::collections::VecDeque;
-
-use foldhash::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use foldhash::HashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request};
 use txmq_remoting::{Connection, Queued, Reply};
