@@ -10,7 +10,11 @@
 //! therefore answers an unknown topic with a *provisional* route: queue 0
 //! (the one queue an auto-created topic surely has, whatever the broker's
 //! default queue count) of every registered broker, kept for a second only,
-//! until the brokers have registered the real route.
+//! until the brokers have registered the real route. A send whose queue a
+//! shard key picks never goes by it: one queue per broker is not the
+//! topic's queues, so the key would land on another queue than its later
+//! messages (and a topic whose brokers are all away for a moment, a power
+//! cut say, looks unknown too).
 //!
 //! Masters elected by the controller carry an epoch, and a group's master
 //! never goes back to an older one: nameservers are independent, and one
@@ -65,6 +69,9 @@ pub struct RouteInfo {
     pub readable: Vec<MessageQueue>,
     /// Changes with every fetch; see [`RouteCache::invalidate`].
     pub generation: u64,
+    /// The nameservers knew no route, and this is the provisional one (see
+    /// the module docs): one queue per broker, not the topic's queues.
+    pub provisional: bool,
 }
 
 impl RouteInfo {
@@ -77,6 +84,7 @@ impl RouteInfo {
             readable: queues_with(&route, PERM_READ),
             route,
             generation,
+            provisional: false,
         }
     }
 }
@@ -360,7 +368,10 @@ impl RouteCache {
         };
         keep_newest_masters(&mut route, &self.inner.masters);
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
-        let info = Arc::new(RouteInfo::new(route, generation));
+        let info = Arc::new(RouteInfo {
+            provisional,
+            ..RouteInfo::new(route, generation)
+        });
         // A group without a live master is between two masters (a
         // failover): its next master registers within moments, so such a
         // route is asked for again soon rather than kept for the whole

@@ -6,11 +6,15 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{body_text, start_broker};
-use txmq::{Admin, Message, Producer, SendReceipt, SendStatus};
+use txmq::{
+    Admin, BoxError, CheckRequest, Message, Producer, SendReceipt, SendStatus, TransactionListener,
+    TransactionProducer, TransactionState, TxContext,
+};
 use txmq_tests::{consume_all, wait_for_broker, BrokerProcess, Cluster};
 
 /// Whether the nameserver lists `broker` in the route of `topic` and in the
@@ -288,6 +292,159 @@ async fn with_two_brokers_sends_go_on_to_the_other_when_one_dies() {
             "{body}, acknowledged by broker-b, is consumed where it was stored"
         );
     }
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
+/// Commits every transaction, counting the local transactions run.
+#[derive(Default)]
+struct Commits {
+    executed: AtomicUsize,
+}
+
+impl TransactionListener for Commits {
+    async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+        self.executed.fetch_add(1, Ordering::SeqCst);
+        Ok(TransactionState::Commit)
+    }
+
+    async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+        Ok(TransactionState::Commit)
+    }
+}
+
+/// An ordered send picks its key's queue among the topic's queues, so it
+/// never goes by the provisional route a producer uses for a topic the
+/// nameservers do not know (queue 0 of every broker): neither while the
+/// topic's only broker is away (there it would have landed on another
+/// broker, which auto-creates the topic, and a consumer could read the
+/// key's later messages before its earlier ones), nor for a topic never
+/// created. Both fail with `NoRoute` and store nothing; once the broker is
+/// back, the key's messages go on in its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_send_without_a_route_fails_instead_of_moving_its_key() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, mut b) = tokio::task::block_in_place(|| {
+        (
+            BrokerProcess::start(&tmp.path().join("broker-a"), &ns, "broker-a", &[]),
+            BrokerProcess::start(&tmp.path().join("broker-b"), &ns, "broker-b", &[]),
+        )
+    });
+    wait_for_broker(&ns, "broker-a").await;
+    wait_for_broker(&ns, "broker-b").await;
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("keyed", 4, txmq::PERM_READ_WRITE, Some("broker-b"))
+        .await
+        .unwrap();
+    wait_listed(
+        &admin,
+        "keyed",
+        "broker-b",
+        true,
+        Instant::now(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let producer = Producer::builder()
+        .nameserver(&ns)
+        .route_refresh_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let send = |body: &str| producer.send_ordered(Message::new("keyed", body.to_string()), "k");
+    let first = send("k-1").await.unwrap();
+    assert_eq!(first.broker_name, "broker-b");
+
+    // broker-b dies: it leaves the route at once (its connection closed),
+    // and the nameservers know no route of the topic.
+    tokio::task::block_in_place(|| b.kill9());
+    wait_listed(
+        &admin,
+        "keyed",
+        "broker-b",
+        false,
+        Instant::now(),
+        Duration::from_secs(5),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let away = send("k-away").await;
+        assert!(
+            matches!(away, Err(txmq::Error::NoRoute { ref topic }) if topic == "keyed"),
+            "an ordered send while the topic's broker is away: {away:?}"
+        );
+    }
+    let never = producer
+        .send_ordered(Message::new("never-created", "x"), "k")
+        .await;
+    assert!(
+        matches!(never, Err(txmq::Error::NoRoute { .. })),
+        "an ordered send to a topic never created: {never:?}"
+    );
+    // The same for a transaction's half message placed by a key: no
+    // prepare is sent, so the local transaction never runs.
+    let tx = TransactionProducer::builder()
+        .nameserver(&ns)
+        .group("keyed-pg")
+        .listener(Commits::default())
+        .route_refresh_interval(Duration::from_millis(100))
+        .start()
+        .await
+        .unwrap();
+    for topic in ["keyed", "never-created"] {
+        let prepared = tx
+            .send_in_transaction_ordered(Message::new(topic, "tx"), "k")
+            .await;
+        assert!(
+            matches!(prepared, Err(txmq::Error::NoRoute { .. })),
+            "an ordered transaction on {topic}: {prepared:?}"
+        );
+    }
+    assert_eq!(tx.listener().executed.load(Ordering::SeqCst), 0);
+    tx.close().await.unwrap();
+    for topic in ["keyed", "never-created"] {
+        let route = admin.route(topic).await;
+        assert!(
+            matches!(route, Err(txmq::Error::NoRoute { .. })),
+            "broker-a created {topic}: {route:?}"
+        );
+    }
+
+    tokio::task::block_in_place(|| b.restart());
+    wait_listed(
+        &admin,
+        "keyed",
+        "broker-b",
+        true,
+        Instant::now(),
+        Duration::from_secs(10),
+    )
+    .await;
+    // The producer keeps the provisional route it was answered with for
+    // up to the route refresh interval (100 ms here; 1 s at most).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = send("k-2").await.unwrap();
+    assert_eq!(
+        (
+            second.broker_name.as_str(),
+            second.queue,
+            second.queue_offset
+        ),
+        (
+            first.broker_name.as_str(),
+            first.queue,
+            first.queue_offset + 1
+        ),
+        "the key's next message follows its first one in its queue"
+    );
+    let got = consume_all(&ns, "check", "keyed", 2, Duration::from_secs(1)).await;
+    let bodies: Vec<String> = got.iter().map(body_text).collect();
+    assert_eq!(bodies, ["k-1", "k-2"]);
+    producer.close().await.unwrap();
     drop((a, b));
     cluster.shutdown().await;
 }

@@ -275,8 +275,17 @@ impl Producer {
     /// queues do not change). A retry goes to the queue the key maps to
     /// again, never to another one.
     ///
+    /// The topic must have a route: unlike [`Producer::send`], an ordered
+    /// send does not auto-create a topic no broker serves yet, because the
+    /// key's queue is picked among the topic's queues, which are not known
+    /// before it exists. Create the topic first (`txmq topic create`). The
+    /// same holds while every broker of the topic is away (a restart after a
+    /// power cut): the send fails rather than go to a queue the key's
+    /// earlier messages are not in.
+    ///
     /// # Errors
-    /// As [`Producer::send`].
+    /// As [`Producer::send`]; [`Error::NoRoute`] when the nameservers know
+    /// no route of the topic.
     pub async fn send_ordered(&self, message: Message, shard_key: &str) -> Result<SendReceipt> {
         let target = Target::Hash(shard_hash(shard_key));
         let mut receipts = self.send_to(vec![message], target).await?;
@@ -389,7 +398,7 @@ impl Producer {
                 Err(e) => return Err(last_error.unwrap_or(e)),
             };
             let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
-            let Some(mq) = target.select(&route.writable, turn, failed_broker.as_deref()) else {
+            let Some(mq) = target.select(&route, turn, failed_broker.as_deref()) else {
                 let error = no_queue(topic, &route, target);
                 if matches!(error, Error::NoMaster { .. }) && !last_attempt {
                     // A failover in progress: the group's next master
@@ -495,7 +504,7 @@ impl Producer {
                     .find(|q| q.broker_name == h.broker_name && q.queue == h.queue),
                 None => {
                     let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
-                    target.select(&route.writable, turn, failed_broker.as_deref())
+                    target.select(&route, turn, failed_broker.as_deref())
                 }
             };
             let Some(mq) = chosen else {
@@ -759,6 +768,11 @@ fn prepare(messages: Vec<Message>) -> Result<Vec<WireMessage>> {
 fn no_queue(topic: &str, route: &RouteInfo, target: Target<'_>) -> Error {
     let masterless = crate::route::groups_without_master(&route.route);
     match target {
+        // The nameservers know no route: the topic is new, or its brokers
+        // are all away.
+        Target::Hash(_) if route.provisional => Error::NoRoute {
+            topic: topic.to_string(),
+        },
         Target::Queue { broker, .. } if masterless.iter().any(|b| b == broker) => Error::NoMaster {
             topic: topic.to_string(),
             brokers: vec![broker.to_string()],

@@ -4,7 +4,7 @@
 
 use txmq_protocol::fnv1a;
 
-use crate::route::MessageQueue;
+use crate::route::{MessageQueue, RouteInfo};
 
 /// Where a send goes.
 #[derive(Debug, Clone, Copy)]
@@ -18,16 +18,19 @@ pub(crate) enum Target<'a> {
 }
 
 impl Target<'_> {
-    /// Picks a queue of `queues`. `turn` is the producer's send counter,
-    /// `avoid` the broker that failed the previous attempt.
+    /// Picks a writable queue of `route`. `turn` is the producer's send
+    /// counter, `avoid` the broker that failed the previous attempt. A
+    /// shard key's queue is never picked on a provisional route.
     pub(crate) fn select<'q>(
         &self,
-        queues: &'q [MessageQueue],
+        route: &'q RouteInfo,
         turn: u64,
         avoid: Option<&str>,
     ) -> Option<&'q MessageQueue> {
+        let queues = &route.writable;
         match *self {
             Target::RoundRobin => select_round_robin(queues, turn, avoid).map(|i| &queues[i]),
+            Target::Hash(_) if route.provisional => None,
             Target::Hash(hash) => select_by_hash(queues, hash).map(|i| &queues[i]),
             Target::Queue { broker, queue } => queues
                 .iter()
@@ -145,20 +148,50 @@ mod tests {
         assert_eq!(select_by_hash(&[], 1), None);
     }
 
+    /// A route whose writable queues are `spec`'s.
+    fn route(spec: &[(&str, u32)], provisional: bool) -> RouteInfo {
+        RouteInfo {
+            route: txmq_protocol::TopicRoute {
+                topic: "t".into(),
+                brokers: Vec::new(),
+            },
+            writable: queues(spec),
+            readable: Vec::new(),
+            generation: 1,
+            provisional,
+        }
+    }
+
     #[test]
     fn a_named_queue_is_found_or_not() {
-        let qs = queues(&[("a", 2), ("b", 2)]);
+        let r = route(&[("a", 2), ("b", 2)], false);
         let t = Target::Queue {
             broker: "b",
             queue: 1,
         };
-        assert_eq!(t.select(&qs, 0, None), Some(&qs[3]));
+        assert_eq!(t.select(&r, 0, None), Some(&r.writable[3]));
         let missing = Target::Queue {
             broker: "c",
             queue: 0,
         };
-        assert_eq!(missing.select(&qs, 0, None), None);
+        assert_eq!(missing.select(&r, 0, None), None);
         assert!(!t.may_switch_broker());
         assert!(Target::RoundRobin.may_switch_broker());
+    }
+
+    #[test]
+    fn a_shard_keys_queue_is_never_picked_on_a_provisional_route() {
+        // One queue per broker while the nameservers know no route: the
+        // key's queue among the topic's real queues is not there.
+        let provisional = route(&[("a", 1), ("b", 1)], true);
+        assert_eq!(
+            Target::Hash(shard_hash("k")).select(&provisional, 0, None),
+            None
+        );
+        assert!(Target::RoundRobin.select(&provisional, 0, None).is_some());
+        let real = route(&[("a", 4), ("b", 4)], false);
+        assert!(Target::Hash(shard_hash("k"))
+            .select(&real, 0, None)
+            .is_some());
     }
 }

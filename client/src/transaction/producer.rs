@@ -794,6 +794,15 @@ impl<L: TransactionListener> TransactionProducer<L> {
                             return Err(last_error.unwrap_or(e));
                         }
                     };
+                    if matches!(placement, Placement::Hash(_)) && routes[0].provisional {
+                        // A shard key's queue is one of the topic's queues,
+                        // which the nameservers do not know now (see
+                        // `Producer::send_ordered`).
+                        held.give_up(false);
+                        return Err(Error::NoRoute {
+                            topic: topics[0].to_string(),
+                        });
+                    }
                     let on_broker: Vec<Vec<crate::MessageQueue>> = routes
                         .iter()
                         .map(|r| {
