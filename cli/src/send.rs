@@ -556,12 +556,9 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
         _ => Bodies::Lines(read_lines()),
     };
     let printer = Printer::stdout(global.output);
+    let ordered = args.shard_key.is_some();
     // In-order delivery per key needs one send at a time.
-    let window = if args.shard_key.is_some() {
-        1
-    } else {
-        args.window as usize
-    };
+    let window = if ordered { 1 } else { args.window as usize };
     let retry = Retry {
         retries: args.retries,
         wait_for_broker: args.wait_for_broker,
@@ -589,7 +586,7 @@ pub async fn run(global: &GlobalArgs, args: SendArgs) -> Result<()> {
                 stop_tx.send_replace(true);
             }
             Some(done) = inflight.next(), if !inflight.is_empty() => {
-                let (unsent, printed) = report(&printer, done, from_stdin, &mut tally);
+                let (unsent, printed) = report(&printer, done, from_stdin, ordered, &mut tally);
                 if let Some(input) = unsent {
                     stop.get_or_insert(Stop::Failed);
                     failed.push(input);
@@ -681,10 +678,12 @@ fn not_tried(tally: &mut Tally, unsent: &mut UnsentSink, input: &Input) -> Resul
 
 /// Prints the outcome of one message. Returns its input when it was not
 /// surely sent, and whether stdout could be written.
+/// `ordered`: sent with `--shard-key`.
 fn report(
     printer: &Printer,
     done: Done,
     from_stdin: bool,
+    ordered: bool,
     tally: &mut Tally,
 ) -> (Option<Input>, Result<()>) {
     let what = if from_stdin { "line" } else { "message" };
@@ -735,8 +734,15 @@ fn report(
         }
         Outcome::NotSent(e) => {
             tally.not_sent += 1;
+            let hint = if ordered && matches!(e, txmq::Error::NoRoute { .. }) {
+                " (a send with --shard-key picks its queue among the topic's queues, so it \
+                 never auto-creates the topic: create it with `txmq topic create`; while the \
+                 topic's brokers are away, --wait-for-broker waits for them)"
+            } else {
+                ""
+            };
             let error = error_text(&anyhow::Error::from(e));
-            eprintln!("error: {what} {line} (msg_id {msg_id}) not sent: {error}");
+            eprintln!("error: {what} {line} (msg_id {msg_id}) not sent: {error}{hint}");
             (Some(input), Ok(()))
         }
     };

@@ -302,6 +302,55 @@ async fn count_sends_the_body_that_many_times() {
     cluster.shutdown().await;
 }
 
+/// `--shard-key` sends to the key's queue among the topic's queues: a
+/// topic no broker serves yet is not auto-created by it (the key would go
+/// to queue 0 of a broker, and after the creation to its own queue), and
+/// the error says what to do. Once created, the key's messages share a
+/// queue, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_key_send_to_a_topic_not_created_fails_saying_to_create_it() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    let send = ["send", "keyed", "--body", "k-1", "--shard-key", "k"];
+    let err = failed(&txmq(ns, &send, None).await);
+    assert!(
+        err.contains("NO_ROUTE (12)") && err.contains("txmq topic create"),
+        "{err}"
+    );
+    // Nothing was created by it.
+    let err = failed(&txmq(ns, &["topic", "route", "keyed"], None).await);
+    assert!(err.contains("NO_ROUTE"), "{err}");
+
+    ok(&txmq(ns, &["topic", "create", "keyed", "--queues", "8"], None).await);
+    wait_for_route(ns, "keyed", &["broker-a"]).await;
+    let mut places = Vec::new();
+    for body in ["k-1", "k-2", "k-3"] {
+        let args = [
+            "--output",
+            "json",
+            "send",
+            "keyed",
+            "--body",
+            body,
+            "--shard-key",
+            "k",
+        ];
+        let sent = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+        places.push((number(&sent[0], "queue"), number(&sent[0], "queue_offset")));
+    }
+    let queue = places[0].0;
+    assert_eq!(
+        places,
+        [
+            (queue, places[0].1),
+            (queue, places[0].1 + 1),
+            (queue, places[0].1 + 2)
+        ],
+        "one queue, in order"
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
     let cluster = Cluster::start(FlushMode::Async).await;
