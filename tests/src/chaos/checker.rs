@@ -28,7 +28,10 @@
 //! - **order**: per sharding key, the acknowledged sends are first handled
 //!   in the order they were sent (sends of one key are sequential, each
 //!   after the previous one was answered). Repeats are the duplicate
-//!   checker's business; only first handlings count here.
+//!   checker's business; only first handlings count here. And they were
+//!   all stored in one queue: each key's topic lives on one broker group,
+//!   so a key in two queues is a reordering the consumers may have been
+//!   lucky enough not to show.
 //! - **tx-committed-invisible**: a transaction that was committed (the
 //!   broker acknowledged the commit, or it was prepared for sure and its
 //!   truth, which every check-back answers, is commit) but never handled.
@@ -574,18 +577,27 @@ impl<'a> Indexed<'a> {
     }
 
     fn order(&self) -> Verdict {
-        // Per key: acknowledged sends in send order.
+        // Per key: acknowledged sends in send order, and the queues they
+        // were stored in (one: each key's topic lives on one broker group,
+        // so its queue never changes).
         let mut sends: HashMap<&str, Vec<&Event>> = HashMap::new();
+        let mut queues: HashMap<&str, BTreeMap<(&str, u32), usize>> = HashMap::new();
         for e in self.invoked.values() {
             if e.f != Op::Send {
                 continue;
             }
-            let acked = self
-                .completed
-                .get(e.id.as_str())
-                .is_some_and(|c| c.kind == Kind::Ok);
-            if let (true, Some(key)) = (acked, e.key.as_deref()) {
+            let Some(done) = self.completed.get(e.id.as_str()) else {
+                continue;
+            };
+            if let (Kind::Ok, Some(key)) = (done.kind, e.key.as_deref()) {
                 sends.entry(key).or_default().push(e);
+                if let (Some(broker), Some(queue)) = (done.broker.as_deref(), done.queue) {
+                    *queues
+                        .entry(key)
+                        .or_default()
+                        .entry((broker, queue))
+                        .or_default() += 1;
+                }
             }
         }
         let mut rank: HashMap<&str, (&str, usize)> = HashMap::new();
@@ -598,6 +610,24 @@ impl<'a> Indexed<'a> {
         let mut highest: HashMap<&str, (usize, &str)> = HashMap::new();
         let mut seen: HashSet<&str> = HashSet::new();
         let mut violations = Vec::new();
+        // Caught even when the consumers happened to read them in order.
+        let mut moved: Vec<String> = queues
+            .iter()
+            .filter(|(_, q)| q.len() > 1)
+            .map(|(key, q)| {
+                let at: Vec<String> = q
+                    .iter()
+                    .map(|((broker, queue), n)| format!("{n} in {broker} queue {queue}"))
+                    .collect();
+                format!(
+                    "key {key}: acknowledged sends in {} queues ({})",
+                    q.len(),
+                    at.join(", ")
+                )
+            })
+            .collect();
+        moved.sort();
+        violations.extend(moved);
         let mut checked = 0;
         for e in &self.consumes {
             let Some(&(key, i)) = rank.get(e.id.as_str()) else {
@@ -617,9 +647,10 @@ impl<'a> Indexed<'a> {
                 }
             }
         }
+        let keys_moved = queues.values().filter(|q| q.len() > 1).count();
         let summary = format!(
-            "{} out-of-order first consumptions among {checked} acknowledged sends over {} keys",
-            violations.len(),
+            "{} out-of-order first consumptions among {checked} acknowledged sends over {} keys; {keys_moved} keys stored in more than one queue",
+            violations.len() - keys_moved,
             sends.len()
         );
         verdict("order", violations, summary)
@@ -832,6 +863,36 @@ mod tests {
         assert_eq!(
             failed(&check(&bad, 0)),
             [("lost", 1), ("duplicate", 1), ("order", 1)]
+        );
+    }
+
+    /// A key whose acknowledged sends were stored in two queues fails the
+    /// order checker, even when they were read in order.
+    #[test]
+    fn a_key_stored_in_two_queues_is_out_of_order() {
+        let mut h = Vec::new();
+        send(&mut h, 10, "k:1", "k", Kind::Ok);
+        send(&mut h, 20, "k:2", "k", Kind::Ok);
+        consume(&mut h, 40, "k:1", 0);
+        consume(&mut h, 41, "k:2", 1);
+        let stored = |h: &mut Vec<Event>, id: &str, queue: u32| {
+            let e = h
+                .iter_mut()
+                .find(|e| e.id == id && e.kind == Kind::Ok && e.f == Op::Send)
+                .expect("sent");
+            e.broker = Some("b".into());
+            e.queue = Some(queue);
+        };
+        stored(&mut h, "k:1", 0);
+        stored(&mut h, "k:2", 0);
+        assert!(failed(&check(&h, 0)).is_empty(), "{:?}", check(&h, 0));
+        stored(&mut h, "k:2", 3);
+        let verdicts = check(&h, 0);
+        assert_eq!(failed(&verdicts), [("order", 1)]);
+        let order = verdicts.iter().find(|v| v.name == "order").unwrap();
+        assert!(
+            order.examples[0].contains("1 in b queue 0, 1 in b queue 3"),
+            "{order:?}"
         );
     }
 
