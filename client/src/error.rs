@@ -44,7 +44,8 @@ pub enum Error {
         source: txmq_remoting::Error,
     },
     /// No nameserver knows a route for the topic (and, for a send, no broker
-    /// is registered that could auto-create it).
+    /// is registered that could auto-create it; an ordered send, whose key
+    /// picks among the topic's queues, never auto-creates one).
     #[error("no route for topic {topic:?}: no broker serves it")]
     NoRoute {
         /// The topic.

@@ -339,15 +339,18 @@ async fn an_ordered_send_without_a_route_fails_instead_of_moving_its_key() {
         .create_topic("keyed", 4, txmq::PERM_READ_WRITE, Some("broker-b"))
         .await
         .unwrap();
-    wait_listed(
-        &admin,
-        "keyed",
-        "broker-b",
-        true,
-        Instant::now(),
-        Duration::from_secs(10),
-    )
-    .await;
+    // Until broker-b is listed in the topic's route and the cluster (or not).
+    let listed = |want| {
+        wait_listed(
+            &admin,
+            "keyed",
+            "broker-b",
+            want,
+            Instant::now(),
+            Duration::from_secs(10),
+        )
+    };
+    listed(true).await;
     let producer = Producer::builder()
         .nameserver(&ns)
         .route_refresh_interval(Duration::from_millis(100))
@@ -361,15 +364,7 @@ async fn an_ordered_send_without_a_route_fails_instead_of_moving_its_key() {
     // broker-b dies: it leaves the route at once (its connection closed),
     // and the nameservers know no route of the topic.
     tokio::task::block_in_place(|| b.kill9());
-    wait_listed(
-        &admin,
-        "keyed",
-        "broker-b",
-        false,
-        Instant::now(),
-        Duration::from_secs(5),
-    )
-    .await;
+    listed(false).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..3 {
         let away = send("k-away").await;
@@ -415,15 +410,7 @@ async fn an_ordered_send_without_a_route_fails_instead_of_moving_its_key() {
     }
 
     tokio::task::block_in_place(|| b.restart());
-    wait_listed(
-        &admin,
-        "keyed",
-        "broker-b",
-        true,
-        Instant::now(),
-        Duration::from_secs(10),
-    )
-    .await;
+    listed(true).await;
     // The producer keeps the provisional route it was answered with for
     // up to the route refresh interval (100 ms here; 1 s at most).
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -184,7 +184,8 @@ impl ProducerBuilder {
 /// recognised as a duplicate.
 ///
 /// A topic without a route is sent to the registered brokers, which create
-/// it on its first message unless their auto-creation is off.
+/// it on its first message unless their auto-creation is off (not by
+/// [`Producer::send_ordered`], which needs the topic's queues).
 ///
 /// # Idempotence (on by default)
 ///
@@ -315,7 +316,10 @@ impl Producer {
             .ok_or_else(|| Error::Protocol("empty send result".into()))
     }
 
-    /// The writable queues of `topic`, from the route cache.
+    /// The writable queues of `topic`, from the route cache. For a topic the
+    /// nameservers know no route of, these are provisional: queue 0 of each
+    /// registered broker, where a send would auto-create the topic, not the
+    /// queues it will have; do not place keys by them.
     ///
     /// # Errors
     /// As fetching a route: [`Error::NoRoute`] or [`Error::Remoting`].

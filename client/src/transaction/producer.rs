@@ -564,7 +564,9 @@ impl<L: TransactionListener> TransactionProducer<L> {
 
     /// As [`TransactionProducer::send_in_transaction`], on the queue that
     /// `shard_key` maps to (see [`Producer::send_ordered`](crate::Producer::send_ordered)),
-    /// so that committed messages with the same key keep their order.
+    /// so that committed messages with the same key keep their order. As
+    /// that send, it never auto-creates a topic: [`Error::NoRoute`] (and
+    /// no local transaction) while the nameservers know no route of it.
     ///
     /// # Errors
     /// As [`TransactionProducer::send_in_transaction`].
@@ -794,14 +796,16 @@ impl<L: TransactionListener> TransactionProducer<L> {
                             return Err(last_error.unwrap_or(e));
                         }
                     };
-                    if matches!(placement, Placement::Hash(_)) && routes[0].provisional {
+                    if matches!(placement, Placement::Hash(_))
+                        && routes.iter().any(|r| r.provisional)
+                    {
                         // A shard key's queue is one of the topic's queues,
                         // which the nameservers do not know now (see
                         // `Producer::send_ordered`).
                         held.give_up(false);
-                        return Err(Error::NoRoute {
-                            topic: topics[0].to_string(),
-                        });
+                        return Err(last_error.unwrap_or(Error::NoRoute {
+                            topic: topics.join(","),
+                        }));
                     }
                     let on_broker: Vec<Vec<crate::MessageQueue>> = routes
                         .iter()

@@ -610,24 +610,6 @@ impl<'a> Indexed<'a> {
         let mut highest: HashMap<&str, (usize, &str)> = HashMap::new();
         let mut seen: HashSet<&str> = HashSet::new();
         let mut violations = Vec::new();
-        // Caught even when the consumers happened to read them in order.
-        let mut moved: Vec<String> = queues
-            .iter()
-            .filter(|(_, q)| q.len() > 1)
-            .map(|(key, q)| {
-                let at: Vec<String> = q
-                    .iter()
-                    .map(|((broker, queue), n)| format!("{n} in {broker} queue {queue}"))
-                    .collect();
-                format!(
-                    "key {key}: acknowledged sends in {} queues ({})",
-                    q.len(),
-                    at.join(", ")
-                )
-            })
-            .collect();
-        moved.sort();
-        violations.extend(moved);
         let mut checked = 0;
         for e in &self.consumes {
             let Some(&(key, i)) = rank.get(e.id.as_str()) else {
@@ -647,12 +629,30 @@ impl<'a> Indexed<'a> {
                 }
             }
         }
-        let keys_moved = queues.values().filter(|q| q.len() > 1).count();
+        // Caught even when the consumers happened to read them in order.
+        let mut moved: Vec<String> = queues
+            .iter()
+            .filter(|(_, q)| q.len() > 1)
+            .map(|(key, q)| {
+                let at: Vec<String> = q
+                    .iter()
+                    .map(|((broker, queue), n)| format!("{n} in {broker} queue {queue}"))
+                    .collect();
+                format!(
+                    "key {key}: acknowledged sends in {} queues ({})",
+                    q.len(),
+                    at.join(", ")
+                )
+            })
+            .collect();
+        moved.sort();
+        let keys_moved = moved.len();
         let summary = format!(
             "{} out-of-order first consumptions among {checked} acknowledged sends over {} keys; {keys_moved} keys stored in more than one queue",
-            violations.len() - keys_moved,
+            violations.len(),
             sends.len()
         );
+        violations.extend(moved);
         verdict("order", violations, summary)
     }
 

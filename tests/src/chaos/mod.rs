@@ -581,9 +581,10 @@ impl World {
                 "1s",
                 "--consumer-expiry",
                 "3s",
-                // A send to broker-b's topic while broker-b is
-                // away would otherwise create it on broker-a,
-                // moving its keys to other queues.
+                // Ordered sends never auto-create a topic, but a
+                // plain send to broker-b's topic while broker-b is
+                // away would create it on broker-a, moving its keys
+                // to other queues: as the README advises for order.
                 "--auto-create-topics",
                 "false",
             ]
