@@ -13,13 +13,8 @@
 //! until the brokers have registered the real route. A send whose queue a
 //! shard key picks never goes by it: one queue per broker is not the
 //! topic's queues, so the key would land on another queue than its later
-//! messages.
-//!
-//! A topic whose brokers are all away for a moment (a restart, a power cut)
-//! looks unknown to the nameservers too. A cache that had a route of it
-//! keeps using that one, as RocketMQ's producer does: sends fail until the
-//! brokers are back, rather than auto-create the topic on other brokers,
-//! which would move it and every key's queue for good.
+//! messages (and a topic whose brokers are all away for a moment, a power
+//! cut say, looks unknown too).
 //!
 //! Masters elected by the controller carry an epoch, and a group's master
 //! never goes back to an older one: nameservers are independent, and one
@@ -324,13 +319,6 @@ impl RouteCache {
         }
     }
 
-    /// The last route of `topic` the nameservers answered, fresh or not
-    /// (never a provisional one).
-    fn last_real(&self, topic: &str) -> Option<Arc<RouteInfo>> {
-        let entry = self.inner.entries.get(topic)?;
-        (!entry.info.provisional).then(|| entry.info.clone())
-    }
-
     fn fresh(&self, topic: &str) -> Option<Arc<RouteInfo>> {
         let entry = self.inner.entries.get(topic)?;
         (entry.expires > Instant::now()).then(|| entry.info.clone())
@@ -352,25 +340,6 @@ impl RouteCache {
         let (mut route, provisional) = match ns.route(topic).await {
             Ok(route) => (route, false),
             Err(Error::NoRoute { .. }) if self.inner.provisional => {
-                if let Some(last) = self.last_real(topic) {
-                    // A topic this cache had a route of: its brokers are
-                    // all away (a restart, a power cut) or it was deleted.
-                    // As RocketMQ's producer does, go on by that route:
-                    // sends fail until those brokers are back (a deleted
-                    // topic is created there again, where auto-creation
-                    // is on) rather than create the topic on others,
-                    // which would move it, and every key's queue, for good.
-                    tracing::debug!(%topic, "no route now; keeping the last one");
-                    self.inner.entries.insert(
-                        topic.to_string(),
-                        Entry {
-                            info: last.clone(),
-                            expires: Instant::now()
-                                + PROVISIONAL_TTL.min(self.inner.refresh_interval),
-                        },
-                    );
-                    return Ok(last);
-                }
                 let brokers = ns.cluster().await?;
                 if !brokers.iter().any(|b| b.role == BrokerRole::Master) {
                     self.inner.entries.remove(topic);
