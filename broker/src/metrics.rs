@@ -522,6 +522,13 @@ impl Collector for StateCollector {
             None,
             c.metric_type(),
         )?)?;
+        let c = ConstCounter::new(b.store.written_back());
+        c.encode(e.encode_descriptor(
+            "txmq_store_writeback_bytes",
+            "Commit-log bytes whose writing to disk the flusher started between fdatasyncs (async flush), since the store opened",
+            None,
+            c.metric_type(),
+        )?)?;
         plain_gauge(
             &mut e,
             "txmq_connections",
@@ -731,6 +738,10 @@ mod tests {
         assert_eq!(v("txmq_connections"), Some(0.0));
         assert_eq!(v("txmq_pop_in_flight"), Some(0.0));
         assert!(text.contains("# TYPE txmq_fdatasync counter"), "{text}");
+        assert!(
+            text.contains("# TYPE txmq_store_writeback_bytes counter"),
+            "{text}"
+        );
         assert!(broker.metrics_addr().is_some());
         broker.shutdown().await;
     }

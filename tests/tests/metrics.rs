@@ -574,3 +574,71 @@ async fn a_deleted_topics_series_go_with_it() {
     producer.close().await.unwrap();
     cluster.shutdown().await;
 }
+
+/// Under async flush the flusher starts writing the log's new pages to
+/// disk between its fdatasyncs (so that an fdatasync does not write half a
+/// second of a busy log at once): with an hour between fdatasyncs, the
+/// bytes sent are counted as written back within seconds while no
+/// fdatasync ran. Under sync flush every fdatasync writes them and none are
+/// counted.
+#[test]
+fn the_log_is_written_back_between_fdatasyncs_under_async_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns_addr = format!("127.0.0.1:{}", free_port());
+    let _ns = NameserverProcess::start(&ns_addr, &[], &dir.path().join("ns.log"));
+    let body = "x".repeat(3000);
+    for (name, flush) in [("broker-a", "async"), ("broker-b", "sync")] {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let broker = BrokerProcess::start(
+            &dir.path().join(name),
+            &ns_addr,
+            name,
+            &[
+                "--metrics-listen",
+                &metrics,
+                "--flush",
+                flush,
+                "--flush-interval",
+                "1h",
+                "--checkpoint-interval",
+                "1h",
+            ],
+        );
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(wait_for_broker(&ns_addr, name));
+        let topic = format!("wb-{flush}");
+        ok(&txmq_cli(
+            &ns_addr,
+            &["topic", "create", &topic, "--queues", "1", "--broker", name],
+            None,
+        ));
+        ok(&txmq_cli(
+            &ns_addr,
+            &[
+                "send",
+                &topic,
+                "--body",
+                &body,
+                "--count",
+                "300",
+                "--idempotence",
+                "false",
+            ],
+            None,
+        ));
+        let counted = |t: &str| sample(t, "txmq_store_writeback_bytes_total");
+        if flush == "async" {
+            let text = scrape_until(&metrics, "the sent bytes written back", |t| {
+                counted(t).is_some_and(|n| n >= 300.0 * 3000.0)
+            });
+            assert_eq!(sample(&text, "txmq_fdatasync_total"), Some(0.0), "{text}");
+        } else {
+            let text = scrape_until(&metrics, "the sync broker's fdatasyncs", |t| {
+                sample(t, "txmq_fdatasync_total").is_some_and(|n| n >= 1.0)
+            });
+            assert_eq!(counted(&text), Some(0.0), "{text}");
+        }
+        drop(broker);
+    }
+}

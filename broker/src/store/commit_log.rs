@@ -100,6 +100,45 @@ impl Segment {
     }
 }
 
+impl Segment {
+    /// Starts writing the segment's dirty pages in `[from, to)` (offsets in
+    /// the file) to disk and returns without waiting for them, as
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` does: no durability by
+    /// itself (no metadata, no cache flush), only less left for the next
+    /// fdatasync to do at once (see the flusher's `write_back`).
+    ///
+    /// # Errors
+    /// The system call's error.
+    #[allow(unsafe_code)]
+    pub fn start_writeback(&self, from: u64, to: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            if to <= from {
+                return Ok(());
+            }
+            let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+                return Ok(());
+            };
+            // SAFETY: a plain system call on a descriptor this segment owns.
+            let r = unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    offset,
+                    len,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (from, to);
+        Ok(())
+    }
+}
+
 /// Lends the mapping to `Bytes` while the segment keeps a handle too.
 struct SharedMap(Arc<memmap2::Mmap>);
 

@@ -7,6 +7,15 @@
 //! visible and their senders answered. Under async flush the log is synced
 //! every `async_flush_interval`. An fsync failure poisons the store: no
 //! write is acknowledged after it (the page cache can no longer be trusted).
+//!
+//! Between two of those fdatasyncs, every [`WRITEBACK_STEP`], the flusher
+//! starts writing the log's new whole pages to disk without waiting
+//! ([`Segment::start_writeback`](super::commit_log::Segment::start_writeback)),
+//! so that the fdatasync finds little left. The kernel's work of writing
+//! pages back (finding them, marking them clean) runs on the thread that
+//! asks for it: half a second of a busy log at once held one of a small
+//! machine's cores for 3-4 ms, and the senders and consumers waiting for
+//! that core made the end-to-end p99.9. What is durable when is unchanged.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -18,6 +27,14 @@ use super::checkpoint::{Checkpoint, OffsetTable, QueueTable};
 use super::consume_queue::ConsumeQueue;
 use super::pop::PopTable;
 use super::{all_queues, FlushMode, StoreInner};
+
+/// How often, under async flush, writing the log's new pages to disk is
+/// started between fdatasyncs (see the module's documentation).
+pub(crate) const WRITEBACK_STEP: Duration = Duration::from_millis(50);
+
+/// Writeback is started for whole pages only: the page the writer is
+/// still filling would be written twice.
+const PAGE: u64 = 4096;
 
 /// Queues to publish and the offset each becomes readable up to.
 pub(crate) type Publish = Vec<(Arc<ConsumeQueue>, u64)>;
@@ -38,6 +55,10 @@ pub(crate) struct Flusher {
     /// The largest end the writer announced: senders are woken up to it only.
     announced: u64,
     last_flush: Instant,
+    /// The log position up to which writing to disk was started (or
+    /// synced), and when the flusher last started it.
+    written_back: u64,
+    last_writeback: Instant,
     last_checkpoint: Instant,
     checkpoint_pos: Option<u64>,
 }
@@ -52,6 +73,8 @@ impl Flusher {
             pending: VecDeque::new(),
             announced: flushed,
             last_flush: Instant::now(),
+            written_back: flushed,
+            last_writeback: Instant::now(),
             last_checkpoint: Instant::now(),
             checkpoint_pos: None,
         };
@@ -60,10 +83,15 @@ impl Flusher {
 
     pub(crate) fn run(mut self) {
         let config = self.store.config.clone();
+        let writes_back =
+            config.flush == FlushMode::Async && config.async_flush_interval > WRITEBACK_STEP;
         loop {
             let mut due = self.last_checkpoint + config.checkpoint_interval;
             if config.flush == FlushMode::Async {
                 due = due.min(self.last_flush + config.async_flush_interval);
+            }
+            if writes_back {
+                due = due.min(self.last_writeback + WRITEBACK_STEP);
             }
             let wait = due
                 .saturating_duration_since(Instant::now())
@@ -99,6 +127,8 @@ impl Flusher {
                 || now >= self.last_flush + config.async_flush_interval
             {
                 self.flush();
+            } else if writes_back && now >= self.last_writeback + WRITEBACK_STEP {
+                self.write_back();
             }
             if now >= self.last_checkpoint + config.checkpoint_interval {
                 self.checkpoint();
@@ -110,6 +140,40 @@ impl Flusher {
         self.flush();
         self.checkpoint();
         let _ = done.send(());
+    }
+
+    /// Starts writing the log's whole pages written since the last call
+    /// (or fdatasync) to disk, without waiting for them.
+    fn write_back(&mut self) {
+        self.last_writeback = Instant::now();
+        let written = self.store.written.load(Ordering::Acquire);
+        let from = self.written_back.max(self.flushed);
+        if written <= from {
+            return;
+        }
+        for seg in self.store.log.segments() {
+            if seg.end() <= from || seg.start >= written {
+                continue;
+            }
+            // A segment the writer went past is written back to its end;
+            // in the one it fills, the page it is filling waits.
+            let end = if written >= seg.end() {
+                seg.end() - seg.start
+            } else {
+                (written - seg.start) & !(PAGE - 1)
+            };
+            if let Err(e) = seg.start_writeback(from.saturating_sub(seg.start), end) {
+                // Only advice: the next fdatasync writes these pages anyway,
+                // and fails loudly if they cannot be written.
+                tracing::debug!(segment = %seg.path.display(), error = %e, "cannot start the commit log's writeback");
+                return;
+            }
+        }
+        self.store
+            .stats
+            .written_back
+            .fetch_add(written - from, Ordering::Relaxed);
+        self.written_back = written;
     }
 
     /// fdatasyncs the log up to what is written now, then publishes.

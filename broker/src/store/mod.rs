@@ -1607,6 +1607,12 @@ impl Store {
         )
     }
 
+    /// Log bytes whose writing to disk the flusher started ahead of its
+    /// fdatasync, since the store opened (see the flusher's `write_back`).
+    pub fn written_back(&self) -> u64 {
+        self.inner.stats.written_back.load(Ordering::Relaxed)
+    }
+
     /// The log position one past the last byte written.
     pub fn log_end(&self) -> u64 {
         self.inner.written.load(Ordering::Acquire)
@@ -1917,6 +1923,9 @@ pub(crate) struct StoreCounters {
     pub(crate) bytes: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) fdatasyncs: AtomicU64,
+    /// Log bytes whose writing to disk the flusher started between two
+    /// fdatasyncs (under async flush).
+    pub(crate) written_back: AtomicU64,
 }
 
 /// At most this many commands wait for the writer.
