@@ -208,6 +208,12 @@ struct Inner {
     /// through the parent shows here once the read or write loop runs, a
     /// turn of the scheduler later.
     is_closed: AtomicBool,
+    /// The read loop's task, woken when `is_closed` is set: the loop waits
+    /// on this and the flag instead of the token, whose future takes two
+    /// locks each time the loop is polled (about 1.5% of a broker's CPU
+    /// at 16 producers, in flight 1). A cancel through the parent reaches
+    /// it through the sweeper, which awaits the token.
+    read_waker: AtomicWaker,
     peer_hello: OnceLock<Hello>,
     config: ConnectionConfig,
     /// Set by the reader before each request it hands to the service:
@@ -225,8 +231,36 @@ struct Inner {
 
 impl Inner {
     fn close(&self) {
-        self.is_closed.store(true, Ordering::Release);
+        self.mark_closed();
         self.closed.cancel();
+    }
+
+    /// Sets `is_closed` (the token is or will be cancelled) and wakes the
+    /// read loop.
+    fn mark_closed(&self) {
+        self.is_closed.store(true, Ordering::Release);
+        self.read_waker.wake();
+    }
+
+    /// Ready once `is_closed` is set: cheap to poll (an atomic load; the
+    /// waker is registered again only when the task's waker changed, which
+    /// a spawned task's does not).
+    fn closed_flag(&self) -> impl Future<Output = ()> + '_ {
+        let mut registered: Option<std::task::Waker> = None;
+        std::future::poll_fn(move |cx| {
+            if self.is_closed() {
+                return Poll::Ready(());
+            }
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                self.read_waker.register(cx.waker());
+                registered = Some(cx.waker().clone());
+                // Set between the check and the registration: seen here.
+                if self.is_closed() {
+                    return Poll::Ready(());
+                }
+            }
+            Poll::Pending
+        })
     }
 
     fn is_closed(&self) -> bool {
@@ -565,6 +599,7 @@ impl Connection {
                 next_request_id: AtomicU64::new(1),
                 closed,
                 is_closed: AtomicBool::new(false),
+                read_waker: AtomicWaker::new(),
                 peer_hello: OnceLock::new(),
                 config,
                 more_read: AtomicBool::new(false),
@@ -753,7 +788,7 @@ impl Connection {
     /// Waits until the connection is closed.
     pub async fn closed(&self) {
         self.inner.closed.cancelled().await;
-        self.inner.is_closed.store(true, Ordering::Release);
+        self.inner.mark_closed();
     }
 
     /// Who the peer authenticated as (server side, with an ACL file in
@@ -1225,17 +1260,13 @@ async fn read_loop(
     let mut blocked = false;
     let mut blocked_at = 0;
     let mut codec = FrameCodec::new(inner.config.max_frame_len);
-    // Made once: a new one each turn of the loop would register with the
-    // token and deregister again per frame read.
-    let closed = inner.closed.cancelled();
+    // Made once, so that it registers the task's waker once.
+    let closed = inner.closed_flag();
     tokio::pin!(closed);
     while greeted {
         tokio::select! {
             biased;
-            () = &mut closed => {
-                inner.is_closed.store(true, Ordering::Release);
-                break;
-            }
+            () = &mut closed => break,
             () = room(&inner), if blocked => match flush_batch(&inner, &mut batch) {
                 Queue::Done => blocked = false,
                 Queue::Full => {}
@@ -1528,7 +1559,12 @@ async fn sweep_deadlines(inner: Arc<Inner>) {
         tokio::select! {
             () = &mut sleep, if next.is_some() => {}
             () = inner.sweep.notified() => {}
-            () = inner.closed.cancelled() => return,
+            () = inner.closed.cancelled() => {
+                // A cancel through the parent (a server's shutdown) is
+                // passed on to the read loop here.
+                inner.mark_closed();
+                return;
+            }
         }
     }
 }
