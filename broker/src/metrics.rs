@@ -525,7 +525,7 @@ impl Collector for StateCollector {
         let c = ConstCounter::new(b.store.written_back());
         c.encode(e.encode_descriptor(
             "txmq_store_writeback_bytes",
-            "Commit-log bytes whose writing to disk the flusher started between fdatasyncs (async flush), since the store opened",
+            "Commit-log bytes the flusher handed to the kernel to start writing to disk between fdatasyncs (async flush), since the store opened",
             None,
             c.metric_type(),
         )?)?;

@@ -200,13 +200,14 @@ struct Inner {
     /// through its parent (a server's shutdown).
     closed: CancellationToken,
     /// Set by [`Inner::close`] (which the read and write loops call as they
-    /// end), by the read loop when it sees `closed` cancelled, and by
-    /// [`Connection::closed`]; read instead of the token: its `is_cancelled`
-    /// takes a lock, which tasks sending on one connection took in turn up
-    /// to three times a request (1.75% of a client's CPU with 16 producers
-    /// sharing one connection, plus the lock's contention). A cancel
-    /// through the parent shows here once the read or write loop runs, a
-    /// turn of the scheduler later.
+    /// end), by the sweeper when it sees `closed` cancelled, and by
+    /// [`Connection::closed`] (all through [`Inner::mark_closed`]); read
+    /// instead of the token: its `is_cancelled` takes a lock, which tasks
+    /// sending on one connection took in turn up to three times a request
+    /// (1.75% of a client's CPU with 16 producers sharing one connection,
+    /// plus the lock's contention). A cancel through the parent shows here
+    /// once the sweeper or the write loop runs, a turn of the scheduler
+    /// later.
     is_closed: AtomicBool,
     /// The read loop's task, woken when `is_closed` is set: the loop waits
     /// on this and the flag instead of the token, whose future takes two

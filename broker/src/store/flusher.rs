@@ -32,10 +32,6 @@ use super::{all_queues, FlushMode, StoreInner};
 /// started between fdatasyncs (see the module's documentation).
 pub(crate) const WRITEBACK_STEP: Duration = Duration::from_millis(50);
 
-/// Writeback is started for whole pages only: the page the writer is
-/// still filling would be written twice.
-const PAGE: u64 = 4096;
-
 /// Queues to publish and the offset each becomes readable up to.
 pub(crate) type Publish = Vec<(Arc<ConsumeQueue>, u64)>;
 
@@ -59,6 +55,9 @@ pub(crate) struct Flusher {
     /// synced), and when the flusher last started it.
     written_back: u64,
     last_writeback: Instant,
+    /// Writeback is started for whole pages only: the page the writer is
+    /// still filling would be written twice.
+    page: u64,
     last_checkpoint: Instant,
     checkpoint_pos: Option<u64>,
 }
@@ -75,6 +74,7 @@ impl Flusher {
             last_flush: Instant::now(),
             written_back: flushed,
             last_writeback: Instant::now(),
+            page: page_size(),
             last_checkpoint: Instant::now(),
             checkpoint_pos: None,
         };
@@ -83,8 +83,9 @@ impl Flusher {
 
     pub(crate) fn run(mut self) {
         let config = self.store.config.clone();
-        let writes_back =
-            config.flush == FlushMode::Async && config.async_flush_interval > WRITEBACK_STEP;
+        let writes_back = cfg!(target_os = "linux")
+            && config.flush == FlushMode::Async
+            && config.async_flush_interval > WRITEBACK_STEP;
         loop {
             let mut due = self.last_checkpoint + config.checkpoint_interval;
             if config.flush == FlushMode::Async {
@@ -151,34 +152,43 @@ impl Flusher {
         if written <= from {
             return;
         }
+        let mut started = 0;
         for seg in self.store.log.segments() {
             if seg.end() <= from || seg.start >= written {
                 continue;
             }
             // A segment the writer went past is written back to its end;
-            // in the one it fills, the page it is filling waits.
+            // in the one it fills, the page it is filling waits (it is
+            // started with the next range, which begins in it).
+            let start = from.saturating_sub(seg.start);
             let end = if written >= seg.end() {
                 seg.end() - seg.start
             } else {
-                (written - seg.start) & !(PAGE - 1)
+                (written - seg.start) / self.page * self.page
             };
-            if let Err(e) = seg.start_writeback(from.saturating_sub(seg.start), end) {
+            if end <= start {
+                continue;
+            }
+            if let Err(e) = seg.start_writeback(start, end) {
                 // Only advice: the next fdatasync writes these pages anyway,
                 // and fails loudly if they cannot be written.
                 tracing::debug!(segment = %seg.path.display(), error = %e, "cannot start the commit log's writeback");
-                return;
+                break;
             }
+            started += end - start;
         }
         self.store
             .stats
             .written_back
-            .fetch_add(written - from, Ordering::Relaxed);
+            .fetch_add(started, Ordering::Relaxed);
         self.written_back = written;
     }
 
     /// fdatasyncs the log up to what is written now, then publishes.
     fn flush(&mut self) {
         self.last_flush = Instant::now();
+        // The fdatasync writes everything: the next writeback is a step on.
+        self.last_writeback = self.last_flush;
         let target = self.store.written.load(Ordering::Acquire);
         if target > self.flushed {
             let started = Instant::now();
@@ -307,4 +317,12 @@ impl Flusher {
             Err(e) => tracing::error!(error = %e, "cannot write checkpoint"),
         }
     }
+}
+
+/// The size of the kernel's pages, the unit writeback works in.
+#[allow(unsafe_code)]
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
 }

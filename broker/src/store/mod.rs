@@ -1607,8 +1607,9 @@ impl Store {
         )
     }
 
-    /// Log bytes whose writing to disk the flusher started ahead of its
-    /// fdatasync, since the store opened (see the flusher's `write_back`).
+    /// Log bytes the flusher handed to the kernel to start writing to disk
+    /// ahead of its fdatasync, since the store opened (see the flusher's
+    /// `write_back`).
     pub fn written_back(&self) -> u64 {
         self.inner.stats.written_back.load(Ordering::Relaxed)
     }
@@ -1923,8 +1924,8 @@ pub(crate) struct StoreCounters {
     pub(crate) bytes: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) fdatasyncs: AtomicU64,
-    /// Log bytes whose writing to disk the flusher started between two
-    /// fdatasyncs (under async flush).
+    /// Log bytes the flusher handed to the kernel to start writing to disk
+    /// between two fdatasyncs (under async flush).
     pub(crate) written_back: AtomicU64,
 }
 
