@@ -668,17 +668,17 @@ mod tests {
     #[test]
     fn a_stamped_records_bytes_are_laid_out_as_documented() {
         let mut msg = Message::new("orders", &b"body!"[..]).with_tag("t1");
-        msg.born_timestamp = 0x3333_3333_3333_3333;
+        msg.born_timestamp = 0x3031_3233_3435_3637;
         let head = RecordHead {
             kind: RecordKind::Message,
             queue: 0x0102_0304,
-            queue_offset: 0x1111_1111_1111_1111,
-            store_timestamp: 0x2222_2222_2222_2222,
-            aux: 0x4444_4444_4444_4444,
+            queue_offset: 0x1011_1213_1415_1617,
+            store_timestamp: 0x2021_2223_2425_2627,
+            aux: 0x4041_4243_4445_4647,
             flags: 0x0506,
             stamp: Some(Stamp {
-                producer_id: 0x5555_5555_5555_5555,
-                sequence: 0x6666_6666_6666_6666,
+                producer_id: 0x5051_5253_5455_5657,
+                sequence: 0x6061_6263_6465_6667,
             }),
         };
         let mut buf = BytesMut::new();
@@ -693,13 +693,13 @@ mod tests {
         assert_eq!((r[8], r[9]), (VERSION_STAMPED, RecordKind::Message as u8));
         assert_eq!(u16_at(10), 0x0506);
         assert_eq!(u32_at(12), 0x0102_0304);
-        assert_eq!(u64_at(16), 0x1111_1111_1111_1111);
-        assert_eq!(u64_at(24), 0x2222_2222_2222_2222);
-        assert_eq!(u64_at(32), 0x3333_3333_3333_3333);
+        assert_eq!(u64_at(16), 0x1011_1213_1415_1617);
+        assert_eq!(u64_at(24), 0x2021_2223_2425_2627);
+        assert_eq!(u64_at(32), 0x3031_3233_3435_3637);
         assert_eq!(&r[40..56], &msg.msg_id.0);
-        assert_eq!(u64_at(56), 0x4444_4444_4444_4444);
-        assert_eq!(u64_at(64), 0x5555_5555_5555_5555);
-        assert_eq!(u64_at(72), 0x6666_6666_6666_6666);
+        assert_eq!(u64_at(56), 0x4041_4243_4445_4647);
+        assert_eq!(u64_at(64), 0x5051_5253_5455_5657);
+        assert_eq!(u64_at(72), 0x6061_6263_6465_6667);
         let mut tail = Vec::new();
         tail.extend_from_slice(&6u16.to_le_bytes());
         tail.extend_from_slice(b"orders");
