@@ -98,9 +98,7 @@ impl Segment {
                 .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
         }
     }
-}
 
-impl Segment {
     /// Starts writing the segment's dirty pages in `[from, to)` (offsets in
     /// the file) to disk and returns without waiting for them, as
     /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` does: no durability by
