@@ -425,6 +425,41 @@ pub enum Queued<'a> {
     NotReady(Request),
 }
 
+/// How [`Connection::start_request`] went.
+enum Started<'a> {
+    /// Queued, or refused by `ready`.
+    Done(Queued<'a>),
+    /// The write queue is full: the frame waits for room.
+    NoRoom(Unsent<'a>),
+}
+
+/// A registered request whose frame is not queued yet.
+struct Unsent<'a> {
+    /// Its answer to come, once the frame is queued.
+    reply: Reply<'a>,
+    frame: Frame,
+    /// The only request in flight when it was registered.
+    alone: bool,
+}
+
+impl<'a> Unsent<'a> {
+    /// What became of the request, once [`send_frame`] went as `sent`.
+    fn sent(self, sent: Sent) -> Result<Queued<'a>, Error> {
+        match sent {
+            Sent::Queued => Ok(Queued::Sent(self.reply)),
+            Sent::Closed => Err(self.reply.conn.closed_error()),
+            Sent::NotReady => {
+                // Dropping the reply removes the pending entry.
+                drop(self.reply);
+                let Frame::Request(_, request) = self.frame else {
+                    unreachable!("a request frame stays one")
+                };
+                Ok(Queued::NotReady(request))
+            }
+        }
+    }
+}
+
 /// A request sent on a connection, and its answer to come. Dropped before
 /// the answer, it leaves nothing pending (the answer, if it comes, is dropped).
 pub struct Reply<'a> {
@@ -436,13 +471,33 @@ pub struct Reply<'a> {
     timeout: Duration,
 }
 
-impl Reply<'_> {
+impl<'a> Reply<'a> {
     /// Waits for the answer, up to the request's deadline.
     ///
     /// # Errors
     /// As [`Connection::call`], but for [`Error::UnexpectedResponse`].
-    pub async fn answer(mut self) -> Result<Response, Error> {
-        match (&mut self.rx).await {
+    // A plain future over the reply (no `async fn`): its callers' futures
+    // hold it, and an `async fn` would hold the reply twice.
+    pub fn answer(mut self) -> impl Future<Output = Result<Response, Error>> + Send + 'a {
+        std::future::poll_fn(move |cx| self.poll_answer(cx))
+    }
+
+    /// [`Reply::answer`], as the typed answer of `C`.
+    ///
+    /// # Errors
+    /// As [`Connection::call`].
+    pub fn answer_as<C: Call>(
+        mut self,
+    ) -> impl Future<Output = Result<C::Reply, Error>> + Send + 'a {
+        std::future::poll_fn(move |cx| {
+            self.poll_answer(cx).map(|answer| {
+                C::from_response(answer?).map_err(|_| Error::UnexpectedResponse { kind: self.kind })
+            })
+        })
+    }
+
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response, Error>> {
+        Poll::Ready(match std::task::ready!(Pin::new(&mut self.rx).poll(cx)) {
             Ok(answer) => {
                 // The reader removed the entry when it took the answer.
                 self.entry.armed = false;
@@ -454,16 +509,7 @@ impl Reply<'_> {
                 Err(self.conn.timed_out(self.kind, self.timeout))
             }
             Err(_) => Err(self.conn.closed_error()),
-        }
-    }
-
-    /// [`Reply::answer`], as the typed answer of `C`.
-    ///
-    /// # Errors
-    /// As [`Connection::call`].
-    pub async fn answer_as<C: Call>(self) -> Result<C::Reply, Error> {
-        let kind = self.kind;
-        C::from_response(self.answer().await?).map_err(|_| Error::UnexpectedResponse { kind })
+        })
     }
 }
 
@@ -645,13 +691,16 @@ impl Connection {
         request: C,
         timeout: Duration,
     ) -> Result<C::Reply, Error> {
-        match self
+        // Taken apart before the answer is awaited, so that this future
+        // does not keep the request's outcome across that wait.
+        let reply = match self
             .request_when(request.into_request(), timeout, &mut |_| true)
             .await?
         {
-            Queued::Sent(reply) => reply.answer_as::<C>().await,
+            Queued::Sent(reply) => reply,
             Queued::NotReady(_) => unreachable!("a request always ready was not sent"),
-        }
+        };
+        reply.answer_as::<C>().await
     }
 
     /// Sends a request and waits up to `timeout` for the answer; the
@@ -660,10 +709,11 @@ impl Connection {
     /// # Errors
     /// As [`Connection::call`].
     pub async fn request(&self, request: Request, timeout: Duration) -> Result<Response, Error> {
-        match self.request_when(request, timeout, &mut |_| true).await? {
-            Queued::Sent(reply) => reply.answer().await,
+        let reply = match self.request_when(request, timeout, &mut |_| true).await? {
+            Queued::Sent(reply) => reply,
             Queued::NotReady(_) => unreachable!("a request always ready was not sent"),
-        }
+        };
+        reply.answer().await
     }
 
     /// Queues a request once `ready` says so, and hands back its [`Reply`]
@@ -687,6 +737,29 @@ impl Connection {
         timeout: Duration,
         ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
     ) -> Result<Queued<'_>, Error> {
+        // Most frames find room at once and are queued without a wait, in
+        // a plain function: this future holds its arguments and a box, not
+        // the frame and the bookkeeping, and every caller's future holds
+        // this one (and copies it as it starts it).
+        let wait = match self.start_request(request, timeout, ready) {
+            Ok(Started::Done(queued)) => return Ok(queued),
+            Err(e) => return Err(e),
+            // Boxed: the wait (its timer, the queue's notification) would
+            // otherwise take a place in every request's future, and few
+            // requests wait.
+            Ok(Started::NoRoom(unsent)) => Box::pin(self.send_when_room(unsent, ready)),
+        };
+        wait.await
+    }
+
+    /// Registers the request and queues its frame if the queue has room
+    /// ([`Connection::request_when`] without its wait).
+    fn start_request(
+        &self,
+        request: Request,
+        timeout: Duration,
+        ready: &mut dyn FnMut(&mut Request) -> bool,
+    ) -> Result<Started<'_>, Error> {
         let kind = request.kind();
         let deadline = Instant::now() + timeout;
         if self.is_closed() {
@@ -707,52 +780,49 @@ impl Connection {
             }
             pending.waiting.len() == 1
         };
-        let entry = PendingEntry {
-            inner: &self.inner,
-            id,
-            armed: true,
+        let mut unsent = Unsent {
+            reply: Reply {
+                conn: self,
+                entry: PendingEntry {
+                    inner: &self.inner,
+                    id,
+                    armed: true,
+                },
+                rx,
+                deadline,
+                kind,
+                timeout,
+            },
+            frame: Frame::Request(id, request),
+            alone,
         };
         // The only request in flight goes out at once; with others in
         // flight, the writer task gathers this one with the requests other
         // tasks send meanwhile into one write. A timer is armed only if the
         // frame has to wait for room.
-        let mut frame = Frame::Request(id, request);
-        let sent = match try_send(&self.inner, &mut frame, alone, ready) {
-            Some(sent) => sent,
-            // Boxed: the wait (its timer, the queue's notification) would
-            // otherwise take a place in every request's future, which its
-            // callers copy as they start it, and few requests wait.
-            None => {
-                let wait = async {
-                    tokio::select! {
-                        sent = send_frame(&self.inner, &mut frame, alone, ready) => Some(sent),
-                        () = tokio::time::sleep_until(deadline) => None,
-                    }
-                };
-                match Box::pin(wait).await {
-                    Some(sent) => sent,
-                    None => return Err(self.timed_out(kind, timeout)),
-                }
+        Ok(
+            match try_send(&self.inner, &mut unsent.frame, alone, ready) {
+                Some(sent) => Started::Done(unsent.sent(sent)?),
+                None => Started::NoRoom(unsent),
+            },
+        )
+    }
+
+    /// Waits for room for a frame [`Connection::start_request`] could not
+    /// queue, up to its request's deadline.
+    async fn send_when_room<'c>(
+        &'c self,
+        mut unsent: Unsent<'c>,
+        ready: &mut (dyn FnMut(&mut Request) -> bool + Send),
+    ) -> Result<Queued<'c>, Error> {
+        let deadline = unsent.reply.deadline;
+        let sent = tokio::select! {
+            sent = send_frame(&self.inner, &mut unsent.frame, unsent.alone, ready) => sent,
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(self.timed_out(unsent.reply.kind, unsent.reply.timeout));
             }
         };
-        match sent {
-            Sent::Queued => Ok(Queued::Sent(Reply {
-                conn: self,
-                entry,
-                rx,
-                deadline,
-                kind,
-                timeout,
-            })),
-            Sent::Closed => Err(self.closed_error()),
-            Sent::NotReady => {
-                drop(entry);
-                let Frame::Request(_, request) = frame else {
-                    unreachable!("a request frame stays one")
-                };
-                Ok(Queued::NotReady(request))
-            }
-        }
+        unsent.sent(sent)
     }
 
     /// The error of a request that timed out. Timeouts in a row with

@@ -376,16 +376,16 @@ pub(crate) async fn queue_stamped<'c>(
             }
             None => true,
         };
-        match conn.request_when(request, timeout, &mut ready).await {
+        // The answer is taken apart before the wait below, so that this
+        // future does not keep it (and its request) across the wait.
+        request = match conn.request_when(request, timeout, &mut ready).await {
             Err(e) => return (drawn, Err(e)),
             Ok(Queued::Sent(reply)) => return (drawn, Ok(reply)),
-            Ok(Queued::NotReady(back)) => {
-                request = back;
-                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                // Boxed: the timer would take a place in every send's future.
-                let _ = Box::pin(tokio::time::timeout_at(at, ended)).await;
-            }
-        }
+            Ok(Queued::NotReady(back)) => back,
+        };
+        let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+        // Boxed: the timer would take a place in every send's future.
+        let _ = Box::pin(tokio::time::timeout_at(at, ended)).await;
     }
 }
 
