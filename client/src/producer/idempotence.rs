@@ -16,7 +16,7 @@
 //! (an async gate, on purpose: the waiters must wait across the request).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,9 @@ pub(crate) struct Idempotence {
     /// Sends with an unknown outcome: first message id, topic, and where
     /// they went.
     unknown: Mutex<VecDeque<(MsgId, String, Pending)>>,
+    /// Whether `unknown` holds any (written under its lock): a send looks
+    /// there twice, and almost always finds it empty, without the lock.
+    any_unknown: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -530,11 +533,15 @@ impl Idempotence {
             unknown.pop_front();
         }
         unknown.push_back((first, topic.to_string(), pending));
+        self.any_unknown.store(true, Ordering::Release);
     }
 
     /// The send with an unknown outcome whose first message id is
     /// `first`, of `count` messages of `topic`, if one is remembered.
     pub(crate) fn recall(&self, first: MsgId, topic: &str, count: u64) -> Option<Pending> {
+        if !self.any_unknown.load(Ordering::Acquire) {
+            return None;
+        }
         lock(&self.unknown)
             .iter()
             .find(|(id, t, p)| *id == first && t == topic && p.count == count)
@@ -543,9 +550,14 @@ impl Idempotence {
 
     /// Forgets the remembered send of `first`.
     pub(crate) fn forget(&self, first: MsgId) {
+        if !self.any_unknown.load(Ordering::Acquire) {
+            return;
+        }
         let mut unknown = lock(&self.unknown);
         if !unknown.is_empty() {
             unknown.retain(|(id, ..)| *id != first);
+            self.any_unknown
+                .store(!unknown.is_empty(), Ordering::Release);
         }
     }
 }
@@ -748,12 +760,20 @@ mod tests {
             stamp: ids.stamp_send("t", 2, 1),
             ids,
         };
-        idem.remember(m, "t", pending);
+        idem.remember(m, "t", pending.clone());
         assert!(idem.recall(m, "t", 1).is_some());
         assert!(idem.recall(m, "u", 1).is_none());
         assert!(idem.recall(m, "t", 2).is_none());
         assert!(idem.recall(MsgId::generate(), "t", 1).is_none());
         idem.forget(m);
         assert!(idem.recall(m, "t", 1).is_none());
+        // Remembered again after the list emptied, and kept while another
+        // one is forgotten.
+        idem.remember(m, "t", pending.clone());
+        let other = MsgId::generate();
+        idem.remember(other, "t", pending);
+        idem.forget(other);
+        assert!(idem.recall(m, "t", 1).is_some());
+        assert!(idem.recall(other, "t", 1).is_none());
     }
 }
