@@ -752,6 +752,24 @@ impl Connection {
         wait.await
     }
 
+    /// [`Connection::request_when`] without its wait: when the write queue
+    /// has no room, nothing is sent (`ready` is not asked) and the request
+    /// comes back as [`Queued::NotReady`], as when `ready` says no.
+    ///
+    /// # Errors
+    /// As [`Connection::request_when`], but for [`Error::Timeout`].
+    pub fn try_request_when(
+        &self,
+        request: Request,
+        timeout: Duration,
+        ready: &mut dyn FnMut(&mut Request) -> bool,
+    ) -> Result<Queued<'_>, Error> {
+        match self.start_request(request, timeout, ready)? {
+            Started::Done(queued) => Ok(queued),
+            Started::NoRoom(unsent) => unsent.sent(Sent::NotReady),
+        }
+    }
+
     /// Registers the request and queues its frame if the queue has room
     /// ([`Connection::request_when`] without its wait).
     fn start_request(

@@ -167,6 +167,67 @@ async fn a_request_waiting_for_room_ends_at_its_own_timeout() {
     fill.iter().for_each(|t| t.abort());
 }
 
+/// `try_request_when` on a connection whose writer's queue is full (a
+/// peer that stopped reading) sends nothing and waits for nothing: the
+/// request comes back, `ready` is not asked (it would draw a sequence
+/// number for a frame that does not go), and nothing is left pending.
+/// With room, it queues the frame as `request_when` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_tried_without_room_comes_back_unsent() {
+    let addr = silent_server(Peer::StopsReading).await;
+    let conn = connect(&addr, Duration::from_secs(60)).await;
+    let asked = std::cell::Cell::new(0);
+    let mut ready = |_: &mut Request| {
+        asked.set(asked.get() + 1);
+        true
+    };
+    // With room: queued at once, answered never (the peer does not read).
+    match conn
+        .try_request_when(
+            Request::GetRoute(big_request(8)),
+            Duration::from_secs(60),
+            &mut ready,
+        )
+        .unwrap()
+    {
+        txmq_remoting::Queued::Sent(_reply) => {}
+        txmq_remoting::Queued::NotReady(_) => panic!("a request with room was not sent"),
+    }
+    assert_eq!(asked.get(), 1);
+    // Twice what the socket's buffers and the queue's 8 MiB hold.
+    let fill: Vec<_> = (0..2000)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.call(big_request(16 << 10)).await })
+        })
+        .collect();
+    let pending_before = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let pending = conn.pending_requests();
+        if pending >= 2000 {
+            break pending;
+        }
+    };
+    let back = conn
+        .try_request_when(
+            Request::GetRoute(big_request(16 << 10)),
+            Duration::from_secs(60),
+            &mut ready,
+        )
+        .unwrap();
+    match back {
+        txmq_remoting::Queued::NotReady(Request::GetRoute(r)) => {
+            assert_eq!(r.topic.len(), 16 << 10)
+        }
+        txmq_remoting::Queued::NotReady(other) => panic!("another request back: {other:?}"),
+        txmq_remoting::Queued::Sent(_) => panic!("sent past a full queue"),
+    }
+    assert_eq!(asked.get(), 1, "ready was asked for a frame with no room");
+    assert_eq!(conn.pending_requests(), pending_before);
+    assert!(!conn.is_closed());
+    fill.iter().for_each(|t| t.abort());
+}
+
 /// A peer that takes requests and never answers (paused, or black-holed
 /// behind a firewall) has its connection closed after repeated timeouts,
 /// so that a pool opens a new one instead of timing out forever.

@@ -352,6 +352,37 @@ fn stamp_slot(request: &mut Request) -> Option<&mut Option<ProducerStamp>> {
 pub(crate) async fn queue_stamped<'c>(
     conn: &'c Connection,
     ids: &Ids,
+    request: Request,
+    timeout: Duration,
+    draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
+) -> (
+    Option<ProducerStamp>,
+    Result<Reply<'c>, txmq_remoting::Error>,
+) {
+    // Most sends draw and are queued at once: done here in a plain call,
+    // so that this future (held by every send's) holds no wait of its
+    // own but a box, made only when the first try did not send.
+    // (In a block, so that nothing of it is kept across the wait.)
+    let request = {
+        let mut drawn = None;
+        let first = {
+            let mut ready = stamp_on_queue(draw, timeout.is_zero(), &mut drawn);
+            conn.try_request_when(request, timeout, &mut ready)
+        };
+        match first {
+            Err(e) => return (drawn, Err(e)),
+            Ok(Queued::Sent(reply)) => return (drawn, Ok(reply)),
+            Ok(Queued::NotReady(back)) => back,
+        }
+    };
+    Box::pin(queue_stamped_waiting(conn, ids, request, timeout, draw)).await
+}
+
+/// [`queue_stamped`] once its first try did not send: waits for room in
+/// the connection's queue, and for a place in the sequence window.
+async fn queue_stamped_waiting<'c>(
+    conn: &'c Connection,
+    ids: &Ids,
     mut request: Request,
     timeout: Duration,
     draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
@@ -359,8 +390,7 @@ pub(crate) async fn queue_stamped<'c>(
     Option<ProducerStamp>,
     Result<Reply<'c>, txmq_remoting::Error>,
 ) {
-    // Read from the clock only once a draw was refused: most sends draw
-    // at the first try.
+    // Read from the clock only once a draw was refused.
     let mut deadline = None;
     loop {
         // Made before the draw (no lock taken): it sees every end after
@@ -371,17 +401,13 @@ pub(crate) async fn queue_stamped<'c>(
             None => timeout.is_zero(),
         };
         let mut drawn = None;
-        let mut ready = |r: &mut Request| match stamp_slot(r) {
-            Some(slot) => {
-                *slot = draw(anyway);
-                drawn = *slot;
-                drawn.is_some()
-            }
-            None => true,
+        let queued = {
+            let mut ready = stamp_on_queue(draw, anyway, &mut drawn);
+            conn.request_when(request, timeout, &mut ready).await
         };
         // The answer is taken apart before the wait below, so that this
         // future does not keep it (and its request) across the wait.
-        request = match conn.request_when(request, timeout, &mut ready).await {
+        request = match queued {
             Err(e) => return (drawn, Err(e)),
             Ok(Queued::Sent(reply)) => return (drawn, Ok(reply)),
             Ok(Queued::NotReady(back)) => back,
@@ -389,6 +415,23 @@ pub(crate) async fn queue_stamped<'c>(
         let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
         // Boxed: the timer would take a place in every send's future.
         let _ = Box::pin(tokio::time::timeout_at(at, ended)).await;
+    }
+}
+
+/// The `ready` of a stamped request: draws its stamp with `draw(anyway)`
+/// as its frame is queued, and leaves what it drew in `drawn`.
+fn stamp_on_queue<'a>(
+    draw: &'a mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
+    anyway: bool,
+    drawn: &'a mut Option<ProducerStamp>,
+) -> impl FnMut(&mut Request) -> bool + Send + 'a {
+    move |r| match stamp_slot(r) {
+        Some(slot) => {
+            *slot = draw(anyway);
+            *drawn = *slot;
+            drawn.is_some()
+        }
+        None => true,
     }
 }
 

@@ -476,7 +476,8 @@ impl Producer {
         let mut permit: Option<idempotence::Place> = None;
         let mut failed_broker: Option<String> = None;
         let mut failed_addr: Option<String> = None;
-        let mut last_error: Option<Error> = None;
+        // Boxed: kept across every wait below, in this future's place.
+        let mut last_error: Option<Box<Error>> = None;
         let mut attempt = 0u32;
         let mut renewals = 0u32;
         let mut recheck_gap = true;
@@ -487,19 +488,26 @@ impl Producer {
         let mut reorder_deadline: Option<std::time::Instant> = None;
         loop {
             let last_attempt = attempt + 1 >= attempts;
+            // Every wait of this loop is outside the match that decides
+            // on it: a match's value is kept across a wait in one of its
+            // arms, and this future (held by every caller's) would keep
+            // a place for each such value.
             let route = match self.inner.routes.get(topic).await {
-                Ok(route) => route,
+                Ok(route) => Some(route),
                 Err(e) if e.is_retriable() && !last_attempt => {
                     tracing::debug!(%topic, error = %e, "route lookup failed; retrying");
-                    last_error = Some(e);
+                    last_error = Some(Box::new(e));
                     attempt += 1;
-                    tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
-                    continue;
+                    None
                 }
                 Err(e) => {
-                    let error = last_error.unwrap_or(e);
+                    let error = last_error.map_or(e, |b| *b);
                     return Err(held.give_up(maybe_stored, error));
                 }
+            };
+            let Some(route) = route else {
+                tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
+                continue;
             };
             let chosen = match &held.stamp {
                 Some(h) => route
@@ -528,12 +536,12 @@ impl Producer {
                 let waits = held.stamp.is_some() || matches!(error, Error::NoMaster { .. });
                 if waits && !last_attempt {
                     self.inner.routes.invalidate(topic, route.generation);
-                    last_error = Some(error);
+                    last_error = Some(Box::new(error));
                     attempt += 1;
                     tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
                     continue;
                 }
-                let error = last_error.unwrap_or(error);
+                let error = last_error.map_or(error, |b| *b);
                 return Err(held.give_up(maybe_stored, error));
             };
             if failed_addr.as_deref() == Some(mq.addr.as_str()) {
@@ -541,34 +549,11 @@ impl Producer {
             }
             let mut fresh = None;
             if held.stamp.is_none() {
-                match idem
+                let grant = match idem
                     .grant(&mq.broker_name, &mq.addr, &self.inner.pool, timeout)
                     .await
                 {
-                    Ok(Grant::Stamped(ids)) => {
-                        // At most a few stamped sends in flight per queue,
-                        // so that the broker remembers any of them.
-                        if !permit
-                            .as_ref()
-                            .is_some_and(|p| p.is_for(&mq.broker_name, mq.queue))
-                        {
-                            // Never wait for one queue while holding another's place.
-                            drop(permit.take());
-                            // A place while the queue moves; sends queued
-                            // behind a silent broker end on time.
-                            match idem.permit(&mq.broker_name, topic, mq.queue, timeout).await {
-                                Some(p) => permit = Some(p),
-                                None => {
-                                    let error =
-                                        no_place("Send", &mq.broker_name, &mq.addr, timeout);
-                                    return Err(held.give_up(maybe_stored, error));
-                                }
-                            }
-                        }
-                        // Its sequence is drawn as its frame is queued.
-                        fresh = Some(ids);
-                    }
-                    Ok(Grant::Plain) => {}
+                    Ok(grant) => grant,
                     Err(e) => {
                         // Nothing was sent: like a connection that failed.
                         let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
@@ -580,10 +565,32 @@ impl Producer {
                             failed_broker = Some(mq.broker_name.clone());
                         }
                         failed_addr = Some(mq.addr.clone());
-                        last_error = Some(error);
+                        last_error = Some(Box::new(error));
                         attempt += 1;
                         continue;
                     }
+                };
+                if let Grant::Stamped(ids) = grant {
+                    // At most a few stamped sends in flight per queue,
+                    // so that the broker remembers any of them.
+                    if !permit
+                        .as_ref()
+                        .is_some_and(|p| p.is_for(&mq.broker_name, mq.queue))
+                    {
+                        // Never wait for one queue while holding another's place.
+                        drop(permit.take());
+                        // A place while the queue moves; sends queued
+                        // behind a silent broker end on time.
+                        let Some(place) =
+                            idem.permit(&mq.broker_name, topic, mq.queue, timeout).await
+                        else {
+                            let error = no_place("Send", &mq.broker_name, &mq.addr, timeout);
+                            return Err(held.give_up(maybe_stored, error));
+                        };
+                        permit = Some(place);
+                    }
+                    // Its sequence is drawn as its frame is queued.
+                    fresh = Some(ids);
                 }
             }
             if let Some(h) = held.stamp.as_ref().filter(|_| permit.is_none()) {
@@ -601,29 +608,32 @@ impl Producer {
                 queue: mq.queue,
                 messages: messages.to_vec(),
             };
-            let (result, sent) = match (self.inner.pool.get(&mq.addr).await, fresh) {
-                (Ok(conn), None) => (conn.call_with_timeout(request, timeout).await, true),
-                (Ok(conn), Some(ids)) => {
-                    let mut draw = |anyway| ids.try_stamp_send(topic, mq.queue, count, anyway);
-                    let request = txmq_protocol::Call::into_request(request);
-                    let (stamp, queued) =
-                        idempotence::queue_stamped(&conn, &ids, request, timeout, &mut draw).await;
-                    if let Some(stamp) = stamp {
-                        held.stamp = Some(Pending {
-                            broker_name: mq.broker_name.clone(),
-                            queue: mq.queue,
-                            count,
-                            stamp,
-                            ids,
-                        });
-                    }
-                    let result = match queued {
-                        Ok(reply) => reply.answer_as::<SendRequest>().await,
-                        Err(e) => Err(e),
-                    };
-                    (result, stamp.is_some())
+            let (result, sent) = 'attempt: {
+                let conn = match self.inner.pool.get(&mq.addr).await {
+                    Ok(conn) => conn,
+                    Err(e) => break 'attempt (Err(e), false),
+                };
+                let Some(ids) = fresh else {
+                    break 'attempt (conn.call_with_timeout(request, timeout).await, true);
+                };
+                let mut draw = |anyway| ids.try_stamp_send(topic, mq.queue, count, anyway);
+                let request = txmq_protocol::Call::into_request(request);
+                let (stamp, queued) =
+                    idempotence::queue_stamped(&conn, &ids, request, timeout, &mut draw).await;
+                if let Some(stamp) = stamp {
+                    held.stamp = Some(Pending {
+                        broker_name: mq.broker_name.clone(),
+                        queue: mq.queue,
+                        count,
+                        stamp,
+                        ids,
+                    });
                 }
-                (Err(e), _) => (Err(e), false),
+                let reply = match queued {
+                    Ok(reply) => reply,
+                    Err(e) => break 'attempt (Err(e), stamp.is_some()),
+                };
+                (reply.answer_as::<SendRequest>().await, stamp.is_some())
             };
             if let Some(place) = &permit {
                 place.answered(&result);
@@ -710,7 +720,7 @@ impl Producer {
                 failed_broker = Some(mq.broker_name.clone());
             }
             failed_addr = Some(mq.addr.clone());
-            last_error = Some(error);
+            last_error = Some(Box::new(error));
             attempt += 1;
         }
     }
