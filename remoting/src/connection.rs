@@ -417,11 +417,12 @@ impl Drop for PendingEntry<'_> {
     }
 }
 
-/// How [`Connection::request_when`] went.
+/// How [`Connection::request_when`] (or [`Connection::try_request_when`]) went.
 pub enum Queued<'a> {
     /// The request is on its way: its answer comes through the [`Reply`].
     Sent(Reply<'a>),
-    /// `ready` said no: nothing was sent, and this is the request back.
+    /// `ready` said no (or, from `try_request_when`, the write queue had no
+    /// room): nothing was sent, and this is the request back.
     NotReady(Request),
 }
 
@@ -443,7 +444,8 @@ struct Unsent<'a> {
 }
 
 impl<'a> Unsent<'a> {
-    /// What became of the request, once [`send_frame`] went as `sent`.
+    /// What became of the request, once the try to queue its frame
+    /// ([`try_send`], [`send_frame`]) went as `sent`.
     fn sent(self, sent: Sent) -> Result<Queued<'a>, Error> {
         match sent {
             Sent::Queued => Ok(Queued::Sent(self.reply)),

@@ -194,36 +194,60 @@ async fn a_request_tried_without_room_comes_back_unsent() {
         txmq_remoting::Queued::NotReady(_) => panic!("a request with room was not sent"),
     }
     assert_eq!(asked.get(), 1);
-    // Twice what the socket's buffers and the queue's 8 MiB hold.
+    // About 1.5 times what the socket's buffers, the writer's buffer and
+    // the queue's 8 MiB hold.
     let fill: Vec<_> = (0..2000)
         .map(|_| {
             let conn = conn.clone();
             tokio::spawn(async move { conn.call(big_request(16 << 10)).await })
         })
         .collect();
-    let pending_before = loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let pending = conn.pending_requests();
-        if pending >= 2000 {
-            break pending;
+    // Every filler registered: from here only this test's tries change
+    // the pending count.
+    let registered = async {
+        while conn.pending_requests() < 2000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    let back = conn
-        .try_request_when(
-            Request::GetRoute(big_request(16 << 10)),
-            Duration::from_secs(60),
-            &mut ready,
-        )
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), registered)
+        .await
+        .expect("the fillers never all registered");
+    // Tried until a try finds no room (`ready` not asked); a try that found
+    // room sent its request, one more for the queue.
+    let full = async {
+        loop {
+            let pending_before = conn.pending_requests();
+            let asked_before = asked.get();
+            let back = conn
+                .try_request_when(
+                    Request::GetRoute(big_request(16 << 10)),
+                    Duration::from_secs(60),
+                    &mut ready,
+                )
+                .unwrap();
+            if asked.get() > asked_before {
+                assert!(matches!(back, txmq_remoting::Queued::Sent(_)));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            break (back, pending_before);
+        }
+    };
+    let (back, pending_before) = tokio::time::timeout(Duration::from_secs(20), full)
+        .await
+        .expect("the writer's queue never filled");
     match back {
         txmq_remoting::Queued::NotReady(Request::GetRoute(r)) => {
             assert_eq!(r.topic.len(), 16 << 10)
         }
         txmq_remoting::Queued::NotReady(other) => panic!("another request back: {other:?}"),
-        txmq_remoting::Queued::Sent(_) => panic!("sent past a full queue"),
+        txmq_remoting::Queued::Sent(_) => panic!("sent without asking ready"),
     }
-    assert_eq!(asked.get(), 1, "ready was asked for a frame with no room");
-    assert_eq!(conn.pending_requests(), pending_before);
+    assert_eq!(
+        conn.pending_requests(),
+        pending_before,
+        "the unsent request left an entry"
+    );
     assert!(!conn.is_closed());
     fill.iter().for_each(|t| t.abort());
 }

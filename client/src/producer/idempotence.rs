@@ -363,35 +363,52 @@ pub(crate) async fn queue_stamped<'c>(
     // so that this future (held by every send's) holds no wait of its
     // own but a box, made only when the first try did not send.
     // (In a block, so that nothing of it is kept across the wait.)
-    let request = {
+    let (request, refused_until) = {
         let mut drawn = None;
+        let mut asked = false;
         let first = {
-            let mut ready = stamp_on_queue(draw, timeout.is_zero(), &mut drawn);
+            let mut stamp = stamp_on_queue(draw, timeout.is_zero(), &mut drawn);
+            let mut ready = |r: &mut Request| {
+                asked = true;
+                stamp(r)
+            };
             conn.try_request_when(request, timeout, &mut ready)
         };
         match first {
             Err(e) => return (drawn, Err(e)),
             Ok(Queued::Sent(reply)) => return (drawn, Ok(reply)),
-            Ok(Queued::NotReady(back)) => back,
+            // A refused draw starts the time after which one is forced.
+            Ok(Queued::NotReady(back)) => {
+                (back, asked.then(|| tokio::time::Instant::now() + timeout))
+            }
         }
     };
-    Box::pin(queue_stamped_waiting(conn, ids, request, timeout, draw)).await
+    Box::pin(queue_stamped_waiting(
+        conn,
+        ids,
+        request,
+        timeout,
+        draw,
+        refused_until,
+    ))
+    .await
 }
 
 /// [`queue_stamped`] once its first try did not send: waits for room in
 /// the connection's queue, and for a place in the sequence window.
+/// `deadline`: when a draw is forced, if the first try's draw was refused.
 async fn queue_stamped_waiting<'c>(
     conn: &'c Connection,
     ids: &Ids,
     mut request: Request,
     timeout: Duration,
     draw: &mut (dyn FnMut(bool) -> Option<ProducerStamp> + Send),
+    mut deadline: Option<tokio::time::Instant>,
 ) -> (
     Option<ProducerStamp>,
     Result<Reply<'c>, txmq_remoting::Error>,
 ) {
     // Read from the clock only once a draw was refused.
-    let mut deadline = None;
     loop {
         // Made before the draw (no lock taken): it sees every end after
         // that, so one between a refused draw and the wait is not missed.

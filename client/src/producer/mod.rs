@@ -488,10 +488,10 @@ impl Producer {
         let mut reorder_deadline: Option<std::time::Instant> = None;
         loop {
             let last_attempt = attempt + 1 >= attempts;
-            // Every wait of this loop is outside the match that decides
-            // on it: a match's value is kept across a wait in one of its
-            // arms, and this future (held by every caller's) would keep
-            // a place for each such value.
+            // The waits of this loop come after the match that decides on
+            // them, not in its arms: a match's value is kept across a wait
+            // in one of its arms, and this future (held by every caller's)
+            // would keep a place for each such value.
             let route = match self.inner.routes.get(topic).await {
                 Ok(route) => Some(route),
                 Err(e) if e.is_retriable() && !last_attempt => {
