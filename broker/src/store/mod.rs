@@ -1951,7 +1951,6 @@ impl Drop for CombineOnDrop<'_> {
 /// A caller that finds the writer busy leaves its command to the holder,
 /// which checks the queue again after letting go, so none is stranded.
 fn combine(inner: &StoreInner) {
-    let mut batch = Vec::new();
     loop {
         {
             let mut writer = match inner.writer.try_lock() {
@@ -1960,12 +1959,17 @@ fn combine(inner: &StoreInner) {
                 Err(std::sync::TryLockError::WouldBlock) => return,
             };
             match writer.as_mut() {
+                // The queue and the writer's spare trade places: both keep
+                // their capacity, so a write allocates no vector.
                 Some(w) => loop {
+                    let mut batch = std::mem::take(&mut w.spare);
                     std::mem::swap(&mut batch, &mut *lock(&inner.queue));
                     if batch.is_empty() {
+                        w.spare = batch;
                         break;
                     }
                     w.process(&mut batch);
+                    w.spare = batch;
                 },
                 None => {
                     // Shut down: refuse what is queued.

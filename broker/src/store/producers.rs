@@ -88,20 +88,6 @@ impl ProducerTable {
         expiry_ms: u64,
     ) -> Verdict {
         let pid = stamp.producer_id;
-        let expired = self
-            .producers
-            .get(&pid)
-            .is_some_and(|p| p.last_used.saturating_add(expiry_ms) < now);
-        if expired {
-            self.producers.remove(&pid);
-            return Verdict::Refused(
-                ErrorCode::UnknownProducerId,
-                format!(
-                    "producer id {pid} was forgotten after {} unused; ask for a new one",
-                    humantime::format_duration(std::time::Duration::from_millis(expiry_ms))
-                ),
-            );
-        }
         let Some(p) = self.producers.get_mut(&pid) else {
             return Verdict::Refused(
                 ErrorCode::UnknownProducerId,
@@ -111,6 +97,16 @@ impl ProducerTable {
                 ),
             );
         };
+        if p.last_used.saturating_add(expiry_ms) < now {
+            self.producers.remove(&pid);
+            return Verdict::Refused(
+                ErrorCode::UnknownProducerId,
+                format!(
+                    "producer id {pid} was forgotten after {} unused; ask for a new one",
+                    humantime::format_duration(std::time::Duration::from_millis(expiry_ms))
+                ),
+            );
+        }
         if p.token != stamp.token {
             return Verdict::Refused(
                 ErrorCode::ProducerFenced,
@@ -185,6 +181,14 @@ impl ProducerTable {
                 .entry(queue)
                 .or_default(),
         };
+        // A producer's batches come in sequence: the new one goes last.
+        if batches.back().is_none_or(|last| last.first_seq < batch.first_seq) {
+            batches.push_back(batch);
+            if batches.len() > KEPT_BATCHES {
+                batches.pop_front();
+            }
+            return;
+        }
         if batches.iter().any(|b| b.first_seq == batch.first_seq) {
             return;
         }
@@ -444,6 +448,12 @@ mod tests {
         // Replaying a batch twice (checkpoint, then replay) keeps one.
         t.record(1, "t", 0, batch(6, 1, 6), 0);
         assert_eq!(t.batches(1, "t", 0).len(), 5);
+        // A batch recorded after a later one still takes its place in order.
+        t.record(1, "t", 1, batch(0, 1, 0), 0);
+        t.record(1, "t", 1, batch(2, 1, 2), 0);
+        t.record(1, "t", 1, batch(1, 1, 1), 0);
+        let kept: Vec<u64> = t.batches(1, "t", 1).iter().map(|b| b.first_seq).collect();
+        assert_eq!(kept, vec![0, 1, 2]);
     }
 
     #[test]

@@ -168,6 +168,10 @@ pub(crate) struct Writer {
     pop: pop::PopTable,
     /// Reused per chunk: pop records applied with the position.
     pop_changes: Vec<PopOp>,
+    /// The command queue's other half (see `store::combine`): drained,
+    /// swapped in for the queue as a batch is taken, so that neither the
+    /// queue nor the batch is allocated anew per write.
+    pub(crate) spare: Vec<WriteCmd>,
 }
 
 const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -201,6 +205,7 @@ impl Writer {
             force_flush: false,
             pop,
             pop_changes: Vec::new(),
+            spare: Vec::with_capacity(1024),
             store,
         })
     }
