@@ -95,6 +95,11 @@ impl ConnectionPool {
     /// The connect or hello failure ([`txmq_remoting::Error::Connect`], ...).
     /// Callers that waited for a concurrent attempt get that attempt's error.
     pub async fn get(&self, addr: &str) -> Result<Connection, txmq_remoting::Error> {
+        // Every request asks: the open connection is handed out without
+        // taking a handle on its slot.
+        if let Some(conn) = self.current(addr) {
+            return Ok(conn);
+        }
         let slot = self.slot(addr);
         if let Some(conn) = slot.current() {
             return Ok(conn);

@@ -182,7 +182,10 @@ impl ProducerTable {
                 .or_default(),
         };
         // A producer's batches come in sequence: the new one goes last.
-        if batches.back().is_none_or(|last| last.first_seq < batch.first_seq) {
+        if batches
+            .back()
+            .is_none_or(|last| last.first_seq < batch.first_seq)
+        {
             batches.push_back(batch);
             if batches.len() > KEPT_BATCHES {
                 batches.pop_front();

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request};
 use txmq_remoting::{Connection, Queued, Reply};
 
@@ -69,15 +69,22 @@ struct QueueLimit {
     /// The queue's broker and number (its topic is the sends' own).
     broker_name: String,
     queue: u32,
-    places: Arc<Semaphore>,
+    places: Semaphore,
     answered: AtomicU64,
 }
 
 /// A place among a queue's stamped sends in flight, given back on drop.
+/// (Its permit is forgotten as it is taken and added back on drop: the
+/// queue's limit holds the semaphore, so a place holds one `Arc`, not two.)
 #[derive(Debug)]
 pub(crate) struct Place {
-    _permit: OwnedSemaphorePermit,
     limit: Arc<QueueLimit>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.limit.places.add_permits(1);
+    }
 }
 
 impl Place {
@@ -568,18 +575,15 @@ impl Idempotence {
                     Arc::new(QueueLimit {
                         broker_name: broker_name.to_string(),
                         queue,
-                        places: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE)),
+                        places: Semaphore::new(MAX_IN_FLIGHT_PER_QUEUE),
                         answered: AtomicU64::new(0),
                     })
                 })
                 .clone()
         };
         // A free place needs no timer.
-        if let Ok(permit) = limit.places.clone().try_acquire_owned() {
-            return Some(Place {
-                _permit: permit,
-                limit,
-            });
+        if limit.places.try_acquire().map(|p| p.forget()).is_ok() {
+            return Some(Place { limit });
         }
         // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
         Box::pin(wait_for_place(limit, stall)).await
@@ -628,14 +632,13 @@ impl Idempotence {
 async fn wait_for_place(limit: Arc<QueueLimit>, stall: Duration) -> Option<Place> {
     let mut seen = limit.answered.load(Ordering::Relaxed);
     loop {
-        // The semaphore is never closed.
-        match tokio::time::timeout(stall, limit.places.clone().acquire_owned()).await {
-            Ok(permit) => {
-                return permit.ok().map(|permit| Place {
-                    _permit: permit,
-                    limit,
-                })
-            }
+        let waited = tokio::time::timeout(stall, limit.places.acquire())
+            .await
+            .map(|acquired| acquired.map(|p| p.forget()));
+        match waited {
+            Ok(Ok(())) => return Some(Place { limit }),
+            // The semaphore is never closed.
+            Ok(Err(_)) => return None,
             Err(_) => {
                 let now = limit.answered.load(Ordering::Relaxed);
                 if now == seen {
