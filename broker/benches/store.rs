@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the broker's store, on a real temporary
 //! directory: appends under async flush (one message, batches, many
-//! appenders at once), the message index's cost to an append (on against
+//! appenders at once, many idempotent producers' stamped appends at once),
+//! the message index's cost to an append (on against
 //! off), group commit under sync flush with N concurrent
 //! appenders, reads of 32 messages, and recovery of a 64 MiB log.
 //!
@@ -12,6 +13,7 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ use tempfile::TempDir;
 use tokio::runtime::Runtime;
 use txmq_broker::store::{Store, StoreConfig};
 use txmq_broker::FlushMode;
-use txmq_protocol::Message;
+use txmq_protocol::{Message, ProducerStamp};
 
 const TOPIC: &str = "bench";
 const QUEUES: u32 = 4;
@@ -110,6 +112,51 @@ fn concurrent_appends(rt: &Runtime, store: &Store, appenders: u64, iters: u64) -
     started.elapsed()
 }
 
+/// `iters` single-message stamped appends (an idempotent producer's
+/// sends) spread over `appenders` producers, each with its own producer
+/// id and queue position, all in flight at once; returns the wall time.
+/// `next` holds each producer's next sequence across calls.
+fn concurrent_stamped(
+    rt: &Runtime,
+    store: &Store,
+    producers: &Arc<Vec<(u64, u64, AtomicU64)>>,
+    iters: u64,
+) -> Duration {
+    let template = Arc::new(unkeyed(1));
+    let appenders = producers.len() as u64;
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for a in 0..appenders {
+            let n = iters / appenders + u64::from(a < iters % appenders);
+            let (store, template, producers) = (store.clone(), template.clone(), producers.clone());
+            tasks.push(tokio::spawn(async move {
+                let (producer_id, token, next) = &producers[a as usize];
+                for _ in 0..n {
+                    let stamp = ProducerStamp {
+                        producer_id: *producer_id,
+                        token: *token,
+                        sequence: next.fetch_add(1, Ordering::Relaxed),
+                    };
+                    let queue = (a % u64::from(QUEUES)) as u32;
+                    let stored = store
+                        .append_stamped(TOPIC, queue, template.to_vec(), Some(stamp), false)
+                        .await;
+                    if let Err(e) = stored {
+                        panic!("a stamped append failed: {e}");
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            if let Err(e) = t.await {
+                panic!("an appender failed: {e}");
+            }
+        }
+    });
+    started.elapsed()
+}
+
 /// Async flush: acknowledged once in the page cache.
 fn append_async(c: &mut Criterion) {
     let rt = runtime();
@@ -132,6 +179,20 @@ fn append_async(c: &mut Criterion) {
             b.iter_custom(|iters| concurrent_appends(&rt, &store, appenders, iters));
         });
     }
+    // As idempotent producers send (each its own id): what the producer
+    // table adds.
+    let producers: Vec<(u64, u64, AtomicU64)> = (0..16)
+        .map(|_| {
+            let (id, token, _) = rt
+                .block_on(store.init_producer(0))
+                .unwrap_or_else(|e| panic!("no producer id: {e}"));
+            (id, token, AtomicU64::new(0))
+        })
+        .collect();
+    let producers = Arc::new(producers);
+    group.bench_function(BenchmarkId::new("stamped_appenders", 16), |b| {
+        b.iter_custom(|iters| concurrent_stamped(&rt, &store, &producers, iters));
+    });
     group.finish();
     rt.block_on(store.shutdown());
 }

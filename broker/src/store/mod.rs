@@ -1960,7 +1960,8 @@ fn combine(inner: &StoreInner) {
             };
             match writer.as_mut() {
                 // The queue and the writer's spare trade places: both keep
-                // their capacity, so a write allocates no vector.
+                // their capacity (at most `MAX_QUEUED` commands each, as
+                // the slots bound the queue), so a write allocates no vector.
                 Some(w) => loop {
                     let mut batch = std::mem::take(&mut w.spare);
                     std::mem::swap(&mut batch, &mut *lock(&inner.queue));
