@@ -113,9 +113,10 @@ fn concurrent_appends(rt: &Runtime, store: &Store, appenders: u64, iters: u64) -
 }
 
 /// `iters` single-message stamped appends (an idempotent producer's
-/// sends) spread over `appenders` producers, each with its own producer
-/// id and queue position, all in flight at once; returns the wall time.
-/// `next` holds each producer's next sequence across calls.
+/// sends, unkeyed as `txmq bench produce` sends them) spread over the
+/// `producers` (id, token, next sequence), each writing one queue, all in
+/// flight at once; returns the wall time. The sequences carry on across
+/// calls.
 fn concurrent_stamped(
     rt: &Runtime,
     store: &Store,
@@ -179,8 +180,8 @@ fn append_async(c: &mut Criterion) {
             b.iter_custom(|iters| concurrent_appends(&rt, &store, appenders, iters));
         });
     }
-    // As idempotent producers send (each its own id): what the producer
-    // table adds.
+    // As idempotent producers send (each its own id): stamped, checked
+    // and remembered by the producer table.
     let producers: Vec<(u64, u64, AtomicU64)> = (0..16)
         .map(|_| {
             let (id, token, _) = rt

@@ -96,7 +96,7 @@ impl ConnectionPool {
     /// Callers that waited for a concurrent attempt get that attempt's error.
     pub async fn get(&self, addr: &str) -> Result<Connection, txmq_remoting::Error> {
         // Every request asks: the open connection is handed out without
-        // taking a handle on its slot.
+        // taking a handle on its slot (without one, the map is read twice).
         if let Some(conn) = self.current(addr) {
             return Ok(conn);
         }

@@ -1970,6 +1970,9 @@ fn combine(inner: &StoreInner) {
                         break;
                     }
                     w.process(&mut batch);
+                    // `process` drains it: anything left would be taken
+                    // again with the next round, twice and out of order.
+                    debug_assert!(batch.is_empty());
                     w.spare = batch;
                 },
                 None => {

@@ -187,7 +187,8 @@ impl ProducerTable {
             .is_none_or(|last| last.first_seq < batch.first_seq)
         {
             batches.push_back(batch);
-            if batches.len() > KEPT_BATCHES {
+            // More than one over after a checkpoint that kept more.
+            while batches.len() > KEPT_BATCHES {
                 batches.pop_front();
             }
             return;
