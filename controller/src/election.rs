@@ -36,6 +36,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub(crate) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(TICK) => {}
             _ = inner.wake.notified() => {}
@@ -54,6 +55,14 @@ pub(crate) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
                     proposals.push(p);
                 }
             }
+        }
+        // A member shutting down closes its brokers' connections, and each
+        // close marks a replica dead and wakes this task: what it decided
+        // since the shutdown began is about its own going, not the
+        // brokers'. (The closes come after the cancellation, and are seen
+        // through the liveness lock, so the cancellation is seen here.)
+        if shutdown.is_cancelled() {
+            break;
         }
         for (command, why) in proposals {
             let desc = command.clone();
