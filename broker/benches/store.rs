@@ -85,24 +85,23 @@ async fn append(store: &Store, queue: u32, batch: Vec<Message>) {
     }
 }
 
-/// `iters` single-message appends spread over `appenders` tasks, all in
-/// flight at once; returns the wall time of the whole.
-fn concurrent_appends(rt: &Runtime, store: &Store, appenders: u64, iters: u64) -> Duration {
-    let template = Arc::new(messages(1));
+/// Runs `iters` operations spread over `appenders` tasks, all in flight at
+/// once (`task(a, n)`: appender `a`'s `n` operations, in order); returns the
+/// wall time of the whole.
+fn spread<F, Fut>(rt: &Runtime, appenders: u64, iters: u64, task: F) -> Duration
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let started = Instant::now();
     rt.block_on(async {
-        let mut tasks = Vec::new();
-        for a in 0..appenders {
-            // Spread the remainder so exactly `iters` appends are made.
-            let n = iters / appenders + u64::from(a < iters % appenders);
-            let store = store.clone();
-            let template = template.clone();
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..n {
-                    append(&store, (a % u64::from(QUEUES)) as u32, template.to_vec()).await;
-                }
-            }));
-        }
+        let tasks: Vec<_> = (0..appenders)
+            .map(|a| {
+                // Spread the remainder so exactly `iters` operations are made.
+                let n = iters / appenders + u64::from(a < iters % appenders);
+                tokio::spawn(task(a, n))
+            })
+            .collect();
         for t in tasks {
             if let Err(e) = t.await {
                 panic!("an appender failed: {e}");
@@ -112,11 +111,23 @@ fn concurrent_appends(rt: &Runtime, store: &Store, appenders: u64, iters: u64) -
     started.elapsed()
 }
 
+/// `iters` single-message appends spread over `appenders` tasks.
+fn concurrent_appends(rt: &Runtime, store: &Store, appenders: u64, iters: u64) -> Duration {
+    let template = Arc::new(messages(1));
+    spread(rt, appenders, iters, |a, n| {
+        let (store, template) = (store.clone(), template.clone());
+        async move {
+            for _ in 0..n {
+                append(&store, (a % u64::from(QUEUES)) as u32, template.to_vec()).await;
+            }
+        }
+    })
+}
+
 /// `iters` single-message stamped appends (an idempotent producer's
 /// sends, unkeyed as `txmq bench produce` sends them) spread over the
-/// `producers` (id, token, next sequence), each writing one queue, all in
-/// flight at once; returns the wall time. The sequences carry on across
-/// calls.
+/// `producers` (id, token, next sequence), each writing one queue. The
+/// sequences carry on across calls.
 fn concurrent_stamped(
     rt: &Runtime,
     store: &Store,
@@ -124,38 +135,26 @@ fn concurrent_stamped(
     iters: u64,
 ) -> Duration {
     let template = Arc::new(unkeyed(1));
-    let appenders = producers.len() as u64;
-    let started = Instant::now();
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for a in 0..appenders {
-            let n = iters / appenders + u64::from(a < iters % appenders);
-            let (store, template, producers) = (store.clone(), template.clone(), producers.clone());
-            tasks.push(tokio::spawn(async move {
-                let (producer_id, token, next) = &producers[a as usize];
-                for _ in 0..n {
-                    let stamp = ProducerStamp {
-                        producer_id: *producer_id,
-                        token: *token,
-                        sequence: next.fetch_add(1, Ordering::Relaxed),
-                    };
-                    let queue = (a % u64::from(QUEUES)) as u32;
-                    let stored = store
-                        .append_stamped(TOPIC, queue, template.to_vec(), Some(stamp), false)
-                        .await;
-                    if let Err(e) = stored {
-                        panic!("a stamped append failed: {e}");
-                    }
+    spread(rt, producers.len() as u64, iters, |a, n| {
+        let (store, template, producers) = (store.clone(), template.clone(), producers.clone());
+        async move {
+            let (producer_id, token, next) = &producers[a as usize];
+            for _ in 0..n {
+                let stamp = ProducerStamp {
+                    producer_id: *producer_id,
+                    token: *token,
+                    sequence: next.fetch_add(1, Ordering::Relaxed),
+                };
+                let queue = (a % u64::from(QUEUES)) as u32;
+                let stored = store
+                    .append_stamped(TOPIC, queue, template.to_vec(), Some(stamp), false)
+                    .await;
+                if let Err(e) = stored {
+                    panic!("a stamped append failed: {e}");
                 }
-            }));
-        }
-        for t in tasks {
-            if let Err(e) = t.await {
-                panic!("an appender failed: {e}");
             }
         }
-    });
-    started.elapsed()
+    })
 }
 
 /// Async flush: acknowledged once in the page cache.

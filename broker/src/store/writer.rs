@@ -212,9 +212,7 @@ impl Writer {
 
     /// Writes a batch of commands: everything queued since the last write,
     /// one `pwrite` for all of it (more when it exceeds the batch size or a
-    /// segment rolls).
-    /// Writes every command of `batch`, leaving it empty (`combine` reuses
-    /// the vector).
+    /// segment rolls). Leaves `batch` empty: `combine` reuses the vector.
     pub(crate) fn process(&mut self, batch: &mut Vec<WriteCmd>) {
         for cmd in batch.drain(..) {
             self.encode(cmd);
