@@ -453,6 +453,36 @@ fn u32_le(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// The whole records at the start of `chunk` (each begins with its length),
+/// with where each begins in it.
+fn records(chunk: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let len = u32_le(chunk.get(at..at + 4)?) as usize;
+        if len == 0 || at + len > chunk.len() {
+            return None;
+        }
+        let rec = (at, &chunk[at..at + len]);
+        at += len;
+        Some(rec)
+    })
+}
+
+/// Asks the CPU to bring the cache line of `v` in, without waiting for it.
+#[inline]
+#[allow(unsafe_code)]
+fn prefetch_line<T>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch only hints the cache (it never faults, and `v` is
+    // a valid reference anyway), and SSE is part of every x86_64 CPU.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(v).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 #[derive(Debug)]
 struct State {
     /// Oldest first; the last one is being filled.
@@ -486,6 +516,25 @@ struct Indexed<'a> {
     id: MsgId,
     topic: &'a [u8],
     key: Option<&'a [u8]>,
+}
+
+impl Indexed<'_> {
+    /// The keys it is indexed under (a message's, not a transaction
+    /// event's).
+    fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        let keyed = matches!(
+            self.kind,
+            RecordKind::Message | RecordKind::Half | RecordKind::Delayed | RecordKind::DelayedCopy
+        );
+        self.key.filter(|_| keyed).into_iter().flat_map(keys_in)
+    }
+
+    /// The hashes of its entries in a file of `version`: its id's, then
+    /// each key's.
+    fn hashes(&self, version: u32) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(id_hash(version, &self.id))
+            .chain(self.keys().map(move |k| key_hash(version, self.topic, k)))
+    }
 }
 
 /// Reads what the index needs from the record at `rec[0]` (already known
@@ -639,6 +688,31 @@ impl MessageIndex {
         Ok(())
     }
 
+    /// Starts loading the slots that the records of `chunk` will be linked
+    /// into, without waiting for them. The writer calls it before the
+    /// chunk's `pwrite`, so that the slots' cache misses (most of what an
+    /// entry costs, see [`link`]) overlap the system call instead of
+    /// following it. Skipped while the index is busy.
+    pub fn prefetch(&self, chunk: &[u8]) {
+        let Ok(state) = self.state.try_read() else {
+            return;
+        };
+        let Some((f, slots)) = state
+            .files
+            .last()
+            .and_then(|f| f.mem_slots.as_deref().map(|slots| (f, slots)))
+        else {
+            return;
+        };
+        for ix in records(chunk).filter_map(|(_, rec)| indexed(rec)) {
+            for hash in ix.hashes(f.version) {
+                if let Some(slot) = slots.get(slot_of(hash, f.slots) as usize) {
+                    prefetch_line(slot);
+                }
+            }
+        }
+    }
+
     /// Indexes the whole records in `chunk`, written at log position `pos`:
     /// its entries join those gathered, written once there are 64 KiB of
     /// them (a file that fills up is written, sealed and a new one started).
@@ -651,31 +725,16 @@ impl MessageIndex {
         // The chunk's entries go into `scratch` first and are linked into
         // their slots' chains afterwards, all at once (see `link`).
         let mut linked = scratch.len();
-        let mut at = 0usize;
-        while at + 4 <= chunk.len() {
-            let len = u32_le(&chunk[at..]) as usize;
-            if len == 0 || at + len > chunk.len() {
-                break;
-            }
-            let rec = &chunk[at..at + len];
+        // One past the last whole record.
+        let mut end = 0usize;
+        for (at, rec) in records(chunk) {
+            let len = rec.len();
             let rec_pos = pos + at as u64;
-            at += len;
+            end = at + len;
             let Some(ix) = indexed(rec) else {
                 continue;
             };
-            let keyed = matches!(
-                ix.kind,
-                RecordKind::Message
-                    | RecordKind::Half
-                    | RecordKind::Delayed
-                    | RecordKind::DelayedCopy
-            );
-            let key_count = if keyed {
-                ix.key.map_or(0, |k| keys_in(k).count())
-            } else {
-                0
-            };
-            let needed = 1 + key_count as u32;
+            let needed = 1 + ix.keys().count() as u32;
             let unlinked = ((scratch.len() - linked) / ENTRY_LEN) as u32;
             let full = files
                 .last()
@@ -690,14 +749,8 @@ impl MessageIndex {
             let ts = ix.store_timestamp;
             // The file an entry goes to says how it is hashed.
             let version = files.last().map_or(VERSION, |f| f.version);
-            push_entry(scratch, id_hash(version, &ix.id), rec_pos, ts, size);
-            if keyed {
-                if let Some(key) = ix.key {
-                    for k in keys_in(key) {
-                        let hash = key_hash(version, ix.topic, k);
-                        push_entry(scratch, hash, rec_pos, ts, size);
-                    }
-                }
+            for hash in ix.hashes(version) {
+                push_entry(scratch, hash, rec_pos, ts, size);
             }
             // Also bounds what a re-index of a whole segment gathers.
             if scratch.len() >= WRITE_AT {
@@ -708,7 +761,7 @@ impl MessageIndex {
         }
         link(files, scratch, linked);
         if let Some(f) = files.last_mut() {
-            f.end = f.end.max(pos + at as u64);
+            f.end = f.end.max(pos + end as u64);
         }
         Ok(())
     }

@@ -1224,10 +1224,14 @@ impl Writer {
                     })
                     .map_err(|e| StoreError::io("cannot write the commit log", &e))
             }
-            Some(seg) => seg
-                .file
-                .write_all_at(&self.buf, self.pos - seg.start)
-                .map_err(|e| StoreError::io("cannot write the commit log", &e)),
+            Some(seg) => {
+                if let Some(index) = &self.store.index {
+                    index.prefetch(&self.buf);
+                }
+                seg.file
+                    .write_all_at(&self.buf, self.pos - seg.start)
+                    .map_err(|e| StoreError::io("cannot write the commit log", &e))
+            }
             None => Err(StoreError::Io {
                 context: "cannot write the commit log".into(),
                 message: "no active segment".into(),
