@@ -85,6 +85,9 @@ pub async fn drive<F, Fut, D>(
     let mut pacer = Pacer::new(plan.precise);
     let mut next: u64 = 0;
     let mut measured_issued: u64 = 0;
+    // Read from the channel only when it changed: its value sits behind a
+    // lock that every producer task would take for every request.
+    let mut stopping = *stop.borrow_and_update();
     if plan.interval.is_none() {
         // Closed loop: producers start together.
         tokio::time::sleep_until(plan.start).await;
@@ -97,7 +100,9 @@ pub async fn drive<F, Fut, D>(
             }
             continue;
         }
-        let stopping = *stop.borrow();
+        if !matches!(stop.has_changed(), Ok(false)) {
+            stopping |= *stop.borrow_and_update();
+        }
         let due = plan.intended(next);
         // Closed loop: a request is intended when it is issued; the clock
         // is read once for both the stop check and its intended time.
@@ -114,7 +119,7 @@ pub async fn drive<F, Fut, D>(
                     tokio::select! {
                         () = pacer.sleep_until(due) => {}
                         Some(out) = inflight.next(), if !inflight.is_empty() => done(out),
-                        Ok(()) = stop.changed() => {}
+                        Ok(()) = stop.changed() => stopping |= *stop.borrow(),
                     }
                     continue;
                 }
