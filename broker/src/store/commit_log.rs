@@ -4,12 +4,8 @@
 //! truth. Segments are created at their full size so that they can be
 //! memory-mapped once and read without system calls: a read hands out a
 //! `Bytes` slice of the mapping, and the mapping lives as long as any slice.
-//! The single writer (see `writer.rs`) copies records into a window of
-//! the segment it maps for writing ([`SegmentWriter`]), a few MiB at a
-//! time, once the window's blocks are allocated (`fallocate`): a page of
-//! records then costs one page fault, not one `pwrite` per chunk. Where
-//! the blocks cannot be allocated (a full disk, a file system that cannot)
-//! it writes with `pwrite`, so a full disk is an error and not a `SIGBUS`.
+//! Writes go through `pwrite` by the single writer (see `writer.rs`), never
+//! through the mapping, so a full disk is an error and not a `SIGBUS`.
 //!
 //! A new segment's blocks are allocated when it is created (`fallocate`),
 //! not as the writer reaches them: in a sparse file the kernel allocates
@@ -23,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -140,134 +135,6 @@ impl Segment {
         let _ = (from, to);
         Ok(())
     }
-}
-
-/// Bytes of a segment [`SegmentWriter`] maps at a time.
-const WRITE_WINDOW: u64 = 4 << 20;
-
-/// How the writer puts bytes into segments: copied through a window of the
-/// segment mapped for writing, or with `pwrite` where the window's blocks
-/// could not be allocated first. Durability is the same either way: the
-/// bytes are in the page cache once written (a killed process loses
-/// none), and the segment's `fdatasync` writes them out.
-#[derive(Debug, Default)]
-pub struct SegmentWriter {
-    window: Option<WriteWindow>,
-}
-
-#[derive(Debug)]
-struct WriteWindow {
-    /// The segment's file (which segment the window is of).
-    file: Arc<File>,
-    /// Its first byte in the file.
-    from: u64,
-    len: u64,
-    /// `None`: the blocks could not be allocated; this window's bytes go
-    /// through `pwrite`.
-    map: Option<memmap2::MmapMut>,
-}
-
-impl SegmentWriter {
-    /// Writes `data` at byte `at` of `seg`'s file.
-    ///
-    /// # Errors
-    /// The `pwrite` error where the bytes could not go through a mapping.
-    pub fn write_at(&mut self, seg: &Segment, mut data: &[u8], mut at: u64) -> io::Result<()> {
-        while !data.is_empty() {
-            let Some(w) = self.window_for(seg, at) else {
-                // Past the segment's end (the writer never writes there).
-                return seg.file.write_all_at(data, at);
-            };
-            let n = usize::try_from(w.from + w.len - at).map_or(data.len(), |n| n.min(data.len()));
-            match &mut w.map {
-                Some(map) => {
-                    let off = (at - w.from) as usize;
-                    map[off..off + n].copy_from_slice(&data[..n]);
-                }
-                None => seg.file.write_all_at(&data[..n], at)?,
-            }
-            data = &data[n..];
-            at += n as u64;
-        }
-        Ok(())
-    }
-
-    /// Unmaps the window (the writer moved to another segment).
-    pub fn release(&mut self) {
-        self.window = None;
-    }
-
-    /// The window of `seg` holding byte `at`, mapped anew when needed.
-    fn window_for(&mut self, seg: &Segment, at: u64) -> Option<&mut WriteWindow> {
-        let size = seg.map.len() as u64;
-        let held = self.window.as_ref().is_some_and(|w| {
-            Arc::ptr_eq(&w.file, &seg.file) && w.from <= at && at < w.from + w.len
-        });
-        if !held {
-            // The old window goes first: at most one is mapped.
-            self.window = None;
-            if at >= size {
-                return None;
-            }
-            let from = at - at % WRITE_WINDOW;
-            let len = WRITE_WINDOW.min(size - from);
-            let map = map_for_writing(&seg.file, from, len)
-                .inspect_err(|e| {
-                    tracing::debug!(error = %e, from, "commit-log window not mapped; written with pwrite");
-                })
-                .ok();
-            self.window = Some(WriteWindow {
-                file: seg.file.clone(),
-                from,
-                len,
-                map,
-            });
-        }
-        self.window.as_mut()
-    }
-}
-
-/// Allocates the blocks of bytes `from..from + len` of a segment file
-/// and maps them for writing.
-#[allow(unsafe_code)]
-fn map_for_writing(file: &File, from: u64, len: u64) -> io::Result<memmap2::MmapMut> {
-    allocate(file, from, len)?;
-    // SAFETY: a shared mapping of blocks just allocated, so writing to it
-    // never faults for want of disk; a segment file is never shortened
-    // while a writer exists (only recovery cuts the log, before it starts),
-    // and only this writer writes its bytes, past those readers may read
-    // through their own mapping. Other processes must not write to the
-    // data dir.
-    unsafe {
-        memmap2::MmapOptions::new()
-            .offset(from)
-            .len(len as usize)
-            .map_mut(file)
-    }
-}
-
-/// Allocates the blocks of a range of `file` (`fallocate`): unlike
-/// `reserve::reserve`, also on tmpfs and with little room left, and an
-/// error when it does not.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn allocate(file: &File, from: u64, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(count)) = (libc::off_t::try_from(from), libc::off_t::try_from(len)) else {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
-    // SAFETY: fallocate on a descriptor this function borrows; within the
-    // file's length it changes no byte read.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, count) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn allocate(_file: &File, _from: u64, _len: u64) -> io::Result<()> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 /// Lends the mapping to `Bytes` while the segment keeps a handle too.
@@ -638,30 +505,6 @@ mod tests {
             "estimated {} bytes written",
             seg.used()
         );
-    }
-
-    #[test]
-    fn the_writer_fills_a_segment_across_its_windows_and_readers_see_every_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = CommitLog::open(&dir.path().join("log"), SEGMENT).unwrap();
-        let seg = log.create_segment(0).unwrap();
-        let mut writer = SegmentWriter::default();
-        let mut expected = vec![0u8; SEGMENT as usize];
-        // One within the first window, one across the boundary of the
-        // first two, one longer than a window, up to the segment's end.
-        let chunks = [(0, 3 << 20), (3 << 20, 2 << 20), (5 << 20, (3 << 20) - 10)];
-        let chunks = chunks.into_iter().chain([((8 << 20) - 10, 10)]);
-        for (i, (at, len)) in chunks.enumerate() {
-            let data: Vec<u8> = (0..len).map(|j| (j % 251) as u8 ^ i as u8).collect();
-            writer.write_at(&seg, &data, at as u64).unwrap();
-            expected[at..at + len].copy_from_slice(&data);
-            // Readers see the bytes at once, through their own mapping.
-            assert!(seg.map[at..at + len] == data[..], "chunk {i}");
-        }
-        writer.release();
-        seg.file.sync_data().unwrap();
-        assert_eq!(seg.file.metadata().unwrap().len(), SEGMENT);
-        assert!(std::fs::read(&seg.path).unwrap() == expected);
     }
 
     #[test]

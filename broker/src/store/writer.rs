@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use txmq_protocol::{now_millis, tag_hash, Message, MsgId, ProducerStamp};
 
 use super::checkpoint::OffsetTable;
-use super::commit_log::{Segment, SegmentWriter};
+use super::commit_log::Segment;
 use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, MoveTarget};
 use super::flusher::FlushCmd;
@@ -134,8 +134,6 @@ pub(crate) struct Writer {
     store: Arc<StoreInner>,
     flusher: std::sync::mpsc::Sender<FlushCmd>,
     segment: Option<Arc<Segment>>,
-    /// Writes into `segment`.
-    log_writer: SegmentWriter,
     /// Log position of the first byte in `buf`.
     pos: u64,
     buf: BytesMut,
@@ -190,7 +188,6 @@ impl Writer {
         Ok(Writer {
             flusher,
             segment,
-            log_writer: SegmentWriter::default(),
             pos: end,
             buf: BytesMut::with_capacity(MAX_BATCH_BYTES + (1 << 20)),
             cq_buf: Vec::with_capacity(64 * 1024),
@@ -1203,7 +1200,6 @@ impl Writer {
             )
         })?;
         tracing::debug!(start = next_start, "rolled to a new commit-log segment");
-        self.log_writer.release();
         self.segment = Some(seg);
         self.pos = next_start;
         self.store.written.store(next_start, Ordering::Release);
@@ -1222,7 +1218,7 @@ impl Writer {
                 self.pieces
                     .iter()
                     .try_for_each(|p| {
-                        let written = self.log_writer.write_at(seg, p, at);
+                        let written = seg.file.write_all_at(p, at);
                         at += p.len() as u64;
                         written
                     })
@@ -1232,8 +1228,8 @@ impl Writer {
                 if let Some(index) = &self.store.index {
                     index.prefetch(&self.buf);
                 }
-                self.log_writer
-                    .write_at(seg, &self.buf, self.pos - seg.start)
+                seg.file
+                    .write_all_at(&self.buf, self.pos - seg.start)
                     .map_err(|e| StoreError::io("cannot write the commit log", &e))
             }
             None => Err(StoreError::Io {
