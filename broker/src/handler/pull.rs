@@ -57,6 +57,7 @@ pub(super) async fn handle(
     let mut waited = false;
     loop {
         // Register interest before looking, so an arrival in between still wakes us.
+        let _interest = queue.interest();
         let arrived = queue.arrived.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();

@@ -255,9 +255,10 @@ pub(crate) async fn receive(
         let mut arrivals: Vec<_> = cqs
             .iter()
             .map(|cq| {
+                let interest = cq.interest();
                 let mut n = Box::pin(cq.arrived.notified());
                 n.as_mut().enable();
-                n
+                (interest, n)
             })
             .collect();
         b.pop.looks.fetch_add(1, Ordering::Relaxed);
@@ -283,7 +284,7 @@ pub(crate) async fn receive(
             .map(|at| tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now)));
         let wake = due.map_or(deadline, |d| d.min(deadline));
         let arrived = std::future::poll_fn(|cx| {
-            for n in arrivals.iter_mut() {
+            for (_, n) in arrivals.iter_mut() {
                 if n.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(());
                 }

@@ -21,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::Notify;
@@ -100,8 +100,20 @@ pub struct ConsumeQueue {
     /// The next file (its start), made ahead by the checkpoint; the writer
     /// takes it when it gets there (see `prepare_next`).
     spare: std::sync::Mutex<Option<(u64, Arc<File>)>>,
-    /// Woken whenever `visible` grows (long polls wait on it).
+    /// Woken whenever `visible` grows while a long poll waits on it (see
+    /// [`ConsumeQueue::interest`]).
     pub arrived: Notify,
+    /// The long polls holding an [`Interest`].
+    interested: AtomicUsize,
+}
+
+/// A long poll's interest in a queue's growth (see [`ConsumeQueue::interest`]).
+pub struct Interest<'a>(&'a AtomicUsize);
+
+impl Drop for Interest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConsumeQueue {
@@ -149,6 +161,7 @@ impl ConsumeQueue {
             ahead: std::sync::Mutex::new(Ahead::default()),
             spare: std::sync::Mutex::new(None),
             arrived: Notify::new(),
+            interested: AtomicUsize::new(0),
         })
     }
 
@@ -220,8 +233,24 @@ impl ConsumeQueue {
     /// Makes offsets below `max` readable and wakes long polls.
     pub fn publish(&self, max: u64) {
         if self.visible.fetch_max(max, Ordering::AcqRel) < max {
-            self.arrived.notify_waiters();
+            // Pairs with the fence in `interest`: either this sees the
+            // poll's interest, or the poll's look sees the new `visible`.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            // Nobody waiting (as for most writes), `notify_waiters` would
+            // still take the Notify's lock.
+            if self.interested.load(Ordering::Relaxed) > 0 {
+                self.arrived.notify_waiters();
+            }
         }
+    }
+
+    /// A long poll's interest in the queue's growth: taken before it makes
+    /// its `arrived.notified()`, and held until it is done waiting on that.
+    /// Without one, a publish does not wake `arrived`.
+    pub fn interest(&self) -> Interest<'_> {
+        self.interested.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Interest(&self.interested)
     }
 
     /// Adds `entries` (encoded, `ENTRY_LEN` each) at `first_offset`, which
@@ -878,5 +907,40 @@ mod tests {
             q.read(120, 1000).unwrap(),
             (120..160).map(entry).collect::<Vec<_>>()
         );
+    }
+
+    /// Long polls look after registering their interest: a publish in
+    /// between wakes them, one after they are done with it is not their
+    /// business, and one with nobody interested touches no lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_wakes_the_polls_that_registered_interest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let q = Arc::new(ConsumeQueue::open("t", 0, tmp.path().join("q"), 100).unwrap());
+        // Nobody interested: published, no wake-up owed.
+        q.write(0, &entries(0..1)).unwrap();
+        q.publish(1);
+        assert_eq!(q.max_offset(), 1);
+        for round in 0..200u64 {
+            let interest = q.interest();
+            let arrived = q.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            // The look after registering: nothing new yet (the other
+            // thread publishes only once told to).
+            assert_eq!(q.max_offset(), round + 1);
+            let publisher = q.clone();
+            let published = tokio::spawn(async move {
+                publisher
+                    .write(round + 1, &entries(round + 1..round + 2))
+                    .unwrap();
+                publisher.publish(round + 2);
+            });
+            tokio::time::timeout(std::time::Duration::from_secs(5), arrived)
+                .await
+                .expect("the publish woke the poll");
+            drop(interest);
+            published.await.unwrap();
+        }
+        assert_eq!(q.interested.load(Ordering::Relaxed), 0);
     }
 }
