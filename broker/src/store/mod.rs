@@ -935,24 +935,49 @@ impl Store {
         rx: oneshot::Receiver<Result<(u64, u64), StoreError>>,
         more_coming: bool,
     ) -> Result<Appended, StoreError> {
-        let _slot = self
-            .inner
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| StoreError::ShuttingDown)?;
-        lock(&self.inner.queue).push(cmd);
-        if more_coming {
-            // Let the tasks ready to run (the rest of a read of many
-            // requests, other connections' requests) queue theirs first, so
-            // that one write takes them all. Dropped in the yield, this
-            // still writes what is queued: nothing is left behind.
-            let combine_anyway = CombineOnDrop(&self.inner);
-            tokio::task::yield_now().await;
-            drop(combine_anyway);
-        } else {
-            combine(&self.inner);
+        let mut cmd = Some(cmd);
+        // The writer free (as it mostly is), the command is written at once
+        // and never waits in the queue: it needs no slot. Not under sync
+        // flush, where the slots also bound the sends waiting for an
+        // fdatasync.
+        if !more_coming && self.inner.config.flush == FlushMode::Async {
+            write_at_once(&self.inner, &mut cmd);
         }
+        // `cmd` kept in its one place across the wait for a slot: moved into
+        // a binding there, it would take a second place in every append's
+        // future.
+        let _slot = if cmd.is_none() {
+            None
+        } else {
+            let slot = self
+                .inner
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| StoreError::ShuttingDown)?;
+            lock(&self.inner.queue).extend(cmd.take());
+            if more_coming {
+                // Let the tasks ready to run (the rest of a read of many
+                // requests, other connections' requests) queue theirs
+                // first, so that one write takes them all. Dropped in
+                // the yield, this still writes what is queued: nothing
+                // is left behind.
+                let combine_anyway = CombineOnDrop(&self.inner);
+                tokio::task::yield_now().await;
+                drop(combine_anyway);
+            } else {
+                combine(&self.inner);
+            }
+            Some(slot)
+        };
+        self.answer(rx).await
+    }
+
+    /// The answer of a queued command, once durable as the flush mode says.
+    async fn answer(
+        &self,
+        rx: oneshot::Receiver<Result<(u64, u64), StoreError>>,
+    ) -> Result<Appended, StoreError> {
         let (first_offset, end, duplicate) = match rx.await.map_err(|_| StoreError::ShuttingDown)? {
             Ok((first_offset, end)) => (first_offset, end, false),
             Err(StoreError::Duplicate { first_offset, end }) => (first_offset, end, true),
@@ -1951,41 +1976,67 @@ impl Drop for CombineOnDrop<'_> {
 /// A caller that finds the writer busy leaves its command to the holder,
 /// which checks the queue again after letting go, so none is stranded.
 fn combine(inner: &StoreInner) {
+    if let Some(writer) = try_writer(inner) {
+        combine_holding(inner, writer);
+    }
+}
+
+/// The writer, unless another caller holds it.
+fn try_writer(inner: &StoreInner) -> Option<std::sync::MutexGuard<'_, Option<writer::Writer>>> {
+    match inner.writer.try_lock() {
+        Ok(w) => Some(w),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Writes `cmd` (taking it) and whatever is queued, if the writer is free.
+fn write_at_once(inner: &StoreInner, cmd: &mut Option<WriteCmd>) {
+    if let Some(writer) = try_writer(inner) {
+        lock(&inner.queue).extend(cmd.take());
+        combine_holding(inner, writer);
+    }
+}
+
+/// [`combine`] with the writer already taken.
+fn combine_holding<'a>(
+    inner: &'a StoreInner,
+    mut writer: std::sync::MutexGuard<'a, Option<writer::Writer>>,
+) {
     loop {
-        {
-            let mut writer = match inner.writer.try_lock() {
-                Ok(w) => w,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return,
-            };
-            match writer.as_mut() {
-                // The queue and the writer's spare trade places: both keep
-                // their capacity (at most `MAX_QUEUED` commands each, as
-                // the slots bound the queue), so a write allocates no vector.
-                Some(w) => loop {
-                    let mut batch = std::mem::take(&mut w.spare);
-                    std::mem::swap(&mut batch, &mut *lock(&inner.queue));
-                    if batch.is_empty() {
-                        w.spare = batch;
-                        break;
-                    }
-                    w.process(&mut batch);
-                    // `process` drains it: anything left would be taken
-                    // again with the next round, twice and out of order.
-                    debug_assert!(batch.is_empty());
+        match writer.as_mut() {
+            // The queue and the writer's spare trade places: both keep
+            // their capacity (the slots bound the queue to `MAX_QUEUED`
+            // commands, and the holder's own), so a write allocates no
+            // vector.
+            Some(w) => loop {
+                let mut batch = std::mem::take(&mut w.spare);
+                std::mem::swap(&mut batch, &mut *lock(&inner.queue));
+                if batch.is_empty() {
                     w.spare = batch;
-                },
-                None => {
-                    // Shut down: refuse what is queued.
-                    for cmd in std::mem::take(&mut *lock(&inner.queue)) {
-                        writer::fail(cmd, StoreError::ShuttingDown);
-                    }
+                    break;
+                }
+                w.process(&mut batch);
+                // `process` drains it: anything left would be taken
+                // again with the next round, twice and out of order.
+                debug_assert!(batch.is_empty());
+                w.spare = batch;
+            },
+            None => {
+                // Shut down: refuse what is queued.
+                for cmd in std::mem::take(&mut *lock(&inner.queue)) {
+                    writer::fail(cmd, StoreError::ShuttingDown);
                 }
             }
         }
+        drop(writer);
         if lock(&inner.queue).is_empty() {
             return;
         }
+        writer = match try_writer(inner) {
+            Some(w) => w,
+            None => return,
+        };
     }
 }
 
