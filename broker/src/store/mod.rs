@@ -949,12 +949,7 @@ impl Store {
         let _slot = if cmd.is_none() {
             None
         } else {
-            let slot = self
-                .inner
-                .slots
-                .acquire()
-                .await
-                .map_err(|_| StoreError::ShuttingDown)?;
+            let slot = self.slot().await?;
             lock(&self.inner.queue).extend(cmd.take());
             if more_coming {
                 // Let the tasks ready to run (the rest of a read of many
@@ -971,6 +966,15 @@ impl Store {
             Some(slot)
         };
         self.answer(rx).await
+    }
+
+    /// A place in the writer's queue (see `StoreInner::slots`).
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        self.inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::ShuttingDown)
     }
 
     /// The answer of a queued command, once durable as the flush mode says.
@@ -1079,12 +1083,7 @@ impl Store {
     pub async fn init_producer(&self, epoch: u64) -> Result<(u64, u64, Appended), StoreError> {
         self.check_writable()?;
         let (reply, rx) = oneshot::channel();
-        let _slot = self
-            .inner
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| StoreError::ShuttingDown)?;
+        let _slot = self.slot().await?;
         lock(&self.inner.queue).push(WriteCmd::ProducerInit { epoch, reply });
         combine(&self.inner);
         let (pid, end) = rx.await.map_err(|_| StoreError::ShuttingDown)??;
