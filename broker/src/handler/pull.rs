@@ -57,8 +57,7 @@ pub(super) async fn handle(
     let mut waited = false;
     loop {
         // Register interest before looking, so an arrival in between still wakes us.
-        let _interest = queue.interest();
-        let arrived = queue.arrived.notified();
+        let (_interest, arrived) = queue.arrival();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
         // Under sync replication with a controller, readers see only what

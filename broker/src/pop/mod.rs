@@ -255,8 +255,8 @@ pub(crate) async fn receive(
         let mut arrivals: Vec<_> = cqs
             .iter()
             .map(|cq| {
-                let interest = cq.interest();
-                let mut n = Box::pin(cq.arrived.notified());
+                let (interest, n) = cq.arrival();
+                let mut n = Box::pin(n);
                 n.as_mut().enable();
                 (interest, n)
             })
@@ -264,6 +264,8 @@ pub(crate) async fn receive(
         b.pop.looks.fetch_add(1, Ordering::Relaxed);
         let (got, end) = receive_once(b, &r, &order).await?;
         if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+            // Done waiting: publishes meanwhile need not wake anyone.
+            drop(arrivals);
             confirm(b, end, "the received messages' receipts").await?;
             b.metrics.messages_out(
                 &r.topic,

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use super::reserve::Ahead;
@@ -101,13 +102,14 @@ pub struct ConsumeQueue {
     /// takes it when it gets there (see `prepare_next`).
     spare: std::sync::Mutex<Option<(u64, Arc<File>)>>,
     /// Woken whenever `visible` grows while a long poll waits on it (see
-    /// [`ConsumeQueue::interest`]).
-    pub arrived: Notify,
+    /// [`ConsumeQueue::arrival`]).
+    arrived: Notify,
     /// The long polls holding an [`Interest`].
     interested: AtomicUsize,
 }
 
-/// A long poll's interest in a queue's growth (see [`ConsumeQueue::interest`]).
+/// A long poll's interest in a queue's growth (see [`ConsumeQueue::arrival`]).
+#[must_use = "a publish wakes only the polls that hold an interest"]
 pub struct Interest<'a>(&'a AtomicUsize);
 
 impl Drop for Interest<'_> {
@@ -233,7 +235,7 @@ impl ConsumeQueue {
     /// Makes offsets below `max` readable and wakes long polls.
     pub fn publish(&self, max: u64) {
         if self.visible.fetch_max(max, Ordering::AcqRel) < max {
-            // Pairs with the fence in `interest`: either this sees the
+            // Pairs with the fence in `arrival`: either this sees the
             // poll's interest, or the poll's look sees the new `visible`.
             std::sync::atomic::fence(Ordering::SeqCst);
             // Nobody waiting (as for most writes), `notify_waiters` would
@@ -244,13 +246,15 @@ impl ConsumeQueue {
         }
     }
 
-    /// A long poll's interest in the queue's growth: taken before it makes
-    /// its `arrived.notified()`, and held until it is done waiting on that.
-    /// Without one, a publish does not wake `arrived`.
-    pub fn interest(&self) -> Interest<'_> {
+    /// What a long poll waits on for the queue to grow: taken before it
+    /// looks at the queue, so that a publish after the look wakes it. The
+    /// `Notified` ends at the first publish after this call; the
+    /// [`Interest`] must be held until the poll is done waiting on it (a
+    /// publish wakes nobody while no poll holds one).
+    pub fn arrival(&self) -> (Interest<'_>, Notified<'_>) {
         self.interested.fetch_add(1, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::SeqCst);
-        Interest(&self.interested)
+        (Interest(&self.interested), self.arrived.notified())
     }
 
     /// Adds `entries` (encoded, `ENTRY_LEN` each) at `first_offset`, which
@@ -909,9 +913,9 @@ mod tests {
         );
     }
 
-    /// Long polls look after registering their interest: a publish in
-    /// between wakes them, one after they are done with it is not their
-    /// business, and one with nobody interested touches no lock.
+    /// A poll that took its arrival before looking is woken by a publish
+    /// from another thread after the look; a publish with nobody waiting
+    /// still makes the entries readable.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_publish_wakes_the_polls_that_registered_interest() {
         let tmp = tempfile::tempdir().unwrap();
@@ -921,8 +925,7 @@ mod tests {
         q.publish(1);
         assert_eq!(q.max_offset(), 1);
         for round in 0..200u64 {
-            let interest = q.interest();
-            let arrived = q.arrived.notified();
+            let (interest, arrived) = q.arrival();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
             // The look after registering: nothing new yet (the other
