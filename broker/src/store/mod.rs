@@ -938,9 +938,14 @@ impl Store {
         let mut cmd = Some(cmd);
         // The writer free (as it mostly is), the command is written at once
         // and never waits in the queue: it needs no slot. Not under sync
-        // flush, where the slots also bound the sends waiting for an
-        // fdatasync.
-        if !more_coming && self.inner.config.flush == FlushMode::Async {
+        // flush, where the slots also bound the appends waiting for an
+        // fdatasync; and not while an append waits for a slot (none free),
+        // which may be an earlier one of the same connection: the slots
+        // are handed out in turn, and it must be written first.
+        if !more_coming
+            && self.inner.config.flush == FlushMode::Async
+            && self.inner.slots.available_permits() > 0
+        {
             write_at_once(&self.inner, &mut cmd);
         }
         // `cmd` kept in its one place across the wait for a slot: moved into
