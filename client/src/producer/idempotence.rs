@@ -588,6 +588,30 @@ impl Idempotence {
         // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
         Box::pin(wait_for_place(limit, stall)).await
     }
+    /// What [`Idempotence::grant`] and [`Idempotence::permit`] give a send
+    /// in the common case, in one look under the lock: the ids of
+    /// `broker_name` and a place among the stamped sends to `queue` of
+    /// `topic`, when the group has ids and the queue a free place now.
+    /// `None` otherwise: the two then ask for ids, or wait for a place.
+    pub(crate) fn ready(
+        &self,
+        broker_name: &str,
+        topic: &str,
+        queue: u32,
+    ) -> Option<(Arc<Ids>, Place)> {
+        let brokers = lock(&self.brokers);
+        let state = brokers.get(broker_name)?;
+        let Some(Session::Stamped(ids)) = &state.session else {
+            return None;
+        };
+        let limit = state.limits.get(topic)?.get(&queue)?;
+        limit.places.try_acquire().ok()?.forget();
+        let place = Place {
+            limit: limit.clone(),
+        };
+        Some((ids.clone(), place))
+    }
+
     /// Remembers a send of `topic` with an unknown outcome under its first
     /// message id.
     pub(crate) fn remember(&self, first: MsgId, topic: &str, pending: Pending) {
@@ -709,6 +733,42 @@ mod tests {
         let (place, ()) = tokio::join!(waiting, one_answer);
         assert!(place.expect("waited on past two stalls").is_none());
         assert_eq!(started.elapsed(), 2 * stall);
+    }
+
+    /// The one-look path gives what `grant` and `permit` would, and
+    /// nothing where they would ask for ids or wait for a place.
+    #[tokio::test]
+    async fn a_send_gets_ids_and_a_free_place_in_one_look_or_none() {
+        let idem = Idempotence::default();
+        let stall = Duration::from_secs(5);
+        // No ids yet, no limit yet.
+        assert!(idem.ready("b", "t", 0).is_none());
+        lock(&idem.brokers)
+            .entry("b".to_string())
+            .or_default()
+            .session = Some(Session::Stamped(Arc::new(ids())));
+        assert!(idem.ready("b", "t", 0).is_none(), "no limit made yet");
+        let first = idem.permit("b", "t", 0, stall).await.expect("a free place");
+        let mut held = vec![first];
+        while let Some((ids, place)) = idem.ready("b", "t", 0) {
+            assert_eq!(ids.producer_id(), 7);
+            assert!(place.is_for("b", 0));
+            held.push(place);
+        }
+        // The places are the queue's own: as many as `permit` gives.
+        assert_eq!(held.len(), MAX_IN_FLIGHT_PER_QUEUE);
+        assert!(
+            idem.ready("b", "t", 1).is_none(),
+            "another queue's limit is its own"
+        );
+        // One given back is free for the next send.
+        drop(held.pop());
+        assert!(idem.ready("b", "t", 0).is_some());
+        // A group without ids (an older broker) is `grant`'s to answer.
+        lock(&idem.brokers).get_mut("b").unwrap().session =
+            Some(Session::Unsupported(Instant::now()));
+        drop(held);
+        assert!(idem.ready("b", "t", 0).is_none());
     }
 
     #[test]

@@ -548,7 +548,15 @@ impl Producer {
                 tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
             }
             let mut fresh = None;
-            if held.stamp.is_none() {
+            // The common case in one look: the group's ids, and a place free
+            // now. Otherwise ask for ids, and wait for a place, below.
+            if held.stamp.is_none() && permit.is_none() {
+                if let Some((ids, place)) = idem.ready(&mq.broker_name, topic, mq.queue) {
+                    permit = Some(place);
+                    fresh = Some(ids);
+                }
+            }
+            if held.stamp.is_none() && fresh.is_none() {
                 let grant = match idem
                     .grant(&mq.broker_name, &mq.addr, &self.inner.pool, timeout)
                     .await
