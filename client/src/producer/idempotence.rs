@@ -588,6 +588,7 @@ impl Idempotence {
         // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
         Box::pin(wait_for_place(limit, stall)).await
     }
+
     /// What [`Idempotence::grant`] and [`Idempotence::permit`] give a send
     /// in the common case, in one look under the lock: the ids of
     /// `broker_name` and a place among the stamped sends to `queue` of
@@ -735,39 +736,50 @@ mod tests {
         assert_eq!(started.elapsed(), 2 * stall);
     }
 
-    /// The one-look path gives what `grant` and `permit` would, and
-    /// nothing where they would ask for ids or wait for a place.
+    /// The one-look path gives the ids `grant` would and a place `permit`
+    /// would, and nothing where they would ask for ids or wait for a place.
     #[tokio::test]
     async fn a_send_gets_ids_and_a_free_place_in_one_look_or_none() {
         let idem = Idempotence::default();
         let stall = Duration::from_secs(5);
         // No ids yet, no limit yet.
         assert!(idem.ready("b", "t", 0).is_none());
+        let current = Arc::new(ids());
         lock(&idem.brokers)
             .entry("b".to_string())
             .or_default()
-            .session = Some(Session::Stamped(Arc::new(ids())));
+            .session = Some(Session::Stamped(current.clone()));
         assert!(idem.ready("b", "t", 0).is_none(), "no limit made yet");
-        let first = idem.permit("b", "t", 0, stall).await.expect("a free place");
-        let mut held = vec![first];
-        while let Some((ids, place)) = idem.ready("b", "t", 0) {
-            assert_eq!(ids.producer_id(), 7);
+        let mut held = vec![idem.permit("b", "t", 0, stall).await.expect("a free place")];
+        for _ in 0..MAX_IN_FLIGHT_PER_QUEUE {
+            let Some((ids, place)) = idem.ready("b", "t", 0) else {
+                break;
+            };
+            assert!(Arc::ptr_eq(&ids, &current), "the group's current ids");
             assert!(place.is_for("b", 0));
             held.push(place);
         }
-        // The places are the queue's own: as many as `permit` gives.
+        // The places are the queue's own, counted with `permit`'s.
         assert_eq!(held.len(), MAX_IN_FLIGHT_PER_QUEUE);
+        let other = idem
+            .permit("b", "t", 1, stall)
+            .await
+            .expect("another queue");
         assert!(
-            idem.ready("b", "t", 1).is_none(),
-            "another queue's limit is its own"
+            idem.ready("b", "t", 1).is_some(),
+            "another queue's places are its own"
         );
+        drop(other);
         // One given back is free for the next send.
         drop(held.pop());
-        assert!(idem.ready("b", "t", 0).is_some());
-        // A group without ids (an older broker) is `grant`'s to answer.
+        held.push(idem.ready("b", "t", 0).expect("the place given back").1);
+        drop(held);
+        // Ids dropped (a fenced producer id, say): `grant` asks for new ones.
+        lock(&idem.brokers).get_mut("b").unwrap().session = None;
+        assert!(idem.ready("b", "t", 0).is_none());
+        // A group without idempotence (an older broker) is `grant`'s to answer.
         lock(&idem.brokers).get_mut("b").unwrap().session =
             Some(Session::Unsupported(Instant::now()));
-        drop(held);
         assert!(idem.ready("b", "t", 0).is_none());
     }
 
