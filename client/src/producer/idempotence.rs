@@ -88,6 +88,14 @@ impl Drop for Place {
 }
 
 impl Place {
+    /// A place of `limit` free now, if there is one.
+    fn free(limit: &Arc<QueueLimit>) -> Option<Place> {
+        limit.places.try_acquire().ok()?.forget();
+        Some(Place {
+            limit: limit.clone(),
+        })
+    }
+
     /// Whether this is a place among the sends to `queue` of `broker_name`.
     pub(crate) fn is_for(&self, broker_name: &str, queue: u32) -> bool {
         self.limit.queue == queue && self.limit.broker_name == broker_name
@@ -582,8 +590,8 @@ impl Idempotence {
                 .clone()
         };
         // A free place needs no timer.
-        if limit.places.try_acquire().map(|p| p.forget()).is_ok() {
-            return Some(Place { limit });
+        if let Some(place) = Place::free(&limit) {
+            return Some(place);
         }
         // Boxed, as `RouteCache::get`'s fetch: sends await this each time.
         Box::pin(wait_for_place(limit, stall)).await
@@ -605,11 +613,7 @@ impl Idempotence {
         let Some(Session::Stamped(ids)) = &state.session else {
             return None;
         };
-        let limit = state.limits.get(topic)?.get(&queue)?;
-        limit.places.try_acquire().ok()?.forget();
-        let place = Place {
-            limit: limit.clone(),
-        };
+        let place = Place::free(state.limits.get(topic)?.get(&queue)?)?;
         Some((ids.clone(), place))
     }
 
