@@ -85,7 +85,7 @@ impl Names {
                 let epoch = lock(&self.master).1;
                 let to = e.replica.unwrap_or_else(|| self.slave.clone());
                 *lock(&self.master) = (to, epoch + 1);
-                Response::ElectMaster(self.state())
+                Response::ElectMaster(Box::new(self.state()))
             }
             (Request::GetControllerInfo(_), Controller::Elects) => {
                 Response::GetControllerInfo(Box::new(ControllerInfo {

@@ -204,7 +204,7 @@ impl State {
                 })
             }
             Request::Send(s) => Response::Send(self.send(s)?),
-            Request::Pull(p) => Response::Pull(self.clone().pull(p).await),
+            Request::Pull(p) => Response::Pull(self.clone().pull(*p).await),
             Request::CommitOffset(c) => {
                 lock(&self.offsets).insert((c.group, c.topic, c.queue), c.offset);
                 Response::CommitOffset(Done {})

@@ -220,7 +220,7 @@ impl Names {
                         lock(&self.elections).push(e.replica.clone());
                         let to = e.replica.unwrap_or_else(|| "elsewhere:1".into());
                         self.set_master(&to, epoch + 1);
-                        Response::ElectMaster(self.group_state())
+                        Response::ElectMaster(Box::new(self.group_state()))
                     }
                 }
             }

@@ -238,7 +238,7 @@ impl Node {
                     msg_ids,
                 })
             }
-            Request::Pull(p) => Response::Pull(self.clone().pull(p).await),
+            Request::Pull(p) => Response::Pull(self.clone().pull(*p).await),
             Request::QueryOffset(q) if q.topic != TOPIC => Response::QueryOffset(QueueOffsets {
                 committed: None,
                 min_offset: 0,

@@ -232,9 +232,9 @@ impl Service for BrokerService {
     fn call(&self, _conn: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
         let b = &self.0;
         let answer = match request {
-            Request::PrepareTransaction(p) => b.prepare(p).map(Response::PrepareTransaction),
+            Request::PrepareTransaction(p) => b.prepare(*p).map(Response::PrepareTransaction),
             Request::EndTransaction(e) => b.end(e).map(Response::EndTransaction),
-            Request::ListTransactions(_) => Ok(Response::ListTransactions(b.list())),
+            Request::ListTransactions(_) => Ok(Response::ListTransactions(Box::new(b.list()))),
             other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
         };
         Box::pin(std::future::ready(answer))

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info};
 use txmq_protocol::{
-    AlterInSync, BrokerGroupState, ControllerHeartbeat, ElectMaster, ErrorCode, Hello, HelloOk,
-    MasterDrained, RaftReply, Request, Response, Role, WireError, PROTOCOL_VERSION,
+    AlterInSync, BrokerGroupState, Call, ControllerHeartbeat, ElectMaster, ErrorCode, Hello,
+    HelloOk, MasterDrained, RaftReply, Request, Response, Role, WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
@@ -106,15 +106,15 @@ impl Service for ControllerService {
                     .await
                     .map(|body| Response::Raft(RaftReply { body }))
                     .map_err(|m| WireError::new(ErrorCode::MalformedRequest, m)),
-                Request::ControllerHeartbeat(req) => heartbeat(&inner, &conn, req)
+                Request::ControllerHeartbeat(req) => heartbeat(&inner, &conn, *req)
                     .await
-                    .map(Response::ControllerHeartbeat),
+                    .map(ControllerHeartbeat::response),
                 Request::AlterInSync(req) => {
-                    alter_in_sync(&inner, req).await.map(Response::AlterInSync)
+                    alter_in_sync(&inner, *req).await.map(AlterInSync::response)
                 }
                 Request::MasterDrained(req) => master_drained(&inner, req)
                     .await
-                    .map(Response::MasterDrained),
+                    .map(MasterDrained::response),
                 Request::ElectMaster(req) => {
                     let res = if forwarded(&conn) {
                         match inner.leader_ready().await {
@@ -124,7 +124,7 @@ impl Service for ControllerService {
                     } else {
                         elect_master(&inner, req).await
                     };
-                    res.map(Response::ElectMaster)
+                    res.map(ElectMaster::response)
                 }
                 Request::GetControllerInfo(_) => {
                     Ok(Response::GetControllerInfo(Box::new(inner.info())))

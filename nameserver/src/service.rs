@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tracing::debug;
 use txmq_controller::{ControllerHandle, Permission};
 use txmq_protocol::{
-    Done, ErrorCode, Hello, HelloOk, Pong, Request, Response, UnregisterBroker, WireError,
-    PROTOCOL_VERSION,
+    Call, Done, ElectMaster, ErrorCode, Hello, HelloOk, Pong, Request, Response, UnregisterBroker,
+    WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, ServerSecurity, Service};
@@ -115,7 +115,7 @@ impl NameService {
         match request {
             Request::Ping(_) => Ok(Response::Ping(Pong {})),
             Request::RegisterBroker(req) => {
-                self.registry.register(req, conn.id(), now)?;
+                self.registry.register(*req, conn.id(), now)?;
                 Ok(Response::RegisterBroker(Done {}))
             }
             Request::UnregisterBroker(req) => {
@@ -162,7 +162,7 @@ impl Service for NameService {
         match request {
             Request::ElectMaster(req) => match self.controller("ElectMaster") {
                 Ok(c) => {
-                    Box::pin(async move { c.elect_master(req).await.map(Response::ElectMaster) })
+                    Box::pin(async move { c.elect_master(req).await.map(ElectMaster::response) })
                 }
                 Err(e) => Box::pin(std::future::ready(Err(e))),
             },

@@ -67,9 +67,10 @@ mod tests {
             }],
             ..BrokerCounters::default()
         };
-        let bytes = rmp_serde::to_vec(&Response::GetBrokerCounters(c.clone())).unwrap_or_default();
+        let bytes = rmp_serde::to_vec(&Response::GetBrokerCounters(Box::new(c.clone())))
+            .unwrap_or_default();
         let back: Result<Response, _> = rmp_serde::from_slice(&bytes);
-        assert!(matches!(back, Ok(Response::GetBrokerCounters(b)) if b == c));
+        assert!(matches!(back, Ok(Response::GetBrokerCounters(b)) if *b == c));
         assert_eq!(
             GetBrokerCounters {}.into_request().kind(),
             "GetBrokerCounters"

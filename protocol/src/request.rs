@@ -19,22 +19,53 @@ pub trait Call: Sized {
     ///
     /// # Errors
     /// Returns the response unchanged when it is not this request's reply.
-    #[allow(clippy::result_large_err)] // handed back whole, never built for an error path
     fn from_response(r: Response) -> Result<Self::Reply, Response>;
+    /// Wraps an answer in this request's [`Response`] variant (what a
+    /// server sends back).
+    fn response(reply: Self::Reply) -> Response;
 }
 
+/// Builds [`Request`], [`Response`] and the [`Call`] impls from one table.
+///
+/// `box` in front of a type keeps that argument or answer on the heap in
+/// the enum: every request and answer is moved whole several times on its
+/// way through a connection (decoded, queued, handed over), and a move of
+/// more than 128 bytes is a `memcpy` call. So the rare and large kinds are
+/// boxed, and the frames of the common ones stay small enough to move in a
+/// few registers (see `frame_sizes` in the tests). [`Call`] takes and gives
+/// the types themselves either way.
 macro_rules! requests {
-    ($( $(#[$doc:meta])* $variant:ident($req:ty) -> $resp:ty; )*) => {
+    // The table, read one entry at a time.
+    (@read [$($done:tt)*]) => { requests!(@emit $($done)*); };
+    (@read [$($done:tt)*] $(#[$doc:meta])* $variant:ident(box $req:ty) -> box $resp:ty; $($rest:tt)*) => {
+        requests!(@read [$($done)* {[$(#[$doc])*] $variant boxed($req) boxed($resp)}] $($rest)*);
+    };
+    (@read [$($done:tt)*] $(#[$doc:meta])* $variant:ident(box $req:ty) -> $resp:ty; $($rest:tt)*) => {
+        requests!(@read [$($done)* {[$(#[$doc])*] $variant boxed($req) inline($resp)}] $($rest)*);
+    };
+    (@read [$($done:tt)*] $(#[$doc:meta])* $variant:ident($req:ty) -> box $resp:ty; $($rest:tt)*) => {
+        requests!(@read [$($done)* {[$(#[$doc])*] $variant inline($req) boxed($resp)}] $($rest)*);
+    };
+    (@read [$($done:tt)*] $(#[$doc:meta])* $variant:ident($req:ty) -> $resp:ty; $($rest:tt)*) => {
+        requests!(@read [$($done)* {[$(#[$doc])*] $variant inline($req) inline($resp)}] $($rest)*);
+    };
+    (@held inline $t:ty) => { $t };
+    (@held boxed $t:ty) => { Box<$t> };
+    (@hold inline $x:expr) => { $x };
+    (@hold boxed $x:expr) => { Box::new($x) };
+    (@release inline $x:expr) => { $x };
+    (@release boxed $x:expr) => { *$x };
+    (@emit $( {[$(#[$doc:meta])*] $variant:ident $rk:ident($req:ty) $sk:ident($resp:ty)} )*) => {
         /// A request: what one peer asks of another.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         pub enum Request {
-            $( $(#[$doc])* $variant($req), )*
+            $( $(#[$doc])* $variant(requests!(@held $rk $req)), )*
         }
 
         /// A successful answer; the variant matches the request's.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         pub enum Response {
-            $( #[allow(missing_docs)] $variant($resp), )*
+            $( #[allow(missing_docs)] $variant(requests!(@held $sk $resp)), )*
         }
 
         impl Request {
@@ -47,13 +78,15 @@ macro_rules! requests {
         $(
         impl Call for $req {
             type Reply = $resp;
-            fn into_request(self) -> Request { Request::$variant(self) }
+            fn into_request(self) -> Request { Request::$variant(requests!(@hold $rk self)) }
             fn from_response(r: Response) -> Result<$resp, Response> {
-                match r { Response::$variant(x) => Ok(x), other => Err(other) }
+                match r { Response::$variant(x) => Ok(requests!(@release $sk x)), other => Err(other) }
             }
+            fn response(reply: $resp) -> Response { Response::$variant(requests!(@hold $sk reply)) }
         }
         )*
     };
+    ($($table:tt)*) => { requests!(@read [] $($table)*); };
 }
 
 requests! {
@@ -62,7 +95,7 @@ requests! {
     /// Liveness probe.
     Ping(Ping) -> Pong;
     /// Broker -> nameserver: register or heartbeat, with the broker's topic table.
-    RegisterBroker(RegisterBroker) -> Done;
+    RegisterBroker(box RegisterBroker) -> Done;
     /// Broker -> nameserver: the broker is leaving (graceful shutdown).
     UnregisterBroker(UnregisterBroker) -> Done;
     /// Client -> nameserver: where a topic's queues are.
@@ -79,24 +112,24 @@ requests! {
     /// sends and prepares, never handed out twice by the broker group.
     InitProducer(InitProducer) -> ProducerIdentity;
     /// Client -> broker: read a queue from an offset, waiting for data up to a deadline.
-    Pull(PullRequest) -> PullResult;
+    Pull(box PullRequest) -> PullResult;
     /// Client -> broker: store a consumer group's offset for a queue.
-    CommitOffset(CommitOffset) -> Done;
+    CommitOffset(box CommitOffset) -> Done;
     /// Client -> broker: a group's committed offset and the queue's bounds.
     QueryOffset(QueryOffset) -> QueueOffsets;
     /// Producer -> broker: store half messages, invisible until committed.
-    PrepareTransaction(PrepareTransaction) -> Prepared;
+    PrepareTransaction(box PrepareTransaction) -> Prepared;
     /// Producer or operator -> broker: commit or roll back a transaction.
     EndTransaction(EndTransaction) -> Ended;
     /// Broker -> producer (over the producer's own connection): what became of this transaction?
-    CheckTransaction(CheckTransaction) -> CheckAnswer;
+    CheckTransaction(box CheckTransaction) -> CheckAnswer;
     /// Operator -> broker: pending and parked transactions, and counters.
-    ListTransactions(ListTransactions) -> TransactionList;
+    ListTransactions(ListTransactions) -> box TransactionList;
     /// Operator or bench -> broker: the store's write and fsync counters.
-    GetStoreStats(GetStoreStats) -> StoreStats;
+    GetStoreStats(GetStoreStats) -> box StoreStats;
     /// Consumer -> broker: I am alive in this group, subscribed to these
     /// topics, holding these queues; which of your queues are mine?
-    Heartbeat(Heartbeat) -> HeartbeatOk;
+    Heartbeat(box Heartbeat) -> HeartbeatOk;
     /// Consumer -> broker: leaving the group (clean shutdown).
     LeaveGroup(LeaveGroup) -> Done;
     /// Broker -> consumer (over the consumer's own connection): the group
@@ -104,15 +137,15 @@ requests! {
     NotifyRebalance(NotifyRebalance) -> Done;
     /// Consumer -> broker: hand a message back for redelivery to the group
     /// after a back-off, or to the group's dead-letter topic.
-    SendBack(SendBack) -> SentBack;
+    SendBack(box SendBack) -> SentBack;
     /// Operator -> broker: the consumer groups it knows.
     ListGroups(ListGroups) -> GroupList;
     /// Operator -> broker: a group's members, assignment, offsets and lag.
-    GetGroupState(GetGroupState) -> GroupState;
+    GetGroupState(GetGroupState) -> box GroupState;
     /// Operator -> broker: move a group's offsets of a topic (the group must be stopped).
     ResetOffset(ResetOffset) -> OffsetsReset;
     /// Slave -> master: the commit log from a position (long poll).
-    ReplicaFetch(ReplicaFetch) -> ReplicaData;
+    ReplicaFetch(box ReplicaFetch) -> box ReplicaData;
     /// Slave -> master: the slave holds the log up to a position (per its flush mode).
     ReplicaAck(ReplicaAck) -> Done;
     /// Anyone -> broker: its role, its master, and (on a master) its replicas' lag.
@@ -122,14 +155,14 @@ requests! {
     EpochEnd(EpochEndQuery) -> EpochEnd;
     /// Broker -> controller: it is alive; the answer is its group's state
     /// (held up to `wait_ms` until that state changes).
-    ControllerHeartbeat(ControllerHeartbeat) -> BrokerGroupState;
+    ControllerHeartbeat(box ControllerHeartbeat) -> box BrokerGroupState;
     /// Master -> controller: change its group's in-sync set.
-    AlterInSync(AlterInSync) -> BrokerGroupState;
+    AlterInSync(box AlterInSync) -> box BrokerGroupState;
     /// Admin -> nameserver or controller: a planned switch of a group's
     /// master (drain, then elect).
-    ElectMaster(ElectMaster) -> BrokerGroupState;
+    ElectMaster(ElectMaster) -> box BrokerGroupState;
     /// Master -> controller: it drained for a planned switch; elect the target.
-    MasterDrained(MasterDrained) -> BrokerGroupState;
+    MasterDrained(MasterDrained) -> box BrokerGroupState;
     /// Anyone -> nameserver or controller: the controller's members, leader
     /// and every broker group's state.
     GetControllerInfo(GetControllerInfo) -> Box<ControllerInfo>;
@@ -141,23 +174,23 @@ requests! {
     Authenticate(Authenticate) -> HelloOk;
     /// Operator -> broker: a transaction's half messages, check history
     /// and state (or how it ended).
-    ShowTransaction(crate::ops::ShowTransaction) -> crate::ops::TxDetail;
+    ShowTransaction(crate::ops::ShowTransaction) -> box crate::ops::TxDetail;
     /// Operator -> broker: un-park a transaction and check it back now.
     RecheckTransaction(crate::ops::RecheckTransaction) -> crate::ops::Rechecked;
     /// Operator -> broker: re-send a consumer group's dead letters.
-    ResendDeadLetters(crate::ops::ResendDeadLetters) -> crate::ops::DeadLettersResent;
+    ResendDeadLetters(box crate::ops::ResendDeadLetters) -> box crate::ops::DeadLettersResent;
     /// Operator -> broker: delete a topic (config, queues, offsets).
-    DeleteTopic(crate::ops::DeleteTopic) -> crate::ops::TopicDeleted;
+    DeleteTopic(crate::ops::DeleteTopic) -> box crate::ops::TopicDeleted;
     /// Anyone -> broker: a topic's queues with their bounds.
-    GetTopicStatus(crate::ops::GetTopicStatus) -> crate::ops::TopicStatus;
+    GetTopicStatus(crate::ops::GetTopicStatus) -> box crate::ops::TopicStatus;
     /// Operator -> broker: the records of a message id (`txmq msg show`).
-    LookupMessage(crate::lookup::LookupMessage) -> crate::lookup::FoundMessages;
+    LookupMessage(crate::lookup::LookupMessage) -> box crate::lookup::FoundMessages;
     /// Client -> broker: messages of a topic by key (`txmq msg find`).
-    FindMessages(crate::lookup::FindMessages) -> crate::lookup::FoundMessages;
+    FindMessages(box crate::lookup::FindMessages) -> box crate::lookup::FoundMessages;
     /// Client -> broker: messages of a queue by offset (`txmq msg get`).
-    GetMessages(crate::lookup::GetMessages) -> crate::lookup::FoundMessages;
+    GetMessages(crate::lookup::GetMessages) -> box crate::lookup::FoundMessages;
     /// Anyone signed in -> broker: its counters (`txmq dashboard`).
-    GetBrokerCounters(crate::dashboard::GetBrokerCounters) -> crate::dashboard::BrokerCounters;
+    GetBrokerCounters(crate::dashboard::GetBrokerCounters) -> box crate::dashboard::BrokerCounters;
 }
 
 /// The answer to a hello's challenge: an access key and
@@ -1131,6 +1164,25 @@ pub fn parse_tag_expression(expr: &str) -> Result<Option<Vec<String>>, String> {
     tags.sort();
     tags.dedup();
     Ok(Some(tags))
+}
+
+#[cfg(test)]
+mod frame_size_tests {
+    use crate::{Frame, Request, Response, WireError};
+
+    /// A frame is moved whole several times between the socket and its
+    /// handler, on both sides: small, each move is a few register copies;
+    /// past 128 bytes it becomes a `memcpy` call (about fifteen per send on
+    /// the broker, and as many on the client, before the large kinds were
+    /// boxed). A request or answer kind that makes these grow goes behind
+    /// `box` in the `requests!` table.
+    #[test]
+    fn frames_stay_small_enough_to_move_in_registers() {
+        use std::mem::size_of;
+        assert!(size_of::<Request>() <= 72, "{}", size_of::<Request>());
+        assert!(size_of::<Result<Response, WireError>>() <= 64);
+        assert!(size_of::<Frame>() <= 80, "{}", size_of::<Frame>());
+    }
 }
 
 #[cfg(test)]

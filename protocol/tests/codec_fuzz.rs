@@ -167,14 +167,14 @@ fn request() -> impl Strategy<Value = Request> {
             proptest::collection::vec(topic_config(), 0..3)
         )
             .prop_map(|(cluster, broker_name, addr, topics)| {
-                Request::RegisterBroker(RegisterBroker {
+                Request::RegisterBroker(Box::new(RegisterBroker {
                     epoch: Default::default(),
                     cluster,
                     broker_name,
                     addr,
                     topics,
                     role: BrokerRole::Slave,
-                })
+                }))
             }),
         (text(), text()).prop_map(|(broker_name, addr)| Request::UnregisterBroker(
             UnregisterBroker { broker_name, addr }
@@ -209,7 +209,7 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(
                 |(topic, queue, offset, max_messages, max_wait_ms, tag_filter)| Request::Pull(
-                    PullRequest {
+                    Box::new(PullRequest {
                         topic,
                         queue,
                         offset,
@@ -219,7 +219,7 @@ fn request() -> impl Strategy<Value = Request> {
                         owner: None,
                         epoch: 0,
                         after: None,
-                    }
+                    })
                 )
             ),
         (
@@ -230,7 +230,7 @@ fn request() -> impl Strategy<Value = Request> {
             proptest::collection::vec((text(), any::<u32>()), 0..3)
         )
             .prop_map(|(group, client_id, subs, broadcast, held)| {
-                Request::Heartbeat(Heartbeat {
+                Request::Heartbeat(Box::new(Heartbeat {
                     group,
                     client_id,
                     subscriptions: subs
@@ -242,7 +242,7 @@ fn request() -> impl Strategy<Value = Request> {
                         .into_iter()
                         .map(|(topic, queue)| QueueRef { topic, queue })
                         .collect(),
-                })
+                }))
             }),
         (
             text(),
@@ -253,7 +253,7 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(
                 |(group, log_offset, delay_ms, max_reconsume_times, dead_letter)| {
-                    Request::SendBack(SendBack {
+                    Request::SendBack(Box::new(SendBack {
                         group,
                         log_offset,
                         delay_ms,
@@ -261,7 +261,7 @@ fn request() -> impl Strategy<Value = Request> {
                         dead_letter,
                         msg_id: None,
                         message: None,
-                    })
+                    }))
                 }
             ),
         (text(), text(), any::<u64>()).prop_map(|(group, topic, ts)| {
@@ -272,7 +272,7 @@ fn request() -> impl Strategy<Value = Request> {
             })
         }),
         (text(), text(), any::<u32>(), any::<u64>()).prop_map(|(group, topic, queue, offset)| {
-            Request::CommitOffset(CommitOffset {
+            Request::CommitOffset(Box::new(CommitOffset {
                 owner: Some(QueueOwner {
                     group: group.clone(),
                     client_id: topic.clone(),
@@ -282,7 +282,7 @@ fn request() -> impl Strategy<Value = Request> {
                 queue,
                 offset,
                 forward_only: queue % 2 == 0,
-            })
+            }))
         }),
         (text(), text(), any::<u32>()).prop_map(|(group, topic, queue)| {
             Request::QueryOffset(QueryOffset {
@@ -298,7 +298,7 @@ fn request() -> impl Strategy<Value = Request> {
             proptest::option::of(any::<u64>())
         )
             .prop_map(|(producer_group, halves, first_check_delay_ms, attempt)| {
-                Request::PrepareTransaction(PrepareTransaction {
+                Request::PrepareTransaction(Box::new(PrepareTransaction {
                     producer: None,
                     offsets: Vec::new(),
                     producer_group,
@@ -308,7 +308,7 @@ fn request() -> impl Strategy<Value = Request> {
                         .collect(),
                     first_check_delay_ms,
                     attempt,
-                })
+                }))
             }),
         (
             any::<u64>(),
@@ -343,14 +343,14 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(
                 |(tx_id, broker_name, producer_group, messages, checks, timeout_ms)| {
-                    Request::CheckTransaction(CheckTransaction {
+                    Request::CheckTransaction(Box::new(CheckTransaction {
                         tx_id,
                         broker_name,
                         producer_group,
                         messages,
                         checks,
                         timeout_ms,
-                    })
+                    }))
                 }
             ),
         Just(Request::ListTransactions(ListTransactions {})),
@@ -476,11 +476,13 @@ fn response() -> impl Strategy<Value = Result<Response, WireError>> {
                 epoch: next_offset,
             }))),
         (text(), proptest::collection::vec(tx_info(), 0..3)).prop_map(
-            |(broker_name, transactions)| Ok(Response::ListTransactions(TransactionList {
-                broker_name,
-                transactions,
-                counters: TxCounters::default(),
-            }))
+            |(broker_name, transactions)| Ok(Response::ListTransactions(Box::new(
+                TransactionList {
+                    broker_name,
+                    transactions,
+                    counters: TxCounters::default(),
+                }
+            )))
         ),
     ]
 }

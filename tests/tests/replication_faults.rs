@@ -391,7 +391,10 @@ async fn a_master_refuses_bad_replica_input_and_keeps_replicating() {
     raw.frames_until_closed().await;
 
     // A fetch cut off mid-frame by the peer closing: nothing is answered.
-    let whole = encode(&Frame::Request(2, Request::ReplicaFetch(fetch(0, None))));
+    let whole = encode(&Frame::Request(
+        2,
+        Request::ReplicaFetch(Box::new(fetch(0, None))),
+    ));
     let mut raw = Raw::replica(&master.addr).await;
     raw.write(&whole[..whole.len() / 2]).await;
     raw.stream.shutdown().await.expect("half-close");
@@ -634,7 +637,7 @@ impl Service for FakeService {
                         }
                     };
                     answer.topics = topics;
-                    Ok(Response::ReplicaFetch(answer))
+                    Ok(Response::ReplicaFetch(Box::new(answer)))
                 }
                 Request::ReplicaAck(_) => Ok(Response::ReplicaAck(Done {})),
                 Request::Ping(_) => Ok(Response::Ping(txmq_protocol::Pong {})),

@@ -17,8 +17,10 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use txmq_protocol::{
-    ErrorCode, Hello, HelloOk, Pong, Request, Response, Role, TopicConfig, WireError,
-    PROTOCOL_VERSION,
+    Call, DeleteTopic, ErrorCode, FindMessages, GetBrokerCounters, GetGroupState, GetMessages,
+    GetStoreStats, GetTopicStatus, Hello, HelloOk, ListTransactions, LookupMessage, Pong,
+    ReplicaFetch, Request, ResendDeadLetters, Response, Role, ShowTransaction, TopicConfig,
+    WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
@@ -108,9 +110,9 @@ impl Service for BrokerService {
                 Request::EpochEnd(r) => {
                     crate::replication::epoch_end(&b, r).map(Response::EpochEnd)
                 }
-                Request::ReplicaFetch(r) => crate::replication::fetch(&b, &conn, r)
+                Request::ReplicaFetch(r) => crate::replication::fetch(&b, &conn, *r)
                     .await
-                    .map(Response::ReplicaFetch),
+                    .map(ReplicaFetch::response),
                 Request::ReplicaAck(r) => b
                     .replication
                     .ack(&conn, r)
@@ -123,8 +125,10 @@ impl Service for BrokerService {
                         .await
                         .map(Response::InitProducer)
                 }
-                Request::Pull(r) => pull::handle(&b, &conn, r).await.map(Response::Pull),
-                Request::CommitOffset(r) => offset::commit(&b, r).await.map(Response::CommitOffset),
+                Request::Pull(r) => pull::handle(&b, &conn, *r).await.map(Response::Pull),
+                Request::CommitOffset(r) => {
+                    offset::commit(&b, *r).await.map(Response::CommitOffset)
+                }
                 Request::QueryOffset(r) => offset::query(&b, r).map(Response::QueryOffset),
                 Request::CreateTopic(r) => topic::create(&b, r).await.map(Response::CreateTopic),
                 Request::ListTopics(_) => Ok(Response::ListTopics(topic::list(&b))),
@@ -134,7 +138,7 @@ impl Service for BrokerService {
                 // step, not per message).
                 Request::PrepareTransaction(r) => {
                     let metrics = b.metrics.clone();
-                    detached(b, |b| async move { transaction::prepare(&b, r).await })
+                    detached(b, |b| async move { transaction::prepare(&b, *r).await })
                         .await
                         .inspect_err(|e| metrics.stamp_refused(e.code))
                         .map(Response::PrepareTransaction)
@@ -146,7 +150,7 @@ impl Service for BrokerService {
                 }
                 Request::GetStoreStats(_) => {
                     let (records, bytes, writes, fdatasyncs) = b.store.stats();
-                    Ok(Response::GetStoreStats(txmq_protocol::StoreStats {
+                    Ok(GetStoreStats::response(txmq_protocol::StoreStats {
                         broker_name: b.config.broker_name.clone(),
                         flush: match b.config.flush {
                             crate::store::FlushMode::Async => "async".into(),
@@ -158,38 +162,38 @@ impl Service for BrokerService {
                         fdatasyncs,
                     }))
                 }
-                Request::Heartbeat(r) => group::heartbeat(&b, &conn, r)
+                Request::Heartbeat(r) => group::heartbeat(&b, &conn, *r)
                     .await
                     .map(Response::Heartbeat),
                 Request::LeaveGroup(r) => group::leave(&b, r).map(Response::LeaveGroup),
-                Request::SendBack(r) => group::send_back(&b, r).await.map(Response::SendBack),
+                Request::SendBack(r) => group::send_back(&b, *r).await.map(Response::SendBack),
                 Request::ListGroups(_) => Ok(Response::ListGroups(group::list(&b))),
-                Request::GetGroupState(r) => group::state(&b, r).map(Response::GetGroupState),
+                Request::GetGroupState(r) => group::state(&b, r).map(GetGroupState::response),
                 Request::ResetOffset(r) => group::reset(&b, r).await.map(Response::ResetOffset),
                 Request::ListTransactions(r) => {
-                    Ok(Response::ListTransactions(transaction::list(&b, r)))
+                    Ok(ListTransactions::response(transaction::list(&b, r)))
                 }
                 Request::ShowTransaction(r) => {
-                    transaction::show(&b, r).map(Response::ShowTransaction)
+                    transaction::show(&b, r).map(ShowTransaction::response)
                 }
                 Request::RecheckTransaction(r) => transaction::recheck(&b, r)
                     .await
                     .map(Response::RecheckTransaction),
                 Request::ResendDeadLetters(r) => {
-                    detached(b, |b| async move { dead_letters::resend(&b, r).await })
+                    detached(b, |b| async move { dead_letters::resend(&b, *r).await })
                         .await
-                        .map(Response::ResendDeadLetters)
+                        .map(ResendDeadLetters::response)
                 }
-                Request::GetTopicStatus(r) => topic::status(&b, r).map(Response::GetTopicStatus),
+                Request::GetTopicStatus(r) => topic::status(&b, r).map(GetTopicStatus::response),
                 Request::DeleteTopic(r) => {
                     detached(b, |b| async move { topic::delete(&b, r).await })
                         .await
-                        .map(Response::DeleteTopic)
+                        .map(DeleteTopic::response)
                 }
-                Request::LookupMessage(r) => lookup::by_id(&b, r).map(Response::LookupMessage),
-                Request::FindMessages(r) => lookup::by_key(&b, r).map(Response::FindMessages),
-                Request::GetMessages(r) => lookup::by_offset(&b, r).map(Response::GetMessages),
-                Request::GetBrokerCounters(_) => Ok(Response::GetBrokerCounters(counters::get(&b))),
+                Request::LookupMessage(r) => lookup::by_id(&b, r).map(LookupMessage::response),
+                Request::FindMessages(r) => lookup::by_key(&b, *r).map(FindMessages::response),
+                Request::GetMessages(r) => lookup::by_offset(&b, r).map(GetMessages::response),
+                Request::GetBrokerCounters(_) => Ok(GetBrokerCounters::response(counters::get(&b))),
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,
                     format!("{} requests are not served by a broker", other.kind()),

@@ -73,7 +73,7 @@ impl<L: TransactionListener> Service for CheckService<L> {
         let late = conn.clone();
         Box::pin(async move {
             let resolution =
-                answer(listener, &group, check, timeout, closed, &peer, Some(late)).await?;
+                answer(listener, &group, *check, timeout, closed, &peer, Some(late)).await?;
             drop(in_flight);
             Ok(Response::CheckTransaction(CheckAnswer { resolution }))
         })
