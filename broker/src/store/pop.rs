@@ -429,9 +429,11 @@ pub struct PopPick {
 /// A pop command for the single writer.
 pub(crate) enum PopCmd {
     /// Receive from one queue; the deliveries go to `deliveries` as soon
-    /// as decided (the reply says whether their record was written).
+    /// as decided (the reply says whether their record was written). The
+    /// pick is boxed: inline, it made every write command (sends too)
+    /// larger than a move in registers (see `store::size_tests`).
     Receive {
-        pick: PopPick,
+        pick: Box<PopPick>,
         queue: std::sync::Arc<super::consume_queue::ConsumeQueue>,
         deliveries: tokio::sync::oneshot::Sender<Vec<Delivery>>,
     },
