@@ -821,25 +821,28 @@ fn receipts(
     result: &SendResult,
     mut messages: Vec<WireMessage>,
 ) -> Vec<SendReceipt> {
-    let receipt = |i: usize, m: WireMessage, broker_name| SendReceipt {
-        msg_id: result.msg_ids.get(i).copied().unwrap_or(m.msg_id),
-        topic: m.topic,
-        broker_name,
-        queue: result.queue,
-        queue_offset: result.first_offset + i as u64,
-        status: result.status,
-        duplicate: result.duplicate,
-    };
-    let last = messages.pop();
-    let mut out = Vec::with_capacity(messages.len() + 1);
-    let before_last = messages.len();
-    for (i, m) in messages.into_iter().enumerate() {
-        out.push(receipt(i, m, broker_name.clone()));
-    }
-    if let Some(m) = last {
-        out.push(receipt(before_last, m, broker_name));
-    }
-    out
+    // Each message gives up its topic where it lies: moved out whole, a
+    // message is a copy of 152 bytes.
+    let last = messages.len().saturating_sub(1);
+    let mut broker_name = Some(broker_name);
+    messages
+        .iter_mut()
+        .enumerate()
+        .map(|(i, m)| SendReceipt {
+            msg_id: result.msg_ids.get(i).copied().unwrap_or(m.msg_id),
+            topic: std::mem::take(&mut m.topic),
+            broker_name: if i == last {
+                broker_name.take()
+            } else {
+                broker_name.clone()
+            }
+            .unwrap_or_default(),
+            queue: result.queue,
+            queue_offset: result.first_offset + i as u64,
+            status: result.status,
+            duplicate: result.duplicate,
+        })
+        .collect()
 }
 
 /// The stamp a send holds until it ends. A send its caller drops (a
