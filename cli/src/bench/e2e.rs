@@ -159,7 +159,7 @@ pub async fn run(global: &GlobalArgs, mut args: E2eArgs) -> Result<()> {
     let mut stats = SendStats::default();
     let mut acked = HashMap::new();
     for t in producer_tasks {
-        let (id, s, bits) = t.await.context("a producer task failed")?;
+        let (id, s, bits) = *t.await.context("a producer task failed")?;
         stats.merge(&s);
         acked.insert(id, bits);
     }
@@ -229,7 +229,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// One producer's loop; returns its id, figures and the sequence numbers
-/// acknowledged.
+/// acknowledged (boxed, as `produce::produce` returns its figures).
 #[allow(clippy::too_many_arguments)]
 async fn produce(
     producer: Producer,
@@ -240,7 +240,7 @@ async fn produce(
     clock: Clock,
     counters: Arc<Counters>,
     stop: watch::Receiver<bool>,
-) -> (u64, SendStats, Bits) {
+) -> Box<(u64, SendStats, Bits)> {
     let mut stats = SendStats::default();
     let mut acked = Bits::default();
     let size = padding.len();
@@ -273,7 +273,7 @@ async fn produce(
         },
     )
     .await;
-    (id, stats, acked)
+    Box::new((id, stats, acked))
 }
 
 /// One consumer's loop, until `stop`: records arrivals and end-to-end

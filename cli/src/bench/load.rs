@@ -126,19 +126,21 @@ pub async fn drive<F, Fut, D>(
             }
             let measured = intended >= plan.measure_from;
             measured_issued += u64::from(measured);
-            let op = issue(Op {
+            let op = Op {
                 index: next,
                 intended,
                 measured,
-            });
+            };
             next += 1;
             if in_flight == 1 {
                 // Nothing else in flight: awaited here, in this task's own
                 // state, rather than moved into a task of the set (an
                 // allocation and a copy of the whole request per message).
-                done(op.await);
+                // Made where it is awaited, it is built in place there,
+                // not built aside and copied in (1.4 KB per message).
+                done(issue(op).await);
             } else {
-                inflight.push(op);
+                inflight.push(issue(op));
             }
             continue;
         }
