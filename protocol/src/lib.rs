@@ -14,6 +14,7 @@ pub mod dashboard;
 pub mod error;
 mod fast;
 pub mod frame;
+pub mod gather;
 pub mod lookup;
 pub mod message;
 pub mod ops;

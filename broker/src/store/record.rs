@@ -84,7 +84,8 @@
 
 use std::collections::BTreeMap;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use txmq_protocol::gather::Gather;
 use txmq_protocol::{Message, MsgId, StoredMessage};
 
 /// Bytes before the variable part (version 1; see [`header_len`]).
@@ -277,63 +278,57 @@ pub fn encode(buf: &mut BytesMut, head: RecordHead, msg: &Message) {
     let start = buf.len();
     let len = message_len(msg) + head.stamp.map_or(0, |_| STAMP_LEN);
     buf.reserve(len);
-    // The fixed header is put together on the stack and put in at once: a
-    // `put` per field cost a call, a capacity check and a small `memcpy`
-    // each.
-    let mut fixed = [0u8; HEADER_LEN + STAMP_LEN];
-    let mut at = 0;
-    let mut put = |bytes: &[u8]| {
-        fixed[at..at + bytes.len()].copy_from_slice(bytes);
-        at += bytes.len();
-    };
-    put(&(len as u32).to_le_bytes());
-    put(&0u32.to_le_bytes()); // CRC, patched below
-    put(&[
-        if head.stamp.is_some() {
+    {
+        // Everything but the body is put together on the stack and put in
+        // at once: a `put` per field cost a call, a capacity check and a
+        // small `memcpy` each.
+        let mut out = Gather::new(buf);
+        out.bytes(&(len as u32).to_le_bytes());
+        out.bytes(&0u32.to_le_bytes()); // CRC, patched below
+        out.byte(if head.stamp.is_some() {
             VERSION_STAMPED
         } else {
             VERSION
-        },
-        head.kind as u8,
-    ]);
-    put(&head.flags.to_le_bytes());
-    put(&head.queue.to_le_bytes());
-    put(&head.queue_offset.to_le_bytes());
-    put(&head.store_timestamp.to_le_bytes());
-    put(&msg.born_timestamp.to_le_bytes());
-    put(&msg.msg_id.0);
-    put(&head.aux.to_le_bytes());
-    if let Some(stamp) = head.stamp {
-        put(&stamp.producer_id.to_le_bytes());
-        put(&stamp.sequence.to_le_bytes());
+        });
+        out.byte(head.kind as u8);
+        out.bytes(&head.flags.to_le_bytes());
+        out.bytes(&head.queue.to_le_bytes());
+        out.bytes(&head.queue_offset.to_le_bytes());
+        out.bytes(&head.store_timestamp.to_le_bytes());
+        out.bytes(&msg.born_timestamp.to_le_bytes());
+        out.bytes(&msg.msg_id.0);
+        out.bytes(&head.aux.to_le_bytes());
+        if let Some(stamp) = head.stamp {
+            out.bytes(&stamp.producer_id.to_le_bytes());
+            out.bytes(&stamp.sequence.to_le_bytes());
+        }
+        put_str16(&mut out, Some(&msg.topic));
+        put_str16(&mut out, msg.key.as_deref());
+        put_str16(&mut out, msg.tag.as_deref());
+        let props_len: usize = msg
+            .properties
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum();
+        out.bytes(&(props_len as u32).to_le_bytes());
+        for (k, v) in &msg.properties {
+            put_str16(&mut out, Some(k));
+            put_str16(&mut out, Some(v));
+        }
+        out.bytes(&(msg.body.len() as u32).to_le_bytes());
+        out.bytes(&msg.body);
     }
-    buf.put_slice(&fixed[..at]);
-    put_str16(buf, Some(&msg.topic));
-    put_str16(buf, msg.key.as_deref());
-    put_str16(buf, msg.tag.as_deref());
-    let props_len: usize = msg
-        .properties
-        .iter()
-        .map(|(k, v)| 4 + k.len() + v.len())
-        .sum();
-    buf.put_u32_le(props_len as u32);
-    for (k, v) in &msg.properties {
-        put_str16(buf, Some(k));
-        put_str16(buf, Some(v));
-    }
-    buf.put_u32_le(msg.body.len() as u32);
-    buf.put_slice(&msg.body);
     debug_assert_eq!(buf.len() - start, len);
     let crc = crc32c::crc32c(&buf[start + 8..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn put_str16(buf: &mut BytesMut, s: Option<&str>) {
+fn put_str16(out: &mut Gather<'_>, s: Option<&str>) {
     match s {
-        None => buf.put_u16_le(NONE_LEN),
+        None => out.bytes(&NONE_LEN.to_le_bytes()),
         Some(s) => {
-            buf.put_u16_le(s.len() as u16);
-            buf.put_slice(s.as_bytes());
+            out.bytes(&(s.len() as u16).to_le_bytes());
+            out.bytes(s.as_bytes());
         }
     }
 }
@@ -661,6 +656,7 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
 
     /// The bytes a record is written as, at the offsets the module's
     /// documentation gives: the format on disk, which logs written before
