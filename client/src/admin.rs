@@ -644,7 +644,7 @@ impl Admin {
     /// [`Error::Broker`] when the broker cannot be asked (or refuses, e.g.
     /// `UNSUPPORTED_REQUEST` from a broker older than replication).
     pub async fn replication(&self, broker: &str, addr: &str) -> Result<ReplicationInfo> {
-        Ok(*self.ask(broker, addr, GetReplication {}).await?)
+        self.ask(broker, addr, GetReplication {}).await
     }
 
     /// Asks the controller (through the nameservers that embed it) for a
@@ -692,9 +692,8 @@ impl Admin {
     /// [`Error::NoController`] when no nameserver runs the controller;
     /// [`Error::Remoting`] with the last failure when none answered.
     pub async fn controller_info(&self) -> Result<ControllerInfo> {
-        Ok(*self
-            .ask_controller(GetControllerInfo {}, self.request_timeout, true)
-            .await?)
+        self.ask_controller(GetControllerInfo {}, self.request_timeout, true)
+            .await
     }
 
     /// Sends `request` to the nameservers in turn until one's controller

@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info};
 use txmq_protocol::{
-    AlterInSync, BrokerGroupState, Call, ControllerHeartbeat, ElectMaster, ErrorCode, Hello,
-    HelloOk, MasterDrained, RaftReply, Request, Response, Role, WireError, PROTOCOL_VERSION,
+    AlterInSync, BrokerGroupState, Call, ControllerHeartbeat, ElectMaster, ErrorCode,
+    GetControllerInfo, Hello, HelloOk, MasterDrained, RaftReply, Request, Response, Role,
+    WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, Service};
@@ -126,9 +127,7 @@ impl Service for ControllerService {
                     };
                     res.map(ElectMaster::response)
                 }
-                Request::GetControllerInfo(_) => {
-                    Ok(Response::GetControllerInfo(Box::new(inner.info())))
-                }
+                Request::GetControllerInfo(_) => Ok(GetControllerInfo::response(inner.info())),
                 other => Err(WireError::new(
                     ErrorCode::UnsupportedRequest,
                     format!("{} requests are not served by a controller", other.kind()),

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tracing::debug;
 use txmq_controller::{ControllerHandle, Permission};
 use txmq_protocol::{
-    Call, Done, ElectMaster, ErrorCode, Hello, HelloOk, Pong, Request, Response, UnregisterBroker,
-    WireError, PROTOCOL_VERSION,
+    Call, Done, ElectMaster, ErrorCode, GetControllerInfo, Hello, HelloOk, Pong, Request, Response,
+    UnregisterBroker, WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, ServerSecurity, Service};
@@ -168,7 +168,7 @@ impl Service for NameService {
             },
             Request::GetControllerInfo(_) => Box::pin(std::future::ready(
                 self.controller("GetControllerInfo")
-                    .map(|c| Response::GetControllerInfo(Box::new(c.info()))),
+                    .map(|c| GetControllerInfo::response(c.info())),
             )),
             other => Box::pin(std::future::ready(self.handle(conn, other))),
         }

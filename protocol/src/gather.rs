@@ -5,9 +5,9 @@
 //! capacity check and a `memcpy` call each, even for one byte: what
 //! encodes a send (the frame on both sides, the broker's commit-log
 //! record) writes a dozen such pieces per message. [`Gather`] copies them
-//! into a 128-byte array (the short ones without a `memcpy` call) and
-//! puts the array in when it is full, when a large piece (a body) comes,
-//! and at the end.
+//! into a 128-byte array (pieces of up to 16 bytes without a `memcpy`
+//! call) and puts the array in when it is full, when a piece comes that
+//! does not fit in what is left of it (a body, usually), and at the end.
 
 use bytes::BytesMut;
 
@@ -39,7 +39,9 @@ impl<'a> Gather<'a> {
         self.len += 1;
     }
 
-    /// Small pieces are gathered; a large one (a body) goes straight in.
+    /// A piece that fits in what is left of the array is gathered; one
+    /// that does not (a body, usually) goes straight in, after what was
+    /// gathered.
     #[inline]
     pub fn bytes(&mut self, b: &[u8]) {
         if let Some(room) = self.buf.get_mut(self.len..self.len + b.len()) {
@@ -96,16 +98,21 @@ fn copy_short(dst: &mut [u8], src: &[u8]) {
 mod tests {
     use super::*;
 
-    /// Pieces of every length up to past the array, in every order, come
-    /// out as they went in.
+    /// Pieces of every length from 0 to past the array, starting at every
+    /// place in the array (after `first` single bytes), come out as they
+    /// went in.
     #[test]
     fn pieces_come_out_in_order_whatever_their_lengths() {
         let source: Vec<u8> = (0..=255u8).cycle().take(400).collect();
-        for first in 0..40usize {
+        for first in 0..=128usize {
             let mut dst = BytesMut::from(&b"head"[..]);
             let mut want = b"head".to_vec();
             {
                 let mut g = Gather::new(&mut dst);
+                for i in 0..first {
+                    g.byte(i as u8);
+                    want.push(i as u8);
+                }
                 let mut at = first;
                 for len in (0..=20).chain([127, 128, 129, 300]) {
                     let piece = &source[at % 97..at % 97 + len];

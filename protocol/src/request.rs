@@ -30,10 +30,12 @@ pub trait Call: Sized {
 /// `box` in front of a type keeps that argument or answer on the heap in
 /// the enum: every request and answer is moved whole several times on its
 /// way through a connection (decoded, queued, handed over), and a move of
-/// more than 128 bytes is a `memcpy` call. So the rare and large kinds are
-/// boxed, and the frames of the common ones stay small enough to move in a
-/// few registers (see `frame_sizes` in the tests). [`Call`] takes and gives
-/// the types themselves either way.
+/// more than 128 bytes is a `memcpy` call. So every kind larger than a send
+/// is boxed, and a frame stays small enough to move in a few registers (see
+/// `frame_size_tests`). A boxed kind costs an allocation per request on
+/// each side: nothing next to what a pull, an offset commit or a heartbeat
+/// does anyway, and sends are not boxed. [`Call`] takes and gives the types
+/// themselves either way.
 macro_rules! requests {
     // The table, read one entry at a time.
     (@read [$($done:tt)*]) => { requests!(@emit $($done)*); };
@@ -149,7 +151,7 @@ requests! {
     /// Slave -> master: the slave holds the log up to a position (per its flush mode).
     ReplicaAck(ReplicaAck) -> Done;
     /// Anyone -> broker: its role, its master, and (on a master) its replicas' lag.
-    GetReplication(GetReplication) -> Box<ReplicationInfo>;
+    GetReplication(GetReplication) -> box ReplicationInfo;
     /// Slave -> master: where the master's history of an epoch ends, for
     /// the slave to truncate its log to where both agree.
     EpochEnd(EpochEndQuery) -> EpochEnd;
@@ -165,7 +167,7 @@ requests! {
     MasterDrained(MasterDrained) -> box BrokerGroupState;
     /// Anyone -> nameserver or controller: the controller's members, leader
     /// and every broker group's state.
-    GetControllerInfo(GetControllerInfo) -> Box<ControllerInfo>;
+    GetControllerInfo(GetControllerInfo) -> box ControllerInfo;
     /// Controller -> controller: one Raft message (openraft's request,
     /// MessagePack-encoded).
     Raft(RaftRpc) -> RaftReply;

@@ -27,7 +27,7 @@ async fn connect(addr: &str) -> Option<Connection> {
 /// `GetControllerInfo` through a nameserver's own port.
 async fn info(ns: &str) -> Option<ControllerInfo> {
     let conn = connect(ns).await?;
-    let r = conn.call(GetControllerInfo {}).await.ok().map(|b| *b);
+    let r = conn.call(GetControllerInfo {}).await.ok();
     conn.close();
     r
 }

@@ -335,7 +335,7 @@ async fn controller_info(nss: &[String]) -> Option<ControllerInfo> {
             tokio::time::timeout(Duration::from_secs(2), conn.call(GetControllerInfo {})).await;
         conn.close();
         if let Ok(Ok(info)) = answer {
-            return Some(*info);
+            return Some(info);
         }
     }
     None
@@ -1055,7 +1055,7 @@ async fn a_partitioned_master_acknowledges_nothing_and_rejoins_as_a_slave_withou
             Ok(conn) => {
                 let r = conn.call(txmq_protocol::GetReplication {}).await;
                 conn.close();
-                r.ok().map(|r| *r)
+                r.ok()
             }
             Err(_) => None,
         };

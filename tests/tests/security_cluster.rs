@@ -383,7 +383,7 @@ fn start_members(pki: &Pki, acl: &Path, member: &str) -> Members {
 /// `GetControllerInfo` through a nameserver's own port.
 async fn info(ns: &str, who: &As) -> Option<ControllerInfo> {
     let conn = connect(ns, who).await.ok()?;
-    let r = conn.call(GetControllerInfo {}).await.ok().map(|b| *b);
+    let r = conn.call(GetControllerInfo {}).await.ok();
     conn.close();
     r
 }

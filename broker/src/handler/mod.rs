@@ -18,8 +18,8 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use txmq_protocol::{
     Call, DeleteTopic, ErrorCode, FindMessages, GetBrokerCounters, GetGroupState, GetMessages,
-    GetStoreStats, GetTopicStatus, Hello, HelloOk, ListTransactions, LookupMessage, Pong,
-    ReplicaFetch, Request, ResendDeadLetters, Response, Role, ShowTransaction, TopicConfig,
+    GetReplication, GetStoreStats, GetTopicStatus, Hello, HelloOk, ListTransactions, LookupMessage,
+    Pong, ReplicaFetch, Request, ResendDeadLetters, Response, Role, ShowTransaction, TopicConfig,
     WireError, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
@@ -117,9 +117,7 @@ impl Service for BrokerService {
                     .replication
                     .ack(&conn, r)
                     .map(|()| Response::ReplicaAck(txmq_protocol::Done {})),
-                Request::GetReplication(_) => {
-                    Ok(Response::GetReplication(Box::new(b.replication.info(&b))))
-                }
+                Request::GetReplication(_) => Ok(GetReplication::response(b.replication.info(&b))),
                 Request::InitProducer(_) => {
                     detached(b, |b| async move { send::init_producer(&b).await })
                         .await

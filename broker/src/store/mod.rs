@@ -2111,6 +2111,7 @@ fn ensure_queues(
     }
     Ok(())
 }
+
 #[cfg(test)]
 mod size_tests {
     /// Every write command, a send's too, is moved several times on its way

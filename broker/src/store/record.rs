@@ -279,9 +279,9 @@ pub fn encode(buf: &mut BytesMut, head: RecordHead, msg: &Message) {
     let len = message_len(msg) + head.stamp.map_or(0, |_| STAMP_LEN);
     buf.reserve(len);
     {
-        // Everything but the body is put together on the stack and put in
-        // at once: a `put` per field cost a call, a capacity check and a
-        // small `memcpy` each.
+        // The fields are gathered on the stack and put in a few at a time
+        // (usually all but the body at once): a `put` per field cost a
+        // call, a capacity check and a small `memcpy` each.
         let mut out = Gather::new(buf);
         out.bytes(&(len as u32).to_le_bytes());
         out.bytes(&0u32.to_le_bytes()); // CRC, patched below

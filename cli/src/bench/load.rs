@@ -136,8 +136,10 @@ pub async fn drive<F, Fut, D>(
                 // Nothing else in flight: awaited here, in this task's own
                 // state, rather than moved into a task of the set (an
                 // allocation and a copy of the whole request per message).
-                // Made where it is awaited, it is built in place there,
-                // not built aside and copied in (1.4 KB per message).
+                // It is made where it is awaited: made aside first, it was
+                // copied in whole (1.4 KB per message, seen with a uprobe
+                // on `memmove`); made here, it was not (the compiler's
+                // choice either way, not a promise).
                 done(issue(op).await);
             } else {
                 inflight.push(issue(op));

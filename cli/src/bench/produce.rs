@@ -422,7 +422,7 @@ async fn measure_round(
 /// One producer's loop: `batch` messages per request with the shared body.
 /// Its figures come back boxed: the task's output is copied out of its
 /// poll on every wake-up (once per message here), 8 bytes rather than
-/// their 200.
+/// the 200-odd of the figures themselves.
 async fn produce(
     producer: Producer,
     plan: Plan,

@@ -162,7 +162,7 @@ pub async fn ask<C: Call>(addr: &str, req: C) -> Result<C::Reply, WireError> {
 }
 
 pub async fn info(addr: &str) -> ControllerInfo {
-    *ask(addr, GetControllerInfo {}).await.unwrap()
+    ask(addr, GetControllerInfo {}).await.unwrap()
 }
 
 /// A broker as the controller sees one: heartbeats the leader (following

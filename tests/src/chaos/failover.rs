@@ -119,7 +119,7 @@ async fn ask(addr: &str) -> Option<ControllerInfo> {
     .ok()?;
     let info = conn.call(GetControllerInfo {}).await.ok();
     conn.close();
-    info.map(|i| *i)
+    info
 }
 
 /// Polls the controller until `check` accepts its view, or `limit` passed;

@@ -228,7 +228,7 @@ pub async fn replication(addr: &str) -> txmq_protocol::ReplicationInfo {
         .await
         .unwrap_or_else(|e| panic!("GetReplication at {addr}: {e}"));
     conn.close();
-    *info
+    info
 }
 
 /// Every message of queues `0..queues` of `topic` stored at `addr` (a
