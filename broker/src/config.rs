@@ -97,6 +97,10 @@ pub struct BrokerConfig {
     /// Keep the message index (`txmq msg show|find`; see the store's
     /// `index.rs`).
     pub message_index: bool,
+    /// Threads of their own that serve the clients' connections, each
+    /// connection on one (`txmq_remoting::server::NetworkThreads`); 0: the
+    /// runtime's worker threads serve them.
+    pub network_threads: usize,
 }
 
 /// The security flags: TLS when cert and key are given (`--tls-*`),
@@ -240,6 +244,7 @@ impl BrokerConfig {
             metrics_listen: None,
             grpc_listen: None,
             message_index: true,
+            network_threads: 0,
         }
     }
 
@@ -368,6 +373,20 @@ fn check_worker_threads(n: usize) -> Result<usize, String> {
     match n {
         1..=MAX_WORKER_THREADS => Ok(n),
         _ => Err(format!("must be between 1 and {MAX_WORKER_THREADS}")),
+    }
+}
+
+fn parse_network_threads(s: &str) -> Result<usize, String> {
+    let n = s
+        .parse::<usize>()
+        .map_err(|_| format!("{s:?} is not a number of threads"))?;
+    check_network_threads(n)
+}
+
+fn check_network_threads(n: usize) -> Result<usize, String> {
+    match n {
+        0..=MAX_WORKER_THREADS => Ok(n),
+        _ => Err(format!("must be between 0 and {MAX_WORKER_THREADS}")),
     }
 }
 
@@ -700,6 +719,12 @@ pub struct BrokerArgs {
     /// [default: one per core].
     #[arg(long, env = "TXMQ_WORKER_THREADS", value_name = "N", value_parser = parse_worker_threads)]
     pub worker_threads: Option<usize>,
+    /// Threads of their own that serve the clients' connections: each
+    /// connection stays on one of them, with its reads, writes and
+    /// requests; 0 serves connections on the worker threads
+    /// (`--worker-threads`) [default: 0].
+    #[arg(long, env = "TXMQ_NETWORK_THREADS", value_name = "N", value_parser = parse_network_threads)]
+    pub network_threads: Option<usize>,
 }
 
 impl BrokerArgs {
@@ -918,6 +943,10 @@ impl BrokerArgs {
                 .message_index
                 .or(file.message_index)
                 .unwrap_or(d.message_index),
+            network_threads: match self.network_threads.or(file.network_threads) {
+                Some(n) => check_network_threads(n).map_err(|e| format!("network_threads {e}"))?,
+                None => d.network_threads,
+            },
         };
         config.validate()?;
         Ok(config)

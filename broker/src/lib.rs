@@ -68,6 +68,9 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// The threads of `--network-threads` could not start.
+    #[error("cannot start the network threads: {0}")]
+    NetworkThreads(#[source] std::io::Error),
     /// The in-process nameserver could not start.
     #[error("cannot start the standalone nameserver: {0}")]
     Nameserver(#[from] txmq_nameserver::Error),
@@ -140,6 +143,8 @@ struct Listeners {
     broker: std::net::TcpListener,
     /// The RocketMQ 5 gRPC API (`--grpc-listen`).
     grpc: Option<std::net::TcpListener>,
+    /// Where accepted connections are served (`--network-threads`).
+    network: Option<Arc<txmq_remoting::server::NetworkThreads>>,
 }
 
 /// How the broker runs: one role for its life, or the roles a controller
@@ -254,9 +259,22 @@ impl Broker {
             None => None,
         };
         let grpc_addr = grpc.as_ref().and_then(|l| l.local_addr().ok());
+        let network = match config.network_threads {
+            0 => None,
+            n => {
+                let threads = txmq_remoting::server::NetworkThreads::start(n, "txmq-network")
+                    .map_err(BrokerError::NetworkThreads)?;
+                tracing::info!(
+                    network_threads = n,
+                    "connections served on threads of their own"
+                );
+                Some(threads)
+            }
+        };
         let listeners = Listeners {
             broker: listener,
             grpc,
+            network,
         };
         let acl_watch = CancellationToken::new();
         security.server.watch(acl_watch.clone());
@@ -589,11 +607,12 @@ async fn start_incarnation(
     let service = Arc::new(handler::BrokerService {
         broker: inner.clone(),
     });
-    tasks.spawn(txmq_remoting::server::serve_with(
+    tasks.spawn(txmq_remoting::server::serve_on(
         listener,
         service,
         conn_config,
         security.server.clone(),
+        listeners.network.clone(),
         shutdown.clone(),
     ));
     if let Some(grpc) = grpc {

@@ -40,6 +40,19 @@ pub async fn serve_with(
     security: ServerSecurity,
     shutdown: CancellationToken,
 ) {
+    serve_on(listener, service, config, security, None, shutdown).await;
+}
+
+/// [`serve_with`], each connection served by one of `threads` (in turn)
+/// instead of the runtime that accepts; `None` serves them where accepted.
+pub async fn serve_on(
+    listener: TcpListener,
+    service: Arc<dyn Service>,
+    config: ConnectionConfig,
+    security: ServerSecurity,
+    threads: Option<Arc<NetworkThreads>>,
+    shutdown: CancellationToken,
+) {
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -57,6 +70,19 @@ pub async fn serve_with(
                         warn!(error = %e, "cannot set up accepted connection");
                         continue;
                     }
+                };
+                // Entered, the chosen thread's runtime gets the socket's
+                // registration and the connection's tasks.
+                let placed = threads.as_ref().map(|t| t.next().enter());
+                let stream = match placed {
+                    Some(_) => match stream.into_std().and_then(TcpStream::from_std) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!(error = %e, "cannot move accepted connection to its thread");
+                            continue;
+                        }
+                    },
+                    None => stream,
                 };
                 let token = shutdown.child_token();
                 let acl = security.acl.clone();
@@ -87,6 +113,7 @@ pub async fn serve_with(
                         });
                     }
                 }
+                drop(placed);
             }
             Err(e) => {
                 // Running out of file descriptors, say: back off instead of spinning.
@@ -96,6 +123,64 @@ pub async fn serve_with(
         }
     }
     info!(%addr, "stopped accepting connections");
+}
+
+/// Threads that each run a single-threaded runtime and serve the
+/// connections placed on them.
+///
+/// On tokio's multi-thread runtime a worker that finds a second task ready
+/// wakes a parked worker to take it, and the tasks of a connection wander
+/// between threads: with many requests in flight that costs more than the
+/// work they do. Placed on one of these threads, a connection's reader,
+/// writer and handlers stay on it, and wake no other thread but the ones
+/// they hand work to. The threads stop when the last handle is dropped;
+/// the connections still on them are closed.
+pub struct NetworkThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    stop: CancellationToken,
+}
+
+impl NetworkThreads {
+    /// Starts `n` threads (at least one) named `{name}-{i}`.
+    ///
+    /// # Errors
+    /// A runtime or thread that cannot be started.
+    pub fn start(n: usize, name: &str) -> std::io::Result<Arc<NetworkThreads>> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let stopped = stop.clone();
+            let started = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || runtime.block_on(stopped.cancelled()));
+            if let Err(e) = started {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+        Ok(Arc::new(NetworkThreads {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            stop,
+        }))
+    }
+
+    /// The thread the next connection goes to.
+    fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+}
+
+impl Drop for NetworkThreads {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// The first byte of every TLS connection: a handshake record.

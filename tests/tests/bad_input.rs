@@ -1105,7 +1105,8 @@ fn stderr_of(out: &std::process::Output) -> String {
 }
 
 /// A thread count of 0, or past what a runtime can start, is a usage
-/// error of either binary, named by its flag, before anything starts.
+/// error of either binary, named by its flag, before anything starts; so
+/// is a network thread count past that, or not a number.
 #[test]
 fn a_worker_thread_count_out_of_range_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -1130,6 +1131,16 @@ fn a_worker_thread_count_out_of_range_is_a_usage_error() {
             err.contains("--worker-threads") && err.contains("1..=1024"),
             "{n}: {err}"
         );
+    }
+    // `--network-threads` takes 0 (connections on the worker threads).
+    for n in ["1025", "many"] {
+        let out = run_to_exit(
+            "txmq-broker",
+            &broker_args(&listen, data, &["--network-threads", n]),
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{n}: {err}");
+        assert!(err.contains("--network-threads"), "{n}: {err}");
     }
     assert!(!dir.path().join("data").exists(), "nothing was started");
 }

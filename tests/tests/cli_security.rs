@@ -106,8 +106,18 @@ impl Secured {
         });
         let mut broker_flags = flags(&["--access-key", "broker", "--secret-key", "cluster-secret"]);
         if standalone {
-            broker_flags
-                .extend(["--standalone", "--nameserver-listen", &ns_addr].map(str::to_string));
+            // Its connections on threads of their own, to show the TLS
+            // handshake and the sign-in work there too.
+            broker_flags.extend(
+                [
+                    "--standalone",
+                    "--nameserver-listen",
+                    &ns_addr,
+                    "--network-threads",
+                    "2",
+                ]
+                .map(str::to_string),
+            );
         }
         let broker = BrokerProcess::start(
             &dir.path().join("broker"),
@@ -331,7 +341,8 @@ fn a_wrong_secret_or_none_fails_authentication() {
 
 /// `txmq-broker --standalone` serves its nameserver with the broker's TLS
 /// and ACL file: the CLI works through it with a user, and neither
-/// plaintext nor a wrong secret gets a route.
+/// plaintext nor a wrong secret gets a route. (This broker also serves its
+/// connections on `--network-threads 2`.)
 #[test]
 fn a_standalone_broker_secures_its_nameserver_too() {
     let s = Secured::start_as(true);

@@ -1,11 +1,17 @@
 //! Process lifecycle: several independent nameservers, graceful shutdown on
-//! SIGTERM and SIGINT, and the README's standalone mode, with real processes.
+//! SIGTERM and SIGINT, the README's standalone mode, and connections served
+//! on threads of their own (`--network-threads`), with real processes.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use txmq::Message;
-use txmq_tests::{binary, consume_all, free_port, wait_for_broker, BrokerProcess, Cluster};
+use std::collections::BTreeSet;
+
+use futures_util::future::join_all;
+use txmq::{BoxError, CheckRequest, Message, TransactionListener, TransactionState, TxContext};
+use txmq_tests::{
+    binary, consume_all, free_port, txmq_cli, wait_for_broker, BrokerProcess, Cluster,
+};
 
 /// A real `txmq-nameserver` process on a free port; killed on drop.
 struct NameserverProcess {
@@ -227,4 +233,136 @@ fn standalone_mode_serves_the_readme_flow_and_a_taken_port_is_a_clear_error() {
         .status();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// Leaves every local transaction unknown and commits it when checked back.
+struct CommitWhenChecked;
+
+impl TransactionListener for CommitWhenChecked {
+    async fn execute(&self, _: &Message, _: &TxContext) -> Result<TransactionState, BoxError> {
+        Ok(TransactionState::Unknown)
+    }
+
+    async fn check(&self, _: &CheckRequest) -> Result<TransactionState, BoxError> {
+        Ok(TransactionState::Commit)
+    }
+}
+
+/// The names of a process's threads, from `/proc`.
+fn thread_names(pid: u32) -> BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// With `--network-threads 2` the broker serves its connections on two
+/// threads of their own, each connection on one, in turn. Producers on
+/// both threads send at once and every message is consumed once; a
+/// consumer's long poll is answered by sends on both threads;
+/// a check-back, the broker's own request, reaches a transaction
+/// producer's connection there; and SIGTERM still stops it with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_on_network_threads_send_long_poll_check_back_and_stop_cleanly() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(
+        dir.path(),
+        &ns,
+        "broker-a",
+        &[
+            "--network-threads",
+            "2",
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+        ],
+    );
+    wait_for_broker(&ns, "broker-a").await;
+    let names = thread_names(broker.pid());
+    for t in ["txmq-network-0", "txmq-network-1"] {
+        assert!(names.contains(t), "no thread {t} among {names:?}");
+    }
+
+    // Four producers, a connection each: two on each thread.
+    let producers = join_all((0..4).map(|_| cluster.producer())).await;
+    join_all(
+        producers
+            .iter()
+            .enumerate()
+            .map(|(p, producer)| async move {
+                for i in 0..50 {
+                    producer
+                        .send(Message::new("ledger", format!("{p}-{i}")))
+                        .await
+                        .unwrap();
+                }
+            }),
+    )
+    .await;
+    let got = consume_all(&ns, "g", "ledger", 200, Duration::from_secs(5)).await;
+    let bodies: BTreeSet<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.body()).into_owned())
+        .collect();
+    assert_eq!((got.len(), bodies.len()), (200, 200), "each message once");
+
+    // A consume from the end waits in a long poll; sends from the four
+    // producers (some on the other thread) answer it.
+    let waiting = {
+        let ns = ns.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let out = txmq_cli(
+                &ns,
+                &[
+                    "consume", "ledger", "--group", "late", "--from", "last", "--count", "1",
+                ],
+                None,
+            );
+            (out, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for producer in &producers {
+        producer.send(Message::new("ledger", "late")).await.unwrap();
+    }
+    let (out, took) = waiting.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("body=late"), "{stdout}");
+    assert!(
+        took < Duration::from_secs(5),
+        "answered by the send: {took:?}"
+    );
+
+    // A transaction left unknown is checked back over the producer's
+    // connection, committed, and then visible.
+    let tx = txmq::TransactionProducer::builder()
+        .nameserver(&ns)
+        .group("payments")
+        .listener(CommitWhenChecked)
+        .start()
+        .await
+        .expect("transaction producer starts");
+    tx.send_in_transaction(Message::new("paid", "order-1"))
+        .await
+        .unwrap();
+    let paid = consume_all(&ns, "g", "paid", 1, Duration::from_secs(10)).await;
+    assert_eq!(paid.len(), 1, "committed by the check-back");
+    assert_eq!(paid[0].body().as_ref(), b"order-1");
+
+    assert_eq!(
+        broker.stop(),
+        Some(0),
+        "SIGTERM exits 0; log:\n{}",
+        broker.log_text()
+    );
 }
