@@ -357,36 +357,38 @@ impl BrokerConfig {
     }
 }
 
-/// The most `--worker-threads` takes: more than any machine's cores, and
-/// few enough that the system can start them (a runtime that cannot start
-/// one panics).
+/// The most `--worker-threads` (and `--network-threads`) takes: more than
+/// any machine's cores, and few enough that the system can start them (a
+/// runtime that cannot start one panics).
 const MAX_WORKER_THREADS: usize = 1024;
 
 fn parse_worker_threads(s: &str) -> Result<usize, String> {
-    let n = s
-        .parse::<usize>()
-        .map_err(|_| format!("{s:?} is not a number of threads"))?;
-    check_worker_threads(n)
+    parse_threads(s).and_then(check_worker_threads)
 }
 
 fn check_worker_threads(n: usize) -> Result<usize, String> {
-    match n {
-        1..=MAX_WORKER_THREADS => Ok(n),
-        _ => Err(format!("must be between 1 and {MAX_WORKER_THREADS}")),
-    }
+    check_threads(n, 1)
 }
 
 fn parse_network_threads(s: &str) -> Result<usize, String> {
-    let n = s
-        .parse::<usize>()
-        .map_err(|_| format!("{s:?} is not a number of threads"))?;
-    check_network_threads(n)
+    parse_threads(s).and_then(check_network_threads)
 }
 
+/// 0 is allowed: connections on the worker threads.
 fn check_network_threads(n: usize) -> Result<usize, String> {
-    match n {
-        0..=MAX_WORKER_THREADS => Ok(n),
-        _ => Err(format!("must be between 0 and {MAX_WORKER_THREADS}")),
+    check_threads(n, 0)
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .map_err(|_| format!("{s:?} is not a number of threads"))
+}
+
+fn check_threads(n: usize, least: usize) -> Result<usize, String> {
+    if (least..=MAX_WORKER_THREADS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be between {least} and {MAX_WORKER_THREADS}"))
     }
 }
 
@@ -943,9 +945,17 @@ impl BrokerArgs {
                 .message_index
                 .or(file.message_index)
                 .unwrap_or(d.message_index),
-            network_threads: match self.network_threads.or(file.network_threads) {
-                Some(n) => check_network_threads(n).map_err(|e| format!("network_threads {e}"))?,
-                None => d.network_threads,
+            // The flag was checked as it was parsed; the file's key is here.
+            network_threads: match (self.network_threads, file.network_threads) {
+                (Some(n), _) => n,
+                (None, Some(n)) => check_network_threads(n).map_err(|e| {
+                    let path = self.config.as_deref().unwrap_or(std::path::Path::new(""));
+                    format!(
+                        "invalid config file {}: network_threads {e}",
+                        path.display()
+                    )
+                })?,
+                (None, None) => d.network_threads,
             },
         };
         config.validate()?;

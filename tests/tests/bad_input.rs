@@ -1203,6 +1203,15 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
             b"worker_threads = 0\n",
             &["worker_threads", "between 1 and 1024"],
         ),
+        (
+            "network-threads.toml",
+            b"network_threads = 5000\n",
+            &[
+                "invalid config file",
+                "network_threads",
+                "between 0 and 1024",
+            ],
+        ),
     ];
     for (name, contents, says) in cases {
         let path = dir.path().join(name);
