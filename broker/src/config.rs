@@ -253,6 +253,8 @@ impl BrokerConfig {
     /// # Errors
     /// A message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
+        check_network_threads(self.network_threads)
+            .map_err(|e| format!("--network-threads {e}"))?;
         if self.grpc_listen.is_some()
             && (self.security.acl_file.is_some() || self.security.tls.is_set())
         {

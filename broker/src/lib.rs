@@ -136,6 +136,10 @@ pub struct Broker {
     metrics_stop: CancellationToken,
     /// Where the RocketMQ 5 gRPC API is served (`--grpc-listen`).
     grpc_addr: Option<SocketAddr>,
+    /// The threads connections are served on (`--network-threads`), held
+    /// until the store is shut down: dropping the last handle stops them,
+    /// and with them any request still running there.
+    network: Option<Arc<txmq_remoting::server::NetworkThreads>>,
 }
 
 /// The sockets a broker binds once for its life: incarnations serve clones.
@@ -262,7 +266,7 @@ impl Broker {
         let network = match config.network_threads {
             0 => None,
             n => {
-                let threads = txmq_remoting::server::NetworkThreads::start(n, "txmq-network")
+                let threads = txmq_remoting::server::NetworkThreads::start(n, "txmq-net")
                     .map_err(BrokerError::NetworkThreads)?;
                 tracing::info!(
                     network_threads = n,
@@ -274,7 +278,7 @@ impl Broker {
         let listeners = Listeners {
             broker: listener,
             grpc,
-            network,
+            network: network.clone(),
         };
         let acl_watch = CancellationToken::new();
         security.server.watch(acl_watch.clone());
@@ -387,6 +391,7 @@ impl Broker {
             metrics_addr,
             metrics_stop,
             grpc_addr,
+            network,
         })
     }
 
@@ -423,6 +428,8 @@ impl Broker {
                 let _ = task.await;
             }
         }
+        // Its store shut down, no request of the broker's is left to run.
+        drop(self.network);
         self.acl_watch.cancel();
         self.metrics_stop.cancel();
         // The nameserver goes last so the broker's goodbye reaches it.

@@ -74,15 +74,16 @@ pub async fn serve_on(
                 // Entered, the chosen thread's runtime gets the socket's
                 // registration and the connection's tasks.
                 let placed = threads.as_ref().map(|t| t.next().enter());
-                let stream = match placed {
-                    Some(_) => match stream.into_std().and_then(TcpStream::from_std) {
+                let stream = if placed.is_some() {
+                    match stream.into_std().and_then(TcpStream::from_std) {
                         Ok(s) => s,
                         Err(e) => {
                             warn!(error = %e, "cannot move accepted connection to its thread");
                             continue;
                         }
-                    },
-                    None => stream,
+                    }
+                } else {
+                    stream
                 };
                 let token = shutdown.child_token();
                 let acl = security.acl.clone();
@@ -133,8 +134,11 @@ pub async fn serve_on(
 /// between threads: with many requests in flight that costs more than the
 /// work they do. Placed on one of these threads, a connection's reader,
 /// writer and handlers stay on it, and wake no other thread but the ones
-/// they hand work to. The threads stop when the last handle is dropped;
-/// the connections still on them are closed.
+/// they hand work to. What a request does that blocks its thread (file
+/// work done inline, such as a segment roll's `fdatasync`) holds up the
+/// other connections of that thread meanwhile. The threads stop when the
+/// last handle is dropped; what still runs on them is dropped, and the
+/// connections still on them are closed.
 pub struct NetworkThreads {
     handles: Vec<tokio::runtime::Handle>,
     next: std::sync::atomic::AtomicUsize,
@@ -142,7 +146,8 @@ pub struct NetworkThreads {
 }
 
 impl NetworkThreads {
-    /// Starts `n` threads (at least one) named `{name}-{i}`.
+    /// Starts `n` threads (at least one) named `{name}-{i}` (keep `name`
+    /// short: Linux shows 15 bytes of a thread's name).
     ///
     /// # Errors
     /// A runtime or thread that cannot be started.
@@ -150,17 +155,38 @@ impl NetworkThreads {
         let stop = CancellationToken::new();
         let mut handles = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(runtime.handle().clone());
+            // Each runtime is made on its own thread: one that failed, or
+            // a thread that never started, must not drop a runtime here,
+            // which may be async code (tokio refuses that).
+            let (made, handle) = std::sync::mpsc::channel();
             let stopped = stop.clone();
             let started = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || runtime.block_on(stopped.cancelled()));
-            if let Err(e) = started {
-                stop.cancel();
-                return Err(e);
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(runtime) => {
+                            let _ = made.send(Ok(runtime.handle().clone()));
+                            runtime.block_on(stopped.cancelled());
+                        }
+                        Err(e) => {
+                            let _ = made.send(Err(e));
+                        }
+                    }
+                });
+            let handle = started.and_then(|_| {
+                handle
+                    .recv()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended at once")))
+            });
+            match handle {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
             }
         }
         Ok(Arc::new(NetworkThreads {

@@ -626,3 +626,69 @@ async fn a_servers_shutdown_shows_as_closed_on_both_ends() {
     other.close();
     assert!(other.is_closed());
 }
+
+/// Answers GetRoute with the name of the thread that served it.
+struct WhereServed;
+
+impl Service for WhereServed {
+    fn call(&self, _: &Connection, request: Request) -> BoxFuture<Result<Response, WireError>> {
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        Box::pin(async move {
+            match request {
+                Request::GetRoute(_) => Ok(Response::GetRoute(TopicRoute {
+                    topic: thread,
+                    brokers: vec![],
+                })),
+                other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
+            }
+        })
+    }
+}
+
+/// The threads of a process whose names start with `prefix` (from `/proc`).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|n| n.starts_with(prefix))
+        .count()
+}
+
+/// Served on `NetworkThreads`, connections are answered on those threads,
+/// placed in turn; the threads end once the last handle is gone.
+#[tokio::test]
+async fn connections_on_network_threads_are_served_there_in_turn_and_the_threads_end_with_them() {
+    let threads = server::NetworkThreads::start(2, "tq-net").unwrap();
+    assert_eq!(threads_named("tq-net-"), 2);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server::serve_on(
+        listener,
+        Arc::new(WhereServed),
+        ConnectionConfig::default(),
+        txmq_remoting::ServerSecurity::default(),
+        Some(threads.clone()),
+        shutdown.clone(),
+    ));
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let conn = client(&addr, None).await;
+        let answer = conn.call(GetRoute { topic: "t".into() }).await.unwrap();
+        served.push(answer.topic);
+    }
+    assert_eq!(served, ["tq-net-0", "tq-net-1", "tq-net-0", "tq-net-1"]);
+
+    shutdown.cancel();
+    serving.await.unwrap();
+    drop(threads);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while threads_named("tq-net-") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the threads did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1473,7 +1473,9 @@ impl Writer {
 /// segment roll) without stalling the other tasks of a tokio worker: the
 /// writer runs on whichever task holds it. `block_in_place` on a
 /// multi-thread runtime (the worker's other tasks move to another thread),
-/// directly elsewhere (a current-thread runtime, a plain thread).
+/// directly elsewhere (a plain thread, or a current-thread runtime, where
+/// the other tasks wait: on `--network-threads`, the other connections of
+/// that thread).
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
