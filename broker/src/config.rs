@@ -97,7 +97,7 @@ pub struct BrokerConfig {
     /// Keep the message index (`txmq msg show|find`; see the store's
     /// `index.rs`).
     pub message_index: bool,
-    /// Threads of their own that serve the clients' connections, each
+    /// Threads of their own that serve the connections of `listen`, each
     /// connection on one (`txmq_remoting::server::NetworkThreads`); 0: the
     /// runtime's worker threads serve them.
     pub network_threads: usize,
@@ -723,8 +723,8 @@ pub struct BrokerArgs {
     /// [default: one per core].
     #[arg(long, env = "TXMQ_WORKER_THREADS", value_name = "N", value_parser = parse_worker_threads)]
     pub worker_threads: Option<usize>,
-    /// Threads of their own that serve the clients' connections: each
-    /// connection stays on one of them, with its reads, writes and
+    /// Threads of their own that serve the connections of `--listen`:
+    /// each connection stays on one of them, with its reads, writes and
     /// requests; 0 serves connections on the worker threads
     /// (`--worker-threads`) [default: 0].
     #[arg(long, env = "TXMQ_NETWORK_THREADS", value_name = "N", value_parser = parse_network_threads)]
