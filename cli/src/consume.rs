@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use tokio::sync::{mpsc, oneshot};
-use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage};
+use txmq::{
+    handler_fn, Admin, ClientConfig, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage,
+};
 
 use crate::args::{parse_duration, parse_group, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
@@ -103,8 +105,9 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             }
         }
     });
+    let config = global.client_config()?;
     let consumer = PushConsumer::builder()
-        .config(global.client_config()?)
+        .config(config.clone())
         .route_refresh_interval(args.route_refresh)
         .group(args.group.clone())
         .subscribe(args.topic.clone(), args.tag.clone())
@@ -119,6 +122,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         .drain_timeout(Duration::from_millis(200))
         .start(handler)
         .await?;
+    tokio::spawn(note_missing_topic(config, args.topic.clone()));
     let printer = Printer::stdout(global.output);
     let interrupted = interrupted();
     tokio::pin!(interrupted);
@@ -172,6 +176,22 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let committed = consumer.shutdown().await;
     drop(unprinted);
     committed.context("committing the consumed offsets")
+}
+
+/// Says once, on stderr, that no broker serves `topic` yet: the command
+/// waits for it (a first send may create it), but a mistyped name would
+/// otherwise wait in silence.
+async fn note_missing_topic(config: ClientConfig, topic: String) {
+    let Ok(admin) = Admin::with_config(config).await else {
+        return;
+    };
+    if let Err(txmq::Error::NoRoute { .. }) = admin.route(&topic).await {
+        eprintln!(
+            "note: no broker serves topic {topic} yet; waiting for it \
+             (`txmq topic create {topic}` creates it, as does a first send where brokers create topics)"
+        );
+    }
+    admin.close().await.ok();
 }
 
 fn print_message(printer: &Printer, m: &ReceivedMessage) -> Result<()> {

@@ -370,13 +370,17 @@ async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
         "--output",
         "json",
     ];
-    let out = ok(&txmq(ns, &args, None).await);
+    let output = txmq(ns, &args, None).await;
+    let out = ok(&output);
     assert!(out.trim().is_empty(), "{out}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
         started.elapsed()
     );
+    // The topic is there: no note about it.
+    let err = stderr(&output);
+    assert!(!err.contains("note:"), "{err}");
 
     let producer = cluster.producer().await;
     for i in 0..3 {
@@ -395,6 +399,52 @@ async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
     );
     assert_eq!(body_set(&got), ["m0", "m1", "m2"].map(String::from).into());
     assert_eq!(got.len(), 3);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_of_a_topic_no_broker_serves_says_so_and_waits_for_it() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+
+    // A mistyped name waited in silence; it still waits (a first send may
+    // create the topic), and says why on stderr.
+    let args = ["consume", "typo", "--group", "g", "--idle-timeout", "1s"];
+    let output = txmq(ns, &args, None).await;
+    let out = ok(&output);
+    assert!(out.trim().is_empty(), "{out}");
+    let err = stderr(&output);
+    assert!(
+        err.contains("no broker serves topic typo yet") && err.contains("txmq topic create typo"),
+        "{err}"
+    );
+    assert_eq!(err.matches("note:").count(), 1, "said once: {err}");
+
+    // Created while it waits, its messages are printed.
+    let ns2 = ns.clone();
+    let consume = tokio::spawn(async move {
+        let args = [
+            "consume",
+            "typo",
+            "--group",
+            "g",
+            "--count",
+            "1",
+            "--idle-timeout",
+            "20s",
+        ];
+        txmq(&ns2, &args, None).await
+    });
+    ok(&txmq(ns, &["topic", "create", "typo"], None).await);
+    wait_for_route(ns, "typo", &["broker-a"]).await;
+    let mut sent = 0;
+    while !consume.is_finished() && sent < 100 {
+        ok(&txmq(ns, &["send", "typo", "--body", "late"], None).await);
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let output = consume.await.unwrap();
+    assert!(ok(&output).contains("late"), "{output:?}");
     cluster.shutdown().await;
 }
 
