@@ -122,7 +122,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         .drain_timeout(Duration::from_millis(200))
         .start(handler)
         .await?;
-    tokio::spawn(note_missing_topic(config, args.topic.clone()));
+    note_missing_topic(config, &args.topic).await;
     let printer = Printer::stdout(global.output);
     let interrupted = interrupted();
     tokio::pin!(interrupted);
@@ -178,20 +178,24 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     committed.context("committing the consumed offsets")
 }
 
-/// Says once, on stderr, that no broker serves `topic` yet: the command
-/// waits for it (a first send may create it), but a mistyped name would
-/// otherwise wait in silence.
-async fn note_missing_topic(config: ClientConfig, topic: String) {
-    let Ok(admin) = Admin::with_config(config).await else {
-        return;
+/// Says on stderr when no broker serves `topic` now: the command waits
+/// for one (a first send may create the topic), but a mistyped name would
+/// otherwise wait in silence. Awaited before the first message is, so the
+/// note comes first and an early exit cannot lose it; a nameserver that
+/// does not answer within the bound costs only the note.
+async fn note_missing_topic(config: ClientConfig, topic: &str) {
+    let check = async {
+        let admin = Admin::with_config(config).await.ok()?;
+        let missing = matches!(admin.route(topic).await, Err(txmq::Error::NoRoute { .. }));
+        admin.close().await.ok();
+        Some(missing)
     };
-    if let Err(txmq::Error::NoRoute { .. }) = admin.route(&topic).await {
+    if let Ok(Some(true)) = tokio::time::timeout(Duration::from_secs(2), check).await {
         eprintln!(
-            "note: no broker serves topic {topic} yet; waiting for it \
-             (`txmq topic create {topic}` creates it, as does a first send where brokers create topics)"
+            "note: no broker serves topic \"{topic}\" now; waiting for one \
+             (`txmq topic create {topic}` creates a topic, as does a first send where brokers create topics)"
         );
     }
-    admin.close().await.ok();
 }
 
 fn print_message(printer: &Printer, m: &ReceivedMessage) -> Result<()> {

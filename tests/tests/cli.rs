@@ -404,47 +404,60 @@ async fn consume_with_an_idle_timeout_exits_with_what_it_got() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_of_a_topic_no_broker_serves_says_so_and_waits_for_it() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
     let cluster = Cluster::start(FlushMode::Async).await;
     let ns = &cluster.nameserver;
 
     // A mistyped name waited in silence; it still waits (a first send may
-    // create the topic), and says why on stderr.
+    // create the topic), and says why on stderr, once.
     let args = ["consume", "typo", "--group", "g", "--idle-timeout", "1s"];
     let output = txmq(ns, &args, None).await;
     let out = ok(&output);
     assert!(out.trim().is_empty(), "{out}");
     let err = stderr(&output);
     assert!(
-        err.contains("no broker serves topic typo yet") && err.contains("txmq topic create typo"),
+        err.contains(r#"no broker serves topic "typo" now"#)
+            && err.contains("txmq topic create typo"),
         "{err}"
     );
     assert_eq!(err.matches("note:").count(), 1, "said once: {err}");
 
-    // Created while it waits, its messages are printed.
-    let ns2 = ns.clone();
-    let consume = tokio::spawn(async move {
-        let args = [
-            "consume",
-            "typo",
-            "--group",
-            "g",
-            "--count",
-            "1",
-            "--idle-timeout",
-            "20s",
-        ];
-        txmq(&ns2, &args, None).await
+    // Created while a consume waits (its note read first, so it surely
+    // started before), the topic's message is printed.
+    let mut child = Command::new(txmq_tests::binary("txmq"))
+        .args(["--nameserver", ns])
+        .args(["consume", "late", "--group", "g", "--count", "1"])
+        .args(["--idle-timeout", "20s", "--rebalance-interval", "200ms"])
+        .args(["--route-refresh", "200ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start txmq consume");
+    let mut note = String::new();
+    let mut err_lines = BufReader::new(child.stderr.take().unwrap());
+    let read = tokio::task::spawn_blocking(move || {
+        let _ = err_lines.read_line(&mut note);
+        note
     });
-    ok(&txmq(ns, &["topic", "create", "typo"], None).await);
-    wait_for_route(ns, "typo", &["broker-a"]).await;
-    let mut sent = 0;
-    while !consume.is_finished() && sent < 100 {
-        ok(&txmq(ns, &["send", "typo", "--body", "late"], None).await);
-        sent += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let output = consume.await.unwrap();
-    assert!(ok(&output).contains("late"), "{output:?}");
+    let note = match tokio::time::timeout(Duration::from_secs(20), read).await {
+        Ok(note) => note.unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("no note from the waiting consume");
+        }
+    };
+    assert!(note.contains(r#"topic "late""#), "{note}");
+    ok(&txmq(ns, &["topic", "create", "late"], None).await);
+    wait_for_route(ns, "late", &["broker-a"]).await;
+    ok(&txmq(ns, &["send", "late", "--body", "found"], None).await);
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("wait for txmq consume");
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout(&output).contains("found"), "{output:?}");
     cluster.shutdown().await;
 }
 
