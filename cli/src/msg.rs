@@ -1,7 +1,7 @@
 //! `txmq msg show|find|get`: find a message by id, by key, or by queue
 //! offset, and say where it is, what became of it and who consumed it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -11,7 +11,7 @@ use txmq::{Admin, FoundMessage, FoundMessages, MsgId};
 
 use crate::args::GlobalArgs;
 use crate::exit;
-use crate::output::{body_field, error_text, OutputFormat, Printer};
+use crate::output::{body_field, error_text, time_text, OutputFormat, Printer};
 
 /// `txmq msg ...`
 #[derive(Debug, Subcommand)]
@@ -93,10 +93,6 @@ pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is before the Unix epoch"))?
         .as_millis();
     u64::try_from(ms).map_err(|_| format!("'{s}' is too far ahead"))
-}
-
-pub(crate) fn time_text(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Runs a msg subcommand.

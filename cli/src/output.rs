@@ -194,6 +194,20 @@ fn client_side_code(cause: &(dyn std::error::Error + 'static)) -> Option<txmq::E
     e.code()
 }
 
+/// Milliseconds since the Unix epoch as RFC 3339 with milliseconds. Past
+/// the last instant RFC 3339 can write (year 9999), the milliseconds
+/// themselves: a time given or stored that far ahead must not end a
+/// command.
+pub fn time_text(ms: u64) -> String {
+    /// 9999-12-31T23:59:59.999Z.
+    const LAST: u64 = 253_402_300_799_999;
+    if ms > LAST {
+        return format!("{ms} ms after the Unix epoch (past year 9999)");
+    }
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
 /// Permission bits as `rw`, `r`, `w` or `-`.
 pub fn perm_name(perm: u8) -> &'static str {
     match (perm & PERM_READ != 0, perm & PERM_WRITE != 0) {

@@ -185,12 +185,7 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             let mut objects = Vec::new();
             for s in &status {
                 for q in &s.queues {
-                    let last = q.last_store_ms.map(|ms| {
-                        humantime::format_rfc3339_millis(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-                        )
-                        .to_string()
-                    });
+                    let last = q.last_store_ms.map(crate::output::time_text);
                     rows.push(vec![
                         s.broker_name.clone(),
                         q.queue.to_string(),

@@ -24,7 +24,7 @@ use txmq::{
 };
 
 use crate::args::{parse_duration, GlobalArgs};
-use crate::output::{OutputFormat, Printer};
+use crate::output::{time_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 
 /// `txmq tx ...`
@@ -174,7 +174,7 @@ pub struct TxSendArgs {
     pub linger: Duration,
 
     /// How old the transaction must be before the broker first checks back
-    /// (default: the broker's transaction timeout).
+    /// (default: the broker's transaction timeout; at most its --max-delay).
     #[arg(long, env = "TXMQ_FIRST_CHECK_DELAY", value_parser = parse_duration, value_name = "DURATION")]
     pub first_check_delay: Option<Duration>,
 
@@ -469,11 +469,6 @@ async fn recheck(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Resul
     .context("writing to standard output")
 }
 
-/// ms since the epoch as RFC 3339 with milliseconds.
-fn time(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 /// `tx show` as text lines.
 fn detail_text(d: &TxDetail, now: u64) -> Vec<String> {
     let mut out = vec![format!(
@@ -488,7 +483,7 @@ fn detail_text(d: &TxDetail, now: u64) -> Vec<String> {
             d.state.name(),
             e.by.name(),
             e.at_ms
-                .map_or(String::new(), |at| format!(" at {}", time(at)))
+                .map_or(String::new(), |at| format!(" at {}", time_text(at)))
         ));
     }
     out.push(format!(
@@ -498,13 +493,13 @@ fn detail_text(d: &TxDetail, now: u64) -> Vec<String> {
     if let Some(at) = d.prepared_at_ms {
         out.push(format!(
             "  prepared: {} (age {})",
-            time(at),
+            time_text(at),
             age(now.saturating_sub(at))
         ));
     }
     let next = d
         .next_check_at_ms
-        .map_or(String::new(), |at| format!(", next at {}", time(at)));
+        .map_or(String::new(), |at| format!(", next at {}", time_text(at)));
     out.push(format!("  checks: {}{next}", d.checks));
     for (i, m) in d.messages.iter().enumerate() {
         let props: Vec<String> = m
@@ -542,7 +537,7 @@ fn detail_text(d: &TxDetail, now: u64) -> Vec<String> {
         };
         out.push(format!(
             "  check at {}: {} {what}{times}",
-            time(c.at_ms),
+            time_text(c.at_ms),
             if c.sent { "sent" } else { "not sent" }
         ));
     }

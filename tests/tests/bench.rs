@@ -212,6 +212,27 @@ async fn e2e_at_a_rate_loses_and_repeats_nothing_with_either_pacing() {
         let secs = r["duration_s"].as_f64().unwrap_or_default();
         assert!(secs >= 0.45, "{pacing:?}: {secs} s for 500 at 1000/s");
     }
+    // A rate far above what any machine takes: the run still ends at its
+    // --duration (it used to send its whole backlog, late, however long
+    // that took), and says how much of the schedule it never sent.
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        bench(
+            &ns,
+            &[
+                "e2e", "e", "--producers", "1", "--rate", "10000000", "--duration", "1s",
+                "--warmup", "0s", "--size", "128",
+            ],
+        ),
+    )
+    .await
+    .expect("the run ends at its duration, not when its backlog would");
+    let unsent = r["unsent"].as_u64().unwrap_or_else(|| panic!("unsent in {r}"));
+    let sent = r["sent"].as_u64().unwrap_or_else(|| panic!("sent in {r}"));
+    assert!(sent > 0 && unsent > 0, "{r}");
+    assert_eq!(sent + unsent, 10_000_000, "the schedule, sent or not: {r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicated"], 0, "{r}");
     cluster.shutdown().await;
 }
 

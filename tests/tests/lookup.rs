@@ -321,6 +321,29 @@ async fn messages_are_found_by_id_key_and_offset_also_after_kill9() {
     )
     .await;
     failed_with(&o, 2, "is not a time");
+    // A time past year 9999 is a time; a lookup that finds nothing up to it
+    // says so without writing it as RFC 3339 (which ends at 9999).
+    let o = txmq(
+        &ns,
+        &[
+            "msg", "find", "--topic", "orders", "--key", "nokey", "--until", "253402300800000",
+        ],
+        None,
+    )
+    .await;
+    failed_with(&o, 1, "253402300800000 ms after the Unix epoch (past year 9999)");
+    // A first check-back further ahead than the broker's --max-delay (7
+    // days) is refused: such a transaction would in effect never be checked.
+    let o = txmq(
+        &ns,
+        &[
+            "tx", "send", "orders", "--group", "pg", "--body", "late", "--local", "unknown",
+            "--first-check-delay", "10000y",
+        ],
+        None,
+    )
+    .await;
+    failed_with(&o, 1, "longer than the broker's --max-delay (7days)");
 
     // A crash: every lookup still answers the same.
     tokio::task::block_in_place(|| broker.kill9());

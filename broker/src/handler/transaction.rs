@@ -82,6 +82,18 @@ pub(super) async fn prepare(
             "a transaction holds 1 to {MAX_MESSAGES} messages"
         )));
     }
+    // A first check as far ahead as a delayed message may go, no further:
+    // a transaction whose producer never answers must still be checked
+    // back (or parked) within the operator's lifetime.
+    if let Some(ms) = req.first_check_delay_ms {
+        if ms > b.config.max_delay.as_millis() as u64 {
+            return Err(bad_argument(format!(
+                "first check delay {} is longer than the broker's --max-delay ({})",
+                humantime::format_duration(std::time::Duration::from_secs(ms / 1000)),
+                humantime::format_duration(b.config.max_delay)
+            )));
+        }
+    }
     // Auto-created topics are waited for after the prepare, as in a send.
     let mut created = None;
     for half in &req.messages {

@@ -245,7 +245,7 @@ async fn produce(
     let mut acked = Bits::default();
     let size = padding.len();
     let p = &producer;
-    drive(
+    let unsent = drive(
         &plan,
         stop,
         |op| {
@@ -273,6 +273,7 @@ async fn produce(
         },
     )
     .await;
+    stats.unsent = unsent;
     Box::new((id, stats, acked))
 }
 

@@ -54,6 +54,26 @@ impl Plan {
         self.interval
             .map(|secs| self.start + Duration::from_secs_f64(index as f64 * secs))
     }
+
+    /// How many requests the open-loop schedule intends before `deadline`
+    /// (0 in closed loop).
+    fn scheduled_before(&self, deadline: Instant) -> u64 {
+        let Some(secs) = self.interval.filter(|s| *s > 0.0) else {
+            return 0;
+        };
+        let span = deadline.saturating_duration_since(self.start).as_secs_f64();
+        // The first index at or after the deadline, found the way
+        // `intended` computes times (a division alone may round across it).
+        let due_before = |i: u64| self.intended(i).is_some_and(|t| t < deadline);
+        let mut n = (span / secs) as u64;
+        while due_before(n) {
+            n += 1;
+        }
+        while n > 0 && !due_before(n - 1) {
+            n -= 1;
+        }
+        n
+    }
 }
 
 /// A request to issue.
@@ -69,13 +89,19 @@ pub struct Op {
 
 /// Issues requests by `issue` following `plan` until it says stop or
 /// `stop` turns true, handing each completed request's output to `done`,
-/// and returns once every request issued has completed.
+/// and returns once every request issued has completed: how many requests
+/// the schedule held that were never issued because the deadline came
+/// first (open loop behind its rate; 0 otherwise). A generator that falls
+/// behind its rate keeps sending late, but not past the deadline: a rate
+/// far above what the system takes would otherwise run for as long as
+/// the backlog takes.
 pub async fn drive<F, Fut, D>(
     plan: &Plan,
     mut stop: watch::Receiver<bool>,
     mut issue: F,
     mut done: D,
-) where
+) -> u64
+where
     F: FnMut(Op) -> Fut,
     Fut: Future,
     D: FnMut(Fut::Output),
@@ -85,6 +111,7 @@ pub async fn drive<F, Fut, D>(
     let mut pacer = Pacer::new(plan.precise);
     let mut next: u64 = 0;
     let mut measured_issued: u64 = 0;
+    let mut unsent = 0;
     // Read from the channel only when it changed: its value sits behind a
     // lock that every producer task would take for every request.
     let mut stopping = *stop.borrow_and_update();
@@ -106,15 +133,22 @@ pub async fn drive<F, Fut, D>(
         let due = plan.intended(next);
         // Closed loop: a request is intended when it is issued; the clock
         // is read once for both the stop check and its intended time.
-        let intended = due.unwrap_or_else(Instant::now);
+        let now = Instant::now();
+        let intended = due.unwrap_or(now);
         let more = !stopping
             && match plan.stop {
+                // Open loop behind schedule: late requests go out until
+                // the deadline itself, then the run ends.
+                Stop::Deadline(deadline) if intended < deadline && now >= deadline => {
+                    unsent = plan.scheduled_before(deadline).saturating_sub(next);
+                    false
+                }
                 Stop::Deadline(deadline) => intended < deadline,
                 Stop::Count(n) => measured_issued < n,
             };
         if more {
             if let Some(due) = due {
-                if due > Instant::now() {
+                if due > now {
                     // Not due yet: take completions meanwhile.
                     tokio::select! {
                         () = pacer.sleep_until(due) => {}
@@ -160,6 +194,7 @@ pub async fn drive<F, Fut, D>(
             }
         }
     }
+    unsent
 }
 
 /// Splits `total` over `parts` as evenly as possible; part `i`'s share.
@@ -242,7 +277,7 @@ mod tests {
             precise: false,
         };
         let mut done_ops = Vec::new();
-        drive(
+        let unsent = drive(
             &plan,
             never_stop(),
             |op| async move {
@@ -253,16 +288,21 @@ mod tests {
             |x| done_ops.push(x),
         )
         .await;
-        assert_eq!(done_ops.len(), 100);
+        // One every 5 ms until the deadline, each later than the last.
+        assert_eq!(done_ops.len(), 20);
         for (i, (op, sent)) in done_ops.iter().enumerate() {
             assert_eq!(op.index, i as u64);
             assert_eq!(op.intended, start + Duration::from_millis(i as u64));
-            assert!(*sent >= op.intended);
+            assert_eq!(*sent, start + Duration::from_millis(5 * i as u64));
             assert_eq!(op.measured, i >= 20);
         }
-        // The last one went out ~400 ms late: its latency counts that.
-        let (last, sent) = done_ops[99];
-        assert!(sent.duration_since(last.intended) > Duration::from_millis(300));
+        // The last one went out 76 ms late: its latency counts that.
+        let (last, sent) = done_ops[19];
+        assert_eq!(sent.duration_since(last.intended), Duration::from_millis(76));
+        // The other 80 of the schedule were never sent, and the run ended
+        // at its deadline rather than when the backlog would have.
+        assert_eq!(unsent, 80);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]

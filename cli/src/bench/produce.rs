@@ -96,6 +96,9 @@ pub struct SendStats {
     pub first_error: Option<String>,
     /// When the last measured request completed.
     pub last_done: Option<Instant>,
+    /// Requests of the open-loop schedule never sent: the run's deadline
+    /// came first (the generator fell behind its rate).
+    pub unsent: u64,
 }
 
 impl SendStats {
@@ -144,6 +147,7 @@ impl SendStats {
         self.messages += other.messages;
         self.bytes += other.bytes;
         self.errors += other.errors;
+        self.unsent += other.unsent;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
@@ -171,7 +175,9 @@ impl SendStats {
             .field("first_error", self.first_error.clone())
             .latency("latency_us", self.latency.summary());
         if open_loop {
-            report.latency("publish_delay_us", self.delay.summary());
+            report
+                .field("unsent", self.unsent)
+                .latency("publish_delay_us", self.delay.summary());
         }
     }
 }
@@ -436,7 +442,7 @@ async fn produce(
     let open_loop = plan.interval.is_some();
     let size = body.len();
     let p = &producer;
-    drive(
+    let unsent = drive(
         &plan,
         stop,
         |op| {
@@ -478,6 +484,7 @@ async fn produce(
         },
     )
     .await;
+    stats.unsent = unsent;
     stats
 }
 

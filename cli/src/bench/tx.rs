@@ -495,6 +495,9 @@ struct TxStats {
     errors: u64,
     first_error: Option<String>,
     last_done: Option<Instant>,
+    /// Transactions of the open-loop schedule never sent (the deadline
+    /// came first).
+    unsent: u64,
 }
 
 impl TxStats {
@@ -505,6 +508,7 @@ impl TxStats {
         self.transactions += o.transactions;
         self.bytes += o.bytes;
         self.errors += o.errors;
+        self.unsent += o.unsent;
         if self.first_error.is_none() {
             self.first_error.clone_from(&o.first_error);
         }
@@ -664,6 +668,7 @@ pub async fn run(global: &GlobalArgs, args: TxArgs) -> Result<()> {
         .field("unresolved", totals.unresolved)
         .field("errors", stats.errors)
         .field("first_error", stats.first_error.clone())
+        .field("unsent", stats.unsent)
         .field("checks", c.checks.load(Ordering::Relaxed))
         .field("checked_transactions", totals.checked)
         .field(
@@ -717,7 +722,7 @@ async fn transact(
     let mut stats = TxStats::default();
     let size = padding.len();
     let p = &producer;
-    drive(
+    let unsent = drive(
         &plan,
         stop,
         |op| {
@@ -776,6 +781,7 @@ async fn transact(
         },
     )
     .await;
+    stats.unsent = unsent;
     stats
 }
 

@@ -75,7 +75,7 @@ fn results(found: &[(String, FoundMessage)]) -> String {
                         .map(|o| o.to_string())
                         .unwrap_or_else(|| "—".into()),
                     esc(m.key.as_deref().unwrap_or("")),
-                    esc(&crate::msg::time_text(f.store_timestamp)),
+                    esc(&crate::output::time_text(f.store_timestamp)),
                     f.state.name().into(),
                     esc(&preview),
                 ],
@@ -287,8 +287,8 @@ pub async fn show(
         f.queue_offset.map(|o| o.to_string()).unwrap_or_else(|| "—".into()),
         esc(m.key.as_deref().unwrap_or("—")),
         esc(m.tag.as_deref().unwrap_or("—")),
-        esc(&crate::msg::time_text(f.store_timestamp)),
-        esc(&crate::msg::time_text(m.born_timestamp)),
+        esc(&crate::output::time_text(f.store_timestamp)),
+        esc(&crate::output::time_text(m.born_timestamp)),
         f.state.name(),
         f.tx_id
             .map(|t| format!("<tr><th>Transaction</th><td><a href=\"/transactions/{}/{t}\">{t}</a></td></tr>", url(broker)))

@@ -201,7 +201,7 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> 
                             format!("<td class=\"num min\">{}</td>", q.min_offset),
                             format!("<td class=\"num max\">{}</td>", q.max_offset),
                             q.last_store_ms
-                                .map(|ms| esc(&crate::msg::time_text(ms)))
+                                .map(|ms| esc(&crate::output::time_text(ms)))
                                 .unwrap_or_else(|| "—".into()),
                         ],
                     ));

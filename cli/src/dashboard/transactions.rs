@@ -263,7 +263,7 @@ pub async fn show(
         d.age_ms.map(html::age).unwrap_or_else(|| "—".into()),
         d.checks,
         d.next_check_at_ms
-            .map(|ms| esc(&crate::msg::time_text(ms)))
+            .map(|ms| esc(&crate::output::time_text(ms)))
             .unwrap_or_else(|| "—".into()),
     );
     if let Some(end) = &d.ended {
@@ -272,7 +272,7 @@ pub async fn show(
             "<tr><th>Ended by</th><td id=\"tx-ended-by\">{}{}</td></tr>",
             end.by.name(),
             end.at_ms
-                .map(|ms| format!(" at {}", esc(&crate::msg::time_text(ms))))
+                .map(|ms| format!(" at {}", esc(&crate::output::time_text(ms))))
                 .unwrap_or_default()
         );
     }
@@ -322,7 +322,7 @@ pub async fn show(
             (
                 String::new(),
                 vec![
-                    esc(&crate::msg::time_text(c.at_ms)),
+                    esc(&crate::output::time_text(c.at_ms)),
                     if c.sent { "yes" } else { "no" }.into(),
                     c.answer.map(|a| a.name()).unwrap_or("—").into(),
                     esc(c.error.as_deref().unwrap_or("")),

@@ -275,7 +275,9 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
     }
 
     /// How old a transaction must be before the broker first checks back;
-    /// `None` (the default) uses the broker's `--transaction-timeout`.
+    /// `None` (the default) uses the broker's `--transaction-timeout`. At
+    /// most the broker's `--max-delay` (7 days by default): a send asking
+    /// for longer is refused (`BAD_ARGUMENT`).
     pub fn first_check_delay(mut self, delay: Option<Duration>) -> Self {
         self.first_check_delay = delay;
         self
