@@ -202,6 +202,15 @@ fn tx_show_list_filters_and_recheck() {
             .is_some_and(|p| p.keys().all(|k| !k.starts_with("__txmq"))),
         "the broker's own properties are not shown: {d1}"
     );
+    // `msg show` of its message finds the message once, parked: the
+    // records of its three check-backs and of its parking name it without
+    // being messages.
+    let msg_id = d1["messages"][0]["msg_id"].as_str().expect("msg_id");
+    let (out, found) = s.json(&["msg", "show", msg_id]);
+    ok(&out);
+    assert_eq!(found.len(), 1, "one message: {found:?}");
+    assert_eq!(found[0]["state"], "half_parked", "{found:?}");
+    assert_eq!(found[0]["body"], "first", "{found:?}");
 
     // tx2: its producer is gone; checks cannot be made (not counted), so
     // it stays pending, with the reason in its history.

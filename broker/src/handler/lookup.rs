@@ -118,7 +118,13 @@ fn messages_of(b: &BrokerInner, found: Vec<Found>, with_groups: bool) -> Vec<Fou
     let mut txs_shown = Vec::new();
     for f in &found {
         match f.record.kind {
-            RecordKind::TxRollback | RecordKind::TxPark => continue,
+            RecordKind::Message | RecordKind::Delayed | RecordKind::DelayedCopy => {
+                let (state, tx) = visible_state(&f.record);
+                if let Some(tx) = tx {
+                    txs_shown.push(tx);
+                }
+                out.push(found_message(f.clone(), state, tx));
+            }
             RecordKind::Half => {
                 let tx = f.record.aux;
                 if txs_shown.contains(&tx) {
@@ -132,13 +138,10 @@ fn messages_of(b: &BrokerInner, found: Vec<Found>, with_groups: bool) -> Vec<Fou
                 txs_shown.push(tx);
                 out.push(found_message(f.clone(), state, Some(tx)));
             }
-            _ => {
-                let (state, tx) = visible_state(&f.record);
-                if let Some(tx) = tx {
-                    txs_shown.push(tx);
-                }
-                out.push(found_message(f.clone(), state, tx));
-            }
+            // Records that name a message without being one: a rollback,
+            // a check-back sent, a park, an operator's recheck. They say
+            // what became of a half message (`half_state`), no more.
+            _ => continue,
         }
     }
     if with_groups {
