@@ -1,5 +1,6 @@
 //! Flags every subcommand takes, and the value parsers they share.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -197,6 +198,8 @@ impl GlobalArgs {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    // Colours for a terminal only, not for a file or a pipe.
+                    .with_ansi(std::io::stderr().is_terminal())
                     .with_filter(filter),
             )
             .with(RefusalLayer.with_filter(LevelFilter::WARN))

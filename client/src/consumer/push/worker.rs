@@ -333,7 +333,14 @@ async fn consume<H: MessageHandler>(
                 drain_deadline = Some(tokio::time::Instant::now() + settings.drain_timeout);
             }
             _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
-                tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, unfinished = progress.count, "handlers did not finish within the drain timeout; giving the queue up without them");
+                if shared.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+                    // The application stops the consumer and chose how long
+                    // to wait: nothing to warn of (what was not finished is
+                    // not committed, and comes again).
+                    tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, unfinished = progress.count, "shutting down: handlers unfinished after the drain timeout are given up; their messages come again");
+                } else {
+                    tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, unfinished = progress.count, "handlers did not finish within the drain timeout; giving the queue up without them");
+                }
                 break;
             }
         }
