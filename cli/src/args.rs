@@ -26,7 +26,8 @@ pub struct GlobalArgs {
         help_heading = "Global options",
         env = "TXMQ_NAMESERVER",
         default_value = "127.0.0.1:9876",
-        value_name = "ADDR[,ADDR..]"
+        value_name = "ADDR[,ADDR..]",
+        value_parser = parse_nameservers
     )]
     pub nameserver: String,
 
@@ -35,7 +36,7 @@ pub struct GlobalArgs {
     pub output: OutputFormat,
 
     /// How long to wait for the answer to one request.
-    #[arg(long, global = true, help_heading = "Global options", env = "TXMQ_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, global = true, help_heading = "Global options", env = "TXMQ_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
 
     /// Log filter for messages on stderr (error, warn, info, debug, trace,
@@ -229,6 +230,49 @@ pub fn parse_group(s: &str) -> Result<String, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{e} (write durations like 500ms, 6s or 2m)"))
+}
+
+/// Parses a duration that must be above zero (a timeout, an interval).
+///
+/// # Errors
+/// As [`parse_duration`], and for `0s`.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be above 0 (write durations like 500ms, 6s or 2m)".into()),
+        d => Ok(d),
+    }
+}
+
+/// Parses `--nameserver`: one `host:port`, or several separated by commas.
+///
+/// # Errors
+/// An empty list, or an entry without a host or a port.
+pub fn parse_nameservers(s: &str) -> Result<String, String> {
+    let list = txmq::config::parse_address_list(s);
+    if list.is_empty() {
+        return Err("no address given (write host:port, or several separated by commas)".into());
+    }
+    for addr in &list {
+        let port = addr.rsplit_once(':').map(|(host, port)| (host.trim_matches(['[', ']']), port));
+        match port {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(format!(
+                    "'{addr}' is not host:port (127.0.0.1:9876, say)"
+                ))
+            }
+        }
+    }
+    Ok(s.to_string())
+}
+
+/// Parses a tag expression (`*`, or `a || b`), as brokers read it.
+///
+/// # Errors
+/// An empty tag between separators.
+pub fn parse_tag_filter(s: &str) -> Result<String, String> {
+    txmq::parse_tag_expression(s)?;
+    Ok(s.to_string())
 }
 
 #[cfg(test)]

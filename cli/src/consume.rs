@@ -19,7 +19,7 @@ use txmq::{
     handler_fn, Admin, ClientConfig, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage,
 };
 
-use crate::args::{parse_duration, parse_group, GlobalArgs};
+use crate::args::{parse_duration, parse_group, parse_positive_duration, parse_tag_filter, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 
@@ -47,15 +47,15 @@ pub struct ConsumeArgs {
     pub from: StartFrom,
 
     /// How often the offsets of printed messages are committed while running.
-    #[arg(long, env = "TXMQ_COMMIT_INTERVAL", value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+    #[arg(long, env = "TXMQ_COMMIT_INTERVAL", value_parser = parse_positive_duration, default_value = "5s", value_name = "DURATION")]
     pub commit_interval: Duration,
 
     /// How often the topic's route is fetched to find new queues.
-    #[arg(long, env = "TXMQ_ROUTE_REFRESH", value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    #[arg(long, env = "TXMQ_ROUTE_REFRESH", value_parser = parse_positive_duration, default_value = "30s", value_name = "DURATION")]
     pub route_refresh: Duration,
 
     /// Only messages with these tags: `*` (every message) or `a || b`.
-    #[arg(long, env = "TXMQ_TAG", default_value = "*", value_name = "EXPR")]
+    #[arg(long, env = "TXMQ_TAG", default_value = "*", value_name = "EXPR", value_parser = parse_tag_filter)]
     pub tag: String,
 
     /// Receive every message of the topic, whatever the other members of
@@ -64,7 +64,7 @@ pub struct ConsumeArgs {
     pub broadcast: bool,
 
     /// How often the consumer heartbeats and rebalances the group's queues.
-    #[arg(long, env = "TXMQ_REBALANCE_INTERVAL", value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    #[arg(long, env = "TXMQ_REBALANCE_INTERVAL", value_parser = parse_positive_duration, default_value = "10s", value_name = "DURATION")]
     pub rebalance_interval: Duration,
 }
 

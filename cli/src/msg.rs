@@ -33,7 +33,7 @@ pub enum MsgCommand {
         topic: String,
         /// The key (one word: a message sent with the key "a b" is found
         /// by "a" and by "b").
-        #[arg(long)]
+        #[arg(long, value_parser = parse_key_word)]
         key: String,
         /// Only messages stored at or after this time: RFC 3339
         /// (2026-01-31T12:00:00Z), milliseconds since the Unix epoch, or
@@ -63,6 +63,14 @@ pub enum MsgCommand {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+}
+
+/// A key to find: one word, as the index holds a message's keys.
+fn parse_key_word(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains(char::is_whitespace) {
+        return Err("a key to find is one non-empty word (a message's key may hold several, separated by spaces)".into());
+    }
+    Ok(s.to_string())
 }
 
 pub(crate) fn parse_msg_id(s: &str) -> Result<MsgId, String> {

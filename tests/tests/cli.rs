@@ -799,6 +799,18 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         (&["bench", "e2e", "t", "--rate", "0"][..], "--rate"),
         (&["bench", "produce", "t", "--count", "0"], "--count"),
         (&["bench", "produce", "t", "--duration", "0s"], "--duration"),
+        // Values no broker could take: named with their flag, exit 2.
+        (&["bench", "produce", "t", "--queues", "0"], "--queues"),
+        (&["consume", "t", "--group", "g", "--commit-interval", "0s"], "--commit-interval"),
+        (&["consume", "t", "--group", "g", "--rebalance-interval", "0s"], "--rebalance-interval"),
+        (&["consume", "t", "--group", "g", "--route-refresh", "0s"], "--route-refresh"),
+        (&["consume", "t", "--group", "g", "--tag", "a ||"], "--tag"),
+        (&["topic", "list", "--timeout", "0s"], "--timeout"),
+        (&["topic", "list", "--nameserver", ""], "--nameserver"),
+        (&["topic", "list", "--nameserver", "notanaddr"], "--nameserver"),
+        (&["topic", "list", "--nameserver", "127.0.0.1:9876,:9"], "--nameserver"),
+        (&["msg", "find", "--topic", "t", "--key", ""], "--key"),
+        (&["msg", "find", "--topic", "t", "--key", "a b"], "--key"),
     ] {
         let o = txmq_cli(ns, args, None);
         let err = stderr(&o);

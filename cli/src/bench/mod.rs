@@ -143,7 +143,7 @@ pub struct LoadArgs {
 
     /// Create (or update) the topic with this many queues per broker first
     /// (default: create it with 4 queues when it does not exist).
-    #[arg(long, env = "TXMQ_QUEUES")]
+    #[arg(long, env = "TXMQ_QUEUES", value_parser = clap::value_parser!(u32).range(1..))]
     pub queues: Option<u32>,
 }
 
