@@ -16,15 +16,17 @@ pub enum TopicCommand {
     Create {
         /// The topic name: 1 to 127 characters of A-Z a-z 0-9 - _ . %
         topic: String,
-        /// Number of queues on each broker.
-        #[arg(long, env = "TXMQ_QUEUES", default_value_t = 4)]
-        queues: u32,
+        /// Number of queues on each broker (a new topic: 4; an existing
+        /// one keeps its count unless given).
+        #[arg(long, env = "TXMQ_QUEUES")]
+        queues: Option<u32>,
         /// Create it only on this broker (a broker name or address).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
-        /// Permission: read and write, read only, or write only.
-        #[arg(long, env = "TXMQ_PERM", value_enum, default_value_t = Perm::Rw)]
-        perm: Perm,
+        /// Permission: read and write, read only, or write only (a new
+        /// topic: rw; an existing one keeps its permission unless given).
+        #[arg(long, env = "TXMQ_PERM", value_enum)]
+        perm: Option<Perm>,
     },
     /// List every topic on every broker.
     List,
@@ -80,6 +82,38 @@ impl Perm {
     }
 }
 
+/// The queue count and permission `topic create` asks for: those given,
+/// else those of the topic where it exists (the most queues any broker has,
+/// since counts cannot shrink; its one permission), else 4 queues, rw.
+///
+/// # Errors
+/// When the permission is not given and the brokers serving the topic
+/// differ in it.
+fn settings_to_keep(
+    topic: &str,
+    existing: &[txmq::BrokerQueues],
+    queues: Option<u32>,
+    perm: Option<Perm>,
+) -> Result<(u32, u8)> {
+    let queues = queues
+        .or_else(|| existing.iter().map(|b| b.queues).max())
+        .unwrap_or(4);
+    let perm = match perm {
+        Some(p) => p.bits(),
+        None => {
+            let mut perms = existing.iter().map(|b| b.perm);
+            let first = perms.next().unwrap_or(PERM_READ_WRITE);
+            if perms.any(|p| p != first) {
+                return Err(crate::exit::usage(format!(
+                    "the brokers serving '{topic}' differ in its permission: give --perm"
+                )));
+            }
+            first
+        }
+    };
+    Ok((queues, perm))
+}
+
 /// Runs a topic subcommand.
 ///
 /// # Errors
@@ -94,13 +128,22 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             broker,
             perm,
         } => {
+            // What is not given stays as it is where the topic exists.
+            let existing = match admin.route(&topic).await {
+                Ok(route) => route.brokers,
+                Err(txmq::Error::NoRoute { .. }) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let (queues, perm) = settings_to_keep(&topic, &existing, queues, perm)?;
             let created = admin
-                .create_topic(&topic, queues, perm.bits(), broker.as_deref())
+                .create_topic(&topic, queues, perm, broker.as_deref())
                 .await?;
             for c in &created {
+                let updated = existing.iter().any(|b| b.broker_name == c.broker_name);
                 match printer.format {
                     crate::output::OutputFormat::Text => printer.line(&format!(
-                        "created topic {} on {} ({}): {} queues, perm {}",
+                        "{} topic {} on {} ({}): {} queues, perm {}",
+                        if updated { "updated" } else { "created" },
                         c.config.name,
                         c.broker_name,
                         c.addr,
@@ -113,6 +156,7 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                         "addr": c.addr,
                         "queues": c.config.queues,
                         "perm": perm_name(c.config.perm),
+                        "updated": updated,
                     }))?,
                 }
             }

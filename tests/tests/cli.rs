@@ -923,3 +923,32 @@ async fn a_created_topic_is_routable_as_soon_as_create_returns() {
     admin.close().await.unwrap();
     cluster.shutdown().await;
 }
+
+/// `txmq topic create` of a topic that exists changes only what it is
+/// given: the queue count and permission left out stay as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    let create = |args: &'static [&'static str]| async move {
+        let mut all = vec!["--output", "json", "topic", "create", "keep"];
+        all.extend_from_slice(args);
+        let lines = json_lines(ok(&txmq(ns, &all, None).await).as_bytes());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        (l["queues"].as_u64(), text(l, "perm"), l["updated"].as_bool())
+    };
+    // New: 4 queues and rw unless given.
+    assert_eq!(create(&["--perm", "r"]).await, (Some(4), "r".into(), Some(false)));
+    // More queues: still read only (it used to become rw again).
+    assert_eq!(create(&["--queues", "6"]).await, (Some(6), "r".into(), Some(true)));
+    // The permission alone: the 6 queues stay (it used to ask for 4 and
+    // be refused, as queue counts cannot shrink).
+    assert_eq!(create(&["--perm", "rw"]).await, (Some(6), "rw".into(), Some(true)));
+    let out = ok(&txmq(ns, &["topic", "create", "keep"], None).await);
+    assert!(
+        out.starts_with("updated topic keep on broker-a") && out.contains("6 queues, perm rw"),
+        "{out}"
+    );
+    cluster.shutdown().await;
+}
