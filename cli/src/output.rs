@@ -318,6 +318,14 @@ fn message_fields<'a>(message: impl Into<Shown<'a>>) -> Map<String, Value> {
     m
 }
 
+/// A sent message's queue offset: none for a delayed message, whose place
+/// in its queue is known only once it is delivered (the broker's answer
+/// holds its place in the delay index instead).
+fn sent_offset(receipt: &SendReceipt, message: &Message) -> Option<u64> {
+    let delayed = message.property(txmq::PROPERTY_DELIVER_AT).is_some();
+    (!delayed).then_some(receipt.queue_offset)
+}
+
 /// A sent message's acknowledgement as a JSON object.
 pub fn sent_json(receipt: &SendReceipt, message: &Message) -> Value {
     let mut m = message_fields(message);
@@ -325,7 +333,7 @@ pub fn sent_json(receipt: &SendReceipt, message: &Message) -> Value {
     m.insert("status".into(), json!(receipt.status.name()));
     m.insert("broker".into(), json!(receipt.broker_name));
     m.insert("queue".into(), json!(receipt.queue));
-    m.insert("queue_offset".into(), json!(receipt.queue_offset));
+    m.insert("queue_offset".into(), json!(sent_offset(receipt, message)));
     Value::Object(m)
 }
 
@@ -337,7 +345,7 @@ pub fn sent_text(receipt: &SendReceipt, message: &Message) -> String {
         receipt.topic,
         receipt.broker_name,
         receipt.queue,
-        receipt.queue_offset,
+        sent_offset(receipt, message).map_or("-".into(), |o| o.to_string()),
         receipt.msg_id,
         key_tag_text(message),
     )

@@ -353,3 +353,77 @@ async fn messages_are_found_by_id_key_and_offset_also_after_kill9() {
     let l = &show(&ns, &s(&later, "msg_id")).await[0];
     assert_eq!(s(l, "body"), "third");
 }
+
+/// A delayed message: its send has no queue offset to give yet (the
+/// broker holds it in its delay index), and once delivered `msg show`
+/// finds it at its place in its queue, with the groups that consumed it,
+/// also after a `kill -9` and restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_is_shown_where_it_was_delivered() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_broker(&dir.path().join("b"), &ns, "broker-a", &[]).await;
+    create_topic(&ns, "later", 1).await;
+
+    let sent = one_json(
+        &txmq(
+            &ns,
+            &["--output", "json", "send", "later", "--body", "delayed", "--delay", "1s"],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(sent["queue_offset"], Value::Null, "not in its queue yet: {sent}");
+    let text = ok(&txmq(&ns, &["send", "later", "--body", "text", "--delay", "1s"], None).await);
+    assert!(text.contains(" offset=- "), "{text}");
+    let now = send_to(&ns, "later", "now").await;
+    assert_eq!(now["queue_offset"], 0, "{now}");
+    let id = s(&sent, "msg_id");
+    let shown = &show(&ns, &id).await[0];
+    assert_eq!(s(shown, "state"), "delayed", "{shown}");
+    assert_eq!(shown["queue_offset"], Value::Null, "{shown}");
+
+    // Delivered: where `msg get` finds it is where `msg show` says it is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let delivered = loop {
+        let m = show(&ns, &id).await.remove(0);
+        if m["state"] == "normal" {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "not delivered: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let offset = delivered["queue_offset"].as_u64().expect("an offset once delivered");
+    let got = one_json(
+        &txmq(
+            &ns,
+            &[
+                "--output", "json", "msg", "get", "--topic", "later", "--queue", "0", "--offset",
+                &offset.to_string(),
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(s(&got, "msg_id"), id, "{got}");
+    assert_eq!(s(&got, "body"), "delayed");
+
+    // Consumed: `msg show` says by whom.
+    ok(&txmq(&ns, &["consume", "later", "--group", "g", "--count", "3", "--from", "first"], None).await);
+    let m = &show(&ns, &id).await[0];
+    assert_eq!(m["consumed_by"][0]["group"], "g", "{m}");
+    assert_eq!(m["consumed_by"][0]["consumed"], true, "{m}");
+
+    // The index is rebuilt from the log after a crash: the same answer.
+    tokio::task::block_in_place(|| broker.kill9());
+    tokio::task::block_in_place(|| broker.restart());
+    wait_for_route(&ns, "later", &["broker-a"]).await;
+    let m = &show(&ns, &id).await[0];
+    assert_eq!(s(m, "state"), "normal", "{m}");
+    assert_eq!(m["queue_offset"], offset, "{m}");
+}
+
+async fn send_to(ns: &str, topic: &str, body: &str) -> Value {
+    one_json(&txmq(ns, &["--output", "json", "send", topic, "--body", body], None).await)
+}

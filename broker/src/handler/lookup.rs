@@ -90,6 +90,28 @@ fn found_message(f: Found, state: MessageState, tx_id: Option<u64>) -> FoundMess
     }
 }
 
+/// A delayed message as found: delivered (a normal message at its place
+/// in its queue) once its delay ended, else still delayed; `None` when a
+/// delivered copy of it is among `found` (that copy shows it).
+fn delayed_message(b: &BrokerInner, f: &Found, found: &[Found]) -> Option<FoundMessage> {
+    let copied = found.iter().any(|c| {
+        c.record.kind == RecordKind::DelayedCopy && c.record.message.msg_id == f.record.message.msg_id
+    });
+    if copied {
+        return None;
+    }
+    // A lookup that cannot read the index shows it as stored.
+    match b.store.delivered_at(f.pos).ok().flatten() {
+        Some((queue, offset)) => {
+            let mut m = found_message(f.clone(), MessageState::Normal, None);
+            m.queue = queue;
+            m.queue_offset = Some(offset);
+            Some(m)
+        }
+        None => Some(found_message(f.clone(), MessageState::Delayed, None)),
+    }
+}
+
 /// Whether each consumer group with an offset on the message's topic has
 /// consumed it.
 fn consumption(b: &BrokerInner, m: &FoundMessage) -> Vec<GroupConsumption> {
@@ -118,7 +140,12 @@ fn messages_of(b: &BrokerInner, found: Vec<Found>, with_groups: bool) -> Vec<Fou
     let mut txs_shown = Vec::new();
     for f in &found {
         match f.record.kind {
-            RecordKind::Message | RecordKind::Delayed | RecordKind::DelayedCopy => {
+            RecordKind::Delayed => {
+                if let Some(m) = delayed_message(b, f, &found) {
+                    out.push(m);
+                }
+            }
+            RecordKind::Message | RecordKind::DelayedCopy => {
                 let (state, tx) = visible_state(&f.record);
                 if let Some(tx) = tx {
                     txs_shown.push(tx);
@@ -202,7 +229,12 @@ pub(super) fn by_key(b: &BrokerInner, r: FindMessages) -> Result<FoundMessages, 
         .map_err(store_error)?;
     // A half message's fate is named by the other records of its id.
     let mut resolved = Vec::with_capacity(found.len());
-    for f in found {
+    for f in &found {
+        if f.record.kind == RecordKind::Delayed {
+            resolved.extend(delayed_message(b, f, &found));
+            continue;
+        }
+        let f = f.clone();
         if f.record.kind == RecordKind::Half {
             let others = b
                 .store

@@ -120,6 +120,19 @@ pub fn id_hashes(id: &MsgId) -> Hashes {
     }
 }
 
+/// The moves of the delayed message stored at log position `pos` (its
+/// `DelayMove` records, which name it by position): their hashes in the
+/// index. A key of a topic no client may use, so never a message's.
+pub fn delay_move_hashes(pos: u64) -> Hashes {
+    Hashes {
+        fnv: key_hash(1, DELAY_MOVES, &pos.to_le_bytes()),
+        xxh3: key_hash(VERSION, DELAY_MOVES, &pos.to_le_bytes()),
+    }
+}
+
+/// The topic `delay_move_hashes` keys under.
+const DELAY_MOVES: &[u8] = b"%DELAY-MOVES%";
+
 /// One key of a topic: its hashes in the index.
 pub fn key_hashes(topic: &str, key: &str) -> Hashes {
     Hashes {
@@ -516,6 +529,9 @@ struct Indexed<'a> {
     id: MsgId,
     topic: &'a [u8],
     key: Option<&'a [u8]>,
+    /// The record's aux field: for a delay move, the delayed record's
+    /// position.
+    aux: u64,
 }
 
 impl Indexed<'_> {
@@ -532,7 +548,13 @@ impl Indexed<'_> {
     /// The hashes of its entries in a file of `version`: its id's, then
     /// each key's.
     fn hashes(&self, version: u32) -> impl Iterator<Item = u64> + '_ {
-        std::iter::once(id_hash(version, &self.id))
+        // A delay move is found by the position of the message it moves
+        // (its own id is a marker's, not the message's).
+        let moved = (self.kind == RecordKind::DelayMove)
+            .then(|| key_hash(version, DELAY_MOVES, &self.aux.to_le_bytes()));
+        let id = (self.kind != RecordKind::DelayMove).then(|| id_hash(version, &self.id));
+        id.into_iter()
+            .chain(moved)
             .chain(self.keys().map(move |k| key_hash(version, self.topic, k)))
     }
 }
@@ -550,6 +572,7 @@ fn indexed(rec: &[u8]) -> Option<Indexed<'_>> {
             | RecordKind::TxRollback
             | RecordKind::TxCheck
             | RecordKind::TxPark
+            | RecordKind::DelayMove
     ) {
         return None;
     }
@@ -561,6 +584,7 @@ fn indexed(rec: &[u8]) -> Option<Indexed<'_>> {
     let store_timestamp = u64_le(rec.get(24..32)?);
     let mut id = [0u8; 16];
     id.copy_from_slice(rec.get(40..56)?);
+    let aux = u64_le(rec.get(56..64)?);
     let mut at = header;
     let mut str16 = || -> Option<Option<&[u8]>> {
         let len = u16::from_le_bytes([*rec.get(at)?, *rec.get(at + 1)?]);
@@ -580,6 +604,7 @@ fn indexed(rec: &[u8]) -> Option<Indexed<'_>> {
         id: MsgId(id),
         topic,
         key,
+        aux,
     })
 }
 

@@ -1795,6 +1795,23 @@ impl Store {
         self.find(hashes, 0, u64::MAX, max, |r| r.message.msg_id == *id)
     }
 
+    /// Where the delayed message stored at log position `pos` was
+    /// delivered: its queue and queue offset, once its delay ended and it
+    /// was moved into its queue (a move that copies it instead is a record
+    /// of its own, found by its id).
+    ///
+    /// # Errors
+    /// As [`Store::find_by_id`].
+    pub fn delivered_at(&self, pos: u64) -> Result<Option<(u32, u64)>, StoreError> {
+        let moves = self.find(index::delay_move_hashes(pos), 0, u64::MAX, 8, |r| {
+            r.kind == record::RecordKind::DelayMove && r.aux == pos
+        })?;
+        Ok(moves.iter().find_map(|f| {
+            let body = delay::MoveBody::decode(&f.record.message.body)?;
+            (body.kind == delay::MoveKind::Queue).then_some((body.queue, body.offset))
+        }))
+    }
+
     /// The messages (and half messages) of `topic` with key `key` (one of
     /// the space-separated keys of their key property), stored in `[since,
     /// until]` (ms), newest first, at most `max`.

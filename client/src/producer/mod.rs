@@ -54,7 +54,9 @@ pub struct SendReceipt {
     pub broker_name: String,
     /// The queue it was stored in.
     pub queue: u32,
-    /// Its offset in that queue.
+    /// Its offset in that queue. For a delayed message, its place in the
+    /// broker's delay index instead: its queue offset is known only once
+    /// it is delivered.
     pub queue_offset: u64,
     /// How the broker acknowledged it.
     pub status: SendStatus,
