@@ -474,8 +474,11 @@ fn topic_listed(s: &Setup, topic: &str) -> bool {
 fn topic_status_and_delete_survive_kill_9() {
     let s = Setup::start(&["--flush", "sync"]);
     ok(&s.cli(&["topic", "create", "gone", "--queues", "2"]));
+    let mut old_ids = Vec::new();
     for i in 0..5 {
-        ok(&s.cli(&["send", "gone", "--body", &format!("old-{i}")]));
+        let (out, lines) = s.json(&["send", "gone", "--body", &format!("old-{i}"), "--key", "kk"]);
+        ok(&out);
+        old_ids.push(lines[0]["msg_id"].as_str().expect("msg_id").to_string());
     }
     // Status: per queue min and max offset and last store time.
     let (out, lines) = s.json(&["topic", "status", "gone"]);
@@ -534,13 +537,23 @@ fn topic_status_and_delete_survive_kill_9() {
 
     // Auto-create is on: a send makes a new, empty topic; offsets start
     // at 0 and no old message (nor old group offset) comes back.
-    ok(&s.cli(&["send", "gone", "--body", "new"]));
+    ok(&s.cli(&["send", "gone", "--body", "new", "--key", "kk"]));
     let (_, lines) = s.json(&["topic", "status", "gone"]);
     assert_eq!(queue_sum(&lines), 1);
     let got = consume(&s, "gone", "g1");
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["body"], "new");
     assert_eq!(got[0]["queue_offset"], 0);
+    // Lookups do not find the old topic's messages either (they were
+    // found at offsets the new topic's messages hold now).
+    let deleted_lookups = |s: &Setup| {
+        let (out, found) = s.json(&["msg", "find", "--topic", "gone", "--key", "kk"]);
+        ok(&out);
+        let bodies: Vec<&str> = found.iter().filter_map(|m| m["body"].as_str()).collect();
+        assert_eq!(bodies, vec!["new"], "{found:?}");
+        fails_with(&s.cli(&["msg", "show", &old_ids[0]]), "no message with id");
+    };
+    deleted_lookups(&s);
 
     let mut broker = s.broker;
     broker.restart();
@@ -549,6 +562,7 @@ fn topic_status_and_delete_survive_kill_9() {
     let got = consume(&s, "gone", "g2");
     let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
     assert_eq!(bodies, vec!["new"]);
+    deleted_lookups(&s);
 }
 
 #[test]

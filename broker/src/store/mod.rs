@@ -418,6 +418,10 @@ pub(crate) struct StoreInner {
     pub(crate) stats: StoreCounters,
     /// Lookups by message id and key (`None`: switched off).
     pub(crate) index: Option<index::MessageIndex>,
+    /// Topics deleted by an operator, each with the log position below
+    /// which its records no longer count: lookups leave them out (a topic
+    /// made again under the same name starts anew).
+    deleted_below: RwLock<deleted_topics::Deleted>,
     /// One past the last byte written to the log.
     written: AtomicU64,
     /// The same, for waiting on (a master's replication).
@@ -593,7 +597,10 @@ impl Store {
         } else {
             None
         };
+        let deleted_below = deleted_topics::load(&config.dir)
+            .map_err(|e| StoreError::io("cannot read the deleted topics", &e))?;
         let inner = Arc::new(StoreInner {
+            deleted_below: RwLock::new(deleted_below),
             config,
             log: recovered.log,
             queues: RwLock::new(recovered.queues),
@@ -671,7 +678,7 @@ impl Store {
             reply,
         };
         let below = self.submit(cmd, rx).await?.first_offset;
-        record_deleted(&self.inner.config, topic, below)?;
+        record_deleted(&self.inner, topic, below)?;
         Ok((below, removed))
     }
 
@@ -1858,9 +1865,10 @@ impl Store {
         let mut found = Vec::new();
         index
             .lookup(hashes, since, until, |hit| {
-                // An entry is a hint: the record there must be the one asked for.
+                // An entry is a hint: the record there must be the one asked
+                // for, and not one of a topic deleted since.
                 if let Some(rec) = self.read_record(hit.pos, hit.size) {
-                    if wanted(&rec) {
+                    if wanted(&rec) && !self.deleted_before(&rec.message.topic, hit.pos) {
                         found.push(Found {
                             pos: hit.pos,
                             size: hit.size,
@@ -1905,6 +1913,13 @@ impl Store {
                 ))
             })
             .collect())
+    }
+
+    /// Whether a record of `topic` at log position `pos` was deleted with
+    /// the topic (`txmq topic delete`).
+    fn deleted_before(&self, topic: &str, pos: u64) -> bool {
+        let deleted = self.inner.deleted_below.read().unwrap_or_else(|e| e.into_inner());
+        deleted.get(topic).is_some_and(|below| pos < *below)
     }
 
     /// Whether half messages at log position `pos` belong to a transaction
@@ -2082,14 +2097,19 @@ pub(crate) fn remove_queue_files(config: &StoreConfig, topic: &str) -> Result<()
 }
 
 /// Records `topic` deleted below log position `below` (fsynced), so that
-/// recovery skips its older records without dispatching them.
+/// recovery skips its older records without dispatching them, and lookups
+/// leave them out from now on.
 pub(crate) fn record_deleted(
-    config: &StoreConfig,
+    inner: &StoreInner,
     topic: &str,
     below: u64,
 ) -> Result<(), StoreError> {
-    deleted_topics::append(&config.dir, topic, below)
-        .map_err(|e| StoreError::io(format!("cannot record the delete of topic {topic}"), &e))
+    deleted_topics::append(&inner.config.dir, topic, below)
+        .map_err(|e| StoreError::io(format!("cannot record the delete of topic {topic}"), &e))?;
+    let mut deleted = inner.deleted_below.write().unwrap_or_else(|e| e.into_inner());
+    let at = deleted.entry(topic.to_string()).or_insert(below);
+    *at = (*at).max(below);
+    Ok(())
 }
 
 /// Internal topics are written by the store only.
