@@ -670,3 +670,43 @@ fn the_operations_need_admin_and_topic_status_needs_sub() {
     );
     ok(&as_user(ops, &["topic", "delete", "secret"]));
 }
+
+/// `tx show` of transactions that ended before a restart, outside what
+/// recovery reads again (it reads transaction records back one segment's
+/// worth before its checkpoint, and here three segments came after the
+/// ends): the log still tells how they ended, `by unknown`.
+#[test]
+fn transactions_ended_before_a_restart_are_still_shown() {
+    let s = Setup::start(&["--checkpoint-interval", "100ms"]);
+    ok(&s.cli(&["topic", "create", "orders", "--queues", "1"]));
+    let committed = tx_send(
+        &s,
+        &["orders", "--group", "pg", "--body", "kept", "--local", "commit"],
+    );
+    let rolled = tx_send(
+        &s,
+        &["orders", "--group", "pg", "--body", "dropped", "--local", "rollback"],
+    );
+    assert_eq!(show(&s, committed)["state"], "committed");
+    assert_eq!(show(&s, committed)["ended_by"], "producer");
+    // Three segments (8 MiB each in these tests) of other messages after
+    // the ends.
+    let body = "x".repeat(100_000);
+    ok(&s.cli(&["send", "filler", "--body", &body, "--count", "260"]));
+
+    let mut broker = s.broker;
+    assert_eq!(broker.stop(), Some(0), "a graceful stop");
+    broker.restart();
+    let s = Setup { broker, ..s };
+    s.wait_registered();
+    for (tx, state, body) in [(committed, "committed", "kept"), (rolled, "rolled_back", "dropped")] {
+        let d = show(&s, tx);
+        assert_eq!(d["state"], state, "{d}");
+        assert_eq!(d["ended_by"], "unknown", "{d}");
+        assert_eq!(d["ended_at_ms"], Value::Null, "{d}");
+        assert_eq!(d["messages"][0]["body"], body, "{d}");
+        assert_eq!(d["producer_group"], "pg", "{d}");
+    }
+    // An id that is no transaction's is still unknown.
+    fails_with(&s.cli(&["tx", "show", "3"]), "UNKNOWN_TRANSACTION");
+}

@@ -29,17 +29,11 @@ fn answer(b: &BrokerInner, messages: Vec<FoundMessage>) -> FoundMessages {
     }
 }
 
-/// A commit copy: a visible message written by a transaction's commit
-/// (one group without a producer stamp; aux = the tx id).
-fn is_commit_copy(r: &Record) -> bool {
-    r.kind == RecordKind::Message && r.flags > 0 && r.stamp.is_none()
-}
-
 /// The state and tx id of a visible or delayed record.
 fn visible_state(r: &Record) -> (MessageState, Option<u64>) {
     match r.kind {
         RecordKind::Delayed => (MessageState::Delayed, None),
-        _ if is_commit_copy(r) => (MessageState::Committed, Some(r.aux)),
+        _ if r.is_commit_copy() => (MessageState::Committed, Some(r.aux)),
         _ => (MessageState::Normal, None),
     }
 }
@@ -51,7 +45,7 @@ fn half_state(b: &BrokerInner, half: &Found, others: &[Found]) -> MessageState {
     let tx = half.record.aux;
     if others
         .iter()
-        .any(|f| is_commit_copy(&f.record) && f.record.aux == tx)
+        .any(|f| f.record.is_commit_copy() && f.record.aux == tx)
     {
         return MessageState::Committed;
     }

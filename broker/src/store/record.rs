@@ -445,6 +445,13 @@ pub struct Record {
 }
 
 impl Record {
+    /// Whether this is a committed transaction's visible copy of a half
+    /// message: a message record with its transaction group's size in the
+    /// flags and no producer stamp; aux = the transaction id.
+    pub fn is_commit_copy(&self) -> bool {
+        self.kind == RecordKind::Message && self.flags > 0 && self.stamp.is_none()
+    }
+
     /// The stored message as a consumer sees it, read at `queue_offset` of
     /// its queue (a delayed message's record holds its delay-level offset,
     /// not the offset it was delivered at).

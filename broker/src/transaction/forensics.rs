@@ -61,25 +61,34 @@ impl Transactions {
             self.add_earlier_checks(&mut detail);
             return Ok(detail);
         }
-        let Some(ended) = table.ended.get(&tx_id).copied() else {
-            return Err(WireError::new(
-                ErrorCode::UnknownTransaction,
-                format!(
-                    "transaction {tx_id} is not known to broker {} (never prepared here, or ended long ago)",
-                    self.broker_name
-                ),
-            ));
-        };
+        let remembered = table.ended.get(&tx_id).copied();
         let history = table
             .ended_history
             .get(&tx_id)
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default();
         drop(table);
+        let (committed, by, at) = match remembered {
+            Some(e) => (e.committed, e.by, e.at),
+            // Ended before this run and outside what recovery read again:
+            // the log tells while it holds the transaction's records.
+            None => match self.ended_in_log(tx_id) {
+                Some(committed) => (committed, EndedBy::Unknown, 0),
+                None => {
+                    return Err(WireError::new(
+                        ErrorCode::UnknownTransaction,
+                        format!(
+                            "transaction {tx_id} is not known to broker {} (never prepared here, or ended long ago)",
+                            self.broker_name
+                        ),
+                    ))
+                }
+            },
+        };
         let mut detail = TxDetail {
             broker_name: self.broker_name.clone(),
             tx_id,
-            state: if ended.committed {
+            state: if committed {
                 TxState::Committed
             } else {
                 TxState::RolledBack
@@ -92,8 +101,8 @@ impl Transactions {
             messages: Vec::new(),
             history,
             ended: Some(TxEnding {
-                by: ended.by,
-                at_ms: (ended.by != EndedBy::Unknown && ended.at != 0).then_some(ended.at),
+                by,
+                at_ms: (by != EndedBy::Unknown && at != 0).then_some(at),
             }),
         };
         // The half messages start at the tx id unless they were carried
@@ -117,6 +126,25 @@ impl Transactions {
         self.add_earlier_checks(&mut detail);
         detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
         Ok(detail)
+    }
+
+    /// How a transaction the table does not remember ended (committed:
+    /// `true`), from the log while it still holds its records: its first
+    /// half message is at the position of its id, and the index finds its
+    /// commit copy or its rollback marker by that message's id. `None` when
+    /// the log cannot tell (or the id is no transaction's).
+    fn ended_in_log(&self, tx_id: u64) -> Option<bool> {
+        let (first, _) = self.store.read_record_at(tx_id)?;
+        if first.kind != RecordKind::Half || first.aux != tx_id {
+            return None;
+        }
+        let found = self.store.find_by_id(&first.message.msg_id, 64).ok()?;
+        found.iter().find_map(|f| match &f.record {
+            r if r.aux != tx_id => None,
+            r if r.is_commit_copy() => Some(true),
+            r if r.kind == RecordKind::TxRollback => Some(false),
+            _ => None,
+        })
     }
 
     /// Puts before the history kept in memory the checks made before this
