@@ -179,17 +179,31 @@ fn print_found(
 ) -> Result<()> {
     let mut found: Vec<(String, FoundMessage)> = Vec::new();
     let mut failed: Vec<String> = Vec::new();
+    // Brokers that could not be asked (no answer at all), as opposed to
+    // those that answered with an error.
+    let mut unasked = 0;
     for a in answers {
         match a.result {
             Ok(r) => found.extend(r.messages.into_iter().map(|m| (r.broker_name.clone(), m))),
-            Err(e) => failed.push(format!("{}: {}", a.broker_name, error_text(&e.into()))),
+            Err(e) => {
+                unasked += usize::from(e.wire_error().is_none());
+                failed.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
+            }
         }
     }
     if found.is_empty() {
-        let mut text = none();
-        if !failed.is_empty() {
-            text.push_str(&format!("; {}", failed.join("; ")));
-        }
+        let text = if !failed.is_empty() && unasked == failed.len() {
+            // Nothing says the message is not there: say what failed.
+            format!(
+                "could not look for it: {} broker(s) did not answer: {}",
+                failed.len(),
+                failed.join("; ")
+            )
+        } else if failed.is_empty() {
+            none()
+        } else {
+            format!("{}; {}", none(), failed.join("; "))
+        };
         return Err(exit::with_code(exit::FAILURE, text));
     }
     match (printer.format, detailed) {

@@ -345,6 +345,14 @@ async fn messages_are_found_by_id_key_and_offset_also_after_kill9() {
     .await;
     failed_with(&o, 1, "longer than the broker's --max-delay (7days)");
 
+    // A broker that does not answer: the lookup cannot tell, and says so
+    // (not that there is no such message).
+    broker.signal("STOP");
+    let o = txmq(&ns, &["--timeout", "500ms", "msg", "show", &s(&a, "msg_id")], None).await;
+    broker.signal("CONT");
+    let err = failed_with(&o, 1, "could not look for it: 1 broker(s) did not answer: broker-a");
+    assert!(!err.contains("no message"), "{err}");
+
     // A crash: every lookup still answers the same.
     tokio::task::block_in_place(|| broker.kill9());
     tokio::task::block_in_place(|| broker.restart());
