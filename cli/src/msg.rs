@@ -43,8 +43,8 @@ pub enum MsgCommand {
         /// Only messages stored at or before this time (as --since).
         #[arg(long, value_parser = parse_time)]
         until: Option<u64>,
-        /// At most this many from each broker.
-        #[arg(long, default_value_t = txmq::admin::DEFAULT_FIND_MAX)]
+        /// At most this many from each broker (1 to 1024).
+        #[arg(long, default_value_t = txmq::admin::DEFAULT_FIND_MAX, value_parser = clap::value_parser!(u32).range(1..=1024))]
         max: u32,
     },
     /// Read messages of a queue from an offset, without a consumer group
@@ -59,8 +59,8 @@ pub enum MsgCommand {
         /// The first queue offset.
         #[arg(long)]
         offset: u64,
-        /// How many messages.
-        #[arg(long, default_value_t = 1)]
+        /// How many messages (1 to 1024).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
         count: u32,
     },
 }

@@ -811,6 +811,9 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         (&["topic", "list", "--nameserver", "127.0.0.1:9876,:9"], "--nameserver"),
         (&["msg", "find", "--topic", "t", "--key", ""], "--key"),
         (&["msg", "find", "--topic", "t", "--key", "a b"], "--key"),
+        (&["msg", "find", "--topic", "t", "--key", "k", "--max", "0"], "--max"),
+        (&["msg", "get", "--topic", "t", "--queue", "0", "--offset", "0", "--count", "0"], "--count"),
+        (&["bench", "consume", "t", "--group", "g", "--count", "0"], "--count"),
     ] {
         let o = txmq_cli(ns, args, None);
         let err = stderr(&o);

@@ -48,7 +48,7 @@ pub struct ConsumeArgs {
     pub duration: Option<Duration>,
 
     /// Stop after this many messages.
-    #[arg(long, env = "TXMQ_COUNT")]
+    #[arg(long, env = "TXMQ_COUNT", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 
     /// When draining, stop after this long without a new message.
