@@ -1,7 +1,7 @@
 //! `txmq msg show|find|get`: find a message by id, by key, or by queue
 //! offset, and say where it is, what became of it and who consumed it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -79,13 +79,47 @@ pub(crate) fn parse_msg_id(s: &str) -> Result<MsgId, String> {
 }
 
 /// RFC 3339, ms since the epoch, or a duration ago; as ms since the epoch.
+/// An RFC 3339 time, in UTC (`Z`) or with an offset (`+01:00`, `-05:00`).
+fn rfc3339_with_offset(s: &str) -> Option<SystemTime> {
+    // humantime reads UTC only (and may skip what follows a fraction):
+    // read the local time as UTC, then move it by the offset (local = UTC
+    // + offset).
+    let Some((local, offset)) = s
+        .len()
+        .checked_sub(6)
+        .and_then(|at| s.split_at_checked(at))
+        .filter(|(_, o)| o.starts_with(['+', '-']))
+    else {
+        return humantime::parse_rfc3339_weak(s).ok();
+    };
+    let (sign, hh, mm) = match offset.as_bytes() {
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let two = |a: u8, b: u8| -> Option<u64> {
+                (a.is_ascii_digit() && b.is_ascii_digit()).then(|| u64::from((a - b'0') * 10 + (b - b'0')))
+            };
+            (*sign, two(*h1, *h2)?, two(*m1, *m2)?)
+        }
+        _ => return humantime::parse_rfc3339_weak(s).ok(),
+    };
+    if hh > 23 || mm > 59 || !local.contains('T') && !local.contains(' ') {
+        return None;
+    }
+    let utc = humantime::parse_rfc3339_weak(&format!("{local}Z")).ok()?;
+    let shift = Duration::from_secs((hh * 60 + mm) * 60);
+    if sign == b'+' {
+        utc.checked_sub(shift)
+    } else {
+        utc.checked_add(shift)
+    }
+}
+
 pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(ms);
     }
-    let at = match humantime::parse_rfc3339_weak(s) {
-        Ok(t) => t,
-        Err(_) => {
+    let at = match rfc3339_with_offset(s) {
+        Some(t) => t,
+        None => {
             let ago = humantime::parse_duration(s).map_err(|_| {
                 format!(
                     "'{s}' is not a time: give RFC 3339 (2026-01-31T12:00:00Z), milliseconds since the Unix epoch, or a duration ago (10m)"
@@ -372,4 +406,27 @@ fn message_json(broker: &str, m: &FoundMessage, detailed: bool) -> Value {
         o.insert("consumed_by".into(), Value::Array(groups));
     }
     Value::Object(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_with_an_offset_are_the_instant_they_name() {
+        let utc = parse_time("2026-12-06T14:00:00Z").unwrap();
+        assert_eq!(parse_time("2026-12-06T15:00:00+01:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T09:00:00-05:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T14:00:00+00:00"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T19:30:00+05:30"), Ok(utc));
+        assert_eq!(parse_time("2026-12-06T15:00:00.250+01:00"), Ok(utc + 250));
+        for bad in [
+            "2026-12-06T15:00:00+25:00",
+            "2026-12-06T15:00:00+1:00",
+            "2026-12-06T15:00:00+01:60",
+            "+01:00",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
 }
