@@ -162,6 +162,14 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 }
                 OutputFormat::Text => show_text(&printer, &group, &states)?,
             }
+            if !states.is_empty()
+                && states.iter().all(|s| s.members.is_empty() && s.queues.is_empty())
+            {
+                // A mistyped name looks like this too: say so.
+                eprintln!(
+                    "note: no broker knows group \"{group}\": no member and no committed offset (`txmq group list` lists the groups)"
+                );
+            }
             missing.finish(&printer, states.len(), "show the group on")
         }
         GroupCommand::ResetOffset { group, topic, to } => {
@@ -390,6 +398,12 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
     };
     let messages = match admin.browse(&dlq_topic(&group), limit).await {
         Ok(m) => m,
+        // No dead-letter topic: none yet, unless no broker is there to say.
+        Err(txmq::Error::NoRoute { .. }) if admin.cluster().await?.is_empty() => {
+            return Err(anyhow::anyhow!(
+                "no broker is registered with the nameservers: cannot tell whether group '{group}' has dead letters"
+            ));
+        }
         Err(txmq::Error::NoRoute { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };

@@ -828,10 +828,22 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_print_the_error_code_and_exit_non_zero() {
     let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    // No broker yet: a dead-letter listing cannot say there are none.
+    let err = failed(&txmq(&cluster.nameserver, &["dlq", "list", "g"], None).await);
+    assert!(err.contains("no broker is registered"), "{err}");
     cluster
         .add_broker("broker-a", |c| c.auto_create_topics = false)
         .await;
     let ns = &cluster.nameserver;
+    // A broker, and no dead letters: nothing, exit 0.
+    let out = ok(&txmq(ns, &["dlq", "list", "g"], None).await);
+    assert!(out.is_empty(), "{out}");
+    // A group no broker knows (a typo, say): the table is empty, and a note
+    // on stderr says why.
+    let o = txmq(ns, &["group", "show", "nosuch"], None).await;
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("note: no broker knows group \"nosuch\""), "{err}");
 
     let err = failed(&txmq(ns, &["send", "ghost", "--body", "boo"], None).await);
     assert!(
