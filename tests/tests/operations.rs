@@ -442,12 +442,21 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
             .code(),
         Some(2)
     );
-    fails_with(
-        &s.cli(&[
-            "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "nowhere",
-        ]),
-        "nowhere",
+    // A topic not made yet is made, as a send's would be (auto-create is
+    // on here); a name no topic may have is refused, named.
+    let out = ok(&s.cli(&[
+        "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "fresh",
+    ]));
+    assert!(
+        out.contains(&format!("resent {id} from %DLQ%billing on broker-a to fresh")),
+        "{out}"
     );
+    assert_eq!(consume(&s, "fresh", "auditors").len(), 1);
+    let out = s.cli(&[
+        "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "bad/topic",
+    ]);
+    fails_with(&out, "BAD_ARGUMENT");
+    fails_with(&out, "bad/topic");
 
     // The record survives a restart: --all still resends nothing.
     let mut broker = s.broker;

@@ -63,6 +63,13 @@ pub(super) async fn resend(
     if let Some(refusal) = b.replication.write_refusal(b) {
         return Err(refusal);
     }
+    // A topic named to re-send to is taken as a send's would be: a valid
+    // name, writable, made on first use where brokers make topics.
+    let mut created = None;
+    if let Some(to) = &req.to {
+        txmq_protocol::validate_topic_name(to).map_err(bad_argument)?;
+        created = super::writable_queue(b, to, 0)?;
+    }
     let dlq = dlq_topic(&req.group);
     // One resend at a time: two at once could both send a letter.
     let _one = b.resent.busy.lock().await;
@@ -165,6 +172,9 @@ pub(super) async fn resend(
             });
         }
         tracing::info!(group = %req.group, %topic, queue, "dead letters re-sent");
+    }
+    if let Some(version) = created {
+        super::topic::registered(b, version).await;
     }
     // Under sync replication, answered once the replicas hold the copies
     // (as a send is): a failover must not lose a letter recorded as resent.
