@@ -245,6 +245,9 @@ async fn main() -> ExitCode {
             .error(clap::error::ErrorKind::ArgumentConflict, m)
             .exit()
     };
+    if args.broker_expiry.is_zero() {
+        usage("--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into());
+    }
     let controller = args.controller().unwrap_or_else(|m| usage(m));
     let credentials = args.credentials().unwrap_or_else(|m| usage(m));
     let logging = args

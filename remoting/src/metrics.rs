@@ -56,8 +56,10 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
             )
                 .into_response()
         });
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving metrics at /metrics");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "serving metrics at /metrics"),
+        Err(_) => tracing::info!("serving metrics at /metrics"),
+    }
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -1143,6 +1143,14 @@ fn a_worker_thread_count_out_of_range_is_a_usage_error() {
         assert!(err.contains("--network-threads"), "{n}: {err}");
     }
     assert!(!dir.path().join("data").exists(), "nothing was started");
+    // The nameserver's settings are usage errors too, as the broker's are.
+    let out = run_to_exit(
+        "txmq-nameserver",
+        &["--listen", &listen, "--broker-expiry", "0s"],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--broker-expiry must be above 0"), "{err}");
 }
 
 #[test]
