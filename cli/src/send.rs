@@ -90,7 +90,7 @@ pub struct SendArgs {
     pub key: Option<String>,
 
     /// The messages' tag.
-    #[arg(long, env = "TXMQ_TAG")]
+    #[arg(long, env = "TXMQ_TAG", value_parser = crate::args::parse_tag)]
     pub tag: Option<String>,
 
     /// Send the --body this many times.

@@ -155,7 +155,7 @@ pub struct TxSendArgs {
     pub key: Option<String>,
 
     /// The message's tag.
-    #[arg(long, env = "TXMQ_TAG")]
+    #[arg(long, env = "TXMQ_TAG", value_parser = crate::args::parse_tag)]
     pub tag: Option<String>,
 
     /// The local transaction's result: commit and rollback end the

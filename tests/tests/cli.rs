@@ -812,6 +812,8 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         (&["msg", "find", "--topic", "t", "--key", ""], "--key"),
         (&["msg", "find", "--topic", "t", "--key", "a b"], "--key"),
         (&["msg", "find", "--topic", "t", "--key", "k", "--max", "0"], "--max"),
+        (&["send", "t", "--body", "x", "--tag", "a || b"], "--tag"),
+        (&["tx", "send", "t", "--group", "g", "--body", "x", "--local", "commit", "--tag", ""], "--tag"),
         (&["msg", "get", "--topic", "t", "--queue", "0", "--offset", "0", "--count", "0"], "--count"),
         (&["bench", "consume", "t", "--group", "g", "--count", "0"], "--count"),
     ] {
