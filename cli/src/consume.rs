@@ -19,7 +19,9 @@ use txmq::{
     handler_fn, Admin, ClientConfig, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage,
 };
 
-use crate::args::{parse_duration, parse_group, parse_positive_duration, parse_tag_filter, GlobalArgs};
+use crate::args::{
+    parse_duration, parse_group, parse_positive_duration, parse_tag_filter, GlobalArgs,
+};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 

@@ -163,7 +163,9 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 OutputFormat::Text => show_text(&printer, &group, &states)?,
             }
             if !states.is_empty()
-                && states.iter().all(|s| s.members.is_empty() && s.queues.is_empty())
+                && states
+                    .iter()
+                    .all(|s| s.members.is_empty() && s.queues.is_empty())
             {
                 // A mistyped name looks like this too: say so.
                 eprintln!(

@@ -95,7 +95,8 @@ fn rfc3339_with_offset(s: &str) -> Option<SystemTime> {
     let (sign, hh, mm) = match offset.as_bytes() {
         [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
             let two = |a: u8, b: u8| -> Option<u64> {
-                (a.is_ascii_digit() && b.is_ascii_digit()).then(|| u64::from((a - b'0') * 10 + (b - b'0')))
+                (a.is_ascii_digit() && b.is_ascii_digit())
+                    .then(|| u64::from((a - b'0') * 10 + (b - b'0')))
             };
             (*sign, two(*h1, *h2)?, two(*m1, *m2)?)
         }

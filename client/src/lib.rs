@@ -136,11 +136,11 @@ pub use txmq_protocol::{BrokerRole, ReplicaInfo, ReplicationInfo};
 /// state ([`Admin::elect_master`], [`Admin::controller_info`]).
 pub use txmq_protocol::{BrokerGroupState, ControllerInfo, ControllerReplica};
 
-/// The dashboard's counters of a broker (`Admin::broker_counters`).
-pub use txmq_protocol::{validate_topic_name, BrokerCounters, TopicTraffic};
 /// Checks a subscription's tag expression (`*`, or `a || b`) as consumers
 /// and brokers read it: the tags, or `None` for every tag.
 pub use txmq_protocol::parse_tag_expression;
+/// The dashboard's counters of a broker (`Admin::broker_counters`).
+pub use txmq_protocol::{validate_topic_name, BrokerCounters, TopicTraffic};
 /// Messages found by [`Admin::message_by_id`], [`Admin::messages_by_key`]
 /// and [`Admin::messages_at`].
 pub use txmq_protocol::{FoundMessage, FoundMessages, GroupConsumption, MessageState};

@@ -220,14 +220,26 @@ async fn e2e_at_a_rate_loses_and_repeats_nothing_with_either_pacing() {
         bench(
             &ns,
             &[
-                "e2e", "e", "--producers", "1", "--rate", "10000000", "--duration", "1s",
-                "--warmup", "0s", "--size", "128",
+                "e2e",
+                "e",
+                "--producers",
+                "1",
+                "--rate",
+                "10000000",
+                "--duration",
+                "1s",
+                "--warmup",
+                "0s",
+                "--size",
+                "128",
             ],
         ),
     )
     .await
     .expect("the run ends at its duration, not when its backlog would");
-    let unsent = r["unsent"].as_u64().unwrap_or_else(|| panic!("unsent in {r}"));
+    let unsent = r["unsent"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("unsent in {r}"));
     let sent = r["sent"].as_u64().unwrap_or_else(|| panic!("sent in {r}"));
     assert!(sent > 0 && unsent > 0, "{r}");
     assert_eq!(sent + unsent, 10_000_000, "the schedule, sent or not: {r}");

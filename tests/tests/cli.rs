@@ -801,21 +801,52 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         (&["bench", "produce", "t", "--duration", "0s"], "--duration"),
         // Values no broker could take: named with their flag, exit 2.
         (&["bench", "produce", "t", "--queues", "0"], "--queues"),
-        (&["consume", "t", "--group", "g", "--commit-interval", "0s"], "--commit-interval"),
-        (&["consume", "t", "--group", "g", "--rebalance-interval", "0s"], "--rebalance-interval"),
-        (&["consume", "t", "--group", "g", "--route-refresh", "0s"], "--route-refresh"),
+        (
+            &["consume", "t", "--group", "g", "--commit-interval", "0s"],
+            "--commit-interval",
+        ),
+        (
+            &["consume", "t", "--group", "g", "--rebalance-interval", "0s"],
+            "--rebalance-interval",
+        ),
+        (
+            &["consume", "t", "--group", "g", "--route-refresh", "0s"],
+            "--route-refresh",
+        ),
         (&["consume", "t", "--group", "g", "--tag", "a ||"], "--tag"),
         (&["topic", "list", "--timeout", "0s"], "--timeout"),
         (&["topic", "list", "--nameserver", ""], "--nameserver"),
-        (&["topic", "list", "--nameserver", "notanaddr"], "--nameserver"),
-        (&["topic", "list", "--nameserver", "127.0.0.1:9876,:9"], "--nameserver"),
+        (
+            &["topic", "list", "--nameserver", "notanaddr"],
+            "--nameserver",
+        ),
+        (
+            &["topic", "list", "--nameserver", "127.0.0.1:9876,:9"],
+            "--nameserver",
+        ),
         (&["msg", "find", "--topic", "t", "--key", ""], "--key"),
         (&["msg", "find", "--topic", "t", "--key", "a b"], "--key"),
-        (&["msg", "find", "--topic", "t", "--key", "k", "--max", "0"], "--max"),
+        (
+            &["msg", "find", "--topic", "t", "--key", "k", "--max", "0"],
+            "--max",
+        ),
         (&["send", "t", "--body", "x", "--tag", "a || b"], "--tag"),
-        (&["tx", "send", "t", "--group", "g", "--body", "x", "--local", "commit", "--tag", ""], "--tag"),
-        (&["msg", "get", "--topic", "t", "--queue", "0", "--offset", "0", "--count", "0"], "--count"),
-        (&["bench", "consume", "t", "--group", "g", "--count", "0"], "--count"),
+        (
+            &[
+                "tx", "send", "t", "--group", "g", "--body", "x", "--local", "commit", "--tag", "",
+            ],
+            "--tag",
+        ),
+        (
+            &[
+                "msg", "get", "--topic", "t", "--queue", "0", "--offset", "0", "--count", "0",
+            ],
+            "--count",
+        ),
+        (
+            &["bench", "consume", "t", "--group", "g", "--count", "0"],
+            "--count",
+        ),
     ] {
         let o = txmq_cli(ns, args, None);
         let err = stderr(&o);
@@ -845,7 +876,10 @@ async fn refused_requests_print_the_error_code_and_exit_non_zero() {
     let o = txmq(ns, &["group", "show", "nosuch"], None).await;
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("note: no broker knows group \"nosuch\""), "{err}");
+    assert!(
+        err.contains("note: no broker knows group \"nosuch\""),
+        "{err}"
+    );
 
     let err = failed(&txmq(ns, &["send", "ghost", "--body", "boo"], None).await);
     assert!(
@@ -953,15 +987,28 @@ async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
         let lines = json_lines(ok(&txmq(ns, &all, None).await).as_bytes());
         assert_eq!(lines.len(), 1, "{lines:?}");
         let l = &lines[0];
-        (l["queues"].as_u64(), text(l, "perm"), l["updated"].as_bool())
+        (
+            l["queues"].as_u64(),
+            text(l, "perm"),
+            l["updated"].as_bool(),
+        )
     };
     // New: 4 queues and rw unless given.
-    assert_eq!(create(&["--perm", "r"]).await, (Some(4), "r".into(), Some(false)));
+    assert_eq!(
+        create(&["--perm", "r"]).await,
+        (Some(4), "r".into(), Some(false))
+    );
     // More queues: still read only (it used to become rw again).
-    assert_eq!(create(&["--queues", "6"]).await, (Some(6), "r".into(), Some(true)));
+    assert_eq!(
+        create(&["--queues", "6"]).await,
+        (Some(6), "r".into(), Some(true))
+    );
     // The permission alone: the 6 queues stay (it used to ask for 4 and
     // be refused, as queue counts cannot shrink).
-    assert_eq!(create(&["--perm", "rw"]).await, (Some(6), "rw".into(), Some(true)));
+    assert_eq!(
+        create(&["--perm", "rw"]).await,
+        (Some(6), "rw".into(), Some(true))
+    );
     let out = ok(&txmq(ns, &["topic", "create", "keep"], None).await);
     assert!(
         out.starts_with("updated topic keep on broker-a") && out.contains("6 queues, perm rw"),

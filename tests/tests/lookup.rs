@@ -326,19 +326,39 @@ async fn messages_are_found_by_id_key_and_offset_also_after_kill9() {
     let o = txmq(
         &ns,
         &[
-            "msg", "find", "--topic", "orders", "--key", "nokey", "--until", "253402300800000",
+            "msg",
+            "find",
+            "--topic",
+            "orders",
+            "--key",
+            "nokey",
+            "--until",
+            "253402300800000",
         ],
         None,
     )
     .await;
-    failed_with(&o, 1, "253402300800000 ms after the Unix epoch (past year 9999)");
+    failed_with(
+        &o,
+        1,
+        "253402300800000 ms after the Unix epoch (past year 9999)",
+    );
     // A first check-back further ahead than the broker's --max-delay (7
     // days) is refused: such a transaction would in effect never be checked.
     let o = txmq(
         &ns,
         &[
-            "tx", "send", "orders", "--group", "pg", "--body", "late", "--local", "unknown",
-            "--first-check-delay", "10000y",
+            "tx",
+            "send",
+            "orders",
+            "--group",
+            "pg",
+            "--body",
+            "late",
+            "--local",
+            "unknown",
+            "--first-check-delay",
+            "10000y",
         ],
         None,
     )
@@ -348,9 +368,18 @@ async fn messages_are_found_by_id_key_and_offset_also_after_kill9() {
     // A broker that does not answer: the lookup cannot tell, and says so
     // (not that there is no such message).
     broker.signal("STOP");
-    let o = txmq(&ns, &["--timeout", "500ms", "msg", "show", &s(&a, "msg_id")], None).await;
+    let o = txmq(
+        &ns,
+        &["--timeout", "500ms", "msg", "show", &s(&a, "msg_id")],
+        None,
+    )
+    .await;
     broker.signal("CONT");
-    let err = failed_with(&o, 1, "could not look for it: 1 broker(s) did not answer: broker-a");
+    let err = failed_with(
+        &o,
+        1,
+        "could not look for it: 1 broker(s) did not answer: broker-a",
+    );
     assert!(!err.contains("no message"), "{err}");
 
     // A crash: every lookup still answers the same.
@@ -377,13 +406,24 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
     let sent = one_json(
         &txmq(
             &ns,
-            &["--output", "json", "send", "later", "--body", "delayed", "--delay", "1s"],
+            &[
+                "--output", "json", "send", "later", "--body", "delayed", "--delay", "1s",
+            ],
             None,
         )
         .await,
     );
-    assert_eq!(sent["queue_offset"], Value::Null, "not in its queue yet: {sent}");
-    let text = ok(&txmq(&ns, &["send", "later", "--body", "text", "--delay", "1s"], None).await);
+    assert_eq!(
+        sent["queue_offset"],
+        Value::Null,
+        "not in its queue yet: {sent}"
+    );
+    let text = ok(&txmq(
+        &ns,
+        &["send", "later", "--body", "text", "--delay", "1s"],
+        None,
+    )
+    .await);
     assert!(text.contains(" offset=- "), "{text}");
     let now = send_to(&ns, "later", "now").await;
     assert_eq!(now["queue_offset"], 0, "{now}");
@@ -402,12 +442,22 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
         assert!(std::time::Instant::now() < deadline, "not delivered: {m}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let offset = delivered["queue_offset"].as_u64().expect("an offset once delivered");
+    let offset = delivered["queue_offset"]
+        .as_u64()
+        .expect("an offset once delivered");
     let got = one_json(
         &txmq(
             &ns,
             &[
-                "--output", "json", "msg", "get", "--topic", "later", "--queue", "0", "--offset",
+                "--output",
+                "json",
+                "msg",
+                "get",
+                "--topic",
+                "later",
+                "--queue",
+                "0",
+                "--offset",
                 &offset.to_string(),
             ],
             None,
@@ -418,7 +468,14 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
     assert_eq!(s(&got, "body"), "delayed");
 
     // Consumed: `msg show` says by whom.
-    ok(&txmq(&ns, &["consume", "later", "--group", "g", "--count", "3", "--from", "first"], None).await);
+    ok(&txmq(
+        &ns,
+        &[
+            "consume", "later", "--group", "g", "--count", "3", "--from", "first",
+        ],
+        None,
+    )
+    .await);
     let m = &show(&ns, &id).await[0];
     assert_eq!(m["consumed_by"][0]["group"], "g", "{m}");
     assert_eq!(m["consumed_by"][0]["consumed"], true, "{m}");
@@ -433,5 +490,12 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
 }
 
 async fn send_to(ns: &str, topic: &str, body: &str) -> Value {
-    one_json(&txmq(ns, &["--output", "json", "send", topic, "--body", body], None).await)
+    one_json(
+        &txmq(
+            ns,
+            &["--output", "json", "send", topic, "--body", body],
+            None,
+        )
+        .await,
+    )
 }

@@ -448,12 +448,21 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
         "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "fresh",
     ]));
     assert!(
-        out.contains(&format!("resent {id} from %DLQ%billing on broker-a to fresh")),
+        out.contains(&format!(
+            "resent {id} from %DLQ%billing on broker-a to fresh"
+        )),
         "{out}"
     );
     assert_eq!(consume(&s, "fresh", "auditors").len(), 1);
     let out = s.cli(&[
-        "dlq", "resend", "billing", "--msg-id", id, "--force", "--to", "bad/topic",
+        "dlq",
+        "resend",
+        "billing",
+        "--msg-id",
+        id,
+        "--force",
+        "--to",
+        "bad/topic",
     ]);
     fails_with(&out, "BAD_ARGUMENT");
     fails_with(&out, "bad/topic");
@@ -690,11 +699,15 @@ fn transactions_ended_before_a_restart_are_still_shown() {
     ok(&s.cli(&["topic", "create", "orders", "--queues", "1"]));
     let committed = tx_send(
         &s,
-        &["orders", "--group", "pg", "--body", "kept", "--local", "commit"],
+        &[
+            "orders", "--group", "pg", "--body", "kept", "--local", "commit",
+        ],
     );
     let rolled = tx_send(
         &s,
-        &["orders", "--group", "pg", "--body", "dropped", "--local", "rollback"],
+        &[
+            "orders", "--group", "pg", "--body", "dropped", "--local", "rollback",
+        ],
     );
     assert_eq!(show(&s, committed)["state"], "committed");
     assert_eq!(show(&s, committed)["ended_by"], "producer");
@@ -708,7 +721,10 @@ fn transactions_ended_before_a_restart_are_still_shown() {
     broker.restart();
     let s = Setup { broker, ..s };
     s.wait_registered();
-    for (tx, state, body) in [(committed, "committed", "kept"), (rolled, "rolled_back", "dropped")] {
+    for (tx, state, body) in [
+        (committed, "committed", "kept"),
+        (rolled, "rolled_back", "dropped"),
+    ] {
         let d = show(&s, tx);
         assert_eq!(d["state"], state, "{d}");
         assert_eq!(d["ended_by"], "unknown", "{d}");

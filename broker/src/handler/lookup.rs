@@ -89,7 +89,8 @@ fn found_message(f: Found, state: MessageState, tx_id: Option<u64>) -> FoundMess
 /// delivered copy of it is among `found` (that copy shows it).
 fn delayed_message(b: &BrokerInner, f: &Found, found: &[Found]) -> Option<FoundMessage> {
     let copied = found.iter().any(|c| {
-        c.record.kind == RecordKind::DelayedCopy && c.record.message.msg_id == f.record.message.msg_id
+        c.record.kind == RecordKind::DelayedCopy
+            && c.record.message.msg_id == f.record.message.msg_id
     });
     if copied {
         return None;

@@ -1918,7 +1918,11 @@ impl Store {
     /// Whether a record of `topic` at log position `pos` was deleted with
     /// the topic (`txmq topic delete`).
     fn deleted_before(&self, topic: &str, pos: u64) -> bool {
-        let deleted = self.inner.deleted_below.read().unwrap_or_else(|e| e.into_inner());
+        let deleted = self
+            .inner
+            .deleted_below
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         deleted.get(topic).is_some_and(|below| pos < *below)
     }
 
@@ -2106,7 +2110,10 @@ pub(crate) fn record_deleted(
 ) -> Result<(), StoreError> {
     deleted_topics::append(&inner.config.dir, topic, below)
         .map_err(|e| StoreError::io(format!("cannot record the delete of topic {topic}"), &e))?;
-    let mut deleted = inner.deleted_below.write().unwrap_or_else(|e| e.into_inner());
+    let mut deleted = inner
+        .deleted_below
+        .write()
+        .unwrap_or_else(|e| e.into_inner());
     let at = deleted.entry(topic.to_string()).or_insert(below);
     *at = (*at).max(below);
     Ok(())

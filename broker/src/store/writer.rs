@@ -115,7 +115,7 @@ impl QueueSet for LiveQueues<'_> {
         super::remove_queue_files(&self.0.config, topic)?;
         self.0.offsets.retain(|(_, t, _), _| t != topic);
         super::lock(&self.0.pop).remove_topic(topic);
-        super::record_deleted(&self.0, topic, below)
+        super::record_deleted(self.0, topic, below)
     }
 
     fn level(&mut self, level: u32) -> Result<Arc<ConsumeQueue>, StoreError> {

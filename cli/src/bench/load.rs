@@ -298,7 +298,10 @@ mod tests {
         }
         // The last one went out 76 ms late: its latency counts that.
         let (last, sent) = done_ops[19];
-        assert_eq!(sent.duration_since(last.intended), Duration::from_millis(76));
+        assert_eq!(
+            sent.duration_since(last.intended),
+            Duration::from_millis(76)
+        );
         // The other 80 of the schedule were never sent, and the run ended
         // at its deadline rather than when the backlog would have.
         assert_eq!(unsent, 80);
