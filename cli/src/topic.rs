@@ -18,7 +18,7 @@ pub enum TopicCommand {
         topic: String,
         /// Number of queues on each broker (a new topic: 4; an existing
         /// one keeps its count unless given).
-        #[arg(long, env = "TXMQ_QUEUES")]
+        #[arg(long, env = "TXMQ_QUEUES", value_parser = clap::value_parser!(u32).range(1..))]
         queues: Option<u32>,
         /// Create it only on this broker (a broker name or address).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
@@ -82,38 +82,6 @@ impl Perm {
     }
 }
 
-/// The queue count and permission `topic create` asks for: those given,
-/// else those of the topic where it exists (the most queues any broker has,
-/// since counts cannot shrink; its one permission), else 4 queues, rw.
-///
-/// # Errors
-/// When the permission is not given and the brokers serving the topic
-/// differ in it.
-fn settings_to_keep(
-    topic: &str,
-    existing: &[txmq::BrokerQueues],
-    queues: Option<u32>,
-    perm: Option<Perm>,
-) -> Result<(u32, u8)> {
-    let queues = queues
-        .or_else(|| existing.iter().map(|b| b.queues).max())
-        .unwrap_or(4);
-    let perm = match perm {
-        Some(p) => p.bits(),
-        None => {
-            let mut perms = existing.iter().map(|b| b.perm);
-            let first = perms.next().unwrap_or(PERM_READ_WRITE);
-            if perms.any(|p| p != first) {
-                return Err(crate::exit::usage(format!(
-                    "the brokers serving '{topic}' differ in its permission: give --perm"
-                )));
-            }
-            first
-        }
-    };
-    Ok((queues, perm))
-}
-
 /// Runs a topic subcommand.
 ///
 /// # Errors
@@ -129,17 +97,11 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             perm,
         } => {
             // What is not given stays as it is where the topic exists.
-            let existing = match admin.route(&topic).await {
-                Ok(route) => route.brokers,
-                Err(txmq::Error::NoRoute { .. }) => Vec::new(),
-                Err(e) => return Err(e.into()),
-            };
-            let (queues, perm) = settings_to_keep(&topic, &existing, queues, perm)?;
             let created = admin
-                .create_topic(&topic, queues, perm, broker.as_deref())
+                .create_or_update_topic(&topic, queues, perm.map(Perm::bits), broker.as_deref())
                 .await?;
             for c in &created {
-                let updated = existing.iter().any(|b| b.broker_name == c.broker_name);
+                let updated = c.updated;
                 match printer.format {
                     crate::output::OutputFormat::Text => printer.line(&format!(
                         "{} topic {} on {} ({}): {} queues, perm {}",

@@ -33,6 +33,10 @@ pub struct CreatedTopic {
     pub addr: String,
     /// The topic's configuration there, as the broker answered.
     pub config: TopicConfig,
+    /// The topic was there already (as the route said), and this updated
+    /// it (see [`Admin::create_or_update_topic`]); always `false` from
+    /// [`Admin::create_topic`].
+    pub updated: bool,
 }
 
 /// One broker's answer to a request sent to several brokers: the data of
@@ -164,6 +168,55 @@ impl Admin {
                 broker_name,
                 addr,
                 config,
+                updated: false,
+            });
+        }
+        Ok(created)
+    }
+
+    /// Creates `topic` on every broker group (or on `broker` only) where it
+    /// is missing, and updates it where it exists, changing only what is
+    /// given: on each broker where the route has the topic, a queue count
+    /// or permission left out stays as that broker has it (queue counts
+    /// only grow); where it is new, 4 queues and read-write unless given.
+    ///
+    /// # Errors
+    /// As [`Admin::create_topic`]; [`Error::Remoting`] when no nameserver
+    /// answers the route.
+    pub async fn create_or_update_topic(
+        &self,
+        topic: &str,
+        queues: Option<u32>,
+        perm: Option<u8>,
+        broker: Option<&str>,
+    ) -> Result<Vec<CreatedTopic>> {
+        let existing = match self.route(topic).await {
+            Ok(route) => route.brokers,
+            Err(Error::NoRoute { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let _in_flight = self.drain.enter(ADMIN)?;
+        let targets = self.targets(broker).await?;
+        let mut created = Vec::with_capacity(targets.len());
+        for (broker_name, addr) in targets {
+            let there = existing.iter().find(|b| b.broker_name == broker_name);
+            let request = CreateTopic {
+                topic: topic.to_string(),
+                queues: queues.or(there.map(|b| b.queues)).unwrap_or(DEFAULT_TOPIC_QUEUES),
+                perm: perm
+                    .or(there.map(|b| b.perm))
+                    .unwrap_or(txmq_protocol::PERM_READ_WRITE),
+            };
+            let answer = match self.pool.get(&addr).await {
+                Ok(conn) => conn.call(request).await,
+                Err(e) => Err(e),
+            };
+            let config = answer.map_err(|e| Error::at_broker(&broker_name, &addr, e))?;
+            created.push(CreatedTopic {
+                broker_name,
+                addr,
+                config,
+                updated: there.is_some(),
             });
         }
         Ok(created)
@@ -783,6 +836,10 @@ impl Admin {
         answer.map_err(|e| Error::at_broker(broker, addr, e))
     }
 }
+
+/// The queue count of a topic [`Admin::create_or_update_topic`] makes when
+/// none is given.
+pub const DEFAULT_TOPIC_QUEUES: u32 = 4;
 
 /// How many messages [`Admin::messages_by_key`] asks each broker for.
 pub const DEFAULT_FIND_MAX: u32 = 32;

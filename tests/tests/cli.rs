@@ -913,8 +913,10 @@ async fn refused_requests_print_the_error_code_and_exit_non_zero() {
         err.contains("BAD_ARGUMENT") && err.contains("5000"),
         "{err}"
     );
-    let err = failed(&txmq(ns, &["topic", "create", "narrow", "--queues", "0"], None).await);
-    assert!(err.contains("BAD_ARGUMENT"), "{err}");
+    let o = txmq(ns, &["topic", "create", "narrow", "--queues", "0"], None).await;
+    let err = failed(&o);
+    assert_eq!(o.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("--queues"), "{err}");
     let err = failed(&txmq(ns, &["send", "a/b", "--body", "x"], None).await);
     assert!(err.contains("BAD_ARGUMENT") && err.contains("a/b"), "{err}");
     let err = failed(&txmq(ns, &["topic", "create", "t", "--broker", "broker-z"], None).await);
@@ -976,42 +978,52 @@ async fn a_created_topic_is_routable_as_soon_as_create_returns() {
 }
 
 /// `txmq topic create` of a topic that exists changes only what it is
-/// given: the queue count and permission left out stay as they are.
+/// given: the queue count and permission left out stay as each broker has
+/// them; where the topic is new, 4 queues and rw unless given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
-    let cluster = Cluster::start(FlushMode::Async).await;
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster.add_broker("broker-a", |_| {}).await;
+    cluster.add_broker("broker-b", |_| {}).await;
     let ns = &cluster.nameserver;
     let create = |args: &'static [&'static str]| async move {
         let mut all = vec!["--output", "json", "topic", "create", "keep"];
         all.extend_from_slice(args);
         let lines = json_lines(ok(&txmq(ns, &all, None).await).as_bytes());
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        let l = &lines[0];
-        (
-            l["queues"].as_u64(),
-            text(l, "perm"),
-            l["updated"].as_bool(),
-        )
+        lines
+            .iter()
+            .map(|l| {
+                let q = l["queues"].as_u64().unwrap_or_default();
+                let updated = l["updated"].as_bool().unwrap_or_default();
+                (text(l, "broker"), q, text(l, "perm"), updated)
+            })
+            .collect::<Vec<_>>()
     };
-    // New: 4 queues and rw unless given.
+    let row = |b: &str, q: u64, p: &str, u: bool| (b.to_string(), q, p.to_string(), u);
+    // New on one broker: 4 queues unless given.
     assert_eq!(
-        create(&["--perm", "r"]).await,
-        (Some(4), "r".into(), Some(false))
+        create(&["--perm", "r", "--broker", "broker-a"]).await,
+        [row("broker-a", 4, "r", false)]
     );
-    // More queues: still read only (it used to become rw again).
+    // More queues everywhere: broker-a stays read only (it used to become
+    // rw again), broker-b gets the topic new, rw.
     assert_eq!(
         create(&["--queues", "6"]).await,
-        (Some(6), "r".into(), Some(true))
+        [row("broker-a", 6, "r", true), row("broker-b", 6, "rw", false)]
     );
-    // The permission alone: the 6 queues stay (it used to ask for 4 and
-    // be refused, as queue counts cannot shrink).
     assert_eq!(
-        create(&["--perm", "rw"]).await,
-        (Some(6), "rw".into(), Some(true))
+        create(&["--queues", "8", "--broker", "broker-b"]).await,
+        [row("broker-b", 8, "rw", true)]
     );
-    let out = ok(&txmq(ns, &["topic", "create", "keep"], None).await);
+    // The permission alone: each broker keeps its own queue count (it used
+    // to ask for 4 and be refused, as queue counts cannot shrink).
+    assert_eq!(
+        create(&["--perm", "r"]).await,
+        [row("broker-a", 6, "r", true), row("broker-b", 8, "r", true)]
+    );
+    let out = ok(&txmq(ns, &["topic", "create", "keep", "--broker", "broker-a"], None).await);
     assert!(
-        out.starts_with("updated topic keep on broker-a") && out.contains("6 queues, perm rw"),
+        out.starts_with("updated topic keep on broker-a") && out.contains("6 queues, perm r"),
         "{out}"
     );
     cluster.shutdown().await;
