@@ -88,9 +88,12 @@ fn found_message(f: Found, state: MessageState, tx_id: Option<u64>) -> FoundMess
 /// in its queue) once its delay ended, else still delayed; `None` when a
 /// delivered copy of it is among `found` (that copy shows it).
 fn delayed_message(b: &BrokerInner, f: &Found, found: &[Found]) -> Option<FoundMessage> {
+    // A consumer's retries of one message keep its id: only the copy made
+    // from this very record shows it.
     let copied = found.iter().any(|c| {
         c.record.kind == RecordKind::DelayedCopy
             && c.record.message.msg_id == f.record.message.msg_id
+            && b.store.copied_from(&c.record) == Some(f.pos)
     });
     if copied {
         return None;

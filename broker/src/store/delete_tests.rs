@@ -210,3 +210,38 @@ async fn a_rechecked_transaction_is_not_parked_again_by_recovery() {
     );
     store.shutdown().await;
 }
+
+/// Lookups by id leave a deleted topic's records out, also after a crash
+/// that wrote the delete's record to the log but not its entry in
+/// `deleted-topics.log`: recovery records it from the log.
+#[tokio::test]
+async fn lookups_leave_a_deleted_topic_out_also_when_a_crash_lost_its_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = vec![("orders".to_string(), 1)];
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
+    let old = msg("orders", "old");
+    let old_id = old.msg_id;
+    store.append("orders", 0, vec![old]).await.unwrap();
+    assert_eq!(store.find_by_id(&old_id, 8).unwrap().len(), 1);
+    store.delete_topic("orders").await.unwrap();
+    assert!(store.find_by_id(&old_id, 8).unwrap().is_empty());
+    store.shutdown().await;
+
+    std::fs::remove_file(dir.path().join("deleted-topics.log")).unwrap();
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &[]).unwrap();
+    assert!(
+        store.find_by_id(&old_id, 8).unwrap().is_empty(),
+        "the old record stays out"
+    );
+    assert!(deleted_topics::load(dir.path())
+        .unwrap()
+        .contains_key("orders"));
+    // Made again: only what came after is found.
+    store.ensure_queues("orders", 1).unwrap();
+    let new = msg("orders", "new");
+    let new_id = new.msg_id;
+    store.append("orders", 0, vec![new]).await.unwrap();
+    assert_eq!(store.find_by_id(&new_id, 8).unwrap().len(), 1);
+    assert!(store.find_by_id(&old_id, 8).unwrap().is_empty());
+    store.shutdown().await;
+}

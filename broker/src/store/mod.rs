@@ -597,10 +597,8 @@ impl Store {
         } else {
             None
         };
-        let deleted_below = deleted_topics::load(&config.dir)
-            .map_err(|e| StoreError::io("cannot read the deleted topics", &e))?;
         let inner = Arc::new(StoreInner {
-            deleted_below: RwLock::new(deleted_below),
+            deleted_below: RwLock::new(recovered.deleted),
             config,
             log: recovered.log,
             queues: RwLock::new(recovered.queues),
@@ -1817,6 +1815,20 @@ impl Store {
             let body = delay::MoveBody::decode(&f.record.message.body)?;
             (body.kind == delay::MoveKind::Queue).then_some((body.queue, body.offset))
         }))
+    }
+
+    /// The log position of the delayed record a delivered copy
+    /// (`DelayedCopy`) was made from: the one its delay-level entry points
+    /// at. `None` when that entry is gone (the level's file cut by
+    /// retention) or the record is no copy.
+    pub fn copied_from(&self, copy: &record::Record) -> Option<u64> {
+        if copy.kind != record::RecordKind::DelayedCopy {
+            return None;
+        }
+        let (level, offset) = delay::parse_copy_aux(copy.aux);
+        let cq = self.inner.delay_levels.get(level as usize)?;
+        let entry = cq.read(offset, 1).ok()?.into_iter().next()?;
+        Some(entry.log_offset)
     }
 
     /// The messages (and half messages) of `topic` with key `key` (one of

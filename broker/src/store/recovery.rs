@@ -51,6 +51,9 @@ pub(crate) struct Recovered {
     pub end: u64,
     /// A slave's last whole record.
     pub last_record: Option<RecordRef>,
+    /// Deleted topics and the positions below which their records no
+    /// longer count.
+    pub deleted: super::deleted_topics::Deleted,
 }
 
 type Queues = HashMap<String, Vec<Arc<ConsumeQueue>>>;
@@ -283,6 +286,10 @@ pub(crate) struct Replayer<'a> {
     /// Deleted topics: their messages and offset commits below the
     /// position are ignored (see `deleted_topics.rs`); `None` live.
     pub(crate) deleted: Option<&'a super::deleted_topics::Deleted>,
+    /// Recovery: the topic deletes replayed, (topic, position), so that
+    /// one whose entry in `deleted-topics.log` a crash kept from being
+    /// written is recorded there now. `None` live (a slave records each).
+    pub(crate) deletes_seen: Option<&'a mut Vec<(String, u64)>>,
 }
 
 impl Replayer<'_> {
@@ -421,6 +428,9 @@ impl Replayer<'_> {
     /// A topic deleted at `pos`: what its records before built goes (the
     /// entries still batched first, so none lands after the delete).
     fn delete_topic(&mut self, topic: &str, pos: u64) -> Result<(), StoreError> {
+        if let Some(seen) = self.deletes_seen.as_deref_mut() {
+            seen.push((topic.to_string(), pos));
+        }
         self.batcher.flush()?;
         self.queues.remove_topic(topic, pos)?;
         self.offsets.retain(|(_, t, _), _| t != topic);
@@ -682,8 +692,9 @@ pub(crate) fn recover(
     let checkpoint =
         Checkpoint::load(&config.dir).map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
     let first = log.segments().first().map_or(0, |s| s.start);
-    let deleted = super::deleted_topics::load(&config.dir)
+    let mut deleted = super::deleted_topics::load(&config.dir)
         .map_err(|e| StoreError::io("cannot read the deleted topics", &e))?;
+    let mut deletes_seen = Vec::new();
     let (mut offsets, checkpointed, oldest_pending, mut justified, mut producers, mut pop) =
         match checkpoint {
             Some(cp) => (
@@ -791,6 +802,7 @@ pub(crate) fn recover(
         pop_log: None,
         dispatch_from: verify_from,
         deleted: Some(&deleted),
+        deletes_seen: Some(&mut deletes_seen),
     };
     if scan_from < verify_from {
         // Verified by an earlier run: read for transaction records only. A
@@ -813,6 +825,18 @@ pub(crate) fn recover(
         cut = Some(open.start);
     }
     replayer.batcher.flush()?;
+    // A delete whose record is in the log but whose entry a crash kept out
+    // of `deleted-topics.log` (written right after the record): recorded
+    // now, so that lookups and later recoveries leave the topic's older
+    // records out too.
+    for (topic, pos) in deletes_seen {
+        if deleted.get(&topic).is_none_or(|below| *below < pos) {
+            super::deleted_topics::append(&config.dir, &topic, pos).map_err(|e| {
+                StoreError::io(format!("cannot record the delete of topic {topic}"), &e)
+            })?;
+            deleted.insert(topic, pos);
+        }
+    }
     let transactions = RecoveredTransactions {
         pending: std::mem::take(&mut state.pending),
         ended: std::mem::take(&mut state.ended)
@@ -933,6 +957,7 @@ pub(crate) fn recover(
         pop,
         end: fresh.unwrap_or(end),
         last_record,
+        deleted,
     })
 }
 

@@ -1002,6 +1002,7 @@ impl Writer {
             pop_log: Some(pops),
             dispatch_from: 0,
             deleted: None,
+            deletes_seen: None,
         };
         let mut rel = 0usize;
         while let Some(b) = data.get(rel..rel + 4) {
