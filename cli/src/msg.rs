@@ -214,12 +214,15 @@ fn print_found(
 ) -> Result<()> {
     let mut found: Vec<(String, FoundMessage)> = Vec::new();
     let mut failed: Vec<String> = Vec::new();
-    // Brokers that could not be asked (no answer at all), as opposed to
-    // those that answered with an error.
-    let mut unasked = 0;
+    // Brokers that answered (with messages or none), and those that could
+    // not be asked at all (as opposed to those that answered an error).
+    let (mut answered, mut unasked) = (0, 0);
     for a in answers {
         match a.result {
-            Ok(r) => found.extend(r.messages.into_iter().map(|m| (r.broker_name.clone(), m))),
+            Ok(r) => {
+                answered += 1;
+                found.extend(r.messages.into_iter().map(|m| (r.broker_name.clone(), m)));
+            }
             Err(e) => {
                 unasked += usize::from(e.wire_error().is_none());
                 failed.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
@@ -227,17 +230,32 @@ fn print_found(
         }
     }
     if found.is_empty() {
-        let text = if !failed.is_empty() && unasked == failed.len() {
+        if answered == 0 && unasked > 0 && unasked == failed.len() {
             // Nothing says the message is not there: say what failed.
-            format!(
-                "could not look for it: {} broker(s) did not answer: {}",
-                failed.len(),
-                failed.join("; ")
-            )
-        } else if failed.is_empty() {
-            none()
-        } else {
-            format!("{}; {}", none(), failed.join("; "))
+            return Err(exit::with_code(
+                exit::FAILURE,
+                format!(
+                    "could not look for it: {} broker(s) did not answer: {}",
+                    failed.len(),
+                    failed.join("; ")
+                ),
+            ));
+        }
+        if answered > 0 && unasked > 0 {
+            // Not on the brokers that answered; the others could not say.
+            return Err(exit::with_code(
+                exit::PARTIAL,
+                format!(
+                    "{} on the brokers that answered; {} broker(s) could not say: {}",
+                    none(),
+                    failed.len(),
+                    failed.join("; ")
+                ),
+            ));
+        }
+        let text = match failed.is_empty() {
+            true => none(),
+            false => format!("{}; {}", none(), failed.join("; ")),
         };
         return Err(exit::with_code(exit::FAILURE, text));
     }

@@ -638,6 +638,18 @@ async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_pa
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("broker-b"));
 
+    // A message looked up while broker-b is silent: not on broker-a, and
+    // broker-b could not say, so the answer is partial (exit 3), not "no
+    // such message".
+    let unknown = "0123456789ABCDEF0123456789ABCDEF";
+    let out = txmq(&ns, &["--timeout", "1s", "msg", "show", unknown], None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("no message with id {unknown} on the brokers that answered; 1 broker(s) could not say: broker-b")),
+        "{err}"
+    );
+
     // Back again: both answer, exit 0.
     b.signal("CONT");
     answered_by_both(&ns, &["--output", "json", "group", "show", "g"]).await;
