@@ -857,10 +857,13 @@ fn message(args: &SendArgs, body: Bytes) -> Message {
     if let Some(tag) = &args.tag {
         m = m.with_tag(tag.clone());
     }
-    if let Some(delay) = args.delay {
+    // A delivery time that is not ahead is no delay: the message is sent
+    // as any other (the broker would store it so), and its receipt has its
+    // queue offset.
+    if let Some(delay) = args.delay.filter(|d| !d.is_zero()) {
         m = m.with_delay(delay);
     }
-    if let Some(at) = args.deliver_at {
+    if let Some(at) = args.deliver_at.filter(|at| *at > txmq::now_millis()) {
         m = m.with_deliver_at(at);
     }
     m

@@ -427,6 +427,13 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
     assert!(text.contains(" offset=- "), "{text}");
     let now = send_to(&ns, "later", "now").await;
     assert_eq!(now["queue_offset"], 0, "{now}");
+    // A delivery time that is not ahead is no delay: an offset at once.
+    for when in [&["--delay", "0s"][..], &["--deliver-at", "1"]] {
+        let mut args = vec!["--output", "json", "send", "later", "--body", "at-once"];
+        args.extend_from_slice(when);
+        let sent = one_json(&txmq(&ns, &args, None).await);
+        assert!(sent["queue_offset"].as_u64().is_some(), "{when:?}: {sent}");
+    }
     let id = s(&sent, "msg_id");
     let shown = &show(&ns, &id).await[0];
     assert_eq!(s(shown, "state"), "delayed", "{shown}");
@@ -471,7 +478,7 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
     ok(&txmq(
         &ns,
         &[
-            "consume", "later", "--group", "g", "--count", "3", "--from", "first",
+            "consume", "later", "--group", "g", "--count", "5", "--from", "first",
         ],
         None,
     )
