@@ -264,15 +264,15 @@ pub fn parse_nameservers(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Parses a message's tag: one a tag expression can name (not empty, no
-/// `||`, no space at either end).
+/// Parses a message's tag: one a tag expression can name (not empty, not
+/// `*`, no `||`, no space at either end).
 ///
 /// # Errors
 /// A tag no subscription could select.
 pub fn parse_tag(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.contains("||") || s.trim() != s {
+    if s.is_empty() || s == "*" || s.contains("||") || s.trim() != s {
         return Err(format!(
-            "'{s}' cannot be a tag: a subscription selects tags by `a || b`, so a tag is not empty, holds no `||` and no space at either end"
+            "'{s}' cannot be a tag: a subscription selects tags by `a || b`, so a tag is not empty or `*`, holds no `||` and no space at either end"
         ));
     }
     Ok(s.to_string())

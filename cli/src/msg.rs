@@ -78,7 +78,6 @@ pub(crate) fn parse_msg_id(s: &str) -> Result<MsgId, String> {
         .ok_or_else(|| format!("'{s}' is not a message id (32 hexadecimal digits, or 01 and 32 digits from a RocketMQ client)"))
 }
 
-/// RFC 3339, ms since the epoch, or a duration ago; as ms since the epoch.
 /// An RFC 3339 time, in UTC (`Z`) or with an offset (`+01:00`, `-05:00`).
 fn rfc3339_with_offset(s: &str) -> Option<SystemTime> {
     // humantime reads UTC only (and may skip what follows a fraction):
@@ -114,6 +113,7 @@ fn rfc3339_with_offset(s: &str) -> Option<SystemTime> {
     }
 }
 
+/// RFC 3339, ms since the epoch, or a duration ago; as ms since the epoch.
 pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(ms);

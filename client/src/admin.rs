@@ -202,7 +202,9 @@ impl Admin {
             let there = existing.iter().find(|b| b.broker_name == broker_name);
             let request = CreateTopic {
                 topic: topic.to_string(),
-                queues: queues.or(there.map(|b| b.queues)).unwrap_or(DEFAULT_TOPIC_QUEUES),
+                queues: queues
+                    .or(there.map(|b| b.queues))
+                    .unwrap_or(DEFAULT_TOPIC_QUEUES),
                 perm: perm
                     .or(there.map(|b| b.perm))
                     .unwrap_or(txmq_protocol::PERM_READ_WRITE),

@@ -831,6 +831,7 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
             "--max",
         ),
         (&["send", "t", "--body", "x", "--tag", "a || b"], "--tag"),
+        (&["send", "t", "--body", "x", "--tag", "*"], "--tag"),
         (
             &[
                 "tx", "send", "t", "--group", "g", "--body", "x", "--local", "commit", "--tag", "",
@@ -1009,7 +1010,10 @@ async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
     // rw again), broker-b gets the topic new, rw.
     assert_eq!(
         create(&["--queues", "6"]).await,
-        [row("broker-a", 6, "r", true), row("broker-b", 6, "rw", false)]
+        [
+            row("broker-a", 6, "r", true),
+            row("broker-b", 6, "rw", false)
+        ]
     );
     assert_eq!(
         create(&["--queues", "8", "--broker", "broker-b"]).await,
@@ -1021,7 +1025,12 @@ async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
         create(&["--perm", "r"]).await,
         [row("broker-a", 6, "r", true), row("broker-b", 8, "r", true)]
     );
-    let out = ok(&txmq(ns, &["topic", "create", "keep", "--broker", "broker-a"], None).await);
+    let out = ok(&txmq(
+        ns,
+        &["topic", "create", "keep", "--broker", "broker-a"],
+        None,
+    )
+    .await);
     assert!(
         out.starts_with("updated topic keep on broker-a") && out.contains("6 queues, perm r"),
         "{out}"

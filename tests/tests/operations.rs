@@ -431,6 +431,12 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
     let other = "0123456789ABCDEF0123456789ABCDEF";
     let out = s.cli(&["dlq", "resend", "billing", "--msg-id", other]);
     fails_with(&out, "nothing resent");
+    // Nothing to re-send: a --to topic is not made for nothing.
+    let out = s.cli(&[
+        "dlq", "resend", "billing", "--msg-id", other, "--to", "typo",
+    ]);
+    fails_with(&out, "nothing resent");
+    assert!(!s.cli(&["topic", "route", "typo"]).status.success());
     assert!(
         stdout(&out).contains(&format!("not in %DLQ%billing: {other}")),
         "{}",

@@ -63,12 +63,8 @@ pub(super) async fn resend(
     if let Some(refusal) = b.replication.write_refusal(b) {
         return Err(refusal);
     }
-    // A topic named to re-send to is taken as a send's would be: a valid
-    // name, writable, made on first use where brokers make topics.
-    let mut created = None;
     if let Some(to) = &req.to {
         txmq_protocol::validate_topic_name(to).map_err(bad_argument)?;
-        created = super::writable_queue(b, to, 0)?;
     }
     let dlq = dlq_topic(&req.group);
     // One resend at a time: two at once could both send a letter.
@@ -109,6 +105,13 @@ pub(super) async fn resend(
         }
     }
     chosen.truncate(MAX_PER_REQUEST);
+    // A topic named to re-send to is taken as a send's would be: writable,
+    // made on first use where brokers make topics (only once there is a
+    // letter to put in it).
+    let mut created = None;
+    if let Some(to) = req.to.as_deref().filter(|_| !chosen.is_empty()) {
+        created = super::writable_queue(b, to, 0)?;
+    }
     answer.not_found = req
         .msg_ids
         .iter()

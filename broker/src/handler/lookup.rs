@@ -99,7 +99,12 @@ fn delayed_message(b: &BrokerInner, f: &Found, found: &[Found]) -> Option<FoundM
         return None;
     }
     // A lookup that cannot read the index shows it as stored.
-    match b.store.delivered_at(f.pos).ok().flatten() {
+    match b
+        .store
+        .delivered_at(f.pos, f.record.store_timestamp)
+        .ok()
+        .flatten()
+    {
         Some((queue, offset)) => {
             let mut m = found_message(f.clone(), MessageState::Normal, None);
             m.queue = queue;

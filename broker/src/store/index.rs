@@ -122,7 +122,8 @@ pub fn id_hashes(id: &MsgId) -> Hashes {
 
 /// The moves of the delayed message stored at log position `pos` (its
 /// `DelayMove` records, which name it by position): their hashes in the
-/// index. A key of a topic no client may use, so never a message's.
+/// index, as keys under a name no topic may have (it holds spaces), so
+/// never a message's.
 pub fn delay_move_hashes(pos: u64) -> Hashes {
     Hashes {
         fnv: key_hash(1, DELAY_MOVES, &pos.to_le_bytes()),
@@ -131,7 +132,7 @@ pub fn delay_move_hashes(pos: u64) -> Hashes {
 }
 
 /// The topic `delay_move_hashes` keys under.
-const DELAY_MOVES: &[u8] = b"%DELAY-MOVES%";
+const DELAY_MOVES: &[u8] = b"%DELAY MOVES%";
 
 /// One key of a topic: its hashes in the index.
 pub fn key_hashes(topic: &str, key: &str) -> Hashes {

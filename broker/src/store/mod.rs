@@ -1800,15 +1800,18 @@ impl Store {
         self.find(hashes, 0, u64::MAX, max, |r| r.message.msg_id == *id)
     }
 
-    /// Where the delayed message stored at log position `pos` was
-    /// delivered: its queue and queue offset, once its delay ended and it
+    /// Where the delayed message stored at log position `pos` (at
+    /// `stored_at`, ms) was delivered: its queue and queue offset, once its delay ended and it
     /// was moved into its queue (a move that copies it instead is a record
     /// of its own, found by its id).
     ///
     /// # Errors
     /// As [`Store::find_by_id`].
-    pub fn delivered_at(&self, pos: u64) -> Result<Option<(u32, u64)>, StoreError> {
-        let moves = self.find(index::delay_move_hashes(pos), 0, u64::MAX, 8, |r| {
+    pub fn delivered_at(&self, pos: u64, stored_at: u64) -> Result<Option<(u32, u64)>, StoreError> {
+        // Its moves come after it: the index files before it (less a
+        // minute, should the clock have stepped back) are not read.
+        let since = stored_at.saturating_sub(60_000);
+        let moves = self.find(index::delay_move_hashes(pos), since, u64::MAX, 8, |r| {
             r.kind == record::RecordKind::DelayMove && r.aux == pos
         })?;
         Ok(moves.iter().find_map(|f| {
