@@ -871,7 +871,8 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         epoch: 0,
         after: None,
     };
-    // A half message, with the longest first check there is.
+    // A half message, with the longest first check the broker takes (its
+    // --max-delay, 7 days).
     let prepare = |topic: &str, queue| PrepareTransaction {
         producer: None,
         offsets: Vec::new(),
@@ -880,7 +881,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
             queue,
             message: txmq::WireMessage::new(topic, "half"),
         }],
-        first_check_delay_ms: Some(u64::MAX),
+        first_check_delay_ms: Some(7 * 24 * 3600 * 1000),
         attempt: None,
     };
     // A read-only topic refuses sends (whatever their queue) and prepares,
