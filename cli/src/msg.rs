@@ -11,7 +11,7 @@ use txmq::{Admin, FoundMessage, FoundMessages, MsgId};
 
 use crate::args::GlobalArgs;
 use crate::exit;
-use crate::output::{body_field, error_text, time_text, OutputFormat, Printer};
+use crate::output::{body_field, error_text, one_line, time_text, OutputFormat, Printer};
 
 /// `txmq msg ...`
 #[derive(Debug, Subcommand)]
@@ -305,7 +305,7 @@ fn offset_text(m: &FoundMessage) -> String {
 /// A body on one line: UTF-8 with control characters escaped, else base64.
 fn body_line(body: &[u8]) -> String {
     match body_field(body) {
-        ("body", text) => text.chars().flat_map(char::escape_default).collect(),
+        ("body", text) => one_line(&text),
         (_, b64) => format!("(base64) {b64}"),
     }
 }
@@ -322,8 +322,8 @@ fn row(broker: &str, m: &FoundMessage) -> Vec<String> {
         time_text(m.store_timestamp),
         m.state.name().to_string(),
         m.message.msg_id.to_string(),
-        m.message.key.clone().unwrap_or_else(|| "-".into()),
-        m.message.tag.clone().unwrap_or_else(|| "-".into()),
+        m.message.key.as_deref().map_or("-".into(), one_line),
+        m.message.tag.as_deref().map_or("-".into(), one_line),
         body,
     ]
 }
@@ -342,8 +342,14 @@ fn detail_lines(broker: &str, m: &FoundMessage) -> Vec<String> {
             m.store_timestamp
         ),
         format!("size:        {} bytes", m.size),
-        format!("key:         {}", m.message.key.as_deref().unwrap_or("-")),
-        format!("tag:         {}", m.message.tag.as_deref().unwrap_or("-")),
+        format!(
+            "key:         {}",
+            m.message.key.as_deref().map_or("-".into(), one_line)
+        ),
+        format!(
+            "tag:         {}",
+            m.message.tag.as_deref().map_or("-".into(), one_line)
+        ),
     ];
     let state = match m.tx_id {
         Some(tx) => format!("state:       {} (transaction {tx})", m.state.name()),

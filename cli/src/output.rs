@@ -230,21 +230,26 @@ pub fn body_field(body: &[u8]) -> (&'static str, String) {
     }
 }
 
+/// `text` with its control characters escaped (`\n`, `\t`, `\u{1b}`), so
+/// that what a producer put in a key, a tag or a body keeps a message on
+/// one line of text output.
+pub fn one_line(text: &str) -> String {
+    let mut s = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
 /// A body for a text line: UTF-8 with control characters escaped (so a
 /// message stays on one line), or `body_base64=...`.
 fn body_text(body: &[u8]) -> String {
     match std::str::from_utf8(body) {
-        Ok(text) => {
-            let mut s = String::from("body=");
-            for c in text.chars() {
-                if c.is_control() {
-                    s.extend(c.escape_default());
-                } else {
-                    s.push(c);
-                }
-            }
-            s
-        }
+        Ok(text) => format!("body={}", one_line(text)),
         Err(_) => {
             let (name, value) = body_field(body);
             format!("{name}={value}")
@@ -292,10 +297,10 @@ fn key_tag_text<'a>(message: impl Into<Shown<'a>>) -> String {
     let message = message.into();
     let mut s = String::new();
     if let Some(key) = message.key {
-        s.push_str(&format!(" key={key}"));
+        s.push_str(&format!(" key={}", one_line(key)));
     }
     if let Some(tag) = message.tag {
-        s.push_str(&format!(" tag={tag}"));
+        s.push_str(&format!(" tag={}", one_line(tag)));
     }
     s
 }
@@ -472,6 +477,16 @@ mod tests {
         let plain = received(b"caf\xc3\xa9");
         assert!(received_text(&plain).ends_with("body=café"));
         assert!(received_text(&received(&[0xff])).ends_with("body_base64=/w=="));
+        // A key or tag with control characters stays on the line too.
+        let id = MsgId::generate();
+        let odd = Message::new("orders", "x")
+            .with_key("a\nb")
+            .with_tag("t\tu")
+            .with_msg_id(id);
+        let receipt = SendReceipt::new(id, "orders", "broker-a", 0, 3, SendStatus::SendOk);
+        let line = sent_text(&receipt, &odd);
+        assert!(line.ends_with(" key=a\\nb tag=t\\tu"), "{line}");
+        assert_eq!(line.lines().count(), 1);
     }
 
     #[test]
