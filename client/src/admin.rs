@@ -159,19 +159,26 @@ impl Admin {
                 queues,
                 perm,
             };
-            let answer = match self.pool.get(&addr).await {
-                Ok(conn) => conn.call(request).await,
-                Err(e) => Err(e),
-            };
-            let config = answer.map_err(|e| Error::at_broker(&broker_name, &addr, e))?;
-            created.push(CreatedTopic {
-                broker_name,
-                addr,
-                config,
-                updated: false,
-            });
+            created.push(self.create_on(broker_name, addr, request, false).await?);
         }
         Ok(created)
+    }
+
+    /// Sends one broker a topic's create (or update).
+    async fn create_on(
+        &self,
+        broker_name: String,
+        addr: String,
+        request: CreateTopic,
+        updated: bool,
+    ) -> Result<CreatedTopic> {
+        let config = self.ask(&broker_name, &addr, request).await?;
+        Ok(CreatedTopic {
+            broker_name,
+            addr,
+            config,
+            updated,
+        })
     }
 
     /// Creates `topic` on every broker group (or on `broker` only) where it
@@ -209,17 +216,8 @@ impl Admin {
                     .or(there.map(|b| b.perm))
                     .unwrap_or(txmq_protocol::PERM_READ_WRITE),
             };
-            let answer = match self.pool.get(&addr).await {
-                Ok(conn) => conn.call(request).await,
-                Err(e) => Err(e),
-            };
-            let config = answer.map_err(|e| Error::at_broker(&broker_name, &addr, e))?;
-            created.push(CreatedTopic {
-                broker_name,
-                addr,
-                config,
-                updated: there.is_some(),
-            });
+            let updated = there.is_some();
+            created.push(self.create_on(broker_name, addr, request, updated).await?);
         }
         Ok(created)
     }
