@@ -1801,9 +1801,9 @@ impl Store {
     }
 
     /// Where the delayed message stored at log position `pos` (at
-    /// `stored_at`, ms) was delivered: its queue and queue offset, once its delay ended and it
-    /// was moved into its queue (a move that copies it instead is a record
-    /// of its own, found by its id).
+    /// `stored_at`, ms) was delivered: its queue and queue offset, once its
+    /// delay ended and it was moved into its queue (a move that copies it
+    /// instead is a record of its own, found by its id).
     ///
     /// # Errors
     /// As [`Store::find_by_id`].
