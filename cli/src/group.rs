@@ -10,7 +10,7 @@
 use anyhow::{anyhow, Result};
 use clap::Subcommand;
 use serde_json::json;
-use txmq::admin::BrokerAnswer;
+use txmq::admin::{BrokerAnswer, GroupState};
 use txmq::{dlq_topic, Admin, OffsetTarget};
 
 use crate::args::GlobalArgs;
@@ -162,11 +162,7 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 }
                 OutputFormat::Text => show_text(&printer, &group, &states)?,
             }
-            if !states.is_empty()
-                && states
-                    .iter()
-                    .all(|s| s.members.is_empty() && s.queues.is_empty())
-            {
+            if unknown_group(&states) {
                 // A mistyped name looks like this too: say so.
                 eprintln!(
                     "note: no broker knows group \"{group}\": no member and no committed offset (`txmq group list` lists the groups)"
@@ -175,6 +171,13 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
             missing.finish(&printer, states.len(), "show the group on")
         }
         GroupCommand::ResetOffset { group, topic, to } => {
+            // Offsets are made for a group no broker knows (as RocketMQ's
+            // reset does, for a group not started yet): a mistyped name
+            // looks like that, so say so.
+            let unknown = admin
+                .group_state_by_broker(&group, None)
+                .await
+                .is_ok_and(|answers| unknown_group(&split(answers).0));
             let answers = admin
                 .reset_offsets_by_broker(&group, &topic, to, None)
                 .await?;
@@ -214,6 +217,11 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 }
             }
             printer.records(&["BROKER", "QUEUE", "OFFSET"], &rows, &objects)?;
+            if unknown && !done.is_empty() {
+                eprintln!(
+                    "note: no broker knew group \"{group}\" (no member, no committed offset): its offsets were set now, for when it starts (`txmq group list` lists the groups)"
+                );
+            }
             if !done.is_empty() && !failed.is_empty() {
                 for (broker, error) in &failed {
                     eprintln!("error: offsets not reset on broker {broker}: {error}");
@@ -290,6 +298,15 @@ impl Missing {
 }
 
 /// The answers, and the brokers that did not give one.
+/// Whether brokers answered and none of them knows the group: no
+/// member, no committed offset.
+fn unknown_group(states: &[GroupState]) -> bool {
+    !states.is_empty()
+        && states
+            .iter()
+            .all(|s| s.members.is_empty() && s.queues.is_empty())
+}
+
 fn split<T>(answers: Vec<BrokerAnswer<T>>) -> (Vec<T>, Missing) {
     let mut ok = Vec::new();
     let mut missing = Vec::new();

@@ -887,9 +887,37 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        out.stderr.is_empty(),
+        "a known group, no note: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         json_lines(&txmq(&ns, &consume, None).await.stdout).len(),
         10
+    );
+    // A group no broker knows (a typo, say) gets its offsets, and a note.
+    let typo = [
+        "group",
+        "reset-offset",
+        "auditros",
+        "--topic",
+        "audit",
+        "--to",
+        "first",
+    ];
+    let out = txmq(&ns, &typo, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("note: no broker knew group \"auditros\"") && err.contains("group list"),
+        "{err}"
+    );
+    let shown = txmq(&ns, &["group", "show", "auditros"], None).await;
+    assert!(
+        !String::from_utf8_lossy(&shown.stderr).contains("no broker knows"),
+        "now it has offsets: {}",
+        String::from_utf8_lossy(&shown.stderr)
     );
 
     // By time: only what was stored after the instant.
