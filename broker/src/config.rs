@@ -248,6 +248,39 @@ impl BrokerConfig {
         }
     }
 
+    /// Checks every address setting is `host:port` (port 0 only where
+    /// the broker listens), naming the flag of one that is not.
+    fn check_addresses(&self) -> Result<(), String> {
+        let listen = [
+            ("--listen", Some(&self.listen)),
+            ("--nameserver-listen", Some(&self.nameserver_listen).filter(|_| self.standalone)),
+            ("--metrics-listen", self.metrics_listen.as_ref()),
+            ("--grpc-listen", self.grpc_listen.as_ref()),
+        ];
+        for (flag, addr) in listen {
+            if let Some(addr) = addr {
+                txmq_remoting::check_host_port(addr, true).map_err(|e| format!("{flag}: {e}"))?;
+            }
+        }
+        let peers = [
+            ("--advertise-addr", self.advertise_addr.as_slice()),
+            ("--master-addr", self.replication.master_addr.as_slice()),
+            ("--nameserver", &self.nameservers),
+            ("--controller", &self.replication.controllers),
+        ];
+        for (flag, list) in peers {
+            if list.iter().any(|a| a.trim().is_empty()) {
+                return Err(format!(
+                    "{flag} lists an empty address (give host:port addresses, comma-separated)"
+                ));
+            }
+            for addr in list {
+                txmq_remoting::check_host_port(addr, false).map_err(|e| format!("{flag}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the settings for values that cannot work.
     ///
     /// # Errors
@@ -281,16 +314,7 @@ impl BrokerConfig {
         if self.default_queues == 0 || self.default_queues > 1024 {
             return Err("default queues must be between 1 and 1024".into());
         }
-        if self
-            .advertise_addr
-            .as_deref()
-            .is_some_and(|a| match a.rsplit_once(':') {
-                Some((host, port)) => host.is_empty() || port.parse::<u16>().is_err(),
-                None => true,
-            })
-        {
-            return Err("the advertised address must be host:port".into());
-        }
+        self.check_addresses()?;
         if self.heartbeat_interval.is_zero() {
             return Err("heartbeat interval must not be zero".into());
         }
@@ -313,8 +337,18 @@ impl BrokerConfig {
         if self.consumer_expiry.is_zero() {
             return Err("consumer expiry must not be zero".into());
         }
-        if self.retry_delays.is_empty() || self.retry_delays.iter().any(|d| *d > self.max_delay) {
-            return Err("retry delays must be a non-empty list, each at most the max delay".into());
+        if self.retry_delays.is_empty() {
+            return Err("--retry-delays must list at least one delay".into());
+        }
+        if let Some(d) = self.retry_delays.iter().find(|d| **d > self.max_delay) {
+            return Err(format!(
+                "each of --retry-delays must be at most --max-delay ({}): {} is longer",
+                humantime::format_duration(self.max_delay),
+                humantime::format_duration(*d)
+            ));
+        }
+        if self.standalone && self.broker_expiry.is_zero() {
+            return Err("--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into());
         }
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
@@ -336,9 +370,6 @@ impl BrokerConfig {
         }
         if r.timeout.is_zero() || r.lag_max.is_zero() {
             return Err("--replication-timeout and --replica-lag-max must not be zero".into());
-        }
-        if r.controllers.iter().any(|c| c.trim().is_empty()) {
-            return Err("--controller lists an empty address (give the controller members' --controller-listen addresses, comma-separated)".into());
         }
         if r.controlled() && r.master_addr.is_some() {
             return Err("--master-addr and --controller do not go together: the controller names the master".into());
@@ -600,7 +631,7 @@ pub struct BrokerArgs {
     pub consumer_expiry: Option<Duration>,
     /// Back-off before each redelivery of a message handed back for retry,
     /// comma-separated; the last repeats [default: 10s,30s,1m,2m,...,30m,1h,2h].
-    #[arg(long, env = "TXMQ_RETRY_DELAYS", value_parser = parse_durations)]
+    #[arg(long, env = "TXMQ_RETRY_DELAYS", value_parser = parse_duration, value_delimiter = ',')]
     #[serde(default, deserialize_with = "de_durations")]
     pub retry_delays: Option<Vec<Duration>>,
     /// The furthest ahead a delayed message may be delivered [default: 7d].
@@ -1058,7 +1089,53 @@ mod tests {
         let err = BrokerArgs::parse_from(["txmq-broker", "--advertise-addr", "proxy"])
             .resolve()
             .unwrap_err();
-        assert!(err.contains("advertised address"), "{err}");
+        assert!(
+            err.contains("--advertise-addr") && err.contains("'proxy' is not host:port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn retry_delays_come_from_the_flag_and_must_fit_the_max_delay() {
+        let c = BrokerArgs::parse_from(["txmq-broker", "--retry-delays", "10s,30s, 1m"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            c.retry_delays,
+            [10, 30, 60].map(Duration::from_secs).to_vec()
+        );
+        assert!(BrokerArgs::try_parse_from(["txmq-broker", "--retry-delays", "10s,soon"]).is_err());
+        let err = BrokerArgs::parse_from(["txmq-broker", "--max-delay", "0s"])
+            .resolve()
+            .unwrap_err();
+        assert!(
+            err.contains("--retry-delays") && err.contains("--max-delay (0s)") && err.contains("10s is longer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn addresses_are_host_and_port() {
+        for (args, says) in [
+            (&["--nameserver", ""][..], "--nameserver lists an empty address"),
+            (&["--nameserver", "127.0.0.1:9876,,"], "--nameserver lists an empty address"),
+            (&["--nameserver", "foo"], "--nameserver: 'foo' is not host:port"),
+            (&["--listen", "bad"], "--listen: 'bad' is not host:port"),
+            (&["--metrics-listen", "bad"], "--metrics-listen: 'bad'"),
+            (&["--grpc-listen", "bad:port"], "--grpc-listen: 'bad:port'"),
+            (&["--standalone", "--nameserver-listen", "bad"], "--nameserver-listen: 'bad'"),
+            (&["--role", "slave", "--master-addr", "m"], "--master-addr: 'm'"),
+            (&["--standalone", "--broker-expiry", "0s"], "--broker-expiry must be above 0"),
+        ] {
+            let err = BrokerArgs::parse_from(std::iter::once("txmq-broker").chain(args.iter().copied()))
+                .resolve()
+                .unwrap_err();
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+        let c = BrokerArgs::parse_from(["txmq-broker", "--listen", "127.0.0.1:0", "--metrics-listen", "localhost:0"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0");
     }
 
     #[test]

@@ -253,13 +253,7 @@ pub fn parse_nameservers(s: &str) -> Result<String, String> {
         return Err("no address given (write host:port, or several separated by commas)".into());
     }
     for addr in &list {
-        let port = addr
-            .rsplit_once(':')
-            .map(|(host, port)| (host.trim_matches(['[', ']']), port));
-        match port {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => return Err(format!("'{addr}' is not host:port (127.0.0.1:9876, say)")),
-        }
+        txmq::config::check_host_port(addr, false)?;
     }
     Ok(s.to_string())
 }

@@ -9,6 +9,9 @@ use txmq_remoting::{ConnectionConfig, Credentials, TlsClient};
 
 use crate::{Error, Result};
 
+/// The check of a `host:port` address every txmq binary applies.
+pub use txmq_remoting::check_host_port;
+
 /// Default wait for an answer to one request (3 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default number of extra attempts a failed send gets (2).

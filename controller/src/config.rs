@@ -108,10 +108,7 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
             .parse()
             .map_err(|_| format!("'{id}' in '{item}' is not a member id (a number)"))?;
         let addr = addr.trim();
-        if addr
-            .rsplit_once(':')
-            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-        {
+        if txmq_remoting::check_host_port(addr, false).is_err() {
             return Err(format!("'{addr}' in '{item}' is not HOST:PORT"));
         }
         if peers.insert(id, addr.to_string()).is_some() {

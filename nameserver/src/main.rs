@@ -34,7 +34,7 @@ struct Args {
     log_level: Option<String>,
 
     /// Address to listen on (host:port).
-    #[arg(long, env = "TXMQ_LISTEN", default_value = txmq_nameserver::DEFAULT_LISTEN)]
+    #[arg(long, env = "TXMQ_LISTEN", default_value = txmq_nameserver::DEFAULT_LISTEN, value_parser = parse_listen)]
     listen: String,
 
     /// Drop a broker from all routes after this long without a heartbeat (e.g. 500ms, 6s, 2m).
@@ -47,7 +47,7 @@ struct Args {
     controller_id: Option<u64>,
 
     /// Address the controller member listens on for Raft peers, brokers and admins (host:port).
-    #[arg(long, env = "TXMQ_CONTROLLER_LISTEN")]
+    #[arg(long, env = "TXMQ_CONTROLLER_LISTEN", value_parser = parse_listen)]
     controller_listen: Option<String>,
 
     /// Every controller member: ID=HOST:PORT,ID=HOST:PORT,... (1, 3 or 5 members).
@@ -103,8 +103,13 @@ struct Args {
 
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g.
     /// 127.0.0.1:9101 [default: not served].
-    #[arg(long, env = "TXMQ_METRICS_LISTEN")]
+    #[arg(long, env = "TXMQ_METRICS_LISTEN", value_parser = parse_listen)]
     metrics_listen: Option<String>,
+}
+
+/// A listen address: `host:port`, port 0 for any free one.
+fn parse_listen(s: &str) -> Result<String, String> {
+    txmq_remoting::check_host_port(s, true).map(|()| s.to_string())
 }
 
 impl Args {

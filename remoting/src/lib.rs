@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod acl;
+mod addr;
 mod connection;
 mod error;
 pub mod logging;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod server;
 pub mod tls;
 
+pub use addr::check_host_port;
 pub use acl::{auth_signature, AclStore, Credentials, Op, ServerSecurity};
 pub use connection::{Connection, ConnectionConfig, Queued, Reply, Service};
 pub use tls::{TlsClient, TlsFiles, TlsServer, TlsSetupError};

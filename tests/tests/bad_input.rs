@@ -1154,6 +1154,53 @@ fn a_worker_thread_count_out_of_range_is_a_usage_error() {
     assert!(err.contains("--broker-expiry must be above 0"), "{err}");
 }
 
+/// An address that is not `host:port`, given to either binary, is a usage
+/// error (exit 2) naming the flag, as the CLI's `--nameserver` is; and
+/// `--retry-delays` is taken from the command line.
+#[test]
+fn malformed_addresses_are_usage_errors_and_retry_delays_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+    let standalone = ["--standalone", "--nameserver-listen", "127.0.0.1:0"];
+    for (extra, says) in [
+        (&["--metrics-listen", "bad"][..], "--metrics-listen: 'bad' is not host:port"),
+        (&["--grpc-listen", "bad"], "--grpc-listen: 'bad' is not host:port"),
+        (&["--nameserver", ""], "--nameserver lists an empty address"),
+        (&["--nameserver", "foo,,"], "--nameserver lists an empty address"),
+        (&["--standalone", "--nameserver-listen", "bad"], "--nameserver-listen: 'bad'"),
+        (&[&standalone[..], &["--broker-expiry", "0s"]].concat(), "--broker-expiry must be above 0"),
+        (&["--max-delay", "0s"], "must be at most --max-delay (0s)"),
+        (&["--retry-delays", "1s,soon"], "--retry-delays"),
+    ] {
+        let out = run_to_exit("txmq-broker", &broker_args(&listen, data, extra));
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+    for (args, says) in [
+        (&["--listen", "bad"][..], "'bad' is not host:port"),
+        (&["--listen", &listen, "--metrics-listen", "bad:port"], "--metrics-listen"),
+    ] {
+        let out = run_to_exit("txmq-nameserver", args);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A valid list: the broker starts (it panicked on any value).
+    let mut broker = txmq_tests::BrokerProcess::start(
+        &dir.path().join("ok"),
+        "127.0.0.1:1",
+        "broker-a",
+        &["--retry-delays", "1s,2s"],
+    );
+    assert_eq!(broker.stop(), Some(0), "{}", broker.log_text());
+    assert!(!broker.log_text().contains("panicked"));
+}
+
 #[test]
 fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
