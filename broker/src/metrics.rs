@@ -29,13 +29,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use txmq_protocol::{ErrorCode, TxResolution};
+use txmq_remoting::metrics::LabelText;
 
 use crate::BrokerInner;
 
 /// One label: `[(name, value)]`.
-type Label1 = [(&'static str, String); 1];
+type Label1 = [(&'static str, LabelText<String>); 1];
 /// Two labels.
-type Label2 = [(&'static str, String); 2];
+type Label2 = [(&'static str, LabelText<String>); 2];
 
 /// Counters of one topic.
 pub(crate) struct TopicCounters {
@@ -221,7 +222,7 @@ impl Metrics {
             return count(&t);
         }
         let f = &self.families;
-        let l: Label1 = [("topic", topic.to_string())];
+        let l: Label1 = [("topic", LabelText(topic.to_string()))];
         let t = TopicCounters {
             messages_in: f.messages_in.get_or_create(&l).clone(),
             bytes_in: f.bytes_in.get_or_create(&l).clone(),
@@ -238,7 +239,7 @@ impl Metrics {
     pub(crate) fn forget_topic(&self, topic: &str) {
         self.topics.remove(topic);
         let f = &self.families;
-        let l: Label1 = [("topic", topic.to_string())];
+        let l: Label1 = [("topic", LabelText(topic.to_string()))];
         for family in [&f.messages_in, &f.bytes_in, &f.messages_out, &f.bytes_out] {
             family.remove(&l);
         }
@@ -250,10 +251,13 @@ impl Metrics {
             return count(&g);
         }
         let f = &self.families;
-        let l: Label1 = [("group", group.to_string())];
+        let l: Label1 = [("group", LabelText(group.to_string()))];
         let answer = |a: &str| {
             f.answers
-                .get_or_create(&[("group", group.to_string()), ("answer", a.to_string())])
+                .get_or_create(&[
+                    ("group", LabelText(group.to_string())),
+                    ("answer", LabelText(a.to_string())),
+                ])
                 .clone()
         };
         let g = TxGroupCounters {
@@ -341,7 +345,7 @@ impl Metrics {
         let c = self
             .families
             .dead_letters
-            .get_or_create(&[("group", group.to_string())])
+            .get_or_create(&[("group", LabelText(group.to_string()))])
             .clone();
         c.inc();
         self.dead_letters.insert(group.into(), c);
@@ -359,7 +363,7 @@ impl Metrics {
         ) {
             self.families
                 .stamps_refused
-                .get_or_create(&[("code", code.name().to_string())])
+                .get_or_create(&[("code", LabelText(code.name().to_string()))])
                 .inc();
         }
     }
@@ -476,13 +480,13 @@ impl Collector for StateCollector {
             &mut e,
             "txmq_transactions_pending",
             "Transactions prepared and not yet committed, rolled back or parked, per producer group",
-            groups.iter().map(|g| ([("group", &*g.group)], g.pending as f64)),
+            groups.iter().map(|g| ([("group", LabelText(&*g.group))], g.pending as f64)),
         )?;
         gauge(
             &mut e,
             "txmq_transactions_parked_now",
             "Transactions parked now, waiting for an operator (txmq tx resolve), per producer group",
-            groups.iter().map(|g| ([("group", &*g.group)], g.parked as f64)),
+            groups.iter().map(|g| ([("group", LabelText(&*g.group))], g.parked as f64)),
         )?;
         gauge(
             &mut e,
@@ -490,7 +494,7 @@ impl Collector for StateCollector {
             "Age of the group's oldest pending (not parked) transaction; 0 when none",
             groups.iter().map(|g| {
                 let age = g.oldest_prepared_at.map_or(0, |at| now.saturating_sub(at));
-                ([("group", &*g.group)], age as f64 / 1000.0)
+                ([("group", LabelText(&*g.group))], age as f64 / 1000.0)
             }),
         )?;
         let lag = consumer_lag(&b);
@@ -499,7 +503,7 @@ impl Collector for StateCollector {
             "txmq_consumer_lag",
             "Messages not yet consumed: over the topic's queues, max offset minus the group's committed offset",
             lag.iter()
-                .map(|(g, t, n)| ([("group", g.as_str()), ("topic", t.as_str())], *n as f64)),
+                .map(|(g, t, n)| ([("group", LabelText(g.as_str())), ("topic", LabelText(t.as_str()))], *n as f64)),
         )?;
         let (segments, bytes) = b.store.disk_usage();
         plain_gauge(
@@ -550,7 +554,7 @@ impl Collector for StateCollector {
                 "Bytes of the master's log a replica does not hold yet",
                 info.replicas
                     .iter()
-                    .map(|r| ([("replica", r.addr.as_str())], r.lag_bytes as f64)),
+                    .map(|r| ([("replica", LabelText(r.addr.as_str()))], r.lag_bytes as f64)),
             )?;
             gauge(
                 &mut e,
@@ -558,7 +562,7 @@ impl Collector for StateCollector {
                 "1 when the replica counts toward --min-insync-replicas, else 0",
                 info.replicas.iter().map(|r| {
                     (
-                        [("replica", r.addr.as_str())],
+                        [("replica", LabelText(r.addr.as_str()))],
                         f64::from(u8::from(r.in_sync)),
                     )
                 }),
@@ -602,6 +606,32 @@ mod tests {
             let (s, v) = l.rsplit_once(' ')?;
             (s == series).then(|| v.parse().ok())?
         })
+    }
+
+    #[test]
+    fn label_values_are_escaped_so_no_name_can_spoil_the_scrape() {
+        let m = Metrics::new();
+        let evil = "evil\"} 1\ntxmq_injected_total 42\n#\\";
+        m.prepared(evil);
+        m.dead_letter("a\"b");
+        let text = txmq_remoting::metrics::render(&m.registry());
+        assert!(
+            !text.lines().any(|l| l.starts_with("txmq_injected_total")),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"txmq_transactions_prepared_total{group="evil\"} 1\ntxmq_injected_total 42\n#\\"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, r#"txmq_dead_letters_total{group="a\"b"}"#),
+            Some(1.0),
+            "{text}"
+        );
     }
 
     #[test]

@@ -39,6 +39,33 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
+/// A label value written escaped, as the exposition format wants (`\\`,
+/// `\"` and `\n`): the label encoder of `prometheus-client` writes values
+/// as they are, and a group name holding a quote would end the value
+/// early and spoil the whole scrape, or add series of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LabelText<S>(pub S);
+
+impl<S: AsRef<str>> prometheus_client::encoding::EncodeLabelValue for LabelText<S> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        let mut rest = self.0.as_ref();
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: CancellationToken) {
     let app = axum::Router::new()
