@@ -253,7 +253,10 @@ impl BrokerConfig {
     fn check_addresses(&self) -> Result<(), String> {
         let listen = [
             ("--listen", Some(&self.listen)),
-            ("--nameserver-listen", Some(&self.nameserver_listen).filter(|_| self.standalone)),
+            (
+                "--nameserver-listen",
+                Some(&self.nameserver_listen).filter(|_| self.standalone),
+            ),
             ("--metrics-listen", self.metrics_listen.as_ref()),
             ("--grpc-listen", self.grpc_listen.as_ref()),
         ];
@@ -348,7 +351,9 @@ impl BrokerConfig {
             ));
         }
         if self.standalone && self.broker_expiry.is_zero() {
-            return Err("--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into());
+            return Err(
+                "--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into(),
+            );
         }
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
@@ -1109,7 +1114,9 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(
-            err.contains("--retry-delays") && err.contains("--max-delay (0s)") && err.contains("10s is longer"),
+            err.contains("--retry-delays")
+                && err.contains("--max-delay (0s)")
+                && err.contains("10s is longer"),
             "{err}"
         );
     }
@@ -1117,24 +1124,49 @@ mod tests {
     #[test]
     fn addresses_are_host_and_port() {
         for (args, says) in [
-            (&["--nameserver", ""][..], "--nameserver lists an empty address"),
-            (&["--nameserver", "127.0.0.1:9876,,"], "--nameserver lists an empty address"),
-            (&["--nameserver", "foo"], "--nameserver: 'foo' is not host:port"),
+            (
+                &["--nameserver", ""][..],
+                "--nameserver lists an empty address",
+            ),
+            (
+                &["--nameserver", "127.0.0.1:9876,,"],
+                "--nameserver lists an empty address",
+            ),
+            (
+                &["--nameserver", "foo"],
+                "--nameserver: 'foo' is not host:port",
+            ),
             (&["--listen", "bad"], "--listen: 'bad' is not host:port"),
             (&["--metrics-listen", "bad"], "--metrics-listen: 'bad'"),
             (&["--grpc-listen", "bad:port"], "--grpc-listen: 'bad:port'"),
-            (&["--standalone", "--nameserver-listen", "bad"], "--nameserver-listen: 'bad'"),
-            (&["--role", "slave", "--master-addr", "m"], "--master-addr: 'm'"),
-            (&["--standalone", "--broker-expiry", "0s"], "--broker-expiry must be above 0"),
+            (
+                &["--standalone", "--nameserver-listen", "bad"],
+                "--nameserver-listen: 'bad'",
+            ),
+            (
+                &["--role", "slave", "--master-addr", "m"],
+                "--master-addr: 'm'",
+            ),
+            (
+                &["--standalone", "--broker-expiry", "0s"],
+                "--broker-expiry must be above 0",
+            ),
         ] {
-            let err = BrokerArgs::parse_from(std::iter::once("txmq-broker").chain(args.iter().copied()))
-                .resolve()
-                .unwrap_err();
+            let err =
+                BrokerArgs::parse_from(std::iter::once("txmq-broker").chain(args.iter().copied()))
+                    .resolve()
+                    .unwrap_err();
             assert!(err.contains(says), "{args:?}: {err}");
         }
-        let c = BrokerArgs::parse_from(["txmq-broker", "--listen", "127.0.0.1:0", "--metrics-listen", "localhost:0"])
-            .resolve()
-            .unwrap();
+        let c = BrokerArgs::parse_from([
+            "txmq-broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "localhost:0",
+        ])
+        .resolve()
+        .unwrap();
         assert_eq!(c.listen, "127.0.0.1:0");
     }
 

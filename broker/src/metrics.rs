@@ -552,9 +552,12 @@ impl Collector for StateCollector {
                 &mut e,
                 "txmq_replica_lag_bytes",
                 "Bytes of the master's log a replica does not hold yet",
-                info.replicas
-                    .iter()
-                    .map(|r| ([("replica", LabelText(r.addr.as_str()))], r.lag_bytes as f64)),
+                info.replicas.iter().map(|r| {
+                    (
+                        [("replica", LabelText(r.addr.as_str()))],
+                        r.lag_bytes as f64,
+                    )
+                }),
             )?;
             gauge(
                 &mut e,

@@ -924,15 +924,50 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
-    if let Some(c) = name
+    check_name_chars("topic", name)
+}
+
+/// The longest consumer group name: its retry and dead-letter topics
+/// (`%RETRY%NAME`, `%DLQ%NAME`) are topics, of at most 127 characters.
+pub const MAX_CONSUMER_GROUP_LEN: usize = 127 - "%RETRY%".len();
+
+/// The longest producer group name.
+pub const MAX_PRODUCER_GROUP_LEN: usize = 255;
+
+/// Checks a group name: 1 to `max_len` ([`MAX_CONSUMER_GROUP_LEN`] or
+/// [`MAX_PRODUCER_GROUP_LEN`]) characters of a topic name's `A-Z a-z 0-9
+/// - _ . %`.
+///
+/// # Errors
+/// A message saying what is wrong with the name.
+pub fn validate_group_name(name: &str, max_len: usize) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("group name is empty".into());
+    }
+    if name.len() > max_len {
+        let why = if max_len == MAX_CONSUMER_GROUP_LEN {
+            " (a consumer group's retry topic, %RETRY%NAME, is a topic name)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "group name is {} characters long; at most {max_len}{why}",
+            name.len()
+        ));
+    }
+    check_name_chars("group", name)
+}
+
+fn check_name_chars(what: &str, name: &str) -> Result<(), String> {
+    match name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '%')))
     {
-        return Err(format!(
-            "topic name {name:?} contains {c:?}; allowed are A-Z a-z 0-9 - _ . %"
-        ));
+        Some(c) => Err(format!(
+            "{what} name {name:?} contains {c:?}; allowed are A-Z a-z 0-9 - _ . %"
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A topic a consumer subscribes to, with its tag expression.

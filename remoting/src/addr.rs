@@ -30,13 +30,30 @@ mod tests {
 
     #[test]
     fn host_and_port_or_a_message_naming_the_address() {
-        for ok in ["127.0.0.1:9876", "localhost:1", "[::1]:10911", "broker-a.example:443"] {
+        for ok in [
+            "127.0.0.1:9876",
+            "localhost:1",
+            "[::1]:10911",
+            "broker-a.example:443",
+        ] {
             assert_eq!(check_host_port(ok, false), Ok(()), "{ok}");
         }
         assert_eq!(check_host_port("127.0.0.1:0", true), Ok(()));
-        for bad in ["", "bad", ":9876", "host:", "host:port", "host:70000", "a b:1", "127.0.0.1:0"] {
+        for bad in [
+            "",
+            "bad",
+            ":9876",
+            "host:",
+            "host:port",
+            "host:70000",
+            "a b:1",
+            "127.0.0.1:0",
+        ] {
             let err = check_host_port(bad, false).unwrap_err();
-            assert!(err.contains(&format!("'{bad}'")) && err.contains("host:port"), "{err}");
+            assert!(
+                err.contains(&format!("'{bad}'")) && err.contains("host:port"),
+                "{err}"
+            );
         }
     }
 }

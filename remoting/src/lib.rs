@@ -27,8 +27,8 @@ pub mod metrics;
 pub mod server;
 pub mod tls;
 
-pub use addr::check_host_port;
 pub use acl::{auth_signature, AclStore, Credentials, Op, ServerSecurity};
+pub use addr::check_host_port;
 pub use connection::{Connection, ConnectionConfig, Queued, Reply, Service};
 pub use tls::{TlsClient, TlsFiles, TlsServer, TlsSetupError};
 

@@ -22,9 +22,9 @@ use txmq::{ErrorCode, Message, PullConsumer, PERM_READ, PERM_READ_WRITE, PERM_WR
 use txmq_broker::FlushMode;
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
-    CommitOffset, CreateTopic, EndTransaction, Frame, FrameCodec, HalfMessage, Hello, Ping,
-    PrepareTransaction, PullRequest, QueryOffset, Request, Response, Role, SendRequest, TxAction,
-    TxSource, WireError, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+    CommitOffset, CreateTopic, EndTransaction, Frame, FrameCodec, HalfMessage, Heartbeat, Hello,
+    Ping, PrepareTransaction, PullRequest, QueryOffset, Request, Response, Role, SendRequest,
+    TxAction, TxSource, WireError, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use txmq_remoting::{Connection, ConnectionConfig};
 use txmq_tests::{consume_all, Cluster};
@@ -718,6 +718,81 @@ async fn invalid_topic_names_are_bad_arguments() {
     cluster.shutdown().await;
 }
 
+/// Group names follow the topic names' rule (a consumer group's retry
+/// topic holds its name), so a name no consumer could use is refused at
+/// once, saying why, and none reaches a metric label or a topic name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_group_names_are_bad_arguments() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let addr = cluster.brokers[0].local_addr().to_string();
+    let conn = connect(&addr, PROTOCOL_VERSION).await.unwrap();
+    let long = "g".repeat(121);
+    for (group, says) in [
+        ("bad group", "contains ' '"),
+        ("a/b", "contains '/'"),
+        ("evil\"} 1", "contains '\"'"),
+        (long.as_str(), "at most 120"),
+    ] {
+        let e = conn
+            .call(Heartbeat {
+                group: group.into(),
+                client_id: "c1".into(),
+                subscriptions: vec![],
+                broadcast: false,
+                held: vec![],
+            })
+            .await
+            .expect_err("a bad group");
+        let e = e.remote().expect("an error answer").clone();
+        assert_eq!(e.code, ErrorCode::BadArgument, "{group:?}: {e}");
+        assert!(e.message.contains(says), "{group:?}: {e}");
+        let e = conn
+            .call(PrepareTransaction {
+                producer_group: group.into(),
+                messages: vec![],
+                first_check_delay_ms: None,
+                attempt: None,
+                producer: None,
+                offsets: vec![],
+            })
+            .await
+            .expect_err("a bad group");
+        let e = e.remote().expect("an error answer").clone();
+        assert_eq!(e.code, ErrorCode::BadArgument, "{group:?}: {e}");
+        if group != long {
+            assert!(e.message.contains("producer group name"), "{group:?}: {e}");
+        }
+    }
+    // The longest consumer group name is taken.
+    let longest = "g".repeat(120);
+    conn.call(Heartbeat {
+        group: longest.clone(),
+        client_id: "c1".into(),
+        subscriptions: vec![],
+        broadcast: false,
+        held: vec![],
+    })
+    .await
+    .expect("the longest name");
+    // The CLI says so before connecting, naming the flag.
+    for args in [
+        &["consume", "t", "--group", "bad group"][..],
+        &[
+            "tx", "send", "t", "--group", "a/b", "--body", "x", "--local", "commit",
+        ],
+    ] {
+        let out = common::txmq(&cluster.nameserver, args, None).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--group") && err.contains("allowed are"),
+            "{args:?}: {err}"
+        );
+    }
+    conn.close();
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_counts_out_of_range_are_bad_arguments() {
     let cluster = Cluster::start(FlushMode::Async).await;
@@ -1165,12 +1240,27 @@ fn malformed_addresses_are_usage_errors_and_retry_delays_parse() {
     let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
     let standalone = ["--standalone", "--nameserver-listen", "127.0.0.1:0"];
     for (extra, says) in [
-        (&["--metrics-listen", "bad"][..], "--metrics-listen: 'bad' is not host:port"),
-        (&["--grpc-listen", "bad"], "--grpc-listen: 'bad' is not host:port"),
+        (
+            &["--metrics-listen", "bad"][..],
+            "--metrics-listen: 'bad' is not host:port",
+        ),
+        (
+            &["--grpc-listen", "bad"],
+            "--grpc-listen: 'bad' is not host:port",
+        ),
         (&["--nameserver", ""], "--nameserver lists an empty address"),
-        (&["--nameserver", "foo,,"], "--nameserver lists an empty address"),
-        (&["--standalone", "--nameserver-listen", "bad"], "--nameserver-listen: 'bad'"),
-        (&[&standalone[..], &["--broker-expiry", "0s"]].concat(), "--broker-expiry must be above 0"),
+        (
+            &["--nameserver", "foo,,"],
+            "--nameserver lists an empty address",
+        ),
+        (
+            &["--standalone", "--nameserver-listen", "bad"],
+            "--nameserver-listen: 'bad'",
+        ),
+        (
+            &[&standalone[..], &["--broker-expiry", "0s"]].concat(),
+            "--broker-expiry must be above 0",
+        ),
         (&["--max-delay", "0s"], "must be at most --max-delay (0s)"),
         (&["--retry-delays", "1s,soon"], "--retry-delays"),
     ] {
@@ -1183,7 +1273,10 @@ fn malformed_addresses_are_usage_errors_and_retry_delays_parse() {
     assert!(!dir.path().join("data").exists(), "nothing was started");
     for (args, says) in [
         (&["--listen", "bad"][..], "'bad' is not host:port"),
-        (&["--listen", &listen, "--metrics-listen", "bad:port"], "--metrics-listen"),
+        (
+            &["--listen", &listen, "--metrics-listen", "bad:port"],
+            "--metrics-listen",
+        ),
     ] {
         let out = run_to_exit("txmq-nameserver", args);
         let err = stderr_of(&out);

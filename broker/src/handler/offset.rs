@@ -6,10 +6,8 @@ use super::{bad_argument, existing_queue, store_error};
 use crate::BrokerInner;
 
 pub(crate) fn validate_group(group: &str) -> Result<(), WireError> {
-    if group.is_empty() || group.len() > 255 {
-        return Err(bad_argument("group name must be 1 to 255 bytes long"));
-    }
-    Ok(())
+    txmq_protocol::validate_group_name(group, txmq_protocol::MAX_CONSUMER_GROUP_LEN)
+        .map_err(bad_argument)
 }
 
 /// A clustering group's members divide its queues, and only a queue's
