@@ -1,8 +1,8 @@
 //! The check-back scheduler.
 //!
-//! Every check interval (or at once when a producer group comes online) it
-//! takes the prepared transactions whose next check is due, by the broker's
-//! clock, and hands them to one worker per producer group. A worker sends at
+//! When the next check is due (at least every check interval, and at once
+//! when a producer group comes online) it takes the prepared transactions
+//! whose next check is due, by the broker's clock, and hands them to one worker per producer group. A worker sends at
 //! most `check_rate` checks per second and keeps at most 64 in flight, each
 //! over a live connection of the group, round robin, so thousands of
 //! pending transactions cause no storm. A check is counted, with a small
@@ -31,8 +31,11 @@ pub(crate) async fn run(tx: Arc<Transactions>, shutdown: CancellationToken) {
     let mut workers: HashMap<super::GroupName, mpsc::UnboundedSender<u64>> = HashMap::new();
     let mut last_report = (Instant::now(), tx.counters());
     loop {
+        // Until the next check is due: a transaction checked at some
+        // instant is due again one interval later, not at the tick after.
+        let wait = tx.until_next_due(now_millis(), tx.config.check_interval);
         tokio::select! {
-            _ = tokio::time::sleep(tx.config.check_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = tx.wake.notified() => {}
             _ = shutdown.cancelled() => return,
         }

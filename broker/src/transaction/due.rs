@@ -38,6 +38,13 @@ impl DueIndex {
         self.buckets.entry(key).or_default().push(tx_id);
     }
 
+    /// When the earliest entry is due (its bucket's end), if any.
+    pub(crate) fn next_due(&self) -> Option<u64> {
+        self.buckets
+            .first_key_value()
+            .map(|(k, _)| k.saturating_mul(BUCKET_MS))
+    }
+
     /// Takes every entry due at `now_ms` or before (and nothing later).
     pub(crate) fn take_due(&mut self, now_ms: u64) -> Vec<u64> {
         let mut out = Vec::new();
@@ -63,7 +70,9 @@ mod tests {
         due.insert(3, 2_000);
         due.insert(4, u64::MAX);
         assert!(due.take_due(999).is_empty());
+        assert_eq!(due.next_due(), Some(1_000));
         assert_eq!(due.take_due(1_000), vec![1]);
+        assert_eq!(due.next_due(), Some(1_010), "2's bucket ends at 1010");
         assert!(due.take_due(1_004).is_empty(), "2 is due at 1005");
         assert_eq!(due.take_due(1_010), vec![2]);
         assert_eq!(due.take_due(u64::MAX - 1), vec![3]);

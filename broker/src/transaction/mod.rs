@@ -1114,6 +1114,14 @@ impl Transactions {
     }
 
     /// Ids of the prepared transactions due for a check, marked as being checked.
+    /// How long until the next transaction is due for a check, at most
+    /// `longest` (also when none is).
+    fn until_next_due(&self, now: u64, longest: Duration) -> Duration {
+        lock(&self.table).due.next_due().map_or(longest, |at| {
+            Duration::from_millis(at.saturating_sub(now)).min(longest)
+        })
+    }
+
     fn take_due(&self, now: u64) -> Vec<(u64, GroupName)> {
         let mut table = lock(&self.table);
         let Table { pending, due, .. } = &mut *table;
