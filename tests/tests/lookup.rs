@@ -473,6 +473,9 @@ async fn a_delayed_message_is_shown_where_it_was_delivered() {
     );
     assert_eq!(s(&got, "msg_id"), id, "{got}");
     assert_eq!(s(&got, "body"), "delayed");
+    assert_eq!(s(&got, "state"), "normal", "as msg show says: {got}");
+    assert_eq!(got["queue"], 0, "{got}");
+    assert_eq!(got["queue_offset"], offset, "{got}");
 
     // Consumed: `msg show` says by whom.
     ok(&txmq(

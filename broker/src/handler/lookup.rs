@@ -281,9 +281,15 @@ pub(super) fn by_offset(b: &BrokerInner, r: GetMessages) -> Result<FoundMessages
     let messages = found
         .into_iter()
         .map(|(offset, f)| {
-            let (state, tx) = visible_state(&f.record);
+            // What a queue holds is delivered: a delayed message's record
+            // there is its delivery (its own queue and offset are its
+            // delay level's).
+            let (state, tx) = match f.record.kind {
+                RecordKind::Delayed => (MessageState::Normal, None),
+                _ => visible_state(&f.record),
+            };
             let mut m = found_message(f, state, tx);
-            // A delivered delayed message's record holds its level offset.
+            m.queue = r.queue;
             m.queue_offset = Some(offset);
             m
         })
