@@ -289,7 +289,7 @@ impl RouteCache {
             Err(e @ (Error::NoRoute { .. } | Error::NoMaster { .. })) => Err(e),
             Err(e) => match self.inner.entries.get_mut(topic) {
                 Some(mut stale) => {
-                    tracing::warn!(%topic, error = %e, "cannot refresh route; using the cached one");
+                    tracing::warn!(%topic, error = %crate::error::chain(&e), "cannot refresh route; using the cached one");
                     stale.expires = Instant::now() + STALE_RETRY;
                     Ok(stale.info.clone())
                 }

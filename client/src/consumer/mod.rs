@@ -482,7 +482,7 @@ impl Shared {
                 match queue_reader::initial_offset(self, k, from).await {
                     Ok(o) => Some(o),
                     Err(e) => {
-                        tracing::warn!(topic = %self.topic, broker = %k.broker_name, queue = k.queue, error = %e, "cannot ask for the group's offset yet");
+                        tracing::warn!(topic = %self.topic, broker = %k.broker_name, queue = k.queue, error = %crate::error::chain(&e), "cannot ask for the group's offset yet");
                         None
                     }
                 }
@@ -554,7 +554,7 @@ async fn refresh_routes(shared: Arc<Shared>) {
             Err(Error::NoRoute { .. }) => {
                 tracing::debug!(topic = %shared.topic, "still no route for the topic");
             }
-            Err(e) => tracing::warn!(topic = %shared.topic, error = %e, "cannot refresh the route"),
+            Err(e) => tracing::warn!(topic = %shared.topic, error = %crate::error::chain(&e), "cannot refresh the route"),
         }
     }
 }

@@ -149,7 +149,7 @@ pub(crate) async fn answer<L: TransactionListener>(
     let state = match joined {
         Some(Ok(Ok(state))) => state,
         Some(Ok(Err(e))) => {
-            tracing::info!(tx_id, %broker, error = %e, "check-back failed; answering unknown");
+            tracing::info!(tx_id, %broker, error = %crate::error::chain(&*e), "check-back failed; answering unknown");
             TransactionState::Unknown
         }
         Some(Err(e)) => {
@@ -208,7 +208,7 @@ async fn end_late(
             "ended the transaction with a check-back's late answer"
         ),
         Err(e) => {
-            tracing::info!(tx_id, ?action, error = %e, "cannot end the transaction with a check-back's late answer; the broker checks again")
+            tracing::info!(tx_id, ?action, error = %crate::error::chain(&e), "cannot end the transaction with a check-back's late answer; the broker checks again")
         }
     }
 }

@@ -1078,7 +1078,7 @@ impl<L: TransactionListener> TransactionProducer<L> {
             match result {
                 Ok(ended) => return Ok(ended),
                 Err(e) if crate::error::retriable(&e) && attempt < attempts => {
-                    tracing::info!(tx_id, %broker, %addr, error = %e, "ending the transaction failed; retrying");
+                    tracing::info!(tx_id, %broker, %addr, error = %crate::error::chain(&e), "ending the transaction failed; retrying");
                     if crate::error::not_master(&e) {
                         let _ = self.inner.routes.refresh(topic).await;
                         if let Some(master) = self.master_of(topic, broker).await {

@@ -490,7 +490,7 @@ async fn store_offset<H>(shared: &Shared<H>, key: &QueueId, offset: u64) -> Comm
         Err(e) if e.is_not_master() => {
             // A fenced master (the controller elected another): the next
             // tick commits at the master a fresh route names.
-            tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit refused by a broker that is no longer master; refreshing the route");
+            tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %crate::error::chain(&e), "commit refused by a broker that is no longer master; refreshing the route");
             if let Ok(info) = shared.routes.refresh(&key.topic).await {
                 for b in &info.route.brokers {
                     shared.brokers.update(b);
@@ -499,7 +499,7 @@ async fn store_offset<H>(shared: &Shared<H>, key: &QueueId, offset: u64) -> Comm
             Committed::Failed
         }
         Err(e) => {
-            tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %e, "commit failed; will retry");
+            tracing::warn!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, offset, error = %crate::error::chain(&e), "commit failed; will retry");
             Committed::Failed
         }
     }
@@ -573,7 +573,7 @@ async fn handle<H: MessageHandler>(
             {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
-                    tracing::info!(msg_id = %message.msg_id(), error = %e, "handler failed; retrying the message");
+                    tracing::info!(msg_id = %message.msg_id(), error = %crate::error::chain(&*e), "handler failed; retrying the message");
                     ConsumeResult::retry()
                 }
                 Err(_) => {
@@ -656,7 +656,7 @@ async fn send_back<H>(
         Err(e) if e.remote().is_some_and(|w| w.code == ErrorCode::OffsetOutOfRange) => {
             // Its record is gone, or the log was cut short and another
             // message stands there now: hand back this copy instead.
-            tracing::info!(msg_id = %message.msg_id(), error = %e, "the message's record is gone from the broker; handing back the copy received");
+            tracing::info!(msg_id = %message.msg_id(), error = %crate::error::chain(&e), "the message's record is gone from the broker; handing back the copy received");
             request.message = Some(Box::new(message.stored.clone()));
             conn.call(request).await
         }
