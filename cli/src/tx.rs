@@ -163,8 +163,10 @@ pub struct TxSendArgs {
     #[arg(long, env = "TXMQ_LOCAL", value_enum)]
     pub local: Decision,
 
-    /// The answer to every check-back while lingering; without it
-    /// check-backs are never answered (the broker's checks time out).
+    /// The answer to every check-back while lingering; without it a
+    /// check-back, of this or of any transaction of the group, is not
+    /// answered (the broker's check times out), or is answered unknown
+    /// when the command ends first: either way the broker counts it.
     #[arg(long, env = "TXMQ_CHECK", value_enum)]
     pub check: Option<Decision>,
 
