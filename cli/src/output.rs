@@ -388,6 +388,10 @@ pub const UNKNOWN: &str = "UNKNOWN";
 /// A received message as a JSON object.
 pub fn received_json(m: &ReceivedMessage) -> Value {
     let mut o = message_fields(m.message());
+    o.insert("topic".into(), json!(m.topic()));
+    if m.queue_topic() != m.topic() {
+        o.insert("queue_topic".into(), json!(m.queue_topic()));
+    }
     o.insert("broker".into(), json!(m.broker_name));
     o.insert("queue".into(), json!(m.queue()));
     o.insert("queue_offset".into(), json!(m.queue_offset()));
@@ -398,9 +402,15 @@ pub fn received_json(m: &ReceivedMessage) -> Value {
 }
 
 /// A received message as a text line.
+/// A retry's queue and offset are those of its group's retry topic, named
+/// after them (`queue_topic=%RETRY%GROUP`).
 pub fn received_text(m: &ReceivedMessage) -> String {
+    let queue_topic = match m.queue_topic() {
+        t if t == m.topic() => String::new(),
+        t => format!(" queue_topic={t}"),
+    };
     format!(
-        "{} broker={} q={} offset={} msg_id={}{} {}",
+        "{} broker={} q={} offset={}{queue_topic} msg_id={}{} {}",
         m.topic(),
         m.broker_name,
         m.queue(),
@@ -439,6 +449,39 @@ mod tests {
             ("body_base64", "/wCA".to_string())
         );
         assert_eq!(body_field(b""), ("body", String::new()));
+    }
+
+    #[test]
+    fn a_retry_names_its_original_topic_and_the_retry_queue_it_was_read_from() {
+        let retry = |topic: &str| {
+            let mut m = received(b"again");
+            m.stored.message.topic = topic.into();
+            m.stored
+                .message
+                .properties
+                .insert(txmq::PROPERTY_REAL_TOPIC.into(), "orders".into());
+            m
+        };
+        let m = retry("%RETRY%billing");
+        let v = received_json(&m);
+        assert_eq!(v["topic"], "orders");
+        assert_eq!(v["queue_topic"], "%RETRY%billing");
+        let line = received_text(&m);
+        assert!(
+            line.starts_with(
+                "orders broker=broker-a q=1 offset=7 queue_topic=%RETRY%billing msg_id="
+            ),
+            "{line}"
+        );
+        // A dead letter read from its topic is shown where it is.
+        let m = retry("%DLQ%billing");
+        let v = received_json(&m);
+        assert_eq!(v["topic"], "%DLQ%billing");
+        assert!(v.get("queue_topic").is_none(), "{v}");
+        assert!(received_text(&m).starts_with("%DLQ%billing broker=broker-a q=1 offset=7 msg_id="));
+        // Not a retry: as before.
+        let v = received_json(&received(b"x"));
+        assert!(v.get("queue_topic").is_none(), "{v}");
     }
 
     #[test]

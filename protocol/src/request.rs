@@ -226,9 +226,12 @@ pub const PROPERTY_REAL_TOPIC: &str = "TXMQ_REAL_TOPIC";
 /// Message property: the queue id it was first stored in.
 pub const PROPERTY_REAL_QUEUE: &str = "TXMQ_REAL_QUEUE";
 
+/// What a consumer group's retry topic starts with.
+pub const RETRY_TOPIC_PREFIX: &str = "%RETRY%";
+
 /// The retry topic of a consumer group: messages handed back wait here.
 pub fn retry_topic(group: &str) -> String {
-    format!("%RETRY%{group}")
+    format!("{RETRY_TOPIC_PREFIX}{group}")
 }
 
 /// The dead-letter topic of a consumer group.
@@ -929,7 +932,7 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
 
 /// The longest consumer group name: its retry and dead-letter topics
 /// (`%RETRY%NAME`, `%DLQ%NAME`) are topics, of at most 127 characters.
-pub const MAX_CONSUMER_GROUP_LEN: usize = 127 - "%RETRY%".len();
+pub const MAX_CONSUMER_GROUP_LEN: usize = 127 - RETRY_TOPIC_PREFIX.len();
 
 /// The longest producer group name.
 pub const MAX_PRODUCER_GROUP_LEN: usize = 255;

@@ -142,8 +142,19 @@ impl ReceivedMessage {
     pub fn msg_id(&self) -> MsgId {
         self.stored.message.msg_id
     }
-    /// Its topic.
+    /// The topic it was sent to; for a retry (read from the group's retry
+    /// topic) its original topic, as RocketMQ's consumers show it.
     pub fn topic(&self) -> &str {
+        let m = &self.stored.message;
+        match m.properties.get(txmq_protocol::PROPERTY_REAL_TOPIC) {
+            Some(real) if m.topic.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) => real,
+            _ => &m.topic,
+        }
+    }
+    /// The topic of the queue [`ReceivedMessage::queue`] and
+    /// [`ReceivedMessage::queue_offset`] name: [`ReceivedMessage::topic`],
+    /// or for a retry the group's retry topic (`%RETRY%GROUP`).
+    pub fn queue_topic(&self) -> &str {
         &self.stored.message.topic
     }
     /// Its key, if it has one.
@@ -554,7 +565,9 @@ async fn refresh_routes(shared: Arc<Shared>) {
             Err(Error::NoRoute { .. }) => {
                 tracing::debug!(topic = %shared.topic, "still no route for the topic");
             }
-            Err(e) => tracing::warn!(topic = %shared.topic, error = %crate::error::chain(&e), "cannot refresh the route"),
+            Err(e) => {
+                tracing::warn!(topic = %shared.topic, error = %crate::error::chain(&e), "cannot refresh the route")
+            }
         }
     }
 }

@@ -54,7 +54,9 @@ async fn brokers<H>(shared: &Shared<H>) -> BTreeSet<String> {
             Err(Error::NoRoute { .. }) => {
                 tracing::debug!(topic = %sub.topic, "no route for a subscribed topic yet");
             }
-            Err(e) => tracing::warn!(topic = %sub.topic, error = %crate::error::chain(&e), "cannot get a route"),
+            Err(e) => {
+                tracing::warn!(topic = %sub.topic, error = %crate::error::chain(&e), "cannot get a route")
+            }
         }
     }
     brokers

@@ -31,7 +31,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use txmq_protocol::{
     CommitOffset, ErrorCode, PullRequest, QueryOffset, QueueOwner, SendBack, StoredMessage,
-    PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+    PROPERTY_RECONSUME_TIMES,
 };
 
 use super::{lock, ConsumeResult, DeliveryMode, MessageHandler, QueueId, Shared};
@@ -553,14 +553,11 @@ async fn handle<H: MessageHandler>(
 ) -> (u64, usize) {
     let offset = stored.queue_offset;
     let bytes = stored.message.body.len();
+    // A retry shows the topic it was sent to (`ReceivedMessage::topic`).
     let mut message = ReceivedMessage {
         broker_name: key.broker_name.clone(),
         stored,
     };
-    // A retried message shows the topic it was sent to.
-    if let Some(real) = message.stored.message.properties.get(PROPERTY_REAL_TOPIC) {
-        message.stored.message.topic = real.clone();
-    }
     let settings = &shared.settings;
     // Only the first failed hand-back of the message is a warning.
     let mut handed_back_failed = false;
