@@ -387,6 +387,11 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
     );
     // Neither --all nor --msg-id: usage error.
     assert_eq!(s.cli(&["dlq", "resend", "billing"]).status.code(), Some(2));
+    // A message sent into the dead-letter topic by hand does not say where
+    // it came from: --all leaves it and re-sends the others.
+    let (out, poison) = s.json(&["send", "%DLQ%billing", "--body", "poison"]);
+    ok(&out);
+    let poison = poison[0]["msg_id"].as_str().expect("msg_id").to_string();
 
     // --all: each letter back to its original topic, reconsume count reset.
     let (out, lines) = s.json(&["dlq", "resend", "billing", "--all"]);
@@ -396,6 +401,17 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
     assert!(resent.iter().all(|r| r["topic"] == "bills"));
     let summary = lines.last().expect("summary");
     assert_eq!(summary["resent"], 3);
+    assert_eq!(summary["left"], 1, "{summary}");
+    fails_with(
+        &s.cli(&["dlq", "resend", "billing", "--msg-id", &poison]),
+        "does not say its original topic",
+    );
+    // Nor may a letter go back into a retry or dead-letter topic.
+    for to in ["%DLQ%billing", "%RETRY%billing"] {
+        let out = s.cli(&["dlq", "resend", "billing", "--msg-id", &poison, "--to", to]);
+        fails_with(&out, "BAD_ARGUMENT");
+        fails_with(&out, "retry or dead-letter topic");
+    }
     let again: Vec<Value> = consume(&s, "bills", "auditors");
     assert_eq!(again.len(), 6, "3 originals and 3 resent: {again:?}");
     let resent_ids: Vec<String> = resent
@@ -415,6 +431,11 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
     fails_with(&out, "nothing resent");
     assert!(
         stdout(&out).contains("0 dead letters of group billing resent; 3 resent before"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("1 left in %DLQ%billing") && stdout(&out).contains("--to TOPIC"),
         "{}",
         stdout(&out)
     );

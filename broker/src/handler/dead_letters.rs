@@ -65,6 +65,13 @@ pub(super) async fn resend(
     }
     if let Some(to) = &req.to {
         txmq_protocol::validate_topic_name(to).map_err(bad_argument)?;
+        // A letter re-sent there would be a letter again, without the
+        // topic it came from (a retry topic's messages go to one group).
+        if to.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) || to.starts_with("%DLQ%") {
+            return Err(bad_argument(format!(
+                "cannot re-send dead letters to {to}: a retry or dead-letter topic; name the topic the group consumes"
+            )));
+        }
     }
     let dlq = dlq_topic(&req.group);
     // One resend at a time: two at once could both send a letter.
@@ -124,16 +131,29 @@ pub(super) async fn resend(
         let pos = letter.log_offset;
         let mut m = letter.message;
         let original = m.properties.get(PROPERTY_REAL_TOPIC).cloned();
+        // With `all`, a letter that cannot go back where it came from (it
+        // does not say where, or that topic is gone) stays, and the others
+        // go: the operator re-sends it by id with a topic to send it to.
         let Some(target) = req.to.clone().or(original) else {
+            if req.all {
+                tracing::info!(group = %req.group, msg_id = %m.msg_id, "dead letter without its original topic left in place");
+                continue;
+            }
             return Err(bad_argument(format!(
                 "dead letter {} does not say its original topic ({PROPERTY_REAL_TOPIC}); name one with --to",
                 m.msg_id
             )));
         };
-        let config = b
-            .topics
-            .get(&target)
-            .ok_or_else(|| unknown_topic(b, &target))?;
+        let Some(config) = b.topics.get(&target) else {
+            if req.all && req.to.is_none() {
+                tracing::info!(group = %req.group, msg_id = %m.msg_id, topic = %target, "dead letter of a topic that is gone left in place");
+                continue;
+            }
+            let mut e = unknown_topic(b, &target);
+            e.message
+                .push_str("; name another topic to re-send to with --to");
+            return Err(e);
+        };
         let real_queue = m
             .properties
             .get(PROPERTY_REAL_QUEUE)
