@@ -162,6 +162,12 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 }
                 OutputFormat::Text => show_text(&printer, &group, &states)?,
             }
+            if let Some(members) = differing_subscriptions(&states) {
+                eprintln!(
+                    "warning: the members of group \"{group}\" subscribe differently ({}): they share the group's queues, so each is handed messages it did not subscribe to and skips them; give every member the same subscriptions, or use a group per subscription",
+                    members.join("; ")
+                );
+            }
             if unknown_group(&states) {
                 // A mistyped name looks like this too: say so.
                 eprintln!(
@@ -297,7 +303,6 @@ impl Missing {
     }
 }
 
-/// The answers, and the brokers that did not give one.
 /// Whether brokers answered and none of them knows the group: no
 /// member, no committed offset.
 fn unknown_group(states: &[GroupState]) -> bool {
@@ -307,6 +312,37 @@ fn unknown_group(states: &[GroupState]) -> bool {
             .all(|s| s.members.is_empty() && s.queues.is_empty())
 }
 
+/// The members of a clustering group that subscribe differently (each
+/// with its subscriptions), when they do: they divide every queue of the
+/// group's topics among them, so a member is handed messages of a topic
+/// or tag it did not ask for, and skips them.
+fn differing_subscriptions(states: &[GroupState]) -> Option<Vec<String>> {
+    let mut seen = std::collections::BTreeMap::new();
+    for m in states
+        .iter()
+        .flat_map(|s| &s.members)
+        .filter(|m| !m.broadcast)
+    {
+        let mut subs: Vec<String> = m
+            .subscriptions
+            .iter()
+            .filter(|s| !s.topic.starts_with(txmq::RETRY_TOPIC_PREFIX))
+            .map(|s| format!("{} ({})", s.topic, s.expression))
+            .collect();
+        subs.sort();
+        seen.insert(m.client_id.clone(), subs.join(", "));
+    }
+    let mut kinds: Vec<&String> = seen.values().collect();
+    kinds.sort();
+    kinds.dedup();
+    (kinds.len() > 1).then(|| {
+        seen.into_iter()
+            .map(|(id, subs)| format!("{id}: {subs}"))
+            .collect()
+    })
+}
+
+/// The answers, and the brokers that did not give one.
 fn split<T>(answers: Vec<BrokerAnswer<T>>) -> (Vec<T>, Missing) {
     let mut ok = Vec::new();
     let mut missing = Vec::new();

@@ -103,7 +103,7 @@ pub use transaction::{
 };
 pub use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, OffsetTarget, PROPERTY_DELIVER_AT, PROPERTY_REAL_TOPIC,
-    PROPERTY_RECONSUME_TIMES,
+    PROPERTY_RECONSUME_TIMES, RETRY_TOPIC_PREFIX,
 };
 
 /// A message as the broker stores it and hands it back

@@ -955,6 +955,31 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
         text.contains("1 member(s)") && text.contains(running.client_id()),
         "{text}"
     );
+    assert!(
+        !String::from_utf8_lossy(&show.stderr).contains("subscribe differently"),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    // A second member subscribing to another tag: group show warns, since
+    // the members share the queues and each skips what the other wants.
+    let other = recorder(&ns, "auditors", "audit", "b", &seen, false, REBALANCE).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let show = txmq(&ns, &["group", "show", "auditors"], None).await;
+        let err = String::from_utf8_lossy(&show.stderr).into_owned();
+        if err.contains("subscribe differently") {
+            assert!(
+                err.contains("audit (*)")
+                    && err.contains("audit (b)")
+                    && err.contains("same subscriptions"),
+                "{err}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no warning: {err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    other.shutdown().await.expect("final commits");
     running.shutdown().await.expect("final commits");
     producer.close().await.unwrap();
     cluster.shutdown().await;
