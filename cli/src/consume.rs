@@ -36,7 +36,7 @@ pub struct ConsumeArgs {
     pub group: String,
 
     /// Exit after printing this many messages.
-    #[arg(long, env = "TXMQ_COUNT")]
+    #[arg(long, env = "TXMQ_COUNT", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 
     /// Exit after this long without a new message (e.g. 5s).

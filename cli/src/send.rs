@@ -94,7 +94,7 @@ pub struct SendArgs {
     pub tag: Option<String>,
 
     /// Send the --body this many times.
-    #[arg(long, env = "TXMQ_COUNT", default_value_t = 1)]
+    #[arg(long, env = "TXMQ_COUNT", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
 
     /// Messages in flight at once.

@@ -741,6 +741,8 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
         &["consume", "t"],
         &["topic", "create", "t", "--queues", "many"],
         &["consume", "t", "--group", ""],
+        &["consume", "t", "--group", "g", "--count", "0"],
+        &["send", "t", "--body", "x", "--count", "0"],
         &["group", "show", ""],
         &["dlq", "list", ""],
         &["tx", "list", "--group", ""],
