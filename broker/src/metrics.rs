@@ -410,26 +410,35 @@ pub(crate) fn by_topic(messages: &[(u32, txmq_protocol::Message)]) -> Vec<(Strin
 /// line at the top of a handler times every way out of it.
 pub(crate) struct Timer<'a> {
     histogram: &'a Histogram,
-    started: Instant,
+    /// `None` while paused: dropped then, it observes nothing.
+    started: Option<Instant>,
 }
 
 impl<'a> Timer<'a> {
     pub(crate) fn start(histogram: &'a Histogram) -> Timer<'a> {
         Timer {
             histogram,
-            started: Instant::now(),
+            started: Some(Instant::now()),
         }
+    }
+
+    /// Stops timing while a long poll waits: a pull dropped then (its
+    /// consumer left) is not a pull that took its whole wait.
+    pub(crate) fn pause(&mut self) {
+        self.started = None;
     }
 
     /// Starts over (a pull that waited counts from its wake-up).
     pub(crate) fn restart(&mut self) {
-        self.started = Instant::now();
+        self.started = Some(Instant::now());
     }
 }
 
 impl Drop for Timer<'_> {
     fn drop(&mut self) {
-        self.histogram.observe(self.started.elapsed().as_secs_f64());
+        if let Some(started) = self.started {
+            self.histogram.observe(started.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -609,6 +618,26 @@ mod tests {
             let (s, v) = l.rsplit_once(' ')?;
             (s == series).then(|| v.parse().ok())?
         })
+    }
+
+    #[test]
+    fn a_pull_dropped_while_it_waits_is_not_observed() {
+        let m = Metrics::new();
+        {
+            let mut t = Timer::start(&m.pull_latency);
+            t.pause();
+        }
+        {
+            let mut t = Timer::start(&m.pull_latency);
+            t.pause();
+            t.restart();
+        }
+        let text = txmq_remoting::metrics::render(&m.registry());
+        assert_eq!(
+            value(&text, "txmq_pull_latency_seconds_count"),
+            Some(1.0),
+            "{text}"
+        );
     }
 
     #[test]

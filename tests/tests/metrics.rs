@@ -508,8 +508,9 @@ async fn a_dead_lettered_message_is_counted_for_its_group() {
         }))
         .await
         .unwrap();
+    let scrape = metrics.clone();
     let text = tokio::task::spawn_blocking(move || {
-        scrape_until(&metrics, "the dead letter counted", |t| {
+        scrape_until(&scrape, "the dead letter counted", |t| {
             sample(t, r#"txmq_dead_letters_total{group="billing"}"#) == Some(1.0)
         })
     })
@@ -519,7 +520,22 @@ async fn a_dead_lettered_message_is_counted_for_its_group() {
         sample(&text, r#"txmq_messages_out_total{topic="bills"}"#).is_some_and(|n| n >= 1.0),
         "{text}"
     );
-    drop(consumer);
+    consumer.shutdown().await.unwrap();
+    // Re-sent to its topic, the letter is counted in as a send's are.
+    let ns2 = ns.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = txmq_tests::txmq_cli(&ns2, &["dlq", "resend", "billing", "--all"], None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        scrape_until(&metrics, "the re-sent letter counted in", |t| {
+            sample(t, r#"txmq_messages_in_total{topic="bills"}"#) == Some(2.0)
+        })
+    })
+    .await
+    .unwrap();
     producer.close().await.unwrap();
     cluster.shutdown().await;
 }

@@ -176,6 +176,7 @@ pub(super) async fn resend(
     let mut durable = true;
     for ((topic, queue), letters) in by_queue {
         let ids: Vec<(u64, MsgId)> = letters.iter().map(|(p, m)| (*p, m.msg_id)).collect();
+        let bytes = letters.iter().map(|(_, m)| m.body.len()).sum();
         let messages: Vec<Message> = letters.into_iter().map(|(_, m)| m).collect();
         let appended = b
             .store
@@ -183,6 +184,8 @@ pub(super) async fn resend(
             .await
             .map_err(store_error)?;
         durable &= appended.durable;
+        // Stored in the topic as a send's messages are: counted alike.
+        b.metrics.messages_in(&topic, ids.len(), bytes);
         b.resent
             .record(&req.group, &ids, now_millis())
             .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e))?;

@@ -110,6 +110,7 @@ pub(super) async fn handle(
                 epoch: b.epoch,
             });
         }
+        timer.pause();
         tokio::select! {
             _ = &mut arrived => {}
             _ = async {
