@@ -28,6 +28,9 @@ pub enum CodecError {
         len: usize,
         /// The configured maximum.
         max: usize,
+        /// The id of the request it holds, when the start of its body was
+        /// read already and says so: the sender can be told.
+        request: Option<u64>,
     },
     /// The body is not a MessagePack frame at all.
     #[error("garbage frame: {0}")]
@@ -210,7 +213,11 @@ impl Decoder for FrameCodec {
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
         if len > self.max {
-            return Err(CodecError::FrameTooLarge { len, max: self.max });
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.max,
+                request: crate::fast::request_id(&src[4..]),
+            });
         }
         if src.len() < 4 + len {
             src.reserve(4 + len - src.len());
@@ -258,7 +265,11 @@ impl Encoder<&Frame> for FrameCodec {
         let len = dst.len() - start - 4;
         if len > self.max {
             dst.truncate(start);
-            return Err(CodecError::FrameTooLarge { len, max: self.max });
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.max,
+                request: None,
+            });
         }
         dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
         Ok(())
@@ -389,6 +400,19 @@ mod tests {
         for cut in 0..full.len() {
             let mut part = BytesMut::from(&full[..cut]);
             assert!(FrameCodec::default().decode(&mut part).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn an_oversized_request_names_its_id_when_its_start_was_read() {
+        let full = encode(&Frame::Request(77, Request::Ping(Ping {})));
+        for (cut, id) in [(full.len(), Some(77)), (6, None)] {
+            let mut buf = BytesMut::from(&full[..cut]);
+            let err = FrameCodec::new(1).decode(&mut buf).unwrap_err();
+            match err {
+                CodecError::FrameTooLarge { request, .. } => assert_eq!(request, id, "{cut}"),
+                other => panic!("{other}"),
+            }
         }
     }
 

@@ -38,6 +38,21 @@ pub(crate) fn decode(body: &[u8], frame: Option<&Bytes>) -> Option<Frame> {
     r.buf.is_empty().then_some(decoded)
 }
 
+/// The id of the request a frame body starting with `prefix` holds, if
+/// the prefix is long enough to say (a frame too large to read whole).
+pub(crate) fn request_id(prefix: &[u8]) -> Option<u64> {
+    let mut r = Reader {
+        buf: prefix,
+        frame: None,
+    };
+    r.map1()?;
+    if r.str()? != "Request" {
+        return None;
+    }
+    r.array(2)?;
+    r.u64()
+}
+
 /// Items reserved ahead of reading them, at most.
 const MAX_RESERVED: usize = 1024;
 

@@ -64,7 +64,7 @@ fn drain(codec: &mut FrameCodec, buf: &mut BytesMut, out: &mut Vec<Item>) -> boo
 
 fn error_kind(e: &CodecError) -> String {
     match e {
-        CodecError::FrameTooLarge { len, max } => format!("too large {len} {max}"),
+        CodecError::FrameTooLarge { len, max, .. } => format!("too large {len} {max}"),
         CodecError::Garbage(_) => "garbage".into(),
         CodecError::Io(_) => "io".into(),
         CodecError::Encode(_) => "encode".into(),

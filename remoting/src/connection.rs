@@ -1401,6 +1401,16 @@ async fn read_loop(
                 }
                 Some(Err(e)) => {
                     warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
+                    // A request too large to read: its sender is told, so it
+                    // knows the request was not served (not an unknown outcome).
+                    if let txmq_protocol::codec::CodecError::FrameTooLarge { len, max, request: Some(id) } = e {
+                        if service.is_some() {
+                            let _ = flush_batch(&inner, &mut batch);
+                            refuse(&conn, id, ErrorCode::FrameTooLarge, format!(
+                                "request of {len} bytes exceeds this server's maximum frame of {max} bytes (--max-frame-size); it was not read"
+                            ));
+                        }
+                    }
                     break;
                 }
                 Some(Ok(Decoded::Frame(Frame::Response(id, result)))) => {

@@ -874,6 +874,48 @@ async fn a_body_over_the_max_message_size_is_message_too_large() {
     cluster.shutdown().await;
 }
 
+/// A request over the broker's frame limit but under the client's is
+/// refused by name (FRAME_TOO_LARGE: not read, so not stored), not left as
+/// an unknown outcome by the connection's close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_brokers_frame_limit_is_refused_by_name() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |cfg| {
+            cfg.max_frame_size = (1 << 20) + (64 << 10)
+        })
+        .await;
+    cluster
+        .admin()
+        .await
+        .create_topic("big", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    // One line of 2 MB: over the broker's 1.06 MiB frames, under the
+    // client's 8 MiB.
+    let line = "x".repeat(2_000_000);
+    let out = common::txmq(
+        &cluster.nameserver,
+        &["send", "big", "--stdin", "--retries", "0"],
+        Some(&line),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("FRAME_TOO_LARGE") && err.contains("--max-frame-size"),
+        "{err}"
+    );
+    assert!(!err.contains("outcome unknown"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("UNKNOWN"));
+    // Nothing was stored, and the broker serves the next send.
+    let producer = cluster.producer().await;
+    let ok = producer.send(Message::new("big", "small")).await.unwrap();
+    assert_eq!(ok.queue_offset, 0);
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_messagepack_closes_only_that_connection() {
     broker_survives(|addr| async move {
