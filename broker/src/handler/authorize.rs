@@ -82,16 +82,14 @@ fn needs(
         }
         Request::Pull(r) => pull_needs(r, check),
         Request::QueryOffset(r) => check(Op::Group(&r.group)),
-        Request::CommitOffset(r) => {
-            check(Op::Group(&r.group))?;
-            if r.forward_only {
-                // Only a slave hands its master the offsets it kept: a
-                // forward-only commit skips the owner fence.
-                let what = format!("forward a kept offset of group {}", r.group);
-                check(Op::Cluster(&what))?;
-            }
-            Ok(())
-        }
+        // Only a slave hands its master the offsets it kept: a forward-only
+        // commit skips the owner fence, and comes from a cluster member
+        // (signed in as the brokers' user, which need not be any group's).
+        Request::CommitOffset(r) if r.forward_only => check(Op::Cluster(&format!(
+            "forward a kept offset of group {}",
+            r.group
+        ))),
+        Request::CommitOffset(r) => check(Op::Group(&r.group)),
         Request::Heartbeat(r) => {
             check(Op::Group(&r.group))?;
             let retry = retry_topic(&r.group);
