@@ -291,10 +291,15 @@ fn maybe_stored(e: &txmq::Error) -> bool {
 
 /// True when the failure says no broker can be reached right now: its
 /// connection fails, closes or times out, the nameservers cannot be
-/// reached, or they know no broker (or no route) for the topic.
+/// reached, or they know no broker (or no route) for the topic; or its
+/// broker group is between masters (a failover: no master yet, or the one
+/// tried says it is one no longer).
 fn no_broker_reachable(e: &txmq::Error) -> bool {
+    if e.is_not_master() {
+        return true;
+    }
     match e {
-        txmq::Error::NoRoute { .. } | txmq::Error::NoBroker => true,
+        txmq::Error::NoRoute { .. } | txmq::Error::NoBroker | txmq::Error::NoMaster { .. } => true,
         txmq::Error::Broker { source, .. } | txmq::Error::Remoting(source) => matches!(
             source,
             RemotingError::Connect { .. }
@@ -992,7 +997,13 @@ mod tests {
         assert!(!maybe_stored(&refused) && !maybe_stored(&wire));
         assert!(!maybe_stored(&ns) && !maybe_stored(&no_route));
 
-        for e in [&timeout, &closed, &refused, &ns, &no_route] {
+        // A failover: the broker tried is a master no longer.
+        let not_master = at_broker(RemotingError::Remote(WireError::new(
+            ErrorCode::NotMaster,
+            "a slave",
+        )));
+        assert!(!maybe_stored(&not_master));
+        for e in [&timeout, &closed, &refused, &ns, &no_route, &not_master] {
             assert!(no_broker_reachable(e), "{e:?}");
         }
         assert!(!no_broker_reachable(&wire));

@@ -1582,3 +1582,55 @@ async fn send_until(
     }
     seen
 }
+
+/// `txmq send --stdin --wait-for-broker` (idempotent, the default) goes on
+/// across a master paused (SIGSTOP) long past an election: the sends it
+/// wrote to the paused master, and the refusal of that master once it
+/// woke as a slave (NOT_MASTER), are a failover to wait out, not an end.
+/// Every line is acknowledged, and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_on_across_a_paused_master() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    const TOPIC: &str = "paused";
+    const LINES: usize = 400;
+    let mut c = Controlled::start("2s", &[]).await;
+    c.create_topic(TOPIC, 2).await;
+    let before = c.wait_healthy(Duration::from_secs(30)).await;
+    let old = before.master.clone().expect("a master");
+    let mut child = Command::new(txmq_tests::binary("txmq"))
+        .args(["--nameserver", &c.ns_list(), "--output", "json"])
+        .args(["send", TOPIC, "--stdin", "--wait-for-broker", "30s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("txmq send starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        for i in 0..LINES {
+            writeln!(stdin, "p{i}").expect("write a line");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    c.broker_at(&old).signal("STOP");
+    // Past the election (2 s) and the sends' timeouts (3 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    c.broker_at(&old).signal("CONT");
+    tokio::task::block_in_place(|| writer.join().expect("the writer"));
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("txmq send ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
+    let sent = json_lines(&out.stdout)
+        .iter()
+        .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
+        .count();
+    assert_eq!(sent, LINES, "{err}");
+    let after = c.wait_healthy(Duration::from_secs(30)).await;
+    let master = after.master.clone().expect("a master");
+    let stored = stored_bodies(&master, TOPIC, 2).await;
+    for i in 0..LINES {
+        assert_eq!(stored.get(&format!("p{i}")), Some(&1), "p{i}: {stored:?}");
+    }
+}
