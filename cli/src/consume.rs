@@ -143,6 +143,9 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             Some(idle) => {
                 let left = idle.saturating_sub(last_message.elapsed());
                 if left.is_zero() {
+                    if printed == 0 && consumer.queues().is_empty() {
+                        note_no_queue(&args.topic, &args.group);
+                    }
                     break;
                 }
                 left
@@ -178,6 +181,19 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let committed = consumer.shutdown().await;
     drop(unprinted);
     committed.context("committing the consumed offsets")
+}
+
+/// Says on stderr why a consume that printed nothing may have: it was
+/// given no queue to read (a group's queues wait for a member the brokers
+/// lost until it comes back or its expiry passes), which an empty topic
+/// would look like otherwise.
+fn note_no_queue(topic: &str, group: &str) {
+    eprintln!(
+        "note: no queue of \"{topic}\" was assigned to this member of group \"{group}\" while it waited: \
+         another member holds them, or the brokers keep the queues of a member they lost \
+         (a consumer killed, a broker restarted) for it until --consumer-expiry (30s by default) passes; \
+         `txmq group show {group}` shows each queue's owner and lag"
+    );
 }
 
 /// Says on stderr when no broker serves `topic` now: the command waits

@@ -610,8 +610,44 @@ async fn a_second_consume_of_a_group_does_not_repeat_what_the_first_printed() {
     let all: BTreeSet<String> = a.union(&b).cloned().collect();
     assert_eq!(all, ["j1", "j2", "j3", "j4", "j5"].map(String::from).into());
 
-    let third = ok(&txmq(ns, &rest, None).await);
-    assert!(third.trim().is_empty(), "everything was committed: {third}");
+    let third = txmq(ns, &rest, None).await;
+    assert!(
+        ok(&third).trim().is_empty(),
+        "everything was committed: {}",
+        ok(&third)
+    );
+    // Its queues were given to it (the earlier members left): no note.
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(!err.contains("no queue"), "{err}");
+
+    // A member killed while it holds the queues: they wait for it until
+    // the brokers' consumer expiry, and the next consume, given none,
+    // says so instead of exiting as if the topic were empty.
+    ok(&txmq(ns, &["send", "jobs", "--body", "j6"], None).await);
+    tokio::task::block_in_place(|| {
+        use std::io::BufRead as _;
+        let mut held = std::process::Command::new(txmq_tests::binary("txmq"))
+            .args(["--nameserver", ns, "consume", "jobs", "--group", "workers"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("txmq consume starts");
+        let mut line = String::new();
+        std::io::BufReader::new(held.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("a line");
+        assert!(line.contains("j6"), "{line}");
+        held.kill().expect("kill -9");
+        held.wait().expect("reaped");
+    });
+    let out = txmq(ns, &rest, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("note: no queue of \"jobs\" was assigned to this member of group \"workers\"")
+            && err.contains("txmq group show workers"),
+        "{err}"
+    );
     cluster.shutdown().await;
 }
 
