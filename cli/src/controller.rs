@@ -137,11 +137,20 @@ fn controller_text(info: &ControllerInfo) -> Vec<String> {
         .collect();
     lines.extend(table(&["MEMBER", "ADDR", "ROLE"], &members));
     lines.push(String::new());
+    // Only the leader hears the brokers' heartbeats.
+    let follower = info.leader_id != Some(info.id);
     let groups: Vec<Vec<String>> = info
         .groups
         .iter()
         .map(|g| {
-            let alive = g.replicas.iter().filter(|r| r.alive).count();
+            let alive = match follower {
+                true => format!("?/{}", g.replicas.len()),
+                false => format!(
+                    "{}/{}",
+                    g.replicas.iter().filter(|r| r.alive).count(),
+                    g.replicas.len()
+                ),
+            };
             vec![
                 g.broker_name.clone(),
                 g.master.clone().unwrap_or_else(|| "-".into()),
@@ -151,7 +160,7 @@ fn controller_text(info: &ControllerInfo) -> Vec<String> {
                 } else {
                     g.in_sync.join(",")
                 },
-                format!("{alive}/{}", g.replicas.len()),
+                alive,
                 g.draining.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -167,6 +176,12 @@ fn controller_text(info: &ControllerInfo) -> Vec<String> {
         ],
         &groups,
     ));
+    if follower {
+        lines.push(format!(
+            "(member {} is not the leader, which could not be asked: only the leader hears the brokers' heartbeats, so which replicas are alive is not known here)",
+            info.id
+        ));
+    }
     lines
 }
 
@@ -183,6 +198,8 @@ fn controller_json(info: &ControllerInfo) -> Value {
             "leader": Some(*id) == info.leader_id,
         })).collect::<Vec<_>>(),
         "groups": info.groups.iter().map(group_json).collect::<Vec<_>>(),
+        // A follower's `alive` says nothing: only the leader hears heartbeats.
+        "from_leader": info.leader_id == Some(info.id),
     })
 }
 
@@ -248,8 +265,8 @@ mod tests {
         switching.broker_name = "broker-b".into();
         switching.draining = Some("127.0.0.1:10911".into());
         switching.in_sync.clear();
-        let info = ControllerInfo {
-            id: 2,
+        let mut info = ControllerInfo {
+            id: 1,
             leader_id: Some(1),
             leader_addr: Some("127.0.0.1:9878".into()),
             term: 4,
@@ -259,7 +276,7 @@ mod tests {
         assert_eq!(
             controller_text(&info),
             [
-                "controller: leader 1 (127.0.0.1:9878), term 4, as member 2 sees it",
+                "controller: leader 1 (127.0.0.1:9878), term 4, as member 1 sees it",
                 "MEMBER  ADDR            ROLE",
                 "1       127.0.0.1:9878  leader",
                 "2       127.0.0.1:9879  follower",
@@ -269,6 +286,20 @@ mod tests {
                 "broker-b  127.0.0.1:10912  3      -                                2/3    127.0.0.1:10911",
             ]
         );
+        let v = controller_json(&info);
+        assert_eq!(v["from_leader"], true);
+        // A follower's view (its leader could not be asked): who is alive
+        // is not known there.
+        info.id = 2;
+        let text = controller_text(&info);
+        assert!(text[6].contains(" ?/3 "), "{text:?}");
+        assert!(
+            text.last()
+                .is_some_and(|l| l.contains("member 2 is not the leader")),
+            "{text:?}"
+        );
+        assert_eq!(controller_json(&info)["from_leader"], false);
+        info.id = 1;
         let v = controller_json(&info);
         assert_eq!(v["leader_id"], 1);
         assert_eq!(v["term"], 4);

@@ -744,9 +744,33 @@ impl Admin {
     /// # Errors
     /// [`Error::NoController`] when no nameserver runs the controller;
     /// [`Error::Remoting`] with the last failure when none answered.
+    ///
+    /// Only the Raft leader hears the brokers' heartbeats: a follower's
+    /// answer is passed on only when the leader it names cannot be asked
+    /// directly (at its controller address); its replicas are then not
+    /// known to be alive.
     pub async fn controller_info(&self) -> Result<ControllerInfo> {
-        self.ask_controller(GetControllerInfo {}, self.request_timeout, true)
-            .await
+        let info = self
+            .ask_controller(GetControllerInfo {}, self.request_timeout, true)
+            .await?;
+        let leader = match (&info.leader_id, &info.leader_addr) {
+            (Some(id), Some(addr)) if *id != info.id => addr.clone(),
+            _ => return Ok(info),
+        };
+        let answer = match self.pool.get(&leader).await {
+            Ok(conn) => {
+                conn.call_with_timeout(GetControllerInfo {}, self.request_timeout)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(from_leader) => Ok(from_leader),
+            Err(e) => {
+                tracing::debug!(%leader, error = %e, "cannot ask the controller's leader; a follower's view");
+                Ok(info)
+            }
+        }
     }
 
     /// Sends `request` to the nameservers in turn until one's controller

@@ -172,6 +172,19 @@ async fn the_cli_shows_the_controller_of_the_nameservers_and_switches_a_master_t
         "{v}"
     );
     assert_eq!(g["in_sync"], serde_json::json!(["a:1", "b:1"]));
+    // Asked through any nameserver, a follower's too, the answer is the
+    // leader's: only it hears the brokers' heartbeats (a follower's view
+    // showed every replica dead).
+    for n in &nss {
+        let v = agreed_controller(&n.addr).await;
+        assert_eq!(v["from_leader"], true, "through {}: {v}", n.addr);
+        assert_eq!(v["leader_addr"].as_str(), Some(leader_ctl.as_str()), "{v}");
+        let alive: Vec<bool> = v["groups"][0]["replicas"]
+            .as_array()
+            .map(|r| r.iter().map(|r| r["alive"] == true).collect())
+            .unwrap_or_default();
+        assert_eq!(alive, [true, true], "through {}: {v}", n.addr);
+    }
     let o = txmq(&ns, &["controller"], None).await;
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.starts_with("controller: leader "), "{out}");
