@@ -199,6 +199,9 @@ impl GlobalArgs {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    // A line standard error cannot take is dropped, not
+                    // reported there again (which panics).
+                    .log_internal_errors(false)
                     // Colours for a terminal only, not for a file or a pipe.
                     .with_ansi(std::io::stderr().is_terminal())
                     .with_filter(filter),

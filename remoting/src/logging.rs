@@ -53,6 +53,11 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     let filter = filter(level)?;
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (standard error a pipe whose
+        // reader is gone) is dropped: reporting that on the same standard
+        // error panicked the task logging it, such as the one that stops
+        // the server on SIGTERM.
+        .log_internal_errors(false)
         .with_env_filter(filter);
     match format {
         LogFormat::Text => builder

@@ -1336,6 +1336,63 @@ fn malformed_addresses_are_usage_errors_and_retry_delays_parse() {
     assert!(!broker.log_text().contains("panicked"));
 }
 
+/// A nameserver or broker whose log pipe has lost its reader (`... 2>&1 |
+/// head -1`) still stops on SIGTERM: the log line of the stop, which
+/// cannot be written, no longer panics the task that stops it.
+#[test]
+fn a_server_whose_log_pipe_closed_stops_on_sigterm() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    for binary in ["txmq-nameserver", "txmq-broker"] {
+        let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+        let args: Vec<&str> = match binary {
+            "txmq-nameserver" => vec!["--listen", &listen],
+            _ => vec![
+                "--standalone",
+                "--listen",
+                &listen,
+                "--nameserver-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data,
+            ],
+        };
+        let mut child = std::process::Command::new(txmq_tests::binary(binary))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stderr.take().expect("stderr"))
+            .read_line(&mut first)
+            .expect("a first log line");
+        // The reader is gone now (dropped above); let the server start.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(Instant::now() < deadline, "{binary} never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("{binary} ignored SIGTERM with its log pipe closed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.code().is_some(), "{binary}: {status}");
+    }
+}
+
 #[test]
 fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
