@@ -215,6 +215,9 @@ struct Inner {
     /// at 16 producers, in flight 1). A cancel through the parent reaches
     /// it through the sweeper, which awaits the token.
     read_waker: AtomicWaker,
+    /// Why the reader stopped, when the socket failed under it (a reset,
+    /// a TLS alert): told to a hello that the close cut short.
+    lost: OnceLock<String>,
     peer_hello: OnceLock<Hello>,
     config: ConnectionConfig,
     /// Set by the reader before each request it hands to the service:
@@ -611,6 +614,15 @@ impl Connection {
                     ),
                 )))
             }
+            // Closed under the hello: why the reader stopped says more (a
+            // TLS alert: the server wants a client certificate, say).
+            Err(Error::Closed { .. }) if conn.inner.lost.get().is_some() => {
+                conn.close();
+                let why = conn.inner.lost.get().cloned().unwrap_or_default();
+                Err(connect_err(format!(
+                    "the connection closed during its hello: {why}"
+                )))
+            }
             Err(e) => {
                 conn.close();
                 Err(e)
@@ -659,6 +671,7 @@ impl Connection {
                 closed,
                 is_closed: AtomicBool::new(false),
                 read_waker: AtomicWaker::new(),
+                lost: OnceLock::new(),
                 peer_hello: OnceLock::new(),
                 config,
                 more_read: AtomicBool::new(false),
@@ -1397,6 +1410,7 @@ async fn read_loop(
                 Some(Err(txmq_protocol::codec::CodecError::Io(e))) => {
                     // A reset or a peer gone mid-frame: not the peer's bad input.
                     debug!(peer = %inner.peer, error = %e, "connection lost");
+                    let _ = inner.lost.set(e.to_string());
                     break;
                 }
                 Some(Err(e)) => {
