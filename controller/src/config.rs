@@ -60,6 +60,41 @@ impl ControllerConfig {
         }
     }
 
+    /// Settings that work but are likely mistakes, each as a sentence:
+    /// a listen address that is not the member's own address in the peer
+    /// list (where the others and the brokers dial it; a proxy or a NAT in
+    /// between makes them differ on purpose), and a member count without
+    /// a majority's benefit (2 or 4 members survive no more failures than
+    /// 1 or 3).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(own) = self.peers.get(&self.id) {
+            let port = |a: &str| a.rsplit_once(':').map(|(_, p)| p.to_string());
+            let host = |a: &str| a.rsplit_once(':').map(|(h, _)| h.to_string());
+            let any_host =
+                host(&self.listen).is_some_and(|h| matches!(h.as_str(), "0.0.0.0" | "[::]" | "::"));
+            let differs = if any_host {
+                port(&self.listen) != port(own)
+            } else {
+                self.listen != *own
+            };
+            if differs {
+                out.push(format!(
+                    "--controller-listen {} is not member {}'s address in --controller-peers ({own}), where the other members and the brokers reach it; fine behind a proxy or a NAT, else a mistake",
+                    self.listen, self.id
+                ));
+            }
+        }
+        if matches!(self.peers.len(), 2 | 4) {
+            out.push(format!(
+                "{} controller members survive no more failures than {}: use 1, 3 or 5",
+                self.peers.len(),
+                self.peers.len() - 1
+            ));
+        }
+        out
+    }
+
     /// Checks the settings.
     ///
     /// # Errors
@@ -124,6 +159,25 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listen_address_other_than_the_peer_entry_and_two_or_four_members_are_warned_of() {
+        let peers = parse_peers("1=127.0.0.1:9878,2=127.0.0.1:9879,3=127.0.0.1:9880").unwrap();
+        let c = |listen: &str, peers: &BTreeMap<u64, String>| {
+            ControllerConfig::new(1, listen, peers.clone(), PathBuf::from("d")).warnings()
+        };
+        assert!(c("127.0.0.1:9878", &peers).is_empty());
+        assert!(c("0.0.0.0:9878", &peers).is_empty());
+        let w = c("127.0.0.1:9875", &peers);
+        assert!(
+            w.len() == 1 && w[0].contains("--controller-listen 127.0.0.1:9875"),
+            "{w:?}"
+        );
+        assert_eq!(c("0.0.0.0:9875", &peers).len(), 1);
+        let two = parse_peers("1=127.0.0.1:9878,2=127.0.0.1:9879").unwrap();
+        let w = c("127.0.0.1:9878", &two);
+        assert!(w.len() == 1 && w[0].contains("use 1, 3 or 5"), "{w:?}");
+    }
 
     #[test]
     fn peers_parse_and_bad_ones_are_named() {

@@ -262,6 +262,9 @@ async fn main() -> ExitCode {
     if let Err(e) = logging {
         usage(e);
     }
+    for w in controller.iter().flat_map(ControllerConfig::warnings) {
+        tracing::warn!("{w}");
+    }
     // After the logger: loading the ACL file logs, and a bad file is a
     // start-up error (exit 1) naming it, not a usage error.
     let security = match args.security(credentials) {
