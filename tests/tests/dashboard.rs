@@ -584,6 +584,18 @@ fn a_transaction_left_unknown_is_committed_from_its_page_then_consumed_and_found
             .status,
         400
     );
+    // A queue the topic does not have, and a count of 0: said so, as the
+    // CLI does, not "Found 0" (or one row).
+    let none = v.get("/messages?by=offset&topic=orders&queue=99&offset=0&count=5");
+    assert_eq!(none.status, 400, "{}", none.body);
+    none.has(&["has no queue 99 on any broker"]);
+    assert_eq!(
+        v.get(&format!(
+            "/messages?by=offset&topic=orders&queue={queue}&offset=0&count=0"
+        ))
+        .status,
+        400
+    );
     let detail = v.get(&format!("/messages/{msg_id}"));
     assert_eq!(detail.status, 200);
     detail.has(&[

@@ -159,11 +159,24 @@ pub async fn search(
                 (Ok(queue), Ok(offset), Ok(count)) => (queue, offset, count),
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(&ctx, &body, e),
             };
-            let (Ok(queue), Ok(count)) = (u32::try_from(queue), u32::try_from(count.clamp(1, 100)))
+            if count == 0 {
+                return bad(&ctx, &body, "count must be at least 1".to_string());
+            }
+            let (Ok(queue), Ok(count)) = (u32::try_from(queue), u32::try_from(count.min(100)))
             else {
                 return bad(&ctx, &body, format!("queue {queue} is out of range"));
             };
-            admin.messages_at(topic, queue, offset, count).await
+            match admin.messages_at(topic, queue, offset, count).await {
+                // No broker has the queue: say so, as `txmq msg get` does.
+                Ok(answers) if answers.is_empty() => {
+                    return bad(
+                        &ctx,
+                        &body,
+                        format!("topic '{topic}' has no queue {queue} on any broker"),
+                    )
+                }
+                other => other,
+            }
         }
         other => {
             return bad(
