@@ -693,6 +693,26 @@ async fn bad_input_on_the_grpc_port_gets_clear_statuses_and_hurts_no_one_else() 
     let status = answer.status.unwrap();
     assert_eq!(status.code, pb::Code::BadRequest as i32, "{status:?}");
     assert!(status.message.contains("__rmq.keys"), "{status:?}");
+    // A name no topic may have: ILLEGAL_TOPIC, as a route query says.
+    let illegal = pb::Message {
+        topic: Some(resource("a/b")),
+        body: b"x".to_vec(),
+        ..Default::default()
+    };
+    let status = client
+        .send_message(pb::SendMessageRequest {
+            messages: vec![illegal],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.code, pb::Code::IllegalTopic as i32, "{status:?}");
+    assert_eq!(
+        query_route(&grpc, "a/b").await.status.unwrap().code,
+        pb::Code::IllegalTopic as i32
+    );
 
     // Still served, and nothing of the bad input was stored.
     let again = query_route(&grpc, "bad-input").await;

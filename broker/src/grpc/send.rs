@@ -74,6 +74,9 @@ async fn send_one(f: &Front, m: pb::Message) -> Result<pb::SendResultEntry, pb::
             "a message needs a body",
         ));
     }
+    // Named as a route query names it.
+    txmq_protocol::validate_topic_name(&message.topic)
+        .map_err(|e| status::new(pb::Code::IllegalTopic, e))?;
     let config = front::topic(b, &message.topic).await.map_err(wire)?;
     let queue = match &group {
         // Stable across restarts and brokers of any build: a group's
