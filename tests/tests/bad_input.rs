@@ -727,22 +727,20 @@ async fn invalid_group_names_are_bad_arguments() {
     let addr = cluster.brokers[0].local_addr().to_string();
     let conn = connect(&addr, PROTOCOL_VERSION).await.unwrap();
     let long = "g".repeat(121);
+    let heartbeat = |group: &str| Heartbeat {
+        group: group.into(),
+        client_id: "c1".into(),
+        subscriptions: vec![],
+        broadcast: false,
+        held: vec![],
+    };
     for (group, says) in [
         ("bad group", "contains ' '"),
         ("a/b", "contains '/'"),
         ("evil\"} 1", "contains '\"'"),
         (long.as_str(), "at most 120"),
     ] {
-        let e = conn
-            .call(Heartbeat {
-                group: group.into(),
-                client_id: "c1".into(),
-                subscriptions: vec![],
-                broadcast: false,
-                held: vec![],
-            })
-            .await
-            .expect_err("a bad group");
+        let e = conn.call(heartbeat(group)).await.expect_err("a bad group");
         let e = e.remote().expect("an error answer").clone();
         assert_eq!(e.code, ErrorCode::BadArgument, "{group:?}: {e}");
         assert!(e.message.contains(says), "{group:?}: {e}");
@@ -765,15 +763,9 @@ async fn invalid_group_names_are_bad_arguments() {
     }
     // The longest consumer group name is taken.
     let longest = "g".repeat(120);
-    conn.call(Heartbeat {
-        group: longest.clone(),
-        client_id: "c1".into(),
-        subscriptions: vec![],
-        broadcast: false,
-        held: vec![],
-    })
-    .await
-    .expect("the longest name");
+    conn.call(heartbeat(&longest))
+        .await
+        .expect("the longest name");
     // The CLI says so before connecting, naming the flag.
     for args in [
         &["consume", "t", "--group", "bad group"][..],
