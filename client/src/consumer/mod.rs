@@ -146,10 +146,12 @@ impl ReceivedMessage {
     /// topic) its original topic, as RocketMQ's consumers show it.
     pub fn topic(&self) -> &str {
         let m = &self.stored.message;
-        match m.properties.get(txmq_protocol::PROPERTY_REAL_TOPIC) {
-            Some(real) if m.topic.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) => real,
-            _ => &m.topic,
+        if !m.topic.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) {
+            return &m.topic;
         }
+        m.properties
+            .get(txmq_protocol::PROPERTY_REAL_TOPIC)
+            .unwrap_or(&m.topic)
     }
     /// The topic of the queue [`ReceivedMessage::queue`] and
     /// [`ReceivedMessage::queue_offset`] name: [`ReceivedMessage::topic`],
