@@ -211,28 +211,29 @@ impl GlobalArgs {
     }
 }
 
-/// Parses a consumer group's name as the brokers take it: 1 to 120
-/// characters of `A-Z a-z 0-9 - _ . %`.
+/// Parses a group name (consumer or producer group, to show, reset or
+/// answer for): 1 to 255 bytes, as the brokers take them.
 ///
 /// # Errors
 /// A message saying what is wrong, shown by clap.
 pub fn parse_group(s: &str) -> Result<String, String> {
-    group_name(s, txmq::MAX_CONSUMER_GROUP_LEN)
+    match s.len() {
+        0 => Err("a group name cannot be empty".into()),
+        1..=255 => Ok(s.to_string()),
+        n => Err(format!(
+            "a group name is at most 255 bytes long; this one has {n}"
+        )),
+    }
 }
 
-/// Parses a producer group's name: as [`parse_group`], up to 255 characters.
+/// Parses the group of a consumer that joins it (its retry topic is made):
+/// 1 to 120 characters of `A-Z a-z 0-9 - _ . %`, as the brokers take it.
 ///
 /// # Errors
 /// A message saying what is wrong, shown by clap.
-pub fn parse_producer_group(s: &str) -> Result<String, String> {
-    group_name(s, txmq::MAX_PRODUCER_GROUP_LEN)
-}
-
-fn group_name(s: &str, max_len: usize) -> Result<String, String> {
-    if s.is_empty() {
-        return Err("a group name cannot be empty".into());
-    }
-    txmq::validate_group_name(s, max_len)?;
+pub fn parse_consumer_group(s: &str) -> Result<String, String> {
+    parse_group(s)?;
+    txmq::validate_group_name(s)?;
     Ok(s.to_string())
 }
 
@@ -312,20 +313,25 @@ mod tests {
     fn group_names_are_what_the_brokers_take() {
         assert_eq!(parse_group("g1"), Ok("g1".to_string()));
         assert_eq!(parse_group(""), Err("a group name cannot be empty".into()));
-        assert!(parse_group(&"g".repeat(120)).is_ok());
-        let e = parse_group(&"g".repeat(121)).unwrap_err();
+        assert!(parse_group(&"g".repeat(255)).is_ok());
+        assert!(parse_group(&"g".repeat(256)).unwrap_err().contains("256"));
+        assert!(
+            parse_group("svc/orders").is_ok(),
+            "any bytes to show or reset"
+        );
+        assert!(parse_consumer_group(&"g".repeat(120)).is_ok());
+        let e = parse_consumer_group(&"g".repeat(121)).unwrap_err();
         assert!(
             e.contains("121") && e.contains("at most 120") && e.contains("%RETRY%"),
             "{e}"
         );
-        assert!(parse_producer_group(&"g".repeat(255)).is_ok());
-        assert!(parse_producer_group(&"g".repeat(256))
-            .unwrap_err()
-            .contains("256"));
+        assert_eq!(
+            parse_consumer_group(""),
+            Err("a group name cannot be empty".into())
+        );
         for bad in ["bad group", "a/b", "a\"b", "caf\u{e9}"] {
-            let e = parse_group(bad).unwrap_err();
+            let e = parse_consumer_group(bad).unwrap_err();
             assert!(e.contains("allowed are A-Z a-z 0-9 - _ . %"), "{bad}: {e}");
-            assert!(parse_producer_group(bad).is_err(), "{bad}");
         }
     }
 }

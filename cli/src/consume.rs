@@ -20,7 +20,7 @@ use txmq::{
 };
 
 use crate::args::{
-    parse_duration, parse_group, parse_positive_duration, parse_tag_filter, GlobalArgs,
+    parse_consumer_group, parse_duration, parse_positive_duration, parse_tag_filter, GlobalArgs,
 };
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
@@ -32,7 +32,7 @@ pub struct ConsumeArgs {
     pub topic: String,
 
     /// The consumer group; its offsets are stored on the brokers.
-    #[arg(long, env = "TXMQ_GROUP", value_parser = parse_group)]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = parse_consumer_group)]
     pub group: String,
 
     /// Exit after printing this many messages.

@@ -119,7 +119,7 @@ pub struct SendArgs {
     pub unsent: Option<PathBuf>,
 
     /// Producer group, sent to the brokers.
-    #[arg(long, env = "TXMQ_PRODUCER_GROUP", value_parser = crate::args::parse_producer_group)]
+    #[arg(long, env = "TXMQ_PRODUCER_GROUP", value_parser = crate::args::parse_group)]
     pub producer_group: Option<String>,
 
     /// Deliver the messages this long after sending (e.g. 30s, 10m; at most

@@ -48,7 +48,7 @@ pub enum TxCommand {
         #[arg(long, value_enum)]
         state: Option<ListState>,
         /// Only transactions of this producer group.
-        #[arg(long, value_name = "GROUP", value_parser = crate::args::parse_producer_group)]
+        #[arg(long, value_name = "GROUP", value_parser = crate::args::parse_group)]
         group: Option<String>,
         /// Only transactions prepared longer ago than this (e.g. `30s`, `5m`).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
@@ -143,7 +143,7 @@ pub struct TxSendArgs {
     pub topic: String,
 
     /// The producer group; the brokers check back on its live members.
-    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_producer_group)]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_group)]
     pub group: String,
 
     /// The message body.
@@ -189,7 +189,7 @@ pub struct TxSendArgs {
 #[derive(Debug, Args)]
 pub struct TxListenArgs {
     /// The producer group to answer check-backs for.
-    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_producer_group)]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_group)]
     pub group: String,
 
     /// The answer to every check-back.

@@ -139,9 +139,9 @@ pub use txmq_protocol::{BrokerGroupState, ControllerInfo, ControllerReplica};
 /// Checks a subscription's tag expression (`*`, or `a || b`) as consumers
 /// and brokers read it: the tags, or `None` for every tag.
 pub use txmq_protocol::parse_tag_expression;
-/// Checks a group name as the brokers do (a consumer group's is shorter:
-/// its retry topic holds it).
-pub use txmq_protocol::{validate_group_name, MAX_CONSUMER_GROUP_LEN, MAX_PRODUCER_GROUP_LEN};
+/// Checks a consumer group's name as the brokers do where its retry topic
+/// is made (a clustering member's heartbeat, a hand-back).
+pub use txmq_protocol::{validate_group_name, MAX_CONSUMER_GROUP_LEN};
 /// The dashboard's counters of a broker (`Admin::broker_counters`).
 pub use txmq_protocol::{validate_topic_name, BrokerCounters, TopicTraffic};
 /// Messages found by [`Admin::message_by_id`], [`Admin::messages_by_key`]

@@ -934,31 +934,24 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
 /// (`%RETRY%NAME`, `%DLQ%NAME`) are topics, of at most 127 characters.
 pub const MAX_CONSUMER_GROUP_LEN: usize = 127 - RETRY_TOPIC_PREFIX.len();
 
-/// The longest producer group name.
-pub const MAX_PRODUCER_GROUP_LEN: usize = 255;
-
-/// Checks a group name: 1 to `max_len` ([`MAX_CONSUMER_GROUP_LEN`] or
-/// [`MAX_PRODUCER_GROUP_LEN`]) characters of a topic name's `A-Z a-z 0-9
-/// - _ . %`.
+/// Checks the name of a consumer group whose retry and dead-letter topics
+/// are made: 1 to [`MAX_CONSUMER_GROUP_LEN`] characters of a topic name's
+/// `A-Z a-z 0-9 - _ . %`.
 ///
 /// # Errors
 /// A message saying what is wrong with the name.
-pub fn validate_group_name(name: &str, max_len: usize) -> Result<(), String> {
+pub fn validate_group_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("group name is empty".into());
     }
-    if name.len() > max_len {
-        let why = if max_len == MAX_CONSUMER_GROUP_LEN {
-            " (a consumer group's retry topic, %RETRY%NAME, is a topic name)"
-        } else {
-            ""
-        };
+    check_name_chars("group", name)?;
+    if name.len() > MAX_CONSUMER_GROUP_LEN {
         return Err(format!(
-            "group name is {} characters long; at most {max_len}{why}",
+            "group name is {} characters long; at most {MAX_CONSUMER_GROUP_LEN} (a consumer group's retry topic, %RETRY%NAME, is a topic name)",
             name.len()
         ));
     }
-    check_name_chars("group", name)
+    Ok(())
 }
 
 fn check_name_chars(what: &str, name: &str) -> Result<(), String> {

@@ -61,10 +61,8 @@ impl Drop for Inside {
 }
 
 fn enter(probe: &Shared, m: &ReceivedMessage, member: &str) -> Inside {
-    // A retried message shows its original topic; the queue it was read
-    // from is the retry topic's, so key by what the handler sees plus the
-    // queue: both members see the same pair for one queue.
-    let queue = (m.topic().to_string(), m.queue());
+    // The queue it was read from: a retry's is its group's retry topic's.
+    let queue = (m.queue_topic().to_string(), m.queue());
     let mut p = probe.lock().unwrap();
     let here = p.inside.entry(queue.clone()).or_default();
     let others: Vec<String> = here

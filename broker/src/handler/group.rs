@@ -27,7 +27,11 @@ pub(super) async fn heartbeat(
     conn: &Connection,
     req: Heartbeat,
 ) -> Result<HeartbeatOk, WireError> {
-    validate_group(&req.group)?;
+    if req.broadcast {
+        validate_group(&req.group)?;
+    } else {
+        super::offset::validate_retrying_group(&req.group)?;
+    }
     if req.client_id.is_empty() || req.client_id.len() > 255 {
         return Err(bad_argument("client id must be 1 to 255 bytes long"));
     }
@@ -100,7 +104,7 @@ fn backoff_ms(b: &BrokerInner, attempt: u32) -> u64 {
 }
 
 pub(crate) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack, WireError> {
-    validate_group(&req.group)?;
+    super::offset::validate_retrying_group(&req.group)?;
     let (mut message, queue) = match req.message {
         // The consumer's copy, for a record that is gone.
         Some(stored) => (stored.message, stored.queue),

@@ -6,8 +6,19 @@ use super::{bad_argument, existing_queue, store_error};
 use crate::BrokerInner;
 
 pub(crate) fn validate_group(group: &str) -> Result<(), WireError> {
-    txmq_protocol::validate_group_name(group, txmq_protocol::MAX_CONSUMER_GROUP_LEN)
-        .map_err(bad_argument)
+    if group.is_empty() || group.len() > 255 {
+        return Err(bad_argument("group name must be 1 to 255 bytes long"));
+    }
+    Ok(())
+}
+
+/// A group whose retry and dead-letter topics may be made (a clustering
+/// member's heartbeat, a send-back): its name must fit in a topic name.
+/// Other requests take any group of 1 to 255 bytes ([`validate_group`]),
+/// so that groups named before this rule can still be shown, reset and
+/// read by pull consumers.
+pub(crate) fn validate_retrying_group(group: &str) -> Result<(), WireError> {
+    txmq_protocol::validate_group_name(group).map_err(bad_argument)
 }
 
 /// A clustering group's members divide its queues, and only a queue's

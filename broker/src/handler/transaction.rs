@@ -74,8 +74,9 @@ pub(super) async fn prepare(
     b: &BrokerInner,
     req: PrepareTransaction,
 ) -> Result<Prepared, WireError> {
-    txmq_protocol::validate_group_name(&req.producer_group, txmq_protocol::MAX_PRODUCER_GROUP_LEN)
-        .map_err(|e| bad_argument(format!("producer {e}")))?;
+    if req.producer_group.is_empty() || req.producer_group.len() > 255 {
+        return Err(bad_argument("producer group must be 1 to 255 bytes long"));
+    }
     if req.messages.is_empty() || req.messages.len() > MAX_MESSAGES {
         return Err(bad_argument(format!(
             "a transaction holds 1 to {MAX_MESSAGES} messages"

@@ -35,7 +35,7 @@ pub struct ConsumeArgs {
     pub topic: String,
 
     /// The consumer group; its offsets are committed as it goes.
-    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_group)]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_consumer_group)]
     pub group: String,
 
     /// Consumers, each its own client, all in the group.

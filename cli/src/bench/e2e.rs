@@ -53,7 +53,7 @@ pub struct E2eArgs {
     pub consumers: u32,
 
     /// The consumer group (default: a new one for this run).
-    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_group)]
+    #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_consumer_group)]
     pub group: Option<String>,
 
     /// After the last send, how long to wait for messages still missing.

@@ -100,8 +100,7 @@ pub struct TxArgs {
     )]
     pub check_unknown_ratio: f64,
 
-    /// The producer group (default: a new one for this run); its name
-    /// with `-visible` is the consumer group that counts what became visible.
+    /// The producer group (default: a new one for this run).
     #[arg(long, env = "TXMQ_GROUP", value_parser = crate::args::parse_group)]
     pub group: Option<String>,
 

@@ -31,13 +31,22 @@ pub fn group_client(ctx: &Ctx, group: &str, title: &str) -> Result<Arc<Admin>, R
 /// The 400 page (titled `title`) for a name no group can have, if `group`
 /// is one.
 pub fn bad_group(ctx: &Ctx, group: &str, title: &str) -> Option<Response> {
-    let e = crate::args::parse_group(group).err()?;
+    let e = group_check(group).err()?;
     Some(html::error_page(
         ctx,
         StatusCode::BAD_REQUEST,
         title,
         &format!("Not a group name: {e}."),
     ))
+}
+
+/// A group name as a URL may carry it: 1 to 255 printable characters.
+fn group_check(group: &str) -> Result<(), String> {
+    crate::args::parse_group(group)?;
+    if let Some(c) = group.chars().find(|c| c.is_control()) {
+        return Err(format!("a group name has no control characters ({c:?})"));
+    }
+    Ok(())
 }
 
 #[derive(Default)]

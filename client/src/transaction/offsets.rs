@@ -82,7 +82,8 @@ impl ConsumedOffset {
         ConsumedOffset::new(
             group,
             message.broker_name.clone(),
-            message.topic(),
+            // The queue's topic: a retry's is its group's retry topic.
+            message.queue_topic(),
             message.queue(),
             message.queue_offset() + 1,
             Some(message.queue_offset()),
