@@ -480,7 +480,6 @@ async fn resend(
 ) -> Result<()> {
     let group = request.group.clone();
     let force = request.force;
-    let all = request.all;
     let answers = admin.resend_dead_letters(request, broker).await?;
     let mut resent = 0;
     let mut already = Vec::new();
@@ -522,15 +521,8 @@ async fn resend(
             }
         }
     }
-    // With --all, what is neither re-sent now nor before stayed: letters
-    // whose topic is unknown or gone (or past one request's maximum).
-    let left = if all {
-        dead.saturating_sub(resent + already.len() as u64)
-    } else {
-        0
-    };
     let summary = format!(
-        "{resent} dead letter{} of group {group} resent; {} resent before{}{}{}",
+        "{resent} dead letter{} of group {group} resent; {} resent before{}{}",
         if resent == 1 { "" } else { "s" },
         already.len(),
         if already.is_empty() || force {
@@ -550,14 +542,6 @@ async fn resend(
                     .collect::<Vec<_>>()
                     .join(", ")
             )
-        },
-        if left == 0 {
-            String::new()
-        } else {
-            format!(
-                "; {left} left in {} (`txmq dlq list {group}` lists them; one without its original topic, or whose topic is gone, is re-sent with --msg-id ID --to TOPIC)",
-                dlq_topic(&group)
-            )
         }
     );
     match printer.format {
@@ -567,7 +551,6 @@ async fn resend(
             "resent": resent,
             "already_resent": already.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "not_found": not_found.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "left": left,
             "dead_letters": dead,
         }))?,
     }

@@ -111,6 +111,23 @@ pub(super) async fn resend(
             answer.already.push(id);
         }
     }
+    if req.all && req.to.is_none() {
+        // A letter that cannot go back where it came from (it does not
+        // say where, or that topic is gone) stays, and the others go: the
+        // operator re-sends it by id with a topic to send it to. Left out
+        // before the cap, so such letters never hold up the rest.
+        chosen.retain(|l| {
+            let back = l
+                .message
+                .properties
+                .get(PROPERTY_REAL_TOPIC)
+                .is_some_and(|t| b.topics.get(t).is_some());
+            if !back {
+                tracing::info!(group = %req.group, msg_id = %l.message.msg_id, "dead letter without a topic to go back to left in place");
+            }
+            back
+        });
+    }
     chosen.truncate(MAX_PER_REQUEST);
     // A topic named to re-send to is taken as a send's would be: writable,
     // made on first use where brokers make topics (only once there is a
@@ -131,24 +148,13 @@ pub(super) async fn resend(
         let pos = letter.log_offset;
         let mut m = letter.message;
         let original = m.properties.get(PROPERTY_REAL_TOPIC).cloned();
-        // With `all`, a letter that cannot go back where it came from (it
-        // does not say where, or that topic is gone) stays, and the others
-        // go: the operator re-sends it by id with a topic to send it to.
         let Some(target) = req.to.clone().or(original) else {
-            if req.all {
-                tracing::info!(group = %req.group, msg_id = %m.msg_id, "dead letter without its original topic left in place");
-                continue;
-            }
             return Err(bad_argument(format!(
                 "dead letter {} does not say its original topic ({PROPERTY_REAL_TOPIC}); name one with --to",
                 m.msg_id
             )));
         };
         let Some(config) = b.topics.get(&target) else {
-            if req.all && req.to.is_none() {
-                tracing::info!(group = %req.group, msg_id = %m.msg_id, topic = %target, "dead letter of a topic that is gone left in place");
-                continue;
-            }
             let mut e = unknown_topic(b, &target);
             e.message
                 .push_str("; name another topic to re-send to with --to");
