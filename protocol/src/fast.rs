@@ -38,19 +38,46 @@ pub(crate) fn decode(body: &[u8], frame: Option<&Bytes>) -> Option<Frame> {
     r.buf.is_empty().then_some(decoded)
 }
 
-/// The id of the request a frame body starting with `prefix` holds, if
-/// the prefix is long enough to say (a frame too large to read whole).
-pub(crate) fn request_id(prefix: &[u8]) -> Option<u64> {
+/// What the start of a frame body says of the request it holds (for a
+/// frame too large to read whole).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Envelope {
+    /// A request with this id.
+    Request(u64),
+    /// Not a request, or not in the shape rmp-serde writes.
+    Other,
+    /// Too few bytes to tell.
+    Short,
+}
+
+/// Bytes of a body that always tell [`Envelope`]: a one-entry map, the
+/// string `Request`, a two-element array and a `u64` take at most 19.
+pub(crate) const ENVELOPE_LEN: usize = 19;
+
+/// What the body starting with `prefix` holds ([`Envelope`]).
+pub(crate) fn envelope(prefix: &[u8]) -> Envelope {
     let mut r = Reader {
         buf: prefix,
         frame: None,
     };
-    r.map1()?;
-    if r.str()? != "Request" {
-        return None;
+    let id = (|| {
+        r.map1()?;
+        if r.str()? != "Request" {
+            return Some(None);
+        }
+        r.array(2)?;
+        Some(Some(r.u64()?))
+    })();
+    // How a request's body starts: `{"Request": [id, ...]}`.
+    const HEAD: &[u8] = b"\x81\xa7Request\x92";
+    let n = prefix.len().min(HEAD.len());
+    match id {
+        Some(Some(id)) => Envelope::Request(id),
+        // Cut short in the head or in the id that follows it.
+        // (Nothing after the length prefix: refused from the prefix alone.)
+        None if n > 0 && prefix.len() < ENVELOPE_LEN && prefix[..n] == HEAD[..n] => Envelope::Short,
+        _ => Envelope::Other,
     }
-    r.array(2)?;
-    r.u64()
 }
 
 /// Items reserved ahead of reading them, at most.
