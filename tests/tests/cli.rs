@@ -632,10 +632,20 @@ async fn a_second_consume_of_a_group_does_not_repeat_what_the_first_printed() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("txmq consume starts");
-        let mut line = String::new();
-        std::io::BufReader::new(held.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("a line");
+        // Read on a thread of its own, so a consume that never prints
+        // fails the test instead of hanging it.
+        let stdout = held.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20));
+        if line.is_err() {
+            let _ = held.kill();
+        }
+        let line = line.expect("the held consumer prints j6");
         assert!(line.contains("j6"), "{line}");
         held.kill().expect("kill -9");
         held.wait().expect("reaped");

@@ -1622,6 +1622,10 @@ async fn the_cli_sends_on_across_a_paused_master() {
     let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("txmq send ends");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
+    assert!(
+        err.contains("waiting up to 30s for a broker"),
+        "the pause was waited out: {err}"
+    );
     let sent = json_lines(&out.stdout)
         .iter()
         .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
@@ -1629,6 +1633,7 @@ async fn the_cli_sends_on_across_a_paused_master() {
     assert_eq!(sent, LINES, "{err}");
     let after = c.wait_healthy(Duration::from_secs(30)).await;
     let master = after.master.clone().expect("a master");
+    assert_ne!(master, old, "the paused master was replaced");
     let stored = stored_bodies(&master, TOPIC, 2).await;
     for i in 0..LINES {
         assert_eq!(stored.get(&format!("p{i}")), Some(&1), "p{i}: {stored:?}");

@@ -195,14 +195,16 @@ fn tx_show_list_filters_and_recheck() {
     assert!(answered.iter().all(|c| c["at_ms"].as_u64() > Some(0)));
     // One check-back interval (200 ms) apart: never sooner, and not two
     // intervals (the scheduler once woke a fixed interval after its last
-    // wake, just before the next check was due, and took it a tick later).
+    // wake, just before the next check was due, and took it a tick later:
+    // 400 ms and more every time). One gap of the two well under that is
+    // enough on a loaded machine.
     let at: Vec<u64> = answered
         .iter()
         .filter_map(|c| c["at_ms"].as_u64())
         .collect();
     let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(gaps.iter().all(|g| *g >= 200), "{gaps:?}");
-    assert!(gaps.iter().any(|g| *g < 350), "{gaps:?}");
+    assert!(gaps.iter().any(|g| *g < 380), "{gaps:?}");
     assert_eq!(d1["messages"][0]["body"], "first");
     assert_eq!(d1["messages"][0]["key"], "k1");
     assert_eq!(d1["messages"][0]["topic"], "orders");
