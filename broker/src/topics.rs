@@ -152,5 +152,6 @@ impl TopicTable {
 
 /// A consumer group's retry or dead-letter topic (made by the broker).
 pub(crate) fn is_group_topic(name: &str) -> bool {
-    name.starts_with("%RETRY%") || name.starts_with("%DLQ%")
+    name.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX)
+        || name.starts_with(txmq_protocol::DLQ_TOPIC_PREFIX)
 }

@@ -177,8 +177,12 @@ fn controller_text(info: &ControllerInfo) -> Vec<String> {
         &groups,
     ));
     if follower {
+        let leader = match info.leader_id {
+            Some(_) => "the leader could not be asked",
+            None => "no leader is known",
+        };
         lines.push(format!(
-            "(member {} is not the leader, which could not be asked: only the leader hears the brokers' heartbeats, so which replicas are alive is not known here)",
+            "(member {} is not the leader and {leader}: only the leader hears the brokers' heartbeats, so which replicas are alive is not known here)",
             info.id
         ));
     }

@@ -327,7 +327,19 @@ fn differing_subscriptions(states: &[GroupState]) -> Option<Vec<String>> {
             .subscriptions
             .iter()
             .filter(|s| !s.topic.starts_with(txmq::RETRY_TOPIC_PREFIX))
-            .map(|s| format!("{} ({})", s.topic, s.expression))
+            .map(|s| {
+                // `b || a` selects what `a||b` does.
+                let tags = match txmq::parse_tag_expression(&s.expression) {
+                    Ok(Some(mut tags)) => {
+                        tags.sort();
+                        tags.dedup();
+                        tags.join(" || ")
+                    }
+                    Ok(None) => "*".to_string(),
+                    Err(_) => s.expression.clone(),
+                };
+                format!("{} ({tags})", s.topic)
+            })
             .collect();
         subs.sort();
         seen.insert(m.client_id.clone(), subs.join(", "));
@@ -570,4 +582,50 @@ async fn resend(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use txmq::admin::GroupState;
+    use txmq_protocol::{MemberInfo, Subscription};
+
+    fn member(id: &str, expression: &str) -> MemberInfo {
+        MemberInfo {
+            client_id: id.into(),
+            addr: "127.0.0.1:1".into(),
+            broadcast: false,
+            subscriptions: vec![
+                Subscription {
+                    topic: "orders".into(),
+                    expression: expression.into(),
+                },
+                Subscription {
+                    topic: "%RETRY%g".into(),
+                    expression: "*".into(),
+                },
+            ],
+            last_heartbeat_ms_ago: 0,
+        }
+    }
+
+    fn state(members: Vec<MemberInfo>) -> Vec<GroupState> {
+        vec![GroupState {
+            broker_name: "broker-a".into(),
+            group: "g".into(),
+            members,
+            queues: vec![],
+        }]
+    }
+
+    #[test]
+    fn members_that_select_the_same_tags_subscribe_alike() {
+        let same = state(vec![member("c1", "a||b"), member("c2", " b || a ")]);
+        assert_eq!(differing_subscriptions(&same), None);
+        let all = state(vec![member("c1", "*"), member("c2", "")]);
+        assert_eq!(differing_subscriptions(&all), None);
+        let differ = state(vec![member("c1", "a"), member("c2", "b")]);
+        let d = differing_subscriptions(&differ).expect("they differ");
+        assert_eq!(d, ["c1: orders (a)", "c2: orders (b)"]);
+    }
 }

@@ -234,9 +234,12 @@ pub fn retry_topic(group: &str) -> String {
     format!("{RETRY_TOPIC_PREFIX}{group}")
 }
 
+/// What a consumer group's dead-letter topic starts with.
+pub const DLQ_TOPIC_PREFIX: &str = "%DLQ%";
+
 /// The dead-letter topic of a consumer group.
 pub fn dlq_topic(group: &str) -> String {
-    format!("%DLQ%{group}")
+    format!("{DLQ_TOPIC_PREFIX}{group}")
 }
 
 /// A topic may be read (consumed).

@@ -14,9 +14,6 @@ use txmq_remoting::{Connection, Op};
 
 use crate::BrokerInner;
 
-/// What [`retry_topic`] puts before a group's name.
-const RETRY_PREFIX: &str = "%RETRY%";
-
 /// Checks everything `request` needs of `conn`'s user.
 ///
 /// # Errors
@@ -156,7 +153,7 @@ fn pull_needs(
     mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,
 ) -> Result<(), WireError> {
     let group = r.owner.as_ref().map(|o| o.group.as_str());
-    let retry_of = r.topic.strip_prefix(RETRY_PREFIX);
+    let retry_of = r.topic.strip_prefix(txmq_protocol::RETRY_TOPIC_PREFIX);
     match (group, retry_of) {
         (Some(g), Some(of)) if g == of => check(Op::Group(g)),
         (None, Some(of)) => check(Op::Group(of)),

@@ -67,7 +67,7 @@ pub(super) async fn resend(
         txmq_protocol::validate_topic_name(to).map_err(bad_argument)?;
         // A letter re-sent there would be a letter again, without the
         // topic it came from (a retry topic's messages go to one group).
-        if to.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) || to.starts_with("%DLQ%") {
+        if crate::topics::is_group_topic(to) {
             return Err(bad_argument(format!(
                 "cannot re-send dead letters to {to}: a retry or dead-letter topic; name the topic the group consumes"
             )));

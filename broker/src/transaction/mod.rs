@@ -1113,7 +1113,6 @@ impl Transactions {
         }
     }
 
-    /// Ids of the prepared transactions due for a check, marked as being checked.
     /// How long until the next transaction is due for a check, at most
     /// `longest` (also when none is).
     fn until_next_due(&self, now: u64, longest: Duration) -> Duration {
@@ -1122,6 +1121,7 @@ impl Transactions {
         })
     }
 
+    /// Ids of the prepared transactions due for a check, marked as being checked.
     fn take_due(&self, now: u64) -> Vec<(u64, GroupName)> {
         let mut table = lock(&self.table);
         let Table { pending, due, .. } = &mut *table;

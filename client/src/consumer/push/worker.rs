@@ -157,7 +157,7 @@ async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>
     };
     // A retry topic is always read from its start: a message handed back
     // before this member first looked must not be skipped.
-    let from = if key.topic.starts_with("%RETRY%") {
+    let from = if key.topic.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) {
         ConsumeFrom::First
     } else {
         shared.settings.from
