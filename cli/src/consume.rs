@@ -124,7 +124,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
         .drain_timeout(Duration::from_millis(200))
         .start(handler)
         .await?;
-    note_missing_topic(config, &args.topic).await;
+    let missing = note_missing_topic(config, &args.topic).await;
     let printer = Printer::stdout(global.output);
     let interrupted = interrupted();
     tokio::pin!(interrupted);
@@ -143,7 +143,8 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             Some(idle) => {
                 let left = idle.saturating_sub(last_message.elapsed());
                 if left.is_zero() {
-                    if printed == 0 && consumer.queues().is_empty() {
+                    // (A topic no broker serves was noted already.)
+                    if printed == 0 && !missing && consumer.queues().is_empty() {
                         note_no_queue(&args.topic, &args.group);
                     }
                     break;
@@ -200,20 +201,25 @@ fn note_no_queue(topic: &str, group: &str) {
 /// for one (a first send may create the topic), but a mistyped name would
 /// otherwise wait in silence. Awaited before the first message is, so the
 /// note comes first and an early exit cannot lose it; a nameserver that
-/// does not answer within the bound costs only the note.
-async fn note_missing_topic(config: ClientConfig, topic: &str) {
+/// does not answer within the bound costs only the note. True when noted.
+async fn note_missing_topic(config: ClientConfig, topic: &str) -> bool {
     let check = async {
         let admin = Admin::with_config(config).await.ok()?;
         let missing = matches!(admin.route(topic).await, Err(txmq::Error::NoRoute { .. }));
         admin.close().await.ok();
         Some(missing)
     };
-    if let Ok(Some(true)) = tokio::time::timeout(Duration::from_secs(2), check).await {
+    let missing = matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Some(true))
+    );
+    if missing {
         eprintln!(
             "note: no broker serves topic \"{topic}\" now; waiting for one \
              (`txmq topic create {topic}` creates a topic, as does a first send where brokers create topics)"
         );
     }
+    missing
 }
 
 fn print_message(printer: &Printer, m: &ReceivedMessage) -> Result<()> {
