@@ -57,9 +57,8 @@ pub(crate) fn create_topic_now(
             "permission {perm} is not a combination of read (4) and write (2)"
         )));
     }
-    let (config, changed) = b
-        .topics
-        .upsert(name, |existing, count| match existing {
+    let (config, changed) = b.topics.upsert(name, |existing, count| {
+        let config = match existing {
             // Retry and dead-letter topics have a bound of their own, of
             // the same size: groups cannot crowd out topics, nor the
             // reverse.
@@ -88,10 +87,15 @@ pub(crate) fn create_topic_now(
                 queues,
                 perm,
             }),
-        })?;
-    b.store
-        .ensure_queues(name, config.queues)
-        .map_err(store_error)?;
+        }?;
+        // The store's queues before the topic is seen: a send on another
+        // thread that finds the topic finds its queues too (it got
+        // UNKNOWN_QUEUE in between).
+        b.store
+            .ensure_queues(name, config.queues)
+            .map_err(store_error)?;
+        Ok(config)
+    })?;
     if changed {
         tracing::info!(
             topic = name,
