@@ -413,9 +413,13 @@ fn a_metrics_address_in_use_fails_the_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Not an address at all: a usage error (exit 2), before anything starts.
     let (code, err) = wait(bad);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("--metrics-listen"), "{err}");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--metrics-listen") && err.contains("is not host:port"),
+        "{err}"
+    );
 }
 
 /// The alerting rules shipped in `examples/prometheus` are valid.
