@@ -151,17 +151,21 @@ pub fn pager(path: &str, query: &str, page: usize, size: usize, total: usize) ->
     let pages = total.div_ceil(size.max(1)).max(1);
     let join = if query.is_empty() { "" } else { "&amp;" };
     let mut out = String::from("<div class=\"pager\">");
+    // A page past the end (an old link, a typed URL) links to the last.
+    let past = page > pages;
     if page > 1 {
         let _ = write!(
             out,
-            "<a class=\"prev\" href=\"{path}?{}{join}page={}\">previous</a> ",
+            "<a class=\"prev\" href=\"{path}?{}{join}page={}\">{}</a> ",
             esc(query),
-            page - 1
+            if past { pages } else { page - 1 },
+            if past { "last page" } else { "previous" }
         );
     }
     let _ = write!(
         out,
-        "<span class=\"page\">page {page} of {pages} ({total} in all)</span>"
+        "<span class=\"page\">page {page} of {pages} ({total} in all{})</span>",
+        if past { ": past the last page" } else { "" }
     );
     if page < pages {
         let _ = write!(
@@ -267,6 +271,16 @@ mod tests {
             "{last}"
         );
         assert!(!last.contains("class=\"next\""), "{last}");
+        let past = pager("/topics", "", 999, 50, 120);
+        assert!(
+            past.contains("class=\"prev\" href=\"/topics?page=3\">last page</a>"),
+            "{past}"
+        );
+        assert!(
+            past.contains("page 999 of 3 (120 in all: past the last page)"),
+            "{past}"
+        );
+        assert!(!past.contains("class=\"next\""), "{past}");
     }
 
     #[test]
