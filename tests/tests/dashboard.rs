@@ -1061,3 +1061,28 @@ fn dead_letters_are_counted_per_group_and_resent_after_a_confirmation() {
         "3 originals and 3 re-sent"
     );
 }
+
+#[test]
+fn a_dashboard_started_before_its_nameserver_says_so_and_serves_once_it_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ns = format!("127.0.0.1:{}", free_port());
+    // Nothing listens at `ns` yet: the dashboard starts anyway.
+    let dashboard = Dashboard::start(&ns, &[]);
+    let mut v = dashboard.visitor();
+    for path in ["/", "/topics", "/transactions"] {
+        let page = v.get(path);
+        assert_eq!(page.status, 503, "{path}: {}", page.body);
+        page.has(&[
+            "cannot reach the nameservers yet",
+            &format!("cannot connect to {ns}"),
+            "reload this page",
+        ]);
+    }
+    let _nameserver = NameserverProcess::start(&ns, &[], &dir.path().join("nameserver.log"));
+    let _broker = BrokerProcess::start(&dir.path().join("broker"), &ns, "broker-a", &[]);
+    wait_until("the dashboard lists the broker", || {
+        let page = v.get("/");
+        page.status == 200 && page.body.contains("broker-a")
+    });
+    v.get("/topics").has(&["id=\"topics\""]);
+}

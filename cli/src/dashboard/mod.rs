@@ -66,40 +66,100 @@ pub struct App {
     /// Client settings of the global flags; a login replaces the
     /// credentials.
     config: ClientConfig,
-    /// The client of the global flags, when it may be used (no login).
-    global: Option<Arc<Admin>>,
+    /// The dashboard's own client (of the global flags), as far as it has
+    /// one.
+    own: std::sync::Mutex<Own>,
     sessions: Sessions,
     sampler: sampler::Sampler,
     page_size: usize,
 }
 
+/// The dashboard's own client.
+enum Own {
+    /// Visitors sign in (`--login`, or the cluster demands it).
+    Login,
+    /// No nameserver answered yet: why the last try failed. The sampler
+    /// tries again on each tick, and pages say so meanwhile.
+    Waiting(String),
+    Ready(Arc<Admin>),
+}
+
+impl App {
+    fn own(&self) -> std::sync::MutexGuard<'_, Own> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dashboard's own client, when it has one and may use it.
+    fn global(&self) -> Option<Arc<Admin>> {
+        match &*self.own() {
+            Own::Ready(admin) => Some(admin.clone()),
+            Own::Login | Own::Waiting(_) => None,
+        }
+    }
+
+    /// Why the dashboard has no client yet, while it waits for a nameserver.
+    fn waiting(&self) -> Option<String> {
+        match &*self.own() {
+            Own::Waiting(why) => Some(why.clone()),
+            Own::Login | Own::Ready(_) => None,
+        }
+    }
+
+    /// Tries again to reach the nameservers, when the dashboard waits for
+    /// them.
+    async fn reconnect(&self) {
+        if self.waiting().is_some() {
+            if let Ok(own) = connect(&self.config).await {
+                *self.own() = own;
+            }
+        }
+    }
+}
+
+/// The dashboard's own client for `config`: an error only for settings no
+/// retry mends.
+async fn connect(config: &ClientConfig) -> Result<Own> {
+    match Admin::with_config(config.clone()).await {
+        Ok(a) => {
+            tracing::info!("connected to the nameservers");
+            Ok(Own::Ready(Arc::new(a)))
+        }
+        Err(e) if config.credentials.is_none() && needs_login(&e) => {
+            tracing::info!("the cluster demands authentication: visitors sign in at /login");
+            Ok(Own::Login)
+        }
+        Err(e @ txmq::Error::Remoting(_)) => Ok(Own::Waiting(error_text(e))),
+        Err(e) => Err(e).context("cannot reach the nameservers"),
+    }
+}
+
 type AppState = Arc<App>;
 
-/// Serves the dashboard until Ctrl-C or SIGTERM.
+/// Serves the dashboard until Ctrl-C or SIGTERM. Nameservers that cannot
+/// be reached yet are tried again every few seconds, and pages say so
+/// meanwhile.
 ///
 /// # Errors
-/// The listen address cannot be bound; bad security flags; the
-/// nameservers cannot be reached (when no login is asked for).
+/// The listen address cannot be bound; bad security flags.
 pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> Result<()> {
     let config = global.client_config()?;
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "the dashboard listens on a non-loopback address: anyone who reaches it can change the cluster (use --login with an ACL, and TLS in front)");
     }
-    let global_admin = if args.login {
-        None
+    let own = if args.login {
+        Own::Login
     } else {
-        match Admin::with_config(config.clone()).await {
-            Ok(a) => Some(Arc::new(a)),
-            Err(e) if config.credentials.is_none() && needs_login(&e) => {
-                tracing::info!("the cluster demands authentication: visitors sign in at /login");
-                None
-            }
-            Err(e) => return Err(e).context("cannot reach the nameservers"),
-        }
+        connect(&config).await?
     };
+    if let Own::Waiting(why) = &own {
+        tracing::warn!(
+            "cannot reach the nameservers yet ({why}): trying again every {} s, pages say so meanwhile",
+            SAMPLE_EVERY.as_secs()
+        );
+    }
     let app = Arc::new(App {
         config,
-        global: global_admin.clone(),
+        own: std::sync::Mutex::new(own),
         sessions: Sessions::default(),
         sampler: sampler::Sampler::default(),
         page_size: usize::from(args.page_size),
@@ -114,7 +174,7 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> Result<()> {
         .with_graceful_shutdown(crate::signal::interrupted())
         .await;
     sampling.abort();
-    if let Some(a) = global_admin {
+    if let Some(a) = app.global() {
         a.close().await.ok();
     }
     app.sessions.close_all();
@@ -241,7 +301,19 @@ async fn guard(State(app): State<AppState>, req: Request, next: Next) -> Respons
     }
     let public = path == "/login" || path.starts_with("/assets/");
     if ctx.admin.is_none() && !public {
-        return with_cookie(Redirect::to("/login").into_response(), &session, fresh);
+        let response = match app.waiting() {
+            Some(why) => html::error_page(
+                &ctx,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Nameservers not reachable",
+                &format!(
+                    "The dashboard cannot reach the nameservers yet: {why}. It tries again every {} s; reload this page in a moment.",
+                    SAMPLE_EVERY.as_secs()
+                ),
+            ),
+            None => Redirect::to("/login").into_response(),
+        };
+        return with_cookie(response, &session, fresh);
     }
     req.extensions_mut().insert(ctx);
     let mut response = next.run(req).await;

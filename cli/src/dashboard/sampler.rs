@@ -180,8 +180,8 @@ pub async fn run(app: AppState) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(admin): Option<Arc<Admin>> =
-            app.global.clone().or_else(|| app.sessions.any_client())
+        app.reconnect().await;
+        let Some(admin): Option<Arc<Admin>> = app.global().or_else(|| app.sessions.any_client())
         else {
             app.sampler
                 .failed("no counters yet: nobody has signed in".into());

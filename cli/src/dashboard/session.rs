@@ -201,7 +201,7 @@ impl Ctx {
     pub fn new(app: &App, session: Arc<Session>) -> Ctx {
         let (user, admin) = match lock(&session.user).as_ref() {
             Some((user, admin)) => (Some(user.clone()), Some(admin.clone())),
-            None => (None, app.global.clone()),
+            None => (None, app.global()),
         };
         Ctx {
             session,
