@@ -1324,3 +1324,84 @@ async fn a_stuck_message_stops_the_pulls_past_the_span() {
     producer.close().await.unwrap();
     cluster.shutdown().await;
 }
+
+/// A member giving a queue up starts no handler on the messages of it that
+/// it pulled and had not started: they go to the member taking the queue
+/// over, and nothing is handled twice. (The holder used to work through
+/// everything it had pulled, up to the drain timeout, and a handler cut off
+/// by that timeout was handled again by the new owner.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_given_up_leaves_its_unstarted_messages_to_the_new_owner() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "handover", 2).await;
+    let producer = cluster.producer().await;
+    send_numbered(&producer, "handover", "h", 0..10).await;
+
+    // (body, member) of every handler that started.
+    let started: Arc<Mutex<Vec<(String, &'static str)>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let member = |name: &'static str, concurrency: usize| {
+        let (started, gate) = (started.clone(), gate.clone());
+        PushConsumer::builder()
+            .nameserver(&ns)
+            .group("handover-g")
+            .subscribe("handover", "*")
+            .concurrency(concurrency)
+            .rebalance_interval(REBALANCE)
+            .commit_interval(Duration::from_millis(100))
+            .max_wait(Duration::from_millis(500))
+            .route_refresh_interval(Duration::from_millis(500))
+            .start(handler_fn(move |m: &ReceivedMessage| {
+                let first = {
+                    let mut started = started.lock().unwrap();
+                    started.push((body(m), name));
+                    started.len() == 1
+                };
+                let gate = gate.clone();
+                async move {
+                    // The first handler of all holds the one member's only
+                    // slot until the second member has joined.
+                    if first {
+                        gate.notified().await;
+                    }
+                    ConsumeResult::Success
+                }
+            }))
+    };
+    let first = member("first", 1).await.unwrap();
+    wait_until("the first handler starts", Duration::from_secs(10), || {
+        started.lock().unwrap().len() == 1
+    })
+    .await;
+    // Its first heartbeat made, the second member's start returns; the
+    // broker tells the first, which gives a queue up (the one it cannot let
+    // go of before the gate opens, or the other).
+    let second = member("second", 4).await.unwrap();
+    tokio::time::sleep(REBALANCE * 4).await;
+    gate.notify_one();
+    wait_until("every message is handled", Duration::from_secs(20), || {
+        started.lock().unwrap().len() >= 10
+    })
+    .await;
+    tokio::time::sleep(REBALANCE * 2).await;
+    let started = started.lock().unwrap().clone();
+    let mut times: BTreeMap<&str, u32> = BTreeMap::new();
+    for (b, _) in &started {
+        *times.entry(b.as_str()).or_default() += 1;
+    }
+    assert!(
+        times.len() == 10 && times.values().all(|n| *n == 1),
+        "each message once: {started:?}"
+    );
+    // Five messages a queue: the one given up had at most one started.
+    let by_second = started.iter().filter(|(_, m)| *m == "second").count();
+    assert!(
+        by_second >= 4,
+        "the new owner handled {by_second}: {started:?}"
+    );
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}

@@ -29,9 +29,11 @@
 //!   ones included, reach the maximum). It is never dropped, and the other
 //!   messages of its queue go on meanwhile;
 //! - when a queue moves to another member (rebalancing), its holder stops
-//!   pulling it, waits for its unfinished handlers (up to the drain
-//!   timeout), commits, and only then lets go: the new owner continues from
-//!   there, so a clean rebalance repeats nothing.
+//!   pulling it, starts no handler on what it pulled and had not started
+//!   (nor another attempt of a message waiting to be tried again), waits
+//!   for the handlers running (up to the drain timeout), commits, and only
+//!   then lets go: the new owner continues from there, with the messages
+//!   left unstarted, so a clean rebalance repeats nothing.
 //!
 //! Nothing is lost: a message is only passed by the committed offset after
 //! its handler succeeded or it was stored again for retry.
@@ -514,9 +516,11 @@ impl PushConsumerBuilder {
         self
     }
 
-    /// How long a queue being given up waits for its unfinished handlers
-    /// (default 10 s); after that it lets go without them (they are
-    /// delivered again to the new owner).
+    /// How long a queue being given up waits for the handlers running on
+    /// its messages (default 10 s); after that it lets go without them
+    /// (their messages are delivered again to the new owner). Messages
+    /// pulled and not started are not started then: the new owner gets
+    /// them.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.settings.drain_timeout = timeout;
         self
@@ -677,9 +681,11 @@ impl<H: MessageHandler> Stop for Shared<H> {
 /// subscriptions, as a member of a consumer group. See the [module
 /// docs](self) for what is delivered when.
 ///
-/// Dropping it stops everything at once without committing (as a crash
-/// would, but the group notices at once); call [`PushConsumer::shutdown`]
-/// to finish the handlers in flight, commit and leave the group.
+/// Dropping it stops everything at once without committing, as a crash
+/// would: its queues go to the group's other members only once the
+/// brokers give the member up (`--consumer-expiry`), and what it handled
+/// since its last commit comes again. Call [`PushConsumer::shutdown`] to
+/// finish the handlers in flight, commit and leave the group at once.
 pub struct PushConsumer {
     stop: Arc<dyn Stop>,
     _cancel: tokio_util::sync::DropGuard,
@@ -715,9 +721,10 @@ impl PushConsumer {
         self.stop.queues()
     }
 
-    /// Stops pulling, waits for the handlers in flight (up to the drain
-    /// timeout), commits, and leaves the group so that the other members
-    /// take its queues over at once.
+    /// Stops pulling, waits for the handlers running (up to the drain
+    /// timeout; messages pulled and not started are left for the group),
+    /// commits, and leaves the group so that the other members take its
+    /// queues over at once.
     ///
     /// # Errors
     /// [`Error::CommitFailed`] when some final commits could not be stored

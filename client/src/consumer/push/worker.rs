@@ -234,7 +234,7 @@ async fn consume<H: MessageHandler>(
         }
         if settings.orderly && handling.is_empty() && !cut_off {
             if let Some(m) = waiting.pop_front() {
-                handling.push(handle(shared, key, m));
+                handling.push(handle(shared, key, m, release));
             }
         }
         if released && handling.is_empty() {
@@ -277,7 +277,7 @@ async fn consume<H: MessageHandler>(
                             if settings.orderly {
                                 waiting.push_back(m);
                             } else {
-                                handling.push(handle(shared, key, m));
+                                handling.push(handle(shared, key, m, release));
                             }
                         }
                         progress.pulled_to(r.next_offset);
@@ -300,8 +300,12 @@ async fn consume<H: MessageHandler>(
                     }
                 }
             }
-            Some((offset, bytes)) = handling.next(), if !handling.is_empty() => {
-                progress.finished(offset, bytes);
+            Some(done) = handling.next(), if !handling.is_empty() => {
+                // Not done: left unstarted (or between attempts) as the
+                // queue is given up, so the next owner handles it.
+                if let Some((offset, bytes)) = done {
+                    progress.finished(offset, bytes);
+                }
             }
             _ = tick.tick() => {
                 fence_at = refresh_fence(shared, key, &mut cut_off);
@@ -545,12 +549,16 @@ async fn pull<H>(
 
 /// Runs the handler on one message until it is done with: succeeded,
 /// handed back for retry (or dead-lettered), or retried in place.
-/// Returns its offset and body size.
+/// Returns its offset and body size; `None` when the queue was given up
+/// (`release`) before the handler started on it, or while it waited to
+/// try again: the message is left unfinished for the queue's next owner
+/// (except at most once, where its offset is committed already).
 async fn handle<H: MessageHandler>(
     shared: &Shared<H>,
     key: &QueueId,
     stored: StoredMessage,
-) -> (u64, usize) {
+    release: &CancellationToken,
+) -> Option<(u64, usize)> {
     let offset = stored.queue_offset;
     let bytes = stored.message.body.len();
     // A retry shows the topic it was sent to (`ReceivedMessage::topic`).
@@ -561,9 +569,16 @@ async fn handle<H: MessageHandler>(
     let settings = &shared.settings;
     // Only the first failed hand-back of the message is a warning.
     let mut handed_back_failed = false;
+    // At most once, a message pulled is committed: it is handled here or
+    // never.
+    let leave = settings.mode != DeliveryMode::AtMostOnce;
     loop {
         let result = {
-            let _permit = shared.permits.acquire().await;
+            let _permit = tokio::select! {
+                biased;
+                () = release.cancelled(), if leave => return None,
+                permit = shared.permits.acquire() => permit,
+            };
             match AssertUnwindSafe(shared.handler.handle(&message))
                 .catch_unwind()
                 .await
@@ -580,10 +595,10 @@ async fn handle<H: MessageHandler>(
             }
         };
         let delay = match result {
-            ConsumeResult::Success => return (offset, bytes),
+            ConsumeResult::Success => return Some((offset, bytes)),
             ConsumeResult::Retry { .. } if settings.mode == DeliveryMode::AtMostOnce => {
                 tracing::info!(msg_id = %message.msg_id(), "at most once: a message asked to be retried is dropped");
-                return (offset, bytes);
+                return Some((offset, bytes));
             }
             ConsumeResult::Retry { delay } => delay,
         };
@@ -592,7 +607,7 @@ async fn handle<H: MessageHandler>(
         let pause = if settings.broadcast {
             if exhausted {
                 tracing::warn!(msg_id = %message.msg_id(), attempts, "broadcast message failed too often; dropped");
-                return (offset, bytes);
+                return Some((offset, bytes));
             }
             delay.unwrap_or(settings.local_retry_delay)
         } else if settings.orderly && !exhausted {
@@ -604,7 +619,7 @@ async fn handle<H: MessageHandler>(
             // dead-lettered, after which an orderly queue moves on.
             let delay = if settings.orderly { None } else { delay };
             match send_back(shared, key, &message, delay, exhausted).await {
-                Ok(()) => return (offset, bytes),
+                Ok(()) => return Some((offset, bytes)),
                 Err(e) => {
                     // Not finished: it keeps the committed offset below it
                     // until it is handled or stored again. Handled here
@@ -627,7 +642,10 @@ async fn handle<H: MessageHandler>(
             .message
             .properties
             .insert(PROPERTY_RECONSUME_TIMES.into(), (attempts + 1).to_string());
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = release.cancelled(), if leave => return None,
+        }
     }
 }
 
