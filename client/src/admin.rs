@@ -227,6 +227,7 @@ impl Admin {
     /// # Errors
     /// [`Error::Remoting`] when no nameserver answers.
     pub async fn list_topics(&self) -> Result<Vec<TopicOnBroker>> {
+        let _in_flight = self.drain.enter(ADMIN)?;
         self.nameservers.topics().await
     }
 
@@ -236,6 +237,7 @@ impl Admin {
     /// [`Error::NoRoute`] when no broker serves it; [`Error::Remoting`] when
     /// no nameserver answers.
     pub async fn route(&self, topic: &str) -> Result<TopicRoute> {
+        let _in_flight = self.drain.enter(ADMIN)?;
         self.nameservers.route(topic).await
     }
 
@@ -244,6 +246,7 @@ impl Admin {
     /// # Errors
     /// [`Error::Remoting`] when no nameserver answers.
     pub async fn cluster(&self) -> Result<Vec<BrokerInfo>> {
+        let _in_flight = self.drain.enter(ADMIN)?;
         self.nameservers.cluster().await
     }
 
@@ -821,8 +824,8 @@ impl Admin {
         }
     }
 
-    /// Closes the admin: later requests to brokers and controllers fail
-    /// with [`Error::Closed`]; those in flight (a topic being created, an
+    /// Closes the admin: later requests (to nameservers, brokers and
+    /// controllers) fail with [`Error::Closed`]; those in flight (a topic being created, an
     /// election) finish first, for up to
     /// [`ClientConfig::close_timeout`]; then the connections close.
     ///

@@ -1,5 +1,5 @@
 //! One shared connection per peer address, opened on first use and opened
-//! again once it has closed.
+//! again once it has closed (until the pool is closed).
 //!
 //! Every request of a client object to the same broker or nameserver is
 //! pipelined over that one [`Connection`]. Opening is single-flight: when
@@ -29,6 +29,8 @@ struct PoolInner {
     config: ConnectionConfig,
     service: Option<Arc<dyn Service>>,
     slots: DashMap<String, Arc<Slot>, foldhash::fast::RandomState>,
+    /// Set by [`ConnectionPool::close`]: no connection is opened after it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -84,6 +86,7 @@ impl ConnectionPool {
                 config: config.connection_config(),
                 service,
                 slots: DashMap::default(),
+                closed: Default::default(),
             }),
         }
     }
@@ -103,6 +106,11 @@ impl ConnectionPool {
         let slot = self.slot(addr);
         if let Some(conn) = slot.current() {
             return Ok(conn);
+        }
+        if self.is_closed() {
+            return Err(txmq_remoting::Error::Closed {
+                peer: addr.to_string(),
+            });
         }
         // The attempt runs on a task of its own: a caller suspended in a
         // select! (or dropped) must never sit on the single-flight lock,
@@ -126,6 +134,11 @@ impl ConnectionPool {
                 Ok(conn) => {
                     tracing::debug!(%addr, "connected");
                     *lock(&slot.conn) = Some(conn.clone());
+                    // Closed while connecting: this one closes too.
+                    if inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                        inner.close_all();
+                        return Err(txmq_remoting::Error::Closed { peer: addr });
+                    }
                     Ok(conn)
                 }
                 Err(e) => {
@@ -148,9 +161,20 @@ impl ConnectionPool {
         self.inner.slots.get(addr).and_then(|slot| slot.current())
     }
 
-    /// Closes every connection; later calls to [`ConnectionPool::get`] open new ones.
+    /// Closes every connection for good: later calls to
+    /// [`ConnectionPool::get`] fail with [`txmq_remoting::Error::Closed`]
+    /// instead of opening new ones (a closed client must not come back, as
+    /// a transaction producer that would answer check-backs).
     pub fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.close_all();
+    }
+
+    /// Whether [`ConnectionPool::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn slot(&self, addr: &str) -> Arc<Slot> {

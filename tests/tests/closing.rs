@@ -102,6 +102,18 @@ async fn closing_a_producer_lets_its_sends_in_flight_finish_and_refuses_later_on
     let mut bodies = bodies_of(&cluster, TOPIC, 2).await;
     bodies.sort();
     assert_eq!(bodies, ["before", "in flight"]);
+    // An admin closed answers nothing either, not even what the
+    // nameservers know.
+    let admin = cluster.admin().await;
+    admin.close().await.unwrap();
+    let after = [
+        admin.list_topics().await.map(drop),
+        admin.route(TOPIC).await.map(drop),
+        admin.cluster().await.map(drop),
+    ];
+    for r in after {
+        assert!(matches!(r, Err(Error::Closed("the admin client"))), "{r:?}");
+    }
     cluster.shutdown().await;
 }
 

@@ -1130,6 +1130,83 @@ async fn with_no_producer_online_a_transaction_waits_and_is_checked_as_soon_as_o
     cluster.shutdown().await;
 }
 
+/// A producer closed while a transaction of it was still running opens no
+/// connection afterwards: the check-backs of its group go to live members
+/// only. (Its transaction's end reconnected, as a producer of the group, and
+/// the closed producer answered every check of another member's
+/// transaction Unknown, which parked it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_closed_with_a_transaction_running_is_asked_no_check_backs() {
+    let cluster = cluster_with(|_| {}).await;
+    let topic = "t6b-orders";
+    create_topic(&cluster, topic, 1).await;
+    let admin = cluster.admin().await;
+    let slow = Scripted::new(|_| Plan::Held(Commit), |_| Plan::Now(Unknown));
+    let closed = Arc::new(
+        TransactionProducer::builder()
+            .nameserver(&cluster.nameserver)
+            .group("t6b-pg")
+            .listener_arc(slow.clone())
+            .close_timeout(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("transaction producer starts"),
+    );
+    let running = {
+        let p = closed.clone();
+        tokio::spawn(async move { p.send_in_transaction(Message::new(topic, "slow")).await })
+    };
+    eventually(
+        "the local transaction runs",
+        Duration::from_secs(10),
+        async || (!slow.held().is_empty()).then_some(()),
+    )
+    .await;
+    let closing = closed.close().await;
+    assert!(
+        matches!(closing, Err(txmq::Error::Unfinished { .. })),
+        "{closing:?}"
+    );
+    slow.release(1);
+    // Its end cannot reach the broker any more: the transaction stays pending.
+    eprintln!(
+        "the closed producer's transaction: {:?}",
+        running.await.unwrap()
+    );
+
+    // Another member leaves a transaction unknown and goes away.
+    let crashed = Scripted::always(Unknown, Unknown);
+    let gone = tx_producer(&cluster, "t6b-pg", &crashed).await;
+    let orphan = gone
+        .send_in_transaction(Message::new(topic, "orphan"))
+        .await
+        .unwrap();
+    gone.close().await.unwrap();
+    // Well past the rounds that would park it (3 checks, 100 ms apart).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let info = tx_info(&admin, orphan.tx_id).await.expect("still pending");
+    assert_eq!(
+        (info.state, info.checks),
+        (TxState::Prepared, 0),
+        "{info:?}"
+    );
+    assert!(slow.checks().is_empty(), "asked: {:?}", slow.checks());
+
+    // A live member answers both.
+    let rescuer = Scripted::always(Unknown, Commit);
+    let back = tx_producer(&cluster, "t6b-pg", &rescuer).await;
+    eventually("both committed", Duration::from_secs(10), async || {
+        let mut seen = bodies(&visible(&cluster, topic).await);
+        seen.sort();
+        (seen == ["orphan", "slow"]).then_some(())
+    })
+    .await;
+    assert!(slow.checks().is_empty(), "asked: {:?}", slow.checks());
+    back.close().await.unwrap();
+    admin.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // 8. Several messages, two topics
 // ---------------------------------------------------------------------------
