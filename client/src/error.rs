@@ -1,8 +1,8 @@
 //! The client's one error type.
 //!
-//! An [`Error`]'s display never repeats its source: print the whole chain
-//! (`{:#}` with anyhow, or walk [`std::error::Error::source`]) to see the
-//! broker's code and message.
+//! An [`Error`]'s display never repeats its source (`broker b (addr)`
+//! alone, say): print the whole chain with [`chain`] (or `{:#}` with
+//! anyhow) to see the broker's code and message.
 
 use txmq_protocol::{ErrorCode, TxAction, WireError};
 
@@ -14,14 +14,16 @@ use txmq_protocol::{ErrorCode, TxAction, WireError};
 ///
 /// ```no_run
 /// # async fn demo(producer: txmq::Producer) {
+/// use txmq::error::chain;
 /// use txmq::{Error, ErrorCode, Message};
 ///
 /// match producer.send(Message::new("orders", "order 42")).await {
 ///     Ok(receipt) => println!("stored as {}", receipt.msg_id),
 ///     Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => eprintln!("create the topic first"),
 ///     Err(e @ Error::Closed(_)) => eprintln!("{e}"),
-///     Err(e) if e.is_retriable() => eprintln!("try again later: {e}"),
-///     Err(e) => eprintln!("failed: {e}"),
+///     // The whole chain: "broker b (addr): MESSAGE_TOO_LARGE (9): ...".
+///     Err(e) if e.is_retriable() => eprintln!("try again later: {}", chain(&e)),
+///     Err(e) => eprintln!("failed: {}", chain(&e)),
 /// }
 /// # }
 /// ```
@@ -278,12 +280,17 @@ impl Error {
     /// True when trying again, possibly on another broker, may succeed
     /// (see [`txmq_remoting::Error::is_retriable`]; also `NOT_MASTER` and
     /// `STALE_EPOCH`: a slave or a fenced master refused a write, and its
-    /// group's master takes it). Never for
-    /// [`Error::EndTransaction`]: sending the transaction again would run the
-    /// local transaction twice.
+    /// group's master takes it; and [`Error::NoMaster`], a failover in
+    /// progress). Never for [`Error::EndTransaction`]: sending the
+    /// transaction again would run the local transaction twice.
+    ///
+    /// Some of these last (a topic no broker has, `UNKNOWN_TOPIC`, is
+    /// retriable because another broker may have it): a retry loop of your
+    /// own should pause between attempts and stop after a few.
     pub fn is_retriable(&self) -> bool {
         match self {
             Error::EndTransaction { .. } => false,
+            Error::NoMaster { .. } => true,
             _ => self.remoting().is_some_and(retriable),
         }
     }
@@ -359,6 +366,12 @@ mod tests {
             source: txmq_remoting::Error::Remote(WireError::new(ErrorCode::StaleEpoch, "")),
         };
         assert!(!end.is_retriable());
+        // Between two masters of a group: the next one is elected shortly.
+        let between = Error::NoMaster {
+            topic: "t".into(),
+            brokers: vec!["b1".into()],
+        };
+        assert!(between.is_retriable());
     }
 
     #[test]
