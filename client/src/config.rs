@@ -106,11 +106,15 @@ impl ClientConfig {
     /// Checks that the settings can work.
     ///
     /// # Errors
-    /// [`Error::BadArgument`] when no nameserver is given or the request
-    /// timeout is zero.
+    /// [`Error::BadArgument`] when no nameserver is given, one is not
+    /// `host:port`, or the request timeout is zero.
     pub fn validate(&self) -> Result<()> {
         if self.nameservers.is_empty() {
             return Err(Error::BadArgument("no nameserver address given".into()));
+        }
+        for addr in &self.nameservers {
+            check_host_port(addr, false)
+                .map_err(|e| Error::BadArgument(format!("nameserver address {e}")))?;
         }
         if self.request_timeout.is_zero() {
             return Err(Error::BadArgument(
@@ -248,6 +252,14 @@ mod tests {
         assert_eq!(c.nameservers, ["a:1", "b:2", "c:3"]);
         assert!(c.validate().is_ok());
         assert!(ClientConfig::default().validate().is_err());
+        // Refused when built, not as a connect error retried later.
+        let e = ClientConfig::with_nameservers(["localhost"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::BadArgument(m) if m.contains("'localhost' is not host:port")),
+            "{e}"
+        );
     }
 
     #[test]
