@@ -333,5 +333,9 @@ mod tests {
             let e = parse_consumer_group(bad).unwrap_err();
             assert!(e.contains("allowed are A-Z a-z 0-9 - _ . %"), "{bad}: {e}");
         }
+        for (bad, prefix) in [("%RETRY%g", "%RETRY%"), ("%DLQ%g", "%DLQ%")] {
+            let e = parse_consumer_group(bad).unwrap_err();
+            assert!(e.contains(&format!("starts with {prefix}")), "{bad}: {e}");
+        }
     }
 }

@@ -121,7 +121,9 @@ impl ClientConfig {
                 "the request timeout must be above zero".into(),
             ));
         }
-        Ok(())
+        at_most_a_year("the request timeout", self.request_timeout)?;
+        at_most_a_year("the route refresh interval", self.route_refresh_interval)?;
+        at_most_a_year("the close timeout", self.close_timeout)
     }
 
     pub(crate) fn connection_config(&self) -> ConnectionConfig {
@@ -133,6 +135,33 @@ impl ClientConfig {
             ..ConnectionConfig::default()
         }
     }
+}
+
+/// The longest a duration setting may be: a deadline past it (with
+/// `Duration::MAX` for "forever", say) would overflow the clock.
+const LONGEST_SETTING: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Refuses a duration setting (`what`, as a message names it) longer than
+/// a year.
+pub(crate) fn at_most_a_year(what: &str, d: Duration) -> Result<()> {
+    if d > LONGEST_SETTING {
+        return Err(Error::BadArgument(format!(
+            "{what} must be at most a year (365 days), not {d:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// At most as many as a semaphore can count: refuses `n` (`what`, as a
+/// message names it) above that.
+pub(crate) fn countable(what: &str, n: usize) -> Result<()> {
+    if n > tokio::sync::Semaphore::MAX_PERMITS {
+        return Err(Error::BadArgument(format!(
+            "{what} must be at most {}",
+            tokio::sync::Semaphore::MAX_PERMITS
+        )));
+    }
+    Ok(())
 }
 
 /// Writes the setters of a client builder, a struct with the fields
@@ -260,6 +289,10 @@ mod tests {
             matches!(&e, Error::BadArgument(m) if m.contains("'localhost' is not host:port")),
             "{e}"
         );
+        let mut forever = ClientConfig::with_nameservers(["a:1"]);
+        forever.request_timeout = Duration::MAX;
+        let e = forever.validate().unwrap_err();
+        assert!(e.to_string().contains("at most a year"), "{e}");
     }
 
     #[test]

@@ -939,7 +939,7 @@ pub const MAX_CONSUMER_GROUP_LEN: usize = 127 - RETRY_TOPIC_PREFIX.len();
 
 /// Checks the name of a consumer group whose retry and dead-letter topics
 /// are made: 1 to [`MAX_CONSUMER_GROUP_LEN`] characters of a topic name's
-/// `A-Z a-z 0-9 - _ . %`.
+/// `A-Z a-z 0-9 - _ . %`, not starting with `%RETRY%` or `%DLQ%`.
 ///
 /// # Errors
 /// A message saying what is wrong with the name.
@@ -948,6 +948,14 @@ pub fn validate_group_name(name: &str) -> Result<(), String> {
         return Err("group name is empty".into());
     }
     check_name_chars("group", name)?;
+    if let Some(prefix) = [RETRY_TOPIC_PREFIX, DLQ_TOPIC_PREFIX]
+        .into_iter()
+        .find(|p| name.starts_with(p))
+    {
+        return Err(format!(
+            "group name {name:?} starts with {prefix}, which names a group's retry or dead-letter topic"
+        ));
+    }
     if name.len() > MAX_CONSUMER_GROUP_LEN {
         return Err(format!(
             "group name is {} characters long; at most {MAX_CONSUMER_GROUP_LEN} (a consumer group's retry topic, %RETRY%NAME, is a topic name)",

@@ -772,6 +772,28 @@ async fn invalid_group_names_are_bad_arguments() {
         .expect_err("no messages");
     let e = e.remote().expect("an error answer").clone();
     assert!(e.message.contains("messages"), "{e}");
+    // A push consumer of the group says so when it starts, naming the group
+    // (it said "topic name \"%RETRY%bad group\" ..."), and so does a group
+    // named like a retry or dead-letter topic.
+    for (group, says) in [
+        ("bad group", "group name \"bad group\" contains ' '"),
+        ("%RETRY%g", "starts with %RETRY%"),
+        ("%DLQ%g", "starts with %DLQ%"),
+    ] {
+        let e = txmq::PushConsumer::builder()
+            .nameserver(&cluster.nameserver)
+            .group(group)
+            .subscribe("t", "*")
+            .start(txmq::handler_fn(|_: &txmq::ReceivedMessage| async {
+                txmq::ConsumeResult::Success
+            }))
+            .await
+            .expect_err("a bad group");
+        assert!(
+            matches!(&e, txmq::Error::BadArgument(m) if m.contains(says)),
+            "{group:?}: {e}"
+        );
+    }
     // The CLI says so before connecting, naming the flag.
     for args in [
         &["consume", "t", "--group", "bad group"][..],
@@ -787,6 +809,91 @@ async fn invalid_group_names_are_bad_arguments() {
     }
     conn.close();
     cluster.shutdown().await;
+}
+
+/// Settings no clock or semaphore can hold (`Duration::MAX` for "forever",
+/// `usize::MAX` for "no limit") and a push consumer's zero long-poll wait
+/// (a busy loop) are refused when the client is built; they panicked in
+/// the client's tasks, or spun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_settings_past_what_the_client_can_count_are_bad_arguments() {
+    let ns = "127.0.0.1:9"; // nothing is connected before the check
+    let handler =
+        || txmq::handler_fn(|_: &txmq::ReceivedMessage| async { txmq::ConsumeResult::Success });
+    let push = || {
+        txmq::PushConsumer::builder()
+            .nameserver(ns)
+            .group("g")
+            .subscribe("t", "*")
+    };
+    let refused = |e: txmq::Error, says: &str| {
+        assert!(
+            matches!(&e, txmq::Error::BadArgument(m) if m.contains(says)),
+            "{says}: {e}"
+        );
+    };
+    refused(
+        push()
+            .concurrency(usize::MAX)
+            .start(handler())
+            .await
+            .unwrap_err(),
+        "concurrency must be at most",
+    );
+    refused(
+        push()
+            .rebalance_interval(Duration::MAX)
+            .start(handler())
+            .await
+            .unwrap_err(),
+        "the rebalance interval must be at most a year",
+    );
+    refused(
+        push()
+            .max_wait(Duration::ZERO)
+            .start(handler())
+            .await
+            .unwrap_err(),
+        "max wait must be above zero",
+    );
+    refused(
+        push()
+            .max_wait(Duration::MAX)
+            .start(handler())
+            .await
+            .unwrap_err(),
+        "max wait must be at most a year",
+    );
+    refused(
+        push()
+            .request_timeout(Duration::MAX)
+            .start(handler())
+            .await
+            .unwrap_err(),
+        "the request timeout must be at most a year",
+    );
+    let pull = || PullConsumer::builder().nameserver(ns).group("g").topic("t");
+    refused(
+        pull()
+            .buffered_batches(usize::MAX)
+            .build()
+            .await
+            .unwrap_err(),
+        "buffered batches must be at most",
+    );
+    refused(
+        pull().max_wait(Duration::MAX).build().await.unwrap_err(),
+        "max wait must be at most a year",
+    );
+    refused(
+        txmq::Producer::builder()
+            .nameserver(ns)
+            .send_timeout(Duration::MAX)
+            .build()
+            .await
+            .unwrap_err(),
+        "the request timeout must be at most a year",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

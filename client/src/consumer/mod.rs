@@ -79,7 +79,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use txmq_protocol::{validate_topic_name, CommitOffset, MsgId, Role, StoredMessage};
 
-use crate::config::{client_setters, required_group};
+use crate::config::{at_most_a_year, client_setters, countable, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::{RouteCache, RouteInfo};
@@ -304,6 +304,8 @@ impl PullConsumerBuilder {
                 "batch size, buffered batches and max poll messages must be above zero".into(),
             ));
         }
+        countable("buffered batches", settings.buffered_batches)?;
+        at_most_a_year("max wait", settings.max_wait)?;
         settings.request_timeout = self.config.request_timeout;
 
         let pool = ConnectionPool::new(&self.config, Role::Consumer, Some(group.clone()), None);

@@ -16,7 +16,7 @@ use super::check_service::CheckService;
 use super::listener::{state_of, TransactionListener, TransactionState, TxContext};
 use super::offsets::ConsumedOffset;
 use super::placement::{distinct, place, Placement};
-use crate::config::{client_setters, required_group};
+use crate::config::{at_most_a_year, client_setters, required_group};
 use crate::drain::Drain;
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
@@ -314,6 +314,13 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
         let listener = self
             .listener
             .ok_or_else(|| Error::BadArgument("a transaction producer needs a listener".into()))?;
+        at_most_a_year("the broker refresh interval", self.broker_refresh_interval)?;
+        for (what, d) in [
+            ("the first check delay", self.first_check_delay),
+            ("the check timeout", self.check_timeout),
+        ] {
+            at_most_a_year(what, d.unwrap_or_default())?;
+        }
         if self.broker_refresh_interval.is_zero() {
             return Err(Error::BadArgument(
                 "the broker refresh interval must be above zero".into(),

@@ -100,7 +100,7 @@ use txmq_remoting::{Connection, Service};
 
 use super::read_targets::{ReadTargets, Target};
 use super::{ConsumeFrom, ReceivedMessage};
-use crate::config::{client_setters, required_group};
+use crate::config::{at_most_a_year, client_setters, countable, required_group};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::RouteCache;
@@ -546,11 +546,22 @@ impl PushConsumerBuilder {
             || settings.max_span == 0
             || settings.rebalance_interval.is_zero()
             || settings.commit_interval.is_zero()
+            || settings.max_wait.is_zero()
         {
             return Err(Error::BadArgument(
-                "concurrency, batch size, queued messages, span and intervals must be above zero"
+                "concurrency, batch size, queued messages, span, intervals and max wait must be above zero"
                     .into(),
             ));
+        }
+        countable("concurrency", settings.concurrency)?;
+        for (what, d) in [
+            ("max wait", settings.max_wait),
+            ("the rebalance interval", settings.rebalance_interval),
+            ("the commit interval", settings.commit_interval),
+            ("the local retry delay", settings.local_retry_delay),
+            ("the drain timeout", settings.drain_timeout),
+        ] {
+            at_most_a_year(what, d)?;
         }
         settings.request_timeout = self.config.request_timeout;
         if self.config.client_id.is_empty() || self.config.client_id.len() > 255 {
@@ -562,6 +573,11 @@ impl PushConsumerBuilder {
             return Err(Error::BadArgument(
                 "a group name must be at most 255 bytes long".into(),
             ));
+        }
+        if !settings.broadcast {
+            // Its retry topic is made from its name (the brokers refuse the
+            // heartbeat otherwise): say so now, naming the group.
+            crate::validate_group_name(&group).map_err(Error::BadArgument)?;
         }
         let mut subs: Vec<Sub> = Vec::new();
         for (topic, expr) in self.subscriptions {
