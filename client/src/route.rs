@@ -174,6 +174,10 @@ pub struct RouteCache {
     inner: Arc<CacheInner>,
 }
 
+/// A topic's fetch gate: held while fetching; holds when and how the last
+/// fetch that reached no nameserver failed.
+type Gate = Arc<tokio::sync::Mutex<Option<(Instant, txmq_remoting::Error)>>>;
+
 #[derive(Debug)]
 struct CacheInner {
     nameservers: NameserverClient,
@@ -182,7 +186,9 @@ struct CacheInner {
     entries: DashMap<String, Entry, foldhash::fast::RandomState>,
     /// The highest-epoch master seen of each broker group, by group name.
     masters: DashMap<String, KnownMaster>,
-    gates: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// One fetch of a topic at a time; each gate keeps when and how the
+    /// last fetch that found no nameserver failed.
+    gates: DashMap<String, Gate>,
     next_generation: AtomicU64,
 }
 
@@ -280,9 +286,19 @@ impl RouteCache {
     /// per topic fetches, the others wait and take what it got.
     async fn fetch_unless_fresh(&self, topic: &str) -> Result<Arc<RouteInfo>> {
         let gate = self.gate(topic);
-        let _fetching = gate.lock().await;
+        let waiting_since = Instant::now();
+        let mut failed = gate.lock().await;
         if let Some(info) = self.fresh(topic) {
             return Ok(info);
+        }
+        // A fetch that failed while this caller waited is its failure too:
+        // with a nameserver that does not answer, each waiter trying again
+        // in turn made the last of many sends wait one timeout per caller
+        // before it.
+        if let Some((at, e)) = failed.as_ref() {
+            if *at >= waiting_since {
+                return Err(Error::Remoting(e.clone()));
+            }
         }
         match self.fetch(topic).await {
             Ok(info) => Ok(info),
@@ -293,7 +309,12 @@ impl RouteCache {
                     stale.expires = Instant::now() + STALE_RETRY;
                     Ok(stale.info.clone())
                 }
-                None => Err(e),
+                None => {
+                    if let Error::Remoting(r) = &e {
+                        *failed = Some((Instant::now(), r.clone()));
+                    }
+                    Err(e)
+                }
             },
         }
     }
@@ -324,7 +345,7 @@ impl RouteCache {
         (entry.expires > Instant::now()).then(|| entry.info.clone())
     }
 
-    fn gate(&self, topic: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn gate(&self, topic: &str) -> Gate {
         if let Some(gate) = self.inner.gates.get(topic) {
             return gate.clone();
         }

@@ -67,6 +67,45 @@ async fn sends_to_a_paused_broker_end_at_their_timeout_and_recover() {
     cluster.shutdown().await;
 }
 
+/// Sends waiting for a topic's route from a nameserver that does not
+/// answer (it takes connections and never says hello back) share the
+/// failed fetch: 20 of them fail together within their attempts' timeouts.
+/// Before, each waiter fetched again in turn after the one before it had
+/// timed out, so the last waited one timeout per send before it (`txmq
+/// send` of 20 lines took a minute, and Ctrl-C waited for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_waiting_for_a_route_from_a_silent_nameserver_fail_together() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ns = silent.local_addr().unwrap().to_string();
+    let timeout = Duration::from_millis(500);
+    let producer = Producer::builder()
+        .nameserver(&ns)
+        .send_timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let sends = (0..20).map(|i| producer.send(Message::new("routeless", format!("m{i}"))));
+    let outcomes = tokio::time::timeout(Duration::from_secs(60), join_all(sends))
+        .await
+        .expect("sends hung");
+    let took = started.elapsed();
+    for o in &outcomes {
+        let e = o.as_ref().expect_err("a silent nameserver answered");
+        assert!(
+            txmq::error::chain(e).contains("timed out"),
+            "{}",
+            txmq::error::chain(e)
+        );
+    }
+    eprintln!("20 sends failed within {took:?}");
+    // Three attempts each (the default two retries): one after another
+    // for each send, it took 20 times that.
+    assert!(took < timeout * 12, "took {took:?}");
+    producer.close().await.unwrap();
+    drop(silent);
+}
+
 /// A consumer of a topic on two brokers, with the default 10 s request
 /// timeout, while broker-b is paused for three of broker-a's consumer
 /// expiries: broker-a keeps hearing from it, so it never expires there
