@@ -492,7 +492,20 @@ async fn resend(
 ) -> Result<()> {
     let group = request.group.clone();
     let force = request.force;
-    let answers = admin.resend_dead_letters(request, broker).await?;
+    // What the brokers that answered re-sent is reported, whatever became
+    // of the others (a letter re-sent unreported looked never re-sent, and
+    // the hint to force it stored it twice).
+    let mut answers = admin.resend_dead_letters_by_broker(request, broker).await?;
+    if answers.iter().all(|a| a.result.is_err()) && !answers.is_empty() {
+        // None answered: the first one's refusal or failure, as it is.
+        return Err(answers
+            .swap_remove(0)
+            .result
+            .err()
+            .expect("all failed")
+            .into());
+    }
+    let (answers, missing) = split(answers);
     let mut resent = 0;
     let mut already = Vec::new();
     let mut not_found: Vec<txmq::MsgId> = Vec::new();
@@ -556,16 +569,19 @@ async fn resend(
             )
         }
     );
-    match printer.format {
-        OutputFormat::Text => printer.line(&summary)?,
-        OutputFormat::Json => printer.json(&serde_json::json!({
-            "group": group,
-            "resent": resent,
-            "already_resent": already.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "not_found": not_found.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "dead_letters": dead,
-        }))?,
+    if !answers.is_empty() {
+        match printer.format {
+            OutputFormat::Text => printer.line(&summary)?,
+            OutputFormat::Json => printer.json(&serde_json::json!({
+                "group": group,
+                "resent": resent,
+                "already_resent": already.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "not_found": not_found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "dead_letters": dead,
+            }))?,
+        }
     }
+    missing.finish(printer, answers.len(), "resend the dead letters on")?;
     if dead == 0 {
         return Err(crate::exit::with_code(
             crate::exit::FAILURE,

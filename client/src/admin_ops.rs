@@ -83,6 +83,21 @@ impl Admin {
         self.each_broker(broker, request).await
     }
 
+    /// As [`Admin::resend_dead_letters`], with each broker's answer or
+    /// failure apart, by broker name: a broker that cannot be reached (or
+    /// refuses) does not hide what the others re-sent.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBroker`]; no nameserver answers.
+    pub async fn resend_dead_letters_by_broker(
+        &self,
+        request: ResendDeadLetters,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<DeadLettersResent>>> {
+        let targets = self.targets(broker).await?;
+        Ok(self.ask_each(targets, request).await)
+    }
+
     /// A topic's queues on each broker that has it: min and max offset and
     /// last store time.
     ///

@@ -20,7 +20,7 @@ use common::{create_topic, start_broker, txmq, wait_for_route};
 use serde_json::Value;
 use txmq::{Message, PERM_READ_WRITE};
 use txmq_broker::FlushMode;
-use txmq_tests::{binary, consume_all, json_lines, Cluster};
+use txmq_tests::{binary, consume_all, json_lines, make_dead_letters, Cluster};
 
 /// A `txmq` process whose stdin the test writes and whose stdout it
 /// reads line by line while it runs.
@@ -739,6 +739,74 @@ async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
 
     // With both answering, every broker's result and exit 0.
     answered_by_both(&ns, &reset).await;
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
+/// `dlq resend --all` with one of two brokers paused reports every letter
+/// the other re-sent, names the paused one and exits 3; once it is back,
+/// the next run re-sends its letters and skips those re-sent before.
+/// (The paused broker's error was all it printed, with exit 1, so the
+/// letters re-sent looked never re-sent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_resend_reports_what_the_answering_broker_resent_when_one_is_paused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    blocking(|| make_dead_letters(&ns, "shared", "dz", 8));
+    pause(&b);
+    let resend = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "dlq",
+        "resend",
+        "dz",
+        "--all",
+    ];
+    let out = txmq(&ns, &resend, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    let objects = json_lines(&out.stdout);
+    let resent: Vec<&Value> = objects.iter().filter(|o| o["msg_id"].is_string()).collect();
+    assert_eq!(resent.len(), 4, "{objects:?}");
+    assert!(
+        resent.iter().all(|o| o["broker"] == "broker-a"),
+        "{objects:?}"
+    );
+    assert!(
+        objects.iter().any(|o| o["resent"] == 4),
+        "the summary: {objects:?}"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["unreachable"] == serde_json::json!(["broker-b"])),
+        "{objects:?}"
+    );
+    assert!(err.contains("broker-b"), "{err}");
+
+    b.signal("CONT");
+    let out = txmq(&ns, &resend, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects = json_lines(&out.stdout);
+    let resent: Vec<&Value> = objects.iter().filter(|o| o["msg_id"].is_string()).collect();
+    assert_eq!(resent.len(), 4, "{objects:?}");
+    assert!(
+        resent.iter().all(|o| o["broker"] == "broker-b"),
+        "{objects:?}"
+    );
+    let summary = objects.last().expect("summary");
+    assert_eq!(
+        summary["already_resent"].as_array().map(Vec::len),
+        Some(4),
+        "{summary}"
+    );
     drop((a, b));
     cluster.shutdown().await;
 }
