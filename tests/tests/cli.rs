@@ -569,6 +569,60 @@ async fn consume_from_last_skips_the_messages_already_there() {
     cluster.shutdown().await;
 }
 
+/// A consume with a tag filter that stops before its long poll's wait is
+/// over commits past the messages the filter skipped: the broker answers
+/// a pull that skipped some at once (it waited the whole wait, and an
+/// `--idle-timeout` shorter than that left the skipped backlog as lag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_with_a_tag_filter_commits_past_what_it_skipped() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    ok(&txmq(ns, &["topic", "create", "mixed", "--queues", "2"], None).await);
+    wait_for_route(ns, "mixed", &["broker-a"]).await;
+    let lines: String = (0..40).map(|i| format!("m{i}\n")).collect();
+    ok(&txmq(
+        ns,
+        &["send", "mixed", "--stdin", "--tag", "plain"],
+        Some(&lines),
+    )
+    .await);
+    ok(&txmq(
+        ns,
+        &["send", "mixed", "--body", "wanted", "--tag", "rare"],
+        None,
+    )
+    .await);
+    let args = [
+        "consume",
+        "mixed",
+        "--group",
+        "rare-only",
+        "--tag",
+        "rare",
+        "--idle-timeout",
+        "1s",
+        "--output",
+        "json",
+    ];
+    let got = json_lines(ok(&txmq(ns, &args, None).await).as_bytes());
+    assert_eq!(body_set(&got), ["wanted"].map(String::from).into());
+    let show = ok(&txmq(
+        ns,
+        &["group", "show", "rare-only", "--output", "json"],
+        None,
+    )
+    .await);
+    let brokers = json_lines(show.as_bytes());
+    let lags: Vec<u64> = brokers
+        .iter()
+        .flat_map(|b| b["queues"].as_array().cloned().unwrap_or_default())
+        .filter(|q| q["topic"] == "mixed")
+        .map(|q| number(&q, "lag"))
+        .collect();
+    assert_eq!(lags, [0, 0], "{show}");
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_consume_of_a_group_does_not_repeat_what_the_first_printed() {
     let cluster = Cluster::start(FlushMode::Async).await;

@@ -88,7 +88,12 @@ pub(super) async fn handle(
                 continue;
             }
         }
+        // A pull that skipped filtered-out messages answers at once with
+        // where it got to, as RocketMQ's does: a reader that stops before
+        // the wait is over then commits past them (`txmq consume --tag`
+        // left its whole skipped backlog as lag).
         let waiting_for_more = r.messages.is_empty()
+            && skipped == 0
             && (offset >= r.max_offset || r.held_back)
             && offset == r.next_offset;
         if !waiting_for_more || tokio::time::Instant::now() >= deadline {
