@@ -222,7 +222,10 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                     }
                 }
             }
-            printer.records(&["BROKER", "QUEUE", "OFFSET"], &rows, &objects)?;
+            // No queue moved (all refused): no empty table above the error.
+            if !rows.is_empty() || printer.format == OutputFormat::Json {
+                printer.records(&["BROKER", "QUEUE", "OFFSET"], &rows, &objects)?;
+            }
             if unknown && !done.is_empty() {
                 eprintln!(
                     "note: no broker knew group \"{group}\" (no member, no committed offset): its offsets were set now, for when it starts (`txmq group list` lists the groups)"
@@ -474,6 +477,13 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
         Err(txmq::Error::NoRoute { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
+    if messages.is_empty() {
+        // As `group show` of an unknown group: an empty answer says why.
+        eprintln!(
+            "note: group {group} has no dead letters ({} is empty or was never made)",
+            dlq_topic(&group)
+        );
+    }
     for m in &messages {
         match printer.format {
             OutputFormat::Text => printer.line(&received_text(m))?,

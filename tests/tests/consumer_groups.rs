@@ -949,6 +949,12 @@ async fn reset_offset_replays_a_stopped_group_and_refuses_a_running_one() {
         err.contains("GROUP_ACTIVE") && err.contains("stop them"),
         "{err}"
     );
+    // No queue moved: no empty table on stdout.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let show = txmq(&ns, &["group", "show", "auditors"], None).await;
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(

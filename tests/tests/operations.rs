@@ -382,10 +382,18 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
     }
     make_dead_letters(&s.ns, "bills", "billing", 3);
 
-    // Empty DLQ (a group with no dead letters): exit 1, clear message.
+    // Empty DLQ (a group with no dead letters): exit 1, clear message; a
+    // list of it prints nothing and says why.
     fails_with(
         &s.cli(&["dlq", "resend", "nobody", "--all"]),
         "group nobody has no dead letters",
+    );
+    let listed = s.cli(&["dlq", "list", "nobody"]);
+    assert_eq!(ok(&listed), "");
+    assert!(
+        String::from_utf8_lossy(&listed.stderr).contains("note: group nobody has no dead letters"),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
     );
     // Neither --all nor --msg-id: usage error.
     assert_eq!(s.cli(&["dlq", "resend", "billing"]).status.code(), Some(2));
