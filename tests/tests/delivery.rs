@@ -342,3 +342,42 @@ async fn a_waiting_long_poll_is_refused_once_its_topic_became_write_only() {
     admin.close().await.unwrap();
     cluster.shutdown().await;
 }
+
+/// The properties the broker sets on a retried or dead-lettered message
+/// are its own: a producer's message does not bring them (a message sent
+/// with `TXMQ_RECONSUME_TIMES` 16 went to the dead-letter topic at its
+/// first retry), and its own properties are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_cannot_set_the_brokers_retry_properties() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let producer = cluster.producer().await;
+    producer
+        .send(
+            Message::new("forwarded", "x")
+                .with_property(txmq::PROPERTY_RECONSUME_TIMES, "16")
+                .with_property(txmq::PROPERTY_REAL_TOPIC, "elsewhere")
+                .with_property("TXMQ_REAL_QUEUE", "3")
+                .with_property("source", "web"),
+        )
+        .await
+        .unwrap();
+    let got = consume_all(
+        &cluster.nameserver,
+        "g",
+        "forwarded",
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    let props = &got[0].message().properties;
+    assert_eq!(
+        props.iter().collect::<Vec<_>>(),
+        [(&"source".to_string(), &"web".to_string())],
+        "{props:?}"
+    );
+    assert_eq!(got[0].reconsume_times(), 0);
+    assert_eq!(got[0].topic(), "forwarded");
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}

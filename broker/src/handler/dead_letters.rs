@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use txmq_protocol::{
     dlq_topic, now_millis, DeadLettersResent, ErrorCode, Message, MsgId, ResendDeadLetters,
     ResentLetter, StoredMessage, WireError, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE,
-    PROPERTY_REAL_TOPIC, PROPERTY_RECONSUME_TIMES,
+    PROPERTY_REAL_TOPIC,
 };
 
 use super::{bad_argument, offset::validate_group, store_error, unknown_topic};
@@ -168,14 +168,8 @@ pub(super) async fn resend(
         let queue = real_queue.unwrap_or_else(|| {
             (txmq_protocol::fnv1a(&m.msg_id.0) % u64::from(config.queues.max(1))) as u32
         });
-        for p in [
-            PROPERTY_RECONSUME_TIMES,
-            PROPERTY_REAL_TOPIC,
-            PROPERTY_REAL_QUEUE,
-            PROPERTY_DELIVER_AT,
-        ] {
-            m.properties.remove(p);
-        }
+        super::drop_broker_properties(&mut m);
+        m.properties.remove(PROPERTY_DELIVER_AT);
         m.topic = target.clone();
         by_queue.entry((target, queue)).or_default().push((pos, m));
     }

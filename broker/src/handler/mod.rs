@@ -201,6 +201,26 @@ impl Service for BrokerService {
     }
 }
 
+/// The properties the broker sets on a message it hands back for retry or
+/// dead-letters: a producer's message does not bring them (a message sent
+/// with `TXMQ_RECONSUME_TIMES` of 16 went to the dead-letter topic at its
+/// first retry; one consumed and sent on carries them): they are dropped
+/// from what producers send.
+pub(crate) const BROKER_PROPERTIES: [&str; 3] = [
+    txmq_protocol::PROPERTY_RECONSUME_TIMES,
+    txmq_protocol::PROPERTY_REAL_TOPIC,
+    txmq_protocol::PROPERTY_REAL_QUEUE,
+];
+
+/// Drops [`BROKER_PROPERTIES`] from a producer's message.
+pub(super) fn drop_broker_properties(m: &mut txmq_protocol::Message) {
+    if !m.properties.is_empty() {
+        for p in BROKER_PROPERTIES {
+            m.properties.remove(p);
+        }
+    }
+}
+
 /// The requests the gRPC front door maps onto (`crate::grpc`): the same
 /// handlers, with their validation, metrics and replication.
 pub(crate) mod front {

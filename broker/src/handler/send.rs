@@ -12,7 +12,7 @@ use crate::BrokerInner;
 /// wait for theirs (see [`crate::store::Store::append_gathering`]).
 pub(super) async fn handle(
     b: &BrokerInner,
-    req: SendRequest,
+    mut req: SendRequest,
     more_coming: bool,
 ) -> Result<SendResult, WireError> {
     let _timer = crate::metrics::Timer::start(&b.metrics.send_latency);
@@ -28,6 +28,9 @@ pub(super) async fn handle(
         )));
     }
     let created = writable_queue(b, &topic_name, req.queue)?;
+    req.messages
+        .iter_mut()
+        .for_each(super::drop_broker_properties);
     let deliver_at = delivery_time(b, &req.messages)?;
     let msg_ids = req.messages.iter().map(|m| m.msg_id).collect();
     let (count, bytes) = (

@@ -72,7 +72,7 @@ fn check_offsets(b: &BrokerInner, offsets: &[TxOffset]) -> Result<(), WireError>
 
 pub(super) async fn prepare(
     b: &BrokerInner,
-    req: PrepareTransaction,
+    mut req: PrepareTransaction,
 ) -> Result<Prepared, WireError> {
     if req.producer_group.is_empty() || req.producer_group.len() > 255 {
         return Err(bad_argument("producer group must be 1 to 255 bytes long"));
@@ -94,6 +94,9 @@ pub(super) async fn prepare(
             )));
         }
     }
+    req.messages
+        .iter_mut()
+        .for_each(|half| super::drop_broker_properties(&mut half.message));
     // Auto-created topics are waited for after the prepare, as in a send.
     let mut created = None;
     for half in &req.messages {
