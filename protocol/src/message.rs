@@ -57,6 +57,17 @@ impl MsgId {
     }
 }
 
+impl std::str::FromStr for MsgId {
+    type Err = String;
+
+    /// [`MsgId::parse`], with a message saying the forms it takes.
+    fn from_str(s: &str) -> Result<MsgId, String> {
+        MsgId::parse(s).ok_or_else(|| {
+            format!("'{s}' is not a message id (32 hex digits, or 01 and 32 hex digits)")
+        })
+    }
+}
+
 impl fmt::Display for MsgId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {
@@ -243,6 +254,11 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(MsgId::parse(&a.to_string()), Some(a));
         assert_eq!(MsgId::parse("xyz"), None);
+        assert_eq!(a.to_string().parse::<MsgId>(), Ok(a));
+        assert!("xyz"
+            .parse::<MsgId>()
+            .unwrap_err()
+            .contains("32 hex digits"));
     }
 
     #[test]

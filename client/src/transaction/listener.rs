@@ -30,8 +30,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// up the business key of [`CheckRequest::message`] in the database.
 ///
 /// Both may fail; an error counts as [`TransactionState::Unknown`]. A
-/// check-back may arrive on any producer of the group, not only the one
-/// that prepared the transaction, and possibly while `execute` still runs.
+/// panic in `check` counts as `Unknown` too (it runs on the producer's
+/// own task); a panic in `execute` unwinds into the caller of the send, as
+/// any panic in its own code would, and the transaction stays prepared for
+/// check-backs. A check-back may arrive on any producer of the group, not
+/// only the one that prepared the transaction, and possibly while
+/// `execute` still runs.
 ///
 /// Implement it with plain `async fn`s:
 ///

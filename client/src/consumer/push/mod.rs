@@ -490,7 +490,9 @@ impl PushConsumerBuilder {
         self
     }
 
-    /// Redeliveries before a message goes to the dead-letter topic (default 16).
+    /// Redeliveries before a message goes to the dead-letter topic (default
+    /// 16). A broadcasting consumer retries in place and then drops the
+    /// message, with a warning: a broadcast group has no dead-letter topic.
     pub fn max_reconsume_times(mut self, n: u32) -> Self {
         self.settings.max_reconsume_times = n;
         self
