@@ -268,13 +268,13 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
 }
 
 /// The brokers that did not answer, with why.
-struct Missing(Vec<(String, String, String)>);
+pub(crate) struct Missing(pub(crate) Vec<(String, String, String)>);
 
 impl Missing {
     /// Names the brokers that did not answer: a warning each on stderr
     /// and, in JSON, one last line; then the command's result: an exit
     /// code 3 when others answered (`answered`), 1 when none did.
-    fn finish(&self, printer: &Printer, answered: usize, what: &str) -> Result<()> {
+    pub(crate) fn finish(&self, printer: &Printer, answered: usize, what: &str) -> Result<()> {
         if self.0.is_empty() {
             return Ok(());
         }

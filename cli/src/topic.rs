@@ -179,14 +179,36 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             }
         }
         TopicCommand::Status { topic, broker } => {
-            let status = admin.topic_status(&topic, broker.as_deref()).await;
-            let status = match status {
-                Ok(s) => s,
+            // The brokers that answer are shown; one that does not is named
+            // (exit 3), as the group commands do.
+            let answers = match admin
+                .topic_status_by_broker(&topic, broker.as_deref())
+                .await
+            {
+                Ok(a) => a,
                 Err(e) => {
                     admin.close().await.ok();
                     return Err(e.into());
                 }
             };
+            let (mut status, mut failed, mut unknown) = (Vec::new(), Vec::new(), None);
+            for a in answers {
+                match a.result {
+                    Ok(s) => status.push(s),
+                    Err(e) if e.code() == Some(txmq::ErrorCode::UnknownTopic) => {
+                        unknown.get_or_insert(e);
+                    }
+                    Err(e) => failed.push((a.broker_name, a.addr, e)),
+                }
+            }
+            if status.is_empty() {
+                admin.close().await.ok();
+                // No broker has it, or none that has it answered.
+                return Err(match (failed.into_iter().next(), unknown) {
+                    (Some((_, _, e)), _) | (None, Some(e)) => e.into(),
+                    (None, None) => anyhow::anyhow!("no broker is registered with the nameservers"),
+                });
+            }
             let mut rows = Vec::new();
             let mut objects = Vec::new();
             for s in &status {
@@ -215,6 +237,15 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                 &rows,
                 &objects,
             )?;
+            let missing = crate::group::Missing(
+                failed
+                    .into_iter()
+                    .map(|(b, addr, e)| (b, addr, crate::output::error_text(&e.into())))
+                    .collect(),
+            );
+            let partly = missing.finish(&printer, status.len(), "get the status of the topic from");
+            admin.close().await.ok();
+            return partly;
         }
         TopicCommand::Route { topic } => {
             let route = admin.route(&topic).await?;

@@ -108,12 +108,26 @@ impl Admin {
         topic: &str,
         broker: Option<&str>,
     ) -> Result<Vec<TopicStatus>> {
+        of_brokers_with_topic(self.topic_status_by_broker(topic, broker).await?)
+    }
+
+    /// As [`Admin::topic_status`], with each broker's answer or failure
+    /// apart, by broker name (a broker without the topic answers
+    /// `UNKNOWN_TOPIC`): a broker that cannot be reached does not hide the
+    /// others' queues.
+    ///
+    /// # Errors
+    /// [`Error::UnknownBroker`]; no nameserver answers.
+    pub async fn topic_status_by_broker(
+        &self,
+        topic: &str,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<TopicStatus>>> {
         let targets = self.targets(broker).await?;
         let request = GetTopicStatus {
             topic: topic.to_string(),
         };
-        let answers = self.ask_each(targets, request).await;
-        of_brokers_with_topic(answers)
+        Ok(self.ask_each(targets, request).await)
     }
 
     /// Deletes a topic on every broker that has it (or one): its

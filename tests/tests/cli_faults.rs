@@ -743,8 +743,8 @@ async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
     cluster.shutdown().await;
 }
 
-/// `dlq resend --all` with one of two brokers paused reports every letter
-/// the other re-sent, names the paused one and exits 3; once it is back,
+/// `dlq resend --all` (and `topic status`) with one of two brokers paused
+/// report what the other did, name the paused one and exit 3; once it is back,
 /// the next run re-sends its letters and skips those re-sent before.
 /// (The paused broker's error was all it printed, with exit 1, so the
 /// letters re-sent looked never re-sent.)
@@ -783,6 +783,27 @@ async fn dlq_resend_reports_what_the_answering_broker_resent_when_one_is_paused(
         objects
             .iter()
             .any(|o| o["unreachable"] == serde_json::json!(["broker-b"])),
+        "{objects:?}"
+    );
+    assert!(err.contains("broker-b"), "{err}");
+    // So does topic status: broker-a's queues, broker-b named, exit 3.
+    let status = [
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+        "topic",
+        "status",
+        "shared",
+    ];
+    let out = txmq(&ns, &status, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    let objects = json_lines(&out.stdout);
+    let queues: Vec<&Value> = objects.iter().filter(|o| o["queue"].is_u64()).collect();
+    assert_eq!(queues.len(), 2, "{objects:?}");
+    assert!(
+        queues.iter().all(|o| o["broker"] == "broker-a"),
         "{objects:?}"
     );
     assert!(err.contains("broker-b"), "{err}");
