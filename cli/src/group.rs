@@ -508,12 +508,9 @@ async fn resend(
     let mut answers = admin.resend_dead_letters_by_broker(request, broker).await?;
     if answers.iter().all(|a| a.result.is_err()) && !answers.is_empty() {
         // None answered: the first one's refusal or failure, as it is.
-        return Err(answers
-            .swap_remove(0)
-            .result
-            .err()
-            .expect("all failed")
-            .into());
+        if let Err(e) = answers.swap_remove(0).result {
+            return Err(e.into());
+        }
     }
     let (answers, missing) = split(answers);
     let mut resent = 0;
@@ -569,8 +566,13 @@ async fn resend(
             String::new()
         } else {
             format!(
-                "; not in {}: {}",
+                "; not in {}{}: {}",
                 dlq_topic(&group),
+                if missing.0.is_empty() {
+                    ""
+                } else {
+                    " on the brokers that answered"
+                },
                 not_found
                     .iter()
                     .map(ToString::to_string)

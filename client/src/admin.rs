@@ -841,6 +841,8 @@ impl Admin {
     /// (name, address) of the broker named (or at) `broker`, or of every
     /// registered broker, by name.
     async fn targets(&self, broker: Option<&str>) -> Result<Vec<(String, String)>> {
+        // Closed: `Error::Closed`, not the closed pool's connection error.
+        let _in_flight = self.drain.enter(ADMIN)?;
         let brokers = self.nameservers.cluster().await?;
         let targets = select_brokers(&brokers, broker)?;
         if targets.is_empty() {

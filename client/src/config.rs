@@ -164,6 +164,20 @@ pub(crate) fn countable(what: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The most messages one pull returns (the broker refuses a pull asking
+/// for more).
+const MAX_PULL_BATCH: u32 = 1024;
+
+/// Refuses a consumer's batch size the broker would refuse on every pull.
+pub(crate) fn most_a_pull_returns(batch_size: u32) -> Result<()> {
+    if batch_size > MAX_PULL_BATCH {
+        return Err(Error::BadArgument(format!(
+            "batch size must be at most {MAX_PULL_BATCH} (the most one pull returns), not {batch_size}"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the setters of a client builder, a struct with the fields
 /// `config: ClientConfig` and `group: Option<String>`: `nameserver`,
 /// `config` and `client_id`, alike in every builder; `group`, with the doc

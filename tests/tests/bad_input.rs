@@ -841,6 +841,10 @@ async fn client_settings_past_what_the_client_can_count_are_bad_arguments() {
         "concurrency must be at most",
     );
     refused(
+        push().batch_size(1025).start(handler()).await.unwrap_err(),
+        "batch size must be at most 1024",
+    );
+    refused(
         push()
             .rebalance_interval(Duration::MAX)
             .start(handler())

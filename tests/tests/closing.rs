@@ -110,6 +110,8 @@ async fn closing_a_producer_lets_its_sends_in_flight_finish_and_refuses_later_on
         admin.list_topics().await.map(drop),
         admin.route(TOPIC).await.map(drop),
         admin.cluster().await.map(drop),
+        admin.list_groups(None).await.map(drop),
+        admin.topic_status(TOPIC, None).await.map(drop),
     ];
     for r in after {
         assert!(matches!(r, Err(Error::Closed("the admin client"))), "{r:?}");

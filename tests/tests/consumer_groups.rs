@@ -1384,7 +1384,13 @@ async fn a_queue_given_up_leaves_its_unstarted_messages_to_the_new_owner() {
     // broker tells the first, which gives a queue up (the one it cannot let
     // go of before the gate opens, or the other).
     let second = member("second", 4).await.unwrap();
-    tokio::time::sleep(REBALANCE * 4).await;
+    // Given up at once, the other queue is the second member's as soon as
+    // the first lets go of it; the gated one only after the gate opens: give
+    // the first member a few rebalances for that one.
+    let deadline = Instant::now() + REBALANCE * 10;
+    while Instant::now() < deadline && !started.lock().unwrap().iter().any(|s| s.1 == "second") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     gate.notify_one();
     wait_until("every message is handled", Duration::from_secs(20), || {
         started.lock().unwrap().len() >= 10

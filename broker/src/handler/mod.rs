@@ -206,15 +206,24 @@ impl Service for BrokerService {
 /// with `TXMQ_RECONSUME_TIMES` of 16 went to the dead-letter topic at its
 /// first retry; one consumed and sent on carries them): they are dropped
 /// from what producers send.
+/// (Each starts with `TXMQ_RE`, which [`drop_broker_properties`] looks for.)
 pub(crate) const BROKER_PROPERTIES: [&str; 3] = [
     txmq_protocol::PROPERTY_RECONSUME_TIMES,
     txmq_protocol::PROPERTY_REAL_TOPIC,
     txmq_protocol::PROPERTY_REAL_QUEUE,
 ];
 
-/// Drops [`BROKER_PROPERTIES`] from a producer's message.
+/// Drops [`BROKER_PROPERTIES`] from a producer's message: one look at the
+/// sorted properties where their common prefix would be.
 pub(super) fn drop_broker_properties(m: &mut txmq_protocol::Message) {
-    if !m.properties.is_empty() {
+    use std::ops::Bound;
+    let prefix = "TXMQ_RE";
+    let any = m
+        .properties
+        .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(prefix));
+    if any {
         for p in BROKER_PROPERTIES {
             m.properties.remove(p);
         }
@@ -485,5 +494,25 @@ mod tests {
     fn a_send_future_fits_the_allocators_thread_cache() {
         let size = future_size(send_call);
         assert!(size <= 1032, "a send's future takes {size} bytes");
+    }
+
+    #[test]
+    fn a_producers_message_loses_only_the_brokers_properties() {
+        let mut m = txmq_protocol::Message::new("t", "b");
+        for (k, v) in [
+            ("TXMQ_REAL_QUEUE", "3"),
+            ("TXMQ_REAL_TOPIC", "x"),
+            ("TXMQ_RECONSUME_TIMES", "16"),
+            ("TXMQ_DELIVER_AT", "1"),
+            ("TXMQ_RE", "mine"),
+            ("a", "1"),
+            ("z", "2"),
+        ] {
+            m.properties.insert(k.into(), v.into());
+        }
+        drop_broker_properties(&mut m);
+        let left: Vec<&str> = m.properties.keys().map(String::as_str).collect();
+        assert_eq!(left, ["TXMQ_DELIVER_AT", "TXMQ_RE", "a", "z"]);
+        assert!(BROKER_PROPERTIES.iter().all(|p| p.starts_with("TXMQ_RE")));
     }
 }

@@ -128,8 +128,22 @@ async fn connect(config: &ClientConfig) -> Result<Own> {
             tracing::info!("the cluster demands authentication: visitors sign in at /login");
             Ok(Own::Login)
         }
-        Err(e @ txmq::Error::Remoting(_)) => Ok(Own::Waiting(error_text(e))),
+        Err(e) if worth_waiting(&e) => Ok(Own::Waiting(error_text(e))),
         Err(e) => Err(e).context("cannot reach the nameservers"),
+    }
+}
+
+/// Whether trying again later may reach the nameservers: nothing listened
+/// (the system refused the connection), or the connection timed out or
+/// closed. Not a refusal or a TLS failure, which only the settings mend.
+fn worth_waiting(e: &txmq::Error) -> bool {
+    use txmq::RemotingError as R;
+    match e {
+        txmq::Error::Remoting(R::Connect { message, .. }) => {
+            message.contains("(os error") || message == "timed out"
+        }
+        txmq::Error::Remoting(R::Timeout { .. } | R::Closed { .. }) => true,
+        _ => false,
     }
 }
 
@@ -367,5 +381,35 @@ fn error_text(e: txmq::Error) -> String {
         format!("not permitted: {text}")
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use txmq::RemotingError as R;
+
+    #[test]
+    fn only_an_unreachable_nameserver_is_waited_for() {
+        let connect = |message: &str| {
+            txmq::Error::Remoting(R::Connect {
+                addr: "127.0.0.1:9876".into(),
+                message: message.into(),
+            })
+        };
+        assert!(worth_waiting(&connect("Connection refused (os error 111)")));
+        assert!(worth_waiting(&connect("timed out")));
+        assert!(worth_waiting(&txmq::Error::Remoting(R::Timeout {
+            kind: "Hello",
+            peer: "127.0.0.1:9876".into(),
+            after: Duration::from_secs(3),
+        })));
+        // Settings no retry mends: a certificate, a refusal.
+        assert!(!worth_waiting(&connect(
+            "invalid peer certificate: UnknownIssuer"
+        )));
+        assert!(!worth_waiting(&txmq::Error::Remoting(R::Remote(
+            txmq::WireError::new(txmq::ErrorCode::AuthenticationFailed, "bad signature")
+        ))));
     }
 }

@@ -79,7 +79,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use txmq_protocol::{validate_topic_name, CommitOffset, MsgId, Role, StoredMessage};
 
-use crate::config::{at_most_a_year, client_setters, countable, required_group};
+use crate::config::{
+    at_most_a_year, client_setters, countable, most_a_pull_returns, required_group,
+};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::{RouteCache, RouteInfo};
@@ -305,6 +307,7 @@ impl PullConsumerBuilder {
             ));
         }
         countable("buffered batches", settings.buffered_batches)?;
+        most_a_pull_returns(settings.batch_size)?;
         at_most_a_year("max wait", settings.max_wait)?;
         settings.request_timeout = self.config.request_timeout;
 

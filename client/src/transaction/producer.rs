@@ -631,9 +631,9 @@ impl<L: TransactionListener> TransactionProducer<L> {
     }
 
     /// Closes the producer, and every clone of it. Later transactions fail
-    /// with [`Error::Closed`] before anything is sent, and later check-backs
-    /// are answered [`TransactionState::Unknown`] (the broker asks another
-    /// member of the group, or this one again once it is back). What is in
+    /// with [`Error::Closed`] before anything is sent, and no check-back
+    /// reaches it any more: its connections close and are not opened again
+    /// (the broker asks the group's other members). What is in
     /// flight finishes, for up to [`ClientConfig::close_timeout`]: each
     /// transaction runs its local transaction and ends at the broker, each
     /// check-back is answered by the listener. Then the check-backs still

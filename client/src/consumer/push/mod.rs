@@ -33,7 +33,10 @@
 //!   (nor another attempt of a message waiting to be tried again), waits
 //!   for the handlers running (up to the drain timeout), commits, and only
 //!   then lets go: the new owner continues from there, with the messages
-//!   left unstarted, so a clean rebalance repeats nothing.
+//!   left unstarted, so a clean rebalance repeats nothing (except when a
+//!   message was waiting to be handled here again because its hand-back
+//!   failed: the next owner takes it over, and with it the messages after
+//!   it this member had finished).
 //!
 //! Nothing is lost: a message is only passed by the committed offset after
 //! its handler succeeded or it was stored again for retry.
@@ -100,7 +103,9 @@ use txmq_remoting::{Connection, Service};
 
 use super::read_targets::{ReadTargets, Target};
 use super::{ConsumeFrom, ReceivedMessage};
-use crate::config::{at_most_a_year, client_setters, countable, required_group};
+use crate::config::{
+    at_most_a_year, client_setters, countable, most_a_pull_returns, required_group,
+};
 use crate::nameserver::NameserverClient;
 use crate::pool::ConnectionPool;
 use crate::route::RouteCache;
@@ -556,6 +561,7 @@ impl PushConsumerBuilder {
             ));
         }
         countable("concurrency", settings.concurrency)?;
+        most_a_pull_returns(settings.batch_size)?;
         for (what, d) in [
             ("max wait", settings.max_wait),
             ("the rebalance interval", settings.rebalance_interval),
