@@ -315,12 +315,9 @@ impl<L: TransactionListener> TransactionProducerBuilder<L> {
             .listener
             .ok_or_else(|| Error::BadArgument("a transaction producer needs a listener".into()))?;
         at_most_a_year("the broker refresh interval", self.broker_refresh_interval)?;
-        for (what, d) in [
-            ("the first check delay", self.first_check_delay),
-            ("the check timeout", self.check_timeout),
-        ] {
-            at_most_a_year(what, d.unwrap_or_default())?;
-        }
+        // (The first check delay goes to the broker, which holds it to its
+        // --max-delay and says so.)
+        at_most_a_year("the check timeout", self.check_timeout.unwrap_or_default())?;
         if self.broker_refresh_interval.is_zero() {
             return Err(Error::BadArgument(
                 "the broker refresh interval must be above zero".into(),
