@@ -418,9 +418,25 @@ mod tests {
             CodecError::FrameTooLarge { request, .. } => assert_eq!(request, Some(77)),
             other => panic!("{other}"),
         }
-        // Its start cut short: more is waited for, not an unknown request.
-        let mut buf = BytesMut::from(&full[..6]);
-        assert!(FrameCodec::new(1).decode(&mut buf).unwrap().is_none());
+        // Its start cut short: more is waited for, not an unknown request;
+        // so is every start of it, down to the length prefix alone, so that
+        // how reads cut the bytes never changes the answer (the prefix alone
+        // was refused at once, the prefix and one more byte waited for).
+        // (The length prefix, `{"Request": [` in 10 bytes, then id 77 in one.)
+        for cut in 4..4 + 10 + 1 {
+            let mut buf = BytesMut::from(&full[..cut]);
+            assert!(
+                FrameCodec::new(1).decode(&mut buf).unwrap().is_none(),
+                "{cut}"
+            );
+        }
+        // Another body is refused as soon as it differs from a request's.
+        let mut buf = BytesMut::from(&full[..4]);
+        buf.extend_from_slice(&[0x82]);
+        match FrameCodec::new(1).decode(&mut buf).unwrap_err() {
+            CodecError::FrameTooLarge { request, .. } => assert_eq!(request, None),
+            other => panic!("{other}"),
+        }
     }
 
     #[test]

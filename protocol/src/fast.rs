@@ -54,29 +54,33 @@ pub(crate) enum Envelope {
 /// string `Request`, a two-element array and a `u64` take at most 19.
 pub(crate) const ENVELOPE_LEN: usize = 19;
 
-/// What the body starting with `prefix` holds ([`Envelope`]).
+/// What the body starting with `prefix` holds ([`Envelope`]). A request is
+/// recognised in the one shape rmp-serde writes, `{"Request": [id, ...]}`
+/// byte for byte, so that the answer depends only on the bytes there, not
+/// on how reads cut them: `Short` while they are a start of that shape,
+/// then `Request` or `Other` for good.
 pub(crate) fn envelope(prefix: &[u8]) -> Envelope {
+    // How a request's body starts.
+    const HEAD: &[u8] = b"\x81\xa7Request\x92";
+    if prefix.len() < HEAD.len() {
+        return if HEAD.starts_with(prefix) {
+            Envelope::Short
+        } else {
+            Envelope::Other
+        };
+    }
+    if !prefix.starts_with(HEAD) {
+        return Envelope::Other;
+    }
     let mut r = Reader {
-        buf: prefix,
+        buf: &prefix[HEAD.len()..],
         frame: None,
     };
-    let id = (|| {
-        r.map1()?;
-        if r.str()? != "Request" {
-            return Some(None);
-        }
-        r.array(2)?;
-        Some(Some(r.u64()?))
-    })();
-    // How a request's body starts: `{"Request": [id, ...]}`.
-    const HEAD: &[u8] = b"\x81\xa7Request\x92";
-    let n = prefix.len().min(HEAD.len());
-    match id {
-        Some(Some(id)) => Envelope::Request(id),
-        // Cut short in the head or in the id that follows it.
-        // (Nothing after the length prefix: refused from the prefix alone.)
-        None if n > 0 && prefix.len() < ENVELOPE_LEN && prefix[..n] == HEAD[..n] => Envelope::Short,
-        _ => Envelope::Other,
+    match r.u64() {
+        Some(id) => Envelope::Request(id),
+        // Cut short in the id (a u64 takes at most 9 bytes).
+        None if prefix.len() < ENVELOPE_LEN => Envelope::Short,
+        None => Envelope::Other,
     }
 }
 
