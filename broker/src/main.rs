@@ -40,19 +40,23 @@ fn main() -> std::process::ExitCode {
         "runtime started"
     );
     runtime.block_on(async move {
-        let broker = match Broker::start(config).await {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("txmq-broker: error: {e}");
-                return std::process::ExitCode::FAILURE;
-            }
-        };
+        // Installed before the listeners are bound, as the nameserver's: a
+        // SIGTERM that comes as soon as the broker listens (a supervisor's,
+        // a test's) shuts it down cleanly once it has started, rather than
+        // killing it mid-start.
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         ) else {
             eprintln!("txmq-broker: error: cannot install signal handlers");
             return std::process::ExitCode::FAILURE;
+        };
+        let broker = match Broker::start(config).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("txmq-broker: error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
         };
         tokio::select! {
             _ = term.recv() => {}
