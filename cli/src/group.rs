@@ -439,7 +439,8 @@ fn show_text(printer: &Printer, group: &str, states: &[txmq::admin::GroupState])
 /// Runs a dlq subcommand.
 ///
 /// # Errors
-/// When no nameserver or broker answers; a group with no dead letters
+/// When no nameserver or broker answers (exit code 3 when only some
+/// brokers did: their letters are printed); a group with no dead letters
 /// prints nothing.
 pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
     let printer = Printer::stdout(global.output);
@@ -466,8 +467,8 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
             return done;
         }
     };
-    let messages = match admin.browse(&dlq_topic(&group), limit).await {
-        Ok(m) => m,
+    let answers = match admin.browse_by_broker(&dlq_topic(&group), limit).await {
+        Ok(a) => a,
         // No dead-letter topic: none yet, unless no broker is there to say.
         Err(txmq::Error::NoRoute { .. }) if admin.cluster().await?.is_empty() => {
             return Err(anyhow::anyhow!(
@@ -477,7 +478,10 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
         Err(txmq::Error::NoRoute { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    if messages.is_empty() {
+    let (read, missing) = split(answers);
+    let answered = read.len();
+    let messages: Vec<_> = read.into_iter().flatten().collect();
+    if messages.is_empty() && missing.0.is_empty() {
         // As `group show` of an unknown group: an empty answer says why.
         eprintln!(
             "note: group {group} has no dead letters ({} is empty or was never made)",
@@ -490,7 +494,7 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
             OutputFormat::Json => printer.json(&received_json(m))?,
         }
     }
-    Ok(())
+    missing.finish(&printer, answered, "read the dead letters on")
 }
 
 /// `txmq dlq resend`: one line (object) per letter re-sent, then a summary.

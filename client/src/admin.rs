@@ -499,40 +499,89 @@ impl Admin {
     /// # Errors
     /// [`Error::NoRoute`] for an unknown topic; a broker that cannot be asked.
     pub async fn browse(&self, topic: &str, limit: usize) -> Result<Vec<crate::ReceivedMessage>> {
-        let route = self.route(topic).await?;
         let mut out = Vec::new();
-        for b in &route.brokers {
-            for queue in 0..b.queues {
-                let mut offset = 0;
-                while out.len() < limit {
-                    let request = txmq_protocol::PullRequest {
-                        topic: topic.to_string(),
-                        queue,
-                        offset,
-                        max_messages: u32::try_from(limit - out.len()).unwrap_or(1024).min(1024),
-                        max_wait_ms: 0,
-                        tag_filter: Vec::new(),
-                        owner: None,
-                        epoch: 0,
-                        after: None,
-                    };
-                    // No live master: a slave holds the same queues.
-                    let addr = match (b.addr.as_str(), b.slaves.first()) {
-                        ("", Some(slave)) => slave.as_str(),
-                        (addr, _) => addr,
-                    };
-                    let r = self.ask(&b.broker_name, addr, request).await?;
-                    if r.messages.is_empty() && r.next_offset <= offset {
-                        break;
-                    }
-                    offset = r.next_offset;
-                    out.extend(r.messages.into_iter().map(|stored| crate::ReceivedMessage {
-                        broker_name: b.broker_name.clone(),
-                        stored,
-                    }));
-                    if offset >= r.max_offset {
-                        break;
-                    }
+        for answer in self.browse_by_broker(topic, limit).await? {
+            out.extend(answer.result?);
+        }
+        Ok(out)
+    }
+
+    /// As [`Admin::browse`], with each broker's messages or failure apart,
+    /// in the route's order (brokers by name): a broker that cannot be
+    /// reached does not hide the others' messages. The brokers are read
+    /// at once; together they hold at most `limit` messages, the first
+    /// brokers' first.
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] for an unknown topic; no nameserver answers.
+    pub async fn browse_by_broker(
+        &self,
+        topic: &str,
+        limit: usize,
+    ) -> Result<Vec<BrokerAnswer<Vec<crate::ReceivedMessage>>>> {
+        let route = self.route(topic).await?;
+        let read = join_all(
+            route
+                .brokers
+                .iter()
+                .map(|b| self.browse_broker(topic, b, limit)),
+        )
+        .await;
+        let mut left = limit;
+        Ok(route
+            .brokers
+            .into_iter()
+            .zip(read)
+            .map(|(b, result)| {
+                let result = result.map(|mut messages| {
+                    messages.truncate(left);
+                    left -= messages.len();
+                    messages
+                });
+                let (broker_name, addr) = route_target(&b);
+                BrokerAnswer {
+                    broker_name,
+                    addr,
+                    result,
+                }
+            })
+            .collect())
+    }
+
+    /// Up to `limit` messages of `topic` on one broker, queue by queue.
+    async fn browse_broker(
+        &self,
+        topic: &str,
+        b: &txmq_protocol::BrokerQueues,
+        limit: usize,
+    ) -> Result<Vec<crate::ReceivedMessage>> {
+        let (_, addr) = route_target(b);
+        let mut out = Vec::new();
+        for queue in 0..b.queues {
+            let mut offset = 0;
+            while out.len() < limit {
+                let request = txmq_protocol::PullRequest {
+                    topic: topic.to_string(),
+                    queue,
+                    offset,
+                    max_messages: u32::try_from(limit - out.len()).unwrap_or(1024).min(1024),
+                    max_wait_ms: 0,
+                    tag_filter: Vec::new(),
+                    owner: None,
+                    epoch: 0,
+                    after: None,
+                };
+                let r = self.ask(&b.broker_name, &addr, request).await?;
+                if r.messages.is_empty() && r.next_offset <= offset {
+                    break;
+                }
+                offset = r.next_offset;
+                out.extend(r.messages.into_iter().map(|stored| crate::ReceivedMessage {
+                    broker_name: b.broker_name.clone(),
+                    stored,
+                }));
+                if offset >= r.max_offset {
+                    break;
                 }
             }
         }

@@ -749,12 +749,31 @@ async fn reset_offset_reports_each_brokers_result_when_one_is_paused() {
 /// (The paused broker's error was all it printed, with exit 1, so the
 /// letters re-sent looked never re-sent.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_resend_reports_what_the_answering_broker_resent_when_one_is_paused() {
+async fn dlq_list_and_resend_report_what_the_answering_broker_has_when_one_is_paused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
     let ns = cluster.nameserver.clone();
     blocking(|| make_dead_letters(&ns, "shared", "dz", 8));
     pause(&b);
+    // dlq list: broker-a's letters, broker-b named, exit 3.
+    let list = ["--timeout", "1s", "--output", "json", "dlq", "list", "dz"];
+    let out = txmq(&ns, &list, None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    let objects = json_lines(&out.stdout);
+    let letters: Vec<&Value> = objects.iter().filter(|o| o["msg_id"].is_string()).collect();
+    assert_eq!(letters.len(), 4, "{objects:?}");
+    assert!(
+        letters.iter().all(|o| o["broker"] == "broker-a"),
+        "{objects:?}"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["unreachable"] == serde_json::json!(["broker-b"])),
+        "{objects:?}"
+    );
+    assert!(err.contains("broker-b"), "{err}");
     let resend = [
         "--timeout",
         "1s",
