@@ -75,6 +75,7 @@ pub mod consumer;
 pub mod dedup;
 mod drain;
 pub mod error;
+mod flight;
 mod message;
 mod nameserver;
 mod pool;

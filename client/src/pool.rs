@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use txmq_protocol::{Hello, Role, PROTOCOL_VERSION};
 use txmq_remoting::{Connection, ConnectionConfig, Service};
 
+use crate::flight::SingleFlight;
 use crate::ClientConfig;
 
 /// A set of connections that all introduce themselves with the same hello.
@@ -36,10 +37,9 @@ struct PoolInner {
 #[derive(Default)]
 struct Slot {
     conn: Mutex<Option<Connection>>,
-    last_failure: Mutex<Option<(Instant, txmq_remoting::Error)>>,
-    /// Held while connecting, so that only one caller connects at a time.
-    /// An async mutex on purpose: the waiters must wait across the connect.
-    connecting: tokio::sync::Mutex<()>,
+    /// One caller connects at a time; the others wait and take its
+    /// connection, or its failure.
+    opening: Arc<SingleFlight<txmq_remoting::Error>>,
 }
 
 impl Slot {
@@ -112,21 +112,16 @@ impl ConnectionPool {
                 peer: addr.to_string(),
             });
         }
-        // The attempt runs on a task of its own: a caller suspended in a
-        // select! (or dropped) must never sit on the single-flight lock,
-        // or every other caller for this peer would wait on it forever.
         let waiting_since = Instant::now();
         let target = addr.to_string();
         let (slot, addr, inner) = (slot.clone(), addr.to_string(), self.inner.clone());
-        let attempt = tokio::spawn(async move {
-            let _connecting = slot.connecting.lock().await;
+        let opening = slot.opening.clone();
+        let attempt = opening.run(waiting_since, move |failed| async move {
             if let Some(conn) = slot.current() {
-                return Ok(conn);
+                return (Ok(conn), None);
             }
-            if let Some((at, e)) = lock(&slot.last_failure).as_ref() {
-                if *at >= waiting_since {
-                    return Err(e.clone());
-                }
+            if let Some(e) = failed {
+                return (Err(e), None);
             }
             let hello = inner.hello.clone();
             let service = inner.service.clone();
@@ -137,14 +132,13 @@ impl ConnectionPool {
                     // Closed while connecting: this one closes too.
                     if inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
                         inner.close_all();
-                        return Err(txmq_remoting::Error::Closed { peer: addr });
+                        return (Err(txmq_remoting::Error::Closed { peer: addr }), None);
                     }
-                    Ok(conn)
+                    (Ok(conn), None)
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "connect failed");
-                    *lock(&slot.last_failure) = Some((Instant::now(), e.clone()));
-                    Err(e)
+                    (Err(e.clone()), Some(e))
                 }
             }
         });

@@ -33,6 +33,7 @@ use txmq_protocol::{
     BrokerInfo, BrokerQueues, BrokerRole, TopicRoute, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };
 
+use crate::flight::SingleFlight;
 use crate::nameserver::NameserverClient;
 use crate::{Error, Result};
 
@@ -174,9 +175,9 @@ pub struct RouteCache {
     inner: Arc<CacheInner>,
 }
 
-/// A topic's fetch gate: held while fetching; holds when and how the last
-/// fetch that reached no nameserver failed.
-type Gate = Arc<tokio::sync::Mutex<Option<(Instant, txmq_remoting::Error)>>>;
+/// One fetch of a topic's route at a time; it keeps when and how the
+/// last fetch that reached no nameserver failed.
+type Flight = SingleFlight<txmq_remoting::Error>;
 
 #[derive(Debug)]
 struct CacheInner {
@@ -186,9 +187,8 @@ struct CacheInner {
     entries: DashMap<String, Entry, foldhash::fast::RandomState>,
     /// The highest-epoch master seen of each broker group, by group name.
     masters: DashMap<String, KnownMaster>,
-    /// One fetch of a topic at a time; each gate keeps when and how the
-    /// last fetch that found no nameserver failed.
-    gates: DashMap<String, Gate>,
+    /// One fetch of a topic at a time, by topic.
+    flights: DashMap<String, Arc<Flight>>,
     next_generation: AtomicU64,
 }
 
@@ -199,6 +199,11 @@ pub struct KnownMaster {
     pub epoch: u64,
     /// Its address.
     pub addr: String,
+}
+
+/// A route fetch whose task panicked.
+fn fetch_panicked(e: tokio::task::JoinError) -> Error {
+    Error::Protocol(format!("the route fetch failed: {e}"))
 }
 
 /// Makes `route` name no master older than one seen before: for each broker
@@ -256,7 +261,7 @@ impl RouteCache {
                 provisional,
                 entries: DashMap::default(),
                 masters: DashMap::new(),
-                gates: DashMap::new(),
+                flights: DashMap::new(),
                 next_generation: AtomicU64::new(1),
             }),
         }
@@ -285,38 +290,40 @@ impl RouteCache {
     /// [`RouteCache::get`] once the cache had no fresh route: one caller
     /// per topic fetches, the others wait and take what it got.
     async fn fetch_unless_fresh(&self, topic: &str) -> Result<Arc<RouteInfo>> {
-        let gate = self.gate(topic);
         let waiting_since = Instant::now();
-        let mut failed = gate.lock().await;
-        if let Some(info) = self.fresh(topic) {
-            return Ok(info);
-        }
-        // A fetch that failed while this caller waited is its failure too:
-        // with a nameserver that does not answer, each waiter trying again
-        // in turn made the last of many sends wait one timeout per caller
-        // before it.
-        if let Some((at, e)) = failed.as_ref() {
-            if *at >= waiting_since {
-                return Err(Error::Remoting(e.clone()));
+        let flight = self.flight(topic);
+        let (cache, topic) = (self.clone(), topic.to_string());
+        let fetched = flight.run(waiting_since, move |failed| async move {
+            if let Some(info) = cache.fresh(&topic) {
+                return (Ok(info), None);
             }
-        }
-        match self.fetch(topic).await {
-            Ok(info) => Ok(info),
-            Err(e @ (Error::NoRoute { .. } | Error::NoMaster { .. })) => Err(e),
-            Err(e) => match self.inner.entries.get_mut(topic) {
-                Some(mut stale) => {
-                    tracing::warn!(%topic, error = %crate::error::chain(&e), "cannot refresh route; using the cached one");
-                    stale.expires = Instant::now() + STALE_RETRY;
-                    Ok(stale.info.clone())
-                }
-                None => {
-                    if let Error::Remoting(r) = &e {
-                        *failed = Some((Instant::now(), r.clone()));
+            // A fetch that failed while this caller waited is its failure
+            // too: with a nameserver that does not answer, each waiter
+            // trying again in turn made the last of many sends wait one
+            // timeout per caller before it.
+            if let Some(e) = failed {
+                return (Err(Error::Remoting(e)), None);
+            }
+            match cache.fetch(&topic).await {
+                Ok(info) => (Ok(info), None),
+                Err(e @ (Error::NoRoute { .. } | Error::NoMaster { .. })) => (Err(e), None),
+                Err(e) => match cache.inner.entries.get_mut(&topic) {
+                    Some(mut stale) => {
+                        tracing::warn!(%topic, error = %crate::error::chain(&e), "cannot refresh route; using the cached one");
+                        stale.expires = Instant::now() + STALE_RETRY;
+                        (Ok(stale.info.clone()), None)
                     }
-                    Err(e)
-                }
-            },
-        }
+                    None => {
+                        let failure = match &e {
+                            Error::Remoting(r) => Some(r.clone()),
+                            _ => None,
+                        };
+                        (Err(e), failure)
+                    }
+                },
+            }
+        });
+        fetched.await.unwrap_or_else(|e| Err(fetch_panicked(e)))
     }
 
     /// Fetches the route of `topic` now, whether or not one is cached.
@@ -324,9 +331,12 @@ impl RouteCache {
     /// # Errors
     /// [`Error::NoRoute`], or the failure to reach any nameserver.
     pub async fn refresh(&self, topic: &str) -> Result<Arc<RouteInfo>> {
-        let gate = self.gate(topic);
-        let _fetching = gate.lock().await;
-        self.fetch(topic).await
+        let flight = self.flight(topic);
+        let (cache, topic) = (self.clone(), topic.to_string());
+        let fetched = flight.run(Instant::now(), move |_| async move {
+            (cache.fetch(&topic).await, None)
+        });
+        fetched.await.unwrap_or_else(|e| Err(fetch_panicked(e)))
     }
 
     /// Marks the route of `topic` stale if it is still the one of
@@ -345,12 +355,12 @@ impl RouteCache {
         (entry.expires > Instant::now()).then(|| entry.info.clone())
     }
 
-    fn gate(&self, topic: &str) -> Gate {
-        if let Some(gate) = self.inner.gates.get(topic) {
-            return gate.clone();
+    fn flight(&self, topic: &str) -> Arc<Flight> {
+        if let Some(flight) = self.inner.flights.get(topic) {
+            return flight.clone();
         }
         self.inner
-            .gates
+            .flights
             .entry(topic.to_string())
             .or_default()
             .clone()

@@ -106,6 +106,89 @@ async fn sends_waiting_for_a_route_from_a_silent_nameserver_fail_together() {
     drop(silent);
 }
 
+/// Sends of a new producer to a paused broker: they wait together for the
+/// broker's producer id (the first stamped send there asks for one), and
+/// fail together within their attempts' timeouts. Before, each waited for
+/// the one before it to time out, then asked again itself: `txmq send` of
+/// 20 lines with `--timeout 1s` took 49 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_waiting_for_a_producer_id_from_a_paused_broker_fail_together() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = start_broker(&tmp.path().join("a"), &ns, "broker-a", &[]).await;
+    common::create_topic(&ns, "idless", 2).await;
+    let timeout = Duration::from_millis(500);
+    let producer = Producer::builder()
+        .nameserver(&ns)
+        .send_timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| broker.signal("STOP"));
+    let started = Instant::now();
+    let sends = (0..20).map(|i| producer.send(Message::new("idless", format!("m{i}"))));
+    let outcomes = tokio::time::timeout(Duration::from_secs(60), join_all(sends)).await;
+    let took = started.elapsed();
+    tokio::task::block_in_place(|| broker.signal("CONT"));
+    let outcomes = outcomes.expect("sends hung");
+    assert!(
+        outcomes.iter().all(|o| o.is_err()),
+        "a paused broker answered"
+    );
+    eprintln!("20 sends failed within {took:?}");
+    // Three attempts each (the default two retries), with their pauses.
+    assert!(took < timeout * 12, "took {took:?}");
+    producer
+        .send(Message::new("idless", "after"))
+        .await
+        .expect("a send once the broker is back");
+    producer.close().await.unwrap();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
+/// A send whose caller stops polling it while it fetches the topic's route
+/// (a `select!` that went on with another branch) holds up no other send
+/// of the topic: the fetch goes on by itself, and the next send takes its
+/// route. Before, the first caller held the topic's fetch lock across its
+/// fetch, and every later send of the topic waited for it to be polled
+/// again or dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_left_unpolled_while_fetching_a_route_holds_up_no_other_send() {
+    let cluster = Cluster::start(txmq_broker::FlushMode::Async).await;
+    common::create_topic(&cluster.nameserver, "held", 2).await;
+    let slow = txmq_tests::proxy::Proxy::bind().await.unwrap();
+    slow.set_target(&cluster.nameserver);
+    slow.set_delay(Some((Duration::from_millis(400), Duration::ZERO)));
+    let producer = Producer::builder()
+        .nameserver(&slow.addr().to_string())
+        .send_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let mut first = Box::pin(producer.send(Message::new("held", "first")));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut first)
+            .await
+            .is_err(),
+        "the route came back before the first send was left"
+    );
+    // `first` is not polled from here on, until the end.
+    slow.set_delay(None);
+    let second = tokio::time::timeout(
+        Duration::from_secs(4),
+        producer.send(Message::new("held", "second")),
+    )
+    .await
+    .expect("the second send waited for the unpolled first one")
+    .expect("the second send");
+    assert_eq!(second.topic, "held");
+    first.await.expect("the first send, polled again");
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
 /// A consumer of a topic on two brokers, with the default 10 s request
 /// timeout, while broker-b is paused for three of broker-a's consumer
 /// expiries: broker-a keeps hearing from it, so it never expires there

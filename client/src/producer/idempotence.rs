@@ -13,7 +13,8 @@
 //!
 //! All state sits behind std mutexes held for a few map operations, never
 //! across an `.await`. Opening a session is single-flight per broker group
-//! (an async gate, on purpose: the waiters must wait across the request).
+//! ([`SingleFlight`]: one request at a time, on a task of its own, whose
+//! failure the callers that waited for it share).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use tokio::sync::Semaphore;
 use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request};
 use txmq_remoting::{Connection, Queued, Reply};
 
+use crate::flight::SingleFlight;
 use crate::pool::ConnectionPool;
 
 /// Stamped sends in flight per queue at most: the broker remembers the
@@ -118,7 +120,7 @@ impl Place {
 /// [`TransactionProducer`](crate::TransactionProducer).
 #[derive(Debug, Default)]
 pub(crate) struct Idempotence {
-    brokers: Mutex<HashMap<String, BrokerState>>,
+    brokers: Arc<Mutex<HashMap<String, BrokerState>>>,
     /// Sends with an unknown outcome: first message id, topic, and where
     /// they went.
     unknown: Mutex<VecDeque<(MsgId, String, Pending)>>,
@@ -131,9 +133,43 @@ pub(crate) struct Idempotence {
 struct BrokerState {
     session: Option<Session>,
     /// Single-flight `InitProducer` for this group.
-    gate: Arc<tokio::sync::Mutex<()>>,
+    opening: Arc<SingleFlight<txmq_remoting::Error>>,
     /// Stamped sends in flight, per topic and queue.
     limits: HashMap<String, HashMap<u32, Arc<QueueLimit>>>,
+}
+
+/// The ids to stamp requests to `broker_name` with, if it has a session.
+fn current_in(brokers: &Mutex<HashMap<String, BrokerState>>, broker_name: &str) -> Option<Grant> {
+    let brokers = lock(brokers);
+    match brokers.get(broker_name)?.session.as_ref()? {
+        Session::Stamped(ids) => Some(Grant::Stamped(ids.clone())),
+        Session::Unsupported(since) if since.elapsed() < UNSUPPORTED_RETRY => Some(Grant::Plain),
+        Session::Unsupported(_) => None,
+    }
+}
+
+/// Asks the master of `broker_name` at `addr` for a producer id.
+async fn open_session(
+    broker_name: &str,
+    addr: &str,
+    pool: &ConnectionPool,
+    timeout: Duration,
+) -> Result<Session, txmq_remoting::Error> {
+    let conn = pool.get(addr).await?;
+    match conn.call_with_timeout(InitProducer {}, timeout).await {
+        Ok(identity) => {
+            tracing::debug!(broker = %broker_name, producer_id = identity.producer_id, "got a producer id");
+            Ok(Session::Stamped(Arc::new(Ids::new(identity))))
+        }
+        Err(e)
+            if e.remote()
+                .is_some_and(|w| w.code == ErrorCode::UnsupportedRequest) =>
+        {
+            tracing::warn!(broker = %broker_name, "the broker does not support idempotent sends (an older version?); sending without sequence numbers, so a retried send may be stored twice");
+            Ok(Session::Unsupported(Instant::now()))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The entry of `key` in `map`, made when missing; allocates the key only
@@ -493,55 +529,50 @@ impl Idempotence {
             return Ok(grant);
         }
         // The broker group has no producer id yet: one caller asks for it,
-        // the others wait for its answer. Boxed, as `RouteCache::get`'s
-        // fetch: sends await this each time.
+        // the others wait for its answer (or its failure). Boxed, as
+        // `RouteCache::get`'s fetch: sends await this each time.
         Box::pin(async move {
-            let gate = lock(&self.brokers)
+            let waiting_since = Instant::now();
+            let opening = lock(&self.brokers)
                 .entry(broker_name.to_string())
                 .or_default()
-                .gate
+                .opening
                 .clone();
-            let _initializing = gate.lock().await;
-            if let Some(grant) = self.current(broker_name) {
-                return Ok(grant);
-            }
-            let conn = pool.get(addr).await?;
-            let session = match conn.call_with_timeout(InitProducer {}, timeout).await {
-                Ok(identity) => {
-                    tracing::debug!(broker = %broker_name, producer_id = identity.producer_id, "got a producer id");
-                    Session::Stamped(Arc::new(Ids::new(identity)))
+            let brokers = self.brokers.clone();
+            let peer = addr.to_string();
+            let (broker_name, addr, pool) =
+                (broker_name.to_string(), addr.to_string(), pool.clone());
+            let asked = opening.run(waiting_since, move |failed| async move {
+                if let Some(grant) = current_in(&brokers, &broker_name) {
+                    return (Ok(grant), None);
                 }
-                Err(e)
-                    if e.remote()
-                        .is_some_and(|w| w.code == ErrorCode::UnsupportedRequest) =>
-                {
-                    tracing::warn!(broker = %broker_name, "the broker does not support idempotent sends (an older version?); sending without sequence numbers, so a retried send may be stored twice");
-                    Session::Unsupported(Instant::now())
+                if let Some(e) = failed {
+                    return (Err(e), None);
                 }
-                Err(e) => return Err(e),
-            };
-            let grant = match &session {
-                Session::Stamped(ids) => Grant::Stamped(ids.clone()),
-                Session::Unsupported(_) => Grant::Plain,
-            };
-            lock(&self.brokers)
-                .entry(broker_name.to_string())
-                .or_default()
-                .session = Some(session);
-            Ok(grant)
+                match open_session(&broker_name, &addr, &pool, timeout).await {
+                    Ok(session) => {
+                        let grant = match &session {
+                            Session::Stamped(ids) => Grant::Stamped(ids.clone()),
+                            Session::Unsupported(_) => Grant::Plain,
+                        };
+                        lock(&brokers).entry(broker_name).or_default().session = Some(session);
+                        (Ok(grant), None)
+                    }
+                    Err(e) => (Err(e.clone()), Some(e)),
+                }
+            });
+            asked.await.unwrap_or_else(|e| {
+                Err(txmq_remoting::Error::Connect {
+                    addr: peer,
+                    message: format!("the producer id request failed: {e}"),
+                })
+            })
         })
         .await
     }
 
     fn current(&self, broker_name: &str) -> Option<Grant> {
-        let brokers = lock(&self.brokers);
-        match brokers.get(broker_name)?.session.as_ref()? {
-            Session::Stamped(ids) => Some(Grant::Stamped(ids.clone())),
-            Session::Unsupported(since) if since.elapsed() < UNSUPPORTED_RETRY => {
-                Some(Grant::Plain)
-            }
-            Session::Unsupported(_) => None,
-        }
+        current_in(&self.brokers, broker_name)
     }
 
     /// Forgets the producer id `ids` of `broker_name` (if it is still the
