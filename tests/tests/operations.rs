@@ -606,6 +606,8 @@ fn topic_status_and_delete_survive_kill_9() {
     ok(&s.cli(&["send", "gone", "--body", "new", "--key", "kk"]));
     let (_, lines) = s.json(&["topic", "status", "gone"]);
     assert_eq!(queue_sum(&lines), 1);
+    let queues = lines.len();
+    assert!(queues > 1, "{lines:?}");
     let got = consume(&s, "gone", "g1");
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["body"], "new");
@@ -629,6 +631,12 @@ fn topic_status_and_delete_survive_kill_9() {
     let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
     assert_eq!(bodies, vec!["new"]);
     deleted_lookups(&s);
+    // Every queue of the new topic is still there, those that hold no
+    // message too (the replay of the delete had taken them: UNKNOWN_QUEUE).
+    let (_, lines) = s.json(&["topic", "status", "gone"]);
+    assert_eq!(lines.len(), queues, "{lines:?}");
+    let count = queues.to_string();
+    ok(&s.cli(&["send", "gone", "--body", "later", "--count", &count]));
 }
 
 #[test]

@@ -117,6 +117,7 @@ async fn a_topic_made_again_starts_anew_and_keeps_only_what_came_after() {
     let topics = [("keep".to_string(), 1), ("orders".to_string(), 2)];
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
     assert_eq!(bodies(&store, "orders", 1), vec!["new"]);
+    assert!(store.queue("orders", 0).is_some(), "queue 0 lost");
     assert_eq!(store.committed_offset("g1", "orders", 1), Some(1));
     store.shutdown().await;
     // And with no checkpoint at all.
@@ -124,7 +125,33 @@ async fn a_topic_made_again_starts_anew_and_keeps_only_what_came_after() {
     let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
     assert_eq!(bodies(&store, "orders", 1), vec!["new"]);
     assert_eq!(bodies(&store, "orders", 0), Vec::<String>::new());
+    assert!(store.queue("orders", 0).is_some(), "queue 0 lost");
     assert_eq!(store.committed_offset("g1", "orders", 1), Some(1));
+    store.shutdown().await;
+}
+
+/// A topic deleted and made again with no message since, then a clean
+/// restart: its queues are there, empty, and take sends (the replay of the
+/// delete's record, in the checkpoint's segment, had taken them).
+#[tokio::test]
+async fn a_topic_made_again_keeps_its_empty_queues_through_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = written_then_deleted(dir.path()).await;
+    store.ensure_queues("orders", 2).unwrap();
+    store.shutdown().await;
+    let topics = [("keep".to_string(), 1), ("orders".to_string(), 2)];
+    let store = Store::open(config(dir.path(), FlushMode::Sync), &topics).unwrap();
+    for queue in 0..2 {
+        let q = store
+            .queue("orders", queue)
+            .expect("the queue after a restart");
+        assert_eq!(q.next_offset(), 0);
+    }
+    let a = store
+        .append("orders", 0, vec![msg("orders", "after")])
+        .await
+        .unwrap();
+    assert_eq!(a.first_offset, 0);
     store.shutdown().await;
 }
 

@@ -837,6 +837,15 @@ pub(crate) fn recover(
             deleted.insert(topic, pos);
         }
     }
+    // A topic deleted and made again: the replay of its delete's record
+    // (the replay starts at the start of the checkpoint's segment) took
+    // the queues the topic table lists, and only those that records came
+    // after the delete to were made again. The others come back empty.
+    for (topic, count) in topics {
+        if topic != DELAY_TOPIC {
+            ensure_queues(config, &mut queues, topic, *count)?;
+        }
+    }
     let transactions = RecoveredTransactions {
         pending: std::mem::take(&mut state.pending),
         ended: std::mem::take(&mut state.ended)
