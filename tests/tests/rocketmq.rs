@@ -84,7 +84,8 @@ fn ids(v: &Value) -> Vec<String> {
 
 /// The Python producer sends normal, FIFO and delayed messages and three
 /// transactions (committed, rolled back, left open and committed by its
-/// checker when the broker checks back over the telemetry stream); txmq's
+/// checker at the second check-back over the telemetry stream, after an
+/// UNKNOWN at the first); txmq's
 /// CLI sees exactly the visible ones, with their keys, tags, properties
 /// and ids, the FIFO ones in order in one queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +100,11 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
     })
     .await
     .unwrap();
-    assert_eq!(sent["asked"], serde_json::json!([["k-check"]]), "{sent}");
+    assert_eq!(
+        sent["asked"],
+        serde_json::json!([["k-check"], ["k-check"]]),
+        "{sent}"
+    );
 
     // The delayed message is not there before its time, and is after.
     let delay_until = sent["delay_until_ms"].as_u64().unwrap();
@@ -148,6 +153,18 @@ async fn the_python_producer_and_transactional_producer_are_seen_by_txmq() {
     let shown = txmq(&ns, &["--output", "json", "msg", "show", id], None).await;
     let shown = json_lines(ok(&shown).as_bytes()).remove(0);
     assert_eq!(body(&shown), "checked", "{shown}");
+    // Its first check was answered UNKNOWN (the Python client's
+    // EndTransaction without a resolution), not left to time out.
+    let tx_id = shown["tx_id"].to_string();
+    let tx = txmq(&ns, &["--output", "json", "tx", "show", &tx_id], None).await;
+    let tx = json_lines(ok(&tx).as_bytes()).remove(0);
+    let answers: Vec<&Value> = tx["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["answer"])
+        .collect();
+    assert_eq!(answers, ["unknown", "commit"], "{tx}");
     cluster.shutdown().await;
 }
 

@@ -154,27 +154,30 @@ pub(super) async fn end_transaction(
             ),
         ));
     };
-    let action = match pb::TransactionResolution::try_from(r.resolution) {
-        Ok(pb::TransactionResolution::Commit) => TxAction::Commit,
-        Ok(pb::TransactionResolution::Rollback) => TxAction::Rollback,
-        _ => {
+    let resolution = match pb::TransactionResolution::try_from(r.resolution) {
+        Ok(pb::TransactionResolution::Commit) => TxResolution::Commit,
+        Ok(pb::TransactionResolution::Rollback) => TxResolution::Rollback,
+        _ => TxResolution::Unknown,
+    };
+    // The answer to a check-back this broker is waiting for: the check
+    // ends the transaction (and records that a check-back ended it). A
+    // checker that does not know yet answers with no resolution (the
+    // Python client sends UNSPECIFIED for UNKNOWN): checked again later.
+    if r.source == pb::TransactionSource::SourceServerCheck as i32
+        && f.sessions.answer(client.as_deref(), tx_id, resolution)
+    {
+        return answer(status::ok());
+    }
+    let action = match resolution {
+        TxResolution::Commit => TxAction::Commit,
+        TxResolution::Rollback => TxAction::Rollback,
+        TxResolution::Unknown => {
             return answer(status::new(
                 pb::Code::BadRequest,
                 "the resolution must be COMMIT or ROLLBACK",
             ))
         }
     };
-    // The answer to a check-back this broker is waiting for: the check
-    // ends the transaction (and records that a check-back ended it).
-    if r.source == pb::TransactionSource::SourceServerCheck as i32 {
-        let resolution = match action {
-            TxAction::Commit => TxResolution::Commit,
-            TxAction::Rollback => TxResolution::Rollback,
-        };
-        if f.sessions.answer(client.as_deref(), tx_id, resolution) {
-            return answer(status::ok());
-        }
-    }
     if let Some(refusal) = f.b.replication.write_refusal(&f.b) {
         return answer(status::from_wire(&refusal));
     }

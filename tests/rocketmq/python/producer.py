@@ -4,8 +4,8 @@ Usage: producer.py ENDPOINT TOPIC TX_TOPIC
 
 Sends a normal message, three FIFO messages of one message group and a
 delayed message to TOPIC; then, on TX_TOPIC, commits one transaction,
-rolls one back, and leaves one open that its TransactionChecker commits
-when the broker checks back. Prints one JSON object with the message ids.
+rolls one back, and leaves one open that its TransactionChecker answers
+UNKNOWN at the first check-back and commits at the second. Prints one JSON object with the message ids.
 """
 
 import json
@@ -25,6 +25,10 @@ asked = []
 class Checker(TransactionChecker):
     def check(self, message):
         asked.append(message.keys)
+        # Not known at the first check (this client's enum has no
+        # UNKNOWN; it sends no resolution): the broker asks again.
+        if len(asked) == 1:
+            return TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
         checked.set()
         return TransactionResolution.COMMIT
 
