@@ -1143,6 +1143,20 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         ErrorCode::NoPermission,
         "topic 'readonly' is not writable",
     );
+    // A message's own first check delay (its `txmq.check-delay`
+    // property, as gRPC clients set it) is held to --max-delay too, and
+    // one that is not a duration is refused, not left to the default.
+    for (delay, says) in [
+        ("10000y", "longer than the broker's --max-delay"),
+        ("banana", "'banana' is not a duration"),
+        ("-5s", "'-5s' is not a duration"),
+    ] {
+        let mut own = prepare("orders", 0);
+        own.first_check_delay_ms = None;
+        own.messages[0].message = txmq::WireMessage::new("orders", "half")
+            .with_property(txmq_broker::PROP_USER_CHECK_DELAY, delay);
+        refused(conn.call(own).await.map(drop), ErrorCode::BadArgument, says);
+    }
     let from_writeonly = |queue| PullRequest {
         topic: "writeonly".into(),
         max_wait_ms: 0,

@@ -6,6 +6,7 @@ use txmq_protocol::{
 };
 
 use super::{bad_argument, topic};
+use crate::transaction::{parse_delay, PROP_USER_CHECK_DELAY};
 use crate::BrokerInner;
 
 /// At most this many messages in one transaction.
@@ -70,6 +71,18 @@ fn check_offsets(b: &BrokerInner, offsets: &[TxOffset]) -> Result<(), WireError>
     Ok(())
 }
 
+/// A first check-back delay no further ahead than a delayed message may go.
+fn check_first_delay(b: &BrokerInner, ms: u64) -> Result<(), WireError> {
+    if ms > b.config.max_delay.as_millis() as u64 {
+        return Err(bad_argument(format!(
+            "first check delay {} is longer than the broker's --max-delay ({})",
+            humantime::format_duration(std::time::Duration::from_secs(ms / 1000)),
+            humantime::format_duration(b.config.max_delay)
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn prepare(
     b: &BrokerInner,
     mut req: PrepareTransaction,
@@ -86,12 +99,21 @@ pub(super) async fn prepare(
     // a transaction whose producer never answers must still be checked
     // back (or parked) within the operator's lifetime.
     if let Some(ms) = req.first_check_delay_ms {
-        if ms > b.config.max_delay.as_millis() as u64 {
-            return Err(bad_argument(format!(
-                "first check delay {} is longer than the broker's --max-delay ({})",
-                humantime::format_duration(std::time::Duration::from_secs(ms / 1000)),
-                humantime::format_duration(b.config.max_delay)
-            )));
+        check_first_delay(b, ms)?;
+    }
+    // So does a message's own (its property, as gRPC clients set it); one
+    // that is not a duration is refused rather than left to the default.
+    for half in &req.messages {
+        let m = &half.message;
+        if let Some(delay) = m.properties.get(PROP_USER_CHECK_DELAY) {
+            let ms = parse_delay(delay).ok_or_else(|| {
+                bad_argument(format!(
+                    "message {}: property {PROP_USER_CHECK_DELAY} '{delay}' is not a duration \
+                     (milliseconds, or e.g. 500ms, 2s, 1m)",
+                    m.msg_id
+                ))
+            })?;
+            check_first_delay(b, ms)?;
         }
     }
     req.messages

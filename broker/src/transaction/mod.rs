@@ -297,11 +297,12 @@ fn lock(m: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn parse_delay(s: &str) -> Option<u64> {
+/// A delay in milliseconds: a number of them, or a duration (`2s`).
+pub(crate) fn parse_delay(s: &str) -> Option<u64> {
     s.parse::<u64>().ok().or_else(|| {
         humantime::parse_duration(s)
             .ok()
-            .map(|d| d.as_millis() as u64)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     })
 }
 
