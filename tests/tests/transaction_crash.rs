@@ -407,6 +407,8 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
     assert_eq!(listed, want, "pending after the restart: {list:?}");
     let p = list.iter().find(|t| t.tx_id == parked.tx_id).unwrap();
     assert_eq!((p.state, p.checks), (TxState::Parked, 2), "{p:?}");
+    // Its last answer too (`tx list`'s LAST CHECK), from its checks' records.
+    assert_eq!(p.last_check, Some(TransactionState::Unknown), "{p:?}");
 
     let checker = tx_producer(&ns, GROUP, TransactionState::Commit).await;
     wait_for_list(
@@ -450,6 +452,7 @@ async fn restart_rebuilds_pending_transactions_and_never_rechecks_resolved_ones(
     assert_eq!(listed[0]["tx_id"], parked.tx_id);
     assert_eq!(listed[0]["state"], "parked");
     assert_eq!(listed[0]["checks"], 2);
+    assert_eq!(listed[0]["last_check"], "unknown");
     let id = parked.tx_id.to_string();
     let resolved = cli_tx(&ns, &["resolve", id.as_str(), "--commit"]);
     assert_eq!(resolved.len(), 1, "{resolved:?}");

@@ -283,6 +283,10 @@ pub struct RecoveredTx {
     pub checks: u32,
     /// When the last check was sent (ms), 0 if never.
     pub last_check_at: u64,
+    /// The last answer a check got, as its record's flags say
+    /// ([`record::check_answer`]: unknown, commit or rollback), 0 if no
+    /// check was answered.
+    pub last_answer: u16,
     /// Parked after the maximum number of checks.
     pub parked: bool,
     /// Checks sent when an operator last re-checked it (`txmq tx

@@ -35,7 +35,7 @@ use super::consume_queue::{ConsumeQueue, Entry, ENTRY_LEN};
 use super::delay::{self, MoveBody, MoveKind, DELAY_TOPIC};
 use super::pop::{self, PopChange, PopOp, PopTable};
 use super::producers::{Batch, ProducerTable, PREPARE_KEY};
-use super::record::{self, Check, Record, RecordKind};
+use super::record::{self, check_answer, Check, Record, RecordKind};
 use super::{ensure_queues, RecoveredTransactions, RecoveredTx, StoreConfig, StoreError};
 use crate::pending_map::PendingMap;
 
@@ -345,6 +345,12 @@ impl Replayer<'_> {
                 if let Some(t) = self.state.pending.get_mut(&rec.aux) {
                     t.checks += 1;
                     t.last_check_at = rec.store_timestamp;
+                    if matches!(
+                        rec.flags,
+                        check_answer::UNKNOWN | check_answer::COMMIT | check_answer::ROLLBACK
+                    ) {
+                        t.last_answer = rec.flags;
+                    }
                     self.state.changed(rec.aux);
                 }
             }
@@ -540,6 +546,7 @@ impl Replayer<'_> {
                         prepared_at,
                         checks: 0,
                         last_check_at: 0,
+                        last_answer: 0,
                         parked: false,
                         rechecked_at: 0,
                     });

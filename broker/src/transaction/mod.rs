@@ -1263,7 +1263,14 @@ fn recovered_entry(
         },
         checking: false,
         rechecked_at: t.rechecked_at,
-        checked: None,
+        // Its last answer, for `tx list` (`tx show` reads the history
+        // from the log).
+        checked: check_back::flags_answer(t.last_answer).ok().map(|answer| {
+            Box::new(Checked {
+                last_check: Some(answer),
+                ..Checked::default()
+            })
+        }),
     })
 }
 
