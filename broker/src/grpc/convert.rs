@@ -159,9 +159,17 @@ pub(super) fn to_rocketmq(
         Some(all) => all.split(' ').map(str::to_string).collect(),
         None => m.key.iter().cloned().collect(),
     };
+    // What the broker keeps for itself (`__*`), and txmq's own properties
+    // that RocketMQ carries as system properties (the delivery time) or
+    // not at all (a retry's count and first home); a user's `TXMQ_ORDER`
+    // is the user's.
     let user_properties = props
         .iter()
-        .filter(|(k, _)| !k.starts_with("__") && !k.starts_with("TXMQ_"))
+        .filter(|(k, _)| {
+            !k.starts_with("__")
+                && *k != PROPERTY_DELIVER_AT
+                && !crate::handler::BROKER_PROPERTIES.contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     pb::Message {
@@ -221,5 +229,29 @@ mod tests {
         assert!(keep);
         assert_eq!(msg_id("not-a-rocketmq-id").0, other);
         assert_ne!(msg_id("another").0, other);
+    }
+
+    /// A user's own properties reach a RocketMQ consumer, `TXMQ_`-named
+    /// ones too; the broker's and txmq's system ones do not.
+    #[test]
+    fn user_properties_are_delivered_and_the_brokers_are_not() {
+        let message = Message::new("t", "b")
+            .with_property("TXMQ_ORDER", "42")
+            .with_property("origin", "python")
+            .with_property(PROPERTY_DELIVER_AT, "1")
+            .with_property(txmq_protocol::PROPERTY_RECONSUME_TIMES, "2")
+            .with_property(txmq_protocol::PROPERTY_REAL_TOPIC, "t")
+            .with_property(PROP_BORN_HOST, "h");
+        let stored = StoredMessage {
+            message,
+            queue: 0,
+            queue_offset: 0,
+            log_offset: 0,
+            store_timestamp: 0,
+        };
+        let rmq = to_rocketmq(&stored, "b", pb::MessageType::Normal);
+        let mut names: Vec<&str> = rmq.user_properties.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["TXMQ_ORDER", "origin"]);
     }
 }
