@@ -55,7 +55,8 @@ pub struct BrokerConfig {
     pub retention: Duration,
     /// Commit-log segment size in bytes.
     pub segment_size: u64,
-    /// Largest message accepted, in bytes.
+    /// Largest message body accepted, in bytes (its topic, key, tag and
+    /// properties may take 32 KiB more).
     pub max_message_size: usize,
     /// Largest frame accepted on a connection, in bytes.
     pub max_frame_size: usize,
@@ -602,7 +603,7 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_SEGMENT_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub segment_size: Option<u64>,
-    /// Largest message accepted, e.g. 4MiB [default: 4MiB].
+    /// Largest message body accepted, e.g. 4MiB [default: 4MiB]; its topic, key, tag and properties may take 32 KiB more.
     #[arg(long, env = "TXMQ_MAX_MESSAGE_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_message_size: Option<u64>,

@@ -65,6 +65,12 @@ pub enum FlushMode {
     Sync,
 }
 
+/// What a message's record may take beside its body (at most
+/// [`StoreConfig::max_message_size`]): its topic, key, tag and properties
+/// (RocketMQ's properties take at most 32 KiB too). Frames have 64 KiB
+/// of room past the largest body (`--max-frame-size`).
+pub const MAX_HEADERS: usize = 32 << 10;
+
 /// Storage settings.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -78,7 +84,8 @@ pub struct StoreConfig {
     pub max_log_bytes: Option<u64>,
     /// Entries per consume-queue file.
     pub cq_entries_per_file: u64,
-    /// Largest message (encoded record) accepted.
+    /// Largest message body accepted; its record may take
+    /// [`MAX_HEADERS`] more (topic, key, tag, properties), as in RocketMQ.
     pub max_message_size: usize,
     /// How long a sync-flush send waits for its fsync before answering
     /// FLUSH_DISK_TIMEOUT; zero: not at all (durable only if already fsynced).
@@ -1404,17 +1411,25 @@ impl Store {
         for m in messages {
             check_not_internal(&m.topic)?;
             record::validate(m).map_err(StoreError::Invalid)?;
-            let len = record::message_len(m);
-            if len > self.inner.config.max_message_size {
+            let max = self.inner.config.max_message_size;
+            let body = m.body.len();
+            if body > max {
                 return Err(StoreError::TooLarge(format!(
-                    "message of {len} bytes exceeds the maximum message size of {} bytes",
-                    self.inner.config.max_message_size
+                    "message body of {body} bytes exceeds the maximum message size of {max} bytes"
+                )));
+            }
+            let len = record::message_len(m);
+            if len - body > MAX_HEADERS {
+                return Err(StoreError::TooLarge(format!(
+                    "message of {len} bytes: its topic, key, tag and properties take {} bytes, \
+                     more than the {MAX_HEADERS} allowed beside its body",
+                    len - body
                 )));
             }
             total += len;
             count += 1;
         }
-        if total as u64 > self.inner.config.segment_size / 2 {
+        if total as u64 > self.inner.config.segment_size / 2 + MAX_HEADERS as u64 {
             return Err(StoreError::TooLarge(format!(
                 "batch of {total} bytes is too large; split it"
             )));
