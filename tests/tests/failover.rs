@@ -1639,3 +1639,68 @@ async fn the_cli_sends_on_across_a_paused_master() {
         assert_eq!(stored.get(&format!("p{i}")), Some(&1), "p{i}: {stored:?}");
     }
 }
+
+/// `txmq send --stdin` (idempotent, the default, and with no retries of
+/// the producer's own: the command retries) goes on across a planned
+/// switch: the old master's refusal (NOT_MASTER) makes the next attempt
+/// fetch the route again and find the new master. Before, a failed last
+/// attempt of an idempotent send left the route cached, so every retry
+/// went to the old master until the route's refresh 30 s later (the
+/// command gave up first, exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_on_across_a_planned_switch() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    const TOPIC: &str = "switched";
+    const LINES: usize = 200;
+    let c = Controlled::start("2s", &[]).await;
+    c.create_topic(TOPIC, 2).await;
+    let before = c.wait_healthy(Duration::from_secs(30)).await;
+    let old = before.master.clone().expect("a master");
+    let target = before
+        .in_sync
+        .iter()
+        .find(|a| **a != old)
+        .expect("an in-sync slave")
+        .clone();
+    let mut child = Command::new(txmq_tests::binary("txmq"))
+        .args(["--nameserver", &c.ns_list(), "--output", "json"])
+        .args(["send", TOPIC, "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("txmq send starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        for i in 0..LINES {
+            writeln!(stdin, "s{i}").expect("write a line");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let out = common::txmq(
+        &c.ns_addrs()[0],
+        &["broker", "elect", GROUP, "--replica", &target],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "txmq broker elect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::task::block_in_place(|| writer.join().expect("the writer"));
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("txmq send ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
+    let sent = json_lines(&out.stdout)
+        .iter()
+        .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
+        .count();
+    assert_eq!(sent, LINES, "{err}");
+    let stored = stored_bodies(&target, TOPIC, 2).await;
+    for i in 0..LINES {
+        assert_eq!(stored.get(&format!("s{i}")), Some(&1), "s{i}: {stored:?}");
+    }
+}

@@ -406,10 +406,13 @@ impl Producer {
             let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
             let Some(mq) = target.select(&route, turn, failed_broker.as_deref()) else {
                 let error = no_queue(topic, &route, target);
-                if matches!(error, Error::NoMaster { .. }) && !last_attempt {
+                if matches!(error, Error::NoMaster { .. }) {
                     // A failover in progress: the group's next master
-                    // registers within moments; ask for the route again.
+                    // registers within moments; ask for the route again
+                    // (for the next send too, a caller's retry included).
                     self.inner.routes.invalidate(topic, route.generation);
+                }
+                if matches!(error, Error::NoMaster { .. }) && !last_attempt {
                     last_error = Some(error);
                     tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * (attempt + 1)).await;
                     continue;
@@ -536,8 +539,12 @@ impl Producer {
                     None => no_queue(topic, &route, target),
                 };
                 let waits = held.stamp.is_some() || matches!(error, Error::NoMaster { .. });
-                if waits && !last_attempt {
+                if waits {
+                    // Also on the last attempt: the next send (a caller's
+                    // retry too) asks for the route again.
                     self.inner.routes.invalidate(topic, route.generation);
+                }
+                if waits && !last_attempt {
                     last_error = Some(Box::new(error));
                     attempt += 1;
                     tokio::time::sleep(SAME_BROKER_RETRY_PAUSE * attempt).await;
@@ -567,10 +574,15 @@ impl Producer {
                     Err(e) => {
                         // Nothing was sent: like a connection that failed.
                         let error = Error::at_broker(&mq.broker_name, &mq.addr, e);
-                        if !error.is_retriable() || last_attempt {
+                        if !error.is_retriable() {
                             return Err(error);
                         }
+                        // Also on the last attempt: the route is fetched
+                        // again for the next send (a caller's retry too).
                         self.note_failure(topic, &route, mq, attempt, last_attempt, target, &error);
+                        if last_attempt {
+                            return Err(error);
+                        }
                         if !error.is_not_master() {
                             failed_broker = Some(mq.broker_name.clone());
                         }
@@ -718,6 +730,12 @@ impl Producer {
             if held.stamp.is_some() && reached {
                 maybe_stored = true;
             }
+            if retriable {
+                // Also on the last attempt: the route is fetched again for
+                // the next send (a caller's retry too, as `txmq send`'s,
+                // which sends with no retries of the producer's own).
+                self.note_failure(topic, &route, mq, attempt, last_attempt, target, &error);
+            }
             if !retriable || last_attempt {
                 return Err(held.give_up(maybe_stored, error));
             }
@@ -728,7 +746,6 @@ impl Producer {
                         .finish_send(topic, h.queue, h.stamp, count, Ending::NotStored);
                 }
             }
-            self.note_failure(topic, &route, mq, attempt, last_attempt, target, &error);
             if !not_master {
                 failed_broker = Some(mq.broker_name.clone());
             }

@@ -996,15 +996,19 @@ impl<L: TransactionListener> TransactionProducer<L> {
             let maybe_delivered = sent && (not_master || crate::error::maybe_stored(&e));
             let error = Error::at_broker(&broker, &addr, e);
             let pin = maybe_delivered || pinned.is_some();
+            if retriable {
+                // Also on the last attempt: the routes are fetched again
+                // for the next transaction (a caller's retry too).
+                for (topic, route) in topics.iter().zip(routes.iter().flatten()) {
+                    self.inner.routes.invalidate(topic, route.generation);
+                }
+            }
             if !retriable || last_attempt {
                 held.give_up(pin);
                 if last_attempt {
                     tracing::debug!(%broker, attempt, cause = %crate::error::chain(&error), "prepare failed");
                 }
                 return Err(error);
-            }
-            for (topic, route) in topics.iter().zip(routes.iter().flatten()) {
-                self.inner.routes.invalidate(topic, route.generation);
             }
             if not_master {
                 // Where the group's master is now.
