@@ -159,23 +159,32 @@ pub(crate) async fn run(
                 register(b.clone(), ns.clone(), conn, req.clone())
             })
             .collect();
+        let registered = |b: &BrokerInner| {
+            b.registered_version.send_if_modified(|v| {
+                let grew = *v < version;
+                *v = (*v).max(version);
+                grew
+            })
+        };
         while let Some((ns, conn, outcome)) = round.next().await {
             // Logged before the verdict goes out, so the refusal is in the
             // log before a broker that may not start says it is stopping.
             let link = links.entry(ns.clone()).or_default();
             record(&b, &ns, link, conn, &outcome);
             verdict.observe(&ns, &outcome);
+            // Creates waiting for this table version may answer once one
+            // nameserver has it (clients ask the others on NO_ROUTE): a
+            // paused nameserver held every auto-create for its timeout.
+            if matches!(outcome, Outcome::Registered) {
+                registered(&b);
+            }
         }
         drop(round);
         // Nothing to hear from (no nameserver at all): start anyway.
         verdict.send(Startup::Go);
-        // Creates waiting for this table version may answer now (whether or
-        // not every nameserver took it: an unreachable one is retried).
-        b.registered_version.send_if_modified(|v| {
-            let grew = *v < version;
-            *v = (*v).max(version);
-            grew
-        });
+        // And whether or not any nameserver took it (an unreachable one is
+        // retried).
+        registered(&b);
         // Retry a failing or refusing nameserver sooner than a heartbeat,
         // backing off while it stays so.
         let wait = if links

@@ -110,9 +110,18 @@ impl Admin {
         let pool = ConnectionPool::new(&config, Role::Admin, None, None);
         let nameservers = NameserverClient::new(config.nameservers.clone(), pool.clone());
         let mut last = None;
-        for addr in nameservers.addrs() {
-            match pool.get(addr).await {
+        let order: Vec<(usize, String)> =
+            nameservers.in_turn().map(|(i, a)| (i, a.clone())).collect();
+        for (i, addr) in order {
+            let addr = &addr;
+            let connected = pool.get(addr).await;
+            crate::nameserver::note_reached(addr, &connected);
+            match connected {
                 Ok(_) => {
+                    // The first request goes there too, not to the one
+                    // that just failed (a paused nameserver cost every
+                    // command two timeouts).
+                    nameservers.prefer(i);
                     return Ok(Admin {
                         pool,
                         nameservers,
@@ -843,13 +852,17 @@ impl Admin {
         // be reached, which says more than "no controller here".
         let mut refusal = None;
         let mut unreachable = None;
-        for addr in addrs {
+        for (i, addr) in self.nameservers.in_turn() {
             let answer = match self.pool.get(addr).await {
                 Ok(conn) => conn.call_with_timeout(request.clone(), timeout).await,
                 Err(e) => Err(e),
             };
+            crate::nameserver::note_reached(addr, &answer);
             let e = match answer {
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => {
+                    self.nameservers.prefer(i);
+                    return Ok(reply);
+                }
                 Err(e) => e,
             };
             tracing::debug!(nameserver = %addr, error = %e, "controller request failed");

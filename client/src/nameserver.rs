@@ -4,10 +4,12 @@
 //! registered with all of them. A request goes to the nameserver that
 //! answered last; on any failure the next one is tried, so a nameserver
 //! that is down or has just restarted (and does not know a route yet) is
-//! skipped.
+//! skipped. One that could not be reached lately is tried last.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use txmq_protocol::{
     BrokerInfo, Call, ErrorCode, GetCluster, GetRoute, ListTopics, TopicOnBroker, TopicRoute,
@@ -15,6 +17,43 @@ use txmq_protocol::{
 
 use crate::pool::ConnectionPool;
 use crate::{Error, Result};
+
+/// How long a nameserver that could not be reached is tried after the
+/// others, by every client of the process (a command makes several, each
+/// of which paid a timeout to a paused nameserver first).
+const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
+
+/// When each nameserver address last could not be reached.
+static UNREACHABLE: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
+
+fn unreachable_lately(addr: &str) -> bool {
+    lock_unreachable()
+        .as_ref()
+        .and_then(|m| m.get(addr))
+        .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
+}
+
+/// Records whether `addr` was reached: an answer (an error answer too)
+/// says it was; a connection that failed, closed or timed out that not.
+pub(crate) fn note_reached<T>(addr: &str, result: &Result<T, txmq_remoting::Error>) {
+    let reached = match result {
+        Ok(_) => true,
+        Err(e) => e.remote().is_some(),
+    };
+    let mut map = lock_unreachable();
+    if reached {
+        if let Some(m) = map.as_mut() {
+            m.remove(addr);
+        }
+    } else {
+        map.get_or_insert_with(HashMap::new)
+            .insert(addr.to_string(), Instant::now());
+    }
+}
+
+fn lock_unreachable() -> std::sync::MutexGuard<'static, Option<HashMap<String, Instant>>> {
+    UNREACHABLE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A client of a set of nameservers. Cloning is cheap.
 #[derive(Debug, Clone)]
@@ -46,6 +85,29 @@ impl NameserverClient {
         &self.inner.addrs
     }
 
+    /// The nameserver addresses (with their index in
+    /// [`NameserverClient::addrs`]) in the order a request tries them: from
+    /// the one that answered last.
+    /// A nameserver that could not be reached lately, by any client of
+    /// this process, comes last.
+    pub fn in_turn(&self) -> impl Iterator<Item = (usize, &String)> {
+        let addrs = &self.inner.addrs;
+        let start = self.inner.preferred.load(Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..addrs.len())
+            .map(|i| (start + i) % addrs.len())
+            .collect();
+        order.sort_by_key(|&i| unreachable_lately(&addrs[i]));
+        order.into_iter().map(move |i| (i, &addrs[i]))
+    }
+
+    /// Sends the next request to the nameserver at `index` of
+    /// [`NameserverClient::addrs`] first (one known to answer).
+    pub fn prefer(&self, index: usize) {
+        if index < self.inner.addrs.len() {
+            self.inner.preferred.store(index, Ordering::Relaxed);
+        }
+    }
+
     /// Sends `request` to the nameservers in turn until one answers.
     ///
     /// # Errors
@@ -55,17 +117,19 @@ impl NameserverClient {
         &self,
         request: C,
     ) -> Result<C::Reply, txmq_remoting::Error> {
-        let addrs = &self.inner.addrs;
-        let start = self.inner.preferred.load(Ordering::Relaxed);
         let mut remote_error = None;
         let mut other_error = None;
-        for i in 0..addrs.len() {
-            let idx = (start + i) % addrs.len();
-            let addr = &addrs[idx];
+        for (idx, addr) in self.in_turn() {
+            // One answered (no such route, say): one that could not be
+            // reached lately is not waited for on top (it comes last).
+            if remote_error.is_some() && unreachable_lately(addr) {
+                break;
+            }
             let result = match self.inner.pool.get(addr).await {
                 Ok(conn) => conn.call(request.clone()).await,
                 Err(e) => Err(e),
             };
+            note_reached(addr, &result);
             match result {
                 Ok(reply) => {
                     self.inner.preferred.store(idx, Ordering::Relaxed);

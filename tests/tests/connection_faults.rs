@@ -148,6 +148,50 @@ async fn sends_waiting_for_a_producer_id_from_a_paused_broker_fail_together() {
     cluster.shutdown().await;
 }
 
+/// With the first of two nameservers silent (accepting, never answering):
+/// a command pays its timeout once, not once per request (each client
+/// object of the process, and `Admin`'s controller requests, try a
+/// nameserver that did not answer last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nameserver_costs_a_command_one_timeout() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let real = cluster.nameserver.clone();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let both = format!("{},{real}", silent.local_addr().unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = tokio::task::block_in_place(|| {
+        txmq_tests::BrokerProcess::start(&tmp.path().join("a"), &both, "broker-a", &[])
+    });
+    txmq_tests::wait_for_broker(&real, "broker-a").await;
+    common::create_topic(&real, "both", 2).await;
+    let timed = |args: &'static [&'static str]| {
+        let both = both.clone();
+        async move {
+            let started = Instant::now();
+            let mut all = vec!["--timeout", "1s"];
+            all.extend_from_slice(args);
+            let out = common::txmq(&both, &all, None).await;
+            let took = started.elapsed();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("{args:?} took {took:?}");
+            took
+        }
+    };
+    // Two requests to the nameservers each: `Admin`'s connection, then
+    // its question; the producer's route, then the broker's.
+    for args in [&["cluster"][..], &["send", "both", "--body", "x"]] {
+        let took = timed(args).await;
+        assert!(took < Duration::from_millis(1900), "{args:?} took {took:?}");
+    }
+    drop(broker);
+    drop(silent);
+    cluster.shutdown().await;
+}
+
 /// A send whose caller stops polling it while it fetches the topic's route
 /// (a `select!` that went on with another branch) holds up no other send
 /// of the topic: the fetch goes on by itself, and the next send takes its
