@@ -780,7 +780,9 @@ impl Admin {
     /// [`Error::BadArgument`] for an empty group name; [`Error::NoController`]
     /// when no nameserver runs the controller; [`Error::Remoting`] with the
     /// controller's refusal: `NOT_IN_SYNC` (the replica is not in sync or
-    /// not alive), `BAD_ARGUMENT` (no such group), ...
+    /// not alive), `BAD_ARGUMENT` (no such group), ...; [`Error::Broker`]
+    /// when `replica` takes a connection but does not answer (paused, hung:
+    /// asked first, nothing is elected then).
     pub async fn elect_master(
         &self,
         broker_name: &str,
@@ -788,6 +790,24 @@ impl Admin {
     ) -> Result<BrokerGroupState> {
         if broker_name.trim().is_empty() {
             return Err(Error::BadArgument("the broker group name is empty".into()));
+        }
+        if let Some(addr) = replica {
+            // The controller knows a replica alive by its heartbeats, the
+            // last of which may be a few seconds old: a replica paused
+            // since would be made master, and the group would take no
+            // replicated write until the controller noticed. Asked first:
+            // one that takes the connection but does not answer is not
+            // elected (one that cannot be reached at all is the
+            // controller's to judge, by its heartbeats).
+            match self.ask(broker_name, addr, GetReplication {}).await {
+                Err(e)
+                    if e.remoting()
+                        .is_some_and(|r| matches!(r, txmq_remoting::Error::Timeout { .. })) =>
+                {
+                    return Err(e);
+                }
+                _ => {}
+            }
         }
         let request = ElectMaster {
             broker_name: broker_name.to_string(),

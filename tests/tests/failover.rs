@@ -1704,3 +1704,51 @@ async fn the_cli_sends_on_across_a_planned_switch() {
         assert_eq!(stored.get(&format!("s{i}")), Some(&1), "s{i}: {stored:?}");
     }
 }
+
+/// A planned switch to a replica that is paused (SIGSTOP: it takes the
+/// connection, answers nothing) is refused before the controller is
+/// asked, naming the replica; the master stays. Before, the controller
+/// (whose last heartbeat from it was recent) made it master, and the group
+/// took no replicated write until the controller noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switch_to_a_paused_replica_is_refused() {
+    let mut c = Controlled::start("2s", &[]).await;
+    let before = c.wait_healthy(Duration::from_secs(30)).await;
+    let old = before.master.clone().expect("a master");
+    let target = before
+        .in_sync
+        .iter()
+        .find(|a| **a != old)
+        .expect("an in-sync slave")
+        .clone();
+    c.broker_at(&target).signal("STOP");
+    let out = common::txmq(
+        &c.ns_addrs()[0],
+        &[
+            "--timeout",
+            "1s",
+            "broker",
+            "elect",
+            GROUP,
+            "--replica",
+            &target,
+        ],
+        None,
+    )
+    .await;
+    c.broker_at(&target).signal("CONT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{err}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(&target) && err.contains("timed out"), "{err}");
+    let after = c.wait_healthy(Duration::from_secs(30)).await;
+    assert_eq!(
+        (after.master.as_deref(), after.epoch),
+        (Some(old.as_str()), before.epoch),
+        "the master stays"
+    );
+}
