@@ -6,6 +6,8 @@
 //! without a controller is skipped, and when none runs one the command
 //! says so and exits with 1.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -67,14 +69,27 @@ pub async fn run_broker(global: &GlobalArgs, cmd: BrokerCommand) -> Result<()> {
 pub async fn run_controller(global: &GlobalArgs) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let answer = admin.controller_info().await;
+    let info = match answer {
+        Ok(info) => info,
+        Err(e) => {
+            admin.close().await.ok();
+            return Err(anyhow::Error::new(e).context("cannot ask the controller"));
+        }
+    };
+    // Which members answer themselves: the leader lists every member.
+    let unreachable: BTreeMap<u64, String> = admin
+        .controller_members(&info)
+        .await
+        .into_iter()
+        .filter_map(|(id, answer)| answer.err().map(|e| (id, txmq::error::chain(&e))))
+        .collect();
     admin.close().await.ok();
-    let info = answer.context("cannot ask the controller")?;
     let printer = Printer::stdout(global.output);
     match printer.format {
-        OutputFormat::Text => controller_text(&info)
+        OutputFormat::Text => controller_text(&info, &unreachable)
             .iter()
             .try_for_each(|l| printer.line(l))?,
-        OutputFormat::Json => printer.json(&controller_json(&info))?,
+        OutputFormat::Json => printer.json(&controller_json(&info, &unreachable))?,
     }
     Ok(())
 }
@@ -113,7 +128,7 @@ fn group_json(state: &BrokerGroupState) -> Value {
 
 /// The controller as text: a summary line, its members, then one row per
 /// broker group.
-fn controller_text(info: &ControllerInfo) -> Vec<String> {
+fn controller_text(info: &ControllerInfo, unreachable: &BTreeMap<u64, String>) -> Vec<String> {
     let leader = match (info.leader_id, &info.leader_addr) {
         (Some(id), Some(addr)) => format!("leader {id} ({addr})"),
         (Some(id), None) => format!("leader {id}"),
@@ -132,10 +147,14 @@ fn controller_text(info: &ControllerInfo) -> Vec<String> {
             } else {
                 "follower"
             };
-            vec![id.to_string(), addr.clone(), role.to_string()]
+            let reached = match unreachable.get(id) {
+                Some(e) => format!("no: {e}"),
+                None => "yes".to_string(),
+            };
+            vec![id.to_string(), addr.clone(), role.to_string(), reached]
         })
         .collect();
-    lines.extend(table(&["MEMBER", "ADDR", "ROLE"], &members));
+    lines.extend(table(&["MEMBER", "ADDR", "ROLE", "ANSWERS"], &members));
     lines.push(String::new());
     // Only the leader hears the brokers' heartbeats.
     let follower = info.leader_id != Some(info.id);
@@ -190,7 +209,7 @@ fn controller_text(info: &ControllerInfo) -> Vec<String> {
 }
 
 /// The controller as one JSON object.
-fn controller_json(info: &ControllerInfo) -> Value {
+fn controller_json(info: &ControllerInfo, unreachable: &BTreeMap<u64, String>) -> Value {
     json!({
         "id": info.id,
         "leader_id": info.leader_id,
@@ -200,6 +219,8 @@ fn controller_json(info: &ControllerInfo) -> Value {
             "id": id,
             "addr": addr,
             "leader": Some(*id) == info.leader_id,
+            "reachable": !unreachable.contains_key(id),
+            "error": unreachable.get(id),
         })).collect::<Vec<_>>(),
         "groups": info.groups.iter().map(group_json).collect::<Vec<_>>(),
         // A follower's `alive` says nothing: only the leader hears heartbeats.
@@ -277,39 +298,43 @@ mod tests {
             members: vec![(1, "127.0.0.1:9878".into()), (2, "127.0.0.1:9879".into())],
             groups: vec![group(), switching],
         };
+        let none = BTreeMap::new();
+        let down = BTreeMap::from([(2, "connection refused".to_string())]);
         assert_eq!(
-            controller_text(&info),
+            controller_text(&info, &down),
             [
                 "controller: leader 1 (127.0.0.1:9878), term 4, as member 1 sees it",
-                "MEMBER  ADDR            ROLE",
-                "1       127.0.0.1:9878  leader",
-                "2       127.0.0.1:9879  follower",
+                "MEMBER  ADDR            ROLE      ANSWERS",
+                "1       127.0.0.1:9878  leader    yes",
+                "2       127.0.0.1:9879  follower  no: connection refused",
                 "",
                 "BROKER    MASTER           EPOCH  IN SYNC                          ALIVE  SWITCHING TO",
                 "broker-a  127.0.0.1:10912  3      127.0.0.1:10912,127.0.0.1:10911  2/3    -",
                 "broker-b  127.0.0.1:10912  3      -                                2/3    127.0.0.1:10911",
             ]
         );
-        let v = controller_json(&info);
+        let v = controller_json(&info, &down);
         assert_eq!(v["from_leader"], true);
+        assert_eq!(v["members"][1]["reachable"], false);
+        assert_eq!(v["members"][1]["error"], "connection refused");
         // A follower's view (its leader could not be asked): who is alive
         // is not known there.
         info.id = 2;
-        let text = controller_text(&info);
+        let text = controller_text(&info, &none);
         assert!(text[6].contains(" ?/3 "), "{text:?}");
         assert!(
             text.last()
                 .is_some_and(|l| l.contains("member 2 is not the leader")),
             "{text:?}"
         );
-        assert_eq!(controller_json(&info)["from_leader"], false);
+        assert_eq!(controller_json(&info, &none)["from_leader"], false);
         info.id = 1;
-        let v = controller_json(&info);
+        let v = controller_json(&info, &none);
         assert_eq!(v["leader_id"], 1);
         assert_eq!(v["term"], 4);
         assert_eq!(
             v["members"][0],
-            json!({"id": 1, "addr": "127.0.0.1:9878", "leader": true})
+            json!({"id": 1, "addr": "127.0.0.1:9878", "leader": true, "reachable": true, "error": null})
         );
         assert_eq!(v["groups"][1]["draining"], "127.0.0.1:10911");
         assert_eq!(v["groups"][0]["epoch"], 3);
@@ -319,6 +344,7 @@ mod tests {
             leader_addr: None,
             ..info
         };
-        assert!(controller_text(&leaderless)[0].starts_with("controller: no leader known, term 4"));
+        assert!(controller_text(&leaderless, &none)[0]
+            .starts_with("controller: no leader known, term 4"));
     }
 }

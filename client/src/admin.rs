@@ -854,6 +854,27 @@ impl Admin {
         }
     }
 
+    /// Asks each member of the controller `info` lists, at its controller
+    /// address and at once, how it sees the controller: a member that is
+    /// down or cut off fails (the leader's own view names it a follower
+    /// whatever its state). In `info.members`' order.
+    pub async fn controller_members(
+        &self,
+        info: &ControllerInfo,
+    ) -> Vec<(u64, Result<ControllerInfo>)> {
+        let asks = info.members.iter().map(|(id, addr)| async move {
+            let answer = match self.pool.get(addr).await {
+                Ok(conn) => conn
+                    .call_with_timeout(GetControllerInfo {}, self.request_timeout)
+                    .await
+                    .map_err(Error::Remoting),
+                Err(e) => Err(Error::Remoting(e)),
+            };
+            (*id, answer)
+        });
+        join_all(asks).await
+    }
+
     /// Sends `request` to the nameservers in turn until one's controller
     /// answers (see [`Admin::elect_master`]), waiting up to `timeout` for
     /// each. With `idempotent`, any failure moves on to the next nameserver.

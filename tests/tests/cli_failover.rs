@@ -257,6 +257,24 @@ async fn the_cli_shows_the_controller_of_the_nameservers_and_switches_a_master_t
     );
     assert!(v[0]["in_sync"].as_array().is_some(), "{v:?}");
 
+    // A member that is down is shown so (the leader's view lists it as a
+    // follower whatever its state).
+    let mut nss = nss;
+    nss[2].kill9();
+    let v = agreed_controller(&nss[0].addr).await;
+    let members = v["members"].as_array().cloned().unwrap_or_default();
+    let down = members
+        .iter()
+        .find(|m| m["addr"] == ctl[2].as_str())
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(down["reachable"], false, "{v}");
+    assert!(down["error"].is_string(), "{v}");
+    assert_eq!(
+        members.iter().filter(|m| m["reachable"] == true).count(),
+        2,
+        "{v}"
+    );
+
     for x in [a, b] {
         x.kill().await;
     }
