@@ -755,80 +755,46 @@ async fn dlq_list_and_resend_report_what_the_answering_broker_has_when_one_is_pa
     let ns = cluster.nameserver.clone();
     blocking(|| make_dead_letters(&ns, "shared", "dz", 8));
     pause(&b);
-    // dlq list: broker-a's letters, broker-b named, exit 3.
-    let list = ["--timeout", "1s", "--output", "json", "dlq", "list", "dz"];
-    let out = txmq(&ns, &list, None).await;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "partial: {err}");
-    let objects = json_lines(&out.stdout);
-    let letters: Vec<&Value> = objects.iter().filter(|o| o["msg_id"].is_string()).collect();
-    assert_eq!(letters.len(), 4, "{objects:?}");
-    assert!(
-        letters.iter().all(|o| o["broker"] == "broker-a"),
-        "{objects:?}"
-    );
-    assert!(
+    // Each answers with broker-a's part (`rows` of them, picked by `is_row`),
+    // names broker-b (on stderr and in JSON's last line), and exits 3.
+    let partial = async |args: &[&str], is_row: fn(&Value) -> bool, rows: usize| {
+        let mut all = vec!["--timeout", "1s", "--output", "json"];
+        all.extend_from_slice(args);
+        let out = txmq(&ns, &all, None).await;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{args:?} partial: {err}");
+        let objects = json_lines(&out.stdout);
+        let found: Vec<&Value> = objects.iter().filter(|o| is_row(o)).collect();
+        assert_eq!(found.len(), rows, "{args:?}: {objects:?}");
+        assert!(
+            found.iter().all(|o| o["broker"] == "broker-a"),
+            "{args:?}: {objects:?}"
+        );
+        assert!(err.contains("broker-b"), "{args:?}: {err}");
         objects
-            .iter()
-            .any(|o| o["unreachable"] == serde_json::json!(["broker-b"])),
-        "{objects:?}"
-    );
-    assert!(err.contains("broker-b"), "{err}");
-    let resend = [
-        "--timeout",
-        "1s",
-        "--output",
-        "json",
-        "dlq",
-        "resend",
-        "dz",
-        "--all",
-    ];
-    let out = txmq(&ns, &resend, None).await;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "partial: {err}");
-    let objects = json_lines(&out.stdout);
-    let resent: Vec<&Value> = objects.iter().filter(|o| o["msg_id"].is_string()).collect();
-    assert_eq!(resent.len(), 4, "{objects:?}");
-    assert!(
-        resent.iter().all(|o| o["broker"] == "broker-a"),
-        "{objects:?}"
-    );
+    };
+    let unreachable_b = |objects: &[Value]| {
+        assert!(
+            objects
+                .iter()
+                .any(|o| o["unreachable"] == serde_json::json!(["broker-b"])),
+            "{objects:?}"
+        );
+    };
+    let letter: fn(&Value) -> bool = |o| o["msg_id"].is_string();
+    unreachable_b(&partial(&["dlq", "list", "dz"], letter, 4).await);
+    let resend = ["dlq", "resend", "dz", "--all"];
+    let objects = partial(&resend, letter, 4).await;
+    unreachable_b(&objects);
     assert!(
         objects.iter().any(|o| o["resent"] == 4),
         "the summary: {objects:?}"
     );
-    assert!(
-        objects
-            .iter()
-            .any(|o| o["unreachable"] == serde_json::json!(["broker-b"])),
-        "{objects:?}"
-    );
-    assert!(err.contains("broker-b"), "{err}");
-    // So does topic status: broker-a's queues, broker-b named, exit 3.
-    let status = [
-        "--timeout",
-        "1s",
-        "--output",
-        "json",
-        "topic",
-        "status",
-        "shared",
-    ];
-    let out = txmq(&ns, &status, None).await;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "partial: {err}");
-    let objects = json_lines(&out.stdout);
-    let queues: Vec<&Value> = objects.iter().filter(|o| o["queue"].is_u64()).collect();
-    assert_eq!(queues.len(), 2, "{objects:?}");
-    assert!(
-        queues.iter().all(|o| o["broker"] == "broker-a"),
-        "{objects:?}"
-    );
-    assert!(err.contains("broker-b"), "{err}");
+    // So does topic status: broker-a's queues.
+    partial(&["topic", "status", "shared"], |o| o["queue"].is_u64(), 2).await;
 
     b.signal("CONT");
-    let out = txmq(&ns, &resend, None).await;
+    let out = txmq(&ns, &[&["--output", "json"][..], &resend].concat(), None).await;
     assert!(
         out.status.success(),
         "{}",

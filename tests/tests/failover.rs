@@ -1590,53 +1590,87 @@ async fn send_until(
 /// Every line is acknowledged, and stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sends_on_across_a_paused_master() {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
     const TOPIC: &str = "paused";
     const LINES: usize = 400;
     let mut c = Controlled::start("2s", &[]).await;
     c.create_topic(TOPIC, 2).await;
     let before = c.wait_healthy(Duration::from_secs(30)).await;
     let old = before.master.clone().expect("a master");
-    let mut child = Command::new(txmq_tests::binary("txmq"))
-        .args(["--nameserver", &c.ns_list(), "--output", "json"])
-        .args(["send", TOPIC, "--stdin", "--wait-for-broker", "30s"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("txmq send starts");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || {
-        for i in 0..LINES {
-            writeln!(stdin, "p{i}").expect("write a line");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
+    let send = CliSend::start(&c, TOPIC, &["--wait-for-broker", "30s"], "p", LINES);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     c.broker_at(&old).signal("STOP");
     // Past the election (2 s) and the sends' timeouts (3 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
     c.broker_at(&old).signal("CONT");
-    tokio::task::block_in_place(|| writer.join().expect("the writer"));
-    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("txmq send ends");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
+    let err = send.all_sent(&c);
     assert!(
         err.contains("waiting up to 30s for a broker"),
         "the pause was waited out: {err}"
     );
-    let sent = json_lines(&out.stdout)
-        .iter()
-        .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
-        .count();
-    assert_eq!(sent, LINES, "{err}");
     let after = c.wait_healthy(Duration::from_secs(30)).await;
     let master = after.master.clone().expect("a master");
     assert_ne!(master, old, "the paused master was replaced");
     let stored = stored_bodies(&master, TOPIC, 2).await;
     for i in 0..LINES {
         assert_eq!(stored.get(&format!("p{i}")), Some(&1), "p{i}: {stored:?}");
+    }
+}
+
+/// `txmq send TOPIC --stdin` (with `extra` flags) against the group's
+/// nameservers, fed `lines` lines `{prefix}{i}` 10 ms apart from a thread.
+struct CliSend {
+    child: std::process::Child,
+    writer: std::thread::JoinHandle<()>,
+    lines: usize,
+}
+
+impl CliSend {
+    fn start(
+        c: &Controlled,
+        topic: &str,
+        extra: &[&str],
+        prefix: &'static str,
+        lines: usize,
+    ) -> CliSend {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(txmq_tests::binary("txmq"))
+            .args(["--nameserver", &c.ns_list(), "--output", "json"])
+            .args(["send", topic, "--stdin"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("txmq send starts");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || {
+            for i in 0..lines {
+                writeln!(stdin, "{prefix}{i}").expect("write a line");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        CliSend {
+            child,
+            writer,
+            lines,
+        }
+    }
+
+    /// Waits for the command; asserts it exited 0 with every line sent.
+    /// Its stderr.
+    fn all_sent(self, c: &Controlled) -> String {
+        tokio::task::block_in_place(|| self.writer.join().expect("the writer"));
+        let out =
+            tokio::task::block_in_place(|| self.child.wait_with_output()).expect("txmq send ends");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
+        let sent = json_lines(&out.stdout)
+            .iter()
+            .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
+            .count();
+        assert_eq!(sent, self.lines, "{err}");
+        err
     }
 }
 
@@ -1649,8 +1683,6 @@ async fn the_cli_sends_on_across_a_paused_master() {
 /// command gave up first, exit 3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sends_on_across_a_planned_switch() {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
     const TOPIC: &str = "switched";
     const LINES: usize = 200;
     let c = Controlled::start("2s", &[]).await;
@@ -1663,21 +1695,7 @@ async fn the_cli_sends_on_across_a_planned_switch() {
         .find(|a| **a != old)
         .expect("an in-sync slave")
         .clone();
-    let mut child = Command::new(txmq_tests::binary("txmq"))
-        .args(["--nameserver", &c.ns_list(), "--output", "json"])
-        .args(["send", TOPIC, "--stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("txmq send starts");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || {
-        for i in 0..LINES {
-            writeln!(stdin, "s{i}").expect("write a line");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
+    let send = CliSend::start(&c, TOPIC, &[], "s", LINES);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let out = common::txmq(
         &c.ns_addrs()[0],
@@ -1690,15 +1708,7 @@ async fn the_cli_sends_on_across_a_planned_switch() {
         "txmq broker elect: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    tokio::task::block_in_place(|| writer.join().expect("the writer"));
-    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("txmq send ends");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
-    let sent = json_lines(&out.stdout)
-        .iter()
-        .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
-        .count();
-    assert_eq!(sent, LINES, "{err}");
+    send.all_sent(&c);
     let stored = stored_bodies(&target, TOPIC, 2).await;
     for i in 0..LINES {
         assert_eq!(stored.get(&format!("s{i}")), Some(&1), "s{i}: {stored:?}");
