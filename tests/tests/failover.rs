@@ -218,6 +218,20 @@ impl Controlled {
     /// Waits until `broker-a` has a master serving at its epoch and every
     /// broker in the in-sync set, each following that master at its epoch
     /// without an error; returns the group's state.
+    /// Once the group is healthy: its state, its master, and an in-sync
+    /// slave (a planned switch's target).
+    async fn master_and_in_sync_slave(&self) -> (BrokerGroupState, String, String) {
+        let state = self.wait_healthy(Duration::from_secs(30)).await;
+        let master = state.master.clone().expect("a master");
+        let slave = state
+            .in_sync
+            .iter()
+            .find(|a| **a != master)
+            .expect("an in-sync slave")
+            .clone();
+        (state, master, slave)
+    }
+
     async fn wait_healthy(&self, limit: Duration) -> BrokerGroupState {
         let deadline = Instant::now() + limit;
         loop {
@@ -1303,14 +1317,7 @@ async fn a_planned_switch_moves_the_master_without_an_error_for_the_producer() {
     const TOPIC: &str = "switch";
     let c = Controlled::start("2s", &[]).await;
     c.create_topic(TOPIC, 2).await;
-    let before = c.wait_healthy(Duration::from_secs(30)).await;
-    let old = before.master.clone().expect("a master");
-    let target = before
-        .in_sync
-        .iter()
-        .find(|a| **a != old)
-        .expect("an in-sync slave")
-        .clone();
+    let (before, old, target) = c.master_and_in_sync_slave().await;
     let producer = c.producer().await;
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
@@ -1687,14 +1694,7 @@ async fn the_cli_sends_on_across_a_planned_switch() {
     const LINES: usize = 200;
     let c = Controlled::start("2s", &[]).await;
     c.create_topic(TOPIC, 2).await;
-    let before = c.wait_healthy(Duration::from_secs(30)).await;
-    let old = before.master.clone().expect("a master");
-    let target = before
-        .in_sync
-        .iter()
-        .find(|a| **a != old)
-        .expect("an in-sync slave")
-        .clone();
+    let (_, _, target) = c.master_and_in_sync_slave().await;
     let send = CliSend::start(&c, TOPIC, &[], "s", LINES);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let out = common::txmq(
@@ -1723,14 +1723,7 @@ async fn the_cli_sends_on_across_a_planned_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switch_to_a_paused_replica_is_refused() {
     let mut c = Controlled::start("2s", &[]).await;
-    let before = c.wait_healthy(Duration::from_secs(30)).await;
-    let old = before.master.clone().expect("a master");
-    let target = before
-        .in_sync
-        .iter()
-        .find(|a| **a != old)
-        .expect("an in-sync slave")
-        .clone();
+    let (before, old, target) = c.master_and_in_sync_slave().await;
     c.broker_at(&target).signal("STOP");
     let out = common::txmq(
         &c.ns_addrs()[0],
