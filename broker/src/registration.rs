@@ -134,7 +134,13 @@ pub(crate) async fn run(
     };
     let retry_max = b.config.heartbeat_interval.min(RETRY_MAX);
     let mut retry = RETRY_FIRST.min(retry_max);
-    loop {
+    // One registration per nameserver at a time, each going on across
+    // rounds: a nameserver that does not answer (paused) holds up only its
+    // own, for its timeout, not the next round's registrations with the
+    // others (a topic created meanwhile waited for it).
+    let mut in_flight = FuturesUnordered::new();
+    let mut busy = std::collections::HashSet::new();
+    'rounds: loop {
         let round_started = Instant::now();
         let version = b.topics_version.load(std::sync::atomic::Ordering::Acquire);
         let req = RegisterBroker {
@@ -149,42 +155,32 @@ pub(crate) async fn run(
             topics: b.topics.all(),
             role: b.config.replication.role,
         };
-        let mut round: FuturesUnordered<_> = nameservers
-            .iter()
-            .map(|ns| {
-                let conn = links
-                    .get(ns)
-                    .and_then(|l| l.conn.clone())
-                    .filter(|c| !c.is_closed());
-                register(b.clone(), ns.clone(), conn, req.clone())
-            })
-            .collect();
-        let registered = |b: &BrokerInner| {
-            b.registered_version.send_if_modified(|v| {
-                let grew = *v < version;
-                *v = (*v).max(version);
-                grew
-            })
-        };
-        while let Some((ns, conn, outcome)) = round.next().await {
-            // Logged before the verdict goes out, so the refusal is in the
-            // log before a broker that may not start says it is stopping.
-            let link = links.entry(ns.clone()).or_default();
-            record(&b, &ns, link, conn, &outcome);
-            verdict.observe(&ns, &outcome);
-            // Creates waiting for this table version may answer once one
-            // nameserver has it (clients ask the others on NO_ROUTE): a
-            // paused nameserver held every auto-create for its timeout.
-            if matches!(outcome, Outcome::Registered) {
-                registered(&b);
+        let mut waiting = std::collections::HashSet::new();
+        for ns in &nameservers {
+            if !busy.insert(ns.clone()) {
+                continue;
             }
+            waiting.insert(ns.clone());
+            let conn = links
+                .get(ns)
+                .and_then(|l| l.conn.clone())
+                .filter(|c| !c.is_closed());
+            in_flight.push(register(b.clone(), ns.clone(), conn, req.clone(), version));
         }
-        drop(round);
+        // The first round is waited for until it decides whether the broker
+        // starts; later ones end in the wait below, as they come.
+        while verdict.tx.is_some() && !waiting.is_empty() {
+            let Some(done) = in_flight.next().await else {
+                break;
+            };
+            waiting.remove(&done.ns);
+            settle(&b, &mut links, &mut verdict, &mut busy, done);
+        }
         // Nothing to hear from (no nameserver at all): start anyway.
         verdict.send(Startup::Go);
-        // And whether or not any nameserver took it (an unreachable one is
-        // retried).
-        registered(&b);
+        if nameservers.is_empty() {
+            registered(&b, version);
+        }
         // Retry a failing or refusing nameserver sooner than a heartbeat,
         // backing off while it stays so.
         let wait = if links
@@ -198,18 +194,18 @@ pub(crate) async fn run(
             retry = (retry * 2).min(retry_max);
             wait
         };
-        let closed = {
+        let mut until = Instant::now() + wait;
+        let closed = loop {
             // Only nameservers that answered have a connection to watch; a
             // failing one is retried by the timer, never in a busy loop.
             let watched: Vec<_> = links
                 .iter()
                 .filter_map(|(ns, l)| {
-                    l.conn.as_ref().map(|c| {
-                        Box::pin(async move {
-                            c.closed().await;
-                            ns.clone()
-                        })
-                    })
+                    let (ns, c) = (ns.clone(), l.conn.clone()?);
+                    Some(Box::pin(async move {
+                        c.closed().await;
+                        ns
+                    }))
                 })
                 .collect();
             let any_closed = async move {
@@ -220,10 +216,19 @@ pub(crate) async fn run(
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => None,
-                _ = b.topics_changed.notified() => None,
-                ns = any_closed => Some(ns),
-                _ = b.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(until) => break None,
+                _ = b.topics_changed.notified() => break None,
+                ns = any_closed => break Some(ns),
+                _ = b.shutdown.cancelled() => break 'rounds,
+                // A registration ends meanwhile; one that failed is tried
+                // again after the backoff, not the whole interval.
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    let failed = !matches!(done.outcome, Outcome::Registered);
+                    settle(&b, &mut links, &mut verdict, &mut busy, done);
+                    if failed {
+                        until = until.min(Instant::now() + retry);
+                    }
+                }
             }
         };
         if let Some(ns) = closed {
@@ -259,9 +264,67 @@ pub(crate) async fn run(
     .await;
 }
 
+/// [`register_once`], with the topic table version `req` carries.
+async fn register(
+    b: Arc<BrokerInner>,
+    ns: String,
+    conn: Option<Connection>,
+    req: RegisterBroker,
+    version: u64,
+) -> Done {
+    let (ns, conn, outcome) = register_once(b, ns, conn, req).await;
+    Done {
+        ns,
+        conn,
+        outcome,
+        version,
+    }
+}
+
+/// One registration's end: the nameserver, the connection to keep, the
+/// outcome, and the topic table version it carried.
+struct Done {
+    ns: String,
+    conn: Option<Connection>,
+    outcome: Outcome,
+    version: u64,
+}
+
+/// Records a registration's end: the link's standing, the start verdict,
+/// and (when taken) that its topic table version is registered.
+fn settle(
+    b: &BrokerInner,
+    links: &mut HashMap<String, Link>,
+    verdict: &mut Verdict,
+    busy: &mut std::collections::HashSet<String>,
+    done: Done,
+) {
+    busy.remove(&done.ns);
+    // Logged before the verdict goes out, so the refusal is in the log
+    // before a broker that may not start says it is stopping.
+    let link = links.entry(done.ns.clone()).or_default();
+    record(b, &done.ns, link, done.conn, &done.outcome);
+    verdict.observe(&done.ns, &done.outcome);
+    // Creates waiting for this table version may answer once one
+    // nameserver has it (clients ask the others on NO_ROUTE), or once
+    // every nameserver answered or failed (an unreachable one is retried).
+    if matches!(done.outcome, Outcome::Registered) || busy.is_empty() {
+        registered(b, done.version);
+    }
+}
+
+/// Lets creates waiting for topic table `version` (or older) answer.
+fn registered(b: &BrokerInner, version: u64) {
+    b.registered_version.send_if_modified(|v| {
+        let grew = *v < version;
+        *v = (*v).max(version);
+        grew
+    });
+}
+
 /// Registers over `conn` (or a new connection) with `ns`; the connection
 /// to keep, if the nameserver answered.
-async fn register(
+async fn register_once(
     b: Arc<BrokerInner>,
     ns: String,
     conn: Option<Connection>,
