@@ -140,6 +140,8 @@ pub struct Broker {
     /// until the store is shut down: dropping the last handle stops them,
     /// and with them any request still running there.
     network: Option<Arc<txmq_remoting::server::NetworkThreads>>,
+    /// The data directory's lock, held for the broker's life.
+    _dir_lock: store::dir_lock::DirLock,
 }
 
 /// The sockets a broker binds once for its life: incarnations serve clones.
@@ -211,6 +213,24 @@ impl Broker {
     /// name because another live broker holds it.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
+        // One broker per data directory, for the broker's life (through
+        // every incarnation), taken before anything in it is read.
+        let dir = &config.data_dir;
+        let store_err = |context: &str, message: String| BrokerError::Store {
+            dir: dir.display().to_string(),
+            source: store::StoreError::Io {
+                context: context.to_string(),
+                message,
+            },
+        };
+        store::commit_log::create_dir_durable(dir).map_err(|e| {
+            store_err(
+                &format!("cannot create data dir {}", dir.display()),
+                e.to_string(),
+            )
+        })?;
+        let dir_lock = store::dir_lock::DirLock::acquire(dir)
+            .map_err(|e| store_err("the data directory is locked", e))?;
         let security =
             Arc::new(security::Security::load(&config.security).map_err(BrokerError::Security)?);
         let nameserver_task = TaskTracker::new();
@@ -392,6 +412,7 @@ impl Broker {
             metrics_stop,
             grpc_addr,
             network,
+            _dir_lock: dir_lock,
         })
     }
 

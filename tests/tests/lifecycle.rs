@@ -208,7 +208,29 @@ fn standalone_mode_serves_the_readme_flow_and_a_taken_port_is_a_clear_error() {
     // Data lives under ./txmq-data of the working directory, as the README says.
     assert!(dir.path().join("txmq-data/commitlog").is_dir());
 
-    // A second broker on the same ports fails at once with a clear message.
+    // A second broker on the same data directory fails at once, naming it
+    // and the broker that has it (it would hand out the same positions,
+    // and remove the segment the first one writes in).
+    let other_ns = format!("127.0.0.1:{}", free_port());
+    let other_listen = format!("127.0.0.1:{}", free_port());
+    let second = Command::new(binary("txmq-broker"))
+        .args([
+            "--standalone",
+            "--nameserver-listen",
+            &other_ns,
+            "--listen",
+            &other_listen,
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("is in use by another broker") && err.contains(&format!("pid {}", child.id())),
+        "{err}"
+    );
+    // And one on the same ports, with a directory of its own.
     let second = Command::new(binary("txmq-broker"))
         .args([
             "--standalone",
@@ -216,6 +238,8 @@ fn standalone_mode_serves_the_readme_flow_and_a_taken_port_is_a_clear_error() {
             &ns,
             "--listen",
             &listen,
+            "--data-dir",
+            "other",
         ])
         .current_dir(dir.path())
         .output()

@@ -13,6 +13,7 @@ pub mod commit_log;
 pub mod consume_queue;
 pub mod delay;
 mod deleted_topics;
+pub mod dir_lock;
 pub(crate) mod entry_log;
 mod flusher;
 pub mod index;
