@@ -334,6 +334,11 @@ fn damaged_log_recovers(
     runtime().block_on(store.shutdown());
 
     let before = log_bytes(path);
+    // How far the checkpoint says the log is durable (its bytes 8..16).
+    let durable = std::fs::read(path.join("checkpoint"))
+        .ok()
+        .and_then(|b| Some(u64::from_le_bytes(b.get(8..16)?.try_into().ok()?)))
+        .unwrap_or(0);
     apply(path, damage, log_end);
     match derived {
         Derived::Keep => {}
@@ -350,7 +355,10 @@ fn damaged_log_recovers(
     // (or after it) is a torn or corrupt tail.
     let last = original.last().expect("records");
     let tail_start = last.log_offset - last.log_offset % SEGMENT;
-    let at_tail = first_bad >= tail_start;
+    // Damage below the checkpoint's position is no torn write: refused
+    // like damage in the middle (kept checkpoint only).
+    let at_tail =
+        first_bad >= tail_start && (!matches!(derived, Derived::Keep) || first_bad >= durable);
 
     let store = match open(path, FlushMode::Async) {
         Ok(s) => s,

@@ -33,6 +33,27 @@ async fn restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
     wait_for_route(ns, topic, &["broker-a"]).await;
 }
 
+/// Damage done by hand below the position up to which the checkpoint says
+/// the log was durable is not a torn write: a broker on `data` refuses to
+/// start, naming the way out (removing the checkpoint), which is taken
+/// here, as a crash before a checkpoint covered the last records leaves.
+fn refused_until_the_checkpoint_goes(data: &std::path::Path) {
+    let out = std::process::Command::new(txmq_tests::binary("txmq-broker"))
+        .args(["--standalone", "--listen", "127.0.0.1:0"])
+        .args(["--nameserver-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(["--segment-size", "8MiB", "--max-message-size", "1MiB"])
+        .output()
+        .expect("txmq-broker runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not a torn write") && err.contains("remove"),
+        "{err}"
+    );
+    std::fs::remove_file(data.join("checkpoint")).expect("the checkpoint");
+}
+
 /// Stops `broker` gracefully (asserting a clean exit), then [`restart`]s it.
 async fn stop_and_restart(broker: &mut BrokerProcess, ns: &str, topic: &str) {
     let code = tokio::task::block_in_place(|| broker.stop());
@@ -541,6 +562,7 @@ async fn torn_tail_is_cut_and_the_broker_serves_what_came_before() {
             .unwrap()
             .set_len(torn_at)
             .unwrap();
+        refused_until_the_checkpoint_goes(&data);
 
         restart(&mut broker, &ns, "torn").await;
         let got = bodies(&ns, &format!("{ending:?}-1"), "torn", N - 1).await;
@@ -665,6 +687,7 @@ async fn a_torn_first_record_of_a_segment_takes_the_segment_with_it() {
         .unwrap()
         .set_len(end - 10)
         .unwrap();
+    refused_until_the_checkpoint_goes(&data);
 
     restart(&mut broker, &ns, "big").await;
     let got = consume_all(&ns, "g1", "big", N, Duration::from_secs(1)).await;
@@ -720,6 +743,7 @@ async fn a_corrupt_record_ends_the_log_for_good() {
     let mut bytes = std::fs::read(&segment).unwrap();
     bytes[at as usize] ^= 0x40;
     std::fs::write(&segment, &bytes).unwrap();
+    refused_until_the_checkpoint_goes(&data);
 
     restart(&mut broker, &ns, "flip").await;
     // Written where the corrupt record and the one after it were.

@@ -861,6 +861,10 @@ pub(crate) fn recover(
             .collect(),
     };
     if let Some(pos) = cut {
+        let damaged = log.segment_for(pos).map_or_else(
+            || log_dir.display().to_string(),
+            |s| s.path.display().to_string(),
+        );
         // Only a tail may be cut: a damaged record followed by segments that
         // hold data is damage in the middle of acknowledged data.
         if let Some(later) = log
@@ -869,11 +873,22 @@ pub(crate) fn recover(
             .find(|s| s.start > pos && s.map.get(..4).is_some_and(|b| b != [0, 0, 0, 0]))
         {
             return Err(StoreError::Io {
-                context: format!("the commit log is damaged at position {pos}"),
+                context: format!("the commit log is damaged at position {pos} (in {damaged})"),
                 message: format!(
                     "a record there is corrupt but later segments hold data (from {}); refusing to cut acknowledged data. Restore the segment from a backup, or move it and the ones after it out of {} to discard them",
                     later.path.display(),
                     log_dir.display()
+                ),
+            });
+        }
+        // Nor is damage below the checkpoint's position a torn write: the
+        // log was durable up to there when the checkpoint was written.
+        if pos < checkpointed {
+            return Err(StoreError::Io {
+                context: format!("the commit log is damaged at position {pos} (in {damaged})"),
+                message: format!(
+                    "a record there is corrupt below position {checkpointed}, up to which the checkpoint says the log was durable: not a torn write; refusing to cut acknowledged data. Restore the segment from a backup; or, to cut the log at the damage and lose the records after it, remove {}",
+                    config.dir.join("checkpoint").display()
                 ),
             });
         }
