@@ -570,6 +570,19 @@ impl ConsumeQueue {
         }
     }
 
+    /// Recovery, before anything is written: one past the last entry its
+    /// files hold (by their lengths), whether the entries are valid or not.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn stored_end(&self) -> io::Result<u64> {
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        match files.iter().next_back() {
+            Some((start, file)) => Ok(start + file.metadata()?.len() / ENTRY_LEN as u64),
+            None => Ok(self.min.load(Ordering::Acquire)),
+        }
+    }
+
     /// Recovery: drops entries that point at or past `log_end` (their records
     /// were cut) and sets the next, visible and minimum offsets.
     ///

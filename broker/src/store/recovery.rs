@@ -702,7 +702,7 @@ pub(crate) fn recover(
     let mut deleted = super::deleted_topics::load(&config.dir)
         .map_err(|e| StoreError::io("cannot read the deleted topics", &e))?;
     let mut deletes_seen = Vec::new();
-    let (mut offsets, checkpointed, oldest_pending, mut justified, mut producers, mut pop) =
+    let (mut offsets, mut checkpointed, mut oldest_pending, mut justified, mut producers, mut pop) =
         match checkpoint {
             Some(cp) => (
                 cp.offsets,
@@ -732,6 +732,38 @@ pub(crate) fn recover(
                 j.retain(|(t, _), _| t != topic);
             }
         }
+    }
+    // A consume queue shorter than the checkpoint says was cut or removed
+    // by hand (queues are fsynced before a checkpoint names them): the
+    // replay from the checkpoint would leave its entries below the
+    // checkpoint missing, and their messages never delivered. Everything
+    // is rebuilt from the log instead, as without a checkpoint.
+    let mut short = None;
+    if let Some(j) = &justified {
+        for cq in queues.values().flatten() {
+            let Some(&want) = j.get(&(cq.topic.clone(), cq.queue)) else {
+                continue;
+            };
+            let has = cq.stored_end().map_err(|e| {
+                StoreError::io(
+                    format!("cannot read consume queue {}/{}", cq.topic, cq.queue),
+                    &e,
+                )
+            })?;
+            if has < want {
+                short = Some((cq.topic.clone(), cq.queue, has, want));
+                break;
+            }
+        }
+    }
+    if let Some((topic, queue, has, want)) = short {
+        tracing::warn!(%topic, queue, entries = has, checkpoint_entries = want, "a consume queue is shorter than the checkpoint says (its file was cut or removed); rebuilding every consume queue from the whole commit log");
+        offsets = OffsetTable::new();
+        checkpointed = first;
+        oldest_pending = None;
+        justified = None;
+        producers = ProducerTable::default();
+        pop = PopTable::default();
     }
     // Entries past what the checkpoint's records justify may have lost
     // their record or move marker in a crash (consume queues are fsynced

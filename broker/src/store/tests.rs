@@ -146,9 +146,9 @@ async fn torn_tail_is_cut_and_new_appends_follow() {
     // Below the position of the checkpoint written at shutdown, that is
     // damage, not a tear (the log was durable there): refused, naming the
     // way out.
-    let e = Store::open(config(dir.path(), FlushMode::Sync), &topics())
-        .err()
-        .expect("damage below the checkpoint is refused");
+    let Err(e) = Store::open(config(dir.path(), FlushMode::Sync), &topics()) else {
+        panic!("damage below the checkpoint is refused");
+    };
     assert!(
         e.to_string().contains("below position") && e.to_string().contains("checkpoint"),
         "{e}"
@@ -503,4 +503,46 @@ async fn a_half_message_at_the_size_limit_is_carried_forward() {
     assert!(carried > at);
     assert_eq!(store.pending_halves(), pending, "moved, not added");
     store.shutdown().await;
+}
+
+/// A consume-queue file removed or cut by hand (entries the checkpoint
+/// says are there): every queue is rebuilt from the whole log, and every
+/// message is read again. Before, the replay from the checkpoint left the
+/// entries below it as zeros, skipped, and their messages never delivered.
+#[tokio::test]
+async fn a_consume_queue_file_removed_or_cut_is_rebuilt_from_the_log() {
+    for cut in [None, Some(super::consume_queue::ENTRY_LEN as u64 * 3 + 7)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
+        // 10 KB each: the log spans several 64 KiB segments, and the
+        // checkpoint's (where the replay starts) holds the last few only.
+        let pad = "x".repeat(10_000);
+        for i in 0..10 {
+            let m = Message::new("orders", format!("body-{i}:{pad}").into_bytes());
+            store.append("orders", 0, vec![m]).await.unwrap();
+        }
+        store.commit_offset("g", "orders", 0, 4).await.unwrap();
+        store.shutdown().await;
+        let file = dir
+            .path()
+            .join("consumequeue/orders/0/00000000000000000000");
+        match cut {
+            None => std::fs::remove_file(&file).unwrap(),
+            Some(len) => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_len(len)
+                .unwrap(),
+        }
+        let store = Store::open(config(dir.path(), FlushMode::Sync), &topics()).unwrap();
+        let want: Vec<String> = (0..10).map(|i| format!("body-{i}:{pad}")).collect();
+        assert!(
+            bodies(&store, 0) == want,
+            "cut to {cut:?}: {} bodies",
+            bodies(&store, 0).len()
+        );
+        assert_eq!(store.committed_offset("g", "orders", 0), Some(4));
+        store.shutdown().await;
+    }
 }
