@@ -758,7 +758,8 @@ pub(crate) fn recover(
     }
     if let Some((topic, queue, has, want)) = short {
         tracing::warn!(%topic, queue, entries = has, checkpoint_entries = want, "a consume queue is shorter than the checkpoint says (its file was cut or removed); rebuilding every consume queue from the whole commit log");
-        offsets = OffsetTable::new();
+        // The checkpoint's consumer offsets stay: the replay's offset
+        // records are newer, or there are none (retention took them).
         checkpointed = first;
         oldest_pending = None;
         justified = None;
