@@ -52,6 +52,10 @@ use crate::output::{
 };
 use crate::signal::{received, Signal};
 
+/// The status of a message an earlier attempt stored, as the broker says
+/// (its answer was lost, and the broker no longer remembers the offset).
+const STORED_BEFORE: &str = "STORED_BEFORE";
+
 /// Pause before the n-th retry of a message: n times this.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// The first pause while waiting for a broker (`--wait-for-broker`); it
@@ -252,6 +256,10 @@ fn strip_line_ending(mut line: Vec<u8>) -> Vec<u8> {
 #[derive(Debug)]
 enum Outcome {
     Sent(SendReceipt),
+    /// Stored by an earlier attempt whose answer was lost, as the broker
+    /// says (`DUPLICATE_SEQUENCE`: it no longer remembers where): sent,
+    /// its queue offset unknown.
+    StoredBefore(txmq::Error),
     /// Surely not stored: every attempt was refused or never reached a broker.
     NotSent(txmq::Error),
     /// An attempt may have stored it (the last error is kept).
@@ -399,6 +407,13 @@ async fn send_one(
             }
             Err(e) => e,
         };
+        if e.code() == Some(txmq::ErrorCode::DuplicateSequence) {
+            return Done {
+                input,
+                message,
+                outcome: Outcome::StoredBefore(e),
+            };
+        }
         may_be_stored |= maybe_stored(&e);
         failed_broker = broker_of(&e).map(str::to_string);
         attempt += 1;
@@ -509,6 +524,8 @@ impl UnsentSink {
 #[derive(Debug, Default)]
 struct Tally {
     sent: u64,
+    /// Of `sent`: stored by an earlier attempt, offset not known.
+    stored_before: u64,
     not_sent: u64,
     unknown: u64,
     /// Read (or, with --body, due) but never sent because sending stopped.
@@ -721,6 +738,31 @@ fn report(
             };
             (None, written)
         }
+        Outcome::StoredBefore(e) => {
+            tally.sent += 1;
+            tally.stored_before += 1;
+            let broker = broker_of(&e).unwrap_or("?");
+            let written = match printer.format {
+                OutputFormat::Text => printer.line(&with_line(format!(
+                    "{STORED_BEFORE} {} broker={broker} msg_id={msg_id} (stored by an earlier attempt whose answer was lost; its offset is not known)",
+                    message.topic()
+                ))),
+                OutputFormat::Json => {
+                    let mut v = serde_json::json!({
+                        "status": STORED_BEFORE,
+                        "topic": message.topic(),
+                        "broker": broker,
+                        "msg_id": msg_id.to_string(),
+                        "queue_offset": null,
+                    });
+                    if let Some(key) = message.key() {
+                        v["key"] = key.into();
+                    }
+                    printer.json(&with_line_json(v))
+                }
+            };
+            (None, written)
+        }
         Outcome::Unknown(e) => {
             tally.unknown += 1;
             let broker = broker_of(&e).map(str::to_string);
@@ -762,6 +804,12 @@ fn summarize(tally: &Tally, took: Duration) {
         0.0
     };
     let mut failures = String::new();
+    if tally.stored_before > 0 {
+        failures.push_str(&format!(
+            " ({} of them stored by an earlier attempt, offset not known)",
+            tally.stored_before
+        ));
+    }
     if tally.not_sent > 0 {
         failures.push_str(&format!(", {} not sent", tally.not_sent));
     }

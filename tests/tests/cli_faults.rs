@@ -878,3 +878,57 @@ async fn unsent_without_stdin_is_a_usage_error() {
     assert!(err.contains("needs --stdin"), "{err}");
     assert!(!file.exists());
 }
+
+/// `txmq send --stdin --wait-for-broker` (idempotent, the default) across a
+/// broker paused longer than `--timeout`: sends written before the pause
+/// are retried after it with their stamps, and one the broker stored but
+/// no longer remembers where (`DUPLICATE_SEQUENCE`: more than its last
+/// few sends of the queue went out past the oldest unanswered one, after
+/// a wait for room) is reported stored (`STORED_BEFORE`, no offset), not
+/// an unknown outcome that ended the command (exit 3, every later line
+/// not tried). Every line ends sent, and is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_stored_by_an_earlier_attempt_counts_as_sent_across_a_pause() {
+    const LINES: usize = 300;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let broker = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
+    create_topic(&ns, "paused-one", 1).await;
+    let mut child = Command::new(binary("txmq"))
+        .args(["--nameserver", &ns, "--output", "json", "--timeout", "1s"])
+        .args(["send", "paused-one", "--stdin", "--wait-for-broker", "1m"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("txmq send starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        for i in 0..LINES {
+            writeln!(stdin, "l{i}").expect("write a line");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pause(&broker);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.signal("CONT");
+    blocking(|| writer.join().expect("the writer"));
+    let out = blocking(|| child.wait_with_output()).expect("txmq send ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let lines = json_lines(&out.stdout);
+    let sent = lines
+        .iter()
+        .filter(|l| ["SEND_OK", "STORED_BEFORE"].contains(&l["status"].as_str().unwrap_or("")))
+        .count();
+    assert_eq!(sent, LINES, "{err}");
+    let got = consume_all(&ns, "g", "paused-one", LINES, Duration::from_secs(2)).await;
+    let mut bodies: Vec<String> = got.iter().map(common::body_text).collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!((got.len(), bodies.len()), (LINES, LINES), "each line once");
+    drop(broker);
+    cluster.shutdown().await;
+}
