@@ -151,8 +151,9 @@ pub enum StoreError {
         /// The operating system's reason.
         message: String,
     },
-    /// An fsync failed earlier; the store refuses writes until restarted.
-    #[error("the store stopped accepting writes after an fsync failure; restart the broker")]
+    /// An fsync failed earlier, or a failed write could not be cleared;
+    /// the store refuses writes until restarted.
+    #[error("the store stopped accepting writes after a failed fsync or a failed write it could not clear (the broker's log says which: a full disk, an I/O error); fix the cause, then restart the broker")]
     Poisoned,
     /// The store is shutting down.
     #[error("the store is shutting down")]
