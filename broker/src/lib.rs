@@ -230,7 +230,7 @@ impl Broker {
             )
         })?;
         let dir_lock = store::dir_lock::DirLock::acquire(dir)
-            .map_err(|e| store_err("the data directory is locked", e))?;
+            .map_err(|e| store_err("cannot lock the data directory", e))?;
         let security =
             Arc::new(security::Security::load(&config.security).map_err(BrokerError::Security)?);
         let nameserver_task = TaskTracker::new();

@@ -224,7 +224,14 @@ pub(crate) async fn run(
                 // again after the backoff, not the whole interval.
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     let failed = !matches!(done.outcome, Outcome::Registered);
+                    // The table changed while it was in flight (a round
+                    // skipped this nameserver, busy): a new round now.
+                    let stale = done.version
+                        < b.topics_version.load(std::sync::atomic::Ordering::Acquire);
                     settle(&b, &mut links, &mut verdict, &mut busy, done);
+                    if stale && !failed {
+                        break None;
+                    }
                     if failed {
                         until = until.min(Instant::now() + retry);
                     }
@@ -242,6 +249,15 @@ pub(crate) async fn run(
             }
         }
     }
+    // Registrations still in flight end first (briefly), so that the
+    // goodbye reaches the nameservers they were registering with.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(done) = in_flight.next().await {
+            settle(&b, &mut links, &mut verdict, &mut busy, done);
+        }
+    })
+    .await;
+    drop(in_flight);
     let bye = UnregisterBroker {
         broker_name: b.config.broker_name.clone(),
         addr: b.advertised_addr.clone(),

@@ -11,6 +11,17 @@ use std::time::Instant;
 /// every other caller. The last failure is kept with its time, so callers
 /// that waited while an attempt failed fail with it instead of each trying
 /// again in turn (against a silent peer, one timeout each).
+/// What an attempt leaves for the callers after it.
+#[derive(Debug)]
+pub(crate) enum Remember<E> {
+    /// Nothing new (it took what a caller before it got).
+    Nothing,
+    /// It failed so: callers that waited meanwhile fail so too.
+    Failure(E),
+    /// It succeeded: an earlier failure is shared no more.
+    Success,
+}
+
 #[derive(Debug)]
 pub(crate) struct SingleFlight<E> {
     running: tokio::sync::Mutex<()>,
@@ -30,8 +41,8 @@ impl<E: Clone + Send + 'static> SingleFlight<E> {
     /// Runs `attempt` once no other attempt runs, on a task of its own, and
     /// returns its result. `attempt` is given the failure of an attempt
     /// that ended after `since` (when its caller started waiting), if one
-    /// did, and returns the failure to keep for the next callers, if any,
-    /// beside its result.
+    /// did and no attempt succeeded since, and returns what to remember
+    /// for the next callers beside its result.
     ///
     /// # Errors
     /// The task's [`tokio::task::JoinError`] when the attempt panicked.
@@ -43,7 +54,7 @@ impl<E: Clone + Send + 'static> SingleFlight<E> {
     where
         T: Send + 'static,
         A: FnOnce(Option<E>) -> F + Send + 'static,
-        F: Future<Output = (T, Option<E>)> + Send + 'static,
+        F: Future<Output = (T, Remember<E>)> + Send + 'static,
     {
         let flight = self.clone();
         tokio::spawn(async move {
@@ -52,9 +63,11 @@ impl<E: Clone + Send + 'static> SingleFlight<E> {
                 .as_ref()
                 .filter(|(at, _)| *at >= since)
                 .map(|(_, e)| e.clone());
-            let (out, failure) = attempt(recent).await;
-            if let Some(e) = failure {
-                *lock(&flight.failed) = Some((Instant::now(), e));
+            let (out, remember) = attempt(recent).await;
+            match remember {
+                Remember::Nothing => {}
+                Remember::Failure(e) => *lock(&flight.failed) = Some((Instant::now(), e)),
+                Remember::Success => *lock(&flight.failed) = None,
             }
             out
         })
@@ -84,7 +97,7 @@ mod tests {
         let mut stalled = Box::pin(flight.run(since, move |_| async move {
             a.fetch_add(1, Ordering::SeqCst);
             let _ = released.await;
-            ((), Some("refused".to_string()))
+            ((), Remember::Failure("refused".to_string()))
         }));
         assert!(
             tokio::time::timeout(Duration::from_millis(50), &mut stalled)
@@ -97,10 +110,10 @@ mod tests {
                 let a = attempts.clone();
                 flight.run(since, move |failed| async move {
                     if let Some(e) = failed {
-                        return (Err(e), None);
+                        return (Err(e), Remember::Nothing);
                     }
                     a.fetch_add(1, Ordering::SeqCst);
-                    (Ok(()), None)
+                    (Ok(()), Remember::Success)
                 })
             })
             .collect();
@@ -111,10 +124,29 @@ mod tests {
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         // A caller that starts later tries again.
         let later = flight
-            .run(Instant::now(), |failed| async move { (failed, None) })
+            .run(Instant::now(), |failed| async move {
+                (failed, Remember::Nothing)
+            })
             .await
             .unwrap();
         assert_eq!(later, None);
+        // A success forgets the failure, for callers that waited before it.
+        let since = Instant::now();
+        flight
+            .run(since, |_| async move {
+                ((), Remember::Failure("again".to_string()))
+            })
+            .await
+            .unwrap();
+        flight
+            .run(Instant::now(), |_| async move { ((), Remember::Success) })
+            .await
+            .unwrap();
+        let after = flight
+            .run(since, |failed| async move { (failed, Remember::Nothing) })
+            .await
+            .unwrap();
+        assert_eq!(after, None);
         drop(stalled);
     }
 }

@@ -34,11 +34,16 @@ fn unreachable_lately(addr: &str) -> bool {
 }
 
 /// Records whether `addr` was reached: an answer (an error answer too)
-/// says it was; a connection that failed, closed or timed out that not.
+/// says it was; a connection that could not be made, or whose hello went
+/// unanswered, that not. Anything else (a connection closed under a
+/// request, a request's own timeout) says neither.
 pub(crate) fn note_reached<T>(addr: &str, result: &Result<T, txmq_remoting::Error>) {
+    use txmq_remoting::Error as E;
     let reached = match result {
-        Ok(_) => true,
-        Err(e) => e.remote().is_some(),
+        Ok(_) | Err(E::Remote(_)) => true,
+        Err(E::Connect { .. }) => false,
+        Err(E::Timeout { kind, .. }) if *kind == "Hello" => false,
+        Err(_) => return,
     };
     let mut map = lock_unreachable();
     if reached {

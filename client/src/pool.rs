@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use txmq_protocol::{Hello, Role, PROTOCOL_VERSION};
 use txmq_remoting::{Connection, ConnectionConfig, Service};
 
-use crate::flight::SingleFlight;
+use crate::flight::{Remember, SingleFlight};
 use crate::ClientConfig;
 
 /// A set of connections that all introduce themselves with the same hello.
@@ -118,10 +118,10 @@ impl ConnectionPool {
         let opening = slot.opening.clone();
         let attempt = opening.run(waiting_since, move |failed| async move {
             if let Some(conn) = slot.current() {
-                return (Ok(conn), None);
+                return (Ok(conn), Remember::Nothing);
             }
             if let Some(e) = failed {
-                return (Err(e), None);
+                return (Err(e), Remember::Nothing);
             }
             let hello = inner.hello.clone();
             let service = inner.service.clone();
@@ -132,13 +132,16 @@ impl ConnectionPool {
                     // Closed while connecting: this one closes too.
                     if inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
                         inner.close_all();
-                        return (Err(txmq_remoting::Error::Closed { peer: addr }), None);
+                        return (
+                            Err(txmq_remoting::Error::Closed { peer: addr }),
+                            Remember::Nothing,
+                        );
                     }
-                    (Ok(conn), None)
+                    (Ok(conn), Remember::Success)
                 }
                 Err(e) => {
                     tracing::debug!(%addr, error = %e, "connect failed");
-                    (Err(e.clone()), Some(e))
+                    (Err(e.clone()), Remember::Failure(e))
                 }
             }
         });

@@ -33,7 +33,7 @@ use txmq_protocol::{
     BrokerInfo, BrokerQueues, BrokerRole, TopicRoute, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };
 
-use crate::flight::SingleFlight;
+use crate::flight::{Remember, SingleFlight};
 use crate::nameserver::NameserverClient;
 use crate::{Error, Result};
 
@@ -295,30 +295,33 @@ impl RouteCache {
         let (cache, topic) = (self.clone(), topic.to_string());
         let fetched = flight.run(waiting_since, move |failed| async move {
             if let Some(info) = cache.fresh(&topic) {
-                return (Ok(info), None);
+                return (Ok(info), Remember::Nothing);
             }
             // A fetch that failed while this caller waited is its failure
             // too: with a nameserver that does not answer, each waiter
             // trying again in turn made the last of many sends wait one
             // timeout per caller before it.
             if let Some(e) = failed {
-                return (Err(Error::Remoting(e)), None);
+                return (Err(Error::Remoting(e)), Remember::Nothing);
             }
             match cache.fetch(&topic).await {
-                Ok(info) => (Ok(info), None),
-                Err(e @ (Error::NoRoute { .. } | Error::NoMaster { .. })) => (Err(e), None),
+                Ok(info) => (Ok(info), Remember::Success),
+                // A nameserver answered.
+                Err(e @ (Error::NoRoute { .. } | Error::NoMaster { .. })) => {
+                    (Err(e), Remember::Success)
+                }
                 Err(e) => match cache.inner.entries.get_mut(&topic) {
                     Some(mut stale) => {
                         tracing::warn!(%topic, error = %crate::error::chain(&e), "cannot refresh route; using the cached one");
                         stale.expires = Instant::now() + STALE_RETRY;
-                        (Ok(stale.info.clone()), None)
+                        (Ok(stale.info.clone()), Remember::Nothing)
                     }
                     None => {
-                        let failure = match &e {
-                            Error::Remoting(r) => Some(r.clone()),
-                            _ => None,
+                        let remember = match &e {
+                            Error::Remoting(r) => Remember::Failure(r.clone()),
+                            _ => Remember::Nothing,
                         };
-                        (Err(e), failure)
+                        (Err(e), remember)
                     }
                 },
             }
@@ -334,7 +337,7 @@ impl RouteCache {
         let flight = self.flight(topic);
         let (cache, topic) = (self.clone(), topic.to_string());
         let fetched = flight.run(Instant::now(), move |_| async move {
-            (cache.fetch(&topic).await, None)
+            (cache.fetch(&topic).await, Remember::Nothing)
         });
         fetched.await.unwrap_or_else(|e| Err(fetch_panicked(e)))
     }

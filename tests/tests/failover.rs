@@ -1672,9 +1672,13 @@ impl CliSend {
             tokio::task::block_in_place(|| self.child.wait_with_output()).expect("txmq send ends");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
+        // STORED_BEFORE: stored by an attempt whose answer was lost.
         let sent = json_lines(&out.stdout)
             .iter()
-            .filter(|l| l["status"] == "SEND_OK" || l["status"] == "FLUSH_DISK_TIMEOUT")
+            .filter(|l| {
+                ["SEND_OK", "FLUSH_DISK_TIMEOUT", "STORED_BEFORE"]
+                    .contains(&l["status"].as_str().unwrap_or(""))
+            })
             .count();
         assert_eq!(sent, self.lines, "{err}");
         err

@@ -32,7 +32,10 @@ impl DirLock {
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         if let Err(e) = lock(&file) {
             if e.kind() != io::ErrorKind::WouldBlock {
-                return Err(format!("cannot lock {}: {e}", path.display()));
+                // A file system without locks (some network or FUSE ones):
+                // the broker runs, unguarded, as before there was a lock.
+                tracing::warn!(path = %path.display(), error = %e, "cannot lock the data directory (the file system may not support locks); make sure no other broker uses it");
+                return Ok(DirLock { _file: file });
             }
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);

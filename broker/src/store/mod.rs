@@ -528,9 +528,9 @@ pub fn truncate_log(config: &StoreConfig, to: u64) -> Result<(), StoreError> {
             &e,
         )
     })?;
-    log.cut(to, u64::MAX)
-        .map_err(|e| StoreError::io(format!("cannot cut the commit log at {to}"), &e))?;
-    drop(log);
+    // The checkpoint first: one past the cut would, after a crash between
+    // the two, make recovery take a torn write of the new data for damage
+    // below the checkpoint and refuse to start.
     let cp = checkpoint::Checkpoint::load(&config.dir)
         .map_err(|e| StoreError::io("cannot read checkpoint", &e))?;
     if let Some(mut cp) = cp.filter(|cp| cp.position > to) {
@@ -552,6 +552,9 @@ pub fn truncate_log(config: &StoreConfig, to: u64) -> Result<(), StoreError> {
             .store(&config.dir)
             .map_err(|e| StoreError::io("cannot write checkpoint", &e))?;
     }
+    log.cut(to, u64::MAX)
+        .map_err(|e| StoreError::io(format!("cannot cut the commit log at {to}"), &e))?;
+    drop(log);
     Ok(())
 }
 

@@ -721,6 +721,8 @@ pub(crate) fn recover(
                 PopTable::default(),
             ),
         };
+    // Up to where the log was durable when the checkpoint was written.
+    let durable = checkpointed;
     // A checkpoint written before a topic's delete (its position at most
     // the delete's) still holds the topic's offsets and queue entries:
     // drop them (the queues are cut to nothing); the replay from the
@@ -758,13 +760,15 @@ pub(crate) fn recover(
     }
     if let Some((topic, queue, has, want)) = short {
         tracing::warn!(%topic, queue, entries = has, checkpoint_entries = want, "a consume queue is shorter than the checkpoint says (its file was cut or removed); rebuilding every consume queue from the whole commit log");
-        // The checkpoint's consumer offsets stay: the replay's offset
-        // records are newer, or there are none (retention took them).
+        // Only where the replay starts moves: the checkpoint's offsets,
+        // producer table and pop table stay (the replay of older records
+        // changes none of them: offset records are newer, or retention
+        // took them; producer batches and pop records apply once), and so
+        // do its justified counts (the cut of entries a crash left without
+        // their record) and its durable position (below which damage is
+        // no torn write).
         checkpointed = first;
         oldest_pending = None;
-        justified = None;
-        producers = ProducerTable::default();
-        pop = PopTable::default();
     }
     // Entries past what the checkpoint's records justify may have lost
     // their record or move marker in a crash (consume queues are fsynced
@@ -916,11 +920,11 @@ pub(crate) fn recover(
         }
         // Nor is damage below the checkpoint's position a torn write: the
         // log was durable up to there when the checkpoint was written.
-        if pos < checkpointed {
+        if pos < durable {
             return Err(StoreError::Io {
                 context: format!("the commit log is damaged at position {pos} (in {damaged})"),
                 message: format!(
-                    "a record there is corrupt below position {checkpointed}, up to which the checkpoint says the log was durable: not a torn write; refusing to cut acknowledged data. Restore the segment from a backup; or, to cut the log at the damage and lose the records after it, remove {}",
+                    "a record there is corrupt below position {durable}, up to which the checkpoint says the log was durable: not a torn write; refusing to cut acknowledged data. Restore the segment from a backup; or, to cut the log at the damage and lose the records after it, remove {}",
                     config.dir.join("checkpoint").display()
                 ),
             });

@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use txmq_protocol::{ErrorCode, InitProducer, MsgId, ProducerIdentity, ProducerStamp, Request};
 use txmq_remoting::{Connection, Queued, Reply};
 
-use crate::flight::SingleFlight;
+use crate::flight::{Remember, SingleFlight};
 use crate::pool::ConnectionPool;
 
 /// Stamped sends in flight per queue at most: the broker remembers the
@@ -133,7 +133,8 @@ pub(crate) struct Idempotence {
 struct BrokerState {
     session: Option<Session>,
     /// Single-flight `InitProducer` for this group.
-    opening: Arc<SingleFlight<txmq_remoting::Error>>,
+    /// Its failures are kept with the address asked.
+    opening: Arc<SingleFlight<(String, txmq_remoting::Error)>>,
     /// Stamped sends in flight, per topic and queue.
     limits: HashMap<String, HashMap<u32, Arc<QueueLimit>>>,
 }
@@ -544,10 +545,12 @@ impl Idempotence {
                 (broker_name.to_string(), addr.to_string(), pool.clone());
             let asked = opening.run(waiting_since, move |failed| async move {
                 if let Some(grant) = current_in(&brokers, &broker_name) {
-                    return (Ok(grant), None);
+                    return (Ok(grant), Remember::Nothing);
                 }
-                if let Some(e) = failed {
-                    return (Err(e), None);
+                // Another address's failure (the group's old master, before
+                // a failover) is not this one's.
+                if let Some((_, e)) = failed.filter(|(at, _)| *at == addr) {
+                    return (Err(e), Remember::Nothing);
                 }
                 match open_session(&broker_name, &addr, &pool, timeout).await {
                     Ok(session) => {
@@ -556,9 +559,9 @@ impl Idempotence {
                             Session::Unsupported(_) => Grant::Plain,
                         };
                         lock(&brokers).entry(broker_name).or_default().session = Some(session);
-                        (Ok(grant), None)
+                        (Ok(grant), Remember::Success)
                     }
-                    Err(e) => (Err(e.clone()), Some(e)),
+                    Err(e) => (Err(e.clone()), Remember::Failure((addr, e))),
                 }
             });
             asked.await.unwrap_or_else(|e| {
