@@ -474,6 +474,72 @@ pub fn proc_status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
     })
 }
 
+/// `txmq --output json send TOPIC --stdin` (global flags `global`, send
+/// flags `extra`) fed `lines` lines `{prefix}{i}` 10 ms apart from a
+/// thread, while the test does something to the brokers.
+pub struct StdinSend {
+    child: Child,
+    writer: std::thread::JoinHandle<()>,
+    lines: usize,
+}
+
+impl StdinSend {
+    /// Starts the command and its feeder.
+    pub fn start(
+        nameserver: &str,
+        global: &[&str],
+        topic: &str,
+        extra: &[&str],
+        prefix: &'static str,
+        lines: usize,
+    ) -> StdinSend {
+        use std::io::Write as _;
+        let mut child = Command::new(binary("txmq"))
+            .args(["--nameserver", nameserver, "--output", "json"])
+            .args(global)
+            .args(["send", topic, "--stdin"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("txmq send starts");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || {
+            for i in 0..lines {
+                writeln!(stdin, "{prefix}{i}").expect("write a line");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        StdinSend {
+            child,
+            writer,
+            lines,
+        }
+    }
+
+    /// Waits for the command (on a multi-threaded runtime); asserts it
+    /// exited 0 with every line sent (`SEND_OK`, `FLUSH_DISK_TIMEOUT`, or
+    /// `STORED_BEFORE`: stored by an attempt whose answer was lost).
+    /// Returns its stderr; `context` goes into the failure messages.
+    pub fn all_sent(self, context: &str) -> String {
+        tokio::task::block_in_place(|| self.writer.join().expect("the writer"));
+        let out =
+            tokio::task::block_in_place(|| self.child.wait_with_output()).expect("txmq send ends");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{err}\n{context}");
+        let sent = json_lines(&out.stdout)
+            .iter()
+            .filter(|l| {
+                ["SEND_OK", "FLUSH_DISK_TIMEOUT", "STORED_BEFORE"]
+                    .contains(&l["status"].as_str().unwrap_or(""))
+            })
+            .count();
+        assert_eq!(sent, self.lines, "{err}");
+        err
+    }
+}
+
 /// Runs the `txmq` binary with `args` against `nameserver`, with `stdin` as input.
 pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;

@@ -895,35 +895,19 @@ async fn a_send_stored_by_an_earlier_attempt_counts_as_sent_across_a_pause() {
     let ns = cluster.nameserver.clone();
     let broker = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
     create_topic(&ns, "paused-one", 1).await;
-    let mut child = Command::new(binary("txmq"))
-        .args(["--nameserver", &ns, "--output", "json", "--timeout", "1s"])
-        .args(["send", "paused-one", "--stdin", "--wait-for-broker", "1m"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("txmq send starts");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || {
-        for i in 0..LINES {
-            writeln!(stdin, "l{i}").expect("write a line");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
+    let send = txmq_tests::StdinSend::start(
+        &ns,
+        &["--timeout", "1s"],
+        "paused-one",
+        &["--wait-for-broker", "1m"],
+        "l",
+        LINES,
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     pause(&broker);
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.signal("CONT");
-    blocking(|| writer.join().expect("the writer"));
-    let out = blocking(|| child.wait_with_output()).expect("txmq send ends");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    let lines = json_lines(&out.stdout);
-    let sent = lines
-        .iter()
-        .filter(|l| ["SEND_OK", "STORED_BEFORE"].contains(&l["status"].as_str().unwrap_or("")))
-        .count();
-    assert_eq!(sent, LINES, "{err}");
+    send.all_sent("");
     let got = consume_all(&ns, "g", "paused-one", LINES, Duration::from_secs(2)).await;
     let mut bodies: Vec<String> = got.iter().map(common::body_text).collect();
     bodies.sort();

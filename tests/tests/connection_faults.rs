@@ -13,20 +13,29 @@ use futures_util::future::join_all;
 use txmq::{handler_fn, ConsumeResult, Message, Producer, PushConsumer, ReceivedMessage};
 use txmq_tests::Cluster;
 
+/// A nameserver and one broker process (`broker-a`, data in the returned
+/// directory) with `topic` of `queues` queues.
+async fn one_broker_with_topic(
+    topic: &str,
+    queues: u32,
+) -> (Cluster, tempfile::TempDir, txmq_tests::BrokerProcess) {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = start_broker(&tmp.path().join("a"), &cluster.nameserver, "broker-a", &[]).await;
+    common::create_topic(&cluster.nameserver, topic, queues).await;
+    (cluster, tmp, broker)
+}
+
 /// 6000 sends of 16 KiB in flight to a paused broker fill the socket and
 /// the client's queue: every one still ends near its timeout (before, the
 /// ones waiting for room in the queue waited until the broker came back),
 /// and once the broker is back a new send succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_to_a_paused_broker_end_at_their_timeout_and_recover() {
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let tmp = tempfile::tempdir().unwrap();
-    let broker = start_broker(&tmp.path().join("a"), &ns, "broker-a", &[]).await;
-    common::create_topic(&ns, "paused", 4).await;
     let timeout = Duration::from_millis(800);
+    let (cluster, _tmp, broker) = one_broker_with_topic("paused", 4).await;
     let producer = Producer::builder()
-        .nameserver(&ns)
+        .nameserver(&cluster.nameserver)
         .send_timeout(timeout)
         .retries(0)
         .build()
@@ -113,14 +122,10 @@ async fn sends_waiting_for_a_route_from_a_silent_nameserver_fail_together() {
 /// 20 lines with `--timeout 1s` took 49 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_waiting_for_a_producer_id_from_a_paused_broker_fail_together() {
-    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    let ns = cluster.nameserver.clone();
-    let tmp = tempfile::tempdir().unwrap();
-    let broker = start_broker(&tmp.path().join("a"), &ns, "broker-a", &[]).await;
-    common::create_topic(&ns, "idless", 2).await;
     let timeout = Duration::from_millis(500);
+    let (cluster, _tmp, broker) = one_broker_with_topic("idless", 2).await;
     let producer = Producer::builder()
-        .nameserver(&ns)
+        .nameserver(&cluster.nameserver)
         .send_timeout(timeout)
         .build()
         .await

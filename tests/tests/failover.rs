@@ -37,7 +37,7 @@ use txmq_protocol::{
     SendRequest, PERM_READ_WRITE,
 };
 use txmq_tests::proxy::Proxy;
-use txmq_tests::{free_port, json_lines, BrokerProcess, NameserverProcess};
+use txmq_tests::{free_port, json_lines, BrokerProcess, NameserverProcess, StdinSend};
 
 const GROUP: &str = "broker-a";
 
@@ -142,6 +142,14 @@ impl Controlled {
 
     fn ns_addrs(&self) -> Vec<String> {
         self.nss.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// `txmq [global] broker elect GROUP --replica target`, through the
+    /// first nameserver.
+    async fn elect(&self, global: &[&str], target: &str) -> std::process::Output {
+        let mut args = global.to_vec();
+        args.extend_from_slice(&["broker", "elect", GROUP, "--replica", target]);
+        common::txmq(&self.ns_addrs()[0], &args, None).await
     }
 
     /// Starts broker `broker-<i>` of group `broker-a` with [`BROKER`]'s
@@ -1338,20 +1346,7 @@ async fn a_planned_switch_moves_the_master_without_an_error_for_the_producer() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let started = Instant::now();
-    let out = common::txmq(
-        &c.ns_addrs()[0],
-        &[
-            "--output",
-            "json",
-            "broker",
-            "elect",
-            GROUP,
-            "--replica",
-            &target,
-        ],
-        None,
-    )
-    .await;
+    let out = c.elect(&["--output", "json"], &target).await;
     assert!(
         out.status.success(),
         "txmq broker elect: {}\n{}",
@@ -1603,13 +1598,20 @@ async fn the_cli_sends_on_across_a_paused_master() {
     c.create_topic(TOPIC, 2).await;
     let before = c.wait_healthy(Duration::from_secs(30)).await;
     let old = before.master.clone().expect("a master");
-    let send = CliSend::start(&c, TOPIC, &["--wait-for-broker", "30s"], "p", LINES);
+    let send = StdinSend::start(
+        &c.ns_list(),
+        &[],
+        TOPIC,
+        &["--wait-for-broker", "30s"],
+        "p",
+        LINES,
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     c.broker_at(&old).signal("STOP");
     // Past the election (2 s) and the sends' timeouts (3 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
     c.broker_at(&old).signal("CONT");
-    let err = send.all_sent(&c);
+    let err = send.all_sent(&c.logs());
     assert!(
         err.contains("waiting up to 30s for a broker"),
         "the pause was waited out: {err}"
@@ -1620,68 +1622,6 @@ async fn the_cli_sends_on_across_a_paused_master() {
     let stored = stored_bodies(&master, TOPIC, 2).await;
     for i in 0..LINES {
         assert_eq!(stored.get(&format!("p{i}")), Some(&1), "p{i}: {stored:?}");
-    }
-}
-
-/// `txmq send TOPIC --stdin` (with `extra` flags) against the group's
-/// nameservers, fed `lines` lines `{prefix}{i}` 10 ms apart from a thread.
-struct CliSend {
-    child: std::process::Child,
-    writer: std::thread::JoinHandle<()>,
-    lines: usize,
-}
-
-impl CliSend {
-    fn start(
-        c: &Controlled,
-        topic: &str,
-        extra: &[&str],
-        prefix: &'static str,
-        lines: usize,
-    ) -> CliSend {
-        use std::io::Write as _;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(txmq_tests::binary("txmq"))
-            .args(["--nameserver", &c.ns_list(), "--output", "json"])
-            .args(["send", topic, "--stdin"])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("txmq send starts");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let writer = std::thread::spawn(move || {
-            for i in 0..lines {
-                writeln!(stdin, "{prefix}{i}").expect("write a line");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        CliSend {
-            child,
-            writer,
-            lines,
-        }
-    }
-
-    /// Waits for the command; asserts it exited 0 with every line sent.
-    /// Its stderr.
-    fn all_sent(self, c: &Controlled) -> String {
-        tokio::task::block_in_place(|| self.writer.join().expect("the writer"));
-        let out =
-            tokio::task::block_in_place(|| self.child.wait_with_output()).expect("txmq send ends");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(0), "{err}\n{}", c.logs());
-        // STORED_BEFORE: stored by an attempt whose answer was lost.
-        let sent = json_lines(&out.stdout)
-            .iter()
-            .filter(|l| {
-                ["SEND_OK", "FLUSH_DISK_TIMEOUT", "STORED_BEFORE"]
-                    .contains(&l["status"].as_str().unwrap_or(""))
-            })
-            .count();
-        assert_eq!(sent, self.lines, "{err}");
-        err
     }
 }
 
@@ -1699,20 +1639,15 @@ async fn the_cli_sends_on_across_a_planned_switch() {
     let c = Controlled::start("2s", &[]).await;
     c.create_topic(TOPIC, 2).await;
     let (_, _, target) = c.master_and_in_sync_slave().await;
-    let send = CliSend::start(&c, TOPIC, &[], "s", LINES);
+    let send = StdinSend::start(&c.ns_list(), &[], TOPIC, &[], "s", LINES);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let out = common::txmq(
-        &c.ns_addrs()[0],
-        &["broker", "elect", GROUP, "--replica", &target],
-        None,
-    )
-    .await;
+    let out = c.elect(&[], &target).await;
     assert!(
         out.status.success(),
         "txmq broker elect: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    send.all_sent(&c);
+    send.all_sent(&c.logs());
     let stored = stored_bodies(&target, TOPIC, 2).await;
     for i in 0..LINES {
         assert_eq!(stored.get(&format!("s{i}")), Some(&1), "s{i}: {stored:?}");
@@ -1729,20 +1664,7 @@ async fn a_planned_switch_to_a_paused_replica_is_refused() {
     let mut c = Controlled::start("2s", &[]).await;
     let (before, old, target) = c.master_and_in_sync_slave().await;
     c.broker_at(&target).signal("STOP");
-    let out = common::txmq(
-        &c.ns_addrs()[0],
-        &[
-            "--timeout",
-            "1s",
-            "broker",
-            "elect",
-            GROUP,
-            "--replica",
-            &target,
-        ],
-        None,
-    )
-    .await;
+    let out = c.elect(&["--timeout", "1s"], &target).await;
     c.broker_at(&target).signal("CONT");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(

@@ -211,41 +211,32 @@ fn standalone_mode_serves_the_readme_flow_and_a_taken_port_is_a_clear_error() {
     // A second broker on the same data directory fails at once, naming it
     // and the broker that has it (it would hand out the same positions,
     // and remove the segment the first one writes in).
+    let second = |args: &[&str]| {
+        let out = Command::new(binary("txmq-broker"))
+            .arg("--standalone")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     let other_ns = format!("127.0.0.1:{}", free_port());
     let other_listen = format!("127.0.0.1:{}", free_port());
-    let second = Command::new(binary("txmq-broker"))
-        .args([
-            "--standalone",
-            "--nameserver-listen",
-            &other_ns,
-            "--listen",
-            &other_listen,
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    let err = second(&["--nameserver-listen", &other_ns, "--listen", &other_listen]);
     assert!(
         err.contains("is in use by another broker") && err.contains(&format!("pid {}", child.id())),
         "{err}"
     );
     // And one on the same ports, with a directory of its own.
-    let second = Command::new(binary("txmq-broker"))
-        .args([
-            "--standalone",
-            "--nameserver-listen",
-            &ns,
-            "--listen",
-            &listen,
-            "--data-dir",
-            "other",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    let err = second(&[
+        "--nameserver-listen",
+        &ns,
+        "--listen",
+        &listen,
+        "--data-dir",
+        "other",
+    ]);
     assert!(
         err.contains("cannot listen on") || err.contains("Address already in use"),
         "{err}"
