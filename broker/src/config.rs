@@ -363,12 +363,17 @@ impl BrokerConfig {
         if self.standalone && sec.tls.cert.is_some() && sec.tls.ca.is_none() {
             return Err("--standalone with --tls-cert needs --tls-ca: the broker registers with its own nameserver over TLS and verifies it like any other".into());
         }
+        if sec.tls_client_auth && (sec.tls.cert.is_none() || sec.tls.key.is_none()) {
+            return Err("--tls-client-auth needs --tls-cert and --tls-key".into());
+        }
+        // Without credentials only a client certificate can sign the broker
+        // in, and only a server asking for one reads it.
         if self.standalone
             && sec.acl_file.is_some()
             && sec.credentials.is_none()
-            && sec.tls.cert.is_none()
+            && !(sec.tls_client_auth && sec.tls.cert.is_some())
         {
-            return Err("--standalone with --acl-file needs --access-key and --secret-key of a user with broker = true: the broker signs in to its own nameserver".into());
+            return Err("--standalone with --acl-file needs --access-key and --secret-key of a user with broker = true (or --tls-client-auth and a certificate whose common name is such a user): the broker signs in to its own nameserver".into());
         }
         let r = &self.replication;
         if r.min_insync_replicas == 0 {

@@ -111,7 +111,7 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
     match cmd {
         GroupCommand::List => {
             let answers = admin.list_groups_by_broker(None).await?;
-            let (lists, missing) = split(answers);
+            let (lists, missing) = split(answers)?;
             let mut rows = Vec::new();
             let mut objects = Vec::new();
             for list in &lists {
@@ -135,7 +135,7 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
         }
         GroupCommand::Show { group } => {
             let answers = admin.group_state_by_broker(&group, None).await?;
-            let (states, missing) = split(answers);
+            let (states, missing) = split(answers)?;
             match printer.format {
                 OutputFormat::Json => {
                     for s in &states {
@@ -183,7 +183,9 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
             let unknown = admin
                 .group_state_by_broker(&group, None)
                 .await
-                .is_ok_and(|answers| unknown_group(&split(answers).0));
+                .is_ok_and(|answers| {
+                    split(answers).is_ok_and(|(states, _)| unknown_group(&states))
+                });
             let answers = admin
                 .reset_offsets_by_broker(&group, &topic, to, None)
                 .await?;
@@ -358,7 +360,16 @@ fn differing_subscriptions(states: &[GroupState]) -> Option<Vec<String>> {
 }
 
 /// The answers, and the brokers that did not give one.
-fn split<T>(answers: Vec<BrokerAnswer<T>>) -> (Vec<T>, Missing) {
+///
+/// # Errors
+/// The first refusal when every broker refused (`ACCESS_DENIED`, say):
+/// as it is, rather than as brokers that did not answer.
+fn split<T>(mut answers: Vec<BrokerAnswer<T>>) -> Result<(Vec<T>, Missing)> {
+    if !answers.is_empty() && answers.iter().all(|a| refused(&a.result)) {
+        if let Err(e) = answers.swap_remove(0).result {
+            return Err(e.into());
+        }
+    }
     let mut ok = Vec::new();
     let mut missing = Vec::new();
     for a in answers {
@@ -367,7 +378,12 @@ fn split<T>(answers: Vec<BrokerAnswer<T>>) -> (Vec<T>, Missing) {
             Err(e) => missing.push((a.broker_name, a.addr, error_text(&e.into()))),
         }
     }
-    (ok, Missing(missing))
+    Ok((ok, Missing(missing)))
+}
+
+/// Whether a broker answered with an error (it was reached).
+fn refused<T>(result: &txmq::Result<T>) -> bool {
+    result.as_ref().is_err_and(|e| e.wire_error().is_some())
 }
 
 /// `group show` as text: the members, then each queue's owner, committed
@@ -478,7 +494,7 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
         Err(txmq::Error::NoRoute { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let (read, missing) = split(answers);
+    let (read, missing) = split(answers)?;
     let answered = read.len();
     let messages: Vec<_> = read.into_iter().flatten().collect();
     if messages.is_empty() && missing.0.is_empty() {
@@ -516,7 +532,7 @@ async fn resend(
             return Err(e.into());
         }
     }
-    let (answers, missing) = split(answers);
+    let (answers, missing) = split(answers)?;
     let mut resent = 0;
     let mut already = Vec::new();
     let mut not_found: Vec<txmq::MsgId> = Vec::new();

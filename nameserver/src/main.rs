@@ -253,6 +253,9 @@ async fn main() -> ExitCode {
     if args.broker_expiry.is_zero() {
         usage("--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into());
     }
+    if args.tls_client_auth && (args.tls_cert.is_none() || args.tls_key.is_none()) {
+        usage("--tls-client-auth needs --tls-cert and --tls-key".into());
+    }
     let controller = args.controller().unwrap_or_else(|m| usage(m));
     let credentials = args.credentials().unwrap_or_else(|m| usage(m));
     let logging = args

@@ -196,6 +196,13 @@ impl Acl {
             if entry.access_key.is_empty() {
                 return Err("a user has an empty access_key".into());
             }
+            if entry.secret_key.as_deref() == Some("") {
+                return Err(format!(
+                    "user '{}': secret_key is empty (leave it out for a user who signs in \
+                     with a client certificate only)",
+                    entry.access_key
+                ));
+            }
             let user = User {
                 secret: entry.secret_key.clone(),
                 admin: entry.admin,
@@ -555,6 +562,10 @@ mod tests {
         assert!(e.contains("listed twice"), "{e}");
         let e = Acl::parse("[[user]]\naccess_key = \"a\"\nadmn = true\n").unwrap_err();
         assert!(e.contains("admn"), "{e}");
+        // A secret left empty (a template not filled in, say) is no secret.
+        let e = Acl::parse("[[user]]\naccess_key = \"a\"\nsecret_key = \"\"\nadmin = true\n")
+            .unwrap_err();
+        assert!(e.contains("user 'a': secret_key is empty"), "{e}");
     }
 
     #[test]

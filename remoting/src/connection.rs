@@ -1574,7 +1574,7 @@ async fn greet(
                 .current()
                 .verify(&a.access_key, &challenge, &a.signature)
             {
-                warn!(peer = %inner.peer, access_key = %a.access_key, "authentication failed; closing");
+                warn!(peer = %inner.peer, access_key = ?a.access_key, "authentication failed; closing");
                 refuse(
                     conn,
                     auth_id,

@@ -26,9 +26,10 @@ use txmq::{
     TxContext, PERM_READ_WRITE,
 };
 use txmq_protocol::{
-    CommitOffset, EndTransaction, Heartbeat, Hello, HelloOk, LeaveGroup, OffsetTarget, PullRequest,
-    QueryOffset, QueueOwner, Request, Response, Role, Subscription, TxSource, WireError,
-    PROTOCOL_VERSION,
+    CommitOffset, EndTransaction, GetMessages, HalfMessage, Heartbeat, Hello, HelloOk, LeaveGroup,
+    OffsetTarget, PrepareTransaction, PullRequest, QueryOffset, QueueOwner, Request, Response,
+    Role, SendBack, StoredMessage, Subscription, TxOffset, TxSource, WireError,
+    PROPERTY_REAL_TOPIC, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{
@@ -68,6 +69,12 @@ access_key = "dave"
 secret_key = "dave-secret"
 topics = { "orders" = ["pub"] }
 groups = { "orders-tx" = ["sub"] }
+
+[[user]]
+access_key = "mallory"
+secret_key = "mallory-secret"
+topics = { "audit" = ["pub"] }
+groups = { "mg" = ["sub"], "mallory-tx" = ["tx"] }
 
 [[user]]
 access_key = "ops"
@@ -686,6 +693,140 @@ async fn reading_needs_sub_on_the_topic_and_the_group() {
     receive(&site, "alice", GROUP, TOPIC, "to read").await;
 }
 
+/// Handing a message back copies the record it names into the group's
+/// retry topic, where the group reads it: the record's topic must be one
+/// the user may read (a group's permission alone read any topic's bodies),
+/// and a consumer's own copy of a message, which may go back to the topic
+/// it names (its retry, an operator's re-send of its dead letter), needs
+/// `pub` there. A transaction's consumer offsets need their group, as a
+/// commit does. An operator reads a group's dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handing_back_and_transaction_offsets_need_what_they_touch() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    site.producer("alice")
+        .await
+        .send(Message::new(TOPIC, "confidential"))
+        .await
+        .expect("alice sends");
+    let carol = site.connect("carol", Role::Consumer, None).await;
+    let mut stored: Option<StoredMessage> = None;
+    for queue in 0..2 {
+        let pulled = carol
+            .call(PullRequest {
+                queue,
+                ..pull(TOPIC, None)
+            })
+            .await
+            .expect("carol reads orders");
+        stored = stored.or(pulled.messages.into_iter().next());
+    }
+    let stored = stored.expect("the message is stored");
+    let back = |group: &str, message: Option<StoredMessage>| SendBack {
+        group: group.into(),
+        log_offset: stored.log_offset,
+        delay_ms: Some(0),
+        max_reconsume_times: 16,
+        dead_letter: false,
+        msg_id: Some(stored.message.msg_id),
+        message: message.map(Box::new),
+    };
+
+    let mallory = site.connect("mallory", Role::Consumer, None).await;
+    assert_denied(
+        mallory.call(back("mg", None)).await,
+        "mallory",
+        "sub to topic 'orders'",
+    );
+    // A copy naming orders as its origin, as if from mg's retry topic.
+    let mut forged = stored.clone();
+    forged.message.topic = "%RETRY%mg".into();
+    forged.message.body = "forged".into();
+    forged
+        .message
+        .properties
+        .insert(PROPERTY_REAL_TOPIC.into(), TOPIC.into());
+    assert_denied(
+        mallory.call(back("mg", Some(forged))).await,
+        "mallory",
+        "pub to topic 'orders'",
+    );
+    // Straight to the dead letters, from where ops re-sends to orders.
+    assert_denied(
+        mallory
+            .call(SendBack {
+                dead_letter: true,
+                ..back("mg", None)
+            })
+            .await,
+        "mallory",
+        "sub to topic 'orders'",
+    );
+    let alice = site.connect("alice", Role::Consumer, None).await;
+    let sent_back = alice
+        .call(SendBack {
+            dead_letter: true,
+            ..back(GROUP, None)
+        })
+        .await
+        .expect("alice hands back what billing reads");
+    assert_eq!(sent_back.topic, "%DLQ%billing");
+    let ops = site.connect("ops", Role::Admin, None).await;
+    let letters = ops
+        .call(GetMessages {
+            topic: "%DLQ%billing".into(),
+            queue: 0,
+            offset: 0,
+            count: 16,
+        })
+        .await
+        .expect("ops reads billing's dead letters");
+    assert_eq!(letters.messages.len(), 1, "{letters:?}");
+
+    // mallory's transaction may not move billing's offset.
+    let tx = site
+        .connect("mallory", Role::TransactionProducer, Some("mallory-tx"))
+        .await;
+    let prepare = |group: &str| PrepareTransaction {
+        producer_group: "mallory-tx".into(),
+        messages: vec![HalfMessage {
+            queue: 0,
+            message: txmq::WireMessage::new("audit", "output"),
+        }],
+        first_check_delay_ms: None,
+        attempt: None,
+        producer: None,
+        offsets: vec![TxOffset {
+            group: group.into(),
+            topic: TOPIC.into(),
+            queue: stored.queue,
+            offset: 1,
+            expected: None,
+        }],
+    };
+    site.create_topic("audit").await;
+    assert_denied(
+        tx.call(prepare(GROUP)).await,
+        "mallory",
+        "consumer group 'billing'",
+    );
+    assert!(
+        site.admin("ops")
+            .await
+            .group_state_by_broker(GROUP, None)
+            .await
+            .expect("group state")
+            .into_iter()
+            .all(|a| a
+                .result
+                .expect("answer")
+                .queues
+                .iter()
+                .all(|q| q.committed.is_none())),
+        "billing's offsets did not move"
+    );
+}
+
 /// A transactional producer needs `tx` of its group (its hello is
 /// refused otherwise: it would receive the group's half messages in
 /// check-backs); prepares need `pub` too; ending by hand, the operator
@@ -811,6 +952,31 @@ async fn a_wrong_secret_fails_authentication() {
         .await
         .expect_err("no credentials");
     assert_eq!(e.code(), Some(ErrorCode::AuthenticationFailed), "{e}");
+    // An access key is logged escaped: it cannot forge a log line.
+    let config = ConnectionConfig {
+        credentials: Some(Credentials {
+            access_key: "evil\nFORGED broker registered".into(),
+            secret_key: "x".into(),
+        }),
+        ..ConnectionConfig::default()
+    };
+    Connection::connect(&site.broker.addr, hello(Role::Producer, None), None, config)
+        .await
+        .expect_err("an unknown user");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !site.broker.log_text().contains(r"evil\nFORGED") {
+        assert!(Instant::now() < deadline, "{}", site.broker.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !site
+            .broker
+            .log_text()
+            .lines()
+            .any(|l| l.starts_with("FORGED")),
+        "{}",
+        site.broker.log_text()
+    );
 }
 
 /// A user removed from the ACL file loses access at its next request,
@@ -1139,6 +1305,57 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     assert!(err.contains("bad.toml") && err.contains("fly"), "{err}");
     let err = run(&["--access-key", "broker"]);
     assert!(err.contains("--secret-key"), "{err}");
+    let empty_secret = pki.acl(
+        "empty.toml",
+        "[[user]]\naccess_key = \"x\"\nsecret_key = \"\"\nadmin = true\n",
+    );
+    let err = run(&["--acl-file", &path(&empty_secret)]);
+    assert!(err.contains("user 'x': secret_key is empty"), "{err}");
+
+    // Settings that cannot work together: usage errors, exit 2.
+    let usage = |flags: &[&str]| {
+        let out = std::process::Command::new(txmq_tests::binary("txmq-broker"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir", &data])
+            .args(["--nameserver", "127.0.0.1:1"])
+            .args(flags)
+            .output()
+            .expect("run txmq-broker");
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = usage(&["--tls-client-auth"]);
+    assert!(
+        err.contains("--tls-client-auth needs --tls-cert and --tls-key"),
+        "{err}"
+    );
+    // A standalone broker signs in to its own nameserver: without
+    // credentials only a client certificate, read under mutual TLS, can.
+    let good = pki.acl("good.toml", ACL);
+    let err = usage(&[
+        "--standalone",
+        "--acl-file",
+        &path(&good),
+        "--tls-cert",
+        &path(&server.cert),
+        "--tls-key",
+        &path(&server.key),
+        "--tls-ca",
+        &path(&pki.ca()),
+    ]);
+    assert!(
+        err.contains("--standalone with --acl-file needs --access-key and --secret-key"),
+        "{err}"
+    );
+    let out = std::process::Command::new(txmq_tests::binary("txmq-nameserver"))
+        .args(["--listen", "127.0.0.1:0", "--tls-client-auth"])
+        .output()
+        .expect("run txmq-nameserver");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-client-auth needs --tls-cert and --tls-key"),
+        "{err}"
+    );
 }
 
 /// A clustering group's offset commit must name its owner, a member of

@@ -96,10 +96,17 @@ fn needs(
             Ok(())
         }
         Request::LeaveGroup(r) => check(Op::Group(&r.group)),
+        // The record it names is checked too, once read (`send_back_needs`).
         Request::SendBack(r) => check(Op::Group(&r.group)),
         Request::PrepareTransaction(r) => {
             for h in &r.messages {
                 check(Op::Pub(&h.message.topic))?;
+            }
+            // Offsets committed with the transaction: as a commit of each.
+            for (i, o) in r.offsets.iter().enumerate() {
+                if !r.offsets[..i].iter().any(|p| p.group == o.group) {
+                    check(Op::Group(&o.group))?;
+                }
             }
             check(Op::Tx(&r.producer_group))
         }
@@ -123,19 +130,19 @@ fn needs(
         // Queue bounds and store times, no bodies: what a subscriber of
         // the topic may see, and an operator (the subscriber's refusal is
         // the one reported).
-        Request::GetTopicStatus(r) => check(Op::Sub(&r.topic)).or_else(|refused| {
-            check(Op::Admin(&format!("see the status of topic {}", r.topic))).map_err(|_| refused)
-        }),
+        Request::GetTopicStatus(r) => sub_or_admin(&r.topic, "see the status of", check),
         Request::ReplicaFetch(_) | Request::ReplicaAck(_) | Request::EpochEnd(_) => {
             check(Op::Cluster(&format!(
                 "replicate the log of broker {}",
                 b.config.broker_name
             )))
         }
-        // Reading message bodies of a topic; a lookup by id may find any
-        // topic's message, so it is an operator's.
-        Request::FindMessages(r) => check(Op::Sub(&r.topic)),
-        Request::GetMessages(r) => check(Op::Sub(&r.topic)),
+        // Reading message bodies of a topic: a subscriber's, and an
+        // operator's (who may look any message up by id, and re-sends dead
+        // letters: `txmq dlq list` shows them); the subscriber's refusal
+        // is the one reported.
+        Request::FindMessages(r) => sub_or_admin(&r.topic, "read", check),
+        Request::GetMessages(r) => sub_or_admin(&r.topic, "read", check),
         Request::LookupMessage(r) => check(Op::Admin(&format!("look up message {}", r.msg_id))),
         // Read-only metadata, pings, producer ids; and requests a broker
         // does not serve (refused as unsupported once signed in).
@@ -146,22 +153,69 @@ fn needs(
     }
 }
 
+/// `sub` of `topic`, or `admin` (to `what` the topic); the subscriber's
+/// refusal is the one reported. Checks `admin` only when `sub` is refused.
+fn sub_or_admin(
+    topic: &str,
+    what: &str,
+    mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    check(Op::Sub(topic))
+        .or_else(|refused| check(Op::Admin(&format!("{what} topic {topic}"))).map_err(|_| refused))
+}
+
 /// A pull reads a topic as a consumer group: `sub` of the topic and of
 /// the group; the group's own retry topic needs only the group.
 fn pull_needs(
     r: &PullRequest,
+    check: impl FnMut(Op<'_>) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    read_needs(&r.topic, r.owner.as_ref().map(|o| o.group.as_str()), check)
+}
+
+/// Reading `topic` (as `group` when named).
+fn read_needs(
+    topic: &str,
+    group: Option<&str>,
     mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,
 ) -> Result<(), WireError> {
-    let group = r.owner.as_ref().map(|o| o.group.as_str());
-    let retry_of = r.topic.strip_prefix(txmq_protocol::RETRY_TOPIC_PREFIX);
+    let retry_of = topic.strip_prefix(txmq_protocol::RETRY_TOPIC_PREFIX);
     match (group, retry_of) {
         (Some(g), Some(of)) if g == of => check(Op::Group(g)),
         (None, Some(of)) => check(Op::Group(of)),
         (Some(g), _) => {
-            check(Op::Sub(&r.topic))?;
+            check(Op::Sub(topic))?;
             check(Op::Group(g))
         }
-        (None, None) => check(Op::Sub(&r.topic)),
+        (None, None) => check(Op::Sub(topic)),
+    }
+}
+
+/// What a handed-back message needs, known once the broker has it: its
+/// record is copied into the group's retry topic, where the group reads
+/// it, so its topic must be one the group's user may read (as a pull of
+/// it); a consumer's own copy of a message whose record is gone may, as
+/// a retry or an operator's re-send of a dead letter, go back to the topic
+/// it names as its origin, so it needs `pub` there too. `None` for the
+/// broker's own hand-backs (a pop's dead letters).
+///
+/// # Errors
+/// `ACCESS_DENIED`.
+pub(crate) fn send_back_needs(
+    b: &BrokerInner,
+    conn: Option<&Connection>,
+    group: &str,
+    topic: &str,
+    copy_from: Option<&str>,
+) -> Result<(), WireError> {
+    let Some(conn) = conn.filter(|_| b.security.authenticates()) else {
+        return Ok(());
+    };
+    let mut check = |op: Op<'_>| b.security.check(conn, op);
+    read_needs(topic, Some(group), &mut check)?;
+    match copy_from {
+        Some(origin) => check(Op::Pub(origin)),
+        None => Ok(()),
     }
 }
 

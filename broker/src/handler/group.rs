@@ -12,6 +12,7 @@ use txmq_protocol::{
 };
 use txmq_remoting::Connection;
 
+use super::authorize::send_back_needs;
 use super::{bad_argument, offset::validate_group, store_error, topic};
 use crate::groups::{self, Beat};
 use crate::store::record::RecordKind;
@@ -103,11 +104,22 @@ fn backoff_ms(b: &BrokerInner, attempt: u32) -> u64 {
     delays.get(i).map_or(1000, |d| d.as_millis() as u64)
 }
 
-pub(crate) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack, WireError> {
+/// Copies a message a consumer of `req.group` hands back (or the broker
+/// itself, `conn` `None`) into the group's retry or dead-letter topic.
+pub(crate) async fn send_back(
+    b: &BrokerInner,
+    conn: Option<&Connection>,
+    req: SendBack,
+) -> Result<SentBack, WireError> {
     super::offset::validate_retrying_group(&req.group)?;
     let (mut message, queue) = match req.message {
         // The consumer's copy, for a record that is gone.
-        Some(stored) => (stored.message, stored.queue),
+        Some(stored) => {
+            let m = &stored.message;
+            let origin = m.properties.get(PROPERTY_REAL_TOPIC).unwrap_or(&m.topic);
+            send_back_needs(b, conn, &req.group, &m.topic, Some(origin))?;
+            (stored.message, stored.queue)
+        }
         None => {
             let Some((record, _)) = b.store.read_record_at(req.log_offset) else {
                 return Err(WireError::new(
@@ -127,6 +139,7 @@ pub(crate) async fn send_back(b: &BrokerInner, req: SendBack) -> Result<SentBack
                     req.log_offset
                 )));
             }
+            send_back_needs(b, conn, &req.group, &record.message.topic, None)?;
             if let Some(id) = req.msg_id.filter(|id| *id != record.message.msg_id) {
                 return Err(WireError::new(
                     ErrorCode::OffsetOutOfRange,

@@ -164,7 +164,9 @@ impl Service for BrokerService {
                     .await
                     .map(Response::Heartbeat),
                 Request::LeaveGroup(r) => group::leave(&b, r).map(Response::LeaveGroup),
-                Request::SendBack(r) => group::send_back(&b, *r).await.map(Response::SendBack),
+                Request::SendBack(r) => group::send_back(&b, Some(&conn), *r)
+                    .await
+                    .map(Response::SendBack),
                 Request::ListGroups(_) => Ok(Response::ListGroups(group::list(&b))),
                 Request::GetGroupState(r) => group::state(&b, r).map(GetGroupState::response),
                 Request::ResetOffset(r) => group::reset(&b, r).await.map(Response::ResetOffset),

@@ -437,7 +437,7 @@ async fn dead_letter(
         msg_id: Some(message.message.msg_id),
         message: None,
     };
-    crate::handler::group::send_back(b, back).await?;
+    crate::handler::group::send_back(b, None, back).await?;
     let a = b
         .store
         .pop_ack(key.clone(), handle.offset, handle.receipt, true)
