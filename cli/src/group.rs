@@ -364,7 +364,7 @@ fn differing_subscriptions(states: &[GroupState]) -> Option<Vec<String>> {
 /// # Errors
 /// The first refusal when every broker refused (`ACCESS_DENIED`, say):
 /// as it is, rather than as brokers that did not answer.
-fn split<T>(mut answers: Vec<BrokerAnswer<T>>) -> Result<(Vec<T>, Missing)> {
+pub(crate) fn split<T>(mut answers: Vec<BrokerAnswer<T>>) -> Result<(Vec<T>, Missing)> {
     if !answers.is_empty() && answers.iter().all(|a| refused(&a.result)) {
         if let Err(e) = answers.swap_remove(0).result {
             return Err(e.into());

@@ -101,6 +101,20 @@ impl ListFilter {
         self.state.is_some() || self.group.is_some() || self.older_than.is_some()
     }
 
+    /// The request asking a broker for what the filters keep.
+    fn request(&self) -> txmq::ListTransactions {
+        txmq::ListTransactions {
+            state: self.state.map(|s| match s {
+                ListState::Pending => TxState::Prepared,
+                ListState::Parked => TxState::Parked,
+            }),
+            group: self.group.clone(),
+            older_than_ms: self
+                .older_than
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
     fn keeps(&self, t: &TxInfo) -> bool {
         let state = match self.state {
             None => true,
@@ -394,13 +408,30 @@ async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
 
 async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
-    let lists = admin.list_transactions(broker).await;
+    let answers = admin
+        .list_transactions_by_broker(filter.request(), broker)
+        .await;
     admin.close().await.ok();
-    let mut lists = lists?;
+    let (mut lists, missing) = crate::group::split(answers?)?;
     for l in &mut lists {
+        // Also kept by brokers older than the filters.
         l.transactions.retain(|t| filter.keeps(t));
     }
-    let matching: usize = lists.iter().map(|l| l.transactions.len()).sum();
+    let matching: u64 = lists
+        .iter()
+        .map(|l| l.matching.max(l.transactions.len() as u64))
+        .sum();
+    for l in lists
+        .iter()
+        .filter(|l| l.matching > l.transactions.len() as u64)
+    {
+        eprintln!(
+            "note: broker {} lists the oldest {} of the {} transactions that match",
+            l.broker_name,
+            l.transactions.len(),
+            l.matching
+        );
+    }
     let printer = Printer::stdout(global.output);
     match printer.format {
         OutputFormat::Text => {
@@ -415,7 +446,13 @@ async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) ->
             }
         }
     }
+    // Something matches: exit 1 (an alert), also when a broker did not
+    // answer; nothing matches where the brokers answered: exit 3 when some
+    // did not (nothing can be said of them).
     if filter.is_set() && matching > 0 {
+        if let Err(e) = missing.finish(&printer, lists.len(), "list the transactions of") {
+            eprintln!("warning: {e}");
+        }
         return Err(crate::exit::with_code(
             crate::exit::FAILURE,
             format!(
@@ -425,32 +462,72 @@ async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) ->
             ),
         ));
     }
-    Ok(())
+    missing.finish(&printer, lists.len(), "list the transactions of")
 }
 
 async fn show(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
-    let shown = admin.show_transaction(tx_id, broker).await;
+    let answers = admin.show_transaction_by_broker(tx_id, broker).await;
     admin.close().await.ok();
+    let mut answers = answers?;
+    let asked: Vec<String> = answers.iter().map(|a| a.broker_name.clone()).collect();
+    // Brokers that do not know the id answered too.
+    answers.retain(|a| {
+        a.result
+            .as_ref()
+            .err()
+            .is_none_or(|e| e.code() != Some(txmq::ErrorCode::UnknownTransaction))
+    });
+    if answers.is_empty() {
+        return Err(txmq::Error::UnknownTransaction {
+            tx_id,
+            brokers: asked,
+        }
+        .into());
+    }
+    let (shown, missing) = crate::group::split(answers)?;
     let printer = Printer::stdout(global.output);
-    for d in shown? {
+    let knew_not = asked.len() - shown.len() - missing.0.len();
+    if shown.is_empty() {
+        eprintln!("note: no broker that answered knows transaction {tx_id}");
+    }
+    for d in &shown {
         match printer.format {
             OutputFormat::Text => {
-                for line in detail_text(&d, txmq::now_millis()) {
+                for line in detail_text(d, txmq::now_millis()) {
                     printer.line(&line)?;
                 }
             }
-            OutputFormat::Json => printer.json(&detail_json(&d))?,
+            OutputFormat::Json => printer.json(&detail_json(d))?,
         }
     }
-    Ok(())
+    // Ids are unique per broker only: one that did not answer may hold
+    // another transaction of this id.
+    missing.finish(
+        &printer,
+        shown.len() + knew_not,
+        "look for the transaction on",
+    )
+}
+
+/// A recheck or resolve without `--broker` asks every broker where the id
+/// is: one that cannot be asked stops it (it may hold a transaction of the
+/// same id), and the error says how to go on.
+fn unasked_hint(e: txmq::Error, tx_id: u64, named: bool) -> anyhow::Error {
+    if named || e.wire_error().is_some() || e.code().is_some() {
+        return e.into();
+    }
+    anyhow::Error::new(e).context(format!(
+        "cannot ask every broker for transaction {tx_id}; name the one that holds it with \
+         --broker (`txmq tx show {tx_id}` shows where it is)"
+    ))
 }
 
 async fn recheck(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<()> {
     let admin = Admin::with_config(global.client_config()?).await?;
     let done = admin.recheck_transaction(tx_id, broker).await;
     admin.close().await.ok();
-    let r = done?;
+    let r = done.map_err(|e| unasked_hint(e, tx_id, broker.is_some()))?;
     let printer = Printer::stdout(global.output);
     let previous = match r.previous {
         TxState::Parked => "was parked; un-parked",
@@ -604,7 +681,8 @@ async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
         .resolve_transaction(args.tx_id, action, args.broker.as_deref())
         .await;
     admin.close().await.ok();
-    let (broker, ended) = resolved?;
+    let (broker, ended) =
+        resolved.map_err(|e| unasked_hint(e, args.tx_id, args.broker.is_some()))?;
     let printer = Printer::stdout(global.output);
     match printer.format {
         OutputFormat::Text => printer.line(&resolved_text(args.tx_id, &broker, &ended)),
@@ -1041,6 +1119,7 @@ mod tests {
                 parked: 1,
                 pending: 2,
             },
+            matching: 2,
         }]
     }
 

@@ -8,7 +8,7 @@ use txmq_protocol::{
     BrokerGroupState, BrokerInfo, BrokerRole, ControllerInfo, CreateTopic, ElectMaster,
     EndTransaction, Ended, ErrorCode, GetControllerInfo, GetReplication, ListTransactions,
     ReplicationInfo, Role, TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction,
-    TxSource,
+    TxSource, TxState,
 };
 
 pub use txmq_protocol::{GroupList, GroupState, OffsetsReset};
@@ -368,10 +368,27 @@ impl Admin {
         let answers = join_all(
             targets
                 .iter()
-                .map(|(name, addr)| self.ask(name, addr, ListTransactions {})),
+                .map(|(name, addr)| self.ask(name, addr, ListTransactions::default())),
         )
         .await;
         answers.into_iter().collect()
+    }
+
+    /// As [`Admin::list_transactions`], only the transactions `filter`
+    /// keeps (filtered by each broker before it cuts its list at its oldest
+    /// 1000; [`TransactionList::matching`] counts them all), with each
+    /// broker's answer or failure apart, by broker name (see
+    /// [`Admin::list_groups_by_broker`]).
+    ///
+    /// # Errors
+    /// As [`Admin::list_groups_by_broker`].
+    pub async fn list_transactions_by_broker(
+        &self,
+        filter: ListTransactions,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<TransactionList>>> {
+        let targets = self.targets(broker).await?;
+        Ok(self.ask_each(targets, filter).await)
     }
 
     /// Every broker's store counters (or one broker's): records, bytes and
@@ -679,21 +696,22 @@ impl Admin {
         let targets = self.targets(None).await?;
         let all: Vec<String> = targets.iter().map(|t| t.0.clone()).collect();
 
-        // First, without changing anything: who lists it as pending or parked?
-        let lists = join_all(
-            targets
-                .iter()
-                .map(|(name, addr)| self.ask(name, addr, ListTransactions {})),
-        )
-        .await;
+        // First, without changing anything: who holds it pending or parked?
+        // (Asked by id: a list stops at a broker's oldest 1000.)
+        let shown =
+            join_all(targets.iter().map(|(name, addr)| {
+                self.ask(name, addr, txmq_protocol::ShowTransaction { tx_id })
+            }))
+            .await;
         let mut unreachable = None;
         let mut pending_on = Vec::new();
-        for (target, list) in targets.iter().zip(lists) {
-            match list {
-                Ok(list) if list.transactions.iter().any(|t| t.tx_id == tx_id) => {
+        for (target, shown) in targets.iter().zip(shown) {
+            match shown {
+                Ok(d) if matches!(d.state, TxState::Prepared | TxState::Parked) => {
                     pending_on.push(target.clone())
                 }
                 Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::UnknownTransaction) => {}
                 Err(e) => {
                     tracing::warn!(broker = %target.0, error = %crate::error::chain(&e), "cannot list the broker's transactions");
                     unreachable.get_or_insert(e);

@@ -49,6 +49,21 @@ impl Admin {
         Ok(found)
     }
 
+    /// As [`Admin::show_transaction`], with each broker's answer or failure
+    /// apart, by broker name (`UNKNOWN_TRANSACTION` from the brokers that
+    /// do not know the id; see [`Admin::list_groups_by_broker`]).
+    ///
+    /// # Errors
+    /// As [`Admin::list_groups_by_broker`].
+    pub async fn show_transaction_by_broker(
+        &self,
+        tx_id: u64,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<TxDetail>>> {
+        let targets = self.targets(broker).await?;
+        Ok(self.ask_each(targets, ShowTransaction { tx_id }).await)
+    }
+
     /// Un-parks transaction `tx_id` and has its broker check it back now,
     /// with a fresh allowance of checks; a prepared one is checked now.
     ///

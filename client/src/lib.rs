@@ -118,9 +118,9 @@ pub use txmq_remoting::Error as RemotingError;
 pub use txmq_remoting::{Credentials, TlsClient, TlsFiles, TlsSetupError};
 
 pub use txmq_protocol::{
-    BrokerInfo, BrokerQueues, Ended, ErrorCode, MsgId, SendStatus, StoredMessage, TopicConfig,
-    TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState, WireError,
-    PERM_READ, PERM_READ_WRITE, PERM_WRITE,
+    BrokerInfo, BrokerQueues, Ended, ErrorCode, ListTransactions, MsgId, SendStatus, StoredMessage,
+    TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState,
+    WireError, PERM_READ, PERM_READ_WRITE, PERM_WRITE,
 };
 
 /// Transaction forensics, dead-letter resend and topic administration

@@ -204,6 +204,7 @@ impl FakeBroker {
             .collect();
         TransactionList {
             broker_name: self.name.clone(),
+            matching: transactions.len() as u64,
             counters: TxCounters {
                 prepared: txs.len() as u64,
                 pending: transactions.len() as u64,

@@ -837,9 +837,21 @@ pub struct CheckAnswer {
     pub resolution: TxResolution,
 }
 
-/// List pending and parked transactions.
+/// List pending and parked transactions, the oldest first, those the
+/// filters keep (all of them without filters).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ListTransactions {}
+pub struct ListTransactions {
+    /// Only transactions in this state: [`TxState::Prepared`] (being
+    /// checked back) or [`TxState::Parked`].
+    #[serde(default)]
+    pub state: Option<TxState>,
+    /// Only this producer group's.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Only those prepared more than this many milliseconds ago.
+    #[serde(default)]
+    pub older_than_ms: Option<u64>,
+}
 
 /// A transaction not yet ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -886,10 +898,15 @@ pub struct TxCounters {
 pub struct TransactionList {
     /// The broker's name.
     pub broker_name: String,
-    /// Pending and parked transactions, oldest first.
+    /// Pending and parked transactions the request's filters keep, oldest
+    /// first; at most the broker's list limit of them (1000).
     pub transactions: Vec<TxInfo>,
     /// Counters.
     pub counters: TxCounters,
+    /// How many transactions the filters keep in all: more than
+    /// `transactions` holds when the list was cut at its limit.
+    #[serde(default)]
+    pub matching: u64,
 }
 
 /// Ask a broker for its store counters.

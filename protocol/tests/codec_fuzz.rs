@@ -353,7 +353,7 @@ fn request() -> impl Strategy<Value = Request> {
                     }))
                 }
             ),
-        Just(Request::ListTransactions(ListTransactions {})),
+        Just(Request::ListTransactions(ListTransactions::default())),
         Just(Request::GetStoreStats(GetStoreStats {})),
         (text(), signature()).prop_map(|(access_key, signature)| Request::Authenticate(
             Authenticate {
@@ -479,6 +479,7 @@ fn response() -> impl Strategy<Value = Result<Response, WireError>> {
             |(broker_name, transactions)| Ok(Response::ListTransactions(Box::new(
                 TransactionList {
                     broker_name,
+                    matching: transactions.len() as u64,
                     transactions,
                     counters: TxCounters::default(),
                 }

@@ -657,6 +657,96 @@ async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_pa
     cluster.shutdown().await;
 }
 
+/// `tx list` and `tx show` answer for the brokers that respond and name
+/// the silent one (exit 3), as `group show` does: they failed whole, so
+/// an operator lost transaction forensics in a partial outage, and a
+/// filtered list (a cron alert) could not tell a paused broker from a
+/// match. A match is still exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_list_and_show_answer_for_the_brokers_that_respond() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    let sent = txmq(
+        &ns,
+        &[
+            "--output", "json", "tx", "send", "shared", "--group", "pg", "--body", "t", "--local",
+            "unknown",
+        ],
+        None,
+    )
+    .await;
+    assert!(sent.status.success(), "{sent:?}");
+    let tx_id = json_lines(&sent.stdout)[0]["tx_id"]
+        .as_u64()
+        .expect("tx_id")
+        .to_string();
+    let shown = txmq(&ns, &["--output", "json", "tx", "show", &tx_id], None).await;
+    assert!(shown.status.success(), "{shown:?}");
+    let holder = text(&json_lines(&shown.stdout)[0], "broker");
+    let (silent, name) = if holder == "broker-a" {
+        (&b, "broker-b")
+    } else {
+        (&a, "broker-a")
+    };
+    pause(silent);
+
+    let out = txmq(
+        &ns,
+        &["--timeout", "1s", "--output", "json", "tx", "list"],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    let objects = json_lines(&out.stdout);
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["tx_id"].as_u64().map(|t| t.to_string()) == Some(tx_id.clone())),
+        "{objects:?}"
+    );
+    assert_eq!(
+        objects.last().expect("output")["unreachable"],
+        serde_json::json!([name])
+    );
+
+    let out = txmq(
+        &ns,
+        &["--timeout", "1s", "tx", "list", "--state", "pending"],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a match: {err}");
+    assert!(
+        err.contains(name) && err.contains("1 transaction matches"),
+        "{err}"
+    );
+
+    let out = txmq(
+        &ns,
+        &["--timeout", "1s", "--output", "json", "tx", "show", &tx_id],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "partial: {err}");
+    assert_eq!(text(&json_lines(&out.stdout)[0], "broker"), holder, "{err}");
+    assert!(err.contains(name), "{err}");
+    let out = txmq(&ns, &["--timeout", "1s", "tx", "recheck", &tx_id], None).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("name the one that holds it with --broker"),
+        "{err}"
+    );
+
+    silent.signal("CONT");
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
 /// Runs `txmq args` (with JSON output), which must succeed with a line
 /// from each of the two brokers.
 async fn answered_by_both(ns: &str, args: &[&str]) {

@@ -747,7 +747,7 @@ async fn kill_masters(kills: usize, load: bool) -> Vec<Duration> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let conn = connect_as(&master, Role::Admin).await;
-        let list = conn.call(ListTransactions {}).await;
+        let list = conn.call(ListTransactions::default()).await;
         conn.close();
         let list = list.expect("ListTransactions at the master");
         if list.transactions.is_empty() {

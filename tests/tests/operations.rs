@@ -654,6 +654,128 @@ fn a_deleted_topic_is_unknown_with_auto_create_off() {
     fails_with(&s.cli(&["topic", "delete", "typo"]), "does not exist");
 }
 
+/// `tx list`'s filters are the broker's, before it cuts its list at the
+/// oldest 1000: one parked transaction behind 1001 pending ones is listed
+/// (`--state parked` exited 0, "nothing parked", while it was), and a cut
+/// list says so. An operator resolves a transaction past the oldest 1000
+/// by id.
+#[test]
+fn tx_list_filters_see_past_the_oldest_thousand() {
+    let s = Setup::start(&[
+        "--transaction-timeout",
+        "1h",
+        "--transaction-check-interval",
+        "100ms",
+        "--transaction-check-max",
+        "1",
+    ]);
+    ok(&s.cli(&["topic", "create", "many", "--queues", "2"]));
+    ok(&s.cli(&[
+        "bench",
+        "tx",
+        "many",
+        "--count",
+        "1001",
+        "--unknown-ratio",
+        "1",
+        "--size",
+        "10",
+        "--group",
+        "pold",
+        "--grace",
+        "0s",
+        "--warmup",
+        "0s",
+    ]));
+    let parked = tx_send(
+        &s,
+        &[
+            "many",
+            "--group",
+            "ppark",
+            "--body",
+            "stuck",
+            "--local",
+            "unknown",
+            "--check",
+            "unknown",
+            "--first-check-delay",
+            "100ms",
+            "--linger",
+            "2s",
+        ],
+    );
+    wait_until("it is parked", || show(&s, parked)["state"] == "parked");
+    for filter in [&["--state", "parked"][..], &["--group", "ppark"]] {
+        let mut args = vec!["tx", "list"];
+        args.extend_from_slice(filter);
+        let (out, lines) = s.json(&args);
+        assert_eq!(out.status.code(), Some(1), "{filter:?}: {}", stderr(&out));
+        let ids: Vec<u64> = lines.iter().filter_map(|l| l["tx_id"].as_u64()).collect();
+        assert_eq!(ids, [parked], "{filter:?}: {lines:?}");
+    }
+    let all = s.cli(&["tx", "list"]);
+    ok(&all);
+    assert!(
+        stderr(&all).contains("lists the oldest 1000 of the 1002 transactions that match"),
+        "{}",
+        stderr(&all)
+    );
+    let newest = s.cli(&["tx", "resolve", &parked.to_string(), "--rollback"]);
+    ok(&newest);
+    assert_eq!(show(&s, parked)["state"], "rolled_back");
+}
+
+/// A consumer that keeps running while its topic is deleted and made
+/// again reads the new topic from its first message: its old position
+/// (5) is neither pulled from nor committed there (it skipped the new
+/// topic's first five messages, and every tool showed them consumed).
+#[test]
+fn a_consumer_across_a_topic_delete_and_remake_reads_the_new_topic_from_its_start() {
+    let s = Setup::start(&[]);
+    ok(&s.cli(&["topic", "create", "remade", "--queues", "1"]));
+    ok(&s.cli(&["send", "remade", "--body", "old", "--count", "5"]));
+    let consumer = std::process::Command::new(txmq_tests::binary("txmq"))
+        .args([
+            "--nameserver",
+            &s.ns,
+            "--output",
+            "json",
+            "consume",
+            "remade",
+        ])
+        .args(["--group", "g", "--count", "13", "--idle-timeout", "6s"])
+        .args(["--commit-interval", "100ms", "--route-refresh", "300ms"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start txmq consume");
+    wait_until("the old messages are consumed and committed", || {
+        let (out, lines) = s.json(&["group", "show", "g"]);
+        out.status.success()
+            && lines
+                .iter()
+                .flat_map(|l| l["queues"].as_array().cloned().unwrap_or_default())
+                .any(|q| q["topic"] == "remade" && q["committed"] == 5)
+    });
+    ok(&s.cli(&["topic", "delete", "remade"]));
+    ok(&s.cli(&["topic", "create", "remade", "--queues", "1"]));
+    ok(&s.cli(&["send", "remade", "--body", "new", "--count", "8"]));
+    let out = consumer.wait_with_output().expect("consume ends");
+    let bodies: Vec<String> = json_lines(&out.stdout)
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        bodies.iter().filter(|b| *b == "new").count(),
+        8,
+        "every message of the topic made again: {bodies:?}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
 /// The users of the permission test: an operator, and an application that
 /// may publish to and read `orders` only.
 const ACL: &str = r#"

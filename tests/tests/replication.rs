@@ -203,7 +203,7 @@ async fn send_raw(addr: &str, topic: &str, queue: u32, body: &str) -> SendStatus
 }
 
 async fn list_transactions(addr: &str) -> TransactionList {
-    call(addr, ListTransactions {})
+    call(addr, ListTransactions::default())
         .await
         .unwrap_or_else(|e| panic!("ListTransactions at {addr}: {e}"))
 }

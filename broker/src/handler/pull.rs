@@ -47,7 +47,8 @@ pub(super) async fn handle(
         .store
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
-    if let Some(back) = rewritten(b, &req) {
+    let epoch = queue_epoch(b, &queue);
+    if let Some(back) = rewritten(b, &req, epoch) {
         return Ok(back);
     }
     let deadline =
@@ -56,6 +57,18 @@ pub(super) async fn handle(
     let mut skipped = 0;
     let mut waited = false;
     loop {
+        if queue.is_discarded() {
+            // Deleted while this pull waited (and maybe made again: new
+            // queues, offsets from 0, where this reader's position means
+            // nothing).
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!(
+                    "topic '{}' was deleted on broker {} while this pull waited",
+                    req.topic, b.config.broker_name
+                ),
+            ));
+        }
         // Register interest before looking, so an arrival in between still wakes us.
         let (_interest, arrived) = queue.arrival();
         tokio::pin!(arrived);
@@ -112,7 +125,7 @@ pub(super) async fn handle(
                 next_offset: r.next_offset,
                 min_offset: r.min_offset,
                 max_offset: r.max_offset,
-                epoch: b.epoch,
+                epoch,
             });
         }
         timer.pause();
@@ -147,27 +160,36 @@ fn check_readable(b: &BrokerInner, conn: &Connection, req: &PullRequest) -> Resu
     super::group::check_reader(b, conn, req.owner.as_ref(), &req.topic, req.queue)
 }
 
-/// A reader last answered by an earlier run of this broker whose last
-/// message no longer stands where it read it: the log came back cut short
-/// (a power cut under async flush) and new messages took the lost offsets,
-/// so the queue may have grown back past the reader's position and a short
-/// queue would not show. The answer sends the reader below its position
+/// A reader last answered by an earlier run of this broker (or by an
+/// earlier queue of the same name: its topic was deleted and made again)
+/// whose last message no longer stands where it read it: the log came back
+/// cut short (a power cut under async flush) and new messages took the
+/// lost offsets, or the new topic's messages did, so the queue may have
+/// grown back past the reader's position and a short queue would not show. The answer sends the reader below its position
 /// (to that offset), which makes it go back to the group's committed offset.
-fn rewritten(b: &BrokerInner, req: &PullRequest) -> Option<PullResult> {
+fn rewritten(b: &BrokerInner, req: &PullRequest, epoch: u64) -> Option<PullResult> {
     let (at, id) = req.after?;
-    if req.epoch == 0 || req.epoch == b.epoch || at >= req.offset {
+    if req.epoch == 0 || req.epoch == epoch || at >= req.offset {
         return None;
     }
     let (min, max) = b.store.queue_bounds(&req.topic, req.queue)?;
     if at < min || b.store.msg_id_at(&req.topic, req.queue, at) == Some(id) {
         return None;
     }
-    tracing::info!(topic = %req.topic, queue = req.queue, offset = at, %id, "a reader's last message is no longer in the queue (the log came back cut short); sending it back");
+    tracing::info!(topic = %req.topic, queue = req.queue, offset = at, %id, "a reader's last message is no longer in the queue (the log came back cut short, or the topic was deleted and made again); sending it back");
     Some(PullResult {
         messages: Vec::new(),
         next_offset: at,
         min_offset: min,
         max_offset: max,
-        epoch: b.epoch,
+        epoch,
     })
+}
+
+/// What a pull's answer names as the run that answered it: the broker's
+/// run and the queue object, so that a reader of a topic deleted and made
+/// again under its name meets the same check as after a restart (its
+/// last message is not where it read it: it goes back).
+fn queue_epoch(b: &BrokerInner, queue: &crate::store::consume_queue::ConsumeQueue) -> u64 {
+    (b.epoch ^ queue.incarnation().wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1)
 }

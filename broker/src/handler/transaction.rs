@@ -204,8 +204,8 @@ async fn replicated(b: &BrokerInner, status: SendStatus) -> SendStatus {
     }
 }
 
-pub(super) fn list(b: &BrokerInner, _req: ListTransactions) -> TransactionList {
-    b.transactions.list()
+pub(super) fn list(b: &BrokerInner, req: ListTransactions) -> TransactionList {
+    b.transactions.list(&req)
 }
 
 pub(super) fn show(

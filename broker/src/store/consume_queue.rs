@@ -106,7 +106,13 @@ pub struct ConsumeQueue {
     arrived: Notify,
     /// The long polls holding an [`Interest`].
     interested: AtomicUsize,
+    /// Which queue object this is in the broker's run (see
+    /// [`ConsumeQueue::incarnation`]).
+    incarnation: u64,
 }
+
+/// The incarnation of the next queue opened in this process.
+static NEXT_INCARNATION: AtomicU64 = AtomicU64::new(1);
 
 /// A long poll's interest in a queue's growth (see [`ConsumeQueue::arrival`]).
 #[must_use = "a publish wakes only the polls that hold an interest"]
@@ -164,6 +170,7 @@ impl ConsumeQueue {
             spare: std::sync::Mutex::new(None),
             arrived: Notify::new(),
             interested: AtomicUsize::new(0),
+            incarnation: NEXT_INCARNATION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -307,6 +314,23 @@ impl ConsumeQueue {
         // Taken after a `prepare_next` under way: its file, made by then,
         // goes with the topic's directory.
         *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        drop(u);
+        // Long polls on it end now: a topic made again under the name has
+        // other queues.
+        self.arrived.notify_waiters();
+    }
+
+    /// Whether the queue's topic was deleted.
+    pub fn is_discarded(&self) -> bool {
+        self.discarded.load(Ordering::Acquire)
+    }
+
+    /// A number no other queue object of this process has: a queue of a
+    /// topic deleted and made again under the same name (offsets from 0
+    /// again) has another one, so a reader's position in the old one is
+    /// told apart from one in the new.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// Writes `u`'s run of entries to their files, under its lock: a reader

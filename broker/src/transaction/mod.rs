@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use txmq_protocol::{
-    now_millis, CheckRecord, Ended, EndedBy, ErrorCode, Message, MsgId, ProducerStamp, SendStatus,
-    TransactionList, TxAction, TxCounters, TxInfo, TxOffset, TxResolution, TxSource, TxState,
-    WireError, CHECK_HISTORY,
+    now_millis, CheckRecord, Ended, EndedBy, ErrorCode, ListTransactions, Message, MsgId,
+    ProducerStamp, SendStatus, TransactionList, TxAction, TxCounters, TxInfo, TxOffset,
+    TxResolution, TxSource, TxState, WireError, CHECK_HISTORY,
 };
 
 pub(crate) use check_back::run as run_check_back;
@@ -1032,34 +1032,48 @@ impl Transactions {
         Some((messages, found))
     }
 
-    /// Pending and parked transactions, oldest first, and the counters.
-    pub(crate) fn list(&self) -> TransactionList {
+    /// Pending and parked transactions `filter` keeps, oldest first, and
+    /// the counters.
+    pub(crate) fn list(&self, filter: &ListTransactions) -> TransactionList {
         let now = now_millis();
         let table = lock(&self.table);
         // Half messages are read after the lock is released.
-        // The oldest ones only: an answer must fit in a frame; the counters
-        // say how many are pending in all.
+        // The oldest ones only: an answer must fit in a frame; `matching`
+        // says how many the filters keep in all. Filtered before the cut,
+        // so that one parked among many pending is listed.
+        let mut matching = 0u64;
         let entries: Vec<(Halves, TxInfo)> = table
             .pending
             .iter()
-            .take(LIST_LIMIT)
-            .map(|(&tx_id, p)| {
+            .filter_map(|(&tx_id, p)| {
+                let age_ms = now.saturating_sub(p.prepared_at);
+                let state = if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
+                    TxState::Parked
+                } else {
+                    TxState::Prepared
+                };
+                let kept = filter.state.is_none_or(|s| s == state)
+                    && filter.group.as_deref().is_none_or(|g| *p.group == *g)
+                    && filter.older_than_ms.is_none_or(|o| age_ms > o);
+                if !kept {
+                    return None;
+                }
+                matching += 1;
+                if matching > LIST_LIMIT as u64 {
+                    return None;
+                }
                 let info = TxInfo {
                     tx_id,
                     msg_ids: Vec::new(),
                     topics: Vec::new(),
                     producer_group: p.group.to_string(),
-                    age_ms: now.saturating_sub(p.prepared_at),
+                    age_ms,
                     checks: p.checks,
                     last_check: p.last_check(),
                     last_error: p.last_error().map(str::to_string),
-                    state: if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
-                        TxState::Parked
-                    } else {
-                        TxState::Prepared
-                    },
+                    state,
                 };
-                (p.halves, info)
+                Some((p.halves, info))
             })
             .collect();
         drop(table);
@@ -1079,6 +1093,7 @@ impl Transactions {
             broker_name: self.broker_name.clone(),
             transactions,
             counters: self.counters(),
+            matching,
         }
     }
 
@@ -1628,7 +1643,7 @@ mod tests {
             "retention proceeds"
         );
         assert!(store.expiring_halves().is_empty());
-        let listed = tx.list().transactions;
+        let listed = tx.list(&ListTransactions::default()).transactions;
         assert_eq!(listed.len(), 1);
         assert_eq!(
             (listed[0].tx_id, listed[0].checks, listed[0].state),
@@ -1642,7 +1657,7 @@ mod tests {
         let store = open();
         let recovered = store.take_recovered_transactions().unwrap_or_default();
         let tx = Transactions::new(store.clone(), config(), "b".into(), recovered);
-        let listed = tx.list().transactions;
+        let listed = tx.list(&ListTransactions::default()).transactions;
         assert_eq!(listed.len(), 1);
         assert_eq!(
             (listed[0].tx_id, listed[0].checks, listed[0].state),
@@ -1716,7 +1731,7 @@ mod tests {
         let store = open();
         let recovered = store.take_recovered_transactions().unwrap_or_default();
         let tx = Transactions::new(store.clone(), config(), "b".into(), recovered);
-        let listed = tx.list().transactions;
+        let listed = tx.list(&ListTransactions::default()).transactions;
         assert_eq!(listed.len(), 1, "listed, not forgotten");
         assert_eq!((listed[0].tx_id, listed[0].state), (stuck, TxState::Parked));
         assert!(listed[0]
@@ -1737,7 +1752,12 @@ mod tests {
         let expiring = store.expiring_halves();
         assert_eq!(expiring, vec![stuck]);
         assert_eq!(tx.carry_forward(&expiring).await, 0);
-        assert!(tx.list().transactions.is_empty(), "rolled back");
+        assert!(
+            tx.list(&ListTransactions::default())
+                .transactions
+                .is_empty(),
+            "rolled back"
+        );
         assert_eq!(store.pending_halves(), 0);
         assert!(
             store.enforce_retention().unwrap() >= 1,

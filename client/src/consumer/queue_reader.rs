@@ -66,6 +66,15 @@ pub(crate) async fn run(
                 (!pause.is_zero()).then_some(pause)
             }
             Err(e) => {
+                if e.code() == Some(ErrorCode::UnknownTopic) {
+                    // Deleted: the group's positions went with the topic.
+                    // Made again under its name (offsets from 0), it is
+                    // read from the group's offset there, not from where
+                    // this reader stood, which would skip its first
+                    // messages; nor is that old position committed there.
+                    offset = None;
+                    shared.offsets().rewound(&key);
+                }
                 if e.code() == Some(ErrorCode::NoPermission) {
                     // Most likely made write only: the route says so
                     // sooner than the next periodic refresh.

@@ -287,6 +287,14 @@ async fn consume<H: MessageHandler>(
                         lost = true;
                         break;
                     }
+                    Err(e) if topic_gone(&e) => {
+                        // Its positions went with it: a commit of this
+                        // worker's would land in the topic made again
+                        // under the same name, past its first messages.
+                        tracing::info!(broker = %key.broker_name, topic = %key.topic, queue = key.queue, "the topic is gone (deleted); giving the queue up without committing");
+                        lost = true;
+                        break;
+                    }
                     Err(e) if e.code() == Some(ErrorCode::HeartbeatRequired) => {
                         // The broker restarted or the connection was new: it
                         // asked this member to heartbeat, which is under way.
@@ -381,7 +389,8 @@ enum Committed {
     Yes,
     /// Not stored; try again later.
     Failed,
-    /// Refused: the queue belongs to another member now.
+    /// Refused: the queue belongs to another member now, or its topic is
+    /// gone (deleted, maybe made again: new queues, new positions).
     NotOwner,
     /// Stored on the master, but too few of its slaves confirmed it (sync
     /// replication): committed again at the next tick.
@@ -437,6 +446,12 @@ fn not_owner(e: &Error) -> bool {
     e.code() == Some(ErrorCode::QueueNotOwned)
 }
 
+/// The topic was deleted: its queues and the group's positions in them
+/// are gone (a topic made again under its name starts from offset 0).
+fn topic_gone(e: &Error) -> bool {
+    e.code() == Some(ErrorCode::UnknownTopic)
+}
+
 /// Who this member is when it reads a queue assigned to it (none when broadcasting).
 fn owner<H>(shared: &Shared<H>) -> Option<QueueOwner> {
     (!shared.settings.broadcast).then(|| QueueOwner {
@@ -484,7 +499,7 @@ async fn store_offset<H>(shared: &Shared<H>, key: &QueueId, offset: u64) -> Comm
     .await;
     match result {
         Ok(_) => Committed::Yes,
-        Err(e) if not_owner(&e) => Committed::NotOwner,
+        Err(e) if not_owner(&e) || topic_gone(&e) => Committed::NotOwner,
         Err(e) if e.remoting().is_some_and(unconfirmed_commit) => {
             // Stored on the master, not yet on enough of its slaves: not
             // marked committed, so the next tick stores it again.
