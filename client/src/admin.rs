@@ -713,10 +713,16 @@ impl Admin {
                 Ok(_) => {}
                 Err(e) if e.code() == Some(ErrorCode::UnknownTransaction) => {}
                 Err(e) => {
-                    tracing::warn!(broker = %target.0, error = %crate::error::chain(&e), "cannot list the broker's transactions");
+                    tracing::warn!(broker = %target.0, error = %crate::error::chain(&e), "cannot ask the broker for the transaction");
                     unreachable.get_or_insert(e);
                 }
             }
+        }
+        // Ids are unique per broker only: a broker that could not be asked
+        // may hold a transaction of this id too, so nothing is ended (the
+        // caller names the broker then).
+        if let Some(e) = unreachable {
+            return Err(e);
         }
         match pending_on.len() {
             0 => {}
@@ -741,6 +747,7 @@ impl Admin {
                 .map(|(name, addr)| self.ask(name, addr, request.clone())),
         )
         .await;
+        let mut unreachable = None;
         let mut known = Vec::new();
         for (target, answer) in targets.into_iter().zip(answers) {
             match answer {

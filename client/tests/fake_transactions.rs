@@ -17,9 +17,10 @@ use txmq::{
     TransactionProducer, TransactionState, TxAction, TxContext, TxEnd, TxState, PERM_READ_WRITE,
 };
 use txmq_protocol::{
-    BrokerInfo, BrokerQueues, CheckTransaction, ClusterInfo, EndTransaction, Ended, HalfMessage,
-    Hello, HelloOk, Prepared, Request, Response, Role, SendStatus, TopicRoute, TransactionList,
-    TxCounters, TxInfo, TxSource, WireError, PROTOCOL_VERSION,
+    BrokerInfo, BrokerQueues, Call, CheckTransaction, ClusterInfo, EndTransaction, Ended,
+    HalfMessage, Hello, HelloOk, Prepared, Request, Response, Role, SendStatus, ShowTransaction,
+    TopicRoute, TransactionList, TxCounters, TxDetail, TxInfo, TxSource, WireError,
+    PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{Connection, ConnectionConfig, Service};
@@ -185,6 +186,29 @@ impl FakeBroker {
         }
     }
 
+    fn show(&self, tx_id: u64) -> Result<TxDetail, WireError> {
+        let txs = lock(&self.txs);
+        let t = txs.get(&tx_id).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownTransaction,
+                format!("no transaction {tx_id}"),
+            )
+        })?;
+        Ok(TxDetail {
+            broker_name: self.name.clone(),
+            tx_id,
+            state: t.state,
+            producer_group: Some(t.group.clone()),
+            prepared_at_ms: None,
+            age_ms: None,
+            checks: 0,
+            next_check_at_ms: None,
+            messages: Vec::new(),
+            history: Vec::new(),
+            ended: None,
+        })
+    }
+
     fn list(&self) -> TransactionList {
         let txs = lock(&self.txs);
         let transactions: Vec<TxInfo> = txs
@@ -236,6 +260,7 @@ impl Service for BrokerService {
             Request::PrepareTransaction(p) => b.prepare(*p).map(Response::PrepareTransaction),
             Request::EndTransaction(e) => b.end(e).map(Response::EndTransaction),
             Request::ListTransactions(_) => Ok(Response::ListTransactions(Box::new(b.list()))),
+            Request::ShowTransaction(r) => b.show(r.tx_id).map(ShowTransaction::response),
             other => Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind())),
         };
         Box::pin(std::future::ready(answer))

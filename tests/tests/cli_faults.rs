@@ -741,6 +741,29 @@ async fn tx_list_and_show_answer_for_the_brokers_that_respond() {
         err.contains("name the one that holds it with --broker"),
         "{err}"
     );
+    // The silent broker may hold another transaction of this id: nothing
+    // is ended.
+    let out = txmq(
+        &ns,
+        &["--timeout", "1s", "tx", "resolve", &tx_id, "--commit"],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("name the one that holds it with --broker"),
+        "{err}"
+    );
+    let out = txmq(
+        &ns,
+        &[
+            "--output", "json", "tx", "show", &tx_id, "--broker", &holder,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(text(&json_lines(&out.stdout)[0], "state"), "prepared");
 
     silent.signal("CONT");
     drop((a, b));
