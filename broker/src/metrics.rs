@@ -596,10 +596,12 @@ fn consumer_lag(b: &BrokerInner) -> Vec<(String, String, u64)> {
             let lag = (0..queues)
                 .filter_map(|q| {
                     let queue = b.store.queue(&topic, q)?;
+                    // What retention removed is no lag: it cannot be read.
                     let from = b
                         .store
                         .committed_offset(&group, &topic, q)
-                        .unwrap_or_else(|| queue.min_offset());
+                        .unwrap_or(0)
+                        .max(queue.min_offset());
                     Some(queue.max_offset().saturating_sub(from))
                 })
                 .sum();

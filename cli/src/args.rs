@@ -192,7 +192,7 @@ impl GlobalArgs {
     /// ([`crate::refusal`]), whatever `--log` lets through.
     pub fn init_logging(&self) {
         let filter = EnvFilter::try_new(&self.log).unwrap_or_else(|e| {
-            eprintln!("warning: bad --log filter {:?} ({e}); using warn", self.log);
+            stderr!("warning: bad --log filter {:?} ({e}); using warn", self.log);
             EnvFilter::new("warn")
         });
         tracing_subscriber::registry()

@@ -106,7 +106,7 @@ pub async fn run(global: &GlobalArgs) -> Result<()> {
         return Ok(());
     }
     for r in &unreachable {
-        eprintln!(
+        stderr!(
             "warning: cannot ask broker {} ({} {}): {}",
             r.broker,
             r.role.name(),

@@ -189,7 +189,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
 /// lost until it comes back or its expiry passes), which an empty topic
 /// would look like otherwise.
 fn note_no_queue(topic: &str, group: &str) {
-    eprintln!(
+    stderr!(
         "note: no queue of \"{topic}\" was assigned to this member of group \"{group}\" while it waited: \
          another member holds them, or the brokers keep the queues of a member they lost \
          (a consumer killed, a broker restarted) for it until --consumer-expiry (30s by default) passes; \
@@ -214,7 +214,7 @@ async fn note_missing_topic(config: ClientConfig, topic: &str) -> bool {
         Ok(Some(true))
     );
     if missing {
-        eprintln!(
+        stderr!(
             "note: no broker serves topic \"{topic}\" now; waiting for one \
              (`txmq topic create {topic}` creates a topic, as does a first send where brokers create topics)"
         );

@@ -56,8 +56,8 @@ pub enum DlqCommand {
         #[arg(value_parser = crate::args::parse_group)]
         group: String,
         /// Show at most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
     /// Re-send dead letters of a group to their original topic (or --to
     /// another), with the reconsume count reset. Each one re-sent is
@@ -163,14 +163,14 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 OutputFormat::Text => show_text(&printer, &group, &states)?,
             }
             if let Some(members) = differing_subscriptions(&states) {
-                eprintln!(
+                stderr!(
                     "warning: the members of group \"{group}\" subscribe differently ({}): they share the group's queues, so each is handed messages it did not subscribe to and skips them; give every member the same subscriptions, or use a group per subscription",
                     members.join("; ")
                 );
             }
             if unknown_group(&states) {
                 // A mistyped name looks like this too: say so.
-                eprintln!(
+                stderr!(
                     "note: no broker knows group \"{group}\": no member and no committed offset (`txmq group list` lists the groups)"
                 );
             }
@@ -229,15 +229,15 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                 printer.records(&["BROKER", "QUEUE", "OFFSET"], &rows, &objects)?;
             }
             if unknown && !done.is_empty() {
-                eprintln!(
+                stderr!(
                     "note: no broker knew group \"{group}\" (no member, no committed offset): its offsets were set now, for when it starts (`txmq group list` lists the groups)"
                 );
             }
             if !done.is_empty() && !failed.is_empty() {
                 for (broker, error) in &failed {
-                    eprintln!("error: offsets not reset on broker {broker}: {error}");
+                    stderr!("error: offsets not reset on broker {broker}: {error}");
                 }
-                eprintln!("offsets reset on broker(s) {}", done.join(", "));
+                stderr!("offsets reset on broker(s) {}", done.join(", "));
             }
             match (failed.len(), done.len()) {
                 (0, _) => Ok(()),
@@ -281,7 +281,7 @@ impl Missing {
             return Ok(());
         }
         for (broker, addr, error) in &self.0 {
-            eprintln!("warning: cannot {what} broker {broker} ({addr}): {error}");
+            stderr!("warning: cannot {what} broker {broker} ({addr}): {error}");
         }
         let names: Vec<&str> = self.0.iter().map(|m| m.0.as_str()).collect();
         if printer.format == OutputFormat::Json {
@@ -483,6 +483,7 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
             return done;
         }
     };
+    let limit = limit as usize;
     let answers = match admin.browse_by_broker(&dlq_topic(&group), limit).await {
         Ok(a) => a,
         // No dead-letter topic: none yet, unless no broker is there to say.
@@ -499,7 +500,7 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
     let messages: Vec<_> = read.into_iter().flatten().collect();
     if messages.is_empty() && missing.0.is_empty() {
         // As `group show` of an unknown group: an empty answer says why.
-        eprintln!(
+        stderr!(
             "note: group {group} has no dead letters ({} is empty or was never made)",
             dlq_topic(&group)
         );
@@ -509,6 +510,9 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
             OutputFormat::Text => printer.line(&received_text(m))?,
             OutputFormat::Json => printer.json(&received_json(m))?,
         }
+    }
+    if messages.len() >= limit {
+        stderr!("note: the first {limit} dead letters are shown; --limit shows more");
     }
     missing.finish(&printer, answered, "read the dead letters on")
 }

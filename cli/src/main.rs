@@ -1,6 +1,17 @@
 //! `txmq`: the txmq command line. Parses the arguments and hands each
 //! subcommand to its module.
 
+/// Writes a line to standard error, as `eprintln!` does, but a standard
+/// error that cannot be written (closed: `2>&1 | head -1`) does not panic:
+/// the command's outcome and its exit code stand (a partial send exited
+/// 101 instead of 3).
+macro_rules! stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 mod bench;
 mod cluster;
@@ -104,7 +115,7 @@ fn main() -> ExitCode {
     match builder.enable_all().build() {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            stderr!("error: cannot start the runtime: {e}");
             ExitCode::FAILURE
         }
     }
@@ -136,7 +147,7 @@ async fn run(cli: Cli) -> ExitCode {
                     " (a server that listens with TLS closes plaintext connections: if it does, give --tls-ca)",
                 );
             }
-            eprintln!("error: {text}");
+            stderr!("error: {text}");
             ExitCode::from(exit::code_of(&e))
         }
     }

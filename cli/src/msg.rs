@@ -67,7 +67,9 @@ pub enum MsgCommand {
 
 /// A key to find: one word, as the index holds a message's keys.
 fn parse_key_word(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.contains(char::is_whitespace) {
+    // Words are separated by spaces only, as the broker indexes them (a
+    // key with a tab in a word was found by nothing).
+    if s.is_empty() || s.contains(' ') {
         return Err("a key to find is one non-empty word (a message's key may hold several, separated by spaces)".into());
     }
     Ok(s.to_string())

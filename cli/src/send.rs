@@ -423,7 +423,7 @@ async fn send_one(
         };
         if !was_waiting && waiting_since.is_some() && !WAIT_ANNOUNCED.swap(true, Ordering::Relaxed)
         {
-            eprintln!(
+            stderr!(
                 "waiting up to {} for a broker (--wait-for-broker): {}",
                 humantime::format_duration(retry.wait_for_broker.unwrap_or_default()),
                 txmq::error::chain(&e)
@@ -767,7 +767,7 @@ fn report(
             tally.unknown += 1;
             let broker = broker_of(&e).map(str::to_string);
             let error = error_text(&anyhow::Error::from(e));
-            eprintln!(
+            stderr!(
                 "error: {what} {line} (msg_id {msg_id}): outcome unknown, it may have been stored: {error}"
             );
             let broker = broker.as_deref();
@@ -789,7 +789,7 @@ fn report(
                 ""
             };
             let error = error_text(&anyhow::Error::from(e));
-            eprintln!("error: {what} {line} (msg_id {msg_id}) not sent: {error}{hint}");
+            stderr!("error: {what} {line} (msg_id {msg_id}) not sent: {error}{hint}");
             (Some(input), Ok(()))
         }
     };
@@ -819,7 +819,7 @@ fn summarize(tally: &Tally, took: Duration) {
     if tally.not_tried > 0 {
         failures.push_str(&format!(", {} not tried", tally.not_tried));
     }
-    eprintln!(
+    stderr!(
         "sent {} message{}{failures} in {secs:.3}s ({rate:.0} msg/s)",
         tally.sent,
         if tally.sent == 1 { "" } else { "s" }

@@ -383,7 +383,7 @@ async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
     };
     let producer = start_producer(global, args.group.clone(), listener, None, 0).await?;
     let brokers = producer.connected_brokers();
-    eprintln!(
+    stderr!(
         "answering check-backs of group {} with {} on {} broker{}{}",
         args.group,
         args.check.state().name(),
@@ -425,7 +425,7 @@ async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) ->
         .iter()
         .filter(|l| l.matching > l.transactions.len() as u64)
     {
-        eprintln!(
+        stderr!(
             "note: broker {} lists the oldest {} of the {} transactions that match",
             l.broker_name,
             l.transactions.len(),
@@ -451,7 +451,7 @@ async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) ->
     // did not (nothing can be said of them).
     if filter.is_set() && matching > 0 {
         if let Err(e) = missing.finish(&printer, lists.len(), "list the transactions of") {
-            eprintln!("warning: {e}");
+            stderr!("warning: {e}");
         }
         return Err(crate::exit::with_code(
             crate::exit::FAILURE,
@@ -489,7 +489,7 @@ async fn show(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<(
     let printer = Printer::stdout(global.output);
     let knew_not = asked.len() - shown.len() - missing.0.len();
     if shown.is_empty() {
-        eprintln!("note: no broker that answered knows transaction {tx_id}");
+        stderr!("note: no broker that answered knows transaction {tx_id}");
     }
     for d in &shown {
         match printer.format {

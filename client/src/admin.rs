@@ -596,6 +596,7 @@ impl Admin {
                     owner: None,
                     epoch: 0,
                     after: None,
+                    browse: true,
                 };
                 let r = self.ask(&b.broker_name, &addr, request).await?;
                 if r.messages.is_empty() && r.next_offset <= offset {

@@ -559,6 +559,11 @@ pub struct PullRequest {
     /// offset, below the pull's, so that the reader goes back.
     #[serde(default)]
     pub after: Option<(u64, MsgId)>,
+    /// An operator's look at the queue (`txmq dlq list`), not a consumer's
+    /// read: not counted as messages out, and allowed to an admin as a
+    /// lookup by offset is (without an owner only).
+    #[serde(default)]
+    pub browse: bool,
 }
 
 /// Messages read from a queue.

@@ -219,6 +219,7 @@ fn request() -> impl Strategy<Value = Request> {
                         owner: None,
                         epoch: 0,
                         after: None,
+                        browse: false,
                     })
                 )
             ),

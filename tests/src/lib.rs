@@ -295,11 +295,13 @@ impl BrokerProcess {
             name.into(),
             "--heartbeat-interval".into(),
             "200ms".into(),
-            "--segment-size".into(),
-            "8MiB".into(),
-            "--max-message-size".into(),
-            "1MiB".into(),
         ];
+        // Small segments unless the test sizes them itself.
+        for (flag, value) in [("--segment-size", "8MiB"), ("--max-message-size", "1MiB")] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = BrokerProcess {
             child: None,

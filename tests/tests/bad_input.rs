@@ -515,6 +515,7 @@ async fn bad_arguments_get_an_error_answer_and_the_connection_stays_open() {
         owner: None,
         epoch: 0,
         after: None,
+        browse: false,
     };
     let e = refusal(conn.call(pull("orders", 0)).await.map(|_| ()));
     assert_eq!(e.code, ErrorCode::BadArgument, "{e}");
@@ -1117,6 +1118,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         owner: None,
         epoch: 0,
         after: None,
+        browse: false,
     };
     // A half message, with the longest first check the broker takes (its
     // --max-delay, 7 days).

@@ -855,6 +855,7 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
             "--to",
             "yesterday",
         ],
+        &["dlq", "list", "g", "--limit", "0"],
     ] {
         let o = txmq_cli(ns, args, None);
         let err = stderr(&o);
@@ -1052,6 +1053,24 @@ fn an_unreachable_nameserver_fails_quickly_with_a_clear_message() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A standard error closed before the command writes its error (`2>&1 |
+/// head -1` once `head` has its line) keeps the command's exit code: it
+/// panicked, exit 101.
+#[test]
+fn a_closed_standard_error_keeps_the_exit_code() {
+    let ns = format!("127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(txmq_tests::binary("txmq"))
+        .args(["--nameserver", &ns, "cluster"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start txmq");
+    drop(child.stderr.take());
+    let status = child.wait().expect("txmq ends");
+    assert_eq!(status.code(), Some(1), "{status:?}");
 }
 
 /// `txmq topic create` (that is, `Admin::create_topic`) promises that the

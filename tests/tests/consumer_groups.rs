@@ -1131,6 +1131,118 @@ async fn a_member_without_heartbeats_expires_and_its_queues_move() {
     cluster.shutdown().await;
 }
 
+/// The group's committed offset of each queue of `topic`, and the queue's end.
+async fn committed(ns: &str, group: &str, topic: &str) -> BTreeMap<u32, (Option<u64>, u64)> {
+    let out = txmq(ns, &["group", "show", group, "--output", "json"], None).await;
+    let mut offsets = BTreeMap::new();
+    for s in json_lines(&out.stdout) {
+        for q in s["queues"].as_array().into_iter().flatten() {
+            if q["topic"] == topic {
+                offsets.insert(
+                    q["queue"].as_u64().unwrap() as u32,
+                    (q["committed"].as_u64(), q["max_offset"].as_u64().unwrap()),
+                );
+            }
+        }
+    }
+    offsets
+}
+
+/// A member paused past the broker's consumer expiry (a GC pause, a frozen
+/// VM) while another member read its queues to the end never moves the
+/// group's offset back when it resumes: its readers stopped there commit
+/// nothing and start nothing they had buffered (it committed its old
+/// positions once a queue came back to it, and the group handled a
+/// thousand messages again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_paused_past_its_expiry_never_moves_the_offset_back() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.consumer_expiry = Duration::from_millis(1500)
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "slow", 2).await;
+    let producer = cluster.producer().await;
+    send_numbered(&producer, "slow", "s", 0..600).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |handle_time: &'static str, concurrency: &'static str| {
+        [
+            "bench",
+            "consume",
+            "slow",
+            "--group",
+            "g",
+            "--duration",
+            "60s",
+            "--handle-time",
+            handle_time,
+            "--concurrency",
+            concurrency,
+        ]
+    };
+    let mut slow = ConsumeProcess::start(&ns, dir.path(), "slow", &bench("1s", "2"));
+    wait_until_async(
+        "the slow member owns both queues and handled some",
+        Duration::from_secs(10),
+        || {
+            let ns = ns.clone();
+            async move {
+                let (_, queues) = owners(&ns, "g").await;
+                queues
+                    .iter()
+                    .filter(|(k, o)| k.1 == "slow" && o.is_some())
+                    .count()
+                    == 2
+                    && committed(&ns, "g", "slow")
+                        .await
+                        .values()
+                        .any(|(c, _)| c.is_some_and(|c| c > 0))
+            }
+        },
+    )
+    .await;
+    let pid = slow.child.as_ref().unwrap().id().to_string();
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(&pid)
+            .status()
+            .unwrap()
+    };
+    signal("STOP");
+    let mut fast = ConsumeProcess::start(&ns, dir.path(), "fast", &bench("0s", "64"));
+    wait_until_async(
+        "the fast member reads both queues to the end",
+        Duration::from_secs(20),
+        || {
+            let ns = ns.clone();
+            async move {
+                committed(&ns, "g", "slow")
+                    .await
+                    .values()
+                    .all(|(c, end)| *c == Some(*end))
+            }
+        },
+    )
+    .await;
+    signal("CONT");
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let offsets = committed(&ns, "g", "slow").await;
+        assert!(
+            offsets.values().all(|(c, end)| *c == Some(*end)),
+            "the group's offsets went back: {offsets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    slow.terminate();
+    fast.terminate();
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
 async fn wait_until_async<F, Fut>(what: &str, limit: Duration, mut done: F)
 where
     F: FnMut() -> Fut,
@@ -1233,6 +1345,7 @@ async fn pulls_and_commits_of_a_queue_owned_by_another_member_are_refused() {
         owner: as_member(id),
         epoch: 0,
         after: None,
+        browse: false,
     };
     conn.call(pull("a")).await.expect("the owner pulls");
     let e = conn.call(pull("b")).await.unwrap_err();

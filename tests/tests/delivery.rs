@@ -305,6 +305,7 @@ async fn a_waiting_long_poll_is_refused_once_its_topic_became_write_only() {
         owner: None,
         epoch: 0,
         after: None,
+        browse: false,
     };
     let waiting = tokio::spawn({
         let conn = conn.clone();

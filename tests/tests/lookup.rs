@@ -389,6 +389,30 @@ async fn messages_are_found_by_id_key_and_offset_also_after_kill9() {
     check_lookups(&ns, &a, &b, &half, &rolled, &committed).await;
     let l = &show(&ns, &s(&later, "msg_id")).await[0];
     assert_eq!(s(l, "body"), "third");
+
+    // Keys are words separated by spaces only: a tab stays in its word,
+    // and a find names it so (it was refused as two words).
+    send(&ns, "tabbed", "tab\tword other").await;
+    let out = ok(&txmq(
+        &ns,
+        &[
+            "--output",
+            "json",
+            "msg",
+            "find",
+            "--topic",
+            "orders",
+            "--key",
+            "tab\tword",
+        ],
+        None,
+    )
+    .await);
+    let found: Vec<String> = json_lines(out.as_bytes())
+        .iter()
+        .map(|v| s(v, "body"))
+        .collect();
+    assert_eq!(found, ["tabbed"]);
 }
 
 /// A delayed message: its send has no queue offset to give yet (the

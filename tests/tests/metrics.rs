@@ -525,6 +525,29 @@ async fn a_dead_lettered_message_is_counted_for_its_group() {
         "{text}"
     );
     consumer.shutdown().await.unwrap();
+    // Into the dead-letter topic, as a send; an operator reading it
+    // (`dlq list`) consumes nothing: not counted out.
+    assert_eq!(
+        sample(&text, r#"txmq_messages_in_total{topic="%DLQ%billing"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    let out_before = sample(&text, r#"txmq_messages_out_total{topic="%DLQ%billing"}"#);
+    let ns2 = ns.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        txmq_tests::txmq_cli(&ns2, &["dlq", "list", "billing"], None)
+    })
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("poison"));
+    let after = txmq_tests::metrics::http_get(&metrics, "/metrics")
+        .expect("scrape")
+        .1;
+    assert_eq!(
+        sample(&after, r#"txmq_messages_out_total{topic="%DLQ%billing"}"#),
+        out_before,
+        "{after}"
+    );
     // Re-sent to its topic, the letter is counted in as a send's are.
     let ns2 = ns.clone();
     tokio::task::spawn_blocking(move || {

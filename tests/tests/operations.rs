@@ -726,6 +726,65 @@ fn tx_list_filters_see_past_the_oldest_thousand() {
     assert_eq!(show(&s, parked)["state"], "rolled_back");
 }
 
+/// A group's lag counts what it can still read: messages retention
+/// removed below its committed offset are not lag (`group show` counted
+/// them: committed 1, first offset 12, last 16 showed a lag of 15).
+#[test]
+fn lag_leaves_out_what_retention_removed() {
+    let s = Setup::start(&[
+        "--segment-size",
+        "1MiB",
+        "--max-message-size",
+        "256KiB",
+        "--retention",
+        "1s",
+    ]);
+    ok(&s.cli(&["topic", "create", "kept", "--queues", "1"]));
+    let body = "x".repeat(100 * 1024);
+    ok(&s.cli(&["send", "kept", "--body", "first"]));
+    let (out, _) = s.json(&[
+        "consume",
+        "kept",
+        "--group",
+        "g",
+        "--count",
+        "1",
+        "--idle-timeout",
+        "5s",
+    ]);
+    ok(&out);
+    // Three segments' worth: retention removes the full ones.
+    ok(&s.cli(&["send", "kept", "--body", &body, "--count", "25"]));
+    let queue = |s: &Setup| {
+        let (out, lines) = s.json(&["group", "show", "g"]);
+        ok(&out);
+        lines[0]["queues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|q| q["topic"] == "kept")
+            .cloned()
+            .expect("the topic's queue")
+    };
+    wait_until("retention removes the first segments", || {
+        let (out, lines) = s.json(&["topic", "status", "kept"]);
+        out.status.success() && lines[0]["min_offset"].as_u64() > Some(1)
+    });
+    let (out, status) = s.json(&["topic", "status", "kept"]);
+    ok(&out);
+    let (min, max) = (
+        status[0]["min_offset"].as_u64().unwrap(),
+        status[0]["max_offset"].as_u64().unwrap(),
+    );
+    let q = queue(&s);
+    assert_eq!(q["committed"], 1, "{q}");
+    assert_eq!(
+        q["lag"].as_u64(),
+        Some(max - min),
+        "{q} (queue holds {min}..{max})"
+    );
+}
+
 /// A consumer that keeps running while its topic is deleted and made
 /// again reads the new topic from its first message: its old position
 /// (5) is neither pulled from nor committed there (it skipped the new

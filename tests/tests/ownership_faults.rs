@@ -412,6 +412,7 @@ fn pull(id: &str, topic: &str, queue: u32, offset: u64, wait: Duration) -> PullR
         }),
         epoch: 0,
         after: None,
+        browse: false,
     }
 }
 

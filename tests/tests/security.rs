@@ -354,6 +354,7 @@ fn pull(topic: &str, group: Option<&str>) -> PullRequest {
         }),
         epoch: 0,
         after: None,
+        browse: false,
     }
 }
 

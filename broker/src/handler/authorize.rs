@@ -77,6 +77,7 @@ fn needs(
             }
             Ok(())
         }
+        Request::Pull(r) if r.browse && r.owner.is_none() => sub_or_admin(&r.topic, "read", check),
         Request::Pull(r) => pull_needs(r, check),
         Request::QueryOffset(r) => check(Op::Group(&r.group)),
         // Only a slave hands its master the offsets it kept: a forward-only

@@ -174,6 +174,7 @@ pub(crate) async fn send_back(
         topic::create_topic(b, &target, 1, PERM_READ_WRITE, false).await?;
     }
     message.topic = target.clone();
+    let bytes = message.body.len();
     let (deliver_at, appended) = if dead {
         let appended = b
             .store
@@ -197,6 +198,8 @@ pub(crate) async fn send_back(
             .map_err(store_error)?;
         (at, appended)
     };
+    // Into the retry or dead-letter topic, counted as a send is.
+    b.metrics.messages_in(&target, 1, bytes);
     // The consumer commits past the message once this is answered: under
     // a controller with sync replication the copy must be on the in-sync
     // replicas first (on the master only, a failover may cut it, and the
@@ -281,7 +284,8 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
                 owner,
                 committed,
                 max_offset: max,
-                lag: max.saturating_sub(committed.unwrap_or(q.min_offset())),
+                // What retention removed is no lag: it cannot be read.
+                lag: max.saturating_sub(committed.unwrap_or(0).max(q.min_offset())),
             });
         }
     }

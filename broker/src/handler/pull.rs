@@ -115,11 +115,13 @@ pub(super) async fn handle(
                 // another member's, while this one waited.
                 check_readable(b, conn, &req)?;
             }
-            b.metrics.messages_out(
-                &req.topic,
-                r.messages.len(),
-                r.messages.iter().map(|m| m.message.body.len()).sum(),
-            );
+            if !req.browse {
+                b.metrics.messages_out(
+                    &req.topic,
+                    r.messages.len(),
+                    r.messages.iter().map(|m| m.message.body.len()).sum(),
+                );
+            }
             return Ok(PullResult {
                 messages: r.messages,
                 next_offset: r.next_offset,

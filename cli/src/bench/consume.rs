@@ -58,6 +58,15 @@ pub struct ConsumeArgs {
     /// Where a group without a committed offset starts.
     #[arg(long, env = "TXMQ_FROM", value_enum, default_value_t = StartFrom::First)]
     pub from: StartFrom,
+
+    /// Each message takes this long to handle (a stand-in for the work an
+    /// application does; `0s`: none).
+    #[arg(long, env = "TXMQ_HANDLE_TIME", value_parser = parse_duration, default_value = "0s", value_name = "DURATION")]
+    pub handle_time: Duration,
+
+    /// Messages handled at once per consumer.
+    #[arg(long, env = "TXMQ_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub concurrency: u32,
 }
 
 /// What one consumer read.
@@ -87,10 +96,16 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
     let mut consumers = Vec::with_capacity(args.consumers as usize);
     for _ in 0..args.consumers {
         let (counters, bytes) = (counters.clone(), bytes.clone());
+        let handle_time = args.handle_time;
         let handler = handler_fn(move |m: &ReceivedMessage| {
             counters.add_received(1);
             bytes.fetch_add(m.body().len() as u64, Ordering::Relaxed);
-            std::future::ready(ConsumeResult::Success)
+            async move {
+                if !handle_time.is_zero() {
+                    tokio::time::sleep(handle_time).await;
+                }
+                ConsumeResult::Success
+            }
         });
         consumers.push(
             PushConsumer::builder()
@@ -100,7 +115,7 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
                 .require_readable(true)
                 .from(from)
                 .batch_size(BATCH)
-                .concurrency(64)
+                .concurrency(args.concurrency as usize)
                 .commit_interval(COMMIT_INTERVAL)
                 .start(handler)
                 .await?,

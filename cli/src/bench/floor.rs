@@ -607,7 +607,7 @@ mod tests {
             .filter(|&c| mine.is_set(c).unwrap())
             .collect();
         if allowed.len() < 2 {
-            eprintln!("one CPU allowed: another set cannot be told from this thread's; skipped");
+            stderr!("one CPU allowed: another set cannot be told from this thread's; skipped");
             return;
         }
         let model = sleeper();

@@ -133,6 +133,7 @@ async fn pull_once(
         owner: None,
         epoch: 0,
         after: None,
+        browse: false,
     };
     let timeout = shared.settings.max_wait + shared.settings.request_timeout;
     let pulled = pull_step::pull(

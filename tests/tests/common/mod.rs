@@ -265,6 +265,7 @@ pub async fn pull_range(
                 owner: None,
                 epoch: 0,
                 after: None,
+                browse: false,
             })
             .await
             .unwrap_or_else(|e| panic!("pull {topic}/{queue}@{offset}: {e}"));

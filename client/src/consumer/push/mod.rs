@@ -283,6 +283,10 @@ pub struct QueueId {
 pub(crate) struct WorkerHandle {
     /// Cancelled to make the worker give the queue up (cleanly).
     pub(crate) release: CancellationToken,
+    /// Cancelled when the broker may have expired this member and given
+    /// the queue to another one meanwhile: the worker stops at once,
+    /// starting nothing more and committing nothing.
+    pub(crate) expired: CancellationToken,
 }
 
 pub(crate) struct Shared<H> {

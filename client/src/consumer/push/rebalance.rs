@@ -138,10 +138,22 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
     let answers = join_all(beats).await;
     let mut answered = HashSet::new();
     let mut wanted = HashSet::new();
+    // Brokers that went longer than their consumer expiry without
+    // answering a heartbeat (this process was paused, say): they may have
+    // expired this member and given its queues to others, who read past
+    // where its workers stand.
+    let mut lapsed = HashSet::new();
+    let expiry = Duration::from_millis(shared.broker_expiry_ms.load(Ordering::Relaxed));
     for answer in answers {
         match answer {
             Ok((broker, assigned)) => {
-                shared.answered.insert(broker.clone(), sent);
+                let previous = shared.answered.get(&broker).map(|p| *p);
+                if !shared.settings.broadcast
+                    && !expiry.is_zero()
+                    && previous.is_some_and(|p| sent.saturating_duration_since(p) > expiry)
+                {
+                    lapsed.insert(broker.clone());
+                }
                 answered.insert(broker.clone());
                 wanted.extend(assigned.into_iter().map(|q| QueueId {
                     broker_name: broker.clone(),
@@ -156,6 +168,15 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
     }
     let mut workers = lock(&shared.workers);
     for (q, w) in workers.iter() {
+        if lapsed.contains(&q.broker_name) && !w.expired.is_cancelled() {
+            // Its position and its commits would move the group's offset
+            // back; the queue, if it is still this member's, gets a new
+            // reader from the committed offset.
+            tracing::warn!(group = %shared.group, broker = %q.broker_name, topic = %q.topic, queue = q.queue, expiry = ?expiry,
+                "no heartbeat answered for longer than the broker's consumer expiry: another member may have read the queue meanwhile; giving it up without committing");
+            w.expired.cancel();
+            continue;
+        }
         // Queues of a broker that answered and no longer assigns them are
         // given up. A broker that does not answer (restarting, say) keeps
         // its queues here: their readers retry and commit once it is back.
@@ -164,6 +185,11 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
             tracing::info!(group = %shared.group, broker = %q.broker_name, topic = %q.topic, queue = q.queue, "giving the queue up");
             w.release.cancel();
         }
+    }
+    // Only now, the lapsed workers stopped: the answer lifts the fence
+    // (see `worker::fence_at`), which would let them start and commit.
+    for broker in &answered {
+        shared.answered.insert(broker.clone(), sent);
     }
     // A queue given up while the heartbeats were out may be in an answer
     // already handed to another member: ask again before taking any.
@@ -179,16 +205,17 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
             continue;
         }
         tracing::info!(group = %shared.group, broker = %q.broker_name, topic = %q.topic, queue = q.queue, "queue assigned");
-        let release = CancellationToken::new();
+        let (release, expired) = (CancellationToken::new(), CancellationToken::new());
         workers.insert(
             q.clone(),
             WorkerHandle {
                 release: release.clone(),
+                expired: expired.clone(),
             },
         );
         shared
             .tracker
-            .spawn(worker::run(shared.clone(), Arc::new(q), release));
+            .spawn(worker::run(shared.clone(), Arc::new(q), release, expired));
     }
 }
 

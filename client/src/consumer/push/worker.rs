@@ -115,9 +115,10 @@ pub(crate) async fn run<H: MessageHandler>(
     shared: Arc<Shared<H>>,
     key: Arc<QueueId>,
     release: CancellationToken,
+    expired: CancellationToken,
 ) {
     let outcome = tokio::select! {
-        r = consume(&shared, &key, &release) => r,
+        r = consume(&shared, &key, &release, &expired) => r,
         _ = shared.cancel.cancelled() => Ok(()),
     };
     if let Err(e) = outcome {
@@ -170,6 +171,7 @@ async fn consume<H: MessageHandler>(
     shared: &Arc<Shared<H>>,
     key: &Arc<QueueId>,
     release: &CancellationToken,
+    expired: &CancellationToken,
 ) -> Result<()> {
     let settings = &shared.settings;
     let mut backoff = MIN_BACKOFF;
@@ -234,7 +236,7 @@ async fn consume<H: MessageHandler>(
         }
         if settings.orderly && handling.is_empty() && !cut_off {
             if let Some(m) = waiting.pop_front() {
-                handling.push(handle(shared, key, m, release));
+                handling.push(handle(shared, key, m, release, expired));
             }
         }
         if released && handling.is_empty() {
@@ -277,7 +279,7 @@ async fn consume<H: MessageHandler>(
                             if settings.orderly {
                                 waiting.push_back(m);
                             } else {
-                                handling.push(handle(shared, key, m, release));
+                                handling.push(handle(shared, key, m, release, expired));
                             }
                         }
                         progress.pulled_to(r.next_offset);
@@ -318,7 +320,10 @@ async fn consume<H: MessageHandler>(
             _ = tick.tick() => {
                 fence_at = refresh_fence(shared, key, &mut cut_off);
                 let offset = progress.committable();
-                if committing.is_none() && progress.committed.is_none_or(|c| c < offset) {
+                // Cut off, the broker may have given the queue away, and
+                // its new reader read past this position: wait for the
+                // next answered heartbeat (which says whether it did).
+                if committing.is_none() && !cut_off && progress.committed.is_none_or(|c| c < offset) {
                     let forgotten = progress.forgotten;
                     committing = Some(Box::pin(async move {
                         (offset, forgotten, store_offset(shared, key, offset).await)
@@ -337,6 +342,10 @@ async fn consume<H: MessageHandler>(
                     }
                     _ => {}
                 }
+            }
+            () = expired.cancelled() => {
+                lost = true;
+                break;
             }
             _ = release.cancelled(), if !released => {
                 released = true;
@@ -441,6 +450,9 @@ fn fence_at<H>(shared: &Shared<H>, broker: &str) -> Option<std::time::Instant> {
         .get(broker)
         .map(|sent| *sent + Duration::from_millis(expiry * 2 / 3))
 }
+
+/// How often a message waiting for the fence to lift looks again.
+const FENCE_POLL: Duration = Duration::from_millis(20);
 
 fn not_owner(e: &Error) -> bool {
     e.code() == Some(ErrorCode::QueueNotOwned)
@@ -547,6 +559,7 @@ async fn pull<H>(
         owner: owner(shared),
         epoch: 0,
         after: None,
+        browse: false,
     };
     let timeout = settings.max_wait + settings.request_timeout;
     pull_step::pull(
@@ -573,6 +586,7 @@ async fn handle<H: MessageHandler>(
     key: &QueueId,
     stored: StoredMessage,
     release: &CancellationToken,
+    expired: &CancellationToken,
 ) -> Option<(u64, usize)> {
     let offset = stored.queue_offset;
     let bytes = stored.message.body.len();
@@ -587,11 +601,23 @@ async fn handle<H: MessageHandler>(
     // At most once, a message pulled is committed: it is handled here or
     // never.
     let leave = settings.mode != DeliveryMode::AtMostOnce;
+    // Not started while the broker may have given the queue away (no
+    // heartbeat answered lately): the next answer says whether it did.
+    while fence_at(shared, &key.broker_name).is_some_and(|at| std::time::Instant::now() >= at) {
+        tokio::select! {
+            biased;
+            () = expired.cancelled() => return None,
+            () = release.cancelled(), if leave => return None,
+            () = tokio::time::sleep(FENCE_POLL) => {}
+        }
+    }
     loop {
         let result = {
             let _permit = tokio::select! {
                 biased;
                 () = release.cancelled(), if leave => return None,
+                // Another member may have handled it: never started here.
+                () = expired.cancelled() => return None,
                 permit = shared.permits.acquire() => permit,
             };
             match AssertUnwindSafe(shared.handler.handle(&message))
