@@ -12,7 +12,8 @@ use crate::output::{perm_name, Printer};
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
     /// Create a topic (or update its queues and permission), on every broker
-    /// or on one.
+    /// or on one; an existing topic is updated where it is (--broker adds it
+    /// to another broker).
     Create {
         /// The topic name: 1 to 127 characters of A-Z a-z 0-9 - _ . %
         topic: String,

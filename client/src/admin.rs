@@ -190,11 +190,14 @@ impl Admin {
         })
     }
 
-    /// Creates `topic` on every broker group (or on `broker` only) where it
-    /// is missing, and updates it where it exists, changing only what is
-    /// given: on each broker where the route has the topic, a queue count
-    /// or permission left out stays as that broker has it (queue counts
-    /// only grow); where it is new, 4 queues and read-write unless given.
+    /// Creates `topic`, on every broker group when no broker serves it yet
+    /// (or on `broker` only), or updates it where it exists, changing only
+    /// what is given: on each broker where the route has the topic, a queue
+    /// count or permission left out stays as that broker has it (queue
+    /// counts only grow); where it is new, 4 queues and read-write unless
+    /// given. A topic that exists is not spread to brokers that do not
+    /// have it (a permission change would have added queues nobody chose,
+    /// and moved where shard keys land): name a broker to add it there.
     ///
     /// # Errors
     /// As [`Admin::create_topic`]; [`Error::Remoting`] when no nameserver
@@ -212,7 +215,10 @@ impl Admin {
             Err(e) => return Err(e),
         };
         let _in_flight = self.drain.enter(ADMIN)?;
-        let targets = self.targets(broker).await?;
+        let mut targets = self.targets(broker).await?;
+        if broker.is_none() && !existing.is_empty() {
+            targets.retain(|(name, _)| existing.iter().any(|b| b.broker_name == *name));
+        }
         let mut created = Vec::with_capacity(targets.len());
         for (broker_name, addr) in targets {
             let there = existing.iter().find(|b| b.broker_name == broker_name);

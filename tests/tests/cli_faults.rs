@@ -657,6 +657,44 @@ async fn group_list_and_show_answer_for_the_brokers_that_respond_and_name_the_pa
     cluster.shutdown().await;
 }
 
+/// Updating a topic's permission (or queues) without `--broker` changes
+/// it where it is: a topic on one broker of two stays on that one (it was
+/// created on every other broker, with queues nobody chose), and
+/// `--broker` adds it to another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_a_topic_keeps_it_on_its_brokers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let a = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
+    let b = start_broker(&dir.path().join("b"), &ns, "broker-b", &[]).await;
+    let run = |args: &'static [&'static str]| {
+        let ns = ns.clone();
+        async move {
+            let out = txmq(&ns, args, None).await;
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    run(&[
+        "topic", "create", "onlyb", "--queues", "1", "--broker", "broker-b",
+    ])
+    .await;
+    wait_for_route(&ns, "onlyb", &["broker-b"]).await;
+    let updated = run(&["topic", "create", "onlyb", "--perm", "r"]).await;
+    assert!(!updated.contains("broker-a"), "{updated}");
+    let route = run(&["--output", "json", "topic", "route", "onlyb"]).await;
+    let brokers: Vec<String> = json_lines(route.as_bytes())
+        .iter()
+        .map(|r| text(r, "broker"))
+        .collect();
+    assert_eq!(brokers, ["broker-b"], "{route}");
+    run(&["topic", "create", "onlyb", "--broker", "broker-a"]).await;
+    wait_for_route(&ns, "onlyb", &["broker-a", "broker-b"]).await;
+    drop((a, b));
+    cluster.shutdown().await;
+}
+
 /// `tx list` and `tx show` answer for the brokers that respond and name
 /// the silent one (exit 3), as `group show` does: they failed whole, so
 /// an operator lost transaction forensics in a partial outage, and a
