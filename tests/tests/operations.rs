@@ -785,6 +785,62 @@ fn lag_leaves_out_what_retention_removed() {
     );
 }
 
+/// `group reset-offset --to TIME` finds the first message that came into
+/// the queue at or after the time: a delayed message comes in when it is
+/// delivered (it was sent, and stored, before the messages around it),
+/// and the search by store times skipped the messages between (reset to
+/// a time between P2 and P3, the group went on at P6).
+#[test]
+fn reset_to_a_time_counts_a_delayed_message_from_its_delivery() {
+    let s = Setup::start(&[]);
+    ok(&s.cli(&["topic", "create", "late", "--queues", "1"]));
+    ok(&s.cli(&["send", "late", "--body", "delayed", "--delay", "3s"]));
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let mut at = 0;
+    for i in 1..=5 {
+        if i == 3 {
+            std::thread::sleep(Duration::from_millis(20));
+            at = now_ms();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok(&s.cli(&["send", "late", "--body", &format!("p{i}")]));
+    }
+    let max = |s: &Setup| {
+        let (out, lines) = s.json(&["topic", "status", "late"]);
+        ok(&out);
+        lines[0]["max_offset"].as_u64().unwrap()
+    };
+    assert_eq!(max(&s), 5, "the delayed message is not delivered yet");
+    wait_until("the delayed message is delivered", || max(&s) == 6);
+    for i in 6..=9 {
+        ok(&s.cli(&["send", "late", "--body", &format!("p{i}")]));
+    }
+    ok(&s.cli(&[
+        "group",
+        "reset-offset",
+        "g",
+        "--topic",
+        "late",
+        "--to",
+        &at.to_string(),
+    ]));
+    let (out, lines) = s.json(&["group", "show", "g"]);
+    ok(&out);
+    let committed: Vec<u64> = lines[0]["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|q| q["topic"] == "late")
+        .filter_map(|q| q["committed"].as_u64())
+        .collect();
+    assert_eq!(committed, [2], "from p3 on: {lines:?}");
+}
+
 /// A consumer that keeps running while its topic is deleted and made
 /// again reads the new topic from its first message: its old position
 /// (5) is neither pulled from nor committed there (it skipped the new

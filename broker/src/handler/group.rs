@@ -336,9 +336,12 @@ pub(super) async fn reset(b: &BrokerInner, req: ResetOffset) -> Result<OffsetsRe
     })
 }
 
-/// The first offset in `min..max` whose message was stored at or after
-/// `ts` (`max` when none): a binary search over store timestamps, which
-/// grow along a queue.
+/// The first offset in `min..max` whose message came into the queue at or
+/// after `ts` (`max` when none): a binary search over those times, which
+/// grow along a queue. A delayed message (a retry in a `%RETRY%` topic too)
+/// comes into its queue when it is delivered, though it was stored when it
+/// was sent: its time is its delivery time (a search by store times skipped
+/// the messages stored between a delayed message's send and its delivery).
 fn first_at_or_after(
     b: &BrokerInner,
     topic: &str,
@@ -350,12 +353,18 @@ fn first_at_or_after(
     let (mut lo, mut hi) = (min, max);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let r = b
+        let found = b
             .store
-            .read(topic, queue, mid, 1, usize::MAX)
+            .read_found(topic, queue, mid, 1)
             .map_err(store_error)?;
-        match r.messages.first() {
-            Some(m) if m.store_timestamp >= ts => hi = mid,
+        let queued_at = found.first().map(|(_, f)| match f.record.kind {
+            RecordKind::Delayed | RecordKind::DelayedCopy => {
+                f.record.store_timestamp.max(f.record.aux)
+            }
+            _ => f.record.store_timestamp,
+        });
+        match queued_at {
+            Some(at) if at >= ts => hi = mid,
             _ => lo = mid + 1,
         }
     }
