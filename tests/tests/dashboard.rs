@@ -669,6 +669,51 @@ fn a_transaction_left_unknown_is_committed_from_its_page_then_consumed_and_found
 }
 
 /// A consumer that stays in the group while the test looks at it.
+/// One broker of two paused: every page shows what the other answered and
+/// names the silent one (each page showed only an error), as the command
+/// line does.
+#[test]
+fn a_silent_broker_is_named_and_the_others_shown() {
+    let s = Setup::start(&[]);
+    let b = BrokerProcess::start(&s.dir.path().join("broker-b"), &s.ns, "broker-b", &[]);
+    wait_until("broker-b registers", || {
+        stdout(&s.cli(&["cluster"])).contains("broker-b")
+    });
+    ok(&s.cli(&["topic", "create", "both", "--queues", "1"]));
+    ok(&s.cli(&["send", "both", "--body", "x", "--count", "4"]));
+    ok(&s.cli(&[
+        "consume",
+        "both",
+        "--group",
+        "g",
+        "--count",
+        "4",
+        "--idle-timeout",
+        "5s",
+    ]));
+    // On broker-a only, so that it is among what answers.
+    ok(&s.cli(&[
+        "topic", "create", "on-a", "--queues", "1", "--broker", "broker-a",
+    ]));
+    ok(&s.cli(&[
+        "tx", "send", "on-a", "--group", "pg", "--body", "t", "--local", "unknown",
+    ]));
+    b.signal("STOP");
+    let d = Dashboard::start(&s.ns, &["--timeout", "1s"]);
+    let mut v = d.visitor();
+    for (path, shown) in [
+        ("/groups", "data-group=\"g\""),
+        ("/groups/g", "broker-a"),
+        ("/topics/both", "data-broker=\"broker-a\""),
+        ("/transactions", "pg"),
+    ] {
+        let page = v.get(path);
+        assert_eq!(page.status, 200, "{path}: {}", page.body);
+        page.has(&[shown, "Broker broker-b ("]);
+    }
+    b.signal("CONT");
+}
+
 fn live_consumer(ns: &str, topic: &str, group: &str) -> Child {
     Command::new(binary("txmq"))
         .args([

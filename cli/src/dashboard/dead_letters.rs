@@ -44,18 +44,39 @@ pub async fn list(
             let shown = html::paged(&groups, page, app.page_size);
             // Counted for the groups on this page only.
             let dlqs: Vec<String> = shown.iter().map(|g| dlq_topic(g)).collect();
-            let counts = join_all(dlqs.iter().map(|t| admin.topic_status(t, None))).await;
+            let counts = join_all(dlqs.iter().map(|t| admin.topic_status_by_broker(t, None))).await;
             let rows: Vec<_> = shown
                 .iter()
                 .zip(counts)
                 .map(|(g, status)| {
                     let count = match status {
-                        Ok(s) => s
-                            .iter()
-                            .flat_map(|b| &b.queues)
-                            .map(|q| q.max_offset.saturating_sub(q.min_offset))
-                            .sum::<u64>()
-                            .to_string(),
+                        // The brokers that answered; one that did not is
+                        // named beside the count.
+                        Ok(answers) => {
+                            let mut count = 0u64;
+                            let mut left_out = Vec::new();
+                            for a in answers {
+                                match a.result {
+                                    Ok(s) => {
+                                        count += s
+                                            .queues
+                                            .iter()
+                                            .map(|q| q.max_offset.saturating_sub(q.min_offset))
+                                            .sum::<u64>()
+                                    }
+                                    Err(e) if e.code() == Some(txmq::ErrorCode::UnknownTopic) => {}
+                                    Err(_) => left_out.push(a.broker_name),
+                                }
+                            }
+                            if left_out.is_empty() {
+                                count.to_string()
+                            } else {
+                                format!(
+                                    "{count} <span class=\"muted\">(without {}: no answer)</span>",
+                                    esc(&left_out.join(", "))
+                                )
+                            }
+                        }
                         Err(e) => format!(
                             "<span class=\"muted\">{}</span>",
                             esc(&super::error_text(e))

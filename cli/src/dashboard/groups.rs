@@ -71,8 +71,9 @@ pub async fn list(
         Err(e) => return html::error_page(&ctx, StatusCode::BAD_REQUEST, "Consumer groups", &e),
     };
     let mut body = String::new();
-    match admin.list_groups(None).await {
-        Ok(lists) => {
+    match admin.list_groups_by_broker(None).await {
+        Ok(answers) => {
+            let lists = super::answered(answers, None, &mut body);
             let mut groups: BTreeMap<String, Group> = BTreeMap::new();
             for list in lists {
                 for g in list.groups {
@@ -120,8 +121,9 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(group): Path<String>) -> 
     };
     let title = format!("Consumer group {group}");
     let mut body = String::new();
-    match admin.group_state(&group, None).await {
-        Ok(states) => {
+    match admin.group_state_by_broker(&group, None).await {
+        Ok(answers) => {
+            let states = super::answered(answers, None, &mut body);
             let mut members = Vec::new();
             let mut queues = Vec::new();
             let mut total: u64 = 0;

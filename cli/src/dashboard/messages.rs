@@ -281,9 +281,11 @@ pub async fn show(
         .find(|(_, f)| f.queue_offset.is_some())
         .or_else(|| found.first())
     else {
-        body.push_str(&html::error_div(&format!(
-            "No broker has message {msg_id}."
-        )));
+        body.push_str(&html::error_div(&if failed.is_empty() {
+            format!("No broker has message {msg_id}.")
+        } else {
+            format!("No broker that answered has message {msg_id}.")
+        }));
         return html::page(&ctx, StatusCode::NOT_FOUND, &title, "nav-messages", &body);
     };
     let m = &f.message;

@@ -374,6 +374,32 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
 /// A cluster error as the page shows it: what failed and why, with the
 /// wire code; an ACL refusal reads "not permitted".
+/// The answers of the brokers that gave one, in order; each broker that did
+/// not (or refused) is named in a warning on the page, as the command line
+/// names it on stderr, so that one broker down does not blank the page.
+/// An answer with the error `skip` (the broker has no such topic) is
+/// neither.
+fn answered<T>(
+    answers: Vec<txmq::admin::BrokerAnswer<T>>,
+    skip: Option<txmq::ErrorCode>,
+    body: &mut String,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for a in answers {
+        match a.result {
+            Ok(v) => out.push(v),
+            Err(e) if skip.is_some() && e.code() == skip => {}
+            Err(e) => body.push_str(&html::error_div(&format!(
+                "Broker {} ({}) is left out: {}",
+                a.broker_name,
+                a.addr,
+                error_text(e)
+            ))),
+        }
+    }
+    out
+}
+
 fn error_text(e: txmq::Error) -> String {
     let denied = e.code() == Some(txmq::ErrorCode::AccessDenied);
     let text = crate::output::error_text(&anyhow::Error::new(e));

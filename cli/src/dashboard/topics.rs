@@ -182,10 +182,27 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -> 
         );
     }
     let title = format!("Topic {topic}");
-    let (status, route) = tokio::join!(admin.topic_status(&topic, None), admin.route(&topic));
+    let (status, route) = tokio::join!(
+        admin.topic_status_by_broker(&topic, None),
+        admin.route(&topic)
+    );
     let mut body = String::new();
+    // No broker has it: not found; a broker that does not answer is named
+    // and the others' queues shown.
+    let status = status.and_then(|mut answers| {
+        let unknown = |a: &txmq::admin::BrokerAnswer<_>| {
+            a.result
+                .as_ref()
+                .is_err_and(|e| e.code() == Some(txmq::ErrorCode::UnknownTopic))
+        };
+        if !answers.is_empty() && answers.iter().all(unknown) {
+            answers.swap_remove(0).result?;
+        }
+        Ok(answers)
+    });
     match status {
-        Ok(status) => {
+        Ok(answers) => {
+            let status = super::answered(answers, Some(txmq::ErrorCode::UnknownTopic), &mut body);
             let mut rows = Vec::new();
             for s in &status {
                 for q in &s.queues {

@@ -76,8 +76,12 @@ pub async fn list(
             p.prepared, p.committed, p.rolled_back, p.parked
         );
     }
-    match admin.list_transactions(None).await {
-        Ok(lists) => {
+    match admin
+        .list_transactions_by_broker(txmq::ListTransactions::default(), None)
+        .await
+    {
+        Ok(answers) => {
+            let lists = super::answered(answers, None, &mut body);
             let mut counters = txmq::TxCounters::default();
             let mut all: Vec<(&str, &TxInfo)> = Vec::new();
             for l in &lists {
