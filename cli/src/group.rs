@@ -541,6 +541,7 @@ async fn resend(
     let mut already = Vec::new();
     let mut not_found: Vec<txmq::MsgId> = Vec::new();
     let mut dead = 0;
+    let mut left = 0;
     for a in &answers {
         dead += a.dead_letters;
         for r in &a.resent {
@@ -565,6 +566,21 @@ async fn resend(
             }
         }
         already.extend(a.already.iter().copied());
+        for (msg_id, why) in &a.left {
+            left += 1;
+            match printer.format {
+                OutputFormat::Text => printer.line(&format!(
+                    "left {msg_id} in {} on {}: {why}; re-send it with --msg-id {msg_id} --to TOPIC",
+                    dlq_topic(&group),
+                    a.broker_name
+                ))?,
+                OutputFormat::Json => printer.json(&serde_json::json!({
+                    "msg_id": msg_id.to_string(),
+                    "broker": a.broker_name,
+                    "left": why,
+                }))?,
+            }
+        }
     }
     // A named letter is missing only when no broker has it.
     for a in &answers {
@@ -578,7 +594,7 @@ async fn resend(
         }
     }
     let summary = format!(
-        "{resent} dead letter{} of group {group} resent; {} resent before{}{}",
+        "{resent} dead letter{} of group {group} resent; {} resent before{}{}{}",
         if resent == 1 { "" } else { "s" },
         already.len(),
         if already.is_empty() || force {
@@ -603,6 +619,11 @@ async fn resend(
                     .collect::<Vec<_>>()
                     .join(", ")
             )
+        },
+        if left == 0 {
+            String::new()
+        } else {
+            format!("; {left} left in place (above)")
         }
     );
     if !answers.is_empty() {
@@ -613,6 +634,7 @@ async fn resend(
                 "resent": resent,
                 "already_resent": already.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "not_found": not_found.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "left": left,
                 "dead_letters": dead,
             }))?,
         }

@@ -180,6 +180,11 @@ pub struct DeadLettersResent {
     pub already: Vec<MsgId>,
     /// Named letters not in the dead-letter topic of this broker.
     pub not_found: Vec<MsgId>,
+    /// With `all` and no `to`: letters left in place, with why (they do
+    /// not say their original topic, or it is gone); re-sent by id with a
+    /// `to`.
+    #[serde(default)]
+    pub left: Vec<(MsgId, String)>,
 }
 
 /// Operator -> broker: delete a topic.

@@ -406,11 +406,20 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
     // --all: each letter back to its original topic, reconsume count reset.
     let (out, lines) = s.json(&["dlq", "resend", "billing", "--all"]);
     ok(&out);
-    let resent: Vec<&Value> = lines.iter().filter(|l| l["msg_id"].is_string()).collect();
+    let resent: Vec<&Value> = lines.iter().filter(|l| l["topic"].is_string()).collect();
     assert_eq!(resent.len(), 3, "{lines:?}");
     assert!(resent.iter().all(|r| r["topic"] == "bills"));
     let summary = lines.last().expect("summary");
     assert_eq!(summary["resent"], 3);
+    // The letter left in place is named, with why.
+    assert_eq!(summary["left"], 1, "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l["msg_id"] == poison.as_str()
+            && l["left"]
+                .as_str()
+                .is_some_and(|w| w.contains("does not say its original topic"))),
+        "{lines:?}"
+    );
     // It stays where it is.
     let (out, letters) = s.json(&["dlq", "list", "billing"]);
     ok(&out);

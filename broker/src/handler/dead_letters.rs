@@ -117,15 +117,16 @@ pub(super) async fn resend(
         // operator re-sends it by id with a topic to send it to. Left out
         // before the cap, so such letters never hold up the rest.
         chosen.retain(|l| {
-            let back = l
-                .message
-                .properties
-                .get(PROPERTY_REAL_TOPIC)
-                .is_some_and(|t| b.topics.get(t).is_some());
-            if !back {
-                tracing::info!(group = %req.group, msg_id = %l.message.msg_id, "dead letter without a topic to go back to left in place");
-            }
-            back
+            let why = match l.message.properties.get(PROPERTY_REAL_TOPIC) {
+                None => "it does not say its original topic".to_string(),
+                Some(t) if b.topics.get(t).is_none() => {
+                    format!("its original topic '{t}' does not exist on this broker")
+                }
+                Some(_) => return true,
+            };
+            tracing::info!(group = %req.group, msg_id = %l.message.msg_id, reason = %why, "dead letter left in place");
+            answer.left.push((l.message.msg_id, why));
+            false
         });
     }
     chosen.truncate(MAX_PER_REQUEST);

@@ -258,14 +258,38 @@ pub async fn resend(
         Ok(done) => {
             let resent: usize = done.iter().map(|d| d.resent.len()).sum();
             let already: usize = done.iter().map(|d| d.already.len()).sum();
-            let missing: usize = done.iter().map(|d| d.not_found.len()).sum();
+            // A named letter is missing only when no broker has it (each
+            // broker that does not names it as not found).
+            let held = |id: &txmq::MsgId| {
+                done.iter()
+                    .any(|d| d.resent.iter().any(|r| r.msg_id == *id) || d.already.contains(id))
+            };
+            let missing: BTreeSet<txmq::MsgId> = done
+                .iter()
+                .flat_map(|d| d.not_found.iter().copied())
+                .filter(|id| !held(id))
+                .collect();
+            let missing = missing.len();
+            let left: Vec<String> = done
+                .iter()
+                .flat_map(|d| d.left.iter().map(|(id, why)| format!("{id}: {why}")))
+                .collect();
+            let left = if left.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " Left in place ({}; re-send by id to another topic): {}.",
+                    left.len(),
+                    left.join("; ")
+                )
+            };
             if resent == 0 {
                 Flash::Failed(format!(
-                    "Nothing re-sent: {already} re-sent before, {missing} not found."
+                    "Nothing re-sent: {already} re-sent before, {missing} not found.{left}"
                 ))
             } else {
                 Flash::Done(format!(
-                    "Re-sent {resent} dead letter(s) of {group} ({already} re-sent before, {missing} not found)."
+                    "Re-sent {resent} dead letter(s) of {group} ({already} re-sent before, {missing} not found).{left}"
                 ))
             }
         }

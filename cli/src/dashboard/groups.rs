@@ -228,7 +228,7 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(group): Path<String>) -> 
 <form id=\"reset-offset\" class=\"inline\" method=\"post\" action=\"/groups/{}/reset\">{}\
 <label>Topic <input name=\"topic\" list=\"group-topics\" required></label><datalist id=\"group-topics\">{options}</datalist>\
 <label>To <select name=\"to\"><option value=\"earliest\">earliest</option><option value=\"latest\">latest</option><option value=\"timestamp\">timestamp</option></select></label>\
-<label>Timestamp <input name=\"timestamp\" placeholder=\"2026-01-31T12:00:00Z, ms, or 10m ago\"></label>\
+<label>Timestamp <input name=\"timestamp\" placeholder=\"2026-01-31T12:00:00Z, ms, or 10m (ago)\"></label>\
 <button type=\"submit\" id=\"reset-offset-submit\">Reset</button></form>",
                 url(&group),
                 ctx.csrf_input()
