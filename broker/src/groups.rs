@@ -80,7 +80,15 @@ struct Group {
     /// them before is known (it claimed them, or let go and left), so the
     /// start grace no longer applies to them.
     known: HashSet<QueueRef>,
+    /// Clustering members that expired (no heartbeat within the expiry),
+    /// and when: their queues may have been read past where their readers
+    /// stand, so the first heartbeat of one that comes back says so (see
+    /// `HeartbeatOk::expired`). Forgotten after [`EXPIRED_KEPT`].
+    expired: HashMap<String, Instant>,
 }
+
+/// How long an expired member is remembered, in expiries.
+const EXPIRED_KEPT: u32 = 20;
 
 impl Group {
     /// Whether the group holds anything worth keeping: members, owners,
@@ -90,6 +98,7 @@ impl Group {
             || !self.owners.is_empty()
             || !self.reserved.is_empty()
             || !self.known.is_empty()
+            || !self.expired.is_empty()
     }
 
     /// Clustering members subscribed to `topic`, sorted by id.
@@ -121,6 +130,17 @@ pub(crate) enum Refusal {
     /// The member has not heartbeated since the broker started or since
     /// its connection closed.
     NotMember,
+}
+
+/// Ends the reservations whose time is up: a member that did not come
+/// back for its reserved queues in time lost them as an expired one does.
+fn end_reservations(g: &mut Group, now: Instant) {
+    for (id, _) in g.reserved.values().filter(|(_, until)| *until <= now) {
+        if !g.members.contains_key(id) {
+            g.expired.insert(id.clone(), now);
+        }
+    }
+    g.reserved.retain(|_, (_, until)| *until > now);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,7 +202,7 @@ impl Groups {
         beat: Beat,
         queues: impl Fn(&str) -> Option<u32>,
         read_here: impl Fn(&str, u32) -> bool,
-    ) -> (Vec<QueueRef>, Notices) {
+    ) -> (Vec<QueueRef>, Notices, bool) {
         let mut groups = lock(&self.groups);
         let group = groups.entry(beat.group.clone()).or_default();
         let now = Instant::now();
@@ -190,9 +210,11 @@ impl Groups {
         let starting = now < self.start_grace;
         // A reservation ends with the expiry, or when its member comes back
         // without the queue (it let go of it).
+        end_reservations(group, now);
         group
             .reserved
-            .retain(|q, (id, until)| *until > now && (*id != beat.client_id || held.contains(q)));
+            .retain(|q, (id, _)| *id != beat.client_id || held.contains(q));
+        let expired = group.expired.remove(&beat.client_id).is_some();
         let changed = match group.members.get_mut(&beat.client_id) {
             Some(m) => {
                 let changed = m.subscriptions != beat.subscriptions
@@ -310,7 +332,7 @@ impl Groups {
                 .map(|(_, m)| (beat.group.clone(), m.conn.clone()))
                 .collect()
         };
-        (assigned, notices)
+        (assigned, notices, expired)
     }
 
     /// Every member of every group subscribed to `topic`: whom to tell that
@@ -346,7 +368,7 @@ impl Groups {
     /// groups' connections to notify.
     pub(crate) fn connection_closed(&self, conn_id: u64) -> Notices {
         let until = Instant::now() + self.expiry;
-        self.remove_where(|_, m| m.conn.id() == conn_id, Some(until))
+        self.remove_where(|_, m| m.conn.id() == conn_id, Some(until), false)
     }
 
     /// Removes members without a heartbeat within the expiry, and ends
@@ -364,14 +386,17 @@ impl Groups {
                 gone
             },
             None,
+            true,
         );
         let now = Instant::now();
         let grace_over =
             now >= self.start_grace && !self.start_grace_told.swap(true, Ordering::AcqRel);
         let mut groups = lock(&self.groups);
         for (name, g) in groups.iter_mut() {
+            g.expired
+                .retain(|_, at| now.duration_since(*at) < expiry * EXPIRED_KEPT);
             let before = g.reserved.len();
-            g.reserved.retain(|_, (_, until)| *until > now);
+            end_reservations(g, now);
             if grace_over {
                 g.known = HashSet::new();
             }
@@ -389,6 +414,7 @@ impl Groups {
         &self,
         gone: impl Fn(&str, &Member) -> bool,
         reserve_until: Option<Instant>,
+        expiring: bool,
     ) -> Notices {
         let mut groups = lock(&self.groups);
         let mut notify = Vec::new();
@@ -403,6 +429,9 @@ impl Groups {
                 let Some(m) = g.members.remove(id) else {
                     continue;
                 };
+                if expiring && !m.broadcast {
+                    g.expired.insert(id.clone(), Instant::now());
+                }
                 if let Some(until) = reserve_until {
                     let owned: Vec<QueueRef> = g
                         .owners
@@ -656,7 +685,7 @@ mod tests {
                 })
                 .collect(),
         };
-        let (assigned, _) = groups.heartbeat(conn, beat, |_| Some(2), |_, _| read);
+        let (assigned, _, _) = groups.heartbeat(conn, beat, |_| Some(2), |_, _| read);
         assigned.into_iter().map(|q| q.queue).collect()
     }
 
@@ -743,6 +772,53 @@ mod tests {
             "b is told that queues are free"
         );
         assert_eq!(beat(&groups, &c[1], "b", &[], false), [0, 1]);
+    }
+
+    /// A member that expired, or did not come back for its reserved queues
+    /// in time, is told so at its next heartbeat, once; one that only
+    /// reconnected in time, or left, is not.
+    #[tokio::test]
+    async fn a_member_back_after_it_expired_is_told_so_once() {
+        let c = connections(3).await;
+        let groups = Groups::new(Duration::from_millis(100));
+        let told = |conn: &Connection, id: &str, held: &[u32]| {
+            let beat = Beat {
+                group: "g".into(),
+                client_id: id.into(),
+                subscriptions: vec![Subscription {
+                    topic: "t".into(),
+                    expression: "*".into(),
+                }],
+                broadcast: false,
+                held: held
+                    .iter()
+                    .map(|&queue| QueueRef {
+                        topic: "t".into(),
+                        queue,
+                    })
+                    .collect(),
+            };
+            groups.heartbeat(conn, beat, |_| Some(2), |_, _| false).2
+        };
+        assert!(!told(&c[0], "a", &[]));
+        assert!(!told(&c[1], "b", &[]));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(!told(&c[1], "b", &[]));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        groups.expire();
+        assert!(told(&c[0], "a", &[0]), "a expired");
+        assert!(!told(&c[0], "a", &[0]), "told once");
+        // b's connection closes; back in time, it keeps its queues.
+        groups.connection_closed(c[1].id());
+        assert!(!told(&c[2], "b", &[1]));
+        // a's closes, and it is not back before its reservation ends.
+        groups.connection_closed(c[0].id());
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(!told(&c[2], "b", &[1]));
+        groups.expire();
+        assert!(told(&c[2], "a", &[0]), "a's reservation ran out");
+        groups.leave("g", "a");
+        assert!(!told(&c[2], "a", &[]), "a left: nothing to tell");
     }
 
     #[tokio::test]

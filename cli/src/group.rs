@@ -55,7 +55,7 @@ pub enum DlqCommand {
         /// The group.
         #[arg(value_parser = crate::args::parse_group)]
         group: String,
-        /// Show at most this many.
+        /// Show at most this many (in all, across brokers).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
@@ -484,7 +484,8 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
         }
     };
     let limit = limit as usize;
-    let answers = match admin.browse_by_broker(&dlq_topic(&group), limit).await {
+    // One more than shown, to know whether there are more.
+    let answers = match admin.browse_by_broker(&dlq_topic(&group), limit + 1).await {
         Ok(a) => a,
         // No dead-letter topic: none yet, unless no broker is there to say.
         Err(txmq::Error::NoRoute { .. }) if admin.cluster().await?.is_empty() => {
@@ -497,7 +498,9 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
     };
     let (read, missing) = split(answers)?;
     let answered = read.len();
-    let messages: Vec<_> = read.into_iter().flatten().collect();
+    let mut messages: Vec<_> = read.into_iter().flatten().collect();
+    let more = messages.len() > limit;
+    messages.truncate(limit);
     if messages.is_empty() && missing.0.is_empty() {
         // As `group show` of an unknown group: an empty answer says why.
         stderr!(
@@ -511,8 +514,8 @@ pub async fn run_dlq(global: &GlobalArgs, cmd: DlqCommand) -> Result<()> {
             OutputFormat::Json => printer.json(&received_json(m))?,
         }
     }
-    if messages.len() >= limit {
-        stderr!("note: the first {limit} dead letters are shown; --limit shows more");
+    if more {
+        stderr!("note: the first {limit} dead letters are shown (--limit, across brokers); there are more");
     }
     missing.finish(&printer, answered, "read the dead letters on")
 }

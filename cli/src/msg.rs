@@ -219,11 +219,18 @@ fn print_found(
     // Brokers that answered (with messages or none), and those that could
     // not be asked at all (as opposed to those that answered an error).
     let (mut answered, mut unasked) = (0, 0);
+    // Brokers that hold nothing at that offset (a topic on several brokers
+    // has its messages on some): an answer, shown only when nothing was.
+    let mut out_of_range: Vec<String> = Vec::new();
     for a in answers {
         match a.result {
             Ok(r) => {
                 answered += 1;
                 found.extend(r.messages.into_iter().map(|m| (r.broker_name.clone(), m)));
+            }
+            Err(e) if e.code() == Some(txmq::ErrorCode::OffsetOutOfRange) => {
+                answered += 1;
+                out_of_range.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
             }
             Err(e) => {
                 unasked += usize::from(e.wire_error().is_none());
@@ -255,6 +262,7 @@ fn print_found(
                 ),
             ));
         }
+        failed.extend(out_of_range);
         let text = match failed.is_empty() {
             true => none(),
             false => format!("{}; {}", none(), failed.join("; ")),

@@ -123,6 +123,26 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                     }))?,
                 }
             }
+            // An update leaves the brokers without the topic alone: say
+            // which (a create that failed on one is finished with --broker).
+            if broker.is_none() && created.iter().all(|c| c.updated) {
+                let mut without: Vec<String> = admin
+                    .cluster()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|b| b.broker_name)
+                    .filter(|b| !created.iter().any(|c| c.broker_name == *b))
+                    .collect();
+                without.sort();
+                without.dedup();
+                if !without.is_empty() {
+                    stderr!(
+                        "note: topic {topic} is not on {} (updated where it is; `--broker NAME` adds it to another broker)",
+                        without.join(", ")
+                    );
+                }
+            }
         }
         TopicCommand::List => {
             let topics = admin.list_topics().await?;

@@ -36,9 +36,11 @@ pub enum TxCommand {
     Send(TxSendArgs),
     /// Answer check-backs as a member of a producer group, sending nothing.
     Listen(TxListenArgs),
-    /// List pending and parked transactions, with each broker's counters.
-    /// With a filter (--state, --group, --older-than) it lists only the
-    /// matching ones and exits 1 when any match, 0 when none do.
+    /// List pending and parked transactions, with each broker's counters
+    /// (each broker lists its oldest 1000 that match; a note says when
+    /// there are more). With a filter (--state, --group, --older-than) it
+    /// lists only the matching ones and exits 1 when any match, 0 when none
+    /// do, 3 when none do where brokers answered and some did not.
     List {
         /// Only this broker (a broker name or address).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
@@ -222,16 +224,18 @@ pub struct TxResolveArgs {
     /// The transaction id.
     pub tx_id: u64,
 
-    /// Commit it: its messages become visible.
-    #[arg(long, env = "TXMQ_COMMIT")]
+    /// Commit it: its messages become visible. (Typed, never taken from
+    /// the environment: the end cannot be undone.)
+    #[arg(long)]
     pub commit: bool,
 
-    /// Roll it back: its messages are dropped.
-    #[arg(long, env = "TXMQ_ROLLBACK")]
+    /// Roll it back: its messages are dropped. (Typed, as --commit.)
+    #[arg(long)]
     pub rollback: bool,
 
-    /// The broker holding it (a name or address); needed when transaction
-    /// ids of several brokers collide.
+    /// The broker holding it (a name or address); needed when several
+    /// brokers hold a pending transaction of this id, and when a broker
+    /// does not answer (it might hold one).
     #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
     pub broker: Option<String>,
 }
@@ -462,6 +466,13 @@ async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) ->
             ),
         ));
     }
+    if filter.is_set() && lists.is_empty() && !missing.0.is_empty() {
+        // Exit 1 is "something matches" here: no broker answering is
+        // "cannot say" (3), as a silent one is.
+        if let Err(e) = missing.finish(&printer, 0, "list the transactions of") {
+            return Err(crate::exit::with_code(crate::exit::PARTIAL, e.to_string()));
+        }
+    }
     missing.finish(&printer, lists.len(), "list the transactions of")
 }
 
@@ -671,10 +682,15 @@ fn detail_json(d: &TxDetail) -> Value {
 }
 
 async fn resolve(global: &GlobalArgs, args: TxResolveArgs) -> Result<()> {
-    let action = if args.commit {
-        TxAction::Commit
-    } else {
-        TxAction::Rollback
+    let action = match (args.commit, args.rollback) {
+        (true, false) => TxAction::Commit,
+        (false, true) => TxAction::Rollback,
+        _ => {
+            return Err(crate::exit::with_code(
+                crate::exit::USAGE,
+                "give either --commit or --rollback".to_string(),
+            ))
+        }
     };
     let admin = Admin::with_config(global.client_config()?).await?;
     let resolved = admin

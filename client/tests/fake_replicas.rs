@@ -268,6 +268,7 @@ impl Node {
                     })
                     .collect(),
                 expiry_ms: 0,
+                expired: false,
             }),
             Request::LeaveGroup(_) => Response::LeaveGroup(Done {}),
             other => {

@@ -225,6 +225,11 @@ pub const PROPERTY_RECONSUME_TIMES: &str = "TXMQ_RECONSUME_TIMES";
 pub const PROPERTY_REAL_TOPIC: &str = "TXMQ_REAL_TOPIC";
 /// Message property: the queue id it was first stored in.
 pub const PROPERTY_REAL_QUEUE: &str = "TXMQ_REAL_QUEUE";
+/// Set by a broker with an ACL file on a message a consumer handed back
+/// from its own copy (its record was gone): where it came from is the
+/// consumer's word, not the broker's, so a re-send of its dead letter must
+/// name the topic (`--to`). Producers cannot set it.
+pub const PROPERTY_REPORTED_ORIGIN: &str = "TXMQ_REPORTED_ORIGIN";
 
 /// What a consumer group's retry topic starts with.
 pub const RETRY_TOPIC_PREFIX: &str = "%RETRY%";
@@ -1043,6 +1048,12 @@ pub struct HeartbeatOk {
     /// heartbeat well within it.
     #[serde(default)]
     pub expiry_ms: u64,
+    /// The broker had expired this member (no heartbeat within the expiry,
+    /// or not back for its reserved queues in time): others may have read
+    /// its queues past where its readers stand, so it gives them up without
+    /// committing and reads them again from the group's committed offsets.
+    #[serde(default)]
+    pub expired: bool,
 }
 
 /// A consumer leaves its group on one broker.

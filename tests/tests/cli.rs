@@ -1055,6 +1055,25 @@ fn an_unreachable_nameserver_fails_quickly_with_a_clear_message() {
     }
 }
 
+/// `tx resolve` ends a transaction only as typed: `TXMQ_ROLLBACK=false`
+/// (or `TXMQ_COMMIT=false`) in the environment rolled one back.
+#[test]
+fn tx_resolve_takes_its_action_only_from_the_command_line() {
+    let ns = format!("127.0.0.1:{}", free_port());
+    for var in ["TXMQ_ROLLBACK", "TXMQ_COMMIT"] {
+        for value in ["false", "true"] {
+            let o = std::process::Command::new(txmq_tests::binary("txmq"))
+                .args(["--nameserver", &ns, "tx", "resolve", "7"])
+                .env(var, value)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("txmq runs");
+            assert_eq!(o.status.code(), Some(2), "{var}={value}: {}", stderr(&o));
+            assert!(stderr(&o).contains("--commit"), "{}", stderr(&o));
+        }
+    }
+}
+
 /// A standard error closed before the command writes its error (`2>&1 |
 /// head -1` once `head` has its line) keeps the command's exit code: it
 /// panicked, exit 101.

@@ -681,8 +681,17 @@ async fn updating_a_topic_keeps_it_on_its_brokers() {
     ])
     .await;
     wait_for_route(&ns, "onlyb", &["broker-b"]).await;
-    let updated = run(&["topic", "create", "onlyb", "--perm", "r"]).await;
+    let out = txmq(&ns, &["topic", "create", "onlyb", "--perm", "r"], None).await;
+    let (updated, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{err}");
     assert!(!updated.contains("broker-a"), "{updated}");
+    assert!(
+        err.contains("note: topic onlyb is not on broker-a"),
+        "names the broker left alone: {err}"
+    );
     let route = run(&["--output", "json", "topic", "route", "onlyb"]).await;
     let brokers: Vec<String> = json_lines(route.as_bytes())
         .iter()
@@ -691,6 +700,15 @@ async fn updating_a_topic_keeps_it_on_its_brokers() {
     assert_eq!(brokers, ["broker-b"], "{route}");
     run(&["topic", "create", "onlyb", "--broker", "broker-a"]).await;
     wait_for_route(&ns, "onlyb", &["broker-a", "broker-b"]).await;
+    // A message at an offset of one broker's queue: the other broker, with
+    // nothing there, answered too (it counted as one that did not, exit 3).
+    run(&["topic", "create", "onlyb", "--perm", "rw"]).await;
+    run(&["send", "onlyb", "--body", "one"]).await;
+    let got = run(&[
+        "msg", "get", "--topic", "onlyb", "--queue", "0", "--offset", "0",
+    ])
+    .await;
+    assert!(got.contains("one"), "{got}");
     drop((a, b));
     cluster.shutdown().await;
 }
@@ -761,6 +779,23 @@ async fn tx_list_and_show_answer_for_the_brokers_that_respond() {
         err.contains(name) && err.contains("1 transaction matches"),
         "{err}"
     );
+    // Only the silent broker asked: nothing can be said (3), not a match (1).
+    let out = txmq(
+        &ns,
+        &[
+            "--timeout",
+            "1s",
+            "tx",
+            "list",
+            "--state",
+            "parked",
+            "--broker",
+            name,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
 
     let out = txmq(
         &ns,

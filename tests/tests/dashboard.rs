@@ -691,6 +691,7 @@ fn a_silent_broker_is_named_and_the_others_shown() {
         "--idle-timeout",
         "5s",
     ]));
+    make_dead_letters(&s.ns, "both", "dl", 4);
     // On broker-a only, so that it is among what answers.
     ok(&s.cli(&[
         "topic", "create", "on-a", "--queues", "1", "--broker", "broker-a",
@@ -706,6 +707,7 @@ fn a_silent_broker_is_named_and_the_others_shown() {
         ("/groups/g", "broker-a"),
         ("/topics/both", "data-broker=\"broker-a\""),
         ("/transactions", "pg"),
+        ("/dead-letters/dl", "data-msg-id="),
     ] {
         let page = v.get(path);
         assert_eq!(page.status, 200, "{path}: {}", page.body);
@@ -1020,7 +1022,7 @@ fn pages_render_under_200ms_with_1000_topics_and_10000_pending_transactions() {
     let page = v.get("/transactions");
     page.has(&[
         "<td class=\"num\" id=\"count-pending\">10000</td>",
-        "lists its oldest 1000 of 10000 pending transactions",
+        "lists its oldest 1000 of 10000 transactions shown here",
     ]);
     let mut worst = Vec::new();
     for path in [

@@ -27,9 +27,9 @@ use txmq::{
 };
 use txmq_protocol::{
     CommitOffset, EndTransaction, GetMessages, HalfMessage, Heartbeat, Hello, HelloOk, LeaveGroup,
-    OffsetTarget, PrepareTransaction, PullRequest, QueryOffset, QueueOwner, Request, Response,
-    Role, SendBack, StoredMessage, Subscription, TxOffset, TxSource, WireError,
-    PROPERTY_REAL_TOPIC, PROTOCOL_VERSION,
+    OffsetTarget, PrepareTransaction, PullRequest, QueryOffset, QueueOwner, Request,
+    ResendDeadLetters, Response, Role, SendBack, StoredMessage, Subscription, TxOffset, TxSource,
+    WireError, PROPERTY_REAL_TOPIC, PROTOCOL_VERSION,
 };
 use txmq_remoting::connection_types::BoxFuture;
 use txmq_remoting::{
@@ -747,11 +747,16 @@ async fn handing_back_and_transaction_offsets_need_what_they_touch() {
         .message
         .properties
         .insert(PROPERTY_REAL_TOPIC.into(), TOPIC.into());
-    assert_denied(
-        mallory.call(back("mg", Some(forged))).await,
-        "mallory",
-        "pub to topic 'orders'",
-    );
+    // Taken (the group may hand back what it read), marked as the
+    // consumer's word: its dead letter goes back only where an operator
+    // names.
+    mallory
+        .call(SendBack {
+            dead_letter: true,
+            ..back("mg", Some(forged))
+        })
+        .await
+        .expect("a copy is handed back into mg's own dead letters");
     // Straight to the dead letters, from where ops re-sends to orders.
     assert_denied(
         mallory
@@ -783,6 +788,35 @@ async fn handing_back_and_transaction_offsets_need_what_they_touch() {
         .await
         .expect("ops reads billing's dead letters");
     assert_eq!(letters.messages.len(), 1, "{letters:?}");
+    let resend = |all: bool, to: Option<&str>| ResendDeadLetters {
+        group: "mg".into(),
+        msg_ids: if all {
+            Vec::new()
+        } else {
+            vec![stored.message.msg_id]
+        },
+        all,
+        to: to.map(str::to_string),
+        force: false,
+    };
+    let left = ops.call(resend(true, None)).await.expect("ops re-sends");
+    assert!(left.resent.is_empty(), "{left:?}");
+    assert!(
+        left.left
+            .iter()
+            .any(|(_, why)| why.contains("reported by a consumer")),
+        "{left:?}"
+    );
+    let refused = ops.call(resend(false, None)).await.expect_err("no --to");
+    assert!(
+        refused.to_string().contains("reported by a consumer"),
+        "{refused}"
+    );
+    let resent = ops
+        .call(resend(false, Some(TOPIC)))
+        .await
+        .expect("re-sent where ops names");
+    assert_eq!(resent.resent.len(), 1, "{resent:?}");
 
     // mallory's transaction may not move billing's offset.
     let tx = site

@@ -195,9 +195,9 @@ fn read_needs(
 /// What a handed-back message needs, known once the broker has it: its
 /// record is copied into the group's retry topic, where the group reads
 /// it, so its topic must be one the group's user may read (as a pull of
-/// it); a consumer's own copy of a message whose record is gone may, as
-/// a retry or an operator's re-send of a dead letter, go back to the topic
-/// it names as its origin, so it needs `pub` there too. `None` for the
+/// it). (A consumer's own copy of a message whose record is gone is marked
+/// as such, [`txmq_protocol::PROPERTY_REPORTED_ORIGIN`]: its dead letter
+/// goes back only where an operator names.) `conn` is `None` for the
 /// broker's own hand-backs (a pop's dead letters).
 ///
 /// # Errors
@@ -207,17 +207,11 @@ pub(crate) fn send_back_needs(
     conn: Option<&Connection>,
     group: &str,
     topic: &str,
-    copy_from: Option<&str>,
 ) -> Result<(), WireError> {
     let Some(conn) = conn.filter(|_| b.security.authenticates()) else {
         return Ok(());
     };
-    let mut check = |op: Op<'_>| b.security.check(conn, op);
-    read_needs(topic, Some(group), &mut check)?;
-    match copy_from {
-        Some(origin) => check(Op::Pub(origin)),
-        None => Ok(()),
-    }
+    read_needs(topic, Some(group), |op| b.security.check(conn, op))
 }
 
 /// An end claiming the operator source needs `admin`; any other end is

@@ -14,11 +14,15 @@ use std::collections::{BTreeMap, HashSet};
 use txmq_protocol::{
     dlq_topic, now_millis, DeadLettersResent, ErrorCode, Message, MsgId, ResendDeadLetters,
     ResentLetter, StoredMessage, WireError, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE,
-    PROPERTY_REAL_TOPIC,
+    PROPERTY_REAL_TOPIC, PROPERTY_REPORTED_ORIGIN,
 };
 
 use super::{bad_argument, offset::validate_group, store_error, unknown_topic};
 use crate::BrokerInner;
+
+/// Why a letter handed back from a consumer's own copy does not go back
+/// to the topic it names (see `PROPERTY_REPORTED_ORIGIN`).
+const REPORTED: &str = "its original topic was reported by a consumer (its record was gone), not recorded by the broker";
 
 /// Dead letters read from the log per round.
 const BATCH: usize = 256;
@@ -118,6 +122,9 @@ pub(super) async fn resend(
         // before the cap, so such letters never hold up the rest.
         chosen.retain(|l| {
             let why = match l.message.properties.get(PROPERTY_REAL_TOPIC) {
+                _ if l.message.properties.contains_key(PROPERTY_REPORTED_ORIGIN) => {
+                    REPORTED.to_string()
+                }
                 None => "it does not say its original topic".to_string(),
                 Some(t) if b.topics.get(t).is_none() => {
                     format!("its original topic '{t}' does not exist on this broker")
@@ -149,6 +156,12 @@ pub(super) async fn resend(
         let pos = letter.log_offset;
         let mut m = letter.message;
         let original = m.properties.get(PROPERTY_REAL_TOPIC).cloned();
+        if req.to.is_none() && m.properties.contains_key(PROPERTY_REPORTED_ORIGIN) {
+            return Err(bad_argument(format!(
+                "dead letter {}: {REPORTED}; name the topic to re-send it to with --to",
+                m.msg_id
+            )));
+        }
         let Some(target) = req.to.clone().or(original) else {
             return Err(bad_argument(format!(
                 "dead letter {} does not say its original topic ({PROPERTY_REAL_TOPIC}); name one with --to",

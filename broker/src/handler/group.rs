@@ -8,7 +8,7 @@ use txmq_protocol::{
     GroupList, GroupQueue, GroupState, GroupSummary, Heartbeat, HeartbeatOk, LeaveGroup,
     OffsetTarget, OffsetsReset, QueueOwner, ResetOffset, SendBack, SentBack, WireError, PERM_READ,
     PERM_READ_WRITE, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC,
-    PROPERTY_RECONSUME_TIMES,
+    PROPERTY_RECONSUME_TIMES, PROPERTY_REPORTED_ORIGIN,
 };
 use txmq_remoting::Connection;
 
@@ -71,7 +71,7 @@ pub(super) async fn heartbeat(
     };
     // A topic that may not be read here (write only) has no queue to hand
     // out: its members would only have their pulls refused.
-    let (assigned, notices) = b.groups.heartbeat(
+    let (assigned, notices, expired) = b.groups.heartbeat(
         conn,
         beat,
         |t| {
@@ -85,9 +85,13 @@ pub(super) async fn heartbeat(
         tracing::debug!(%group, notified = notices.len(), "consumer group changed");
     }
     groups::notify(notices);
+    if expired {
+        tracing::info!(%group, "an expired consumer heartbeats again: told so, it gives up what it read before");
+    }
     Ok(HeartbeatOk {
         assigned,
         expiry_ms: b.config.consumer_expiry.as_millis() as u64,
+        expired,
     })
 }
 
@@ -114,10 +118,16 @@ pub(crate) async fn send_back(
     super::offset::validate_retrying_group(&req.group)?;
     let (mut message, queue) = match req.message {
         // The consumer's copy, for a record that is gone.
-        Some(stored) => {
-            let m = &stored.message;
-            let origin = m.properties.get(PROPERTY_REAL_TOPIC).unwrap_or(&m.topic);
-            send_back_needs(b, conn, &req.group, &m.topic, Some(origin))?;
+        Some(mut stored) => {
+            send_back_needs(b, conn, &req.group, &stored.message.topic)?;
+            if conn.is_some() && b.security.authenticates() {
+                // Where it came from is the consumer's word: its dead
+                // letter goes back only where an operator names.
+                stored
+                    .message
+                    .properties
+                    .insert(PROPERTY_REPORTED_ORIGIN.into(), "consumer".into());
+            }
             (stored.message, stored.queue)
         }
         None => {
@@ -139,16 +149,18 @@ pub(crate) async fn send_back(
                     req.log_offset
                 )));
             }
-            send_back_needs(b, conn, &req.group, &record.message.topic, None)?;
+            // Before the permission: another topic's record there is the
+            // cut-short case, whose answer sends the consumer's own copy.
             if let Some(id) = req.msg_id.filter(|id| *id != record.message.msg_id) {
                 return Err(WireError::new(
                     ErrorCode::OffsetOutOfRange,
                     format!(
-                        "the message at log offset {} on broker {} is {}, not {id}: the log was cut short and written again",
-                        req.log_offset, b.config.broker_name, record.message.msg_id
+                        "the message at log offset {} on broker {} is not {id}: the log was cut short and written again",
+                        req.log_offset, b.config.broker_name
                     ),
                 ));
             }
+            send_back_needs(b, conn, &req.group, &record.message.topic)?;
             (record.message, record.queue)
         }
     };
@@ -357,10 +369,10 @@ fn first_at_or_after(
             .store
             .read_found(topic, queue, mid, 1)
             .map_err(store_error)?;
+        // A delayed record's aux is its delivery time; a copy made when
+        // it was moved (its aux is where it moved from) is stored then.
         let queued_at = found.first().map(|(_, f)| match f.record.kind {
-            RecordKind::Delayed | RecordKind::DelayedCopy => {
-                f.record.store_timestamp.max(f.record.aux)
-            }
+            RecordKind::Delayed => f.record.store_timestamp.max(f.record.aux),
             _ => f.record.store_timestamp,
         });
         match queued_at {

@@ -209,10 +209,11 @@ impl Service for BrokerService {
 /// first retry; one consumed and sent on carries them): they are dropped
 /// from what producers send.
 /// (Each starts with `TXMQ_RE`, which [`drop_broker_properties`] looks for.)
-pub(crate) const BROKER_PROPERTIES: [&str; 3] = [
+pub(crate) const BROKER_PROPERTIES: [&str; 4] = [
     txmq_protocol::PROPERTY_RECONSUME_TIMES,
     txmq_protocol::PROPERTY_REAL_TOPIC,
     txmq_protocol::PROPERTY_REAL_QUEUE,
+    txmq_protocol::PROPERTY_REPORTED_ORIGIN,
 ];
 
 /// Drops [`BROKER_PROPERTIES`] from a producer's message: one look at the

@@ -91,6 +91,11 @@ pub(super) async fn handle(
                 },
             )
             .map_err(store_error)?;
+        if queue.is_discarded() {
+            // Deleted (and maybe made again) between the look above and
+            // this read, which went by name: not this reader's queue.
+            continue;
+        }
         // Everything read was filtered out (or below the first offset): go
         // on from there, a bounded number of rounds per request, and wait
         // at the end as for an empty queue.

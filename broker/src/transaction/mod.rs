@@ -1042,9 +1042,14 @@ impl Transactions {
         // says how many the filters keep in all. Filtered before the cut,
         // so that one parked among many pending is listed.
         let mut matching = 0u64;
+        let unfiltered =
+            filter.state.is_none() && filter.group.is_none() && filter.older_than_ms.is_none();
         let entries: Vec<(Halves, TxInfo)> = table
             .pending
             .iter()
+            // Without filters the rest need not be looked at (the table's
+            // lock is every prepare's and end's).
+            .take(if unfiltered { LIST_LIMIT } else { usize::MAX })
             .filter_map(|(&tx_id, p)| {
                 let age_ms = now.saturating_sub(p.prepared_at);
                 let state = if matches!(p.phase, Phase::Parked | Phase::Carrying(true)) {
@@ -1076,6 +1081,9 @@ impl Transactions {
                 Some((p.halves, info))
             })
             .collect();
+        if unfiltered {
+            matching = table.pending.len() as u64;
+        }
         drop(table);
         let transactions = entries
             .into_iter()

@@ -65,15 +65,23 @@ pub async fn list(
                                             .sum::<u64>()
                                     }
                                     Err(e) if e.code() == Some(txmq::ErrorCode::UnknownTopic) => {}
-                                    Err(_) => left_out.push(a.broker_name),
+                                    Err(e) => left_out.push(format!(
+                                        "{}: {}",
+                                        a.broker_name,
+                                        if e.wire_error().is_some() {
+                                            super::error_text(e)
+                                        } else {
+                                            "no answer".to_string()
+                                        }
+                                    )),
                                 }
                             }
                             if left_out.is_empty() {
                                 count.to_string()
                             } else {
                                 format!(
-                                    "{count} <span class=\"muted\">(without {}: no answer)</span>",
-                                    esc(&left_out.join(", "))
+                                    "{count} <span class=\"muted\">(without {})</span>",
+                                    esc(&left_out.join("; "))
                                 )
                             }
                         }
@@ -138,8 +146,14 @@ pub async fn show(
     );
     // One more than the page, to know whether a next page exists.
     let wanted = page.saturating_mul(size).saturating_add(1);
-    match admin.browse(&dlq_topic(&group), wanted).await {
-        Ok(messages) => {
+    match admin.browse_by_broker(&dlq_topic(&group), wanted).await {
+        Ok(answers) => {
+            // A broker that does not answer is named; the others' letters
+            // are shown.
+            let messages: Vec<_> = super::answered(answers, None, &mut body)
+                .into_iter()
+                .flatten()
+                .collect();
             let total = messages.len();
             let rows: Vec<_> = html::paged(&messages, page, size)
                 .iter()

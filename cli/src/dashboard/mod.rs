@@ -372,8 +372,6 @@ fn page_of(q: &HashMap<String, String>) -> Result<usize, String> {
 /// How long the sampler waits between two samples.
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
-/// A cluster error as the page shows it: what failed and why, with the
-/// wire code; an ACL refusal reads "not permitted".
 /// The answers of the brokers that gave one, in order; each broker that did
 /// not (or refused) is named in a warning on the page, as the command line
 /// names it on stderr, so that one broker down does not blank the page.
@@ -400,6 +398,8 @@ fn answered<T>(
     out
 }
 
+/// A cluster error as the page shows it: what failed and why, with the
+/// wire code; an ACL refusal reads "not permitted".
 fn error_text(e: txmq::Error) -> String {
     let denied = e.code() == Some(txmq::ErrorCode::AccessDenied);
     let text = crate::output::error_text(&anyhow::Error::new(e));

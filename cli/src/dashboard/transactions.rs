@@ -77,7 +77,15 @@ pub async fn list(
         );
     }
     match admin
-        .list_transactions_by_broker(txmq::ListTransactions::default(), None)
+        // Filtered by the brokers, before each cuts its list at 1,000: a
+        // parked one behind many pending ones is listed.
+        .list_transactions_by_broker(
+            txmq::ListTransactions {
+                state: wanted,
+                ..txmq::ListTransactions::default()
+            },
+            None,
+        )
         .await
     {
         Ok(answers) => {
@@ -114,13 +122,19 @@ pub async fn list(
             // the counter above it would disagree without a word.
             for l in &lists {
                 let listed = l.transactions.len() as u64;
-                if listed < l.counters.pending {
+                // (A broker older than the filters counts nothing.)
+                let matching = if l.matching > 0 {
+                    l.matching
+                } else {
+                    l.counters.pending
+                };
+                if listed < matching {
                     let _ = write!(
                         body,
-                        "<p class=\"muted tx-truncated\" data-broker=\"{}\">Broker {} lists its oldest {listed} of {} pending transactions; the newer ones appear here as these end. Sorting and filters apply to those listed.</p>",
+                        "<p class=\"muted tx-truncated\" data-broker=\"{}\">Broker {} lists its oldest {listed} of {} transactions shown here; the newer ones appear as these end. Sorting applies to those listed.</p>",
                         esc(&l.broker_name),
                         esc(&l.broker_name),
-                        l.counters.pending
+                        matching
                     );
                 }
             }

@@ -119,7 +119,7 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
                     })
                     .ok();
             }
-            Ok::<_, Error>((name.clone(), ok.assigned))
+            Ok::<_, Error>((name.clone(), ok.assigned, ok.expired))
         };
         async move {
             tokio::time::timeout(patience, beat)
@@ -138,20 +138,14 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
     let answers = join_all(beats).await;
     let mut answered = HashSet::new();
     let mut wanted = HashSet::new();
-    // Brokers that went longer than their consumer expiry without
-    // answering a heartbeat (this process was paused, say): they may have
-    // expired this member and given its queues to others, who read past
-    // where its workers stand.
+    // Brokers that had expired this member (it was paused, or cut off from
+    // them, past the expiry): others may have read its queues past where
+    // its workers stand.
     let mut lapsed = HashSet::new();
-    let expiry = Duration::from_millis(shared.broker_expiry_ms.load(Ordering::Relaxed));
     for answer in answers {
         match answer {
-            Ok((broker, assigned)) => {
-                let previous = shared.answered.get(&broker).map(|p| *p);
-                if !shared.settings.broadcast
-                    && !expiry.is_zero()
-                    && previous.is_some_and(|p| sent.saturating_duration_since(p) > expiry)
-                {
+            Ok((broker, assigned, expired)) => {
+                if expired && !shared.settings.broadcast {
                     lapsed.insert(broker.clone());
                 }
                 answered.insert(broker.clone());
@@ -172,8 +166,8 @@ pub(crate) async fn round<H: MessageHandler>(shared: &Arc<Shared<H>>) {
             // Its position and its commits would move the group's offset
             // back; the queue, if it is still this member's, gets a new
             // reader from the committed offset.
-            tracing::warn!(group = %shared.group, broker = %q.broker_name, topic = %q.topic, queue = q.queue, expiry = ?expiry,
-                "no heartbeat answered for longer than the broker's consumer expiry: another member may have read the queue meanwhile; giving it up without committing");
+            tracing::warn!(group = %shared.group, broker = %q.broker_name, topic = %q.topic, queue = q.queue,
+                "the broker had expired this member (no heartbeat within its consumer expiry): another member may have read the queue meanwhile; giving it up without committing");
             w.expired.cancel();
             continue;
         }

@@ -323,7 +323,11 @@ async fn consume<H: MessageHandler>(
                 // Cut off, the broker may have given the queue away, and
                 // its new reader read past this position: wait for the
                 // next answered heartbeat (which says whether it did).
-                if committing.is_none() && !cut_off && progress.committed.is_none_or(|c| c < offset) {
+                if committing.is_none()
+                    && !cut_off
+                    && !expired.is_cancelled()
+                    && progress.committed.is_none_or(|c| c < offset)
+                {
                     let forgotten = progress.forgotten;
                     committing = Some(Box::pin(async move {
                         (offset, forgotten, store_offset(shared, key, offset).await)
@@ -601,24 +605,31 @@ async fn handle<H: MessageHandler>(
     // At most once, a message pulled is committed: it is handled here or
     // never.
     let leave = settings.mode != DeliveryMode::AtMostOnce;
-    // Not started while the broker may have given the queue away (no
-    // heartbeat answered lately): the next answer says whether it did.
-    while fence_at(shared, &key.broker_name).is_some_and(|at| std::time::Instant::now() >= at) {
-        tokio::select! {
-            biased;
-            () = expired.cancelled() => return None,
-            () = release.cancelled(), if leave => return None,
-            () = tokio::time::sleep(FENCE_POLL) => {}
-        }
-    }
     loop {
         let result = {
-            let _permit = tokio::select! {
-                biased;
-                () = release.cancelled(), if leave => return None,
-                // Another member may have handled it: never started here.
-                () = expired.cancelled() => return None,
-                permit = shared.permits.acquire() => permit,
+            let _permit = loop {
+                let permit = tokio::select! {
+                    biased;
+                    () = release.cancelled(), if leave => return None,
+                    // Another member may have handled it: never started here.
+                    () = expired.cancelled() => return None,
+                    permit = shared.permits.acquire() => permit,
+                };
+                // Not started while the broker may have given the queue
+                // away (no heartbeat answered lately): the next answer
+                // says whether it did. The slot waits for it too.
+                if fence_at(shared, &key.broker_name)
+                    .is_none_or(|at| std::time::Instant::now() < at)
+                {
+                    break permit;
+                }
+                drop(permit);
+                tokio::select! {
+                    biased;
+                    () = expired.cancelled() => return None,
+                    () = release.cancelled(), if leave => return None,
+                    () = tokio::time::sleep(FENCE_POLL) => {}
+                }
             };
             match AssertUnwindSafe(shared.handler.handle(&message))
                 .catch_unwind()
