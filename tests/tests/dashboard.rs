@@ -708,6 +708,7 @@ fn a_silent_broker_is_named_and_the_others_shown() {
         ("/topics/both", "data-broker=\"broker-a\""),
         ("/transactions", "pg"),
         ("/dead-letters/dl", "data-msg-id="),
+        ("/", "data-broker=\"broker-a\""),
     ] {
         let page = v.get(path);
         assert_eq!(page.status, 200, "{path}: {}", page.body);

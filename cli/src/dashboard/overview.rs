@@ -81,6 +81,16 @@ pub async fn page(State(app): State<AppState>, Extension(ctx): Extension<Ctx>) -
     let mut body = String::new();
     match rows(&admin, &snap).await {
         Ok(rows) => {
+            // A broker that did not answer is named, as on the other pages
+            // (its row shows what the nameservers last heard).
+            for r in &rows {
+                if let Err(e) = &r.lag {
+                    body.push_str(&html::error_div(&format!(
+                        "Broker {} ({}) did not answer: {e}",
+                        r.info.broker_name, r.info.addr
+                    )));
+                }
+            }
             let rows: Vec<_> = rows
                 .iter()
                 .map(|r| {
