@@ -669,6 +669,17 @@ mod tests {
     /// `held`, with `read` saying whether the group read a queue here;
     /// returns the queues assigned.
     fn beat(groups: &Groups, conn: &Connection, id: &str, held: &[u32], read: bool) -> Vec<u32> {
+        beat_told(groups, conn, id, held, read).0
+    }
+
+    /// As [`beat`], with whether the member is told it had expired.
+    fn beat_told(
+        groups: &Groups,
+        conn: &Connection,
+        id: &str,
+        held: &[u32],
+        read: bool,
+    ) -> (Vec<u32>, bool) {
         let beat = Beat {
             group: "g".into(),
             client_id: id.into(),
@@ -685,8 +696,8 @@ mod tests {
                 })
                 .collect(),
         };
-        let (assigned, _, _) = groups.heartbeat(conn, beat, |_| Some(2), |_, _| read);
-        assigned.into_iter().map(|q| q.queue).collect()
+        let (assigned, _, expired) = groups.heartbeat(conn, beat, |_| Some(2), |_, _| read);
+        (assigned.into_iter().map(|q| q.queue).collect(), expired)
     }
 
     const LONG: Duration = Duration::from_secs(600);
@@ -781,25 +792,8 @@ mod tests {
     async fn a_member_back_after_it_expired_is_told_so_once() {
         let c = connections(3).await;
         let groups = Groups::new(Duration::from_millis(100));
-        let told = |conn: &Connection, id: &str, held: &[u32]| {
-            let beat = Beat {
-                group: "g".into(),
-                client_id: id.into(),
-                subscriptions: vec![Subscription {
-                    topic: "t".into(),
-                    expression: "*".into(),
-                }],
-                broadcast: false,
-                held: held
-                    .iter()
-                    .map(|&queue| QueueRef {
-                        topic: "t".into(),
-                        queue,
-                    })
-                    .collect(),
-            };
-            groups.heartbeat(conn, beat, |_| Some(2), |_, _| false).2
-        };
+        let told =
+            |conn: &Connection, id: &str, held: &[u32]| beat_told(&groups, conn, id, held, false).1;
         assert!(!told(&c[0], "a", &[]));
         assert!(!told(&c[1], "b", &[]));
         tokio::time::sleep(Duration::from_millis(60)).await;

@@ -133,6 +133,17 @@ impl ConsumeProcess {
         }
     }
 
+    /// Sends the process `sig` (STOP, CONT, ...).
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status()
+                .expect("kill runs");
+        }
+    }
+
     fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
@@ -148,6 +159,20 @@ impl Drop for ConsumeProcess {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A nameserver and a broker whose consumers expire after 1.5 s, with
+/// `topic` of `queues` queues; and the nameserver's address.
+async fn short_expiry_cluster(topic: &str, queues: u32) -> (Cluster, String) {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |c| {
+            c.consumer_expiry = Duration::from_millis(1500)
+        })
+        .await;
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, topic, queues).await;
+    (cluster, ns)
 }
 
 /// The owners of each queue as the brokers see them.
@@ -1058,14 +1083,7 @@ async fn a_panicking_handler_retries_and_at_most_once_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_without_heartbeats_expires_and_its_queues_move() {
-    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |c| {
-            c.consumer_expiry = Duration::from_millis(1500)
-        })
-        .await;
-    let ns = cluster.nameserver.clone();
-    create_topic(&ns, "tasks", 4).await;
+    let (cluster, ns) = short_expiry_cluster("tasks", 4).await;
     let dir = tempfile::tempdir().unwrap();
     let consume = [
         "consume",
@@ -1095,15 +1113,7 @@ async fn a_member_without_heartbeats_expires_and_its_queues_move() {
         },
     )
     .await;
-    let pid = paused.child.as_ref().unwrap().id().to_string();
-    let stop = |sig: &str| {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(&pid)
-            .status()
-            .unwrap()
-    };
-    stop("STOP");
+    paused.signal("STOP");
     let stopped_at = Instant::now();
     // Its connection stays open: only the missing heartbeats tell.
     wait_until_async("the paused member expires", Duration::from_secs(10), || {
@@ -1124,7 +1134,7 @@ async fn a_member_without_heartbeats_expires_and_its_queues_move() {
         || live.lines().len() >= 40,
     )
     .await;
-    stop("CONT");
+    paused.signal("CONT");
     paused.terminate();
     live.terminate();
     producer.close().await.unwrap();
@@ -1156,14 +1166,7 @@ async fn committed(ns: &str, group: &str, topic: &str) -> BTreeMap<u32, (Option<
 /// thousand messages again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_paused_past_its_expiry_never_moves_the_offset_back() {
-    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |c| {
-            c.consumer_expiry = Duration::from_millis(1500)
-        })
-        .await;
-    let ns = cluster.nameserver.clone();
-    create_topic(&ns, "slow", 2).await;
+    let (cluster, ns) = short_expiry_cluster("slow", 2).await;
     let producer = cluster.producer().await;
     send_numbered(&producer, "slow", "s", 0..600).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1203,15 +1206,7 @@ async fn a_member_paused_past_its_expiry_never_moves_the_offset_back() {
         },
     )
     .await;
-    let pid = slow.child.as_ref().unwrap().id().to_string();
-    let signal = |sig: &str| {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(&pid)
-            .status()
-            .unwrap()
-    };
-    signal("STOP");
+    slow.signal("STOP");
     let mut fast = ConsumeProcess::start(&ns, dir.path(), "fast", &bench("0s", "64"));
     wait_until_async(
         "the fast member reads both queues to the end",
@@ -1227,7 +1222,7 @@ async fn a_member_paused_past_its_expiry_never_moves_the_offset_back() {
         },
     )
     .await;
-    signal("CONT");
+    slow.signal("CONT");
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
         let offsets = committed(&ns, "g", "slow").await;
