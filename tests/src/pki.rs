@@ -40,6 +40,20 @@ impl Pki {
         self.dir.path().join("ca.pem")
     }
 
+    /// A server's TLS flags: `--tls-cert`, `--tls-key` of `server`, and
+    /// `--tls-ca` of this CA.
+    pub fn server_flags(&self, server: &Issued) -> Vec<String> {
+        let shown = |p: &Path| p.display().to_string();
+        vec![
+            "--tls-cert".into(),
+            shown(&server.cert),
+            "--tls-key".into(),
+            shown(&server.key),
+            "--tls-ca".into(),
+            shown(&self.ca()),
+        ]
+    }
+
     /// The directory the files are in.
     pub fn dir(&self) -> &Path {
         self.dir.path()

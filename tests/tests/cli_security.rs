@@ -78,18 +78,8 @@ impl Secured {
         let server = pki.issue("localhost");
         let acl = pki.acl("acl.toml", ACL);
         let dir = tempfile::tempdir().expect("temp dir");
-        let tls: Vec<String> = [
-            "--tls-cert",
-            &path(&server.cert),
-            "--tls-key",
-            &path(&server.key),
-            "--tls-ca",
-            &path(&pki.ca()),
-            "--acl-file",
-            &path(&acl),
-        ]
-        .map(str::to_string)
-        .to_vec();
+        let mut tls = pki.server_flags(&server);
+        tls.extend(["--acl-file".to_string(), path(&acl)]);
         let flags = |extra: &[&str]| -> Vec<String> {
             tls.iter()
                 .cloned()

@@ -1366,17 +1366,9 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     // A standalone broker signs in to its own nameserver: without
     // credentials only a client certificate, read under mutual TLS, can.
     let good = pki.acl("good.toml", ACL);
-    let err = usage(&[
-        "--standalone",
-        "--acl-file",
-        &path(&good),
-        "--tls-cert",
-        &path(&server.cert),
-        "--tls-key",
-        &path(&server.key),
-        "--tls-ca",
-        &path(&pki.ca()),
-    ]);
+    let mut flags = vec!["--standalone".to_string(), "--acl-file".into(), path(&good)];
+    flags.extend(pki.server_flags(&server));
+    let err = usage(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         err.contains("--standalone with --acl-file needs --access-key and --secret-key"),
         "{err}"
