@@ -19,7 +19,7 @@ pub enum TopicCommand {
         topic: String,
         /// Number of queues on each broker (a new topic: 4; an existing
         /// one keeps its count unless given).
-        #[arg(long, env = "TXMQ_QUEUES", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        #[arg(long, env = "TXMQ_QUEUES", value_parser = clap::value_parser!(u32).range(1..))]
         queues: Option<u32>,
         /// Create it only on this broker (a broker name or address).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]

@@ -1120,7 +1120,9 @@ async fn a_created_topic_is_routable_as_soon_as_create_returns() {
 
 /// `txmq topic create` of a topic that exists changes only what it is
 /// given: the queue count and permission left out stay as each broker has
-/// them; where the topic is new, 4 queues and rw unless given.
+/// them; where the topic is new, 4 queues and rw unless given. Without
+/// `--broker` it changes the brokers that have it, and `--broker` adds it
+/// to another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
     let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
@@ -1146,18 +1148,16 @@ async fn topic_create_of_an_existing_topic_keeps_what_it_is_not_given() {
         create(&["--perm", "r", "--broker", "broker-a"]).await,
         [row("broker-a", 4, "r", false)]
     );
-    // More queues everywhere: broker-a stays read only (it used to become
-    // rw again), broker-b gets the topic new, rw.
+    // More queues where it is: broker-a stays read only (it used to become
+    // rw again); broker-b does not get it (it used to).
     assert_eq!(
         create(&["--queues", "6"]).await,
-        [
-            row("broker-a", 6, "r", true),
-            row("broker-b", 6, "rw", false)
-        ]
+        [row("broker-a", 6, "r", true)]
     );
+    // Named, broker-b gets it new, rw.
     assert_eq!(
         create(&["--queues", "8", "--broker", "broker-b"]).await,
-        [row("broker-b", 8, "rw", true)]
+        [row("broker-b", 8, "rw", false)]
     );
     // The permission alone: each broker keeps its own queue count (it used
     // to ask for 4 and be refused, as queue counts cannot shrink).
