@@ -698,7 +698,10 @@ async fn updating_a_topic_keeps_it_on_its_brokers() {
         .map(|r| text(r, "broker"))
         .collect();
     assert_eq!(brokers, ["broker-b"], "{route}");
-    run(&["topic", "create", "onlyb", "--broker", "broker-a"]).await;
+    run(&[
+        "topic", "create", "onlyb", "--queues", "1", "--broker", "broker-a",
+    ])
+    .await;
     wait_for_route(&ns, "onlyb", &["broker-a", "broker-b"]).await;
     // A message at an offset of one broker's queue: the other broker, with
     // nothing there, answered too (it counted as one that did not, exit 3).
