@@ -143,6 +143,7 @@ impl State {
             min_offset: 0,
             max_offset: q.len() as u64,
             epoch: 1,
+            topic_generation: 0,
         }
     }
 

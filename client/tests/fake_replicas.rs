@@ -161,6 +161,7 @@ impl Node {
                         min_offset: 0,
                         max_offset: len,
                         epoch: self.epoch,
+                        topic_generation: 0,
                     };
                 }
             }
@@ -173,6 +174,7 @@ impl Node {
             min_offset: 0,
             max_offset: len,
             epoch: self.epoch,
+            topic_generation: 0,
         }
     }
 

@@ -56,6 +56,7 @@ fn pull_frame(messages: usize) -> Frame {
             min_offset: 0,
             max_offset: 5000,
             epoch: 0,
+            topic_generation: 0,
         })),
     )
 }

@@ -585,6 +585,13 @@ pub struct PullResult {
     /// This broker run: changes at every start.
     #[serde(default)]
     pub epoch: u64,
+    /// Which topic of this name the messages belong to: 0 for one never
+    /// deleted here, else the log position of its last delete (a topic
+    /// made again under a deleted one's name is a new topic). A commit
+    /// names it ([`CommitOffset::topic_generation`]) so that an offset
+    /// read from the old topic never lands in the new one.
+    #[serde(default)]
+    pub topic_generation: u64,
 }
 
 /// Store a group's offset: the next offset it will consume.
@@ -607,6 +614,12 @@ pub struct CommitOffset {
     /// commits it kept while the master was away).
     #[serde(default)]
     pub forward_only: bool,
+    /// The topic the offset was read from ([`PullResult::topic_generation`]):
+    /// refused with `UNKNOWN_TOPIC`, nothing stored, when the topic was
+    /// deleted since (and maybe made again, offsets from 0). `None`: not
+    /// checked (an operator's reset, or a client that does not say).
+    #[serde(default)]
+    pub topic_generation: Option<u64>,
 }
 
 /// Who reads a queue: a member of a clustering consumer group.

@@ -283,6 +283,7 @@ fn request() -> impl Strategy<Value = Request> {
                 queue,
                 offset,
                 forward_only: queue % 2 == 0,
+                topic_generation: (queue % 3 == 0).then_some(offset),
             }))
         }),
         (text(), text(), any::<u32>()).prop_map(|(group, topic, queue)| {
@@ -475,6 +476,7 @@ fn response() -> impl Strategy<Value = Result<Response, WireError>> {
                 min_offset: 0,
                 max_offset: next_offset,
                 epoch: next_offset,
+                topic_generation: next_offset / 2,
             }))),
         (text(), proptest::collection::vec(tx_info(), 0..3)).prop_map(
             |(broker_name, transactions)| Ok(Response::ListTransactions(Box::new(

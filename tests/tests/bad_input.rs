@@ -1216,6 +1216,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
         offset,
         owner: None,
         forward_only: false,
+        topic_generation: None,
     };
     refused(
         conn.call(commit(0, u64::MAX)).await.map(drop),

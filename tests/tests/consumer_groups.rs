@@ -1353,6 +1353,7 @@ async fn pulls_and_commits_of_a_queue_owned_by_another_member_are_refused() {
         offset: 0,
         owner: as_member(id),
         forward_only: false,
+        topic_generation: None,
     };
     conn.call(commit("a")).await.expect("the owner commits");
     let e = conn.call(commit("b")).await.unwrap_err();
@@ -1523,5 +1524,86 @@ async fn a_queue_given_up_leaves_its_unstarted_messages_to_the_new_owner() {
     second.shutdown().await.unwrap();
     first.shutdown().await.unwrap();
     producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
+/// What a consumer read from a topic that was deleted since never moves
+/// the group's offset in the topic made again under its name: a
+/// PullConsumer still holding half a batch of the old topic handed it out
+/// after the delete and committed the position after it (10) in the new
+/// topic, past ten messages nobody had read, where a restarted consumer
+/// of the group would have started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_of_a_deleted_topics_messages_never_lands_in_the_topic_made_again() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let admin = cluster.admin().await;
+    admin
+        .create_topic("again", 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let producer = cluster.producer().await;
+    send_numbered(&producer, "again", "old", 0..10).await;
+    let mut consumer = txmq::PullConsumer::builder()
+        .nameserver(&cluster.nameserver)
+        .group("g")
+        .topic("again")
+        .from(txmq::ConsumeFrom::First)
+        .batch_size(10)
+        .max_wait(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    // One pull brought all ten: five handed out, five kept for the next poll.
+    let first = consumer
+        .poll_at_most(5, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 5);
+    admin.delete_topic("again", false, None).await.unwrap();
+    admin
+        .create_topic("again", 1, txmq::PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    send_numbered(&producer, "again", "new", 0..20).await;
+    let rest = consumer
+        .poll_at_most(5, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let bodies: Vec<String> = rest.iter().map(body).collect();
+    assert!(
+        bodies.iter().all(|b| b.starts_with("old")),
+        "the kept half of the old batch: {bodies:?}"
+    );
+    consumer
+        .commit()
+        .await
+        .expect("not an error: nothing to commit");
+    let committed: Vec<Option<u64>> = admin
+        .group_state("g", None)
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.queues.iter())
+        .filter(|q| q.topic == "again")
+        .map(|q| q.committed)
+        .collect();
+    assert!(
+        committed.iter().all(|c| c.unwrap_or(0) < 10),
+        "the old topic's position is not the new one's: {committed:?}"
+    );
+    // The new topic is read whole.
+    let mut new = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while new.len() < 20 && Instant::now() < deadline {
+        for m in consumer.poll(Duration::from_millis(500)).await.unwrap() {
+            let b = body(&m);
+            if b.starts_with("new") {
+                new.insert(b);
+            }
+        }
+    }
+    assert_eq!(new.len(), 20, "{new:?}");
+    consumer.commit().await.unwrap();
+    consumer.shutdown().await.unwrap();
     cluster.shutdown().await;
 }

@@ -446,6 +446,7 @@ async fn after_a_restart_queues_wait_one_expiry_for_the_members_that_hold_them()
                 client_id: "a".into(),
             }),
             forward_only: false,
+            topic_generation: None,
         })
         .await
         .expect("the owner commits");

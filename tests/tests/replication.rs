@@ -232,6 +232,7 @@ async fn commit_offset(addr: &str, group: &str, topic: &str, queue: u32, offset:
             offset,
             owner: None,
             forward_only: false,
+            topic_generation: None,
         },
     )
     .await
@@ -654,6 +655,7 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
                         offset: end / 2,
                         owner: None,
                         forward_only: false,
+                        topic_generation: None,
                     })
                     .await;
                 conn.close();

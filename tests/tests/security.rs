@@ -1415,6 +1415,7 @@ async fn a_clustering_groups_offset_commit_must_name_its_owner() {
             client_id: client_id.into(),
         }),
         forward_only: false,
+        topic_generation: None,
     };
     let e = alice.call(commit(None)).await.expect_err("no owner named");
     let w = e.remote().expect("refused");

@@ -54,6 +54,20 @@ pub(super) async fn commit(b: &BrokerInner, req: CommitOffset) -> Result<Done, W
         .store
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    if let Some(read) = req.topic_generation {
+        if read != b.store.topic_generation(&req.topic) {
+            // Read from a topic deleted since: its offsets mean nothing
+            // in the topic made again under its name.
+            return Err(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!(
+                    "topic '{}' was deleted on broker {} after this offset was read; \
+                     nothing committed",
+                    req.topic, b.config.broker_name
+                ),
+            ));
+        }
+    }
     if req.offset > q.max_offset() {
         return Err(WireError::new(
             ErrorCode::OffsetOutOfRange,
@@ -91,7 +105,11 @@ pub(super) async fn commit(b: &BrokerInner, req: CommitOffset) -> Result<Done, W
         .store
         .commit_offset(&req.group, &req.topic, req.queue, req.offset)
         .await
-        .map_err(store_error)?;
+        .map_err(|e| match e {
+            // Deleted while the commit waited for the writer.
+            crate::store::StoreError::NoQueue { .. } => super::unknown_topic(b, &req.topic),
+            e => store_error(e),
+        })?;
     b.replication
         .confirm(appended.end)
         .await

@@ -48,7 +48,11 @@ pub(super) async fn handle(
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
     let epoch = queue_epoch(b, &queue);
-    if let Some(back) = rewritten(b, &req, epoch) {
+    // Read after the queue: a delete after this is seen as a discarded
+    // queue below, so an answer never pairs new messages with an old
+    // generation.
+    let topic_generation = b.store.topic_generation(&req.topic);
+    if let Some(back) = rewritten(b, &req, epoch, topic_generation) {
         return Ok(back);
     }
     let deadline =
@@ -133,6 +137,7 @@ pub(super) async fn handle(
                 min_offset: r.min_offset,
                 max_offset: r.max_offset,
                 epoch,
+                topic_generation,
             });
         }
         timer.pause();
@@ -174,7 +179,12 @@ fn check_readable(b: &BrokerInner, conn: &Connection, req: &PullRequest) -> Resu
 /// lost offsets, or the new topic's messages did, so the queue may have
 /// grown back past the reader's position and a short queue would not show. The answer sends the reader below its position
 /// (to that offset), which makes it go back to the group's committed offset.
-fn rewritten(b: &BrokerInner, req: &PullRequest, epoch: u64) -> Option<PullResult> {
+fn rewritten(
+    b: &BrokerInner,
+    req: &PullRequest,
+    epoch: u64,
+    topic_generation: u64,
+) -> Option<PullResult> {
     let (at, id) = req.after?;
     if req.epoch == 0 || req.epoch == epoch || at >= req.offset {
         return None;
@@ -190,6 +200,7 @@ fn rewritten(b: &BrokerInner, req: &PullRequest, epoch: u64) -> Option<PullResul
         min_offset: min,
         max_offset: max,
         epoch,
+        topic_generation,
     })
 }
 

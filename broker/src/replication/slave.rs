@@ -502,6 +502,7 @@ async fn forward_offsets(b: &BrokerInner, conn: &Connection) {
             offset,
             owner: None,
             forward_only: true,
+            topic_generation: None,
         };
         match conn.call(req).await {
             Ok(_) => {

@@ -373,6 +373,9 @@ pub(crate) enum WriteCmd {
         topic: String,
         queue: u32,
         offset: u64,
+        /// The queue committed to: refused once it is discarded (its
+        /// topic deleted), so no commit lands after the delete's record.
+        of: Arc<ConsumeQueue>,
         reply: oneshot::Sender<Result<(u64, u64), StoreError>>,
     },
     /// Delayed messages for a real queue, indexed into a delay level.
@@ -692,6 +695,10 @@ impl Store {
             reply,
         };
         let below = self.submit(cmd, rx).await?.first_offset;
+        // A commit the writer took before the queues were discarded may
+        // have been applied after the first sweep; the writer refuses any
+        // later one, so this sweep is the last.
+        self.inner.offsets.retain(|(_, t, _), _| t != topic);
         record_deleted(&self.inner, topic, below)?;
         Ok((below, removed))
     }
@@ -835,12 +842,14 @@ impl Store {
         offset: u64,
     ) -> Result<Appended, StoreError> {
         self.check_writable()?;
+        let of = self.user_queue(topic, queue)?;
         let (reply, rx) = oneshot::channel();
         let cmd = WriteCmd::OffsetCommit {
             group: group.to_string(),
             topic: topic.to_string(),
             queue,
             offset,
+            of,
             reply,
         };
         self.submit(cmd, rx).await
@@ -1952,6 +1961,18 @@ impl Store {
                 ))
             })
             .collect())
+    }
+
+    /// Which topic of this name the queues hold now: 0 for one never
+    /// deleted here, else the log position of its last delete (see
+    /// [`txmq_protocol::PullResult::topic_generation`]).
+    pub fn topic_generation(&self, topic: &str) -> u64 {
+        let deleted = self
+            .inner
+            .deleted_below
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        deleted.get(topic).copied().unwrap_or(0)
     }
 
     /// Whether a record of `topic` at log position `pos` was deleted with

@@ -575,8 +575,13 @@ impl Writer {
                 topic,
                 queue,
                 offset,
+                of,
                 reply,
             } => {
+                if of.is_discarded() {
+                    let _ = reply.send(Err(StoreError::NoQueue { topic, queue }));
+                    return;
+                }
                 let msg = empty_message(&topic, Some(&group));
                 record::encode(
                     &mut self.buf,

@@ -77,7 +77,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
-use txmq_protocol::{validate_topic_name, CommitOffset, MsgId, Role, StoredMessage};
+use txmq_protocol::{validate_topic_name, CommitOffset, ErrorCode, MsgId, Role, StoredMessage};
 
 use crate::config::{
     at_most_a_year, client_setters, countable, most_a_pull_returns, required_group,
@@ -403,6 +403,7 @@ struct PendingBatch {
     key: Arc<QueueKey>,
     messages: VecDeque<StoredMessage>,
     next_offset: u64,
+    generation: Option<u64>,
 }
 
 /// What the consumer's background tasks share.
@@ -693,6 +694,7 @@ impl From<Fetched> for PendingBatch {
             key: f.key,
             messages: f.messages.into(),
             next_offset: f.next_offset,
+            generation: f.generation,
         }
     }
 }
@@ -718,6 +720,7 @@ fn take_messages(
             // The reader went back (see `pull_step`).
             offsets.rewound(&batch.key);
         }
+        offsets.read_from(&batch.key, batch.generation);
         let take = (max - out.len()).min(batch.messages.len());
         let mut last = None;
         for stored in batch.messages.drain(..take) {
@@ -738,8 +741,18 @@ fn take_messages(
 }
 
 async fn commit(shared: &Shared) -> Result<()> {
-    let todo = shared.offsets().to_commit();
-    let results = join_all(todo.into_iter().map(|(key, offset)| async move {
+    let todo: Vec<_> = {
+        let offsets = shared.offsets();
+        offsets
+            .to_commit()
+            .into_iter()
+            .map(|(key, offset)| {
+                let generation = offsets.generation(&key);
+                (key, offset, generation)
+            })
+            .collect()
+    };
+    let results = join_all(todo.into_iter().map(|(key, offset, generation)| async move {
         let request = CommitOffset {
             group: shared.group.clone(),
             topic: shared.topic.clone(),
@@ -747,6 +760,7 @@ async fn commit(shared: &Shared) -> Result<()> {
             offset,
             owner: None,
             forward_only: false,
+            topic_generation: generation,
         };
         let mut target = shared.connect(&key).await?;
         let mut answer = target.conn.call(request.clone()).await;
@@ -767,6 +781,19 @@ async fn commit(shared: &Shared) -> Result<()> {
                 // Stored on the master, not yet on enough of its slaves:
                 // not marked committed, so the next commit stores it again.
                 tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, error = %e, "commit stored on the master only; committing again next time");
+                return Ok(());
+            }
+            Err(e)
+                if generation.is_some()
+                    && e.remote().is_some_and(|w| w.code == ErrorCode::UnknownTopic) =>
+            {
+                // Read from a topic deleted since (maybe made again under
+                // its name): its positions went with it.
+                tracing::info!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, "not committed: the topic was deleted after these messages were read");
+                let mut offsets = shared.offsets();
+                if offsets.generation(&key) == generation {
+                    offsets.rewound(&key);
+                }
                 return Ok(());
             }
             Err(e) => return Err(Error::at_broker(&key.broker_name, &target.addr, e)),
@@ -813,6 +840,7 @@ mod tests {
             }),
             messages,
             next_offset: next,
+            generation: None,
         }
     }
 

@@ -20,6 +20,8 @@ pub struct QueueKey {
 struct QueueState {
     committed: Option<u64>,
     handed_out: Option<u64>,
+    /// The topic generation what was handed out was read from.
+    generation: Option<u64>,
 }
 
 /// Positions of every queue the consumer reads. Offsets are "next offset to
@@ -57,6 +59,26 @@ impl OffsetTable {
         if let Some(state) = self.queues.get_mut(key) {
             *state = QueueState::default();
         }
+    }
+
+    /// What `poll` hands out next was read from topic `generation`
+    /// ([`txmq_protocol::PullResult::topic_generation`]): another one than
+    /// before (the topic was deleted and made again) starts the queue's
+    /// positions anew, as [`OffsetTable::rewound`] does.
+    pub(crate) fn read_from(&mut self, key: &QueueKey, generation: Option<u64>) {
+        let Some(generation) = generation else {
+            return;
+        };
+        let state = self.queues.entry(key.clone()).or_default();
+        if state.generation.is_some_and(|g| g != generation) {
+            *state = QueueState::default();
+        }
+        state.generation = Some(generation);
+    }
+
+    /// The topic generation a commit of the queue names.
+    pub(crate) fn generation(&self, key: &QueueKey) -> Option<u64> {
+        self.queues.get(key).and_then(|s| s.generation)
     }
 
     /// `poll` handed out every message of the queue before `next`.

@@ -32,7 +32,7 @@
 
 use std::time::{Duration, Instant};
 
-use txmq_protocol::{ErrorCode, MsgId, PullRequest, QueryOffset, StoredMessage};
+use txmq_protocol::{ErrorCode, MsgId, PullRequest, QueryOffset, StoredMessage, WireError};
 use txmq_remoting::Connection;
 
 /// Pause after an empty pull that came back well before its wait was over.
@@ -44,6 +44,17 @@ pub(crate) const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
 pub(crate) struct Trail {
     epoch: u64,
     after: Option<(u64, MsgId)>,
+    /// Which topic of the name the reader reads
+    /// ([`txmq_protocol::PullResult::topic_generation`]); `None` before
+    /// its first answer.
+    generation: Option<u64>,
+}
+
+impl Trail {
+    /// The topic generation to name in a commit of what was read.
+    pub(crate) fn generation(&self) -> Option<u64> {
+        self.generation
+    }
 }
 
 /// What a pull brought.
@@ -101,8 +112,20 @@ pub(crate) async fn pull(
     let mut moved = Trail {
         epoch: trail.epoch,
         after: None,
+        generation: trail.generation,
     };
-    let below_end = match conn.call_with_timeout(request, timeout).await {
+    let answer = conn.call_with_timeout(request, timeout).await;
+    if let Ok(r) = &answer {
+        if trail.generation.is_some_and(|g| g != r.topic_generation) {
+            // Deleted and made again since the last answer: this reader's
+            // position and what it read belong to the old topic.
+            return Err(txmq_remoting::Error::Remote(WireError::new(
+                ErrorCode::UnknownTopic,
+                format!("topic '{topic}' was deleted and made again on broker {broker}"),
+            )));
+        }
+    }
+    let below_end = match answer {
         Ok(r) if r.next_offset >= start => {
             let early =
                 r.messages.is_empty() && r.next_offset == start && began.elapsed() < max_wait / 2;
@@ -114,6 +137,7 @@ pub(crate) async fn pull(
                 trail: Trail {
                     epoch: r.epoch,
                     after: last.or(trail.after),
+                    generation: Some(r.topic_generation),
                 },
                 messages: r.messages,
                 next_offset: r.next_offset,
@@ -126,6 +150,7 @@ pub(crate) async fn pull(
         }
         Ok(r) => {
             moved.epoch = r.epoch;
+            moved.generation = Some(r.topic_generation);
             true
         }
         Err(e)

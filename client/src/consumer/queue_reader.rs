@@ -27,6 +27,8 @@ pub(crate) struct Fetched {
     pub(crate) messages: Vec<StoredMessage>,
     /// Where the next pull of this queue starts: the position after the batch.
     pub(crate) next_offset: u64,
+    /// The topic they were read from.
+    pub(crate) generation: Option<u64>,
 }
 
 /// Reads `key` until the consumer is shut down. `offset` is where to start;
@@ -154,6 +156,7 @@ async fn pull_once(
             key: key.clone(),
             messages: pulled.messages,
             next_offset: pulled.next_offset,
+            generation: pulled.trail.generation(),
         };
         // Waits while the consumer's buffer is full.
         if shared.tx.send(batch).await.is_err() {

@@ -190,7 +190,8 @@ async fn consume<H: MessageHandler>(
     };
     let mut progress = Progress::new(first, committed);
     // A group without an offset here fixes where it starts.
-    if committed.is_none() && commit(shared, key, &mut progress).await == Committed::NotOwner {
+    if committed.is_none() && commit(shared, key, &mut progress, None).await == Committed::NotOwner
+    {
         return Ok(());
     }
     let sub = shared.sub(&key.topic).cloned();
@@ -256,7 +257,7 @@ async fn consume<H: MessageHandler>(
                             // these comes again. Not committed: not handled
                             // (pulled again after a pause).
                             let mut ahead = Progress::new(r.next_offset, progress.committed);
-                            match commit(shared, key, &mut ahead).await {
+                            match commit(shared, key, &mut ahead, trail.generation()).await {
                                 Committed::Yes => progress.committed = ahead.committed,
                                 // On the master (not on enough slaves yet):
                                 // never commit a lower position after it.
@@ -329,8 +330,9 @@ async fn consume<H: MessageHandler>(
                     && progress.committed.is_none_or(|c| c < offset)
                 {
                     let forgotten = progress.forgotten;
+                    let generation = trail.generation();
                     committing = Some(Box::pin(async move {
-                        (offset, forgotten, store_offset(shared, key, offset).await)
+                        (offset, forgotten, store_offset(shared, key, offset, generation).await)
                     }));
                 }
             }
@@ -379,7 +381,7 @@ async fn consume<H: MessageHandler>(
     // stopped: retry it for a while before giving up.
     let deadline = tokio::time::Instant::now() + settings.drain_timeout.max(Duration::from_secs(1));
     loop {
-        match commit(shared, key, &mut progress).await {
+        match commit(shared, key, &mut progress, trail.generation()).await {
             // Unconfirmed: the master holds it; its slaves get it from the master.
             Committed::Yes | Committed::NotOwner | Committed::Unconfirmed => return Ok(()),
             Committed::Failed if tokio::time::Instant::now() < deadline => {
@@ -478,12 +480,19 @@ fn owner<H>(shared: &Shared<H>) -> Option<QueueOwner> {
 
 /// Stores the queue's safe position if it moved. Failures are logged; the
 /// next commit tries again.
-async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -> Committed {
+/// `generation`: the topic it was read from (the trail's), `None` before
+/// the first pull.
+async fn commit<H>(
+    shared: &Shared<H>,
+    key: &QueueId,
+    progress: &mut Progress,
+    generation: Option<u64>,
+) -> Committed {
     let offset = progress.committable();
     if progress.committed.is_some_and(|c| c >= offset) {
         return Committed::Yes;
     }
-    let done = store_offset(shared, key, offset).await;
+    let done = store_offset(shared, key, offset, generation).await;
     if done == Committed::Yes {
         progress.committed = Some(offset);
     }
@@ -492,7 +501,12 @@ async fn commit<H>(shared: &Shared<H>, key: &QueueId, progress: &mut Progress) -
 
 /// Stores `offset` as the group's position in the queue (here only when
 /// broadcasting). Failures are logged.
-async fn store_offset<H>(shared: &Shared<H>, key: &QueueId, offset: u64) -> Committed {
+async fn store_offset<H>(
+    shared: &Shared<H>,
+    key: &QueueId,
+    offset: u64,
+    generation: Option<u64>,
+) -> Committed {
     if shared.settings.broadcast {
         lock(&shared.local_offsets).insert(key.clone(), offset);
         return Committed::Yes;
@@ -508,6 +522,7 @@ async fn store_offset<H>(shared: &Shared<H>, key: &QueueId, offset: u64) -> Comm
                 offset,
                 owner: owner(shared),
                 forward_only: false,
+                topic_generation: generation,
             })
             .await
             .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))
