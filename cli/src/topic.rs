@@ -175,14 +175,34 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             force,
             broker,
         } => {
-            let deleted = admin.delete_topic(&topic, force, broker.as_deref()).await;
-            let deleted = match deleted {
-                Ok(d) => d,
+            // Every broker is asked first: a refusal or a silent broker
+            // deletes nothing anywhere.
+            let answers = admin
+                .delete_topic_by_broker(&topic, force, broker.as_deref())
+                .await;
+            let answers = match answers {
+                Ok(a) => a,
                 Err(e) => {
                     admin.close().await.ok();
-                    return Err(e.into());
+                    return Err(anyhow::Error::from(e).context(format!(
+                        "topic {topic} deleted on no broker"
+                    )));
                 }
             };
+            let (mut deleted, mut failed) = (Vec::new(), Vec::new());
+            for a in answers {
+                match a.result {
+                    Ok(d) => deleted.push(d),
+                    Err(e) => failed.push((a.broker_name, a.addr, e)),
+                }
+            }
+            if deleted.is_empty() {
+                admin.close().await.ok();
+                let (_, _, e) = failed.into_iter().next().expect("a broker was asked");
+                return Err(anyhow::Error::from(e).context(format!(
+                    "topic {topic} deleted on no broker"
+                )));
+            }
             for d in &deleted {
                 match printer.format {
                     crate::output::OutputFormat::Text => printer.line(&format!(
@@ -198,6 +218,16 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                     }))?,
                 }
             }
+            // Failed between the check and the delete: say where it stays.
+            let missing = crate::group::Missing(
+                failed
+                    .into_iter()
+                    .map(|(b, addr, e)| (b, addr, crate::output::error_text(&e.into())))
+                    .collect(),
+            );
+            let partly = missing.finish(&printer, deleted.len(), "delete the topic on");
+            admin.close().await.ok();
+            return partly;
         }
         TopicCommand::Status { topic, broker } => {
             // The brokers that answer are shown; one that does not is named

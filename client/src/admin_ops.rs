@@ -149,22 +149,58 @@ impl Admin {
     /// configuration, routes, consume queues and group offsets.
     ///
     /// # Errors
-    /// `UNKNOWN_TOPIC` when no broker has it; `BUSY` while a transaction
-    /// with a half message for it is pending (unless `force`); a broker's
-    /// failure.
+    /// As [`Admin::delete_topic_by_broker`], and the first broker's failure
+    /// to delete.
     pub async fn delete_topic(
         &self,
         topic: &str,
         force: bool,
         broker: Option<&str>,
     ) -> Result<Vec<TopicDeleted>> {
+        of_brokers_with_topic(self.delete_topic_by_broker(topic, force, broker).await?)
+    }
+
+    /// As [`Admin::delete_topic`], with each broker's answer apart. Every
+    /// broker is asked first whether it would delete the topic, and a
+    /// refusal or a broker that cannot say ends it with nothing deleted
+    /// anywhere: a pending transaction on one broker left the topic
+    /// deleted on the others. A broker that fails between the check and
+    /// the delete is the only partial outcome: its answer says so.
+    ///
+    /// # Errors
+    /// `UNKNOWN_TOPIC` when no broker has it; `BUSY` while a transaction
+    /// with a half message for it is pending on a broker (unless `force`);
+    /// a broker that does not answer the check; [`Error::UnknownBroker`];
+    /// no nameserver answers. Nothing is deleted then.
+    pub async fn delete_topic_by_broker(
+        &self,
+        topic: &str,
+        force: bool,
+        broker: Option<&str>,
+    ) -> Result<Vec<BrokerAnswer<TopicDeleted>>> {
         let targets = self.targets(broker).await?;
-        let request = DeleteTopic {
+        let mut request = DeleteTopic {
             topic: topic.to_string(),
             force,
+            check_only: true,
         };
-        let answers = self.ask_each(targets, request).await;
-        of_brokers_with_topic(answers)
+        let checked = self.ask_each(targets, request.clone()).await;
+        let mut having = Vec::new();
+        let mut unknown = None;
+        for a in checked {
+            match a.result {
+                Ok(_) => having.push((a.broker_name, a.addr)),
+                Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
+                    unknown.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let (true, Some(e)) = (having.is_empty(), unknown) {
+            return Err(e);
+        }
+        request.check_only = false;
+        Ok(self.ask_each(having, request).await)
     }
 }
 

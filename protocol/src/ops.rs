@@ -194,6 +194,12 @@ pub struct DeleteTopic {
     pub topic: String,
     /// Delete even while transactions with half messages for it are pending.
     pub force: bool,
+    /// Only say whether it would be deleted: the same refusals, and an
+    /// answer with nothing removed (`offsets_removed` and `deleted_below`
+    /// 0). An operator's tool asks every broker first, so that one broker's
+    /// refusal leaves the topic whole on all of them.
+    #[serde(default)]
+    pub check_only: bool,
 }
 
 /// The answer to [`DeleteTopic`].

@@ -1105,3 +1105,57 @@ async fn a_send_stored_by_an_earlier_attempt_counts_as_sent_across_a_pause() {
     drop(broker);
     cluster.shutdown().await;
 }
+
+/// `topic delete` refused by one broker (a pending transaction there)
+/// deletes nothing anywhere: the other broker's queues, messages and
+/// group offsets were deleted while the command said only that it was
+/// refused, and `--force` later named just the broker that had refused.
+/// A paused broker also deletes nothing anywhere (it cannot be asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_delete_one_broker_refuses_deletes_nothing_anywhere() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cluster, a, b) = two_brokers_with_a_group(dir.path()).await;
+    let ns = cluster.nameserver.clone();
+    let sent = txmq(
+        &ns,
+        &[
+            "tx", "send", "shared", "--group", "pg", "--body", "t", "--local", "unknown",
+            "--first-check-delay", "10m",
+        ],
+        None,
+    )
+    .await;
+    assert!(sent.status.success(), "{sent:?}");
+    let brokers_with_it = || async {
+        let out = txmq(&ns, &["--output", "json", "topic", "status", "shared"], None).await;
+        let mut names: Vec<String> = json_lines(&out.stdout)
+            .iter()
+            .map(|l| text(l, "broker"))
+            .collect();
+        names.dedup();
+        names
+    };
+    let refused = txmq(&ns, &["topic", "delete", "shared"], None).await;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("BUSY") && err.contains("deleted on no broker"), "{err}");
+    assert_eq!(brokers_with_it().await, ["broker-a", "broker-b"]);
+
+    pause(&b);
+    let silent = txmq(&ns, &["topic", "delete", "shared", "--force"], None).await;
+    let err = String::from_utf8_lossy(&silent.stderr);
+    assert_ne!(silent.status.code(), Some(0), "{err}");
+    assert!(err.contains("deleted on no broker"), "{err}");
+    b.signal("CONT");
+    assert_eq!(brokers_with_it().await, ["broker-a", "broker-b"]);
+
+    let forced = txmq(&ns, &["topic", "delete", "shared", "--force"], None).await;
+    let out = String::from_utf8_lossy(&forced.stdout);
+    assert!(forced.status.success(), "{forced:?}");
+    assert!(
+        out.contains("deleted topic shared on broker-a") && out.contains("on broker-b"),
+        "{out}"
+    );
+    drop((a, b));
+    cluster.shutdown().await;
+}

@@ -204,6 +204,15 @@ pub(super) async fn delete(
         .get(&topic)
         .ok_or_else(|| super::unknown_topic(b, &topic))?;
     let pending = b.transactions.pending_on_topic(&topic);
+    if req.check_only && (req.force || pending.is_empty()) {
+        return Ok(txmq_protocol::TopicDeleted {
+            broker_name: b.config.broker_name.clone(),
+            topic,
+            queues: config.queues,
+            offsets_removed: 0,
+            deleted_below: 0,
+        });
+    }
     if !pending.is_empty() {
         if !req.force {
             let ids: Vec<String> = pending.iter().take(10).map(u64::to_string).collect();
