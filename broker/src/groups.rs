@@ -111,9 +111,65 @@ impl Group {
     }
 }
 
+/// Where a master not run by a controller lists, as it stops cleanly,
+/// the queues its groups' members owned, held or had reserved: the only
+/// ones the start grace needs to keep for a reader at the next start.
+const HELD_AT_STOP: &str = "groups-at-stop.json";
+
+/// Queues that may have had a reader, by group.
+pub(crate) type HeldAtStop = HashMap<String, HashSet<QueueRef>>;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeldQueue {
+    group: String,
+    topic: String,
+    queue: u32,
+}
+
+/// Reads and removes the list a clean stop left in `dir` (removed in any
+/// case, so that a crash later never finds a stale one); returns it when
+/// `use_it` (a master not run by a controller: no other broker served the
+/// queues since). `None`: no list (a first start, a crash before, or
+/// another role), or one that cannot be read: every queue the group read
+/// here then waits for its reader, as before.
+pub(crate) fn take_held_at_stop(dir: &std::path::Path, use_it: bool) -> Option<HeldAtStop> {
+    let path = dir.join(HELD_AT_STOP);
+    let data = std::fs::read(&path).ok()?;
+    let removed = std::fs::remove_file(&path)
+        .and_then(|()| std::fs::File::open(dir).and_then(|d| d.sync_all()));
+    if let Err(e) = removed {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the list of queues read at the last stop; not using it");
+        return None;
+    }
+    if !use_it {
+        return None;
+    }
+    let list: Vec<HeldQueue> = match serde_json::from_slice(&data) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the list of queues read at the last stop; every queue read here waits for its reader");
+            return None;
+        }
+    };
+    let mut held = HeldAtStop::new();
+    for h in list {
+        held.entry(h.group).or_default().insert(QueueRef {
+            topic: h.topic,
+            queue: h.queue,
+        });
+    }
+    Some(held)
+}
+
 /// The consumer groups of this broker.
 pub(crate) struct Groups {
     groups: Mutex<HashMap<String, Group>>,
+    /// The queues that had a reader when this broker last stopped cleanly
+    /// (`None`: not known, so any queue read here may have one).
+    held_at_stop: Option<HeldAtStop>,
+    /// Whether a clean stop writes that list (a master not run by a
+    /// controller).
+    remembers_stop: bool,
     expiry: Duration,
     /// One expiry after the broker started: until then a queue the group
     /// read here and nobody owns goes only to a member that holds it.
@@ -185,9 +241,64 @@ impl Groups {
     pub(crate) fn new(expiry: Duration) -> Groups {
         Groups {
             groups: Mutex::new(HashMap::new()),
+            held_at_stop: None,
+            remembers_stop: false,
             expiry,
             start_grace: Instant::now() + expiry,
             start_grace_told: AtomicBool::new(false),
+        }
+    }
+
+    /// A master not run by a controller: a clean stop writes which queues
+    /// had a reader, and `held` is what the last clean stop wrote (see
+    /// [`take_held_at_stop`]), so that after a restart only those wait for
+    /// their readers.
+    pub(crate) fn remembering_stops(mut self, held: Option<HeldAtStop>) -> Groups {
+        self.remembers_stop = true;
+        self.held_at_stop = held;
+        self
+    }
+
+    /// Whether a queue of `group` may have had a reader when the broker
+    /// last stopped.
+    fn maybe_read_at_stop(&self, group: &str, q: &QueueRef) -> bool {
+        self.held_at_stop
+            .as_ref()
+            .is_none_or(|h| h.get(group).is_some_and(|qs| qs.contains(q)))
+    }
+
+    /// Writes which queues had a reader (owned, held or reserved) into
+    /// `dir`, for the next start, when this broker remembers its stops.
+    /// Called as it stops cleanly, once no heartbeat is served any more.
+    pub(crate) fn write_held_at_stop(&self, dir: &std::path::Path) {
+        if !self.remembers_stop {
+            return;
+        }
+        let mut list = Vec::new();
+        for (name, g) in lock(&self.groups).iter() {
+            let held = g.members.values().flat_map(|m| m.held.iter());
+            let queues: BTreeSet<&QueueRef> =
+                g.owners.keys().chain(g.reserved.keys()).chain(held).collect();
+            list.extend(queues.into_iter().map(|q| HeldQueue {
+                group: name.clone(),
+                topic: q.topic.clone(),
+                queue: q.queue,
+            }));
+        }
+        let path = dir.join(HELD_AT_STOP);
+        let tmp = dir.join(format!("{HELD_AT_STOP}.tmp"));
+        let written = serde_json::to_vec(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|data| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(dir)?.sync_all()
+            });
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write which queues had readers; after the restart every queue read here waits one consumer expiry for its reader");
         }
     }
 
@@ -291,7 +402,10 @@ impl Groups {
                 // read it: it waits for that member (see the module docs).
                 let waits = current.is_none()
                     && (group.reserved.contains_key(&q)
-                        || (starting && !group.known.contains(&q) && read_here(&topic, queue)));
+                        || (starting
+                            && !group.known.contains(&q)
+                            && read_here(&topic, queue)
+                            && self.maybe_read_at_stop(&beat.group, &q)));
                 if !keep && !waits {
                     match desired {
                         Some(d) => {
@@ -722,6 +836,36 @@ mod tests {
         // A queue the group never read here is assigned at once.
         let fresh = Groups::new(LONG);
         assert_eq!(beat(&fresh, &c[1], "b", &[], false), [0, 1]);
+    }
+
+    /// After a clean stop only the queues that had a reader then wait for
+    /// it: a group whose consumers had all left got nothing for one
+    /// consumer expiry after every restart.
+    #[tokio::test]
+    async fn after_a_clean_stop_only_the_queues_read_then_wait_for_their_reader() {
+        let c = connections(2).await;
+        let dir = tempfile::tempdir().unwrap();
+        let before = Groups::new(LONG).remembering_stops(None);
+        assert_eq!(beat(&before, &c[0], "a", &[], false), [0, 1]);
+        before.write_held_at_stop(dir.path());
+
+        let held = super::take_held_at_stop(dir.path(), true);
+        assert!(super::take_held_at_stop(dir.path(), true).is_none(), "taken once");
+        let after = Groups::new(LONG).remembering_stops(held);
+        // Both queues had a reader (a owned both) and wait for it.
+        assert_eq!(beat(&after, &c[1], "b", &[], true), Vec::<u32>::new());
+
+        // A stop with no member left frees every queue at the start.
+        after.leave("g", "b");
+        let empty = Groups::new(LONG).remembering_stops(None);
+        empty.write_held_at_stop(dir.path());
+        let after = Groups::new(LONG).remembering_stops(super::take_held_at_stop(dir.path(), true));
+        assert_eq!(beat(&after, &c[1], "b", &[], true), [0, 1]);
+
+        // Not remembered (a crash, a controller's broker): every queue
+        // read here waits, as before.
+        let unknown = Groups::new(LONG).remembering_stops(super::take_held_at_stop(dir.path(), true));
+        assert_eq!(beat(&unknown, &c[1], "b", &[], true), Vec::<u32>::new());
     }
 
     #[tokio::test]

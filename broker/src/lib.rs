@@ -196,6 +196,9 @@ impl Incarnation {
         self.inner.shutdown.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.inner
+            .groups
+            .write_held_at_stop(&self.inner.config.data_dir);
         self.inner.store.shutdown().await;
     }
 }
@@ -581,6 +584,9 @@ async fn start_incarnation(
         let table = transactions.clone();
         store.set_tx_listener(Box::new(move |changes| table.apply_replicated(changes)));
     }
+    // A master not run by a controller: no other broker served its queues
+    // while it was down, so what its clean stop wrote about readers holds.
+    let remembers_stops = part.control.is_none() && !is_slave;
     let replication = match part.control {
         Some((control, epoch, in_sync, master)) => {
             if !is_slave {
@@ -606,7 +612,15 @@ async fn start_incarnation(
     let inner = Arc::new(BrokerInner {
         replication,
         transactions,
-        groups: Arc::new(groups::Groups::new(config.consumer_expiry)),
+        groups: Arc::new({
+            let held = groups::take_held_at_stop(&config.data_dir, remembers_stops);
+            let g = groups::Groups::new(config.consumer_expiry);
+            if remembers_stops {
+                g.remembering_stops(held)
+            } else {
+                g
+            }
+        }),
         advertised_addr: config
             .advertise_addr
             .clone()

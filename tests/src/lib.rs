@@ -377,6 +377,15 @@ impl BrokerProcess {
             .status();
     }
 
+    /// Stops the process cleanly ([`BrokerProcess::stop`]) and starts it
+    /// again with the same flags and data directory; returns the exit code
+    /// of the stop.
+    pub fn stop_and_start(&mut self) -> Option<i32> {
+        let code = self.stop();
+        self.spawn();
+        code
+    }
+
     /// Starts the process again with the same flags and data directory.
     pub fn restart(&mut self) {
         self.kill9();

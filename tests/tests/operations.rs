@@ -1037,3 +1037,23 @@ fn transactions_ended_before_a_restart_are_still_shown() {
     // An id that is no transaction's is still unknown.
     fails_with(&s.cli(&["tx", "show", "3"]), "UNKNOWN_TRANSACTION");
 }
+
+/// After a clean restart a group whose consumers had all left reads at
+/// once: every queue it had read waited one consumer expiry (30 s) for a
+/// reader that no longer existed, and `consume` ended with nothing. (After
+/// `kill -9` they still wait: the broker cannot know who read them.)
+#[test]
+fn after_a_clean_restart_a_group_without_consumers_reads_at_once() {
+    let mut s = Setup::start(&[]);
+    ok(&s.cli(&["topic", "create", "t", "--queues", "4"]));
+    ok(&s.cli(&["send", "t", "--body", "a", "--count", "8"]));
+    let consume = ["consume", "t", "--group", "g", "--count", "8", "--idle-timeout", "5s"];
+    let (out, lines) = s.json(&consume);
+    assert_eq!(lines.len(), 8, "{}", stderr(&out));
+    assert_eq!(s.broker.stop_and_start(), Some(0), "a clean stop");
+    s.wait_registered();
+    ok(&s.cli(&["send", "t", "--body", "b", "--count", "8"]));
+    let (out, lines) = s.json(&consume);
+    assert_eq!(lines.len(), 8, "{}", stderr(&out));
+    assert!(lines.iter().all(|l| l["body"] == "b"), "{lines:?}");
+}
