@@ -741,7 +741,7 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
     /// Which log lines are written, in `RUST_LOG`'s filter syntax (`debug`,
-    /// `info,txmq_broker::transaction=debug`) [default: RUST_LOG, else info].
+    /// `info,txmq_broker::transaction=debug`) [default: RUST_LOG, else info,openraft=error].
     #[arg(long, env = "TXMQ_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g.

@@ -277,8 +277,12 @@ impl Groups {
         let mut list = Vec::new();
         for (name, g) in lock(&self.groups).iter() {
             let held = g.members.values().flat_map(|m| m.held.iter());
-            let queues: BTreeSet<&QueueRef> =
-                g.owners.keys().chain(g.reserved.keys()).chain(held).collect();
+            let queues: BTreeSet<&QueueRef> = g
+                .owners
+                .keys()
+                .chain(g.reserved.keys())
+                .chain(held)
+                .collect();
             list.extend(queues.into_iter().map(|q| HeldQueue {
                 group: name.clone(),
                 topic: q.topic.clone(),
@@ -850,7 +854,10 @@ mod tests {
         before.write_held_at_stop(dir.path());
 
         let held = super::take_held_at_stop(dir.path(), true);
-        assert!(super::take_held_at_stop(dir.path(), true).is_none(), "taken once");
+        assert!(
+            super::take_held_at_stop(dir.path(), true).is_none(),
+            "taken once"
+        );
         let after = Groups::new(LONG).remembering_stops(held);
         // Both queues had a reader (a owned both) and wait for it.
         assert_eq!(beat(&after, &c[1], "b", &[], true), Vec::<u32>::new());
@@ -864,7 +871,8 @@ mod tests {
 
         // Not remembered (a crash, a controller's broker): every queue
         // read here waits, as before.
-        let unknown = Groups::new(LONG).remembering_stops(super::take_held_at_stop(dir.path(), true));
+        let unknown =
+            Groups::new(LONG).remembering_stops(super::take_held_at_stop(dir.path(), true));
         assert_eq!(beat(&unknown, &c[1], "b", &[], true), Vec::<u32>::new());
     }
 

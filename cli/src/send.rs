@@ -526,6 +526,9 @@ struct Tally {
     sent: u64,
     /// Of `sent`: stored by an earlier attempt, offset not known.
     stored_before: u64,
+    /// Of `sent`: stored with a status short of `SEND_OK` (not yet fsynced
+    /// or not on enough replicas), by status.
+    short: std::collections::BTreeMap<&'static str, u64>,
     not_sent: u64,
     unknown: u64,
     /// Read (or, with --body, due) but never sent because sending stopped.
@@ -732,6 +735,9 @@ fn report(
     let (unsent, written) = match outcome {
         Outcome::Sent(receipt) => {
             tally.sent += 1;
+            if receipt.status != txmq::SendStatus::SendOk {
+                *tally.short.entry(receipt.status.name()).or_default() += 1;
+            }
             let written = match printer.format {
                 OutputFormat::Text => printer.line(&with_line(sent_text(&receipt, &message))),
                 OutputFormat::Json => printer.json(&with_line_json(sent_json(&receipt, &message))),
@@ -809,6 +815,11 @@ fn summarize(tally: &Tally, took: Duration) {
             " ({} of them stored by an earlier attempt, offset not known)",
             tally.stored_before
         ));
+    }
+    for (status, n) in &tally.short {
+        // Stored on the master, but not yet as durable as the broker
+        // promises with SEND_OK (see the README's replication section).
+        failures.push_str(&format!(", {n} with status {status}"));
     }
     if tally.not_sent > 0 {
         failures.push_str(&format!(", {} not sent", tally.not_sent));

@@ -184,9 +184,8 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                 Ok(a) => a,
                 Err(e) => {
                     admin.close().await.ok();
-                    return Err(anyhow::Error::from(e).context(format!(
-                        "topic {topic} deleted on no broker"
-                    )));
+                    return Err(anyhow::Error::from(e)
+                        .context(format!("topic {topic} deleted on no broker")));
                 }
             };
             let (mut deleted, mut failed) = (Vec::new(), Vec::new());
@@ -199,9 +198,9 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             if deleted.is_empty() {
                 admin.close().await.ok();
                 let (_, _, e) = failed.into_iter().next().expect("a broker was asked");
-                return Err(anyhow::Error::from(e).context(format!(
-                    "topic {topic} deleted on no broker"
-                )));
+                return Err(
+                    anyhow::Error::from(e).context(format!("topic {topic} deleted on no broker"))
+                );
             }
             for d in &deleted {
                 match printer.format {

@@ -29,7 +29,7 @@ struct Args {
     log_format: String,
 
     /// Which log lines are written, in `RUST_LOG`'s filter syntax (`debug`,
-    /// `info,txmq_nameserver=debug`) [default: RUST_LOG, else info].
+    /// `info,txmq_nameserver=debug`) [default: RUST_LOG, else info,openraft=error].
     #[arg(long, env = "TXMQ_LOG_LEVEL")]
     log_level: Option<String>,
 

@@ -1119,15 +1119,29 @@ async fn a_topic_delete_one_broker_refuses_deletes_nothing_anywhere() {
     let sent = txmq(
         &ns,
         &[
-            "tx", "send", "shared", "--group", "pg", "--body", "t", "--local", "unknown",
-            "--first-check-delay", "10m",
+            "tx",
+            "send",
+            "shared",
+            "--group",
+            "pg",
+            "--body",
+            "t",
+            "--local",
+            "unknown",
+            "--first-check-delay",
+            "10m",
         ],
         None,
     )
     .await;
     assert!(sent.status.success(), "{sent:?}");
     let brokers_with_it = || async {
-        let out = txmq(&ns, &["--output", "json", "topic", "status", "shared"], None).await;
+        let out = txmq(
+            &ns,
+            &["--output", "json", "topic", "status", "shared"],
+            None,
+        )
+        .await;
         let mut names: Vec<String> = json_lines(&out.stdout)
             .iter()
             .map(|l| text(l, "broker"))
@@ -1138,7 +1152,10 @@ async fn a_topic_delete_one_broker_refuses_deletes_nothing_anywhere() {
     let refused = txmq(&ns, &["topic", "delete", "shared"], None).await;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
-    assert!(err.contains("BUSY") && err.contains("deleted on no broker"), "{err}");
+    assert!(
+        err.contains("BUSY") && err.contains("deleted on no broker"),
+        "{err}"
+    );
     assert_eq!(brokers_with_it().await, ["broker-a", "broker-b"]);
 
     pause(&b);
@@ -1157,5 +1174,47 @@ async fn a_topic_delete_one_broker_refuses_deletes_nothing_anywhere() {
         "{out}"
     );
     drop((a, b));
+    cluster.shutdown().await;
+}
+
+/// A message stored with a status short of SEND_OK (here FLUSH_DISK_TIMEOUT:
+/// sync flush that answers without waiting for its fdatasync) is counted
+/// by status in `send`'s summary: it said only "sent N messages", so a
+/// script reading the summary saw a send to a master without its slaves
+/// (SLAVE_NOT_AVAILABLE) as a plain success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_counts_messages_stored_short_of_send_ok_in_its_summary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let a = start_broker(
+        &dir.path().join("a"),
+        &ns,
+        "broker-a",
+        &["--flush", "sync", "--sync-flush-timeout", "0s"],
+    )
+    .await;
+    let out = txmq(
+        &ns,
+        &[
+            "--output", "json", "send", "flushy", "--body", "x", "--count", "20",
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let short = json_lines(&out.stdout)
+        .iter()
+        .filter(|l| l["status"] == "FLUSH_DISK_TIMEOUT")
+        .count();
+    assert!(short > 0, "no send was answered FLUSH_DISK_TIMEOUT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "sent 20 messages, {short} with status FLUSH_DISK_TIMEOUT in"
+        )),
+        "{err}"
+    );
+    drop(a);
     cluster.shutdown().await;
 }

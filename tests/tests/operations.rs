@@ -1047,7 +1047,16 @@ fn after_a_clean_restart_a_group_without_consumers_reads_at_once() {
     let mut s = Setup::start(&[]);
     ok(&s.cli(&["topic", "create", "t", "--queues", "4"]));
     ok(&s.cli(&["send", "t", "--body", "a", "--count", "8"]));
-    let consume = ["consume", "t", "--group", "g", "--count", "8", "--idle-timeout", "5s"];
+    let consume = [
+        "consume",
+        "t",
+        "--group",
+        "g",
+        "--count",
+        "8",
+        "--idle-timeout",
+        "5s",
+    ];
     let (out, lines) = s.json(&consume);
     assert_eq!(lines.len(), 8, "{}", stderr(&out));
     assert_eq!(s.broker.stop_and_start(), Some(0), "a clean stop");
