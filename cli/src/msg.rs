@@ -222,6 +222,9 @@ fn print_found(
     // Brokers that hold nothing at that offset (a topic on several brokers
     // has its messages on some): an answer, shown only when nothing was.
     let mut out_of_range: Vec<String> = Vec::new();
+    // Brokers without a message index: they cannot say (a note when the
+    // message was found elsewhere).
+    let mut no_index: Vec<String> = Vec::new();
     for a in answers {
         match a.result {
             Ok(r) => {
@@ -232,11 +235,19 @@ fn print_found(
                 answered += 1;
                 out_of_range.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
             }
+            Err(e) if e.code() == Some(txmq::ErrorCode::UnsupportedRequest) => {
+                no_index.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
+            }
             Err(e) => {
                 unasked += usize::from(e.wire_error().is_none());
                 failed.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
             }
         }
+    }
+    if found.is_empty() {
+        // Could not say, as a broker that did not answer.
+        unasked += no_index.len();
+        failed.append(&mut no_index);
     }
     if found.is_empty() {
         if answered == 0 && unasked > 0 && unasked == failed.len() {
@@ -294,6 +305,9 @@ fn print_found(
                 printer.line(&line)?;
             }
         }
+    }
+    for n in &no_index {
+        stderr!("note: not looked up on {n}");
     }
     if !failed.is_empty() {
         return Err(exit::with_code(

@@ -533,3 +533,74 @@ async fn send_to(ns: &str, topic: &str, body: &str) -> Value {
         .await,
     )
 }
+
+/// A broker without a message index (`--message-index false`) cannot say
+/// whether it holds a message: `msg show`/`msg find` of one found on
+/// another broker succeed with a note, and of one found nowhere exit 3
+/// ("could not say"). Its BAD_ARGUMENT read as "not here" (a false "no
+/// message", exit 1) or as a broker that did not answer (exit 3 after
+/// every successful lookup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_message_index_cannot_say_and_is_not_a_failure() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    let a = start_broker(&dir.path().join("a"), &ns, "broker-a", &[]).await;
+    let c = start_broker(
+        &dir.path().join("c"),
+        &ns,
+        "broker-c",
+        &["--message-index", "false"],
+    )
+    .await;
+    ok(&txmq(
+        &ns,
+        &[
+            "topic", "create", "orders", "--queues", "1", "--broker", "broker-a",
+        ],
+        None,
+    )
+    .await);
+    ok(&txmq(
+        &ns,
+        &[
+            "topic", "create", "orders", "--queues", "1", "--broker", "broker-c",
+        ],
+        None,
+    )
+    .await);
+    wait_for_route(&ns, "orders", &["broker-a", "broker-c"]).await;
+    let mut on_a = None;
+    for i in 0..20 {
+        let sent = send(&ns, &format!("m{i}"), "k1").await;
+        if s(&sent, "broker") == "broker-a" {
+            on_a = Some(s(&sent, "msg_id"));
+            break;
+        }
+    }
+    let id = on_a.expect("a send landed on broker-a");
+    let shown = txmq(&ns, &["--output", "json", "msg", "show", &id], None).await;
+    let found = json_lines(ok(&shown).as_bytes());
+    assert_eq!(s(&found[0], "msg_id"), id);
+    assert!(
+        stderr(&shown).contains("note: not looked up on broker-c"),
+        "{}",
+        stderr(&shown)
+    );
+    let by_key = txmq(
+        &ns,
+        &["msg", "find", "--topic", "orders", "--key", "k1"],
+        None,
+    )
+    .await;
+    ok(&by_key);
+
+    let nowhere = "0".repeat(32);
+    failed_with(
+        &txmq(&ns, &["msg", "show", &nowhere], None).await,
+        3,
+        "could not say: broker-c",
+    );
+    drop((a, c));
+    cluster.shutdown().await;
+}

@@ -198,7 +198,23 @@ fn bounded(mut messages: Vec<FoundMessage>) -> Vec<FoundMessage> {
     messages
 }
 
+/// Lookups by id or key need the message index: a broker without one
+/// cannot say (`UNSUPPORTED_REQUEST`), which is not "not here".
+fn check_index(b: &BrokerInner) -> Result<(), WireError> {
+    if b.store.has_index() {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorCode::UnsupportedRequest,
+        format!(
+            "broker {} keeps no message index (--message-index false): it cannot look messages up by id or key",
+            b.config.broker_name
+        ),
+    ))
+}
+
 pub(super) fn by_id(b: &BrokerInner, r: LookupMessage) -> Result<FoundMessages, WireError> {
+    check_index(b)?;
     let found = b
         .store
         .find_by_id(&r.msg_id, MAX_RECORDS_BY_ID)
@@ -213,6 +229,7 @@ pub(super) fn by_key(b: &BrokerInner, r: FindMessages) -> Result<FoundMessages, 
     if b.topics.get(&r.topic).is_none() {
         return Err(unknown_topic(b, &r.topic));
     }
+    check_index(b)?;
     if r.key.is_empty() || r.key.contains(' ') {
         return Err(super::bad_argument(
             "a key to find is one non-empty word (a message's key property may hold several, separated by spaces)",
