@@ -326,8 +326,16 @@ impl BrokerConfig {
             return Err("--flush-interval and --checkpoint-interval must not be zero".into());
         }
         let tx = &self.transactions;
-        if tx.check_interval.is_zero() || tx.check_rate == 0 || tx.check_max == 0 {
-            return Err("transaction check interval, rate and maximum must not be zero".into());
+        if tx.check_interval.is_zero()
+            || tx.check_rate == 0
+            || tx.check_max == 0
+            || tx.check_timeout.is_zero()
+        {
+            // A zero check timeout ended every check-back unanswered, so
+            // every transaction was parked.
+            return Err(
+                "transaction check interval, rate, maximum and timeout must not be zero".into(),
+            );
         }
         if self
             .max_store_size

@@ -1594,6 +1594,11 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
             &["--flush-interval", "must not be zero"],
         ),
         (
+            "no-check-timeout.toml",
+            b"transaction_check_timeout = \"0s\"\n",
+            &["transaction check", "timeout must not be zero"],
+        ),
+        (
             "no-threads.toml",
             b"worker_threads = 0\n",
             &["worker_threads", "between 1 and 1024"],
@@ -1624,6 +1629,7 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
         if ![
             "impossible.toml",
             "no-flush-interval.toml",
+            "no-check-timeout.toml",
             "no-threads.toml",
         ]
         .contains(name)
