@@ -24,6 +24,7 @@ use txmq::{
 };
 
 use crate::args::{parse_duration, GlobalArgs};
+use crate::exit;
 use crate::output::{time_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 
@@ -354,12 +355,34 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
             return Err(e.into());
         }
     };
-    // An end the broker refused or never answered is an error here, as it
-    // always was: printed on stderr, exit 1, nothing on stdout.
-    if let TxEnd::Refused(e) | TxEnd::Lost(e) = outcome.end {
+    // An end the broker refused is an error: printed on stderr, exit 1,
+    // nothing on stdout.
+    if let TxEnd::Refused(e) = outcome.end {
         producer.close().await.ok();
         return Err(e.into());
     }
+    // One never answered may have been applied, or not (then the broker
+    // checks back): the outcome is shown as unknown, the command stays for
+    // --linger to answer check-backs, and exits 3. ("cannot commit", exit
+    // 1, invited a second send of a message that was committed.)
+    let lost = match &outcome.end {
+        TxEnd::Lost(e) => {
+            let error = txmq::error::chain(e);
+            stderr!(
+                "warning: the {} of transaction {} was not answered ({error}): the broker may have applied it; if not, it checks back with a live producer of group {}{}",
+                outcome.state.name().to_lowercase(),
+                outcome.tx_id,
+                args.group,
+                if args.check.is_some() && !args.linger.is_zero() {
+                    " (this one answers while it lingers)"
+                } else {
+                    ""
+                }
+            );
+            Some(error)
+        }
+        _ => None,
+    };
     let printer = Printer::stdout(global.output);
     let printed = match printer.format {
         OutputFormat::Text => printer.line(&outcome_text(&outcome, &args.topic)),
@@ -376,7 +399,17 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
         }
     }
     producer.close().await.ok();
-    Ok(())
+    match lost {
+        Some(error) => Err(exit::with_code(
+            exit::PARTIAL,
+            format!(
+                "transaction {} ended unknown: its {} was not answered: {error}",
+                outcome.tx_id,
+                outcome.state.name().to_lowercase()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
@@ -726,6 +759,11 @@ fn outcome_json(o: &TxOutcome, topic: &str) -> Value {
         // How the end was stored: FLUSH_SLAVE_TIMEOUT, say, under sync replication.
         m.insert("end_status".into(), json!(ended.status.name()));
     }
+    if let TxEnd::Lost(e) = &o.end {
+        // Sent, not answered: the end may or may not be applied.
+        m.insert("ended".into(), Value::Null);
+        m.insert("end_error".into(), json!(txmq::error::chain(e)));
+    }
     Value::Object(m)
 }
 
@@ -737,6 +775,9 @@ fn outcome_text(o: &TxOutcome, topic: &str) -> String {
             format!("ended={} status={}", e.state.name(), e.status.name())
         }
         Some(e) => format!("ended={}", e.state.name()),
+        None if matches!(o.end, TxEnd::Lost(_)) => {
+            "ended=unknown (not answered); if not applied, the broker will check back".to_string()
+        }
         None => "not ended; the broker will check back".to_string(),
     };
     let prepared = if o.prepare_status == SendStatus::SendOk {
@@ -1075,6 +1116,27 @@ mod tests {
         assert!(v.get("ended").is_none());
         assert!(outcome_text(&unknown, "orders")
             .ends_with("local=unknown not ended; the broker will check back"));
+
+        // A commit sent and never answered: its outcome is unknown, not an
+        // error the operator would answer with a second send.
+        let lost = TxOutcome::new(
+            17,
+            "broker-a",
+            vec![MsgId([0xab; 16])],
+            TransactionState::Commit,
+            SendStatus::SendOk,
+            TxEnd::Lost(txmq::Error::NoBroker),
+        )
+        .unwrap_or_else(|e| panic!("an outcome with a message: {e}"));
+        let v = outcome_json(&lost, "orders");
+        assert_eq!(v["ended"], Value::Null);
+        assert!(
+            v["end_error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{v}"
+        );
+        assert!(outcome_text(&lost, "orders").ends_with(
+            "local=commit ended=unknown (not answered); if not applied, the broker will check back"
+        ));
     }
 
     #[test]
