@@ -592,3 +592,50 @@ async fn a_stuck_transaction_does_not_pin_retention_and_is_not_forgotten() {
     assert!(broker.log_text().contains("carried forward past retention"));
     admin.close().await.unwrap();
 }
+
+/// `close` waits for a check-back decided after the broker stopped waiting
+/// (its late commit is sent), as its docs say: the late decision was left
+/// out of what `close` waits for, so the producer closed at once, the
+/// commit was never sent, and the transaction stayed pending with no
+/// producer to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_for_a_late_check_back_decision_and_sends_it() {
+    let c = cluster(FlushMode::Async, |t| {
+        t.timeout = Duration::from_millis(200);
+        t.check_interval = Duration::from_millis(300);
+        t.check_timeout = Duration::from_millis(300);
+        // Never parked while the late answer is on its way.
+        t.check_max = 20;
+    })
+    .await;
+    let ns = c.nameserver.clone();
+    let listener = Arc::new(Fixed {
+        local: TransactionState::Unknown,
+        check: TransactionState::Commit,
+        check_delay: Duration::from_millis(1000),
+        executed: AtomicUsize::new(0),
+        checked: AtomicUsize::new(0),
+    });
+    let p = producer(&ns, "pg-late-close", listener.clone()).await;
+    p.send_in_transaction(Message::new("late-close", "late"))
+        .await
+        .expect("prepare");
+    // The first check-back has reached the listener, which decides later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listener.checked.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no check-back came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.close()
+        .await
+        .expect("every check-back decided within the close timeout");
+    let admin = c.admin().await;
+    assert!(
+        pending(&admin).await.is_empty(),
+        "ended by the late answer before close returned"
+    );
+    let got = consume_all(&ns, "reader", "late-close", 2, Duration::from_secs(2)).await;
+    assert_eq!(bodies(&got), vec!["late"]);
+    admin.close().await.unwrap();
+    c.shutdown().await;
+}

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use txmq_protocol::{
     CheckAnswer, CheckTransaction, EndTransaction, ErrorCode, Request, Response, TxAction,
     TxSource, WireError,
@@ -70,7 +71,8 @@ impl<L: TransactionListener> Service for CheckService<L> {
         let timeout = self.timeout;
         let closed = self.closed.clone();
         let peer = conn.peer_addr().to_string();
-        let late = conn.clone();
+        // A late decision is work in flight too: `close` waits for it.
+        let late = (conn.clone(), in_flight.clone());
         Box::pin(async move {
             let resolution =
                 answer(listener, &group, *check, timeout, closed, &peer, Some(late)).await?;
@@ -91,7 +93,9 @@ fn answer_within(broker_ms: u64) -> Duration {
 /// closing, a check for another group) is `Unknown`. When the broker's
 /// time runs out first and `late` is given, the listener goes on (up to
 /// `timeout` in all) and a commit or rollback it then returns is sent over
-/// `late` as an end of the transaction.
+/// `late`'s connection as an end of the transaction, holding `late`'s
+/// token (the producer's work in flight, which `close` waits for) until
+/// then.
 ///
 /// # Errors
 /// `BAD_ARGUMENT` for a check that names no message.
@@ -102,7 +106,7 @@ pub(crate) async fn answer<L: TransactionListener>(
     timeout: Option<Duration>,
     closed: CancellationToken,
     peer: &str,
-    late: Option<Connection>,
+    late: Option<(Connection, TaskTrackerToken)>,
 ) -> Result<TransactionState, WireError> {
     let tx_id = check.tx_id;
     let broker = check.broker_name.clone();
@@ -137,9 +141,12 @@ pub(crate) async fn answer<L: TransactionListener>(
         _ = broker_gone => {
             let rest = timeout.map(|t| t.saturating_sub(started.elapsed()));
             match (late, first_msg_id) {
-                (Some(conn), Some(msg_id)) => {
+                (Some((conn, in_flight)), Some(msg_id)) => {
                     tracing::info!(tx_id, %broker, "check-back not decided within the broker's time; answering unknown, a later decision ends the transaction");
-                    tokio::spawn(end_late(task, rest, closed, conn, tx_id, msg_id));
+                    tokio::spawn(async move {
+                        end_late(task, rest, closed, conn, tx_id, msg_id).await;
+                        drop(in_flight);
+                    });
                 }
                 _ => task.abort(),
             }
