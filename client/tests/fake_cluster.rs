@@ -221,6 +221,7 @@ impl State {
                     committed,
                     min_offset: 0,
                     max_offset: max,
+                    since_offset: None,
                 })
             }
             other => {

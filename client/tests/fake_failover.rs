@@ -124,6 +124,7 @@ impl Broker {
                 committed: None,
                 min_offset: 0,
                 max_offset: 0,
+                since_offset: None,
             }),
             other => {
                 return Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind()));

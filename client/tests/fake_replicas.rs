@@ -245,11 +245,13 @@ impl Node {
                 committed: None,
                 min_offset: 0,
                 max_offset: 0,
+                since_offset: None,
             }),
             Request::QueryOffset(q) => Response::QueryOffset(QueueOffsets {
                 committed: lock(&self.store.offsets).get(&(q.group, q.queue)).copied(),
                 min_offset: 0,
                 max_offset: self.store.len(q.queue) as u64,
+                since_offset: None,
             }),
             Request::CommitOffset(c) if c.topic != TOPIC => Response::CommitOffset(Done {}),
             Request::CommitOffset(c) => {

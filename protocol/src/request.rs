@@ -640,6 +640,12 @@ pub struct QueryOffset {
     pub topic: String,
     /// Queue id.
     pub queue: u32,
+    /// Also asks for the first offset stored at or after this time (ms
+    /// since the epoch, the broker's clock): where a consumer that reads
+    /// "from last", started then, begins a queue it meets later
+    /// ([`QueueOffsets::since_offset`]).
+    #[serde(default)]
+    pub stored_since_ms: Option<u64>,
 }
 
 /// A group's position on a queue and the queue's bounds.
@@ -651,6 +657,10 @@ pub struct QueueOffsets {
     pub min_offset: u64,
     /// One past the last offset stored.
     pub max_offset: u64,
+    /// With [`QueryOffset::stored_since_ms`]: the first offset stored at
+    /// or after that time (`max_offset` when none is).
+    #[serde(default)]
+    pub since_offset: Option<u64>,
 }
 
 /// One half message of a transaction and the queue it is meant for.

@@ -291,6 +291,7 @@ fn request() -> impl Strategy<Value = Request> {
                 group,
                 topic,
                 queue,
+                stored_since_ms: None,
             })
         }),
         (

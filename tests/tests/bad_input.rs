@@ -1233,6 +1233,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
             group: "g".into(),
             topic: "orders".into(),
             queue: max_queue,
+            stored_since_ms: None,
         })
         .await
         .map(drop),
@@ -1266,6 +1267,7 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
             group: "g".into(),
             topic: "orders".into(),
             queue: 0,
+            stored_since_ms: None,
         })
         .await
         .unwrap();

@@ -388,6 +388,7 @@ async fn max_offset(conn: &Connection, topic: &str, queue: u32) -> u64 {
         group: "probe".into(),
         topic: topic.into(),
         queue,
+        stored_since_ms: None,
     })
     .await
     .expect("query offset")

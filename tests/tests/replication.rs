@@ -215,6 +215,7 @@ async fn committed_offset(addr: &str, group: &str, topic: &str, queue: u32) -> O
             group: group.into(),
             topic: topic.into(),
             queue,
+            stored_since_ms: None,
         },
     )
     .await
@@ -643,6 +644,7 @@ async fn a_restarted_slave_catches_up_and_is_back_in_sync() {
                         group: GROUP.into(),
                         topic: TOPIC.into(),
                         queue: q,
+                        stored_since_ms: None,
                     })
                     .await
                     .map(|o| o.max_offset)
@@ -1327,6 +1329,7 @@ async fn a_topic_deleted_on_the_master_stays_deleted_when_a_slave_takes_over() {
             group: "readers".into(),
             topic: "typo".into(),
             queue: 0,
+            stored_since_ms: None,
         },
     )
     .await;

@@ -634,6 +634,7 @@ async fn reading_needs_sub_on_the_topic_and_the_group() {
                 group: GROUP.into(),
                 topic: TOPIC.into(),
                 queue: 0,
+                stored_since_ms: None,
             })
             .await,
         "carol",

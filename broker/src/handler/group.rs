@@ -354,7 +354,7 @@ pub(super) async fn reset(b: &BrokerInner, req: ResetOffset) -> Result<OffsetsRe
 /// comes into its queue when it is delivered, though it was stored when it
 /// was sent: its time is its delivery time (a search by store times skipped
 /// the messages stored between a delayed message's send and its delivery).
-fn first_at_or_after(
+pub(super) fn first_at_or_after(
     b: &BrokerInner,
     topic: &str,
     queue: u32,

@@ -136,9 +136,17 @@ pub(super) fn query(b: &BrokerInner, req: QueryOffset) -> Result<QueueOffsets, W
         .store
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    let (min_offset, max_offset) = (q.min_offset(), q.max_offset());
+    let since_offset = match req.stored_since_ms {
+        Some(ts) => Some(super::group::first_at_or_after(
+            b, &req.topic, req.queue, min_offset, max_offset, ts,
+        )?),
+        None => None,
+    };
     Ok(QueueOffsets {
         committed: committed(b, &req.group, &req.topic, req.queue),
-        min_offset: q.min_offset(),
-        max_offset: q.max_offset(),
+        min_offset,
+        max_offset,
+        since_offset,
     })
 }

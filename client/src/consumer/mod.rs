@@ -111,8 +111,10 @@ pub enum ConsumeFrom {
     #[default]
     First,
     /// After the last message stored when the consumer starts: only new
-    /// messages. Applies to the queues known at start; queues that appear
-    /// later are read from their first message.
+    /// messages. A queue met later (a broker added, or away at the start,
+    /// a rebalance, a topic made again) starts at its first message stored
+    /// since the consumer started (the broker's store times against this
+    /// machine's clock).
     Last,
 }
 
@@ -332,6 +334,8 @@ impl PullConsumerBuilder {
             topic,
             group,
             settings,
+            from: self.from,
+            started_ms: txmq_protocol::now_millis(),
             refresh_interval: self.config.route_refresh_interval,
             pool,
             routes,
@@ -412,6 +416,11 @@ pub(crate) struct Shared {
     pub(crate) topic: String,
     pub(crate) group: String,
     settings: Settings,
+    /// Where a queue the group has no offset for starts.
+    from: ConsumeFrom,
+    /// When the consumer started (ms, this machine's clock): where
+    /// [`ConsumeFrom::Last`] starts such a queue.
+    pub(crate) started_ms: u64,
     refresh_interval: Duration,
     pub(crate) pool: ConnectionPool,
     routes: RouteCache,
@@ -453,8 +462,8 @@ impl Shared {
     /// Notes the brokers of `info`, which queues read it does not let be
     /// read, and starts a reader for each readable queue not read yet.
     /// With `initial`, the start offsets are asked for before returning,
-    /// from that position; later queues start at their first message when
-    /// the group has no offset.
+    /// from that position; later queues start where the consumer's
+    /// [`ConsumeFrom`] says when the group has no offset.
     async fn adopt_route(self: &Arc<Self>, info: &RouteInfo, initial: Option<ConsumeFrom>) {
         for b in &info.route.brokers {
             self.brokers.update(b);
@@ -495,7 +504,7 @@ impl Shared {
         if new.is_empty() {
             return;
         }
-        let from = initial.unwrap_or(ConsumeFrom::First);
+        let from = initial.unwrap_or(self.from);
         let starts: Vec<Option<u64>> = if initial.is_some() {
             join_all(new.iter().map(|k| async move {
                 match queue_reader::initial_offset(self, k, from).await {

@@ -110,12 +110,20 @@ impl OffsetTable {
 }
 
 /// Where a queue is read from: the group's committed offset when there is
-/// one (kept within the queue's bounds), else the queue's first or end offset.
-pub(crate) fn start_offset(committed: Option<u64>, min: u64, max: u64, from: ConsumeFrom) -> u64 {
+/// one (kept within the queue's bounds), else the queue's first offset, or
+/// for [`ConsumeFrom::Last`] the first one stored since the consumer
+/// started (`since`, asked of the broker), else its end.
+pub(crate) fn start_offset(
+    committed: Option<u64>,
+    min: u64,
+    max: u64,
+    from: ConsumeFrom,
+    since: Option<u64>,
+) -> u64 {
     match (committed, from) {
         (Some(c), _) => c.min(max).max(min),
         (None, ConsumeFrom::First) => min,
-        (None, ConsumeFrom::Last) => max,
+        (None, ConsumeFrom::Last) => since.unwrap_or(max).min(max).max(min),
     }
 }
 
@@ -164,11 +172,14 @@ mod tests {
 
     #[test]
     fn start_offset_prefers_the_committed_one() {
-        assert_eq!(start_offset(Some(5), 0, 10, ConsumeFrom::Last), 5);
-        assert_eq!(start_offset(None, 2, 10, ConsumeFrom::First), 2);
-        assert_eq!(start_offset(None, 2, 10, ConsumeFrom::Last), 10);
+        assert_eq!(start_offset(Some(5), 0, 10, ConsumeFrom::Last, None), 5);
+        assert_eq!(start_offset(None, 2, 10, ConsumeFrom::First, Some(4)), 2);
+        assert_eq!(start_offset(None, 2, 10, ConsumeFrom::Last, None), 10);
+        // A queue met later: what was stored since the consumer started.
+        assert_eq!(start_offset(None, 2, 10, ConsumeFrom::Last, Some(4)), 4);
+        assert_eq!(start_offset(None, 2, 10, ConsumeFrom::Last, Some(99)), 10);
         // Out of bounds: clamped (messages below min were deleted).
-        assert_eq!(start_offset(Some(1), 2, 10, ConsumeFrom::First), 2);
-        assert_eq!(start_offset(Some(99), 2, 10, ConsumeFrom::First), 10);
+        assert_eq!(start_offset(Some(1), 2, 10, ConsumeFrom::First, None), 2);
+        assert_eq!(start_offset(Some(99), 2, 10, ConsumeFrom::First, None), 10);
     }
 }

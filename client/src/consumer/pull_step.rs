@@ -166,6 +166,7 @@ pub(crate) async fn pull(
             group: group.to_string(),
             topic: topic.clone(),
             queue,
+            stored_since_ms: None,
         })
         .await?;
     if slave && start > q.max_offset {

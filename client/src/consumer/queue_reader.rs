@@ -174,6 +174,7 @@ fn query(shared: &Shared, key: &QueueKey) -> QueryOffset {
         group: shared.group.clone(),
         topic: shared.topic.clone(),
         queue: key.queue,
+        stored_since_ms: None,
     }
 }
 
@@ -184,8 +185,20 @@ async fn query_start(
     key: &QueueKey,
     from: ConsumeFrom,
 ) -> Result<u64, txmq_remoting::Error> {
-    let q = conn.call(query(shared, key)).await?;
-    let start = start_offset(q.committed, q.min_offset, q.max_offset, from);
+    let mut request = query(shared, key);
+    if from == ConsumeFrom::Last {
+        // "From last" is "stored since the consumer started", also on a
+        // queue met later (a broker added, or away at the start).
+        request.stored_since_ms = Some(shared.started_ms);
+    }
+    let q = conn.call(request).await?;
+    let start = start_offset(
+        q.committed,
+        q.min_offset,
+        q.max_offset,
+        from,
+        q.since_offset,
+    );
     shared.offsets().started(key, q.committed, start);
     tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, committed = ?q.committed, start, "starting queue");
     Ok(start)

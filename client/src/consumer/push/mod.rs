@@ -294,6 +294,9 @@ pub(crate) struct Shared<H> {
     pub(crate) client_id: String,
     pub(crate) subs: Vec<Sub>,
     pub(crate) settings: Settings,
+    /// When the consumer started (ms, this machine's clock): where
+    /// [`ConsumeFrom::Last`] starts a queue the group has no offset for.
+    pub(crate) started_ms: u64,
     pub(crate) handler: Arc<H>,
     pub(crate) pool: ConnectionPool,
     pub(crate) routes: RouteCache,
@@ -617,6 +620,7 @@ impl PushConsumerBuilder {
         let routes = RouteCache::new(nameservers, self.config.route_refresh_interval, false);
         let shared = Arc::new(Shared {
             group,
+            started_ms: txmq_protocol::now_millis(),
             client_id: self.config.client_id.clone(),
             subs,
             permits: Semaphore::new(settings.concurrency),

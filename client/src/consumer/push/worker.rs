@@ -142,12 +142,17 @@ async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>
         }
     }
     let target = shared.connect(&key.broker_name).await?;
+    // "From last" is "stored since the consumer started", also on a queue
+    // assigned later (a broker added or back, a rebalance, a topic made
+    // again): its end then skipped what came meanwhile, for good.
+    let stored_since_ms = (shared.settings.from == ConsumeFrom::Last).then_some(shared.started_ms);
     let q = target
         .conn
         .call(QueryOffset {
             group: shared.group.clone(),
             topic: key.topic.clone(),
             queue: key.queue,
+            stored_since_ms,
         })
         .await
         .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))?;
@@ -163,7 +168,7 @@ async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>
     } else {
         shared.settings.from
     };
-    let from = start_offset(committed, q.min_offset, q.max_offset, from);
+    let from = start_offset(committed, q.min_offset, q.max_offset, from, q.since_offset);
     Ok((from, committed))
 }
 
