@@ -19,9 +19,7 @@ use txmq::{
     handler_fn, Admin, ClientConfig, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage,
 };
 
-use crate::args::{
-    parse_consumer_group, parse_duration, parse_positive_duration, parse_tag_filter, GlobalArgs,
-};
+use crate::args::{parse_consumer_group, parse_positive_duration, parse_tag_filter, GlobalArgs};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 
@@ -40,7 +38,7 @@ pub struct ConsumeArgs {
     pub count: Option<u64>,
 
     /// Exit after this long without a new message (e.g. 5s).
-    #[arg(long, env = "TXMQ_IDLE_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "TXMQ_IDLE_TIMEOUT", value_parser = parse_positive_duration, value_name = "DURATION")]
     pub idle_timeout: Option<Duration>,
 
     /// Where a group without a committed offset starts: the first stored

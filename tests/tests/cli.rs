@@ -916,6 +916,23 @@ fn usage_errors_exit_with_code_2_and_say_how_to_call() {
             &["consume", "t", "--group", "g", "--route-refresh", "0s"],
             "--route-refresh",
         ),
+        // It exited 0 at once, printing nothing, with messages waiting.
+        (
+            &["consume", "t", "--group", "g", "--idle-timeout", "0s"],
+            "--idle-timeout",
+        ),
+        (
+            &[
+                "bench",
+                "consume",
+                "t",
+                "--group",
+                "g",
+                "--idle-timeout",
+                "0s",
+            ],
+            "--idle-timeout",
+        ),
         (&["consume", "t", "--group", "g", "--tag", "a ||"], "--tag"),
         (&["topic", "list", "--timeout", "0s"], "--timeout"),
         (&["topic", "list", "--nameserver", ""], "--nameserver"),

@@ -19,7 +19,7 @@ use txmq::{handler_fn, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage
 use super::progress::{Counters, Extent, Progress};
 use super::report::round;
 use super::{secs_between, show_progress, stop_on_interrupt};
-use crate::args::{parse_duration, GlobalArgs};
+use crate::args::{parse_duration, parse_positive_duration, GlobalArgs};
 use crate::consume::StartFrom;
 use crate::output::Printer;
 
@@ -52,7 +52,7 @@ pub struct ConsumeArgs {
     pub count: Option<u64>,
 
     /// When draining, stop after this long without a new message.
-    #[arg(long, env = "TXMQ_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "3s", value_name = "DURATION")]
+    #[arg(long, env = "TXMQ_IDLE_TIMEOUT", value_parser = parse_positive_duration, default_value = "3s", value_name = "DURATION")]
     pub idle_timeout: Duration,
 
     /// Where a group without a committed offset starts.
