@@ -19,7 +19,9 @@ use txmq::{
     handler_fn, Admin, ClientConfig, ConsumeFrom, ConsumeResult, PushConsumer, ReceivedMessage,
 };
 
-use crate::args::{parse_consumer_group, parse_positive_duration, parse_tag_filter, GlobalArgs};
+use crate::args::{
+    parse_consumer_group, parse_group, parse_positive_duration, parse_tag_filter, GlobalArgs,
+};
 use crate::output::{received_json, received_text, OutputFormat, Printer};
 use crate::signal::interrupted;
 
@@ -29,8 +31,10 @@ pub struct ConsumeArgs {
     /// The topic to read.
     pub topic: String,
 
-    /// The consumer group; its offsets are stored on the brokers.
-    #[arg(long, env = "TXMQ_GROUP", value_parser = parse_consumer_group)]
+    /// The consumer group; its offsets are stored on the brokers. A
+    /// clustering member's group name is one a topic name could hold
+    /// (its retry topic is `%RETRY%GROUP`); a broadcasting one's, any.
+    #[arg(long, env = "TXMQ_GROUP", value_parser = parse_group)]
     pub group: String,
 
     /// Exit after printing this many messages.
@@ -83,6 +87,15 @@ pub enum StartFrom {
 /// When the consumer cannot start, output cannot be written, or the final
 /// commit fails.
 pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
+    if !args.broadcast {
+        // Said before connecting, naming the flag, as clap would have.
+        parse_consumer_group(&args.group).map_err(|e| {
+            crate::exit::usage(format!(
+                "invalid value '{}' for '--group <GROUP>': {e}",
+                args.group
+            ))
+        })?;
+    }
     let from = match args.from {
         StartFrom::First => ConsumeFrom::First,
         StartFrom::Last => ConsumeFrom::Last,

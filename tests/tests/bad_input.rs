@@ -813,6 +813,23 @@ async fn invalid_group_names_are_bad_arguments() {
             "{args:?}: {err}"
         );
     }
+    // A broadcasting member's group may be any name, from the CLI too (it
+    // refused one before knowing it broadcasts).
+    let out = common::txmq(
+        &cluster.nameserver,
+        &[
+            "consume",
+            "t",
+            "--group",
+            "bad group",
+            "--broadcast",
+            "--idle-timeout",
+            "500ms",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     conn.close();
     cluster.shutdown().await;
 }
