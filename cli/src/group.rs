@@ -646,10 +646,17 @@ async fn resend(
     if dead == 0 {
         return Err(crate::exit::with_code(
             crate::exit::FAILURE,
-            format!(
-                "group {group} has no dead letters ({} is empty): nothing to resend",
-                dlq_topic(&group)
-            ),
+            match broker {
+                // Others may hold some: say where none is.
+                Some(b) => format!(
+                    "group {group} has no dead letters on broker {b} ({} is empty there): nothing to resend",
+                    dlq_topic(&group)
+                ),
+                None => format!(
+                    "group {group} has no dead letters ({} is empty): nothing to resend",
+                    dlq_topic(&group)
+                ),
+            },
         ));
     }
     if resent == 0 {

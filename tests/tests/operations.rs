@@ -388,6 +388,11 @@ fn dlq_resend_all_once_by_id_with_force_and_to_another_topic() {
         &s.cli(&["dlq", "resend", "nobody", "--all"]),
         "group nobody has no dead letters",
     );
+    // With --broker, where none is (another broker may hold some).
+    fails_with(
+        &s.cli(&["dlq", "resend", "nobody", "--all", "--broker", "broker-a"]),
+        "group nobody has no dead letters on broker broker-a",
+    );
     let listed = s.cli(&["dlq", "list", "nobody"]);
     assert_eq!(ok(&listed), "");
     assert!(
