@@ -499,7 +499,11 @@ fn a_transaction_left_unknown_is_committed_from_its_page_then_consumed_and_found
     list.has(&[&row, "pending", "pg"]);
     v.get("/transactions?state=parked")
         .has(&["table id=\"transactions\""]);
-    assert!(!v.get("/transactions?state=parked").body.contains(&row));
+    let parked = v.get("/transactions?state=parked");
+    assert!(!parked.body.contains(&row));
+    // Nothing matched and nothing was cut off: no note that there is more
+    // (it said "lists its oldest 0 of 1").
+    assert!(!parked.body.contains("tx-truncated"), "{}", parked.body);
     assert_eq!(v.get("/transactions?state=nonsense").status, 400);
 
     let page = v.get(&format!("/transactions/broker-a/{tx_id}"));

@@ -122,12 +122,10 @@ pub async fn list(
             // the counter above it would disagree without a word.
             for l in &lists {
                 let listed = l.transactions.len() as u64;
-                // (A broker older than the filters counts nothing.)
-                let matching = if l.matching > 0 {
-                    l.matching
-                } else {
-                    l.counters.pending
-                };
+                // What the broker's filters kept in all (0 when none
+                // matched: the pending counter in its place named parked
+                // transactions a state filter had left out).
+                let matching = l.matching;
                 if listed < matching {
                     let _ = write!(
                         body,
