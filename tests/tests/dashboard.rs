@@ -717,6 +717,9 @@ fn a_silent_broker_is_named_and_the_others_shown() {
         let page = v.get(path);
         assert_eq!(page.status, 200, "{path}: {}", page.body);
         page.has(&[shown, "Broker broker-b ("]);
+        // And why (the overview said only "did not answer: broker
+        // broker-b (ADDR)").
+        page.has(&["timed out"]);
     }
     b.signal("CONT");
 }

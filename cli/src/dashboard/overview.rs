@@ -47,7 +47,7 @@ async fn rows(admin: &Admin, snap: &Snapshot) -> Result<Vec<Row>, String> {
             store_bytes: (info.role == BrokerRole::Master)
                 .then(|| snap.brokers.get(&info.broker_name).map(|c| c.store_bytes))
                 .flatten(),
-            lag: lag.map(|r| lag_of(&r)).map_err(|e| e.to_string()),
+            lag: lag.map(|r| lag_of(&r)).map_err(super::error_text),
             info,
         })
         .collect())

@@ -195,7 +195,9 @@ pub async fn run(app: AppState) {
                 for a in answers {
                     match a.result {
                         Ok(c) => counters.push(c),
-                        Err(e) => failed.push(format!("{}: {e}", a.broker_name)),
+                        Err(e) => {
+                            failed.push(format!("{}: {}", a.broker_name, super::error_text(e)))
+                        }
                     }
                 }
                 app.sampler.record(at, txmq::now_millis(), counters);
