@@ -557,6 +557,21 @@ async fn kill_the_master_under_writes(min_insync: u32) {
         |r| r.replicas.len() == 2 && r.replicas.iter().all(|x| x.in_sync),
     )
     .await;
+    // The lag is the records the slaves lack (at most the few the master
+    // wrote unacknowledged before it was killed), not the positions up to
+    // the fresh segment the master writes on in (a whole segment's lag).
+    let r = wait_replication(
+        &group.master.addr,
+        Duration::from_secs(15),
+        "both slaves back with the restarted master",
+        |r| r.replicas.len() == 2,
+    )
+    .await;
+    assert!(r.log_end >= 8 << 20, "a fresh segment: {r:?}");
+    assert!(
+        r.replicas.iter().all(|x| x.lag_bytes < 1 << 20),
+        "records, not positions: {r:?}"
+    );
     wait_for_master(&group.ns, TOPIC, &group.master.addr).await;
     let producer = group.producer().await;
     let r = producer

@@ -479,7 +479,9 @@ impl Replication {
             .map(|r| ReplicaInfo {
                 addr: r.addr.clone(),
                 acked: r.acked,
-                lag_bytes: end.saturating_sub(r.acked),
+                // Records it lacks, not positions: after a crash the
+                // master writes on in a fresh segment past a gap.
+                lag_bytes: b.store.stored_between(r.acked, end),
                 in_sync: match self.isr() {
                     Some(isr) => isr.current.contains(&r.addr),
                     None => self.is_in_sync(r, now),

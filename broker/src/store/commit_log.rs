@@ -333,6 +333,24 @@ impl CommitLog {
             .sum()
     }
 
+    /// Bytes of records between log positions `from` and `to` (the write
+    /// position): what a replica at `from` has left to copy. The unused
+    /// tail of a closed segment does not count (a restart after a crash
+    /// starts a fresh segment: the positions up to it hold nothing).
+    pub fn stored_between(&self, from: u64, to: u64) -> u64 {
+        self.read_lock()
+            .values()
+            .map(|s| {
+                let data_end = if (s.start..s.end()).contains(&to) {
+                    to
+                } else {
+                    s.start + s.used()
+                };
+                data_end.min(to).saturating_sub(from.max(s.start))
+            })
+            .sum()
+    }
+
     /// The segment holding `offset`.
     pub fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
         let segs = self.read_lock();
@@ -487,6 +505,26 @@ mod tests {
         // would count as written for the estimate of a segment on disk.
         seg.file.write_all_at(&[7u8; 100_000], 0).unwrap();
         Some((dir, log, seg))
+    }
+
+    /// What a replica lacks is records, not positions: after a crash the
+    /// master writes on in a fresh segment, and a replica at the end of the
+    /// old one lacks nothing (it showed a lag of a whole segment).
+    #[test]
+    fn the_bytes_between_two_positions_leave_out_a_closed_segments_unused_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CommitLog::open(&dir.path().join("log"), SEGMENT).unwrap();
+        log.create_segment(0).unwrap().set_used_until(5_000);
+        log.create_segment(SEGMENT).unwrap();
+        assert_eq!(log.stored_between(5_000, SEGMENT), 0);
+        assert_eq!(log.stored_between(1_000, SEGMENT), 4_000);
+        assert_eq!(log.stored_between(1_000, SEGMENT + 300), 4_300);
+        assert_eq!(log.stored_between(SEGMENT + 100, SEGMENT + 300), 200);
+        assert_eq!(
+            log.stored_between(3_000, 4_000),
+            1_000,
+            "within one segment"
+        );
     }
 
     #[test]

@@ -1686,6 +1686,12 @@ impl Store {
         self.inner.written.load(Ordering::Acquire)
     }
 
+    /// Bytes of records between log positions `from` and `to` (see
+    /// [`commit_log::CommitLog::stored_between`]).
+    pub fn stored_between(&self, from: u64, to: u64) -> u64 {
+        self.inner.log.stored_between(from, to)
+    }
+
     /// The smallest log position still stored.
     pub fn log_min(&self) -> u64 {
         self.inner.log.min_offset()
