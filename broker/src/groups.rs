@@ -270,25 +270,54 @@ impl Groups {
     /// Writes which queues had a reader (owned, held or reserved) into
     /// `dir`, for the next start, when this broker remembers its stops.
     /// Called as it stops cleanly, once no heartbeat is served any more.
-    pub(crate) fn write_held_at_stop(&self, dir: &std::path::Path) {
+    /// `committed`: the (group, topic, queue) of every committed offset:
+    /// within the start grace, one of them that nobody claimed yet may
+    /// still wait for its reader, and is listed too.
+    pub(crate) fn write_held_at_stop(
+        &self,
+        dir: &std::path::Path,
+        committed: Vec<(String, String, u32)>,
+    ) {
         if !self.remembers_stop {
             return;
         }
-        let mut list = Vec::new();
-        for (name, g) in lock(&self.groups).iter() {
+        let starting = Instant::now() < self.start_grace;
+        let groups = lock(&self.groups);
+        let mut queues: BTreeSet<(&str, &QueueRef)> = BTreeSet::new();
+        for (name, g) in groups.iter() {
             let held = g.members.values().flat_map(|m| m.held.iter());
-            let queues: BTreeSet<&QueueRef> = g
-                .owners
-                .keys()
-                .chain(g.reserved.keys())
-                .chain(held)
-                .collect();
-            list.extend(queues.into_iter().map(|q| HeldQueue {
-                group: name.clone(),
+            queues.extend(
+                g.owners
+                    .keys()
+                    .chain(g.reserved.keys())
+                    .chain(held)
+                    .map(|q| (name.as_str(), q)),
+            );
+        }
+        let mut list: Vec<HeldQueue> = queues
+            .into_iter()
+            .map(|(group, q)| HeldQueue {
+                group: group.to_string(),
                 topic: q.topic.clone(),
                 queue: q.queue,
-            }));
+            })
+            .collect();
+        if starting {
+            for (group, topic, queue) in committed {
+                let q = QueueRef { topic, queue };
+                let claimed = groups.get(&group).is_some_and(|g| {
+                    g.known.contains(&q) || g.owners.contains_key(&q) || g.reserved.contains_key(&q)
+                });
+                if !claimed && self.maybe_read_at_stop(&group, &q) {
+                    list.push(HeldQueue {
+                        group,
+                        topic: q.topic,
+                        queue: q.queue,
+                    });
+                }
+            }
         }
+        drop(groups);
         let path = dir.join(HELD_AT_STOP);
         let tmp = dir.join(format!("{HELD_AT_STOP}.tmp"));
         let written = serde_json::to_vec(&list)
@@ -851,7 +880,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let before = Groups::new(LONG).remembering_stops(None);
         assert_eq!(beat(&before, &c[0], "a", &[], false), [0, 1]);
-        before.write_held_at_stop(dir.path());
+        before.write_held_at_stop(dir.path(), Vec::new());
 
         let held = super::take_held_at_stop(dir.path(), true);
         assert!(
@@ -865,9 +894,17 @@ mod tests {
         // A stop with no member left frees every queue at the start.
         after.leave("g", "b");
         let empty = Groups::new(LONG).remembering_stops(None);
-        empty.write_held_at_stop(dir.path());
+        empty.write_held_at_stop(dir.path(), Vec::new());
         let after = Groups::new(LONG).remembering_stops(super::take_held_at_stop(dir.path(), true));
         assert_eq!(beat(&after, &c[1], "b", &[], true), [0, 1]);
+
+        // A stop within the start grace of a start that knew nothing (a
+        // crash before): a queue read here that nobody claimed since may
+        // still have its reader out there, and waits at the next start.
+        let after_crash = Groups::new(LONG).remembering_stops(None);
+        after_crash.write_held_at_stop(dir.path(), vec![("g".into(), "t".into(), 1)]);
+        let after = Groups::new(LONG).remembering_stops(super::take_held_at_stop(dir.path(), true));
+        assert_eq!(beat(&after, &c[1], "b", &[], true), [0]);
 
         // Not remembered (a crash, a controller's broker): every queue
         // read here waits, as before.

@@ -195,10 +195,18 @@ impl Incarnation {
     async fn stop(self) {
         self.inner.shutdown.cancel();
         self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
-        self.inner
-            .groups
-            .write_held_at_stop(&self.inner.config.data_dir);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_ok();
+        // Only when nothing may still change who reads what: no request is
+        // served any more, and no slave served (or serves) the groups
+        // while this broker is down.
+        if stopped && !self.inner.replication.had_replicas() {
+            self.inner.groups.write_held_at_stop(
+                &self.inner.config.data_dir,
+                self.inner.store.committed_queues(),
+            );
+        }
         self.inner.store.shutdown().await;
     }
 }

@@ -121,6 +121,9 @@ pub(crate) struct Replication {
     pub(crate) config: ReplicationConfig,
     /// Master: its slaves, by connection id.
     replicas: Mutex<HashMap<u64, Replica>>,
+    /// Master: whether a slave ever fetched from it in this run (one may
+    /// then serve its groups while it is down).
+    had_replicas: std::sync::atomic::AtomicBool,
     /// Master: the position held by enough slaves (never moves back).
     confirmed: watch::Sender<u64>,
     /// Slave: what it knows of its master.
@@ -185,6 +188,7 @@ impl Replication {
         Replication {
             config,
             replicas: Mutex::new(HashMap::new()),
+            had_replicas: std::sync::atomic::AtomicBool::new(false),
             confirmed: watch::channel(0).0,
             slave: Mutex::new(SlaveStatus::default()),
             kept_offsets: DashMap::new(),
@@ -267,6 +271,11 @@ impl Replication {
             ));
         }
         None
+    }
+
+    /// Whether a slave ever fetched from this master in this run.
+    pub(crate) fn had_replicas(&self) -> bool {
+        self.had_replicas.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn replicas(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Replica>> {
@@ -609,6 +618,8 @@ pub(crate) async fn fetch(
         let mut replicas = rep.replicas();
         let r = replicas.entry(conn.id()).or_insert_with(|| {
             tracing::info!(slave = %req.addr, from = req.from, "slave connected");
+            rep.had_replicas
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             Replica {
                 addr: req.addr.clone(),
                 acked: req.from,

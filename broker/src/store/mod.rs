@@ -1457,6 +1457,17 @@ impl Store {
         Ok(())
     }
 
+    /// (group, topic, queue) of every committed offset, internal groups
+    /// (`%...`) left out.
+    pub fn committed_queues(&self) -> Vec<(String, String, u32)> {
+        self.inner
+            .offsets
+            .iter()
+            .filter(|e| !e.key().0.starts_with('%'))
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
     /// (group, topic) of every committed offset, internal groups (`%...`) left out.
     pub fn committed_groups(&self) -> Vec<(String, String)> {
         let set: std::collections::BTreeSet<(String, String)> = self

@@ -807,7 +807,13 @@ async fn commit(shared: &Shared) -> Result<()> {
             }
             Err(e) => return Err(Error::at_broker(&key.broker_name, &target.addr, e)),
         }
-        shared.offsets().committed(&key, offset);
+        let mut offsets = shared.offsets();
+        // Not when the queue's topic changed while the commit was on its
+        // way (its positions start anew).
+        if offsets.generation(&key) == generation {
+            offsets.committed(&key, offset);
+        }
+        drop(offsets);
         tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, offset, slave = target.slave, "committed");
         Ok(())
     }))
