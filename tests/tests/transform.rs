@@ -497,3 +497,42 @@ async fn a_pipeline_killed_at_random_makes_exactly_one_output_per_input() {
     drop(broker);
     c.shutdown().await;
 }
+
+/// The topic a pending transaction commits consumed offsets of is not
+/// deleted (BUSY) unless forced, which rolls the transaction back: its
+/// commit stored those offsets in the topic made again under the name,
+/// past messages nobody had read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_whose_offsets_a_pending_transaction_commits_is_not_deleted() {
+    let c = Cluster::start(txmq_broker::FlushMode::Async).await;
+    let ns = c.nameserver.clone();
+    create_topic(&ns, "in-del", 1).await;
+    create_topic(&ns, "out-del", 1).await;
+    send_inputs(&c, "in-del", 2).await;
+    let inputs = read_uncommitted(&ns, "transform", "in-del", 2).await;
+    let producer = tx_producer(&ns).await;
+    // Left pending: its local result is unknown and nobody answers.
+    let outcome = producer
+        .send_in_transaction_with_offsets(
+            vec![Message::new("out-del", "unknown")],
+            vec![ConsumedOffset::after("transform", &inputs[1])],
+        )
+        .await
+        .expect("prepared");
+    assert!(outcome.pending(), "{:?}", outcome.end);
+    let admin = c.admin().await;
+    let e = admin
+        .delete_topic("in-del", false, None)
+        .await
+        .expect_err("a pending transaction commits offsets of it");
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+    let deleted = admin
+        .delete_topic("in-del", true, None)
+        .await
+        .expect("forced");
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(committed(&ns, "transform", "in-del", 0).await, None);
+    admin.close().await.unwrap();
+    producer.close().await.ok();
+    c.shutdown().await;
+}

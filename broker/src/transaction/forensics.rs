@@ -298,7 +298,7 @@ impl Transactions {
     }
 
     /// Pending (prepared or parked) transactions with a half message for
-    /// `topic`, by id.
+    /// `topic`, or that commit consumed offsets of it, by id.
     pub(crate) fn pending_on_topic(&self, topic: &str) -> Vec<u64> {
         let all: Vec<(u64, Halves)> = lock(&self.table)
             .pending
@@ -308,8 +308,18 @@ impl Transactions {
         // Read after the lock is released.
         all.into_iter()
             .filter(|(_, halves)| {
-                self.read_halves_raw(*halves)
-                    .is_some_and(|h| h.iter().any(|(_, m)| m.topic == topic))
+                // Its messages' topic, or a topic whose consumed offsets
+                // it commits (they would land in a topic made again under
+                // the name).
+                self.read_halves_raw(*halves).is_some_and(|h| {
+                    h.iter().any(|(_, m)| {
+                        m.topic == topic
+                            || m.properties
+                                .get(super::offsets::PROP_OFFSETS)
+                                .and_then(|v| super::offsets::decode(v))
+                                .is_some_and(|o| o.iter().any(|o| o.topic == topic))
+                    })
+                })
             })
             .map(|(id, _)| id)
             .collect()
