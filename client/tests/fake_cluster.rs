@@ -222,6 +222,7 @@ impl State {
                     min_offset: 0,
                     max_offset: max,
                     since_offset: None,
+                    topic_generation: 0,
                 })
             }
             other => {

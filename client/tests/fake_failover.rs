@@ -125,6 +125,7 @@ impl Broker {
                 min_offset: 0,
                 max_offset: 0,
                 since_offset: None,
+                topic_generation: 0,
             }),
             other => {
                 return Err(WireError::new(ErrorCode::UnsupportedRequest, other.kind()));

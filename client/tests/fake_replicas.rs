@@ -246,12 +246,14 @@ impl Node {
                 min_offset: 0,
                 max_offset: 0,
                 since_offset: None,
+                topic_generation: 0,
             }),
             Request::QueryOffset(q) => Response::QueryOffset(QueueOffsets {
                 committed: lock(&self.store.offsets).get(&(q.group, q.queue)).copied(),
                 min_offset: 0,
                 max_offset: self.store.len(q.queue) as u64,
                 since_offset: None,
+                topic_generation: 0,
             }),
             Request::CommitOffset(c) if c.topic != TOPIC => Response::CommitOffset(Done {}),
             Request::CommitOffset(c) => {

@@ -661,6 +661,10 @@ pub struct QueueOffsets {
     /// or after that time (`max_offset` when none is).
     #[serde(default)]
     pub since_offset: Option<u64>,
+    /// Which topic of the name these are of ([`PullResult::topic_generation`]):
+    /// a reader starting here compares its first pull's answer with it.
+    #[serde(default)]
+    pub topic_generation: u64,
 }
 
 /// One half message of a transaction and the queue it is meant for.

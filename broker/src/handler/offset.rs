@@ -136,6 +136,8 @@ pub(super) fn query(b: &BrokerInner, req: QueryOffset) -> Result<QueueOffsets, W
         .store
         .queue(&req.topic, req.queue)
         .ok_or_else(|| super::unknown_topic(b, &req.topic))?;
+    // Read after the queue, as a pull does.
+    let topic_generation = b.store.topic_generation(&req.topic);
     let (min_offset, max_offset) = (q.min_offset(), q.max_offset());
     let since_offset = match req.stored_since_ms {
         Some(ts) => Some(super::group::first_at_or_after(
@@ -148,5 +150,6 @@ pub(super) fn query(b: &BrokerInner, req: QueryOffset) -> Result<QueueOffsets, W
         min_offset,
         max_offset,
         since_offset,
+        topic_generation,
     })
 }

@@ -51,6 +51,16 @@ pub(crate) struct Trail {
 }
 
 impl Trail {
+    /// The trail of a reader starting on a queue of topic `generation`
+    /// (as the broker's offsets answer named it): its first pull is
+    /// checked against it.
+    pub(crate) fn of_generation(generation: u64) -> Trail {
+        Trail {
+            generation: Some(generation),
+            ..Trail::default()
+        }
+    }
+
     /// The topic generation to name in a commit of what was read.
     pub(crate) fn generation(&self) -> Option<u64> {
         self.generation

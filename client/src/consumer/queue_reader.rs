@@ -41,7 +41,11 @@ pub(crate) async fn run(
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
-    let mut trail = Trail::default();
+    // A start asked for before (`initial_offset`) is of the topic it named.
+    let mut trail = shared
+        .offsets()
+        .generation(&key)
+        .map_or_else(Trail::default, Trail::of_generation);
     loop {
         if shared.unreadable.borrow().contains(&*key) {
             // The route lists the queue as not readable: no pull until it
@@ -116,11 +120,12 @@ async fn pull_once(
     let start = match *offset {
         Some(o) => o,
         None => {
-            // A position asked for afresh has no last message yet.
-            *trail = Trail::default();
-            let o = query_start(shared, conn, key, from)
+            // A position asked for afresh has no last message yet; its
+            // first pull is checked against the topic it was asked of.
+            let (o, generation) = query_start(shared, conn, key, from)
                 .await
                 .map_err(at_broker)?;
+            *trail = Trail::of_generation(generation);
             *offset = Some(o);
             o
         }
@@ -184,7 +189,7 @@ async fn query_start(
     conn: &Connection,
     key: &QueueKey,
     from: ConsumeFrom,
-) -> Result<u64, txmq_remoting::Error> {
+) -> Result<(u64, u64), txmq_remoting::Error> {
     let mut request = query(shared, key);
     if from == ConsumeFrom::Last {
         // "From last" is "stored since the consumer started", also on a
@@ -199,9 +204,14 @@ async fn query_start(
         from,
         q.since_offset,
     );
-    shared.offsets().started(key, q.committed, start);
+    {
+        let mut offsets = shared.offsets();
+        // First: a start in another topic of the name begins anew.
+        offsets.read_from(key, Some(q.topic_generation));
+        offsets.started(key, q.committed, start);
+    }
     tracing::debug!(topic = %shared.topic, broker = %key.broker_name, queue = key.queue, committed = ?q.committed, start, "starting queue");
-    Ok(start)
+    Ok((start, q.topic_generation))
 }
 
 /// The start offset of `key`, asked before the consumer's `build` returns
@@ -217,5 +227,6 @@ pub(crate) async fn initial_offset(
     let target = shared.connect(key).await?;
     query_start(shared, &target.conn, key, from)
         .await
+        .map(|(start, _)| start)
         .map_err(|e| Error::at_broker(&key.broker_name, &target.addr, e))
 }

@@ -135,17 +135,27 @@ pub(crate) async fn run<H: MessageHandler>(
     shared.rebalance.notify_one();
 }
 
-async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>)> {
+/// Where the member starts on `key`: the offset, the group's committed
+/// offset, and the topic generation the broker named (`None` for a
+/// broadcasting member going on from its own position).
+async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>, Option<u64>)> {
     if shared.settings.broadcast {
         if let Some(o) = lock(&shared.local_offsets).get(key) {
-            return Ok((*o, Some(*o)));
+            return Ok((*o, Some(*o), None));
         }
     }
     let target = shared.connect(&key.broker_name).await?;
+    // A retry topic is always read from its start: a message handed back
+    // before this member first looked must not be skipped.
+    let from = if key.topic.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) {
+        ConsumeFrom::First
+    } else {
+        shared.settings.from
+    };
     // "From last" is "stored since the consumer started", also on a queue
     // assigned later (a broker added or back, a rebalance, a topic made
     // again): its end then skipped what came meanwhile, for good.
-    let stored_since_ms = (shared.settings.from == ConsumeFrom::Last).then_some(shared.started_ms);
+    let stored_since_ms = (from == ConsumeFrom::Last).then_some(shared.started_ms);
     let q = target
         .conn
         .call(QueryOffset {
@@ -161,15 +171,8 @@ async fn start<H>(shared: &Shared<H>, key: &QueueId) -> Result<(u64, Option<u64>
     } else {
         q.committed
     };
-    // A retry topic is always read from its start: a message handed back
-    // before this member first looked must not be skipped.
-    let from = if key.topic.starts_with(txmq_protocol::RETRY_TOPIC_PREFIX) {
-        ConsumeFrom::First
-    } else {
-        shared.settings.from
-    };
     let from = start_offset(committed, q.min_offset, q.max_offset, from, q.since_offset);
-    Ok((from, committed))
+    Ok((from, committed, Some(q.topic_generation)))
 }
 
 async fn consume<H: MessageHandler>(
@@ -180,7 +183,7 @@ async fn consume<H: MessageHandler>(
 ) -> Result<()> {
     let settings = &shared.settings;
     let mut backoff = MIN_BACKOFF;
-    let (first, committed) = loop {
+    let (first, committed, generation) = loop {
         match start(shared, key).await {
             Ok(s) => break s,
             Err(e) => {
@@ -195,7 +198,8 @@ async fn consume<H: MessageHandler>(
     };
     let mut progress = Progress::new(first, committed);
     // A group without an offset here fixes where it starts.
-    if committed.is_none() && commit(shared, key, &mut progress, None).await == Committed::NotOwner
+    if committed.is_none()
+        && commit(shared, key, &mut progress, generation).await == Committed::NotOwner
     {
         return Ok(());
     }
@@ -216,7 +220,8 @@ async fn consume<H: MessageHandler>(
     // The tick's commit runs beside the handlers, so that a broker that
     // does not answer stalls neither them nor the fence.
     let mut committing = None;
-    let mut trail = Trail::default();
+    // The first pull is checked against the topic the start was asked of.
+    let mut trail = generation.map_or_else(Trail::default, Trail::of_generation);
     let mut tick = tokio::time::interval(settings.commit_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
