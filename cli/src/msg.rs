@@ -244,18 +244,24 @@ fn print_found(
             }
         }
     }
+    // Could not say, as a broker that did not answer; but it did answer.
+    let cannot_say = !no_index.is_empty();
     if found.is_empty() {
-        // Could not say, as a broker that did not answer.
         unasked += no_index.len();
         failed.append(&mut no_index);
     }
     if found.is_empty() {
         if answered == 0 && unasked > 0 && unasked == failed.len() {
             // Nothing says the message is not there: say what failed.
+            let (code, what) = if cannot_say {
+                (exit::PARTIAL, "could not say")
+            } else {
+                (exit::FAILURE, "did not answer")
+            };
             return Err(exit::with_code(
-                exit::FAILURE,
+                code,
                 format!(
-                    "could not look for it: {} broker(s) did not answer: {}",
+                    "could not look for it: {} broker(s) {what}: {}",
                     failed.len(),
                     failed.join("; ")
                 ),
@@ -278,7 +284,13 @@ fn print_found(
             true => none(),
             false => format!("{}; {}", none(), failed.join("; ")),
         };
-        return Err(exit::with_code(exit::FAILURE, text));
+        // A broker without an index leaves the answer open.
+        let code = if cannot_say {
+            exit::PARTIAL
+        } else {
+            exit::FAILURE
+        };
+        return Err(exit::with_code(code, text));
     }
     match (printer.format, detailed) {
         (OutputFormat::Json, _) => {

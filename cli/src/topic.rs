@@ -197,10 +197,11 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
             }
             if deleted.is_empty() {
                 admin.close().await.ok();
+                // Each passed the check; one that timed out may have
+                // deleted it all the same.
                 let (_, _, e) = failed.into_iter().next().expect("a broker was asked");
-                return Err(
-                    anyhow::Error::from(e).context(format!("topic {topic} deleted on no broker"))
-                );
+                return Err(anyhow::Error::from(e)
+                    .context(format!("topic {topic} not confirmed deleted on any broker")));
             }
             for d in &deleted {
                 match printer.format {
@@ -217,16 +218,26 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                     }))?,
                 }
             }
-            // Failed between the check and the delete: say where it stays.
-            let missing = crate::group::Missing(
-                failed
-                    .into_iter()
-                    .map(|(b, addr, e)| (b, addr, crate::output::error_text(&e.into())))
-                    .collect(),
-            );
-            let partly = missing.finish(&printer, deleted.len(), "delete the topic on");
+            // Failed between the check and the delete: name them.
+            let names: Vec<String> = failed.iter().map(|(b, _, _)| b.clone()).collect();
+            for (b, addr, e) in failed {
+                let error = crate::output::error_text(&e.into());
+                stderr!(
+                    "warning: topic {topic} not confirmed deleted on broker {b} ({addr}): {error}"
+                );
+            }
             admin.close().await.ok();
-            return partly;
+            if !names.is_empty() {
+                return Err(crate::exit::with_code(
+                    crate::exit::PARTIAL,
+                    format!(
+                        "topic {topic} not confirmed deleted on {} broker(s): {}",
+                        names.len(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            return Ok(());
         }
         TopicCommand::Status { topic, broker } => {
             // The brokers that answer are shown; one that does not is named

@@ -601,6 +601,36 @@ async fn a_broker_without_a_message_index_cannot_say_and_is_not_a_failure() {
         3,
         "could not say: broker-c",
     );
-    drop((a, c));
+    // A topic only broker-c has: broker-a's "no such topic" does not
+    // settle it either.
+    ok(&txmq(
+        &ns,
+        &[
+            "topic", "create", "onlyc", "--queues", "1", "--broker", "broker-c",
+        ],
+        None,
+    )
+    .await);
+    wait_for_route(&ns, "onlyc", &["broker-c"]).await;
+    failed_with(
+        &txmq(
+            &ns,
+            &["msg", "find", "--topic", "onlyc", "--key", "k1"],
+            None,
+        )
+        .await,
+        3,
+        "broker-c",
+    );
+    // broker-a gone: none can say; exit 3, not "did not answer" (exit 1),
+    // since broker-c did answer.
+    drop(a);
+    let err = failed_with(
+        &txmq(&ns, &["msg", "show", &nowhere], None).await,
+        3,
+        "could not look for it: ",
+    );
+    assert!(err.contains("could not say"), "{err}");
+    drop(c);
     cluster.shutdown().await;
 }

@@ -672,7 +672,10 @@ impl PullConsumer {
     /// Stores the group's offset of every queue that `poll` handed messages
     /// out from since the last commit: the position after the last one (and
     /// the start position of queues where the group had no offset yet).
-    /// Call it after processing what `poll` returned.
+    /// Call it after processing what `poll` returned. Positions of
+    /// messages read from a topic deleted since (and maybe made again
+    /// under its name) are dropped, not committed: they mean nothing in
+    /// the new topic, and that is not an error.
     ///
     /// # Errors
     /// The first failure among the queues' commits; the others are still
