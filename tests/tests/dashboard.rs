@@ -1133,6 +1133,16 @@ fn a_dashboard_started_before_its_nameserver_says_so_and_serves_once_it_answers(
             "reload this page",
         ]);
     }
+    // The API answers JSON, not a page.
+    let api = v.get("/api/overview");
+    assert_eq!(api.status, 503, "{}", api.body);
+    let v_json: serde_json::Value = serde_json::from_str(&api.body).expect("JSON");
+    assert!(
+        v_json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot reach the nameservers yet")),
+        "{v_json}"
+    );
     let _nameserver = NameserverProcess::start(&ns, &[], &dir.path().join("nameserver.log"));
     let _broker = BrokerProcess::start(&dir.path().join("broker"), &ns, "broker-a", &[]);
     wait_until("the dashboard lists the broker", || {

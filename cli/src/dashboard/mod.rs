@@ -316,6 +316,14 @@ async fn guard(State(app): State<AppState>, req: Request, next: Next) -> Respons
     let public = path == "/login" || path.starts_with("/assets/");
     if ctx.admin.is_none() && !public {
         let response = match app.waiting() {
+            // A script reading the API gets JSON, not a page.
+            Some(why) if path.starts_with("/api/") => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({
+                    "error": format!("the dashboard cannot reach the nameservers yet: {why}"),
+                })),
+            )
+                .into_response(),
             Some(why) => html::error_page(
                 &ctx,
                 StatusCode::SERVICE_UNAVAILABLE,
