@@ -237,6 +237,16 @@ pub fn parse_consumer_group(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Parses a topic name as the brokers take it (a name no topic can have
+/// is a usage error, not an unknown topic on each broker).
+///
+/// # Errors
+/// What is wrong with the name, shown by clap.
+pub fn parse_topic_name(s: &str) -> Result<String, String> {
+    txmq::validate_topic_name(s)?;
+    Ok(s.to_string())
+}
+
 /// Parses durations written like `500ms`, `6s`, `2m`, `1h 30m`.
 ///
 /// # Errors

@@ -34,6 +34,7 @@ pub enum TopicCommand {
     /// Show which brokers serve a topic, with their queues.
     Route {
         /// The topic name.
+        #[arg(value_parser = crate::args::parse_topic_name)]
         topic: String,
     },
     /// Delete a topic: its configuration and routes, its consume queues and
@@ -42,6 +43,7 @@ pub enum TopicCommand {
     /// is pending, unless --force.
     Delete {
         /// The topic name.
+        #[arg(value_parser = crate::args::parse_topic_name)]
         topic: String,
         /// Delete even while transactions with half messages for it are pending.
         #[arg(long)]
@@ -54,6 +56,7 @@ pub enum TopicCommand {
     /// was stored.
     Status {
         /// The topic name.
+        #[arg(value_parser = crate::args::parse_topic_name)]
         topic: String,
         /// Only this broker (a broker name or address).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]

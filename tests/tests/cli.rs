@@ -1023,6 +1023,19 @@ async fn refused_requests_print_the_error_code_and_exit_non_zero() {
 
     let err = failed(&txmq(ns, &["topic", "route", "ghost"], None).await);
     assert!(err.contains("NO_ROUTE") && err.contains("ghost"), "{err}");
+    // A name no topic can have is a usage error, not each broker's
+    // UNKNOWN_TOPIC.
+    for args in [
+        &["topic", "status", ""][..],
+        &["topic", "status", "a/b"],
+        &["topic", "delete", ""],
+        &["topic", "route", "a b"],
+    ] {
+        let o = txmq(ns, args, None).await;
+        let err = failed(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("topic name"), "{args:?}: {err}");
+    }
 
     let err = failed(&txmq(ns, &["topic", "create", "bad/name"], None).await);
     assert!(
