@@ -115,6 +115,18 @@ pub(crate) async fn send_back(
     conn: Option<&Connection>,
     req: SendBack,
 ) -> Result<SentBack, WireError> {
+    send_back_delivered(b, conn, req, None).await
+}
+
+/// As [`send_back`]; `delivered`: how many times the group was handed the
+/// message (a pop consumer's attempts, which no retry copy counted), in
+/// place of what its reconsume-times property says.
+pub(crate) async fn send_back_delivered(
+    b: &BrokerInner,
+    conn: Option<&Connection>,
+    req: SendBack,
+    delivered: Option<u32>,
+) -> Result<SentBack, WireError> {
     super::offset::validate_retrying_group(&req.group)?;
     let (mut message, queue) = match req.message {
         // The consumer's copy, for a record that is gone.
@@ -165,10 +177,13 @@ pub(crate) async fn send_back(
         }
     };
     let props = &mut message.properties;
-    let reconsumed: u32 = props
-        .get(PROPERTY_RECONSUME_TIMES)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let reconsumed: u32 = match delivered {
+        Some(d) => d.saturating_sub(1),
+        None => props
+            .get(PROPERTY_RECONSUME_TIMES)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    };
     let attempt = reconsumed.saturating_add(1);
     if !props.contains_key(PROPERTY_REAL_TOPIC) {
         props.insert(PROPERTY_REAL_TOPIC.into(), message.topic.clone());

@@ -375,7 +375,16 @@ async fn receive_once(
                 continue;
             };
             if d.attempt > r.max_attempts {
-                let a = dead_letter(b, &key, handle, message, r.max_attempts).await?;
+                // This attempt is not made: the ones before it were.
+                let a = dead_letter(
+                    b,
+                    &key,
+                    handle,
+                    message,
+                    r.max_attempts,
+                    d.attempt.saturating_sub(1),
+                )
+                .await?;
                 end = end.max(a);
                 continue;
             }
@@ -421,12 +430,15 @@ fn read_offsets(
 /// Copies `message` to the group's dead-letter topic (through the same
 /// code as a handed-back message), then acknowledges its delivery as
 /// dead. Returns the end of the acknowledgement's record.
+/// `delivered`: how many times the group was handed it (its copy's
+/// reconsume times say so, as a push consumer's dead letter's do).
 async fn dead_letter(
     b: &BrokerInner,
     key: &PopKey,
     handle: Handle,
     message: &StoredMessage,
     max_attempts: u32,
+    delivered: u32,
 ) -> Result<u64, WireError> {
     let back = SendBack {
         group: key.0.clone(),
@@ -437,7 +449,7 @@ async fn dead_letter(
         msg_id: Some(message.message.msg_id),
         message: None,
     };
-    crate::handler::group::send_back(b, None, back).await?;
+    crate::handler::group::send_back_delivered(b, None, back, Some(delivered)).await?;
     let a = b
         .store
         .pop_ack(key.clone(), handle.offset, handle.receipt, true)
@@ -548,8 +560,8 @@ pub(crate) async fn forward_to_dead_letters(
         .store
         .pop_queue(&key)
         .and_then(|q| q.in_flight.get(&h.offset).copied());
-    match in_flight {
-        Some(f) if f.receipt == h.receipt => {}
+    let delivered = match in_flight {
+        Some(f) if f.receipt == h.receipt => f.attempt,
         Some(f) => {
             let stale = crate::store::pop::Stale::Superseded { current: f.receipt };
             return Err(WireError::new(
@@ -564,12 +576,12 @@ pub(crate) async fn forward_to_dead_letters(
                 crate::store::pop::describe(&stale, &key, h.offset),
             ));
         }
-    }
+    };
     let message = read_offsets(b, topic, h.queue, std::iter::once(h.offset))?
         .into_iter()
         .next();
     let end = match message {
-        Some(m) => dead_letter(b, &key, h, &m, max_attempts).await?,
+        Some(m) => dead_letter(b, &key, h, &m, max_attempts, delivered).await?,
         None => {
             // Gone by retention: nothing to copy; it leaves the group.
             b.store

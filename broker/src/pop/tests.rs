@@ -326,6 +326,59 @@ async fn past_max_attempts_and_on_request_messages_go_to_the_dead_letter_topic()
     broker.shutdown().await;
 }
 
+/// A dead letter says how many times the group was handed the message
+/// (its reconsume times), as a push consumer's does: a pop consumer's
+/// attempts were counted nowhere else, so every such letter said 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_counts_the_deliveries_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, b) = start(dir.path()).await;
+    setup(&b).await;
+    send(&b, 0, "poison").await;
+    send(&b, 1, "unwanted").await;
+    let twice = ReceiveRequest {
+        max_attempts: 2,
+        ..request(32, Duration::from_secs(1), Duration::from_millis(400))
+    };
+    // Two deliveries of each; "unwanted" is forwarded by the client at its
+    // second, "poison" goes when its third attempt is due.
+    for attempt in 1..=2 {
+        let got = receive(&b, twice.clone()).await.unwrap();
+        assert_eq!(got.len(), 2, "attempt {attempt}");
+        if attempt == 2 {
+            let u = got.iter().find(|r| body(r) == "unwanted").unwrap();
+            forward_to_dead_letters(&b, "g", "orders", &u.handle, 2)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let none = receive(&b, twice.clone()).await.unwrap();
+    assert!(none.is_empty(), "poison is dead-lettered, not delivered");
+    let dlq = dlq_topic("g");
+    let letters = b.store.read(&dlq, 0, 0, 10, 1 << 20).unwrap().messages;
+    let times: std::collections::BTreeMap<String, String> = letters
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8(m.message.body.to_vec()).unwrap(),
+                m.message.properties[txmq_protocol::PROPERTY_RECONSUME_TIMES].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        times.get("poison").map(String::as_str),
+        Some("2"),
+        "{times:?}"
+    );
+    assert_eq!(
+        times.get("unwanted").map(String::as_str),
+        Some("2"),
+        "{times:?}"
+    );
+    broker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_broker_keeps_messages_hidden_and_acked_ones_gone() {
     let dir = tempfile::tempdir().unwrap();
