@@ -187,6 +187,10 @@ pub async fn run(global: &GlobalArgs, cmd: TopicCommand) -> Result<()> {
                 Ok(a) => a,
                 Err(e) => {
                     admin.close().await.ok();
+                    // No broker has it: nothing to say about deleting.
+                    if e.code() == Some(txmq::ErrorCode::UnknownTopic) {
+                        return Err(e.into());
+                    }
                     return Err(anyhow::Error::from(e)
                         .context(format!("topic {topic} deleted on no broker")));
                 }
