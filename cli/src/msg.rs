@@ -60,10 +60,14 @@ pub enum MsgCommand {
         #[arg(long)]
         offset: u64,
         /// How many messages (1 to 1024).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_GET_COUNT)))]
         count: u32,
     },
 }
+
+/// The most messages `msg get --count` reads (the broker's lookup
+/// maximum); the dashboard's lookup by offset takes as many.
+pub(crate) const MAX_GET_COUNT: u32 = 1024;
 
 /// A key to find: one word, as the index holds a message's keys.
 fn parse_key_word(s: &str) -> Result<String, String> {
@@ -338,8 +342,9 @@ fn offset_text(m: &FoundMessage) -> String {
     m.queue_offset.map_or("-".into(), |o| o.to_string())
 }
 
-/// A body on one line: UTF-8 with control characters escaped, else base64.
-fn body_line(body: &[u8]) -> String {
+/// A body on one line: UTF-8 with control characters escaped, else base64
+/// (`(base64) //4AYWJj`). The dashboard shows bodies the same way.
+pub(crate) fn body_line(body: &[u8]) -> String {
     match body_field(body) {
         ("body", text) => one_line(&text),
         (_, b64) => format!("(base64) {b64}"),

@@ -164,7 +164,7 @@ pub async fn show(
                         .get(txmq::PROPERTY_REAL_TOPIC)
                         .cloned()
                         .unwrap_or_default();
-                    let preview: String = String::from_utf8_lossy(&msg.body).chars().take(80).collect();
+                    let preview = super::messages::body_preview(&msg.body);
                     (
                         format!("data-msg-id=\"{}\"", msg.msg_id),
                         vec![

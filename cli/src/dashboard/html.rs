@@ -9,7 +9,9 @@ use axum::response::{Html, IntoResponse, Response};
 use super::Ctx;
 
 /// `s` with `& < > " '` escaped: safe in element text and in quoted
-/// attribute values. Every piece of user or cluster data goes through it.
+/// attribute values; control characters other than newline and tab are
+/// written as the command line writes them (`\u{0}`, `\u{1b}`), never raw.
+/// Every piece of user or cluster data goes through it.
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -19,6 +21,9 @@ pub fn esc(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
+            // A control character is no text (a NUL is not even allowed
+            // in a page): written escaped, as the command line writes it.
+            c if c.is_control() && c != '\n' && c != '\t' => out.extend(c.escape_default()),
             c => out.push(c),
         }
     }
@@ -248,6 +253,7 @@ mod tests {
             esc("<script>alert('x')</script> & \"q\""),
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
         );
+        assert_eq!(esc("a\0b\x1b[1m\r\nc\td"), "a\\u{0}b\\u{1b}[1m\\r\nc\td");
         assert_eq!(url("a b/c%d?e&f"), "a%20b%2Fc%25d%3Fe%26f");
         assert_eq!(url("%DLQ%g-1"), "%25DLQ%25g-1");
     }

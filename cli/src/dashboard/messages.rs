@@ -16,12 +16,23 @@ use super::Ctx;
 
 type Answers = Vec<txmq::admin::BrokerAnswer<FoundMessages>>;
 
+/// How many messages a lookup by offset reads when the form leaves the
+/// count out.
+const DEFAULT_COUNT: u64 = 10;
+/// The most a lookup by offset reads: what `txmq msg get --count` takes.
+const MAX_COUNT: u64 = crate::msg::MAX_GET_COUNT as u64;
+
 fn field<'a>(q: &'a HashMap<String, String>, name: &str) -> &'a str {
     q.get(name).map(|s| s.trim()).unwrap_or("")
 }
 
 fn forms(q: &HashMap<String, String>) -> String {
     let v = |name: &str| esc(field(q, name));
+    // A field left empty shows the value it stands for.
+    let or_default = |name: &str, default: u64| match field(q, name) {
+        "" => default.to_string(),
+        _ => v(name),
+    };
     format!(
         "<form id=\"by-id\" class=\"inline\" method=\"get\" action=\"/messages\"><input type=\"hidden\" name=\"by\" value=\"id\">\
 <label>Message id <input name=\"id\" value=\"{}\" size=\"34\" placeholder=\"32 hex digits\"></label><button type=\"submit\" id=\"by-id-submit\">Show</button></form>\
@@ -31,7 +42,7 @@ fn forms(q: &HashMap<String, String>) -> String {
 <button type=\"submit\" id=\"by-key-submit\">Find</button></form>\
 <form id=\"by-offset\" class=\"inline\" method=\"get\" action=\"/messages\"><input type=\"hidden\" name=\"by\" value=\"offset\">\
 <label>Topic <input name=\"topic\" value=\"{}\"></label><label>Queue <input name=\"queue\" type=\"number\" min=\"0\" value=\"{}\"></label>\
-<label>Offset <input name=\"offset\" type=\"number\" min=\"0\" value=\"{}\"></label><label>Count <input name=\"count\" type=\"number\" min=\"1\" max=\"100\" value=\"{}\"></label>\
+<label>Offset <input name=\"offset\" type=\"number\" min=\"0\" value=\"{}\"></label><label>Count <input name=\"count\" type=\"number\" min=\"1\" max=\"{MAX_COUNT}\" value=\"{}\"></label>\
 <button type=\"submit\" id=\"by-offset-submit\">Get</button></form>",
         v("id"),
         if field(q, "by") == "key" { v("topic") } else { String::new() },
@@ -39,9 +50,9 @@ fn forms(q: &HashMap<String, String>) -> String {
         v("since"),
         v("until"),
         if field(q, "by") == "offset" { v("topic") } else { String::new() },
-        if q.contains_key("queue") { v("queue") } else { "0".into() },
-        if q.contains_key("offset") { v("offset") } else { "0".into() },
-        if q.contains_key("count") { v("count") } else { "10".into() },
+        or_default("queue", 0),
+        or_default("offset", 0),
+        or_default("count", DEFAULT_COUNT),
     )
 }
 
@@ -63,7 +74,7 @@ fn results(found: &[(String, FoundMessage)]) -> String {
         .iter()
         .map(|(broker, f)| {
             let m = &f.message;
-            let preview: String = String::from_utf8_lossy(&m.body).chars().take(80).collect();
+            let preview = body_preview(&m.body);
             (
                 format!("data-msg-id=\"{}\"", m.msg_id),
                 vec![
@@ -149,21 +160,31 @@ pub async fn search(
             if let Err(e) = txmq::validate_topic_name(topic) {
                 return bad(&ctx, &body, e.to_string());
             }
-            let number = |name: &str| {
-                field(&q, name)
+            // A field left empty (or out) takes the form's default.
+            let number = |name: &str, default: u64| match field(&q, name) {
+                "" => Ok(default),
+                s => s
                     .parse::<u64>()
-                    .map_err(|_| format!("{name} {:?} is not a whole number", field(&q, name)))
+                    .map_err(|_| format!("{name} {s:?} is not a whole number")),
             };
-            let (queue, offset, count) = match (number("queue"), number("offset"), number("count"))
-            {
+            let (queue, offset, count) = match (
+                number("queue", 0),
+                number("offset", 0),
+                number("count", DEFAULT_COUNT),
+            ) {
                 (Ok(queue), Ok(offset), Ok(count)) => (queue, offset, count),
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(&ctx, &body, e),
             };
-            if count == 0 {
-                return bad(&ctx, &body, "count must be at least 1".to_string());
+            // Refused as `txmq msg get --count` refuses it, not cut to
+            // fewer than asked for.
+            if !(1..=MAX_COUNT).contains(&count) {
+                return bad(
+                    &ctx,
+                    &body,
+                    format!("count {count} is out of range: 1 to {MAX_COUNT}"),
+                );
             }
-            let (Ok(queue), Ok(count)) = (u32::try_from(queue), u32::try_from(count.min(100)))
-            else {
+            let (Ok(queue), Ok(count)) = (u32::try_from(queue), u32::try_from(count)) else {
                 return bad(&ctx, &body, format!("queue {queue} is out of range"));
             };
             match admin.messages_at(topic, queue, offset, count).await {
@@ -208,6 +229,23 @@ enum View {
     Hex,
 }
 
+/// A body in a cell of a list: on one line, as `txmq msg show` prints it
+/// (UTF-8 with its control characters escaped, else `(base64) ...`), cut
+/// to 80 characters.
+pub(super) fn body_preview(body: &[u8]) -> String {
+    crate::msg::body_line(body).chars().take(80).collect()
+}
+
+/// A body as text: UTF-8 as it is (lines and tabs kept; [`esc`] writes
+/// its other control characters escaped), else as `txmq msg show` prints
+/// a body that is no text (`(base64) ...`).
+pub(super) fn body_text(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(text) => text.to_string(),
+        Err(_) => crate::msg::body_line(body),
+    }
+}
+
 /// The body as the view shows it; the default view is JSON for a JSON
 /// body, text for other UTF-8, hex for the rest.
 fn render_body(body: &[u8], view: Option<View>) -> (View, String) {
@@ -223,7 +261,7 @@ fn render_body(body: &[u8], view: Option<View>) -> (View, String) {
             Some(v) => serde_json::to_string_pretty(v).unwrap_or_default(),
             None => "(not JSON)".into(),
         },
-        View::Text => String::from_utf8_lossy(body).into_owned(),
+        View::Text => body_text(body),
         View::Hex => {
             let mut out = String::with_capacity(body.len() * 3);
             for (i, chunk) in body.chunks(16).enumerate() {
@@ -386,5 +424,15 @@ mod tests {
         assert_eq!(v, View::Hex);
         assert!(s.starts_with("00000000  ff 00 41"), "{s}");
         assert_eq!(render_body(b"hello", Some(View::Hex)).0, View::Hex);
+        // Not UTF-8: as `txmq msg show` prints it, not with U+FFFD and a
+        // raw NUL.
+        assert_eq!(
+            render_body(b"\xff\xfe\x00abc\n", Some(View::Text)).1,
+            "(base64) //4AYWJjCg=="
+        );
+        let (_, s) = render_body(b"a\x00b\tc\nd", Some(View::Text));
+        assert_eq!(esc(&s), "a\\u{0}b\tc\nd");
+        assert_eq!(body_preview(b"a\nb\x00"), "a\\nb\\u{0}");
+        assert_eq!(body_preview(&[b'x'; 200]).len(), 80);
     }
 }

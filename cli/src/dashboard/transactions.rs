@@ -316,7 +316,7 @@ pub async fn show(
             m.queue,
             esc(msg.key.as_deref().unwrap_or("—")),
             esc(msg.tag.as_deref().unwrap_or("—")),
-            esc(&String::from_utf8_lossy(&msg.body)),
+            esc(&super::messages::body_text(&msg.body)),
             id_s = msg.msg_id,
         );
         let rows: Vec<_> = msg
