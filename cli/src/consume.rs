@@ -180,9 +180,16 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             }
         };
         last_message = Instant::now();
-        // On failure, return without committing: dropping the consumer
-        // stops it, and what was not committed comes again.
-        print_message(&printer, &m)?;
+        if let Err(e) = print_message(&printer, &m) {
+            // Standard output is closed (`| head`) or full: the end of
+            // this consume, as Ctrl-C would be. This message is never
+            // finished, so it comes again; the ones printed before are
+            // committed, and the member leaves its group so that the next
+            // consumer reads at once instead of after the member's expiry.
+            drop((m, done));
+            let _ = consumer.shutdown().await;
+            return Err(e);
+        }
         printed += 1;
         let _ = done.send(());
     }

@@ -140,6 +140,7 @@ async fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if exit::closed_output(&e) => ExitCode::from(exit::CLOSED_OUTPUT),
         Err(e) => {
             let mut text = output::error_text(&e);
             if cli.global.security.tls_ca.is_none() && output::connection_closed(&e) {

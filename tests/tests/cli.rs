@@ -715,6 +715,78 @@ async fn a_second_consume_of_a_group_does_not_repeat_what_the_first_printed() {
     cluster.shutdown().await;
 }
 
+/// A consume whose reader stops (`| head`) ends as a shell reports a
+/// process its closed pipe ended (141), without an error message, commits
+/// what it printed and leaves its group: the next consume reads at once
+/// (before, it was given no queue until the brokers' consumer expiry),
+/// and gets the message whose line could not be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_whose_reader_stops_leaves_its_group_and_exits_141() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    let ns = &cluster.nameserver;
+    ok(&txmq(ns, &["topic", "create", "piped", "--queues", "1"], None).await);
+    wait_for_route(ns, "piped", &["broker-a"]).await;
+    ok(&txmq(ns, &["send", "piped", "--stdin"], Some("p1\np2\np3\n")).await);
+    let mut child = std::process::Command::new(txmq_tests::binary("txmq"))
+        .args(["--nameserver", ns, "consume", "piped", "--group", "readers"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("txmq consume starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let first = tokio::task::block_in_place(|| {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        // The reader stops: the pipe closes.
+        drop(lines);
+        first
+    });
+    assert!(first.contains("body=p"), "{first}");
+    // The next line written finds the pipe closed.
+    ok(&txmq(ns, &["send", "piped", "--body", "p4"], None).await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("consume did not end when its standard output closed");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr read");
+    assert_eq!(status.code(), Some(141), "{status:?}: {err}");
+    assert!(!err.contains("error"), "no error message: {err}");
+
+    let rest = [
+        "consume",
+        "piped",
+        "--group",
+        "readers",
+        "--idle-timeout",
+        "1s",
+    ];
+    let out = txmq(ns, &rest, None).await;
+    let (printed, err) = (ok(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !err.contains("no queue"),
+        "its queue was given at once: {err}"
+    );
+    // The line read was written, and committed; p4's never was (the
+    // lines between may have been written before the pipe closed).
+    let read = first.split("body=").nth(1).unwrap_or_default();
+    assert!(printed.contains("body=p4"), "{printed}");
+    assert!(
+        !printed.contains(&format!("body={read}\n")),
+        "{read} again: {printed}"
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_list_topic_route_and_cluster_show_the_brokers() {
     let mut cluster = Cluster::start(FlushMode::Async).await;
