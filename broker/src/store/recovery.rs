@@ -945,7 +945,12 @@ pub(crate) fn recover(
                 .map_err(|e| StoreError::io(format!("cannot sync {}", seg.path.display()), &e))?;
         }
     }
-    if let Some(seg) = log.segment_for(end.saturating_sub(1)).filter(|_| end > 0) {
+    // The segment the records end in (not the one before an empty
+    // segment the end is the start of: its records may end sooner).
+    if let Some(seg) = log
+        .segment_for(end)
+        .or_else(|| log.segment_for(end.checked_sub(1)?))
+    {
         seg.set_used_until(end);
     }
     // A master starts a fresh segment past every position used before. A
@@ -980,6 +985,11 @@ pub(crate) fn recover(
     if end < until {
         log.cut(end, until)
             .map_err(|e| StoreError::io("cannot cut the tail of the commit log", &e))?;
+    }
+    // The ends of the segments read (and cut) are known now: kept for the
+    // next start, whose look back may not reach them.
+    if let Err(e) = log.save_ends() {
+        tracing::debug!(error = %e, "cannot write the segments' ends");
     }
     // Pop state of topics deleted meanwhile goes with them.
     pop.retain_topics(|t| queues.contains_key(t));
@@ -1167,6 +1177,11 @@ fn replay(
             rel += len;
         }
         pos = seg.start + rel as u64;
+        // Read to the end of its records: how many bytes it holds is now
+        // known exactly (it was estimated from the file's blocks, which
+        // counted the rest of the last block: the store size would grow
+        // at a restart).
+        seg.set_used_until(pos);
         // Done with this segment: its pages need not stay mapped in
         // (recovery of a long log would otherwise hold all of it at once).
         if let Err(e) = seg.release_pages() {

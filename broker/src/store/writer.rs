@@ -1206,6 +1206,10 @@ impl Writer {
             )
         })?;
         tracing::debug!(start = next_start, "rolled to a new commit-log segment");
+        // The full segment's end, for the store size after a restart.
+        if let Err(e) = blocking(|| self.store.log.save_ends()) {
+            tracing::debug!(error = %e, "cannot write the segments' ends");
+        }
         self.segment = Some(seg);
         self.pos = next_start;
         self.store.written.store(next_start, Ordering::Release);
