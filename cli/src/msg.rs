@@ -220,9 +220,13 @@ fn print_found(
 ) -> Result<()> {
     let mut found: Vec<(String, FoundMessage)> = Vec::new();
     let mut failed: Vec<String> = Vec::new();
-    // Brokers that answered (with messages or none), and those that could
-    // not be asked at all (as opposed to those that answered an error).
+    // Brokers that answered (with messages or none), and those that did
+    // not look: not asked at all, or refused the request (ACCESS_DENIED
+    // for a user who may not look, a bad argument): neither says that the
+    // message is not there.
     let (mut answered, mut unasked) = (0, 0);
+    // Some of those refused (as opposed to not answering at all).
+    let mut refused = false;
     // Brokers that hold nothing at that offset (a topic on several brokers
     // has its messages on some): an answer, shown only when nothing was.
     let mut out_of_range: Vec<String> = Vec::new();
@@ -243,7 +247,8 @@ fn print_found(
                 no_index.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
             }
             Err(e) => {
-                unasked += usize::from(e.wire_error().is_none());
+                unasked += 1;
+                refused |= e.wire_error().is_some();
                 failed.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
             }
         }
@@ -255,12 +260,13 @@ fn print_found(
         failed.append(&mut no_index);
     }
     if found.is_empty() {
-        if answered == 0 && unasked > 0 && unasked == failed.len() {
+        if answered == 0 && unasked > 0 {
             // Nothing says the message is not there: say what failed.
-            let (code, what) = if cannot_say {
-                (exit::PARTIAL, "could not say")
-            } else {
-                (exit::FAILURE, "did not answer")
+            let (code, what) = match (cannot_say, refused) {
+                (true, _) => (exit::PARTIAL, "could not say"),
+                // A refusal is an error of the command's (exit 1).
+                (false, true) => (exit::FAILURE, "refused"),
+                (false, false) => (exit::FAILURE, "did not answer"),
             };
             return Err(exit::with_code(
                 code,
@@ -326,13 +332,14 @@ fn print_found(
         stderr!("note: not looked up on {n}");
     }
     if !failed.is_empty() {
+        let what = if refused {
+            "could not say"
+        } else {
+            "did not answer"
+        };
         return Err(exit::with_code(
             exit::PARTIAL,
-            format!(
-                "{} broker(s) did not answer: {}",
-                failed.len(),
-                failed.join("; ")
-            ),
+            format!("{} broker(s) {what}: {}", failed.len(), failed.join("; ")),
         ));
     }
     Ok(())

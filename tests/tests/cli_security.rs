@@ -546,5 +546,18 @@ fn message_lookups_need_sub_of_the_topic_or_admin_for_a_lookup_by_id() {
     // show may find any topic's message: admin only.
     let err = refused(&s.txmq(Some(APP), &["msg", "show", &id]), "ACCESS_DENIED");
     assert!(err.contains(&id), "the refusal names the lookup: {err}");
+    // A refusal says that the broker did not look, not that the message
+    // is not there (it said "no message with id ...").
+    for err in [
+        err,
+        refused(&s.txmq(member, &find), "ACCESS_DENIED"),
+        refused(&s.txmq(member, &get), "ACCESS_DENIED"),
+    ] {
+        assert!(
+            err.contains("could not look for it: 1 broker(s) refused"),
+            "{err}"
+        );
+        assert!(!err.contains("no message"), "{err}");
+    }
     assert!(ok(&s.txmq(Some(OPS), &["msg", "show", &id])).contains("body:        o-1"));
 }
