@@ -1,5 +1,7 @@
 //! `txmq-broker`: parses settings and runs [`txmq_broker::Broker`] until
-//! SIGINT or SIGTERM, then shuts down gracefully and exits 0.
+//! SIGINT or SIGTERM, then shuts down gracefully and exits 0. SIGHUP
+//! reloads the ACL file (`--acl-file`), and without one is logged and
+//! otherwise ignored: it never ends the broker.
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
@@ -39,14 +41,19 @@ fn main() -> std::process::ExitCode {
         worker_threads = runtime.metrics().num_workers(),
         "runtime started"
     );
+    let has_acl = config.security.acl_file.is_some();
     runtime.block_on(async move {
         // Installed before the listeners are bound, as the nameserver's: a
         // SIGTERM that comes as soon as the broker listens (a supervisor's,
         // a test's) shuts it down cleanly once it has started, rather than
         // killing it mid-start.
-        let (Ok(mut term), Ok(mut int)) = (
+        // SIGHUP too: its default action would end the broker at once,
+        // without the graceful shutdown, for a signal operators send to
+        // reload (and logrotate sends after a rotation).
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             eprintln!("txmq-broker: error: cannot install signal handlers");
             return std::process::ExitCode::FAILURE;
@@ -58,9 +65,16 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                // With an ACL file, the broker's watcher reloads it on the
+                // same signal.
+                _ = hup.recv() => if !has_acl {
+                    tracing::info!("SIGHUP: no ACL file (--acl-file) to reload; the broker goes on");
+                },
+            }
         }
         broker.shutdown().await;
         std::process::ExitCode::SUCCESS

@@ -1,5 +1,6 @@
 //! `txmq-nameserver`: parses flags, starts a [`Nameserver`] and stops it on
-//! SIGINT or SIGTERM. Everything else is in the library.
+//! SIGINT or SIGTERM; SIGHUP reloads the ACL file, and without one is
+//! logged and otherwise ignored. Everything else is in the library.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -305,15 +306,26 @@ async fn run(
         .map_err(|e| anyhow::anyhow!("cannot install a SIGINT handler: {e}"))?;
     let mut sigterm = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot install a SIGTERM handler: {e}"))?;
+    // SIGHUP's default action would end the process at once, without the
+    // graceful shutdown, for a signal operators send to reload.
+    let mut sighup = signal(SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("cannot install a SIGHUP handler: {e}"))?;
+    let has_acl = args.acl_file.is_some();
     let mut nameserver = Nameserver::bind_with(config, security).await?;
     if let Some(listen) = &args.metrics_listen {
         nameserver = nameserver.with_metrics_listen(listen).await?;
     }
     let token = shutdown.clone();
     tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = sigint.recv() => "SIGINT",
-            _ = sigterm.recv() => "SIGTERM",
+        let name = loop {
+            tokio::select! {
+                _ = sigint.recv() => break "SIGINT",
+                _ = sigterm.recv() => break "SIGTERM",
+                // With an ACL file, its watcher reloads it on the same signal.
+                _ = sighup.recv() => if !has_acl {
+                    info!("SIGHUP: no ACL file (--acl-file) to reload; the nameserver goes on");
+                },
+            }
         };
         info!(signal = name, "shutting down");
         token.cancel();

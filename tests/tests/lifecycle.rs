@@ -162,6 +162,72 @@ async fn sigterm_and_sigint_shut_down_gracefully_keeping_messages_and_offsets() 
     }
 }
 
+/// SIGHUP (an operator's reload, logrotate's postrotate) leaves a broker
+/// and a nameserver that run without an ACL file serving: it killed both
+/// (exit 129), without the graceful shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_an_acl_file_leaves_broker_and_nameserver_serving() {
+    let mut ns = NameserverProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), &ns.addr, "broker-a", &[]);
+    wait_for_broker(&ns.addr, "broker-a").await;
+    let cli = |args: &[&str]| {
+        let out = txmq_cli(&ns.addr, args, None);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["send", "hup", "--body", "before"]);
+
+    broker.signal("HUP");
+    let hup = Command::new("kill")
+        .args(["-HUP", &ns.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.log_text().contains("no ACL file") {
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not log the SIGHUP:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ns.child.try_wait().expect("ask the nameserver").is_none(),
+        "SIGHUP ended the nameserver"
+    );
+
+    // Both serve on: new connections find the route at the nameserver and
+    // send to the broker, and the group reads what came before and after.
+    cli(&["send", "hup", "--body", "after"]);
+    let out = cli(&[
+        "consume",
+        "hup",
+        "--group",
+        "g",
+        "--count",
+        "2",
+        "--idle-timeout",
+        "10s",
+    ]);
+    assert!(
+        out.contains("body=before") && out.contains("body=after"),
+        "{out}"
+    );
+    assert!(
+        ns.child.try_wait().expect("ask the nameserver").is_none(),
+        "SIGHUP ended the nameserver"
+    );
+    assert_eq!(
+        broker.stop(),
+        Some(0),
+        "the broker still shuts down gracefully; log:\n{}",
+        broker.log_text()
+    );
+}
+
 #[test]
 fn standalone_mode_serves_the_readme_flow_and_a_taken_port_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
