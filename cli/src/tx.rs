@@ -432,15 +432,30 @@ async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {
             format!(" ({})", brokers.join(", "))
         }
     );
-    match args.duration {
-        Some(duration) => tokio::select! {
-            _ = tokio::time::sleep(duration) => {}
-            _ = interrupted() => {}
-        },
-        None => interrupted().await,
-    }
+    // A refusal no retry cures (a user without `tx` on the group, whose
+    // producer the brokers turn away at its hello) ends the command (exit
+    // 1): it would answer no check-back, and exit 0.
+    let ended = async {
+        match args.duration {
+            Some(duration) => tokio::select! {
+                _ = tokio::time::sleep(duration) => {}
+                _ = interrupted() => {}
+            },
+            None => interrupted().await,
+        }
+    };
+    let refused = tokio::select! {
+        () = ended => None,
+        why = crate::refusal::refused() => Some(why),
+    };
     producer.close().await.ok();
-    Ok(())
+    match refused {
+        Some(why) => Err(anyhow::anyhow!(why).context(format!(
+            "answering check-backs of group {}: refused",
+            args.group
+        ))),
+        None => Ok(()),
+    }
 }
 
 async fn list(global: &GlobalArgs, broker: Option<&str>, filter: &ListFilter) -> Result<()> {

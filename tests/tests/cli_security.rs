@@ -273,6 +273,27 @@ fn each_permission_is_refused_and_granted_through_the_cli() {
         ),
         "ACCESS_DENIED",
     );
+    // Nor may it answer the group's check-backs: `tx listen` ends at the
+    // refusal (it ran on, answering nothing, and exited 0).
+    let started = Instant::now();
+    let err = refused(
+        &s.txmq(
+            Some(READER),
+            &[
+                "tx",
+                "listen",
+                "--group",
+                "orders-tx",
+                "--check",
+                "commit",
+                "--duration",
+                "60s",
+            ],
+        ),
+        "ACCESS_DENIED",
+    );
+    assert!(err.contains("orders-tx"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{err}");
     let sent = ok(&s.txmq(
         Some(APP),
         &[
