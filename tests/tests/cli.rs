@@ -1127,6 +1127,27 @@ async fn refused_requests_print_the_error_code_and_exit_non_zero() {
     assert!(err.contains("BAD_ARGUMENT") && err.contains("a/b"), "{err}");
     let err = failed(&txmq(ns, &["topic", "create", "t", "--broker", "broker-z"], None).await);
     assert!(err.contains("broker-z"), "{err}");
+    // A group's own retry topic, consumed as that group: its members read
+    // it already. (The brokers refused the heartbeat; the command waited
+    // for its idle timeout and exited 0 with a note blaming other members.)
+    let o = txmq(
+        ns,
+        &[
+            "consume",
+            "%RETRY%billing",
+            "--group",
+            "billing",
+            "--idle-timeout",
+            "20s",
+        ],
+        None,
+    )
+    .await;
+    let err = failed(&o);
+    assert!(
+        err.contains("the retry topic of group 'billing'") && !err.contains("note: no queue"),
+        "{err}"
+    );
 
     // None of it created anything.
     let listed = ok(&txmq(ns, &["topic", "list", "--output", "json"], None).await);

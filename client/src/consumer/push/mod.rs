@@ -604,7 +604,17 @@ impl PushConsumerBuilder {
             subs.push(Sub::new(topic, &expr)?);
         }
         if !settings.broadcast && settings.mode == DeliveryMode::AtLeastOnce {
-            subs.push(Sub::new(retry_topic(&group), "*")?);
+            let retry = retry_topic(&group);
+            if subs.iter().any(|s| s.topic == retry) {
+                // The brokers refuse its heartbeat ("subscribed twice"),
+                // which the consumer would retry for ever, reading nothing.
+                return Err(Error::BadArgument(format!(
+                    "topic '{retry}' is the retry topic of group '{group}', which the group's \
+                     members read already (a message to retry comes back to them through it); \
+                     to read it apart, consume it as another group"
+                )));
+            }
+            subs.push(Sub::new(retry, "*")?);
         }
         let rebalance = Arc::new(Notify::new());
         let service: Arc<dyn Service> = Arc::new(NoticeService {
