@@ -155,7 +155,8 @@ impl Acl {
     /// Parses an ACL file's text.
     ///
     /// # Errors
-    /// Bad TOML, an unknown field or permission, or a user twice.
+    /// Bad TOML, an unknown field or permission, a user twice, or no user
+    /// at all.
     pub fn parse(text: &str) -> Result<Acl, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut users = HashMap::new();
@@ -213,6 +214,17 @@ impl Acl {
             if users.insert(entry.access_key.clone(), user).is_some() {
                 return Err(format!("user '{}' is listed twice", entry.access_key));
             }
+        }
+        // No user locks everyone out, the cluster's own brokers too: a
+        // file emptied or cut short while it is rewritten (`cat >`, an
+        // editor, a deployment tool) parses, and must not replace the
+        // version in force.
+        if users.is_empty() {
+            return Err(
+                "no users: it would refuse every connection, the brokers' own too (a file \
+                 emptied or cut short while being rewritten?); list at least one [[user]]"
+                    .into(),
+            );
         }
         Ok(Acl { users })
     }
@@ -566,6 +578,12 @@ mod tests {
         let e = Acl::parse("[[user]]\naccess_key = \"a\"\nsecret_key = \"\"\nadmin = true\n")
             .unwrap_err();
         assert!(e.contains("user 'a': secret_key is empty"), "{e}");
+        // A file emptied (or cut short) while it is rewritten parses as
+        // no user at all, which would lock everyone out.
+        for text in ["", "  \n\t\n", "# users come later\n"] {
+            let e = Acl::parse(text).unwrap_err();
+            assert!(e.starts_with("no users"), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -1066,6 +1066,85 @@ async fn a_user_removed_from_the_acl_file_loses_access_at_its_next_request() {
     assert!(site.broker.log_text().contains("ACL file reloaded"));
 }
 
+/// An ACL file emptied (as `cat > acl.toml` or an editor leaves it for a
+/// moment) is not reloaded: it parsed as no user at all and locked
+/// everyone out. The version in force stays, and says why at WARN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_file_without_users_is_not_reloaded_and_the_users_go_on() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let alice = site.producer("alice").await;
+    alice
+        .send(Message::new(TOPIC, "before"))
+        .await
+        .expect("sent");
+
+    let refusals = |site: &Site| {
+        site.broker
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("not reloaded") && l.contains("no users"))
+            .count()
+    };
+    // Emptied, then SIGHUP; whitespace only, seen by the poll.
+    for (text, hup) in [("", true), ("  \n\t\n", false)] {
+        let before = refusals(&site);
+        std::fs::write(&site.acl, text).expect("write ACL file");
+        if hup {
+            site.broker.signal("HUP");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while refusals(&site) == before {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} was not refused:\n{}",
+                site.broker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        !site.broker.log_text().contains("users=0"),
+        "{}",
+        site.broker.log_text()
+    );
+
+    // The users in force go on, on their connections and on new ones.
+    alice
+        .send(Message::new(TOPIC, "after"))
+        .await
+        .expect("alice's connection keeps working");
+    site.producer("carol")
+        .await
+        .send(Message::new(TOPIC, "new connection"))
+        .await
+        .expect("carol signs in on a new connection");
+    site.create_topic("audit").await;
+
+    // A file with users is read again as before.
+    std::fs::write(&site.acl, ACL.replace("carol-secret", "rotated")).expect("write ACL file");
+    site.broker.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let carol = Producer::builder()
+            .config(site.config("carol"))
+            .build()
+            .await;
+        let sent = match carol {
+            Ok(p) => p.send(Message::new(TOPIC, "old secret")).await.map(drop),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Err(e) if e.code() == Some(ErrorCode::AuthenticationFailed) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the good file was not reloaded: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Check-backs go only to connections whose user still has `tx` of the
 /// group: once alice is removed from the file her producer gets no more,
 /// and the transaction is checked on carol's connection instead.
@@ -1347,6 +1426,12 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     );
     let err = run(&["--acl-file", &path(&empty_secret)]);
     assert!(err.contains("user 'x': secret_key is empty"), "{err}");
+    let no_users = pki.acl("empty-acl.toml", "\n");
+    let err = run(&["--acl-file", &path(&no_users)]);
+    assert!(
+        err.contains("empty-acl.toml") && err.contains("no users"),
+        "{err}"
+    );
 
     // Settings that cannot work together: usage errors, exit 2.
     let usage = |flags: &[&str]| {
