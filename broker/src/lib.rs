@@ -38,6 +38,7 @@ pub use config::{BrokerArgs, BrokerConfig, ReplicationConfig, ReplicationMode};
 /// The RocketMQ 5 API (`apache.rocketmq.v2`) as generated from
 /// `broker/proto`: the messages, and a tonic client for tests and benches.
 pub use grpc::pb as rocketmq_v2;
+pub use security::Security;
 pub use store::FlushMode;
 pub use transaction::{TxConfig, PROP_USER_CHECK_DELAY};
 
@@ -219,10 +220,26 @@ impl Broker {
     /// reached).
     ///
     /// # Errors
-    /// Invalid settings, an unrecoverable data directory, an address in use,
-    /// or [`BrokerError::NameTaken`] when every nameserver refused the broker
+    /// Invalid settings, a TLS or ACL file that cannot be used, an
+    /// unrecoverable data directory, an address in use, or
+    /// [`BrokerError::NameTaken`] when every nameserver refused the broker
     /// name because another live broker holds it.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        config.validate().map_err(BrokerError::Config)?;
+        let security = Security::load(&config.security).map_err(BrokerError::Security)?;
+        Broker::start_with(config, security).await
+    }
+
+    /// [`Broker::start`] with the security files already loaded from
+    /// `config.security` ([`Security::load`]), as `txmq-broker` loads them
+    /// before anything starts.
+    ///
+    /// # Errors
+    /// As [`Broker::start`], but for the security files.
+    pub async fn start_with(
+        config: BrokerConfig,
+        security: Security,
+    ) -> Result<Broker, BrokerError> {
         config.validate().map_err(BrokerError::Config)?;
         // One broker per data directory, for the broker's life (through
         // every incarnation), taken before anything in it is read.
@@ -242,8 +259,7 @@ impl Broker {
         })?;
         let dir_lock = store::dir_lock::DirLock::acquire(dir)
             .map_err(|e| store_err("cannot lock the data directory", e))?;
-        let security =
-            Arc::new(security::Security::load(&config.security).map_err(BrokerError::Security)?);
+        let security = Arc::new(security);
         let nameserver_task = TaskTracker::new();
         let nameserver_shutdown = CancellationToken::new();
         let mut nameservers = config.nameservers.clone();

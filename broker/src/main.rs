@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use txmq_broker::{Broker, BrokerArgs};
+use txmq_broker::{Broker, BrokerArgs, Security};
 
 fn main() -> std::process::ExitCode {
     let args = BrokerArgs::parse();
@@ -23,6 +23,16 @@ fn main() -> std::process::ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("txmq-broker: error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // The certificate, key and ACL files are settings too: one that cannot
+    // be used is found before anything starts, and exits 2 as other bad
+    // settings do.
+    let security = match Security::load(&config.security) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("txmq-broker: error: security settings: {e}");
             return std::process::ExitCode::from(2);
         }
     };
@@ -58,7 +68,7 @@ fn main() -> std::process::ExitCode {
             eprintln!("txmq-broker: error: cannot install signal handlers");
             return std::process::ExitCode::FAILURE;
         };
-        let broker = match Broker::start(config).await {
+        let broker = match Broker::start_with(config, security).await {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("txmq-broker: error: {e}");

@@ -9,9 +9,11 @@ use txmq_remoting::{Connection, ConnectionConfig, Credentials, Op, ServerSecurit
 
 use crate::config::SecurityConfig;
 
-/// The broker's loaded security settings.
+/// The broker's security settings with their files loaded: certificates,
+/// keys and the ACL file ([`Security::load`], then
+/// [`Broker::start_with`](crate::Broker::start_with)).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Security {
+pub struct Security {
     /// TLS and the ACL file of the broker's port.
     pub(crate) server: ServerSecurity,
     /// TLS of the connections the broker opens (`--tls-ca` given).
@@ -24,8 +26,8 @@ impl Security {
     /// Reads the certificate, key, CA and ACL files the flags name.
     ///
     /// # Errors
-    /// A file that cannot be used, named, with why.
-    pub(crate) fn load(config: &SecurityConfig) -> Result<Security, String> {
+    /// A file that cannot be used, named, with why: a bad setting.
+    pub fn load(config: &SecurityConfig) -> Result<Security, String> {
         let server = ServerSecurity::load(
             &config.tls,
             config.tls_client_auth,

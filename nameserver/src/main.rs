@@ -269,13 +269,14 @@ async fn main() -> ExitCode {
     for w in controller.iter().flat_map(ControllerConfig::warnings) {
         tracing::warn!("{w}");
     }
-    // After the logger: loading the ACL file logs, and a bad file is a
-    // start-up error (exit 1) naming it, not a usage error.
+    // After the logger: loading the ACL file logs. A certificate, key or
+    // ACL file that cannot be used is a bad setting (exit 2, as the
+    // broker's), named with why, found before anything is bound.
     let security = match args.security(credentials) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("txmq-nameserver: error: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("txmq-nameserver: error: security settings: {e}");
+            return ExitCode::from(2);
         }
     };
     match run(args, controller, security).await {

@@ -1385,8 +1385,10 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
     );
 }
 
-/// A certificate, key or ACL file the broker cannot use stops it at
-/// start with an error naming the file.
+/// A certificate, key or ACL file the broker (or the nameserver) cannot
+/// use stops it at start with an error naming the file: a bad setting,
+/// exit 2, before anything starts (it was exit 1, after the runtime
+/// started and the data directory was created).
 #[test]
 fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     let pki = Pki::new("txmq test CA");
@@ -1404,8 +1406,14 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
             .args(flags)
             .output()
             .expect("run txmq-broker");
-        assert!(!out.status.success(), "the broker started with {flags:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(!err.contains("runtime started"), "{flags:?}: {err}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{flags:?}: nothing was started"
+        );
+        err
     };
     let err = run(&[
         "--tls-cert",
@@ -1416,6 +1424,16 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     assert!(err.contains("missing.pem"), "{err}");
     let err = run(&["--tls-cert", &path(&server.cert)]);
     assert!(err.contains("--tls-key"), "{err}");
+    let other = pki.issue("other");
+    let err = run(&[
+        "--tls-cert",
+        &path(&server.cert),
+        "--tls-key",
+        &path(&other.key),
+    ]);
+    assert!(err.contains("security settings"), "{err}");
+    let err = run(&["--acl-file", &path(&dir.path().join("nonexistent.toml"))]);
+    assert!(err.contains("nonexistent.toml"), "{err}");
     let err = run(&["--acl-file", &path(&bad_acl)]);
     assert!(err.contains("bad.toml") && err.contains("fly"), "{err}");
     let err = run(&["--access-key", "broker"]);
@@ -1459,6 +1477,17 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
         err.contains("--standalone with --acl-file needs --access-key and --secret-key"),
         "{err}"
     );
+    // The nameserver's files likewise.
+    let not_toml = pki.acl("not-toml.toml", "this is = = not TOML\n");
+    for (acl, says) in [(&not_toml, "not-toml.toml"), (&no_users, "no users")] {
+        let out = std::process::Command::new(txmq_tests::binary("txmq-nameserver"))
+            .args(["--listen", "127.0.0.1:0", "--acl-file", &path(acl)])
+            .output()
+            .expect("run txmq-nameserver");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
     let out = std::process::Command::new(txmq_tests::binary("txmq-nameserver"))
         .args(["--listen", "127.0.0.1:0", "--tls-client-auth"])
         .output()
