@@ -1071,3 +1071,167 @@ fn after_a_clean_restart_a_group_without_consumers_reads_at_once() {
     assert_eq!(lines.len(), 8, "{}", stderr(&out));
     assert!(lines.iter().all(|l| l["body"] == "b"), "{lines:?}");
 }
+
+/// A pending transaction carried forward past retention keeps what `tx
+/// show` shows, across `kill -9`s and once it ended: the producer group,
+/// the prepare time, the half message (the carried copy), and the checks
+/// that reached its producer with their times and answers. Once the
+/// transaction ended, `tx show` lost its group, prepare time and half
+/// message, and after a `kill -9` its check history said "none since the
+/// broker started" (the checks' records went with the old segment).
+/// (found by a tester)
+#[test]
+fn a_transaction_carried_past_retention_keeps_its_forensics_across_kill9() {
+    let mut s = Setup::start(&[
+        "--transaction-timeout",
+        "200ms",
+        "--transaction-check-interval",
+        "200ms",
+        "--transaction-check-max",
+        "2",
+        "--transaction-check-timeout",
+        "300ms",
+        "--segment-size",
+        "1MiB",
+        "--max-message-size",
+        "256KiB",
+        "--retention",
+        "2s",
+    ]);
+    ok(&s.cli(&["topic", "create", "r", "--queues", "1"]));
+    // park1: its producer answers "unknown" until it is parked.
+    let park1 = tx_send(
+        &s,
+        &[
+            "r", "--group", "rg2", "--body", "PARK1", "--key", "park1", "--local", "unknown",
+            "--check", "unknown", "--linger", "1500ms",
+        ],
+    );
+    wait_until("park1 is parked", || show(&s, park1)["state"] == "parked");
+    // pend2: no producer of its group answers; it stays pending.
+    let pend2 = tx_send(
+        &s,
+        &[
+            "r", "--group", "rgX", "--body", "PEND2", "--key", "pend2", "--local", "unknown",
+        ],
+    );
+    let park1_before = show(&s, park1);
+    let pend2_before = show(&s, pend2);
+    let sent = |d: &Value| -> Vec<(u64, String)> {
+        d["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["sent"] == true)
+            .map(|c| {
+                (
+                    c["at_ms"].as_u64().unwrap_or(0),
+                    c["answer"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect()
+    };
+    let park1_checks = sent(&park1_before);
+    assert_eq!(park1_checks.len(), 2, "{park1_before}");
+    assert!(
+        park1_checks.iter().all(|(at, a)| *at > 0 && a == "unknown"),
+        "{park1_before}"
+    );
+
+    // Their segment fills and expires: both are carried forward, and the
+    // segment goes.
+    let body = "f".repeat(100_000);
+    ok(&s.cli(&["send", "fill", "--body", &body, "--count", "12"]));
+    let first_segment = s
+        .broker
+        .data_dir
+        .join("commitlog")
+        .join(format!("{:020}", 0));
+    wait_until("both are carried forward and their segment deleted", || {
+        s.broker
+            .log_text()
+            .matches("pending transaction carried forward past retention")
+            .count()
+            >= 2
+            && !first_segment.exists()
+    });
+    // The carried copies' segment stays while the test looks at them
+    // (retention keeps a segment holding a delayed message not yet
+    // delivered): an ended transaction's half messages are shown while
+    // the log holds them.
+    ok(&s.cli(&["send", "fill", "--body", "pin", "--delay", "1h"]));
+
+    // Pending, after a kill -9: all of it, from the carried copies.
+    s.broker.restart();
+    s.wait_registered();
+    let d = show(&s, park1);
+    assert_eq!(d["state"], "parked", "{d}");
+    assert_eq!(d["producer_group"], "rg2", "{d}");
+    assert_eq!(d["prepared_at_ms"], park1_before["prepared_at_ms"], "{d}");
+    assert_eq!(d["checks"], 2, "{d}");
+    assert_eq!(sent(&d), park1_checks, "the checks sent before: {d}");
+    assert_eq!(d["messages"][0]["body"], "PARK1", "{d}");
+    let text = ok(&s.cli(&["tx", "show", &park1.to_string()]));
+    assert!(!text.contains("check history: none"), "{text}");
+    assert!(text.contains("sent answer=unknown"), "{text}");
+
+    // pend2 ends by its check-back: still its group, prepare time and
+    // half message.
+    ok(&s.cli(&[
+        "tx",
+        "listen",
+        "--group",
+        "rgX",
+        "--check",
+        "commit",
+        "--duration",
+        "2s",
+    ]));
+    wait_until("pend2 is committed", || {
+        show(&s, pend2)["state"] == "committed"
+    });
+    let ended = |d: &Value| {
+        assert_eq!(d["state"], "committed", "{d}");
+        assert_eq!(d["producer_group"], "rgX", "{d}");
+        assert_eq!(d["prepared_at_ms"], pend2_before["prepared_at_ms"], "{d}");
+        assert_eq!(d["messages"][0]["body"], "PEND2", "{d}");
+        assert_eq!(d["messages"][0]["key"], "pend2", "{d}");
+        assert!(
+            sent(d).iter().any(|(_, a)| a == "commit"),
+            "the check that committed it: {d}"
+        );
+    };
+    let d = show(&s, pend2);
+    ended(&d);
+    assert_eq!(d["ended_by"], "check_back", "{d}");
+
+    // And after another kill -9: the same, from the log.
+    s.broker.restart();
+    s.wait_registered();
+    ended(&show(&s, pend2));
+    let d = show(&s, park1);
+    assert_eq!(sent(&d), park1_checks, "{d}");
+
+    // park1 resolved by an operator: still all of it.
+    ok(&s.cli(&["tx", "resolve", &park1.to_string(), "--commit"]));
+    let d = show(&s, park1);
+    assert_eq!(d["state"], "committed", "{d}");
+    assert_eq!(d["ended_by"], "operator", "{d}");
+    assert_eq!(d["producer_group"], "rg2", "{d}");
+    assert_eq!(d["messages"][0]["body"], "PARK1", "{d}");
+    assert_eq!(sent(&d), park1_checks, "{d}");
+
+    // Each visible once, without the broker's own properties.
+    let got = consume(&s, "r", "readers");
+    let mut bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["PARK1", "PEND2"], "{got:?}");
+    for m in &got {
+        assert!(
+            m["properties"]
+                .as_object()
+                .is_none_or(|p| p.keys().all(|k| !k.starts_with("__txmq"))),
+            "{m}"
+        );
+    }
+}

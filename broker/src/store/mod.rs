@@ -253,8 +253,10 @@ pub struct ReadFilter<'a> {
 
 /// Properties on the first half message of a transaction carried forward
 /// (its half messages re-written past retention): when it was prepared, how
-/// many checks were sent, whether it was parked, and the checks sent when
-/// an operator last re-checked it.
+/// many checks were sent, whether it was parked, the checks sent when an
+/// operator last re-checked it, and the checks sent before the carry with
+/// their times and answers (their `TxCheck` records go with the old
+/// segment).
 pub(crate) const PROP_CARRIED_PREPARED_AT: &str = "__txmq.prepared_at";
 /// See [`PROP_CARRIED_PREPARED_AT`].
 pub(crate) const PROP_CARRIED_CHECKS: &str = "__txmq.checks";
@@ -262,6 +264,10 @@ pub(crate) const PROP_CARRIED_CHECKS: &str = "__txmq.checks";
 pub(crate) const PROP_CARRIED_PARKED: &str = "__txmq.parked";
 /// See [`PROP_CARRIED_PREPARED_AT`].
 pub(crate) const PROP_CARRIED_RECHECKED: &str = "__txmq.rechecked";
+/// See [`PROP_CARRIED_PREPARED_AT`]: `at_ms:answer` pairs, oldest first,
+/// comma separated; the answer as a `TxCheck` record's flags
+/// ([`record::check_answer`]).
+pub(crate) const PROP_CARRIED_HISTORY: &str = "__txmq.check_history";
 
 /// A transaction as its records name it: its id, its first message id, and
 /// where its half messages are now.
@@ -311,6 +317,10 @@ pub struct RecoveredTransactions {
     /// Ended since the oldest pending one: (tx id, committed?, first msg
     /// id, the default id when the marker did not carry it).
     pub ended: Vec<(u64, bool, MsgId)>,
+    /// Of those, the ones whose half messages were carried forward past
+    /// retention (not at their tx id): (tx id, where the first half
+    /// message is now, how many there are). `tx show` reads them there.
+    pub ended_carried: Vec<(u64, u64, u16)>,
 }
 
 /// The writer's position, shared with the flusher.

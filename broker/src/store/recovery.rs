@@ -185,6 +185,9 @@ pub enum TxChange {
 pub(crate) struct ReplayState {
     pending: PendingMap<RecoveredTx>,
     ended: BTreeMap<u64, (bool, MsgId)>,
+    /// Ended transactions whose half messages were carried forward: where
+    /// the first one is now, and how many (see `RecoveredTransactions`).
+    ended_carried: BTreeMap<u64, (u64, u16)>,
     group: Option<OpenGroup>,
     /// Live (a slave): record what changed, for the store and the broker.
     live: bool,
@@ -266,6 +269,7 @@ impl ReplayState {
     pub(crate) fn forget_ended(&mut self) {
         if self.live {
             self.ended.clear();
+            self.ended_carried.clear();
         }
     }
 }
@@ -451,6 +455,9 @@ impl Replayer<'_> {
                 if let Some((at, _)) = t.first_half {
                     self.state.halves_changes.push((at, false));
                 }
+            }
+            if let Some((at, _)) = t.first_half.filter(|(at, _)| *at != tx_id) {
+                self.state.ended_carried.insert(tx_id, (at, t.halves));
             }
         }
         self.state.ended.insert(tx_id, (committed, first_msg_id));
@@ -895,6 +902,10 @@ pub(crate) fn recover(
         ended: std::mem::take(&mut state.ended)
             .into_iter()
             .map(|(tx_id, (committed, first))| (tx_id, committed, first))
+            .collect(),
+        ended_carried: std::mem::take(&mut state.ended_carried)
+            .into_iter()
+            .map(|(tx_id, (at, count))| (tx_id, at, count))
             .collect(),
     };
     if let Some(pos) = cut {

@@ -7,23 +7,58 @@
 //! `TxCheck` record in the log with its answer in the flags; the index
 //! finds them by the transaction's first message id, so after a restart
 //! (or a failover) `tx show` still lists the checks made before, with their
-//! time and answer. Checks that could not be sent are in memory only. A
-//! recheck is a `TxRecheck` record: a restart keeps it un-parked.
+//! time and answer. A transaction carried forward past retention loses
+//! those records with its old segment: its carried copy keeps the checks
+//! sent before, with their times and answers (`PROP_CARRIED_HISTORY`), and
+//! the records after the copy add to them. Checks that could not be sent
+//! are in memory only. A recheck is a `TxRecheck` record: a restart keeps
+//! it un-parked.
 
 use txmq_protocol::{
     now_millis, CheckRecord, EndedBy, ErrorCode, MsgId, Rechecked, TxDetail, TxEnding, TxMessage,
     TxState, WireError, CHECK_HISTORY,
 };
 
-use super::{
-    check_back, lock, Halves, Phase, Transactions, PROP_ATTEMPT, PROP_CHECK_DELAY,
-    PROP_PRODUCER_GROUP,
-};
+use super::{check_back, lock, Halves, Phase, Transactions, BROKER_PROPS, PROP_PRODUCER_GROUP};
 use crate::handler::store_error;
 use crate::store::record::RecordKind;
-use crate::store::{
-    PROP_CARRIED_CHECKS, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT, PROP_CARRIED_RECHECKED,
-};
+use crate::store::{PROP_CARRIED_HISTORY, PROP_CARRIED_PREPARED_AT};
+
+/// A check that reached its producer, as its record (or a carried copy)
+/// keeps it: its time and its answer as a `TxCheck` record's flags.
+fn sent_check(at_ms: u64, flags: u16) -> CheckRecord {
+    let answer = check_back::flags_answer(flags);
+    CheckRecord {
+        at_ms,
+        sent: true,
+        answer: answer.ok(),
+        error: answer.err().map(str::to_string),
+        times: 1,
+    }
+}
+
+/// A sent check's answer as a `TxCheck` record's flags.
+pub(super) fn record_flags(check: &CheckRecord) -> u16 {
+    check_back::answer_flags(check.answer)
+}
+
+/// [`PROP_CARRIED_HISTORY`] for these (time, flags) pairs.
+pub(super) fn encode_history(checks: &[(u64, u16)]) -> String {
+    let pairs: Vec<String> = checks.iter().map(|(at, f)| format!("{at}:{f}")).collect();
+    pairs.join(",")
+}
+
+/// The (time, flags) pairs of a [`PROP_CARRIED_HISTORY`]; a pair that does
+/// not parse is left out.
+fn decode_history(value: &str) -> Vec<(u64, u16)> {
+    value
+        .split(',')
+        .filter_map(|pair| {
+            let (at, flags) = pair.split_once(':')?;
+            Some((at.parse().ok()?, flags.parse().ok()?))
+        })
+        .collect()
+}
 
 impl Transactions {
     /// Everything known of transaction `tx_id`: pending (prepared or
@@ -58,10 +93,13 @@ impl Transactions {
             drop(table);
             // Read after the lock is released.
             detail.messages = self.show_halves(halves);
-            self.add_earlier_checks(&mut detail);
+            self.add_earlier_checks(&mut detail, halves.first);
             return Ok(detail);
         }
         let remembered = table.ended.get(&tx_id).copied();
+        // The half messages start at the tx id unless they were carried
+        // forward (then the id's record is gone or another one).
+        let halves_at = table.ended_carried.get(&tx_id).map_or(tx_id, |h| h.first);
         let history = table
             .ended_history
             .get(&tx_id)
@@ -105,9 +143,7 @@ impl Transactions {
                 at_ms: (by != EndedBy::Unknown && at != 0).then_some(at),
             }),
         };
-        // The half messages start at the tx id unless they were carried
-        // forward (then the id's record is gone or another one).
-        if let Some((first, _)) = self.store.read_record_at(tx_id) {
+        if let Some((first, _)) = self.store.read_record_at(halves_at) {
             if first.kind == RecordKind::Half && first.aux == tx_id {
                 let props = &first.message.properties;
                 detail.producer_group = props.get(PROP_PRODUCER_GROUP).cloned();
@@ -118,12 +154,12 @@ impl Transactions {
                 detail.prepared_at_ms = Some(prepared_at);
                 detail.age_ms = Some(now.saturating_sub(prepared_at));
                 detail.messages = self.show_halves(Halves {
-                    first: tx_id,
+                    first: halves_at,
                     count: first.flags.max(1),
                 });
             }
         }
-        self.add_earlier_checks(&mut detail);
+        self.add_earlier_checks(&mut detail, halves_at);
         detail.checks = detail.history.iter().filter(|c| c.sent).count() as u32;
         Ok(detail)
     }
@@ -149,49 +185,73 @@ impl Transactions {
 
     /// Puts before the history kept in memory the checks made before this
     /// table was made (before a restart, or by the master this broker took
-    /// over from): their `TxCheck` records, which the index finds by the
-    /// transaction's first message id, with their time and answer (not
-    /// the checks that could not be sent: those are not recorded).
-    fn add_earlier_checks(&self, detail: &mut TxDetail) {
-        let Some(first) = detail.messages.first().map(|m| m.message.msg_id) else {
-            return;
-        };
-        if first == MsgId::default() {
-            return;
-        }
-        // Newest first; the index may be switched off (then none).
-        let found = self
-            .store
-            .find_by_id(&first, 8 * CHECK_HISTORY)
-            .unwrap_or_default();
-        let mut earlier: Vec<CheckRecord> = found
-            .into_iter()
-            .map(|f| f.record)
-            .filter(|r| {
-                r.kind == RecordKind::TxCheck
-                    && r.aux == detail.tx_id
-                    && r.store_timestamp < self.started_at
-            })
-            .take(CHECK_HISTORY)
-            .map(|r| {
-                let answer = check_back::flags_answer(r.flags);
-                CheckRecord {
-                    at_ms: r.store_timestamp,
-                    sent: true,
-                    answer: answer.ok(),
-                    error: answer.err().map(str::to_string),
-                    times: 1,
-                }
-            })
-            .collect();
+    /// over from), as [`Transactions::logged_checks`] finds them for the
+    /// half messages at `halves_at` (not the checks that could not be
+    /// sent: those are not recorded).
+    fn add_earlier_checks(&self, detail: &mut TxDetail, halves_at: u64) {
+        let mut earlier = self.logged_checks(detail.tx_id, halves_at);
         if earlier.is_empty() {
             return;
         }
-        earlier.reverse();
         earlier.append(&mut detail.history);
         let extra = earlier.len().saturating_sub(CHECK_HISTORY);
         earlier.drain(..extra);
         detail.history = earlier;
+    }
+
+    /// The checks of transaction `tx_id` that reached a producer before
+    /// this table was made, oldest first (at most [`CHECK_HISTORY`]), from
+    /// the log: those its half messages at `halves_at` carried forward
+    /// (when they are a carried copy), then its `TxCheck` records after
+    /// them, which the index finds by its first message id (none when the
+    /// index is switched off).
+    pub(super) fn logged_checks(&self, tx_id: u64, halves_at: u64) -> Vec<CheckRecord> {
+        let Some((first, _)) = self.store.read_record_at(halves_at) else {
+            return Vec::new();
+        };
+        if first.kind != RecordKind::Half || first.aux != tx_id {
+            return Vec::new();
+        }
+        let before_this_run = |at: u64| at < self.started_at;
+        let mut checks: Vec<CheckRecord> = if halves_at == tx_id {
+            Vec::new()
+        } else {
+            first
+                .message
+                .properties
+                .get(PROP_CARRIED_HISTORY)
+                .map(|v| decode_history(v))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(at, _)| before_this_run(*at))
+                .map(|(at, flags)| sent_check(at, flags))
+                .collect()
+        };
+        let id = first.message.msg_id;
+        if id != MsgId::default() {
+            // Newest first; the index may be switched off (then none).
+            // Records before the copy are what it carried.
+            let found = self
+                .store
+                .find_by_id(&id, 8 * CHECK_HISTORY)
+                .unwrap_or_default();
+            let mut recorded: Vec<CheckRecord> = found
+                .into_iter()
+                .filter(|f| {
+                    f.record.kind == RecordKind::TxCheck
+                        && f.record.aux == tx_id
+                        && f.pos > halves_at
+                        && before_this_run(f.record.store_timestamp)
+                })
+                .take(CHECK_HISTORY)
+                .map(|f| sent_check(f.record.store_timestamp, f.record.flags))
+                .collect();
+            recorded.reverse();
+            checks.append(&mut recorded);
+        }
+        let extra = checks.len().saturating_sub(CHECK_HISTORY);
+        checks.drain(..extra);
+        checks
     }
 
     /// The half messages with the broker's own properties removed (the
@@ -201,16 +261,8 @@ impl Transactions {
             .unwrap_or_default()
             .into_iter()
             .map(|(queue, mut message)| {
-                for p in [
-                    PROP_PRODUCER_GROUP,
-                    PROP_CHECK_DELAY,
-                    PROP_ATTEMPT,
-                    super::offsets::PROP_OFFSETS,
-                    PROP_CARRIED_PREPARED_AT,
-                    PROP_CARRIED_CHECKS,
-                    PROP_CARRIED_PARKED,
-                    PROP_CARRIED_RECHECKED,
-                ] {
+                message.properties.remove(super::offsets::PROP_OFFSETS);
+                for p in BROKER_PROPS {
                     message.properties.remove(p);
                 }
                 TxMessage { queue, message }

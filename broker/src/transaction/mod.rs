@@ -33,7 +33,7 @@ use crate::pending_map::PendingMap;
 use crate::store::record::RecordKind;
 use crate::store::{
     RecoveredTransactions, RecoveredTx, Store, StoreError, TxChange, TxRef, PROP_CARRIED_CHECKS,
-    PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT, PROP_CARRIED_RECHECKED,
+    PROP_CARRIED_HISTORY, PROP_CARRIED_PARKED, PROP_CARRIED_PREPARED_AT, PROP_CARRIED_RECHECKED,
 };
 
 /// Properties the broker keeps inside a half message; removed on commit.
@@ -44,6 +44,20 @@ pub(crate) const PROP_CHECK_DELAY: &str = "__txmq.check_delay_ms";
 pub(crate) const PROP_ATTEMPT: &str = "__txmq.attempt";
 /// A user property that sets a message's own first-check delay (e.g. `2s`, `500ms`).
 pub const PROP_USER_CHECK_DELAY: &str = "txmq.check-delay";
+
+/// The broker's own properties of a half message (but the consumer
+/// offsets a commit takes, see `offsets.rs`): a committed message and
+/// `tx show` leave them out.
+const BROKER_PROPS: [&str; 8] = [
+    PROP_PRODUCER_GROUP,
+    PROP_CHECK_DELAY,
+    PROP_ATTEMPT,
+    PROP_CARRIED_PREPARED_AT,
+    PROP_CARRIED_CHECKS,
+    PROP_CARRIED_PARKED,
+    PROP_CARRIED_RECHECKED,
+    PROP_CARRIED_HISTORY,
+];
 
 /// At most this many transactions in one listing (oldest first).
 const LIST_LIMIT: usize = 1000;
@@ -184,6 +198,10 @@ struct Table {
     /// their order (bounded by [`ENDED_HISTORY`]).
     ended_history: HashMap<u64, VecDeque<CheckRecord>>,
     ended_history_order: VecDeque<u64>,
+    /// Where the half messages of the remembered ended transactions that
+    /// were carried forward past retention are (not at their tx id), for
+    /// `tx show`; forgotten with them.
+    ended_carried: HashMap<u64, Halves>,
     groups: HashMap<String, GroupName>,
     /// When prepared transactions are next due for a check.
     due: due::DueIndex,
@@ -236,8 +254,17 @@ impl Table {
                             self.ended_by_msg.remove(&e.msg_key);
                         }
                     }
+                    self.ended_carried.remove(&old);
                 }
             }
+        }
+    }
+
+    /// Keeps where the half messages of a remembered ended transaction
+    /// are, when they were carried forward (not at its id).
+    fn remember_carried(&mut self, tx_id: u64, halves: Halves) {
+        if halves.first != tx_id && self.ended.contains_key(&tx_id) {
+            self.ended_carried.insert(tx_id, halves);
         }
     }
 
@@ -326,6 +353,9 @@ impl Transactions {
         for (tx_id, committed, first_msg_id) in recovered.ended {
             table.remember_end(tx_id, committed, known_key(&first_msg_id));
         }
+        for (tx_id, first, count) in recovered.ended_carried {
+            table.remember_carried(tx_id, Halves { first, count });
+        }
         // Sized once: growing by doubling holds the old table and the new
         // one at the same time.
         table.by_msg_id.reserve(recovered.pending.len());
@@ -394,11 +424,15 @@ impl Transactions {
     /// The producer group of transaction `tx_id`, as its half message
     /// stored it (pending or ended); `None` when unknown here.
     pub(crate) fn producer_group(&self, tx_id: u64) -> Option<String> {
-        if let Some(p) = lock(&self.table).pending.get(&tx_id) {
-            return Some(p.group.to_string());
-        }
-        let (record, _) = self.store.read_record_at(tx_id)?;
-        if record.kind != RecordKind::Half {
+        let halves_at = {
+            let table = lock(&self.table);
+            if let Some(p) = table.pending.get(&tx_id) {
+                return Some(p.group.to_string());
+            }
+            table.ended_carried.get(&tx_id).map_or(tx_id, |h| h.first)
+        };
+        let (record, _) = self.store.read_record_at(halves_at)?;
+        if record.kind != RecordKind::Half || record.aux != tx_id {
             return None;
         }
         record.message.properties.get(PROP_PRODUCER_GROUP).cloned()
@@ -412,12 +446,16 @@ impl Transactions {
             match change {
                 TxChange::Pending(t) => insert_recovered(&mut table, &self.store, &self.config, t),
                 TxChange::Ended(tx_id, committed, first_msg_id) => {
-                    if let Some(p) = table.pending.remove(&tx_id) {
+                    let removed = table.pending.remove(&tx_id);
+                    if let Some(p) = &removed {
                         if table.by_msg_id.get(&p.first_msg_key) == Some(&tx_id) {
                             table.by_msg_id.remove(&p.first_msg_key);
                         }
                     }
                     table.remember_end(tx_id, committed, known_key(&first_msg_id));
+                    if let Some(p) = removed {
+                        table.remember_carried(tx_id, p.halves);
+                    }
                     let counter = if committed {
                         &self.counters.committed
                     } else {
@@ -811,14 +849,6 @@ impl Transactions {
         }
         match result {
             Ok(durable) => {
-                if let Some(p) = table.pending.remove(&tx_id) {
-                    self.metrics.ended(&p.group, action == TxAction::Commit);
-                    let key = p.first_msg_key;
-                    if table.by_msg_id.get(&key) == Some(&tx_id) {
-                        table.by_msg_id.remove(&key);
-                    }
-                    table.keep_history(tx_id, p.checked);
-                }
                 table.remember_end_by(
                     tx_id,
                     action == TxAction::Commit,
@@ -826,6 +856,15 @@ impl Transactions {
                     by,
                     now_millis(),
                 );
+                if let Some(p) = table.pending.remove(&tx_id) {
+                    self.metrics.ended(&p.group, action == TxAction::Commit);
+                    let key = p.first_msg_key;
+                    if table.by_msg_id.get(&key) == Some(&tx_id) {
+                        table.by_msg_id.remove(&key);
+                    }
+                    table.remember_carried(tx_id, p.halves);
+                    table.keep_history(tx_id, p.checked);
+                }
                 drop(table);
                 match action {
                     TxAction::Commit => self.counters.committed.fetch_add(1, Ordering::Relaxed),
@@ -838,14 +877,6 @@ impl Transactions {
                 Ok(Ended::new(final_state(action), false, status(durable)))
             }
             Err(Conflict(why)) => {
-                if let Some(p) = table.pending.remove(&tx_id) {
-                    self.metrics.ended(&p.group, false);
-                    let key = p.first_msg_key;
-                    if table.by_msg_id.get(&key) == Some(&tx_id) {
-                        table.by_msg_id.remove(&key);
-                    }
-                    table.keep_history(tx_id, p.checked);
-                }
                 table.remember_end_by(
                     tx_id,
                     false,
@@ -853,6 +884,15 @@ impl Transactions {
                     EndedBy::OffsetConflict,
                     now_millis(),
                 );
+                if let Some(p) = table.pending.remove(&tx_id) {
+                    self.metrics.ended(&p.group, false);
+                    let key = p.first_msg_key;
+                    if table.by_msg_id.get(&key) == Some(&tx_id) {
+                        table.by_msg_id.remove(&key);
+                    }
+                    table.remember_carried(tx_id, p.halves);
+                    table.keep_history(tx_id, p.checked);
+                }
                 if let Some(e) = table.ended.get_mut(&tx_id) {
                     e.offset_conflict = true;
                 }
@@ -922,6 +962,11 @@ impl Transactions {
                         prepared_at: p.prepared_at,
                         checks: p.checks,
                         rechecked_at: p.rechecked_at,
+                        sent: p
+                            .history()
+                            .filter(|c| c.sent)
+                            .map(|c| (c.at_ms, check_back::answer_flags(c.answer)))
+                            .collect(),
                     };
                     (tx, p.halves, state)
                 })
@@ -934,6 +979,7 @@ impl Transactions {
                 prepared_at,
                 checks,
                 rechecked_at,
+                sent,
             } = state;
             let restore = |at: Option<u64>| {
                 let mut table = lock(&self.table);
@@ -980,6 +1026,30 @@ impl Transactions {
                 } else {
                     props.remove(PROP_CARRIED_PARKED);
                 }
+                // The checks sent go with the old segment (their `TxCheck`
+                // records): their times and answers go with the copy, those
+                // of earlier runs (from the log) before this run's. The log
+                // is looked up only when this run's do not tell them all.
+                let earlier = if (checks as usize) > sent.len() && sent.len() < CHECK_HISTORY {
+                    self.logged_checks(tx.id, halves.first)
+                } else {
+                    Vec::new()
+                };
+                let mut history: Vec<(u64, u16)> = earlier
+                    .iter()
+                    .map(|c| (c.at_ms, forensics::record_flags(c)))
+                    .chain(sent)
+                    .collect();
+                let extra = history.len().saturating_sub(CHECK_HISTORY);
+                history.drain(..extra);
+                if history.is_empty() {
+                    props.remove(PROP_CARRIED_HISTORY);
+                } else {
+                    props.insert(
+                        PROP_CARRIED_HISTORY.into(),
+                        forensics::encode_history(&history),
+                    );
+                }
             }
             match self.store.carry_transaction(tx, messages).await {
                 Ok(at) => {
@@ -1020,12 +1090,9 @@ impl Transactions {
                 if let Some(value) = m.properties.remove(offsets::PROP_OFFSETS) {
                     found.extend(offsets::decode(&value)?);
                 }
-                m.properties.remove(PROP_PRODUCER_GROUP);
-                m.properties.remove(PROP_CHECK_DELAY);
-                m.properties.remove(PROP_ATTEMPT);
-                m.properties.remove(PROP_CARRIED_PREPARED_AT);
-                m.properties.remove(PROP_CARRIED_CHECKS);
-                m.properties.remove(PROP_CARRIED_PARKED);
+                for p in BROKER_PROPS {
+                    m.properties.remove(p);
+                }
                 Some((rec.queue, m))
             })
             .collect::<Option<Vec<_>>>()?;
@@ -1501,6 +1568,9 @@ struct Carried {
     prepared_at: u64,
     checks: u32,
     rechecked_at: u32,
+    /// The checks sent in this run, oldest first: (time, answer as a
+    /// `TxCheck` record's flags).
+    sent: Vec<(u64, u16)>,
 }
 
 #[cfg(test)]
@@ -1701,6 +1771,119 @@ mod tests {
             visible.message.properties
         );
         store.shutdown().await;
+    }
+
+    /// A transaction carried forward keeps what `tx show` shows: the
+    /// checks sent before the carry (their records go with the old
+    /// segment) with their times and answers, across restarts, and once it
+    /// ended its group, prepare time and half messages (the carried copy).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_carried_transaction_keeps_its_forensics_across_restarts_and_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || expiring_store(dir.path());
+        let store = open();
+        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
+        let (id, _, _) = tx
+            .prepare(
+                "pg",
+                None,
+                Some(1),
+                vec![(0, Message::new("t", "carried").with_key("k"))],
+                None,
+            )
+            .await
+            .unwrap();
+        // Two checks that reached the producer, answered "unknown", then
+        // one that could not be sent.
+        for answer in [Some(TxResolution::Unknown), None] {
+            let r = tx.tx_ref(id).unwrap();
+            let flags = check_back::answer_flags(answer);
+            store
+                .transaction_marker_flagged(RecordKind::TxCheck, r, flags)
+                .await
+                .unwrap();
+            tx.check_done(
+                id,
+                true,
+                answer,
+                answer.is_none().then(|| "timed out".into()),
+            );
+        }
+        tx.check_done(id, false, None, Some("no producer".into()));
+        let prepared_at = tx.show(id).unwrap().prepared_at_ms;
+        let sent = |d: &txmq_protocol::TxDetail| -> Vec<(u64, Option<TxResolution>)> {
+            d.history
+                .iter()
+                .filter(|c| c.sent)
+                .map(|c| (c.at_ms, c.answer))
+                .collect()
+        };
+        let before = sent(&tx.show(id).unwrap());
+        assert_eq!(before.len(), 2);
+        for i in 0..60 {
+            store
+                .append(
+                    "t",
+                    0,
+                    vec![Message::new("t", vec![b'x'; 60_000]).with_key(format!("{i}"))],
+                )
+                .await
+                .unwrap();
+        }
+        let expiring = store.expiring_halves();
+        assert_eq!(expiring, vec![id]);
+        assert_eq!(tx.carry_forward(&expiring).await, 1);
+        assert!(store.enforce_retention().unwrap() >= 3);
+        assert!(store.read_record_at(id).is_none(), "the old copy is gone");
+        let d = tx.show(id).unwrap();
+        assert_eq!(d.history.len(), 3, "this run's, unsent too: {d:?}");
+        assert_eq!(sent(&d), before);
+        store.shutdown().await;
+
+        for round in 0..2 {
+            let store = open();
+            let recovered = store.take_recovered_transactions().unwrap_or_default();
+            let tx = Transactions::new(store.clone(), config(), "b".into(), recovered);
+            let d = tx.show(id).unwrap();
+            assert_eq!(d.producer_group.as_deref(), Some("pg"), "{round}: {d:?}");
+            assert_eq!(d.prepared_at_ms, prepared_at, "{round}: {d:?}");
+            assert_eq!(d.messages.len(), 1, "{round}: {d:?}");
+            assert_eq!(&d.messages[0].message.body[..], b"carried");
+            assert!(
+                d.messages[0]
+                    .message
+                    .properties
+                    .keys()
+                    .all(|k| !k.starts_with("__txmq")),
+                "{d:?}"
+            );
+            // The two checks sent, with their times and answers, from
+            // the carried copy (their records went with the old segment).
+            let shown = sent(&d);
+            assert_eq!(
+                shown.iter().map(|c| c.1).collect::<Vec<_>>(),
+                vec![Some(TxResolution::Unknown), None],
+                "{round}: {d:?}"
+            );
+            assert_eq!(shown, before, "{round}: the times too");
+            if round == 0 {
+                let ended = tx
+                    .end(id, TxAction::Commit, TxSource::Operator, None)
+                    .await
+                    .unwrap();
+                assert_eq!(ended.state, TxState::Committed);
+                let d = tx.show(id).unwrap();
+                assert_eq!(d.state, TxState::Committed);
+                assert_eq!(d.producer_group.as_deref(), Some("pg"), "{d:?}");
+                assert_eq!(d.prepared_at_ms, prepared_at, "{d:?}");
+                assert_eq!(d.messages.len(), 1, "{d:?}");
+                assert_eq!(sent(&d).len(), 2, "{d:?}");
+                assert_eq!(tx.producer_group(id).as_deref(), Some("pg"));
+            } else {
+                assert_eq!(d.state, TxState::Committed, "ended before the restart");
+            }
+            store.shutdown().await;
+        }
     }
 
     /// A pending transaction whose half message is damaged is listed
