@@ -309,6 +309,15 @@ impl BrokerConfig {
                 self.segment_size
             ));
         }
+        // Each would make a broker that starts and serves nobody.
+        if self.max_message_size == 0 {
+            return Err(
+                "--max-message-size must be above 0: 0 refuses every message with a body".into(),
+            );
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1: 0 refuses every client".into());
+        }
         if self.max_message_size as u64 > self.segment_size / 2 {
             return Err("max message size must be at most half the segment size".into());
         }

@@ -1672,6 +1672,59 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
     assert!(!dir.path().join("data").exists());
 }
 
+/// A setting that would start a broker serving nobody is refused as
+/// impossible, naming its flag, from the flag, the environment and the
+/// config file alike: `--max-connections 0` refused every client
+/// (TOO_MANY_CONNECTIONS), `--max-message-size 0` every message with a
+/// body.
+#[test]
+fn settings_that_make_a_broker_serve_nobody_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
+    for (flag, var, key, says) in [
+        (
+            "--max-connections",
+            "TXMQ_MAX_CONNECTIONS",
+            "max_connections = 0",
+            "--max-connections must be at least 1",
+        ),
+        (
+            "--max-message-size",
+            "TXMQ_MAX_MESSAGE_SIZE",
+            "max_message_size = \"0\"",
+            "--max-message-size must be above 0",
+        ),
+    ] {
+        let config = dir.path().join(format!("{var}.toml"));
+        std::fs::write(&config, format!("{key}\n")).unwrap();
+        let config = config.to_str().unwrap();
+        let refused = |extra: &[&str], env: &[(&str, &str)]| {
+            let out = std::process::Command::new(txmq_tests::binary("txmq-broker"))
+                .args(broker_args(&listen, data, extra))
+                .envs(env.iter().copied())
+                .output()
+                .expect("run txmq-broker");
+            let err = stderr_of(&out);
+            assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}: {err}");
+            assert!(err.contains(says), "{extra:?} {env:?}: {err}");
+        };
+        refused(&[flag, "0"], &[]);
+        refused(&[], &[(var, "0")]);
+        refused(&["--config", config], &[]);
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+    // 1 starts: one client, a one-byte body.
+    let mut broker = txmq_tests::BrokerProcess::start(
+        &dir.path().join("ok"),
+        "127.0.0.1:1",
+        "broker-a",
+        &["--max-connections", "1", "--max-message-size", "1"],
+    );
+    assert_eq!(broker.stop(), Some(0), "{}", broker.log_text());
+}
+
 #[test]
 fn a_data_dir_that_cannot_be_created_is_a_clear_error_and_exit_1() {
     let dir = tempfile::tempdir().unwrap();
