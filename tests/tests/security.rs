@@ -1224,6 +1224,103 @@ async fn check_backs_go_only_to_producers_still_allowed_tx() {
     alice.close().await.unwrap();
 }
 
+/// A check-back's answer may end the transaction, which needs `pub` on its
+/// topic: a producer of the group whose user may not publish there gets
+/// none (it committed a message to a topic it may not send to), and the
+/// transaction waits for one that may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
+    let site = Site::start(Setup {
+        extra: &[
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+            "--transaction-check-max",
+            "1000",
+        ],
+        ..Setup::default()
+    })
+    .await;
+    site.create_topic(TOPIC).await;
+    // bob (pub on audit only) and carol (pub on orders) become producers
+    // of orders-tx.
+    let text = std::fs::read_to_string(&site.acl).expect("read ACL file");
+    let tx = "groups = { \"orders-tx\" = [\"tx\"] }";
+    let bob_sends = "topics = { \"audit\" = [\"pub\"] }\n\n[[user]]\naccess_key = \"carol\"";
+    let carol_reads = "topics = { \"orders\" = [\"sub\", \"pub\"] }";
+    assert!(text.contains(bob_sends) && text.contains(carol_reads));
+    let text = text
+        .replacen(
+            "topics = { \"audit\" = [\"pub\"] }\n\n[[user]]\naccess_key = \"carol\"",
+            &format!(
+                "topics = {{ \"audit\" = [\"pub\"] }}\n{tx}\n\n[[user]]\naccess_key = \"carol\""
+            ),
+            1,
+        )
+        .replace(carol_reads, &format!("{carol_reads}\n{tx}"));
+    std::fs::write(&site.acl, text).expect("write ACL file");
+    site.broker.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // alice prepares and goes away with the outcome unknown.
+    let alice_listener = Listener::new(TransactionState::Unknown, TransactionState::Unknown);
+    let alice = tx_producer(&site, "alice", &alice_listener)
+        .await
+        .expect("alice's transactional producer starts");
+    let pending = alice
+        .send_in_transaction(Message::new(TOPIC, "checked back"))
+        .await
+        .expect("alice prepares");
+    alice.close().await.expect("alice closes");
+
+    let bob_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
+    let _bob = tx_producer(&site, "bob", &bob_listener)
+        .await
+        .expect("bob may be a producer of the group");
+    // Several checks fall due meanwhile (every 100 ms).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        bob_listener.checks.load(Ordering::SeqCst),
+        0,
+        "bob was checked"
+    );
+    let ops = site.admin("ops").await;
+    let listed = ops.list_transactions(None).await.expect("ops lists");
+    assert!(
+        listed
+            .iter()
+            .any(|l| l.transactions.iter().any(|t| t.tx_id == pending.tx_id)),
+        "still pending"
+    );
+
+    let carol_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
+    let _carol = tx_producer(&site, "carol", &carol_listener)
+        .await
+        .expect("carol's transactional producer starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lists = ops.list_transactions(None).await.expect("ops lists");
+        if lists
+            .iter()
+            .all(|l| l.transactions.iter().all(|t| t.tx_id != pending.tx_id))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transaction was never committed through carol's check-back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(carol_listener.checks.load(Ordering::SeqCst) >= 1);
+    assert_eq!(
+        bob_listener.checks.load(Ordering::SeqCst),
+        0,
+        "bob was checked"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // TLS
 // ---------------------------------------------------------------------------
@@ -1438,6 +1535,9 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     assert!(err.contains("bad.toml") && err.contains("fly"), "{err}");
     let err = run(&["--access-key", "broker"]);
     assert!(err.contains("--secret-key"), "{err}");
+    // An empty secret is no secret.
+    let err = run(&["--access-key", "broker", "--secret-key", ""]);
+    assert!(err.contains("--access-key needs --secret-key"), "{err}");
     let empty_secret = pki.acl(
         "empty.toml",
         "[[user]]\naccess_key = \"x\"\nsecret_key = \"\"\nadmin = true\n",
@@ -1477,7 +1577,15 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
         err.contains("--standalone with --acl-file needs --access-key and --secret-key"),
         "{err}"
     );
-    // The nameserver's files likewise.
+    // The nameserver's settings likewise.
+    let out = std::process::Command::new(txmq_tests::binary("txmq-nameserver"))
+        .args(["--listen", "127.0.0.1:0", "--access-key", "broker"])
+        .args(["--secret-key", ""])
+        .output()
+        .expect("run txmq-nameserver");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--access-key needs --secret-key"), "{err}");
     let not_toml = pki.acl("not-toml.toml", "this is = = not TOML\n");
     for (acl, says) in [(&not_toml, "not-toml.toml"), (&no_users, "no users")] {
         let out = std::process::Command::new(txmq_tests::binary("txmq-nameserver"))

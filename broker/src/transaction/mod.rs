@@ -412,10 +412,17 @@ impl Transactions {
     }
 
     /// A live connection of `group` that may answer its check-backs now,
-    /// round robin.
-    fn check_back_connection(&self, group: &str) -> Option<Producer> {
+    /// round robin: its user has the group's `tx`, and `pub` on each of
+    /// `topics` (the transaction's), since its answer may end the
+    /// transaction, which `pub` is needed for.
+    fn check_back_connection(&self, group: &str, topics: &[&str]) -> Option<Producer> {
         self.producers.pick(group, |p| match p {
-            Producer::Conn(conn) => self.security.allows(conn, txmq_remoting::Op::Tx(group)),
+            Producer::Conn(conn) => {
+                self.security.allows(conn, txmq_remoting::Op::Tx(group))
+                    && topics
+                        .iter()
+                        .all(|t| self.security.allows(conn, txmq_remoting::Op::Pub(t)))
+            }
             // The front door serves no ACL (it refuses to start with one).
             Producer::Grpc(_) => true,
         })
