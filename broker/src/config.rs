@@ -1024,19 +1024,21 @@ impl BrokerArgs {
     }
 }
 
-/// `--access-key` and `--secret-key` go together.
+/// `--access-key` and `--secret-key` go together; an empty one counts as
+/// not given (an empty secret is no secret).
 fn credentials(
     access_key: Option<String>,
     secret_key: Option<String>,
 ) -> Result<Option<txmq_remoting::Credentials>, String> {
-    match (access_key, secret_key) {
+    let given = |key: Option<String>| key.filter(|k| !k.is_empty());
+    match (given(access_key), given(secret_key)) {
         (Some(access_key), Some(secret_key)) => Ok(Some(txmq_remoting::Credentials {
             access_key,
             secret_key,
         })),
         (None, None) => Ok(None),
-        (Some(_), None) => Err("--access-key needs --secret-key".into()),
-        (None, Some(_)) => Err("--secret-key needs --access-key".into()),
+        (Some(_), None) => Err("--access-key needs --secret-key, not empty".into()),
+        (None, Some(_)) => Err("--secret-key needs --access-key, not empty".into()),
     }
 }
 
@@ -1268,6 +1270,11 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.contains("--access-key"), "{err}");
+        // An empty secret is no secret.
+        let err = BrokerArgs::parse_from(["txmq-broker", "--access-key", "b", "--secret-key", ""])
+            .resolve()
+            .unwrap_err();
+        assert!(err.contains("--access-key needs --secret-key"), "{err}");
     }
 
     #[test]

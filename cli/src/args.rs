@@ -154,19 +154,24 @@ impl SecurityArgs {
     /// The credentials of the flags: `None` without `--access-key`.
     ///
     /// # Errors
-    /// A usage error (exit 2) when only one of the two keys is given.
+    /// A usage error (exit 2) when only one of the two keys is given; an
+    /// empty one (`--secret-key ""`, `TXMQ_SECRET_KEY=`) counts as not
+    /// given.
     pub fn credentials(&self) -> Result<Option<Credentials>> {
-        match (&self.access_key, &self.secret_key) {
+        fn given(key: &Option<String>) -> Option<&str> {
+            key.as_deref().filter(|k| !k.is_empty())
+        }
+        match (given(&self.access_key), given(&self.secret_key)) {
             (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
-                access_key: access_key.clone(),
-                secret_key: secret_key.clone(),
+                access_key: access_key.to_string(),
+                secret_key: secret_key.to_string(),
             })),
             (None, None) => Ok(None),
             (Some(_), None) => Err(exit::usage(
-                "--access-key needs its --secret-key (or TXMQ_SECRET_KEY)",
+                "--access-key needs its --secret-key (or TXMQ_SECRET_KEY), not empty",
             )),
             (None, Some(_)) => Err(exit::usage(
-                "--secret-key needs its --access-key (or TXMQ_ACCESS_KEY)",
+                "--secret-key needs its --access-key (or TXMQ_ACCESS_KEY), not empty",
             )),
         }
     }

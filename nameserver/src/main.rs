@@ -148,16 +148,20 @@ impl Args {
         Ok(Some(c))
     }
 
-    /// The credentials of the controller's connections: both keys or neither.
+    /// The credentials of the controller's connections: both keys or
+    /// neither; an empty one counts as not given.
     fn credentials(&self) -> Result<Option<Credentials>, String> {
-        match (&self.access_key, &self.secret_key) {
+        fn given(key: &Option<String>) -> Option<&str> {
+            key.as_deref().filter(|k| !k.is_empty())
+        }
+        match (given(&self.access_key), given(&self.secret_key)) {
             (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
-                access_key: access_key.clone(),
-                secret_key: secret_key.clone(),
+                access_key: access_key.to_string(),
+                secret_key: secret_key.to_string(),
             })),
             (None, None) => Ok(None),
-            (Some(_), None) => Err("--access-key needs --secret-key".into()),
-            (None, Some(_)) => Err("--secret-key needs --access-key".into()),
+            (Some(_), None) => Err("--access-key needs --secret-key, not empty".into()),
+            (None, Some(_)) => Err("--secret-key needs --access-key, not empty".into()),
         }
     }
 

@@ -348,6 +348,37 @@ fn a_wrong_secret_or_none_fails_authentication() {
         Some(2),
         "a key without its secret is a usage error"
     );
+    // An empty secret is no secret: a usage error too, from the flag or
+    // the environment, and nothing is sent (it was, and was answered
+    // AUTHENTICATION_FAILED).
+    let list = ["topic", "list"].map(str::to_string);
+    let ca = ("TXMQ_TLS_CA", path(&s.pki.ca()));
+    let flag = [
+        "--tls-ca",
+        &path(&s.pki.ca()),
+        "--access-key",
+        "ops",
+        "--secret-key",
+        "",
+    ]
+    .map(str::to_string);
+    for empty in [
+        run(&s.ns_addr, &[&flag[..], &list[..]].concat(), &[]),
+        run(
+            &s.ns_addr,
+            &list,
+            &[
+                ca.clone(),
+                ("TXMQ_ACCESS_KEY", "ops".into()),
+                ("TXMQ_SECRET_KEY", String::new()),
+            ],
+        ),
+    ] {
+        let err = stderr(&empty);
+        assert_eq!(empty.status.code(), Some(2), "{err}");
+        assert!(err.contains("--access-key needs its --secret-key"), "{err}");
+        assert!(!err.contains("AUTHENTICATION_FAILED"), "{err}");
+    }
 }
 
 /// `txmq-broker --standalone` serves its nameserver with the broker's TLS
