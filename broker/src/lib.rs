@@ -357,6 +357,15 @@ impl Broker {
         // Stops the metrics endpoint when the start fails past here.
         let stop_guard = metrics_stop.clone().drop_guard();
         let run = if config.replication.controlled() {
+            if config.replication.mode == config::ReplicationMode::Async {
+                // An election after the master's crash keeps only what the
+                // new master had fetched: an acknowledged send may be lost.
+                tracing::warn!(
+                    "--replication async under --controller: a failover may lose acknowledged sends \
+                     that the new master had not fetched yet (up to --replica-lag-max of writes); \
+                     --replication sync keeps every acknowledged write"
+                );
+            }
             let dir = config.data_dir.clone();
             store::commit_log::create_dir_durable(&dir).map_err(|e| BrokerError::Store {
                 dir: dir.display().to_string(),

@@ -1177,6 +1177,36 @@ async fn a_partitioned_master_acknowledges_nothing_and_rejoins_as_a_slave_withou
 // ---------------------------------------------------------------------------
 // 3. The controller's Raft leader killed.
 
+/// A broker run by the controller with async replication (the default)
+/// says at its start that a failover may lose acknowledged sends (the new
+/// master holds only what it had fetched); with sync replication it does
+/// not.
+#[test]
+fn async_replication_under_the_controller_warns_at_start() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    // Nobody needs to listen there: the warning comes before any contact.
+    let ctl = format!("127.0.0.1:{}", free_port());
+    let ns = format!("127.0.0.1:{}", free_port());
+    let warning = "--replication async under --controller: a failover may lose acknowledged sends";
+    let default = BrokerProcess::start(&tmp.path().join("a"), &ns, GROUP, &["--controller", &ctl]);
+    let sync = BrokerProcess::start(
+        &tmp.path().join("s"),
+        &ns,
+        "broker-s",
+        &["--controller", &ctl, "--replication", "sync"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !default.log_text().contains(warning) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning: {}",
+            tail(&default.log_text(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!sync.log_text().contains(warning), "{}", sync.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_controller_leader_keeps_the_master_and_its_sends() {
     const TOPIC: &str = "controller-kill";
