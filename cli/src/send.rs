@@ -291,7 +291,9 @@ fn maybe_stored(e: &txmq::Error) -> bool {
         txmq::Error::Broker { source, .. } => match source {
             RemotingError::Timeout { kind, .. } => *kind != "Hello",
             RemotingError::Closed { .. } | RemotingError::UnexpectedResponse { .. } => true,
-            RemotingError::Connect { .. } | RemotingError::Remote(_) => false,
+            RemotingError::Connect { .. }
+            | RemotingError::Remote(_)
+            | RemotingError::NotSent { .. } => false,
         },
         _ => false,
     }

@@ -262,7 +262,10 @@ impl Error {
     /// [`Error::NoCommonBroker`], [`ErrorCode::BadArgument`] for
     /// [`Error::BadArgument`] and [`Error::AmbiguousTransaction`],
     /// [`ErrorCode::UnknownTransaction`] for [`Error::UnknownTransaction`],
-    /// [`ErrorCode::UnsupportedRequest`] for [`Error::NoController`]).
+    /// [`ErrorCode::UnsupportedRequest`] for [`Error::NoController`], the
+    /// code of a request refused before sending,
+    /// [`txmq_remoting::Error::NotSent`]: `FRAME_TOO_LARGE` for one over the
+    /// frame size).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::NoRoute { .. } | Error::NoCommonBroker { .. } | Error::NoMaster { .. } => {
@@ -273,7 +276,10 @@ impl Error {
             }
             Error::UnknownTransaction { .. } => Some(ErrorCode::UnknownTransaction),
             Error::NoController { .. } => Some(ErrorCode::UnsupportedRequest),
-            _ => self.wire_error().map(|e| e.code),
+            _ => match self.remoting() {
+                Some(txmq_remoting::Error::NotSent { code, .. }) => Some(*code),
+                _ => self.wire_error().map(|e| e.code),
+            },
         }
     }
 

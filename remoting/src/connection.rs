@@ -132,7 +132,7 @@ struct Pending {
 }
 
 struct Waiting {
-    answer: oneshot::Sender<Result<Response, WireError>>,
+    answer: oneshot::Sender<Result<Response, Error>>,
     deadline: Instant,
 }
 
@@ -141,7 +141,7 @@ struct Waiting {
 /// hand-over wakes the caller's task, which on a multi-thread runtime may
 /// wake another worker thread, and the tasks sending requests meanwhile
 /// need the lock.
-fn deliver(pending: &Mutex<Pending>, id: u64, result: Result<Response, WireError>) {
+fn deliver(pending: &Mutex<Pending>, id: u64, result: Result<Response, Error>) {
     let waiting = lock(pending).waiting.remove(&id);
     if let Some(w) = waiting {
         let _ = w.answer.send(result);
@@ -480,7 +480,7 @@ fn settle(reply: Reply<'_>, frame: Frame, sent: Sent) -> Result<Queued<'_>, Erro
 pub struct Reply<'a> {
     conn: &'a Connection,
     entry: PendingEntry<'a>,
-    rx: oneshot::Receiver<Result<Response, WireError>>,
+    rx: oneshot::Receiver<Result<Response, Error>>,
     deadline: Instant,
     kind: &'static str,
     timeout: Duration,
@@ -516,7 +516,7 @@ impl<'a> Reply<'a> {
             Ok(answer) => {
                 // The reader removed the entry when it took the answer.
                 self.entry.armed = false;
-                answer.map_err(Error::Remote)
+                answer
             }
             // The sweeper dropped the entry at its deadline, or the
             // connection closed and dropped them all.
@@ -1428,7 +1428,7 @@ async fn read_loop(
                     break;
                 }
                 Some(Ok(Decoded::Frame(Frame::Response(id, result)))) => {
-                    deliver(&inner.pending, id, result);
+                    deliver(&inner.pending, id, result.map_err(Error::Remote));
                 }
                 Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(_) | Request::Authenticate(_))))) => {
                     let e = WireError::new(ErrorCode::HelloRequired, "hello already received");
@@ -1468,7 +1468,7 @@ async fn read_loop(
                         let _ = flush_batch(&inner, &mut batch);
                         refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
                     } else {
-                        deliver(&inner.pending, id, Err(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}"))));
+                        deliver(&inner.pending, id, Err(Error::Remote(WireError::new(ErrorCode::MalformedRequest, format!("malformed response: {error}")))));
                     }
                     break;
                 }
@@ -1761,14 +1761,28 @@ async fn write_loop(inner: Arc<Inner>) {
     inner.room.notify_waiters();
 }
 
-/// Encodes one frame; one too large fails its request or is answered with
-/// an error instead.
+/// Encodes one frame; one too large fails its request, as refused before
+/// sending (the peer never sees it), or is answered with an error instead.
 fn encode_frame(codec: &mut FrameCodec, frame: &Frame, buf: &mut BytesMut, inner: &Inner) {
     if let Err(e) = codec.encode(frame, buf) {
-        let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
         match frame {
-            Frame::Request(id, _) => deliver(&inner.pending, *id, Err(error)),
+            Frame::Request(id, request) => {
+                let (code, reason) = match e {
+                    txmq_protocol::codec::CodecError::FrameTooLarge { len, max, .. } => (
+                        ErrorCode::FrameTooLarge,
+                        format!("its frame of {len} bytes is over the maximum of {max} bytes"),
+                    ),
+                    e => (ErrorCode::MalformedRequest, e.to_string()),
+                };
+                let error = Error::NotSent {
+                    kind: request.kind(),
+                    code,
+                    reason,
+                };
+                deliver(&inner.pending, *id, Err(error));
+            }
             Frame::Response(id, _) => {
+                let error = WireError::new(ErrorCode::FrameTooLarge, e.to_string());
                 warn!(peer = %inner.peer, %error, "response cannot be sent; answering with an error");
                 let _ = codec.encode(&Frame::Response(*id, Err(error)), buf);
             }

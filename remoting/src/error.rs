@@ -34,6 +34,19 @@ pub enum Error {
     /// The peer answered with an error.
     #[error(transparent)]
     Remote(#[from] WireError),
+    /// The request was never sent: this side refused it before writing it,
+    /// its frame being over the connection's maximum (`max_frame_len`;
+    /// `code` [`FRAME_TOO_LARGE`](txmq_protocol::ErrorCode::FrameTooLarge)),
+    /// or not encodable. The peer did not see it, so nothing was done.
+    #[error("{kind} request refused before sending: {reason}")]
+    NotSent {
+        /// The request kind.
+        kind: &'static str,
+        /// The matching wire code, for callers that sort errors by code.
+        code: txmq_protocol::ErrorCode,
+        /// Why.
+        reason: String,
+    },
     /// The peer answered with a response of the wrong kind.
     #[error("unexpected response to a {kind} request")]
     UnexpectedResponse {
@@ -65,7 +78,7 @@ impl Error {
                     | ErrorCode::TooManyConnections
                     | ErrorCode::Busy
             ),
-            Error::UnexpectedResponse { .. } => false,
+            Error::NotSent { .. } | Error::UnexpectedResponse { .. } => false,
         }
     }
 }

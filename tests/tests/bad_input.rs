@@ -978,16 +978,21 @@ async fn a_body_over_the_max_message_size_is_message_too_large() {
         "{}",
         error_chain(&e)
     );
-    // Over the frame limit as well: refused before it is sent.
+    // Over the frame limit as well: refused before it is sent, and the
+    // error says so rather than reading as the broker's answer.
     let e = producer
         .send(Message::new("big", vec![7u8; 9 << 20]))
         .await
         .expect_err("9 MiB is over every limit");
+    assert_eq!(
+        e.code(),
+        Some(ErrorCode::FrameTooLarge),
+        "{}",
+        error_chain(&e)
+    );
+    assert!(e.wire_error().is_none(), "{}", error_chain(&e));
     assert!(
-        matches!(
-            e.code(),
-            Some(ErrorCode::MessageTooLarge | ErrorCode::FrameTooLarge)
-        ),
+        error_chain(&e).contains("refused before sending"),
         "{}",
         error_chain(&e)
     );
@@ -1057,6 +1062,46 @@ async fn a_request_over_the_brokers_frame_limit_is_refused_by_name() {
     assert!(!err.contains("outcome unknown"), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("UNKNOWN"));
     // Nothing was stored, and the broker serves the next send.
+    let producer = cluster.producer().await;
+    let ok = producer.send(Message::new("big", "small")).await.unwrap();
+    assert_eq!(ok.queue_offset, 0);
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
+/// A body over the client's own frame limit is refused before it is
+/// sent, and `txmq send` says so: it printed `broker broker-a (ADDR):
+/// FRAME_TOO_LARGE (15): frame of ... bytes ...`, as if the broker had
+/// answered, which never saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_clients_frame_limit_is_refused_before_sending() {
+    let cluster = Cluster::start(FlushMode::Async).await;
+    cluster
+        .admin()
+        .await
+        .create_topic("big", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    // One line of 9 MB: over the client's 8 MiB frames.
+    let line = "x".repeat(9 << 20);
+    let out = common::txmq(
+        &cluster.nameserver,
+        &["send", "big", "--stdin", "--retries", "0"],
+        Some(&line),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not sent") && err.contains("refused before sending"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("FRAME_TOO_LARGE (15): frame of"),
+        "no broker answered: {err}"
+    );
+    assert!(!err.contains("outcome unknown"), "{err}");
+    // Nothing was stored, and the next send goes through.
     let producer = cluster.producer().await;
     let ok = producer.send(Message::new("big", "small")).await.unwrap();
     assert_eq!(ok.queue_offset, 0);
