@@ -318,6 +318,18 @@ impl Rmq {
 
     /// Up to 16 messages of `topic` for `group`, hidden for `invisible`.
     async fn receive(&mut self, topic: &str, group: &str, invisible: Duration) -> Vec<pb::Message> {
+        self.receive_waiting(topic, group, invisible, Duration::ZERO)
+            .await
+    }
+
+    /// As [`Rmq::receive`], waiting up to `poll` when there are none.
+    async fn receive_waiting(
+        &mut self,
+        topic: &str,
+        group: &str,
+        invisible: Duration,
+        poll: Duration,
+    ) -> Vec<pb::Message> {
         let request = pb::ReceiveMessageRequest {
             group: Some(resource(group)),
             message_queue: Some(pb::MessageQueue {
@@ -331,7 +343,7 @@ impl Rmq {
                 nanos: 0,
             }),
             long_polling_timeout: Some(prost_types::Duration {
-                seconds: 0,
+                seconds: poll.as_secs() as i64,
                 nanos: 0,
             }),
             ..Default::default()
@@ -373,6 +385,33 @@ impl Rmq {
             .await
             .unwrap();
         answer.into_inner().status.unwrap()
+    }
+
+    /// Hides `m` for `invisible` from now; the answer holds its new handle.
+    async fn change_invisible(
+        &mut self,
+        topic: &str,
+        group: &str,
+        m: &pb::Message,
+        invisible: Duration,
+    ) -> pb::ChangeInvisibleDurationResponse {
+        let sys = m.system_properties.clone().unwrap();
+        let request = pb::ChangeInvisibleDurationRequest {
+            group: Some(resource(group)),
+            topic: Some(resource(topic)),
+            receipt_handle: sys.receipt_handle.unwrap(),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: invisible.as_secs() as i64,
+                nanos: 0,
+            }),
+            message_id: sys.message_id,
+            ..Default::default()
+        };
+        self.client
+            .change_invisible_duration(Self::request(request))
+            .await
+            .unwrap()
+            .into_inner()
     }
 }
 
@@ -541,6 +580,94 @@ async fn change_invisible_duration_and_forward_to_the_dead_letter_queue() {
         .receive("dead", "xg", Duration::from_secs(2))
         .await
         .is_empty());
+    cluster.shutdown().await;
+}
+
+/// A message whose invisible time a consumer shortens goes to a long poll
+/// already waiting once its new deadline passes, not when that poll times
+/// out (a push consumer's retry backoff works so: its failed message came
+/// back after the 20 s poll instead of the advertised 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shortened_invisible_time_wakes_a_waiting_long_poll() {
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
+    txmq_send(&ns, "shortened", &["w1"]).await;
+    let mut holder = Rmq::connect(&grpc).await;
+    let got = holder
+        .receive("shortened", "wg", Duration::from_secs(30))
+        .await;
+    assert_eq!(bodies(&got), ["w1"]);
+
+    let waiting = tokio::spawn({
+        let grpc = grpc.clone();
+        async move {
+            let mut rmq = Rmq::connect(&grpc).await;
+            let started = std::time::Instant::now();
+            let got = rmq
+                .receive_waiting(
+                    "shortened",
+                    "wg",
+                    Duration::from_secs(30),
+                    Duration::from_secs(20),
+                )
+                .await;
+            (got, started.elapsed())
+        }
+    });
+    // The poll waits (nothing is due for 30 s) when the holder gives up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let changed_at = std::time::Instant::now();
+    let changed = holder
+        .change_invisible("shortened", "wg", &got[0], Duration::from_secs(1))
+        .await;
+    assert_eq!(changed.status.unwrap().code, pb::Code::Ok as i32);
+
+    let (again, waited) = waiting.await.unwrap();
+    let after_change = changed_at.elapsed();
+    assert_eq!(bodies(&again), ["w1"], "waited {waited:?}");
+    assert_eq!(attempt(&again[0]), 2);
+    assert!(
+        after_change >= Duration::from_millis(900) && after_change < Duration::from_secs(5),
+        "delivered {after_change:?} after the change to 1 s (the poll waited {waited:?} of its 20 s)"
+    );
+    cluster.shutdown().await;
+}
+
+/// The official push consumer's failed message comes again after the
+/// retry backoff the broker gives it (1 s for the first retry), with its
+/// delivery attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_push_consumer_gets_a_failed_message_again_after_its_backoff() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
+    txmq_send(&ns, "retried", &["ok1"]).await;
+    let consumer = tokio::task::spawn_blocking(move || {
+        rocketmq::python_json(
+            &python,
+            "push_consumer.py",
+            &[&grpc, "retried", "rg", "2", "fail1"],
+        )
+    });
+    // Sent while the consumer waits in a long poll: it receives the message,
+    // and polls again while its listener fails it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    txmq_send(&ns, "retried", &["fail1"]).await;
+    let got = consumer.await.unwrap();
+    let mut bodies: Vec<&str> = got["bodies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["fail1", "ok1"], "{got}");
+    assert_eq!(got["fail_again_attempt"], 2, "{got}");
+    let after = got["fail_again_after_s"].as_f64().unwrap();
+    assert!(
+        (0.5..5.0).contains(&after),
+        "came again after the 1 s backoff, not the 20 s long poll: {after} s"
+    );
     cluster.shutdown().await;
 }
 

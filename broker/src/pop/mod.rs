@@ -508,6 +508,12 @@ pub(crate) async fn change_invisible(
         .await
         .map_err(store_error)?;
     confirm(b, a.end, "the change of invisible time").await?;
+    // A long poll of the queue sleeps until the earliest deadline it saw:
+    // woken, it looks again and sleeps until this one when it is sooner
+    // (a push consumer's retry backoff shortens a deadline so).
+    if let Some(cq) = b.store.queue(topic, h.queue) {
+        cq.wake_polls();
+    }
     let new = Handle {
         receipt: a.first_offset,
         ..h

@@ -264,6 +264,17 @@ impl ConsumeQueue {
         (Interest(&self.interested), self.arrived.notified())
     }
 
+    /// Wakes the long polls waiting on the queue, to look at it again
+    /// though it did not grow: a pop group's message in flight was made
+    /// due sooner (its invisible time shortened), and a poll sleeps only
+    /// until the deadline it saw when it looked.
+    pub fn wake_polls(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.interested.load(Ordering::Relaxed) > 0 {
+            self.arrived.notify_waiters();
+        }
+    }
+
     /// Adds `entries` (encoded, `ENTRY_LEN` each) at `first_offset`, which
     /// must be [`ConsumeQueue::next_offset`] (or an offset being rebuilt).
     /// They are readable at once and written to their file later (see the
