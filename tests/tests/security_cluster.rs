@@ -291,6 +291,8 @@ async fn a_tls_nameserver_refuses_plaintext_and_servers_of_an_unknown_ca() {
     assert!(message.contains("UnknownIssuer"), "{message}");
 }
 
+/// A file the nameserver cannot use is a bad setting: exit 2, as the
+/// broker's settings.
 #[test]
 fn unusable_security_files_stop_the_nameserver_at_start() {
     let pki = Pki::new("security-test-ca");
@@ -304,7 +306,7 @@ fn unusable_security_files_stop_the_nameserver_at_start() {
     };
     let missing = pki.dir().join("missing.toml");
     let out = run(&["--acl-file", path(&missing)]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(path(&missing)), "{err}");
 
@@ -313,13 +315,13 @@ fn unusable_security_files_stop_the_nameserver_at_start() {
         "[[user]]\naccess_key = \"x\"\nadmin = \"yes\"\n",
     );
     let out = run(&["--acl-file", path(&bad)]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(path(&bad)), "{err}");
 
     let cert = pki.issue("nameserver").cert;
     let out = run(&["--tls-cert", path(&cert)]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tls-key"), "{err}");
 
