@@ -1261,7 +1261,6 @@ async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
         .replace(carol_reads, &format!("{carol_reads}\n{tx}"));
     std::fs::write(&site.acl, text).expect("write ACL file");
     site.broker.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // alice prepares and goes away with the outcome unknown.
     let alice_listener = Listener::new(TransactionState::Unknown, TransactionState::Unknown);
@@ -1275,9 +1274,8 @@ async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
     alice.close().await.expect("alice closes");
 
     let bob_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
-    let _bob = tx_producer(&site, "bob", &bob_listener)
-        .await
-        .expect("bob may be a producer of the group");
+    // Refused until the broker has read the file again.
+    let _bob = until_started(&site, "bob", &bob_listener).await;
     // Several checks fall due meanwhile (every 100 ms).
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
@@ -1293,11 +1291,21 @@ async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
             .any(|l| l.transactions.iter().any(|t| t.tx_id == pending.tx_id)),
         "still pending"
     );
+    // Nor may bob end it himself: an end needs pub on the topic too.
+    let raw = site
+        .connect("bob", Role::TransactionProducer, Some(TX_GROUP))
+        .await;
+    let end = EndTransaction {
+        tx_id: pending.tx_id,
+        action: TxAction::Commit,
+        source: TxSource::Producer,
+        msg_id: None,
+        producer: None,
+    };
+    assert_denied(raw.call(end).await, "bob", "pub to topic 'orders'");
 
     let carol_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
-    let _carol = tx_producer(&site, "carol", &carol_listener)
-        .await
-        .expect("carol's transactional producer starts");
+    let _carol = until_started(&site, "carol", &carol_listener).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let lists = ops.list_transactions(None).await.expect("ops lists");
@@ -1319,6 +1327,25 @@ async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
         0,
         "bob was checked"
     );
+}
+
+/// `user`'s transactional producer of [`TX_GROUP`], started once the
+/// broker has read an ACL file that allows it (refused until then).
+async fn until_started(
+    site: &Site,
+    user: &str,
+    listener: &Arc<Listener>,
+) -> TransactionProducer<Listener> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tx_producer(site, user, listener).await {
+            Ok(p) => return p,
+            Err(e) if e.code() == Some(ErrorCode::AccessDenied) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{user}'s transactional producer starts: {e}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

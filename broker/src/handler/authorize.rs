@@ -217,7 +217,9 @@ pub(crate) fn send_back_needs(
 /// An end claiming the operator source needs `admin`; any other end is
 /// the producer's and needs `tx` of the transaction's producer group as
 /// the broker stored it (the connection's own group when the broker does
-/// not know the transaction: the end is refused as unknown anyway).
+/// not know the transaction: the end is refused as unknown anyway), and
+/// `pub` on the topics of its messages, as a check-back's answer does
+/// ([`crate::transaction::end_ops`]).
 fn end_needs(
     b: &BrokerInner,
     conn: &Connection,
@@ -230,8 +232,11 @@ fn end_needs(
             let group = b
                 .transactions
                 .producer_group(r.tx_id)
-                .or_else(|| conn.peer_hello().and_then(|h| h.group.clone()));
-            check(Op::Tx(group.as_deref().unwrap_or_default()))
+                .or_else(|| conn.peer_hello().and_then(|h| h.group.clone()))
+                .unwrap_or_default();
+            let topics = b.transactions.pending_topics(r.tx_id).unwrap_or_default();
+            let needs = crate::transaction::end_ops(&group, &topics).try_for_each(&mut check);
+            needs
         }
     }
 }

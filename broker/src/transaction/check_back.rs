@@ -113,9 +113,7 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
         tx.check_done(tx_id, false, None, None);
         return;
     }
-    let mut topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
-    topics.sort_unstable();
-    topics.dedup();
+    let topics = super::topics_of(messages.iter());
     let Some(producer) = tx.check_back_connection(&group, &topics) else {
         let error = format!("no producer of group '{group}' allowed to answer is connected");
         tx.metrics.check_back(&group, false, CheckOutcome::Failed);

@@ -415,17 +415,24 @@ impl Transactions {
     /// round robin: its user has the group's `tx`, and `pub` on each of
     /// `topics` (the transaction's), since its answer may end the
     /// transaction, which `pub` is needed for.
-    fn check_back_connection(&self, group: &str, topics: &[&str]) -> Option<Producer> {
+    fn check_back_connection(&self, group: &str, topics: &[String]) -> Option<Producer> {
         self.producers.pick(group, |p| match p {
             Producer::Conn(conn) => {
-                self.security.allows(conn, txmq_remoting::Op::Tx(group))
-                    && topics
-                        .iter()
-                        .all(|t| self.security.allows(conn, txmq_remoting::Op::Pub(t)))
+                end_ops(group, topics).all(|op| self.security.allows(conn, op))
             }
             // The front door serves no ACL (it refuses to start with one).
             Producer::Grpc(_) => true,
         })
+    }
+
+    /// The topics of pending transaction `tx_id`'s half messages, each
+    /// once; `None` when it is not pending here (or its halves are
+    /// unreadable).
+    pub(crate) fn pending_topics(&self, tx_id: u64) -> Option<Vec<String>> {
+        let halves = lock(&self.table).pending.get(&tx_id)?.halves;
+        // Read after the lock is released.
+        let messages = self.read_halves_raw(halves)?;
+        Some(topics_of(messages.iter().map(|(_, m)| m)))
     }
 
     /// The producer group of transaction `tx_id`, as its half message
@@ -1578,6 +1585,29 @@ struct Carried {
     /// The checks sent in this run, oldest first: (time, answer as a
     /// `TxCheck` record's flags).
     sent: Vec<(u64, u16)>,
+}
+
+/// What ending a transaction of producer group `group` with messages of
+/// `topics` needs of a producer's user: the group's `tx` and `pub` on each
+/// topic. An end the producer sends and a check-back's answer (which ends
+/// it too) need the same.
+pub(crate) fn end_ops<'a>(
+    group: &'a str,
+    topics: &'a [String],
+) -> impl Iterator<Item = txmq_remoting::Op<'a>> {
+    std::iter::once(txmq_remoting::Op::Tx(group))
+        .chain(topics.iter().map(|t| txmq_remoting::Op::Pub(t)))
+}
+
+/// The topics of `messages`, each once.
+pub(crate) fn topics_of<'a>(messages: impl Iterator<Item = &'a Message>) -> Vec<String> {
+    let mut topics: Vec<String> = Vec::new();
+    for m in messages {
+        if !topics.contains(&m.topic) {
+            topics.push(m.topic.clone());
+        }
+    }
+    topics
 }
 
 #[cfg(test)]
