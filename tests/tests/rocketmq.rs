@@ -671,6 +671,132 @@ async fn the_python_push_consumer_gets_a_failed_message_again_after_its_backoff(
     cluster.shutdown().await;
 }
 
+/// Each queue of `group` in `txmq group show`: (topic, committed, max
+/// offset, lag).
+async fn group_queues(ns: &str, group: &str) -> Vec<(String, Option<u64>, u64, u64)> {
+    let show = txmq(ns, &["--output", "json", "group", "show", group], None).await;
+    json_lines(ok(&show).as_bytes())
+        .iter()
+        .flat_map(|g| g["queues"].as_array().cloned().unwrap_or_default())
+        .map(|q| {
+            (
+                q["topic"].as_str().unwrap_or_default().to_string(),
+                q["committed"].as_u64(),
+                q["max_offset"].as_u64().unwrap_or(0),
+                q["lag"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// `txmq group reset-offset` moves a group of RocketMQ 5 consumers too,
+/// durably: `--to first` has the acknowledged messages delivered again
+/// (and `group show`'s lag drains as they are acknowledged), also after a
+/// `kill -9`; `--to last` skips what was not received, drops what was in
+/// flight (its receipt is refused, and it does not come again, also
+/// after a `kill -9`), and what comes next is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_reset_offset_moves_a_rocketmq_consumer_group_durably() {
+    let (cluster, ns, grpc, mut running) = setup(&["--flush", "sync"]).await;
+    ok(&txmq(&ns, &["topic", "create", "rewound", "--queues", "2"], None).await);
+    txmq_send(&ns, "rewound", &["a", "b", "c"]).await;
+    let mut rmq = Rmq::connect(&grpc).await;
+    let got = rmq.receive("rewound", "rg", Duration::from_secs(30)).await;
+    assert_eq!(bodies(&got), ["a", "b", "c"]);
+    for m in &got {
+        assert_eq!(rmq.ack("rewound", "rg", m).await.code, pb::Code::Ok as i32);
+    }
+    assert!(rmq
+        .receive("rewound", "rg", Duration::from_secs(30))
+        .await
+        .is_empty());
+
+    let reset = |to: &'static str| {
+        let ns = ns.clone();
+        async move {
+            let out = txmq(
+                &ns,
+                &[
+                    "--output",
+                    "json",
+                    "group",
+                    "reset-offset",
+                    "rg",
+                    "--topic",
+                    "rewound",
+                    "--to",
+                    to,
+                ],
+                None,
+            )
+            .await;
+            json_lines(ok(&out).as_bytes())
+        }
+    };
+    let moved = reset("first").await;
+    assert!(moved.iter().all(|q| q["offset"] == 0), "{moved:?}");
+    let queues = group_queues(&ns, "rg").await;
+    assert_eq!(queues.iter().map(|q| q.3).sum::<u64>(), 3, "{queues:?}");
+
+    // Durable: the acknowledged messages come again after a kill -9.
+    kill9_and_restart(&mut running.broker, &grpc).await;
+    let mut rmq = Rmq::connect(&grpc).await;
+    let again = rmq.receive("rewound", "rg", Duration::from_secs(30)).await;
+    assert_eq!(bodies(&again), ["a", "b", "c"], "delivered again");
+    assert!(again.iter().all(|m| attempt(m) == 1));
+    for m in &again {
+        assert_eq!(rmq.ack("rewound", "rg", m).await.code, pb::Code::Ok as i32);
+    }
+    let queues = group_queues(&ns, "rg").await;
+    assert!(
+        queues.iter().all(|q| q.3 == 0),
+        "the lag drained: {queues:?}"
+    );
+
+    // --to last: d and e in flight, f never received.
+    txmq_send(&ns, "rewound", &["d", "e"]).await;
+    let held = rmq.receive("rewound", "rg", Duration::from_secs(2)).await;
+    assert_eq!(bodies(&held), ["d", "e"]);
+    txmq_send(&ns, "rewound", &["f"]).await;
+    let moved = reset("last").await;
+    assert_eq!(
+        moved
+            .iter()
+            .map(|q| q["offset"].as_u64().unwrap())
+            .sum::<u64>(),
+        6,
+        "{moved:?}"
+    );
+    let stale = rmq.ack("rewound", "rg", &held[0]).await;
+    assert_eq!(
+        stale.code,
+        pb::Code::InvalidReceiptHandle as i32,
+        "{stale:?}"
+    );
+    assert!(stale.message.contains("reset"), "{stale:?}");
+    let queues = group_queues(&ns, "rg").await;
+    assert!(
+        queues.iter().all(|q| q.3 == 0 && q.1 == Some(q.2)),
+        "{queues:?}"
+    );
+    assert!(rmq
+        .receive("rewound", "rg", Duration::from_secs(30))
+        .await
+        .is_empty());
+    kill9_and_restart(&mut running.broker, &grpc).await;
+    let mut rmq = Rmq::connect(&grpc).await;
+    // Past d's and e's invisible time: dropped, they do not come again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(rmq
+        .receive("rewound", "rg", Duration::from_secs(30))
+        .await
+        .is_empty());
+    txmq_send(&ns, "rewound", &["g"]).await;
+    let next = rmq.receive("rewound", "rg", Duration::from_secs(30)).await;
+    assert_eq!(bodies(&next), ["g"]);
+    cluster.shutdown().await;
+}
+
 /// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
 async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
 where

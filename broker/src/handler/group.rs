@@ -339,6 +339,11 @@ pub(super) async fn reset(b: &BrokerInner, req: ResetOffset) -> Result<OffsetsRe
             ),
         ));
     }
+    // A group of RocketMQ 5 consumers (gRPC) reads where its pop state
+    // says, not at a committed offset: that state is reset instead (which
+    // commits the offset too). It has no members to refuse: it keeps no
+    // position of its own, and what it holds in flight is dropped.
+    let pop = b.store.is_pop_group(&req.group, &req.topic);
     let mut queues = Vec::new();
     for queue in 0..config.queues {
         let Some(q) = b.store.queue(&req.topic, queue) else {
@@ -350,10 +355,19 @@ pub(super) async fn reset(b: &BrokerInner, req: ResetOffset) -> Result<OffsetsRe
             OffsetTarget::Last => max,
             OffsetTarget::Timestamp(ts) => first_at_or_after(b, &req.topic, queue, min, max, ts)?,
         };
-        b.store
-            .commit_offset(&req.group, &req.topic, queue, offset)
-            .await
-            .map_err(store_error)?;
+        let reset = if pop {
+            let key = (req.group.clone(), req.topic.clone(), queue);
+            b.store.pop_reset(key, offset).await
+        } else {
+            b.store
+                .commit_offset(&req.group, &req.topic, queue, offset)
+                .await
+        };
+        reset.map_err(store_error)?;
+        if pop {
+            // Its long polls look again: a reset back has messages for them.
+            q.wake_polls();
+        }
         queues.push((queue, offset));
     }
     tracing::info!(group = %req.group, topic = %req.topic, to = ?req.to, "offsets reset");

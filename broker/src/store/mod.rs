@@ -942,6 +942,29 @@ impl Store {
         self.submit(WriteCmd::Pop { cmd, reply }, rx).await
     }
 
+    /// Resets a pop group's offset on a queue (`txmq group reset-offset`):
+    /// what it holds in flight there is dropped (those receipts are stale
+    /// from now on), its next receive starts at `next`, and its committed
+    /// offset is `next`. Returns once the `PopReset` record is durable as
+    /// the flush mode says.
+    ///
+    /// # Errors
+    /// [`StoreError::NoQueue`] (also when the topic is deleted meanwhile),
+    /// I/O errors, or a store that is poisoned or shutting down.
+    pub async fn pop_reset(&self, key: pop::PopKey, next: u64) -> Result<Appended, StoreError> {
+        self.check_writable()?;
+        let of = self.user_queue(&key.1, key.2)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = pop::PopCmd::Reset { key, next, of };
+        self.submit(WriteCmd::Pop { cmd, reply }, rx).await
+    }
+
+    /// Whether `group` receives `topic` as a pop group (RocketMQ 5's
+    /// simple and push consumers): it has received from a queue of it.
+    pub fn is_pop_group(&self, group: &str, topic: &str) -> bool {
+        lock(&self.inner.pop).holds(group, topic)
+    }
+
     /// A pop group's queue as of the write position (a copy).
     pub fn pop_queue(&self, key: &pop::PopKey) -> Option<pop::PopQueue> {
         lock(&self.inner.pop).get(key).cloned()

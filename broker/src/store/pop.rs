@@ -10,7 +10,7 @@
 //! unique, the same on every replica, so a receipt handle names exactly one
 //! delivery and a handle of an older delivery is stale.
 //!
-//! Like the producer table it lives in the log: three record kinds
+//! Like the producer table it lives in the log: four record kinds
 //! (`record.rs`), decided and applied by the single writer in log order,
 //! replayed by recovery and by a slave, and snapshotted in the checkpoint:
 //!
@@ -23,6 +23,10 @@
 //! - `PopChange`: topic, key = group, queue; queue offset = the offset;
 //!   aux = the old receipt; body = u64 new deadline (ms). Its own position
 //!   is the new receipt.
+//! - `PopReset`: topic, key = group, queue; queue offset = the new `next`.
+//!   An operator's `txmq group reset-offset`: the queue's messages in flight
+//!   are dropped (their receipts are stale from then on) and the next
+//!   receive starts at the offset, up or down.
 //!
 //! Applying is idempotent per queue: each queue remembers the end of the
 //! last record applied to it, and a record before that is skipped, so the
@@ -167,6 +171,12 @@ pub enum PopChange {
         /// The new deadline (ms).
         until: u64,
     },
+    /// The group's offset on the queue was reset: nothing is in flight
+    /// any more, and the next receive starts at `next`.
+    Reset {
+        /// The first offset to hand out.
+        next: u64,
+    },
 }
 
 /// Bytes per delivery in a `PopReceive` body.
@@ -235,6 +245,11 @@ impl PopTable {
         self.queues.is_empty()
     }
 
+    /// Whether `group` has a queue of `topic` in the table.
+    pub fn holds(&self, group: &str, topic: &str) -> bool {
+        self.queues.keys().any(|(g, t, _)| g == group && t == topic)
+    }
+
     /// Messages in flight over all queues.
     pub fn in_flight(&self) -> usize {
         self.queues.values().map(|q| q.in_flight.len()).sum()
@@ -261,12 +276,16 @@ impl PopTable {
     pub fn apply(&mut self, op: &PopOp) -> Option<u64> {
         let start = match &op.change {
             PopChange::Receive { start, .. } => *start,
+            PopChange::Reset { next } => *next,
             _ => 0,
         };
         let q = match self.queues.get_mut(&op.key) {
             Some(q) => q,
             None => {
-                if !matches!(op.change, PopChange::Receive { .. }) {
+                if !matches!(
+                    op.change,
+                    PopChange::Receive { .. } | PopChange::Reset { .. }
+                ) {
                     return None;
                 }
                 self.queues.entry(op.key.clone()).or_insert(PopQueue {
@@ -318,9 +337,18 @@ impl PopTable {
                     q.put(*offset, f);
                 }
             }
+            PopChange::Reset { next } => {
+                q.in_flight.clear();
+                q.by_deadline.clear();
+                q.next = *next;
+            }
         }
         let after = q.low();
-        (after != before || matches!(op.change, PopChange::Receive { .. })).then_some(after)
+        let always = matches!(
+            op.change,
+            PopChange::Receive { .. } | PopChange::Reset { .. }
+        );
+        (after != before || always).then_some(after)
     }
 
     /// Forgets every queue of a deleted topic.
@@ -451,6 +479,13 @@ pub(crate) enum PopCmd {
         receipt: u64,
         until: u64,
     },
+    /// Reset the group's offset on the queue `of` (refused once it is
+    /// discarded: its topic deleted).
+    Reset {
+        key: PopKey,
+        next: u64,
+        of: std::sync::Arc<super::consume_queue::ConsumeQueue>,
+    },
 }
 
 /// Why a receipt is refused, for a person.
@@ -459,7 +494,8 @@ pub fn describe(stale: &Stale, key: &PopKey, offset: u64) -> String {
     match stale {
         Stale::NotInFlight => format!(
             "the receipt handle names no message in flight for group '{group}': offset {offset} \
-             of {topic}:{queue} was acknowledged or dead-lettered already, or never received"
+             of {topic}:{queue} was acknowledged or dead-lettered already, never received, or \
+             the group's offset was reset since"
         ),
         Stale::Superseded { .. } => format!(
             "the receipt handle is stale: offset {offset} of {topic}:{queue} was delivered to \
@@ -636,6 +672,52 @@ mod tests {
             t.apply(o);
         }
         assert_eq!(t, before);
+    }
+
+    /// A reset drops what is in flight (its receipts are stale) and moves
+    /// `next` either way; the committed offset follows; replayed, it
+    /// changes nothing more.
+    #[test]
+    fn a_reset_drops_what_is_in_flight_and_moves_next() {
+        let mut t = PopTable::default();
+        t.apply(&receive(
+            100,
+            0,
+            5,
+            &[(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)],
+        ));
+        t.apply(&op(
+            200,
+            PopChange::Ack {
+                offset: 0,
+                receipt: 100,
+                dead: false,
+            },
+        ));
+        let back = op(300, PopChange::Reset { next: 0 });
+        assert_eq!(t.apply(&back), Some(0), "the committed offset moves back");
+        let q = t.get(&key()).unwrap();
+        assert_eq!((q.next, q.low(), q.in_flight.len()), (0, 0, 0));
+        assert_eq!(q.next_deadline(0), None);
+        assert_eq!(t.check(&key(), 3, 100), Err(Stale::NotInFlight));
+        let before = t.clone();
+        assert_eq!(t.apply(&back), None);
+        assert_eq!(t, before);
+        // Forward, past what was never received.
+        t.apply(&receive(400, 0, 2, &[(0, 1), (1, 1)]));
+        assert_eq!(t.apply(&op(500, PopChange::Reset { next: 9 })), Some(9));
+        let q = t.get(&key()).unwrap();
+        assert_eq!((q.next, q.low(), q.in_flight.len()), (9, 9, 0));
+        // A queue the group never received from starts there.
+        let other: PopKey = ("g".into(), "t".into(), 1);
+        let reset = PopOp {
+            key: other.clone(),
+            pos: 600,
+            end: 610,
+            change: PopChange::Reset { next: 4 },
+        };
+        assert_eq!(t.apply(&reset), Some(4));
+        assert_eq!(t.get(&other).map(|q| q.next), Some(4));
     }
 
     #[test]

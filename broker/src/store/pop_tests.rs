@@ -281,6 +281,15 @@ async fn a_slave_replaying_the_log_holds_the_same_state() {
     master.pop_ack(key(0), 0, r, false).await.unwrap();
     copy(&master, &slave, &mut last).await;
     assert_eq!(state(&slave), state(&master));
+    // An operator's reset, back on one queue and forward on the other.
+    master.pop_reset(key(0), 0).await.unwrap();
+    master.pop_reset(key(1), 2).await.unwrap();
+    let reset = state(&master);
+    assert!(reset.iter().flatten().all(|q| q.in_flight.is_empty()));
+    assert_eq!(master.committed_offset("g", "orders", 0), Some(0));
+    assert_eq!(master.committed_offset("g", "orders", 1), Some(2));
+    copy(&master, &slave, &mut last).await;
+    assert_eq!(state(&slave), reset);
     slave.shutdown().await;
     let slave = Store::open(slave_config(sdir.path()), &[]).unwrap();
     assert_eq!(state(&slave), state(&master));

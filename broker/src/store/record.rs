@@ -77,10 +77,10 @@
 //! there); aux = the delay-level entry it moves: level << 56 | offset in
 //! the level. One record, so the copy and the move are atomic.
 //!
-//! A pop group's receive, acknowledgement and change of deadline
-//! (`PopReceive`, `PopAck`, `PopChange`) are small records with topic =
-//! the topic, key = the group, queue = the queue; their fields and bodies
-//! are described in `pop.rs`.
+//! A pop group's receive, acknowledgement, change of deadline and reset
+//! (`PopReceive`, `PopAck`, `PopChange`, `PopReset`) are small records
+//! with topic = the topic, key = the group, queue = the queue; their
+//! fields and bodies are described in `pop.rs`.
 
 use std::collections::BTreeMap;
 
@@ -168,6 +168,10 @@ pub enum RecordKind {
     /// queue offset = the message's, aux = the old receipt, body = u64 the
     /// new deadline (ms); the record's position is the new receipt.
     PopChange = 15,
+    /// An operator reset a pop group's offset on a queue: topic/queue, key
+    /// = group, queue offset = where its next receive starts; what was in
+    /// flight there is dropped.
+    PopReset = 16,
 }
 
 /// What a `TxCheck` record's flags say of the check's answer (a check is
@@ -208,6 +212,7 @@ impl RecordKind {
             13 => Some(RecordKind::PopReceive),
             14 => Some(RecordKind::PopAck),
             15 => Some(RecordKind::PopChange),
+            16 => Some(RecordKind::PopReset),
             _ => None,
         }
     }

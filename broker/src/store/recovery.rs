@@ -405,7 +405,10 @@ impl Replayer<'_> {
                     self.state.changed(rec.aux);
                 }
             }
-            RecordKind::PopReceive | RecordKind::PopAck | RecordKind::PopChange => {
+            RecordKind::PopReceive
+            | RecordKind::PopAck
+            | RecordKind::PopChange
+            | RecordKind::PopReset => {
                 if pos >= self.dispatch_from && !self.is_deleted(&rec.message.topic, pos) {
                     self.apply_pop(&rec, pos, size);
                 }
@@ -1067,6 +1070,9 @@ fn pop_op(rec: &Record, pos: u64, size: u32) -> Option<PopOp> {
             offset: rec.queue_offset,
             receipt: rec.aux,
             until: u64::from_le_bytes(rec.message.body.get(..8)?.try_into().ok()?),
+        },
+        RecordKind::PopReset => PopChange::Reset {
+            next: rec.queue_offset,
         },
         _ => return None,
     };

@@ -767,6 +767,13 @@ impl Writer {
                 };
                 (key, change)
             }
+            PopCmd::Reset { key, next, of } => {
+                if of.is_discarded() {
+                    let (_, topic, queue) = key;
+                    return fail_reply(reply, StoreError::NoQueue { topic, queue });
+                }
+                (key, PopChange::Reset { next })
+            }
         };
         let (kind, queue_offset, aux, flags, body) = match &change {
             PopChange::Receive {
@@ -802,6 +809,7 @@ impl Writer {
                 0,
                 bytes::Bytes::copy_from_slice(&until.to_le_bytes()),
             ),
+            PopChange::Reset { next } => (RecordKind::PopReset, *next, 0, 0, bytes::Bytes::new()),
         };
         let (group, topic, queue) = &key;
         let mut msg = empty_message(topic, Some(group));
