@@ -66,7 +66,8 @@ pub enum MsgCommand {
 }
 
 /// The most messages `msg get --count` reads (the broker's lookup
-/// maximum); the dashboard's lookup by offset takes as many.
+/// maximum, `LOOKUP_MAX` of the protocol); the dashboard's lookup by
+/// offset takes as many.
 pub(crate) const MAX_GET_COUNT: u32 = 1024;
 
 /// A key to find: one word, as the index holds a message's keys.
@@ -225,8 +226,9 @@ fn print_found(
     // for a user who may not look, a bad argument): neither says that the
     // message is not there.
     let (mut answered, mut unasked) = (0, 0);
-    // Some of those refused (as opposed to not answering at all).
-    let mut refused = false;
+    // Some of those refused the user (ACCESS_DENIED), or answered another
+    // error (as opposed to not answering at all).
+    let (mut refused, mut erred) = (false, false);
     // Brokers that hold nothing at that offset (a topic on several brokers
     // has its messages on some): an answer, shown only when nothing was.
     let mut out_of_range: Vec<String> = Vec::new();
@@ -248,7 +250,11 @@ fn print_found(
             }
             Err(e) => {
                 unasked += 1;
-                refused |= e.wire_error().is_some();
+                refused |= matches!(
+                    e.code(),
+                    Some(txmq::ErrorCode::AccessDenied | txmq::ErrorCode::AuthenticationFailed)
+                );
+                erred |= e.wire_error().is_some();
                 failed.push(format!("{}: {}", a.broker_name, error_text(&e.into())));
             }
         }
@@ -262,11 +268,12 @@ fn print_found(
     if found.is_empty() {
         if answered == 0 && unasked > 0 {
             // Nothing says the message is not there: say what failed.
-            let (code, what) = match (cannot_say, refused) {
-                (true, _) => (exit::PARTIAL, "could not say"),
+            let (code, what) = match (cannot_say, refused, erred) {
+                (true, ..) => (exit::PARTIAL, "could not say"),
                 // A refusal is an error of the command's (exit 1).
-                (false, true) => (exit::FAILURE, "refused"),
-                (false, false) => (exit::FAILURE, "did not answer"),
+                (false, true, _) => (exit::FAILURE, "refused"),
+                (false, false, true) => (exit::FAILURE, "could not say"),
+                (false, false, false) => (exit::FAILURE, "did not answer"),
             };
             return Err(exit::with_code(
                 code,
@@ -332,7 +339,7 @@ fn print_found(
         stderr!("note: not looked up on {n}");
     }
     if !failed.is_empty() {
-        let what = if refused {
+        let what = if erred {
             "could not say"
         } else {
             "did not answer"
