@@ -1204,6 +1204,16 @@ fn async_replication_under_the_controller_warns_at_start() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its first incarnation says "broker listening", after the warning's
+    // place in the start.
+    while !sync.log_text().contains("broker listening") {
+        assert!(
+            Instant::now() < deadline,
+            "the sync broker did not start: {}",
+            tail(&sync.log_text(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!sync.log_text().contains(warning), "{}", sync.log_text());
 }
 
