@@ -28,8 +28,8 @@ use txmq::{
     TransactionProducer, TransactionState, TxContext, TxEnd, TxState,
 };
 use txmq_protocol::{
-    Call, CommitOffset, CreateTopic, ListTransactions, MsgId, QueryOffset, ReplicationInfo, Role,
-    SendRequest, StoredMessage, TransactionList, PERM_READ_WRITE,
+    Call, CommitOffset, CreateTopic, GetGroupState, ListTransactions, MsgId, QueryOffset,
+    ReplicationInfo, Role, SendRequest, StoredMessage, TransactionList, PERM_READ_WRITE,
 };
 use txmq_tests::{BrokerProcess, Cluster};
 
@@ -963,6 +963,25 @@ async fn consuming_from_a_slave_while_the_master_is_down_skips_nothing_and_never
         }
     }
     slave.close();
+    // `txmq group show` at the slave counts them too (it showed the
+    // offsets the master had handed over, and a lag the group had read).
+    let state = call(
+        &slave_addr,
+        GetGroupState {
+            group: GROUP.into(),
+        },
+    )
+    .await
+    .expect("group state at the slave");
+    for q in 0..QUEUES {
+        let shown = state
+            .queues
+            .iter()
+            .find(|g| g.topic == TOPIC && g.queue == q)
+            .unwrap_or_else(|| panic!("queue {q} in the group's state: {state:?}"));
+        assert_eq!(shown.committed, Some(PER_QUEUE), "queue {q}: {shown:?}");
+        assert_eq!(shown.lag, 0, "queue {q}: {shown:?}");
+    }
     let mut expected: Vec<String> = (0..QUEUES)
         .flat_map(|q| (0..PER_QUEUE).map(move |i| format!("q{q}-{i}")))
         .collect();

@@ -79,7 +79,7 @@ pub(super) async fn heartbeat(
                 .get_with(t, |c| (c.perm & PERM_READ != 0).then_some(c.queues))
                 .flatten()
         },
-        |t, q| b.store.committed_offset(&group, t, q).is_some(),
+        |t, q| super::offset::committed(b, &group, t, q).is_some(),
     );
     if !notices.is_empty() {
         tracing::debug!(%group, notified = notices.len(), "consumer group changed");
@@ -287,6 +287,13 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
             .filter(|(g, _)| *g == req.group)
             .map(|(_, t)| t),
     );
+    topics.extend(
+        b.replication
+            .kept_offsets
+            .iter()
+            .filter(|e| e.key().0 == req.group)
+            .map(|e| e.key().1.clone()),
+    );
     let mut queues = Vec::new();
     for topic in topics {
         let Some(config) = b.topics.get(&topic) else {
@@ -296,7 +303,9 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
             let Some(q) = b.store.queue(&topic, queue) else {
                 continue;
             };
-            let committed = b.store.committed_offset(&req.group, &topic, queue);
+            // On a slave, with what was committed here while the master
+            // was away (reads go by it too).
+            let committed = super::offset::committed(b, &req.group, &topic, queue);
             let max = q.max_offset();
             // A write-only topic's queues are assigned to nobody (see
             // `heartbeat`), whoever last held them.
