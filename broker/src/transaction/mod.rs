@@ -417,9 +417,7 @@ impl Transactions {
     /// transaction, which `pub` is needed for.
     fn check_back_connection(&self, group: &str, topics: &[String]) -> Option<Producer> {
         self.producers.pick(group, |p| match p {
-            Producer::Conn(conn) => {
-                end_ops(group, topics).all(|op| self.security.allows(conn, op))
-            }
+            Producer::Conn(conn) => end_ops(group, topics).all(|op| self.security.allows(conn, op)),
             // The front door serves no ACL (it refuses to start with one).
             Producer::Grpc(_) => true,
         })
