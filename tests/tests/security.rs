@@ -262,6 +262,32 @@ impl Site {
     }
 
     /// Rewrites the ACL file without `user`.
+    /// Gives `users` (none of whom has a group rule yet) `tx` of
+    /// [`TX_GROUP`] in the ACL file, and has the broker read it (a start of
+    /// theirs is refused until it has).
+    fn grant_tx(&self, users: &[&str]) {
+        let text = std::fs::read_to_string(&self.acl).expect("read ACL file");
+        let granted: Vec<String> = text
+            .split("[[user]]")
+            .map(|u| {
+                if users
+                    .iter()
+                    .any(|n| u.contains(&format!("access_key = \"{n}\"")))
+                {
+                    assert!(!u.contains("groups"), "{u}");
+                    format!(
+                        "{}\ngroups = {{ \"{TX_GROUP}\" = [\"tx\"] }}\n\n",
+                        u.trim_end()
+                    )
+                } else {
+                    u.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(&self.acl, granted.join("[[user]]")).expect("write ACL file");
+        self.broker.signal("HUP");
+    }
+
     fn remove_user(&self, user: &str) {
         let text = std::fs::read_to_string(&self.acl).expect("read ACL file");
         let kept: Vec<&str> = text
@@ -1150,32 +1176,9 @@ async fn an_acl_file_without_users_is_not_reloaded_and_the_users_go_on() {
 /// and the transaction is checked on carol's connection instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_backs_go_only_to_producers_still_allowed_tx() {
-    let site = Site::start(Setup {
-        extra: &[
-            "--transaction-timeout",
-            "300ms",
-            "--transaction-check-interval",
-            "100ms",
-            "--transaction-check-max",
-            "1000",
-        ],
-        ..Setup::default()
-    })
-    .await;
-    site.create_topic(TOPIC).await;
+    let site = checked_site().await;
     // carol becomes a second transactional producer of orders-tx.
-    let text = std::fs::read_to_string(&site.acl).expect("read ACL file");
-    let carol_reads = "topics = { \"orders\" = [\"sub\", \"pub\"] }";
-    std::fs::write(
-        &site.acl,
-        text.replace(
-            carol_reads,
-            &format!("{carol_reads}\ngroups = {{ \"orders-tx\" = [\"tx\"] }}"),
-        ),
-    )
-    .expect("write ACL file");
-    site.broker.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    site.grant_tx(&["carol"]);
 
     let alice_listener = Listener::new(TransactionState::Unknown, TransactionState::Unknown);
     let alice = tx_producer(&site, "alice", &alice_listener)
@@ -1196,25 +1199,9 @@ async fn check_backs_go_only_to_producers_still_allowed_tx() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after_removal = alice_listener.checks.load(Ordering::SeqCst);
     let carol_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
-    let _carol = tx_producer(&site, "carol", &carol_listener)
-        .await
-        .expect("carol's transactional producer starts");
+    let _carol = until_started(&site, "carol", &carol_listener).await;
     let ops = site.admin("ops").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lists = ops.list_transactions(None).await.expect("ops lists");
-        if lists
-            .iter()
-            .all(|l| l.transactions.iter().all(|t| t.tx_id != pending.tx_id))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the transaction was never committed through carol's check-back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ended(&ops, pending.tx_id, "through carol's check-back").await;
     assert!(carol_listener.checks.load(Ordering::SeqCst) >= 1);
     assert_eq!(
         alice_listener.checks.load(Ordering::SeqCst),
@@ -1230,37 +1217,10 @@ async fn check_backs_go_only_to_producers_still_allowed_tx() {
 /// transaction waits for one that may.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
-    let site = Site::start(Setup {
-        extra: &[
-            "--transaction-timeout",
-            "300ms",
-            "--transaction-check-interval",
-            "100ms",
-            "--transaction-check-max",
-            "1000",
-        ],
-        ..Setup::default()
-    })
-    .await;
-    site.create_topic(TOPIC).await;
+    let site = checked_site().await;
     // bob (pub on audit only) and carol (pub on orders) become producers
     // of orders-tx.
-    let text = std::fs::read_to_string(&site.acl).expect("read ACL file");
-    let tx = "groups = { \"orders-tx\" = [\"tx\"] }";
-    let bob_sends = "topics = { \"audit\" = [\"pub\"] }\n\n[[user]]\naccess_key = \"carol\"";
-    let carol_reads = "topics = { \"orders\" = [\"sub\", \"pub\"] }";
-    assert!(text.contains(bob_sends) && text.contains(carol_reads));
-    let text = text
-        .replacen(
-            "topics = { \"audit\" = [\"pub\"] }\n\n[[user]]\naccess_key = \"carol\"",
-            &format!(
-                "topics = {{ \"audit\" = [\"pub\"] }}\n{tx}\n\n[[user]]\naccess_key = \"carol\""
-            ),
-            1,
-        )
-        .replace(carol_reads, &format!("{carol_reads}\n{tx}"));
-    std::fs::write(&site.acl, text).expect("write ACL file");
-    site.broker.signal("HUP");
+    site.grant_tx(&["bob", "carol"]);
 
     // alice prepares and goes away with the outcome unknown.
     let alice_listener = Listener::new(TransactionState::Unknown, TransactionState::Unknown);
@@ -1306,27 +1266,51 @@ async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
 
     let carol_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
     let _carol = until_started(&site, "carol", &carol_listener).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lists = ops.list_transactions(None).await.expect("ops lists");
-        if lists
-            .iter()
-            .all(|l| l.transactions.iter().all(|t| t.tx_id != pending.tx_id))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the transaction was never committed through carol's check-back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ended(&ops, pending.tx_id, "through carol's check-back").await;
     assert!(carol_listener.checks.load(Ordering::SeqCst) >= 1);
     assert_eq!(
         bob_listener.checks.load(Ordering::SeqCst),
         0,
         "bob was checked"
     );
+}
+
+/// A site whose transactions are checked back quickly (every 100 ms, 300
+/// ms after their prepare, never parked), with [`TOPIC`] made.
+async fn checked_site() -> Site {
+    let site = Site::start(Setup {
+        extra: &[
+            "--transaction-timeout",
+            "300ms",
+            "--transaction-check-interval",
+            "100ms",
+            "--transaction-check-max",
+            "1000",
+        ],
+        ..Setup::default()
+    })
+    .await;
+    site.create_topic(TOPIC).await;
+    site
+}
+
+/// Waits until transaction `tx_id` is no longer pending (ended `how`).
+async fn until_ended(ops: &Admin, tx_id: u64, how: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lists = ops.list_transactions(None).await.expect("ops lists");
+        if lists
+            .iter()
+            .all(|l| l.transactions.iter().all(|t| t.tx_id != tx_id))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transaction {tx_id} never ended {how}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `user`'s transactional producer of [`TX_GROUP`], started once the
