@@ -797,6 +797,96 @@ async fn group_reset_offset_moves_a_rocketmq_consumer_group_durably() {
     cluster.shutdown().await;
 }
 
+/// A message as the official clients send it: an id of `01` and 32 hex
+/// digits, a tag, its type, and for a DELAY one its delivery time (ms).
+fn rmq_message(
+    topic: &str,
+    body: &str,
+    kind: pb::MessageType,
+    deliver_at: Option<u64>,
+) -> pb::Message {
+    let now = txmq::now_millis();
+    let ts = |ms: u64| prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    pb::Message {
+        topic: Some(resource(topic)),
+        system_properties: Some(pb::SystemProperties {
+            tag: Some("t".into()),
+            message_id: format!("01{}", txmq::MsgId::generate()),
+            message_type: kind as i32,
+            born_timestamp: Some(ts(now)),
+            born_host: "127.0.0.1".into(),
+            delivery_timestamp: deliver_at.map(ts),
+            ..Default::default()
+        }),
+        body: body.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Sends `messages` in one SendMessage request.
+async fn send_raw(grpc: &str, messages: Vec<pb::Message>) -> pb::SendMessageResponse {
+    let mut client =
+        pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connects");
+    client
+        .send_message(Rmq::request(pb::SendMessageRequest { messages }))
+        .await
+        .expect("answered")
+        .into_inner()
+}
+
+/// The answer to a send of a delayed message holds no queue offset (-1:
+/// it gets one at delivery), as `txmq send` prints `offset=-`, nor does a
+/// transactional one's (it gets one at commit); a normal message's answer
+/// holds its own; the delayed one lands after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_and_transactional_sends_answer_no_queue_offset() {
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
+    ok(&txmq(&ns, &["topic", "create", "later", "--queues", "1"], None).await);
+    let at = txmq::now_millis() + 2000;
+    let mut offsets = Vec::new();
+    for (body, kind, deliver_at) in [
+        ("n0", pb::MessageType::Normal, None),
+        ("d", pb::MessageType::Delay, Some(at)),
+        ("tx", pb::MessageType::Transaction, None),
+        ("n1", pb::MessageType::Normal, None),
+    ] {
+        let answer = send_raw(&grpc, vec![rmq_message("later", body, kind, deliver_at)]).await;
+        assert_eq!(
+            answer.status.as_ref().unwrap().code,
+            pb::Code::Ok as i32,
+            "{answer:?}"
+        );
+        offsets.push(answer.entries[0].offset);
+    }
+    assert_eq!(offsets, [0, -1, -1, 1]);
+
+    let mut rmq = Rmq::connect(&grpc).await;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let more = rmq
+            .receive_waiting(
+                "later",
+                "lg",
+                Duration::from_secs(30),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(!more.is_empty(), "the delayed one is delivered: {got:?}");
+        got.extend(more);
+    }
+    let place = |body: &[u8]| {
+        let m = got.iter().find(|m| m.body == body).unwrap();
+        m.system_properties.as_ref().unwrap().queue_offset
+    };
+    assert_eq!(place(b"d"), Some(2), "delivered after the other two");
+    cluster.shutdown().await;
+}
+
 /// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
 async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
 where

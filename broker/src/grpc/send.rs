@@ -6,17 +6,26 @@
 //! transactional message is a prepare of one half message whose producer
 //! group is the topic: RocketMQ 5 producers name no group, and the ones
 //! publishing the topic are the ones to check back with.
+//!
+//! An answer's `offset` is the message's queue offset, or [`NO_OFFSET`]
+//! for a message that has none yet: a delayed one gets its offset when it
+//! is delivered, a transactional one when it is committed.
 
 use std::sync::atomic::Ordering;
 
 use txmq_protocol::{
-    EndTransaction, HalfMessage, PrepareTransaction, SendRequest, TxAction, TxResolution, TxSource,
-    WireError, PROPERTY_DELIVER_AT,
+    now_millis, EndTransaction, HalfMessage, PrepareTransaction, SendRequest, TxAction,
+    TxResolution, TxSource, WireError, PROPERTY_DELIVER_AT,
 };
 
 use super::convert::{self, message_group};
 use super::{pb, status, Front};
 use crate::handler::front;
+
+/// The `offset` of a send's answer when the message has no queue offset
+/// yet (`txmq send` prints `offset=-` then, JSON `null`; RocketMQ's field
+/// is a plain integer, and 0 is a real offset).
+const NO_OFFSET: i64 = -1;
 
 pub(super) async fn send(f: &Front, r: pb::SendMessageRequest) -> pb::SendMessageResponse {
     if r.messages.is_empty() {
@@ -114,10 +123,19 @@ async fn send_one(f: &Front, m: pb::Message) -> Result<pb::SendResultEntry, pb::
             status: Some(status::from_send(prepared.status)),
             message_id,
             transaction_id: prepared.tx_id.to_string(),
-            offset: 0,
+            offset: NO_OFFSET,
             recall_handle: String::new(),
         });
     }
+    // Delayed, its answer holds its place in the delay index, not a queue
+    // offset. Judged before the send: a time that passes meanwhile (the
+    // broker stores the message as any other then) costs a known offset,
+    // never gives a wrong one.
+    let delayed = message
+        .properties
+        .get(PROPERTY_DELIVER_AT)
+        .and_then(|at| at.parse::<u64>().ok())
+        .is_some_and(|at| at > now_millis());
     let sent = front::send(
         b,
         SendRequest {
@@ -132,7 +150,11 @@ async fn send_one(f: &Front, m: pb::Message) -> Result<pb::SendResultEntry, pb::
         status: Some(status::from_send(sent.status)),
         message_id,
         transaction_id: String::new(),
-        offset: sent.first_offset as i64,
+        offset: if delayed {
+            NO_OFFSET
+        } else {
+            i64::try_from(sent.first_offset).unwrap_or(NO_OFFSET)
+        },
         recall_handle: String::new(),
     })
 }
