@@ -887,6 +887,82 @@ async fn delayed_and_transactional_sends_answer_no_queue_offset() {
     cluster.shutdown().await;
 }
 
+/// A send RocketMQ 5 clients never make is refused with RocketMQ's code
+/// for it, and nothing of it is stored: a message id that is not `01` and
+/// 32 hex digits (or none; txmq stored such a message under an id derived
+/// from the string, shared by every message sent with it, that the client
+/// never learnt), messages of two topics in one request, a DELAY message
+/// without a delivery time. A well-formed message is stored under the id
+/// it was sent with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_sends_are_refused_with_rocketmqs_codes() {
+    let (cluster, ns, grpc, _running) = setup(&[]).await;
+    for topic in ["strict", "other"] {
+        ok(&txmq(&ns, &["topic", "create", topic, "--queues", "1"], None).await);
+    }
+    let normal = pb::MessageType::Normal;
+    let with_id = |id: &str| {
+        let mut m = rmq_message("strict", "bad-id", normal, None);
+        m.system_properties.as_mut().unwrap().message_id = id.into();
+        m
+    };
+    let refused = |answer: pb::SendMessageResponse, code: pb::Code, says: &str| {
+        let status = answer.status.clone().unwrap();
+        assert_eq!(status.code, code as i32, "{answer:?}");
+        assert!(status.message.contains(says), "{answer:?}");
+        for e in &answer.entries {
+            assert_eq!(e.status.as_ref().unwrap().code, code as i32, "{answer:?}");
+        }
+    };
+    let not_hex = format!("01{}", "G".repeat(32));
+    let too_long = format!("01{}", "A".repeat(34));
+    for id in [
+        "zzz",
+        &not_hex,
+        &too_long,
+        "01+234567890ABCDEF1234567890ABCDEF",
+    ] {
+        let answer = send_raw(&grpc, vec![with_id(id)]).await;
+        refused(
+            answer,
+            pb::Code::IllegalMessageId,
+            "is not 01 and 32 hexadecimal digits",
+        );
+    }
+    let answer = send_raw(&grpc, vec![with_id("")]).await;
+    refused(answer, pb::Code::IllegalMessageId, "needs a message id");
+    let answer = send_raw(
+        &grpc,
+        vec![
+            rmq_message("strict", "mixed", normal, None),
+            rmq_message("other", "mixed", normal, None),
+        ],
+    )
+    .await;
+    assert!(answer.entries.is_empty(), "{answer:?}");
+    refused(answer, pb::Code::MessageCorrupted, "same topic");
+    let answer = send_raw(
+        &grpc,
+        vec![rmq_message("strict", "when", pb::MessageType::Delay, None)],
+    )
+    .await;
+    refused(answer, pb::Code::IllegalDeliveryTime, "delivery timestamp");
+
+    // Nothing of them was stored; a good one is, under its own id.
+    let good = rmq_message("strict", "good", normal, None);
+    let id = good.system_properties.as_ref().unwrap().message_id.clone();
+    let answer = send_raw(&grpc, vec![good]).await;
+    assert_eq!(answer.entries[0].message_id, id, "{answer:?}");
+    assert_eq!(answer.entries[0].offset, 0, "the first message stored");
+    let shown = txmq(&ns, &["--output", "json", "msg", "show", &id], None).await;
+    let shown = json_lines(ok(&shown).as_bytes());
+    assert_eq!(shown[0]["body"], "good", "{shown:?}");
+    let status = txmq(&ns, &["--output", "json", "topic", "status", "other"], None).await;
+    let queues = json_lines(ok(&status).as_bytes());
+    assert!(queues.iter().all(|q| q["max_offset"] == 0), "{queues:?}");
+    cluster.shutdown().await;
+}
+
 /// A raw gRPC call of `path` with `request`, decoding the answer as `R`.
 async fn raw_call<Q, R>(addr: &str, path: &'static str, request: Q) -> Result<R, tonic::Status>
 where

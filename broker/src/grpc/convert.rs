@@ -3,8 +3,12 @@
 //! A RocketMQ 5 message id is "01" and 16 bytes in hex: exactly a txmq
 //! [`MsgId`], so `txmq msg show` finds a message by the id the RocketMQ
 //! client printed, and a message sent by txmq's own client reaches a
-//! RocketMQ consumer as "01" + its txmq id. An id of another form is kept
-//! in a property and a txmq id is derived from it.
+//! RocketMQ consumer as "01" + its txmq id. A send with an id of another
+//! form is refused (ILLEGAL_MESSAGE_ID): the official clients never send
+//! one, and txmq could only derive an id from it that the client never
+//! learns (and that every message sent with the same string shares). A
+//! message an earlier version stored so keeps the id it was sent with in
+//! a property, and is delivered with it.
 //!
 //! What txmq has no field for travels in properties of its own: all the
 //! keys (txmq indexes the first), the message group and the born host.
@@ -14,13 +18,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use txmq_protocol::{Message, MsgId, StoredMessage, PROPERTY_DELIVER_AT};
 
-use super::pb;
+use super::{pb, status};
 
 /// Every key of the message, separated by spaces (as RocketMQ's KEYS).
 pub(super) const PROP_KEYS: &str = "__rmq.keys";
 /// The FIFO message group (RocketMQ's sharding key).
 pub(super) const PROP_MESSAGE_GROUP: &str = "__rmq.message_group";
-/// A message id that is not "01" + 32 hex digits, as the client gave it.
+/// A message id that is not "01" + 32 hex digits, as the client gave it
+/// (stored by versions that took such ids).
 pub(super) const PROP_MESSAGE_ID: &str = "__rmq.message_id";
 pub(super) const PROP_BORN_HOST: &str = "__rmq.born_host";
 
@@ -32,7 +37,9 @@ pub(super) fn message_id(m: &Message) -> String {
         .unwrap_or_else(|| format!("01{}", m.msg_id))
 }
 
-/// The txmq id of a RocketMQ id, and whether the id must be kept as given.
+/// The txmq id a RocketMQ message id stands for: the id of a message sent
+/// with it (`01` ids; another form, derived, as earlier versions stored
+/// messages sent with one), and whether it is of another form.
 pub(super) fn msg_id(id: &str) -> (MsgId, bool) {
     if let Some(id) = Some(id).filter(|id| id.len() == 34).and_then(MsgId::parse) {
         return (id, false);
@@ -92,21 +99,64 @@ pub(super) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A RocketMQ message as txmq's: the topic, key, tag, user properties and
-/// body as they are; the rest in `__rmq.*` properties and, for a delayed
-/// message, txmq's delivery time.
-pub(super) fn to_txmq(m: pb::Message) -> Result<Message, String> {
+/// The txmq id of a message's RocketMQ id, which must be `01` and 32
+/// hex digits (as every RocketMQ 5 client makes them).
+///
+/// # Errors
+/// ILLEGAL_MESSAGE_ID for an id of another form, or none.
+fn sent_msg_id(id: &str) -> Result<MsgId, pb::Status> {
+    let hex = id
+        .strip_prefix("01")
+        .filter(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    match hex.and_then(MsgId::parse) {
+        Some(id) => Ok(id),
+        None if id.is_empty() => Err(status::new(
+            pb::Code::IllegalMessageId,
+            "a message needs a message id: 01 and 32 hexadecimal digits",
+        )),
+        None => Err(status::new(
+            pb::Code::IllegalMessageId,
+            format!(
+                "message id '{}' is not 01 and 32 hexadecimal digits, as RocketMQ 5 clients make them",
+                id.chars().take(80).collect::<String>()
+            ),
+        )),
+    }
+}
+
+/// A RocketMQ message as txmq's: the id, topic, key, tag, user properties
+/// and body as they are; the rest in `__rmq.*` properties and, for a
+/// delayed message, txmq's delivery time.
+///
+/// # Errors
+/// BAD_REQUEST for a user property the broker reserves or a gzip-encoded
+/// body, ILLEGAL_MESSAGE_ID (see [`sent_msg_id`]), ILLEGAL_DELIVERY_TIME
+/// for a DELAY message without a delivery time.
+pub(super) fn to_txmq(m: pb::Message) -> Result<Message, pb::Status> {
     let topic = m.topic.map(|t| t.name).unwrap_or_default();
     let sys = m.system_properties.unwrap_or_default();
     if let Some(bad) = m.user_properties.keys().find(|k| k.starts_with("__")) {
-        return Err(format!(
-            "user property '{bad}': names starting with '__' are the broker's"
+        return Err(status::new(
+            pb::Code::BadRequest,
+            format!("user property '{bad}': names starting with '__' are the broker's"),
         ));
     }
     if sys.body_encoding == pb::Encoding::Gzip as i32 {
-        return Err("gzip-encoded bodies are not supported; send the body as it is".into());
+        return Err(status::new(
+            pb::Code::BadRequest,
+            "gzip-encoded bodies are not supported; send the body as it is",
+        ));
     }
-    let (msg_id, keep_id) = msg_id(&sys.message_id);
+    let msg_id = sent_msg_id(&sys.message_id)?;
+    // The clients make a message DELAY by giving it a delivery time; one
+    // without would be stored as a normal message, which its sender did
+    // not mean.
+    if sys.message_type == pb::MessageType::Delay as i32 && sys.delivery_timestamp.is_none() {
+        return Err(status::new(
+            pb::Code::IllegalDeliveryTime,
+            "a DELAY message needs a delivery timestamp",
+        ));
+    }
     let mut message = Message {
         msg_id,
         topic,
@@ -121,9 +171,6 @@ pub(super) fn to_txmq(m: pb::Message) -> Result<Message, String> {
             .unwrap_or_else(now_ms),
     };
     let props = &mut message.properties;
-    if keep_id {
-        props.insert(PROP_MESSAGE_ID.into(), sys.message_id);
-    }
     if sys.keys.len() > 1 {
         props.insert(PROP_KEYS.into(), sys.keys.join(" "));
     }

@@ -37,6 +37,21 @@ pub(super) async fn send(f: &Front, r: pb::SendMessageRequest) -> pb::SendMessag
             entries: Vec::new(),
         };
     }
+    // As RocketMQ's proxy: the clients send one topic per request (their
+    // batches are checked so), so another is a corrupt request.
+    let topic = |m: &pb::Message| m.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+    let first = topic(&r.messages[0]);
+    if let Some(other) = r.messages.iter().map(topic).find(|t| *t != first) {
+        return pb::SendMessageResponse {
+            status: Some(status::new(
+                pb::Code::MessageCorrupted,
+                format!(
+                    "all messages of one send must have the same topic; found '{first}' and '{other}'"
+                ),
+            )),
+            entries: Vec::new(),
+        };
+    }
     let mut entries = Vec::with_capacity(r.messages.len());
     for m in r.messages {
         let id = m
@@ -76,16 +91,21 @@ async fn send_one(f: &Front, m: pb::Message) -> Result<pb::SendResultEntry, pb::
     let sys = m.system_properties.clone().unwrap_or_default();
     let group = message_group(&m).map(str::to_string);
     let transactional = sys.message_type == pb::MessageType::Transaction as i32;
-    let message = convert::to_txmq(m).map_err(|e| status::new(pb::Code::BadRequest, e))?;
+    // Named as a route query names it.
+    let topic = m
+        .topic
+        .as_ref()
+        .map(|t| t.name.as_str())
+        .unwrap_or_default();
+    txmq_protocol::validate_topic_name(topic)
+        .map_err(|e| status::new(pb::Code::IllegalTopic, e))?;
+    let message = convert::to_txmq(m)?;
     if message.body.is_empty() {
         return Err(status::new(
             pb::Code::MessageBodyEmpty,
             "a message needs a body",
         ));
     }
-    // Named as a route query names it.
-    txmq_protocol::validate_topic_name(&message.topic)
-        .map_err(|e| status::new(pb::Code::IllegalTopic, e))?;
     let config = front::topic(b, &message.topic).await.map_err(wire)?;
     let queue = match &group {
         // Stable across restarts and brokers of any build: a group's
