@@ -422,6 +422,8 @@ impl CommitLog {
     /// # Errors
     /// I/O errors (the file is then as before).
     pub fn save_ends(&self) -> io::Result<()> {
+        // Taken first: the snapshot written last is the newest.
+        let _one = self.ends_lock.lock().unwrap_or_else(|e| e.into_inner());
         let ends: Vec<(u64, u64)> = {
             let segs = self.read_lock();
             let last = segs.keys().next_back().copied();
@@ -430,7 +432,6 @@ impl CommitLog {
                 .map(|s| (s.start, s.used()))
                 .collect()
         };
-        let _one = self.ends_lock.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.ends_path();
         let tmp = path.with_extension("ends.tmp");
         std::fs::write(&tmp, encode_ends(&ends))?;
