@@ -1030,16 +1030,8 @@ fn credentials(
     access_key: Option<String>,
     secret_key: Option<String>,
 ) -> Result<Option<txmq_remoting::Credentials>, String> {
-    let given = |key: Option<String>| key.filter(|k| !k.is_empty());
-    match (given(access_key), given(secret_key)) {
-        (Some(access_key), Some(secret_key)) => Ok(Some(txmq_remoting::Credentials {
-            access_key,
-            secret_key,
-        })),
-        (None, None) => Ok(None),
-        (Some(_), None) => Err("--access-key needs --secret-key, not empty".into()),
-        (None, Some(_)) => Err("--secret-key needs --access-key, not empty".into()),
-    }
+    txmq_remoting::Credentials::from_flags(access_key.as_deref(), secret_key.as_deref())
+        .map_err(String::from)
 }
 
 #[cfg(test)]
@@ -1274,7 +1266,7 @@ mod tests {
         let err = BrokerArgs::parse_from(["txmq-broker", "--access-key", "b", "--secret-key", ""])
             .resolve()
             .unwrap_err();
-        assert!(err.contains("--access-key needs --secret-key"), "{err}");
+        assert!(err.contains("--access-key needs its --secret-key"), "{err}");
     }
 
     #[test]

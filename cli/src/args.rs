@@ -158,22 +158,8 @@ impl SecurityArgs {
     /// empty one (`--secret-key ""`, `TXMQ_SECRET_KEY=`) counts as not
     /// given.
     pub fn credentials(&self) -> Result<Option<Credentials>> {
-        fn given(key: &Option<String>) -> Option<&str> {
-            key.as_deref().filter(|k| !k.is_empty())
-        }
-        match (given(&self.access_key), given(&self.secret_key)) {
-            (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
-                access_key: access_key.to_string(),
-                secret_key: secret_key.to_string(),
-            })),
-            (None, None) => Ok(None),
-            (Some(_), None) => Err(exit::usage(
-                "--access-key needs its --secret-key (or TXMQ_SECRET_KEY), not empty",
-            )),
-            (None, Some(_)) => Err(exit::usage(
-                "--secret-key needs its --access-key (or TXMQ_ACCESS_KEY), not empty",
-            )),
-        }
+        Credentials::from_flags(self.access_key.as_deref(), self.secret_key.as_deref())
+            .map_err(exit::usage)
     }
 }
 

@@ -151,18 +151,8 @@ impl Args {
     /// The credentials of the controller's connections: both keys or
     /// neither; an empty one counts as not given.
     fn credentials(&self) -> Result<Option<Credentials>, String> {
-        fn given(key: &Option<String>) -> Option<&str> {
-            key.as_deref().filter(|k| !k.is_empty())
-        }
-        match (given(&self.access_key), given(&self.secret_key)) {
-            (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
-                access_key: access_key.to_string(),
-                secret_key: secret_key.to_string(),
-            })),
-            (None, None) => Ok(None),
-            (Some(_), None) => Err("--access-key needs --secret-key, not empty".into()),
-            (None, Some(_)) => Err("--secret-key needs --access-key, not empty".into()),
-        }
+        Credentials::from_flags(self.access_key.as_deref(), self.secret_key.as_deref())
+            .map_err(String::from)
     }
 
     /// TLS, the ACL file and the credentials the flags ask for.

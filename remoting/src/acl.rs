@@ -300,6 +300,36 @@ pub struct Credentials {
     pub secret_key: String,
 }
 
+impl Credentials {
+    /// The credentials of a process's `--access-key` and `--secret-key`
+    /// (or `TXMQ_ACCESS_KEY` and `TXMQ_SECRET_KEY`): both or neither; an
+    /// empty one counts as not given (an empty secret is no secret).
+    ///
+    /// # Errors
+    /// The usage error's text when only one of the two is given.
+    pub fn from_flags(
+        access_key: Option<&str>,
+        secret_key: Option<&str>,
+    ) -> Result<Option<Credentials>, &'static str> {
+        fn given(key: Option<&str>) -> Option<&str> {
+            key.filter(|k| !k.is_empty())
+        }
+        match (given(access_key), given(secret_key)) {
+            (Some(access_key), Some(secret_key)) => Ok(Some(Credentials {
+                access_key: access_key.to_string(),
+                secret_key: secret_key.to_string(),
+            })),
+            (None, None) => Ok(None),
+            (Some(_), None) => {
+                Err("--access-key needs its --secret-key (or TXMQ_SECRET_KEY), not empty")
+            }
+            (None, Some(_)) => {
+                Err("--secret-key needs its --access-key (or TXMQ_ACCESS_KEY), not empty")
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")

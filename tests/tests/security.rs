@@ -1548,7 +1548,7 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
     assert!(err.contains("--secret-key"), "{err}");
     // An empty secret is no secret.
     let err = run(&["--access-key", "broker", "--secret-key", ""]);
-    assert!(err.contains("--access-key needs --secret-key"), "{err}");
+    assert!(err.contains("--access-key needs its --secret-key"), "{err}");
     let empty_secret = pki.acl(
         "empty.toml",
         "[[user]]\naccess_key = \"x\"\nsecret_key = \"\"\nadmin = true\n",
@@ -1596,7 +1596,7 @@ fn unusable_security_files_stop_the_broker_with_a_clear_error() {
         .expect("run txmq-nameserver");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--access-key needs --secret-key"), "{err}");
+    assert!(err.contains("--access-key needs its --secret-key"), "{err}");
     let not_toml = pki.acl("not-toml.toml", "this is = = not TOML\n");
     for (acl, says) in [(&not_toml, "not-toml.toml"), (&no_users, "no users")] {
         let out = std::process::Command::new(txmq_tests::binary("txmq-nameserver"))
