@@ -1236,20 +1236,31 @@ async fn check_backs_go_only_to_producers_that_may_publish_the_topic() {
     let bob_listener = Listener::new(TransactionState::Commit, TransactionState::Commit);
     // Refused until the broker has read the file again.
     let _bob = until_started(&site, "bob", &bob_listener).await;
-    // Several checks fall due meanwhile (every 100 ms).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A check falls due while bob is connected: it is not sent, and the
+    // transaction says why.
+    let ops = site.admin("ops").await;
+    let why = "are connected, but none whose user may end it (tx of the group and pub on orders)";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = ops.list_transactions(None).await.expect("ops lists");
+        let error = listed
+            .iter()
+            .flat_map(|l| l.transactions.iter())
+            .find(|t| t.tx_id == pending.tx_id)
+            .expect("still pending")
+            .last_error
+            .clone()
+            .unwrap_or_default();
+        if error.contains(why) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no check fell due: {error}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         bob_listener.checks.load(Ordering::SeqCst),
         0,
         "bob was checked"
-    );
-    let ops = site.admin("ops").await;
-    let listed = ops.list_transactions(None).await.expect("ops lists");
-    assert!(
-        listed
-            .iter()
-            .any(|l| l.transactions.iter().any(|t| t.tx_id == pending.tx_id)),
-        "still pending"
     );
     // Nor may bob end it himself: an end needs pub on the topic too.
     let raw = site

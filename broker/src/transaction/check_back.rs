@@ -115,7 +115,17 @@ async fn check_one(tx: Arc<Transactions>, tx_id: u64) {
     }
     let topics = super::topics_of(messages.iter());
     let Some(producer) = tx.check_back_connection(&group, &topics) else {
-        let error = format!("no producer of group '{group}' allowed to answer is connected");
+        let error = if tx.producers.pick(&group, |_| true).is_some() {
+            // Connected, but their users may not end it: say why (it
+            // shows in `tx show` and `tx list`).
+            format!(
+                "producers of group '{group}' are connected, but none whose user may end it \
+                 (tx of the group and pub on {})",
+                topics.join(", ")
+            )
+        } else {
+            format!("no producer of group '{group}' allowed to answer is connected")
+        };
         tx.metrics.check_back(&group, false, CheckOutcome::Failed);
         tx.check_done(tx_id, false, None, Some(error));
         return;
