@@ -282,6 +282,14 @@ pub(crate) enum Stream {
     Tls(Box<dyn Io>),
 }
 
+/// Reads and drops up to `unread` bytes of `reader` (at most 64 MiB, for
+/// at most `within`): the rest of a frame refused unread.
+async fn skip_unread(reader: &mut Reader, unread: usize, within: Duration) {
+    const MOST: u64 = 64 << 20;
+    let mut rest = tokio::io::AsyncReadExt::take(reader, (unread as u64).min(MOST));
+    let _ = tokio::time::timeout(within, tokio::io::copy(&mut rest, &mut tokio::io::sink())).await;
+}
+
 /// The read side of a [`Stream`].
 enum Reader {
     Tcp(OwnedReadHalf),
@@ -1423,6 +1431,12 @@ async fn read_loop(
                             refuse(&conn, id, ErrorCode::FrameTooLarge, format!(
                                 "request of {len} bytes exceeds this server's maximum frame of {max} bytes (--max-frame-size); it was not read"
                             ));
+                            // The rest of the frame is read and dropped before
+                            // the close: closed with it unread, the socket
+                            // resets the connection, and the peer may lose
+                            // the refusal (an unknown outcome after all).
+                            let unread = (4 + len).saturating_sub(reader.read_buffer().len());
+                            skip_unread(reader.get_mut(), unread, inner.config.hello_timeout).await;
                         }
                     }
                     break;
