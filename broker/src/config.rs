@@ -60,6 +60,9 @@ pub struct BrokerConfig {
     pub max_message_size: usize,
     /// Largest frame accepted on a connection, in bytes.
     pub max_frame_size: usize,
+    /// How long a frame may take to arrive once its first bytes have;
+    /// zero: no limit.
+    pub frame_timeout: Duration,
     /// Transaction timeouts and check-back limits.
     pub transactions: TxConfig,
     /// A consumer without a heartbeat for this long has left its group.
@@ -225,6 +228,7 @@ impl BrokerConfig {
             segment_size: 1 << 30,
             max_message_size: 4 << 20,
             max_frame_size: txmq_protocol::DEFAULT_MAX_FRAME_LEN,
+            frame_timeout: Duration::from_secs(30),
             transactions: TxConfig {
                 timeout: Duration::from_secs(6),
                 check_interval: Duration::from_secs(5),
@@ -633,6 +637,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_FRAME_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_frame_size: Option<u64>,
+    /// How long a frame may take to arrive once its first bytes have; a
+    /// connection whose peer stops or trickles mid-frame is closed between
+    /// once and twice this after the frame began; 0s: no limit [default: 30s].
+    #[arg(long, env = "TXMQ_FRAME_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub frame_timeout: Option<Duration>,
     /// Age of a prepared transaction before its first check-back [default: 6s].
     #[arg(long, env = "TXMQ_TRANSACTION_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
@@ -914,6 +924,10 @@ impl BrokerArgs {
                 Some(n) => to_usize(n, "max frame size")?,
                 None => d.max_frame_size,
             },
+            frame_timeout: self
+                .frame_timeout
+                .or(file.frame_timeout)
+                .unwrap_or(d.frame_timeout),
             transactions: TxConfig {
                 timeout: self
                     .transaction_timeout

@@ -677,6 +677,7 @@ async fn start_incarnation(
     let conn_config = ConnectionConfig {
         max_frame_len: inner.config.max_frame_size,
         max_inflight_bytes: inner.config.max_inflight_bytes,
+        frame_timeout: inner.config.frame_timeout,
         ..Default::default()
     };
     let service = Arc::new(handler::BrokerService {

@@ -81,6 +81,13 @@ pub struct ConnectionConfig {
     pub max_queued_bytes: usize,
     /// How long a server waits for the hello (default 10 s).
     pub hello_timeout: Duration,
+    /// How long a frame may take to arrive once its first bytes have
+    /// (default 30 s; zero: no limit). A peer that stops, or trickles,
+    /// mid-frame has its connection closed between once and twice this
+    /// after the frame began, so that it cannot hold the frame's memory for
+    /// good. Time the reader is paused by this side's own limits does not
+    /// count.
+    pub frame_timeout: Duration,
     /// Idle time before TCP keepalive probes start (default 15 s; zero turns
     /// keepalive off); data may stay unacknowledged, or the peer's receive
     /// window shut, for twice this before the kernel drops the connection.
@@ -102,6 +109,7 @@ impl Default for ConnectionConfig {
             max_inflight_bytes: 64 << 20,
             max_queued_bytes: 8 << 20,
             hello_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(15),
             tls: None,
             credentials: None,
@@ -1384,7 +1392,12 @@ async fn read_loop(
     // Made once, so that it registers the task's waker once.
     let closed = inner.closed_flag();
     tokio::pin!(closed);
+    let mut stall = Stall::new(inner.config.frame_timeout);
     while greeted {
+        let reading = !full(&inflight, inflight_bytes)
+            || (blocked && batch.len() < blocked_at + inner.config.max_queued_bytes)
+            || (!blocked && !lock(&inner.pending).waiting.is_empty());
+        stall.watch(reading);
         tokio::select! {
             biased;
             () = &mut closed => break,
@@ -1407,9 +1420,8 @@ async fn read_loop(
                     }
                 }
             }
-            next = reader.next(), if !full(&inflight, inflight_bytes)
-                || (blocked && batch.len() < blocked_at + inner.config.max_queued_bytes)
-                || (!blocked && !lock(&inner.pending).waiting.is_empty()) => {
+            next = reader.next(), if reading => {
+                stall.frame_read();
                 if inner.silent_timeouts.load(Ordering::Relaxed) != 0 {
                     inner.silent_timeouts.store(0, Ordering::Relaxed);
                 }
@@ -1487,6 +1499,12 @@ async fn read_loop(
                     break;
                 }
             }},
+            () = stall.timer(), if stall.armed() => if stall.fired(!reader.read_buffer().is_empty()) {
+                warn!(peer = %inner.peer, buffered = reader.read_buffer().len(),
+                    timeout = ?inner.config.frame_timeout,
+                    "a frame started and did not finish within the frame timeout; closing connection");
+                break;
+            },
             // Nothing else is ready: write what was gathered.
             () = std::future::ready(()), if !batch.is_empty() && !blocked => match flush_batch(&inner, &mut batch) {
                 Queue::Done => {}
@@ -1506,6 +1524,71 @@ async fn read_loop(
     }
     ended.clean_up(true);
     debug!(peer = %inner.peer, "connection closed");
+}
+
+/// The frame timeout ([`ConnectionConfig::frame_timeout`]), kept off the
+/// per-frame path: while the connection is read, a timer fires once per
+/// period. A frame held in part at one firing, with no frame read by the
+/// next and part of one still held, began at least a period before: the
+/// connection closes. So a frame the peer stops sending closes it between
+/// one and two periods after it began.
+struct Stall {
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    /// A frame was held in part at the last firing.
+    partial: bool,
+    frames: u64,
+    frames_then: u64,
+}
+
+impl Stall {
+    fn new(timeout: Duration) -> Stall {
+        Stall {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+            partial: false,
+            frames: 0,
+            frames_then: 0,
+        }
+    }
+
+    /// Called before each wait with whether the reader reads on. While it
+    /// does not (this side's own limits), the timer is off: that wait is
+    /// not the peer's.
+    fn watch(&mut self, reading: bool) {
+        if !reading || self.timeout.is_zero() {
+            self.armed = false;
+        } else if !self.armed {
+            self.armed = true;
+            self.partial = false;
+            self.sleep.as_mut().reset(Instant::now() + self.timeout);
+        }
+    }
+
+    fn armed(&self) -> bool {
+        self.armed
+    }
+
+    fn timer(&mut self) -> &mut Pin<Box<tokio::time::Sleep>> {
+        &mut self.sleep
+    }
+
+    fn frame_read(&mut self) {
+        self.frames += 1;
+    }
+
+    /// The timer fired; `partial`: the reader holds part of a frame now.
+    /// Whether that frame was held at the last firing too, with no frame
+    /// read since (the connection is to close).
+    fn fired(&mut self, partial: bool) -> bool {
+        let stalled = partial && self.partial && self.frames == self.frames_then;
+        self.partial = partial;
+        self.frames_then = self.frames;
+        self.sleep.as_mut().reset(Instant::now() + self.timeout);
+        stalled
+    }
 }
 
 /// The end of a connection for its callers and its service: run by the read

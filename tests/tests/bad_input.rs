@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 use txmq::{ErrorCode, Message, PullConsumer, PERM_READ, PERM_READ_WRITE, PERM_WRITE};
-use txmq_broker::FlushMode;
+use txmq_broker::{BrokerConfig, FlushMode};
 use txmq_protocol::codec::Decoded;
 use txmq_protocol::{
     CommitOffset, CreateTopic, EndTransaction, Frame, FrameCodec, HalfMessage, Heartbeat, Hello,
@@ -252,7 +252,22 @@ where
     F: FnOnce(SocketAddr) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let cluster = Cluster::start(FlushMode::Async).await;
+    broker_survives_with(|_| {}, bad).await;
+}
+
+/// [`broker_survives`] with the broker's settings adjusted by `tweak`.
+async fn broker_survives_with<F, Fut>(tweak: impl FnOnce(&mut BrokerConfig), bad: F)
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    cluster
+        .add_broker("broker-a", |cfg| {
+            cfg.flush = FlushMode::Async;
+            tweak(cfg);
+        })
+        .await;
     let addr = cluster.brokers[0].local_addr();
     let topic = "survivors";
     common::create_topic(&cluster.nameserver, topic, 2).await;
@@ -365,6 +380,61 @@ async fn a_frame_cut_off_by_the_peer_closing_closes_only_that_connection() {
         raw.stream.shutdown().await.expect("half-close");
         assert!(raw.frames_until_closed().await.is_empty());
     })
+    .await;
+}
+
+/// A frame begun and never finished, or trickled a byte at a time, closes
+/// its connection within twice `--frame-timeout`: half-sent frames cannot
+/// hold the broker's memory for good. A frame that finishes within the
+/// timeout, however slowly, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_stalled_mid_way_closes_only_that_connection_after_the_frame_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(400);
+    broker_survives_with(
+        |cfg| cfg.frame_timeout = TIMEOUT,
+        |addr| async move {
+            // A send's first half, then nothing.
+            let whole = encoded_send(2, "never finished");
+            let mut raw = Raw::greeted(addr).await;
+            let began = Instant::now();
+            raw.write(&whole[..whole.len() / 2]).await;
+            assert!(raw.frames_until_closed().await.is_empty());
+            let took = began.elapsed();
+            assert!(
+                took >= TIMEOUT && took < 2 * TIMEOUT + Duration::from_millis(600),
+                "closed after {took:?}"
+            );
+
+            // A frame announced as 1 MiB, trickled a byte every 50 ms.
+            let mut raw = Raw::greeted(addr).await;
+            raw.write(&(1u32 << 20).to_be_bytes()).await;
+            let began = Instant::now();
+            let closed_after = loop {
+                assert!(
+                    began.elapsed() < Duration::from_secs(5),
+                    "a trickled frame kept its connection open"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if raw.stream.write_all(b"x").await.is_err() {
+                    break began.elapsed();
+                }
+            };
+            assert!(closed_after >= TIMEOUT, "closed after {closed_after:?}");
+
+            // Slow but within the timeout: served.
+            let mut raw = Raw::greeted(addr).await;
+            let whole = encode(&Frame::Request(3, Request::Ping(Ping {})));
+            raw.write(&whole[..whole.len() / 2]).await;
+            tokio::time::sleep(TIMEOUT / 4).await;
+            raw.write(&whole[whole.len() / 2..]).await;
+            match raw.next_frame().await {
+                Some(Frame::Response(3, result)) => {
+                    result.expect("a slow frame within the timeout is answered");
+                }
+                other => panic!("expected the send's answer, got {other:?}"),
+            }
+        },
+    )
     .await;
 }
 
@@ -542,10 +612,25 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
         &dir.path().join("data"),
         &cluster.nameserver,
         "broker-p",
-        &[],
+        &["--frame-timeout", "300ms"],
     )
     .await;
     let addr: SocketAddr = broker.addr.parse().unwrap();
+
+    // A frame begun and left: closed by --frame-timeout, with a warning.
+    let mut stalled = Raw::connect(addr).await;
+    stalled
+        .write(&encode(&Frame::Request(
+            1,
+            Request::Hello(hello(PROTOCOL_VERSION)),
+        )))
+        .await;
+    assert!(matches!(
+        stalled.next_frame().await,
+        Some(Frame::Response(1, Ok(Response::Hello(_))))
+    ));
+    stalled.write(&encoded_send(2, "half")[..10]).await;
+    assert!(stalled.frames_until_closed().await.is_empty());
 
     let mut garbage = Raw::connect(addr).await;
     garbage.write(&framed(&[0xc1; 8])).await;
@@ -570,7 +655,10 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
             .iter()
             .any(|l| l.contains("bad frame") || l.contains("garbage"));
         let malformed = warnings.iter().any(|l| l.contains("malformed"));
-        if bad_frame && malformed {
+        let stalled = warnings
+            .iter()
+            .any(|l| l.contains("did not finish within the frame timeout"));
+        if bad_frame && malformed && stalled {
             break warnings;
         }
         assert!(
@@ -1027,6 +1115,37 @@ async fn a_body_over_the_max_message_size_is_message_too_large() {
     cluster.shutdown().await;
 }
 
+/// Sends one line of `size` bytes to topic `big` (created here) with
+/// `txmq send --stdin --retries 0`, which is to fail (exit 1) with a
+/// known outcome; its stderr. Then checks that nothing was stored and
+/// that the broker serves the next send, and shuts the cluster down.
+async fn send_one_line_too_large(cluster: Cluster, size: usize, check: impl FnOnce(&str)) {
+    cluster
+        .admin()
+        .await
+        .create_topic("big", 1, PERM_READ_WRITE, None)
+        .await
+        .unwrap();
+    let line = "x".repeat(size);
+    let out = common::txmq(
+        &cluster.nameserver,
+        &["send", "big", "--stdin", "--retries", "0"],
+        Some(&line),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("outcome unknown"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("UNKNOWN"));
+    check(&err);
+    // Nothing was stored, and the broker serves the next send.
+    let producer = cluster.producer().await;
+    let ok = producer.send(Message::new("big", "small")).await.unwrap();
+    assert_eq!(ok.queue_offset, 0);
+    producer.close().await.unwrap();
+    cluster.shutdown().await;
+}
+
 /// A request over the broker's frame limit but under the client's is
 /// refused by name (FRAME_TOO_LARGE: not read, so not stored), not left as
 /// an unknown outcome by the connection's close.
@@ -1038,35 +1157,15 @@ async fn a_request_over_the_brokers_frame_limit_is_refused_by_name() {
             cfg.max_frame_size = (1 << 20) + (64 << 10)
         })
         .await;
-    cluster
-        .admin()
-        .await
-        .create_topic("big", 1, PERM_READ_WRITE, None)
-        .await
-        .unwrap();
     // One line of 2 MB: over the broker's 1.06 MiB frames, under the
     // client's 8 MiB.
-    let line = "x".repeat(2_000_000);
-    let out = common::txmq(
-        &cluster.nameserver,
-        &["send", "big", "--stdin", "--retries", "0"],
-        Some(&line),
-    )
+    send_one_line_too_large(cluster, 2_000_000, |err| {
+        assert!(
+            err.contains("FRAME_TOO_LARGE") && err.contains("--max-frame-size"),
+            "{err}"
+        );
+    })
     .await;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("FRAME_TOO_LARGE") && err.contains("--max-frame-size"),
-        "{err}"
-    );
-    assert!(!err.contains("outcome unknown"), "{err}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("UNKNOWN"));
-    // Nothing was stored, and the broker serves the next send.
-    let producer = cluster.producer().await;
-    let ok = producer.send(Message::new("big", "small")).await.unwrap();
-    assert_eq!(ok.queue_offset, 0);
-    producer.close().await.unwrap();
-    cluster.shutdown().await;
 }
 
 /// A body over the client's own frame limit is refused before it is
@@ -1076,37 +1175,18 @@ async fn a_request_over_the_brokers_frame_limit_is_refused_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_clients_frame_limit_is_refused_before_sending() {
     let cluster = Cluster::start(FlushMode::Async).await;
-    cluster
-        .admin()
-        .await
-        .create_topic("big", 1, PERM_READ_WRITE, None)
-        .await
-        .unwrap();
     // One line of 9 MB: over the client's 8 MiB frames.
-    let line = "x".repeat(9 << 20);
-    let out = common::txmq(
-        &cluster.nameserver,
-        &["send", "big", "--stdin", "--retries", "0"],
-        Some(&line),
-    )
+    send_one_line_too_large(cluster, 9 << 20, |err| {
+        assert!(
+            err.contains("not sent") && err.contains("refused before sending"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("FRAME_TOO_LARGE (15): frame of"),
+            "no broker answered: {err}"
+        );
+    })
     .await;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("not sent") && err.contains("refused before sending"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("FRAME_TOO_LARGE (15): frame of"),
-        "no broker answered: {err}"
-    );
-    assert!(!err.contains("outcome unknown"), "{err}");
-    // Nothing was stored, and the next send goes through.
-    let producer = cluster.producer().await;
-    let ok = producer.send(Message::new("big", "small")).await.unwrap();
-    assert_eq!(ok.queue_offset, 0);
-    producer.close().await.unwrap();
-    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
