@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -347,12 +347,18 @@ impl std::fmt::Debug for Credentials {
 pub struct AclStore {
     path: PathBuf,
     current: RwLock<Arc<Acl>>,
-    stamp: Mutex<Option<(SystemTime, u64)>>,
+    stamp: Mutex<Option<u64>>,
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+/// What the file holds, hashed: an edit is seen even when it keeps the
+/// file's size and modification time (two writes within the file system's
+/// clock tick). The file is small and read once per poll.
+fn file_stamp(path: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::hash::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
 }
 
 impl AclStore {

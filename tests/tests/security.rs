@@ -1171,6 +1171,50 @@ async fn an_acl_file_without_users_is_not_reloaded_and_the_users_go_on() {
     }
 }
 
+/// An edit that keeps the ACL file's size and modification time (two
+/// writes within the file system's clock tick) is seen by the poll: it
+/// compared the size and time only, and kept the old version until a
+/// SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_edit_that_keeps_the_files_size_and_time_is_reloaded() {
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    site.producer("carol")
+        .await
+        .send(Message::new(TOPIC, "before"))
+        .await
+        .expect("sent");
+    let modified = std::fs::metadata(&site.acl).unwrap().modified().unwrap();
+    let rotated = ACL.replace("carol-secret", "carol-rotate");
+    assert_eq!(rotated.len(), ACL.len());
+    std::fs::write(&site.acl, rotated).expect("write ACL file");
+    std::fs::File::options()
+        .write(true)
+        .open(&site.acl)
+        .and_then(|f| f.set_modified(modified))
+        .expect("set the file's time back");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let carol = Producer::builder()
+            .config(site.config("carol"))
+            .build()
+            .await;
+        let sent = match carol {
+            Ok(p) => p.send(Message::new(TOPIC, "old secret")).await.map(drop),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Err(e) if e.code() == Some(ErrorCode::AuthenticationFailed) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the edit was not seen: {other:?}\n{}",
+                site.broker.log_text()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Check-backs go only to connections whose user still has `tx` of the
 /// group: once alice is removed from the file her producer gets no more,
 /// and the transaction is checked on carol's connection instead.
