@@ -269,6 +269,18 @@ async fn the_python_simple_consumer_receives_acks_and_sees_an_unacked_message_ag
     cluster.shutdown().await;
 }
 
+/// The bodies a Python script received (its `bodies`), sorted.
+fn python_bodies(got: &serde_json::Value) -> Vec<&str> {
+    let mut bodies: Vec<&str> = got["bodies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    bodies.sort_unstable();
+    bodies
+}
+
 /// The Python push consumer consumes what txmq's CLI sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_push_consumer_consumes_a_topic_txmq_wrote() {
@@ -284,13 +296,7 @@ async fn the_python_push_consumer_consumes_a_topic_txmq_wrote() {
     })
     .await
     .unwrap();
-    let mut bodies: Vec<&str> = got["bodies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    bodies.sort();
+    let bodies = python_bodies(&got);
     assert_eq!(bodies, sent, "{got}");
     cluster.shutdown().await;
 }
@@ -654,13 +660,7 @@ async fn the_python_push_consumer_gets_a_failed_message_again_after_its_backoff(
     tokio::time::sleep(Duration::from_secs(4)).await;
     txmq_send(&ns, "retried", &["fail1"]).await;
     let got = consumer.await.unwrap();
-    let mut bodies: Vec<&str> = got["bodies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    bodies.sort();
+    let bodies = python_bodies(&got);
     assert_eq!(bodies, ["fail1", "ok1"], "{got}");
     assert_eq!(got["fail_again_attempt"], 2, "{got}");
     let after = got["fail_again_after_s"].as_f64().unwrap();

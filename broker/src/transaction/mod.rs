@@ -1697,6 +1697,17 @@ mod tests {
         store.shutdown().await;
     }
 
+    /// A transaction table over `store` with one transaction of group
+    /// `pg` prepared: `message` on queue 0. The table and the id.
+    async fn one_pending(store: &Store, message: Message) -> (Transactions, u64) {
+        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
+        let (id, _, _) = tx
+            .prepare("pg", None, Some(1), vec![(0, message)], None)
+            .await
+            .unwrap();
+        (tx, id)
+    }
+
     /// A store of topic `t` whose segments expire at once (retention zero).
     fn expiring_store(dir: &std::path::Path) -> Store {
         let mut c = StoreConfig::new(dir);
@@ -1715,17 +1726,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let open = || expiring_store(dir.path());
         let store = open();
-        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
-        let (stuck, _, _) = tx
-            .prepare(
-                "pg",
-                None,
-                Some(1),
-                vec![(0, Message::new("t", "stuck"))],
-                None,
-            )
-            .await
-            .unwrap();
+        let (tx, stuck) = one_pending(&store, Message::new("t", "stuck")).await;
         {
             // Two checks counted, then parked.
             let mut table = lock(&tx.table);
@@ -1817,17 +1818,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let open = || expiring_store(dir.path());
         let store = open();
-        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
-        let (id, _, _) = tx
-            .prepare(
-                "pg",
-                None,
-                Some(1),
-                vec![(0, Message::new("t", "carried").with_key("k"))],
-                None,
-            )
-            .await
-            .unwrap();
+        let (tx, id) = one_pending(&store, Message::new("t", "carried").with_key("k")).await;
         // Two checks that reached the producer, answered "unknown", then
         // one that could not be sent.
         for answer in [Some(TxResolution::Unknown), None] {
@@ -1929,17 +1920,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let open = || expiring_store(dir.path());
         let store = open();
-        let tx = Transactions::new(store.clone(), config(), "b".into(), Default::default());
-        let (stuck, _, _) = tx
-            .prepare(
-                "pg",
-                None,
-                Some(1),
-                vec![(0, Message::new("t", "stuck"))],
-                None,
-            )
-            .await
-            .unwrap();
+        let (_tx, stuck) = one_pending(&store, Message::new("t", "stuck")).await;
         let (_, size) = store.read_record_at(stuck).unwrap();
         store.shutdown().await;
         // A clean restart: the checkpoint moves to the next segment.
