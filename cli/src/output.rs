@@ -178,6 +178,16 @@ fn tls_hint(text: &str) -> Option<&'static str> {
             "corrupt message",
             "the server does not speak TLS: leave out --tls-ca",
         ),
+        (
+            "CaUsedAsEndEntity",
+            "the server presents a CA's certificate as its own (a self-signed one, say): \
+             give the server a certificate signed by the --tls-ca CA",
+        ),
+        (
+            "handshake eof",
+            "the server closed the connection during the handshake: it may not use TLS \
+             (then leave out --tls-ca)",
+        ),
     ];
     hints
         .iter()
@@ -662,6 +672,11 @@ mod tests {
         };
         assert!(failed("invalid peer certificate: UnknownIssuer")
             .ends_with("(the server's certificate is not signed by the --tls-ca CA)"));
+        assert!(
+            failed("invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))")
+                .contains("(the server presents a CA's certificate as its own")
+        );
+        assert!(failed("tls handshake eof").contains("it may not use TLS"));
         assert!(failed(
             "invalid peer certificate: certificate expired: verification time 1 (UNIX)"
         )

@@ -158,7 +158,7 @@ impl Acl {
     /// Bad TOML, an unknown field or permission, a user twice, or no user
     /// at all.
     pub fn parse(text: &str) -> Result<Acl, String> {
-        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let file: File = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         let mut users = HashMap::new();
         for entry in file.user {
             let perms = |what: &str, list: &[String], allowed: &[(&str, u8)]| {
@@ -335,6 +335,38 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("access_key", &self.access_key)
             .finish_non_exhaustive()
+    }
+}
+
+/// An access key as logs and answers show it: cut to its first 64
+/// characters, so that a key of 100,000 makes no line that long.
+pub(crate) fn shown_key(key: &str) -> std::borrow::Cow<'_, str> {
+    const SHOWN: usize = 64;
+    match key.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{}... ({} bytes)", &key[..at], key.len()).into(),
+        None => key.into(),
+    }
+}
+
+/// A TOML error on one line, where it is (line and column) and what is
+/// wrong: the toml crate's own text draws the line with a caret below it,
+/// which a reload's WARN would spread over several log lines.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML parse error at line {line}, column {column}: {what}")
+        }
+        None => format!("TOML parse error: {what}"),
     }
 }
 
@@ -620,6 +652,14 @@ mod tests {
             let e = Acl::parse(text).unwrap_err();
             assert!(e.starts_with("no users"), "{text:?}: {e}");
         }
+        // Not TOML: one line, saying where and what.
+        let e = Acl::parse("[[user]]\naccess_key = \"a\"\nsecret_key = \n").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("TOML parse error at line 3, column 14: ")
+                && e.contains("invalid string"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -579,6 +579,11 @@ impl Connection {
             None => Stream::Tcp(stream),
         };
         let credentials = config.credentials.clone();
+        let cert_name = config
+            .tls
+            .as_ref()
+            .and_then(|t| t.cert_name())
+            .map(str::to_string);
         let conn = Connection::start(
             stream,
             peer,
@@ -605,8 +610,16 @@ impl Connection {
                 None => Err(Error::Remote(WireError::new(
                     ErrorCode::AuthenticationFailed,
                     format!(
-                        "{addr} requires authentication: give an access key and a secret key \
-                         (--access-key and --secret-key, or TXMQ_ACCESS_KEY and TXMQ_SECRET_KEY)"
+                        "{addr} requires authentication: {}give an access key and a secret key \
+                         (--access-key and --secret-key, or TXMQ_ACCESS_KEY and TXMQ_SECRET_KEY)",
+                        match &cert_name {
+                            Some(name) => format!(
+                                "this client's certificate names '{name}', who signs in by \
+                                 certificate only where the server has --tls-client-auth and \
+                                 a user '{name}' in its ACL file; add the user, or "
+                            ),
+                            None => String::new(),
+                        }
                     ),
                 ))),
             };
@@ -1354,6 +1367,15 @@ async fn read_loop(
                 warn!(peer = %inner.peer, "first frame is not a request; closing");
                 false
             }
+            Some(Err(txmq_protocol::codec::CodecError::FrameTooLarge { len, .. }))
+                if len >> 16 == 0x1603 =>
+            {
+                // A TLS record's first bytes (handshake, version 3.x) read
+                // as a length prefix.
+                warn!(peer = %inner.peer, "a TLS handshake on a port without TLS (the client has \
+                    --tls-ca; this server was started without --tls-cert and --tls-key); closing");
+                false
+            }
             Some(Err(e)) => {
                 warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
                 false
@@ -1671,14 +1693,14 @@ async fn greet(
                 .current()
                 .verify(&a.access_key, &challenge, &a.signature)
             {
-                warn!(peer = %inner.peer, access_key = ?a.access_key, "authentication failed; closing");
+                let key = crate::acl::shown_key(&a.access_key);
+                warn!(peer = %inner.peer, access_key = ?key, "authentication failed; closing");
                 refuse(
                     conn,
                     auth_id,
                     ErrorCode::AuthenticationFailed,
                     format!(
-                        "authentication failed for access key '{}': unknown access key or wrong secret",
-                        a.access_key
+                        "authentication failed for access key '{key}': unknown access key or wrong secret"
                     ),
                 );
                 return false;

@@ -208,6 +208,9 @@ pub fn client_tls(files: &TlsFiles) -> Result<Option<TlsClient>, TlsSetupError> 
 #[derive(Clone)]
 pub struct TlsClient {
     connector: tokio_rustls::TlsConnector,
+    /// The name in this client's own certificate (`--tls-cert`), if it
+    /// has one: who a server that signs users in by certificate takes it for.
+    cert_name: Option<String>,
 }
 
 impl std::fmt::Debug for TlsClient {
@@ -234,7 +237,12 @@ impl TlsClient {
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsSetupError::new("TLS settings", Path::new(""), e))?
             .with_root_certificates(roots(ca)?);
-        let config = match cert_and_key(files)? {
+        let pair = cert_and_key(files)?;
+        let cert_name = pair
+            .as_ref()
+            .and_then(|(chain, _)| chain.first())
+            .and_then(|c| certificate_name(c));
+        let config = match pair {
             Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
                 TlsSetupError::new(
                     "certificate file",
@@ -246,7 +254,13 @@ impl TlsClient {
         };
         Ok(TlsClient {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            cert_name,
         })
+    }
+
+    /// The name in this client's certificate, if it has one.
+    pub fn cert_name(&self) -> Option<&str> {
+        self.cert_name.as_deref()
     }
 
     /// The handshake with the server at `addr` (`host:port`), verifying

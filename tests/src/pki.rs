@@ -87,6 +87,17 @@ impl Pki {
         issued
     }
 
+    /// The CA's own certificate and key as a server's: what a server
+    /// given a self-signed (CA) certificate presents.
+    pub fn ca_as_server(&self) -> Issued {
+        let issued = Issued {
+            cert: self.ca(),
+            key: self.dir.path().join("ca.key"),
+        };
+        std::fs::write(&issued.key, self.ca_key.serialize_pem()).expect("write CA key");
+        issued
+    }
+
     /// Writes an ACL file `name` with `text`; returns its path.
     pub fn acl(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.path().join(name);

@@ -497,6 +497,54 @@ fn tls_problems_are_named() {
         "the likely cause is named: {err}"
     );
 
+    // TLS to a port without it: the client's error and the server's log
+    // say what is likely wrong (a raw "tls handshake eof" and "frame of
+    // 369295616 bytes" before).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plain_addr = format!("127.0.0.1:{}", free_port());
+    let plain = NameserverProcess::start(&plain_addr, &[], &dir.path().join("plain.log"));
+    let to_plain = run(
+        &plain_addr,
+        &["--tls-ca", &path(&s.pki.ca()), "cluster"].map(str::to_string),
+        &[],
+    );
+    assert_eq!(to_plain.status.code(), Some(1));
+    let err = stderr(&to_plain);
+    assert!(err.contains("it may not use TLS"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !plain
+        .log_text()
+        .contains("a TLS handshake on a port without TLS")
+    {
+        assert!(Instant::now() < deadline, "{}", plain.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A server that presents the CA's own certificate.
+    let ca_addr = format!("127.0.0.1:{}", free_port());
+    let ca_server = s.pki.ca_as_server();
+    let _ca_ns = NameserverProcess::start(
+        &ca_addr,
+        &[
+            "--tls-cert",
+            &path(&ca_server.cert),
+            "--tls-key",
+            &path(&ca_server.key),
+        ],
+        &dir.path().join("ca.log"),
+    );
+    let to_ca = run(
+        &ca_addr,
+        &["--tls-ca", &path(&s.pki.ca()), "cluster"].map(str::to_string),
+        &[],
+    );
+    assert_eq!(to_ca.status.code(), Some(1));
+    let err = stderr(&to_ca);
+    assert!(
+        err.contains("presents a CA's certificate as its own"),
+        "{err}"
+    );
+
     let missing = run(
         &s.ns_addr,
         &["--tls-ca", "/nonexistent/ca.pem", "cluster"].map(str::to_string),

@@ -1039,6 +1039,31 @@ async fn a_wrong_secret_fails_authentication() {
         "{}",
         site.broker.log_text()
     );
+    // A key of 100,000 characters is shown cut, in the log and the answer.
+    let long = "k".repeat(100_000);
+    let config = ConnectionConfig {
+        credentials: Some(Credentials {
+            access_key: long.clone(),
+            secret_key: "x".into(),
+        }),
+        ..ConnectionConfig::default()
+    };
+    let e = Connection::connect(&site.broker.addr, hello(Role::Producer, None), None, config)
+        .await
+        .expect_err("an unknown user");
+    assert!(
+        e.to_string().len() < 1000 && e.to_string().contains("(100000 bytes)"),
+        "{e}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !site.broker.log_text().contains("(100000 bytes)") {
+        assert!(Instant::now() < deadline, "the cut key is not logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !site.broker.log_text().contains(&long[..1000]),
+        "the whole key was logged"
+    );
 }
 
 /// A user removed from the ACL file loses access at its next request,
@@ -1132,6 +1157,29 @@ async fn an_acl_file_without_users_is_not_reloaded_and_the_users_go_on() {
     assert!(
         !site.broker.log_text().contains("users=0"),
         "{}",
+        site.broker.log_text()
+    );
+
+    // A file that is not TOML: refused in one WARN line that says where.
+    std::fs::write(&site.acl, "[[user]]\naccess_key = \"x\"\nsecret_key = \n")
+        .expect("write ACL file");
+    site.broker.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let warning = loop {
+        let log = site.broker.log_text();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains("TOML parse error"))
+        {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "broken TOML not refused:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(warning.contains("line 3, column 14"), "{warning}");
+    assert!(
+        !site.broker.log_text().contains("secret_key = \n"),
+        "the TOML diagram spread the WARN over several lines:\n{}",
         site.broker.log_text()
     );
 
@@ -1545,6 +1593,27 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
         bob.send(Message::new(TOPIC, "from bob")).await,
         "bob",
         "pub to topic 'orders'",
+    );
+    // A certificate of the CA that names no user: the refusal says so
+    // (it asked for keys only, as if no certificate had been given).
+    let stranger = ConnectionConfig {
+        tls: Some(tls_client(&site.pki, Some(&site.pki.issue("stranger")))),
+        ..ConnectionConfig::default()
+    };
+    let refused = Connection::connect(
+        &site.broker.addr,
+        hello(Role::Producer, None),
+        None,
+        stranger,
+    )
+    .await
+    .expect_err("a certificate that names no user signs nobody in");
+    let text = refused.to_string();
+    assert!(
+        text.contains("AUTHENTICATION_FAILED")
+            && text.contains("certificate names 'stranger'")
+            && text.contains("--tls-client-auth"),
+        "{text}"
     );
 }
 
