@@ -142,12 +142,7 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if exit::closed_output(&e) => ExitCode::from(exit::CLOSED_OUTPUT),
         Err(e) => {
-            let mut text = output::error_text(&e);
-            if cli.global.security.tls_ca.is_none() && output::connection_closed(&e) {
-                text.push_str(
-                    " (a server that listens with TLS closes plaintext connections: if it does, give --tls-ca)",
-                );
-            }
+            let text = output::error_text(&e);
             stderr!("error: {text}");
             ExitCode::from(exit::code_of(&e))
         }

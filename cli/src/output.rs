@@ -135,18 +135,6 @@ pub fn error_text(e: &anyhow::Error) -> String {
     out
 }
 
-/// True when `e` comes from a connection the server closed: what a
-/// server that listens with TLS does to a plaintext client.
-pub fn connection_closed(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        let remoting = cause
-            .downcast_ref::<txmq::Error>()
-            .and_then(txmq::Error::remoting)
-            .or_else(|| cause.downcast_ref::<txmq::RemotingError>());
-        matches!(remoting, Some(txmq::RemotingError::Closed { .. }))
-    })
-}
-
 /// What a failed TLS handshake means for the user, from rustls's words
 /// for it; `None` for other errors.
 fn tls_hint(text: &str) -> Option<&'static str> {

@@ -284,8 +284,8 @@ struct Retry {
 /// went to a broker (or was about to) and no answer came. A broker's
 /// refusal, a connection that could not be opened or whose hello timed
 /// out (the send was never written), and a failure to find a route store
-/// nothing. A connection closed during its hello cannot be told apart from
-/// one closed under the send, so it counts as unknown.
+/// nothing. (A connection closed during its hello is one that could not be
+/// opened: `Connect`.)
 fn maybe_stored(e: &txmq::Error) -> bool {
     match e {
         txmq::Error::Broker { source, .. } => match source {

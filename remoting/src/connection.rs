@@ -584,6 +584,7 @@ impl Connection {
             .as_ref()
             .and_then(|t| t.cert_name())
             .map(str::to_string);
+        let plaintext = config.tls.is_none();
         let conn = Connection::start(
             stream,
             peer,
@@ -650,6 +651,21 @@ impl Connection {
                 let why = conn.inner.lost.get().cloned().unwrap_or_default();
                 Err(connect_err(format!(
                     "the connection closed during its hello: {why}"
+                )))
+            }
+            // Closed under the hello with nothing said: the connection was
+            // never made (no request went on it). Under a plaintext hello,
+            // that is what a server that listens with TLS does.
+            Err(Error::Closed { .. }) => {
+                conn.close();
+                Err(connect_err(format!(
+                    "the connection closed during its hello{}",
+                    if plaintext {
+                        " (a server that listens with TLS closes plaintext connections: if it \
+                         does, give --tls-ca)"
+                    } else {
+                        ""
+                    }
                 )))
             }
             Err(e) => {
