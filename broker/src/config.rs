@@ -328,6 +328,12 @@ impl BrokerConfig {
         if self.max_message_size + 64 * 1024 > self.max_frame_size {
             return Err("max frame size must exceed max message size by at least 64 KiB".into());
         }
+        if self.frame_timeout > Duration::from_secs(365 * 24 * 3600) {
+            return Err(format!(
+                "--frame-timeout must be at most a year (0s: no limit), not {}",
+                humantime::format_duration(self.frame_timeout)
+            ));
+        }
         if self.default_queues == 0 || self.default_queues > 1024 {
             return Err("default queues must be between 1 and 1024".into());
         }

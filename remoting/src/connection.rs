@@ -81,8 +81,8 @@ pub struct ConnectionConfig {
     pub max_queued_bytes: usize,
     /// How long a server waits for the hello (default 10 s).
     pub hello_timeout: Duration,
-    /// How long a frame may take to arrive once its first bytes have
-    /// (default 30 s; zero: no limit). A peer that stops, or trickles,
+    /// How long a frame from a client may take to arrive once its first
+    /// bytes have (server side; default 30 s; zero: no limit). A peer that stops, or trickles,
     /// mid-frame has its connection closed between once and twice this
     /// after the frame began, so that it cannot hold the frame's memory for
     /// good. Time the reader is paused by this side's own limits does not
@@ -552,8 +552,9 @@ impl Connection {
     /// connection; without one they are refused with `UNSUPPORTED_REQUEST`.
     ///
     /// # Errors
-    /// [`Error::Connect`] when the TCP connection fails, [`Error::Remote`]
-    /// when the server refuses the hello, [`Error::Timeout`] when it does not answer.
+    /// [`Error::Connect`] when the TCP connection fails or closes before
+    /// its hello (or sign-in) is answered, [`Error::Remote`] when the
+    /// server refuses the hello, [`Error::Timeout`] when it does not answer.
     pub async fn connect(
         addr: &str,
         hello: Hello,
@@ -616,8 +617,8 @@ impl Connection {
                         match &cert_name {
                             Some(name) => format!(
                                 "this client's certificate names '{name}', who signs in by \
-                                 certificate only where the server has --tls-client-auth and \
-                                 a user '{name}' in its ACL file; add the user, or "
+                                 certificate only where the server checks client certificates \
+                                 (it has --tls-ca) and its ACL file has a user '{name}'; or "
                             ),
                             None => String::new(),
                         }
@@ -644,28 +645,27 @@ impl Connection {
                     ),
                 )))
             }
-            // Closed under the hello: why the reader stopped says more (a
-            // TLS alert: the server wants a client certificate, say).
-            Err(Error::Closed { .. }) if conn.inner.lost.get().is_some() => {
-                conn.close();
-                let why = conn.inner.lost.get().cloned().unwrap_or_default();
-                Err(connect_err(format!(
-                    "the connection closed during its hello: {why}"
-                )))
-            }
-            // Closed under the hello with nothing said: the connection was
-            // never made (no request went on it). Under a plaintext hello,
-            // that is what a server that listens with TLS does.
+            // Closed under the hello: the connection was never made (no
+            // request went on it). Why the reader stopped says more (a TLS
+            // alert: the server wants a client certificate, say); under a
+            // plaintext hello, a close is what a server that listens with
+            // TLS does.
             Err(Error::Closed { .. }) => {
                 conn.close();
+                let why = conn
+                    .inner
+                    .lost
+                    .get()
+                    .map(|why| format!(": {why}"))
+                    .unwrap_or_default();
+                let hint = if plaintext {
+                    " (a server that listens with TLS closes plaintext connections: if it does, \
+                     give --tls-ca)"
+                } else {
+                    ""
+                };
                 Err(connect_err(format!(
-                    "the connection closed during its hello{}",
-                    if plaintext {
-                        " (a server that listens with TLS closes plaintext connections: if it \
-                         does, give --tls-ca)"
-                    } else {
-                        ""
-                    }
+                    "the connection closed during its hello{why}{hint}"
                 )))
             }
             Err(e) => {
@@ -1388,8 +1388,8 @@ async fn read_loop(
             {
                 // A TLS record's first bytes (handshake, version 3.x) read
                 // as a length prefix.
-                warn!(peer = %inner.peer, "a TLS handshake on a port without TLS (the client has \
-                    --tls-ca; this server was started without --tls-cert and --tls-key); closing");
+                warn!(peer = %inner.peer, "a TLS handshake on a port without TLS (probably a client \
+                    with --tls-ca; this server was started without --tls-cert and --tls-key); closing");
                 false
             }
             Some(Err(e)) => {
@@ -1430,7 +1430,12 @@ async fn read_loop(
     // Made once, so that it registers the task's waker once.
     let closed = inner.closed_flag();
     tokio::pin!(closed);
-    let mut stall = Stall::new(inner.config.frame_timeout);
+    // The frame timeout guards a server's memory against its clients; a
+    // client waits on its server's answers with its own request timeouts.
+    let mut stall = Stall::new(match side {
+        Side::Server => inner.config.frame_timeout,
+        Side::Client => Duration::ZERO,
+    });
     while greeted {
         let reading = !full(&inflight, inflight_bytes)
             || (blocked && batch.len() < blocked_at + inner.config.max_queued_bytes)
@@ -1565,44 +1570,49 @@ async fn read_loop(
 }
 
 /// The frame timeout ([`ConnectionConfig::frame_timeout`]), kept off the
-/// per-frame path: while the connection is read, a timer fires once per
-/// period. A frame held in part at one firing, with no frame read by the
-/// next and part of one still held, began at least a period before: the
+/// per-frame path: a timer fires once per period. A frame held in part at
+/// one firing, with no frame read by the next, part of one still held and
+/// the reader reading all along, began at least a period before: the
 /// connection closes. So a frame the peer stops sending closes it between
-/// one and two periods after it began.
+/// one and two periods after it began. A period in which this side paused
+/// its reader (its own limits) does not count: that wait is not the peer's.
 struct Stall {
     timeout: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
     armed: bool,
     /// A frame was held in part at the last firing.
     partial: bool,
+    /// The reader paused since the last firing.
+    paused: bool,
     frames: u64,
     frames_then: u64,
 }
 
 impl Stall {
+    /// `timeout` zero (or too far off to reach): no limit.
     fn new(timeout: Duration) -> Stall {
+        let reachable = timeout
+            .checked_mul(2)
+            .and_then(|t| Instant::now().checked_add(t))
+            .is_some();
         Stall {
-            timeout,
+            timeout: if reachable { timeout } else { Duration::ZERO },
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: false,
             partial: false,
+            paused: false,
             frames: 0,
             frames_then: 0,
         }
     }
 
-    /// Called before each wait with whether the reader reads on. While it
-    /// does not (this side's own limits), the timer is off: that wait is
-    /// not the peer's.
+    /// Called before each wait with whether the reader reads on.
     fn watch(&mut self, reading: bool) {
-        if !reading || self.timeout.is_zero() {
-            self.armed = false;
-        } else if !self.armed {
+        if !self.armed && !self.timeout.is_zero() {
             self.armed = true;
-            self.partial = false;
             self.sleep.as_mut().reset(Instant::now() + self.timeout);
         }
+        self.paused |= !reading;
     }
 
     fn armed(&self) -> bool {
@@ -1619,13 +1629,65 @@ impl Stall {
 
     /// The timer fired; `partial`: the reader holds part of a frame now.
     /// Whether that frame was held at the last firing too, with no frame
-    /// read since (the connection is to close).
+    /// read since and the reader reading all along (the connection is to
+    /// close).
     fn fired(&mut self, partial: bool) -> bool {
-        let stalled = partial && self.partial && self.frames == self.frames_then;
+        let stalled = partial && self.partial && !self.paused && self.frames == self.frames_then;
         self.partial = partial;
+        self.paused = false;
         self.frames_then = self.frames;
         self.sleep.as_mut().reset(Instant::now() + self.timeout);
         stalled
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    /// Fires the timer (paused time) and says whether it found a stall.
+    async fn fire(stall: &mut Stall, partial: bool) -> bool {
+        stall.timer().as_mut().await;
+        stall.fired(partial)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_held_over_a_whole_period_of_reading_is_a_stall() {
+        let mut stall = Stall::new(Duration::from_secs(30));
+        stall.watch(true);
+        assert!(stall.armed());
+        // Part of a frame at one firing, still at the next, none read.
+        assert!(!fire(&mut stall, true).await);
+        stall.watch(true);
+        assert!(fire(&mut stall, true).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_read_or_a_paused_reader_or_no_partial_frame_are_no_stall() {
+        let mut stall = Stall::new(Duration::from_secs(30));
+        stall.watch(true);
+        assert!(!fire(&mut stall, true).await);
+        // A frame read in between: progress.
+        stall.frame_read();
+        assert!(!fire(&mut stall, true).await);
+        // The reader paused by this side's limits during the period.
+        stall.watch(false);
+        stall.watch(true);
+        assert!(!fire(&mut stall, true).await);
+        // Nothing held at the last firing (an idle connection).
+        assert!(!fire(&mut stall, false).await);
+        assert!(!fire(&mut stall, true).await);
+        assert!(fire(&mut stall, true).await);
+    }
+
+    #[tokio::test]
+    async fn zero_or_an_unreachable_timeout_is_no_limit() {
+        let mut stall = Stall::new(Duration::ZERO);
+        stall.watch(true);
+        assert!(!stall.armed());
+        let mut stall = Stall::new(Duration::MAX);
+        stall.watch(true);
+        assert!(!stall.armed());
     }
 }
 

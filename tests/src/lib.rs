@@ -152,8 +152,14 @@ pub struct Cluster {
 impl Cluster {
     /// A nameserver and one broker named `broker-a` with `flush`.
     pub async fn start(flush: FlushMode) -> Cluster {
+        Cluster::start_with(|cfg| cfg.flush = flush).await
+    }
+
+    /// A nameserver and one broker named `broker-a`, its settings adjusted
+    /// by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut BrokerConfig)) -> Cluster {
         let mut c = Cluster::nameserver_only(Duration::from_secs(30)).await;
-        c.add_broker("broker-a", |cfg| cfg.flush = flush).await;
+        c.add_broker("broker-a", tweak).await;
         c
     }
 

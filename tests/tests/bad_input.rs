@@ -101,6 +101,11 @@ impl Raw {
 
     /// Connected and greeted with a valid hello, whose answer is checked.
     async fn greeted(addr: SocketAddr) -> Raw {
+        Raw::greeted_by(addr, "broker-a").await
+    }
+
+    /// [`Raw::greeted`] by the broker named `server`.
+    async fn greeted_by(addr: SocketAddr, server: &str) -> Raw {
         let mut raw = Raw::connect(addr).await;
         raw.write(&encode(&Frame::Request(
             1,
@@ -110,7 +115,7 @@ impl Raw {
         match raw.next_frame().await {
             Some(Frame::Response(1, Ok(Response::Hello(ok)))) => {
                 assert_eq!(ok.version, PROTOCOL_VERSION);
-                assert_eq!(ok.server, "broker-a");
+                assert_eq!(ok.server, server);
             }
             other => panic!("expected the hello's answer, got {other:?}"),
         }
@@ -261,13 +266,11 @@ where
     F: FnOnce(SocketAddr) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |cfg| {
-            cfg.flush = FlushMode::Async;
-            tweak(cfg);
-        })
-        .await;
+    let cluster = Cluster::start_with(|cfg| {
+        cfg.flush = FlushMode::Async;
+        tweak(cfg);
+    })
+    .await;
     let addr = cluster.brokers[0].local_addr();
     let topic = "survivors";
     common::create_topic(&cluster.nameserver, topic, 2).await;
@@ -431,7 +434,7 @@ async fn a_frame_stalled_mid_way_closes_only_that_connection_after_the_frame_tim
                 Some(Frame::Response(3, result)) => {
                     result.expect("a slow frame within the timeout is answered");
                 }
-                other => panic!("expected the send's answer, got {other:?}"),
+                other => panic!("expected the ping's answer, got {other:?}"),
             }
         },
     )
@@ -618,17 +621,7 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
     let addr: SocketAddr = broker.addr.parse().unwrap();
 
     // A frame begun and left: closed by --frame-timeout, with a warning.
-    let mut stalled = Raw::connect(addr).await;
-    stalled
-        .write(&encode(&Frame::Request(
-            1,
-            Request::Hello(hello(PROTOCOL_VERSION)),
-        )))
-        .await;
-    assert!(matches!(
-        stalled.next_frame().await,
-        Some(Frame::Response(1, Ok(Response::Hello(_))))
-    ));
+    let mut stalled = Raw::greeted_by(addr, "broker-p").await;
     stalled.write(&encoded_send(2, "half")[..10]).await;
     assert!(stalled.frames_until_closed().await.is_empty());
 
@@ -699,10 +692,7 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sending_to_a_missing_topic_without_auto_create_fails_with_its_code() {
-    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |c| c.auto_create_topics = false)
-        .await;
+    let cluster = Cluster::start_with(|c| c.auto_create_topics = false).await;
     let producer = cluster.producer().await;
     let e = producer
         .send(Message::new("ghost", "nobody home"))
@@ -1151,12 +1141,7 @@ async fn send_one_line_too_large(cluster: Cluster, size: usize, check: impl FnOn
 /// an unknown outcome by the connection's close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_brokers_frame_limit_is_refused_by_name() {
-    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
-    cluster
-        .add_broker("broker-a", |cfg| {
-            cfg.max_frame_size = (1 << 20) + (64 << 10)
-        })
-        .await;
+    let cluster = Cluster::start_with(|cfg| cfg.max_frame_size = (1 << 20) + (64 << 10)).await;
     // One line of 2 MB: over the broker's 1.06 MiB frames, under the
     // client's 8 MiB.
     send_one_line_too_large(cluster, 2_000_000, |err| {
@@ -1808,18 +1793,28 @@ fn settings_that_make_a_broker_serve_nobody_are_refused() {
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
     let listen = format!("127.0.0.1:{}", txmq_tests::free_port());
-    for (flag, var, key, says) in [
+    for (flag, var, value, key, says) in [
         (
             "--max-connections",
             "TXMQ_MAX_CONNECTIONS",
+            "0",
             "max_connections = 0",
             "--max-connections must be at least 1",
         ),
         (
             "--max-message-size",
             "TXMQ_MAX_MESSAGE_SIZE",
+            "0",
             "max_message_size = \"0\"",
             "--max-message-size must be above 0",
+        ),
+        // Past what a timer can reach (it made every connection panic).
+        (
+            "--frame-timeout",
+            "TXMQ_FRAME_TIMEOUT",
+            "400000000000y",
+            "frame_timeout = \"400000000000y\"",
+            "--frame-timeout must be at most a year",
         ),
     ] {
         let config = dir.path().join(format!("{var}.toml"));
@@ -1835,8 +1830,8 @@ fn settings_that_make_a_broker_serve_nobody_are_refused() {
             assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}: {err}");
             assert!(err.contains(says), "{extra:?} {env:?}: {err}");
         };
-        refused(&[flag, "0"], &[]);
-        refused(&[], &[(var, "0")]);
+        refused(&[flag, value], &[]);
+        refused(&[], &[(var, value)]);
         refused(&["--config", config], &[]);
     }
     assert!(!dir.path().join("data").exists(), "nothing was started");
