@@ -503,13 +503,16 @@ fn tls_problems_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
     let plain_addr = format!("127.0.0.1:{}", free_port());
     let plain = NameserverProcess::start(&plain_addr, &[], &dir.path().join("plain.log"));
-    let to_plain = run(
-        &plain_addr,
-        &["--tls-ca", &path(&s.pki.ca()), "cluster"].map(str::to_string),
-        &[],
-    );
-    assert_eq!(to_plain.status.code(), Some(1));
-    let err = stderr(&to_plain);
+    let tls_cluster = |addr: &str| {
+        let out = run(
+            addr,
+            &["--tls-ca", &path(&s.pki.ca()), "cluster"].map(str::to_string),
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let err = tls_cluster(&plain_addr);
     assert!(err.contains("it may not use TLS"), "{err}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !plain
@@ -533,13 +536,7 @@ fn tls_problems_are_named() {
         ],
         &dir.path().join("ca.log"),
     );
-    let to_ca = run(
-        &ca_addr,
-        &["--tls-ca", &path(&s.pki.ca()), "cluster"].map(str::to_string),
-        &[],
-    );
-    assert_eq!(to_ca.status.code(), Some(1));
-    let err = stderr(&to_ca);
+    let err = tls_cluster(&ca_addr);
     assert!(
         err.contains("presents a CA's certificate as its own"),
         "{err}"

@@ -227,6 +227,27 @@ impl Site {
             .unwrap_or_else(|e| panic!("{user} connects to the broker: {e}"))
     }
 
+    /// Waits (up to 5 s) until `user`'s secret is refused, by a new
+    /// producer's send (AUTHENTICATION_FAILED): the ACL file changed it.
+    async fn wait_until_refused(&self, user: &str, why_not: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let sent = match Producer::builder().config(self.config(user)).build().await {
+                Ok(p) => p.send(Message::new(TOPIC, "old secret")).await.map(drop),
+                Err(e) => Err(e),
+            };
+            match sent {
+                Err(e) if e.code() == Some(ErrorCode::AuthenticationFailed) => return,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "{why_not}: {other:?}\n{}",
+                    self.broker.log_text()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Creates [`TOPIC`] as ops and waits until the nameserver routes it.
     async fn create_topic(&self, topic: &str) {
         let admin = self.admin("ops").await;
@@ -1198,25 +1219,8 @@ async fn an_acl_file_without_users_is_not_reloaded_and_the_users_go_on() {
     // A file with users is read again as before.
     std::fs::write(&site.acl, ACL.replace("carol-secret", "rotated")).expect("write ACL file");
     site.broker.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let carol = Producer::builder()
-            .config(site.config("carol"))
-            .build()
-            .await;
-        let sent = match carol {
-            Ok(p) => p.send(Message::new(TOPIC, "old secret")).await.map(drop),
-            Err(e) => Err(e),
-        };
-        match sent {
-            Err(e) if e.code() == Some(ErrorCode::AuthenticationFailed) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the good file was not reloaded: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    site.wait_until_refused("carol", "the good file was not reloaded")
+        .await;
 }
 
 /// An edit that keeps the ACL file's size and modification time (two
@@ -1241,26 +1245,8 @@ async fn an_acl_edit_that_keeps_the_files_size_and_time_is_reloaded() {
         .open(&site.acl)
         .and_then(|f| f.set_modified(modified))
         .expect("set the file's time back");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let carol = Producer::builder()
-            .config(site.config("carol"))
-            .build()
-            .await;
-        let sent = match carol {
-            Ok(p) => p.send(Message::new(TOPIC, "old secret")).await.map(drop),
-            Err(e) => Err(e),
-        };
-        match sent {
-            Err(e) if e.code() == Some(ErrorCode::AuthenticationFailed) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the edit was not seen: {other:?}\n{}",
-                site.broker.log_text()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    site.wait_until_refused("carol", "the edit was not seen")
+        .await;
 }
 
 /// Check-backs go only to connections whose user still has `tx` of the
