@@ -464,6 +464,9 @@ fn check_threads(n: usize, least: usize) -> Result<usize, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err("a duration cannot be negative (write durations like 500ms, 6s, 2m)".into());
+    }
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 6s, 2m)"))
 }
 

@@ -189,7 +189,7 @@ impl GlobalArgs {
         tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(txmq::one_line_stderr)
                     // A line standard error cannot take is dropped, not
                     // reported there again (which panics).
                     .log_internal_errors(false)
@@ -243,6 +243,9 @@ pub fn parse_topic_name(s: &str) -> Result<String, String> {
 /// # Errors
 /// A message saying what is wrong, shown by clap.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err("a duration cannot be negative (write durations like 500ms, 6s or 2m)".into());
+    }
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("{e} (write durations like 500ms, 6s or 2m)"))
 }

@@ -129,58 +129,23 @@ pub fn error_text(e: &anyhow::Error) -> String {
         out.push_str(&text);
         previous = text;
     }
-    if let Some(hint) = tls_hint(&out) {
-        out.push_str(&format!(" ({hint})"));
-    }
-    out
+    printable(&out)
 }
 
-/// What a failed TLS handshake means for the user, from rustls's words
-/// for it; `None` for other errors.
-fn tls_hint(text: &str) -> Option<&'static str> {
-    if !text.contains("TLS handshake failed") {
-        return None;
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): a
+/// message may quote what a client or a server chose (an access key, a
+/// certificate's name), which must not break the line or drive the
+/// terminal.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
     }
-    let hints = [
-        (
-            "UnknownIssuer",
-            "the server's certificate is not signed by the --tls-ca CA",
-        ),
-        ("expired", "the server's certificate has expired"),
-        ("Expired", "the server's certificate has expired"),
-        ("not valid yet", "the server's certificate is not valid yet"),
-        ("NotValidYet", "the server's certificate is not valid yet"),
-        (
-            "NotValidForName",
-            "the server's certificate does not name the address connected to",
-        ),
-        (
-            "CertificateRequired",
-            "the server requires a client certificate: give --tls-cert and --tls-key",
-        ),
-        (
-            "InvalidContentType",
-            "the server does not speak TLS: leave out --tls-ca",
-        ),
-        (
-            "corrupt message",
-            "the server does not speak TLS: leave out --tls-ca",
-        ),
-        (
-            "CaUsedAsEndEntity",
-            "the server presents a CA's certificate as its own (a self-signed one, say): \
-             give the server a certificate signed by the --tls-ca CA",
-        ),
-        (
-            "handshake eof",
-            "the server closed the connection during the handshake: it may not use TLS \
-             (then leave out --tls-ca)",
-        ),
-    ];
-    hints
-        .iter()
-        .find(|(words, _)| text.contains(words))
-        .map(|(_, hint)| *hint)
+    text.chars()
+        .map(|c| match c {
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 /// The code of a client error that carries no wire error showing it.
@@ -652,28 +617,13 @@ mod tests {
     }
 
     #[test]
-    fn tls_handshake_failures_say_what_is_wrong_with_the_certificate() {
-        let failed = |why: &str| {
-            error_text(&anyhow::anyhow!(
-                "cannot connect to 127.0.0.1:9876: TLS handshake failed: {why}"
-            ))
-        };
-        assert!(failed("invalid peer certificate: UnknownIssuer")
-            .ends_with("(the server's certificate is not signed by the --tls-ca CA)"));
-        assert!(
-            failed("invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))")
-                .contains("(the server presents a CA's certificate as its own")
+    fn control_characters_in_an_error_are_escaped() {
+        let text = error_text(&anyhow::anyhow!(
+            "authentication failed for access key 'evil\nFORGED \u{1b}[31mred'"
+        ));
+        assert_eq!(
+            text,
+            r"authentication failed for access key 'evil\nFORGED \u{1b}[31mred'"
         );
-        assert!(failed("tls handshake eof").contains("it may not use TLS"));
-        assert!(failed(
-            "invalid peer certificate: certificate expired: verification time 1 (UNIX)"
-        )
-        .ends_with("(the server's certificate has expired)"));
-        assert!(
-            failed("received corrupt message of type InvalidContentType")
-                .ends_with("(the server does not speak TLS: leave out --tls-ca)")
-        );
-        let plain = error_text(&anyhow::anyhow!("ACCESS_DENIED (55): no"));
-        assert_eq!(plain, "ACCESS_DENIED (55): no");
     }
 }

@@ -117,6 +117,13 @@ pub use txmq_protocol::Message as WireMessage;
 pub use txmq_remoting::Error as RemotingError;
 pub use txmq_remoting::{Credentials, TlsClient, TlsFiles, TlsSetupError};
 
+/// Standard error as a `tracing-subscriber` writer that keeps each log
+/// line one line (a line break inside it is written `\n`): error texts
+/// this crate logs may quote names other clients chose (a group, a key),
+/// which must not add lines to your log. The servers and `txmq` log
+/// through it: `tracing_subscriber::fmt().with_writer(txmq::one_line_stderr)`.
+pub use txmq_remoting::logging::{one_line_stderr, OneLine};
+
 pub use txmq_protocol::{
     BrokerInfo, BrokerQueues, Ended, ErrorCode, ListTransactions, MsgId, SendStatus, StoredMessage,
     TopicConfig, TopicOnBroker, TopicRoute, TransactionList, TxAction, TxCounters, TxInfo, TxState,

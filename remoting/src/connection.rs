@@ -656,7 +656,7 @@ impl Connection {
                     .inner
                     .lost
                     .get()
-                    .map(|why| format!(": {why}"))
+                    .map(|why| crate::tls::with_hint(format!(": {why}")))
                     .unwrap_or_default();
                 let hint = if plaintext {
                     " (a server that listens with TLS closes plaintext connections: if it does, \
@@ -1811,7 +1811,11 @@ async fn greet(
             false
         }
         _ => {
-            debug!(peer = %inner.peer, "no authentication in time; closing");
+            match inner.cert_name.as_deref() {
+                Some(name) => warn!(peer = %inner.peer, certificate = ?name,
+                    "no sign-in: the client certificate names no user of the ACL file, and no keys followed; closing"),
+                None => debug!(peer = %inner.peer, "no authentication in time; closing"),
+            }
             false
         }
     }

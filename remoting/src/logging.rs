@@ -60,7 +60,7 @@ pub fn filter(level: Option<&str>) -> Result<EnvFilter, String> {
 pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     let filter = filter(level)?;
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(one_line_stderr)
         // A log line that cannot be written (standard error a pipe whose
         // reader is gone) is dropped: reporting that on the same standard
         // error panicked the task logging it, such as the one that stops
@@ -86,6 +86,45 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
             .init(),
     }
     Ok(())
+}
+
+/// Writes each log line as one line: a line break inside it (a group name
+/// or an error text a client chose, say) is written as `\n` (`\r` as
+/// `\r`), so that no one can add a line of their own to the log. The
+/// formatter hands over a whole event, its line break last, in one write.
+/// (The JSON format escapes them itself.)
+pub struct OneLine<W>(W);
+
+/// Standard error, a log line at a time ([`OneLine`]): the writer of the
+/// servers' text logs and of `txmq`'s.
+pub fn one_line_stderr() -> OneLine<std::io::Stderr> {
+    OneLine(std::io::stderr())
+}
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.split_last() {
+            Some((b'\n', body)) => (body, &b"\n"[..]),
+            _ => (buf, &b""[..]),
+        };
+        if !body.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+            return self.0.write_all(buf).map(|()| buf.len());
+        }
+        let mut line = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => line.extend_from_slice(b"\\n"),
+                b'\r' => line.extend_from_slice(b"\\r"),
+                b => line.push(b),
+            }
+        }
+        line.extend_from_slice(end);
+        self.0.write_all(&line).map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// How often a warning or error of openraft's is written at most, from any
@@ -174,6 +213,32 @@ mod tests {
         assert_eq!(text.matches("RPCError").count(), 1, "{text}");
         assert_eq!(text.matches("ours").count(), 5, "{text}");
         assert_eq!(text.matches("another place").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn a_line_break_in_a_field_stays_inside_its_line() {
+        let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let out = out.clone();
+            move || OneLine(Captured(out.clone()))
+        };
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(false);
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let group = "g\n2026-12-07T11:00:00Z  INFO txmq_broker: FORGED\r";
+            tracing::warn!(%group, "access denied");
+            tracing::info!("next");
+        });
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains(r"group=g\n2026-12-07T11:00:00Z  INFO txmq_broker: FORGED\r"),
+            "{text}"
+        );
+        assert!(lines[1].contains("next"), "{text}");
     }
 
     struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);

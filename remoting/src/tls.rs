@@ -279,7 +279,53 @@ impl TlsClient {
         self.connector
             .connect(name, stream)
             .await
-            .map_err(|e| format!("TLS handshake failed: {e}"))
+            .map_err(|e| with_hint(format!("TLS handshake failed: {e}")))
+    }
+}
+
+/// `text` (a TLS failure in rustls's words) with what it means for the
+/// user in parentheses, when that is known: for every client, the CLI's
+/// and a broker's own connections alike.
+pub(crate) fn with_hint(text: String) -> String {
+    let hints = [
+        (
+            "UnknownIssuer",
+            "the server's certificate is not signed by the --tls-ca CA",
+        ),
+        ("expired", "the server's certificate has expired"),
+        ("Expired", "the server's certificate has expired"),
+        ("not valid yet", "the server's certificate is not valid yet"),
+        ("NotValidYet", "the server's certificate is not valid yet"),
+        (
+            "NotValidForName",
+            "the server's certificate does not name the address connected to",
+        ),
+        (
+            "CertificateRequired",
+            "the server requires a client certificate: give --tls-cert and --tls-key",
+        ),
+        (
+            "InvalidContentType",
+            "the server does not speak TLS: leave out --tls-ca",
+        ),
+        (
+            "corrupt message",
+            "the server does not speak TLS: leave out --tls-ca",
+        ),
+        (
+            "CaUsedAsEndEntity",
+            "the server presents a CA's certificate as its own (a self-signed one, say): \
+             give the server a certificate signed by the --tls-ca CA",
+        ),
+        (
+            "handshake eof",
+            "the server closed the connection during the handshake: it may not use TLS \
+             (then leave out --tls-ca)",
+        ),
+    ];
+    match hints.iter().find(|(words, _)| text.contains(words)) {
+        Some((_, hint)) => format!("{text} ({hint})"),
+        None => text,
     }
 }
 
@@ -300,4 +346,38 @@ pub(crate) fn certificate_name(der: &[u8]) -> Option<String> {
         x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::with_hint;
+
+    #[test]
+    fn tls_failures_say_what_is_wrong() {
+        let failed = |why: &str| with_hint(format!("TLS handshake failed: {why}"));
+        assert!(failed("invalid peer certificate: UnknownIssuer")
+            .ends_with("(the server's certificate is not signed by the --tls-ca CA)"));
+        assert!(
+            failed("invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))")
+                .contains("(the server presents a CA's certificate as its own")
+        );
+        assert!(failed("tls handshake eof").contains("it may not use TLS"));
+        assert!(failed(
+            "invalid peer certificate: certificate expired: verification time 1 (UNIX)"
+        )
+        .ends_with("(the server's certificate has expired)"));
+        assert!(
+            failed("received corrupt message of type InvalidContentType")
+                .ends_with("(the server does not speak TLS: leave out --tls-ca)")
+        );
+        // A TLS alert that closed the connection during its hello.
+        assert!(
+            with_hint(": received fatal alert: CertificateRequired".into())
+                .ends_with("give --tls-cert and --tls-key)")
+        );
+        assert_eq!(
+            with_hint("ACCESS_DENIED (55): no".into()),
+            "ACCESS_DENIED (55): no"
+        );
+    }
 }

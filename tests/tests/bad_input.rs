@@ -1581,6 +1581,7 @@ fn malformed_addresses_are_usage_errors_and_retry_delays_parse() {
         ),
         (&["--max-delay", "0s"], "must be at most --max-delay (0s)"),
         (&["--retry-delays", "1s,soon"], "--retry-delays"),
+        (&["--frame-timeout=-5s"], "a duration cannot be negative"),
     ] {
         let out = run_to_exit("txmq-broker", &broker_args(&listen, data, extra));
         let err = stderr_of(&out);

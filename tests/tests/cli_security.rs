@@ -551,6 +551,43 @@ fn tls_problems_are_named() {
     assert!(stderr(&missing).contains("/nonexistent/ca.pem"));
 }
 
+/// A name a client chooses (here a producer group) cannot add a line of
+/// its own to a server's log: the access-denied WARN quoting it stays one
+/// line. Control characters in an error the CLI prints are escaped too.
+#[test]
+fn names_clients_choose_cannot_forge_log_lines() {
+    let s = Secured::start();
+    s.create_topic("orders");
+    let forged = "g\n2026-12-07T11:00:00.000000Z  INFO txmq_broker: FORGED";
+    let err = refused(
+        &s.txmq(
+            Some(READER),
+            &[
+                "tx", "send", "orders", "--group", forged, "--body", "x", "--local", "commit",
+            ],
+        ),
+        "ACCESS_DENIED",
+    );
+    assert!(
+        !err.lines()
+            .any(|l| l.starts_with("2026-12-07T11:00:00.000000Z")),
+        "{err}"
+    );
+    assert!(err.contains(r"'g\n2026-12-07"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.broker.log_text().contains("access denied") {
+        assert!(Instant::now() < deadline, "{}", s.broker.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = s.broker.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-12-07T11:00:00.000000Z")),
+        "{log}"
+    );
+    assert!(log.contains(r"g\n2026-12-07T11:00:00.000000Z"), "{log}");
+}
+
 #[test]
 fn environment_variables_work_like_the_flags() {
     let s = Secured::start();

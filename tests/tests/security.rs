@@ -1551,6 +1551,7 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
     )
     .await
     .expect_err("a client without a certificate is refused");
+    let refused_no_cert = refused.to_string();
     // Why, not just a closed connection: the server's TLS alert.
     assert!(
         refused.to_string().contains("CertificateRequired"),
@@ -1600,6 +1601,21 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
             && text.contains("certificate names 'stranger'")
             && text.contains("(it has --tls-ca)"),
         "{text}"
+    );
+    // And the broker says so in its log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !site
+        .broker
+        .log_text()
+        .contains("the client certificate names no user")
+    {
+        assert!(Instant::now() < deadline, "{}", site.broker.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A client without a certificate is told to give one.
+    assert!(
+        refused_no_cert.contains("give --tls-cert and --tls-key"),
+        "{refused_no_cert}"
     );
 }
 
