@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
+use txmq_remoting::flags::{parse_duration, DURATION_HINT};
 
 use crate::store::FlushMode;
 use crate::transaction::TxConfig;
@@ -379,9 +380,7 @@ impl BrokerConfig {
             ));
         }
         if self.standalone && self.broker_expiry.is_zero() {
-            return Err(
-                "--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into(),
-            );
+            return Err(format!("--broker-expiry must be above 0 ({DURATION_HINT})"));
         }
         if !self.standalone && self.nameservers.is_empty() {
             return Err("no nameserver given (use --nameserver or --standalone)".into());
@@ -461,13 +460,6 @@ fn check_threads(n: usize, least: usize) -> Result<usize, String> {
     } else {
         Err(format!("must be between {least} and {MAX_WORKER_THREADS}"))
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s.trim_start().starts_with('-') {
-        return Err("a duration cannot be negative (write durations like 500ms, 6s, 2m)".into());
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 6s, 2m)"))
 }
 
 /// A comma-separated list of durations, e.g. `10s,30s,1m`.

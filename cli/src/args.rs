@@ -238,28 +238,7 @@ pub fn parse_topic_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Parses durations written like `500ms`, `6s`, `2m`, `1h 30m`.
-///
-/// # Errors
-/// A message saying what is wrong, shown by clap.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s.trim_start().starts_with('-') {
-        return Err("a duration cannot be negative (write durations like 500ms, 6s or 2m)".into());
-    }
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e} (write durations like 500ms, 6s or 2m)"))
-}
-
-/// Parses a duration that must be above zero (a timeout, an interval).
-///
-/// # Errors
-/// As [`parse_duration`], and for `0s`.
-pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("must be above 0 (write durations like 500ms, 6s or 2m)".into()),
-        d => Ok(d),
-    }
-}
+pub use txmq::config::{parse_duration, parse_positive_duration};
 
 /// Parses `--nameserver`: one `host:port`, or several separated by commas.
 ///

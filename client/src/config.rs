@@ -11,6 +11,8 @@ use crate::{Error, Result};
 
 /// The check of a `host:port` address every txmq binary applies.
 pub use txmq_remoting::check_host_port;
+/// How durations are parsed by txmq's programs, for applications' flags.
+pub use txmq_remoting::flags::{parse_duration, parse_positive_duration};
 
 /// Default wait for an answer to one request (3 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);

@@ -14,6 +14,7 @@ use tracing::info;
 use txmq_nameserver::{
     parse_peers, ClusterSecurity, ControllerConfig, Nameserver, NameserverConfig,
 };
+use txmq_remoting::flags::{parse_duration, DURATION_HINT};
 use txmq_remoting::{Credentials, TlsFiles};
 
 /// The txmq name service: brokers register here, clients look up topic routes here.
@@ -39,7 +40,7 @@ struct Args {
     listen: String,
 
     /// Drop a broker from all routes after this long without a heartbeat (e.g. 500ms, 6s, 2m).
-    #[arg(long, env = "TXMQ_BROKER_EXPIRY", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TXMQ_BROKER_EXPIRY", default_value = "30s", value_parser = parse_duration)]
     broker_expiry: Duration,
 
     /// Run a controller member (the Raft group that elects broker groups'
@@ -60,7 +61,7 @@ struct Args {
     controller_data_dir: Option<PathBuf>,
 
     /// The controller takes a broker for dead after this long without a heartbeat.
-    #[arg(long, env = "TXMQ_MASTER_EXPIRY", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TXMQ_MASTER_EXPIRY", default_value = "5s", value_parser = parse_duration)]
     master_expiry: Duration,
 
     /// When no in-sync replica of a group is alive, elect one that is not
@@ -246,7 +247,7 @@ async fn main() -> ExitCode {
             .exit()
     };
     if args.broker_expiry.is_zero() {
-        usage("--broker-expiry must be above 0 (write durations like 500ms, 6s or 2m)".into());
+        usage(format!("--broker-expiry must be above 0 ({DURATION_HINT})"));
     }
     if args.tls_client_auth && (args.tls_cert.is_none() || args.tls_key.is_none()) {
         usage("--tls-client-auth needs --tls-cert and --tls-key".into());

@@ -22,6 +22,7 @@ pub mod acl;
 mod addr;
 mod connection;
 mod error;
+pub mod flags;
 pub mod logging;
 pub mod metrics;
 pub mod server;

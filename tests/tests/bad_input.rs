@@ -1545,6 +1545,17 @@ fn a_worker_thread_count_out_of_range_is_a_usage_error() {
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--broker-expiry must be above 0"), "{err}");
+    // Its durations are read by the servers' and txmq's one parser.
+    let out = run_to_exit(
+        "txmq-nameserver",
+        &["--listen", &listen, "--master-expiry=-5s"],
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("a duration cannot be negative (write durations like 500ms"),
+        "{err}"
+    );
 }
 
 /// An address that is not `host:port`, given to either binary, is a usage

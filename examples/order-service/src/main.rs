@@ -16,6 +16,7 @@ use order_service::{
     consume_until_idle, place_order, AfterLocalCommit, AppliedDb, CheckAnswer, Handled, OrderDb,
     OrderListener, Report, CRASH_EXIT_CODE,
 };
+use txmq::config::parse_duration;
 use txmq::{ConsumeFrom, PullConsumer, ReceivedMessage, TransactionProducer, TxEnd};
 
 const DEFAULT_DB: &str = "order-service-data/orders.db";
@@ -152,10 +153,6 @@ struct ReportArgs {
 
     #[command(flatten)]
     consumer_db: ConsumerDbArg,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 500ms, 6s, 2m)"))
 }
 
 #[tokio::main]
