@@ -385,12 +385,39 @@ pub struct AclStore {
 /// What the file holds, hashed: an edit is seen even when it keeps the
 /// file's size and modification time (two writes within the file system's
 /// clock tick). The file is small and read once per poll.
-fn file_stamp(path: &Path) -> Option<u64> {
+fn stamp_of(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
-    let bytes = std::fs::read(path).ok()?;
     let mut h = std::hash::DefaultHasher::new();
     bytes.hash(&mut h);
-    Some(h.finish())
+    h.finish()
+}
+
+/// The file as read once: its stamp (`None` when it cannot be read) and
+/// what it holds, so that the version loaded is the version stamped.
+struct Read {
+    stamp: Option<u64>,
+    acl: Result<Acl, AclError>,
+}
+
+impl Read {
+    fn from(path: &Path) -> Read {
+        let err = |message: String| AclError {
+            path: path.display().to_string(),
+            message,
+        };
+        match std::fs::read(path) {
+            Err(e) => Read {
+                stamp: None,
+                acl: Err(err(e.to_string())),
+            },
+            Ok(bytes) => Read {
+                stamp: Some(stamp_of(&bytes)),
+                acl: String::from_utf8(bytes)
+                    .map_err(|_| err("the file is not UTF-8 text".into()))
+                    .and_then(|text| Acl::parse(&text).map_err(err)),
+            },
+        }
+    }
 }
 
 impl AclStore {
@@ -399,23 +426,14 @@ impl AclStore {
     /// # Errors
     /// The file cannot be read or is not a valid ACL file.
     pub fn load(path: &Path) -> Result<Arc<AclStore>, AclError> {
-        let stamp = file_stamp(path);
-        let acl = Self::read(path)?;
+        let read = Read::from(path);
+        let acl = read.acl?;
         info!(path = %path.display(), users = acl.users.len(), "ACL file loaded");
         Ok(Arc::new(AclStore {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(acl)),
-            stamp: Mutex::new(stamp),
+            stamp: Mutex::new(read.stamp),
         }))
-    }
-
-    fn read(path: &Path) -> Result<Acl, AclError> {
-        let err = |message: String| AclError {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        Acl::parse(&text).map_err(err)
     }
 
     /// The version in force.
@@ -431,17 +449,28 @@ impl AclStore {
     /// # Errors
     /// The file cannot be read or is not a valid ACL file.
     pub fn reload(&self) -> Result<(), AclError> {
-        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = file_stamp(&self.path);
-        let acl = Self::read(&self.path)?;
+        self.apply(Read::from(&self.path))
+    }
+
+    /// Reads the file and takes it if it changed since it was last read
+    /// (one read per poll).
+    fn reload_if_changed(&self) -> Result<(), AclError> {
+        let read = Read::from(&self.path);
+        if *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == read.stamp {
+            return Ok(());
+        }
+        self.apply(read)
+    }
+
+    /// Takes what was read as the version in force; a file that cannot be
+    /// read or parsed keeps the version in force, and its stamp is kept so
+    /// that the same mistake is reported once.
+    fn apply(&self, read: Read) -> Result<(), AclError> {
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = read.stamp;
+        let acl = read.acl?;
         info!(path = %self.path.display(), users = acl.users.len(), "ACL file reloaded");
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
         Ok(())
-    }
-
-    /// Whether the file changed since it was last read.
-    fn changed(&self) -> bool {
-        let now = file_stamp(&self.path);
-        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) != now
     }
 
     /// Checks `op` for the connection's `user`; the refusal names the
@@ -496,10 +525,13 @@ impl AclStore {
                     _ = tick.tick() => false,
                     _ = hup => true,
                 };
-                if forced || store.changed() {
-                    if let Err(e) = store.reload() {
-                        warn!(error = %e, "ACL file not reloaded; the version in force stays");
-                    }
+                let reloaded = if forced {
+                    store.reload()
+                } else {
+                    store.reload_if_changed()
+                };
+                if let Err(e) = reloaded {
+                    warn!(error = %e, "ACL file not reloaded; the version in force stays");
                 }
             }
         });
