@@ -81,6 +81,9 @@ pub struct BrokerConfig {
     /// The most the commit log's records may take; sends are refused beyond
     /// it (the active segment reserves its whole size on disk).
     pub max_store_size: Option<u64>,
+    /// New messages are refused while the disk holding the data dir has
+    /// less free (0: no limit).
+    pub disk_free_limit: u64,
     /// Connections served at once (greeted ones); more are refused.
     pub max_connections: usize,
     /// Topics this broker holds; consumer groups' `%RETRY%`/`%DLQ%`
@@ -242,6 +245,7 @@ impl BrokerConfig {
             max_delay: Duration::from_secs(7 * 24 * 3600),
             producer_id_expiry: Duration::from_secs(7 * 24 * 3600),
             max_store_size: None,
+            disk_free_limit: 1 << 30,
             max_connections: 10_000,
             max_topics: 10_000,
             max_inflight_bytes: 64 << 20,
@@ -690,6 +694,13 @@ pub struct BrokerArgs {
     #[arg(long, env = "TXMQ_MAX_STORE_SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de_size")]
     pub max_store_size: Option<u64>,
+    /// Sends of new messages are refused with STORE_FULL while the file
+    /// system holding --data-dir has less than this free, e.g. 512MiB; ends
+    /// of transactions, offset commits and reads go on, and sends are taken
+    /// again once space is freed. 0 turns it off [default: 1GiB].
+    #[arg(long, env = "TXMQ_DISK_FREE_LIMIT", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de_size")]
+    pub disk_free_limit: Option<u64>,
     /// Connections served at once; a hello past it is refused with
     /// TOO_MANY_CONNECTIONS [default: 10000].
     #[arg(long, env = "TXMQ_MAX_CONNECTIONS")]
@@ -965,6 +976,10 @@ impl BrokerArgs {
                 .or(file.producer_id_expiry)
                 .unwrap_or(d.producer_id_expiry),
             max_store_size: self.max_store_size.or(file.max_store_size),
+            disk_free_limit: self
+                .disk_free_limit
+                .or(file.disk_free_limit)
+                .unwrap_or(d.disk_free_limit),
             max_connections: self
                 .max_connections
                 .or(file.max_connections)
@@ -1082,6 +1097,24 @@ mod tests {
         assert_eq!(c.advertise_addr, None);
         assert_eq!(c.flush_interval, Duration::from_millis(500));
         assert_eq!(c.checkpoint_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_disk_free_limit_comes_from_the_flag_or_the_file_and_0_turns_it_off() {
+        let c = BrokerArgs::parse_from(["txmq-broker"]).resolve().unwrap();
+        assert_eq!(c.disk_free_limit, 1 << 30);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "disk_free_limit = \"512MiB\"\n").unwrap();
+        let file = ["txmq-broker", "--config", path.to_str().unwrap()];
+        let c = BrokerArgs::parse_from(file).resolve().unwrap();
+        assert_eq!(c.disk_free_limit, 512 << 20);
+        let c = BrokerArgs::parse_from([&file[..], &["--disk-free-limit", "0"]].concat())
+            .resolve()
+            .unwrap();
+        assert_eq!(c.disk_free_limit, 0);
+        let bad = BrokerArgs::try_parse_from(["txmq-broker", "--disk-free-limit", "lots"]);
+        assert!(bad.unwrap_err().to_string().contains("invalid size"));
     }
 
     #[test]

@@ -562,6 +562,7 @@ async fn start_incarnation(
     store_config.max_delay = config.max_delay;
     store_config.producer_id_expiry = config.producer_id_expiry;
     store_config.max_log_bytes = config.max_store_size;
+    store_config.disk_free_limit = config.disk_free_limit;
     store_config.fdatasync_latency = Some(metrics.fdatasync_latency.clone());
     store_config.message_index = config.message_index;
     let is_slave = config.replication.role == txmq_protocol::BrokerRole::Slave;

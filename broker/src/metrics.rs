@@ -527,6 +527,14 @@ impl Collector for StateCollector {
             "Commit-log segment files",
             segments as f64,
         )?;
+        if let Some(free) = b.store.disk_free() {
+            plain_gauge(
+                &mut e,
+                "txmq_store_disk_free_bytes",
+                "Bytes free on the file system holding the data dir; new messages are refused below --disk-free-limit",
+                free as f64,
+            )?;
+        }
         let (_, _, _, fdatasyncs) = b.store.stats();
         let c = ConstCounter::new(fdatasyncs);
         c.encode(e.encode_descriptor(
@@ -799,6 +807,7 @@ mod tests {
         assert!((0.0..5.0).contains(&age), "{age}");
         assert!(v("txmq_store_size_bytes").unwrap() > 0.0, "{text}");
         assert_eq!(v("txmq_store_segments"), Some(1.0));
+        assert!(v("txmq_store_disk_free_bytes").unwrap() > 0.0, "{text}");
         assert_eq!(v("txmq_connections"), Some(0.0));
         assert_eq!(v("txmq_pop_in_flight"), Some(0.0));
         assert!(text.contains("# TYPE txmq_fdatasync counter"), "{text}");

@@ -31,6 +31,25 @@ use super::{all_queues, FlushMode, StoreInner};
 /// How often, under async flush, writing the log's new pages to disk is
 /// started between fdatasyncs (see the module's documentation).
 pub(crate) const WRITEBACK_STEP: Duration = Duration::from_millis(50);
+/// How often the flusher looks at the space left on the store's file
+/// system (one `statvfs`), for `StoreConfig::disk_free_limit`.
+pub(crate) const DISK_CHECK: Duration = Duration::from_millis(250);
+
+/// Bytes an unprivileged writer may still take on the file system holding
+/// `dir` (`statvfs`'s `f_bavail`); `None` if it cannot be looked at.
+#[allow(unsafe_code)]
+pub(crate) fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads the NUL-terminated path and writes into the
+    // zeroed struct this function owns.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // the fields' types differ by target
+    Some((fs.f_bavail as u64).saturating_mul(fs.f_frsize as u64))
+}
 
 /// Queues to publish and the offset each becomes readable up to.
 pub(crate) type Publish = Vec<(Arc<ConsumeQueue>, u64)>;
@@ -60,6 +79,7 @@ pub(crate) struct Flusher {
     page: u64,
     last_checkpoint: Instant,
     checkpoint_pos: Option<u64>,
+    last_disk_check: Instant,
 }
 
 impl Flusher {
@@ -77,6 +97,7 @@ impl Flusher {
             page: page_size(),
             last_checkpoint: Instant::now(),
             checkpoint_pos: None,
+            last_disk_check: Instant::now(),
         };
         (f, tx)
     }
@@ -93,6 +114,9 @@ impl Flusher {
             }
             if writes_back {
                 due = due.min(self.last_writeback + WRITEBACK_STEP);
+            }
+            if config.disk_free_limit > 0 {
+                due = due.min(self.last_disk_check + DISK_CHECK);
             }
             let wait = due
                 .saturating_duration_since(Instant::now())
@@ -134,6 +158,28 @@ impl Flusher {
             if now >= self.last_checkpoint + config.checkpoint_interval {
                 self.checkpoint();
             }
+            if config.disk_free_limit > 0 && now >= self.last_disk_check + DISK_CHECK {
+                self.check_disk(config.disk_free_limit);
+            }
+        }
+    }
+
+    /// Looks at the space left for the store; crossing the limit either way
+    /// is logged once.
+    fn check_disk(&mut self, limit: u64) {
+        self.last_disk_check = Instant::now();
+        let dir = &self.store.config.dir;
+        let free = free_bytes(dir).unwrap_or(u64::MAX);
+        let before = self.store.disk_free.swap(free, Ordering::Relaxed);
+        if free < limit && before >= limit {
+            tracing::warn!(
+                dir = %dir.display(),
+                free_mib = free >> 20,
+                limit_mib = limit >> 20,
+                "the disk is nearly full: new messages are refused until space is freed (--disk-free-limit)"
+            );
+        } else if free >= limit && before < limit {
+            tracing::info!(dir = %dir.display(), free_mib = free >> 20, "disk space freed: new messages are taken again");
         }
     }
 

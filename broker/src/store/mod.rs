@@ -83,6 +83,11 @@ pub struct StoreConfig {
     pub segment_size: u64,
     /// The most bytes the commit log may take (whole segments); `None`: no limit.
     pub max_log_bytes: Option<u64>,
+    /// New messages are refused while the file system holding the store
+    /// has fewer bytes free than this (0: never), so that ends of
+    /// transactions, offset commits, the queues, the index and a restart
+    /// still find room; they are taken again once space is freed.
+    pub disk_free_limit: u64,
     /// Entries per consume-queue file.
     pub cq_entries_per_file: u64,
     /// Largest message body accepted; its record may take
@@ -124,6 +129,7 @@ impl StoreConfig {
             flush: FlushMode::Async,
             segment_size: 1 << 30,
             max_log_bytes: None,
+            disk_free_limit: 0,
             cq_entries_per_file: 300_000,
             max_message_size: 4 << 20,
             sync_flush_timeout: Duration::from_secs(5),
@@ -205,9 +211,16 @@ pub enum StoreError {
 
 impl StoreError {
     fn io(context: impl Into<String>, e: &std::io::Error) -> StoreError {
+        let full = e
+            .raw_os_error()
+            .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT);
         StoreError::Io {
             context: context.into(),
-            message: e.to_string(),
+            message: if full {
+                format!("{e}: the disk holding the data dir is full; free space on it")
+            } else {
+                e.to_string()
+            },
         }
     }
 }
@@ -458,6 +471,9 @@ pub(crate) struct StoreInner {
     opened_last_record: Option<RecordRef>,
     flush_state: watch::Sender<FlushState>,
     poisoned: AtomicBool,
+    /// Bytes free on the store's file system when last looked at (by the
+    /// flusher, every [`flusher::DISK_CHECK`]); `u64::MAX` if unknown.
+    disk_free: AtomicU64,
     /// The writer; `None` once shut down. Taken with `try_lock` only, by
     /// whoever queued a command (see `writer.rs`).
     writer: Mutex<Option<writer::Writer>>,
@@ -617,6 +633,7 @@ impl Store {
                 message: format!("recovery made {} of them", delay_levels.len()),
             });
         }
+        let disk_free = flusher::free_bytes(&config.dir).unwrap_or(u64::MAX);
         let index = if config.message_index {
             let dir = config.dir.join("index");
             let opened =
@@ -646,6 +663,7 @@ impl Store {
             opened_last_record: recovered.last_record,
             flush_state: flush_tx,
             poisoned: AtomicBool::new(false),
+            disk_free: AtomicU64::new(disk_free),
             writer: Mutex::new(None),
             queue: Mutex::new(Vec::with_capacity(1024)),
             slots: tokio::sync::Semaphore::new(MAX_QUEUED),
@@ -1705,6 +1723,12 @@ impl Store {
     pub fn disk_usage(&self) -> (usize, u64) {
         let log = &self.inner.log;
         (log.segments().len(), log.used_bytes(self.log_end()))
+    }
+
+    /// Bytes free on the file system holding the store, looked at now
+    /// (`None` if it cannot be).
+    pub fn disk_free(&self) -> Option<u64> {
+        flusher::free_bytes(&self.inner.config.dir)
     }
 
     /// Records, bytes and `pwrite` calls appended, and fdatasync rounds, since open.

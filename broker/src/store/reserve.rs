@@ -64,6 +64,34 @@ pub(crate) fn reserve(file: &File, from: u64, len: u64, past_length: bool) -> io
     }
 }
 
+/// Makes bytes `from..from + len` of `file` read as zeros by giving their
+/// blocks back (`FALLOC_FL_PUNCH_HOLE`): unlike writing zeros, it needs no
+/// free space, so a write that failed on a full disk can still be cleared.
+///
+/// # Errors
+/// The file system's refusal (it cannot punch holes).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub(crate) fn punch_hole(file: &File, from: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(count)) = (libc::off_t::try_from(from), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor this function borrows; it changes
+    // the bytes of the range only, to zeros, and not the length.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, count) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn punch_hole(_file: &File, _from: u64, _len: u64) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn reserve(_file: &File, _from: u64, _len: u64, _past_length: bool) -> io::Result<()> {
     Ok(())

@@ -1182,6 +1182,21 @@ impl Writer {
                 )));
             }
         }
+        let limit = self.store.config.disk_free_limit;
+        if new_data && limit > 0 {
+            let free = self.store.disk_free.load(Ordering::Relaxed);
+            if free < limit {
+                return Err(StoreError::Full(format!(
+                    "the disk is nearly full: the file system holding {} has {} MiB free, below \
+                     --disk-free-limit ({} MiB); nothing was written. Free space on it (segments \
+                     older than --retention are deleted) or lower the limit: new messages are taken \
+                     again as soon as there is room",
+                    self.store.config.dir.display(),
+                    free >> 20,
+                    limit >> 20
+                )));
+            }
+        }
         if fits {
             return Ok(());
         }
@@ -1400,10 +1415,13 @@ impl Writer {
                 tracing::error!(error = %e, "commit-log write failed; the batch is refused");
                 // A partial write must not stay behind the end: after a roll
                 // to a new segment, recovery would meet it as a corrupt
-                // record in the middle of the log. Zero it, or stop writing.
+                // record in the middle of the log. Zero it (on a full disk,
+                // where writing zeros fails too, by punching a hole), or
+                // stop writing.
                 let zeroed = self.segment.as_ref().is_some_and(|seg| {
-                    let zeros = vec![0u8; self.chunk_len()];
-                    seg.file.write_all_at(&zeros, self.pos - seg.start).is_ok()
+                    let (at, len) = (self.pos - seg.start, self.chunk_len());
+                    seg.file.write_all_at(&vec![0u8; len], at).is_ok()
+                        || super::reserve::punch_hole(&seg.file, at, len as u64).is_ok()
                 });
                 if !zeroed {
                     tracing::error!(

@@ -1,0 +1,242 @@
+//! A disk that fills up, for real: a small tmpfs mounted for the test (it
+//! needs the privilege to mount; without it the tests say so and skip).
+//! Real `txmq-broker` and `txmq-nameserver` processes, driven by the
+//! `txmq` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use txmq_tests::{free_port, txmq_cli, BrokerProcess, NameserverProcess};
+
+/// A tmpfs of `size` mounted on a temporary directory; unmounted (lazily,
+/// so that a process still holding a file cannot keep it) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            other => {
+                eprintln!(
+                    "skipped: cannot mount a tmpfs to fill ({other:?}); these tests need the \
+                     privilege to mount"
+                );
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Writes zeros into `path` until the disk is full, then gives `leave`
+/// bytes back, so that about `leave` bytes are free.
+fn fill(path: &Path, leave: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    f.set_len(written.saturating_sub(leave)).unwrap();
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `txmq send` until it exits with `code`, for up to 5 s (the broker
+/// looks at the disk every 250 ms); returns the last run and how many
+/// runs before it were acknowledged.
+fn send_until(ns: &str, topic: &str, body: &str, code: i32) -> (Output, usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut acked = 0;
+    loop {
+        let out = txmq_cli(ns, &["send", topic, "--body", body], None);
+        if out.status.code() == Some(code) || Instant::now() > deadline {
+            return (out, acked);
+        }
+        acked += usize::from(out.status.success());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The bodies `group` reads from `topic` (committing them), in order.
+fn consume(ns: &str, topic: &str, group: &str, count: usize) -> Vec<String> {
+    let out = txmq_cli(
+        ns,
+        &[
+            "--output",
+            "json",
+            "consume",
+            topic,
+            "--group",
+            group,
+            "--count",
+            &count.to_string(),
+            "--idle-timeout",
+            "3s",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    txmq_tests::json_lines(&out.stdout)
+        .iter()
+        .filter_map(|m| m["body"].as_str().map(str::to_string))
+        .collect()
+}
+
+struct Site {
+    // Dropped in this order: the processes before the mount.
+    broker: BrokerProcess,
+    nameserver: NameserverProcess,
+    _logs: tempfile::TempDir,
+}
+
+/// A nameserver and a broker whose data dir is `data` (on the small disk),
+/// reached through a link from a directory on the real disk, which takes
+/// their logs: a full disk must not swallow the lines the tests read.
+fn start(data: PathBuf, extra: &[&str]) -> Site {
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let link = logs.path().join("data");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let ns_addr = format!("127.0.0.1:{}", free_port());
+    let nameserver = NameserverProcess::start(&ns_addr, &[], &logs.path().join("ns.log"));
+    let broker = BrokerProcess::start(&link, &ns_addr, "broker-a", extra);
+    let out = txmq_cli(
+        &ns_addr,
+        &["topic", "create", "full", "--queues", "1"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    Site {
+        broker,
+        nameserver,
+        _logs: logs,
+    }
+}
+
+/// `--disk-free-limit`: once the disk holding the data dir has less free,
+/// sends of new messages are refused with STORE_FULL saying why (`txmq
+/// send` exits 1) while consumers keep reading and committing; once space
+/// is freed, sends are taken again without a restart, and nothing
+/// acknowledged is lost.
+#[test]
+fn a_nearly_full_disk_refuses_new_messages_until_space_is_freed() {
+    let Some(disk) = Tmpfs::mount("64m") else {
+        return;
+    };
+    let site = start(
+        disk.path().join("data"),
+        &["--disk-free-limit", "16MiB", "--segment-size", "8MiB"],
+    );
+    let ns = site.nameserver.addr.clone();
+    let out = txmq_cli(&ns, &["send", "full", "--body", "first"], None);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let filler = disk.path().join("filler");
+    fill(&filler, 4 << 20);
+    // Sends made before the broker looks at the disk again are taken.
+    let (refused, taken) = send_until(&ns, "full", "taken before the check", 1);
+    let err = text(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("STORE_FULL") && err.contains("the disk is nearly full"),
+        "{err}"
+    );
+    assert!(err.contains("--disk-free-limit (16 MiB)"), "{err}");
+    // Reads and offset commits go on.
+    let mut acked = vec!["first"];
+    acked.extend(std::iter::repeat_n("taken before the check", taken));
+    assert_eq!(consume(&ns, "full", "g", acked.len()), acked);
+
+    std::fs::remove_file(&filler).unwrap();
+    let (out, _) = send_until(&ns, "full", "second", 0);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        consume(&ns, "full", "g", 1),
+        ["second"],
+        "nothing refused was stored"
+    );
+    let log = site.broker.log_text();
+    assert!(log.contains("the disk is nearly full"), "{log}");
+    assert!(log.contains("disk space freed"), "{log}");
+    drop(site);
+}
+
+/// With the limit off, the disk really fills: a send that finds no room
+/// is refused naming the error, and the broker clears the part it wrote
+/// (punching a hole where zeros no longer fit), so once space is freed it
+/// takes sends again, without a restart, and a restart reads every
+/// acknowledged message.
+#[test]
+fn a_write_that_fails_on_a_full_disk_does_not_stop_the_store() {
+    let Some(disk) = Tmpfs::mount("32m") else {
+        return;
+    };
+    let mut site = start(
+        disk.path().join("data"),
+        &["--disk-free-limit", "0", "--segment-size", "8MiB"],
+    );
+    let ns = site.nameserver.addr.clone();
+    let out = txmq_cli(&ns, &["send", "full", "--body", "before"], None);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let filler = disk.path().join("filler");
+    fill(&filler, 0);
+    let big = "z".repeat(100 << 10);
+    let out = txmq_cli(&ns, &["send", "full", "--body", &big], None);
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("STORE_UNAVAILABLE")
+            && err.contains("No space left on device (os error 28): the disk holding the data dir is full; free space on it"),
+        "{err}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let (out, _) = send_until(&ns, "full", "after", 0);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !site
+            .broker
+            .log_text()
+            .contains("refuses writes from now on"),
+        "{}",
+        site.broker.log_text()
+    );
+    site.broker.restart();
+    assert_eq!(consume(&ns, "full", "g", 2), ["before", "after"]);
+
+    drop(site);
+}
