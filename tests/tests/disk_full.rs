@@ -26,8 +26,8 @@ impl Tmpfs {
             Ok(o) if o.status.success() => Some(Tmpfs { dir }),
             other => {
                 eprintln!(
-                    "skipped: cannot mount a tmpfs to fill ({other:?}); these tests need the \
-                     privilege to mount"
+                    "SKIPPED: cannot mount a tmpfs to fill ({other:?}); these tests need the \
+                     privilege to mount (root, as .ci/run has)"
                 );
                 None
             }

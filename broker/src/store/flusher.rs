@@ -169,7 +169,10 @@ impl Flusher {
     fn check_disk(&mut self, limit: u64) {
         self.last_disk_check = Instant::now();
         let dir = &self.store.config.dir;
-        let free = free_bytes(dir).unwrap_or(u64::MAX);
+        // A file system that cannot be looked at keeps the last reading.
+        let Some(free) = free_bytes(dir) else {
+            return;
+        };
         let before = self.store.disk_free.swap(free, Ordering::Relaxed);
         if free < limit && before >= limit {
             tracing::warn!(
