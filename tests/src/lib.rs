@@ -575,6 +575,24 @@ pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output 
     child.wait_with_output().expect("txmq finishes")
 }
 
+/// The messages `txmq --output json consume TOPIC --group GROUP --count
+/// COUNT --idle-timeout IDLE`, with `extra` flags, printed, committing
+/// them; asserts a zero exit.
+pub fn cli_consume(
+    nameserver: &str,
+    topic: &str,
+    group: &str,
+    count: usize,
+    idle: &str,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
+    let count = count.to_string();
+    let mut args = vec!["--output", "json", "consume", topic, "--group", group];
+    args.extend(["--count", &count, "--idle-timeout", idle]);
+    args.extend(extra);
+    json_lines(output::ok(&txmq_cli(nameserver, &args, None)).as_bytes())
+}
+
 /// The JSON objects a `--output json` command printed, one per line.
 pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(out)

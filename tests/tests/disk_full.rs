@@ -92,24 +92,7 @@ fn send_until(ns: &str, topic: &str, body: &str, code: i32) -> (Output, usize) {
 
 /// The bodies `group` reads from `topic` (committing them), in order.
 fn consume(ns: &str, topic: &str, group: &str, count: usize) -> Vec<String> {
-    let out = txmq_cli(
-        ns,
-        &[
-            "--output",
-            "json",
-            "consume",
-            topic,
-            "--group",
-            group,
-            "--count",
-            &count.to_string(),
-            "--idle-timeout",
-            "3s",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    txmq_tests::json_lines(&out.stdout)
+    txmq_tests::cli_consume(ns, topic, group, count, "3s", &[])
         .iter()
         .filter_map(|m| m["body"].as_str().map(str::to_string))
         .collect()
@@ -124,8 +107,9 @@ struct Site {
 
 /// A nameserver and a broker whose data dir is `data` (on the small disk),
 /// reached through a link from a directory on the real disk, which takes
-/// their logs: a full disk must not swallow the lines the tests read.
-fn start(data: PathBuf, extra: &[&str]) -> Site {
+/// their logs: a full disk must not swallow the lines the tests read. The
+/// topic `full` has one queue and holds one message, `first`.
+fn start(data: PathBuf, extra: &[&str], first: &str) -> Site {
     let logs = tempfile::tempdir().unwrap();
     std::fs::create_dir(&data).unwrap();
     let link = logs.path().join("data");
@@ -133,12 +117,13 @@ fn start(data: PathBuf, extra: &[&str]) -> Site {
     let ns_addr = format!("127.0.0.1:{}", free_port());
     let nameserver = NameserverProcess::start(&ns_addr, &[], &logs.path().join("ns.log"));
     let broker = BrokerProcess::start(&link, &ns_addr, "broker-a", extra);
-    let out = txmq_cli(
-        &ns_addr,
-        &["topic", "create", "full", "--queues", "1"],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    for args in [
+        &["topic", "create", "full", "--queues", "1"][..],
+        &["send", "full", "--body", first],
+    ] {
+        let out = txmq_cli(&ns_addr, args, None);
+        assert!(out.status.success(), "{}", text(&out));
+    }
     Site {
         broker,
         nameserver,
@@ -159,10 +144,9 @@ fn a_nearly_full_disk_refuses_new_messages_until_space_is_freed() {
     let site = start(
         disk.path().join("data"),
         &["--disk-free-limit", "16MiB", "--segment-size", "8MiB"],
+        "first",
     );
     let ns = site.nameserver.addr.clone();
-    let out = txmq_cli(&ns, &["send", "full", "--body", "first"], None);
-    assert!(out.status.success(), "{}", text(&out));
 
     let filler = disk.path().join("filler");
     fill(&filler, 4 << 20);
@@ -207,10 +191,9 @@ fn a_write_that_fails_on_a_full_disk_does_not_stop_the_store() {
     let mut site = start(
         disk.path().join("data"),
         &["--disk-free-limit", "0", "--segment-size", "8MiB"],
+        "before",
     );
     let ns = site.nameserver.addr.clone();
-    let out = txmq_cli(&ns, &["send", "full", "--body", "before"], None);
-    assert!(out.status.success(), "{}", text(&out));
 
     let filler = disk.path().join("filler");
     fill(&filler, 0);

@@ -47,27 +47,12 @@ async fn setup(extra: &[&str]) -> (Cluster, String, String, Running) {
 
 /// Every message of `topic`, from the first, through `txmq consume`.
 async fn consume_all(ns: &str, topic: &str, group: &str, count: usize) -> Vec<Value> {
-    let count = count.to_string();
-    let out = txmq(
-        ns,
-        &[
-            "--output",
-            "json",
-            "consume",
-            topic,
-            "--group",
-            group,
-            "--from",
-            "first",
-            "--count",
-            &count,
-            "--idle-timeout",
-            "15s",
-        ],
-        None,
-    )
-    .await;
-    json_lines(ok(&out).as_bytes())
+    let (ns, topic, group) = (ns.to_string(), topic.to_string(), group.to_string());
+    tokio::task::spawn_blocking(move || {
+        txmq_tests::cli_consume(&ns, &topic, &group, count, "15s", &["--from", "first"])
+    })
+    .await
+    .expect("txmq runs")
 }
 
 fn body(m: &Value) -> &str {
