@@ -96,6 +96,9 @@ pub struct ConsumeQueue {
     unwritten: std::sync::Mutex<Unwritten>,
     /// The queue's topic was deleted: nothing is written any more.
     discarded: AtomicBool,
+    /// Writing out waiting entries failed (a full disk) and has not
+    /// succeeded since: logged once each way.
+    write_failing: AtomicBool,
     /// Blocks reserved ahead of the appends (only the checkpoint takes it).
     ahead: std::sync::Mutex<Ahead>,
     /// The next file (its start), made ahead by the checkpoint; the writer
@@ -166,6 +169,7 @@ impl ConsumeQueue {
             dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             unwritten: std::sync::Mutex::new(Unwritten::default()),
             discarded: AtomicBool::new(false),
+            write_failing: AtomicBool::new(false),
             ahead: std::sync::Mutex::new(Ahead::default()),
             spare: std::sync::Mutex::new(None),
             arrived: Notify::new(),
@@ -281,8 +285,12 @@ impl ConsumeQueue {
     /// module's documentation).
     ///
     /// # Errors
-    /// I/O errors of writing out what was waiting; the entries stay
-    /// readable and waiting.
+    /// I/O errors of writing out a run waiting at another offset, or of
+    /// writing entries not at the end (which are not kept waiting). Entries
+    /// at the end whose run cannot be written out (a full disk) stay
+    /// readable and waiting, and are written with the next run or
+    /// checkpoint: that is logged, not returned, since the commit log
+    /// holds their records and recovery rebuilds them from it.
     pub fn write(&self, first_offset: u64, entries: &[u8]) -> io::Result<()> {
         let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
         // Only a run of entries waits: another offset writes out the run first.
@@ -298,8 +306,19 @@ impl ConsumeQueue {
         }
         u.bytes.extend_from_slice(entries);
         self.next.fetch_max(u.end(), Ordering::AcqRel);
-        if !at_end || u.bytes.len() >= WRITE_AT {
+        if !at_end {
             self.write_run(&mut u)?;
+        } else if u.bytes.len() >= WRITE_AT {
+            if let Err(e) = self.write_run(&mut u) {
+                if !self.write_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        topic = %self.topic,
+                        queue = self.queue,
+                        error = %e,
+                        "cannot write consume-queue entries; they wait in memory, readable, until there is room"
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -368,6 +387,9 @@ impl ConsumeQueue {
         }
         u.first = offset;
         u.bytes.clear();
+        if self.write_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(topic = %self.topic, queue = self.queue, "consume-queue entries written again");
+        }
         if u.bytes.capacity() > 2 * WRITE_AT {
             // Recovery writes whole batches at once: keep no more than a
             // page's worth of room per queue.
@@ -758,6 +780,61 @@ mod tests {
         std::fs::read_dir(dir)
             .map(|fs| fs.map(|f| f.unwrap().metadata().unwrap().len()).sum())
             .unwrap_or(0)
+    }
+
+    /// A full disk (a real tmpfs, filled; it needs the privilege to mount):
+    /// entries whose run cannot be written out stay readable in memory,
+    /// and are written once there is room; nothing is lost across a
+    /// reopen.
+    #[test]
+    fn entries_that_cannot_be_written_out_on_a_full_disk_wait_and_stay_readable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(tmp.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a tmpfs to fill (needs root, as .ci/run has)");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(tmp.path());
+        let dir = tmp.path().join("q");
+        let q = ConsumeQueue::open("t", 0, dir.clone(), 10_000).unwrap();
+        q.write(0, &entries(0..10)).unwrap();
+        q.publish(10);
+        q.sync_if_dirty().unwrap();
+        // Fill what is left.
+        let filler = tmp.path().join("filler");
+        let mut f = File::create(&filler).unwrap();
+        while std::io::Write::write(&mut f, &[0u8; 4096]).is_ok_and(|n| n > 0) {}
+        let page = (WRITE_AT / ENTRY_LEN) as u64;
+        let end = 10 + 2 * page;
+        q.write(10, &entries(10..end))
+            .expect("taken, though not written out");
+        q.publish(end);
+        assert_eq!(
+            q.read(0, 10_000).unwrap(),
+            (0..end).map(entry).collect::<Vec<_>>()
+        );
+        assert!(q.sync_if_dirty().is_err(), "the disk is still full");
+        drop(f);
+        std::fs::remove_file(&filler).unwrap();
+        q.write(end, &entries(end..end + 1)).unwrap();
+        q.sync_if_dirty().unwrap();
+        drop(q);
+        let q = ConsumeQueue::open("t", 0, dir, 10_000).unwrap();
+        q.recover(0, u64::MAX).unwrap();
+        assert_eq!(q.next_offset(), end + 1, "all of them in the file");
     }
 
     #[test]
