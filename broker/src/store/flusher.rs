@@ -35,22 +35,6 @@ pub(crate) const WRITEBACK_STEP: Duration = Duration::from_millis(50);
 /// system (one `statvfs`), for `StoreConfig::disk_free_limit`.
 pub(crate) const DISK_CHECK: Duration = Duration::from_millis(250);
 
-/// Bytes an unprivileged writer may still take on the file system holding
-/// `dir` (`statvfs`'s `f_bavail`); `None` if it cannot be looked at.
-#[allow(unsafe_code)]
-pub(crate) fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs reads the NUL-terminated path and writes into the
-    // zeroed struct this function owns.
-    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
-        return None;
-    }
-    #[allow(clippy::unnecessary_cast)] // the fields' types differ by target
-    Some((fs.f_bavail as u64).saturating_mul(fs.f_frsize as u64))
-}
-
 /// Queues to publish and the offset each becomes readable up to.
 pub(crate) type Publish = Vec<(Arc<ConsumeQueue>, u64)>;
 
@@ -170,7 +154,7 @@ impl Flusher {
         self.last_disk_check = Instant::now();
         let dir = &self.store.config.dir;
         // A file system that cannot be looked at keeps the last reading.
-        let Some(free) = free_bytes(dir) else {
+        let Some(free) = super::reserve::free_bytes(dir) else {
             return;
         };
         let before = self.store.disk_free.swap(free, Ordering::Relaxed);

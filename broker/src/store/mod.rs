@@ -633,7 +633,7 @@ impl Store {
                 message: format!("recovery made {} of them", delay_levels.len()),
             });
         }
-        let disk_free = flusher::free_bytes(&config.dir).unwrap_or(u64::MAX);
+        let disk_free = reserve::free_bytes(&config.dir).unwrap_or(u64::MAX);
         let index = if config.message_index {
             let dir = config.dir.join("index");
             let opened =
@@ -1728,7 +1728,7 @@ impl Store {
     /// Bytes free on the file system holding the store, looked at now
     /// (`None` if it cannot be).
     pub fn disk_free(&self) -> Option<u64> {
-        flusher::free_bytes(&self.inner.config.dir)
+        reserve::free_bytes(&self.inner.config.dir)
     }
 
     /// Records, bytes and `pwrite` calls appended, and fdatasync rounds, since open.

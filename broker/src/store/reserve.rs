@@ -64,6 +64,22 @@ pub(crate) fn reserve(file: &File, from: u64, len: u64, past_length: bool) -> io
     }
 }
 
+/// Bytes an unprivileged writer may still take on the file system holding
+/// `dir` (`statvfs`'s `f_bavail`); `None` if it cannot be looked at.
+#[allow(unsafe_code)]
+pub(crate) fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads the NUL-terminated path and writes into the
+    // zeroed struct this function owns.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut fs) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // the fields' types differ by target
+    Some((fs.f_bavail as u64).saturating_mul(fs.f_frsize as u64))
+}
+
 /// Makes bytes `from..from + len` of `file` read as zeros by giving their
 /// blocks back (`FALLOC_FL_PUNCH_HOLE`): unlike writing zeros, it needs no
 /// free space, so a write that failed on a full disk can still be cleared.
@@ -265,22 +281,11 @@ mod tests {
         assert!(back[1000..].iter().all(|b| *b == 2));
     }
 
-    /// Free bytes in `dir`'s file system.
-    #[allow(unsafe_code)]
-    fn free_bytes(dir: &Path) -> u64 {
-        use std::os::fd::AsRawFd;
-        let d = File::open(dir).unwrap();
-        // SAFETY: fstatfs writes into the zeroed struct owned here.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstatfs(d.as_raw_fd(), &mut fs) }, 0);
-        (fs.f_bavail as u64) * (fs.f_bsize as u64)
-    }
-
     #[test]
     fn a_range_larger_than_half_the_free_space_stays_sparse() {
         let dir = tempfile::tempdir().unwrap();
         let f = File::create(dir.path().join("big")).unwrap();
-        let len = free_bytes(dir.path()) / 2 + (64 << 20);
+        let len = super::free_bytes(dir.path()).unwrap() / 2 + (64 << 20);
         if f.set_len(len).is_err() {
             eprintln!("skipped: this file system refuses a file of {len} bytes");
             return;
