@@ -1151,3 +1151,185 @@ async fn bad_input_on_the_grpc_port_gets_clear_statuses_and_hurts_no_one_else() 
     );
     cluster.shutdown().await;
 }
+
+/// A request body fed by the test, a chunk at a time; open until the
+/// sender is dropped.
+struct Fed(tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+/// A SendMessage call on `channel` whose body the caller feeds through the
+/// sender; the answer's gRPC status code and message, once it comes.
+fn fed_send(
+    channel: &tonic::transport::Channel,
+    grpc: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
+    tokio::task::JoinHandle<(String, String)>,
+) {
+    use tonic::codegen::Service;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{grpc}/apache.rocketmq.v2.MessagingService/SendMessage"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(Fed(rx)))
+        .unwrap();
+    let mut channel = channel.clone();
+    let answer = tokio::spawn(async move {
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .expect("ready");
+        let response = channel.call(request).await.expect("answered");
+        let header = |map: &tonic::codegen::http::HeaderMap, key: &str| {
+            map.get(key)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        if let Some(code) = header(response.headers(), "grpc-status") {
+            let message = header(response.headers(), "grpc-message").unwrap_or_default();
+            return (code, message);
+        }
+        // A whole answer: its status is in the trailers after the body.
+        let mut body = response.into_body();
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+            })
+            .await
+            .expect("trailers")
+            .expect("a frame");
+            if let Ok(trailers) = frame.into_trailers() {
+                let code = header(&trailers, "grpc-status").unwrap_or_default();
+                let message = header(&trailers, "grpc-message").unwrap_or_default();
+                return (code, message);
+            }
+        }
+    });
+    (tx, answer)
+}
+
+/// A SendMessage request of one message to `topic`, as gRPC frames it.
+fn framed_send(topic: &str, body: &str) -> Vec<u8> {
+    let request = pb::SendMessageRequest {
+        messages: vec![rmq_message(topic, body, pb::MessageType::Normal, None)],
+    };
+    let encoded = prost::Message::encode_to_vec(&request);
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    framed.extend(encoded);
+    framed
+}
+
+/// `--frame-timeout` on the gRPC port: a message that starts and stops,
+/// or trickles, ends its own call with DEADLINE_EXCEEDED between the
+/// timeout and twice it, with a WARN line; the connection's other calls
+/// and other clients are served meanwhile; a request that waits before its
+/// message, or a message slow but within the timeout, is served; nothing
+/// of a cut message is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(600);
+    let (cluster, ns, grpc, running) = setup(&["--frame-timeout", "600ms"]).await;
+    let topic = "stalled";
+    assert_eq!(
+        query_route(&grpc, topic).await.status.unwrap().code,
+        pb::Code::Ok as i32
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let whole = framed_send(topic, "cut");
+
+    // Half a message, then nothing.
+    let (stalled, answer) = fed_send(&channel, &grpc);
+    let began = std::time::Instant::now();
+    stalled
+        .send(whole[..whole.len() / 2].to_vec().into())
+        .unwrap();
+    // Another client is served while that call waits.
+    assert_eq!(
+        query_route(&grpc, topic).await.status.unwrap().code,
+        pb::Code::Ok as i32
+    );
+    let (code, message) = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the stalled call is ended")
+        .unwrap();
+    let took = began.elapsed();
+    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(message.contains("--frame-timeout"), "{message}");
+    assert!(
+        took >= TIMEOUT && took < 2 * TIMEOUT + Duration::from_millis(600),
+        "ended after {took:?}"
+    );
+
+    // Trickled, a byte every 50 ms.
+    let (trickled, answer) = fed_send(&channel, &grpc);
+    let began = std::time::Instant::now();
+    let feeding = tokio::spawn(async move {
+        for b in whole {
+            if trickled.send(vec![b].into()).is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let (code, message) = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the trickled call is ended")
+        .unwrap();
+    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(
+        began.elapsed() >= TIMEOUT,
+        "ended after {:?}",
+        began.elapsed()
+    );
+    feeding.abort();
+
+    // Headers, a wait longer than the timeout before the message, then
+    // the message: served (the time between messages does not count).
+    let (late, answer) = fed_send(&channel, &grpc);
+    tokio::time::sleep(TIMEOUT * 2).await;
+    late.send(framed_send(topic, "late").into()).unwrap();
+    drop(late);
+    let (code, message) = answer.await.unwrap();
+    assert_eq!(code, "0", "served: {message}");
+
+    // Slow, but whole within the timeout: served, on the same connection.
+    let slow_message = framed_send(topic, "slow");
+    let (slow, answer) = fed_send(&channel, &grpc);
+    slow.send(slow_message[..3].to_vec().into()).unwrap();
+    tokio::time::sleep(TIMEOUT / 3).await;
+    slow.send(slow_message[3..].to_vec().into()).unwrap();
+    drop(slow);
+    let (code, message) = answer.await.unwrap();
+    assert_eq!(code, "0", "served: {message}");
+
+    let log = running.broker.log_text();
+    assert!(
+        log.contains("did not finish within the frame timeout"),
+        "{log}"
+    );
+    let got = consume_all(&ns, topic, "stall-check", 2).await;
+    let mut got: Vec<&str> = got.iter().map(body).collect();
+    got.sort_unstable();
+    assert_eq!(got, ["late", "slow"], "nothing of a cut message stored");
+    cluster.shutdown().await;
+}

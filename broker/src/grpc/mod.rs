@@ -16,6 +16,7 @@ mod consume;
 mod convert;
 mod route;
 mod send;
+mod stall;
 mod status;
 mod telemetry;
 
@@ -59,6 +60,7 @@ pub(crate) async fn serve(
 ) {
     let addr = listener.local_addr().ok();
     let limit = max_request(&b);
+    let front_timeout = b.config.frame_timeout;
     let front = Front {
         b,
         sessions: Arc::default(),
@@ -67,6 +69,7 @@ pub(crate) async fn serve(
     let service = MessagingServiceServer::new(front)
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let service = stall::StallLimit::new(service, front_timeout);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tracing::info!(?addr, "serving the RocketMQ 5 gRPC API");
     // HTTP/1.1 is accepted so that a client speaking it gets a gRPC
