@@ -557,7 +557,13 @@ impl StdinSend {
     }
 }
 
-/// Runs the `txmq` binary with `args` against `nameserver`, with `stdin` as input.
+/// How long [`txmq_cli`] lets a command run before it kills it and fails
+/// the test: a hung command fails its test instead of holding the run.
+pub const CLI_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs the `txmq` binary with `args` against `nameserver`, with `stdin` as
+/// input. Panics, with what the command printed, if it runs past
+/// [`CLI_LIMIT`] (it is killed).
 pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut cmd = Command::new(binary("txmq"));
@@ -572,7 +578,28 @@ pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output 
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes()).expect("write stdin");
     }
-    child.wait_with_output().expect("txmq finishes")
+    // The child is reaped only by `wait_with_output` below, so its pid
+    // cannot be another process's while the watchdog may kill it.
+    let pid = child.id().to_string();
+    let (finished, done) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let overdue =
+            done.recv_timeout(CLI_LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+        if overdue {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+        overdue
+    });
+    let output = child.wait_with_output().expect("txmq finishes");
+    let _ = finished.send(());
+    if watchdog.join().unwrap_or(false) {
+        panic!(
+            "txmq {args:?} ran past {CLI_LIMIT:?} and was killed; stdout: {}; stderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    output
 }
 
 /// The messages `txmq --output json consume TOPIC --group GROUP --count
