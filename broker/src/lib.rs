@@ -107,6 +107,9 @@ pub(crate) struct BrokerInner {
     pub(crate) shutdown: CancellationToken,
     /// Connections greeted and not yet closed (`--max-connections`).
     pub(crate) connections: std::sync::atomic::AtomicUsize,
+    /// Connections open on the gRPC port (`--grpc-listen`), counted
+    /// against `--max-connections` apart from `connections`.
+    pub(crate) grpc_connections: std::sync::atomic::AtomicUsize,
     /// Its part in its broker group (master or slave).
     pub(crate) replication: replication::Replication,
     /// TLS, users and permissions (`--tls-*`, `--acl-file`), and the
@@ -668,6 +671,7 @@ async fn start_incarnation(
         registered_version: tokio::sync::watch::channel(0).0,
         shutdown: shutdown.clone(),
         connections: std::sync::atomic::AtomicUsize::new(0),
+        grpc_connections: std::sync::atomic::AtomicUsize::new(0),
         security: security.clone(),
         metrics: metrics.clone(),
         resent,

@@ -556,6 +556,13 @@ impl Collector for StateCollector {
             "Client, producer and replica connections open now (greeted)",
             b.connections.load(std::sync::atomic::Ordering::Acquire) as f64,
         )?;
+        plain_gauge(
+            &mut e,
+            "txmq_grpc_connections",
+            "Connections open now on the RocketMQ 5 gRPC port (--grpc-listen)",
+            b.grpc_connections
+                .load(std::sync::atomic::Ordering::Acquire) as f64,
+        )?;
         let (in_flight, _) = b.store.pop_stats();
         plain_gauge(
             &mut e,
@@ -809,6 +816,7 @@ mod tests {
         assert_eq!(v("txmq_store_segments"), Some(1.0));
         assert!(v("txmq_store_disk_free_bytes").unwrap() > 0.0, "{text}");
         assert_eq!(v("txmq_connections"), Some(0.0));
+        assert_eq!(v("txmq_grpc_connections"), Some(0.0));
         assert_eq!(v("txmq_pop_in_flight"), Some(0.0));
         assert!(text.contains("# TYPE txmq_fdatasync counter"), "{text}");
         assert!(

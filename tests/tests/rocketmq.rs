@@ -1333,3 +1333,154 @@ async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeo
     assert_eq!(got, ["late", "slow"], "nothing of a cut message stored");
     cluster.shutdown().await;
 }
+
+/// A route query on `channel` (one HTTP/2 connection).
+async fn query_route_on(
+    channel: tonic::transport::Channel,
+    topic: &str,
+) -> Result<pb::QueryRouteResponse, tonic::Status> {
+    let mut client = pb::messaging_service_client::MessagingServiceClient::new(channel);
+    let mut request = tonic::Request::new(pb::QueryRouteRequest {
+        topic: Some(resource(topic)),
+        endpoints: None,
+    });
+    request
+        .metadata_mut()
+        .insert("x-mq-client-id", "connections-test".parse().unwrap());
+    client
+        .query_route(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A connection to the gRPC port, served: `None` when the broker closed it
+/// before it answered a route query.
+async fn served_connection(grpc: &str) -> Option<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        query_route_on(channel.clone(), "connections"),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    (answer.status.unwrap().code == pb::Code::Ok as i32).then_some(channel)
+}
+
+/// CPU time (user and system) the process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// `--max-connections` on the gRPC port: a connection past it is closed
+/// at once, with a WARN line, while the others are served; a closed one
+/// frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_past_the_limit_are_closed_and_a_freed_slot_is_taken() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (cluster, _ns, grpc, running) =
+        setup(&["--max-connections", "2", "--metrics-listen", &metrics]).await;
+    let first = served_connection(&grpc).await.expect("the first is served");
+    let second = served_connection(&grpc)
+        .await
+        .expect("the second is served");
+    let (_, text) = txmq_tests::metrics::http_get(&metrics, "/metrics").expect("metrics");
+    assert_eq!(
+        txmq_tests::metrics::sample(&text, "txmq_grpc_connections"),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        served_connection(&grpc).await.is_none(),
+        "a third connection is closed"
+    );
+    let log = running.broker.log_text();
+    assert!(
+        log.contains("gRPC connection refused: --max-connections reached"),
+        "{log}"
+    );
+    assert!(query_route_on(first.clone(), "connections").await.is_ok());
+    // A closed connection gives its slot back.
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let third = loop {
+        if let Some(c) = served_connection(&grpc).await {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a freed slot is taken"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop((first, third));
+    cluster.shutdown().await;
+}
+
+/// An accept that fails (the broker out of file descriptors), on the gRPC
+/// port and on txmq's own, backs off instead of spinning a core, with a
+/// WARN line, and both serve again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_grpc_accept_backs_off_and_the_port_recovers() {
+    let (cluster, ns, grpc, running) = setup(&[]).await;
+    assert!(served_connection(&grpc).await.is_some());
+    // Out of file descriptors: the broker may open only two more.
+    let pid = running.broker.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = |n: String| {
+        let status = std::process::Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+            .status()
+            .expect("prlimit runs");
+        assert!(status.success());
+    };
+    limit((open + 2).to_string());
+    // Both ports: txmq's own accepts the same way.
+    let mut waiting = Vec::new();
+    for _ in 0..8 {
+        waiting.push(tokio::net::TcpStream::connect(&grpc).await.unwrap());
+        let own = tokio::net::TcpStream::connect(&running.broker.addr).await;
+        waiting.push(own.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    // A loop that tried again at once would use the whole second (100
+    // ticks at the usual 100 Hz); backing off, a few.
+    assert!(
+        used < 40,
+        "{used} ticks of CPU in a second out of descriptors"
+    );
+    let log = running.broker.log_text();
+    assert!(log.contains("gRPC accept failed"), "{log}");
+    assert!(
+        log.contains("txmq_remoting::server: accept failed"),
+        "{log}"
+    );
+    limit("20000".into());
+    drop(waiting);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while served_connection(&grpc).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "served again with descriptors free"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = txmq(&ns, &["send", "connections", "--body", "after"], None).await;
+    assert!(ok(&sent).contains("SEND_OK"), "txmq's own port serves too");
+    cluster.shutdown().await;
+}

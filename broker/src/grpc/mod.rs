@@ -14,6 +14,7 @@
 
 mod consume;
 mod convert;
+mod incoming;
 mod route;
 mod send;
 mod stall;
@@ -61,6 +62,7 @@ pub(crate) async fn serve(
     let addr = listener.local_addr().ok();
     let limit = max_request(&b);
     let front_timeout = b.config.frame_timeout;
+    let incoming = incoming::accepted(b.clone(), listener);
     let front = Front {
         b,
         sessions: Arc::default(),
@@ -70,12 +72,12 @@ pub(crate) async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let service = stall::StallLimit::new(service, front_timeout);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tracing::info!(?addr, "serving the RocketMQ 5 gRPC API");
     // HTTP/1.1 is accepted so that a client speaking it gets a gRPC
     // status (UNIMPLEMENTED for a path the API lacks), not a closed socket.
+    // TCP_NODELAY is set by `incoming` (tonic's own setting is not applied
+    // to connections handed to it).
     let served = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .accept_http1(true)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
