@@ -979,25 +979,12 @@ struct NotAQueryRoute {
 }
 
 async fn query_route(addr: &str, topic: &str) -> pb::QueryRouteResponse {
-    let mut client =
-        pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connects");
-    let mut request = tonic::Request::new(pb::QueryRouteRequest {
-        topic: Some(pb::Resource {
-            resource_namespace: String::new(),
-            name: topic.into(),
-        }),
-        endpoints: None,
-    });
-    request
-        .metadata_mut()
-        .insert("x-mq-client-id", "bad-input-test".parse().unwrap());
-    client
-        .query_route(request)
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
-        .expect("answered")
-        .into_inner()
+        .expect("connects");
+    query_route_on(channel, topic).await.expect("answered")
 }
 
 /// Garbage, HTTP/1.1, an unknown RPC, an RPC txmq does not serve,
@@ -1346,7 +1333,7 @@ async fn query_route_on(
     });
     request
         .metadata_mut()
-        .insert("x-mq-client-id", "connections-test".parse().unwrap());
+        .insert("x-mq-client-id", "bad-input-test".parse().unwrap());
     client
         .query_route(request)
         .await
