@@ -691,13 +691,18 @@ async fn start_incarnation(
     tasks.spawn(txmq_remoting::server::serve_on(
         listener,
         service,
-        conn_config,
+        conn_config.clone(),
         security.server.clone(),
         listeners.network.clone(),
         shutdown.clone(),
     ));
     if let Some(grpc) = grpc {
-        tasks.spawn(grpc::serve(inner.clone(), grpc, shutdown.clone()));
+        tasks.spawn(grpc::serve(
+            inner.clone(),
+            grpc,
+            conn_config,
+            shutdown.clone(),
+        ));
     }
     let (startup_tx, startup) = tokio::sync::oneshot::channel();
     tasks.spawn(registration::run(

@@ -375,11 +375,9 @@ impl Writer {
 }
 
 /// Sets up a freshly opened or accepted socket (no delay, keepalive);
-/// returns the peer's address.
-pub(crate) fn prepare_tcp(
-    stream: &TcpStream,
-    config: &ConnectionConfig,
-) -> std::io::Result<String> {
+/// returns the peer's address. Also for sockets served by another protocol
+/// (the broker's gRPC port), so that they are set up as txmq's own.
+pub fn prepare_tcp(stream: &TcpStream, config: &ConnectionConfig) -> std::io::Result<String> {
     stream.set_nodelay(true)?;
     if !config.keepalive.is_zero() {
         set_keepalive(stream, config.keepalive)?;

@@ -30,7 +30,7 @@ pub mod tls;
 
 pub use acl::{auth_signature, AclStore, Credentials, Op, ServerSecurity};
 pub use addr::check_host_port;
-pub use connection::{Connection, ConnectionConfig, Queued, Reply, Service};
+pub use connection::{prepare_tcp, Connection, ConnectionConfig, Queued, Reply, Service};
 pub use tls::{TlsClient, TlsFiles, TlsServer, TlsSetupError};
 
 /// Types a [`Service`] implementation names.

@@ -1,8 +1,9 @@
 //! The gRPC port's accept loop: what txmq's own port does on accept, for
 //! the connections tonic serves.
 //!
-//! - `TCP_NODELAY` on every connection (tonic's own setting is not applied
-//!   to connections it is handed, as here).
+//! - `TCP_NODELAY` and TCP keepalive on every connection, as on txmq's own
+//!   port, so that a peer gone without a word frees its slot (tonic's own
+//!   settings are not applied to connections it is handed, as here).
 //! - At most `--max-connections` gRPC connections at once: one past it is
 //!   closed at once, with a `WARN` line, and a closed one frees its slot.
 //! - An accept that fails (the process out of file descriptors, say) backs
@@ -30,8 +31,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub(super) fn accepted(
     b: Arc<BrokerInner>,
     listener: TcpListener,
+    tcp: txmq_remoting::ConnectionConfig,
 ) -> impl Stream<Item = Result<Counted, std::convert::Infallible>> {
-    futures_util::stream::unfold((b, listener), |(b, listener)| async move {
+    let state = (b, listener, Arc::new(tcp));
+    futures_util::stream::unfold(state, |(b, listener, tcp)| async move {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -41,6 +44,10 @@ pub(super) fn accepted(
                     continue;
                 }
             };
+            if let Err(e) = txmq_remoting::prepare_tcp(&stream, &tcp) {
+                tracing::warn!(%peer, error = %e, "cannot set up accepted gRPC connection");
+                continue;
+            }
             let max = b.config.max_connections;
             let taken = b
                 .grpc_connections
@@ -55,10 +62,7 @@ pub(super) fn accepted(
                 _slot: Slot(b.clone()),
                 stream,
             };
-            if let Err(e) = counted.stream.set_nodelay(true) {
-                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-            }
-            return Some((Ok(counted), (b, listener)));
+            return Some((Ok(counted), (b, listener, tcp)));
         }
     })
 }

@@ -57,12 +57,13 @@ pub(crate) struct Front {
 pub(crate) async fn serve(
     b: Arc<BrokerInner>,
     listener: tokio::net::TcpListener,
+    tcp: txmq_remoting::ConnectionConfig,
     shutdown: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
     let limit = max_request(&b);
     let front_timeout = b.config.frame_timeout;
-    let incoming = incoming::accepted(b.clone(), listener);
+    let incoming = incoming::accepted(b.clone(), listener, tcp);
     let front = Front {
         b,
         sessions: Arc::default(),
@@ -75,8 +76,9 @@ pub(crate) async fn serve(
     tracing::info!(?addr, "serving the RocketMQ 5 gRPC API");
     // HTTP/1.1 is accepted so that a client speaking it gets a gRPC
     // status (UNIMPLEMENTED for a path the API lacks), not a closed socket.
-    // TCP_NODELAY is set by `incoming` (tonic's own setting is not applied
-    // to connections handed to it).
+    // TCP_NODELAY and keepalive are set by `incoming`, as on txmq's own
+    // port (tonic's own settings are not applied to connections handed to
+    // it).
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .add_service(service)
