@@ -575,11 +575,9 @@ pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output 
     });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start txmq");
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).expect("write stdin");
-    }
-    // The child is reaped only by `wait_with_output` below, so its pid
-    // cannot be another process's while the watchdog may kill it.
+    // The child is reaped only by `wait_with_output` below, and the
+    // watchdog is told right after: only a child ending within a few
+    // microseconds of the limit leaves its pid to a kill that comes late.
     let pid = child.id().to_string();
     let (finished, done) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -590,6 +588,9 @@ pub fn txmq_cli(nameserver: &str, args: &[&str], stdin: Option<&str>) -> Output 
         }
         overdue
     });
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).expect("write stdin");
+    }
     let output = child.wait_with_output().expect("txmq finishes");
     let _ = finished.send(());
     if watchdog.join().unwrap_or(false) {

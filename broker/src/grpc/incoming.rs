@@ -38,6 +38,17 @@ pub(super) fn accepted(
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
+                // One connection gone before it was taken: the next one may
+                // be there already.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "gRPC connection gone before it was accepted");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "gRPC accept failed; trying again in 100ms");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;

@@ -12,7 +12,9 @@
 //! bytes are dropped. The connection and its other calls go on. Time
 //! between messages (a telemetry stream at rest, a request whose headers
 //! came before its body) does not count, and neither does time the call's
-//! reader is not reading: the timer runs only while tonic asks for more.
+//! reader spends on what it was handed before it asks for more (a
+//! telemetry command being handled while the next one's start waits): the
+//! clock starts when the reader is handed the message's first byte.
 
 use std::future::Future as _;
 use std::net::SocketAddr;
@@ -84,6 +86,7 @@ where
                 rpc,
                 message: Message::default(),
                 deadline: None,
+                handed: None,
                 ended: false,
             })
         }))
@@ -144,6 +147,9 @@ struct Watched {
     message: Message,
     /// While a message is under way: when it must be whole.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// While a message is under way: when a frame of it was last handed
+    /// to the reader, whose time until it asks again does not count.
+    handed: Option<Instant>,
     ended: bool,
 }
 
@@ -177,6 +183,12 @@ impl http_body::Body for Watched {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let (Some(handed), Some(sleep)) = (this.handed.take(), this.deadline.as_mut()) {
+            // The reader was busy with what it was handed: that time is
+            // not the peer's.
+            let later = sleep.deadline() + handed.elapsed();
+            sleep.as_mut().reset(later);
+        }
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -197,6 +209,9 @@ impl http_body::Body for Watched {
                     {
                         // Trickled: bytes keep coming, the message not whole.
                         return this.stalled();
+                    }
+                    if this.deadline.is_some() {
+                        this.handed = Some(Instant::now());
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -226,6 +241,63 @@ impl http_body::Body for Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body fed by the test; pending while nothing is queued.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_runs_from_a_messages_first_byte_and_not_while_the_reader_is_busy() {
+        let (feed, fed) = tokio::sync::mpsc::unbounded_channel();
+        let mut watched = Watched {
+            body: Body::new(Fed(fed)),
+            timeout: Duration::from_secs(1),
+            peer: None,
+            rpc: None,
+            message: Message::default(),
+            deadline: None,
+            handed: None,
+            ended: false,
+        };
+        let mut poll = move || {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match http_body::Body::poll_frame(Pin::new(&mut watched), &mut cx) {
+                Poll::Pending => "pending",
+                Poll::Ready(Some(Ok(_))) => "frame",
+                Poll::Ready(Some(Err(s))) if s.code() == tonic::Code::DeadlineExceeded => "stalled",
+                Poll::Ready(other) => panic!("{other:?}"),
+            }
+        };
+        // Between messages the clock does not run.
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(poll(), "pending");
+        // A whole message and three bytes of the next one's prefix.
+        let mut chunk = framed(2);
+        chunk.extend_from_slice(&framed(4)[..3]);
+        feed.send(chunk.into()).unwrap();
+        assert_eq!(poll(), "frame");
+        // The reader busy for three seconds with what it was handed.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(Duration::from_millis(900)).await;
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(poll(), "stalled");
+    }
 
     fn framed(len: u32) -> Vec<u8> {
         let mut v = vec![0];

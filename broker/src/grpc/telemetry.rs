@@ -200,6 +200,9 @@ pub(super) fn open(
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(client = %session.client_id, error = %e, "telemetry stream failed");
+                    // The call ends with the reason (a message cut off by
+                    // the frame timeout, say), not with OK.
+                    let _ = session.out.try_send(Err(e));
                     break;
                 }
             }
