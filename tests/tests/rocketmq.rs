@@ -1215,6 +1215,14 @@ fn fed_call(
     (tx, answer)
 }
 
+/// The end of a [`fed_call`], waited for at most 10 s (`what` says which).
+async fn call_end(answer: tokio::task::JoinHandle<Ended>, what: &str) -> Ended {
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no end within 10 s"))
+        .expect("the call's task")
+}
+
 /// A SendMessage request of one message to `topic`, as gRPC frames it.
 fn framed_send(topic: &str, body: &str) -> Vec<u8> {
     let request = pb::SendMessageRequest {
@@ -1260,10 +1268,7 @@ async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeo
         query_route(&grpc, topic).await.status.unwrap().code,
         pb::Code::Ok as i32
     );
-    let (code, message, ended) = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("the stalled call is ended")
-        .unwrap();
+    let (code, message, ended) = call_end(answer, "the stalled call is ended").await;
     let took = ended - began;
     assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
     assert!(message.contains("--frame-timeout"), "{message}");
@@ -1283,10 +1288,7 @@ async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeo
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    let (code, message, ended) = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("the trickled call is ended")
-        .unwrap();
+    let (code, message, ended) = call_end(answer, "the trickled call is ended").await;
     assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
     assert!(ended - began >= TIMEOUT, "ended after {:?}", ended - began);
     feeding.abort();
@@ -1296,10 +1298,7 @@ async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeo
     let (telemetry, answer) = fed_call(&channel, &grpc, "Telemetry");
     let began = std::time::Instant::now();
     telemetry.send(vec![0, 0, 0, 0, 0, 0, 0, 0].into()).unwrap();
-    let (code, message, ended) = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("the stalled stream is ended")
-        .unwrap();
+    let (code, message, ended) = call_end(answer, "the stalled stream is ended").await;
     assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
     assert!(ended - began >= TIMEOUT, "ended after {:?}", ended - began);
     drop(telemetry);
@@ -1310,10 +1309,7 @@ async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeo
     tokio::time::sleep(TIMEOUT * 2).await;
     late.send(framed_send(topic, "late").into()).unwrap();
     drop(late);
-    let (code, message, _) = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (code, message, _) = call_end(answer, "answered").await;
     assert_eq!(code, "0", "served: {message}");
 
     // Slow, but whole within the timeout: served, on the same connection.
@@ -1323,10 +1319,7 @@ async fn a_grpc_message_stalled_mid_way_ends_only_its_call_after_the_frame_timeo
     tokio::time::sleep(TIMEOUT / 3).await;
     slow.send(slow_message[3..].to_vec().into()).unwrap();
     drop(slow);
-    let (code, message, _) = tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("answered")
-        .unwrap();
+    let (code, message, _) = call_end(answer, "answered").await;
     assert_eq!(code, "0", "served: {message}");
 
     let log = running.broker.log_text();
