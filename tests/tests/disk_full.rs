@@ -223,3 +223,108 @@ fn a_write_that_fails_on_a_full_disk_does_not_stop_the_store() {
 
     drop(site);
 }
+
+/// The slave of broker-a, as `txmq --output json cluster` shows it: its
+/// lag in bytes (`None` when not known) and whether it is in sync.
+fn slave_row(ns: &str) -> Option<(Option<u64>, bool)> {
+    let out = txmq_cli(ns, &["--output", "json", "cluster"], None);
+    txmq_tests::json_lines(&out.stdout)
+        .into_iter()
+        .find(|b| b["role"] == "slave")
+        .map(|s| {
+            (
+                s["replication_lag_bytes"].as_u64(),
+                s["in_sync"].as_bool().unwrap_or(false),
+            )
+        })
+}
+
+/// Waits (up to 15 s) until `txmq cluster` shows the slave so.
+fn wait_slave(ns: &str, what: &str, ok: impl Fn(Option<u64>, bool) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let row = slave_row(ns);
+        if row.is_some_and(|(lag, in_sync)| ok(lag, in_sync)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: the slave is {row:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A slave whose disk has less free than `--disk-free-limit` pauses
+/// replication, with a WARN line, instead of filling the disk, while its
+/// master takes sends on (async replication) and shows the slave's lag;
+/// once space is freed the slave catches up without a restart.
+#[test]
+fn a_slave_whose_disk_is_nearly_full_pauses_replication_until_space_is_freed() {
+    let Some(disk) = Tmpfs::mount("64m") else {
+        return;
+    };
+    let master_disk = tempfile::tempdir().unwrap();
+    let site = start(
+        master_disk.path().join("data"),
+        &["--segment-size", "8MiB"],
+        "first",
+    );
+    let ns = site.nameserver.addr.clone();
+    // The slave's data on the small disk, its log beside the master's.
+    let slave_data = disk.path().join("slave");
+    std::fs::create_dir(&slave_data).unwrap();
+    let link = site._logs.path().join("slave");
+    std::os::unix::fs::symlink(&slave_data, &link).unwrap();
+    let master_addr = site.broker.addr.clone();
+    let slave = BrokerProcess::start(
+        &link,
+        &ns,
+        "broker-a",
+        &[
+            "--role",
+            "slave",
+            "--master-addr",
+            &master_addr,
+            "--disk-free-limit",
+            "16MiB",
+            "--segment-size",
+            "8MiB",
+        ],
+    );
+    wait_slave(&ns, "caught up at first", |lag, in_sync| {
+        lag == Some(0) && in_sync
+    });
+
+    let filler = disk.path().join("filler");
+    fill(&filler, 4 << 20);
+    // The slave looks at its disk every 250 ms.
+    std::thread::sleep(Duration::from_millis(600));
+    let body = "b".repeat(64 << 10);
+    for _ in 0..8 {
+        let out = txmq_cli(&ns, &["send", "full", "--body", &body], None);
+        assert!(
+            out.status.success(),
+            "the master takes sends: {}",
+            text(&out)
+        );
+    }
+    wait_slave(&ns, "behind while its disk is full", |lag, _| {
+        lag.is_some_and(|l| l > 0)
+    });
+    let log = slave.log_text();
+    assert!(
+        log.contains("the disk is nearly full")
+            && log.contains("replication paused until there is room"),
+        "{log}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_slave(&ns, "caught up after space was freed", |lag, in_sync| {
+        lag == Some(0) && in_sync
+    });
+    let log = slave.log_text();
+    assert!(
+        log.contains("disk space freed: replication goes on"),
+        "{log}"
+    );
+    drop(slave);
+    drop(site);
+}

@@ -29,6 +29,10 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Why a session with the master ended.
+/// How often a slave whose disk is below `--disk-free-limit` looks again
+/// (the flusher looks at the disk every 250 ms).
+const DISK_RECHECK: Duration = Duration::from_millis(250);
+
 enum Stop {
     /// Shutting down.
     Shutdown,
@@ -355,6 +359,31 @@ async fn session(b: &BrokerInner, master: &str, tail: &mut Tail) -> Result<(), S
             last: Some(last),
         };
         next = Box::pin(conn.call(fetch_request(b, asked)));
+        if let Some(low) = b.store.disk_low() {
+            // The room left is what the queues, the index and a restart
+            // need: replication waits, and the master counts this slave
+            // out of sync once it falls behind.
+            tracing::warn!(%master, "{low}: replication paused until there is room");
+            let stopped = loop {
+                tokio::select! {
+                    () = tokio::time::sleep(DISK_RECHECK) => {}
+                    _ = b.shutdown.cancelled() => break Some(Stop::Shutdown),
+                    Ok(()) = async {
+                        match master_changed.as_mut() {
+                            Some(rx) => rx.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => break Some(Stop::Retry("the controller named another master".into())),
+                }
+                if b.store.disk_low().is_none() {
+                    tracing::info!(%master, "disk space freed: replication goes on");
+                    break None;
+                }
+            };
+            if let Some(stop) = stopped {
+                break Err(stop);
+            }
+        }
         let appended = match b.store.append_replicated(data.pos, data.data).await {
             Ok(a) => a,
             Err(e) => {

@@ -485,6 +485,21 @@ pub(crate) struct StoreInner {
 }
 
 impl StoreInner {
+    /// See [`Store::disk_low`].
+    fn disk_low(&self) -> Option<String> {
+        let limit = self.config.disk_free_limit;
+        let free = self.disk_free.load(Ordering::Relaxed);
+        (limit > 0 && free < limit).then(|| {
+            format!(
+                "the disk is nearly full: the file system holding {} has {} MiB free, below \
+                 --disk-free-limit ({} MiB)",
+                self.config.dir.display(),
+                free >> 20,
+                limit >> 20
+            )
+        })
+    }
+
     /// Wakes whoever waits for the log to grow (a master's replica
     /// fetches); nothing, not even a lock, when nobody does.
     fn announce_written(&self, end: u64) {
@@ -1723,6 +1738,13 @@ impl Store {
     pub fn disk_usage(&self) -> (usize, u64) {
         let log = &self.inner.log;
         (log.segments().len(), log.used_bytes(self.log_end()))
+    }
+
+    /// Whether the file system holding the store has less free than
+    /// `--disk-free-limit`, as the flusher last looked (every 250 ms): what
+    /// to say, or `None` when there is room (or no limit).
+    pub(crate) fn disk_low(&self) -> Option<String> {
+        self.inner.disk_low()
     }
 
     /// Bytes free on the file system holding the store, looked at now

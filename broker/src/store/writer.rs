@@ -1182,18 +1182,12 @@ impl Writer {
                 )));
             }
         }
-        let limit = self.store.config.disk_free_limit;
-        if new_data && limit > 0 {
-            let free = self.store.disk_free.load(Ordering::Relaxed);
-            if free < limit {
+        if new_data {
+            if let Some(low) = self.store.disk_low() {
                 return Err(StoreError::Full(format!(
-                    "the disk is nearly full: the file system holding {} has {} MiB free, below \
-                     --disk-free-limit ({} MiB); nothing was written. Free space on it (segments \
-                     older than --retention are deleted) or lower the limit: new messages are taken \
-                     again as soon as there is room",
-                    self.store.config.dir.display(),
-                    free >> 20,
-                    limit >> 20
+                    "{low}; nothing was written. Free space on it (segments older than \
+                     --retention are deleted) or lower the limit: new messages are taken again \
+                     as soon as there is room"
                 )));
             }
         }
