@@ -28,11 +28,11 @@ const FORWARD_EVERY: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Why a session with the master ended.
 /// How often a slave whose disk is below `--disk-free-limit` looks again
 /// (the flusher looks at the disk every 250 ms).
 const DISK_RECHECK: Duration = Duration::from_millis(250);
 
+/// Why a session with the master ended.
 enum Stop {
     /// Shutting down.
     Shutdown,
