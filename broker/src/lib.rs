@@ -89,6 +89,16 @@ pub enum BrokerError {
     },
 }
 
+/// Takes one of `max` places counted by `open` (`--max-connections`);
+/// false when all are taken. The caller gives it back with `fetch_sub`.
+pub(crate) fn take_slot(open: &std::sync::atomic::AtomicUsize, max: usize) -> bool {
+    use std::sync::atomic::Ordering;
+    open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        (n < max).then_some(n + 1)
+    })
+    .is_ok()
+}
+
 pub(crate) struct BrokerInner {
     pub(crate) config: BrokerConfig,
     pub(crate) advertised_addr: String,

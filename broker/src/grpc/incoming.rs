@@ -33,7 +33,7 @@ pub(super) fn accepted(
     listener: TcpListener,
     tcp: txmq_remoting::ConnectionConfig,
 ) -> impl Stream<Item = Result<Counted, std::convert::Infallible>> {
-    let state = (b, listener, Arc::new(tcp));
+    let state = (b, listener, tcp);
     futures_util::stream::unfold(state, |(b, listener, tcp)| async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -60,12 +60,7 @@ pub(super) fn accepted(
                 continue;
             }
             let max = b.config.max_connections;
-            let taken = b
-                .grpc_connections
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max).then_some(n + 1)
-                });
-            if taken.is_err() {
+            if !crate::take_slot(&b.grpc_connections, max) {
                 tracing::warn!(%peer, max, "gRPC connection refused: --max-connections reached; closed");
                 continue;
             }

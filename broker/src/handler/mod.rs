@@ -47,13 +47,7 @@ impl Service for BrokerService {
         // Counted once nothing else can refuse the hello: `closed` gives the
         // slot back for every greeted connection.
         let max = self.broker.config.max_connections;
-        let counted =
-            self.broker
-                .connections
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max).then_some(n + 1)
-                });
-        if counted.is_err() {
+        if !crate::take_slot(&self.broker.connections, max) {
             tracing::warn!(peer = %conn.peer_addr(), max, "connection refused: --max-connections reached");
             return Err(WireError::new(
                 ErrorCode::TooManyConnections,
