@@ -102,6 +102,8 @@ pub struct BrokerConfig {
     /// Where the RocketMQ 5 gRPC API is served (`crate::grpc`); `None`:
     /// not served.
     pub grpc_listen: Option<String>,
+    /// Calls (HTTP/2 streams) one gRPC connection may have open at once.
+    pub grpc_max_streams: u32,
     /// Keep the message index (`txmq msg show|find`; see the store's
     /// `index.rs`).
     pub message_index: bool,
@@ -253,6 +255,7 @@ impl BrokerConfig {
             security: SecurityConfig::default(),
             metrics_listen: None,
             grpc_listen: None,
+            grpc_max_streams: 128,
             message_index: true,
             network_threads: 0,
         }
@@ -326,6 +329,9 @@ impl BrokerConfig {
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1: 0 refuses every client".into());
+        }
+        if self.grpc_max_streams == 0 {
+            return Err("--grpc-max-streams must be at least 1: 0 refuses every gRPC call".into());
         }
         if self.max_message_size as u64 > self.segment_size / 2 {
             return Err("max message size must be at most half the segment size".into());
@@ -792,6 +798,11 @@ pub struct BrokerArgs {
     /// [default: not served].
     #[arg(long, env = "TXMQ_GRPC_LISTEN")]
     pub grpc_listen: Option<String>,
+    /// Calls (HTTP/2 streams) one gRPC connection may have open at once;
+    /// the broker announces it, so a client queues its calls past it, and
+    /// refuses a stream past it with REFUSED_STREAM [default: 128].
+    #[arg(long, env = "TXMQ_GRPC_MAX_STREAMS")]
+    pub grpc_max_streams: Option<u32>,
     /// Keep the message index by msg id and key, for `txmq msg show` and
     /// `txmq msg find`; false saves its writes (lookups are then refused;
     /// `txmq msg get` still works) [default: true].
@@ -1032,6 +1043,10 @@ impl BrokerArgs {
             },
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             grpc_listen: self.grpc_listen.or(file.grpc_listen),
+            grpc_max_streams: self
+                .grpc_max_streams
+                .or(file.grpc_max_streams)
+                .unwrap_or(d.grpc_max_streams),
             message_index: self
                 .message_index
                 .or(file.message_index)

@@ -1797,8 +1797,8 @@ fn a_corrupt_config_file_is_a_clear_error_and_exit_2() {
 /// A setting that would start a broker serving nobody is refused as
 /// impossible, naming its flag, from the flag, the environment and the
 /// config file alike: `--max-connections 0` refused every client
-/// (TOO_MANY_CONNECTIONS), `--max-message-size 0` every message with a
-/// body.
+/// (TOO_MANY_CONNECTIONS), `--grpc-max-streams 0` every gRPC call,
+/// `--max-message-size 0` every message with a body.
 #[test]
 fn settings_that_make_a_broker_serve_nobody_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1812,6 +1812,13 @@ fn settings_that_make_a_broker_serve_nobody_are_refused() {
             "0",
             "max_connections = 0",
             "--max-connections must be at least 1",
+        ),
+        (
+            "--grpc-max-streams",
+            "TXMQ_GRPC_MAX_STREAMS",
+            "0",
+            "grpc_max_streams = 0",
+            "--grpc-max-streams must be at least 1",
         ),
         (
             "--max-message-size",

@@ -1427,6 +1427,139 @@ async fn grpc_connections_past_the_limit_are_closed_and_a_freed_slot_is_taken() 
     cluster.shutdown().await;
 }
 
+/// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and
+/// payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The request headers of a gRPC call of `rpc`, HPACK-encoded without
+/// the dynamic table (static-table names, literal values).
+fn h2_call_headers(authority: &str, rpc: &str) -> Vec<u8> {
+    let path = format!("/apache.rocketmq.v2.MessagingService/{rpc}");
+    // :method POST and :scheme http are indexed fields of the static table.
+    let mut block = vec![0x83, 0x86];
+    let mut literal = |name: &[u8], value: &str| {
+        block.extend_from_slice(name);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    };
+    literal(&[0x04], &path); // :path
+    literal(&[0x01], authority); // :authority
+    literal(&[0x0f, 0x10], "application/grpc"); // content-type (index 31)
+    literal(&[0x00, 0x02, b't', b'e'], "trailers");
+    block
+}
+
+/// `--grpc-max-streams`: the broker announces the limit in its HTTP/2
+/// settings; a client that keeps to it queues its calls past it (the next
+/// one is served once one of them ends), and a stream opened past it
+/// anyway is refused with REFUSED_STREAM, while the connection and the
+/// others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_past_the_limit_wait_or_are_refused_and_the_connection_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cluster, ns, grpc, _running) = setup(&["--grpc-max-streams", "2"]).await;
+    let topic = "streams";
+
+    // A client that keeps to the limit: two calls held open (half a
+    // message each), a third waits, and is served once one of them ends.
+    let channel = served_connection(&grpc).await.expect("served");
+    let half = framed_send(topic, "held");
+    let half = bytes::Bytes::from(half[..half.len() / 2].to_vec());
+    let (held, held_end) = fed_call(&channel, &grpc, "SendMessage");
+    held.send(half.clone()).unwrap();
+    let (other, other_end) = fed_call(&channel, &grpc, "SendMessage");
+    other.send(half).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = tokio::spawn(query_route_on(channel.clone(), topic));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!third.is_finished(), "the third call waits for a stream");
+    // Another connection is served meanwhile.
+    assert!(served_connection(&grpc).await.is_some());
+    // The held call ends (its body ends half-way): its stream is free.
+    drop(held);
+    let (code, message, _) = call_end(held_end, "the cut call ends").await;
+    assert_ne!(code, "0", "a half message is not taken: {message}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("the third call is served once a stream is free")
+        .unwrap()
+        .expect("answered");
+    assert_eq!(answer.status.unwrap().code, pb::Code::Ok as i32);
+    drop(other);
+    call_end(other_end, "the second cut call ends").await;
+
+    // A client that does not keep to it, in raw HTTP/2 frames.
+    let mut conn = tokio::net::TcpStream::connect(&grpc).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[])); // our SETTINGS: none
+    conn.write_all(&hello).await.unwrap();
+    // The next frame from the broker: its type, flags, stream and payload.
+    async fn read_frame(conn: &mut tokio::net::TcpStream) -> (u8, u8, u32, Vec<u8>) {
+        let mut header = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut header))
+            .await
+            .expect("a frame within 10 s")
+            .expect("the connection is open");
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let stream = u32::from_be_bytes(header[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        conn.read_exact(&mut payload).await.unwrap();
+        (header[3], header[4], stream, payload)
+    }
+    // The broker's SETTINGS (not the ACK of ours) announce the limit.
+    let announced = loop {
+        let (kind, flags, _, payload) = read_frame(&mut conn).await;
+        if kind == 0x4 && flags & 0x1 == 0 {
+            break payload
+                .chunks(6)
+                .find(|p| u16::from_be_bytes([p[0], p[1]]) == 0x3)
+                .map(|p| u32::from_be_bytes(p[2..6].try_into().unwrap()));
+        }
+    };
+    assert_eq!(announced, Some(2), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    conn.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap(); // ACK
+                                                                // Streams 1, 3 and 5 open (headers, no end of stream); only 5 is past
+                                                                // the limit.
+    let headers = h2_call_headers(&grpc, "SendMessage");
+    let mut opened = Vec::new();
+    for stream in [1, 3, 5] {
+        opened.extend(h2_frame(0x1, 0x4, stream, &headers)); // END_HEADERS
+    }
+    conn.write_all(&opened).await.unwrap();
+    let refused = loop {
+        let (kind, _, stream, payload) = read_frame(&mut conn).await;
+        if kind == 0x3 {
+            break (stream, u32::from_be_bytes(payload[..4].try_into().unwrap()));
+        }
+        assert_ne!(kind, 0x7, "GOAWAY: the connection was closed");
+    };
+    assert_eq!(refused, (5, 0x7), "RST_STREAM(REFUSED_STREAM) on stream 5");
+    // The connection goes on: a PING is answered.
+    conn.write_all(&h2_frame(0x6, 0, 0, b"txmq-pin"))
+        .await
+        .unwrap();
+    loop {
+        let (kind, flags, _, payload) = read_frame(&mut conn).await;
+        if kind == 0x6 && flags & 0x1 == 1 {
+            assert_eq!(payload, b"txmq-pin");
+            break;
+        }
+        assert_ne!(kind, 0x7, "GOAWAY: the connection was closed");
+    }
+    drop(conn);
+    // Nothing of the cut calls was stored, and the broker serves on.
+    txmq_send(&ns, topic, &["after"]).await;
+    let got = consume_all(&ns, topic, "streams-check", 1).await;
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["after"]);
+    cluster.shutdown().await;
+}
+
 /// An accept that fails (the broker out of file descriptors), on the gRPC
 /// port and on txmq's own, backs off instead of spinning a core, with a
 /// WARN line, and both serve again once descriptors are free.

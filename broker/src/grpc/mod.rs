@@ -63,6 +63,7 @@ pub(crate) async fn serve(
     let addr = listener.local_addr().ok();
     let limit = max_request(&b);
     let front_timeout = b.config.frame_timeout;
+    let max_streams = b.config.grpc_max_streams;
     let incoming = incoming::accepted(b.clone(), listener, tcp);
     let front = Front {
         b,
@@ -78,9 +79,11 @@ pub(crate) async fn serve(
     // status (UNIMPLEMENTED for a path the API lacks), not a closed socket.
     // TCP_NODELAY and keepalive are set by `incoming`, as on txmq's own
     // port (tonic's own settings are not applied to connections handed to
-    // it).
+    // it). Each open call may hold a request of up to `limit` bytes, so
+    // the streams of a connection are bounded (tonic's default is none).
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
+        .max_concurrent_streams(max_streams)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
