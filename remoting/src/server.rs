@@ -116,14 +116,27 @@ pub async fn serve_on(
                 }
                 drop(placed);
             }
-            Err(e) => {
-                // Running out of file descriptors, say: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            Err(e) => after_failed_accept(&e, "accept").await,
         }
     }
     info!(%addr, "stopped accepting connections");
+}
+
+/// How long an accept loop waits after an accept that failed.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// After an accept failed with `e` (`what` names it in the log): a
+/// connection gone before it was taken costs nothing, as the next one may
+/// be waiting already; any other error (out of file descriptors, say) is
+/// logged and waited out for [`ACCEPT_BACKOFF`] instead of spinning a core.
+pub async fn after_failed_accept(e: &std::io::Error, what: &str) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset};
+    if matches!(e.kind(), ConnectionAborted | ConnectionReset) {
+        tracing::debug!(error = %e, "connection gone before its {what}");
+        return;
+    }
+    warn!(error = %e, "{what} failed; trying again in {ACCEPT_BACKOFF:?}");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
 /// Threads that each run a single-threaded runtime and serve the

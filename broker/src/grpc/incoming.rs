@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,9 +22,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::BrokerInner;
-
-/// How long the loop waits after a failed accept.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The connections accepted on `listener`, within the broker's limit.
 pub(super) fn accepted(
@@ -38,20 +34,8 @@ pub(super) fn accepted(
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
-                // One connection gone before it was taken: the next one may
-                // be there already.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    tracing::debug!(error = %e, "gRPC connection gone before it was accepted");
-                    continue;
-                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed; trying again in 100ms");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    txmq_remoting::server::after_failed_accept(&e, "gRPC accept").await;
                     continue;
                 }
             };
