@@ -63,6 +63,8 @@ pub(crate) struct Flusher {
     page: u64,
     last_checkpoint: Instant,
     checkpoint_pos: Option<u64>,
+    /// Whether a step of the checkpoint failed since the last one written.
+    checkpoint_failing: Failing,
     last_disk_check: Instant,
 }
 
@@ -81,6 +83,7 @@ impl Flusher {
             page: page_size(),
             last_checkpoint: Instant::now(),
             checkpoint_pos: None,
+            checkpoint_failing: Failing::default(),
             last_disk_check: Instant::now(),
         };
         (f, tx)
@@ -315,12 +318,17 @@ impl Flusher {
         if let Some(index) = &self.store.index {
             // The index keeps its own durable point (see `index.rs`).
             if let Err(e) = index.sync() {
-                tracing::error!(error = %e, "cannot sync the message index");
+                self.checkpoint_failing
+                    .failed("cannot sync the message index", &e);
             }
         }
         for cq in &queues {
             if let Err(e) = cq.sync_if_dirty() {
-                tracing::error!(topic = %cq.topic, queue = cq.queue, error = %e, "cannot sync consume queue; checkpoint skipped");
+                let what = format!(
+                    "cannot sync consume queue {}/{}; checkpoint skipped",
+                    cq.topic, cq.queue
+                );
+                self.checkpoint_failing.failed(&what, &e);
                 return;
             }
         }
@@ -346,8 +354,37 @@ impl Flusher {
             pop,
         };
         match cp.store(&self.store.config.dir) {
-            Ok(()) => self.checkpoint_pos = Some(position),
-            Err(e) => tracing::error!(error = %e, "cannot write checkpoint"),
+            Ok(()) => {
+                self.checkpoint_pos = Some(position);
+                self.checkpoint_failing
+                    .worked("checkpoint written: its writes work again");
+            }
+            Err(e) => self
+                .checkpoint_failing
+                .failed("cannot write checkpoint", &e),
+        }
+    }
+}
+
+/// The checkpoint's steps fail the same way each interval while the disk
+/// is full: the first failure since the last checkpoint written is logged
+/// at ERROR, the next ones at DEBUG, and the next checkpoint written at
+/// INFO. Until then a restart replays the log from the last one written.
+#[derive(Default)]
+struct Failing(bool);
+
+impl Failing {
+    fn failed(&mut self, what: &str, e: &std::io::Error) {
+        if std::mem::replace(&mut self.0, true) {
+            tracing::debug!(error = %e, "{what} (again)");
+        } else {
+            tracing::error!(error = %e, "{what}; tried again each --checkpoint-interval, and logged again once it works");
+        }
+    }
+
+    fn worked(&mut self, what: &str) {
+        if std::mem::take(&mut self.0) {
+            tracing::info!("{what}");
         }
     }
 }
