@@ -711,6 +711,7 @@ async fn start_incarnation(
             inner.clone(),
             grpc,
             conn_config,
+            security.server.tls.clone(),
             shutdown.clone(),
         ));
     }

@@ -234,31 +234,8 @@ async fn handshake(
     token: CancellationToken,
     acl: Option<Arc<crate::acl::AclStore>>,
 ) {
-    let wait = config.hello_timeout;
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(wait, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
-            warn!(%peer, "plaintext (not TLS) connection to a TLS port; closing");
-            close_cleanly(stream).await;
-            return;
-        }
-        Ok(Ok(1)) => {}
-        Ok(Ok(_)) | Ok(Err(_)) => return,
-        Err(_) => {
-            warn!(%peer, "no TLS handshake in time; closing");
-            return;
-        }
-    }
-    let stream = match tokio::time::timeout(wait, tls.accept(stream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(%peer, error = %e, "TLS handshake failed; closing");
-            return;
-        }
-        Err(_) => {
-            warn!(%peer, "TLS handshake timed out; closing");
-            return;
-        }
+    let Some(stream) = tls_accept(&tls, stream, &peer, config.hello_timeout).await else {
+        return;
     };
     let cert_name = stream
         .get_ref()
@@ -275,6 +252,42 @@ async fn handshake(
         token,
         PeerAuth { cert_name, acl },
     );
+}
+
+/// The TLS handshake of an accepted connection, within `wait`; `None`
+/// (logged, the socket closed) when the peer speaks plaintext, sends no
+/// handshake in time or fails it.
+pub async fn tls_accept(
+    tls: &TlsServer,
+    stream: TcpStream,
+    peer: &str,
+    wait: Duration,
+) -> Option<crate::tls::TlsServerStream> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            warn!(%peer, "plaintext (not TLS) connection to a TLS port; closing");
+            close_cleanly(stream).await;
+            return None;
+        }
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) | Ok(Err(_)) => return None,
+        Err(_) => {
+            warn!(%peer, "no TLS handshake in time; closing");
+            return None;
+        }
+    }
+    match tokio::time::timeout(wait, tls.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "TLS handshake failed; closing");
+            None
+        }
+        Err(_) => {
+            warn!(%peer, "TLS handshake timed out; closing");
+            None
+        }
+    }
 }
 
 /// Reads what the peer sent (so the close is a FIN, not a reset) and

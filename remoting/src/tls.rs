@@ -112,9 +112,13 @@ fn cert_and_key(
 /// A server's TLS: what accepted sockets are wrapped in.
 #[derive(Clone)]
 pub struct TlsServer {
+    config: Arc<ServerConfig>,
     acceptor: tokio_rustls::TlsAcceptor,
     client_auth: bool,
 }
+
+/// A connection a [`TlsServer`] accepted.
+pub type TlsServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 impl std::fmt::Debug for TlsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,10 +177,25 @@ impl TlsServer {
         let config = builder
             .with_single_cert(chain, key)
             .map_err(|e| TlsSetupError::new("certificate file", &cert_path, e))?;
+        let config = Arc::new(config);
         Ok(TlsServer {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor: tokio_rustls::TlsAcceptor::from(config.clone()),
+            config,
             client_auth,
         })
+    }
+
+    /// The same server offering `protocols` in the handshake (ALPN, most
+    /// preferred first): `h2` for gRPC, whose clients ask for it.
+    pub fn with_alpn(&self, protocols: &[&[u8]]) -> TlsServer {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        let config = Arc::new(config);
+        TlsServer {
+            acceptor: tokio_rustls::TlsAcceptor::from(config.clone()),
+            config,
+            client_auth: self.client_auth,
+        }
     }
 
     /// Whether clients must present a certificate.
@@ -184,10 +203,7 @@ impl TlsServer {
         self.client_auth
     }
 
-    pub(crate) async fn accept(
-        &self,
-        stream: TcpStream,
-    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    pub(crate) async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsServerStream> {
         self.acceptor.accept(stream).await
     }
 }

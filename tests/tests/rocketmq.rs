@@ -11,7 +11,7 @@ use common::{start_broker, txmq};
 use serde_json::Value;
 use txmq_broker::rocketmq_v2 as pb;
 use txmq_tests::output::ok;
-use txmq_tests::{free_port, json_lines, rocketmq, BrokerProcess, Cluster};
+use txmq_tests::{free_port, json_lines, rocketmq, BrokerProcess, Cluster, NameserverProcess};
 
 /// The broker process of [`setup`] and its data directory (removed when
 /// dropped).
@@ -1425,6 +1425,66 @@ async fn grpc_connections_past_the_limit_are_closed_and_a_freed_slot_is_taken() 
     };
     drop((first, third));
     cluster.shutdown().await;
+}
+
+/// With `--tls-cert` and `--tls-key` the gRPC port serves TLS, as txmq's
+/// own port does: the official Python client, TLS on and trusting the
+/// broker's CA, sends a message that txmq's CLI reads over TLS; a
+/// plaintext gRPC client is closed, with a WARN line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_serves_tls_with_the_brokers_certificate() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let pki = txmq_tests::pki::Pki::new("txmq gRPC test CA");
+    let tls = pki.server_flags(&pki.issue("127.0.0.1"));
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = format!("127.0.0.1:{}", free_port());
+    let log = dir.path().join("nameserver.log");
+    let _nameserver = tokio::task::block_in_place(|| NameserverProcess::start(&ns, &tls, &log));
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--grpc-listen", &grpc, "--auto-create-topics"];
+    args.extend(&tls);
+    let data = dir.path().join("data");
+    let broker =
+        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &args));
+    let ca = pki.ca().display().to_string();
+
+    let (endpoint, ca_file) = (grpc.clone(), ca.clone());
+    let sent = tokio::task::spawn_blocking(move || {
+        rocketmq::python_json(
+            &python,
+            "secure_producer.py",
+            &[&endpoint, "rmq-tls", &ca_file],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(sent["id"].is_string(), "sent over TLS: {sent}");
+
+    assert!(
+        served_connection(&grpc).await.is_none(),
+        "a plaintext gRPC client is not served"
+    );
+    let log = broker.log_text();
+    assert!(
+        log.contains("plaintext (not TLS) connection to a TLS port"),
+        "{log}"
+    );
+    let got = tokio::task::spawn_blocking(move || {
+        txmq_tests::cli_consume(
+            &ns,
+            "rmq-tls",
+            "tls-check",
+            1,
+            "15s",
+            &["--from", "first", "--tls-ca", &ca],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["over-tls"]);
 }
 
 /// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and

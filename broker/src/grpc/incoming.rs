@@ -9,6 +9,9 @@
 //! - An accept that fails (the process out of file descriptors, say) backs
 //!   off for 100 ms with a `WARN` line, where tonic's loop would try again
 //!   at once and spin a core for as long as the condition lasts.
+//! - With `--tls-cert` and `--tls-key`, TLS (ALPN `h2`), the handshake
+//!   beside the loop as on txmq's own port; a plaintext client is closed
+//!   with a `WARN` line.
 
 use std::io;
 use std::pin::Pin;
@@ -16,45 +19,90 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use txmq_remoting::tls::{TlsServer, TlsServerStream};
 
 use crate::BrokerInner;
 
-/// The connections accepted on `listener`, within the broker's limit.
+/// The connections accepted on `listener`, within the broker's limit,
+/// through `tls`'s handshake when given. The loop stops once the stream is
+/// dropped (tonic drops it when it stops serving), closing the listener.
 pub(super) fn accepted(
     b: Arc<BrokerInner>,
     listener: TcpListener,
     tcp: txmq_remoting::ConnectionConfig,
+    tls: Option<TlsServer>,
 ) -> impl Stream<Item = Result<Counted, std::convert::Infallible>> {
-    let state = (b, listener, tcp);
-    futures_util::stream::unfold(state, |(b, listener, tcp)| async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    txmq_remoting::server::after_failed_accept(&e, "gRPC accept").await;
-                    continue;
-                }
-            };
-            if let Err(e) = txmq_remoting::prepare_tcp(&stream, &tcp) {
-                tracing::warn!(%peer, error = %e, "cannot set up accepted gRPC connection");
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(b, listener, tcp, tls, tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+async fn accept_loop(
+    b: Arc<BrokerInner>,
+    listener: TcpListener,
+    tcp: txmq_remoting::ConnectionConfig,
+    tls: Option<TlsServer>,
+    tx: mpsc::Sender<Counted>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = tx.closed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                txmq_remoting::server::after_failed_accept(&e, "gRPC accept").await;
                 continue;
             }
-            let max = b.config.max_connections;
-            if !crate::take_slot(&b.grpc_connections, max) {
-                tracing::warn!(%peer, max, "gRPC connection refused: --max-connections reached; closed");
-                continue;
-            }
-            let counted = Counted {
-                _slot: Slot(b.clone()),
-                stream,
-            };
-            return Some((Ok(counted), (b, listener, tcp)));
+        };
+        if let Err(e) = txmq_remoting::prepare_tcp(&stream, &tcp) {
+            tracing::warn!(%peer, error = %e, "cannot set up accepted gRPC connection");
+            continue;
         }
-    })
+        let max = b.config.max_connections;
+        if !crate::take_slot(&b.grpc_connections, max) {
+            tracing::warn!(%peer, max, "gRPC connection refused: --max-connections reached; closed");
+            continue;
+        }
+        // The slot is held through the handshake: handshakes under way
+        // count against the limit too.
+        let slot = Slot(b.clone());
+        match &tls {
+            None => {
+                let counted = Counted {
+                    io: Io::Plain(stream),
+                    _slot: slot,
+                };
+                if tx.send(counted).await.is_err() {
+                    return;
+                }
+            }
+            // The handshake runs beside the loop: a slow or silent peer
+            // holds up no one else.
+            Some(tls) => {
+                let (tls, tx, wait) = (tls.clone(), tx.clone(), tcp.hello_timeout);
+                tokio::spawn(async move {
+                    let peer = peer.to_string();
+                    let Some(stream) =
+                        txmq_remoting::server::tls_accept(&tls, stream, &peer, wait).await
+                    else {
+                        return;
+                    };
+                    let counted = Counted {
+                        io: Io::Tls(Box::new(stream)),
+                        _slot: slot,
+                    };
+                    let _ = tx.send(counted).await;
+                });
+            }
+        }
+    }
 }
 
 /// A gRPC connection's place among `--max-connections`, given back when
@@ -69,54 +117,81 @@ impl Drop for Slot {
 
 /// An accepted connection holding its slot.
 pub(super) struct Counted {
-    stream: TcpStream,
+    io: Io,
     _slot: Slot,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsServerStream>),
 }
 
 impl Connected for Counted {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+        match &self.io {
+            Io::Plain(s) => s.connect_info(),
+            Io::Tls(s) => s.get_ref().0.connect_info(),
+        }
     }
+}
+
+/// Calls `$call` on the connection's stream, plain or TLS.
+macro_rules! on_io {
+    ($self:ident, $s:ident => $call:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $call
+            }
+            Io::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for Counted {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        on_io!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Counted {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        on_io!(self, s => s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        on_io!(self, s => s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_io!(self, s => s.poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_io!(self, s => s.poll_shutdown(cx))
     }
 }

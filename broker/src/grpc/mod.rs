@@ -58,13 +58,17 @@ pub(crate) async fn serve(
     b: Arc<BrokerInner>,
     listener: tokio::net::TcpListener,
     tcp: txmq_remoting::ConnectionConfig,
+    tls: Option<txmq_remoting::TlsServer>,
     shutdown: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
     let limit = max_request(&b);
     let front_timeout = b.config.frame_timeout;
     let max_streams = b.config.grpc_max_streams;
-    let incoming = incoming::accepted(b.clone(), listener, tcp);
+    // gRPC runs over HTTP/2, which its clients ask for in the handshake.
+    let tls = tls.map(|t| t.with_alpn(&[b"h2", b"http/1.1"]));
+    let tls_on = tls.is_some();
+    let incoming = incoming::accepted(b.clone(), listener, tcp, tls);
     let front = Front {
         b,
         sessions: Arc::default(),
@@ -74,7 +78,7 @@ pub(crate) async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let service = stall::StallLimit::new(service, front_timeout);
-    tracing::info!(?addr, "serving the RocketMQ 5 gRPC API");
+    tracing::info!(?addr, tls = tls_on, "serving the RocketMQ 5 gRPC API");
     // HTTP/1.1 is accepted so that a client speaking it gets a gRPC
     // status (UNIMPLEMENTED for a path the API lacks), not a closed socket.
     // TCP_NODELAY and keepalive are set by `incoming`, as on txmq's own
