@@ -304,12 +304,6 @@ impl BrokerConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_network_threads(self.network_threads)
             .map_err(|e| format!("--network-threads {e}"))?;
-        if self.grpc_listen.is_some() && self.security.acl_file.is_some() {
-            return Err(
-                "--grpc-listen cannot be combined with --acl-file: the gRPC API does not authenticate yet, and would open a way around it"
-                    .into(),
-            );
-        }
         if self.broker_name.is_empty() || self.cluster.is_empty() {
             return Err("broker name and cluster must not be empty".into());
         }

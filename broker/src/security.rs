@@ -73,9 +73,15 @@ impl Security {
     /// Whether `conn`'s user may do `op` now, without logging a refusal:
     /// for choosing among connections (which producer gets a check-back).
     pub(crate) fn allows(&self, conn: &Connection, op: Op<'_>) -> bool {
+        self.allows_user(conn.user(), op)
+    }
+
+    /// Whether `user` may do `op` now, without logging a refusal (a gRPC
+    /// client's telemetry stream, say).
+    pub(crate) fn allows_user(&self, user: Option<&str>, op: Op<'_>) -> bool {
         match &self.server.acl {
             None => true,
-            Some(acl) => conn.user().is_some_and(|u| acl.current().allows(u, op)),
+            Some(acl) => user.is_some_and(|u| acl.current().allows(u, op)),
         }
     }
 

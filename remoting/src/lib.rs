@@ -28,7 +28,7 @@ pub mod metrics;
 pub mod server;
 pub mod tls;
 
-pub use acl::{auth_signature, AclStore, Credentials, Op, ServerSecurity};
+pub use acl::{auth_signature, shown_key, AclStore, Credentials, Op, ServerSecurity};
 pub use addr::check_host_port;
 pub use connection::{prepare_tcp, Connection, ConnectionConfig, Queued, Reply, Service};
 pub use tls::{TlsClient, TlsFiles, TlsServer, TlsSetupError};

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::acl::ServerSecurity;
 use crate::connection::{prepare_tcp, PeerAuth, Side, Stream};
-use crate::tls::{certificate_name, TlsServer};
+use crate::tls::TlsServer;
 use crate::{Connection, ConnectionConfig, Service};
 
 /// Accepts connections on `listener` and serves each with `service` until
@@ -237,12 +237,7 @@ async fn handshake(
     let Some(stream) = tls_accept(&tls, stream, &peer, config.hello_timeout).await else {
         return;
     };
-    let cert_name = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| certificate_name(c));
+    let cert_name = crate::tls::client_name(&stream);
     Connection::start(
         Stream::Tls(Box::new(stream)),
         peer,

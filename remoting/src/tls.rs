@@ -345,6 +345,17 @@ pub(crate) fn with_hint(text: String) -> String {
     }
 }
 
+/// The name on the certificate a TLS client presented (mutual TLS), which
+/// names its user: [`certificate_name`] of the first in its chain.
+pub fn client_name(stream: &TlsServerStream) -> Option<String> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| certificate_name(c))
+}
+
 /// The common name of a DER certificate's subject, else its first DNS
 /// subject alternative name.
 pub(crate) fn certificate_name(der: &[u8]) -> Option<String> {

@@ -126,13 +126,29 @@ enum Io {
     Tls(Box<TlsServerStream>),
 }
 
-impl Connected for Counted {
-    type ConnectInfo = TcpConnectInfo;
+/// What a call knows of its connection (in its request's extensions).
+#[derive(Clone, Debug)]
+pub(super) struct Peer {
+    /// The client's address.
+    pub(super) addr: Option<std::net::SocketAddr>,
+    /// The name on the certificate the client presented (mutual TLS).
+    pub(super) cert_name: Option<String>,
+}
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        match &self.io {
-            Io::Plain(s) => s.connect_info(),
-            Io::Tls(s) => s.get_ref().0.connect_info(),
+impl Connected for Counted {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        let (tcp, cert_name): (TcpConnectInfo, _) = match &self.io {
+            Io::Plain(s) => (s.connect_info(), None),
+            Io::Tls(s) => (
+                s.get_ref().0.connect_info(),
+                txmq_remoting::tls::client_name(s),
+            ),
+        };
+        Peer {
+            addr: tcp.remote_addr(),
+            cert_name,
         }
     }
 }

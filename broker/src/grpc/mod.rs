@@ -12,6 +12,7 @@
 //! (`status.rs`); an RPC txmq does not serve answers gRPC `UNIMPLEMENTED`
 //! naming it.
 
+mod auth;
 mod consume;
 mod convert;
 mod incoming;
@@ -25,6 +26,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+use txmq_remoting::Op;
 
 use crate::BrokerInner;
 pub(crate) use telemetry::Session;
@@ -120,12 +123,17 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::QueryRouteRequest>,
     ) -> Answer<pb::QueryRouteResponse> {
+        self.caller(&r)?;
         Ok(Response::new(
             route::query_route(&self.b, r.into_inner()).await,
         ))
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Answer<pb::HeartbeatResponse> {
+        let user = self.caller(&r)?;
+        if let Some(group) = r.get_ref().group.as_ref().filter(|g| !g.name.is_empty()) {
+            self.allow(user.as_deref(), Op::Group(&group.name))?;
+        }
         let client = client_id(&r);
         Ok(Response::new(route::heartbeat(
             &self.b,
@@ -138,6 +146,16 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::SendMessageRequest>,
     ) -> Answer<pb::SendMessageResponse> {
+        let user = self.caller(&r)?;
+        for m in &r.get_ref().messages {
+            let topic = m.topic.as_ref().map_or("", |t| t.name.as_str());
+            self.allow(user.as_deref(), Op::Pub(topic))?;
+            // A transactional send prepares under its topic as the group.
+            let kind = m.system_properties.as_ref().map(|p| p.message_type);
+            if kind == Some(pb::MessageType::Transaction as i32) {
+                self.allow(user.as_deref(), Op::Tx(topic))?;
+            }
+        }
         Ok(Response::new(send::send(self, r.into_inner()).await))
     }
 
@@ -145,6 +163,9 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::QueryAssignmentRequest>,
     ) -> Answer<pb::QueryAssignmentResponse> {
+        let user = self.caller(&r)?;
+        let (topic, group) = (&r.get_ref().topic, &r.get_ref().group);
+        self.allow_read(user.as_deref(), topic, Some(group))?;
         Ok(Response::new(route::query_assignment(
             &self.b,
             r.into_inner(),
@@ -157,6 +178,10 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::ReceiveMessageRequest>,
     ) -> Answer<Self::ReceiveMessageStream> {
+        let user = self.caller(&r)?;
+        let topic = r.get_ref().message_queue.as_ref().map(|q| &q.topic);
+        let topic = topic.unwrap_or(&None);
+        self.allow_read(user.as_deref(), topic, Some(&r.get_ref().group))?;
         let answers = consume::receive(self, r.into_inner()).await;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             answers.into_iter().map(Ok),
@@ -167,6 +192,8 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::AckMessageRequest>,
     ) -> Answer<pb::AckMessageResponse> {
+        let user = self.caller(&r)?;
+        self.allow_group(user.as_deref(), &r.get_ref().group)?;
         Ok(Response::new(consume::ack(self, r.into_inner()).await))
     }
 
@@ -174,6 +201,8 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Answer<pb::ForwardMessageToDeadLetterQueueResponse> {
+        let user = self.caller(&r)?;
+        self.allow_group(user.as_deref(), &r.get_ref().group)?;
         Ok(Response::new(
             consume::forward_to_dead_letters(self, r.into_inner()).await,
         ))
@@ -210,6 +239,8 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::EndTransactionRequest>,
     ) -> Answer<pb::EndTransactionResponse> {
+        let user = self.caller(&r)?;
+        self.allow_end(user.as_deref(), r.get_ref())?;
         let client = client_id(&r);
         Ok(Response::new(
             send::end_transaction(self, client, r.into_inner()).await,
@@ -222,13 +253,15 @@ impl MessagingService for Front {
         &self,
         r: Request<tonic::Streaming<pb::TelemetryCommand>>,
     ) -> Answer<Self::TelemetryStream> {
-        telemetry::open(self, r).map(Response::new)
+        let user = self.caller(&r)?;
+        telemetry::open(self, r, user).map(Response::new)
     }
 
     async fn notify_client_termination(
         &self,
         r: Request<pb::NotifyClientTerminationRequest>,
     ) -> Answer<pb::NotifyClientTerminationResponse> {
+        self.caller(&r)?;
         if let Some(client) = client_id(&r) {
             self.sessions.terminated(&self.b, &client);
         }
@@ -241,6 +274,8 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Answer<pb::ChangeInvisibleDurationResponse> {
+        let user = self.caller(&r)?;
+        self.allow_group(user.as_deref(), &r.get_ref().group)?;
         Ok(Response::new(
             consume::change_invisible(self, r.into_inner()).await,
         ))

@@ -74,8 +74,8 @@ where
         }
         let peer = request
             .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
+            .get::<super::incoming::Peer>()
+            .and_then(|p| p.addr);
         let rpc = request.uri().path_and_query().cloned();
         let timeout = self.timeout;
         self.inner.call(request.map(|body| {

@@ -56,11 +56,18 @@ pub(crate) struct Session {
     waiters: Mutex<HashMap<u64, oneshot::Sender<TxResolution>>>,
     /// The producer groups (topics) it joined.
     groups: Mutex<Vec<String>>,
+    /// The user it signed in as (`--acl-file`).
+    user: Option<String>,
 }
 
 impl Session {
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The user the stream signed in as (`None` without an ACL file).
+    pub(crate) fn user(&self) -> Option<&str> {
+        self.user.as_deref()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -163,12 +170,15 @@ fn leave_groups(b: &BrokerInner, s: &Session) {
 pub(super) fn open(
     f: &Front,
     r: Request<tonic::Streaming<pb::TelemetryCommand>>,
+    user: Option<String>,
 ) -> Result<Stream<pb::TelemetryCommand>, Status> {
     let client_id = super::client_id(&r).ok_or_else(|| {
         Status::invalid_argument("a telemetry stream needs the x-mq-client-id header")
     })?;
     let peer = r
-        .remote_addr()
+        .extensions()
+        .get::<super::incoming::Peer>()
+        .and_then(|p| p.addr)
         .map(|a| a.to_string())
         .unwrap_or_else(|| client_id.clone());
     let mut inbound = r.into_inner();
@@ -181,6 +191,7 @@ pub(super) fn open(
         closed: CancellationToken::new(),
         waiters: Mutex::default(),
         groups: Mutex::default(),
+        user,
     });
     if let Some(old) = lock(&f.sessions.by_client).insert(client_id, session.clone()) {
         old.closed.cancel();

@@ -175,7 +175,7 @@ fn pull_needs(
 }
 
 /// Reading `topic` (as `group` when named).
-fn read_needs(
+pub(crate) fn read_needs(
     topic: &str,
     group: Option<&str>,
     mut check: impl FnMut(Op<'_>) -> Result<(), WireError>,

@@ -1,7 +1,7 @@
 //! Requests the broker serves: one enum dispatches, one file per request
 //! holds its validation and handling.
 
-mod authorize;
+pub(crate) mod authorize;
 mod counters;
 mod dead_letters;
 pub(crate) mod group;

@@ -418,8 +418,9 @@ impl Transactions {
     fn check_back_connection(&self, group: &str, topics: &[String]) -> Option<Producer> {
         self.producers.pick(group, |p| match p {
             Producer::Conn(conn) => end_ops(group, topics).all(|op| self.security.allows(conn, op)),
-            // The front door serves no ACL (it refuses to start with one).
-            Producer::Grpc(_) => true,
+            Producer::Grpc(session) => {
+                end_ops(group, topics).all(|op| self.security.allows_user(session.user(), op))
+            }
         })
     }
 
