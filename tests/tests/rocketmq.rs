@@ -1589,6 +1589,63 @@ topics = { "other" = ["pub"] }
     assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["over-tls"]);
 }
 
+/// Under `--acl-file` a transaction of a RocketMQ client whose user has
+/// `tx` of the group (its topic) is checked back over its telemetry
+/// stream, as without an ACL file: the checker is asked twice and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_in_python_producer_is_checked_back_under_the_acl() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let pki = txmq_tests::pki::Pki::new("txmq gRPC ACL test CA");
+    let acl = pki.acl(
+        "acl.toml",
+        r#"
+[[user]]
+access_key = "carol"
+secret_key = "carol-secret"
+topics = { "rmq-acl-*" = ["pub", "sub"] }
+groups = { "rmq-acl-tx" = ["tx"], "acl-tx-check" = ["sub"] }
+"#,
+    );
+    let acl = acl.display().to_string();
+    let (cluster, ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
+    let sent = tokio::task::spawn_blocking(move || {
+        let args = [
+            &grpc,
+            "rmq-acl-plain",
+            "rmq-acl-tx",
+            "carol",
+            "carol-secret",
+        ];
+        rocketmq::python_json(&python, "producer.py", &args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sent["asked"],
+        serde_json::json!([["k-check"], ["k-check"]]),
+        "{sent}"
+    );
+    let got = tokio::task::spawn_blocking(move || {
+        let extra = [
+            "--from",
+            "first",
+            "--access-key",
+            "carol",
+            "--secret-key",
+            "carol-secret",
+        ];
+        txmq_tests::cli_consume(&ns, "rmq-acl-tx", "acl-tx-check", 2, "5s", &extra)
+    })
+    .await
+    .unwrap();
+    let mut bodies: Vec<&str> = got.iter().map(body).collect();
+    bodies.sort_unstable();
+    assert_eq!(bodies, ["checked", "committed"]);
+    cluster.shutdown().await;
+}
+
 /// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and
 /// payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {

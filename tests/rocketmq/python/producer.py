@@ -1,6 +1,6 @@
 """The official RocketMQ 5 Python producer against txmq's gRPC API.
 
-Usage: producer.py ENDPOINT TOPIC TX_TOPIC
+Usage: producer.py ENDPOINT TOPIC TX_TOPIC [ACCESS_KEY SECRET_KEY]
 
 Sends a normal message, three FIFO messages of one message group and a
 delayed message to TOPIC; then, on TX_TOPIC, commits one transaction,
@@ -17,7 +17,8 @@ from rocketmq import (ClientConfiguration, Credentials, Message, Producer,
                       TransactionChecker, TransactionResolution)
 
 endpoint, topic, tx_topic = sys.argv[1:4]
-config = ClientConfiguration(endpoint, Credentials())
+access_key, secret_key = (sys.argv[4:6] + ["", ""])[:2]
+config = ClientConfiguration(endpoint, Credentials(access_key, secret_key))
 checked = threading.Event()
 asked = []
 
