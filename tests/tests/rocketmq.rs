@@ -1646,6 +1646,69 @@ groups = { "rmq-acl-tx" = ["tx"], "acl-tx-check" = ["sub"] }
     cluster.shutdown().await;
 }
 
+/// Under `--acl-file` a check-back goes only to a RocketMQ client whose
+/// user has `tx` of the group (the topic): a client of a user with `pub`
+/// alone, publishing the topic, is asked nothing while the transaction
+/// waits; one whose user has `tx` is asked, and its commit ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_go_only_to_grpc_clients_whose_user_has_tx() {
+    let Some(python) = rocketmq::python() else {
+        return;
+    };
+    let pki = txmq_tests::pki::Pki::new("txmq gRPC ACL test CA");
+    let acl = pki.acl(
+        "acl.toml",
+        r#"
+[[user]]
+access_key = "carol"
+secret_key = "carol-secret"
+topics = { "rmq-deny-tx" = ["pub", "sub"] }
+groups = { "rmq-deny-tx" = ["tx"], "deny-check" = ["sub"] }
+
+[[user]]
+access_key = "dave"
+secret_key = "dave-secret"
+topics = { "rmq-deny-tx" = ["pub"] }
+"#,
+    );
+    let acl = acl.display().to_string();
+    let (cluster, ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
+    let topic = "rmq-deny-tx";
+    let carol = ["--access-key", "carol", "--secret-key", "carol-secret"];
+    // A transaction left open by a txmq producer of the group (the topic).
+    let mut args = vec!["tx", "send", topic, "--group", topic, "--body", "open"];
+    args.extend(["--key", "k-open", "--local", "unknown"]);
+    args.extend(carol);
+    ok(&txmq(&ns, &args, None).await);
+
+    let listen = |user: &'static str, seconds: &'static str| {
+        let (python, grpc) = (python.clone(), grpc.clone());
+        tokio::task::spawn_blocking(move || {
+            let secret = format!("{user}-secret");
+            let args = [grpc.as_str(), topic, seconds, user, &secret];
+            rocketmq::python_json(&python, "tx_listener.py", &args)
+        })
+    };
+    // Checks come every 300 ms once the transaction is 1 s old.
+    let dave = listen("dave", "3").await.unwrap();
+    assert_eq!(dave["asked"], serde_json::json!([]), "{dave}");
+    let carol_asked = listen("carol", "3").await.unwrap();
+    assert_eq!(
+        carol_asked["asked"][0],
+        serde_json::json!(["k-open"]),
+        "{carol_asked}"
+    );
+    let got = tokio::task::spawn_blocking(move || {
+        let mut extra = vec!["--from", "first"];
+        extra.extend(carol);
+        txmq_tests::cli_consume(&ns, topic, "deny-check", 1, "5s", &extra)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["open"]);
+    cluster.shutdown().await;
+}
+
 /// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and
 /// payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
