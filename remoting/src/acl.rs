@@ -277,7 +277,7 @@ impl Acl {
 
 /// The bytes of a hex string (either case); `None` if it is not one.
 fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())
