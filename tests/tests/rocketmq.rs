@@ -1427,6 +1427,73 @@ async fn grpc_connections_past_the_limit_are_closed_and_a_freed_slot_is_taken() 
     cluster.shutdown().await;
 }
 
+/// The bodies `group` reads from the first message of `topic` (`txmq
+/// consume --from first`, with `flags`: TLS, keys), sorted.
+async fn bodies_read(
+    ns: &str,
+    topic: &str,
+    group: &str,
+    count: usize,
+    flags: &[&str],
+) -> Vec<String> {
+    let (ns, topic, group) = (ns.to_string(), topic.to_string(), group.to_string());
+    let mut extra: Vec<String> = vec!["--from".into(), "first".into()];
+    extra.extend(flags.iter().map(|f| f.to_string()));
+    let got = tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        txmq_tests::cli_consume(&ns, &topic, &group, count, "10s", &extra)
+    })
+    .await
+    .unwrap();
+    let mut bodies: Vec<String> = got.iter().map(|m| body(m).to_string()).collect();
+    bodies.sort_unstable();
+    bodies
+}
+
+/// A CA for a test, and an ACL file of `users` (TOML) beside it.
+fn pki_with_acl(users: &str) -> (txmq_tests::pki::Pki, String) {
+    let pki = txmq_tests::pki::Pki::new("txmq gRPC ACL test CA");
+    let acl = pki.acl("acl.toml", users).display().to_string();
+    (pki, acl)
+}
+
+/// A nameserver and a broker serving TLS with a certificate of `pki`'s
+/// CA, on the gRPC port too (`--grpc-listen`, `--auto-create-topics`, and
+/// `extra`).
+struct TlsSite {
+    ns: String,
+    grpc: String,
+    /// The CA's certificate, for the clients.
+    ca: String,
+    broker: BrokerProcess,
+    _nameserver: NameserverProcess,
+    _dir: tempfile::TempDir,
+}
+
+fn tls_site(pki: &txmq_tests::pki::Pki, extra: &[&str]) -> TlsSite {
+    let tls = pki.server_flags(&pki.issue("127.0.0.1"));
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = format!("127.0.0.1:{}", free_port());
+    let log = dir.path().join("nameserver.log");
+    let nameserver = tokio::task::block_in_place(|| NameserverProcess::start(&ns, &tls, &log));
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--grpc-listen", &grpc, "--auto-create-topics"];
+    args.extend(&tls);
+    args.extend(extra);
+    let data = dir.path().join("data");
+    let broker =
+        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &args));
+    TlsSite {
+        ca: pki.ca().display().to_string(),
+        ns,
+        grpc,
+        broker,
+        _nameserver: nameserver,
+        _dir: dir,
+    }
+}
+
 /// With `--tls-cert` and `--tls-key` the gRPC port serves TLS, as txmq's
 /// own port does: the official Python client, TLS on and trusting the
 /// broker's CA, sends a message that txmq's CLI reads over TLS; a
@@ -1437,19 +1504,8 @@ async fn the_grpc_port_serves_tls_with_the_brokers_certificate() {
         return;
     };
     let pki = txmq_tests::pki::Pki::new("txmq gRPC test CA");
-    let tls = pki.server_flags(&pki.issue("127.0.0.1"));
-    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = format!("127.0.0.1:{}", free_port());
-    let log = dir.path().join("nameserver.log");
-    let _nameserver = tokio::task::block_in_place(|| NameserverProcess::start(&ns, &tls, &log));
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--grpc-listen", &grpc, "--auto-create-topics"];
-    args.extend(&tls);
-    let data = dir.path().join("data");
-    let broker =
-        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &args));
-    let ca = pki.ca().display().to_string();
+    let site = tls_site(&pki, &[]);
+    let (grpc, ca, ns) = (site.grpc.clone(), site.ca.clone(), site.ns.clone());
 
     let (endpoint, ca_file) = (grpc.clone(), ca.clone());
     let sent = tokio::task::spawn_blocking(move || {
@@ -1467,41 +1523,28 @@ async fn the_grpc_port_serves_tls_with_the_brokers_certificate() {
         served_connection(&grpc).await.is_none(),
         "a plaintext gRPC client is not served"
     );
-    let log = broker.log_text();
+    let log = site.broker.log_text();
     assert!(
         log.contains("plaintext (not TLS) connection to a TLS port"),
         "{log}"
     );
-    let got = tokio::task::spawn_blocking(move || {
-        txmq_tests::cli_consume(
-            &ns,
-            "rmq-tls",
-            "tls-check",
-            1,
-            "15s",
-            &["--from", "first", "--tls-ca", &ca],
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["over-tls"]);
+    let got = bodies_read(&ns, "rmq-tls", "tls-check", 1, &["--tls-ca", &ca]).await;
+    assert_eq!(got, ["over-tls"]);
 }
 
 /// With `--acl-file` every gRPC call signs in, as RocketMQ 5 clients do
 /// with an access key (an HMAC-SHA1 `authorization` header) and is held to
 /// the user's permissions: the official Python client, over TLS, sends as
-/// a user with `pub` on the topic; a wrong secret is refused as not
-/// authenticated, a user without `pub` as not permitted, a client without
-/// keys as not signed, each with a log line; txmq's CLI reads only the one
-/// message sent.
+/// a user with `pub` on the topic; a wrong secret and a client without
+/// keys are refused as not authenticated, a user without `pub` as not
+/// permitted (`PERMISSION_DENIED` naming the user and the topic), each with
+/// a log line; txmq's CLI reads only the one message sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_sign_in_with_access_keys_and_keep_to_the_acl() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let pki = txmq_tests::pki::Pki::new("txmq gRPC ACL test CA");
-    let acl = pki.acl(
-        "acl.toml",
+    let (pki, acl) = pki_with_acl(
         r#"
 [[user]]
 access_key = "alice"
@@ -1515,26 +1558,8 @@ secret_key = "bob-secret"
 topics = { "other" = ["pub"] }
 "#,
     );
-    let tls = pki.server_flags(&pki.issue("127.0.0.1"));
-    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = format!("127.0.0.1:{}", free_port());
-    let log = dir.path().join("nameserver.log");
-    let _nameserver = tokio::task::block_in_place(|| NameserverProcess::start(&ns, &tls, &log));
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let acl = acl.display().to_string();
-    let mut args = vec![
-        "--grpc-listen",
-        &grpc,
-        "--acl-file",
-        &acl,
-        "--auto-create-topics",
-    ];
-    args.extend(&tls);
-    let data = dir.path().join("data");
-    let broker =
-        tokio::task::block_in_place(|| BrokerProcess::start(&data, &ns, "broker-a", &args));
-    let ca = pki.ca().display().to_string();
+    let site = tls_site(&pki, &["--acl-file", &acl]);
+    let (grpc, ca, ns) = (site.grpc.clone(), site.ca.clone(), site.ns.clone());
     let send_as = |key: &str, secret: &str| {
         let (python, grpc, ca) = (python.clone(), grpc.clone(), ca.clone());
         let (key, secret) = (key.to_string(), secret.to_string());
@@ -1569,7 +1594,7 @@ topics = { "other" = ["pub"] }
             "{refused}"
         );
     }
-    let log = broker.log_text();
+    let log = site.broker.log_text();
     for line in [
         "gRPC call refused: authentication failed for access key 'alice': unknown access key or wrong secret",
         "gRPC call refused: the authorization header names no Credential",
@@ -1578,15 +1603,16 @@ topics = { "other" = ["pub"] }
         assert!(log.contains(line), "{line}: {log}");
     }
 
-    let got = tokio::task::spawn_blocking(move || {
-        let keys = ["--access-key", "alice", "--secret-key", "alice-secret"];
-        let mut extra = vec!["--from", "first", "--tls-ca", &ca];
-        extra.extend(keys);
-        txmq_tests::cli_consume(&ns, "rmq-acl", "acl-check", 1, "5s", &extra)
-    })
-    .await
-    .unwrap();
-    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["over-tls"]);
+    let alice = [
+        "--tls-ca",
+        &ca,
+        "--access-key",
+        "alice",
+        "--secret-key",
+        "alice-secret",
+    ];
+    let got = bodies_read(&ns, "rmq-acl", "acl-check", 1, &alice).await;
+    assert_eq!(got, ["over-tls"]);
 }
 
 /// Under `--acl-file` a transaction of a RocketMQ client whose user has
@@ -1597,9 +1623,7 @@ async fn a_signed_in_python_producer_is_checked_back_under_the_acl() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let pki = txmq_tests::pki::Pki::new("txmq gRPC ACL test CA");
-    let acl = pki.acl(
-        "acl.toml",
+    let (_pki, acl) = pki_with_acl(
         r#"
 [[user]]
 access_key = "carol"
@@ -1608,7 +1632,6 @@ topics = { "rmq-acl-*" = ["pub", "sub"] }
 groups = { "rmq-acl-tx" = ["tx"], "acl-tx-check" = ["sub"] }
 "#,
     );
-    let acl = acl.display().to_string();
     let (cluster, ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
     let sent = tokio::task::spawn_blocking(move || {
         let args = [
@@ -1627,22 +1650,9 @@ groups = { "rmq-acl-tx" = ["tx"], "acl-tx-check" = ["sub"] }
         serde_json::json!([["k-check"], ["k-check"]]),
         "{sent}"
     );
-    let got = tokio::task::spawn_blocking(move || {
-        let extra = [
-            "--from",
-            "first",
-            "--access-key",
-            "carol",
-            "--secret-key",
-            "carol-secret",
-        ];
-        txmq_tests::cli_consume(&ns, "rmq-acl-tx", "acl-tx-check", 2, "5s", &extra)
-    })
-    .await
-    .unwrap();
-    let mut bodies: Vec<&str> = got.iter().map(body).collect();
-    bodies.sort_unstable();
-    assert_eq!(bodies, ["checked", "committed"]);
+    let carol = ["--access-key", "carol", "--secret-key", "carol-secret"];
+    let got = bodies_read(&ns, "rmq-acl-tx", "acl-tx-check", 2, &carol).await;
+    assert_eq!(got, ["checked", "committed"]);
     cluster.shutdown().await;
 }
 
@@ -1655,9 +1665,7 @@ async fn check_backs_go_only_to_grpc_clients_whose_user_has_tx() {
     let Some(python) = rocketmq::python() else {
         return;
     };
-    let pki = txmq_tests::pki::Pki::new("txmq gRPC ACL test CA");
-    let acl = pki.acl(
-        "acl.toml",
+    let (_pki, acl) = pki_with_acl(
         r#"
 [[user]]
 access_key = "carol"
@@ -1671,7 +1679,6 @@ secret_key = "dave-secret"
 topics = { "rmq-deny-tx" = ["pub"] }
 "#,
     );
-    let acl = acl.display().to_string();
     let (cluster, ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
     let topic = "rmq-deny-tx";
     let carol = ["--access-key", "carol", "--secret-key", "carol-secret"];
@@ -1698,14 +1705,8 @@ topics = { "rmq-deny-tx" = ["pub"] }
         serde_json::json!(["k-open"]),
         "{carol_asked}"
     );
-    let got = tokio::task::spawn_blocking(move || {
-        let mut extra = vec!["--from", "first"];
-        extra.extend(carol);
-        txmq_tests::cli_consume(&ns, topic, "deny-check", 1, "5s", &extra)
-    })
-    .await
-    .unwrap();
-    assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["open"]);
+    let got = bodies_read(&ns, topic, "deny-check", 1, &carol).await;
+    assert_eq!(got, ["open"]);
     cluster.shutdown().await;
 }
 

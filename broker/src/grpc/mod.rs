@@ -65,6 +65,9 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
+    if let Some(addr) = &addr {
+        b.security.server.warn_if_open(addr, "the gRPC port");
+    }
     let limit = max_request(&b);
     let front_timeout = b.config.frame_timeout;
     let max_streams = b.config.grpc_max_streams;
