@@ -1571,14 +1571,14 @@ topics = { "other" = ["pub"] }
             )
         })
     };
-    let (alice, wrong, bob, anonymous) = tokio::join!(
-        send_as("alice", "alice-secret"),
+    // Alice first: the topic is made for a user who may send to it.
+    let alice = send_as("alice", "alice-secret").await.unwrap();
+    assert!(alice["id"].is_string(), "alice sends: {alice}");
+    let (wrong, bob, anonymous) = tokio::join!(
         send_as("alice", "not-her-secret"),
         send_as("bob", "bob-secret"),
         send_as("", ""),
     );
-    let alice = alice.unwrap();
-    assert!(alice["id"].is_string(), "alice sends: {alice}");
     // The client names the refusal of a send; one of its start (the route
     // query) it reports as a route it could not fetch: the log says why.
     let bob = bob.unwrap();
@@ -1708,6 +1708,225 @@ topics = { "rmq-deny-tx" = ["pub"] }
     let got = bodies_read(&ns, topic, "deny-check", 1, &carol).await;
     assert_eq!(got, ["open"]);
     cluster.shutdown().await;
+}
+
+/// `message` as a call of client `client` signed by `user` (whose secret
+/// is `USER-secret`), as RocketMQ 5 clients sign: the HMAC-SHA1 of the
+/// call's `x-mq-date-time`, in hex.
+fn signed<T>(message: T, user: &str, client: &str) -> tonic::Request<T> {
+    let date = "20261207T120000Z";
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{user}-secret").as_bytes(),
+    );
+    let signature: String = ring::hmac::sign(&key, date.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut r = tonic::Request::new(message);
+    let authorization = format!(
+        "MQv2-HMAC-SHA1 Credential={user}, SignedHeaders=x-mq-date-time, Signature={signature}"
+    );
+    let metadata = r.metadata_mut();
+    metadata.insert("x-mq-date-time", date.parse().unwrap());
+    metadata.insert("authorization", authorization.parse().unwrap());
+    metadata.insert("x-mq-client-id", client.parse().unwrap());
+    r
+}
+
+/// Under `--acl-file`, RPC by RPC, a user is held to what txmq's own port
+/// holds it to: a route query creates a topic only for a user who may
+/// send to it; receiving and acknowledging need `sub` of the topic and the
+/// group; ending a transaction needs `tx` of its group; a client id in use
+/// by another user's telemetry stream is refused, and another user's
+/// goodbye does not end that stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_grpc_call_is_held_to_its_users_permissions() {
+    let (_pki, acl) = pki_with_acl(
+        r#"
+[[user]]
+access_key = "alice"
+secret_key = "alice-secret"
+topics = { "orders" = ["pub", "sub"] }
+groups = { "orders" = ["tx"], "g" = ["sub"] }
+
+[[user]]
+access_key = "eve"
+secret_key = "eve-secret"
+topics = { "orders" = ["pub"] }
+groups = { "g" = ["sub"] }
+"#,
+    );
+    let (cluster, _ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
+    let channel = served_connection_unsigned(&grpc).await;
+    let mut rpc = pb::messaging_service_client::MessagingServiceClient::new(channel);
+    let denied = |answer: Result<tonic::Status, String>, says: &str| {
+        let status = answer.unwrap_or_else(|e| panic!("{says}: answered {e}"));
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+    };
+
+    // Route queries: a topic is made only for a user who may send to it.
+    let route = |topic: &str| pb::QueryRouteRequest {
+        topic: Some(resource(topic)),
+        endpoints: None,
+    };
+    let code = |r: pb::QueryRouteResponse| r.status.unwrap().code;
+    let eve_new = rpc.query_route(signed(route("eve-new"), "eve", "e1")).await;
+    assert_eq!(
+        code(eve_new.unwrap().into_inner()),
+        pb::Code::TopicNotFound as i32
+    );
+    let again = rpc
+        .query_route(signed(route("eve-new"), "alice", "a1"))
+        .await;
+    assert_eq!(
+        code(again.unwrap().into_inner()),
+        pb::Code::TopicNotFound as i32,
+        "not made"
+    );
+    let orders = rpc
+        .query_route(signed(route("orders"), "alice", "a1"))
+        .await;
+    assert_eq!(code(orders.unwrap().into_inner()), pb::Code::Ok as i32);
+
+    // Receiving and acknowledging: eve has the group, not the topic.
+    let receive = pb::ReceiveMessageRequest {
+        group: Some(resource("g")),
+        message_queue: Some(pb::MessageQueue {
+            topic: Some(resource("orders")),
+            ..Default::default()
+        }),
+        batch_size: 1,
+        invisible_duration: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let received = rpc.receive_message(signed(receive, "eve", "e1")).await;
+    denied(
+        received
+            .map(|_| "a stream".to_string())
+            .err()
+            .ok_or("served".into()),
+        "user 'eve' may not sub to topic 'orders'",
+    );
+    let ack = pb::AckMessageRequest {
+        group: Some(resource("g")),
+        topic: Some(resource("orders")),
+        entries: vec![pb::AckMessageEntry {
+            message_id: "01".into(),
+            receipt_handle: "p1-0-0-receipt".into(),
+            lite_topic: None,
+        }],
+    };
+    let acked = rpc.ack_message(signed(ack, "eve", "e1")).await;
+    denied(
+        acked.map(|r| format!("{r:?}")).err().ok_or("served".into()),
+        "user 'eve' may not sub to topic 'orders'",
+    );
+
+    // A transaction alice opened: eve may not end it, alice may.
+    let half = rmq_message("orders", "half", pb::MessageType::Transaction, None);
+    let sent = rpc
+        .send_message(signed(
+            pb::SendMessageRequest {
+                messages: vec![half],
+            },
+            "alice",
+            "a1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = &sent.entries[0];
+    let end = |resolution: pb::TransactionResolution| pb::EndTransactionRequest {
+        topic: Some(resource("orders")),
+        message_id: entry.message_id.clone(),
+        transaction_id: entry.transaction_id.clone(),
+        resolution: resolution as i32,
+        source: pb::TransactionSource::SourceClient as i32,
+        trace_context: String::new(),
+    };
+    let by_eve = rpc
+        .end_transaction(signed(
+            end(pb::TransactionResolution::Rollback),
+            "eve",
+            "e1",
+        ))
+        .await;
+    denied(
+        by_eve
+            .map(|r| format!("{r:?}"))
+            .err()
+            .ok_or("served".into()),
+        "user 'eve' may not tx as producer group 'orders'",
+    );
+    let by_alice = rpc
+        .end_transaction(signed(
+            end(pb::TransactionResolution::Commit),
+            "alice",
+            "a1",
+        ))
+        .await;
+    assert_eq!(
+        by_alice.unwrap().into_inner().status.unwrap().code,
+        pb::Code::Ok as i32
+    );
+
+    // Telemetry: alice's stream of client "a1" is hers.
+    let settings = pb::TelemetryCommand {
+        status: None,
+        command: Some(pb::telemetry_command::Command::Settings(pb::Settings {
+            client_type: Some(pb::ClientType::Producer as i32),
+            pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
+                topics: vec![resource("orders")],
+                ..Default::default()
+            })),
+            ..Default::default()
+        })),
+    };
+    use futures_util::StreamExt;
+    let stream = futures_util::stream::iter([settings]).chain(futures_util::stream::pending());
+    let mut alice = rpc
+        .telemetry(signed(stream, "alice", "a1"))
+        .await
+        .expect("alice's stream")
+        .into_inner();
+    alice
+        .message()
+        .await
+        .expect("settings answered")
+        .expect("a reply");
+    let eve_stream = futures_util::stream::pending::<pb::TelemetryCommand>();
+    let taken = rpc.telemetry(signed(eve_stream, "eve", "a1")).await;
+    denied(
+        taken
+            .map(|_| "a stream".to_string())
+            .err()
+            .ok_or("served".into()),
+        "client id 'a1' is in use by another user",
+    );
+    let goodbye = pb::NotifyClientTerminationRequest { group: None };
+    rpc.notify_client_termination(signed(goodbye, "eve", "a1"))
+        .await
+        .expect("answered");
+    let still = tokio::time::timeout(Duration::from_millis(500), alice.message()).await;
+    assert!(still.is_err(), "alice's stream goes on: {still:?}");
+    // The connection's streams end before the broker stops.
+    drop((alice, rpc));
+    cluster.shutdown().await;
+}
+
+/// A connection to the gRPC port.
+async fn served_connection_unsigned(grpc: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects")
 }
 
 /// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and

@@ -28,6 +28,9 @@ use crate::transaction::end_ops;
 
 const ALGORITHM: &str = "MQv2-HMAC-SHA1";
 const DATE_TIME: &str = "x-mq-date-time";
+/// The longest topic or group name a permission is checked for (names are
+/// at most 127 characters).
+const MAX_NAME: usize = 255;
 
 impl Front {
     /// The user call `r` comes from; `Ok(None)` without an ACL file.
@@ -42,7 +45,13 @@ impl Front {
         let peer = r.extensions().get::<Peer>();
         let refused = |why: String| {
             let addr = peer.and_then(|p| p.addr);
-            tracing::warn!(peer = ?addr, "gRPC call refused: {why}");
+            // A connection's calls may all be refused, 128 at a time: the
+            // first is logged at WARN, the others at DEBUG.
+            if peer.is_none_or(Peer::first_refusal) {
+                tracing::warn!(peer = ?addr, "gRPC call refused: {why} (the connection's next refusals are logged at DEBUG)");
+            } else {
+                tracing::debug!(peer = ?addr, "gRPC call refused: {why}");
+            }
             Status::unauthenticated(format!("{why} (the broker's --acl-file is in force)"))
         };
         let Some(header) = r.metadata().get("authorization") else {
@@ -79,6 +88,9 @@ impl Front {
     /// `PERMISSION_DENIED` naming the user, the operation and the resource
     /// (logged).
     pub(super) fn allow(&self, user: Option<&str>, op: Op<'_>) -> Result<(), Status> {
+        if let Op::Pub(name) | Op::Sub(name) | Op::Group(name) | Op::Tx(name) = op {
+            short(name)?;
+        }
         self.refusal(self.b.security.server.check(user, op))
     }
 }
@@ -94,19 +106,11 @@ impl Front {
         let name =
             |r: &Option<pb::Resource>| r.as_ref().map_or("", |r| r.name.as_str()).to_string();
         let (topic, group) = (name(topic), group.map(name));
+        short(&topic)?;
+        group.as_deref().map_or(Ok(()), short)?;
         self.refusal(read_needs(&topic, group.as_deref(), |op| {
             self.b.security.server.check(user, op)
         }))
-    }
-
-    /// Acting as consumer group `group` (acks, invisible times, dead letters).
-    pub(super) fn allow_group(
-        &self,
-        user: Option<&str>,
-        group: &Option<pb::Resource>,
-    ) -> Result<(), Status> {
-        let group = group.as_ref().map_or("", |g| g.name.as_str());
-        self.allow(user, Op::Group(group))
     }
 
     /// Ending a transaction: `tx` of its producer group and `pub` on its
@@ -122,6 +126,7 @@ impl Front {
             return Ok(());
         }
         let topic = r.topic.as_ref().map_or("", |t| t.name.as_str()).to_string();
+        short(&topic)?;
         let tx_id = r.transaction_id.parse::<u64>().ok();
         let tx = &self.b.transactions;
         let (group, topics) = match tx_id {
@@ -138,6 +143,19 @@ impl Front {
     fn refusal(&self, checked: Result<(), txmq_protocol::WireError>) -> Result<(), Status> {
         checked.map_err(|e| Status::permission_denied(e.message))
     }
+}
+
+/// Refuses a name too long to be one (names are checked for permissions
+/// before the handlers check them), before a log line or an answer
+/// carries it.
+fn short(name: &str) -> Result<(), Status> {
+    if name.len() > MAX_NAME {
+        return Err(Status::invalid_argument(format!(
+            "a topic or group name of {} bytes; at most {MAX_NAME}",
+            name.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The access key and the signature of an `authorization` header.

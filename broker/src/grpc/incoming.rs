@@ -133,6 +133,16 @@ pub(super) struct Peer {
     pub(super) addr: Option<std::net::SocketAddr>,
     /// The name on the certificate the client presented (mutual TLS).
     pub(super) cert_name: Option<String>,
+    /// Whether a call of the connection was refused as not signed in.
+    refused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Peer {
+    /// Whether this is the connection's first call refused as not signed
+    /// in (the next ones are logged at DEBUG).
+    pub(super) fn first_refusal(&self) -> bool {
+        !self.refused.swap(true, Ordering::Relaxed)
+    }
 }
 
 impl Connected for Counted {
@@ -149,6 +159,7 @@ impl Connected for Counted {
         Peer {
             addr: tcp.remote_addr(),
             cert_name,
+            refused: Arc::default(),
         }
     }
 }

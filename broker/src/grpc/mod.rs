@@ -67,6 +67,9 @@ pub(crate) async fn serve(
     let addr = listener.local_addr().ok();
     if let Some(addr) = &addr {
         b.security.server.warn_if_open(addr, "the gRPC port");
+        if tls.is_none() && b.security.server.authenticates() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the gRPC port listens beyond loopback without TLS: a RocketMQ client's signature covers only its call's date-time, so a signed header seen on the network can be sent again (give --tls-cert/--tls-key)");
+        }
     }
     let limit = max_request(&b);
     let front_timeout = b.config.frame_timeout;
@@ -126,9 +129,13 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::QueryRouteRequest>,
     ) -> Answer<pb::QueryRouteResponse> {
-        self.caller(&r)?;
+        let user = self.caller(&r)?;
+        // A topic is created on first use for a user who may send to it,
+        // as a send on txmq's own port creates it (others find none).
+        let topic = r.get_ref().topic.as_ref().map_or("", |t| t.name.as_str());
+        let may_create = self.b.security.allows_user(user.as_deref(), Op::Pub(topic));
         Ok(Response::new(
-            route::query_route(&self.b, r.into_inner()).await,
+            route::query_route(&self.b, r.into_inner(), may_create).await,
         ))
     }
 
@@ -196,7 +203,8 @@ impl MessagingService for Front {
         r: Request<pb::AckMessageRequest>,
     ) -> Answer<pb::AckMessageResponse> {
         let user = self.caller(&r)?;
-        self.allow_group(user.as_deref(), &r.get_ref().group)?;
+        let (topic, group) = (&r.get_ref().topic, &r.get_ref().group);
+        self.allow_read(user.as_deref(), topic, Some(group))?;
         Ok(Response::new(consume::ack(self, r.into_inner()).await))
     }
 
@@ -205,7 +213,8 @@ impl MessagingService for Front {
         r: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Answer<pb::ForwardMessageToDeadLetterQueueResponse> {
         let user = self.caller(&r)?;
-        self.allow_group(user.as_deref(), &r.get_ref().group)?;
+        let (topic, group) = (&r.get_ref().topic, &r.get_ref().group);
+        self.allow_read(user.as_deref(), topic, Some(group))?;
         Ok(Response::new(
             consume::forward_to_dead_letters(self, r.into_inner()).await,
         ))
@@ -264,9 +273,9 @@ impl MessagingService for Front {
         &self,
         r: Request<pb::NotifyClientTerminationRequest>,
     ) -> Answer<pb::NotifyClientTerminationResponse> {
-        self.caller(&r)?;
+        let user = self.caller(&r)?;
         if let Some(client) = client_id(&r) {
-            self.sessions.terminated(&self.b, &client);
+            self.sessions.terminated(&self.b, &client, user.as_deref());
         }
         Ok(Response::new(pb::NotifyClientTerminationResponse {
             status: Some(status::ok()),
@@ -278,7 +287,8 @@ impl MessagingService for Front {
         r: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> Answer<pb::ChangeInvisibleDurationResponse> {
         let user = self.caller(&r)?;
-        self.allow_group(user.as_deref(), &r.get_ref().group)?;
+        let (topic, group) = (&r.get_ref().topic, &r.get_ref().group);
+        self.allow_read(user.as_deref(), topic, Some(group))?;
         Ok(Response::new(
             consume::change_invisible(self, r.into_inner()).await,
         ))

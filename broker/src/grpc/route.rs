@@ -56,9 +56,12 @@ fn queues(
         .collect()
 }
 
+/// The route of the topic `r` names; a topic not there yet is created
+/// first when the broker creates topics on first use and `may_create`.
 pub(super) async fn query_route(
     b: &BrokerInner,
     r: pb::QueryRouteRequest,
+    may_create: bool,
 ) -> pb::QueryRouteResponse {
     let name = r.topic.map(|t| t.name).unwrap_or_default();
     let answer = |status, message_queues| pb::QueryRouteResponse {
@@ -68,7 +71,12 @@ pub(super) async fn query_route(
     if let Err(e) = validate_topic_name(&name) {
         return answer(status::new(pb::Code::IllegalTopic, e), Vec::new());
     }
-    match front::topic(b, &name).await {
+    let found = match b.topics.get(&name) {
+        Some(config) => Ok(config),
+        None if may_create => front::topic(b, &name).await,
+        None => Err(crate::handler::unknown_topic(b, &name)),
+    };
+    match found {
         Ok(config) => {
             let queues = queues(b, &config, r.endpoints);
             answer(status::ok(), queues)

@@ -150,9 +150,16 @@ impl Sessions {
         })
     }
 
-    /// The client said goodbye (NotifyClientTermination).
-    pub(super) fn terminated(&self, b: &BrokerInner, client: &str) {
-        let session = lock(&self.by_client).remove(client);
+    /// The client said goodbye (NotifyClientTermination), as `user`: a
+    /// stream of another user's is left alone.
+    pub(super) fn terminated(&self, b: &BrokerInner, client: &str, user: Option<&str>) {
+        let session = {
+            let mut all = lock(&self.by_client);
+            match all.get(client) {
+                Some(s) if s.user() == user => all.remove(client),
+                _ => None,
+            }
+        };
         if let Some(s) = session {
             s.closed.cancel();
             leave_groups(b, &s);
@@ -193,8 +200,21 @@ pub(super) fn open(
         groups: Mutex::default(),
         user,
     });
-    if let Some(old) = lock(&f.sessions.by_client).insert(client_id, session.clone()) {
-        old.closed.cancel();
+    {
+        // A client id is one client's: another user's stream does not
+        // replace its stream (nor take its check-backs).
+        let mut all = lock(&f.sessions.by_client);
+        if let Some(old) = all.get(&client_id) {
+            if old.user != session.user {
+                return Err(Status::permission_denied(format!(
+                    "client id '{}' is in use by another user's telemetry stream",
+                    txmq_remoting::shown_key(&client_id)
+                )));
+            }
+        }
+        if let Some(old) = all.insert(client_id, session.clone()) {
+            old.closed.cancel();
+        }
     }
     let b = f.b.clone();
     let sessions = f.sessions.clone();

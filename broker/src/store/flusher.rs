@@ -315,11 +315,13 @@ impl Flusher {
         if self.flushed < position {
             return;
         }
+        let mut index_failed = false;
         if let Some(index) = &self.store.index {
             // The index keeps its own durable point (see `index.rs`).
             if let Err(e) = index.sync() {
                 self.checkpoint_failing
                     .failed("cannot sync the message index", &e);
+                index_failed = true;
             }
         }
         for cq in &queues {
@@ -356,8 +358,11 @@ impl Flusher {
         match cp.store(&self.store.config.dir) {
             Ok(()) => {
                 self.checkpoint_pos = Some(position);
-                self.checkpoint_failing
-                    .worked("checkpoint written: its writes work again");
+                // Back to normal once a round had no failure at all.
+                if !index_failed {
+                    self.checkpoint_failing
+                        .worked("checkpoint written: its writes work again");
+                }
             }
             Err(e) => self
                 .checkpoint_failing
