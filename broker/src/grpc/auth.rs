@@ -44,13 +44,14 @@ impl Front {
         let acl = acl.current();
         let peer = r.extensions().get::<Peer>();
         let refused = |why: String| {
-            let addr = peer.and_then(|p| p.addr);
+            let addr = peer.and_then(|p| p.addr).map(|a| a.to_string());
+            let addr = addr.unwrap_or_default();
             // A connection's calls may all be refused, 128 at a time: the
             // first is logged at WARN, the others at DEBUG.
             if peer.is_none_or(Peer::first_refusal) {
-                tracing::warn!(peer = ?addr, "gRPC call refused: {why} (the connection's next refusals are logged at DEBUG)");
+                tracing::warn!(peer = %addr, "gRPC call refused: {why} (the connection's next refusals are logged at DEBUG)");
             } else {
-                tracing::debug!(peer = ?addr, "gRPC call refused: {why}");
+                tracing::debug!(peer = %addr, "gRPC call refused: {why}");
             }
             Status::unauthenticated(format!("{why} (the broker's --acl-file is in force)"))
         };
