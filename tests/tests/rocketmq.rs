@@ -1538,7 +1538,8 @@ async fn the_grpc_port_serves_tls_with_the_brokers_certificate() {
 /// a user with `pub` on the topic; a wrong secret and a client without
 /// keys are refused as not authenticated, a user without `pub` as not
 /// permitted (`PERMISSION_DENIED` naming the user and the topic), each with
-/// a log line; txmq's CLI reads only the one message sent.
+/// a log line; the Node.js client sends as alice too (its signature in
+/// upper-case hex); txmq's CLI reads only the messages alice sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_sign_in_with_access_keys_and_keep_to_the_acl() {
     let Some(python) = rocketmq::python() else {
@@ -1574,6 +1575,19 @@ topics = { "other" = ["pub"] }
     // Alice first: the topic is made for a user who may send to it.
     let alice = send_as("alice", "alice-secret").await.unwrap();
     assert!(alice["id"].is_string(), "alice sends: {alice}");
+    // The Node.js client signs in hex of upper case, over TLS too.
+    let mut node_sent = false;
+    if let Some(node) = rocketmq::node() {
+        let (grpc, ca) = (grpc.clone(), ca.clone());
+        let sent = tokio::task::spawn_blocking(move || {
+            let args = [grpc.as_str(), "rmq-acl", &ca, "alice", "alice-secret"];
+            rocketmq::node_json(&node, "secure_producer.js", &args)
+        })
+        .await
+        .unwrap();
+        assert!(sent["id"].is_string(), "alice sends from Node.js: {sent}");
+        node_sent = true;
+    }
     let (wrong, bob, anonymous) = tokio::join!(
         send_as("alice", "not-her-secret"),
         send_as("bob", "bob-secret"),
@@ -1611,8 +1625,12 @@ topics = { "other" = ["pub"] }
         "--secret-key",
         "alice-secret",
     ];
-    let got = bodies_read(&ns, "rmq-acl", "acl-check", 1, &alice).await;
-    assert_eq!(got, ["over-tls"]);
+    let mut want = vec!["over-tls"];
+    if node_sent {
+        want.insert(0, "node-over-tls");
+    }
+    let got = bodies_read(&ns, "rmq-acl", "acl-check", want.len(), &alice).await;
+    assert_eq!(got, want);
 }
 
 /// Under `--acl-file` a transaction of a RocketMQ client whose user has
