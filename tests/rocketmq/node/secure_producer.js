@@ -32,7 +32,5 @@ async function main() {
   }
 }
 
-main().catch(e => {
-  console.error(e);
-  process.exit(1);
-});
+// The client's telemetry timers outlive its shutdown: exit once done.
+main().then(() => process.exit(0), e => { console.error(e); process.exit(1); });
