@@ -1354,7 +1354,7 @@ async fn read_loop(
                 greet(&conn, &mut reader, service.as_deref(), id, hello).await
             }
             Some(Ok(Decoded::Frame(Frame::Request(id, other)))) => {
-                warn!(peer = %inner.peer, kind = other.kind(), "first request is not a hello; closing");
+                crate::warn_throttled!(peer = %inner.peer, kind = other.kind(), "first request is not a hello; closing");
                 refuse(
                     &conn,
                     id,
@@ -1368,7 +1368,7 @@ async fn read_loop(
                 id,
                 error,
             })) => {
-                warn!(peer = %inner.peer, %error, "malformed first request; closing");
+                crate::warn_throttled!(peer = %inner.peer, %error, "malformed first request; closing");
                 refuse(
                     &conn,
                     id,
@@ -1378,7 +1378,7 @@ async fn read_loop(
                 false
             }
             Some(Ok(_)) => {
-                warn!(peer = %inner.peer, "first frame is not a request; closing");
+                crate::warn_throttled!(peer = %inner.peer, "first frame is not a request; closing");
                 false
             }
             Some(Err(txmq_protocol::codec::CodecError::FrameTooLarge { len, .. }))
@@ -1386,12 +1386,12 @@ async fn read_loop(
             {
                 // A TLS record's first bytes (handshake, version 3.x) read
                 // as a length prefix.
-                warn!(peer = %inner.peer, "a TLS handshake on a port without TLS (probably a client \
+                crate::warn_throttled!(peer = %inner.peer, "a TLS handshake on a port without TLS (probably a client \
                     with --tls-ca; this server was started without --tls-cert and --tls-key); closing");
                 false
             }
             Some(Err(e)) => {
-                warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
+                crate::warn_throttled!(peer = %inner.peer, error = %e, "bad frame; closing connection");
                 false
             }
             None => false,
@@ -1475,7 +1475,7 @@ async fn read_loop(
                     break;
                 }
                 Some(Err(e)) => {
-                    warn!(peer = %inner.peer, error = %e, "bad frame; closing connection");
+                    crate::warn_throttled!(peer = %inner.peer, error = %e, "bad frame; closing connection");
                     // A request too large to read: its sender is told, so it
                     // knows the request was not served (not an unknown outcome).
                     if let txmq_protocol::codec::CodecError::FrameTooLarge { len, max, request: Some(id) } = e {
@@ -1530,7 +1530,7 @@ async fn read_loop(
                     }
                 },
                 Some(Ok(Decoded::Malformed { is_request, id, error })) => {
-                    warn!(peer = %inner.peer, %error, "malformed frame; closing connection");
+                    crate::warn_throttled!(peer = %inner.peer, %error, "malformed frame; closing connection");
                     if is_request {
                         let _ = flush_batch(&inner, &mut batch);
                         refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
@@ -1541,7 +1541,7 @@ async fn read_loop(
                 }
             }},
             () = stall.timer(), if stall.armed() => if stall.fired(!reader.read_buffer().is_empty()) {
-                warn!(peer = %inner.peer, buffered = reader.read_buffer().len(),
+                crate::warn_throttled!(peer = %inner.peer, buffered = reader.read_buffer().len(),
                     timeout = ?inner.config.frame_timeout,
                     "a frame started and did not finish within the frame timeout; closing connection");
                 break;
@@ -1829,7 +1829,7 @@ fn answer_hello(
     answer: fn(HelloOk) -> Response,
 ) -> bool {
     if hello.version != PROTOCOL_VERSION {
-        warn!(peer = %conn.inner.peer, version = hello.version, "unsupported protocol version; closing");
+        crate::warn_throttled!(peer = %conn.inner.peer, version = hello.version, "unsupported protocol version; closing");
         conn.respond(
             id,
             Err(WireError::new(

@@ -127,6 +127,67 @@ impl<W: std::io::Write> std::io::Write for OneLine<W> {
     }
 }
 
+/// How often a line that a peer can cause at will is written at most at
+/// `WARN` from one place: see [`Throttle`].
+pub const PEER_REPEAT: Duration = Duration::from_secs(10);
+
+/// Holds back the repeats of a line that a peer can cause at will, once per
+/// connection: a connection refused past `--max-connections`, a failed TLS
+/// handshake, a first frame that is garbage. One is written at `WARN` per
+/// [`PEER_REPEAT`] from each place ([`warn_throttled!`]), the next one
+/// written saying how many were not (`suppressed=N`); those go to `DEBUG`.
+/// Otherwise a client reconnecting in a loop, or anyone who can open
+/// connections, fills the log (and its disk) as fast as they connect.
+pub struct Throttle(Mutex<Option<(Instant, u64)>>);
+
+impl Throttle {
+    /// A throttle that has let nothing through yet (`const`: one lives in a
+    /// `static` at each place, see [`warn_throttled!`]).
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Throttle(Mutex::new(None))
+    }
+
+    /// `Some(n)`: write the line at `WARN` now, saying that `n` were held
+    /// back since the last one written; `None`: hold it back (counted).
+    pub fn pass(&self) -> Option<u64> {
+        self.pass_at(Instant::now())
+    }
+
+    fn pass_at(&self, now: Instant) -> Option<u64> {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *last {
+            Some((at, held)) if now.saturating_duration_since(*at) < PEER_REPEAT => {
+                *held += 1;
+                None
+            }
+            other => {
+                let held = other.map_or(0, |(_, held)| held);
+                *other = Some((now, 0));
+                Some(held)
+            }
+        }
+    }
+}
+
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// `tracing::warn!` for a line a peer can cause at will: written at `WARN`
+/// at most once per [`PEER_REPEAT`] from this place, the next one with
+/// `suppressed=N`; the ones held back at `DEBUG` (see [`Throttle`]).
+#[macro_export]
+macro_rules! warn_throttled {
+    ($($args:tt)+) => {{
+        static THROTTLE: $crate::logging::Throttle = $crate::logging::Throttle::new();
+        match THROTTLE.pass() {
+            None => $crate::logging::__tracing::debug!($($args)+),
+            Some(0) => $crate::logging::__tracing::warn!($($args)+),
+            Some(suppressed) => $crate::logging::__tracing::warn!(suppressed, $($args)+),
+        }
+    }};
+}
+
 /// How often a warning or error of openraft's is written at most, from any
 /// one place in its code.
 const RAFT_REPEAT: Duration = Duration::from_secs(30);
@@ -213,6 +274,22 @@ mod tests {
         assert_eq!(text.matches("RPCError").count(), 1, "{text}");
         assert_eq!(text.matches("ours").count(), 5, "{text}");
         assert_eq!(text.matches("another place").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn a_peers_repeated_line_is_written_once_per_interval_saying_how_many_were_not() {
+        let throttle = Throttle::new();
+        let start = Instant::now();
+        assert_eq!(throttle.pass_at(start), Some(0), "the first is written");
+        for i in 1..=41 {
+            assert_eq!(throttle.pass_at(start + Duration::from_millis(i)), None);
+        }
+        let later = start + PEER_REPEAT;
+        assert_eq!(throttle.pass_at(later), Some(41), "says how many were not");
+        assert_eq!(throttle.pass_at(later + Duration::from_secs(1)), None);
+        let quiet = later + PEER_REPEAT * 3;
+        assert_eq!(throttle.pass_at(quiet), Some(1));
+        assert_eq!(throttle.pass_at(quiet + PEER_REPEAT), Some(0));
     }
 
     #[test]

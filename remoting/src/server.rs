@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::acl::ServerSecurity;
 use crate::connection::{prepare_tcp, PeerAuth, Side, Stream};
@@ -67,7 +67,7 @@ pub async fn serve_on(
                 let peer = match prepare_tcp(&stream, &config) {
                     Ok(peer) => peer,
                     Err(e) => {
-                        warn!(error = %e, "cannot set up accepted connection");
+                        crate::warn_throttled!(error = %e, "cannot set up accepted connection");
                         continue;
                     }
                 };
@@ -78,7 +78,7 @@ pub async fn serve_on(
                     match stream.into_std().and_then(TcpStream::from_std) {
                         Ok(s) => s,
                         Err(e) => {
-                            warn!(error = %e, "cannot move accepted connection to its thread");
+                            crate::warn_throttled!(error = %e, "cannot move accepted connection to its thread");
                             continue;
                         }
                     }
@@ -135,7 +135,7 @@ pub async fn after_failed_accept(e: &std::io::Error, what: &str) {
         tracing::debug!(error = %e, "connection gone before its {what}");
         return;
     }
-    warn!(error = %e, "{what} failed; trying again in {ACCEPT_BACKOFF:?}");
+    crate::warn_throttled!(error = %e, "{what} failed; trying again in {ACCEPT_BACKOFF:?}");
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
@@ -261,25 +261,25 @@ pub async fn tls_accept(
     let mut first = [0u8; 1];
     match tokio::time::timeout(wait, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
-            warn!(%peer, "plaintext (not TLS) connection to a TLS port; closing");
+            crate::warn_throttled!(%peer, "plaintext (not TLS) connection to a TLS port; closing");
             close_cleanly(stream).await;
             return None;
         }
         Ok(Ok(1)) => {}
         Ok(Ok(_)) | Ok(Err(_)) => return None,
         Err(_) => {
-            warn!(%peer, "no TLS handshake in time; closing");
+            crate::warn_throttled!(%peer, "no TLS handshake in time; closing");
             return None;
         }
     }
     match tokio::time::timeout(wait, tls.accept(stream)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
-            warn!(%peer, error = %e, "TLS handshake failed; closing");
+            crate::warn_throttled!(%peer, error = %e, "TLS handshake failed; closing");
             None
         }
         Err(_) => {
-            warn!(%peer, "TLS handshake timed out; closing");
+            crate::warn_throttled!(%peer, "TLS handshake timed out; closing");
             None
         }
     }

@@ -690,6 +690,73 @@ async fn a_real_broker_logs_a_warning_for_a_bad_connection_and_keeps_serving() {
     cluster.shutdown().await;
 }
 
+/// A flood of connections refused or failing the same way (past
+/// `--max-connections`, garbage for a first frame) writes one `WARN` line
+/// of each kind, the rest at `DEBUG`: anyone who can connect cannot fill
+/// the log. The connection within the limit is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_connections_writes_one_warning_of_each_kind() {
+    const FLOOD: usize = 20;
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::start_broker(
+        &dir.path().join("data"),
+        &cluster.nameserver,
+        "broker-f",
+        &[
+            "--max-connections",
+            "1",
+            "--log-level",
+            "info,txmq_broker::handler=debug,txmq_remoting::connection=debug",
+        ],
+    )
+    .await;
+    let held = connect(&broker.addr, PROTOCOL_VERSION)
+        .await
+        .expect("within the limit");
+    let addr: SocketAddr = broker.addr.parse().unwrap();
+    for _ in 0..FLOOD {
+        let refused = connect(&broker.addr, PROTOCOL_VERSION)
+            .await
+            .expect_err("past the limit");
+        let code = refused.remote().map(|e| e.code);
+        assert_eq!(code, Some(ErrorCode::TooManyConnections), "{refused}");
+        let mut garbage = Raw::connect(addr).await;
+        garbage.write(&framed(&[0xc1; 8])).await;
+        assert!(garbage.frames_until_closed().await.is_empty());
+    }
+    let stats = held.call(txmq_protocol::GetStoreStats {}).await;
+    assert!(stats.is_ok(), "served throughout: {stats:?}");
+
+    let refusal = "connection refused: --max-connections reached";
+    let garbage = |l: &str| l.contains("bad frame") || l.contains("first frame is not a request");
+    let count = |log: &str, level: &str, is: &dyn Fn(&str) -> bool| {
+        log.lines().filter(|l| l.contains(level) && is(l)).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = broker.log_text();
+        let refused = |l: &str| l.contains(refusal);
+        let seen = (
+            count(&log, "WARN", &refused),
+            count(&log, "DEBUG", &refused),
+            count(&log, "WARN", &garbage),
+            count(&log, "DEBUG", &garbage),
+        );
+        if seen == (1, FLOOD - 1, 1, FLOOD - 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want one WARN of each kind and the rest at DEBUG, got {seen:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.close();
+    drop(broker);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sending_to_a_missing_topic_without_auto_create_fails_with_its_code() {
     let cluster = Cluster::start_with(|c| c.auto_create_topics = false).await;

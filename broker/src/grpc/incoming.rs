@@ -62,12 +62,12 @@ async fn accept_loop(
             }
         };
         if let Err(e) = txmq_remoting::prepare_tcp(&stream, &tcp) {
-            tracing::warn!(%peer, error = %e, "cannot set up accepted gRPC connection");
+            txmq_remoting::warn_throttled!(%peer, error = %e, "cannot set up accepted gRPC connection");
             continue;
         }
         let max = b.config.max_connections;
         if !crate::take_slot(&b.grpc_connections, max) {
-            tracing::warn!(%peer, max, "gRPC connection refused: --max-connections reached; closed");
+            txmq_remoting::warn_throttled!(%peer, max, "gRPC connection refused: --max-connections reached; closed");
             continue;
         }
         // The slot is held through the handshake: handshakes under way

@@ -48,7 +48,7 @@ impl Service for BrokerService {
         // slot back for every greeted connection.
         let max = self.broker.config.max_connections;
         if !crate::take_slot(&self.broker.connections, max) {
-            tracing::warn!(peer = %conn.peer_addr(), max, "connection refused: --max-connections reached");
+            txmq_remoting::warn_throttled!(peer = %conn.peer_addr(), max, "connection refused: --max-connections reached");
             return Err(WireError::new(
                 ErrorCode::TooManyConnections,
                 format!(
