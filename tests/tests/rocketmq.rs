@@ -1636,8 +1636,12 @@ topics = { "other" = ["pub"] }
 /// Under `--acl-file` a transaction of a RocketMQ client whose user has
 /// `tx` of the group (its topic) is checked back over its telemetry
 /// stream, as without an ACL file: the checker is asked twice and commits.
+/// And a check-back goes only to a client whose user has `tx`: a client of
+/// a user with `pub` alone, publishing the topic, is asked nothing while
+/// a transaction waits; one whose user has `tx` is asked, and its commit
+/// ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_signed_in_python_producer_is_checked_back_under_the_acl() {
+async fn grpc_check_backs_under_the_acl_go_to_clients_whose_user_has_tx() {
     let Some(python) = rocketmq::python() else {
         return;
     };
@@ -1647,65 +1651,45 @@ async fn a_signed_in_python_producer_is_checked_back_under_the_acl() {
 access_key = "carol"
 secret_key = "carol-secret"
 topics = { "rmq-acl-*" = ["pub", "sub"] }
-groups = { "rmq-acl-tx" = ["tx"], "acl-tx-check" = ["sub"] }
+groups = { "rmq-acl-tx" = ["tx"], "rmq-acl-deny" = ["tx"], "acl-tx-check" = ["sub"], "acl-deny-check" = ["sub"] }
+
+[[user]]
+access_key = "dave"
+secret_key = "dave-secret"
+topics = { "rmq-acl-deny" = ["pub"] }
 "#,
     );
     let (cluster, ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
-    let sent = tokio::task::spawn_blocking(move || {
-        let args = [
-            &grpc,
-            "rmq-acl-plain",
-            "rmq-acl-tx",
-            "carol",
-            "carol-secret",
-        ];
-        rocketmq::python_json(&python, "producer.py", &args)
-    })
-    .await
-    .unwrap();
+    let carol = ["--access-key", "carol", "--secret-key", "carol-secret"];
+    let sent = {
+        let (python, grpc) = (python.clone(), grpc.clone());
+        tokio::task::spawn_blocking(move || {
+            let args = [
+                &grpc,
+                "rmq-acl-plain",
+                "rmq-acl-tx",
+                "carol",
+                "carol-secret",
+            ];
+            rocketmq::python_json(&python, "producer.py", &args)
+        })
+        .await
+        .unwrap()
+    };
     assert_eq!(
         sent["asked"],
         serde_json::json!([["k-check"], ["k-check"]]),
         "{sent}"
     );
-    let carol = ["--access-key", "carol", "--secret-key", "carol-secret"];
     let got = bodies_read(&ns, "rmq-acl-tx", "acl-tx-check", 2, &carol).await;
     assert_eq!(got, ["checked", "committed"]);
-    cluster.shutdown().await;
-}
 
-/// Under `--acl-file` a check-back goes only to a RocketMQ client whose
-/// user has `tx` of the group (the topic): a client of a user with `pub`
-/// alone, publishing the topic, is asked nothing while the transaction
-/// waits; one whose user has `tx` is asked, and its commit ends it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_backs_go_only_to_grpc_clients_whose_user_has_tx() {
-    let Some(python) = rocketmq::python() else {
-        return;
-    };
-    let (_pki, acl) = pki_with_acl(
-        r#"
-[[user]]
-access_key = "carol"
-secret_key = "carol-secret"
-topics = { "rmq-deny-tx" = ["pub", "sub"] }
-groups = { "rmq-deny-tx" = ["tx"], "deny-check" = ["sub"] }
-
-[[user]]
-access_key = "dave"
-secret_key = "dave-secret"
-topics = { "rmq-deny-tx" = ["pub"] }
-"#,
-    );
-    let (cluster, ns, grpc, _running) = setup(&["--acl-file", &acl]).await;
-    let topic = "rmq-deny-tx";
-    let carol = ["--access-key", "carol", "--secret-key", "carol-secret"];
     // A transaction left open by a txmq producer of the group (the topic).
+    let topic = "rmq-acl-deny";
     let mut args = vec!["tx", "send", topic, "--group", topic, "--body", "open"];
     args.extend(["--key", "k-open", "--local", "unknown"]);
     args.extend(carol);
     ok(&txmq(&ns, &args, None).await);
-
     let listen = |user: &'static str, seconds: &'static str| {
         let (python, grpc) = (python.clone(), grpc.clone());
         tokio::task::spawn_blocking(move || {
@@ -1724,7 +1708,7 @@ topics = { "rmq-deny-tx" = ["pub"] }
         serde_json::json!(["k-open"]),
         "{carol_asked}"
     );
-    let got = bodies_read(&ns, topic, "deny-check", 1, &carol).await;
+    let got = bodies_read(&ns, topic, "acl-deny-check", 1, &carol).await;
     assert_eq!(got, ["open"]);
     cluster.shutdown().await;
 }
