@@ -53,13 +53,21 @@ pub(super) async fn heartbeat(
         }
     }
     // The group's retry topic exists wherever its members consume, so
-    // handed-back messages have somewhere to wait.
+    // handed-back messages have somewhere to wait. On a full disk it cannot
+    // be made yet: the members still get their queues (reading needs no
+    // room), and the next heartbeat tries again.
     let retry = retry_topic(&req.group);
     if !req.broadcast
         && req.subscriptions.iter().any(|s| s.topic == retry)
         && b.topics.get(&retry).is_none()
     {
-        topic::create_topic(b, &retry, 1, PERM_READ_WRITE, false).await?;
+        match topic::create_topic(b, &retry, 1, PERM_READ_WRITE, false).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.code, ErrorCode::StoreUnavailable | ErrorCode::StoreFull) => {
+                txmq_remoting::warn_throttled!(group = %req.group, error = %e, "the group's retry topic cannot be made yet; its members consume meanwhile, and a heartbeat tries again");
+            }
+            Err(e) => return Err(e),
+        }
     }
     let group = req.group.clone();
     let beat = Beat {

@@ -303,9 +303,7 @@ fn preallocate(file: &File, from: u64, len: u64) -> io::Result<()> {
         return Ok(());
     };
     tracing::debug!(error = %e, "commit-log segment not preallocated; it stays sparse");
-    if e.raw_os_error()
-        .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT)
-    {
+    if super::no_space(&e) {
         // Part of the range may be reserved: cutting the file at `from`
         // and growing it again frees that part, and nothing before it.
         file.set_len(from)?;

@@ -335,6 +335,33 @@ impl ConsumeQueue {
         Ok(u)
     }
 
+    /// [`ConsumeQueue::written_out`], except that on a full disk (no space,
+    /// or the quota) the run stays waiting in memory, readable: with the
+    /// lock, the first offset of the run still waiting (`None`: none), below
+    /// which the files hold every entry. Recovery and retention go on with
+    /// it, so that a broker restarted on a full disk starts.
+    fn written_out_or_waiting(
+        &self,
+    ) -> io::Result<(std::sync::MutexGuard<'_, Unwritten>, Option<u64>)> {
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        match self.write_run(&mut u) {
+            Ok(()) => Ok((u, None)),
+            Err(e) if super::no_space(&e) => {
+                if !self.write_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        topic = %self.topic,
+                        queue = self.queue,
+                        error = %e,
+                        "cannot write consume-queue entries; they wait in memory, readable, until there is room"
+                    );
+                }
+                let first = u.first;
+                Ok((u, Some(first)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The topic was deleted: drops the waiting entries and writes nothing
     /// from now on, so that no file (or directory) of it comes back.
     pub fn discard(&self) {
@@ -646,10 +673,26 @@ impl ConsumeQueue {
     /// # Errors
     /// I/O errors.
     pub fn recover(&self, log_min: u64, log_end: u64) -> io::Result<()> {
-        let unwritten = self.written_out()?;
+        let (unwritten, waiting) = self.written_out_or_waiting()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let mut next = None;
-        let starts: Vec<u64> = files.keys().rev().copied().collect();
+        let starts: Vec<u64> = match waiting {
+            Some(_) => Vec::new(),
+            None => files.keys().rev().copied().collect(),
+        };
+        if let Some(first) = waiting {
+            // The run waiting in memory was replayed from the log, below its
+            // end, and the files hold every entry before it: what lies in
+            // them from its start on (old copies, or entries of records the
+            // log lost) goes; cutting a file needs no room.
+            for (start, file) in files.iter() {
+                let keep = first.saturating_sub(*start).min(self.entries_per_file);
+                if file.metadata()?.len() > keep * ENTRY_LEN as u64 {
+                    file.set_len(keep * ENTRY_LEN as u64)?;
+                }
+            }
+            next = Some(unwritten.end());
+        }
         for start in starts {
             let Some(file) = files.get(&start).cloned() else {
                 continue;
@@ -696,9 +739,12 @@ impl ConsumeQueue {
     pub fn trim_below(&self, log_min: u64) -> io::Result<()> {
         // Held throughout: an entry appended meanwhile would be counted
         // below `next` and not found in its file.
-        let _unwritten = self.written_out()?;
+        let (_unwritten, waiting) = self.written_out_or_waiting()?;
         let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
         let next = self.next.load(Ordering::Acquire);
+        // The files hold the entries below this; a run waiting in memory
+        // (a full disk) was written after the checkpoint, above `log_min`.
+        let in_files = waiting.unwrap_or(next);
         let mut min = files.keys().next().copied().unwrap_or(next);
         let starts: Vec<u64> = files.keys().copied().collect();
         let mut buf = [0u8; ENTRY_LEN];
@@ -707,7 +753,7 @@ impl ConsumeQueue {
             let Some(file) = files.get(start).cloned() else {
                 continue;
             };
-            let count = (next.saturating_sub(*start)).min(self.entries_per_file);
+            let count = (in_files.saturating_sub(*start)).min(self.entries_per_file);
             // Entries are in log order: find the first one at or above log_min.
             let (mut lo, mut hi) = (0u64, count);
             while lo < hi {

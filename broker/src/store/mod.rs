@@ -209,11 +209,15 @@ pub enum StoreError {
     OffsetConflict(String),
 }
 
+/// Whether `e` says the disk (or the quota) is full.
+fn no_space(e: &std::io::Error) -> bool {
+    e.raw_os_error()
+        .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT)
+}
+
 impl StoreError {
     fn io(context: impl Into<String>, e: &std::io::Error) -> StoreError {
-        let full = e
-            .raw_os_error()
-            .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT);
+        let full = no_space(e);
         StoreError::Io {
             context: context.into(),
             message: if full {
