@@ -178,13 +178,18 @@ pub use tracing as __tracing;
 /// `suppressed=N`; the ones held back at `DEBUG` (see [`Throttle`]).
 #[macro_export]
 macro_rules! warn_throttled {
-    ($($args:tt)+) => {{
-        static THROTTLE: $crate::logging::Throttle = $crate::logging::Throttle::new();
-        match THROTTLE.pass() {
+    // With a throttle of the caller's: for a place that logs for several
+    // (one function serving two ports, say).
+    (@$throttle:expr; $($args:tt)+) => {{
+        match $throttle.pass() {
             None => $crate::logging::__tracing::debug!($($args)+),
             Some(0) => $crate::logging::__tracing::warn!($($args)+),
             Some(suppressed) => $crate::logging::__tracing::warn!(suppressed, $($args)+),
         }
+    }};
+    ($($args:tt)+) => {{
+        static THROTTLE: $crate::logging::Throttle = $crate::logging::Throttle::new();
+        $crate::warn_throttled!(@THROTTLE; $($args)+)
     }};
 }
 

@@ -116,7 +116,10 @@ pub async fn serve_on(
                 }
                 drop(placed);
             }
-            Err(e) => after_failed_accept(&e, "accept").await,
+            Err(e) => {
+                static THROTTLE: crate::logging::Throttle = crate::logging::Throttle::new();
+                after_failed_accept(&e, "accept", &THROTTLE).await;
+            }
         }
     }
     info!(%addr, "stopped accepting connections");
@@ -128,14 +131,20 @@ pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis
 /// After an accept failed with `e` (`what` names it in the log): a
 /// connection gone before it was taken costs nothing, as the next one may
 /// be waiting already; any other error (out of file descriptors, say) is
-/// logged and waited out for [`ACCEPT_BACKOFF`] instead of spinning a core.
-pub async fn after_failed_accept(e: &std::io::Error, what: &str) {
+/// logged (at `WARN` at most once per [`crate::logging::PEER_REPEAT`] by
+/// `throttle`, the accept loop's own) and waited out for
+/// [`ACCEPT_BACKOFF`] instead of spinning a core.
+pub async fn after_failed_accept(
+    e: &std::io::Error,
+    what: &str,
+    throttle: &crate::logging::Throttle,
+) {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionReset};
     if matches!(e.kind(), ConnectionAborted | ConnectionReset) {
         tracing::debug!(error = %e, "connection gone before its {what}");
         return;
     }
-    crate::warn_throttled!(error = %e, "{what} failed; trying again in {ACCEPT_BACKOFF:?}");
+    crate::warn_throttled!(@throttle; error = %e, "{what} failed; trying again in {ACCEPT_BACKOFF:?}");
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 

@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use txmq_remoting::logging::Throttle;
 
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -57,7 +58,8 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                txmq_remoting::server::after_failed_accept(&e, "gRPC accept").await;
+                static THROTTLE: Throttle = Throttle::new();
+                txmq_remoting::server::after_failed_accept(&e, "gRPC accept", &THROTTLE).await;
                 continue;
             }
         };
