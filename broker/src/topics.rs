@@ -78,7 +78,7 @@ impl TopicTable {
     ///
     /// # Errors
     /// The error from `merge`, or an I/O error persisting the table
-    /// (`STORE_UNAVAILABLE`).
+    /// (`STORE_UNAVAILABLE`; `STORE_FULL` when the disk is full).
     pub fn upsert(
         &self,
         name: &str,
@@ -96,8 +96,7 @@ impl TopicTable {
         }
         let mut next = topics.clone();
         next.insert(name.to_string(), new.clone());
-        self.persist(&next)
-            .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e))?;
+        self.persist(&next)?;
         *topics = next;
         Ok((new, true))
     }
@@ -106,7 +105,8 @@ impl TopicTable {
     /// its configuration, `None` when there was no such topic.
     ///
     /// # Errors
-    /// An I/O error persisting the table (`STORE_UNAVAILABLE`).
+    /// An I/O error persisting the table (`STORE_UNAVAILABLE`; `STORE_FULL`
+    /// when the disk is full).
     pub fn remove(&self, name: &str) -> Result<Option<TopicConfig>, WireError> {
         let mut topics = self.lock();
         if !topics.contains_key(name) {
@@ -114,13 +114,12 @@ impl TopicTable {
         }
         let mut next = topics.clone();
         let old = next.remove(name);
-        self.persist(&next)
-            .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e))?;
+        self.persist(&next)?;
         *topics = next;
         Ok(old)
     }
 
-    fn persist(&self, topics: &BTreeMap<String, TopicConfig>) -> Result<(), String> {
+    fn persist(&self, topics: &BTreeMap<String, TopicConfig>) -> Result<(), WireError> {
         let list: Vec<Persisted> = topics
             .values()
             .map(|t| Persisted {
@@ -129,9 +128,22 @@ impl TopicTable {
                 perm: t.perm,
             })
             .collect();
-        let data = serde_json::to_vec_pretty(&list).map_err(|e| e.to_string())?;
+        let data = serde_json::to_vec_pretty(&list)
+            .map_err(|e| WireError::new(ErrorCode::StoreUnavailable, e.to_string()))?;
         let tmp = self.path.with_extension("json.tmp");
-        let io = |e: std::io::Error| format!("cannot write {}: {e}", self.path.display());
+        let io = |e: std::io::Error| {
+            let (code, full) = match crate::store::no_space(&e) {
+                true => (
+                    ErrorCode::StoreFull,
+                    ": the disk holding the data dir is full; free space on it",
+                ),
+                false => (ErrorCode::StoreUnavailable, ""),
+            };
+            WireError::new(
+                code,
+                format!("cannot write {}: {e}{full}", self.path.display()),
+            )
+        };
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io)?;

@@ -417,6 +417,17 @@ pub(crate) enum Side {
     Server,
 }
 
+/// [`crate::warn_throttled!`] with a throttle for each side: a server's
+/// peers cannot push a line about this process's own connections (to a
+/// master, a nameserver) down to `DEBUG`.
+macro_rules! warn_throttled_side {
+    ($side:expr; $($args:tt)+) => {{
+        static THROTTLES: [crate::logging::Throttle; 2] =
+            [crate::logging::Throttle::new(), crate::logging::Throttle::new()];
+        crate::warn_throttled!(@THROTTLES[usize::from($side == Side::Server)]; $($args)+)
+    }};
+}
+
 /// Removes a request's pending entry unless its answer arrived: a request
 /// future dropped at any await (its caller gave up in a `select!`) leaves
 /// nothing behind.
@@ -1475,7 +1486,7 @@ async fn read_loop(
                     break;
                 }
                 Some(Err(e)) => {
-                    crate::warn_throttled!(peer = %inner.peer, error = %e, "bad frame; closing connection");
+                    warn_throttled_side!(side; peer = %inner.peer, error = %e, "bad frame; closing connection");
                     // A request too large to read: its sender is told, so it
                     // knows the request was not served (not an unknown outcome).
                     if let txmq_protocol::codec::CodecError::FrameTooLarge { len, max, request: Some(id) } = e {
@@ -1530,7 +1541,7 @@ async fn read_loop(
                     }
                 },
                 Some(Ok(Decoded::Malformed { is_request, id, error })) => {
-                    crate::warn_throttled!(peer = %inner.peer, %error, "malformed frame; closing connection");
+                    warn_throttled_side!(side; peer = %inner.peer, %error, "malformed frame; closing connection");
                     if is_request {
                         let _ = flush_batch(&inner, &mut batch);
                         refuse(&conn, id, ErrorCode::MalformedRequest, format!("malformed request: {error}"));
@@ -1541,7 +1552,7 @@ async fn read_loop(
                 }
             }},
             () = stall.timer(), if stall.armed() => if stall.fired(!reader.read_buffer().is_empty()) {
-                crate::warn_throttled!(peer = %inner.peer, buffered = reader.read_buffer().len(),
+                warn_throttled_side!(side; peer = %inner.peer, buffered = reader.read_buffer().len(),
                     timeout = ?inner.config.frame_timeout,
                     "a frame started and did not finish within the frame timeout; closing connection");
                 break;

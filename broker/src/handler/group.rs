@@ -63,7 +63,7 @@ pub(super) async fn heartbeat(
     {
         match topic::create_topic(b, &retry, 1, PERM_READ_WRITE, false).await {
             Ok(_) => {}
-            Err(e) if matches!(e.code, ErrorCode::StoreUnavailable | ErrorCode::StoreFull) => {
+            Err(e) if e.code == ErrorCode::StoreFull => {
                 txmq_remoting::warn_throttled!(group = %req.group, error = %e, "the group's retry topic cannot be made yet; its members consume meanwhile, and a heartbeat tries again");
             }
             Err(e) => return Err(e),

@@ -307,20 +307,46 @@ impl ConsumeQueue {
         u.bytes.extend_from_slice(entries);
         self.next.fetch_max(u.end(), Ordering::AcqRel);
         if !at_end {
-            self.write_run(&mut u)?;
+            if let Err(e) = self.write_run(&mut u) {
+                // Recovery replays from the checkpoint's offsets, within
+                // what the files hold: on a full disk that run waits too.
+                if !(super::no_space(&e) && first_offset <= self.files_end()?) {
+                    return Err(e);
+                }
+                self.waiting(&e);
+            }
         } else if u.bytes.len() >= WRITE_AT {
             if let Err(e) = self.write_run(&mut u) {
-                if !self.write_failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        topic = %self.topic,
-                        queue = self.queue,
-                        error = %e,
-                        "cannot write consume-queue entries; they wait in memory, readable, until there is room"
-                    );
-                }
+                self.waiting(&e);
             }
         }
         Ok(())
+    }
+
+    /// Logs (once, until they are written again) that entries wait in
+    /// memory because writing them failed with `e`.
+    fn waiting(&self, e: &io::Error) {
+        if !self.write_failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                topic = %self.topic,
+                queue = self.queue,
+                error = %e,
+                "cannot write consume-queue entries; they wait in memory, readable, until there is room"
+            );
+        }
+    }
+
+    /// One past the last entry the files hold (the queue's minimum when
+    /// they hold none); files made ahead, still empty, hold none.
+    fn files_end(&self) -> io::Result<u64> {
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        for (start, file) in files.iter().rev() {
+            let len = file.metadata()?.len() / ENTRY_LEN as u64;
+            if len > 0 {
+                return Ok(start + len);
+            }
+        }
+        Ok(self.min.load(Ordering::Acquire))
     }
 
     /// Writes the entries waiting in memory to their files; returns with
@@ -347,14 +373,7 @@ impl ConsumeQueue {
         match self.write_run(&mut u) {
             Ok(()) => Ok((u, None)),
             Err(e) if super::no_space(&e) => {
-                if !self.write_failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        topic = %self.topic,
-                        queue = self.queue,
-                        error = %e,
-                        "cannot write consume-queue entries; they wait in memory, readable, until there is room"
-                    );
-                }
+                self.waiting(&e);
                 let first = u.first;
                 Ok((u, Some(first)))
             }
@@ -684,7 +703,13 @@ impl ConsumeQueue {
             // The run waiting in memory was replayed from the log, below its
             // end, and the files hold every entry before it: what lies in
             // them from its start on (old copies, or entries of records the
-            // log lost) goes; cutting a file needs no room.
+            // log lost) goes, and so do the files past it (made ahead, or
+            // left by the run's write that failed); cutting needs no room.
+            let past: Vec<u64> = files.range(first + 1..).map(|(s, _)| *s).collect();
+            for start in past {
+                files.remove(&start);
+                std::fs::remove_file(self.dir.join(format!("{start:020}")))?;
+            }
             for (start, file) in files.iter() {
                 let keep = first.saturating_sub(*start).min(self.entries_per_file);
                 if file.metadata()?.len() > keep * ENTRY_LEN as u64 {
@@ -749,7 +774,10 @@ impl ConsumeQueue {
         let starts: Vec<u64> = files.keys().copied().collect();
         let mut buf = [0u8; ENTRY_LEN];
         for (i, start) in starts.iter().enumerate() {
-            let is_last = i + 1 == starts.len();
+            // The file that holds the end of the files' entries is the
+            // last one looked at: any after it are empty (made ahead), or
+            // belong to a run waiting in memory.
+            let is_last = i + 1 == starts.len() || start + self.entries_per_file > in_files;
             let Some(file) = files.get(start).cloned() else {
                 continue;
             };
@@ -828,41 +856,62 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// A tmpfs of 256 KiB mounted on a temporary directory (it needs the
+    /// privilege to mount: `None`, saying so, without), unmounted when
+    /// dropped.
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount() -> Option<SmallDisk> {
+            let tmp = tempfile::tempdir().unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+                .arg(tmp.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                eprintln!("SKIPPED: cannot mount a tmpfs to fill (needs root, as .ci/run has)");
+                return None;
+            }
+            Some(SmallDisk(tmp))
+        }
+
+        /// Fills what is left with a file, returned open with its path.
+        fn fill(&self) -> (PathBuf, File) {
+            let filler = self.0.path().join("filler");
+            let mut f = File::create(&filler).unwrap();
+            while std::io::Write::write(&mut f, &[0u8; 4096]).is_ok_and(|n| n > 0) {}
+            (filler, f)
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
     /// A full disk (a real tmpfs, filled; it needs the privilege to mount):
     /// entries whose run cannot be written out stay readable in memory,
     /// and are written once there is room; nothing is lost across a
-    /// reopen.
+    /// reopen. Recovery on the full disk keeps the entries it replays
+    /// waiting the same way, and retention leaves them be.
     #[test]
-    fn entries_that_cannot_be_written_out_on_a_full_disk_wait_and_stay_readable() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-            .arg(tmp.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("SKIPPED: cannot mount a tmpfs to fill (needs root, as .ci/run has)");
+    fn entries_that_cannot_be_written_out_on_a_full_disk_wait_and_stay_readable_also_when_recovered(
+    ) {
+        let Some(disk) = SmallDisk::mount() else {
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(self.0)
-                    .status();
-            }
-        }
-        let _unmount = Unmount(tmp.path());
+        };
+        let tmp = &disk.0;
         let dir = tmp.path().join("q");
         let q = ConsumeQueue::open("t", 0, dir.clone(), 10_000).unwrap();
         q.write(0, &entries(0..10)).unwrap();
         q.publish(10);
         q.sync_if_dirty().unwrap();
-        // Fill what is left.
-        let filler = tmp.path().join("filler");
-        let mut f = File::create(&filler).unwrap();
-        while std::io::Write::write(&mut f, &[0u8; 4096]).is_ok_and(|n| n > 0) {}
+        let (filler, f) = disk.fill();
         let page = (WRITE_AT / ENTRY_LEN) as u64;
         let end = 10 + 2 * page;
         q.write(10, &entries(10..end))
@@ -873,6 +922,21 @@ mod tests {
             (0..end).map(entry).collect::<Vec<_>>()
         );
         assert!(q.sync_if_dirty().is_err(), "the disk is still full");
+        // A crash: the waiting entries go with the process. Recovery cuts
+        // the queue back to its checkpoint's 10 and replays the rest from
+        // the log (above the queue's `next`, still its minimum), on a disk
+        // still full: they wait again, readable, and the queue recovers.
+        drop(q);
+        let q = ConsumeQueue::open("t", 0, dir.clone(), 10_000).unwrap();
+        q.truncate(10).unwrap();
+        q.write(10, &entries(10..end))
+            .expect("replayed, though not written out");
+        q.recover(0, u64::MAX).unwrap();
+        assert_eq!((q.min_offset(), q.next_offset()), (0, end));
+        assert_eq!(
+            q.read(0, 10_000).unwrap(),
+            (0..end).map(entry).collect::<Vec<_>>()
+        );
         drop(f);
         std::fs::remove_file(&filler).unwrap();
         q.write(end, &entries(end..end + 1)).unwrap();
@@ -881,6 +945,24 @@ mod tests {
         let q = ConsumeQueue::open("t", 0, dir, 10_000).unwrap();
         q.recover(0, u64::MAX).unwrap();
         assert_eq!(q.next_offset(), end + 1, "all of them in the file");
+
+        // Retention on a full disk: the entries waiting in memory are above
+        // the files', so trimming below a position looks at the files only,
+        // and never past the waiting run's first entry (files of a page).
+        let q = ConsumeQueue::open("t", 0, tmp.path().join("r"), page).unwrap();
+        q.write(0, &entries(0..150)).unwrap();
+        q.publish(150);
+        q.sync_if_dirty().unwrap();
+        let _filled = disk.fill();
+        q.write(150, &entries(150..450))
+            .expect("taken, though not written out");
+        q.publish(450);
+        q.trim_below(entry(150).log_offset).unwrap();
+        assert_eq!((q.min_offset(), q.next_offset()), (150, 450));
+        assert_eq!(
+            q.read(150, 10_000).unwrap(),
+            (150..450).map(entry).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -210,7 +210,7 @@ pub enum StoreError {
 }
 
 /// Whether `e` says the disk (or the quota) is full.
-fn no_space(e: &std::io::Error) -> bool {
+pub(crate) fn no_space(e: &std::io::Error) -> bool {
     e.raw_os_error()
         .is_some_and(|c| c == libc::ENOSPC || c == libc::EDQUOT)
 }
