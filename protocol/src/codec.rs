@@ -76,6 +76,16 @@ impl FrameCodec {
         }
     }
 
+    /// The longest frame taken (its body, in bytes).
+    pub fn max_frame_len(&self) -> usize {
+        self.max
+    }
+
+    /// Takes frames up to `max_frame_len` bytes from now on.
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.max = max_frame_len;
+    }
+
     /// The body length of the frame decoded last (what a request holds in
     /// memory while it is served).
     pub fn last_frame_len(&self) -> usize {

@@ -411,6 +411,9 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// The longest first frame (a hello) a server takes.
+const MAX_HELLO_LEN: usize = 64 << 10;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Side {
     Client,
@@ -1352,6 +1355,13 @@ async fn read_loop(
     };
     let mut greeted = side == Side::Client;
     if !greeted {
+        // A hello is small: a first frame longer is refused before its body
+        // is waited for, whatever --max-frame-size allows (a TLS handshake's
+        // first bytes read as a length of about 369 MB).
+        let max = reader.decoder().max_frame_len();
+        reader
+            .decoder_mut()
+            .set_max_frame_len(max.min(MAX_HELLO_LEN));
         let first = tokio::select! {
             f = reader.next() => f,
             _ = tokio::time::sleep(inner.config.hello_timeout) => {
@@ -1360,6 +1370,7 @@ async fn read_loop(
             }
             _ = inner.closed.cancelled() => None,
         };
+        reader.decoder_mut().set_max_frame_len(max);
         greeted = match first {
             Some(Ok(Decoded::Frame(Frame::Request(id, Request::Hello(hello))))) => {
                 greet(&conn, &mut reader, service.as_deref(), id, hello).await

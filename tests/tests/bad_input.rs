@@ -2114,6 +2114,27 @@ async fn a_full_store_refuses_sends_clearly_and_keeps_serving_reads() {
 /// `--max-connections`: a hello past the limit is refused with
 /// TOO_MANY_CONNECTIONS and the connection closes; the connections already
 /// there keep being served, and a slot freed by a close is taken again.
+/// A TLS handshake sent to a port without TLS is closed at once, also
+/// when `--max-frame-size` is above what its first bytes read as (about
+/// 369 MB): a first frame longer than a hello is refused before its body
+/// is waited for (it was waited for until the hello's timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_is_closed_at_once_whatever_the_max_frame_size() {
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let addr = cluster
+        .add_broker("broker-a", |c| c.max_frame_size = 512 << 20)
+        .await;
+    let mut tls = Raw::connect(addr).await;
+    // A ClientHello's record header (handshake, version 3.1, 512 bytes)
+    // and the start of its body.
+    tls.write(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03])
+        .await;
+    assert!(tls.frames_until_closed().await.is_empty());
+    // A hello is greeted as before.
+    drop(Raw::greeted(addr).await);
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_are_refused_clearly_and_the_others_served() {
     let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
