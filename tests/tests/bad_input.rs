@@ -2111,9 +2111,6 @@ async fn a_full_store_refuses_sends_clearly_and_keeps_serving_reads() {
     cluster.shutdown().await;
 }
 
-/// `--max-connections`: a hello past the limit is refused with
-/// TOO_MANY_CONNECTIONS and the connection closes; the connections already
-/// there keep being served, and a slot freed by a close is taken again.
 /// A TLS handshake sent to a port without TLS is closed at once, also
 /// when `--max-frame-size` is above what its first bytes read as (about
 /// 369 MB): a first frame longer than a hello is refused before its body
@@ -2135,6 +2132,9 @@ async fn a_tls_handshake_is_closed_at_once_whatever_the_max_frame_size() {
     cluster.shutdown().await;
 }
 
+/// `--max-connections`: a hello past the limit is refused with
+/// TOO_MANY_CONNECTIONS and the connection closes; the connections already
+/// there keep being served, and a slot freed by a close is taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_are_refused_clearly_and_the_others_served() {
     let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
