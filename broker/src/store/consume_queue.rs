@@ -900,8 +900,7 @@ mod tests {
     /// reopen. Recovery on the full disk keeps the entries it replays
     /// waiting the same way, and retention leaves them be.
     #[test]
-    fn entries_that_cannot_be_written_out_on_a_full_disk_wait_and_stay_readable_also_when_recovered(
-    ) {
+    fn entries_that_cannot_be_written_out_on_a_full_disk_wait_and_stay_readable() {
         let Some(disk) = SmallDisk::mount() else {
             return;
         };
