@@ -261,6 +261,43 @@ impl Groups {
 
     /// Whether a queue of `group` may have had a reader when the broker
     /// last stopped.
+    /// Until when queue `q` of `group`, which nobody owns, waits for a
+    /// reader the broker may have lost track of (see the module docs):
+    /// the member whose connection closed, or, within the start grace,
+    /// whoever read it before the restart. `read_here`: whether the group
+    /// has a committed offset for it here. `None`: it does not wait.
+    fn wait_end(
+        &self,
+        g: &Group,
+        group: &str,
+        q: &QueueRef,
+        now: Instant,
+        read_here: impl FnOnce() -> bool,
+    ) -> Option<Instant> {
+        if let Some((_, until)) = g.reserved.get(q).filter(|(_, until)| *until > now) {
+            return Some(*until);
+        }
+        (now < self.start_grace
+            && !g.known.contains(q)
+            && self.maybe_read_at_stop(group, q)
+            && read_here())
+        .then_some(self.start_grace)
+    }
+
+    /// How much longer queue `q` of `group` waits for a reader the broker
+    /// may have lost track of before another member gets it (see
+    /// [`Groups::wait_end`]); `None` when it is owned or does not wait.
+    pub(crate) fn waiting(&self, group: &str, q: &QueueRef, read_here: bool) -> Option<Duration> {
+        let groups = lock(&self.groups);
+        let g = groups.get(group)?;
+        if g.owners.contains_key(q) {
+            return None;
+        }
+        let now = Instant::now();
+        self.wait_end(g, group, q, now, || read_here)
+            .map(|until| until.duration_since(now))
+    }
+
     fn maybe_read_at_stop(&self, group: &str, q: &QueueRef) -> bool {
         self.held_at_stop
             .as_ref()
@@ -351,7 +388,6 @@ impl Groups {
         let group = groups.entry(beat.group.clone()).or_default();
         let now = Instant::now();
         let held: BTreeSet<QueueRef> = beat.held.into_iter().collect();
-        let starting = now < self.start_grace;
         // A reservation ends with the expiry, or when its member comes back
         // without the queue (it let go of it).
         end_reservations(group, now);
@@ -434,11 +470,9 @@ impl Groups {
                 // Nobody owns it, but a member the broker forgot may still
                 // read it: it waits for that member (see the module docs).
                 let waits = current.is_none()
-                    && (group.reserved.contains_key(&q)
-                        || (starting
-                            && !group.known.contains(&q)
-                            && read_here(&topic, queue)
-                            && self.maybe_read_at_stop(&beat.group, &q)));
+                    && self
+                        .wait_end(group, &beat.group, &q, now, || read_here(&topic, queue))
+                        .is_some();
                 if !keep && !waits {
                     match desired {
                         Some(d) => {
@@ -707,6 +741,7 @@ impl Groups {
                 committed: None,
                 max_offset: 0,
                 lag: 0,
+                waiting_ms: None,
             })
             .collect();
         (members, owners)

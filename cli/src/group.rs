@@ -156,6 +156,7 @@ pub async fn run(global: &GlobalArgs, cmd: GroupCommand) -> Result<()> {
                                 "committed": q.committed,
                                 "max_offset": q.max_offset,
                                 "lag": q.lag,
+                                "waiting_ms": q.waiting_ms,
                             })).collect::<Vec<_>>(),
                         }))?;
                     }
@@ -427,7 +428,7 @@ fn show_text(printer: &Printer, group: &str, states: &[txmq::admin::GroupState])
                     q.topic.clone(),
                     s.broker_name.clone(),
                     q.queue.to_string(),
-                    q.owner.clone().unwrap_or_else(|| "-".into()),
+                    owner_shown(q, "-"),
                     q.committed.map_or_else(|| "-".into(), |c| c.to_string()),
                     q.max_offset.to_string(),
                     q.lag.to_string(),
@@ -449,7 +450,29 @@ fn show_text(printer: &Printer, group: &str, states: &[txmq::admin::GroupState])
     ) {
         printer.line(&l)?;
     }
+    if states
+        .iter()
+        .flat_map(|s| &s.queues)
+        .any(|q| q.waiting_ms.is_some())
+    {
+        printer.line("")?;
+        printer.line(WAITING_NOTE)?;
+    }
     Ok(())
+}
+
+/// What a queue that waits for a lost reader means, under `group show`.
+const WAITING_NOTE: &str = "a queue that \"waits\" has no owner now but may still be read by a member the broker lost track of (the broker restarted, or the member's connection closed): it goes to another member once that time is up (--consumer-expiry), unless its reader comes back for it first";
+
+/// A queue's owner as `group show` and the console show it: the member,
+/// or `none` and, while it waits for a reader the broker lost track of,
+/// for how much longer.
+pub(crate) fn owner_shown(q: &txmq::admin::GroupQueue, none: &str) -> String {
+    match (&q.owner, q.waiting_ms) {
+        (Some(owner), _) => owner.clone(),
+        (None, Some(ms)) => format!("{none} (waits {}s)", ms.div_ceil(1000)),
+        (None, None) => none.to_string(),
+    }
 }
 
 /// Runs a dlq subcommand.

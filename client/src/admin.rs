@@ -11,7 +11,7 @@ use txmq_protocol::{
     TxSource, TxState,
 };
 
-pub use txmq_protocol::{GroupList, GroupState, OffsetsReset};
+pub use txmq_protocol::{GroupList, GroupQueue, GroupState, OffsetsReset};
 
 use crate::drain::Drain;
 use crate::nameserver::NameserverClient;

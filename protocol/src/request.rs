@@ -1212,6 +1212,12 @@ pub struct GroupQueue {
     /// Messages not yet consumed: max offset minus committed (or minus the
     /// first stored offset without a commit).
     pub lag: u64,
+    /// Nobody owns the queue, and it waits this many more milliseconds for
+    /// a reader the broker may have lost track of (the broker restarted,
+    /// or the reader's connection closed) before another member gets it;
+    /// `None`: owned, or free for whoever the assignment gives it to.
+    #[serde(default)]
+    pub waiting_ms: Option<u64>,
 }
 
 /// Where [`ResetOffset`] moves the offsets.

@@ -463,6 +463,22 @@ async fn after_a_restart_queues_wait_one_expiry_for_the_members_that_hold_them()
         Vec::<u32>::new(),
         "a member that holds nothing gets no queue another may still read"
     );
+    // `group show` says the queues wait for their reader, and how long.
+    let waiting = group_show_waiting(&ns).await;
+    assert_eq!(waiting.len(), 2, "{waiting:?}");
+    for (queue, owner, ms) in &waiting {
+        assert_eq!(owner, &None, "queue {queue}");
+        assert!(
+            ms.is_some_and(|ms| ms > 0 && ms <= 2_000),
+            "queue {queue} waits at most the expiry: {ms:?}"
+        );
+    }
+    let text = common::txmq(&ns, &["group", "show", GROUP], None).await;
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains("- (waits ") && text.contains("--consumer-expiry"),
+        "{text}"
+    );
     // "a" pulls before it heartbeats: refused, and not as "not owner"
     // (which would make it give up the queue it still reads).
     let a = connect(&broker.addr, "a").await;
@@ -481,6 +497,10 @@ async fn after_a_restart_queues_wait_one_expiry_for_the_members_that_hold_them()
         Vec::<u32>::new(),
         "queue 1 waits for its holder until one expiry after the start"
     );
+    let waiting = group_show_waiting(&ns).await;
+    assert_eq!(waiting[0].1.as_deref(), Some("a"), "{waiting:?}");
+    assert_eq!(waiting[0].2, None, "an owned queue does not wait");
+    assert!(waiting[1].2.is_some(), "{waiting:?}");
     // After the expiry, queue 1 is assigned as usual.
     let mut got = Vec::new();
     while got.is_empty() {
@@ -500,6 +520,28 @@ async fn after_a_restart_queues_wait_one_expiry_for_the_members_that_hold_them()
     a.close();
     b.close();
     cluster.shutdown().await;
+}
+
+/// Each queue of `group show GROUP --output json`: its number, owner and
+/// `waiting_ms`, by queue.
+async fn group_show_waiting(ns: &str) -> Vec<(u64, Option<String>, Option<u64>)> {
+    let out = common::txmq(ns, &["--output", "json", "group", "show", GROUP], None).await;
+    assert!(out.status.success(), "{out:?}");
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let mut queues: Vec<_> = state["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .map(|q| {
+            (
+                q["queue"].as_u64().expect("queue"),
+                q["owner"].as_str().map(str::to_string),
+                q["waiting_ms"].as_u64(),
+            )
+        })
+        .collect();
+    queues.sort();
+    queues
 }
 
 /// A member whose connection closed may still be handling its queues: they

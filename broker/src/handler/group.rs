@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use txmq_protocol::{
     dlq_topic, now_millis, retry_topic, validate_topic_name, Done, ErrorCode, GetGroupState,
     GroupList, GroupQueue, GroupState, GroupSummary, Heartbeat, HeartbeatOk, LeaveGroup,
-    OffsetTarget, OffsetsReset, QueueOwner, ResetOffset, SendBack, SentBack, WireError, PERM_READ,
-    PERM_READ_WRITE, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC,
+    OffsetTarget, OffsetsReset, QueueOwner, QueueRef, ResetOffset, SendBack, SentBack, WireError,
+    PERM_READ, PERM_READ_WRITE, PROPERTY_DELIVER_AT, PROPERTY_REAL_QUEUE, PROPERTY_REAL_TOPIC,
     PROPERTY_RECONSUME_TIMES, PROPERTY_REPORTED_ORIGIN,
 };
 use txmq_remoting::Connection;
@@ -322,6 +322,21 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
                 .cloned()
                 .flatten()
                 .filter(|_| config.perm & PERM_READ != 0);
+            // A queue nobody owns may wait for a reader the broker lost
+            // track of (a restart, a closed connection): `group show` says
+            // so, rather than show it free.
+            let waiting_ms = match (&owner, config.perm & PERM_READ != 0) {
+                (None, true) => {
+                    let q = QueueRef {
+                        topic: topic.clone(),
+                        queue,
+                    };
+                    b.groups
+                        .waiting(&req.group, &q, committed.is_some())
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+                }
+                _ => None,
+            };
             queues.push(GroupQueue {
                 topic: topic.clone(),
                 queue,
@@ -330,6 +345,7 @@ pub(super) fn state(b: &BrokerInner, req: GetGroupState) -> Result<GroupState, W
                 max_offset: max,
                 // What retention removed is no lag: it cannot be read.
                 lag: max.saturating_sub(committed.unwrap_or(0).max(q.min_offset())),
+                waiting_ms,
             });
         }
     }

@@ -171,7 +171,7 @@ pub async fn show(Extension(ctx): Extension<Ctx>, Path(group): Path<String>) -> 
                             esc(&q.topic),
                             esc(&s.broker_name),
                             format!("<td class=\"num\">{}</td>", q.queue),
-                            q.owner.as_deref().map(esc).unwrap_or_else(|| "—".into()),
+                            esc(&crate::group::owner_shown(q, "—")),
                             q.committed
                                 .map(|c| c.to_string())
                                 .unwrap_or_else(|| "—".into()),
