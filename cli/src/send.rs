@@ -286,7 +286,7 @@ struct Retry {
 /// out (the send was never written), and a failure to find a route store
 /// nothing. (A connection closed during its hello is one that could not be
 /// opened: `Connect`.)
-fn maybe_stored(e: &txmq::Error) -> bool {
+pub(crate) fn maybe_stored(e: &txmq::Error) -> bool {
     match e {
         txmq::Error::Broker { source, .. } => match source {
             RemotingError::Timeout { kind, .. } => *kind != "Hello",

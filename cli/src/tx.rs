@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
 use txmq::{
-    Admin, BoxError, CheckRequest, Ended, Message, SendStatus, TransactionList,
+    Admin, BoxError, CheckRequest, Ended, Message, MsgId, SendStatus, TransactionList,
     TransactionListener, TransactionProducer, TransactionState, TxAction, TxContext, TxDetail,
     TxEnd, TxInfo, TxOutcome, TxState,
 };
@@ -341,7 +341,9 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
         args.retries,
     )
     .await?;
-    let mut message = Message::new(args.topic.clone(), args.body.clone());
+    // An id of its own, so that a prepare whose answer is lost can be named.
+    let msg_id = MsgId::generate();
+    let mut message = Message::new(args.topic.clone(), args.body.clone()).with_msg_id(msg_id);
     if let Some(key) = &args.key {
         message = message.with_key(key.clone());
     }
@@ -350,6 +352,40 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
     }
     let outcome = match producer.send_in_transaction(message).await {
         Ok(outcome) => outcome,
+        // Written, not answered: the broker may hold the half message. The
+        // local transaction did not run; say which message it is, and
+        // that the broker checks it back if it holds it.
+        Err(e) if crate::send::maybe_stored(&e) => {
+            let error = txmq::error::chain(&e);
+            stderr!(
+                "warning: the prepare of message {msg_id} was not answered ({error}): the broker may hold it as a half message; if it does, it checks it back with a live producer of group {}{}. The local transaction did not run: a check-back of it should be answered rollback (`txmq tx list` shows it if it is there)",
+                args.group,
+                if args.check.is_some() && !args.linger.is_zero() {
+                    " (this one answers while it lingers)"
+                } else {
+                    ""
+                }
+            );
+            let printer = Printer::stdout(global.output);
+            let printed = match printer.format {
+                OutputFormat::Text => printer.line(&format!(
+                    "msg_id={msg_id} topic={} prepare=unknown (not answered; local transaction not run)",
+                    args.topic
+                )),
+                OutputFormat::Json => printer.json(&json!({
+                    "msg_id": msg_id.to_string(),
+                    "topic": args.topic,
+                    "prepare_status": Value::Null,
+                    "prepare_error": error,
+                })),
+            };
+            linger_and_close(&producer, &args).await;
+            printed.context("writing to standard output")?;
+            return Err(exit::with_code(
+                exit::PARTIAL,
+                format!("message {msg_id}: its prepare was not answered: {error}"),
+            ));
+        }
         Err(e) => {
             producer.close().await.ok();
             return Err(e.into());
@@ -392,13 +428,7 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
         producer.close().await.ok();
         return Err(anyhow::Error::from(e).context("writing to standard output"));
     }
-    if !args.linger.is_zero() {
-        tokio::select! {
-            _ = tokio::time::sleep(args.linger) => {}
-            _ = interrupted() => {}
-        }
-    }
-    producer.close().await.ok();
+    linger_and_close(&producer, &args).await;
     match lost {
         Some(error) => Err(exit::with_code(
             exit::PARTIAL,
@@ -410,6 +440,21 @@ async fn send(global: &GlobalArgs, args: TxSendArgs) -> Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// Answers check-backs (with `--check`) for `--linger` or until Ctrl-C,
+/// then closes the producer.
+async fn linger_and_close<L: TransactionListener>(
+    producer: &TransactionProducer<L>,
+    args: &TxSendArgs,
+) {
+    if !args.linger.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(args.linger) => {}
+            _ = interrupted() => {}
+        }
+    }
+    producer.close().await.ok();
 }
 
 async fn listen(global: &GlobalArgs, args: TxListenArgs) -> Result<()> {

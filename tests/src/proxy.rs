@@ -55,6 +55,9 @@ struct Inner {
     delay: Mutex<Option<(Duration, Duration)>>,
     /// Armed by [`Proxy::drop_next_reply`] until a connection claims it.
     drop_armed: AtomicBool,
+    /// Armed by [`Proxy::drop_reply_to`]: the kind of request whose reply
+    /// the next connection that sends one loses.
+    drop_kind: Mutex<Option<&'static str>>,
     /// Client id prefixes whose connections pass nothing ([`Proxy::black_hole`]).
     black_holes: Mutex<Vec<String>>,
     rng: Mutex<Rng>,
@@ -82,6 +85,7 @@ impl Proxy {
             cut: Mutex::new(CancellationToken::new()),
             delay: Mutex::new(None),
             drop_armed: AtomicBool::new(false),
+            drop_kind: Mutex::new(None),
             black_holes: Mutex::new(Vec::new()),
             rng: Mutex::new(Rng::new(u64::from(addr.port()))),
             accepted: AtomicU64::new(0),
@@ -128,9 +132,19 @@ impl Proxy {
         self.inner.drop_armed.store(true, Ordering::SeqCst);
     }
 
-    /// Whether a [`Proxy::drop_next_reply`] is still waiting for a victim.
+    /// Whether a [`Proxy::drop_next_reply`] or [`Proxy::drop_reply_to`] is
+    /// still waiting for a victim.
     pub fn drop_pending(&self) -> bool {
-        self.inner.drop_armed.load(Ordering::SeqCst)
+        self.inner.drop_armed.load(Ordering::SeqCst) || lock(&self.inner.drop_kind).is_some()
+    }
+
+    /// As [`Proxy::drop_next_reply`], for the next connection that sends a
+    /// request of `kind` ([`txmq_protocol::Request::kind`], e.g.
+    /// `"PrepareTransaction"`), whatever it sent before (its hello, say):
+    /// the broker's next bytes on it after that request are discarded and
+    /// it is closed. Only requests sent after this call are looked at.
+    pub fn drop_reply_to(&self, kind: &'static str) {
+        *lock(&self.inner.drop_kind) = Some(kind);
     }
 
     /// Drops every byte, both ways, of the connections (open ones and new
@@ -145,6 +159,7 @@ impl Proxy {
     pub fn heal(&self) {
         self.set_delay(None);
         self.inner.drop_armed.store(false, Ordering::SeqCst);
+        *lock(&self.inner.drop_kind) = None;
         lock(&self.inner.black_holes).clear();
     }
 
@@ -243,6 +258,33 @@ impl Conn {
     }
 }
 
+/// Whether the client's bytes so far (`sent`, with `chunk` added) finish a
+/// request of `kind`; whole frames are taken out of `sent` as they are
+/// looked at, so what is left is the start of the next one.
+fn sends_kind(sent: &mut BytesMut, chunk: &[u8], kind: &str) -> bool {
+    use tokio_util::codec::Decoder;
+    sent.extend_from_slice(chunk);
+    let mut codec = txmq_protocol::FrameCodec::new(txmq_protocol::DEFAULT_MAX_FRAME_LEN);
+    let mut found = false;
+    loop {
+        match codec.decode(sent) {
+            Ok(Some(txmq_protocol::codec::Decoded::Frame(txmq_protocol::Frame::Request(
+                _,
+                request,
+            )))) => found |= request.kind() == kind,
+            Ok(Some(_)) => {}
+            Ok(None) => return found,
+            // Not at a frame's start (the arming came in the middle of
+            // one): look again from the next chunk's start, where a
+            // client's write of whole frames begins.
+            Err(_) => {
+                sent.clear();
+                return found;
+            }
+        }
+    }
+}
+
 /// Reads the client id from a connection's first bytes once they hold the
 /// whole hello frame.
 fn read_hello(conn: &Conn, first: &mut BytesMut, chunk: &[u8]) {
@@ -284,6 +326,9 @@ async fn pump(
     let writer = tokio::spawn(write_out(to, rx, conn.close.clone()));
     let mut last_due = Instant::now();
     let mut first = BytesMut::new();
+    // The client's bytes from where a frame starts, kept only while a
+    // reply drop by request kind is armed (see `sends_kind`).
+    let mut sent: Option<BytesMut> = None;
     loop {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let n = tokio::select! {
@@ -315,6 +360,22 @@ async fn pump(
                     .is_ok()
                 {
                     conn.victim.store(true, Ordering::SeqCst);
+                }
+                let armed = *lock(&inner.drop_kind);
+                match armed {
+                    // Frames are followed from the first chunk after the
+                    // arming on.
+                    Some(kind)
+                        if sends_kind(sent.get_or_insert_with(BytesMut::new), &buf, kind) =>
+                    {
+                        let mut armed = lock(&inner.drop_kind);
+                        if *armed == Some(kind) {
+                            *armed = None;
+                            conn.victim.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    Some(_) => {}
+                    None => sent = None,
                 }
             }
             Direction::Down => {

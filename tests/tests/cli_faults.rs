@@ -1218,3 +1218,69 @@ async fn send_counts_messages_stored_short_of_send_ok_in_its_summary() {
     drop(a);
     cluster.shutdown().await;
 }
+
+/// A `tx send` whose prepare reached the broker but whose answer was lost
+/// (the connection closed) names the message, says the broker may hold it
+/// and checks it back, and exits 3; the half message is there, under
+/// that id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tx_send_whose_prepare_was_not_answered_names_the_message_and_exits_3() {
+    let proxy = txmq_tests::proxy::Proxy::bind().await.unwrap();
+    let mut cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let via = proxy.addr().to_string();
+    let addr = cluster
+        .add_broker("broker-a", |c| c.advertise_addr = Some(via.clone()))
+        .await;
+    proxy.set_target(&addr.to_string());
+    let ns = cluster.nameserver.clone();
+    create_topic(&ns, "lost-prepare", 1).await;
+
+    proxy.drop_reply_to("PrepareTransaction");
+    let out = txmq(
+        &ns,
+        &[
+            "--output",
+            "json",
+            "--timeout",
+            "2s",
+            "tx",
+            "send",
+            "lost-prepare",
+            "--group",
+            "pg-lost",
+            "--body",
+            "x",
+            "--local",
+            "rollback",
+            "--retries",
+            "0",
+        ],
+        None,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!proxy.drop_pending(), "no prepare went up: {err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let printed = json_lines(&out.stdout);
+    assert_eq!(printed.len(), 1, "{printed:?}");
+    let msg_id = text(&printed[0], "msg_id");
+    assert_eq!(printed[0]["prepare_status"], Value::Null, "{printed:?}");
+    assert_eq!(text(&printed[0], "topic"), "lost-prepare");
+    assert!(
+        err.contains(&format!("the prepare of message {msg_id} was not answered"))
+            && err.contains("group pg-lost")
+            && err.contains("answered rollback"),
+        "{err}"
+    );
+
+    let listed = txmq(&ns, &["--output", "json", "tx", "list"], None).await;
+    assert!(listed.status.success(), "{listed:?}");
+    let listed = json_lines(&listed.stdout);
+    assert!(
+        listed
+            .iter()
+            .any(|t| t["msg_id"] == msg_id.as_str() && t["producer_group"] == "pg-lost"),
+        "the half message is there under the id named: {listed:?}"
+    );
+    cluster.shutdown().await;
+}
