@@ -1362,6 +1362,12 @@ async fn absurd_queue_ids_and_offsets_get_clear_answers() {
     // one that is not a duration is refused, not left to the default.
     for (delay, says) in [
         ("10000y", "longer than the broker's --max-delay"),
+        // Named to the millisecond: rounded down, it read "7days is
+        // longer than ... (7days)".
+        (
+            "7d500ms",
+            "first check delay 7days 500ms is longer than the broker's --max-delay (7days)",
+        ),
         ("banana", "'banana' is not a duration"),
         ("-5s", "'-5s' is not a duration"),
     ] {

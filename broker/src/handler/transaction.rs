@@ -76,7 +76,7 @@ fn check_first_delay(b: &BrokerInner, ms: u64) -> Result<(), WireError> {
     if ms > b.config.max_delay.as_millis() as u64 {
         return Err(bad_argument(format!(
             "first check delay {} is longer than the broker's --max-delay ({})",
-            humantime::format_duration(std::time::Duration::from_secs(ms / 1000)),
+            humantime::format_duration(std::time::Duration::from_millis(ms)),
             humantime::format_duration(b.config.max_delay)
         )));
     }
