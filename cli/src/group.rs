@@ -81,7 +81,7 @@ pub enum DlqCommand {
         /// Re-send a --msg-id even when it was re-sent before.
         #[arg(long, requires = "msg_id")]
         force: bool,
-        /// Only on this broker (a broker name or address).
+        /// Only on this broker (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
     },

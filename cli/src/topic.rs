@@ -21,7 +21,7 @@ pub enum TopicCommand {
         /// one keeps its count unless given).
         #[arg(long, env = "TXMQ_QUEUES", value_parser = clap::value_parser!(u32).range(1..))]
         queues: Option<u32>,
-        /// Create it only on this broker (a broker name or address).
+        /// Create it only on this broker (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
         /// Permission: read and write, read only, or write only (a new
@@ -48,7 +48,7 @@ pub enum TopicCommand {
         /// Delete even while transactions with half messages for it are pending.
         #[arg(long)]
         force: bool,
-        /// Only on this broker (a broker name or address).
+        /// Only on this broker (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
     },
@@ -58,7 +58,7 @@ pub enum TopicCommand {
         /// The topic name.
         #[arg(value_parser = crate::args::parse_topic_name)]
         topic: String,
-        /// Only this broker (a broker name or address).
+        /// Only this broker (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
     },

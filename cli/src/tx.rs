@@ -43,7 +43,7 @@ pub enum TxCommand {
     /// lists only the matching ones and exits 1 when any match, 0 when none
     /// do, 3 when none do where brokers answered and some did not.
     List {
-        /// Only this broker (a broker name or address).
+        /// Only this broker (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
         /// Only transactions in this state: pending (prepared, being
@@ -63,7 +63,7 @@ pub enum TxCommand {
     Show {
         /// The transaction id.
         tx_id: u64,
-        /// Only this broker (a broker name or address).
+        /// Only this broker (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
     },
@@ -73,7 +73,7 @@ pub enum TxCommand {
     Recheck {
         /// The transaction id.
         tx_id: u64,
-        /// The broker holding it (a name or address).
+        /// The broker holding it (a broker name, or its address as `txmq cluster` lists it).
         #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
         broker: Option<String>,
     },
@@ -234,7 +234,7 @@ pub struct TxResolveArgs {
     #[arg(long)]
     pub rollback: bool,
 
-    /// The broker holding it (a name or address); needed when several
+    /// The broker holding it (a broker name, or its address as `txmq cluster` lists it); needed when several
     /// brokers hold a pending transaction of this id, and when a broker
     /// does not answer (it might hold one).
     #[arg(long, env = "TXMQ_BROKER", value_name = "NAME")]
@@ -618,7 +618,10 @@ async fn show(global: &GlobalArgs, tx_id: u64, broker: Option<&str>) -> Result<(
 /// is: one that cannot be asked stops it (it may hold a transaction of the
 /// same id), and the error says how to go on.
 fn unasked_hint(e: txmq::Error, tx_id: u64, named: bool) -> anyhow::Error {
-    if named || e.wire_error().is_some() || e.code().is_some() {
+    // Only a broker that could not be asked: when none is known (no
+    // broker registered, no nameserver), `tx show` could not say either.
+    let unasked = matches!(e, txmq::Error::Broker { .. });
+    if named || !unasked || e.wire_error().is_some() || e.code().is_some() {
         return e.into();
     }
     anyhow::Error::new(e).context(format!(

@@ -1284,3 +1284,24 @@ async fn a_tx_send_whose_prepare_was_not_answered_names_the_message_and_exits_3(
     );
     cluster.shutdown().await;
 }
+
+/// With no broker registered, `tx resolve` and `tx recheck` say so, and do
+/// not send the user to `tx show` (which could not say either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_resolve_with_no_broker_registered_says_so_without_a_hint_that_cannot_help() {
+    let cluster = Cluster::nameserver_only(Duration::from_secs(30)).await;
+    let ns = cluster.nameserver.clone();
+    for args in [
+        &["tx", "resolve", "5", "--commit"][..],
+        &["tx", "recheck", "5"][..],
+    ] {
+        let out = txmq(&ns, args, None).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("no broker is registered") && !err.contains("tx show"),
+            "{args:?}: {err}"
+        );
+    }
+    cluster.shutdown().await;
+}
