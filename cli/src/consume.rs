@@ -58,7 +58,7 @@ pub struct ConsumeArgs {
     #[arg(long, env = "TXMQ_ROUTE_REFRESH", value_parser = parse_positive_duration, default_value = "30s", value_name = "DURATION")]
     pub route_refresh: Duration,
 
-    /// Only messages with these tags: `*` (every message) or `a || b`.
+    /// Only messages with these tags: `*` (every message; also an empty expression, as in RocketMQ) or `a || b`.
     #[arg(long, env = "TXMQ_TAG", default_value = "*", value_name = "EXPR", value_parser = parse_tag_filter)]
     pub tag: String,
 
