@@ -259,8 +259,6 @@ impl Groups {
         self
     }
 
-    /// Whether a queue of `group` may have had a reader when the broker
-    /// last stopped.
     /// Until when queue `q` of `group`, which nobody owns, waits for a
     /// reader the broker may have lost track of (see the module docs):
     /// the member whose connection closed, or, within the start grace,
@@ -298,6 +296,8 @@ impl Groups {
             .map(|until| until.duration_since(now))
     }
 
+    /// Whether a queue of `group` may have had a reader when the broker
+    /// last stopped.
     fn maybe_read_at_stop(&self, group: &str, q: &QueueRef) -> bool {
         self.held_at_stop
             .as_ref()
