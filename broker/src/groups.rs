@@ -287,7 +287,10 @@ impl Groups {
     /// [`Groups::wait_end`]); `None` when it is owned or does not wait.
     pub(crate) fn waiting(&self, group: &str, q: &QueueRef, read_here: bool) -> Option<Duration> {
         let groups = lock(&self.groups);
-        let g = groups.get(group)?;
+        // A group no member heartbeated since the start has no entry yet:
+        // its queues wait all the same.
+        let empty = Group::default();
+        let g = groups.get(group).unwrap_or(&empty);
         if g.owners.contains_key(q) {
             return None;
         }

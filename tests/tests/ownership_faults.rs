@@ -456,6 +456,15 @@ async fn after_a_restart_queues_wait_one_expiry_for_the_members_that_hold_them()
     tokio::task::block_in_place(|| broker.restart());
     let restarted = Instant::now();
     wait_for_route(&ns, "held", &["broker-a"]).await;
+    // Before any member heartbeats, `group show` says the queues wait.
+    let waiting = group_show_waiting(&ns).await;
+    assert!(
+        waiting.len() == 2
+            && waiting
+                .iter()
+                .all(|(_, owner, ms)| owner.is_none() && ms.is_some()),
+        "{waiting:?}"
+    );
     // "b" heartbeats first: "a" may still be handling both queues.
     let b = connect(&broker.addr, "b").await;
     assert_eq!(
