@@ -303,6 +303,28 @@ impl TlsClient {
 /// user in parentheses, when that is known: for every client, the CLI's
 /// and a broker's own connections alike.
 pub(crate) fn with_hint(text: String) -> String {
+    // An alert received is the server's complaint about what this client
+    // sent: its own certificate, not the server's.
+    if let Some(alert) = text.split("received fatal alert: ").nth(1) {
+        let refused = "the server refused this client's certificate (--tls-cert)";
+        let hint = match alert.split(|c: char| !c.is_alphanumeric()).next() {
+            Some("CertificateRequired") => {
+                "the server requires a client certificate: give --tls-cert and --tls-key".into()
+            }
+            Some("CertificateExpired") => format!("{refused}: it has expired"),
+            Some("UnknownCA") => {
+                format!("{refused}: it is not signed by a CA the server trusts")
+            }
+            Some(
+                "BadCertificate"
+                | "UnsupportedCertificate"
+                | "CertificateUnknown"
+                | "CertificateRevoked",
+            ) => refused.to_string(),
+            _ => return text,
+        };
+        return format!("{text} ({hint})");
+    }
     let hints = [
         (
             "UnknownIssuer",
@@ -315,10 +337,6 @@ pub(crate) fn with_hint(text: String) -> String {
         (
             "NotValidForName",
             "the server's certificate does not name the address connected to",
-        ),
-        (
-            "CertificateRequired",
-            "the server requires a client certificate: give --tls-cert and --tls-key",
         ),
         (
             "InvalidContentType",
@@ -402,6 +420,16 @@ mod hint_tests {
             with_hint(": received fatal alert: CertificateRequired".into())
                 .ends_with("give --tls-cert and --tls-key)")
         );
+        // Alerts received are about this client's own certificate.
+        assert!(
+            with_hint(": received fatal alert: CertificateExpired".into()).ends_with(
+                "(the server refused this client's certificate (--tls-cert): it has expired)"
+            )
+        );
+        assert!(with_hint(": received fatal alert: UnknownCA".into())
+            .ends_with("it is not signed by a CA the server trusts)"));
+        assert!(with_hint(": received fatal alert: BadCertificate".into())
+            .ends_with("(the server refused this client's certificate (--tls-cert))"));
         assert_eq!(
             with_hint("ACCESS_DENIED (55): no".into()),
             "ACCESS_DENIED (55): no"

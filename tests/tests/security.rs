@@ -1617,6 +1617,34 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
         refused_no_cert.contains("give --tls-cert and --tls-key"),
         "{refused_no_cert}"
     );
+    // A client certificate the server refuses is named as the client's
+    // (the alert used to read as the server's certificate expiring).
+    let other_ca = Pki::new("another CA");
+    for (cert, says) in [
+        (
+            site.pki.issue_with("alice", true),
+            "the server refused this client's certificate (--tls-cert): it has expired",
+        ),
+        (
+            other_ca.issue("alice"),
+            "the server refused this client's certificate (--tls-cert): it is not signed by a CA the server trusts",
+        ),
+    ] {
+        let config = ConnectionConfig {
+            tls: Some(tls_client(&site.pki, Some(&cert))),
+            ..ConnectionConfig::default()
+        };
+        let refused = Connection::connect(
+            &site.broker.addr,
+            hello(Role::Producer, None),
+            None,
+            config,
+        )
+        .await
+        .expect_err("a client certificate the server refuses");
+        let text = refused.to_string();
+        assert!(text.contains(says), "{text}");
+    }
 }
 
 /// A certificate, key or ACL file the broker (or the nameserver) cannot
