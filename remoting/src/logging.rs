@@ -45,11 +45,60 @@ impl std::str::FromStr for LogFormat {
 /// A `level` that is not a valid filter (`info`, `warn,txmq_broker=debug`).
 pub fn filter(level: Option<&str>) -> Result<EnvFilter, String> {
     match level {
-        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level '{l}': {e}")),
-        None => Ok(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
-        ),
+        Some(l) => {
+            if let Some(word) = not_a_level(l) {
+                return Err(format!(
+                    "invalid --log-level '{l}': {}",
+                    not_a_level_text(word)
+                ));
+            }
+            EnvFilter::try_new(l).map_err(|e| format!("invalid --log-level '{l}': {e}"))
+        }
+        None => {
+            // RUST_LOG is shared with other programs: a word that is no
+            // level is said, not refused (it would write nothing at all).
+            if let Some(word) = std::env::var("RUST_LOG")
+                .ok()
+                .as_deref()
+                .and_then(not_a_level)
+            {
+                eprintln!("warning: RUST_LOG: {}", not_a_level_text(word));
+            }
+            Ok(
+                EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER)),
+            )
+        }
     }
+}
+
+/// Levels a filter may name alone.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Targets the servers log under that a filter may name alone (all of
+/// their levels): txmq's crates and the libraries they use.
+const TARGETS: [&str; 9] = [
+    "txmq", "openraft", "tokio", "rustls", "h2", "hyper", "tonic", "tower", "mio",
+];
+
+/// The first directive of filter `spec` that is a single word naming
+/// neither a level nor a known target: `inf` or `warning`, which the
+/// filter's syntax takes as a target's name, so that nothing else is
+/// written, errors included.
+fn not_a_level(spec: &str) -> Option<&str> {
+    spec.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', ':', '[', '{'])
+            && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l))
+            && !TARGETS.iter().any(|t| d.starts_with(t))
+    })
+}
+
+fn not_a_level_text(word: &str) -> String {
+    format!(
+        "'{word}' is not a level ({}): alone, a word is read as a target's name, and only that target's lines would be written (none at all, errors included)",
+        LEVELS.join(", ")
+    )
 }
 
 /// Installs the process's logger: `format` on standard error, filtered
@@ -243,6 +292,26 @@ impl<S> Filter<S> for Repeats {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_word_that_is_no_level_is_refused_rather_than_silence_every_line() {
+        for bad in ["inf", "warning", "info,verbose", "Err"] {
+            let e = super::filter(Some(bad)).expect_err(bad);
+            assert!(e.contains("is not a level"), "{e}");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "warn,txmq_broker=debug",
+            "txmq_broker",
+            "openraft",
+            "txmq_broker::store=trace",
+            "info,openraft=error",
+            "[{peer}]=debug",
+        ] {
+            assert!(super::filter(Some(good)).is_ok(), "{good}");
+        }
+    }
+
     use super::*;
 
     #[test]

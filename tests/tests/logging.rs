@@ -99,7 +99,7 @@ fn bad_log_settings_and_config_keys_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "brokr_expiry = \"2s\"\n").unwrap();
-    let cases: [(&str, Vec<String>, &str); 5] = [
+    let cases: [(&str, Vec<String>, &str); 7] = [
         (
             "txmq-nameserver",
             vec!["--config".into(), bad.display().to_string()],
@@ -124,6 +124,18 @@ fn bad_log_settings_and_config_keys_are_usage_errors() {
             "txmq-broker",
             vec!["--standalone".into(), "--log-level".into(), "info,[".into()],
             "--log-level",
+        ),
+        // A misspelled level reads as a target's name and would write
+        // nothing at all: refused.
+        (
+            "txmq-broker",
+            vec!["--standalone".into(), "--log-level".into(), "inf".into()],
+            "'inf' is not a level",
+        ),
+        (
+            "txmq-nameserver",
+            vec!["--log-level".into(), "warning".into()],
+            "'warning' is not a level",
         ),
     ];
     for (bin, args, says) in cases {
