@@ -173,8 +173,15 @@ pub async fn run(global: &GlobalArgs, args: ConsumeArgs) -> Result<()> {
             _ = &mut interrupted => break,
             why = &mut refused => {
                 drop(consumer);
+                // Its offsets are committed as it goes: a refusal (its
+                // rights revoked, say) stops the commits too.
+                let again = if printed > 0 {
+                    "; the messages it printed since its last commit will be delivered again"
+                } else {
+                    ""
+                };
                 return Err(anyhow::anyhow!(why).context(format!(
-                    "consuming {} as group {}: refused",
+                    "consuming {} as group {}: refused{again}",
                     args.topic, args.group
                 )));
             }

@@ -1138,6 +1138,64 @@ async fn a_user_removed_from_the_acl_file_loses_access_at_its_next_request() {
     assert!(site.broker.log_text().contains("ACL file reloaded"));
 }
 
+/// A `txmq consume` whose user is removed from the ACL file while it runs
+/// ends with the refusal, exit 1, and says that what it printed since its
+/// last commit comes again (its commits are refused too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_whose_user_is_removed_says_what_it_printed_comes_again() {
+    use std::io::BufRead;
+    let site = Site::start(Setup::default()).await;
+    site.create_topic(TOPIC).await;
+    let dave = site.producer("dave").await;
+    dave.send(Message::new(TOPIC, "before"))
+        .await
+        .expect("sent");
+    let mut consume = std::process::Command::new(txmq_tests::binary("txmq"))
+        .args(["--nameserver", &site.ns, "--access-key", "alice"])
+        .args([
+            "--secret-key",
+            "alice-secret",
+            "consume",
+            TOPIC,
+            "--group",
+            GROUP,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("txmq consume starts");
+    let mut lines = std::io::BufReader::new(consume.stdout.take().expect("stdout")).lines();
+    let first = tokio::task::block_in_place(|| lines.next())
+        .expect("a line")
+        .expect("read");
+    assert!(first.contains("before"), "{first}");
+
+    site.remove_user("alice");
+    site.broker.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = consume.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consume went on after its user was removed"
+        );
+        dave.send(Message::new(TOPIC, "after")).await.expect("sent");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut consume.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ACCESS_DENIED")
+            && err
+                .contains("the messages it printed since its last commit will be delivered again"),
+        "{err}"
+    );
+}
+
 /// An ACL file emptied (as `cat > acl.toml` or an editor leaves it for a
 /// moment) is not reloaded: it parsed as no user at all and locked
 /// everyone out. The version in force stays, and says why at WARN.
