@@ -891,6 +891,17 @@ fn under_an_acl_visitors_sign_in_and_see_what_their_user_may() {
         "{}",
         tx.body
     );
+    // A lookup by id, which needs admin, is refused: said so, not that
+    // no broker has the message.
+    let lookup = v.get("/messages/5D45242EA22795480000000000000000");
+    assert_eq!(lookup.status, 403, "{}", lookup.body);
+    assert!(
+        lookup.body.contains("Could not look for message")
+            && lookup.body.contains("ACCESS_DENIED")
+            && !lookup.body.contains("has message"),
+        "{}",
+        lookup.body
+    );
     // The sampler asks with a signed-in user's client: any user may.
     wait_until("the rates are sampled through app's sign-in", || {
         let api: Value = serde_json::from_str(&v.get("/api/overview").body).expect("JSON");

@@ -302,8 +302,18 @@ pub async fn show(
         }
     };
     let title = format!("Message {msg_id}");
-    let (found, failed) = match admin.message_by_id(msg_id).await {
-        Ok(a) => collect(a),
+    let (found, failed, answered, refused) = match admin.message_by_id(msg_id).await {
+        Ok(a) => {
+            let asked = a.len();
+            let refused = a.iter().any(|b| {
+                b.result
+                    .as_ref()
+                    .is_err_and(|e| e.code() == Some(txmq::ErrorCode::AccessDenied))
+            });
+            let (found, failed) = collect(a);
+            let answered = asked - failed.len();
+            (found, failed, answered, refused)
+        }
         Err(e) => {
             return html::error_page(&ctx, StatusCode::BAD_GATEWAY, &title, &super::error_text(e))
         }
@@ -319,12 +329,32 @@ pub async fn show(
         .find(|(_, f)| f.queue_offset.is_some())
         .or_else(|| found.first())
     else {
-        body.push_str(&html::error_div(&if failed.is_empty() {
-            format!("No broker has message {msg_id}.")
-        } else {
-            format!("No broker that answered has message {msg_id}.")
-        }));
-        return html::page(&ctx, StatusCode::NOT_FOUND, &title, "nav-messages", &body);
+        // Not found is said only of the brokers that answered: one that
+        // refused or did not answer may hold it (as `txmq msg show` says).
+        let (status, text) = match (failed.len(), answered) {
+            (0, _) => (
+                StatusCode::NOT_FOUND,
+                format!("No broker has message {msg_id}."),
+            ),
+            (n, 0) => (
+                if refused {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::BAD_GATEWAY
+                },
+                format!(
+                    "Could not look for message {msg_id}: {n} broker(s) refused the lookup or did not answer (above)."
+                ),
+            ),
+            (n, _) => (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "No broker that answered has message {msg_id}; {n} broker(s) could not say (above)."
+                ),
+            ),
+        };
+        body.push_str(&html::error_div(&text));
+        return html::page(&ctx, status, &title, "nav-messages", &body);
     };
     let m = &f.message;
     let _ = write!(
