@@ -505,6 +505,17 @@ fn a_transaction_left_unknown_is_committed_from_its_page_then_consumed_and_found
     // (it said "lists its oldest 0 of 1").
     assert!(!parked.body.contains("tx-truncated"), "{}", parked.body);
     assert_eq!(v.get("/transactions?state=nonsense").status, 400);
+    // A topic with a pending transaction is not deleted, and the console
+    // says what it can do about it (the broker's text names --force).
+    let token = v.get("/topics/orders/delete").csrf();
+    let busy = v.post("/topics/orders/delete", &[("csrf", &token)]);
+    let text = busy.div("error").expect("div.error");
+    assert!(
+        text.contains("BUSY")
+            && text.contains("The console deletes no topic with pending transactions")
+            && text.contains("txmq topic delete orders --force"),
+        "{text}"
+    );
 
     let page = v.get(&format!("/transactions/broker-a/{tx_id}"));
     assert_eq!(page.status, 200);
@@ -1108,6 +1119,19 @@ fn dead_letters_are_counted_per_group_and_resent_after_a_confirmation() {
     );
     let text = again.div("error").expect("div.error");
     assert!(text.contains("Nothing re-sent"), "{text}");
+    // A letter sent there by hand names no topic of its own: left in
+    // place, with how to re-send it to a topic named.
+    ok(&s.cli(&["send", "%DLQ%failing", "--body", "by hand"]));
+    let left = v.post(
+        "/dead-letters/failing/resend",
+        &[("csrf", &token), ("all", "1")],
+    );
+    let text = left.div("error").expect("div.error");
+    assert!(
+        text.contains("Left in place (1")
+            && text.contains("txmq dlq resend failing --msg-id ID --to TOPIC"),
+        "{text}"
+    );
 
     // The re-sent messages are in the topic again, for a new group.
     let consumed = s.cli(&[

@@ -292,7 +292,8 @@ pub async fn resend(
                 String::new()
             } else {
                 format!(
-                    " Left in place ({}; re-send by id to another topic): {}.",
+                    " Left in place ({}; the console re-sends to a letter's own topic only: \
+                     `txmq dlq resend {group} --msg-id ID --to TOPIC` re-sends one to a topic you name): {}.",
                     left.len(),
                     left.join("; ")
                 )

@@ -333,12 +333,24 @@ pub async fn delete(Extension(ctx): Extension<Ctx>, Path(topic): Path<String>) -
             let text = format!("Topic {topic} deleted on {}.", brokers.join(", "));
             ctx.redirect("/topics", Flash::Done(text))
         }
-        Err(e) => ctx.redirect(
-            "/topics",
-            Flash::Failed(format!(
-                "Topic {topic} not deleted: {}",
-                super::error_text(e)
-            )),
-        ),
+        Err(e) => {
+            // The broker's text names the CLI's --force, which the console
+            // does not offer: say what the console can do.
+            let busy = if e.code() == Some(txmq::ErrorCode::Busy) {
+                format!(
+                    " The console deletes no topic with pending transactions: end them on the \
+                     Transactions page, or run `txmq topic delete {topic} --force`."
+                )
+            } else {
+                String::new()
+            };
+            ctx.redirect(
+                "/topics",
+                Flash::Failed(format!(
+                    "Topic {topic} not deleted: {}{busy}",
+                    super::error_text(e)
+                )),
+            )
+        }
     }
 }
