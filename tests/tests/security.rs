@@ -1601,19 +1601,11 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
         credentials: Some(credentials("alice")),
         ..ConnectionConfig::default()
     };
-    let refused = Connection::connect(
-        &site.broker.addr,
-        hello(Role::Producer, None),
-        None,
-        no_cert,
-    )
-    .await
-    .expect_err("a client without a certificate is refused");
-    let refused_no_cert = refused.to_string();
+    let refused_no_cert = refused_text(&site, no_cert).await;
     // Why, not just a closed connection: the server's TLS alert.
     assert!(
-        refused.to_string().contains("CertificateRequired"),
-        "{refused}"
+        refused_no_cert.contains("CertificateRequired"),
+        "{refused_no_cert}"
     );
     let as_cert = |name: &str| {
         let mut config = site.config(name);
@@ -1645,15 +1637,7 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
         tls: Some(tls_client(&site.pki, Some(&site.pki.issue("stranger")))),
         ..ConnectionConfig::default()
     };
-    let refused = Connection::connect(
-        &site.broker.addr,
-        hello(Role::Producer, None),
-        None,
-        stranger,
-    )
-    .await
-    .expect_err("a certificate that names no user signs nobody in");
-    let text = refused.to_string();
+    let text = refused_text(&site, stranger).await;
     assert!(
         text.contains("AUTHENTICATION_FAILED")
             && text.contains("certificate names 'stranger'")
@@ -1692,17 +1676,18 @@ async fn mutual_tls_needs_a_client_certificate_that_names_the_user() {
             tls: Some(tls_client(&site.pki, Some(&cert))),
             ..ConnectionConfig::default()
         };
-        let refused = Connection::connect(
-            &site.broker.addr,
-            hello(Role::Producer, None),
-            None,
-            config,
-        )
-        .await
-        .expect_err("a client certificate the server refuses");
-        let text = refused.to_string();
+        let text = refused_text(&site, config).await;
         assert!(text.contains(says), "{text}");
     }
+}
+
+/// Why a producer connection to the site's broker made with `config` is
+/// refused.
+async fn refused_text(site: &Site, config: ConnectionConfig) -> String {
+    Connection::connect(&site.broker.addr, hello(Role::Producer, None), None, config)
+        .await
+        .expect_err("refused")
+        .to_string()
 }
 
 /// A certificate, key or ACL file the broker (or the nameserver) cannot
